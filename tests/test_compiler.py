@@ -1,0 +1,197 @@
+"""Compiler passes, planning and the slot layout: no OpenFHE needed.
+
+The layout is checked with the numpy slot engine, which performs the same rotations
+and products as CKKS would, and refuses rotations that the manifest did not list.
+"""
+import numpy as np
+import pytest
+
+from veil.backends.he.evaluator import Evaluator, tile
+from veil.backends.he.slot_engine import NumpySlotEngine
+from veil.compiler.approx import approximate_activations, fit_chebyshev
+from veil.compiler.passes import fold_batchnorm, fold_poly_domain, linearize, replace_maxpool
+from veil.compiler.pipeline import compile_graph
+from veil.compiler.plan import (HE_STD_128_LOGQP, chebyshev_depth, plan_dense, plan_he,
+                                select_params)
+from veil.errors import CompileError, MissingKeyError
+from veil.ir import Graph, Op, make_node, run
+
+
+def cnn(rng, pool=Op.AVGPOOL2D, bn=False):
+    i = make_node("input", Op.INPUT, [], [], {"shape": (1, 8, 8)})
+    c = make_node("c", Op.CONV2D, ["input"], [(1, 8, 8)], {"stride": (1, 1), "padding": (1, 1)},
+                  {"weight": rng.normal(size=(4, 1, 3, 3)) * 0.5, "bias": rng.normal(size=4)})
+    nodes = [i, c]
+    if bn:
+        nodes.append(make_node("bn", Op.BATCHNORM, ["c"], [c.shape], {},
+                               {"scale": rng.uniform(0.5, 2, 4), "shift": rng.normal(size=4)}))
+    r = make_node("r", Op.RELU, [nodes[-1].name], [c.shape])
+    p = make_node("p", pool, ["r"], [c.shape], {"kernel": (2, 2), "stride": (2, 2),
+                                               "padding": (0, 0)})
+    f = make_node("f", Op.RESHAPE, ["p"], [p.shape], {"shape": (64,)})
+    fc = make_node("fc", Op.LINEAR, ["f"], [(64,)], {},
+                   {"weight": rng.normal(size=(10, 64)), "bias": rng.normal(size=10)})
+    return Graph(tuple(nodes) + (r, p, f, fc), "fc")
+
+
+def residual(rng):
+    i = make_node("input", Op.INPUT, [], [], {"shape": (16,)})
+    a = make_node("a", Op.LINEAR, ["input"], [(16,)], {},
+                  {"weight": rng.normal(size=(16, 16)) * 0.3, "bias": rng.normal(size=16)})
+    t = make_node("t", Op.TANH, ["a"], [(16,)])
+    b = make_node("b", Op.LINEAR, ["t"], [(16,)], {},
+                  {"weight": rng.normal(size=(16, 16)) * 0.3, "bias": rng.normal(size=16)})
+    s = make_node("s", Op.ADD, ["a", "b"], [(16,), (16,)])
+    o = make_node("o", Op.LINEAR, ["s"], [(16,)], {},
+                  {"weight": rng.normal(size=(3, 16)), "bias": rng.normal(size=3)})
+    return Graph((i, a, t, b, s, o), "o")
+
+
+def test_fold_batchnorm_is_exact_and_removes_the_node(rng):
+    g = cnn(rng, bn=True)
+    folded, note = fold_batchnorm(g)
+    assert Op.BATCHNORM not in folded.ops() and note.messages
+    x = rng.normal(size=(3, 1, 8, 8))
+    np.testing.assert_allclose(run(folded, x), run(g, x), atol=1e-10)
+
+
+def test_replace_maxpool_reports_it(rng):
+    g, note = replace_maxpool(cnn(rng, pool=Op.MAXPOOL2D))
+    assert Op.MAXPOOL2D not in g.ops() and Op.AVGPOOL2D in g.ops()
+    assert "replaced by average pooling" in note.messages[0]
+
+
+def test_linearize_composes_affine_chains_exactly(rng):
+    g = cnn(rng)
+    lowered, _ = linearize(g)
+    assert lowered.ops() == [Op.INPUT, Op.DENSE, Op.RELU, Op.DENSE]
+    x = rng.normal(size=(4, 1, 8, 8))
+    np.testing.assert_allclose(run(lowered, x), run(g, x), atol=1e-10)
+
+
+def test_linearize_keeps_values_a_residual_branch_needs(rng):
+    g = residual(rng)
+    lowered, _ = linearize(g)
+    assert "a" in [n.name for n in lowered.nodes]
+    x = rng.normal(size=(4, 16))
+    np.testing.assert_allclose(run(lowered, x), run(g, x), atol=1e-10)
+
+
+@pytest.mark.parametrize("op", [Op.RELU, Op.GELU, Op.SILU, Op.SIGMOID, Op.TANH])
+def test_chebyshev_fit_error_shrinks_with_degree(op):
+    from veil.ir.interpreter import ELEMENTWISE
+    from veil.ir import cheb_eval
+
+    grid = np.linspace(-4, 4, 2001)
+    errs = [np.abs(cheb_eval(grid, fit_chebyshev(op, -4, 4, d), -4, 4)
+                   - ELEMENTWISE[op](grid)).max() for d in (3, 7, 15, 27)]
+    assert errs[-1] < errs[0]
+    limit = 0.12 if op is Op.RELU else 1e-3  # ReLU's kink converges only as 1/degree
+    assert errs[-1] < limit
+
+
+def test_approximation_ranges_come_from_calibration_and_contain_zero(rng):
+    g = cnn(rng)
+    cal = rng.uniform(0, 1, size=(64, 1, 8, 8))
+    poly, reports = approximate_activations(g, cal, degree=15, margin=0.1)
+    (rep,) = reports
+    pre = run(g, cal, trace=True)["c"]
+    assert rep.observed_lo == pytest.approx(pre.min()) and rep.observed_hi == pytest.approx(pre.max())
+    assert rep.lo < min(pre.min(), 0) and rep.hi > max(pre.max(), 0)
+    assert rep.degree == 15 and poly.node("r").op is Op.POLY
+    # the report's error is the real error of the polynomial on the calibration inputs
+    from veil.ir import cheb_eval
+    coeffs = poly.node("r").attrs["coeffs"]
+    real = np.abs(cheb_eval(pre, coeffs, rep.lo, rep.hi) - np.maximum(pre, 0)).max()
+    assert rep.max_abs_error == pytest.approx(real)
+
+
+def test_square_is_exact_at_degree_two(rng):
+    i = make_node("input", Op.INPUT, [], [], {"shape": (5,)})
+    s = make_node("s", Op.SQUARE, ["input"], [(5,)])
+    poly, reports = approximate_activations(Graph((i, s), "s"), rng.normal(size=(10, 5)),
+                                            degree=27)
+    assert reports[0].degree == 2 and reports[0].max_abs_error < 1e-12
+
+
+def test_fold_poly_domain_saves_a_level_and_keeps_values(rng):
+    res_graph = compile_graph(cnn(rng), rng.uniform(0, 1, size=(32, 1, 8, 8)), degree=13)
+    unfolded, _ = linearize(res_graph.polynomial)
+    assert plan_he(unfolded).depth == plan_he(res_graph.lowered).depth + 1
+    folded, _ = fold_poly_domain(unfolded)
+    x = rng.uniform(0, 1, size=(4, 1, 8, 8))
+    np.testing.assert_allclose(run(folded, x), run(unfolded, x), atol=1e-9)
+
+
+def test_depth_table():
+    assert [chebyshev_depth(d) for d in (1, 2, 5, 6, 13, 14, 27, 28, 59)] == \
+        [1, 2, 3, 4, 4, 5, 5, 6, 6]
+    assert chebyshev_depth(27, -3.0, 2.0) == 6
+
+
+def test_params_are_secure_by_default_and_insecure_only_when_asked():
+    p, why = select_params(7, 512)
+    assert p.security == "HEStd_128_classic" and not p.insecure_test_params
+    assert p.ring_dim in HE_STD_128_LOGQP and "128-bit" in why
+    q, why = select_params(7, 512, insecure_test_params=True)
+    assert q.insecure_test_params and "INSECURE" in why
+    with pytest.raises(CompileError, match="depth"):
+        select_params(200, 16)
+
+
+def test_params_grow_ring_for_depth_and_slots():
+    small, _ = select_params(3, 16)
+    deep, _ = select_params(12, 16)
+    wide, _ = select_params(3, 16384)
+    assert small.ring_dim < deep.ring_dim
+    assert wide.slots >= 16384
+
+
+@pytest.mark.parametrize("shape", [(10, 128), (128, 64), (64, 30), (7, 7), (1, 33)])
+def test_dense_layout_matches_matrix_product(rng, shape):
+    m = rng.normal(size=shape)
+    plan = plan_dense(m)
+    i = make_node("input", Op.INPUT, [], [], {"shape": (shape[1],)})
+    d = make_node("d", Op.DENSE, ["input"], [(shape[1],)], {"shape": (shape[0],)},
+                  {"matrix": m, "bias": rng.normal(size=shape[0])})
+    g = Graph((i, d), "d")
+    hp = plan_he(g)
+    eng = NumpySlotEngine(hp.params.slots, set(hp.rotations))
+    x = rng.normal(size=shape[1])
+    out = Evaluator(g, hp).run(eng, tile(x, hp.input_period, hp.params.slots))
+    np.testing.assert_allclose(out[:shape[0]], run(g, x[None])[0], atol=1e-9)
+    assert eng.used_rotations == set(hp.rotations)  # the manifest lists exactly what is used
+    assert len(plan.diagonals) <= min(plan.in_period, plan.out_period)
+
+
+def test_conv_uses_few_rotations(rng):
+    lowered = compile_graph(cnn(rng), rng.uniform(0, 1, size=(16, 1, 8, 8))).lowered
+    conv_plan = plan_dense(lowered.node("c").params["matrix"])
+    assert len(conv_plan.diagonals) == 9          # one per kernel offset
+    assert len(conv_plan.rotations()) <= 4        # baby-step/giant-step on the 3x3 offsets
+
+
+def test_evaluator_matches_interpreter_on_residual_graph(rng):
+    res = compile_graph(residual(rng), rng.normal(size=(64, 16)), degree=15)
+    eng = NumpySlotEngine(res.plan.params.slots, set(res.plan.rotations))
+    x = rng.normal(size=16)
+    out = Evaluator(res.lowered, res.plan).run(
+        eng, tile(x, res.plan.input_period, res.plan.params.slots))
+    np.testing.assert_allclose(out[:3], run(res.lowered, x[None])[0], atol=1e-8)
+
+
+def test_missing_rotation_key_is_a_veil_error(rng):
+    res = compile_graph(cnn(rng), rng.uniform(0, 1, size=(16, 1, 8, 8)))
+    keys = set(res.plan.rotations)
+    keys.discard(res.plan.rotations[0])
+    eng = NumpySlotEngine(res.plan.params.slots, keys)
+    with pytest.raises(MissingKeyError):
+        Evaluator(res.lowered, res.plan).run(eng, np.zeros(res.plan.params.slots))
+
+
+def test_bad_calibration_is_rejected(rng):
+    g = cnn(rng)
+    with pytest.raises(CompileError, match="per-sample shape"):
+        compile_graph(g, np.zeros((4, 8, 8)))
+    with pytest.raises(CompileError, match="finite"):
+        compile_graph(g, np.full((4, 1, 8, 8), np.nan))

@@ -1,0 +1,113 @@
+"""Runs a planned, linearized graph on any engine that implements :class:`SlotEngine`.
+
+The evaluator holds no keys and imports no native library: the same code runs on
+OpenFHE ciphertexts (``openfhe_engine``) and on numpy slot vectors (``slot_engine``),
+which lets the layout logic be tested without cryptography.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from ...compiler.plan import DensePlan, HEPlan, diagonal_vectors, normalize_rotation
+from ...errors import CompileError
+from ...ir import Graph, Op
+
+
+class SlotEngine(Protocol):
+    """The narrow interface the evaluator needs from a CKKS implementation."""
+
+    slots: int
+
+    def add(self, a: Any, b: Any) -> Any: ...
+    def add_plain(self, a: Any, values: np.ndarray, cache_key: tuple | None) -> Any: ...
+    def mul_plain(self, a: Any, values: np.ndarray, cache_key: tuple | None) -> Any: ...
+    def rotate(self, a: Any, k: int) -> Any: ...
+    def rotate_hoisted(self, a: Any, ks: list[int]) -> dict[int, Any]: ...
+    def chebyshev(self, a: Any, coeffs: np.ndarray, lo: float, hi: float) -> Any: ...
+
+
+def tile(values: np.ndarray, period: int, slots: int) -> np.ndarray:
+    """Zero-pad ``values`` to ``period`` and repeat it across all ``slots``."""
+    flat = np.zeros(period)
+    flat[: values.size] = np.ravel(values)
+    return np.tile(flat, slots // period)
+
+
+class PreparedDense:
+    """Diagonals of one dense layer, pre-rotated for baby-step/giant-step evaluation."""
+
+    def __init__(self, name: str, matrix: np.ndarray, bias: np.ndarray, plan: DensePlan,
+                 slots: int) -> None:
+        self.name, self.plan, self.slots = name, plan, slots
+        length = max(plan.in_period, plan.out_period)
+        diags = diagonal_vectors(matrix, plan.in_period, plan.out_period)
+        b = plan.baby_step
+        self.groups: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for d in plan.diagonals:
+            g, r = plan.split(d)
+            # rot(rot(diag, -g*b) * rot(x, r), g*b) == diag * rot(x, d)
+            vec = np.roll(diags[d % plan.in_period], g * b)  # period `length` block
+            self.groups.setdefault(g, []).append((r, tile(vec, length, slots)))
+        self.bias = tile(bias, plan.out_period, slots)
+        self.babies = sorted({plan.split(d)[1] for d in plan.diagonals} - {0})
+
+    def __call__(self, engine: SlotEngine, ct: Any) -> Any:
+        rots = {0: ct}
+        if self.babies:
+            keys = [normalize_rotation(r, self.slots) for r in self.babies]
+            hoisted = engine.rotate_hoisted(ct, keys)
+            rots.update({r: hoisted[k] for r, k in zip(self.babies, keys)})
+        total = None
+        for g, terms in sorted(self.groups.items()):
+            inner = None
+            for r, vec in terms:
+                prod = engine.mul_plain(rots[r], vec, (self.name, g, r))
+                inner = prod if inner is None else engine.add(inner, prod)
+            if g:
+                inner = engine.rotate(inner, normalize_rotation(g * self.plan.baby_step,
+                                                                self.slots))
+            total = inner if total is None else engine.add(total, inner)
+        for step in self.plan.fold_steps:
+            total = engine.add(total, engine.rotate(total, normalize_rotation(step, self.slots)))
+        return engine.add_plain(total, self.bias, (self.name, "bias"))
+
+
+class Evaluator:
+    """Evaluates a linearized graph under a plan; holds prepared weights, never keys."""
+
+    def __init__(self, graph: Graph, plan: HEPlan) -> None:
+        self.graph, self.plan = graph, plan
+        slots = plan.params.slots
+        self.dense = {}
+        for node in graph.nodes:
+            if node.op is Op.DENSE:
+                self.dense[node.name] = PreparedDense(
+                    node.name, node.params["matrix"], node.params["bias"],
+                    plan.dense[node.name], slots)
+            elif node.op not in (Op.INPUT, Op.POLY, Op.ADD):
+                raise CompileError(f"{node.op.value} node {node.name!r} cannot run under HE")
+
+    def run(self, engine: SlotEngine, ct: Any) -> Any:
+        values = {self.graph.input.name: ct}
+        for node in self.graph.nodes[1:]:
+            args = [values[s] for s in node.inputs]
+            if node.op is Op.DENSE:
+                out = self.dense[node.name](engine, args[0])
+            elif node.op is Op.POLY:
+                out = engine.chebyshev(args[0], np.asarray(node.attrs["coeffs"]),
+                                       node.attrs["lo"], node.attrs["hi"])
+            else:
+                out = engine.add(args[0], args[1])
+            values[node.name] = out
+            # Drop values no later node reads, so memory follows the live set only.
+            for s in node.inputs:
+                if s != self.graph.output and all(
+                        s not in n.inputs for n in self._after(node)):
+                    values.pop(s, None)
+        return values[self.graph.output]
+
+    def _after(self, node):
+        idx = self.graph.nodes.index(node)
+        return self.graph.nodes[idx + 1:]

@@ -1,0 +1,42 @@
+"""A numpy stand-in for a CKKS engine: slot vectors, exact arithmetic, real rotations.
+
+Used to test layouts, rotation sets and the evaluator without native cryptography.
+It records every rotation so tests can check the manifest lists exactly those keys.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ...errors import MissingKeyError
+from ...ir import cheb_eval
+
+
+class NumpySlotEngine:
+    def __init__(self, slots: int, rotation_keys: set[int] | None = None) -> None:
+        self.slots = slots
+        self.rotation_keys = rotation_keys
+        self.used_rotations: set[int] = set()
+
+    def _check(self, k: int) -> None:
+        self.used_rotations.add(k)
+        if self.rotation_keys is not None and k not in self.rotation_keys:
+            raise MissingKeyError(f"no rotation key for index {k}")
+
+    def add(self, a, b):
+        return a + b
+
+    def add_plain(self, a, values, cache_key=None):
+        return a + values
+
+    def mul_plain(self, a, values, cache_key=None):
+        return a * values
+
+    def rotate(self, a, k):
+        self._check(k)
+        return np.roll(a, -k)
+
+    def rotate_hoisted(self, a, ks):
+        return {k: self.rotate(a, k) for k in ks}
+
+    def chebyshev(self, a, coeffs, lo, hi):
+        return cheb_eval(a, coeffs, lo, hi)

@@ -1,0 +1,99 @@
+"""Activation approximation: Chebyshev fits on ranges measured on calibration data.
+
+Each activation's input range is measured on the calibration batch *after* the
+activations before it have been replaced, so every fit sees the values the
+encrypted model will actually feed it. The range is widened by a safety margin
+and always contains 0 (padding slots of a ciphertext hold zeros; see
+``veil.compiler.plan``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.polynomial import chebyshev
+
+from ..errors import CompileError
+from ..ir import ACTIVATIONS, Graph, Node, Op, cheb_eval, eval_node
+from ..ir.interpreter import ELEMENTWISE
+
+DEFAULT_DEGREE = 27       # the largest degree at OpenFHE's depth 5 (Paterson-Stockmeyer)
+DEFAULT_MARGIN = 0.1      # widen the measured range by 10% of its width on each side
+# SQUARE is a degree-2 polynomial: fitting it is exact, so it never needs a higher degree.
+EXACT_DEGREE = {Op.SQUARE: 2}
+
+
+@dataclass(frozen=True)
+class ActivationReport:
+    """How one activation was approximated."""
+
+    node: str
+    function: str
+    degree: int
+    lo: float
+    hi: float
+    observed_lo: float
+    observed_hi: float
+    max_abs_error: float      # |poly - f| max over the calibration inputs
+    max_abs_error_range: float  # |poly - f| max over a dense grid of [lo, hi]
+
+
+def fit_chebyshev(op: Op, lo: float, hi: float, degree: int) -> np.ndarray:
+    """Chebyshev coefficients (numpy convention, on [-1, 1]) of ``op`` over [lo, hi]."""
+    fn = ELEMENTWISE[op]
+    mid, half = (hi + lo) / 2.0, (hi - lo) / 2.0
+    coeffs = chebyshev.chebinterpolate(lambda t: fn(mid + half * t), degree)
+    return np.asarray(coeffs, dtype=np.float64)
+
+
+def _range(values: np.ndarray, margin: float) -> tuple[float, float, float, float]:
+    obs_lo, obs_hi = float(values.min()), float(values.max())
+    lo, hi = min(obs_lo, 0.0), max(obs_hi, 0.0)
+    width = max(hi - lo, 1e-3)
+    return lo - margin * width, hi + margin * width, obs_lo, obs_hi
+
+
+def approximate_activations(graph: Graph, calibration: np.ndarray, *,
+                            degree: int | dict[str, int] = DEFAULT_DEGREE,
+                            margin: float = DEFAULT_MARGIN,
+                            ) -> tuple[Graph, list[ActivationReport]]:
+    """Replace every activation by a POLY node fitted on the calibration data.
+
+    Args:
+        graph: a graph without MAXPOOL2D (run ``replace_maxpool`` first).
+        calibration: batch (B, *input_shape) representative of real inputs.
+        degree: one degree for all activations, or a dict node name -> degree.
+        margin: fraction of the measured range added on both sides.
+
+    Returns:
+        The new graph and one report per replaced activation.
+    """
+    if margin < 0:
+        raise CompileError("margin must be >= 0")
+    values = {graph.input.name: np.asarray(calibration, dtype=np.float64)}
+    out: list[Node] = [graph.input]
+    reports: list[ActivationReport] = []
+    for node in graph.nodes[1:]:
+        args = [values[s] for s in node.inputs]
+        if node.op in ACTIVATIONS:
+            deg = degree.get(node.name, DEFAULT_DEGREE) if isinstance(degree, dict) else degree
+            deg = EXACT_DEGREE.get(node.op, int(deg))
+            if deg < 1:
+                raise CompileError(f"polynomial degree for {node.name!r} must be >= 1")
+            lo, hi, obs_lo, obs_hi = _range(args[0], margin)
+            coeffs = fit_chebyshev(node.op, lo, hi, deg)
+            poly = node.replace(op=Op.POLY, attrs={"coeffs": tuple(coeffs.tolist()),
+                                                   "lo": lo, "hi": hi,
+                                                   "source": node.op.value})
+            exact = ELEMENTWISE[node.op](args[0])
+            approx = cheb_eval(args[0], coeffs, lo, hi)
+            grid = np.linspace(lo, hi, 4001)
+            reports.append(ActivationReport(
+                node.name, node.op.value, deg, lo, hi, obs_lo, obs_hi,
+                float(np.max(np.abs(approx - exact))),
+                float(np.max(np.abs(cheb_eval(grid, coeffs, lo, hi)
+                                    - ELEMENTWISE[node.op](grid))))))
+            node = poly
+        values[node.name] = eval_node(node, args)
+        out.append(node)
+    return graph.with_nodes(out), reports

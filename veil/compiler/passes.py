@@ -1,0 +1,147 @@
+"""Pure graph -> graph passes. None prints, generates keys or touches a backend."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import CompileError
+from ..ir import AFFINE_OPS, Graph, Node, Op, eval_node
+
+# Lowering a chain of affine ops to a dense matrix costs O(n*m) memory; beyond this
+# many entries the structured layouts of a later release are needed.
+MAX_DENSE_ENTRIES = 1 << 26
+
+
+@dataclass
+class PassNote:
+    """What a pass changed, for the compile report."""
+
+    pass_name: str
+    messages: list[str] = field(default_factory=list)
+
+
+def _rename_inputs(node: Node, alias: dict[str, str]) -> Node:
+    if any(i in alias for i in node.inputs):
+        return node.replace(inputs=tuple(alias.get(i, i) for i in node.inputs))
+    return node
+
+
+def fold_batchnorm(graph: Graph) -> tuple[Graph, PassNote]:
+    """Fuse a BATCHNORM into the LINEAR/CONV2D that feeds it when nothing else reads it.
+
+    conv(x)*s + t == conv'(x) with weight W*s (per output channel) and bias b*s + t,
+    so the fused graph computes the same function with one op less.
+    """
+    note = PassNote("fold_batchnorm")
+    by_name = {n.name: n for n in graph.nodes}
+    out: list[Node] = []
+    alias: dict[str, str] = {}
+    for node in graph.nodes:
+        node = _rename_inputs(node, alias)
+        src = by_name.get(node.inputs[0]) if node.inputs else None
+        if (node.op is Op.BATCHNORM and src is not None and src.op in (Op.LINEAR, Op.CONV2D)
+                and len(graph.consumers(src.name)) == 1 and src.name != graph.output):
+            s, t = node.params["scale"], node.params["shift"]
+            w = src.params["weight"] * s.reshape((-1,) + (1,) * (src.params["weight"].ndim - 1))
+            fused = src.replace(name=node.name, params={"weight": w,
+                                                        "bias": src.params["bias"] * s + t})
+            out = [fused if n.name == src.name else n for n in out]
+            by_name[node.name] = fused
+            note.messages.append(f"batchnorm {node.name!r} fused into {src.op.value} "
+                                 f"{src.name!r}")
+            # The fused node keeps the batchnorm's name so later readers stay valid.
+            continue
+        out.append(node)
+    return graph.with_nodes(out), note
+
+
+def replace_maxpool(graph: Graph) -> tuple[Graph, PassNote]:
+    """Replace MAXPOOL2D by AVGPOOL2D of the same window: max has no low-depth polynomial."""
+    note = PassNote("replace_maxpool")
+    out = []
+    for node in graph.nodes:
+        if node.op is Op.MAXPOOL2D:
+            node = node.replace(op=Op.AVGPOOL2D)
+            note.messages.append(f"max-pool {node.name!r} replaced by average pooling "
+                                 f"(kernel {tuple(node.attrs['kernel'])})")
+        out.append(node)
+    return graph.with_nodes(out), note
+
+
+def linearize(graph: Graph) -> tuple[Graph, PassNote]:
+    """Collapse each maximal chain of affine ops into one DENSE node.
+
+    A chain is extended through a node only when that node is the sole reader of its
+    input, so no intermediate value that another branch needs disappears.
+    """
+    note = PassNote("linearize")
+    shapes = {n.name: n.shape for n in graph.nodes}
+    readers = {n.name: len(graph.consumers(n.name)) for n in graph.nodes}
+    out: list[Node] = []
+    chain_of: dict[str, list[Node]] = {}  # chain tail name -> chain
+    for node in graph.nodes:
+        if node.op not in AFFINE_OPS:
+            out.append(node)
+            continue
+        src = node.inputs[0]
+        if src in chain_of and readers[src] == 1 and src != graph.output:
+            chain = chain_of.pop(src) + [node]
+            out = [n for n in out if n.name != src]
+        else:
+            chain = [node]
+        chain_of[node.name] = chain
+        out.append(_dense_from_chain(chain, shapes))
+    merged = [c for c in chain_of.values() if len(c) > 1]
+    for chain in merged:
+        note.messages.append(" -> ".join(f"{n.op.value} {n.name!r}" for n in chain)
+                             + " lowered to one dense map")
+    return graph.with_nodes(out), note
+
+
+def _dense_from_chain(chain: list[Node], shapes: dict[str, tuple[int, ...]]) -> Node:
+    head, tail = chain[0], chain[-1]
+    in_shape = shapes[head.inputs[0]]
+    in_size, out_size = int(np.prod(in_shape)), int(np.prod(tail.shape))
+    if in_size * out_size > MAX_DENSE_ENTRIES:
+        raise CompileError(
+            f"layer {tail.name!r} maps {in_size} to {out_size} values; the dense lowering "
+            f"supports at most {MAX_DENSE_ENTRIES} matrix entries")
+    probe = np.vstack([np.zeros((1, in_size)), np.eye(in_size)])
+    x = probe.reshape((in_size + 1,) + in_shape)
+    for node in chain:
+        x = eval_node(node, [x])
+    flat = x.reshape(in_size + 1, -1)
+    bias = flat[0]
+    matrix = (flat[1:] - bias).T
+    return Node(tail.name, Op.DENSE, (head.inputs[0],), tail.shape,
+                {"shape": tail.shape, "source": tuple(n.name for n in chain)},
+                {"matrix": matrix, "bias": bias})
+
+
+def fold_poly_domain(graph: Graph) -> tuple[Graph, PassNote]:
+    """Move each POLY's map from [lo, hi] onto [-1, 1] into the DENSE that feeds it.
+
+    p(x) on [lo, hi] equals p evaluated at t = (2x - lo - hi) / (hi - lo) on [-1, 1];
+    scaling the dense layer's rows and bias yields t directly, which saves OpenFHE the
+    scalar multiplication (one level) it otherwise spends per activation.
+    """
+    note = PassNote("fold_poly_domain")
+    by_name = {n.name: n for n in graph.nodes}
+    replaced: dict[str, Node] = {}
+    for node in graph.nodes:
+        if node.op is not Op.POLY or (node.attrs["lo"], node.attrs["hi"]) == (-1.0, 1.0):
+            continue
+        src = by_name[node.inputs[0]]
+        if (src.op is not Op.DENSE or src.name == graph.output
+                or len(graph.consumers(src.name)) != 1):
+            continue
+        lo, hi = node.attrs["lo"], node.attrs["hi"]
+        scale, shift = 2.0 / (hi - lo), -(hi + lo) / (hi - lo)
+        replaced[src.name] = src.replace(params={
+            "matrix": src.params["matrix"] * scale, "bias": src.params["bias"] * scale + shift})
+        attrs = dict(node.attrs, lo=-1.0, hi=1.0, fit_lo=lo, fit_hi=hi)
+        replaced[node.name] = node.replace(attrs=attrs)
+        note.messages.append(f"range map of {node.name!r} folded into {src.name!r} "
+                             "(one level saved)")
+    return graph.with_nodes(replaced.get(n.name, n) for n in graph.nodes), note

@@ -1,0 +1,255 @@
+"""HE planning: slot layouts, rotation sets, depth, CKKS parameters and the key manifest.
+
+Layout invariant. A value of ``n`` numbers lives in one ciphertext as a vector of
+period ``P = next_pow2(n)``: slot ``j`` holds ``x[j mod P]`` (zero when
+``j mod P >= n``). Because P divides the slot count, a cyclic rotation of the whole
+ciphertext by ``i`` equals a cyclic rotation of every period block, which is what
+the diagonal method needs.
+
+Dense layers use the diagonal method of Halevi and Shoup (CRYPTO 2014, "Algorithms
+in HElib", Sec. 4.3) generalised to rectangular matrices, with the baby-step /
+giant-step split of Halevi and Shoup (CRYPTO 2018, "Faster homomorphic linear
+transformations in HElib", Sec. 4); all-zero diagonals are skipped, so a convolution
+costs about one rotation per distinct kernel offset rather than one per input.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..errors import CompileError
+from ..ir import Graph, Op
+
+# Smallest ring dimensions with their 128-bit classical bound on log2(Q*P)
+# (HomomorphicEncryption.org standard, Table for uniform ternary secrets).
+HE_STD_128_LOGQP = {1 << 13: 218, 1 << 14: 438, 1 << 15: 881, 1 << 16: 1761, 1 << 17: 3523}
+# Ring dimension used when the caller opts into insecure test parameters.
+INSECURE_RING_DIM = 1 << 12
+SCALING_BITS_CHOICES = (40, 38, 36, 34, 32, 30)
+# Degree thresholds of OpenFHE's Chebyshev evaluation on [-1, 1]: degree <= t costs
+# `depth` levels. Any other interval costs one more level for the affine map onto
+# [-1, 1] (which ``fold_poly_domain`` moves into the preceding dense layer). Checked
+# against OpenFHE by a backend test.
+_CHEB_DEPTH = ((1, 1), (2, 2), (5, 3), (13, 4), (27, 5), (59, 6), (119, 7), (247, 8),
+               (495, 9), (1007, 10), (2031, 11))
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def chebyshev_depth(degree: int, lo: float = -1.0, hi: float = 1.0) -> int:
+    """Multiplicative levels OpenFHE's EvalChebyshevSeries consumes for ``degree``."""
+    extra = 0 if (lo, hi) == (-1.0, 1.0) else 1
+    for limit, depth in _CHEB_DEPTH:
+        if degree <= limit:
+            return depth + extra
+    raise CompileError(f"polynomial degree {degree} is above the supported 2031")
+
+
+@dataclass(frozen=True)
+class CKKSParams:
+    """CKKS parameters; ``security`` is the OpenFHE security level name."""
+
+    ring_dim: int
+    mult_depth: int
+    scaling_bits: int
+    first_mod_bits: int
+    num_large_digits: int
+    security: str = "HEStd_128_classic"
+    insecure_test_params: bool = False
+
+    @property
+    def slots(self) -> int:
+        return self.ring_dim // 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CKKSParams":
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+def _estimated_log_qp(depth: int, scaling: int, first: int, dnum: int) -> int:
+    """log2(Q*P) as OpenFHE builds it for HYBRID key switching (validated by a test)."""
+    towers = depth + 1
+    alpha = math.ceil(towers / dnum)
+    digit_bits = first + (alpha - 1) * scaling
+    log_p = math.ceil((digit_bits + 8) / 60) * 60  # +8: headroom OpenFHE keeps
+    return first + depth * scaling + log_p
+
+
+def select_params(depth: int, min_slots: int, *, insecure_test_params: bool = False,
+                  ) -> tuple[CKKSParams, str]:
+    """Smallest secure ring, then the largest scale that fits; returns params and why."""
+    depth = max(depth, 1)
+    if insecure_test_params:
+        ring = max(INSECURE_RING_DIM, 2 * next_pow2(min_slots))
+        return (CKKSParams(ring, depth, 40, 60, 3, "HEStd_NotSet", True),
+                f"INSECURE test parameters: ring {ring}, no security level enforced")
+    for ring, bound in HE_STD_128_LOGQP.items():
+        if ring // 2 < min_slots:
+            continue
+        for scaling in SCALING_BITS_CHOICES:
+            first = min(60, scaling + 20)
+            for dnum in range(2, depth + 2):
+                if _estimated_log_qp(depth, scaling, first, dnum) <= bound:
+                    why = (f"depth {depth} with {scaling}-bit scaling fits ring {ring} "
+                           f"(log2 QP <= {bound} for 128-bit security, {dnum} key-switch "
+                           f"digits); {ring // 2} slots >= {min_slots} needed")
+                    return CKKSParams(ring, depth, scaling, first, dnum), why
+    raise CompileError(f"depth {depth} does not fit a ring of at most 2^17 at 128-bit "
+                       "security; lower the polynomial degrees")
+
+
+@dataclass(frozen=True)
+class DensePlan:
+    """How one DENSE node runs: diagonals to use, baby-step size and fold rotations."""
+
+    in_period: int
+    out_period: int
+    diagonals: tuple[int, ...]   # signed representatives of the non-zero diagonals
+    baby_step: int
+    fold_steps: tuple[int, ...]
+    centered: bool = False        # baby steps in [-b/2, b/2) instead of [0, b)
+
+    def split(self, d: int) -> tuple[int, int]:
+        """Giant index g and baby step r with d == g * baby_step + r."""
+        return _split(d, self.baby_step, self.centered)
+
+    def rotations(self) -> set[int]:
+        rots = set(self.fold_steps)
+        for d in self.diagonals:
+            g, r = self.split(d)
+            rots.update(x for x in (r, g * self.baby_step) if x)
+        return rots
+
+    def to_dict(self) -> dict:
+        return {"in_period": self.in_period, "out_period": self.out_period,
+                "diagonals": list(self.diagonals), "baby_step": self.baby_step,
+                "fold_steps": list(self.fold_steps), "centered": self.centered}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DensePlan":
+        return cls(int(d["in_period"]), int(d["out_period"]), tuple(d["diagonals"]),
+                   int(d["baby_step"]), tuple(d["fold_steps"]),
+                   bool(d.get("centered", False)))
+
+
+def diagonal_vectors(matrix: np.ndarray, in_period: int, out_period: int) -> np.ndarray:
+    """Generalised diagonals: row i, slot j holds W[j mod Po, (j + i) mod Pi].
+
+    Returns an array (min(Pi, Po), max(Pi, Po)); entries outside W are zero.
+    """
+    m, n = matrix.shape
+    count, length = min(in_period, out_period), max(in_period, out_period)
+    padded = np.zeros((out_period, in_period))
+    padded[:m, :n] = matrix
+    j = np.arange(length)
+    i = np.arange(count)[:, None]
+    return padded[j % out_period, (j + i) % in_period]
+
+
+def _signed(i: int, period: int) -> int:
+    return i - period if i > period // 2 else i
+
+
+def normalize_rotation(r: int, slots: int) -> int:
+    """The representative in (-slots/2, slots/2] that keys and evaluation both use."""
+    return _signed(r % slots, slots)
+
+
+def _split(d: int, b: int, centered: bool) -> tuple[int, int]:
+    r = ((d + b // 2) % b) - b // 2 if centered else d % b
+    return (d - r) // b, r
+
+
+def _best_baby_step(diags: list[int]) -> tuple[int, bool]:
+    """Baby-step size (and split) minimising rotations; hoisted babies count half."""
+    best, best_cost = (1, False), math.inf
+    span = max((abs(d) for d in diags), default=1)
+    for b in range(1, 2 * span + 2):
+        for centered in (False, True):
+            parts = [_split(d, b, centered) for d in diags]
+            babies = {r for _, r in parts} - {0}
+            giants = {g for g, _ in parts} - {0}
+            cost = 0.5 * len(babies) + len(giants)
+            if cost < best_cost:
+                best, best_cost = (b, centered), cost
+    return best
+
+
+def plan_dense(matrix: np.ndarray) -> DensePlan:
+    """Pick non-zero diagonals, the baby step, and the fold rotations of one dense map."""
+    m, n = matrix.shape
+    pi, po = next_pow2(n), next_pow2(m)
+    diag = diagonal_vectors(matrix, pi, po)
+    nonzero = [_signed(i, pi) for i in range(diag.shape[0]) if np.any(diag[i] != 0.0)]
+    nonzero = sorted(nonzero) or [0]
+    folds = tuple(po << t for t in range(int(math.log2(pi // po)))) if pi > po else ()
+    baby, centered = _best_baby_step(nonzero)
+    return DensePlan(pi, po, tuple(nonzero), baby, folds, centered)
+
+
+@dataclass
+class HEPlan:
+    """Everything the HE backend and the key owner need; emitted by the compiler."""
+
+    params: CKKSParams
+    rotations: tuple[int, ...]
+    depth: int
+    levels: dict[str, int]
+    dense: dict[str, DensePlan]
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    input_period: int
+    output_period: int
+    param_reason: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def manifest(self) -> dict:
+        """The key manifest: exactly what the client must generate and the server needs."""
+        return {"params": self.params.to_dict(), "rotations": list(self.rotations),
+                "relinearization_key": True, "bootstrapping": False, "depth": self.depth,
+                "input": {"shape": list(self.input_shape), "period": self.input_period},
+                "output": {"shape": list(self.output_shape), "period": self.output_period},
+                "layers": {k: v.to_dict() for k, v in self.dense.items()}}
+
+
+def plan_he(graph: Graph, *, insecure_test_params: bool = False) -> HEPlan:
+    """Plan a linearized graph (INPUT, DENSE, POLY, ADD only) for CKKS."""
+    levels: dict[str, int] = {}
+    dense: dict[str, DensePlan] = {}
+    periods = {graph.input.name: next_pow2(int(np.prod(graph.input_shape)))}
+    for node in graph.nodes:
+        if node.op is Op.INPUT:
+            levels[node.name] = 0
+            continue
+        base = max(levels[s] for s in node.inputs)
+        if node.op is Op.DENSE:
+            dense[node.name] = plan_dense(node.params["matrix"])
+            levels[node.name] = base + 1
+        elif node.op is Op.POLY:
+            levels[node.name] = base + chebyshev_depth(len(node.attrs["coeffs"]) - 1,
+                                                       node.attrs["lo"], node.attrs["hi"])
+        elif node.op is Op.ADD:
+            levels[node.name] = base
+        else:
+            raise CompileError(f"{node.op.value} node {node.name!r} was not lowered; "
+                               "run the linearize pass before planning")
+        periods[node.name] = next_pow2(int(np.prod(node.shape)))
+    depth = levels[graph.output]
+    min_slots = max(max(periods.values()), *(p.in_period for p in dense.values()), 1)
+    params, why = select_params(depth, min_slots, insecure_test_params=insecure_test_params)
+    slots = params.slots
+    rotations = set()
+    for p in dense.values():
+        rotations |= p.rotations()
+    # Normalise to (-slots/2, slots/2]: both signs name the same automorphism key.
+    rotations = {normalize_rotation(r, slots) for r in rotations} - {0}
+    return HEPlan(params, tuple(sorted(rotations)), depth, levels, dense,
+                  graph.input_shape, graph.output_shape, periods[graph.input.name],
+                  periods[graph.output], why)

@@ -1,0 +1,143 @@
+"""Server and client bundles: what the model developer hands to each role.
+
+``server/`` holds the lowered graph, its weights, the CKKS parameters and the key
+manifest; no key material. ``client/`` holds the parameters, the manifest, and how to
+lay inputs into slots and read outputs back; no weights. Both are JSON + npz with a
+format version and the library versions, checked on load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .._version import __version__
+from ..compiler.plan import CKKSParams
+from ..errors import BundleError, GraphError
+from ..ir import Graph
+from ..ir.serialize import graph_from_json, graph_to_json
+from ..wire import fingerprint
+
+BUNDLE_FORMAT = 1
+SERVER_KIND, CLIENT_KIND = "veil-server-bundle", "veil-client-bundle"
+
+
+def library_versions() -> dict:
+    from importlib import metadata
+
+    out = {"veil": __version__, "python": platform.python_version()}
+    for lib in ("openfhe", "numpy"):
+        try:
+            out[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            out[lib] = None
+    return out
+
+
+def _check_header(data: dict, kind: str, where: Path) -> None:
+    if data.get("kind") != kind:
+        raise BundleError(f"{where} is not a {kind}")
+    if data.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{where} has bundle format {data.get('format')}; this veil "
+                          f"reads format {BUNDLE_FORMAT}: re-export it with veil {__version__}")
+    libs = data.get("libraries", {})
+    ours = library_versions()
+    if libs.get("openfhe") != ours["openfhe"]:
+        raise BundleError(f"{where} was exported with OpenFHE {libs.get('openfhe')}, this "
+                          f"process has {ours['openfhe']}; ciphertexts would not interoperate")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise BundleError(f"{path} is missing: export the model with compiled.export()") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} is unreadable: {exc}") from exc
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class ClientBundle:
+    params: CKKSParams
+    manifest: dict
+
+    @property
+    def model_id(self) -> str:
+        return fingerprint(self.manifest)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest["input"]["shape"])
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return tuple(self.manifest["output"]["shape"])
+
+    @property
+    def input_range(self) -> tuple[float, float]:
+        lo, hi = self.manifest["input"]["range"]
+        return float(lo), float(hi)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        doc = {"kind": CLIENT_KIND, "format": BUNDLE_FORMAT, "libraries": library_versions(),
+               "insecure_test_params": self.params.insecure_test_params,
+               "params": self.params.to_dict(), "manifest": self.manifest}
+        _write_atomic(d / "client.json", json.dumps(doc, indent=1).encode())
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "ClientBundle":
+        path = Path(directory) / "client.json"
+        data = _read_json(path)
+        _check_header(data, CLIENT_KIND, path)
+        try:
+            return cls(CKKSParams.from_dict(data["params"]), data["manifest"])
+        except (KeyError, TypeError) as exc:
+            raise BundleError(f"{path} is malformed: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class ServerBundle:
+    graph: Graph
+    params: CKKSParams
+    manifest: dict
+
+    @property
+    def model_id(self) -> str:
+        return fingerprint(self.manifest)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        graph_doc, arrays = graph_to_json(self.graph)
+        doc = {"kind": SERVER_KIND, "format": BUNDLE_FORMAT, "libraries": library_versions(),
+               "insecure_test_params": self.params.insecure_test_params,
+               "params": self.params.to_dict(), "manifest": self.manifest,
+               "graph": graph_doc}
+        tmp = d / "weights.tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, d / "weights.npz")
+        _write_atomic(d / "model.json", json.dumps(doc, indent=1).encode())
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "ServerBundle":
+        d = Path(directory)
+        data = _read_json(d / "model.json")
+        _check_header(data, SERVER_KIND, d / "model.json")
+        try:
+            with np.load(d / "weights.npz", allow_pickle=False) as arrays:
+                graph = graph_from_json(data["graph"], {k: arrays[k] for k in arrays.files})
+            return cls(graph, CKKSParams.from_dict(data["params"]), data["manifest"])
+        except (OSError, ValueError, KeyError, TypeError, GraphError) as exc:
+            raise BundleError(f"server bundle in {d} is malformed: {exc}") from exc

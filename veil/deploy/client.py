@@ -1,0 +1,112 @@
+"""The data owner's role: key generation, encryption, decryption."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..backends.he.evaluator import tile
+from ..backends.he.openfhe_engine import ClientCrypto
+from ..errors import InputError, KeyMismatchError, MissingKeyError, SerializationError
+from ..wire import pack, unpack
+from .bundle import ClientBundle
+from .keys import CIPHERTEXT_KIND, EvaluationKeys, SecretKey
+
+
+def check_input(x, shape: tuple[int, ...], value_range: tuple[float, float] | None
+                ) -> np.ndarray:
+    """Validate one input sample; returns it as float64. Raises InputError."""
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"input is not numeric: {exc}") from exc
+    if arr.shape != shape:
+        if arr.size == int(np.prod(shape)) and arr.ndim <= 1:
+            arr = arr.reshape(shape)
+        else:
+            raise InputError(f"input has shape {arr.shape}; this model was compiled for "
+                             f"{shape}")
+    if not np.all(np.isfinite(arr)):
+        raise InputError("input contains NaN or infinity")
+    if value_range is not None:
+        lo, hi = value_range
+        if arr.min() < lo or arr.max() > hi:
+            raise InputError(f"input values span [{arr.min():.4g}, {arr.max():.4g}]; this "
+                             f"model was calibrated for [{lo:.4g}, {hi:.4g}] and its "
+                             "polynomials are only valid there")
+    return arr
+
+
+class ModelClient:
+    """Holds the secret key; encrypts inputs and decrypts outputs for one model.
+
+    Args:
+        bundle: a client bundle directory (from ``compiled.export``) or a ClientBundle.
+        check_range: reject inputs outside the calibrated range (default True).
+    """
+
+    def __init__(self, bundle: str | os.PathLike | ClientBundle, *,
+                 check_range: bool = True) -> None:
+        self.bundle = bundle if isinstance(bundle, ClientBundle) else ClientBundle.load(bundle)
+        self._crypto = ClientCrypto(self.bundle.params)
+        self._eval_keys: EvaluationKeys | None = None
+        self._check_range = check_range
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.bundle.input_shape
+
+    def keygen(self) -> EvaluationKeys:
+        """Generate a fresh key pair and exactly the manifest's evaluation keys."""
+        parts = self._crypto.keygen(self.bundle.manifest["rotations"])
+        self._eval_keys = EvaluationKeys(self.bundle.model_id, self._crypto.tag, parts)
+        return self._eval_keys
+
+    def evaluation_keys(self) -> bytes:
+        """Serialized evaluation keys for the server (no secret material)."""
+        if self._eval_keys is None:
+            raise MissingKeyError("call keygen() before evaluation_keys()")
+        return self._eval_keys.to_bytes()
+
+    def secret_key(self) -> SecretKey:
+        return SecretKey(self.bundle.model_id, self._crypto.secret_key_bytes(),
+                         self._crypto.public_key_bytes())
+
+    def save_secret_key(self, path: str | os.PathLike) -> None:
+        """Write the secret key to ``path`` (mode 0600). Only done when you call this."""
+        self.secret_key().save(path)
+
+    def load_secret_key(self, key: str | os.PathLike | SecretKey) -> None:
+        key = key if isinstance(key, SecretKey) else SecretKey.load(key)
+        if key.model_id != self.bundle.model_id:
+            raise KeyMismatchError("this secret key was generated for another model")
+        self._crypto.load_keys(key.secret, key.public)
+
+    def encrypt(self, x) -> bytes:
+        """Encrypt one input of the model's input shape. Raises InputError on bad input."""
+        arr = check_input(x, self.input_shape,
+                          self.bundle.input_range if self._check_range else None)
+        slots = self.bundle.params.slots
+        vec = tile(arr, self.bundle.manifest["input"]["period"], slots)
+        ct = self._crypto.encrypt(vec)
+        return pack(CIPHERTEXT_KIND, {"ct": ct}, {"model": self.bundle.model_id,
+                                                  "tag": self._crypto.tag, "role": "input"})
+
+    def decrypt(self, blob: bytes) -> np.ndarray:
+        """Decrypt a server result into an array of the model's output shape."""
+        header, parts = unpack(blob, CIPHERTEXT_KIND)
+        if header.get("model") != self.bundle.model_id:
+            raise KeyMismatchError("this ciphertext belongs to another model")
+        if header.get("role") != "output" or "ct" not in parts:
+            raise SerializationError("expected a model output ciphertext")
+        size = int(np.prod(self.bundle.output_shape))
+        return self._crypto.decrypt(parts["ct"], size).reshape(self.bundle.output_shape)
+
+    def close(self) -> None:
+        self._crypto.close()
+
+    def __enter__(self) -> "ModelClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

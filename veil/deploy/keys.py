@@ -1,0 +1,90 @@
+"""Key material as distinct types with distinct serializers.
+
+:class:`EvaluationKeys` is all a server ever receives. :class:`SecretKey` never leaves
+the client unless the client calls :meth:`SecretKey.save` itself; a server refuses it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import KeyTypeError, SerializationError
+from ..wire import unpack, pack
+
+EVAL_KEYS_KIND = "veil-evaluation-keys"
+SECRET_KEY_KIND = "veil-secret-key"
+CIPHERTEXT_KIND = "veil-ciphertext"
+
+
+def envelope_kind(blob: bytes) -> str | None:
+    """The kind an envelope claims, without verifying it (used to give better errors)."""
+    import json
+    import struct
+
+    try:
+        _, _, hlen = struct.unpack_from(">4sBI", blob)
+        return json.loads(bytes(blob[9:9 + hlen])).get("kind")
+    except Exception:  # noqa: BLE001 - any malformed input simply has no kind
+        return None
+
+
+@dataclass(frozen=True)
+class EvaluationKeys:
+    """Relinearization and rotation keys of one client, for one model's parameters."""
+
+    model_id: str
+    tag: str
+    parts: dict
+
+    def to_bytes(self) -> bytes:
+        return pack(EVAL_KEYS_KIND, self.parts, {"model": self.model_id, "tag": self.tag})
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> "EvaluationKeys":
+        if isinstance(blob, SecretKey) or envelope_kind(blob) == SECRET_KEY_KIND:
+            raise KeyTypeError("a secret key was offered where evaluation keys belong; "
+                               "servers never accept secret keys")
+        header, parts = unpack(blob, EVAL_KEYS_KIND)
+        if set(parts) != {"mult", "rotations"} or not isinstance(header.get("tag"), str):
+            raise SerializationError("evaluation keys are missing parts")
+        return cls(str(header.get("model")), header["tag"], parts)
+
+    @property
+    def size(self) -> int:
+        return sum(len(p) for p in self.parts.values())
+
+
+@dataclass(frozen=True, repr=False)
+class SecretKey:
+    """The client's secret key (with its public key). Its repr never shows key bytes."""
+
+    model_id: str
+    secret: bytes
+    public: bytes
+
+    def __repr__(self) -> str:
+        return f"SecretKey(model_id={self.model_id!r}, <redacted>)"
+
+    def to_bytes(self) -> bytes:
+        return pack(SECRET_KEY_KIND, {"secret": self.secret, "public": self.public},
+                    {"model": self.model_id})
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> "SecretKey":
+        header, parts = unpack(blob, SECRET_KEY_KIND)
+        if set(parts) != {"secret", "public"}:
+            raise SerializationError("secret key file is missing parts")
+        return cls(str(header.get("model")), parts["secret"], parts["public"])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the key to ``path`` with permissions 0600 (owner read/write only)."""
+        path = Path(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(self.to_bytes())
+        os.chmod(path, 0o600)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SecretKey":
+        return cls.from_bytes(Path(path).read_bytes())

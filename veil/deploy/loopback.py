@@ -1,0 +1,62 @@
+"""Client and server roles wired together in one process, with stage timings.
+
+Used by ``CompiledModel.run(mode="he")`` and by the benchmarks. The two roles still
+exchange only bytes: evaluation keys and ciphertexts.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .bundle import ClientBundle, ServerBundle
+from .client import ModelClient
+from .server import ModelServer
+
+
+@dataclass
+class Timings:
+    keygen_s: float = 0.0
+    session_s: float = 0.0
+    eval_key_bytes: int = 0
+    encrypt_s: list[float] = field(default_factory=list)
+    eval_s: list[float] = field(default_factory=list)
+    decrypt_s: list[float] = field(default_factory=list)
+    input_ct_bytes: int = 0
+    output_ct_bytes: int = 0
+
+
+class Loopback:
+    def __init__(self, client_bundle: ClientBundle, server_bundle: ServerBundle,
+                 check_range: bool = True) -> None:
+        self.timings = Timings()
+        self.client = ModelClient(client_bundle, check_range=check_range)
+        self.server = ModelServer(server_bundle)
+        t0 = time.perf_counter()
+        self.client.keygen()
+        keys = self.client.evaluation_keys()
+        t1 = time.perf_counter()
+        self.session = self.server.open_session(keys)
+        t2 = time.perf_counter()
+        self.timings.keygen_s, self.timings.session_s = t1 - t0, t2 - t1
+        self.timings.eval_key_bytes = len(keys)
+
+    def infer(self, x) -> np.ndarray:
+        t = self.timings
+        t0 = time.perf_counter()
+        ct = self.client.encrypt(x)
+        t1 = time.perf_counter()
+        out = self.session.run(ct)
+        t2 = time.perf_counter()
+        y = self.client.decrypt(out)
+        t3 = time.perf_counter()
+        t.encrypt_s.append(t1 - t0)
+        t.eval_s.append(t2 - t1)
+        t.decrypt_s.append(t3 - t2)
+        t.input_ct_bytes, t.output_ct_bytes = len(ct), len(out)
+        return y
+
+    def close(self) -> None:
+        self.session.close()
+        self.client.close()

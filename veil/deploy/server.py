@@ -1,0 +1,75 @@
+"""The untrusted server's role: evaluates ciphertexts with evaluation keys only."""
+from __future__ import annotations
+
+import os
+
+from ..backends.he.evaluator import Evaluator
+from ..backends.he.openfhe_engine import EvaluationSession
+from ..compiler.plan import HEPlan, DensePlan
+from ..errors import KeyMismatchError, KeyTypeError, SerializationError
+from ..wire import pack, unpack
+from .bundle import ServerBundle
+from .keys import CIPHERTEXT_KIND, EvaluationKeys, SecretKey
+
+
+def _plan_from_manifest(bundle: ServerBundle) -> HEPlan:
+    m = bundle.manifest
+    return HEPlan(bundle.params, tuple(m["rotations"]), int(m["depth"]), {},
+                  {k: DensePlan.from_dict(v) for k, v in m["layers"].items()},
+                  tuple(m["input"]["shape"]), tuple(m["output"]["shape"]),
+                  int(m["input"]["period"]), int(m["output"]["period"]))
+
+
+class ServerSession:
+    """One client's evaluation keys loaded for repeated inference. Close it when done."""
+
+    def __init__(self, server: "ModelServer", keys: EvaluationKeys) -> None:
+        if keys.model_id != server.bundle.model_id:
+            raise KeyMismatchError("these evaluation keys were generated for another model")
+        self._server = server
+        self.tag = keys.tag
+        self._engine = EvaluationSession(server.bundle.params, keys.tag, keys.parts,
+                                         server.bundle.manifest["rotations"])
+
+    def run(self, ciphertext: bytes) -> bytes:
+        """Evaluate the model on one input ciphertext; returns the output ciphertext."""
+        header, parts = unpack(ciphertext, CIPHERTEXT_KIND)
+        if header.get("model") != self._server.bundle.model_id:
+            raise KeyMismatchError("this ciphertext was encrypted for another model")
+        if header.get("role") != "input" or "ct" not in parts:
+            raise SerializationError("expected a model input ciphertext")
+        ct = self._engine.load(parts["ct"])
+        out = self._server.evaluator.run(self._engine, ct)
+        return pack(CIPHERTEXT_KIND, {"ct": self._engine.dump(out)},
+                    {"model": self._server.bundle.model_id, "tag": self.tag,
+                     "role": "output"})
+
+    def close(self) -> None:
+        self._engine.close()
+
+    def __enter__(self) -> "ServerSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ModelServer:
+    """Loads a server bundle; evaluates encrypted inputs. Never holds a secret key."""
+
+    def __init__(self, bundle: str | os.PathLike | ServerBundle) -> None:
+        self.bundle = bundle if isinstance(bundle, ServerBundle) else ServerBundle.load(bundle)
+        self.evaluator = Evaluator(self.bundle.graph, _plan_from_manifest(self.bundle))
+
+    def open_session(self, evaluation_keys: bytes | EvaluationKeys) -> ServerSession:
+        """Load a client's evaluation keys (bytes from ``ModelClient.evaluation_keys``)."""
+        if isinstance(evaluation_keys, SecretKey):
+            raise KeyTypeError("servers never accept secret keys; send evaluation_keys()")
+        keys = (evaluation_keys if isinstance(evaluation_keys, EvaluationKeys)
+                else EvaluationKeys.from_bytes(evaluation_keys))
+        return ServerSession(self, keys)
+
+    def run(self, ciphertext: bytes, evaluation_keys: bytes | EvaluationKeys) -> bytes:
+        """One-shot inference: load keys, evaluate, drop keys."""
+        with self.open_session(evaluation_keys) as session:
+            return session.run(ciphertext)

@@ -1,0 +1,61 @@
+"""The one exception hierarchy of veil.
+
+Every error veil raises on purpose derives from :class:`VeilError`, so callers can
+catch one type. Native exceptions from OpenFHE are translated at the engine boundary.
+"""
+
+
+class VeilError(Exception):
+    """Base class of every error veil raises on purpose."""
+
+
+class UnsupportedOperation(VeilError):
+    """The model contains an operation veil cannot compile (names the op and the node)."""
+
+
+class GraphError(VeilError):
+    """The IR graph is malformed (dangling input, cycle, shape mismatch)."""
+
+
+class CompileError(VeilError):
+    """The model cannot be compiled with the requested options."""
+
+
+class InputError(VeilError, ValueError):
+    """An input array has the wrong shape, dtype, or non-finite values."""
+
+
+class ModeError(VeilError, ValueError):
+    """An unknown or unavailable execution mode was requested."""
+
+
+class BundleError(VeilError):
+    """An exported bundle is missing, corrupt, or from an incompatible version."""
+
+
+class SerializationError(VeilError):
+    """Bytes received (ciphertext, keys) are malformed, tampered, or of the wrong kind."""
+
+
+class KeyMaterialError(VeilError):
+    """Base for key problems (missing, mismatched, or of the wrong role)."""
+
+
+class MissingKeyError(KeyMaterialError):
+    """An operation needs a key that was not generated or not provided."""
+
+
+class KeyMismatchError(KeyMaterialError):
+    """A ciphertext was encrypted under a different key than the session's keys."""
+
+
+class KeyTypeError(KeyMaterialError, TypeError):
+    """A key of the wrong role was supplied (e.g. a secret key offered to a server)."""
+
+
+class EngineError(VeilError):
+    """The homomorphic engine failed (native error translated)."""
+
+
+class InsecureParametersError(VeilError):
+    """Insecure parameters were requested without the explicit opt-in flag."""

@@ -1,0 +1,71 @@
+"""Frontends: turn user models (PyTorch modules, ONNX models) into a :class:`veil.ir.Graph`.
+
+Neither torch nor onnx is imported here; each is imported only when a model of its
+kind is converted.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..errors import InputError
+from ..ir import Graph
+
+__all__ = ["to_graph"]
+
+
+def _is_torch_module(model: Any) -> bool:
+    """True for ``torch.nn.Module`` instances, without importing torch for other objects."""
+    if not any(cls.__module__.startswith("torch") for cls in type(model).__mro__):
+        return False
+    import torch
+
+    return isinstance(model, torch.nn.Module)
+
+
+def _is_onnx_model(model: Any) -> bool:
+    cls = type(model)
+    return cls.__name__ == "ModelProto" and cls.__module__.startswith("onnx")
+
+
+def _check_input_shape(input_shape: Any) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in input_shape)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"input_shape must be a tuple of ints, got {input_shape!r}") from exc
+    if not shape or any(d <= 0 for d in shape):
+        raise InputError(f"input_shape {shape} must be non-empty with positive dimensions "
+                         "(per sample, without the batch dimension), e.g. (1, 8, 8)")
+    return shape
+
+
+def to_graph(model: Any, input_shape: tuple[int, ...]) -> Graph:
+    """Convert a model to veil's IR.
+
+    Args:
+        model: a ``torch.nn.Module``, an ``onnx.ModelProto``, or the path of an
+            ``.onnx`` file (``str`` or ``os.PathLike``).
+        input_shape: the per-sample input shape, without the batch dimension,
+            e.g. ``(1, 8, 8)`` for an image or ``(30,)`` for a feature vector.
+
+    Returns:
+        A verified :class:`veil.ir.Graph` whose INPUT node is named ``"input"``.
+
+    Raises:
+        UnsupportedOperation: the model uses an operation veil cannot express; the
+            message names the operation and the model's node.
+        InputError: ``input_shape`` is malformed or contradicts the model's input.
+        GraphError: the model is malformed or does not fit ``input_shape``.
+        TypeError: ``model`` is of none of the accepted kinds.
+    """
+    shape = _check_input_shape(input_shape)
+    if isinstance(model, (str, os.PathLike)) or _is_onnx_model(model):
+        from .onnx_frontend import onnx_to_graph
+
+        return onnx_to_graph(model, shape)
+    if _is_torch_module(model):
+        from .torch_frontend import torch_to_graph
+
+        return torch_to_graph(model, shape)
+    raise TypeError(f"cannot convert a {type(model).__name__}; pass a torch.nn.Module, an "
+                    "onnx.ModelProto or the path of an .onnx file")

@@ -1,0 +1,402 @@
+"""PyTorch frontend: trace an ``nn.Module`` with torch.fx and map it onto veil's IR.
+
+torch is imported lazily, inside the functions, so that ``import veil`` stays light.
+Values flowing through the traced graph are either tensors computed from the model
+input (:class:`_Tensor`, an IR node name), python numbers and tuples (sizes), the
+symbolic batch size :data:`BATCH` (from ``x.size(0)``), or constant numpy arrays
+(buffers and parameters read with ``get_attr``).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import GraphError, UnsupportedOperation
+from ..ir import Graph, Op
+from . import _layers as ops
+from ._builder import BATCH, GraphBuilder, Site, per_channel, per_sample_reshape
+
+logger = logging.getLogger(__name__)
+
+_KIND = {"call_module": "torch module", "call_function": "torch function",
+         "call_method": "tensor method"}
+Handler = Callable[[Site, tuple, dict], Any]
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """A tensor computed from the model input; ``name`` is its IR node."""
+
+    name: str
+
+
+def torch_to_graph(model: Any, input_shape: tuple[int, ...]) -> Graph:
+    """Trace ``model`` (in eval mode) and convert it to a verified :class:`Graph`.
+
+    The module's train/eval flags are restored afterwards; nothing else is changed.
+
+    Raises:
+        UnsupportedOperation: tracing fails or an operation has no IR equivalent.
+        GraphError: the model does not fit ``input_shape``.
+    """
+    states = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        gm = _trace(model)
+        return _Converter(gm, input_shape).convert()
+    finally:
+        for module, training in states:
+            module.training = training
+
+
+def _trace(model: Any) -> Any:
+    import torch.fx
+
+    try:
+        return torch.fx.symbolic_trace(model)
+    except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
+        raise UnsupportedOperation(
+            f"torch.fx cannot trace {type(model).__name__}: {exc}. Hint: veil needs a "
+            "forward() whose control flow does not depend on tensor values (no "
+            "`if x.sum() > 0`, no loops over tensor data); move such logic out of the "
+            "model") from exc
+
+
+def _fetch_attr(gm: Any, target: str) -> Any:
+    import torch
+
+    value = gm
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return ops.to_numpy(value) if isinstance(value, torch.Tensor) else value
+
+
+def _fn_name(target: Any) -> str:
+    module = getattr(target, "__module__", None) or ""
+    module = {"_operator": "operator", "builtins": ""}.get(module, module)
+    name = getattr(target, "__name__", None) or repr(target)
+    return f"{module}.{name}" if module else name
+
+
+def _bind(args: tuple, kwargs: dict, names: tuple[str, ...], **defaults: Any) -> dict:
+    """Bind positional and keyword arguments of a call to ``names``."""
+    if len(args) > len(names):
+        raise TypeError(f"too many arguments: {args}")
+    bound = dict(defaults)
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, bool)
+
+
+class _Converter:
+    """Walks a traced ``GraphModule`` node by node, building IR nodes."""
+
+    def __init__(self, gm: Any, input_shape: tuple[int, ...]) -> None:
+        import torch.nn as nn
+
+        self.gm = gm
+        self.b = GraphBuilder(input_shape)
+        self.env: dict[str, Any] = {}
+        self.module_table = ops.module_handlers(nn)
+        self.function_table = self._function_table()
+        self.method_table = self._method_table()
+
+    def convert(self) -> Graph:
+        """Convert every node; return the verified graph."""
+        placeholders = [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise UnsupportedOperation(
+                f"forward() takes {len(placeholders)} inputs {placeholders}; veil supports "
+                "models with exactly one tensor input")
+        for node in self.gm.graph.nodes:
+            if node.op == "output":
+                return self.b.finish(self._output(node))
+            self.env[node.name] = self._value(node)
+        raise GraphError("the traced graph has no output node")
+
+    def _output(self, node: Any) -> str:
+        value = self.env[node.args[0].name] if hasattr(node.args[0], "name") else node.args[0]
+        if not isinstance(value, _Tensor):
+            raise UnsupportedOperation(
+                f"the model returns {type(value).__name__} at node {node.name!r}; veil "
+                "supports models that return a single tensor")
+        return value.name
+
+    def _value(self, node: Any) -> Any:
+        import torch.fx
+
+        if node.op == "placeholder":
+            return _Tensor(self.b.input)
+        if node.op == "get_attr":
+            return _fetch_attr(self.gm, node.target)
+        args = torch.fx.node.map_arg(node.args, lambda n: self.env[n.name])
+        kwargs = dict(torch.fx.node.map_arg(node.kwargs, lambda n: self.env[n.name]))
+        if node.op == "call_module":
+            return self._call_module(node, self.gm.get_submodule(node.target), args, kwargs)
+        if node.op == "call_function":
+            site = Site(_fn_name(node.target), _KIND[node.op], node.name)
+            handler = self.function_table.get(node.target)
+        else:
+            site = Site(f"Tensor.{node.target}", _KIND[node.op], node.name)
+            handler = self.method_table.get(node.target)
+        if handler is None:
+            raise site.error()
+        try:
+            return handler(site, tuple(args), kwargs)
+        except TypeError as exc:  # a call signature veil does not understand
+            raise site.error(f"cannot interpret arguments: {exc}") from exc
+
+    def _call_module(self, node: Any, mod: Any, args: tuple, kwargs: dict) -> Any:
+        site = Site(type(mod).__name__, _KIND[node.op], node.name)
+        handler = next((h for cls, h in self.module_table if isinstance(mod, cls)), None)
+        if handler is None:
+            raise site.error(f"veil supports {ops.SUPPORTED_MODULES}")
+        if len(args) != 1 or kwargs:
+            raise site.error("expects exactly one tensor argument")
+        return _Tensor(handler(self.b, site, mod, self._tensor(site, args[0])))
+
+    @staticmethod
+    def _tensor(site: Site, value: Any) -> str:
+        if not isinstance(value, _Tensor):
+            raise site.error(f"expects a tensor computed from the model input, got "
+                             f"{type(value).__name__}")
+        return value.name
+
+    # ---- tables -------------------------------------------------------------------
+
+    def _function_table(self) -> dict[Any, Handler]:
+        import torch
+        import torch.nn.functional as F
+
+        act = functools.partial
+        table: dict[Any, Handler] = {
+            F.relu: act(self._act, Op.RELU), torch.relu: act(self._act, Op.RELU),
+            torch.relu_: act(self._act, Op.RELU), F.silu: act(self._act, Op.SILU),
+            torch.sigmoid: act(self._act, Op.SIGMOID), F.sigmoid: act(self._act, Op.SIGMOID),
+            torch.tanh: act(self._act, Op.TANH), F.tanh: act(self._act, Op.TANH),
+            torch.square: act(self._act, Op.SQUARE), F.gelu: self._gelu,
+            operator.add: self._add, torch.add: self._add, operator.sub: self._sub,
+            torch.sub: self._sub, operator.mul: self._mul, torch.mul: self._mul,
+            operator.truediv: self._div, torch.div: self._div, operator.pow: self._pow,
+            torch.pow: self._pow, operator.floordiv: self._floordiv,
+            torch.flatten: self._flatten, torch.reshape: self._reshape,
+            torch.mean: self._mean, F.avg_pool2d: self._avgpool, F.max_pool2d: self._maxpool,
+            F.adaptive_avg_pool2d: self._adaptive, F.linear: self._linear,
+            getattr: self._getattr, operator.getitem: self._getitem,
+        }
+        for name in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+                     "feature_alpha_dropout"):
+            if hasattr(F, name):
+                table[getattr(F, name)] = self._dropout
+        return table
+
+    def _method_table(self) -> dict[str, Handler]:
+        act = functools.partial
+        return {
+            "relu": act(self._act, Op.RELU), "relu_": act(self._act, Op.RELU),
+            "sigmoid": act(self._act, Op.SIGMOID), "tanh": act(self._act, Op.TANH),
+            "square": act(self._act, Op.SQUARE), "add": self._add, "sub": self._sub,
+            "mul": self._mul, "div": self._div, "pow": self._pow, "view": self._reshape,
+            "reshape": self._reshape, "flatten": self._flatten, "mean": self._mean,
+            "size": self._size, "dim": self._dim, "contiguous": self._alias,
+            "clone": self._alias,
+        }
+
+    # ---- handlers: (site, args, kwargs) -> value ----------------------------------------
+
+    def _emit(self, site: Site, op: Op, inputs: list[str], attrs: dict | None = None) -> _Tensor:
+        return _Tensor(self.b.add(site.node, op, inputs, attrs))
+
+    def _act(self, op: Op, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        return self._emit(site, op, [self._tensor(site, args[0])])
+
+    def _gelu(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        a = _bind(args, kwargs, ("input", "approximate"), approximate="none")
+        return _Tensor(ops.gelu(self.b, site, self._tensor(site, a["input"]), a["approximate"]))
+
+    def _alias(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        return _Tensor(self._tensor(site, args[0]))
+
+    def _dropout(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        a = _bind(args, kwargs, ("input", "p", "training", "inplace"), training=True)
+        if a["training"] is True:
+            logger.warning("node %r: %s is called with training=True; veil treats it as "
+                           "the identity (inference)", site.node, site.what)
+        return _Tensor(self._tensor(site, a["input"]))
+
+    def _affine_const(self, site: Site, x: _Tensor, scale: Any, shift: Any) -> _Tensor:
+        shape = self.b.shape(x.name)
+        try:
+            scale_v = per_channel(np.asarray(scale, np.float64), shape)
+            shift_v = per_channel(np.asarray(shift, np.float64), shape)
+        except ValueError as exc:
+            raise site.error(f"only scalar or per-channel constants are supported: {exc}") from exc
+        return _Tensor(self.b.affine(site.node, x.name, scale_v, shift_v))
+
+    def _check_const(self, site: Site, value: Any) -> None:
+        if value is BATCH:
+            raise site.error("arithmetic with the batch size is not supported")
+        if not (_is_number(value) or isinstance(value, np.ndarray)):
+            raise site.error(f"operand of type {type(value).__name__} is not supported")
+
+    def _add(self, site: Site, args: tuple, kwargs: dict, sign: float = 1.0) -> Any:
+        a = _bind(args, kwargs, ("input", "other"), alpha=1)
+        x, y, alpha = a["input"], a["other"], a["alpha"]
+        if alpha != 1:
+            raise site.error(f"alpha={alpha} is not supported")
+        if isinstance(x, _Tensor) and isinstance(y, _Tensor):
+            if sign < 0:
+                y = _Tensor(self.b.add(site.node + "_neg", Op.BATCHNORM, [y.name], {}, {
+                    "scale": -np.ones(self.b.shape(y.name)[0]),
+                    "shift": np.zeros(self.b.shape(y.name)[0])}))
+            return self._emit(site, Op.ADD, [x.name, y.name])
+        for value in (x, y):
+            if not isinstance(value, _Tensor):
+                self._check_const(site, value)
+        if isinstance(x, _Tensor):
+            return self._affine_const(site, x, 1.0, sign * np.asarray(y))
+        if isinstance(y, _Tensor):
+            return self._affine_const(site, y, sign, np.asarray(x))
+        return x + sign * y
+
+    def _sub(self, site: Site, args: tuple, kwargs: dict) -> Any:
+        return self._add(site, args, kwargs, sign=-1.0)
+
+    def _mul(self, site: Site, args: tuple, kwargs: dict) -> Any:
+        a = _bind(args, kwargs, ("input", "other"))
+        x, y = a["input"], a["other"]
+        if isinstance(x, _Tensor) and isinstance(y, _Tensor):
+            if x.name != y.name:
+                raise site.error("the product of two different tensors is not supported")
+            return self._emit(site, Op.SQUARE, [x.name])
+        for value in (x, y):
+            if not isinstance(value, _Tensor):
+                self._check_const(site, value)
+        if isinstance(y, _Tensor):
+            x, y = y, x
+        if isinstance(x, _Tensor):
+            return self._affine_const(site, x, np.asarray(y), 0.0)
+        return x * y
+
+    def _div(self, site: Site, args: tuple, kwargs: dict) -> Any:
+        a = _bind(args, kwargs, ("input", "other"), rounding_mode=None)
+        x, y = a["input"], a["other"]
+        if a["rounding_mode"] is not None or isinstance(y, _Tensor):
+            raise site.error("only division of a tensor by a constant is supported")
+        self._check_const(site, y)
+        if np.any(np.asarray(y) == 0):
+            raise site.error("division by zero")
+        if isinstance(x, _Tensor):
+            return self._affine_const(site, x, 1.0 / np.asarray(y, np.float64), 0.0)
+        self._check_const(site, x)
+        return x / y
+
+    def _floordiv(self, site: Site, args: tuple, kwargs: dict) -> Any:
+        for value in args:
+            self._check_const(site, value)
+        return args[0] // args[1]
+
+    def _pow(self, site: Site, args: tuple, kwargs: dict) -> Any:
+        a = _bind(args, kwargs, ("input", "exponent"))
+        x, e = a["input"], a["exponent"]
+        if not isinstance(x, _Tensor):
+            self._check_const(site, x)
+            self._check_const(site, e)
+            return x ** e
+        if not _is_number(e) or float(e) not in (1.0, 2.0):
+            raise site.error(f"exponent {e!r}; only x**2 (and x**1) are supported")
+        return x if float(e) == 1.0 else self._emit(site, Op.SQUARE, [x.name])
+
+    def _flatten(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        a = _bind(args, kwargs, ("input", "start_dim", "end_dim"), start_dim=0, end_dim=-1)
+        x = self._tensor(site, a["input"])
+        return _Tensor(ops.flatten(self.b, site, x, a["start_dim"], a["end_dim"]))
+
+    def _reshape(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        x = self._tensor(site, args[0])
+        spec = args[1:] if len(args) > 1 else (kwargs.get("shape") or kwargs.get("size"),)
+        if len(spec) == 1 and isinstance(spec[0], (tuple, list)):
+            spec = tuple(spec[0])
+        if not all(d is BATCH or (_is_number(d) and int(d) == d) for d in spec):
+            raise site.error(f"target shape {spec} must be built from integers and x.size(0)")
+        try:
+            shape = per_sample_reshape(spec, self.b.shape(x))
+        except ValueError as exc:
+            raise site.error(str(exc)) from exc
+        return self._emit(site, Op.RESHAPE, [x], {"shape": shape})
+
+    def _mean(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        a = _bind(args, kwargs, ("input", "dim", "keepdim"), dim=None, keepdim=False)
+        if a.get("dtype") is not None:
+            raise site.error("mean with a dtype is not supported")
+        x = self._tensor(site, a["input"])
+        return _Tensor(ops.mean(self.b, site, x, a["dim"], bool(a["keepdim"])))
+
+    def _avgpool(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        a = _bind(args, kwargs, ("input", "kernel_size", "stride", "padding", "ceil_mode",
+                                 "count_include_pad", "divisor_override"),
+                  stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                  divisor_override=None)
+        x = self._tensor(site, a.pop("input"))
+        return _Tensor(ops.avgpool(self.b, site, x, a["kernel_size"], a["stride"],
+                                   a["padding"], a["ceil_mode"], a["count_include_pad"],
+                                   a["divisor_override"]))
+
+    def _maxpool(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        a = _bind(args, kwargs, ("input", "kernel_size", "stride", "padding", "dilation",
+                                 "ceil_mode", "return_indices"),
+                  stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False)
+        x = self._tensor(site, a["input"])
+        return _Tensor(ops.maxpool(self.b, site, x, a["kernel_size"], a["stride"],
+                                   a["padding"], a["dilation"], a["ceil_mode"],
+                                   a["return_indices"]))
+
+    def _adaptive(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        a = _bind(args, kwargs, ("input", "output_size"))
+        x = self._tensor(site, a["input"])
+        return _Tensor(ops.adaptive_avgpool(self.b, site, x, a["output_size"]))
+
+    def _linear(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        a = _bind(args, kwargs, ("input", "weight", "bias"), bias=None)
+        weight, bias = a["weight"], a["bias"]
+        if not isinstance(weight, np.ndarray) or not (bias is None
+                                                      or isinstance(bias, np.ndarray)):
+            raise site.error("weight and bias must be constant parameters of the model")
+        return _Tensor(ops.linear(self.b, site, self._tensor(site, a["input"]), weight, bias))
+
+    # ---- shape arithmetic ---------------------------------------------------------
+
+    def _shape_of(self, site: Site, value: Any) -> tuple:
+        return (BATCH,) + self.b.shape(self._tensor(site, value))
+
+    def _getattr(self, site: Site, args: tuple, kwargs: dict) -> Any:
+        obj, attr = args[0], args[1]
+        if isinstance(obj, _Tensor) and attr == "shape":
+            return self._shape_of(site, obj)
+        raise site.error(f"attribute {attr!r} is not supported")
+
+    def _getitem(self, site: Site, args: tuple, kwargs: dict) -> Any:
+        obj, index = args
+        if isinstance(obj, _Tensor):
+            raise site.error("indexing or slicing tensors is not supported")
+        if isinstance(obj, (tuple, list)) and isinstance(index, (int, slice)):
+            return obj[index]
+        raise site.error(f"indexing a {type(obj).__name__} is not supported")
+
+    def _size(self, site: Site, args: tuple, kwargs: dict) -> Any:
+        a = _bind(args, kwargs, ("input", "dim"), dim=None)
+        shape = self._shape_of(site, a["input"])
+        return shape if a["dim"] is None else shape[int(a["dim"])]
+
+    def _dim(self, site: Site, args: tuple, kwargs: dict) -> int:
+        return len(self._shape_of(site, args[0]))

@@ -1,0 +1,221 @@
+"""The top-level verbs: compile a model, run it in a mode, report, export."""
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .compiler.approx import DEFAULT_DEGREE, DEFAULT_MARGIN
+from .compiler.pipeline import CompileResult, compile_graph
+from .errors import InputError, ModeError
+from .frontend import to_graph
+from .ir import run as interpret
+from .wire import fingerprint
+
+
+class Mode(str, enum.Enum):
+    """How to run a compiled model."""
+
+    PLAIN = "plain"        # the original float model
+    SIMULATE = "simulate"  # the polynomial model in floats: predicts HE accuracy
+    HE = "he"              # full CKKS round trip through client and server roles
+
+
+def _as_mode(mode: str | Mode) -> Mode:
+    try:
+        return Mode(mode)
+    except ValueError:
+        raise ModeError(f"unknown mode {mode!r}; choose one of "
+                        f"{', '.join(m.value for m in Mode)}") from None
+
+
+@dataclass
+class Report:
+    """What the compiler did and what it predicts. ``str(report)`` is a readable table."""
+
+    layers: list[dict]
+    depth: int
+    params: dict
+    param_reason: str
+    rotations: list[int]
+    notes: list[str]
+    accuracy: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"layers": self.layers, "depth": self.depth, "params": self.params,
+                "param_reason": self.param_reason, "rotations": self.rotations,
+                "notes": self.notes, "accuracy": self.accuracy}
+
+    def __str__(self) -> str:
+        rows = [f"{'layer':<18}{'op':<14}{'input range':<24}{'degree':>7}{'max err':>11}"]
+        for r in self.layers:
+            rng = f"[{r['input_lo']:.3g}, {r['input_hi']:.3g}]"
+            deg = str(r.get("degree", "")) if r.get("degree") else "-"
+            err = f"{r['max_abs_error']:.2e}" if "max_abs_error" in r else "-"
+            rows.append(f"{r['name'][:17]:<18}{r['op']:<14}{rng:<24}{deg:>7}{err:>11}")
+        p = self.params
+        rows += ["", f"multiplicative depth: {self.depth}",
+                 f"CKKS: ring {p['ring_dim']}, {p['scaling_bits']}-bit scale, "
+                 f"{p['security']}" + (" (INSECURE test parameters)"
+                                       if p["insecure_test_params"] else ""),
+                 f"why: {self.param_reason}",
+                 f"rotation keys: {len(self.rotations)} {self.rotations}"]
+        rows += [f"note: {n}" for n in self.notes]
+        if self.accuracy:
+            rows.append("predicted accuracy: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in self.accuracy.items()))
+        return "\n".join(rows)
+
+
+class CompiledModel:
+    """A model compiled for private inference. Use as a context manager to free keys."""
+
+    def __init__(self, result: CompileResult, input_range: tuple[float, float],
+                 calibration_ranges: dict[str, tuple[float, float]]) -> None:
+        self.result = result
+        self.input_range = input_range
+        self._ranges = calibration_ranges
+        self._he: Any = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.result.source.input_shape
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return self.result.source.output_shape
+
+    def manifest(self) -> dict:
+        """The key manifest plus input layout and calibrated input range."""
+        m = self.result.plan.manifest()
+        m["input"]["range"] = list(self.input_range)
+        return m
+
+    @property
+    def model_id(self) -> str:
+        return fingerprint(self.manifest())
+
+    # -- running -----------------------------------------------------------------------
+    def run(self, x, mode: str | Mode = Mode.PLAIN) -> np.ndarray:
+        """Run on one sample (shape ``input_shape``) or a batch (leading batch axis).
+
+        Returns one output for one sample, or an array of outputs for a batch.
+        """
+        mode = _as_mode(mode)
+        arr = np.asarray(x, dtype=np.float64)
+        single = arr.shape == self.input_shape
+        batch = arr[None] if single else arr
+        if batch.shape[1:] != self.input_shape:
+            raise InputError(f"input has shape {arr.shape}; this model was compiled for "
+                             f"{self.input_shape} (or a batch of it)")
+        if not np.all(np.isfinite(batch)):
+            raise InputError("input contains NaN or infinity")
+        if mode is Mode.PLAIN:
+            out = interpret(self.result.source, batch)
+        elif mode is Mode.SIMULATE:
+            out = interpret(self.result.lowered, batch)
+        else:
+            out = np.stack([self._he_loop().infer(sample) for sample in batch])
+        return out[0] if single else out
+
+    def _he_loop(self):
+        if self._he is None:
+            from .deploy.loopback import Loopback
+
+            self._he = Loopback(self.client_bundle(), self.server_bundle())
+        return self._he
+
+    def close(self) -> None:
+        """Release the in-process HE keys and session, if ``run(mode='he')`` made them."""
+        if self._he is not None:
+            self._he.close()
+            self._he = None
+
+    def __enter__(self) -> "CompiledModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- roles -------------------------------------------------------------------------
+    def client_bundle(self):
+        from .deploy.bundle import ClientBundle
+
+        return ClientBundle(self.result.plan.params, self.manifest())
+
+    def server_bundle(self):
+        from .deploy.bundle import ServerBundle
+
+        return ServerBundle(self.result.lowered, self.result.plan.params, self.manifest())
+
+    def export(self, directory: str | os.PathLike) -> tuple[Path, Path]:
+        """Write ``server/`` (graph, weights, manifest) and ``client/`` bundles."""
+        d = Path(directory)
+        self.server_bundle().save(d / "server")
+        self.client_bundle().save(d / "client")
+        return d / "server", d / "client"
+
+    # -- report ------------------------------------------------------------------------
+    def report(self, data=None, labels=None) -> Report:
+        """Per-layer ranges and fits, depth, parameters; accuracy if labels are given."""
+        fits = {a.node: a for a in self.result.activations}
+        layers = []
+        for node in self.result.polynomial.nodes[1:]:
+            lo, hi = self._ranges.get(node.name, (0.0, 0.0))
+            row = {"name": node.name, "op": node.attrs.get("source", node.op.value),
+                   "input_lo": lo, "input_hi": hi}
+            if node.name in fits:
+                a = fits[node.name]
+                row.update(degree=a.degree, fit_lo=a.lo, fit_hi=a.hi,
+                           max_abs_error=a.max_abs_error,
+                           max_abs_error_range=a.max_abs_error_range)
+            layers.append(row)
+        plan = self.result.plan
+        notes = [m for n in self.result.notes for m in n.messages]
+        accuracy = {}
+        if data is not None and labels is not None:
+            labels = np.asarray(labels)
+            for mode in (Mode.PLAIN, Mode.SIMULATE):
+                pred = np.argmax(self.run(data, mode).reshape(len(labels), -1), axis=1)
+                accuracy[mode.value] = float(np.mean(pred == labels))
+        return Report(layers, plan.depth, plan.params.to_dict(), plan.param_reason,
+                      list(plan.rotations), notes, accuracy)
+
+
+def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
+            degree: int | dict[str, int] = DEFAULT_DEGREE, margin: float = DEFAULT_MARGIN,
+            insecure_test_params: bool = False) -> CompiledModel:
+    """Compile a torch ``nn.Module`` or ONNX model (file or ModelProto) for private inference.
+
+    Args:
+        model: the trained model; it is not modified.
+        calibration: representative inputs, shape (B, *input_shape).
+        input_shape: per-sample input shape; defaults to ``calibration.shape[1:]``.
+        degree: Chebyshev degree for every activation, or a dict node name -> degree.
+        margin: fraction by which measured activation ranges are widened on each side.
+        insecure_test_params: allow small, insecure CKKS parameters (recorded everywhere).
+
+    Returns:
+        A :class:`CompiledModel`.
+
+    Raises:
+        UnsupportedOperation: the model uses an operation veil cannot compile.
+        CompileError: the calibration data or options are unusable.
+    """
+    calibration = np.asarray(calibration, dtype=np.float64)
+    shape = tuple(input_shape) if input_shape is not None else calibration.shape[1:]
+    graph = to_graph(model, shape)
+    result = compile_graph(graph, calibration, degree=degree, margin=margin,
+                           insecure_test_params=insecure_test_params)
+    lo, hi = float(calibration.min()), float(calibration.max())
+    width = max(hi - lo, 1e-6)
+    trace = interpret(result.polynomial, calibration, trace=True)
+    ranges = {}
+    for node in result.polynomial.nodes[1:]:
+        vals = trace[node.inputs[0]]
+        ranges[node.name] = (float(vals.min()), float(vals.max()))
+    return CompiledModel(result, (lo - margin * width, hi + margin * width), ranges)

@@ -1,0 +1,93 @@
+"""Versioned binary envelopes for everything that crosses a process or trust boundary.
+
+Layout: ``b"VEIL"`` | format version (1 byte) | header length (4 bytes, big endian) |
+header (UTF-8 JSON) | parts, concatenated. The header names the envelope kind, the
+library versions, and each part's size and SHA-256. Nothing is ever unpickled.
+
+The digests detect corruption and naive tampering before bytes reach a native
+deserializer; they are not a MAC (the sender is untrusted and could recompute them),
+so the receiving side still validates what it deserializes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from typing import Any
+
+from .errors import SerializationError
+
+MAGIC = b"VEIL"
+FORMAT_VERSION = 1
+MAX_HEADER = 1 << 16
+_PREFIX = struct.Struct(">4sBI")
+
+
+def pack(kind: str, parts: dict[str, bytes], meta: dict[str, Any] | None = None) -> bytes:
+    """Wrap named binary ``parts`` in an envelope of ``kind`` with extra ``meta`` fields."""
+    header = dict(meta or {})
+    header["kind"] = kind
+    header["parts"] = [{"name": n, "size": len(b), "sha256": hashlib.sha256(b).hexdigest()}
+                       for n, b in parts.items()]
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    return b"".join([_PREFIX.pack(MAGIC, FORMAT_VERSION, len(raw)), raw, *parts.values()])
+
+
+def unpack(blob: bytes, kind: str, *, max_size: int = 1 << 34) -> tuple[dict, dict[str, bytes]]:
+    """Check and open an envelope of the expected ``kind``; returns (header, parts).
+
+    Raises:
+        SerializationError: wrong magic, version or kind, bad sizes, or a digest mismatch.
+    """
+    if not isinstance(blob, (bytes, bytearray, memoryview)):
+        raise SerializationError(f"expected bytes for a {kind}, got {type(blob).__name__}")
+    blob = bytes(blob)
+    if len(blob) > max_size:
+        raise SerializationError(f"{kind} of {len(blob)} bytes exceeds the {max_size} limit")
+    if len(blob) < _PREFIX.size:
+        raise SerializationError(f"{kind} is truncated")
+    magic, version, hlen = _PREFIX.unpack_from(blob)
+    if magic != MAGIC:
+        raise SerializationError(f"not a veil {kind} (bad magic)")
+    if version != FORMAT_VERSION:
+        raise SerializationError(f"{kind} uses wire format {version}; this veil reads "
+                                 f"{FORMAT_VERSION}")
+    if hlen > MAX_HEADER or _PREFIX.size + hlen > len(blob):
+        raise SerializationError(f"{kind} header is malformed")
+    try:
+        header = json.loads(blob[_PREFIX.size:_PREFIX.size + hlen])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SerializationError(f"{kind} header is not valid JSON") from exc
+    if not isinstance(header, dict) or header.get("kind") != kind:
+        got = header.get("kind") if isinstance(header, dict) else None
+        raise SerializationError(f"expected a {kind}, got a {got or 'unknown envelope'}")
+    return header, _split_parts(blob, _PREFIX.size + hlen, header, kind)
+
+
+def _split_parts(blob: bytes, offset: int, header: dict, kind: str) -> dict[str, bytes]:
+    parts: dict[str, bytes] = {}
+    specs = header.get("parts")
+    if not isinstance(specs, list):
+        raise SerializationError(f"{kind} header lists no parts")
+    for spec in specs:
+        try:
+            name, size, digest = spec["name"], int(spec["size"]), str(spec["sha256"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SerializationError(f"{kind} part entry is malformed") from exc
+        if size < 0 or offset + size > len(blob):
+            raise SerializationError(f"{kind} is truncated")
+        data = blob[offset:offset + size]
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise SerializationError(f"{kind} failed its integrity check (corrupted or "
+                                     "tampered bytes)")
+        parts[name] = data
+        offset += size
+    if offset != len(blob):
+        raise SerializationError(f"{kind} has {len(blob) - offset} unexpected trailing bytes")
+    return parts
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable digest of a JSON-able object (e.g. CKKS parameters)."""
+    raw = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(raw).hexdigest()[:32]
