@@ -1,0 +1,84 @@
+"""Measure one compiled model in plain, simulate and he modes; shared by demo and bench."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(logits.reshape(len(labels), -1), axis=1) == labels))
+
+
+def run_he_worker(compiled, xs: np.ndarray) -> dict:
+    """Export bundles to separate folders and run client+server in a fresh process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        server_dir, client_dir = compiled.export(tmp)
+        np.save(Path(tmp) / "inputs.npy", np.asarray(xs, dtype=np.float64))
+        out = Path(tmp) / "result.json"
+        subprocess.run([sys.executable, str(HERE / "he_worker.py"), str(client_dir),
+                        str(server_dir), str(Path(tmp) / "inputs.npy"), str(out)],
+                       check=True, env=dict(os.environ))
+        return json.loads(out.read_text())
+
+
+def measure(name: str, compiled, x_test: np.ndarray, y_test: np.ndarray, n_he: int) -> dict:
+    """Accuracy and per-stage costs for plain, simulate and he on one model."""
+    rows = []
+    for mode in ("plain", "simulate"):
+        t = time.perf_counter()
+        logits = compiled.run(x_test, mode)
+        per = (time.perf_counter() - t) / len(x_test)
+        rows.append({"mode": mode, "n": len(x_test), "accuracy": _accuracy(logits, y_test),
+                     "latency_s": per})
+    n_he = min(n_he, len(x_test))
+    he = run_he_worker(compiled, x_test[:n_he])
+    he_logits = np.array(he["outputs"])
+    sim = compiled.run(x_test[:n_he], "simulate").reshape(n_he, -1)
+    plain = compiled.run(x_test[:n_he], "plain").reshape(n_he, -1)
+    med = {k: float(np.median(he[k])) for k in ("encrypt_s", "eval_s", "decrypt_s")}
+    e2e = np.array(he["encrypt_s"]) + np.array(he["eval_s"]) + np.array(he["decrypt_s"])
+    rows.append({
+        "mode": "he", "n": n_he, "accuracy": _accuracy(he_logits, y_test[:n_he]),
+        "plain_accuracy_same_images": _accuracy(plain, y_test[:n_he]),
+        "argmax_agreement_with_simulate": float(np.mean(he_logits.argmax(1) == sim.argmax(1))),
+        "max_rel_error_vs_simulate": float(np.max(np.abs(he_logits - sim)
+                                                   / np.abs(sim).max(axis=1, keepdims=True))),
+        "keygen_s": he["keygen_s"], "session_s": he["session_s"],
+        "encrypt_s": med["encrypt_s"], "eval_s": med["eval_s"], "decrypt_s": med["decrypt_s"],
+        "latency_s": float(np.median(e2e)), "latency_p95_s": float(np.percentile(e2e, 95)),
+        "eval_key_bytes": he["eval_key_bytes"], "ct_in_bytes": he["ct_in_bytes"],
+        "ct_out_bytes": he["ct_out_bytes"], "peak_rss_bytes": he["peak_rss_bytes"]})
+    report = compiled.report()
+    return {"model": name, "rows": rows, "params": report.params, "depth": report.depth,
+            "rotation_keys": len(report.rotations)}
+
+
+def _cells(row: dict) -> list[str]:
+    if row["mode"] != "he":
+        return ["-"] * 4 + [f"{row['latency_s'] * 1e3:.3f}", "-", "-", "-"]
+    return [f"{row['keygen_s']:.2f}", f"{row['encrypt_s'] * 1e3:.1f}",
+            f"{row['eval_s'] * 1e3:.1f}", f"{row['decrypt_s'] * 1e3:.1f}",
+            f"{row['latency_s'] * 1e3:.1f}",
+            f"{row['ct_in_bytes'] / 1024:.0f} / {row['ct_out_bytes'] / 1024:.0f}",
+            f"{row['eval_key_bytes'] / 2**20:.1f}", f"{row['peak_rss_bytes'] / 2**20:.0f}"]
+
+
+def table(results: list[dict]) -> str:
+    """Markdown table of :func:`measure` results."""
+    head = ["model", "mode", "n", "accuracy", "keygen s", "encrypt ms", "server ms",
+            "decrypt ms", "end-to-end ms", "ct in/out KiB", "eval keys MiB", "peak RSS MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        for row in r["rows"]:
+            cells = [r["model"], row["mode"], str(row["n"]), f"{row['accuracy']:.4f}"]
+            lines.append("| " + " | ".join(cells + _cells(row)) + " |")
+    return "\n".join(lines)

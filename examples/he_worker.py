@@ -1,0 +1,49 @@
+"""Runs the client and server roles on exported bundles in a fresh process.
+
+A separate process so that peak memory is the encrypted pipeline's own, not the
+training framework's. Usage: he_worker.py CLIENT_DIR SERVER_DIR INPUTS.npy OUT.json
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+import numpy as np
+
+
+def main(client_dir: str, server_dir: str, inputs_path: str, out_path: str) -> None:
+    from veil import ModelClient, ModelServer
+
+    xs = np.load(inputs_path, allow_pickle=False)
+    client, server = ModelClient(client_dir), ModelServer(server_dir)
+    t0 = time.perf_counter()
+    client.keygen()
+    keys = client.evaluation_keys()
+    t1 = time.perf_counter()
+    session = server.open_session(keys)
+    t2 = time.perf_counter()
+    enc, ev, dec, outs = [], [], [], []
+    ct_in = ct_out = 0
+    for x in xs:
+        a = time.perf_counter()
+        ct = client.encrypt(x)
+        b = time.perf_counter()
+        res = session.run(ct)
+        c = time.perf_counter()
+        outs.append(client.decrypt(res).tolist())
+        d = time.perf_counter()
+        enc.append(b - a), ev.append(c - b), dec.append(d - c)
+        ct_in, ct_out = len(ct), len(res)
+    session.close()
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open(out_path, "w") as fh:
+        json.dump({"keygen_s": t1 - t0, "session_s": t2 - t1, "eval_key_bytes": len(keys),
+                   "encrypt_s": enc, "eval_s": ev, "decrypt_s": dec, "outputs": outs,
+                   "ct_in_bytes": ct_in, "ct_out_bytes": ct_out,
+                   "peak_rss_bytes": peak_kib * 1024}, fh)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
