@@ -6,7 +6,8 @@ and products as CKKS would, and refuses rotations that the manifest did not list
 import numpy as np
 import pytest
 
-from veil.backends.he.evaluator import Evaluator, tile
+from veil.backends.he.evaluator import Evaluator
+from veil.backends.he.layout import encode_input, tile
 from veil.backends.he.slot_engine import NumpySlotEngine
 from veil.compiler.approx import approximate_activations, fit_chebyshev
 from veil.compiler.passes import fold_batchnorm, fold_poly_domain, linearize, replace_maxpool
@@ -158,7 +159,7 @@ def test_dense_layout_matches_matrix_product(rng, shape):
     hp = plan_he(g)
     eng = NumpySlotEngine(hp.params.slots, set(hp.rotations))
     x = rng.normal(size=shape[1])
-    out = Evaluator(g, hp).run(eng, tile(x, hp.input_period, hp.params.slots))
+    out = Evaluator(g, hp).run(eng, encode_input(x, hp.manifest()["input"], hp.params.slots))
     np.testing.assert_allclose(out[:shape[0]], run(g, x[None])[0], atol=1e-9)
     assert eng.used_rotations == set(hp.rotations)  # the manifest lists exactly what is used
     assert len(plan.diagonals) <= min(plan.in_period, plan.out_period)
@@ -176,7 +177,7 @@ def test_evaluator_matches_interpreter_on_residual_graph(rng):
     eng = NumpySlotEngine(res.plan.params.slots, set(res.plan.rotations))
     x = rng.normal(size=16)
     out = Evaluator(res.lowered, res.plan).run(
-        eng, tile(x, res.plan.input_period, res.plan.params.slots))
+        eng, encode_input(x, res.plan.manifest()["input"], res.plan.params.slots))
     np.testing.assert_allclose(out[:3], run(res.lowered, x[None])[0], atol=1e-8)
 
 
@@ -195,3 +196,28 @@ def test_bad_calibration_is_rejected(rng):
         compile_graph(g, np.zeros((4, 8, 8)))
     with pytest.raises(CompileError, match="finite"):
         compile_graph(g, np.full((4, 1, 8, 8), np.nan))
+
+
+def test_first_layer_uses_client_expanded_input_when_cheaper(rng):
+    """A dense 32->64 first layer: 32 diagonals pre-rotated by the client, 5 folds."""
+    m = rng.normal(size=(64, 32))
+    i = make_node("input", Op.INPUT, [], [], {"shape": (32,)})
+    d = make_node("d", Op.DENSE, ["input"], [(32,)], {"shape": (64,)},
+                  {"matrix": m, "bias": rng.normal(size=64)})
+    g = Graph((i, d), "d")
+    hp = plan_he(g)
+    spec = hp.manifest()["input"]
+    assert spec["layout"] == "expanded" and spec["blocks"] == 32
+    assert len(hp.rotations) == 5
+    eng = NumpySlotEngine(hp.params.slots, set(hp.rotations))
+    x = rng.normal(size=32)
+    out = Evaluator(g, hp).run(eng, encode_input(x, spec, hp.params.slots))
+    np.testing.assert_allclose(out[:64], run(g, x[None])[0], atol=1e-9)
+    np.testing.assert_allclose(out[64:128], out[:64], atol=1e-9)  # replicated output
+    # a graph whose input also feeds a residual keeps the replicated layout
+    i = make_node("input", Op.INPUT, [], [], {"shape": (32,)})
+    d2 = make_node("d2", Op.DENSE, ["input"], [(32,)], {"shape": (32,)},
+                   {"matrix": rng.normal(size=(32, 32)), "bias": np.zeros(32)})
+    s = make_node("s", Op.ADD, ["input", "d2"], [(32,), (32,)])
+    shared = plan_he(Graph((i, d2, s), "s"))
+    assert shared.manifest()["input"]["layout"] == "replicated"

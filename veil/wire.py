@@ -64,6 +64,21 @@ def unpack(blob: bytes, kind: str, *, max_size: int = 1 << 34) -> tuple[dict, di
     return header, _split_parts(blob, _PREFIX.size + hlen, header, kind)
 
 
+def peek_kind(blob) -> str | None:
+    """The kind an envelope claims, unverified; None for anything that is not one.
+
+    Only for choosing a better error message before :func:`unpack` checks everything.
+    """
+    try:
+        magic, _, hlen = _PREFIX.unpack_from(bytes(blob[:_PREFIX.size]))
+        if magic != MAGIC or hlen > MAX_HEADER:
+            return None
+        header = json.loads(bytes(blob[_PREFIX.size:_PREFIX.size + hlen]))
+        return header.get("kind") if isinstance(header, dict) else None
+    except (struct.error, TypeError, ValueError):
+        return None
+
+
 def _split_parts(blob: bytes, offset: int, header: dict, kind: str) -> dict[str, bytes]:
     parts: dict[str, bytes] = {}
     specs = header.get("parts")

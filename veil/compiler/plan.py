@@ -15,7 +15,7 @@ costs about one rotation per distinct kernel offset rather than one per input.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -115,12 +115,21 @@ class DensePlan:
     baby_step: int
     fold_steps: tuple[int, ...]
     centered: bool = False        # baby steps in [-b/2, b/2) instead of [0, b)
+    input_blocks: int = 0         # > 0: the client lays out rot(x, d) per diagonal d
+
+    def expanded_fold_steps(self) -> tuple[int, ...]:
+        """Folds of a client-expanded layer: sum the blocks, then the wide-map folds."""
+        block = max(self.in_period, self.out_period)
+        return tuple(block << t for t in range(int(math.log2(self.input_blocks)))) \
+            + self.fold_steps
 
     def split(self, d: int) -> tuple[int, int]:
         """Giant index g and baby step r with d == g * baby_step + r."""
         return _split(d, self.baby_step, self.centered)
 
     def rotations(self) -> set[int]:
+        if self.input_blocks:
+            return set(self.expanded_fold_steps())
         rots = set(self.fold_steps)
         for d in self.diagonals:
             g, r = self.split(d)
@@ -130,13 +139,14 @@ class DensePlan:
     def to_dict(self) -> dict:
         return {"in_period": self.in_period, "out_period": self.out_period,
                 "diagonals": list(self.diagonals), "baby_step": self.baby_step,
-                "fold_steps": list(self.fold_steps), "centered": self.centered}
+                "fold_steps": list(self.fold_steps), "centered": self.centered,
+                "input_blocks": self.input_blocks}
 
     @classmethod
     def from_dict(cls, d: dict) -> "DensePlan":
         return cls(int(d["in_period"]), int(d["out_period"]), tuple(d["diagonals"]),
                    int(d["baby_step"]), tuple(d["fold_steps"]),
-                   bool(d.get("centered", False)))
+                   bool(d.get("centered", False)), int(d.get("input_blocks", 0)))
 
 
 def diagonal_vectors(matrix: np.ndarray, in_period: int, out_period: int) -> np.ndarray:
@@ -208,13 +218,14 @@ class HEPlan:
     input_period: int
     output_period: int
     param_reason: str = ""
-    notes: list[str] = field(default_factory=list)
+    input_layout: dict = field(default_factory=lambda: {"layout": "replicated"})
 
     def manifest(self) -> dict:
         """The key manifest: exactly what the client must generate and the server needs."""
         return {"params": self.params.to_dict(), "rotations": list(self.rotations),
                 "relinearization_key": True, "bootstrapping": False, "depth": self.depth,
-                "input": {"shape": list(self.input_shape), "period": self.input_period},
+                "input": {"shape": list(self.input_shape), "period": self.input_period,
+                          **self.input_layout},
                 "output": {"shape": list(self.output_shape), "period": self.output_period},
                 "layers": {k: v.to_dict() for k, v in self.dense.items()}}
 
@@ -245,6 +256,7 @@ def plan_he(graph: Graph, *, insecure_test_params: bool = False) -> HEPlan:
     min_slots = max(max(periods.values()), *(p.in_period for p in dense.values()), 1)
     params, why = select_params(depth, min_slots, insecure_test_params=insecure_test_params)
     slots = params.slots
+    layout = _expand_first_layer(graph, dense, slots)
     rotations = set()
     for p in dense.values():
         rotations |= p.rotations()
@@ -252,4 +264,26 @@ def plan_he(graph: Graph, *, insecure_test_params: bool = False) -> HEPlan:
     rotations = {normalize_rotation(r, slots) for r in rotations} - {0}
     return HEPlan(params, tuple(sorted(rotations)), depth, levels, dense,
                   graph.input_shape, graph.output_shape, periods[graph.input.name],
-                  periods[graph.output], why)
+                  periods[graph.output], why, layout)
+
+
+def _expand_first_layer(graph: Graph, dense: dict[str, DensePlan], slots: int) -> dict:
+    """Let the client pre-rotate its input for the first dense layer when that is cheaper.
+
+    With block t of the input holding rot(x, d_t) for each non-zero diagonal d_t, the
+    layer costs one product and log2(blocks) fold rotations instead of its baby and giant
+    steps. Only when the input feeds that layer alone and the blocks fit in the slots.
+    """
+    readers = graph.consumers(graph.input.name)
+    if len(readers) != 1 or readers[0].op is not Op.DENSE:
+        return {"layout": "replicated"}
+    name, plan = readers[0].name, dense[readers[0].name]
+    block = max(plan.in_period, plan.out_period)
+    blocks = next_pow2(len(plan.diagonals))
+    hoisted = {plan.split(d)[1] for d in plan.diagonals} - {0}
+    bsgs_cost = len(plan.rotations()) - 0.5 * len(hoisted)
+    if blocks * block > slots or math.log2(blocks) >= bsgs_cost:
+        return {"layout": "replicated"}
+    dense[name] = replace(plan, input_blocks=blocks)
+    return {"layout": "expanded", "block": block, "blocks": blocks,
+            "shifts": list(plan.diagonals)}

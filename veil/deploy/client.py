@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from ..backends.he.evaluator import tile
+from ..backends.he.layout import encode_input
 from ..backends.he.openfhe_engine import ClientCrypto
 from ..errors import InputError, KeyMismatchError, MissingKeyError, SerializationError
 from ..wire import pack, unpack
@@ -87,7 +87,7 @@ class ModelClient:
         arr = check_input(x, self.input_shape,
                           self.bundle.input_range if self._check_range else None)
         slots = self.bundle.params.slots
-        vec = tile(arr, self.bundle.manifest["input"]["period"], slots)
+        vec = encode_input(arr, self.bundle.manifest["input"], slots)
         ct = self._crypto.encrypt(vec)
         return pack(CIPHERTEXT_KIND, {"ct": ct}, {"model": self.bundle.model_id,
                                                   "tag": self._crypto.tag, "role": "input"})

@@ -10,23 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import KeyTypeError, SerializationError
-from ..wire import unpack, pack
+from ..wire import pack, peek_kind, unpack
 
 EVAL_KEYS_KIND = "veil-evaluation-keys"
 SECRET_KEY_KIND = "veil-secret-key"
 CIPHERTEXT_KIND = "veil-ciphertext"
-
-
-def envelope_kind(blob: bytes) -> str | None:
-    """The kind an envelope claims, without verifying it (used to give better errors)."""
-    import json
-    import struct
-
-    try:
-        _, _, hlen = struct.unpack_from(">4sBI", blob)
-        return json.loads(bytes(blob[9:9 + hlen])).get("kind")
-    except Exception:  # noqa: BLE001 - any malformed input simply has no kind
-        return None
 
 
 @dataclass(frozen=True)
@@ -42,7 +30,7 @@ class EvaluationKeys:
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> "EvaluationKeys":
-        if isinstance(blob, SecretKey) or envelope_kind(blob) == SECRET_KEY_KIND:
+        if isinstance(blob, SecretKey) or peek_kind(blob) == SECRET_KEY_KIND:
             raise KeyTypeError("a secret key was offered where evaluation keys belong; "
                                "servers never accept secret keys")
         header, parts = unpack(blob, EVAL_KEYS_KIND)

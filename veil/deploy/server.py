@@ -17,7 +17,9 @@ def _plan_from_manifest(bundle: ServerBundle) -> HEPlan:
     return HEPlan(bundle.params, tuple(m["rotations"]), int(m["depth"]), {},
                   {k: DensePlan.from_dict(v) for k, v in m["layers"].items()},
                   tuple(m["input"]["shape"]), tuple(m["output"]["shape"]),
-                  int(m["input"]["period"]), int(m["output"]["period"]))
+                  int(m["input"]["period"]), int(m["output"]["period"]),
+                  input_layout={k: v for k, v in m["input"].items()
+                                if k in ("layout", "block", "blocks", "shifts")})
 
 
 class ServerSession:

@@ -13,6 +13,7 @@ import numpy as np
 from ...compiler.plan import DensePlan, HEPlan, diagonal_vectors, normalize_rotation
 from ...errors import CompileError
 from ...ir import Graph, Op
+from .layout import tile
 
 
 class SlotEngine(Protocol):
@@ -25,14 +26,8 @@ class SlotEngine(Protocol):
     def mul_plain(self, a: Any, values: np.ndarray, cache_key: tuple | None) -> Any: ...
     def rotate(self, a: Any, k: int) -> Any: ...
     def rotate_hoisted(self, a: Any, ks: list[int]) -> dict[int, Any]: ...
+    def settle(self, a: Any) -> Any: ...
     def chebyshev(self, a: Any, coeffs: np.ndarray, lo: float, hi: float) -> Any: ...
-
-
-def tile(values: np.ndarray, period: int, slots: int) -> np.ndarray:
-    """Zero-pad ``values`` to ``period`` and repeat it across all ``slots``."""
-    flat = np.zeros(period)
-    flat[: values.size] = np.ravel(values)
-    return np.tile(flat, slots // period)
 
 
 class PreparedDense:
@@ -43,6 +38,14 @@ class PreparedDense:
         self.name, self.plan, self.slots = name, plan, slots
         length = max(plan.in_period, plan.out_period)
         diags = diagonal_vectors(matrix, plan.in_period, plan.out_period)
+        self.bias = tile(bias, plan.out_period, slots)
+        if plan.input_blocks:
+            # Client-expanded input: block t already holds rot(x, diagonals[t]).
+            pattern = np.zeros(plan.input_blocks * length)
+            for t, d in enumerate(plan.diagonals):
+                pattern[t * length:(t + 1) * length] = diags[d % plan.in_period]
+            self.expanded = np.tile(pattern, slots // pattern.size)
+            return
         b = plan.baby_step
         self.groups: dict[int, list[tuple[int, np.ndarray]]] = {}
         for d in plan.diagonals:
@@ -50,10 +53,13 @@ class PreparedDense:
             # rot(rot(diag, -g*b) * rot(x, r), g*b) == diag * rot(x, d)
             vec = np.roll(diags[d % plan.in_period], g * b)  # period `length` block
             self.groups.setdefault(g, []).append((r, tile(vec, length, slots)))
-        self.bias = tile(bias, plan.out_period, slots)
         self.babies = sorted({plan.split(d)[1] for d in plan.diagonals} - {0})
 
     def __call__(self, engine: SlotEngine, ct: Any) -> Any:
+        if self.plan.input_blocks:
+            total = engine.mul_plain(ct, self.expanded, (self.name, "expanded"))
+            return self._finish(engine, total, self.plan.expanded_fold_steps())
+        ct = engine.settle(ct)
         rots = {0: ct}
         if self.babies:
             keys = [normalize_rotation(r, self.slots) for r in self.babies]
@@ -69,7 +75,10 @@ class PreparedDense:
                 inner = engine.rotate(inner, normalize_rotation(g * self.plan.baby_step,
                                                                 self.slots))
             total = inner if total is None else engine.add(total, inner)
-        for step in self.plan.fold_steps:
+        return self._finish(engine, total, self.plan.fold_steps)
+
+    def _finish(self, engine: SlotEngine, total: Any, folds) -> Any:
+        for step in folds:
             total = engine.add(total, engine.rotate(total, normalize_rotation(step, self.slots)))
         return engine.add_plain(total, self.bias, (self.name, "bias"))
 
@@ -88,6 +97,8 @@ class Evaluator:
                     plan.dense[node.name], slots)
             elif node.op not in (Op.INPUT, Op.POLY, Op.ADD):
                 raise CompileError(f"{node.op.value} node {node.name!r} cannot run under HE")
+        self._last_use = {src: n.name for n in graph.nodes for src in n.inputs
+                          if src != graph.output}
 
     def run(self, engine: SlotEngine, ct: Any) -> Any:
         values = {self.graph.input.name: ct}
@@ -102,12 +113,7 @@ class Evaluator:
                 out = engine.add(args[0], args[1])
             values[node.name] = out
             # Drop values no later node reads, so memory follows the live set only.
-            for s in node.inputs:
-                if s != self.graph.output and all(
-                        s not in n.inputs for n in self._after(node)):
-                    values.pop(s, None)
+            for src in node.inputs:
+                if self._last_use.get(src) == node.name:
+                    values.pop(src, None)
         return values[self.graph.output]
-
-    def _after(self, node):
-        idx = self.graph.nodes.index(node)
-        return self.graph.nodes[idx + 1:]
