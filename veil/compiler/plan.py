@@ -88,7 +88,7 @@ def select_params(depth: int, min_slots: int, *, insecure_test_params: bool = Fa
     depth = max(depth, 1)
     if insecure_test_params:
         ring = max(INSECURE_RING_DIM, 2 * next_pow2(min_slots))
-        return (CKKSParams(ring, depth, 40, 60, 3, "HEStd_NotSet", True),
+        return (CKKSParams(ring, depth, 40, 60, min(3, depth + 1), "HEStd_NotSet", True),
                 f"INSECURE test parameters: ring {ring}, no security level enforced")
     for ring, bound in HE_STD_128_LOGQP.items():
         if ring // 2 < min_slots:

@@ -59,7 +59,8 @@ class ModelClient:
     def keygen(self) -> EvaluationKeys:
         """Generate a fresh key pair and exactly the manifest's evaluation keys."""
         parts = self._crypto.keygen(self.bundle.manifest["rotations"])
-        self._eval_keys = EvaluationKeys(self.bundle.model_id, self._crypto.tag, parts)
+        self._eval_keys = EvaluationKeys(self.bundle.model_id, self._crypto.tag, parts,
+                                         self.bundle.params.insecure_test_params)
         return self._eval_keys
 
     def evaluation_keys(self) -> bytes:
@@ -89,8 +90,9 @@ class ModelClient:
         slots = self.bundle.params.slots
         vec = encode_input(arr, self.bundle.manifest["input"], slots)
         ct = self._crypto.encrypt(vec)
-        return pack(CIPHERTEXT_KIND, {"ct": ct}, {"model": self.bundle.model_id,
-                                                  "tag": self._crypto.tag, "role": "input"})
+        return pack(CIPHERTEXT_KIND, {"ct": ct}, {
+            "model": self.bundle.model_id, "tag": self._crypto.tag, "role": "input",
+            "insecure": self.bundle.params.insecure_test_params})
 
     def decrypt(self, blob: bytes) -> np.ndarray:
         """Decrypt a server result into an array of the model's output shape."""

@@ -24,9 +24,11 @@ class EvaluationKeys:
     model_id: str
     tag: str
     parts: dict
+    insecure_test_params: bool = False
 
     def to_bytes(self) -> bytes:
-        return pack(EVAL_KEYS_KIND, self.parts, {"model": self.model_id, "tag": self.tag})
+        return pack(EVAL_KEYS_KIND, self.parts, {"model": self.model_id, "tag": self.tag,
+                                                 "insecure": self.insecure_test_params})
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> "EvaluationKeys":
@@ -36,7 +38,8 @@ class EvaluationKeys:
         header, parts = unpack(blob, EVAL_KEYS_KIND)
         if set(parts) != {"mult", "rotations"} or not isinstance(header.get("tag"), str):
             raise SerializationError("evaluation keys are missing parts")
-        return cls(str(header.get("model")), header["tag"], parts)
+        return cls(str(header.get("model")), header["tag"], parts,
+                   bool(header.get("insecure", False)))
 
     @property
     def size(self) -> int:

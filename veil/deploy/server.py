@@ -44,7 +44,8 @@ class ServerSession:
         out = self._server.evaluator.run(self._engine, ct)
         return pack(CIPHERTEXT_KIND, {"ct": self._engine.dump(out)},
                     {"model": self._server.bundle.model_id, "tag": self.tag,
-                     "role": "output"})
+                     "role": "output",
+                     "insecure": self._server.bundle.params.insecure_test_params})
 
     def close(self) -> None:
         self._engine.close()

@@ -1,0 +1,81 @@
+"""More architectures through the real CKKS round trip: residual adds at different
+levels, BatchNorm, max-pool, smooth activations, and an ONNX file as the source."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import veil
+
+REL_TOL = 2.0 ** -16
+
+
+class ResidualNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        h = nn.functional.silu(self.bn(self.conv(x)))
+        h = h + torch.tanh(self.conv2(h))          # residual: operands at different levels
+        return self.fc(torch.flatten(self.pool(h), 1))
+
+
+def _check(compiled, xs):
+    with compiled:
+        he = compiled.run(xs, mode="he")
+        sim = compiled.run(xs, mode="simulate")
+        assert np.abs(he - sim).max() / np.abs(sim).max() < REL_TOL
+
+
+def test_residual_bn_maxpool_smooth_activations():
+    torch.manual_seed(0)
+    model = ResidualNet()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.2, 0.2)
+        model.bn.running_var.uniform_(0.5, 1.5)
+    model.eval()
+    cal = np.random.default_rng(0).uniform(0, 1, size=(64, 1, 8, 8))
+    compiled = veil.compile(model, cal, degree=13)
+    report = compiled.report()
+    assert any("max-pool" in n for n in report.notes)
+    assert any("batchnorm" in n for n in report.notes)
+    ref = model(torch.tensor(cal[:2], dtype=torch.float32)).detach().numpy()
+    assert np.abs(compiled.run(cal[:2], "plain") - ref).max() < 1e-4
+    _check(compiled, cal[:2])
+
+
+def test_onnx_file_source(tmp_path, rng):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(10, 12), nn.GELU(), nn.Linear(12, 3)).eval()
+    path = tmp_path / "mlp.onnx"
+    torch.onnx.export(model, torch.zeros(1, 10), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], dynamic_axes={"x": {0: "batch"}})
+    cal = rng.normal(size=(128, 10))
+    compiled = veil.compile(str(path), cal, degree=13)
+    ref = model(torch.tensor(cal[:3], dtype=torch.float32)).detach().numpy()
+    assert np.abs(compiled.run(cal[:3], "plain") - ref).max() < 1e-4
+    _check(compiled, cal[:2])
+
+
+def test_insecure_params_are_opt_in_and_recorded(tmp_path, rng):
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    cal = rng.normal(size=(8, 4))
+    secure = veil.compile(model, cal)
+    assert not secure.result.plan.params.insecure_test_params
+    toy = veil.compile(model, cal, insecure_test_params=True)
+    assert "INSECURE" in str(toy.report())
+    server_dir, client_dir = toy.export(tmp_path)
+    import json
+    for f in (server_dir / "model.json", client_dir / "client.json"):
+        assert json.loads(f.read_text())["insecure_test_params"] is True
+    from veil.wire import unpack
+    client = veil.ModelClient(client_dir)
+    keys = client.keygen()
+    assert keys.insecure_test_params
+    assert unpack(client.encrypt(cal[0]), "veil-ciphertext")[0]["insecure"] is True
+    _check(toy, cal[:2])
