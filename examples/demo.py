@@ -20,8 +20,8 @@ from models import trained_cancer_mlp, trained_digits_cnn  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--n-he", type=int, default=40,
-                    help="test inputs to run encrypted per model (default 40)")
+    ap.add_argument("--n-he", type=int, default=100,
+                    help="test inputs to run encrypted per model (default 100)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     results = []
