@@ -20,11 +20,17 @@ def digits_split():
 
 
 def cancer_split():
-    """Breast-cancer features standardised on the training split; 30% test."""
+    """Breast-cancer features standardised on the training split; 30% test.
+
+    Test features are clipped to the training range (a standard preprocessing step):
+    an encrypted model's polynomials are only valid on the range it was calibrated on.
+    """
     x, y = load_breast_cancer(return_X_y=True)
     xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.3, stratify=y, random_state=0)
     mu, sd = xtr.mean(0), xtr.std(0) + 1e-9
-    return ((xtr - mu) / sd).astype(np.float32), ((xte - mu) / sd).astype(np.float32), ytr, yte
+    xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
+    xte = np.clip(xte, xtr.min(0), xtr.max(0))
+    return xtr.astype(np.float32), xte.astype(np.float32), ytr, yte
 
 
 class DigitsCNN(nn.Module):

@@ -33,7 +33,8 @@ def check_input(x, shape: tuple[int, ...], value_range: tuple[float, float] | No
         if arr.min() < lo or arr.max() > hi:
             raise InputError(f"input values span [{arr.min():.4g}, {arr.max():.4g}]; this "
                              f"model was calibrated for [{lo:.4g}, {hi:.4g}] and its "
-                             "polynomials are only valid there")
+                             "polynomials are only valid there: clip inputs to that range "
+                             "or compile again with calibration data that covers them")
     return arr
 
 
