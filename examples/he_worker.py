@@ -6,11 +6,23 @@ training framework's. Usage: he_worker.py CLIENT_DIR SERVER_DIR INPUTS.npy OUT.j
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 
 import numpy as np
+
+
+def peak_rss_bytes() -> int:
+    """This process's resident-set high-water mark (VmHWM).
+
+    Not getrusage's ru_maxrss: Linux carries that across exec, so a worker forked from a
+    large parent would report the parent's size.
+    """
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def main(client_dir: str, server_dir: str, inputs_path: str, out_path: str) -> None:
@@ -37,12 +49,11 @@ def main(client_dir: str, server_dir: str, inputs_path: str, out_path: str) -> N
         enc.append(b - a), ev.append(c - b), dec.append(d - c)
         ct_in, ct_out = len(ct), len(res)
     session.close()
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with open(out_path, "w") as fh:
         json.dump({"keygen_s": t1 - t0, "session_s": t2 - t1, "eval_key_bytes": len(keys),
                    "encrypt_s": enc, "eval_s": ev, "decrypt_s": dec, "outputs": outs,
                    "ct_in_bytes": ct_in, "ct_out_bytes": ct_out,
-                   "peak_rss_bytes": peak_kib * 1024}, fh)
+                   "peak_rss_bytes": peak_rss_bytes()}, fh)
 
 
 if __name__ == "__main__":
