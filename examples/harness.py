@@ -18,20 +18,25 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits.reshape(len(labels), -1), axis=1) == labels))
 
 
-def run_he_worker(compiled, xs: np.ndarray) -> dict:
+def run_he_worker(compiled, xs: np.ndarray, how: str = "single") -> dict:
     """Export bundles to separate folders and run client+server in a fresh process."""
     with tempfile.TemporaryDirectory() as tmp:
         server_dir, client_dir = compiled.export(tmp)
         np.save(Path(tmp) / "inputs.npy", np.asarray(xs, dtype=np.float64))
         out = Path(tmp) / "result.json"
         subprocess.run([sys.executable, str(HERE / "he_worker.py"), str(client_dir),
-                        str(server_dir), str(Path(tmp) / "inputs.npy"), str(out)],
+                        str(server_dir), str(Path(tmp) / "inputs.npy"), str(out), how],
                        check=True, env=dict(os.environ))
         return json.loads(out.read_text())
 
 
-def measure(name: str, compiled, x_test: np.ndarray, y_test: np.ndarray, n_he: int) -> dict:
-    """Accuracy and per-stage costs for plain, simulate and he on one model."""
+def measure(name: str, compiled, x_test: np.ndarray, y_test: np.ndarray, n_he: int,
+            throughput=None, n_batch: int = 0) -> dict:
+    """Accuracy and per-stage costs for plain, simulate and he on one model.
+
+    ``throughput``: the same model compiled with ``layout="throughput"``; its batched
+    run over ``n_batch`` inputs gives the amortised cost per input.
+    """
     rows = []
     for mode in ("plain", "simulate"):
         t = time.perf_counter()
@@ -40,15 +45,25 @@ def measure(name: str, compiled, x_test: np.ndarray, y_test: np.ndarray, n_he: i
         rows.append({"mode": mode, "n": len(x_test), "accuracy": _accuracy(logits, y_test),
                      "latency_s": per})
     n_he = min(n_he, len(x_test))
-    he = run_he_worker(compiled, x_test[:n_he])
+    rows.append(_single_row(compiled, x_test[:n_he], y_test[:n_he]))
+    if throughput is not None and n_batch:
+        rows.append(_batch_row(throughput, x_test[:n_batch], y_test[:n_batch]))
+    report = compiled.report()
+    return {"model": name, "rows": rows, "params": report.params, "depth": report.depth,
+            "rotation_keys": len(report.rotations)}
+
+
+def _single_row(compiled, xs, ys) -> dict:
+    n = len(xs)
+    he = run_he_worker(compiled, xs, "single")
     he_logits = np.array(he["outputs"])
-    sim = compiled.run(x_test[:n_he], "simulate").reshape(n_he, -1)
-    plain = compiled.run(x_test[:n_he], "plain").reshape(n_he, -1)
+    sim = compiled.run(xs, "simulate").reshape(n, -1)
+    plain = compiled.run(xs, "plain").reshape(n, -1)
     med = {k: float(np.median(he[k])) for k in ("encrypt_s", "eval_s", "decrypt_s")}
     e2e = np.array(he["encrypt_s"]) + np.array(he["eval_s"]) + np.array(he["decrypt_s"])
-    rows.append({
-        "mode": "he", "n": n_he, "accuracy": _accuracy(he_logits, y_test[:n_he]),
-        "plain_accuracy_same_images": _accuracy(plain, y_test[:n_he]),
+    return {
+        "mode": "he", "n": n, "accuracy": _accuracy(he_logits, ys),
+        "plain_accuracy_same_images": _accuracy(plain, ys),
         "argmax_agreement_with_simulate": float(np.mean(he_logits.argmax(1) == sim.argmax(1))),
         "max_rel_error_vs_simulate": float(np.max(np.abs(he_logits - sim)
                                                    / np.abs(sim).max(axis=1, keepdims=True))),
@@ -56,18 +71,38 @@ def measure(name: str, compiled, x_test: np.ndarray, y_test: np.ndarray, n_he: i
         "encrypt_s": med["encrypt_s"], "eval_s": med["eval_s"], "decrypt_s": med["decrypt_s"],
         "latency_s": float(np.median(e2e)), "latency_p95_s": float(np.percentile(e2e, 95)),
         "eval_key_bytes": he["eval_key_bytes"], "ct_in_bytes": he["ct_in_bytes"],
-        "ct_out_bytes": he["ct_out_bytes"], "peak_rss_bytes": he["peak_rss_bytes"]})
-    report = compiled.report()
-    return {"model": name, "rows": rows, "params": report.params, "depth": report.depth,
-            "rotation_keys": len(report.rotations)}
+        "ct_out_bytes": he["ct_out_bytes"], "peak_rss_bytes": he["peak_rss_bytes"]}
+
+
+def _batch_row(compiled, xs, ys) -> dict:
+    n = len(xs)
+    he = run_he_worker(compiled, xs, "batch")
+    total = he["encrypt_s"] + he["eval_s"] + he["decrypt_s"]
+    sim = compiled.run(xs, "simulate").reshape(n, -1)
+    outs = np.array(he["outputs"])
+    return {
+        "mode": f"he batch, throughput layout ({he['lanes']}/ct)", "n": n, "batch": True,
+        "accuracy": _accuracy(outs, ys), "lanes": he["lanes"],
+        "ciphertexts": he["ciphertexts"], "keygen_s": he["keygen_s"],
+        "encrypt_s": he["encrypt_s"] / he["ciphertexts"],
+        "eval_s": he["eval_s"] / he["ciphertexts"],
+        "decrypt_s": he["decrypt_s"] / he["ciphertexts"],
+        "max_rel_error_vs_simulate": float(np.max(np.abs(outs - sim)
+                                                   / np.abs(sim).max(axis=1, keepdims=True))),
+        "amortized_s": total / n, "throughput_per_s": n / total,
+        "latency_s": total / he["ciphertexts"], "eval_key_bytes": he["eval_key_bytes"],
+        "ct_in_bytes": he["ct_in_bytes"], "ct_out_bytes": he["ct_out_bytes"],
+        "peak_rss_bytes": he["peak_rss_bytes"]}
 
 
 def _cells(row: dict) -> list[str]:
-    if row["mode"] != "he":
+    if "keygen_s" not in row:
         return ["-"] * 4 + [f"{row['latency_s'] * 1e3:.3f}", "-", "-", "-"]
     return [f"{row['keygen_s']:.2f}", f"{row['encrypt_s'] * 1e3:.1f}",
             f"{row['eval_s'] * 1e3:.1f}", f"{row['decrypt_s'] * 1e3:.1f}",
-            f"{row['latency_s'] * 1e3:.1f}",
+            f"{row['latency_s'] * 1e3:.1f}" + (
+                f" per ct; {row['amortized_s'] * 1e3:.1f} per input "
+                f"({row['throughput_per_s']:.0f}/s)" if row.get("batch") else ""),
             f"{row['ct_in_bytes'] / 1024:.0f} / {row['ct_out_bytes'] / 1024:.0f}",
             f"{row['eval_key_bytes'] / 2**20:.1f}", f"{row['peak_rss_bytes'] / 2**20:.0f}"]
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from veil.backends.he.evaluator import Evaluator
-from veil.backends.he.layout import encode_input, tile
+from veil.backends.he.layout import pack_inputs, unpack_outputs
 from veil.backends.he.slot_engine import NumpySlotEngine
 from veil.compiler.approx import approximate_activations, fit_chebyshev
 from veil.compiler.passes import fold_batchnorm, fold_poly_domain, linearize, replace_maxpool
@@ -159,8 +159,9 @@ def test_dense_layout_matches_matrix_product(rng, shape):
     hp = plan_he(g)
     eng = NumpySlotEngine(hp.params.slots, set(hp.rotations))
     x = rng.normal(size=shape[1])
-    out = Evaluator(g, hp).run(eng, encode_input(x, hp.manifest()["input"], hp.params.slots))
-    np.testing.assert_allclose(out[:shape[0]], run(g, x[None])[0], atol=1e-9)
+    out = Evaluator(g, hp).run(eng, pack_inputs([x], hp.manifest(), hp.params.slots))
+    np.testing.assert_allclose(unpack_outputs(out, hp.manifest(), 1)[0], run(g, x[None])[0],
+                               atol=1e-9)
     assert eng.used_rotations == set(hp.rotations)  # the manifest lists exactly what is used
     assert len(plan.diagonals) <= min(plan.in_period, plan.out_period)
 
@@ -177,8 +178,9 @@ def test_evaluator_matches_interpreter_on_residual_graph(rng):
     eng = NumpySlotEngine(res.plan.params.slots, set(res.plan.rotations))
     x = rng.normal(size=16)
     out = Evaluator(res.lowered, res.plan).run(
-        eng, encode_input(x, res.plan.manifest()["input"], res.plan.params.slots))
-    np.testing.assert_allclose(out[:3], run(res.lowered, x[None])[0], atol=1e-8)
+        eng, pack_inputs([x], res.plan.manifest(), res.plan.params.slots))
+    np.testing.assert_allclose(unpack_outputs(out, res.plan.manifest(), 1)[0],
+                               run(res.lowered, x[None])[0], atol=1e-8)
 
 
 def test_missing_rotation_key_is_a_veil_error(rng):
@@ -211,9 +213,10 @@ def test_first_layer_uses_client_expanded_input_when_cheaper(rng):
     assert len(hp.rotations) == 5
     eng = NumpySlotEngine(hp.params.slots, set(hp.rotations))
     x = rng.normal(size=32)
-    out = Evaluator(g, hp).run(eng, encode_input(x, spec, hp.params.slots))
-    np.testing.assert_allclose(out[:64], run(g, x[None])[0], atol=1e-9)
-    np.testing.assert_allclose(out[64:128], out[:64], atol=1e-9)  # replicated output
+    assert hp.lanes == hp.params.slots // (32 * 64)  # the expansion uses 32 blocks of 64
+    out = Evaluator(g, hp).run(eng, pack_inputs([x], hp.manifest(), hp.params.slots))
+    np.testing.assert_allclose(unpack_outputs(out, hp.manifest(), 1)[0], run(g, x[None])[0],
+                               atol=1e-9)
     # a graph whose input also feeds a residual keeps the replicated layout
     i = make_node("input", Op.INPUT, [], [], {"shape": (32,)})
     d2 = make_node("d2", Op.DENSE, ["input"], [(32,)], {"shape": (32,)},
@@ -221,3 +224,31 @@ def test_first_layer_uses_client_expanded_input_when_cheaper(rng):
     s = make_node("s", Op.ADD, ["input", "d2"], [(32,), (32,)])
     shared = plan_he(Graph((i, d2, s), "s"))
     assert shared.manifest()["input"]["layout"] == "replicated"
+
+
+@pytest.mark.parametrize("layout", ["latency", "throughput"])
+def test_interleaved_lanes_run_many_inputs_at_once(rng, layout):
+    """Every lane computes its own input; lanes never mix."""
+    res = compile_graph(cnn(rng), rng.uniform(0, 1, size=(16, 1, 8, 8)), degree=7)
+    plan = plan_he(res.lowered, layout=layout)
+    assert plan.lanes == plan.params.slots // 256   # CNN here needs 256 positions
+    eng = NumpySlotEngine(plan.params.slots, set(plan.rotations))
+    xs = rng.uniform(0, 1, size=(plan.lanes, 1, 8, 8))
+    out = Evaluator(res.lowered, plan).run(eng, pack_inputs(list(xs), plan.manifest(),
+                                                            plan.params.slots))
+    got = unpack_outputs(out, plan.manifest(), plan.lanes)
+    np.testing.assert_allclose(got, run(res.lowered, xs), atol=1e-8)
+    assert eng.used_rotations == set(plan.rotations)
+
+
+def test_throughput_layout_trades_expansion_for_lanes(rng):
+    m = rng.normal(size=(64, 32))
+    i = make_node("input", Op.INPUT, [], [], {"shape": (32,)})
+    d = make_node("d", Op.DENSE, ["input"], [(32,)], {"shape": (64,)},
+                  {"matrix": m, "bias": rng.normal(size=64)})
+    g = Graph((i, d), "d")
+    fast, wide = plan_he(g, layout="latency"), plan_he(g, layout="throughput")
+    assert fast.lanes == fast.params.slots // 2048 and wide.lanes == wide.params.slots // 64
+    assert wide.manifest()["input"]["layout"] == "replicated"
+    with pytest.raises(CompileError, match="layout"):
+        plan_he(g, layout="fastest")

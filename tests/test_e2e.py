@@ -123,3 +123,19 @@ def test_secret_key_is_saved_only_on_request_with_0600(tmp_path, exported, roles
     ct = session.run(client.encrypt(np.zeros((1, 8, 8))))
     # OpenFHE adds fresh noise at every decryption (IND-CPA-D hardening): compare loosely.
     np.testing.assert_allclose(restored.decrypt(ct), client.decrypt(ct), rtol=1e-4, atol=1e-4)
+
+
+def test_batch_packs_lanes_and_matches_single(roles, digits_cnn, compiled_cnn):
+    client, _, session = roles
+    _, (_, xte, _, _) = digits_cnn
+    lanes = client.lanes
+    assert lanes == compiled_cnn.report().lanes and lanes >= 8
+    xs = xte[:lanes + 3]                                   # spills into a second ciphertext
+    cts = client.encrypt_batch(xs)
+    assert len(cts) == 2
+    outs = client.decrypt_batch(session.run_batch(cts))
+    assert outs.shape == (lanes + 3, 10)
+    sim = compiled_cnn.run(xs, "simulate")
+    assert _rel_err(outs, sim) < REL_TOL
+    with pytest.raises(veil.InputError, match="decrypt_batch"):
+        client.decrypt(session.run(cts[0]))

@@ -43,12 +43,13 @@ class Report:
     param_reason: str
     rotations: list[int]
     notes: list[str]
+    lanes: int = 1
     accuracy: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"layers": self.layers, "depth": self.depth, "params": self.params,
                 "param_reason": self.param_reason, "rotations": self.rotations,
-                "notes": self.notes, "accuracy": self.accuracy}
+                "notes": self.notes, "lanes": self.lanes, "accuracy": self.accuracy}
 
     def __str__(self) -> str:
         rows = [f"{'layer':<18}{'op':<14}{'input range':<24}{'degree':>7}{'max err':>11}"]
@@ -63,7 +64,8 @@ class Report:
                  f"{p['security']}" + (" (INSECURE test parameters)"
                                        if p["insecure_test_params"] else ""),
                  f"why: {self.param_reason}",
-                 f"rotation keys: {len(self.rotations)} {self.rotations}"]
+                 f"rotation keys: {len(self.rotations)} {self.rotations}",
+                 f"inputs per ciphertext (encrypt_batch): {self.lanes}"]
         rows += [f"note: {n}" for n in self.notes]
         if self.accuracy:
             rows.append("predicted accuracy: " + ", ".join(
@@ -119,7 +121,7 @@ class CompiledModel:
         elif mode is Mode.SIMULATE:
             out = interpret(self.result.lowered, batch)
         else:
-            out = np.stack([self._he_loop().infer(sample) for sample in batch])
+            out = self._he_loop().infer_batch(batch)
         return out[0] if single else out
 
     def _he_loop(self):
@@ -183,12 +185,12 @@ class CompiledModel:
                 pred = np.argmax(self.run(data, mode).reshape(len(labels), -1), axis=1)
                 accuracy[mode.value] = float(np.mean(pred == labels))
         return Report(layers, plan.depth, plan.params.to_dict(), plan.param_reason,
-                      list(plan.rotations), notes, accuracy)
+                      list(plan.rotations), notes, plan.lanes, accuracy)
 
 
 def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
             degree: int | dict[str, int] = DEFAULT_DEGREE, margin: float = DEFAULT_MARGIN,
-            insecure_test_params: bool = False) -> CompiledModel:
+            layout: str = "latency", insecure_test_params: bool = False) -> CompiledModel:
     """Compile a torch ``nn.Module`` or ONNX model (file or ModelProto) for private inference.
 
     Args:
@@ -197,6 +199,8 @@ def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
         input_shape: per-sample input shape; defaults to ``calibration.shape[1:]``.
         degree: Chebyshev degree for every activation, or a dict node name -> degree.
         margin: fraction by which measured activation ranges are widened on each side.
+        layout: ``"latency"`` (fewest rotations for one input) or ``"throughput"`` (most
+            inputs per ciphertext for ``encrypt_batch``).
         insecure_test_params: allow small, insecure CKKS parameters (recorded everywhere).
 
     Returns:
@@ -210,7 +214,7 @@ def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
     shape = tuple(input_shape) if input_shape is not None else calibration.shape[1:]
     graph = to_graph(model, shape)
     result = compile_graph(graph, calibration, degree=degree, margin=margin,
-                           insecure_test_params=insecure_test_params)
+                           insecure_test_params=insecure_test_params, layout=layout)
     lo, hi = float(calibration.min()), float(calibration.max())
     width = max(hi - lo, 1e-6)
     trace = interpret(result.polynomial, calibration, trace=True)

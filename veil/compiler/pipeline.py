@@ -32,7 +32,8 @@ class CompileResult:
 def compile_graph(graph: Graph, calibration: np.ndarray, *,
                   degree: int | dict[str, int] = DEFAULT_DEGREE,
                   margin: float = DEFAULT_MARGIN,
-                  insecure_test_params: bool = False) -> CompileResult:
+                  insecure_test_params: bool = False, layout: str = "latency"
+                  ) -> CompileResult:
     """Run :data:`PASSES` in order on ``graph`` with ``calibration`` data."""
     calibration = np.asarray(calibration, dtype=np.float64)
     if calibration.ndim < 1 or calibration.shape[1:] != graph.input_shape:
@@ -45,6 +46,6 @@ def compile_graph(graph: Graph, calibration: np.ndarray, *,
     poly, reports = approximate_activations(g, calibration, degree=degree, margin=margin)
     lowered, lin_note = linearize(poly)
     lowered, dom_note = fold_poly_domain(lowered)
-    plan = plan_he(lowered, insecure_test_params=insecure_test_params)
+    plan = plan_he(lowered, insecure_test_params=insecure_test_params, layout=layout)
     return CompileResult(graph, poly, lowered, plan, reports,
                          [bn_note, pool_note, lin_note, dom_note])

@@ -219,19 +219,34 @@ class HEPlan:
     output_period: int
     param_reason: str = ""
     input_layout: dict = field(default_factory=lambda: {"layout": "replicated"})
+    lanes: int = 1                # inputs per ciphertext (interleaved SIMD batching)
 
     def manifest(self) -> dict:
         """The key manifest: exactly what the client must generate and the server needs."""
         return {"params": self.params.to_dict(), "rotations": list(self.rotations),
                 "relinearization_key": True, "bootstrapping": False, "depth": self.depth,
+                "lanes": self.lanes,
                 "input": {"shape": list(self.input_shape), "period": self.input_period,
                           **self.input_layout},
                 "output": {"shape": list(self.output_shape), "period": self.output_period},
                 "layers": {k: v.to_dict() for k, v in self.dense.items()}}
 
 
-def plan_he(graph: Graph, *, insecure_test_params: bool = False) -> HEPlan:
-    """Plan a linearized graph (INPUT, DENSE, POLY, ADD only) for CKKS."""
+LAYOUTS = ("latency", "throughput")
+
+
+def plan_he(graph: Graph, *, insecure_test_params: bool = False,
+            layout: str = "latency") -> HEPlan:
+    """Plan a linearized graph (INPUT, DENSE, POLY, ADD only) for CKKS.
+
+    ``layout="latency"`` lets the first layer spend free slots on a client-expanded
+    input when that saves rotations; ``"throughput"`` keeps them for more inputs per
+    ciphertext. Either way, the slots left over carry that many inputs side by side
+    (interleaved lanes: slot j holds position j // lanes of input j % lanes, so a
+    rotation by r * lanes moves every input by r positions at once).
+    """
+    if layout not in LAYOUTS:
+        raise CompileError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     levels: dict[str, int] = {}
     dense: dict[str, DensePlan] = {}
     periods = {graph.input.name: next_pow2(int(np.prod(graph.input_shape)))}
@@ -256,15 +271,19 @@ def plan_he(graph: Graph, *, insecure_test_params: bool = False) -> HEPlan:
     min_slots = max(max(periods.values()), *(p.in_period for p in dense.values()), 1)
     params, why = select_params(depth, min_slots, insecure_test_params=insecure_test_params)
     slots = params.slots
-    layout = _expand_first_layer(graph, dense, slots)
+    input_layout = (_expand_first_layer(graph, dense, slots) if layout == "latency"
+                    else {"layout": "replicated"})
+    used = max(min_slots, input_layout.get("blocks", 0) * input_layout.get("block", 0))
+    lanes = slots // next_pow2(used)
     rotations = set()
     for p in dense.values():
         rotations |= p.rotations()
-    # Normalise to (-slots/2, slots/2]: both signs name the same automorphism key.
-    rotations = {normalize_rotation(r, slots) for r in rotations} - {0}
+    # Physical rotation = positions * lanes, normalised to (-slots/2, slots/2]: both
+    # signs name the same automorphism key.
+    rotations = {normalize_rotation(r * lanes, slots) for r in rotations} - {0}
     return HEPlan(params, tuple(sorted(rotations)), depth, levels, dense,
                   graph.input_shape, graph.output_shape, periods[graph.input.name],
-                  periods[graph.output], why, layout)
+                  periods[graph.output], why, input_layout, lanes)
 
 
 def _expand_first_layer(graph: Graph, dense: dict[str, DensePlan], slots: int) -> dict:

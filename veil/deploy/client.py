@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from ..backends.he.layout import encode_input
+from ..backends.he.layout import pack_inputs, unpack_outputs
 from ..backends.he.openfhe_engine import ClientCrypto
 from ..errors import InputError, KeyMismatchError, MissingKeyError, SerializationError
 from ..wire import pack, unpack
@@ -84,26 +84,57 @@ class ModelClient:
             raise KeyMismatchError("this secret key was generated for another model")
         self._crypto.load_keys(key.secret, key.public)
 
-    def encrypt(self, x) -> bytes:
-        """Encrypt one input of the model's input shape. Raises InputError on bad input."""
-        arr = check_input(x, self.input_shape,
-                          self.bundle.input_range if self._check_range else None)
+    @property
+    def lanes(self) -> int:
+        """How many inputs one ciphertext carries (see ``encrypt_batch``)."""
+        return int(self.bundle.manifest.get("lanes", 1))
+
+    def _encrypt_lanes(self, xs: list) -> bytes:
+        rng = self.bundle.input_range if self._check_range else None
+        arrs = [check_input(x, self.input_shape, rng) for x in xs]
         slots = self.bundle.params.slots
-        vec = encode_input(arr, self.bundle.manifest["input"], slots)
-        ct = self._crypto.encrypt(vec)
+        ct = self._crypto.encrypt(pack_inputs(arrs, self.bundle.manifest, slots))
         return pack(CIPHERTEXT_KIND, {"ct": ct}, {
             "model": self.bundle.model_id, "tag": self._crypto.tag, "role": "input",
-            "insecure": self.bundle.params.insecure_test_params})
+            "count": len(arrs), "insecure": self.bundle.params.insecure_test_params})
 
-    def decrypt(self, blob: bytes) -> np.ndarray:
-        """Decrypt a server result into an array of the model's output shape."""
+    def encrypt(self, x) -> bytes:
+        """Encrypt one input of the model's input shape. Raises InputError on bad input."""
+        return self._encrypt_lanes([x])
+
+    def encrypt_batch(self, xs) -> list[bytes]:
+        """Encrypt many inputs, ``lanes`` per ciphertext; returns one blob per ciphertext.
+
+        The server runs each blob exactly like a single input; ``decrypt_batch`` returns
+        the outputs in input order.
+        """
+        xs = list(xs)
+        if not xs:
+            raise InputError("encrypt_batch needs at least one input")
+        return [self._encrypt_lanes(xs[i:i + self.lanes])
+                for i in range(0, len(xs), self.lanes)]
+
+    def _open(self, blob: bytes) -> np.ndarray:
         header, parts = unpack(blob, CIPHERTEXT_KIND)
         if header.get("model") != self.bundle.model_id:
             raise KeyMismatchError("this ciphertext belongs to another model")
-        if header.get("role") != "output" or "ct" not in parts:
+        count = header.get("count")
+        if header.get("role") != "output" or "ct" not in parts or not isinstance(count, int) \
+                or not 1 <= count <= self.lanes:
             raise SerializationError("expected a model output ciphertext")
-        size = int(np.prod(self.bundle.output_shape))
-        return self._crypto.decrypt(parts["ct"], size).reshape(self.bundle.output_shape)
+        values = self._crypto.decrypt(parts["ct"], self.bundle.params.slots)
+        return unpack_outputs(values, self.bundle.manifest, count)
+
+    def decrypt(self, blob: bytes) -> np.ndarray:
+        """Decrypt a server result for one input into an array of the output shape."""
+        out = self._open(blob)
+        if len(out) != 1:
+            raise InputError(f"this ciphertext holds {len(out)} outputs: use decrypt_batch")
+        return out[0]
+
+    def decrypt_batch(self, blobs: list[bytes]) -> np.ndarray:
+        """Decrypt the results of ``encrypt_batch``: shape (inputs, *output shape)."""
+        return np.concatenate([self._open(b) for b in blobs])
 
     def close(self) -> None:
         self._crypto.close()

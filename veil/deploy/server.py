@@ -19,7 +19,8 @@ def _plan_from_manifest(bundle: ServerBundle) -> HEPlan:
                   tuple(m["input"]["shape"]), tuple(m["output"]["shape"]),
                   int(m["input"]["period"]), int(m["output"]["period"]),
                   input_layout={k: v for k, v in m["input"].items()
-                                if k in ("layout", "block", "blocks", "shifts")})
+                                if k in ("layout", "block", "blocks", "shifts")},
+                  lanes=int(m.get("lanes", 1)))
 
 
 class ServerSession:
@@ -38,14 +39,20 @@ class ServerSession:
         header, parts = unpack(ciphertext, CIPHERTEXT_KIND)
         if header.get("model") != self._server.bundle.model_id:
             raise KeyMismatchError("this ciphertext was encrypted for another model")
-        if header.get("role") != "input" or "ct" not in parts:
+        count = header.get("count", 1)
+        if header.get("role") != "input" or "ct" not in parts or not isinstance(count, int) \
+                or not 1 <= count <= self._server.evaluator.plan.lanes:
             raise SerializationError("expected a model input ciphertext")
         ct = self._engine.load(parts["ct"])
         out = self._server.evaluator.run(self._engine, ct)
         return pack(CIPHERTEXT_KIND, {"ct": self._engine.dump(out)},
                     {"model": self._server.bundle.model_id, "tag": self.tag,
-                     "role": "output",
+                     "role": "output", "count": count,
                      "insecure": self._server.bundle.params.insecure_test_params})
+
+    def run_batch(self, ciphertexts: list[bytes]) -> list[bytes]:
+        """Evaluate each ciphertext of ``ModelClient.encrypt_batch``; same order."""
+        return [self.run(ct) for ct in ciphertexts]
 
     def close(self) -> None:
         self._engine.close()

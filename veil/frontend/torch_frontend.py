@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import GraphError, UnsupportedOperation
 from ..ir import Graph, Op
 from . import _layers as ops
+from . import _poly
 from ._builder import BATCH, GraphBuilder, Site, per_channel, per_sample_reshape
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def _trace(model: Any) -> Any:
     import torch.fx
 
     try:
-        return torch.fx.symbolic_trace(model)
+        return _poly.symbolic_trace(model)  # keeps veil_chebyshev() modules as leaves
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
         raise UnsupportedOperation(
             f"torch.fx cannot trace {type(model).__name__}: {exc}. Hint: veil needs a "
@@ -158,7 +159,8 @@ class _Converter:
 
     def _call_module(self, node: Any, mod: Any, args: tuple, kwargs: dict) -> Any:
         site = Site(type(mod).__name__, _KIND[node.op], node.name)
-        handler = next((h for cls, h in self.module_table if isinstance(mod, cls)), None)
+        handler = _poly.handler(mod) or next(
+            (h for cls, h in self.module_table if isinstance(mod, cls)), None)
         if handler is None:
             raise site.error(f"veil supports {ops.SUPPORTED_MODULES}")
         if len(args) != 1 or kwargs:

@@ -13,7 +13,7 @@ import numpy as np
 from ...compiler.plan import DensePlan, HEPlan, diagonal_vectors, normalize_rotation
 from ...errors import CompileError
 from ...ir import Graph, Op
-from .layout import tile
+from .layout import spread, tile
 
 
 class SlotEngine(Protocol):
@@ -34,17 +34,18 @@ class PreparedDense:
     """Diagonals of one dense layer, pre-rotated for baby-step/giant-step evaluation."""
 
     def __init__(self, name: str, matrix: np.ndarray, bias: np.ndarray, plan: DensePlan,
-                 slots: int) -> None:
-        self.name, self.plan, self.slots = name, plan, slots
+                 slots: int, lanes: int = 1) -> None:
+        self.name, self.plan, self.slots, self.lanes = name, plan, slots, lanes
+        positions = slots // lanes
         length = max(plan.in_period, plan.out_period)
         diags = diagonal_vectors(matrix, plan.in_period, plan.out_period)
-        self.bias = tile(bias, plan.out_period, slots)
+        self.bias = spread(tile(bias, plan.out_period, positions), lanes)
         if plan.input_blocks:
             # Client-expanded input: block t already holds rot(x, diagonals[t]).
             pattern = np.zeros(plan.input_blocks * length)
             for t, d in enumerate(plan.diagonals):
                 pattern[t * length:(t + 1) * length] = diags[d % plan.in_period]
-            self.expanded = np.tile(pattern, slots // pattern.size)
+            self.expanded = spread(np.tile(pattern, positions // pattern.size), lanes)
             return
         b = plan.baby_step
         self.groups: dict[int, list[tuple[int, np.ndarray]]] = {}
@@ -52,7 +53,8 @@ class PreparedDense:
             g, r = plan.split(d)
             # rot(rot(diag, -g*b) * rot(x, r), g*b) == diag * rot(x, d)
             vec = np.roll(diags[d % plan.in_period], g * b)  # period `length` block
-            self.groups.setdefault(g, []).append((r, tile(vec, length, slots)))
+            self.groups.setdefault(g, []).append(
+                (r, spread(tile(vec, length, positions), lanes)))
         self.babies = sorted({plan.split(d)[1] for d in plan.diagonals} - {0})
 
     def __call__(self, engine: SlotEngine, ct: Any) -> Any:
@@ -62,7 +64,7 @@ class PreparedDense:
         ct = engine.settle(ct)
         rots = {0: ct}
         if self.babies:
-            keys = [normalize_rotation(r, self.slots) for r in self.babies]
+            keys = [self._rot(r) for r in self.babies]
             hoisted = engine.rotate_hoisted(ct, keys)
             rots.update({r: hoisted[k] for r, k in zip(self.babies, keys)})
         total = None
@@ -72,15 +74,18 @@ class PreparedDense:
                 prod = engine.mul_plain(rots[r], vec, (self.name, g, r))
                 inner = prod if inner is None else engine.add(inner, prod)
             if g:
-                inner = engine.rotate(inner, normalize_rotation(g * self.plan.baby_step,
-                                                                self.slots))
+                inner = engine.rotate(inner, self._rot(g * self.plan.baby_step))
             total = inner if total is None else engine.add(total, inner)
         return self._finish(engine, total, self.plan.fold_steps)
 
     def _finish(self, engine: SlotEngine, total: Any, folds) -> Any:
         for step in folds:
-            total = engine.add(total, engine.rotate(total, normalize_rotation(step, self.slots)))
+            total = engine.add(total, engine.rotate(total, self._rot(step)))
         return engine.add_plain(total, self.bias, (self.name, "bias"))
+
+    def _rot(self, positions: int) -> int:
+        """Slot rotation that moves every lane by ``positions``."""
+        return normalize_rotation(positions * self.lanes, self.slots)
 
 
 class Evaluator:
@@ -94,7 +99,7 @@ class Evaluator:
             if node.op is Op.DENSE:
                 self.dense[node.name] = PreparedDense(
                     node.name, node.params["matrix"], node.params["bias"],
-                    plan.dense[node.name], slots)
+                    plan.dense[node.name], slots, plan.lanes)
             elif node.op not in (Op.INPUT, Op.POLY, Op.ADD):
                 raise CompileError(f"{node.op.value} node {node.name!r} cannot run under HE")
         self._last_use = {src: n.name for n in graph.nodes for src in n.inputs

@@ -27,9 +27,43 @@ def expanded(values: np.ndarray, period: int, block: int, shifts: list[int],
     return np.tile(pattern, slots // pattern.size)
 
 
-def encode_input(values: np.ndarray, spec: dict, slots: int) -> np.ndarray:
-    """Slot vector for one input according to the manifest's ``input`` entry."""
+def encode_input(values: np.ndarray, spec: dict, positions: int) -> np.ndarray:
+    """Position vector for one input according to the manifest's ``input`` entry."""
     if spec.get("layout", "replicated") == "expanded":
         return expanded(values, spec["period"], spec["block"], spec["shifts"],
-                        spec["blocks"], slots)
-    return tile(values, spec["period"], slots)
+                        spec["blocks"], positions)
+    return tile(values, spec["period"], positions)
+
+
+def interleave(vectors: list[np.ndarray], lanes: int) -> np.ndarray:
+    """Slot j holds position j // lanes of lane j % lanes; missing lanes are zero."""
+    positions = vectors[0].size
+    out = np.zeros((positions, lanes))
+    for lane, vec in enumerate(vectors):
+        out[:, lane] = vec
+    return out.reshape(-1)
+
+
+def spread(vector: np.ndarray, lanes: int) -> np.ndarray:
+    """A position vector shared by every lane (weights, biases) in slot order."""
+    return np.repeat(vector, lanes)
+
+
+def lane_outputs(slots: np.ndarray, lanes: int, count: int, size: int) -> np.ndarray:
+    """The first ``size`` positions of the first ``count`` lanes: shape (count, size)."""
+    return slots.reshape(-1, lanes)[:size, :count].T
+
+
+def pack_inputs(xs: list[np.ndarray], manifest: dict, slots: int) -> np.ndarray:
+    """Slot vector carrying up to ``manifest['lanes']`` inputs, one per lane."""
+    lanes = int(manifest.get("lanes", 1))
+    positions = slots // lanes
+    return interleave([encode_input(x, manifest["input"], positions) for x in xs], lanes)
+
+
+def unpack_outputs(values: np.ndarray, manifest: dict, count: int) -> np.ndarray:
+    """Outputs of the first ``count`` lanes, shape (count, *output shape)."""
+    shape = tuple(manifest["output"]["shape"])
+    size = int(np.prod(shape))
+    return lane_outputs(values, int(manifest.get("lanes", 1)), count, size).reshape(
+        (count,) + shape)
