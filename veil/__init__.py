@@ -13,7 +13,7 @@ from .model import CompiledModel, Mode, Report, compile
 
 def __getattr__(name):
     # The roles import OpenFHE; load them only when asked so `import veil` stays light.
-    if name in ("ModelClient", "ModelServer", "EvaluationKeys", "SecretKey"):
+    if name in ("ModelClient", "ModelServer", "EvaluationKeys", "PublicKey", "SecretKey"):
         from . import deploy
 
         return getattr(deploy, name)
@@ -22,5 +22,5 @@ def __getattr__(name):
 
 __all__ = ["BundleError", "CompileError", "CompiledModel", "EngineError", "EvaluationKeys",
            "GraphError", "InputError", "KeyMismatchError", "KeyTypeError", "MissingKeyError",
-           "Mode", "ModeError", "ModelClient", "ModelServer", "Report", "SecretKey",
+           "Mode", "ModeError", "ModelClient", "ModelServer", "PublicKey", "Report", "SecretKey",
            "SerializationError", "UnsupportedOperation", "VeilError", "__version__", "compile"]

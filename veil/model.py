@@ -154,12 +154,24 @@ class CompiledModel:
 
         return ServerBundle(self.result.lowered, self.result.plan.params, self.manifest())
 
-    def export(self, directory: str | os.PathLike) -> tuple[Path, Path]:
-        """Write ``server/`` (graph, weights, manifest) and ``client/`` bundles."""
+    def export(self, directory: str | os.PathLike, *, encrypted_weights: bool = False
+               ) -> tuple[Path, Path]:
+        """Write ``server/`` (graph, weights, manifest) and ``client/`` bundles.
+
+        With ``encrypted_weights=True`` the server bundle holds zeros instead of weights;
+        the model owner then sends ``encrypt_weights(client_public_key)`` to the host.
+        """
         d = Path(directory)
-        self.server_bundle().save(d / "server")
+        server = self.server_bundle()
+        (server.without_weights() if encrypted_weights else server).save(d / "server")
         self.client_bundle().save(d / "client")
         return d / "server", d / "client"
+
+    def encrypt_weights(self, public_key) -> bytes:
+        """Model owner: encrypt this model's weights under a client's public key."""
+        from .deploy.owner import encrypt_weights
+
+        return encrypt_weights(self.server_bundle(), public_key)
 
     # -- report ------------------------------------------------------------------------
     def report(self, data=None, labels=None) -> Report:

@@ -112,10 +112,18 @@ class ServerBundle:
     graph: Graph
     params: CKKSParams
     manifest: dict
+    weights: str = "plain"   # "encrypted": the graph's weights are zeros; see deploy.owner
 
     @property
     def model_id(self) -> str:
         return fingerprint(self.manifest)
+
+    def without_weights(self) -> "ServerBundle":
+        """The host's copy for encrypted-weight mode: every weight replaced by zero."""
+        nodes = [n.replace(params={k: np.zeros_like(v) for k, v in n.params.items()})
+                 for n in self.graph.nodes]
+        return ServerBundle(self.graph.with_nodes(nodes), self.params, self.manifest,
+                            "encrypted")
 
     def save(self, directory: str | os.PathLike) -> None:
         d = Path(directory)
@@ -124,7 +132,7 @@ class ServerBundle:
         doc = {"kind": SERVER_KIND, "format": BUNDLE_FORMAT, "libraries": library_versions(),
                "insecure_test_params": self.params.insecure_test_params,
                "params": self.params.to_dict(), "manifest": self.manifest,
-               "graph": graph_doc}
+               "weights": self.weights, "graph": graph_doc}
         tmp = d / "weights.tmp.npz"
         np.savez(tmp, **arrays)
         os.replace(tmp, d / "weights.npz")
@@ -138,6 +146,7 @@ class ServerBundle:
         try:
             with np.load(d / "weights.npz", allow_pickle=False) as arrays:
                 graph = graph_from_json(data["graph"], {k: arrays[k] for k in arrays.files})
-            return cls(graph, CKKSParams.from_dict(data["params"]), data["manifest"])
+            return cls(graph, CKKSParams.from_dict(data["params"]), data["manifest"],
+                       data.get("weights", "plain"))
         except (OSError, ValueError, KeyError, TypeError, GraphError) as exc:
             raise BundleError(f"server bundle in {d} is malformed: {exc}") from exc

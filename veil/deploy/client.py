@@ -10,7 +10,7 @@ from ..backends.he.openfhe_engine import ClientCrypto
 from ..errors import InputError, KeyMismatchError, MissingKeyError, SerializationError
 from ..wire import pack, unpack
 from .bundle import ClientBundle
-from .keys import CIPHERTEXT_KIND, EvaluationKeys, SecretKey
+from .keys import CIPHERTEXT_KIND, EvaluationKeys, PublicKey, SecretKey
 
 
 def check_input(x, shape: tuple[int, ...], value_range: tuple[float, float] | None
@@ -69,6 +69,11 @@ class ModelClient:
         if self._eval_keys is None:
             raise MissingKeyError("call keygen() before evaluation_keys()")
         return self._eval_keys.to_bytes()
+
+    def public_key(self) -> PublicKey:
+        """The public key, for a model owner who encrypts weights for this client."""
+        return PublicKey(self.bundle.model_id, self._crypto.tag,
+                         self._crypto.public_key_bytes())
 
     def secret_key(self) -> SecretKey:
         return SecretKey(self.bundle.model_id, self._crypto.secret_key_bytes(),

@@ -13,6 +13,8 @@ from ..errors import KeyTypeError, SerializationError
 from ..wire import pack, peek_kind, unpack
 
 EVAL_KEYS_KIND = "veil-evaluation-keys"
+PUBLIC_KEY_KIND = "veil-public-key"
+WEIGHTS_KIND = "veil-encrypted-weights"
 SECRET_KEY_KIND = "veil-secret-key"
 CIPHERTEXT_KIND = "veil-ciphertext"
 
@@ -79,3 +81,25 @@ class SecretKey:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SecretKey":
         return cls.from_bytes(Path(path).read_bytes())
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """A client's public encryption key: lets a model owner encrypt weights for it."""
+
+    model_id: str
+    tag: str
+    key: bytes
+
+    def to_bytes(self) -> bytes:
+        return pack(PUBLIC_KEY_KIND, {"key": self.key}, {"model": self.model_id,
+                                                         "tag": self.tag})
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> "PublicKey":
+        if isinstance(blob, PublicKey):
+            return blob
+        header, parts = unpack(blob, PUBLIC_KEY_KIND)
+        if set(parts) != {"key"} or not isinstance(header.get("tag"), str):
+            raise SerializationError("public key is missing parts")
+        return cls(str(header.get("model")), header["tag"], parts["key"])

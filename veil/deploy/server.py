@@ -6,13 +6,13 @@ import os
 from ..backends.he.evaluator import Evaluator
 from ..backends.he.openfhe_engine import EvaluationSession
 from ..compiler.plan import HEPlan, DensePlan
-from ..errors import KeyMismatchError, KeyTypeError, SerializationError
+from ..errors import KeyMismatchError, KeyTypeError, MissingKeyError, SerializationError
 from ..wire import pack, unpack
 from .bundle import ServerBundle
-from .keys import CIPHERTEXT_KIND, EvaluationKeys, SecretKey
+from .keys import CIPHERTEXT_KIND, WEIGHTS_KIND, EvaluationKeys, SecretKey
 
 
-def _plan_from_manifest(bundle: ServerBundle) -> HEPlan:
+def plan_from_manifest(bundle: ServerBundle) -> HEPlan:
     m = bundle.manifest
     return HEPlan(bundle.params, tuple(m["rotations"]), int(m["depth"]), {},
                   {k: DensePlan.from_dict(v) for k, v in m["layers"].items()},
@@ -26,13 +26,35 @@ def _plan_from_manifest(bundle: ServerBundle) -> HEPlan:
 class ServerSession:
     """One client's evaluation keys loaded for repeated inference. Close it when done."""
 
-    def __init__(self, server: "ModelServer", keys: EvaluationKeys) -> None:
+    def __init__(self, server: "ModelServer", keys: EvaluationKeys,
+                 weights: bytes | None = None) -> None:
         if keys.model_id != server.bundle.model_id:
             raise KeyMismatchError("these evaluation keys were generated for another model")
+        encrypted = server.bundle.weights == "encrypted"
+        if encrypted and weights is None:
+            raise MissingKeyError("this model's weights are encrypted: pass the model "
+                                  "owner's encrypt_weights() output as weights=")
+        if weights is not None and not encrypted:
+            raise SerializationError("this server bundle has plaintext weights; export it "
+                                     "with encrypted_weights=True to use encrypted ones")
         self._server = server
         self.tag = keys.tag
         self._engine = EvaluationSession(server.bundle.params, keys.tag, keys.parts,
                                          server.bundle.manifest["rotations"])
+        if weights is not None:
+            try:
+                self._load_weights(weights)
+            except Exception:
+                self._engine.close()
+                raise
+
+    def _load_weights(self, blob: bytes) -> None:
+        header, parts = unpack(blob, WEIGHTS_KIND)
+        if header.get("model") != self._server.bundle.model_id:
+            raise KeyMismatchError("these encrypted weights belong to another model")
+        if header.get("tag") != self.tag:
+            raise KeyMismatchError("these weights were encrypted for another client")
+        self._engine.load_weights(parts)
 
     def run(self, ciphertext: bytes) -> bytes:
         """Evaluate the model on one input ciphertext; returns the output ciphertext."""
@@ -69,15 +91,20 @@ class ModelServer:
 
     def __init__(self, bundle: str | os.PathLike | ServerBundle) -> None:
         self.bundle = bundle if isinstance(bundle, ServerBundle) else ServerBundle.load(bundle)
-        self.evaluator = Evaluator(self.bundle.graph, _plan_from_manifest(self.bundle))
+        self.evaluator = Evaluator(self.bundle.graph, plan_from_manifest(self.bundle))
 
-    def open_session(self, evaluation_keys: bytes | EvaluationKeys) -> ServerSession:
-        """Load a client's evaluation keys (bytes from ``ModelClient.evaluation_keys``)."""
+    def open_session(self, evaluation_keys: bytes | EvaluationKeys, *,
+                     weights: bytes | None = None) -> ServerSession:
+        """Load a client's evaluation keys (bytes from ``ModelClient.evaluation_keys``).
+
+        ``weights``: for a bundle exported with ``encrypted_weights=True``, the model
+        owner's ``encrypt_weights`` output for this client.
+        """
         if isinstance(evaluation_keys, SecretKey):
             raise KeyTypeError("servers never accept secret keys; send evaluation_keys()")
         keys = (evaluation_keys if isinstance(evaluation_keys, EvaluationKeys)
                 else EvaluationKeys.from_bytes(evaluation_keys))
-        return ServerSession(self, keys)
+        return ServerSession(self, keys, weights)
 
     def run(self, ciphertext: bytes, evaluation_keys: bytes | EvaluationKeys) -> bytes:
         """One-shot inference: load keys, evaluate, drop keys."""

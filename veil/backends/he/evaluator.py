@@ -57,6 +57,16 @@ class PreparedDense:
                 (r, spread(tile(vec, length, positions), lanes)))
         self.babies = sorted({plan.split(d)[1] for d in plan.diagonals} - {0})
 
+    def weight_vectors(self):
+        """Every plaintext vector this layer multiplies or adds, with its cache key."""
+        if self.plan.input_blocks:
+            yield (self.name, "expanded"), self.expanded
+        else:
+            for g, terms in self.groups.items():
+                for r, vec in terms:
+                    yield (self.name, g, r), vec
+        yield (self.name, "bias"), self.bias
+
     def __call__(self, engine: SlotEngine, ct: Any) -> Any:
         if self.plan.input_blocks:
             total = engine.mul_plain(ct, self.expanded, (self.name, "expanded"))
@@ -104,6 +114,11 @@ class Evaluator:
                 raise CompileError(f"{node.op.value} node {node.name!r} cannot run under HE")
         self._last_use = {src: n.name for n in graph.nodes for src in n.inputs
                           if src != graph.output}
+
+    def weight_vectors(self):
+        """(cache key, slot vector) of every weight the evaluation uses, in graph order."""
+        for layer in self.dense.values():
+            yield from layer.weight_vectors()
 
     def run(self, engine: SlotEngine, ct: Any) -> Any:
         values = {self.graph.input.name: ct}

@@ -169,6 +169,30 @@ class ClientCrypto:
         self.close()
 
 
+def weight_key(cache_key: tuple) -> str:
+    """Stable text name of an evaluator cache key (used on the wire for weights)."""
+    return "/".join(str(k) for k in cache_key)
+
+
+class WeightEncryptor:
+    """Model owner's side of encrypted weights: encrypts under a client's public key."""
+
+    def __init__(self, params: CKKSParams, public_key: bytes) -> None:
+        self.cc = build_context(params)
+        try:
+            self._public = ofhe.DeserializePublicKeyString(public_key, ofhe.BINARY)
+        except (RuntimeError, TypeError) as exc:
+            raise SerializationError("public key bytes could not be decoded") from exc
+
+    @property
+    def tag(self) -> str:
+        return self._public.GetKeyTag()
+
+    def encrypt(self, values: np.ndarray) -> bytes:
+        pt = self.cc.MakeCKKSPackedPlaintext(np.ascontiguousarray(values, dtype=np.float64))
+        return bytes(serialize_ciphertext(self.cc.Encrypt(self._public, pt)))
+
+
 class EvaluationSession:
     """Server side: evaluation keys of one client under one tag, and the HE operations.
 
@@ -181,6 +205,7 @@ class EvaluationSession:
         self.params, self.tag, self.slots = params, tag, params.slots
         self.cc = build_context(params)
         self._plaintexts: dict[tuple, Any] = {}
+        self._weights: dict[str, Any] | None = None
         self._closed = False
         with _KEYMAP_LOCK:
             if tag in self.cc.GetAllEvalMultKeys():
@@ -226,6 +251,25 @@ class EvaluationSession:
     def dump(self, ct) -> bytes:
         return bytes(serialize_ciphertext(ct))
 
+    def load_weights(self, weights: dict[str, bytes]) -> None:
+        """Use encrypted weights (model owner's ciphertexts under this client's key)
+        instead of plaintext vectors: products become ciphertext x ciphertext."""
+        loaded = {}
+        for key, blob in weights.items():
+            ct = deserialize_ciphertext(blob)
+            if ct.GetKeyTag() != self.tag:
+                raise KeyMismatchError("the encrypted weights were encrypted for another "
+                                       "client's public key")
+            loaded[key] = self._native(self.cc.Compress, ct, 1 << 10)
+        self._weights = loaded
+
+    def _weight(self, cache_key: tuple | None):
+        try:
+            return self._weights[weight_key(cache_key)]
+        except (KeyError, TypeError):
+            raise MissingKeyError(f"the encrypted weights lack {cache_key}: encrypt them "
+                                  "from this exact compiled model") from None
+
     # -- SlotEngine -----------------------------------------------------------------------
     def _encode(self, values: np.ndarray, like, cache_key: tuple | None):
         key = None
@@ -244,9 +288,13 @@ class EvaluationSession:
         return self._native(self.cc.EvalAdd, a, b)
 
     def add_plain(self, a, values, cache_key=None):
+        if self._weights is not None:
+            return self._native(self.cc.EvalAdd, a, self._weight(cache_key))
         return self._native(self.cc.EvalAdd, a, self._encode(values, a, cache_key))
 
     def mul_plain(self, a, values, cache_key=None):
+        if self._weights is not None:
+            return self._native(self.cc.EvalMult, a, self._weight(cache_key))
         return self._native(self.cc.EvalMult, a, self._encode(values, a, cache_key))
 
     def settle(self, a):
