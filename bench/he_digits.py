@@ -26,6 +26,8 @@ TARGET_S = {"digits CNN": 1.0, "digits MLP": 0.5}
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=360, help="test images run encrypted")
+    ap.add_argument("--n-encrypted-weights", type=int, default=50,
+                    help="test images run in encrypted-weight mode")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
 
@@ -43,14 +45,17 @@ def main(argv=None) -> int:
         print(f"{name}: depth {compiled.report().depth}, running {args.n} images encrypted "
               f"one by one, then {args.n} in ciphertexts of {batched.report().lanes}",
               flush=True)
-        results.append(measure(name, compiled, xte, yte, args.n, batched, args.n))
+        results.append(measure(name, compiled, xte, yte, args.n, batched, args.n,
+                               args.n_encrypted_weights))
     lines = [table(results), "",
              "peak RSS: client and server roles in one worker process (keygen dominates).",
              "", "| model | veil end-to-end s | target s | peer | peer s | speed-up "
              "| he acc - plain acc (same images) | max rel. error vs simulate (target 2^-16) "
-             "| batched images/s |", "|---|---|---|---|---|---|---|---|---|"]
+             "| batched images/s | encrypted-weights end-to-end s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         he = next(row for row in r["rows"] if row["mode"] == "he")
+        enc = next((row for row in r["rows"] if row.get("encrypted_weights")), None)
         batch = next(row for row in r["rows"] if row.get("batch"))
         he["batch_throughput_per_s"] = batch["throughput_per_s"]
         peer, peer_s = PEERS[r["model"]]
@@ -59,7 +64,8 @@ def main(argv=None) -> int:
         lines.append(f"| {r['model']} | {he['latency_s']:.3f} | < {TARGET_S[r['model']]} | "
                      f"{peer} | {peer_s} | {peer_s / he['latency_s']:.1f}x | "
                      f"{delta * 100:+.2f} pt | 2^{np.log2(he['max_rel_error_vs_simulate']):.1f} | "
-                     f"{batch['throughput_per_s']:.0f} |")
+                     f"{batch['throughput_per_s']:.0f} | "
+                     + (f"{enc['latency_s']:.3f} |" if enc else "- |"))
     env = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "python": platform.python_version(),
            "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
            "veil": veil.__version__}

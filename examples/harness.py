@@ -18,24 +18,31 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits.reshape(len(labels), -1), axis=1) == labels))
 
 
-def run_he_worker(compiled, xs: np.ndarray, how: str = "single") -> dict:
+def run_he_worker(compiled, xs: np.ndarray, how: str = "single",
+                  encrypted_weights: bool = False) -> dict:
     """Export bundles to separate folders and run client+server in a fresh process."""
     with tempfile.TemporaryDirectory() as tmp:
-        server_dir, client_dir = compiled.export(tmp)
+        server_dir, client_dir = compiled.export(tmp, encrypted_weights=encrypted_weights)
+        owner = ""
+        if encrypted_weights:
+            owner = str(Path(tmp) / "owner")
+            compiled.server_bundle().save(owner)
         np.save(Path(tmp) / "inputs.npy", np.asarray(xs, dtype=np.float64))
         out = Path(tmp) / "result.json"
         subprocess.run([sys.executable, str(HERE / "he_worker.py"), str(client_dir),
-                        str(server_dir), str(Path(tmp) / "inputs.npy"), str(out), how],
+                        str(server_dir), str(Path(tmp) / "inputs.npy"), str(out), how,
+                        owner],
                        check=True, env=dict(os.environ))
         return json.loads(out.read_text())
 
 
 def measure(name: str, compiled, x_test: np.ndarray, y_test: np.ndarray, n_he: int,
-            throughput=None, n_batch: int = 0) -> dict:
+            throughput=None, n_batch: int = 0, n_encrypted: int = 0) -> dict:
     """Accuracy and per-stage costs for plain, simulate and he on one model.
 
     ``throughput``: the same model compiled with ``layout="throughput"``; its batched
-    run over ``n_batch`` inputs gives the amortised cost per input.
+    run over ``n_batch`` inputs gives the amortised cost per input. ``n_encrypted``
+    inputs also run in encrypted-weight mode.
     """
     rows = []
     for mode in ("plain", "simulate"):
@@ -48,21 +55,26 @@ def measure(name: str, compiled, x_test: np.ndarray, y_test: np.ndarray, n_he: i
     rows.append(_single_row(compiled, x_test[:n_he], y_test[:n_he]))
     if throughput is not None and n_batch:
         rows.append(_batch_row(throughput, x_test[:n_batch], y_test[:n_batch]))
+    if n_encrypted:
+        rows.append(_single_row(compiled, x_test[:n_encrypted], y_test[:n_encrypted],
+                                encrypted_weights=True))
     report = compiled.report()
     return {"model": name, "rows": rows, "params": report.params, "depth": report.depth,
             "rotation_keys": len(report.rotations)}
 
 
-def _single_row(compiled, xs, ys) -> dict:
+def _single_row(compiled, xs, ys, encrypted_weights: bool = False) -> dict:
     n = len(xs)
-    he = run_he_worker(compiled, xs, "single")
+    he = run_he_worker(compiled, xs, "single", encrypted_weights)
     he_logits = np.array(he["outputs"])
     sim = compiled.run(xs, "simulate").reshape(n, -1)
     plain = compiled.run(xs, "plain").reshape(n, -1)
     med = {k: float(np.median(he[k])) for k in ("encrypt_s", "eval_s", "decrypt_s")}
     e2e = np.array(he["encrypt_s"]) + np.array(he["eval_s"]) + np.array(he["decrypt_s"])
     return {
-        "mode": "he", "n": n, "accuracy": _accuracy(he_logits, ys),
+        "mode": "he, encrypted weights" if encrypted_weights else "he", "n": n,
+        "encrypted_weights": encrypted_weights, "weight_bytes": he["weight_bytes"],
+        "weight_encrypt_s": he["weight_encrypt_s"], "accuracy": _accuracy(he_logits, ys),
         "plain_accuracy_same_images": _accuracy(plain, ys),
         "argmax_agreement_with_simulate": float(np.mean(he_logits.argmax(1) == sim.argmax(1))),
         "max_rel_error_vs_simulate": float(np.max(np.abs(he_logits - sim)

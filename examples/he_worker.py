@@ -56,9 +56,14 @@ def _batch(client, session, xs) -> dict:
 
 
 def main(client_dir: str, server_dir: str, inputs_path: str, out_path: str,
-         how: str = "single") -> None:
-    """``how``: "single" (one input per ciphertext, timed each) or "batch" (all lanes)."""
+         how: str = "single", owner_dir: str = "") -> None:
+    """``how``: "single" (one input per ciphertext, timed each) or "batch" (all lanes).
+
+    With ``owner_dir`` (the model owner's plaintext server bundle), the server bundle is
+    an encrypted-weight one and the owner encrypts the weights for this client.
+    """
     from veil import ModelClient, ModelServer
+    from veil.deploy import ServerBundle, encrypt_weights
 
     xs = np.load(inputs_path, allow_pickle=False)
     client, server = ModelClient(client_dir), ModelServer(server_dir)
@@ -66,15 +71,19 @@ def main(client_dir: str, server_dir: str, inputs_path: str, out_path: str,
     client.keygen()
     keys = client.evaluation_keys()
     t1 = time.perf_counter()
-    session = server.open_session(keys)
+    weights = (encrypt_weights(ServerBundle.load(owner_dir), client.public_key())
+               if owner_dir else None)
+    tw = time.perf_counter()
+    session = server.open_session(keys, weights=weights)
     t2 = time.perf_counter()
     result = (_batch if how == "batch" else _single)(client, session, xs)
     session.close()
-    result.update(keygen_s=t1 - t0, session_s=t2 - t1, eval_key_bytes=len(keys),
+    result.update(keygen_s=t1 - t0, session_s=t2 - tw, eval_key_bytes=len(keys),
+                  weight_encrypt_s=tw - t1, weight_bytes=len(weights or b""),
                   lanes=client.lanes, peak_rss_bytes=peak_rss_bytes())
     with open(out_path, "w") as fh:
         json.dump(result, fh)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:6])
+    main(*sys.argv[1:7])
