@@ -252,3 +252,36 @@ def test_throughput_layout_trades_expansion_for_lanes(rng):
     assert wide.manifest()["input"]["layout"] == "replicated"
     with pytest.raises(CompileError, match="layout"):
         plan_he(g, layout="fastest")
+
+
+def test_im2col_first_conv_is_exact_and_cuts_rotations(rng):
+    """A strided 5x5 convolution on 28x28: the client sends patches, the server rotates less."""
+    i = make_node("input", Op.INPUT, [], [], {"shape": (1, 28, 28)})
+    c = make_node("c", Op.CONV2D, ["input"], [(1, 28, 28)], {"stride": (2, 2), "padding": (1, 1)},
+                  {"weight": rng.normal(size=(5, 1, 5, 5)), "bias": rng.normal(size=5)})
+    s = make_node("s", Op.SQUARE, ["c"], [c.shape])
+    f = make_node("f", Op.RESHAPE, ["s"], [c.shape], {"shape": (845,)})
+    o = make_node("o", Op.LINEAR, ["f"], [(845,)], {},
+                  {"weight": rng.normal(size=(10, 845)) * 0.05, "bias": rng.normal(size=10)})
+    g = Graph((i, c, s, f, o), "o")
+    res = compile_graph(g, rng.uniform(0, 1, size=(8, 1, 28, 28)))
+    assert res.lowered.ops()[:3] == [Op.INPUT, Op.GATHER, Op.DENSE]
+    assert any("im2col" in m for n in res.notes for m in n.messages)
+    x = rng.uniform(0, 1, size=(3, 1, 28, 28))
+    np.testing.assert_allclose(run(res.lowered, x), run(res.polynomial, x), atol=1e-8)
+    manifest = res.plan.manifest()
+    assert "gather" in manifest["input"]
+    eng = NumpySlotEngine(res.plan.params.slots, set(res.plan.rotations))
+    out = Evaluator(res.lowered, res.plan).run(
+        eng, pack_inputs([x[0]], manifest, res.plan.params.slots))
+    np.testing.assert_allclose(unpack_outputs(out, manifest, 1)[0], run(res.lowered, x[:1])[0],
+                               atol=1e-8)
+
+
+def test_gather_is_client_side_only(rng):
+    i = make_node("input", Op.INPUT, [], [], {"shape": (4,)})
+    d = make_node("d", Op.DENSE, ["input"], [(4,)], {"shape": (4,)},
+                  {"matrix": np.eye(4), "bias": np.zeros(4)})
+    gth = make_node("g", Op.GATHER, ["d"], [(4,)], {"indices": (3, 2, -1, 0)})
+    with pytest.raises(CompileError, match="only the client"):
+        plan_he(Graph((i, d, gth), "g"))

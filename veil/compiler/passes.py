@@ -145,3 +145,57 @@ def fold_poly_domain(graph: Graph) -> tuple[Graph, PassNote]:
         note.messages.append(f"range map of {node.name!r} folded into {src.name!r} "
                              "(one level saved)")
     return graph.with_nodes(replaced.get(n.name, n) for n in graph.nodes), note
+
+
+def _im2col_indices(in_shape, kernel, stride, padding) -> np.ndarray:
+    """For each (kernel offset k, output position p), the input pixel it reads, or -1."""
+    ci, h, w = in_shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    c, dr, dc, r, q = np.meshgrid(np.arange(ci), np.arange(kh), np.arange(kw),
+                                  np.arange(ho), np.arange(wo), indexing="ij")
+    row, col = r * sh + dr - ph, q * sw + dc - pw
+    inside = (row >= 0) & (row < h) & (col >= 0) & (col < w)
+    return np.where(inside, (c * h + row) * w + col, -1).reshape(-1)
+
+
+def im2col_first_conv(graph: Graph, *, max_values: int = 1 << 14) -> tuple[Graph, PassNote]:
+    """Let the client lay out the first convolution's input patches (im2col).
+
+    The client holds its input in the clear, so it can send ``x`` gathered into
+    (kernel offset, output position) order. The convolution then maps patch k of every
+    position with one weight per (output channel, k): a matrix with one non-zero
+    diagonal per (k - c) pair instead of one per distinct pixel offset, which for
+    strided convolutions cuts the rotations by an order of magnitude. Applied only
+    when the input feeds one CONV2D, the patches fit in ``max_values``, and the
+    rotation count at least halves.
+    """
+    from .plan import plan_dense  # planning helpers; a pure module with no backend
+
+    note = PassNote("im2col_first_conv")
+    readers = graph.consumers(graph.input.name)
+    if len(readers) != 1 or readers[0].op is not Op.CONV2D:
+        return graph, note
+    conv = readers[0]
+    w = conv.params["weight"]
+    idx = _im2col_indices(graph.input_shape, w.shape[2:], conv.attrs["stride"],
+                          conv.attrs["padding"])
+    positions = int(np.prod(conv.shape[1:]))
+    if idx.size > max_values:
+        return graph, note
+    patch = np.kron(w.reshape(w.shape[0], -1), np.eye(positions))
+    bias = np.repeat(conv.params["bias"], positions)
+    direct = _dense_from_chain([conv], {n.name: n.shape for n in graph.nodes})
+    before = len(plan_dense(direct.params["matrix"]).rotations())
+    after = len(plan_dense(patch).rotations())
+    if after * 2 > before:
+        return graph, note
+    gather = Node("input_im2col", Op.GATHER, (graph.input.name,), (idx.size,),
+                  {"indices": tuple(int(i) for i in idx)})
+    dense = Node(conv.name, Op.DENSE, (gather.name,), conv.shape,
+                 {"shape": conv.shape, "source": (conv.name,)},
+                 {"matrix": patch, "bias": bias})
+    nodes = [graph.input, gather, dense] + [n for n in graph.nodes[1:] if n is not conv]
+    note.messages.append(f"first convolution {conv.name!r}: the client sends im2col "
+                         f"patches ({idx.size} values); rotations {before} -> {after}")
+    return graph.with_nodes(nodes), note

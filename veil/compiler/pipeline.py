@@ -8,13 +8,14 @@ import numpy as np
 from ..errors import CompileError
 from ..ir import Graph
 from .approx import DEFAULT_DEGREE, DEFAULT_MARGIN, ActivationReport, approximate_activations
-from .passes import PassNote, fold_batchnorm, fold_poly_domain, linearize, replace_maxpool
+from .passes import (PassNote, fold_batchnorm, fold_poly_domain, im2col_first_conv,
+                     linearize, replace_maxpool)
 from .plan import HEPlan, plan_he
 
 # The order is the contract: structural rewrites, then the calibrated approximation,
 # then lowering, then planning. Each step is a pure function of its inputs.
-PASSES = ("fold_batchnorm", "replace_maxpool", "approximate_activations", "linearize",
-          "fold_poly_domain", "plan_he")
+PASSES = ("fold_batchnorm", "replace_maxpool", "approximate_activations",
+          "im2col_first_conv", "linearize", "fold_poly_domain", "plan_he")
 
 
 @dataclass
@@ -44,8 +45,9 @@ def compile_graph(graph: Graph, calibration: np.ndarray, *,
     g, bn_note = fold_batchnorm(graph)
     g, pool_note = replace_maxpool(g)
     poly, reports = approximate_activations(g, calibration, degree=degree, margin=margin)
-    lowered, lin_note = linearize(poly)
+    patched, col_note = im2col_first_conv(poly)
+    lowered, lin_note = linearize(patched)
     lowered, dom_note = fold_poly_domain(lowered)
     plan = plan_he(lowered, insecure_test_params=insecure_test_params, layout=layout)
     return CompileResult(graph, poly, lowered, plan, reports,
-                         [bn_note, pool_note, lin_note, dom_note])
+                         [bn_note, pool_note, col_note, lin_note, dom_note])

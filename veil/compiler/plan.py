@@ -249,10 +249,12 @@ def plan_he(graph: Graph, *, insecure_test_params: bool = False,
         raise CompileError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     levels: dict[str, int] = {}
     dense: dict[str, DensePlan] = {}
+    entry = _client_entry(graph)
     periods = {graph.input.name: next_pow2(int(np.prod(graph.input_shape)))}
     for node in graph.nodes:
-        if node.op is Op.INPUT:
+        if node.op is Op.INPUT or node is entry:
             levels[node.name] = 0
+            periods[node.name] = next_pow2(int(np.prod(node.shape)))
             continue
         base = max(levels[s] for s in node.inputs)
         if node.op is Op.DENSE:
@@ -271,8 +273,10 @@ def plan_he(graph: Graph, *, insecure_test_params: bool = False,
     min_slots = max(max(periods.values()), *(p.in_period for p in dense.values()), 1)
     params, why = select_params(depth, min_slots, insecure_test_params=insecure_test_params)
     slots = params.slots
-    input_layout = (_expand_first_layer(graph, dense, slots) if layout == "latency"
+    input_layout = (_expand_first_layer(graph, entry, dense, slots) if layout == "latency"
                     else {"layout": "replicated"})
+    if entry.op is Op.GATHER:
+        input_layout["gather"] = list(entry.attrs["indices"])
     used = max(min_slots, input_layout.get("blocks", 0) * input_layout.get("block", 0))
     lanes = slots // next_pow2(used)
     rotations = set()
@@ -282,18 +286,31 @@ def plan_he(graph: Graph, *, insecure_test_params: bool = False,
     # signs name the same automorphism key.
     rotations = {normalize_rotation(r * lanes, slots) for r in rotations} - {0}
     return HEPlan(params, tuple(sorted(rotations)), depth, levels, dense,
-                  graph.input_shape, graph.output_shape, periods[graph.input.name],
+                  graph.input_shape, graph.output_shape, periods[entry.name],
                   periods[graph.output], why, input_layout, lanes)
 
 
-def _expand_first_layer(graph: Graph, dense: dict[str, DensePlan], slots: int) -> dict:
+def _client_entry(graph: Graph):
+    """The node whose value the client encrypts: the input, or a GATHER right after it
+    (the client applies the gather to its own input); a GATHER anywhere else cannot run."""
+    readers = graph.consumers(graph.input.name)
+    entry = readers[0] if len(readers) == 1 and readers[0].op is Op.GATHER else graph.input
+    for node in graph.nodes:
+        if node.op is Op.GATHER and node is not entry:
+            raise CompileError(f"gather {node.name!r} is not on the input; only the client "
+                               "can rearrange values")
+    return entry
+
+
+def _expand_first_layer(graph: Graph, entry, dense: dict[str, DensePlan], slots: int
+                        ) -> dict:
     """Let the client pre-rotate its input for the first dense layer when that is cheaper.
 
     With block t of the input holding rot(x, d_t) for each non-zero diagonal d_t, the
     layer costs one product and log2(blocks) fold rotations instead of its baby and giant
     steps. Only when the input feeds that layer alone and the blocks fit in the slots.
     """
-    readers = graph.consumers(graph.input.name)
+    readers = graph.consumers(entry.name)
     if len(readers) != 1 or readers[0].op is not Op.DENSE:
         return {"layout": "replicated"}
     name, plan = readers[0].name, dense[readers[0].name]

@@ -19,7 +19,7 @@ def plan_from_manifest(bundle: ServerBundle) -> HEPlan:
                   tuple(m["input"]["shape"]), tuple(m["output"]["shape"]),
                   int(m["input"]["period"]), int(m["output"]["period"]),
                   input_layout={k: v for k, v in m["input"].items()
-                                if k in ("layout", "block", "blocks", "shifts")},
+                                if k in ("layout", "block", "blocks", "shifts", "gather")},
                   lanes=int(m.get("lanes", 1)))
 
 

@@ -34,6 +34,7 @@ class Op(str, enum.Enum):
     ADD = "add"                # elementwise sum of two inputs of equal shape
     DENSE = "dense"            # lowered linear map: y = M @ x.ravel() + b, attrs shape
     POLY = "poly"              # Chebyshev series on [lo, hi]; attrs coeffs, lo, hi, source
+    GATHER = "gather"          # y[i] = x.ravel()[indices[i]] (0 where index < 0)
 
 
 ACTIVATIONS = frozenset({Op.RELU, Op.GELU, Op.SILU, Op.SIGMOID, Op.TANH, Op.SQUARE})
@@ -168,6 +169,11 @@ def infer_shape(op: Op, in_shapes: list[tuple[int, ...]], attrs: Mapping[str, An
         if in_shapes[0] != in_shapes[1]:
             raise GraphError(f"add of mismatched shapes {in_shapes[0]} and {in_shapes[1]}")
         return x
+    if op is Op.GATHER:
+        idx = attrs["indices"]
+        if any(i >= int(np.prod(x)) for i in idx):
+            raise GraphError(f"gather index out of range for input {x}")
+        return (len(idx),)
     if op is Op.DENSE:
         m = params["matrix"]
         if m.shape[1] != int(np.prod(x)) or int(np.prod(attrs["shape"])) != m.shape[0]:

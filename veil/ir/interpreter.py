@@ -90,6 +90,10 @@ def eval_node(node: Node, args: list[np.ndarray]) -> np.ndarray:
         return y.reshape((batch,) + tuple(a["shape"]))
     if op is Op.POLY:
         return cheb_eval(x, a["coeffs"], a["lo"], a["hi"])
+    if op is Op.GATHER:
+        idx = np.asarray(a["indices"], dtype=np.int64)
+        flat = np.concatenate([x.reshape(batch, -1), np.zeros((batch, 1))], axis=1)
+        return flat[:, np.where(idx < 0, flat.shape[1] - 1, idx)]
     raise GraphError(f"the interpreter has no rule for {op}")
 
 

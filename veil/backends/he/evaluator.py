@@ -110,7 +110,7 @@ class Evaluator:
                 self.dense[node.name] = PreparedDense(
                     node.name, node.params["matrix"], node.params["bias"],
                     plan.dense[node.name], slots, plan.lanes)
-            elif node.op not in (Op.INPUT, Op.POLY, Op.ADD):
+            elif node.op not in (Op.INPUT, Op.POLY, Op.ADD, Op.GATHER):
                 raise CompileError(f"{node.op.value} node {node.name!r} cannot run under HE")
         self._last_use = {src: n.name for n in graph.nodes for src in n.inputs
                           if src != graph.output}
@@ -124,7 +124,9 @@ class Evaluator:
         values = {self.graph.input.name: ct}
         for node in self.graph.nodes[1:]:
             args = [values[s] for s in node.inputs]
-            if node.op is Op.DENSE:
+            if node.op is Op.GATHER:
+                out = args[0]  # the client encrypted the gathered vector (plan_he checks)
+            elif node.op is Op.DENSE:
                 out = self.dense[node.name](engine, args[0])
             elif node.op is Op.POLY:
                 out = engine.chebyshev(args[0], np.asarray(node.attrs["coeffs"]),

@@ -29,6 +29,10 @@ def expanded(values: np.ndarray, period: int, block: int, shifts: list[int],
 
 def encode_input(values: np.ndarray, spec: dict, positions: int) -> np.ndarray:
     """Position vector for one input according to the manifest's ``input`` entry."""
+    if "gather" in spec:  # client-side im2col: the first convolution's patches
+        idx = np.asarray(spec["gather"], dtype=np.int64)
+        flat = np.append(np.ravel(values), 0.0)
+        values = flat[np.where(idx < 0, flat.size - 1, idx)]
     if spec.get("layout", "replicated") == "expanded":
         return expanded(values, spec["period"], spec["block"], spec["shifts"],
                         spec["blocks"], positions)
