@@ -285,3 +285,24 @@ def test_gather_is_client_side_only(rng):
     gth = make_node("g", Op.GATHER, ["d"], [(4,)], {"indices": (3, 2, -1, 0)})
     with pytest.raises(CompileError, match="only the client"):
         plan_he(Graph((i, d, gth), "g"))
+
+
+def test_fold_quadratic_costs_one_level_and_keeps_values(rng):
+    i = make_node("input", Op.INPUT, [], [], {"shape": (16,)})
+    a = make_node("a", Op.LINEAR, ["input"], [(16,)], {},
+                  {"weight": rng.normal(size=(32, 16)), "bias": rng.normal(size=32)})
+    s = make_node("s", Op.SQUARE, ["a"], [(32,)])
+    b = make_node("b", Op.LINEAR, ["s"], [(32,)], {},
+                  {"weight": rng.normal(size=(4, 32)), "bias": rng.normal(size=4)})
+    g = Graph((i, a, s, b), "b")
+    res = compile_graph(g, rng.normal(size=(64, 16)))
+    assert Op.SQUARE in res.lowered.ops() and Op.POLY not in res.lowered.ops()
+    assert res.plan.depth == 3                      # dense, square, dense
+    x = rng.normal(size=(5, 16))
+    np.testing.assert_allclose(run(res.lowered, x), run(g, x), rtol=1e-9, atol=1e-9)
+    manifest = res.plan.manifest()
+    eng = NumpySlotEngine(res.plan.params.slots, set(res.plan.rotations))
+    out = Evaluator(res.lowered, res.plan).run(
+        eng, pack_inputs([x[0]], manifest, res.plan.params.slots))
+    np.testing.assert_allclose(unpack_outputs(out, manifest, 1)[0], run(g, x[:1])[0],
+                               rtol=1e-9, atol=1e-9)

@@ -79,3 +79,18 @@ def test_insecure_params_are_opt_in_and_recorded(tmp_path, rng):
     assert keys.insecure_test_params
     assert unpack(client.encrypt(cal[0]), "veil-ciphertext")[0]["insecure"] is True
     _check(toy, cal[:2])
+
+
+def test_square_activation_model_at_low_depth(rng):
+    """x*x activations run as single squarings: depth 1 per layer, a smaller ring."""
+    class Sq(nn.Module):
+        def forward(self, x):
+            return x * x
+
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(30, 16), Sq(), nn.Linear(16, 2)).eval()
+    cal = rng.normal(size=(64, 30))
+    compiled = veil.compile(model, cal)
+    report = compiled.report()
+    assert report.depth == 3 and report.params["ring_dim"] == 8192
+    _check(compiled, cal[:2])

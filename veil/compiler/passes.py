@@ -199,3 +199,41 @@ def im2col_first_conv(graph: Graph, *, max_values: int = 1 << 14) -> tuple[Graph
     note.messages.append(f"first convolution {conv.name!r}: the client sends im2col "
                          f"patches ({idx.size} values); rotations {before} -> {after}")
     return graph.with_nodes(nodes), note
+
+
+def fold_quadratic(graph: Graph) -> tuple[Graph, PassNote]:
+    """Evaluate a degree-2 POLY as one squaring: 1 level instead of OpenFHE's 2.
+
+    On [-1, 1], p(t) = c0 + c1 t + c2 (2t^2 - 1) = a t^2 + b t + c with a = 2 c2. With
+    u = sqrt|a| (t + b / 2a), p = sign(a) u^2 + (c - b^2 / 4a): the scale and shift
+    of u fold into the DENSE before, sign(a) and the constant into every DENSE after,
+    leaving a bare SQUARE (CryptoNets' square activation, Gilad-Bachrach et al. 2016).
+    """
+    note = PassNote("fold_quadratic")
+    by_name = {n.name: n for n in graph.nodes}
+    new: dict[str, Node] = {}
+    for node in graph.nodes:
+        if (node.op is not Op.POLY or len(node.attrs["coeffs"]) != 3
+                or (node.attrs["lo"], node.attrs["hi"]) != (-1.0, 1.0)):
+            continue
+        src, readers = by_name[node.inputs[0]], graph.consumers(node.name)
+        if (src.op is not Op.DENSE or len(graph.consumers(src.name)) != 1 or not readers
+                or node.name == graph.output
+                or any(r.op is not Op.DENSE or r.name in new for r in readers)):
+            continue
+        c0, c1, c2 = node.attrs["coeffs"]
+        a, b, c = 2.0 * c2, c1, c0 - c2
+        if abs(a) < 1e-12:
+            continue
+        root, sign, shift = np.sqrt(abs(a)), np.sign(a), b / (2.0 * a)
+        const = c - b * b / (4.0 * a)
+        new[src.name] = src.replace(params={"matrix": src.params["matrix"] * root,
+                                            "bias": (src.params["bias"] + shift) * root})
+        new[node.name] = Node(node.name, Op.SQUARE, node.inputs, node.shape,
+                              {"source": node.attrs.get("source", "poly")})
+        for r in readers:
+            m = r.params["matrix"]
+            new[r.name] = r.replace(params={"matrix": m * sign,
+                                            "bias": r.params["bias"] + const * m.sum(axis=1)})
+        note.messages.append(f"quadratic {node.name!r} evaluated as one squaring")
+    return graph.with_nodes(new.get(n.name, n) for n in graph.nodes), note

@@ -8,14 +8,14 @@ import numpy as np
 from ..errors import CompileError
 from ..ir import Graph
 from .approx import DEFAULT_DEGREE, DEFAULT_MARGIN, ActivationReport, approximate_activations
-from .passes import (PassNote, fold_batchnorm, fold_poly_domain, im2col_first_conv,
-                     linearize, replace_maxpool)
+from .passes import (PassNote, fold_batchnorm, fold_poly_domain, fold_quadratic,
+                     im2col_first_conv, linearize, replace_maxpool)
 from .plan import HEPlan, plan_he
 
 # The order is the contract: structural rewrites, then the calibrated approximation,
 # then lowering, then planning. Each step is a pure function of its inputs.
 PASSES = ("fold_batchnorm", "replace_maxpool", "approximate_activations",
-          "im2col_first_conv", "linearize", "fold_poly_domain", "plan_he")
+          "im2col_first_conv", "linearize", "fold_poly_domain", "fold_quadratic", "plan_he")
 
 
 @dataclass
@@ -24,7 +24,7 @@ class CompileResult:
 
     source: Graph            # as the frontend produced it: the `plain` reference
     polynomial: Graph        # activations replaced by polynomials: what `simulate` runs
-    lowered: Graph           # INPUT / DENSE / POLY / ADD only: what HE runs
+    lowered: Graph           # INPUT / GATHER / DENSE / POLY / SQUARE / ADD: what HE runs
     plan: HEPlan
     activations: list[ActivationReport] = field(default_factory=list)
     notes: list[PassNote] = field(default_factory=list)
@@ -48,6 +48,7 @@ def compile_graph(graph: Graph, calibration: np.ndarray, *,
     patched, col_note = im2col_first_conv(poly)
     lowered, lin_note = linearize(patched)
     lowered, dom_note = fold_poly_domain(lowered)
+    lowered, quad_note = fold_quadratic(lowered)
     plan = plan_he(lowered, insecure_test_params=insecure_test_params, layout=layout)
     return CompileResult(graph, poly, lowered, plan, reports,
-                         [bn_note, pool_note, col_note, lin_note, dom_note])
+                         [bn_note, pool_note, col_note, lin_note, dom_note, quad_note])

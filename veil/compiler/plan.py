@@ -265,6 +265,8 @@ def plan_he(graph: Graph, *, insecure_test_params: bool = False,
                                                        node.attrs["lo"], node.attrs["hi"])
         elif node.op is Op.ADD:
             levels[node.name] = base
+        elif node.op is Op.SQUARE:
+            levels[node.name] = base + 1
         else:
             raise CompileError(f"{node.op.value} node {node.name!r} was not lowered; "
                                "run the linearize pass before planning")

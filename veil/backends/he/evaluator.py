@@ -28,6 +28,7 @@ class SlotEngine(Protocol):
     def rotate_hoisted(self, a: Any, ks: list[int]) -> dict[int, Any]: ...
     def settle(self, a: Any) -> Any: ...
     def chebyshev(self, a: Any, coeffs: np.ndarray, lo: float, hi: float) -> Any: ...
+    def square(self, a: Any) -> Any: ...
 
 
 class PreparedDense:
@@ -110,7 +111,7 @@ class Evaluator:
                 self.dense[node.name] = PreparedDense(
                     node.name, node.params["matrix"], node.params["bias"],
                     plan.dense[node.name], slots, plan.lanes)
-            elif node.op not in (Op.INPUT, Op.POLY, Op.ADD, Op.GATHER):
+            elif node.op not in (Op.INPUT, Op.POLY, Op.ADD, Op.GATHER, Op.SQUARE):
                 raise CompileError(f"{node.op.value} node {node.name!r} cannot run under HE")
         self._last_use = {src: n.name for n in graph.nodes for src in n.inputs
                           if src != graph.output}
@@ -128,6 +129,8 @@ class Evaluator:
                 out = args[0]  # the client encrypted the gathered vector (plan_he checks)
             elif node.op is Op.DENSE:
                 out = self.dense[node.name](engine, args[0])
+            elif node.op is Op.SQUARE:
+                out = engine.square(args[0])
             elif node.op is Op.POLY:
                 out = engine.chebyshev(args[0], np.asarray(node.attrs["coeffs"]),
                                        node.attrs["lo"], node.attrs["hi"])

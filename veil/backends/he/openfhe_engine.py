@@ -319,6 +319,9 @@ class EvaluationSession:
         digits = self._native(self.cc.EvalFastRotationPrecompute, a)
         return {k: self._native(self.cc.EvalFastRotation, a, int(k), digits) for k in ks}
 
+    def square(self, a):
+        return self._native(self.cc.EvalSquare, a)
+
     def chebyshev(self, a, coeffs, lo, hi):
         # OpenFHE's series convention halves the constant term: pass 2*c0.
         series = [float(c) for c in coeffs]

@@ -41,5 +41,8 @@ class NumpySlotEngine:
     def rotate_hoisted(self, a, ks):
         return {k: self.rotate(a, k) for k in ks}
 
+    def square(self, a):
+        return a * a
+
     def chebyshev(self, a, coeffs, lo, hi):
         return cheb_eval(a, coeffs, lo, hi)
