@@ -306,3 +306,21 @@ def test_fold_quadratic_costs_one_level_and_keeps_values(rng):
         eng, pack_inputs([x[0]], manifest, res.plan.params.slots))
     np.testing.assert_allclose(unpack_outputs(out, manifest, 1)[0], run(g, x[:1])[0],
                                rtol=1e-9, atol=1e-9)
+
+
+def test_fold_quadratic_chains_share_a_dense_layer(rng):
+    """Two quadratics around one dense layer: both folds must land in it."""
+    i = make_node("input", Op.INPUT, [], [], {"shape": (6,)})
+    a = make_node("a", Op.LINEAR, ["input"], [(6,)], {},
+                  {"weight": rng.normal(size=(8, 6)), "bias": rng.normal(size=8)})
+    s1 = make_node("s1", Op.SQUARE, ["a"], [(8,)])
+    b = make_node("b", Op.LINEAR, ["s1"], [(8,)], {},
+                  {"weight": rng.normal(size=(8, 8)) * 0.3, "bias": rng.normal(size=8)})
+    s2 = make_node("s2", Op.SQUARE, ["b"], [(8,)])
+    c = make_node("c", Op.LINEAR, ["s2"], [(8,)], {},
+                  {"weight": rng.normal(size=(3, 8)), "bias": rng.normal(size=3)})
+    g = Graph((i, a, s1, b, s2, c), "c")
+    res = compile_graph(g, rng.normal(size=(32, 6)))
+    assert res.lowered.ops().count(Op.SQUARE) == 2
+    x = rng.normal(size=(4, 6))
+    np.testing.assert_allclose(run(res.lowered, x), run(g, x), rtol=1e-8, atol=1e-8)

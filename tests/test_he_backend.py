@@ -71,11 +71,13 @@ def test_depth_table_matches_openfhe(degree, rng):
                     client.decrypt(s.dump(s.chebyshev(ct, coeffs, -1.0, 1.0)), x.size)
 
 
-@pytest.mark.parametrize("depth", [2, 4, 6, 7, 8, 10, 12])
+@pytest.mark.parametrize("depth", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
 def test_selected_params_are_accepted_at_128_bits(depth):
     params, _ = select_params(depth, 256)
     cc = build_context(params)   # OpenFHE enforces HEStd_128_classic for the given ring
     assert cc.GetRingDimension() == params.ring_dim
+    toy, _ = select_params(depth, 256, insecure_test_params=True)
+    assert build_context(toy).GetRingDimension() == toy.ring_dim
 
 
 def test_missing_rotation_keys_fail_at_session_open():

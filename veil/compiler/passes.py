@@ -216,10 +216,11 @@ def fold_quadratic(graph: Graph) -> tuple[Graph, PassNote]:
         if (node.op is not Op.POLY or len(node.attrs["coeffs"]) != 3
                 or (node.attrs["lo"], node.attrs["hi"]) != (-1.0, 1.0)):
             continue
-        src, readers = by_name[node.inputs[0]], graph.consumers(node.name)
+        # Earlier folds may already have rewritten a neighbour: always build on the latest.
+        src = new.get(node.inputs[0], by_name[node.inputs[0]])
+        readers = [new.get(r.name, r) for r in graph.consumers(node.name)]
         if (src.op is not Op.DENSE or len(graph.consumers(src.name)) != 1 or not readers
-                or node.name == graph.output
-                or any(r.op is not Op.DENSE or r.name in new for r in readers)):
+                or node.name == graph.output or any(r.op is not Op.DENSE for r in readers)):
             continue
         c0, c1, c2 = node.attrs["coeffs"]
         a, b, c = 2.0 * c2, c1, c0 - c2

@@ -82,13 +82,20 @@ def _estimated_log_qp(depth: int, scaling: int, first: int, dnum: int) -> int:
     return first + depth * scaling + log_p
 
 
+def _digits_ok(depth: int, dnum: int) -> bool:
+    """OpenFHE needs every key-switching digit non-empty: (dnum - 1) * alpha < towers."""
+    towers = depth + 1
+    return 1 <= dnum and (dnum - 1) * math.ceil(towers / dnum) < towers
+
+
 def select_params(depth: int, min_slots: int, *, insecure_test_params: bool = False,
                   ) -> tuple[CKKSParams, str]:
     """Smallest secure ring, then the largest scale that fits; returns params and why."""
     depth = max(depth, 1)
     if insecure_test_params:
         ring = max(INSECURE_RING_DIM, 2 * next_pow2(min_slots))
-        return (CKKSParams(ring, depth, 40, 60, min(3, depth + 1), "HEStd_NotSet", True),
+        dnum = next(d for d in (3, 2, 1) if _digits_ok(depth, d))
+        return (CKKSParams(ring, depth, 40, 60, dnum, "HEStd_NotSet", True),
                 f"INSECURE test parameters: ring {ring}, no security level enforced")
     for ring, bound in HE_STD_128_LOGQP.items():
         if ring // 2 < min_slots:
@@ -96,7 +103,8 @@ def select_params(depth: int, min_slots: int, *, insecure_test_params: bool = Fa
         for scaling in SCALING_BITS_CHOICES:
             first = min(60, scaling + 20)
             for dnum in range(2, depth + 2):
-                if _estimated_log_qp(depth, scaling, first, dnum) <= bound:
+                if (_digits_ok(depth, dnum)
+                        and _estimated_log_qp(depth, scaling, first, dnum) <= bound):
                     why = (f"depth {depth} with {scaling}-bit scaling fits ring {ring} "
                            f"(log2 QP <= {bound} for 128-bit security, {dnum} key-switch "
                            f"digits); {ring // 2} slots >= {min_slots} needed")
