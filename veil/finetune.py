@@ -52,7 +52,7 @@ def _poly_act_class() -> type:
     from torch import nn
 
     class PolyAct(nn.Module):
-        """A trainable polynomial ``sum_k coeffs[k] * T_k(t)``, ``t = (2x - lo - hi) / (hi - lo)``.
+        """A trainable polynomial ``sum_k coeffs[k] * T_k(t)``, t = (2x - lo - hi) / (hi - lo).
 
         ``coeffs`` (a parameter) are Chebyshev coefficients on the domain ``[lo, hi]``
         (a buffer); together they parametrise every polynomial of the given degree,
