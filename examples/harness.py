@@ -93,7 +93,7 @@ def _batch_row(compiled, xs, ys) -> dict:
     sim = compiled.run(xs, "simulate").reshape(n, -1)
     outs = np.array(he["outputs"])
     return {
-        "mode": f"he batch, throughput layout ({he['lanes']}/ct)", "n": n, "batch": True,
+        "mode": f"he batch ({he['lanes']}/ct)", "n": n, "batch": True,
         "accuracy": _accuracy(outs, ys), "lanes": he["lanes"],
         "ciphertexts": he["ciphertexts"], "keygen_s": he["keygen_s"],
         "encrypt_s": he["encrypt_s"] / he["ciphertexts"],

