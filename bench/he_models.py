@@ -75,16 +75,18 @@ def _summary(results: list[dict]) -> list[str]:
         sim = next(row for row in r["rows"] if row["mode"] == "simulate")
         name = r["model"].split(" (")[0]
         bits = -np.log2(max(he["max_rel_error_vs_simulate"], 1e-30))
-        lines.append(
-            f"| {r['model']} | {r['activations']} | {r['depth']} / 2^{int(np.log2(r['params']['ring_dim']))} "
-            f"| {he['latency_s']:.3f} | {TARGET_S[name]} | {PEERS[name]} "
-            f"| {PEER_S[name] / he['latency_s']:.1f}x "
-            f"| {plain['accuracy']:.4f} / {sim['accuracy']:.4f} / {he['accuracy']:.4f} (n={he['n']}) "
-            f"| {(he['accuracy'] - he['plain_accuracy_same_images']) * 100:+.2f} pt "
-            f"| {bits:.1f} | {batch['throughput_per_s']:.1f} (n={batch['n']}, "
-            f"acc {batch['accuracy']:.4f}) " if batch else
-            f"| {bits:.1f} | - ")
-        lines[-1] += (f"| {he['eval_key_bytes'] / 2**20:.0f} | {he['peak_rss_bytes'] / 2**20:.0f} |")
+        batched = (f"{batch['throughput_per_s']:.1f} (n={batch['n']}, acc "
+                   f"{batch['accuracy']:.4f})" if batch else "-")
+        cells = [r["model"], r["activations"],
+                 f"{r['depth']} / 2^{int(np.log2(r['params']['ring_dim']))}",
+                 f"{he['latency_s']:.3f}", str(TARGET_S[name]), PEERS[name],
+                 f"{PEER_S[name] / he['latency_s']:.1f}x",
+                 f"{plain['accuracy']:.4f} / {sim['accuracy']:.4f} / {he['accuracy']:.4f} "
+                 f"(n={he['n']})",
+                 f"{(he['accuracy'] - he['plain_accuracy_same_images']) * 100:+.2f} pt",
+                 f"{bits:.1f}", batched, f"{he['eval_key_bytes'] / 2**20:.0f}",
+                 f"{he['peak_rss_bytes'] / 2**20:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -93,10 +95,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="few inputs per model (smoke run)")
     ap.add_argument("--skip-lenet", action="store_true", help="LeNet-5 needs ~18 GiB today")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--render", metavar="JSON", help="only rewrite the markdown from a JSON")
     args = ap.parse_args(argv)
+    if args.render:
+        data = json.loads(Path(args.render).read_text())
+        return _write(Path(args.out), data["env"], data["results"])
 
     import veil
-    from harness import measure, table
+    from harness import measure
 
     n_single = {"digits": 360, "mnist": 100, "lenet": 2}
     n_batch = {"digits": 360, "mnist": 1000, "lenet": 0}
@@ -127,11 +133,19 @@ def main(argv=None) -> int:
     env = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(),
            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "veil": veil.__version__,
            "quick": args.quick}
-    out = Path(args.out)
+    return _write(Path(args.out), env, results)
+
+
+def _write(out: Path, env: dict, results: list[dict]) -> int:
+    from harness import table
+
     out.mkdir(parents=True, exist_ok=True)
     (out / "he_models.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
     md = "\n".join([f"# he_models ({env['date']}, {env['cpus']} CPUs)", "",
-                    *_summary(results), "", "## Per stage", "", table(results), ""])
+                    "`python bench/he_models.py`; end-to-end = encrypt + server + decrypt, one "
+                    "input per ciphertext, median; peak RSS = client and server roles in one "
+                    "worker process.", "", *_summary(results), "", "## Per stage", "",
+                    table(results), ""])
     (out / "he_models.md").write_text(md)
     print(md)
     return 0
