@@ -202,7 +202,8 @@ class CompiledModel:
 
 def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
             degree: int | dict[str, int] = DEFAULT_DEGREE, margin: float = DEFAULT_MARGIN,
-            layout: str = "latency", insecure_test_params: bool = False) -> CompiledModel:
+            layout: str = "latency", precision_bits: int | None = None,
+            insecure_test_params: bool = False) -> CompiledModel:
     """Compile a torch ``nn.Module`` or ONNX model (file or ModelProto) for private inference.
 
     Args:
@@ -213,6 +214,9 @@ def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
         margin: fraction by which measured activation ranges are widened on each side.
         layout: ``"latency"`` (fewest rotations for one input) or ``"throughput"`` (most
             inputs per ciphertext for ``encrypt_batch``).
+        precision_bits: minimum output precision; a larger scale (and maybe ring) is
+            chosen when the smallest secure parameters would give less (default: the
+            fastest secure parameters, which keep at least ~15 bits).
         insecure_test_params: allow small, insecure CKKS parameters (recorded everywhere).
 
     Returns:
@@ -226,7 +230,8 @@ def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
     shape = tuple(input_shape) if input_shape is not None else calibration.shape[1:]
     graph = to_graph(model, shape)
     result = compile_graph(graph, calibration, degree=degree, margin=margin,
-                           insecure_test_params=insecure_test_params, layout=layout)
+                           insecure_test_params=insecure_test_params, layout=layout,
+                           precision_bits=precision_bits)
     lo, hi = float(calibration.min()), float(calibration.max())
     width = max(hi - lo, 1e-6)
     trace = interpret(result.polynomial, calibration, trace=True)

@@ -33,8 +33,8 @@ class CompileResult:
 def compile_graph(graph: Graph, calibration: np.ndarray, *,
                   degree: int | dict[str, int] = DEFAULT_DEGREE,
                   margin: float = DEFAULT_MARGIN,
-                  insecure_test_params: bool = False, layout: str = "latency"
-                  ) -> CompileResult:
+                  insecure_test_params: bool = False, layout: str = "latency",
+                  precision_bits: int | None = None) -> CompileResult:
     """Run :data:`PASSES` in order on ``graph`` with ``calibration`` data."""
     calibration = np.asarray(calibration, dtype=np.float64)
     if calibration.ndim < 1 or calibration.shape[1:] != graph.input_shape:
@@ -51,6 +51,7 @@ def compile_graph(graph: Graph, calibration: np.ndarray, *,
     lowered, lin_note = linearize(patched)
     lowered, dom_note = fold_poly_domain(lowered)
     lowered, quad_note = fold_quadratic(lowered)
-    plan = plan_he(lowered, insecure_test_params=insecure_test_params, layout=layout)
+    plan = plan_he(lowered, insecure_test_params=insecure_test_params, layout=layout,
+                   precision_bits=precision_bits)
     return CompileResult(graph, poly, lowered, plan, reports,
                          [bn_note, pool_note, col_note, lin_note, dom_note, quad_note])

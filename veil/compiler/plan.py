@@ -28,6 +28,9 @@ HE_STD_128_LOGQP = {1 << 13: 218, 1 << 14: 438, 1 << 15: 881, 1 << 16: 1761, 1 <
 # Ring dimension used when the caller opts into insecure test parameters.
 INSECURE_RING_DIM = 1 << 12
 SCALING_BITS_CHOICES = (40, 38, 36, 34, 32, 30)
+# Output bits measured per scaling size for veil's models (bench/he_models.py): a
+# 32-bit scale leaves ~15-16 bits of output precision, 36 bits ~19, 40 bits 21-23.
+PRECISION_LOSS_BITS = 17
 # Degree thresholds of OpenFHE's Chebyshev evaluation on [-1, 1]: degree <= t costs
 # `depth` levels. Any other interval costs one more level for the affine map onto
 # [-1, 1] (which ``fold_poly_domain`` moves into the preceding dense layer). Checked
@@ -89,8 +92,13 @@ def _digits_ok(depth: int, dnum: int) -> bool:
 
 
 def select_params(depth: int, min_slots: int, *, insecure_test_params: bool = False,
-                  ) -> tuple[CKKSParams, str]:
-    """Smallest secure ring, then the largest scale that fits; returns params and why."""
+                  precision_bits: int | None = None) -> tuple[CKKSParams, str]:
+    """Smallest secure ring, then the largest scale that fits; returns params and why.
+
+    ``precision_bits`` asks for at least that many bits of output precision, which
+    rules out scales below ``precision_bits + PRECISION_LOSS_BITS``.
+    """
+    min_scale = 0 if precision_bits is None else precision_bits + PRECISION_LOSS_BITS
     depth = max(depth, 1)
     if insecure_test_params:
         ring = max(INSECURE_RING_DIM, 2 * next_pow2(min_slots))
@@ -100,7 +108,7 @@ def select_params(depth: int, min_slots: int, *, insecure_test_params: bool = Fa
     for ring, bound in HE_STD_128_LOGQP.items():
         if ring // 2 < min_slots:
             continue
-        for scaling in SCALING_BITS_CHOICES:
+        for scaling in (c for c in SCALING_BITS_CHOICES if c >= min_scale):
             first = min(60, scaling + 20)
             for dnum in range(2, depth + 2):
                 if (_digits_ok(depth, dnum)
@@ -244,7 +252,7 @@ LAYOUTS = ("latency", "throughput")
 
 
 def plan_he(graph: Graph, *, insecure_test_params: bool = False,
-            layout: str = "latency") -> HEPlan:
+            layout: str = "latency", precision_bits: int | None = None) -> HEPlan:
     """Plan a linearized graph (INPUT, DENSE, POLY, ADD only) for CKKS.
 
     ``layout="latency"`` lets the first layer spend free slots on a client-expanded
@@ -255,33 +263,12 @@ def plan_he(graph: Graph, *, insecure_test_params: bool = False,
     """
     if layout not in LAYOUTS:
         raise CompileError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    levels: dict[str, int] = {}
-    dense: dict[str, DensePlan] = {}
     entry = _client_entry(graph)
-    periods = {graph.input.name: next_pow2(int(np.prod(graph.input_shape)))}
-    for node in graph.nodes:
-        if node.op is Op.INPUT or node is entry:
-            levels[node.name] = 0
-            periods[node.name] = next_pow2(int(np.prod(node.shape)))
-            continue
-        base = max(levels[s] for s in node.inputs)
-        if node.op is Op.DENSE:
-            dense[node.name] = plan_dense(node.params["matrix"])
-            levels[node.name] = base + 1
-        elif node.op is Op.POLY:
-            levels[node.name] = base + chebyshev_depth(len(node.attrs["coeffs"]) - 1,
-                                                       node.attrs["lo"], node.attrs["hi"])
-        elif node.op is Op.ADD:
-            levels[node.name] = base
-        elif node.op is Op.SQUARE:
-            levels[node.name] = base + 1
-        else:
-            raise CompileError(f"{node.op.value} node {node.name!r} was not lowered; "
-                               "run the linearize pass before planning")
-        periods[node.name] = next_pow2(int(np.prod(node.shape)))
+    levels, periods, dense = _walk(graph, entry)
     depth = levels[graph.output]
     min_slots = max(max(periods.values()), *(p.in_period for p in dense.values()), 1)
-    params, why = select_params(depth, min_slots, insecure_test_params=insecure_test_params)
+    params, why = select_params(depth, min_slots, insecure_test_params=insecure_test_params,
+                                precision_bits=precision_bits)
     slots = params.slots
     input_layout = (_expand_first_layer(graph, entry, dense, slots) if layout == "latency"
                     else {"layout": "replicated"})
@@ -298,6 +285,31 @@ def plan_he(graph: Graph, *, insecure_test_params: bool = False,
     return HEPlan(params, tuple(sorted(rotations)), depth, levels, dense,
                   graph.input_shape, graph.output_shape, periods[entry.name],
                   periods[graph.output], why, input_layout, lanes)
+
+
+def _walk(graph: Graph, entry) -> tuple[dict[str, int], dict[str, int], dict[str, DensePlan]]:
+    """Level after each node, its slot period, and each dense layer's diagonal plan."""
+    levels: dict[str, int] = {}
+    dense: dict[str, DensePlan] = {}
+    periods = {graph.input.name: next_pow2(int(np.prod(graph.input_shape)))}
+    cost = {Op.DENSE: 1, Op.SQUARE: 1, Op.ADD: 0}
+    for node in graph.nodes:
+        periods[node.name] = next_pow2(int(np.prod(node.shape)))
+        if node.op is Op.INPUT or node is entry:
+            levels[node.name] = 0
+            continue
+        base = max(levels[s] for s in node.inputs)
+        if node.op is Op.POLY:
+            levels[node.name] = base + chebyshev_depth(len(node.attrs["coeffs"]) - 1,
+                                                       node.attrs["lo"], node.attrs["hi"])
+        elif node.op in cost:
+            levels[node.name] = base + cost[node.op]
+        else:
+            raise CompileError(f"{node.op.value} node {node.name!r} was not lowered; "
+                               "run the linearize pass before planning")
+        if node.op is Op.DENSE:
+            dense[node.name] = plan_dense(node.params["matrix"])
+    return levels, periods, dense
 
 
 def _client_entry(graph: Graph):
