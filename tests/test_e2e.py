@@ -139,3 +139,4 @@ def test_batch_packs_lanes_and_matches_single(roles, digits_cnn, compiled_cnn):
     assert _rel_err(outs, sim) < REL_TOL
     with pytest.raises(veil.InputError, match="decrypt_batch"):
         client.decrypt(session.run(cts[0]))
+

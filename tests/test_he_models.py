@@ -97,3 +97,32 @@ def test_square_activation_model_at_low_depth(rng):
     precise = veil.compile(model, cal, precision_bits=19)
     assert precise.report().params["scaling_bits"] >= 36
     _check(precise, cal[:2], tol=2.0 ** -17)
+
+
+def test_feature_layout_for_large_batches(rng, tmp_path):
+    """One ciphertext per feature, one input per slot: no rotations, same results."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    cal = rng.normal(size=(64, 12))
+    compiled = veil.compile(model, cal, degree=13)
+    server_dir, client_dir = compiled.export(tmp_path)
+    client = veil.ModelClient(client_dir)
+    keys = client.keygen()
+    assert client.batch_layout(client.bundle.params.slots) == "features"
+    assert client.batch_layout(client.lanes) == "lanes"
+    xs = cal[:40]
+    cts = client.encrypt_batch(xs, layout="features")
+    assert len(cts) == 1
+    with veil.ModelServer(server_dir).open_session(keys) as session:
+        outs = client.decrypt_batch(session.run_batch(cts))
+        with pytest.raises(veil.SerializationError, match="feature-layout"):
+            import veil.wire as wire
+            header, parts = wire.unpack(cts[0], "veil-ciphertext")
+            parts.pop("f0")
+            session.run(wire.pack("veil-ciphertext", parts, {k: v for k, v in header.items()
+                                                              if k not in ("kind", "parts")}))
+    sim = compiled.run(xs, "simulate")
+    assert outs.shape == (40, 3)
+    assert np.abs(outs - sim).max() / np.abs(sim).max() < REL_TOL
+    with pytest.raises(veil.InputError, match="layout"):
+        client.encrypt_batch(xs, layout="diagonal")

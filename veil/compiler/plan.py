@@ -236,12 +236,13 @@ class HEPlan:
     param_reason: str = ""
     input_layout: dict = field(default_factory=lambda: {"layout": "replicated"})
     lanes: int = 1                # inputs per ciphertext (interleaved SIMD batching)
+    costs: dict = field(default_factory=dict)   # see estimate_costs
 
     def manifest(self) -> dict:
         """The key manifest: exactly what the client must generate and the server needs."""
         return {"params": self.params.to_dict(), "rotations": list(self.rotations),
                 "relinearization_key": True, "bootstrapping": False, "depth": self.depth,
-                "lanes": self.lanes,
+                "lanes": self.lanes, "costs": self.costs,
                 "input": {"shape": list(self.input_shape), "period": self.input_period,
                           **self.input_layout},
                 "output": {"shape": list(self.output_shape), "period": self.output_period},
@@ -282,9 +283,46 @@ def plan_he(graph: Graph, *, insecure_test_params: bool = False,
     # Physical rotation = positions * lanes, normalised to (-slots/2, slots/2]: both
     # signs name the same automorphism key.
     rotations = {normalize_rotation(r * lanes, slots) for r in rotations} - {0}
-    return HEPlan(params, tuple(sorted(rotations)), depth, levels, dense,
+    plan = HEPlan(params, tuple(sorted(rotations)), depth, levels, dense,
                   graph.input_shape, graph.output_shape, periods[entry.name],
                   periods[graph.output], why, input_layout, lanes)
+    plan.costs = estimate_costs(graph, plan)
+    return plan
+
+
+# Relative costs, one rotation = 1 (measured at rings 2^13-2^14, bench notes in
+# docs/ARCHITECTURE.md): a ciphertext x plaintext product, one term of a scalar-weighted
+# sum, one squaring with relinearization.
+COST = {"rotation": 1.0, "pt_mult": 0.05, "scalar_term": 0.03, "square": 0.7}
+MAX_FEATURES = 2048   # widest layer the feature layout accepts (one ciphertext each)
+
+
+def _poly_cost(degree: int) -> float:
+    return COST["square"] * (2 * math.sqrt(degree) + math.log2(max(degree, 2)))
+
+
+def estimate_costs(graph: Graph, plan: HEPlan) -> dict:
+    """Estimated cost of one ciphertext in the slot layout (``lanes`` inputs) and of one
+    batch in the feature layout (``slots`` inputs), in rotations; None when a layer is
+    too wide for one ciphertext per feature."""
+    lanes_cost = features_cost = 0.0
+    widest = 0
+    for node in graph.nodes:
+        width = int(np.prod(node.shape))
+        widest = max(widest, width)
+        if node.op is Op.DENSE:
+            p = plan.dense[node.name]
+            mults = 1 if p.input_blocks else len(p.diagonals)
+            lanes_cost += len(p.rotations()) * COST["rotation"] + mults * COST["pt_mult"]
+            features_cost += np.count_nonzero(node.params["matrix"]) * COST["scalar_term"]
+        elif node.op in (Op.POLY, Op.SQUARE):
+            one = (COST["square"] if node.op is Op.SQUARE
+                   else _poly_cost(len(node.attrs["coeffs"]) - 1))
+            lanes_cost += one
+            features_cost += width * one
+    return {"lanes_per_ciphertext": round(lanes_cost, 2),
+            "features_per_batch": (round(features_cost, 2) if widest <= MAX_FEATURES
+                                   else None)}
 
 
 def _walk(graph: Graph, entry) -> tuple[dict[str, int], dict[str, int], dict[str, DensePlan]]:

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from ..backends.he.layout import pack_inputs, unpack_outputs
+from ..backends.he.layout import gather_features, pack_inputs, unpack_outputs
 from ..backends.he.openfhe_engine import ClientCrypto
 from ..errors import InputError, KeyMismatchError, MissingKeyError, SerializationError
 from ..wire import pack, unpack
@@ -107,15 +107,47 @@ class ModelClient:
         """Encrypt one input of the model's input shape. Raises InputError on bad input."""
         return self._encrypt_lanes([x])
 
-    def encrypt_batch(self, xs) -> list[bytes]:
-        """Encrypt many inputs, ``lanes`` per ciphertext; returns one blob per ciphertext.
+    def _encrypt_features(self, xs: list) -> bytes:
+        rng = self.bundle.input_range if self._check_range else None
+        arrs = [check_input(x, self.input_shape, rng) for x in xs]
+        table = gather_features(arrs, self.bundle.manifest, self.bundle.params.slots)
+        parts = {f"f{i}": self._crypto.encrypt(col) for i, col in enumerate(table)}
+        return pack(CIPHERTEXT_KIND, parts, {
+            "model": self.bundle.model_id, "tag": self._crypto.tag, "role": "input",
+            "layout": "features", "count": len(arrs),
+            "insecure": self.bundle.params.insecure_test_params})
 
-        The server runs each blob exactly like a single input; ``decrypt_batch`` returns
-        the outputs in input order.
+    def batch_layout(self, n: int) -> str:
+        """``"lanes"`` or ``"features"``: the cheaper layout for ``n`` inputs, from the
+        compiler's cost estimates (feature layout: one ciphertext per feature)."""
+        costs = self.bundle.manifest.get("costs", {})
+        per_batch = costs.get("features_per_batch")
+        if per_batch is None or n <= self.lanes:
+            return "lanes"
+        slots = self.bundle.params.slots
+        lanes_cost = -(-n // self.lanes) * costs["lanes_per_ciphertext"]
+        return "features" if -(-n // slots) * per_batch < lanes_cost else "lanes"
+
+    def encrypt_batch(self, xs, layout: str = "auto") -> list[bytes]:
+        """Encrypt many inputs; returns blobs the server runs like single inputs.
+
+        ``layout``: ``"lanes"`` packs ``lanes`` inputs per ciphertext; ``"features"``
+        sends one ciphertext per input feature with one input per slot (best for large
+        batches); ``"auto"`` picks the cheaper by the compiler's estimate.
+        ``decrypt_batch`` returns the outputs in input order.
         """
         xs = list(xs)
         if not xs:
             raise InputError("encrypt_batch needs at least one input")
+        if layout == "auto":
+            layout = self.batch_layout(len(xs))
+        if layout == "features":
+            if self.bundle.manifest.get("costs", {}).get("features_per_batch") is None:
+                raise InputError("this model is too wide for the feature layout")
+            slots = self.bundle.params.slots
+            return [self._encrypt_features(xs[i:i + slots]) for i in range(0, len(xs), slots)]
+        if layout != "lanes":
+            raise InputError(f"layout must be 'auto', 'lanes' or 'features', not {layout!r}")
         return [self._encrypt_lanes(xs[i:i + self.lanes])
                 for i in range(0, len(xs), self.lanes)]
 
@@ -124,9 +156,17 @@ class ModelClient:
         if header.get("model") != self.bundle.model_id:
             raise KeyMismatchError("this ciphertext belongs to another model")
         count = header.get("count")
-        if header.get("role") != "output" or "ct" not in parts or not isinstance(count, int) \
-                or not 1 <= count <= self.lanes:
+        features = header.get("layout") == "features"
+        limit = self.bundle.params.slots if features else self.lanes
+        if header.get("role") != "output" or not isinstance(count, int) \
+                or not 1 <= count <= limit or (not features and "ct" not in parts):
             raise SerializationError("expected a model output ciphertext")
+        if features:
+            shape = self.bundle.output_shape
+            if len(parts) != int(np.prod(shape)):
+                raise SerializationError("feature-layout output has the wrong size")
+            cols = [self._crypto.decrypt(parts[f"o{i}"], count) for i in range(len(parts))]
+            return np.stack(cols, axis=1).reshape((count,) + shape)
         values = self._crypto.decrypt(parts["ct"], self.bundle.params.slots)
         return unpack_outputs(values, self.bundle.manifest, count)
 

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from ..backends.he.evaluator import Evaluator
+from ..backends.he.features import FeatureEvaluator
 from ..backends.he.openfhe_engine import EvaluationSession
 from ..compiler.plan import HEPlan, DensePlan
 from ..errors import KeyMismatchError, KeyTypeError, MissingKeyError, SerializationError
@@ -39,6 +42,7 @@ class ServerSession:
                                      "with encrypted_weights=True to use encrypted ones")
         self._server = server
         self.tag = keys.tag
+        self._engine_has_encrypted_weights = weights is not None
         self._engine = EvaluationSession(server.bundle.params, keys.tag, keys.parts,
                                          server.bundle.manifest["rotations"])
         if weights is not None:
@@ -61,6 +65,8 @@ class ServerSession:
         header, parts = unpack(ciphertext, CIPHERTEXT_KIND)
         if header.get("model") != self._server.bundle.model_id:
             raise KeyMismatchError("this ciphertext was encrypted for another model")
+        if header.get("layout") == "features":
+            return self._run_features(header, parts)
         count = header.get("count", 1)
         if header.get("role") != "input" or "ct" not in parts or not isinstance(count, int) \
                 or not 1 <= count <= self._server.evaluator.plan.lanes:
@@ -71,6 +77,23 @@ class ServerSession:
                     {"model": self._server.bundle.model_id, "tag": self.tag,
                      "role": "output", "count": count,
                      "insecure": self._server.bundle.params.insecure_test_params})
+
+    def _run_features(self, header: dict, parts: dict[str, bytes]) -> bytes:
+        bundle = self._server.bundle
+        count, width = header.get("count"), self._server.feature_width
+        if (header.get("role") != "input" or not isinstance(count, int)
+                or not 1 <= count <= bundle.params.slots
+                or sorted(parts) != sorted(f"f{i}" for i in range(width))):
+            raise SerializationError("expected a feature-layout input with one ciphertext "
+                                     f"per each of {width} features")
+        if self._engine_has_encrypted_weights:
+            raise SerializationError("the feature layout does not support encrypted weights")
+        cts = [self._engine.load(parts[f"f{i}"]) for i in range(width)]
+        outs = self._server.feature_evaluator.run(self._engine, cts)
+        return pack(CIPHERTEXT_KIND, {f"o{i}": self._engine.dump(c) for i, c in enumerate(outs)},
+                    {"model": bundle.model_id, "tag": self.tag, "role": "output",
+                     "layout": "features", "count": count,
+                     "insecure": bundle.params.insecure_test_params})
 
     def run_batch(self, ciphertexts: list[bytes]) -> list[bytes]:
         """Evaluate each ciphertext of ``ModelClient.encrypt_batch``; same order."""
@@ -92,6 +115,10 @@ class ModelServer:
     def __init__(self, bundle: str | os.PathLike | ServerBundle) -> None:
         self.bundle = bundle if isinstance(bundle, ServerBundle) else ServerBundle.load(bundle)
         self.evaluator = Evaluator(self.bundle.graph, plan_from_manifest(self.bundle))
+        self.feature_evaluator = FeatureEvaluator(self.bundle.graph)
+        entry = self.bundle.manifest["input"]
+        self.feature_width = (len(entry["gather"]) if "gather" in entry
+                              else int(np.prod(entry["shape"])))
 
     def open_session(self, evaluation_keys: bytes | EvaluationKeys, *,
                      weights: bytes | None = None) -> ServerSession:

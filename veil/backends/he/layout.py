@@ -71,3 +71,18 @@ def unpack_outputs(values: np.ndarray, manifest: dict, count: int) -> np.ndarray
     size = int(np.prod(shape))
     return lane_outputs(values, int(manifest.get("lanes", 1)), count, size).reshape(
         (count,) + shape)
+
+
+def gather_features(xs: list[np.ndarray], manifest: dict, slots: int) -> np.ndarray:
+    """Feature layout: row f holds feature f of every input, one input per slot."""
+    spec = manifest["input"]
+    rows = []
+    for x in xs:
+        flat = np.ravel(x).astype(np.float64)
+        if "gather" in spec:
+            idx = np.asarray(spec["gather"], dtype=np.int64)
+            flat = np.append(flat, 0.0)[np.where(idx < 0, flat.size, idx)]
+        rows.append(flat)
+    table = np.zeros((rows[0].size, slots))
+    table[:, :len(rows)] = np.array(rows).T
+    return table

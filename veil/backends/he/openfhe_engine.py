@@ -322,6 +322,15 @@ class EvaluationSession:
     def square(self, a):
         return self._native(self.cc.EvalSquare, a)
 
+    # -- FeatureEngine (throughput layout) ----------------------------------------------
+    def linear_sum(self, cts, weights):
+        if len(cts) == 1:
+            return self._native(self.cc.EvalMult, cts[0], float(weights[0]))
+        return self._native(self.cc.EvalLinearWSum, list(cts), [float(w) for w in weights])
+
+    def add_scalar(self, a, value):
+        return self._native(self.cc.EvalAdd, a, float(value))
+
     def chebyshev(self, a, coeffs, lo, hi):
         # OpenFHE's series convention halves the constant term: pass 2*c0.
         series = [float(c) for c in coeffs]

@@ -44,5 +44,11 @@ class NumpySlotEngine:
     def square(self, a):
         return a * a
 
+    def linear_sum(self, cts, weights):
+        return sum(w * c for w, c in zip(weights, cts))
+
+    def add_scalar(self, a, value):
+        return a + value
+
     def chebyshev(self, a, coeffs, lo, hi):
         return cheb_eval(a, coeffs, lo, hi)
