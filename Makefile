@@ -34,6 +34,7 @@ test-all: $(STAMP) data
 bench: $(STAMP) data
 	$(PY) bench/he_digits.py
 	$(PY) bench/he_models.py
+	$(PY) bench/he_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

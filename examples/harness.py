@@ -86,14 +86,16 @@ def _single_row(compiled, xs, ys, encrypted_weights: bool = False) -> dict:
         "ct_out_bytes": he["ct_out_bytes"], "peak_rss_bytes": he["peak_rss_bytes"]}
 
 
-def _batch_row(compiled, xs, ys) -> dict:
+def _batch_row(compiled, xs, ys, how: str = "batch") -> dict:
     n = len(xs)
-    he = run_he_worker(compiled, xs, "batch")
+    he = run_he_worker(compiled, xs, how)
     total = he["encrypt_s"] + he["eval_s"] + he["decrypt_s"]
     sim = compiled.run(xs, "simulate").reshape(n, -1)
     outs = np.array(he["outputs"])
     return {
-        "mode": f"he batch ({he['lanes']}/ct)", "n": n, "batch": True,
+        "mode": (f"he batch, {he['layout']} layout" + (f" ({he['lanes']}/ct)"
+                                                         if he["layout"] == "lanes" else "")),
+        "n": n, "batch": True, "layout": he["layout"],
         "accuracy": _accuracy(outs, ys), "lanes": he["lanes"],
         "ciphertexts": he["ciphertexts"], "keygen_s": he["keygen_s"],
         "encrypt_s": he["encrypt_s"] / he["ciphertexts"],

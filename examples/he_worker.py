@@ -42,9 +42,9 @@ def _single(client, session, xs) -> dict:
             "ct_in_bytes": ct_in, "ct_out_bytes": ct_out}
 
 
-def _batch(client, session, xs) -> dict:
+def _batch(client, session, xs, layout: str = "auto") -> dict:
     a = time.perf_counter()
-    cts = client.encrypt_batch(xs)
+    cts = client.encrypt_batch(xs, layout=layout)
     b = time.perf_counter()
     res = session.run_batch(cts)
     c = time.perf_counter()
@@ -52,12 +52,14 @@ def _batch(client, session, xs) -> dict:
     d = time.perf_counter()
     return {"ciphertexts": len(cts), "encrypt_s": b - a, "eval_s": c - b,
             "decrypt_s": d - c, "outputs": outs.tolist(), "ct_in_bytes": len(cts[0]),
-            "ct_out_bytes": len(res[0])}
+            "ct_out_bytes": len(res[0]), "layout": client.batch_layout(len(xs))
+            if layout == "auto" else layout}
 
 
 def main(client_dir: str, server_dir: str, inputs_path: str, out_path: str,
          how: str = "single", owner_dir: str = "") -> None:
-    """``how``: "single" (one input per ciphertext, timed each) or "batch" (all lanes).
+    """``how``: "single" (one input per ciphertext, timed each), "batch" (the layout
+    ``encrypt_batch`` picks), "features" (one ciphertext per feature) or "lanes".
 
     With ``owner_dir`` (the model owner's plaintext server bundle), the server bundle is
     an encrypted-weight one and the owner encrypts the weights for this client.
@@ -76,7 +78,10 @@ def main(client_dir: str, server_dir: str, inputs_path: str, out_path: str,
     tw = time.perf_counter()
     session = server.open_session(keys, weights=weights)
     t2 = time.perf_counter()
-    result = (_batch if how == "batch" else _single)(client, session, xs)
+    if how == "single":
+        result = _single(client, session, xs)
+    else:
+        result = _batch(client, session, xs, how if how in ("features", "lanes") else "auto")
     session.close()
     result.update(keygen_s=t1 - t0, session_s=t2 - tw, eval_key_bytes=len(keys),
                   weight_encrypt_s=tw - t1, weight_bytes=len(weights or b""),
