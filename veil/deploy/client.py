@@ -94,9 +94,12 @@ class ModelClient:
         """How many inputs one ciphertext carries (see ``encrypt_batch``)."""
         return int(self.bundle.manifest.get("lanes", 1))
 
-    def _encrypt_lanes(self, xs: list) -> bytes:
+    def _checked(self, xs: list) -> list[np.ndarray]:
         rng = self.bundle.input_range if self._check_range else None
-        arrs = [check_input(x, self.input_shape, rng) for x in xs]
+        return [check_input(x, self.input_shape, rng) for x in xs]
+
+    def _encrypt_lanes(self, xs: list) -> bytes:
+        arrs = self._checked(xs)
         slots = self.bundle.params.slots
         ct = self._crypto.encrypt(pack_inputs(arrs, self.bundle.manifest, slots))
         return pack(CIPHERTEXT_KIND, {"ct": ct}, {
@@ -108,8 +111,7 @@ class ModelClient:
         return self._encrypt_lanes([x])
 
     def _encrypt_features(self, xs: list) -> bytes:
-        rng = self.bundle.input_range if self._check_range else None
-        arrs = [check_input(x, self.input_shape, rng) for x in xs]
+        arrs = self._checked(xs)
         table = gather_features(arrs, self.bundle.manifest, self.bundle.params.slots)
         parts = {f"f{i}": self._crypto.encrypt(col) for i, col in enumerate(table)}
         return pack(CIPHERTEXT_KIND, parts, {

@@ -27,12 +27,19 @@ def expanded(values: np.ndarray, period: int, block: int, shifts: list[int],
     return np.tile(pattern, slots // pattern.size)
 
 
+def apply_gather(values: np.ndarray, spec: dict) -> np.ndarray:
+    """The input as the client encrypts it: flattened, and gathered into the first
+    convolution's patches (client-side im2col) when the manifest says so."""
+    flat = np.ravel(values).astype(np.float64)
+    if "gather" not in spec:
+        return flat
+    idx = np.asarray(spec["gather"], dtype=np.int64)
+    return np.append(flat, 0.0)[np.where(idx < 0, flat.size, idx)]
+
+
 def encode_input(values: np.ndarray, spec: dict, positions: int) -> np.ndarray:
     """Position vector for one input according to the manifest's ``input`` entry."""
-    if "gather" in spec:  # client-side im2col: the first convolution's patches
-        idx = np.asarray(spec["gather"], dtype=np.int64)
-        flat = np.append(np.ravel(values), 0.0)
-        values = flat[np.where(idx < 0, flat.size - 1, idx)]
+    values = apply_gather(values, spec)
     if spec.get("layout", "replicated") == "expanded":
         return expanded(values, spec["period"], spec["block"], spec["shifts"],
                         spec["blocks"], positions)
@@ -75,14 +82,7 @@ def unpack_outputs(values: np.ndarray, manifest: dict, count: int) -> np.ndarray
 
 def gather_features(xs: list[np.ndarray], manifest: dict, slots: int) -> np.ndarray:
     """Feature layout: row f holds feature f of every input, one input per slot."""
-    spec = manifest["input"]
-    rows = []
-    for x in xs:
-        flat = np.ravel(x).astype(np.float64)
-        if "gather" in spec:
-            idx = np.asarray(spec["gather"], dtype=np.int64)
-            flat = np.append(flat, 0.0)[np.where(idx < 0, flat.size, idx)]
-        rows.append(flat)
+    rows = [apply_gather(x, manifest["input"]) for x in xs]
     table = np.zeros((rows[0].size, slots))
     table[:, :len(rows)] = np.array(rows).T
     return table
