@@ -324,3 +324,14 @@ def test_fold_quadratic_chains_share_a_dense_layer(rng):
     assert res.lowered.ops().count(Op.SQUARE) == 2
     x = rng.normal(size=(4, 6))
     np.testing.assert_allclose(run(res.lowered, x), run(g, x), rtol=1e-8, atol=1e-8)
+
+
+def test_report_estimates_both_batch_layouts(rng):
+    import veil
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    report = veil.compile(model, rng.normal(size=(16, 8))).report()
+    assert report.costs["lanes_per_ciphertext"] > 0 and report.costs["features_per_batch"] > 0
+    text = str(report)
+    assert "per input with" in text and "feature layout:" in text

@@ -44,12 +44,28 @@ class Report:
     rotations: list[int]
     notes: list[str]
     lanes: int = 1
+    costs: dict = field(default_factory=dict)
     accuracy: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"layers": self.layers, "depth": self.depth, "params": self.params,
                 "param_reason": self.param_reason, "rotations": self.rotations,
-                "notes": self.notes, "lanes": self.lanes, "accuracy": self.accuracy}
+                "notes": self.notes, "lanes": self.lanes, "costs": self.costs,
+                "accuracy": self.accuracy}
+
+    def _cost_lines(self) -> list[str]:
+        """Estimated latency and amortised cost per input of both batch layouts."""
+        lane_ct = self.costs.get("lanes_per_ciphertext")
+        if lane_ct is None:
+            return []
+        out = [f"estimated cost (rotation units): one ciphertext {lane_ct:g}, i.e. "
+               f"{lane_ct / self.lanes:.3g} per input with {self.lanes} lanes"]
+        feat = self.costs.get("features_per_batch")
+        slots = self.params["ring_dim"] // 2
+        out.append(f"feature layout: {feat:g} per batch of {slots}, i.e. "
+                   f"{feat / slots:.3g} per input" if feat is not None
+                   else "feature layout: not available (a layer is too wide)")
+        return out
 
     def __str__(self) -> str:
         rows = [f"{'layer':<18}{'op':<14}{'input range':<24}{'degree':>7}{'max err':>11}"]
@@ -66,6 +82,7 @@ class Report:
                  f"why: {self.param_reason}",
                  f"rotation keys: {len(self.rotations)} {self.rotations}",
                  f"inputs per ciphertext (encrypt_batch): {self.lanes}"]
+        rows += self._cost_lines()
         rows += [f"note: {n}" for n in self.notes]
         if self.accuracy:
             rows.append("predicted accuracy: " + ", ".join(
@@ -197,7 +214,7 @@ class CompiledModel:
                 pred = np.argmax(self.run(data, mode).reshape(len(labels), -1), axis=1)
                 accuracy[mode.value] = float(np.mean(pred == labels))
         return Report(layers, plan.depth, plan.params.to_dict(), plan.param_reason,
-                      list(plan.rotations), notes, plan.lanes, accuracy)
+                      list(plan.rotations), notes, plan.lanes, dict(plan.costs), accuracy)
 
 
 def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
