@@ -55,10 +55,20 @@ def test_tampered_truncated_and_foreign_bytes(setup):
     with pytest.raises(veil.SerializationError):
         session.run(b"not a ciphertext at all")
     with pytest.raises(veil.SerializationError, match="expected a veil-ciphertext"):
-        session.run(client.evaluation_keys())
+        session.run(client.public_key().to_bytes())
+    with pytest.raises(veil.SerializationError, match="exceeds"):
+        session.run(client.evaluation_keys())     # far larger than any input ciphertext
     out = session.run(client.encrypt(np.zeros((1, 8, 8))))
     with pytest.raises(veil.SerializationError, match="input ciphertext"):
         session.run(out)  # an output is not an input
+
+
+def test_oversized_payload_is_refused_before_parsing(setup):
+    _, client, server, session = setup
+    ct = client.encrypt(np.zeros((1, 8, 8)))
+    assert len(ct) < server.max_input_bytes
+    with pytest.raises(veil.SerializationError, match="exceeds"):
+        session.run(ct + b"\0" * server.max_input_bytes)
 
 
 def test_ciphertext_from_another_key(setup):
