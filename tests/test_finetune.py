@@ -168,3 +168,21 @@ def test_bad_degree_raises_input_error():
 def test_import_does_not_load_torch():
     code = "import sys, veil, veil.finetune; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_validation_keeps_the_best_epoch():
+    """Early stopping on held-out data: the kept weights are the best epoch's."""
+    from sklearn.datasets import load_digits
+
+    from veil.finetune import _accuracy
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    xtr, ytr, xva, yva = x[:1200], y[:1200], x[1200:1500], y[1200:1500]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    plain = finetune(model, (xtr, ytr), epochs=6, lr=5e-2)
+    early = finetune(model, (xtr, ytr), epochs=6, lr=5e-2, validation=(xva, yva))
+    assert _accuracy(early, xva, yva) >= _accuracy(plain, xva, yva)
+    with pytest.raises(veil.InputError, match="validation inputs"):
+        finetune(model, (xtr, ytr), epochs=1, validation=(xva[:, :10], yva))

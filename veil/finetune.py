@@ -365,12 +365,27 @@ def _param_dtype(model: Any) -> np.dtype:
     return np.float64 if p is not None and p.dtype == torch.float64 else np.float32
 
 
+def _accuracy(net: Any, x: np.ndarray, y: np.ndarray) -> float:
+    import torch
+
+    net.eval()
+    with torch.no_grad():
+        return float((net(torch.as_tensor(x)).argmax(1).numpy() == y).mean())
+
+
 def _train(net: Any, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float,
-           batch_size: int, seed: int) -> list[float]:
-    """Adam on cross-entropy; returns the mean loss of each epoch."""
+           batch_size: int, seed: int, validation=None) -> list[float]:
+    """Adam on cross-entropy; returns the mean loss of each epoch.
+
+    With ``validation=(x, y)``, the weights of the epoch with the best validation
+    accuracy are kept (early stopping without looking at test data).
+    """
+    import copy
+
     import torch
     import torch.nn.functional as F
 
+    best = (-1.0, None)
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
@@ -391,12 +406,19 @@ def _train(net: Any, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float,
             total += loss.item() * len(idx)
         losses.append(total / len(xt))
         logger.info("finetune epoch %d/%d: loss %.4f", epoch + 1, epochs, losses[-1])
+        if validation is not None:
+            acc = _accuracy(net, *validation)
+            if acc > best[0]:
+                best = (acc, copy.deepcopy(net.state_dict()))
+            net.train()
+    if best[1] is not None:
+        net.load_state_dict(best[1])
     return losses
 
 
 def finetune(model: Any, train_data: tuple[Any, Any], *, epochs: int = 3, degree: int = 2,
              lr: float = 1e-3, batch_size: int = 128, calibration: Any = None,
-             seed: int = 0) -> Any:
+             seed: int = 0, validation: tuple[Any, Any] | None = None) -> Any:
     """Replace activations by trainable polynomials and fine-tune the network.
 
     1. Copy ``model`` and swap every ReLU / GELU / SiLU / Sigmoid / Tanh (modules, and
@@ -414,13 +436,16 @@ def finetune(model: Any, train_data: tuple[Any, Any], *, epochs: int = 3, degree
         model: a trained classifier (``torch.nn.Module``) returning logits; not modified.
         train_data: ``(x, y)``: inputs (N, *input_shape) and integer labels (N,).
         epochs: passes over ``train_data``.
-        degree: polynomial degree (2: two HE levels per activation; 3-5: three).
+        degree: polynomial degree (2: one HE level per activation between linear
+            layers, see ``fold_quadratic``; 3-5: three).
         lr: Adam learning rate.
         batch_size: minibatch size.
         calibration: inputs for measuring activation ranges; default: the first
             1024 training inputs.
         seed: seeds the batch order and torch's RNG (dropout) inside this call; the
             caller's global RNG state is restored afterwards.
+        validation: optional held-out ``(x, y)``; the epoch with the best accuracy on it
+            is kept. Never pass test data here.
 
     Returns:
         A new module in eval mode (see :func:`replace_activations` for its type).
@@ -437,12 +462,18 @@ def finetune(model: Any, train_data: tuple[Any, Any], *, epochs: int = 3, degree
                          f"batch_size={batch_size}, lr={lr}")
     net = replace_activations(model, degree=degree)
     x, y, calib = _check_data(model, train_data, calibration)
+    if validation is not None:
+        vx, vy, _ = _check_data(model, validation, None)
+        if vx.shape[1:] != x.shape[1:]:
+            raise InputError(f"validation inputs have shape {vx.shape[1:]}; the training "
+                             f"inputs have {x.shape[1:]}")
+        validation = (vx, vy)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net.eval()
         _initialise(net, calib, DEFAULT_MARGIN, int(batch_size))
         _train(net, x, y, epochs=int(epochs), lr=float(lr), batch_size=int(batch_size),
-               seed=seed)
+               seed=seed, validation=validation)
         net.eval()
         _rebase(net, calib, DEFAULT_MARGIN, int(batch_size))
     return net
