@@ -35,6 +35,8 @@ bench: $(STAMP) data
 	$(PY) bench/he_digits.py
 	$(PY) bench/he_models.py
 	$(PY) bench/he_throughput.py
+	$(PY) bench/engine_ops.py
+	$(PY) bench/finetune_recipes.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

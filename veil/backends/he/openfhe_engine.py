@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 # libgomp reads its spin policy once, when it loads with OpenFHE. Its default spins idle
-# threads for ~300k iterations, which makes two OpenFHE processes on a 2-core machine up
-# to 16x slower each (measured); a short spin keeps the single-process speed. Only a
-# default: an explicit setting by the user wins.
+# threads for ~300k iterations: with two OpenFHE processes on a 2-core machine a rotation
+# took 176 ms instead of 23 ms (bench/engine_ops.py); a short spin keeps the
+# single-process speed. Only a default: an explicit setting by the user wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import openfhe as ofhe  # noqa: E402
@@ -244,8 +244,9 @@ class EvaluationSession:
                                      "(ring dimension, level or size)")
         # A deserialized ciphertext refers to its CryptoContext through a pointer that is
         # not this context's own, and every OpenFHE call on it then pays a ~4 ms context
-        # check (measured: EvalAdd 3.8 ms vs 0.3 ms). Compress with more towers than the
-        # ciphertext has changes no value and returns a ciphertext bound to this context.
+        # check (bench/engine_ops.py: EvalAdd 4.1 ms vs 0.17 ms). Compress with more
+        # towers than the ciphertext has changes no value and returns a ciphertext bound
+        # to this context.
         return self._native(self.cc.Compress, ct, 1 << 10)
 
     def dump(self, ct) -> bytes:
