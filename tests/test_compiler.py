@@ -266,7 +266,8 @@ def test_im2col_first_conv_is_exact_and_cuts_rotations(rng):
     g = Graph((i, c, s, f, o), "o")
     res = compile_graph(g, rng.uniform(0, 1, size=(8, 1, 28, 28)))
     assert res.lowered.ops()[:3] == [Op.INPUT, Op.GATHER, Op.DENSE]
-    assert any("im2col" in m for n in res.notes for m in n.messages)
+    notes = [m for n in res.notes for m in n.messages if "im2col" in m]
+    assert notes and notes[0].endswith("rotations 64 -> 15")  # the figure docs quote
     x = rng.uniform(0, 1, size=(3, 1, 28, 28))
     np.testing.assert_allclose(run(res.lowered, x), run(res.polynomial, x), atol=1e-8)
     manifest = res.plan.manifest()
