@@ -7,7 +7,6 @@ Writes bench/results/engine_ops.{json,md}. Usage: python bench/engine_ops.py
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -70,14 +69,13 @@ def main() -> int:
     lines += [f"| {k} | {v:.2f} |" for k, v in result["single process"].items()
               if isinstance(v, float)]
     lines += [f"| {k} | {v:.2f} |" for k, v in result.items() if isinstance(v, float)]
-    out = ROOT / "bench" / "results"
-    (out / "engine_ops.json").write_text(json.dumps(result, indent=1))
-    md = "\n".join([f"# engine_ops ({time.strftime('%Y-%m-%d %H:%M:%S')}, ring "
-                    f"{result['single process']['ring_dim']}, depth 7)", "",
-                    "`python bench/engine_ops.py`", "", *lines, ""])
-    (out / "engine_ops.md").write_text(md)
-    print(md)
-    return 0
+    sys.path.insert(0, str(ROOT / "examples"))
+    from harness import write_results
+
+    return write_results(ROOT / "bench" / "results", "engine_ops", result,
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S')}, ring "
+                         f"{result['single process']['ring_dim']}, depth 7",
+                         ["`python bench/engine_ops.py`", "", *lines])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ Writes bench/results/finetune_recipes.{json,md}. Usage: python bench/finetune_re
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ def main() -> int:
     import torch
 
     import veil
+    from harness import write_results
     from models import trained_digits_cnn, trained_digits_mlp
 
     rows = []
@@ -50,14 +50,10 @@ def main() -> int:
     lines += [f"| {r['model']} | {r['recipe']} | {r['epochs']} | {r['lr']} | {r['seed']} | "
               f"{r['relu_accuracy']:.4f} | {r['accuracy']:.4f} | {r['delta_pt']:+.2f} pt |"
               for r in rows]
-    out = ROOT / "bench" / "results"
-    (out / "finetune_recipes.json").write_text(json.dumps(rows, indent=1))
-    md = "\n".join([f"# finetune_recipes ({time.strftime('%Y-%m-%d %H:%M:%S')})", "",
-                    "`python bench/finetune_recipes.py`; 360 digits test images, one run "
-                    "per recipe.", "", *lines, ""])
-    (out / "finetune_recipes.md").write_text(md)
-    print(md)
-    return 0
+    return write_results(ROOT / "bench" / "results", "finetune_recipes", rows,
+                         time.strftime("%Y-%m-%d %H:%M:%S"),
+                         ["`python bench/finetune_recipes.py`; 360 digits test images, one "
+                          "run per recipe.", "", *lines])
 
 
 if __name__ == "__main__":

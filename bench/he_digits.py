@@ -9,7 +9,6 @@ Usage: python bench/he_digits.py [--n N]   (N test images run encrypted; default
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -34,7 +33,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     import veil
-    from harness import measure, table
+    from harness import measure, table, write_results
     from models import trained_digits_cnn, trained_digits_mlp
 
     results = []
@@ -69,14 +68,9 @@ def main(argv=None) -> int:
     env = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "python": platform.python_version(),
            "cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
            "veil": veil.__version__}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "he_digits.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
-    md = "\n".join([f"# he_digits ({env['date']}, {env['cpus']} CPUs, OMP_NUM_THREADS="
-                    f"{env['omp_num_threads']})", "", *lines, ""])
-    (out / "he_digits.md").write_text(md)
-    print(md)
-    return 0
+    return write_results(Path(args.out), "he_digits", {"env": env, "results": results},
+                         f"{env['date']}, {env['cpus']} CPUs, OMP_NUM_THREADS="
+                         f"{env['omp_num_threads']}", lines)
 
 
 if __name__ == "__main__":

@@ -137,18 +137,14 @@ def main(argv=None) -> int:
 
 
 def _write(out: Path, env: dict, results: list[dict]) -> int:
-    from harness import table
+    from harness import table, write_results
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "he_models.json").write_text(json.dumps({"env": env, "results": results}, indent=1))
-    md = "\n".join([f"# he_models ({env['date']}, {env['cpus']} CPUs)", "",
-                    "`python bench/he_models.py`; end-to-end = encrypt + server + decrypt, one "
-                    "input per ciphertext, median; peak RSS = client and server roles in one "
-                    "worker process.", "", *_summary(results), "", "## Per stage", "",
-                    table(results), ""])
-    (out / "he_models.md").write_text(md)
-    print(md)
-    return 0
+    return write_results(out, "he_models", {"env": env, "results": results},
+                         f"{env['date']}, {env['cpus']} CPUs",
+                         ["`python bench/he_models.py`; end-to-end = encrypt + server + "
+                          "decrypt, one input per ciphertext, median; peak RSS = client and "
+                          "server roles in one worker process.", "", *_summary(results), "",
+                          "## Per stage", "", table(results)])
 
 
 if __name__ == "__main__":

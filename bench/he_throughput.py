@@ -6,7 +6,6 @@ bench/results/he_throughput.{json,md}. Usage: python bench/he_throughput.py
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ def main() -> int:
     import numpy as np
 
     import veil
-    from harness import _batch_row
+    from harness import _batch_row, write_results
     from models import trained_digits_cnn, trained_digits_mlp
 
     rows = []
@@ -46,16 +45,12 @@ def main() -> int:
                      f"{r['eval_s'] * r['ciphertexts']:.2f} | "
                      f"{r['decrypt_s'] * r['ciphertexts']:.2f} | {r['amortized_s'] * 1e3:.2f} | "
                      f"{r['throughput_per_s']:.0f} | {up:.1f} |")
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
     env = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count()}
-    (out / "he_throughput.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-    md = "\n".join([f"# he_throughput ({env['date']}, {env['cpus']} CPUs)", "",
-                    "`python bench/he_throughput.py`; one worker process per row (client and "
-                    "server roles); the lane rows use 512 inputs.", "", *lines, ""])
-    (out / "he_throughput.md").write_text(md)
-    print(md)
-    return 0
+    return write_results(ROOT / "bench" / "results", "he_throughput",
+                         {"env": env, "rows": rows}, f"{env['date']}, {env['cpus']} CPUs",
+                         ["`python bench/he_throughput.py`; one worker process per row "
+                          "(client and server roles); the lane rows use 512 inputs.", "",
+                          *lines])
 
 
 if __name__ == "__main__":

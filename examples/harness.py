@@ -14,6 +14,17 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
+def write_results(out: Path, name: str, data, title: str, body: list[str]) -> int:
+    """Write ``out/name.json`` and ``out/name.md`` (``# name (title)`` then ``body``),
+    print the markdown, and return 0 for the bench script's exit code."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=1))
+    md = "\n".join([f"# {name} ({title})", "", *body, ""])
+    (out / f"{name}.md").write_text(md)
+    print(md)
+    return 0
+
+
 def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits.reshape(len(labels), -1), axis=1) == labels))
 

@@ -248,6 +248,18 @@ class HEPlan:
                 "output": {"shape": list(self.output_shape), "period": self.output_period},
                 "layers": {k: v.to_dict() for k, v in self.dense.items()}}
 
+    @classmethod
+    def from_manifest(cls, params: CKKSParams, m: dict) -> "HEPlan":
+        """The plan a server needs, read back from :meth:`manifest` (levels omitted)."""
+        fixed = {"shape", "period"}
+        return cls(params, tuple(m["rotations"]), int(m["depth"]), {},
+                   {k: DensePlan.from_dict(v) for k, v in m["layers"].items()},
+                   tuple(m["input"]["shape"]), tuple(m["output"]["shape"]),
+                   int(m["input"]["period"]), int(m["output"]["period"]),
+                   input_layout={k: v for k, v in m["input"].items()
+                                 if k not in fixed | {"range"}},
+                   lanes=int(m.get("lanes", 1)), costs=dict(m.get("costs", {})))
+
 
 LAYOUTS = ("latency", "throughput")
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from ..backends.he.evaluator import Evaluator
 from ..backends.he.openfhe_engine import WeightEncryptor, weight_key
+from ..compiler.plan import HEPlan
 from ..errors import KeyMismatchError
 from ..wire import pack
 from .bundle import ServerBundle
 from .keys import WEIGHTS_KIND, PublicKey
-from .server import plan_from_manifest
 
 
 def encrypt_weights(bundle: ServerBundle, public_key: bytes | PublicKey) -> bytes:
@@ -30,6 +30,6 @@ def encrypt_weights(bundle: ServerBundle, public_key: bytes | PublicKey) -> byte
     if key.model_id != bundle.model_id:
         raise KeyMismatchError("this public key was generated for another model")
     encryptor = WeightEncryptor(bundle.params, key.key)
-    evaluator = Evaluator(bundle.graph, plan_from_manifest(bundle))
+    evaluator = Evaluator(bundle.graph, HEPlan.from_manifest(bundle.params, bundle.manifest))
     parts = {weight_key(k): encryptor.encrypt(vec) for k, vec in evaluator.weight_vectors()}
     return pack(WEIGHTS_KIND, parts, {"model": bundle.model_id, "tag": encryptor.tag})

@@ -8,22 +8,11 @@ import numpy as np
 from ..backends.he.evaluator import Evaluator
 from ..backends.he.features import FeatureEvaluator
 from ..backends.he.openfhe_engine import EvaluationSession
-from ..compiler.plan import HEPlan, DensePlan
+from ..compiler.plan import HEPlan
 from ..errors import KeyMismatchError, KeyTypeError, MissingKeyError, SerializationError
 from ..wire import pack, unpack
 from .bundle import ServerBundle
 from .keys import CIPHERTEXT_KIND, WEIGHTS_KIND, EvaluationKeys, SecretKey
-
-
-def plan_from_manifest(bundle: ServerBundle) -> HEPlan:
-    m = bundle.manifest
-    return HEPlan(bundle.params, tuple(m["rotations"]), int(m["depth"]), {},
-                  {k: DensePlan.from_dict(v) for k, v in m["layers"].items()},
-                  tuple(m["input"]["shape"]), tuple(m["output"]["shape"]),
-                  int(m["input"]["period"]), int(m["output"]["period"]),
-                  input_layout={k: v for k, v in m["input"].items()
-                                if k in ("layout", "block", "blocks", "shifts", "gather")},
-                  lanes=int(m.get("lanes", 1)))
 
 
 class ServerSession:
@@ -42,7 +31,6 @@ class ServerSession:
                                      "with encrypted_weights=True to use encrypted ones")
         self._server = server
         self.tag = keys.tag
-        self._engine_has_encrypted_weights = weights is not None
         self._engine = EvaluationSession(server.bundle.params, keys.tag, keys.parts,
                                          server.bundle.manifest["rotations"])
         if weights is not None:
@@ -87,7 +75,7 @@ class ServerSession:
                 or sorted(parts) != sorted(f"f{i}" for i in range(width))):
             raise SerializationError("expected a feature-layout input with one ciphertext "
                                      f"per each of {width} features")
-        if self._engine_has_encrypted_weights:
+        if bundle.weights == "encrypted":
             raise SerializationError("the feature layout does not support encrypted weights")
         cts = [self._engine.load(parts[f"f{i}"]) for i in range(width)]
         outs = self._server.feature_evaluator.run(self._engine, cts)
@@ -115,7 +103,8 @@ class ModelServer:
 
     def __init__(self, bundle: str | os.PathLike | ServerBundle) -> None:
         self.bundle = bundle if isinstance(bundle, ServerBundle) else ServerBundle.load(bundle)
-        self.evaluator = Evaluator(self.bundle.graph, plan_from_manifest(self.bundle))
+        self.evaluator = Evaluator(self.bundle.graph, HEPlan.from_manifest(
+            self.bundle.params, self.bundle.manifest))
         self.feature_evaluator = FeatureEvaluator(self.bundle.graph)
         entry = self.bundle.manifest["input"]
         self.feature_width = (len(entry["gather"]) if "gather" in entry
