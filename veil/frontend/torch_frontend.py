@@ -56,8 +56,6 @@ def torch_to_graph(model: Any, input_shape: tuple[int, ...]) -> Graph:
 
 
 def _trace(model: Any) -> Any:
-    import torch.fx
-
     try:
         return _poly.symbolic_trace(model)  # keeps veil_chebyshev() modules as leaves
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError, ...
