@@ -140,6 +140,22 @@ def test_params_are_secure_by_default_and_insecure_only_when_asked():
         select_params(200, 16)
 
 
+def test_lower_precision_buys_cheaper_key_switching():
+    from veil.compiler.plan import keyswitch_cost
+
+    def cost(p):
+        return keyswitch_cost(p.mult_depth, p.scaling_bits, p.first_mod_bits,
+                              p.num_large_digits)
+
+    default, why = select_params(9, 512)
+    cheap, why12 = select_params(9, 512, precision_bits=12)
+    assert default.ring_dim == cheap.ring_dim == 16384 and "largest scale" in why
+    assert default.scaling_bits > cheap.scaling_bits and ">= 12 output bits" in why12
+    assert cost(cheap) < cost(default) / 2      # 4 digits instead of 10 at depth 9
+    with pytest.raises(CompileError, match="precision_bits"):
+        select_params(3, 16, precision_bits=30)
+
+
 def test_params_grow_ring_for_depth_and_slots():
     small, _ = select_params(3, 16)
     deep, _ = select_params(12, 16)
@@ -267,7 +283,7 @@ def test_im2col_first_conv_is_exact_and_cuts_rotations(rng):
     res = compile_graph(g, rng.uniform(0, 1, size=(8, 1, 28, 28)))
     assert res.lowered.ops()[:3] == [Op.INPUT, Op.GATHER, Op.DENSE]
     notes = [m for n in res.notes for m in n.messages if "im2col" in m]
-    assert notes and notes[0].endswith("rotations 64 -> 15")  # the figure docs quote
+    assert notes and notes[0].endswith("rotations 48 -> 11")  # the figure docs quote
     x = rng.uniform(0, 1, size=(3, 1, 28, 28))
     np.testing.assert_allclose(run(res.lowered, x), run(res.polynomial, x), atol=1e-8)
     manifest = res.plan.manifest()
@@ -336,3 +352,69 @@ def test_report_estimates_both_batch_layouts(rng):
     assert report.costs["lanes_per_ciphertext"] > 0 and report.costs["features_per_batch"] > 0
     text = str(report)
     assert "per input with" in text and "feature layout:" in text
+
+
+def lenet_like(rng, size=12):
+    """conv 5x5 pad 2 -> act -> avgpool 2 -> conv 3x3 -> act -> avgpool 2 -> fc: two
+    convolutions, the second strided through a pool, on a width that is not 2^k."""
+    i = make_node("input", Op.INPUT, [], [], {"shape": (1, size, size)})
+    c1 = make_node("c1", Op.CONV2D, ["input"], [(1, size, size)],
+                   {"stride": (1, 1), "padding": (2, 2)},
+                   {"weight": rng.normal(size=(3, 1, 5, 5)) * 0.3, "bias": rng.normal(size=3)})
+    a1 = make_node("a1", Op.SQUARE, ["c1"], [c1.shape])
+    p1 = make_node("p1", Op.AVGPOOL2D, ["a1"], [c1.shape],
+                   {"kernel": (2, 2), "stride": (2, 2), "padding": (0, 0)})
+    c2 = make_node("c2", Op.CONV2D, ["p1"], [p1.shape], {"stride": (1, 1), "padding": (0, 0)},
+                   {"weight": rng.normal(size=(5, 3, 3, 3)) * 0.3, "bias": rng.normal(size=5)})
+    a2 = make_node("a2", Op.SQUARE, ["c2"], [c2.shape])
+    p2 = make_node("p2", Op.AVGPOOL2D, ["a2"], [c2.shape],
+                   {"kernel": (2, 2), "stride": (2, 2), "padding": (0, 0)})
+    n = int(np.prod(p2.shape))
+    f = make_node("f", Op.RESHAPE, ["p2"], [p2.shape], {"shape": (n,)})
+    fc = make_node("fc", Op.LINEAR, ["f"], [(n,)], {},
+                   {"weight": rng.normal(size=(4, n)), "bias": rng.normal(size=4)})
+    return Graph((i, c1, a1, p1, c2, a2, p2, f, fc), "fc")
+
+
+def test_slot_diagonals_match_the_slot_level_matrix(rng):
+    """Every non-zero of W lands once, at W'[out_pos[r], in_pos[c]] of the slot matrix."""
+    from veil.compiler.plan import slot_diagonals
+    for (m, n, po, pi) in ((5, 7, 32, 16), (6, 9, 16, 64), (4, 4, 16, 16)):
+        w = rng.normal(size=(m, n)) * (rng.uniform(size=(m, n)) < 0.6)
+        out_pos = rng.choice(po, size=m, replace=False)
+        in_pos = rng.choice(pi, size=n, replace=False)
+        full = np.zeros((po, pi))
+        full[np.ix_(out_pos, in_pos)] = w
+        ids, vecs = slot_diagonals(w, pi, po, in_pos, out_pos)
+        j = np.arange(max(pi, po))
+        for i in range(min(pi, po)):
+            want = full[j % po, (j + i) % pi]
+            got = vecs[list(ids).index(i)] if i in ids else np.zeros_like(want)
+            np.testing.assert_allclose(got, want)
+
+
+def test_convolutions_get_strided_grid_layouts(rng):
+    """The planner puts conv outputs on channel-blocked, strided grids: fewer diagonals
+    and keys than compact placement, the same values, and exactly the manifest's keys."""
+    g = lenet_like(rng)
+    cal = rng.uniform(0, 1, size=(8, 1, 12, 12))
+    res = compile_graph(g, cal)
+    plan = res.plan
+    compact = plan_he(res.lowered, layout="throughput")
+    grid = plan.dense["c2"]
+    assert plan.manifest()["input"]["positions"]          # input rows padded to 16
+    assert grid.out_positions is not None and grid.in_positions is not None
+    assert len(plan.dense["c1"].diagonals) == 25          # one per kernel offset
+    assert len(grid.diagonals) < len(compact.dense["c2"].diagonals)
+    assert len(plan.rotations) < len(compact.rotations)
+    eng = NumpySlotEngine(plan.params.slots, set(plan.rotations))
+    xs = rng.uniform(0, 1, size=(plan.lanes, 1, 12, 12))
+    out = Evaluator(res.lowered, plan).run(eng, pack_inputs(list(xs), plan.manifest(),
+                                                            plan.params.slots))
+    np.testing.assert_allclose(unpack_outputs(out, plan.manifest(), plan.lanes),
+                               run(res.lowered, xs), atol=1e-8)
+    assert eng.used_rotations == set(plan.rotations)
+    # the server reads the same plan back from the manifest
+    from veil.compiler.plan import HEPlan
+    back = HEPlan.from_manifest(plan.params, plan.manifest())
+    assert back.dense == plan.dense

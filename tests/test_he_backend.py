@@ -73,9 +73,10 @@ def test_depth_table_matches_openfhe(degree, rng):
 
 @pytest.mark.parametrize("depth", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
 def test_selected_params_are_accepted_at_128_bits(depth):
-    params, _ = select_params(depth, 256)
-    cc = build_context(params)   # OpenFHE enforces HEStd_128_classic for the given ring
-    assert cc.GetRingDimension() == params.ring_dim
+    for bits in (None, 12, 20):   # each precision floor picks other (scale, digits) pairs
+        params, _ = select_params(depth, 256, precision_bits=bits)
+        cc = build_context(params)   # OpenFHE enforces HEStd_128_classic for the ring
+        assert cc.GetRingDimension() == params.ring_dim
     toy, _ = select_params(depth, 256, insecure_test_params=True)
     assert build_context(toy).GetRingDimension() == toy.ring_dim
 

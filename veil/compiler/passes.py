@@ -114,9 +114,29 @@ def _dense_from_chain(chain: list[Node], shapes: dict[str, tuple[int, ...]]) -> 
     flat = x.reshape(in_size + 1, -1)
     bias = flat[0]
     matrix = (flat[1:] - bias).T
-    return Node(tail.name, Op.DENSE, (head.inputs[0],), tail.shape,
-                {"shape": tail.shape, "source": tuple(n.name for n in chain)},
+    attrs = {"shape": tail.shape, "source": tuple(n.name for n in chain)}
+    stride = _grid_stride(chain, in_shape)
+    if stride is not None:
+        attrs["grid_stride"] = stride
+    return Node(tail.name, Op.DENSE, (head.inputs[0],), tail.shape, attrs,
                 {"matrix": matrix, "bias": bias})
+
+
+def _grid_stride(chain: list[Node], in_shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """(sy, sx) when the chain maps (C, H, W) to (C', H', W') by convolutions, pooling
+    and per-channel affines only: output pixel (y, x) then reads a window anchored at
+    input pixel (sy * y + oy, sx * x + ox), the same for every pixel, which the planner
+    uses to lay the output out on a strided grid. None for anything else."""
+    if len(in_shape) != 3 or len(chain[-1].shape) != 3:
+        return None
+    sy = sx = 1
+    for node in chain:
+        if node.op is Op.BATCHNORM:
+            continue
+        if node.op not in (Op.CONV2D, Op.AVGPOOL2D):
+            return None
+        sy, sx = sy * int(node.attrs["stride"][0]), sx * int(node.attrs["stride"][1])
+    return sy, sx
 
 
 def fold_poly_domain(graph: Graph) -> tuple[Graph, PassNote]:

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ...compiler.plan import DensePlan, HEPlan, diagonal_vectors, normalize_rotation
+from ...compiler.plan import DensePlan, HEPlan, normalize_rotation, slot_diagonals
 from ...errors import CompileError
 from ...ir import Graph, Op
 from .layout import spread, tile
@@ -39,8 +39,12 @@ class PreparedDense:
         self.name, self.plan, self.slots, self.lanes = name, plan, slots, lanes
         positions = slots // lanes
         length = max(plan.in_period, plan.out_period)
-        diags = diagonal_vectors(matrix, plan.in_period, plan.out_period)
-        self.bias = spread(tile(bias, plan.out_period, positions), lanes)
+        m, n = matrix.shape
+        ids, vecs = slot_diagonals(matrix, plan.in_period, plan.out_period,
+                                   plan.positions("in", n), plan.positions("out", m))
+        diags = dict(zip(ids.tolist(), vecs))
+        self.bias = spread(tile(bias, plan.out_period, positions,
+                                plan.positions("out", m)), lanes)
         if plan.input_blocks:
             # Client-expanded input: block t already holds rot(x, diagonals[t]).
             pattern = np.zeros(plan.input_blocks * length)
@@ -48,13 +52,17 @@ class PreparedDense:
                 pattern[t * length:(t + 1) * length] = diags[d % plan.in_period]
             self.expanded = spread(np.tile(pattern, positions // pattern.size), lanes)
             return
-        b = plan.baby_step
-        self.groups: dict[int, list[tuple[int, np.ndarray]]] = {}
+        b, outer = plan.baby_step, plan.giant2 * plan.baby_step
+        # groups[g2][g] = [(r, vector)], d == g2 * outer + g * b + r
+        self.groups: dict[int, dict[int, list[tuple[int, np.ndarray]]]] = {}
         for d in plan.diagonals:
-            g, r = plan.split(d)
-            # rot(rot(diag, -g*b) * rot(x, r), g*b) == diag * rot(x, d)
-            vec = np.roll(diags[d % plan.in_period], g * b)  # period `length` block
-            self.groups.setdefault(g, []).append(
+            g2, g, r = plan.split3(d)
+            vec = diags.get(d % plan.in_period)
+            if vec is None:   # the all-zero layer keeps one (zero) diagonal
+                vec = np.zeros(length)
+            # rot(rot(diag, -s) * rot(x, r), s) == diag * rot(x, d) for s = d - r
+            vec = np.roll(vec, g2 * outer + g * b)  # period `length` block
+            self.groups.setdefault(g2, {}).setdefault(g, []).append(
                 (r, spread(tile(vec, length, positions), lanes)))
         self.babies = sorted({plan.split(d)[1] for d in plan.diagonals} - {0})
 
@@ -63,9 +71,10 @@ class PreparedDense:
         if self.plan.input_blocks:
             yield (self.name, "expanded"), self.expanded
         else:
-            for g, terms in self.groups.items():
-                for r, vec in terms:
-                    yield (self.name, g, r), vec
+            for g2, inner in self.groups.items():
+                for g, terms in inner.items():
+                    for r, vec in terms:
+                        yield self._key(g2, g, r), vec
         yield (self.name, "bias"), self.bias
 
     def __call__(self, engine: SlotEngine, ct: Any) -> Any:
@@ -78,16 +87,26 @@ class PreparedDense:
             keys = [self._rot(r) for r in self.babies]
             hoisted = engine.rotate_hoisted(ct, keys)
             rots.update({r: hoisted[k] for r, k in zip(self.babies, keys)})
+        b, outer = self.plan.baby_step, self.plan.giant2 * self.plan.baby_step
         total = None
-        for g, terms in sorted(self.groups.items()):
-            inner = None
-            for r, vec in terms:
-                prod = engine.mul_plain(rots[r], vec, (self.name, g, r))
-                inner = prod if inner is None else engine.add(inner, prod)
-            if g:
-                inner = engine.rotate(inner, self._rot(g * self.plan.baby_step))
-            total = inner if total is None else engine.add(total, inner)
+        for g2, inner in sorted(self.groups.items()):
+            part = None
+            for g, terms in sorted(inner.items()):
+                acc = None
+                for r, vec in terms:
+                    prod = engine.mul_plain(rots[r], vec, self._key(g2, g, r))
+                    acc = prod if acc is None else engine.add(acc, prod)
+                if g:
+                    acc = engine.rotate(acc, self._rot(g * b))
+                part = acc if part is None else engine.add(part, acc)
+            if g2:
+                part = engine.rotate(part, self._rot(g2 * outer))
+            total = part if total is None else engine.add(total, part)
         return self._finish(engine, total, self.plan.fold_steps)
+
+    def _key(self, g2: int, g: int, r: int) -> tuple:
+        """Cache key of one diagonal (the two-level form kept for two-level plans)."""
+        return (self.name, g, r) if not self.plan.giant2 else (self.name, g2, g, r)
 
     def _finish(self, engine: SlotEngine, total: Any, folds) -> Any:
         for step in folds:

@@ -5,22 +5,27 @@ from __future__ import annotations
 import numpy as np
 
 
-def tile(values: np.ndarray, period: int, slots: int) -> np.ndarray:
-    """Zero-pad ``values`` to ``period`` and repeat it across all ``slots``."""
+def tile(values: np.ndarray, period: int, slots: int,
+         positions: np.ndarray | None = None) -> np.ndarray:
+    """Place ``values`` in a block of ``period`` slots (element k at ``positions[k]``,
+    default slot k; the rest zero) and repeat the block across all ``slots``."""
     flat = np.zeros(period)
-    flat[: np.size(values)] = np.ravel(values)
+    if positions is None:
+        flat[: np.size(values)] = np.ravel(values)
+    else:
+        flat[np.asarray(positions, dtype=np.int64)] = np.ravel(values)
     return np.tile(flat, slots // period)
 
 
 def expanded(values: np.ndarray, period: int, block: int, shifts: list[int],
-             blocks: int, slots: int) -> np.ndarray:
+             blocks: int, slots: int, positions: np.ndarray | None = None) -> np.ndarray:
     """Block ``t`` holds the input rotated by ``shifts[t]`` (the first layer's diagonals).
 
     The client has the input in the clear, so it performs the first layer's rotations
     itself at no cost; the server then needs one product and ``log2(blocks)`` folds.
     The pattern of ``blocks * block`` slots repeats across the ciphertext.
     """
-    base = tile(values, period, block)
+    base = tile(values, period, block, positions)
     pattern = np.zeros(blocks * block)
     for t, shift in enumerate(shifts):
         pattern[t * block:(t + 1) * block] = np.roll(base, -shift)
@@ -40,10 +45,11 @@ def apply_gather(values: np.ndarray, spec: dict) -> np.ndarray:
 def encode_input(values: np.ndarray, spec: dict, positions: int) -> np.ndarray:
     """Position vector for one input according to the manifest's ``input`` entry."""
     values = apply_gather(values, spec)
+    where = spec.get("positions")   # the planner's slot grid for the input, if any
     if spec.get("layout", "replicated") == "expanded":
         return expanded(values, spec["period"], spec["block"], spec["shifts"],
-                        spec["blocks"], positions)
-    return tile(values, spec["period"], positions)
+                        spec["blocks"], positions, where)
+    return tile(values, spec["period"], positions, where)
 
 
 def interleave(vectors: list[np.ndarray], lanes: int) -> np.ndarray:
