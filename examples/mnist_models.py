@@ -86,3 +86,10 @@ def load_lola(dataset: str = "fashion") -> nn.Module:
 def load_lenet() -> nn.Module:
     """The fine-tuned LeNet-5 for Fashion-MNIST."""
     return load_npz(polynomial(LeNet5()), weights_path("lenet_fashion"))
+
+
+def load_original(name: str) -> nn.Module:
+    """The ReLU network a shipped model was fine-tuned from (``lola_fashion``,
+    ``lola_mnist`` or ``lenet_fashion``): the reference for its accuracy loss."""
+    cls = LeNet5 if name.startswith("lenet") else LoLaCNN
+    return load_npz(cls(), weights_path(f"{name}_relu"))

@@ -288,11 +288,15 @@ def test_im2col_first_conv_is_exact_and_cuts_rotations(rng):
     np.testing.assert_allclose(run(res.lowered, x), run(res.polynomial, x), atol=1e-8)
     manifest = res.plan.manifest()
     assert "gather" in manifest["input"]
+    # 25 tap groups of 169 placed column-wise in 8 blocks: 4 offsets, so the conv has
+    # (4 offsets - 5 channels) = 8 diagonals instead of 25 + 5 - 1 = 29 (plan._cell_layouts)
+    assert "positions" in manifest["input"] and len(res.plan.dense["c"].diagonals) == 8
     eng = NumpySlotEngine(res.plan.params.slots, set(res.plan.rotations))
     out = Evaluator(res.lowered, res.plan).run(
         eng, pack_inputs([x[0]], manifest, res.plan.params.slots))
     np.testing.assert_allclose(unpack_outputs(out, manifest, 1)[0], run(res.lowered, x[:1])[0],
                                atol=1e-8)
+    assert eng.used_rotations == set(res.plan.rotations)
 
 
 def test_gather_is_client_side_only(rng):

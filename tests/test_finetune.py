@@ -186,3 +186,24 @@ def test_validation_keeps_the_best_epoch():
     assert _accuracy(early, xva, yva) >= _accuracy(plain, xva, yva)
     with pytest.raises(veil.InputError, match="validation inputs"):
         finetune(model, (xtr, ytr), epochs=1, validation=(xva[:, :10], yva))
+
+
+def test_distillation_learns_from_the_original_network_not_the_labels():
+    """distill=1 ignores the labels: trained on shuffled labels, the polynomial copy still
+    agrees with the original network; cross-entropy alone learns the noise instead."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    torch.manual_seed(0)
+    from models import train
+    teacher = train(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)),
+                    x[:1200], y[:1200], epochs=10)
+    with torch.no_grad():
+        want = teacher(torch.as_tensor(x[1200:])).argmax(1).numpy()
+    noise = np.random.default_rng(0).permutation(y[:1200])
+    kd = finetune(teacher, (x[:1200], noise), epochs=8, lr=1e-2, distill=1.0)
+    ce = finetune(teacher, (x[:1200], noise), epochs=8, lr=1e-2)
+    assert _accuracy(kd, x[1200:], want) > 0.9 > _accuracy(ce, x[1200:], want) + 0.2
+    with pytest.raises(InputError, match="distill"):
+        finetune(teacher, (x[:10], y[:10]), distill=1.5)

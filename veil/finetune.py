@@ -374,11 +374,16 @@ def _accuracy(net: Any, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _train(net: Any, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float,
-           batch_size: int, seed: int, validation=None) -> list[float]:
+           batch_size: int, seed: int, validation=None, teacher=None,
+           distill: float = 0.0, temperature: float = 4.0) -> list[float]:
     """Adam on cross-entropy; returns the mean loss of each epoch.
 
     With ``validation=(x, y)``, the weights of the epoch with the best validation
-    accuracy are kept (early stopping without looking at test data).
+    accuracy are kept (early stopping without looking at test data). With a
+    ``teacher`` and ``distill`` = a in (0, 1], the loss is (1 - a) * cross-entropy + a *
+    T^2 * KL(teacher || student) on logits softened by ``temperature`` T: knowledge
+    distillation (Hinton, Vinyals and Dean, 2015), the original network teaching its
+    polynomial copy.
     """
     import copy
 
@@ -395,7 +400,14 @@ def _train(net: Any, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float,
         total = 0.0
         for idx in torch.randperm(len(xt), generator=gen).split(batch_size):
             opt.zero_grad()
-            loss = F.cross_entropy(net(xt[idx]), yt[idx])
+            logits = net(xt[idx])
+            loss = F.cross_entropy(logits, yt[idx])
+            if distill > 0.0:
+                with torch.no_grad():
+                    soft = F.log_softmax(teacher(xt[idx]) / temperature, dim=1)
+                kl = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft,
+                              reduction="batchmean", log_target=True)
+                loss = (1.0 - distill) * loss + distill * temperature ** 2 * kl
             if not torch.isfinite(loss):
                 raise CompileError(
                     f"fine-tuning diverged at epoch {epoch + 1} (loss {loss.item()}); "
@@ -418,7 +430,8 @@ def _train(net: Any, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float,
 
 def finetune(model: Any, train_data: tuple[Any, Any], *, epochs: int = 3, degree: int = 2,
              lr: float = 1e-3, batch_size: int = 128, calibration: Any = None,
-             seed: int = 0, validation: tuple[Any, Any] | None = None) -> Any:
+             seed: int = 0, validation: tuple[Any, Any] | None = None,
+             distill: float = 0.0, temperature: float = 4.0) -> Any:
     """Replace activations by trainable polynomials and fine-tune the network.
 
     1. Copy ``model`` and swap every ReLU / GELU / SiLU / Sigmoid / Tanh (modules, and
@@ -446,6 +459,9 @@ def finetune(model: Any, train_data: tuple[Any, Any], *, epochs: int = 3, degree
             caller's global RNG state is restored afterwards.
         validation: optional held-out ``(x, y)``; the epoch with the best accuracy on it
             is kept. Never pass test data here.
+        distill: weight in [0, 1] of knowledge distillation from ``model`` itself (the
+            original activations) against cross-entropy on the labels; 0 turns it off.
+        temperature: softening of both networks' logits for distillation.
 
     Returns:
         A new module in eval mode (see :func:`replace_activations` for its type).
@@ -460,6 +476,9 @@ def finetune(model: Any, train_data: tuple[Any, Any], *, epochs: int = 3, degree
     if int(epochs) < 0 or int(batch_size) < 1 or not lr > 0:
         raise InputError(f"need epochs >= 0, batch_size >= 1 and lr > 0; got epochs={epochs}, "
                          f"batch_size={batch_size}, lr={lr}")
+    if not 0.0 <= float(distill) <= 1.0 or not float(temperature) > 0.0:
+        raise InputError(f"need 0 <= distill <= 1 and temperature > 0; got distill={distill}, "
+                         f"temperature={temperature}")
     net = replace_activations(model, degree=degree)
     x, y, calib = _check_data(model, train_data, calibration)
     if validation is not None:
@@ -472,8 +491,14 @@ def finetune(model: Any, train_data: tuple[Any, Any], *, epochs: int = 3, degree
         torch.manual_seed(seed)
         net.eval()
         _initialise(net, calib, DEFAULT_MARGIN, int(batch_size))
+        teacher = None
+        if distill > 0.0:
+            teacher = copy.deepcopy(model).eval()
+            for p in teacher.parameters():
+                p.requires_grad_(False)
         _train(net, x, y, epochs=int(epochs), lr=float(lr), batch_size=int(batch_size),
-               seed=seed, validation=validation)
+               seed=seed, validation=validation, teacher=teacher, distill=float(distill),
+               temperature=float(temperature))
         net.eval()
         _rebase(net, calib, DEFAULT_MARGIN, int(batch_size))
     return net

@@ -210,8 +210,11 @@ def im2col_first_conv(graph: Graph, *, max_values: int = 1 << 14) -> tuple[Graph
     after = len(plan_dense(patch).rotations())
     if after * 2 > before:
         return graph, note
+    # patch_groups (K, P): the gathered vector is K groups (kernel taps) of P positions,
+    # which the planner may place in slot cells of its choosing (plan._cell_layouts).
     gather = Node("input_im2col", Op.GATHER, (graph.input.name,), (idx.size,),
-                  {"indices": tuple(int(i) for i in idx)})
+                  {"indices": tuple(int(i) for i in idx),
+                   "patch_groups": (idx.size // positions, positions)})
     dense = Node(conv.name, Op.DENSE, (gather.name,), conv.shape,
                  {"shape": conv.shape, "source": (conv.name,)},
                  {"matrix": patch, "bias": bias})

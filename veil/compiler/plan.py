@@ -581,14 +581,35 @@ def _grid_candidates(node, in_grid, slots: int):
     return out
 
 
+def _cell_layouts(entry, first, slots: int):
+    """Input layouts for client-side im2col patches: K groups of P positions.
+
+    The first convolution's output (compact, period Po) folds ``slots / Po`` blocks
+    together, so a patch group may sit in any block at no cost; only its offset inside
+    the block sets the diagonal, (offset - channel * P). Filling the blocks column-wise
+    (group k in block k mod nb at offset (k div nb) * P) leaves ceil(K / nb) offsets and
+    so about ceil(K / nb) + C diagonals instead of K + C.
+    """
+    groups, width = (int(v) for v in entry.attrs["patch_groups"])
+    po = next_pow2(int(np.prod(first.shape)))
+    nb = slots // po
+    if nb < 2 or -(-groups // nb) * width > po:
+        return []
+    k, p = np.divmod(np.arange(groups * width), width)
+    pos = (k % nb) * po + (k // nb) * width + p
+    return [(slots, pos, None)]
+
+
 def _assign_layouts(graph: Graph, entry, slots: int, *, search: bool):
     """Slot layout of every value and the diagonal plan of every DENSE node.
 
-    With ``search``, the input of a first convolution goes on a grid with power-of-two
-    rows, and each convolution-like DENSE (``grid_stride`` attribute from linearize)
-    picks, among compact and :func:`_grid_candidates`, the output layout with the lowest
-    :func:`dense_cost` for itself plus the next dense layer. Values that reach an ADD or
-    the output stay compact.
+    With ``search``: the client's input takes the candidate layout (compact; a grid with
+    power-of-two rows before a convolution; :func:`_cell_layouts` for im2col patches)
+    under which the first dense layer is cheapest, and each convolution-like DENSE
+    (``grid_stride`` attribute from linearize) picks, among compact and
+    :func:`_grid_candidates`, the output layout with the lowest :func:`dense_cost` for
+    itself plus the next dense layer. Values that reach an ADD or the output stay
+    compact.
     """
     consumers = {n.name: graph.consumers(n.name) for n in graph.nodes}
 
@@ -614,29 +635,9 @@ def _assign_layouts(graph: Graph, entry, slots: int, *, search: bool):
 
     fixed = {n.name for n in graph.nodes
              if is_output(n.name) or reaches(n.name, lambda c: c.op is Op.ADD)}
-    layouts = {}
-    for node in graph.nodes:
-        if node.op is Op.INPUT or node is entry:
-            layouts[node.name] = _compact(node.shape)
-            first = next_dense(node.name)
-            if (search and node.op is Op.INPUT and len(node.shape) == 3
-                    and first is not None and "grid_stride" in first.attrs):
-                c, h, w = node.shape
-                sy = next_pow2(w)
-                block = next_pow2(h * sy)
-                grid = (tuple(k * block for k in range(c)), sy, 1)
-                if next_pow2(c * block) <= slots:
-                    layouts[node.name] = (next_pow2(c * block),
-                                          _grid_positions(node.shape, grid), grid)
-    dense: dict[str, DensePlan] = {}
-    for node in graph.nodes:
-        if node.name in layouts:
-            continue
-        if node.op is not Op.DENSE:
-            if node.op in _ELEMENTWISE + (Op.ADD,):
-                layouts[node.name] = layouts[node.inputs[0]]
-            continue
-        in_period, in_pos, in_grid = layouts[node.inputs[0]]
+
+    def best_dense(node, in_layout):
+        in_period, in_pos, in_grid = in_layout
         matrix = node.params["matrix"]
         options = [_compact(node.shape)]
         if (search and in_grid is not None and "grid_stride" in node.attrs
@@ -652,8 +653,43 @@ def _assign_layouts(graph: Graph, entry, slots: int, *, search: bool):
                                               None))
             if best is None or cost < best[0]:
                 best = (cost, plan, (period, pos, grid))
-        dense[node.name], layouts[node.name] = best[1], best[2]
-    return layouts, dense
+        return best
+
+    def assign(entry_layout):
+        layouts: dict[str, tuple] = {n.name: _compact(n.shape) for n in graph.nodes
+                                     if n.op is Op.INPUT or n is entry}
+        layouts[entry.name] = entry_layout
+        dense: dict[str, DensePlan] = {}
+        total = 0.0
+        for node in graph.nodes:
+            if node.name in layouts:
+                continue
+            if node.op is not Op.DENSE:
+                if node.op in _ELEMENTWISE + (Op.ADD,):
+                    layouts[node.name] = layouts[node.inputs[0]]
+                continue
+            _, dense[node.name], layouts[node.name] = best_dense(node,
+                                                                 layouts[node.inputs[0]])
+            total += dense_cost(dense[node.name])
+        return total, layouts, dense
+
+    options = [_compact(entry.shape)]
+    first = next_dense(entry.name)
+    if search and first is not None and len(consumers[entry.name]) == 1:
+        if entry.op is Op.INPUT and len(entry.shape) == 3 and "grid_stride" in first.attrs:
+            c, h, w = entry.shape
+            sy = next_pow2(w)
+            block = next_pow2(h * sy)
+            grid = (tuple(k * block for k in range(c)), sy, 1)
+            if next_pow2(c * block) <= slots:
+                options.append((next_pow2(c * block), _grid_positions(entry.shape, grid),
+                                grid))
+        if entry.op is Op.GATHER and "patch_groups" in entry.attrs:
+            options += _cell_layouts(entry, first, slots)
+    # The whole model's cost decides: power-of-two rows rarely help the first layer but
+    # let later layers split their rotations on a common stride.
+    best = min((assign(o) for o in options), key=lambda r: r[0])
+    return best[1], best[2]
 
 
 def _client_entry(graph: Graph):
