@@ -1,0 +1,171 @@
+"""Run a model on additive shares: the original network, exactly (no approximation).
+
+``lower_for_mpc`` folds batch norms and collapses each chain of affine ops into one DENSE
+matrix (the compiler's own passes), leaving ReLU, max pooling, squares and polynomials.
+The two servers know the weights in this mode; a dense layer is then local on each
+share (multiply by the fixed-point weights, party 0 adds the bias) followed by an exact
+one-round truncation, and the non-linear layers use the dealer's material
+(``protocols``):
+
+- RELU: one comparison (DCF) and one Beaver product, two rounds;
+- MAXPOOL2D (no padding): a tree of max(a, b) = b + ReLU(a - b) over each window;
+- SQUARE and POLY (fine-tuned polynomial activations, evaluated in the power basis by
+  Horner's rule): one Beaver product and a truncation per degree.
+
+:func:`material_plan` lists what the dealer must produce per inference, in order;
+:func:`dealer_material` produces it; :func:`evaluate` is one party's whole run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.polynomial import chebyshev, polynomial
+
+from ...compiler.passes import fold_batchnorm, linearize
+from ...errors import UnsupportedOperation
+from ...ir import Graph, Op
+from . import protocols as pr
+from .fixed import FRAC_BITS
+from .prg import Prg
+
+MPC_OPS = frozenset({Op.INPUT, Op.DENSE, Op.RELU, Op.MAXPOOL2D, Op.SQUARE, Op.POLY, Op.ADD})
+
+
+def lower_for_mpc(graph: Graph) -> Graph:
+    """Batch norms folded, affine chains as DENSE; anything without an exact two-party
+    protocol here (GELU, SiLU, sigmoid, tanh, padded max pooling) is refused."""
+    g, _ = fold_batchnorm(graph)
+    g, _ = linearize(g)
+    for node in g.nodes:
+        if node.op not in MPC_OPS:
+            raise UnsupportedOperation(
+                f"{node.op.value} node {node.name!r} has no exact MPC protocol; fine-tune it "
+                "to a polynomial (veil.finetune) or use ReLU")
+        if node.op is Op.MAXPOOL2D and any(node.attrs["padding"]):
+            raise UnsupportedOperation(f"max pooling {node.name!r} with padding is not "
+                                       "supported in MPC")
+    return g
+
+
+def _scaled(x: np.ndarray, frac_bits: int) -> np.ndarray:
+    return np.round(np.asarray(x, dtype=np.float64) * float(2 ** frac_bits)).astype(
+        np.int64).view(np.uint64)
+
+
+def _window_indices(node, in_shape) -> np.ndarray:
+    """(outputs, window) flat input indices of a max-pooling node."""
+    c, h, w = in_shape
+    (kh, kw), (sh, sw) = node.attrs["kernel"], node.attrs["stride"]
+    _, ho, wo = node.shape
+    ch, oy, ox, dy, dx = np.meshgrid(np.arange(c), np.arange(ho), np.arange(wo),
+                                     np.arange(kh), np.arange(kw), indexing="ij")
+    idx = (ch * h + oy * sh + dy) * w + ox * sw + dx
+    return idx.reshape(c * ho * wo, kh * kw)
+
+
+def _power_coeffs(node) -> np.ndarray:
+    """A POLY's Chebyshev series on [lo, hi] as power-basis coefficients in x."""
+    lo, hi = node.attrs["lo"], node.attrs["hi"]
+    in_t = chebyshev.cheb2poly(np.asarray(node.attrs["coeffs"], dtype=np.float64))
+    # t = (2x - lo - hi) / (hi - lo); substitute and expand
+    scale, shift = 2.0 / (hi - lo), -(hi + lo) / (hi - lo)
+    out = np.zeros(1)
+    for k, c in enumerate(in_t):
+        out = polynomial.polyadd(out, c * polynomial.polypow([shift, scale], k))
+    return out
+
+
+@dataclass(frozen=True)
+class Step:
+    """One interactive step: ``kind`` ("trunc", "relu" or "mul") on ``size`` values per
+    input."""
+
+    kind: str
+    size: int
+
+
+def material_plan(graph: Graph) -> list[Step]:
+    """The dealer material one inference consumes, in the order the parties use it."""
+    shapes = {n.name: n.shape for n in graph.nodes}
+    steps = []
+    for node in graph.nodes:
+        size = int(np.prod(node.shape))
+        if node.op is Op.DENSE:
+            steps.append(Step("trunc", size))
+        elif node.op is Op.RELU:
+            steps.append(Step("relu", size))
+        elif node.op is Op.MAXPOOL2D:
+            width = _window_indices(node, shapes[node.inputs[0]]).shape[1]
+            while width > 1:
+                steps.append(Step("relu", size * (width // 2)))
+                width = width // 2 + width % 2
+        elif node.op is Op.SQUARE:
+            steps += [Step("mul", size), Step("trunc", size)]
+        elif node.op is Op.POLY:
+            steps += [Step("mul", size), Step("trunc", size)] * (len(_power_coeffs(node)) - 1)
+    return steps
+
+
+def dealer_material(steps: list[Step], batch: int, prg: Prg,
+                    frac_bits: int = FRAC_BITS) -> tuple[list, list]:
+    """Both parties' material for ``batch`` inferences (one list per party)."""
+    out: tuple[list, list] = ([], [])
+    for step in steps:
+        n = step.size * batch
+        if step.kind == "relu":
+            pair = pr.relu_material(n, prg)
+        elif step.kind == "trunc":
+            pair = pr.trunc_material(n, frac_bits, prg)
+        else:
+            pair = pr.triples(n, prg)
+        out[0].append(pair[0])
+        out[1].append(pair[1])
+    return out
+
+
+def evaluate(party: int, ch: pr.Channel, graph: Graph, x: np.ndarray, material: list,
+             frac_bits: int = FRAC_BITS) -> np.ndarray:
+    """Party ``party``'s share of the output for its share ``x`` (batch, *input shape)."""
+    batch = x.shape[0]
+    values = {graph.input.name: np.asarray(x, dtype=np.uint64).reshape(batch, -1)}
+    shapes = {n.name: n.shape for n in graph.nodes}
+    supply = iter(material)
+    for node in graph.nodes[1:]:
+        args = [values[s] for s in node.inputs]
+        if node.op is Op.DENSE:
+            w = _scaled(node.params["matrix"], frac_bits)
+            y = args[0] @ w.T
+            if party == 0:
+                y = y + _scaled(node.params["bias"], 2 * frac_bits)
+            out = pr.truncate_exact(ch, party, y.ravel(), next(supply),
+                                    frac_bits).reshape(batch, -1)
+        elif node.op is Op.ADD:
+            out = args[0] + args[1]
+        elif node.op is Op.RELU:
+            out = pr.relu(ch, party, args[0].ravel(), next(supply)).reshape(batch, -1)
+        elif node.op is Op.MAXPOOL2D:
+            vals = args[0][:, _window_indices(node, shapes[node.inputs[0]])]
+            while vals.shape[-1] > 1:
+                pairs = vals.shape[-1] // 2
+                a, b = vals[..., 0:2 * pairs:2], vals[..., 1:2 * pairs:2]
+                m = b + pr.relu(ch, party, (a - b).ravel(), next(supply)).reshape(b.shape)
+                vals = np.concatenate([m, vals[..., 2 * pairs:]], axis=-1)
+            out = vals[..., 0]
+        elif node.op is Op.SQUARE:
+            sq = pr.mul(ch, party, args[0].ravel(), args[0].ravel(), next(supply))
+            out = pr.truncate_exact(ch, party, sq, next(supply), frac_bits).reshape(batch, -1)
+        elif node.op is Op.POLY:
+            coeffs = _power_coeffs(node)
+            xv = args[0].ravel()
+            acc = np.full(xv.shape, _scaled(coeffs[-1], frac_bits)) * np.uint64(party == 0)
+            for c in coeffs[-2::-1]:          # Horner: acc = acc * x + c
+                prod = pr.mul(ch, party, acc, xv, next(supply))
+                acc = pr.truncate_exact(ch, party, prod, next(supply), frac_bits)
+                if party == 0:
+                    acc = acc + _scaled(c, frac_bits)
+            out = acc.reshape(batch, -1)
+        else:  # lower_for_mpc admits nothing else
+            raise UnsupportedOperation(f"{node.op.value} cannot run on shares")
+        values[node.name] = out
+    return values[graph.output]

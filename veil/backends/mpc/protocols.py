@@ -1,0 +1,189 @@
+"""Party-side two-party protocols on additive shares over Z_(2^64), and the dealer's
+material for them.
+
+Each protocol runs at party ``b`` (0 or 1) on its share and talks to the other party
+through a :class:`Channel` (one ``exchange`` = one round: both send, both receive).
+Constructions:
+
+- Beaver multiplication (Beaver, CRYPTO 1991): open x - a and y - b for a dealer triple
+  c = a * b; elementwise and, with matrix triples, matrix products.
+- Exact truncation with one round (the DCF-based shift of Boyle et al., EUROCRYPT 2021,
+  Sec. 5): open x^ = x + r; then x >> f = (x^ >> f) - (r >> f) - [x^ mod 2^f < r mod 2^f]
+  + 2^(64 - f) [x^ < r], two DCFs; a 2^63 offset makes the shift arithmetic. The
+  parties' evaluator uses it for every dense layer: it never fails, unlike the
+  probabilistic local truncation (Mohassel and Zhang, "SecureML", S&P 2017, Thm. 1),
+  which is kept for reference and fails with probability 2^(l_x + 1 - 64) per value.
+- Sign (DReLU) from one distributed comparison function (Boyle et al., EUROCRYPT 2021):
+  open x^ = x + r for a dealer mask r; then msb(x) = msb(x^) xor msb(r) xor
+  [x^ mod 2^63 < r mod 2^63], and the dealer's DCF key with payload 1 - 2 msb(r) plus a
+  share of msb(r) turns the bracket into shares of msb(r) xor [...] without another
+  round. ReLU(x) = x * DReLU(x) with one Beaver product: two rounds, 24 bytes sent per
+  value per party.
+- Max pooling as max(a, b) = b + ReLU(a - b), in a tree over the window.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from . import fss
+from .fixed import FRAC_BITS
+from .prg import Prg
+
+_ZERO = np.uint64(0)
+_LOW63 = np.uint64((1 << 63) - 1)
+_SHIFT63 = np.uint64(63)
+
+
+class Channel(Protocol):
+    """One round with the other party: send ``data``, receive theirs (same shape)."""
+
+    def exchange(self, data: np.ndarray) -> np.ndarray: ...
+
+
+def share(x: np.ndarray, prg: Prg) -> tuple[np.ndarray, np.ndarray]:
+    """Additive shares of ring elements: (x - r, r) with r from a CSPRNG."""
+    r = prg.uint64(np.shape(x))
+    return np.asarray(x, dtype=np.uint64) - r, r
+
+
+def reconstruct(s0: np.ndarray, s1: np.ndarray) -> np.ndarray:
+    return np.asarray(s0, dtype=np.uint64) + np.asarray(s1, dtype=np.uint64)
+
+
+def open_value(ch: Channel, x: np.ndarray) -> np.ndarray:
+    return x + ch.exchange(x)
+
+
+# -- dealer material ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Triple:
+    """One party's share of a Beaver triple c = a * b (elementwise or matrix)."""
+
+    a: np.ndarray
+    b: np.ndarray
+    c: np.ndarray
+
+
+@dataclass(frozen=True)
+class SignMaterial:
+    """One party's share of the mask r, its DCF key, and its share of msb(r)."""
+
+    r: np.ndarray
+    key: fss.DcfKey
+    rho: np.ndarray
+
+
+@dataclass(frozen=True)
+class TruncMaterial:
+    """One party's share of the mask r and of r >> f, and the two DCF keys."""
+
+    r: np.ndarray
+    r_high: np.ndarray
+    low: fss.DcfKey      # [x^ mod 2^f < r mod 2^f]
+    wrap: fss.DcfKey     # 2^(64 - f) [x^ < r]
+
+
+@dataclass(frozen=True)
+class ReluMaterial:
+    sign: SignMaterial
+    triple: Triple
+
+
+def triples(shape, prg: Prg) -> tuple[Triple, Triple]:
+    """Elementwise Beaver triples of ``shape`` for the two parties."""
+    a, b = prg.uint64(shape), prg.uint64(shape)
+    c = a * b
+    (a0, a1), (b0, b1), (c0, c1) = share(a, prg), share(b, prg), share(c, prg)
+    return Triple(a0, b0, c0), Triple(a1, b1, c1)
+
+
+def matrix_triples(m: int, k: int, n: int, prg: Prg) -> tuple[Triple, Triple]:
+    """Shares of A (m x k), B (k x n) and C = A @ B, for a product with secret weights."""
+    a, b = prg.uint64((m, k)), prg.uint64((k, n))
+    c = a @ b
+    (a0, a1), (b0, b1), (c0, c1) = share(a, prg), share(b, prg), share(c, prg)
+    return Triple(a0, b0, c0), Triple(a1, b1, c1)
+
+
+def sign_material(n: int, prg: Prg) -> tuple[SignMaterial, SignMaterial]:
+    r = prg.uint64(n)
+    rho = r >> _SHIFT63
+    beta = np.uint64(1) - np.uint64(2) * rho
+    k0, k1 = fss.gen(r & _LOW63, beta, 63, prg)
+    (r0, r1), (p0, p1) = share(r, prg), share(rho, prg)
+    return SignMaterial(r0, k0, p0), SignMaterial(r1, k1, p1)
+
+
+def trunc_material(n: int, frac_bits: int, prg: Prg) -> tuple[TruncMaterial, TruncMaterial]:
+    r = prg.uint64(n)
+    f = np.uint64(frac_bits)
+    low0, low1 = fss.gen(r & ((np.uint64(1) << f) - np.uint64(1)), np.ones(n, np.uint64),
+                         frac_bits, prg)
+    wrap0, wrap1 = fss.gen(r, np.full(n, np.uint64(1) << np.uint64(64 - frac_bits)), 64,
+                           prg)
+    (r0, r1), (h0, h1) = share(r, prg), share(r >> f, prg)
+    return TruncMaterial(r0, h0, low0, wrap0), TruncMaterial(r1, h1, low1, wrap1)
+
+
+def relu_material(n: int, prg: Prg) -> tuple[ReluMaterial, ReluMaterial]:
+    s0, s1 = sign_material(n, prg)
+    t0, t1 = triples(n, prg)
+    return ReluMaterial(s0, t0), ReluMaterial(s1, t1)
+
+
+# -- protocols (party side) ---------------------------------------------------------------
+def mul(ch: Channel, party: int, x: np.ndarray, y: np.ndarray, t: Triple) -> np.ndarray:
+    """Shares of x * y (elementwise, no truncation): one round."""
+    opened = open_value(ch, np.concatenate([x - t.a, y - t.b]))
+    d, e = opened[: x.size], opened[x.size:]
+    z = t.c + d * t.b + e * t.a
+    return z + d * e if party == 0 else z
+
+
+def matmul(ch: Channel, party: int, x: np.ndarray, y: np.ndarray, t: Triple) -> np.ndarray:
+    """Shares of X @ Y for shared X (m x k) and Y (k x n): one round."""
+    opened = open_value(ch, np.concatenate([(x - t.a).ravel(), (y - t.b).ravel()]))
+    d = opened[: x.size].reshape(x.shape)
+    e = opened[x.size:].reshape(y.shape)
+    z = t.c + d @ t.b + t.a @ e
+    return z + d @ e if party == 0 else z
+
+
+def truncate(party: int, x: np.ndarray, frac_bits: int = FRAC_BITS) -> np.ndarray:
+    """Local probabilistic truncation by ``frac_bits`` (SecureML): no communication."""
+    f = np.uint64(frac_bits)
+    if party == 0:
+        return x >> f
+    return _ZERO - ((_ZERO - x) >> f)
+
+
+def truncate_exact(ch: Channel, party: int, x: np.ndarray, m: TruncMaterial,
+                   frac_bits: int = FRAC_BITS) -> np.ndarray:
+    """Shares of floor(x / 2^f) for two's-complement x, exactly: one round."""
+    f = np.uint64(frac_bits)
+    bias = np.uint64(1 << 63)
+    u = x + bias if party == 0 else x                      # u = x + 2^63 >= 0 unsigned
+    uhat = open_value(ch, u + m.r)
+    low = fss.evaluate(party, m.low, uhat & ((np.uint64(1) << f) - np.uint64(1)))
+    wrap = fss.evaluate(party, m.wrap, uhat)
+    out = wrap - low - m.r_high
+    if party == 0:
+        out = out + (uhat >> f) - (bias >> f)
+    return out
+
+
+def drelu(ch: Channel, party: int, x: np.ndarray, m: SignMaterial) -> np.ndarray:
+    """Shares of 1 - msb(x), i.e. [x >= 0] for two's-complement x: one round."""
+    xhat = open_value(ch, x + m.r)
+    top = xhat >> _SHIFT63                                   # public msb(x^)
+    z = fss.evaluate(party, m.key, xhat & _LOW63) + m.rho    # msb(r) xor [x^' < r']
+    msb = z - np.uint64(2) * top * z + (top if party == 0 else _ZERO)
+    return (np.uint64(1) if party == 0 else _ZERO) - msb
+
+
+def relu(ch: Channel, party: int, x: np.ndarray, m: ReluMaterial) -> np.ndarray:
+    """Shares of max(x, 0) (exact, no approximation): two rounds."""
+    return mul(ch, party, x, drelu(ch, party, x, m.sign), m.triple)
