@@ -187,3 +187,59 @@ def drelu(ch: Channel, party: int, x: np.ndarray, m: SignMaterial) -> np.ndarray
 def relu(ch: Channel, party: int, x: np.ndarray, m: ReluMaterial) -> np.ndarray:
     """Shares of max(x, 0) (exact, no approximation): two rounds."""
     return mul(ch, party, x, drelu(ch, party, x, m.sign), m.triple)
+
+
+# -- material on the wire -----------------------------------------------------------------
+def material_arrays(items: list) -> dict[str, np.ndarray]:
+    """One party's material list as named arrays (for ``transport.pack_arrays``)."""
+    out: dict[str, np.ndarray] = {}
+
+    def key(prefix: str, k: fss.DcfKey) -> None:
+        out[f"{prefix}.seed"], out[f"{prefix}.cw_seed"] = k.seed, k.cw_seed
+        out[f"{prefix}.cw_value"], out[f"{prefix}.cw_last"] = k.cw_value, k.cw_last
+        out[f"{prefix}.cw_t"] = k.cw_t.astype(np.uint8)
+
+    for i, m in enumerate(items):
+        p = f"{i}"
+        if isinstance(m, Triple):
+            out[f"{p}.kind"] = np.array([0], np.uint8)
+            out[f"{p}.a"], out[f"{p}.b"], out[f"{p}.c"] = m.a, m.b, m.c
+        elif isinstance(m, TruncMaterial):
+            out[f"{p}.kind"] = np.array([1], np.uint8)
+            out[f"{p}.r"], out[f"{p}.r_high"] = m.r, m.r_high
+            key(f"{p}.low", m.low)
+            key(f"{p}.wrap", m.wrap)
+        elif isinstance(m, ReluMaterial):
+            out[f"{p}.kind"] = np.array([2], np.uint8)
+            out[f"{p}.r"], out[f"{p}.rho"] = m.sign.r, m.sign.rho
+            key(f"{p}.sign", m.sign.key)
+            t = m.triple
+            out[f"{p}.a"], out[f"{p}.b"], out[f"{p}.c"] = t.a, t.b, t.c
+        else:
+            raise TypeError(f"unknown material {type(m).__name__}")
+    return out
+
+
+def material_from_arrays(arrays: dict[str, np.ndarray]) -> list:
+    """Inverse of :func:`material_arrays`; KeyError/ValueError on malformed input."""
+    def key(prefix: str) -> fss.DcfKey:
+        return fss.DcfKey(arrays[f"{prefix}.seed"], arrays[f"{prefix}.cw_seed"],
+                          arrays[f"{prefix}.cw_value"], arrays[f"{prefix}.cw_t"].astype(bool),
+                          arrays[f"{prefix}.cw_last"])
+
+    items, i = [], 0
+    while f"{i}.kind" in arrays:
+        p, kind = f"{i}", int(arrays[f"{i}.kind"][0])
+        if kind == 0:
+            items.append(Triple(arrays[f"{p}.a"], arrays[f"{p}.b"], arrays[f"{p}.c"]))
+        elif kind == 1:
+            items.append(TruncMaterial(arrays[f"{p}.r"], arrays[f"{p}.r_high"],
+                                       key(f"{p}.low"), key(f"{p}.wrap")))
+        elif kind == 2:
+            items.append(ReluMaterial(
+                SignMaterial(arrays[f"{p}.r"], key(f"{p}.sign"), arrays[f"{p}.rho"]),
+                Triple(arrays[f"{p}.a"], arrays[f"{p}.b"], arrays[f"{p}.c"])))
+        else:
+            raise ValueError(f"unknown material kind {kind}")
+        i += 1
+    return items

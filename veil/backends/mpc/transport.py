@@ -247,3 +247,25 @@ def unpack_array(data: bytes) -> np.ndarray:
         return np.frombuffer(body, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
     except (ValueError, KeyError, UnicodeDecodeError, struct.error) as exc:
         raise SerializationError(f"malformed array message: {exc}") from None
+
+
+def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
+    """Named arrays as one message (a JSON index, then each array's bytes)."""
+    parts = {k: pack_array(np.asarray(v)) for k, v in arrays.items()}
+    index = json.dumps({k: len(v) for k, v in parts.items()}).encode()
+    return _LEN.pack(len(index)) + index + b"".join(parts.values())
+
+
+def unpack_arrays(data: bytes) -> dict[str, np.ndarray]:
+    try:
+        (n,) = _LEN.unpack(data[:4])
+        index = json.loads(data[4:4 + n].decode())
+        out, at = {}, 4 + n
+        for key, size in index.items():
+            out[str(key)] = unpack_array(data[at:at + int(size)])
+            at += int(size)
+        if at != len(data):
+            raise ValueError("trailing bytes")
+        return out
+    except (ValueError, AttributeError, UnicodeDecodeError, struct.error) as exc:
+        raise SerializationError(f"malformed message: {exc}") from None

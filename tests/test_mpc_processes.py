@@ -1,0 +1,146 @@
+"""MPC through real processes on loopback: two parties, a separate dealer, a client."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from veil.backends.mpc.service import MpcClient, MpcError, save_model
+
+
+def _start(args, lines=1):
+    proc = subprocess.Popen([sys.executable, "-m", "veil", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    out = []
+    for _ in range(lines):
+        line = proc.stdout.readline()
+        if not line:
+            proc.kill()
+            raise RuntimeError(f"{args[0]} did not start")
+        host, port = line.split()[-1].rsplit(":", 1)
+        out.append((host, int(port)))
+    return proc, out
+
+
+class Cluster:
+    def __init__(self, tmp, model_dir, timeout="8"):
+        self.keys, self.model, self.timeout = str(tmp / "keys"), str(model_dir), timeout
+        subprocess.run([sys.executable, "-m", "veil", "mpc-setup", self.keys], check=True,
+                       stdout=subprocess.DEVNULL)
+        self.procs = {}
+        self.start_dealer()
+        self.start_party1()
+        self.procs["party0"], (self.p0,) = _start(
+            ["mpc-node", "--party", "0", "--keys", self.keys, "--model", self.model,
+             "--dealer", self._fmt(self.dealer), "--peer", self._fmt(self.peer),
+             "--timeout", self.timeout])
+
+    @staticmethod
+    def _fmt(addr):
+        return f"{addr[0]}:{addr[1]}"
+
+    def start_dealer(self, port=0):
+        self.procs["dealer"], (self.dealer,) = _start(
+            ["mpc-dealer", "--keys", self.keys, "--listen", f"127.0.0.1:{port}",
+             "--timeout", self.timeout])
+
+    def start_party1(self, listen=0, peer=0):
+        self.procs["party1"], (self.p1, self.peer) = _start(
+            ["mpc-node", "--party", "1", "--keys", self.keys, "--model", self.model,
+             "--dealer", self._fmt(self.dealer), "--listen", f"127.0.0.1:{listen}",
+             "--peer-listen", f"127.0.0.1:{peer}", "--timeout", self.timeout], lines=2)
+
+    def client(self, shape):
+        return MpcClient(self.keys, self.p0, self.p1, shape, timeout=10.0)
+
+    def stop(self):
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory):
+    import torch
+    from models import trained_digits_mlp
+
+    from veil.frontend import to_graph
+
+    model, (_, xte, _, _) = trained_digits_mlp()
+    d = tmp_path_factory.mktemp("mpc")
+    save_model(to_graph(model, xte.shape[1:]), d / "model")
+    with torch.no_grad():
+        want = model(torch.as_tensor(xte)).numpy()
+    cluster = Cluster(d, d / "model")
+    yield cluster, xte, want
+    cluster.stop()
+
+
+def test_processes_match_plain_inference(mlp):
+    cluster, xte, want = mlp
+    client = cluster.client(xte.shape[1:])
+    # a batch of 64 through the processes (all 360 test images run through the same
+    # protocol code in one process in test_mpc_core)
+    res = client.infer(xte[:64])
+    assert np.array_equal(res.outputs.argmax(1), want[:64].argmax(1))
+    assert np.abs(res.outputs - want[:64]).max() <= 1e-3
+    one = client.infer(xte[:1])
+    np.testing.assert_allclose(one.outputs, want[:1], atol=1e-3)
+    stats = {s["party"]: s for s in one.stats}
+    assert stats[0]["online_rounds"] == stats[1]["online_rounds"] == 4
+    assert stats[0]["offline_bytes"] > 0 and stats[0]["online_bytes_sent"] > 0
+
+
+def test_bad_client_input_is_refused_and_the_parties_keep_serving(mlp):
+    cluster, xte, want = mlp
+    with pytest.raises(MpcError):
+        MpcClient(cluster.keys, cluster.p0, cluster.p1, (3,)).infer(np.zeros((1, 3)))
+    res = cluster.client(xte.shape[1:]).infer(xte[:4])
+    np.testing.assert_allclose(res.outputs, want[:4], atol=1e-3)
+
+
+def test_a_dead_party_fails_the_request_and_a_restart_recovers(mlp):
+    cluster, xte, want = mlp
+    client = cluster.client(xte.shape[1:])
+    cluster.procs["party1"].kill()
+    cluster.procs["party1"].wait()
+    start = time.monotonic()
+    with pytest.raises(MpcError):
+        client.infer(xte[:2])
+    assert time.monotonic() - start < 30                   # fails within the timeouts
+    cluster.start_party1(listen=cluster.p1[1], peer=cluster.peer[1])
+    res = _retry(lambda: client.infer(xte[:2]))
+    np.testing.assert_allclose(res.outputs, want[:2], atol=1e-3)
+
+
+def test_a_stalled_or_dead_dealer_fails_the_request_without_a_hang(mlp):
+    cluster, xte, want = mlp
+    client = cluster.client(xte.shape[1:])
+    dealer = cluster.procs["dealer"]
+    os.kill(dealer.pid, signal.SIGSTOP)                    # stalls: no answer at all
+    try:
+        start = time.monotonic()
+        with pytest.raises(MpcError):
+            client.infer(xte[:2])
+        assert time.monotonic() - start < 30
+    finally:
+        os.kill(dealer.pid, signal.SIGCONT)
+    dealer.kill()
+    dealer.wait()
+    cluster.start_dealer(port=cluster.dealer[1])
+    res = _retry(lambda: client.infer(xte[:2]))
+    np.testing.assert_allclose(res.outputs, want[:2], atol=1e-3)
+
+
+def _retry(fn, attempts=20):
+    for i in range(attempts):
+        try:
+            return fn()
+        except MpcError:
+            if i == attempts - 1:
+                raise
+            time.sleep(0.5)

@@ -1,0 +1,489 @@
+"""The MPC processes: two parties, a dealer, and the client library.
+
+- Dealer (:class:`Dealer`): accepts party0 and party1 (mutually authenticated links). A
+  party asks for the material of (session, sequence number, steps, batch); the first
+  request of a pair generates both halves from fresh CSPRNG output and keeps the other
+  half until its party fetches it; a (session, sequence, party) is served once, never
+  again. It never sees inputs or outputs.
+- Parties (:class:`Party`): party0 connects to party1 and to the dealer, party1 to the
+  dealer; both accept clients. Party0 orders the requests: for each, it tells party1 the
+  request id and sequence number, both fetch the material (offline phase), run the model
+  on their shares (online phase, over the peer link) and return their output share to
+  the client. Any failure (peer or dealer gone, timeout, malformed message) fails that
+  request with an error to the client, resets the link, and the party serves the next.
+- Client (:class:`MpcClient`): shares its input, sends one share to each party,
+  reconstructs the output from both answers, and reports bytes and rounds.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ...errors import InputError, SerializationError, VeilError
+from ...ir import Graph
+from ...ir.serialize import graph_from_json, graph_to_json
+from . import protocols as pr
+from . import transport as tp
+from .evaluator import dealer_material, evaluate, lower_for_mpc, material_plan
+from .fixed import FRAC_BITS, decode, encode
+from .prg import Prg
+
+log = logging.getLogger("veil.mpc")
+
+# message kinds
+MATERIAL_REQUEST, MATERIAL, ERROR = 1, 2, 3
+CLIENT_REQUEST, CLIENT_RESULT = 10, 11
+PEER_HELLO, PEER_BEGIN, PEER_READY, PEER_DATA = 20, 21, 22, 23
+
+DEFAULT_TIMEOUT = 10.0
+MAX_CLIENT_BYTES = 64 << 20
+MODEL_FILE = "mpc-model"
+
+
+class MpcError(VeilError):
+    """An MPC inference failed (a party or the dealer died, stalled or misbehaved)."""
+
+
+# -- model files --------------------------------------------------------------------------
+def save_model(graph: Graph, directory: str | os.PathLike) -> Path:
+    """Write the MPC form of ``graph`` (batch norms folded, affine chains as DENSE)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    lowered = lower_for_mpc(graph)
+    doc, arrays = graph_to_json(lowered)
+    np.savez(d / f"{MODEL_FILE}.npz", **arrays)
+    (d / f"{MODEL_FILE}.json").write_text(json.dumps({"graph": doc, "frac_bits": FRAC_BITS}))
+    return d
+
+
+def load_model(directory: str | os.PathLike) -> Graph:
+    d = Path(directory)
+    try:
+        doc = json.loads((d / f"{MODEL_FILE}.json").read_text())
+        with np.load(d / f"{MODEL_FILE}.npz", allow_pickle=False) as z:
+            return lower_for_mpc(graph_from_json(doc["graph"], {k: z[k] for k in z.files}))
+    except (OSError, KeyError, ValueError) as exc:
+        raise SerializationError(f"no readable MPC model in {d}: {exc}") from exc
+
+
+def _json(data: bytes) -> dict:
+    try:
+        out = json.loads(data.decode())
+        if not isinstance(out, dict):
+            raise ValueError("not an object")
+        return out
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SerializationError(f"malformed control message: {exc}") from None
+
+
+def _listen(address: tuple[str, int]) -> socket.socket:
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(address)
+    srv.listen(64)
+    return srv
+
+
+def _dial(address: tuple[str, int], timeout: float) -> socket.socket:
+    sock = socket.create_connection(address, timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(timeout)
+    return sock
+
+
+def _steps_key(steps, batch: int) -> str:
+    return hashlib.sha256(json.dumps([steps, batch]).encode()).hexdigest()
+
+
+# -- dealer -------------------------------------------------------------------------------
+class Dealer:
+    """Serves correlated randomness to the two parties; see the module docstring."""
+
+    def __init__(self, identity: tp.Identity, address: tuple[str, int],
+                 timeout: float = DEFAULT_TIMEOUT, ttl: float = 120.0) -> None:
+        self.identity, self.timeout, self.ttl = identity, timeout, ttl
+        self.server = _listen(address)
+        self.address = self.server.getsockname()
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, int], tuple[str, str, bytes, float]] = {}
+        self._last: dict[tuple[str, str], int] = {}    # (session, party) -> last seq served
+        self.bytes_sent = 0
+
+    def serve_forever(self) -> None:
+        while True:
+            sock, _ = self.server.accept()
+            sock.settimeout(self.timeout)
+            threading.Thread(target=self._serve_link, args=(sock,), daemon=True).start()
+
+    def _serve_link(self, sock: socket.socket) -> None:
+        try:
+            link = tp.accept(sock, self.identity, ("party0", "party1"))
+        except VeilError as exc:
+            log.warning("dealer: refused a link: %s", exc)
+            sock.close()
+            return
+        link.sock.settimeout(None)          # parties may stay idle between inferences
+        try:
+            while True:
+                kind, body = link.recv()
+                if kind != MATERIAL_REQUEST:
+                    raise SerializationError(f"unexpected message kind {kind}")
+                try:
+                    link.send(MATERIAL, self._material(link.peer, _json(body)))
+                except (VeilError, KeyError, TypeError, ValueError) as exc:
+                    link.send(ERROR, json.dumps({"error": str(exc)}).encode())
+        except VeilError as exc:
+            log.info("dealer: link to %s ended: %s", link.peer, exc)
+        finally:
+            link.close()
+
+    def _material(self, party: str, req: dict) -> bytes:
+        session, seq = str(req["session"]), int(req["seq"])
+        steps = [(str(k), int(n)) for k, n in req["steps"]]
+        batch, frac = int(req["batch"]), int(req.get("frac_bits", FRAC_BITS))
+        if not 1 <= batch <= 4096 or sum(n for _, n in steps) * batch > (1 << 24):
+            raise InputError("material request too large")
+        digest = _steps_key(steps, batch)
+        other = "party1" if party == "party0" else "party0"
+        with self._lock:
+            if seq <= self._last.get((session, party), 0):
+                raise InputError(f"material for session {session} #{seq} was already served "
+                                 "to this party; it is never reused")
+            now = time.monotonic()
+            for k in [k for k, v in self._pending.items() if now - v[3] > self.ttl]:
+                del self._pending[k]
+            waiting = self._pending.get((session, seq))
+            if waiting is not None and waiting[0] == party:
+                if waiting[1] != digest:
+                    raise InputError("the two parties asked for different material")
+                del self._pending[(session, seq)]
+                out = waiting[2]
+            else:
+                m0, m1 = dealer_material([pr_step(k, n) for k, n in steps], batch, Prg(), frac)
+                mine, theirs = (m0, m1) if party == "party0" else (m1, m0)
+                out = tp.pack_arrays(pr.material_arrays(mine))
+                self._pending[(session, seq)] = (other, digest,
+                                                 tp.pack_arrays(pr.material_arrays(theirs)),
+                                                 now)
+            self._last[(session, party)] = seq
+        self.bytes_sent += len(out)
+        return out
+
+
+def pr_step(kind: str, size: int):
+    from .evaluator import Step
+
+    if kind not in ("relu", "trunc", "mul"):
+        raise InputError(f"unknown material kind {kind!r}")
+    return Step(kind, size)
+
+
+# -- parties ------------------------------------------------------------------------------
+class _PeerChannel:
+    """The online phase's channel over the peer link; party0 sends first (no deadlock
+    when both messages exceed the socket buffers)."""
+
+    def __init__(self, link: tp.Link, party: int) -> None:
+        self.link, self.party = link, party
+        self.rounds = 0
+        self.bytes_sent = 0
+
+    def exchange(self, data: np.ndarray) -> np.ndarray:
+        data = np.ascontiguousarray(data)
+        if self.party == 0:
+            self._send(data)
+            peer = self._recv()
+        else:
+            peer = self._recv()
+            self._send(data)
+        if peer.shape != data.shape or peer.dtype != data.dtype:
+            raise MpcError("the other party sent a message of the wrong shape")
+        self.rounds += 1
+        return peer
+
+    def _send(self, data: np.ndarray) -> None:
+        before = self.link.bytes_sent
+        self.link.send(PEER_DATA, tp.pack_array(data))
+        self.bytes_sent += self.link.bytes_sent - before
+
+    def _recv(self) -> np.ndarray:
+        kind, body = self.link.recv()
+        if kind != PEER_DATA:
+            raise MpcError(f"unexpected message kind {kind} from the other party")
+        return tp.unpack_array(body)
+
+
+@dataclass
+class _Request:
+    link: tp.Link
+    share: np.ndarray
+    arrived: float
+
+
+class Party:
+    """One of the two computing servers; see the module docstring."""
+
+    def __init__(self, party: int, identity: tp.Identity, model: Graph,
+                 listen: tuple[str, int], dealer: tuple[str, int],
+                 peer: tuple[str, int] | None = None, peer_listen: tuple[str, int] | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        if party not in (0, 1) or identity.role != f"party{party}":
+            raise InputError("party must be 0 or 1 and match the identity's role")
+        self.party, self.identity, self.model, self.timeout = party, identity, model, timeout
+        self.steps = material_plan(model)
+        self.dealer_addr, self.peer_addr = dealer, peer
+        self.clients = _listen(listen)
+        self.address = self.clients.getsockname()
+        self.peer_server = _listen(peer_listen) if party == 1 else None
+        self.peer_address = self.peer_server.getsockname() if self.peer_server else None
+        self._requests: dict[bytes, _Request] = {}
+        self._cond = threading.Condition()
+        self._order: list[bytes] = []
+        self.served = 0
+
+    # client side -------------------------------------------------------------------
+    def _accept_clients(self) -> None:
+        while True:
+            sock, _ = self.clients.accept()
+            sock.settimeout(self.timeout)
+            threading.Thread(target=self._client, args=(sock,), daemon=True).start()
+
+    def _client(self, sock: socket.socket) -> None:
+        link = None
+        try:
+            link = tp.accept(sock, self.identity, ("client",))
+            kind, body = link.recv(MAX_CLIENT_BYTES)
+            if kind != CLIENT_REQUEST:
+                raise SerializationError(f"unexpected message kind {kind}")
+            arrays = tp.unpack_arrays(body)
+            rid, share = bytes(arrays["request_id"]), arrays["share"]
+            if len(rid) != 16 or share.dtype != np.uint64 or share.ndim < 2 or \
+                    share.shape[1:] != tuple(self.model.input_shape) or share.shape[0] > 4096:
+                raise InputError("the request does not match this model's input")
+        except (VeilError, KeyError) as exc:
+            log.info("party%d: refused a client: %s", self.party, exc)
+            if link is not None:
+                try:
+                    link.send(ERROR, json.dumps({"error": str(exc)}).encode())
+                except VeilError:  # the client may be gone already
+                    pass
+            sock.close()
+            return
+        with self._cond:
+            self._requests[rid] = _Request(link, share, time.monotonic())
+            self._order.append(rid)
+            self._cond.notify_all()
+
+    def _take(self, rid: bytes | None) -> tuple[bytes, _Request]:
+        """The next request (party0) or the one named by party0 (party1), waiting up to
+        the timeout for it to arrive."""
+        deadline = time.monotonic() + (self.timeout if rid is not None else 1e9)
+        with self._cond:
+            while True:
+                if rid is None and self._order:
+                    rid = self._order.pop(0)
+                if rid is not None and rid in self._requests:
+                    if rid in self._order:
+                        self._order.remove(rid)
+                    return rid, self._requests.pop(rid)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise MpcError("the client's share for this request never arrived")
+                self._cond.wait(min(left, 1.0))
+
+    # peer and dealer links ----------------------------------------------------------
+    def _connect_peer(self) -> tuple[tp.Link, str]:
+        if self.party == 0:
+            while True:
+                try:
+                    link = tp.connect(_dial(self.peer_addr, self.timeout), self.identity,
+                                      "party1")
+                    break
+                except (OSError, VeilError):
+                    time.sleep(0.2)
+            session = secrets.token_hex(16)
+            link.send(PEER_HELLO, json.dumps({"session": session}).encode())
+            return link, session
+        sock, _ = self.peer_server.accept()
+        sock.settimeout(self.timeout)
+        link = tp.accept(sock, self.identity, ("party0",))
+        kind, body = link.recv(4096)
+        if kind != PEER_HELLO:
+            raise MpcError("party0 did not open a session")
+        return link, str(_json(body)["session"])
+
+    def _connect_dealer(self) -> tp.Link:
+        while True:
+            try:
+                return tp.connect(_dial(self.dealer_addr, self.timeout), self.identity,
+                                  "dealer")
+            except (OSError, VeilError):
+                time.sleep(0.2)
+
+    def _material(self, dealer: tp.Link, session: str, seq: int, batch: int) -> tuple[list, int]:
+        req = {"session": session, "seq": seq, "batch": batch, "frac_bits": FRAC_BITS,
+               "steps": [[s.kind, s.size] for s in self.steps]}
+        dealer.send(MATERIAL_REQUEST, json.dumps(req).encode())
+        kind, body = dealer.recv()
+        if kind == ERROR:
+            raise MpcError(f"the dealer refused: {_json(body).get('error')}")
+        if kind != MATERIAL:
+            raise MpcError(f"unexpected message kind {kind} from the dealer")
+        try:
+            return pr.material_from_arrays(tp.unpack_arrays(body)), len(body)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise MpcError(f"malformed material from the dealer: {exc}") from None
+
+    def serve_forever(self) -> None:
+        threading.Thread(target=self._accept_clients, daemon=True).start()
+        while True:
+            try:
+                peer, session = self._connect_peer()
+            except (OSError, VeilError) as exc:
+                log.info("party%d: peer handshake failed: %s", self.party, exc)
+                continue
+            peer.sock.settimeout(None if self.party == 1 else self.timeout)
+            dealer = self._connect_dealer()
+            seq = 0
+            try:
+                while True:
+                    seq += 1
+                    self._one(peer, dealer, session, seq)
+            except (VeilError, OSError) as exc:
+                # Any failure ends this session: both links are rebuilt, the other party
+                # sees the peer link close and does the same, and a fresh session id
+                # means no dealer material is ever reused.
+                log.info("party%d: session reset: %s", self.party, exc)
+                peer.close()
+                dealer.close()
+
+    def _one(self, peer: tp.Link, dealer: tp.Link, session: str, seq: int) -> None:
+        """One request end to end; raises (after failing the client) on any link error."""
+        if self.party == 0:
+            rid, req = self._take(None)
+            peer.send(PEER_BEGIN, json.dumps({"id": rid.hex(), "seq": seq,
+                                              "batch": int(req.share.shape[0])}).encode())
+        else:
+            kind, body = peer.recv()
+            if kind != PEER_BEGIN:
+                raise MpcError(f"unexpected message kind {kind} from party0")
+            msg = _json(body)
+            if int(msg["seq"]) != seq:
+                raise MpcError("the parties disagree on the sequence number")
+            peer.sock.settimeout(self.timeout)
+            try:
+                rid, req = self._take(bytes.fromhex(msg["id"]))
+            except MpcError as exc:
+                peer.send(PEER_READY, json.dumps({"ok": False, "error": str(exc)}).encode())
+                peer.sock.settimeout(None)
+                return
+        # both sides agree the request exists before either spends material on it
+        if self.party == 1:
+            ok = int(req.share.shape[0]) == int(msg["batch"])
+            peer.send(PEER_READY, json.dumps({"ok": ok}).encode())
+            if not ok:
+                self._fail(req, "the two shares have different batch sizes")
+                peer.sock.settimeout(None)
+                return
+        else:
+            kind, body = peer.recv()
+            status = _json(body) if kind == PEER_READY else {"ok": False}
+            if not status.get("ok"):
+                self._fail(req, status.get("error", "party1 could not take the request"))
+                return
+        try:
+            t0 = time.perf_counter()
+            material, offline_bytes = self._material(dealer, session, seq, req.share.shape[0])
+            t1 = time.perf_counter()
+            chan = _PeerChannel(peer, self.party)
+            out = evaluate(self.party, chan, self.model, req.share, material)
+            t2 = time.perf_counter()
+        except (VeilError, OSError, StopIteration) as exc:
+            self._fail(req, f"the inference failed: {exc}")
+            raise MpcError(f"request failed: {exc}") from exc
+        result = {"share": out, "stats": np.frombuffer(json.dumps({
+            "party": self.party, "online_rounds": chan.rounds,
+            "online_bytes_sent": chan.bytes_sent, "offline_bytes": offline_bytes,
+            "offline_s": t1 - t0, "online_s": t2 - t1}).encode(), np.uint8)}
+        try:
+            req.link.send(CLIENT_RESULT, tp.pack_arrays(result))
+        except VeilError:
+            pass                                   # the client left; nothing to undo
+        finally:
+            req.link.close()
+        self.served += 1
+        if self.party == 1:
+            peer.sock.settimeout(None)
+
+    @staticmethod
+    def _fail(req: _Request, message: str) -> None:
+        try:
+            req.link.send(ERROR, json.dumps({"error": message}).encode())
+        except VeilError:
+            pass
+        req.link.close()
+
+
+# -- client -------------------------------------------------------------------------------
+@dataclass
+class MpcResult:
+    outputs: np.ndarray
+    stats: list[dict]
+    latency_s: float
+    client_bytes_sent: int
+    client_bytes_received: int
+
+
+class MpcClient:
+    """Shares inputs between the two parties and reconstructs their answers."""
+
+    def __init__(self, keys_dir: str | os.PathLike, party0: tuple[str, int],
+                 party1: tuple[str, int], input_shape: tuple[int, ...],
+                 timeout: float = 30.0) -> None:
+        self.identity = tp.Identity.load(keys_dir, None)
+        self.addresses = (party0, party1)
+        self.input_shape, self.timeout = tuple(input_shape), timeout
+
+    def infer(self, xs) -> MpcResult:
+        """Outputs for a batch ``xs`` of shape (n, *input_shape)."""
+        xs = np.asarray(xs, dtype=np.float64)
+        if xs.shape[1:] != self.input_shape:
+            raise InputError(f"inputs have per-sample shape {xs.shape[1:]}; the model "
+                             f"expects {self.input_shape}")
+        start = time.perf_counter()
+        s0, s1 = pr.share(encode(xs), Prg())
+        rid = np.frombuffer(secrets.token_bytes(16), np.uint8)
+        links, results = [], [None, None]
+        try:
+            for p, share in ((0, s0), (1, s1)):
+                link = tp.connect(_dial(self.addresses[p], self.timeout), self.identity,
+                                  f"party{p}")
+                link.send(CLIENT_REQUEST, tp.pack_arrays({"request_id": rid, "share": share}))
+                links.append(link)
+            for p, link in enumerate(links):
+                kind, body = link.recv()
+                if kind == ERROR:
+                    raise MpcError(f"party{p}: {_json(body).get('error')}")
+                if kind != CLIENT_RESULT:
+                    raise MpcError(f"party{p} sent message kind {kind}")
+                results[p] = tp.unpack_arrays(body)
+        except (tp.TransportError, OSError) as exc:
+            raise MpcError(f"the inference failed: {exc}") from None
+        finally:
+            for link in links:
+                link.close()
+        out = decode(pr.reconstruct(results[0]["share"], results[1]["share"]))
+        stats = [json.loads(bytes(r["stats"]).decode()) for r in results]
+        return MpcResult(out, stats, time.perf_counter() - start,
+                         sum(link.bytes_sent for link in links),
+                         sum(link.bytes_received for link in links))
