@@ -37,6 +37,8 @@ bench: $(STAMP) data
 	$(PY) bench/he_throughput.py
 	$(PY) bench/engine_ops.py
 	$(PY) bench/finetune_recipes.py
+	$(PY) bench/layouts.py
+	$(PY) bench/mpc_digits.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

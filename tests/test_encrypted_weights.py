@@ -53,3 +53,14 @@ def test_encrypted_weights_are_required_and_bound_to_the_client(setup, compiled_
     tampered[-10] ^= 1
     with pytest.raises(veil.SerializationError, match="integrity"):
         server.open_session(keys, weights=bytes(tampered))
+
+
+def test_weightless_host_builds_every_layout():
+    """The host's bundle holds zeros: every layer kind (here a client-expanded first
+    layer) must still build its evaluator from the manifest's diagonals."""
+    from models import trained_digits_mlp
+
+    model, (xtr, _, _, _) = trained_digits_mlp()
+    compiled = veil.compile(model, xtr)
+    assert compiled.manifest()["input"]["layout"] == "expanded"
+    ModelServer(compiled.server_bundle().without_weights())

@@ -319,7 +319,9 @@ def _step_candidates(span: int) -> np.ndarray:
 
 
 def _best_baby_step(diags: list[int]) -> tuple[int, bool]:
-    """Baby-step size (and split) minimising rotations; hoisted babies count half."""
+    """Baby-step size (and split) minimising rotations (hoisted babies count half) plus
+    ``KEY_WEIGHT`` per distinct rotation key, over every step up to 4096 and the powers
+    of two beyond, in one vectorised pass."""
     d = np.asarray(diags, dtype=np.int64)[None, :]
     span = int(np.abs(d).max(initial=1))
     best, best_cost = (1, False), math.inf

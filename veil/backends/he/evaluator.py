@@ -49,7 +49,8 @@ class PreparedDense:
             # Client-expanded input: block t already holds rot(x, diagonals[t]).
             pattern = np.zeros(plan.input_blocks * length)
             for t, d in enumerate(plan.diagonals):
-                pattern[t * length:(t + 1) * length] = diags[d % plan.in_period]
+                # a weightless host bundle (encrypted weights) has no non-zero diagonal
+                pattern[t * length:(t + 1) * length] = diags.get(d % plan.in_period, 0.0)
             self.expanded = spread(np.tile(pattern, positions // pattern.size), lanes)
             return
         b, outer = plan.baby_step, plan.giant2 * plan.baby_step
