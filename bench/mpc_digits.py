@@ -7,9 +7,9 @@ of 64, with the client's end-to-end latency, each phase as the parties measure i
 (online: party to party; offline: dealer to each party), and accuracy / agreement with
 plain inference. SPU's and CrypTen's figures measured on these machines sit beside.
 
-Today the dealer produces each request's material when it arrives, so end-to-end
-latency includes the offline phase; the online column is what a prefetching dealer
-would leave.
+The parties prefetch single-image material in the background (the offline phase runs
+ahead of requests); a batch's material is made when the batch arrives, so batch
+latency includes it (the online-only rate is in parentheses).
 
 Writes bench/results/mpc_digits.{json,md}. Usage: python bench/mpc_digits.py [--n N]
 """
@@ -135,9 +135,9 @@ def main(argv=None) -> int:
     return write_results(ROOT / "bench" / "results", "mpc_digits", rows,
                          time.strftime("%Y-%m-%d %H:%M:%S"),
                          ["`python bench/mpc_digits.py`; three processes on loopback, "
-                          "2 cores; end-to-end includes the dealer's material, made per "
-                          "request today; online kB = both parties' party-to-party bytes "
-                          "for one image.", "", *lines])
+                          "2 cores; single images use prefetched dealer material, a batch "
+                          "of 64 waits for its own; online kB = both parties' "
+                          "party-to-party bytes for one image.", "", *lines])
 
 
 if __name__ == "__main__":

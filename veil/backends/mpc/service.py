@@ -6,10 +6,12 @@
   half until its party fetches it; a (session, sequence, party) is served once, never
   again. It never sees inputs or outputs.
 - Parties (:class:`Party`): party0 connects to party1 and to the dealer, party1 to the
-  dealer; both accept clients. Party0 orders the requests: for each, it tells party1 the
-  request id and sequence number, both fetch the material (offline phase), run the model
-  on their shares (online phase, over the peer link) and return their output share to
-  the client. Any failure (peer or dealer gone, timeout, malformed message) fails that
+  dealer; both accept clients. In the background each keeps ``PREFETCH`` single-input
+  material sets, fetched in the same order by both (the offline phase, ahead of
+  requests). Party0 orders the requests: for each, it tells party1 the request id, the
+  sequence number and which prefetched set to use (a batch's material is fetched on
+  demand); both run the model on their shares (online phase, over the peer link) and
+  return their output share to the client. Any failure (peer or dealer gone, timeout, malformed message) fails that
   request with an error to the client, resets the link, and the party serves the next.
 - Client (:class:`MpcClient`): shares its input, sends one share to each party,
   reconstructs the output from both answers, and reports bytes and rounds.
@@ -46,6 +48,8 @@ CLIENT_REQUEST, CLIENT_RESULT = 10, 11
 PEER_HELLO, PEER_BEGIN, PEER_READY, PEER_DATA = 20, 21, 22, 23
 
 DEFAULT_TIMEOUT = 10.0
+# Single-input material sets each party keeps ready (the offline phase, done ahead).
+PREFETCH = 8
 MAX_CLIENT_BYTES = 64 << 20
 MODEL_FILE = "mpc-model"
 
@@ -236,7 +240,7 @@ class Party:
     def __init__(self, party: int, identity: tp.Identity, model: Graph,
                  listen: tuple[str, int], dealer: tuple[str, int],
                  peer: tuple[str, int] | None = None, peer_listen: tuple[str, int] | None = None,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, prefetch: int = PREFETCH) -> None:
         if party not in (0, 1) or identity.role != f"party{party}":
             raise InputError("party must be 0 or 1 and match the identity's role")
         self.party, self.identity, self.model, self.timeout = party, identity, model, timeout
@@ -250,6 +254,10 @@ class Party:
         self._cond = threading.Condition()
         self._order: list[bytes] = []
         self.served = 0
+        self.prefetch = int(prefetch)
+        self._pool: dict[int, tuple[list, int]] = {}   # material id -> (material, bytes)
+        self._pool_cond = threading.Condition()
+        self._dealer_lock = threading.Lock()
 
     # client side -------------------------------------------------------------------
     def _accept_clients(self) -> None:
@@ -333,8 +341,9 @@ class Party:
     def _material(self, dealer: tp.Link, session: str, seq: int, batch: int) -> tuple[list, int]:
         req = {"session": session, "seq": seq, "batch": batch, "frac_bits": FRAC_BITS,
                "steps": [[s.kind, s.size] for s in self.steps]}
-        dealer.send(MATERIAL_REQUEST, json.dumps(req).encode())
-        kind, body = dealer.recv()
+        with self._dealer_lock:     # the prefetch thread shares this link
+            dealer.send(MATERIAL_REQUEST, json.dumps(req).encode())
+            kind, body = dealer.recv()
         if kind == ERROR:
             raise MpcError(f"the dealer refused: {_json(body).get('error')}")
         if kind != MATERIAL:
@@ -354,6 +363,12 @@ class Party:
                 continue
             peer.sock.settimeout(None if self.party == 1 else self.timeout)
             dealer = self._connect_dealer()
+            stop = threading.Event()
+            with self._pool_cond:
+                self._pool.clear()
+            filler = threading.Thread(target=self._prefetch, args=(dealer, session, stop),
+                                      daemon=True)
+            filler.start()
             seq = 0
             try:
                 while True:
@@ -364,14 +379,66 @@ class Party:
                 # sees the peer link close and does the same, and a fresh session id
                 # means no dealer material is ever reused.
                 log.info("party%d: session reset: %s", self.party, exc)
+                stop.set()
                 peer.close()
                 dealer.close()
+                with self._pool_cond:
+                    self._pool_cond.notify_all()
+                filler.join(self.timeout)
+
+    def _prefetch(self, dealer: tp.Link, session: str, stop: threading.Event) -> None:
+        """Keep ``prefetch`` single-input material sets, ids 1, 2, 3, ... in order; both
+        parties fetch the same ids, so party0 can name the one to use."""
+        mid = 0
+        while not stop.is_set():
+            with self._pool_cond:
+                while len(self._pool) >= self.prefetch and not stop.is_set():
+                    self._pool_cond.wait(1.0)
+            if stop.is_set():
+                return
+            mid += 1
+            try:
+                item = self._material(dealer, f"{session}/pool", mid, 1)
+            except (VeilError, OSError) as exc:
+                log.info("party%d: prefetch stopped: %s", self.party, exc)
+                return
+            with self._pool_cond:
+                self._pool[mid] = item
+                self._pool_cond.notify_all()
+
+    def _pooled(self, mid: int | None) -> tuple[int, tuple[list, int]]:
+        """Party0: the oldest prefetched set (mid None); party1: set ``mid``, dropping
+        older ones party0 skipped. Waits up to the timeout for the prefetch thread."""
+        deadline = time.monotonic() + self.timeout
+        with self._pool_cond:
+            while True:
+                if mid is None and self._pool:
+                    mid = min(self._pool)
+                if mid is not None and mid in self._pool:
+                    for old in [k for k in self._pool if k < mid]:
+                        del self._pool[old]
+                    item = self._pool.pop(mid)
+                    self._pool_cond.notify_all()
+                    return mid, item
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise MpcError("no dealer material arrived in time")
+                self._pool_cond.wait(min(left, 0.5))
 
     def _one(self, peer: tp.Link, dealer: tp.Link, session: str, seq: int) -> None:
         """One request end to end; raises (after failing the client) on any link error."""
+        mid = None
         if self.party == 0:
             rid, req = self._take(None)
-            peer.send(PEER_BEGIN, json.dumps({"id": rid.hex(), "seq": seq,
+            t0 = time.perf_counter()
+            pooled = None
+            if req.share.shape[0] == 1 and self.prefetch > 0:
+                try:
+                    mid, pooled = self._pooled(None)
+                except MpcError as exc:
+                    self._fail(req, str(exc))
+                    raise
+            peer.send(PEER_BEGIN, json.dumps({"id": rid.hex(), "seq": seq, "mid": mid,
                                               "batch": int(req.share.shape[0])}).encode())
         else:
             kind, body = peer.recv()
@@ -380,7 +447,9 @@ class Party:
             msg = _json(body)
             if int(msg["seq"]) != seq:
                 raise MpcError("the parties disagree on the sequence number")
+            mid = None if msg.get("mid") is None else int(msg["mid"])
             peer.sock.settimeout(self.timeout)
+            t0 = time.perf_counter()
             try:
                 rid, req = self._take(bytes.fromhex(msg["id"]))
             except MpcError as exc:
@@ -402,8 +471,13 @@ class Party:
                 self._fail(req, status.get("error", "party1 could not take the request"))
                 return
         try:
-            t0 = time.perf_counter()
-            material, offline_bytes = self._material(dealer, session, seq, req.share.shape[0])
+            if mid is None:       # a batch: its material is made now, in its own namespace
+                material, offline_bytes = self._material(dealer, f"{session}/batch", seq,
+                                                         req.share.shape[0])
+            elif self.party == 0:
+                material, offline_bytes = pooled
+            else:
+                material, offline_bytes = self._pooled(mid)[1]
             t1 = time.perf_counter()
             chan = _PeerChannel(peer, self.party)
             out = evaluate(self.party, chan, self.model, req.share, material)
@@ -412,7 +486,7 @@ class Party:
             self._fail(req, f"the inference failed: {exc}")
             raise MpcError(f"request failed: {exc}") from exc
         result = {"share": out, "stats": np.frombuffer(json.dumps({
-            "party": self.party, "online_rounds": chan.rounds,
+            "party": self.party, "prefetched": mid is not None, "online_rounds": chan.rounds,
             "online_bytes_sent": chan.bytes_sent, "offline_bytes": offline_bytes,
             "offline_s": t1 - t0, "online_s": t2 - t1}).encode(), np.uint8)}
         try:
