@@ -7,7 +7,9 @@ share (multiply by the fixed-point weights, party 0 adds the bias) followed by a
 one-round truncation, and the non-linear layers use the dealer's material
 (``protocols``):
 
-- RELU: one comparison (DCF) and one Beaver product, two rounds;
+- DENSE then RELU: truncation and sign from one opening, then one Beaver product, two
+  rounds for both (``protocols.trunc_relu``);
+- RELU elsewhere: one comparison (DCF) and one Beaver product, two rounds;
 - MAXPOOL2D (no padding): a tree of max(a, b) = b + ReLU(a - b) over each window;
 - SQUARE and POLY (fine-tuned polynomial activations, evaluated in the power basis by
   Horner's rule): one Beaver product and a truncation per degree.
@@ -76,10 +78,22 @@ def _power_coeffs(node) -> np.ndarray:
     return out
 
 
+def _fused(graph: Graph) -> dict[str, str]:
+    """DENSE nodes whose only reader is a RELU: truncation and ReLU share one opening
+    (``protocols.trunc_relu``). Maps the dense node to the ReLU it absorbs."""
+    out = {}
+    for node in graph.nodes:
+        readers = graph.consumers(node.name)
+        if (node.op is Op.DENSE and node.name != graph.output and len(readers) == 1
+                and readers[0].op is Op.RELU):
+            out[node.name] = readers[0].name
+    return out
+
+
 @dataclass(frozen=True)
 class Step:
-    """One interactive step: ``kind`` ("trunc", "relu" or "mul") on ``size`` values per
-    input."""
+    """One interactive step: ``kind`` ("trunc", "trunc_relu", "relu" or "mul") on
+    ``size`` values per input."""
 
     kind: str
     size: int
@@ -88,12 +102,14 @@ class Step:
 def material_plan(graph: Graph) -> list[Step]:
     """The dealer material one inference consumes, in the order the parties use it."""
     shapes = {n.name: n.shape for n in graph.nodes}
+    fused = _fused(graph)
+    absorbed = set(fused.values())
     steps = []
     for node in graph.nodes:
         size = int(np.prod(node.shape))
         if node.op is Op.DENSE:
-            steps.append(Step("trunc", size))
-        elif node.op is Op.RELU:
+            steps.append(Step("trunc_relu" if node.name in fused else "trunc", size))
+        elif node.op is Op.RELU and node.name not in absorbed:
             steps.append(Step("relu", size))
         elif node.op is Op.MAXPOOL2D:
             width = _window_indices(node, shapes[node.inputs[0]]).shape[1]
@@ -117,6 +133,8 @@ def dealer_material(steps: list[Step], batch: int, prg: Prg,
             pair = pr.relu_material(n, prg)
         elif step.kind == "trunc":
             pair = pr.trunc_material(n, frac_bits, prg)
+        elif step.kind == "trunc_relu":
+            pair = pr.trunc_relu_material(n, frac_bits, prg)
         else:
             pair = pr.triples(n, prg)
         out[0].append(pair[0])
@@ -131,13 +149,22 @@ def evaluate(party: int, ch: pr.Channel, graph: Graph, x: np.ndarray, material: 
     values = {graph.input.name: np.asarray(x, dtype=np.uint64).reshape(batch, -1)}
     shapes = {n.name: n.shape for n in graph.nodes}
     supply = iter(material)
+    fused = _fused(graph)
     for node in graph.nodes[1:]:
+        if node.name in values:          # a ReLU computed with its dense layer
+            continue
         args = [values[s] for s in node.inputs]
         if node.op is Op.DENSE:
             w = _scaled(node.params["matrix"], frac_bits)
             y = args[0] @ w.T
             if party == 0:
                 y = y + _scaled(node.params["bias"], 2 * frac_bits)
+            if node.name in fused:
+                out = pr.trunc_relu(ch, party, y.ravel(), next(supply),
+                                    frac_bits).reshape(batch, -1)
+                values[fused[node.name]] = out
+                values[node.name] = out    # nothing else reads the pre-ReLU value
+                continue
             out = pr.truncate_exact(ch, party, y.ravel(), next(supply),
                                     frac_bits).reshape(batch, -1)
         elif node.op is Op.ADD:

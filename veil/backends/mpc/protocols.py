@@ -87,6 +87,20 @@ class TruncMaterial:
 
 
 @dataclass(frozen=True)
+class TruncReluMaterial:
+    """Truncation and sign from one opening: an f-bit DCF for the low carry and one
+    63-bit DCF with three payloads (sign, and the wrap for either public top bit)."""
+
+    r: np.ndarray
+    r_high: np.ndarray
+    rho: np.ndarray          # msb(r)
+    rho_wrap: np.ndarray     # msb(r) * 2^(64 - f)
+    low: fss.DcfKey
+    top: fss.DcfKey
+    triple: Triple
+
+
+@dataclass(frozen=True)
 class ReluMaterial:
     sign: SignMaterial
     triple: Triple
@@ -126,6 +140,24 @@ def trunc_material(n: int, frac_bits: int, prg: Prg) -> tuple[TruncMaterial, Tru
                            prg)
     (r0, r1), (h0, h1) = share(r, prg), share(r >> f, prg)
     return TruncMaterial(r0, h0, low0, wrap0), TruncMaterial(r1, h1, low1, wrap1)
+
+
+def trunc_relu_material(n: int, frac_bits: int, prg: Prg
+                        ) -> tuple[TruncReluMaterial, TruncReluMaterial]:
+    r = prg.uint64(n)
+    f = np.uint64(frac_bits)
+    rho = r >> _SHIFT63
+    lift = np.uint64(1) << np.uint64(64 - frac_bits)
+    low0, low1 = fss.gen(r & ((np.uint64(1) << f) - np.uint64(1)), np.ones(n, np.uint64),
+                         frac_bits, prg)
+    beta = np.stack([np.uint64(1) - np.uint64(2) * rho, (np.uint64(1) - rho) * lift,
+                     rho * lift], axis=1)
+    top0, top1 = fss.gen(r & _LOW63, beta, 63, prg)
+    (r0, r1), (h0, h1) = share(r, prg), share(r >> f, prg)
+    (p0, p1), (w0, w1) = share(rho, prg), share(rho * lift, prg)
+    t0, t1 = triples(n, prg)
+    return (TruncReluMaterial(r0, h0, p0, w0, low0, top0, t0),
+            TruncReluMaterial(r1, h1, p1, w1, low1, top1, t1))
 
 
 def relu_material(n: int, prg: Prg) -> tuple[ReluMaterial, ReluMaterial]:
@@ -175,6 +207,33 @@ def truncate_exact(ch: Channel, party: int, x: np.ndarray, m: TruncMaterial,
     return out
 
 
+def trunc_relu(ch: Channel, party: int, y: np.ndarray, m: TruncReluMaterial,
+               frac_bits: int = FRAC_BITS) -> np.ndarray:
+    """Shares of ReLU(floor(y / 2^f)): truncation and sign share one opening of
+    u^ = y + 2^63 + r (their DCFs run on it together), then one Beaver product. Two
+    rounds where truncate_exact followed by relu takes three.
+
+    With w = [u^ < r] (unsigned) = rho + (1 - rho) c' if msb(u^) = 0 and rho c' if 1,
+    c' = [u^ mod 2^63 < r mod 2^63] and rho = msb(r), the 63-bit DCF returns c' times
+    (1 - 2 rho, (1 - rho) 2^(64-f), rho 2^(64-f)); u >> f then follows as in
+    :func:`truncate_exact`, and [y >= 0] = msb(u) = msb(u^) xor rho xor c'.
+    """
+    f = np.uint64(frac_bits)
+    bias = np.uint64(1 << 63)
+    u = y + bias if party == 0 else y
+    uhat = open_value(ch, u + m.r)
+    top = uhat >> _SHIFT63
+    low = fss.evaluate(party, m.low, uhat & ((np.uint64(1) << f) - np.uint64(1)))
+    words = fss.evaluate(party, m.top, uhat & _LOW63)
+    wrap = np.where(top == 0, m.rho_wrap + words[:, 1], words[:, 2])
+    trunc = wrap - low - m.r_high
+    if party == 0:
+        trunc = trunc + (uhat >> f) - (bias >> f)
+    z = m.rho + words[:, 0]                                  # rho xor c'
+    sign = z - np.uint64(2) * top * z + (top if party == 0 else _ZERO)
+    return mul(ch, party, trunc, sign, m.triple)
+
+
 def drelu(ch: Channel, party: int, x: np.ndarray, m: SignMaterial) -> np.ndarray:
     """Shares of 1 - msb(x), i.e. [x >= 0] for two's-complement x: one round."""
     xhat = open_value(ch, x + m.r)
@@ -209,6 +268,14 @@ def material_arrays(items: list) -> dict[str, np.ndarray]:
             out[f"{p}.r"], out[f"{p}.r_high"] = m.r, m.r_high
             key(f"{p}.low", m.low)
             key(f"{p}.wrap", m.wrap)
+        elif isinstance(m, TruncReluMaterial):
+            out[f"{p}.kind"] = np.array([3], np.uint8)
+            out[f"{p}.r"], out[f"{p}.r_high"] = m.r, m.r_high
+            out[f"{p}.rho"], out[f"{p}.rho_wrap"] = m.rho, m.rho_wrap
+            key(f"{p}.low", m.low)
+            key(f"{p}.top", m.top)
+            t = m.triple
+            out[f"{p}.a"], out[f"{p}.b"], out[f"{p}.c"] = t.a, t.b, t.c
         elif isinstance(m, ReluMaterial):
             out[f"{p}.kind"] = np.array([2], np.uint8)
             out[f"{p}.r"], out[f"{p}.rho"] = m.sign.r, m.sign.rho
@@ -235,6 +302,11 @@ def material_from_arrays(arrays: dict[str, np.ndarray]) -> list:
         elif kind == 1:
             items.append(TruncMaterial(arrays[f"{p}.r"], arrays[f"{p}.r_high"],
                                        key(f"{p}.low"), key(f"{p}.wrap")))
+        elif kind == 3:
+            items.append(TruncReluMaterial(
+                arrays[f"{p}.r"], arrays[f"{p}.r_high"], arrays[f"{p}.rho"],
+                arrays[f"{p}.rho_wrap"], key(f"{p}.low"), key(f"{p}.top"),
+                Triple(arrays[f"{p}.a"], arrays[f"{p}.b"], arrays[f"{p}.c"])))
         elif kind == 2:
             items.append(ReluMaterial(
                 SignMaterial(arrays[f"{p}.r"], key(f"{p}.sign"), arrays[f"{p}.rho"]),

@@ -187,7 +187,7 @@ class Dealer:
 def pr_step(kind: str, size: int):
     from .evaluator import Step
 
-    if kind not in ("relu", "trunc", "mul"):
+    if kind not in ("relu", "trunc", "trunc_relu", "mul"):
         raise InputError(f"unknown material kind {kind!r}")
     return Step(kind, size)
 
