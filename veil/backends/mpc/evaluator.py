@@ -7,6 +7,7 @@ share (multiply by the fixed-point weights, party 0 adds the bias) followed by a
 one-round truncation, and the non-linear layers use the dealer's material
 (``protocols``):
 
+- the output DENSE: not truncated; the client decodes 2f fractional bits;
 - DENSE then RELU: truncation and sign from one opening, then one Beaver product, two
   rounds for both (``protocols.trunc_relu``);
 - RELU elsewhere: one comparison (DCF) and one Beaver product, two rounds;
@@ -107,7 +108,7 @@ def material_plan(graph: Graph) -> list[Step]:
     steps = []
     for node in graph.nodes:
         size = int(np.prod(node.shape))
-        if node.op is Op.DENSE:
+        if node.op is Op.DENSE and node.name != graph.output:
             steps.append(Step("trunc_relu" if node.name in fused else "trunc", size))
         elif node.op is Op.RELU and node.name not in absorbed:
             steps.append(Step("relu", size))
@@ -142,6 +143,12 @@ def dealer_material(steps: list[Step], batch: int, prg: Prg,
     return out
 
 
+def output_frac_bits(graph: Graph, frac_bits: int = FRAC_BITS) -> int:
+    """Fractional bits of the output shares: a final dense layer is not truncated (the
+    client divides by 2^2f instead, which saves the round and its DCFs)."""
+    return 2 * frac_bits if graph.node(graph.output).op is Op.DENSE else frac_bits
+
+
 def evaluate(party: int, ch: pr.Channel, graph: Graph, x: np.ndarray, material: list,
              frac_bits: int = FRAC_BITS) -> np.ndarray:
     """Party ``party``'s share of the output for its share ``x`` (batch, *input shape)."""
@@ -165,8 +172,11 @@ def evaluate(party: int, ch: pr.Channel, graph: Graph, x: np.ndarray, material: 
                 values[fused[node.name]] = out
                 values[node.name] = out    # nothing else reads the pre-ReLU value
                 continue
-            out = pr.truncate_exact(ch, party, y.ravel(), next(supply),
-                                    frac_bits).reshape(batch, -1)
+            if node.name == graph.output:
+                out = y                    # left at 2f bits: the client decodes it
+            else:
+                out = pr.truncate_exact(ch, party, y.ravel(), next(supply),
+                                        frac_bits).reshape(batch, -1)
         elif node.op is Op.ADD:
             out = args[0] + args[1]
         elif node.op is Op.RELU:

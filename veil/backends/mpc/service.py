@@ -36,7 +36,8 @@ from ...ir import Graph
 from ...ir.serialize import graph_from_json, graph_to_json
 from . import protocols as pr
 from . import transport as tp
-from .evaluator import dealer_material, evaluate, lower_for_mpc, material_plan
+from .evaluator import (dealer_material, evaluate, lower_for_mpc, material_plan,
+                        output_frac_bits)
 from .fixed import FRAC_BITS, decode, encode
 from .prg import Prg
 
@@ -485,7 +486,9 @@ class Party:
         except (VeilError, OSError, StopIteration) as exc:
             self._fail(req, f"the inference failed: {exc}")
             raise MpcError(f"request failed: {exc}") from exc
-        result = {"share": out, "stats": np.frombuffer(json.dumps({
+        result = {"share": out, "frac_bits": np.array([output_frac_bits(self.model)],
+                                                       np.uint64),
+                  "stats": np.frombuffer(json.dumps({
             "party": self.party, "prefetched": mid is not None, "online_rounds": chan.rounds,
             "online_bytes_sent": chan.bytes_sent, "offline_bytes": offline_bytes,
             "offline_s": t1 - t0, "online_s": t2 - t1}).encode(), np.uint8)}
@@ -556,7 +559,10 @@ class MpcClient:
         finally:
             for link in links:
                 link.close()
-        out = decode(pr.reconstruct(results[0]["share"], results[1]["share"]))
+        bits = {int(r["frac_bits"][0]) for r in results}
+        if len(bits) != 1 or not 0 < min(bits) < 64:
+            raise MpcError("the parties disagree on the output's fixed-point scale")
+        out = decode(pr.reconstruct(results[0]["share"], results[1]["share"]), bits.pop())
         stats = [json.loads(bytes(r["stats"]).decode()) for r in results]
         return MpcResult(out, stats, time.perf_counter() - start,
                          sum(link.bytes_sent for link in links),
