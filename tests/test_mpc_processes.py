@@ -1,8 +1,10 @@
 """MPC through real processes on loopback: two parties, a separate dealer, a client."""
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -26,16 +28,17 @@ def _start(args, lines=1):
 
 
 class Cluster:
-    def __init__(self, tmp, model_dir, timeout="8"):
+    def __init__(self, tmp, model_dir, timeout="8", proxy=None):
         self.keys, self.model, self.timeout = str(tmp / "keys"), str(model_dir), timeout
         subprocess.run([sys.executable, "-m", "veil", "mpc-setup", self.keys], check=True,
                        stdout=subprocess.DEVNULL)
         self.procs = {}
         self.start_dealer()
         self.start_party1()
+        peer = self.peer if proxy is None else proxy(self.peer)
         self.procs["party0"], (self.p0,) = _start(
             ["mpc-node", "--party", "0", "--keys", self.keys, "--model", self.model,
-             "--dealer", self._fmt(self.dealer), "--peer", self._fmt(self.peer),
+             "--dealer", self._fmt(self.dealer), "--peer", self._fmt(peer),
              "--timeout", self.timeout])
 
     @staticmethod
@@ -146,3 +149,63 @@ def _retry(fn, attempts=20):
             if i == attempts - 1:
                 raise
             time.sleep(0.5)
+
+
+class FlipProxy:
+    """Forwards party0 -> party1 traffic; when armed, flips one bit of the next chunk."""
+
+    def __init__(self):
+        self.armed = threading.Event()
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(8)
+
+    def __call__(self, target):
+        self.target = target
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self.server.getsockname()
+
+    def _accept(self):
+        while True:
+            a, _ = self.server.accept()
+            b = socket.create_connection(self.target)
+            threading.Thread(target=self._pump, args=(a, b, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(b, a, False), daemon=True).start()
+
+    def _pump(self, src, dst, forward):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if forward and self.armed.is_set():
+                    self.armed.clear()
+                    data = bytes([data[0]]) + bytes([data[1] ^ 0x40]) + data[2:] \
+                        if len(data) > 8 else data[:-1] + bytes([data[-1] ^ 0x40])
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            src.close()
+            dst.close()
+
+
+def test_a_corrupted_message_between_parties_fails_cleanly(tmp_path):
+    from models import trained_digits_mlp
+
+    from veil.frontend import to_graph
+
+    model, (_, xte, _, _) = trained_digits_mlp()
+    save_model(to_graph(model, xte.shape[1:]), tmp_path / "model")
+    proxy = FlipProxy()
+    cluster = Cluster(tmp_path, tmp_path / "model", proxy=proxy)
+    try:
+        client = cluster.client(xte.shape[1:])
+        good = _retry(lambda: client.infer(xte[:2])).outputs
+        proxy.armed.set()                       # the next party0 -> party1 bytes
+        with pytest.raises(MpcError):
+            client.infer(xte[:2])
+        again = _retry(lambda: client.infer(xte[:2])).outputs
+        np.testing.assert_allclose(again, good, atol=1e-3)
+    finally:
+        cluster.stop()

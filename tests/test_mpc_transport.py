@@ -111,3 +111,12 @@ def test_malformed_arrays_are_serialization_errors():
         tp.unpack_array(good[:-3])
     with pytest.raises(SerializationError):
         tp.pack_array(np.zeros(2, dtype=object))
+
+
+def test_idle_wait_still_times_out_on_half_a_frame(keys):
+    """Waiting for a frame to start may take forever; finishing one may not (a corrupted
+    length or a stalled sender must not hold the reader)."""
+    out = _pair(keys, "party0", "party1", ("party0",), timeout=0.3)
+    out["client"].sock.sendall(b"\x00\x00")          # half a length prefix, then nothing
+    with pytest.raises(tp.TransportError, match="timed out"):
+        out["server"].recv(idle=True)

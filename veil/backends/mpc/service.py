@@ -137,10 +137,9 @@ class Dealer:
             log.warning("dealer: refused a link: %s", exc)
             sock.close()
             return
-        link.sock.settimeout(None)          # parties may stay idle between inferences
         try:
             while True:
-                kind, body = link.recv()
+                kind, body = link.recv(idle=True)   # parties may stay idle for long
                 if kind != MATERIAL_REQUEST:
                     raise SerializationError(f"unexpected message kind {kind}")
                 try:
@@ -362,7 +361,7 @@ class Party:
             except (OSError, VeilError) as exc:
                 log.info("party%d: peer handshake failed: %s", self.party, exc)
                 continue
-            peer.sock.settimeout(None if self.party == 1 else self.timeout)
+            peer.sock.settimeout(self.timeout)
             dealer = self._connect_dealer()
             stop = threading.Event()
             with self._pool_cond:
@@ -433,29 +432,28 @@ class Party:
             rid, req = self._take(None)
             t0 = time.perf_counter()
             pooled = None
-            if req.share.shape[0] == 1 and self.prefetch > 0:
-                try:
+            try:
+                if req.share.shape[0] == 1 and self.prefetch > 0:
                     mid, pooled = self._pooled(None)
-                except MpcError as exc:
-                    self._fail(req, str(exc))
-                    raise
-            peer.send(PEER_BEGIN, json.dumps({"id": rid.hex(), "seq": seq, "mid": mid,
-                                              "batch": int(req.share.shape[0])}).encode())
+                peer.send(PEER_BEGIN, json.dumps({"id": rid.hex(), "seq": seq, "mid": mid,
+                                                  "batch": int(req.share.shape[0])}).encode())
+                kind, body = peer.recv()
+            except (VeilError, OSError) as exc:
+                self._fail(req, f"the inference failed: {exc}")   # at once, not on timeout
+                raise
         else:
-            kind, body = peer.recv()
+            kind, body = peer.recv(idle=True)       # any time, but then the whole frame
             if kind != PEER_BEGIN:
                 raise MpcError(f"unexpected message kind {kind} from party0")
             msg = _json(body)
             if int(msg["seq"]) != seq:
                 raise MpcError("the parties disagree on the sequence number")
             mid = None if msg.get("mid") is None else int(msg["mid"])
-            peer.sock.settimeout(self.timeout)
             t0 = time.perf_counter()
             try:
                 rid, req = self._take(bytes.fromhex(msg["id"]))
             except MpcError as exc:
                 peer.send(PEER_READY, json.dumps({"ok": False, "error": str(exc)}).encode())
-                peer.sock.settimeout(None)
                 return
         # both sides agree the request exists before either spends material on it
         if self.party == 1:
@@ -463,10 +461,8 @@ class Party:
             peer.send(PEER_READY, json.dumps({"ok": ok}).encode())
             if not ok:
                 self._fail(req, "the two shares have different batch sizes")
-                peer.sock.settimeout(None)
                 return
         else:
-            kind, body = peer.recv()
             status = _json(body) if kind == PEER_READY else {"ok": False}
             if not status.get("ok"):
                 self._fail(req, status.get("error", "party1 could not take the request"))
@@ -499,8 +495,6 @@ class Party:
         finally:
             req.link.close()
         self.served += 1
-        if self.party == 1:
-            peer.sock.settimeout(None)
 
     @staticmethod
     def _fail(req: _Request, message: str) -> None:

@@ -118,8 +118,21 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _recv_raw(sock: socket.socket, limit: int = MAX_FRAME) -> bytes:
-    (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
+def _recv_raw(sock: socket.socket, limit: int = MAX_FRAME, idle: bool = False) -> bytes:
+    """One frame. With ``idle``, wait as long as it takes for a frame to start, but
+    once it has, the socket's timeout applies to the rest: a peer that sends half a
+    frame (or a corrupted length) cannot hold the reader forever."""
+    if idle:
+        timeout = sock.gettimeout()
+        sock.settimeout(None)
+        try:
+            first = _recv_exact(sock, 1)
+        finally:
+            sock.settimeout(timeout)
+        head = first + _recv_exact(sock, _LEN.size - 1)
+    else:
+        head = _recv_exact(sock, _LEN.size)
+    (n,) = _LEN.unpack(head)
     if n > limit:
         raise TransportError(f"frame of {n} bytes exceeds the limit of {limit}")
     return _recv_exact(sock, n)
@@ -146,8 +159,8 @@ class Link:
         _send_raw(self.sock, frame)
         self.bytes_sent += len(frame) + _LEN.size
 
-    def recv(self, limit: int = MAX_FRAME) -> tuple[int, bytes]:
-        frame = _recv_raw(self.sock, limit)
+    def recv(self, limit: int = MAX_FRAME, idle: bool = False) -> tuple[int, bytes]:
+        frame = _recv_raw(self.sock, limit, idle)
         self.bytes_received += len(frame) + _LEN.size
         try:
             plain = self._recv.decrypt(self._nonce(self._recv_n), frame, None)
