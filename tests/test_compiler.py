@@ -35,6 +35,15 @@ def cnn(rng, pool=Op.AVGPOOL2D, bn=False):
     return Graph(tuple(nodes) + (r, p, f, fc), "fc")
 
 
+def one_dense(matrix, bias):
+    """INPUT -> DENSE graph of ``matrix`` (m x n) and ``bias``."""
+    m, n = matrix.shape
+    i = make_node("input", Op.INPUT, [], [], {"shape": (n,)})
+    d = make_node("d", Op.DENSE, ["input"], [(n,)], {"shape": (m,)},
+                  {"matrix": matrix, "bias": bias})
+    return Graph((i, d), "d")
+
+
 def residual(rng):
     i = make_node("input", Op.INPUT, [], [], {"shape": (16,)})
     a = make_node("a", Op.LINEAR, ["input"], [(16,)], {},
@@ -168,10 +177,7 @@ def test_params_grow_ring_for_depth_and_slots():
 def test_dense_layout_matches_matrix_product(rng, shape):
     m = rng.normal(size=shape)
     plan = plan_dense(m)
-    i = make_node("input", Op.INPUT, [], [], {"shape": (shape[1],)})
-    d = make_node("d", Op.DENSE, ["input"], [(shape[1],)], {"shape": (shape[0],)},
-                  {"matrix": m, "bias": rng.normal(size=shape[0])})
-    g = Graph((i, d), "d")
+    g = one_dense(m, rng.normal(size=shape[0]))
     hp = plan_he(g)
     eng = NumpySlotEngine(hp.params.slots, set(hp.rotations))
     x = rng.normal(size=shape[1])
@@ -218,11 +224,7 @@ def test_bad_calibration_is_rejected(rng):
 
 def test_first_layer_uses_client_expanded_input_when_cheaper(rng):
     """A dense 32->64 first layer: 32 diagonals pre-rotated by the client, 5 folds."""
-    m = rng.normal(size=(64, 32))
-    i = make_node("input", Op.INPUT, [], [], {"shape": (32,)})
-    d = make_node("d", Op.DENSE, ["input"], [(32,)], {"shape": (64,)},
-                  {"matrix": m, "bias": rng.normal(size=64)})
-    g = Graph((i, d), "d")
+    g = one_dense(rng.normal(size=(64, 32)), rng.normal(size=64))
     hp = plan_he(g)
     spec = hp.manifest()["input"]
     assert spec["layout"] == "expanded" and spec["blocks"] == 32
@@ -258,11 +260,7 @@ def test_interleaved_lanes_run_many_inputs_at_once(rng, layout):
 
 
 def test_throughput_layout_trades_expansion_for_lanes(rng):
-    m = rng.normal(size=(64, 32))
-    i = make_node("input", Op.INPUT, [], [], {"shape": (32,)})
-    d = make_node("d", Op.DENSE, ["input"], [(32,)], {"shape": (64,)},
-                  {"matrix": m, "bias": rng.normal(size=64)})
-    g = Graph((i, d), "d")
+    g = one_dense(rng.normal(size=(64, 32)), rng.normal(size=64))
     fast, wide = plan_he(g, layout="latency"), plan_he(g, layout="throughput")
     assert fast.lanes == fast.params.slots // 2048 and wide.lanes == wide.params.slots // 64
     assert wide.manifest()["input"]["layout"] == "replicated"

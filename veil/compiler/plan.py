@@ -241,6 +241,23 @@ class DensePlan:
                    int(d.get("giant2", 0)), bool(d.get("centered2", False)), **pos)
 
 
+def _diagonal_entries(matrix: np.ndarray, in_period: int, out_period: int,
+                      in_pos: np.ndarray | None, out_pos: np.ndarray | None):
+    """For every non-zero W[r, c]: its diagonal i, its slot j, and its value."""
+    m, n = matrix.shape
+    in_pos = np.arange(n) if in_pos is None else np.asarray(in_pos, dtype=np.int64)
+    out_pos = np.arange(m) if out_pos is None else np.asarray(out_pos, dtype=np.int64)
+    rows, cols = np.nonzero(matrix)
+    a, b = out_pos[rows], in_pos[cols]
+    if in_period >= out_period:
+        i = (b - a) % out_period
+        j = a + (b - a - i) % in_period
+    else:
+        i = (b - a) % in_period
+        j = a
+    return i, j, matrix[rows, cols]
+
+
 def slot_diagonals(matrix: np.ndarray, in_period: int, out_period: int,
                    in_pos: np.ndarray | None = None, out_pos: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
@@ -253,35 +270,16 @@ def slot_diagonals(matrix: np.ndarray, in_period: int, out_period: int,
     Pi); for Pi < Po, i = (b - a) mod Pi and j = a. Built from the non-zeros only, so a
     layer costs memory in its diagonals, never in a dense slot-level matrix.
 
-    Returns (sorted diagonal indices, vectors of shape (count, max(Pi, Po))).
+    Returns (sorted diagonal indices, vectors of shape (count, max(Pi, Po))); an
+    all-zero matrix gives the single zero diagonal 0.
     """
-    m, n = matrix.shape
-    in_pos = np.arange(n) if in_pos is None else np.asarray(in_pos, dtype=np.int64)
-    out_pos = np.arange(m) if out_pos is None else np.asarray(out_pos, dtype=np.int64)
-    rows, cols = np.nonzero(matrix)
-    vals = matrix[rows, cols]
-    a, b = out_pos[rows], in_pos[cols]
-    if in_period >= out_period:
-        i = (b - a) % out_period
-        j = a + (b - a - i) % in_period
-    else:
-        i = (b - a) % in_period
-        j = a
+    i, j, vals = _diagonal_entries(matrix, in_period, out_period, in_pos, out_pos)
     ids, slot_of = np.unique(i, return_inverse=True)
     if ids.size == 0:
         return np.zeros(1, dtype=np.int64), np.zeros((1, max(in_period, out_period)))
     vectors = np.zeros((ids.size, max(in_period, out_period)))
     np.add.at(vectors, (slot_of, j), vals)
     return ids, vectors
-
-
-def diagonal_vectors(matrix: np.ndarray, in_period: int, out_period: int) -> np.ndarray:
-    """Every generalised diagonal of a compactly placed ``matrix`` (zero rows included):
-    row i, slot j holds W[j mod Po, (j + i) mod Pi]; shape (min(Pi, Po), max(Pi, Po))."""
-    ids, vecs = slot_diagonals(matrix, in_period, out_period)
-    out = np.zeros((min(in_period, out_period), max(in_period, out_period)))
-    out[ids] = vecs
-    return out
 
 
 def _signed(i: int, period: int) -> int:
@@ -368,7 +366,9 @@ def plan_dense(matrix: np.ndarray, in_positions=None, out_positions=None,
     m, n = matrix.shape
     pi = in_period or next_pow2(n if in_positions is None else max(in_positions) + 1)
     po = out_period or next_pow2(m if out_positions is None else max(out_positions) + 1)
-    ids, _ = slot_diagonals(matrix, pi, po, in_positions, out_positions)
+    # only the indices: the layout search plans many candidates, the evaluator alone
+    # needs the vectors
+    ids = np.unique(_diagonal_entries(matrix, pi, po, in_positions, out_positions)[0])
     nonzero = sorted(_signed(int(i), pi) for i in ids) or [0]
     folds = tuple(po << t for t in range(int(math.log2(pi // po)))) if pi > po else ()
     baby, centered = _best_baby_step(nonzero)
@@ -378,11 +378,15 @@ def plan_dense(matrix: np.ndarray, in_positions=None, out_positions=None,
                      freeze(in_positions), freeze(out_positions))
 
 
-def dense_cost(plan: DensePlan) -> float:
-    """Estimated cost of one layer in rotations: rotations, products, and its keys."""
+def _layer_work(plan: DensePlan) -> float:
+    """One evaluation of a dense layer in rotation units: rotations and products."""
     mults = 1 if plan.input_blocks else len(plan.diagonals)
-    return (plan.rotation_count() * COST["rotation"] + mults * COST["pt_mult"]
-            + KEY_WEIGHT * len(plan.rotations()))
+    return plan.rotation_count() * COST["rotation"] + mults * COST["pt_mult"]
+
+
+def dense_cost(plan: DensePlan) -> float:
+    """Estimated cost of one layer in rotations: its work, and its keys."""
+    return _layer_work(plan) + KEY_WEIGHT * len(plan.rotations())
 
 
 @dataclass
@@ -495,9 +499,7 @@ def estimate_costs(graph: Graph, plan: HEPlan) -> dict:
         width = int(np.prod(node.shape))
         widest = max(widest, width)
         if node.op is Op.DENSE:
-            p = plan.dense[node.name]
-            mults = 1 if p.input_blocks else len(p.diagonals)
-            lanes_cost += p.rotation_count() * COST["rotation"] + mults * COST["pt_mult"]
+            lanes_cost += _layer_work(plan.dense[node.name])
             features_cost += np.count_nonzero(node.params["matrix"]) * COST["scalar_term"]
         elif node.op in (Op.POLY, Op.SQUARE):
             one = (COST["square"] if node.op is Op.SQUARE

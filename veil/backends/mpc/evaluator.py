@@ -26,7 +26,7 @@ import numpy as np
 from numpy.polynomial import chebyshev, polynomial
 
 from ...compiler.passes import fold_batchnorm, linearize
-from ...errors import UnsupportedOperation
+from ...errors import InputError, UnsupportedOperation
 from ...ir import Graph, Op
 from . import protocols as pr
 from .fixed import FRAC_BITS
@@ -91,6 +91,9 @@ def _fused(graph: Graph) -> dict[str, str]:
     return out
 
 
+STEP_KINDS = ("trunc", "trunc_relu", "relu", "mul")
+
+
 @dataclass(frozen=True)
 class Step:
     """One interactive step: ``kind`` ("trunc", "trunc_relu", "relu" or "mul") on
@@ -98,6 +101,10 @@ class Step:
 
     kind: str
     size: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in STEP_KINDS:
+            raise InputError(f"unknown material kind {self.kind!r}")
 
 
 def material_plan(graph: Graph) -> list[Step]:

@@ -134,8 +134,7 @@ def sign_material(n: int, prg: Prg) -> tuple[SignMaterial, SignMaterial]:
 def trunc_material(n: int, frac_bits: int, prg: Prg) -> tuple[TruncMaterial, TruncMaterial]:
     r = prg.uint64(n)
     f = np.uint64(frac_bits)
-    low0, low1 = fss.gen(r & ((np.uint64(1) << f) - np.uint64(1)), np.ones(n, np.uint64),
-                         frac_bits, prg)
+    low0, low1 = fss.gen(_low_bits(r, frac_bits), np.ones(n, np.uint64), frac_bits, prg)
     wrap0, wrap1 = fss.gen(r, np.full(n, np.uint64(1) << np.uint64(64 - frac_bits)), 64,
                            prg)
     (r0, r1), (h0, h1) = share(r, prg), share(r >> f, prg)
@@ -148,8 +147,7 @@ def trunc_relu_material(n: int, frac_bits: int, prg: Prg
     f = np.uint64(frac_bits)
     rho = r >> _SHIFT63
     lift = np.uint64(1) << np.uint64(64 - frac_bits)
-    low0, low1 = fss.gen(r & ((np.uint64(1) << f) - np.uint64(1)), np.ones(n, np.uint64),
-                         frac_bits, prg)
+    low0, low1 = fss.gen(_low_bits(r, frac_bits), np.ones(n, np.uint64), frac_bits, prg)
     beta = np.stack([np.uint64(1) - np.uint64(2) * rho, (np.uint64(1) - rho) * lift,
                      rho * lift], axis=1)
     top0, top1 = fss.gen(r & _LOW63, beta, 63, prg)
@@ -195,16 +193,37 @@ def truncate(party: int, x: np.ndarray, frac_bits: int = FRAC_BITS) -> np.ndarra
 def truncate_exact(ch: Channel, party: int, x: np.ndarray, m: TruncMaterial,
                    frac_bits: int = FRAC_BITS) -> np.ndarray:
     """Shares of floor(x / 2^f) for two's-complement x, exactly: one round."""
-    f = np.uint64(frac_bits)
-    bias = np.uint64(1 << 63)
-    u = x + bias if party == 0 else x                      # u = x + 2^63 >= 0 unsigned
-    uhat = open_value(ch, u + m.r)
-    low = fss.evaluate(party, m.low, uhat & ((np.uint64(1) << f) - np.uint64(1)))
-    wrap = fss.evaluate(party, m.wrap, uhat)
-    out = wrap - low - m.r_high
+    uhat = open_value(ch, _offset(party, x) + m.r)
+    low = fss.evaluate(party, m.low, _low_bits(uhat, frac_bits))
+    return _shift(party, uhat, fss.evaluate(party, m.wrap, uhat), low, m.r_high, frac_bits)
+
+
+_BIAS = np.uint64(1 << 63)
+
+
+def _offset(party: int, x: np.ndarray) -> np.ndarray:
+    """Shares of u = x + 2^63: two's-complement order becomes unsigned order."""
+    return x + _BIAS if party == 0 else x
+
+
+def _low_bits(v: np.ndarray, bits: int) -> np.ndarray:
+    return v & ((np.uint64(1) << np.uint64(bits)) - np.uint64(1))
+
+
+def _shift(party: int, uhat: np.ndarray, wrap: np.ndarray, low: np.ndarray,
+           r_high: np.ndarray, frac_bits: int) -> np.ndarray:
+    """Shares of floor(x / 2^f) from the opened u^ = x + 2^63 + r: (u^ >> f) - (r >> f)
+    - [low carry] + 2^(64-f) [wrap], less the 2^(63-f) of the offset."""
+    out = wrap - low - r_high
     if party == 0:
-        out = out + (uhat >> f) - (bias >> f)
+        f = np.uint64(frac_bits)
+        out = out + (uhat >> f) - (_BIAS >> f)
     return out
+
+
+def _xor_public(party: int, bit: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Shares of bit xor z for a public 0/1 array ``bit`` and shared bit z."""
+    return z - np.uint64(2) * bit * z + (bit if party == 0 else _ZERO)
 
 
 def trunc_relu(ch: Channel, party: int, y: np.ndarray, m: TruncReluMaterial,
@@ -218,19 +237,13 @@ def trunc_relu(ch: Channel, party: int, y: np.ndarray, m: TruncReluMaterial,
     (1 - 2 rho, (1 - rho) 2^(64-f), rho 2^(64-f)); u >> f then follows as in
     :func:`truncate_exact`, and [y >= 0] = msb(u) = msb(u^) xor rho xor c'.
     """
-    f = np.uint64(frac_bits)
-    bias = np.uint64(1 << 63)
-    u = y + bias if party == 0 else y
-    uhat = open_value(ch, u + m.r)
+    uhat = open_value(ch, _offset(party, y) + m.r)
     top = uhat >> _SHIFT63
-    low = fss.evaluate(party, m.low, uhat & ((np.uint64(1) << f) - np.uint64(1)))
+    low = fss.evaluate(party, m.low, _low_bits(uhat, frac_bits))
     words = fss.evaluate(party, m.top, uhat & _LOW63)
     wrap = np.where(top == 0, m.rho_wrap + words[:, 1], words[:, 2])
-    trunc = wrap - low - m.r_high
-    if party == 0:
-        trunc = trunc + (uhat >> f) - (bias >> f)
-    z = m.rho + words[:, 0]                                  # rho xor c'
-    sign = z - np.uint64(2) * top * z + (top if party == 0 else _ZERO)
+    trunc = _shift(party, uhat, wrap, low, m.r_high, frac_bits)
+    sign = _xor_public(party, top, m.rho + words[:, 0])      # msb(u^) xor rho xor c'
     return mul(ch, party, trunc, sign, m.triple)
 
 
@@ -239,8 +252,7 @@ def drelu(ch: Channel, party: int, x: np.ndarray, m: SignMaterial) -> np.ndarray
     xhat = open_value(ch, x + m.r)
     top = xhat >> _SHIFT63                                   # public msb(x^)
     z = fss.evaluate(party, m.key, xhat & _LOW63) + m.rho    # msb(r) xor [x^' < r']
-    msb = z - np.uint64(2) * top * z + (top if party == 0 else _ZERO)
-    return (np.uint64(1) if party == 0 else _ZERO) - msb
+    return (np.uint64(1) if party == 0 else _ZERO) - _xor_public(party, top, z)
 
 
 def relu(ch: Channel, party: int, x: np.ndarray, m: ReluMaterial) -> np.ndarray:

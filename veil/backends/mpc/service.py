@@ -36,7 +36,7 @@ from ...ir import Graph
 from ...ir.serialize import graph_from_json, graph_to_json
 from . import protocols as pr
 from . import transport as tp
-from .evaluator import (dealer_material, evaluate, lower_for_mpc, material_plan,
+from .evaluator import (Step, dealer_material, evaluate, lower_for_mpc, material_plan,
                         output_frac_bits)
 from .fixed import FRAC_BITS, decode, encode
 from .prg import Prg
@@ -67,7 +67,7 @@ def save_model(graph: Graph, directory: str | os.PathLike) -> Path:
     lowered = lower_for_mpc(graph)
     doc, arrays = graph_to_json(lowered)
     np.savez(d / f"{MODEL_FILE}.npz", **arrays)
-    (d / f"{MODEL_FILE}.json").write_text(json.dumps({"graph": doc, "frac_bits": FRAC_BITS}))
+    (d / f"{MODEL_FILE}.json").write_text(json.dumps({"graph": doc}))
     return d
 
 
@@ -99,6 +99,14 @@ def _listen(address: tuple[str, int]) -> socket.socket:
     return srv
 
 
+def _accept_forever(server: socket.socket, timeout: float, handle) -> None:
+    """Accept connections forever; each one is handled on its own thread."""
+    while True:
+        sock, _ = server.accept()
+        sock.settimeout(timeout)
+        threading.Thread(target=handle, args=(sock,), daemon=True).start()
+
+
 def _dial(address: tuple[str, int], timeout: float) -> socket.socket:
     sock = socket.create_connection(address, timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -125,10 +133,7 @@ class Dealer:
         self.bytes_sent = 0
 
     def serve_forever(self) -> None:
-        while True:
-            sock, _ = self.server.accept()
-            sock.settimeout(self.timeout)
-            threading.Thread(target=self._serve_link, args=(sock,), daemon=True).start()
+        _accept_forever(self.server, self.timeout, self._serve_link)
 
     def _serve_link(self, sock: socket.socket) -> None:
         try:
@@ -173,7 +178,7 @@ class Dealer:
                 del self._pending[(session, seq)]
                 out = waiting[2]
             else:
-                m0, m1 = dealer_material([pr_step(k, n) for k, n in steps], batch, Prg(), frac)
+                m0, m1 = dealer_material([Step(k, n) for k, n in steps], batch, Prg(), frac)
                 mine, theirs = (m0, m1) if party == "party0" else (m1, m0)
                 out = tp.pack_arrays(pr.material_arrays(mine))
                 self._pending[(session, seq)] = (other, digest,
@@ -182,14 +187,6 @@ class Dealer:
             self._last[(session, party)] = seq
         self.bytes_sent += len(out)
         return out
-
-
-def pr_step(kind: str, size: int):
-    from .evaluator import Step
-
-    if kind not in ("relu", "trunc", "trunc_relu", "mul"):
-        raise InputError(f"unknown material kind {kind!r}")
-    return Step(kind, size)
 
 
 # -- parties ------------------------------------------------------------------------------
@@ -260,12 +257,6 @@ class Party:
         self._dealer_lock = threading.Lock()
 
     # client side -------------------------------------------------------------------
-    def _accept_clients(self) -> None:
-        while True:
-            sock, _ = self.clients.accept()
-            sock.settimeout(self.timeout)
-            threading.Thread(target=self._client, args=(sock,), daemon=True).start()
-
     def _client(self, sock: socket.socket) -> None:
         link = None
         try:
@@ -354,7 +345,8 @@ class Party:
             raise MpcError(f"malformed material from the dealer: {exc}") from None
 
     def serve_forever(self) -> None:
-        threading.Thread(target=self._accept_clients, daemon=True).start()
+        threading.Thread(target=_accept_forever, args=(self.clients, self.timeout,
+                                                       self._client), daemon=True).start()
         while True:
             try:
                 peer, session = self._connect_peer()
