@@ -56,25 +56,67 @@ def test_dcf_shares_add_up_to_the_comparison(bits):
     assert np.array_equal(got, np.where((x < alpha)[:, None], betas, np.uint64(0)))
 
 
+@pytest.mark.parametrize("width", [2, 3, 16, 63])
+def test_comparison_circuit_matches_plain_comparison(width):
+    """[c < r] on the low ``width`` bits, c public and r XOR-shared by the dealer, and
+    q [c < r] for a dealer bit q: as arithmetic shares, in ceil(log2 width) rounds."""
+    from veil.backends.mpc import circuit
+    prg = Prg()
+    n = 3001                                   # not a multiple of 8: padded bit rows
+    mask = np.uint64((1 << width) - 1)
+    r, c = prg.uint64(n), prg.uint64(n)
+    c[:8] = r[:8]                              # equal
+    c[8:16] = r[8:16] - np.uint64(1)           # one below
+    r[16:24] = 0
+    c[24:32] = mask
+    rows = circuit.bit_rows(r, 63)
+    rows0 = circuit.random_rows(prg, rows.shape)
+    q = r >> np.uint64(63)
+    mats = circuit.tree_material(width, n, prg, q)
+
+    def party(p, ch, inp):
+        return circuit.compare(ch, p, [circuit.tree(p, c, inp, mats[p])])[0]
+
+    ((g0, qg0), (g1, qg1)), chans = run_parties(party, (rows0, rows ^ rows0))
+    want = ((c & mask) < (r & mask)).astype(np.uint64)
+    assert np.array_equal(g0 + g1, want)
+    assert np.array_equal(qg0 + qg1, q * want)
+    assert chans[0].rounds == int(np.ceil(np.log2(width)))
+    # a share alone is spread over the ring
+    assert 0.4 < (g0 >> np.uint64(63)).mean() < 0.6
+
+
 def _shared(x, prg):
     s0, s1 = share(encode(x), prg)
     return (s0, s1)
 
 
-def test_exact_truncation_is_floor_for_any_sign():
-    from veil.backends.mpc.protocols import trunc_material, truncate_exact
+@pytest.mark.parametrize("cmp", ["fss", "circuit"])
+def test_exact_truncation_is_floor_for_any_sign(cmp):
+    from veil.backends.mpc.protocols import (circuit_trunc_material, trunc_material,
+                                             truncate_exact, trunc_relu)
     prg = Prg()
     rng = np.random.default_rng(2)
     raw = np.concatenate([rng.integers(-2 ** 50, 2 ** 50, size=4000),
                           [0, 1, -1, 2 ** 20, -2 ** 20, 2 ** 20 - 1, -2 ** 20 + 1]])
     x = raw.astype(np.int64).view(np.uint64)
     s0, s1 = share(x, prg)
-    m0, m1 = trunc_material(x.size, FRAC_BITS, prg)
+    if cmp == "fss":
+        m0, m1 = trunc_material(x.size, FRAC_BITS, prg)
+    else:
+        m0, m1 = circuit_trunc_material(x.size, FRAC_BITS, prg, relu=False)
     (t0, t1), chans = run_parties(lambda p, ch, inp: truncate_exact(ch, p, *inp),
                                   ((s0, m0), (s1, m1)))
     got = reconstruct(t0, t1).view(np.int64)
     assert np.array_equal(got, raw >> FRAC_BITS)           # floor, bit-exact
-    assert chans[0].rounds == 1
+    assert chans[0].rounds == (1 if cmp == "fss" else 7)
+    if cmp == "circuit":                                    # fused with the ReLU
+        m0, m1 = circuit_trunc_material(x.size, FRAC_BITS, prg, relu=True)
+        (t0, t1), chans = run_parties(lambda p, ch, inp: trunc_relu(ch, p, *inp),
+                                      ((s0, m0), (s1, m1)))
+        got = reconstruct(t0, t1).view(np.int64)
+        assert np.array_equal(got, np.maximum(raw >> FRAC_BITS, 0))
+        assert chans[0].rounds == 8
 
 
 def test_beaver_products_and_truncation_match_plaintext():
@@ -105,18 +147,23 @@ def test_beaver_products_and_truncation_match_plaintext():
     np.testing.assert_allclose(decode(reconstruct(m0, m1)), a @ b, atol=1e-3)
 
 
-def test_relu_is_exact_on_shares():
+@pytest.mark.parametrize("cmp", ["fss", "circuit"])
+def test_relu_is_exact_on_shares(cmp):
+    from veil.backends.mpc.protocols import circuit_relu_material
     prg = Prg()
     rng = np.random.default_rng(1)
     x = np.concatenate([rng.normal(size=3000) * 100, [0.0, -2.0 ** -16, 2.0 ** -16,
                                                       -1000.0, 1000.0]])
-    mat = relu_material(x.size, prg)
+    mat = relu_material(x.size, prg) if cmp == "fss" else circuit_relu_material(x.size, prg)
     xs = _shared(x, prg)
     (r0, r1), chans = run_parties(lambda p, ch, inp: relu(ch, p, *inp),
                                   ((xs[0], mat[0]), (xs[1], mat[1])))
     got = reconstruct(r0, r1)
     assert np.array_equal(got, encode(np.maximum(decode(encode(x)), 0.0)))  # bit-exact
-    assert chans[0].rounds == 2 and chans[0].bytes_sent == 3 * 8 * x.size
+    if cmp == "fss":
+        assert chans[0].rounds == 2 and chans[0].bytes_sent == 3 * 8 * x.size
+    else:
+        assert chans[0].rounds == 8
 
 
 def test_a_single_share_is_independent_of_the_input():
@@ -133,7 +180,7 @@ def test_a_single_share_is_independent_of_the_input():
         assert chi2 < 350      # 255 degrees of freedom: p ~ 1e-4
 
 
-def _run_model(model_and_data, batch=None):
+def _run_model(model_and_data, batch=None, cmp="circuit"):
     from veil.backends.mpc.evaluator import dealer_material, evaluate, lower_for_mpc, \
         material_plan, output_frac_bits
     from veil.frontend import to_graph
@@ -143,30 +190,41 @@ def _run_model(model_and_data, batch=None):
     prg = Prg()
     x = xte if batch is None else xte[:batch]
     s0, s1 = share(encode(x), prg)
-    m0, m1 = dealer_material(material_plan(graph), len(x), prg)
+    m0, m1 = dealer_material(material_plan(graph), len(x), prg, cmp=cmp)
     (o0, o1), chans = run_parties(lambda p, ch, inp: evaluate(p, ch, graph, *inp),
                                   ((s0, m0), (s1, m1)))
     return decode(reconstruct(o0, o1), output_frac_bits(graph)), chans
 
 
+@pytest.mark.parametrize("cmp", ["circuit", "fss"])
 @pytest.mark.parametrize("which", ["mlp", "cnn"])
-def test_digits_models_run_exactly_on_shares(which):
+def test_digits_models_run_exactly_on_shares(which, cmp):
     """The original ReLU networks on the full digits test split: same argmax as plain,
-    logits within 1e-3 (the issue's bar)."""
+    logits within 1e-3 (the issue's bar), with either comparison protocol."""
     import torch
     from models import trained_digits_cnn, trained_digits_mlp
 
     model, (_, xte, _, _) = (trained_digits_mlp if which == "mlp" else trained_digits_cnn)()
-    got, chans = _run_model((model, xte))
+    got, chans = _run_model((model, xte), cmp=cmp)
     with torch.no_grad():
         want = model(torch.as_tensor(xte)).numpy()
     assert np.array_equal(got.argmax(1), want.argmax(1))
     assert np.abs(got - want).max() <= 1e-3
-    # dense + ReLU fused (opening 8 B, Beaver 16 B per value); the output dense layer
-    # is not truncated (the client decodes 2f bits): 2 rounds
+    # dense + ReLU fused; the output dense layer is not truncated (the client decodes
+    # 2f bits). Per value: opening 8 B and Beaver 16 B, plus for circuits the two
+    # comparison trees, 63 bits and f bits: two opened bits per AND (pairs of m blocks
+    # need 2 (m // 2) - 1 ANDs per level, down to two blocks) and three in the last.
     hidden = 128 if which == "mlp" else 512
-    assert chans[0].rounds == 2
-    assert chans[0].bytes_sent / len(xte) == 24 * hidden
+    if cmp == "fss":
+        assert chans[0].rounds == 2
+        assert chans[0].bytes_sent / len(xte) == 24 * hidden
+    else:
+        assert chans[0].rounds == 1 + 6 + 1
+        def ands(m):
+            return 0 if m <= 2 else 2 * (m // 2) - 1 + ands((m + 1) // 2)
+
+        tree_bits = 2 * (ands(63) + ands(FRAC_BITS)) + 6
+        assert chans[0].bytes_sent / len(xte) == (24 + tree_bits / 8) * hidden
 
 
 def test_maxpool_and_polynomials_on_shares():
@@ -195,3 +253,36 @@ def test_activations_without_an_exact_protocol_are_refused():
 
     with pytest.raises(UnsupportedOperation, match="gelu"):
         lower_for_mpc(to_graph(nn.Sequential(nn.Linear(4, 4), nn.GELU()).eval(), (4,)))
+
+
+@pytest.mark.parametrize("cmp", ["circuit", "fss"])
+def test_a_partys_whole_view_is_independent_of_the_input(cmp):
+    """Everything party 1 receives while computing ReLU(trunc(y)) (every round's
+    message) is uniform, for an all-zero and for a large constant input: chi-square on
+    the top byte of ring elements and on every byte of packed bit rows."""
+    from veil.backends.mpc.protocols import (circuit_trunc_material, trunc_relu,
+                                             trunc_relu_material)
+    prg = Prg()
+    n = 16384
+    for value in (0.0, 1234.5):
+        raw = np.full(n, round(value * 2 ** (2 * FRAC_BITS)), np.int64).view(np.uint64)
+        s0, s1 = share(raw, prg)
+        m0, m1 = (trunc_relu_material(n, FRAC_BITS, prg) if cmp == "fss" else
+                  circuit_trunc_material(n, FRAC_BITS, prg, relu=True))
+        seen = []
+
+        def party(p, ch, inp):
+            if p == 1:
+                inner = ch.exchange
+                ch.exchange = lambda data: seen.append(inner(data)) or seen[-1]
+            return trunc_relu(ch, p, *inp)
+
+        (z0, z1), _ = run_parties(party, ((s0, m0), (s1, m1)))
+        assert np.array_equal(reconstruct(z0, z1).view(np.int64),
+                              np.maximum(raw.view(np.int64) >> FRAC_BITS, 0))
+        assert len(seen) == (2 if cmp == "fss" else 8)
+        for msg in seen:
+            sym = (msg >> np.uint64(56)) if msg.dtype == np.uint64 else msg
+            counts = np.bincount(sym.astype(np.int64).ravel(), minlength=256)
+            expected = counts.sum() / 256
+            assert ((counts - expected) ** 2 / expected).sum() < 400   # 255 dof

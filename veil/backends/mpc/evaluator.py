@@ -56,6 +56,12 @@ def _scaled(x: np.ndarray, frac_bits: int) -> np.ndarray:
         np.int64).view(np.uint64)
 
 
+def _half(frac_bits: int) -> np.uint64:
+    """2^(f-1): added before a floor truncation by f bits, it rounds to nearest, so the
+    errors of a layer's many truncations cancel instead of adding up (unbiased)."""
+    return np.uint64(1) << np.uint64(frac_bits - 1)
+
+
 def _window_indices(node, in_shape) -> np.ndarray:
     """(outputs, window) flat input indices of a max-pooling node."""
     c, h, w = in_shape
@@ -131,13 +137,24 @@ def material_plan(graph: Graph) -> list[Step]:
     return steps
 
 
-def dealer_material(steps: list[Step], batch: int, prg: Prg,
-                    frac_bits: int = FRAC_BITS) -> tuple[list, list]:
-    """Both parties' material for ``batch`` inferences (one list per party)."""
+COMPARISONS = ("circuit", "fss")
+
+
+def dealer_material(steps: list[Step], batch: int, prg: Prg, frac_bits: int = FRAC_BITS,
+                    cmp: str = "circuit") -> tuple[list, list]:
+    """Both parties' material for ``batch`` inferences (one list per party). ``cmp``
+    picks the comparisons: "circuit" (binary circuits, cheap to compute and to deal,
+    eight rounds per ReLU layer) or "fss" (DCF keys, two rounds, 40x more material)."""
+    if cmp not in COMPARISONS:
+        raise InputError(f"unknown comparison protocol {cmp!r}; use one of {COMPARISONS}")
     out: tuple[list, list] = ([], [])
     for step in steps:
         n = step.size * batch
-        if step.kind == "relu":
+        if cmp == "circuit" and step.kind in ("trunc", "trunc_relu"):
+            pair = pr.circuit_trunc_material(n, frac_bits, prg, step.kind == "trunc_relu")
+        elif cmp == "circuit" and step.kind == "relu":
+            pair = pr.circuit_relu_material(n, prg)
+        elif step.kind == "relu":
             pair = pr.relu_material(n, prg)
         elif step.kind == "trunc":
             pair = pr.trunc_material(n, frac_bits, prg)
@@ -173,6 +190,8 @@ def evaluate(party: int, ch: pr.Channel, graph: Graph, x: np.ndarray, material: 
             y = args[0] @ w.T
             if party == 0:
                 y = y + _scaled(node.params["bias"], 2 * frac_bits)
+                if node.name != graph.output:
+                    y = y + _half(frac_bits)    # truncation rounds to nearest
             if node.name in fused:
                 out = pr.trunc_relu(ch, party, y.ravel(), next(supply),
                                     frac_bits).reshape(batch, -1)
@@ -198,6 +217,7 @@ def evaluate(party: int, ch: pr.Channel, graph: Graph, x: np.ndarray, material: 
             out = vals[..., 0]
         elif node.op is Op.SQUARE:
             sq = pr.mul(ch, party, args[0].ravel(), args[0].ravel(), next(supply))
+            sq = sq + _half(frac_bits) * np.uint64(party == 0)
             out = pr.truncate_exact(ch, party, sq, next(supply), frac_bits).reshape(batch, -1)
         elif node.op is Op.POLY:
             coeffs = _power_coeffs(node)
@@ -205,6 +225,7 @@ def evaluate(party: int, ch: pr.Channel, graph: Graph, x: np.ndarray, material: 
             acc = np.full(xv.shape, _scaled(coeffs[-1], frac_bits)) * np.uint64(party == 0)
             for c in coeffs[-2::-1]:          # Horner: acc = acc * x + c
                 prod = pr.mul(ch, party, acc, xv, next(supply))
+                prod = prod + _half(frac_bits) * np.uint64(party == 0)
                 acc = pr.truncate_exact(ch, party, prod, next(supply), frac_bits)
                 if party == 0:
                     acc = acc + _scaled(c, frac_bits)

@@ -19,6 +19,11 @@ Constructions:
   share of msb(r) turns the bracket into shares of msb(r) xor [...] without another
   round. ReLU(x) = x * DReLU(x) with one Beaver product: two rounds, 24 bytes sent per
   value per party.
+- The same truncation and sign with the comparisons as binary circuits instead of DCFs
+  (``circuit``): more rounds (ceil(log2 63) = 6 for the comparison instead of 1) but
+  about a fortieth of the computation and of the dealer's material, which is what
+  bounds throughput on a fast network. ``dealer_material(..., cmp=...)`` picks one;
+  the party-side functions follow the material they are given.
 - Max pooling as max(a, b) = b + ReLU(a - b), in a tree over the window.
 """
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Protocol
 
 import numpy as np
 
-from . import fss
+from . import circuit, fss
 from .fixed import FRAC_BITS
 from .prg import Prg
 
@@ -106,6 +111,28 @@ class ReluMaterial:
     triple: Triple
 
 
+@dataclass(frozen=True)
+class CircuitTruncMaterial:
+    """Truncation (and sign) with comparison circuits: shares of r and r >> f, XOR
+    shares of r's low 63 bits, a 63-bit tree weighted by q = msb(r) and an f-bit tree;
+    with a Beaver triple when the ReLU is fused."""
+
+    r: np.ndarray
+    r_high: np.ndarray
+    r_rows: np.ndarray
+    top: circuit.TreeMaterial
+    low: circuit.TreeMaterial
+    triple: Triple | None
+
+
+@dataclass(frozen=True)
+class CircuitReluMaterial:
+    r: np.ndarray
+    r_rows: np.ndarray
+    top: circuit.TreeMaterial
+    triple: Triple
+
+
 def triples(shape, prg: Prg) -> tuple[Triple, Triple]:
     """Elementwise Beaver triples of ``shape`` for the two parties."""
     a, b = prg.uint64(shape), prg.uint64(shape)
@@ -164,6 +191,32 @@ def relu_material(n: int, prg: Prg) -> tuple[ReluMaterial, ReluMaterial]:
     return ReluMaterial(s0, t0), ReluMaterial(s1, t1)
 
 
+def _mask_rows(r: np.ndarray, prg: Prg) -> tuple[np.ndarray, np.ndarray]:
+    rows = circuit.bit_rows(r, 63)
+    rows0 = circuit.random_rows(prg, rows.shape)
+    return rows0, rows ^ rows0
+
+
+def circuit_trunc_material(n: int, frac_bits: int, prg: Prg, relu: bool
+                           ) -> tuple[CircuitTruncMaterial, CircuitTruncMaterial]:
+    r = prg.uint64(n)
+    rows = _mask_rows(r, prg)
+    top = circuit.tree_material(63, n, prg, r >> _SHIFT63)
+    low = circuit.tree_material(frac_bits, n, prg)
+    (r0, r1), (h0, h1) = share(r, prg), share(r >> np.uint64(frac_bits), prg)
+    t = triples(n, prg) if relu else (None, None)
+    return tuple(CircuitTruncMaterial((r0, r1)[b], (h0, h1)[b], rows[b], top[b], low[b], t[b])
+                 for b in (0, 1))
+
+
+def circuit_relu_material(n: int, prg: Prg) -> tuple[CircuitReluMaterial, CircuitReluMaterial]:
+    r = prg.uint64(n)
+    rows = _mask_rows(r, prg)
+    top = circuit.tree_material(63, n, prg, r >> _SHIFT63)
+    (r0, r1), t = share(r, prg), triples(n, prg)
+    return tuple(CircuitReluMaterial((r0, r1)[b], rows[b], top[b], t[b]) for b in (0, 1))
+
+
 # -- protocols (party side) ---------------------------------------------------------------
 def mul(ch: Channel, party: int, x: np.ndarray, y: np.ndarray, t: Triple) -> np.ndarray:
     """Shares of x * y (elementwise, no truncation): one round."""
@@ -192,7 +245,10 @@ def truncate(party: int, x: np.ndarray, frac_bits: int = FRAC_BITS) -> np.ndarra
 
 def truncate_exact(ch: Channel, party: int, x: np.ndarray, m: TruncMaterial,
                    frac_bits: int = FRAC_BITS) -> np.ndarray:
-    """Shares of floor(x / 2^f) for two's-complement x, exactly: one round."""
+    """Shares of floor(x / 2^f) for two's-complement x, exactly: one round (DCFs) or
+    seven (circuits)."""
+    if isinstance(m, CircuitTruncMaterial):
+        return _circuit_trunc_sign(ch, party, x, m, frac_bits)[0]
     uhat = open_value(ch, _offset(party, x) + m.r)
     low = fss.evaluate(party, m.low, _low_bits(uhat, frac_bits))
     return _shift(party, uhat, fss.evaluate(party, m.wrap, uhat), low, m.r_high, frac_bits)
@@ -235,8 +291,12 @@ def trunc_relu(ch: Channel, party: int, y: np.ndarray, m: TruncReluMaterial,
     With w = [u^ < r] (unsigned) = rho + (1 - rho) c' if msb(u^) = 0 and rho c' if 1,
     c' = [u^ mod 2^63 < r mod 2^63] and rho = msb(r), the 63-bit DCF returns c' times
     (1 - 2 rho, (1 - rho) 2^(64-f), rho 2^(64-f)); u >> f then follows as in
-    :func:`truncate_exact`, and [y >= 0] = msb(u) = msb(u^) xor rho xor c'.
+    :func:`truncate_exact`, and [y >= 0] = msb(u) = msb(u^) xor rho xor c'. With
+    circuit material the same bits come from comparison trees: eight rounds.
     """
+    if isinstance(m, CircuitTruncMaterial):
+        trunc, sign = _circuit_trunc_sign(ch, party, y, m, frac_bits)
+        return mul(ch, party, trunc, sign, m.triple)
     uhat = open_value(ch, _offset(party, y) + m.r)
     top = uhat >> _SHIFT63
     low = fss.evaluate(party, m.low, _low_bits(uhat, frac_bits))
@@ -247,17 +307,42 @@ def trunc_relu(ch: Channel, party: int, y: np.ndarray, m: TruncReluMaterial,
     return mul(ch, party, trunc, sign, m.triple)
 
 
-def drelu(ch: Channel, party: int, x: np.ndarray, m: SignMaterial) -> np.ndarray:
-    """Shares of 1 - msb(x), i.e. [x >= 0] for two's-complement x: one round."""
+def _circuit_trunc_sign(ch: Channel, party: int, y: np.ndarray, m: CircuitTruncMaterial,
+                        frac_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shares of floor(y / 2^f) and of [y >= 0] from one opening of u^ = y + 2^63 + r
+    and two comparison trees run side by side: S = [u^ mod 2^63 < r mod 2^63] (with
+    q S, q = msb(r)) and the low carry [u^ mod 2^f < r mod 2^f]. The wrap [u^ < r] is
+    q + S - q S when msb(u^) = 0 and q S when it is 1; the sign is msb(u^) xor q xor S."""
+    uhat = open_value(ch, _offset(party, y) + m.r)
+    (s, qs), (low, _) = circuit.compare(ch, party, [circuit.tree(party, uhat, m.r_rows, m.top),
+                                                    circuit.tree(party, uhat, m.r_rows, m.low)])
+    top, q = uhat >> _SHIFT63, m.top.arith[4]
+    wrap = np.where(top == 1, qs, q + s - qs) * (np.uint64(1) << np.uint64(64 - frac_bits))
+    trunc = _shift(party, uhat, wrap, low, m.r_high, frac_bits)
+    return trunc, _xor_public(party, top, q + s - np.uint64(2) * qs)
+
+
+def drelu(ch: Channel, party: int, x: np.ndarray, m: SignMaterial | CircuitReluMaterial
+          ) -> np.ndarray:
+    """Shares of 1 - msb(x), i.e. [x >= 0] for two's-complement x: one round (DCF) or
+    seven (circuit)."""
+    if isinstance(m, CircuitReluMaterial):
+        xhat = open_value(ch, x + m.r)
+        ((s, qs),) = circuit.compare(ch, party, [circuit.tree(party, xhat, m.r_rows, m.top)])
+        z = m.top.arith[4] + s - np.uint64(2) * qs            # msb(r) xor S
+        return (np.uint64(1) if party == 0 else _ZERO) - _xor_public(party, xhat >> _SHIFT63, z)
     xhat = open_value(ch, x + m.r)
     top = xhat >> _SHIFT63                                   # public msb(x^)
     z = fss.evaluate(party, m.key, xhat & _LOW63) + m.rho    # msb(r) xor [x^' < r']
     return (np.uint64(1) if party == 0 else _ZERO) - _xor_public(party, top, z)
 
 
-def relu(ch: Channel, party: int, x: np.ndarray, m: ReluMaterial) -> np.ndarray:
-    """Shares of max(x, 0) (exact, no approximation): two rounds."""
-    return mul(ch, party, x, drelu(ch, party, x, m.sign), m.triple)
+def relu(ch: Channel, party: int, x: np.ndarray, m: ReluMaterial | CircuitReluMaterial
+         ) -> np.ndarray:
+    """Shares of max(x, 0) (exact, no approximation): two rounds with DCFs, eight with
+    circuits."""
+    sign = drelu(ch, party, x, m if isinstance(m, CircuitReluMaterial) else m.sign)
+    return mul(ch, party, x, sign, m.triple)
 
 
 # -- material on the wire -----------------------------------------------------------------
@@ -270,9 +355,30 @@ def material_arrays(items: list) -> dict[str, np.ndarray]:
         out[f"{prefix}.cw_value"], out[f"{prefix}.cw_last"] = k.cw_value, k.cw_last
         out[f"{prefix}.cw_t"] = k.cw_t.astype(np.uint8)
 
+    def tree(prefix: str, t: circuit.TreeMaterial) -> None:
+        out[f"{prefix}.width"] = np.array([t.width], np.uint64)
+        for j, (a, b, c) in enumerate(t.triples):
+            out[f"{prefix}.{j}.a"], out[f"{prefix}.{j}.b"], out[f"{prefix}.{j}.c"] = a, b, c
+        out[f"{prefix}.last"], out[f"{prefix}.arith"] = t.last, t.arith
+
+    def triple(prefix: str, t: Triple) -> None:
+        out[f"{prefix}.a"], out[f"{prefix}.b"], out[f"{prefix}.c"] = t.a, t.b, t.c
+
     for i, m in enumerate(items):
         p = f"{i}"
-        if isinstance(m, Triple):
+        if isinstance(m, CircuitTruncMaterial):
+            out[f"{p}.kind"] = np.array([4 if m.triple is None else 5], np.uint8)
+            out[f"{p}.r"], out[f"{p}.r_high"], out[f"{p}.r_rows"] = m.r, m.r_high, m.r_rows
+            tree(f"{p}.top", m.top)
+            tree(f"{p}.low", m.low)
+            if m.triple is not None:
+                triple(p, m.triple)
+        elif isinstance(m, CircuitReluMaterial):
+            out[f"{p}.kind"] = np.array([6], np.uint8)
+            out[f"{p}.r"], out[f"{p}.r_rows"] = m.r, m.r_rows
+            tree(f"{p}.top", m.top)
+            triple(p, m.triple)
+        elif isinstance(m, Triple):
             out[f"{p}.kind"] = np.array([0], np.uint8)
             out[f"{p}.a"], out[f"{p}.b"], out[f"{p}.c"] = m.a, m.b, m.c
         elif isinstance(m, TruncMaterial):
@@ -306,6 +412,19 @@ def material_from_arrays(arrays: dict[str, np.ndarray]) -> list:
                           arrays[f"{prefix}.cw_value"], arrays[f"{prefix}.cw_t"].astype(bool),
                           arrays[f"{prefix}.cw_last"])
 
+    def tree(prefix: str) -> circuit.TreeMaterial:
+        width = int(arrays[f"{prefix}.width"][0])
+        if not 2 <= width <= 64:
+            raise ValueError("bad comparison width")
+        levels = tuple((arrays[f"{prefix}.{j}.a"], arrays[f"{prefix}.{j}.b"],
+                        arrays[f"{prefix}.{j}.c"])
+                       for j in range(len(circuit.level_sizes(width))))
+        return circuit.TreeMaterial(width, levels, arrays[f"{prefix}.last"],
+                                    arrays[f"{prefix}.arith"])
+
+    def triple(prefix: str) -> Triple:
+        return Triple(arrays[f"{prefix}.a"], arrays[f"{prefix}.b"], arrays[f"{prefix}.c"])
+
     items, i = [], 0
     while f"{i}.kind" in arrays:
         p, kind = f"{i}", int(arrays[f"{i}.kind"][0])
@@ -319,6 +438,13 @@ def material_from_arrays(arrays: dict[str, np.ndarray]) -> list:
                 arrays[f"{p}.r"], arrays[f"{p}.r_high"], arrays[f"{p}.rho"],
                 arrays[f"{p}.rho_wrap"], key(f"{p}.low"), key(f"{p}.top"),
                 Triple(arrays[f"{p}.a"], arrays[f"{p}.b"], arrays[f"{p}.c"])))
+        elif kind in (4, 5):
+            items.append(CircuitTruncMaterial(
+                arrays[f"{p}.r"], arrays[f"{p}.r_high"], arrays[f"{p}.r_rows"],
+                tree(f"{p}.top"), tree(f"{p}.low"), triple(p) if kind == 5 else None))
+        elif kind == 6:
+            items.append(CircuitReluMaterial(arrays[f"{p}.r"], arrays[f"{p}.r_rows"],
+                                             tree(f"{p}.top"), triple(p)))
         elif kind == 2:
             items.append(ReluMaterial(
                 SignMaterial(arrays[f"{p}.r"], key(f"{p}.sign"), arrays[f"{p}.rho"]),

@@ -1,0 +1,189 @@
+"""Comparisons as binary circuits on XOR shares, with dealer bit triples.
+
+The comparison [c < r] of a *public* value c with a secret r that the dealer knows and
+XOR-shares bit by bit is a prefix circuit, as in ABY's and CrypTen's arithmetic-to-binary
+conversions (Demmler, Schneider and Zohner, "ABY", NDSS 2015; Knott et al., "CrypTen",
+NeurIPS 2021) but cheaper, since one input is public: per bit, g_i = !c_i & r_i ("r is
+larger here") and p_i = !(c_i ^ r_i) ("equal here") are local, and blocks combine
+pairwise, high block H over low block L, as
+
+    G = G_H ^ (P_H & G_L),        P = P_H & P_L,
+
+a log-depth tree (the carry-lookahead of Brent and Kung, IEEE Trans. Computers, 1982).
+Each AND of two shared bits is one Beaver multiplication over GF(2) with a dealer bit
+triple (c = a & b): open d = x ^ a and e = y ^ b, then x & y = c ^ (d & b) ^ (e & a)
+^ (d & e). The last level is merged with the conversion to arithmetic shares: since
+G_H and P_H & G_L are never both 1, G = G_H + P_H G_L over the integers, and with a
+dealer bit rho (``daBit``: Rotaru and Wood, INDOCRYPT 2019) and a triple whose a, b and
+ab the dealer also shares arithmetically, opening G_H ^ rho, P_H ^ a and G_L ^ b makes
+G an affine combination of the dealer's arithmetic shares of (1, rho, a, b, ab). The
+dealer can also share those monomials times a bit q of its own (the top bit of r), so
+q G comes out of the same round.
+
+A comparison of w-bit values costs ceil(log2 w) rounds and about 4 w bits sent per
+party and value; the arithmetic is bitwise on bit rows packed eight values to a byte.
+Bit rows have shape (bits, ceil(n / 8)): row i holds bit i of the n values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .prg import Prg
+
+
+def bit_rows(values: np.ndarray, width: int) -> np.ndarray:
+    """(width, ceil(n/8)) packed rows: row i holds bit i of each uint64 value."""
+    v = np.ascontiguousarray(values, dtype="<u8")
+    bits = np.unpackbits(v.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
+    return np.packbits(bits[:, :width].T, axis=1, bitorder="little")
+
+
+def row_values(row: np.ndarray, n: int) -> np.ndarray:
+    """One packed row as n 0/1 uint64 values."""
+    return np.unpackbits(row, count=n, bitorder="little").astype(np.uint64)
+
+
+def random_rows(prg: Prg, shape) -> np.ndarray:
+    rows, nb = shape
+    return np.frombuffer(prg.bytes(rows * nb), np.uint8).reshape(rows, nb).copy()
+
+
+def level_sizes(width: int) -> list[int]:
+    """Blocks at each binary level of a width-bit tree, down to the final two."""
+    sizes, m = [], width
+    while m > 2:
+        sizes.append(m)
+        m = (m + 1) // 2
+    return sizes
+
+
+def _ands(m: int) -> int:
+    """ANDs on a level of m blocks: P_H & G_L for each pair, P_H & P_L for all pairs but
+    the lowest (the block holding bit 0 is never a high block, its P is never read)."""
+    return 2 * (m // 2) - 1
+
+
+@dataclass(frozen=True)
+class TreeMaterial:
+    """One party's share of what a ``width``-bit comparison tree consumes: a bit triple
+    (a, b, c rows) per binary level, then the final level's bits (rho, a, b) and the
+    arithmetic shares of (rho, a, b, ab) and, when ``weighted``, of (q, q rho, q a,
+    q b, q ab)."""
+
+    width: int
+    triples: tuple            # per level: (a, b, c) packed rows
+    last: np.ndarray          # (3, nb) packed rows: rho, a, b
+    arith: np.ndarray         # (4 or 9, n) uint64
+
+    @property
+    def weighted(self) -> bool:
+        return self.arith.shape[0] == 9
+
+
+def tree_material(width: int, n: int, prg: Prg, q: np.ndarray | None = None
+                  ) -> tuple[TreeMaterial, TreeMaterial]:
+    """Both parties' material for n comparisons of ``width`` bits; ``q`` (0/1 uint64,
+    optional) adds the q-weighted monomials."""
+    if width < 2:
+        raise ValueError("a comparison tree needs at least two bits")
+    nb = (n + 7) // 8
+    trip0, trip1 = [], []
+    for m in level_sizes(width):
+        a, b = random_rows(prg, (_ands(m), nb)), random_rows(prg, (_ands(m), nb))
+        a0, b0, c0 = (random_rows(prg, (_ands(m), nb)) for _ in range(3))
+        trip0.append((a0, b0, c0))
+        trip1.append((a ^ a0, b ^ b0, (a & b) ^ c0))
+    last = random_rows(prg, (3, nb))
+    last0 = random_rows(prg, (3, nb))
+    rho, a, b = (row_values(last[i], n) for i in range(3))
+    mono = [rho, a, b, a * b]
+    if q is not None:
+        q = np.asarray(q, dtype=np.uint64)
+        mono += [q] + [q * x for x in mono]
+    arith = np.stack(mono)
+    arith0 = prg.uint64(arith.shape)
+    return (TreeMaterial(width, tuple(trip0), last0, arith0),
+            TreeMaterial(width, tuple(trip1), last ^ last0, arith - arith0))
+
+
+class _Tree:
+    """One party's running comparison: advanced one round at a time by :func:`compare`."""
+
+    def __init__(self, party: int, c_rows: np.ndarray, r_rows: np.ndarray,
+                 m: TreeMaterial, n: int) -> None:
+        self.party, self.m, self.n = party, m, n
+        # g = !c & r, p = !(c ^ r): party0 holds !c ^ r0, party1 holds r1
+        self.g = ~c_rows & r_rows
+        self.p = ~c_rows ^ r_rows if party == 0 else r_rows.copy()
+        self.level = 0
+        self.result = None
+
+    def outgoing(self) -> np.ndarray:
+        """The packed rows this party opens this round."""
+        if self.level < len(self.m.triples):
+            a, b, _ = self.m.triples[self.level]
+            x, y = self._and_inputs()
+            return np.concatenate([x ^ a, y ^ b])
+        return np.stack([self.g[1], self.p[1], self.g[0]]) ^ self.m.last
+
+    def _and_inputs(self) -> tuple[np.ndarray, np.ndarray]:
+        k = self.g.shape[0] // 2
+        g_lo, g_hi = self.g[0:2 * k:2], self.g[1:2 * k:2]
+        p_lo, p_hi = self.p[0:2 * k:2], self.p[1:2 * k:2]
+        del g_hi
+        return (np.concatenate([p_hi, p_hi[1:]]), np.concatenate([g_lo, p_lo[1:]]))
+
+    def incoming(self, opened: np.ndarray) -> None:
+        """Finish this round with the opened rows (both shares XORed)."""
+        if self.level < len(self.m.triples):
+            a, b, c = self.m.triples[self.level]
+            rows = a.shape[0]
+            d, e = opened[:rows], opened[rows:]
+            z = c ^ (d & b) ^ (e & a)
+            if self.party == 0:
+                z ^= d & e
+            k = self.g.shape[0] // 2
+            g = self.g[1:2 * k:2] ^ z[:k]
+            p = np.concatenate([np.zeros_like(z[:1]), z[k:]])
+            if self.g.shape[0] % 2:                  # the top block passes through
+                g = np.concatenate([g, self.g[-1:]])
+                p = np.concatenate([p, self.p[-1:]])
+            self.g, self.p = g, p
+            self.level += 1
+            return
+        e0, d, e = (row_values(opened[i], self.n) for i in range(3))
+        one, two = np.uint64(1), np.uint64(2)
+        coef = [one - two * e0, e * (one - two * d), d * (one - two * e),
+                (one - two * d) * (one - two * e)]
+        const = e0 + d * e
+        arith = self.m.arith
+        value = sum(k * arith[i] for i, k in enumerate(coef))
+        if self.party == 0:
+            value = value + const
+        weighted = None
+        if self.m.weighted:
+            weighted = const * arith[4] + sum(k * arith[5 + i] for i, k in enumerate(coef))
+        self.result = (value, weighted)
+
+
+def compare(ch, party: int, trees: list[_Tree]) -> list[tuple]:
+    """Run comparison trees side by side (one exchange per round for all of them);
+    returns each tree's arithmetic shares of (G, q G) (the latter None if unweighted)."""
+    while any(t.result is None for t in trees):
+        active = [t for t in trees if t.result is None]
+        out = [t.outgoing() for t in active]
+        flat = np.concatenate([o.ravel() for o in out])
+        opened = flat ^ ch.exchange(flat)
+        at = 0
+        for t, o in zip(active, out):
+            t.incoming(opened[at:at + o.size].reshape(o.shape))
+            at += o.size
+    return [t.result for t in trees]
+
+
+def tree(party: int, c: np.ndarray, r_rows: np.ndarray, m: TreeMaterial) -> _Tree:
+    """A comparison [c mod 2^w < r mod 2^w] for public uint64 ``c`` and this party's
+    XOR share ``r_rows`` of r's low w = m.width bits."""
+    return _Tree(party, bit_rows(c, m.width), r_rows[:m.width], m, c.shape[0])
