@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
+import time
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,14 +155,67 @@ class Link:
         return bytes(4) + n.to_bytes(8, "big")
 
     def send(self, kind: int, payload: bytes) -> None:
-        frame = self._send.encrypt(self._nonce(self._send_n),
-                                   bytes([VERSION, kind]) + payload, None)
-        self._send_n += 1
+        frame = self._seal(kind, payload)
         _send_raw(self.sock, frame)
         self.bytes_sent += len(frame) + _LEN.size
 
+    def exchange(self, kind: int, payload: bytes, limit: int = MAX_FRAME) -> tuple[int, bytes]:
+        """Send one frame and receive one, both at once (full duplex, no thread): a round
+        costs one trip instead of two, and two large messages cannot deadlock on full
+        socket buffers. The socket's timeout bounds the whole exchange."""
+        frame = self._seal(kind, payload)
+        out = memoryview(_LEN.pack(len(frame)) + frame)
+        timeout = self.sock.gettimeout()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        head, body, got, size = bytearray(), bytearray(), 0, None
+        self.sock.settimeout(0.0)
+        try:
+            while len(out) or size is None or got < size:
+                wait = None if deadline is None else deadline - time.monotonic()
+                if wait is not None and wait <= 0:
+                    raise TransportError("timed out waiting for the peer")
+                readable, writable, _ = select.select([self.sock], [self.sock] if len(out)
+                                                      else [], [], wait)
+                if writable:
+                    out = out[self.sock.send(out[:1 << 22]):]
+                if not readable:
+                    continue
+                if size is None:
+                    chunk = self.sock.recv(_LEN.size - len(head))
+                    if not chunk:
+                        raise TransportError("the peer closed the connection")
+                    head += chunk
+                    if len(head) == _LEN.size:
+                        (size,) = _LEN.unpack(head)
+                        if size > limit:
+                            raise TransportError(f"frame of {size} bytes exceeds the limit "
+                                                 f"of {limit}")
+                        body = bytearray(size)
+                        view = memoryview(body)
+                else:
+                    n = self.sock.recv_into(view[got:])
+                    if not n:
+                        raise TransportError("the peer closed the connection")
+                    got += n
+        except (BlockingIOError, InterruptedError):
+            raise TransportError("link failed: interrupted") from None
+        except OSError as exc:
+            raise TransportError(f"link failed: {exc}") from None
+        finally:
+            self.sock.settimeout(timeout)
+        self.bytes_sent += len(frame) + _LEN.size
+        return self._open(body)
+
+    def _seal(self, kind: int, payload: bytes) -> bytes:
+        frame = self._send.encrypt(self._nonce(self._send_n), bytes([VERSION, kind]) + payload,
+                                   None)
+        self._send_n += 1
+        return frame
+
     def recv(self, limit: int = MAX_FRAME, idle: bool = False) -> tuple[int, bytes]:
-        frame = _recv_raw(self.sock, limit, idle)
+        return self._open(_recv_raw(self.sock, limit, idle))
+
+    def _open(self, frame: bytes) -> tuple[int, bytes]:
         self.bytes_received += len(frame) + _LEN.size
         try:
             plain = self._recv.decrypt(self._nonce(self._recv_n), frame, None)
