@@ -28,8 +28,9 @@ def _start(args, lines=1):
 
 
 class Cluster:
-    def __init__(self, tmp, model_dir, timeout="8", proxy=None):
+    def __init__(self, tmp, model_dir, timeout="8", proxy=None, cmp="circuit"):
         self.keys, self.model, self.timeout = str(tmp / "keys"), str(model_dir), timeout
+        self.cmp = cmp
         subprocess.run([sys.executable, "-m", "veil", "mpc-setup", self.keys], check=True,
                        stdout=subprocess.DEVNULL)
         self.procs = {}
@@ -39,7 +40,7 @@ class Cluster:
         self.procs["party0"], (self.p0,) = _start(
             ["mpc-node", "--party", "0", "--keys", self.keys, "--model", self.model,
              "--dealer", self._fmt(self.dealer), "--peer", self._fmt(peer),
-             "--timeout", self.timeout])
+             "--timeout", self.timeout, "--cmp", cmp])
 
     @staticmethod
     def _fmt(addr):
@@ -54,7 +55,8 @@ class Cluster:
         self.procs["party1"], (self.p1, self.peer) = _start(
             ["mpc-node", "--party", "1", "--keys", self.keys, "--model", self.model,
              "--dealer", self._fmt(self.dealer), "--listen", f"127.0.0.1:{listen}",
-             "--peer-listen", f"127.0.0.1:{peer}", "--timeout", self.timeout], lines=2)
+             "--peer-listen", f"127.0.0.1:{peer}", "--timeout", self.timeout,
+             "--cmp", self.cmp], lines=2)
 
     def client(self, shape):
         return MpcClient(self.keys, self.p0, self.p1, shape, timeout=10.0)
@@ -94,10 +96,29 @@ def test_processes_match_plain_inference(mlp):
     one = client.infer(xte[:1])
     np.testing.assert_allclose(one.outputs, want[:1], atol=1e-3)
     stats = {s["party"]: s for s in one.stats}
-    assert stats[0]["online_rounds"] == stats[1]["online_rounds"] == 2
+    assert stats[0]["online_rounds"] == stats[1]["online_rounds"] == 8     # circuits
     assert stats[0]["prefetched"] and stats[1]["prefetched"]        # offline ran ahead
-    assert not any(s["prefetched"] for s in res.stats)               # a batch waits for its own
+    links = list(client._links)
+    client.infer(xte[1:2])
+    assert client._links == links                   # one authenticated link per party
+    assert all(s["prefetched"] for s in res.stats)               # 64: a pooled batch size
+    odd = client.infer(xte[:5])
+    np.testing.assert_allclose(odd.outputs, want[:5], atol=1e-3)
+    assert not any(s["prefetched"] for s in odd.stats)          # 5 waits for its own
     assert stats[0]["offline_bytes"] > 0 and stats[0]["online_bytes_sent"] > 0
+
+
+def test_processes_with_fss_comparisons(tmp_path, mlp):
+    """--cmp fss on both parties: the same answers in two rounds."""
+    cluster_c, xte, want = mlp
+    cluster = Cluster(tmp_path, cluster_c.model, cmp="fss")
+    try:
+        with cluster.client(xte.shape[1:]) as client:
+            res = _retry(lambda: client.infer(xte[:8]))
+            np.testing.assert_allclose(res.outputs, want[:8], atol=1e-3)
+            assert {s["online_rounds"] for s in res.stats} == {2}
+    finally:
+        cluster.stop()
 
 
 def test_bad_client_input_is_refused_and_the_parties_keep_serving(mlp):

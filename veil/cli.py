@@ -4,6 +4,8 @@
     veil mpc-dealer --keys KEYS_DIR [--listen HOST:PORT]
     veil mpc-node --party 0|1 --keys KEYS_DIR --model MODEL_DIR --dealer HOST:PORT
                   [--listen HOST:PORT] [--peer HOST:PORT | --peer-listen HOST:PORT]
+                  [--cmp circuit|fss] [--frac-bits F] [--prefetch N]
+                  [--batch-size B] [--prefetch-batch M]
 
 Each server prints one line ``veil-mpc <role> listening on HOST:PORT`` (and party1
 ``... peer on HOST:PORT``) once it accepts connections, so port 0 can be used.
@@ -42,6 +44,19 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--peer-listen", type=_address, default=("127.0.0.1", 0),
                    help="party1: address for party0")
     n.add_argument("--timeout", type=float, default=10.0, help="seconds per message")
+    n.add_argument("--cmp", choices=("circuit", "fss"), default="circuit",
+                   help="comparisons as binary circuits (default: little computation and "
+                        "dealer material, 8 rounds per ReLU layer; for fast networks) or "
+                        "as function secret sharing (2 rounds; for slow networks); both "
+                        "parties must agree")
+    n.add_argument("--frac-bits", type=int, default=20,
+                   help="fixed-point fractional bits (both parties and clients agree)")
+    n.add_argument("--prefetch", type=int, default=8,
+                   help="single-input material sets fetched from the dealer ahead")
+    n.add_argument("--batch-size", type=int, default=64,
+                   help="a batch size whose material is also fetched ahead")
+    n.add_argument("--prefetch-batch", type=int, default=2,
+                   help="material sets for --batch-size inputs kept ready (0: on demand)")
     return ap
 
 
@@ -65,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     node = service.Party(args.party, transport.Identity.load(args.keys, f"party{args.party}"),
                          service.load_model(args.model), args.listen, args.dealer,
-                         peer=args.peer, peer_listen=args.peer_listen, timeout=args.timeout)
+                         peer=args.peer, peer_listen=args.peer_listen, timeout=args.timeout,
+                         prefetch=args.prefetch, frac_bits=args.frac_bits, cmp=args.cmp,
+                         batch_size=args.batch_size, prefetch_batch=args.prefetch_batch)
     print(f"veil-mpc party{args.party} listening on %s:%d" % node.address, flush=True)
     if node.peer_address:
         print("veil-mpc party1 peer on %s:%d" % node.peer_address, flush=True)

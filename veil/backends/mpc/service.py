@@ -7,9 +7,9 @@
   again. It never sees inputs or outputs.
 - Parties (:class:`Party`): party0 connects to party1 and to the dealer, party1 to the
   dealer; both accept clients. In the background each keeps ``PREFETCH`` single-input
-  material sets, fetched in the same order by both (the offline phase, ahead of
-  requests). Party0 orders the requests: for each, it tells party1 the request id, the
-  sequence number and which prefetched set to use (a batch's material is fetched on
+  material sets and two for a batch of 64 (both configurable), fetched in the same
+  order by both (the offline phase, ahead of requests). Party0 orders the requests: for each, it tells party1 the request id, the
+  sequence number and which prefetched set to use (other batch sizes fetch theirs on
   demand); both run the model on their shares (online phase, over the peer link) and
   return their output share to the client. Any failure (peer or dealer gone, timeout, malformed message) fails that
   request with an error to the client, resets the link, and the party serves the next.
@@ -36,8 +36,8 @@ from ...ir import Graph
 from ...ir.serialize import graph_from_json, graph_to_json
 from . import protocols as pr
 from . import transport as tp
-from .evaluator import (Step, dealer_material, evaluate, lower_for_mpc, material_plan,
-                        output_frac_bits)
+from .evaluator import (COMPARISONS, Step, dealer_material, evaluate, lower_for_mpc,
+                        material_plan, output_frac_bits)
 from .fixed import FRAC_BITS, decode, encode
 from .prg import Prg
 
@@ -160,9 +160,12 @@ class Dealer:
         session, seq = str(req["session"]), int(req["seq"])
         steps = [(str(k), int(n)) for k, n in req["steps"]]
         batch, frac = int(req["batch"]), int(req.get("frac_bits", FRAC_BITS))
+        cmp = str(req.get("cmp", "circuit"))
+        if not 2 <= frac <= 30:
+            raise InputError("fractional bits must be in 2..30")
         if not 1 <= batch <= 4096 or sum(n for _, n in steps) * batch > (1 << 24):
             raise InputError("material request too large")
-        digest = _steps_key(steps, batch)
+        digest = _steps_key([steps, frac, cmp], batch)
         other = "party1" if party == "party0" else "party0"
         with self._lock:
             if seq <= self._last.get((session, party), 0):
@@ -178,7 +181,8 @@ class Dealer:
                 del self._pending[(session, seq)]
                 out = waiting[2]
             else:
-                m0, m1 = dealer_material([Step(k, n) for k, n in steps], batch, Prg(), frac)
+                m0, m1 = dealer_material([Step(k, n) for k, n in steps], batch, Prg(), frac,
+                                         cmp)
                 mine, theirs = (m0, m1) if party == "party0" else (m1, m0)
                 out = tp.pack_arrays(pr.material_arrays(mine))
                 self._pending[(session, seq)] = (other, digest,
@@ -191,8 +195,8 @@ class Dealer:
 
 # -- parties ------------------------------------------------------------------------------
 class _PeerChannel:
-    """The online phase's channel over the peer link; party0 sends first (no deadlock
-    when both messages exceed the socket buffers)."""
+    """The online phase's channel over the peer link: both parties send and receive at
+    once (``Link.exchange``)."""
 
     def __init__(self, link: tp.Link, party: int) -> None:
         self.link, self.party = link, party
@@ -201,27 +205,16 @@ class _PeerChannel:
 
     def exchange(self, data: np.ndarray) -> np.ndarray:
         data = np.ascontiguousarray(data)
-        if self.party == 0:
-            self._send(data)
-            peer = self._recv()
-        else:
-            peer = self._recv()
-            self._send(data)
+        before = self.link.bytes_sent
+        kind, body = self.link.exchange(PEER_DATA, tp.pack_array(data))
+        self.bytes_sent += self.link.bytes_sent - before
+        if kind != PEER_DATA:
+            raise MpcError(f"unexpected message kind {kind} from the other party")
+        peer = tp.unpack_array(body)
         if peer.shape != data.shape or peer.dtype != data.dtype:
             raise MpcError("the other party sent a message of the wrong shape")
         self.rounds += 1
         return peer
-
-    def _send(self, data: np.ndarray) -> None:
-        before = self.link.bytes_sent
-        self.link.send(PEER_DATA, tp.pack_array(data))
-        self.bytes_sent += self.link.bytes_sent - before
-
-    def _recv(self) -> np.ndarray:
-        kind, body = self.link.recv()
-        if kind != PEER_DATA:
-            raise MpcError(f"unexpected message kind {kind} from the other party")
-        return tp.unpack_array(body)
 
 
 @dataclass
@@ -229,6 +222,7 @@ class _Request:
     link: tp.Link
     share: np.ndarray
     arrived: float
+    rid: bytes = b""
 
 
 class Party:
@@ -237,9 +231,14 @@ class Party:
     def __init__(self, party: int, identity: tp.Identity, model: Graph,
                  listen: tuple[str, int], dealer: tuple[str, int],
                  peer: tuple[str, int] | None = None, peer_listen: tuple[str, int] | None = None,
-                 timeout: float = DEFAULT_TIMEOUT, prefetch: int = PREFETCH) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, prefetch: int = PREFETCH,
+                 frac_bits: int = FRAC_BITS, cmp: str = "circuit",
+                 batch_size: int = 64, prefetch_batch: int = 2) -> None:
         if party not in (0, 1) or identity.role != f"party{party}":
             raise InputError("party must be 0 or 1 and match the identity's role")
+        if cmp not in COMPARISONS or not 2 <= frac_bits <= 30:
+            raise InputError(f"comparisons are one of {COMPARISONS}; fractional bits 2..30")
+        self.frac_bits, self.cmp = int(frac_bits), cmp
         self.party, self.identity, self.model, self.timeout = party, identity, model, timeout
         self.steps = material_plan(model)
         self.dealer_addr, self.peer_addr = dealer, peer
@@ -251,37 +250,52 @@ class Party:
         self._cond = threading.Condition()
         self._order: list[bytes] = []
         self.served = 0
-        self.prefetch = int(prefetch)
-        self._pool: dict[int, tuple[list, int]] = {}   # material id -> (material, bytes)
+        # pooled batch size -> how many sets to keep -> {material id: (material, bytes)}
+        self._pool_targets = {1: int(prefetch)}
+        if batch_size > 1 and prefetch_batch > 0:
+            self._pool_targets[int(batch_size)] = int(prefetch_batch)
+        self._pool: dict[int, dict[int, tuple[list, int]]] = {z: {} for z in
+                                                              self._pool_targets}
         self._pool_cond = threading.Condition()
         self._dealer_lock = threading.Lock()
 
     # client side -------------------------------------------------------------------
     def _client(self, sock: socket.socket) -> None:
-        link = None
+        """One client's link: requests, one after another, until it closes. Each is
+        queued for the protocol loop, which answers on the same link."""
         try:
             link = tp.accept(sock, self.identity, ("client",))
-            kind, body = link.recv(MAX_CLIENT_BYTES)
-            if kind != CLIENT_REQUEST:
-                raise SerializationError(f"unexpected message kind {kind}")
-            arrays = tp.unpack_arrays(body)
-            rid, share = bytes(arrays["request_id"]), arrays["share"]
-            if len(rid) != 16 or share.dtype != np.uint64 or share.ndim < 2 or \
-                    share.shape[1:] != tuple(self.model.input_shape) or share.shape[0] > 4096:
-                raise InputError("the request does not match this model's input")
-        except (VeilError, KeyError) as exc:
+        except VeilError as exc:
             log.info("party%d: refused a client: %s", self.party, exc)
-            if link is not None:
-                try:
-                    link.send(ERROR, json.dumps({"error": str(exc)}).encode())
-                except VeilError:  # the client may be gone already
-                    pass
             sock.close()
             return
-        with self._cond:
-            self._requests[rid] = _Request(link, share, time.monotonic())
-            self._order.append(rid)
-            self._cond.notify_all()
+        while True:
+            try:
+                kind, body = link.recv(MAX_CLIENT_BYTES, idle=True)
+            except VeilError:                         # gone, or a broken frame
+                link.close()
+                return
+            try:
+                if kind != CLIENT_REQUEST:
+                    raise SerializationError(f"unexpected message kind {kind}")
+                arrays = tp.unpack_arrays(body)
+                rid, share = bytes(arrays["request_id"]), arrays["share"]
+                frac = int(arrays["frac_bits"][0])
+                if len(rid) != 16 or share.dtype != np.uint64 or share.ndim < 2 or \
+                        share.shape[1:] != tuple(self.model.input_shape) or \
+                        not 1 <= share.shape[0] <= 4096:
+                    raise InputError("the request does not match this model's input")
+                if frac != self.frac_bits:
+                    raise InputError(f"inputs must be encoded with {self.frac_bits} "
+                                     f"fractional bits, not {frac}")
+            except (VeilError, KeyError, IndexError, ValueError) as exc:
+                log.info("party%d: refused a request: %s", self.party, exc)
+                self._reply_error(link, None, str(exc))
+                continue
+            with self._cond:
+                self._requests[rid] = _Request(link, share, time.monotonic())
+                self._order.append(rid)
+                self._cond.notify_all()
 
     def _take(self, rid: bytes | None) -> tuple[bytes, _Request]:
         """The next request (party0) or the one named by party0 (party1), waiting up to
@@ -294,7 +308,9 @@ class Party:
                 if rid is not None and rid in self._requests:
                     if rid in self._order:
                         self._order.remove(rid)
-                    return rid, self._requests.pop(rid)
+                    req = self._requests.pop(rid)
+                    req.rid = rid
+                    return rid, req
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise MpcError("the client's share for this request never arrived")
@@ -311,7 +327,7 @@ class Party:
                 except (OSError, VeilError):
                     time.sleep(0.2)
             session = secrets.token_hex(16)
-            link.send(PEER_HELLO, json.dumps({"session": session}).encode())
+            link.send(PEER_HELLO, json.dumps({"session": session, **self._config()}).encode())
             return link, session
         sock, _ = self.peer_server.accept()
         sock.settimeout(self.timeout)
@@ -319,7 +335,17 @@ class Party:
         kind, body = link.recv(4096)
         if kind != PEER_HELLO:
             raise MpcError("party0 did not open a session")
-        return link, str(_json(body)["session"])
+        hello = _json(body)
+        if {k: hello.get(k) for k in self._config()} != self._config():
+            link.close()
+            raise MpcError(f"party0 runs {hello}, party1 {self._config()}: same model, "
+                           "fractional bits and comparisons needed")
+        return link, str(hello["session"])
+
+    def _config(self) -> dict:
+        return {"frac_bits": self.frac_bits, "cmp": self.cmp,
+                "steps": [[s.kind, s.size] for s in self.steps],
+                "pools": {str(k): v for k, v in sorted(self._pool_targets.items())}}
 
     def _connect_dealer(self) -> tp.Link:
         while True:
@@ -330,8 +356,8 @@ class Party:
                 time.sleep(0.2)
 
     def _material(self, dealer: tp.Link, session: str, seq: int, batch: int) -> tuple[list, int]:
-        req = {"session": session, "seq": seq, "batch": batch, "frac_bits": FRAC_BITS,
-               "steps": [[s.kind, s.size] for s in self.steps]}
+        req = {"session": session, "seq": seq, "batch": batch, "frac_bits": self.frac_bits,
+               "cmp": self.cmp, "steps": [[s.kind, s.size] for s in self.steps]}
         with self._dealer_lock:     # the prefetch thread shares this link
             dealer.send(MATERIAL_REQUEST, json.dumps(req).encode())
             kind, body = dealer.recv()
@@ -357,7 +383,8 @@ class Party:
             dealer = self._connect_dealer()
             stop = threading.Event()
             with self._pool_cond:
-                self._pool.clear()
+                for pool in self._pool.values():
+                    pool.clear()
             filler = threading.Thread(target=self._prefetch, args=(dealer, session, stop),
                                       daemon=True)
             filler.start()
@@ -379,37 +406,44 @@ class Party:
                 filler.join(self.timeout)
 
     def _prefetch(self, dealer: tp.Link, session: str, stop: threading.Event) -> None:
-        """Keep ``prefetch`` single-input material sets, ids 1, 2, 3, ... in order; both
-        parties fetch the same ids, so party0 can name the one to use."""
-        mid = 0
+        """Keep material ready for each pooled batch size (``prefetch`` sets for single
+        inputs, ``prefetch_batch`` sets of ``batch_size`` inputs), ids 1, 2, 3, ... per
+        size in order; both parties fetch the same ids, so party0 can name the one to
+        use. Single inputs are topped up first."""
+        mids = {size: 0 for size in self._pool}
         while not stop.is_set():
             with self._pool_cond:
-                while len(self._pool) >= self.prefetch and not stop.is_set():
+                while not stop.is_set():
+                    size = next((z for z, want in self._pool_targets.items()
+                                 if len(self._pool[z]) < want), None)
+                    if size is not None:
+                        break
                     self._pool_cond.wait(1.0)
             if stop.is_set():
                 return
-            mid += 1
+            mids[size] += 1
             try:
-                item = self._material(dealer, f"{session}/pool", mid, 1)
+                item = self._material(dealer, f"{session}/pool{size}", mids[size], size)
             except (VeilError, OSError) as exc:
                 log.info("party%d: prefetch stopped: %s", self.party, exc)
                 return
             with self._pool_cond:
-                self._pool[mid] = item
+                self._pool[size][mids[size]] = item
                 self._pool_cond.notify_all()
 
-    def _pooled(self, mid: int | None) -> tuple[int, tuple[list, int]]:
-        """Party0: the oldest prefetched set (mid None); party1: set ``mid``, dropping
-        older ones party0 skipped. Waits up to the timeout for the prefetch thread."""
+    def _pooled(self, size: int, mid: int | None) -> tuple[int, tuple[list, int]]:
+        """Party0: the oldest prefetched set of ``size`` inputs (mid None); party1: set
+        ``mid``, dropping older ones party0 skipped. Waits up to the timeout."""
         deadline = time.monotonic() + self.timeout
+        pool = self._pool[size]
         with self._pool_cond:
             while True:
-                if mid is None and self._pool:
-                    mid = min(self._pool)
-                if mid is not None and mid in self._pool:
-                    for old in [k for k in self._pool if k < mid]:
-                        del self._pool[old]
-                    item = self._pool.pop(mid)
+                if mid is None and pool:
+                    mid = min(pool)
+                if mid is not None and mid in pool:
+                    for old in [k for k in pool if k < mid]:
+                        del pool[old]
+                    item = pool.pop(mid)
                     self._pool_cond.notify_all()
                     return mid, item
                 left = deadline - time.monotonic()
@@ -425,8 +459,8 @@ class Party:
             t0 = time.perf_counter()
             pooled = None
             try:
-                if req.share.shape[0] == 1 and self.prefetch > 0:
-                    mid, pooled = self._pooled(None)
+                if self._pool_targets.get(req.share.shape[0], 0) > 0:
+                    mid, pooled = self._pooled(req.share.shape[0], None)
                 peer.send(PEER_BEGIN, json.dumps({"id": rid.hex(), "seq": seq, "mid": mid,
                                                   "batch": int(req.share.shape[0])}).encode())
                 kind, body = peer.recv()
@@ -466,16 +500,16 @@ class Party:
             elif self.party == 0:
                 material, offline_bytes = pooled
             else:
-                material, offline_bytes = self._pooled(mid)[1]
+                material, offline_bytes = self._pooled(int(req.share.shape[0]), mid)[1]
             t1 = time.perf_counter()
             chan = _PeerChannel(peer, self.party)
-            out = evaluate(self.party, chan, self.model, req.share, material)
+            out = evaluate(self.party, chan, self.model, req.share, material, self.frac_bits)
             t2 = time.perf_counter()
         except (VeilError, OSError, StopIteration) as exc:
             self._fail(req, f"the inference failed: {exc}")
             raise MpcError(f"request failed: {exc}") from exc
-        result = {"share": out, "frac_bits": np.array([output_frac_bits(self.model)],
-                                                       np.uint64),
+        result = {"share": out, "request_id": np.frombuffer(req.rid, np.uint8), "frac_bits": np.array(
+                      [output_frac_bits(self.model, self.frac_bits)], np.uint64),
                   "stats": np.frombuffer(json.dumps({
             "party": self.party, "prefetched": mid is not None, "online_rounds": chan.rounds,
             "online_bytes_sent": chan.bytes_sent, "offline_bytes": offline_bytes,
@@ -483,18 +517,19 @@ class Party:
         try:
             req.link.send(CLIENT_RESULT, tp.pack_arrays(result))
         except VeilError:
-            pass                                   # the client left; nothing to undo
-        finally:
-            req.link.close()
+            req.link.close()                       # the client left; nothing to undo
         self.served += 1
 
+    def _fail(self, req: _Request, message: str) -> None:
+        self._reply_error(req.link, req.rid, message)
+
     @staticmethod
-    def _fail(req: _Request, message: str) -> None:
+    def _reply_error(link: tp.Link, rid: bytes | None, message: str) -> None:
         try:
-            req.link.send(ERROR, json.dumps({"error": message}).encode())
+            link.send(ERROR, json.dumps({"error": message,
+                                         "request_id": rid.hex() if rid else None}).encode())
         except VeilError:
-            pass
-        req.link.close()
+            link.close()
 
 
 # -- client -------------------------------------------------------------------------------
@@ -508,31 +543,64 @@ class MpcResult:
 
 
 class MpcClient:
-    """Shares inputs between the two parties and reconstructs their answers."""
+    """Shares inputs between the two parties and reconstructs their answers. Keeps one
+    authenticated link to each party across requests (reopened after any failure);
+    use it as a context manager or call :meth:`close`."""
 
     def __init__(self, keys_dir: str | os.PathLike, party0: tuple[str, int],
                  party1: tuple[str, int], input_shape: tuple[int, ...],
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, frac_bits: int = FRAC_BITS) -> None:
         self.identity = tp.Identity.load(keys_dir, None)
         self.addresses = (party0, party1)
         self.input_shape, self.timeout = tuple(input_shape), timeout
+        self.frac_bits = int(frac_bits)
+        self._links: list[tp.Link] | None = None
+
+    def _connect(self) -> list[tp.Link]:
+        if self._links is None:
+            links = []
+            try:
+                for p in (0, 1):
+                    links.append(tp.connect(_dial(self.addresses[p], self.timeout),
+                                            self.identity, f"party{p}"))
+            except BaseException:
+                for link in links:
+                    link.close()
+                raise
+            self._links = links
+        return self._links
+
+    def close(self) -> None:
+        for link in self._links or []:
+            link.close()
+        self._links = None
+
+    def __enter__(self) -> "MpcClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def infer(self, xs) -> MpcResult:
         """Outputs for a batch ``xs`` of shape (n, *input_shape)."""
         xs = np.asarray(xs, dtype=np.float64)
-        if xs.shape[1:] != self.input_shape:
-            raise InputError(f"inputs have per-sample shape {xs.shape[1:]}; the model "
-                             f"expects {self.input_shape}")
+        if xs.ndim != len(self.input_shape) + 1 or xs.shape[1:] != self.input_shape:
+            raise InputError(f"inputs have shape {xs.shape}; the model expects "
+                             f"(n, {', '.join(map(str, self.input_shape))})")
+        if not 1 <= xs.shape[0] <= 4096:
+            raise InputError("a request holds 1 to 4096 inputs")
         start = time.perf_counter()
-        s0, s1 = pr.share(encode(xs), Prg())
-        rid = np.frombuffer(secrets.token_bytes(16), np.uint8)
-        links, results = [], [None, None]
+        s0, s1 = pr.share(encode(xs, self.frac_bits), Prg())
+        rid = secrets.token_bytes(16)
+        results = [None, None]
+        sent = received = 0
         try:
-            for p, share in ((0, s0), (1, s1)):
-                link = tp.connect(_dial(self.addresses[p], self.timeout), self.identity,
-                                  f"party{p}")
-                link.send(CLIENT_REQUEST, tp.pack_arrays({"request_id": rid, "share": share}))
-                links.append(link)
+            links = self._connect()
+            before = [(link.bytes_sent, link.bytes_received) for link in links]
+            for link, share in zip(links, (s0, s1)):
+                link.send(CLIENT_REQUEST, tp.pack_arrays({
+                    "request_id": np.frombuffer(rid, np.uint8), "share": share,
+                    "frac_bits": np.array([self.frac_bits], np.uint64)}))
             for p, link in enumerate(links):
                 kind, body = link.recv()
                 if kind == ERROR:
@@ -540,16 +608,19 @@ class MpcClient:
                 if kind != CLIENT_RESULT:
                     raise MpcError(f"party{p} sent message kind {kind}")
                 results[p] = tp.unpack_arrays(body)
-        except (tp.TransportError, OSError) as exc:
+                if bytes(results[p]["request_id"]) != rid:
+                    raise MpcError(f"party{p} answered another request")
+            sent = sum(link.bytes_sent - b[0] for link, b in zip(links, before))
+            received = sum(link.bytes_received - b[1] for link, b in zip(links, before))
+        except (tp.TransportError, OSError, KeyError) as exc:
+            self.close()
             raise MpcError(f"the inference failed: {exc}") from None
-        finally:
-            for link in links:
-                link.close()
+        except MpcError:
+            self.close()        # a late answer to this request must not meet the next
+            raise
         bits = {int(r["frac_bits"][0]) for r in results}
         if len(bits) != 1 or not 0 < min(bits) < 64:
             raise MpcError("the parties disagree on the output's fixed-point scale")
         out = decode(pr.reconstruct(results[0]["share"], results[1]["share"]), bits.pop())
         stats = [json.loads(bytes(r["stats"]).decode()) for r in results]
-        return MpcResult(out, stats, time.perf_counter() - start,
-                         sum(link.bytes_sent for link in links),
-                         sum(link.bytes_received for link in links))
+        return MpcResult(out, stats, time.perf_counter() - start, sent, received)
