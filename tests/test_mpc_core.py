@@ -75,7 +75,8 @@ def test_comparison_circuit_matches_plain_comparison(width):
     mats = circuit.tree_material(width, n, prg, q)
 
     def party(p, ch, inp):
-        return circuit.compare(ch, p, [circuit.tree(p, c, inp, mats[p])])[0]
+        return circuit.compare(ch, p, [circuit.tree(p, circuit.bit_rows(c, 63), inp, mats[p],
+                                                    n)])[0]
 
     ((g0, qg0), (g1, qg1)), chans = run_parties(party, (rows0, rows ^ rows0))
     want = ((c & mask) < (r & mask)).astype(np.uint64)

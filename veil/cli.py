@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -60,8 +61,22 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _single_threaded_blas(argv: list[str] | None) -> None:
+    """Restart this process with OPENBLAS_NUM_THREADS=1 unless it is set: the parties'
+    float64 limb products are small, and two parties' BLAS thread pools spinning
+    against each other on a 2-core machine stalled the online phase by up to 80 ms.
+    numpy reads the variable when it loads, so it must be set before the process starts."""
+    if "OPENBLAS_NUM_THREADS" in os.environ:
+        return
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    os.execve(sys.executable, [sys.executable, "-m", "veil",
+                               *(sys.argv[1:] if argv is None else argv)], env)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("mpc-node", "mpc-dealer"):
+        _single_threaded_blas(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(message)s")
     from .backends.mpc import service, transport

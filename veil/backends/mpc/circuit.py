@@ -183,7 +183,9 @@ def compare(ch, party: int, trees: list[_Tree]) -> list[tuple]:
     return [t.result for t in trees]
 
 
-def tree(party: int, c: np.ndarray, r_rows: np.ndarray, m: TreeMaterial) -> _Tree:
-    """A comparison [c mod 2^w < r mod 2^w] for public uint64 ``c`` and this party's
-    XOR share ``r_rows`` of r's low w = m.width bits."""
-    return _Tree(party, bit_rows(c, m.width), r_rows[:m.width], m, c.shape[0])
+def tree(party: int, c_rows: np.ndarray, r_rows: np.ndarray, m: TreeMaterial, n: int
+         ) -> _Tree:
+    """A comparison [c mod 2^w < r mod 2^w] for public ``c`` given as bit rows
+    (:func:`bit_rows`, at least w = m.width of them) and this party's XOR share
+    ``r_rows`` of r's low bits, for n values."""
+    return _Tree(party, c_rows[:m.width], r_rows[:m.width], m, n)

@@ -56,6 +56,26 @@ def _scaled(x: np.ndarray, frac_bits: int) -> np.ndarray:
         np.int64).view(np.uint64)
 
 
+_LIMB = 16
+
+
+def ring_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x @ w.T in Z_(2^64) for uint64 shares x (b, k) and signed integer weights w (n, k).
+    numpy has no BLAS for integers, so x is cut into four 16-bit limbs and each limb's
+    product runs in float64, exact while k * 2^16 * max|w| < 2^53; otherwise (huge
+    weights) the integer product."""
+    if w.size == 0 or float(np.abs(w).max()) * w.shape[1] * 2.0 ** _LIMB >= 2.0 ** 53:
+        return x @ w.view(np.uint64).T
+    wf = w.astype(np.float64).T
+    out = np.zeros((x.shape[0], w.shape[0]), np.uint64)
+    mask = np.uint64((1 << _LIMB) - 1)
+    for i in range(64 // _LIMB):
+        limb = ((x >> np.uint64(_LIMB * i)) & mask).astype(np.float64)
+        part = (limb @ wf).astype(np.int64).view(np.uint64)
+        out += part << np.uint64(_LIMB * i)
+    return out
+
+
 def _half(frac_bits: int) -> np.uint64:
     """2^(f-1): added before a floor truncation by f bits, it rounds to nearest, so the
     errors of a layer's many truncations cancel instead of adding up (unbiased)."""
@@ -186,8 +206,8 @@ def evaluate(party: int, ch: pr.Channel, graph: Graph, x: np.ndarray, material: 
             continue
         args = [values[s] for s in node.inputs]
         if node.op is Op.DENSE:
-            w = _scaled(node.params["matrix"], frac_bits)
-            y = args[0] @ w.T
+            w = _scaled(node.params["matrix"], frac_bits).view(np.int64)
+            y = ring_matmul(args[0], w)
             if party == 0:
                 y = y + _scaled(node.params["bias"], 2 * frac_bits)
                 if node.name != graph.output:

@@ -314,8 +314,10 @@ def _circuit_trunc_sign(ch: Channel, party: int, y: np.ndarray, m: CircuitTruncM
     q S, q = msb(r)) and the low carry [u^ mod 2^f < r mod 2^f]. The wrap [u^ < r] is
     q + S - q S when msb(u^) = 0 and q S when it is 1; the sign is msb(u^) xor q xor S."""
     uhat = open_value(ch, _offset(party, y) + m.r)
-    (s, qs), (low, _) = circuit.compare(ch, party, [circuit.tree(party, uhat, m.r_rows, m.top),
-                                                    circuit.tree(party, uhat, m.r_rows, m.low)])
+    rows = circuit.bit_rows(uhat, 63)
+    (s, qs), (low, _) = circuit.compare(ch, party, [
+        circuit.tree(party, rows, m.r_rows, m.top, y.size),
+        circuit.tree(party, rows, m.r_rows, m.low, y.size)])
     top, q = uhat >> _SHIFT63, m.top.arith[4]
     wrap = np.where(top == 1, qs, q + s - qs) * (np.uint64(1) << np.uint64(64 - frac_bits))
     trunc = _shift(party, uhat, wrap, low, m.r_high, frac_bits)
@@ -328,7 +330,8 @@ def drelu(ch: Channel, party: int, x: np.ndarray, m: SignMaterial | CircuitReluM
     seven (circuit)."""
     if isinstance(m, CircuitReluMaterial):
         xhat = open_value(ch, x + m.r)
-        ((s, qs),) = circuit.compare(ch, party, [circuit.tree(party, xhat, m.r_rows, m.top)])
+        ((s, qs),) = circuit.compare(ch, party, [
+            circuit.tree(party, circuit.bit_rows(xhat, 63), m.r_rows, m.top, x.size)])
         z = m.top.arith[4] + s - np.uint64(2) * qs            # msb(r) xor S
         return (np.uint64(1) if party == 0 else _ZERO) - _xor_public(party, xhat >> _SHIFT63, z)
     xhat = open_value(ch, x + m.r)

@@ -103,6 +103,7 @@ def _accept_forever(server: socket.socket, timeout: float, handle) -> None:
     """Accept connections forever; each one is handled on its own thread."""
     while True:
         sock, _ = server.accept()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(timeout)
         threading.Thread(target=handle, args=(sock,), daemon=True).start()
 
@@ -257,6 +258,10 @@ class Party:
         self._pool: dict[int, dict[int, tuple[list, int]]] = {z: {} for z in
                                                               self._pool_targets}
         self._pool_cond = threading.Condition()
+        # set while no request is being computed: the offline phase (prefetching) runs
+        # then, so it never takes CPU from an online phase on a small machine
+        self._idle = threading.Event()
+        self._idle.set()
         self._dealer_lock = threading.Lock()
 
     # client side -------------------------------------------------------------------
@@ -330,6 +335,7 @@ class Party:
             link.send(PEER_HELLO, json.dumps({"session": session, **self._config()}).encode())
             return link, session
         sock, _ = self.peer_server.accept()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(self.timeout)
         link = tp.accept(sock, self.identity, ("party0",))
         kind, body = link.recv(4096)
@@ -392,7 +398,10 @@ class Party:
             try:
                 while True:
                     seq += 1
-                    self._one(peer, dealer, session, seq)
+                    try:
+                        self._one(peer, dealer, session, seq)
+                    finally:
+                        self._idle.set()
             except (VeilError, OSError) as exc:
                 # Any failure ends this session: both links are rebuilt, the other party
                 # sees the peer link close and does the same, and a fresh session id
@@ -419,6 +428,9 @@ class Party:
                     if size is not None:
                         break
                     self._pool_cond.wait(1.0)
+            while not self._idle.wait(1.0):
+                if stop.is_set():
+                    return
             if stop.is_set():
                 return
             mids[size] += 1
@@ -445,7 +457,9 @@ class Party:
                         del pool[old]
                     item = pool.pop(mid)
                     self._pool_cond.notify_all()
+                    self._idle.clear()
                     return mid, item
+                self._idle.set()               # what we wait for is fetched in the background
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise MpcError("no dealer material arrived in time")
@@ -456,6 +470,7 @@ class Party:
         mid = None
         if self.party == 0:
             rid, req = self._take(None)
+            self._idle.clear()
             t0 = time.perf_counter()
             pooled = None
             try:
@@ -475,6 +490,7 @@ class Party:
             if int(msg["seq"]) != seq:
                 raise MpcError("the parties disagree on the sequence number")
             mid = None if msg.get("mid") is None else int(msg["mid"])
+            self._idle.clear()
             t0 = time.perf_counter()
             try:
                 rid, req = self._take(bytes.fromhex(msg["id"]))

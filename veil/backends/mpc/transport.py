@@ -312,7 +312,9 @@ def unpack_array(data: bytes) -> np.ndarray:
         body = data[4 + n:]
         if any(s < 0 for s in shape) or len(body) != dtype.itemsize * int(np.prod(shape)):
             raise ValueError("size mismatch")
-        return np.frombuffer(body, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+        # a read-only view when the wire order is the machine's (no copy of big messages)
+        return np.frombuffer(body, dtype=dtype).reshape(shape).astype(
+            dtype.newbyteorder("="), copy=False)
     except (ValueError, KeyError, UnicodeDecodeError, struct.error) as exc:
         raise SerializationError(f"malformed array message: {exc}") from None
 
