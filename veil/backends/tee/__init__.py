@@ -12,6 +12,7 @@
 from .attest import Policy, SoftwareAttester, TrustedAttester, verify_evidence
 from .bundle import export_model, load_model, measure
 from .keyrelease import KeyReleaseService
+from . import attest, bundle, keyrelease, net, seal  # noqa: F401 (submodules)
 from .service import Enclave, PlaintextClient, PlaintextServer, TEEClient
 
 __all__ = ["Enclave", "KeyReleaseService", "PlaintextClient", "PlaintextServer", "Policy",
