@@ -76,33 +76,35 @@ def test_policy_file_round_trip(signer, tmp_path):
 
 
 @pytest.mark.parametrize("suite", list(seal.SUITES))
-def test_sealed_request_and_response(suite):
+def test_channel_keying_and_sealed_messages(suite):
     keys = seal.EnclaveKeys()
     assert "private" not in repr(keys).replace("private keys in process memory", "")
     pk = seal.public_key(suite, keys.public[suite])
+    opening, client = seal.open_channel(seal.Header(b"c" * 16, 0, suite), pk)
+    enclave = seal.accept_channel(keys, *seal.read_header(opening))
     header = seal.Header(b"c" * 16, 7, suite)
-    request, secret = seal.seal_request(header, pk, b"input bytes")
+    request = client.seal(True, header, b"input bytes")
     assert b"input bytes" not in request
     h, raw, sealed = seal.read_header(request)
-    assert h == header
-    got_secret, body = seal.open_request(keys, h, raw, sealed)
-    assert (got_secret, body) == (secret, b"input bytes")
-    reply = seal.seal_response(got_secret, h, raw, sealed, b"output bytes")
-    assert seal.open_response(secret, request, reply) == b"output bytes"
+    assert h == header and enclave.open(True, h, raw, sealed) == b"input bytes"
+    reply = enclave.seal(False, header, b"output bytes")
+    assert client.open(False, *seal.read_header(reply)) == b"output bytes"
     errors = set()
-    for bad in (request[:-1] + bytes([request[-1] ^ 1]),             # ciphertext
-                request.replace(b'"seq":7', b'"seq":8')):             # header (bound by info)
-        h2, raw2, sealed2 = seal.read_header(bad)
+
+    def refused(fn, *args):
         with pytest.raises(DecryptionError) as err:
-            seal.open_request(keys, h2, raw2, sealed2)
+            fn(*args)
         errors.add(str(err.value))
-    with pytest.raises(DecryptionError) as err:
-        seal.open_response(secret, request, reply[:-1] + bytes([reply[-1] ^ 1]))
-    errors.add(str(err.value))
-    other, _ = seal.seal_request(header, pk, b"input bytes")      # another request's answer
-    with pytest.raises(DecryptionError) as err:
-        seal.open_response(secret, other, reply)
-    errors.add(str(err.value))
+    flip = lambda b: b[:-1] + bytes([b[-1] ^ 1])        # noqa: E731
+    refused(enclave.open, True, *seal.read_header(flip(request)))        # ciphertext
+    moved = seal.Header(b"c" * 16, 8, suite).encode() + request[25:]    # header (aad)
+    refused(enclave.open, True, *seal.read_header(moved))
+    refused(client.open, False, *seal.read_header(flip(reply)))
+    other = enclave.seal(False, seal.Header(b"c" * 16, 8, suite), b"output bytes")
+    refused(client.open, False, header, raw, seal.read_header(other)[2])  # another answer
+    refused(client.open, False, h, raw, sealed)             # its own request reflected back
+    refused(seal.accept_channel, keys, *seal.read_header(flip(opening)))
+    refused(seal.accept_channel, seal.EnclaveKeys(), *seal.read_header(opening))
     assert errors == {"the sealed message could not be opened"}      # one opaque error
 
 

@@ -9,10 +9,12 @@ Enclave (:class:`Enclave`, ``veil tee-serve``):
    one else can pick or reset it) that lives until the evidence expires, and answer with
    a token signed by the attester over the nonce, the channel, the HPKE public keys,
    the measurement and the model's shapes.
-3. ``REQUEST`` (``seal.py`` format): refuse an unknown or expired channel, or a sequence
-   number already used, before decrypting; open it (one opaque error on failure);
-   record the sequence number; run the model; seal the answer (or the input's error,
-   which may describe the input, so it is sealed too) under the response key.
+3. ``OPEN``: the client's HPKE-sealed channel secret keys the channel, once
+   (``seal.py``).
+4. ``REQUEST``: refuse an unknown, expired or unkeyed channel, or a sequence number
+   already used, before decrypting; open it (one opaque error on failure); record the
+   sequence number; run the model; seal the answer (or the input's error, which may
+   describe the input, so it is sealed too) under the channel's response key.
 
 The enclave answers every refusal and keeps serving; counters (``STATUS``) show how
 many requests were opened, served and refused.
@@ -131,6 +133,7 @@ class PlaintextServer(_ModelServer):
 @dataclass
 class _Channel:
     expires: float
+    keys: seal.ChannelKeys | None = None
     window: seal.ReplayWindow = field(default_factory=seal.ReplayWindow)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -172,6 +175,8 @@ class Enclave(_ModelServer):
     def _handle(self, kind: int, body: bytes) -> tuple[int, bytes]:
         if kind == net.EVIDENCE_REQUEST:
             return net.EVIDENCE, self._evidence(body)
+        if kind == net.OPEN:
+            return net.OPENED, self._open(body)
         if kind == net.REQUEST:
             return net.RESULT, self._sealed(body)
         return super()._handle(kind, body)
@@ -200,15 +205,33 @@ class Enclave(_ModelServer):
             self._channels[channel] = _Channel(now + self.evidence_ttl)
         return self._token_for(nonce, channel).encode()
 
-    def _sealed(self, body: bytes) -> bytes:
-        header, raw, sealed = seal.read_header(body)
+    def _channel(self, header: seal.Header) -> _Channel:
         with self._lock:
             channel = self._channels.get(header.channel)
         if channel is None or channel.expires <= time.time():
             raise SessionError("unknown or expired channel: fetch fresh evidence")
+        return channel
+
+    def _open(self, body: bytes) -> bytes:
+        header, raw, sealed = seal.read_header(body)
+        channel = self._channel(header)
+        if channel.keys is not None:
+            raise SessionError("this channel is keyed already: fetch fresh evidence")
+        keys = seal.accept_channel(self.keys, header, raw, sealed)
+        with channel.lock:
+            if channel.keys is not None:
+                raise SessionError("this channel is keyed already: fetch fresh evidence")
+            channel.keys = keys
+        return b""
+
+    def _sealed(self, body: bytes) -> bytes:
+        header, raw, sealed = seal.read_header(body)
+        channel = self._channel(header)
+        if channel.keys is None or header.seq < 1:
+            raise SessionError("the channel is not keyed: send its OPEN message first")
         with channel.lock:
             channel.window.check(header.seq)          # a replay is refused unopened
-        secret, plain = seal.open_request(self.keys, header, raw, sealed)
+        plain = channel.keys.open(True, header, raw, sealed)
         with channel.lock:
             channel.window.commit(header.seq)         # two copies racing: one wins
         self._count("opened")
@@ -217,7 +240,7 @@ class Enclave(_ModelServer):
             self._count("served")
         except VeilError as exc:        # may describe the input: sealed, never in the clear
             answer = pack_arrays({"error": np.frombuffer(net.error_body(exc), np.uint8)})
-        return seal.seal_response(secret, header, raw, sealed, answer)
+        return channel.keys.seal(False, header, answer)
 
 
 # -- clients ------------------------------------------------------------------------------
@@ -277,7 +300,8 @@ class TEEClient(_Connection):
         seal._suite(suite)
         self.policy, self.suite, self.clock = policy, suite, clock
         self.evidence: Evidence | None = None
-        self._key = self._channel = None
+        self._keys: seal.ChannelKeys | None = None
+        self._channel = b""
         self._shapes: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
         self._seq = 0
 
@@ -288,7 +312,7 @@ class TEEClient(_Connection):
             AttestationError, PolicyError, EvidenceExpiredError: the evidence is refused;
                 the client then holds no key and sends nothing.
         """
-        self.evidence = self._key = None
+        self.evidence = self._keys = None
         nonce = secrets.token_bytes(32)
         token = self.call(net.EVIDENCE_REQUEST, json.dumps({"nonce": b64(nonce)}).encode(),
                           net.EVIDENCE)
@@ -301,10 +325,12 @@ class TEEClient(_Connection):
             self._channel = unb64(evidence.claims["channel"])
             self._shapes = (tuple(evidence.claims["model"]["input_shape"]),
                             tuple(evidence.claims["model"]["output_shape"]))
-            self._key = seal.public_key(self.suite, evidence.public_key(self.suite))
+            key = seal.public_key(self.suite, evidence.public_key(self.suite))
         except (KeyError, TypeError) as exc:
             raise SerializationError(f"the evidence lacks a claim: {exc}") from None
-        self.evidence, self._seq = evidence, 0
+        message, keys = seal.open_channel(seal.Header(self._channel, 0, self.suite), key)
+        self.call(net.OPEN, message, net.OPENED)
+        self.evidence, self._keys, self._seq = evidence, keys, 0
         return evidence
 
     def _fresh(self) -> bool:
@@ -336,9 +362,12 @@ class TEEClient(_Connection):
     def _sealed(self, xs: np.ndarray) -> np.ndarray:
         self._seq += 1
         header = seal.Header(self._channel, self._seq, self.suite)
-        request, secret = seal.seal_request(header, self._key, pack_arrays({"x": xs}))
-        reply = self.call(net.REQUEST, request, net.RESULT)
-        answer = unpack_arrays(seal.open_response(secret, request, reply))
+        reply = self.call(net.REQUEST, self._keys.seal(True, header, pack_arrays({"x": xs})),
+                          net.RESULT)
+        got, raw, sealed = seal.read_header(reply)
+        if got != header:
+            raise DecryptionError("the sealed message could not be opened")
+        answer = unpack_arrays(self._keys.open(False, got, raw, sealed))
         if "error" in answer:
             net.raise_error(answer["error"].tobytes())
         ys = answer.get("y")
