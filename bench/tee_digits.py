@@ -31,16 +31,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
+# one BLAS thread here and in each server: with several processes on 2 cores, OpenBLAS's
+# spinning worker threads stall small products by milliseconds (numpy is not loaded yet)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 TARGETS = {"added_ms": 1.0, "batch64_ratio": 0.9}
 
 
 def _start(args: list[str]):
-    # one BLAS thread per server: with several processes on 2 cores, OpenBLAS's spinning
-    # worker threads stall small products by milliseconds (both servers alike)
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "veil", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env)
+                            stderr=subprocess.DEVNULL, text=True)
     host, port = proc.stdout.readline().split()[-1].rsplit(":", 1)
     return proc, (host, int(port))
 

@@ -5,7 +5,8 @@ is encrypted and under which key id) and ``tee-model.bin`` (a :mod:`veil.wire` e
 with the graph as JSON and its arrays as ``.npz``; nothing pickled). The graph is the
 compiled plaintext form: batch norms folded and affine chains collapsed into ``DENSE``
 matrices (the compiler's own exact passes), run by the IR's numpy interpreter; on the
-digits CNN that is 8x faster than the graph as traced (``bench/results/tee_digits.md``).
+digits CNN that is about 10x faster than the graph as traced
+(``bench/results/tee_digits.md``).
 
 Encrypted at rest: ``tee-model.bin`` is AES-256-GCM under a random 32-byte model key
 (associated data: a label and the key id). The key goes to a separate folder, mode 0600,
