@@ -39,6 +39,7 @@ bench: $(STAMP) data
 	$(PY) bench/finetune_recipes.py
 	$(PY) bench/layouts.py
 	$(PY) bench/mpc_digits.py
+	$(PY) bench/tee_digits.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

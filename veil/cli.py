@@ -1,4 +1,5 @@
-"""``veil`` command line. MPC processes for now; compile/export/serve come with the service.
+"""``veil`` command line: the MPC and TEE processes; compile/export/serve for HE come
+with the service.
 
     veil mpc-setup KEYS_DIR
     veil mpc-dealer --keys KEYS_DIR [--listen HOST:PORT]
@@ -7,8 +8,17 @@
                   [--cmp circuit|fss] [--frac-bits F] [--prefetch N]
                   [--batch-size B] [--prefetch-batch M]
 
+    veil tee-attester-setup DIR                   # INSECURE software attester key
+    veil tee-export MODEL.onnx --input-shape 1,8,8 EXPORT_DIR [--encrypt-keys KEYS_DIR]
+    veil tee-policy EXPORT_DIR --attester DIR [--allow-insecure] [--max-age S] --out FILE
+    veil tee-key-release --keys KEYS_DIR --policy FILE [--listen HOST:PORT]
+    veil tee-serve EXPORT_DIR --attester-key DIR [--key-release HOST:PORT]
+                   [--listen HOST:PORT] [--plaintext-baseline]
+
 Each server prints one line ``veil-mpc <role> listening on HOST:PORT`` (and party1
-``... peer on HOST:PORT``) once it accepts connections, so port 0 can be used.
+``... peer on HOST:PORT``) or ``veil-tee <role> ... listening on HOST:PORT`` once it
+accepts connections, so port 0 can be used. A TEE server with the software attester or
+the plaintext baseline says INSECURE in that line.
 """
 from __future__ import annotations
 
@@ -58,13 +68,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="a batch size whose material is also fetched ahead")
     n.add_argument("--prefetch-batch", type=int, default=2,
                    help="material sets for --batch-size inputs kept ready (0: on demand)")
+    _tee_parsers(sub)
     return ap
 
 
 def _single_threaded_blas(argv: list[str] | None) -> None:
-    """Restart this process with OPENBLAS_NUM_THREADS=1 unless it is set: the parties'
-    float64 limb products are small, and two parties' BLAS thread pools spinning
-    against each other on a 2-core machine stalled the online phase by up to 80 ms.
+    """Restart this process with OPENBLAS_NUM_THREADS=1 unless it is set: the servers'
+    matrix products are small, and BLAS thread pools spinning against each other on a
+    2-core machine stalled the MPC online phase by up to 80 ms.
     numpy reads the variable when it loads, so it must be set before the process starts."""
     if "OPENBLAS_NUM_THREADS" in os.environ:
         return
@@ -73,12 +84,101 @@ def _single_threaded_blas(argv: list[str] | None) -> None:
                                *(sys.argv[1:] if argv is None else argv)], env)
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a shape like 1,8,8, got {text!r}") from None
+
+
+def _tee_parsers(sub) -> None:
+    a = sub.add_parser("tee-attester-setup",
+                       help="create an INSECURE software attester key (development only)")
+    a.add_argument("dir")
+    e = sub.add_parser("tee-export", help="export an ONNX model as an enclave bundle")
+    e.add_argument("model", help="ONNX file")
+    e.add_argument("--input-shape", type=_shape, required=True, help="per sample, e.g. 1,8,8")
+    e.add_argument("out", help="export folder")
+    e.add_argument("--encrypt-keys", help="encrypt the bundle; write its key to this folder")
+    p = sub.add_parser("tee-policy", help="write a client policy for an exported bundle")
+    p.add_argument("export", help="folder written by tee-export")
+    p.add_argument("--attester", required=True, help="folder made by tee-attester-setup")
+    p.add_argument("--allow-insecure", action="store_true",
+                   help="accept the INSECURE software attester (development only)")
+    p.add_argument("--max-age", type=float, default=300.0, help="seconds evidence stays valid")
+    p.add_argument("--out", required=True)
+    k = sub.add_parser("tee-key-release", help="release model keys to attested enclaves")
+    k.add_argument("--keys", required=True, help="folder of model keys (tee-export)")
+    k.add_argument("--policy", required=True, help="file written by tee-policy")
+    k.add_argument("--listen", type=_address, default=("127.0.0.1", 0))
+    k.add_argument("--timeout", type=float, default=10.0, help="seconds per message")
+    t = sub.add_parser("tee-serve", help="run the enclave (sealed inference)")
+    t.add_argument("export", help="folder written by tee-export")
+    t.add_argument("--attester", default="software", choices=("software", "sev-snp", "tdx"))
+    t.add_argument("--attester-key", help="software attester: folder of tee-attester-setup")
+    t.add_argument("--key-release", type=_address, help="key-release service (encrypted "
+                   "bundles)")
+    t.add_argument("--listen", type=_address, default=("127.0.0.1", 0))
+    t.add_argument("--timeout", type=float, default=10.0, help="seconds per message")
+    t.add_argument("--evidence-ttl", type=int, default=300, help="seconds evidence is valid")
+    t.add_argument("--plaintext-baseline", action="store_true",
+                   help="INSECURE: serve unsealed, no attestation (benchmarks only)")
+
+
+def _tee(args) -> int:
+    from .backends.tee import attest, bundle, keyrelease, service
+
+    if args.command == "tee-attester-setup":
+        print(f"INSECURE software attester key written to "
+              f"{attest.SoftwareAttester.create(args.dir)}")
+        return 0
+    if args.command == "tee-export":
+        from .frontend import to_graph
+
+        out = bundle.export_model(to_graph(args.model, args.input_shape), args.out,
+                                  args.encrypt_keys)
+        print(f"exported to {out.directory}; measurement {out.measurement}"
+              + (f"; model key {out.key_id}" if out.key_id else ""))
+        return 0
+    if args.command == "tee-policy":
+        policy = attest.Policy(frozenset({bundle.measure(args.export)}),
+                               (attest.TrustedAttester.load(args.attester),),
+                               args.max_age, args.allow_insecure)
+        print(f"policy written to {policy.save(args.out)}")
+        return 0
+    if args.command == "tee-key-release":
+        krs = keyrelease.KeyReleaseService(args.keys, attest.Policy.load(args.policy),
+                                           args.listen, args.timeout)
+        print("veil-tee key-release listening on %s:%d" % krs.address, flush=True)
+        krs.serve_forever()
+        return 0
+    if args.plaintext_baseline:
+        srv = service.PlaintextServer(bundle.load_model(args.export), args.listen, args.timeout)
+        role = "plaintext-baseline (INSECURE: unsealed, benchmarks only)"
+    else:
+        srv = service.Enclave(args.export, attest.load_attester(args.attester,
+                                                                args.attester_key or "."),
+                              args.listen, args.key_release, args.timeout, args.evidence_ttl)
+        role = "enclave" + (" (INSECURE software attester)" if srv.insecure else "")
+    print(f"veil-tee {role} listening on %s:%d" % srv.address, flush=True)
+    srv.serve_forever()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command in ("mpc-node", "mpc-dealer"):
+    if args.command in ("mpc-node", "mpc-dealer", "tee-serve"):
         _single_threaded_blas(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(message)s")
+    if args.command.startswith("tee-"):
+        from .errors import VeilError
+
+        try:
+            return _tee(args)
+        except VeilError as exc:
+            print(f"veil {args.command}: {exc}", file=sys.stderr)
+            return 1
     from .backends.mpc import service, transport
 
     if args.command == "mpc-setup":

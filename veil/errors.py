@@ -59,3 +59,39 @@ class EngineError(VeilError):
 
 class InsecureParametersError(VeilError):
     """Insecure parameters were requested without the explicit opt-in flag."""
+
+
+class TEEError(VeilError):
+    """Base for sealed (TEE) inference failures."""
+
+
+class AttestationError(TEEError):
+    """Evidence is malformed, its signature does not verify, or it does not answer the
+    nonce this client sent (stale or replayed evidence). Nothing was sent."""
+
+
+class PolicyError(AttestationError):
+    """Authentic evidence that the policy refuses: an unknown measurement, an attester
+    kind or key the policy does not trust, or an insecure attester without opt-in."""
+
+
+class EvidenceExpiredError(PolicyError):
+    """The evidence is older than the policy's maximum age (or from the future)."""
+
+
+class DecryptionError(TEEError):
+    """A sealed message could not be opened. Deliberately opaque: tampering, a wrong
+    key and a truncated message all look the same."""
+
+
+class ReplayError(TEEError):
+    """A sealed request reuses a sequence number of its channel; it was not opened."""
+
+
+class SessionError(TEEError):
+    """A sealed request names a channel the enclave does not know (never attested, or
+    expired): fetch fresh evidence."""
+
+
+class KeyReleaseError(TEEError):
+    """The key-release service refused to release a model key, or its answer was bad."""

@@ -1,0 +1,20 @@
+"""TEE sealed inference: HPKE to an attested enclave key, policy-checked by the client.
+
+- ``attest.py``: EAT-style evidence tokens (JWS, EdDSA), attesters (the INSECURE
+  ``software`` one; where SEV-SNP / TDX go), the client's :class:`Policy`.
+- ``seal.py``: HPKE suites, the sealed request / response format, the replay window.
+- ``bundle.py``: the enclave's model bundle (optionally encrypted at rest), its
+  measurement.
+- ``keyrelease.py``: the model key goes only to an enclave with accepted evidence.
+- ``net.py``: length-prefixed messages and typed refusals.
+- ``service.py``: :class:`Enclave`, the plaintext baseline, :class:`TEEClient`.
+"""
+from .attest import Policy, SoftwareAttester, TrustedAttester, verify_evidence
+from .bundle import export_model, load_model, measure
+from .keyrelease import KeyReleaseService
+from . import attest, bundle, keyrelease, net, seal  # noqa: F401 (submodules)
+from .service import Enclave, PlaintextClient, PlaintextServer, TEEClient
+
+__all__ = ["Enclave", "KeyReleaseService", "PlaintextClient", "PlaintextServer", "Policy",
+           "SoftwareAttester", "TEEClient", "TrustedAttester", "export_model", "load_model",
+           "measure", "verify_evidence"]

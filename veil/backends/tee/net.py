@@ -1,0 +1,96 @@
+"""Messages between TEE clients, the enclave and the key-release service.
+
+Plain length-prefixed frames (the MPC transport's framing, ``mpc/transport.py``): a
+4-byte big-endian length checked against a limit before reading, then a version byte,
+a kind byte and the payload. No transport encryption: everything that matters inside is
+HPKE-sealed or signed, and the host that relays these frames is untrusted anyway.
+
+Refusals travel as ``ERROR`` frames with a code and a message; codes map back to the
+typed errors of ``veil.errors`` on the receiving side. A refusal in the clear never
+describes plaintext: errors found after decryption are sealed into the response.
+"""
+from __future__ import annotations
+
+import json
+import socket
+
+import numpy as np
+
+from ...errors import (AttestationError, DecryptionError, EvidenceExpiredError, InputError,
+                       KeyReleaseError, PolicyError, ReplayError, SerializationError,
+                       SessionError, TEEError)
+from ..mpc.service import _accept_forever, _dial, _json, _listen  # noqa: F401 (re-exported)
+from ..mpc.transport import TransportError, _recv_raw, _send_raw
+
+VERSION = 1
+EVIDENCE_REQUEST, EVIDENCE, REQUEST, RESULT, ERROR, STATUS_REQUEST, STATUS = range(1, 8)
+PLAIN_REQUEST, PLAIN_RESULT = 8, 9
+OPEN, OPENED = 10, 11
+KR_HELLO, KR_NONCE, KR_EVIDENCE, KR_KEY = 16, 17, 18, 19
+
+MAX_BATCH = 4096
+MAX_MESSAGE = 64 << 20
+# most specific first: the first class an error is an instance of gives its code
+_CODES = (("expired", EvidenceExpiredError), ("policy", PolicyError),
+          ("attestation", AttestationError), ("sealed", DecryptionError),
+          ("replay", ReplayError), ("session", SessionError),
+          ("key-release", KeyReleaseError), ("input", InputError),
+          ("malformed", SerializationError), ("transport", TransportError),
+          ("refused", TEEError))
+
+
+def send(sock: socket.socket, kind: int, payload: bytes) -> None:
+    _send_raw(sock, bytes([VERSION, kind]) + payload)
+
+
+def recv(sock: socket.socket, limit: int = MAX_MESSAGE, idle: bool = False) -> tuple[int, bytes]:
+    """One message; ``idle`` waits as long as needed for it to start."""
+    frame = _recv_raw(sock, limit, idle)
+    if len(frame) < 2 or frame[0] != VERSION:
+        raise TransportError("the peer speaks another TEE protocol version")
+    return frame[1], frame[2:]
+
+
+def error_body(exc: Exception) -> bytes:
+    code = next((c for c, cls in _CODES if isinstance(exc, cls)), "refused")
+    return json.dumps({"code": code, "error": str(exc)}).encode()
+
+
+def raise_error(body: bytes) -> None:
+    """Raise the typed error an ``ERROR`` body describes."""
+    msg = _json(body)
+    cls = dict(_CODES).get(msg.get("code"), TEEError)
+    raise cls(str(msg.get("error", "refused")))
+
+
+def expect(kind: int, body: bytes, wanted: int) -> bytes:
+    """``body`` if the message is of kind ``wanted``; the typed error for ``ERROR``."""
+    if kind == ERROR:
+        raise_error(body)
+    if kind != wanted:
+        raise TransportError(f"unexpected message kind {kind} (expected {wanted})")
+    return body
+
+
+def check_inputs(xs, input_shape: tuple[int, ...], max_batch: int = MAX_BATCH) -> np.ndarray:
+    """A float64 batch of shape (n, *input_shape), 1 <= n <= max_batch, all finite."""
+    try:
+        xs = np.asarray(xs, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"inputs are not numeric: {exc}") from None
+    if xs.ndim < 1 or xs.shape[1:] != tuple(input_shape):
+        raise InputError(f"inputs have shape {xs.shape}; this model takes a batch of "
+                         f"shape (n, {', '.join(map(str, input_shape))})")
+    if not 1 <= xs.shape[0] <= max_batch:
+        raise InputError(f"batches hold 1 to {max_batch} inputs, not {xs.shape[0]}")
+    if not np.isfinite(xs).all():
+        raise InputError("inputs contain NaN or infinity")
+    return xs
+
+
+def call(sock: socket.socket, kind: int, payload: bytes, wanted: int) -> bytes:
+    """Send one message and return the answer's body (typed error on ``ERROR``)."""
+    send(sock, kind, payload)
+    reply_kind, body = recv(sock)
+    return expect(reply_kind, body, wanted)
+
