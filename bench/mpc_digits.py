@@ -32,18 +32,9 @@ PEER_KB = {"SPU": 112.0, "CrypTen": 262.0}
 TARGETS = {"latency_ms": 10.0, "batch64_per_s": 2000.0, "online_kb": 100.0}
 
 
-def _start(args: list[str], lines: int = 1):
-    proc = subprocess.Popen([sys.executable, "-m", "veil", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    out = []
-    for _ in range(lines):
-        host, port = proc.stdout.readline().split()[-1].rsplit(":", 1)
-        out.append((host, int(port)))
-    return proc, out
-
-
 def _measure(name, model, xte, yte, n_single: int, cmp: str, n_batch: int = 5) -> dict:
     import numpy as np
+    from harness import start_veil
     import torch
 
     from veil.backends.mpc.service import MpcClient, save_model
@@ -58,15 +49,15 @@ def _measure(name, model, xte, yte, n_single: int, cmp: str, n_batch: int = 5) -
                        stdout=subprocess.DEVNULL)
         procs = []
         try:
-            dealer, (da,) = _start(["mpc-dealer", "--keys", keys, "--timeout", "60"])
+            dealer, (da,) = start_veil(["mpc-dealer", "--keys", keys, "--timeout", "60"])
             procs.append(dealer)
-            p1, (a1, peer) = _start(["mpc-node", "--party", "1", "--keys", keys, "--model",
-                                     mdir, "--dealer", f"{da[0]}:{da[1]}", "--timeout",
-                                     "60", "--cmp", cmp], lines=2)
+            p1, (a1, peer) = start_veil(["mpc-node", "--party", "1", "--keys", keys,
+                                         "--model", mdir, "--dealer", f"{da[0]}:{da[1]}",
+                                         "--timeout", "60", "--cmp", cmp], lines=2)
             procs.append(p1)
-            p0, (a0,) = _start(["mpc-node", "--party", "0", "--keys", keys, "--model", mdir,
-                                "--dealer", f"{da[0]}:{da[1]}", "--peer",
-                                f"{peer[0]}:{peer[1]}", "--timeout", "60", "--cmp", cmp])
+            p0, (a0,) = start_veil(["mpc-node", "--party", "0", "--keys", keys, "--model",
+                                    mdir, "--dealer", f"{da[0]}:{da[1]}", "--peer",
+                                    f"{peer[0]}:{peer[1]}", "--timeout", "60", "--cmp", cmp])
             procs.append(p0)
             client = MpcClient(keys, a0, a1, xte.shape[1:], timeout=120.0)
             client.infer(xte[:1])                                  # warm-up

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,13 +35,6 @@ sys.path.insert(0, str(ROOT / "examples"))
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 TARGETS = {"added_ms": 1.0, "batch64_ratio": 0.9}
-
-
-def _start(args: list[str]):
-    proc = subprocess.Popen([sys.executable, "-m", "veil", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    host, port = proc.stdout.readline().split()[-1].rsplit(":", 1)
-    return proc, (host, int(port))
 
 
 def _median_us(fn, x, n: int) -> float:
@@ -93,6 +85,7 @@ def _engines(model, graph, xte, n: int) -> dict:
 def _measure(name: str, model, xte, yte, n: int) -> dict:
     import numpy as np
     import torch
+    from harness import start_veil
 
     from veil.backends.tee import (PlaintextClient, Policy, SoftwareAttester, TEEClient,
                                    TrustedAttester, export_model)
@@ -110,13 +103,13 @@ def _measure(name: str, model, xte, yte, n: int) -> dict:
         policy = Policy(frozenset({ex.measurement}), (TrustedAttester.load(f"{tmp}/att"),),
                         allow_insecure=True).save(f"{tmp}/policy.json")
         try:
-            krs, kr = _start(["tee-key-release", "--keys", f"{tmp}/keys", "--policy",
-                              str(policy)])
+            krs, (kr,) = start_veil(["tee-key-release", "--keys", f"{tmp}/keys", "--policy",
+                                     str(policy)])
             procs.append(krs)
-            enclave, ea = _start(["tee-serve", f"{tmp}/export", "--attester-key",
-                                  f"{tmp}/att", "--key-release", f"{kr[0]}:{kr[1]}"])
+            enclave, (ea,) = start_veil(["tee-serve", f"{tmp}/export", "--attester-key",
+                                         f"{tmp}/att", "--key-release", f"{kr[0]}:{kr[1]}"])
             procs.append(enclave)
-            plain, pa = _start(["tee-serve", f"{tmp}/plain", "--plaintext-baseline"])
+            plain, (pa,) = start_veil(["tee-serve", f"{tmp}/plain", "--plaintext-baseline"])
             procs.append(plain)
             pol = Policy.load(policy)
             clients = {"plain": PlaintextClient(pa, 60.0),
