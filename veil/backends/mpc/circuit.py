@@ -130,9 +130,7 @@ class _Tree:
 
     def _and_inputs(self) -> tuple[np.ndarray, np.ndarray]:
         k = self.g.shape[0] // 2
-        g_lo, g_hi = self.g[0:2 * k:2], self.g[1:2 * k:2]
-        p_lo, p_hi = self.p[0:2 * k:2], self.p[1:2 * k:2]
-        del g_hi
+        g_lo, p_lo, p_hi = self.g[0:2 * k:2], self.p[0:2 * k:2], self.p[1:2 * k:2]
         return (np.concatenate([p_hi, p_hi[1:]]), np.concatenate([g_lo, p_lo[1:]]))
 
     def incoming(self, opened: np.ndarray) -> None:

@@ -4,13 +4,13 @@
 matrix (the compiler's own passes), leaving ReLU, max pooling, squares and polynomials.
 The two servers know the weights in this mode; a dense layer is then local on each
 share (multiply by the fixed-point weights, party 0 adds the bias) followed by an exact
-one-round truncation, and the non-linear layers use the dealer's material
-(``protocols``):
+truncation, and the non-linear layers use the dealer's material (``protocols``; rounds
+below for circuit comparisons, the default, and in parentheses for DCFs):
 
 - the output DENSE: not truncated; the client decodes 2f fractional bits;
-- DENSE then RELU: truncation and sign from one opening, then one Beaver product, two
-  rounds for both (``protocols.trunc_relu``);
-- RELU elsewhere: one comparison (DCF) and one Beaver product, two rounds;
+- DENSE then RELU: truncation and sign from one opening, then one Beaver product, 8
+  rounds for both (2) (``protocols.trunc_relu``); DENSE alone: 7 (1);
+- RELU elsewhere: one comparison and one Beaver product, 8 rounds (2);
 - MAXPOOL2D (no padding): a tree of max(a, b) = b + ReLU(a - b) over each window;
 - SQUARE and POLY (fine-tuned polynomial activations, evaluated in the power basis by
   Horner's rule): one Beaver product and a truncation per degree.
@@ -164,7 +164,7 @@ def dealer_material(steps: list[Step], batch: int, prg: Prg, frac_bits: int = FR
                     cmp: str = "circuit") -> tuple[list, list]:
     """Both parties' material for ``batch`` inferences (one list per party). ``cmp``
     picks the comparisons: "circuit" (binary circuits, cheap to compute and to deal,
-    eight rounds per ReLU layer) or "fss" (DCF keys, two rounds, 40x more material)."""
+    eight rounds per ReLU layer) or "fss" (DCF keys, two rounds, ~15x the material)."""
     if cmp not in COMPARISONS:
         raise InputError(f"unknown comparison protocol {cmp!r}; use one of {COMPARISONS}")
     out: tuple[list, list] = ([], [])

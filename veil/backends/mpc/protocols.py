@@ -21,7 +21,7 @@ Constructions:
   value per party.
 - The same truncation and sign with the comparisons as binary circuits instead of DCFs
   (``circuit``): more rounds (ceil(log2 63) = 6 for the comparison instead of 1) but
-  about a fortieth of the computation and of the dealer's material, which is what
+  about 1/25 of the computation and 1/15 of the dealer's material, which is what
   bounds throughput on a fast network. ``dealer_material(..., cmp=...)`` picks one;
   the party-side functions follow the material they are given.
 - Max pooling as max(a, b) = b + ReLU(a - b), in a tree over the window.
