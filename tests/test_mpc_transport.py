@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from veil.errors import KeyMaterialError, SerializationError
+from veil.backends import sockets as so
 from veil.backends.mpc import transport as tp
 
 
@@ -50,9 +51,9 @@ def test_parties_authenticate_each_other_and_exchange_arrays(keys):
     out = _pair(keys, "party0", "party1", ("party0",))
     c, s = out["client"], out["server"]
     x = np.arange(10, dtype=np.uint64) * np.uint64(2 ** 60)
-    c.send(5, tp.pack_array(x))
+    c.send(5, so.pack_array(x))
     kind, body = s.recv()
-    assert kind == 5 and np.array_equal(tp.unpack_array(body), x)
+    assert kind == 5 and np.array_equal(so.unpack_array(body), x)
     s.send(6, b"ok")
     assert c.recv() == (6, b"ok")
 
@@ -65,7 +66,7 @@ def test_a_client_authenticates_the_party(keys):
 def test_impersonation_and_unexpected_roles_are_refused(keys, tmp_path_factory):
     # the dealer may not talk to party1 where only party0 is allowed
     out = _pair(keys, "dealer", "party1", ("party0",))
-    assert isinstance(out.get("error"), tp.TransportError)
+    assert isinstance(out.get("error"), so.TransportError)
     # keys from another setup cannot pass for party0
     other = tmp_path_factory.mktemp("other")
     tp.setup(other)
@@ -81,36 +82,36 @@ def test_tampered_replayed_and_oversized_frames_fail(keys):
     frame = c._send.encrypt(c._nonce(c._send_n), bytes([tp.VERSION, 1]) + b"data", None)
     bad = bytearray(frame)
     bad[3] ^= 1
-    c.sock.sendall(tp._LEN.pack(len(bad)) + bytes(bad))
-    with pytest.raises(tp.TransportError, match="authentication"):
+    c.sock.sendall(so.LEN.pack(len(bad)) + bytes(bad))
+    with pytest.raises(so.TransportError, match="authentication"):
         s.recv()
     # replay: the same valid frame twice; the second is out of sequence
     out = _pair(keys, "party0", "party1", ("party0",))
     c, s = out["client"], out["server"]
     frame = c._send.encrypt(c._nonce(c._send_n), bytes([tp.VERSION, 1]) + b"data", None)
-    c.sock.sendall(tp._LEN.pack(len(frame)) + frame)
-    c.sock.sendall(tp._LEN.pack(len(frame)) + frame)
+    c.sock.sendall(so.LEN.pack(len(frame)) + frame)
+    c.sock.sendall(so.LEN.pack(len(frame)) + frame)
     assert s.recv() == (1, b"data")
-    with pytest.raises(tp.TransportError, match="authentication"):
+    with pytest.raises(so.TransportError, match="authentication"):
         s.recv()
     # oversized: refused from the length prefix alone
-    c.sock.sendall(tp._LEN.pack(2 ** 31))
-    with pytest.raises(tp.TransportError, match="exceeds"):
+    c.sock.sendall(so.LEN.pack(2 ** 31))
+    with pytest.raises(so.TransportError, match="exceeds"):
         s.recv(limit=1 << 20)
 
 
 def test_silence_times_out(keys):
     out = _pair(keys, "party0", "party1", ("party0",), timeout=0.3)
-    with pytest.raises(tp.TransportError, match="timed out"):
+    with pytest.raises(so.TransportError, match="timed out"):
         out["server"].recv()
 
 
 def test_malformed_arrays_are_serialization_errors():
-    good = tp.pack_array(np.zeros(4, np.uint64))
+    good = so.pack_array(np.zeros(4, np.uint64))
     with pytest.raises(SerializationError):
-        tp.unpack_array(good[:-3])
+        so.unpack_array(good[:-3])
     with pytest.raises(SerializationError):
-        tp.pack_array(np.zeros(2, dtype=object))
+        so.pack_array(np.zeros(2, dtype=object))
 
 
 def test_idle_wait_still_times_out_on_half_a_frame(keys):
@@ -118,5 +119,5 @@ def test_idle_wait_still_times_out_on_half_a_frame(keys):
     length or a stalled sender must not hold the reader)."""
     out = _pair(keys, "party0", "party1", ("party0",), timeout=0.3)
     out["client"].sock.sendall(b"\x00\x00")          # half a length prefix, then nothing
-    with pytest.raises(tp.TransportError, match="timed out"):
+    with pytest.raises(so.TransportError, match="timed out"):
         out["server"].recv(idle=True)

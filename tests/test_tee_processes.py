@@ -1,7 +1,6 @@
 """TEE through real processes: key-release service, enclave, and a host relay between the
 client and the enclave that records (and, in attacks, alters) every frame it forwards."""
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -13,10 +12,8 @@ import pytest
 from veil.backends.tee import PlaintextClient, Policy, TEEClient, bundle, net
 from veil.errors import (AttestationError, DecryptionError, EvidenceExpiredError, InputError,
                          PolicyError, ReplayError, SessionError)
-from veil.backends.mpc.transport import TransportError
+from veil.backends.sockets import LEN as _LEN, TransportError
 from veil.ir import interpreter
-
-_LEN = struct.Struct(">I")
 
 
 def _start(args):

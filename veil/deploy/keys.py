@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._files import write_private
 from ..errors import KeyTypeError, SerializationError
 from ..wire import pack, peek_kind, unpack
 
@@ -72,11 +73,7 @@ class SecretKey:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the key to ``path`` with permissions 0600 (owner read/write only)."""
-        path = Path(path)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(self.to_bytes())
-        os.chmod(path, 0o600)
+        write_private(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SecretKey":

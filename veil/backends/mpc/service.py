@@ -34,6 +34,7 @@ import numpy as np
 from ...errors import InputError, SerializationError, VeilError
 from ...ir import Graph
 from ...ir.serialize import graph_from_json, graph_to_json
+from .. import sockets as so
 from . import protocols as pr
 from . import transport as tp
 from .evaluator import (COMPARISONS, Step, dealer_material, evaluate, lower_for_mpc,
@@ -81,40 +82,6 @@ def load_model(directory: str | os.PathLike) -> Graph:
         raise SerializationError(f"no readable MPC model in {d}: {exc}") from exc
 
 
-def _json(data: bytes) -> dict:
-    try:
-        out = json.loads(data.decode())
-        if not isinstance(out, dict):
-            raise ValueError("not an object")
-        return out
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise SerializationError(f"malformed control message: {exc}") from None
-
-
-def _listen(address: tuple[str, int]) -> socket.socket:
-    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(address)
-    srv.listen(64)
-    return srv
-
-
-def _accept_forever(server: socket.socket, timeout: float, handle) -> None:
-    """Accept connections forever; each one is handled on its own thread."""
-    while True:
-        sock, _ = server.accept()
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(timeout)
-        threading.Thread(target=handle, args=(sock,), daemon=True).start()
-
-
-def _dial(address: tuple[str, int], timeout: float) -> socket.socket:
-    sock = socket.create_connection(address, timeout=timeout)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.settimeout(timeout)
-    return sock
-
-
 def _steps_key(steps, batch: int) -> str:
     return hashlib.sha256(json.dumps([steps, batch]).encode()).hexdigest()
 
@@ -126,7 +93,7 @@ class Dealer:
     def __init__(self, identity: tp.Identity, address: tuple[str, int],
                  timeout: float = DEFAULT_TIMEOUT, ttl: float = 120.0) -> None:
         self.identity, self.timeout, self.ttl = identity, timeout, ttl
-        self.server = _listen(address)
+        self.server = so.listen(address)
         self.address = self.server.getsockname()
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, int], tuple[str, str, bytes, float]] = {}
@@ -134,7 +101,7 @@ class Dealer:
         self.bytes_sent = 0
 
     def serve_forever(self) -> None:
-        _accept_forever(self.server, self.timeout, self._serve_link)
+        so.accept_forever(self.server, self.timeout, self._serve_link)
 
     def _serve_link(self, sock: socket.socket) -> None:
         try:
@@ -149,7 +116,7 @@ class Dealer:
                 if kind != MATERIAL_REQUEST:
                     raise SerializationError(f"unexpected message kind {kind}")
                 try:
-                    link.send(MATERIAL, self._material(link.peer, _json(body)))
+                    link.send(MATERIAL, self._material(link.peer, so.json_object(body)))
                 except (VeilError, KeyError, TypeError, ValueError) as exc:
                     link.send(ERROR, json.dumps({"error": str(exc)}).encode())
         except VeilError as exc:
@@ -185,9 +152,9 @@ class Dealer:
                 m0, m1 = dealer_material([Step(k, n) for k, n in steps], batch, Prg(), frac,
                                          cmp)
                 mine, theirs = (m0, m1) if party == "party0" else (m1, m0)
-                out = tp.pack_arrays(pr.material_arrays(mine))
+                out = so.pack_arrays(pr.material_arrays(mine))
                 self._pending[(session, seq)] = (other, digest,
-                                                 tp.pack_arrays(pr.material_arrays(theirs)),
+                                                 so.pack_arrays(pr.material_arrays(theirs)),
                                                  now)
             self._last[(session, party)] = seq
         self.bytes_sent += len(out)
@@ -207,11 +174,11 @@ class _PeerChannel:
     def exchange(self, data: np.ndarray) -> np.ndarray:
         data = np.ascontiguousarray(data)
         before = self.link.bytes_sent
-        kind, body = self.link.exchange(PEER_DATA, tp.pack_array(data))
+        kind, body = self.link.exchange(PEER_DATA, so.pack_array(data))
         self.bytes_sent += self.link.bytes_sent - before
         if kind != PEER_DATA:
             raise MpcError(f"unexpected message kind {kind} from the other party")
-        peer = tp.unpack_array(body)
+        peer = so.unpack_array(body)
         if peer.shape != data.shape or peer.dtype != data.dtype:
             raise MpcError("the other party sent a message of the wrong shape")
         self.rounds += 1
@@ -243,9 +210,9 @@ class Party:
         self.party, self.identity, self.model, self.timeout = party, identity, model, timeout
         self.steps = material_plan(model)
         self.dealer_addr, self.peer_addr = dealer, peer
-        self.clients = _listen(listen)
+        self.clients = so.listen(listen)
         self.address = self.clients.getsockname()
-        self.peer_server = _listen(peer_listen) if party == 1 else None
+        self.peer_server = so.listen(peer_listen) if party == 1 else None
         self.peer_address = self.peer_server.getsockname() if self.peer_server else None
         self._requests: dict[bytes, _Request] = {}
         self._cond = threading.Condition()
@@ -283,7 +250,7 @@ class Party:
             try:
                 if kind != CLIENT_REQUEST:
                     raise SerializationError(f"unexpected message kind {kind}")
-                arrays = tp.unpack_arrays(body)
+                arrays = so.unpack_arrays(body)
                 rid, share = bytes(arrays["request_id"]), arrays["share"]
                 frac = int(arrays["frac_bits"][0])
                 if len(rid) != 16 or share.dtype != np.uint64 or share.ndim < 2 or \
@@ -326,7 +293,7 @@ class Party:
         if self.party == 0:
             while True:
                 try:
-                    link = tp.connect(_dial(self.peer_addr, self.timeout), self.identity,
+                    link = tp.connect(so.dial(self.peer_addr, self.timeout), self.identity,
                                       "party1")
                     break
                 except (OSError, VeilError):
@@ -341,7 +308,7 @@ class Party:
         kind, body = link.recv(4096)
         if kind != PEER_HELLO:
             raise MpcError("party0 did not open a session")
-        hello = _json(body)
+        hello = so.json_object(body)
         if {k: hello.get(k) for k in self._config()} != self._config():
             link.close()
             raise MpcError(f"party0 runs {hello}, party1 {self._config()}: same model, "
@@ -356,7 +323,7 @@ class Party:
     def _connect_dealer(self) -> tp.Link:
         while True:
             try:
-                return tp.connect(_dial(self.dealer_addr, self.timeout), self.identity,
+                return tp.connect(so.dial(self.dealer_addr, self.timeout), self.identity,
                                   "dealer")
             except (OSError, VeilError):
                 time.sleep(0.2)
@@ -368,16 +335,16 @@ class Party:
             dealer.send(MATERIAL_REQUEST, json.dumps(req).encode())
             kind, body = dealer.recv()
         if kind == ERROR:
-            raise MpcError(f"the dealer refused: {_json(body).get('error')}")
+            raise MpcError(f"the dealer refused: {so.json_object(body).get('error')}")
         if kind != MATERIAL:
             raise MpcError(f"unexpected message kind {kind} from the dealer")
         try:
-            return pr.material_from_arrays(tp.unpack_arrays(body)), len(body)
+            return pr.material_from_arrays(so.unpack_arrays(body)), len(body)
         except (KeyError, ValueError, TypeError) as exc:
             raise MpcError(f"malformed material from the dealer: {exc}") from None
 
     def serve_forever(self) -> None:
-        threading.Thread(target=_accept_forever, args=(self.clients, self.timeout,
+        threading.Thread(target=so.accept_forever, args=(self.clients, self.timeout,
                                                        self._client), daemon=True).start()
         while True:
             try:
@@ -486,7 +453,7 @@ class Party:
             kind, body = peer.recv(idle=True)       # any time, but then the whole frame
             if kind != PEER_BEGIN:
                 raise MpcError(f"unexpected message kind {kind} from party0")
-            msg = _json(body)
+            msg = so.json_object(body)
             if int(msg["seq"]) != seq:
                 raise MpcError("the parties disagree on the sequence number")
             mid = None if msg.get("mid") is None else int(msg["mid"])
@@ -505,7 +472,7 @@ class Party:
                 self._fail(req, "the two shares have different batch sizes")
                 return
         else:
-            status = _json(body) if kind == PEER_READY else {"ok": False}
+            status = so.json_object(body) if kind == PEER_READY else {"ok": False}
             if not status.get("ok"):
                 self._fail(req, status.get("error", "party1 could not take the request"))
                 return
@@ -531,7 +498,7 @@ class Party:
             "online_bytes_sent": chan.bytes_sent, "offline_bytes": offline_bytes,
             "offline_s": t1 - t0, "online_s": t2 - t1}).encode(), np.uint8)}
         try:
-            req.link.send(CLIENT_RESULT, tp.pack_arrays(result))
+            req.link.send(CLIENT_RESULT, so.pack_arrays(result))
         except VeilError:
             req.link.close()                       # the client left; nothing to undo
         self.served += 1
@@ -577,7 +544,7 @@ class MpcClient:
             links = []
             try:
                 for p in (0, 1):
-                    links.append(tp.connect(_dial(self.addresses[p], self.timeout),
+                    links.append(tp.connect(so.dial(self.addresses[p], self.timeout),
                                             self.identity, f"party{p}"))
             except BaseException:
                 for link in links:
@@ -614,21 +581,21 @@ class MpcClient:
             links = self._connect()
             before = [(link.bytes_sent, link.bytes_received) for link in links]
             for link, share in zip(links, (s0, s1)):
-                link.send(CLIENT_REQUEST, tp.pack_arrays({
+                link.send(CLIENT_REQUEST, so.pack_arrays({
                     "request_id": np.frombuffer(rid, np.uint8), "share": share,
                     "frac_bits": np.array([self.frac_bits], np.uint64)}))
             for p, link in enumerate(links):
                 kind, body = link.recv()
                 if kind == ERROR:
-                    raise MpcError(f"party{p}: {_json(body).get('error')}")
+                    raise MpcError(f"party{p}: {so.json_object(body).get('error')}")
                 if kind != CLIENT_RESULT:
                     raise MpcError(f"party{p} sent message kind {kind}")
-                results[p] = tp.unpack_arrays(body)
+                results[p] = so.unpack_arrays(body)
                 if bytes(results[p]["request_id"]) != rid:
                     raise MpcError(f"party{p} answered another request")
             sent = sum(link.bytes_sent - b[0] for link, b in zip(links, before))
             received = sum(link.bytes_received - b[1] for link, b in zip(links, before))
-        except (tp.TransportError, OSError, KeyError) as exc:
+        except (so.TransportError, OSError, KeyError) as exc:
             self.close()
             raise MpcError(f"the inference failed: {exc}") from None
         except MpcError:

@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (Ed25519PrivateKey,
                                                                Ed25519PublicKey)
 
+from ..._files import write_private
 from ...errors import (AttestationError, EvidenceExpiredError, KeyMaterialError,
                        PolicyError)
 
@@ -135,11 +136,9 @@ class SoftwareAttester:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         key = Ed25519PrivateKey.generate()
-        fd = os.open(d / SOFTWARE_KEY, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(key.private_bytes(serialization.Encoding.Raw,
-                                       serialization.PrivateFormat.Raw,
-                                       serialization.NoEncryption()))
+        write_private(d / SOFTWARE_KEY, key.private_bytes(serialization.Encoding.Raw,
+                                                          serialization.PrivateFormat.Raw,
+                                                          serialization.NoEncryption()))
         (d / SOFTWARE_PUB).write_text(json.dumps(
             TrustedAttester("software", key.public_key()).to_dict(), indent=1))
         return d

@@ -32,6 +32,7 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ..._files import write_private
 from ... import wire
 from ..._version import __version__
 from ...compiler.passes import fold_batchnorm, linearize
@@ -100,9 +101,7 @@ def export_model(graph: Graph, directory: str | os.PathLike,
         key, key_id = AESGCM.generate_key(256), secrets.token_hex(16)
         path = model_key_path(key_dir, key_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(key)
+        write_private(path, key)
         nonce = secrets.token_bytes(12)
         blob = nonce + AESGCM(key).encrypt(nonce, blob, _MODEL_AAD + key_id.encode())
     (d / MODEL).write_bytes(blob)

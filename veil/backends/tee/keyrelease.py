@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from ...errors import KeyReleaseError, VeilError
+from .. import sockets
 from . import net, seal
 from .attest import Policy, verify_evidence
 from .bundle import model_key_path
@@ -71,15 +72,15 @@ class KeyReleaseService:
     def __init__(self, key_dir: str | os.PathLike, policy: Policy,
                  listen: tuple[str, int], timeout: float = 10.0) -> None:
         self.key_dir, self.policy, self.timeout = Path(key_dir), policy, timeout
-        self.server = net._listen(listen)
+        self.server = sockets.listen(listen)
         self.address = self.server.getsockname()
 
     def serve_forever(self) -> None:
-        net._accept_forever(self.server, self.timeout, self._serve)
+        sockets.accept_forever(self.server, self.timeout, self._serve)
 
     def _serve(self, sock: socket.socket) -> None:
         try:
-            key_id = net._json(net.expect(*net.recv(sock, 4096), net.KR_HELLO)).get("key_id")
+            key_id = sockets.json_object(net.expect(*net.recv(sock, 4096), net.KR_HELLO)).get("key_id")
             nonce = secrets.token_bytes(32)
             net.send(sock, net.KR_NONCE, nonce)
             token = net.expect(*net.recv(sock, 1 << 16), net.KR_EVIDENCE).decode()
@@ -104,7 +105,7 @@ def fetch_model_key(address: tuple[str, int], key_id: str, keys: seal.EnclaveKey
         KeyReleaseError: the service refused (its reason in the message) or is unreachable.
     """
     try:
-        sock = net._dial(address, timeout)
+        sock = sockets.dial(address, timeout)
     except OSError as exc:
         raise KeyReleaseError(f"cannot reach the key-release service at "
                               f"{address[0]}:{address[1]}: {exc}") from None

@@ -1,8 +1,8 @@
 """Messages between TEE clients, the enclave and the key-release service.
 
-Plain length-prefixed frames (the MPC transport's framing, ``mpc/transport.py``): a
-4-byte big-endian length checked against a limit before reading, then a version byte,
-a kind byte and the payload. No transport encryption: everything that matters inside is
+Plain length-prefixed frames (``backends/sockets.py``): a 4-byte big-endian length
+checked against a limit before reading, then a version byte, a kind byte and the
+payload. No transport encryption: everything that matters inside is
 HPKE-sealed or signed, and the host that relays these frames is untrusted anyway.
 
 Refusals travel as ``ERROR`` frames with a code and a message; codes map back to the
@@ -19,8 +19,7 @@ import numpy as np
 from ...errors import (AttestationError, DecryptionError, EvidenceExpiredError, InputError,
                        KeyReleaseError, PolicyError, ReplayError, SerializationError,
                        SessionError, TEEError)
-from ..mpc.service import _accept_forever, _dial, _json, _listen  # noqa: F401 (re-exported)
-from ..mpc.transport import TransportError, _recv_raw, _send_raw
+from ..sockets import TransportError, json_object, recv_frame, send_frame
 
 VERSION = 1
 EVIDENCE_REQUEST, EVIDENCE, REQUEST, RESULT, ERROR, STATUS_REQUEST, STATUS = range(1, 8)
@@ -40,12 +39,12 @@ _CODES = (("expired", EvidenceExpiredError), ("policy", PolicyError),
 
 
 def send(sock: socket.socket, kind: int, payload: bytes) -> None:
-    _send_raw(sock, bytes([VERSION, kind]) + payload)
+    send_frame(sock, bytes([VERSION, kind]) + payload)
 
 
 def recv(sock: socket.socket, limit: int = MAX_MESSAGE, idle: bool = False) -> tuple[int, bytes]:
     """One message; ``idle`` waits as long as needed for it to start."""
-    frame = _recv_raw(sock, limit, idle)
+    frame = recv_frame(sock, limit, idle)
     if len(frame) < 2 or frame[0] != VERSION:
         raise TransportError("the peer speaks another TEE protocol version")
     return frame[1], frame[2:]
@@ -58,7 +57,7 @@ def error_body(exc: Exception) -> bytes:
 
 def raise_error(body: bytes) -> None:
     """Raise the typed error an ``ERROR`` body describes."""
-    msg = _json(body)
+    msg = json_object(body)
     cls = dict(_CODES).get(msg.get("code"), TEEError)
     raise cls(str(msg.get("error", "refused")))
 

@@ -44,7 +44,8 @@ from ..._version import __version__
 from ...errors import (DecryptionError, SerializationError, SessionError, TEEError,
                        VeilError)
 from ...ir import Graph, interpreter
-from ..mpc.transport import TransportError, pack_arrays, unpack_arrays
+from .. import sockets
+from ..sockets import TransportError, pack_arrays, unpack_arrays
 from . import net, seal
 from .attest import PROFILE, Attester, Evidence, Policy, b64, unb64, verify_evidence
 from .bundle import load_model, measure, read_manifest
@@ -71,20 +72,19 @@ class _ModelServer:
 
     def __init__(self, graph: Graph, listen: tuple[str, int], timeout: float) -> None:
         self.graph, self.timeout = graph, timeout
-        self.server = net._listen(listen)
+        self.server = sockets.listen(listen)
         self.address = self.server.getsockname()
         self._lock = threading.Lock()
         self.counts = {"opened": 0, "served": 0, "refused": 0}
 
     def serve_forever(self) -> None:
-        net._accept_forever(self.server, self.timeout, self._serve)
+        sockets.accept_forever(self.server, self.timeout, self._serve)
 
     def _count(self, name: str) -> None:
         with self._lock:
             self.counts[name] += 1
 
     def _serve(self, sock: socket.socket) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             while True:
                 kind, body = net.recv(sock, net.MAX_MESSAGE, idle=True)
@@ -189,7 +189,7 @@ class Enclave(_ModelServer):
 
     def _evidence(self, body: bytes) -> bytes:
         try:
-            nonce = unb64(str(net._json(body)["nonce"]))
+            nonce = unb64(str(sockets.json_object(body)["nonce"]))
         except (KeyError, VeilError):
             raise SerializationError("an evidence request carries {\"nonce\": base64url}") \
                 from None
@@ -253,7 +253,7 @@ class _Connection:
     def call(self, kind: int, payload: bytes, wanted: int) -> bytes:
         with self._lock:
             if self._sock is None:
-                self._sock = net._dial(self.address, self.timeout)
+                self._sock = sockets.dial(self.address, self.timeout)
             try:
                 return net.call(self._sock, kind, payload, wanted)
             except (TransportError, OSError):
@@ -261,7 +261,7 @@ class _Connection:
                 raise
 
     def status(self) -> dict:
-        return net._json(self.call(net.STATUS_REQUEST, b"", net.STATUS))
+        return sockets.json_object(self.call(net.STATUS_REQUEST, b"", net.STATUS))
 
     def close(self) -> None:
         if self._sock is not None:
