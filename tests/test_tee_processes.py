@@ -142,6 +142,36 @@ def test_round_trip_equals_plain_inference(tee, suite):
     assert "model key" in tee["export_line"]          # the enclave got its key released
 
 
+@pytest.mark.parametrize("batch_size,depth", [(64, 2), (50, 3), (400, 1)])
+def test_infer_batch_streams_sealed_batches_in_order(tee, batch_size, depth):
+    xs = tee["x"]
+    with _client(tee) as client:
+        ys = client.infer_batch(xs, batch_size=batch_size, depth=depth)
+        kinds = tee["relay"].kinds["up"]
+        assert kinds.count(net.REQUEST) == -(-len(xs) // batch_size)
+        np.testing.assert_allclose(ys, tee["plain"], rtol=0, atol=1e-9)
+        with pytest.raises(InputError):
+            client.infer_batch(xs, batch_size=0)
+
+
+def test_infer_batch_failure_midstream_is_raised_and_the_client_recovers(tee):
+    seen = []
+
+    def third_result(direction, kind, frame):           # tamper with one answer only
+        if kind == net.RESULT:
+            seen.append(1)
+            if len(seen) == 3:
+                return frame[:-1] + bytes([frame[-1] ^ 1])
+        return frame
+    with _client(tee) as client:
+        tee["relay"].hook = third_result
+        with pytest.raises(DecryptionError):
+            client.infer_batch(tee["x"], batch_size=32, depth=4)
+        tee["relay"].hook = None
+        np.testing.assert_allclose(client.infer_batch(tee["x"][:100], batch_size=32),
+                                   tee["plain"][:100], rtol=0, atol=1e-9)
+
+
 def _leaks(relay, arrays) -> list:
     seen = bytes(relay.seen["up"] + relay.seen["down"])
     return [i for i, row in enumerate(arrays) if row.tobytes()[:32] in seen]

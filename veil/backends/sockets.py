@@ -26,43 +26,69 @@ class TransportError(VeilError):
 
 
 # -- frames -------------------------------------------------------------------------------
-def send_frame(sock: socket.socket, data: bytes) -> None:
-    sock.sendall(LEN.pack(len(data)) + data)
+def send_frame(sock: socket.socket, *parts) -> None:
+    """One frame whose body is the concatenation of ``parts`` (bytes-like), written with
+    scatter-gather I/O: large bodies are not copied to be framed."""
+    views = [memoryview(LEN.pack(sum(len(p) for p in parts)))]
+    views += [memoryview(p).cast("B") for p in parts if len(p)]
+    try:
+        while views:
+            sent = sock.sendmsg(views[:64])
+            while views and sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            if sent:
+                views[0] = views[0][sent:]
+    except socket.timeout:
+        raise TransportError("timed out sending to the peer") from None
+    except OSError as exc:
+        raise TransportError(f"link failed: {exc}") from None
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
+def _recv_into(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
         try:
-            chunk = sock.recv(min(n - len(buf), 1 << 20))
+            n = sock.recv_into(view[got:], min(len(view) - got, 1 << 22))
         except socket.timeout:
             raise TransportError("timed out waiting for the peer") from None
         except OSError as exc:
             raise TransportError(f"link failed: {exc}") from None
-        if not chunk:
+        if not n:
             raise TransportError("the peer closed the connection")
-        buf += chunk
-    return bytes(buf)
+        got += n
 
 
-def recv_frame(sock: socket.socket, limit: int = MAX_FRAME, idle: bool = False) -> bytes:
-    """One frame. With ``idle``, wait as long as it takes for a frame to start, but
-    once it has, the socket's timeout applies to the rest: a peer that sends half a
-    frame (or a corrupted length) cannot hold the reader forever."""
+def recv_buffer(sock: socket.socket, limit: int = MAX_FRAME, idle: bool = False) -> bytearray:
+    """One frame's body, read straight into the buffer it is returned in (no copies).
+
+    With ``idle``, wait as long as it takes for a frame to start, but once it has, the
+    socket's timeout applies to the rest: a peer that sends half a frame (or a corrupted
+    length) cannot hold the reader forever."""
+    head = bytearray(LEN.size)
+    view = memoryview(head)
     if idle:
         timeout = sock.gettimeout()
         sock.settimeout(None)
         try:
-            first = _recv_exact(sock, 1)
+            _recv_into(sock, view[:1])
         finally:
             sock.settimeout(timeout)
-        head = first + _recv_exact(sock, LEN.size - 1)
+        _recv_into(sock, view[1:])
     else:
-        head = _recv_exact(sock, LEN.size)
+        _recv_into(sock, view)
     (n,) = LEN.unpack(head)
     if n > limit:
         raise TransportError(f"frame of {n} bytes exceeds the limit of {limit}")
-    return _recv_exact(sock, n)
+    body = bytearray(n)
+    _recv_into(sock, memoryview(body))
+    return body
+
+
+def recv_frame(sock: socket.socket, limit: int = MAX_FRAME, idle: bool = False) -> bytes:
+    """One frame's body as ``bytes`` (for small messages such as handshakes; bulk readers
+    use :func:`recv_buffer`)."""
+    return bytes(recv_buffer(sock, limit, idle))
 
 
 # -- sockets ------------------------------------------------------------------------------
@@ -105,47 +131,77 @@ def json_object(data: bytes) -> dict:
 _DTYPES = {"u8": np.dtype("<u8"), "u1": np.dtype("u1"), "f8": np.dtype("<f8")}
 
 
-def pack_array(a: np.ndarray) -> bytes:
+def _dtype_code(a: np.ndarray) -> str:
     code = next((k for k, v in _DTYPES.items() if v == a.dtype.newbyteorder("<")
                  or v == a.dtype), None)
     if code is None:
         raise SerializationError(f"arrays of {a.dtype} do not travel between processes")
+    return code
+
+
+def _array_head(a: np.ndarray, code: str) -> bytes:
     head = json.dumps({"dtype": code, "shape": list(a.shape)}).encode()
-    return LEN.pack(len(head)) + head + np.ascontiguousarray(a, _DTYPES[code]).tobytes()
+    return LEN.pack(len(head)) + head
 
 
-def unpack_array(data: bytes) -> np.ndarray:
+def pack_array(a: np.ndarray) -> bytes:
+    code = _dtype_code(a)
+    return _array_head(a, code) + np.ascontiguousarray(a, _DTYPES[code]).tobytes()
+
+
+def unpack_array(data) -> np.ndarray:
+    """The array in ``data`` (bytes-like). A view of ``data`` when the wire order is the
+    machine's: big messages are not copied."""
     try:
+        data = memoryview(data).cast("B")
         (n,) = LEN.unpack(data[:4])
-        head = json.loads(data[4:4 + n].decode())
+        head = json.loads(bytes(data[4:4 + n]).decode())
         dtype, shape = _DTYPES[head["dtype"]], tuple(int(s) for s in head["shape"])
         body = data[4 + n:]
         if any(s < 0 for s in shape) or len(body) != dtype.itemsize * int(np.prod(shape)):
             raise ValueError("size mismatch")
-        # a read-only view when the wire order is the machine's (no copy of big messages)
         return np.frombuffer(body, dtype=dtype).reshape(shape).astype(
             dtype.newbyteorder("="), copy=False)
-    except (ValueError, KeyError, UnicodeDecodeError, struct.error) as exc:
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, struct.error) as exc:
         raise SerializationError(f"malformed array message: {exc}") from None
 
 
-def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
-    """Named arrays as one message (a JSON index, then each array's bytes)."""
-    parts = {k: pack_array(np.asarray(v)) for k, v in arrays.items()}
-    index = json.dumps({k: len(v) for k, v in parts.items()}).encode()
-    return LEN.pack(len(index)) + index + b"".join(parts.values())
+def pack_arrays(arrays: dict[str, np.ndarray]) -> bytearray:
+    """Named arrays as one message (a JSON index, then each array's head and bytes),
+    written into one buffer."""
+    items = []
+    for k, v in arrays.items():
+        v = np.asarray(v)
+        code = _dtype_code(v)
+        items.append((k, _array_head(v, code), np.ascontiguousarray(v, _DTYPES[code])))
+    index = json.dumps({k: len(h) + a.nbytes for k, h, a in items}).encode()
+    out = bytearray(LEN.size + len(index) + sum(len(h) + a.nbytes for _, h, a in items))
+    out[:LEN.size + len(index)] = LEN.pack(len(index)) + index
+    at = LEN.size + len(index)
+    for _, h, a in items:
+        out[at:at + len(h)] = h
+        at += len(h)
+        np.frombuffer(out, np.uint8, a.nbytes, at)[:] = a.reshape(-1).view(np.uint8)
+        at += a.nbytes
+    return out
 
 
-def unpack_arrays(data: bytes) -> dict[str, np.ndarray]:
+def unpack_arrays(data) -> dict[str, np.ndarray]:
+    """The named arrays of a :func:`pack_arrays` message (bytes-like), as views of it."""
     try:
+        data = memoryview(data).cast("B")
         (n,) = LEN.unpack(data[:4])
-        index = json.loads(data[4:4 + n].decode())
+        index = json.loads(bytes(data[4:4 + n]).decode())
+        if not isinstance(index, dict):
+            raise ValueError("the index is not an object")
         out, at = {}, 4 + n
         for key, size in index.items():
+            if int(size) < 0 or at + int(size) > len(data):
+                raise ValueError("sizes exceed the message")
             out[str(key)] = unpack_array(data[at:at + int(size)])
             at += int(size)
         if at != len(data):
             raise ValueError("trailing bytes")
         return out
-    except (ValueError, AttributeError, UnicodeDecodeError, struct.error) as exc:
+    except (ValueError, AttributeError, TypeError, UnicodeDecodeError, struct.error) as exc:
         raise SerializationError(f"malformed message: {exc}") from None

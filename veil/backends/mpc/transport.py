@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..._files import write_private
 from ...errors import KeyMaterialError
-from ..sockets import LEN, MAX_FRAME, TransportError, recv_frame, send_frame
+from ..sockets import LEN, MAX_FRAME, TransportError, recv_buffer, recv_frame, send_frame
 
 VERSION = 1
 ROLES = ("party0", "party1", "dealer")
@@ -166,7 +166,7 @@ class Link:
         return frame
 
     def recv(self, limit: int = MAX_FRAME, idle: bool = False) -> tuple[int, bytes]:
-        return self._open(recv_frame(self.sock, limit, idle))
+        return self._open(recv_buffer(self.sock, limit, idle))
 
     def _open(self, frame: bytes) -> tuple[int, bytes]:
         self.bytes_received += len(frame) + LEN.size

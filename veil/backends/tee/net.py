@@ -19,7 +19,7 @@ import numpy as np
 from ...errors import (AttestationError, DecryptionError, EvidenceExpiredError, InputError,
                        KeyReleaseError, PolicyError, ReplayError, SerializationError,
                        SessionError, TEEError)
-from ..sockets import TransportError, json_object, recv_frame, send_frame
+from ..sockets import TransportError, json_object, recv_buffer, send_frame
 
 VERSION = 1
 EVIDENCE_REQUEST, EVIDENCE, REQUEST, RESULT, ERROR, STATUS_REQUEST, STATUS = range(1, 8)
@@ -38,16 +38,20 @@ _CODES = (("expired", EvidenceExpiredError), ("policy", PolicyError),
           ("refused", TEEError))
 
 
-def send(sock: socket.socket, kind: int, payload: bytes) -> None:
-    send_frame(sock, bytes([VERSION, kind]) + payload)
+def send(sock: socket.socket, kind: int, payload) -> None:
+    send_frame(sock, bytes([VERSION, kind]), payload)
 
 
-def recv(sock: socket.socket, limit: int = MAX_MESSAGE, idle: bool = False) -> tuple[int, bytes]:
-    """One message; ``idle`` waits as long as needed for it to start."""
-    frame = recv_frame(sock, limit, idle)
+def recv(sock: socket.socket, limit: int = MAX_MESSAGE,
+         idle: bool = False) -> tuple[int, bytearray]:
+    """One message; ``idle`` waits as long as needed for it to start. The body is the
+    receive buffer itself (dropping its first bytes moves no data)."""
+    frame = recv_buffer(sock, limit, idle)
     if len(frame) < 2 or frame[0] != VERSION:
         raise TransportError("the peer speaks another TEE protocol version")
-    return frame[1], frame[2:]
+    kind = frame[1]
+    del frame[:2]
+    return kind, frame
 
 
 def error_body(exc: Exception) -> bytes:

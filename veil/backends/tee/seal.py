@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import secrets
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, hpke, serialization
@@ -63,6 +63,7 @@ CONTEXT_LABEL = b"veil/tee/context/v1\x00"
 SECRET_LEN = 32
 _OPAQUE = "the sealed message could not be opened"
 _HEADER = struct.Struct(">16sQB")
+_TAG = 16                       # AES-GCM tag bytes
 _RAW = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
@@ -126,8 +127,7 @@ _SUITE_IDS = {name: i for i, name in enumerate(SUITES, start=1)}
 _SUITE_NAMES = {i: name for name, i in _SUITE_IDS.items()}
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     """The clear part of a message on a channel: which channel, which sequence number
     (0 for the message that keys the channel), and the suite that keyed it. On the wire:
     16-byte channel id, 8-byte big-endian sequence number, 1-byte suite id."""
@@ -140,8 +140,9 @@ class Header:
         return _HEADER.pack(self.channel, self.seq, _SUITE_IDS[self.suite])
 
 
-def read_header(message: bytes) -> tuple[Header, bytes, bytes]:
-    """(header, its raw bytes, the sealed rest) of a message, without decrypting."""
+def read_header(message) -> tuple[Header, bytes, memoryview]:
+    """(header, its raw bytes, a view of the sealed rest) of a message (bytes-like),
+    without decrypting or copying."""
     try:
         channel, seq, suite = _HEADER.unpack_from(message)
         header = Header(channel, seq, _SUITE_NAMES[suite])
@@ -150,11 +151,7 @@ def read_header(message: bytes) -> tuple[Header, bytes, bytes]:
     if seq >= 2 ** 63:
         raise SerializationError("sequence number out of range")
     raw = bytes(message[:_HEADER.size])
-    return header, raw, bytes(message[_HEADER.size:])
-
-
-def _frame(header: Header, sealed: bytes) -> bytes:
-    return header.encode() + sealed
+    return header, raw, memoryview(message)[_HEADER.size:]
 
 
 class ChannelKeys:
@@ -175,12 +172,16 @@ class ChannelKeys:
     def _nonce(base: int, seq: int) -> bytes:
         return (base ^ seq).to_bytes(12, "big")
 
-    def seal(self, up: bool, header: Header, body: bytes) -> bytes:
+    def seal(self, up: bool, header: Header, body) -> bytearray:
+        """The message: ``header || AES-GCM(body)``, encrypted in place into one buffer."""
         aead, base = (self._up, self._up_nonce) if up else (self._down, self._down_nonce)
-        return _frame(header, aead.encrypt(self._nonce(base, header.seq), body,
-                                           header.encode()))
+        raw = header.encode()
+        out = bytearray(len(raw) + len(body) + _TAG)
+        out[:len(raw)] = raw
+        aead.encrypt_into(self._nonce(base, header.seq), body, raw, memoryview(out)[len(raw):])
+        return out
 
-    def open(self, up: bool, header: Header, raw: bytes, sealed: bytes) -> bytes:
+    def open(self, up: bool, header: Header, raw: bytes, sealed) -> bytes:
         aead, base = (self._up, self._up_nonce) if up else (self._down, self._down_nonce)
         try:
             return aead.decrypt(self._nonce(base, header.seq), sealed, raw)
@@ -194,11 +195,12 @@ def open_channel(header: Header, key) -> tuple[bytes, ChannelKeys]:
     secret = secrets.token_bytes(SECRET_LEN)
     raw = header.encode()
     sealed = seal(header.suite, key, secret, OPEN_LABEL + raw)
-    return _frame(header, sealed), ChannelKeys(secret, sealed[:_ENC_LEN[header.suite]], raw)
+    return raw + sealed, ChannelKeys(secret, sealed[:_ENC_LEN[header.suite]], raw)
 
 
-def accept_channel(keys: EnclaveKeys, header: Header, raw: bytes, sealed: bytes) -> ChannelKeys:
+def accept_channel(keys: EnclaveKeys, header: Header, raw: bytes, sealed) -> ChannelKeys:
     """Enclave: the channel's keys from a keying message (opaque error on failure)."""
+    sealed = bytes(sealed)                      # small; the HPKE API takes bytes only
     secret = keys.open(header.suite, sealed, OPEN_LABEL + raw)
     if len(secret) != SECRET_LEN or header.seq != 0:
         raise DecryptionError(_OPAQUE)

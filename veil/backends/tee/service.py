@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import secrets
 import socket
 import threading
@@ -41,8 +42,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..._version import __version__
-from ...errors import (DecryptionError, SerializationError, SessionError, TEEError,
-                       VeilError)
+from ...errors import (DecryptionError, InputError, SerializationError, SessionError,
+                       TEEError, VeilError)
 from ...ir import Graph, interpreter
 from .. import sockets
 from ..sockets import TransportError, pack_arrays, unpack_arrays
@@ -244,27 +245,86 @@ class Enclave(_ModelServer):
 
 
 # -- clients ------------------------------------------------------------------------------
+DEFAULT_BATCH, DEFAULT_DEPTH = 64, 2
+
+
+def _chunks(xs: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    if not 1 <= int(batch_size) <= net.MAX_BATCH:
+        raise InputError(f"batch_size must be 1 to {net.MAX_BATCH}, not {batch_size}")
+    return [xs[i:i + int(batch_size)] for i in range(0, len(xs), int(batch_size))]
+
+
 class _Connection:
     def __init__(self, address: tuple[str, int], timeout: float) -> None:
         self.address, self.timeout = tuple(address), timeout
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
 
+    def _connected(self) -> socket.socket:
+        if self._sock is None:
+            self._sock = sockets.dial(self.address, self.timeout)
+        return self._sock
+
     def call(self, kind: int, payload: bytes, wanted: int) -> bytes:
         with self._lock:
-            if self._sock is None:
-                self._sock = sockets.dial(self.address, self.timeout)
+            sock = self._connected()
             try:
-                return net.call(self._sock, kind, payload, wanted)
+                return net.call(sock, kind, payload, wanted)
             except (TransportError, OSError):
                 self.close()
                 raise
+
+    def stream(self, kind: int, payloads, wanted: int, on_reply, depth: int) -> None:
+        """Send ``payloads`` (an iterable, consumed on a sender thread) with up to
+        ``depth`` requests in flight on this connection, and hand each answer's body to
+        ``on_reply`` in order. The server then never waits for the client between
+        requests, and the client's work overlaps the server's. Any failure closes the
+        connection (answers still in flight are dropped) and is raised here."""
+        if depth < 1:
+            raise InputError(f"depth must be at least 1, not {depth}")
+        with self._lock:
+            sock = self._connected()
+            slots, sent = threading.Semaphore(depth), queue.SimpleQueue()
+            stop = threading.Event()
+
+            def sender() -> None:
+                try:
+                    for payload in payloads:
+                        slots.acquire()
+                        if stop.is_set():
+                            return
+                        net.send(sock, kind, payload)
+                        sent.put(True)
+                    sent.put(None)
+                except BaseException as exc:        # handed to the receiving thread
+                    sent.put(exc)
+
+            thread = threading.Thread(target=sender, daemon=True)
+            thread.start()
+            try:
+                while (item := sent.get()) is not None:
+                    if isinstance(item, BaseException):
+                        raise item
+                    reply_kind, body = net.recv(sock)
+                    slots.release()
+                    on_reply(net.expect(reply_kind, body, wanted))
+            except BaseException:
+                stop.set()
+                slots.release()
+                self.close()
+                raise
+            finally:
+                thread.join()
 
     def status(self) -> dict:
         return sockets.json_object(self.call(net.STATUS_REQUEST, b"", net.STATUS))
 
     def close(self) -> None:
         if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)       # wakes a blocked sender
+            except OSError:
+                pass
             self._sock.close()
             self._sock = None
 
@@ -282,6 +342,15 @@ class PlaintextClient(_Connection):
         xs = np.asarray(xs, dtype=np.float64)
         return _arrays(self.call(net.PLAIN_REQUEST, pack_arrays({"x": xs}),
                                  net.PLAIN_RESULT), "y")
+
+    def infer_batch(self, xs, batch_size: int = DEFAULT_BATCH,
+                    depth: int = DEFAULT_DEPTH) -> np.ndarray:
+        """:meth:`infer` over batches of ``batch_size``, ``depth`` of them in flight."""
+        outs: list[np.ndarray] = []
+        self.stream(net.PLAIN_REQUEST, (pack_arrays({"x": c}) for c in _chunks(
+            np.asarray(xs, dtype=np.float64), batch_size)), net.PLAIN_RESULT,
+            lambda body: outs.append(_arrays(body, "y")), depth)
+        return np.concatenate(outs)
 
 
 class TEEClient(_Connection):
@@ -340,6 +409,11 @@ class TEEClient(_Connection):
         return now < self.evidence.expires_at and \
             now - self.evidence.issued_at <= self.policy.max_age_s
 
+    def _checked(self, xs) -> np.ndarray:
+        if not self._fresh():
+            self.attest()
+        return net.check_inputs(xs, self._shapes[0], max_batch=1 << 62)
+
     def infer(self, xs) -> np.ndarray:
         """Outputs (n, *output_shape) for a batch ``xs`` of shape (n, *input_shape).
 
@@ -350,20 +424,34 @@ class TEEClient(_Connection):
             DecryptionError: a sealed message failed to open (opaque by design).
             ReplayError, SessionError: the enclave refused the request unopened.
         """
-        if not self._fresh():
-            self.attest()
-        xs = net.check_inputs(xs, self._shapes[0])
+        xs = self._checked(xs)
+        if len(xs) > net.MAX_BATCH:
+            raise InputError(f"batches hold 1 to {net.MAX_BATCH} inputs, not {len(xs)}: "
+                             "use infer_batch")
         try:
             return self._sealed(xs)
         except SessionError:        # the enclave dropped the channel: attest again, once
             self.attest()
             return self._sealed(xs)
 
-    def _sealed(self, xs: np.ndarray) -> np.ndarray:
+    def infer_batch(self, xs, batch_size: int = DEFAULT_BATCH,
+                    depth: int = DEFAULT_DEPTH) -> np.ndarray:
+        """Outputs for any number of inputs, sent as sealed batches of ``batch_size``
+        with ``depth`` of them in flight on one connection (sequence numbers in order;
+        the enclave's replay window accepts them). Raises as :meth:`infer`."""
+        chunks = _chunks(self._checked(xs), batch_size)
+        try:
+            return self._sealed_stream(chunks, depth)
+        except SessionError:
+            self.attest()
+            return self._sealed_stream(chunks, depth)
+
+    def _request(self, xs: np.ndarray) -> tuple[seal.Header, bytearray]:
         self._seq += 1
         header = seal.Header(self._channel, self._seq, self.suite)
-        reply = self.call(net.REQUEST, self._keys.seal(True, header, pack_arrays({"x": xs})),
-                          net.RESULT)
+        return header, self._keys.seal(True, header, pack_arrays({"x": xs}))
+
+    def _answer(self, header: seal.Header, n: int, reply) -> np.ndarray:
         got, raw, sealed = seal.read_header(reply)
         if got != header:
             raise DecryptionError("the sealed message could not be opened")
@@ -371,7 +459,24 @@ class TEEClient(_Connection):
         if "error" in answer:
             net.raise_error(answer["error"].tobytes())
         ys = answer.get("y")
-        if ys is None or ys.shape != (len(xs), *self._shapes[1]):
+        if ys is None or ys.shape != (n, *self._shapes[1]):
             raise DecryptionError("the sealed message could not be opened")
         return ys
 
+    def _sealed(self, xs: np.ndarray) -> np.ndarray:
+        header, message = self._request(xs)
+        return self._answer(header, len(xs), self.call(net.REQUEST, message, net.RESULT))
+
+    def _sealed_stream(self, chunks: list[np.ndarray], depth: int) -> np.ndarray:
+        pending: queue.SimpleQueue = queue.SimpleQueue()     # (header, n) in sent order
+        outs: list[np.ndarray] = []
+
+        def requests():
+            for c in chunks:
+                header, message = self._request(c)
+                pending.put((header, len(c)))
+                yield message
+
+        self.stream(net.REQUEST, requests(), net.RESULT,
+                    lambda reply: outs.append(self._answer(*pending.get(), reply)), depth)
+        return np.concatenate(outs)
