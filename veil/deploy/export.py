@@ -1,0 +1,134 @@
+"""One export folder per model, holding what each mode's server needs.
+
+Layout (``export_model``)::
+
+    EXPORT/veil-export.json   {"format": 1, "name", "modes", "input_shape", "output_shape",
+                               "veil", "he": {"model_id", "lanes", "weights"},
+                               "tee": {"measurement", "encrypted"}}
+    EXPORT/he/server/          server bundle (graph, weights, manifest; no keys)
+    EXPORT/he/client/          client bundle (parameters, manifest, layouts; no weights)
+    EXPORT/tee/                enclave bundle (``backends/tee/bundle.py``), optionally
+                               encrypted with a model key written to ``tee_keys``
+    EXPORT/mpc/                the MPC form of the graph (``backends/mpc/service.py``)
+
+``veil serve EXPORT...`` serves each folder as one model (named by ``name``);
+``read_export`` checks the index before anything else is loaded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .._version import __version__
+from ..errors import BundleError, ModeError
+
+INDEX = "veil-export.json"
+FORMAT = 1
+MODES = ("he", "tee", "mpc")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What ``veil-export.json`` says about an export folder."""
+
+    directory: Path
+    name: str
+    modes: tuple[str, ...]
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    index: dict
+
+    def path(self, mode: str) -> Path:
+        if mode not in self.modes:
+            raise ModeError(f"model {self.name!r} was not exported for mode {mode!r} "
+                            f"(it has {', '.join(self.modes)})")
+        return self.directory / mode
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise BundleError(f"model names are 1-64 letters, digits, '.', '_' or '-' "
+                          f"(starting with a letter or digit), not {name!r}")
+    return name
+
+
+def _modes(modes) -> tuple[str, ...]:
+    out = tuple(dict.fromkeys(m.strip() for m in (modes.split(",") if isinstance(modes, str)
+                                                  else modes) if m.strip()))
+    bad = [m for m in out if m not in MODES]
+    if bad or not out:
+        raise ModeError(f"export modes are some of {', '.join(MODES)}, not {list(out)}")
+    return out
+
+
+def export_model(model, calibration, directory: str | os.PathLike, *, name: str | None = None,
+                 modes=MODES, input_shape: tuple[int, ...] | None = None,
+                 encrypted_weights: bool = False, tee_keys: str | os.PathLike | None = None,
+                 compiled=None, **compile_options) -> ExportInfo:
+    """Compile ``model`` (torch module, ONNX file or ModelProto) and write its export folder.
+
+    Args:
+        calibration: representative inputs (B, *input_shape); HE fits its polynomials
+            on them.
+        name: the model's name in the service (default: the folder's name).
+        modes: which of ``he``, ``tee``, ``mpc`` to export for.
+        encrypted_weights: HE server bundle without weights (the model owner sends
+            encrypted weights per client).
+        tee_keys: encrypt the enclave bundle; its model key is written here (0600).
+        compiled: an already compiled model (``veil.compile``) to reuse for HE.
+        compile_options: passed to ``veil.compile``.
+    """
+    from ..frontend import to_graph
+    from ..model import compile as compile_model
+
+    d = Path(directory)
+    name = check_name(name or d.name)
+    modes = _modes(modes)
+    calibration = np.asarray(calibration, dtype=np.float64)
+    shape = tuple(input_shape) if input_shape is not None else calibration.shape[1:]
+    graph = to_graph(model, shape)
+    index = {"format": FORMAT, "name": name, "modes": list(modes), "veil": __version__,
+             "input_shape": list(graph.input_shape), "output_shape": list(graph.output_shape)}
+    d.mkdir(parents=True, exist_ok=True)
+    if "he" in modes:
+        compiled = compiled or compile_model(model, calibration, input_shape=shape,
+                                             **compile_options)
+        compiled.export(d / "he", encrypted_weights=encrypted_weights)
+        index["he"] = {"model_id": compiled.model_id, "lanes": compiled.report().lanes,
+                       "weights": "encrypted" if encrypted_weights else "plaintext"}
+    if "tee" in modes:
+        from ..backends.tee.bundle import export_model as export_tee
+
+        ex = export_tee(graph, d / "tee", tee_keys)
+        index["tee"] = {"measurement": ex.measurement, "encrypted": ex.key_id is not None}
+    if "mpc" in modes:
+        from ..backends.mpc.service import save_model
+
+        save_model(graph, d / "mpc")
+    (d / INDEX).write_text(json.dumps(index, indent=1))
+    return read_export(d)
+
+
+def read_export(directory: str | os.PathLike) -> ExportInfo:
+    """The export index of ``directory``; BundleError when it is missing or malformed."""
+    d = Path(directory)
+    try:
+        index = json.loads((d / INDEX).read_text())
+        if index.get("format") != FORMAT:
+            raise BundleError(f"{d}: export format {index.get('format')!r} is not {FORMAT}")
+        modes = _modes(index["modes"])
+        info = ExportInfo(d, check_name(index["name"]), modes,
+                          tuple(int(v) for v in index["input_shape"]),
+                          tuple(int(v) for v in index["output_shape"]), index)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"{d} is not a veil export folder ({INDEX}): {exc}") from None
+    missing = [m for m in modes if not (d / m).is_dir()]
+    if missing:
+        raise BundleError(f"{d}: the index lists {missing} but the folders are missing")
+    return info
