@@ -1,5 +1,20 @@
-"""``veil`` command line: the MPC and TEE processes; compile/export/serve for HE come
-with the service.
+"""``veil`` command line.
+
+    veil compile MODEL --calibration DATA [--eval DATA] [--json FILE]
+    veil export MODEL --calibration DATA OUT [--name N] [--modes he,tee,mpc]
+                [--encrypted-weights] [--tee-keys DIR]
+    veil keys create NAME --store DIR | list --store DIR | revoke ID --store DIR
+    veil serve EXPORT... --store DIR [--listen HOST:PORT]
+               [--tee-attester-key DIR | --tee-enclave HOST:PORT]
+               [--mpc-keys DIR | --mpc-parties P0,P1]
+    veil predict URL --model NAME --mode he|tee|mpc --input DATA [--out FILE]
+                 [--policy FILE] [--mpc-keys DIR]
+
+MODEL is an .onnx file or a torch module saved whole (.pt, with --trust-pickle); DATA is
+.npy (inputs) or .npz (x, and y for accuracy). compile and export take --input-shape,
+--layout, --degree and --insecure-test-params.
+
+The processes behind the modes, run by ``serve`` or by hand:
 
     veil mpc-setup KEYS_DIR
     veil mpc-dealer --keys KEYS_DIR [--listen HOST:PORT]
@@ -38,6 +53,7 @@ def _address(text: str) -> tuple[str, int]:
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="veil", description="veil: private inference.")
     sub = ap.add_subparsers(dest="command", required=True)
+    _service_parsers(sub)
     s = sub.add_parser("mpc-setup", help="create the MPC roles' static keys in a folder")
     s.add_argument("keys", help="folder for party0/party1/dealer keys and public.json")
     d = sub.add_parser("mpc-dealer", help="run the dealer (correlated randomness)")
@@ -70,6 +86,72 @@ def _parser() -> argparse.ArgumentParser:
                    help="material sets for --batch-size inputs kept ready (0: on demand)")
     _tee_parsers(sub)
     return ap
+
+
+def _compile_args(p) -> None:
+    p.add_argument("model", help=".onnx file, or a torch module saved whole (.pt/.pth)")
+    p.add_argument("--calibration", required=True,
+                   help=".npy or .npz (x) of representative inputs, shape (B, *input)")
+    p.add_argument("--input-shape", type=_shape, help="per sample, e.g. 1,8,8 (default: "
+                   "the calibration data's)")
+    p.add_argument("--layout", choices=("latency", "throughput"), default="latency",
+                   help="HE: fewest rotations per input, or most inputs per ciphertext")
+    p.add_argument("--degree", type=int, help="HE: Chebyshev degree of every activation")
+    p.add_argument("--insecure-test-params", action="store_true",
+                   help="HE: small INSECURE parameters (tests only; recorded everywhere)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading a .pt/.pth torch pickle (runs code from the file)")
+
+
+def _service_parsers(sub) -> None:
+    c = sub.add_parser("compile", help="compile a model and print its HE report")
+    _compile_args(c)
+    c.add_argument("--eval", help=".npz (x, y) to predict HE accuracy on (default: the "
+                   "calibration file when it has y)")
+    c.add_argument("--json", help="also write the report as JSON here")
+    e = sub.add_parser("export", help="compile and write one export folder for all modes")
+    _compile_args(e)
+    e.add_argument("out", help="export folder (its name is the model's name by default)")
+    e.add_argument("--name", help="the model's name in the service")
+    e.add_argument("--modes", default="he,tee,mpc", help="comma-separated: he, tee, mpc")
+    e.add_argument("--encrypted-weights", action="store_true",
+                   help="HE: server bundle without weights (sent encrypted per client)")
+    e.add_argument("--tee-keys", help="TEE: encrypt the enclave bundle; key written here")
+    k = sub.add_parser("keys", help="API keys of the service's clients")
+    k.add_argument("action", choices=("create", "list", "revoke"))
+    k.add_argument("name", nargs="?", help="create: the client's name; revoke: the key id")
+    k.add_argument("--store", required=True, help="the service's store folder")
+    s = sub.add_parser("serve", help="serve export folders over HTTP (HE, TEE, MPC)")
+    s.add_argument("exports", nargs="+", help="folders written by `veil export`")
+    s.add_argument("--store", required=True,
+                   help="folder for sessions, evaluation keys, API keys and logs")
+    s.add_argument("--listen", type=_address, default=("127.0.0.1", 8000))
+    s.add_argument("--ttl", type=float, default=24 * 3600.0,
+                   help="seconds an HE session lives unused (default one day)")
+    s.add_argument("--disk-budget", type=int, default=20 << 30,
+                   help="bytes of evaluation keys kept on disk (LRU eviction)")
+    s.add_argument("--memory-budget", type=int, default=8 << 30,
+                   help="bytes of evaluation keys kept loaded in memory (LRU)")
+    s.add_argument("--tee-attester-key", help="start each enclave with this INSECURE "
+                   "software attester (folder of tee-attester-setup)")
+    s.add_argument("--tee-key-release", help="key-release service HOST:PORT (encrypted "
+                   "enclave bundles)")
+    s.add_argument("--tee-enclave", help="use a running enclave at HOST:PORT instead")
+    s.add_argument("--mpc-keys", help="start dealer, party 1 and party 0 with these keys "
+                   "(folder of mpc-setup; development: all roles on this machine)")
+    s.add_argument("--mpc-parties", help="use running parties instead: P0HOST:PORT,"
+                   "P1HOST:PORT")
+    s.add_argument("--mpc-frac-bits", type=int, default=20)
+    p = sub.add_parser("predict", help="run inputs through a served model with the SDK")
+    p.add_argument("url", help="the service, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", required=True)
+    p.add_argument("--mode", choices=("he", "tee", "mpc"), default="he")
+    p.add_argument("--input", required=True, help=".npy inputs or .npz (x, y)")
+    p.add_argument("--out", help="write the outputs here (.npy)")
+    p.add_argument("--api-key", help="default: the VEIL_API_KEY environment variable")
+    p.add_argument("--policy", help="tee: the policy file of `veil tee-policy`")
+    p.add_argument("--mpc-keys", help="mpc: folder with the deployment's public.json")
+    p.add_argument("--batch-size", type=int, default=64)
 
 
 def _single_threaded_blas(argv: list[str] | None) -> None:
@@ -165,12 +247,30 @@ def _tee(args) -> int:
     return 0
 
 
+_COMMANDS = ("compile", "export", "keys", "serve", "predict")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("mpc-node", "mpc-dealer", "tee-serve"):
         _single_threaded_blas(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(message)s")
+    if args.command in _COMMANDS:
+        from . import commands
+        from .errors import VeilError
+
+        if args.command == "keys" and args.action != "list" and not args.name:
+            print(f"veil keys {args.action} needs a "
+                  f"{'name' if args.action == 'create' else 'key id'}", file=sys.stderr)
+            return 2
+        if args.command == "keys":
+            args.id = args.name
+        try:
+            return getattr(commands, f"{args.command}_cmd")(args)
+        except VeilError as exc:
+            print(f"veil {args.command}: {exc}", file=sys.stderr)
+            return 1
     if args.command.startswith("tee-"):
         from .errors import VeilError
 

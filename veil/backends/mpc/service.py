@@ -566,24 +566,36 @@ class MpcClient:
 
     def infer(self, xs) -> MpcResult:
         """Outputs for a batch ``xs`` of shape (n, *input_shape)."""
+        start = time.perf_counter()
+        answer = self.send(self.share(xs))
+        return MpcResult(self.reconstruct(answer), answer.stats,
+                         time.perf_counter() - start, answer.bytes_sent,
+                         answer.bytes_received)
+
+    def share(self, xs) -> "MpcShares":
+        """Split a batch (n, *input_shape) into the two parties' shares, locally."""
         xs = np.asarray(xs, dtype=np.float64)
         if xs.ndim != len(self.input_shape) + 1 or xs.shape[1:] != self.input_shape:
             raise InputError(f"inputs have shape {xs.shape}; the model expects "
                              f"(n, {', '.join(map(str, self.input_shape))})")
         if not 1 <= xs.shape[0] <= 4096:
             raise InputError("a request holds 1 to 4096 inputs")
-        start = time.perf_counter()
+        if not np.isfinite(xs).all():
+            raise InputError("inputs contain NaN or infinity")
         s0, s1 = pr.share(encode(xs, self.frac_bits), Prg())
-        rid = secrets.token_bytes(16)
+        return MpcShares(secrets.token_bytes(16), (s0, s1), self.frac_bits, len(xs))
+
+    def send(self, shares: "MpcShares") -> "MpcAnswer":
+        """Send each share to its party; their output shares (each alone reveals nothing)."""
+        rid = shares.request_id
         results = [None, None]
-        sent = received = 0
         try:
             links = self._connect()
             before = [(link.bytes_sent, link.bytes_received) for link in links]
-            for link, share in zip(links, (s0, s1)):
+            for link, share in zip(links, shares.shares):
                 link.send(CLIENT_REQUEST, so.pack_arrays({
                     "request_id": np.frombuffer(rid, np.uint8), "share": share,
-                    "frac_bits": np.array([self.frac_bits], np.uint64)}))
+                    "frac_bits": np.array([shares.frac_bits], np.uint64)}))
             for p, link in enumerate(links):
                 kind, body = link.recv()
                 if kind == ERROR:
@@ -604,6 +616,36 @@ class MpcClient:
         bits = {int(r["frac_bits"][0]) for r in results}
         if len(bits) != 1 or not 0 < min(bits) < 64:
             raise MpcError("the parties disagree on the output's fixed-point scale")
-        out = decode(pr.reconstruct(results[0]["share"], results[1]["share"]), bits.pop())
         stats = [json.loads(bytes(r["stats"]).decode()) for r in results]
-        return MpcResult(out, stats, time.perf_counter() - start, sent, received)
+        return MpcAnswer((results[0]["share"], results[1]["share"]), bits.pop(), shares.n,
+                         stats, sent, received)
+
+    @staticmethod
+    def reconstruct(answer: "MpcAnswer") -> np.ndarray:
+        """The outputs: the sum of the two output shares, decoded from fixed point."""
+        out = decode(pr.reconstruct(*answer.shares), answer.frac_bits)
+        if len(out) != answer.n:
+            raise MpcError(f"the parties answered {len(out)} outputs for {answer.n} inputs")
+        return out
+
+
+@dataclass
+class MpcShares:
+    """A batch split into two additive shares; each alone is uniformly random."""
+
+    request_id: bytes
+    shares: tuple[np.ndarray, np.ndarray]
+    frac_bits: int
+    n: int
+
+
+@dataclass
+class MpcAnswer:
+    """The parties' output shares of one request, with their statistics."""
+
+    shares: tuple[np.ndarray, np.ndarray]
+    frac_bits: int
+    n: int
+    stats: list[dict]
+    bytes_sent: int
+    bytes_received: int

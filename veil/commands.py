@@ -1,0 +1,211 @@
+"""The user-facing commands behind ``veil compile | export | serve | predict | keys``.
+
+``cli.py`` parses; this module does the work, with rich progress for the long steps
+(compiling, exporting, starting processes, batched predictions). Data files are ``.npy``
+(one array) or ``.npz`` (``x`` and optionally ``y``), always loaded without pickles.
+Models are ``.onnx`` files, or a whole torch module saved with ``torch.save(model)``:
+loading that runs a pickle, so only load files you made yourself (``--trust-pickle``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+
+def _progress():
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                    TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                    transient=False, console=_console())
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def load_data(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
+    """(x, y or None) from a .npy or .npz file (no pickles)."""
+    p = Path(path)
+    try:
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                if "x" not in z.files:
+                    raise InputError(f"{p}: an .npz data file holds an array named 'x' "
+                                     f"(and optionally 'y'); it has {z.files}")
+                return np.asarray(z["x"], np.float64), (np.asarray(z["y"]) if "y" in z.files
+                                                       else None)
+        return np.asarray(np.load(p, allow_pickle=False), np.float64), None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read data from {p}: {exc}") from None
+
+
+def load_model(path: str | os.PathLike, trust_pickle: bool = False):
+    """An ONNX path (converted lazily by the frontend) or a torch module file."""
+    p = Path(path)
+    if p.suffix == ".onnx":
+        if not p.is_file():
+            raise InputError(f"no such model file: {p}")
+        return str(p)
+    if p.suffix in (".pt", ".pth"):
+        if not trust_pickle:
+            raise InputError(f"{p} is a torch pickle: loading it runs code from the file. "
+                             "Pass --trust-pickle if you made it yourself, or export the "
+                             "model to ONNX")
+        import torch
+
+        model = torch.load(p, weights_only=False, map_location="cpu")
+        if not isinstance(model, torch.nn.Module):
+            raise InputError(f"{p} holds a {type(model).__name__}, not an nn.Module "
+                             "(save the whole model with torch.save(model, path))")
+        return model.eval()
+    raise InputError(f"models are .onnx files or torch modules saved as .pt/.pth, not {p}")
+
+
+def _compile_options(args) -> dict:
+    opts = {"layout": args.layout, "insecure_test_params": args.insecure_test_params}
+    if args.degree is not None:
+        opts["degree"] = args.degree
+    if args.input_shape is not None:
+        opts["input_shape"] = args.input_shape
+    return opts
+
+
+def compile_cmd(args) -> int:
+    from .model import compile as compile_model
+
+    x, y = load_data(args.calibration)
+    labels_x, labels_y = (load_data(args.eval) if args.eval else (x, y))
+    with _console().status("compiling (calibrating ranges, fitting polynomials, choosing "
+                           "CKKS parameters)"):
+        compiled = compile_model(load_model(args.model, args.trust_pickle), x,
+                                 **_compile_options(args))
+        report = compiled.report(labels_x if labels_y is not None else None, labels_y)
+    print(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=1, default=float))
+        print(f"report written to {args.json}")
+    return 0
+
+
+def export_cmd(args) -> int:
+    from .deploy.export import export_model
+
+    x, _ = load_data(args.calibration)
+    with _console().status(f"exporting for {args.modes}"):
+        info = export_model(load_model(args.model, args.trust_pickle), x, args.out,
+                            name=args.name, modes=args.modes,
+                            encrypted_weights=args.encrypted_weights, tee_keys=args.tee_keys,
+                            **_compile_options(args))
+    print(f"exported {info.name!r} to {info.directory} for {', '.join(info.modes)}")
+    if "tee" in info.modes:
+        print(f"  tee measurement {info.index['tee']['measurement']}"
+              + (" (bundle encrypted; key in --tee-keys)" if info.index["tee"]["encrypted"]
+                 else ""))
+    if "he" in info.modes:
+        print(f"  he model id {info.index['he']['model_id']}, "
+              f"{info.index['he']['lanes']} inputs per ciphertext")
+    return 0
+
+
+def keys_cmd(args) -> int:
+    from .service.auth import KeyStore
+
+    store = KeyStore(args.store)
+    if args.action == "create":
+        token = store.create(args.name)
+        print(token)
+        print("(shown once: the store keeps only its hash)", file=sys.stderr)
+    elif args.action == "list":
+        for row in store.list():
+            print(json.dumps(row, default=str))
+    else:
+        store.revoke(args.id)
+        print(f"revoked {args.id}")
+    return 0
+
+
+def serve_cmd(args) -> int:
+    from .deploy.export import read_export
+    from .service import processes
+    from .service.app import ServiceConfig
+    from .service.run import serve
+
+    infos = [read_export(d) for d in args.exports]
+    names = [i.name for i in infos]
+    if len(set(names)) != len(names):
+        raise InputError(f"two exports have the same name: {names}")
+    store = Path(args.store)
+    backends: dict[str, dict] = {i.name: {} for i in infos}
+    procs = processes.Processes(store / "logs")
+    try:
+        with _console().status("starting enclaves and MPC parties") as status:
+            for info in infos:
+                if "tee" in info.modes:
+                    status.update(f"{info.name}: enclave")
+                    if args.tee_enclave:
+                        backends[info.name]["tee"] = processes.connect_tee(args.tee_enclave)
+                    elif args.tee_attester_key:
+                        backends[info.name]["tee"] = procs.tee(
+                            info, attester_key=args.tee_attester_key,
+                            key_release=args.tee_key_release)
+                    else:
+                        raise InputError(f"{info.name} has the tee mode: give "
+                                         "--tee-attester-key DIR (start an enclave) or "
+                                         "--tee-enclave HOST:PORT (a running one)")
+                if "mpc" in info.modes:
+                    status.update(f"{info.name}: MPC dealer and parties")
+                    if args.mpc_parties:
+                        p0, p1 = args.mpc_parties.split(",")
+                        backends[info.name]["mpc"] = processes.connect_mpc(
+                            p0, p1, frac_bits=args.mpc_frac_bits)
+                    elif args.mpc_keys:
+                        backends[info.name]["mpc"] = procs.mpc(
+                            info, args.mpc_keys, frac_bits=args.mpc_frac_bits)
+                    else:
+                        raise InputError(f"{info.name} has the mpc mode: give --mpc-keys "
+                                         "DIR (start dealer and parties, development) or "
+                                         "--mpc-parties P0,P1 (running parties)")
+        config = ServiceConfig(exports=[i.directory for i in infos], store_dir=store,
+                               session_ttl_s=args.ttl, disk_budget_bytes=args.disk_budget,
+                               memory_budget_bytes=args.memory_budget, backends=backends)
+        serve(config, *args.listen)
+    finally:
+        procs.close()
+    return 0
+
+
+def predict_cmd(args) -> int:
+    from .sdk import Client
+
+    x, y = load_data(args.input)
+    options = {}
+    if args.mode == "tee":
+        options["policy"] = args.policy
+    if args.mode == "mpc":
+        options["mpc_keys"] = args.mpc_keys
+    with Client(args.url, args.model, args.mode, api_key=args.api_key, **options) as client:
+        outs = []
+        with _progress() as bar:
+            task = bar.add_task(f"{args.mode}: {len(x)} inputs", total=len(x))
+            for i in range(0, len(x), args.batch_size):
+                outs.append(client.infer_batch(x[i:i + args.batch_size]))
+                bar.update(task, advance=len(outs[-1]))
+    out = np.concatenate(outs)
+    if args.out:
+        np.save(args.out, out)
+        print(f"outputs written to {args.out}")
+    if y is not None:
+        print(f"accuracy {np.mean(out.reshape(len(out), -1).argmax(1) == y):.4f} "
+              f"on {len(y)} labelled inputs")
+    elif not args.out:
+        print(json.dumps(out.reshape(len(out), -1).argmax(1).tolist()))
+    return 0

@@ -1,0 +1,70 @@
+"""The SDK's MPC mode: secret-shared inference with two non-colluding parties.
+
+The service says where the parties listen (``GET /v1/models/{name}/mpc``); the inputs
+never pass through it. ``encrypt`` splits a batch into two additive shares locally,
+``infer`` sends one share to each party over its own authenticated, encrypted link, and
+``decrypt`` adds the two output shares. The parties are authenticated with the public
+keys in ``mpc_keys`` (the ``public.json`` folder of ``veil mpc-setup``, given by the
+deployer), not with anything the service says.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..backends.mpc.service import MpcAnswer, MpcClient, MpcShares
+from ..errors import InputError
+
+BATCH = 64          # the parties prepare dealer material for batches of 64 ahead
+
+
+class MPCMode:
+    """Options: ``mpc_keys`` (required: folder with the deployment's ``public.json``)."""
+
+    def __init__(self, client, *, mpc_keys: str | os.PathLike | None = None,
+                 timeout: float = 60.0) -> None:
+        if mpc_keys is None:
+            raise InputError("the mpc mode needs mpc_keys=: the folder with the "
+                             "deployment's public.json (from `veil mpc-setup`)")
+        info = client._call("GET", f"/v1/models/{client.model}/mpc", expect="json")
+
+        def address(text: str) -> tuple[str, int]:
+            host, _, port = str(text).rpartition(":")
+            return host, int(port)
+        self.input_shape = tuple(info["input_shape"])
+        self._mpc = MpcClient(mpc_keys, address(info["party0"]), address(info["party1"]),
+                              self.input_shape, timeout=timeout,
+                              frac_bits=int(info["frac_bits"]))
+        self.last_stats: list[dict] = []
+
+    def encrypt(self, x) -> tuple[MpcShares, bool]:
+        """Two additive shares of one input (or a batch with a leading axis)."""
+        xs = np.asarray(x, dtype=np.float64)
+        single = xs.shape == self.input_shape
+        return self._mpc.share(xs[None] if single else xs), single
+
+    def infer(self, payload: tuple[MpcShares, bool]) -> tuple[MpcAnswer, bool]:
+        shares, single = payload
+        answer = self._mpc.send(shares)
+        self.last_stats = answer.stats
+        return answer, single
+
+    def decrypt(self, result: tuple[MpcAnswer, bool]) -> np.ndarray:
+        answer, single = result
+        ys = self._mpc.reconstruct(answer)
+        return ys[0] if single else ys
+
+    def predict(self, x) -> np.ndarray:
+        return self.decrypt(self.infer(self.encrypt(x)))
+
+    def infer_batch(self, xs, batch_size: int = BATCH) -> np.ndarray:
+        xs = np.asarray(xs, dtype=np.float64)
+        if xs.ndim != len(self.input_shape) + 1:
+            raise InputError(f"inputs have shape {xs.shape}; expected (n, "
+                             f"{', '.join(map(str, self.input_shape))})")
+        return np.concatenate([self.predict(xs[i:i + batch_size])
+                               for i in range(0, len(xs), batch_size)])
+
+    def close(self) -> None:
+        self._mpc.close()

@@ -1,0 +1,207 @@
+"""TEE mode over HTTP: the service is the untrusted host between clients and the enclave.
+
+Routes (``add_routes``; all need an API key):
+
+- ``GET  /v1/models/{name}/tee``: the enclave's public status (measurement, attester
+  kind, whether it is INSECURE). Informational only: clients trust their own policy, never
+  this answer.
+- ``POST /v1/models/{name}/tee/evidence`` ``{"nonce": base64url}``: a fresh evidence token
+  (``application/jwt``) that opens a channel for this client.
+- ``POST /v1/models/{name}/tee/open`` (octet-stream): the HPKE message keying the channel.
+- ``POST /v1/models/{name}/tee/infer`` (octet-stream): a sealed batch; answers the sealed
+  result.
+
+The service relays bytes: it holds no key that opens them (the enclave's private keys
+never leave the enclave process), so it sees what any host sees (sizes, timing, the clear
+channel header). It adds one rule of its own: a channel belongs to the API client whose
+evidence request opened it, and another client's request on it is answered 404 like an
+unknown channel. The enclave's refusals come back as their typed errors.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import queue
+import threading
+import time
+
+from fastapi import Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
+
+from ..backends import sockets
+from ..backends.sockets import TransportError
+from ..backends.tee import net
+from ..errors import InputError, SerializationError, SessionError
+
+CHANNEL_TTL_S = 300.0
+MAX_CHANNELS = 4096
+POOL = 8
+_BINARY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
+    "schema": {"type": "string", "format": "binary"}}}}}
+_NONCE = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["nonce"],
+    "properties": {"nonce": {"type": "string", "description": "16-64 random bytes, base64url"}}}}}}}
+
+
+class EnclaveRelay:
+    """A small pool of connections to one enclave; each call uses one connection for
+    one request and its answer, and a failed connection is dropped, never reused."""
+
+    def __init__(self, address: tuple[str, int], timeout: float = 60.0) -> None:
+        self.address, self.timeout = address, timeout
+        self._idle: queue.LifoQueue = queue.LifoQueue(POOL)
+
+    def call(self, kind: int, body: bytes, wanted: int) -> bytes:
+        try:
+            sock = self._idle.get_nowait()
+        except queue.Empty:
+            sock = None
+        try:
+            if sock is None:
+                sock = sockets.dial(self.address, self.timeout)
+            out = net.call(sock, kind, body, wanted)
+        except (TransportError, OSError) as exc:
+            if sock is not None:
+                sock.close()
+            raise TransportError(f"the enclave is unreachable: {exc}") from None
+        except BaseException:
+            sock.close()                # after a refusal the connection is still fine,
+            raise                       # but drop it: refusals are rare
+        try:
+            self._idle.put_nowait(sock)
+        except queue.Full:
+            sock.close()
+        return bytes(out)
+
+    def close(self) -> None:
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
+
+
+class Channels:
+    """Which API client opened which enclave channel (bounded, expiring)."""
+
+    def __init__(self) -> None:
+        self._owner: dict[bytes, tuple[str, float]] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, channel: bytes, client: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._owner) >= MAX_CHANNELS:
+                for c in [c for c, (_, t) in self._owner.items() if t <= now] or \
+                        [min(self._owner, key=lambda c: self._owner[c][1])]:
+                    del self._owner[c]
+            self._owner[channel] = (client, now + CHANNEL_TTL_S)
+
+    def check(self, message: bytes, client: str) -> None:
+        channel = bytes(message[:16])
+        with self._lock:
+            owner = self._owner.get(channel)
+        if owner is None or owner[0] != client or owner[1] <= time.monotonic():
+            raise SessionError("unknown or expired channel: fetch fresh evidence")
+
+
+def _channel_claim(token: bytes) -> bytes:
+    """The channel id in an evidence token's claims (read, not verified: the service
+    only uses it to bind the channel to the client that asked for it)."""
+    try:
+        payload = token.split(b".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))
+        return base64.urlsafe_b64decode(claims["channel"] + "=" * (-len(claims["channel"]) % 4))
+    except (IndexError, ValueError, KeyError, TypeError) as exc:
+        raise SerializationError(f"the enclave's evidence has no channel: {exc}") from None
+
+
+def body_limit(input_shape: tuple[int, ...]) -> int:
+    """The largest sealed request a model can need: a full batch of float64 inputs."""
+    size = 1
+    for s in input_shape:
+        size *= int(s)
+    return net.MAX_BATCH * size * 8 + (1 << 16)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise _too_large(limit)
+    return bytes(buf)
+
+
+def _too_large(limit: int) -> Exception:
+    from ..errors import PayloadTooLargeError
+
+    return PayloadTooLargeError(f"the body exceeds this route's limit of {limit} bytes")
+
+
+def add_routes(app, ctx) -> None:
+    """Register the TEE routes for every served model with the ``tee`` mode."""
+    relays: dict[str, EnclaveRelay] = {}
+    for name, info in ctx.models.items():
+        if "tee" in info.modes:
+            host, _, port = ctx.config.backends[name]["tee"]["enclave"].rpartition(":")
+            relays[name] = EnclaveRelay((host, int(port)))
+    channels = Channels()
+
+    def relay(name: str) -> EnclaveRelay:
+        try:
+            return relays[name]
+        except KeyError:
+            from ..errors import NotFoundError
+
+            raise NotFoundError(f"no model {name!r} with the tee mode is served here") \
+                from None
+
+    @app.get("/v1/models/{name}/tee", tags=["tee"], summary="The enclave's public status")
+    async def tee_status(name: str, client: str = Depends(ctx.require_client)) -> dict:
+        r = relay(name)
+        status = sockets.json_object(await run_in_threadpool(
+            r.call, net.STATUS_REQUEST, b"", net.STATUS))
+        return {k: status.get(k) for k in ("mode", "attester", "measurement", "insecure",
+                                            "veil")}
+
+    @app.post("/v1/models/{name}/tee/evidence", tags=["tee"], openapi_extra=_NONCE,
+              summary="Fresh attestation evidence; opens a channel for this client",
+              response_class=Response, responses={200: {"content": {"application/jwt": {}}}})
+    async def tee_evidence(name: str, request: Request,
+                           client: str = Depends(ctx.require_client)) -> Response:
+        r = relay(name)
+        body = await read_body(request, 4096)
+        nonce = sockets.json_object(body).get("nonce")
+        if not isinstance(nonce, str):
+            raise InputError('an evidence request is {"nonce": "<base64url>"}')
+        token = await run_in_threadpool(r.call, net.EVIDENCE_REQUEST,
+                                        json.dumps({"nonce": nonce}).encode(), net.EVIDENCE)
+        channels.claim(_channel_claim(token), client)
+        return Response(token, media_type="application/jwt")
+
+    @app.post("/v1/models/{name}/tee/open", tags=["tee"], status_code=204,
+              openapi_extra=_BINARY, response_class=Response,
+              summary="Key this client's channel (one HPKE message)")
+    async def tee_open(name: str, request: Request,
+                       client: str = Depends(ctx.require_client)) -> Response:
+        r = relay(name)
+        body = await read_body(request, 8192)
+        channels.check(body, client)
+        await run_in_threadpool(r.call, net.OPEN, body, net.OPENED)
+        return Response(status_code=204)
+
+    @app.post("/v1/models/{name}/tee/infer", tags=["tee"], openapi_extra=_BINARY,
+              response_class=Response, summary="A sealed batch in, its sealed answer out",
+              responses={200: {"content": {"application/octet-stream": {}}}})
+    async def tee_infer(name: str, request: Request,
+                        client: str = Depends(ctx.require_client)) -> Response:
+        r = relay(name)
+        body = await read_body(request, body_limit(ctx.models[name].input_shape))
+        channels.check(body, client)
+        answer = await run_in_threadpool(r.call, net.REQUEST, body, net.RESULT)
+        return Response(answer, media_type="application/octet-stream")
