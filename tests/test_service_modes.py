@@ -1,0 +1,114 @@
+"""`veil serve` with the TEE and MPC modes: a real service process on loopback that starts
+its enclave and MPC parties, driven by the SDK; isolation of TEE channels between API
+clients; no child process left when the service stops."""
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from veil.deploy.export import export_model
+from veil.errors import InputError, ReplayError
+from veil.ir import interpreter
+from veil.frontend import to_graph
+
+
+def _veil(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "veil", *args], check=True,
+                          capture_output=True, text=True, env=env).stdout
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from veil.backends.mpc import transport
+    from veil.backends.tee import SoftwareAttester
+
+    d = tmp_path_factory.mktemp("modes")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 3)).eval()
+    x = np.random.default_rng(0).uniform(-1, 1, (100, 6))
+    info = export_model(model, x, d / "tiny", modes=("tee", "mpc"))
+    SoftwareAttester.create(d / "att")
+    transport.setup(d / "mpc-keys")
+    _veil("tee-policy", str(info.path("tee")), "--attester", str(d / "att"),
+          "--allow-insecure", "--out", str(d / "policy.json"))
+    alice = _veil("keys", "create", "alice", "--store", str(d / "store")).strip()
+    bob = _veil("keys", "create", "bob", "--store", str(d / "store")).strip()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "veil", "serve", str(d / "tiny"), "--store", str(d / "store"),
+         "--listen", "127.0.0.1:0", "--tee-attester-key", str(d / "att"),
+         "--mpc-keys", str(d / "mpc-keys")],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    assert "listening on http://" in line, line
+    url = line.split()[-1]
+    plain = interpreter.run(to_graph(model, (6,)), x)
+    yield {"url": url, "dir": d, "x": x, "plain": plain, "alice": alice, "bob": bob,
+           "proc": proc, "policy": d / "policy.json", "mpc_keys": d / "mpc-keys"}
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _client(s, mode, who="alice", **kw):
+    from veil.sdk import Client
+
+    opts = {"policy": s["policy"]} if mode == "tee" else {"mpc_keys": s["mpc_keys"]}
+    opts.update(kw)
+    return Client(s["url"], "tiny", mode, api_key=s[who], key_dir=s["dir"] / f"k-{who}",
+                  **opts)
+
+
+@pytest.mark.parametrize("mode,atol", [("tee", 1e-9), ("mpc", 1e-4)])
+def test_sdk_round_trips_through_the_service(served, mode, atol):
+    x, plain = served["x"], served["plain"]
+    with _client(served, mode) as c:
+        np.testing.assert_allclose(c.predict(x[0]), plain[0], atol=atol)
+        np.testing.assert_allclose(c.predict(x[:5]), plain[:5], atol=atol)
+        ys = c.decrypt(c.infer(c.encrypt(x[7])))                 # the split API
+        np.testing.assert_allclose(ys, plain[7], atol=atol)
+        np.testing.assert_allclose(c.infer_batch(x), plain, atol=atol)
+        with pytest.raises(InputError):
+            c.predict(np.full((2, 6), np.nan))
+        with pytest.raises(InputError):
+            c.predict(np.zeros((2, 5)))
+
+
+def test_a_tee_channel_belongs_to_the_client_that_opened_it(served):
+    import httpx
+
+    with _client(served, "tee") as a:
+        request = a.encrypt(served["x"][:2])
+        r = httpx.post(f"{served['url']}/v1/models/tiny/tee/infer",
+                       content=request.message,
+                       headers={"Authorization": f"Bearer {served['bob']}",
+                                "Content-Type": "application/octet-stream"})
+        assert r.status_code == 404 and r.json()["error"]["code"]
+        # alice's own request still works after bob's attempt
+        np.testing.assert_allclose(a.decrypt(a.infer(request)), served["plain"][:2],
+                                   atol=1e-9)
+        with pytest.raises(ReplayError):
+            a.decrypt(a.infer(request))      # replaying it is refused (sequence number)
+
+
+def test_tee_mode_refuses_without_a_policy_and_mpc_without_keys(served):
+    from veil.sdk import Client
+
+    for mode in ("tee", "mpc"):
+        with pytest.raises(InputError):
+            Client(served["url"], "tiny", mode, api_key=served["alice"],
+                   key_dir=served["dir"] / "k-x")
+
+
+def test_stopping_the_service_stops_its_enclave_and_parties(served):
+    proc = served["proc"]
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert len(children) >= 4          # enclave, dealer, party 1, party 0
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == []
