@@ -10,7 +10,8 @@ import os
 import sqlite3
 import threading
 from contextlib import contextmanager
-from pathlib import Path
+
+from .._files import private_dir
 
 DB_NAME = "veil.sqlite3"
 SCHEMA = """
@@ -23,14 +24,6 @@ CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, secret_sha256 TEXT NOT NULL,
     created REAL NOT NULL, revoked REAL);
 """
-
-
-def private_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` (and parents) if needed and make it 0700: it holds client keys."""
-    d = Path(path)
-    d.mkdir(parents=True, exist_ok=True)
-    os.chmod(d, 0o700)
-    return d
 
 
 class Database:

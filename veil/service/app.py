@@ -47,9 +47,9 @@ from ..errors import (AuthError, BundleError, MediaTypeError, ModeError, NotFoun
                       PayloadTooLargeError, SerializationError)
 from .auth import INVALID, KeyStore
 from .errors import install_handlers
+from .protocol import OCTETS
 
 log = logging.getLogger("veil.service")
-OCTETS = "application/octet-stream"
 BINARY_BODY = {"requestBody": {"required": True, "content": {
     OCTETS: {"schema": {"type": "string", "format": "binary"}}}}}
 

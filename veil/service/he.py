@@ -14,8 +14,6 @@ Sessions of other clients are indistinguishable from unknown ones (404 ``not-fou
 from __future__ import annotations
 
 import logging
-import re
-from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request, Response
 
@@ -24,37 +22,13 @@ from ..deploy.keys import EvaluationKeys
 from ..deploy.server import ModelServer
 from ..errors import (KeyMismatchError, NotFoundError, PayloadTooLargeError,
                       SerializationError, SessionExpiredError)
-from ..wire import pack, unpack
-from .app import BINARY_BODY, OCTETS, ServiceContext, check_length, check_media_type, stream
+from .app import BINARY_BODY, ServiceContext, check_length, check_media_type, stream
+from .protocol import OCTETS, pack_batch, pack_client_bundle, unpack_batch
 from .sessions import LoadedSessions
 from .store import NO_SESSION, SessionRecord, SQLiteStore
 
 log = logging.getLogger("veil.service")
-BUNDLE_ARCHIVE_KIND = "veil-client-bundle-archive"
-BATCH_KIND = "veil-ciphertext-batch"
 CHUNK = 1 << 20
-_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-
-def pack_client_bundle(directory: Path, meta: dict) -> bytes:
-    """A client-bundle folder as one wire envelope: its plain files, by name."""
-    files = {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir())
-             if p.is_file() and _FILE.match(p.name)}
-    return pack(BUNDLE_ARCHIVE_KIND, files, meta)
-
-
-def unpack_client_bundle(blob: bytes, directory: Path) -> dict:
-    """Write an archive's files into ``directory``; returns its header. Names are
-    checked (no paths), so an archive cannot write outside ``directory``."""
-    header, files = unpack(blob, BUNDLE_ARCHIVE_KIND)
-    for name in files:
-        if not _FILE.match(name):
-            raise SerializationError(f"client bundle archive names a bad file {name!r}")
-    for name, data in files.items():
-        tmp = directory / f".{name}.tmp"
-        tmp.write_bytes(data)
-        tmp.replace(directory / name)
-    return header
 
 
 class HEService:
@@ -171,13 +145,10 @@ class HEService:
     def infer_batch(self, session_id: str, client: str, blob: bytes) -> bytes:
         rec = self._record(session_id, client)
         server = self._by_id[rec.model_id]
-        _, parts = unpack(blob, BATCH_KIND, max_size=self.batch_limit(server))
-        cts = [parts.get(str(i)) for i in range(len(parts))]
-        if not cts or None in cts or len(cts) > self.ctx.config.max_batch:
-            raise SerializationError(f"a batch holds 1 to {self.ctx.config.max_batch} "
-                                     "ciphertexts named 0, 1, ...")
+        cts = unpack_batch(blob, max_items=self.ctx.config.max_batch,
+                           max_size=self.batch_limit(server))
         outs = self.loaded.run(rec.id, self._keys(rec), lambda s: s.run_batch(cts))
-        return pack(BATCH_KIND, {str(i): o for i, o in enumerate(outs)})
+        return pack_batch(outs)
 
     def delete(self, session_id: str, client: str) -> None:
         self.store.delete(session_id, client)

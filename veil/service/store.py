@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import NotFoundError, PayloadTooLargeError, SessionExpiredError
-from ._db import Database, private_dir
+from .._files import private_dir
+from ._db import Database
 
 _ID = re.compile(r"^[0-9a-f]{32}$")
 NO_SESSION = "no such session (it may have expired): create a new one"
