@@ -140,14 +140,14 @@ class HEService:
 
     def infer(self, session_id: str, client: str, ciphertext: bytes) -> bytes:
         rec = self._record(session_id, client)
-        return self.loaded.run(rec.id, self._keys(rec), lambda s: s.run(ciphertext))
+        return self.loaded.run(rec.id, self._keys(rec), lambda s: _run(s, [ciphertext])[0])
 
     def infer_batch(self, session_id: str, client: str, blob: bytes) -> bytes:
         rec = self._record(session_id, client)
         server = self._by_id[rec.model_id]
         cts = unpack_batch(blob, max_items=self.ctx.config.max_batch,
                            max_size=self.batch_limit(server))
-        outs = self.loaded.run(rec.id, self._keys(rec), lambda s: s.run_batch(cts))
+        outs = self.loaded.run(rec.id, self._keys(rec), lambda s: _run(s, cts))
         return pack_batch(outs)
 
     def delete(self, session_id: str, client: str) -> None:
@@ -157,6 +157,17 @@ class HEService:
     def close(self) -> None:
         self.loaded.close()
         self.store.close()
+
+
+def _run(session, ciphertexts: list[bytes]) -> list[bytes]:
+    try:
+        return session.run_batch(ciphertexts)
+    except (AttributeError, TypeError) as exc:
+        # OpenFHE's deserializer returns None instead of raising for some malformed
+        # ciphertexts (e.g. a zeroed header), and the engine does not check yet: the
+        # bytes are the client's, so this is a malformed request, not a server fault.
+        log.warning("undecodable ciphertext reached the engine: %r", exc)
+        raise SerializationError("ciphertext bytes could not be decoded") from exc
 
 
 def add_routes(app: FastAPI, ctx: ServiceContext) -> HEService:
