@@ -32,7 +32,6 @@ import importlib
 import logging
 import os
 import weakref
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -101,7 +100,7 @@ class ServiceContext:
             gives the authenticated client id (401 without a valid key).
         mode_info: mode -> ``f(ExportInfo) -> dict`` of public info for
             ``GET /v1/models/{name}`` (default: the export index's entry of the mode).
-        closers: called in reverse order when the app shuts down.
+        closers: called in reverse order by ``close()`` (``serve`` calls it on exit).
     Methods ``model``, ``read_body``, ``run_sync`` and ``slot`` are for handlers.
     """
 
@@ -218,12 +217,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     ctx = ServiceContext(config, models, require_client, keys, closers=[keys.close])
 
-    @asynccontextmanager
-    async def lifespan(app):
-        yield
-        ctx.close()
-
-    app = FastAPI(title="veil", version=__version__, lifespan=lifespan,
+    # Resources are closed by ``app.state.veil.close()`` (``serve`` does it on exit), not
+    # by a lifespan hook: test clients run the lifespan once per call, and the app must
+    # stay usable across those cycles.
+    app = FastAPI(title="veil", version=__version__,
                   description="Private inference: HE sessions, sealed (TEE) and MPC routes.")
     install_handlers(app)
     app.state.veil = ctx

@@ -66,3 +66,4 @@ def serve(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000, *,
         _Server(uv, url_of(sock), out or sys.stdout).run(sockets=[sock])
     finally:
         sock.close()
+        app.state.veil.close()
