@@ -2,6 +2,7 @@
 
 Exports use insecure test parameters (ring 4096) so the module runs in seconds.
 """
+import socket
 import threading
 import time
 
@@ -11,7 +12,7 @@ import pytest
 
 import veil
 from veil.errors import (AuthError, InputError, InsecureParametersError, KeyMismatchError,
-                         NotFoundError, PayloadTooLargeError, SerializationError)
+                         NotFoundError)
 from veil.service.auth import KeyStore
 from veil.wire import pack, unpack
 
@@ -254,6 +255,28 @@ def test_sessions_survive_a_server_restart(env, tmp_path):
         assert second.errors() == ""
     finally:
         first.stop()
+
+
+def test_a_stalled_body_is_refused(env, tmp_path):
+    store = tmp_path / "store"
+    token = KeyStore(store).create("slow")
+    server = ServerProcess([env["root"] / "tiny"], store, "--body-timeout", "1")
+    try:
+        host, port = server.url[len("http://"):].rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(f"POST /v1/models/tiny/he/sessions HTTP/1.1\r\nHost: x\r\n"
+                         f"Authorization: Bearer {token}\r\n"
+                         "Content-Type: application/octet-stream\r\n"
+                         "Content-Length: 1000\r\n\r\n".encode() + b"x" * 10)
+            start = time.monotonic()
+            answer = b""
+            while b"}}" not in answer and time.monotonic() - start < 20:
+                answer += sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 400") and b'"malformed"' in answer
+        assert list((store / "tmp").iterdir()) == []
+    finally:
+        server.stop()
+    assert server.errors() == ""
 
 
 def test_32_concurrent_clients(env):

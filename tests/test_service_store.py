@@ -1,5 +1,4 @@
 """Session store, loaded-session cache, API keys and the error table, without HTTP."""
-import os
 import stat
 import threading
 

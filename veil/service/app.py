@@ -32,9 +32,11 @@ import importlib
 import logging
 import os
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
@@ -71,7 +73,9 @@ class ServiceConfig:
             disk), ``batch`` (infer-batch), ``json``; a single ciphertext is bounded by
             its model's ``ModelServer.max_input_bytes``.
         max_batch: most ciphertexts in one infer-batch request.
-        max_inflight: most body-carrying requests read and computed at once.
+        max_inflight: most body-carrying requests read and computed at once (key
+            uploads stream to disk and count only while they are validated).
+        body_timeout_s: most seconds one request body may take to arrive.
         backends: opaque per-model settings for the TEE/MPC route modules, untouched.
     """
 
@@ -83,6 +87,7 @@ class ServiceConfig:
     max_body_bytes: dict[str, int] = field(default_factory=_default_limits)
     max_batch: int = 64
     max_inflight: int = 8
+    body_timeout_s: float = 600.0
     backends: dict[str, dict] = field(default_factory=dict)
 
     def limit(self, kind: str) -> int:
@@ -137,12 +142,23 @@ class ServiceContext:
         check_media_type(request, media_type)
         check_length(request, limit)
         buf = bytearray()
-        async for chunk in stream(request):
-            buf += chunk
-            if len(buf) > limit:
-                raise PayloadTooLargeError(f"request body exceeds the {limit}-byte limit "
-                                           "of this route")
+        with self.deadline():
+            async for chunk in stream(request):
+                buf += chunk
+                if len(buf) > limit:
+                    raise PayloadTooLargeError(f"request body exceeds the {limit}-byte "
+                                               "limit of this route")
         return bytes(buf)
+
+    @contextmanager
+    def deadline(self):
+        """Bound the time a request body may take (a stalled client frees its slot)."""
+        try:
+            with anyio.fail_after(self.config.body_timeout_s):
+                yield
+        except TimeoutError:
+            raise SerializationError(f"the request body did not arrive within "
+                                     f"{self.config.body_timeout_s:g} s") from None
 
     async def run_sync(self, fn: Callable, *args) -> Any:
         """``fn(*args)`` in the threadpool: CPU-heavy and blocking work goes here."""

@@ -85,18 +85,20 @@ class HEService:
         upload = await self.ctx.run_sync(self.store.begin, limit)
         try:
             buf, received = bytearray(), 0
-            async for chunk in stream(request):
-                received += len(chunk)
-                if received > limit:
-                    raise PayloadTooLargeError(f"evaluation keys exceed the {limit}-byte "
-                                               "limit of this server")
-                buf += chunk
-                if len(buf) >= CHUNK:
-                    await self.ctx.run_sync(upload.write, bytes(buf))
-                    buf.clear()
+            with self.ctx.deadline():
+                async for chunk in stream(request):
+                    received += len(chunk)
+                    if received > limit:
+                        raise PayloadTooLargeError(f"evaluation keys exceed the {limit}-byte"
+                                                   " limit of this server")
+                    buf += chunk
+                    if len(buf) >= CHUNK:
+                        await self.ctx.run_sync(upload.write, bytes(buf))
+                        buf.clear()
             if buf:
                 await self.ctx.run_sync(upload.write, bytes(buf))
-            rec = await self.ctx.run_sync(self._commit, upload, client, name, server)
+            async with self.ctx.slot():    # parsing and loading hold the keys in memory
+                rec = await self.ctx.run_sync(self._commit, upload, client, name, server)
         except BaseException:
             upload.abort()
             raise
@@ -188,8 +190,7 @@ def add_routes(app: FastAPI, ctx: ServiceContext) -> HEService:
               openapi_extra=BINARY_BODY)
     async def create_session(name: str, request: Request,
                              client: str = Depends(ctx.require_client)) -> dict:
-        async with ctx.slot():
-            return await he.create(request, client, name)
+        return await he.create(request, client, name)
 
     @app.post("/v1/he/sessions/{session_id}/infer", tags=["he"], response_class=Response,
               openapi_extra=BINARY_BODY, responses={200: octets})
