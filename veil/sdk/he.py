@@ -1,7 +1,7 @@
 """HE mode of ``veil.Client``: keys stay here, the server sees only ciphertexts.
 
-1. The client bundle comes from the server (``GET .../he/client-bundle``, cached under
-   ``key_dir/bundles/<model_id>``) or from a local folder (``bundle=``). Its model id
+1. The client bundle comes from the server (``GET .../he/client-bundle``, cached per
+   server under ``key_dir/bundles/``) or from a local folder (``bundle=``). Its model id
    must be the one the server announces, and a bundle with insecure test parameters is
    refused unless ``allow_insecure=True``.
 2. Keys are generated once per (server, model, client, model id) and persisted under
@@ -88,7 +88,9 @@ class HEMode:
 
     # -- bundle and keys ----------------------------------------------------------------
     def _fetch_bundle(self) -> ClientBundle:
-        d = private_dir(self._client.key_dir / "bundles" / self.model_id)
+        # Cached per server: a bundle is trusted only from the server that sent it.
+        server = hashlib.sha256(self._client.url.encode()).hexdigest()[:16]
+        d = private_dir(self._client.key_dir / "bundles" / f"{server}-{self.model_id}")
         try:
             cached = ClientBundle.load(d)
             if cached.model_id == self.model_id:
