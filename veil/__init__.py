@@ -18,11 +18,15 @@ def __getattr__(name):
         from . import deploy
 
         return getattr(deploy, name)
+    if name == "Client":   # the service SDK (imports httpx): only when asked
+        from .sdk import Client
+
+        return Client
     raise AttributeError(f"module 'veil' has no attribute {name!r}")
 
 
-__all__ = ["BundleError", "CompileError", "CompiledModel", "EngineError", "EvaluationKeys",
-           "GraphError", "InputError", "KeyMismatchError", "KeyTypeError", "MissingKeyError",
-           "Mode", "ModeError", "ModelClient", "ModelServer", "PublicKey", "Report", "SecretKey",
-           "SerializationError", "UnsupportedOperation", "VeilError", "__version__", "compile",
-           "finetune"]
+__all__ = ["BundleError", "Client", "CompileError", "CompiledModel", "EngineError",
+           "EvaluationKeys", "GraphError", "InputError", "KeyMismatchError", "KeyTypeError",
+           "MissingKeyError", "Mode", "ModeError", "ModelClient", "ModelServer", "PublicKey",
+           "Report", "SecretKey", "SerializationError", "UnsupportedOperation", "VeilError",
+           "__version__", "compile", "finetune"]

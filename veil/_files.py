@@ -12,3 +12,24 @@ def write_private(path: str | os.PathLike, data: bytes) -> None:
     with os.fdopen(fd, "wb") as fh:
         os.fchmod(fh.fileno(), 0o600)
         fh.write(data)
+
+
+def private_dir(path: str | os.PathLike) -> "os.PathLike":
+    """Make directory ``path`` (and missing parents) owner-only (0700) where this call
+    creates it; an existing directory keeps its mode (it may be shared, like ``/tmp``),
+    so secrets go in a subdirectory this creates."""
+    from pathlib import Path
+
+    d = Path(path)
+    missing = []
+    p = d
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for p in reversed(missing):
+        try:
+            p.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        os.chmod(p, 0o700)   # mkdir's mode is filtered by the umask
+    return d

@@ -95,3 +95,30 @@ class SessionError(TEEError):
 
 class KeyReleaseError(TEEError):
     """The key-release service refused to release a model key, or its answer was bad."""
+
+
+class ServiceError(VeilError):
+    """The inference service failed or could not be reached; the request may be retried.
+    Raised by the SDK for transport failures and for answers that are not veil's."""
+
+
+class AuthError(VeilError):
+    """A request carried no API key, or one that is unknown or revoked (HTTP 401)."""
+
+
+class NotFoundError(VeilError):
+    """No such model or session. Deliberately the same for a session that never existed,
+    has expired, or belongs to another client, so callers learn nothing about others."""
+
+
+class SessionExpiredError(NotFoundError):
+    """The session existed for this client but outlived its time to live (it is deleted).
+    Looks exactly like :class:`NotFoundError` on the wire."""
+
+
+class PayloadTooLargeError(VeilError):
+    """A request body exceeds the limit of its route (HTTP 413); nothing of it was kept."""
+
+
+class MediaTypeError(SerializationError):
+    """A request body has the wrong Content-Type for its route (HTTP 415)."""

@@ -1,0 +1,71 @@
+"""Helpers of the service tests: tiny exports and a real server process on loopback."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+READY = "veil-serve listening on "
+
+
+def tiny_model(seed: int = 0):
+    import torch
+
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+
+
+def tiny_export(directory: Path, name: str, seed: int = 0):
+    """(torch model, compiled model, calibration data) of an HE export at ``directory``."""
+    import veil
+    from veil.deploy.export import export_model
+
+    model = tiny_model(seed)
+    calib = np.random.default_rng(seed).uniform(-1, 1, (64, 4))
+    compiled = veil.compile(model, calib, insecure_test_params=True)
+    export_model(model, calib, directory, name=name, modes=["he"], compiled=compiled)
+    return model, compiled, calib
+
+
+class ServerProcess:
+    """``python -m veil.service`` on 127.0.0.1:0; stderr goes to a file checked later."""
+
+    def __init__(self, exports: list[Path], store: Path, *extra: str, timeout: float = 60):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        self.log = store.parent / f"server-{os.urandom(4).hex()}.log"
+        self._err = open(self.log, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "veil.service", *map(str, exports), "--store", str(store),
+             "--listen", "127.0.0.1:0", *extra],
+            stdout=subprocess.PIPE, stderr=self._err, text=True, env=env)
+        line: list[str] = []
+        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()),
+                                  daemon=True)
+        reader.start()
+        reader.join(timeout)
+        if not line or not line[0].startswith(READY):
+            self.stop()
+            raise RuntimeError(f"server did not start: {line!r}\n{self.log.read_text()}")
+        self.url = line[0][len(READY):].strip()
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill() if kill else self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(20)
+        self._err.close()
+
+    def errors(self) -> str:
+        """Tracebacks and error logs the server wrote (should be none)."""
+        text = self.log.read_text(errors="replace")
+        return "\n".join(line for line in text.splitlines()
+                         if "Traceback" in line or " ERROR " in line or "crashed" in line)

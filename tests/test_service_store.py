@@ -1,0 +1,231 @@
+"""Session store, loaded-session cache, API keys and the error table, without HTTP."""
+import stat
+import threading
+
+import numpy as np
+import pytest
+
+from veil.errors import (AuthError, InputError, KeyMismatchError, KeyTypeError, NotFoundError,
+                         PayloadTooLargeError, PolicyError, ServiceError, SessionExpiredError,
+                         VeilError)
+from veil.service.auth import KeyStore, key_id
+from veil.service.errors import ERRORS, exception_for, spec_for
+from veil.service.sessions import LoadedSessions
+from veil.service.store import SQLiteStore
+
+from service_util import tiny_export
+
+OWNER, OTHER = "aaaaaaaaaaaa", "bbbbbbbbbbbb"
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def put(store, data=b"k" * 100, owner=OWNER, model="m"):
+    up = store.begin(1 << 20)
+    up.write(data)
+    return store.commit(up, owner=owner, model=model, model_id="id")
+
+
+def files(store):
+    return sorted(p.name for p in store.keys_dir.iterdir()) + \
+        sorted(p.name for p in store.tmp_dir.iterdir())
+
+
+def test_sessions_are_private_durable_and_owner_only(tmp_path):
+    store = SQLiteStore(tmp_path / "s")
+    rec, evicted = put(store, b"keys")
+    assert evicted == [] and len(rec.id) == 32 and rec.size == 4
+    assert store.read_keys(rec.id) == b"keys"
+    key_file = store.keys_dir / f"{rec.id}.keys"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "s").stat().st_mode) == 0o700
+    # Another client's id fails exactly like an unknown one.
+    with pytest.raises(NotFoundError) as foreign:
+        store.get(rec.id, OTHER)
+    with pytest.raises(NotFoundError) as unknown:
+        store.get("0" * 32, OWNER)
+    assert str(foreign.value) == str(unknown.value)
+    with pytest.raises(NotFoundError):
+        store.delete(rec.id, OTHER)
+    store.close()
+    again = SQLiteStore(tmp_path / "s")     # a restart keeps it
+    assert again.get(rec.id, OWNER).model == "m" and again.read_keys(rec.id) == b"keys"
+    again.delete(rec.id, OWNER)
+    assert files(again) == [] and again.records() == []
+
+
+def test_ttl_is_sliding_and_expired_sessions_are_deleted(tmp_path):
+    clock = Clock()
+    store = SQLiteStore(tmp_path, ttl_s=10, clock=clock)
+    a, _ = put(store)
+    b, _ = put(store)
+    clock.t += 8
+    assert store.get(a.id, OWNER).expires_at == clock.t + 10   # use renews a, not b
+    clock.t += 5
+    with pytest.raises(SessionExpiredError):
+        store.get(b.id, OWNER)
+    assert not (store.keys_dir / f"{b.id}.keys").exists()
+    clock.t += 20
+    assert store.sweep() == [a.id] and files(store) == []
+
+
+def test_disk_budget_evicts_least_recently_used(tmp_path):
+    clock = Clock()
+    store = SQLiteStore(tmp_path, disk_budget_bytes=300, clock=clock)
+    ids = []
+    for _ in range(3):
+        clock.t += 1
+        ids.append(put(store)[0].id)
+    clock.t += 1
+    store.get(ids[0], OWNER)                 # 0 is now the most recently used
+    clock.t += 1
+    rec, evicted = put(store, b"x" * 150)
+    assert evicted == [ids[1], ids[2]]      # two LRU sessions make room for 150 bytes
+    assert {r.id for r in store.records()} == {ids[0], rec.id}
+    assert sum(r.size for r in store.records()) <= 300
+    with pytest.raises(PayloadTooLargeError):
+        put(store, b"x" * 301)              # larger than the whole budget: refused
+    assert len(files(store)) == 2          # and nothing of it remains
+
+
+def test_failed_uploads_leave_nothing_and_crashes_are_cleaned(tmp_path):
+    store = SQLiteStore(tmp_path)
+    up = store.begin(10)
+    up.write(b"12345")
+    with pytest.raises(PayloadTooLargeError):
+        up.write(b"123456")
+    assert files(store) == []
+    up = store.begin(10)
+    up.write(b"abc")
+    up.abort()
+    assert files(store) == [] and store.records() == []
+    # Leftovers of a crash: a partial upload and a key file without metadata.
+    (store.tmp_dir / "dead.part").write_bytes(b"x")
+    (store.keys_dir / ("f" * 32 + ".keys")).write_bytes(b"x")
+    kept, _ = put(store)
+    store.close()
+    store = SQLiteStore(tmp_path)
+    assert files(store) == [f"{kept.id}.keys"]
+
+
+def test_store_is_safe_under_concurrent_use(tmp_path):
+    store = SQLiteStore(tmp_path, disk_budget_bytes=100 * 40)
+    errors = []
+
+    def work(owner):
+        try:
+            for _ in range(10):
+                rec, _ = put(store, owner=owner)
+                assert store.get(rec.id, owner).id == rec.id
+                assert store.read_keys(rec.id) == b"k" * 100
+                store.delete(rec.id, owner)
+        except Exception as exc:   # collected: the assertion below shows them
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(f"{i:012x}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and store.records() == [] and files(store) == []
+
+
+def test_api_keys_create_list_revoke_verify(tmp_path):
+    keys = KeyStore(tmp_path)
+    token = keys.create("alice")
+    kid = key_id(token)
+    assert token.startswith(f"veil_{kid}_") and len(token) == 5 + 12 + 1 + 43
+    assert keys.verify(token) == kid
+    assert token not in (tmp_path / "veil.sqlite3").read_bytes().decode("latin-1")
+    [entry] = keys.list()
+    assert entry["id"] == kid and entry["name"] == "alice" and entry["revoked"] is False
+    for bad in (None, "", "veil_x", token[:-1] + ("A" if token[-1] != "A" else "B"),
+                f"veil_{'0' * 12}_{token[-43:]}"):
+        with pytest.raises(AuthError):
+            keys.verify(bad)
+    keys.revoke(kid)
+    with pytest.raises(AuthError):
+        keys.verify(token)
+    assert keys.list()[0]["revoked"] is True
+    with pytest.raises(NotFoundError):
+        keys.revoke("123456789abc")
+    with pytest.raises(InputError):
+        keys.create("")
+
+
+def test_error_table_round_trips_every_code():
+    for row in ERRORS:
+        exc = exception_for(row.code, "msg", row.status)
+        assert spec_for(exc).code == row.code and spec_for(exc).status == row.status
+    assert spec_for(KeyTypeError("x")).status == 400
+    assert spec_for(KeyMismatchError("x")).status == 409
+    assert spec_for(PolicyError("x")).code == "policy"
+    assert spec_for(SessionExpiredError("x")).code == "not-found"
+    assert spec_for(ValueError("x")).status == 500
+    assert type(exception_for("refused", "m")) is VeilError
+    assert type(exception_for("from-a-newer-server", "m")) is ServiceError
+
+
+@pytest.fixture(scope="module")
+def he_model(tmp_path_factory):
+    from veil.deploy import ClientBundle, ModelClient, ModelServer, ServerBundle
+
+    d = tmp_path_factory.mktemp("export") / "tiny"
+    tiny_export(d, "tiny")
+    server = ModelServer(ServerBundle.load(d / "he" / "server"))
+    clients = [ModelClient(ClientBundle.load(d / "he" / "client")) for _ in range(3)]
+    keys = [c.keygen() for c in clients]
+    return server, clients, keys
+
+
+def test_memory_budget_unloads_lru_and_reloads_from_disk(he_model):
+    server, clients, keys = he_model
+    one = keys[0].size + (1 << 20)
+    loaded = LoadedSessions(2 * one + 10, server.open_session)
+    x = np.array([0.1, -0.2, 0.3, 0.4])
+    runs = {}
+    for i in (0, 1, 2, 0):
+        out = loaded.run(f"s{i}", lambda i=i: keys[i], lambda s, i=i: s.run(clients[i].encrypt(x)))
+        runs.setdefault(i, []).append(clients[i].decrypt(out))
+    # s0 was unloaded for s2, then reloaded (4 loads); never more than two loaded.
+    assert loaded.loads == 4 and sorted(loaded.loaded_ids()) == ["s0", "s2"]
+    assert loaded.loaded_bytes() <= loaded.budget_bytes
+    np.testing.assert_allclose(runs[0][0], runs[0][1], atol=1e-3)
+    # The same keys under a second id: the first holder is unloaded, both keep working.
+    loaded.run("s0-again", lambda: keys[0], lambda s: None)
+    assert "s0" not in loaded.loaded_ids()
+    loaded.run("s0", lambda: keys[0], lambda s: s.run(clients[0].encrypt(x)))
+    loaded.close()
+    assert loaded.loaded_ids() == []
+
+
+def test_a_loaded_session_is_never_used_by_two_threads(he_model):
+    server, clients, keys = he_model
+    loaded = LoadedSessions(1 << 40, server.open_session)
+    ct = clients[1].encrypt(np.zeros(4))
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def fn(session):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            return session.run(ct)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    threads = [threading.Thread(target=lambda: loaded.run("s", lambda: keys[1], fn))
+               for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert peak[0] == 1 and loaded.loads == 1
+    loaded.close()

@@ -1,0 +1,178 @@
+"""``veil.Client``: private inference against a veil service, in one of its modes.
+
+The client speaks HTTP (``httpx``) and leaves the cryptography to a *mode object*
+picked by ``mode=``: ``he`` -> :class:`veil.sdk.he.HEMode`, ``tee`` ->
+``veil.sdk.tee.TEEMode``, ``mpc`` -> ``veil.sdk.mpc.MPCMode`` (imported lazily).
+A mode object implements :class:`ModeClient` and is built as
+``ModeClass(client, **mode_options)``; it talks to the server only through
+:meth:`Client._call`, which turns every error body into the same veil exception the
+server raised (see :mod:`veil.service.errors`).
+
+A Client is not thread-safe: use one per thread (they may share an API key and a
+``key_dir``).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from importlib import import_module
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import httpx
+import numpy as np
+
+from .._version import __version__
+from ..errors import AuthError, InputError, ModeError, ServiceError, VeilError
+from ..service.auth import key_id
+from ..service.errors import exception_for
+from ..service.protocol import OCTETS
+
+MODES = {"he": ("veil.sdk.he", "HEMode"), "tee": ("veil.sdk.tee", "TEEMode"),
+         "mpc": ("veil.sdk.mpc", "MPCMode")}
+
+
+class ModeClient(Protocol):
+    """What a mode object provides (``Client`` forwards to it)."""
+
+    def encrypt(self, x) -> Any:
+        """Protect one input (of the model's input shape) for :meth:`infer`."""
+
+    def infer(self, payload) -> Any:
+        """Send a protected input; returns the protected result."""
+
+    def decrypt(self, result) -> np.ndarray:
+        """The plain output (model output shape) of one :meth:`infer` result."""
+
+    def infer_batch(self, xs) -> np.ndarray:
+        """Plain outputs, shape ``(len(xs), *output_shape)``, for many inputs."""
+
+    def close(self) -> None:
+        """Drop keys and connections held in memory (nothing on the server)."""
+
+
+class Client:
+    """Private inference for one model of a veil service.
+
+    Args:
+        url: the service, e.g. ``http://127.0.0.1:8000``.
+        model: the model name (``GET /v1/models``).
+        mode: ``"he"``, ``"tee"`` or ``"mpc"``.
+        api_key: the API key; default: the ``VEIL_API_KEY`` environment variable.
+        key_dir: where client secrets and session ids persist (0700; default ``~/.veil``).
+        timeout: seconds per HTTP request.
+        transport: an ``httpx`` transport (test seam, e.g. an in-process app).
+        mode_options: passed to the mode class (HE: ``bundle``, ``allow_insecure``,
+            ``progress``, ``check_range``, ``layout``).
+
+    Raises:
+        AuthError: no API key; ModeError: unknown mode. Every call raises the veil
+        exception of the server's error body, or ServiceError if the service cannot be
+        reached or answers something that is not veil's.
+    """
+
+    def __init__(self, url: str, model: str, mode: str = "he", *, api_key: str | None = None,
+                 key_dir: str | os.PathLike | None = None, timeout: float = 60.0,
+                 transport: httpx.BaseTransport | None = None, **mode_options) -> None:
+        if mode not in MODES:
+            raise ModeError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        self.url, self.model, self.mode_name = url.rstrip("/"), model, mode
+        token = api_key or os.environ.get("VEIL_API_KEY")
+        if not token:
+            raise AuthError("no API key: pass api_key= or set VEIL_API_KEY")
+        # Secrets are stored per client: the key id names it (the secret part never does).
+        self.client_id = key_id(token) or hashlib.sha256(token.encode()).hexdigest()[:16]
+        self.key_dir = Path(key_dir) if key_dir is not None else Path.home() / ".veil"
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport,
+                                  headers={"Authorization": f"Bearer {token}",
+                                           "User-Agent": f"veil-sdk/{__version__}"})
+        self._info: dict | None = None
+        try:
+            module, cls = MODES[mode]
+            self.mode: ModeClient = getattr(import_module(module), cls)(self, **mode_options)
+        except BaseException:
+            self._http.close()
+            raise
+
+    # -- HTTP, for mode objects ------------------------------------------------------
+    def _call(self, method: str, path: str, *, json: Any = None, content: Any = None,
+              headers: dict | None = None,
+              expect: Literal["json", "bytes", None] = "json") -> Any:
+        """One request to the service; returns parsed JSON, raw bytes, or None.
+
+        ``content`` (bytes or an iterator of bytes) is sent as octet-stream. An error
+        answer raises the veil exception its body names (``exc.status``, ``exc.code``).
+        """
+        h = dict(headers or {})
+        if content is not None:
+            h.setdefault("Content-Type", OCTETS)
+        try:
+            r = self._http.request(method, path, json=json, content=content, headers=h)
+        except httpx.TimeoutException as exc:
+            raise ServiceError(f"{method} {path}: {self.url} did not answer in time") from exc
+        except httpx.HTTPError as exc:
+            raise ServiceError(f"cannot reach {self.url}: {exc}") from exc
+        if r.status_code >= 400:
+            raise _error(r)
+        if expect == "json":
+            try:
+                return r.json()
+            except ValueError:
+                raise ServiceError(f"{method} {path}: the answer is not JSON") from None
+        return r.content if expect == "bytes" else None
+
+    def info(self) -> dict:
+        """The model's public description (``GET /v1/models/{model}``), cached."""
+        if self._info is None:
+            self._info = self._call("GET", f"/v1/models/{self.model}")
+        return self._info
+
+    # -- the verbs ---------------------------------------------------------------------
+    def encrypt(self, x) -> Any:
+        return self.mode.encrypt(x)
+
+    def infer(self, payload) -> Any:
+        return self.mode.infer(payload)
+
+    def decrypt(self, result) -> np.ndarray:
+        return self.mode.decrypt(result)
+
+    def infer_batch(self, xs) -> np.ndarray:
+        return self.mode.infer_batch(xs)
+
+    def predict(self, x) -> np.ndarray:
+        """All in one: one input -> its output; a batch ``(B, *input_shape)`` -> ``(B, ...)``."""
+        try:
+            arr = np.asarray(x, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"input is not numeric: {exc}") from exc
+        shape = tuple(self.info()["input_shape"])
+        if arr.shape == shape or (arr.ndim <= 1 and arr.size == int(np.prod(shape))):
+            return self.decrypt(self.infer(self.encrypt(arr)))
+        if arr.ndim == len(shape) + 1 and arr.shape[1:] == shape and len(arr):
+            return self.infer_batch(arr)
+        raise InputError(f"input has shape {arr.shape}; model {self.model!r} takes {shape} "
+                         f"or a batch (B, {', '.join(map(str, shape))})")
+
+    def close(self) -> None:
+        try:
+            self.mode.close()
+        finally:
+            self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _error(r: httpx.Response) -> VeilError:
+    try:
+        body = r.json()["error"]
+        code, message = str(body["code"]), str(body["message"])
+    except (ValueError, KeyError, TypeError):
+        exc = ServiceError(f"HTTP {r.status_code} from {r.request.url}: {r.text[:200]!r}")
+        exc.status, exc.code = r.status_code, None
+        return exc
+    return exception_for(code, message, r.status_code)

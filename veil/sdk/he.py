@@ -1,0 +1,255 @@
+"""HE mode of ``veil.Client``: keys stay here, the server sees only ciphertexts.
+
+1. The client bundle comes from the server (``GET .../he/client-bundle``, cached per
+   server under ``key_dir/bundles/``) or from a local folder (``bundle=``). Its model id
+   must be the one the server announces, and a bundle with insecure test parameters is
+   refused unless ``allow_insecure=True``.
+2. Keys are generated once per (server, model, client, model id) and persisted under
+   ``key_dir/he/<digest>/keys.veil`` (secret key + evaluation keys, 0600, dirs 0700,
+   written atomically), so a new ``Client`` reuses them.
+3. The evaluation keys are uploaded once; the session id persists next to them
+   (``session.json``). A session the server no longer has (404: expired, evicted, or a
+   server that lost its store) is re-created from the same keys, once per call, so a
+   ciphertext made before stays valid.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .._files import private_dir, write_private
+from ..deploy.bundle import ClientBundle
+from ..deploy.client import ModelClient
+from ..deploy.keys import SecretKey
+from ..errors import (BundleError, InputError, InsecureParametersError, KeyMismatchError,
+                      ModeError, NotFoundError, SerializationError)
+from ..service.protocol import pack_batch, unpack_batch, unpack_client_bundle
+from ..wire import pack, unpack
+
+log = logging.getLogger("veil.sdk")
+KEYS_KIND = "veil-sdk-he-keys"
+UPLOAD_CHUNK = 1 << 20
+
+
+def _write_atomic_private(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write_private(tmp, data)
+    os.replace(tmp, path)
+
+
+class HEMode:
+    """The HE mode object (see :class:`veil.sdk.client.ModeClient`).
+
+    Args:
+        client: the owning :class:`~veil.sdk.Client`.
+        bundle: a local client-bundle folder instead of the server's.
+        allow_insecure: accept a bundle with insecure test parameters.
+        progress: show key generation and upload progress on stderr (rich).
+        check_range: refuse inputs outside the calibrated range (default True).
+        layout: batch layout for :meth:`infer_batch` (``auto``, ``lanes``, ``features``).
+    Attributes:
+        uploads: evaluation-key uploads done by this object; session_id: current session.
+    """
+
+    def __init__(self, client, *, bundle: str | os.PathLike | None = None,
+                 allow_insecure: bool = False, progress: bool = False,
+                 check_range: bool = True, layout: str = "auto") -> None:
+        self._client, self.progress, self.layout = client, progress, layout
+        info = client.info()
+        if "he" not in info.get("modes", ()):
+            raise ModeError(f"model {client.model!r} is not served in mode 'he' "
+                            f"(it has {', '.join(info.get('modes', ()))})")
+        he = info["he"]
+        self.model_id = he["model_id"]
+        self.max_batch, self.max_batch_bytes = int(he["max_batch"]), int(he["max_batch_bytes"])
+        cb = ClientBundle.load(bundle) if bundle is not None else self._fetch_bundle()
+        if cb.model_id != self.model_id:
+            raise KeyMismatchError(f"the client bundle is for model id {cb.model_id}, the "
+                                   f"server serves {client.model!r} as {self.model_id}: use "
+                                   "the bundle of the served export")
+        if (cb.params.insecure_test_params or cb.params.security == "HEStd_NotSet") \
+                and not allow_insecure:
+            raise InsecureParametersError(
+                f"model {client.model!r} uses insecure test parameters (no security level): "
+                "pass allow_insecure=True only for tests")
+        self.crypto = ModelClient(cb, check_range=check_range)
+        ident = "\n".join([client.url, client.model, client.client_id, self.model_id])
+        self.dir = client.key_dir / "he" / hashlib.sha256(ident.encode()).hexdigest()[:32]
+        self._tag: str | None = None
+        self.session_id: str | None = None
+        self.uploads = 0
+
+    # -- bundle and keys ----------------------------------------------------------------
+    def _fetch_bundle(self) -> ClientBundle:
+        # Cached per server: a bundle is trusted only from the server that sent it.
+        server = hashlib.sha256(self._client.url.encode()).hexdigest()[:16]
+        d = private_dir(self._client.key_dir / "bundles" / f"{server}-{self.model_id}")
+        try:
+            cached = ClientBundle.load(d)
+            if cached.model_id == self.model_id:
+                return cached
+        except BundleError:
+            pass
+        blob = self._client._call("GET", f"/v1/models/{self._client.model}/he/client-bundle",
+                                  expect="bytes")
+        unpack_client_bundle(blob, d)
+        return ClientBundle.load(d)
+
+    def _keys_path(self) -> Path:
+        return self.dir / "keys.veil"
+
+    def _ensure_keys(self) -> None:
+        if self._tag is not None:
+            return
+        private_dir(self.dir)
+        path = self._keys_path()
+        if path.exists():
+            try:
+                header, parts = unpack(path.read_bytes(), KEYS_KIND)
+                self.crypto.load_secret_key(SecretKey.from_bytes(parts["secret"]))
+                self._tag = str(header["tag"])
+                return
+            except (SerializationError, KeyMismatchError, KeyError, OSError) as exc:
+                log.warning("ignoring unreadable keys in %s (%s); generating new ones",
+                            path, exc)
+        with self._status("generating HE keys"):
+            keys = self.crypto.keygen()
+        blob = pack(KEYS_KIND, {"secret": self.crypto.secret_key().to_bytes(),
+                                "evaluation": keys.to_bytes()},
+                    {"model": self.model_id, "tag": keys.tag})
+        _write_atomic_private(path, blob)
+        self._tag = keys.tag
+        self.session_id = None
+
+    # -- sessions -----------------------------------------------------------------------
+    def _saved_session(self) -> str | None:
+        try:
+            saved = json.loads((self.dir / "session.json").read_text())
+            if saved.get("tag") == self._tag and isinstance(saved.get("session"), str):
+                return saved["session"]
+        except (OSError, ValueError, AttributeError):
+            pass
+        return None
+
+    def _ensure_session(self) -> str:
+        self._ensure_keys()
+        if self.session_id is None:
+            self.session_id = self._saved_session()
+        return self.session_id or self._upload()
+
+    def _upload(self) -> str:
+        """Upload the evaluation keys; persists and returns the new session id."""
+        _, parts = unpack(self._keys_path().read_bytes(), KEYS_KIND)
+        data = parts["evaluation"]
+        answer = self._client._call(
+            "POST", f"/v1/models/{self._client.model}/he/sessions",
+            content=self._chunks(data), headers={"Content-Length": str(len(data))})
+        self.session_id = answer["session"]
+        self.uploads += 1
+        _write_atomic_private(self.dir / "session.json", json.dumps(
+            {"session": self.session_id, "tag": self._tag,
+             "expires_at": answer.get("expires_at")}).encode())
+        return self.session_id
+
+    def _with_session(self, fn):
+        """``fn(session_id)``; a session the server lost is re-created once."""
+        sid = self._ensure_session()
+        try:
+            return fn(sid)
+        except NotFoundError:
+            log.info("session %s… is gone on the server; uploading the keys again", sid[:8])
+            self.session_id = None
+            return fn(self._upload())
+
+    def delete_session(self) -> None:
+        """Delete the session on the server (keys stay here; the next call re-uploads)."""
+        self._ensure_keys()
+        sid = self.session_id or self._saved_session()
+        if sid is not None:
+            try:
+                self._client._call("DELETE", f"/v1/he/sessions/{sid}", expect=None)
+            except NotFoundError:
+                pass
+        self.session_id = None
+        (self.dir / "session.json").unlink(missing_ok=True)
+
+    # -- the mode interface -------------------------------------------------------------
+    def encrypt(self, x) -> bytes:
+        self._ensure_keys()
+        return self.crypto.encrypt(x)
+
+    def infer(self, payload: bytes) -> bytes:
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
+            raise InputError("infer() takes the bytes of encrypt(); use predict() for arrays")
+        return self._with_session(lambda sid: self._client._call(
+            "POST", f"/v1/he/sessions/{sid}/infer", content=bytes(payload), expect="bytes"))
+
+    def decrypt(self, result: bytes) -> np.ndarray:
+        self._ensure_keys()
+        return self.crypto.decrypt(result)
+
+    def infer_batch(self, xs) -> np.ndarray:
+        xs = list(xs)
+        if not xs:
+            raise InputError("infer_batch needs at least one input")
+        self._ensure_keys()
+        cts = self.crypto.encrypt_batch(xs, layout=self.layout)
+        outs: list[bytes] = []
+        for group in self._groups(cts):
+            blob = pack_batch(group)
+            answer = self._with_session(lambda sid: self._client._call(
+                "POST", f"/v1/he/sessions/{sid}/infer-batch", content=blob, expect="bytes"))
+            outs += unpack_batch(answer, max_items=len(group), max_size=1 << 34)
+        return self.crypto.decrypt_batch(outs)
+
+    def _groups(self, cts: list[bytes]) -> Iterator[list[bytes]]:
+        group: list[bytes] = []
+        size = 0
+        for ct in cts:
+            if group and (len(group) >= self.max_batch
+                          or size + len(ct) + 4096 > self.max_batch_bytes):
+                yield group
+                group, size = [], 0
+            group.append(ct)
+            size += len(ct) + 256
+        if group:
+            yield group
+
+    def close(self) -> None:
+        self.crypto.close()
+
+    # -- progress (only when asked) -------------------------------------------------------
+    @contextmanager
+    def _status(self, text: str):
+        if not self.progress:
+            yield
+            return
+        from rich.console import Console
+
+        with Console(stderr=True).status(text):
+            yield
+
+    def _chunks(self, data: bytes) -> Iterator[bytes]:
+        view = memoryview(data)
+        if not self.progress:
+            for i in range(0, len(data), UPLOAD_CHUNK):
+                yield bytes(view[i:i + UPLOAD_CHUNK])
+            return
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                                   TransferSpeedColumn)
+
+        with Progress(TextColumn("uploading evaluation keys"), BarColumn(), DownloadColumn(),
+                      TransferSpeedColumn(), transient=True) as bar:
+            task = bar.add_task("upload", total=len(data))
+            for i in range(0, len(data), UPLOAD_CHUNK):
+                chunk = bytes(view[i:i + UPLOAD_CHUNK])
+                yield chunk
+                bar.advance(task, len(chunk))
+

@@ -1,0 +1,44 @@
+"""``python -m veil.service EXPORT... --store DIR --listen HOST:PORT``: serve exports."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from .app import ServiceConfig
+from .run import serve
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"--listen takes HOST:PORT, not {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m veil.service", description=__doc__)
+    ap.add_argument("exports", nargs="+", help="export folders (veil export)")
+    ap.add_argument("--store", required=True, help="directory for sessions and API keys")
+    ap.add_argument("--listen", type=parse_listen, default=("127.0.0.1", 8000),
+                    help="HOST:PORT (port 0: any free port; default 127.0.0.1:8000)")
+    ap.add_argument("--ttl", type=float, default=24 * 3600.0, help="session idle TTL (s)")
+    ap.add_argument("--disk-budget", type=int, default=8 << 30,
+                    help="bytes of stored evaluation keys")
+    ap.add_argument("--memory-budget", type=int, default=2 << 30,
+                    help="bytes of loaded OpenFHE sessions (estimated)")
+    ap.add_argument("--body-timeout", type=float, default=600.0,
+                    help="seconds a request body may take to arrive")
+    ap.add_argument("--log-level", default="WARNING")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServiceConfig(exports=args.exports, store_dir=args.store, session_ttl_s=args.ttl,
+                           disk_budget_bytes=args.disk_budget,
+                           memory_budget_bytes=args.memory_budget,
+                           body_timeout_s=args.body_timeout)
+    serve(config, *args.listen)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

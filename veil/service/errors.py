@@ -1,0 +1,141 @@
+"""The one table between veil exceptions and HTTP answers, used by both ends.
+
+The server turns an exception into ``status`` + ``{"error": {"code", "message"}}``
+(:func:`install_handlers`); the SDK turns such a body back into the same exception
+type (:func:`exception_for`). Codes are stable strings: clients branch on them, never
+on messages. The most specific class of an exception's MRO that the table lists wins.
+
+Anything not in the table (a bug) becomes 500 ``internal`` with a generic message; the
+traceback goes to the ``veil.service`` log, never into the response.
+"""
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+from ..errors import (AttestationError, AuthError, BundleError, DecryptionError, EngineError,
+                      EvidenceExpiredError, InputError, InsecureParametersError,
+                      KeyMismatchError, KeyReleaseError, KeyTypeError, MediaTypeError,
+                      MissingKeyError, ModeError, NotFoundError, PayloadTooLargeError,
+                      PolicyError, ReplayError, SerializationError, ServiceError,
+                      SessionError, TEEError, VeilError)
+
+log = logging.getLogger("veil.service")
+
+
+class ErrorSpec(NamedTuple):
+    exc: type[VeilError]
+    status: int
+    code: str
+
+
+# Order matters only for codes shared by several classes: the first row of a code is
+# the class the SDK raises for it (so "refused" comes back as VeilError).
+ERRORS: tuple[ErrorSpec, ...] = (
+    ErrorSpec(VeilError, 400, "refused"),
+    ErrorSpec(TEEError, 400, "refused"),
+    ErrorSpec(AuthError, 401, "unauthorized"),
+    ErrorSpec(NotFoundError, 404, "not-found"),
+    ErrorSpec(PayloadTooLargeError, 413, "too-large"),
+    ErrorSpec(MediaTypeError, 415, "media-type"),
+    ErrorSpec(InputError, 422, "input"),
+    ErrorSpec(SerializationError, 400, "malformed"),
+    ErrorSpec(KeyTypeError, 400, "key-type"),
+    ErrorSpec(KeyMismatchError, 409, "key-mismatch"),
+    ErrorSpec(MissingKeyError, 409, "missing-key"),
+    ErrorSpec(ModeError, 404, "mode"),
+    ErrorSpec(InsecureParametersError, 400, "insecure"),
+    # OpenFHE failing on a request's bytes: the only engine input a client controls is
+    # its ciphertext, so this is the client's problem; the native detail is only logged.
+    ErrorSpec(EngineError, 400, "engine"),
+    ErrorSpec(DecryptionError, 400, "sealed"),
+    ErrorSpec(ReplayError, 409, "replay"),
+    ErrorSpec(SessionError, 404, "session"),
+    ErrorSpec(AttestationError, 400, "attestation"),
+    ErrorSpec(PolicyError, 403, "policy"),
+    ErrorSpec(EvidenceExpiredError, 403, "expired"),
+    ErrorSpec(KeyReleaseError, 403, "key-release"),
+    # A served bundle that cannot be read is the operator's fault, not the client's.
+    ErrorSpec(BundleError, 500, "bundle"),
+    ErrorSpec(ServiceError, 500, "internal"),
+)
+_BY_CLASS = {row.exc: row for row in ERRORS}
+_BY_CODE: dict[str, type[VeilError]] = {}
+for _row in ERRORS:
+    _BY_CODE.setdefault(_row.code, _row.exc)
+INTERNAL = ErrorSpec(ServiceError, 500, "internal")
+# Messages of these classes are replaced: their text may carry native detail.
+_OPAQUE = {EngineError: "the homomorphic evaluation failed on this input",
+           BundleError: "the service cannot read this model's bundle",
+           DecryptionError: "the sealed message could not be opened"}
+# Errors of the HTTP layer itself (unknown route, wrong method, bad parameters).
+HTTP_CODES = {400: "malformed", 401: "unauthorized", 404: "not-found",
+              405: "method-not-allowed", 413: "too-large", 415: "media-type", 422: "input"}
+
+
+def spec_for(exc: BaseException) -> ErrorSpec:
+    """The table row of the most specific listed class of ``exc`` (INTERNAL if none)."""
+    for cls in type(exc).__mro__:
+        row = _BY_CLASS.get(cls)
+        if row is not None:
+            return row
+    return INTERNAL
+
+
+def error_body(code: str, message: str) -> dict:
+    return {"error": {"code": code, "message": message}}
+
+
+def public_message(exc: VeilError) -> str:
+    for cls, text in _OPAQUE.items():
+        if isinstance(exc, cls):
+            return text
+    return str(exc) or type(exc).__name__
+
+
+def exception_for(code: str, message: str, status: int | None = None) -> VeilError:
+    """The exception the SDK raises for an error body: same type as on the server.
+
+    Unknown codes (a newer server) become :class:`ServiceError`."""
+    cls = _BY_CODE.get(code, ServiceError)
+    exc = cls(message)
+    exc.status = status
+    exc.code = code
+    return exc
+
+
+def install_handlers(app) -> None:
+    """Register the exception handlers that make every error a JSON body."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    async def veil_error(request, exc: VeilError):
+        row = spec_for(exc)
+        if row.status >= 500:
+            log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        else:
+            log.debug("%s %s refused: %r", request.method, request.url.path, exc)
+        headers = {"WWW-Authenticate": "Bearer"} if row.status == 401 else None
+        return JSONResponse(error_body(row.code, public_message(exc)), row.status,
+                            headers=headers)
+
+    async def http_error(request, exc: HTTPException):
+        code = HTTP_CODES.get(exc.status_code, "http")
+        detail = exc.detail if isinstance(exc.detail, str) else code
+        return JSONResponse(error_body(code, detail), exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    async def validation_error(request, exc: RequestValidationError):
+        where = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}"
+                          for e in exc.errors()[:5])
+        return JSONResponse(error_body("input", f"invalid request: {where}"), 422)
+
+    async def unexpected(request, exc: Exception):
+        log.error("%s %s crashed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(error_body(INTERNAL.code, "internal server error"), 500)
+
+    app.add_exception_handler(VeilError, veil_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, unexpected)

@@ -1,0 +1,230 @@
+"""HE routes: client bundles, evaluation-key sessions, encrypted inference.
+
+The server side of ``veil.deploy`` over HTTP. It only ever holds evaluation keys and
+ciphertexts: uploads are parsed as :class:`~veil.deploy.keys.EvaluationKeys` (a secret
+key is refused with KeyTypeError) and must be for the model of the route.
+
+A session is created in three steps, and any failure leaves nothing behind:
+1. stream the body to a temporary file, refusing it (413) once it passes the limit;
+2. parse the keys and load them into OpenFHE (which validates them);
+3. commit: rename into the store and insert the metadata row.
+
+Sessions of other clients are indistinguishable from unknown ones (404 ``not-found``).
+"""
+from __future__ import annotations
+
+import logging
+
+from fastapi import Depends, FastAPI, Request, Response
+
+from ..deploy.bundle import ServerBundle
+from ..deploy.keys import EvaluationKeys
+from ..deploy.server import ModelServer
+from ..errors import (KeyMismatchError, NotFoundError, PayloadTooLargeError,
+                      SerializationError, SessionExpiredError)
+from .app import BINARY_BODY, ServiceContext, check_length, check_media_type, stream
+from .protocol import OCTETS, pack_batch, pack_client_bundle, unpack_batch
+from .sessions import LoadedSessions
+from .store import NO_SESSION, SessionRecord, SQLiteStore
+
+log = logging.getLogger("veil.service")
+CHUNK = 1 << 20
+
+
+class HEService:
+    """Model servers, the session store and the loaded sessions of one app."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        cfg = ctx.config
+        self.ctx = ctx
+        self.servers: dict[str, ModelServer] = {}
+        self.bundles: dict[str, bytes] = {}
+        for name, info in ctx.models.items():
+            if "he" in info.modes:
+                server = ModelServer(ServerBundle.load(info.path("he") / "server"))
+                self.servers[name] = server
+                self.bundles[name] = pack_client_bundle(
+                    info.path("he") / "client", {"model": name,
+                                                 "model_id": server.bundle.model_id})
+        self._by_id = {s.bundle.model_id: s for s in self.servers.values()}
+        self.store = SQLiteStore(cfg.store_dir, ttl_s=cfg.session_ttl_s,
+                                 disk_budget_bytes=cfg.disk_budget_bytes)
+        self.loaded = LoadedSessions(cfg.memory_budget_bytes, self._open)
+        self.store.sweep()
+
+    def server(self, name: str) -> ModelServer:
+        self.ctx.model(name, "he")
+        return self.servers[name]
+
+    def info(self, info) -> dict:
+        server = self.servers[info.name]
+        p = server.bundle.params
+        return {**info.index.get("he", {}), "model_id": server.bundle.model_id,
+                "insecure_test_params": p.insecure_test_params,
+                "max_input_bytes": server.max_input_bytes,
+                "max_batch": self.ctx.config.max_batch,
+                "max_batch_bytes": self.batch_limit(server)}
+
+    def batch_limit(self, server: ModelServer) -> int:
+        cap = self.ctx.config.limit("batch")
+        return max(server.max_input_bytes + (1 << 16),
+                   min(cap, self.ctx.config.max_batch * server.max_input_bytes))
+
+    def _open(self, keys: EvaluationKeys):
+        server = self._by_id.get(keys.model_id)
+        if server is None:
+            raise NotFoundError(NO_SESSION)
+        return server.open_session(keys)
+
+    # -- sessions -------------------------------------------------------------------
+    async def create(self, request: Request, client: str, name: str) -> dict:
+        server = self.server(name)
+        check_media_type(request, OCTETS)
+        limit = min(self.ctx.config.limit("keys"), self.store.disk_budget_bytes)
+        check_length(request, limit)
+        upload = await self.ctx.run_sync(self.store.begin, limit)
+        try:
+            buf, received = bytearray(), 0
+            with self.ctx.deadline():
+                async for chunk in stream(request):
+                    received += len(chunk)
+                    if received > limit:
+                        raise PayloadTooLargeError(f"evaluation keys exceed the {limit}-byte"
+                                                   " limit of this server")
+                    buf += chunk
+                    if len(buf) >= CHUNK:
+                        await self.ctx.run_sync(upload.write, bytes(buf))
+                        buf.clear()
+            if buf:
+                await self.ctx.run_sync(upload.write, bytes(buf))
+            async with self.ctx.slot():    # parsing and loading hold the keys in memory
+                rec = await self.ctx.run_sync(self._commit, upload, client, name, server)
+        except BaseException:
+            upload.abort()
+            raise
+        return {"session": rec.id, "expires_at": rec.expires_at,
+                "ttl_s": self.store.ttl_s}
+
+    def _commit(self, upload, client: str, name: str, server: ModelServer) -> SessionRecord:
+        for sid in self.store.sweep():
+            self.loaded.discard(sid)
+        if upload.size == 0:
+            raise SerializationError("the body is empty: send ModelClient.evaluation_keys()")
+        keys = EvaluationKeys.from_bytes(upload.data())
+        if keys.model_id != server.bundle.model_id:
+            raise KeyMismatchError(f"these evaluation keys were generated for another model "
+                                   f"than {name!r}: generate them from its client bundle")
+        self.loaded.run(upload.id, lambda: keys, lambda session: None)   # OpenFHE check
+        try:
+            rec, evicted = self.store.commit(upload, owner=client, model=name,
+                                             model_id=keys.model_id)
+        except BaseException:
+            self.loaded.discard(upload.id)
+            raise
+        for sid in evicted:
+            self.loaded.discard(sid)
+        log.info("session %s… for %s (%d bytes of keys)", rec.id[:8], name, rec.size)
+        return rec
+
+    def _record(self, session_id: str, client: str, *, touch: bool = True) -> SessionRecord:
+        try:
+            rec = self.store.get(session_id, client, touch=touch)
+        except SessionExpiredError:
+            self.loaded.discard(session_id)
+            raise
+        if rec.model_id not in self._by_id:   # the model was re-exported meanwhile
+            self.delete(session_id, client)
+            raise NotFoundError(NO_SESSION)
+        return rec
+
+    def _keys(self, rec: SessionRecord):
+        return lambda: EvaluationKeys.from_bytes(self.store.read_keys(rec.id))
+
+    def infer(self, session_id: str, client: str, ciphertext: bytes) -> bytes:
+        rec = self._record(session_id, client)
+        return self.loaded.run(rec.id, self._keys(rec), lambda s: _run(s, [ciphertext])[0])
+
+    def infer_batch(self, session_id: str, client: str, blob: bytes) -> bytes:
+        rec = self._record(session_id, client)
+        server = self._by_id[rec.model_id]
+        cts = unpack_batch(blob, max_items=self.ctx.config.max_batch,
+                           max_size=self.batch_limit(server))
+        outs = self.loaded.run(rec.id, self._keys(rec), lambda s: _run(s, cts))
+        return pack_batch(outs)
+
+    def delete(self, session_id: str, client: str) -> None:
+        self.store.delete(session_id, client)
+        self.loaded.discard(session_id)
+
+    def close(self) -> None:
+        self.loaded.close()
+        self.store.close()
+
+
+def _run(session, ciphertexts: list[bytes]) -> list[bytes]:
+    try:
+        return session.run_batch(ciphertexts)
+    except (AttributeError, TypeError) as exc:
+        # OpenFHE's deserializer returns None instead of raising for some malformed
+        # ciphertexts (e.g. a zeroed header), and the engine does not check yet: the
+        # bytes are the client's, so this is a malformed request, not a server fault.
+        log.warning("undecodable ciphertext reached the engine: %r", exc)
+        raise SerializationError("ciphertext bytes could not be decoded") from exc
+
+
+def add_routes(app: FastAPI, ctx: ServiceContext) -> HEService:
+    """Mount the HE routes; the service closes with the app."""
+    he = HEService(ctx)
+    ctx.closers.append(he.close)
+    ctx.mode_info["he"] = he.info
+    app.state.he = he
+    octets = {"content": {OCTETS: {"schema": {"type": "string", "format": "binary"}}}}
+
+    @app.get("/v1/models/{name}/he/client-bundle", tags=["he"], response_class=Response,
+             responses={200: octets})
+    def client_bundle(name: str, client: str = Depends(ctx.require_client)) -> Response:
+        he.server(name)
+        return Response(he.bundles[name], media_type=OCTETS)
+
+    @app.post("/v1/models/{name}/he/sessions", tags=["he"], status_code=201,
+              openapi_extra=BINARY_BODY)
+    async def create_session(name: str, request: Request,
+                             client: str = Depends(ctx.require_client)) -> dict:
+        return await he.create(request, client, name)
+
+    @app.post("/v1/he/sessions/{session_id}/infer", tags=["he"], response_class=Response,
+              openapi_extra=BINARY_BODY, responses={200: octets})
+    async def infer(session_id: str, request: Request,
+                    client: str = Depends(ctx.require_client)) -> Response:
+        async with ctx.slot():
+            limit = await ctx.run_sync(_ct_limit, he, session_id, client)
+            body = await ctx.read_body(request, limit)
+            out = await ctx.run_sync(he.infer, session_id, client, body)
+        return Response(out, media_type=OCTETS)
+
+    @app.post("/v1/he/sessions/{session_id}/infer-batch", tags=["he"],
+              response_class=Response, openapi_extra=BINARY_BODY, responses={200: octets})
+    async def infer_batch(session_id: str, request: Request,
+                          client: str = Depends(ctx.require_client)) -> Response:
+        async with ctx.slot():
+            limit = await ctx.run_sync(_batch_limit, he, session_id, client)
+            body = await ctx.read_body(request, limit)
+            out = await ctx.run_sync(he.infer_batch, session_id, client, body)
+        return Response(out, media_type=OCTETS)
+
+    @app.delete("/v1/he/sessions/{session_id}", tags=["he"], status_code=204,
+                response_class=Response)
+    def delete_session(session_id: str, client: str = Depends(ctx.require_client)) -> Response:
+        he.delete(session_id, client)
+        return Response(status_code=204)
+
+    return he
+
+
+def _ct_limit(he: HEService, session_id: str, client: str) -> int:
+    """The body limit of this session's model; checks the session before any body."""
+    return he._by_id[he._record(session_id, client, touch=False).model_id].max_input_bytes
+
+
+def _batch_limit(he: HEService, session_id: str, client: str) -> int:
+    return he.batch_limit(he._by_id[he._record(session_id, client, touch=False).model_id])
