@@ -20,15 +20,15 @@ def tiny_model(seed: int = 0):
     return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
 
 
-def tiny_export(directory: Path, name: str, seed: int = 0):
-    """(torch model, compiled model, calibration data) of an HE export at ``directory``."""
+def tiny_export(directory: Path, name: str, seed: int = 0, modes=("he",)):
+    """(torch model, compiled model, calibration data) of an export at ``directory``."""
     import veil
     from veil.deploy.export import export_model
 
     model = tiny_model(seed)
     calib = np.random.default_rng(seed).uniform(-1, 1, (64, 4))
     compiled = veil.compile(model, calib, insecure_test_params=True)
-    export_model(model, calib, directory, name=name, modes=["he"], compiled=compiled)
+    export_model(model, calib, directory, name=name, modes=modes, compiled=compiled)
     return model, compiled, calib
 
 

@@ -112,3 +112,28 @@ def test_stopping_the_service_stops_its_enclave_and_parties(served):
     proc.wait(timeout=30)
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert alive == []
+
+
+def test_children_die_with_a_killed_service(tmp_path):
+    """SIGKILL gives the service no chance to clean up: Linux stops its children."""
+    from veil.backends.mpc import transport
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2)).eval()
+    info = export_model(model, np.zeros((4, 3)), tmp_path / "m", modes=("mpc",))
+    transport.setup(tmp_path / "keys")
+    code = ("import sys, time\n"
+            "from veil.deploy.export import read_export\n"
+            "from veil.service.processes import Processes\n"
+            f"p = Processes({str(tmp_path / 'logs')!r})\n"
+            f"p.mpc(read_export({str(info.directory)!r}), {str(tmp_path / 'keys')!r})\n"
+            "print('up', flush=True)\n"
+            "time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout.readline().strip() == "up"
+    children = psutil.Process(parent.pid).children(recursive=True)
+    assert len(children) == 3
+    parent.kill()
+    parent.wait()
+    gone, alive = psutil.wait_procs(children, timeout=15)
+    assert alive == []

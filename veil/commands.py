@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -139,6 +140,9 @@ def serve_cmd(args) -> int:
     from .service.app import ServiceConfig
     from .service.run import serve
 
+    # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into an exception so
+    # the children below are stopped by the `finally`
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     infos = [read_export(d) for d in args.exports]
     names = [i.name for i in infos]
     if len(set(names)) != len(names):

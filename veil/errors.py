@@ -102,6 +102,11 @@ class ServiceError(VeilError):
     Raised by the SDK for transport failures and for answers that are not veil's."""
 
 
+class UnavailableError(ServiceError):
+    """A backend the service fronts (an enclave, an MPC party) cannot be reached
+    (HTTP 503); the request may be retried later."""
+
+
 class AuthError(VeilError):
     """A request carried no API key, or one that is unknown or revoked (HTTP 401)."""
 

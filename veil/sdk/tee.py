@@ -71,7 +71,7 @@ class TEEMode:
     """Options: ``policy`` (required: a Policy or the path of ``veil tee-policy``'s
     file), ``suite`` (``"x25519"`` or ``"mlkem768-x25519"``)."""
 
-    def __init__(self, client, *, policy, suite: str = seal.DEFAULT_SUITE) -> None:
+    def __init__(self, client, *, policy=None, suite: str = seal.DEFAULT_SUITE) -> None:
         if policy is None:
             raise InputError("the tee mode needs policy=: the file from `veil tee-policy` "
                              "that says which enclave measurements and attesters you trust")

@@ -18,6 +18,7 @@ from ..errors import (AttestationError, AuthError, BundleError, DecryptionError,
                       KeyMismatchError, KeyReleaseError, KeyTypeError, MediaTypeError,
                       MissingKeyError, ModeError, NotFoundError, PayloadTooLargeError,
                       PolicyError, ReplayError, SerializationError, ServiceError,
+                      UnavailableError,
                       SessionError, TEEError, VeilError)
 
 log = logging.getLogger("veil.service")
@@ -57,6 +58,7 @@ ERRORS: tuple[ErrorSpec, ...] = (
     ErrorSpec(KeyReleaseError, 403, "key-release"),
     # A served bundle that cannot be read is the operator's fault, not the client's.
     ErrorSpec(BundleError, 500, "bundle"),
+    ErrorSpec(UnavailableError, 503, "unavailable"),
     ErrorSpec(ServiceError, 500, "internal"),
 )
 _BY_CLASS = {row.exc: row for row in ERRORS}

@@ -162,14 +162,7 @@ class HEService:
 
 
 def _run(session, ciphertexts: list[bytes]) -> list[bytes]:
-    try:
-        return session.run_batch(ciphertexts)
-    except (AttributeError, TypeError) as exc:
-        # OpenFHE's deserializer returns None instead of raising for some malformed
-        # ciphertexts (e.g. a zeroed header), and the engine does not check yet: the
-        # bytes are the client's, so this is a malformed request, not a server fault.
-        log.warning("undecodable ciphertext reached the engine: %r", exc)
-        raise SerializationError("ciphertext bytes could not be decoded") from exc
+    return session.run_batch(ciphertexts)
 
 
 def add_routes(app: FastAPI, ctx: ServiceContext) -> HEService:

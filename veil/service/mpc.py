@@ -20,11 +20,7 @@ def add_routes(app, ctx) -> None:
     @app.get("/v1/models/{name}/mpc", tags=["mpc"],
              summary="Where the two MPC parties listen, and their fixed-point scale")
     async def mpc_info(name: str, client: str = Depends(ctx.require_client)) -> dict:
-        if name not in served:
-            from ..errors import NotFoundError
-
-            raise NotFoundError(f"no model {name!r} with the mpc mode is served here")
-        info = ctx.models[name]
+        info = ctx.model(name, "mpc")
         return {"party0": served[name]["party0"], "party1": served[name]["party1"],
                 "frac_bits": served[name].get("frac_bits", 20),
                 "input_shape": list(info.input_shape),

@@ -12,8 +12,10 @@ collude, on their own machines. ``connect_mpc`` is the production form.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -23,6 +25,18 @@ from ..deploy.export import ExportInfo
 from ..errors import VeilError
 
 START_TIMEOUT_S = 60.0
+
+
+try:            # looked up here, not in the forked child (no dlopen between fork and exec)
+    _PRCTL = ctypes.CDLL(None).prctl if sys.platform == "linux" else None
+except (OSError, AttributeError):
+    _PRCTL = None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGTERM it when its parent dies, so even
+    a service killed with SIGKILL leaves no enclave or party behind."""
+    _PRCTL(1, signal.SIGTERM)                  # PR_SET_PDEATHSIG
 
 
 class ProcessError(VeilError):
@@ -56,7 +70,8 @@ class Processes:
         log = open(self.log_dir / f"{name}.log", "ab")
         try:
             proc = subprocess.Popen([sys.executable, "-m", "veil", *args],
-                                    stdout=subprocess.PIPE, stderr=log, text=True)
+                                    stdout=subprocess.PIPE, stderr=log, text=True,
+                                    preexec_fn=_die_with_parent if _PRCTL else None)
         finally:
             log.close()
         self._procs.append(proc)

@@ -26,12 +26,11 @@ import threading
 import time
 
 from fastapi import Depends, Request, Response
-from fastapi.concurrency import run_in_threadpool
 
 from ..backends import sockets
 from ..backends.sockets import TransportError
 from ..backends.tee import net
-from ..errors import InputError, SerializationError, SessionError
+from ..errors import InputError, SerializationError, SessionError, UnavailableError
 
 CHANNEL_TTL_S = 300.0
 MAX_CHANNELS = 4096
@@ -124,25 +123,6 @@ def body_limit(input_shape: tuple[int, ...]) -> int:
     return net.MAX_BATCH * size * 8 + (1 << 16)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused as soon as it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise _too_large(limit)
-    return bytes(buf)
-
-
-def _too_large(limit: int) -> Exception:
-    from ..errors import PayloadTooLargeError
-
-    return PayloadTooLargeError(f"the body exceeds this route's limit of {limit} bytes")
-
-
 def add_routes(app, ctx) -> None:
     """Register the TEE routes for every served model with the ``tee`` mode."""
     relays: dict[str, EnclaveRelay] = {}
@@ -151,21 +131,23 @@ def add_routes(app, ctx) -> None:
             host, _, port = ctx.config.backends[name]["tee"]["enclave"].rpartition(":")
             relays[name] = EnclaveRelay((host, int(port)))
     channels = Channels()
+    ctx.closers.extend(r.close for r in relays.values())
+    ctx.mode_info["tee"] = lambda info: dict(info.index.get("tee", {}))
 
     def relay(name: str) -> EnclaveRelay:
-        try:
-            return relays[name]
-        except KeyError:
-            from ..errors import NotFoundError
+        ctx.model(name, "tee")
+        return relays[name]
 
-            raise NotFoundError(f"no model {name!r} with the tee mode is served here") \
-                from None
+    async def call(r: EnclaveRelay, kind: int, body: bytes, wanted: int) -> bytes:
+        try:
+            return await ctx.run_sync(r.call, kind, body, wanted)
+        except TransportError as exc:     # the enclave is down: the service's failure
+            raise UnavailableError(str(exc)) from None
 
     @app.get("/v1/models/{name}/tee", tags=["tee"], summary="The enclave's public status")
     async def tee_status(name: str, client: str = Depends(ctx.require_client)) -> dict:
         r = relay(name)
-        status = sockets.json_object(await run_in_threadpool(
-            r.call, net.STATUS_REQUEST, b"", net.STATUS))
+        status = sockets.json_object(await call(r, net.STATUS_REQUEST, b"", net.STATUS))
         return {k: status.get(k) for k in ("mode", "attester", "measurement", "insecure",
                                             "veil")}
 
@@ -175,12 +157,12 @@ def add_routes(app, ctx) -> None:
     async def tee_evidence(name: str, request: Request,
                            client: str = Depends(ctx.require_client)) -> Response:
         r = relay(name)
-        body = await read_body(request, 4096)
+        body = await ctx.read_body(request, 4096, media_type="application/json")
         nonce = sockets.json_object(body).get("nonce")
         if not isinstance(nonce, str):
             raise InputError('an evidence request is {"nonce": "<base64url>"}')
-        token = await run_in_threadpool(r.call, net.EVIDENCE_REQUEST,
-                                        json.dumps({"nonce": nonce}).encode(), net.EVIDENCE)
+        token = await call(r, net.EVIDENCE_REQUEST, json.dumps({"nonce": nonce}).encode(),
+                           net.EVIDENCE)
         channels.claim(_channel_claim(token), client)
         return Response(token, media_type="application/jwt")
 
@@ -190,9 +172,9 @@ def add_routes(app, ctx) -> None:
     async def tee_open(name: str, request: Request,
                        client: str = Depends(ctx.require_client)) -> Response:
         r = relay(name)
-        body = await read_body(request, 8192)
+        body = await ctx.read_body(request, 8192)
         channels.check(body, client)
-        await run_in_threadpool(r.call, net.OPEN, body, net.OPENED)
+        await call(r, net.OPEN, body, net.OPENED)
         return Response(status_code=204)
 
     @app.post("/v1/models/{name}/tee/infer", tags=["tee"], openapi_extra=_BINARY,
@@ -201,7 +183,8 @@ def add_routes(app, ctx) -> None:
     async def tee_infer(name: str, request: Request,
                         client: str = Depends(ctx.require_client)) -> Response:
         r = relay(name)
-        body = await read_body(request, body_limit(ctx.models[name].input_shape))
-        channels.check(body, client)
-        answer = await run_in_threadpool(r.call, net.REQUEST, body, net.RESULT)
+        async with ctx.slot():
+            body = await ctx.read_body(request, body_limit(ctx.models[name].input_shape))
+            channels.check(body, client)
+            answer = await call(r, net.REQUEST, body, net.RESULT)
         return Response(answer, media_type="application/octet-stream")

@@ -80,9 +80,12 @@ def serialize_ciphertext(ct) -> bytes:
 
 def deserialize_ciphertext(data: bytes):
     try:
-        return ofhe.DeserializeCiphertextString(data, ofhe.BINARY)
+        ct = ofhe.DeserializeCiphertextString(data, ofhe.BINARY)
     except RuntimeError as exc:
         raise SerializationError("ciphertext bytes could not be decoded") from exc
+    if ct is None:          # some malformed inputs (e.g. a zeroed header) give None, no error
+        raise SerializationError("ciphertext bytes could not be decoded")
+    return ct
 
 
 class ClientCrypto:
@@ -217,6 +220,8 @@ class EvaluationSession:
                         if key_parts.get("rotations") else None)
             except (RuntimeError, KeyError) as exc:
                 raise SerializationError("evaluation key bytes could not be decoded") from exc
+            if mult is None or (key_parts.get("rotations") and auto is None):
+                raise SerializationError("evaluation key bytes could not be decoded")
             self.cc.InsertEvalMultKey([mult], tag)
             if auto is not None:
                 self.cc.InsertEvalAutomorphismKey(auto, tag)
