@@ -142,13 +142,14 @@ def run(args) -> int:
         if run_id:
             mlflow_log.log_artifacts(run_id, args.mlflow, out)
     except _Usage as exc:
-        console.print(f"veil compare: {exc}")
+        print(f"veil compare: {exc}", file=sys.stderr)
         return 2
     except VeilError as exc:
-        console.print(f"veil compare: {exc}")
+        print(f"veil compare: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:         # every child was stopped by its context manager
-        console.print("veil compare: interrupted; all processes it started are stopped")
+        print("veil compare: interrupted; every process it started is stopped",
+              file=sys.stderr)
         return 130
     # piped output (make demo | tee) gets the full table rather than 80 squeezed columns
     out_console = Console(width=None if sys.stdout.isatty() else 170)
