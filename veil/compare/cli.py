@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +41,9 @@ def _options(p: argparse.ArgumentParser) -> None:
                    help=f"test inputs for he, one at a time (default {DEFAULT_N_HE}: each "
                         "costs 0.1-2 s)")
     p.add_argument("--batch", type=int, default=64, help="batch size for throughput")
+    p.add_argument("--budget", type=float, default=30.0,
+                   help="seconds each mode's single inputs may take; fewer than --n run "
+                        "after that (at least 10, 3 for he), and the report says so")
     p.add_argument("--he-batch-budget", type=float, default=20.0,
                    help="seconds HE's batch may take; it is cut to whole ciphertexts")
     p.add_argument("--out", default="compare-report",
@@ -100,8 +104,27 @@ def _usage(msg: str) -> _Usage:
 def _progress_factory(bar):
     def make(label: str, total: int):
         task = bar.add_task(label, total=total)
-        return lambda k: bar.update(task, advance=k)
+
+        def advance(k: int, done: bool = False) -> None:
+            if done:     # a time budget may have cut the mode short: show it finished
+                bar.update(task, total=bar.tasks[task].completed or 1,
+                           completed=bar.tasks[task].completed or 1)
+            else:
+                bar.update(task, advance=k)
+        return advance
     return make
+
+
+def _process_settings() -> None:
+    """For every child (which inherits the environment) and for the libraries this
+    process has not loaded yet (torch, OpenFHE; numpy is loaded by ``import veil``):
+    one OpenBLAS thread, and libgomp threads that stop spinning soon after a parallel
+    region. With the client and a server on 2 cores, spinning threads of one process
+    stall the other (``docs/ARCHITECTURE.md``, OpenFHE engine: a rotation 176 ms
+    instead of 23 ms); torch's own libgomp would otherwise spin in the HE client. A
+    value the user set is kept."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 
 def run(args) -> int:
@@ -114,11 +137,13 @@ def run(args) -> int:
     from . import plots, report
     from .runner import CompareConfig, run as run_compare
 
+    _process_settings()
     console = Console(stderr=True)
     try:
         workloads, skipped = _workloads(args)
         cfg = CompareConfig(modes=tuple(args.modes.split(",")), n=args.n, n_he=args.n_he,
                             batch=args.batch, he_batch_budget_s=args.he_batch_budget,
+                            budget_s=args.budget,
                             insecure_test_params=args.insecure_test_params,
                             work_dir=Path(args.keep) if args.keep else None)
         if args.mlflow:

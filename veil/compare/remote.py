@@ -16,7 +16,8 @@ import numpy as np
 from ..backends import sockets
 from ..errors import VeilError
 from .children import Children
-from .measure import ClientPeak, Job, batches, row, server_peaks
+from .measure import (ClientPeak, Job, batch_inputs, batches, budgeted, median_pass, row,
+                      server_peaks)
 
 FRAME = sockets.LEN.size          # length prefix of every frame
 TEE_HEAD = 2                      # TEE frames: version and kind bytes
@@ -74,7 +75,6 @@ def measure_tee(job: Job, procs, children: Children) -> dict:
                                "--plaintext-baseline"])
     policy = Policy(frozenset({job.export.index["tee"]["measurement"]}),
                     (TrustedAttester.load(att),), allow_insecure=True)
-    n = len(job.x)
     with ClientPeak() as peak, _counting(TEEClient)(enclave, policy) as client, \
             PlaintextClient(baseline, 60.0) as plain:
         t = time.perf_counter()
@@ -84,7 +84,7 @@ def measure_tee(job: Job, procs, children: Children) -> dict:
         client.infer(job.x[:1]), plain.infer(job.x[:1])      # warm-up
         lat, base, comp, outs = [], [], [], []
         up = down = 0
-        for i in range(n):
+        for i in budgeted(job, len(job.x)):
             s0, r0, w0 = client.sent, client.received, client.wait_s
             t0 = time.perf_counter()
             outs.append(client.infer(job.x[i:i + 1]))
@@ -95,19 +95,19 @@ def measure_tee(job: Job, procs, children: Children) -> dict:
             plain.infer(job.x[i:i + 1])
             base.append(time.perf_counter() - t1)
             job.progress(1)
-        t = time.perf_counter()
-        client.infer_batch(job.x, batch_size=job.batch, depth=2)
-        batch_s = time.perf_counter() - t
-        t = time.perf_counter()
-        plain.infer_batch(job.x, batch_size=job.batch, depth=2)
-        base_batch_s = time.perf_counter() - t
-        job.progress(n)
+        xs = batch_inputs(job, len(lat))
+        batch_s = median_pass(lambda: client.infer_batch(xs, batch_size=job.batch, depth=2),
+                              job.budget_s / 4)
+        base_batch_s = median_pass(lambda: plain.infer_batch(xs, batch_size=job.batch,
+                                                             depth=2), job.budget_s / 4)
+        job.progress(len(xs))
         servers = server_peaks()
-    return row("tee", job, n, np.concatenate(outs), lat, comp, throughput=n / batch_s,
-               batch=job.batch, batch_inputs=n, bytes_up=up, bytes_down=down,
+    return row("tee", job, len(lat), np.concatenate(outs), lat, comp,
+               throughput=len(xs) / batch_s, batch=job.batch, batch_inputs=len(xs),
+               bytes_up=up, bytes_down=down,
                client_round_trips=1, setup=setup, peak_rss={**peak.fields(), **servers},
                baseline_latency_p50_s=float(np.median(base)),
-               baseline_throughput_per_s=n / base_batch_s,
+               baseline_throughput_per_s=len(xs) / base_batch_s,
                note="INSECURE software attester (no TEE hardware here); baseline = the "
                     "same model served unsealed over the same loopback transport")
 
@@ -123,7 +123,6 @@ def measure_mpc(job: Job, procs, children: Children) -> dict:
     keys = transport.setup(job.work_dir / "mpc-keys")
     info = procs.mpc(job.export, keys)
     start_s = time.perf_counter() - t
-    n = len(job.x)
     with ClientPeak() as peak, MpcClient(keys, _address(info["party0"]), _address(info["party1"]),
                                          job.workload.input_shape,
                                          frac_bits=info["frac_bits"], timeout=120.0) as client:
@@ -132,7 +131,7 @@ def measure_mpc(job: Job, procs, children: Children) -> dict:
         first_s = time.perf_counter() - t
         time.sleep(1.0)                          # the parties prefetch dealer material
         lat, comp, outs, singles = [], [], [], []
-        for i in range(n):
+        for i in budgeted(job, len(job.x)):
             t0 = time.perf_counter()
             shares = client.share(job.x[i:i + 1])
             t1 = time.perf_counter()
@@ -144,16 +143,18 @@ def measure_mpc(job: Job, procs, children: Children) -> dict:
             comp.append((t1 - t0) + (t3 - t2))
             singles.append(answer)
             job.progress(1)
-        t = time.perf_counter()
-        for chunk in batches(job.x, job.batch):
-            client.infer(chunk)
-        batch_s = time.perf_counter() - t
-        job.progress(n)
+        xs = batch_inputs(job, len(lat))
+        # the parties keep two batches' material ready; a longer pass has the dealer
+        # in the loop, as a sustained load would
+        batch_s = median_pass(lambda: [client.infer(c) for c in batches(xs, job.batch)],
+                              job.budget_s / 2)
+        job.progress(len(xs))
         servers = server_peaks()
     last = singles[-1]
     stats = last.stats
-    return row("mpc", job, n, np.concatenate(outs), lat, comp, throughput=n / batch_s,
-               batch=job.batch, batch_inputs=n, bytes_up=last.bytes_sent,
+    return row("mpc", job, len(lat), np.concatenate(outs), lat, comp,
+               throughput=len(xs) / batch_s, batch=job.batch, batch_inputs=len(xs),
+               bytes_up=last.bytes_sent,
                bytes_down=last.bytes_received, client_round_trips=1,
                server_rounds=max(s["online_rounds"] for s in stats),
                setup={"processes_start_s": start_s, "first_inference_s": first_s},
@@ -218,7 +219,7 @@ def measure_he(job: Job, procs, children: Children) -> dict:
             client.decrypt(link.call(client.encrypt(job.x[0])))
             setup["first_inference_s"] = time.perf_counter() - t   # plaintext caches fill
             lat, comp, outs = [], [], []
-            for i in range(n):
+            for i in budgeted(job, n, minimum=3):
                 s0, r0 = link.sent, link.received
                 t0 = time.perf_counter()
                 ct = client.encrypt(job.x[i])
@@ -243,7 +244,8 @@ def measure_he(job: Job, procs, children: Children) -> dict:
         servers = server_peaks()
     batch_q = np.abs(np.asarray(batch_out).reshape(size, -1).argmax(1)
                      == job.plain[:size].reshape(size, -1).argmax(1)).mean()
-    return row("he", job, n, np.concatenate(outs), lat, comp, throughput=size / batch_s,
+    return row("he", job, len(lat), np.concatenate(outs), lat, comp,
+               throughput=size / batch_s,
                batch=size, batch_inputs=size, bytes_up=up, bytes_down=down,
                client_round_trips=1, setup=setup, peak_rss={**peak.fields(), **servers},
                server_session_open_s=session_s, lanes=client.lanes, batch_layout=layout,

@@ -151,9 +151,12 @@ def markdown(result: dict) -> str:
     out = [f"# veil compare ({result['time']})", "",
            f"Machine: {mach['cpus']} CPUs, {mach['memory_bytes'] / 2**30:.0f} GiB, "
            f"{mach['platform']}, Python {mach['python']}, veil {mach['veil']}. Wall time "
-           f"{result['wall_s']:.0f} s. Modes: {', '.join(cfg['modes'])}; n = {cfg['n']} "
-           f"single inputs per mode ({cfg['n_he']} for he), batch {cfg['batch']}.", "",
-           "How to read it: p50/p95 = one input at a time, from the client's call to its "
+           f"{result['wall_s']:.0f} s. Modes: {', '.join(cfg['modes'])}; up to n = {cfg['n']} "
+           f"single inputs per mode ({cfg['n_he']} for he) within {cfg['budget_s']:.0f} s "
+           f"each, batch {cfg['batch']}.", "",
+           "How to read it: n = inputs timed one at a time (fewer than asked when the "
+           "mode's time budget ran out); "
+           "p50/p95 = one input at a time, from the client's call to its "
            "decoded output (loopback TCP for remote modes); batch/s = inputs per second "
            "over the test inputs sent in batches of the size shown (HE: one batch, cut "
            "to whole ciphertexts that fit the time budget); x plain = p50 / plain's p50; "

@@ -42,6 +42,8 @@ class CompareConfig:
         n_he: single inputs for ``he`` (each costs ~0.1-2 s).
         batch: batch size for the throughput measurement.
         he_batch_budget_s: HE's batch is cut to whole ciphertexts that fit this long.
+        budget_s: seconds each mode's single inputs may take; ``n`` is cut short after
+            that (at least 10 inputs, 3 for HE), and the report says how many ran.
         insecure_test_params: small INSECURE CKKS rings (tests only; in every artifact).
         work_dir: exports, keys and logs (default: a temporary folder, removed).
     """
@@ -51,6 +53,7 @@ class CompareConfig:
     n_he: int = 30
     batch: int = 64
     he_batch_budget_s: float = 20.0
+    budget_s: float = 30.0
     insecure_test_params: bool = False
     work_dir: Path | None = None
     wan: dict | None = field(default=None)
@@ -111,12 +114,13 @@ def _measure_mode(mode: str, job: Job, log_dir: Path) -> dict:
 
 def run_workload(w: Workload, cfg: CompareConfig, work: Path,
                  progress: Callable[[str, int, int], Callable[[int], None]]) -> dict:
-    """All modes on one workload. ``progress(label, total)`` returns an advance callback."""
+    """All modes on one workload. ``progress(label, total)`` returns a callback
+    ``advance(k, done=False)``; ``done`` completes the task (a budget may cut it short)."""
     step = progress(f"{w.name}: compile and export", 2)
     compiled, compile_s = _compile(w, cfg)
     step(1)
     info, export_s = _export(w, compiled, cfg, work / w.name / "export")
-    step(1)
+    step(1, done=True)
     n = min(cfg.n, len(w.x_test))
     x = np.ascontiguousarray(w.x_test[:n], dtype=np.float64)
     y = None if w.y_test is None else np.asarray(w.y_test[:n])
@@ -131,19 +135,20 @@ def run_workload(w: Workload, cfg: CompareConfig, work: Path,
         n_mode = min(cfg.n_he, n) if mode == "he" else n
         total = 2 * n_mode if mode != "he" else n_mode + cfg.batch
         job = Job(w, x, y, plain, compiled, info, work / w.name, cfg.n_he, cfg.batch,
-                  cfg.he_batch_budget_s, progress(f"{w.name}: {mode}", total))
+                  cfg.he_batch_budget_s, cfg.budget_s, progress(f"{w.name}: {mode}", total))
         log.info("%s: measuring %s", w.name, mode)
         try:
             out["modes"][mode] = _measure_mode(mode, job, work / w.name / "logs")
         except Exception as exc:       # one failing mode must not lose the others' numbers
             log.exception("%s: %s failed", w.name, mode)
             out["errors"][mode] = f"{type(exc).__name__}: {exc}"
+        job.progress(0, done=True)
     compiled.close()
     return out
 
 
 def run(workloads: list[Workload], cfg: CompareConfig, skipped: list[str] = (),
-        progress=lambda label, total: (lambda k: None)) -> dict:
+        progress=lambda label, total: (lambda k, done=False: None)) -> dict:
     """Measure every workload in every mode; the result dict that ``report.py`` writes.
 
     Every process started here is stopped before this returns or raises
@@ -153,7 +158,7 @@ def run(workloads: list[Workload], cfg: CompareConfig, skipped: list[str] = (),
     result = {"veil_compare": 1, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
               "machine": machine(), "config": {
                   "modes": list(cfg.modes), "n": cfg.n, "n_he": cfg.n_he, "batch": cfg.batch,
-                  "he_batch_budget_s": cfg.he_batch_budget_s,
+                  "he_batch_budget_s": cfg.he_batch_budget_s, "budget_s": cfg.budget_s,
                   "insecure_test_params": cfg.insecure_test_params, "wan": cfg.wan},
               "skipped": list(skipped), "workloads": []}
     with tempfile.TemporaryDirectory(prefix="veil-compare-") as tmp:
