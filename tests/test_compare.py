@@ -200,3 +200,29 @@ def test_model_needs_data(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "veil.compare", str(model)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--data" in proc.stderr
+
+
+def test_mlflow_logs_runs_and_artifacts(tmp_path, monkeypatch):
+    """Only where mlflow is installed (it is optional): the parent run holds the report
+    and plots, one nested run per mode holds its metrics."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    model, data = _tiny_model(tmp_path)
+    store, out = tmp_path / "mlruns", tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "veil.compare", str(model), "--data", str(data), "--modes",
+         "plain,tee", "--n", "12", "--batch", "4", "--out", str(out), "--mlflow",
+         str(store)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((out / "report.json").read_text())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")     # as veil compare does
+    client = MlflowClient(store.resolve().as_uri())
+    exp = client.get_experiment_by_name("veil-compare")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    tee = runs["tiny tee"]
+    assert tee.data.metrics["latency_p50_s"] == pytest.approx(
+        result["workloads"][0]["modes"]["tee"]["latency_p50_s"])
+    parent = client.get_run(result["mlflow_run"])
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.md", "report.json", "plots"} <= names

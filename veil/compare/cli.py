@@ -127,6 +127,66 @@ def _process_settings() -> None:
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 
+def _log_mlflow(result: dict, directory: str, out: Path) -> str | None:
+    """Log to MLflow after the report is safely written; then record the run in it."""
+    from . import mlflow_log, report
+
+    try:
+        run_id = mlflow_log.log_run(result, directory)
+        report.finish(result, run_id)
+        report.write(result, out)
+        mlflow_log.log_artifacts(run_id, directory, out)
+        return run_id
+    except Exception as exc:          # MLflow's own errors: the report stays written
+        print(f"veil compare: logging to MLflow failed ({type(exc).__name__}: {exc}); "
+              f"the report is in {out}", file=sys.stderr)
+        return None
+
+
+def _config(args):
+    from .runner import CompareConfig
+
+    return CompareConfig(modes=tuple(args.modes.split(",")), n=args.n, n_he=args.n_he,
+                         batch=args.batch, he_batch_budget_s=args.he_batch_budget,
+                         budget_s=args.budget, insecure_test_params=args.insecure_test_params,
+                         work_dir=Path(args.keep) if args.keep else None)
+
+
+def _write(result: dict, out: Path) -> tuple[Path, Path]:
+    """Claims, checks, plots (when matplotlib is there), report.md and report.json."""
+    from . import plots, report
+
+    report.finish(result)
+    why = plots.available()
+    if why is None:
+        result["plots"] = plots.write(result, out / "plots")
+    else:
+        result["plots_skipped"] = why
+    return report.write(result, out)
+
+
+def _summary(result: dict, paths, run_id, args, console) -> int:
+    """Print the tables and where things went; the exit code."""
+    from rich.console import Console
+
+    from . import report
+
+    # piped output (make demo | tee) gets the full table rather than 80 squeezed columns
+    out = Console(width=None if sys.stdout.isatty() else 170)
+    for t in report.rich_tables(result):
+        out.print(t)
+    for w in result["workloads"]:
+        for mode, err in w["errors"].items():
+            console.print(f"[red]{w['name']}: {mode} failed: {err}[/red]")
+    console.print(f"wrote {paths[1]} and {paths[0]}"
+                  + (f", plots in {paths[0].parent / 'plots'}" if result.get("plots") else "")
+                  + (f"; MLflow run {run_id} in {args.mlflow}" if run_id else "")
+                  + f" ({result['wall_s']:.0f} s)")
+    failed = any(w["errors"] for w in result["workloads"]) or result["left_running"] \
+        or (args.mlflow and not run_id)
+    return 1 if failed else 0
+
+
 def run(args) -> int:
     """Run ``veil compare`` with parsed ``args``; returns the exit code."""
     from rich.console import Console
@@ -134,18 +194,13 @@ def run(args) -> int:
                                TextColumn, TimeElapsedColumn)
 
     from ..errors import VeilError
-    from . import plots, report
-    from .runner import CompareConfig, run as run_compare
+    from .runner import run as run_compare
 
     _process_settings()
     console = Console(stderr=True)
     try:
         workloads, skipped = _workloads(args)
-        cfg = CompareConfig(modes=tuple(args.modes.split(",")), n=args.n, n_he=args.n_he,
-                            batch=args.batch, he_batch_budget_s=args.he_batch_budget,
-                            budget_s=args.budget,
-                            insecure_test_params=args.insecure_test_params,
-                            work_dir=Path(args.keep) if args.keep else None)
+        cfg = _config(args)
         if args.mlflow:
             from . import mlflow_log
 
@@ -155,17 +210,8 @@ def run(args) -> int:
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
                       MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
             result = run_compare(workloads, cfg, skipped, _progress_factory(bar))
-        run_id = mlflow_log.log_run(result, args.mlflow) if args.mlflow else None
-        report.finish(result, run_id)
-        out = Path(args.out)
-        why = plots.available()
-        if why is None:
-            result["plots"] = plots.write(result, out / "plots")
-        else:
-            result["plots_skipped"] = why
-        paths = report.write(result, out)
-        if run_id:
-            mlflow_log.log_artifacts(run_id, args.mlflow, out)
+        paths = _write(result, Path(args.out))
+        run_id = _log_mlflow(result, args.mlflow, Path(args.out)) if args.mlflow else None
     except _Usage as exc:
         print(f"veil compare: {exc}", file=sys.stderr)
         return 2
@@ -176,19 +222,7 @@ def run(args) -> int:
         print("veil compare: interrupted; every process it started is stopped",
               file=sys.stderr)
         return 130
-    # piped output (make demo | tee) gets the full table rather than 80 squeezed columns
-    out_console = Console(width=None if sys.stdout.isatty() else 170)
-    for t in report.rich_tables(result):
-        out_console.print(t)
-    for w in result["workloads"]:
-        for mode, err in w["errors"].items():
-            console.print(f"[red]{w['name']}: {mode} failed: {err}[/red]")
-    console.print(f"wrote {paths[1]} and {paths[0]}"
-                  + (f", plots in {out / 'plots'}" if result.get("plots") else "")
-                  + (f"; MLflow run {run_id} in {args.mlflow}" if run_id else "")
-                  + f" ({result['wall_s']:.0f} s)")
-    failed = any(w["errors"] for w in result["workloads"]) or result["left_running"]
-    return 1 if failed else 0
+    return _summary(result, paths, run_id, args, console)
 
 
 def main(argv: list[str] | None = None) -> int:

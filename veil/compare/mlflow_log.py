@@ -30,6 +30,12 @@ def require() -> None:
 
 
 def _uri(directory: str | Path) -> str:
+    """The file store's URI. MLflow 3 keeps its file store in maintenance mode and
+    refuses it unless ``MLFLOW_ALLOW_FILE_STORE`` is set: the issue asks for a plain
+    local folder (no database server or SQLAlchemy), so opt in, unless the user chose."""
+    import os
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     d = Path(directory).resolve()
     d.mkdir(parents=True, exist_ok=True)
     return d.as_uri()

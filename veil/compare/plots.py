@@ -35,11 +35,11 @@ def _bars(ax, workloads, values, log=True, errors=None):
         hatch = HATCHES[seen.get(kind, 0) % len(HATCHES)]
         seen[kind] = seen.get(kind, 0) + 1
         xs = [i + (j - (len(modes) - 1) / 2) * width for i in range(len(workloads))]
-        ys = [values[w].get(m) or np.nan for w in workloads]
+        ys = [np.nan if values[w].get(m) is None else values[w][m] for w in workloads]
         err = None
         if errors is not None:
             err = [[0] * len(workloads),
-                   [max((errors[w].get(m) or y) - y, 0) if y == y else 0
+                   [max(errors[w][m] - y, 0) if y == y and errors[w].get(m) else 0
                     for w, y in zip(workloads, ys)]]
         ax.bar(xs, ys, width, label=m, yerr=err, color=COLORS.get(kind), capsize=3,
                hatch=hatch, edgecolor="white")
@@ -48,6 +48,17 @@ def _bars(ax, workloads, values, log=True, errors=None):
         ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3, which="both")
+
+
+def _traffic(modes: dict) -> dict:
+    t = {}
+    for m, r in modes.items():
+        if m in ("tee", "mpc", "he"):
+            t[f"{m} up"], t[f"{m} down"] = r["bytes_up"], r["bytes_down"]
+        if m == "mpc":
+            t["mpc parties"] = r["party_bytes_per_input"]
+            t["mpc dealer"] = r["dealer_bytes_per_input"]
+    return t
 
 
 def write(result: dict, out: Path) -> list[str]:
@@ -60,48 +71,31 @@ def write(result: dict, out: Path) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     ws = [w["name"] for w in result["workloads"]]
     by = {w["name"]: w["modes"] for w in result["workloads"]}
-    names = []
 
-    def save(fig, name):
+    def per(key: str, scale: float = 1.0) -> dict:
+        return {w: {m: None if r[key] is None else r[key] * scale
+                    for m, r in by[w].items()} for w in ws}
+    figures = (
+        ("latency.png", "Single-input latency, end to end",
+         "ms per input (p50 bar, p95 whisker; log)",
+         dict(values=per("latency_p50_s", 1e3), errors=per("latency_p95_s", 1e3))),
+        ("throughput.png", f"Throughput, batches of {result['config']['batch']} (HE: "
+         "see the report)", "inputs / s (log)", dict(values=per("throughput_per_s"))),
+        ("bytes.png", "Bytes on the wire", "bytes per single-input inference (log)",
+         dict(values={w: _traffic(by[w]) for w in ws})),
+        ("accuracy.png", "Accuracy", "accuracy on the same inputs",
+         dict(values=per("accuracy"), log=False)),
+    )
+    names = []
+    for name, title, ylabel, kw in figures:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        if any(kw["values"].values()):
+            _bars(ax, ws, **kw)
+        ax.set(title=title, ylabel=ylabel)
+        if name == "accuracy.png":
+            ax.set_ylim(0, 1.05)
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         names.append(name)
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    _bars(ax, ws, {w: {m: r["latency_p50_s"] * 1e3 for m, r in by[w].items()} for w in ws},
-          errors={w: {m: r["latency_p95_s"] * 1e3 for m, r in by[w].items()} for w in ws})
-    ax.set_ylabel("ms per input (p50 bar, p95 whisker; log)")
-    ax.set_title("Single-input latency, end to end")
-    save(fig, "latency.png")
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    _bars(ax, ws, {w: {m: r["throughput_per_s"] for m, r in by[w].items()} for w in ws})
-    ax.set_ylabel("inputs / s (log)")
-    ax.set_title(f"Throughput, batches of {result['config']['batch']} (HE: see report)")
-    save(fig, "throughput.png")
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    traffic = {}
-    for w in ws:
-        t = {}
-        for m, r in by[w].items():
-            if m in ("tee", "mpc", "he"):
-                t[f"{m} up"], t[f"{m} down"] = r["bytes_up"], r["bytes_down"]
-            if m == "mpc":
-                t["mpc parties"] = r["party_bytes_per_input"]
-                t["mpc dealer"] = r["dealer_bytes_per_input"]
-        traffic[w] = t
-    if any(traffic.values()):
-        _bars(ax, ws, traffic)
-    ax.set_ylabel("bytes per single-input inference (log)")
-    ax.set_title("Bytes on the wire")
-    save(fig, "bytes.png")
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    _bars(ax, ws, {w: {m: r["accuracy"] for m, r in by[w].items()} for w in ws}, log=False)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("accuracy on the same inputs")
-    ax.set_title("Accuracy")
-    save(fig, "accuracy.png")
     return names

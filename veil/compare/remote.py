@@ -113,6 +113,24 @@ def measure_tee(job: Job, procs, children: Children) -> dict:
 
 
 # -- MPC ------------------------------------------------------------------------------------
+def _mpc_singles(job: Job, client):
+    """One input per request: share, parties, reconstruct, each timed."""
+    lat, comp, outs, answers = [], [], [], []
+    for i in budgeted(job, len(job.x)):
+        t0 = time.perf_counter()
+        shares = client.share(job.x[i:i + 1])
+        t1 = time.perf_counter()
+        answer = client.send(shares)
+        t2 = time.perf_counter()
+        outs.append(client.reconstruct(answer))
+        t3 = time.perf_counter()
+        lat.append(t3 - t0)
+        comp.append((t1 - t0) + (t3 - t2))
+        answers.append(answer)
+        job.progress(1)
+    return lat, comp, outs, answers
+
+
 def measure_mpc(job: Job, procs, children: Children) -> dict:
     """Two parties and a dealer (``Processes.mpc``); the client shares, sends, and
     reconstructs, each timed."""
@@ -130,19 +148,7 @@ def measure_mpc(job: Job, procs, children: Children) -> dict:
         client.infer(job.x[:1])                  # links (Noise handshakes) + warm-up
         first_s = time.perf_counter() - t
         time.sleep(1.0)                          # the parties prefetch dealer material
-        lat, comp, outs, singles = [], [], [], []
-        for i in budgeted(job, len(job.x)):
-            t0 = time.perf_counter()
-            shares = client.share(job.x[i:i + 1])
-            t1 = time.perf_counter()
-            answer = client.send(shares)
-            t2 = time.perf_counter()
-            outs.append(client.reconstruct(answer))
-            t3 = time.perf_counter()
-            lat.append(t3 - t0)
-            comp.append((t1 - t0) + (t3 - t2))
-            singles.append(answer)
-            job.progress(1)
+        lat, comp, outs, singles = _mpc_singles(job, client)
         xs = batch_inputs(job, len(lat))
         # the parties keep two batches' material ready; a longer pass has the dealer
         # in the loop, as a sustained load would
@@ -197,6 +203,39 @@ def _he_batch_size(job: Job, lanes: int, single_s: float) -> int:
     return min(job.batch, min(cts, fit) * lanes, len(job.x))
 
 
+def _he_singles(job: Job, client, link: _HELink, n: int) -> dict:
+    """One input per request: encrypt, server, decrypt, each timed."""
+    lat, comp, outs = [], [], []
+    for i in budgeted(job, n, minimum=3):
+        s0, r0 = link.sent, link.received
+        t0 = time.perf_counter()
+        ct = client.encrypt(job.x[i])
+        t1 = time.perf_counter()
+        res = link.call(ct)
+        t2 = time.perf_counter()
+        outs.append(client.decrypt(res)[None])
+        t3 = time.perf_counter()
+        lat.append(t3 - t0)
+        comp.append((t1 - t0) + (t3 - t2))
+        up, down = link.sent - s0, link.received - r0
+        job.progress(1)
+    return {"lat": lat, "comp": comp, "outs": np.concatenate(outs), "up": up, "down": down}
+
+
+def _he_batch(job: Job, client, link: _HELink, single_s: float) -> dict:
+    """One batch through ``encrypt_batch`` (the layout it picks) and ``decrypt_batch``."""
+    size = _he_batch_size(job, client.lanes, single_s)
+    t = time.perf_counter()
+    cts = client.encrypt_batch(list(job.x[:size]))
+    out = client.decrypt_batch([link.call(c) for c in cts])
+    seconds = time.perf_counter() - t
+    job.progress(size)
+    agree = np.mean(np.asarray(out).reshape(size, -1).argmax(1)
+                    == job.plain[:size].reshape(size, -1).argmax(1))
+    return {"size": size, "seconds": seconds, "ciphertexts": len(cts),
+            "layout": client.batch_layout(size), "agreement": float(agree)}
+
+
 def measure_he(job: Job, procs, children: Children) -> dict:
     """Key generation, evaluation-key upload, single inputs, one batch."""
     from ..deploy.client import ModelClient
@@ -204,7 +243,6 @@ def measure_he(job: Job, procs, children: Children) -> dict:
     he = job.export.path("he")
     address = children.start(f"{job.workload.name}-he-server", "veil.compare.he_server",
                              [str(he / "server")])
-    n = min(job.n_he, len(job.x))
     with ClientPeak() as peak, ModelClient(he / "client") as client:
         t = time.perf_counter()
         client.keygen()
@@ -218,41 +256,20 @@ def measure_he(job: Job, procs, children: Children) -> dict:
             t = time.perf_counter()
             client.decrypt(link.call(client.encrypt(job.x[0])))
             setup["first_inference_s"] = time.perf_counter() - t   # plaintext caches fill
-            lat, comp, outs = [], [], []
-            for i in budgeted(job, n, minimum=3):
-                s0, r0 = link.sent, link.received
-                t0 = time.perf_counter()
-                ct = client.encrypt(job.x[i])
-                t1 = time.perf_counter()
-                res = link.call(ct)
-                t2 = time.perf_counter()
-                outs.append(client.decrypt(res)[None])
-                t3 = time.perf_counter()
-                lat.append(t3 - t0)
-                comp.append((t1 - t0) + (t3 - t2))
-                up, down = link.sent - s0, link.received - r0
-                job.progress(1)
-            size = _he_batch_size(job, client.lanes, float(np.median(lat)))
-            layout = client.batch_layout(size)
-            t = time.perf_counter()
-            cts = client.encrypt_batch(list(job.x[:size]))
-            batch_out = client.decrypt_batch([link.call(c) for c in cts])
-            batch_s = time.perf_counter() - t
-            job.progress(size)
+            one = _he_singles(job, client, link, min(job.n_he, len(job.x)))
+            batch = _he_batch(job, client, link, float(np.median(one["lat"])))
         finally:
             link.close()
         servers = server_peaks()
-    batch_q = np.abs(np.asarray(batch_out).reshape(size, -1).argmax(1)
-                     == job.plain[:size].reshape(size, -1).argmax(1)).mean()
-    return row("he", job, len(lat), np.concatenate(outs), lat, comp,
-               throughput=size / batch_s,
-               batch=size, batch_inputs=size, bytes_up=up, bytes_down=down,
+    return row("he", job, len(one["lat"]), one["outs"], one["lat"], one["comp"],
+               throughput=batch["size"] / batch["seconds"], batch=batch["size"],
+               batch_inputs=batch["size"], bytes_up=one["up"], bytes_down=one["down"],
                client_round_trips=1, setup=setup, peak_rss={**peak.fields(), **servers},
-               server_session_open_s=session_s, lanes=client.lanes, batch_layout=layout,
-               batch_ciphertexts=len(cts), batch_agreement=float(batch_q),
-               params=job.compiled.report().params,
-               note=f"{client.lanes} inputs per ciphertext; batch of {size} in {len(cts)} "
-                    f"{layout}-layout ciphertexts")
+               server_session_open_s=session_s, lanes=client.lanes,
+               batch_layout=batch["layout"], batch_ciphertexts=batch["ciphertexts"],
+               batch_agreement=batch["agreement"], params=job.compiled.report().params,
+               note=f"{client.lanes} inputs per ciphertext; batch of {batch['size']} in "
+                    f"{batch['ciphertexts']} {batch['layout']}-layout ciphertexts")
 
 
 MEASURE = {"tee": measure_tee, "mpc": measure_mpc, "he": measure_he}
