@@ -226,3 +226,34 @@ def test_mlflow_logs_runs_and_artifacts(tmp_path, monkeypatch):
     parent = client.get_run(result["mlflow_run"])
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"report.md", "report.json", "plots"} <= names
+
+
+def test_he_server_refuses_bad_keys_and_ciphertexts(tmp_path):
+    """The measurement HE server answers a typed error frame for bytes that are not
+    evaluation keys or a ciphertext, and holds no key material of its own."""
+    import veil
+    from veil.backends import sockets
+    from veil.compare.children import Children
+    from veil.compare.remote import CompareError, _HELink
+
+    model, data = _tiny_model(tmp_path)
+    with np.load(data) as z:
+        x = z["x"]
+    server_dir, client_dir = veil.compile(str(model), x, insecure_test_params=True) \
+        .export(tmp_path / "he")
+    with Children(tmp_path / "logs") as children:
+        address = children.start("he", "veil.compare.he_server", [str(server_dir)])
+        link = _HELink(address, timeout=30)
+        with pytest.raises(CompareError, match="SerializationError"):
+            link.call(b"not keys")
+        link.close()
+        client = veil.ModelClient(client_dir)
+        client.keygen()
+        link = _HELink(address, timeout=30)
+        assert json.loads(link.call(client.evaluation_keys()))["session_s"] >= 0
+        out = client.decrypt(link.call(client.encrypt(x[0])))
+        assert out.shape == (3,)
+        with pytest.raises(CompareError, match="SerializationError"):
+            link.call(b"VEIL garbage")
+        link.close()
+    assert _veil_descendants() == []
