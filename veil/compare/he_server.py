@@ -1,0 +1,89 @@
+"""A minimal HE server process for ``veil compare``: ciphertexts over loopback TCP.
+
+    python -m veil.compare.he_server SERVER_BUNDLE [--listen HOST:PORT] [--timeout S]
+
+prints ``veil-he server listening on HOST:PORT`` once it accepts connections. It holds
+the server bundle only (no key material). Per connection (one client session), in
+length-prefixed frames (``backends/sockets.py``), each answer starting with a status
+byte (0: ok, 1: error followed by a JSON ``{"error": ...}``):
+
+1. the client sends its evaluation keys (a ``wire`` envelope); the server opens a
+   session with them and answers ``{"session_s": seconds}`` as JSON;
+2. then each frame is one input ciphertext; the answer is the output ciphertext.
+
+Wrong or tampered bytes fail in ``wire``/``deploy`` with a typed ``VeilError``, which is
+returned as an error frame; the connection then closes. Nothing is unpickled. This is a
+measurement fixture, not a service: ``veil serve`` is the HTTP service.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import socket
+import sys
+import time
+
+from ..backends import sockets
+from ..errors import VeilError
+
+log = logging.getLogger("veil.compare.he_server")
+
+OK, ERROR = b"\x00", b"\x01"
+
+
+def _error(exc: Exception) -> bytes:
+    return ERROR + json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
+
+
+def serve_connection(server, sock: socket.socket) -> None:
+    """Steps 1-2 of the module docstring for one client."""
+    try:
+        keys = sockets.recv_frame(sock, idle=True)
+        t = time.perf_counter()
+        session = server.open_session(keys)
+    except VeilError as exc:
+        sockets.send_frame(sock, _error(exc))
+        sock.close()
+        return
+    except sockets.TransportError:
+        sock.close()
+        return
+    try:
+        sockets.send_frame(sock, OK, json.dumps({"session_s": time.perf_counter() - t})
+                           .encode())
+        while True:
+            ct = sockets.recv_buffer(sock, idle=True)
+            try:
+                out = session.run(bytes(ct))
+            except VeilError as exc:
+                sockets.send_frame(sock, _error(exc))
+                return
+            sockets.send_frame(sock, OK, out)
+    except sockets.TransportError as exc:      # the client left (normal end of a session)
+        log.debug("connection closed: %s", exc)
+    finally:
+        session.close()
+        sock.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m veil.compare.he_server",
+                                 description="HE server for veil compare (loopback)")
+    ap.add_argument("bundle", help="server bundle folder (export's he/server)")
+    ap.add_argument("--listen", default="127.0.0.1:0")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per frame")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    from ..deploy.server import ModelServer
+
+    server = ModelServer(args.bundle)
+    host, _, port = args.listen.rpartition(":")
+    listener = sockets.listen((host, int(port)))
+    print("veil-he server listening on %s:%d" % listener.getsockname()[:2], flush=True)
+    sockets.accept_forever(listener, args.timeout, lambda s: serve_connection(server, s))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

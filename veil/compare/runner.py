@@ -1,0 +1,170 @@
+"""``veil compare``'s run: workloads -> compile and export -> each mode -> result dict.
+
+For each workload: compile once (``veil.compile``: the HE plan, and the reference
+``plain`` / ``simulate`` graphs), export once for the remote modes, compute plain's
+outputs on the test inputs (the reference for agreement), then measure each mode in
+turn with its own processes, started before and stopped after that mode alone so an
+idle mode's servers (the MPC parties prefetch in the background) never load the
+machine while another is timed. Nothing is printed here: progress goes through the
+``progress`` callback, and logging.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .._version import __version__
+from ..errors import InputError, ModeError
+from .children import Children, veil_children
+from .default import Workload
+from .measure import Job, measure_local
+
+log = logging.getLogger("veil.compare")
+
+MODES = ("plain", "simulate", "tee", "mpc", "he")
+
+
+@dataclass
+class CompareConfig:
+    """What to measure.
+
+    Args:
+        modes: some of ``MODES``, in order.
+        n: single inputs per mode (and the inputs sent in batches), capped by the data.
+        n_he: single inputs for ``he`` (each costs ~0.1-2 s).
+        batch: batch size for the throughput measurement.
+        he_batch_budget_s: HE's batch is cut to whole ciphertexts that fit this long.
+        budget_s: seconds each mode's single inputs may take; ``n`` is cut short after
+            that (at least 10 inputs, 3 for HE), and the report says how many ran.
+        insecure_test_params: small INSECURE CKKS rings (tests only; in every artifact).
+        work_dir: exports, keys and logs (default: a temporary folder, removed).
+    """
+
+    modes: tuple[str, ...] = MODES
+    n: int = 360
+    n_he: int = 30
+    batch: int = 64
+    he_batch_budget_s: float = 20.0
+    budget_s: float = 30.0
+    insecure_test_params: bool = False
+    work_dir: Path | None = None
+    wan: dict | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        modes = tuple(dict.fromkeys(m.strip() for m in self.modes if m.strip()))
+        bad = [m for m in modes if m not in MODES]
+        if bad or not modes:
+            raise ModeError(f"--modes takes some of {', '.join(MODES)}, not {list(modes)}")
+        self.modes = modes
+        if self.n < 1 or self.n_he < 1 or not 1 <= self.batch <= 4096:
+            raise InputError("n and n_he must be at least 1, batch 1 to 4096")
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "veil": __version__,
+            "memory_bytes": _total_memory()}
+
+
+def _total_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def _compile(w: Workload, cfg: CompareConfig):
+    from ..model import compile as compile_model
+
+    t = time.perf_counter()
+    compiled = compile_model(w.model, w.calibration,
+                             insecure_test_params=cfg.insecure_test_params,
+                             **w.compile_options)
+    return compiled, time.perf_counter() - t
+
+
+def _export(w: Workload, compiled, cfg: CompareConfig, directory: Path):
+    from ..deploy.export import export_model
+
+    remote = [m for m in cfg.modes if m in ("he", "tee", "mpc")]
+    if not remote:
+        return None, 0.0
+    t = time.perf_counter()
+    info = export_model(w.model, w.calibration, directory, name=w.name, modes=remote,
+                        compiled=compiled, input_shape=w.input_shape)
+    return info, time.perf_counter() - t
+
+
+def _measure_mode(mode: str, job: Job, log_dir: Path) -> dict:
+    from ..service.processes import Processes
+    from .remote import MEASURE
+
+    if mode in ("plain", "simulate"):
+        return measure_local(job, mode)
+    with Processes(log_dir) as procs, Children(log_dir) as children:
+        return MEASURE[mode](job, procs, children)
+
+
+def run_workload(w: Workload, cfg: CompareConfig, work: Path,
+                 progress: Callable[[str, int, int], Callable[[int], None]]) -> dict:
+    """All modes on one workload. ``progress(label, total)`` returns a callback
+    ``advance(k, done=False)``; ``done`` completes the task (a budget may cut it short)."""
+    step = progress(f"{w.name}: compile and export", 2)
+    compiled, compile_s = _compile(w, cfg)
+    step(1)
+    info, export_s = _export(w, compiled, cfg, work / w.name / "export")
+    step(1, done=True)
+    n = min(cfg.n, len(w.x_test))
+    x = np.ascontiguousarray(w.x_test[:n], dtype=np.float64)
+    y = None if w.y_test is None else np.asarray(w.y_test[:n])
+    plain = compiled.run(x, "plain")
+    report = compiled.report()
+    out = {"name": w.name, "source": w.source, "input_shape": list(w.input_shape),
+           "n_available": int(len(w.x_test)), "compile_s": compile_s, "export_s": export_s,
+           "he_plan": {"params": report.params, "depth": report.depth,
+                       "rotation_keys": len(report.rotations), "lanes": report.lanes},
+           "modes": {}, "errors": {}}
+    for mode in cfg.modes:
+        n_mode = min(cfg.n_he, n) if mode == "he" else n
+        total = 2 * n_mode if mode != "he" else n_mode + cfg.batch
+        job = Job(w, x, y, plain, compiled, info, work / w.name, cfg.n_he, cfg.batch,
+                  cfg.he_batch_budget_s, cfg.budget_s, progress(f"{w.name}: {mode}", total))
+        log.info("%s: measuring %s", w.name, mode)
+        try:
+            out["modes"][mode] = _measure_mode(mode, job, work / w.name / "logs")
+        except Exception as exc:       # one failing mode must not lose the others' numbers
+            log.exception("%s: %s failed", w.name, mode)
+            out["errors"][mode] = f"{type(exc).__name__}: {exc}"
+        job.progress(0, done=True)
+    compiled.close()
+    return out
+
+
+def run(workloads: list[Workload], cfg: CompareConfig, skipped: list[str] = (),
+        progress=lambda label, total: (lambda k, done=False: None)) -> dict:
+    """Measure every workload in every mode; the result dict that ``report.py`` writes.
+
+    Every process started here is stopped before this returns or raises
+    (``left_running`` lists any that were not, and should always be empty).
+    """
+    started = time.perf_counter()
+    result = {"veil_compare": 1, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "machine": machine(), "config": {
+                  "modes": list(cfg.modes), "n": cfg.n, "n_he": cfg.n_he, "batch": cfg.batch,
+                  "he_batch_budget_s": cfg.he_batch_budget_s, "budget_s": cfg.budget_s,
+                  "insecure_test_params": cfg.insecure_test_params, "wan": cfg.wan},
+              "skipped": list(skipped), "workloads": []}
+    with tempfile.TemporaryDirectory(prefix="veil-compare-") as tmp:
+        work = Path(cfg.work_dir) if cfg.work_dir else Path(tmp)
+        for w in workloads:
+            result["workloads"].append(run_workload(w, cfg, work, progress))
+    result["wall_s"] = time.perf_counter() - started
+    result["left_running"] = [" ".join(c) for c in veil_children().values()]
+    return result
