@@ -25,7 +25,7 @@ data:
 # veil compare on the embedded default (digits CNN, plus Fashion-MNIST LeNet-5 when
 # `make data` has installed it): every mode end to end; report in demo-out/compare/
 demo: $(STAMP)
-	$(PY) -m veil.compare --out demo-out/compare
+	$(PY) -m veil compare --out demo-out/compare
 
 test: $(STAMP) data
 	$(PY) -m pytest -q

@@ -1,5 +1,7 @@
 """``veil`` command line.
 
+    veil compare [MODEL --data DATA] [--modes plain,simulate,tee,mpc,he] [--n N]
+                 [--out DIR] [--mlflow DIR]
     veil compile MODEL --calibration DATA [--eval DATA] [--json FILE]
     veil export MODEL --calibration DATA OUT [--name N] [--modes he,tee,mpc]
                 [--encrypted-weights] [--tee-keys DIR]
@@ -53,6 +55,9 @@ def _address(text: str) -> tuple[str, int]:
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="veil", description="veil: private inference.")
     sub = ap.add_subparsers(dest="command", required=True)
+    from .compare.cli import add_parser as add_compare
+
+    add_compare(sub)
     _service_parsers(sub)
     s = sub.add_parser("mpc-setup", help="create the MPC roles' static keys in a folder")
     s.add_argument("keys", help="folder for party0/party1/dealer keys and public.json")
@@ -256,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         _single_threaded_blas(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(message)s")
+    if args.command == "compare":
+        from .compare.cli import run
+
+        return run(args)
     if args.command in _COMMANDS:
         from . import commands
         from .errors import VeilError
