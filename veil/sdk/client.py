@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from importlib import import_module
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -83,6 +84,11 @@ class Client:
         # Secrets are stored per client: the key id names it (the secret part never does).
         self.client_id = key_id(token) or hashlib.sha256(token.encode()).hexdigest()[:16]
         self.key_dir = Path(key_dir) if key_dir is not None else Path.home() / ".veil"
+        if transport is None:
+            # Nagle off: a request goes out as headers then body, and with Nagle the body
+            # waits for the server's delayed ACK of the headers (40 ms on Linux)
+            transport = httpx.HTTPTransport(socket_options=[
+                (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport,
                                   headers={"Authorization": f"Bearer {token}",
                                            "User-Agent": f"veil-sdk/{__version__}"})
