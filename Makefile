@@ -42,6 +42,7 @@ bench: $(STAMP) data
 	$(PY) bench/layouts.py
 	$(PY) bench/mpc_digits.py
 	$(PY) bench/tee_digits.py
+	$(PY) bench/serve.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

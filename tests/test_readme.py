@@ -11,9 +11,10 @@ def test_readme_python_blocks_run(tmp_path):
     assert blocks, "README has no python example"
     cwd = os.getcwd()
     os.chdir(tmp_path)
+    namespace = {"__name__": "__readme__"}      # one script: later blocks continue earlier ones
     try:
         for block in blocks:
-            exec(compile(block, str(README), "exec"), {"__name__": "__readme__"})
+            exec(compile(block, str(README), "exec"), namespace)
     finally:
         os.chdir(cwd)
     assert (tmp_path / "bundles" / "server" / "model.json").exists()
