@@ -167,7 +167,7 @@ def test_interrupted_mode_stops_its_processes(tmp_path, monkeypatch):
         x, y = z["x"], z["y"]
     w = default.Workload("tiny", str(model), x[40:], y[40:], x[:40], "test")
 
-    def interrupted(job, procs, children):
+    def interrupted(job, procs):
         from veil.backends.mpc import transport
 
         procs.mpc(job.export, transport.setup(job.work_dir / "keys"))
@@ -233,16 +233,16 @@ def test_he_server_refuses_bad_keys_and_ciphertexts(tmp_path):
     evaluation keys or a ciphertext, and holds no key material of its own."""
     import veil
     from veil.backends import sockets
-    from veil.compare.children import Children
     from veil.compare.remote import CompareError, _HELink
+    from veil.service.processes import Processes
 
     model, data = _tiny_model(tmp_path)
     with np.load(data) as z:
         x = z["x"]
     server_dir, client_dir = veil.compile(str(model), x, insecure_test_params=True) \
         .export(tmp_path / "he")
-    with Children(tmp_path / "logs") as children:
-        address = children.start("he", "veil.compare.he_server", [str(server_dir)])
+    with Processes(tmp_path / "logs") as procs:
+        (address,) = procs.start("he", [str(server_dir)], module="veil.compare.he_server")
         link = _HELink(address, timeout=30)
         with pytest.raises(CompareError, match="SerializationError"):
             link.call(b"not keys")

@@ -1,7 +1,7 @@
 """The three remote modes, each against its own processes on loopback.
 
-Each function starts the mode's servers (``Processes`` for the enclave and the MPC
-roles, ``Children`` for the HE server and the TEE plaintext baseline), measures as
+Each function starts the mode's servers with ``Processes`` (the enclave and its
+plaintext baseline, the MPC roles, the HE server), measures as
 ``measure.py`` describes, reads every server's peak RSS, and leaves the stopping to
 the caller's context managers (which also run on errors and Ctrl-C).
 """
@@ -15,7 +15,6 @@ import numpy as np
 
 from ..backends import sockets
 from ..errors import VeilError
-from .children import Children
 from .measure import (ClientPeak, Job, batch_inputs, batches, budgeted, median_pass, row,
                       server_peaks)
 
@@ -62,7 +61,7 @@ def _counting(base):
     return Counting
 
 
-def measure_tee(job: Job, procs, children: Children) -> dict:
+def measure_tee(job: Job, procs) -> dict:
     """Sealed inference to the enclave; the same model served unsealed over the same
     transport (``--plaintext-baseline``) is timed alongside, alternating requests."""
     from ..backends.tee import (PlaintextClient, Policy, SoftwareAttester, TEEClient,
@@ -70,7 +69,7 @@ def measure_tee(job: Job, procs, children: Children) -> dict:
 
     att = SoftwareAttester.create(job.work_dir / "tee-attester")
     enclave = _address(procs.tee(job.export, attester_key=att)["enclave"])
-    baseline = children.start(f"{job.workload.name}-plaintext-server", "veil",
+    (baseline,) = procs.start(f"{job.workload.name}-plaintext-server",
                               ["tee-serve", str(job.export.path("tee")),
                                "--plaintext-baseline"])
     policy = Policy(frozenset({job.export.index["tee"]["measurement"]}),
@@ -131,7 +130,7 @@ def _mpc_singles(job: Job, client):
     return lat, comp, outs, answers
 
 
-def measure_mpc(job: Job, procs, children: Children) -> dict:
+def measure_mpc(job: Job, procs) -> dict:
     """Two parties and a dealer (``Processes.mpc``); the client shares, sends, and
     reconstructs, each timed."""
     from ..backends.mpc import transport
@@ -236,13 +235,13 @@ def _he_batch(job: Job, client, link: _HELink, single_s: float) -> dict:
             "layout": client.batch_layout(size), "agreement": float(agree)}
 
 
-def measure_he(job: Job, procs, children: Children) -> dict:
+def measure_he(job: Job, procs) -> dict:
     """Key generation, evaluation-key upload, single inputs, one batch."""
     from ..deploy.client import ModelClient
 
     he = job.export.path("he")
-    address = children.start(f"{job.workload.name}-he-server", "veil.compare.he_server",
-                             [str(he / "server")])
+    (address,) = procs.start(f"{job.workload.name}-he-server", [str(he / "server")],
+                             module="veil.compare.he_server")
     with ClientPeak() as peak, ModelClient(he / "client") as client:
         t = time.perf_counter()
         client.keygen()

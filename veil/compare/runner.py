@@ -23,7 +23,7 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import InputError, ModeError
-from .children import Children, veil_children
+from .children import veil_children
 from .default import Workload
 from .measure import Job, measure_local
 
@@ -108,8 +108,8 @@ def _measure_mode(mode: str, job: Job, log_dir: Path) -> dict:
 
     if mode in ("plain", "simulate"):
         return measure_local(job, mode)
-    with Processes(log_dir) as procs, Children(log_dir) as children:
-        return MEASURE[mode](job, procs, children)
+    with Processes(log_dir) as procs:
+        return MEASURE[mode](job, procs)
 
 
 def run_workload(w: Workload, cfg: CompareConfig, work: Path,

@@ -185,25 +185,25 @@ def add_routes(app: FastAPI, ctx: ServiceContext) -> HEService:
                              client: str = Depends(ctx.require_client)) -> dict:
         return await he.create(request, client, name)
 
+    async def compute(limit_of, run, session_id: str, client: str,
+                      request: Request) -> Response:
+        async with ctx.slot():
+            limit = await ctx.run_sync(limit_of, he, session_id, client)
+            body = await ctx.read_body(request, limit)
+            out = await ctx.run_sync(run, session_id, client, body)
+        return Response(out, media_type=OCTETS)
+
     @app.post("/v1/he/sessions/{session_id}/infer", tags=["he"], response_class=Response,
               openapi_extra=BINARY_BODY, responses={200: octets})
     async def infer(session_id: str, request: Request,
                     client: str = Depends(ctx.require_client)) -> Response:
-        async with ctx.slot():
-            limit = await ctx.run_sync(_ct_limit, he, session_id, client)
-            body = await ctx.read_body(request, limit)
-            out = await ctx.run_sync(he.infer, session_id, client, body)
-        return Response(out, media_type=OCTETS)
+        return await compute(_ct_limit, he.infer, session_id, client, request)
 
     @app.post("/v1/he/sessions/{session_id}/infer-batch", tags=["he"],
               response_class=Response, openapi_extra=BINARY_BODY, responses={200: octets})
     async def infer_batch(session_id: str, request: Request,
                           client: str = Depends(ctx.require_client)) -> Response:
-        async with ctx.slot():
-            limit = await ctx.run_sync(_batch_limit, he, session_id, client)
-            body = await ctx.read_body(request, limit)
-            out = await ctx.run_sync(he.infer_batch, session_id, client, body)
-        return Response(out, media_type=OCTETS)
+        return await compute(_batch_limit, he.infer_batch, session_id, client, request)
 
     @app.delete("/v1/he/sessions/{session_id}", tags=["he"], status_code=204,
                 response_class=Response)

@@ -64,12 +64,12 @@ class Processes:
         self._procs: list[subprocess.Popen] = []
 
     def start(self, name: str, args: list[str], lines: int = 1,
-              timeout: float = START_TIMEOUT_S) -> list[tuple[str, int]]:
-        """Run ``python -m veil ARGS`` and return the addresses of the first ``lines``
-        ``... listening on HOST:PORT`` lines it prints."""
+              timeout: float = START_TIMEOUT_S, module: str = "veil") -> list[tuple[str, int]]:
+        """Run ``python -m MODULE ARGS`` (a veil server) and return the addresses of the
+        first ``lines`` ``... listening on HOST:PORT`` lines it prints."""
         log = open(self.log_dir / f"{name}.log", "ab")
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "veil", *args],
+            proc = subprocess.Popen([sys.executable, "-m", module, *args],
                                     stdout=subprocess.PIPE, stderr=log, text=True,
                                     preexec_fn=_die_with_parent if _PRCTL else None)
         finally:
@@ -127,7 +127,14 @@ class Processes:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
         self._procs.clear()
+
+    @property
+    def pids(self) -> list[int]:
+        """The processes started and still running."""
+        return [p.pid for p in self._procs if p.poll() is None]
 
     def __enter__(self) -> "Processes":
         return self
