@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from veil.compare.lenet import LeNet5  # one definition, shared with veil compare
+
 from veil.finetune import replace_activations
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -35,22 +37,6 @@ class LoLaCNN(nn.Module):
     def forward(self, x):
         h = torch.flatten(self.act1(self.conv(x)), 1)
         return self.fc2(self.act2(self.fc1(h)))
-
-
-class LeNet5(nn.Module):
-    """Conv 1->6 5x5 pad 2, act, avgpool 2, conv 6->16 5x5, act, avgpool 2,
-    Linear 400->120, act, Linear 120->84, act, Linear 84->10."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.AvgPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.AvgPool2d(2))
-        self.classifier = nn.Sequential(
-            nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
-
-    def forward(self, x):
-        return self.classifier(torch.flatten(self.features(x), 1))
 
 
 def save_npz(model: nn.Module, path: str | Path) -> None:

@@ -84,24 +84,12 @@ def fashion_lenet(root: Path = FASHION_DIR, n_calibration: int = 2000) -> Worklo
         raise LookupError(f"Fashion-MNIST is not installed ({missing[0]}): {FASHION_INSTALL}")
     try:
         import torch
-        from torch import nn
+
+        from .lenet import LeNet5
     except ImportError:
         raise LookupError("the Fashion-MNIST LeNet needs torch: pip install 'veil[torch]'") \
             from None
     from ..finetune import replace_activations
-
-    class LeNet5(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.features = nn.Sequential(
-                nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.AvgPool2d(2),
-                nn.Conv2d(6, 16, 5), nn.ReLU(), nn.AvgPool2d(2))
-            self.classifier = nn.Sequential(
-                nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
-                nn.Linear(84, 10))
-
-        def forward(self, x):
-            return self.classifier(torch.flatten(self.features(x), 1))
 
     model = replace_activations(LeNet5(), degree=2)
     with np.load(DATA / "lenet_fashion.npz", allow_pickle=False) as z:
