@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         _single_threaded_blas(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)      # one line per request
     if args.command == "compare":
         from .compare.cli import run
 

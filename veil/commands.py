@@ -191,7 +191,7 @@ def predict_cmd(args) -> int:
     from .sdk import Client
 
     x, y = load_data(args.input)
-    options = {}
+    options = {"progress": True} if args.mode == "he" else {}   # key generation and upload
     if args.mode == "tee":
         options["policy"] = args.policy
     if args.mode == "mpc":
