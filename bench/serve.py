@@ -7,8 +7,8 @@ of an enclave, a dealer and two parties started here as their own processes. Per
 - direct, one input at a time: HE client and server roles in this process (no network),
   TEE client to the enclave's own TCP port, MPC client to the parties;
 - through the service with the SDK (`veil.Client`), one input at a time; the difference
-  is the service's overhead (for MPC only the directory lookup: inputs go to the parties
-  over their own links, never through the service);
+  is the service's overhead (MPC: party 0's share goes through the service, party 1's
+  straight to party 1);
 - throughput through the service with 1, 8 and 32 client threads for a fixed time, each
   thread with its own `veil.Client` (HE: all share one API key and key folder, so one
   evaluation-key upload; TEE: one attested channel each; MPC: links of their own).
@@ -117,6 +117,7 @@ def main(argv=None) -> int:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "veil", "serve", str(d / "digits"), "--store",
                  str(d / "store"), "--listen", "127.0.0.1:0", "--tee-enclave", tee["enclave"],
+                 "--mpc-keys", str(d / "mpc-keys"),
                  "--mpc-parties", f"{mpc['party0']},{mpc['party1']}"],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             url = proc.stdout.readline().split()[-1]
@@ -175,7 +176,8 @@ def main(argv=None) -> int:
         "starts the enclave, dealer and parties), 2 cores shared by everything. Latency: "
         "medians of one input at a time. Throughput: client threads in this process, "
         f"each predicting one input at a time for {args.seconds:g} s (HE twice as long). "
-        "MPC inputs never pass through the service (it only says where the parties are).",
+        "MPC: party 0's share goes through the service, which fronts party 0; party 1's "
+        "share goes straight to party 1.",
         "", *lines])
 
 

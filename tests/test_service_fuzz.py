@@ -21,18 +21,20 @@ OCT = {"Content-Type": "application/octet-stream"}
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    """Every route: an export with all three modes, a real enclave behind the TEE routes
-    (its refusals must come back as 4xx), MPC party addresses for the directory route."""
+    """Every route: an export with all three modes, a real enclave and real MPC parties
+    behind the TEE and MPC routes (their refusals must come back as 4xx)."""
+    from veil.backends.mpc import transport
     from veil.backends.tee import SoftwareAttester
     from veil.deploy.export import read_export
-    from veil.service.processes import Processes, connect_mpc
+    from veil.service.processes import Processes
 
     root = tmp_path_factory.mktemp("fuzz")
     tiny_export(root / "tiny", "tiny", modes=("he", "tee", "mpc"))
     SoftwareAttester.create(root / "att")
     procs = Processes(root / "logs")
-    backends = {"tiny": {"tee": procs.tee(read_export(root / "tiny"), attester_key=root / "att"),
-                         "mpc": connect_mpc("127.0.0.1:9", "127.0.0.1:9")}}
+    info = read_export(root / "tiny")
+    backends = {"tiny": {"tee": procs.tee(info, attester_key=root / "att"),
+                         "mpc": procs.mpc(info, transport.setup(root / "mpc-keys"))}}
     token = KeyStore(root / "store").create("fuzzer")
     app = create_app(ServiceConfig(exports=[root / "tiny"], store_dir=root / "store",
                                    max_body_bytes={"keys": 32 << 20}, backends=backends))
@@ -68,7 +70,7 @@ def test_no_input_makes_a_server_error(service, mode):
     """Every operation of the OpenAPI spec, with a valid API key: never a 5xx."""
     schema = schemathesis.openapi.from_asgi("/openapi.json", service["app"])
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) >= 13        # 8 service and HE, 4 TEE, 1 MPC
+    assert len(operations) >= 14        # 8 service and HE, 4 TEE, 2 MPC
     fuzzed = 0
     for op in operations:
         @given(case=op.as_strategy(generation_mode=mode))

@@ -104,16 +104,6 @@ def test_tee_mode_refuses_without_a_policy_and_mpc_without_keys(served):
                    key_dir=served["dir"] / "k-x")
 
 
-def test_stopping_the_service_stops_its_enclave_and_parties(served):
-    proc = served["proc"]
-    children = psutil.Process(proc.pid).children(recursive=True)
-    assert len(children) >= 4          # enclave, dealer, party 1, party 0
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
-    gone, alive = psutil.wait_procs(children, timeout=10)
-    assert alive == []
-
-
 def test_children_die_with_a_killed_service(tmp_path):
     """SIGKILL gives the service no chance to clean up: Linux stops its children."""
     from veil.backends.mpc import transport
@@ -136,4 +126,34 @@ def test_children_die_with_a_killed_service(tmp_path):
     parent.kill()
     parent.wait()
     gone, alive = psutil.wait_procs(children, timeout=15)
+    assert alive == []
+
+
+def test_party0_is_reached_only_through_the_service(served):
+    import httpx
+
+    from veil.backends.sockets import pack_arrays
+
+    auth = {"Authorization": f"Bearer {served['alice']}"}
+    info = httpx.get(f"{served['url']}/v1/models/tiny/mpc", headers=auth).json()
+    assert "party1" in info and "party0" not in info       # clients never dial party 0
+    route = f"{served['url']}/v1/models/tiny/mpc/share"
+    oct_ = {"Content-Type": "application/octet-stream"}
+    assert httpx.post(route, content=b"x", headers=oct_).status_code == 401
+    bad = pack_arrays({"request_id": np.zeros(16, np.uint8),
+                       "share": np.zeros((2, 5), np.uint64),          # wrong input shape
+                       "frac_bits": np.array([20], np.uint64)})
+    r = httpx.post(route, content=bytes(bad), headers={**auth, **oct_})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "input"
+    r = httpx.post(route, content=b"garbage", headers={**auth, **oct_})
+    assert r.status_code == 400
+
+
+def test_stopping_the_service_stops_its_enclave_and_parties(served):
+    proc = served["proc"]
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert len(children) >= 4          # enclave, dealer, party 1, party 0
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    gone, alive = psutil.wait_procs(children, timeout=10)
     assert alive == []

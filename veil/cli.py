@@ -8,7 +8,7 @@
     veil keys create NAME --store DIR | list --store DIR | revoke ID --store DIR
     veil serve EXPORT... --store DIR [--listen HOST:PORT]
                [--tee-attester-key DIR | --tee-enclave HOST:PORT]
-               [--mpc-keys DIR | --mpc-parties P0,P1]
+               [--mpc-keys DIR [--mpc-parties P0,P1]]
     veil predict URL --model NAME --mode he|tee|mpc --input DATA [--out FILE]
                  [--policy FILE] [--mpc-keys DIR]
 
@@ -142,8 +142,9 @@ def _service_parsers(sub) -> None:
     s.add_argument("--tee-key-release", help="key-release service HOST:PORT (encrypted "
                    "enclave bundles)")
     s.add_argument("--tee-enclave", help="use a running enclave at HOST:PORT instead")
-    s.add_argument("--mpc-keys", help="start dealer, party 1 and party 0 with these keys "
-                   "(folder of mpc-setup; development: all roles on this machine)")
+    s.add_argument("--mpc-keys", help="folder of mpc-setup: its public keys authenticate "
+                   "party 0; without --mpc-parties its private keys start the dealer, "
+                   "party 1 and party 0 here (development: all roles on one machine)")
     s.add_argument("--mpc-parties", help="use running parties instead: P0HOST:PORT,"
                    "P1HOST:PORT")
     s.add_argument("--mpc-frac-bits", type=int, default=20)

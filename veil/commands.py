@@ -167,17 +167,17 @@ def serve_cmd(args) -> int:
                                          "--tee-enclave HOST:PORT (a running one)")
                 if "mpc" in info.modes:
                     status.update(f"{info.name}: MPC dealer and parties")
+                    if not args.mpc_keys:
+                        raise InputError(f"{info.name} has the mpc mode: give --mpc-keys "
+                                         "DIR (folder of mpc-setup), and --mpc-parties "
+                                         "P0,P1 for parties that run elsewhere")
                     if args.mpc_parties:
                         p0, p1 = args.mpc_parties.split(",")
                         backends[info.name]["mpc"] = processes.connect_mpc(
-                            p0, p1, frac_bits=args.mpc_frac_bits)
-                    elif args.mpc_keys:
+                            p0, p1, args.mpc_keys, frac_bits=args.mpc_frac_bits)
+                    else:
                         backends[info.name]["mpc"] = procs.mpc(
                             info, args.mpc_keys, frac_bits=args.mpc_frac_bits)
-                    else:
-                        raise InputError(f"{info.name} has the mpc mode: give --mpc-keys "
-                                         "DIR (start dealer and parties, development) or "
-                                         "--mpc-parties P0,P1 (running parties)")
         config = ServiceConfig(exports=[i.directory for i in infos], store_dir=store,
                                session_ttl_s=args.ttl, disk_budget_bytes=args.disk_budget,
                                memory_budget_bytes=args.memory_budget, backends=backends)

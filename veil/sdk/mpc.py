@@ -1,11 +1,10 @@
 """The SDK's MPC mode: secret-shared inference with two non-colluding parties.
 
-The service says where the parties listen (``GET /v1/models/{name}/mpc``); the inputs
-never pass through it. ``encrypt`` splits a batch into two additive shares locally,
-``infer`` sends one share to each party over its own authenticated, encrypted link, and
-``decrypt`` adds the two output shares. The parties are authenticated with the public
-keys in ``mpc_keys`` (the ``public.json`` folder of ``veil mpc-setup``, given by the
-deployer), not with anything the service says.
+``encrypt`` splits a batch into two additive shares locally; ``infer`` sends one share
+to party 1 over a link of its own (authenticated with the public keys in ``mpc_keys``,
+the ``public.json`` folder of ``veil mpc-setup`` given by the deployer, never by the
+service) and the other to party 0 through the service, which fronts it
+(``POST /v1/models/{name}/mpc/share``); ``decrypt`` adds the two output shares.
 """
 from __future__ import annotations
 
@@ -33,9 +32,11 @@ class MPCMode:
             host, _, port = str(text).rpartition(":")
             return host, int(port)
         self.input_shape = tuple(info["input_shape"])
-        self._mpc = MpcClient(mpc_keys, address(info["party0"]), address(info["party1"]),
-                              self.input_shape, timeout=timeout,
-                              frac_bits=int(info["frac_bits"]))
+        share_route = f"/v1/models/{client.model}/mpc/share"
+        self._mpc = MpcClient(mpc_keys, None, address(info["party1"]), self.input_shape,
+                              timeout=timeout, frac_bits=int(info["frac_bits"]),
+                              party0_call=lambda body: client._call(
+                                  "POST", share_route, content=body, expect="bytes"))
         self.last_stats: list[dict] = []
 
     def encrypt(self, x) -> tuple[MpcShares, bool]:

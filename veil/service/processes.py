@@ -116,7 +116,7 @@ class Processes:
                                                           *common], lines=2)
         (party0,) = self.start(f"{info.name}-party0", ["mpc-node", "--party", "0", *common,
                                                        "--peer", _text(peer)])
-        return connect_mpc(party0, party1, frac_bits=frac_bits, dealer=dealer)
+        return connect_mpc(party0, party1, keys, frac_bits=frac_bits, dealer=dealer)
 
     def close(self) -> None:
         for proc in self._procs:
@@ -148,10 +148,13 @@ def connect_tee(enclave: str | tuple[str, int]) -> dict:
     return {"enclave": _text(_address(enclave) if isinstance(enclave, str) else enclave)}
 
 
-def connect_mpc(party0, party1, *, frac_bits: int = 20, dealer=None) -> dict:
-    """Parties someone else runs (addresses as ``HOST:PORT`` or tuples)."""
+def connect_mpc(party0, party1, keys: str | os.PathLike, *, frac_bits: int = 20,
+                dealer=None) -> dict:
+    """Parties someone else runs (addresses as ``HOST:PORT`` or tuples); ``keys`` is the
+    folder with the deployment's ``public.json``, to authenticate party 0."""
     conv = (lambda a: _text(_address(a) if isinstance(a, str) else a))
-    out = {"party0": conv(party0), "party1": conv(party1), "frac_bits": int(frac_bits)}
+    out = {"party0": conv(party0), "party1": conv(party1), "frac_bits": int(frac_bits),
+           "keys": str(keys)}
     if dealer is not None:
         out["dealer"] = conv(dealer)
     return out

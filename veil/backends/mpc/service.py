@@ -530,20 +530,26 @@ class MpcClient:
     authenticated link to each party across requests (reopened after any failure);
     use it as a context manager or call :meth:`close`."""
 
-    def __init__(self, keys_dir: str | os.PathLike, party0: tuple[str, int],
+    def __init__(self, keys_dir: str | os.PathLike, party0: tuple[str, int] | None,
                  party1: tuple[str, int], input_shape: tuple[int, ...],
-                 timeout: float = 30.0, frac_bits: int = FRAC_BITS) -> None:
+                 timeout: float = 30.0, frac_bits: int = FRAC_BITS,
+                 party0_call=None) -> None:
         self.identity = tp.Identity.load(keys_dir, None)
         self.addresses = (party0, party1)
         self.input_shape, self.timeout = tuple(input_shape), timeout
         self.frac_bits = int(frac_bits)
+        # party 0 through someone who fronts it (the HTTP service): request body in,
+        # party 0's CLIENT_RESULT body out; party 1 always over its own link
+        self._party0_call = party0_call
+        if party0_call is None and party0 is None:
+            raise InputError("give party 0's address or a party0_call that reaches it")
         self._links: list[tp.Link] | None = None
 
     def _connect(self) -> list[tp.Link]:
         if self._links is None:
             links = []
             try:
-                for p in (0, 1):
+                for p in ((1,) if self._party0_call else (0, 1)):
                     links.append(tp.connect(so.dial(self.addresses[p], self.timeout),
                                             self.identity, f"party{p}"))
             except BaseException:
@@ -588,16 +594,23 @@ class MpcClient:
     def send(self, shares: "MpcShares") -> "MpcAnswer":
         """Send each share to its party; their output shares (each alone reveals nothing)."""
         rid = shares.request_id
+        bodies = [so.pack_arrays({"request_id": np.frombuffer(rid, np.uint8), "share": share,
+                                  "frac_bits": np.array([shares.frac_bits], np.uint64)})
+                  for share in shares.shares]
         results = [None, None]
         try:
             links = self._connect()
             before = [(link.bytes_sent, link.bytes_received) for link in links]
-            for link, share in zip(links, shares.shares):
-                link.send(CLIENT_REQUEST, so.pack_arrays({
-                    "request_id": np.frombuffer(rid, np.uint8), "share": share,
-                    "frac_bits": np.array([shares.frac_bits], np.uint64)}))
-            for p, link in enumerate(links):
-                kind, body = link.recv()
+            parties = list(range(2 - len(links), 2))       # [1] when party 0 is fronted
+            for p, link in zip(parties, links):    # party 1 first: party 0 waits for it
+                link.send(CLIENT_REQUEST, bodies[p])
+            replies = {}
+            if self._party0_call is not None:
+                replies[0] = (CLIENT_RESULT, self._party0_call(bytes(bodies[0])))
+            for p, link in zip(parties, links):
+                replies[p] = link.recv()
+            for p in (0, 1):
+                kind, body = replies[p]
                 if kind == ERROR:
                     raise MpcError(f"party{p}: {so.json_object(body).get('error')}")
                 if kind != CLIENT_RESULT:
@@ -607,10 +620,12 @@ class MpcClient:
                     raise MpcError(f"party{p} answered another request")
             sent = sum(link.bytes_sent - b[0] for link, b in zip(links, before))
             received = sum(link.bytes_received - b[1] for link, b in zip(links, before))
+            if self._party0_call is not None:
+                sent, received = sent + len(bodies[0]), received + len(replies[0][1])
         except (so.TransportError, OSError, KeyError) as exc:
             self.close()
             raise MpcError(f"the inference failed: {exc}") from None
-        except MpcError:
+        except VeilError:
             self.close()        # a late answer to this request must not meet the next
             raise
         bits = {int(r["frac_bits"][0]) for r in results}
