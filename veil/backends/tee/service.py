@@ -128,7 +128,7 @@ class PlaintextServer(_ModelServer):
         return net.PLAIN_RESULT, pack_arrays({"y": ys})
 
     def _status(self) -> dict:
-        return {"mode": "plaintext-baseline"}
+        return {"mode": "plaintext-baseline", "input_shape": list(self.graph.input_shape)}
 
 
 @dataclass
@@ -336,10 +336,22 @@ class _Connection:
 
 
 class PlaintextClient(_Connection):
-    """Client of the INSECURE plaintext baseline (benchmarks)."""
+    """Client of the INSECURE plaintext baseline (benchmarks): :class:`TEEClient` without
+    attestation and sealing. It checks inputs the same way before sending, so that the
+    difference between the two measures sealing and nothing else."""
+
+    _shape: tuple[int, ...] | None = None
+
+    def _checked(self, xs) -> np.ndarray:
+        if self._shape is None:
+            self._shape = tuple(self.status()["input_shape"])
+        return net.check_inputs(xs, self._shape, max_batch=1 << 62)
 
     def infer(self, xs) -> np.ndarray:
-        xs = np.asarray(xs, dtype=np.float64)
+        xs = self._checked(xs)
+        if len(xs) > net.MAX_BATCH:
+            raise InputError(f"batches hold 1 to {net.MAX_BATCH} inputs, not {len(xs)}: "
+                             "use infer_batch")
         return _arrays(self.call(net.PLAIN_REQUEST, pack_arrays({"x": xs}),
                                  net.PLAIN_RESULT), "y")
 
@@ -348,7 +360,7 @@ class PlaintextClient(_Connection):
         """:meth:`infer` over batches of ``batch_size``, ``depth`` of them in flight."""
         outs: list[np.ndarray] = []
         self.stream(net.PLAIN_REQUEST, (pack_arrays({"x": c}) for c in _chunks(
-            np.asarray(xs, dtype=np.float64), batch_size)), net.PLAIN_RESULT,
+            self._checked(xs), batch_size)), net.PLAIN_RESULT,
             lambda body: outs.append(_arrays(body, "y")), depth)
         return np.concatenate(outs)
 
