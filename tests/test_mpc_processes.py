@@ -230,3 +230,31 @@ def test_a_corrupted_message_between_parties_fails_cleanly(tmp_path):
         np.testing.assert_allclose(again, good, atol=1e-3)
     finally:
         cluster.stop()
+
+
+def test_requests_the_other_party_never_claims_are_dropped(tmp_path):
+    """A client whose other share never arrived (say its HTTP post to party 0 failed)
+    must not leave its request in party 1 forever."""
+    import torch
+
+    from veil.backends.mpc import transport
+    from veil.backends.mpc.service import _Request, Party
+    from veil.frontend import to_graph
+
+    transport.setup(tmp_path)
+    model = to_graph(torch.nn.Sequential(torch.nn.Linear(3, 2)).eval(), (3,))
+    party = Party(1, transport.Identity.load(tmp_path, "party1"), model,
+                  ("127.0.0.1", 0), ("127.0.0.1", 9), peer_listen=("127.0.0.1", 0),
+                  timeout=0.05)
+    try:
+        share = np.zeros((1, 3), np.uint64)
+        party._requests[b"old"] = _Request(None, share, time.monotonic() - 1.0)
+        party._requests[b"new"] = _Request(None, share, time.monotonic())
+        party._order += [b"old", b"new"]
+        with party._cond:
+            stale = party._drop_stale()
+        assert [rid for rid, _ in stale] == [b"old"]
+        assert list(party._requests) == [b"new"] and party._order == [b"new"]
+    finally:
+        party.clients.close()
+        party.peer_server.close()

@@ -47,6 +47,8 @@ log = logging.getLogger("veil.mpc")
 # message kinds
 MATERIAL_REQUEST, MATERIAL, ERROR = 1, 2, 3
 CLIENT_REQUEST, CLIENT_RESULT = 10, 11
+MAX_PENDING = 1024              # client requests a party holds before refusing more
+STALE_TIMEOUTS = 4              # a request unclaimed this many timeouts is dropped
 PEER_HELLO, PEER_BEGIN, PEER_READY, PEER_DATA = 20, 21, 22, 23
 
 DEFAULT_TIMEOUT = 10.0
@@ -265,9 +267,30 @@ class Party:
                 self._reply_error(link, None, str(exc))
                 continue
             with self._cond:
-                self._requests[rid] = _Request(link, share, time.monotonic())
-                self._order.append(rid)
-                self._cond.notify_all()
+                stale = self._drop_stale()
+                full = len(self._requests) >= MAX_PENDING
+                if not full:
+                    self._requests[rid] = _Request(link, share, time.monotonic())
+                    self._order.append(rid)
+                    self._cond.notify_all()
+            for old_rid, old in stale:
+                self._reply_error(old.link, old_rid, "the other party never asked for this "
+                                  "request (its share did not arrive there)")
+            if full:
+                self._reply_error(link, rid, f"party{self.party} holds {MAX_PENDING} "
+                                  "requests already; try again later")
+
+    def _drop_stale(self) -> list[tuple[bytes, "_Request"]]:
+        """Requests waiting longer than STALE_TIMEOUTS x the timeout: the other party
+        never asked for them (a client whose other share never arrived). Caller holds
+        ``_cond``; the clients are answered after it is released."""
+        limit = time.monotonic() - STALE_TIMEOUTS * self.timeout
+        stale = [(rid, r) for rid, r in self._requests.items() if r.arrived < limit]
+        for rid, _ in stale:
+            del self._requests[rid]
+            if rid in self._order:
+                self._order.remove(rid)
+        return stale
 
     def _take(self, rid: bytes | None) -> tuple[bytes, _Request]:
         """The next request (party0) or the one named by party0 (party1), waiting up to
