@@ -124,3 +124,66 @@ def test_same_keys_cannot_back_two_live_sessions():
     with EvaluationSession(TOY, client.tag, parts, [1]):
         with pytest.raises(KeyMismatchError, match="already loaded"):
             EvaluationSession(TOY, client.tag, parts, [1])
+
+
+def test_evaluations_and_key_changes_on_other_threads_do_not_race(rng):
+    """OpenFHE computes with the GIL released and reads process-global key maps: one
+    thread evaluating while another loads and closes sessions (rewriting those maps)
+    must neither crash nor change a result."""
+    import threading
+
+    client = ClientCrypto(TOY)
+    parts = client.keygen([1])
+    x = rng.uniform(-1, 1, TOY.slots)
+    others = [(c, c.keygen([1])) for c in (ClientCrypto(TOY) for _ in range(4))]
+    errors, stop = [], threading.Event()
+
+    def churn():
+        try:
+            while not stop.is_set():
+                for c, p in others:
+                    EvaluationSession(TOY, c.tag, p, [1]).close()
+        except Exception as exc:        # reported below
+            errors.append(exc)
+    with EvaluationSession(TOY, client.tag, parts, [1]) as session:
+        t = threading.Thread(target=churn)
+        t.start()
+        try:
+            for _ in range(30):
+                ct = session.square(session.rotate(session.load(client.encrypt(x)), 1))
+                out = client.decrypt(session.dump(ct), TOY.slots)
+                np.testing.assert_allclose(out, np.roll(x, -1) ** 2, atol=1e-4)
+        finally:
+            stop.set()
+            t.join()
+    assert errors == []
+
+
+def test_key_changes_wait_for_evaluations_in_flight(pair):
+    """The exclusion itself: loading a session (a key-map write) waits until an
+    evaluation that is running with the GIL released has finished."""
+    import threading
+    import time
+
+    client, session = pair
+    other = ClientCrypto(TOY)
+    parts = other.keygen([1])
+    inside, release, done, opened = threading.Event(), threading.Event(), [], []
+
+    def slow():                         # stands in for a native call that holds no GIL
+        inside.set()
+        release.wait(10)
+        return "evaluated"
+    evaluation = threading.Thread(target=lambda: done.append(session._native(slow)))
+    evaluation.start()
+    assert inside.wait(10)
+    loader = threading.Thread(target=lambda: opened.append(
+        EvaluationSession(TOY, other.tag, parts, [1])))
+    loader.start()
+    time.sleep(0.3)
+    assert opened == []                 # still waiting for the evaluation
+    release.set()
+    evaluation.join(10)
+    loader.join(10)
+    assert done == ["evaluated"] and len(opened) == 1
+    opened[0].close()

@@ -6,14 +6,17 @@ their CryptoContext from :class:`~veil.compiler.plan.CKKSParams`.
 
 OpenFHE keeps evaluation keys in process-wide maps keyed by the secret key's tag.
 Each object here inserts its keys under its own tag and removes exactly those on
-``close()``; every access to the maps holds ``_KEYMAP_LOCK`` because the maps are
-native global state shared by all sessions in the process.
+``close()``. The maps are native global state shared by all sessions in the process,
+and OpenFHE releases the GIL while it computes, so ``_KEYMAPS`` is a readers-writer
+lock: every native evaluation reads them (shared), and inserting or removing keys
+(key generation, loading a session, closing one) writes them (exclusive).
 """
 from __future__ import annotations
 
 import logging
 import os
 import threading
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -30,7 +33,54 @@ from ...compiler.plan import CKKSParams
 from ...errors import EngineError, KeyMismatchError, MissingKeyError, SerializationError
 
 log = logging.getLogger(__name__)
-_KEYMAP_LOCK = threading.RLock()
+class _KeyMapLock:
+    """Readers-writer lock over OpenFHE's key maps. Writers are preferred (a waiting
+    key load is not starved by a stream of evaluations) and may re-enter."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = self._waiting = self._depth = 0
+        self._writer: int | None = None
+
+    @contextmanager
+    def read(self):
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer != me:          # a writer may evaluate inside its own write
+                while self._writer is not None or self._waiting:
+                    self._cond.wait()
+                self._readers += 1
+        try:
+            yield
+        finally:
+            if self._writer != me:
+                with self._cond:
+                    self._readers -= 1
+                    if not self._readers:
+                        self._cond.notify_all()
+
+    @contextmanager
+    def write(self):
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer != me:
+                self._waiting += 1
+                while self._writer is not None or self._readers:
+                    self._cond.wait()
+                self._waiting -= 1
+                self._writer = me
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._depth -= 1
+                if not self._depth:
+                    self._writer = None
+                    self._cond.notify_all()
+
+
+_KEYMAPS = _KeyMapLock()
 OPENFHE_VERSION = getattr(ofhe, "__version__", "1.6.1.0.22.4")
 _SECURITY = {"HEStd_128_classic": ofhe.HEStd_128_classic,
              "HEStd_192_classic": ofhe.HEStd_192_classic,
@@ -63,7 +113,7 @@ def build_context(params: CKKSParams):
 
 def _remove_tag(cc, tag: str) -> None:
     """Drop one tag's keys from OpenFHE's global maps, keeping every other tag's."""
-    with _KEYMAP_LOCK:
+    with _KEYMAPS.write():
         mult = {t: list(v) for t, v in cc.GetAllEvalMultKeys().items() if t != tag}
         auto = {t: v for t, v in cc.GetAllEvalAutomorphismKeys().items() if t != tag}
         ofhe.ClearEvalMultKeys()
@@ -112,7 +162,7 @@ class ClientCrypto:
         The evaluation keys leave OpenFHE's global maps right after serialization: the
         client never evaluates, and another session in this process must not find them.
         """
-        with _KEYMAP_LOCK:
+        with _KEYMAPS.write():
             keys = self.cc.KeyGen()
             tag = keys.secretKey.GetKeyTag()
             try:
@@ -210,7 +260,7 @@ class EvaluationSession:
         self._plaintexts: dict[tuple, Any] = {}
         self._weights: dict[str, Any] | None = None
         self._closed = False
-        with _KEYMAP_LOCK:
+        with _KEYMAPS.write():
             if tag in self.cc.GetAllEvalMultKeys():
                 raise KeyMismatchError("these evaluation keys are already loaded by another "
                                        "session; open one session per key set")
@@ -346,7 +396,8 @@ class EvaluationSession:
     def _native(self, fn, *args):
         self._check_open()
         try:
-            return fn(*args)
+            with _KEYMAPS.read():
+                return fn(*args)
         except RuntimeError as exc:
             raise EngineError(f"homomorphic evaluation failed: {exc}") from exc
 
