@@ -149,6 +149,38 @@ def test_party0_is_reached_only_through_the_service(served):
     assert r.status_code == 400
 
 
+def test_an_unreachable_enclave_or_party_is_a_503(tmp_path):
+    """The backends behind the service can be down: that is the service's failure (503
+    with the usual error body), never a crash or a 4xx that blames the client."""
+    from fastapi.testclient import TestClient
+
+    from veil.backends.mpc import transport
+    from veil.backends.sockets import pack_arrays
+    from veil.service import KeyStore, ServiceConfig, create_app
+    from veil.service.processes import connect_mpc, connect_tee
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2)).eval()
+    export_model(model, np.zeros((4, 3)), tmp_path / "m", modes=("tee", "mpc"))
+    keys = transport.setup(tmp_path / "keys")
+    backends = {"m": {"tee": connect_tee("127.0.0.1:9"),
+                      "mpc": connect_mpc("127.0.0.1:9", "127.0.0.1:9", keys)}}
+    token = KeyStore(tmp_path / "store").create("a")
+    app = create_app(ServiceConfig(exports=[tmp_path / "m"], store_dir=tmp_path / "store",
+                                   backends=backends))
+    body = bytes(pack_arrays({"request_id": np.zeros(16, np.uint8),
+                              "share": np.zeros((1, 3), np.uint64),
+                              "frac_bits": np.array([20], np.uint64)}))
+    auth = {"Authorization": f"Bearer {token}"}
+    with TestClient(app) as http:
+        r = http.get("/v1/models/m/tee", headers=auth)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+        r = http.post("/v1/models/m/mpc/share", content=body,
+                      headers={**auth, "Content-Type": "application/octet-stream"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+    app.state.veil.close()
+
+
 def test_stopping_the_service_stops_its_enclave_and_parties(served):
     proc = served["proc"]
     children = psutil.Process(proc.pid).children(recursive=True)

@@ -21,17 +21,15 @@ belongs behind TLS like any other.
 """
 from __future__ import annotations
 
-import queue
-
 import numpy as np
 from fastapi import Depends, Request, Response
 
 from ..backends import sockets as so
 from ..backends.mpc import transport as tp
 from ..backends.mpc.service import CLIENT_REQUEST, CLIENT_RESULT, ERROR, MpcError
-from ..errors import InputError, SerializationError, UnavailableError
+from ..errors import InputError, SerializationError
+from .pool import ConnectionPool
 
-POOL = 8
 MAX_INPUTS = 4096
 _BINARY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
     "schema": {"type": "string", "format": "binary"}}}}}
@@ -42,51 +40,24 @@ def _address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class Party0Relay:
-    """A small pool of client links to party 0; one request and its answer per use, and
-    a link that failed is closed, never reused."""
+def party0_pool(address: tuple[str, int], keys_dir, timeout: float = 60.0) -> ConnectionPool:
+    """Client links to party 0 (Noise NK with the deployment's public keys)."""
+    identity = tp.Identity.load(keys_dir, None)           # public keys only
+    return ConnectionPool("party 0", lambda: tp.connect(so.dial(address, timeout), identity,
+                                                         "party0"))
 
-    def __init__(self, address: tuple[str, int], keys_dir, timeout: float = 60.0) -> None:
-        self.address, self.timeout = address, timeout
-        self.identity = tp.Identity.load(keys_dir, None)      # public keys only
-        self._idle: queue.LifoQueue = queue.LifoQueue(POOL)
 
-    def call(self, body: bytes) -> bytes:
-        try:
-            link = self._idle.get_nowait()
-        except queue.Empty:
-            link = None
-        try:
-            if link is None:
-                link = tp.connect(so.dial(self.address, self.timeout), self.identity,
-                                  "party0")
-            link.send(CLIENT_REQUEST, body)
-            kind, reply = link.recv()
-        except (so.TransportError, OSError) as exc:
-            if link is not None:
-                link.close()
-            raise UnavailableError(f"party 0 is unreachable: {exc}") from None
-        if kind == ERROR:
-            try:
-                self._idle.put_nowait(link)
-            except queue.Full:
-                link.close()
-            raise MpcError(f"party0: {so.json_object(reply).get('error')}")
-        if kind != CLIENT_RESULT:
-            link.close()
-            raise MpcError(f"party0 sent message kind {kind}")
-        try:
-            self._idle.put_nowait(link)
-        except queue.Full:
-            link.close()
-        return bytes(reply)
-
-    def close(self) -> None:
-        while True:
-            try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
-                return
+def relay(pool: ConnectionPool, body: bytes) -> bytes:
+    """One party request through ``pool``: party 0's output share, or its refusal."""
+    def exchange(link):
+        link.send(CLIENT_REQUEST, body)
+        return link.recv()
+    kind, reply = pool.call(exchange)
+    if kind == ERROR:
+        raise MpcError(f"party0: {so.json_object(reply).get('error')}")
+    if kind != CLIENT_RESULT:
+        raise MpcError(f"party0 sent message kind {kind}")
+    return bytes(reply)
 
 
 def check_request(body: bytes, input_shape: tuple[int, ...], frac_bits: int) -> None:
@@ -112,7 +83,7 @@ def add_routes(app, ctx) -> None:
     """Register the MPC routes for every served model with the ``mpc`` mode."""
     served = {name: ctx.config.backends[name]["mpc"] for name, info in ctx.models.items()
               if "mpc" in info.modes}
-    relays = {name: Party0Relay(_address(b["party0"]), b["keys"])
+    relays = {name: party0_pool(_address(b["party0"]), b["keys"])
               for name, b in served.items()}
     ctx.closers.extend(r.close for r in relays.values())
 
@@ -135,5 +106,5 @@ def add_routes(app, ctx) -> None:
         async with ctx.slot():
             body = await ctx.read_body(request, size)
             check_request(body, info.input_shape, served[name].get("frac_bits", 20))
-            reply = await ctx.run_sync(relays[name].call, body)
+            reply = await ctx.run_sync(relay, relays[name], body)
         return Response(reply, media_type="application/octet-stream")

@@ -21,20 +21,18 @@ from __future__ import annotations
 
 import base64
 import json
-import queue
 import threading
 import time
 
 from fastapi import Depends, Request, Response
 
 from ..backends import sockets
-from ..backends.sockets import TransportError
 from ..backends.tee import net
-from ..errors import InputError, SerializationError, SessionError, UnavailableError
+from ..errors import InputError, SerializationError, SessionError
+from .pool import ConnectionPool
 
 CHANNEL_TTL_S = 300.0
 MAX_CHANNELS = 4096
-POOL = 8
 _BINARY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
     "schema": {"type": "string", "format": "binary"}}}}}
 _NONCE = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
@@ -42,42 +40,14 @@ _NONCE = {"requestBody": {"required": True, "content": {"application/json": {"sc
     "properties": {"nonce": {"type": "string", "description": "16-64 random bytes, base64url"}}}}}}}
 
 
-class EnclaveRelay:
-    """A small pool of connections to one enclave; each call uses one connection for
-    one request and its answer, and a failed connection is dropped, never reused."""
+def enclave_pool(address: tuple[str, int], timeout: float = 60.0) -> ConnectionPool:
+    """Connections to one enclave; ``pool.call(relay(kind, body, wanted))`` sends one
+    message and returns the answer's body (the enclave's refusals as typed errors)."""
+    return ConnectionPool("the enclave", lambda: sockets.dial(address, timeout))
 
-    def __init__(self, address: tuple[str, int], timeout: float = 60.0) -> None:
-        self.address, self.timeout = address, timeout
-        self._idle: queue.LifoQueue = queue.LifoQueue(POOL)
 
-    def call(self, kind: int, body: bytes, wanted: int) -> bytes:
-        try:
-            sock = self._idle.get_nowait()
-        except queue.Empty:
-            sock = None
-        try:
-            if sock is None:
-                sock = sockets.dial(self.address, self.timeout)
-            out = net.call(sock, kind, body, wanted)
-        except (TransportError, OSError) as exc:
-            if sock is not None:
-                sock.close()
-            raise TransportError(f"the enclave is unreachable: {exc}") from None
-        except BaseException:
-            sock.close()                # after a refusal the connection is still fine,
-            raise                       # but drop it: refusals are rare
-        try:
-            self._idle.put_nowait(sock)
-        except queue.Full:
-            sock.close()
-        return bytes(out)
-
-    def close(self) -> None:
-        while True:
-            try:
-                self._idle.get_nowait().close()
-            except queue.Empty:
-                return
+def relay(kind: int, body: bytes, wanted: int):
+    return lambda sock: bytes(net.call(sock, kind, body, wanted))
 
 
 class Channels:
@@ -125,28 +95,25 @@ def body_limit(input_shape: tuple[int, ...]) -> int:
 
 def add_routes(app, ctx) -> None:
     """Register the TEE routes for every served model with the ``tee`` mode."""
-    relays: dict[str, EnclaveRelay] = {}
+    relays: dict[str, ConnectionPool] = {}
     for name, info in ctx.models.items():
         if "tee" in info.modes:
             host, _, port = ctx.config.backends[name]["tee"]["enclave"].rpartition(":")
-            relays[name] = EnclaveRelay((host, int(port)))
+            relays[name] = enclave_pool((host, int(port)))
     channels = Channels()
     ctx.closers.extend(r.close for r in relays.values())
     ctx.mode_info["tee"] = lambda info: dict(info.index.get("tee", {}))
 
-    def relay(name: str) -> EnclaveRelay:
+    def pool(name: str) -> ConnectionPool:
         ctx.model(name, "tee")
         return relays[name]
 
-    async def call(r: EnclaveRelay, kind: int, body: bytes, wanted: int) -> bytes:
-        try:
-            return await ctx.run_sync(r.call, kind, body, wanted)
-        except TransportError as exc:     # the enclave is down: the service's failure
-            raise UnavailableError(str(exc)) from None
+    async def call(p: ConnectionPool, kind: int, body: bytes, wanted: int) -> bytes:
+        return await ctx.run_sync(p.call, relay(kind, body, wanted))
 
     @app.get("/v1/models/{name}/tee", tags=["tee"], summary="The enclave's public status")
     async def tee_status(name: str, client: str = Depends(ctx.require_client)) -> dict:
-        r = relay(name)
+        r = pool(name)
         status = sockets.json_object(await call(r, net.STATUS_REQUEST, b"", net.STATUS))
         return {k: status.get(k) for k in ("mode", "attester", "measurement", "insecure",
                                             "veil")}
@@ -156,7 +123,7 @@ def add_routes(app, ctx) -> None:
               response_class=Response, responses={200: {"content": {"application/jwt": {}}}})
     async def tee_evidence(name: str, request: Request,
                            client: str = Depends(ctx.require_client)) -> Response:
-        r = relay(name)
+        r = pool(name)
         body = await ctx.read_body(request, 4096, media_type="application/json")
         nonce = sockets.json_object(body).get("nonce")
         if not isinstance(nonce, str):
@@ -171,7 +138,7 @@ def add_routes(app, ctx) -> None:
               summary="Key this client's channel (one HPKE message)")
     async def tee_open(name: str, request: Request,
                        client: str = Depends(ctx.require_client)) -> Response:
-        r = relay(name)
+        r = pool(name)
         body = await ctx.read_body(request, 8192)
         channels.check(body, client)
         await call(r, net.OPEN, body, net.OPENED)
@@ -182,7 +149,7 @@ def add_routes(app, ctx) -> None:
               responses={200: {"content": {"application/octet-stream": {}}}})
     async def tee_infer(name: str, request: Request,
                         client: str = Depends(ctx.require_client)) -> Response:
-        r = relay(name)
+        r = pool(name)
         async with ctx.slot():
             body = await ctx.read_body(request, body_limit(ctx.models[name].input_shape))
             channels.check(body, client)
