@@ -257,3 +257,53 @@ def test_he_server_refuses_bad_keys_and_ciphertexts(tmp_path):
             link.call(b"VEIL garbage")
         link.close()
     assert _veil_descendants() == []
+
+
+def test_wan_relay_adds_the_round_trip_and_keeps_the_bytes():
+    import socket
+    import threading
+    import time
+
+    from veil.compare.wan import Wan
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def echo():
+        conn, _ = server.accept()
+        while data := conn.recv(1 << 16):
+            conn.sendall(data)
+    threading.Thread(target=echo, daemon=True).start()
+    with Wan(60, 20) as wan:
+        sock = socket.create_connection(wan.relay(server.getsockname()))
+        t = time.perf_counter()
+        sock.sendall(b"x")
+        assert sock.recv(1) == b"x"
+        assert time.perf_counter() - t >= 0.06          # the round trip is there
+        data = np.random.default_rng(0).bytes(100_000)
+        t = time.perf_counter()
+        sock.sendall(data)
+        got = bytearray()
+        while len(got) < len(data):
+            got += sock.recv(1 << 16)
+        assert bytes(got) == data                         # in order, intact
+        assert time.perf_counter() - t >= 100_000 * 8 / 20e6   # and rate-limited
+        sock.close()
+    server.close()
+
+
+def test_mpc_over_an_emulated_wan_is_measured_and_stopped(tmp_path):
+    from veil.compare import default, runner
+
+    model, data = _tiny_model(tmp_path)
+    with np.load(data) as z:
+        x, y = z["x"], z["y"]
+    w = default.Workload("tiny", str(model), x[40:], y[40:], x[:40], "test")
+    result = runner.run([w], runner.CompareConfig(modes=("plain", "mpc"), n=4,
+                                                  wan={"rtt_ms": 10, "mbit": 100}))
+    modes = result["workloads"][0]["modes"]
+    lan, wan = modes["mpc"], modes["mpc (WAN)"]
+    assert wan["mode"] == "mpc (WAN)" and wan["wan"] == "10 ms RTT, 100 Mbit/s"
+    # each of the parties' rounds now crosses a 10 ms round trip
+    assert wan["latency_p50_s"] > lan["latency_p50_s"] + 0.01 * wan["server_rounds"] / 2
+    assert wan["agreement"] == 1.0 and result["left_running"] == []
+    assert _veil_descendants() == []

@@ -2,7 +2,7 @@
 
     veil compare [MODEL --data FILE.npz [--calibration FILE]] [--modes plain,simulate,tee,mpc,he]
                  [--n N] [--n-he N] [--batch B] [--out DIR] [--mlflow DIR]
-                 [--insecure-test-params]
+                 [--insecure-test-params] [--wan RTT_MS,MBIT]
 
 Without MODEL it runs the embedded digits CNN, plus LeNet-5 on Fashion-MNIST when that
 dataset is installed (``veil/compare/default.py``). ``cli.py`` of veil registers it with
@@ -51,6 +51,10 @@ def _options(p: argparse.ArgumentParser) -> None:
                         "./compare-report)")
     p.add_argument("--mlflow", metavar="DIR", help="also log to a local MLflow file store "
                    "(needs mlflow, which is optional)")
+    p.add_argument("--wan", metavar="RTT_MS,MBIT", type=_wan,
+                   help="also run tee, mpc and he across an emulated wide-area link, e.g. "
+                        "20,100 (20 ms round trip, 100 Mbit/s each way): user-space relays "
+                        "on every connection (this kernel has no tc netem)")
     p.add_argument("--insecure-test-params", action="store_true",
                    help="HE: small INSECURE parameters (tests only; in the report)")
     p.add_argument("--keep", metavar="DIR", help="keep exports, keys and server logs here")
@@ -143,13 +147,24 @@ def _log_mlflow(result: dict, directory: str, out: Path) -> str | None:
         return None
 
 
+def _wan(text: str) -> dict:
+    try:
+        rtt, mbit = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected RTT_MS,MBIT like 20,100, not {text!r}") \
+            from None
+    if rtt < 0 or mbit <= 0:
+        raise argparse.ArgumentTypeError("the round trip must be >= 0 and the rate > 0")
+    return {"rtt_ms": rtt, "mbit": mbit}
+
+
 def _config(args):
     from .runner import CompareConfig
 
     return CompareConfig(modes=tuple(args.modes.split(",")), n=args.n, n_he=args.n_he,
                          batch=args.batch, he_batch_budget_s=args.he_batch_budget,
                          budget_s=args.budget, insecure_test_params=args.insecure_test_params,
-                         work_dir=Path(args.keep) if args.keep else None)
+                         work_dir=Path(args.keep) if args.keep else None, wan=args.wan)
 
 
 def _write(result: dict, out: Path) -> tuple[Path, Path]:

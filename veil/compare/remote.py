@@ -72,6 +72,7 @@ def measure_tee(job: Job, procs) -> dict:
     (baseline,) = procs.start(f"{job.workload.name}-plaintext-server",
                               ["tee-serve", str(job.export.path("tee")),
                                "--plaintext-baseline"])
+    baseline = procs.link(baseline)
     policy = Policy(frozenset({job.export.index["tee"]["measurement"]}),
                     (TrustedAttester.load(att),), allow_insecure=True)
     with ClientPeak() as peak, _counting(TEEClient)(enclave, policy) as client, \
@@ -138,7 +139,7 @@ def measure_mpc(job: Job, procs) -> dict:
 
     t = time.perf_counter()
     keys = transport.setup(job.work_dir / "mpc-keys")
-    info = procs.mpc(job.export, keys)
+    info = procs.mpc(job.export, keys, timeout=120.0)     # as the client: WAN batches are slow
     start_s = time.perf_counter() - t
     with ClientPeak() as peak, MpcClient(keys, _address(info["party0"]), _address(info["party1"]),
                                          job.workload.input_shape,
@@ -242,6 +243,7 @@ def measure_he(job: Job, procs) -> dict:
     he = job.export.path("he")
     (address,) = procs.start(f"{job.workload.name}-he-server", [str(he / "server")],
                              module="veil.compare.he_server")
+    address = procs.link(address)
     with ClientPeak() as peak, ModelClient(he / "client") as client:
         t = time.perf_counter()
         client.keygen()

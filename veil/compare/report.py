@@ -56,7 +56,7 @@ def cells(r: dict, plain: dict | None) -> list[str]:
     """One table row of a measured mode (strings, in ``COLUMNS`` order)."""
     over = f"{r['latency_p50_s'] / plain['latency_p50_s']:,.1f}" if plain else "-"
     acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
-    remote = r["mode"] in ("he", "tee", "mpc")
+    remote = r["mode"].split(" ")[0] in ("he", "tee", "mpc")     # also "mpc (WAN)"
     return [r["mode"], str(r["n"]), acc, f"{r['agreement']:.4f}", _ms(r["latency_p50_s"]),
             _ms(r["latency_p95_s"]), f"{r['throughput_per_s']:,.1f} ({r['batch']})", over,
             _si(r["bytes_up"]) if remote else "-", _si(r["bytes_down"]) if remote else "-",

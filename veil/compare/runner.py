@@ -102,14 +102,17 @@ def _export(w: Workload, compiled, cfg: CompareConfig, directory: Path):
     return info, time.perf_counter() - t
 
 
-def _measure_mode(mode: str, job: Job, log_dir: Path) -> dict:
+def _measure_mode(mode: str, job: Job, log_dir: Path, wan=None) -> dict:
     from ..service.processes import Processes
     from .remote import MEASURE
 
     if mode in ("plain", "simulate"):
         return measure_local(job, mode)
-    with Processes(log_dir) as procs:
-        return MEASURE[mode](job, procs)
+    with Processes(log_dir, link=wan.relay if wan else None) as procs:
+        row = MEASURE[mode](job, procs)
+    if wan is not None:
+        row["mode"], row["wan"] = f"{mode} (WAN)", wan.describe()
+    return row
 
 
 def run_workload(w: Workload, cfg: CompareConfig, work: Path,
@@ -142,6 +145,22 @@ def run_workload(w: Workload, cfg: CompareConfig, work: Path,
         except Exception as exc:       # one failing mode must not lose the others' numbers
             log.exception("%s: %s failed", w.name, mode)
             out["errors"][mode] = f"{type(exc).__name__}: {exc}"
+        job.progress(0, done=True)
+    for mode in (m for m in cfg.modes if cfg.wan and m in ("tee", "mpc", "he")):
+        from .wan import Wan
+
+        n_mode = min(cfg.n_he, n) if mode == "he" else n
+        job = Job(w, x, y, plain, compiled, info, work / w.name, cfg.n_he, cfg.batch,
+                  cfg.he_batch_budget_s, cfg.budget_s,
+                  progress(f"{w.name}: {mode} over the WAN", 2 * n_mode))
+        log.info("%s: measuring %s over an emulated WAN", w.name, mode)
+        try:
+            with Wan(cfg.wan["rtt_ms"], cfg.wan["mbit"]) as wan:
+                out["modes"][f"{mode} (WAN)"] = _measure_mode(mode, job,
+                                                              work / w.name / "logs", wan)
+        except Exception as exc:
+            log.exception("%s: %s over the WAN failed", w.name, mode)
+            out["errors"][f"{mode} (WAN)"] = f"{type(exc).__name__}: {exc}"
         job.progress(0, done=True)
     compiled.close()
     return out

@@ -58,9 +58,12 @@ class Processes:
     """Starts veil server processes and stops them all on :meth:`close` (also when a
     later start fails, so nothing is left running)."""
 
-    def __init__(self, log_dir: str | os.PathLike) -> None:
+    def __init__(self, log_dir: str | os.PathLike, link=None) -> None:
+        """``link(address) -> address``: how one process (or a client) reaches another's
+        address; the default is directly, ``veil compare --wan`` puts a slow link there."""
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.link = link or (lambda address: tuple(address))
         self._procs: list[subprocess.Popen] = []
 
     def start(self, name: str, args: list[str], lines: int = 1,
@@ -103,20 +106,25 @@ class Processes:
         if key_release is not None:
             args += ["--key-release", str(key_release)]
         (enclave,) = self.start(f"{info.name}-enclave", args)
-        return {"enclave": _text(enclave)}
+        return {"enclave": _text(self.link(enclave))}
 
     def mpc(self, info: ExportInfo, keys: str | os.PathLike, *, frac_bits: int = 20,
-            cmp: str = "circuit") -> dict:
-        """Start the dealer, party 1 and party 0 for ``info``'s MPC model."""
+            cmp: str = "circuit", timeout: float | None = None) -> dict:
+        """Start the dealer, party 1 and party 0 for ``info``'s MPC model (``timeout``:
+        seconds per message, the parties' default when None)."""
         model = str(info.path("mpc"))
-        (dealer,) = self.start(f"{info.name}-dealer", ["mpc-dealer", "--keys", str(keys)])
-        common = ["--keys", str(keys), "--model", model, "--dealer", _text(dealer),
-                  "--frac-bits", str(frac_bits), "--cmp", cmp]
+        wait = [] if timeout is None else ["--timeout", str(timeout)]
+        (dealer,) = self.start(f"{info.name}-dealer", ["mpc-dealer", "--keys", str(keys),
+                                                       *wait])
+        common = ["--keys", str(keys), "--model", model, "--dealer",
+                  _text(self.link(dealer)), "--frac-bits", str(frac_bits), "--cmp", cmp,
+                  *wait]
         party1, peer = self.start(f"{info.name}-party1", ["mpc-node", "--party", "1",
                                                           *common], lines=2)
         (party0,) = self.start(f"{info.name}-party0", ["mpc-node", "--party", "0", *common,
-                                                       "--peer", _text(peer)])
-        return connect_mpc(party0, party1, keys, frac_bits=frac_bits, dealer=dealer)
+                                                       "--peer", _text(self.link(peer))])
+        return connect_mpc(self.link(party0), self.link(party1), keys, frac_bits=frac_bits,
+                           dealer=dealer)
 
     def close(self) -> None:
         for proc in self._procs:
