@@ -7,12 +7,12 @@ memory budget; an unloaded one reloads from disk transparently.
 Guarantees:
 
 * One lock per session: a ServerSession is never used by two threads at once.
-* OpenFHE keeps evaluation keys in process-wide maps that evaluation reads without a
-  lock while the GIL is released; inserting or removing keys meanwhile would race. So
-  loading and closing hold :class:`Gate` exclusively, evaluations hold it shared.
+* OpenFHE's process-wide key maps are guarded by the engine itself (a readers-writer
+  lock in ``backends/he/openfhe_engine.py``); here one lock makes "is this key set
+  loaded already? then load it" a single step.
 * OpenFHE allows one loaded key set per tag: loading a session whose keys are already
   loaded under another session id (the same keys uploaded twice) unloads that one.
-* Lock order is session lock, then gate; other sessions' locks are only ever tried
+* Lock order is session lock, then the load lock; other sessions' locks are only ever tried
   without blocking (eviction skips busy sessions), except to take over a tag, whose
   holder never waits for another session lock. No cycle, so no deadlock.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
@@ -38,47 +37,6 @@ MEMORY_FACTOR = 1.0
 MEMORY_OVERHEAD = 1 << 20
 
 
-class Gate:
-    """A readers-writer lock that prefers writers (key loads cannot starve)."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._waiting_writers = 0
-
-    @contextmanager
-    def shared(self):
-        with self._cond:
-            while self._writer or self._waiting_writers:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def exclusive(self):
-        with self._cond:
-            self._waiting_writers += 1
-            try:
-                while self._writer or self._readers:
-                    self._cond.wait()
-            finally:
-                self._waiting_writers -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
 @dataclass(eq=False)
 class _Entry:
     sid: str
@@ -91,13 +49,13 @@ class _Entry:
 class LoadedSessions:
     """ServerSessions by session id, at most ``budget_bytes`` (estimated) loaded.
 
-    ``opener(keys)`` makes a ServerSession from EvaluationKeys (it runs under the gate).
+    ``opener(keys)`` makes a ServerSession from EvaluationKeys (under the load lock).
     """
 
     def __init__(self, budget_bytes: int, opener: Callable[[EvaluationKeys], Any]) -> None:
         self.budget_bytes = budget_bytes
         self._open = opener
-        self.gate = Gate()
+        self._loading = threading.Lock()
         self._mu = threading.Lock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._tags: dict[str, _Entry] = {}
@@ -123,8 +81,7 @@ class LoadedSessions:
                     raise NotFoundError(NO_SESSION)
             if entry.session is None:
                 self._load(entry, keys())
-            with self.gate.shared():
-                return fn(entry.session)
+            return fn(entry.session)
 
     def _load(self, entry: _Entry, keys: EvaluationKeys) -> None:
         while True:
@@ -133,7 +90,7 @@ class LoadedSessions:
                 with holder.lock:   # a loaded holder waits for no other session lock
                     self._close(holder)
                 continue
-            with self.gate.exclusive():
+            with self._loading:
                 if self._tags.get(keys.tag) not in (None, entry):
                     continue    # another thread loaded these keys meanwhile
                 session = self._open(keys)
@@ -166,8 +123,7 @@ class LoadedSessions:
         """Unload ``entry`` (caller holds its lock); it stays known and reloads on use."""
         if entry.session is None:
             return
-        with self.gate.exclusive():
-            entry.session.close()
+        entry.session.close()
         with self._mu:
             if self._tags.get(entry.tag) is entry:
                 del self._tags[entry.tag]
