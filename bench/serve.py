@@ -91,6 +91,7 @@ def main(argv=None) -> int:
 
     from veil.backends.mpc import transport
     from veil.backends.mpc.service import MpcClient
+    from veil.backends.sockets import parse_address
     from veil.backends.tee import Policy, SoftwareAttester, TEEClient
     from veil.deploy.export import export_model
     from veil.deploy.loopback import Loopback
@@ -131,11 +132,10 @@ def main(argv=None) -> int:
             # direct clients, no HTTP
             loop = Loopback(ClientBundle.load(info.path("he") / "client"),
                             ServerBundle.load(info.path("he") / "server"))
-            def addr(t):
-                h, _, p = t.rpartition(":")
-                return h, int(p)
-            tee_direct = TEEClient(addr(tee["enclave"]), Policy.load(d / "policy.json"))
-            mpc_direct = MpcClient(d / "mpc-keys", addr(mpc["party0"]), addr(mpc["party1"]),
+            tee_direct = TEEClient(parse_address(tee["enclave"]),
+                                   Policy.load(d / "policy.json"))
+            mpc_direct = MpcClient(d / "mpc-keys", parse_address(mpc["party0"]),
+                                   parse_address(mpc["party1"]),
                                    info.input_shape, frac_bits=mpc["frac_bits"])
             direct = {"he": lambda i: loop.infer(x[i % len(x)]),
                       "tee": lambda i: tee_direct.infer(x[i % len(x)][None]),

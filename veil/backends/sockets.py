@@ -15,7 +15,7 @@ import threading
 
 import numpy as np
 
-from ..errors import SerializationError, VeilError
+from ..errors import InputError, SerializationError, VeilError
 
 MAX_FRAME = 1 << 30          # 1 GiB: far above any message veil sends
 LEN = struct.Struct(">I")
@@ -107,6 +107,17 @@ def accept_forever(server: socket.socket, timeout: float, handle) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(timeout)
         threading.Thread(target=handle, args=(sock,), daemon=True).start()
+
+
+def parse_address(text) -> tuple[str, int]:
+    """``HOST:PORT`` as ``(host, port)`` (an address tuple passes through);
+    InputError when it is not one."""
+    if isinstance(text, tuple):
+        return text[0], int(text[1])
+    host, _, port = str(text).rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
 
 
 def dial(address: tuple[str, int], timeout: float) -> socket.socket:

@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..deploy.server import ModelServer
 
     server = ModelServer(args.bundle)
-    host, _, port = args.listen.rpartition(":")
-    listener = sockets.listen((host, int(port)))
+    listener = sockets.listen(sockets.parse_address(args.listen))
     print("veil-he server listening on %s:%d" % listener.getsockname()[:2], flush=True)
     sockets.accept_forever(listener, args.timeout, lambda s: serve_connection(server, s))
     return 0

@@ -26,11 +26,6 @@ class CompareError(VeilError):
     """A mode failed while ``veil compare`` measured it (the message says which)."""
 
 
-def _address(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host, int(port)
-
-
 # -- TEE ------------------------------------------------------------------------------------
 def _counting(base):
     """``base`` (a TEE client class) counting frame bytes and the time spent in calls."""
@@ -68,7 +63,7 @@ def measure_tee(job: Job, procs) -> dict:
                                 TrustedAttester)
 
     att = SoftwareAttester.create(job.work_dir / "tee-attester")
-    enclave = _address(procs.tee(job.export, attester_key=att)["enclave"])
+    enclave = sockets.parse_address(procs.tee(job.export, attester_key=att)["enclave"])
     (baseline,) = procs.start(f"{job.workload.name}-plaintext-server",
                               ["tee-serve", str(job.export.path("tee")),
                                "--plaintext-baseline"])
@@ -141,7 +136,8 @@ def measure_mpc(job: Job, procs) -> dict:
     keys = transport.setup(job.work_dir / "mpc-keys")
     info = procs.mpc(job.export, keys, timeout=120.0)     # as the client: WAN batches are slow
     start_s = time.perf_counter() - t
-    with ClientPeak() as peak, MpcClient(keys, _address(info["party0"]), _address(info["party1"]),
+    with ClientPeak() as peak, MpcClient(keys, sockets.parse_address(info["party0"]),
+                                         sockets.parse_address(info["party1"]),
                                          job.workload.input_shape,
                                          frac_bits=info["frac_bits"], timeout=120.0) as client:
         t = time.perf_counter()

@@ -13,6 +13,7 @@ import os
 import numpy as np
 
 from ..backends.mpc.service import MpcAnswer, MpcClient, MpcShares
+from ..backends.sockets import parse_address
 from ..errors import InputError
 
 BATCH = 64          # the parties prepare dealer material for batches of 64 ahead
@@ -27,13 +28,9 @@ class MPCMode:
             raise InputError("the mpc mode needs mpc_keys=: the folder with the "
                              "deployment's public.json (from `veil mpc-setup`)")
         info = client._call("GET", f"/v1/models/{client.model}/mpc", expect="json")
-
-        def address(text: str) -> tuple[str, int]:
-            host, _, port = str(text).rpartition(":")
-            return host, int(port)
         self.input_shape = tuple(info["input_shape"])
         share_route = f"/v1/models/{client.model}/mpc/share"
-        self._mpc = MpcClient(mpc_keys, None, address(info["party1"]), self.input_shape,
+        self._mpc = MpcClient(mpc_keys, None, parse_address(info["party1"]), self.input_shape,
                               timeout=timeout, frac_bits=int(info["frac_bits"]),
                               party0_call=lambda body: client._call(
                                   "POST", share_route, content=body, expect="bytes"))

@@ -35,11 +35,6 @@ _BINARY = {"requestBody": {"required": True, "content": {"application/octet-stre
     "schema": {"type": "string", "format": "binary"}}}}}
 
 
-def _address(text: str) -> tuple[str, int]:
-    host, _, port = str(text).rpartition(":")
-    return host, int(port)
-
-
 def party0_pool(address: tuple[str, int], keys_dir, timeout: float = 60.0) -> ConnectionPool:
     """Client links to party 0 (Noise NK with the deployment's public keys)."""
     identity = tp.Identity.load(keys_dir, None)           # public keys only
@@ -83,7 +78,7 @@ def add_routes(app, ctx) -> None:
     """Register the MPC routes for every served model with the ``mpc`` mode."""
     served = {name: ctx.config.backends[name]["mpc"] for name, info in ctx.models.items()
               if "mpc" in info.modes}
-    relays = {name: party0_pool(_address(b["party0"]), b["keys"])
+    relays = {name: party0_pool(so.parse_address(b["party0"]), b["keys"])
               for name, b in served.items()}
     ctx.closers.extend(r.close for r in relays.values())
 

@@ -21,6 +21,7 @@ import sys
 import threading
 from pathlib import Path
 
+from ..backends.sockets import parse_address
 from ..deploy.export import ExportInfo
 from ..errors import VeilError
 
@@ -41,13 +42,6 @@ def _die_with_parent() -> None:
 
 class ProcessError(VeilError):
     """A child process (enclave, MPC party or dealer) failed to start."""
-
-
-def _address(text: str) -> tuple[str, int]:
-    host, _, port = str(text).rpartition(":")
-    if not host or not port.isdigit():
-        raise ProcessError(f"expected HOST:PORT, got {text!r}")
-    return host, int(port)
 
 
 def _text(address: tuple[str, int]) -> str:
@@ -93,7 +87,7 @@ class Processes:
                 line = None
             if not line or " on " not in line:
                 raise ProcessError(f"{name} did not start (see {self.log_dir / name}.log)")
-            out.append(_address(line.split()[-1]))
+            out.append(parse_address(line.split()[-1]))
         return out
 
     def tee(self, info: ExportInfo, *, attester: str = "software",
@@ -153,14 +147,14 @@ class Processes:
 
 def connect_tee(enclave: str | tuple[str, int]) -> dict:
     """An enclave someone else runs."""
-    return {"enclave": _text(_address(enclave) if isinstance(enclave, str) else enclave)}
+    return {"enclave": _text(parse_address(enclave))}
 
 
 def connect_mpc(party0, party1, keys: str | os.PathLike, *, frac_bits: int = 20,
                 dealer=None) -> dict:
     """Parties someone else runs (addresses as ``HOST:PORT`` or tuples); ``keys`` is the
     folder with the deployment's ``public.json``, to authenticate party 0."""
-    conv = (lambda a: _text(_address(a) if isinstance(a, str) else a))
+    conv = (lambda a: _text(parse_address(a)))
     out = {"party0": conv(party0), "party1": conv(party1), "frac_bits": int(frac_bits),
            "keys": str(keys)}
     if dealer is not None:

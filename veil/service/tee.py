@@ -98,8 +98,8 @@ def add_routes(app, ctx) -> None:
     relays: dict[str, ConnectionPool] = {}
     for name, info in ctx.models.items():
         if "tee" in info.modes:
-            host, _, port = ctx.config.backends[name]["tee"]["enclave"].rpartition(":")
-            relays[name] = enclave_pool((host, int(port)))
+            relays[name] = enclave_pool(
+                sockets.parse_address(ctx.config.backends[name]["tee"]["enclave"]))
     channels = Channels()
     ctx.closers.extend(r.close for r in relays.values())
     ctx.mode_info["tee"] = lambda info: dict(info.index.get("tee", {}))
