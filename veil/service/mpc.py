@@ -26,11 +26,10 @@ from fastapi import Depends, Request, Response
 
 from ..backends import sockets as so
 from ..backends.mpc import transport as tp
-from ..backends.mpc.service import CLIENT_REQUEST, CLIENT_RESULT, ERROR, MpcError
-from ..errors import InputError, SerializationError
+from ..backends.mpc.service import (CLIENT_REQUEST, CLIENT_RESULT, ERROR, MAX_INPUTS,
+                                    MpcError, read_client_request)
 from .pool import ConnectionPool
 
-MAX_INPUTS = 4096
 _BINARY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
     "schema": {"type": "string", "format": "binary"}}}}}
 
@@ -53,25 +52,6 @@ def relay(pool: ConnectionPool, body: bytes) -> bytes:
     if kind != CLIENT_RESULT:
         raise MpcError(f"party0 sent message kind {kind}")
     return bytes(reply)
-
-
-def check_request(body: bytes, input_shape: tuple[int, ...], frac_bits: int) -> None:
-    """A party request's form, checked before it reaches party 0."""
-    try:
-        arrays = so.unpack_arrays(body)
-        rid, share, frac = arrays["request_id"], arrays["share"], arrays["frac_bits"]
-    except KeyError as exc:
-        raise SerializationError(f"a party request lacks {exc}") from None
-    if set(arrays) != {"request_id", "share", "frac_bits"} or rid.dtype != np.uint8 or \
-            rid.shape != (16,) or frac.dtype != np.uint64 or frac.shape != (1,):
-        raise SerializationError("a party request is request_id (16 bytes), share and "
-                                 "frac_bits")
-    if share.dtype != np.uint64 or share.shape[1:] != tuple(input_shape) or \
-            not 1 <= share.shape[0] <= MAX_INPUTS:
-        raise InputError(f"the share has shape {share.shape}; this model takes (n, "
-                         f"{', '.join(map(str, input_shape))}) with 1 <= n <= {MAX_INPUTS}")
-    if int(frac[0]) != frac_bits:
-        raise InputError(f"inputs must be encoded with {frac_bits} fractional bits")
 
 
 def add_routes(app, ctx) -> None:
@@ -100,6 +80,6 @@ def add_routes(app, ctx) -> None:
         size = 8 * MAX_INPUTS * int(np.prod(info.input_shape)) + (1 << 16)
         async with ctx.slot():
             body = await ctx.read_body(request, size)
-            check_request(body, info.input_shape, served[name].get("frac_bits", 20))
+            read_client_request(body, info.input_shape, served[name].get("frac_bits", 20))
             reply = await ctx.run_sync(relay, relays[name], body)
         return Response(reply, media_type="application/octet-stream")

@@ -47,6 +47,7 @@ log = logging.getLogger("veil.mpc")
 # message kinds
 MATERIAL_REQUEST, MATERIAL, ERROR = 1, 2, 3
 CLIENT_REQUEST, CLIENT_RESULT = 10, 11
+MAX_INPUTS = 4096               # inputs in one client request
 MAX_PENDING = 1024              # client requests a party holds before refusing more
 STALE_TIMEOUTS = 4              # a request unclaimed this many timeouts is dropped
 PEER_HELLO, PEER_BEGIN, PEER_READY, PEER_DATA = 20, 21, 22, 23
@@ -82,6 +83,30 @@ def load_model(directory: str | os.PathLike) -> Graph:
             return lower_for_mpc(graph_from_json(doc["graph"], {k: z[k] for k in z.files}))
     except (OSError, KeyError, ValueError) as exc:
         raise SerializationError(f"no readable MPC model in {d}: {exc}") from exc
+
+
+def read_client_request(body, input_shape: tuple[int, ...],
+                        frac_bits: int) -> tuple[bytes, np.ndarray]:
+    """(request id, share) of a client's request to a party, checked: SerializationError
+    for its form, InputError when it does not fit the model's input or the parties'
+    fixed-point scale. Party 0's front (the HTTP service) checks with it too."""
+    arrays = so.unpack_arrays(body)
+    try:
+        rid, share, frac = arrays["request_id"], arrays["share"], arrays["frac_bits"]
+    except KeyError as exc:
+        raise SerializationError(f"a party request lacks {exc}") from None
+    if set(arrays) != {"request_id", "share", "frac_bits"} or rid.dtype != np.uint8 or \
+            rid.shape != (16,) or frac.dtype != np.uint64 or frac.shape != (1,):
+        raise SerializationError("a party request is request_id (16 bytes), share and "
+                                 "frac_bits")
+    if share.dtype != np.uint64 or share.shape[1:] != tuple(input_shape) or \
+            not 1 <= share.shape[0] <= MAX_INPUTS:
+        raise InputError(f"the share has shape {share.shape}; this model takes (n, "
+                         f"{', '.join(map(str, input_shape))}) with 1 <= n <= {MAX_INPUTS}")
+    if int(frac[0]) != frac_bits:
+        raise InputError(f"inputs must be encoded with {frac_bits} fractional bits, "
+                         f"not {int(frac[0])}")
+    return bytes(rid), share
 
 
 def _steps_key(steps, batch: int) -> str:
@@ -252,17 +277,9 @@ class Party:
             try:
                 if kind != CLIENT_REQUEST:
                     raise SerializationError(f"unexpected message kind {kind}")
-                arrays = so.unpack_arrays(body)
-                rid, share = bytes(arrays["request_id"]), arrays["share"]
-                frac = int(arrays["frac_bits"][0])
-                if len(rid) != 16 or share.dtype != np.uint64 or share.ndim < 2 or \
-                        share.shape[1:] != tuple(self.model.input_shape) or \
-                        not 1 <= share.shape[0] <= 4096:
-                    raise InputError("the request does not match this model's input")
-                if frac != self.frac_bits:
-                    raise InputError(f"inputs must be encoded with {self.frac_bits} "
-                                     f"fractional bits, not {frac}")
-            except (VeilError, KeyError, IndexError, ValueError) as exc:
+                rid, share = read_client_request(body, self.model.input_shape,
+                                                 self.frac_bits)
+            except VeilError as exc:
                 log.info("party%d: refused a request: %s", self.party, exc)
                 self._reply_error(link, None, str(exc))
                 continue
@@ -607,8 +624,8 @@ class MpcClient:
         if xs.ndim != len(self.input_shape) + 1 or xs.shape[1:] != self.input_shape:
             raise InputError(f"inputs have shape {xs.shape}; the model expects "
                              f"(n, {', '.join(map(str, self.input_shape))})")
-        if not 1 <= xs.shape[0] <= 4096:
-            raise InputError("a request holds 1 to 4096 inputs")
+        if not 1 <= xs.shape[0] <= MAX_INPUTS:
+            raise InputError(f"a request holds 1 to {MAX_INPUTS} inputs")
         if not np.isfinite(xs).all():
             raise InputError("inputs contain NaN or infinity")
         s0, s1 = pr.share(encode(xs, self.frac_bits), Prg())
