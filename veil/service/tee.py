@@ -28,11 +28,10 @@ from fastapi import Depends, Request, Response
 
 from ..backends import sockets
 from ..backends.tee import net
+from ..backends.tee.service import EVIDENCE_TTL_S, MAX_CHANNELS, make_room
 from ..errors import InputError, SerializationError, SessionError
 from .pool import ConnectionPool
 
-CHANNEL_TTL_S = 300.0
-MAX_CHANNELS = 4096
 _BINARY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
     "schema": {"type": "string", "format": "binary"}}}}}
 _NONCE = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
@@ -60,11 +59,8 @@ class Channels:
     def claim(self, channel: bytes, client: str) -> None:
         now = time.monotonic()
         with self._lock:
-            if len(self._owner) >= MAX_CHANNELS:
-                for c in [c for c, (_, t) in self._owner.items() if t <= now] or \
-                        [min(self._owner, key=lambda c: self._owner[c][1])]:
-                    del self._owner[c]
-            self._owner[channel] = (client, now + CHANNEL_TTL_S)
+            make_room(self._owner, MAX_CHANNELS, lambda owner: owner[1], now)
+            self._owner[channel] = (client, now + EVIDENCE_TTL_S)
 
     def check(self, message: bytes, client: str) -> None:
         channel = bytes(message[:16])

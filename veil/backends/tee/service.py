@@ -59,6 +59,16 @@ EVIDENCE_TTL_S = 300
 MAX_CHANNELS = 4096
 
 
+def make_room(table: dict, limit: int, expires, now: float) -> None:
+    """Before adding to ``table`` (at most ``limit`` entries): drop its expired entries
+    (``expires(value)`` is when a value expires), or, if none has, the one that expires
+    first."""
+    if len(table) >= limit:
+        for key in [k for k, v in table.items() if expires(v) <= now] or \
+                [min(table, key=lambda k: expires(table[k]))]:
+            del table[key]
+
+
 def _arrays(body: bytes, name: str) -> np.ndarray:
     try:
         return unpack_arrays(body)[name]
@@ -199,10 +209,7 @@ class Enclave(_ModelServer):
         channel = secrets.token_bytes(16)
         with self._lock:
             now = time.time()
-            if len(self._channels) >= MAX_CHANNELS:
-                for cid in [c for c, ch in self._channels.items() if ch.expires <= now] or \
-                        [min(self._channels, key=lambda c: self._channels[c].expires)]:
-                    del self._channels[cid]
+            make_room(self._channels, MAX_CHANNELS, lambda ch: ch.expires, now)
             self._channels[channel] = _Channel(now + self.evidence_ttl)
         return self._token_for(nonce, channel).encode()
 
