@@ -88,20 +88,29 @@ class TEEMode:
     def status(self) -> dict:
         return self._tee.status()
 
+    def _attested(self) -> tuple[int, ...]:
+        """The model's input shape, attesting first when the evidence is missing or too
+        old (caller holds the lock)."""
+        if not self._tee._fresh():
+            self._tee.attest()
+        return self._tee._shapes[0]
+
+    def _seal(self, xs: np.ndarray, single: bool) -> SealedRequest:
+        """Seal a checked batch on the current channel (caller holds the lock)."""
+        header, message = self._tee._request(xs)
+        return SealedRequest(header, len(xs), single, bytes(message))
+
     def encrypt(self, x) -> SealedRequest:
         """Seal one input (or a batch with a leading axis) on this client's channel;
         attests first when the evidence is missing or too old."""
         xs = np.asarray(x, dtype=np.float64)
         with self._lock:
-            if not self._tee._fresh():
-                self._tee.attest()
-            single = xs.shape == self._tee._shapes[0]
+            single = xs.shape == self._attested()
             xs = self._tee._checked(xs[None] if single else xs)
             if len(xs) > net.MAX_BATCH:
                 raise InputError(f"a sealed batch holds at most {net.MAX_BATCH} inputs: "
                                  "use infer_batch")
-            header, message = self._tee._request(xs)
-        return SealedRequest(header, len(xs), single, bytes(message))
+            return self._seal(xs, single)
 
     def infer(self, request: SealedRequest) -> SealedAnswer:
         return SealedAnswer(request, self._tee.call(net.REQUEST, request.message,
@@ -112,35 +121,32 @@ class TEEMode:
         ys = self._tee._answer(r.header, r.n, answer.message)
         return ys[0] if r.single else ys
 
-    def _run(self, xs: np.ndarray) -> np.ndarray:
-        try:
-            return self.decrypt(self.infer(self.encrypt(xs)))
-        except SessionError:           # the enclave dropped the channel: attest once more
-            with self._lock:
+    def _run(self, xs: np.ndarray, renew: bool = False) -> np.ndarray:
+        """One checked batch sealed, sent and opened; if the enclave dropped the
+        channel, once more on a fresh one."""
+        with self._lock:
+            if renew:
                 self._tee.attest()
-            return self.decrypt(self.infer(self.encrypt(xs)))
-
-    def predict(self, x) -> np.ndarray:
-        return self._run(np.asarray(x, dtype=np.float64))
+            else:
+                self._attested()
+            request = self._seal(xs, False)
+        try:
+            return self.decrypt(self.infer(request))
+        except SessionError:
+            if renew:
+                raise
+            return self._run(xs, renew=True)
 
     def infer_batch(self, xs, batch_size: int = DEFAULT_BATCH,
                     depth: int = DEFAULT_DEPTH) -> np.ndarray:
         """Outputs for any number of inputs: sealed batches of ``batch_size``, ``depth``
-        of them in flight (the enclave accepts sequence numbers out of order)."""
-        xs = np.asarray(xs, dtype=np.float64)
-        if xs.shape[1:] != self._shape():
-            raise InputError(f"inputs have shape {xs.shape}; this model takes a batch of "
-                             f"shape (n, {', '.join(map(str, self._shape()))})")
+        of them in flight (the enclave accepts sequence numbers out of order). The
+        inputs are checked once, here."""
+        with self._lock:
+            xs = self._tee._checked(xs)
         chunks = _chunks(xs, batch_size)
         with ThreadPoolExecutor(max(1, int(depth))) as pool:
             return np.concatenate(list(pool.map(self._run, chunks)))
-
-    def _shape(self) -> tuple[int, ...]:
-        if not self._tee._shapes[0]:
-            with self._lock:
-                if not self._tee._fresh():
-                    self._tee.attest()
-        return self._tee._shapes[0]
 
     def close(self) -> None:
         self._tee.evidence = self._tee._keys = None
