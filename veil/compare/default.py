@@ -26,7 +26,7 @@ import numpy as np
 DATA = Path(__file__).resolve().parent / "data"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_INSTALL = "apt-get install -y dataset-fashion-mnist"
-_IDX_IMAGES, _IDX_LABELS = 0x00000803, 0x00000801
+IDX_IMAGES, IDX_LABELS = 0x00000803, 0x00000801   # IDX magic: ubyte, 3 and 1 dims
 
 
 @dataclass
@@ -60,14 +60,21 @@ def digits_cnn() -> Workload:
                     "embedded: ONNX digits CNN, sklearn 8x8 digits, 360 test images")
 
 
-def _read_idx(path: Path, magic: int) -> np.ndarray:
+def read_idx(path: Path, magic: int) -> np.ndarray:
+    """The array in a gzipped IDX file (the MNIST format), checked against ``magic``
+    (``IDX_IMAGES`` or ``IDX_LABELS``) and its header's size."""
     with gzip.open(path, "rb") as f:
         data = f.read()
     head = int(np.frombuffer(data[:4], dtype=">u4")[0])
     if head != magic:
-        raise ValueError(f"{path} is not an IDX file (magic {head:#010x})")
-    dims = np.frombuffer(data[4:4 + 4 * (magic & 0xFF)], dtype=">u4").astype(int)
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * len(dims)).reshape(tuple(dims))
+        raise ValueError(f"{path} is not an IDX file of the expected kind "
+                         f"(magic {head:#010x}, expected {magic:#010x})")
+    ndim = magic & 0xFF
+    dims = np.frombuffer(data[4:4 + 4 * ndim], dtype=">u4").astype(int)
+    values = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if values.size != int(np.prod(dims)):
+        raise ValueError(f"{path} holds {values.size} values, its header says {tuple(dims)}")
+    return values.reshape(tuple(dims))
 
 
 def fashion_lenet(root: Path = FASHION_DIR, n_calibration: int = 2000) -> Workload:
@@ -95,8 +102,8 @@ def fashion_lenet(root: Path = FASHION_DIR, n_calibration: int = 2000) -> Worklo
     with np.load(DATA / "lenet_fashion.npz", allow_pickle=False) as z:
         state = {k: torch.from_numpy(z[k].copy()) for k in z.files}
     model.load_state_dict(state, strict=True)
-    x_train = _read_idx(files[0], _IDX_IMAGES)[:n_calibration]
-    x_test, y_test = _read_idx(files[2], _IDX_IMAGES), _read_idx(files[3], _IDX_LABELS)
+    x_train = read_idx(files[0], IDX_IMAGES)[:n_calibration]
+    x_test, y_test = read_idx(files[2], IDX_IMAGES), read_idx(files[3], IDX_LABELS)
     images = lambda a: (a.astype(np.float64) / 255.0)[:, None]  # noqa: E731
     # 12 output bits suffice for the argmax and halve LeNet's key-switching cost
     # (bench/he_models.py uses the same)
