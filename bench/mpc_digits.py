@@ -34,11 +34,11 @@ TARGETS = {"latency_ms": 10.0, "batch64_per_s": 2000.0, "online_kb": 100.0}
 
 def _measure(name, model, xte, yte, n_single: int, cmp: str, n_batch: int = 5) -> dict:
     import numpy as np
-    from harness import start_veil
     import torch
 
     from veil.backends.mpc.service import MpcClient, save_model
     from veil.frontend import to_graph
+    from veil.service.processes import Processes
 
     with torch.no_grad():
         plain = model(torch.as_tensor(xte)).numpy()
@@ -47,18 +47,15 @@ def _measure(name, model, xte, yte, n_single: int, cmp: str, n_batch: int = 5) -
         save_model(to_graph(model, xte.shape[1:]), mdir)
         subprocess.run([sys.executable, "-m", "veil", "mpc-setup", keys], check=True,
                        stdout=subprocess.DEVNULL)
-        procs = []
-        try:
-            dealer, (da,) = start_veil(["mpc-dealer", "--keys", keys, "--timeout", "60"])
-            procs.append(dealer)
-            p1, (a1, peer) = start_veil(["mpc-node", "--party", "1", "--keys", keys,
-                                         "--model", mdir, "--dealer", f"{da[0]}:{da[1]}",
-                                         "--timeout", "60", "--cmp", cmp], lines=2)
-            procs.append(p1)
-            p0, (a0,) = start_veil(["mpc-node", "--party", "0", "--keys", keys, "--model",
-                                    mdir, "--dealer", f"{da[0]}:{da[1]}", "--peer",
-                                    f"{peer[0]}:{peer[1]}", "--timeout", "60", "--cmp", cmp])
-            procs.append(p0)
+        with Processes(f"{tmp}/logs") as procs:
+            (da,) = procs.start("dealer", ["mpc-dealer", "--keys", keys, "--timeout", "60"])
+            a1, peer = procs.start("party1", ["mpc-node", "--party", "1", "--keys", keys,
+                                              "--model", mdir, "--dealer", f"{da[0]}:{da[1]}",
+                                              "--timeout", "60", "--cmp", cmp], lines=2)
+            (a0,) = procs.start("party0", ["mpc-node", "--party", "0", "--keys", keys,
+                                           "--model", mdir, "--dealer", f"{da[0]}:{da[1]}",
+                                           "--peer", f"{peer[0]}:{peer[1]}", "--timeout",
+                                           "60", "--cmp", cmp])
             client = MpcClient(keys, a0, a1, xte.shape[1:], timeout=120.0)
             client.infer(xte[:1])                                  # warm-up
             time.sleep(1.0)                   # the offline phase fills the parties' pools
@@ -74,10 +71,6 @@ def _measure(name, model, xte, yte, n_single: int, cmp: str, n_batch: int = 5) -
                                    for i in range(0, len(xte), 64)])
             sustained = len(xte) / (time.perf_counter() - t0)
             client.close()
-        finally:
-            for p in procs:
-                p.kill()
-                p.wait()
 
     def phase(results, key):
         return float(np.median([max(s[key] for s in r.stats) for r in results]))

@@ -84,7 +84,7 @@ def _sealing_cpu_us(n: int) -> dict:
 
     client = seal.ChannelKeys(secrets.token_bytes(32), secrets.token_bytes(32), b"h" * 25)
     rng = np.random.default_rng(0)
-    x, y = rng.random((64, 64)), rng.random((64, 10))
+    x = rng.random((64, 64))
 
     def plain(_):
         unpack_arrays(pack_arrays({"y": unpack_arrays(pack_arrays({"x": x}))["x"][:, :10]}))
@@ -159,52 +159,44 @@ def _engines(model, graph, xte, n: int) -> dict:
 def _measure(name: str, model, xte, yte, n: int) -> dict:
     import numpy as np
     import torch
-    from harness import start_veil
 
     from veil.backends.tee import (PlaintextClient, Policy, SoftwareAttester, TEEClient,
                                    TrustedAttester, export_model)
     from veil.frontend import to_graph
+    from veil.service.processes import Processes
 
     graph = to_graph(model, xte.shape[1:])
     x = xte.astype(np.float64)
     xs_stream = np.concatenate([x] * 4)[:STREAM]
     with torch.no_grad():
         want = model(torch.as_tensor(xte)).numpy()
-    procs = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, Processes(f"{tmp}/logs") as procs:
         ex = export_model(graph, f"{tmp}/export", f"{tmp}/keys")
         export_model(graph, f"{tmp}/plain")
         SoftwareAttester.create(f"{tmp}/att")
         policy = Policy(frozenset({ex.measurement}), (TrustedAttester.load(f"{tmp}/att"),),
                         allow_insecure=True).save(f"{tmp}/policy.json")
-        try:
-            krs, (kr,) = start_veil(["tee-key-release", "--keys", f"{tmp}/keys", "--policy",
-                                     str(policy)])
-            procs.append(krs)
-            enclave, (ea,) = start_veil(["tee-serve", f"{tmp}/export", "--attester-key",
-                                         f"{tmp}/att", "--key-release", f"{kr[0]}:{kr[1]}"])
-            procs.append(enclave)
-            plain, (pa,) = start_veil(["tee-serve", f"{tmp}/plain", "--plaintext-baseline"])
-            procs.append(plain)
-            pol = Policy.load(policy)
-            clients = {"plain": PlaintextClient(pa, 60.0),
-                       "x25519": TEEClient(ea, pol, suite="x25519"),
-                       "mlkem768-x25519": TEEClient(ea, pol, suite="mlkem768-x25519")}
-            t = time.perf_counter()
-            clients["x25519"].attest()
-            attest_ms = 1e3 * (time.perf_counter() - t)
-            outs = {k: c.infer(x) for k, c in clients.items()}          # all 360, warm-up
-            single = _interleaved(clients, lambda c, i: c.infer(x[i % len(x):][:1]), n)
-            batch = _interleaved(clients, lambda c, i: c.infer(x[(64 * i) % (len(x) - 64):][:64]),
-                                 n)
-            # a stream of batches of 64, two in flight (the SDK's infer_batch)
-            stream = _interleaved(clients, lambda c, i: c.infer_batch(xs_stream), n // 20, 2)
-            for c in clients.values():
-                c.close()
-        finally:
-            for p in procs:
-                p.kill()
-                p.wait()
+        (kr,) = procs.start("key-release", ["tee-key-release", "--keys", f"{tmp}/keys",
+                                            "--policy", str(policy)])
+        (ea,) = procs.start("enclave", ["tee-serve", f"{tmp}/export", "--attester-key",
+                                        f"{tmp}/att", "--key-release", f"{kr[0]}:{kr[1]}"])
+        (pa,) = procs.start("plaintext", ["tee-serve", f"{tmp}/plain",
+                                          "--plaintext-baseline"])
+        pol = Policy.load(policy)
+        clients = {"plain": PlaintextClient(pa, 60.0),
+                   "x25519": TEEClient(ea, pol, suite="x25519"),
+                   "mlkem768-x25519": TEEClient(ea, pol, suite="mlkem768-x25519")}
+        t = time.perf_counter()
+        clients["x25519"].attest()
+        attest_ms = 1e3 * (time.perf_counter() - t)
+        outs = {k: c.infer(x) for k, c in clients.items()}          # all 360, warm-up
+        single = _interleaved(clients, lambda c, i: c.infer(x[i % len(x):][:1]), n)
+        batch = _interleaved(clients, lambda c, i: c.infer(x[(64 * i) % (len(x) - 64):][:64]),
+                             n)
+        # a stream of batches of 64, two in flight (the SDK's infer_batch)
+        stream = _interleaved(clients, lambda c, i: c.infer_batch(xs_stream), n // 20, 2)
+        for c in clients.values():
+            c.close()
     med = {k: float(np.median(v)) for k, v in single.items()}
     bmed = {k: float(np.median(v)) for k, v in batch.items()}
     smed = {k: float(np.median(v)) for k, v in stream.items()}

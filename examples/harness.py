@@ -14,18 +14,6 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
-def start_veil(args: list[str], lines: int = 1):
-    """Start ``python -m veil ARGS`` (a server) and read the ``... listening on HOST:PORT``
-    lines it prints: (process, [(host, port), ...])."""
-    proc = subprocess.Popen([sys.executable, "-m", "veil", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    out = []
-    for _ in range(lines):
-        host, port = proc.stdout.readline().split()[-1].rsplit(":", 1)
-        out.append((host, int(port)))
-    return proc, out
-
-
 def write_results(out: Path, name: str, data, title: str, body: list[str]) -> int:
     """Write ``out/name.json`` and ``out/name.md`` (``# name (title)`` then ``body``),
     print the markdown, and return 0 for the bench script's exit code."""
