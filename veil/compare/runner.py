@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import tempfile
+from contextlib import ExitStack
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,16 +103,21 @@ def _export(w: Workload, compiled, cfg: CompareConfig, directory: Path):
     return info, time.perf_counter() - t
 
 
-def _measure_mode(mode: str, job: Job, log_dir: Path, wan=None) -> dict:
+def _measure_mode(mode: str, job: Job, log_dir: Path, wan: dict | None = None) -> dict:
+    """One mode's row; with ``wan`` (``{"rtt_ms", "mbit"}``) its processes talk across
+    an emulated wide-area link and the row is ``"<mode> (WAN)"``."""
     from ..service.processes import Processes
     from .remote import MEASURE
+    from .wan import Wan
 
     if mode in ("plain", "simulate"):
         return measure_local(job, mode)
-    with Processes(log_dir, link=wan.relay if wan else None) as procs:
-        row = MEASURE[mode](job, procs)
-    if wan is not None:
-        row["mode"], row["wan"] = f"{mode} (WAN)", wan.describe()
+    with ExitStack() as stack:
+        link = stack.enter_context(Wan(wan["rtt_ms"], wan["mbit"])) if wan else None
+        with Processes(log_dir, link=link.relay if link else None) as procs:
+            row = MEASURE[mode](job, procs)
+        if link is not None:
+            row["mode"], row["wan"] = f"{mode} (WAN)", link.describe()
     return row
 
 
@@ -134,33 +140,20 @@ def run_workload(w: Workload, cfg: CompareConfig, work: Path,
            "he_plan": {"params": report.params, "depth": report.depth,
                        "rotation_keys": len(report.rotations), "lanes": report.lanes},
            "modes": {}, "errors": {}}
-    for mode in cfg.modes:
+    runs = [(mode, None) for mode in cfg.modes]
+    runs += [(mode, cfg.wan) for mode in cfg.modes if cfg.wan and mode in ("tee", "mpc", "he")]
+    for mode, wan in runs:
+        key = f"{mode} (WAN)" if wan else mode
         n_mode = min(cfg.n_he, n) if mode == "he" else n
         total = 2 * n_mode if mode != "he" else n_mode + cfg.batch
         job = Job(w, x, y, plain, compiled, info, work / w.name, cfg.n_he, cfg.batch,
-                  cfg.he_batch_budget_s, cfg.budget_s, progress(f"{w.name}: {mode}", total))
-        log.info("%s: measuring %s", w.name, mode)
+                  cfg.he_batch_budget_s, cfg.budget_s, progress(f"{w.name}: {key}", total))
+        log.info("%s: measuring %s", w.name, key)
         try:
-            out["modes"][mode] = _measure_mode(mode, job, work / w.name / "logs")
+            out["modes"][key] = _measure_mode(mode, job, work / w.name / "logs", wan)
         except Exception as exc:       # one failing mode must not lose the others' numbers
-            log.exception("%s: %s failed", w.name, mode)
-            out["errors"][mode] = f"{type(exc).__name__}: {exc}"
-        job.progress(0, done=True)
-    for mode in (m for m in cfg.modes if cfg.wan and m in ("tee", "mpc", "he")):
-        from .wan import Wan
-
-        n_mode = min(cfg.n_he, n) if mode == "he" else n
-        job = Job(w, x, y, plain, compiled, info, work / w.name, cfg.n_he, cfg.batch,
-                  cfg.he_batch_budget_s, cfg.budget_s,
-                  progress(f"{w.name}: {mode} over the WAN", 2 * n_mode))
-        log.info("%s: measuring %s over an emulated WAN", w.name, mode)
-        try:
-            with Wan(cfg.wan["rtt_ms"], cfg.wan["mbit"]) as wan:
-                out["modes"][f"{mode} (WAN)"] = _measure_mode(mode, job,
-                                                              work / w.name / "logs", wan)
-        except Exception as exc:
-            log.exception("%s: %s over the WAN failed", w.name, mode)
-            out["errors"][f"{mode} (WAN)"] = f"{type(exc).__name__}: {exc}"
+            log.exception("%s: %s failed", w.name, key)
+            out["errors"][key] = f"{type(exc).__name__}: {exc}"
         job.progress(0, done=True)
     compiled.close()
     return out
