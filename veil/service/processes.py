@@ -133,11 +133,6 @@ class Processes:
                 proc.stdout.close()
         self._procs.clear()
 
-    @property
-    def pids(self) -> list[int]:
-        """The processes started and still running."""
-        return [p.pid for p in self._procs if p.poll() is None]
-
     def __enter__(self) -> "Processes":
         return self
 
