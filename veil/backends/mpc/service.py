@@ -35,6 +35,7 @@ from ...errors import InputError, SerializationError, VeilError
 from ...ir import Graph
 from ...ir.serialize import graph_from_json, graph_to_json
 from .. import sockets as so
+from ..inputs import check_batch
 from . import protocols as pr
 from . import transport as tp
 from .evaluator import (COMPARISONS, Step, dealer_material, evaluate, lower_for_mpc,
@@ -620,14 +621,7 @@ class MpcClient:
 
     def share(self, xs) -> "MpcShares":
         """Split a batch (n, *input_shape) into the two parties' shares, locally."""
-        xs = np.asarray(xs, dtype=np.float64)
-        if xs.ndim != len(self.input_shape) + 1 or xs.shape[1:] != self.input_shape:
-            raise InputError(f"inputs have shape {xs.shape}; the model expects "
-                             f"(n, {', '.join(map(str, self.input_shape))})")
-        if not 1 <= xs.shape[0] <= MAX_INPUTS:
-            raise InputError(f"a request holds 1 to {MAX_INPUTS} inputs")
-        if not np.isfinite(xs).all():
-            raise InputError("inputs contain NaN or infinity")
+        xs = check_batch(xs, self.input_shape, MAX_INPUTS)
         s0, s1 = pr.share(encode(xs, self.frac_bits), Prg())
         return MpcShares(secrets.token_bytes(16), (s0, s1), self.frac_bits, len(xs))
 

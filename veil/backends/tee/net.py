@@ -19,6 +19,7 @@ import numpy as np
 from ...errors import (AttestationError, DecryptionError, EvidenceExpiredError, InputError,
                        KeyReleaseError, PolicyError, ReplayError, SerializationError,
                        SessionError, TEEError)
+from ..inputs import check_batch
 from ..sockets import TransportError, json_object, recv_buffer, send_frame
 
 VERSION = 1
@@ -76,19 +77,8 @@ def expect(kind: int, body: bytes, wanted: int) -> bytes:
 
 
 def check_inputs(xs, input_shape: tuple[int, ...], max_batch: int = MAX_BATCH) -> np.ndarray:
-    """A float64 batch of shape (n, *input_shape), 1 <= n <= max_batch, all finite."""
-    try:
-        xs = np.asarray(xs, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"inputs are not numeric: {exc}") from None
-    if xs.ndim < 1 or xs.shape[1:] != tuple(input_shape):
-        raise InputError(f"inputs have shape {xs.shape}; this model takes a batch of "
-                         f"shape (n, {', '.join(map(str, input_shape))})")
-    if not 1 <= xs.shape[0] <= max_batch:
-        raise InputError(f"batches hold 1 to {max_batch} inputs, not {xs.shape[0]}")
-    if not np.isfinite(xs).all():
-        raise InputError("inputs contain NaN or infinity")
-    return xs
+    """:func:`~veil.backends.inputs.check_batch` with the TEE's largest batch."""
+    return check_batch(xs, input_shape, max_batch)
 
 
 def call(sock: socket.socket, kind: int, payload: bytes, wanted: int) -> bytes:
