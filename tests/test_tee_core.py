@@ -82,13 +82,15 @@ def test_channel_keying_and_sealed_messages(suite):
     pk = seal.public_key(suite, keys.public[suite])
     opening, client = seal.open_channel(seal.Header(b"c" * 16, 0, suite), pk)
     enclave = seal.accept_channel(keys, *seal.read_header(opening))
-    header = seal.Header(b"c" * 16, 7, suite)
-    request = client.seal(True, header, b"input bytes")
+    raw = seal.Header(b"c" * 16, 7, suite).encode()
+    request = client.seal(True, 7, raw, b"input bytes")
     assert b"input bytes" not in request
-    h, raw, sealed = seal.read_header(request)
-    assert h == header and enclave.open(True, h, raw, sealed) == b"input bytes"
-    reply = enclave.seal(False, header, b"output bytes")
-    assert client.open(False, *seal.read_header(reply)) == b"output bytes"
+    h, got, sealed = seal.read_header(request)
+    assert (h.seq, got, seal.header_seq(raw)) == (7, raw, 7)
+    assert enclave.decrypt(True, 7, raw, sealed) == b"input bytes"
+    reply = enclave.encrypt(False, 7, raw, b"output bytes")
+    assert client.decrypt(False, 7, raw, reply) == b"output bytes"
+    assert client.seal(False, 7, raw, b"x")[:len(raw)] == raw
     errors = set()
 
     def refused(fn, *args):
@@ -96,13 +98,14 @@ def test_channel_keying_and_sealed_messages(suite):
             fn(*args)
         errors.add(str(err.value))
     flip = lambda b: b[:-1] + bytes([b[-1] ^ 1])        # noqa: E731
-    refused(enclave.open, True, *seal.read_header(flip(request)))        # ciphertext
-    moved = seal.Header(b"c" * 16, 8, suite).encode() + request[25:]    # header (aad)
-    refused(enclave.open, True, *seal.read_header(moved))
-    refused(client.open, False, *seal.read_header(flip(reply)))
-    other = enclave.seal(False, seal.Header(b"c" * 16, 8, suite), b"output bytes")
-    refused(client.open, False, header, raw, seal.read_header(other)[2])  # another answer
-    refused(client.open, False, h, raw, sealed)             # its own request reflected back
+    refused(enclave.decrypt, True, 7, raw, flip(bytes(sealed)))          # ciphertext
+    moved = seal.Header(b"c" * 16, 8, suite).encode()                    # header (aad)
+    refused(enclave.decrypt, True, 8, moved, sealed)
+    refused(enclave.decrypt, True, 7, moved, sealed)
+    refused(client.decrypt, False, 7, raw, flip(reply))
+    other = enclave.encrypt(False, 8, moved, b"output bytes")
+    refused(client.decrypt, False, 7, raw, other)                        # another answer
+    refused(client.decrypt, False, 7, raw, sealed)          # its own request reflected back
     refused(seal.accept_channel, keys, *seal.read_header(flip(opening)))
     refused(seal.accept_channel, seal.EnclaveKeys(), *seal.read_header(opening))
     assert errors == {"the sealed message could not be opened"}      # one opaque error

@@ -29,7 +29,7 @@ from ..errors import InputError, SessionError
 class SealedRequest:
     """One sealed batch, bound to its channel and sequence number."""
 
-    header: seal.Header
+    header: bytes               # the clear header: channel, sequence number, suite
     n: int
     single: bool
     message: bytes

@@ -39,8 +39,9 @@ _CODES = (("expired", EvidenceExpiredError), ("policy", PolicyError),
           ("refused", TEEError))
 
 
-def send(sock: socket.socket, kind: int, payload) -> None:
-    send_frame(sock, bytes([VERSION, kind]), payload)
+def send(sock: socket.socket, kind: int, *payload) -> None:
+    """One message whose body is the concatenation of ``payload`` (sent without joining)."""
+    send_frame(sock, bytes([VERSION, kind]), *payload)
 
 
 def recv(sock: socket.socket, limit: int = MAX_MESSAGE,

@@ -63,6 +63,7 @@ CONTEXT_LABEL = b"veil/tee/context/v1\x00"
 SECRET_LEN = 32
 _OPAQUE = "the sealed message could not be opened"
 _HEADER = struct.Struct(">16sQB")
+HEADER_LEN = _HEADER.size
 _TAG = 16                       # AES-GCM tag bytes
 _RAW = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
@@ -140,6 +141,11 @@ class Header(NamedTuple):
         return _HEADER.pack(self.channel, self.seq, _SUITE_IDS[self.suite])
 
 
+def header_seq(raw: bytes) -> int:
+    """The sequence number in a message's raw clear header."""
+    return int.from_bytes(raw[16:24], "big")
+
+
 def read_header(message) -> tuple[Header, bytes, memoryview]:
     """(header, its raw bytes, a view of the sealed rest) of a message (bytes-like),
     without decrypting or copying."""
@@ -159,35 +165,39 @@ class ChannelKeys:
 
     Derived with HKDF-SHA256 from the 32-byte channel secret (salt: the HPKE ``enc``;
     info: a label and the keying header); the nonce of message ``seq`` is the base nonce
-    XOR ``seq``, as in an HPKE context (RFC 9180 Sec. 5.2).
+    XOR ``seq``, as in an HPKE context (RFC 9180 Sec. 5.2). A message's clear header
+    (its raw bytes) is the associated data.
     """
 
     def __init__(self, secret: bytes, enc: bytes, raw_header: bytes) -> None:
         okm = HKDF(hashes.SHA256(), 88, salt=enc,
                    info=CONTEXT_LABEL + raw_header).derive(secret)
-        self._up, self._up_nonce = AESGCM(okm[:32]), int.from_bytes(okm[32:44], "big")
-        self._down, self._down_nonce = AESGCM(okm[44:76]), int.from_bytes(okm[76:], "big")
+        self._aead = {True: (AESGCM(okm[:32]), int.from_bytes(okm[32:44], "big")),
+                      False: (AESGCM(okm[44:76]), int.from_bytes(okm[76:], "big"))}
 
-    @staticmethod
-    def _nonce(base: int, seq: int) -> bytes:
-        return (base ^ seq).to_bytes(12, "big")
+    def encrypt(self, up: bool, seq: int, raw: bytes, body) -> bytes:
+        """AES-GCM of ``body`` (ciphertext and tag) as message ``seq`` of direction ``up``
+        (client to enclave), bound to the clear header ``raw``."""
+        aead, base = self._aead[up]
+        return aead.encrypt((base ^ seq).to_bytes(12, "big"), body, raw)
 
-    def seal(self, up: bool, header: Header, body) -> bytearray:
-        """The message: ``header || AES-GCM(body)``, encrypted in place into one buffer."""
-        aead, base = (self._up, self._up_nonce) if up else (self._down, self._down_nonce)
-        raw = header.encode()
-        out = bytearray(len(raw) + len(body) + _TAG)
-        out[:len(raw)] = raw
-        aead.encrypt_into(self._nonce(base, header.seq), body, raw, memoryview(out)[len(raw):])
-        return out
-
-    def open(self, up: bool, header: Header, raw: bytes, sealed) -> bytes:
-        aead, base = (self._up, self._up_nonce) if up else (self._down, self._down_nonce)
+    def decrypt(self, up: bool, seq: int, raw: bytes, sealed) -> bytes:
+        """The inverse of :meth:`encrypt`; the one opaque error on any failure."""
+        aead, base = self._aead[up]
         try:
-            return aead.decrypt(self._nonce(base, header.seq), sealed, raw)
+            return aead.decrypt((base ^ seq).to_bytes(12, "big"), sealed, raw)
         except (InvalidTag, ValueError) as exc:
             log.debug("open failed: %r", exc)
             raise DecryptionError(_OPAQUE) from None
+
+    def seal(self, up: bool, seq: int, raw: bytes, body) -> bytearray:
+        """The whole message ``raw || encrypt(...)``, encrypted into one buffer."""
+        aead, base = self._aead[up]
+        out = bytearray(len(raw) + len(body) + _TAG)
+        out[:len(raw)] = raw
+        aead.encrypt_into((base ^ seq).to_bytes(12, "big"), body, raw,
+                          memoryview(out)[len(raw):])
+        return out
 
 
 def open_channel(header: Header, key) -> tuple[bytes, ChannelKeys]:

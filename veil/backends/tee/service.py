@@ -91,27 +91,29 @@ class _ModelServer:
     def serve_forever(self) -> None:
         sockets.accept_forever(self.server, self.timeout, self._serve)
 
-    def _count(self, name: str) -> None:
+    def _count(self, *names: str) -> None:
         with self._lock:
-            self.counts[name] += 1
+            for name in names:
+                self.counts[name] += 1
 
     def _serve(self, sock: socket.socket) -> None:
         try:
             while True:
                 kind, body = net.recv(sock, net.MAX_MESSAGE, idle=True)
                 try:
-                    reply_kind, reply = self._handle(kind, body)
+                    reply_kind, *reply = self._handle(kind, body)
                 except VeilError as exc:       # a refusal in the clear: no plaintext in it
                     self._count("refused")
                     log.info("refused: %s", exc)
-                    reply_kind, reply = net.ERROR, net.error_body(exc)
-                net.send(sock, reply_kind, reply)
+                    reply_kind, reply = net.ERROR, (net.error_body(exc),)
+                net.send(sock, reply_kind, *reply)
         except (TransportError, OSError) as exc:
             log.debug("connection ended: %s", exc)
         finally:
             sock.close()
 
-    def _handle(self, kind: int, body: bytes) -> tuple[int, bytes]:
+    def _handle(self, kind: int, body: bytes) -> tuple:
+        """``(reply kind, *reply body parts)`` for one message."""
         if kind == net.STATUS_REQUEST:
             with self._lock:
                 status = dict(self.counts, insecure=self.insecure, veil=__version__)
@@ -130,7 +132,7 @@ class _ModelServer:
 class PlaintextServer(_ModelServer):
     """INSECURE baseline: the same model over the same framing, unsealed."""
 
-    def _handle(self, kind: int, body: bytes) -> tuple[int, bytes]:
+    def _handle(self, kind: int, body: bytes) -> tuple:
         if kind != net.PLAIN_REQUEST:
             return super()._handle(kind, body)
         ys = self._infer(_arrays(body, "x"))
@@ -183,13 +185,13 @@ class Enclave(_ModelServer):
                                "max_batch": net.MAX_BATCH}
         return self.attester.attest(claims)
 
-    def _handle(self, kind: int, body: bytes) -> tuple[int, bytes]:
+    def _handle(self, kind: int, body: bytes) -> tuple:
+        if kind == net.REQUEST:
+            return (net.RESULT, *self._sealed(body))
         if kind == net.EVIDENCE_REQUEST:
             return net.EVIDENCE, self._evidence(body)
         if kind == net.OPEN:
             return net.OPENED, self._open(body)
-        if kind == net.REQUEST:
-            return net.RESULT, self._sealed(body)
         return super()._handle(kind, body)
 
     def _status(self) -> dict:
@@ -214,8 +216,7 @@ class Enclave(_ModelServer):
         return self._token_for(nonce, channel).encode()
 
     def _channel(self, header: seal.Header) -> _Channel:
-        with self._lock:
-            channel = self._channels.get(header.channel)
+        channel = self._channels.get(header.channel)     # one atomic read; writers lock
         if channel is None or channel.expires <= time.time():
             raise SessionError("unknown or expired channel: fetch fresh evidence")
         return channel
@@ -232,23 +233,25 @@ class Enclave(_ModelServer):
             channel.keys = keys
         return b""
 
-    def _sealed(self, body: bytes) -> bytes:
+    def _sealed(self, body: bytes) -> tuple[bytes, bytes]:
+        """The answer's clear header (the request's) and its sealed body."""
         header, raw, sealed = seal.read_header(body)
-        channel = self._channel(header)
-        if channel.keys is None or header.seq < 1:
+        channel, seq = self._channel(header), header.seq
+        keys, window = channel.keys, channel.window
+        if keys is None or seq < 1:
             raise SessionError("the channel is not keyed: send its OPEN message first")
         with channel.lock:
-            channel.window.check(header.seq)          # a replay is refused unopened
-        plain = channel.keys.open(True, header, raw, sealed)
+            window.check(seq)                   # a replay is refused unopened
+        plain = keys.decrypt(True, seq, raw, sealed)
         with channel.lock:
-            channel.window.commit(header.seq)         # two copies racing: one wins
-        self._count("opened")
+            window.commit(seq)                  # two copies racing: one wins
         try:
             answer = pack_arrays({"y": self._infer(_arrays(plain, "x"))})
-            self._count("served")
+            self._count("opened", "served")
         except VeilError as exc:        # may describe the input: sealed, never in the clear
+            self._count("opened")
             answer = pack_arrays({"error": np.frombuffer(net.error_body(exc), np.uint8)})
-        return channel.keys.seal(False, header, answer)
+        return raw, keys.encrypt(False, seq, raw, answer)
 
 
 # -- clients ------------------------------------------------------------------------------
@@ -465,16 +468,18 @@ class TEEClient(_Connection):
             self.attest()
             return self._sealed_stream(chunks, depth)
 
-    def _request(self, xs: np.ndarray) -> tuple[seal.Header, bytearray]:
+    def _request(self, xs: np.ndarray) -> tuple[bytes, bytearray]:
+        """(the clear header, the whole sealed message) of the next request."""
         self._seq += 1
-        header = seal.Header(self._channel, self._seq, self.suite)
-        return header, self._keys.seal(True, header, pack_arrays({"x": xs}))
+        raw = seal.Header(self._channel, self._seq, self.suite).encode()
+        return raw, self._keys.seal(True, self._seq, raw, pack_arrays({"x": xs}))
 
-    def _answer(self, header: seal.Header, n: int, reply) -> np.ndarray:
-        got, raw, sealed = seal.read_header(reply)
-        if got != header:
+    def _answer(self, raw: bytes, n: int, reply) -> np.ndarray:
+        """The outputs in ``reply``, the answer to the request whose header is ``raw``."""
+        if reply[:seal.HEADER_LEN] != raw:
             raise DecryptionError("the sealed message could not be opened")
-        answer = unpack_arrays(self._keys.open(False, got, raw, sealed))
+        answer = unpack_arrays(self._keys.decrypt(
+            False, seal.header_seq(raw), raw, memoryview(reply)[seal.HEADER_LEN:]))
         if "error" in answer:
             net.raise_error(answer["error"].tobytes())
         ys = answer.get("y")
@@ -483,17 +488,17 @@ class TEEClient(_Connection):
         return ys
 
     def _sealed(self, xs: np.ndarray) -> np.ndarray:
-        header, message = self._request(xs)
-        return self._answer(header, len(xs), self.call(net.REQUEST, message, net.RESULT))
+        raw, message = self._request(xs)
+        return self._answer(raw, len(xs), self.call(net.REQUEST, message, net.RESULT))
 
     def _sealed_stream(self, chunks: list[np.ndarray], depth: int) -> np.ndarray:
-        pending: queue.SimpleQueue = queue.SimpleQueue()     # (header, n) in sent order
+        pending: queue.SimpleQueue = queue.SimpleQueue()     # (raw header, n) in order
         outs: list[np.ndarray] = []
 
         def requests():
             for c in chunks:
-                header, message = self._request(c)
-                pending.put((header, len(c)))
+                raw, message = self._request(c)
+                pending.put((raw, len(c)))
                 yield message
 
         self.stream(net.REQUEST, requests(), net.RESULT,
