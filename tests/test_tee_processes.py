@@ -110,10 +110,12 @@ def tee(tmp_path_factory):
     assert "INSECURE" in line and addr is not None
     with torch.no_grad():
         want = model(torch.as_tensor(xte)).numpy()
-    plain = interpreter.run(to_graph(model, xte.shape[1:]), xte.astype(np.float64))
+    graph = to_graph(model, xte.shape[1:])
+    plain = interpreter.run(graph, xte.astype(np.float64))
     relay = Relay(addr)
     yield {"dir": d, "addr": addr, "kr": kr_addr, "relay": relay, "x": xte.astype(np.float64),
-           "want": want, "plain": plain, "policy": Policy.load(d / "policy.json"),
+           "want": want, "plain": plain, "graph": graph,
+           "policy": Policy.load(d / "policy.json"),
            "export_line": out}
     for p in procs:
         p.kill()
@@ -329,3 +331,26 @@ def test_key_release_refuses_an_enclave_with_another_measurement(tee, tmp_path):
     err = proc.stderr.read()
     assert addr is None and proc.returncode != 0
     assert "not released" in err and "measurement" in err
+
+
+def test_bench_aes_floor_answers_like_the_model(tee):
+    """``bench/tee_floor.py``, the benchmark's AES-only floor, serves the model's answers
+    (encrypted on the wire), one batch at a time and streamed."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "tee_floor.py"
+    spec = importlib.util.spec_from_file_location("tee_floor", path)
+    floor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(floor)
+    srv = floor.FloorServer(tee["graph"], ("127.0.0.1", 0), 10.0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    relay = Relay(srv.address)
+    with floor.FloorClient(relay.address, 10.0) as client:
+        ys = client.infer(tee["x"][:64])
+        np.testing.assert_allclose(ys, tee["plain"][:64], rtol=0, atol=1e-9)
+        ys = client.infer_batch(tee["x"], depth=2)
+        np.testing.assert_allclose(ys, tee["plain"], rtol=0, atol=1e-9)
+    assert relay.kinds["up"].count(net.PLAIN_REQUEST) == 1 + -(-len(tee["x"]) // 64)
+    assert tee["x"][0].tobytes() not in relay.seen["up"]        # it did encrypt
+    srv.server.close()
