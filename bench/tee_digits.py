@@ -314,8 +314,9 @@ def main(argv=None) -> int:
         "In brackets, the same ratio for the AES-only floor (`bench/tee_floor.py`): the "
         "plaintext baseline plus the four AES-256-GCM calls of a sealed request (client "
         "encrypts, enclave decrypts and encrypts the answer, client decrypts) under a fixed "
-        "key, with no channel, header or replay check. No AES-GCM sealing of these messages "
-        "can be cheaper, so a ratio near its floor has nothing left to trim but the cipher.",
+        "key, with no channel, header or replay check. No sealing of these messages through "
+        "`cryptography`'s AES-GCM (veil's AEAD) can be cheaper, so a ratio near its floor has "
+        "nothing left to trim but the cipher calls.",
         "", *lines, "",
         f"CPU that sealing adds to a batch of 64 (both sides, one process, no sockets): "
         f"{cpu['sealed_us'] - cpu['plain_us']:.0f} us ({cpu['sealed_us']:.0f} us sealed "
