@@ -143,7 +143,7 @@ class Header(NamedTuple):
 
 def header_seq(raw: bytes) -> int:
     """The sequence number in a message's raw clear header."""
-    return int.from_bytes(raw[16:24], "big")
+    return _HEADER.unpack_from(raw)[1]
 
 
 def read_header(message) -> tuple[Header, bytes, memoryview]:
@@ -175,28 +175,32 @@ class ChannelKeys:
         self._aead = {True: (AESGCM(okm[:32]), int.from_bytes(okm[32:44], "big")),
                       False: (AESGCM(okm[44:76]), int.from_bytes(okm[76:], "big"))}
 
+    def _cipher(self, up: bool, seq: int) -> tuple[AESGCM, bytes]:
+        """Direction ``up``'s AEAD and the nonce of its message ``seq``."""
+        aead, base = self._aead[up]
+        return aead, (base ^ seq).to_bytes(12, "big")
+
     def encrypt(self, up: bool, seq: int, raw: bytes, body) -> bytes:
         """AES-GCM of ``body`` (ciphertext and tag) as message ``seq`` of direction ``up``
         (client to enclave), bound to the clear header ``raw``."""
-        aead, base = self._aead[up]
-        return aead.encrypt((base ^ seq).to_bytes(12, "big"), body, raw)
+        aead, nonce = self._cipher(up, seq)
+        return aead.encrypt(nonce, body, raw)
 
     def decrypt(self, up: bool, seq: int, raw: bytes, sealed) -> bytes:
         """The inverse of :meth:`encrypt`; the one opaque error on any failure."""
-        aead, base = self._aead[up]
+        aead, nonce = self._cipher(up, seq)
         try:
-            return aead.decrypt((base ^ seq).to_bytes(12, "big"), sealed, raw)
+            return aead.decrypt(nonce, sealed, raw)
         except (InvalidTag, ValueError) as exc:
             log.debug("open failed: %r", exc)
             raise DecryptionError(_OPAQUE) from None
 
     def seal(self, up: bool, seq: int, raw: bytes, body) -> bytearray:
         """The whole message ``raw || encrypt(...)``, encrypted into one buffer."""
-        aead, base = self._aead[up]
+        aead, nonce = self._cipher(up, seq)
         out = bytearray(len(raw) + len(body) + _TAG)
         out[:len(raw)] = raw
-        aead.encrypt_into((base ^ seq).to_bytes(12, "big"), body, raw,
-                          memoryview(out)[len(raw):])
+        aead.encrypt_into(nonce, body, raw, memoryview(out)[len(raw):])
         return out
 
 
