@@ -125,5 +125,24 @@ class PayloadTooLargeError(VeilError):
     """A request body exceeds the limit of its route (HTTP 413); nothing of it was kept."""
 
 
+class RejectedInputError(SerializationError):
+    """Bytes that passed the checks still made the evaluator process fail (it died on
+    them). Only that request fails; the worker is restarted (HTTP 400)."""
+
+
+class RateLimitError(VeilError):
+    """A per-client quota or rate limit is exhausted (HTTP 429). ``retry_after`` is the
+    number of seconds after which the same request may succeed."""
+
+    def __init__(self, message: str = "", retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = max(0.0, float(retry_after))
+
+
+class StorageFullError(VeilError):
+    """The service's storage budget cannot take this upload now (HTTP 507); nothing of
+    it was kept. Retry later or ask the operator for a larger disk budget."""
+
+
 class MediaTypeError(SerializationError):
     """A request body has the wrong Content-Type for its route (HTTP 415)."""

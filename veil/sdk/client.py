@@ -181,4 +181,8 @@ def _error(r: httpx.Response) -> VeilError:
         exc = ServiceError(f"HTTP {r.status_code} from {r.request.url}: {r.text[:200]!r}")
         exc.status, exc.code = r.status_code, None
         return exc
-    return exception_for(code, message, r.status_code)
+    try:
+        retry_after = float(r.headers["retry-after"])
+    except (KeyError, ValueError):
+        retry_after = None
+    return exception_for(code, message, r.status_code, retry_after)

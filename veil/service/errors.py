@@ -11,14 +11,15 @@ traceback goes to the ``veil.service`` log, never into the response.
 from __future__ import annotations
 
 import logging
+import math
 from typing import NamedTuple
 
 from ..errors import (AttestationError, AuthError, BundleError, DecryptionError, EngineError,
                       EvidenceExpiredError, InputError, InsecureParametersError,
                       KeyMismatchError, KeyReleaseError, KeyTypeError, MediaTypeError,
                       MissingKeyError, ModeError, NotFoundError, PayloadTooLargeError,
-                      PolicyError, ReplayError, SerializationError, ServiceError,
-                      UnavailableError,
+                      PolicyError, RateLimitError, RejectedInputError, ReplayError,
+                      SerializationError, ServiceError, StorageFullError, UnavailableError,
                       SessionError, TEEError, VeilError)
 
 log = logging.getLogger("veil.service")
@@ -41,6 +42,7 @@ ERRORS: tuple[ErrorSpec, ...] = (
     ErrorSpec(MediaTypeError, 415, "media-type"),
     ErrorSpec(InputError, 422, "input"),
     ErrorSpec(SerializationError, 400, "malformed"),
+    ErrorSpec(RejectedInputError, 400, "rejected-input"),
     ErrorSpec(KeyTypeError, 400, "key-type"),
     ErrorSpec(KeyMismatchError, 409, "key-mismatch"),
     ErrorSpec(MissingKeyError, 409, "missing-key"),
@@ -58,6 +60,8 @@ ERRORS: tuple[ErrorSpec, ...] = (
     ErrorSpec(KeyReleaseError, 403, "key-release"),
     # A served bundle that cannot be read is the operator's fault, not the client's.
     ErrorSpec(BundleError, 500, "bundle"),
+    ErrorSpec(RateLimitError, 429, "rate-limited"),
+    ErrorSpec(StorageFullError, 507, "storage-full"),
     ErrorSpec(UnavailableError, 503, "unavailable"),
     ErrorSpec(ServiceError, 500, "internal"),
 )
@@ -72,7 +76,8 @@ _OPAQUE = {EngineError: "the homomorphic evaluation failed on this input",
            DecryptionError: "the sealed message could not be opened"}
 # Errors of the HTTP layer itself (unknown route, wrong method, bad parameters).
 HTTP_CODES = {400: "malformed", 401: "unauthorized", 404: "not-found",
-              405: "method-not-allowed", 413: "too-large", 415: "media-type", 422: "input"}
+              405: "method-not-allowed", 413: "too-large", 415: "media-type", 422: "input",
+              429: "rate-limited"}
 
 
 def spec_for(exc: BaseException) -> ErrorSpec:
@@ -95,12 +100,15 @@ def public_message(exc: VeilError) -> str:
     return str(exc) or type(exc).__name__
 
 
-def exception_for(code: str, message: str, status: int | None = None) -> VeilError:
+def exception_for(code: str, message: str, status: int | None = None,
+                  retry_after: float | None = None) -> VeilError:
     """The exception the SDK raises for an error body: same type as on the server.
 
     Unknown codes (a newer server) become :class:`ServiceError`."""
     cls = _BY_CODE.get(code, ServiceError)
     exc = cls(message)
+    if retry_after is not None and isinstance(exc, RateLimitError):
+        exc.retry_after = retry_after
     exc.status = status
     exc.code = code
     return exc
@@ -119,6 +127,8 @@ def install_handlers(app) -> None:
         else:
             log.debug("%s %s refused: %r", request.method, request.url.path, exc)
         headers = {"WWW-Authenticate": "Bearer"} if row.status == 401 else None
+        if isinstance(exc, RateLimitError):
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after)))}
         return JSONResponse(error_body(row.code, public_message(exc)), row.status,
                             headers=headers)
 
