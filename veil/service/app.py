@@ -106,6 +106,10 @@ class ServiceContext:
         mode_info: mode -> ``f(ExportInfo) -> dict`` of public info for
             ``GET /v1/models/{name}`` (default: the export index's entry of the mode).
         closers: called in reverse order by ``close()`` (``serve`` calls it on exit).
+        children: name -> ``f() -> state`` for every supervised child (HE workers, enclaves,
+            MPC dealer and parties); state is ``"ok"``, ``"restarting"``, ``"down"`` or
+            ``"stopped"``. ``/v1/health`` reports them and says ``degraded`` unless all
+            are ``ok``.
     Methods ``model``, ``read_body``, ``run_sync`` and ``slot`` are for handlers.
     """
 
@@ -115,6 +119,7 @@ class ServiceContext:
     keys: KeyStore
     mode_info: dict[str, Callable[[ExportInfo], dict]] = field(default_factory=dict)
     closers: list[Callable[[], None]] = field(default_factory=list)
+    children: dict[str, Callable[[], str]] = field(default_factory=dict)
     _slots: Any = field(default_factory=weakref.WeakKeyDictionary, repr=False)
 
     def model(self, name: str, mode: str | None = None) -> ExportInfo:
@@ -254,7 +259,10 @@ def create_app(config: ServiceConfig) -> FastAPI:
 def _add_model_routes(app: FastAPI, ctx: ServiceContext) -> None:
     @app.get("/v1/health", tags=["service"])
     def health() -> dict:
-        return {"status": "ok", "veil": __version__}
+        states = {name: state() for name, state in sorted(ctx.children.items())}
+        ok = all(s == "ok" for s in states.values())
+        return {"status": "ok" if ok else "degraded", "veil": __version__,
+                "children": states}
 
     @app.get("/v1/models", tags=["service"])
     def list_models(client: str = Depends(ctx.require_client)) -> list[dict]:
