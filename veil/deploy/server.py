@@ -1,13 +1,27 @@
-"""The untrusted server's role: evaluates ciphertexts with evaluation keys only."""
+"""The untrusted server's role: evaluates ciphertexts with evaluation keys only.
+
+Every OpenFHE payload a client sends (evaluation keys, input ciphertexts, the model
+owner's encrypted weights) is checked by the model's
+:class:`~veil.backends.he.validate.PayloadValidator` before OpenFHE decodes it; the
+:class:`ModelServer` builds that validator once (lazily, one throwaway key generation)
+and every :class:`ServerSession` uses it, so an application that embeds ModelServer is
+protected as the service is.
+
+``open_session(..., namespace=...)`` keeps clients apart in OpenFHE's process-wide key
+maps: the keys are inserted under a tag derived from the namespace and the client's tag
+(:attr:`ServerSession.native_tag`), so no client can name another's keys.
+"""
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
 from ..backends.he.evaluator import Evaluator
 from ..backends.he.features import FeatureEvaluator
-from ..backends.he.openfhe_engine import EvaluationSession
+from ..backends.he.openfhe_engine import EvaluationSession, native_tag, payload_validator
+from ..backends.he.validate import PayloadValidator
 from ..compiler.plan import HEPlan
 from ..errors import KeyMismatchError, KeyTypeError, MissingKeyError, SerializationError
 from ..wire import pack, unpack
@@ -19,7 +33,7 @@ class ServerSession:
     """One client's evaluation keys loaded for repeated inference. Close it when done."""
 
     def __init__(self, server: "ModelServer", keys: EvaluationKeys,
-                 weights: bytes | None = None) -> None:
+                 weights: bytes | None = None, namespace: str | None = None) -> None:
         if keys.model_id != server.bundle.model_id:
             raise KeyMismatchError("these evaluation keys were generated for another model")
         encrypted = server.bundle.weights == "encrypted"
@@ -29,10 +43,17 @@ class ServerSession:
         if weights is not None and not encrypted:
             raise SerializationError("this server bundle has plaintext weights; export it "
                                      "with encrypted_weights=True to use encrypted ones")
+        if namespace is not None and not isinstance(namespace, str):
+            raise TypeError("namespace must be a str or None")
         self._server = server
         self.tag = keys.tag
+        #: The tag of these keys in OpenFHE's process-wide maps: the client's tag, or
+        #: one derived from (namespace, client tag). At most one session per native tag.
+        self.native_tag = keys.tag if namespace is None else native_tag(namespace, keys.tag)
         self._engine = EvaluationSession(server.bundle.params, keys.tag, keys.parts,
-                                         server.bundle.manifest["rotations"])
+                                         server.bundle.manifest["rotations"],
+                                         validator=server.validator,
+                                         native_tag=self.native_tag)
         if weights is not None:
             try:
                 self._load_weights(weights)
@@ -115,19 +136,36 @@ class ModelServer:
         p = self.bundle.params
         one = 2 * p.ring_dim * (p.mult_depth + 1) * 8 + 4096
         self.max_input_bytes = one * max(1, self.feature_width) + (1 << 16)
+        self._validator: PayloadValidator | None = None
+        self._validator_lock = threading.Lock()
+
+    @property
+    def validator(self) -> PayloadValidator:
+        """The checks of client payloads for this model, built on first use (one
+        throwaway key generation with the manifest's rotations)."""
+        with self._validator_lock:
+            if self._validator is None:
+                self._validator = payload_validator(self.bundle.params,
+                                                    self.bundle.manifest["rotations"])
+            return self._validator
 
     def open_session(self, evaluation_keys: bytes | EvaluationKeys, *,
-                     weights: bytes | None = None) -> ServerSession:
+                     weights: bytes | None = None,
+                     namespace: str | None = None) -> ServerSession:
         """Load a client's evaluation keys (bytes from ``ModelClient.evaluation_keys``).
 
         ``weights``: for a bundle exported with ``encrypted_weights=True``, the model
         owner's ``encrypt_weights`` output for this client.
+        ``namespace``: who the keys belong to (the service passes the API client id).
+        When given, the keys live in OpenFHE's maps under a tag derived from it and the
+        client's tag (``ServerSession.native_tag``), so two namespaces may load keys
+        with the same client tag and neither can displace the other's.
         """
         if isinstance(evaluation_keys, SecretKey):
             raise KeyTypeError("servers never accept secret keys; send evaluation_keys()")
         keys = (evaluation_keys if isinstance(evaluation_keys, EvaluationKeys)
                 else EvaluationKeys.from_bytes(evaluation_keys))
-        return ServerSession(self, keys, weights)
+        return ServerSession(self, keys, weights, namespace)
 
     def run(self, ciphertext: bytes, evaluation_keys: bytes | EvaluationKeys) -> bytes:
         """One-shot inference: load keys, evaluate, drop keys."""

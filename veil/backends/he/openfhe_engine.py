@@ -10,9 +10,22 @@ Each object here inserts its keys under its own tag and removes exactly those on
 and OpenFHE releases the GIL while it computes, so ``_KEYMAPS`` is a readers-writer
 lock: every native evaluation reads them (shared), and inserting or removing keys
 (key generation, loading a session, closing one) writes them (exclusive).
+
+Untrusted bytes: every ciphertext and evaluation key an :class:`EvaluationSession`
+deserializes was first checked by a :class:`~veil.backends.he.validate.PayloadValidator`
+(see :func:`payload_validator`), so OpenFHE's deserializers only ever see bytes laid
+out exactly like the server's own payloads. Every exception the binding raises, and
+its ``None`` returns, become veil errors in :func:`native_call`: SerializationError
+while decoding, EngineError while evaluating.
+
+Key tags: a session may insert its keys under a *native* tag other than the client's
+(``native_tag``, see :func:`native_tag`), so one client cannot name another's keys in
+OpenFHE's process-wide maps. Ciphertexts must carry the client's tag; they are re-tagged
+after decoding, and outputs carry the client's tag again.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -30,7 +43,9 @@ os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 import openfhe as ofhe  # noqa: E402
 
 from ...compiler.plan import CKKSParams
-from ...errors import EngineError, KeyMismatchError, MissingKeyError, SerializationError
+from ...errors import (EngineError, KeyMismatchError, MissingKeyError, SerializationError,
+                       VeilError)
+from .validate import PayloadValidator, TemplateError, compile_checker, rotation_layout
 
 log = logging.getLogger(__name__)
 class _KeyMapLock:
@@ -124,18 +139,92 @@ def _remove_tag(cc, tag: str) -> None:
             cc.InsertEvalAutomorphismKey(keymap, t)
 
 
+# Everything the pybind11 binding raises for a native failure: std::exception ->
+# RuntimeError, std::bad_alloc -> MemoryError, std::length_error/invalid_argument ->
+# ValueError, std::out_of_range -> IndexError, overflowing conversions -> OverflowError,
+# argument mismatches -> TypeError, an error while an error was set -> SystemError.
+_NATIVE_ERRORS = (RuntimeError, ValueError, TypeError, MemoryError, OverflowError,
+                  IndexError, SystemError, KeyError)
+
+
+def native_call(error: type[VeilError], message: str, fn, *args, none_ok: bool = False):
+    """``fn(*args)`` with every binding exception (and, unless ``none_ok``, a ``None``
+    result) raised as ``error(message)``; the native text goes to the chained cause and
+    the debug log, not into the message for decoding errors."""
+    try:
+        out = fn(*args)
+    except VeilError:
+        raise
+    except _NATIVE_ERRORS as exc:
+        log.debug("native %s failed: %r", getattr(fn, "__name__", fn), exc)
+        detail = f": {exc}" if error is EngineError else ""
+        raise error(f"{message}{detail}") from exc
+    if out is None and not none_ok:     # some malformed inputs give None, no error
+        raise error(message)
+    return out
+
+
 def serialize_ciphertext(ct) -> bytes:
-    return ofhe.Serialize(ct, ofhe.BINARY)
+    return bytes(native_call(EngineError, "ciphertext could not be serialized",
+                             ofhe.Serialize, ct, ofhe.BINARY))
 
 
 def deserialize_ciphertext(data: bytes):
+    """Decode a ciphertext. Servers call this only on validated bytes."""
+    return native_call(SerializationError, "ciphertext bytes could not be decoded",
+                       ofhe.DeserializeCiphertextString, data, ofhe.BINARY)
+
+
+def native_tag(namespace: str, client_tag: str) -> str:
+    """The tag a namespaced session's keys get in OpenFHE's maps: SHA-256 of the
+    namespace and the client's tag, as lowercase hex of the client tag's length (the
+    alphabet and length of OpenFHE's own tags)."""
+    digest = hashlib.sha256(b"veil-openfhe-tag\0" + namespace.encode("utf-8") + b"\0"
+                            + client_tag.encode("utf-8")).hexdigest()
+    return digest[:max(1, min(len(client_tag), len(digest)))]
+
+
+def payload_validator(params: CKKSParams, rotations: list[int]) -> PayloadValidator:
+    """Compile the checkers of client payloads for ``params`` and ``rotations``.
+
+    Generates a throwaway key pair with exactly these rotation keys (the code path of an
+    honest :class:`ClientCrypto`), a fresh ciphertext and the evaluation keys, and keeps
+    only their structure and hole descriptors (see :mod:`.validate`). Costs one client
+    key generation; build it once per model and pass it to every session.
+    """
+    rotations = sorted({int(r) for r in rotations})
+    with ClientCrypto(params) as client:
+        parts = client.keygen(rotations)
+        tag = client.tag
+        zeros = np.zeros(params.slots)
+        # Two honest layouts: a key pair generated in this context shares its ring
+        # parameters with the context (cereal writes references); a public key decoded
+        # from bytes (ModelClient.load_secret_key, the model owner's WeightEncryptor)
+        # brings its own, written out in full in every ciphertext.
+        fresh = [client.encrypt(zeros),
+                 WeightEncryptor(params, client.public_key_bytes()).encrypt(zeros)]
+    cc = build_context(params)
+    n = params.ring_dim
     try:
-        ct = ofhe.DeserializeCiphertextString(data, ofhe.BINARY)
-    except RuntimeError as exc:
-        raise SerializationError("ciphertext bytes could not be decoded") from exc
-    if ct is None:          # some malformed inputs (e.g. a zeroed header) give None, no error
-        raise SerializationError("ciphertext bytes could not be decoded")
-    return ct
+        ciphertexts = tuple(compile_checker("ciphertext", ct, tag, n) for ct in fresh)
+        q = 1
+        for m in set(ciphertexts[0].hole_moduli.tolist()):
+            q *= int(m)
+        if q != int(cc.GetElementParams().GetModulus()) or any(
+                len(c.hole_offsets) != 2 * (params.mult_depth + 1) for c in ciphertexts):
+            raise TemplateError("the ciphertext template's towers are not the context's")
+        mult = compile_checker("relinearization key", parts["mult"], tag, n)
+        rot = layout = None
+        index = {r: int(cc.FindAutomorphismIndex(r)) for r in rotations}
+        if rotations:
+            rot = compile_checker("rotation key map", parts["rotations"], tag, n)
+            layout = rotation_layout(parts["rotations"], sorted(set(index.values())),
+                                     len(mult.hole_offsets), rot)
+    except TemplateError as exc:
+        raise EngineError(f"cannot build payload checks for {params} with this OpenFHE "
+                          f"({OPENFHE_VERSION}): {exc}") from exc
+    return PayloadValidator((params, tuple(rotations)), ciphertexts, mult, rot, index,
+                            layout)
 
 
 class ClientCrypto:
@@ -186,11 +275,10 @@ class ClientCrypto:
         return bytes(ofhe.Serialize(self._public, ofhe.BINARY))
 
     def load_keys(self, secret: bytes, public: bytes) -> None:
-        try:
-            sk = ofhe.DeserializePrivateKeyString(secret, ofhe.BINARY)
-            pk = ofhe.DeserializePublicKeyString(public, ofhe.BINARY)
-        except (RuntimeError, TypeError) as exc:
-            raise SerializationError("key bytes could not be decoded") from exc
+        sk = native_call(SerializationError, "key bytes could not be decoded",
+                         ofhe.DeserializePrivateKeyString, secret, ofhe.BINARY)
+        pk = native_call(SerializationError, "key bytes could not be decoded",
+                         ofhe.DeserializePublicKeyString, public, ofhe.BINARY)
         if sk.GetKeyTag() != pk.GetKeyTag():
             raise KeyMismatchError("the public key does not belong to this secret key")
         self._secret, self._public = sk, pk
@@ -205,10 +293,7 @@ class ClientCrypto:
         ct = deserialize_ciphertext(data)
         if ct.GetKeyTag() != self.tag:
             raise KeyMismatchError("this ciphertext was produced under another client's keys")
-        try:
-            pt = self.cc.Decrypt(self._secret, ct)
-        except RuntimeError as exc:
-            raise EngineError(f"decryption failed: {exc}") from exc
+        pt = native_call(EngineError, "decryption failed", self.cc.Decrypt, self._secret, ct)
         pt.SetLength(length)
         return np.array(pt.GetRealPackedValue()[:length], dtype=np.float64)
 
@@ -232,10 +317,9 @@ class WeightEncryptor:
 
     def __init__(self, params: CKKSParams, public_key: bytes) -> None:
         self.cc = build_context(params)
-        try:
-            self._public = ofhe.DeserializePublicKeyString(public_key, ofhe.BINARY)
-        except (RuntimeError, TypeError) as exc:
-            raise SerializationError("public key bytes could not be decoded") from exc
+        self._public = native_call(SerializationError, "public key bytes could not be "
+                                   "decoded", ofhe.DeserializePublicKeyString, public_key,
+                                   ofhe.BINARY)
 
     @property
     def tag(self) -> str:
@@ -250,32 +334,58 @@ class EvaluationSession:
     """Server side: evaluation keys of one client under one tag, and the HE operations.
 
     Implements the evaluator's ``SlotEngine`` protocol. Holds no secret key: it is built
-    only from serialized evaluation keys.
+    only from serialized evaluation keys, which ``validator`` checks before OpenFHE
+    reads them (built from ``params`` and ``rotations`` when not given: pass one
+    :func:`payload_validator` per model to avoid a key generation per session).
+
+    ``tag`` is the client's key tag: keys, ciphertexts and encrypted weights must carry
+    it. ``native_tag`` (default: ``tag``) is the tag the keys get in OpenFHE's
+    process-wide maps; ciphertexts are re-tagged to it after decoding and back to
+    ``tag`` by :meth:`dump`.
     """
 
     def __init__(self, params: CKKSParams, tag: str, key_parts: dict[str, bytes],
-                 rotations: list[int]) -> None:
+                 rotations: list[int], *, validator: PayloadValidator | None = None,
+                 native_tag: str | None = None) -> None:
         self.params, self.tag, self.slots = params, tag, params.slots
+        self.native_tag = tag if native_tag is None else native_tag
+        self._closed = True             # nothing to remove from OpenFHE's maps yet
+        if validator is None:
+            validator = payload_validator(params, rotations)
+        if validator.params_key != (params, tuple(sorted({int(r) for r in rotations}))):
+            raise EngineError("the payload validator was built for other parameters or "
+                              "rotations than this session's")
+        self._validator = validator
+        if not isinstance(key_parts, dict):
+            raise SerializationError("evaluation keys must be a dict of byte strings")
+        validator.check_eval_keys(key_parts, tag)
         self.cc = build_context(params)
         self._plaintexts: dict[tuple, Any] = {}
         self._weights: dict[str, Any] | None = None
-        self._closed = False
+        native = self.native_tag
         with _KEYMAPS.write():
-            if tag in self.cc.GetAllEvalMultKeys():
+            if native in self.cc.GetAllEvalMultKeys():
                 raise KeyMismatchError("these evaluation keys are already loaded by another "
                                        "session; open one session per key set")
+            decode = "evaluation key bytes could not be decoded"
+            mult = native_call(SerializationError, decode, ofhe.DeserializeEvalKeyString,
+                               key_parts["mult"], ofhe.BINARY)
+            auto = (native_call(SerializationError, decode, ofhe.DeserializeEvalKeyMapString,
+                                key_parts["rotations"], ofhe.BINARY)
+                    if key_parts.get("rotations") else None)
+            self._closed = False
             try:
-                mult = ofhe.DeserializeEvalKeyString(key_parts["mult"], ofhe.BINARY)
-                auto = (ofhe.DeserializeEvalKeyMapString(key_parts["rotations"], ofhe.BINARY)
-                        if key_parts.get("rotations") else None)
-            except (RuntimeError, KeyError) as exc:
-                raise SerializationError("evaluation key bytes could not be decoded") from exc
-            if mult is None or (key_parts.get("rotations") and auto is None):
-                raise SerializationError("evaluation key bytes could not be decoded")
-            self.cc.InsertEvalMultKey([mult], tag)
-            if auto is not None:
-                self.cc.InsertEvalAutomorphismKey(auto, tag)
-            present = set(self.cc.GetExistingEvalAutomorphismKeyIndices(tag)) if auto else set()
+                native_call(SerializationError, "evaluation keys could not be loaded",
+                            self.cc.InsertEvalMultKey, [mult], native, none_ok=True)
+                if auto is not None:
+                    native_call(SerializationError, "evaluation keys could not be loaded",
+                                self.cc.InsertEvalAutomorphismKey, auto, native, none_ok=True)
+                present = (set(native_call(EngineError, "rotation keys could not be listed",
+                                           self.cc.GetExistingEvalAutomorphismKeyIndices,
+                                           native)) if auto else set())
+            except VeilError:
+                self.close()
+                raise
         self._rotations = {int(r) for r in rotations
                            if self.cc.FindAutomorphismIndex(int(r)) in present}
         missing = sorted(set(int(r) for r in rotations) - self._rotations)
@@ -285,18 +395,22 @@ class EvaluationSession:
                                   "regenerate them from this model's client bundle")
 
     # -- ciphertext I/O -------------------------------------------------------------------
-    def load(self, data: bytes):
-        """Deserialize a client ciphertext and check it belongs to this session."""
+    def _decode(self, data: bytes, what: str):
+        """Validate, decode and re-tag one client ciphertext; bound to this context."""
         self._check_open()
+        self._validator.check_ciphertext(data, self.tag)
         ct = deserialize_ciphertext(data)
         if ct.GetKeyTag() != self.tag:
-            raise KeyMismatchError("the ciphertext was encrypted under other keys than this "
+            raise KeyMismatchError(f"the {what} was encrypted under other keys than this "
                                    "session's evaluation keys")
         ring = ct.GetCryptoContext().GetRingDimension()
         if (ring != self.params.ring_dim or ct.NumberCiphertextElements() != 2
                 or ct.GetLevel() != 0 or ct.GetNoiseScaleDeg() != 1):
             raise SerializationError("the ciphertext does not match this model's parameters "
                                      "(ring dimension, level or size)")
+        if self.native_tag != self.tag:
+            native_call(EngineError, "the ciphertext could not be re-tagged", ct.SetKeyTag,
+                        self.native_tag, none_ok=True)
         # A deserialized ciphertext refers to its CryptoContext through a pointer that is
         # not this context's own, and every OpenFHE call on it then pays a ~4 ms context
         # check (bench/engine_ops.py: EvalAdd 4.1 ms vs 0.17 ms). Compress with more
@@ -304,20 +418,29 @@ class EvaluationSession:
         # to this context.
         return self._native(self.cc.Compress, ct, 1 << 10)
 
+    def load(self, data: bytes):
+        """Validate and decode a client ciphertext that belongs to this session."""
+        return self._decode(data, "ciphertext")
+
     def dump(self, ct) -> bytes:
-        return bytes(serialize_ciphertext(ct))
+        """Serialize an output ciphertext under the client's tag."""
+        self._check_open()
+        if self.native_tag == self.tag:
+            return serialize_ciphertext(ct)
+        native_call(EngineError, "the ciphertext could not be re-tagged", ct.SetKeyTag,
+                    self.tag, none_ok=True)
+        try:
+            return serialize_ciphertext(ct)
+        finally:
+            ct.SetKeyTag(self.native_tag)
 
     def load_weights(self, weights: dict[str, bytes]) -> None:
         """Use encrypted weights (model owner's ciphertexts under this client's key)
         instead of plaintext vectors: products become ciphertext x ciphertext."""
-        loaded = {}
-        for key, blob in weights.items():
-            ct = deserialize_ciphertext(blob)
-            if ct.GetKeyTag() != self.tag:
-                raise KeyMismatchError("the encrypted weights were encrypted for another "
-                                       "client's public key")
-            loaded[key] = self._native(self.cc.Compress, ct, 1 << 10)
-        self._weights = loaded
+        if not isinstance(weights, dict):
+            raise SerializationError("encrypted weights must be a dict of ciphertexts")
+        self._weights = {key: self._decode(blob, "encrypted weights")
+                         for key, blob in weights.items()}
 
     def _weight(self, cache_key: tuple | None):
         try:
@@ -395,11 +518,8 @@ class EvaluationSession:
 
     def _native(self, fn, *args):
         self._check_open()
-        try:
-            with _KEYMAPS.read():
-                return fn(*args)
-        except RuntimeError as exc:
-            raise EngineError(f"homomorphic evaluation failed: {exc}") from exc
+        with _KEYMAPS.read():
+            return native_call(EngineError, "homomorphic evaluation failed", fn, *args)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -410,7 +530,7 @@ class EvaluationSession:
         if not self._closed:
             self._closed = True
             self._plaintexts.clear()
-            _remove_tag(self.cc, self.tag)
+            _remove_tag(self.cc, self.native_tag)
 
     def __enter__(self) -> "EvaluationSession":
         return self
