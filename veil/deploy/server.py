@@ -49,7 +49,7 @@ class ServerSession:
         self.tag = keys.tag
         #: The tag of these keys in OpenFHE's process-wide maps: the client's tag, or
         #: one derived from (namespace, client tag). At most one session per native tag.
-        self.native_tag = keys.tag if namespace is None else native_tag(namespace, keys.tag)
+        self.native_tag = ModelServer.native_tag(keys.tag, namespace)
         self._engine = EvaluationSession(server.bundle.params, keys.tag, keys.parts,
                                          server.bundle.manifest["rotations"],
                                          validator=server.validator,
@@ -148,6 +148,13 @@ class ModelServer:
                 self._validator = payload_validator(self.bundle.params,
                                                     self.bundle.manifest["rotations"])
             return self._validator
+
+    @staticmethod
+    def native_tag(tag: str, namespace: str | None = None) -> str:
+        """The tag keys with client tag ``tag`` get in OpenFHE's maps when opened with
+        ``namespace`` (what :attr:`ServerSession.native_tag` will be), so a session
+        layer can tell before loading whether the key set is already loaded."""
+        return tag if namespace is None else native_tag(namespace, tag)
 
     def open_session(self, evaluation_keys: bytes | EvaluationKeys, *,
                      weights: bytes | None = None,
