@@ -11,6 +11,7 @@ Usage: python bench/fuzz_validators.py [SECONDS] [--no-cost]
 """
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -36,11 +37,13 @@ def fuzz(seconds: int) -> dict:
     stats = {k: int(v) for k, v in re.findall(r"stat::(\w+):\s+(\d+)", err)}
     last = re.findall(r"#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+) corp: (\d+)", err)
     runs, cov, ft, corp = (int(x) for x in last[-1]) if last else (0, 0, 0, 0)
+    verdicts = re.findall(r"^verdicts: (.*)$", err, re.M)
     return {"seconds": seconds, "wall_s": round(wall, 1), "exit_code": proc.returncode,
             "executions": stats.get("number_of_executed_units", runs),
             "exec_per_sec": stats.get("average_exec_per_sec"),
             "crashes": crashes, "coverage_edges": cov, "features": ft,
             "corpus_units": corp, "peak_rss_mb": stats.get("peak_rss_mb"),
+            "verdicts": json.loads(verdicts[-1]) if verdicts else {},
             "tail": err.strip().splitlines()[-12:] if proc.returncode else []}
 
 
@@ -97,6 +100,7 @@ def main(argv: list[str]) -> int:
                                              "coverage_edges", "features", "corpus_units",
                                              "peak_rss_mb", "exit_code")]
     lines.append(f"| crashes | {len(f['crashes'])} |")
+    lines += [f"| verdict {k} | {v} |" for k, v in sorted(f["verdicts"].items())]
     if "cost_digits_cnn" in result:
         lines += ["", "| validator cost (digits CNN, 128-bit) | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in result["cost_digits_cnn"].items()]

@@ -14,8 +14,11 @@ coefficient holes and tags equal to the honest payload, the tags equal, and ever
 coefficient word below its tower's modulus (checked here in plain Python, independently
 of the validator's numpy code). OpenFHE itself is never called on fuzzed bytes.
 """
+import atexit
+import json
 import struct
 import sys
+from collections import Counter
 
 import atheris
 import numpy as np
@@ -58,6 +61,15 @@ def _setup():
 
 
 VALIDATOR, PARTS, TAG, KINDS = _setup()
+VERDICTS: Counter = Counter()
+
+
+
+def _report() -> None:
+    print("verdicts: " + json.dumps(dict(VERDICTS)), file=sys.stderr, flush=True)
+
+
+atexit.register(_report)        # libFuzzer may leave with _exit: also every 5000 runs
 
 
 def _check(kind: str, data: bytes) -> None:
@@ -88,10 +100,13 @@ def _structurally_template(blob: bytes, checker, holes, data: bytes) -> bool:
 
 
 def test_one_input(raw: bytes) -> None:
+    if sum(VERDICTS.values()) % 5000 == 4999:
+        _report()
     fdp = atheris.FuzzedDataProvider(raw)
     kind, blob, checker, holes, struct_offsets = KINDS[fdp.ConsumeIntInRange(0, 3)]
+    # An exhausted provider returns the minimum: 0 must mean "mutate", not "raw".
     mode = fdp.ConsumeIntInRange(0, 15)
-    if mode == 0:                               # raw bytes as the whole payload
+    if mode == 15:                              # raw bytes as the whole payload
         data = fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 4096))
     else:
         out = bytearray(blob)
@@ -124,8 +139,10 @@ def test_one_input(raw: bytes) -> None:
         data = bytes(out)
     try:
         _check(kind, data)
-    except VeilError:
+    except VeilError as exc:
+        VERDICTS[type(exc).__name__] += 1
         return
+    VERDICTS["accepted"] += 1
     if not _structurally_template(blob, checker, holes, data):
         raise AssertionError(f"the {kind} validator accepted bytes that are not "
                              "structurally its template")
