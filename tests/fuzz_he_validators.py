@@ -29,7 +29,8 @@ with atheris.instrument_imports(include=["veil.backends.he.validate", "veil.erro
     from veil.backends.he import validate  # noqa: F401
     from veil.errors import VeilError
 
-from veil.backends.he.openfhe_engine import ClientCrypto, payload_validator  # noqa: E402
+from veil.backends.he.openfhe_engine import (ClientCrypto, WeightEncryptor,  # noqa: E402
+                                             payload_validator)
 from veil.compiler.plan import CKKSParams  # noqa: E402
 
 TOY = CKKSParams(1 << 11, 1, 40, 60, 2, "HEStd_NotSet", True)
@@ -43,7 +44,6 @@ def _setup():
     with ClientCrypto(TOY) as client:
         parts = client.keygen(ROTS)
         tag = client.tag
-        from veil.backends.he.openfhe_engine import WeightEncryptor
         zeros = np.zeros(TOY.slots)
         payloads = [("ct", client.encrypt(zeros), validator.ciphertexts[0]),
                     ("ct", WeightEncryptor(TOY, client.public_key_bytes()).encrypt(zeros),

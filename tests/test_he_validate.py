@@ -17,8 +17,7 @@ import pytest
 
 import veil
 from veil import ModelClient, ModelServer
-from veil.backends.he.openfhe_engine import (ClientCrypto, EvaluationSession, WeightEncryptor,
-                                             payload_validator)
+from veil.backends.he.openfhe_engine import ClientCrypto, WeightEncryptor, payload_validator
 from veil.compiler.plan import CKKSParams, select_params
 from veil.errors import KeyMismatchError, SerializationError
 
