@@ -347,3 +347,12 @@ def test_fuzz_target_runs_briefly(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Done" in proc.stderr and not list(tmp_path.glob("crash-*"))
 
+
+
+def test_evaluation_keys_with_a_malformed_tag_are_refused(toy):
+    client, parts, _, _ = toy
+    good = veil.EvaluationKeys("m", client.tag, parts, True).to_bytes()
+    assert veil.EvaluationKeys.from_bytes(good).tag == client.tag
+    for tag in ("../" + client.tag[3:], client.tag.upper(), client.tag + "0", ""):
+        with pytest.raises(SerializationError, match="malformed key tag"):
+            veil.EvaluationKeys.from_bytes(veil.EvaluationKeys("m", tag, parts, True).to_bytes())

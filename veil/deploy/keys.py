@@ -6,6 +6,7 @@ the client unless the client calls :meth:`SecretKey.save` itself; a server refus
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,9 @@ PUBLIC_KEY_KIND = "veil-public-key"
 WEIGHTS_KIND = "veil-encrypted-weights"
 SECRET_KEY_KIND = "veil-secret-key"
 CIPHERTEXT_KIND = "veil-ciphertext"
+# OpenFHE key tags are 128 random bits as lowercase hex; anything else in a header is
+# refused before it reaches a log line, a file name or OpenFHE's key maps.
+_KEY_TAG = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,9 @@ class EvaluationKeys:
         header, parts = unpack(blob, EVAL_KEYS_KIND)
         if set(parts) != {"mult", "rotations"} or not isinstance(header.get("tag"), str):
             raise SerializationError("evaluation keys are missing parts")
+        if not _KEY_TAG.fullmatch(header["tag"]):
+            raise SerializationError("evaluation keys carry a malformed key tag (OpenFHE "
+                                     "tags are 32 lowercase hex characters)")
         return cls(str(header.get("model")), header["tag"], parts,
                    bool(header.get("insecure", False)))
 
