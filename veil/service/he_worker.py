@@ -18,7 +18,7 @@ sessions to ``forget`` first):
 
 Test seam: when the environment variable ``VEIL_TEST_HE_WORKER_FAULTS`` holds a token
 (only tests set it, on the service's own environment; no request can), a request part
-containing ``<token>:segv``, ``:abort``, ``:exit`` or ``:hang`` makes the worker fail
+or uploaded key file containing ``<token>:segv``, ``:abort``, ``:exit`` or ``:hang`` makes the worker fail
 that way, so tests can crash a worker on demand. It is off by default.
 """
 from __future__ import annotations
@@ -87,6 +87,8 @@ class Worker:
         raise SerializationError(f"unknown worker request {op!r}")
 
     def _open_session(self, sid: str, path: str, model_id: str, name: str) -> None:
+        if self._faults:
+            self._fault_seam({"keys": Path(path).read_bytes()})
         keys = _key_loader(path, upload=True)()
         if keys.model_id != model_id:
             raise KeyMismatchError(f"these evaluation keys were generated for another model "

@@ -28,7 +28,9 @@ Supervision:
   memory, exit) :class:`~veil.errors.UnavailableError` (503, naming the worker).
 * One that does not answer within ``timeout_s``, or is stopped (SIGSTOP), is killed;
   its request gets 503.
-* Restarts back off (0.1 s doubling to 5 s; reset once a worker stayed up for 30 s).
+* Restarts back off (0.1 s doubling to 5 s), reset once a worker has answered a request
+  or stayed up for 30 s: a worker that dies at start, or on every request, is not
+  restarted in a tight loop, while one crash after good service costs 0.1 s.
   Requests queued for a worker that died go to its replacement; a request for a worker
   that cannot be restarted soon (backing off, or its start failed) fails at once (503).
 * Workers are started from their supervisor thread with ``PR_SET_PDEATHSIG``
@@ -126,6 +128,7 @@ class _Worker:
         self.pool, self.index, self.name = pool, index, f"HE worker {index}"
         self.cond = threading.Condition()
         self.phase, self.retry_at, self.backoff, self.up_since = "backoff", 0.0, 0.0, 0.0
+        self.served = False     # this process answered a request: it works
         self.proc: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
         self.busy = False
@@ -167,7 +170,7 @@ class _Worker:
                     _stop(proc, sock)
                     return
                 self.proc, self.sock, self.error = proc, sock, None
-                self.phase, self.up_since = "ok", time.monotonic()
+                self.phase, self.up_since, self.served = "ok", time.monotonic(), False
                 self.cond.notify_all()
 
     def _check_idle(self) -> None:
@@ -180,10 +183,11 @@ class _Worker:
             self._mark_dead()
 
     def _schedule_restart(self) -> None:
-        """(cond held) Back off: 0.1 s, doubling to 5 s, reset after a stable run."""
+        """(cond held) Back off: 0.1 s, doubling to 5 s, reset after a good run."""
         now = time.monotonic()
-        if self.up_since and now - self.up_since >= STABLE_S:
+        if self.served or (self.up_since and now - self.up_since >= STABLE_S):
             self.backoff = 0.0
+        self.served = False
         self.backoff = min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, 2 * self.backoff))
         self.retry_at, self.up_since = now + self.backoff, 0.0
         self.cond.notify_all()
@@ -227,11 +231,15 @@ class _Worker:
             self.busy = False
             if failed and self.proc is proc:
                 self._mark_dead()
+            elif not failed and self.proc is proc:
+                self.served = True
             self.cond.notify_all()
 
     def state(self) -> str:
         with self.cond:
-            if self.phase == "ok":
+            if self.phase == "ok":     # live: the supervisor notices within a tick
+                if self.proc.poll() is not None:
+                    return "restarting"
                 return "stopped" if _stopped(self.proc.pid) else "ok"
             return {"starting": "restarting", "backoff": "restarting"}.get(self.phase, "down")
 
