@@ -75,6 +75,7 @@ FAULTS = frozenset({signal.SIGSEGV, signal.SIGABRT, signal.SIGFPE, signal.SIGBUS
                     signal.SIGILL})
 START_TIMEOUT_S = 60.0
 FAIL_FAST_S = 1.0        # a request waits at most this long for a restart to begin
+RESTART_WAIT_S = 10.0    # ... and this long for a restarting worker to be ready
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 5.0
 STABLE_S = 30.0          # up this long: the next death starts the backoff over
 TICK_S = 0.25            # how often a waiting request checks its worker
@@ -202,19 +203,19 @@ class _Worker:
 
     # -- requests ------------------------------------------------------------------------
     def acquire(self, wait_s: float) -> tuple[subprocess.Popen, socket.socket, list[str]]:
-        """Wait for this worker to be free and up; fail fast when it cannot come back soon."""
+        """Wait for this worker to be free and up (``wait_s`` at most while it is busy,
+        RESTART_WAIT_S while it restarts); fail fast when it cannot come back soon."""
         give_up = time.monotonic() + wait_s
         with self.cond:
             while True:
                 now = time.monotonic()
+                if self.phase not in ("ok", "closed"):
+                    give_up = min(give_up, now + RESTART_WAIT_S)
                 if self.phase == "closed":
                     raise UnavailableError(f"{self.name} is shut down")
                 if self.phase == "ok" and not self.busy:
-                    if _stopped(self.proc.pid):
-                        log.error("%s was stopped; restarting it", self.name)
-                        self._mark_dead()
-                        raise UnavailableError(f"{self.name} was stopped; it is being "
-                                               "restarted: retry")
+                    self._check_idle()      # dead or stopped: wait for its replacement
+                if self.phase == "ok" and not self.busy:
                     self.busy = True
                     forget, self.forget = sorted(self.forget), set()
                     return self.proc, self.sock, forget
@@ -222,8 +223,9 @@ class _Worker:
                     raise UnavailableError(f"{self.name} is down and restarts in "
                                            f"{self.retry_at - now:.1f} s: retry then")
                 if now >= give_up:
-                    raise UnavailableError(f"{self.name} did not become available in "
-                                           f"{wait_s:g} s: retry")
+                    raise UnavailableError(f"{self.name} is "
+                                           f"{'busy' if self.phase == 'ok' else 'restarting'}"
+                                           " for too long: retry")
                 self.cond.wait(min(TICK_S, give_up - now))
 
     def release(self, proc: subprocess.Popen, failed: bool) -> None:
