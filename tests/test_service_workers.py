@@ -321,6 +321,16 @@ def test_a_stopped_or_slow_worker_is_killed_and_its_request_gets_503(env):
     assert works(env, sid) and worker_pids(env["server"])[0] != slow
 
 
+def test_a_client_crashing_its_worker_again_and_again_does_not_keep_it_down(env):
+    wait_healthy(env)
+    sid = new_session(env, 0)
+    # Each crash restarts the worker at once (no growing backoff: the input, not the
+    # worker, was at fault), so the next request is served, never refused with 503.
+    for _ in range(6):
+        assert error_of(infer(env, sid, faulty(env, "segv"))) == (400, "rejected-input")
+    assert works(env, sid)
+
+
 def test_a_crash_looping_worker_fails_requests_fast_then_heals(env):
     """Last: it leaves worker 1 with a long backoff."""
     wait_healthy(env)

@@ -28,9 +28,11 @@ Supervision:
   memory, exit) :class:`~veil.errors.UnavailableError` (503, naming the worker).
 * One that does not answer within ``timeout_s``, or is stopped (SIGSTOP), is killed;
   its request gets 503.
-* Restarts back off (0.1 s doubling to 5 s), reset once a worker has answered a request
-  or stayed up for 30 s: a worker that dies at start, or on every request, is not
-  restarted in a tight loop, while one crash after good service costs 0.1 s.
+* Restarts back off (0.1 s doubling to 5 s) while a worker keeps dying before it took
+  a request (at start, or idle: something is wrong with it or the machine). One that
+  dies *on* a request is restarted after 0.1 s: the request is the likely cause, and a
+  client sending crashing inputs must not keep the worker down for everyone else
+  (per-key rate limits bound how often it can try). Staying up 30 s also resets it.
   Requests queued for a worker that died go to its replacement; a request for a worker
   that cannot be restarted soon (backing off, or its start failed) fails at once (503).
 * Workers are started from their supervisor thread with ``PR_SET_PDEATHSIG``
@@ -129,7 +131,7 @@ class _Worker:
         self.pool, self.index, self.name = pool, index, f"HE worker {index}"
         self.cond = threading.Condition()
         self.phase, self.retry_at, self.backoff, self.up_since = "backoff", 0.0, 0.0, 0.0
-        self.served = False     # this process answered a request: it works
+        self.took_request = False     # this process got as far as taking a request
         self.proc: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
         self.busy = False
@@ -171,7 +173,7 @@ class _Worker:
                     _stop(proc, sock)
                     return
                 self.proc, self.sock, self.error = proc, sock, None
-                self.phase, self.up_since, self.served = "ok", time.monotonic(), False
+                self.phase, self.up_since, self.took_request = "ok", time.monotonic(), False
                 self.cond.notify_all()
 
     def _check_idle(self) -> None:
@@ -186,9 +188,9 @@ class _Worker:
     def _schedule_restart(self) -> None:
         """(cond held) Back off: 0.1 s, doubling to 5 s, reset after a good run."""
         now = time.monotonic()
-        if self.served or (self.up_since and now - self.up_since >= STABLE_S):
+        if self.took_request or (self.up_since and now - self.up_since >= STABLE_S):
             self.backoff = 0.0
-        self.served = False
+        self.took_request = False
         self.backoff = min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, 2 * self.backoff))
         self.retry_at, self.up_since = now + self.backoff, 0.0
         self.cond.notify_all()
@@ -231,10 +233,10 @@ class _Worker:
     def release(self, proc: subprocess.Popen, failed: bool) -> None:
         with self.cond:
             self.busy = False
-            if failed and self.proc is proc:
-                self._mark_dead()
-            elif not failed and self.proc is proc:
-                self.served = True
+            if self.proc is proc:
+                self.took_request = True
+                if failed:
+                    self._mark_dead()
             self.cond.notify_all()
 
     def state(self) -> str:
