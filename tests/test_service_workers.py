@@ -89,6 +89,33 @@ print(json.dumps({{"loaded": loaded, "states": states, "pids": pids}}))
     assert not Path(f"/proc/{pid}").exists() or _zombie(pid)   # closed with the app
 
 
+def test_a_model_a_worker_cannot_load_stops_the_start(tmp_path):
+    from veil.errors import BundleError
+    from veil.service.app import ServiceConfig, create_app
+
+    tiny_export(tmp_path / "tiny", "tiny")
+    (tmp_path / "tiny" / "he" / "server" / "weights.npz").write_bytes(b"not an npz")
+    with pytest.raises(BundleError):
+        create_app(ServiceConfig([tmp_path / "tiny"], tmp_path / "store", he_workers=2))
+    assert _my_workers() == []
+    log = (tmp_path / "store" / "logs" / "he-worker-0.log").read_text()
+    assert "BundleError" in log
+
+
+def _my_workers() -> list[int]:
+    """HE worker processes that are children of this (test) process."""
+    out = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                argv = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"veil.service.he_worker" in argv and not _zombie(int(child)):
+                out.append(int(child))
+    return out
+
+
 # -- a real service -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):

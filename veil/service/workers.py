@@ -160,7 +160,9 @@ class _Worker:
                 self.cond.notify_all()
             try:
                 proc, sock = self.pool._spawn(self.index)
-            except VeilError as exc:
+            except Exception as exc:    # this thread must live on to retry
+                if not isinstance(exc, VeilError):
+                    exc = UnavailableError(f"{self.name} could not be started: {exc}")
                 log.error("%s did not start: %s", self.name, exc)
                 with self.cond:
                     if self.phase == "closed":
