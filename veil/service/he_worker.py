@@ -18,8 +18,8 @@ sessions to ``forget`` first):
 
 Test seam: when the environment variable ``VEIL_TEST_HE_WORKER_FAULTS`` holds a token
 (only tests set it, on the service's own environment; no request can), a request part
-or uploaded key file containing ``<token>:segv``, ``:abort``, ``:exit`` or ``:hang`` makes the worker fail
-that way, so tests can crash a worker on demand. It is off by default.
+or uploaded key file containing ``<token>:segv``, ``:abort``, ``:exit`` or ``:hang``
+makes the worker fail that way, so tests can crash a worker on demand. Off by default.
 """
 from __future__ import annotations
 
