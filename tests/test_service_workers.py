@@ -362,9 +362,9 @@ def test_a_crash_looping_worker_fails_requests_fast_then_heals(env):
     """Last: it leaves worker 1 with a long backoff."""
     wait_healthy(env)
     sid, other = new_session(env, 1), new_session(env, 0)
-    # Repeated deaths back off 0.1, 0.2, 0.4, 0.8, 1.6 s: then a request for the worker
-    # is refused at once instead of waiting for it.
-    for _ in range(5):
+    # Repeated deaths while idle back off 0.1, 0.2, 0.4, 0.8, 1.6, 3.2 s: then a request
+    # for the worker is refused at once instead of waiting for it.
+    for _ in range(6):
         wait_healthy(env)
         os.kill(worker_pids(env["server"])[1], signal.SIGKILL)
         give_up = time.monotonic() + 30
