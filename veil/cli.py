@@ -151,6 +151,12 @@ def _service_parsers(sub) -> None:
     s.add_argument("--mpc-parties", help="use running parties instead: P0HOST:PORT,"
                    "P1HOST:PORT")
     s.add_argument("--mpc-frac-bits", type=int, default=20)
+    s.add_argument("--he-workers", type=int, default=2,
+                   help="HE worker processes: OpenFHE runs only in them, so a crash on a "
+                   "hostile input fails one request, not the service (default 2)")
+    s.add_argument("--worker-timeout", type=float, default=300.0,
+                   help="seconds an HE request may run in a worker before the worker is "
+                   "restarted (default 300)")
     p = sub.add_parser("predict", help="run inputs through a served model with the SDK")
     p.add_argument("url", help="the service, e.g. http://127.0.0.1:8000")
     p.add_argument("--model", required=True)

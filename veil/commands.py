@@ -180,7 +180,9 @@ def serve_cmd(args) -> int:
                             info, args.mpc_keys, frac_bits=args.mpc_frac_bits)
         config = ServiceConfig(exports=[i.directory for i in infos], store_dir=store,
                                session_ttl_s=args.ttl, disk_budget_bytes=args.disk_budget,
-                               memory_budget_bytes=args.memory_budget, backends=backends)
+                               memory_budget_bytes=args.memory_budget, backends=backends,
+                               he_workers=args.he_workers,
+                               worker_timeout_s=args.worker_timeout)
         serve(config, *args.listen)
     finally:
         procs.close()

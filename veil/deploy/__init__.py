@@ -1,9 +1,20 @@
-"""Roles: the model developer's bundles, the client (secret key), the server (eval keys)."""
-from .bundle import ClientBundle, ServerBundle
-from .client import ModelClient
-from .keys import EvaluationKeys, PublicKey, SecretKey
-from .owner import encrypt_weights
-from .server import ModelServer, ServerSession
+"""Roles: the model developer's bundles, the client (secret key), the server (eval keys).
 
-__all__ = ["ClientBundle", "EvaluationKeys", "ModelClient", "ModelServer", "PublicKey",
-           "SecretKey", "ServerBundle", "ServerSession", "encrypt_weights"]
+Names load lazily (PEP 562): ``veil.deploy.bundle`` and ``veil.deploy.export`` are plain
+Python, and the HTTP service imports them without loading OpenFHE, which only the
+client and server roles (and the service's HE worker processes) need.
+"""
+_NAMES = {"ClientBundle": "bundle", "ServerBundle": "bundle", "ModelClient": "client",
+          "EvaluationKeys": "keys", "PublicKey": "keys", "SecretKey": "keys",
+          "encrypt_weights": "owner", "ModelServer": "server", "ServerSession": "server"}
+
+
+def __getattr__(name):
+    if name in _NAMES:
+        from importlib import import_module
+
+        return getattr(import_module(f"{__name__}.{_NAMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_NAMES)

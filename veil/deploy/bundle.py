@@ -4,6 +4,10 @@
 manifest; no key material. ``client/`` holds the parameters, the manifest, and how to
 lay inputs into slots and read outputs back; no weights. Both are JSON + npz with a
 format version and the library versions, checked on load.
+
+:func:`max_input_bytes` and :meth:`ServerBundle.summary` need neither the graph nor
+OpenFHE: the HTTP service sizes and routes requests with them, while only its worker
+processes load the model.
 """
 from __future__ import annotations
 
@@ -107,6 +111,35 @@ class ClientBundle:
             raise BundleError(f"{path} is malformed: {exc}") from exc
 
 
+def max_input_bytes(params: CKKSParams, manifest: dict) -> int:
+    """Most bytes of one encrypted request (``ServerSession.run``) for this model.
+
+    A fresh ciphertext is 2 polynomials x ring x (depth + 1) towers x 8 bytes; a request
+    is one of them (lanes) or one per feature. Anything larger is refused before it is
+    read, so a client cannot make the server buffer arbitrary bytes."""
+    entry = manifest["input"]
+    width = len(entry["gather"]) if "gather" in entry else int(np.prod(entry["shape"]))
+    one = 2 * params.ring_dim * (params.mult_depth + 1) * 8 + 4096
+    return one * max(1, width) + (1 << 16)
+
+
+@dataclass(frozen=True)
+class ServerSummary:
+    """What a server bundle says about its requests, without its graph and weights."""
+
+    params: CKKSParams
+    manifest: dict
+    weights: str = "plain"
+
+    @property
+    def model_id(self) -> str:
+        return fingerprint(self.manifest)
+
+    @property
+    def max_input_bytes(self) -> int:
+        return max_input_bytes(self.params, self.manifest)
+
+
 @dataclass(frozen=True)
 class ServerBundle:
     graph: Graph
@@ -137,6 +170,24 @@ class ServerBundle:
         np.savez(tmp, **arrays)
         os.replace(tmp, d / "weights.npz")
         _write_atomic(d / "model.json", json.dumps(doc, indent=1).encode())
+
+    @property
+    def max_input_bytes(self) -> int:
+        return max_input_bytes(self.params, self.manifest)
+
+    @staticmethod
+    def summary(directory: str | os.PathLike) -> ServerSummary:
+        """The parameters and manifest of the bundle in ``directory`` (its ``model.json``
+        only, checked like :meth:`load`); BundleError if unreadable."""
+        path = Path(directory) / "model.json"
+        data = _read_json(path)
+        _check_header(data, SERVER_KIND, path)
+        try:
+            params, manifest = CKKSParams.from_dict(data["params"]), data["manifest"]
+            max_input_bytes(params, manifest)        # the manifest describes its input
+            return ServerSummary(params, manifest, data.get("weights", "plain"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{path} is malformed: {exc}") from exc
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "ServerBundle":

@@ -130,12 +130,8 @@ class ModelServer:
         entry = self.bundle.manifest["input"]
         self.feature_width = (len(entry["gather"]) if "gather" in entry
                               else int(np.prod(entry["shape"])))
-        # A fresh ciphertext is 2 polynomials x ring x (depth + 1) towers x 8 bytes; a
-        # request is one of them (lanes) or one per feature. Anything larger is refused
-        # before it is read, so a client cannot make the server buffer arbitrary bytes.
-        p = self.bundle.params
-        one = 2 * p.ring_dim * (p.mult_depth + 1) * 8 + 4096
-        self.max_input_bytes = one * max(1, self.feature_width) + (1 << 16)
+        # bundle.max_input_bytes: the HTTP service computes it without loading OpenFHE
+        self.max_input_bytes = self.bundle.max_input_bytes
         self._validator: PayloadValidator | None = None
         self._validator_lock = threading.Lock()
 

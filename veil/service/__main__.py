@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="bytes of loaded OpenFHE sessions (estimated)")
     ap.add_argument("--body-timeout", type=float, default=600.0,
                     help="seconds a request body may take to arrive")
+    ap.add_argument("--he-workers", type=int, default=2,
+                    help="HE worker processes (OpenFHE runs only in them)")
+    ap.add_argument("--worker-timeout", type=float, default=300.0,
+                    help="seconds an HE request may run in a worker before it is restarted")
     ap.add_argument("--log-level", default="WARNING")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
@@ -35,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     config = ServiceConfig(exports=args.exports, store_dir=args.store, session_ttl_s=args.ttl,
                            disk_budget_bytes=args.disk_budget,
                            memory_budget_bytes=args.memory_budget,
-                           body_timeout_s=args.body_timeout)
+                           body_timeout_s=args.body_timeout, he_workers=args.he_workers,
+                           worker_timeout_s=args.worker_timeout)
     serve(config, *args.listen)
     return 0
 

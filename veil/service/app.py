@@ -76,6 +76,10 @@ class ServiceConfig:
         max_inflight: most body-carrying requests read and computed at once (key
             uploads stream to disk and count only while they are validated).
         body_timeout_s: most seconds one request body may take to arrive.
+        he_workers: HE worker processes (``veil.service.workers``); each loads the
+            models and holds its share (1/N) of ``memory_budget_bytes`` of sessions.
+        worker_timeout_s: most seconds one HE request may run in a worker before the
+            worker is killed and restarted (the request gets 503).
         backends: opaque per-model settings for the TEE/MPC route modules, untouched.
     """
 
@@ -88,6 +92,8 @@ class ServiceConfig:
     max_batch: int = 64
     max_inflight: int = 8
     body_timeout_s: float = 600.0
+    he_workers: int = 2
+    worker_timeout_s: float = 300.0
     backends: dict[str, dict] = field(default_factory=dict)
 
     def limit(self, kind: str) -> int:

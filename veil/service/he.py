@@ -4,9 +4,17 @@ The server side of ``veil.deploy`` over HTTP. It only ever holds evaluation keys
 ciphertexts: uploads are parsed as :class:`~veil.deploy.keys.EvaluationKeys` (a secret
 key is refused with KeyTypeError) and must be for the model of the route.
 
+This process never parses client bytes with OpenFHE, nor imports it: key loading,
+ciphertext deserialization and evaluation run in supervised worker processes
+(:mod:`veil.service.workers`), so a native crash on hostile bytes fails one request
+(400 ``rejected-input``) instead of the service. What this process needs of a model
+(its id, parameters, request sizes) comes from the server bundle's JSON
+(:meth:`~veil.deploy.bundle.ServerBundle.summary`).
+
 A session is created in three steps, and any failure leaves nothing behind:
 1. stream the body to a temporary file, refusing it (413) once it passes the limit;
-2. parse the keys and load them into OpenFHE (which validates them);
+2. the worker the new session id maps to parses the file and loads the keys into
+   OpenFHE (which validates them);
 3. commit: rename into the store and insert the metadata row.
 
 Sessions of other clients are indistinguishable from unknown ones (404 ``not-found``).
@@ -17,64 +25,64 @@ import logging
 
 from fastapi import Depends, FastAPI, Request, Response
 
-from ..deploy.bundle import ServerBundle
-from ..deploy.keys import EvaluationKeys
-from ..deploy.server import ModelServer
-from ..errors import (KeyMismatchError, NotFoundError, PayloadTooLargeError,
-                      SerializationError, SessionExpiredError)
+from ..deploy.bundle import ServerBundle, ServerSummary
+from ..errors import (NotFoundError, PayloadTooLargeError, SerializationError, ServiceError,
+                      SessionExpiredError)
 from .app import BINARY_BODY, ServiceContext, check_length, check_media_type, stream
 from .protocol import OCTETS, pack_batch, pack_client_bundle, unpack_batch
-from .sessions import LoadedSessions
 from .store import NO_SESSION, SessionRecord, SQLiteStore
+from .workers import HEWorkers
 
 log = logging.getLogger("veil.service")
 CHUNK = 1 << 20
 
 
 class HEService:
-    """Model servers, the session store and the loaded sessions of one app."""
+    """Model summaries, the session store and the HE worker pool of one app."""
 
     def __init__(self, ctx: ServiceContext) -> None:
         cfg = ctx.config
         self.ctx = ctx
-        self.servers: dict[str, ModelServer] = {}
+        self.servers: dict[str, ServerSummary] = {}
         self.bundles: dict[str, bytes] = {}
+        exports = []
         for name, info in ctx.models.items():
             if "he" in info.modes:
-                server = ModelServer(ServerBundle.load(info.path("he") / "server"))
+                server = ServerBundle.summary(info.path("he") / "server")
                 self.servers[name] = server
                 self.bundles[name] = pack_client_bundle(
-                    info.path("he") / "client", {"model": name,
-                                                 "model_id": server.bundle.model_id})
-        self._by_id = {s.bundle.model_id: s for s in self.servers.values()}
+                    info.path("he") / "client", {"model": name, "model_id": server.model_id})
+                exports += ["--export", str(info.path("he") / "server")]
+        self._by_id = {s.model_id: s for s in self.servers.values()}
         self.store = SQLiteStore(cfg.store_dir, ttl_s=cfg.session_ttl_s,
                                  disk_budget_bytes=cfg.disk_budget_bytes)
-        self.loaded = LoadedSessions(cfg.memory_budget_bytes, self._open)
-        self.store.sweep()
+        try:
+            self.store.sweep()
+            count = max(1, int(cfg.he_workers))     # HEWorkers refuses 0 itself
+            budget = cfg.memory_budget_bytes // count   # each worker loads its own sessions
+            self.workers = HEWorkers(int(cfg.he_workers),
+                                     [*exports, "--memory-budget", str(budget)],
+                                     self.store.dir / "logs", timeout_s=cfg.worker_timeout_s)
+        except BaseException:
+            self.store.close()
+            raise
 
-    def server(self, name: str) -> ModelServer:
+    def server(self, name: str) -> ServerSummary:
         self.ctx.model(name, "he")
         return self.servers[name]
 
     def info(self, info) -> dict:
         server = self.servers[info.name]
-        p = server.bundle.params
-        return {**info.index.get("he", {}), "model_id": server.bundle.model_id,
-                "insecure_test_params": p.insecure_test_params,
+        return {**info.index.get("he", {}), "model_id": server.model_id,
+                "insecure_test_params": server.params.insecure_test_params,
                 "max_input_bytes": server.max_input_bytes,
                 "max_batch": self.ctx.config.max_batch,
                 "max_batch_bytes": self.batch_limit(server)}
 
-    def batch_limit(self, server: ModelServer) -> int:
+    def batch_limit(self, server: ServerSummary) -> int:
         cap = self.ctx.config.limit("batch")
         return max(server.max_input_bytes + (1 << 16),
                    min(cap, self.ctx.config.max_batch * server.max_input_bytes))
-
-    def _open(self, keys: EvaluationKeys):
-        server = self._by_id.get(keys.model_id)
-        if server is None:
-            raise NotFoundError(NO_SESSION)
-        return server.open_session(keys)
 
     # -- sessions -------------------------------------------------------------------
     async def create(self, request: Request, client: str, name: str) -> dict:
@@ -105,24 +113,22 @@ class HEService:
         return {"session": rec.id, "expires_at": rec.expires_at,
                 "ttl_s": self.store.ttl_s}
 
-    def _commit(self, upload, client: str, name: str, server: ModelServer) -> SessionRecord:
+    def _commit(self, upload, client: str, name: str, server: ServerSummary) -> SessionRecord:
         for sid in self.store.sweep():
-            self.loaded.discard(sid)
+            self.workers.forget(sid)
         if upload.size == 0:
             raise SerializationError("the body is empty: send ModelClient.evaluation_keys()")
-        keys = EvaluationKeys.from_bytes(upload.data())
-        if keys.model_id != server.bundle.model_id:
-            raise KeyMismatchError(f"these evaluation keys were generated for another model "
-                                   f"than {name!r}: generate them from its client bundle")
-        self.loaded.run(upload.id, lambda: keys, lambda session: None)   # OpenFHE check
+        upload.finish()          # on disk, for the worker to read
+        self.workers.call(upload.id, "open", {"keys": str(upload.path), "model": name,
+                                              "model_id": server.model_id})
         try:
             rec, evicted = self.store.commit(upload, owner=client, model=name,
-                                             model_id=keys.model_id)
+                                             model_id=server.model_id)
         except BaseException:
-            self.loaded.discard(upload.id)
+            self.workers.forget(upload.id)
             raise
         for sid in evicted:
-            self.loaded.discard(sid)
+            self.workers.forget(sid)
         log.info("session %s… for %s (%d bytes of keys)", rec.id[:8], name, rec.size)
         return rec
 
@@ -130,45 +136,51 @@ class HEService:
         try:
             rec = self.store.get(session_id, client, touch=touch)
         except SessionExpiredError:
-            self.loaded.discard(session_id)
+            self.workers.forget(session_id)
             raise
         if rec.model_id not in self._by_id:   # the model was re-exported meanwhile
             self.delete(session_id, client)
             raise NotFoundError(NO_SESSION)
         return rec
 
-    def _keys(self, rec: SessionRecord):
-        return lambda: EvaluationKeys.from_bytes(self.store.read_keys(rec.id))
+    def _call(self, rec: SessionRecord, op: str, parts: dict[str, bytes]) -> dict[str, bytes]:
+        """``op`` in the session's worker, which loads its keys from the store if needed."""
+        keys = self.store._key_path(rec.id)     # read by the worker only to (re)load
+        _, out = self.workers.call(rec.id, op, {"keys": str(keys)}, parts)
+        return out
 
     def infer(self, session_id: str, client: str, ciphertext: bytes) -> bytes:
         rec = self._record(session_id, client)
-        return self.loaded.run(rec.id, self._keys(rec), lambda s: _run(s, [ciphertext])[0])
+        out = self._call(rec, "infer", {"ct": ciphertext})
+        if set(out) != {"ct"}:
+            raise ServiceError("an HE worker sent a malformed result")
+        return out["ct"]
 
     def infer_batch(self, session_id: str, client: str, blob: bytes) -> bytes:
         rec = self._record(session_id, client)
         server = self._by_id[rec.model_id]
         cts = unpack_batch(blob, max_items=self.ctx.config.max_batch,
                            max_size=self.batch_limit(server))
-        outs = self.loaded.run(rec.id, self._keys(rec), lambda s: _run(s, cts))
-        return pack_batch(outs)
+        out = self._call(rec, "infer-batch", {str(i): ct for i, ct in enumerate(cts)})
+        if set(out) != {str(i) for i in range(len(cts))}:
+            raise ServiceError("an HE worker sent a malformed result")
+        return pack_batch([out[str(i)] for i in range(len(cts))])
 
     def delete(self, session_id: str, client: str) -> None:
         self.store.delete(session_id, client)
-        self.loaded.discard(session_id)
+        self.workers.forget(session_id)
 
     def close(self) -> None:
-        self.loaded.close()
+        self.workers.close()
         self.store.close()
-
-
-def _run(session, ciphertexts: list[bytes]) -> list[bytes]:
-    return session.run_batch(ciphertexts)
 
 
 def add_routes(app: FastAPI, ctx: ServiceContext) -> HEService:
     """Mount the HE routes; the service closes with the app."""
     he = HEService(ctx)
     ctx.closers.append(he.close)
+    for k in range(he.workers.count):
+        ctx.children[f"he-worker-{k}"] = lambda k=k: he.workers.state(k)
     ctx.mode_info["he"] = he.info
     app.state.he = he
     octets = {"content": {OCTETS: {"schema": {"type": "string", "format": "binary"}}}}

@@ -4,6 +4,10 @@ A stored session (keys on disk, see :mod:`veil.service.store`) is loaded into a
 :class:`~veil.deploy.ServerSession` on first use and stays loaded while it fits the
 memory budget; an unloaded one reloads from disk transparently.
 
+The service keeps one of these in each HE worker process (:mod:`veil.service.he_worker`,
+with its share of the memory budget), never in the HTTP process; a worker that is
+restarted starts empty and reloads its sessions from the store as they are used.
+
 Guarantees:
 
 * One lock per session: a ServerSession is never used by two threads at once.
