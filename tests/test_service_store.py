@@ -187,7 +187,7 @@ def he_model(tmp_path_factory):
 def test_memory_budget_unloads_lru_and_reloads_from_disk(he_model):
     server, clients, keys = he_model
     one = keys[0].size + (1 << 20)
-    loaded = LoadedSessions(2 * one + 10, server.open_session)
+    loaded = LoadedSessions(2 * one + 10, lambda keys, ns: server.open_session(keys, namespace=ns))
     x = np.array([0.1, -0.2, 0.3, 0.4])
     runs = {}
     for i in (0, 1, 2, 0):
@@ -207,7 +207,7 @@ def test_memory_budget_unloads_lru_and_reloads_from_disk(he_model):
 
 def test_a_loaded_session_is_never_used_by_two_threads(he_model):
     server, clients, keys = he_model
-    loaded = LoadedSessions(1 << 40, server.open_session)
+    loaded = LoadedSessions(1 << 40, lambda keys, ns: server.open_session(keys, namespace=ns))
     ct = clients[1].encrypt(np.zeros(4))
     active, peak, lock = [0], [0], threading.Lock()
 

@@ -120,7 +120,7 @@ class HEService:
             raise SerializationError("the body is empty: send ModelClient.evaluation_keys()")
         upload.finish()          # on disk, for the worker to read
         self.workers.call(upload.id, "open", {"keys": str(upload.path), "model": name,
-                                              "model_id": server.model_id})
+                                              "model_id": server.model_id, "owner": client})
         try:
             rec, evicted = self.store.commit(upload, owner=client, model=name,
                                              model_id=server.model_id)
@@ -146,7 +146,8 @@ class HEService:
     def _call(self, rec: SessionRecord, op: str, parts: dict[str, bytes]) -> dict[str, bytes]:
         """``op`` in the session's worker, which loads its keys from the store if needed."""
         keys = self.store._key_path(rec.id)     # read by the worker only to (re)load
-        _, out = self.workers.call(rec.id, op, {"keys": str(keys)}, parts)
+        _, out = self.workers.call(rec.id, op, {"keys": str(keys), "owner": rec.owner},
+                                   parts)
         return out
 
     def infer(self, session_id: str, client: str, ciphertext: bytes) -> bytes:

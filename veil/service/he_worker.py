@@ -57,43 +57,48 @@ class Worker:
         for directory in exports:
             server = ModelServer(ServerBundle.load(directory))
             self.servers[server.bundle.model_id] = server
-        self.loaded = LoadedSessions(memory_budget, self._open)
+        self.loaded = LoadedSessions(memory_budget, self._open,
+                                     lambda keys, ns: ModelServer.native_tag(keys.tag, ns))
         self._faults = faults.encode() if faults else None
 
-    def _open(self, keys):
+    def _open(self, keys, namespace: str | None):
         server = self.servers.get(keys.model_id)
         if server is None:
             raise NotFoundError(NO_SESSION)
-        return server.open_session(keys)
+        return server.open_session(keys, namespace=namespace)
 
     def handle(self, header: dict, parts: dict[str, bytes]) -> tuple[dict, dict[str, bytes]]:
         for sid in header.get("forget") or []:
             self.loaded.discard(str(sid))
         op, sid = header.get("op"), str(header.get("session"))
+        # the API client: its keys get their own OpenFHE tag (see ModelServer.native_tag)
+        owner = header.get("owner")
+        owner = str(owner) if owner is not None else None
         if self._faults:
             self._fault_seam(parts)
         if op == "open":
             self._open_session(sid, str(header["keys"]), str(header["model_id"]),
-                               str(header.get("model", "")))
+                               str(header.get("model", "")), owner)
             return {"ok": True}, {}
         keys = _key_loader(str(header["keys"]))
         if op == "infer":
             return {"ok": True}, {"ct": self.loaded.run(sid, keys,
-                                                        lambda s: s.run(parts["ct"]))}
+                                                        lambda s: s.run(parts["ct"]), owner)}
         if op == "infer-batch":
             cts = [parts[str(i)] for i in range(len(parts))]
-            outs = self.loaded.run(sid, keys, lambda s: s.run_batch(cts))
+            outs = self.loaded.run(sid, keys, lambda s: s.run_batch(cts), owner)
             return {"ok": True}, {str(i): out for i, out in enumerate(outs)}
         raise SerializationError(f"unknown worker request {op!r}")
 
-    def _open_session(self, sid: str, path: str, model_id: str, name: str) -> None:
+    def _open_session(self, sid: str, path: str, model_id: str, name: str,
+                      owner: str | None) -> None:
         if self._faults:
             self._fault_seam({"keys": Path(path).read_bytes()})
         keys = _key_loader(path, upload=True)()
         if keys.model_id != model_id:
             raise KeyMismatchError(f"these evaluation keys were generated for another model "
                                    f"than {name!r}: generate them from its client bundle")
-        self.loaded.run(sid, lambda: keys, lambda session: None)   # OpenFHE loads them
+        self.loaded.run(sid, lambda: keys, lambda session: None, owner)   # OpenFHE loads them
 
     def _fault_seam(self, parts: dict[str, bytes]) -> None:
         for part in parts.values():

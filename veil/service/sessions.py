@@ -53,12 +53,16 @@ class _Entry:
 class LoadedSessions:
     """ServerSessions by session id, at most ``budget_bytes`` (estimated) loaded.
 
-    ``opener(keys)`` makes a ServerSession from EvaluationKeys (under the load lock).
+    ``opener(keys, namespace)`` makes a ServerSession from EvaluationKeys (under the load
+    lock); ``tag_of(keys, namespace)`` is the OpenFHE tag it will load them under (the
+    service namespaces tags per API client, so one client cannot claim another's tag).
     """
 
-    def __init__(self, budget_bytes: int, opener: Callable[[EvaluationKeys], Any]) -> None:
+    def __init__(self, budget_bytes: int, opener: Callable[[EvaluationKeys, str | None], Any],
+                 tag_of: Callable[[EvaluationKeys, str | None], str] | None = None) -> None:
         self.budget_bytes = budget_bytes
         self._open = opener
+        self._tag_of = tag_of or (lambda keys, namespace: keys.tag)
         self._loading = threading.Lock()
         self._mu = threading.Lock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
@@ -74,8 +78,9 @@ class LoadedSessions:
             return entry
 
     def run(self, sid: str, keys: Callable[[], EvaluationKeys],
-            fn: Callable[[Any], T]) -> T:
-        """``fn(session)`` with session ``sid`` loaded (from ``keys()`` if needed).
+            fn: Callable[[Any], T], namespace: str | None = None) -> T:
+        """``fn(session)`` with session ``sid`` loaded (from ``keys()`` under
+        ``namespace`` if needed).
 
         Raises NotFoundError if ``sid`` is discarded meanwhile."""
         entry = self._entry(sid)
@@ -84,24 +89,25 @@ class LoadedSessions:
                 if self._entries.get(sid) is not entry:
                     raise NotFoundError(NO_SESSION)
             if entry.session is None:
-                self._load(entry, keys())
+                self._load(entry, keys(), namespace)
             return fn(entry.session)
 
-    def _load(self, entry: _Entry, keys: EvaluationKeys) -> None:
+    def _load(self, entry: _Entry, keys: EvaluationKeys, namespace: str | None) -> None:
+        tag = self._tag_of(keys, namespace)
         while True:
-            holder = self._tags.get(keys.tag)
+            holder = self._tags.get(tag)
             if holder is not None and holder is not entry:
                 with holder.lock:   # a loaded holder waits for no other session lock
                     self._close(holder)
                 continue
             with self._loading:
-                if self._tags.get(keys.tag) not in (None, entry):
+                if self._tags.get(tag) not in (None, entry):
                     continue    # another thread loaded these keys meanwhile
-                session = self._open(keys)
+                session = self._open(keys, namespace)
                 with self._mu:
-                    entry.session, entry.tag = session, keys.tag
+                    entry.session, entry.tag = session, tag
                     entry.size = int(keys.size * MEMORY_FACTOR) + MEMORY_OVERHEAD
-                    self._tags[keys.tag] = entry
+                    self._tags[tag] = entry
                     self.loads += 1
                     victims = self._over_budget(entry)
             break
