@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .app import ServiceConfig
+from .app import ServiceConfig, add_limit_args, limit_options
 from .run import serve
 
 
@@ -26,16 +26,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="bytes of stored evaluation keys")
     ap.add_argument("--memory-budget", type=int, default=2 << 30,
                     help="bytes of loaded OpenFHE sessions (estimated)")
-    ap.add_argument("--body-timeout", type=float, default=600.0,
-                    help="seconds a request body may take to arrive")
+    add_limit_args(ap)
     ap.add_argument("--log-level", default="WARNING")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServiceConfig(exports=args.exports, store_dir=args.store, session_ttl_s=args.ttl,
                            disk_budget_bytes=args.disk_budget,
-                           memory_budget_bytes=args.memory_budget,
-                           body_timeout_s=args.body_timeout)
+                           memory_budget_bytes=args.memory_budget, **limit_options(args))
     serve(config, *args.listen)
     return 0
 
