@@ -17,7 +17,7 @@ metadata, S3 key objects) replaces :class:`SQLiteStore` without touching them.
 * Disk budget: stored sessions plus uploads in progress never exceed it. Each chunk of
   an upload reserves its bytes first: least recently used sessions are deleted to make
   room, and a chunk that cannot fit because uploads in progress alone would pass the
-  budget is refused (StorageFullError, 507) and its upload deleted. One upload larger
+  budget is refused (RateLimitError, 429: it is transient) and its upload deleted. One upload larger
   than the whole budget is refused (413).
 * Quotas per owner (``begin(limit, owner, quota)``; ``quota`` has ``max_uploads``,
   ``max_sessions`` and ``max_key_bytes``, e.g. :class:`~veil.service.limits.Limits`):
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import (AuthError, NotFoundError, PayloadTooLargeError, RateLimitError,
-                      SessionExpiredError, StorageFullError)
+                      SessionExpiredError)
 from .._files import private_dir
 from ._db import Database
 
@@ -268,8 +268,10 @@ class SQLiteStore(SessionStore):
                     f"evaluation keys of over {upload.size + n - 1} bytes exceed this "
                     f"server's whole session storage ({self.disk_budget_bytes} bytes)")
             if pending + n > self.disk_budget_bytes:
-                raise StorageFullError("the key uploads in progress fill this server's "
-                                       "session storage: retry later")
+                # transient (uploads end or are refused), and caused by other clients:
+                # a 429 to retry, not a server-side 5xx
+                raise RateLimitError("the key uploads in progress fill this server's "
+                                     "session storage: retry shortly", retry_after=10.0)
             upload.evicted += self._make_room(pending + n)
 
     def commit(self, upload: Upload, *, owner: str, model: str,
