@@ -126,13 +126,13 @@ class ServiceConfig:
     max_inflight_he: int = 4
     max_inflight_tee: int = 16
     max_inflight_mpc: int = 16
-    slot_wait_s: float = 30.0
+    slot_wait_s: float = 60.0
     body_timeout_s: float = 30.0
     body_min_rate: float = float(1 << 20)
     header_timeout_s: float = 10.0
     allow_insecure: bool = False
     default_limits: dict = field(default_factory=dict)
-    max_uploads_total: int = 16
+    max_uploads_total: int = 64
     backends: dict[str, dict] = field(default_factory=dict)
 
     def limit(self, kind: str) -> int:

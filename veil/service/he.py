@@ -48,7 +48,8 @@ class HEService:
                                                  "model_id": server.bundle.model_id})
         self._by_id = {s.bundle.model_id: s for s in self.servers.values()}
         self.store = SQLiteStore(cfg.store_dir, ttl_s=cfg.session_ttl_s,
-                                 disk_budget_bytes=cfg.disk_budget_bytes, max_uploads_total=cfg.max_uploads_total)
+                                 disk_budget_bytes=cfg.disk_budget_bytes,
+                                 max_uploads_total=cfg.max_uploads_total)
         self.loaded = LoadedSessions(cfg.memory_budget_bytes, self._open)
         self.store.sweep()
 
@@ -82,7 +83,8 @@ class HEService:
         check_media_type(request, OCTETS)
         limit = min(self.ctx.config.limit("keys"), self.store.disk_budget_bytes)
         check_length(request, limit)
-        upload = await self.ctx.run_sync(self.store.begin, limit, client, self.ctx.limits_for(client))
+        upload = await self.ctx.run_sync(self.store.begin, limit, client,
+                                         self.ctx.limits_for(client))
         try:
             buf, received = bytearray(), 0
             with self.ctx.deadline(request, limit):

@@ -184,7 +184,7 @@ class SQLiteStore(SessionStore):
     """
 
     def __init__(self, store_dir: str | os.PathLike, *, ttl_s: float = 24 * 3600.0,
-                 disk_budget_bytes: int = 8 << 30, max_uploads_total: int = 16,
+                 disk_budget_bytes: int = 8 << 30, max_uploads_total: int = 64,
                  clock: Callable[[], float] = time.time, recover: bool = True) -> None:
         self.dir = private_dir(store_dir)
         self.keys_dir = private_dir(self.dir / "sessions")
