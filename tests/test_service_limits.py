@@ -19,7 +19,6 @@ import threading
 import time
 
 import httpx
-import numpy as np
 import pytest
 
 import veil
@@ -240,7 +239,7 @@ def server(env, tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
     keys = KeyStore(store)
     tokens = {"honest": keys.create("honest"),
-              "slow": keys.create("slow", {"rate": 2, "burst": 3}),
+              "slow": keys.create("slow", {"rate": 0.1, "burst": 3}),   # a token per 10 s
               "narrow": keys.create("narrow", {"max_concurrent": 2, "max_uploads": 5}),
               "abuser": keys.create("abuser", {"max_concurrent": 10, "max_uploads": 10}),
               "tiny-disk": keys.create("tiny-disk", {"max_key_bytes": 1000}),
