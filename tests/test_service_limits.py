@@ -233,6 +233,36 @@ def test_mode_slots_are_separate_and_bounded(tmp_path):
     assert asyncio.run(scenario()) < 0.2
 
 
+def _request(*chunks: bytes):
+    from starlette.requests import Request
+
+    messages = [{"type": "http.request", "body": c, "more_body": True} for c in chunks]
+    messages.append({"type": "http.request", "body": b"", "more_body": False})
+
+    async def receive():
+        return messages.pop(0)
+    return Request({"type": "http", "method": "POST", "path": "/", "query_string": b"",
+                    "headers": [(b"content-type", b"application/octet-stream")]}, receive)
+
+
+def test_bodies_held_in_memory_are_bounded_until_their_request_ends(tmp_path):
+    cfg = ServiceConfig(exports=[], store_dir=tmp_path, max_buffered_bytes=100)
+    ctx = ServiceContext(cfg, {}, None, None)
+
+    async def scenario():
+        first = _request(b"a" * 30, b"a" * 30)
+        first.state.veil_held = 0                 # as require_client sets it
+        assert await ctx.read_body(first, 1000) == b"a" * 60
+        with pytest.raises(RateLimitError):       # 60 held + 60 > 100
+            await ctx.read_body(_request(b"b" * 30, b"b" * 30), 1000)
+        assert ctx._buffered[0] == 60             # the refused body is not counted
+        ctx._hold(-first.state.veil_held)         # what require_client does at the end
+        assert await ctx.read_body(_request(b"c" * 90), 1000) == b"c" * 90
+        assert ctx._buffered[0] == 0              # no require_client: released at once
+
+    asyncio.run(scenario())
+
+
 # -- a real server ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(env, tmp_path_factory):

@@ -36,8 +36,9 @@ Guarantees:
   ``slot_wait_s`` for a slot gets 429.
 * Every body has a size limit enforced while it streams (413 before more is buffered)
   and a deadline: ``body_timeout_s`` plus its size at ``body_min_rate`` bytes/s (a
-  stalled body is 400). Bodies are read under the per-key concurrency limit, so memory
-  stays bounded by keys x concurrent requests x route limit.
+  stalled body is 400). Bodies are read under the per-key concurrency limit, and the
+  bytes of all bodies held in memory (from their first byte to the end of their
+  request) stay under ``max_buffered_bytes`` (then 429).
 * Connections whose request headers are incomplete after ``header_timeout_s`` are
   closed (``veil.service.run``); idle keep-alive connections close after 5 s.
 * Exports with insecure test parameters are refused by ``serve`` unless
@@ -52,6 +53,7 @@ import importlib
 import json
 import logging
 import os
+import threading
 import weakref
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -112,6 +114,9 @@ class ServiceConfig:
             :class:`~veil.service.limits.Limits`; unset ones are the built-ins, and
             ``max_key_bytes`` a quarter of ``disk_budget_bytes``).
         max_uploads_total: key uploads in progress at once, all keys together.
+        max_buffered_bytes: most bytes of request bodies held in memory at once, all
+            requests together, from their first byte until their request ends (then
+            429); key uploads stream to disk and are not counted.
         backends: opaque per-model settings for the TEE/MPC route modules, untouched.
     """
 
@@ -133,6 +138,7 @@ class ServiceConfig:
     allow_insecure: bool = False
     default_limits: dict = field(default_factory=dict)
     max_uploads_total: int = 64
+    max_buffered_bytes: int = 1 << 30
     backends: dict[str, dict] = field(default_factory=dict)
 
     def limit(self, kind: str) -> int:
@@ -180,6 +186,7 @@ class ServiceContext:
     limiter: Limiter = field(default_factory=Limiter)
     _slots: Any = field(default_factory=weakref.WeakKeyDictionary, repr=False)
     _revoked: set = field(default_factory=set, repr=False)
+    _buffered: list = field(default_factory=lambda: [0, threading.Lock()], repr=False)
 
     def model(self, name: str, mode: str | None = None) -> ExportInfo:
         """The export named ``name``; NotFoundError, or ModeError if it lacks ``mode``."""
@@ -231,13 +238,32 @@ class ServiceContext:
         check_media_type(request, media_type)
         check_length(request, limit)
         buf = bytearray()
-        with self.deadline(request, limit):
-            async for chunk in stream(request):
-                buf += chunk
-                if len(buf) > limit:
-                    raise PayloadTooLargeError(f"request body exceeds the {limit}-byte "
-                                               "limit of this route")
+        try:
+            with self.deadline(request, limit):
+                async for chunk in stream(request):
+                    self._hold(len(chunk))
+                    buf += chunk
+                    if len(buf) > limit:
+                        raise PayloadTooLargeError(f"request body exceeds the {limit}-byte"
+                                                   " limit of this route")
+        except BaseException:
+            self._hold(-len(buf))
+            raise
+        held = getattr(request.state, "veil_held", None)
+        if held is None:      # no require_client to release it at the end: do it now
+            self._hold(-len(buf))
+        else:
+            request.state.veil_held = held + len(buf)
         return bytes(buf)
+
+    def _hold(self, n: int) -> None:
+        """Count ``n`` more (or, negative, fewer) body bytes held in memory; refuse
+        (429) past ``max_buffered_bytes``."""
+        with self._buffered[1]:
+            if n > 0 and self._buffered[0] + n > self.config.max_buffered_bytes:
+                raise RateLimitError("the server holds too many request bodies right now: "
+                                     "retry shortly", retry_after=2.0)
+            self._buffered[0] += n
 
     def body_seconds(self, request: Request | None = None, limit: int = 0) -> float:
         """How long a body may take: ``body_timeout_s`` plus its size (Content-Length,
@@ -385,7 +411,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     check_limits(config.default_limits)
 
     async def require_client(
-            cred: HTTPAuthorizationCredentials | None = Depends(bearer)):
+            request: Request, cred: HTTPAuthorizationCredentials | None = Depends(bearer)):
         if cred is None:
             raise AuthError(INVALID)
         try:
@@ -394,10 +420,12 @@ def create_app(config: ServiceConfig) -> FastAPI:
             _noticed_revocation(ctx, cred.credentials)
             raise
         ctx.limiter.admit(client, defaults.merged(own))
+        request.state.veil_held = 0       # body bytes read_body holds until we are done
         try:
             yield client
         finally:
             ctx.limiter.release(client)
+            ctx._hold(-request.state.veil_held)
 
     ctx = ServiceContext(config, models, require_client, keys, closers=[keys.close],
                          insecure=insecure_reasons(models.values()))
