@@ -15,6 +15,8 @@ POST   /v1/models/{name}/he/sessions        octet-stream evaluation keys        
 POST   /v1/he/sessions/{id}/infer           octet-stream ciphertext -> result     200
 POST   /v1/he/sessions/{id}/infer-batch     wire list of ciphertexts -> results   200
 DELETE /v1/he/sessions/{id}                 -                                     204
+GET    /openapi.json                        the OpenAPI schema (needs a key)      200
+GET    /docs                                Swagger page, schema inlined          200
 ====== ==================================== =================================== ========
 
 Every route but health needs ``Authorization: Bearer <API key>``, the OpenAPI schema

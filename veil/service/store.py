@@ -132,6 +132,7 @@ class _FileUpload(Upload):
         self.id, self.path, self.limit, self.size = session_id, path, limit, 0
         self.owner, self.quota, self._store = owner, quota, store
         self.evicted: list[str] = []     # sessions deleted to make room for this upload
+        self.reserved = 0                # bytes counted against the budgets (>= size)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._fh = os.fdopen(fd, "wb")
 
@@ -243,7 +244,7 @@ class SQLiteStore(SessionStore):
     def in_progress(self) -> tuple[int, int]:
         """(uploads in progress, their bytes so far)."""
         with self._commit_lock:
-            return len(self._uploads), sum(u.size for u in self._uploads.values())
+            return len(self._uploads), sum(u.reserved for u in self._uploads.values())
 
     def _forget(self, upload: "_FileUpload") -> None:
         with self._commit_lock:
@@ -253,11 +254,12 @@ class SQLiteStore(SessionStore):
         """Room for ``n`` more bytes of ``upload``: within its owner's key bytes, and
         within the disk budget with every upload in progress (LRU sessions go)."""
         with self._commit_lock:
-            pending = sum(u.size for u in self._uploads.values())
+            pending = sum(u.reserved for u in self._uploads.values())
             quota = upload.quota
             if upload.owner is not None and quota is not None:
                 _, stored = self.usage(upload.owner)
-                mine = sum(u.size for u in self._uploads.values() if u.owner == upload.owner)
+                mine = sum(u.reserved for u in self._uploads.values()
+                           if u.owner == upload.owner)
                 if stored + mine + n > quota.max_key_bytes:
                     raise RateLimitError(
                         f"this API key may keep {quota.max_key_bytes} bytes of evaluation "
@@ -273,6 +275,7 @@ class SQLiteStore(SessionStore):
                 raise RateLimitError("the key uploads in progress fill this server's "
                                      "session storage: retry shortly", retry_after=10.0)
             upload.evicted += self._make_room(pending + n)
+            upload.reserved += n
 
     def commit(self, upload: Upload, *, owner: str, model: str,
                model_id: str) -> tuple[SessionRecord, list[str]]:
@@ -290,7 +293,7 @@ class SQLiteStore(SessionStore):
                                 now + self.ttl_s, upload.size)
             with self._commit_lock:
                 self._uploads.pop(upload.id, None)    # its bytes now count as stored
-                pending = sum(u.size for u in self._uploads.values())
+                pending = sum(u.reserved for u in self._uploads.values())
                 evicted = self._make_room(upload.size + pending)
                 path = self._key_path(upload.id)
                 os.replace(upload.path, path)
