@@ -116,6 +116,21 @@ def _assert_429(r: httpx.Response) -> None:
 
 
 # -- limits without a server ----------------------------------------------------------
+def test_limits_for_reads_a_keys_own_limits_over_the_defaults(tmp_path):
+    keys = KeyStore(tmp_path)
+    kid = keys.verify(keys.create("tee-heavy", {"max_channels": 3}))
+    other = keys.verify(keys.create("plain"))
+    cfg = ServiceConfig(exports=[], store_dir=tmp_path, disk_budget_bytes=4000,
+                        default_limits={"max_channels": 50})
+    ctx = ServiceContext(cfg, {}, None, keys)
+    assert ctx.limits_for(kid).max_channels == 3
+    assert ctx.limits_for(other).max_channels == 50
+    assert ctx.limits_for(other).max_key_bytes == 1000
+    keys.set_limits(other, {"max_channels": 7})         # the next call sees it
+    assert ctx.limits_for(other).max_channels == 7
+    keys.close()
+
+
 def test_token_bucket_and_concurrency_per_client():
     now = [0.0]
     limiter = Limiter(clock=lambda: now[0])
@@ -346,6 +361,9 @@ def test_stored_key_bytes_limit(server, env):
     _assert_429(r)
     assert "bytes of evaluation keys" in r.json()["error"]["message"]
     assert _wait_for(lambda: list((server["store"] / "tmp").iterdir()) == [])
+    r = httpx.post(f"{server['url']}/v1/models/tiny/he/sessions", content=b"x" * 2000,
+                   headers={**_auth(server["tokens"]["narrow"]), **OCT}, timeout=60)
+    assert r.status_code == 400                      # another key: judged on its bytes
 
 
 def test_sessions_limit(server, env):
@@ -355,6 +373,7 @@ def test_sessions_limit(server, env):
                    headers={**_auth(token), **OCT}, timeout=60)
     _assert_429(r)
     assert "sessions" in r.json()["error"]["message"]
+    _create_session(server["url"], server["tokens"]["narrow"], env["eval_keys"])
 
 
 def test_slow_bodies_do_not_hold_compute_slots(server, env):
