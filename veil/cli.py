@@ -201,6 +201,8 @@ def _keys_parsers(sub) -> None:
         if action in ("create", "set-limits"):
             for flag, (field, kind) in LIMIT_FLAGS.items():
                 a.add_argument(flag, dest=f"limit_{field}", type=kind,
+                               metavar={"rate": "R", "burst": "B",
+                                        "max_key_bytes": "BYTES"}.get(field, "N"),
                                help=f"this key's {field.replace('_', ' ')} (default: the "
                                     "service's)")
         if action == "set-limits":
