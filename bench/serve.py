@@ -109,7 +109,8 @@ def main(argv=None) -> int:
         transport.setup(d / "mpc-keys")
         _veil("tee-policy", str(info.path("tee")), "--attester", str(d / "att"),
               "--allow-insecure", "--out", str(d / "policy.json"))
-        key = _veil("keys", "create", "bench", "--store", str(d / "store")).strip()
+        key = _veil("keys", "create", "bench", "--store", str(d / "store"),
+                   "--max-concurrent", "64", "--rate", "10000", "--burst", "10000").strip()
         procs = Processes(d / "logs")
         proc = None
         try:

@@ -33,7 +33,8 @@ def tiny_export(directory: Path, name: str, seed: int = 0, modes=("he",)):
 
 
 class ServerProcess:
-    """``python -m veil.service`` on 127.0.0.1:0; stderr goes to a file checked later."""
+    """``python -m veil.service`` on 127.0.0.1:0; stderr goes to a file checked later.
+    The tiny exports use insecure test parameters, so it passes ``--allow-insecure``."""
 
     def __init__(self, exports: list[Path], store: Path, *extra: str, timeout: float = 60):
         env = dict(os.environ)
@@ -42,7 +43,7 @@ class ServerProcess:
         self._err = open(self.log, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "veil.service", *map(str, exports), "--store", str(store),
-             "--listen", "127.0.0.1:0", *extra],
+             "--listen", "127.0.0.1:0", "--allow-insecure", *extra],
             stdout=subprocess.PIPE, stderr=self._err, text=True, env=env)
         line: list[str] = []
         reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()),

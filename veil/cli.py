@@ -5,10 +5,14 @@
     veil compile MODEL --calibration DATA [--eval DATA] [--json FILE]
     veil export MODEL --calibration DATA OUT [--name N] [--modes he,tee,mpc]
                 [--encrypted-weights] [--tee-keys DIR]
-    veil keys create NAME --store DIR | list --store DIR | revoke ID --store DIR
+    veil keys create NAME --store DIR [LIMITS] | list --store DIR
+              | set-limits ID|NAME --store DIR [LIMITS] [--reset] | revoke ID --store DIR
+        LIMITS: [--rate R] [--burst B] [--max-sessions N] [--max-key-bytes BYTES]
+                [--max-uploads N] [--max-concurrent N] [--max-channels N]
     veil serve EXPORT... --store DIR [--listen HOST:PORT]
                [--tee-attester-key DIR | --tee-enclave HOST:PORT]
-               [--mpc-keys DIR [--mpc-parties P0,P1]]
+               [--mpc-keys DIR [--mpc-parties P0,P1]] [--allow-insecure]
+               [--body-timeout S] [--header-timeout S] [--max-inflight-he|tee|mpc N]
     veil predict URL --model NAME --mode he|tee|mpc --input DATA [--out FILE]
                  [--policy FILE] [--mpc-keys DIR]
 
@@ -125,10 +129,7 @@ def _service_parsers(sub) -> None:
     e.add_argument("--encrypted-weights", action="store_true",
                    help="HE: server bundle without weights (sent encrypted per client)")
     e.add_argument("--tee-keys", help="TEE: encrypt the enclave bundle; key written here")
-    k = sub.add_parser("keys", help="API keys of the service's clients")
-    k.add_argument("action", choices=("create", "list", "revoke"))
-    k.add_argument("name", nargs="?", help="create: the client's name; revoke: the key id")
-    k.add_argument("--store", required=True, help="the service's store folder")
+    _keys_parsers(sub)
     s = sub.add_parser("serve", help="serve export folders over HTTP (HE, TEE, MPC)")
     s.add_argument("exports", nargs="+", help="folders written by `veil export`")
     s.add_argument("--store", required=True,
@@ -157,6 +158,15 @@ def _service_parsers(sub) -> None:
     s.add_argument("--worker-timeout", type=float, default=300.0,
                    help="seconds an HE request may run in a worker before the worker is "
                    "restarted (default 300)")
+    s.add_argument("--allow-insecure", action="store_true",
+                   help="serve exports with INSECURE test parameters (refused otherwise)")
+    s.add_argument("--body-timeout", type=float, help="seconds a request body may take, "
+                   "plus its size at 1 MB/s (default 30)")
+    s.add_argument("--header-timeout", type=float, help="close connections whose request "
+                   "headers take longer than this many seconds (default 10)")
+    for mode, n in (("he", 4), ("tee", 16), ("mpc", 16)):
+        s.add_argument(f"--max-inflight-{mode}", type=int,
+                       help=f"{mode} requests computed at once (default {n})")
     p = sub.add_parser("predict", help="run inputs through a served model with the SDK")
     p.add_argument("url", help="the service, e.g. http://127.0.0.1:8000")
     p.add_argument("--model", required=True)
@@ -167,6 +177,43 @@ def _service_parsers(sub) -> None:
     p.add_argument("--policy", help="tee: the policy file of `veil tee-policy`")
     p.add_argument("--mpc-keys", help="mpc: folder with the deployment's public.json")
     p.add_argument("--batch-size", type=int, default=64)
+
+
+#: ``veil keys`` limit options: flag -> (Limits field, type)
+LIMIT_FLAGS = {"--rate": ("rate", float), "--burst": ("burst", int),
+               "--max-sessions": ("max_sessions", int),
+               "--max-key-bytes": ("max_key_bytes", int),
+               "--max-uploads": ("max_uploads", int),
+               "--max-concurrent": ("max_concurrent", int),
+               "--max-channels": ("max_channels", int)}
+
+
+def _keys_parsers(sub) -> None:
+    """``veil keys ACTION``: one subparser per action, so options may come before or
+    after the positional (``keys create --store DIR NAME`` works)."""
+    k = sub.add_parser("keys", help="API keys of the service's clients")
+    k.add_argument("--store", dest="store_top", help=argparse.SUPPRESS)
+    actions = k.add_subparsers(dest="action", required=True)
+    helps = {"create": "make a key (printed once)", "list": "list keys and their limits",
+             "set-limits": "change a key's limits (next request)",
+             "revoke": "revoke a key and delete its sessions"}
+    for action, text in helps.items():
+        a = actions.add_parser(action, help=text)
+        if action == "create":
+            a.add_argument("name", help="the client's name")
+        elif action != "list":
+            a.add_argument("name", metavar="ID", help="the key id (or its unique name)")
+        a.add_argument("--store", help="the service's store folder")
+        if action in ("create", "set-limits"):
+            for flag, (field, kind) in LIMIT_FLAGS.items():
+                a.add_argument(flag, dest=f"limit_{field}", type=kind,
+                               metavar={"rate": "R", "burst": "B",
+                                        "max_key_bytes": "BYTES"}.get(field, "N"),
+                               help=f"this key's {field.replace('_', ' ')} (default: the "
+                                    "service's)")
+        if action == "set-limits":
+            a.add_argument("--reset", action="store_true",
+                           help="forget the key's own limits before applying these")
 
 
 def _single_threaded_blas(argv: list[str] | None) -> None:
@@ -280,12 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         from . import commands
         from .errors import VeilError
 
-        if args.command == "keys" and args.action != "list" and not args.name:
-            print(f"veil keys {args.action} needs a "
-                  f"{'name' if args.action == 'create' else 'key id'}", file=sys.stderr)
-            return 2
         if args.command == "keys":
-            args.id = args.name
+            args.store = args.store or args.store_top
+            if not args.store:
+                print(f"veil keys {args.action} needs --store DIR", file=sys.stderr)
+                return 2
+            args.id = getattr(args, "name", None)
         try:
             return getattr(commands, f"{args.command}_cmd")(args)
         except VeilError as exc:

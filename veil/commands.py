@@ -117,27 +117,49 @@ def export_cmd(args) -> int:
     return 0
 
 
+def _limit_args(args) -> dict:
+    return {k[len("limit_"):]: v for k, v in vars(args).items()
+            if k.startswith("limit_") and v is not None}
+
+
 def keys_cmd(args) -> int:
+    """``veil keys create|list|set-limits|revoke``; revoking also deletes the key's
+    sessions and their key files (safe while the service runs: the store is opened
+    without its crash recovery, which would delete uploads in progress)."""
     from .service.auth import KeyStore
+    from .service.store import SQLiteStore
 
     store = KeyStore(args.store)
-    if args.action == "create":
-        token = store.create(args.name)
-        print(token)
-        print("(shown once: the store keeps only its hash)", file=sys.stderr)
-    elif args.action == "list":
-        for row in store.list():
-            print(json.dumps(row, default=str))
-    else:
-        store.revoke(args.id)
-        print(f"revoked {args.id}")
+    try:
+        if args.action == "create":
+            token = store.create(args.name, _limit_args(args))
+            print(token)
+            print("(shown once: the store keeps only its hash)", file=sys.stderr)
+        elif args.action == "list":
+            for row in store.list():
+                print(json.dumps(row, default=str))
+        elif args.action == "set-limits":
+            kid = store.resolve(args.id)
+            own = store.set_limits(kid, _limit_args(args), reset=args.reset)
+            print(f"limits of {kid}: {json.dumps(own)} (the others: the service's defaults)")
+        else:
+            kid = store.resolve(args.id)
+            store.revoke(kid)
+            sessions = SQLiteStore(args.store, recover=False)
+            try:
+                dropped = sessions.delete_owner(kid)
+            finally:
+                sessions.close()
+            print(f"revoked {kid}; deleted {len(dropped)} sessions")
+    finally:
+        store.close()
     return 0
 
 
 def serve_cmd(args) -> int:
     from .deploy.export import read_export
     from .service import processes
-    from .service.app import ServiceConfig
+    from .service.app import ServiceConfig, insecure_reasons, refuse_insecure
     from .service.run import serve
 
     # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into an exception so
@@ -147,6 +169,7 @@ def serve_cmd(args) -> int:
     names = [i.name for i in infos]
     if len(set(names)) != len(names):
         raise InputError(f"two exports have the same name: {names}")
+    refuse_insecure(insecure_reasons(infos), args.allow_insecure)   # before any child starts
     store = Path(args.store)
     backends: dict[str, dict] = {i.name: {} for i in infos}
     procs = processes.Processes(store / "logs")
@@ -178,11 +201,17 @@ def serve_cmd(args) -> int:
                     else:
                         backends[info.name]["mpc"] = procs.mpc(
                             info, args.mpc_keys, frac_bits=args.mpc_frac_bits)
+        tuning = {field: value for field, value in (
+            ("body_timeout_s", args.body_timeout), ("header_timeout_s", args.header_timeout),
+            ("max_inflight_he", args.max_inflight_he),
+            ("max_inflight_tee", args.max_inflight_tee),
+            ("max_inflight_mpc", args.max_inflight_mpc)) if value is not None}
         config = ServiceConfig(exports=[i.directory for i in infos], store_dir=store,
                                session_ttl_s=args.ttl, disk_budget_bytes=args.disk_budget,
                                memory_budget_bytes=args.memory_budget, backends=backends,
                                he_workers=args.he_workers,
-                               worker_timeout_s=args.worker_timeout)
+                               worker_timeout_s=args.worker_timeout,
+                               allow_insecure=args.allow_insecure, **tuning)
         serve(config, *args.listen)
     finally:
         procs.close()

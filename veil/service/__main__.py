@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .app import ServiceConfig
+from .app import ServiceConfig, add_limit_args, limit_options
 from .run import serve
 
 
@@ -26,8 +26,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="bytes of stored evaluation keys")
     ap.add_argument("--memory-budget", type=int, default=2 << 30,
                     help="bytes of loaded OpenFHE sessions (estimated)")
-    ap.add_argument("--body-timeout", type=float, default=600.0,
-                    help="seconds a request body may take to arrive")
+    add_limit_args(ap)
     ap.add_argument("--he-workers", type=int, default=2,
                     help="HE worker processes (OpenFHE runs only in them)")
     ap.add_argument("--worker-timeout", type=float, default=300.0,
@@ -38,9 +37,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServiceConfig(exports=args.exports, store_dir=args.store, session_ttl_s=args.ttl,
                            disk_budget_bytes=args.disk_budget,
-                           memory_budget_bytes=args.memory_budget,
-                           body_timeout_s=args.body_timeout, he_workers=args.he_workers,
-                           worker_timeout_s=args.worker_timeout)
+                           memory_budget_bytes=args.memory_budget, he_workers=args.he_workers,
+                           worker_timeout_s=args.worker_timeout, **limit_options(args))
     serve(config, *args.listen)
     return 0
 

@@ -7,12 +7,19 @@ and digests are compared with :func:`hmac.compare_digest`. The token is shown on
 by :meth:`KeyStore.create`. The client id of an authenticated request is the key id,
 so a new key is a new client: it does not see the sessions of a revoked one.
 Revocation takes effect on the next request (each check reads the database).
+
+Each key may carry its own limits (:mod:`veil.service.limits`): only the values set for
+it are stored (JSON in the ``limits`` column, added to older stores when they open), so
+the rest follow the service's defaults. :meth:`KeyStore.authenticate` returns them with
+the client id in the same database read.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
+import sqlite3
 import re
 import secrets
 import time
@@ -20,6 +27,7 @@ from datetime import datetime, timezone
 
 from ..errors import AuthError, InputError, NotFoundError
 from ._db import Database
+from .limits import check_limits
 
 PREFIX = "veil"
 _TOKEN = re.compile(r"^veil_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
@@ -35,6 +43,16 @@ def _iso(t: float | None) -> str | None:
     return None if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat()
 
 
+def _limits(text: str | None) -> dict:
+    """A key's stored limits; a damaged entry is ignored (the defaults apply)."""
+    if not text:
+        return {}
+    try:
+        return check_limits(json.loads(text))
+    except (ValueError, InputError):
+        return {}
+
+
 def key_id(token: str) -> str | None:
     """The public id part of a well-formed token (None otherwise); not a check."""
     m = _TOKEN.match(token) if isinstance(token, str) else None
@@ -46,26 +64,72 @@ class KeyStore:
 
     def __init__(self, store_dir: str | os.PathLike) -> None:
         self._db = Database(store_dir, synchronous="FULL")
+        self._migrate()
 
-    def create(self, name: str) -> str:
-        """Make a key named ``name``; returns the token. It is not stored: show it once."""
+    def _migrate(self) -> None:
+        """Add the ``limits`` column to a store made before per-key limits existed."""
+        cols = {r[1] for r in self._db.query("PRAGMA table_info(api_keys)")}
+        if "limits" in cols:
+            return
+        try:
+            with self._db.transaction() as cur:
+                cur.execute("ALTER TABLE api_keys ADD COLUMN limits TEXT")
+        except sqlite3.OperationalError:     # another process added it meanwhile
+            if "limits" not in {r[1] for r in self._db.query("PRAGMA table_info(api_keys)")}:
+                raise
+
+    def create(self, name: str, limits: dict | None = None) -> str:
+        """Make a key named ``name`` with its own ``limits`` (names of
+        :class:`~veil.service.limits.Limits`; the others follow the service's defaults);
+        returns the token. It is not stored: show it once."""
         if not isinstance(name, str) or not name.strip() or len(name) > 200:
             raise InputError("a key name is 1-200 characters")
+        own = check_limits(limits or {})
         secret = secrets.token_urlsafe(32)
         with self._db.transaction() as cur:
             while True:
                 kid = secrets.token_hex(6)
                 if not cur.execute("SELECT 1 FROM api_keys WHERE id = ?", (kid,)).fetchall():
                     break
-            cur.execute("INSERT INTO api_keys VALUES (?,?,?,?,NULL)",
-                        (kid, name.strip(), _digest(secret), time.time()))
+            cur.execute("INSERT INTO api_keys (id, name, secret_sha256, created, revoked, "
+                        "limits) VALUES (?,?,?,?,NULL,?)",
+                        (kid, name.strip(), _digest(secret), time.time(),
+                         json.dumps(own) if own else None))
         return f"{PREFIX}_{kid}_{secret}"
 
     def list(self) -> list[dict]:
-        """``[{id, name, created, revoked}]``: ISO-8601 UTC ``created``, bool ``revoked``."""
-        rows = self._db.query("SELECT id, name, created, revoked FROM api_keys ORDER BY created")
-        return [{"id": r[0], "name": r[1], "created": _iso(r[2]), "revoked": r[3] is not None}
-                for r in rows]
+        """``[{id, name, created, revoked, limits}]``: ISO-8601 UTC ``created``, bool
+        ``revoked``, ``limits`` the key's own limits (the others are the defaults)."""
+        rows = self._db.query("SELECT id, name, created, revoked, limits FROM api_keys "
+                              "ORDER BY created")
+        return [{"id": r[0], "name": r[1], "created": _iso(r[2]), "revoked": r[3] is not None,
+                 "limits": _limits(r[4])} for r in rows]
+
+    def resolve(self, ref: str) -> str:
+        """The id of the key whose id, or unique name, is ``ref``; NotFoundError else."""
+        rows = self._db.query("SELECT id FROM api_keys WHERE id = ? OR name = ?", (ref, ref))
+        ids = sorted({r[0] for r in rows})
+        if ref in ids:
+            return ref
+        if len(ids) != 1:
+            raise NotFoundError(f"no API key with id {ref!r}" if not ids else
+                                f"{len(ids)} API keys are named {ref!r}: give the key id "
+                                "(`veil keys list`)")
+        return ids[0]
+
+    def set_limits(self, key_id: str, limits: dict, *, reset: bool = False) -> dict:
+        """Change a key's own limits (``reset``: forget the old ones first); returns the
+        key's own limits now. Takes effect on the key's next request."""
+        new = check_limits(limits)
+        with self._db.transaction() as cur:
+            rows = cur.execute("SELECT limits FROM api_keys WHERE id = ?", (key_id,)).fetchall()
+            if not rows:
+                raise NotFoundError(f"no API key with id {key_id!r}")
+            own = {} if reset else _limits(rows[0][0])
+            own.update(new)
+            cur.execute("UPDATE api_keys SET limits = ? WHERE id = ?",
+                        (json.dumps(own) if own else None, key_id))
+        return own
 
     def revoke(self, key_id: str) -> None:
         """Revoke a key by id (idempotent); NotFoundError for an unknown id."""
@@ -77,17 +141,33 @@ class KeyStore:
 
     def verify(self, token: str | None) -> str:
         """The client id of a valid, unrevoked ``token``; AuthError otherwise."""
+        return self.authenticate(token)[0]
+
+    def authenticate(self, token: str | None) -> tuple[str, dict]:
+        """(client id, the key's own limits) of a valid, unrevoked ``token``; AuthError
+        otherwise."""
         m = _TOKEN.match(token) if isinstance(token, str) else None
         if m is None:
             raise AuthError(INVALID)
         kid, secret = m.groups()
-        rows = self._db.query("SELECT secret_sha256, revoked FROM api_keys WHERE id = ?", (kid,))
-        stored, revoked = rows[0] if rows else (_DUMMY, None)
+        rows = self._db.query("SELECT secret_sha256, revoked, limits FROM api_keys "
+                              "WHERE id = ?", (kid,))
+        stored, revoked, limits = rows[0] if rows else (_DUMMY, None, None)
         # Compare even for unknown ids so timing does not tell which ids exist.
         ok = hmac.compare_digest(stored, _digest(secret))
         if not rows or not ok or revoked is not None:
             raise AuthError(INVALID)
-        return kid
+        return kid, _limits(limits)
+
+    def is_revoked(self, key_id: str) -> bool:
+        """Whether ``key_id`` names a key that was revoked."""
+        rows = self._db.query("SELECT revoked FROM api_keys WHERE id = ?", (key_id,))
+        return bool(rows) and rows[0][0] is not None
+
+    def limits(self, key_id: str) -> dict:
+        """A key's own limits ({} for an unknown key)."""
+        rows = self._db.query("SELECT limits FROM api_keys WHERE id = ?", (key_id,))
+        return _limits(rows[0][0]) if rows else {}
 
     def close(self) -> None:
         self._db.close()

@@ -55,7 +55,8 @@ class HEService:
                 exports += ["--export", str(info.path("he") / "server")]
         self._by_id = {s.model_id: s for s in self.servers.values()}
         self.store = SQLiteStore(cfg.store_dir, ttl_s=cfg.session_ttl_s,
-                                 disk_budget_bytes=cfg.disk_budget_bytes)
+                                 disk_budget_bytes=cfg.disk_budget_bytes,
+                                 max_uploads_total=cfg.max_uploads_total)
         try:
             self.store.sweep()
             count = max(1, int(cfg.he_workers))     # HEWorkers refuses 0 itself
@@ -90,10 +91,11 @@ class HEService:
         check_media_type(request, OCTETS)
         limit = min(self.ctx.config.limit("keys"), self.store.disk_budget_bytes)
         check_length(request, limit)
-        upload = await self.ctx.run_sync(self.store.begin, limit)
+        upload = await self.ctx.run_sync(self.store.begin, limit, client,
+                                         self.ctx.limits_for(client))
         try:
             buf, received = bytearray(), 0
-            with self.ctx.deadline():
+            with self.ctx.deadline(request, limit):
                 async for chunk in stream(request):
                     received += len(chunk)
                     if received > limit:
@@ -105,7 +107,7 @@ class HEService:
                         buf.clear()
             if buf:
                 await self.ctx.run_sync(upload.write, bytes(buf))
-            async with self.ctx.slot():    # parsing and loading hold the keys in memory
+            async with self.ctx.slot("he"):    # parsing and loading hold the keys in memory
                 rec = await self.ctx.run_sync(self._commit, upload, client, name, server)
         except BaseException:
             upload.abort()
@@ -184,6 +186,7 @@ def add_routes(app: FastAPI, ctx: ServiceContext) -> HEService:
         ctx.children[f"he-worker-{k}"] = lambda k=k: he.workers.state(k)
     ctx.mode_info["he"] = he.info
     app.state.he = he
+    ctx.on_revoke.append(lambda c: [he.workers.forget(s) for s in he.store.delete_owner(c)])
     octets = {"content": {OCTETS: {"schema": {"type": "string", "format": "binary"}}}}
 
     @app.get("/v1/models/{name}/he/client-bundle", tags=["he"], response_class=Response,
@@ -200,9 +203,9 @@ def add_routes(app: FastAPI, ctx: ServiceContext) -> HEService:
 
     async def compute(limit_of, run, session_id: str, client: str,
                       request: Request) -> Response:
-        async with ctx.slot():
-            limit = await ctx.run_sync(limit_of, he, session_id, client)
-            body = await ctx.read_body(request, limit)
+        limit = await ctx.run_sync(limit_of, he, session_id, client)
+        body = await ctx.read_body(request, limit)    # outside the slot: slow bodies wait alone
+        async with ctx.slot("he"):
             out = await ctx.run_sync(run, session_id, client, body)
         return Response(out, media_type=OCTETS)
 

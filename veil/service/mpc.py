@@ -78,8 +78,8 @@ def add_routes(app, ctx) -> None:
                         client: str = Depends(ctx.require_client)) -> Response:
         info = ctx.model(name, "mpc")
         size = 8 * MAX_INPUTS * int(np.prod(info.input_shape)) + (1 << 16)
-        async with ctx.slot():
-            body = await ctx.read_body(request, size)
+        body = await ctx.read_body(request, size)
+        async with ctx.slot("mpc"):
             read_client_request(body, info.input_shape, served[name].get("frac_bits", 20))
             reply = await ctx.run_sync(relay, relays[name], body)
         return Response(reply, media_type="application/octet-stream")

@@ -5,16 +5,26 @@ announced address is the real one. It writes exactly one line,
 ``veil-serve listening on http://HOST:PORT``, to stdout once the server accepts
 connections (scripts and tests wait for it); everything else goes to logging.
 One worker: sessions live in this process's memory and OpenFHE's maps.
+
+Before it binds, ``serve`` refuses exports with insecure test parameters unless
+``config.allow_insecure`` (then it writes a warning to stderr). Connections use
+:func:`header_timeout_protocol`: uvicorn's h11 protocol, plus a timer that closes a
+connection whose request headers are not complete ``header_timeout_s`` after it opened
+or after the first byte of a keep-alive request (h11 alone waits forever); uvicorn's
+keep-alive timer still closes idle connections between requests.
 """
 from __future__ import annotations
 
+import asyncio
 import socket
 import sys
 from typing import TextIO
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .app import ServiceConfig, create_app
+from .app import ServiceConfig, create_app, refuse_insecure
 
 READY = "veil-serve listening on"
 
@@ -55,17 +65,74 @@ class _Server(uvicorn.Server):
             self._out.flush()
 
 
+def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol closing connections whose headers take over ``seconds``."""
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self) -> None:
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(seconds, self._headers_late)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self._arm()      # a request has begun: its headers are on the clock
+            else:
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            # Between requests uvicorn's keep-alive timer applies; a pipelined request
+            # already buffered was handled just now and re-armed the timer if partial.
+            if self.conn.their_state is not h11.IDLE:
+                self._disarm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _headers_late(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutProtocol
+
+
 def serve(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000, *,
           out: TextIO | None = None) -> None:
     """Serve ``config`` on ``host:port`` until SIGINT/SIGTERM (``port=0``: any free port).
 
-    Raises BundleError for unreadable exports and OSError if the address is taken,
+    Raises BundleError for unreadable exports, InsecureParametersError for insecure
+    exports without ``config.allow_insecure``, and OSError if the address is taken,
     before anything is announced."""
     app = create_app(config)
-    sock = bind(host, port)
+    ctx = app.state.veil
+    try:
+        refuse_insecure(ctx.insecure, config.allow_insecure)
+        sock = bind(host, port)
+    except BaseException:
+        ctx.close()
+        raise
+    if ctx.insecure:
+        sys.stderr.write("WARNING: veil serve is serving INSECURE exports (--allow-insecure):"
+                         " " + "; ".join(ctx.insecure) + "\n")
+        sys.stderr.flush()
     try:
         uv = uvicorn.Config(app, log_level="warning", lifespan="on", workers=1,
-                            timeout_graceful_shutdown=10)
+                            timeout_graceful_shutdown=10,
+                            http=header_timeout_protocol(config.header_timeout_s))
         _Server(uv, url_of(sock), out or sys.stdout).run(sockets=[sock])
     finally:
         sock.close()

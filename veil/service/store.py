@@ -14,8 +14,21 @@ metadata, S3 key objects) replaces :class:`SQLiteStore` without touching them.
 * Sessions survive restarts (metadata in SQLite, keys on disk).
 * Time to live is sliding: each use moves ``expires_at`` to ``now + ttl_s``; an expired
   session is refused and deleted.
-* Disk budget: before a new session is committed, least recently used sessions are
-  deleted until the new one fits; one larger than the whole budget is refused (413).
+* Disk budget: stored sessions plus uploads in progress never exceed it. Each chunk of
+  an upload reserves its bytes first: least recently used sessions are deleted to make
+  room, and a chunk that cannot fit because uploads in progress alone would pass the
+  budget is refused (RateLimitError, 429: it is transient) and its upload deleted. One upload larger
+  than the whole budget is refused (413).
+* Quotas per owner (``begin(limit, owner, quota)``; ``quota`` has ``max_uploads``,
+  ``max_sessions`` and ``max_key_bytes``, e.g. :class:`~veil.service.limits.Limits`):
+  uploads in progress, sessions (uploads in progress count) and bytes of stored keys
+  plus uploads; and at most ``max_uploads_total`` uploads in progress for everyone.
+  Over any of them: RateLimitError (429), nothing kept.
+* A session is never committed for an owner whose API key is revoked (AuthError), and
+  :meth:`SQLiteStore.delete_owner` deletes all of an owner's sessions (``veil keys
+  revoke`` calls it, on the store of a running service: ``recover=False``).
+* ``on_drop``: callbacks told the ids of sessions deleted by this store object
+  (eviction, expiry, deletion), so a layer that holds loaded sessions can drop them.
 """
 from __future__ import annotations
 
@@ -29,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..errors import NotFoundError, PayloadTooLargeError, SessionExpiredError
+from ..errors import (AuthError, NotFoundError, PayloadTooLargeError, RateLimitError,
+                      SessionExpiredError)
 from .._files import private_dir
 from ._db import Database
 
@@ -72,8 +86,9 @@ class SessionStore(ABC):
     """Session metadata and evaluation keys; thread-safe."""
 
     @abstractmethod
-    def begin(self, limit: int) -> Upload:
-        """Start receiving at most ``limit`` bytes of evaluation keys."""
+    def begin(self, limit: int, owner: str | None = None, quota=None) -> Upload:
+        """Start receiving at most ``limit`` bytes of evaluation keys for ``owner``
+        within its ``quota`` (RateLimitError when the owner is at a limit)."""
 
     @abstractmethod
     def commit(self, upload: Upload, *, owner: str, model: str,
@@ -103,13 +118,21 @@ class SessionStore(ABC):
     def records(self) -> list[SessionRecord]:
         """All sessions, least recently used first."""
 
+    @abstractmethod
+    def delete_owner(self, owner: str) -> list[str]:
+        """Delete every session of ``owner`` (a revoked key); returns their ids."""
+
     def close(self) -> None:
         """Release resources; sessions stay stored."""
 
 
 class _FileUpload(Upload):
-    def __init__(self, path: Path, session_id: str, limit: int) -> None:
+    def __init__(self, store: "SQLiteStore", path: Path, session_id: str, limit: int,
+                 owner: str | None, quota) -> None:
         self.id, self.path, self.limit, self.size = session_id, path, limit, 0
+        self.owner, self.quota, self._store = owner, quota, store
+        self.evicted: list[str] = []     # sessions deleted to make room for this upload
+        self.reserved = 0                # bytes counted against the budgets (>= size)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         self._fh = os.fdopen(fd, "wb")
 
@@ -120,6 +143,11 @@ class _FileUpload(Upload):
             self.abort()
             raise PayloadTooLargeError(f"evaluation keys exceed the {self.limit}-byte limit "
                                        "of this server")
+        try:
+            self._store._reserve(self, len(chunk))
+        except BaseException:
+            self.abort()
+            raise
         self._fh.write(chunk)
         self.size += len(chunk)
 
@@ -140,6 +168,7 @@ class _FileUpload(Upload):
             self._fh.close()
             self._fh = None
         self.path.unlink(missing_ok=True)
+        self._store._forget(self)
 
 
 class SQLiteStore(SessionStore):
@@ -147,20 +176,28 @@ class SQLiteStore(SessionStore):
 
     Args:
         ttl_s: idle time after which a session expires.
-        disk_budget_bytes: most bytes of key files kept; LRU sessions make room.
+        disk_budget_bytes: most bytes of key files plus uploads in progress; LRU
+            sessions make room.
+        max_uploads_total: most uploads in progress at once, all owners together.
         clock: time source (a test seam).
+        recover: remove leftovers of a crash (partial uploads, orphan files) on open;
+            False for a second process (``veil keys revoke``) beside a running service.
     """
 
     def __init__(self, store_dir: str | os.PathLike, *, ttl_s: float = 24 * 3600.0,
-                 disk_budget_bytes: int = 8 << 30,
-                 clock: Callable[[], float] = time.time) -> None:
+                 disk_budget_bytes: int = 8 << 30, max_uploads_total: int = 64,
+                 clock: Callable[[], float] = time.time, recover: bool = True) -> None:
         self.dir = private_dir(store_dir)
         self.keys_dir = private_dir(self.dir / "sessions")
         self.tmp_dir = private_dir(self.dir / "tmp")
         self.ttl_s, self.disk_budget_bytes, self._clock = ttl_s, disk_budget_bytes, clock
+        self.max_uploads_total = max_uploads_total
+        self.on_drop: list[Callable[[list[str]], None]] = []
         self._db = Database(self.dir)
-        self._commit_lock = threading.Lock()
-        self._recover()
+        self._commit_lock = threading.Lock()      # guards room-making and the uploads
+        self._uploads: dict[str, _FileUpload] = {}
+        if recover:
+            self._recover()
 
     def _key_path(self, session_id: str) -> Path:
         return self.keys_dir / f"{session_id}.keys"
@@ -177,9 +214,68 @@ class SQLiteStore(SessionStore):
             if not self._key_path(sid).exists():
                 self._drop([sid])
 
-    def begin(self, limit: int) -> Upload:
+    def begin(self, limit: int, owner: str | None = None, quota=None) -> Upload:
         sid = secrets.token_hex(16)
-        return _FileUpload(self.tmp_dir / f"{sid}.part", sid, limit)
+        with self._commit_lock:
+            if len(self._uploads) >= self.max_uploads_total:
+                raise RateLimitError(f"this server takes at most {self.max_uploads_total} "
+                                     "key uploads at once: retry shortly", retry_after=5.0)
+            if owner is not None and quota is not None:
+                mine = sum(1 for u in self._uploads.values() if u.owner == owner)
+                if mine >= quota.max_uploads:
+                    raise RateLimitError(f"this API key has {mine} key uploads in progress "
+                                         f"(its limit is {quota.max_uploads}): finish one "
+                                         "first", retry_after=5.0)
+                sessions, _ = self.usage(owner)
+                if sessions + mine >= quota.max_sessions:
+                    raise RateLimitError(f"this API key has {sessions} sessions (its limit "
+                                         f"is {quota.max_sessions}): delete one first",
+                                         retry_after=60.0)
+            upload = _FileUpload(self, self.tmp_dir / f"{sid}.part", sid, limit, owner, quota)
+            self._uploads[sid] = upload
+        return upload
+
+    def usage(self, owner: str) -> tuple[int, int]:
+        """(sessions, bytes of stored keys) of ``owner``."""
+        rows = self._db.query("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM sessions "
+                              "WHERE owner = ?", (owner,))
+        return int(rows[0][0]), int(rows[0][1])
+
+    def in_progress(self) -> tuple[int, int]:
+        """(uploads in progress, their bytes so far)."""
+        with self._commit_lock:
+            return len(self._uploads), sum(u.reserved for u in self._uploads.values())
+
+    def _forget(self, upload: "_FileUpload") -> None:
+        with self._commit_lock:
+            self._uploads.pop(upload.id, None)
+
+    def _reserve(self, upload: "_FileUpload", n: int) -> None:
+        """Room for ``n`` more bytes of ``upload``: within its owner's key bytes, and
+        within the disk budget with every upload in progress (LRU sessions go)."""
+        with self._commit_lock:
+            pending = sum(u.reserved for u in self._uploads.values())
+            quota = upload.quota
+            if upload.owner is not None and quota is not None:
+                _, stored = self.usage(upload.owner)
+                mine = sum(u.reserved for u in self._uploads.values()
+                           if u.owner == upload.owner)
+                if stored + mine + n > quota.max_key_bytes:
+                    raise RateLimitError(
+                        f"this API key may keep {quota.max_key_bytes} bytes of evaluation "
+                        f"keys (it has {stored} stored and {mine} arriving): delete a "
+                        "session first", retry_after=60.0)
+            if upload.size + n > self.disk_budget_bytes:
+                raise PayloadTooLargeError(
+                    f"evaluation keys of over {upload.size + n - 1} bytes exceed this "
+                    f"server's whole session storage ({self.disk_budget_bytes} bytes)")
+            if pending + n > self.disk_budget_bytes:
+                # transient (uploads end or are refused), and caused by other clients:
+                # a 429 to retry, not a server-side 5xx
+                raise RateLimitError("the key uploads in progress fill this server's "
+                                     "session storage: retry shortly", retry_after=10.0)
+            upload.evicted += self._make_room(pending + n)
+            upload.reserved += n
 
     def commit(self, upload: Upload, *, owner: str, model: str,
                model_id: str) -> tuple[SessionRecord, list[str]]:
@@ -187,6 +283,7 @@ class SQLiteStore(SessionStore):
             raise TypeError("commit() takes an upload from this store's begin()")
         try:
             upload.finish()
+            self._check_owner(upload, owner)
             if upload.size > self.disk_budget_bytes:
                 raise PayloadTooLargeError(
                     f"evaluation keys of {upload.size} bytes exceed this server's whole "
@@ -195,7 +292,9 @@ class SQLiteStore(SessionStore):
             rec = SessionRecord(upload.id, owner, model, model_id, now, now,
                                 now + self.ttl_s, upload.size)
             with self._commit_lock:
-                evicted = self._make_room(upload.size)
+                self._uploads.pop(upload.id, None)    # its bytes now count as stored
+                pending = sum(u.reserved for u in self._uploads.values())
+                evicted = self._make_room(upload.size + pending)
                 path = self._key_path(upload.id)
                 os.replace(upload.path, path)
                 _fsync_dir(self.keys_dir)
@@ -207,10 +306,21 @@ class SQLiteStore(SessionStore):
                 except BaseException:
                     path.unlink(missing_ok=True)
                     raise
-            return rec, evicted
+            return rec, upload.evicted + evicted
         except BaseException:
             upload.abort()
             raise
+
+    def _check_owner(self, upload: "_FileUpload", owner: str) -> None:
+        """Refuse to commit for a revoked API key, or past the owner's session quota."""
+        rows = self._db.query("SELECT revoked FROM api_keys WHERE id = ?", (owner,))
+        if rows and rows[0][0] is not None:
+            raise AuthError("this API key was revoked")
+        quota = upload.quota
+        if quota is not None and self.usage(owner)[0] >= quota.max_sessions:
+            raise RateLimitError(f"this API key has reached its limit of "
+                                 f"{quota.max_sessions} sessions: delete one first",
+                                 retry_after=60.0)
 
     def _make_room(self, size: int) -> list[str]:
         rows = self._db.query("SELECT id, size FROM sessions ORDER BY last_used, created")
@@ -233,6 +343,8 @@ class SQLiteStore(SessionStore):
             cur.executemany("DELETE FROM sessions WHERE id = ?", [(i,) for i in ids])
         for sid in ids:
             self._key_path(sid).unlink(missing_ok=True)
+        for callback in list(self.on_drop):
+            callback(list(ids))
 
     def _row(self, session_id: str, owner: str) -> SessionRecord:
         if not isinstance(session_id, str) or not _ID.match(session_id):
@@ -277,6 +389,12 @@ class SQLiteStore(SessionStore):
     def records(self) -> list[SessionRecord]:
         return [SessionRecord(*r) for r in self._db.query(
             "SELECT * FROM sessions ORDER BY last_used, created")]
+
+    def delete_owner(self, owner: str) -> list[str]:
+        ids = [r[0] for r in self._db.query("SELECT id FROM sessions WHERE owner = ?",
+                                            (owner,))]
+        self._drop(ids)
+        return ids
 
     def close(self) -> None:
         self._db.close()

@@ -146,8 +146,8 @@ def add_routes(app, ctx) -> None:
     async def tee_infer(name: str, request: Request,
                         client: str = Depends(ctx.require_client)) -> Response:
         r = pool(name)
-        async with ctx.slot():
-            body = await ctx.read_body(request, body_limit(ctx.models[name].input_shape))
+        body = await ctx.read_body(request, body_limit(ctx.models[name].input_shape))
+        async with ctx.slot("tee"):
             channels.check(body, client)
             answer = await call(r, net.REQUEST, body, net.RESULT)
         return Response(answer, media_type="application/octet-stream")
