@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from ..._files import write_private
 from ...errors import KeyMaterialError
 from ..sockets import LEN, MAX_FRAME, TransportError, recv_buffer, recv_frame, send_frame
+from . import tickets
 
 VERSION = 1
 ROLES = ("party0", "party1", "dealer")
@@ -45,7 +46,9 @@ def _raw_public(key: X25519PublicKey) -> bytes:
 
 
 def setup(directory: str | os.PathLike) -> Path:
-    """Create one static key per role (private files mode 0600) and ``public.json``."""
+    """Create one static key per role (private files mode 0600), ``public.json``, and the
+    ticket key (``ticket.key``, 0600; see ``tickets.py``) that party 1 and party 0's
+    side (party 0, the service) share."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     public = {"version": VERSION}
@@ -57,16 +60,19 @@ def setup(directory: str | os.PathLike) -> Path:
                                               serialization.NoEncryption()))
         public[role] = _raw_public(key.public_key()).hex()
     (d / "public.json").write_text(json.dumps(public, indent=1))
+    tickets.write_key(d)
     return d
 
 
 @dataclass(frozen=True)
 class Identity:
-    """A role's private key and everyone's public keys."""
+    """A role's private key and everyone's public keys; party 0 and party 1 also hold
+    the ticket key (``tickets.py``) when their folder has one (party 1 needs it)."""
 
     role: str
     private: X25519PrivateKey | None
     public: dict[str, bytes]
+    ticket_key: bytes | None = None
 
     @classmethod
     def load(cls, directory: str | os.PathLike, role: str | None) -> "Identity":
@@ -84,7 +90,10 @@ class Identity:
                     raise KeyMaterialError(f"{role}.key does not match public.json")
         except (OSError, KeyError, ValueError) as exc:
             raise KeyMaterialError(f"MPC keys in {d} are missing or malformed: {exc}") from exc
-        return cls(role or "client", private, public)
+        ticket_key = None
+        if role in ("party0", "party1") and (d / tickets.TICKET_KEY).exists():
+            ticket_key = tickets.load_key(d)
+        return cls(role or "client", private, public, ticket_key)
 
 
 # -- handshake ----------------------------------------------------------------------------
