@@ -2,9 +2,9 @@
 
 ``encrypt`` splits a batch into two additive shares locally; ``infer`` gets party 1's
 admission ticket for the request from the service (``POST .../mpc/ticket``), sends one
-share with it to party 1 over a link of its own (authenticated with the public keys in ``mpc_keys``,
-the ``public.json`` folder of ``veil mpc-setup`` given by the deployer, never by the
-service) and the other to party 0 through the service, which fronts it
+share with it to party 1 over a link of its own (authenticated with the public keys in
+``mpc_keys``, the ``public.json`` folder of ``veil mpc-setup`` given by the deployer,
+never by the service) and the other to party 0 through the service, which fronts it
 (``POST /v1/models/{name}/mpc/share``); ``decrypt`` adds the two output shares.
 """
 from __future__ import annotations

@@ -70,6 +70,13 @@ def _text(address: tuple[str, int]) -> str:
     return f"{address[0]}:{address[1]}"
 
 
+def _child_env() -> dict[str, str]:
+    """The servers run single-threaded BLAS (``veil.cli`` would otherwise start itself
+    again to set it, doubling the time a restart takes)."""
+    return {**os.environ, "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS",
+                                                                  "1")}
+
+
 def proc_state(pid: int) -> str:
     """The one-letter state of ``pid`` in ``/proc`` (``R``, ``S``, ``T`` ...; ``?`` when
     unknown)."""
@@ -110,6 +117,7 @@ class Child:
                     raise ProcessError(f"{self.name}: the service is stopping")
                 proc = subprocess.Popen([sys.executable, "-m", self.module, *args],
                                         stdout=subprocess.PIPE, stderr=log_file, text=True,
+                                        env=_child_env(),
                                         preexec_fn=_die_with_parent if _PRCTL else None)
                 self.proc = proc
         finally:
@@ -179,10 +187,13 @@ class Child:
             return "down"
         state, proc = self._state, self.proc
         if state == "ok":
-            if proc is None or proc.poll() is not None:
+            if proc is None or proc.returncode is not None:
                 return "down"
-            if proc_state(proc.pid) in ("T", "t"):
+            now = proc_state(proc.pid)     # not poll(): the watcher may be in wait()
+            if now in ("T", "t"):
                 return "stopped"
+            if now in ("Z", "X", "?"):     # dead, not yet reaped by the watcher
+                return "down"
         return state
 
     def stop(self) -> None:

@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import secrets
+import select
 import socket
 import threading
 import time
@@ -545,8 +546,7 @@ class Party:
         threading.Thread(target=so.accept_forever, args=(self.clients, self.timeout,
                                                        self._client), daemon=True).start()
         threading.Thread(target=self._sweep_forever, daemon=True).start()
-        while True:
-            self._down = self._other()
+        while True:                 # _down names what is missing (the peer at first)
             try:
                 peer, session = self._connect_peer()
             except (OSError, VeilError) as exc:
@@ -751,6 +751,16 @@ class Party:
 
 
 # -- client -------------------------------------------------------------------------------
+def _closed(link: tp.Link) -> bool:
+    """True when an idle link has something to read: its party closed it (nothing else
+    arrives unasked)."""
+    try:
+        readable, _, _ = select.select([link.sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
 @dataclass
 class MpcResult:
     outputs: np.ndarray
@@ -787,6 +797,8 @@ class MpcClient:
         self._links: list[tp.Link] | None = None
 
     def _connect(self) -> list[tp.Link]:
+        if self._links is not None and any(_closed(link) for link in self._links):
+            self.close()            # a party restarted: its end of the link is gone
         if self._links is None:
             links = []
             try:
