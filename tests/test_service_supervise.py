@@ -368,3 +368,83 @@ def test_orphan_shares_are_bounded_released_quickly_and_block_no_one(served):
         assert time.monotonic() - t0 < 20.0
     finally:
         link.close()
+
+
+def test_party0s_report_of_another_role_is_a_503_naming_it():
+    """An in-flight request whose party 1 or dealer died is the service's failure, named
+    right (it used to be a 400 'refused', then 503 'party 0 is unreachable')."""
+    from veil.backends.mpc.service import ERROR, MpcError
+    from veil.errors import UnavailableError
+    from veil.service.mpc import relay, roles_check
+
+    class Pool:
+        def __init__(self, answer):
+            self.answer = answer
+
+        def call(self, exchange):
+            return ERROR, json.dumps(self.answer).encode()
+
+    for role, text in (("party1", "party 1 is unreachable"),
+                       ("dealer", "the MPC dealer is unreachable")):
+        with pytest.raises(UnavailableError, match=text):
+            relay(Pool({"error": "link failed", "unavailable": role}), b"")
+    with pytest.raises(MpcError) as info:             # the client's own fault: a 4xx
+        relay(Pool({"error": "the other share never came"}), b"")
+    assert not isinstance(info.value, UnavailableError)
+    states = {"m-party0": lambda: "ok", "m-party1": lambda: "stopped",
+              "m-dealer": lambda: "ok"}
+    with pytest.raises(UnavailableError, match=r"party 1 is unreachable \(stopped\)"):
+        roles_check("m", states)()
+    roles_check("m", {})()                            # unsupervised: nothing to check
+
+
+def test_a_supervised_child_restarts_with_backoff(tmp_path, monkeypatch):
+    """Processes: a child that dies is started again on its address; its state goes
+    down -> ok; SIGSTOP reads as stopped; one that cannot start backs off (doubling)."""
+    from veil.service import processes
+
+    script = tmp_path / "srv.py"
+    script.write_text(
+        "import os, socket, sys, time\n"
+        f"if os.path.exists({str(tmp_path / 'fail')!r}): sys.exit(3)\n"
+        "port = int(sys.argv[sys.argv.index('--listen') + 1].split(':')[1]) "
+        "if '--listen' in sys.argv else 0\n"
+        "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "s.bind(('127.0.0.1', port)); s.listen()\n"
+        "print('x listening on 127.0.0.1:%d' % s.getsockname()[1], flush=True)\n"
+        "time.sleep(600)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    procs = processes.Processes(tmp_path / "logs")
+
+    def wait_for(pred, limit=15.0):
+        deadline = time.monotonic() + limit
+        while not pred():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    try:
+        (address,) = procs.start("srv", [], module="srv", listen_flags=("--listen",))
+        child, state = procs.children["srv"], procs.state("srv")
+        assert state() == "ok"
+        first = child.proc
+        first.kill()
+        seen = set()
+        wait_for(lambda: seen.add(state()) or (state() == "ok" and child.proc is not first))
+        assert seen & {"down", "restarting"}
+        assert child.addresses == [address] and child.restarts == 1
+        os.kill(child.proc.pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: state() == "stopped", 5)
+        finally:
+            os.kill(child.proc.pid, signal.SIGCONT)
+        wait_for(lambda: state() == "ok", 5)
+        (tmp_path / "fail").write_text("")              # restarts now fail
+        child.proc.kill()
+        wait_for(lambda: child._backoff >= 4 * processes.RESTART_MIN_S)
+        assert state() in ("down", "restarting")
+        (tmp_path / "fail").unlink()
+        wait_for(lambda: state() == "ok")
+        assert child.addresses == [address]
+    finally:
+        procs.close()
+    assert state() == "down"
