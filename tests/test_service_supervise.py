@@ -448,3 +448,25 @@ def test_a_supervised_child_restarts_with_backoff(tmp_path, monkeypatch):
     finally:
         procs.close()
     assert state() == "down"
+
+
+def test_a_request_in_flight_fails_when_its_backend_stops_meanwhile():
+    """The pool watches the backend while it waits for an answer: a backend that is
+    SIGSTOPped after the request left fails it within a moment, not after 60 s."""
+    from veil.errors import UnavailableError
+    from veil.service.pool import ConnectionPool
+
+    state = {"now": "ok"}
+
+    def check():
+        if state["now"] != "ok":
+            raise UnavailableError(f"the enclave is not responding ({state['now']})")
+    a, b = socket.socketpair()
+    a.settimeout(60)
+    pool = ConnectionPool("the enclave", lambda: a, check=check)
+    threading.Timer(0.3, lambda: state.update(now="stopped")).start()
+    t0 = time.monotonic()
+    with pytest.raises(UnavailableError, match="stopped"):
+        pool.call(lambda sock: pool.wait_answer(sock))
+    assert time.monotonic() - t0 < 5.0
+    b.close()

@@ -52,11 +52,13 @@ _TICKET = {"requestBody": {"required": True, "content": {"application/json": {"s
 ROLES = {"party0": "party 0", "party1": "party 1", "dealer": "the MPC dealer"}
 
 
-def party0_pool(address: tuple[str, int], keys_dir, timeout: float = 60.0) -> ConnectionPool:
-    """Client links to party 0 (Noise NK with the deployment's public keys)."""
+def party0_pool(address: tuple[str, int], keys_dir, timeout: float = 60.0,
+                check=None) -> ConnectionPool:
+    """Client links to party 0 (Noise NK with the deployment's public keys); ``check``
+    raises UnavailableError while a role is not ok (see :func:`roles_check`)."""
     identity = tp.Identity.load(keys_dir, None)           # public keys only
     return ConnectionPool("party 0", lambda: tp.connect(dial(address, timeout), identity,
-                                                         "party0"))
+                                                         "party0"), check=check)
 
 
 def relay(pool: ConnectionPool, body: bytes) -> bytes:
@@ -64,6 +66,7 @@ def relay(pool: ConnectionPool, body: bytes) -> bytes:
     naming the role party 0 could not reach)."""
     def exchange(link):
         link.send(CLIENT_REQUEST, body)
+        pool.wait_answer(link)
         return link.recv()
     kind, reply = pool.call(exchange)
     if kind == ERROR:
@@ -101,7 +104,8 @@ def add_routes(app, ctx) -> None:
         children = dict(b.get("children") or {})
         ctx.children.update(children)
         checks[name] = roles_check(name, children)
-        relays[name] = party0_pool(so.parse_address(b["party0"]), b["keys"])
+        relays[name] = party0_pool(so.parse_address(b["party0"]), b["keys"],
+                                   check=checks[name])
         keys[name] = tickets.load_key(b["keys"])
     ctx.closers.extend(r.close for r in relays.values())
 

@@ -6,13 +6,15 @@ fails at once with :class:`UnavailableError` naming the backend; a connection th
 idle is tested (a peer that restarted has closed it) before it carries a request, so
 the first request after a restart does not fail on a stale connection; new connections
 are dialled with a short connect timeout (``CONNECT_TIMEOUT_S``), separate from the
-time an answer may take.
+time an answer may take; while an answer is awaited (``wait_answer``), ``check()`` is
+asked every ``WATCH_S``, so a backend that fails mid-request fails that request too.
 """
 from __future__ import annotations
 
 import queue
 import select
 import socket
+import time
 from typing import Callable, Generic, TypeVar
 
 from ..backends.sockets import TransportError
@@ -22,6 +24,7 @@ Conn = TypeVar("Conn")
 T = TypeVar("T")
 
 CONNECT_TIMEOUT_S = 1.0
+WATCH_S = 0.5                   # how often a request in flight asks check()
 
 
 def dial(address: tuple[str, int], timeout: float,
@@ -67,6 +70,28 @@ class ConnectionPool(Generic[Conn]):
             if not _stale(conn):
                 return conn
             conn.close()
+
+    def wait_answer(self, conn, timeout: float | None = None) -> None:
+        """Wait until ``conn`` has an answer to read, asking ``check()`` every
+        ``WATCH_S`` meanwhile: a backend that dies or is SIGSTOPped while a request is in
+        flight fails that request within a moment (UnavailableError), instead of holding
+        it (and its slot) for the whole answer timeout."""
+        sock = getattr(conn, "sock", conn)
+        if timeout is None:
+            timeout = sock.gettimeout()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TransportError("timed out waiting for the answer")
+            step = WATCH_S if left is None else min(WATCH_S, left)
+            try:
+                readable, _, _ = select.select([sock], [], [], step)
+            except (OSError, ValueError) as exc:
+                raise TransportError(f"link failed: {exc}") from None
+            if readable:
+                return
+            self.ready()
 
     def ready(self) -> None:
         """UnavailableError now if ``check()`` says the backend is not ok."""

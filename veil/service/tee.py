@@ -69,8 +69,16 @@ def child_check(state, what: str):
     return check
 
 
-def relay(kind: int, body: bytes, wanted: int):
-    return lambda sock: bytes(net.call(sock, kind, body, wanted))
+def relay(kind: int, body: bytes, wanted: int, pool: ConnectionPool | None = None):
+    """The exchange of one message; with ``pool``, its answer is awaited watching the
+    enclave's state (``ConnectionPool.wait_answer``)."""
+    def exchange(sock):
+        if pool is None:
+            return bytes(net.call(sock, kind, body, wanted))
+        net.send(sock, kind, body)
+        pool.wait_answer(sock)
+        return bytes(net.expect(*net.recv(sock), wanted))
+    return exchange
 
 
 class Channels:
@@ -200,7 +208,7 @@ def add_routes(app, ctx) -> None:
         return relays[name]
 
     async def call(p: ConnectionPool, kind: int, body: bytes, wanted: int) -> bytes:
-        return await ctx.run_sync(p.call, relay(kind, body, wanted))
+        return await ctx.run_sync(p.call, relay(kind, body, wanted, p))
 
     @app.get("/v1/models/{name}/tee", tags=["tee"], summary="The enclave's public status")
     async def tee_status(name: str, client: str = Depends(ctx.require_client)) -> dict:
