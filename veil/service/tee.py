@@ -152,9 +152,10 @@ class Channels:
 
 def max_channels(ctx, client: str) -> int:
     """``client``'s cap on TEE channels: its key's ``max_channels`` limit when the
-    service has per-key limits (``ctx.limits(client)``), else
+    service has per-key limits (``ctx.limits(client)`` or ``ctx.keys.limits(client)``,
+    a dict or an object with that attribute), else
     ``ctx.config.default_limits["max_channels"]``, else 256."""
-    limits = getattr(ctx, "limits", None)
+    limits = getattr(ctx, "limits", None) or getattr(ctx.keys, "limits", None)
     if callable(limits):
         try:
             mine = limits(client)

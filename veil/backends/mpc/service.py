@@ -586,6 +586,10 @@ class Party:
                 dealer.close()
                 if self.party == 0:
                     self._fail_all(role)
+                else:                   # party 0 forgot them: they age as orphans again
+                    with self._cond:
+                        for req in self._requests.values():
+                            req.confirmed = False
                 with self._pool_cond:
                     self._pool_cond.notify_all()
                 filler.join(self.timeout)
