@@ -153,6 +153,7 @@ def test_health_lists_every_child_ok(served):
     ("enclave", "tiny-enclave", "the enclave is not responding", "tee"),
     ("dealer", "tiny-dealer", "the MPC dealer is unreachable", "mpc"),
     ("party1", "tiny-party1", "party 1 is unreachable", "mpc"),
+    ("party0", "tiny-party0", "party 0 is unreachable", "mpc"),
 ])
 def test_a_killed_child_is_restarted_and_requests_fail_fast_meanwhile(served, role, child,
                                                                      message, route):
