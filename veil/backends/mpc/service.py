@@ -20,12 +20,14 @@
 - Admission: party 1 takes a share only with a ticket (``tickets.py``) that party 0's
   side issued for that request id and client (the HTTP service for its API clients,
   party 0 for clients that reach it directly, ``TICKET_REQUEST``), and holds at most
-  ``max_per_client`` shares per client tag (``MAX_PENDING`` in all). Party 0 begins a
-  request only once party 1 has confirmed it holds the other share (``PEER_QUERY`` /
-  ``PEER_HAVE``, asked between requests), so a share whose partner never comes blocks
-  no one; either party drops it after ``orphan_s`` seconds (2 by default) of idle time
-  (time spent computing other requests does not count, so honest shares queued behind
-  a long batch are not dropped) and tells its client.
+  ``max_per_client`` shares per client tag (``MAX_PENDING`` in all). When party 1 has
+  no share for a request party 0 begins, it says so at once (``"missing"``) and party 0
+  puts the request back, beginning it again only once party 1 confirms it holds the
+  other share (``PEER_QUERY`` / ``PEER_HAVE``, asked between requests), so a share
+  whose partner never comes costs one round and blocks no one; either party drops it
+  after ``orphan_s`` seconds (2 by default) of idle time (time spent computing other
+  requests does not count, so honest shares queued behind a long batch are not
+  dropped) and tells its client.
 - Client (:class:`MpcClient`): shares its input, gets a ticket for the request (from
   ``ticket_call``, the service, or from party 0 over its link), sends one share to each
   party (party 1's with the ticket, first), reconstructs the output from both answers,
@@ -260,6 +262,7 @@ class _Request:
     rid: bytes = b""
     tag: bytes = b""            # the client's tag from its ticket (party 1)
     confirmed: bool = False     # both parties hold a share of it
+    tried: bool = False         # party 0 began it once and party 1 had no share
     idle_age: float = 0.0       # seconds waited while the party was not computing
 
 
@@ -436,17 +439,30 @@ class Party:
                     have.append(rid.hex())
         return json.dumps({"ids": have}).encode()
 
+    def _requeue(self, rid: bytes, req: _Request) -> None:
+        """Party 0: put back a request party 1 had no share for (it stays in arrival
+        order, tried; only party 1's confirmation brings it forward again)."""
+        req.tried = True
+        with self._cond:
+            self._requests[rid] = req
+            self._per_client[req.tag] = self._per_client.get(req.tag, 0) + 1
+            self._order.append(rid)
+            self._order.sort(key=lambda r: self._requests[r].arrived)
+
     def _next(self, peer: tp.Link) -> tuple[bytes, _Request]:
-        """Party 0: the oldest request party 1 also holds. New requests are asked about
-        (PEER_QUERY) at most every QUERY_INTERVAL_S; a request party 1 never confirms
-        ages out in the sweeper, without holding up the others."""
+        """Party 0: the oldest request that party 1 confirmed holding or that was never
+        tried (an honest client's share is at party 1 before party 0's arrives, so
+        PEER_BEGIN finds it: no extra round). A request party 1 lacked goes back
+        (``_requeue``) and is asked about (PEER_QUERY) at most every
+        QUERY_INTERVAL_S, between requests; one never confirmed ages out in the
+        sweeper, without holding up the others."""
         asked = -1.0
         while True:
             with self._cond:
                 if self._broken:
                     raise _Unreachable("dealer", self._broken)
-                ready = next((rid for rid in self._order if self._requests[rid].confirmed),
-                             None)
+                ready = next((rid for rid in self._order if self._requests[rid].confirmed
+                              or not self._requests[rid].tried), None)
                 if ready is not None:
                     return ready, self._remove(ready)
                 unknown = [rid for rid in self._order
@@ -695,7 +711,8 @@ class Party:
             try:
                 rid, req = self._take(bytes.fromhex(msg["id"]))
             except MpcError as exc:
-                peer.send(PEER_READY, json.dumps({"ok": False, "error": str(exc)}).encode())
+                peer.send(PEER_READY, json.dumps({"ok": False, "missing": True,
+                                                  "error": str(exc)}).encode())
                 return
         # both sides agree the request exists before either spends material on it
         if self.party == 1:
@@ -706,6 +723,15 @@ class Party:
                 return
         else:
             status = so.json_object(body) if kind == PEER_READY else {"ok": False}
+            if status.get("missing") and not req.confirmed:
+                # party 1 has no share for it (yet): back in the queue, asked about
+                # later; the next request goes first (no head-of-line wait)
+                if pooled is not None:
+                    with self._pool_cond:
+                        self._pool[int(req.share.shape[0])][mid] = pooled
+                        self._pool_cond.notify_all()
+                self._requeue(rid, req)
+                return
             if not status.get("ok"):
                 self._fail(req, status.get("error", "party1 could not take the request"))
                 return

@@ -20,6 +20,7 @@ import json
 import os
 import select
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,15 +112,19 @@ class Link:
         self._send, self._recv = ChaCha20Poly1305(send_key), ChaCha20Poly1305(recv_key)
         self._send_n = self._recv_n = 0
         self.bytes_sent = self.bytes_received = 0
+        # a party answers one client link from several threads (results, refusals,
+        # released orphans): a frame's nonce and its bytes on the socket go together
+        self._send_lock = threading.Lock()
 
     @staticmethod
     def _nonce(n: int) -> bytes:
         return bytes(4) + n.to_bytes(8, "big")
 
     def send(self, kind: int, payload: bytes) -> None:
-        frame = self._seal(kind, payload)
-        send_frame(self.sock, frame)
-        self.bytes_sent += len(frame) + LEN.size
+        with self._send_lock:
+            frame = self._seal(kind, payload)
+            send_frame(self.sock, frame)
+            self.bytes_sent += len(frame) + LEN.size
 
     def exchange(self, kind: int, payload: bytes, limit: int = MAX_FRAME) -> tuple[int, bytes]:
         """Send one frame and receive one, both at once (full duplex, no thread): a round
