@@ -479,3 +479,20 @@ def test_a_request_in_flight_fails_when_its_backend_stops_meanwhile():
         pool.call(lambda sock: pool.wait_answer(sock))
     assert time.monotonic() - t0 < 5.0
     b.close()
+
+
+def test_tickets_bind_request_client_and_expiry():
+    from veil.backends.mpc import tickets
+
+    key, rid = os.urandom(32), os.urandom(16)
+    t = tickets.issue(key, rid, "alice", now=1000.0)
+    assert len(t) == tickets.TICKET_LEN
+    assert tickets.verify(key, t, rid, now=1000.0) == tickets.client_tag("alice")
+    assert tickets.client_tag("alice") != tickets.client_tag("bob")
+    for bad_key, bad_rid, now in ((os.urandom(32), rid, 1000.0),      # another key
+                                  (key, os.urandom(16), 1000.0),      # another request
+                                  (key, rid, 1000.0 + tickets.TICKET_TTL_S + 1)):  # expired
+        with pytest.raises(tickets.TicketError):
+            tickets.verify(bad_key, t, bad_rid, now=now)
+    with pytest.raises(tickets.TicketError):
+        tickets.verify(key, t[:-1], rid, now=1000.0)
