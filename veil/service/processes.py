@@ -229,7 +229,8 @@ class Processes:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.link = link or (lambda address: tuple(address))
         self.supervise = supervise
-        self.children: dict[str, Child] = {}
+        self.children: dict[str, Child] = {}          # by name: the latest of that name
+        self._all: list[Child] = []                    # every child started, for close()
         self._lock = threading.Lock()
         self._closing = False
         self._stopping = threading.Event()
@@ -243,6 +244,7 @@ class Processes:
         child is supervised: restarted on the same addresses when it dies."""
         child = Child(self, name, args, lines, timeout, module, tuple(listen_flags))
         self.children[name] = child
+        self._all.append(child)
         out = child.launch()
         if self.supervise and len(listen_flags) == lines:
             child.watch()
@@ -292,10 +294,11 @@ class Processes:
         with self._lock:
             self._closing = True
         self._stopping.set()
-        for child in self.children.values():
+        for child in self._all:
             child.stop()
-        for child in self.children.values():
+        for child in self._all:
             child.reap()
+        self._all.clear()
         self.children.clear()
 
     def __enter__(self) -> "Processes":
