@@ -27,6 +27,8 @@ from veil.deploy.export import export_model
 from veil.frontend import to_graph
 from veil.ir import interpreter
 
+from service_util import tiny_export
+
 BACK_WITHIN_S = 10.0        # the target is 5 s; the bound leaves room on a loaded machine
 FAIL_FAST_S = 1.5           # the target is ~1 s
 
@@ -53,15 +55,19 @@ def served(tmp_path_factory):
           "--allow-insecure", "--out", str(d / "policy.json"))
     keys = {who: _veil("keys", "create", who, "--store", str(d / "store")).strip()
             for who in ("alice", "bob")}
+    # an HE model beside it (small INSECURE test parameters: allowed where the service
+    # has the flag for them)
+    _, he_compiled, he_calib = tiny_export(d / "tinyhe", "tinyhe")
+    insecure = ["--allow-insecure"] if "--allow-insecure" in _veil("serve", "--help") else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "veil", "serve", str(d / "tiny"), "--store", str(d / "store"),
-         "--listen", "127.0.0.1:0", "--tee-attester-key", str(d / "att"),
-         "--mpc-keys", str(d / "mpc-keys")],
+        [sys.executable, "-m", "veil", "serve", str(d / "tiny"), str(d / "tinyhe"),
+         "--store", str(d / "store"), "--listen", "127.0.0.1:0", "--tee-attester-key",
+         str(d / "att"), "--mpc-keys", str(d / "mpc-keys"), *insecure],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()
     assert "listening on http://" in line, line
     s = {"url": line.split()[-1], "dir": d, "x": x, "proc": proc, "keys": keys,
-         "weight": m_weight(model),
+         "weight": m_weight(model), "he": (he_compiled, he_calib),
          "plain": interpreter.run(to_graph(model, (6,)), x), "policy": d / "policy.json",
          "mpc_keys": d / "mpc-keys", "log_dir": d / "store" / "logs"}
     yield s
@@ -197,9 +203,16 @@ def test_a_killed_child_is_restarted_and_requests_fail_fast_meanwhile(served, ro
         np.testing.assert_allclose(ys, s["plain"][:3], atol=1e-4)
 
 
-def test_a_stopped_enclave_fails_tee_fast_and_mpc_is_unaffected(served):
+def test_a_stopped_enclave_fails_tee_fast_and_he_and_mpc_are_unaffected(served):
+    import veil
+
     s = served
     _wait_health(s, _all_ok, 30)
+    compiled, calib = s["he"]
+    want = compiled.run(calib[:2], mode="simulate")
+    he = veil.Client(s["url"], "tinyhe", api_key=s["keys"]["alice"],
+                     key_dir=s["dir"] / "k-he", allow_insecure=True)
+    np.testing.assert_allclose(he.predict(calib[:2]), want, atol=1e-3)   # keys uploaded
     enclave = _child(s, "enclave")
     enclave.send_signal(signal.SIGSTOP)
     try:
@@ -215,6 +228,9 @@ def test_a_stopped_enclave_fails_tee_fast_and_mpc_is_unaffected(served):
         threads = [threading.Thread(target=tee_request) for _ in range(12)]
         for t in threads:
             t.start()
+        t0 = time.monotonic()                      # HE while TEE requests pile in
+        np.testing.assert_allclose(he.predict(calib[:2]), want, atol=1e-3)
+        assert time.monotonic() - t0 < 20.0         # it waited 59.5 s for a slot before
         for t in threads:
             t.join()
         assert all(code == 503 for code, _, _ in results), results
@@ -226,6 +242,7 @@ def test_a_stopped_enclave_fails_tee_fast_and_mpc_is_unaffected(served):
             assert time.monotonic() - t0 < 10.0
     finally:
         enclave.send_signal(signal.SIGCONT)
+        he.close()
     _wait_health(s, _all_ok, 5)
     with _client(s, "tee") as c:
         np.testing.assert_allclose(c.predict(s["x"][:2]), s["plain"][:2], atol=1e-9)
