@@ -348,7 +348,8 @@ class Party:
                                                   "from the service")
                     tag = tickets.verify(self.identity.ticket_key, ticket, rid)
             except VeilError as exc:
-                log.info("party%d: refused a request: %s", self.party, exc)
+                # debug: a flood of refused shares must not fill the log on disk
+                log.debug("party%d: refused a request: %s", self.party, exc)
                 self._reply_error(link, None, str(exc))
                 continue
             refusal, down = None, None

@@ -109,7 +109,7 @@ class _ModelServer:
                     reply_kind, *reply = self._handle(kind, body)
                 except VeilError as exc:       # a refusal in the clear: no plaintext in it
                     self._count("refused")
-                    log.info("refused: %s", exc)
+                    log.debug("refused: %s", exc)   # clients can make many
                     reply_kind, reply = net.ERROR, (net.error_body(exc),)
                 net.send(sock, reply_kind, *reply)
         except (TransportError, OSError) as exc:
