@@ -331,13 +331,17 @@ def test_party1_refuses_shares_without_a_valid_ticket(served):
             link.send(CLIENT_REQUEST, _share_body(rid, ticket=ticket))
             kind, body = link.recv()
             assert kind == ERROR and "ticket" in json.loads(body)["error"]
-        # 1,030 lone shares without tickets: each refused at once, none kept
+        # 1,030 lone shares without tickets: each refused at once, none kept, and the
+        # flood does not flood party 1's log
+        log = s["log_dir"] / "tiny-party1.log"
+        log_before = log.stat().st_size
         t0 = time.monotonic()
         for _ in range(1030):
             link.send(CLIENT_REQUEST, _share_body(os.urandom(16)))
             kind, _ = link.recv()
             assert kind == ERROR
         assert time.monotonic() - t0 < 60
+        assert log.stat().st_size - log_before < 10_000
     finally:
         link.close()
     with _client(s, "mpc") as c:
