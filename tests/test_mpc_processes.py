@@ -234,7 +234,8 @@ def test_a_corrupted_message_between_parties_fails_cleanly(tmp_path):
 
 def test_requests_the_other_party_never_claims_are_dropped(tmp_path):
     """A client whose other share never arrived (say its HTTP post to party 0 failed)
-    must not leave its request in party 1 forever."""
+    must not leave its request in party 1 for long: unconfirmed shares age out after
+    ``orphan_s`` idle seconds; one party 0 confirmed stays."""
     import torch
 
     from veil.backends.mpc import transport
@@ -245,16 +246,21 @@ def test_requests_the_other_party_never_claims_are_dropped(tmp_path):
     model = to_graph(torch.nn.Sequential(torch.nn.Linear(3, 2)).eval(), (3,))
     party = Party(1, transport.Identity.load(tmp_path, "party1"), model,
                   ("127.0.0.1", 0), ("127.0.0.1", 9), peer_listen=("127.0.0.1", 0),
-                  timeout=0.05)
+                  timeout=5.0, orphan_s=1.0)
     try:
         share = np.zeros((1, 3), np.uint64)
-        party._requests[b"old"] = _Request(None, share, time.monotonic() - 1.0)
-        party._requests[b"new"] = _Request(None, share, time.monotonic())
-        party._order += [b"old", b"new"]
+        party._requests[b"old"] = _Request(None, share, time.monotonic(), tag=b"t")
+        party._requests[b"new"] = _Request(None, share, time.monotonic(), tag=b"t")
+        party._requests[b"kept"] = _Request(None, share, time.monotonic(), tag=b"t",
+                                            confirmed=True)
+        party._requests[b"old"].idle_age = 0.9
+        party._per_client[b"t"] = 3
+        party._order += [b"old", b"new", b"kept"]
         with party._cond:
-            stale = party._drop_stale()
+            stale = party._drop_stale(0.5)
         assert [rid for rid, _ in stale] == [b"old"]
-        assert list(party._requests) == [b"new"] and party._order == [b"new"]
+        assert list(party._requests) == [b"new", b"kept"]
+        assert party._order == [b"new", b"kept"] and party._per_client[b"t"] == 2
     finally:
         party.clients.close()
         party.peer_server.close()

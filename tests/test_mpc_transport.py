@@ -43,6 +43,11 @@ def _pair(keys, client_role, server_role, allowed, timeout=5.0):
 def test_setup_writes_private_keys_0600(keys):
     for role in tp.ROLES:
         assert stat.S_IMODE(os.stat(keys / f"{role}.key").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(keys / "ticket.key").st_mode) == 0o600   # party 1's tickets
+    assert len((keys / "ticket.key").read_bytes()) == 32
+    assert tp.Identity.load(keys, "party1").ticket_key is not None
+    assert tp.Identity.load(keys, None).ticket_key is None           # never a client's
+    assert tp.Identity.load(keys, "dealer").ticket_key is None
     with pytest.raises(KeyMaterialError):
         tp.Identity.load(keys, "nobody")
 

@@ -1,9 +1,10 @@
 """The SDK's MPC mode: secret-shared inference with two non-colluding parties.
 
-``encrypt`` splits a batch into two additive shares locally; ``infer`` sends one share
-to party 1 over a link of its own (authenticated with the public keys in ``mpc_keys``,
-the ``public.json`` folder of ``veil mpc-setup`` given by the deployer, never by the
-service) and the other to party 0 through the service, which fronts it
+``encrypt`` splits a batch into two additive shares locally; ``infer`` gets party 1's
+admission ticket for the request from the service (``POST .../mpc/ticket``), sends one
+share with it to party 1 over a link of its own (authenticated with the public keys in
+``mpc_keys``, the ``public.json`` folder of ``veil mpc-setup`` given by the deployer,
+never by the service) and the other to party 0 through the service, which fronts it
 (``POST /v1/models/{name}/mpc/share``); ``decrypt`` adds the two output shares.
 """
 from __future__ import annotations
@@ -30,10 +31,17 @@ class MPCMode:
         info = client._call("GET", f"/v1/models/{client.model}/mpc", expect="json")
         self.input_shape = tuple(info["input_shape"])
         share_route = f"/v1/models/{client.model}/mpc/share"
+        ticket_route = f"/v1/models/{client.model}/mpc/ticket"
+
+        def ticket(rid: bytes) -> bytes:
+            answer = client._call("POST", ticket_route, json={"request_id": rid.hex()},
+                                  expect="json")
+            return bytes.fromhex(answer["ticket"])
         self._mpc = MpcClient(mpc_keys, None, parse_address(info["party1"]), self.input_shape,
                               timeout=timeout, frac_bits=int(info["frac_bits"]),
                               party0_call=lambda body: client._call(
-                                  "POST", share_route, content=body, expect="bytes"))
+                                  "POST", share_route, content=body, expect="bytes"),
+                              ticket_call=ticket)
         self.last_stats: list[dict] = []
 
     def encrypt(self, x) -> tuple[MpcShares, bool]:

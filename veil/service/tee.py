@@ -13,9 +13,18 @@ Routes (``add_routes``; all need an API key):
 
 The service relays bytes: it holds no key that opens them (the enclave's private keys
 never leave the enclave process), so it sees what any host sees (sizes, timing, the clear
-channel header). It adds one rule of its own: a channel belongs to the API client whose
+channel header). It adds rules of its own: a channel belongs to the API client whose
 evidence request opened it, and another client's request on it is answered 404 like an
-unknown channel. The enclave's refusals come back as their typed errors.
+unknown channel; each client holds at most ``max_channels`` channels (its key's limit
+over ``ServiceConfig.default_limits``): a new one beyond that closes the
+client's own oldest (in the service's table and, with a ``CLOSE`` message, in the
+enclave's), never another client's. The enclave's refusals come back as their typed
+errors.
+
+When the service started the enclave (``processes.py``), it is registered as
+``"<model>-enclave"`` in ``ctx.children``; while it is not ``ok`` (dead, restarting,
+SIGSTOPped) a TEE request fails at once with 503 "the enclave is not responding",
+before it takes a slot or a connection.
 """
 from __future__ import annotations
 
@@ -28,9 +37,12 @@ from fastapi import Depends, Request, Response
 
 from ..backends import sockets
 from ..backends.tee import net
-from ..backends.tee.service import EVIDENCE_TTL_S, MAX_CHANNELS, make_room
-from ..errors import InputError, SerializationError, SessionError
-from .pool import ConnectionPool
+from ..backends.tee.service import EVIDENCE_TTL_S, MAX_CHANNELS
+from ..errors import (InputError, RateLimitError, SerializationError, SessionError,
+                      UnavailableError, VeilError)
+from .pool import ConnectionPool, dial
+
+MAX_CHANNELS_PER_CLIENT = 256
 
 _BINARY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
     "schema": {"type": "string", "format": "binary"}}}}}
@@ -39,28 +51,96 @@ _NONCE = {"requestBody": {"required": True, "content": {"application/json": {"sc
     "properties": {"nonce": {"type": "string", "description": "16-64 random bytes, base64url"}}}}}}}
 
 
-def enclave_pool(address: tuple[str, int], timeout: float = 60.0) -> ConnectionPool:
+def enclave_pool(address: tuple[str, int], timeout: float = 60.0,
+                 state=None) -> ConnectionPool:
     """Connections to one enclave; ``pool.call(relay(kind, body, wanted))`` sends one
-    message and returns the answer's body (the enclave's refusals as typed errors)."""
-    return ConnectionPool("the enclave", lambda: sockets.dial(address, timeout))
+    message and returns the answer's body (the enclave's refusals as typed errors).
+    ``state()``: the supervised enclave's state (fail fast unless ``"ok"``)."""
+    return ConnectionPool("the enclave", lambda: dial(address, timeout),
+                          check=None if state is None else child_check(state, "the enclave"))
 
 
-def relay(kind: int, body: bytes, wanted: int):
-    return lambda sock: bytes(net.call(sock, kind, body, wanted))
+def child_check(state, what: str):
+    """A pool's ``check``: UnavailableError naming ``what`` unless ``state()`` is ok."""
+    def check() -> None:
+        now = state()
+        if now != "ok":
+            raise UnavailableError(f"{what} is not responding ({now}); try again shortly")
+    return check
+
+
+def relay(kind: int, body: bytes, wanted: int, pool: ConnectionPool | None = None):
+    """The exchange of one message; with ``pool``, its answer is awaited watching the
+    enclave's state (``ConnectionPool.wait_answer``)."""
+    def exchange(sock):
+        if pool is None:
+            return bytes(net.call(sock, kind, body, wanted))
+        net.send(sock, kind, body)
+        pool.wait_answer(sock)
+        return bytes(net.expect(*net.recv(sock), wanted))
+    return exchange
 
 
 class Channels:
-    """Which API client opened which enclave channel (bounded, expiring)."""
+    """Which API client opened which enclave channel: at most ``total`` channels, each
+    client at most its own cap, each expiring with its evidence."""
 
-    def __init__(self) -> None:
+    def __init__(self, total: int = MAX_CHANNELS, ttl: float = EVIDENCE_TTL_S) -> None:
+        self.total, self.ttl = total, ttl
         self._owner: dict[bytes, tuple[str, float]] = {}
+        self._mine: dict[str, dict[bytes, float]] = {}     # client -> channels, oldest first
         self._lock = threading.Lock()
 
-    def claim(self, channel: bytes, client: str) -> None:
+    def _expire(self, now: float) -> None:
+        for channel in [c for c, (_, exp) in self._owner.items() if exp <= now]:
+            client, _ = self._owner.pop(channel)
+            self._drop(client, channel)
+
+    def _drop(self, client: str, channel: bytes) -> None:
+        mine = self._mine.get(client)
+        if mine is not None:
+            mine.pop(channel, None)
+            if not mine:
+                del self._mine[client]
+
+    def admit(self, client: str, cap: int) -> None:
+        """Before a client's evidence request: RateLimitError when the table is full of
+        other clients' live channels (the client has none of its own to give up)."""
         now = time.monotonic()
         with self._lock:
-            make_room(self._owner, MAX_CHANNELS, lambda owner: owner[1], now)
-            self._owner[channel] = (client, now + EVIDENCE_TTL_S)
+            if len(self._owner) >= self.total:
+                self._expire(now)
+            if len(self._owner) >= self.total and not self._mine.get(client) and cap > 0:
+                soonest = min(exp for _, exp in self._owner.values())
+                raise RateLimitError("the enclave holds as many channels as it can; "
+                                     "try again later", retry_after=max(1.0, soonest - now))
+            if cap <= 0:
+                raise RateLimitError("this API key may not open TEE channels",
+                                     retry_after=3600.0)
+
+    def claim(self, channel: bytes, client: str, cap: int) -> list[bytes]:
+        """Record ``client``'s new channel; the channels it gives up for it (its own
+        oldest beyond ``cap``, or the table's soonest-expiring of its own when full),
+        which the caller closes at the enclave."""
+        now = time.monotonic()
+        evicted = []
+        with self._lock:
+            mine = self._mine.setdefault(client, {})
+            if len(self._owner) >= self.total:
+                self._expire(now)
+                mine = self._mine.setdefault(client, {})
+            while mine and (len(mine) >= max(1, cap) or len(self._owner) >= self.total):
+                oldest = next(iter(mine))
+                del mine[oldest]
+                self._owner.pop(oldest, None)
+                evicted.append(oldest)
+            self._owner[channel] = (client, now + self.ttl)
+            mine[channel] = now + self.ttl
+        return evicted
+
+    def count(self, client: str) -> int:
+        with self._lock:
+            return len(self._mine.get(client, ()))
 
     def check(self, message: bytes, client: str) -> None:
         channel = bytes(message[:16])
@@ -68,6 +148,12 @@ class Channels:
             owner = self._owner.get(channel)
         if owner is None or owner[0] != client or owner[1] <= time.monotonic():
             raise SessionError("unknown or expired channel: fetch fresh evidence")
+
+
+def max_channels(ctx, client: str) -> int:
+    """``client``'s cap on TEE channels: its key's ``max_channels`` limit (over the
+    service's defaults; ``veil keys create --max-channels``)."""
+    return int(ctx.limits_for(client).max_channels)
 
 
 def _channel_claim(token: bytes) -> bytes:
@@ -94,18 +180,23 @@ def add_routes(app, ctx) -> None:
     relays: dict[str, ConnectionPool] = {}
     for name, info in ctx.models.items():
         if "tee" in info.modes:
-            relays[name] = enclave_pool(
-                sockets.parse_address(ctx.config.backends[name]["tee"]["enclave"]))
+            backend = ctx.config.backends[name]["tee"]
+            children = dict(backend.get("children") or {})
+            ctx.children.update(children)
+            relays[name] = enclave_pool(sockets.parse_address(backend["enclave"]),
+                                        state=children.get(f"{name}-enclave"))
     channels = Channels()
     ctx.closers.extend(r.close for r in relays.values())
     ctx.mode_info["tee"] = lambda info: dict(info.index.get("tee", {}))
 
     def pool(name: str) -> ConnectionPool:
+        """The enclave's pool; 503 at once (before any slot) when it is not ok."""
         ctx.model(name, "tee")
+        relays[name].ready()
         return relays[name]
 
     async def call(p: ConnectionPool, kind: int, body: bytes, wanted: int) -> bytes:
-        return await ctx.run_sync(p.call, relay(kind, body, wanted))
+        return await ctx.run_sync(p.call, relay(kind, body, wanted, p))
 
     @app.get("/v1/models/{name}/tee", tags=["tee"], summary="The enclave's public status")
     async def tee_status(name: str, client: str = Depends(ctx.require_client)) -> dict:
@@ -124,9 +215,15 @@ def add_routes(app, ctx) -> None:
         nonce = sockets.json_object(body).get("nonce")
         if not isinstance(nonce, str):
             raise InputError('an evidence request is {"nonce": "<base64url>"}')
+        cap = max_channels(ctx, client)
+        channels.admit(client, cap)
         token = await call(r, net.EVIDENCE_REQUEST, json.dumps({"nonce": nonce}).encode(),
                            net.EVIDENCE)
-        channels.claim(_channel_claim(token), client)
+        for old in channels.claim(_channel_claim(token), client, cap):
+            try:                   # best effort: the enclave also expires it on its own
+                await call(r, net.CLOSE, old, net.CLOSED)
+            except VeilError:
+                pass
         return Response(token, media_type="application/jwt")
 
     @app.post("/v1/models/{name}/tee/open", tags=["tee"], status_code=204,

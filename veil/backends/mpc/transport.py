@@ -20,6 +20,7 @@ import json
 import os
 import select
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from ..._files import write_private
 from ...errors import KeyMaterialError
 from ..sockets import LEN, MAX_FRAME, TransportError, recv_buffer, recv_frame, send_frame
+from . import tickets
 
 VERSION = 1
 ROLES = ("party0", "party1", "dealer")
@@ -45,7 +47,9 @@ def _raw_public(key: X25519PublicKey) -> bytes:
 
 
 def setup(directory: str | os.PathLike) -> Path:
-    """Create one static key per role (private files mode 0600) and ``public.json``."""
+    """Create one static key per role (private files mode 0600), ``public.json``, and the
+    ticket key (``ticket.key``, 0600; see ``tickets.py``) that party 1 and party 0's
+    side (party 0, the service) share."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     public = {"version": VERSION}
@@ -57,16 +61,19 @@ def setup(directory: str | os.PathLike) -> Path:
                                               serialization.NoEncryption()))
         public[role] = _raw_public(key.public_key()).hex()
     (d / "public.json").write_text(json.dumps(public, indent=1))
+    tickets.write_key(d)
     return d
 
 
 @dataclass(frozen=True)
 class Identity:
-    """A role's private key and everyone's public keys."""
+    """A role's private key and everyone's public keys; party 0 and party 1 also hold
+    the ticket key (``tickets.py``) when their folder has one (party 1 needs it)."""
 
     role: str
     private: X25519PrivateKey | None
     public: dict[str, bytes]
+    ticket_key: bytes | None = None
 
     @classmethod
     def load(cls, directory: str | os.PathLike, role: str | None) -> "Identity":
@@ -84,7 +91,10 @@ class Identity:
                     raise KeyMaterialError(f"{role}.key does not match public.json")
         except (OSError, KeyError, ValueError) as exc:
             raise KeyMaterialError(f"MPC keys in {d} are missing or malformed: {exc}") from exc
-        return cls(role or "client", private, public)
+        ticket_key = None
+        if role in ("party0", "party1") and (d / tickets.TICKET_KEY).exists():
+            ticket_key = tickets.load_key(d)
+        return cls(role or "client", private, public, ticket_key)
 
 
 # -- handshake ----------------------------------------------------------------------------
@@ -102,15 +112,19 @@ class Link:
         self._send, self._recv = ChaCha20Poly1305(send_key), ChaCha20Poly1305(recv_key)
         self._send_n = self._recv_n = 0
         self.bytes_sent = self.bytes_received = 0
+        # a party answers one client link from several threads (results, refusals,
+        # released orphans): a frame's nonce and its bytes on the socket go together
+        self._send_lock = threading.Lock()
 
     @staticmethod
     def _nonce(n: int) -> bytes:
         return bytes(4) + n.to_bytes(8, "big")
 
     def send(self, kind: int, payload: bytes) -> None:
-        frame = self._seal(kind, payload)
-        send_frame(self.sock, frame)
-        self.bytes_sent += len(frame) + LEN.size
+        with self._send_lock:
+            frame = self._seal(kind, payload)
+            send_frame(self.sock, frame)
+            self.bytes_sent += len(frame) + LEN.size
 
     def exchange(self, kind: int, payload: bytes, limit: int = MAX_FRAME) -> tuple[int, bytes]:
         """Send one frame and receive one, both at once (full duplex, no thread): a round

@@ -11,13 +11,18 @@ Enclave (:class:`Enclave`, ``veil tee-serve``):
    the measurement and the model's shapes.
 3. ``OPEN``: the client's HPKE-sealed channel secret keys the channel, once
    (``seal.py``).
-4. ``REQUEST``: refuse an unknown, expired or unkeyed channel, or a sequence number
+4. ``CLOSE`` (16-byte channel id): forget a channel. The host may ask: it can drop any
+   message anyway, and the service uses it to keep each client within its own cap of
+   channels, so that one client cannot push others' channels out of this table.
+5. ``REQUEST``: refuse an unknown, expired or unkeyed channel, or a sequence number
    already used, before decrypting; open it (one opaque error on failure); record the
    sequence number; run the model; seal the answer (or the input's error, which may
    describe the input, so it is sealed too) under the channel's response key.
 
 The enclave answers every refusal and keeps serving; counters (``STATUS``) show how
-many requests were opened, served and refused.
+many requests were opened, served and refused. Nothing computed from a sealed input
+reaches its log: the model runs under ``np.errstate(all="ignore")`` (an overflow on an
+input of 1e308 is not a warning on stderr), and errors after decryption are sealed.
 
 Plaintext baseline (:class:`PlaintextServer`, ``veil tee-serve --plaintext-baseline``):
 the same process, framing and model path without attestation or sealing, INSECURE,
@@ -104,7 +109,7 @@ class _ModelServer:
                     reply_kind, *reply = self._handle(kind, body)
                 except VeilError as exc:       # a refusal in the clear: no plaintext in it
                     self._count("refused")
-                    log.info("refused: %s", exc)
+                    log.debug("refused: %s", exc)   # clients can make many
                     reply_kind, reply = net.ERROR, (net.error_body(exc),)
                 net.send(sock, reply_kind, *reply)
         except (TransportError, OSError) as exc:
@@ -126,7 +131,11 @@ class _ModelServer:
 
     def _infer(self, xs: np.ndarray) -> np.ndarray:
         xs = net.check_inputs(xs, self.graph.input_shape)
-        return interpreter.run(self.graph, xs)
+        # numpy's floating-point warnings name the operation and go to stderr, a log
+        # the host reads: none may be triggered by a sealed input (errstate is per
+        # thread/context, so it covers exactly this computation)
+        with np.errstate(all="ignore"):
+            return interpreter.run(self.graph, xs)
 
 
 class PlaintextServer(_ModelServer):
@@ -192,6 +201,8 @@ class Enclave(_ModelServer):
             return net.EVIDENCE, self._evidence(body)
         if kind == net.OPEN:
             return net.OPENED, self._open(body)
+        if kind == net.CLOSE:
+            return net.CLOSED, self._close(body)
         return super()._handle(kind, body)
 
     def _status(self) -> dict:
@@ -214,6 +225,13 @@ class Enclave(_ModelServer):
             make_room(self._channels, MAX_CHANNELS, lambda ch: ch.expires, now)
             self._channels[channel] = _Channel(now + self.evidence_ttl)
         return self._token_for(nonce, channel).encode()
+
+    def _close(self, body: bytes) -> bytes:
+        if len(body) != 16:
+            raise SerializationError("a CLOSE message is a 16-byte channel id")
+        with self._lock:
+            self._channels.pop(bytes(body), None)
+        return b""
 
     def _channel(self, header: seal.Header) -> _Channel:
         channel = self._channels.get(header.channel)     # one atomic read; writers lock
