@@ -53,12 +53,13 @@ def served(tmp_path_factory):
     transport.setup(d / "mpc-keys")
     _veil("tee-policy", str(info.path("tee")), "--attester", str(d / "att"),
           "--allow-insecure", "--out", str(d / "policy.json"))
-    keys = {who: _veil("keys", "create", who, "--store", str(d / "store")).strip()
+    # bursts of hundreds of requests below: room enough under the per-key rate limit
+    keys = {who: _veil("keys", "create", who, "--store", str(d / "store"), "--rate", "1000",
+                       "--burst", "1000").strip()
             for who in ("alice", "bob")}
-    # an HE model beside it (small INSECURE test parameters: allowed where the service
-    # has the flag for them)
+    # an HE model beside it (small INSECURE test parameters, so --allow-insecure)
     _, he_compiled, he_calib = tiny_export(d / "tinyhe", "tinyhe")
-    insecure = ["--allow-insecure"] if "--allow-insecure" in _veil("serve", "--help") else []
+    insecure = ["--allow-insecure"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "veil", "serve", str(d / "tiny"), str(d / "tinyhe"),
          "--store", str(d / "store"), "--listen", "127.0.0.1:0", "--tee-attester-key",
@@ -152,7 +153,7 @@ def _party1_link(s):
 def test_health_lists_every_child_ok(served):
     _, h = _wait_health(served, _all_ok, 30)
     assert set(h["children"]) == {"tiny-enclave", "tiny-dealer", "tiny-party0",
-                                  "tiny-party1"}
+                                  "tiny-party1", "he-worker-0", "he-worker-1"}
 
 
 @pytest.mark.parametrize("role,child,message,route", [
