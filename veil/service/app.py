@@ -45,8 +45,9 @@ Guarantees:
   closed (``veil.service.run``); idle keep-alive connections close after 5 s.
 * Exports with insecure test parameters are refused by ``serve`` unless
   ``allow_insecure``; when served, ``/v1/health`` and ``/v1/models`` say ``insecure``.
-* OpenFHE work runs in the threadpool, never on the event loop; nothing is global: two
-  apps in one process share nothing but OpenFHE's maps.
+* OpenFHE never runs in this process: HE work runs in supervised worker processes
+  (``veil.service.workers``), which the threadpool only waits on; nothing is global:
+  two apps in one process share nothing.
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@
 announced address is the real one. It writes exactly one line,
 ``veil-serve listening on http://HOST:PORT``, to stdout once the server accepts
 connections (scripts and tests wait for it); everything else goes to logging.
-One worker: sessions live in this process's memory and OpenFHE's maps.
+One uvicorn worker: the HE sessions live in this service's HE worker processes
+(``veil.service.workers``), which it supervises.
 
 Before it binds, ``serve`` refuses exports with insecure test parameters unless
 ``config.allow_insecure`` (then it writes a warning to stderr). Connections use
