@@ -13,6 +13,7 @@
                [--tee-attester-key DIR | --tee-enclave HOST:PORT]
                [--mpc-keys DIR [--mpc-parties P0,P1]] [--allow-insecure]
                [--body-timeout S] [--header-timeout S] [--max-inflight-he|tee|mpc N]
+               [--he-workers N] [--worker-timeout S]
     veil predict URL --model NAME --mode he|tee|mpc --input DATA [--out FILE]
                  [--policy FILE] [--mpc-keys DIR]
 
@@ -22,7 +23,7 @@ MODEL is an .onnx file or a torch module saved whole (.pt, with --trust-pickle);
 
 The processes behind the modes, run by ``serve`` or by hand:
 
-    veil mpc-setup KEYS_DIR
+    veil mpc-setup KEYS_DIR                       # role keys, public.json, ticket.key
     veil mpc-dealer --keys KEYS_DIR [--listen HOST:PORT]
     veil mpc-node --party 0|1 --keys KEYS_DIR --model MODEL_DIR --dealer HOST:PORT
                   [--listen HOST:PORT] [--peer HOST:PORT | --peer-listen HOST:PORT]
@@ -67,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     add_compare(sub)
     _service_parsers(sub)
     s = sub.add_parser("mpc-setup", help="create the MPC roles' static keys in a folder")
-    s.add_argument("keys", help="folder for party0/party1/dealer keys and public.json")
+    s.add_argument("keys", help="folder for party0/party1/dealer keys, public.json (for "
+                   "clients) and ticket.key (for party 0, party 1 and the service only)")
     d = sub.add_parser("mpc-dealer", help="run the dealer (correlated randomness)")
     d.add_argument("--keys", required=True, help="folder made by mpc-setup")
     d.add_argument("--listen", type=_address, default=("127.0.0.1", 0))
