@@ -28,8 +28,9 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from abuse_util import (CT_KIND, GENEROUS, KEYS_KIND, OCT, RSSWatch, Served, create_key, json_error,
-                        repack, serve_args, smallest_he_export, veil as veil_cli)
+from abuse_util import (CT_KIND, GENEROUS, KEYS_KIND, OCT, RSSWatch, Served, create_key,
+                        json_error, repack, serve_args, smallest_he_export,
+                        veil as veil_cli)
 from veil.wire import unpack
 
 EXAMPLES = 12
