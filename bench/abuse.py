@@ -57,13 +57,14 @@ def _veil(*args, check=True) -> subprocess.CompletedProcess:
 
 
 def _supports(command: str, flag: str, _cache={}) -> bool:
+    """Whether ``veil COMMAND --help`` lists ``flag`` (``command`` may have words)."""
     if command not in _cache:
-        _cache[command] = _veil(command, "--help", check=False).stdout
+        _cache[command] = _veil(*command.split(), "--help", check=False).stdout
     return flag in _cache[command]
 
 
 def _key(store: Path, name: str, *limits: str) -> str:
-    opts = [a for i, a in enumerate(limits) if _supports("keys", limits[i - i % 2])]
+    opts = [a for i, a in enumerate(limits) if _supports("keys create", limits[i - i % 2])]
     return _veil("keys", "create", name, "--store", store, *opts).stdout.strip()
 
 
@@ -348,7 +349,7 @@ def main(argv=None) -> int:
               "--out", d / "policy.json")
         store = d / "store"
         for flag in ("--rate", "--max-sessions", "--max-channels"):
-            result["features"][f"keys create {flag}"] = _supports("keys", flag)
+            result["features"][f"keys create {flag}"] = _supports("keys create", flag)
         for flag in ("--header-timeout", "--body-timeout", "--max-inflight-he",
                      "--he-workers"):
             result["features"][f"serve {flag}"] = _supports("serve", flag)

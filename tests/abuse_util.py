@@ -44,19 +44,20 @@ def veil(*args: str, check: bool = True, timeout: float = 120) -> subprocess.Com
 
 
 @lru_cache(maxsize=None)
-def help_text(*command: str) -> str:
-    return veil(*command, "--help", check=False).stdout
+def help_text(command: str) -> str:
+    return veil(*command.split(), "--help", check=False).stdout
 
 
 def supports(command: str, flag: str) -> bool:
-    """Whether ``veil COMMAND --help`` lists ``flag`` (an issue-14 flag may be absent)."""
+    """Whether ``veil COMMAND --help`` lists ``flag`` (an issue-14 flag may be absent);
+    ``command`` may have words (``"keys create"``)."""
     return flag in help_text(command)
 
 
 def create_key(store: Path, name: str, *limits: str) -> str:
     """``veil keys create NAME --store DIR [limits]``; limits only if the CLI has them."""
     opts = [a for i, a in enumerate(limits)
-            if supports("keys", limits[i - (i % 2)])] if limits else []
+            if supports("keys create", limits[i - (i % 2)])] if limits else []
     return veil("keys", "create", name, "--store", store, *opts).stdout.strip()
 
 
