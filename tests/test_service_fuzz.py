@@ -183,48 +183,48 @@ def test_mutated_sealed_requests_never_make_a_server_error(fuzz_env, at, patch):
           suppress_health_check=list(HealthCheck))
 @given(at=st.floats(0, 1), patch=st.binary(min_size=1, max_size=4))
 def test_mutated_mpc_shares_never_make_a_server_error(fuzz_env, at, patch):
-    """A real MPC request: party 1 gets its real share, party 0's (through the service)
-    has a few bytes changed (its framing, request id or share values)."""
-    from veil.backends.mpc.service import MpcClient
-    from veil.backends.sockets import parse_address
+    """A real MPC request by the SDK: party 1 gets its real share, party 0's (the body
+    the SDK posts to the service) has a few bytes changed (framing, request id or
+    share values)."""
+    from veil.errors import VeilError
 
     env = fuzz_env
-    url, auth = env["served"].url, _bearer(env, "alice")
-    info = httpx.get(f"{url}/v1/models/lin/mpc", headers=auth, timeout=30).json()
+    client = env["mpc"]
+    original = client._call
     answers = []
 
-    def party0(body: bytes) -> bytes:
-        body = bytearray(body)
+    def call(method, path, **kw):
+        if not path.endswith("/mpc/share"):
+            return original(method, path, **kw)
+        body = bytearray(kw["content"])
         i = int(at * (len(body) - 1))
         for k, b in enumerate(patch):
             if i + k < len(body):
                 body[i + k] ^= b or 0xFF
-        r = httpx.post(f"{url}/v1/models/lin/mpc/share", content=bytes(body),
-                       headers={**auth, **OCT}, timeout=60)
-        answers.append(r)
-        if r.status_code != 200:
-            raise _Refused(r.status_code)
-        return r.content
+        kw["content"] = bytes(body)
+        try:
+            out = original(method, path, **kw)
+            answers.append((200, "ok"))
+            return out
+        except VeilError as exc:
+            answers.append((getattr(exc, "status", None), getattr(exc, "code", None)))
+            raise
 
-    client = MpcClient(env["root"] / "mpc-keys", None, parse_address(info["party1"]),
-                       tuple(info["input_shape"]), timeout=30,
-                       frac_bits=int(info["frac_bits"]), party0_call=party0)
+    client._call = call
     try:
-        client.infer(np.full((1, 4), 0.5))
-    except Exception:       # refused (expected for most mutations) or garbage: fine here
+        client.predict(np.full(4, 0.5))
+    except VeilError:       # refused (expected for most mutations): checked below
         pass
     finally:
-        client.close()
-    r = answers[0]
-    # 1. the service answered 200 (changed share values are still shares) or a JSON 4xx
-    assert r.status_code == 200 or (400 <= r.status_code < 500 and json_error(r)), \
-        (r.status_code, r.text[:200])
+        del client._call
+    # 1. the share reached the service, which answered 200 (changed share values are
+    #    still shares) or a JSON 4xx (a typed error with its code)
+    assert len(answers) == 1, answers
+    status, code = answers[0]
+    assert status == 200 or (isinstance(status, int) and 400 <= status < 500 and code), \
+        answers
     # 2. the service is up
     assert env["served"].alive(), env["served"].exit_reason()
-
-
-class _Refused(Exception):
-    pass
 
 
 def test_the_fuzzed_service_still_serves_every_mode(fuzz_env):
