@@ -15,8 +15,12 @@ CLI, HTTP and the SDK only, so a native crash fails the test instead of killing 
   within seconds, the service's RSS under +200 MB (a watchdog kills it past +1.5 GB so
   this machine survives a service that would allocate 16 GB).
 - Regressions: auth on the docs, the ``keys create`` options, rate limits with
-  Retry-After, per-mode slots against slow bodies, header timeouts, key revocation
-  deleting key files, insecure exports refused without ``--allow-insecure``.
+  Retry-After, keys made while the service runs, per-mode slots against slow bodies,
+  header timeouts, key revocation deleting key files, insecure exports refused without
+  ``--allow-insecure``, one key's channel flood against another's channel, orphan MPC
+  shares, unfinished uploads against the disk budget, sealed values kept out of host
+  logs, a stopped enclave, killed children (enclave, party 1, dealer) that come back.
+  The child-killing tests run last: they change the shared process tree.
 
 The model is the smallest HE model there is (one Linear(4, 2), insecure test
 parameters: ring 4096, two towers): the first 2 KB hold the same OpenFHE headers as any
