@@ -218,37 +218,48 @@ def _post_loop(http, path, body_fn, mode, stop, rec, cleanup=None, pause=0.0):
         time.sleep(pause)
 
 
-def _orphans_to_party1(url, token, mpc_keys, input_shape, stop, rec):
-    """Party 1 gets a share whose party-0 half never comes."""
+def _orphans_to_party1(url, token, mpc_keys, key_dir, stop, rec):
+    """Party 1 gets a share whose party-0 half never comes: the SDK's own MPC request
+    (ticket and all, where the service issues tickets) with its post to party 0
+    dropped."""
     import numpy as np
 
-    from veil.backends.mpc.service import MpcClient
-    from veil.backends.sockets import parse_address
+    from veil.sdk import Client
 
-    import httpx
-    info = httpx.get(f"{url}/v1/models/digits/mpc", timeout=30,
-                     headers={"Authorization": f"Bearer {token}"}).json()
-
-    class Orphaned(Exception):       # not an OSError: MpcClient must not catch it
+    class Orphaned(Exception):       # not an OSError or VeilError: nothing catches it
         pass
 
-    def never(body):
-        raise Orphaned
+    try:
+        client = Client(url, "digits", "mpc", api_key=token, key_dir=key_dir,
+                        mpc_keys=mpc_keys, timeout=30)
+    except Exception as exc:
+        rec.add("abuser", "mpc-orphan-p1", None, f"setup failed: {type(exc).__name__}")
+        return
+    original = client._call
 
+    def call(method, path, **kw):
+        if path.endswith("/mpc/share"):
+            raise Orphaned
+        return original(method, path, **kw)
+
+    client._call = call
+    shape = client.mode.input_shape
     while not stop.is_set():
         t0 = time.monotonic()
-        client = MpcClient(mpc_keys, None, parse_address(info["party1"]), input_shape,
-                           timeout=10, frac_bits=int(info["frac_bits"]), party0_call=never)
         try:
-            client.infer(np.zeros((1, *input_shape)))
+            client.predict(np.zeros(shape))
         except Orphaned:
             rec.add("abuser", "mpc-orphan-p1", time.monotonic() - t0, "sent")
         except Exception as exc:
-            rec.add("abuser", "mpc-orphan-p1", None, type(exc).__name__)
+            status = _status_of(exc)
+            rec.add("abuser", "mpc-orphan-p1", time.monotonic() - t0, status)
             time.sleep(0.5)
-        finally:
-            client.close()
+        try:
+            client.mode.close()          # drop the link: the next orphan dials again
+        except Exception:
+            pass
         time.sleep(0.05)
+    client.close()
 
 
 def abuse(url, token, d: Path, info, stop, rec) -> list[threading.Thread]:
@@ -293,7 +304,7 @@ def abuse(url, token, d: Path, info, stop, rec) -> list[threading.Thread]:
                           stop, rec)),
             (_post_loop, (http, "/v1/models/digits/mpc/share", orphan_share, "mpc-orphan-p0",
                           stop, rec)),
-            (_orphans_to_party1, (url, token, d / "mpc-keys", shape, stop, rec))]
+            (_orphans_to_party1, (url, token, d / "mpc-keys", d / "sdk-abuser", stop, rec))]
     threads = [threading.Thread(target=fn, args=args, daemon=True) for fn, args in jobs]
     for t in threads:
         t.start()
