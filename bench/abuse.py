@@ -229,11 +229,15 @@ def _orphans_to_party1(url, token, mpc_keys, key_dir, stop, rec):
     class Orphaned(Exception):       # not an OSError or VeilError: nothing catches it
         pass
 
-    try:
-        client = Client(url, "digits", "mpc", api_key=token, key_dir=key_dir,
-                        mpc_keys=mpc_keys, timeout=30)
-    except Exception as exc:
-        rec.add("abuser", "mpc-orphan-p1", None, f"setup failed: {type(exc).__name__}")
+    client = None
+    while client is None and not stop.is_set():     # a rate-limited key waits its turn
+        try:
+            client = Client(url, "digits", "mpc", api_key=token, key_dir=key_dir,
+                            mpc_keys=mpc_keys, timeout=30)
+        except Exception as exc:
+            rec.add("abuser", "mpc-orphan-p1", None, f"setup: {_status_of(exc)}")
+            time.sleep(min(5.0, float(getattr(exc, "retry_after", None) or 1.0)))
+    if client is None:
         return
     original = client._call
 
