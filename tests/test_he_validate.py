@@ -342,7 +342,8 @@ def test_fuzz_target_runs_briefly(tmp_path):
     pytest.importorskip("atheris")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "fuzz_he_validators.py"), "-runs=200000",
-         "-max_total_time=15", f"-artifact_prefix={tmp_path}/", "-print_final_stats=1"],
+         "-max_total_time=15", "-rss_limit_mb=8192", f"-artifact_prefix={tmp_path}/",
+         "-print_final_stats=1"],
         capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Done" in proc.stderr and not list(tmp_path.glob("crash-*"))
