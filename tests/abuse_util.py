@@ -1,10 +1,7 @@
 """Helpers of the abuse and fuzz tests: a real `veil serve` process tree, its health and
 memory seen from outside, and envelopes rebuilt around mutated OpenFHE bytes.
 
-Everything here goes through the public surface: the ``veil`` CLI, HTTP, the SDK. Flags
-agreed for issue 14 (``--allow-insecure``, ``--rate``, ...) are passed only when the
-CLI's ``--help`` lists them, so the same tests run (and fail for the right reason) on a
-service that predates them.
+Everything here goes through the public surface: the ``veil`` CLI, HTTP, the SDK.
 """
 from __future__ import annotations
 
@@ -14,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from functools import lru_cache
 from pathlib import Path
 
 import httpx
@@ -43,27 +39,29 @@ def veil(*args: str, check: bool = True, timeout: float = 120) -> subprocess.Com
                           capture_output=True, text=True, check=check, timeout=timeout)
 
 
-@lru_cache(maxsize=None)
-def help_text(command: str) -> str:
-    return veil(*command.split(), "--help", check=False).stdout
-
-
-def supports(command: str, flag: str) -> bool:
-    """Whether ``veil COMMAND --help`` lists ``flag`` (an issue-14 flag may be absent);
-    ``command`` may have words (``"keys create"``)."""
-    return flag in help_text(command)
-
-
 def create_key(store: Path, name: str, *limits: str) -> str:
-    """``veil keys create NAME --store DIR [limits]``; limits only if the CLI has them."""
-    opts = [a for i, a in enumerate(limits)
-            if supports("keys create", limits[i - (i % 2)])] if limits else []
-    return veil("keys", "create", name, "--store", store, *opts).stdout.strip()
+    """``veil keys create NAME --store DIR [limits]``; prints the API key."""
+    return veil("keys", "create", name, "--store", store, *limits).stdout.strip()
 
 
-def serve_args(insecure: bool = True) -> list[str]:
+def serve_args() -> list[str]:
     """Flags every test service gets: insecure test exports are allowed explicitly."""
-    return ["--allow-insecure"] if insecure and supports("serve", "--allow-insecure") else []
+    return ["--allow-insecure"]
+
+
+def three_mode_export(root: Path, name: str = "lin"):
+    """The smallest model exported for he, tee and mpc under ``root/name``, with the
+    INSECURE software attester (``root/att``), MPC role keys (``root/mpc-keys``) and a
+    TEE policy that trusts them (``root/policy.json``); returns the export info."""
+    from veil.backends.mpc import transport
+    from veil.backends.tee import SoftwareAttester
+
+    info = smallest_he_export(root / name, name, modes=("he", "tee", "mpc"))
+    SoftwareAttester.create(root / "att")
+    transport.setup(root / "mpc-keys")
+    veil("tee-policy", info.path("tee"), "--attester", root / "att", "--allow-insecure",
+         "--out", root / "policy.json")
+    return info
 
 
 class Served:

@@ -29,8 +29,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from abuse_util import (CT_KIND, GENEROUS, KEYS_KIND, OCT, RSSWatch, Served, create_key,
-                        json_error, repack, serve_args, smallest_he_export,
-                        veil as veil_cli)
+                        json_error, repack, serve_args, three_mode_export)
 from veil.wire import unpack
 
 EXAMPLES = 12
@@ -41,16 +40,10 @@ def fuzz_env(tmp_path_factory):
     """`veil serve` of an export with he, tee and mpc; alice has an HE session, an
     attested TEE channel and MPC links; bob is another client."""
     import veil
-    from veil.backends.mpc import transport
-    from veil.backends.tee import SoftwareAttester
     from veil.deploy import ClientBundle, ModelClient
 
     root = tmp_path_factory.mktemp("fuzz")
-    info = smallest_he_export(root / "lin", "lin", modes=("he", "tee", "mpc"))
-    SoftwareAttester.create(root / "att")
-    transport.setup(root / "mpc-keys")
-    veil_cli("tee-policy", info.path("tee"), "--attester", root / "att", "--allow-insecure",
-             "--out", root / "policy.json")
+    info = three_mode_export(root)
     store = root / "store"
     tokens = {who: create_key(store, who, *GENEROUS) for who in ("alice", "bob")}
     served = Served([root / "lin"], store, "--tee-attester-key", root / "att", "--mpc-keys",
