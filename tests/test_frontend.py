@@ -178,7 +178,8 @@ def test_torch_node_structure_and_names():
     conv = graph.nodes[1]
     assert conv.attrs["stride"] == (1, 1) and conv.attrs["padding"] == (1, 1)
     assert conv.params["weight"].dtype == np.float64
-    assert graph.nodes[3].attrs == {"kernel": (2, 2), "stride": (2, 2), "padding": (0, 0)}
+    assert graph.nodes[3].attrs == {"kernel": (2, 2), "stride": (2, 2), "padding": (0, 0),
+                                    "ceil_mode": False, "count_include_pad": True}
     assert graph.output_shape == (10,)
     graph = to_graph(*MODELS["functional"])
     assert [n.name for n in graph.nodes] == ["input", "conv", "relu", "view", "fc"]

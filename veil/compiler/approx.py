@@ -14,7 +14,7 @@ import numpy as np
 from numpy.polynomial import chebyshev
 
 from ..errors import CompileError
-from ..ir import ACTIVATIONS, Graph, Node, Op, cheb_eval, eval_node
+from ..ir import ACTIVATIONS, Graph, Node, Op, activation_fn, cheb_eval, eval_node
 from ..ir.interpreter import ELEMENTWISE
 
 DEFAULT_DEGREE = 27       # the largest degree at OpenFHE's depth 5 (Paterson-Stockmeyer)
@@ -38,9 +38,11 @@ class ActivationReport:
     max_abs_error_range: float  # |poly - f| max over a dense grid of [lo, hi]
 
 
-def fit_chebyshev(op: Op, lo: float, hi: float, degree: int) -> np.ndarray:
-    """Chebyshev coefficients (numpy convention, on [-1, 1]) of ``op`` over [lo, hi]."""
-    fn = ELEMENTWISE[op]
+def fit_chebyshev(op, lo: float, hi: float, degree: int) -> np.ndarray:
+    """Chebyshev coefficients (numpy convention, on [-1, 1]) over [lo, hi] of ``op``:
+    an activation Op (default attributes), a Node, or a function of x."""
+    fn = (activation_fn(op) if isinstance(op, Node)
+          else op if callable(op) and not isinstance(op, Op) else ELEMENTWISE[Op(op)])
     mid, half = (hi + lo) / 2.0, (hi - lo) / 2.0
     coeffs = chebyshev.chebinterpolate(lambda t: fn(mid + half * t), degree)
     return np.asarray(coeffs, dtype=np.float64)
@@ -81,18 +83,19 @@ def approximate_activations(graph: Graph, calibration: np.ndarray, *,
             if deg < 1:
                 raise CompileError(f"polynomial degree for {node.name!r} must be >= 1")
             lo, hi, obs_lo, obs_hi = _range(args[0], margin)
-            coeffs = fit_chebyshev(node.op, lo, hi, deg)
+            fn = activation_fn(node)
+            coeffs = fit_chebyshev(fn, lo, hi, deg)
             poly = node.replace(op=Op.POLY, attrs={"coeffs": tuple(coeffs.tolist()),
                                                    "lo": lo, "hi": hi,
                                                    "source": node.op.value})
-            exact = ELEMENTWISE[node.op](args[0])
+            exact = fn(args[0])
             approx = cheb_eval(args[0], coeffs, lo, hi)
             grid = np.linspace(lo, hi, 4001)
             reports.append(ActivationReport(
                 node.name, node.op.value, deg, lo, hi, obs_lo, obs_hi,
                 float(np.max(np.abs(approx - exact))),
                 float(np.max(np.abs(cheb_eval(grid, coeffs, lo, hi)
-                                    - ELEMENTWISE[node.op](grid))))))
+                                    - fn(grid))))))
             node = poly
         values[node.name] = eval_node(node, args)
         out.append(node)

@@ -197,6 +197,8 @@ def im2col_first_conv(graph: Graph, *, max_values: int = 1 << 14) -> tuple[Graph
     if len(readers) != 1 or readers[0].op is not Op.CONV2D:
         return graph, note
     conv = readers[0]
+    if conv.attrs["groups"] != 1 or tuple(conv.attrs["dilation"]) != (1, 1):
+        return graph, note
     w = conv.params["weight"]
     idx = _im2col_indices(graph.input_shape, w.shape[2:], conv.attrs["stride"],
                           conv.attrs["padding"])

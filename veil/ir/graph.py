@@ -1,12 +1,12 @@
-"""veil's intermediate representation: one op enum, frozen nodes, a verifier.
+"""veil's intermediate representation: frozen nodes, graphs and their verifier.
 
 Shapes are per sample (no batch dimension). A graph is a tuple of nodes in
 topological order with one input and one output. The executable definition of
-every op lives in :mod:`veil.ir.interpreter`.
+every op lives in the registry (:mod:`veil.ir.ops`), its kernels in
+:mod:`veil.ir.kernels`.
 """
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
@@ -14,41 +14,12 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from ..errors import GraphError
+from .ops import REGISTRY, Op, opdef, ops_with, with_defaults
 
 
-class Op(str, enum.Enum):
-    INPUT = "input"
-    LINEAR = "linear"          # y = W x + b, x of shape (in,)
-    CONV2D = "conv2d"          # (Ci,H,W) -> (Co,H',W'); attrs stride, padding
-    BATCHNORM = "batchnorm"    # per-channel affine y = x*scale[c] + shift[c]
-    RELU = "relu"
-    GELU = "gelu"
-    SILU = "silu"
-    SIGMOID = "sigmoid"
-    TANH = "tanh"
-    SQUARE = "square"
-    AVGPOOL2D = "avgpool2d"    # attrs kernel, stride, padding (zero padding counted)
-    MAXPOOL2D = "maxpool2d"    # attrs kernel, stride, padding
-    GLOBALAVGPOOL = "globalavgpool"  # (C,H,W) -> (C,1,1)
-    RESHAPE = "reshape"        # attrs shape
-    ADD = "add"                # elementwise sum of two inputs of equal shape
-    DENSE = "dense"            # lowered linear map: y = M @ x.ravel() + b, attrs shape
-    POLY = "poly"              # Chebyshev series on [lo, hi]; attrs coeffs, lo, hi, source
-    GATHER = "gather"          # y[i] = x.ravel()[indices[i]] (0 where index < 0)
-
-
-ACTIVATIONS = frozenset({Op.RELU, Op.GELU, Op.SILU, Op.SIGMOID, Op.TANH, Op.SQUARE})
-# Ops that are affine in their (single) input; the compiler lowers them to DENSE.
-AFFINE_OPS = frozenset({Op.LINEAR, Op.CONV2D, Op.BATCHNORM, Op.AVGPOOL2D,
-                        Op.GLOBALAVGPOOL, Op.RESHAPE, Op.DENSE})
-
-_ARITY = {Op.INPUT: 0, Op.ADD: 2}
-_PARAMS = {
-    Op.LINEAR: ("weight", "bias"),
-    Op.CONV2D: ("weight", "bias"),
-    Op.BATCHNORM: ("scale", "shift"),
-    Op.DENSE: ("matrix", "bias"),
-}
+# Derived from the registry's traits; kept for the passes that ask by name.
+ACTIVATIONS = ops_with("activation") | {Op.SQUARE}
+AFFINE_OPS = ops_with("affine")
 
 
 def _freeze(value: Any) -> Any:
@@ -71,11 +42,11 @@ class Node:
     params: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "op", Op(self.op))
+        object.__setattr__(self, "op", opdef(self.op).op)
         object.__setattr__(self, "inputs", tuple(self.inputs))
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         object.__setattr__(self, "attrs", MappingProxyType(
-            {k: _freeze(v) for k, v in dict(self.attrs).items()}))
+            {k: _freeze(v) for k, v in with_defaults(self.op, dict(self.attrs)).items()}))
         frozen = {}
         for key, arr in dict(self.params).items():
             arr = np.array(arr, dtype=np.float64, copy=True)
@@ -132,56 +103,13 @@ class Graph:
 def infer_shape(op: Op, in_shapes: list[tuple[int, ...]], attrs: Mapping[str, Any],
                 params: Mapping[str, np.ndarray]) -> tuple[int, ...]:
     """Output shape of ``op`` applied to inputs of ``in_shapes``; raises GraphError."""
-    if op is Op.INPUT:
-        return tuple(attrs["shape"])
-    x = in_shapes[0]
-    if op is Op.LINEAR:
-        w = params["weight"]
-        if len(x) != 1 or x[0] != w.shape[1]:
-            raise GraphError(f"linear expects input ({w.shape[1]},), got {x}")
-        return (w.shape[0],)
-    if op is Op.CONV2D:
-        w = params["weight"]
-        if len(x) != 3 or x[0] != w.shape[1]:
-            raise GraphError(f"conv2d expects input ({w.shape[1]}, H, W), got {x}")
-        (sh, sw), (ph, pw) = attrs["stride"], attrs["padding"]
-        return (w.shape[0], (x[1] + 2 * ph - w.shape[2]) // sh + 1,
-                (x[2] + 2 * pw - w.shape[3]) // sw + 1)
-    if op in (Op.AVGPOOL2D, Op.MAXPOOL2D):
-        if len(x) != 3:
-            raise GraphError(f"{op.value} expects (C, H, W), got {x}")
-        (kh, kw), (sh, sw), (ph, pw) = attrs["kernel"], attrs["stride"], attrs["padding"]
-        return (x[0], (x[1] + 2 * ph - kh) // sh + 1, (x[2] + 2 * pw - kw) // sw + 1)
-    if op is Op.GLOBALAVGPOOL:
-        if len(x) != 3:
-            raise GraphError(f"global average pool expects (C, H, W), got {x}")
-        return (x[0], 1, 1)
-    if op is Op.BATCHNORM:
-        if params["scale"].shape != (x[0],):
-            raise GraphError(f"batchnorm has {params['scale'].shape[0]} channels, input {x}")
-        return x
-    if op is Op.RESHAPE:
-        shape = tuple(attrs["shape"])
-        if int(np.prod(shape)) != int(np.prod(x)):
-            raise GraphError(f"cannot reshape {x} to {shape}")
-        return shape
-    if op is Op.ADD:
-        if in_shapes[0] != in_shapes[1]:
-            raise GraphError(f"add of mismatched shapes {in_shapes[0]} and {in_shapes[1]}")
-        return x
-    if op is Op.GATHER:
-        idx = attrs["indices"]
-        if any(i >= int(np.prod(x)) for i in idx):
-            raise GraphError(f"gather index out of range for input {x}")
-        return (len(idx),)
-    if op is Op.DENSE:
-        m = params["matrix"]
-        if m.shape[1] != int(np.prod(x)) or int(np.prod(attrs["shape"])) != m.shape[0]:
-            raise GraphError(f"dense {m.shape} does not map {x} to {attrs['shape']}")
-        return tuple(attrs["shape"])
-    if op in ACTIVATIONS or op is Op.POLY:
-        return x
-    raise GraphError(f"unknown op {op}")
+    d = opdef(op)
+    try:
+        return tuple(int(s) for s in d.shape(list(in_shapes), with_defaults(d.op, attrs),
+                                               params))
+    except (KeyError, TypeError, IndexError) as exc:
+        raise GraphError(f"{d.op.value}: malformed attributes or parameters ({exc!r})") \
+            from None
 
 
 def verify(graph: Graph) -> None:
@@ -194,14 +122,15 @@ def verify(graph: Graph) -> None:
             raise GraphError(f"duplicate node name {node.name!r}")
         if node.op is Op.INPUT and seen:
             raise GraphError("only one INPUT node is supported")
-        arity = _ARITY.get(node.op, 1)
-        if len(node.inputs) != arity:
-            raise GraphError(f"{node.op.value} node {node.name!r} takes {arity} inputs, "
+        d = REGISTRY[node.op]
+        if (len(node.inputs) != d.arity) if d.arity is not None else not node.inputs:
+            raise GraphError(f"{node.op.value} node {node.name!r} takes "
+                             f"{d.arity if d.arity is not None else 'one or more'} inputs, "
                              f"has {len(node.inputs)}")
         for src in node.inputs:
             if src not in seen:
                 raise GraphError(f"node {node.name!r} reads {src!r} before it is defined")
-        for key in _PARAMS.get(node.op, ()):
+        for key in d.params:
             if key not in node.params:
                 raise GraphError(f"{node.op.value} node {node.name!r} lacks parameter {key!r}")
         for key, arr in node.params.items():

@@ -1,0 +1,272 @@
+"""The op registry: every IR op declared once.
+
+An :class:`OpDef` holds everything the rest of veil needs to know about an op: how
+many inputs it reads, which parameters it carries, its attribute defaults, its
+traits, its shape rule, its reference kernel (the executable spec, in
+:mod:`veil.ir.kernels`) and the compile targets that accept it. Backends keep one
+kernel table each, keyed by :class:`Op`; ``tests/test_ops.py`` checks that every
+target an op declares has a kernel and agrees with the reference kernel.
+
+Adding an op: add it to :class:`Op`, write its shape rule and reference kernel, add
+one :class:`OpDef` to :data:`REGISTRY`, then one kernel per target it declares (and a
+frontend mapping). Nothing else dispatches on op names.
+
+Traits (what passes ask about instead of listing ops):
+
+- ``affine``: affine in its single input (HE lowers chains of them to DENSE);
+- ``activation``: unary, elementwise, non-polynomial (HE replaces it by a fitted POLY);
+- ``elementwise``: output element i depends on input element i only;
+- ``binary``: two activation inputs, numpy broadcasting of per-sample shapes;
+- ``pool``: a windowed reduction over (H, W);
+- ``shape``: only moves values (reshape, concat, gather);
+- ``lowered``: produced by the compiler, not by frontends.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from ..errors import GraphError
+from . import kernels as k
+
+
+class Op(str, enum.Enum):
+    INPUT = "input"
+    LINEAR = "linear"          # y = x W^T + b over the last axis, x of shape (..., in)
+    CONV2D = "conv2d"          # (Ci,H,W) -> (Co,H',W'); stride, padding, dilation, groups
+    BATCHNORM = "batchnorm"    # per-channel affine y = x*scale[c] + shift[c]
+    RELU = "relu"
+    CLIP = "clip"              # clamp to [lo, hi]: ReLU6, Hardtanh
+    GELU = "gelu"
+    SILU = "silu"
+    SIGMOID = "sigmoid"
+    TANH = "tanh"
+    HARDSIGMOID = "hardsigmoid"  # clip(x / 6 + 1/2, 0, 1), as torch
+    HARDSWISH = "hardswish"    # x * hardsigmoid(x)
+    SQUARE = "square"
+    AVGPOOL2D = "avgpool2d"    # kernel, stride, padding, ceil_mode, count_include_pad
+    MAXPOOL2D = "maxpool2d"    # kernel, stride, padding (-inf), ceil_mode
+    GLOBALAVGPOOL = "globalavgpool"  # (C,H,W) -> (C,1,1)
+    RESHAPE = "reshape"        # attrs shape
+    CONCAT = "concat"          # n inputs joined on per-sample ``axis``
+    ADD = "add"                # elementwise, broadcasting per-sample shapes
+    SUB = "sub"
+    MUL = "mul"                # product of two activations (squeeze-excite, gating)
+    DENSE = "dense"            # lowered linear map: y = M @ x.ravel() + b, attrs shape
+    POLY = "poly"              # Chebyshev series on [lo, hi]; attrs coeffs, lo, hi, source
+    GATHER = "gather"          # y[i] = x.ravel()[indices[i]] (0 where index < 0)
+
+
+# Compile targets. ``plain`` is the interpreter itself; ``simulate`` runs what the HE
+# target runs, in floats, so it accepts exactly what ``he`` accepts.
+TARGETS = ("plain", "simulate", "he", "mpc", "tee")
+ALL = frozenset(TARGETS)
+NO_HE = ALL - {"he", "simulate"}
+
+Shape = tuple[int, ...]
+ShapeRule = Callable[[list[Shape], Mapping[str, Any], Mapping[str, np.ndarray]], Shape]
+Kernel = Callable[[list[np.ndarray], Mapping[str, Any], Mapping[str, np.ndarray]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """One op, declared once. ``arity`` None means one or more inputs."""
+
+    op: Op
+    arity: int | None
+    shape: ShapeRule
+    kernel: Kernel
+    traits: frozenset[str] = frozenset()
+    params: tuple[str, ...] = ()
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    targets: frozenset[str] = ALL
+    doc: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "traits", frozenset(self.traits))
+        object.__setattr__(self, "targets", frozenset(self.targets))
+        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
+
+    def has(self, trait: str) -> bool:
+        return trait in self.traits
+
+
+# -- shape rules ------------------------------------------------------------------------
+
+def _same(ins, a, p) -> Shape:
+    return ins[0]
+
+
+def _input(ins, a, p) -> Shape:
+    return tuple(a["shape"])
+
+
+def _linear(ins, a, p) -> Shape:
+    x, w = ins[0], p["weight"]
+    if len(x) < 1 or x[-1] != w.shape[1]:
+        raise GraphError(f"linear expects input (..., {w.shape[1]}), got {x}")
+    if p["bias"].shape != (w.shape[0],):
+        raise GraphError(f"linear bias has shape {p['bias'].shape}, weight {w.shape}")
+    return x[:-1] + (w.shape[0],)
+
+
+def _window_out(size: int, kernel: int, stride: int, pad: int, dilation: int = 1,
+                ceil_mode: bool = False) -> int:
+    try:
+        return k.window_out(size, kernel, stride, pad, dilation, ceil_mode)
+    except ValueError as exc:
+        raise GraphError(str(exc)) from None
+
+
+def _conv2d(ins, a, p) -> Shape:
+    x, w = ins[0], p["weight"]
+    groups = int(a["groups"])
+    if len(x) != 3 or w.ndim != 4 or x[0] != w.shape[1] * groups:
+        raise GraphError(f"conv2d with weight {w.shape} and {groups} groups expects input "
+                         f"({w.shape[1] * groups}, H, W), got {x}")
+    if w.shape[0] % groups:
+        raise GraphError(f"conv2d: {w.shape[0]} output channels do not split into "
+                         f"{groups} groups")
+    if p["bias"].shape != (w.shape[0],):
+        raise GraphError(f"conv2d bias has shape {p['bias'].shape}, weight {w.shape}")
+    (sh, sw), (ph, pw), (dh, dw) = a["stride"], a["padding"], a["dilation"]
+    return (w.shape[0], _window_out(x[1], w.shape[2], sh, ph, dh),
+            _window_out(x[2], w.shape[3], sw, pw, dw))
+
+
+def _pool(ins, a, p) -> Shape:
+    x = ins[0]
+    if len(x) != 3:
+        raise GraphError(f"pooling expects (C, H, W), got {x}")
+    (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
+    if 2 * ph > kh or 2 * pw > kw:
+        raise GraphError(f"pool padding {(ph, pw)} is more than half its kernel {(kh, kw)}")
+    ceil = bool(a["ceil_mode"])
+    return (x[0], _window_out(x[1], kh, sh, ph, 1, ceil), _window_out(x[2], kw, sw, pw, 1, ceil))
+
+
+def _global_pool(ins, a, p) -> Shape:
+    if len(ins[0]) != 3:
+        raise GraphError(f"global average pool expects (C, H, W), got {ins[0]}")
+    return (ins[0][0], 1, 1)
+
+
+def _batchnorm(ins, a, p) -> Shape:
+    x = ins[0]
+    if not x or p["scale"].shape != (x[0],) or p["shift"].shape != (x[0],):
+        raise GraphError(f"batchnorm has {p['scale'].shape} channels, input {x}")
+    return x
+
+
+def _reshape(ins, a, p) -> Shape:
+    shape = tuple(a["shape"])
+    if int(np.prod(shape)) != int(np.prod(ins[0])):
+        raise GraphError(f"cannot reshape {ins[0]} to {shape}")
+    return shape
+
+
+def _broadcast(ins, a, p) -> Shape:
+    try:
+        return tuple(np.broadcast_shapes(*ins))
+    except ValueError:
+        raise GraphError(f"shapes {ins[0]} and {ins[1]} do not broadcast") from None
+
+
+def _concat(ins, a, p) -> Shape:
+    axis, first = int(a["axis"]), ins[0]
+    if not 0 <= axis < len(first):
+        raise GraphError(f"concat axis {axis} is outside per-sample rank {len(first)}")
+    for s in ins[1:]:
+        if len(s) != len(first) or any(u != v for i, (u, v) in enumerate(zip(s, first))
+                                       if i != axis):
+            raise GraphError(f"concat of {first} and {s} on axis {axis}")
+    return first[:axis] + (sum(s[axis] for s in ins),) + first[axis + 1:]
+
+
+def _dense(ins, a, p) -> Shape:
+    m = p["matrix"]
+    if m.shape[1] != int(np.prod(ins[0])) or int(np.prod(a["shape"])) != m.shape[0]:
+        raise GraphError(f"dense {m.shape} does not map {ins[0]} to {a['shape']}")
+    return tuple(a["shape"])
+
+
+def _gather(ins, a, p) -> Shape:
+    idx = a["indices"]
+    if any(i >= int(np.prod(ins[0])) for i in idx):
+        raise GraphError(f"gather index out of range for input {ins[0]}")
+    return (len(idx),)
+
+
+def _clip_shape(ins, a, p) -> Shape:
+    if not float(a["lo"]) < float(a["hi"]):
+        raise GraphError(f"clip needs lo < hi, got [{a['lo']}, {a['hi']}]")
+    return ins[0]
+
+
+# -- the registry -----------------------------------------------------------------------
+
+_ACT = frozenset({"activation", "elementwise"})
+_POOL = {"kernel": (1, 1), "stride": (1, 1), "padding": (0, 0), "ceil_mode": False}
+
+
+def _defs() -> dict[Op, OpDef]:
+    d = [
+        OpDef(Op.INPUT, 0, _input, k.identity, {"shape"}, doc="the model input"),
+        OpDef(Op.LINEAR, 1, _linear, k.linear, {"affine"}, ("weight", "bias")),
+        OpDef(Op.CONV2D, 1, _conv2d, k.conv2d, {"affine"}, ("weight", "bias"),
+              {"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), "groups": 1}),
+        OpDef(Op.BATCHNORM, 1, _batchnorm, k.batchnorm, {"affine", "elementwise"},
+              ("scale", "shift")),
+        OpDef(Op.RELU, 1, _same, k.relu, _ACT),
+        OpDef(Op.CLIP, 1, _clip_shape, k.clip, _ACT, defaults={"lo": 0.0, "hi": 6.0}),
+        OpDef(Op.GELU, 1, _same, k.gelu, _ACT, targets=ALL - {"mpc"}),
+        OpDef(Op.SILU, 1, _same, k.silu, _ACT),
+        OpDef(Op.SIGMOID, 1, _same, k.sigmoid, _ACT),
+        OpDef(Op.TANH, 1, _same, k.tanh, _ACT, targets=ALL - {"mpc"}),
+        OpDef(Op.HARDSIGMOID, 1, _same, k.hardsigmoid, _ACT),
+        OpDef(Op.HARDSWISH, 1, _same, k.hardswish, _ACT),
+        OpDef(Op.SQUARE, 1, _same, k.square, {"elementwise"}),
+        OpDef(Op.AVGPOOL2D, 1, _pool, k.avgpool2d, {"affine", "pool"},
+              defaults={**_POOL, "count_include_pad": True}),
+        OpDef(Op.MAXPOOL2D, 1, _pool, k.maxpool2d, {"pool"}, defaults=_POOL),
+        OpDef(Op.GLOBALAVGPOOL, 1, _global_pool, k.global_avgpool, {"affine", "pool"}),
+        OpDef(Op.RESHAPE, 1, _reshape, k.reshape, {"affine", "shape"}),
+        OpDef(Op.CONCAT, None, _concat, k.concat, {"shape"}, defaults={"axis": 0}),
+        OpDef(Op.ADD, 2, _broadcast, k.add, {"binary", "elementwise"}),
+        OpDef(Op.SUB, 2, _broadcast, k.sub, {"binary", "elementwise"}),
+        OpDef(Op.MUL, 2, _broadcast, k.mul, {"binary", "elementwise"}),
+        OpDef(Op.DENSE, 1, _dense, k.dense, {"affine", "lowered"}, ("matrix", "bias")),
+        OpDef(Op.POLY, 1, _same, k.poly, {"elementwise", "lowered"}),
+        OpDef(Op.GATHER, 1, _gather, k.gather, {"shape", "lowered"}),
+    ]
+    return {o.op: o for o in d}
+
+
+REGISTRY: Mapping[Op, OpDef] = MappingProxyType(_defs())
+
+
+def opdef(op: Op | str) -> OpDef:
+    try:
+        return REGISTRY[Op(op)]
+    except (KeyError, ValueError):
+        raise GraphError(f"unknown op {op!r}") from None
+
+
+def ops_with(trait: str) -> frozenset[Op]:
+    return frozenset(o for o, d in REGISTRY.items() if trait in d.traits)
+
+
+def ops_for(target: str) -> frozenset[Op]:
+    """The ops a compile target accepts from a frontend (before its own lowering)."""
+    if target not in TARGETS:
+        raise GraphError(f"unknown target {target!r}; targets are {TARGETS}")
+    return frozenset(o for o, d in REGISTRY.items() if target in d.targets)
+
+
+def with_defaults(op: Op, attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """``attrs`` completed with the op's defaults (serialized graphs may omit them)."""
+    return {**REGISTRY[op].defaults, **attrs}
