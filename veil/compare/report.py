@@ -94,7 +94,8 @@ def checks(w: dict) -> list[dict]:
 def finish(result: dict, mlflow_run: str | None = None) -> dict:
     """Add claims and checks to each workload of ``result`` (in place) and return it."""
     for w in result["workloads"]:
-        w["claims"] = claims_mod.evaluate(w["modes"], mlflow_run)
+        w["claims"] = claims_mod.evaluate(w["modes"], mlflow_run, zoo=w.get("zoo"),
+                                          he_estimate=w.get("he_estimate"))
         w["checks"] = checks(w)
     result["mlflow_run"] = mlflow_run
     return result
