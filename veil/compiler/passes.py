@@ -7,6 +7,7 @@ import numpy as np
 
 from ..errors import CompileError
 from ..ir import AFFINE_OPS, Graph, Node, Op, eval_node
+from .dense import plan_dense
 
 # Lowering a chain of affine ops to a dense matrix costs O(n*m) memory; beyond this
 # many entries the structured layouts of a later release are needed.
@@ -190,8 +191,6 @@ def im2col_first_conv(graph: Graph, *, max_values: int = 1 << 14) -> tuple[Graph
     when the input feeds one CONV2D, the patches fit in ``max_values``, and the
     rotation count at least halves.
     """
-    from .plan import plan_dense  # planning helpers; a pure module with no backend
-
     note = PassNote("im2col_first_conv")
     readers = graph.consumers(graph.input.name)
     if len(readers) != 1 or readers[0].op is not Op.CONV2D:
@@ -213,7 +212,7 @@ def im2col_first_conv(graph: Graph, *, max_values: int = 1 << 14) -> tuple[Graph
     if after * 2 > before:
         return graph, note
     # patch_groups (K, P): the gathered vector is K groups (kernel taps) of P positions,
-    # which the planner may place in slot cells of its choosing (plan._cell_layouts).
+    # which the planner may place in slot cells of its choosing (layout._cell_layouts).
     gather = Node("input_im2col", Op.GATHER, (graph.input.name,), (idx.size,),
                   {"indices": tuple(int(i) for i in idx),
                    "patch_groups": (idx.size // positions, positions)})
