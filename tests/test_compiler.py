@@ -287,7 +287,7 @@ def test_im2col_first_conv_is_exact_and_cuts_rotations(rng):
     manifest = res.plan.manifest()
     assert "gather" in manifest["input"]
     # 25 tap groups of 169 placed column-wise in 8 blocks: 4 offsets, so the conv has
-    # (4 offsets - 5 channels) = 8 diagonals instead of 25 + 5 - 1 = 29 (plan._cell_layouts)
+    # (4 offsets - 5 channels) = 8 diagonals instead of 25 + 5 - 1 = 29 (layout._cell_layouts)
     assert "positions" in manifest["input"] and len(res.plan.dense["c"].diagonals) == 8
     eng = NumpySlotEngine(res.plan.params.slots, set(res.plan.rotations))
     out = Evaluator(res.lowered, res.plan).run(

@@ -21,6 +21,20 @@ class CompileError(VeilError):
     """The model cannot be compiled with the requested options."""
 
 
+class BootstrapRequiredError(CompileError):
+    """The model is deeper than any 128-bit CKKS ring holds without bootstrapping.
+
+    Raised when such a model is asked to run under HE; ``simulate`` and the compile
+    report (depth, bootstraps needed, keys, latency) still work. Carries ``depth``,
+    ``max_depth`` and ``bootstraps``.
+    """
+
+    def __init__(self, message: str, *, depth: int = 0, max_depth: int = 0,
+                 bootstraps: int = 0) -> None:
+        super().__init__(message)
+        self.depth, self.max_depth, self.bootstraps = depth, max_depth, bootstraps
+
+
 class InputError(VeilError, ValueError):
     """An input array has the wrong shape, dtype, or non-finite values."""
 

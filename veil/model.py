@@ -46,12 +46,34 @@ class Report:
     lanes: int = 1
     costs: dict = field(default_factory=dict)
     accuracy: dict = field(default_factory=dict)
+    # HE cost from the structure alone (veil.compiler.estimate): depth, bootstraps,
+    # rotation keys and their memory, latency; present for every model.
+    estimate: dict = field(default_factory=dict)
+    he_error: str = ""     # why mode="he" cannot run this model ("" when it can)
 
     def to_dict(self) -> dict:
         return {"layers": self.layers, "depth": self.depth, "params": self.params,
                 "param_reason": self.param_reason, "rotations": self.rotations,
                 "notes": self.notes, "lanes": self.lanes, "costs": self.costs,
-                "accuracy": self.accuracy}
+                "accuracy": self.accuracy, "estimate": self.estimate,
+                "he_error": self.he_error}
+
+    def _estimate_lines(self) -> list[str]:
+        e = self.estimate
+        if not e:
+            return []
+        boot = ("none" if e["fits"] else f"{e['bootstraps']} on the longest path "
+                f"({e['bootstrap_ciphertexts']} ciphertext bootstraps in all)")
+        widest = max((layer["ciphertexts"] for layer in e["layers"]), default=1)
+        return [f"HE estimate: depth {e['depth']} (at most {e['max_depth']} without "
+                f"bootstrapping); bootstraps needed: {boot}",
+                f"  ring 2^{e['ring_dim'].bit_length() - 1}, {e['scaling_bits']}-bit scale, "
+                f"{e['num_large_digits']} key-switch digits ({e['towers_per_key']} towers "
+                "per key)",
+                f"  rotation keys: {e['rotation_keys']} x {e['key_bytes'] / 2**20:.0f} MiB = "
+                f"{e['keys_bytes'] / 2**30:.2f} GiB",
+                f"  ciphertexts: up to {widest} per layer; estimated latency "
+                f"{e['latency_s']:.3g} s per input"]
 
     def _cost_lines(self) -> list[str]:
         """Estimated latency and amortised cost per input of both batch layouts."""
@@ -74,8 +96,14 @@ class Report:
             deg = str(r.get("degree", "")) if r.get("degree") else "-"
             err = f"{r['max_abs_error']:.2e}" if "max_abs_error" in r else "-"
             rows.append(f"{r['name'][:17]:<18}{r['op']:<14}{rng:<24}{deg:>7}{err:>11}")
+        rows += [""] + self._estimate_lines()
+        if self.he_error:
+            rows += [f"mode 'he': not available: {self.he_error}"]
+            rows += [f"estimate assumption: {a}" for a in self.estimate.get("assumptions", ())]
+            rows += [f"note: {n}" for n in self.notes]
+            return "\n".join(rows + self._accuracy_lines())
         p = self.params
-        rows += ["", f"multiplicative depth: {self.depth}",
+        rows += [f"multiplicative depth: {self.depth}",
                  f"CKKS: ring {p['ring_dim']}, {p['scaling_bits']}-bit scale, "
                  f"{p['security']}" + (" (INSECURE test parameters)"
                                        if p["insecure_test_params"] else ""),
@@ -83,11 +111,15 @@ class Report:
                  f"rotation keys: {len(self.rotations)} {self.rotations}",
                  f"inputs per ciphertext (encrypt_batch): {self.lanes}"]
         rows += self._cost_lines()
+        rows += [f"estimate assumption: {a}" for a in self.estimate.get("assumptions", ())]
         rows += [f"note: {n}" for n in self.notes]
-        if self.accuracy:
-            rows.append("predicted accuracy: " + ", ".join(
-                f"{k} {v:.4f}" for k, v in self.accuracy.items()))
-        return "\n".join(rows)
+        return "\n".join(rows + self._accuracy_lines())
+
+    def _accuracy_lines(self) -> list[str]:
+        if not self.accuracy:
+            return []
+        return ["predicted accuracy: " + ", ".join(f"{k} {v:.4f}"
+                                                   for k, v in self.accuracy.items())]
 
 
 class CompiledModel:
@@ -110,7 +142,7 @@ class CompiledModel:
 
     def manifest(self) -> dict:
         """The key manifest plus input layout and calibrated input range."""
-        m = self.result.plan.manifest()
+        m = self.result.he_plan().manifest()
         m["input"]["range"] = list(self.input_range)
         return m
 
@@ -164,12 +196,13 @@ class CompiledModel:
     def client_bundle(self):
         from .deploy.bundle import ClientBundle
 
-        return ClientBundle(self.result.plan.params, self.manifest())
+        return ClientBundle(self.result.he_plan().params, self.manifest())
 
     def server_bundle(self):
         from .deploy.bundle import ServerBundle
 
-        return ServerBundle(self.result.lowered, self.result.plan.params, self.manifest())
+        return ServerBundle(self.result.lowered, self.result.he_plan().params,
+                            self.manifest())
 
     def export(self, directory: str | os.PathLike, *, encrypted_weights: bool = False
                ) -> tuple[Path, Path]:
@@ -205,7 +238,6 @@ class CompiledModel:
                            max_abs_error=a.max_abs_error,
                            max_abs_error_range=a.max_abs_error_range)
             layers.append(row)
-        plan = self.result.plan
         notes = [m for n in self.result.notes for m in n.messages]
         accuracy = {}
         if data is not None and labels is not None:
@@ -213,8 +245,20 @@ class CompiledModel:
             for mode in (Mode.PLAIN, Mode.SIMULATE):
                 pred = np.argmax(self.run(data, mode).reshape(len(labels), -1), axis=1)
                 accuracy[mode.value] = float(np.mean(pred == labels))
+        est = self.result.estimate
+        estimate = est.to_dict() if est is not None else {}
+        plan = self.result.plan
+        if plan is None:
+            refusal = self.result.he_refusal
+            params = {"ring_dim": est.ring_dim, "scaling_bits": est.scaling_bits,
+                      "num_large_digits": est.num_large_digits,
+                      "security": "HEStd_128_classic", "insecure_test_params": False}
+            return Report(layers, est.depth, params, "estimated (no slot plan)", [], notes,
+                          accuracy=accuracy, estimate=estimate,
+                          he_error=refusal[1] if refusal else "no HE plan")
         return Report(layers, plan.depth, plan.params.to_dict(), plan.param_reason,
-                      list(plan.rotations), notes, plan.lanes, dict(plan.costs), accuracy)
+                      list(plan.rotations), notes, plan.lanes, dict(plan.costs), accuracy,
+                      estimate)
 
 
 def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
@@ -251,9 +295,7 @@ def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
                            precision_bits=precision_bits)
     lo, hi = float(calibration.min()), float(calibration.max())
     width = max(hi - lo, 1e-6)
-    trace = interpret(result.polynomial, calibration, trace=True)
-    ranges = {}
-    for node in result.polynomial.nodes[1:]:
-        vals = trace[node.inputs[0]]
-        ranges[node.name] = (float(vals.min()), float(vals.max()))
+    # Each layer's input range on the calibration batch, from the approximation pass's
+    # forward run (no second pass over the data).
+    ranges = {n.name: result.extents[n.inputs[0]] for n in result.polynomial.nodes[1:]}
     return CompiledModel(result, (lo - margin * width, hi + margin * width), ranges)

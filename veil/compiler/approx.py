@@ -16,6 +16,7 @@ from numpy.polynomial import chebyshev
 from ..errors import CompileError
 from ..ir import ACTIVATIONS, Graph, Node, Op, activation_fn, cheb_eval, eval_node
 from ..ir.interpreter import ELEMENTWISE
+from .passes import PassNote
 
 DEFAULT_DEGREE = 27       # the largest degree at OpenFHE's depth 5 (Paterson-Stockmeyer)
 DEFAULT_MARGIN = 0.1      # widen the measured range by 10% of its width on each side
@@ -70,33 +71,63 @@ def approximate_activations(graph: Graph, calibration: np.ndarray, *,
     Returns:
         The new graph and one report per replaced activation.
     """
+    g, reports, _ = _approximate(graph, calibration, degree, margin)
+    return g, reports
+
+
+def _approximate(graph: Graph, calibration: np.ndarray, degree, margin):
+    """The fit, plus (min, max) of every value of the new graph on the calibration
+    batch. One forward pass; each value is dropped after its last reader."""
     if margin < 0:
         raise CompileError("margin must be >= 0")
     values = {graph.input.name: np.asarray(calibration, dtype=np.float64)}
+    last = {s: i for i, n in enumerate(graph.nodes) for s in n.inputs}
+    extents = {graph.input.name: (float(calibration.min()), float(calibration.max()))}
     out: list[Node] = [graph.input]
     reports: list[ActivationReport] = []
-    for node in graph.nodes[1:]:
+    for i, node in enumerate(graph.nodes[1:], start=1):
         args = [values[s] for s in node.inputs]
         if node.op in ACTIVATIONS:
-            deg = degree.get(node.name, DEFAULT_DEGREE) if isinstance(degree, dict) else degree
-            deg = EXACT_DEGREE.get(node.op, int(deg))
-            if deg < 1:
-                raise CompileError(f"polynomial degree for {node.name!r} must be >= 1")
-            lo, hi, obs_lo, obs_hi = _range(args[0], margin)
-            fn = activation_fn(node)
-            coeffs = fit_chebyshev(fn, lo, hi, deg)
-            poly = node.replace(op=Op.POLY, attrs={"coeffs": tuple(coeffs.tolist()),
-                                                   "lo": lo, "hi": hi,
-                                                   "source": node.op.value})
-            exact = fn(args[0])
-            approx = cheb_eval(args[0], coeffs, lo, hi)
-            grid = np.linspace(lo, hi, 4001)
-            reports.append(ActivationReport(
-                node.name, node.op.value, deg, lo, hi, obs_lo, obs_hi,
-                float(np.max(np.abs(approx - exact))),
-                float(np.max(np.abs(cheb_eval(grid, coeffs, lo, hi)
-                                    - fn(grid))))))
-            node = poly
-        values[node.name] = eval_node(node, args)
+            node, report, value = _fit(node, args[0], degree, margin)
+            reports.append(report)
+        else:
+            value = eval_node(node, args)
+        values[node.name] = value
+        extents[node.name] = (float(value.min()), float(value.max()))
         out.append(node)
-    return graph.with_nodes(out), reports
+        for s in node.inputs:
+            if last[s] == i and s != graph.output:
+                values.pop(s, None)
+    return graph.with_nodes(out), reports, extents
+
+
+def _fit(node: Node, x: np.ndarray, degree, margin):
+    """(POLY node, its report, its value on ``x``) for one activation node."""
+    deg = degree.get(node.name, DEFAULT_DEGREE) if isinstance(degree, dict) else degree
+    deg = EXACT_DEGREE.get(node.op, int(deg))
+    if deg < 1:
+        raise CompileError(f"polynomial degree for {node.name!r} must be >= 1")
+    lo, hi, obs_lo, obs_hi = _range(x, margin)
+    fn = activation_fn(node)
+    coeffs = fit_chebyshev(fn, lo, hi, deg)
+    poly = node.replace(op=Op.POLY, attrs={"coeffs": tuple(coeffs.tolist()),
+                                           "lo": lo, "hi": hi, "source": node.op.value})
+    # The POLY node's value on x, computed once: the report's error and the next fit's
+    # input both read it.
+    approx = cheb_eval(x, poly.attrs["coeffs"], lo, hi)
+    grid = np.linspace(lo, hi, 4001)
+    report = ActivationReport(
+        node.name, node.op.value, deg, lo, hi, obs_lo, obs_hi,
+        float(np.max(np.abs(approx - fn(x)))),
+        float(np.max(np.abs(cheb_eval(grid, coeffs, lo, hi) - fn(grid)))))
+    return poly, report, approx
+
+
+def approximate(graph: Graph, *, calibration: np.ndarray,
+                degree: int | dict[str, int] = DEFAULT_DEGREE,
+                margin: float = DEFAULT_MARGIN) -> tuple[Graph, PassNote]:
+    """:func:`approximate_activations` as a target pass. The note's ``data`` holds the
+    fit reports (``reports``) and every value's calibrated (min, max) (``extents``)."""
+    g, reports, extents = _approximate(graph, calibration, degree, margin)
+    return g, PassNote("approximate_activations", data={"reports": reports,
+                                                         "extents": extents})

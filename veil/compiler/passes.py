@@ -7,6 +7,7 @@ import numpy as np
 
 from ..errors import CompileError
 from ..ir import AFFINE_OPS, Graph, Node, Op, eval_node
+from .dense import plan_dense
 
 # Lowering a chain of affine ops to a dense matrix costs O(n*m) memory; beyond this
 # many entries the structured layouts of a later release are needed.
@@ -19,6 +20,7 @@ class PassNote:
 
     pass_name: str
     messages: list[str] = field(default_factory=list)
+    data: dict = field(default_factory=dict)   # structured results (fit reports, ranges)
 
 
 def _rename_inputs(node: Node, alias: dict[str, str]) -> Node:
@@ -97,6 +99,24 @@ def linearize(graph: Graph) -> tuple[Graph, PassNote]:
         note.messages.append(" -> ".join(f"{n.op.value} {n.name!r}" for n in chain)
                              + " lowered to one dense map")
     return graph.with_nodes(out), note
+
+
+def dense_chains(graph: Graph) -> list[tuple[str, int, int]]:
+    """(last node, input size, output size) of every chain :func:`linearize` would lower,
+    found with the same rule but without building a matrix: the size check that decides
+    whether the dense probe is cheap enough to run."""
+    readers = {n.name: len(graph.consumers(n.name)) for n in graph.nodes}
+    sizes = {n.name: int(np.prod(n.shape)) for n in graph.nodes}
+    head_in: dict[str, int] = {}   # chain tail -> the chain's input size
+    for node in graph.nodes:
+        if node.op not in AFFINE_OPS:
+            continue
+        src = node.inputs[0]
+        if src in head_in and readers[src] == 1 and src != graph.output:
+            head_in[node.name] = head_in.pop(src)
+        else:
+            head_in[node.name] = sizes[src]
+    return [(name, n_in, sizes[name]) for name, n_in in head_in.items()]
 
 
 def _dense_from_chain(chain: list[Node], shapes: dict[str, tuple[int, ...]]) -> Node:
@@ -179,7 +199,8 @@ def _im2col_indices(in_shape, kernel, stride, padding) -> np.ndarray:
     return np.where(inside, (c * h + row) * w + col, -1).reshape(-1)
 
 
-def im2col_first_conv(graph: Graph, *, max_values: int = 1 << 14) -> tuple[Graph, PassNote]:
+def im2col_first_conv(graph: Graph, *, max_values: int = 1 << 14,
+                      layout: str = "latency") -> tuple[Graph, PassNote]:
     """Let the client lay out the first convolution's input patches (im2col).
 
     The client holds its input in the clear, so it can send ``x`` gathered into
@@ -188,13 +209,12 @@ def im2col_first_conv(graph: Graph, *, max_values: int = 1 << 14) -> tuple[Graph
     diagonal per (k - c) pair instead of one per distinct pixel offset, which for
     strided convolutions cuts the rotations by an order of magnitude. Applied only
     when the input feeds one CONV2D, the patches fit in ``max_values``, and the
-    rotation count at least halves.
+    rotation count at least halves. The ``throughput`` layout keeps the slots for lanes
+    instead, so it leaves the graph alone.
     """
-    from .plan import plan_dense  # planning helpers; a pure module with no backend
-
     note = PassNote("im2col_first_conv")
     readers = graph.consumers(graph.input.name)
-    if len(readers) != 1 or readers[0].op is not Op.CONV2D:
+    if layout != "latency" or len(readers) != 1 or readers[0].op is not Op.CONV2D:
         return graph, note
     conv = readers[0]
     if conv.attrs["groups"] != 1 or tuple(conv.attrs["dilation"]) != (1, 1):
@@ -213,7 +233,7 @@ def im2col_first_conv(graph: Graph, *, max_values: int = 1 << 14) -> tuple[Graph
     if after * 2 > before:
         return graph, note
     # patch_groups (K, P): the gathered vector is K groups (kernel taps) of P positions,
-    # which the planner may place in slot cells of its choosing (plan._cell_layouts).
+    # which the planner may place in slot cells of its choosing (layout._cell_layouts).
     gather = Node("input_im2col", Op.GATHER, (graph.input.name,), (idx.size,),
                   {"indices": tuple(int(i) for i in idx),
                    "patch_groups": (idx.size // positions, positions)})

@@ -1,21 +1,30 @@
-"""The compiler: the ordered list of passes, run once, with a report of what each did."""
+"""The HE compile: the HE target's passes, run once, with a report of what each did.
+
+The passes are :data:`veil.compiler.targets.HE`'s list. Its front stage (batch-norm
+folding, max-pool replacement, calibrated polynomial fits) runs on every model and
+gives the graph ``simulate`` runs and :func:`~veil.compiler.estimate.estimate_he`
+prices. Its back stage (im2col, linearize, domain and quadratic folds) and the slot
+plan run only when the model fits CKKS without bootstrapping and every dense matrix
+is cheap to probe; otherwise the result keeps the structured graph and records why HE
+cannot run it, which :meth:`CompileResult.he_plan` raises when HE is asked for.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import CompileError
-from ..ir import Graph
-from .approx import DEFAULT_DEGREE, DEFAULT_MARGIN, ActivationReport, approximate_activations
-from .passes import (PassNote, fold_batchnorm, fold_poly_domain, fold_quadratic,
-                     im2col_first_conv, linearize, replace_maxpool)
-from .plan import HEPlan, plan_he
+from ..errors import BootstrapRequiredError, CompileError
+from ..ir import Graph, Op
+from .approx import DEFAULT_DEGREE, DEFAULT_MARGIN, ActivationReport
+from .estimate import HEEstimate, estimate_he
+from .passes import MAX_DENSE_ENTRIES, PassNote, dense_chains
+from .plan import LAYOUTS, HEPlan, plan_he
+from .targets import HE, check_ops, run_passes
 
-# The order is the contract: structural rewrites, then the calibrated approximation,
-# then lowering, then planning. Each step is a pure function of its inputs.
-PASSES = ("fold_batchnorm", "replace_maxpool", "approximate_activations",
-          "im2col_first_conv", "linearize", "fold_poly_domain", "fold_quadratic", "plan_he")
+PASSES = HE.pass_names + ("plan_he",)
+# What the slot evaluator (backends/he/evaluator.py) runs today.
+SLOT_OPS = frozenset({Op.INPUT, Op.GATHER, Op.DENSE, Op.POLY, Op.SQUARE, Op.ADD})
 
 
 @dataclass
@@ -23,11 +32,53 @@ class CompileResult:
     """Every graph the pipeline produced, and what it decided."""
 
     source: Graph            # as the frontend produced it: the `plain` reference
-    polynomial: Graph        # activations replaced by polynomials: what `simulate` runs
-    lowered: Graph           # INPUT / GATHER / DENSE / POLY / SQUARE / ADD: what HE runs
-    plan: HEPlan
+    polynomial: Graph        # activations replaced by polynomials
+    lowered: Graph           # what `simulate` runs: the slot evaluator's graph when HE
+    #                          can run the model, else the polynomial graph itself
+    plan: HEPlan | None      # None when HE cannot run the model (see he_refusal)
     activations: list[ActivationReport] = field(default_factory=list)
     notes: list[PassNote] = field(default_factory=list)
+    # (min, max) of every value of ``polynomial`` on the calibration batch
+    extents: dict[str, tuple[float, float]] = field(default_factory=dict)
+    estimate: HEEstimate | None = None
+    he_refusal: tuple[type, str, dict] | None = None   # (error type, message, fields)
+
+    def he_plan(self) -> HEPlan:
+        """The slot plan, or the typed error that says why HE cannot run this model."""
+        if self.plan is None:
+            kind, message, extra = self.he_refusal or (CompileError, "no HE plan", {})
+            raise kind(message, **extra)
+        return self.plan
+
+
+def _check_calibration(graph: Graph, calibration: np.ndarray) -> None:
+    if calibration.ndim < 1 or calibration.shape[1:] != graph.input_shape:
+        raise CompileError(f"calibration data has per-sample shape {calibration.shape[1:]}; "
+                           f"the model expects {graph.input_shape}")
+    if calibration.shape[0] < 1 or not np.all(np.isfinite(calibration)):
+        raise CompileError("calibration data must hold at least one finite sample")
+
+
+def _refusal(poly: Graph, est: HEEstimate) -> tuple[type, str, dict] | None:
+    """Why the back stage must not run on ``poly``, checked before any matrix is built."""
+    if not est.fits:
+        return (BootstrapRequiredError,
+                f"this model needs multiplicative depth {est.depth}, but a 128-bit CKKS "
+                f"ring holds at most {est.max_depth} without bootstrapping; it needs "
+                f"{est.bootstraps} bootstraps on its longest path, and veil cannot "
+                "bootstrap yet (a later release adds it). compiled.report() shows the "
+                "estimated cost; run it in 'simulate' mode meanwhile, or lower the "
+                "polynomial degrees",
+                {"depth": est.depth, "max_depth": est.max_depth,
+                 "bootstraps": est.bootstraps})
+    for name, n_in, n_out in dense_chains(poly):
+        if n_in * n_out > MAX_DENSE_ENTRIES:
+            return (CompileError,
+                    f"layer {name!r} maps {n_in} to {n_out} values: its dense matrix "
+                    f"would hold {n_in * n_out} entries, above the {MAX_DENSE_ENTRIES} the "
+                    "HE lowering builds (structured convolutions for HE come in a later "
+                    "release); 'simulate' and compiled.report() still work", {})
+    return None
 
 
 def compile_graph(graph: Graph, calibration: np.ndarray, *,
@@ -35,23 +86,37 @@ def compile_graph(graph: Graph, calibration: np.ndarray, *,
                   margin: float = DEFAULT_MARGIN,
                   insecure_test_params: bool = False, layout: str = "latency",
                   precision_bits: int | None = None) -> CompileResult:
-    """Run :data:`PASSES` in order on ``graph`` with ``calibration`` data."""
+    """Run the HE target's passes on ``graph`` with ``calibration`` data.
+
+    Always returns the polynomial graph and the HE cost estimate; the slot plan only
+    when HE can run the model (see :class:`CompileResult`).
+
+    Raises:
+        CompileError: unusable calibration data or options.
+    """
     calibration = np.asarray(calibration, dtype=np.float64)
-    if calibration.ndim < 1 or calibration.shape[1:] != graph.input_shape:
-        raise CompileError(f"calibration data has per-sample shape {calibration.shape[1:]}; "
-                           f"the model expects {graph.input_shape}")
-    if calibration.shape[0] < 1 or not np.all(np.isfinite(calibration)):
-        raise CompileError("calibration data must hold at least one finite sample")
-    g, bn_note = fold_batchnorm(graph)
-    g, pool_note = replace_maxpool(g)
-    poly, reports = approximate_activations(g, calibration, degree=degree, margin=margin)
-    # im2col spends slots on patches; the throughput layout keeps them for lanes.
-    patched, col_note = (im2col_first_conv(poly) if layout == "latency"
-                         else (poly, PassNote("im2col_first_conv")))
-    lowered, lin_note = linearize(patched)
-    lowered, dom_note = fold_poly_domain(lowered)
-    lowered, quad_note = fold_quadratic(lowered)
+    _check_calibration(graph, calibration)
+    if layout not in LAYOUTS:
+        raise CompileError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    check_ops(graph, "he")
+    options = {"calibration": calibration, "degree": degree, "margin": margin,
+               "layout": layout}
+    poly, front_notes = run_passes(graph, HE.front, options)
+    reports = [r for n in front_notes for r in n.data.get("reports", ())]
+    extents = {k: v for n in front_notes for k, v in n.data.get("extents", {}).items()}
+    est = estimate_he(poly, precision_bits=precision_bits)
+    refusal = _refusal(poly, est)
+    if refusal is None:
+        lowered, back_notes = run_passes(poly, HE.back, options)
+        odd = next((n for n in lowered.nodes if n.op not in SLOT_OPS), None)
+        if odd is not None:
+            refusal = (CompileError, f"{odd.op.value} node {odd.name!r} has no HE kernel "
+                       "yet; 'simulate' and compiled.report() still work", {})
+    if refusal is not None:
+        note = PassNote("plan_he", [f"HE cannot run this model: {refusal[1]}"])
+        return CompileResult(graph, poly, poly, None, reports, front_notes + [note], extents,
+                             est, refusal)
     plan = plan_he(lowered, insecure_test_params=insecure_test_params, layout=layout,
                    precision_bits=precision_bits)
-    return CompileResult(graph, poly, lowered, plan, reports,
-                         [bn_note, pool_note, col_note, lin_note, dom_note, quad_note])
+    return CompileResult(graph, poly, lowered, plan, reports, front_notes + back_notes,
+                         extents, est)

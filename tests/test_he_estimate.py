@@ -1,0 +1,254 @@
+"""HE at real-model size: the cost estimate, the bootstrap refusal, the size check before
+the dense probe, and the HE target's pass list driving the compile. No OpenFHE needed."""
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import veil
+from veil.compiler.estimate import (BOOTSTRAP_RING, LEVELS_AFTER_BOOTSTRAP, estimate_he,
+                                    max_depth_without_bootstrapping)
+from veil.compiler.passes import MAX_DENSE_ENTRIES, dense_chains
+from veil.compiler.pipeline import PASSES, compile_graph
+from veil.compiler.targets import HE, TARGETS, lower
+from veil.errors import BootstrapRequiredError, CompileError
+from veil.ir import Graph, Op, make_node, run
+
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.b1 = nn.BatchNorm2d(cout)
+        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.b2 = nn.BatchNorm2d(cout)
+        self.short = None if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+        return torch.relu(y + (x if self.short is None else self.short(x)))
+
+
+class ResNet20(nn.Module):
+    """He et al.'s CIFAR ResNet-20: 3 stages of 3 basic blocks, 16/32/64 channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16)
+        blocks, cin = [], 16
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            for i in range(3):
+                blocks.append(Block(cin, cout, stride if i == 0 else 1))
+                cin = cout
+        self.blocks, self.fc = nn.Sequential(*blocks), nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = self.blocks(torch.relu(self.bn(self.conv(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    torch.manual_seed(0)
+    model = ResNet20().eval()
+    cal = np.random.default_rng(0).normal(size=(4, 3, 32, 32))
+    return model, cal, veil.compile(model, cal)
+
+
+def test_resnet20_estimate_needs_bootstraps_with_sane_depth_and_keys(resnet20):
+    _, _, compiled = resnet20
+    est = compiled.result.estimate
+    # 19 ReLUs at degree 27 (5 levels each, plus 1 for the domain map of the 9 that
+    # follow a residual add), 19 convolutions and the pool + fc chain (1 level each).
+    assert est.depth == 19 * 5 + 9 + 19 + 1
+    assert est.max_depth == max_depth_without_bootstrapping() == 55
+    assert not est.fits and est.bootstraps > 0
+    # A fresh ciphertext has 25 levels, each bootstrap gives back 3: at least this many.
+    assert est.bootstraps >= -(-(est.depth - 25) // LEVELS_AFTER_BOOTSTRAP)
+    assert est.ring_dim == BOOTSTRAP_RING
+    # 3x3 kernels on 32x32, 16x16 and 8x8 grids need their 8 offsets each, plus channel
+    # and stride steps; far below one key per slot.
+    assert 3 * 8 <= est.rotation_keys < 2000
+    assert est.key_bytes == 2 * BOOTSTRAP_RING * 8 * est.towers_per_key
+    assert est.keys_bytes == est.rotation_keys * est.key_bytes
+    assert est.latency_s > est.bootstrap_ciphertexts * 16     # bootstraps alone: 16-24 s
+    convs = [layer for layer in est.layers if layer.op == "conv2d"]
+    assert len(convs) == 21 and all(layer.levels in (0, 1) for layer in convs)
+    assert all(layer.ciphertexts >= 1 for layer in est.layers)
+
+
+def test_resnet20_he_mode_raises_the_typed_error(resnet20):
+    _, cal, compiled = resnet20
+    with pytest.raises(BootstrapRequiredError) as err:
+        compiled.run(cal[0], mode="he")
+    est = compiled.result.estimate
+    assert isinstance(err.value, CompileError)
+    assert (err.value.depth, err.value.max_depth, err.value.bootstraps) == (
+        est.depth, est.max_depth, est.bootstraps)
+    msg = str(err.value)
+    assert f"depth {est.depth}" in msg and f"at most {est.max_depth}" in msg
+    assert f"{est.bootstraps} bootstraps" in msg and "bootstrap" in msg
+    with pytest.raises(BootstrapRequiredError):
+        compiled.export("/nonexistent/never-written")
+
+
+def test_resnet20_simulate_and_report(resnet20):
+    model, cal, compiled = resnet20
+    sim = compiled.run(cal, mode="simulate")
+    np.testing.assert_allclose(sim, run(compiled.result.polynomial, cal), atol=1e-12)
+    with torch.no_grad():
+        plain = model(torch.as_tensor(cal, dtype=torch.float32)).numpy()
+    assert np.abs(compiled.run(cal, mode="plain") - plain).max() < 1e-4
+    report = compiled.report()
+    text = str(report)
+    assert "HE estimate: depth 124" in text and "bootstraps needed: " in text
+    assert "rotation keys:" in text and "estimated latency" in text
+    assert "mode 'he': not available" in text and "estimate assumption" in text
+    d = json.loads(json.dumps(report.to_dict()))
+    assert d["estimate"]["bootstraps"] > 0 and d["estimate"]["fits"] is False
+    assert d["he_error"] and d["depth"] == 124
+
+
+def rng_cnn(rng, act=Op.RELU, pool=Op.AVGPOOL2D):
+    i = make_node("input", Op.INPUT, [], [], {"shape": (1, 8, 8)})
+    c = make_node("c", Op.CONV2D, ["input"], [(1, 8, 8)],
+                  {"stride": (1, 1), "padding": (1, 1)},
+                  {"weight": rng.normal(size=(4, 1, 3, 3)) * 0.5, "bias": rng.normal(size=4)})
+    r = make_node("r", act, ["c"], [c.shape])
+    p = make_node("p", pool, ["r"], [c.shape],
+                  {"kernel": (2, 2), "stride": (2, 2), "padding": (0, 0)})
+    f = make_node("f", Op.RESHAPE, ["p"], [p.shape], {"shape": (64,)})
+    fc = make_node("fc", Op.LINEAR, ["f"], [(64,)], {},
+                   {"weight": rng.normal(size=(10, 64)), "bias": rng.normal(size=10)})
+    return Graph((i, c, r, p, f, fc), "fc")
+
+
+def residual_graph(rng, act=Op.TANH):
+    i = make_node("input", Op.INPUT, [], [], {"shape": (16,)})
+    a = make_node("a", Op.LINEAR, ["input"], [(16,)], {},
+                  {"weight": rng.normal(size=(16, 16)) * 0.3, "bias": rng.normal(size=16)})
+    t = make_node("t", act, ["a"], [(16,)])
+    b = make_node("b", Op.LINEAR, ["t"], [(16,)], {},
+                  {"weight": rng.normal(size=(16, 16)) * 0.3, "bias": rng.normal(size=16)})
+    s = make_node("s", Op.ADD, ["a", "b"], [(16,), (16,)])
+    u = make_node("u", act, ["s"], [(16,)])
+    o = make_node("o", Op.LINEAR, ["u"], [(16,)], {},
+                  {"weight": rng.normal(size=(3, 16)), "bias": rng.normal(size=3)})
+    return Graph((i, a, t, b, s, u, o), "o")
+
+
+@pytest.mark.parametrize("make, shape, act, degree", [
+    (rng_cnn, (1, 8, 8), Op.RELU, 27), (rng_cnn, (1, 8, 8), Op.SQUARE, 27),
+    (rng_cnn, (1, 8, 8), Op.HARDSWISH, 13), (residual_graph, (16,), Op.TANH, 7),
+    (residual_graph, (16,), Op.SILU, 2)])
+def test_estimate_depth_matches_the_slot_plan_where_both_apply(rng, make, shape, act, degree):
+    g = make(rng, act)
+    result = compile_graph(g, rng.normal(size=(16,) + shape), degree=degree)
+    assert result.plan is not None and result.estimate.fits
+    assert result.estimate.depth == result.plan.depth
+    assert result.estimate.ring_dim == result.plan.params.ring_dim
+    # the simulate graph is the slot evaluator's graph when HE can run the model
+    assert set(result.lowered.ops()) <= {Op.INPUT, Op.GATHER, Op.DENSE, Op.POLY,
+                                         Op.SQUARE, Op.ADD}
+
+
+def test_mul_and_activations_of_the_new_ops_are_priced(rng):
+    """Squeeze-excite style gate: x * hardsigmoid(x) of two activations costs one level."""
+    i = make_node("input", Op.INPUT, [], [], {"shape": (8,)})
+    a = make_node("a", Op.LINEAR, ["input"], [(8,)], {},
+                  {"weight": rng.normal(size=(8, 8)), "bias": rng.normal(size=8)})
+    h = make_node("h", Op.HARDSIGMOID, ["a"], [(8,)])
+    c = make_node("c", Op.CLIP, ["a"], [(8,)], {"lo": 0.0, "hi": 6.0})
+    m = make_node("m", Op.MUL, ["h", "c"], [(8,), (8,)])
+    o = make_node("o", Op.LINEAR, ["m"], [(8,)], {},
+                  {"weight": rng.normal(size=(2, 8)), "bias": rng.normal(size=2)})
+    g = Graph((i, a, h, c, m, o), "o")
+    x = rng.normal(size=(32, 8))
+    result = compile_graph(g, x, degree=13)
+    assert {a.function for a in result.activations} == {"hardsigmoid", "clip"}
+    # linear 1 + Chebyshev degree 13 (4, plus 1 for the domain map: 'a' has two
+    # readers, so it cannot absorb it) + mul 1 + linear 1
+    assert result.estimate.depth == 8
+    levels = {layer.name: layer.levels for layer in result.estimate.layers}
+    assert levels["m"] == 1 and levels["h"] == 5 and levels["c"] == 5
+    # MUL has no slot-evaluator kernel yet: HE refuses by name, simulate runs
+    assert result.plan is None and "mul node 'm'" in result.he_refusal[1]
+    with pytest.raises(CompileError, match="mul node 'm'"):
+        result.he_plan()
+    np.testing.assert_allclose(run(result.lowered, x), run(result.polynomial, x))
+
+
+def test_too_large_dense_layer_is_refused_by_name_before_probing(rng):
+    """Fits without bootstrapping, but one convolution's matrix would hold ~805M entries:
+    compile skips the probe (quickly) and mode 'he' names the layer and its size."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(16 * 64 * 64, 10))
+    cal = rng.normal(size=(2, 3, 64, 64))
+    t0 = time.perf_counter()
+    compiled = veil.compile(model, cal, degree=7)
+    assert time.perf_counter() - t0 < 20
+    sizes = {name: (n_in, n_out) for name, n_in, n_out in dense_chains(
+        compiled.result.polynomial)}
+    first = next(n.name for n in compiled.result.polynomial.nodes if n.op is Op.CONV2D)
+    assert sizes[first] == (3 * 64 * 64, 16 * 64 * 64)
+    assert compiled.result.estimate.fits and compiled.result.plan is None
+    with pytest.raises(CompileError) as err:
+        compiled.run(cal[0], mode="he")
+    assert not isinstance(err.value, BootstrapRequiredError)
+    assert (f"layer {first!r} maps 12288 to 65536 values" in str(err.value)
+            and str(12288 * 65536) in str(err.value) and str(MAX_DENSE_ENTRIES) in str(err.value))
+    assert compiled.run(cal, mode="simulate").shape == (2, 10)
+    assert "HE estimate" in str(compiled.report())
+
+
+def test_he_target_pass_list_drives_the_compile(rng):
+    g = rng_cnn(rng)
+    cal = rng.normal(size=(16, 1, 8, 8))
+    assert TARGETS["he"] is HE and PASSES == HE.pass_names + ("plan_he",)
+    assert HE.pass_names[:HE.split] == ("fold_batchnorm", "replace_maxpool", "approximate")
+    lowered, notes = lower(g, "he", calibration=cal)
+    result = compile_graph(g, cal)
+    assert [n.name for n in lowered.nodes] == [n.name for n in result.lowered.nodes]
+    for a, b in zip(lowered.nodes, result.lowered.nodes):
+        for k in a.params:
+            np.testing.assert_array_equal(a.params[k], b.params[k])
+    assert len(notes) == len(HE.passes)
+    with pytest.raises(CompileError, match="calibration"):
+        lower(g, "he")
+
+
+def test_estimate_rejects_unapproximated_activations(rng):
+    with pytest.raises(CompileError, match="approximate the activations first"):
+        estimate_he(rng_cnn(rng))
+
+
+@pytest.mark.slow
+def test_resnet18_224_compiles_within_30s_and_4gib():
+    """torchvision ResNet-18 at 224x224, in a fresh process so RSS is its own."""
+    code = textwrap.dedent("""
+        import json, resource, time
+        import numpy as np, torchvision, veil
+        model = torchvision.models.resnet18(weights=None).eval()
+        cal = np.random.default_rng(0).normal(size=(2, 3, 224, 224))
+        t0 = time.perf_counter()
+        compiled = veil.compile(model, cal)
+        seconds = time.perf_counter() - t0
+        text = str(compiled.report())
+        print(json.dumps({"seconds": seconds, "text": text,
+                          "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                          "estimate": compiled.result.estimate.to_dict()}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["seconds"] <= 30 and r["rss"] <= 4 * 2**30
+    est = r["estimate"]
+    assert est["bootstraps"] > 0 and est["depth"] > est["max_depth"]
+    assert "HE estimate: depth" in r["text"] and "bootstraps needed" in r["text"]

@@ -1,0 +1,256 @@
+"""Dense-layer planning: generalised diagonals of a matrix placed in slots, and the
+baby-step / giant-step split that evaluates them with the fewest rotations and keys.
+
+Dense layers use the diagonal method of Halevi and Shoup (CRYPTO 2014, "Algorithms
+in HElib", Sec. 4.3) generalised to rectangular matrices, with the baby-step /
+giant-step split of Halevi and Shoup (CRYPTO 2018, "Faster homomorphic linear
+transformations in HElib", Sec. 4); all-zero diagonals are skipped, so a convolution
+costs about one rotation per distinct kernel offset rather than one per input.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .params import next_pow2
+
+@dataclass(frozen=True)
+class DensePlan:
+    """How one DENSE node runs: its slot layouts, diagonals, baby/giant steps and folds.
+
+    ``in_positions`` / ``out_positions`` place element ``k`` of the input / output at
+    slot ``positions[k]`` of its period (None: slot ``k``). A diagonal ``d`` splits as
+    ``d = (g2 * giant2 + g) * baby_step + r``: baby rotations by ``r`` (hoisted), giant
+    rotations by ``g * baby_step`` and, when ``giant2`` > 0, outer rotations by
+    ``g2 * giant2 * baby_step`` (a three-level split that needs fewer keys).
+    """
+
+    in_period: int
+    out_period: int
+    diagonals: tuple[int, ...]   # signed representatives of the non-zero diagonals
+    baby_step: int
+    fold_steps: tuple[int, ...]
+    centered: bool = False        # baby steps in [-b/2, b/2) instead of [0, b)
+    input_blocks: int = 0         # > 0: the client lays out rot(x, d) per diagonal d
+    giant2: int = 0
+    centered2: bool = False
+    in_positions: tuple[int, ...] | None = None
+    out_positions: tuple[int, ...] | None = None
+
+    def expanded_fold_steps(self) -> tuple[int, ...]:
+        """Folds of a client-expanded layer: sum the blocks, then the wide-map folds."""
+        block = max(self.in_period, self.out_period)
+        return tuple(block << t for t in range(int(math.log2(self.input_blocks)))) \
+            + self.fold_steps
+
+    def split(self, d: int) -> tuple[int, int]:
+        """Giant index g and baby step r with d == g * baby_step + r."""
+        return _split(d, self.baby_step, self.centered)
+
+    def split3(self, d: int) -> tuple[int, int, int]:
+        """(g2, g, r) with d == (g2 * giant2 + g) * baby_step + r."""
+        g, r = self.split(d)
+        if not self.giant2:
+            return 0, g, r
+        g2, g1 = _split(g, self.giant2, self.centered2)
+        return g2, g1, r
+
+    def rotations(self) -> set[int]:
+        if self.input_blocks:
+            return set(self.expanded_fold_steps())
+        rots = set(self.fold_steps)
+        outer = self.giant2 * self.baby_step
+        for d in self.diagonals:
+            g2, g, r = self.split3(d)
+            rots.update(x for x in (r, g * self.baby_step, g2 * outer) if x)
+        return rots
+
+    def rotation_count(self) -> float:
+        """Rotations one evaluation performs; hoisted baby steps count half."""
+        if self.input_blocks:
+            return float(len(self.expanded_fold_steps()))
+        parts = [self.split3(d) for d in self.diagonals]
+        babies = {r for _, _, r in parts} - {0}
+        giants = {(g2, g) for g2, g, _ in parts if g}
+        outers = {g2 for g2, _, _ in parts} - {0}
+        return 0.5 * len(babies) + len(giants) + len(outers) + len(self.fold_steps)
+
+    def positions(self, side: str, size: int) -> np.ndarray:
+        pos = self.in_positions if side == "in" else self.out_positions
+        return np.arange(size) if pos is None else np.asarray(pos, dtype=np.int64)
+
+    def to_dict(self) -> dict:
+        d = {"in_period": self.in_period, "out_period": self.out_period,
+             "diagonals": list(self.diagonals), "baby_step": self.baby_step,
+             "fold_steps": list(self.fold_steps), "centered": self.centered,
+             "input_blocks": self.input_blocks, "giant2": self.giant2,
+             "centered2": self.centered2}
+        for key in ("in_positions", "out_positions"):
+            if getattr(self, key) is not None:
+                d[key] = list(getattr(self, key))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DensePlan":
+        pos = {k: (tuple(int(v) for v in d[k]) if d.get(k) is not None else None)
+               for k in ("in_positions", "out_positions")}
+        return cls(int(d["in_period"]), int(d["out_period"]), tuple(d["diagonals"]),
+                   int(d["baby_step"]), tuple(d["fold_steps"]),
+                   bool(d.get("centered", False)), int(d.get("input_blocks", 0)),
+                   int(d.get("giant2", 0)), bool(d.get("centered2", False)), **pos)
+
+
+def _diagonal_entries(matrix: np.ndarray, in_period: int, out_period: int,
+                      in_pos: np.ndarray | None, out_pos: np.ndarray | None):
+    """For every non-zero W[r, c]: its diagonal i, its slot j, and its value."""
+    m, n = matrix.shape
+    in_pos = np.arange(n) if in_pos is None else np.asarray(in_pos, dtype=np.int64)
+    out_pos = np.arange(m) if out_pos is None else np.asarray(out_pos, dtype=np.int64)
+    rows, cols = np.nonzero(matrix)
+    a, b = out_pos[rows], in_pos[cols]
+    if in_period >= out_period:
+        i = (b - a) % out_period
+        j = a + (b - a - i) % in_period
+    else:
+        i = (b - a) % in_period
+        j = a
+    return i, j, matrix[rows, cols]
+
+
+def slot_diagonals(matrix: np.ndarray, in_period: int, out_period: int,
+                   in_pos: np.ndarray | None = None, out_pos: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Non-zero generalised diagonals of ``matrix`` placed in slots.
+
+    The slot-level matrix W' has W[r, c] at row ``out_pos[r]``, column ``in_pos[c]``.
+    Diagonal ``i`` (``0 <= i < min(Pi, Po)``) is the vector whose slot ``j`` (``0 <= j
+    < max(Pi, Po)``) holds W'[j mod Po, (j + i) mod Pi]. Every entry of W lands on
+    exactly one (i, j): for Pi >= Po, i = (b - a) mod Po and j = a + ((b - a - i) mod
+    Pi); for Pi < Po, i = (b - a) mod Pi and j = a. Built from the non-zeros only, so a
+    layer costs memory in its diagonals, never in a dense slot-level matrix.
+
+    Returns (sorted diagonal indices, vectors of shape (count, max(Pi, Po))); an
+    all-zero matrix gives the single zero diagonal 0.
+    """
+    i, j, vals = _diagonal_entries(matrix, in_period, out_period, in_pos, out_pos)
+    ids, slot_of = np.unique(i, return_inverse=True)
+    if ids.size == 0:
+        return np.zeros(1, dtype=np.int64), np.zeros((1, max(in_period, out_period)))
+    vectors = np.zeros((ids.size, max(in_period, out_period)))
+    np.add.at(vectors, (slot_of, j), vals)
+    return ids, vectors
+
+
+def _signed(i: int, period: int) -> int:
+    return i - period if i > period // 2 else i
+
+
+def normalize_rotation(r: int, slots: int) -> int:
+    """The representative in (-slots/2, slots/2] that keys and evaluation both use."""
+    return _signed(r % slots, slots)
+
+
+def _split(d: int, b: int, centered: bool) -> tuple[int, int]:
+    r = ((d + b // 2) % b) - b // 2 if centered else d % b
+    return (d - r) // b, r
+
+
+def _distinct_nonzero(values: np.ndarray) -> np.ndarray:
+    """Per row of a 2-D int array: how many distinct non-zero entries it holds."""
+    v = np.sort(values, axis=1)
+    distinct = 1 + np.count_nonzero(np.diff(v, axis=1), axis=1)
+    return distinct - np.any(v == 0, axis=1)
+
+
+# Rotation keys weigh on memory, key generation and upload: one key counts this many
+# rotations when a split is chosen (a second giant level trades rotations for keys).
+KEY_WEIGHT = 0.25
+_MAX_STEP_CANDIDATES = 4096
+
+
+def _step_candidates(span: int) -> np.ndarray:
+    top = 2 * span + 2
+    small = np.arange(1, min(top, _MAX_STEP_CANDIDATES))
+    pow2 = 1 << np.arange(int(math.log2(max(_MAX_STEP_CANDIDATES, 2))), max(top, 2).bit_length())
+    return np.unique(np.concatenate([small, pow2[pow2 < top]]))
+
+
+def _best_baby_step(diags: list[int]) -> tuple[int, bool]:
+    """Baby-step size (and split) minimising rotations (hoisted babies count half) plus
+    ``KEY_WEIGHT`` per distinct rotation key, over every step up to 4096 and the powers
+    of two beyond, in one vectorised pass."""
+    d = np.asarray(diags, dtype=np.int64)[None, :]
+    span = int(np.abs(d).max(initial=1))
+    best, best_cost = (1, False), math.inf
+    b = _step_candidates(span)[:, None]
+    for centered in (False, True):
+        r = ((d + b // 2) % b) - b // 2 if centered else d % b
+        g = (d - r) // b
+        cost = (0.5 + KEY_WEIGHT) * _distinct_nonzero(r) + (1 + KEY_WEIGHT) * _distinct_nonzero(g)
+        k = int(np.argmin(cost))
+        if cost[k] < best_cost - 1e-9:
+            best, best_cost = (int(b[k, 0]), centered), float(cost[k])
+    return best
+
+
+def _best_outer_step(diags: list[int], baby: int, centered: bool) -> tuple[int, bool]:
+    """Second giant level (multiplier, centered) for a split, or (0, False) when two
+    levels are cheaper once keys are weighed in."""
+    parts = [_split(d, baby, centered) for d in diags]
+    giants = np.asarray(sorted({g for g, _ in parts} - {0}), dtype=np.int64)
+    if giants.size < 4:
+        return 0, False
+    base = (1 + KEY_WEIGHT) * giants.size
+    gvec = np.unique(np.asarray([g for g, _ in parts], dtype=np.int64))
+    best, best_cost = (0, False), base
+    m_all = _step_candidates(int(np.abs(giants).max()))
+    m_all = m_all[m_all >= 2][:, None]
+    for c2 in (False, True):
+        g1 = ((gvec + m_all // 2) % m_all) - m_all // 2 if c2 else gvec % m_all
+        g2 = (gvec - g1) // m_all
+        # rotations: one per distinct (g2, g1) with g1 != 0, one per distinct g2 != 0
+        pair = np.where(g1 != 0, g2 * (4 * int(np.abs(gvec).max()) + 8) + g1, 0)
+        cost = (_distinct_nonzero(pair) + (1 + KEY_WEIGHT) * _distinct_nonzero(g2)
+                + KEY_WEIGHT * _distinct_nonzero(g1))
+        k = int(np.argmin(cost))
+        if cost[k] < best_cost - 1e-9:
+            best, best_cost = (int(m_all[k, 0]), c2), float(cost[k])
+    return best
+
+
+def plan_dense(matrix: np.ndarray, in_positions=None, out_positions=None,
+               in_period: int | None = None, out_period: int | None = None) -> DensePlan:
+    """Pick non-zero diagonals, the baby/giant steps and the fold rotations of one dense
+    map whose input and output sit at the given slot positions (default: compact)."""
+    m, n = matrix.shape
+    pi = in_period or next_pow2(n if in_positions is None else max(in_positions) + 1)
+    po = out_period or next_pow2(m if out_positions is None else max(out_positions) + 1)
+    # only the indices: the layout search plans many candidates, the evaluator alone
+    # needs the vectors
+    ids = np.unique(_diagonal_entries(matrix, pi, po, in_positions, out_positions)[0])
+    nonzero = sorted(_signed(int(i), pi) for i in ids) or [0]
+    folds = tuple(po << t for t in range(int(math.log2(pi // po)))) if pi > po else ()
+    baby, centered = _best_baby_step(nonzero)
+    giant2, centered2 = _best_outer_step(nonzero, baby, centered)
+    freeze = (lambda p: None if p is None else tuple(int(v) for v in p))
+    return DensePlan(pi, po, tuple(nonzero), baby, folds, centered, 0, giant2, centered2,
+                     freeze(in_positions), freeze(out_positions))
+
+
+# Relative costs, one rotation = 1 (measured at rings 2^13-2^14, bench notes in
+# docs/ARCHITECTURE.md): a ciphertext x plaintext product, one term of a scalar-weighted
+# sum, one squaring with relinearization.
+COST = {"rotation": 1.0, "pt_mult": 0.05, "scalar_term": 0.03, "square": 0.7}
+
+
+def _layer_work(plan: DensePlan) -> float:
+    """One evaluation of a dense layer in rotation units: rotations and products."""
+    mults = 1 if plan.input_blocks else len(plan.diagonals)
+    return plan.rotation_count() * COST["rotation"] + mults * COST["pt_mult"]
+
+
+def dense_cost(plan: DensePlan) -> float:
+    """Estimated cost of one layer in rotations: its work, and its keys."""
+    return _layer_work(plan) + KEY_WEIGHT * len(plan.rotations())

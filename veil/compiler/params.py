@@ -1,0 +1,145 @@
+"""CKKS parameter selection: the smallest 128-bit-secure ring for a depth, then the
+scale and key-switching digits; OpenFHE's Chebyshev depth table.
+
+The HomomorphicEncryption.org bound on log2(Q*P) sets which (ring, depth, scale,
+digits) are secure; ``_estimated_log_qp`` mirrors how OpenFHE builds the modulus chain
+for HYBRID key switching (validated against OpenFHE by a backend test).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from ..errors import CompileError
+
+# Smallest ring dimensions with their 128-bit classical bound on log2(Q*P)
+# (HomomorphicEncryption.org standard, Table for uniform ternary secrets).
+HE_STD_128_LOGQP = {1 << 13: 218, 1 << 14: 438, 1 << 15: 881, 1 << 16: 1761, 1 << 17: 3523}
+# Ring dimension used when the caller opts into insecure test parameters.
+INSECURE_RING_DIM = 1 << 12
+SCALING_BITS_CHOICES = (40, 38, 36, 34, 32, 30)
+# Output bits measured per scaling size for veil's models (bench/he_models.py): a
+# 32-bit scale leaves ~15-16 bits of output precision, 36 bits ~19, 40 bits 21-23.
+PRECISION_LOSS_BITS = 17
+# The first modulus holds the decrypted output: ``scale + 16`` bits leaves room for
+# outputs up to 2^15 in magnitude, which logits never approach.
+FIRST_MOD_HEADROOM = 16
+# Degree thresholds of OpenFHE's Chebyshev evaluation on [-1, 1]: degree <= t costs
+# `depth` levels. Any other interval costs one more level for the affine map onto
+# [-1, 1] (which ``fold_poly_domain`` moves into the preceding dense layer). Checked
+# against OpenFHE by a backend test.
+_CHEB_DEPTH = ((1, 1), (2, 2), (5, 3), (13, 4), (27, 5), (59, 6), (119, 7), (247, 8),
+               (495, 9), (1007, 10), (2031, 11))
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def chebyshev_depth(degree: int, lo: float = -1.0, hi: float = 1.0) -> int:
+    """Multiplicative levels OpenFHE's EvalChebyshevSeries consumes for ``degree``."""
+    extra = 0 if (lo, hi) == (-1.0, 1.0) else 1
+    for limit, depth in _CHEB_DEPTH:
+        if degree <= limit:
+            return depth + extra
+    raise CompileError(f"polynomial degree {degree} is above the supported 2031")
+
+
+@dataclass(frozen=True)
+class CKKSParams:
+    """CKKS parameters; ``security`` is the OpenFHE security level name."""
+
+    ring_dim: int
+    mult_depth: int
+    scaling_bits: int
+    first_mod_bits: int
+    num_large_digits: int
+    security: str = "HEStd_128_classic"
+    insecure_test_params: bool = False
+
+    @property
+    def slots(self) -> int:
+        return self.ring_dim // 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CKKSParams":
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+def _estimated_log_qp(depth: int, scaling: int, first: int, dnum: int) -> int:
+    """log2(Q*P) as OpenFHE builds it for HYBRID key switching (validated by a test)."""
+    towers = depth + 1
+    alpha = math.ceil(towers / dnum)
+    digit_bits = first + (alpha - 1) * scaling
+    log_p = math.ceil((digit_bits + 8) / 60) * 60  # +8: headroom OpenFHE keeps
+    return first + depth * scaling + log_p
+
+
+def _digits_ok(depth: int, dnum: int) -> bool:
+    """OpenFHE needs every key-switching digit non-empty: (dnum - 1) * alpha < towers."""
+    towers = depth + 1
+    return 1 <= dnum and (dnum - 1) * math.ceil(towers / dnum) < towers
+
+
+def keyswitch_cost(depth: int, scaling: int, first: int, dnum: int) -> int:
+    """Towers one rotation key holds, over all digits: ``dnum * (towers + P towers)``.
+
+    Both the evaluation-key memory and the NTTs of a key switch scale with it, so it
+    is what parameter selection minimises once security and precision are met.
+    """
+    log_p = _estimated_log_qp(depth, scaling, first, dnum) - first - depth * scaling
+    return dnum * (depth + 1 + log_p // 60)
+
+
+def select_params(depth: int, min_slots: int, *, insecure_test_params: bool = False,
+                  precision_bits: int | None = None) -> tuple[CKKSParams, str]:
+    """Smallest secure ring; then the scale and key-switching digits.
+
+    By default the largest scale that fits wins (the most output precision the ring
+    allows), then the fewest digits. With ``precision_bits``, scales below
+    ``precision_bits + PRECISION_LOSS_BITS`` are ruled out and the (scale, first
+    modulus, digits) with the smallest :func:`keyswitch_cost` wins, ties going to the
+    larger scale: a caller who needs 12 bits gets keys half the size on deep models.
+    """
+    depth = max(depth, 1)
+    if insecure_test_params:
+        ring = max(INSECURE_RING_DIM, 2 * next_pow2(min_slots))
+        dnum = next(d for d in (3, 2, 1) if _digits_ok(depth, d))
+        return (CKKSParams(ring, depth, 40, 60, dnum, "HEStd_NotSet", True),
+                f"INSECURE test parameters: ring {ring}, no security level enforced")
+    min_scale = 0 if precision_bits is None else precision_bits + PRECISION_LOSS_BITS
+    scales = [c for c in SCALING_BITS_CHOICES if c >= min_scale]
+    if not scales:
+        raise CompileError(f"precision_bits={precision_bits} needs a scale above "
+                           f"{max(SCALING_BITS_CHOICES)} bits; ask for at most "
+                           f"{max(SCALING_BITS_CHOICES) - PRECISION_LOSS_BITS}")
+    for ring, bound in HE_STD_128_LOGQP.items():
+        if ring // 2 < min_slots:
+            continue
+        firsts = (lambda s: {min(60, s + 20)}) if precision_bits is None else \
+            (lambda s: {min(60, s + 20), s + FIRST_MOD_HEADROOM})
+        fits = [(s, first, dnum) for s in scales for first in sorted(firsts(s))
+                for dnum in range(2, depth + 2)
+                if _digits_ok(depth, dnum)
+                # Strictly below: OpenFHE's primes sit a fraction of a bit above their
+                # nominal size, so an estimate equal to the bound can fail its check.
+                and _estimated_log_qp(depth, s, first, dnum) < bound]
+        if not fits:
+            continue
+        if precision_bits is None:
+            s, first, dnum = min(fits, key=lambda f: (-f[0], f[2]))
+            goal = "the largest scale that fits, then the fewest key-switch digits"
+        else:
+            s, first, dnum = min(fits, key=lambda f: (keyswitch_cost(depth, *f), -f[0]))
+            goal = (f"the cheapest key switching that keeps >= {precision_bits} output "
+                    "bits")
+        why = (f"depth {depth} with {s}-bit scaling fits ring {ring} (log2 QP < {bound} "
+               f"for 128-bit security); {dnum} key-switch digits "
+               f"({keyswitch_cost(depth, s, first, dnum)} towers per key): {goal}; "
+               f"{ring // 2} slots >= {min_slots} needed")
+        return CKKSParams(ring, depth, s, first, dnum), why
+    raise CompileError(f"depth {depth} does not fit a ring of at most 2^17 at 128-bit "
+                       "security; lower the polynomial degrees")
