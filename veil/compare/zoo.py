@@ -86,13 +86,15 @@ def _entry(name: str) -> ZooEntry:
 
 
 def build(name: str, seed: int = 0, calibration_images: int = 16,
-          batch_size: int = 8) -> Any:
+          batch_size: int | None = None) -> Any:
     """An eval-mode ``nn.Module`` of zoo model ``name``, deterministic for ``seed``.
 
     Weights start as the architecture's own random initialisation under ``torch``
     seed ``seed``, then are calibrated on ``calibration_images`` photos from
-    :func:`sample_images` (a data-dependent initialisation, as LSUV, Mishkin and
-    Matas 2016, does for training):
+    :func:`sample_images` in batches of ``batch_size`` (default: all at once, which
+    makes the eval-mode statistics exactly those the train-mode pass normalised with)
+    in a data-dependent initialisation, as LSUV (Mishkin and Matas 2016) does for
+    training:
 
     1. every convolution and linear layer is scaled so that its output has unit
        standard deviation on the photos (VGG has no batch norm, and torchvision's
@@ -109,6 +111,7 @@ def build(name: str, seed: int = 0, calibration_images: int = 16,
     import torch
 
     entry = _entry(name)
+    batch_size = calibration_images if batch_size is None else batch_size
     if calibration_images < 1 or batch_size < 1:
         raise InputError("calibration_images and batch_size must be positive")
     state = torch.random.get_rng_state()
@@ -173,12 +176,14 @@ def _centre_classifier(model: Any, images: np.ndarray, batch_size: int) -> None:
             head.bias.div_(std)
 
 
-def calibrate_batchnorm(model: Any, images: np.ndarray, batch_size: int = 8) -> Any:
+def calibrate_batchnorm(model: Any, images: np.ndarray, batch_size: int = 16) -> Any:
     """Recompute every batch norm's running mean and variance on ``images``.
 
     Each batch norm is reset and put in train mode with ``momentum=None`` (a
     cumulative average over the batches), every other module in eval mode; the
-    forward passes run without gradients. Returns ``model`` in eval mode.
+    forward passes run without gradients. With several batches, later layers are
+    normalised with per-batch statistics during the pass but with their average
+    afterwards, so one batch is the most faithful. Returns ``model`` in eval mode.
     """
     import torch
     from torch import nn

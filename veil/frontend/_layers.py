@@ -75,7 +75,7 @@ def conv2d(b: GraphBuilder, site: Site, x: str, weight: np.ndarray, bias: np.nda
     weight = np.asarray(weight, dtype=np.float64)
     if weight.ndim != 4:
         raise site.error(f"weight of shape {weight.shape}; only 2-D convolution is supported")
-    _rank3(b, site, x)
+    # an input of the wrong rank is a wrong input_shape: the shape rule's GraphError says so
     dilation = _pairs(site, dilation=dilation)["dilation"]
     kernel = tuple(weight.shape[2:])
     span = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel))
