@@ -269,26 +269,36 @@ class _TwoOutputs(nn.Module):
         return torch.relu(x), torch.tanh(x)
 
 
-class _Product(nn.Module):
+class _RankMismatch(nn.Module):
+    def forward(self, x):  # (B, 3, 1) * (B, 3) broadcasts the batch against features
+        return torch.relu(x).view(x.size(0), 3, 1) * torch.tanh(x)
+
+
+class _CatBatch(nn.Module):
     def forward(self, x):
-        return torch.relu(x) * torch.tanh(x)
+        return torch.cat([x, torch.relu(x)])
+
+
+class _ClampByTensor(nn.Module):
+    def forward(self, x):
+        return torch.clamp(x, min=torch.relu(x))
 
 
 @pytest.mark.parametrize("model, shape, words", [
     (_LayerNorm(), (4,), ["LayerNorm", "'ln1'", "torch module"]),
     (_Softmax(), (4,), ["Softmax", "'softmax'"]),
-    (nn.Sequential(nn.Conv2d(2, 2, 3, groups=2)), (2, 5, 5), ["Conv2d", "'_0'", "groups=2"]),
-    (nn.Sequential(nn.Conv2d(2, 2, 3, dilation=2)), (2, 7, 7), ["dilation"]),
-    (nn.Sequential(nn.Conv2d(2, 2, 4, padding="same")), (2, 7, 7), ["same"]),
+    (nn.Sequential(nn.Conv2d(2, 2, 4, padding="same")), (2, 7, 7), ["Conv2d", "'_0'", "same"]),
+    (nn.Sequential(nn.Conv2d(2, 2, 2, padding="same", dilation=3)), (2, 7, 7), ["same"]),
     (nn.Sequential(nn.Conv2d(2, 2, 3, padding_mode="reflect")), (2, 7, 7), ["reflect"]),
-    (nn.Sequential(nn.AvgPool2d(2, ceil_mode=True)), (1, 5, 5), ["AvgPool2d", "ceil_mode"]),
-    (nn.Sequential(nn.AvgPool2d(3, padding=1, count_include_pad=False)), (1, 5, 5),
-     ["count_include_pad"]),
+    (nn.Sequential(nn.AvgPool2d(2, divisor_override=3)), (1, 5, 5),
+     ["AvgPool2d", "divisor_override"]),
     (nn.Sequential(nn.MaxPool2d(2, dilation=2)), (1, 6, 6), ["MaxPool2d", "dilation"]),
     (nn.Sequential(nn.Flatten(0)), (3,), ["Flatten", "batch"]),
     (_Branchy(), (3,), ["trace", "control flow"]),
     (_TwoOutputs(), (3,), ["single tensor"]),
-    (_Product(), (3,), ["mul", "two different tensors"]),
+    (_RankMismatch(), (3,), ["mul", "ranks", "mix samples"]),
+    (_CatBatch(), (3,), ["cat", "axis 0"]),
+    (_ClampByTensor(), (3,), ["clamp", "constant number"]),
     (nn.Sequential(nn.BatchNorm1d(3, track_running_stats=False)), (3,), ["running"]),
 ])
 def test_torch_unsupported(model, shape, words):
@@ -407,8 +417,10 @@ def test_onnx_gelu_opset20():
 
 @pytest.mark.parametrize("node, inits, words", [
     (helper.make_node("Softmax", ["x"], ["y"], name="sm", axis=1), {}, ["Softmax", "'sm'"]),
-    (helper.make_node("Conv", ["x", "w"], ["y"], name="gconv", group=2),
-     {"w": np.ones((4, 2, 1, 1))}, ["Conv", "'gconv'", "group=2"]),
+    (helper.make_node("Div", ["x", "x"], ["y"], name="ratio"), {},
+     ["Div", "'ratio'", "two tensors"]),
+    (helper.make_node("MaxPool", ["x"], ["y"], name="mp", kernel_shape=[2, 2],
+                      dilations=[2, 2]), {}, ["MaxPool", "dilations"]),
     (helper.make_node("Conv", ["x", "w"], ["y"], name="pconv", pads=[0, 0, 1, 1]),
      {"w": np.ones((4, 4, 1, 1))}, ["asymmetric"]),
     (helper.make_node("Mul", ["x", "x2"], ["y"], name="m"),

@@ -8,6 +8,7 @@ the IR name of its result. Parameters are copied out as float64 numpy arrays.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable
 
 import numpy as np
@@ -59,18 +60,29 @@ def _conv_padding(site: Site, padding: Any, kernel: tuple[int, int]) -> tuple[in
 
 
 def conv2d_module(b: GraphBuilder, site: Site, mod: Any, x: str) -> str:
-    """nn.Conv2d with groups=1, dilation 1 and zero padding."""
-    if mod.groups != 1:
-        raise site.error(f"groups={mod.groups}; only groups=1 is supported")
-    if tuple(mod.dilation) != (1, 1):
-        raise site.error(f"dilation={tuple(mod.dilation)}; only dilation 1 is supported")
+    """nn.Conv2d with any groups, stride and dilation, and zero padding."""
     if mod.padding_mode != "zeros":
         raise site.error(f"padding_mode={mod.padding_mode!r}; only 'zeros' is supported")
-    kernel = tuple(mod.kernel_size)
-    padding = _conv_padding(site, mod.padding, kernel)
     weight = to_numpy(mod.weight)
-    bias = to_numpy(mod.bias) if mod.bias is not None else np.zeros(weight.shape[0])
-    attrs = {"stride": _pairs(site, stride=mod.stride)["stride"], "padding": padding}
+    bias = to_numpy(mod.bias) if mod.bias is not None else None
+    return conv2d(b, site, x, weight, bias, stride=mod.stride, padding=mod.padding,
+                  dilation=mod.dilation, groups=mod.groups)
+
+
+def conv2d(b: GraphBuilder, site: Site, x: str, weight: np.ndarray, bias: np.ndarray | None,
+           stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1) -> str:
+    """A 2-D cross-correlation (torch semantics): weight (Co, Ci/groups, kh, kw)."""
+    weight = np.asarray(weight, dtype=np.float64)
+    if weight.ndim != 4:
+        raise site.error(f"weight of shape {weight.shape}; only 2-D convolution is supported")
+    # an input of the wrong rank is a wrong input_shape: the shape rule's GraphError says so
+    dilation = _pairs(site, dilation=dilation)["dilation"]
+    kernel = tuple(weight.shape[2:])
+    span = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel))
+    attrs = {"stride": _pairs(site, stride=stride)["stride"],
+             "padding": _conv_padding(site, padding, span), "dilation": dilation,
+             "groups": int(groups)}
+    bias = np.zeros(weight.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)
     return b.add(site.node, Op.CONV2D, [x], attrs, {"weight": weight, "bias": bias})
 
 
@@ -99,6 +111,78 @@ def activation(b: GraphBuilder, site: Site, x: str, op: Op) -> str:
     return b.add(site.node, op, [x])
 
 
+def clip(b: GraphBuilder, site: Site, x: str, lo: Any, hi: Any) -> str:
+    """Clamp to [lo, hi]; either bound may be None (open).
+
+    Both bounds -> CLIP; only ``lo`` -> RELU (shifted by an affine when lo != 0);
+    only ``hi`` -> ``hi - relu(hi - x)``. Bounds must be numbers.
+    """
+    try:
+        lo = None if lo is None else float(lo)
+        hi = None if hi is None else float(hi)
+    except (TypeError, ValueError) as exc:
+        raise site.error(f"clamp bounds must be constant numbers, got {lo!r}, {hi!r}") from exc
+    if lo is None and hi is None:
+        return x
+    if lo is not None and hi is not None:
+        if not lo < hi:
+            raise site.error(f"clamp needs min < max, got [{lo}, {hi}]")
+        return b.add(site.node, Op.CLIP, [x], {"lo": lo, "hi": hi})
+    shape = b.shape(x)
+    if not shape:
+        raise site.error("clamping a value without a channel dimension")
+    ones = np.ones(shape[0])
+    if lo is not None:
+        if lo == 0.0:
+            return b.add(site.node, Op.RELU, [x])
+        shifted = b.affine(site.node + "_shift", x, ones, -lo * ones)
+        return b.affine(site.node + "_unshift", b.add(site.node, Op.RELU, [shifted]),
+                        ones, lo * ones)
+    flipped = b.affine(site.node + "_flip", x, -ones, hi * ones)
+    return b.affine(site.node + "_unflip", b.add(site.node, Op.RELU, [flipped]),
+                    -ones, hi * ones)
+
+
+def hardsigmoid(b: GraphBuilder, site: Site, x: str, alpha: float, beta: float) -> str:
+    """``clip(alpha * x + beta, 0, 1)``: torch's (1/6, 1/2) -> HARDSIGMOID, else affine + CLIP."""
+    if math.isclose(alpha, 1.0 / 6.0, rel_tol=1e-6) and math.isclose(beta, 0.5, rel_tol=1e-6):
+        return b.add(site.node, Op.HARDSIGMOID, [x])
+    shape = b.shape(x)
+    if not shape:
+        raise site.error("hard sigmoid of a value without a channel dimension")
+    ones = np.ones(shape[0])
+    scaled = b.affine(site.node + "_affine", x, alpha * ones, beta * ones)
+    return b.add(site.node, Op.CLIP, [scaled], {"lo": 0.0, "hi": 1.0})
+
+
+def binary(b: GraphBuilder, site: Site, op: Op, x: str, y: str) -> str:
+    """ADD / SUB / MUL of two values; per-sample shapes broadcast as numpy does.
+
+    The per-sample ranks must match: with a leading batch axis, broadcasting values of
+    different rank would align the batch axis of one with a feature axis of the other.
+    """
+    sx, sy = b.shape(x), b.shape(y)
+    if len(sx) != len(sy):
+        raise site.error(f"operands of per-sample shapes {sx} and {sy} have different "
+                         "ranks; broadcasting them would mix samples of a batch")
+    if op is Op.MUL and x == y:
+        return b.add(site.node, Op.SQUARE, [x])
+    return b.add(site.node, op, [x, y])
+
+
+def concat(b: GraphBuilder, site: Site, xs: list[str], batch_axis: int) -> str:
+    """Concatenation along the batched axis ``batch_axis`` (not the batch axis itself)."""
+    if not xs:
+        raise site.error("nothing to concatenate")
+    rank = len(b.shape(xs[0])) + 1
+    if not -rank <= int(batch_axis) < rank or int(batch_axis) % rank == 0:
+        raise site.error(f"axis {batch_axis}: only feature axes (1..{rank - 1}) can be "
+                         "concatenated; axis 0 joins samples of a batch")
+    if len(xs) == 1:
+        return xs[0]
+    return b.add(site.node, Op.CONCAT, list(xs), {"axis": int(batch_axis) % rank - 1})
+
+
 def gelu(b: GraphBuilder, site: Site, x: str, approximate: str) -> str:
     """GELU; the tanh approximation is mapped to exact GELU (logged)."""
     if approximate == "tanh":
@@ -114,39 +198,42 @@ def _rank3(b: GraphBuilder, site: Site, x: str) -> None:
         raise site.error(f"expects per-sample (C, H, W) input, got {b.shape(x)}")
 
 
+def _window_attrs(b: GraphBuilder, site: Site, x: str, kernel: Any, stride: Any,
+                  padding: Any, ceil_mode: bool) -> dict[str, Any]:
+    _rank3(b, site, x)
+    stride = kernel if stride is None or stride == [] or stride == () else stride
+    attrs: dict[str, Any] = _pairs(site, kernel=kernel, stride=stride, padding=padding)
+    attrs["ceil_mode"] = bool(ceil_mode)
+    return attrs
+
+
 def avgpool(b: GraphBuilder, site: Site, x: str, kernel: Any, stride: Any, padding: Any,
             ceil_mode: bool = False, count_include_pad: bool = True,
             divisor_override: Any = None) -> str:
-    """Average pooling that counts zero padding (torch's default)."""
-    if ceil_mode:
-        raise site.error("ceil_mode=True is not supported")
-    if not count_include_pad:
-        raise site.error("count_include_pad=False is not supported")
+    """Average pooling; ``count_include_pad`` and ``ceil_mode`` as in torch."""
     if divisor_override is not None:
         raise site.error("divisor_override is not supported")
-    _rank3(b, site, x)
-    stride = kernel if stride is None or stride == [] or stride == () else stride
-    attrs = _pairs(site, kernel=kernel, stride=stride, padding=padding)
+    attrs = _window_attrs(b, site, x, kernel, stride, padding, ceil_mode)
+    attrs["count_include_pad"] = bool(count_include_pad)
     return b.add(site.node, Op.AVGPOOL2D, [x], attrs)
 
 
 def maxpool(b: GraphBuilder, site: Site, x: str, kernel: Any, stride: Any, padding: Any,
             dilation: Any = 1, ceil_mode: bool = False, return_indices: bool = False) -> str:
-    """Max pooling (padding with -inf, as torch does)."""
+    """Max pooling (padding with -inf, as torch does); ``ceil_mode`` as in torch."""
     if pair(dilation) != (1, 1):
         raise site.error(f"dilation={dilation}; only dilation 1 is supported")
-    if ceil_mode:
-        raise site.error("ceil_mode=True is not supported")
     if return_indices:
         raise site.error("return_indices=True is not supported")
-    _rank3(b, site, x)
-    stride = kernel if stride is None or stride == [] or stride == () else stride
-    attrs = _pairs(site, kernel=kernel, stride=stride, padding=padding)
+    attrs = _window_attrs(b, site, x, kernel, stride, padding, ceil_mode)
     return b.add(site.node, Op.MAXPOOL2D, [x], attrs)
 
 
 def adaptive_avgpool(b: GraphBuilder, site: Site, x: str, output_size: Any) -> str:
-    """Output size 1 -> GLOBALAVGPOOL; sizes dividing the input -> AVGPOOL2D."""
+    """Output size 1 -> GLOBALAVGPOOL; the input size -> nothing (identity); sizes
+    dividing the input -> AVGPOOL2D (exactly torch's adaptive windows in that case);
+    any other size -> the pooling matrix applied per channel (RESHAPE, LINEAR, RESHAPE),
+    e.g. VGG's 7x7 pool on a smaller input."""
     _rank3(b, site, x)
     _, h, w = b.shape(x)
     sizes = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
@@ -155,11 +242,34 @@ def adaptive_avgpool(b: GraphBuilder, site: Site, x: str, output_size: Any) -> s
     oh, ow = (h if sizes[0] is None else int(sizes[0]), w if sizes[1] is None else int(sizes[1]))
     if (oh, ow) == (1, 1):
         return b.add(site.node, Op.GLOBALAVGPOOL, [x])
-    if oh <= 0 or ow <= 0 or h % oh or w % ow:
-        raise site.error(f"output size {(oh, ow)} does not divide the input size {(h, w)}")
+    if (oh, ow) == (h, w):
+        return x
+    if oh <= 0 or ow <= 0:
+        raise site.error(f"output size {(oh, ow)} must be positive")
+    if h % oh or w % ow:
+        return _adaptive_matrix(b, site, x, (oh, ow))
     kernel = (h // oh, w // ow)
     attrs = {"kernel": kernel, "stride": kernel, "padding": (0, 0)}
     return b.add(site.node, Op.AVGPOOL2D, [x], attrs)
+
+
+def _adaptive_windows(size: int, out: int) -> np.ndarray:
+    """(out, size) averaging matrix of torch's adaptive pooling along one axis: output
+    i averages input cells floor(i * size / out) .. ceil((i + 1) * size / out) - 1."""
+    mat = np.zeros((out, size))
+    for i in range(out):
+        start, end = (i * size) // out, -(-((i + 1) * size) // out)
+        mat[i, start:end] = 1.0 / (end - start)
+    return mat
+
+
+def _adaptive_matrix(b: GraphBuilder, site: Site, x: str, out: tuple[int, int]) -> str:
+    c, h, w = b.shape(x)
+    weight = np.kron(_adaptive_windows(h, out[0]), _adaptive_windows(w, out[1]))
+    flat = b.add(site.node + "_flat", Op.RESHAPE, [x], {"shape": (c, h * w)})
+    pooled = b.add(site.node, Op.LINEAR, [flat], {},
+                   {"weight": weight, "bias": np.zeros(weight.shape[0])})
+    return b.add(site.node + "_grid", Op.RESHAPE, [pooled], {"shape": (c,) + out})
 
 
 def flatten(b: GraphBuilder, site: Site, x: str, start_dim: int, end_dim: int) -> str:
@@ -202,6 +312,9 @@ def module_handlers(nn: Any) -> list[tuple[type, ModuleHandler]]:
         return lambda b, site, mod, x: activation(b, site, x, op)
 
     return [
+        (nn.Hardtanh, lambda b, site, m, x: clip(b, site, x, m.min_val, m.max_val)),  # ReLU6
+        (nn.Hardswish, act(Op.HARDSWISH)),
+        (nn.Hardsigmoid, act(Op.HARDSIGMOID)),
         (nn.Linear, _linear_module),
         (nn.Conv2d, conv2d_module),
         (nn.BatchNorm1d, lambda b, site, m, x: batchnorm_module(b, site, m, x, (1, 2))),
@@ -225,6 +338,7 @@ def module_handlers(nn: Any) -> list[tuple[type, ModuleHandler]]:
     ]
 
 
-SUPPORTED_MODULES = ("Linear, Conv2d, BatchNorm1d, BatchNorm2d, ReLU, GELU, SiLU, Sigmoid, "
-                     "Tanh, AvgPool2d, MaxPool2d, AdaptiveAvgPool2d, Flatten, Dropout, "
-                     "Identity")
+SUPPORTED_MODULES = ("Linear, Conv2d, BatchNorm1d, BatchNorm2d, ReLU, ReLU6, Hardtanh, "
+                     "Hardswish, Hardsigmoid, GELU, SiLU, Sigmoid, Tanh, AvgPool2d, "
+                     "MaxPool2d, AdaptiveAvgPool2d, Flatten, Dropout, Identity, "
+                     "torchvision StochasticDepth")

@@ -136,7 +136,8 @@ class _Converter:
             "Mul": self._arith, "Div": self._arith, "Pow": self._pow,
             "Constant": self._constant, "Shape": self._shape, "Gather": self._gather,
             "Unsqueeze": self._unsqueeze, "Squeeze": self._squeeze, "Concat": self._concat,
-            "Cast": self._cast,
+            "Cast": self._cast, "Clip": self._clip, "HardSwish": self._hardswish,
+            "HardSigmoid": self._hardsigmoid,
         }
         for op_type in _UNARY:
             self.table[op_type] = self._unary
@@ -209,26 +210,25 @@ class _Converter:
         weight = self._const(site, node.input[1], "W")
         if weight.ndim != 4:
             raise site.error(f"weight of shape {weight.shape}; only 2-D convolution is supported")
-        if attrs.get("group", 1) != 1:
-            raise site.error(f"group={attrs['group']}; only group=1 is supported")
-        geometry = self._window(site, x, tuple(weight.shape[2:]), attrs)
+        dilation = tuple(attrs.get("dilations", [1, 1]))
+        geometry = self._window(site, x, tuple(weight.shape[2:]), attrs, dilation)
         bias = self._opt_const(site, node, 2, "B")
-        bias = np.zeros(weight.shape[0]) if bias is None else bias
-        attrs_ir = {"stride": geometry["stride"], "padding": geometry["padding"]}
-        return self.b.add(site.node, Op.CONV2D, [x], attrs_ir,
-                          {"weight": weight, "bias": bias})
+        return layers.conv2d(self.b, site, x, weight, bias, geometry["stride"],
+                             geometry["padding"], dilation, int(attrs.get("group", 1)))
 
-    def _window(self, site: Site, x: str, kernel: tuple[int, ...], attrs: dict) -> dict:
+    def _window(self, site: Site, x: str, kernel: tuple[int, ...], attrs: dict,
+                dilation: tuple[int, ...] = (1, 1)) -> dict:
         """kernel / stride / symmetric padding of a 2-D conv or pooling window."""
-        if len(self.b.shape(x)) != 3 or len(kernel) != 2:
+        if len(self.b.shape(x)) != 3 or len(kernel) != 2 or len(dilation) != 2:
             raise site.error(f"only 2-D windows on (C, H, W) values; input {self.b.shape(x)}")
-        if any(d != 1 for d in attrs.get("dilations", [1, 1])):
-            raise site.error(f"dilations={attrs['dilations']}; only 1 is supported")
+        if "dilations" in attrs and tuple(attrs["dilations"]) != tuple(dilation):
+            raise site.error(f"dilations={attrs['dilations']}; only 1 is supported here")
         stride = tuple(attrs.get("strides", [1, 1]))
+        span = tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel))
         auto_pad = attrs.get("auto_pad", "NOTSET")
         if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             padding = tuple(self._same_pad(site, n, k, s)
-                            for n, k, s in zip(self.b.shape(x)[1:], kernel, stride))
+                            for n, k, s in zip(self.b.shape(x)[1:], span, stride))
         elif auto_pad == "VALID":
             padding = (0, 0)
         else:
@@ -261,6 +261,28 @@ class _Converter:
         x = self._tensor(site, node.input[0])
         return layers.activation(self.b, site, x, _UNARY[node.op_type])
 
+    def _clip(self, site: Site, node: Any, attrs: dict) -> str:
+        """Bounds are inputs 1 and 2 from opset 11, attributes min/max before."""
+        x = self._tensor(site, node.input[0])
+        lo, hi = attrs.get("min"), attrs.get("max")
+        for index, what in ((1, "min"), (2, "max")):
+            bound = self._opt_const(site, node, index, what)
+            if bound is not None:
+                if bound.size != 1:
+                    raise site.error(f"{what} must be a scalar, got shape {bound.shape}")
+                value = float(bound.ravel()[0])
+                lo, hi = (value, hi) if what == "min" else (lo, value)
+        return layers.clip(self.b, site, x, lo, hi)
+
+    def _hardswish(self, site: Site, node: Any, attrs: dict) -> str:
+        x = self._tensor(site, node.input[0])
+        return layers.activation(self.b, site, x, Op.HARDSWISH)
+
+    def _hardsigmoid(self, site: Site, node: Any, attrs: dict) -> str:
+        x = self._tensor(site, node.input[0])
+        return layers.hardsigmoid(self.b, site, x, float(attrs.get("alpha", 0.2)),
+                                  float(attrs.get("beta", 0.5)))
+
     def _gelu(self, site: Site, node: Any, attrs: dict) -> str:
         x = self._tensor(site, node.input[0])
         return layers.gelu(self.b, site, x, attrs.get("approximate", "none"))
@@ -268,8 +290,10 @@ class _Converter:
     def _avgpool(self, site: Site, node: Any, attrs: dict) -> str:
         x = self._tensor(site, node.input[0])
         w = self._window(site, x, tuple(attrs.get("kernel_shape", ())), attrs)
-        # ONNX defaults to count_include_pad=0; it only matters when there is padding.
-        counts_pad = bool(attrs.get("count_include_pad", 0)) or w["padding"] == (0, 0)
+        # ONNX defaults to count_include_pad=0 (torch to 1); without padding and without
+        # ceil-mode overhang both count the same cells, so keep torch's default there.
+        counts_pad = bool(attrs.get("count_include_pad", 0)) or (
+            w["padding"] == (0, 0) and not attrs.get("ceil_mode", 0))
         return layers.avgpool(self.b, site, x, w["kernel"], w["stride"], w["padding"],
                               bool(attrs.get("ceil_mode", 0)), counts_pad)
 
@@ -362,7 +386,10 @@ class _Converter:
         axes = self._axes(site, node, attrs)
         return np.squeeze(data, axis=tuple(axes) if axes else None)
 
-    def _concat(self, site: Site, node: Any, attrs: dict) -> np.ndarray:
+    def _concat(self, site: Site, node: Any, attrs: dict) -> Any:
+        if any(name in self.tensors for name in node.input):
+            xs = [self._tensor(site, name) for name in node.input]
+            return layers.concat(self.b, site, xs, int(attrs["axis"]))
         parts = [np.atleast_1d(self._value(site, name)) for name in node.input]
         return np.concatenate(parts, axis=int(attrs.get("axis", 0)))
 
@@ -417,13 +444,7 @@ class _Converter:
         return self.b.affine(site.node, x, scale, shift)
 
     def _arith_tensors(self, site: Site, op: str, x: str, y: str) -> str:
-        if op == "Add":
-            return self.b.add(site.node, Op.ADD, [x, y])
-        if op == "Mul" and x == y:
-            return self.b.add(site.node, Op.SQUARE, [x])
-        if op == "Sub":
-            channels = self.b.shape(y)[0]
-            neg = self.b.add(site.node + "_neg", Op.BATCHNORM, [y], {},
-                             {"scale": -np.ones(channels), "shift": np.zeros(channels)})
-            return self.b.add(site.node, Op.ADD, [x, neg])
-        raise site.error(f"{op} of two different tensors is not supported")
+        ir_op = {"Add": Op.ADD, "Sub": Op.SUB, "Mul": Op.MUL}.get(op)
+        if ir_op is None:
+            raise site.error(f"{op} of two tensors is not supported")
+        return layers.binary(self.b, site, ir_op, x, y)

@@ -109,6 +109,12 @@ class _Converter:
         self.module_table = ops.module_handlers(nn)
         self.function_table = self._function_table()
         self.method_table = self._method_table()
+        # Functions of optional packages, matched by qualified name so that veil never
+        # imports them: torchvision's stochastic depth (EfficientNet) is the identity
+        # at inference, like dropout.
+        self.named_table: dict[str, Handler] = {
+            "torchvision.ops.stochastic_depth.stochastic_depth": self._stochastic_depth,
+        }
 
     def convert(self) -> Graph:
         """Convert every node; return the verified graph."""
@@ -144,7 +150,7 @@ class _Converter:
             return self._call_module(node, self.gm.get_submodule(node.target), args, kwargs)
         if node.op == "call_function":
             site = Site(_fn_name(node.target), _KIND[node.op], node.name)
-            handler = self.function_table.get(node.target)
+            handler = self.function_table.get(node.target) or self.named_table.get(site.what)
         else:
             site = Site(f"Tensor.{node.target}", _KIND[node.op], node.name)
             handler = self.method_table.get(node.target)
@@ -193,6 +199,11 @@ class _Converter:
             torch.mean: self._mean, F.avg_pool2d: self._avgpool, F.max_pool2d: self._maxpool,
             F.adaptive_avg_pool2d: self._adaptive, F.linear: self._linear,
             getattr: self._getattr, operator.getitem: self._getitem,
+            F.relu6: self._relu6, F.hardtanh: self._hardtanh, torch.clamp: self._clamp,
+            torch.clip: self._clamp, F.hardswish: act(self._act, Op.HARDSWISH),
+            F.hardsigmoid: act(self._act, Op.HARDSIGMOID), torch.cat: self._cat,
+            torch.concat: self._cat, operator.iadd: self._add, operator.isub: self._sub,
+            operator.imul: self._mul, F.conv2d: self._conv2d,
         }
         for name in ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
                      "feature_alpha_dropout"):
@@ -209,7 +220,9 @@ class _Converter:
             "mul": self._mul, "div": self._div, "pow": self._pow, "view": self._reshape,
             "reshape": self._reshape, "flatten": self._flatten, "mean": self._mean,
             "size": self._size, "dim": self._dim, "contiguous": self._alias,
-            "clone": self._alias,
+            "clone": self._alias, "clamp": self._clamp, "clip": self._clamp,
+            "clamp_": self._clamp, "clip_": self._clamp, "add_": self._add,
+            "mul_": self._mul, "sub_": self._sub, "relu6": self._relu6,
         }
 
     # ---- handlers: (site, args, kwargs) -> value ----------------------------------------
@@ -234,6 +247,48 @@ class _Converter:
                            "the identity (inference)", site.node, site.what)
         return _Tensor(self._tensor(site, a["input"]))
 
+    def _stochastic_depth(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        a = _bind(args, kwargs, ("input", "p", "mode", "training"), training=True)
+        return self._dropout(site, (a["input"], a["p"], a["training"]), {})
+
+    def _relu6(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        a = _bind(args, kwargs, ("input", "inplace"))
+        return _Tensor(ops.clip(self.b, site, self._tensor(site, a["input"]), 0.0, 6.0))
+
+    def _hardtanh(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        a = _bind(args, kwargs, ("input", "min_val", "max_val", "inplace"),
+                  min_val=-1.0, max_val=1.0)
+        x = self._tensor(site, a["input"])
+        return _Tensor(ops.clip(self.b, site, x, a["min_val"], a["max_val"]))
+
+    def _clamp(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        a = _bind(args, kwargs, ("input", "min", "max"), min=None, max=None)
+        for bound in (a["min"], a["max"]):
+            if bound is not None and not _is_number(bound):
+                raise site.error("only constant number bounds are supported, got "
+                                 f"{type(bound).__name__}")
+        x = self._tensor(site, a["input"])
+        return _Tensor(ops.clip(self.b, site, x, a["min"], a["max"]))
+
+    def _cat(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        a = _bind(args, kwargs, ("tensors", "dim"), dim=0)
+        if not isinstance(a["tensors"], (tuple, list)):
+            raise site.error("expects a sequence of tensors")
+        xs = [self._tensor(site, t) for t in a["tensors"]]
+        return _Tensor(ops.concat(self.b, site, xs, int(a["dim"])))
+
+    def _conv2d(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        a = _bind(args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation",
+                                 "groups"), bias=None, stride=1, padding=0, dilation=1,
+                  groups=1)
+        weight, bias = a["weight"], a["bias"]
+        if not isinstance(weight, np.ndarray) or not (bias is None
+                                                      or isinstance(bias, np.ndarray)):
+            raise site.error("weight and bias must be constant parameters of the model")
+        x = self._tensor(site, a["input"])
+        return _Tensor(ops.conv2d(self.b, site, x, weight, bias, a["stride"], a["padding"],
+                                  a["dilation"], int(a["groups"])))
+
     def _affine_const(self, site: Site, x: _Tensor, scale: Any, shift: Any) -> _Tensor:
         shape = self.b.shape(x.name)
         try:
@@ -255,11 +310,8 @@ class _Converter:
         if alpha != 1:
             raise site.error(f"alpha={alpha} is not supported")
         if isinstance(x, _Tensor) and isinstance(y, _Tensor):
-            if sign < 0:
-                y = _Tensor(self.b.add(site.node + "_neg", Op.BATCHNORM, [y.name], {}, {
-                    "scale": -np.ones(self.b.shape(y.name)[0]),
-                    "shift": np.zeros(self.b.shape(y.name)[0])}))
-            return self._emit(site, Op.ADD, [x.name, y.name])
+            op = Op.ADD if sign > 0 else Op.SUB
+            return _Tensor(ops.binary(self.b, site, op, x.name, y.name))
         for value in (x, y):
             if not isinstance(value, _Tensor):
                 self._check_const(site, value)
@@ -276,9 +328,7 @@ class _Converter:
         a = _bind(args, kwargs, ("input", "other"))
         x, y = a["input"], a["other"]
         if isinstance(x, _Tensor) and isinstance(y, _Tensor):
-            if x.name != y.name:
-                raise site.error("the product of two different tensors is not supported")
-            return self._emit(site, Op.SQUARE, [x.name])
+            return _Tensor(ops.binary(self.b, site, Op.MUL, x.name, y.name))
         for value in (x, y):
             if not isinstance(value, _Tensor):
                 self._check_const(site, value)
