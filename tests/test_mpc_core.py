@@ -182,7 +182,7 @@ def test_a_single_share_is_independent_of_the_input():
 
 
 def _run_model(model_and_data, batch=None, cmp="circuit"):
-    from veil.backends.mpc.evaluator import dealer_material, evaluate, lower_for_mpc, \
+    from veil.backends.mpc.evaluator import evaluate, layer_material, lower_for_mpc, \
         material_plan, output_frac_bits
     from veil.frontend import to_graph
 
@@ -191,7 +191,7 @@ def _run_model(model_and_data, batch=None, cmp="circuit"):
     prg = Prg()
     x = xte if batch is None else xte[:batch]
     s0, s1 = share(encode(x), prg)
-    m0, m1 = dealer_material(material_plan(graph), len(x), prg, cmp=cmp)
+    m0, m1 = layer_material(material_plan(graph), len(x), prg, cmp=cmp)
     (o0, o1), chans = run_parties(lambda p, ch, inp: evaluate(p, ch, graph, *inp),
                                   ((s0, m0), (s1, m1)))
     return decode(reconstruct(o0, o1), output_frac_bits(graph)), chans
