@@ -41,7 +41,10 @@ parentheses:
   adds up to |x|^3 2^-21 <= 1728 2^-21 ~ 8e-4 in the worst case, 2.4e-4 as fitted.
 - HARDSIGMOID: the same selection with exact linear pieces (0, x/6 + 1/2, 1);
   HARDSWISH = x * hardsigmoid(x) with one more Beaver product.
-- ADD, SUB, RESHAPE, CONCAT, GATHER: local.
+- ADD, SUB, RESHAPE, CONCAT, GATHER: local. An affine layer read only by an ADD/SUB
+  (a residual branch) is not truncated; the sum is, once, with the other operand
+  lifted to 2f bits (times 2^f, local), fused with the ReLU after it: a ResNet block
+  ends in one 8-round trunc+ReLU instead of a 7-round truncation and an 8-round ReLU.
 
 Material is consumed one layer (node) at a time: ``evaluate`` asks its ``material``
 source for layer ``i`` only when it reaches it, so a process streaming from the dealer
@@ -238,11 +241,20 @@ class Program:
         self.graph, self.frac_bits = graph, int(frac_bits)
         self.shapes = {n.name: tuple(n.shape) for n in graph.nodes}
         self.output = graph.output
+        # an affine layer read only by an ADD/SUB stays at 2f bits: the sum is
+        # truncated once (the other operand lifted to 2f locally), fused with its ReLU
+        self.deferred = {n.name for n in graph.nodes if KERNELS[n.op].affine
+                         and n.name != graph.output and len(graph.consumers(n.name)) == 1
+                         and graph.consumers(n.name)[0].op in (Op.ADD, Op.SUB)}
+        self.lifting = {n.name for n in graph.nodes if n.op in (Op.ADD, Op.SUB)
+                        and any(s in self.deferred for s in n.inputs)}
+        self.truncating = {n.name for n in graph.nodes if n.name not in self.deferred and
+                           (KERNELS[n.op].affine or n.name in self.lifting)}
         self.fused: dict[str, str] = {}
         for node in graph.nodes:
             readers = graph.consumers(node.name)
-            if (KERNELS[node.op].affine and node.name != graph.output and len(readers) == 1
-                    and readers[0].op is Op.RELU):
+            if (node.name in self.truncating and node.name != graph.output
+                    and len(readers) == 1 and readers[0].op is Op.RELU):
                 self.fused[node.name] = readers[0].name
         self.absorbed = set(self.fused.values())
         self.steps = {n.name: tuple(KERNELS[n.op].steps(self, n)) for n in graph.nodes}
@@ -320,9 +332,10 @@ def layer_material(layers: list[Layer], batch: int, prg: Prg, frac_bits: int = F
 
 
 def output_frac_bits(graph: Graph, frac_bits: int = FRAC_BITS) -> int:
-    """Fractional bits of the output shares: a final affine layer is not truncated (the
-    client divides by 2^2f instead, which saves the rounds and their material)."""
-    return 2 * frac_bits if KERNELS[graph.node(graph.output).op].affine else frac_bits
+    """Fractional bits of the output shares: a final affine layer (or a sum with one)
+    is not truncated (the client divides by 2^2f instead, which saves the rounds and
+    their material)."""
+    return 2 * frac_bits if graph.output in Program(graph).truncating else frac_bits
 
 
 # -- the parties' run -----------------------------------------------------------------------
@@ -413,15 +426,15 @@ def _no_steps(prog, node):
 
 
 def _affine_steps(prog: Program, node) -> list[Step]:
-    if node.name == prog.output:
+    if node.name == prog.output or node.name not in prog.truncating:
         return []
     return [Step("trunc_relu" if node.name in prog.fused else "trunc", prog.size(node))]
 
 
 def _finish(run: Run, node, y: np.ndarray) -> np.ndarray:
     """An affine layer's 2f-bit result: truncated (with its ReLU when fused), or left
-    at 2f bits as the output."""
-    if node.name == run.prog.output:
+    at 2f bits as the output or for the ADD/SUB that reads it."""
+    if node.name == run.prog.output or node.name in run.prog.deferred:
         return y
     return run.trunc(y, relu=node.name in run.prog.fused)
 
@@ -618,14 +631,23 @@ def _aligned(run: Run, node, args) -> list[np.ndarray]:
     return out
 
 
+def _lifted(run: Run, node, args) -> list[np.ndarray]:
+    """The operands of an ADD/SUB; when one is an untruncated affine layer (2f bits),
+    the others are lifted to 2f bits too (times 2^f, local and exact)."""
+    if node.name not in run.prog.lifting:
+        return args
+    lift = np.uint64(1) << np.uint64(run.f)
+    return [a if s in run.prog.deferred else a * lift for a, s in zip(args, node.inputs)]
+
+
 def _add(run, node, args):
-    x, y = _aligned(run, node, args)
-    return x + y
+    x, y = _aligned(run, node, _lifted(run, node, args))
+    return _finish(run, node, x + y) if node.name in run.prog.lifting else x + y
 
 
 def _sub(run, node, args):
-    x, y = _aligned(run, node, args)
-    return x - y
+    x, y = _aligned(run, node, _lifted(run, node, args))
+    return _finish(run, node, x - y) if node.name in run.prog.lifting else x - y
 
 
 def _mul_steps(prog, node):
@@ -675,8 +697,8 @@ KERNELS: dict[Op, Kernel] = {
     Op.SQUARE: Kernel(_mul_steps, _square),
     Op.POLY: Kernel(_poly_steps, _poly),
     Op.MUL: Kernel(_mul_steps, _mul),
-    Op.ADD: Kernel(_no_steps, _add),
-    Op.SUB: Kernel(_no_steps, _sub),
+    Op.ADD: Kernel(_affine_steps, _add),
+    Op.SUB: Kernel(_affine_steps, _sub),
     Op.RESHAPE: Kernel(_no_steps, _reshape),
     Op.CONCAT: Kernel(_no_steps, _concat),
     Op.GATHER: Kernel(_no_steps, _gather),

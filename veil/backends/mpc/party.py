@@ -3,6 +3,7 @@ between the parties, the dealer and the clients)."""
 from __future__ import annotations
 
 import json
+import resource
 import secrets
 import socket
 import threading
@@ -17,11 +18,13 @@ from .. import sockets as so
 from . import protocols as pr
 from . import tickets
 from . import transport as tp
-from .evaluator import COMPARISONS, evaluate, material_plan, output_frac_bits
+from ...errors import ModelTooLargeError
+from .evaluator import (COMPARISONS, DEFAULT_BUDGET, Program, check_memory, evaluate,
+                        material_bytes, output_frac_bits)
 from .fixed import FRAC_BITS
 from .wire import (CLIENT_REQUEST, CLIENT_RESULT, DEFAULT_TIMEOUT, ERROR, LINK_GRACE_S,
                    MATERIAL, MATERIAL_REQUEST, MAX_CLIENT_BYTES, MAX_PENDING, MAX_PER_CLIENT,
-                   ORPHAN_S, PEER_BEGIN, PEER_DATA, PEER_HAVE, PEER_HELLO, PEER_QUERY,
+                   ORPHAN_S, PEER_BEGIN, POOL_LIMIT, PEER_DATA, PEER_HAVE, PEER_HELLO, PEER_QUERY,
                    PEER_READY, PREFETCH, QUERY_INTERVAL_S, QUERY_MAX, STALE_TIMEOUTS,
                    SWEEP_S, TICKET, TICKET_REQUEST, MpcError, _ROLE_TEXT, _Unreachable, log,
                    read_client_request)
@@ -71,14 +74,31 @@ class Party:
                  timeout: float = DEFAULT_TIMEOUT, prefetch: int = PREFETCH,
                  frac_bits: int = FRAC_BITS, cmp: str = "circuit",
                  batch_size: int = 64, prefetch_batch: int = 2,
-                 orphan_s: float = ORPHAN_S, max_per_client: int = MAX_PER_CLIENT) -> None:
+                 orphan_s: float = ORPHAN_S, max_per_client: int = MAX_PER_CLIENT,
+                 memory_budget: int = DEFAULT_BUDGET, name: str = "the model") -> None:
+        """``memory_budget``: bytes this process may use; a model whose estimated peak
+        (``evaluator.estimate_memory``) exceeds it for one input is refused here
+        (ModelTooLargeError) before anything is allocated, and a batch that would
+        exceed it is refused per request. Prefetched whole sets (the offline phase run
+        ahead) are kept only while they fit in ``POOL_LIMIT`` bytes in all; otherwise,
+        and for batch sizes without a pool, material streams from the dealer layer by
+        layer as the run reaches each layer."""
         if party not in (0, 1) or identity.role != f"party{party}":
             raise InputError("party must be 0 or 1 and match the identity's role")
         if cmp not in COMPARISONS or not 2 <= frac_bits <= 30:
             raise InputError(f"comparisons are one of {COMPARISONS}; fractional bits 2..30")
         self.frac_bits, self.cmp = int(frac_bits), cmp
         self.party, self.identity, self.model, self.timeout = party, identity, model, timeout
-        self.steps = material_plan(model)
+        self.memory_budget, self.name = int(memory_budget), name
+        self.estimate = check_memory(model, 1, self.memory_budget, frac_bits, cmp, name)
+        self.program = Program(model, frac_bits)
+        self.layers = self.program.layers
+        per_input = material_bytes([s for layer in self.layers for s in layer.steps], 1,
+                                   frac_bits, cmp)
+        if per_input * prefetch > POOL_LIMIT:     # no whole sets: requests stream
+            prefetch = 0
+        if per_input * batch_size * prefetch_batch > POOL_LIMIT:
+            prefetch_batch = 0
         self.dealer_addr, self.peer_addr = dealer, peer
         self.clients = so.listen(listen)
         self.address = self.clients.getsockname()
@@ -97,7 +117,7 @@ class Party:
         self._broken: str | None = None       # why the current session must end
         self.served = 0
         # pooled batch size -> how many sets to keep -> {material id: (material, bytes)}
-        self._pool_targets = {1: int(prefetch)}
+        self._pool_targets = {1: int(prefetch)} if prefetch > 0 else {}
         if batch_size > 1 and prefetch_batch > 0:
             self._pool_targets[int(batch_size)] = int(prefetch_batch)
         self._pool: dict[int, dict[int, tuple[list, int]]] = {z: {} for z in
@@ -326,7 +346,7 @@ class Party:
 
     def _config(self) -> dict:
         return {"frac_bits": self.frac_bits, "cmp": self.cmp,
-                "steps": [[s.kind, s.size] for s in self.steps],
+                "steps": self._steps(0, len(self.layers)),
                 "pools": {str(k): v for k, v in sorted(self._pool_targets.items())}}
 
     def _connect_dealer(self) -> tp.Link:
@@ -337,9 +357,16 @@ class Party:
             except (OSError, VeilError):
                 time.sleep(0.2)
 
-    def _material(self, dealer: tp.Link, session: str, seq: int, batch: int) -> tuple[list, int]:
+    def _steps(self, start: int, stop: int) -> list:
+        return [[[s.kind, s.size] for s in layer.steps] for layer in self.layers[start:stop]]
+
+    def _material(self, dealer: tp.Link, session: str, seq: int, batch: int,
+                  layers: tuple[int, int] | None = None) -> tuple[list, int]:
+        """Layers ``[start, stop)`` (all by default) of set ``seq``: one material list
+        per layer, and the bytes received."""
+        start, stop = layers or (0, len(self.layers))
         req = {"session": session, "seq": seq, "batch": batch, "frac_bits": self.frac_bits,
-               "cmp": self.cmp, "steps": [[s.kind, s.size] for s in self.steps]}
+               "cmp": self.cmp, "layer": start, "steps": self._steps(start, stop)}
         with self._dealer_lock:     # the prefetch thread shares this link
             try:
                 dealer.send(MATERIAL_REQUEST, json.dumps(req).encode())
@@ -351,7 +378,16 @@ class Party:
         if kind != MATERIAL:
             raise MpcError(f"unexpected message kind {kind} from the dealer")
         try:
-            return pr.material_from_arrays(so.unpack_arrays(body)), len(body)
+            arrays = so.unpack_arrays(body)
+            sizes = [int(n) for n in arrays.pop("layer_sizes")]
+            flat = pr.material_from_arrays(arrays)
+            if len(sizes) != stop - start or sum(sizes) != len(flat):
+                raise ValueError("the layers do not match the request")
+            at, out = 0, []
+            for n in sizes:
+                out.append(flat[at:at + n])
+                at += n
+            return out, len(body)
         except (KeyError, ValueError, TypeError) as exc:
             raise MpcError(f"malformed material from the dealer: {exc}") from None
 
@@ -532,17 +568,36 @@ class Party:
             if not status.get("ok"):
                 self._fail(req, status.get("error", "party1 could not take the request"))
                 return
+        batch = int(req.share.shape[0])
+        try:            # both parties refuse the same batches: nothing was exchanged yet
+            check_memory(self.model, batch, self.memory_budget, self.frac_bits, self.cmp,
+                         self.name)
+        except ModelTooLargeError as exc:
+            self._fail(req, str(exc))
+            return
+        stream = {"offline_s": 0.0, "bytes": 0, "layers": 0, "peak": 0}
+
+        def fetch(i: int) -> list:
+            """Layer i's material, asked for when the run reaches it (the previous
+            layer's is released by then): at most one layer held."""
+            t = time.perf_counter()
+            (items,), size = self._material(dealer, f"{session}/stream", seq, batch, (i, i + 1))
+            stream["offline_s"] += time.perf_counter() - t
+            stream["bytes"] += size
+            stream["layers"] += 1
+            stream["peak"] = max(stream["peak"], size)
+            return items
+
         try:
-            if mid is None:       # a batch: its material is made now, in its own namespace
-                material, offline_bytes = self._material(dealer, f"{session}/batch", seq,
-                                                         req.share.shape[0])
+            if mid is None:       # no prefetched set: streamed layer by layer
+                material, offline_bytes = fetch, 0
             elif self.party == 0:
                 material, offline_bytes = pooled
             else:
-                material, offline_bytes = self._pooled(int(req.share.shape[0]), mid)[1]
+                material, offline_bytes = self._pooled(batch, mid)[1]
             t1 = time.perf_counter()
             chan = _PeerChannel(peer, self.party)
-            out = evaluate(self.party, chan, self.model, req.share, material, self.frac_bits)
+            out = evaluate(self.party, chan, self.program, req.share, material, self.frac_bits)
             t2 = time.perf_counter()
         except (VeilError, OSError, StopIteration) as exc:
             role = getattr(exc, "role", self._other())
@@ -552,8 +607,13 @@ class Party:
                       [output_frac_bits(self.model, self.frac_bits)], np.uint64),
                   "stats": np.frombuffer(json.dumps({
             "party": self.party, "prefetched": mid is not None, "online_rounds": chan.rounds,
-            "online_bytes_sent": chan.bytes_sent, "offline_bytes": offline_bytes,
-            "offline_s": t1 - t0, "online_s": t2 - t1}).encode(), np.uint8)}
+            "online_bytes_sent": chan.bytes_sent,
+            "offline_bytes": offline_bytes + stream["bytes"],
+            "offline_s": t1 - t0 + stream["offline_s"],
+            "online_s": t2 - t1 - stream["offline_s"], "layers_streamed": stream["layers"],
+            "peak_layer_bytes": stream["peak"],
+            "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "estimated_bytes": self.estimate["party"]}).encode(), np.uint8)}
         try:
             req.link.send(CLIENT_RESULT, so.pack_arrays(result))
         except VeilError:

@@ -42,6 +42,8 @@ _ROLE_TEXT = {"party0": "party 0", "party1": "party 1", "dealer": "the MPC deale
 DEFAULT_TIMEOUT = 10.0
 # Single-input material sets each party keeps ready (the offline phase, done ahead).
 PREFETCH = 8
+# Bytes of prefetched whole material sets a party may hold; beyond, it streams layers.
+POOL_LIMIT = 64 << 20
 MAX_CLIENT_BYTES = 64 << 20
 MODEL_FILE = "mpc-model"
 
