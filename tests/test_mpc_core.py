@@ -182,7 +182,7 @@ def test_a_single_share_is_independent_of_the_input():
 
 
 def _run_model(model_and_data, batch=None, cmp="circuit"):
-    from veil.backends.mpc.evaluator import dealer_material, evaluate, lower_for_mpc, \
+    from veil.backends.mpc.evaluator import evaluate, layer_material, lower_for_mpc, \
         material_plan, output_frac_bits
     from veil.frontend import to_graph
 
@@ -191,9 +191,9 @@ def _run_model(model_and_data, batch=None, cmp="circuit"):
     prg = Prg()
     x = xte if batch is None else xte[:batch]
     s0, s1 = share(encode(x), prg)
-    m0, m1 = dealer_material(material_plan(graph), len(x), prg, cmp=cmp)
+    m0, m1 = layer_material(material_plan(graph), len(x), prg, cmp=cmp)
     (o0, o1), chans = run_parties(lambda p, ch, inp: evaluate(p, ch, graph, *inp),
-                                  ((s0, m0), (s1, m1)))
+                                  ((s0, m0), (s1, m1)), timeout=300)
     return decode(reconstruct(o0, o1), output_frac_bits(graph)), chans
 
 
@@ -211,21 +211,24 @@ def test_digits_models_run_exactly_on_shares(which, cmp):
         want = model(torch.as_tensor(xte)).numpy()
     assert np.array_equal(got.argmax(1), want.argmax(1))
     assert np.abs(got - want).max() <= 1e-3
-    # dense + ReLU fused; the output dense layer is not truncated (the client decodes
-    # 2f bits). Per value: opening 8 B and Beaver 16 B, plus for circuits the two
-    # comparison trees, 63 bits and f bits: two opened bits per AND (pairs of m blocks
-    # need 2 (m // 2) - 1 ANDs per level, down to two blocks) and three in the last.
+    # conv/linear + ReLU fused; the output linear layer is not truncated (the client
+    # decodes 2f bits); the CNN's average pool is truncated on its own (its 128 values).
+    # Per value: opening 8 B and Beaver 16 B, plus for circuits the two comparison
+    # trees, 63 bits and f bits: two opened bits per AND (pairs of m blocks need
+    # 2 (m // 2) - 1 ANDs per level, down to two blocks) and three in the last.
     hidden = 128 if which == "mlp" else 512
+    pooled = 0 if which == "mlp" else 128
     if cmp == "fss":
-        assert chans[0].rounds == 2
-        assert chans[0].bytes_sent / len(xte) == 24 * hidden
+        assert chans[0].rounds == 2 + (1 if pooled else 0)
+        assert chans[0].bytes_sent / len(xte) == 24 * hidden + 8 * pooled
     else:
-        assert chans[0].rounds == 1 + 6 + 1
+        assert chans[0].rounds == 1 + 6 + 1 + (7 if pooled else 0)
         def ands(m):
             return 0 if m <= 2 else 2 * (m // 2) - 1 + ands((m + 1) // 2)
 
         tree_bits = 2 * (ands(63) + ands(FRAC_BITS)) + 6
-        assert chans[0].bytes_sent / len(xte) == (24 + tree_bits / 8) * hidden
+        assert chans[0].bytes_sent / len(xte) == (24 + tree_bits / 8) * hidden + \
+            (8 + tree_bits / 8) * pooled
 
 
 def test_maxpool_and_polynomials_on_shares():

@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--keys", required=True, help="folder made by mpc-setup")
     d.add_argument("--listen", type=_address, default=("127.0.0.1", 0))
     d.add_argument("--timeout", type=float, default=10.0, help="seconds per message")
+    d.add_argument("--memory-budget", type=float, default=2048.0,
+                   help="MiB this process may use; larger layer requests are refused")
     n = sub.add_parser("mpc-node", help="run one of the two computing parties")
     n.add_argument("--party", type=int, choices=(0, 1), required=True)
     n.add_argument("--keys", required=True, help="folder made by mpc-setup")
@@ -98,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="a batch size whose material is also fetched ahead")
     n.add_argument("--prefetch-batch", type=int, default=2,
                    help="material sets for --batch-size inputs kept ready (0: on demand)")
+    n.add_argument("--memory-budget", type=float, default=2048.0,
+                   help="MiB this process may use: a model over it is refused at start, "
+                        "a batch over it per request (estimated from the graph)")
     _tee_parsers(sub)
     return ap
 
@@ -355,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "mpc-dealer":
         dealer = service.Dealer(transport.Identity.load(args.keys, "dealer"), args.listen,
-                                timeout=args.timeout)
+                                timeout=args.timeout,
+                                memory_budget=int(args.memory_budget * 2**20))
         print("veil-mpc dealer listening on %s:%d" % dealer.address, flush=True)
         dealer.serve_forever()
         return 0
@@ -366,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
                          service.load_model(args.model), args.listen, args.dealer,
                          peer=args.peer, peer_listen=args.peer_listen, timeout=args.timeout,
                          prefetch=args.prefetch, frac_bits=args.frac_bits, cmp=args.cmp,
-                         batch_size=args.batch_size, prefetch_batch=args.prefetch_batch)
+                         batch_size=args.batch_size, prefetch_batch=args.prefetch_batch,
+                         memory_budget=int(args.memory_budget * 2**20), name=args.model)
     print(f"veil-mpc party{args.party} listening on %s:%d" % node.address, flush=True)
     if node.peer_address:
         print("veil-mpc party1 peer on %s:%d" % node.peer_address, flush=True)

@@ -160,3 +160,12 @@ class StorageFullError(VeilError):
 
 class MediaTypeError(SerializationError):
     """A request body has the wrong Content-Type for its route (HTTP 415)."""
+
+
+class ResourceError(VeilError):
+    """A run would exceed a configured resource budget (memory, time)."""
+
+
+class ModelTooLargeError(ResourceError):
+    """The model's estimated peak memory exceeds a process's budget; raised before
+    anything is allocated. The message names the model, the estimate and the budget."""

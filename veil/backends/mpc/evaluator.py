@@ -1,78 +1,145 @@
-"""Run a model on additive shares: the original network, exactly (no approximation).
+"""Run a model on additive shares, op by op, with the model's structure kept.
 
-``lower_for_mpc`` folds batch norms and collapses each chain of affine ops into one DENSE
-matrix (the compiler's own passes), leaving ReLU, max pooling, squares and polynomials.
-The two servers know the weights in this mode; a dense layer is then local on each
-share (multiply by the fixed-point weights, party 0 adds the bias) followed by an exact
-truncation, and the non-linear layers use the dealer's material (``protocols``; rounds
-below for circuit comparisons, the default, and in parentheses for DCFs):
+The two servers know the weights in this mode. Every op has one MPC kernel in
+:data:`KERNELS` (keyed by :class:`~veil.ir.Op`); a kernel declares the dealer material
+it consumes (``steps``) and runs on the parties' shares (``run``). The material plan
+(:func:`material_plan`) is derived by walking the graph through the same table, so the
+dealer's list and the parties' consumption cannot drift apart; the registry's ``mpc``
+target (``veil/ir/ops.py``) lists exactly the ops of this table (a test checks it).
 
-- the output DENSE: not truncated; the client decodes 2f fractional bits;
-- DENSE then RELU: truncation and sign from one opening, then one Beaver product, 8
-  rounds for both (2) (``protocols.trunc_relu``); DENSE alone: 7 (1);
-- RELU elsewhere: one comparison and one Beaver product, 8 rounds (2);
-- MAXPOOL2D (no padding): a tree of max(a, b) = b + ReLU(a - b) over each window;
-- SQUARE and POLY (fine-tuned polynomial activations, evaluated in the power basis by
-  Horner's rule): one Beaver product and a truncation per degree.
+Affine ops are local on each share: weights in fixed point (``f`` fractional bits),
+party 0 adds the bias, and the result (2f bits) is truncated exactly
+(``protocols.truncate_exact``), fused with a following ReLU when the ReLU is the only
+reader (``protocols.trunc_relu``); the output, if affine, is left at 2f bits for the
+client to decode. Rounds below are for circuit comparisons (the default), with DCFs in
+parentheses:
 
-:func:`material_plan` lists what the dealer must produce per inference, in order;
-:func:`dealer_material` produces it; :func:`evaluate` is one party's whole run.
+- CONV2D (stride, padding, dilation, groups): im2col windows and an exact Z_(2^64)
+  product with the fixed-point weights (:func:`ring_matmul`: uint64 shares cut into
+  limbs whose products run exactly in float64 BLAS); a depthwise convolution is direct
+  instead (one exact uint64 multiply-add per kernel offset). ``bench/mpc_zoo.py``
+  measures the variants. LINEAR, DENSE and BATCHNORM are the same on their shapes.
+- AVGPOOL2D / GLOBALAVGPOOL: window sums are local; the division multiplies by the
+  fixed-point reciprocal of each window's count, then truncates.
+- RELU: one comparison and one Beaver product, 8 rounds (2); fused with the truncation
+  before it when it is that layer's only reader.
+- CLIP (ReLU6, Hardtanh): exact, lo + ReLU(x - lo) - ReLU(x - hi), both ReLUs in one
+  batch (8 rounds).
+- MAXPOOL2D (padding and ceil mode included): padding cells hold a public constant
+  below any representable value; a tree of max(a, b) = b + ReLU(a - b) per window.
+- MUL of two shared tensors (broadcasting): a Beaver product and a truncation; SQUARE
+  the same; POLY (fine-tuned polynomial activations) by Horner's rule.
+- SIGMOID, SILU: a comparison-selected piecewise cubic (:class:`Piecewise`), as in the
+  piecewise approximations of SecureML (Mohassel and Zhang, S&P 2017, Sec. 4.3) with
+  cubic pieces on 10 intervals in place of SecureML's three linear ones: powers x^2, x^3
+  by Beaver products, the signs [x >= t_i] of every breakpoint in one batch of
+  comparisons, then sum_i [t_i <= x < t_(i+1)] p_i(x) with one Beaver product per
+  piece. The indicator of an interval is exactly 0 outside it, so the powers may wrap
+  for large |x| without harm. Maximum error, fixed point at f = 20 included, over the
+  whole range: sigmoid 3e-4, SiLU 5e-4 (``tests/test_mpc_ops.py`` measures it); the
+  cubics alone are within 2e-4 and 4e-4, and rounding the x^3 coefficients to 2^-20
+  adds up to |x|^3 2^-21 <= 1728 2^-21 ~ 8e-4 in the worst case, 2.4e-4 as fitted.
+- HARDSIGMOID: the same selection with exact linear pieces (0, x/6 + 1/2, 1);
+  HARDSWISH = x * hardsigmoid(x) with one more Beaver product.
+- ADD, SUB, RESHAPE, CONCAT, GATHER: local. An affine layer read only by an ADD/SUB
+  (a residual branch) is not truncated; the sum is, once, with the other operand
+  lifted to 2f bits (times 2^f, local), fused with the ReLU after it: a ResNet block
+  ends in one 8-round trunc+ReLU instead of a 7-round truncation and an 8-round ReLU.
+
+Material is consumed one layer (node) at a time: ``evaluate`` asks its ``material``
+source for layer ``i`` only when it reaches it, so a process streaming from the dealer
+holds one layer's material at a time. :func:`estimate_memory` bounds each process's
+peak from the graph; :func:`check_memory` refuses a model over the budget before
+anything is allocated.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 from numpy.polynomial import chebyshev, polynomial
 
-from ...compiler.passes import fold_batchnorm, linearize
-from ...errors import InputError, UnsupportedOperation
+from ...compiler.targets import lower
+from ...errors import InputError, ModelTooLargeError, UnsupportedOperation
 from ...ir import Graph, Op
+from ...ir import kernels as ref
 from . import protocols as pr
 from .fixed import FRAC_BITS
 from .prg import Prg
 
-MPC_OPS = frozenset({Op.INPUT, Op.DENSE, Op.RELU, Op.MAXPOOL2D, Op.SQUARE, Op.POLY, Op.ADD})
-
 
 def lower_for_mpc(graph: Graph) -> Graph:
-    """Batch norms folded, affine chains as DENSE; anything without an exact two-party
-    protocol here (GELU, SiLU, sigmoid, tanh, padded max pooling) is refused."""
-    g, _ = fold_batchnorm(graph)
-    g, _ = linearize(g)
+    """The MPC target's lowering (``compiler.targets``: batch norms folded into the
+    layer before them); anything without a kernel here (GELU, tanh) is refused."""
+    g, _ = lower(graph, "mpc")
     for node in g.nodes:
-        if node.op not in MPC_OPS:
+        if node.op not in KERNELS:
             raise UnsupportedOperation(
-                f"{node.op.value} node {node.name!r} has no exact MPC protocol; fine-tune it "
+                f"{node.op.value} node {node.name!r} has no MPC protocol; fine-tune it "
                 "to a polynomial (veil.finetune) or use ReLU")
-        if node.op is Op.MAXPOOL2D and any(node.attrs["padding"]):
-            raise UnsupportedOperation(f"max pooling {node.name!r} with padding is not "
-                                       "supported in MPC")
     return g
 
 
-def _scaled(x: np.ndarray, frac_bits: int) -> np.ndarray:
+def _scaled(x, frac_bits: int) -> np.ndarray:
     return np.round(np.asarray(x, dtype=np.float64) * float(2 ** frac_bits)).astype(
         np.int64).view(np.uint64)
 
 
-_LIMB = 16
-
-
 def ring_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """x @ w.T in Z_(2^64) for uint64 shares x (b, k) and signed integer weights w (n, k).
-    numpy has no BLAS for integers, so x is cut into four 16-bit limbs and each limb's
-    product runs in float64, exact while k * 2^16 * max|w| < 2^53; otherwise (huge
-    weights) the integer product."""
-    if w.size == 0 or float(np.abs(w).max()) * w.shape[1] * 2.0 ** _LIMB >= 2.0 ** 53:
+    """x @ w.T in Z_(2^64) for uint64 shares x (m, k) and signed integer weights w (n, k).
+
+    numpy has no BLAS for integers (its uint64 matmul is a plain loop, ~50x slower than
+    float64 BLAS here), so x is cut into limbs of L bits and each limb's product runs
+    in float64, exact while k * 2^L * max|w| <= 2^53: L is the largest such width (16
+    to 21 bits for 20-bit weights, so three or four products). With huge weights (L < 8)
+    the integer product."""
+    if w.size == 0 or x.size == 0:
+        return np.zeros((x.shape[0], w.shape[0]), np.uint64)
+    wmax = float(np.abs(w).max())
+    if wmax == 0.0:
+        return np.zeros((x.shape[0], w.shape[0]), np.uint64)
+    bits = min(32, int(np.floor(53 - np.log2(wmax * w.shape[1]))))
+    if bits < 8:
         return x @ w.view(np.uint64).T
     wf = w.astype(np.float64).T
     out = np.zeros((x.shape[0], w.shape[0]), np.uint64)
-    mask = np.uint64((1 << _LIMB) - 1)
-    for i in range(64 // _LIMB):
-        limb = ((x >> np.uint64(_LIMB * i)) & mask).astype(np.float64)
-        part = (limb @ wf).astype(np.int64).view(np.uint64)
-        out += part << np.uint64(_LIMB * i)
+    mask = np.uint64((1 << bits) - 1)
+    for shift in range(0, 64, bits):
+        limb = x >> np.uint64(shift)
+        if shift + bits < 64:
+            limb = limb & mask
+        part = (limb.astype(np.float64) @ wf).astype(np.int64).view(np.uint64)
+        out += part << np.uint64(shift)
+    return out
+
+
+def conv_ring(x: np.ndarray, w: np.ndarray, stride, padding, dilation, groups: int
+              ) -> np.ndarray:
+    """Cross-correlation (torch.nn.Conv2d) of uint64 shares x (B, C, H, W) with signed
+    integer weights w (O, C / groups, kh, kw), exactly in Z_(2^64)."""
+    b, c = x.shape[:2]
+    o, cg, kh, kw = w.shape
+    og = o // groups
+    ph, pw = padding
+    if ph or pw:
+        x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    win = ref.windows(x, (kh, kw), stride, dilation)        # (B, C, Ho, Wo, kh, kw)
+    ho, wo = win.shape[2:4]
+    if cg == 1 and og == 1:       # depthwise: per offset, an exact uint64 multiply-add
+        out = np.zeros((b, c, ho, wo), np.uint64)
+        wu = w.view(np.uint64)
+        for i in range(kh):
+            for j in range(kw):
+                out += win[..., i, j] * wu[:, 0, i, j][None, :, None, None]
+        return out
+    out = np.empty((b, o, ho, wo), np.uint64)
+    for g in range(groups):
+        cols = win[:, g * cg:(g + 1) * cg].transpose(0, 2, 3, 1, 4, 5).reshape(
+            b * ho * wo, cg * kh * kw)
+        res = ring_matmul(cols, w[g * og:(g + 1) * og].reshape(og, -1))
+        out[:, g * og:(g + 1) * og] = res.reshape(b, ho, wo, og).transpose(0, 3, 1, 2)
     return out
 
 
@@ -80,17 +147,6 @@ def _half(frac_bits: int) -> np.uint64:
     """2^(f-1): added before a floor truncation by f bits, it rounds to nearest, so the
     errors of a layer's many truncations cancel instead of adding up (unbiased)."""
     return np.uint64(1) << np.uint64(frac_bits - 1)
-
-
-def _window_indices(node, in_shape) -> np.ndarray:
-    """(outputs, window) flat input indices of a max-pooling node."""
-    c, h, w = in_shape
-    (kh, kw), (sh, sw) = node.attrs["kernel"], node.attrs["stride"]
-    _, ho, wo = node.shape
-    ch, oy, ox, dy, dx = np.meshgrid(np.arange(c), np.arange(ho), np.arange(wo),
-                                     np.arange(kh), np.arange(kw), indexing="ij")
-    idx = (ch * h + oy * sh + dy) * w + ox * sw + dx
-    return idx.reshape(c * ho * wo, kh * kw)
 
 
 def _power_coeffs(node) -> np.ndarray:
@@ -105,25 +161,60 @@ def _power_coeffs(node) -> np.ndarray:
     return out
 
 
-def _fused(graph: Graph) -> dict[str, str]:
-    """DENSE nodes whose only reader is a RELU: truncation and ReLU share one opening
-    (``protocols.trunc_relu``). Maps the dense node to the ReLU it absorbs."""
-    out = {}
-    for node in graph.nodes:
-        readers = graph.consumers(node.name)
-        if (node.op is Op.DENSE and node.name != graph.output and len(readers) == 1
-                and readers[0].op is Op.RELU):
-            out[node.name] = readers[0].name
-    return out
+# -- piecewise polynomials ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Piecewise:
+    """f(x) = pieces[i](x) on [breaks[i-1], breaks[i]) (pieces[0] below breaks[0], the
+    last piece from breaks[-1] on); each piece a power-basis polynomial in x (ascending
+    coefficients) of degree <= ``degree``."""
+
+    breaks: tuple[float, ...]
+    pieces: tuple[tuple[float, ...], ...]
+
+    @property
+    def degree(self) -> int:
+        return max(len(p) for p in self.pieces) - 1
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """The approximation in floats (what the parties compute, up to fixed point)."""
+        idx = np.searchsorted(np.asarray(self.breaks), x, side="right")
+        return np.choose(idx, [polynomial.polyval(x, p) for p in self.pieces])
 
 
-STEP_KINDS = ("trunc", "trunc_relu", "relu", "mul")
+# Breakpoints of the sigmoid and SiLU approximations: narrow where they bend most.
+_BREAKS = (-12.0, -8.0, -5.0, -3.0, -1.5, 0.0, 1.5, 3.0, 5.0, 8.0, 12.0)
+
+
+def _fit(fn: Callable, breaks, tails) -> Piecewise:
+    """Least-squares cubics on 200 Chebyshev nodes of each interval (near minimax)."""
+    pieces = [tails[0]]
+    k = np.arange(200)
+    for lo, hi in zip(breaks[:-1], breaks[1:]):
+        xs = (lo + hi) / 2 + (hi - lo) / 2 * np.cos(np.pi * (k + 0.5) / 200)
+        pieces.append(tuple(polynomial.polyfit(xs, fn(xs), 3)))
+    pieces.append(tails[1])
+    return Piecewise(tuple(breaks), tuple(tuple(float(c) for c in p) for p in pieces))
+
+
+@lru_cache(maxsize=None)
+def piecewise(op: Op) -> Piecewise:
+    """The piecewise form of a SIGMOID, SILU or HARDSIGMOID (exact for the last)."""
+    if op is Op.SIGMOID:
+        return _fit(ref.sigmoid_fn, _BREAKS, ((0.0,), (1.0,)))
+    if op is Op.SILU:
+        return _fit(lambda x: x * ref.sigmoid_fn(x), _BREAKS, ((0.0,), (0.0, 1.0)))
+    if op in (Op.HARDSIGMOID, Op.HARDSWISH):
+        return Piecewise((-3.0, 3.0), ((0.0,), (0.5, 1.0 / 6.0), (1.0,)))
+    raise UnsupportedOperation(f"no piecewise form of {op.value}")
+
+
+# -- material steps -------------------------------------------------------------------------
+STEP_KINDS = ("trunc", "trunc_relu", "relu", "mul", "drelu")
 
 
 @dataclass(frozen=True)
 class Step:
-    """One interactive step: ``kind`` ("trunc", "trunc_relu", "relu" or "mul") on
-    ``size`` values per input."""
+    """One interactive step: ``kind`` on ``size`` values per input."""
 
     kind: str
     size: int
@@ -133,28 +224,64 @@ class Step:
             raise InputError(f"unknown material kind {self.kind!r}")
 
 
-def material_plan(graph: Graph) -> list[Step]:
-    """The dealer material one inference consumes, in the order the parties use it."""
-    shapes = {n.name: n.shape for n in graph.nodes}
-    fused = _fused(graph)
-    absorbed = set(fused.values())
-    steps = []
-    for node in graph.nodes:
-        size = int(np.prod(node.shape))
-        if node.op is Op.DENSE and node.name != graph.output:
-            steps.append(Step("trunc_relu" if node.name in fused else "trunc", size))
-        elif node.op is Op.RELU and node.name not in absorbed:
-            steps.append(Step("relu", size))
-        elif node.op is Op.MAXPOOL2D:
-            width = _window_indices(node, shapes[node.inputs[0]]).shape[1]
-            while width > 1:
-                steps.append(Step("relu", size * (width // 2)))
-                width = width // 2 + width % 2
-        elif node.op is Op.SQUARE:
-            steps += [Step("mul", size), Step("trunc", size)]
-        elif node.op is Op.POLY:
-            steps += [Step("mul", size), Step("trunc", size)] * (len(_power_coeffs(node)) - 1)
-    return steps
+@dataclass(frozen=True)
+class Layer:
+    """The material of one node (a layer): its position in the graph and its steps."""
+
+    node: str
+    steps: tuple[Step, ...]
+
+
+class Program:
+    """A lowered graph prepared for the parties: shapes, which affine layers absorb
+    their ReLU, each node's material steps (from :data:`KERNELS`), and the fixed-point
+    weights (scaled once, on first use)."""
+
+    def __init__(self, graph: Graph, frac_bits: int = FRAC_BITS) -> None:
+        self.graph, self.frac_bits = graph, int(frac_bits)
+        self.shapes = {n.name: tuple(n.shape) for n in graph.nodes}
+        self.output = graph.output
+        # an affine layer read only by an ADD/SUB stays at 2f bits: the sum is
+        # truncated once (the other operand lifted to 2f locally), fused with its ReLU
+        self.deferred = {n.name for n in graph.nodes if KERNELS[n.op].affine
+                         and n.name != graph.output and len(graph.consumers(n.name)) == 1
+                         and graph.consumers(n.name)[0].op in (Op.ADD, Op.SUB)}
+        self.lifting = {n.name for n in graph.nodes if n.op in (Op.ADD, Op.SUB)
+                        and any(s in self.deferred for s in n.inputs)}
+        self.truncating = {n.name for n in graph.nodes if n.name not in self.deferred and
+                           (KERNELS[n.op].affine or n.name in self.lifting)}
+        self.fused: dict[str, str] = {}
+        for node in graph.nodes:
+            readers = graph.consumers(node.name)
+            if (node.name in self.truncating and node.name != graph.output
+                    and len(readers) == 1 and readers[0].op is Op.RELU):
+                self.fused[node.name] = readers[0].name
+        self.absorbed = set(self.fused.values())
+        self.steps = {n.name: tuple(KERNELS[n.op].steps(self, n)) for n in graph.nodes}
+        self.layers = [Layer(n.name, self.steps[n.name]) for n in graph.nodes
+                       if self.steps[n.name]]
+        self.layer_of = {layer.node: i for i, layer in enumerate(self.layers)}
+        last: dict[str, int] = {}
+        for i, node in enumerate(graph.nodes):
+            for s in node.inputs:
+                last[s] = i
+        self.last_use = last
+        self._weights: dict[tuple[str, str, int], np.ndarray] = {}
+
+    def param(self, node, name: str, bits: int) -> np.ndarray:
+        key = (node.name, name, bits)
+        if key not in self._weights:
+            self._weights[key] = _scaled(node.params[name], bits)
+        return self._weights[key]
+
+    def size(self, node) -> int:
+        return int(np.prod(node.shape))
+
+
+def material_plan(graph: Graph) -> list[Layer]:
+    """The dealer material one inference consumes, layer by layer, in the order the
+    parties use it (derived from :data:`KERNELS`)."""
+    return Program(graph).layers
 
 
 COMPARISONS = ("circuit", "fss")
@@ -162,9 +289,10 @@ COMPARISONS = ("circuit", "fss")
 
 def dealer_material(steps: list[Step], batch: int, prg: Prg, frac_bits: int = FRAC_BITS,
                     cmp: str = "circuit") -> tuple[list, list]:
-    """Both parties' material for ``batch`` inferences (one list per party). ``cmp``
-    picks the comparisons: "circuit" (binary circuits, cheap to compute and to deal,
-    eight rounds per ReLU layer) or "fss" (DCF keys, two rounds, ~15x the material)."""
+    """Both parties' material for ``steps`` (one layer, or any list) on ``batch``
+    inferences (one list per party). ``cmp`` picks the comparisons: "circuit" (binary
+    circuits, cheap to compute and to deal, eight rounds per ReLU layer) or "fss" (DCF
+    keys, two rounds, ~15x the material)."""
     if cmp not in COMPARISONS:
         raise InputError(f"unknown comparison protocol {cmp!r}; use one of {COMPARISONS}")
     out: tuple[list, list] = ([], [])
@@ -174,8 +302,12 @@ def dealer_material(steps: list[Step], batch: int, prg: Prg, frac_bits: int = FR
             pair = pr.circuit_trunc_material(n, frac_bits, prg, step.kind == "trunc_relu")
         elif cmp == "circuit" and step.kind == "relu":
             pair = pr.circuit_relu_material(n, prg)
+        elif cmp == "circuit" and step.kind == "drelu":
+            pair = pr.circuit_drelu_material(n, prg)
         elif step.kind == "relu":
             pair = pr.relu_material(n, prg)
+        elif step.kind == "drelu":
+            pair = pr.sign_material(n, prg)
         elif step.kind == "trunc":
             pair = pr.trunc_material(n, frac_bits, prg)
         elif step.kind == "trunc_relu":
@@ -187,70 +319,460 @@ def dealer_material(steps: list[Step], batch: int, prg: Prg, frac_bits: int = FR
     return out
 
 
+def layer_material(layers: list[Layer], batch: int, prg: Prg, frac_bits: int = FRAC_BITS,
+                   cmp: str = "circuit") -> tuple[list[list], list[list]]:
+    """Both parties' material for every layer at once (in-process runs and tests; the
+    processes stream it layer by layer)."""
+    out: tuple[list, list] = ([], [])
+    for layer in layers:
+        m0, m1 = dealer_material(list(layer.steps), batch, prg, frac_bits, cmp)
+        out[0].append(m0)
+        out[1].append(m1)
+    return out
+
+
 def output_frac_bits(graph: Graph, frac_bits: int = FRAC_BITS) -> int:
-    """Fractional bits of the output shares: a final dense layer is not truncated (the
-    client divides by 2^2f instead, which saves the round and its DCFs)."""
-    return 2 * frac_bits if graph.node(graph.output).op is Op.DENSE else frac_bits
+    """Fractional bits of the output shares: a final affine layer (or a sum with one)
+    is not truncated (the client divides by 2^2f instead, which saves the rounds and
+    their material)."""
+    return 2 * frac_bits if graph.output in Program(graph).truncating else frac_bits
 
 
-def evaluate(party: int, ch: pr.Channel, graph: Graph, x: np.ndarray, material: list,
-             frac_bits: int = FRAC_BITS) -> np.ndarray:
-    """Party ``party``'s share of the output for its share ``x`` (batch, *input shape)."""
+# -- the parties' run -----------------------------------------------------------------------
+@dataclass
+class Run:
+    """One party's state while it evaluates: its channel, the program, and the current
+    layer's material (consumed in the order its kernel declared)."""
+
+    party: int
+    ch: pr.Channel
+    prog: Program
+    items: list = field(default_factory=list)
+
+    @property
+    def f(self) -> int:
+        return self.prog.frac_bits
+
+    def take(self):
+        if not self.items:
+            raise InputError("the layer's material ran out: dealer and parties disagree "
+                             "on the plan")
+        return self.items.pop(0)
+
+    def public(self, raw) -> np.uint64 | np.ndarray:
+        """A public ring constant as this party's share (party 0 holds it)."""
+        return raw if self.party == 0 else np.zeros_like(raw)
+
+    def trunc(self, y: np.ndarray, relu: bool = False) -> np.ndarray:
+        """floor((y + 2^(f-1)) / 2^f) (round to nearest), ReLU'd if ``relu``."""
+        if self.party == 0:
+            y = y + _half(self.f)
+        shape, m = y.shape, self.take()
+        fn = pr.trunc_relu if relu else pr.truncate_exact
+        return fn(self.ch, self.party, y.ravel(), m, self.f).reshape(shape)
+
+    def mul(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return pr.mul(self.ch, self.party, x.ravel(), y.ravel(), self.take()).reshape(x.shape)
+
+    def relu(self, x: np.ndarray) -> np.ndarray:
+        return pr.relu(self.ch, self.party, x.ravel(), self.take()).reshape(x.shape)
+
+
+MaterialSource = Callable[[int], list]
+
+
+def evaluate(party: int, ch: pr.Channel, graph: Graph | Program, x: np.ndarray,
+             material: list | MaterialSource, frac_bits: int = FRAC_BITS) -> np.ndarray:
+    """Party ``party``'s share of the output for its share ``x`` (batch, *input shape).
+
+    ``material`` is either every layer's material (a list, one list per layer of
+    :func:`material_plan`) or a function ``i -> layer i's material``, called once per
+    layer when the run reaches it (the processes fetch from the dealer there)."""
+    prog = graph if isinstance(graph, Program) else Program(graph, frac_bits)
+    g = prog.graph
     batch = x.shape[0]
-    values = {graph.input.name: np.asarray(x, dtype=np.uint64).reshape(batch, -1)}
-    shapes = {n.name: n.shape for n in graph.nodes}
-    supply = iter(material)
-    fused = _fused(graph)
-    for node in graph.nodes[1:]:
-        if node.name in values:          # a ReLU computed with its dense layer
-            continue
+    fetch = material.__getitem__ if isinstance(material, list) else material
+    values = {g.input.name: np.asarray(x, dtype=np.uint64).reshape((batch,) + g.input.shape)}
+    run = Run(party, ch, prog)
+    for i, node in enumerate(g.nodes[1:], start=1):
         args = [values[s] for s in node.inputs]
-        if node.op is Op.DENSE:
-            w = _scaled(node.params["matrix"], frac_bits).view(np.int64)
-            y = ring_matmul(args[0], w)
-            if party == 0:
-                y = y + _scaled(node.params["bias"], 2 * frac_bits)
-                if node.name != graph.output:
-                    y = y + _half(frac_bits)    # truncation rounds to nearest
-            if node.name in fused:
-                out = pr.trunc_relu(ch, party, y.ravel(), next(supply),
-                                    frac_bits).reshape(batch, -1)
-                values[fused[node.name]] = out
-                values[node.name] = out    # nothing else reads the pre-ReLU value
-                continue
-            if node.name == graph.output:
-                out = y                    # left at 2f bits: the client decodes it
-            else:
-                out = pr.truncate_exact(ch, party, y.ravel(), next(supply),
-                                        frac_bits).reshape(batch, -1)
-        elif node.op is Op.ADD:
-            out = args[0] + args[1]
-        elif node.op is Op.RELU:
-            out = pr.relu(ch, party, args[0].ravel(), next(supply)).reshape(batch, -1)
-        elif node.op is Op.MAXPOOL2D:
-            vals = args[0][:, _window_indices(node, shapes[node.inputs[0]])]
-            while vals.shape[-1] > 1:
-                pairs = vals.shape[-1] // 2
-                a, b = vals[..., 0:2 * pairs:2], vals[..., 1:2 * pairs:2]
-                m = b + pr.relu(ch, party, (a - b).ravel(), next(supply)).reshape(b.shape)
-                vals = np.concatenate([m, vals[..., 2 * pairs:]], axis=-1)
-            out = vals[..., 0]
-        elif node.op is Op.SQUARE:
-            sq = pr.mul(ch, party, args[0].ravel(), args[0].ravel(), next(supply))
-            sq = sq + _half(frac_bits) * np.uint64(party == 0)
-            out = pr.truncate_exact(ch, party, sq, next(supply), frac_bits).reshape(batch, -1)
-        elif node.op is Op.POLY:
-            coeffs = _power_coeffs(node)
-            xv = args[0].ravel()
-            acc = np.full(xv.shape, _scaled(coeffs[-1], frac_bits)) * np.uint64(party == 0)
-            for c in coeffs[-2::-1]:          # Horner: acc = acc * x + c
-                prod = pr.mul(ch, party, acc, xv, next(supply))
-                prod = prod + _half(frac_bits) * np.uint64(party == 0)
-                acc = pr.truncate_exact(ch, party, prod, next(supply), frac_bits)
-                if party == 0:
-                    acc = acc + _scaled(c, frac_bits)
-            out = acc.reshape(batch, -1)
-        else:  # lower_for_mpc admits nothing else
-            raise UnsupportedOperation(f"{node.op.value} cannot run on shares")
-        values[node.name] = out
-    return values[graph.output]
+        if prog.steps[node.name]:
+            run.items = list(fetch(prog.layer_of[node.name]))
+        out = KERNELS[node.op].run(run, node, args)
+        if run.items:
+            raise InputError(f"layer {node.name!r} left material unused: dealer and "
+                             "parties disagree on the plan")
+        values[node.name] = out.reshape((batch,) + tuple(node.shape))
+        for s in node.inputs:            # free what nothing later reads
+            if prog.last_use.get(s) == i and s != g.output:
+                values.pop(s, None)
+    return values[g.output].reshape(batch, -1)
+
+
+# -- kernels --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Kernel:
+    """One op on shares: the material it consumes (``steps(program, node)``, per input)
+    and its party-side run (``run(run, node, args) -> share``). ``affine`` kernels
+    leave 2f fractional bits when they are the output."""
+
+    steps: Callable
+    run: Callable
+    affine: bool = False
+
+
+def _no_steps(prog, node):
+    return []
+
+
+def _affine_steps(prog: Program, node) -> list[Step]:
+    if node.name == prog.output or node.name not in prog.truncating:
+        return []
+    return [Step("trunc_relu" if node.name in prog.fused else "trunc", prog.size(node))]
+
+
+def _finish(run: Run, node, y: np.ndarray) -> np.ndarray:
+    """An affine layer's 2f-bit result: truncated (with its ReLU when fused), or left
+    at 2f bits as the output or for the ADD/SUB that reads it."""
+    if node.name == run.prog.output or node.name in run.prog.deferred:
+        return y
+    return run.trunc(y, relu=node.name in run.prog.fused)
+
+
+def _bias2f(run: Run, node, name: str = "bias") -> np.ndarray:
+    return run.prog.param(node, name, 2 * run.f)
+
+
+def _conv(run: Run, node, args):
+    w = run.prog.param(node, "weight", run.f).view(np.int64)
+    a = node.attrs
+    y = conv_ring(args[0], w, a["stride"], a["padding"], a["dilation"], int(a["groups"]))
+    if run.party == 0:
+        y += _bias2f(run, node)[None, :, None, None]
+    return _finish(run, node, y)
+
+
+def _linear(run: Run, node, args):
+    x = args[0]
+    w = run.prog.param(node, "weight", run.f).view(np.int64)
+    y = ring_matmul(x.reshape(-1, x.shape[-1]), w).reshape(x.shape[:-1] + (w.shape[0],))
+    if run.party == 0:
+        y += _bias2f(run, node)
+    return _finish(run, node, y)
+
+
+def _dense(run: Run, node, args):
+    x = args[0]
+    w = run.prog.param(node, "matrix", run.f).view(np.int64)
+    y = ring_matmul(x.reshape(x.shape[0], -1), w)
+    if run.party == 0:
+        y += _bias2f(run, node)
+    return _finish(run, node, y)
+
+
+def _batchnorm(run: Run, node, args):
+    x = args[0]
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    y = x * run.prog.param(node, "scale", run.f).reshape(shape)
+    if run.party == 0:
+        y += _bias2f(run, node, "shift").reshape(shape)
+    return _finish(run, node, y)
+
+
+def _pool_counts(node, in_shape) -> tuple[np.ndarray, tuple]:
+    """Per output cell, the count an average pool divides by (torch's rules), and the
+    (top/left, bottom/right) zero padding of the window sums."""
+    (kh, kw), (sh, sw), (ph, pw) = node.attrs["kernel"], node.attrs["stride"], \
+        node.attrs["padding"]
+    _, h, w = in_shape
+    _, ho, wo = node.shape
+    eh = max(0, (ho - 1) * sh + kh - (h + 2 * ph))
+    ew = max(0, (wo - 1) * sw + kw - (w + 2 * pw))
+    if node.attrs.get("count_include_pad", True):
+        ones = np.pad(np.ones((1, 1, h + 2 * ph, w + 2 * pw)), ((0, 0), (0, 0), (0, eh),
+                                                                 (0, ew)))
+    else:
+        ones = np.pad(np.ones((1, 1, h, w)), ((0, 0), (0, 0), (ph, ph + eh), (pw, pw + ew)))
+    counts = ref.windows(ones, (kh, kw), (sh, sw)).sum(axis=(-1, -2))[0, 0, :ho, :wo]
+    return counts, ((ph, ph + eh), (pw, pw + ew))
+
+
+def _window_values(x: np.ndarray, node, fill) -> np.ndarray:
+    """(B, C, Ho, Wo, kh * kw) windows of x padded with ``fill`` (a ring element)."""
+    _, pad = _pool_counts(node, x.shape[1:])
+    _, ho, wo = node.shape
+    if any(pad[0]) or any(pad[1]):
+        x = np.pad(x, ((0, 0), (0, 0)) + pad, constant_values=fill)
+    win = ref.windows(x, node.attrs["kernel"], node.attrs["stride"])[:, :, :ho, :wo]
+    return win.reshape(win.shape[:4] + (-1,))
+
+
+def _avgpool(run: Run, node, args):
+    counts, _ = _pool_counts(node, args[0].shape[1:])
+    total = _window_values(args[0], node, np.uint64(0)).sum(axis=-1, dtype=np.uint64)
+    return _finish(run, node, total * _scaled(1.0 / counts, run.f))
+
+
+def _global_avgpool(run: Run, node, args):
+    x = args[0]
+    total = x.sum(axis=(2, 3), keepdims=True, dtype=np.uint64)
+    return _finish(run, node, total * _scaled(1.0 / (x.shape[2] * x.shape[3]), run.f))
+
+
+def _maxpool_widths(node) -> list[int]:
+    width = int(np.prod(node.attrs["kernel"]))
+    out = []
+    while width > 1:
+        out.append(width // 2)
+        width = width // 2 + width % 2
+    return out
+
+
+def _maxpool_steps(prog, node):
+    return [Step("relu", prog.size(node) * k) for k in _maxpool_widths(node)]
+
+
+def _maxpool(run: Run, node, args):
+    # padding: a public value below every representable activation (|v| < 2^(63-2f)),
+    # so it never wins and a - b never wraps
+    low = np.uint64((1 << 64) - (1 << (63 - run.f)) if run.party == 0 else 0)
+    vals = _window_values(args[0], node, low)
+    while vals.shape[-1] > 1:
+        pairs = vals.shape[-1] // 2
+        a, b = vals[..., 0:2 * pairs:2], vals[..., 1:2 * pairs:2]
+        m = b + run.relu(a - b)
+        vals = np.concatenate([m, vals[..., 2 * pairs:]], axis=-1)
+    return vals[..., 0]
+
+
+def _relu_steps(prog, node):
+    return [] if node.name in prog.absorbed else [Step("relu", prog.size(node))]
+
+
+def _relu(run: Run, node, args):
+    if node.name in run.prog.absorbed:      # computed with the affine layer before it
+        return args[0]
+    return run.relu(args[0])
+
+
+def _clip(run: Run, node, args):
+    """lo + ReLU(x - lo) - ReLU(x - hi): exact, both ReLUs in one batch."""
+    x, f = args[0], run.f
+    lo, hi = (_scaled(node.attrs[k], f) for k in ("lo", "hi"))
+    both = run.relu(np.stack([x - run.public(lo), x - run.public(hi)]))
+    return run.public(lo) + both[0] - both[1]
+
+
+def _piece_steps(prog, node):
+    pw, n = piecewise(node.op), prog.size(node)
+    steps = [Step("mul", n), Step("trunc", n)] * (pw.degree - 1)
+    steps += [Step("drelu", n * len(pw.breaks)), Step("mul", n * len(pw.pieces)),
+              Step("trunc", n)]
+    if node.op is Op.HARDSWISH:
+        steps += [Step("mul", n), Step("trunc", n)]
+    return steps
+
+
+def _piecewise(run: Run, x: np.ndarray, pw: Piecewise) -> np.ndarray:
+    """sum_i [t_(i-1) <= x < t_i] p_i(x) (see the module docstring), f bits."""
+    f = run.f
+    powers = [None, x]
+    for _ in range(pw.degree - 1):
+        powers.append(run.trunc(run.mul(powers[-1], x)))
+    signs = pr.drelu(run.ch, run.party, np.concatenate(
+        [x.ravel() - run.public(_scaled(t, f)) for t in pw.breaks]), run.take())
+    signs = signs.reshape((len(pw.breaks),) + x.shape)
+    one = run.public(np.uint64(1))
+    ind = [one - signs[0]] + [signs[i] - signs[i + 1] for i in range(len(pw.breaks) - 1)] \
+        + [signs[-1]]
+    vals = []
+    for coeffs in pw.pieces:                # each piece at 2f bits, locally
+        v = np.broadcast_to(run.public(_scaled(coeffs[0], 2 * f)), x.shape).copy()
+        for k, c in enumerate(coeffs[1:], start=1):
+            v += powers[k] * _scaled(c, f)
+        vals.append(v)
+    prod = run.mul(np.stack(ind), np.stack(vals))
+    return run.trunc(prod.sum(axis=0, dtype=np.uint64))
+
+
+def _piece_op(run: Run, node, args):
+    x = args[0]
+    y = _piecewise(run, x, piecewise(node.op))
+    if node.op is Op.HARDSWISH:
+        y = run.trunc(run.mul(x, y))
+    return y
+
+
+def _square(run: Run, node, args):
+    return run.trunc(run.mul(args[0], args[0]))
+
+
+def _poly_steps(prog, node):
+    return [Step("mul", prog.size(node)), Step("trunc", prog.size(node))] * (
+        len(_power_coeffs(node)) - 1)
+
+
+def _poly(run: Run, node, args):
+    coeffs, x, f = _power_coeffs(node), args[0], run.f
+    acc = np.broadcast_to(run.public(_scaled(coeffs[-1], f)), x.shape).copy()
+    for c in coeffs[-2::-1]:          # Horner: acc = acc * x + c
+        acc = run.trunc(run.mul(acc, x)) + run.public(_scaled(c, f))
+    return acc
+
+
+def _aligned(run: Run, node, args) -> list[np.ndarray]:
+    """Both operands broadcast to the node's batched shape."""
+    b = args[0].shape[0]
+    rank = len(node.shape)
+    out = []
+    for a in args:
+        a = a.reshape((b,) + (1,) * (rank + 1 - a.ndim) + a.shape[1:])
+        out.append(np.broadcast_to(a, (b,) + tuple(node.shape)))
+    return out
+
+
+def _lifted(run: Run, node, args) -> list[np.ndarray]:
+    """The operands of an ADD/SUB; when one is an untruncated affine layer (2f bits),
+    the others are lifted to 2f bits too (times 2^f, local and exact)."""
+    if node.name not in run.prog.lifting:
+        return args
+    lift = np.uint64(1) << np.uint64(run.f)
+    return [a if s in run.prog.deferred else a * lift for a, s in zip(args, node.inputs)]
+
+
+def _add(run, node, args):
+    x, y = _aligned(run, node, _lifted(run, node, args))
+    return _finish(run, node, x + y) if node.name in run.prog.lifting else x + y
+
+
+def _sub(run, node, args):
+    x, y = _aligned(run, node, _lifted(run, node, args))
+    return _finish(run, node, x - y) if node.name in run.prog.lifting else x - y
+
+
+def _mul_steps(prog, node):
+    return [Step("mul", prog.size(node)), Step("trunc", prog.size(node))]
+
+
+def _mul(run, node, args):
+    x, y = _aligned(run, node, args)
+    return run.trunc(run.mul(np.ascontiguousarray(x), np.ascontiguousarray(y)))
+
+
+def _reshape(run, node, args):
+    return args[0].reshape((args[0].shape[0],) + tuple(node.shape))
+
+
+def _concat(run, node, args):
+    return np.concatenate(args, axis=int(node.attrs["axis"]) + 1)
+
+
+def _gather(run, node, args):
+    x = args[0]
+    flat = np.concatenate([x.reshape(x.shape[0], -1), np.zeros((x.shape[0], 1), np.uint64)],
+                          axis=1)
+    idx = np.asarray(node.attrs["indices"], dtype=np.int64)
+    return flat[:, np.where(idx < 0, flat.shape[1] - 1, idx)]
+
+
+def _identity(run, node, args):
+    return args[0]
+
+
+KERNELS: dict[Op, Kernel] = {
+    Op.INPUT: Kernel(_no_steps, _identity),
+    Op.CONV2D: Kernel(_affine_steps, _conv, affine=True),
+    Op.LINEAR: Kernel(_affine_steps, _linear, affine=True),
+    Op.DENSE: Kernel(_affine_steps, _dense, affine=True),
+    Op.BATCHNORM: Kernel(_affine_steps, _batchnorm, affine=True),
+    Op.AVGPOOL2D: Kernel(_affine_steps, _avgpool, affine=True),
+    Op.GLOBALAVGPOOL: Kernel(_affine_steps, _global_avgpool, affine=True),
+    Op.MAXPOOL2D: Kernel(_maxpool_steps, _maxpool),
+    Op.RELU: Kernel(_relu_steps, _relu),
+    Op.CLIP: Kernel(lambda prog, node: [Step("relu", 2 * prog.size(node))], _clip),
+    Op.SIGMOID: Kernel(_piece_steps, _piece_op),
+    Op.SILU: Kernel(_piece_steps, _piece_op),
+    Op.HARDSIGMOID: Kernel(_piece_steps, _piece_op),
+    Op.HARDSWISH: Kernel(_piece_steps, _piece_op),
+    Op.SQUARE: Kernel(_mul_steps, _square),
+    Op.POLY: Kernel(_poly_steps, _poly),
+    Op.MUL: Kernel(_mul_steps, _mul),
+    Op.ADD: Kernel(_affine_steps, _add),
+    Op.SUB: Kernel(_affine_steps, _sub),
+    Op.RESHAPE: Kernel(_no_steps, _reshape),
+    Op.CONCAT: Kernel(_no_steps, _concat),
+    Op.GATHER: Kernel(_no_steps, _gather),
+}
+MPC_OPS = frozenset(KERNELS)
+
+
+# -- memory ---------------------------------------------------------------------------------
+BASE_BYTES = 160 << 20        # an idle party or dealer process (Python, numpy, links)
+DEFAULT_BUDGET = 2 << 30      # bytes per process
+
+
+@lru_cache(maxsize=None)
+def _bytes_per_value(kind: str, frac_bits: int, cmp: str) -> float:
+    """One party's material bytes per value of a step, measured on 4096 values."""
+    n = 4096
+    (m0,), _ = dealer_material([Step(kind, 1)], n, Prg(), frac_bits, cmp)
+    return sum(a.nbytes for a in pr.material_arrays([m0]).values()) / n
+
+
+def material_bytes(steps, batch: int, frac_bits: int = FRAC_BITS, cmp: str = "circuit"
+                   ) -> int:
+    """One party's material bytes for ``steps`` on ``batch`` inputs."""
+    return int(sum(_bytes_per_value(s.kind, frac_bits, cmp) * s.size * batch for s in steps))
+
+
+def _work_bytes(prog: Program, node, batch: int) -> int:
+    """Temporaries of one node's kernel: im2col columns and their float64 limbs for a
+    convolution, bit rows and comparison state (~150 bytes a value) for comparisons."""
+    out = prog.size(node) * batch
+    if node.op is Op.CONV2D:
+        w = node.params["weight"]
+        k = int(np.prod(w.shape[1:]))
+        cols = out // w.shape[0] * k * (1 if node.attrs["groups"] == 1 else 0)
+        return 8 * (3 * cols + 4 * out)
+    if node.op in (Op.MAXPOOL2D, Op.AVGPOOL2D):
+        return 8 * 3 * out * int(np.prod(node.attrs["kernel"]))
+    cmp_values = sum(s.size for s in prog.steps[node.name]) * batch
+    return 8 * 4 * out + 150 * cmp_values
+
+
+def estimate_memory(graph: Graph, batch: int = 1, frac_bits: int = FRAC_BITS,
+                    cmp: str = "circuit", layers_held: int = 1) -> dict[str, int]:
+    """Estimated peak bytes of each process for ``batch`` inputs: a party holds the
+    weights (float64 and fixed point), the live activations, the current node's
+    temporaries and ``layers_held`` layers of material (received frame and parsed
+    arrays); the dealer one layer for both parties (generated and packed)."""
+    prog = Program(graph, frac_bits)
+    weights = sum(16 * int(a.size) for n in graph.nodes for a in n.params.values())
+    live: dict[str, int] = {graph.input.name: 8 * prog.size(graph.input) * batch}
+    party = dealer = 0
+    for i, node in enumerate(graph.nodes[1:], start=1):
+        live[node.name] = 8 * prog.size(node) * batch
+        mat = material_bytes(prog.steps[node.name], batch, frac_bits, cmp)
+        party = max(party, sum(live.values()) + _work_bytes(prog, node, batch)
+                    + 2 * layers_held * mat)
+        dealer = max(dealer, 6 * mat)
+        for s in node.inputs:
+            if prog.last_use.get(s) == i and s != graph.output:
+                live.pop(s, None)
+    return {"party": BASE_BYTES + weights + party, "dealer": BASE_BYTES + dealer}
+
+
+def check_memory(graph: Graph, batch: int = 1, budget: int = DEFAULT_BUDGET,
+                 frac_bits: int = FRAC_BITS, cmp: str = "circuit", name: str = "the model",
+                 layers_held: int = 1) -> dict[str, int]:
+    """:func:`estimate_memory`, raising ModelTooLargeError when a process would exceed
+    ``budget`` bytes; call it before allocating anything for the model."""
+    est = estimate_memory(graph, batch, frac_bits, cmp, layers_held)
+    for role, need in est.items():
+        if need > budget:
+            raise ModelTooLargeError(
+                f"{name} needs an estimated {need / 2**20:.0f} MiB in the MPC {role} "
+                f"process for a batch of {batch}, over the memory budget of "
+                f"{budget / 2**20:.0f} MiB; raise the budget (--memory-budget) or send "
+                "smaller batches")
+    return est

@@ -127,10 +127,13 @@ class CircuitTruncMaterial:
 
 @dataclass(frozen=True)
 class CircuitReluMaterial:
+    """A comparison tree for the sign of x, and a Beaver triple for ReLU (None when
+    only the sign is wanted)."""
+
     r: np.ndarray
     r_rows: np.ndarray
     top: circuit.TreeMaterial
-    triple: Triple
+    triple: Triple | None
 
 
 def triples(shape, prg: Prg) -> tuple[Triple, Triple]:
@@ -207,6 +210,17 @@ def circuit_trunc_material(n: int, frac_bits: int, prg: Prg, relu: bool
     t = triples(n, prg) if relu else (None, None)
     return tuple(CircuitTruncMaterial((r0, r1)[b], (h0, h1)[b], rows[b], top[b], low[b], t[b])
                  for b in (0, 1))
+
+
+def circuit_drelu_material(n: int, prg: Prg
+                           ) -> tuple[CircuitReluMaterial, CircuitReluMaterial]:
+    """Material for the sign [x >= 0] alone (no Beaver triple): a comparison tree."""
+    r = prg.uint64(n)
+    rows = _mask_rows(r, prg)
+    top = circuit.tree_material(63, n, prg, r >> _SHIFT63)
+    r0, r1 = share(r, prg)
+    return (CircuitReluMaterial(r0, rows[0], top[0], None),
+            CircuitReluMaterial(r1, rows[1], top[1], None))
 
 
 def circuit_relu_material(n: int, prg: Prg) -> tuple[CircuitReluMaterial, CircuitReluMaterial]:
@@ -340,6 +354,13 @@ def drelu(ch: Channel, party: int, x: np.ndarray, m: SignMaterial | CircuitReluM
     return (np.uint64(1) if party == 0 else _ZERO) - _xor_public(party, top, z)
 
 
+def select(ch: Channel, party: int, d: np.ndarray, v: np.ndarray,
+           sign: SignMaterial | CircuitReluMaterial, t: Triple) -> np.ndarray:
+    """Shares of v * [d >= 0], elementwise: one comparison and one Beaver product of a
+    0/1 share with v (no truncation: the bit has no fractional bits)."""
+    return mul(ch, party, v, drelu(ch, party, d, sign), t)
+
+
 def relu(ch: Channel, party: int, x: np.ndarray, m: ReluMaterial | CircuitReluMaterial
          ) -> np.ndarray:
     """Shares of max(x, 0) (exact, no approximation): two rounds with DCFs, eight with
@@ -377,10 +398,15 @@ def material_arrays(items: list) -> dict[str, np.ndarray]:
             if m.triple is not None:
                 triple(p, m.triple)
         elif isinstance(m, CircuitReluMaterial):
-            out[f"{p}.kind"] = np.array([6], np.uint8)
+            out[f"{p}.kind"] = np.array([6 if m.triple is not None else 7], np.uint8)
             out[f"{p}.r"], out[f"{p}.r_rows"] = m.r, m.r_rows
             tree(f"{p}.top", m.top)
-            triple(p, m.triple)
+            if m.triple is not None:
+                triple(p, m.triple)
+        elif isinstance(m, SignMaterial):
+            out[f"{p}.kind"] = np.array([8], np.uint8)
+            out[f"{p}.r"], out[f"{p}.rho"] = m.r, m.rho
+            key(f"{p}.sign", m.key)
         elif isinstance(m, Triple):
             out[f"{p}.kind"] = np.array([0], np.uint8)
             out[f"{p}.a"], out[f"{p}.b"], out[f"{p}.c"] = m.a, m.b, m.c
@@ -445,9 +471,11 @@ def material_from_arrays(arrays: dict[str, np.ndarray]) -> list:
             items.append(CircuitTruncMaterial(
                 arrays[f"{p}.r"], arrays[f"{p}.r_high"], arrays[f"{p}.r_rows"],
                 tree(f"{p}.top"), tree(f"{p}.low"), triple(p) if kind == 5 else None))
-        elif kind == 6:
+        elif kind in (6, 7):
             items.append(CircuitReluMaterial(arrays[f"{p}.r"], arrays[f"{p}.r_rows"],
-                                             tree(f"{p}.top"), triple(p)))
+                                             tree(f"{p}.top"), triple(p) if kind == 6 else None))
+        elif kind == 8:
+            items.append(SignMaterial(arrays[f"{p}.r"], key(f"{p}.sign"), arrays[f"{p}.rho"]))
         elif kind == 2:
             items.append(ReluMaterial(
                 SignMaterial(arrays[f"{p}.r"], key(f"{p}.sign"), arrays[f"{p}.rho"]),

@@ -1,0 +1,197 @@
+"""Every MPC kernel against the reference kernel, on shares, through an in-process
+channel; the sigmoid/SiLU error bound; material streamed layer by layer; the memory
+budget."""
+import threading
+
+import numpy as np
+import pytest
+
+from veil.backends.mpc import evaluator as ev
+from veil.backends.mpc.fixed import FRAC_BITS, decode, encode
+from veil.backends.mpc.local import run_parties
+from veil.backends.mpc.prg import Prg
+from veil.backends.mpc.protocols import reconstruct, share
+from veil.errors import ModelTooLargeError, ResourceError, VeilError
+from veil.ir import Graph, Op, make_node, ops_for
+from veil.ir import run as interpret
+
+RNG = np.random.default_rng(7)
+
+
+def chain(shape, *specs):
+    """INPUT then each spec (op, attrs, params, inputs) in order; inputs default to the
+    previous node, and may name earlier nodes by index ("n0" is the input)."""
+    nodes = [make_node("n0", Op.INPUT, (), [], {"shape": shape})]
+    for i, (op, attrs, params, *ins) in enumerate(specs, start=1):
+        names = ins[0] if ins else [nodes[-1].name]
+        shapes = [next(n.shape for n in nodes if n.name == s) for s in names]
+        nodes.append(make_node(f"n{i}", op, names, shapes, attrs, params))
+    return Graph(tuple(nodes), nodes[-1].name)
+
+
+def conv(ci, co, k, groups=1, **attrs):
+    w = RNG.normal(size=(co, ci // groups, k, k)) / np.sqrt(ci // groups * k * k)
+    return (Op.CONV2D, {"groups": groups, **attrs}, {"weight": w, "bias": RNG.normal(size=co)
+                                                     * 0.1})
+
+
+def run_mpc(graph, x, cmp="circuit"):
+    """(outputs, plain reference on the encoded input, channels, layers fetched)."""
+    prg = Prg()
+    graph = ev.lower_for_mpc(graph)
+    xq = decode(encode(x))
+    s0, s1 = share(encode(x), prg)
+    m0, m1 = ev.layer_material(ev.material_plan(graph), len(x), prg, cmp=cmp)
+    (o0, o1), chans = run_parties(lambda p, ch, inp: ev.evaluate(p, ch, graph, *inp),
+                                  ((s0, m0), (s1, m1)), timeout=120)
+    got = decode(reconstruct(o0, o1), ev.output_frac_bits(graph))
+    want = interpret(graph, xq).reshape(len(x), -1)
+    return got, want, chans
+
+
+CASES = {
+    "conv_stride_pad_relu": ((3, 9, 9), [conv(3, 6, 3, stride=(2, 2), padding=(1, 1)),
+                                          (Op.RELU, {}, {})]),
+    "conv_dilated_out": ((2, 9, 9), [conv(2, 4, 3, dilation=(2, 2), padding=(2, 2))]),
+    "conv_grouped": ((4, 6, 6), [conv(4, 6, 3, groups=2, padding=(1, 1)),
+                                  (Op.RELU, {}, {}), conv(6, 2, 1)]),
+    "conv_depthwise_strided": ((5, 7, 7), [conv(5, 5, 3, groups=5, stride=(2, 2),
+                                                 padding=(1, 1)),
+                                            (Op.CLIP, {"lo": 0.0, "hi": 6.0}, {})]),
+    "linear_2d": ((3, 5), [(Op.LINEAR, {}, {"weight": RNG.normal(size=(4, 5)),
+                                             "bias": RNG.normal(size=4)}),
+                            (Op.CLIP, {"lo": -1.0, "hi": 1.5}, {})]),
+    "batchnorm_unfolded": ((3, 4, 4), [(Op.RELU, {}, {}),
+                                        (Op.BATCHNORM, {}, {"scale": RNG.normal(size=3),
+                                                            "shift": RNG.normal(size=3)}),
+                                        (Op.RELU, {}, {})]),
+    "avgpool_ceil_nopad": ((2, 7, 7), [(Op.AVGPOOL2D, {"kernel": (3, 3), "stride": (2, 2),
+                                                       "padding": (1, 1), "ceil_mode": True,
+                                                       "count_include_pad": False}, {}),
+                                        (Op.RELU, {}, {})]),
+    "avgpool_include_pad": ((2, 6, 6), [(Op.AVGPOOL2D, {"kernel": (2, 2), "stride": (2, 2),
+                                                        "padding": (1, 1)}, {}),
+                                         (Op.SQUARE, {}, {})]),
+    "global_avgpool": ((3, 5, 5), [(Op.GLOBALAVGPOOL, {}, {}),
+                                    (Op.RESHAPE, {"shape": (3,)}, {}),
+                                    (Op.RELU, {}, {})]),
+    "maxpool_pad_ceil": ((2, 8, 8), [(Op.MAXPOOL2D, {"kernel": (3, 3), "stride": (2, 2),
+                                                     "padding": (1, 1), "ceil_mode": True},
+                                      {})]),
+    "maxpool_plain": ((2, 6, 6), [(Op.MAXPOOL2D, {"kernel": (2, 2), "stride": (2, 2)}, {})]),
+    "squeeze_excite_mul": ((4, 3, 3), [(Op.GLOBALAVGPOOL, {}, {}),
+                                        (Op.HARDSIGMOID, {}, {}),
+                                        (Op.MUL, {}, {}, ["n0", "n2"])]),
+    "add_sub_concat": ((2, 3, 3), [(Op.RELU, {}, {}), (Op.ADD, {}, {}, ["n0", "n1"]),
+                                   (Op.SUB, {}, {}, ["n2", "n0"]),
+                                   (Op.CONCAT, {"axis": 0}, {}, ["n3", "n1"]),
+                                   (Op.RESHAPE, {"shape": (36,)}, {}),
+                                   (Op.GATHER, {"indices": (5, -1, 0, 35)}, {})]),
+    "residual_add_relu": ((4, 6, 6), [conv(4, 4, 3, padding=(1, 1)), (Op.RELU, {}, {}),
+                                       conv(4, 4, 3, padding=(1, 1)),
+                                       (Op.ADD, {}, {}, ["n3", "n0"]), (Op.RELU, {}, {})]),
+    "sub_of_two_convs_out": ((3, 5, 5), [conv(3, 2, 3), (*conv(3, 2, 3), ["n0"]),
+                                          (Op.SUB, {}, {}, ["n1", "n2"])]),
+    "hardswish": ((50,), [(Op.HARDSWISH, {}, {})]),
+    "poly": ((20,), [(Op.POLY, {"coeffs": (0.1, 0.5, 0.25, -0.05), "lo": -4.0, "hi": 4.0},
+                      {})]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_op_matches_the_reference_kernel_on_shares(name):
+    """Exact ops (everything but sigmoid/SiLU) agree with the reference kernel up to
+    fixed point: weights and reciprocals rounded to 2^-20, one rounding per
+    truncation: within 1e-4 here (values of order 1-10)."""
+    shape, specs = CASES[name]
+    x = RNG.normal(size=(3,) + shape) * 3
+    got, want, _ = run_mpc(chain(shape, *specs), x)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_the_mpc_target_lists_exactly_the_ops_with_a_kernel():
+    assert ops_for("mpc") == ev.MPC_OPS == frozenset(ev.KERNELS)
+    with pytest.raises(VeilError, match="gelu"):
+        ev.lower_for_mpc(chain((4,), (Op.GELU, {}, {})))
+
+
+@pytest.mark.parametrize("op,bound", [(Op.SIGMOID, 3e-4), (Op.SILU, 5e-4),
+                                      (Op.HARDSIGMOID, 1e-5)])
+def test_sigmoid_and_silu_stay_within_their_stated_error_bound(op, bound):
+    """The comparison-selected piecewise cubic (evaluator docstring): its float form is
+    within the bound of the true function on a dense grid, and the shares (fixed point
+    included) within the same bound, also far outside the fitted range where x^2 and
+    x^3 wrap around the ring."""
+    from veil.ir import ops as registry
+    pw = ev.piecewise(op)
+    true = registry.REGISTRY[op].kernel
+    grid = np.linspace(-40, 40, 400_001)
+    assert np.abs(pw(grid) - true([grid], {}, {})).max() <= bound * 0.9
+    x = np.concatenate([np.linspace(-14, 14, 1401), [-5000.0, -300.0, -12.0, 12.0, 300.0,
+                                                      5000.0], RNG.normal(size=200) * 4])
+    got, want, chans = run_mpc(chain((x.size,), (op, {}, {})), x[None])
+    assert np.abs(got - want).max() <= bound
+    assert np.abs(got - pw(decode(encode(x)))).max() <= 2.5e-4    # fixed point alone
+
+
+def test_material_is_fetched_one_layer_at_a_time():
+    """A streaming source is asked for layer i only when the run reaches it, in order,
+    once, and the run never holds more than one layer's material."""
+    shape = (3, 8, 8)
+    g = ev.lower_for_mpc(chain(shape, conv(3, 4, 3, padding=(1, 1)), (Op.RELU, {}, {}),
+                               (Op.MAXPOOL2D, {"kernel": (2, 2), "stride": (2, 2)}, {}),
+                               conv(4, 4, 3, padding=(1, 1)), (Op.ADD, {}, {}, ["n3", "n4"]),
+                               (Op.RELU, {}, {}), (Op.GLOBALAVGPOOL, {}, {}),
+                               (Op.RESHAPE, {"shape": (4,)}, {}),
+                               (Op.LINEAR, {}, {"weight": RNG.normal(size=(3, 4)),
+                                                "bias": np.zeros(3)})))
+    plan = ev.material_plan(g)
+    x = RNG.normal(size=(2,) + shape)
+    prg = Prg()
+    s0, s1 = share(encode(x), prg)
+    log, held, peak = [], {0: 0, 1: 0}, {0: 0, 1: 0}
+    pending, lock = {}, threading.Lock()
+
+    def source(p):
+        def fetch(i):
+            with lock:                                # the dealer makes layer i on demand
+                if i not in pending:
+                    pending[i] = ev.dealer_material(list(plan[i].steps), len(x), prg)
+            log.append((p, i))
+            held[p] = ev.material_bytes(plan[i].steps, len(x))    # the previous is dropped
+            peak[p] = max(peak[p], held[p])
+            return pending[i][p]
+        return fetch
+
+    (o0, o1), _ = run_parties(lambda p, ch, inp: ev.evaluate(p, ch, g, inp, source(p)),
+                              (s0, s1))
+    assert [i for p, i in log if p == 0] == list(range(len(plan)))
+    assert [i for p, i in log if p == 1] == list(range(len(plan)))
+    total = ev.material_bytes([s for layer in plan for s in layer.steps], len(x))
+    largest = max(ev.material_bytes(layer.steps, len(x)) for layer in plan)
+    assert peak[0] == largest < total
+    want = interpret(g, decode(encode(x)))
+    np.testing.assert_allclose(decode(reconstruct(o0, o1), ev.output_frac_bits(g)), want,
+                               atol=1e-4)
+
+
+def test_a_model_over_the_memory_budget_is_refused_before_allocation():
+    """The estimate comes from the graph alone; over the budget: ModelTooLargeError (a
+    ResourceError) naming the model, the estimate and the budget."""
+    g = chain((3, 64, 64), conv(3, 16, 3, padding=(1, 1)), (Op.RELU, {}, {}))
+    est = ev.estimate_memory(g, batch=1)
+    assert est["party"] > ev.BASE_BYTES and est["dealer"] > ev.BASE_BYTES
+    assert ev.estimate_memory(g, batch=8)["party"] > est["party"]
+    with pytest.raises(ModelTooLargeError, match=r"tiny-conv needs an estimated \d+ MiB.*"
+                       r"budget of 100 MiB") as info:
+        ev.check_memory(g, batch=64, budget=100 << 20, name="tiny-conv")
+    assert isinstance(info.value, ResourceError)
+    assert ev.check_memory(g, batch=1)["party"] == est["party"]      # fits 2 GiB
+
+
+def test_fss_comparisons_run_the_same_kernels():
+    shape, specs = CASES["conv_depthwise_strided"]
+    x = RNG.normal(size=(2,) + shape)
+    got, want, chans = run_mpc(chain(shape, *specs), x, cmp="fss")
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert FRAC_BITS == 20

@@ -1,0 +1,121 @@
+"""The dealer process: correlated randomness for the two parties, layer by layer.
+
+It accepts party0 and party1 (mutually authenticated links). A party asks for the
+material of (session, sequence number, layer, steps, batch); the first request of a
+pair generates both halves from fresh CSPRNG output and keeps the other half until its
+party fetches it; a (session, sequence, layer, party) is served once, never again. It
+never sees inputs or outputs, and never holds more than the layers the parties have
+asked for and not yet both fetched.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+
+from ...errors import InputError, SerializationError, VeilError
+from .. import sockets as so
+from . import protocols as pr
+from . import transport as tp
+from ...errors import ModelTooLargeError
+from .evaluator import (BASE_BYTES, COMPARISONS, DEFAULT_BUDGET, Step, dealer_material,
+                        material_bytes)
+from .fixed import FRAC_BITS
+from .prg import Prg
+from .wire import DEFAULT_TIMEOUT, ERROR, MATERIAL, MATERIAL_REQUEST, _steps_key, log
+
+
+class Dealer:
+    """Serves correlated randomness to the two parties; see the module docstring."""
+
+    def __init__(self, identity: tp.Identity, address: tuple[str, int],
+                 timeout: float = DEFAULT_TIMEOUT, ttl: float = 120.0,
+                 memory_budget: int = DEFAULT_BUDGET) -> None:
+        self.identity, self.timeout, self.ttl = identity, timeout, ttl
+        self.memory_budget = int(memory_budget)
+        self.server = so.listen(address)
+        self.address = self.server.getsockname()
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, int, int], tuple[str, str, bytes, float]] = {}
+        # (session, party) -> last (seq, layer) served
+        self._last: dict[tuple[str, str], tuple[int, int]] = {}
+        self.bytes_sent = 0
+
+    def serve_forever(self) -> None:
+        so.accept_forever(self.server, self.timeout, self._serve_link)
+
+    def _serve_link(self, sock: socket.socket) -> None:
+        try:
+            link = tp.accept(sock, self.identity, ("party0", "party1"))
+        except VeilError as exc:
+            log.warning("dealer: refused a link: %s", exc)
+            sock.close()
+            return
+        try:
+            while True:
+                kind, body = link.recv(idle=True)   # parties may stay idle for long
+                if kind != MATERIAL_REQUEST:
+                    raise SerializationError(f"unexpected message kind {kind}")
+                try:
+                    link.send(MATERIAL, self._material(link.peer, so.json_object(body)))
+                except (VeilError, KeyError, TypeError, ValueError) as exc:
+                    link.send(ERROR, json.dumps({"error": str(exc)}).encode())
+        except VeilError as exc:
+            log.info("dealer: link to %s ended: %s", link.peer, exc)
+        finally:
+            link.close()
+
+    def _material(self, party: str, req: dict) -> bytes:
+        """Layers ``layer, layer + 1, ...`` of set ``seq`` (``steps``: one list of
+        [kind, size] per layer); a request is served once per party, in increasing
+        (seq, layer) order."""
+        session, seq, first = str(req["session"]), int(req["seq"]), int(req.get("layer", 0))
+        layers = [[Step(str(k), int(n)) for k, n in layer] for layer in req["steps"]]
+        batch, frac = int(req["batch"]), int(req.get("frac_bits", FRAC_BITS))
+        cmp = str(req.get("cmp", "circuit"))
+        if not 2 <= frac <= 30 or cmp not in COMPARISONS:
+            raise InputError(f"fractional bits must be in 2..30, comparisons one of "
+                             f"{COMPARISONS}")
+        flat = [s for layer in layers for s in layer]
+        if not 1 <= batch <= 4096 or sum(s.size for s in flat) * batch > (1 << 24):
+            raise InputError("material request too large")
+        need = BASE_BYTES + 6 * material_bytes(flat, batch, frac, cmp)
+        if need > self.memory_budget:
+            raise ModelTooLargeError(
+                f"this layer's material needs an estimated {need / 2**20:.0f} MiB in the "
+                f"dealer, over its memory budget of {self.memory_budget / 2**20:.0f} MiB; "
+                "send smaller batches or raise --memory-budget")
+        digest = _steps_key([req["steps"], frac, cmp], batch)
+        other = "party1" if party == "party0" else "party0"
+        key = (session, seq, first)
+        with self._lock:
+            if (seq, first) <= self._last.get((session, party), (0, -1)):
+                raise InputError(f"material for session {session} #{seq} layer {first} was "
+                                 "already served to this party; it is never reused")
+            now = time.monotonic()
+            for k in [k for k, v in self._pending.items() if now - v[3] > self.ttl]:
+                del self._pending[k]
+            waiting = self._pending.get(key)
+            if waiting is not None and waiting[0] == party:
+                if waiting[1] != digest:
+                    raise InputError("the two parties asked for different material")
+                del self._pending[key]
+                out = waiting[2]
+            else:
+                sets: tuple[list, list] = ([], [])
+                for layer in layers:
+                    m0, m1 = dealer_material(layer, batch, Prg(), frac, cmp)
+                    sets[0].extend(m0)
+                    sets[1].extend(m1)
+                sizes = np.array([len(layer) for layer in layers], np.uint64)
+                mine, theirs = sets if party == "party0" else sets[::-1]
+                out = so.pack_arrays({**pr.material_arrays(mine), "layer_sizes": sizes})
+                self._pending[key] = (other, digest, so.pack_arrays(
+                    {**pr.material_arrays(theirs), "layer_sizes": sizes}), now)
+                del sets, mine, theirs
+            self._last[(session, party)] = (seq, first)
+        self.bytes_sent += len(out)
+        return out
