@@ -65,13 +65,25 @@ def _batchnorm(b, node, ins, out) -> None:
 
 def _pool(b, node, ins, out) -> None:
     a = node.attrs
-    ph, pw = a["padding"]
-    kw = dict(kernel_shape=list(a["kernel"]), strides=list(a["stride"]),
-              pads=[ph, pw, ph, pw], ceil_mode=int(bool(a["ceil_mode"])))
+    (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
+    kwargs = dict(kernel_shape=[kh, kw], strides=[sh, sw])
     if node.op is Op.MAXPOOL2D:
-        b.op("MaxPool", ins, out, **kw)
+        b.op("MaxPool", ins, out, pads=[ph, pw, ph, pw], ceil_mode=int(bool(a["ceil_mode"])),
+             **kwargs)
+    elif a["count_include_pad"] and a["ceil_mode"]:
+        # onnxruntime counts a ceil-mode window's overhang past the padding in the
+        # divisor; torch and the reference do not. So: pad with zeros explicitly, and
+        # reach the last windows with pads that are not counted.
+        (_, h, w), (_, ho, wo) = node.meta_in[0], node.shape
+        eh, ew = ((o - 1) * s + k - (n + 2 * p) for o, s, k, n, p in
+                  ((ho, sh, kh, h, ph), (wo, sw, kw, w, pw)))
+        padded = b.op("Pad", [ins[0], b.const([0, 0, ph, pw, 0, 0, ph, pw], np.int64)])
+        b.op("AveragePool", [padded], out, pads=[0, 0, max(eh, 0), max(ew, 0)],
+             count_include_pad=0, **kwargs)
     else:
-        b.op("AveragePool", ins, out, count_include_pad=int(bool(a["count_include_pad"])), **kw)
+        b.op("AveragePool", ins, out, pads=[ph, pw, ph, pw],
+             ceil_mode=int(bool(a["ceil_mode"])),
+             count_include_pad=int(bool(a["count_include_pad"])), **kwargs)
 
 
 def _clip(b, node, ins, out) -> None:
