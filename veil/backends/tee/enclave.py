@@ -1,10 +1,9 @@
 """The enclave process (:class:`Enclave`, ``veil tee-serve``): sealed inference.
 
-Enclave (:class:`Enclave`, ``veil tee-serve``):
-
 1. At start: make the HPKE key pairs (in memory only), compute the measurement of this
-   code and the bundle, and, for an encrypted bundle, obtain the model key through key
-   release (``keyrelease.py``) before loading the model.
+   code, the model runtime and the bundle, and, for an encrypted bundle, obtain the
+   model key through key release (``keyrelease.py``) before loading the model into its
+   runtime (``executor.py``).
 2. ``EVIDENCE_REQUEST {"nonce"}``: open a new channel (a random id chosen here, so no
    one else can pick or reset it) that lives until the evidence expires, and answer with
    a token signed by the attester over the nonce, the channel, the HPKE public keys,
@@ -21,9 +20,7 @@ Enclave (:class:`Enclave`, ``veil tee-serve``):
 
 The enclave answers every refusal and keeps serving; counters (``STATUS``) show how
 many requests were opened, served and refused. Nothing computed from a sealed input
-
-The enclave answers every refusal and keeps serving; counters (``STATUS``) show how
-many requests were opened, served and refused. Errors after decryption are sealed.
+reaches its log (``server.py``); errors after decryption are sealed.
 """
 from __future__ import annotations
 

@@ -29,7 +29,8 @@ def import_torch():
 
 
 def _t(torch, node: Node, name: str, dtype):
-    return torch.from_numpy(np.ascontiguousarray(node.params[name])).to(dtype)
+    # a writable copy: node parameters are read-only arrays, which torch warns about
+    return torch.from_numpy(np.array(node.params[name], dtype=np.float64)).to(dtype)
 
 
 def _conv2d(torch, node, dtype) -> Fn:
