@@ -63,7 +63,8 @@ def _client(s, mode, who="alice", **kw):
                   **opts)
 
 
-@pytest.mark.parametrize("mode,atol", [("tee", 1e-9), ("mpc", 1e-4)])
+# tee: the enclave runs onnxruntime in float32 (veil/backends/tee/executor.py)
+@pytest.mark.parametrize("mode,atol", [("tee", 1e-5), ("mpc", 1e-4)])
 def test_sdk_round_trips_through_the_service(served, mode, atol):
     x, plain = served["x"], served["plain"]
     with _client(served, mode) as c:

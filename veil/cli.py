@@ -251,6 +251,8 @@ def _tee_parsers(sub) -> None:
     e.add_argument("--input-shape", type=_shape, required=True, help="per sample, e.g. 1,8,8")
     e.add_argument("out", help="export folder")
     e.add_argument("--encrypt-keys", help="encrypt the bundle; write its key to this folder")
+    e.add_argument("--runtime", choices=("onnxruntime", "torch", "interpreter"),
+                   default="onnxruntime", help="the enclave's model runtime")
     p = sub.add_parser("tee-policy", help="write a client policy for an exported bundle")
     p.add_argument("export", help="folder written by tee-export")
     p.add_argument("--attester", required=True, help="folder made by tee-attester-setup")
@@ -272,6 +274,7 @@ def _tee_parsers(sub) -> None:
     t.add_argument("--listen", type=_address, default=("127.0.0.1", 0))
     t.add_argument("--timeout", type=float, default=10.0, help="seconds per message")
     t.add_argument("--evidence-ttl", type=int, default=300, help="seconds evidence is valid")
+    t.add_argument("--threads", type=int, help="the model runtime's threads (default: its own)")
     t.add_argument("--plaintext-baseline", action="store_true",
                    help="INSECURE: serve unsealed, no attestation (benchmarks only)")
 
@@ -287,7 +290,7 @@ def _tee(args) -> int:
         from .frontend import to_graph
 
         out = bundle.export_model(to_graph(args.model, args.input_shape), args.out,
-                                  args.encrypt_keys)
+                                  args.encrypt_keys, args.runtime)
         print(f"exported to {out.directory}; measurement {out.measurement}"
               + (f"; model key {out.key_id}" if out.key_id else ""))
         return 0
@@ -304,12 +307,14 @@ def _tee(args) -> int:
         krs.serve_forever()
         return 0
     if args.plaintext_baseline:
-        srv = service.PlaintextServer(bundle.load_model(args.export), args.listen, args.timeout)
+        srv = service.PlaintextServer(bundle.load_model(args.export), args.listen, args.timeout,
+                                      bundle.load_runtime(args.export), args.threads)
         role = "plaintext-baseline (INSECURE: unsealed, benchmarks only)"
     else:
         srv = service.Enclave(args.export, attest.load_attester(args.attester,
                                                                 args.attester_key or "."),
-                              args.listen, args.key_release, args.timeout, args.evidence_ttl)
+                              args.listen, args.key_release, args.timeout, args.evidence_ttl,
+                              args.threads)
         role = "enclave" + (" (INSECURE software attester)" if srv.insecure else "")
     print(f"veil-tee {role} listening on %s:%d" % srv.address, flush=True)
     srv.serve_forever()

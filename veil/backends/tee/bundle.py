@@ -1,12 +1,11 @@
 """The enclave's model bundle: export (optionally encrypted at rest), measure, load.
 
-An export folder holds ``tee-model.json`` (format, versions, shapes, whether the model
-is encrypted and under which key id) and ``tee-model.bin`` (a :mod:`veil.wire` envelope
-with the graph as JSON and its arrays as ``.npz``; nothing pickled). The graph is the
-compiled plaintext form: batch norms folded and affine chains collapsed into ``DENSE``
-matrices (the compiler's own exact passes), run by the IR's numpy interpreter; on the
-digits CNN that is about 10x faster than the graph as traced
-(``bench/results/tee_digits.md``).
+An export folder holds ``tee-model.json`` (format, versions, shapes, the model runtime
+and its dtype, whether the model is encrypted and under which key id) and
+``tee-model.bin`` (a :mod:`veil.wire` envelope with the graph as JSON and its arrays as
+``.npz``; nothing pickled). The graph is the TEE target's lowering
+(:func:`veil.compiler.targets.lower`: the ops checked, batch norms folded; convolutions
+stay convolutions), run in the enclave by a native runtime (``executor.py``).
 
 Encrypted at rest: ``tee-model.bin`` is AES-256-GCM under a random 32-byte model key
 (associated data: a label and the key id). The key goes to a separate folder, mode 0600,
@@ -14,8 +13,8 @@ for the key-release service (``keyrelease.py``); the enclave receives it only af
 service has checked its evidence.
 
 The measurement is SHA-256 over canonical JSON of: the veil version, a digest of every
-``.py`` file of the ``veil`` package (path and contents), the numpy version and the
-digests of both bundle files. The model developer computes it with the same function
+``.py`` file of the ``veil`` package (path and contents), the numpy version, the model
+runtime's name, dtype and installed version, and the digests of both bundle files. The model developer computes it with the same function
 (``veil tee-policy``) to write the clients' policy.
 """
 from __future__ import annotations
@@ -35,16 +34,16 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from ..._files import write_private
 from ... import wire
 from ..._version import __version__
-from ...compiler.passes import fold_batchnorm, linearize
-from ...errors import BundleError, CompileError, GraphError, SerializationError
-from ...ir import Graph, Op
+from ...compiler.targets import lower
+from ...errors import BundleError, GraphError, SerializationError, TEEError
+from ...ir import Graph
 from ...ir.serialize import graph_from_json, graph_to_json
+from .executor import RuntimeSpec, check_kernels, runtime_version
 
 MANIFEST = "tee-model.json"
 MODEL = "tee-model.bin"
 FORMAT = "veil-tee-model"
 _MODEL_AAD = b"veil/tee/model/v1\x00"
-MAX_TEE_DENSE = 1 << 20          # entries (8 MiB of float64) per collapsed matrix
 
 
 @dataclass(frozen=True)
@@ -61,22 +60,28 @@ def model_key_path(key_dir: str | os.PathLike, key_id: str) -> Path:
 
 
 def compile_for_tee(graph: Graph) -> Graph:
-    """The enclave's graph: exact, with batch norms folded and affine chains collapsed
-    into dense matrices while those stay small (a big convolution is cheaper as itself:
-    a dense matrix costs in x out multiplications, the convolution k^2 C_in x out)."""
-    g, _ = fold_batchnorm(graph)
-    try:
-        lowered, _ = linearize(g)
-    except CompileError:
-        return g
-    if any(n.op is Op.DENSE and n.params["matrix"].size > MAX_TEE_DENSE
-           for n in lowered.nodes):
-        return g
-    return lowered
+    """The enclave's graph: the TEE target's exact lowering (batch norms folded into
+    the layers before them; every other op as it is, run natively).
+
+    Raises:
+        UnsupportedOperation: an op the TEE target does not accept.
+    """
+    return lower(graph, "tee")[0]
+
+
+def _kernels(runtime: str):
+    if runtime == "onnxruntime":
+        from .onnx_kernels import KERNELS
+    elif runtime == "torch":
+        from .torch_kernels import KERNELS
+    else:
+        from ...ir.ops import REGISTRY as KERNELS
+    return KERNELS
 
 
 def export_model(graph: Graph, directory: str | os.PathLike,
-                 key_dir: str | os.PathLike | None = None) -> Export:
+                 key_dir: str | os.PathLike | None = None,
+                 runtime: RuntimeSpec | str | None = None) -> Export:
     """Write the enclave bundle of ``graph`` to ``directory``.
 
     Args:
@@ -84,13 +89,24 @@ def export_model(graph: Graph, directory: str | os.PathLike,
         directory: the export folder (created).
         key_dir: when given, the bundle is encrypted with a fresh model key written
             there (mode 0600) for ``veil tee-key-release``.
+        runtime: the enclave's model runtime (a :class:`RuntimeSpec` or a runtime name
+            with its default dtype); default onnxruntime, float32.
 
     Returns:
         The folder, its measurement and the model key id (None when not encrypted).
+
+    Raises:
+        UnsupportedOperation: an op the TEE target or the runtime cannot run.
+        TEEError: the runtime is unknown or not installed (the measurement names its
+            version).
     """
+    spec = runtime if isinstance(runtime, RuntimeSpec) else \
+        RuntimeSpec.default_for(runtime) if runtime else RuntimeSpec()
+    lowered = compile_for_tee(graph)
+    check_kernels(lowered, _kernels(spec.name), spec.name)
+    runtime_version(spec.name)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    lowered = compile_for_tee(graph)
     doc, arrays = graph_to_json(lowered)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
@@ -107,7 +123,7 @@ def export_model(graph: Graph, directory: str | os.PathLike,
     (d / MODEL).write_bytes(blob)
     (d / MANIFEST).write_text(json.dumps({
         "format": FORMAT, "version": 1, "veil": __version__, "encrypted": key_id is not None,
-        "key_id": key_id, "input_shape": list(lowered.input_shape),
+        "key_id": key_id, "runtime": spec.to_json(), "input_shape": list(lowered.input_shape),
         "output_shape": list(lowered.output_shape)}, indent=1))
     measurement = measure(d)
     if key_id is not None:   # the key-release service gives this key to this measurement only
@@ -147,10 +163,25 @@ def measure(directory: str | os.PathLike) -> str:
                  for name in (MANIFEST, MODEL)}
     except OSError as exc:
         raise BundleError(f"incomplete TEE bundle in {d}: {exc}") from None
+    spec = load_runtime(d)
     doc = {"veil": __version__, "code": code_digest(), "numpy": np.__version__,
-           "engine": "veil.ir.interpreter", "bundle": files}
+           "runtime": dict(spec.to_json(), version=runtime_version(spec.name)),
+           "bundle": files}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":"))
                           .encode()).hexdigest()
+
+
+def load_runtime(directory: str | os.PathLike) -> RuntimeSpec:
+    """The runtime the bundle in ``directory`` names (bundles from before runtimes were
+    recorded ran the interpreter).
+
+    Raises:
+        BundleError: no bundle, or a malformed runtime entry.
+    """
+    try:
+        return RuntimeSpec.from_json(read_manifest(directory).get("runtime"))
+    except TEEError as exc:
+        raise BundleError(f"{directory}: {exc}") from None
 
 
 def load_model(directory: str | os.PathLike, model_key: bytes | None = None) -> Graph:

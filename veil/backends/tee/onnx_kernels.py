@@ -1,0 +1,262 @@
+"""IR -> ONNX, run by onnxruntime: one emitter per :class:`~veil.ir.Op`.
+
+The enclave builds the ONNX model in memory from the measured IR bundle (the bundle
+format stays the IR's JSON + npz; this translation is code, covered by the
+measurement). Each entry of :data:`KERNELS` appends the ONNX nodes of one IR node,
+batch axis first, in opset :data:`OPSET`, with parameters as initializers in the
+executor's dtype. Semantics are the reference kernels' (:mod:`veil.ir.kernels`); the
+tests compare every op with them. onnx and onnxruntime are imported only here, when an
+executor is built.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ...errors import TEEError
+from ...ir import Graph, Node, Op
+from .executor import check_kernels
+
+OPSET = 17
+
+
+class _Builder:
+    """Collects ONNX nodes and initializers; values are named ``v<slot>``/``c<n>``."""
+
+    def __init__(self, helper, numpy_helper, dtype: np.dtype) -> None:
+        self.helper, self.numpy_helper, self.dtype = helper, numpy_helper, dtype
+        self.nodes, self.inits, self._n = [], [], 0
+
+    def fresh(self) -> str:
+        self._n += 1
+        return f"t{self._n}"
+
+    def const(self, value, dtype=None) -> str:
+        name = f"c{len(self.inits)}"
+        arr = np.ascontiguousarray(np.asarray(value, dtype=dtype or self.dtype))
+        self.inits.append(self.numpy_helper.from_array(arr, name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], out: str | None = None, **attrs) -> str:
+        out = out or self.fresh()
+        self.nodes.append(self.helper.make_node(op_type, inputs, [out], **attrs))
+        return out
+
+
+def _conv2d(b: _Builder, node: Node, ins, out) -> None:
+    a = node.attrs
+    ph, pw = a["padding"]
+    b.op("Conv", [ins[0], b.const(node.params["weight"]), b.const(node.params["bias"])], out,
+         strides=list(a["stride"]), pads=[ph, pw, ph, pw], dilations=list(a["dilation"]),
+         group=int(a["groups"]), kernel_shape=list(node.params["weight"].shape[2:]))
+
+
+def _linear(b, node, ins, out) -> None:
+    y = b.op("MatMul", [ins[0], b.const(node.params["weight"].T)])
+    b.op("Add", [y, b.const(node.params["bias"])], out)
+
+
+def _batchnorm(b, node, ins, out) -> None:
+    shape = (-1,) + (1,) * (len(node.shape) - 1)
+    y = b.op("Mul", [ins[0], b.const(node.params["scale"].reshape(shape))])
+    b.op("Add", [y, b.const(node.params["shift"].reshape(shape))], out)
+
+
+def _pool(b, node, ins, out) -> None:
+    a = node.attrs
+    (kh, kw), (sh, sw), (ph, pw) = a["kernel"], a["stride"], a["padding"]
+    kwargs = dict(kernel_shape=[kh, kw], strides=[sh, sw])
+    if node.op is Op.MAXPOOL2D:
+        b.op("MaxPool", ins, out, pads=[ph, pw, ph, pw], ceil_mode=int(bool(a["ceil_mode"])),
+             **kwargs)
+    elif a["count_include_pad"] and a["ceil_mode"]:
+        # onnxruntime counts a ceil-mode window's overhang past the padding in the
+        # divisor; torch and the reference do not. So: pad with zeros explicitly, and
+        # reach the last windows with pads that are not counted.
+        (_, h, w), (_, ho, wo) = node.meta_in[0], node.shape
+        eh, ew = ((o - 1) * s + k - (n + 2 * p) for o, s, k, n, p in
+                  ((ho, sh, kh, h, ph), (wo, sw, kw, w, pw)))
+        padded = b.op("Pad", [ins[0], b.const([0, 0, ph, pw, 0, 0, ph, pw], np.int64)])
+        b.op("AveragePool", [padded], out, pads=[0, 0, max(eh, 0), max(ew, 0)],
+             count_include_pad=0, **kwargs)
+    else:
+        b.op("AveragePool", ins, out, pads=[ph, pw, ph, pw],
+             ceil_mode=int(bool(a["ceil_mode"])),
+             count_include_pad=int(bool(a["count_include_pad"])), **kwargs)
+
+
+def _clip(b, node, ins, out) -> None:
+    b.op("Clip", [ins[0], b.const(node.attrs["lo"]), b.const(node.attrs["hi"])], out)
+
+
+def _gelu(b, node, ins, out) -> None:     # 0.5 x (1 + erf(x / sqrt 2)), exact (not tanh)
+    e = b.op("Erf", [b.op("Mul", [ins[0], b.const(1.0 / np.sqrt(2.0))])])
+    half = b.op("Mul", [ins[0], b.const(0.5)])
+    b.op("Mul", [half, b.op("Add", [e, b.const(1.0)])], out)
+
+
+def _silu(b, node, ins, out) -> None:
+    b.op("Mul", [ins[0], b.op("Sigmoid", ins)], out)
+
+
+def _reshape(b, node, ins, out) -> None:
+    b.op("Reshape", [ins[0], b.const([-1, *node.attrs["shape"]], np.int64)], out)
+
+
+def _aligned(b, node, ins) -> list[str]:
+    """Per-sample ranks aligned after the batch axis (ONNX broadcasts from the right, so
+    a lower-rank operand gets unit axes after its batch axis, as the reference)."""
+    shapes = node.meta_in
+    rank = max(len(s) for s in shapes)
+    out = []
+    for name, s in zip(ins, shapes):
+        if len(s) < rank:
+            axes = b.const(list(range(1, 1 + rank - len(s))), np.int64)
+            name = b.op("Unsqueeze", [name, axes])
+        out.append(name)
+    return out
+
+
+def _binary(op_type: str) -> Callable:
+    return lambda b, node, ins, out: b.op(op_type, _aligned(b, node, ins), out)
+
+
+def _dense(b, node, ins, out) -> None:
+    flat = b.op("Flatten", ins, axis=1)
+    y = b.op("Gemm", [flat, b.const(node.params["matrix"]), b.const(node.params["bias"])],
+             transB=1)
+    b.op("Reshape", [y, b.const([-1, *node.shape], np.int64)], out)
+
+
+def _poly(b, node, ins, out) -> None:
+    """Clenshaw's recurrence for the Chebyshev series on [lo, hi]."""
+    a = node.attrs
+    coeffs = [float(c) for c in a["coeffs"]]
+    lo, hi = float(a["lo"]), float(a["hi"])
+    t = b.op("Mul", [b.op("Sub", [ins[0], b.const((lo + hi) / 2)]), b.const(2.0 / (hi - lo))])
+    if len(coeffs) == 1:
+        b.op("Add", [b.op("Mul", [t, b.const(0.0)]), b.const(coeffs[0])], out)
+        return
+    two_t = b.op("Mul", [t, b.const(2.0)])
+    b1, b2 = b.op("Mul", [t, b.const(0.0)]), None
+    b1 = b.op("Add", [b1, b.const(coeffs[-1])])   # first step: b1 = c_n, b2 = 0
+    for c in coeffs[-2:0:-1]:
+        nxt = b.op("Mul", [two_t, b1])
+        if b2 is not None:
+            nxt = b.op("Sub", [nxt, b2])
+        b1, b2 = b.op("Add", [nxt, b.const(c)]), b1
+    y = b.op("Mul", [t, b1])
+    if b2 is not None:
+        y = b.op("Sub", [y, b2])
+    b.op("Add", [y, b.const(coeffs[0])], out)
+
+
+def _gather(b, node, ins, out) -> None:
+    idx = np.asarray(node.attrs["indices"], dtype=np.int64)
+    flat = b.op("Flatten", ins, axis=1)
+    picked = b.op("Gather", [flat, b.const(np.where(idx < 0, 0, idx), np.int64)], axis=1)
+    b.op("Where", [b.const(idx >= 0, np.bool_), picked, b.const(0.0)], out)
+
+
+def _simple(op_type: str, **attrs) -> Callable:
+    return lambda b, node, ins, out: b.op(op_type, ins, out, **attrs)
+
+
+KERNELS: dict[Op, Callable] = {
+    Op.INPUT: None,                      # the graph input itself
+    Op.LINEAR: _linear,
+    Op.CONV2D: _conv2d,
+    Op.BATCHNORM: _batchnorm,
+    Op.RELU: _simple("Relu"),
+    Op.CLIP: _clip,
+    Op.GELU: _gelu,
+    Op.SILU: _silu,
+    Op.SIGMOID: _simple("Sigmoid"),
+    Op.TANH: _simple("Tanh"),
+    Op.HARDSIGMOID: _simple("HardSigmoid", alpha=1.0 / 6.0, beta=0.5),
+    Op.HARDSWISH: _simple("HardSwish"),
+    Op.SQUARE: lambda b, node, ins, out: b.op("Mul", [ins[0], ins[0]], out),
+    Op.AVGPOOL2D: _pool,
+    Op.MAXPOOL2D: _pool,
+    Op.GLOBALAVGPOOL: _simple("GlobalAveragePool"),
+    Op.RESHAPE: _reshape,
+    Op.CONCAT: lambda b, node, ins, out: b.op("Concat", ins, out,
+                                              axis=int(node.attrs["axis"]) + 1),
+    Op.ADD: _binary("Add"),
+    Op.SUB: _binary("Sub"),
+    Op.MUL: _binary("Mul"),
+    Op.DENSE: _dense,
+    Op.POLY: _poly,
+    Op.GATHER: _gather,
+}
+
+
+class _NodeView:
+    """A node with its inputs' per-sample shapes (the binary emitters need them)."""
+
+    def __init__(self, node: Node, meta_in: list[tuple[int, ...]]) -> None:
+        self._node, self.meta_in = node, meta_in
+
+    def __getattr__(self, name):
+        return getattr(self._node, name)
+
+
+def to_onnx(graph: Graph, dtype: str = "float32"):
+    """The ONNX ``ModelProto`` of ``graph`` (batch axis ``"batch"``), in ``dtype``.
+
+    Raises:
+        UnsupportedOperation: an op without an emitter.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    check_kernels(graph, KERNELS, "onnxruntime")
+    np_dtype = np.dtype(dtype)
+    elem = {np.dtype(np.float32): TensorProto.FLOAT,
+            np.dtype(np.float64): TensorProto.DOUBLE}[np_dtype]
+    b = _Builder(helper, numpy_helper, np_dtype)
+    names = {n.name: f"v{i}" for i, n in enumerate(graph.nodes)}
+    shapes = {n.name: n.shape for n in graph.nodes}
+    for node in graph.nodes[1:]:
+        view = _NodeView(node, [shapes[s] for s in node.inputs])
+        KERNELS[node.op](b, view, [names[s] for s in node.inputs], names[node.name])
+    inp = helper.make_tensor_value_info(names[graph.input.name], elem,
+                                        ["batch", *graph.input_shape])
+    outp = helper.make_tensor_value_info(names[graph.output], elem,
+                                         ["batch", *graph.output_shape])
+    g = helper.make_graph(b.nodes, "veil_tee", [inp], [outp], b.inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="veil")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+class OnnxRuntimeExecutor:
+    """Runs ``graph`` in onnxruntime's CPU provider with ``threads`` intra-op threads
+    (None: onnxruntime's default, one per physical core)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, graph: Graph, dtype: str = "float32", threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise TEEError("the 'onnxruntime' TEE runtime is not installed: "
+                           "pip install 'veil[tee]'") from None
+        self.dtype = dtype
+        model = to_onnx(graph, dtype)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(threads or 0)
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3         # no per-session chatter on the host's log
+        self._session = ort.InferenceSession(model.SerializeToString(), opts,
+                                             providers=["CPUExecutionProvider"])
+        self._input = self._session.get_inputs()[0].name
+
+    def __call__(self, xs: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(xs, dtype=self.dtype)
+        (y,) = self._session.run(None, {self._input: x})
+        return y.astype(np.float64)
