@@ -9,7 +9,7 @@ from .errors import (BundleError, CompileError, EngineError, GraphError, InputEr
                      KeyMismatchError, KeyTypeError, MissingKeyError, ModeError,
                      SerializationError, UnsupportedOperation, VeilError)
 from .finetune import finetune
-from .model import CompiledModel, Mode, Report, compile
+from .model import CompiledModel, Mode, Report, compile, export_model
 
 
 def __getattr__(name):
@@ -29,4 +29,4 @@ __all__ = ["BundleError", "Client", "CompileError", "CompiledModel", "EngineErro
            "EvaluationKeys", "GraphError", "InputError", "KeyMismatchError", "KeyTypeError",
            "MissingKeyError", "Mode", "ModeError", "ModelClient", "ModelServer", "PublicKey",
            "Report", "SecretKey", "SerializationError", "UnsupportedOperation", "VeilError",
-           "__version__", "compile", "finetune"]
+           "__version__", "compile", "export_model", "finetune"]
