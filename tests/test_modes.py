@@ -165,29 +165,34 @@ def test_children_outlive_the_thread_that_started_them(tiny):
     compiled.close()
 
 
-@pytest.mark.parametrize("how", ["exit", "kill"])
-def test_no_child_outlives_the_interpreter(tmp_path, how):
-    """A program that never calls close(): its children stop when it exits (the
-    finalizer), or when it is killed outright (the parent-death signal)."""
+def test_no_child_outlives_the_interpreter(tmp_path):
+    """Programs that never call close(): their children stop when the program exits
+    (the finalizer) or is killed outright (the parent-death signal). Both run at once."""
     script = tmp_path / "forgets_close.py"
     script.write_text(SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), "tee,mpc",
-                             "hang" if how == "kill" else "exit"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ.copy())
+    procs = {how: subprocess.Popen([sys.executable, str(script), modes, how],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=os.environ.copy())
+             for how, modes in (("exit", "tee,mpc"), ("hang", "mpc"))}
+    started = {}
     try:
-        started = json.loads(proc.stdout.readline() or "{}")
-        assert len(started.get("pids", ())) == 4, proc.stderr.read() if how == "exit" else ""
-        if how == "kill":
-            proc.kill()
-        assert proc.wait(timeout=60) in (0, -signal.SIGKILL)
+        for how, proc in procs.items():
+            started[how] = json.loads(proc.stdout.readline() or "{}")
+            if how == "hang":
+                assert len(started[how].get("pids", ())) == 3
+                proc.kill()
+            else:
+                assert len(started[how].get("pids", ())) == 4, proc.stderr.read()
+        assert procs["exit"].wait(timeout=60) == 0
+        assert procs["hang"].wait(timeout=60) == -signal.SIGKILL
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert _gone(started["pids"]) == []
-    if how == "exit":
-        assert not any(Path(d).exists() for d in started["dirs"])
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for how in procs:
+        assert _gone(started[how]["pids"]) == [], how
+    assert not any(Path(d).exists() for d in started["exit"]["dirs"])
 
 
 def test_bad_input_is_refused_before_anything_starts(tiny):
