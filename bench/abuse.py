@@ -349,7 +349,7 @@ def main(argv=None) -> int:
 
     from veil.backends.mpc import transport
     from veil.backends.tee import SoftwareAttester
-    from veil.deploy.export import export_model
+    from veil.model import export_model
     from veil.sdk import Client
 
     model, (xtr, xte, _, _) = trained_digits_mlp()

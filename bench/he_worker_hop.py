@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     import numpy as np
     from models import trained_digits_mlp
 
-    from veil.deploy.export import export_model
+    from veil.model import export_model
     from veil.sdk import Client
     from veil.service.auth import KeyStore
 

@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     from veil.backends.mpc.service import MpcClient
     from veil.backends.sockets import parse_address
     from veil.backends.tee import Policy, SoftwareAttester, TEEClient
-    from veil.deploy.export import export_model
+    from veil.model import export_model
     from veil.deploy.loopback import Loopback
     from veil.deploy.bundle import ClientBundle, ServerBundle
     from veil.sdk import Client

@@ -230,7 +230,7 @@ def smallest_he_export(directory: Path, name: str, modes=("he",)):
     import torch
 
     import veil
-    from veil.deploy.export import export_model
+    from veil.model import export_model
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 2)).eval()

@@ -23,7 +23,7 @@ def tiny_model(seed: int = 0):
 def tiny_export(directory: Path, name: str, seed: int = 0, modes=("he",)):
     """(torch model, compiled model, calibration data) of an export at ``directory``."""
     import veil
-    from veil.deploy.export import export_model
+    from veil.model import export_model
 
     model = tiny_model(seed)
     calib = np.random.default_rng(seed).uniform(-1, 1, (64, 4))

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from veil.deploy.export import read_export, export_model
+from veil.deploy.export import read_export
+from veil.model import export_model
 from veil.errors import BundleError, ModeError
 
 

@@ -10,7 +10,7 @@ import psutil
 import pytest
 import torch
 
-from veil.deploy.export import export_model
+from veil.model import export_model
 from veil.errors import InputError, ReplayError
 from veil.ir import interpreter
 from veil.frontend import to_graph

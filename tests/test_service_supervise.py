@@ -23,7 +23,7 @@ import psutil
 import pytest
 import torch
 
-from veil.deploy.export import export_model
+from veil.model import export_model
 from veil.frontend import to_graph
 from veil.ir import interpreter
 

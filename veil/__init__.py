@@ -9,7 +9,7 @@ from .errors import (BootstrapRequiredError, BundleError, CompileError, EngineEr
                      GraphError, InputError, KeyMismatchError, KeyTypeError,
                      MissingKeyError, ModeError, SerializationError, UnsupportedOperation, VeilError)
 from .finetune import finetune
-from .model import CompiledModel, Mode, Report, compile
+from .model import CompiledModel, Mode, Report, compile, export_model
 
 
 def __getattr__(name):
@@ -29,4 +29,4 @@ __all__ = ["BootstrapRequiredError", "BundleError", "Client", "CompileError", "C
            "EvaluationKeys", "GraphError", "InputError", "KeyMismatchError", "KeyTypeError",
            "MissingKeyError", "Mode", "ModeError", "ModelClient", "ModelServer", "PublicKey",
            "Report", "SecretKey", "SerializationError", "UnsupportedOperation", "VeilError",
-           "__version__", "compile", "finetune"]
+           "__version__", "compile", "export_model", "finetune"]

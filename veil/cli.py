@@ -49,6 +49,8 @@ import logging
 import os
 import sys
 
+from .modes import SERVED
+
 
 def _address(text: str) -> tuple[str, int]:
     from .backends.sockets import parse_address
@@ -132,7 +134,8 @@ def _service_parsers(sub) -> None:
     _compile_args(e)
     e.add_argument("out", help="export folder (its name is the model's name by default)")
     e.add_argument("--name", help="the model's name in the service")
-    e.add_argument("--modes", default="he,tee,mpc", help="comma-separated: he, tee, mpc")
+    e.add_argument("--modes", default=",".join(SERVED),
+                   help=f"comma-separated: {', '.join(SERVED)}")
     e.add_argument("--encrypted-weights", action="store_true",
                    help="HE: server bundle without weights (sent encrypted per client)")
     e.add_argument("--tee-keys", help="TEE: encrypt the enclave bundle; key written here")
@@ -177,7 +180,7 @@ def _service_parsers(sub) -> None:
     p = sub.add_parser("predict", help="run inputs through a served model with the SDK")
     p.add_argument("url", help="the service, e.g. http://127.0.0.1:8000")
     p.add_argument("--model", required=True)
-    p.add_argument("--mode", choices=("he", "tee", "mpc"), default="he")
+    p.add_argument("--mode", choices=SERVED, default="he")
     p.add_argument("--input", required=True, help=".npy inputs or .npz (x, y)")
     p.add_argument("--out", help="write the outputs here (.npy)")
     p.add_argument("--api-key", help="default: the VEIL_API_KEY environment variable")

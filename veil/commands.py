@@ -98,7 +98,7 @@ def compile_cmd(args) -> int:
 
 
 def export_cmd(args) -> int:
-    from .deploy.export import export_model
+    from .model import export_model
 
     x, _ = load_data(args.calibration)
     with _console().status(f"exporting for {args.modes}"):
@@ -158,7 +158,7 @@ def keys_cmd(args) -> int:
 
 def serve_cmd(args) -> int:
     from .deploy.export import read_export
-    from .service import processes
+    from .deploy import processes
     from .service.app import ServiceConfig, insecure_reasons, refuse_insecure
     from .service.run import serve
 

@@ -1,8 +1,9 @@
 """The top-level verbs: compile a model, run it in a mode, report, export."""
 from __future__ import annotations
 
-import enum
 import os
+import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,26 +12,11 @@ import numpy as np
 
 from .compiler.approx import DEFAULT_DEGREE, DEFAULT_MARGIN
 from .compiler.pipeline import CompileResult, compile_graph
-from .errors import InputError, ModeError
+from .errors import InputError
 from .frontend import to_graph
 from .ir import run as interpret
+from .modes import SERVED, Mode, as_mode
 from .wire import fingerprint
-
-
-class Mode(str, enum.Enum):
-    """How to run a compiled model."""
-
-    PLAIN = "plain"        # the original float model
-    SIMULATE = "simulate"  # the polynomial model in floats: predicts HE accuracy
-    HE = "he"              # full CKKS round trip through client and server roles
-
-
-def _as_mode(mode: str | Mode) -> Mode:
-    try:
-        return Mode(mode)
-    except ValueError:
-        raise ModeError(f"unknown mode {mode!r}; choose one of "
-                        f"{', '.join(m.value for m in Mode)}") from None
 
 
 @dataclass
@@ -122,6 +108,19 @@ class Report:
                                                    for k, v in self.accuracy.items())]
 
 
+def _stop_servers(servers: dict) -> None:
+    """Stop every mode's local processes (also run at interpreter exit: no orphans)."""
+    failed = []
+    while servers:
+        _, server = servers.popitem()
+        try:
+            server.close()
+        except Exception as exc:           # stop the others first
+            failed.append(exc)
+    if failed:
+        raise failed[0]
+
+
 class CompiledModel:
     """A model compiled for private inference. Use as a context manager to free keys."""
 
@@ -131,6 +130,11 @@ class CompiledModel:
         self.input_range = input_range
         self._ranges = calibration_ranges
         self._he: Any = None
+        # mode -> its local processes (deploy/local.py); stopped by close(), and by the
+        # finalizer when this object is collected or the interpreter exits without it
+        self._servers: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, _stop_servers, self._servers)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -155,8 +159,22 @@ class CompiledModel:
         """Run on one sample (shape ``input_shape``) or a batch (leading batch axis).
 
         Returns one output for one sample, or an array of outputs for a batch.
+
+        Modes (:class:`Mode`): ``plain`` and ``simulate`` compute here; ``he`` runs the
+        CKKS client and server roles in this process; ``tee`` and ``mpc`` start their
+        servers (an enclave; the dealer and two parties) as local processes on loopback
+        on first use, reuse them after, and stop them on :meth:`close` (or when this
+        object is collected, or the interpreter exits). They are for development: the
+        enclave is vouched for by an INSECURE software attester, and the MPC roles all
+        run on this machine.
+
+        Raises:
+            InputError: wrong shape or non-finite values (before anything starts).
+            ModeError: an unknown mode.
+            UnsupportedOperation: the model has an op ``mode`` cannot run.
+            ProcessError: a mode's process did not start (names it; its stderr tail).
         """
-        mode = _as_mode(mode)
+        mode = as_mode(mode)
         arr = np.asarray(x, dtype=np.float64)
         single = arr.shape == self.input_shape
         batch = arr[None] if single else arr
@@ -169,8 +187,10 @@ class CompiledModel:
             out = interpret(self.result.source, batch)
         elif mode is Mode.SIMULATE:
             out = interpret(self.result.lowered, batch)
-        else:
+        elif mode is Mode.HE:
             out = self._he_loop().infer_batch(batch)
+        else:
+            out = self._local(mode.value).infer_batch(batch)
         return out[0] if single else out
 
     def _he_loop(self):
@@ -180,11 +200,31 @@ class CompiledModel:
             self._he = Loopback(self.client_bundle(), self.server_bundle())
         return self._he
 
+    def _local(self, mode: str):
+        """``mode``'s local processes, started on first use (again if one died)."""
+        with self._lock:
+            server = self._servers.get(mode)
+            if server is not None and not server.alive():
+                del self._servers[mode]
+                server.close()
+                server = None
+            if server is None:
+                from .deploy.local import start
+
+                server = self._servers[mode] = start(mode, self.result.source)
+            return server
+
     def close(self) -> None:
-        """Release the in-process HE keys and session, if ``run(mode='he')`` made them."""
-        if self._he is not None:
-            self._he.close()
-            self._he = None
+        """Release the in-process HE keys and session, and stop the TEE and MPC
+        processes, if ``run`` made them. The model can still be run after (it starts
+        them again)."""
+        try:
+            if self._he is not None:
+                self._he.close()
+                self._he = None
+        finally:
+            with self._lock:
+                _stop_servers(self._servers)
 
     def __enter__(self) -> "CompiledModel":
         return self
@@ -299,3 +339,40 @@ def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
     # forward run (no second pass over the data).
     ranges = {n.name: result.extents[n.inputs[0]] for n in result.polynomial.nodes[1:]}
     return CompiledModel(result, (lo - margin * width, hi + margin * width), ranges)
+
+
+def export_model(model, calibration, directory: str | os.PathLike, *, name: str | None = None,
+                 modes=SERVED, input_shape: tuple[int, ...] | None = None,
+                 encrypted_weights: bool = False, tee_keys: str | os.PathLike | None = None,
+                 compiled: CompiledModel | None = None, **compile_options):
+    """Compile ``model`` (torch module, ONNX file or ModelProto) and write its export
+    folder for ``veil serve`` (layout: :mod:`veil.deploy.export`).
+
+    Args:
+        calibration: representative inputs (B, *input_shape); HE fits its polynomials
+            on them.
+        name: the model's name in the service (default: the folder's name).
+        modes: some of ``he``, ``tee``, ``mpc`` (:data:`veil.modes.SERVED`).
+        encrypted_weights: HE server bundle without weights (the model owner sends
+            encrypted weights per client).
+        tee_keys: encrypt the enclave bundle; its model key is written here (0600).
+        compiled: an already compiled model (:func:`compile`) to reuse for HE.
+        compile_options: passed to :func:`compile`.
+
+    Returns:
+        The folder's :class:`veil.deploy.export.ExportInfo`.
+    """
+    from .deploy.export import check_modes, check_name, write_export
+
+    modes = check_modes(modes)                 # both before the (long) compile
+    name = check_name(name or Path(directory).name)
+    calibration = np.asarray(calibration, dtype=np.float64)
+    shape = tuple(input_shape) if input_shape is not None else calibration.shape[1:]
+    graph = to_graph(model, shape)
+    he = None
+    if "he" in modes:
+        compiled = compiled or compile(model, calibration, input_shape=shape,
+                                       **compile_options)
+        he = (compiled.server_bundle(), compiled.client_bundle())
+    return write_export(directory, graph, name=name, modes=modes, he=he,
+                        encrypted_weights=encrypted_weights, tee_keys=tee_keys)

@@ -6,6 +6,7 @@ measures, and stops them; ``report`` and ``plots`` write ``report.md``, ``report
 and PNGs; ``claims`` sets the seeds' claimed ranges beside the measured values;
 ``cli`` is the command line (``python -m veil.compare``).
 """
-from .runner import MODES, CompareConfig, run
+from ..modes import MODES
+from .runner import CompareConfig, run
 
 __all__ = ["MODES", "CompareConfig", "run"]

@@ -1,6 +1,6 @@
 """The child processes of one comparison, and their peak memory.
 
-``veil.service.processes.Processes`` starts and stops every server of a comparison
+``veil.deploy.processes.Processes`` starts and stops every server of a comparison
 (enclave, plaintext baseline, MPC roles, the HE server of ``he_server.py``); this module
 finds the children's pids and roles and reads each one's peak resident set (``VmHWM``)
 before it is stopped.

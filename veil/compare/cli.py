@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..modes import MODES
+
 DEFAULT_N, DEFAULT_N_HE = 360, 20
 MAX_CALIBRATION = 2000
 
@@ -32,8 +34,8 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", help="per sample, e.g. 1,8,8 (default: the data's)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a .pt/.pth torch pickle (runs code from the file)")
-    p.add_argument("--modes", default="plain,simulate,tee,mpc,he",
-                   help="comma-separated, some of plain, simulate, tee, mpc, he")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"comma-separated, some of {', '.join(MODES)}")
     p.add_argument("--n", type=int, default=DEFAULT_N,
                    help=f"test inputs per mode, one at a time and in batches "
                         f"(default {DEFAULT_N})")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..modes import SERVED
+
 COLORS = {"plain": "#7f7f7f", "simulate": "#bcbd22", "tee": "#2ca02c", "mpc": "#1f77b4",
           "he": "#d62728"}
 HATCHES = ("", "//", "..", "xx")      # several bars of one mode (bytes up, down, ...)
@@ -53,7 +55,7 @@ def _bars(ax, workloads, values, log=True, errors=None):
 def _traffic(modes: dict) -> dict:
     t = {}
     for m, r in modes.items():
-        if m in ("tee", "mpc", "he"):
+        if m in SERVED:
             t[f"{m} up"], t[f"{m} down"] = r["bytes_up"], r["bytes_down"]
         if m == "mpc":
             t["mpc parties"] = r["party_bytes_per_input"]

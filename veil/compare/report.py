@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..modes import SERVED
 from . import claims as claims_mod
 
 PEERS = ("Peers' published figures on this kind of machine, for context only (not "
@@ -56,7 +57,7 @@ def cells(r: dict, plain: dict | None) -> list[str]:
     """One table row of a measured mode (strings, in ``COLUMNS`` order)."""
     over = f"{r['latency_p50_s'] / plain['latency_p50_s']:,.1f}" if plain else "-"
     acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
-    remote = r["mode"].split(" ")[0] in ("he", "tee", "mpc")     # also "mpc (WAN)"
+    remote = r["mode"].split(" ")[0] in SERVED     # also "mpc (WAN)"
     return [r["mode"], str(r["n"]), acc, f"{r['agreement']:.4f}", _ms(r["latency_p50_s"]),
             _ms(r["latency_p95_s"]), f"{r['throughput_per_s']:,.1f} ({r['batch']})", over,
             _si(r["bytes_up"]) if remote else "-", _si(r["bytes_down"]) if remote else "-",
@@ -80,7 +81,7 @@ def checks(w: dict) -> list[dict]:
         out.append({"check": f"{m}: throughput x p50 latency = {gain:.2f} (batching gain; "
                     f"expected between 0.3 and 2 x batch size {r['batch']})",
                     "ok": 0.3 <= gain <= 2 * r["batch"]})
-        if m in ("he", "tee", "mpc"):
+        if m in SERVED:
             out.append({"check": f"{m}: bytes on the wire > 0 both ways",
                         "ok": r["bytes_up"] > 0 and r["bytes_down"] > 0})
         if m in ("tee", "mpc") and r["accuracy"] is not None:

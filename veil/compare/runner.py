@@ -23,15 +23,13 @@ from typing import Callable
 import numpy as np
 
 from .._version import __version__
-from ..errors import InputError, ModeError
+from ..errors import InputError
+from ..modes import LOCAL, MODES, SERVED, parse_modes
 from .children import veil_children
 from .default import Workload
 from .measure import Job, measure_local
 
 log = logging.getLogger("veil.compare")
-
-MODES = ("plain", "simulate", "tee", "mpc", "he")
-
 
 @dataclass
 class CompareConfig:
@@ -60,11 +58,7 @@ class CompareConfig:
     wan: dict | None = field(default=None)
 
     def __post_init__(self) -> None:
-        modes = tuple(dict.fromkeys(m.strip() for m in self.modes if m.strip()))
-        bad = [m for m in modes if m not in MODES]
-        if bad or not modes:
-            raise ModeError(f"--modes takes some of {', '.join(MODES)}, not {list(modes)}")
-        self.modes = modes
+        self.modes = parse_modes(self.modes, MODES, "--modes")
         if self.n < 1 or self.n_he < 1 or not 1 <= self.batch <= 4096:
             raise InputError("n and n_he must be at least 1, batch 1 to 4096")
 
@@ -92,9 +86,9 @@ def _compile(w: Workload, cfg: CompareConfig):
 
 
 def _export(w: Workload, compiled, cfg: CompareConfig, directory: Path):
-    from ..deploy.export import export_model
+    from ..model import export_model
 
-    remote = [m for m in cfg.modes if m in ("he", "tee", "mpc")]
+    remote = [m for m in cfg.modes if m in SERVED]
     if not remote:
         return None, 0.0
     t = time.perf_counter()
@@ -106,11 +100,11 @@ def _export(w: Workload, compiled, cfg: CompareConfig, directory: Path):
 def _measure_mode(mode: str, job: Job, log_dir: Path, wan: dict | None = None) -> dict:
     """One mode's row; with ``wan`` (``{"rtt_ms", "mbit"}``) its processes talk across
     an emulated wide-area link and the row is ``"<mode> (WAN)"``."""
-    from ..service.processes import Processes
+    from ..deploy.processes import Processes
     from .remote import MEASURE
     from .wan import Wan
 
-    if mode in ("plain", "simulate"):
+    if mode in LOCAL:
         return measure_local(job, mode)
     with ExitStack() as stack:
         link = stack.enter_context(Wan(wan["rtt_ms"], wan["mbit"])) if wan else None
@@ -141,7 +135,7 @@ def run_workload(w: Workload, cfg: CompareConfig, work: Path,
                        "rotation_keys": len(report.rotations), "lanes": report.lanes},
            "modes": {}, "errors": {}}
     runs = [(mode, None) for mode in cfg.modes]
-    runs += [(mode, cfg.wan) for mode in cfg.modes if cfg.wan and mode in ("tee", "mpc", "he")]
+    runs += [(mode, cfg.wan) for mode in cfg.modes if cfg.wan and mode in SERVED]
     for mode, wan in runs:
         key = f"{mode} (WAN)" if wan else mode
         n_mode = min(cfg.n_he, n) if mode == "he" else n

@@ -21,7 +21,7 @@ CHUNK = 1 << 16
 
 class Wan:
     """Relays with ``rtt_ms`` round trip and ``mbit`` per direction; :meth:`close` stops
-    them. Use :meth:`relay` as the ``link`` hook of ``service.processes.Processes``."""
+    them. Use :meth:`relay` as the ``link`` hook of ``deploy.processes.Processes``."""
 
     def __init__(self, rtt_ms: float, mbit: float) -> None:
         if rtt_ms < 0 or mbit <= 0:

@@ -1,6 +1,6 @@
 """One export folder per model, holding what each mode's server needs.
 
-Layout (``export_model``)::
+Layout (``write_export``; ``veil.model.export_model`` compiles a model and writes it)::
 
     EXPORT/veil-export.json   {"format": 1, "name", "modes", "input_shape", "output_shape",
                                "veil", "he": {"model_id", "lanes", "weights"},
@@ -22,14 +22,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from .._version import __version__
 from ..errors import BundleError, ModeError
+from ..ir import Graph
+from ..modes import SERVED, parse_modes
+from .bundle import ClientBundle, ServerBundle
 
 INDEX = "veil-export.json"
 FORMAT = 1
-MODES = ("he", "tee", "mpc")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -58,49 +58,42 @@ def check_name(name: str) -> str:
     return name
 
 
-def _modes(modes) -> tuple[str, ...]:
-    out = tuple(dict.fromkeys(m.strip() for m in (modes.split(",") if isinstance(modes, str)
-                                                  else modes) if m.strip()))
-    bad = [m for m in out if m not in MODES]
-    if bad or not out:
-        raise ModeError(f"export modes are some of {', '.join(MODES)}, not {list(out)}")
-    return out
+def check_modes(modes) -> tuple[str, ...]:
+    """Export modes (a comma-separated string or names): some of ``SERVED``."""
+    return parse_modes(modes, SERVED, "export modes")
 
 
-def export_model(model, calibration, directory: str | os.PathLike, *, name: str | None = None,
-                 modes=MODES, input_shape: tuple[int, ...] | None = None,
-                 encrypted_weights: bool = False, tee_keys: str | os.PathLike | None = None,
-                 compiled=None, **compile_options) -> ExportInfo:
-    """Compile ``model`` (torch module, ONNX file or ModelProto) and write its export folder.
+def write_export(directory: str | os.PathLike, graph: Graph, *, name: str | None = None,
+                 modes=SERVED, he: tuple[ServerBundle, ClientBundle] | None = None,
+                 encrypted_weights: bool = False,
+                 tee_keys: str | os.PathLike | None = None) -> ExportInfo:
+    """Write the export folder of ``graph`` (the model's source graph).
+
+    ``veil.model.export_model`` compiles a model and calls this; the model's layer
+    passes down what the folder holds, so nothing here imports it.
 
     Args:
-        calibration: representative inputs (B, *input_shape); HE fits its polynomials
-            on them.
         name: the model's name in the service (default: the folder's name).
-        modes: which of ``he``, ``tee``, ``mpc`` to export for.
+        modes: some of :data:`veil.modes.SERVED`.
+        he: the compiled model's server and client bundles (``CompiledModel.
+            server_bundle()`` / ``client_bundle()``); needed for ``he``.
         encrypted_weights: HE server bundle without weights (the model owner sends
             encrypted weights per client).
         tee_keys: encrypt the enclave bundle; its model key is written here (0600).
-        compiled: an already compiled model (``veil.compile``) to reuse for HE.
-        compile_options: passed to ``veil.compile``.
     """
-    from ..frontend import to_graph
-    from ..model import compile as compile_model
-
     d = Path(directory)
     name = check_name(name or d.name)
-    modes = _modes(modes)
-    calibration = np.asarray(calibration, dtype=np.float64)
-    shape = tuple(input_shape) if input_shape is not None else calibration.shape[1:]
-    graph = to_graph(model, shape)
+    modes = check_modes(modes)
+    if "he" in modes and he is None:
+        raise ModeError("exporting for 'he' needs the compiled model's bundles (he=...)")
     index = {"format": FORMAT, "name": name, "modes": list(modes), "veil": __version__,
              "input_shape": list(graph.input_shape), "output_shape": list(graph.output_shape)}
     d.mkdir(parents=True, exist_ok=True)
     if "he" in modes:
-        compiled = compiled or compile_model(model, calibration, input_shape=shape,
-                                             **compile_options)
-        compiled.export(d / "he", encrypted_weights=encrypted_weights)
-        index["he"] = {"model_id": compiled.model_id, "lanes": compiled.report().lanes,
+        server, client = he
+        (server.without_weights() if encrypted_weights else server).save(d / "he" / "server")
+        client.save(d / "he" / "client")
+        index["he"] = {"model_id": client.model_id, "lanes": int(client.manifest.get("lanes", 1)),
                        "weights": "encrypted" if encrypted_weights else "plaintext"}
     if "tee" in modes:
         from ..backends.tee.bundle import export_model as export_tee
@@ -122,7 +115,7 @@ def read_export(directory: str | os.PathLike) -> ExportInfo:
         index = json.loads((d / INDEX).read_text())
         if index.get("format") != FORMAT:
             raise BundleError(f"{d}: export format {index.get('format')!r} is not {FORMAT}")
-        modes = _modes(index["modes"])
+        modes = check_modes(index["modes"])
         info = ExportInfo(d, check_name(index["name"]), modes,
                           tuple(int(v) for v in index["input_shape"]),
                           tuple(int(v) for v in index["output_shape"]), index)

@@ -1,6 +1,6 @@
 """Small graph IR, its op registry and its plaintext reference interpreter.
 
-Imports nothing else of veil's but the error types.
+Imports nothing else of veil's but the error types and the list of modes.
 """
 from .graph import ACTIVATIONS, AFFINE_OPS, Graph, Node, infer_shape, make_node, verify
 from .interpreter import activation_fn, cheb_eval, eval_node, run

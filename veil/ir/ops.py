@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ..errors import GraphError
+from ..modes import MODES
 from . import kernels as k
 
 
@@ -61,9 +62,10 @@ class Op(str, enum.Enum):
     GATHER = "gather"          # y[i] = x.ravel()[indices[i]] (0 where index < 0)
 
 
-# Compile targets. ``plain`` is the interpreter itself; ``simulate`` runs what the HE
-# target runs, in floats, so it accepts exactly what ``he`` accepts.
-TARGETS = ("plain", "simulate", "he", "mpc", "tee")
+# Compile targets: the execution modes (:mod:`veil.modes`). ``plain`` is the interpreter
+# itself; ``simulate`` runs what the HE target runs, in floats, so it accepts exactly
+# what ``he`` accepts.
+TARGETS = MODES
 ALL = frozenset(TARGETS)
 NO_HE = ALL - {"he", "simulate"}
 

@@ -74,6 +74,7 @@ from ..deploy.export import ExportInfo, read_export
 from ..errors import (AuthError, BundleError, InsecureParametersError, MediaTypeError,
                       ModeError, NotFoundError, PayloadTooLargeError, RateLimitError,
                       SerializationError)
+from ..modes import SERVED
 from .auth import INVALID, KeyStore, key_id
 from .errors import install_handlers
 from .limits import Limiter, Limits, check_limits, default_limits
@@ -320,7 +321,7 @@ def add_limit_args(parser) -> None:
     parser.add_argument("--header-timeout", type=float,
                         default=d["header_timeout_s"].default,
                         help="close connections whose request headers take longer (s)")
-    for mode in ("he", "tee", "mpc"):
+    for mode in SERVED:
         parser.add_argument(f"--max-inflight-{mode}", type=int,
                             default=d[f"max_inflight_{mode}"].default,
                             help=f"{mode} requests computed at once (default %(default)s)")
@@ -452,7 +453,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     _add_model_routes(app, ctx)
     _add_schema_routes(app, ctx)
     try:
-        for mode in ("he", "tee", "mpc"):
+        for mode in SERVED:
             if any(mode in info.modes for info in models.values()):
                 importlib.import_module(f"veil.service.{mode}").add_routes(app, ctx)
     except BaseException:
