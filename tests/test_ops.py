@@ -174,10 +174,49 @@ def _he(graph, x):
     return np.stack(outs).reshape(want.shape), 50 * bound + 1e-8
 
 
+# Fixed point with 20 fractional bits: each truncation is off by at most 2^-20 (and
+# rounds to nearest); a few layers stay far below 1e-4. Sigmoid and SiLU are piecewise
+# cubics (``backends.mpc.evaluator.piecewise``), whose stated bound is checked by
+# ``tests/test_mpc_ops.py``; here they get its 2e-3 allowance.
+MPC_TOL = 1e-4
+MPC_PIECEWISE_TOL = 2e-3
+
+
+def _mpc(graph, x):
+    from veil.backends.mpc import evaluator as ev
+    from veil.backends.mpc.fixed import decode, encode
+    from veil.backends.mpc.local import run_parties
+    from veil.backends.mpc.prg import Prg
+    from veil.backends.mpc.protocols import reconstruct, share
+    from veil.compiler.targets import lower
+
+    lowered = ev.lower_for_mpc(lower(graph, "mpc")[0])
+    prg = Prg()
+    s0, s1 = share(encode(x), prg)
+    m0, m1 = ev.layer_material(ev.material_plan(lowered), len(x), prg)
+    (o0, o1), _ = run_parties(lambda p, ch, inp: ev.evaluate(p, ch, lowered, *inp),
+                              ((s0, m0), (s1, m1)), timeout=120)
+    out = decode(reconstruct(o0, o1), ev.output_frac_bits(lowered))
+    piecewise = any(n.op in (Op.SIGMOID, Op.SILU) for n in graph.nodes)
+    return out.reshape((len(x),) + graph.output_shape), \
+        MPC_PIECEWISE_TOL if piecewise else MPC_TOL
+
+
+def _tee(graph, x):
+    from veil.backends.tee.executor import RuntimeSpec, make_executor
+    from veil.compiler.targets import lower
+
+    run_fn = make_executor(lower(graph, "tee")[0], RuntimeSpec(), threads=1)
+    # float32 inside onnxruntime: about 1e-6 relative on these magnitudes
+    return np.asarray(run_fn(x)).reshape((len(x),) + graph.output_shape), 1e-4
+
+
 RUNNERS = {
     "plain": lambda g, x: (run(g, x), 0.0),
     "simulate": _simulate,
     "he": _he,
+    "mpc": _mpc,
+    "tee": _tee,
 }
 
 
