@@ -27,7 +27,8 @@ from veil.modes import LOCAL, MODES, SERVED, Mode, as_mode, parse_modes
 # Stated tolerances against plain (outputs of the tiny net below are O(1)):
 # tee runs the same float64 graph; mpc computes in 20-bit fixed point; simulate is HE's
 # polynomial model, whose error is the fitted activations' (bounded, not exact).
-ATOL = {"plain": 0.0, "tee": 1e-9, "mpc": 1e-4, "simulate": 0.05}
+# tee: the enclave runs onnxruntime in float32 (backends/tee/executor.py)
+ATOL = {"plain": 0.0, "tee": 1e-4, "mpc": 1e-4, "simulate": 0.05}
 
 SCRIPT = textwrap.dedent("""
     import json, sys

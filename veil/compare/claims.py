@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from .zoo import ZOO
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -95,8 +97,9 @@ def verdict(value: float | None, lo: float | None, hi: float | None) -> str:
 
 
 # Seed 003's encrypted latencies for its model zoo (224x224x3, "without bootstrapping"),
-# quoted as claims; set beside what each private mode measures here for the same model.
-SEED_003_MS = {"resnet18": 9.8, "vgg16": 24.3, "mobilenet_v2": 4.1, "efficientnet_b0": 2.9}
+# quoted as claims (``zoo.ZooEntry.claimed_he_ms``); set beside what each private mode
+# measures here for the same model.
+SEED_003_MS = {name: e.claimed_he_ms for name, e in ZOO.items() if e.claimed_he_ms}
 
 
 def zoo_claims(model: str, modes: dict, he_estimate: dict | None = None) -> list[dict]:

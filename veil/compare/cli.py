@@ -1,11 +1,14 @@
 """``veil compare``: measure every mode end to end on one model, on this machine.
 
-    veil compare [MODEL --data FILE.npz [--calibration FILE]] [--modes plain,simulate,tee,mpc,he]
+    veil compare [MODEL --data FILE.npz [--calibration FILE] | --zoo [all|NAMES]]
+                 [--modes plain,simulate,tee,mpc,he]
                  [--n N] [--n-he N] [--batch B] [--out DIR] [--mlflow DIR]
                  [--insecure-test-params] [--wan RTT_MS,MBIT]
 
 Without MODEL it runs the embedded digits CNN, plus LeNet-5 on Fashion-MNIST when that
-dataset is installed (``veil/compare/default.py``). ``cli.py`` of veil registers it with
+dataset is installed (``veil/compare/default.py``). With ``--zoo`` it runs ResNet-18 and
+MobileNetV2 at 224x224 (``--zoo all``: five models) in plain, tee and mpc, with HE's
+cost estimate and seed 003's claimed encrypted latencies beside them. ``cli.py`` of veil registers it with
 ``add_parser``; ``python -m veil.compare`` runs it on its own.
 """
 from __future__ import annotations
@@ -20,6 +23,8 @@ from ..modes import MODES
 
 DEFAULT_N, DEFAULT_N_HE = 360, 20
 MAX_CALIBRATION = 2000
+ZOO_DEFAULT = ("resnet18", "mobilenet_v2")   # as veil.compare.default.ZOO_DEFAULT
+ZOO_MODES, ZOO_N, ZOO_BATCH = "plain,tee,mpc", 3, 4
 
 
 def _options(p: argparse.ArgumentParser) -> None:
@@ -34,15 +39,23 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", help="per sample, e.g. 1,8,8 (default: the data's)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow loading a .pt/.pth torch pickle (runs code from the file)")
-    p.add_argument("--modes", default=",".join(MODES),
-                   help=f"comma-separated, some of {', '.join(MODES)}")
-    p.add_argument("--n", type=int, default=DEFAULT_N,
+    p.add_argument("--zoo", nargs="?", const=",".join(ZOO_DEFAULT), metavar="NAMES",
+                   help="run zoo models instead: ResNet-18 and MobileNetV2 at 224x224 "
+                        "(default), 'all' for ResNet-18/50, VGG-16, MobileNetV2 and "
+                        "EfficientNet-B0, or comma-separated names (resnet20 too); "
+                        f"modes default to {ZOO_MODES}, --n to {ZOO_N}, --batch to "
+                        f"{ZOO_BATCH}; HE's cost is the compiler's estimate, and seed "
+                        "003's claimed latencies are set beside the measurements")
+    p.add_argument("--modes", default=None,
+                   help=f"comma-separated, some of {', '.join(MODES)} (default: all)")
+    p.add_argument("--n", type=int, default=None,
                    help=f"test inputs per mode, one at a time and in batches "
                         f"(default {DEFAULT_N})")
     p.add_argument("--n-he", type=int, default=DEFAULT_N_HE,
                    help=f"test inputs for he, one at a time (default {DEFAULT_N_HE}: each "
                         "costs 0.1-2 s)")
-    p.add_argument("--batch", type=int, default=64, help="batch size for throughput")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch size for throughput (default 64)")
     p.add_argument("--budget", type=float, default=30.0,
                    help="seconds each mode's single inputs may take; fewer than --n run "
                         "after that (at least 10, 3 for he), and the report says so")
@@ -72,8 +85,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _workloads(args):
-    from .default import Workload, default_workloads
+    from .default import Workload, default_workloads, zoo_workloads
 
+    if args.zoo is not None:
+        if args.model or args.data or args.calibration:
+            raise _usage("--zoo runs the zoo's models; it takes no MODEL, --data or "
+                         "--calibration")
+        return zoo_workloads(args.zoo, args.n)
     if args.model is None:
         if args.data or args.calibration:
             raise _usage("--data and --calibration go with a MODEL")
@@ -160,6 +178,18 @@ def _wan(text: str) -> dict:
     return {"rtt_ms": rtt, "mbit": mbit}
 
 
+def _defaults(args) -> None:
+    """Fill the options left unset: the zoo's are smaller (a 224x224 image costs seconds
+    in MPC)."""
+    zoo = args.zoo is not None
+    if args.modes is None:
+        args.modes = ZOO_MODES if zoo else ",".join(MODES)
+    if args.n is None:
+        args.n = ZOO_N if zoo else DEFAULT_N
+    if args.batch is None:
+        args.batch = ZOO_BATCH if zoo else 64
+
+
 def _config(args):
     from .runner import CompareConfig
 
@@ -215,6 +245,7 @@ def run(args) -> int:
 
     _process_settings()
     console = Console(stderr=True)
+    _defaults(args)
     try:
         workloads, skipped = _workloads(args)
         cfg = _config(args)

@@ -44,6 +44,7 @@ class Workload:
     calibration: np.ndarray
     source: str
     compile_options: dict = field(default_factory=dict)
+    zoo: str | None = None      # a zoo model's name: seed 003's claims apply to it
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -166,3 +167,36 @@ def write_default(out: Path = DATA) -> None:
 if __name__ == "__main__":
     write_default()
     print(f"wrote {DATA / 'digits_cnn.onnx'} and {DATA / 'digits.npz'}")
+
+
+ZOO_DEFAULT = ("resnet18", "mobilenet_v2")
+ZOO_ALL = ("resnet18", "resnet50", "vgg16", "mobilenet_v2", "efficientnet_b0")
+
+
+def zoo_workloads(names: str, n: int) -> tuple[list[Workload], list[str]]:
+    """Zoo models (``veil.compare.zoo``) on ``n`` photo crops each, calibrated on 8 others.
+
+    ``names``: comma-separated zoo names, or ``all`` for the five 224x224 models. The
+    zoo needs torch, torchvision and scikit-learn (development dependencies); without
+    them every model is skipped with the reason.
+    """
+    from . import zoo
+
+    wanted = ZOO_ALL if names == "all" else tuple(v for v in names.split(",") if v)
+    for name in wanted:
+        zoo._entry(name)                    # unknown names fail before anything is built
+    try:
+        import sklearn  # noqa: F401
+        import torchvision  # noqa: F401
+    except ImportError as exc:
+        return [], [f"zoo skipped: {exc.name} is not installed (pip install 'veil[dev]')"]
+    out = []
+    for name in wanted:
+        entry = zoo.ZOO[name]
+        shape = entry.input_shape
+        out.append(Workload(name, zoo.build(name), zoo.sample_images(shape, n, seed=101),
+                            None, zoo.sample_images(shape, 8, seed=202),
+                            f"zoo: {entry.source} {name} (random weights, batch norms "
+                            f"calibrated on photo crops), {n} crops of scikit-learn's "
+                            "sample photos", zoo=name))
+    return out, []

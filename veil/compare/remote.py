@@ -165,6 +165,8 @@ def measure_mpc(job: Job, procs) -> dict:
                dealer_bytes_per_input=sum(s["offline_bytes"] for s in stats),
                online_p50_s=float(np.median([max(s["online_s"] for s in a.stats)
                                              for a in singles])),
+               offline_p50_s=float(np.median([max(s["offline_s"] for s in a.stats)
+                                              for a in singles])),
                note="parties and dealer on one machine (loopback); dealer material is "
                     "per inference, fetched ahead of requests")
 

@@ -148,6 +148,20 @@ def _details(w: dict) -> list[str]:
     return lines
 
 
+def _he_estimate(w: dict) -> list[str]:
+    e = w.get("he_estimate") or {}
+    if not e:
+        return []
+    return [f"- **he (estimate, compiler cost model)**: depth {e['depth']} (at most "
+            f"{e['max_depth']} without bootstrapping), {e['bootstraps']} bootstraps on the "
+            f"longest path ({e['bootstrap_ciphertexts']} ciphertext bootstraps), ring "
+            f"{e['ring_dim']}, {e['rotation_keys']} rotation keys "
+            f"({e['keys_bytes'] / 2**30:.1f} GiB), estimated latency "
+            f"{e['latency_s']:,.0f} s" + ("" if e.get("fits") else
+                                         "; needs bootstrapping, which this release "
+                                         "does not run")]
+
+
 def markdown(result: dict) -> str:
     cfg, mach = result["config"], result["machine"]
     out = [f"# veil compare ({result['time']})", "",
@@ -176,7 +190,7 @@ def markdown(result: dict) -> str:
         out += [f"## {w['name']}", "", f"{w['source']}; input {tuple(w['input_shape'])}; "
                 f"compile {w['compile_s']:.1f} s, export {w['export_s']:.1f} s.", ""]
         out += _md_table(COLUMNS, table_rows(w)) + [""]
-        out += _details(w) + [""]
+        out += _details(w) + _he_estimate(w) + [""]
         out += ["### The seeds' claims, measured", ""]
         out += _md_table(("claim (quoted)", "measured quantity", "claimed", "measured",
                           "verdict"), _claim_rows(w)) + [""]

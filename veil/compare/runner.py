@@ -131,6 +131,8 @@ def run_workload(w: Workload, cfg: CompareConfig, work: Path,
     report = compiled.report()
     out = {"name": w.name, "source": w.source, "input_shape": list(w.input_shape),
            "n_available": int(len(w.x_test)), "compile_s": compile_s, "export_s": export_s,
+           "zoo": w.zoo, "he_estimate": report.estimate,
+           "plain_logit_range": float(np.ptp(plain.reshape(len(plain), -1), axis=1).min()),
            "he_plan": {"params": report.params, "depth": report.depth,
                        "rotation_keys": len(report.rotations), "lanes": report.lanes},
            "modes": {}, "errors": {}}
