@@ -98,7 +98,8 @@ def compile_graph(graph: Graph, calibration: np.ndarray, *,
     _check_calibration(graph, calibration)
     if layout not in LAYOUTS:
         raise CompileError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    check_ops(graph, "he")
+    check_ops(graph, "simulate")     # what HE's slot evaluator cannot run is refused later,
+    # by name, when mode "he" asks for the plan (``he_refusal``); the estimate prices it
     options = {"calibration": calibration, "degree": degree, "margin": margin,
                "layout": layout}
     poly, front_notes = run_passes(graph, HE.front, options)

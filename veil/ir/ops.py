@@ -67,7 +67,7 @@ class Op(str, enum.Enum):
 # what ``he`` accepts.
 TARGETS = MODES
 ALL = frozenset(TARGETS)
-NO_HE = ALL - {"he", "simulate"}
+NO_HE = ALL - {"he"}     # simulate (floats) runs it; the slot evaluator does not yet
 
 Shape = tuple[int, ...]
 ShapeRule = Callable[[list[Shape], Mapping[str, Any], Mapping[str, np.ndarray]], Shape]
@@ -238,7 +238,8 @@ def _defs() -> dict[Op, OpDef]:
         OpDef(Op.GLOBALAVGPOOL, 1, _global_pool, k.global_avgpool, {"affine", "pool"}),
         OpDef(Op.RESHAPE, 1, _reshape, k.reshape, {"affine", "shape"}),
         # HE packs each value in its own slot layout: joining two layouts, or a product of
-        # two ciphertexts, is not planned yet (the HE estimate still prices them).
+        # two ciphertexts, is not planned yet. The HE estimate prices them, simulate runs
+        # them, and mode "he" refuses them by name.
         OpDef(Op.CONCAT, None, _concat, k.concat, {"shape"}, defaults={"axis": 0},
               targets=NO_HE),
         OpDef(Op.ADD, 2, _broadcast, k.add, {"binary", "elementwise"}),
