@@ -162,6 +162,12 @@ def test_children_outlive_the_thread_that_started_them(tiny):
     assert _gone([pid], timeout=0) == [pid]
     np.testing.assert_allclose(compiled.run(x, "tee"), plain, atol=ATOL["tee"])
     assert compiled._servers["tee"].pids() == [pid]
+    # threads share one model: requests take turns on each mode's links
+    jobs = [(i, mode) for i in range(0, len(x), 4) for mode in ("tee", "mpc")]
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda job: compiled.run(x[job[0]:job[0] + 4], job[1]), jobs))
+    for (i, mode), out in zip(jobs, outs):
+        np.testing.assert_allclose(out, plain[i:i + 4], atol=ATOL[mode])
     compiled.close()
 
 

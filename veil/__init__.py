@@ -1,15 +1,17 @@
 """veil: private inference for PyTorch and ONNX models.
 
 Top-level verbs: :func:`compile` a model with calibration data, ``run`` it in a
-:class:`Mode`, ``export`` the client and server bundles, and use
-:class:`ModelClient` / :class:`ModelServer` in their own processes.
+:class:`Mode` (plain, simulate, tee, mpc, he), ``export`` the client and server bundles
+(or :func:`export_model` one folder for ``veil serve``), and use :class:`ModelClient` /
+:class:`ModelServer` in their own processes.
 """
 from ._version import __version__
 from .errors import (BundleError, CompileError, EngineError, GraphError, InputError,
                      KeyMismatchError, KeyTypeError, MissingKeyError, ModeError,
                      SerializationError, UnsupportedOperation, VeilError)
 from .finetune import finetune
-from .model import CompiledModel, Mode, Report, compile, export_model
+from .model import CompiledModel, Report, compile, export_model
+from .modes import Mode
 
 
 def __getattr__(name):

@@ -90,7 +90,8 @@ def _stop_servers(servers: dict) -> None:
 
 
 class CompiledModel:
-    """A model compiled for private inference. Use as a context manager to free keys."""
+    """A model compiled for private inference. Use as a context manager (or call
+    :meth:`close`) to free HE keys and stop the TEE and MPC processes ``run`` started."""
 
     def __init__(self, result: CompileResult, input_range: tuple[float, float],
                  calibration_ranges: dict[str, tuple[float, float]]) -> None:

@@ -71,6 +71,7 @@ class _Local(abc.ABC):
         self.dir = Path(tempfile.mkdtemp(prefix=f"veil-{self.mode}-"))   # mode 0700
         self.procs = Processes(self.dir / "logs", supervise=False)
         self._stop = threading.Event()
+        self._calls = threading.Lock()          # one request at a time on the client's links
         self.client = None
         try:
             info = self._write(lowered, self.dir / "export")
@@ -100,9 +101,15 @@ class _Local(abc.ABC):
     def pids(self) -> list[int]:
         return [c.proc.pid for c in self.procs.children.values() if c.proc is not None]
 
-    @abc.abstractmethod
     def infer_batch(self, xs: np.ndarray) -> np.ndarray:
-        """Outputs (n, *output_shape) for inputs (n, *input_shape)."""
+        """Outputs (n, *output_shape) for inputs (n, *input_shape); callers in several
+        threads take turns."""
+        with self._calls:
+            return self._infer(xs)
+
+    @abc.abstractmethod
+    def _infer(self, xs: np.ndarray) -> np.ndarray:
+        """``infer_batch`` through this mode's client."""
 
     def close(self) -> None:
         """Stop the children and remove the folder; safe to call more than once."""
@@ -154,7 +161,7 @@ class LocalTEE(_Local):
             raise
         return client
 
-    def infer_batch(self, xs: np.ndarray) -> np.ndarray:
+    def _infer(self, xs: np.ndarray) -> np.ndarray:
         return self.client.infer_batch(xs)
 
 
@@ -183,7 +190,7 @@ class LocalMPC(_Local):
                          parse_address(started["party1"]), self.input_shape,
                          timeout=120.0, frac_bits=started["frac_bits"])
 
-    def infer_batch(self, xs: np.ndarray) -> np.ndarray:
+    def _infer(self, xs: np.ndarray) -> np.ndarray:
         from ..backends.mpc.service import MAX_INPUTS
 
         return np.concatenate([self.client.infer(xs[i:i + MAX_INPUTS]).outputs
