@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -214,6 +215,21 @@ def test_bad_input_is_refused_before_anything_starts(tiny):
     assert not compiled._servers and not _children()
 
 
+def test_an_op_the_mode_cannot_run_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    from veil.errors import UnsupportedOperation
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))     # where a folder would go
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    x = np.random.default_rng(0).uniform(-1, 1, (32, 4))
+    with veil.compile(net.eval(), x, insecure_test_params=True) as compiled:
+        np.testing.assert_allclose(compiled.run(x, "tee"), compiled.run(x), atol=ATOL["tee"])
+        compiled.close()
+        with pytest.raises(UnsupportedOperation, match="tanh node .* cannot run in 'mpc'"):
+            compiled.run(x, "mpc")
+        assert not compiled._servers and not _children() and not list(tmp_path.iterdir())
+
+
 def test_a_process_that_cannot_start_is_named_with_its_stderr(tiny, tmp_path, monkeypatch):
     from veil.deploy.processes import ProcessError
 
@@ -224,11 +240,14 @@ def test_a_process_that_cannot_start_is_named_with_its_stderr(tiny, tmp_path, mo
                       "exit 3\n")
     broken.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(broken))
+    (tmp_path / "t").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "t"))
     with pytest.raises(ProcessError, match=r"(?s)local-enclave did not start.*no entropy"):
         compiled.run(x, "tee")
     with pytest.raises(ProcessError, match=r"(?s)local-dealer did not start.*no entropy"):
         compiled.run(x, "mpc")
     assert not compiled._servers and not _children()
+    assert not list((tmp_path / "t").iterdir())                 # nothing left behind
     assert isinstance(ProcessError("x"), veil.VeilError)
 
 
