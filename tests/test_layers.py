@@ -4,9 +4,9 @@ Every module under ``veil/`` is parsed with ``ast`` (no import runs, so lazy imp
 inside functions count as much as top-level ones) and every ``import veil...`` /
 ``from ..x import y`` it contains is resolved to the layer it names. A module may import
 its own unit, or a unit of a lower layer; never a unit of its own layer or above. Dynamic
-imports (``importlib.import_module`` with a computed name) are not seen; the two that exist
-load their own package's submodules (``deploy/__init__``) or the service's mode
-routes from the service itself (``service/app.py``).
+imports (``importlib.import_module`` with a computed name) are not seen; those that exist
+load a package's own submodules (``deploy/__init__``, ``service/__init__``, the service's
+mode routes in ``service/app.py``, the SDK's mode clients in ``sdk/client.py``).
 """
 import ast
 from pathlib import Path

@@ -143,7 +143,8 @@ class LocalTEE(_Local):
         self.measurement = ex.measurement
         self.attester = SoftwareAttester.create(self.dir / "attester")
         return ExportInfo(directory, NAME, ("tee",), tuple(lowered.input_shape),
-                          tuple(lowered.output_shape), {"tee": {"measurement": ex.measurement}})
+                          tuple(lowered.output_shape),
+                          {"tee": {"measurement": ex.measurement}})
 
     def _start(self, info: ExportInfo) -> dict:
         return self.procs.tee(info, attester_key=self.attester)
