@@ -157,8 +157,8 @@ def test_the_scan_sees_the_whole_package():
     ("veil.backends.mpc.fake", False, "from ..tee import seal\n", "siblings"),
     ("veil.service.fake", False, "from .. import commands\n", "commands"),
     ("veil.deploy.fake", False, "from veil import compile\n", "facade"),
-    ("veil.deploy.fake", False, "import importlib\nimportlib.import_module(f'veil.service.{m}')\n",
-     "service"),
+    ("veil.deploy.fake", False,
+     "import importlib\nimportlib.import_module(f'veil.service.{m}')\n", "service"),
     ("veil.newthing", False, "import os\n", "no layer"),
 ])
 def test_an_upward_import_is_reported(module, is_pkg, source, expect):
