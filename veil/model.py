@@ -152,7 +152,9 @@ class CompiledModel:
                              f"{self.input_shape} (or a batch of it)")
         if not np.all(np.isfinite(batch)):
             raise InputError("input contains NaN or infinity")
-        if mode is Mode.PLAIN:
+        if len(batch) == 0:                   # an empty batch: no keys, no processes
+            out = np.zeros((0, *self.output_shape))
+        elif mode is Mode.PLAIN:
             out = interpret(self.result.source, batch)
         elif mode is Mode.SIMULATE:
             out = interpret(self.result.lowered, batch)
