@@ -15,8 +15,10 @@ from .modes import Mode
 
 
 def __getattr__(name):
-    # The roles import OpenFHE; load them only when asked so `import veil` stays light.
-    if name in ("ModelClient", "ModelServer", "EvaluationKeys", "PublicKey", "SecretKey"):
+    # The roles import OpenFHE; load them (and the launcher's error type) only when
+    # asked so `import veil` stays light.
+    if name in ("ModelClient", "ModelServer", "EvaluationKeys", "PublicKey", "SecretKey",
+                "ProcessError"):
         from . import deploy
 
         return getattr(deploy, name)
@@ -29,6 +31,7 @@ def __getattr__(name):
 
 __all__ = ["BundleError", "Client", "CompileError", "CompiledModel", "EngineError",
            "EvaluationKeys", "GraphError", "InputError", "KeyMismatchError", "KeyTypeError",
-           "MissingKeyError", "Mode", "ModeError", "ModelClient", "ModelServer", "PublicKey",
-           "Report", "SecretKey", "SerializationError", "UnsupportedOperation", "VeilError",
-           "__version__", "compile", "export_model", "finetune"]
+           "MissingKeyError", "Mode", "ModeError", "ModelClient", "ModelServer",
+           "ProcessError", "PublicKey", "Report", "SecretKey", "SerializationError",
+           "UnsupportedOperation", "VeilError", "__version__", "compile", "export_model",
+           "finetune"]
