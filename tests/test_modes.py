@@ -172,6 +172,29 @@ def test_children_outlive_the_thread_that_started_them(tiny):
     compiled.close()
 
 
+def test_a_forked_copy_leaves_the_parents_children_alone(tiny):
+    compiled, x, plain = tiny
+    compiled.run(x[:1], "tee")
+    pids = compiled._servers["tee"].pids()
+    child = os.fork()
+    if child == 0:                       # what a forked worker's exit would run
+        try:
+            compiled.close()
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 30
+    while os.waitpid(child, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:          # stuck (a lock held at fork time)
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+            pytest.fail("the forked copy's close() did not return")
+        time.sleep(0.05)
+    assert _gone(pids, timeout=0) == pids
+    np.testing.assert_allclose(compiled.run(x, "tee"), plain, atol=ATOL["tee"])
+    assert compiled._servers["tee"].pids() == pids
+    compiled.close()
+
+
 def test_no_child_outlives_the_interpreter(tmp_path):
     """Programs that never call close(): their children stop when the program exits
     (the finalizer) or is killed outright (the parent-death signal). Both run at once."""

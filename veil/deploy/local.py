@@ -20,6 +20,7 @@ they still stop when the interpreter is killed outright.
 from __future__ import annotations
 
 import abc
+import os
 import shutil
 import tempfile
 import threading
@@ -67,6 +68,7 @@ class _Local(abc.ABC):
 
     def __init__(self, graph: Graph) -> None:
         lowered, _ = lower(graph, self.mode)      # refuses an unsupported op before any start
+        self._owner = os.getpid()                 # a forked copy must not stop our children
         self.input_shape = tuple(lowered.input_shape)
         self.dir = Path(tempfile.mkdtemp(prefix=f"veil-{self.mode}-"))   # mode 0700
         self.procs = Processes(self.dir / "logs", supervise=False)
@@ -112,7 +114,11 @@ class _Local(abc.ABC):
         """``infer_batch`` through this mode's client."""
 
     def close(self) -> None:
-        """Stop the children and remove the folder; safe to call more than once."""
+        """Stop the children and remove the folder; safe to call more than once. In a
+        forked copy of this process (whose exit runs the same finalizers) it does
+        nothing: the children and the folder are the parent's."""
+        if os.getpid() != self._owner:
+            return
         try:
             if self.client is not None:
                 self.client.close()
