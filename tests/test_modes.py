@@ -200,9 +200,11 @@ def test_no_child_outlives_the_interpreter(tmp_path):
     (the finalizer) or is killed outright (the parent-death signal). Both run at once."""
     script = tmp_path / "forgets_close.py"
     script.write_text(SCRIPT)
+    (tmp_path / "tmp").mkdir()        # the private folders go here (a killed one stays)
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
     procs = {how: subprocess.Popen([sys.executable, str(script), modes, how],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   env=os.environ.copy())
+                                   env=env)
              for how, modes in (("exit", "tee,mpc"), ("hang", "mpc"))}
     started = {}
     try:
@@ -223,6 +225,7 @@ def test_no_child_outlives_the_interpreter(tmp_path):
     for how in procs:
         assert _gone(started[how]["pids"]) == [], how
     assert not any(Path(d).exists() for d in started["exit"]["dirs"])
+    assert all(Path(d).parent == tmp_path / "tmp" for d in started["hang"]["dirs"])
 
 
 def test_bad_input_is_refused_before_anything_starts(tiny):
