@@ -4,9 +4,10 @@ Every module under ``veil/`` is parsed with ``ast`` (no import runs, so lazy imp
 inside functions count as much as top-level ones) and every ``import veil...`` /
 ``from ..x import y`` it contains is resolved to the layer it names. A module may import
 its own unit, or a unit of a lower layer; never a unit of its own layer or above. Dynamic
-imports (``importlib.import_module`` with a computed name) are not seen; the two that exist
-load their own package's submodules (``deploy/__init__``) or the service's mode
-routes from the service itself (``service/app.py``).
+imports count when the literal start of their name says where they go
+(``import_module(f"veil.service.{mode}")``); the others load a package's own submodules
+(``f"{__name__}.{...}"`` in ``deploy/__init__`` and ``service/__init__``, and the SDK's
+mode clients, named in a table in ``sdk/client.py``).
 """
 import ast
 from pathlib import Path
@@ -55,6 +56,15 @@ def imported(module: str, is_pkg: bool, source: str) -> list[tuple[int, str]]:
         if isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names
                     if a.name == "veil" or a.name.startswith("veil.")]
+        elif isinstance(node, ast.Call) and _callee(node) in ("import_module", "__import__") \
+                and node.args:
+            # import_module("veil.x...") or f"veil.x.{...}": the literal head names the unit
+            arg = node.args[0]
+            head = arg.value if isinstance(arg, ast.Constant) else (
+                arg.values[0].value if isinstance(arg, ast.JoinedStr) and arg.values
+                and isinstance(arg.values[0], ast.Constant) else "")
+            if isinstance(head, str) and head.startswith("veil.") and head.count(".") >= 2:
+                out.append((node.lineno, head.rstrip(".")))
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
@@ -69,6 +79,11 @@ def imported(module: str, is_pkg: bool, source: str) -> list[tuple[int, str]]:
                      if _is_module(f"{source_module}.{a.name}") else source_module)
                     for a in node.names]
     return out
+
+
+def _callee(call: ast.Call) -> str:
+    f = call.func
+    return f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
 
 
 def _is_module(name: str) -> bool:
@@ -142,6 +157,8 @@ def test_the_scan_sees_the_whole_package():
     ("veil.backends.mpc.fake", False, "from ..tee import seal\n", "siblings"),
     ("veil.service.fake", False, "from .. import commands\n", "commands"),
     ("veil.deploy.fake", False, "from veil import compile\n", "facade"),
+    ("veil.deploy.fake", False,
+     "import importlib\nimportlib.import_module(f'veil.service.{m}')\n", "service"),
     ("veil.newthing", False, "import os\n", "no layer"),
 ])
 def test_an_upward_import_is_reported(module, is_pkg, source, expect):

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -163,6 +164,35 @@ def test_children_outlive_the_thread_that_started_them(tiny):
     assert _gone([pid], timeout=0) == [pid]
     np.testing.assert_allclose(compiled.run(x, "tee"), plain, atol=ATOL["tee"])
     assert compiled._servers["tee"].pids() == [pid]
+    # threads share one model: requests take turns on each mode's links
+    jobs = [(i, mode) for i in range(0, len(x), 4) for mode in ("tee", "mpc")]
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda job: compiled.run(x[job[0]:job[0] + 4], job[1]), jobs))
+    for (i, mode), out in zip(jobs, outs):
+        np.testing.assert_allclose(out, plain[i:i + 4], atol=ATOL[mode])
+    compiled.close()
+
+
+def test_a_forked_copy_leaves_the_parents_children_alone(tiny):
+    compiled, x, plain = tiny
+    compiled.run(x[:1], "tee")
+    pids = compiled._servers["tee"].pids()
+    child = os.fork()
+    if child == 0:                       # what a forked worker's exit would run
+        try:
+            compiled.close()
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 30
+    while os.waitpid(child, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:          # stuck (a lock held at fork time)
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+            pytest.fail("the forked copy's close() did not return")
+        time.sleep(0.05)
+    assert _gone(pids, timeout=0) == pids
+    np.testing.assert_allclose(compiled.run(x, "tee"), plain, atol=ATOL["tee"])
+    assert compiled._servers["tee"].pids() == pids
     compiled.close()
 
 
@@ -171,9 +201,11 @@ def test_no_child_outlives_the_interpreter(tmp_path):
     (the finalizer) or is killed outright (the parent-death signal). Both run at once."""
     script = tmp_path / "forgets_close.py"
     script.write_text(SCRIPT)
+    (tmp_path / "tmp").mkdir()        # the private folders go here (a killed one stays)
+    env = {**os.environ, "TMPDIR": str(tmp_path / "tmp")}
     procs = {how: subprocess.Popen([sys.executable, str(script), modes, how],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                   env=os.environ.copy())
+                                   env=env)
              for how, modes in (("exit", "tee,mpc"), ("hang", "mpc"))}
     started = {}
     try:
@@ -194,6 +226,7 @@ def test_no_child_outlives_the_interpreter(tmp_path):
     for how in procs:
         assert _gone(started[how]["pids"]) == [], how
     assert not any(Path(d).exists() for d in started["exit"]["dirs"])
+    assert all(Path(d).parent == tmp_path / "tmp" for d in started["hang"]["dirs"])
 
 
 def test_bad_input_is_refused_before_anything_starts(tiny):
@@ -204,9 +237,26 @@ def test_bad_input_is_refused_before_anything_starts(tiny):
             compiled.run(np.full((2, 1, 8, 8), np.nan), mode)
         with pytest.raises(InputError, match=r"compiled for \(1, 8, 8\)"):
             compiled.run(np.zeros((2, 1, 7, 8)), mode)
+    for mode in MODES:                   # an empty batch is an empty answer, in any mode
+        assert compiled.run(np.zeros((0, 1, 8, 8)), mode).shape == (0, 5)
     with pytest.raises(ModeError, match="unknown mode 'gpu'; choose one of plain, simulate"):
         compiled.run(x, "gpu")
     assert not compiled._servers and not _children()
+
+
+def test_an_op_the_mode_cannot_run_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    from veil.errors import UnsupportedOperation
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))     # where a folder would go
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    x = np.random.default_rng(0).uniform(-1, 1, (32, 4))
+    with veil.compile(net.eval(), x, insecure_test_params=True) as compiled:
+        np.testing.assert_allclose(compiled.run(x, "tee"), compiled.run(x), atol=ATOL["tee"])
+        compiled.close()
+        with pytest.raises(UnsupportedOperation, match="tanh node .* cannot run in 'mpc'"):
+            compiled.run(x, "mpc")
+        assert not compiled._servers and not _children() and not list(tmp_path.iterdir())
 
 
 def test_a_process_that_cannot_start_is_named_with_its_stderr(tiny, tmp_path, monkeypatch):
@@ -219,12 +269,15 @@ def test_a_process_that_cannot_start_is_named_with_its_stderr(tiny, tmp_path, mo
                       "exit 3\n")
     broken.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(broken))
+    (tmp_path / "t").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "t"))
     with pytest.raises(ProcessError, match=r"(?s)local-enclave did not start.*no entropy"):
         compiled.run(x, "tee")
     with pytest.raises(ProcessError, match=r"(?s)local-dealer did not start.*no entropy"):
         compiled.run(x, "mpc")
     assert not compiled._servers and not _children()
-    assert isinstance(ProcessError("x"), veil.VeilError)
+    assert not list((tmp_path / "t").iterdir())                 # nothing left behind
+    assert veil.ProcessError is ProcessError and issubclass(ProcessError, veil.VeilError)
 
 
 def test_the_list_of_modes_lives_in_one_place():

@@ -1,20 +1,24 @@
 """veil: private inference for PyTorch and ONNX models.
 
 Top-level verbs: :func:`compile` a model with calibration data, ``run`` it in a
-:class:`Mode`, ``export`` the client and server bundles, and use
-:class:`ModelClient` / :class:`ModelServer` in their own processes.
+:class:`Mode` (plain, simulate, tee, mpc, he), ``export`` the client and server bundles
+(or :func:`export_model` one folder for ``veil serve``), and use :class:`ModelClient` /
+:class:`ModelServer` in their own processes.
 """
 from ._version import __version__
 from .errors import (BootstrapRequiredError, BundleError, CompileError, EngineError,
                      GraphError, InputError, KeyMismatchError, KeyTypeError,
                      MissingKeyError, ModeError, SerializationError, UnsupportedOperation, VeilError)
 from .finetune import finetune
-from .model import CompiledModel, Mode, Report, compile, export_model
+from .model import CompiledModel, Report, compile, export_model
+from .modes import Mode
 
 
 def __getattr__(name):
-    # The roles import OpenFHE; load them only when asked so `import veil` stays light.
-    if name in ("ModelClient", "ModelServer", "EvaluationKeys", "PublicKey", "SecretKey"):
+    # The roles import OpenFHE; load them (and the launcher's error type) only when
+    # asked so `import veil` stays light.
+    if name in ("ModelClient", "ModelServer", "EvaluationKeys", "PublicKey", "SecretKey",
+                "ProcessError"):
         from . import deploy
 
         return getattr(deploy, name)
@@ -27,6 +31,7 @@ def __getattr__(name):
 
 __all__ = ["BootstrapRequiredError", "BundleError", "Client", "CompileError", "CompiledModel", "EngineError",
            "EvaluationKeys", "GraphError", "InputError", "KeyMismatchError", "KeyTypeError",
-           "MissingKeyError", "Mode", "ModeError", "ModelClient", "ModelServer", "PublicKey",
-           "Report", "SecretKey", "SerializationError", "UnsupportedOperation", "VeilError",
-           "__version__", "compile", "export_model", "finetune"]
+           "MissingKeyError", "Mode", "ModeError", "ModelClient", "ModelServer",
+           "ProcessError", "PublicKey", "Report", "SecretKey", "SerializationError",
+           "UnsupportedOperation", "VeilError", "__version__", "compile", "export_model",
+           "finetune"]

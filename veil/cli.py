@@ -3,7 +3,7 @@
     veil compare [MODEL --data DATA] [--modes plain,simulate,tee,mpc,he] [--n N]
                  [--out DIR] [--mlflow DIR]
     veil compile MODEL --calibration DATA [--eval DATA] [--json FILE]
-    veil export MODEL --calibration DATA OUT [--name N] [--modes he,tee,mpc]
+    veil export MODEL --calibration DATA OUT [--name N] [--modes tee,mpc,he]
                 [--encrypted-weights] [--tee-keys DIR]
     veil keys create NAME --store DIR [LIMITS] | list --store DIR
               | set-limits ID|NAME --store DIR [LIMITS] [--reset] | revoke ID --store DIR

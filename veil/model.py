@@ -122,7 +122,8 @@ def _stop_servers(servers: dict) -> None:
 
 
 class CompiledModel:
-    """A model compiled for private inference. Use as a context manager to free keys."""
+    """A model compiled for private inference. Use as a context manager (or call
+    :meth:`close`) to free HE keys and stop the TEE and MPC processes ``run`` started."""
 
     def __init__(self, result: CompileResult, input_range: tuple[float, float],
                  calibration_ranges: dict[str, tuple[float, float]]) -> None:
@@ -183,7 +184,9 @@ class CompiledModel:
                              f"{self.input_shape} (or a batch of it)")
         if not np.all(np.isfinite(batch)):
             raise InputError("input contains NaN or infinity")
-        if mode is Mode.PLAIN:
+        if len(batch) == 0:                   # an empty batch: no keys, no processes
+            out = np.zeros((0, *self.output_shape))
+        elif mode is Mode.PLAIN:
             out = interpret(self.result.source, batch)
         elif mode is Mode.SIMULATE:
             out = interpret(self.result.lowered, batch)

@@ -6,7 +6,8 @@ client and server roles (and the service's HE worker processes) need.
 """
 _NAMES = {"ClientBundle": "bundle", "ServerBundle": "bundle", "ModelClient": "client",
           "EvaluationKeys": "keys", "PublicKey": "keys", "SecretKey": "keys",
-          "encrypt_weights": "owner", "ModelServer": "server", "ServerSession": "server"}
+          "encrypt_weights": "owner", "ModelServer": "server", "ServerSession": "server",
+          "Processes": "processes", "ProcessError": "processes"}
 
 
 def __getattr__(name):

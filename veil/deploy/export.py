@@ -93,7 +93,8 @@ def write_export(directory: str | os.PathLike, graph: Graph, *, name: str | None
         server, client = he
         (server.without_weights() if encrypted_weights else server).save(d / "he" / "server")
         client.save(d / "he" / "client")
-        index["he"] = {"model_id": client.model_id, "lanes": int(client.manifest.get("lanes", 1)),
+        index["he"] = {"model_id": client.model_id,
+                       "lanes": int(client.manifest.get("lanes", 1)),
                        "weights": "encrypted" if encrypted_weights else "plaintext"}
     if "tee" in modes:
         from ..backends.tee.bundle import export_model as export_tee

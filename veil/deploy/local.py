@@ -20,6 +20,7 @@ they still stop when the interpreter is killed outright.
 from __future__ import annotations
 
 import abc
+import os
 import shutil
 import tempfile
 import threading
@@ -67,10 +68,12 @@ class _Local(abc.ABC):
 
     def __init__(self, graph: Graph) -> None:
         lowered, _ = lower(graph, self.mode)      # refuses an unsupported op before any start
+        self._owner = os.getpid()                 # a forked copy must not stop our children
         self.input_shape = tuple(lowered.input_shape)
         self.dir = Path(tempfile.mkdtemp(prefix=f"veil-{self.mode}-"))   # mode 0700
         self.procs = Processes(self.dir / "logs", supervise=False)
         self._stop = threading.Event()
+        self._calls = threading.Lock()          # one request at a time on the client's links
         self.client = None
         try:
             info = self._write(lowered, self.dir / "export")
@@ -100,12 +103,22 @@ class _Local(abc.ABC):
     def pids(self) -> list[int]:
         return [c.proc.pid for c in self.procs.children.values() if c.proc is not None]
 
-    @abc.abstractmethod
     def infer_batch(self, xs: np.ndarray) -> np.ndarray:
-        """Outputs (n, *output_shape) for inputs (n, *input_shape)."""
+        """Outputs (n, *output_shape) for inputs (n, *input_shape); callers in several
+        threads take turns."""
+        with self._calls:
+            return self._infer(xs)
+
+    @abc.abstractmethod
+    def _infer(self, xs: np.ndarray) -> np.ndarray:
+        """``infer_batch`` through this mode's client."""
 
     def close(self) -> None:
-        """Stop the children and remove the folder; safe to call more than once."""
+        """Stop the children and remove the folder; safe to call more than once. In a
+        forked copy of this process (whose exit runs the same finalizers) it does
+        nothing: the children and the folder are the parent's."""
+        if os.getpid() != self._owner:
+            return
         try:
             if self.client is not None:
                 self.client.close()
@@ -136,7 +149,8 @@ class LocalTEE(_Local):
         self.measurement = ex.measurement
         self.attester = SoftwareAttester.create(self.dir / "attester")
         return ExportInfo(directory, NAME, ("tee",), tuple(lowered.input_shape),
-                          tuple(lowered.output_shape), {"tee": {"measurement": ex.measurement}})
+                          tuple(lowered.output_shape),
+                          {"tee": {"measurement": ex.measurement}})
 
     def _start(self, info: ExportInfo) -> dict:
         return self.procs.tee(info, attester_key=self.attester)
@@ -154,7 +168,7 @@ class LocalTEE(_Local):
             raise
         return client
 
-    def infer_batch(self, xs: np.ndarray) -> np.ndarray:
+    def _infer(self, xs: np.ndarray) -> np.ndarray:
         return self.client.infer_batch(xs)
 
 
@@ -183,7 +197,7 @@ class LocalMPC(_Local):
                          parse_address(started["party1"]), self.input_shape,
                          timeout=120.0, frac_bits=started["frac_bits"])
 
-    def infer_batch(self, xs: np.ndarray) -> np.ndarray:
+    def _infer(self, xs: np.ndarray) -> np.ndarray:
         from ..backends.mpc.service import MAX_INPUTS
 
         return np.concatenate([self.client.infer(xs[i:i + MAX_INPUTS]).outputs

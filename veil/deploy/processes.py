@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..backends.sockets import parse_address
-from .export import ExportInfo
 from ..errors import VeilError
+from .export import ExportInfo
 
 log = logging.getLogger("veil.deploy.processes")
 
@@ -69,7 +69,7 @@ class ProcessError(VeilError):
 
 
 def _tail(path: Path, limit: int = 2000) -> str:
-    """The last ``limit`` bytes of a child's log (its stderr), as ``": ..."``."""
+    """The last ``limit`` bytes of a child's log (its stderr), for an error message."""
     try:
         with open(path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
