@@ -404,22 +404,29 @@ def test_imagenet_models_match_torch(name, tmp_path):
 
 
 _MEASURE = """
-import json, resource, time
+import json, time
 import psutil, torch, torchvision
 from veil.frontend import to_graph
+
+def peak_mib():
+    # VmHWM, not ru_maxrss: the latter survives exec, so a child of a big pytest
+    # process would report its parent's peak
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM")) / 1024
+
 model = torchvision.models.resnet18(weights=None).eval()  # the cost does not depend on values
-before = psutil.Process().memory_info().rss
+before = psutil.Process().memory_info().rss / 2**20
 start = time.perf_counter()
 graph = to_graph(model, (3, 224, 224))
 seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"seconds": seconds, "rss_before_mib": before / 2**20,
-                  "peak_rss_mib": peak / 2**20, "peak_over_before_mib": (peak - before) / 2**20,
-                  "nodes": len(graph.nodes)}))
+peak = peak_mib()
+print(json.dumps({"seconds": seconds, "rss_before_mib": before, "peak_rss_mib": peak,
+                  "peak_over_before_mib": peak - before, "nodes": len(graph.nodes)}))
 """
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_resnet18_frontend_time_and_memory():
     """to_graph on ResNet-18 must be a small share of the 30 s / 4 GiB compile budget."""
     out = subprocess.run([sys.executable, "-c", _MEASURE], cwd=ROOT, capture_output=True,
