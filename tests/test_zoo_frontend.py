@@ -117,7 +117,7 @@ def test_build_is_deterministic(resnet20):
     again = zoo.build("resnet20", seed=0)
     for key, value in resnet20.state_dict().items():
         assert torch.equal(value, again.state_dict()[key]), key
-    other = zoo.build("resnet20", seed=1)
+    other = zoo.build("resnet20", seed=1, calibration_images=4)
     assert not torch.equal(other.fc.weight, resnet20.fc.weight)
 
 
@@ -131,13 +131,16 @@ def test_calibrated_logits_are_not_degenerate(resnet20):
     assert float(np.median(margins)) > 0.05 and float(logits.std(axis=0).mean()) > 0.2
 
 
-def test_batchnorm_calibration_normalises_activations():
-    model = zoo.build("resnet20", seed=0)
+def test_batchnorm_calibration_normalises_activations(resnet20):
     seen = []
     # clone: the block applies an in-place ReLU to this output
-    model.layers[4].bn1.register_forward_hook(lambda m, a, out: seen.append(out.clone()))
-    with torch.no_grad():
-        model(torch.from_numpy(zoo.sample_images((3, 32, 32), 16, seed=1)))  # calibration set
+    hook = resnet20.layers[4].bn1.register_forward_hook(
+        lambda m, a, out: seen.append(out.clone()))
+    try:
+        with torch.no_grad():  # the calibration photos
+            resnet20(torch.from_numpy(zoo.sample_images((3, 32, 32), 16, seed=1)))
+    finally:
+        hook.remove()
     out = seen[0].transpose(0, 1).reshape(seen[0].shape[1], -1)
     np.testing.assert_allclose(out.mean(dim=1).numpy(), 0.0, atol=1e-3)
     np.testing.assert_allclose(out.std(dim=1).numpy(), 1.0, atol=1e-3)
@@ -434,3 +437,19 @@ def test_resnet18_frontend_time_and_memory():
     m = json.loads(out.stdout.strip().splitlines()[-1])
     print(m)
     assert m["seconds"] < 5.0 and m["peak_over_before_mib"] < 512 and m["peak_rss_mib"] < 1536
+
+
+def test_weights_of_any_float_dtype_are_copied_not_shared():
+    """Conv/linear weights reach the IR as views (one float64 copy, made by the node);
+    other dtypes are converted, and the model's own weights never change."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 2)).to(torch.bfloat16)
+    graph = to_graph(model, (2, 4, 4))
+    conv = graph.nodes[1].params["weight"]
+    assert conv.dtype == np.float64 and not conv.flags.writeable
+    np.testing.assert_array_equal(conv, model[0].weight.detach().double().numpy())
+    model32 = nn.Sequential(nn.Linear(3, 2))
+    graph = to_graph(model32, (3,))
+    with torch.no_grad():
+        model32[0].weight.add_(1.0)  # later edits to the model do not reach the graph
+    assert not np.allclose(graph.nodes[1].params["weight"],
+                           model32[0].weight.detach().double().numpy())
