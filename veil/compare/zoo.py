@@ -97,7 +97,7 @@ def build(name: str, seed: int = 0, calibration_images: int = 16,
     training:
 
     1. every convolution and linear layer is scaled so that its output has unit
-       standard deviation on the photos (VGG has no batch norm, and torchvision's
+       standard deviation on four of the photos (VGG has no batch norm, and torchvision's
        init shrinks its logits to ~0.01);
     2. batch-norm running statistics are recomputed on the photos
        (:func:`calibrate_batchnorm`);
@@ -121,9 +121,9 @@ def build(name: str, seed: int = 0, calibration_images: int = 16,
     finally:
         torch.random.set_rng_state(state)  # leave the caller's global RNG as it was
     images = sample_images(entry.input_shape, calibration_images, seed=seed + 1)
-    _unit_scale(model, images[:batch_size])
+    _unit_scale(model, images[:4])  # a global std per layer: a few photos suffice
     calibrate_batchnorm(model, images, batch_size)
-    _centre_classifier(model, images, batch_size)
+    _centre_classifier(model, images, 4)  # eval mode: any batching gives the same logits
     return model.eval()
 
 
@@ -190,6 +190,8 @@ def calibrate_batchnorm(model: Any, images: np.ndarray, batch_size: int = 16) ->
 
     model.eval()
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:  # VGG: nothing to calibrate, and the pass would cost 2 GB
+        return model
     saved = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()

@@ -23,7 +23,34 @@ ModuleHandler = Callable[[GraphBuilder, Site, Any, str], str]
 
 def to_numpy(tensor: Any) -> np.ndarray:
     """A float64 numpy copy of a torch tensor (any dtype or device)."""
-    return tensor.detach().cpu().double().numpy().copy()
+    import torch
+
+    # exactly one copy: VGG-16's first classifier layer is 0.8 GB in float64
+    return tensor.detach().cpu().to(torch.float64, copy=True).numpy()
+
+
+def weight_view(tensor: Any) -> np.ndarray:
+    """A read-only numpy view of a float32/float64 weight (other dtypes: a float64 copy).
+
+    Conv and linear weights go straight into IR nodes, which make their own float64
+    copy; converting first would hold two float64 copies of each layer at once (1.6 GB
+    for VGG-16's first classifier layer). Arithmetic on weights uses :func:`to_numpy`.
+    """
+    import torch
+
+    t = tensor.detach().cpu()
+    if t.dtype not in (torch.float32, torch.float64):
+        return to_numpy(t)
+    view = t.numpy()
+    view.flags.writeable = False
+    return view
+
+
+def _float_array(site: Site, value: Any, what: str) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "fiu":
+        raise site.error(f"{what} has dtype {arr.dtype}; expected numbers")
+    return arr
 
 
 def _pairs(site: Site, **values: Any) -> dict[str, tuple[int, int]]:
@@ -40,7 +67,7 @@ def linear(b: GraphBuilder, site: Site, x: str, weight: np.ndarray,
     if len(shape) != 1:
         raise site.error(f"the input has per-sample shape {shape}; veil applies "
                          f"{site.what} to flat (features,) inputs only, flatten first")
-    weight = np.asarray(weight, dtype=np.float64)
+    weight = _float_array(site, weight, "weight")  # the IR node copies it to float64
     if weight.ndim != 2:
         raise site.error(f"weight has shape {weight.shape}, expected (out, in)")
     bias = np.zeros(weight.shape[0]) if bias is None else np.asarray(bias, dtype=np.float64)
@@ -63,7 +90,7 @@ def conv2d_module(b: GraphBuilder, site: Site, mod: Any, x: str) -> str:
     """nn.Conv2d with any groups, stride and dilation, and zero padding."""
     if mod.padding_mode != "zeros":
         raise site.error(f"padding_mode={mod.padding_mode!r}; only 'zeros' is supported")
-    weight = to_numpy(mod.weight)
+    weight = weight_view(mod.weight)
     bias = to_numpy(mod.bias) if mod.bias is not None else None
     return conv2d(b, site, x, weight, bias, stride=mod.stride, padding=mod.padding,
                   dilation=mod.dilation, groups=mod.groups)
@@ -72,7 +99,7 @@ def conv2d_module(b: GraphBuilder, site: Site, mod: Any, x: str) -> str:
 def conv2d(b: GraphBuilder, site: Site, x: str, weight: np.ndarray, bias: np.ndarray | None,
            stride: Any = 1, padding: Any = 0, dilation: Any = 1, groups: int = 1) -> str:
     """A 2-D cross-correlation (torch semantics): weight (Co, Ci/groups, kh, kw)."""
-    weight = np.asarray(weight, dtype=np.float64)
+    weight = _float_array(site, weight, "weight")  # the IR node copies it to float64
     if weight.ndim != 4:
         raise site.error(f"weight of shape {weight.shape}; only 2-D convolution is supported")
     # an input of the wrong rank is a wrong input_shape: the shape rule's GraphError says so
@@ -301,7 +328,7 @@ def mean(b: GraphBuilder, site: Site, x: str, dim: Any, keepdim: bool) -> str:
 
 def _linear_module(b: GraphBuilder, site: Site, mod: Any, x: str) -> str:
     bias = to_numpy(mod.bias) if mod.bias is not None else None
-    return linear(b, site, x, to_numpy(mod.weight), bias)
+    return linear(b, site, x, weight_view(mod.weight), bias)
 
 
 def module_handlers(nn: Any) -> list[tuple[type, ModuleHandler]]:

@@ -38,11 +38,15 @@ def onnx_to_graph(model: Any, input_shape: tuple[int, ...]) -> Graph:
 
     proto = _load(onnx, model)
     try:
-        onnx.checker.check_model(proto)
+        # A path is checked from the file: checking a proto serializes a copy of it
+        # (0.5 GB for VGG-16).
+        onnx.checker.check_model(os.fspath(model) if proto is not model else proto)
     except onnx.checker.ValidationError as exc:
         raise GraphError(f"invalid ONNX model: {exc}") from exc
     graph = proto.graph
     consts = _constants(onnx, graph)
+    if proto is not model:  # loaded here: drop the weights' second copy early
+        graph.ClearField("initializer")
     x_name, batch = _graph_input(graph, consts, input_shape)
     if len(graph.output) != 1:
         raise UnsupportedOperation(f"the ONNX graph has {len(graph.output)} outputs; veil "
@@ -187,7 +191,10 @@ class _Converter:
             raise site.error("transA=1 is not supported")
         x = self._tensor(site, node.input[0])
         mat = self._const(site, node.input[1], "B")
-        weight = float(attrs.get("alpha", 1.0)) * (mat if attrs.get("transB", 0) else mat.T)
+        weight = mat if attrs.get("transB", 0) else mat.T
+        alpha = float(attrs.get("alpha", 1.0))
+        if alpha != 1.0:  # (no float32 copy of the weight when there is nothing to scale)
+            weight = alpha * weight.astype(np.float64)
         c = self._opt_const(site, node, 2, "C")
         bias = None
         if c is not None:

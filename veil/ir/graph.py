@@ -151,6 +151,8 @@ def make_node(name: str, op: Op, inputs: Iterable[str], in_shapes: list[tuple[in
               params: Mapping[str, np.ndarray] | None = None) -> Node:
     """Build a node, inferring its output shape from its input shapes."""
     attrs = {k: _freeze(v) for k, v in dict(attrs or {}).items()}
-    params = {k: np.asarray(v, dtype=np.float64) for k, v in dict(params or {}).items()}
+    # No float64 conversion here: Node makes its own float64 copy, and converting first
+    # would hold two copies of a large weight at once (VGG-16's fc6: 2 x 0.8 GB).
+    params = {k: np.asarray(v) for k, v in dict(params or {}).items()}
     shape = infer_shape(Op(op), in_shapes, attrs, params)
     return Node(name, Op(op), tuple(inputs), shape, attrs, params)
