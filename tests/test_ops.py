@@ -69,6 +69,7 @@ CASES = {
     "reshape": (_unary(Op.RESHAPE, shape=(144,)), Op.RESHAPE),
     "concat": (_graph(("r", Op.RELU, ["x"], {}, {}),
                       ("y", Op.CONCAT, ["x", "r"], {"axis": 0}, {})), Op.CONCAT),
+    "add_same_value_twice": (_graph(("y", Op.ADD, ["x", "x"], {}, {})), Op.ADD),
     "add_residual": (_graph(("r", Op.RELU, ["x"], {}, {}),
                             ("y", Op.ADD, ["x", "r"], {}, {})), Op.ADD),
     "sub_broadcast": (_graph(("g", Op.GLOBALAVGPOOL, ["x"], {}, {}),

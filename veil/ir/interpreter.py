@@ -58,7 +58,7 @@ def run(graph: Graph, x: np.ndarray, *, trace: bool = False):
     for i, node in enumerate(graph.nodes[1:], start=1):
         values[node.name] = eval_node(node, [values[s] for s in node.inputs])
         if not trace:
-            for s in node.inputs:
+            for s in set(node.inputs):       # a node may read one value twice
                 if last[s] == i and s != graph.output:
                     del values[s]
     return values if trace else values[graph.output]
