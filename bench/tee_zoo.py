@@ -291,6 +291,37 @@ def _servers(graph, tmp: Path, x, runtime: tuple[str, str], threads: int, n: int
             "stream_ratio": sthr[1], "stream_ratio_iqr": [sthr[0], sthr[2]], **rss}
 
 
+def _sealing_ms(x, reps: int = 20) -> dict:
+    """Milliseconds of CPU that sealing adds to one request of 1 and of 8 images (both
+    sides, one process, no sockets): client seals, enclave opens and seals the 1000
+    logits, client opens; minus packing and unpacking the same arrays unsealed."""
+    import secrets
+
+    import numpy as np
+    from veil.backends.sockets import pack_arrays, unpack_arrays
+    from veil.backends.tee import seal
+
+    keys = seal.ChannelKeys(secrets.token_bytes(32), secrets.token_bytes(32), b"h" * 25)
+    out = {}
+    for batch in (1, 8):
+        xb, y = x[:batch], np.zeros((batch, 1000))
+
+        def plain():
+            unpack_arrays(pack_arrays({"x": xb}))
+            unpack_arrays(pack_arrays({"y": y}))
+
+        def sealed():
+            raw = seal.Header(b"c" * 16, 1, "x25519").encode()
+            got, raw, body = seal.read_header(keys.seal(True, 1, raw, pack_arrays({"x": xb})))
+            unpack_arrays(keys.decrypt(True, got.seq, raw, body))
+            reply = keys.encrypt(False, got.seq, raw, pack_arrays({"y": y}))
+            unpack_arrays(keys.decrypt(False, seal.header_seq(raw), raw, reply))
+
+        out[f"batch{batch}_added_ms"] = 1e3 * (_median(sealed, reps) - _median(plain, reps))
+        out[f"batch{batch}_request_mb"] = len(pack_arrays({"x": xb})) / 2**20
+    return out
+
+
 def _model(name: str, tmp: Path, threads: int, n: int, skip_before: bool) -> dict:
     import numpy as np
     import torch
@@ -310,6 +341,7 @@ def _model(name: str, tmp: Path, threads: int, n: int, skip_before: bool) -> dic
     row = {"model": name, "converted_by": how, "nodes": len(graph.nodes),
            "graph_vs_torch_max_abs": float(np.abs(ref - torch_out).max()),
            "runtimes": runtimes, "servers": {}}
+    row["sealing"] = _sealing_ms(x)
     row["servers"]["chosen"] = _servers(graph, d, x, CHOSEN, threads, n)
     print(row["servers"]["chosen"], flush=True)
     if not skip_before:
@@ -319,12 +351,15 @@ def _model(name: str, tmp: Path, threads: int, n: int, skip_before: bool) -> dic
     return row
 
 
-def _md(rows: list[dict], threads: int) -> list[str]:
+def _md(rows: list[dict], threads: int, load: list[float]) -> list[str]:
     lines = [
         f"`python bench/tee_zoo.py`; torchvision models with random weights (weights=None), "
         f"inputs N(0, 1) of 3x224x224; {threads} intra-op threads per runtime; this machine "
-        f"has {os.cpu_count()} cores shared with other work, so absolute times drift "
-        "between runs (ratios are paired within rounds).", "",
+        f"has {os.cpu_count()} cores shared with other work (5-minute load average "
+        f"{min(load):.1f}-{max(load):.1f} during the run), so absolute times drift within and "
+        "between runs; ratios are paired within rounds. The interpreter rows of the "
+        "server table (the before) rest on 1-2 requests each: their ratios are noise, "
+        "their times are what matters.", "",
         "## Runtimes (in-process, one fresh worker process each)", "",
         "| model | runtime | dtype | batch 1 ms | batch 8 ms | batch 8 images/s | "
         "peak RSS MB | max abs error vs float64 interpreter (relative to max abs output) |",
@@ -357,6 +392,17 @@ def _md(rows: list[dict], threads: int) -> list[str]:
                 f"{s['stream_ratio']:.3f} | {s['enclave_rss_mb']:.0f} | "
                 f"{s['plain_rss_mb']:.0f} | {s['n_single']} / {s['n_batch8']} / "
                 f"{s['n_stream']} |")
+    lines += ["", "Targets (chosen runtime): " + "; ".join(
+        f"{r['model']}: latency ratio {s['latency_ratio']:.3f} "
+        f"({'met' if s['latency_ratio'] <= TARGETS['latency_ratio_max'] else 'NOT met'}), "
+        f"batch-8 throughput ratio {s['batch8_ratio']:.3f} / stream {s['stream_ratio']:.3f} "
+        f"({'met' if min(s['batch8_ratio'], s['stream_ratio']) >= TARGETS['throughput_ratio_min'] else 'NOT met'})"
+        for r in rows for s in [r["servers"]["chosen"]]) + "."]
+    lines += ["", "CPU that sealing adds per request (client and enclave, one process, no "
+              "sockets; the inputs travel as float64): " + "; ".join(
+                  f"{r['model']}: {r['sealing']['batch1_added_ms']:.2f} ms for 1 image "
+                  f"({r['sealing']['batch1_request_mb']:.1f} MiB), "
+                  f"{r['sealing']['batch8_added_ms']:.2f} ms for 8" for r in rows) + "."]
     lines += ["", "Conversion: " + "; ".join(
         f"{r['model']}: {r['converted_by']}, {r['nodes']} nodes, graph vs torch float32 "
         f"max abs {r['graph_vs_torch_max_abs']:.1e}" for r in rows) + ".",
@@ -382,14 +428,15 @@ def main(argv=None) -> int:
         return 0
     from harness import write_results
 
-    rows = []
+    rows, load = [], [os.getloadavg()[1]]
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             rows.append(_model(name, Path(tmp), args.threads, args.n, args.skip_before))
+            load.append(os.getloadavg()[1])
     data = {"targets": TARGETS, "threads": args.threads, "cpus": os.cpu_count(),
-            "rows": rows}
+            "load_avg_5min": load, "rows": rows}
     return write_results(ROOT / "bench" / "results", "tee_zoo", data,
-                         time.strftime("%Y-%m-%d %H:%M:%S"), _md(rows, args.threads))
+                         time.strftime("%Y-%m-%d %H:%M:%S"), _md(rows, args.threads, load))
 
 
 if __name__ == "__main__":

@@ -344,3 +344,12 @@ def test_zoo_224_through_the_enclave_process(name, tmp_path):
     np.testing.assert_allclose(ys, ref, rtol=0, atol=1e-4 * scale)
     np.testing.assert_allclose(ys, want, rtol=0, atol=1e-4 * scale)
     np.testing.assert_array_equal(ys, ys_plain)
+
+
+def test_the_measurement_covers_the_runtime_version(tmp_path, monkeypatch):
+    ex = bundle.export_model(CASES["relu"](), tmp_path / "b")
+    assert bundle.measure(ex.directory) == ex.measurement
+    real = metadata.version
+    monkeypatch.setattr(executor.metadata, "version",
+                        lambda name: "9.9.9" if name == "onnxruntime" else real(name))
+    assert bundle.measure(ex.directory) != ex.measurement

@@ -7,8 +7,9 @@ implement (``tests/test_tee_runtime.py`` checks both directions):
 - ``onnxruntime`` (the default, pinned in the ``tee`` extra): the graph is translated to
   ONNX inside the enclave (``onnx_kernels.py``) and run by onnxruntime's CPU provider,
   float32. Chosen by measurement (``bench/results/tee_zoo.md``): on ResNet-18 and
-  MobileNetV2 at 224x224 it was the fastest at batch 1 and 8 with 2 threads, and it
-  does not load torch (whose import alone costs ~300 MB of resident memory).
+  MobileNetV2 at 224x224 with 2 threads it was the fastest at batch 1 and 8 (1.8x or
+  more over torch float32, 6x or more over the interpreter, on a shared 2-core
+  machine) with half torch's peak memory or less (the enclave never loads torch).
 - ``torch`` (``veil[torch]``): eager torch kernels (``torch_kernels.py``), float32 or
   float64 (the float64 one agrees with the reference to rounding, at several times the
   cost).
