@@ -17,13 +17,18 @@ Writes bench/results/mpc_zoo.{json,md}. Usage: python bench/mpc_zoo.py [--models
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+# one BLAS thread per process (set before numpy loads OpenBLAS): both parties and the
+# dealer share these cores, and OpenBLAS threads spinning against each other cost ~10x
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
