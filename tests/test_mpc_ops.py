@@ -195,3 +195,27 @@ def test_fss_comparisons_run_the_same_kernels():
     got, want, chans = run_mpc(chain(shape, *specs), x, cmp="fss")
     np.testing.assert_allclose(got, want, atol=1e-4)
     assert FRAC_BITS == 20
+
+
+def test_circuit_material_in_chunks_joins_into_one():
+    """The processes fetch large steps in chunks; joined, the chunks are material for
+    the whole step: ReLU and truncation stay exact across the seams."""
+    from veil.backends.mpc import protocols as pr
+
+    prg = Prg()
+    x = RNG.normal(size=1000) * 50
+    s0, s1 = share(encode(x), prg)
+    for kind in ("relu", "trunc_relu"):
+        halves = [ev.dealer_material([ev.Step(kind, n)], 1, prg) for n in (512, 488)]
+        mats = [pr.material_from_arrays(pr.concat_circuit_arrays(
+            [pr.material_arrays(h[p]) for h in halves]))[0] for p in (0, 1)]
+        if kind == "relu":
+            (r0, r1), _ = run_parties(lambda p, ch, inp: pr.relu(ch, p, *inp),
+                                      ((s0, mats[0]), (s1, mats[1])))
+            assert np.array_equal(reconstruct(r0, r1), encode(np.maximum(decode(encode(x)), 0)))
+        else:
+            y = [s * np.uint64(1 << FRAC_BITS) for s in (s0, s1)]
+            (r0, r1), _ = run_parties(lambda p, ch, inp: pr.trunc_relu(ch, p, *inp),
+                                      ((y[0], mats[0]), (y[1], mats[1])))
+            assert np.array_equal(reconstruct(r0, r1),
+                                  np.maximum(encode(x).view(np.int64), 0).view(np.uint64))

@@ -707,6 +707,9 @@ MPC_OPS = frozenset(KERNELS)
 
 
 # -- memory ---------------------------------------------------------------------------------
+# Values per dealer request when the processes stream circuit material (a multiple of
+# 8: chunks of packed bit rows join on whole bytes).
+CHUNK = 1 << 18
 BASE_BYTES = 160 << 20        # an idle party or dealer process (Python, numpy, links)
 DEFAULT_BUDGET = 2 << 30      # bytes per process
 
@@ -745,7 +748,9 @@ def estimate_memory(graph: Graph, batch: int = 1, frac_bits: int = FRAC_BITS,
     """Estimated peak bytes of each process for ``batch`` inputs: a party holds the
     weights (float64 and fixed point), the live activations, the current node's
     temporaries and ``layers_held`` layers of material (received frame and parsed
-    arrays); the dealer one layer for both parties (generated and packed)."""
+    arrays); the dealer one chunk (``CHUNK`` values, circuits) or step (DCFs) for both
+    parties (generated, packed one half at a time, then encrypted and framed: ~6
+    copies of one half, measured)."""
     prog = Program(graph, frac_bits)
     weights = sum(16 * int(a.size) for n in graph.nodes for a in n.params.values())
     live: dict[str, int] = {graph.input.name: 8 * prog.size(graph.input) * batch}
@@ -755,7 +760,9 @@ def estimate_memory(graph: Graph, batch: int = 1, frac_bits: int = FRAC_BITS,
         mat = material_bytes(prog.steps[node.name], batch, frac_bits, cmp)
         party = max(party, sum(live.values()) + _work_bytes(prog, node, batch)
                     + 2 * layers_held * mat)
-        dealer = max(dealer, 6 * mat)
+        dealer = max([dealer] + [6 * material_bytes(
+            [Step(s.kind, min(s.size * batch, CHUNK) if cmp == "circuit" else s.size * batch)],
+            1, frac_bits, cmp) for s in prog.steps[node.name]])
         for s in node.inputs:
             if prog.last_use.get(s) == i and s != graph.output:
                 live.pop(s, None)

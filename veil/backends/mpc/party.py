@@ -18,7 +18,7 @@ from . import protocols as pr
 from . import tickets
 from . import transport as tp
 from ...errors import ModelTooLargeError
-from .evaluator import (COMPARISONS, DEFAULT_BUDGET, Program, check_memory, evaluate,
+from .evaluator import (CHUNK, COMPARISONS, DEFAULT_BUDGET, Program, check_memory, evaluate,
                         material_bytes, output_frac_bits)
 from .fixed import FRAC_BITS
 from .wire import (CLIENT_REQUEST, CLIENT_RESULT, DEFAULT_TIMEOUT, ERROR, LINK_GRACE_S,
@@ -377,12 +377,18 @@ class Party:
         return [[[s.kind, s.size] for s in layer.steps] for layer in self.layers[start:stop]]
 
     def _material(self, dealer: tp.Link, session: str, seq: int, batch: int,
-                  layers: tuple[int, int] | None = None) -> tuple[list, int]:
+                  layers: tuple[int, int] | None = None, step: int | None = None,
+                  chunk: int = 0, values: int | None = None) -> tuple:
         """Layers ``[start, stop)`` (all by default) of set ``seq``: one material list
-        per layer, and the bytes received."""
+        per layer, and the bytes received. With ``step``: chunk ``chunk`` of that
+        step of layer ``start``, ``values`` values, as the raw named arrays."""
         start, stop = layers or (0, len(self.layers))
+        steps = self._steps(start, stop)
+        if step is not None:
+            steps = [[[steps[0][step][0], int(values)]]]
         req = {"session": session, "seq": seq, "batch": batch, "frac_bits": self.frac_bits,
-               "cmp": self.cmp, "layer": start, "steps": self._steps(start, stop)}
+               "cmp": self.cmp, "layer": start, "step": step or 0, "chunk": chunk,
+               "steps": steps}
         with self._dealer_lock:     # the prefetch thread shares this link
             try:
                 dealer.send(MATERIAL_REQUEST, json.dumps(req).encode())
@@ -396,6 +402,8 @@ class Party:
         try:
             arrays = so.unpack_arrays(body)
             sizes = [int(n) for n in arrays.pop("layer_sizes")]
+            if step is not None:
+                return arrays, len(body)
             flat = pr.material_from_arrays(arrays)
             if len(sizes) != stop - start or sum(sizes) != len(flat):
                 raise ValueError("the layers do not match the request")
@@ -595,8 +603,23 @@ class Party:
         ahead: dict[int, tuple[threading.Thread, list]] = {}
 
         def get(i: int, box: list) -> None:
+            """Layer i, one dealer request per step, and with circuit comparisons per
+            chunk of ``CHUNK`` values of a step (the dealer holds one chunk)."""
             try:
-                box.append(self._material(dealer, f"{session}/stream", seq, batch, (i, i + 1)))
+                items, size = [], 0
+                for j, step in enumerate(self.layers[i].steps):
+                    total = step.size * batch
+                    size_c = CHUNK if self.cmp == "circuit" else total
+                    parts = []
+                    for c, at in enumerate(range(0, total, size_c)):
+                        arrays, n = self._material(dealer, f"{session}/stream", seq, 1,
+                                                   (i, i + 1), step=j, chunk=c,
+                                                   values=min(size_c, total - at))
+                        parts.append(arrays)
+                        size += n
+                    items += pr.material_from_arrays(pr.concat_circuit_arrays(parts))
+                    del parts
+                box.append(([items], size))
             except BaseException as exc:        # raised where the layer is needed
                 box.append(exc)
 
@@ -632,10 +655,10 @@ class Party:
                 material, offline_bytes = pooled
             else:
                 material, offline_bytes = self._pooled(batch, mid)[1]
-            t1 = time.perf_counter()
+            t1, cpu = time.perf_counter(), time.process_time()
             chan = _PeerChannel(peer, self.party)
             out = evaluate(self.party, chan, self.program, req.share, material, self.frac_bits)
-            t2 = time.perf_counter()
+            t2, cpu = time.perf_counter(), time.process_time() - cpu
         except (VeilError, OSError, StopIteration) as exc:
             role = getattr(exc, "role", self._other())
             self._fail(req, f"the inference failed: {exc}", role)
@@ -647,7 +670,8 @@ class Party:
             "online_bytes_sent": chan.bytes_sent,
             "offline_bytes": offline_bytes + stream["bytes"],
             "offline_s": t1 - t0 + stream["offline_s"],
-            "online_s": t2 - t1 - stream["offline_s"], "layers_streamed": stream["layers"],
+            "online_s": t2 - t1 - stream["offline_s"], "cpu_s": cpu,
+            "layers_streamed": stream["layers"],
             "peak_layer_bytes": stream["peak"],
             "max_rss_bytes": peak_rss(),
             "estimated_bytes": self.estimate["party"]}).encode(), np.uint8)}

@@ -434,6 +434,17 @@ def material_arrays(items: list) -> dict[str, np.ndarray]:
     return out
 
 
+def concat_circuit_arrays(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Circuit material for consecutive chunks of values (every chunk but the last a
+    multiple of 8 values) as one: every array keeps its values, or its packed bit rows,
+    on the last axis, so the chunks join there (kinds and widths are shared)."""
+    if len(parts) == 1:
+        return parts[0]
+    return {k: (v if k.endswith((".kind", ".width")) else
+                np.concatenate([p[k] for p in parts], axis=-1))
+            for k, v in parts[0].items()}
+
+
 def material_from_arrays(arrays: dict[str, np.ndarray]) -> list:
     """Inverse of :func:`material_arrays`; KeyError/ValueError on malformed input."""
     def key(prefix: str) -> fss.DcfKey:
