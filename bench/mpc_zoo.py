@@ -138,6 +138,12 @@ def mobilenet_v2_graph(model, shape):
     return Graph(tuple(nodes), nodes[-1].name)
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used since it started."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _hwm(pid: int) -> int:
     """Peak resident set (VmHWM) of a live process, bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -177,9 +183,14 @@ def measure(name: str, model, shape, n: int = 1, timeout: float = 600.0) -> dict
                                            "--model", mdir, "--dealer", f"{da[0]}:{da[1]}",
                                            "--peer", f"{peer[0]}:{peer[1]}", "--timeout", t],
                                 timeout=300)
+            roles = ("party0", "party1", "dealer")
+            cpu0 = {k: _cpu_s(procs.children[k].proc.pid) for k in roles}
+            load0 = os.getloadavg()[0]
             with MpcClient(keys, a0, a1, shape, timeout=timeout) as client:
                 runs = [client.infer(x[i:i + 1]) for i in range(n)]
-            rss = {k: _hwm(procs.children[k].proc.pid) for k in ("party0", "party1", "dealer")}
+            rss = {k: _hwm(procs.children[k].proc.pid) for k in roles}
+            cpu = {k: (_cpu_s(procs.children[k].proc.pid) - cpu0[k]) / n for k in roles}
+            load = (load0 + os.getloadavg()[0]) / 2
     out = np.concatenate([r.outputs for r in runs])
     span = float(plain.max() - plain.min())
     st = runs[0].stats
@@ -188,6 +199,7 @@ def measure(name: str, model, shape, n: int = 1, timeout: float = 600.0) -> dict
         "end_to_end_s": float(np.median([r.latency_s for r in runs])),
         "online_s": float(np.median([max(s["online_s"] for s in r.stats) for r in runs])),
         "party_cpu_s": float(np.median([max(s["cpu_s"] for s in r.stats) for r in runs])),
+        "process_cpu_s": cpu, "load_average": load,
         "offline_s": float(np.median([max(s["offline_s"] for s in r.stats) for r in runs])),
         "rounds": st[0]["online_rounds"],
         "party_bytes": sum(s["online_bytes_sent"] for s in st),
@@ -295,8 +307,8 @@ def main(argv=None) -> int:
             notes.append(f"- {name}: not run: {type(exc).__name__}: {exc}".splitlines()[0])
             print(notes[-1], flush=True)
     convs = conv_variants()
-    head = ["model", "end-to-end s (target)", "online s", "offline s", "party CPU s",
-            "rounds",
+    head = ["model", "end-to-end s (target)", "online s", "offline s",
+            "CPU s p0/p1/dealer", "load avg", "rounds",
             "party<->party MiB (CrypTen)", "dealer->parties MiB", "peak RSS MiB p0/p1/dealer",
             "estimate MiB party/dealer", "largest layer material MiB",
             "max logit error / range", "argmax agrees", "CrypTen s"]
@@ -307,7 +319,8 @@ def main(argv=None) -> int:
         lines.append(
             f"| {r['model']} {tuple(r['input'])} | {r['end_to_end_s']:.2f} "
             f"({TARGET_S[r['model']]}) | {r['online_s']:.2f} | {r['offline_s']:.2f} | "
-            f"{r['party_cpu_s']:.2f} | "
+            f"{r['process_cpu_s']['party0']:.1f}/{r['process_cpu_s']['party1']:.1f}/"
+            f"{r['process_cpu_s']['dealer']:.1f} | {r['load_average']:.0f} | "
             f"{r['rounds']} | {r['party_bytes'] / 2**20:.0f} ({cg * 1024:.0f}) | "
             f"{r['dealer_bytes'] / 2**20:.0f} | {rss['party0'] / 2**20:.0f}/"
             f"{rss['party1'] / 2**20:.0f}/{rss['dealer'] / 2**20:.0f} | "
@@ -322,7 +335,8 @@ def main(argv=None) -> int:
                          time.strftime("%Y-%m-%d %H:%M:%S"),
                          ["`python bench/mpc_zoo.py`; dealer, party 0 and party 1 as three "
                           "processes on loopback on a 2-core machine shared with other "
-                          "jobs; one image; material streamed from the dealer layer by "
+                          "jobs (load avg column: runnable jobs at the time; wall times "
+                          "stretch with it, the processes' CPU seconds do not); one image; material streamed from the dealer layer by "
                           "layer (offline = time the parties waited for it); random weights "
                           "with random BN statistics; bytes are both directions summed "
                           "over both parties.", "", *lines])

@@ -92,6 +92,7 @@ CASES = {
                                        (Op.ADD, {}, {}, ["n3", "n0"]), (Op.RELU, {}, {})]),
     "sub_of_two_convs_out": ((3, 5, 5), [conv(3, 2, 3), (*conv(3, 2, 3), ["n0"]),
                                           (Op.SUB, {}, {}, ["n1", "n2"])]),
+    "clip_alone": ((40,), [(Op.CLIP, {"lo": -0.5, "hi": 2.0}, {})]),
     "hardswish": ((50,), [(Op.HARDSWISH, {}, {})]),
     "poly": ((20,), [(Op.POLY, {"coeffs": (0.1, 0.5, 0.25, -0.05), "lo": -4.0, "hi": 4.0},
                       {})]),

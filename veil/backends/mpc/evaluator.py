@@ -24,7 +24,8 @@ parentheses:
 - RELU: one comparison and one Beaver product, 8 rounds (2); fused with the truncation
   before it when it is that layer's only reader.
 - CLIP (ReLU6, Hardtanh): exact, lo + ReLU(x - lo) - ReLU(x - hi), both ReLUs in one
-  batch (8 rounds).
+  batch (8 rounds); after an affine layer, ReLU(x - lo) comes with its truncation and
+  ReLU(x - hi) = ReLU(ReLU(x - lo) - (hi - lo)) is one ReLU more (half the material).
 - MAXPOOL2D (padding and ceil mode included): padding cells hold a public constant
   below any representable value; a tree of max(a, b) = b + ReLU(a - b) per window.
 - MUL of two shared tensors (broadcasting): a Beaver product and a truncation; SQUARE
@@ -254,7 +255,7 @@ class Program:
         for node in graph.nodes:
             readers = graph.consumers(node.name)
             if (node.name in self.truncating and node.name != graph.output
-                    and len(readers) == 1 and readers[0].op is Op.RELU):
+                    and len(readers) == 1 and readers[0].op in (Op.RELU, Op.CLIP)):
                 self.fused[node.name] = readers[0].name
         self.absorbed = set(self.fused.values())
         self.steps = {n.name: tuple(KERNELS[n.op].steps(self, n)) for n in graph.nodes}
@@ -436,7 +437,12 @@ def _finish(run: Run, node, y: np.ndarray) -> np.ndarray:
     at 2f bits as the output or for the ADD/SUB that reads it."""
     if node.name == run.prog.output or node.name in run.prog.deferred:
         return y
-    return run.trunc(y, relu=node.name in run.prog.fused)
+    reader = run.prog.fused.get(node.name)
+    if reader is not None and run.prog.graph.node(reader).op is Op.CLIP:
+        # trunc+ReLU of y - lo: ReLU(t - lo), exactly (lo in fixed point, lifted to 2f)
+        lo = _scaled(run.prog.graph.node(reader).attrs["lo"], run.f) << np.uint64(run.f)
+        y = y - run.public(lo)
+    return run.trunc(y, relu=reader is not None)
 
 
 def _bias2f(run: Run, node, name: str = "bias") -> np.ndarray:
@@ -555,10 +561,19 @@ def _relu(run: Run, node, args):
     return run.relu(args[0])
 
 
+def _clip_steps(prog, node):
+    return [Step("relu", prog.size(node) * (1 if node.name in prog.absorbed else 2))]
+
+
 def _clip(run: Run, node, args):
-    """lo + ReLU(x - lo) - ReLU(x - hi): exact, both ReLUs in one batch."""
+    """lo + ReLU(x - lo) - ReLU(x - hi): exact, both ReLUs in one batch. After an
+    affine layer that computed r = ReLU(x - lo) with its truncation, one ReLU more:
+    ReLU(x - hi) = ReLU(r - (hi - lo)) since hi > lo."""
     x, f = args[0], run.f
     lo, hi = (_scaled(node.attrs[k], f) for k in ("lo", "hi"))
+    if node.name in run.prog.absorbed:
+        width = np.asarray(hi.view(np.int64) - lo.view(np.int64)).view(np.uint64)
+        return run.public(lo) + x - run.relu(x - run.public(width))
     both = run.relu(np.stack([x - run.public(lo), x - run.public(hi)]))
     return run.public(lo) + both[0] - both[1]
 
@@ -689,7 +704,7 @@ KERNELS: dict[Op, Kernel] = {
     Op.GLOBALAVGPOOL: Kernel(_affine_steps, _global_avgpool, affine=True),
     Op.MAXPOOL2D: Kernel(_maxpool_steps, _maxpool),
     Op.RELU: Kernel(_relu_steps, _relu),
-    Op.CLIP: Kernel(lambda prog, node: [Step("relu", 2 * prog.size(node))], _clip),
+    Op.CLIP: Kernel(_clip_steps, _clip),
     Op.SIGMOID: Kernel(_piece_steps, _piece_op),
     Op.SILU: Kernel(_piece_steps, _piece_op),
     Op.HARDSIGMOID: Kernel(_piece_steps, _piece_op),
