@@ -220,3 +220,33 @@ def test_circuit_material_in_chunks_joins_into_one():
                                       ((y[0], mats[0]), (y[1], mats[1])))
             assert np.array_equal(reconstruct(r0, r1),
                                   np.maximum(encode(x).view(np.int64), 0).view(np.uint64))
+
+
+def test_party0_material_as_a_seed_keeps_every_share_sum():
+    """The dealer sends party 0 a seed instead of its circuit material: expanded, it
+    and party 1's adjusted half still add (XOR) up to the same values, and the
+    protocol stays exact; party 0's message is a few hundred bytes."""
+    import secrets
+
+    from veil.backends.mpc import protocols as pr
+    from veil.backends.sockets import pack_arrays
+
+    prg = Prg()
+    x = RNG.normal(size=777) * 20
+    s0, s1 = share(encode(x), prg)
+    m0, m1 = ev.dealer_material([ev.Step("trunc_relu", 777)], 1, prg)
+    a0, a1 = pr.material_arrays(m0), pr.material_arrays(m1)
+    small, b1 = pr.seed_circuit_arrays(a0, a1, secrets.token_bytes(32))
+    b0 = pr.expand_seeded(small)
+    assert len(pack_arrays(small)) < 2000 < len(pack_arrays(a0))
+    for k in a0:
+        if not k.endswith((".kind", ".width")):
+            want = a0[k] + a1[k] if a0[k].dtype == np.uint64 else a0[k] ^ a1[k]
+            got = b0[k] + b1[k] if b0[k].dtype == np.uint64 else b0[k] ^ b1[k]
+            assert np.array_equal(got, want) and not np.array_equal(b0[k], a0[k])
+    y = [s * np.uint64(1 << FRAC_BITS) for s in (s0, s1)]
+    mats = [pr.material_from_arrays(b)[0] for b in (b0, b1)]
+    (r0, r1), _ = run_parties(lambda p, ch, inp: pr.trunc_relu(ch, p, *inp),
+                              ((y[0], mats[0]), (y[1], mats[1])))
+    assert np.array_equal(reconstruct(r0, r1),
+                          np.maximum(encode(x).view(np.int64), 0).view(np.uint64))

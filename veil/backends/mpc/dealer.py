@@ -11,6 +11,7 @@ fetched (one chunk of a step while streaming).
 from __future__ import annotations
 
 import json
+import secrets
 import socket
 import threading
 import time
@@ -116,13 +117,16 @@ class Dealer:
                     del m0, m1
                 sizes = np.array([len(layer) for layer in layers], np.uint64)
                 me = 0 if party == "party0" else 1
-                # pack one half at a time and drop its arrays: the peak is the material
-                # once plus one packed half
-                theirs = so.pack_arrays({**pr.material_arrays(sets[1 - me]),
-                                         "layer_sizes": sizes})
-                sets[1 - me] = []
-                out = so.pack_arrays({**pr.material_arrays(sets[me]), "layer_sizes": sizes})
-                sets[me] = []
+                halves = [pr.material_arrays(sets[0]), pr.material_arrays(sets[1])]
+                sets = [[], []]
+                if cmp == "circuit":       # party 0's half travels as a seed
+                    halves = list(pr.seed_circuit_arrays(halves[0], halves[1],
+                                                         secrets.token_bytes(32)))
+                # pack one half at a time and drop its arrays
+                theirs = so.pack_arrays({**halves[1 - me], "layer_sizes": sizes})
+                halves[1 - me] = {}
+                out = so.pack_arrays({**halves[me], "layer_sizes": sizes})
+                halves[me] = {}
                 self._pending[key] = (other, digest, theirs, now)
             self._last[(session, party)] = (seq, first, *part)
         self.bytes_sent += len(out)

@@ -402,6 +402,8 @@ class Party:
         try:
             arrays = so.unpack_arrays(body)
             sizes = [int(n) for n in arrays.pop("layer_sizes")]
+            if "seed" in arrays:             # party 0's circuit material: expand it
+                arrays = pr.expand_seeded(arrays)
             if step is not None:
                 return arrays, len(body)
             flat = pr.material_from_arrays(arrays)
