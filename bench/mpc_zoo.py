@@ -336,8 +336,8 @@ def main(argv=None) -> int:
                          ["`python bench/mpc_zoo.py`; dealer, party 0 and party 1 as three "
                           "processes on loopback on a 2-core machine shared with other "
                           "jobs (load avg column: runnable jobs at the time; wall times "
-                          "stretch with it, the processes' CPU seconds do not); one image; material streamed from the dealer layer by "
-                          "layer (offline = time the parties waited for it); random weights "
+                          "stretch with it, the processes' CPU seconds do not); one image; "
+                          "material streamed from the dealer layer by layer (offline = time the parties waited for it); random weights "
                           "with random BN statistics; bytes are both directions summed "
                           "over both parties.", "", *lines])
 

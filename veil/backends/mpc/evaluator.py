@@ -762,10 +762,11 @@ def estimate_memory(graph: Graph, batch: int = 1, frac_bits: int = FRAC_BITS,
                     cmp: str = "circuit", layers_held: int = 1) -> dict[str, int]:
     """Estimated peak bytes of each process for ``batch`` inputs: a party holds the
     weights (float64 and fixed point), the live activations, the current node's
-    temporaries and ``layers_held`` layers of material (received frame and parsed
-    arrays); the dealer one chunk (``CHUNK`` values, circuits) or step (DCFs) for both
-    parties (generated, packed one half at a time, then encrypted and framed: ~6
-    copies of one half, measured)."""
+    temporaries and ``layers_held`` layers of material (received chunks, the joined
+    arrays and the parsed material: 3 copies; measured peaks in ``bench/mpc_zoo.py``
+    stay below the estimate); the dealer one chunk (``CHUNK`` values, circuits) or
+    step (DCFs) for both parties (generated, packed one half at a time, then encrypted
+    and framed: ~6 copies of one half, measured)."""
     prog = Program(graph, frac_bits)
     weights = sum(16 * int(a.size) for n in graph.nodes for a in n.params.values())
     live: dict[str, int] = {graph.input.name: 8 * prog.size(graph.input) * batch}
@@ -774,7 +775,7 @@ def estimate_memory(graph: Graph, batch: int = 1, frac_bits: int = FRAC_BITS,
         live[node.name] = 8 * prog.size(node) * batch
         mat = material_bytes(prog.steps[node.name], batch, frac_bits, cmp)
         party = max(party, sum(live.values()) + _work_bytes(prog, node, batch)
-                    + 2 * layers_held * mat)
+                    + 3 * layers_held * mat)
         dealer = max([dealer] + [6 * material_bytes(
             [Step(s.kind, min(s.size * batch, CHUNK) if cmp == "circuit" else s.size * batch)],
             1, frac_bits, cmp) for s in prog.steps[node.name]])

@@ -109,6 +109,7 @@ class Party:
                                      layers_held=1 + self.lookahead)
         self.program = Program(model, frac_bits)
         self.layers = self.program.layers
+        self.out_bits = output_frac_bits(model, frac_bits)
         per_input = material_bytes([s for layer in self.layers for s in layer.steps], 1,
                                    frac_bits, cmp)
         if per_input * prefetch > POOL_LIMIT:     # no whole sets: requests stream
@@ -665,8 +666,8 @@ class Party:
             role = getattr(exc, "role", self._other())
             self._fail(req, f"the inference failed: {exc}", role)
             raise _Unreachable(role, f"request failed: {exc}") from exc
-        result = {"share": out, "request_id": np.frombuffer(req.rid, np.uint8), "frac_bits": np.array(
-                      [output_frac_bits(self.model, self.frac_bits)], np.uint64),
+        result = {"share": out, "request_id": np.frombuffer(req.rid, np.uint8),
+                  "frac_bits": np.array([self.out_bits], np.uint64),
                   "stats": np.frombuffer(json.dumps({
             "party": self.party, "prefetched": mid is not None, "online_rounds": chan.rounds,
             "online_bytes_sent": chan.bytes_sent,
