@@ -322,3 +322,9 @@ def test_a_model_over_the_party_memory_budget_is_refused_at_start(tmp_path):
         Party(1, transport.Identity.load(tmp_path, "party1"), model, ("127.0.0.1", 0),
               ("127.0.0.1", 9), peer_listen=("127.0.0.1", 0), memory_budget=64 << 20,
               name="convnet")
+    save_model(model, tmp_path / "model")          # the CLI says so and exits 1
+    out = subprocess.run([sys.executable, "-m", "veil", "mpc-node", "--party", "1", "--keys",
+                          str(tmp_path), "--model", str(tmp_path / "model"), "--dealer",
+                          "127.0.0.1:9", "--memory-budget", "64"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1 and "over the memory budget of 64 MiB" in out.stderr
