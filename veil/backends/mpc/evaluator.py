@@ -65,6 +65,7 @@ from numpy.polynomial import chebyshev, polynomial
 from ...compiler.targets import lower
 from ...errors import InputError, ModelTooLargeError, UnsupportedOperation
 from ...ir import Graph, Op
+from ...ir import eval_node as ref_node
 from ...ir import kernels as ref
 from . import protocols as pr
 from .fixed import FRAC_BITS
@@ -73,14 +74,53 @@ from .prg import Prg
 
 def lower_for_mpc(graph: Graph) -> Graph:
     """The MPC target's lowering (``compiler.targets``: batch norms folded into the
-    layer before them); anything without a kernel here (GELU, tanh) is refused."""
+    layer before them), then :func:`merge_pooled_heads`; anything without a kernel here
+    (GELU, tanh) is refused."""
     g, _ = lower(graph, "mpc")
     for node in g.nodes:
         if node.op not in KERNELS:
             raise UnsupportedOperation(
                 f"{node.op.value} node {node.name!r} has no MPC protocol; fine-tune it "
                 "to a polynomial (veil.finetune) or use ReLU")
-    return g
+    return merge_pooled_heads(g)
+
+
+MAX_MERGED_ENTRIES = 1 << 22
+
+
+def merge_pooled_heads(graph: Graph) -> Graph:
+    """An average pool read only (through reshapes) by a linear layer becomes one DENSE
+    with the pool folded in, when its matrix has at most ``MAX_MERGED_ENTRIES`` entries:
+    the pool's own truncation (7 rounds) goes. Exact by construction (the chain run on
+    the unit vectors by the reference kernels); a classifier head over a large feature
+    map (ResNet-18's 25088 -> 1000) stays as it is."""
+    nodes, drop = list(graph.nodes), set()
+    for node in graph.nodes:
+        if node.op not in (Op.AVGPOOL2D, Op.GLOBALAVGPOOL) or node.name in drop:
+            continue
+        chain, cur = [node], node
+        while cur.name != graph.output and len(graph.consumers(cur.name)) == 1:
+            cur = graph.consumers(cur.name)[0]
+            chain.append(cur)
+            if cur.op is not Op.RESHAPE:
+                break
+        tail = chain[-1]
+        in_shape = graph.node(node.inputs[0]).shape
+        in_size, out_size = int(np.prod(in_shape)), int(np.prod(tail.shape))
+        if tail.op not in (Op.LINEAR, Op.DENSE) or in_size * out_size > MAX_MERGED_ENTRIES:
+            continue
+        probe = np.vstack([np.zeros((1, in_size)), np.eye(in_size)]).reshape(
+            (in_size + 1,) + in_shape)
+        for n in chain:
+            probe = ref_node(n, [probe])
+        flat = probe.reshape(in_size + 1, -1)
+        dense = tail.replace(op=Op.DENSE, inputs=node.inputs,
+                             attrs={"shape": tail.shape,
+                                    "source": tuple(n.name for n in chain)},
+                             params={"matrix": (flat[1:] - flat[0]).T, "bias": flat[0]})
+        drop.update(n.name for n in chain[:-1])
+        nodes = [dense if n.name == tail.name else n for n in nodes]
+    return graph.with_nodes([n for n in nodes if n.name not in drop])
 
 
 def _scaled(x, frac_bits: int) -> np.ndarray:
