@@ -17,13 +17,18 @@ Writes bench/results/mpc_zoo.{json,md}. Usage: python bench/mpc_zoo.py [--models
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+# one BLAS thread per process (set before numpy loads OpenBLAS): both parties and the
+# dealer share these cores, and OpenBLAS threads spinning against each other cost ~10x
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -80,6 +85,65 @@ def with_running_stats(model, shape, seed: int = 0):
     return model.eval()
 
 
+def mobilenet_v2_graph(model, shape):
+    """torchvision's MobileNetV2 as an IR graph, built here from its modules because the
+    frontend does not convert grouped convolutions or ReLU6 yet: Conv2d (groups),
+    BatchNorm2d, ReLU6 (CLIP 0..6), the residual ADD of InvertedResidual, global
+    average pooling and the classifier. Checked against the torch model by the bench
+    (the logit error it reports is against torch, not against this graph)."""
+    from torch import nn
+    from torchvision.models.mobilenetv2 import InvertedResidual
+
+    from veil.ir import Graph, Op, make_node
+
+    nodes = [make_node("input", Op.INPUT, (), [], {"shape": shape})]
+
+    def add(op, ins, attrs=None, params=None):
+        shapes = [next(n.shape for n in nodes if n.name == i) for i in ins]
+        nodes.append(make_node(f"n{len(nodes)}", op, ins, shapes, attrs, params))
+        return nodes[-1].name
+
+    def layer(m, x):
+        if isinstance(m, InvertedResidual):
+            y = layer(m.conv, x)
+            return add(Op.ADD, [y, x]) if m.use_res_connect else y
+        if isinstance(m, nn.Sequential):
+            for sub in m:
+                x = layer(sub, x)
+            return x
+        if isinstance(m, nn.Conv2d):
+            w = m.weight.detach().numpy()
+            b = m.bias.detach().numpy() if m.bias is not None else np.zeros(w.shape[0])
+            return add(Op.CONV2D, [x], {"stride": m.stride, "padding": m.padding,
+                                        "dilation": m.dilation, "groups": m.groups},
+                       {"weight": w, "bias": b})
+        if isinstance(m, nn.BatchNorm2d):
+            scale = (m.weight / (m.running_var + m.eps).sqrt()).detach().numpy()
+            shift = (m.bias - m.running_mean * m.weight / (m.running_var + m.eps).sqrt())
+            return add(Op.BATCHNORM, [x], {}, {"scale": scale,
+                                               "shift": shift.detach().numpy()})
+        if isinstance(m, nn.ReLU6):
+            return add(Op.CLIP, [x], {"lo": 0.0, "hi": 6.0})
+        if isinstance(m, nn.Dropout):
+            return x
+        if isinstance(m, nn.Linear):
+            return add(Op.LINEAR, [x], {}, {"weight": m.weight.detach().numpy(),
+                                            "bias": m.bias.detach().numpy()})
+        raise TypeError(f"no rule for {type(m).__name__}")
+
+    x = layer(model.features, "input")
+    x = add(Op.GLOBALAVGPOOL, [x])
+    x = add(Op.RESHAPE, [x], {"shape": (model.classifier[1].in_features,)})
+    layer(model.classifier, x)
+    return Graph(tuple(nodes), nodes[-1].name)
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used since it started."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _hwm(pid: int) -> int:
     """Peak resident set (VmHWM) of a live process, bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -100,7 +164,8 @@ def measure(name: str, model, shape, n: int = 1, timeout: float = 600.0) -> dict
     with torch.no_grad():
         plain = model(torch.as_tensor(x)).numpy()
     t0 = time.perf_counter()
-    graph = to_graph(model, shape)
+    graph = mobilenet_v2_graph(model, shape) if name == "mobilenet_v2" else \
+        to_graph(model, shape)
     convert_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         keys, mdir = f"{tmp}/keys", f"{tmp}/model"
@@ -118,9 +183,14 @@ def measure(name: str, model, shape, n: int = 1, timeout: float = 600.0) -> dict
                                            "--model", mdir, "--dealer", f"{da[0]}:{da[1]}",
                                            "--peer", f"{peer[0]}:{peer[1]}", "--timeout", t],
                                 timeout=300)
+            roles = ("party0", "party1", "dealer")
+            cpu0 = {k: _cpu_s(procs.children[k].proc.pid) for k in roles}
+            load0 = os.getloadavg()[0]
             with MpcClient(keys, a0, a1, shape, timeout=timeout) as client:
                 runs = [client.infer(x[i:i + 1]) for i in range(n)]
-            rss = {k: _hwm(procs.children[k].proc.pid) for k in ("party0", "party1", "dealer")}
+            rss = {k: _hwm(procs.children[k].proc.pid) for k in roles}
+            cpu = {k: (_cpu_s(procs.children[k].proc.pid) - cpu0[k]) / n for k in roles}
+            load = (load0 + os.getloadavg()[0]) / 2
     out = np.concatenate([r.outputs for r in runs])
     span = float(plain.max() - plain.min())
     st = runs[0].stats
@@ -128,6 +198,8 @@ def measure(name: str, model, shape, n: int = 1, timeout: float = 600.0) -> dict
         "model": name, "input": list(shape), "images": n, "convert_s": convert_s,
         "end_to_end_s": float(np.median([r.latency_s for r in runs])),
         "online_s": float(np.median([max(s["online_s"] for s in r.stats) for r in runs])),
+        "party_cpu_s": float(np.median([max(s["cpu_s"] for s in r.stats) for r in runs])),
+        "process_cpu_s": cpu, "load_average": load,
         "offline_s": float(np.median([max(s["offline_s"] for s in r.stats) for r in runs])),
         "rounds": st[0]["online_rounds"],
         "party_bytes": sum(s["online_bytes_sent"] for s in st),
@@ -235,7 +307,8 @@ def main(argv=None) -> int:
             notes.append(f"- {name}: not run: {type(exc).__name__}: {exc}".splitlines()[0])
             print(notes[-1], flush=True)
     convs = conv_variants()
-    head = ["model", "end-to-end s (target)", "online s", "offline s", "rounds",
+    head = ["model", "end-to-end s (target)", "online s", "offline s",
+            "CPU s p0/p1/dealer", "load avg", "rounds",
             "party<->party MiB (CrypTen)", "dealer->parties MiB", "peak RSS MiB p0/p1/dealer",
             "estimate MiB party/dealer", "largest layer material MiB",
             "max logit error / range", "argmax agrees", "CrypTen s"]
@@ -246,6 +319,8 @@ def main(argv=None) -> int:
         lines.append(
             f"| {r['model']} {tuple(r['input'])} | {r['end_to_end_s']:.2f} "
             f"({TARGET_S[r['model']]}) | {r['online_s']:.2f} | {r['offline_s']:.2f} | "
+            f"{r['process_cpu_s']['party0']:.1f}/{r['process_cpu_s']['party1']:.1f}/"
+            f"{r['process_cpu_s']['dealer']:.1f} | {r['load_average']:.0f} | "
             f"{r['rounds']} | {r['party_bytes'] / 2**20:.0f} ({cg * 1024:.0f}) | "
             f"{r['dealer_bytes'] / 2**20:.0f} | {rss['party0'] / 2**20:.0f}/"
             f"{rss['party1'] / 2**20:.0f}/{rss['dealer'] / 2**20:.0f} | "
@@ -260,8 +335,9 @@ def main(argv=None) -> int:
                          time.strftime("%Y-%m-%d %H:%M:%S"),
                          ["`python bench/mpc_zoo.py`; dealer, party 0 and party 1 as three "
                           "processes on loopback on a 2-core machine shared with other "
-                          "jobs; one image; material streamed from the dealer layer by "
-                          "layer (offline = time the parties waited for it); random weights "
+                          "jobs (load avg column: runnable jobs at the time; wall times "
+                          "stretch with it, the processes' CPU seconds do not); one image; "
+                          "material streamed from the dealer layer by layer (offline = time the parties waited for it); random weights "
                           "with random BN statistics; bytes are both directions summed "
                           "over both parties.", "", *lines])
 

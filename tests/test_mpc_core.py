@@ -211,24 +211,22 @@ def test_digits_models_run_exactly_on_shares(which, cmp):
         want = model(torch.as_tensor(xte)).numpy()
     assert np.array_equal(got.argmax(1), want.argmax(1))
     assert np.abs(got - want).max() <= 1e-3
-    # conv/linear + ReLU fused; the output linear layer is not truncated (the client
-    # decodes 2f bits); the CNN's average pool is truncated on its own (its 128 values).
+    # conv/linear + ReLU fused; the output layer is not truncated (the client decodes
+    # 2f bits), and the CNN's average pool is merged into it (merge_pooled_heads).
     # Per value: opening 8 B and Beaver 16 B, plus for circuits the two comparison
     # trees, 63 bits and f bits: two opened bits per AND (pairs of m blocks need
     # 2 (m // 2) - 1 ANDs per level, down to two blocks) and three in the last.
     hidden = 128 if which == "mlp" else 512
-    pooled = 0 if which == "mlp" else 128
     if cmp == "fss":
-        assert chans[0].rounds == 2 + (1 if pooled else 0)
-        assert chans[0].bytes_sent / len(xte) == 24 * hidden + 8 * pooled
+        assert chans[0].rounds == 2
+        assert chans[0].bytes_sent / len(xte) == 24 * hidden
     else:
-        assert chans[0].rounds == 1 + 6 + 1 + (7 if pooled else 0)
+        assert chans[0].rounds == 1 + 6 + 1
         def ands(m):
             return 0 if m <= 2 else 2 * (m // 2) - 1 + ands((m + 1) // 2)
 
         tree_bits = 2 * (ands(63) + ands(FRAC_BITS)) + 6
-        assert chans[0].bytes_sent / len(xte) == (24 + tree_bits / 8) * hidden + \
-            (8 + tree_bits / 8) * pooled
+        assert chans[0].bytes_sent / len(xte) == (24 + tree_bits / 8) * hidden
 
 
 def test_maxpool_and_polynomials_on_shares():

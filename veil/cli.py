@@ -376,12 +376,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.party == 0 and args.peer is None:
         print("mpc-node --party 0 needs --peer (party1's peer address)", file=sys.stderr)
         return 2
-    node = service.Party(args.party, transport.Identity.load(args.keys, f"party{args.party}"),
-                         service.load_model(args.model), args.listen, args.dealer,
-                         peer=args.peer, peer_listen=args.peer_listen, timeout=args.timeout,
-                         prefetch=args.prefetch, frac_bits=args.frac_bits, cmp=args.cmp,
-                         batch_size=args.batch_size, prefetch_batch=args.prefetch_batch,
-                         memory_budget=int(args.memory_budget * 2**20), name=args.model)
+    from .errors import ResourceError
+
+    try:
+        node = service.Party(
+            args.party, transport.Identity.load(args.keys, f"party{args.party}"),
+            service.load_model(args.model), args.listen, args.dealer, peer=args.peer,
+            peer_listen=args.peer_listen, timeout=args.timeout, prefetch=args.prefetch,
+            frac_bits=args.frac_bits, cmp=args.cmp, batch_size=args.batch_size,
+            prefetch_batch=args.prefetch_batch,
+            memory_budget=int(args.memory_budget * 2**20), name=args.model)
+    except ResourceError as exc:        # the model does not fit: say so, allocate nothing
+        print(f"veil mpc-node: {exc}", file=sys.stderr)
+        return 1
     print(f"veil-mpc party{args.party} listening on %s:%d" % node.address, flush=True)
     if node.peer_address:
         print("veil-mpc party1 peer on %s:%d" % node.peer_address, flush=True)

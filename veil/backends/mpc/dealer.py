@@ -1,15 +1,17 @@
 """The dealer process: correlated randomness for the two parties, layer by layer.
 
 It accepts party0 and party1 (mutually authenticated links). A party asks for the
-material of (session, sequence number, layer, steps, batch); the first request of a
-pair generates both halves from fresh CSPRNG output and keeps the other half until its
-party fetches it; a (session, sequence, layer, party) is served once, never again. It
-never sees inputs or outputs, and never holds more than the layers the parties have
-asked for and not yet both fetched.
+material of (session, sequence number, layer, step, steps, batch): a whole prefetched
+set, or, streaming, one step of one layer; the first request of a pair generates both
+halves from fresh CSPRNG output and keeps the other half until its party fetches it;
+a (session, sequence, layer, step, chunk, party) is served once, never again. It never
+sees inputs or outputs, and holds only what the parties asked for and have not both
+fetched (one chunk of a step while streaming).
 """
 from __future__ import annotations
 
 import json
+import secrets
 import socket
 import threading
 import time
@@ -39,9 +41,9 @@ class Dealer:
         self.server = so.listen(address)
         self.address = self.server.getsockname()
         self._lock = threading.Lock()
-        self._pending: dict[tuple[str, int, int], tuple[str, str, bytes, float]] = {}
-        # (session, party) -> last (seq, layer) served
-        self._last: dict[tuple[str, str], tuple[int, int]] = {}
+        self._pending: dict[tuple, tuple[str, str, bytes, float]] = {}
+        # (session, party) -> last (seq, layer, step, chunk) served
+        self._last: dict[tuple[str, str], tuple[int, ...]] = {}
         self.bytes_sent = 0
 
     def serve_forever(self) -> None:
@@ -70,9 +72,10 @@ class Dealer:
 
     def _material(self, party: str, req: dict) -> bytes:
         """Layers ``layer, layer + 1, ...`` of set ``seq`` (``steps``: one list of
-        [kind, size] per layer); a request is served once per party, in increasing
-        (seq, layer) order."""
+        [kind, size] per layer), or step ``step`` of one layer; a request is served
+        once per party, in increasing (seq, layer, step) order."""
         session, seq, first = str(req["session"]), int(req["seq"]), int(req.get("layer", 0))
+        part = (int(req.get("step", 0)), int(req.get("chunk", 0)))
         layers = [[Step(str(k), int(n)) for k, n in layer] for layer in req["steps"]]
         batch, frac = int(req["batch"]), int(req.get("frac_bits", FRAC_BITS))
         cmp = str(req.get("cmp", "circuit"))
@@ -90,11 +93,12 @@ class Dealer:
                 "send smaller batches or raise --memory-budget")
         digest = _steps_key([req["steps"], frac, cmp], batch)
         other = "party1" if party == "party0" else "party0"
-        key = (session, seq, first)
+        key = (session, seq, first, *part)
         with self._lock:
-            if (seq, first) <= self._last.get((session, party), (0, -1)):
-                raise InputError(f"material for session {session} #{seq} layer {first} was "
-                                 "already served to this party; it is never reused")
+            if (seq, first, *part) <= self._last.get((session, party), (0, -1, -1, -1)):
+                raise InputError(f"material for session {session} #{seq} layer {first} "
+                                 f"step {part} was already served to this party; it is "
+                                 "never reused")
             now = time.monotonic()
             for k in [k for k, v in self._pending.items() if now - v[3] > self.ttl]:
                 del self._pending[k]
@@ -105,17 +109,25 @@ class Dealer:
                 del self._pending[key]
                 out = waiting[2]
             else:
-                sets: tuple[list, list] = ([], [])
+                sets: list[list] = [[], []]
                 for layer in layers:
                     m0, m1 = dealer_material(layer, batch, Prg(), frac, cmp)
                     sets[0].extend(m0)
                     sets[1].extend(m1)
+                    del m0, m1
                 sizes = np.array([len(layer) for layer in layers], np.uint64)
-                mine, theirs = sets if party == "party0" else sets[::-1]
-                out = so.pack_arrays({**pr.material_arrays(mine), "layer_sizes": sizes})
-                self._pending[key] = (other, digest, so.pack_arrays(
-                    {**pr.material_arrays(theirs), "layer_sizes": sizes}), now)
-                del sets, mine, theirs
-            self._last[(session, party)] = (seq, first)
+                me = 0 if party == "party0" else 1
+                halves = [pr.material_arrays(sets[0]), pr.material_arrays(sets[1])]
+                sets = [[], []]
+                if cmp == "circuit":       # party 0's half travels as a seed
+                    halves = list(pr.seed_circuit_arrays(halves[0], halves[1],
+                                                         secrets.token_bytes(32)))
+                # pack one half at a time and drop its arrays
+                theirs = so.pack_arrays({**halves[1 - me], "layer_sizes": sizes})
+                halves[1 - me] = {}
+                out = so.pack_arrays({**halves[me], "layer_sizes": sizes})
+                halves[me] = {}
+                self._pending[key] = (other, digest, theirs, now)
+            self._last[(session, party)] = (seq, first, *part)
         self.bytes_sent += len(out)
         return out

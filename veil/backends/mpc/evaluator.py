@@ -24,7 +24,8 @@ parentheses:
 - RELU: one comparison and one Beaver product, 8 rounds (2); fused with the truncation
   before it when it is that layer's only reader.
 - CLIP (ReLU6, Hardtanh): exact, lo + ReLU(x - lo) - ReLU(x - hi), both ReLUs in one
-  batch (8 rounds).
+  batch (8 rounds); after an affine layer, ReLU(x - lo) comes with its truncation and
+  ReLU(x - hi) = ReLU(ReLU(x - lo) - (hi - lo)) is one ReLU more (half the material).
 - MAXPOOL2D (padding and ceil mode included): padding cells hold a public constant
   below any representable value; a tree of max(a, b) = b + ReLU(a - b) per window.
 - MUL of two shared tensors (broadcasting): a Beaver product and a truncation; SQUARE
@@ -64,6 +65,7 @@ from numpy.polynomial import chebyshev, polynomial
 from ...compiler.targets import lower
 from ...errors import InputError, ModelTooLargeError, UnsupportedOperation
 from ...ir import Graph, Op
+from ...ir import eval_node as ref_node
 from ...ir import kernels as ref
 from . import protocols as pr
 from .fixed import FRAC_BITS
@@ -72,14 +74,53 @@ from .prg import Prg
 
 def lower_for_mpc(graph: Graph) -> Graph:
     """The MPC target's lowering (``compiler.targets``: batch norms folded into the
-    layer before them); anything without a kernel here (GELU, tanh) is refused."""
+    layer before them), then :func:`merge_pooled_heads`; anything without a kernel here
+    (GELU, tanh) is refused."""
     g, _ = lower(graph, "mpc")
     for node in g.nodes:
         if node.op not in KERNELS:
             raise UnsupportedOperation(
                 f"{node.op.value} node {node.name!r} has no MPC protocol; fine-tune it "
                 "to a polynomial (veil.finetune) or use ReLU")
-    return g
+    return merge_pooled_heads(g)
+
+
+MAX_MERGED_ENTRIES = 1 << 22
+
+
+def merge_pooled_heads(graph: Graph) -> Graph:
+    """An average pool read only (through reshapes) by a linear layer becomes one DENSE
+    with the pool folded in, when its matrix has at most ``MAX_MERGED_ENTRIES`` entries:
+    the pool's own truncation (7 rounds) goes. Exact by construction (the chain run on
+    the unit vectors by the reference kernels); a classifier head over a large feature
+    map (ResNet-18's 25088 -> 1000) stays as it is."""
+    nodes, drop = list(graph.nodes), set()
+    for node in graph.nodes:
+        if node.op not in (Op.AVGPOOL2D, Op.GLOBALAVGPOOL) or node.name in drop:
+            continue
+        chain, cur = [node], node
+        while cur.name != graph.output and len(graph.consumers(cur.name)) == 1:
+            cur = graph.consumers(cur.name)[0]
+            chain.append(cur)
+            if cur.op is not Op.RESHAPE:
+                break
+        tail = chain[-1]
+        in_shape = graph.node(node.inputs[0]).shape
+        in_size, out_size = int(np.prod(in_shape)), int(np.prod(tail.shape))
+        if tail.op not in (Op.LINEAR, Op.DENSE) or in_size * out_size > MAX_MERGED_ENTRIES:
+            continue
+        probe = np.vstack([np.zeros((1, in_size)), np.eye(in_size)]).reshape(
+            (in_size + 1,) + in_shape)
+        for n in chain:
+            probe = ref_node(n, [probe])
+        flat = probe.reshape(in_size + 1, -1)
+        dense = tail.replace(op=Op.DENSE, inputs=node.inputs,
+                             attrs={"shape": tail.shape,
+                                    "source": tuple(n.name for n in chain)},
+                             params={"matrix": (flat[1:] - flat[0]).T, "bias": flat[0]})
+        drop.update(n.name for n in chain[:-1])
+        nodes = [dense if n.name == tail.name else n for n in nodes]
+    return graph.with_nodes([n for n in nodes if n.name not in drop])
 
 
 def _scaled(x, frac_bits: int) -> np.ndarray:
@@ -254,7 +295,7 @@ class Program:
         for node in graph.nodes:
             readers = graph.consumers(node.name)
             if (node.name in self.truncating and node.name != graph.output
-                    and len(readers) == 1 and readers[0].op is Op.RELU):
+                    and len(readers) == 1 and readers[0].op in (Op.RELU, Op.CLIP)):
                 self.fused[node.name] = readers[0].name
         self.absorbed = set(self.fused.values())
         self.steps = {n.name: tuple(KERNELS[n.op].steps(self, n)) for n in graph.nodes}
@@ -436,7 +477,12 @@ def _finish(run: Run, node, y: np.ndarray) -> np.ndarray:
     at 2f bits as the output or for the ADD/SUB that reads it."""
     if node.name == run.prog.output or node.name in run.prog.deferred:
         return y
-    return run.trunc(y, relu=node.name in run.prog.fused)
+    reader = run.prog.fused.get(node.name)
+    if reader is not None and run.prog.graph.node(reader).op is Op.CLIP:
+        # trunc+ReLU of y - lo: ReLU(t - lo), exactly (lo in fixed point, lifted to 2f)
+        lo = _scaled(run.prog.graph.node(reader).attrs["lo"], run.f) << np.uint64(run.f)
+        y = y - run.public(lo)
+    return run.trunc(y, relu=reader is not None)
 
 
 def _bias2f(run: Run, node, name: str = "bias") -> np.ndarray:
@@ -555,10 +601,19 @@ def _relu(run: Run, node, args):
     return run.relu(args[0])
 
 
+def _clip_steps(prog, node):
+    return [Step("relu", prog.size(node) * (1 if node.name in prog.absorbed else 2))]
+
+
 def _clip(run: Run, node, args):
-    """lo + ReLU(x - lo) - ReLU(x - hi): exact, both ReLUs in one batch."""
+    """lo + ReLU(x - lo) - ReLU(x - hi): exact, both ReLUs in one batch. After an
+    affine layer that computed r = ReLU(x - lo) with its truncation, one ReLU more:
+    ReLU(x - hi) = ReLU(r - (hi - lo)) since hi > lo."""
     x, f = args[0], run.f
     lo, hi = (_scaled(node.attrs[k], f) for k in ("lo", "hi"))
+    if node.name in run.prog.absorbed:
+        width = np.asarray(hi.view(np.int64) - lo.view(np.int64)).view(np.uint64)
+        return run.public(lo) + x - run.relu(x - run.public(width))
     both = run.relu(np.stack([x - run.public(lo), x - run.public(hi)]))
     return run.public(lo) + both[0] - both[1]
 
@@ -689,7 +744,7 @@ KERNELS: dict[Op, Kernel] = {
     Op.GLOBALAVGPOOL: Kernel(_affine_steps, _global_avgpool, affine=True),
     Op.MAXPOOL2D: Kernel(_maxpool_steps, _maxpool),
     Op.RELU: Kernel(_relu_steps, _relu),
-    Op.CLIP: Kernel(lambda prog, node: [Step("relu", 2 * prog.size(node))], _clip),
+    Op.CLIP: Kernel(_clip_steps, _clip),
     Op.SIGMOID: Kernel(_piece_steps, _piece_op),
     Op.SILU: Kernel(_piece_steps, _piece_op),
     Op.HARDSIGMOID: Kernel(_piece_steps, _piece_op),
@@ -707,6 +762,9 @@ MPC_OPS = frozenset(KERNELS)
 
 
 # -- memory ---------------------------------------------------------------------------------
+# Values per dealer request when the processes stream circuit material (a multiple of
+# 8: chunks of packed bit rows join on whole bytes).
+CHUNK = 1 << 18
 BASE_BYTES = 160 << 20        # an idle party or dealer process (Python, numpy, links)
 DEFAULT_BUDGET = 2 << 30      # bytes per process
 
@@ -744,8 +802,11 @@ def estimate_memory(graph: Graph, batch: int = 1, frac_bits: int = FRAC_BITS,
                     cmp: str = "circuit", layers_held: int = 1) -> dict[str, int]:
     """Estimated peak bytes of each process for ``batch`` inputs: a party holds the
     weights (float64 and fixed point), the live activations, the current node's
-    temporaries and ``layers_held`` layers of material (received frame and parsed
-    arrays); the dealer one layer for both parties (generated and packed)."""
+    temporaries and ``layers_held`` layers of material (received chunks, the joined
+    arrays and the parsed material: 3 copies; measured peaks in ``bench/mpc_zoo.py``
+    stay below the estimate); the dealer one chunk (``CHUNK`` values, circuits) or
+    step (DCFs) for both parties (generated, packed one half at a time, then encrypted
+    and framed: ~6 copies of one half, measured)."""
     prog = Program(graph, frac_bits)
     weights = sum(16 * int(a.size) for n in graph.nodes for a in n.params.values())
     live: dict[str, int] = {graph.input.name: 8 * prog.size(graph.input) * batch}
@@ -754,8 +815,10 @@ def estimate_memory(graph: Graph, batch: int = 1, frac_bits: int = FRAC_BITS,
         live[node.name] = 8 * prog.size(node) * batch
         mat = material_bytes(prog.steps[node.name], batch, frac_bits, cmp)
         party = max(party, sum(live.values()) + _work_bytes(prog, node, batch)
-                    + 2 * layers_held * mat)
-        dealer = max(dealer, 6 * mat)
+                    + 3 * layers_held * mat)
+        dealer = max([dealer] + [6 * material_bytes(
+            [Step(s.kind, min(s.size * batch, CHUNK) if cmp == "circuit" else s.size * batch)],
+            1, frac_bits, cmp) for s in prog.steps[node.name]])
         for s in node.inputs:
             if prog.last_use.get(s) == i and s != graph.output:
                 live.pop(s, None)

@@ -3,7 +3,6 @@ between the parties, the dealer and the clients)."""
 from __future__ import annotations
 
 import json
-import resource
 import secrets
 import socket
 import threading
@@ -19,7 +18,7 @@ from . import protocols as pr
 from . import tickets
 from . import transport as tp
 from ...errors import ModelTooLargeError
-from .evaluator import (COMPARISONS, DEFAULT_BUDGET, Program, check_memory, evaluate,
+from .evaluator import (CHUNK, COMPARISONS, DEFAULT_BUDGET, Program, check_memory, evaluate,
                         material_bytes, output_frac_bits)
 from .fixed import FRAC_BITS
 from .wire import (CLIENT_REQUEST, CLIENT_RESULT, DEFAULT_TIMEOUT, ERROR, LINK_GRACE_S,
@@ -65,6 +64,19 @@ class _Request:
     idle_age: float = 0.0       # seconds waited while the party was not computing
 
 
+def peak_rss() -> int:
+    """This process's peak resident set in bytes (VmHWM: unlike ru_maxrss, it is not
+    inherited from the process that started this one), 0 where /proc is absent."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class Party:
     """One of the two computing servers; see the module docstring."""
 
@@ -75,14 +87,16 @@ class Party:
                  frac_bits: int = FRAC_BITS, cmp: str = "circuit",
                  batch_size: int = 64, prefetch_batch: int = 2,
                  orphan_s: float = ORPHAN_S, max_per_client: int = MAX_PER_CLIENT,
-                 memory_budget: int = DEFAULT_BUDGET, name: str = "the model") -> None:
+                 memory_budget: int = DEFAULT_BUDGET, name: str = "the model",
+                 lookahead: int = 1) -> None:
         """``memory_budget``: bytes this process may use; a model whose estimated peak
         (``evaluator.estimate_memory``) exceeds it for one input is refused here
         (ModelTooLargeError) before anything is allocated, and a batch that would
         exceed it is refused per request. Prefetched whole sets (the offline phase run
         ahead) are kept only while they fit in ``POOL_LIMIT`` bytes in all; otherwise,
         and for batch sizes without a pool, material streams from the dealer layer by
-        layer as the run reaches each layer."""
+        layer as the run reaches each layer, ``lookahead`` layers ahead of it (0: each
+        layer fetched only when reached, one layer held)."""
         if party not in (0, 1) or identity.role != f"party{party}":
             raise InputError("party must be 0 or 1 and match the identity's role")
         if cmp not in COMPARISONS or not 2 <= frac_bits <= 30:
@@ -90,9 +104,12 @@ class Party:
         self.frac_bits, self.cmp = int(frac_bits), cmp
         self.party, self.identity, self.model, self.timeout = party, identity, model, timeout
         self.memory_budget, self.name = int(memory_budget), name
-        self.estimate = check_memory(model, 1, self.memory_budget, frac_bits, cmp, name)
+        self.lookahead = max(0, int(lookahead))
+        self.estimate = check_memory(model, 1, self.memory_budget, frac_bits, cmp, name,
+                                     layers_held=1 + self.lookahead)
         self.program = Program(model, frac_bits)
         self.layers = self.program.layers
+        self.out_bits = output_frac_bits(model, frac_bits)
         per_input = material_bytes([s for layer in self.layers for s in layer.steps], 1,
                                    frac_bits, cmp)
         if per_input * prefetch > POOL_LIMIT:     # no whole sets: requests stream
@@ -361,12 +378,18 @@ class Party:
         return [[[s.kind, s.size] for s in layer.steps] for layer in self.layers[start:stop]]
 
     def _material(self, dealer: tp.Link, session: str, seq: int, batch: int,
-                  layers: tuple[int, int] | None = None) -> tuple[list, int]:
+                  layers: tuple[int, int] | None = None, step: int | None = None,
+                  chunk: int = 0, values: int | None = None) -> tuple:
         """Layers ``[start, stop)`` (all by default) of set ``seq``: one material list
-        per layer, and the bytes received."""
+        per layer, and the bytes received. With ``step``: chunk ``chunk`` of that
+        step of layer ``start``, ``values`` values, as the raw named arrays."""
         start, stop = layers or (0, len(self.layers))
+        steps = self._steps(start, stop)
+        if step is not None:
+            steps = [[[steps[0][step][0], int(values)]]]
         req = {"session": session, "seq": seq, "batch": batch, "frac_bits": self.frac_bits,
-               "cmp": self.cmp, "layer": start, "steps": self._steps(start, stop)}
+               "cmp": self.cmp, "layer": start, "step": step or 0, "chunk": chunk,
+               "steps": steps}
         with self._dealer_lock:     # the prefetch thread shares this link
             try:
                 dealer.send(MATERIAL_REQUEST, json.dumps(req).encode())
@@ -380,6 +403,10 @@ class Party:
         try:
             arrays = so.unpack_arrays(body)
             sizes = [int(n) for n in arrays.pop("layer_sizes")]
+            if "seed" in arrays:             # party 0's circuit material: expand it
+                arrays = pr.expand_seeded(arrays)
+            if step is not None:
+                return arrays, len(body)
             flat = pr.material_from_arrays(arrays)
             if len(sizes) != stop - start or sum(sizes) != len(flat):
                 raise ValueError("the layers do not match the request")
@@ -571,17 +598,53 @@ class Party:
         batch = int(req.share.shape[0])
         try:            # both parties refuse the same batches: nothing was exchanged yet
             check_memory(self.model, batch, self.memory_budget, self.frac_bits, self.cmp,
-                         self.name)
+                         self.name, layers_held=1 + self.lookahead)
         except ModelTooLargeError as exc:
             self._fail(req, str(exc))
             return
         stream = {"offline_s": 0.0, "bytes": 0, "layers": 0, "peak": 0}
+        ahead: dict[int, tuple[threading.Thread, list]] = {}
+
+        def get(i: int, box: list) -> None:
+            """Layer i, one dealer request per step, and with circuit comparisons per
+            chunk of ``CHUNK`` values of a step (the dealer holds one chunk)."""
+            try:
+                items, size = [], 0
+                for j, step in enumerate(self.layers[i].steps):
+                    total = step.size * batch
+                    size_c = CHUNK if self.cmp == "circuit" else total
+                    parts = []
+                    for c, at in enumerate(range(0, total, size_c)):
+                        arrays, n = self._material(dealer, f"{session}/stream", seq, 1,
+                                                   (i, i + 1), step=j, chunk=c,
+                                                   values=min(size_c, total - at))
+                        parts.append(arrays)
+                        size += n
+                    items += pr.material_from_arrays(pr.concat_circuit_arrays(parts))
+                    del parts
+                box.append(([items], size))
+            except BaseException as exc:        # raised where the layer is needed
+                box.append(exc)
 
         def fetch(i: int) -> list:
-            """Layer i's material, asked for when the run reaches it (the previous
-            layer's is released by then): at most one layer held."""
+            """Layer i's material when the run reaches it; with ``lookahead`` the next
+            layer is fetched meanwhile in the background (at most 1 + lookahead layers
+            held, the finished ones released)."""
             t = time.perf_counter()
-            (items,), size = self._material(dealer, f"{session}/stream", seq, batch, (i, i + 1))
+            thread, box = ahead.pop(i, (None, []))
+            if thread is None:
+                get(i, box)
+            else:
+                thread.join()
+            if isinstance(box[0], BaseException):
+                raise box[0]
+            (items,), size = box[0]
+            for j in range(i + 1, min(i + 1 + self.lookahead, len(self.layers))):
+                if j not in ahead:
+                    nxt: list = []
+                    th = threading.Thread(target=get, args=(j, nxt), daemon=True)
+                    th.start()
+                    ahead[j] = (th, nxt)
             stream["offline_s"] += time.perf_counter() - t
             stream["bytes"] += size
             stream["layers"] += 1
@@ -595,24 +658,25 @@ class Party:
                 material, offline_bytes = pooled
             else:
                 material, offline_bytes = self._pooled(batch, mid)[1]
-            t1 = time.perf_counter()
+            t1, cpu = time.perf_counter(), time.process_time()
             chan = _PeerChannel(peer, self.party)
             out = evaluate(self.party, chan, self.program, req.share, material, self.frac_bits)
-            t2 = time.perf_counter()
+            t2, cpu = time.perf_counter(), time.process_time() - cpu
         except (VeilError, OSError, StopIteration) as exc:
             role = getattr(exc, "role", self._other())
             self._fail(req, f"the inference failed: {exc}", role)
             raise _Unreachable(role, f"request failed: {exc}") from exc
-        result = {"share": out, "request_id": np.frombuffer(req.rid, np.uint8), "frac_bits": np.array(
-                      [output_frac_bits(self.model, self.frac_bits)], np.uint64),
+        result = {"share": out, "request_id": np.frombuffer(req.rid, np.uint8),
+                  "frac_bits": np.array([self.out_bits], np.uint64),
                   "stats": np.frombuffer(json.dumps({
             "party": self.party, "prefetched": mid is not None, "online_rounds": chan.rounds,
             "online_bytes_sent": chan.bytes_sent,
             "offline_bytes": offline_bytes + stream["bytes"],
             "offline_s": t1 - t0 + stream["offline_s"],
-            "online_s": t2 - t1 - stream["offline_s"], "layers_streamed": stream["layers"],
+            "online_s": t2 - t1 - stream["offline_s"], "cpu_s": cpu,
+            "layers_streamed": stream["layers"],
             "peak_layer_bytes": stream["peak"],
-            "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "max_rss_bytes": peak_rss(),
             "estimated_bytes": self.estimate["party"]}).encode(), np.uint8)}
         try:
             req.link.send(CLIENT_RESULT, so.pack_arrays(result))

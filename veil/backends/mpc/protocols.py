@@ -28,6 +28,7 @@ Constructions:
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -432,6 +433,66 @@ def material_arrays(items: list) -> dict[str, np.ndarray]:
         else:
             raise TypeError(f"unknown material {type(m).__name__}")
     return out
+
+
+_PUBLIC = (".kind", ".width")
+
+
+def _draw(prg: Prg, a: np.ndarray) -> np.ndarray:
+    if a.dtype == np.uint64:
+        return prg.uint64(a.shape)
+    return np.frombuffer(prg.bytes(a.size), np.uint8).reshape(a.shape).copy()
+
+
+def seed_circuit_arrays(arrays0: dict[str, np.ndarray], arrays1: dict[str, np.ndarray],
+                        seed: bytes) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Circuit material with party 0's half replaced by a 32-byte seed: every array of
+    it is a share (additive for uint64, XOR for packed uint8 rows), so the dealer draws
+    party 0's arrays from ChaCha20(seed), in sorted key order, and moves the difference
+    into party 1's (s1' = s0 + s1 - t, or s0 ^ s1 ^ t). Both halves stay uniformly
+    random, the sums unchanged; party 0 receives the seed and the arrays' shapes only
+    (:func:`expand_seeded`), halving the dealer's traffic. Circuit material only: DCF
+    keys are not shares."""
+    prg = Prg(seed)
+    out1, skeleton = dict(arrays1), {}
+    for key in sorted(arrays0):
+        a0 = arrays0[key]
+        if key.endswith(_PUBLIC):
+            continue
+        if a0.dtype not in (np.uint64, np.uint8):
+            raise TypeError(f"{key} is not a share")
+        t = _draw(prg, a0)
+        out1[key] = arrays1[key] + (a0 - t) if a0.dtype == np.uint64 else \
+            arrays1[key] ^ a0 ^ t
+        skeleton[key] = [list(a0.shape), a0.dtype.str]
+    small = {k: v for k, v in arrays0.items() if k.endswith(_PUBLIC)}
+    small["seed"] = np.frombuffer(seed, np.uint8).copy()
+    small["skeleton"] = np.frombuffer(json.dumps(skeleton).encode(), np.uint8).copy()
+    return small, out1
+
+
+def expand_seeded(small: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Party 0's arrays from :func:`seed_circuit_arrays`' seed and shapes."""
+    out = {k: v for k, v in small.items() if k not in ("seed", "skeleton")}
+    prg = Prg(bytes(small["seed"]))
+    skeleton = json.loads(bytes(small["skeleton"]).decode())
+    for key in sorted(skeleton):
+        shape, dtype = skeleton[key]
+        if dtype not in ("<u8", "|u1"):
+            raise ValueError("bad dtype in seeded material")
+        out[key] = _draw(prg, np.empty(tuple(int(n) for n in shape), np.dtype(dtype)))
+    return out
+
+
+def concat_circuit_arrays(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Circuit material for consecutive chunks of values (every chunk but the last a
+    multiple of 8 values) as one: every array keeps its values, or its packed bit rows,
+    on the last axis, so the chunks join there (kinds and widths are shared)."""
+    if len(parts) == 1:
+        return parts[0]
+    return {k: (v if k.endswith((".kind", ".width")) else
+                np.concatenate([p[k] for p in parts], axis=-1))
+            for k, v in parts[0].items()}
 
 
 def material_from_arrays(arrays: dict[str, np.ndarray]) -> list:

@@ -1,22 +1,25 @@
 """The MPC processes: two parties, a dealer, and the client library.
 
 - Dealer (:class:`Dealer`): accepts party0 and party1 (mutually authenticated links). A
-  party asks for the material of (session, sequence number, steps, batch); the first
-  request of a pair generates both halves from fresh CSPRNG output and keeps the other
-  half until its party fetches it; a (session, sequence, party) is served once, never
-  again. It never sees inputs or outputs.
+  party asks for material by (session, sequence number, layer, step, chunk); the first
+  request of a pair generates both halves from fresh CSPRNG output (party 0's circuit
+  material as a seed) and keeps the other half until its party fetches it; each is
+  served once, in order, never again. It never sees inputs or outputs.
 - Parties (:class:`Party`): party0 connects to party1 and to the dealer, party1 to the
-  dealer; both accept clients. In the background each keeps ``PREFETCH`` single-input
-  material sets and two for a batch of 64 (both configurable), fetched in the same
-  order by both (the offline phase, ahead of requests). Party0 orders the requests: for each, it tells party1 the request id, the
-  sequence number and which prefetched set to use (other batch sizes fetch theirs on
-  demand); both run the model on their shares (online phase, over the peer link) and
-  return their output share to the client. Any failure (peer or dealer gone, timeout,
-  malformed message) fails that request with an error to the client, resets the links,
-  and the party serves the next; while a link is being rebuilt, party 0 refuses new
-  requests at once, naming the role it cannot reach (``"unavailable": "party1"`` or
-  ``"dealer"`` in the error), and a dealer that dies ends the session at once (no
-  request waits for material that will not come).
+  dealer; both accept clients. For small models each keeps ``PREFETCH`` single-input
+  material sets and two for a batch of 64 (both configurable, within ``POOL_LIMIT``
+  bytes), fetched in the same order by both (the offline phase, ahead of requests);
+  otherwise, and for other batch sizes, the run streams its material from the dealer
+  layer by layer, one layer ahead. A model over the memory budget is refused at start
+  (``ModelTooLargeError``), a batch over it per request. Party0 orders the requests:
+  for each, it tells party1 the request id, the sequence number and which prefetched
+  set to use; both run the model on their shares (online phase, over the peer link)
+  and return their output share to the client. Any failure (peer or dealer gone,
+  timeout, malformed message) fails that request with an error to the client, resets
+  the links, and the party serves the next; while a link is being rebuilt, party 0
+  refuses new requests at once, naming the role it cannot reach (``"unavailable":
+  "party1"`` or ``"dealer"`` in the error), and a dealer that dies ends the session at
+  once (no request waits for material that will not come).
 - Admission: party 1 takes a share only with a ticket (``tickets.py``) that party 0's
   side issued for that request id and client (the HTTP service for its API clients,
   party 0 for clients that reach it directly, ``TICKET_REQUEST``), and holds at most
