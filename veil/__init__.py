@@ -7,7 +7,8 @@ Top-level verbs: :func:`compile` a model with calibration data, ``run`` it in a
 from ._version import __version__
 from .errors import (BootstrapRequiredError, BundleError, CompileError, EngineError,
                      GraphError, InputError, KeyMismatchError, KeyTypeError,
-                     MissingKeyError, ModeError, SerializationError, UnsupportedOperation, VeilError)
+                     MissingKeyError, ModeError, SerializationError, UnsupportedOperation,
+                     VeilError)
 from .finetune import finetune
 from .model import CompiledModel, Mode, Report, compile
 
@@ -25,8 +26,8 @@ def __getattr__(name):
     raise AttributeError(f"module 'veil' has no attribute {name!r}")
 
 
-__all__ = ["BootstrapRequiredError", "BundleError", "Client", "CompileError", "CompiledModel", "EngineError",
-           "EvaluationKeys", "GraphError", "InputError", "KeyMismatchError", "KeyTypeError",
+__all__ = ["BootstrapRequiredError", "BundleError", "Client", "CompileError", "CompiledModel",
+           "EngineError", "EvaluationKeys", "GraphError", "InputError", "KeyMismatchError", "KeyTypeError",
            "MissingKeyError", "Mode", "ModeError", "ModelClient", "ModelServer", "PublicKey",
            "Report", "SecretKey", "SerializationError", "UnsupportedOperation", "VeilError",
            "__version__", "compile", "finetune"]
