@@ -101,6 +101,7 @@ def test_resnet20_he_mode_raises_the_typed_error(resnet20):
 
 def test_resnet20_simulate_and_report(resnet20):
     model, cal, compiled = resnet20
+    cal = cal[:2]
     sim = compiled.run(cal, mode="simulate")
     np.testing.assert_allclose(sim, run(compiled.result.polynomial, cal), atol=1e-12)
     with torch.no_grad():
@@ -252,3 +253,22 @@ def test_resnet18_224_compiles_within_30s_and_4gib():
     est = r["estimate"]
     assert est["bootstraps"] > 0 and est["depth"] > est["max_depth"]
     assert "HE estimate: depth" in r["text"] and "bootstraps needed" in r["text"]
+
+
+@pytest.mark.parametrize("cin, cout, kernel, stride, padding, dilation, groups", [
+    (3, 8, 7, 2, 3, 1, 1), (16, 8, 1, 1, 0, 1, 1), (16, 8, 1, 2, 0, 1, 1),
+    (8, 8, 1, 1, 1, 1, 1), (8, 8, 3, 1, 1, 1, 8), (8, 12, 3, 2, 2, 2, 4), (6, 6, 2, 1, 0, 1, 3)])
+def test_reference_conv_matches_torch(rng, cin, cout, kernel, stride, padding, dilation,
+                                      groups):
+    """Calibration at 224x224 runs the reference conv: it must stay exact when fast."""
+    from veil.ir.kernels import conv2d
+
+    x = rng.normal(size=(2, cin, 17, 15))
+    w, b = rng.normal(size=(cout, cin // groups, kernel, kernel)), rng.normal(size=cout)
+    ours = conv2d([x], {"stride": (stride, stride), "padding": (padding, padding),
+                        "dilation": (dilation, dilation), "groups": groups},
+                  {"weight": w, "bias": b})
+    ref = torch.nn.functional.conv2d(torch.as_tensor(x), torch.as_tensor(w),
+                                     torch.as_tensor(b), stride=stride, padding=padding,
+                                     dilation=dilation, groups=groups).numpy()
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-12)

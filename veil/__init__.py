@@ -8,7 +8,8 @@ Top-level verbs: :func:`compile` a model with calibration data, ``run`` it in a
 from ._version import __version__
 from .errors import (BootstrapRequiredError, BundleError, CompileError, EngineError,
                      GraphError, InputError, KeyMismatchError, KeyTypeError,
-                     MissingKeyError, ModeError, SerializationError, UnsupportedOperation, VeilError)
+                     MissingKeyError, ModeError, SerializationError, UnsupportedOperation,
+                     VeilError)
 from .finetune import finetune
 from .model import CompiledModel, Report, compile, export_model
 from .modes import Mode

@@ -302,36 +302,46 @@ def estimate_he(graph: Graph, *, precision_bits: int | None = None) -> HEEstimat
     max_depth = max_depth_without_bootstrapping(precision_bits)
     widest = max(int(np.prod(n.shape)) for n in graph.nodes)
     ring, scale, digits, towers = _ring(depth, max_depth, next_pow2(widest), precision_bits)
-    slots, fits = ring // 2, depth <= max_depth
+    fits = depth <= max_depth
     rot_s = _rotation_s(ring, towers)
+    layers, keys, on_path, total = _layer_rows(graph, cost, depth_at, fits, max_depth,
+                                               ring, rot_s)
+    return HEEstimate(depth, max_depth, on_path, total, ring, scale, digits, towers,
+                      len(keys), 2 * ring * 8 * towers,
+                      sum(layer.latency_s for layer in layers), tuple(layers))
+
+
+def _layer_rows(graph: Graph, cost: dict[str, int], depth_at: dict[str, int], fits: bool,
+                max_depth: int, ring: int, rot_s: float):
+    """Per-node rows, the rotation-key set, sequential bootstraps on the longest path and
+    ciphertext bootstraps in all. Bootstraps are placed greedily: a value is refreshed
+    when the next op needs more levels than it has left."""
+    slots = ring // 2
     shapes = {n.name: n.shape for n in graph.nodes}
     left: dict[str, int] = {}            # levels left on each value
-    boots_on_path: dict[str, int] = {}
+    on_path: dict[str, int] = {}
     keys: set[int] = set()
-    layers, total_boots = [], 0
+    layers, total = [], 0
     for node in graph.nodes:
         need = cost[node.name]
         have = min((left[s] for s in node.inputs), default=(
             max_depth if fits else BOOTSTRAP_DEPTH + LEVELS_AFTER_BOOTSTRAP))
-        inherited = max((boots_on_path[s] for s in node.inputs), default=0)
         boots = 0
         if not fits and need > have:
             boots = -(-(need - have) // LEVELS_AFTER_BOOTSTRAP)
             have += boots * LEVELS_AFTER_BOOTSTRAP
         left[node.name] = have - need
-        boots_on_path[node.name] = inherited + boots
+        on_path[node.name] = max((on_path[s] for s in node.inputs), default=0) + boots
         in_shape = shapes[node.inputs[0]] if node.inputs else node.shape
         n_in, n_out = _ciphertexts(in_shape, slots), _ciphertexts(node.shape, slots)
         babies, giants = _rotations(node, in_shape, slots)
         layer_keys = {r % slots for r in babies | giants} - {0}
         keys |= layer_keys
         rots, other = _work(node, babies, giants, n_in, n_out)
-        total_boots += boots * n_in
+        total += boots * n_in
         latency = (rots + other) * rot_s + boots * n_in * BOOTSTRAP_S * (ring / BOOTSTRAP_RING)
-        layers.append(LayerEstimate(node.name, node.attrs.get("source", node.op.value)
-                                    if node.op is Op.POLY else node.op.value,
-                                    need, depth_at[node.name], int(np.prod(node.shape)),
-                                    n_out, rots, len(layer_keys), boots, latency))
-    return HEEstimate(depth, max_depth, boots_on_path[graph.output], total_boots, ring, scale,
-                      digits, towers, len(keys), 2 * ring * 8 * towers,
-                      sum(layer.latency_s for layer in layers), tuple(layers))
+        op = node.attrs.get("source", "poly") if node.op is Op.POLY else node.op.value
+        layers.append(LayerEstimate(node.name, op, need, depth_at[node.name],
+                                    int(np.prod(node.shape)), n_out, rots, len(layer_keys),
+                                    boots, latency))
+    return layers, keys, on_path[graph.output], total

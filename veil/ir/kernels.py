@@ -35,6 +35,13 @@ def conv2d(args, a, p):
     x, w, b = args[0], p["weight"], p["bias"]
     groups = int(a["groups"])
     (ph, pw) = a["padding"]
+    if groups == 1 and w.shape[2:] == (1, 1):
+        # Pointwise (ResNet bottlenecks, MobileNet): one matrix product over channels,
+        # ~10x faster than the einsum over windows at 56x56 and the same sums.
+        (sh, sw) = a["stride"]
+        xs = _pad_hw(x, ph, pw)[:, :, ::sh, ::sw]
+        out = np.moveaxis(np.tensordot(xs, w[:, :, 0, 0], axes=([1], [1])), -1, 1)
+        return out + b[None, :, None, None]
     win = windows(_pad_hw(x, ph, pw), w.shape[2:], a["stride"], a["dilation"])
     if groups == 1:
         out = np.einsum("bchwij,ocij->bohw", win, w, optimize=True)
