@@ -43,6 +43,9 @@ bench: $(STAMP) data
 	$(PY) bench/mpc_digits.py
 	$(PY) bench/tee_digits.py
 	$(PY) bench/serve.py
+	$(PY) bench/mpc_zoo.py
+	$(PY) bench/tee_zoo.py
+	$(PY) bench/zoo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
