@@ -776,7 +776,10 @@ DEFAULT_BUDGET = 2 << 30      # bytes per process
 
 @lru_cache(maxsize=None)
 def _bytes_per_value(kind: str, frac_bits: int, cmp: str) -> float:
-    """One party's material bytes per value of a step, measured on 4096 values."""
+    """One party's material bytes per value of a step, measured on 4096 values (so it
+    follows the material: "relu" and "drelu" trees on ``pr.CMP_BITS`` ring bits, exact
+    for comparison inputs below 2^(CMP_BITS - 1) ring units, ~135 bytes at 40 bits
+    where the full 64-bit ring takes ~156)."""
     n = 4096
     (m0,), _ = dealer_material([Step(kind, 1)], n, Prg(), frac_bits, cmp)
     return sum(a.nbytes for a in pr.material_arrays([m0]).values()) / n
