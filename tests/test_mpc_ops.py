@@ -225,7 +225,7 @@ def test_circuit_material_in_chunks_joins_into_one():
     prg = Prg()
     x = RNG.normal(size=1000) * 50
     s0, s1 = share(encode(x), prg)
-    for kind in ("relu", "trunc_relu", "trunc_clip"):
+    for kind in ("relu", "trunc_relu"):
         halves = [ev.dealer_material([ev.Step(kind, n)], 1, prg) for n in (512, 488)]
         mats = [pr.material_from_arrays(pr.concat_circuit_arrays(
             [pr.material_arrays(h[p]) for h in halves]))[0] for p in (0, 1)]
@@ -233,21 +233,12 @@ def test_circuit_material_in_chunks_joins_into_one():
             (r0, r1), _ = run_parties(lambda p, ch, inp: pr.relu(ch, p, *inp),
                                       ((s0, mats[0]), (s1, mats[1])))
             assert np.array_equal(reconstruct(r0, r1), encode(np.maximum(decode(encode(x)), 0)))
-        elif kind == "trunc_relu":
+        else:
             y = [s * np.uint64(1 << FRAC_BITS) for s in (s0, s1)]
             (r0, r1), _ = run_parties(lambda p, ch, inp: pr.trunc_relu(ch, p, *inp),
                                       ((y[0], mats[0]), (y[1], mats[1])))
             assert np.array_equal(reconstruct(r0, r1),
                                   np.maximum(encode(x).view(np.int64), 0).view(np.uint64))
-        else:                       # clip to [0, 6]: both comparisons on one opening
-            y = [s * np.uint64(1 << FRAC_BITS) for s in (s0, s1)]
-            six = np.uint64(6 << FRAC_BITS)
-            (r0, r1), chans = run_parties(
-                lambda p, ch, inp: pr.trunc_clip(ch, p, *inp, six), ((y[0], mats[0]),
-                                                                     (y[1], mats[1])))
-            assert np.array_equal(reconstruct(r0, r1).view(np.int64),
-                                  np.clip(encode(x).view(np.int64), 0, 6 << FRAC_BITS))
-            assert chans[0].rounds == 8
 
 
 def test_party0_material_as_a_seed_keeps_every_share_sum():

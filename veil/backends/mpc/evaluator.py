@@ -28,10 +28,8 @@ parentheses:
   = 2^19 in real terms (max pooling: 2^18), a wrong sign beyond (see
   ``protocols.CMP_BITS``).
 - CLIP (ReLU6, Hardtanh): exact, lo + ReLU(x - lo) - ReLU(x - hi), both ReLUs in one
-  batch (8 rounds); after an affine layer, both signs come from the truncation's
-  opening (``protocols.trunc_clip``: a second 63-bit tree on the same mask, both
-  products in one Beaver round), 8 rounds in all where trunc+ReLU then a ReLU took 16
-  (with DCFs: trunc+ReLU, then a ReLU).
+  batch (8 rounds); after an affine layer, ReLU(x - lo) comes with its truncation and
+  ReLU(x - hi) = ReLU(ReLU(x - lo) - (hi - lo)) is one ReLU more (half the material).
 - MAXPOOL2D (padding and ceil mode included): padding cells hold a public constant
   below any representable value; a tree of max(a, b) = b + ReLU(a - b) per window.
 - MUL of two shared tensors (broadcasting): a Beaver product and a truncation; SQUARE
@@ -256,7 +254,7 @@ def piecewise(op: Op) -> Piecewise:
 
 
 # -- material steps -------------------------------------------------------------------------
-STEP_KINDS = ("trunc", "trunc_relu", "trunc_clip", "relu", "mul", "drelu")
+STEP_KINDS = ("trunc", "trunc_relu", "relu", "mul", "drelu")
 
 
 @dataclass(frozen=True)
@@ -345,14 +343,7 @@ def dealer_material(steps: list[Step], batch: int, prg: Prg, frac_bits: int = FR
     out: tuple[list, list] = ([], [])
     for step in steps:
         n = step.size * batch
-        if cmp == "circuit" and step.kind == "trunc_clip":
-            pair = pr.circuit_trunc_clip_material(n, frac_bits, prg)
-        elif step.kind == "trunc_clip":         # DCFs: trunc+ReLU, then a ReLU
-            a, b = pr.trunc_relu_material(n, frac_bits, prg), pr.relu_material(n, prg)
-            out[0].extend([a[0], b[0]])
-            out[1].extend([a[1], b[1]])
-            continue
-        elif cmp == "circuit" and step.kind in ("trunc", "trunc_relu"):
+        if cmp == "circuit" and step.kind in ("trunc", "trunc_relu"):
             pair = pr.circuit_trunc_material(n, frac_bits, prg, step.kind == "trunc_relu")
         elif cmp == "circuit" and step.kind == "relu":
             pair = pr.circuit_relu_material(n, prg)
@@ -417,19 +408,11 @@ class Run:
         """A public ring constant as this party's share (party 0 holds it)."""
         return raw if self.party == 0 else np.zeros_like(raw)
 
-    def trunc(self, y: np.ndarray, relu: bool = False, clip=None) -> np.ndarray:
-        """floor((y + 2^(f-1)) / 2^f) (round to nearest), ReLU'd if ``relu``, clipped
-        to [0, clip] (a public ring value at f bits) if ``clip`` is given."""
+    def trunc(self, y: np.ndarray, relu: bool = False) -> np.ndarray:
+        """floor((y + 2^(f-1)) / 2^f) (round to nearest), ReLU'd if ``relu``."""
         if self.party == 0:
             y = y + _half(self.f)
         shape, m = y.shape, self.take()
-        if clip is not None:
-            if isinstance(m, pr.CircuitTruncMaterial):
-                return pr.trunc_clip(self.ch, self.party, y.ravel(), m, clip,
-                                     self.f).reshape(shape)
-            r = pr.trunc_relu(self.ch, self.party, y.ravel(), m, self.f)
-            return (r - pr.relu(self.ch, self.party, r - self.public(clip),
-                                self.take())).reshape(shape)
         fn = pr.trunc_relu if relu else pr.truncate_exact
         return fn(self.ch, self.party, y.ravel(), m, self.f).reshape(shape)
 
@@ -490,10 +473,7 @@ def _no_steps(prog, node):
 def _affine_steps(prog: Program, node) -> list[Step]:
     if node.name == prog.output or node.name not in prog.truncating:
         return []
-    reader = prog.fused.get(node.name)
-    kind = "trunc" if reader is None else \
-        "trunc_clip" if prog.graph.node(reader).op is Op.CLIP else "trunc_relu"
-    return [Step(kind, prog.size(node))]
+    return [Step("trunc_relu" if node.name in prog.fused else "trunc", prog.size(node))]
 
 
 def _finish(run: Run, node, y: np.ndarray) -> np.ndarray:
@@ -503,13 +483,9 @@ def _finish(run: Run, node, y: np.ndarray) -> np.ndarray:
         return y
     reader = run.prog.fused.get(node.name)
     if reader is not None and run.prog.graph.node(reader).op is Op.CLIP:
-        # trunc and clip of y - lo to [0, hi - lo], exactly (lo, hi in fixed point; lo
-        # lifted to 2f); the CLIP adds lo back
-        attrs = run.prog.graph.node(reader).attrs
-        lo, hi = (_scaled(attrs[k], run.f) for k in ("lo", "hi"))
-        y = y - run.public(lo << np.uint64(run.f))
-        width = np.asarray(hi.view(np.int64) - lo.view(np.int64)).view(np.uint64)
-        return run.trunc(y, relu=True, clip=width)
+        # trunc+ReLU of y - lo: ReLU(t - lo), exactly (lo in fixed point, lifted to 2f)
+        lo = _scaled(run.prog.graph.node(reader).attrs["lo"], run.f) << np.uint64(run.f)
+        y = y - run.public(lo)
     return run.trunc(y, relu=reader is not None)
 
 
@@ -631,17 +607,18 @@ def _relu(run: Run, node, args):
 
 
 def _clip_steps(prog, node):
-    return [] if node.name in prog.absorbed else [Step("relu", prog.size(node) * 2)]
+    return [Step("relu", prog.size(node) * (1 if node.name in prog.absorbed else 2))]
 
 
 def _clip(run: Run, node, args):
     """lo + ReLU(x - lo) - ReLU(x - hi): exact, both ReLUs in one batch. After an
-    affine layer, its truncation computed ReLU(x - lo) - ReLU(x - hi) already
-    (``protocols.trunc_clip``: both comparisons on one opening): lo is added back."""
+    affine layer that computed r = ReLU(x - lo) with its truncation, one ReLU more:
+    ReLU(x - hi) = ReLU(r - (hi - lo)) since hi > lo."""
     x, f = args[0], run.f
     lo, hi = (_scaled(node.attrs[k], f) for k in ("lo", "hi"))
     if node.name in run.prog.absorbed:
-        return run.public(lo) + x
+        width = np.asarray(hi.view(np.int64) - lo.view(np.int64)).view(np.uint64)
+        return run.public(lo) + x - run.relu(x - run.public(width))
     both = run.relu(np.stack([x - run.public(lo), x - run.public(hi)]))
     return run.public(lo) + both[0] - both[1]
 

@@ -142,7 +142,6 @@ class CircuitTruncMaterial:
     top: circuit.TreeMaterial
     low: circuit.TreeMaterial
     triple: Triple | None
-    hi: circuit.TreeMaterial | None = None   # a clip's upper comparison (trunc_clip)
 
 
 @dataclass(frozen=True)
@@ -245,23 +244,6 @@ def _sign_tree(r: np.ndarray, n: int, prg: Prg, bits: int):
     rows = _mask_rows(r, prg, bits - 1)
     q = (r >> np.uint64(bits - 1)) & np.uint64(1)
     return rows, circuit.tree_material(bits - 1, n, prg, q)
-
-
-def circuit_trunc_clip_material(n: int, frac_bits: int, prg: Prg
-                                ) -> tuple[CircuitTruncMaterial, CircuitTruncMaterial]:
-    """Truncation with a clip to [0, w] (:func:`trunc_clip`): the trunc+ReLU material,
-    a second 63-bit tree weighted by msb(r) on the same mask bits, and Beaver triples
-    of shape (2, n) (both products in one round; chunks join on the last axis)."""
-    r = prg.uint64(n)
-    rows = _mask_rows(r, prg)
-    q = r >> _SHIFT63
-    top = circuit.tree_material(63, n, prg, q)
-    hi = circuit.tree_material(63, n, prg, q)
-    low = circuit.tree_material(frac_bits, n, prg)
-    (r0, r1), (h0, h1) = share(r, prg), share(r >> np.uint64(frac_bits), prg)
-    t = triples((2, n), prg)
-    return tuple(CircuitTruncMaterial((r0, r1)[b], (h0, h1)[b], rows[b], top[b], low[b],
-                                      t[b], hi[b]) for b in (0, 1))
 
 
 def circuit_drelu_material(n: int, prg: Prg, bits: int = CMP_BITS
@@ -392,35 +374,6 @@ def _circuit_trunc_sign(ch: Channel, party: int, y: np.ndarray, m: CircuitTruncM
     return trunc, _xor_public(party, top, q + s - np.uint64(2) * qs)
 
 
-def trunc_clip(ch: Channel, party: int, y: np.ndarray, m: CircuitTruncMaterial,
-               width: np.uint64, frac_bits: int = FRAC_BITS) -> np.ndarray:
-    """Shares of min(max(t, 0), w) for t = floor(y / 2^f) and a public w > 0 (f
-    fractional bits): ReLU(t) - ReLU(t - w), with both signs from one opening of
-    u^ = y + 2^63 + r: [t >= 0] = msb(u) as in :func:`trunc_relu`, and [t >= w] =
-    [y >= w 2^f] = msb(u - w 2^f), whose opening is the public u^ - w 2^f with the same
-    mask, so a second 63-bit tree on the same mask bits runs beside the other two (no
-    reduced ring: exact for any y). Then both products in one Beaver round: eight
-    rounds where trunc+ReLU and a ReLU take sixteen."""
-    n = y.size
-    uhat = open_value(ch, _offset(party, y) + m.r)
-    shifted = uhat - (np.uint64(width) << np.uint64(frac_bits))
-    rows = circuit.bit_rows(uhat, 63)
-    (s, qs), (low, _), (s2, qs2) = circuit.compare(ch, party, [
-        circuit.tree(party, rows, m.r_rows, m.top, n),
-        circuit.tree(party, rows, m.r_rows, m.low, n),
-        circuit.tree(party, circuit.bit_rows(shifted, 63), m.r_rows, m.hi, n)])
-    top, q = uhat >> _SHIFT63, m.top.arith[4]
-    wrap = np.where(top == 1, qs, q + s - qs) * (np.uint64(1) << np.uint64(64 - frac_bits))
-    trunc = _shift(party, uhat, wrap, low, m.r_high, frac_bits)
-    sign = _xor_public(party, top, q + s - np.uint64(2) * qs)
-    sign2 = _xor_public(party, shifted >> _SHIFT63, q + s2 - np.uint64(2) * qs2)
-    over = trunc - (np.uint64(width) if party == 0 else _ZERO)
-    t = m.triple
-    prod = mul(ch, party, np.concatenate([trunc, over]), np.concatenate([sign, sign2]),
-               Triple(t.a.ravel(), t.b.ravel(), t.c.ravel()))
-    return prod[:n] - prod[n:]
-
-
 def drelu(ch: Channel, party: int, x: np.ndarray, m: SignMaterial | CircuitReluMaterial
           ) -> np.ndarray:
     """Shares of 1 - msb(x), i.e. [x >= 0] for two's-complement x: one round (DCF) or
@@ -480,13 +433,10 @@ def material_arrays(items: list) -> dict[str, np.ndarray]:
     for i, m in enumerate(items):
         p = f"{i}"
         if isinstance(m, CircuitTruncMaterial):
-            kind = 4 if m.triple is None else 5 if m.hi is None else 9
-            out[f"{p}.kind"] = np.array([kind], np.uint8)
+            out[f"{p}.kind"] = np.array([4 if m.triple is None else 5], np.uint8)
             out[f"{p}.r"], out[f"{p}.r_high"], out[f"{p}.r_rows"] = m.r, m.r_high, m.r_rows
             tree(f"{p}.top", m.top)
             tree(f"{p}.low", m.low)
-            if m.hi is not None:
-                tree(f"{p}.hi", m.hi)
             if m.triple is not None:
                 triple(p, m.triple)
         elif isinstance(m, CircuitReluMaterial):
@@ -619,11 +569,10 @@ def material_from_arrays(arrays: dict[str, np.ndarray]) -> list:
                 arrays[f"{p}.r"], arrays[f"{p}.r_high"], arrays[f"{p}.rho"],
                 arrays[f"{p}.rho_wrap"], key(f"{p}.low"), key(f"{p}.top"),
                 Triple(arrays[f"{p}.a"], arrays[f"{p}.b"], arrays[f"{p}.c"])))
-        elif kind in (4, 5, 9):
+        elif kind in (4, 5):
             items.append(CircuitTruncMaterial(
                 arrays[f"{p}.r"], arrays[f"{p}.r_high"], arrays[f"{p}.r_rows"],
-                tree(f"{p}.top"), tree(f"{p}.low"), triple(p) if kind != 4 else None,
-                tree(f"{p}.hi") if kind == 9 else None))
+                tree(f"{p}.top"), tree(f"{p}.low"), triple(p) if kind == 5 else None))
         elif kind in (6, 7):
             items.append(CircuitReluMaterial(arrays[f"{p}.r"], arrays[f"{p}.r_rows"],
                                              tree(f"{p}.top"), triple(p) if kind == 6 else None))
