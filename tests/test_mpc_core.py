@@ -167,6 +167,40 @@ def test_relu_is_exact_on_shares(cmp):
         assert chans[0].rounds == 8
 
 
+@pytest.mark.parametrize("bits", [33, 40, 64])
+def test_relu_on_a_reduced_ring_is_exact_inside_its_bound(bits):
+    """Circuit ReLU compares on l = ``bits`` ring bits (protocols.CMP_BITS): exact for
+    every |x| < 2^(l-1) in ring units, the values at the bound's edge included, with a
+    (l-1)-bit tree (l = 33: one round fewer). Outside the bound the sign is that of
+    x mod 2^l: x = 2^(l-1) reads as negative (ReLU 0), x = -2^(l-1) - 1 as positive."""
+    from veil.backends.mpc.protocols import CMP_BITS, circuit_relu_material
+    assert CMP_BITS == 40
+    prg = Prg()
+    rng = np.random.default_rng(2)
+    half = 1 << (bits - 1)
+    inside = [0, 1, -1, half - 1, -half + 1, -half, half - 2 ** 20, -half + 2 ** 20]
+    raw = np.concatenate([rng.integers(-half + 1, half, size=2000, dtype=np.int64)
+                          if bits < 64 else rng.integers(-2 ** 62, 2 ** 62, size=2000),
+                          np.array(inside, dtype=np.int64)])
+    x = raw.view(np.uint64)
+    mat = circuit_relu_material(x.size, prg, bits)
+    assert mat[0].top.width == bits - 1
+    xs = share(x, prg)
+    (r0, r1), chans = run_parties(lambda p, ch, inp: relu(ch, p, *inp),
+                                  ((xs[0], mat[0]), (xs[1], mat[1])))
+    assert np.array_equal(reconstruct(r0, r1).view(np.int64), np.maximum(raw, 0))
+    assert chans[0].rounds == (7 if bits <= 33 else 8)
+    if bits == 64:
+        return
+    outside = np.array([half, -half - 1, 3 * half], dtype=np.int64)
+    mat = circuit_relu_material(outside.size, prg, bits)
+    xs = share(outside.view(np.uint64), prg)
+    (r0, r1), _ = run_parties(lambda p, ch, inp: relu(ch, p, *inp),
+                              ((xs[0], mat[0]), (xs[1], mat[1])))
+    # documented failure: the sign of x mod 2^l
+    assert reconstruct(r0, r1).view(np.int64).tolist() == [0, -half - 1, 0]
+
+
 def test_a_single_share_is_independent_of_the_input():
     """Party 1's view of a shared input is uniform whatever the input: compare the
     distributions for two very different inputs (chi-square on the top byte)."""

@@ -22,7 +22,11 @@ parentheses:
 - AVGPOOL2D / GLOBALAVGPOOL: window sums are local; the division multiplies by the
   fixed-point reciprocal of each window's count, then truncates.
 - RELU: one comparison and one Beaver product, 8 rounds (2); fused with the truncation
-  before it when it is that layer's only reader.
+  before it when it is that layer's only reader. Unfused ReLUs, the second comparison
+  of a CLIP, max pooling and the piecewise selections compare on l = ``pr.CMP_BITS``
+  = 40 ring bits (a 39-bit tree instead of 63): exact for inputs with |x| < 2^(l-1-f)
+  = 2^19 in real terms (max pooling: 2^18), a wrong sign beyond (see
+  ``protocols.CMP_BITS``).
 - CLIP (ReLU6, Hardtanh): exact, lo + ReLU(x - lo) - ReLU(x - hi), both ReLUs in one
   batch (8 rounds); after an affine layer, ReLU(x - lo) comes with its truncation and
   ReLU(x - hi) = ReLU(ReLU(x - lo) - (hi - lo)) is one ReLU more (half the material).
@@ -579,9 +583,10 @@ def _maxpool_steps(prog, node):
 
 
 def _maxpool(run: Run, node, args):
-    # padding: a public value below every representable activation (|v| < 2^(63-2f)),
-    # so it never wins and a - b never wraps
-    low = np.uint64((1 << 64) - (1 << (63 - run.f)) if run.party == 0 else 0)
+    # padding: a public value, -2^(l-2) in ring units, below every activation in the
+    # comparisons' range (|v| < 2^(l-2), l = pr.CMP_BITS), so it never wins and a - b
+    # stays within the reduced ring's bound |a - b| < 2^(l-1)
+    low = np.uint64((1 << 64) - (1 << (pr.CMP_BITS - 2)) if run.party == 0 else 0)
     vals = _window_values(args[0], node, low)
     while vals.shape[-1] > 1:
         pairs = vals.shape[-1] // 2
@@ -771,7 +776,10 @@ DEFAULT_BUDGET = 2 << 30      # bytes per process
 
 @lru_cache(maxsize=None)
 def _bytes_per_value(kind: str, frac_bits: int, cmp: str) -> float:
-    """One party's material bytes per value of a step, measured on 4096 values."""
+    """One party's material bytes per value of a step, measured on 4096 values (so it
+    follows the material: "relu" and "drelu" trees on ``pr.CMP_BITS`` ring bits, exact
+    for comparison inputs below 2^(CMP_BITS - 1) ring units, ~135 bytes at 40 bits
+    where the full 64-bit ring takes ~156)."""
     n = 4096
     (m0,), _ = dealer_material([Step(kind, 1)], n, Prg(), frac_bits, cmp)
     return sum(a.nbytes for a in pr.material_arrays([m0]).values()) / n

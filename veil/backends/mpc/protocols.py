@@ -25,6 +25,16 @@ Constructions:
   bounds throughput on a fast network. ``dealer_material(..., cmp=...)`` picks one;
   the party-side functions follow the material they are given.
 - Max pooling as max(a, b) = b + ReLU(a - b), in a tree over the window.
+- Circuit comparisons of ReLU, sign and max pooling on a reduced ring (``CMP_BITS``):
+  for |x| < 2^(l-1), the sign of x is the top bit of x mod 2^l, and x mod 2^l =
+  (x^ - r) mod 2^l for the same 64-bit opening x^ = x + r, so the comparison tree runs
+  on l - 1 bits instead of 63: the bit width the values need, as in CrypTFlow2 (Rathee
+  et al., CCS 2020, millionaires' on l bits) and Cheetah (Huang et al., USENIX Security
+  2022), with the MSB extraction of SecureNN (Wagh et al., PETS 2019). BOUND: a value
+  with |x| >= 2^(l-1) (in ring units: 2^(l-1-f) in real terms, 2^19 = 524288 at l = 40,
+  f = 20) gets the sign of x mod 2^l, i.e. a wrong sign whenever bit l-1 of x differs
+  from its true sign; the truncations keep their exact 63-bit comparison (their input
+  has 2f fractional bits).
 """
 from __future__ import annotations
 
@@ -41,6 +51,14 @@ from .prg import Prg
 _ZERO = np.uint64(0)
 _LOW63 = np.uint64((1 << 63) - 1)
 _SHIFT63 = np.uint64(63)
+
+#: l, the ring bits of the circuit comparisons of ReLU, sign (DReLU) and max pooling: a
+#: comparison input must satisfy |x| < 2^(l-1) in ring units (|x| < 2^(l-1-f) = 2^19
+#: real at f = 20: 20 fractional bits, 19 integer bits and the sign); outside, the sign
+#: is that of x mod 2^l (wrong whenever bit l-1 of x differs from the sign). The zoo
+#: models' largest comparison input is below 2^8 real (``bench/mpc_zoo.py`` records it),
+#: so 40 leaves a margin of 2^11. Max pooling's padding constant needs |x| < 2^(l-2).
+CMP_BITS = 40
 
 
 class Channel(Protocol):
@@ -128,8 +146,9 @@ class CircuitTruncMaterial:
 
 @dataclass(frozen=True)
 class CircuitReluMaterial:
-    """A comparison tree for the sign of x, and a Beaver triple for ReLU (None when
-    only the sign is wanted)."""
+    """A comparison tree for the sign of x on l = top.width + 1 ring bits (the sign is
+    exact for |x| < 2^(l-1), see :data:`CMP_BITS`), XOR shares of the mask's low l - 1
+    bits, and a Beaver triple for ReLU (None when only the sign is wanted)."""
 
     r: np.ndarray
     r_rows: np.ndarray
@@ -195,8 +214,8 @@ def relu_material(n: int, prg: Prg) -> tuple[ReluMaterial, ReluMaterial]:
     return ReluMaterial(s0, t0), ReluMaterial(s1, t1)
 
 
-def _mask_rows(r: np.ndarray, prg: Prg) -> tuple[np.ndarray, np.ndarray]:
-    rows = circuit.bit_rows(r, 63)
+def _mask_rows(r: np.ndarray, prg: Prg, width: int = 63) -> tuple[np.ndarray, np.ndarray]:
+    rows = circuit.bit_rows(r, width)
     rows0 = circuit.random_rows(prg, rows.shape)
     return rows0, rows ^ rows0
 
@@ -213,21 +232,37 @@ def circuit_trunc_material(n: int, frac_bits: int, prg: Prg, relu: bool
                  for b in (0, 1))
 
 
-def circuit_drelu_material(n: int, prg: Prg
+def _check_bits(bits: int) -> None:
+    if not 3 <= bits <= 64:
+        raise ValueError(f"comparison ring bits must be in 3..64, not {bits}")
+
+
+def _sign_tree(r: np.ndarray, n: int, prg: Prg, bits: int):
+    """XOR shares of r's low l - 1 bits and an (l-1)-bit tree weighted by bit l - 1 of
+    r: the sign of x mod 2^l from the opening x + r."""
+    _check_bits(bits)
+    rows = _mask_rows(r, prg, bits - 1)
+    q = (r >> np.uint64(bits - 1)) & np.uint64(1)
+    return rows, circuit.tree_material(bits - 1, n, prg, q)
+
+
+def circuit_drelu_material(n: int, prg: Prg, bits: int = CMP_BITS
                            ) -> tuple[CircuitReluMaterial, CircuitReluMaterial]:
-    """Material for the sign [x >= 0] alone (no Beaver triple): a comparison tree."""
+    """Material for the sign [x >= 0] alone (no Beaver triple): a comparison tree on
+    ``bits`` ring bits, exact for |x| < 2^(bits-1) (:data:`CMP_BITS`)."""
     r = prg.uint64(n)
-    rows = _mask_rows(r, prg)
-    top = circuit.tree_material(63, n, prg, r >> _SHIFT63)
+    rows, top = _sign_tree(r, n, prg, bits)
     r0, r1 = share(r, prg)
     return (CircuitReluMaterial(r0, rows[0], top[0], None),
             CircuitReluMaterial(r1, rows[1], top[1], None))
 
 
-def circuit_relu_material(n: int, prg: Prg) -> tuple[CircuitReluMaterial, CircuitReluMaterial]:
+def circuit_relu_material(n: int, prg: Prg, bits: int = CMP_BITS
+                          ) -> tuple[CircuitReluMaterial, CircuitReluMaterial]:
+    """ReLU material: a sign tree on ``bits`` ring bits (exact for |x| < 2^(bits-1),
+    :data:`CMP_BITS`) and a Beaver triple."""
     r = prg.uint64(n)
-    rows = _mask_rows(r, prg)
-    top = circuit.tree_material(63, n, prg, r >> _SHIFT63)
+    rows, top = _sign_tree(r, n, prg, bits)
     (r0, r1), t = share(r, prg), triples(n, prg)
     return tuple(CircuitReluMaterial((r0, r1)[b], rows[b], top[b], t[b]) for b in (0, 1))
 
@@ -342,13 +377,19 @@ def _circuit_trunc_sign(ch: Channel, party: int, y: np.ndarray, m: CircuitTruncM
 def drelu(ch: Channel, party: int, x: np.ndarray, m: SignMaterial | CircuitReluMaterial
           ) -> np.ndarray:
     """Shares of 1 - msb(x), i.e. [x >= 0] for two's-complement x: one round (DCF) or
-    seven (circuit)."""
+    seven (circuit; six with a tree of at most 32 bits). Circuit material compares on
+    l = m.top.width + 1 ring bits: exact for |x| < 2^(l-1) only (:data:`CMP_BITS`)."""
     if isinstance(m, CircuitReluMaterial):
+        # on l = width + 1 ring bits: x mod 2^l = (x^ - r) mod 2^l, so bit l-1 of x is
+        # bit l-1 of x^ xor bit l-1 of r xor [x^ mod 2^(l-1) < r mod 2^(l-1)]; it is the
+        # sign of x when |x| < 2^(l-1) (CMP_BITS)
+        w = m.top.width
         xhat = open_value(ch, x + m.r)
         ((s, qs),) = circuit.compare(ch, party, [
-            circuit.tree(party, circuit.bit_rows(xhat, 63), m.r_rows, m.top, x.size)])
-        z = m.top.arith[4] + s - np.uint64(2) * qs            # msb(r) xor S
-        return (np.uint64(1) if party == 0 else _ZERO) - _xor_public(party, xhat >> _SHIFT63, z)
+            circuit.tree(party, circuit.bit_rows(xhat, w), m.r_rows, m.top, x.size)])
+        z = m.top.arith[4] + s - np.uint64(2) * qs            # bit l-1 of r xor S
+        top = (xhat >> np.uint64(w)) & np.uint64(1)
+        return (np.uint64(1) if party == 0 else _ZERO) - _xor_public(party, top, z)
     xhat = open_value(ch, x + m.r)
     top = xhat >> _SHIFT63                                   # public msb(x^)
     z = fss.evaluate(party, m.key, xhat & _LOW63) + m.rho    # msb(r) xor [x^' < r']
