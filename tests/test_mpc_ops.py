@@ -209,6 +209,19 @@ def test_a_model_over_the_memory_budget_is_refused_before_allocation():
     assert ev.check_memory(g, batch=1)["party"] == est["party"]      # fits 2 GiB
 
 
+def test_clients_split_batches_to_what_the_budget_admits():
+    """``max_batch``: the largest power-of-two request every process can hold, as the
+    parties check it (current layer plus one ahead); clients split larger batches."""
+    g = chain((3, 64, 64), conv(3, 16, 3, padding=(1, 1)), (Op.RELU, {}, {}))
+    budget = ev.estimate_memory(g, 4, layers_held=2)["party"] + 1
+    b = ev.max_batch(g, budget=budget)
+    assert b == 4
+    ev.check_memory(g, b, budget=budget, layers_held=2)
+    with pytest.raises(ModelTooLargeError):
+        ev.check_memory(g, 2 * b, budget=budget, layers_held=2)
+    assert ev.max_batch(g, budget=1) == 1          # one input is always tried
+
+
 def test_fss_comparisons_run_the_same_kernels():
     shape, specs = CASES["conv_depthwise_strided"]
     x = RNG.normal(size=(2,) + shape)

@@ -130,8 +130,13 @@ def measure_mpc(job: Job, procs) -> dict:
     """Two parties and a dealer (``Processes.mpc``); the client shares, sends, and
     reconstructs, each timed."""
     from ..backends.mpc import transport
+    from ..backends.mpc.evaluator import lower_for_mpc, max_batch
     from ..backends.mpc.service import MpcClient
+    from ..compiler.targets import lower
 
+    # batches the parties' memory budget admits (a 224x224 model: one image per request)
+    size = min(job.batch, max_batch(lower_for_mpc(lower(job.compiled.result.source,
+                                                        "mpc")[0])))
     t = time.perf_counter()
     keys = transport.setup(job.work_dir / "mpc-keys")
     info = procs.mpc(job.export, keys, timeout=120.0)     # as the client: WAN batches are slow
@@ -148,14 +153,14 @@ def measure_mpc(job: Job, procs) -> dict:
         xs = batch_inputs(job, len(lat))
         # the parties keep two batches' material ready; a longer pass has the dealer
         # in the loop, as a sustained load would
-        batch_s = median_pass(lambda: [client.infer(c) for c in batches(xs, job.batch)],
+        batch_s = median_pass(lambda: [client.infer(c) for c in batches(xs, size)],
                               job.budget_s / 2)
         job.progress(len(xs))
         servers = server_peaks()
     last = singles[-1]
     stats = last.stats
     return row("mpc", job, len(lat), np.concatenate(outs), lat, comp,
-               throughput=len(xs) / batch_s, batch=job.batch, batch_inputs=len(xs),
+               throughput=len(xs) / batch_s, batch=size, batch_inputs=len(xs),
                bytes_up=last.bytes_sent,
                bytes_down=last.bytes_received, client_round_trips=1,
                server_rounds=max(s["online_rounds"] for s in stats),

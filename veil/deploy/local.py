@@ -182,7 +182,11 @@ class LocalMPC(_Local):
         from ..backends.mpc import transport
         from ..backends.mpc.service import save_model
 
+        from ..backends.mpc.evaluator import lower_for_mpc, max_batch
+
         save_model(lowered, directory / "mpc")
+        # requests the parties' default memory budget admits (a 224x224 model: one image)
+        self._chunk = max_batch(lower_for_mpc(lowered))
         self.keys = transport.setup(self.dir / "keys")
         return ExportInfo(directory, NAME, ("mpc",), tuple(lowered.input_shape),
                           tuple(lowered.output_shape), {})
@@ -200,8 +204,9 @@ class LocalMPC(_Local):
     def _infer(self, xs: np.ndarray) -> np.ndarray:
         from ..backends.mpc.service import MAX_INPUTS
 
-        return np.concatenate([self.client.infer(xs[i:i + MAX_INPUTS]).outputs
-                               for i in range(0, len(xs), MAX_INPUTS)])
+        step = min(MAX_INPUTS, self._chunk)
+        return np.concatenate([self.client.infer(xs[i:i + step]).outputs
+                               for i in range(0, len(xs), step)])
 
 
 LOCAL: dict[str, type[_Local]] = {"tee": LocalTEE, "mpc": LocalMPC}

@@ -847,3 +847,18 @@ def check_memory(graph: Graph, batch: int = 1, budget: int = DEFAULT_BUDGET,
                 f"{budget / 2**20:.0f} MiB; raise the budget (--memory-budget) or send "
                 "smaller batches")
     return est
+
+
+def max_batch(graph: Graph, budget: int = DEFAULT_BUDGET, limit: int = 4096,
+              frac_bits: int = FRAC_BITS, cmp: str = "circuit", layers_held: int = 2) -> int:
+    """The largest power-of-two batch (at most ``limit``, at least 1) whose
+    :func:`estimate_memory` fits ``budget`` in every process (``layers_held``: a party's
+    current layer and its one-layer lookahead, as ``Party`` checks): clients split
+    larger batches into requests of this size instead of having the parties refuse
+    them."""
+    best, b = 1, 2
+    while b <= limit and max(estimate_memory(graph, b, frac_bits, cmp,
+                                             layers_held).values()) <= budget:
+        best, b = b, 2 * b
+    return best
+
