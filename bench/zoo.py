@@ -1,6 +1,6 @@
 """The model zoo in every mode, with the anchors beside it (issue 15).
 
-    python bench/zoo.py [--models resnet20,resnet18,mobilenet_v2 | all] [--n 2]
+    python bench/zoo.py [--models resnet20,resnet18,mobilenet_v2 | all] [--n 2] [--keep-others]
 
 Per model: parameters and multiply-accumulates (from the IR), compile time and peak
 RSS (in a fresh process), torch's own eval latency (the native plaintext floor), then
@@ -175,8 +175,8 @@ def markdown(result: dict) -> str:
 
     rows = result["rows"]
     lines = [f"# Model zoo in every mode ({result['time']})", "",
-             f"`python bench/zoo.py --models {','.join(r['model'] for r in rows)} --n "
-             f"{result['n']}` on {result['machine']}. Random weights with batch norms "
+             f"`python bench/zoo.py --models ...` (each row: its own run, time in the "
+             f"JSON; n = {result['n']}) on {result['machine']}. Random weights with batch norms "
              "calibrated on photo crops (`veil.compare.zoo`); inputs are other crops. "
              "Latencies are medians of single images; tee and mpc are separate processes "
              "on loopback (mpc: two parties and a dealer), their RSS is each process's "
@@ -239,6 +239,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(DEFAULT))
     ap.add_argument("--n", type=int, default=2, help="images per mode (default 2)")
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--keep-others", action="store_true",
+                    help="keep the rows of models not re-run from the last results")
     ap.add_argument("--compile-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.compile_child:
@@ -271,7 +273,14 @@ def main(argv=None) -> int:
         rows.append(_row(name, info, w))
         print(f"[zoo] {name}: {json.dumps(rows[-1], default=float)[:600]}", flush=True)
     m = machine()
-    result = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "n": args.n,
+    if args.keep_others and (OUT / "zoo.json").is_file():
+        # rows of models not re-run this time stay, each with the time it was measured
+        old = json.loads((OUT / "zoo.json").read_text())
+        rows = [r for r in old["rows"] if r["model"] not in names] + rows
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    for r in rows:
+        r.setdefault("measured", stamp)
+    result = {"time": stamp, "n": args.n,
               "machine": f"{m['cpus']} CPUs, {m['memory_bytes'] / 2**30:.0f} GiB",
               "rows": rows}
     result["checks"] = _checks(rows)
