@@ -19,7 +19,8 @@ VEIL = Path(__file__).resolve().parents[1] / "veil"
 # unit (the first name under veil/) -> layer; a higher layer may import a lower one
 LAYERS = {
     "errors": 0, "_version": 0,                # nothing of ours
-    "_files": 1, "wire": 1, "modes": 1,        # helpers on top of errors only
+    "_files": 1, "_proc": 1, "wire": 1,        # helpers on top of errors only
+    "modes": 1,
     "ir": 2,                                   # the graph, its op registry, interpreter
     "frontend": 3, "compiler": 3,              # PyTorch/ONNX -> ir; ir -> lowered ir
     "backends": 4,                             # he | mpc | tee kernels and processes

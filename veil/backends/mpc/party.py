@@ -11,13 +11,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...errors import InputError, KeyMaterialError, SerializationError, VeilError
+from ..._proc import peak_rss_bytes
+from ...errors import (InputError, KeyMaterialError, ModelTooLargeError, SerializationError,
+                       VeilError)
 from ...ir import Graph
 from .. import sockets as so
 from . import protocols as pr
 from . import tickets
 from . import transport as tp
-from ...errors import ModelTooLargeError
 from .evaluator import (CHUNK, COMPARISONS, DEFAULT_BUDGET, Program, check_memory, evaluate,
                         material_bytes, output_frac_bits)
 from .fixed import FRAC_BITS
@@ -62,19 +63,6 @@ class _Request:
     confirmed: bool = False     # both parties hold a share of it
     tried: bool = False         # party 0 began it once and party 1 had no share
     idle_age: float = 0.0       # seconds waited while the party was not computing
-
-
-def peak_rss() -> int:
-    """This process's peak resident set in bytes (VmHWM: unlike ru_maxrss, it is not
-    inherited from the process that started this one), 0 where /proc is absent."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 class Party:
@@ -676,7 +664,7 @@ class Party:
             "online_s": t2 - t1 - stream["offline_s"], "cpu_s": cpu,
             "layers_streamed": stream["layers"],
             "peak_layer_bytes": stream["peak"],
-            "max_rss_bytes": peak_rss(),
+            "max_rss_bytes": peak_rss_bytes(),
             "estimated_bytes": self.estimate["party"]}).encode(), np.uint8)}
         try:
             req.link.send(CLIENT_RESULT, so.pack_arrays(result))
