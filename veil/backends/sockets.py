@@ -59,8 +59,11 @@ def _recv_into(sock: socket.socket, view: memoryview) -> None:
         got += n
 
 
-def recv_buffer(sock: socket.socket, limit: int = MAX_FRAME, idle: bool = False) -> bytearray:
-    """One frame's body, read straight into the buffer it is returned in (no copies).
+def recv_buffer(sock: socket.socket, limit: int = MAX_FRAME, idle: bool = False,
+                alloc=bytearray):
+    """One frame's body, read straight into the buffer it is returned in (no copies):
+    ``alloc(n)``, a bytearray unless the caller passes another (the MPC links take an
+    uninitialised numpy buffer: no pass to zero memory about to be overwritten).
 
     With ``idle``, wait as long as it takes for a frame to start, but once it has, the
     socket's timeout applies to the rest: a peer that sends half a frame (or a corrupted
@@ -80,7 +83,7 @@ def recv_buffer(sock: socket.socket, limit: int = MAX_FRAME, idle: bool = False)
     (n,) = LEN.unpack(head)
     if n > limit:
         raise TransportError(f"frame of {n} bytes exceeds the limit of {limit}")
-    body = bytearray(n)
+    body = alloc(n)
     _recv_into(sock, memoryview(body))
     return body
 
@@ -131,7 +134,7 @@ def dial(address: tuple[str, int], timeout: float) -> socket.socket:
 def json_object(data: bytes) -> dict:
     """A control message: a JSON object, or a SerializationError."""
     try:
-        out = json.loads(data.decode())
+        out = json.loads(bytes(data).decode())
         if not isinstance(out, dict):
             raise ValueError("not an object")
         return out

@@ -67,7 +67,7 @@ def row_values(row: np.ndarray, n: int) -> np.ndarray:
 
 def random_rows(prg: Prg, shape) -> np.ndarray:
     rows, nb = shape
-    return np.frombuffer(prg.bytes(rows * nb), np.uint8).reshape(rows, nb).copy()
+    return prg.uint8((rows, nb))
 
 
 def level_sizes(width: int) -> list[int]:

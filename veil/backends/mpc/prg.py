@@ -3,6 +3,12 @@
 Every generator is keyed by 32 bytes from ``secrets`` (or a seed the dealer shares with
 one party, so that party's material can be expanded locally instead of sent). numpy's
 random generators are never used for anything a party or the dealer keeps secret.
+
+The keystream is written straight into the array it is returned in, a block of
+``_BLOCK`` bytes at a time from one zero buffer (``update_into``): ~3x faster than
+``update(bytes(n))`` and a copy, which allocate and fault in two more buffers of the
+full size (``bench/mpc_zoo.py`` profiles showed the dealer and party 0 spending most of
+their time there). The stream is the same either way, so seeds stay compatible.
 """
 from __future__ import annotations
 
@@ -12,10 +18,13 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 SEED_BYTES = 32
+_BLOCK = 1 << 20
+_ZEROS = bytes(_BLOCK)
+_SLACK = 64          # update_into wants room for one cipher block beyond the input
 
 
 class Prg:
-    """A ChaCha20 keystream read as little-endian uint64 words or bits."""
+    """A ChaCha20 keystream read as little-endian uint64 words, bytes or bits."""
 
     def __init__(self, seed: bytes | None = None) -> None:
         self.seed = secrets.token_bytes(SEED_BYTES) if seed is None else bytes(seed)
@@ -24,13 +33,27 @@ class Prg:
         # A fresh key per generator, so the all-zero nonce is never reused under a key.
         self._stream = Cipher(algorithms.ChaCha20(self.seed, bytes(16)), mode=None).encryptor()
 
+    def _fill(self, n: int) -> np.ndarray:
+        """n keystream bytes in a fresh uint8 array (with ``_SLACK`` spare bytes after)."""
+        out = np.empty(n + _SLACK, np.uint8)
+        view = memoryview(out)
+        for at in range(0, n, _BLOCK):
+            size = min(_BLOCK, n - at)
+            self._stream.update_into(_ZEROS[:size] if size < _BLOCK else _ZEROS,
+                                     view[at:at + size + _SLACK])
+        return out[:n]
+
     def bytes(self, n: int) -> bytes:
-        return self._stream.update(bytes(n))
+        return self._fill(n).tobytes()
+
+    def uint8(self, shape) -> np.ndarray:
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        return self._fill(int(np.prod(shape, dtype=np.int64))).reshape(shape)
 
     def uint64(self, shape) -> np.ndarray:
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         n = int(np.prod(shape, dtype=np.int64))
-        return np.frombuffer(self.bytes(8 * n), dtype="<u8").astype(np.uint64).reshape(shape)
+        return self._fill(8 * n).view("<u8").view(np.uint64).reshape(shape)
 
     def bits(self, shape) -> np.ndarray:
         return (self.uint64(shape) & np.uint64(1)).astype(bool)

@@ -7,8 +7,12 @@ ephemeral key, and the session keys come from HKDF-SHA256 over ee, es, se and ss
 Diffie-Hellman results and the transcript, so only the two holders of those static keys
 can derive them (mutual authentication). A client, which has no static key, runs the NK
 pattern instead: it authenticates the party, the party learns nothing about it.
-Each direction then has its own ChaCha20-Poly1305 key with a 64-bit message counter as
-nonce, so a replayed, reordered, dropped or altered frame fails to decrypt.
+Each direction then has its own AES-256-GCM key with a 64-bit message counter as nonce,
+so a replayed, reordered, dropped or altered frame fails to decrypt. AES-GCM rather than
+ChaCha20-Poly1305 because the bulk of MPC traffic (the dealer's material, the parties'
+openings) is sealed here: with AES-NI/VAES and ``encrypt_into`` a reused buffer, it
+seals at ~5 GB/s on this project's machines, where ChaCha20-Poly1305 ``encrypt`` into
+fresh memory ran at 0.9 GB/s and dominated the processes' profiles.
 
 Frames on the socket (``backends/sockets.py``): 4-byte big-endian length, then the AEAD
 ciphertext. Inside: a version byte, a kind byte, and the payload. Oversized frames are
@@ -25,10 +29,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..._files import write_private
@@ -39,6 +44,15 @@ from . import tickets
 VERSION = 1
 ROLES = ("party0", "party1", "dealer")
 _PROTOCOL = b"veil/mpc/noise/v1"
+_TAG = 16
+#: send buffers up to this size are kept for the link's next frame (warm memory seals
+#: several times faster than freshly mapped pages); larger frames get their own
+_REUSE_MAX = 64 << 20
+_COPY_MAX = 1 << 20
+
+
+def _uninitialised(n: int) -> np.ndarray:
+    return np.empty(n, np.uint8)
 
 
 # -- keys ---------------------------------------------------------------------------------
@@ -109,8 +123,9 @@ class Link:
     def __init__(self, sock: socket.socket, send_key: bytes, recv_key: bytes,
                  peer: str) -> None:
         self.sock, self.peer = sock, peer
-        self._send, self._recv = ChaCha20Poly1305(send_key), ChaCha20Poly1305(recv_key)
+        self._send, self._recv = AESGCM(send_key), AESGCM(recv_key)
         self._send_n = self._recv_n = 0
+        self._plain = self._wire = np.empty(0, np.uint8)     # reused send buffers
         self.bytes_sent = self.bytes_received = 0
         # a party answers one client link from several threads (results, refusals,
         # released orphans): a frame's nonce and its bytes on the socket go together
@@ -122,19 +137,22 @@ class Link:
 
     def send(self, kind: int, payload: bytes) -> None:
         with self._send_lock:
-            frame = self._seal(kind, payload)
-            send_frame(self.sock, frame)
-            self.bytes_sent += len(frame) + LEN.size
+            wire = self._seal(kind, payload)
+            send_frame(self.sock, wire[LEN.size:])
+            self.bytes_sent += len(wire)
 
     def exchange(self, kind: int, payload: bytes, limit: int = MAX_FRAME) -> tuple[int, bytes]:
         """Send one frame and receive one, both at once (full duplex, no thread): a round
         costs one trip instead of two, and two large messages cannot deadlock on full
         socket buffers. The socket's timeout bounds the whole exchange."""
-        frame = self._seal(kind, payload)
-        out = memoryview(LEN.pack(len(frame)) + frame)
+        with self._send_lock:
+            return self._exchange(kind, payload, limit)
+
+    def _exchange(self, kind: int, payload: bytes, limit: int) -> tuple[int, bytes]:
+        out = wire = self._seal(kind, payload)
         timeout = self.sock.gettimeout()
         deadline = None if timeout is None else time.monotonic() + timeout
-        head, body, got, size = bytearray(), bytearray(), 0, None
+        head, body, got, size = bytearray(), np.empty(0, np.uint8), 0, None
         self.sock.settimeout(0.0)
         try:
             while len(out) or size is None or got < size:
@@ -157,7 +175,7 @@ class Link:
                         if size > limit:
                             raise TransportError(f"frame of {size} bytes exceeds the limit "
                                                  f"of {limit}")
-                        body = bytearray(size)
+                        body = np.empty(size, np.uint8)
                         view = memoryview(body)
                 else:
                     n = self.sock.recv_into(view[got:])
@@ -170,29 +188,52 @@ class Link:
             raise TransportError(f"link failed: {exc}") from None
         finally:
             self.sock.settimeout(timeout)
-        self.bytes_sent += len(frame) + LEN.size
+        self.bytes_sent += len(wire)
         return self._open(body)
 
-    def _seal(self, kind: int, payload: bytes) -> bytes:
-        frame = self._send.encrypt(self._nonce(self._send_n), bytes([VERSION, kind]) + payload,
-                                   None)
+    def _buffers(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        if n > _REUSE_MAX:
+            return np.empty(2 + n, np.uint8), np.empty(LEN.size + 2 + n + _TAG, np.uint8)
+        if self._plain.size < 2 + n:
+            size = max(2 + n, 2 * self._plain.size)
+            self._plain = np.empty(size, np.uint8)
+            self._wire = np.empty(LEN.size + size + _TAG, np.uint8)
+        return self._plain, self._wire
+
+    def _seal(self, kind: int, payload) -> memoryview:
+        """The frame on the wire (length, then the AEAD of version, kind and payload) as
+        a view of this link's send buffer, valid until the next frame (callers hold
+        ``_send_lock``)."""
+        data = memoryview(payload).cast("B")
+        n = len(data)
+        plain, wire = self._buffers(n)
+        plain[0], plain[1] = VERSION, kind
+        plain[2:2 + n] = np.frombuffer(data, np.uint8)
+        wire[:LEN.size] = np.frombuffer(LEN.pack(2 + n + _TAG), np.uint8)
+        self._send.encrypt_into(self._nonce(self._send_n), memoryview(plain)[:2 + n], None,
+                                memoryview(wire)[LEN.size:LEN.size + 2 + n + _TAG])
         self._send_n += 1
-        return frame
+        return memoryview(wire)[:LEN.size + 2 + n + _TAG]
 
     def recv(self, limit: int = MAX_FRAME, idle: bool = False) -> tuple[int, bytes]:
-        return self._open(recv_buffer(self.sock, limit, idle))
+        return self._open(recv_buffer(self.sock, limit, idle, _uninitialised))
 
     def _open(self, frame: bytes) -> tuple[int, bytes]:
         self.bytes_received += len(frame) + LEN.size
+        if len(frame) < _TAG:
+            raise TransportError(f"a message from {self.peer} is too short to be a frame")
+        plain = np.empty(len(frame) - _TAG, np.uint8)
         try:
-            plain = self._recv.decrypt(self._nonce(self._recv_n), frame, None)
+            self._recv.decrypt_into(self._nonce(self._recv_n), frame, None, plain)
         except InvalidTag:
             raise TransportError(f"a message from {self.peer} failed authentication "
                                  "(tampered, replayed or out of order)") from None
         self._recv_n += 1
         if len(plain) < 2 or plain[0] != VERSION:
             raise TransportError(f"{self.peer} speaks another protocol version")
-        return plain[1], plain[2:]
+        body = memoryview(plain)[2:]
+        # control messages as bytes (a copy of little); bulk payloads (arrays) as a view
+        return int(plain[1]), bytes(body) if len(body) <= _COPY_MAX else body
 
     def close(self) -> None:
         try:
