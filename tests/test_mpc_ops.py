@@ -254,18 +254,22 @@ def test_circuit_material_in_chunks_joins_into_one():
                                   np.maximum(encode(x).view(np.int64), 0).view(np.uint64))
 
 
-def test_party0_material_as_a_seed_keeps_every_share_sum():
+@pytest.mark.parametrize("zero_shares", [False, True])
+def test_party0_material_as_a_seed_keeps_every_share_sum(zero_shares):
     """The dealer sends party 0 a seed instead of its circuit material: expanded, it
     and party 1's adjusted half still add (XOR) up to the same values, and the
-    protocol stays exact; party 0's message is a few hundred bytes."""
+    protocol stays exact; party 0's message is a few hundred bytes. With
+    ``zero_shares`` (what the dealer process uses) the generators leave one half of
+    each array zero (shares of x come out as (x, 0)), and the seeding still
+    re-randomises every array of both halves."""
     import secrets
 
     from veil.backends.mpc import protocols as pr
     from veil.backends.sockets import pack_arrays
 
-    prg = Prg()
+    prg = Prg(zero_shares=zero_shares)
     x = RNG.normal(size=777) * 20
-    s0, s1 = share(encode(x), prg)
+    s0, s1 = share(encode(x), Prg())
     m0, m1 = ev.dealer_material([ev.Step("trunc_relu", 777)], 1, prg)
     a0, a1 = pr.material_arrays(m0), pr.material_arrays(m1)
     small, b1 = pr.seed_circuit_arrays(a0, a1, secrets.token_bytes(32))
@@ -276,6 +280,10 @@ def test_party0_material_as_a_seed_keeps_every_share_sum():
             want = a0[k] + a1[k] if a0[k].dtype == np.uint64 else a0[k] ^ a1[k]
             got = b0[k] + b1[k] if b0[k].dtype == np.uint64 else b0[k] ^ b1[k]
             assert np.array_equal(got, want) and not np.array_equal(b0[k], a0[k])
+            # both halves look random: neither is the secret nor zero
+            assert not np.array_equal(b1[k], want) and b0[k].any() and b1[k].any()
+            if zero_shares:            # one half held it all before the seeding
+                assert not (a0[k].any() and a1[k].any())
     y = [s * np.uint64(1 << FRAC_BITS) for s in (s0, s1)]
     mats = [pr.material_from_arrays(b)[0] for b in (b0, b1)]
     (r0, r1), _ = run_parties(lambda p, ch, inp: pr.trunc_relu(ch, p, *inp),

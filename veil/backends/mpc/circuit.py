@@ -112,18 +112,18 @@ def tree_material(width: int, n: int, prg: Prg, q: np.ndarray | None = None
     trip0, trip1 = [], []
     for m in level_sizes(width):
         a, b = random_rows(prg, (_ands(m), nb)), random_rows(prg, (_ands(m), nb))
-        a0, b0, c0 = (random_rows(prg, (_ands(m), nb)) for _ in range(3))
+        a0, b0, c0 = (prg.share_uint8((_ands(m), nb)) for _ in range(3))
         trip0.append((a0, b0, c0))
         trip1.append((a ^ a0, b ^ b0, (a & b) ^ c0))
     last = random_rows(prg, (3, nb))
-    last0 = random_rows(prg, (3, nb))
+    last0 = prg.share_uint8((3, nb))
     rho, a, b = (row_values(last[i], n) for i in range(3))
     mono = [rho, a, b, a * b]
     if q is not None:
         q = np.asarray(q, dtype=np.uint64)
         mono += [q] + [q * x for x in mono]
     arith = np.stack(mono)
-    arith0 = prg.uint64(arith.shape)
+    arith0 = prg.share_uint64(arith.shape)
     return (TreeMaterial(width, tuple(trip0), last0, arith0),
             TreeMaterial(width, tuple(trip1), last ^ last0, arith - arith0))
 

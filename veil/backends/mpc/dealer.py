@@ -110,8 +110,11 @@ class Dealer:
                 out = waiting[2]
             else:
                 sets: list[list] = [[], []]
+                # circuit material: party 0's half is re-drawn from a seed below, so
+                # the generators leave it zero instead of drawing it twice
+                prg = Prg(zero_shares=cmp == "circuit")
                 for layer in layers:
-                    m0, m1 = dealer_material(layer, batch, Prg(), frac, cmp)
+                    m0, m1 = dealer_material(layer, batch, prg, frac, cmp)
                     sets[0].extend(m0)
                     sets[1].extend(m1)
                     del m0, m1

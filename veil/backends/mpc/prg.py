@@ -26,7 +26,13 @@ _SLACK = 64          # update_into wants room for one cipher block beyond the in
 class Prg:
     """A ChaCha20 keystream read as little-endian uint64 words, bytes or bits."""
 
-    def __init__(self, seed: bytes | None = None) -> None:
+    def __init__(self, seed: bytes | None = None, zero_shares: bool = False) -> None:
+        """``zero_shares``: :meth:`share_uint64` and :meth:`share_uint8` give zeros, so
+        material generators put the whole secret in party 1's half. Only for material
+        whose party-0 half is replaced by a seeded one afterwards
+        (``protocols.seed_circuit_arrays``, which re-randomises every share): the draws
+        it would overwrite are then not made at all."""
+        self.zero_shares = bool(zero_shares)
         self.seed = secrets.token_bytes(SEED_BYTES) if seed is None else bytes(seed)
         if len(self.seed) != SEED_BYTES:
             raise ValueError(f"a PRG seed is {SEED_BYTES} bytes")
@@ -57,3 +63,11 @@ class Prg:
 
     def bits(self, shape) -> np.ndarray:
         return (self.uint64(shape) & np.uint64(1)).astype(bool)
+
+    def share_uint64(self, shape) -> np.ndarray:
+        """The random half of an additive sharing (zeros with ``zero_shares``)."""
+        return np.zeros(shape, np.uint64) if self.zero_shares else self.uint64(shape)
+
+    def share_uint8(self, shape) -> np.ndarray:
+        """The random half of an XOR sharing of packed bits (zeros with ``zero_shares``)."""
+        return np.zeros(shape, np.uint8) if self.zero_shares else self.uint8(shape)

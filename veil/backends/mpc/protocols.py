@@ -69,7 +69,7 @@ class Channel(Protocol):
 
 def share(x: np.ndarray, prg: Prg) -> tuple[np.ndarray, np.ndarray]:
     """Additive shares of ring elements: (x - r, r) with r from a CSPRNG."""
-    r = prg.uint64(np.shape(x))
+    r = prg.share_uint64(np.shape(x))
     return np.asarray(x, dtype=np.uint64) - r, r
 
 
@@ -216,7 +216,7 @@ def relu_material(n: int, prg: Prg) -> tuple[ReluMaterial, ReluMaterial]:
 
 def _mask_rows(r: np.ndarray, prg: Prg, width: int = 63) -> tuple[np.ndarray, np.ndarray]:
     rows = circuit.bit_rows(r, width)
-    rows0 = circuit.random_rows(prg, rows.shape)
+    rows0 = prg.share_uint8(rows.shape)
     return rows0, rows ^ rows0
 
 
