@@ -211,14 +211,20 @@ def test_a_model_over_the_memory_budget_is_refused_before_allocation():
 
 def test_clients_split_batches_to_what_the_budget_admits():
     """``max_batch``: the largest power-of-two request every process can hold, as the
-    parties check it (current layer plus one ahead); clients split larger batches."""
+    parties check it (current layer plus one ahead, layers over the budget's share
+    streamed chunk by chunk: ``stream_threshold``); clients split larger batches."""
     g = chain((3, 64, 64), conv(3, 16, 3, padding=(1, 1)), (Op.RELU, {}, {}))
     budget = ev.estimate_memory(g, 4, layers_held=2)["party"] + 1
+    # 4 fits with every layer held whole: nothing streams
+    assert ev.stream_threshold(g, 4, budget, layers_held=2) == ev.LAZY_BYTES
     b = ev.max_batch(g, budget=budget)
-    assert b == 4
-    ev.check_memory(g, b, budget=budget, layers_held=2)
+    assert b >= 8                  # streaming the big layer admits larger requests
+    t = ev.stream_threshold(g, b, budget, layers_held=2)
+    assert ev.streams_in_chunks(ev.Program(g).layers[0].steps, b, above=t)
+    ev.check_memory(g, b, budget=budget, layers_held=2, above=t)
     with pytest.raises(ModelTooLargeError):
-        ev.check_memory(g, 2 * b, budget=budget, layers_held=2)
+        ev.check_memory(g, 2 * b, budget=budget, layers_held=2,
+                        above=ev.stream_threshold(g, 2 * b, budget, layers_held=2))
     assert ev.max_batch(g, budget=1) == 1          # one input is always tried
 
 
@@ -290,3 +296,44 @@ def test_party0_material_as_a_seed_keeps_every_share_sum(zero_shares):
                               ((y[0], mats[0]), (y[1], mats[1])))
     assert np.array_equal(reconstruct(r0, r1),
                           np.maximum(encode(x).view(np.int64), 0).view(np.uint64))
+
+
+def test_chunked_material_gives_the_same_outputs_as_whole_layers(monkeypatch):
+    """A layer whose material streams in chunks (``ev.Chunked``, what the processes do
+    above ``--stream-above``) runs every protocol chunk by chunk, each chunk with its own
+    dealer material: the outputs are exactly those of whole-layer material (the
+    protocols are exact), over several chunks of a fused trunc+ReLU6, a max pool, a
+    SiLU (piecewise: products, truncations and a batch of signs) and a product."""
+    monkeypatch.setattr(ev, "CHUNK", 64)
+    graph = chain((3, 8, 8), conv(3, 4, 3, padding=(1, 1)),
+                  (Op.CLIP, {"lo": 0.0, "hi": 6.0}, {}),
+                  (Op.MAXPOOL2D, {"kernel": (2, 2), "stride": (2, 2), "padding": (0, 0)}, {}),
+                  (Op.SILU, {}, {}), (Op.MUL, {}, {}, ["n3", "n4"]))
+    x = RNG.normal(size=(2, 3, 8, 8))
+    got_whole, want, _ = run_mpc(graph, x)
+    g = ev.lower_for_mpc(graph)
+    plan = ev.material_plan(g)
+    prg, cache, lock, chunks = Prg(), {}, threading.Lock(), []
+
+    def chunk(i, j, c, p):
+        with lock:
+            key = (i, j, c)
+            if key not in cache:
+                size = ev.chunk_sizes(plan[i].steps[j].size * len(x))[c]
+                m0, m1 = ev.dealer_material([ev.Step(plan[i].steps[j].kind, size)], 1, prg)
+                cache[key] = (m0[0], m1[0])
+                chunks.append(key)
+            return cache[key][p]
+
+    def source(p):
+        return lambda i: [ev.Chunked(ev.chunk_sizes(s.size * len(x)),
+                                     lambda c, i=i, j=j: chunk(i, j, c, p))
+                          for j, s in enumerate(plan[i].steps)]
+
+    s0, s1 = share(encode(x), Prg())
+    (o0, o1), _ = run_parties(lambda p, ch, inp: ev.evaluate(p, ch, g, inp, source(p)),
+                              (s0, s1), timeout=120)
+    got = decode(reconstruct(o0, o1), ev.output_frac_bits(g))
+    assert np.array_equal(got, got_whole)
+    np.testing.assert_allclose(got, want, atol=5e-3)
+    assert max(c for _, _, c in chunks) >= 3          # several chunks per step ran

@@ -105,6 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--memory-budget", type=float, default=2048.0,
                    help="MiB this process may use: a model over it is refused at start, "
                         "a batch over it per request (estimated from the graph)")
+    n.add_argument("--stream-above", type=float, default=256.0,
+                   help="MiB: a layer whose material is larger streams from the dealer "
+                        "chunk by chunk as it runs instead of being held whole (fewer "
+                        "bytes held, more rounds)")
     _tee_parsers(sub)
     return ap
 
@@ -385,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
             peer_listen=args.peer_listen, timeout=args.timeout, prefetch=args.prefetch,
             frac_bits=args.frac_bits, cmp=args.cmp, batch_size=args.batch_size,
             prefetch_batch=args.prefetch_batch,
-            memory_budget=int(args.memory_budget * 2**20), name=args.model)
+            memory_budget=int(args.memory_budget * 2**20), name=args.model,
+            stream_above=int(args.stream_above * 2**20))
     except ResourceError as exc:        # the model does not fit: say so, allocate nothing
         print(f"veil mpc-node: {exc}", file=sys.stderr)
         return 1

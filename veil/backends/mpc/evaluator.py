@@ -180,11 +180,18 @@ def conv_ring(x: np.ndarray, w: np.ndarray, stride, padding, dilation, groups: i
                 out += win[..., i, j] * wu[:, 0, i, j][None, :, None, None]
         return out
     out = np.empty((b, o, ho, wo), np.uint64)
+    # im2col a band of output rows at a time: at most COLS_ENTRIES column entries exist
+    # at once (VGG-16's 224x224 layers would need 29 M, x3 with their limbs)
+    band = max(1, COLS_ENTRIES // max(1, b * wo * cg * kh * kw))
     for g in range(groups):
-        cols = win[:, g * cg:(g + 1) * cg].transpose(0, 2, 3, 1, 4, 5).reshape(
-            b * ho * wo, cg * kh * kw)
-        res = ring_matmul(cols, w[g * og:(g + 1) * og].reshape(og, -1))
-        out[:, g * og:(g + 1) * og] = res.reshape(b, ho, wo, og).transpose(0, 3, 1, 2)
+        wg = w[g * og:(g + 1) * og].reshape(og, -1)
+        for r in range(0, ho, band):
+            part = win[:, g * cg:(g + 1) * cg, r:r + band]
+            rows = part.shape[2]
+            cols = part.transpose(0, 2, 3, 1, 4, 5).reshape(b * rows * wo, cg * kh * kw)
+            res = ring_matmul(cols, wg)
+            out[:, g * og:(g + 1) * og, r:r + rows] = res.reshape(
+                b, rows, wo, og).transpose(0, 3, 1, 2)
     return out
 
 
@@ -314,10 +321,16 @@ class Program:
         self._weights: dict[tuple[str, str, int], np.ndarray] = {}
 
     def param(self, node, name: str, bits: int) -> np.ndarray:
+        """A parameter in fixed point, kept for the next run unless it is one of the
+        huge ones (over ``CACHED_ENTRIES``: VGG-16's classifier), which the kernels
+        scale a block of rows at a time instead (:func:`_rows_product`)."""
         key = (node.name, name, bits)
-        if key not in self._weights:
-            self._weights[key] = _scaled(node.params[name], bits)
-        return self._weights[key]
+        if key in self._weights:
+            return self._weights[key]
+        out = _scaled(node.params[name], bits)
+        if out.size <= CACHED_ENTRIES:
+            self._weights[key] = out
+        return out
 
     def size(self, node) -> int:
         return int(np.prod(node.shape))
@@ -408,19 +421,52 @@ class Run:
         """A public ring constant as this party's share (party 0 holds it)."""
         return raw if self.party == 0 else np.zeros_like(raw)
 
+    def _apply(self, fn: Callable, *flat: np.ndarray) -> np.ndarray:
+        """``fn(*flat, material)`` with the next step's material: at once, or chunk by
+        chunk (each chunk's values with that chunk's material, fetched only then) when
+        the step streams in :class:`Chunked` pieces. Every protocol here is elementwise
+        in its flat values, so the pieces' results join into the whole."""
+        m = self.take()
+        if not isinstance(m, Chunked):
+            return fn(*flat, m)
+        out, at = [], 0
+        for k, size in enumerate(m.sizes):
+            out.append(fn(*(a[at:at + size] for a in flat), m.load(k)))
+            at += size
+        if at != flat[0].size:
+            raise InputError("a streamed step's chunks do not cover its values")
+        return np.concatenate(out)
+
     def trunc(self, y: np.ndarray, relu: bool = False) -> np.ndarray:
         """floor((y + 2^(f-1)) / 2^f) (round to nearest), ReLU'd if ``relu``."""
         if self.party == 0:
             y = y + _half(self.f)
-        shape, m = y.shape, self.take()
         fn = pr.trunc_relu if relu else pr.truncate_exact
-        return fn(self.ch, self.party, y.ravel(), m, self.f).reshape(shape)
+        return self._apply(lambda v, m: fn(self.ch, self.party, v, m, self.f),
+                           y.ravel()).reshape(y.shape)
 
     def mul(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return pr.mul(self.ch, self.party, x.ravel(), y.ravel(), self.take()).reshape(x.shape)
+        return self._apply(lambda a, b, m: pr.mul(self.ch, self.party, a, b, m),
+                           x.ravel(), y.ravel()).reshape(x.shape)
 
     def relu(self, x: np.ndarray) -> np.ndarray:
-        return pr.relu(self.ch, self.party, x.ravel(), self.take()).reshape(x.shape)
+        return self._apply(lambda v, m: pr.relu(self.ch, self.party, v, m),
+                           x.ravel()).reshape(x.shape)
+
+    def drelu(self, x: np.ndarray) -> np.ndarray:
+        return self._apply(lambda v, m: pr.drelu(self.ch, self.party, v, m),
+                           x.ravel()).reshape(x.shape)
+
+
+@dataclass(frozen=True)
+class Chunked:
+    """One step's material consumed ``sizes[k]`` values at a time, ``load(k)`` giving
+    chunk k's material when the run reaches it (the processes fetch it from the dealer
+    then): a layer whose material would not fit the memory budget at once streams this
+    way (:func:`streams_in_chunks`), at one set of rounds per chunk."""
+
+    sizes: tuple[int, ...]
+    load: Callable[[int], object]
 
 
 MaterialSource = Callable[[int], list]
@@ -502,10 +548,24 @@ def _conv(run: Run, node, args):
     return _finish(run, node, y)
 
 
+def _rows_product(run: Run, node, name: str, x: np.ndarray) -> np.ndarray:
+    """x @ W.T for the node's weight matrix ``name`` (n, k) in fixed point; a matrix over
+    ``CACHED_ENTRIES`` is scaled and multiplied a block of rows at a time, so it never
+    exists whole in fixed point or float64 limbs beside its float parameters."""
+    w = node.params[name]
+    if w.size <= CACHED_ENTRIES:
+        return ring_matmul(x, run.prog.param(node, name, run.f).view(np.int64))
+    rows = max(1, CACHED_ENTRIES // w.shape[1])
+    out = np.empty((x.shape[0], w.shape[0]), np.uint64)
+    for at in range(0, w.shape[0], rows):
+        out[:, at:at + rows] = ring_matmul(x, _scaled(w[at:at + rows], run.f).view(np.int64))
+    return out
+
+
 def _linear(run: Run, node, args):
     x = args[0]
-    w = run.prog.param(node, "weight", run.f).view(np.int64)
-    y = ring_matmul(x.reshape(-1, x.shape[-1]), w).reshape(x.shape[:-1] + (w.shape[0],))
+    y = _rows_product(run, node, "weight", x.reshape(-1, x.shape[-1]))
+    y = y.reshape(x.shape[:-1] + (y.shape[-1],))
     if run.party == 0:
         y += _bias2f(run, node)
     return _finish(run, node, y)
@@ -513,8 +573,7 @@ def _linear(run: Run, node, args):
 
 def _dense(run: Run, node, args):
     x = args[0]
-    w = run.prog.param(node, "matrix", run.f).view(np.int64)
-    y = ring_matmul(x.reshape(x.shape[0], -1), w)
+    y = _rows_product(run, node, "matrix", x.reshape(x.shape[0], -1))
     if run.party == 0:
         y += _bias2f(run, node)
     return _finish(run, node, y)
@@ -639,8 +698,8 @@ def _piecewise(run: Run, x: np.ndarray, pw: Piecewise) -> np.ndarray:
     powers = [None, x]
     for _ in range(pw.degree - 1):
         powers.append(run.trunc(run.mul(powers[-1], x)))
-    signs = pr.drelu(run.ch, run.party, np.concatenate(
-        [x.ravel() - run.public(_scaled(t, f)) for t in pw.breaks]), run.take())
+    signs = run.drelu(np.concatenate(
+        [x.ravel() - run.public(_scaled(t, f)) for t in pw.breaks]))
     signs = signs.reshape((len(pw.breaks),) + x.shape)
     one = run.public(np.uint64(1))
     ind = [one - signs[0]] + [signs[i] - signs[i + 1] for i in range(len(pw.breaks) - 1)] \
@@ -770,6 +829,13 @@ MPC_OPS = frozenset(KERNELS)
 # Values per dealer request when the processes stream circuit material (a multiple of
 # 8: chunks of packed bit rows join on whole bytes).
 CHUNK = 1 << 18
+#: parameters with more entries are not kept in fixed point between runs
+CACHED_ENTRIES = 1 << 22
+#: a convolution's im2col columns are built at most this many entries at a time
+COLS_ENTRIES = 1 << 22
+#: a layer whose material for the batch exceeds this (one party's bytes) streams chunk
+#: by chunk as the run consumes it (:class:`Chunked`) instead of being held whole
+LAZY_BYTES = 256 << 20
 BASE_BYTES = 160 << 20        # an idle party or dealer process (Python, numpy, links)
 DEFAULT_BUDGET = 2 << 30      # bytes per process
 
@@ -791,23 +857,45 @@ def material_bytes(steps, batch: int, frac_bits: int = FRAC_BITS, cmp: str = "ci
     return int(sum(_bytes_per_value(s.kind, frac_bits, cmp) * s.size * batch for s in steps))
 
 
-def _work_bytes(prog: Program, node, batch: int) -> int:
+def streams_in_chunks(steps, batch: int, frac_bits: int = FRAC_BITS, cmp: str = "circuit",
+                      above: int = LAZY_BYTES) -> bool:
+    """Whether a layer with ``steps`` streams its material in :class:`Chunked` pieces of
+    ``CHUNK`` values (circuit material over ``above`` bytes; DCF keys are not split)."""
+    return cmp == "circuit" and material_bytes(steps, batch, frac_bits, cmp) > above
+
+
+def chunk_sizes(total: int) -> tuple[int, ...]:
+    """The values of each ``CHUNK``-sized request of a step of ``total`` values."""
+    return tuple(min(CHUNK, total - at) for at in range(0, total, CHUNK))
+
+
+def _work_bytes(prog: Program, node, batch: int, cmp: str = "circuit",
+                above: int = LAZY_BYTES) -> int:
     """Temporaries of one node's kernel: im2col columns and their float64 limbs for a
     convolution, bit rows and comparison state (~150 bytes a value) for comparisons."""
     out = prog.size(node) * batch
     if node.op is Op.CONV2D:
         w = node.params["weight"]
         k = int(np.prod(w.shape[1:]))
-        cols = out // w.shape[0] * k * (1 if node.attrs["groups"] == 1 else 0)
+        groups = node.attrs["groups"]
+        cols = 0 if w.shape[1] == 1 and w.shape[0] == groups else min(
+            out // w.shape[0] * k, COLS_ENTRIES + node.shape[-1] * k)
         return 8 * (3 * cols + 4 * out)
     if node.op in (Op.MAXPOOL2D, Op.AVGPOOL2D):
         return 8 * 3 * out * int(np.prod(node.attrs["kernel"]))
-    cmp_values = sum(s.size for s in prog.steps[node.name]) * batch
+    steps = prog.steps[node.name]
+    cmp_values = sum(s.size for s in steps) * batch
+    if streams_in_chunks(steps, batch, prog.frac_bits, cmp, above):
+        # the kernel's own arrays (up to ~3 copies of its widest step) and one chunk's
+        # comparison state
+        widest = max(s.size for s in steps) * batch
+        return 8 * (4 * out + 3 * widest) + 150 * min(CHUNK, cmp_values)
     return 8 * 4 * out + 150 * cmp_values
 
 
 def estimate_memory(graph: Graph, batch: int = 1, frac_bits: int = FRAC_BITS,
-                    cmp: str = "circuit", layers_held: int = 1) -> dict[str, int]:
+                    cmp: str = "circuit", layers_held: int = 1, above: int = LAZY_BYTES
+                    ) -> dict[str, int]:
     """Estimated peak bytes of each process for ``batch`` inputs: a party holds the
     weights (float64 and fixed point), the live activations, the current node's
     temporaries and ``layers_held`` layers of material (received chunks, the joined
@@ -816,14 +904,23 @@ def estimate_memory(graph: Graph, batch: int = 1, frac_bits: int = FRAC_BITS,
     step (DCFs) for both parties (generated, packed one half at a time, then encrypted
     and framed: ~6 copies of one half, measured)."""
     prog = Program(graph, frac_bits)
-    weights = sum(16 * int(a.size) for n in graph.nodes for a in n.params.values())
+    # float parameters, their fixed-point copies (all but the huge ones, which are
+    # scaled a block at a time: float64 block, fixed point and limbs)
+    sizes = [int(a.size) for n in graph.nodes for a in n.params.values()]
+    weights = 8 * sum(sizes) + 8 * sum(z for z in sizes if z <= CACHED_ENTRIES) \
+        + (24 * CACHED_ENTRIES if any(z > CACHED_ENTRIES for z in sizes) else 0)
     live: dict[str, int] = {graph.input.name: 8 * prog.size(graph.input) * batch}
     party = dealer = 0
     for i, node in enumerate(graph.nodes[1:], start=1):
         live[node.name] = 8 * prog.size(node) * batch
-        mat = material_bytes(prog.steps[node.name], batch, frac_bits, cmp)
-        party = max(party, sum(live.values()) + _work_bytes(prog, node, batch)
-                    + 3 * layers_held * mat)
+        steps = prog.steps[node.name]
+        if streams_in_chunks(steps, batch, frac_bits, cmp, above):     # one chunk held
+            held = 3 * max(material_bytes([Step(s.kind, c)], 1, frac_bits, cmp)
+                           for s in steps for c in chunk_sizes(s.size * batch)[:1])
+        else:
+            held = 3 * layers_held * material_bytes(steps, batch, frac_bits, cmp)
+        party = max(party, sum(live.values()) + held
+                    + _work_bytes(prog, node, batch, cmp, above))
         dealer = max([dealer] + [6 * material_bytes(
             [Step(s.kind, min(s.size * batch, CHUNK) if cmp == "circuit" else s.size * batch)],
             1, frac_bits, cmp) for s in prog.steps[node.name]])
@@ -835,10 +932,10 @@ def estimate_memory(graph: Graph, batch: int = 1, frac_bits: int = FRAC_BITS,
 
 def check_memory(graph: Graph, batch: int = 1, budget: int = DEFAULT_BUDGET,
                  frac_bits: int = FRAC_BITS, cmp: str = "circuit", name: str = "the model",
-                 layers_held: int = 1) -> dict[str, int]:
+                 layers_held: int = 1, above: int = LAZY_BYTES) -> dict[str, int]:
     """:func:`estimate_memory`, raising ModelTooLargeError when a process would exceed
     ``budget`` bytes; call it before allocating anything for the model."""
-    est = estimate_memory(graph, batch, frac_bits, cmp, layers_held)
+    est = estimate_memory(graph, batch, frac_bits, cmp, layers_held, above)
     for role, need in est.items():
         if need > budget:
             raise ModelTooLargeError(
@@ -849,6 +946,26 @@ def check_memory(graph: Graph, batch: int = 1, budget: int = DEFAULT_BUDGET,
     return est
 
 
+def stream_threshold(graph: Graph, batch: int = 1, budget: int = DEFAULT_BUDGET,
+                     frac_bits: int = FRAC_BITS, cmp: str = "circuit", layers_held: int = 1,
+                     above: int = LAZY_BYTES) -> int:
+    """The largest material size (at most ``above``) such that streaming every layer
+    with more material chunk by chunk keeps :func:`estimate_memory` within ``budget``:
+    only the layers that must stream do (held whole, a layer needs no extra rounds and
+    overlaps its fetch with the run). 0 when even streaming every layer does not fit
+    (``check_memory`` then refuses)."""
+    if cmp != "circuit":
+        return above
+    prog = Program(graph, frac_bits)
+    sizes = sorted({material_bytes(layer.steps, batch, frac_bits, cmp)
+                    for layer in prog.layers}, reverse=True)
+    for t in [above] + [z - 1 for z in sizes if z - 1 < above]:
+        if max(estimate_memory(graph, batch, frac_bits, cmp, layers_held, t).values()) \
+                <= budget:
+            return t
+    return 0
+
+
 def max_batch(graph: Graph, budget: int = DEFAULT_BUDGET, limit: int = 4096,
               frac_bits: int = FRAC_BITS, cmp: str = "circuit", layers_held: int = 2) -> int:
     """The largest power-of-two batch (at most ``limit``, at least 1) whose
@@ -857,8 +974,10 @@ def max_batch(graph: Graph, budget: int = DEFAULT_BUDGET, limit: int = 4096,
     larger batches into requests of this size instead of having the parties refuse
     them."""
     best, b = 1, 2
-    while b <= limit and max(estimate_memory(graph, b, frac_bits, cmp,
-                                             layers_held).values()) <= budget:
+    while b <= limit:
+        t = stream_threshold(graph, b, budget, frac_bits, cmp, layers_held)
+        if max(estimate_memory(graph, b, frac_bits, cmp, layers_held, t).values()) > budget:
+            break
         best, b = b, 2 * b
     return best
 

@@ -19,8 +19,9 @@ from .. import sockets as so
 from . import protocols as pr
 from . import tickets
 from . import transport as tp
-from .evaluator import (CHUNK, COMPARISONS, DEFAULT_BUDGET, Program, check_memory, evaluate,
-                        material_bytes, output_frac_bits)
+from .evaluator import (CHUNK, COMPARISONS, DEFAULT_BUDGET, LAZY_BYTES, Chunked, Program,
+                        check_memory, chunk_sizes, evaluate, material_bytes,
+                        output_frac_bits, stream_threshold, streams_in_chunks)
 from .fixed import FRAC_BITS
 from .wire import (CLIENT_REQUEST, CLIENT_RESULT, DEFAULT_TIMEOUT, ERROR, LINK_GRACE_S,
                    MATERIAL, MATERIAL_REQUEST, MAX_CLIENT_BYTES, MAX_PENDING, MAX_PER_CLIENT,
@@ -76,7 +77,7 @@ class Party:
                  batch_size: int = 64, prefetch_batch: int = 2,
                  orphan_s: float = ORPHAN_S, max_per_client: int = MAX_PER_CLIENT,
                  memory_budget: int = DEFAULT_BUDGET, name: str = "the model",
-                 lookahead: int = 1) -> None:
+                 lookahead: int = 1, stream_above: int = LAZY_BYTES) -> None:
         """``memory_budget``: bytes this process may use; a model whose estimated peak
         (``evaluator.estimate_memory``) exceeds it for one input is refused here
         (ModelTooLargeError) before anything is allocated, and a batch that would
@@ -84,7 +85,10 @@ class Party:
         ahead) are kept only while they fit in ``POOL_LIMIT`` bytes in all; otherwise,
         and for batch sizes without a pool, material streams from the dealer layer by
         layer as the run reaches each layer, ``lookahead`` layers ahead of it (0: each
-        layer fetched only when reached, one layer held)."""
+        layer fetched only when reached, one layer held); a layer whose material is over
+        ``stream_above`` bytes streams chunk by chunk while it runs (``CHUNK`` values
+        of a step at a time, one set of rounds per chunk), so a 224x224 layer's
+        gigabyte of material is never held at once."""
         if party not in (0, 1) or identity.role != f"party{party}":
             raise InputError("party must be 0 or 1 and match the identity's role")
         if cmp not in COMPARISONS or not 2 <= frac_bits <= 30:
@@ -93,8 +97,10 @@ class Party:
         self.party, self.identity, self.model, self.timeout = party, identity, model, timeout
         self.memory_budget, self.name = int(memory_budget), name
         self.lookahead = max(0, int(lookahead))
+        self.stream_above = int(stream_above)
         self.estimate = check_memory(model, 1, self.memory_budget, frac_bits, cmp, name,
-                                     layers_held=1 + self.lookahead)
+                                     layers_held=1 + self.lookahead,
+                                     above=self._streaming(model, 1))
         self.program = Program(model, frac_bits)
         self.layers = self.program.layers
         self.out_bits = output_frac_bits(model, frac_bits)
@@ -133,6 +139,13 @@ class Party:
         self._idle = threading.Event()
         self._idle.set()
         self._dealer_lock = threading.Lock()
+
+    def _streaming(self, model: Graph, batch: int) -> int:
+        """Layers with more material than this stream chunk by chunk for ``batch``
+        inputs: above ``stream_above``, and further down only as far as the budget
+        needs (``stream_threshold``)."""
+        return stream_threshold(model, batch, self.memory_budget, self.frac_bits, self.cmp,
+                                1 + self.lookahead, self.stream_above)
 
     # client side -------------------------------------------------------------------
     def _other(self) -> str:
@@ -585,8 +598,9 @@ class Party:
                 return
         batch = int(req.share.shape[0])
         try:            # both parties refuse the same batches: nothing was exchanged yet
+            streaming = self._streaming(self.model, batch)
             check_memory(self.model, batch, self.memory_budget, self.frac_bits, self.cmp,
-                         self.name, layers_held=1 + self.lookahead)
+                         self.name, layers_held=1 + self.lookahead, above=streaming)
         except ModelTooLargeError as exc:
             self._fail(req, str(exc))
             return
@@ -598,7 +612,14 @@ class Party:
             chunk of ``CHUNK`` values of a step (the dealer holds one chunk)."""
             try:
                 items, size = [], 0
-                for j, step in enumerate(self.layers[i].steps):
+                steps = self.layers[i].steps
+                if streams_in_chunks(steps, batch, self.frac_bits, self.cmp, streaming):
+                    # too big to hold: each step's chunks are fetched as the run
+                    # consumes them (no lookahead past this layer, see fetch)
+                    box.append(([[Chunked(chunk_sizes(s.size * batch), chunk_loader(i, j))
+                                  for j, s in enumerate(steps)]], 0))
+                    return
+                for j, step in enumerate(steps):
                     total = step.size * batch
                     size_c = CHUNK if self.cmp == "circuit" else total
                     parts = []
@@ -614,6 +635,23 @@ class Party:
             except BaseException as exc:        # raised where the layer is needed
                 box.append(exc)
 
+        def chunk_loader(i: int, j: int):
+            sizes = chunk_sizes(self.layers[i].steps[j].size * batch)
+
+            def load(c: int):
+                t = time.perf_counter()
+                arrays, n = self._material(dealer, f"{session}/stream", seq, 1, (i, i + 1),
+                                           step=j, chunk=c, values=sizes[c])
+                try:
+                    (item,) = pr.material_from_arrays(arrays)
+                except (KeyError, ValueError, TypeError) as exc:
+                    raise MpcError(f"malformed material from the dealer: {exc}") from None
+                stream["offline_s"] += time.perf_counter() - t
+                stream["bytes"] += n
+                stream["peak"] = max(stream["peak"], n)
+                return item
+            return load
+
         def fetch(i: int) -> list:
             """Layer i's material when the run reaches it; with ``lookahead`` the next
             layer is fetched meanwhile in the background (at most 1 + lookahead layers
@@ -627,7 +665,11 @@ class Party:
             if isinstance(box[0], BaseException):
                 raise box[0]
             (items,), size = box[0]
-            for j in range(i + 1, min(i + 1 + self.lookahead, len(self.layers))):
+            # a chunked layer's requests come while it runs: the dealer serves each
+            # party's requests in order, so the next layer is not asked for meanwhile
+            chunked = any(isinstance(m, Chunked) for m in items)
+            for j in range(i + 1, min(i + 1 + self.lookahead * (not chunked),
+                                      len(self.layers))):
                 if j not in ahead:
                     nxt: list = []
                     th = threading.Thread(target=get, args=(j, nxt), daemon=True)
