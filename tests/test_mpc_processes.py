@@ -335,6 +335,32 @@ def test_layers_over_stream_above_run_chunk_by_chunk_and_match_plain(tmp_path):
         assert not s["prefetched"] and s["offline_bytes"] > 0
 
 
+def test_a_model_with_hundreds_of_layers_opens_a_session(tmp_path):
+    """The parties' hello carries a digest of the material plan, not the plan: with 200
+    layers (EfficientNet-B0 has 179) the plan's JSON is over the 4 kB a party reads
+    before checking anything, and the session must still open."""
+    import torch
+
+    from veil.frontend import to_graph
+
+    torch.manual_seed(4)
+    layers = []
+    for _ in range(200):
+        layers += [torch.nn.Linear(4, 4), torch.nn.ReLU()]
+    net = torch.nn.Sequential(*layers).eval()
+    x = np.random.default_rng(4).normal(size=(1, 4)).astype(np.float32)
+    with torch.no_grad():
+        want = net(torch.as_tensor(x)).numpy()
+    save_model(to_graph(net, (4,)), tmp_path / "model")
+    cluster = Cluster(tmp_path, tmp_path / "model", timeout="30")
+    try:
+        with MpcClient(cluster.keys, cluster.p0, cluster.p1, (4,), timeout=60) as c:
+            res = _retry(lambda: c.infer(x))
+    finally:
+        cluster.stop()
+    np.testing.assert_allclose(res.outputs, want, atol=1e-3)
+
+
 def test_a_model_over_the_party_memory_budget_is_refused_at_start(tmp_path):
     import torch
 

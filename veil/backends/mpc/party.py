@@ -2,6 +2,7 @@
 between the parties, the dealer and the clients)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import socket
@@ -363,8 +364,11 @@ class Party:
         return link, str(hello["session"])
 
     def _config(self) -> dict:
+        # the material plan as a digest: the hello stays small (the peer reads at most
+        # 4 kB before it has checked anything) whatever the number of layers
+        steps = json.dumps(self._steps(0, len(self.layers))).encode()
         return {"frac_bits": self.frac_bits, "cmp": self.cmp,
-                "steps": self._steps(0, len(self.layers)),
+                "steps": hashlib.sha256(steps).hexdigest(),
                 "pools": {str(k): v for k, v in sorted(self._pool_targets.items())}}
 
     def _connect_dealer(self) -> tp.Link:
