@@ -29,13 +29,22 @@ def graph_to_json(graph: Graph) -> tuple[dict, dict[str, np.ndarray]]:
     return {"nodes": nodes, "output": graph.output}, arrays
 
 
+def _frozen(a) -> np.ndarray:
+    """A loaded array as float64, read-only: the node takes it without a copy when it
+    was loaded as float64 already (its own memory, nobody else holds it)."""
+    out = np.asarray(a, dtype=np.float64)
+    if out is a and not (isinstance(a, np.ndarray) and a.flags.owndata):
+        out = out.copy()
+    out.setflags(write=False)
+    return out
+
+
 def graph_from_json(data: dict, arrays) -> Graph:
     """Rebuild and verify a graph; raises GraphError on anything malformed."""
     try:
         nodes = []
         for d in data["nodes"]:
-            params = {k: np.asarray(arrays[f"{d['name']}/{k}"], dtype=np.float64)
-                      for k in d["params"]}
+            params = {k: _frozen(arrays[f"{d['name']}/{k}"]) for k in d["params"]}
             nodes.append(Node(str(d["name"]), Op(d["op"]), tuple(d["inputs"]),
                               tuple(d["shape"]), dict(d["attrs"]), params))
         return Graph(tuple(nodes), str(data["output"]))
