@@ -28,7 +28,8 @@ The processes behind the modes, run by ``serve`` or by hand:
     veil mpc-node --party 0|1 --keys KEYS_DIR --model MODEL_DIR --dealer HOST:PORT
                   [--listen HOST:PORT] [--peer HOST:PORT | --peer-listen HOST:PORT]
                   [--cmp circuit|fss] [--frac-bits F] [--prefetch N]
-                  [--batch-size B] [--prefetch-batch M]
+                  [--batch-size B] [--prefetch-batch M] [--memory-budget MIB]
+                  [--stream-above MIB]
 
     veil tee-attester-setup DIR                   # INSECURE software attester key
     veil tee-export MODEL.onnx --input-shape 1,8,8 EXPORT_DIR [--encrypt-keys KEYS_DIR]
