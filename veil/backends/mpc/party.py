@@ -20,7 +20,7 @@ from .. import sockets as so
 from . import protocols as pr
 from . import tickets
 from . import transport as tp
-from .evaluator import (CHUNK, COMPARISONS, DEFAULT_BUDGET, LAZY_BYTES, Chunked, Program,
+from .evaluator import (COMPARISONS, DEFAULT_BUDGET, LAZY_BYTES, Chunked, Program,
                         check_memory, chunk_sizes, evaluate, material_bytes,
                         output_frac_bits, stream_threshold, streams_in_chunks)
 from .fixed import FRAC_BITS
@@ -99,9 +99,10 @@ class Party:
         self.memory_budget, self.name = int(memory_budget), name
         self.lookahead = max(0, int(lookahead))
         self.stream_above = int(stream_above)
+        self._stream_at: dict[int, int] = {}
         self.estimate = check_memory(model, 1, self.memory_budget, frac_bits, cmp, name,
                                      layers_held=1 + self.lookahead,
-                                     above=self._streaming(model, 1))
+                                     above=self._streaming(1))
         self.program = Program(model, frac_bits)
         self.layers = self.program.layers
         self.out_bits = output_frac_bits(model, frac_bits)
@@ -141,12 +142,16 @@ class Party:
         self._idle.set()
         self._dealer_lock = threading.Lock()
 
-    def _streaming(self, model: Graph, batch: int) -> int:
+    def _streaming(self, batch: int) -> int:
         """Layers with more material than this stream chunk by chunk for ``batch``
         inputs: above ``stream_above``, and further down only as far as the budget
-        needs (``stream_threshold``)."""
-        return stream_threshold(model, batch, self.memory_budget, self.frac_bits, self.cmp,
-                                1 + self.lookahead, self.stream_above)
+        needs (``stream_threshold``). Computed once per batch size: the search runs
+        the memory estimate once per candidate, which a request need not repeat."""
+        if batch not in self._stream_at:
+            self._stream_at[batch] = stream_threshold(
+                self.model, batch, self.memory_budget, self.frac_bits, self.cmp,
+                1 + self.lookahead, self.stream_above)
+        return self._stream_at[batch]
 
     # client side -------------------------------------------------------------------
     def _other(self) -> str:
@@ -602,7 +607,7 @@ class Party:
                 return
         batch = int(req.share.shape[0])
         try:            # both parties refuse the same batches: nothing was exchanged yet
-            streaming = self._streaming(self.model, batch)
+            streaming = self._streaming(batch)
             check_memory(self.model, batch, self.memory_budget, self.frac_bits, self.cmp,
                          self.name, layers_held=1 + self.lookahead, above=streaming)
         except ModelTooLargeError as exc:
@@ -625,12 +630,12 @@ class Party:
                     return
                 for j, step in enumerate(steps):
                     total = step.size * batch
-                    size_c = CHUNK if self.cmp == "circuit" else total
+                    sizes = chunk_sizes(total) if self.cmp == "circuit" else (total,)
                     parts = []
-                    for c, at in enumerate(range(0, total, size_c)):
+                    for c, values in enumerate(sizes):
                         arrays, n = self._material(dealer, f"{session}/stream", seq, 1,
                                                    (i, i + 1), step=j, chunk=c,
-                                                   values=min(size_c, total - at))
+                                                   values=values)
                         parts.append(arrays)
                         size += n
                     items += pr.material_from_arrays(pr.concat_circuit_arrays(parts))

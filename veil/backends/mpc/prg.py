@@ -49,9 +49,6 @@ class Prg:
                                      view[at:at + size + _SLACK])
         return out[:n]
 
-    def bytes(self, n: int) -> bytes:
-        return self._fill(n).tobytes()
-
     def uint8(self, shape) -> np.ndarray:
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         return self._fill(int(np.prod(shape, dtype=np.int64))).reshape(shape)
