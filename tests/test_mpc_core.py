@@ -56,10 +56,10 @@ def test_dcf_shares_add_up_to_the_comparison(bits):
     assert np.array_equal(got, np.where((x < alpha)[:, None], betas, np.uint64(0)))
 
 
-@pytest.mark.parametrize("width", [2, 3, 16, 63])
+@pytest.mark.parametrize("width", [2, 3, 16, 32, 63])
 def test_comparison_circuit_matches_plain_comparison(width):
-    """[c < r] on the low ``width`` bits, c public and r XOR-shared by the dealer, and
-    q [c < r] for a dealer bit q: as arithmetic shares, in ceil(log2 width) rounds."""
+    """[c < r] on the low ``width`` bits, c public and r XOR-shared by the dealer: XOR
+    shares of one packed row, in ceil(log2 width) rounds."""
     from veil.backends.mpc import circuit
     prg = Prg()
     n = 3001                                   # not a multiple of 8: padded bit rows
@@ -71,20 +71,19 @@ def test_comparison_circuit_matches_plain_comparison(width):
     c[24:32] = mask
     rows = circuit.bit_rows(r, 63)
     rows0 = circuit.random_rows(prg, rows.shape)
-    q = r >> np.uint64(63)
-    mats = circuit.tree_material(width, n, prg, q)
+    mats = circuit.tree_material(width, n, prg)
 
     def party(p, ch, inp):
-        return circuit.compare(ch, p, [circuit.tree(p, circuit.bit_rows(c, 63), inp, mats[p],
-                                                    n)])[0]
+        return circuit.compare(ch, p, [circuit.tree(p, circuit.bit_rows(c, 63), inp,
+                                                    mats[p])])[0]
 
-    ((g0, qg0), (g1, qg1)), chans = run_parties(party, (rows0, rows ^ rows0))
+    (g0, g1), chans = run_parties(party, (rows0, rows ^ rows0))
     want = ((c & mask) < (r & mask)).astype(np.uint64)
-    assert np.array_equal(g0 + g1, want)
-    assert np.array_equal(qg0 + qg1, q * want)
+    assert g0.shape == (1, (n + 7) // 8)
+    assert np.array_equal(circuit.row_values((g0 ^ g1)[0], n), want)
     assert chans[0].rounds == int(np.ceil(np.log2(width)))
-    # a share alone is spread over the ring
-    assert 0.4 < (g0 >> np.uint64(63)).mean() < 0.6
+    # a share alone is spread evenly
+    assert 0.45 < circuit.row_values(g0[0], n).mean() < 0.55
 
 
 def _shared(x, prg):
@@ -92,32 +91,74 @@ def _shared(x, prg):
     return (s0, s1)
 
 
-@pytest.mark.parametrize("cmp", ["fss", "circuit"])
-def test_exact_truncation_is_floor_for_any_sign(cmp):
-    from veil.backends.mpc.protocols import (circuit_trunc_material, trunc_material,
-                                             truncate_exact, trunc_relu)
-    prg = Prg()
+def _trunc_inputs():
     rng = np.random.default_rng(2)
     raw = np.concatenate([rng.integers(-2 ** 50, 2 ** 50, size=4000),
-                          [0, 1, -1, 2 ** 20, -2 ** 20, 2 ** 20 - 1, -2 ** 20 + 1]])
+                          [0, 1, -1, 2 ** 20, -2 ** 20, 2 ** 20 - 1, -2 ** 20 + 1,
+                           2 ** 61, -2 ** 61, 2 ** 62 - 1, -2 ** 62]])
+    return raw, raw.astype(np.int64).view(np.uint64)
+
+
+def test_dcf_truncation_is_floor_for_any_sign():
+    from veil.backends.mpc.protocols import trunc_material, truncate_shares
+    prg = Prg()
+    raw, x = _trunc_inputs()
+    s0, s1 = share(x, prg)
+    m0, m1 = trunc_material(x.size, FRAC_BITS, prg)
+    (t0, t1), chans = run_parties(lambda p, ch, inp: truncate_shares(ch, p, *inp),
+                                  ((s0, m0), (s1, m1)))
+    assert np.array_equal(reconstruct(t0, t1).view(np.int64), raw >> FRAC_BITS)
+    assert chans[0].rounds == 1
+
+
+def test_faithful_truncation_is_floor_or_one_above_and_unbiased():
+    """Circuit truncation (protocols docstring): floor(x / 2^f) + c, c in {0, 1}, for
+    every |x| < 2^62 (the bound's edges included), in one round; the carry averages
+    the dropped fraction, so the result is x / 2^f on average."""
+    from veil.backends.mpc.protocols import circuit_trunc_material, truncate_shares
+    prg = Prg()
+    raw, x = _trunc_inputs()
+    s0, s1 = share(x, prg)
+    m0, m1 = circuit_trunc_material(x.size, FRAC_BITS, prg)
+    (t0, t1), chans = run_parties(lambda p, ch, inp: truncate_shares(ch, p, *inp),
+                                  ((s0, m0), (s1, m1)))
+    diff = reconstruct(t0, t1).view(np.int64) - (raw >> FRAC_BITS)
+    assert set(np.unique(diff)) <= {0, 1} and chans[0].rounds == 1
+    # unbiased: one value with fraction 3/4 truncated 20000 times
+    n = 20000
+    y = np.full(n, (5 << FRAC_BITS) + (3 << (FRAC_BITS - 2)), np.int64).view(np.uint64)
+    s0, s1 = share(y, prg)
+    m0, m1 = circuit_trunc_material(n, FRAC_BITS, prg)
+    (t0, t1), _ = run_parties(lambda p, ch, inp: truncate_shares(ch, p, *inp),
+                              ((s0, m0), (s1, m1)))
+    got = reconstruct(t0, t1).view(np.int64)
+    assert set(np.unique(got)) == {5, 6} and abs(got.mean() - 5.75) < 0.02
+
+
+def test_fused_truncation_and_relu_from_one_opening():
+    """ReLU(y / 2^f) with circuit material: the faithful truncation, and the sign of y
+    from the same opening (bits f + k .. f + l - 1): seven rounds. Exact up to the
+    truncation's unit, but for y in the documented band [-2^(f+k), 0), where the
+    result may be the (tiny, negative) truncated value instead of 0."""
+    from veil.backends.mpc.protocols import CMP_DROP, circuit_cmp_material, trunc_relu
+    prg = Prg()
+    rng = np.random.default_rng(3)
+    band = 1 << (FRAC_BITS + CMP_DROP)
+    raw = np.concatenate([rng.integers(-2 ** 50, 2 ** 50, size=4000),
+                          [0, 1, -1, -band - 1, -band, -band + 1, band, 2 ** 54, -2 ** 54]])
     x = raw.astype(np.int64).view(np.uint64)
     s0, s1 = share(x, prg)
-    if cmp == "fss":
-        m0, m1 = trunc_material(x.size, FRAC_BITS, prg)
-    else:
-        m0, m1 = circuit_trunc_material(x.size, FRAC_BITS, prg, relu=False)
-    (t0, t1), chans = run_parties(lambda p, ch, inp: truncate_exact(ch, p, *inp),
+    m0, m1 = circuit_cmp_material("trunc_relu", x.size, prg, FRAC_BITS)
+    (t0, t1), chans = run_parties(lambda p, ch, inp: trunc_relu(ch, p, *inp),
                                   ((s0, m0), (s1, m1)))
     got = reconstruct(t0, t1).view(np.int64)
-    assert np.array_equal(got, raw >> FRAC_BITS)           # floor, bit-exact
-    assert chans[0].rounds == (1 if cmp == "fss" else 7)
-    if cmp == "circuit":                                    # fused with the ReLU
-        m0, m1 = circuit_trunc_material(x.size, FRAC_BITS, prg, relu=True)
-        (t0, t1), chans = run_parties(lambda p, ch, inp: trunc_relu(ch, p, *inp),
-                                      ((s0, m0), (s1, m1)))
-        got = reconstruct(t0, t1).view(np.int64)
-        assert np.array_equal(got, np.maximum(raw >> FRAC_BITS, 0))
-        assert chans[0].rounds == 8
+    floor = raw >> FRAC_BITS
+    outside = (raw >= 0) | (raw < -band)
+    diff = got[outside] - np.maximum(floor, 0)[outside]
+    assert set(np.unique(diff)) <= {0, 1}
+    assert np.all(got[~outside] <= 0) and np.all(got[~outside] >= -(1 << CMP_DROP))
+    assert np.all(got[raw < -band] == 0)
+    assert chans[0].rounds == 7
 
 
 def test_beaver_products_and_truncation_match_plaintext():
@@ -150,7 +191,9 @@ def test_beaver_products_and_truncation_match_plaintext():
 
 @pytest.mark.parametrize("cmp", ["fss", "circuit"])
 def test_relu_is_exact_on_shares(cmp):
-    from veil.backends.mpc.protocols import circuit_relu_material
+    """Bit-exact ReLU: DCFs everywhere, circuits outside the band x in [-2^k, 0) ring
+    units (``CMP_DROP``), where the result is x itself or 0."""
+    from veil.backends.mpc.protocols import CMP_DROP, circuit_relu_material
     prg = Prg()
     rng = np.random.default_rng(1)
     x = np.concatenate([rng.normal(size=3000) * 100, [0.0, -2.0 ** -16, 2.0 ** -16,
@@ -163,42 +206,69 @@ def test_relu_is_exact_on_shares(cmp):
     assert np.array_equal(got, encode(np.maximum(decode(encode(x)), 0.0)))  # bit-exact
     if cmp == "fss":
         assert chans[0].rounds == 2 and chans[0].bytes_sent == 3 * 8 * x.size
-    else:
-        assert chans[0].rounds == 8
+        return
+    assert chans[0].rounds == 7
+    band = np.arange(-(1 << CMP_DROP), 0, dtype=np.int64)
+    mat = circuit_relu_material(band.size, prg)
+    xs = share(band.view(np.uint64), prg)
+    (r0, r1), _ = run_parties(lambda p, ch, inp: relu(ch, p, *inp),
+                              ((xs[0], mat[0]), (xs[1], mat[1])))
+    got = reconstruct(r0, r1).view(np.int64)
+    assert np.all((got == 0) | (got == band))
 
 
-@pytest.mark.parametrize("bits", [33, 40, 64])
-def test_relu_on_a_reduced_ring_is_exact_inside_its_bound(bits):
-    """Circuit ReLU compares on l = ``bits`` ring bits (protocols.CMP_BITS): exact for
-    every |x| < 2^(l-1) in ring units, the values at the bound's edge included, with a
-    (l-1)-bit tree (l = 33: one round fewer). Outside the bound the sign is that of
-    x mod 2^l: x = 2^(l-1) reads as negative (ReLU 0), x = -2^(l-1) - 1 as positive."""
-    from veil.backends.mpc.protocols import CMP_BITS, circuit_relu_material
-    assert CMP_BITS == 40
+def test_relu_on_a_reduced_ring_is_exact_inside_its_bound():
+    """Circuit ReLU compares on l = ``CMP_BITS`` ring bits: exact for every x in
+    [-2^(l-1), 2^(l-1) - 2^k) in ring units but the band [-2^k, 0), the values at the
+    bound's edges included.
+    Outside the bound the sign is that of x mod 2^l: x = 2^(l-1) reads as negative
+    (ReLU 0), x = -2^(l-1) - 16 as positive."""
+    from veil.backends.mpc.protocols import CMP_BITS, CMP_DROP, circuit_relu_material
+    assert (CMP_BITS, CMP_DROP) == (36, 3)
     prg = Prg()
     rng = np.random.default_rng(2)
-    half = 1 << (bits - 1)
-    inside = [0, 1, -1, half - 1, -half + 1, -half, half - 2 ** 20, -half + 2 ** 20]
-    raw = np.concatenate([rng.integers(-half + 1, half, size=2000, dtype=np.int64)
-                          if bits < 64 else rng.integers(-2 ** 62, 2 ** 62, size=2000),
+    half = 1 << (CMP_BITS - 1)
+    top = half - (1 << CMP_DROP)
+    inside = [0, 1, -9, top - 1, -half + 1, -half, half - 2 ** 20, -half + 2 ** 20]
+    raw = np.concatenate([rng.integers(-half, top, size=2000, dtype=np.int64),
                           np.array(inside, dtype=np.int64)])
+    raw = raw[(raw >= 0) | (raw < -(1 << CMP_DROP))]
     x = raw.view(np.uint64)
-    mat = circuit_relu_material(x.size, prg, bits)
-    assert mat[0].top.width == bits - 1
+    mat = circuit_relu_material(x.size, prg)
+    assert mat[0].tree.width == CMP_BITS - 1 - CMP_DROP == 32
     xs = share(x, prg)
     (r0, r1), chans = run_parties(lambda p, ch, inp: relu(ch, p, *inp),
                                   ((xs[0], mat[0]), (xs[1], mat[1])))
     assert np.array_equal(reconstruct(r0, r1).view(np.int64), np.maximum(raw, 0))
-    assert chans[0].rounds == (7 if bits <= 33 else 8)
-    if bits == 64:
-        return
-    outside = np.array([half, -half - 1, 3 * half], dtype=np.int64)
-    mat = circuit_relu_material(outside.size, prg, bits)
+    assert chans[0].rounds == 7
+    outside = np.array([half, -half - 16, 3 * half], dtype=np.int64)
+    mat = circuit_relu_material(outside.size, prg)
     xs = share(outside.view(np.uint64), prg)
     (r0, r1), _ = run_parties(lambda p, ch, inp: relu(ch, p, *inp),
                               ((xs[0], mat[0]), (xs[1], mat[1])))
     # documented failure: the sign of x mod 2^l
-    assert reconstruct(r0, r1).view(np.int64).tolist() == [0, -half - 1, 0]
+    assert reconstruct(r0, r1).view(np.int64).tolist() == [0, -half - 16, 0]
+
+
+def test_sign_and_select_on_shares():
+    """[x >= 0] as arithmetic shares (seven rounds) and v [d >= 0] for an unrelated v
+    (the multiplexer opens v - a with the bit: seven rounds)."""
+    from veil.backends.mpc.protocols import circuit_cmp_material, drelu, select
+    prg = Prg()
+    rng = np.random.default_rng(4)
+    d = rng.normal(size=1001) * 50
+    v = rng.normal(size=1001) * 50
+    ds, vs = _shared(d, prg), _shared(v, prg)
+    m = circuit_cmp_material("sign", d.size, prg)
+    (b0, b1), chans = run_parties(lambda p, ch, inp: drelu(ch, p, *inp),
+                                  ((ds[0], m[0]), (ds[1], m[1])))
+    assert np.array_equal(reconstruct(b0, b1), (d >= 0).astype(np.uint64))
+    assert chans[0].rounds == 7
+    m = circuit_cmp_material("select", d.size, prg)
+    (z0, z1), chans = run_parties(lambda p, ch, inp: select(ch, p, *inp),
+                                  ((vs[0], ds[0], m[0]), (vs[1], ds[1], m[1])))
+    assert np.array_equal(reconstruct(z0, z1), np.where(d >= 0, encode(v), 0))
+    assert chans[0].rounds == 7
 
 
 def test_a_single_share_is_independent_of_the_input():
@@ -247,20 +317,20 @@ def test_digits_models_run_exactly_on_shares(which, cmp):
     assert np.abs(got - want).max() <= 1e-3
     # conv/linear + ReLU fused; the output layer is not truncated (the client decodes
     # 2f bits), and the CNN's average pool is merged into it (merge_pooled_heads).
-    # Per value: opening 8 B and Beaver 16 B, plus for circuits the two comparison
-    # trees, 63 bits and f bits: two opened bits per AND (pairs of m blocks need
-    # 2 (m // 2) - 1 ANDs per level, down to two blocks) and three in the last.
+    # Per value, DCFs: opening 8 B and Beaver 16 B. Circuits: the opening, a 32-bit
+    # tree (two opened bits per AND; pairs of m blocks need 2 (m // 2) - 1 ANDs per
+    # level, down to one block) and the multiplexer's one bit.
     hidden = 128 if which == "mlp" else 512
     if cmp == "fss":
         assert chans[0].rounds == 2
         assert chans[0].bytes_sent / len(xte) == 24 * hidden
     else:
-        assert chans[0].rounds == 1 + 6 + 1
+        assert chans[0].rounds == 1 + 5 + 1
         def ands(m):
-            return 0 if m <= 2 else 2 * (m // 2) - 1 + ands((m + 1) // 2)
+            return 0 if m <= 1 else 2 * (m // 2) - 1 + ands((m + 1) // 2)
 
-        tree_bits = 2 * (ands(63) + ands(FRAC_BITS)) + 6
-        assert chans[0].bytes_sent / len(xte) == (24 + tree_bits / 8) * hidden
+        assert ands(32) == 57
+        assert chans[0].bytes_sent / len(xte) == (8 + (2 * 57 + 1) / 8) * hidden
 
 
 def test_maxpool_and_polynomials_on_shares():
@@ -296,7 +366,7 @@ def test_a_partys_whole_view_is_independent_of_the_input(cmp):
     """Everything party 1 receives while computing ReLU(trunc(y)) (every round's
     message) is uniform, for an all-zero and for a large constant input: chi-square on
     the top byte of ring elements and on every byte of packed bit rows."""
-    from veil.backends.mpc.protocols import (circuit_trunc_material, trunc_relu,
+    from veil.backends.mpc.protocols import (circuit_cmp_material, trunc_relu,
                                              trunc_relu_material)
     prg = Prg()
     n = 16384
@@ -304,7 +374,7 @@ def test_a_partys_whole_view_is_independent_of_the_input(cmp):
         raw = np.full(n, round(value * 2 ** (2 * FRAC_BITS)), np.int64).view(np.uint64)
         s0, s1 = share(raw, prg)
         m0, m1 = (trunc_relu_material(n, FRAC_BITS, prg) if cmp == "fss" else
-                  circuit_trunc_material(n, FRAC_BITS, prg, relu=True))
+                  circuit_cmp_material("trunc_relu", n, prg, FRAC_BITS))
         seen = []
 
         def party(p, ch, inp):
@@ -316,7 +386,7 @@ def test_a_partys_whole_view_is_independent_of_the_input(cmp):
         (z0, z1), _ = run_parties(party, ((s0, m0), (s1, m1)))
         assert np.array_equal(reconstruct(z0, z1).view(np.int64),
                               np.maximum(raw.view(np.int64) >> FRAC_BITS, 0))
-        assert len(seen) == (2 if cmp == "fss" else 8)
+        assert len(seen) == (2 if cmp == "fss" else 7)
         for msg in seen:
             sym = (msg >> np.uint64(56)) if msg.dtype == np.uint64 else msg
             counts = np.bincount(sym.astype(np.int64).ravel(), minlength=256)

@@ -12,17 +12,12 @@ pairwise, high block H over low block L, as
 a log-depth tree (the carry-lookahead of Brent and Kung, IEEE Trans. Computers, 1982).
 Each AND of two shared bits is one Beaver multiplication over GF(2) with a dealer bit
 triple (c = a & b): open d = x ^ a and e = y ^ b, then x & y = c ^ (d & b) ^ (e & a)
-^ (d & e). The last level is merged with the conversion to arithmetic shares: since
-G_H and P_H & G_L are never both 1, G = G_H + P_H G_L over the integers, and with a
-dealer bit rho (``daBit``: Rotaru and Wood, INDOCRYPT 2019) and a triple whose a, b and
-ab the dealer also shares arithmetically, opening G_H ^ rho, P_H ^ a and G_L ^ b makes
-G an affine combination of the dealer's arithmetic shares of (1, rho, a, b, ab). The
-dealer can also share those monomials times a bit q of its own (the top bit of r), so
-q G comes out of the same round.
+^ (d & e). The result stays XOR-shared; ``protocols`` turns it into arithmetic shares,
+or multiplies a value by it, in one more round (a daBit-style multiplexer).
 
 A comparison of w-bit values costs ceil(log2 w) rounds and about 4 w bits sent per
-party and value; the arithmetic is bitwise on bit rows packed eight values to a byte.
-Bit rows have shape (bits, ceil(n / 8)): row i holds bit i of the n values.
+party and value (w = 32: five rounds, 57 ANDs); the arithmetic is bitwise on bit rows
+packed eight values to a byte. Bit rows have shape (bits, ceil(n / 8)): row i holds bit i of the n values.
 """
 from __future__ import annotations
 
@@ -71,9 +66,9 @@ def random_rows(prg: Prg, shape) -> np.ndarray:
 
 
 def level_sizes(width: int) -> list[int]:
-    """Blocks at each binary level of a width-bit tree, down to the final two."""
+    """Blocks at each binary level of a width-bit tree, down to the final pair."""
     sizes, m = [], width
-    while m > 2:
+    while m > 1:
         sizes.append(m)
         m = (m + 1) // 2
     return sizes
@@ -88,109 +83,72 @@ def _ands(m: int) -> int:
 @dataclass(frozen=True)
 class TreeMaterial:
     """One party's share of what a ``width``-bit comparison tree consumes: a bit triple
-    (a, b, c rows) per binary level, then the final level's bits (rho, a, b) and the
-    arithmetic shares of (rho, a, b, ab) and, when ``weighted``, of (q, q rho, q a,
-    q b, q ab)."""
+    (a, b, c packed rows) per binary level."""
 
     width: int
     triples: tuple            # per level: (a, b, c) packed rows
-    last: np.ndarray          # (3, nb) packed rows: rho, a, b
-    arith: np.ndarray         # (4 or 9, n) uint64
-
-    @property
-    def weighted(self) -> bool:
-        return self.arith.shape[0] == 9
 
 
-def tree_material(width: int, n: int, prg: Prg, q: np.ndarray | None = None
-                  ) -> tuple[TreeMaterial, TreeMaterial]:
-    """Both parties' material for n comparisons of ``width`` bits; ``q`` (0/1 uint64,
-    optional) adds the q-weighted monomials."""
+def tree_material(width: int, n: int, prg: Prg) -> tuple[TreeMaterial, TreeMaterial]:
+    """Both parties' material for n comparisons of ``width`` bits."""
     if width < 2:
         raise ValueError("a comparison tree needs at least two bits")
     nb = (n + 7) // 8
     trip0, trip1 = [], []
     for m in level_sizes(width):
-        a, b = random_rows(prg, (_ands(m), nb)), random_rows(prg, (_ands(m), nb))
-        a0, b0, c0 = (prg.share_uint8((_ands(m), nb)) for _ in range(3))
+        (a, (a0, a1)), (b, (b0, b1)) = (prg.root_bits((_ands(m), nb)) for _ in range(2))
+        c0, c1 = prg.split_bits(a & b)
         trip0.append((a0, b0, c0))
-        trip1.append((a ^ a0, b ^ b0, (a & b) ^ c0))
-    last = random_rows(prg, (3, nb))
-    last0 = prg.share_uint8((3, nb))
-    rho, a, b = (row_values(last[i], n) for i in range(3))
-    mono = [rho, a, b, a * b]
-    if q is not None:
-        q = np.asarray(q, dtype=np.uint64)
-        mono += [q] + [q * x for x in mono]
-    arith = np.stack(mono)
-    arith0 = prg.share_uint64(arith.shape)
-    return (TreeMaterial(width, tuple(trip0), last0, arith0),
-            TreeMaterial(width, tuple(trip1), last ^ last0, arith - arith0))
+        trip1.append((a1, b1, c1))
+    return TreeMaterial(width, tuple(trip0)), TreeMaterial(width, tuple(trip1))
 
 
 class _Tree:
     """One party's running comparison: advanced one round at a time by :func:`compare`."""
 
     def __init__(self, party: int, c_rows: np.ndarray, r_rows: np.ndarray,
-                 m: TreeMaterial, n: int) -> None:
-        self.party, self.m, self.n = party, m, n
+                 m: TreeMaterial) -> None:
+        self.party, self.m = party, m
         # g = !c & r, p = !(c ^ r): party0 holds !c ^ r0, party1 holds r1
         self.g = ~c_rows & r_rows
         self.p = ~c_rows ^ r_rows if party == 0 else r_rows.copy()
         self.level = 0
-        self.result = None
+
+    @property
+    def done(self) -> bool:
+        return self.level == len(self.m.triples)
 
     def outgoing(self) -> np.ndarray:
         """The packed rows this party opens this round."""
-        if self.level < len(self.m.triples):
-            a, b, _ = self.m.triples[self.level]
-            x, y = self._and_inputs()
-            return np.concatenate([x ^ a, y ^ b])
-        return np.stack([self.g[1], self.p[1], self.g[0]]) ^ self.m.last
-
-    def _and_inputs(self) -> tuple[np.ndarray, np.ndarray]:
+        a, b, _ = self.m.triples[self.level]
         k = self.g.shape[0] // 2
         g_lo, p_lo, p_hi = self.g[0:2 * k:2], self.p[0:2 * k:2], self.p[1:2 * k:2]
-        return (np.concatenate([p_hi, p_hi[1:]]), np.concatenate([g_lo, p_lo[1:]]))
+        return np.concatenate([np.concatenate([p_hi, p_hi[1:]]) ^ a,
+                               np.concatenate([g_lo, p_lo[1:]]) ^ b])
 
     def incoming(self, opened: np.ndarray) -> None:
         """Finish this round with the opened rows (both shares XORed)."""
-        if self.level < len(self.m.triples):
-            a, b, c = self.m.triples[self.level]
-            rows = a.shape[0]
-            d, e = opened[:rows], opened[rows:]
-            z = c ^ (d & b) ^ (e & a)
-            if self.party == 0:
-                z ^= d & e
-            k = self.g.shape[0] // 2
-            g = self.g[1:2 * k:2] ^ z[:k]
-            p = np.concatenate([np.zeros_like(z[:1]), z[k:]])
-            if self.g.shape[0] % 2:                  # the top block passes through
-                g = np.concatenate([g, self.g[-1:]])
-                p = np.concatenate([p, self.p[-1:]])
-            self.g, self.p = g, p
-            self.level += 1
-            return
-        e0, d, e = (row_values(opened[i], self.n) for i in range(3))
-        one, two = np.uint64(1), np.uint64(2)
-        coef = [one - two * e0, e * (one - two * d), d * (one - two * e),
-                (one - two * d) * (one - two * e)]
-        const = e0 + d * e
-        arith = self.m.arith
-        value = sum(k * arith[i] for i, k in enumerate(coef))
+        a, b, c = self.m.triples[self.level]
+        rows = a.shape[0]
+        d, e = opened[:rows], opened[rows:]
+        z = c ^ (d & b) ^ (e & a)
         if self.party == 0:
-            value = value + const
-        weighted = None
-        if self.m.weighted:
-            weighted = const * arith[4] + sum(k * arith[5 + i] for i, k in enumerate(coef))
-        self.result = (value, weighted)
+            z ^= d & e
+        k = self.g.shape[0] // 2
+        g = self.g[1:2 * k:2] ^ z[:k]
+        p = np.concatenate([np.zeros_like(z[:1]), z[k:]])
+        if self.g.shape[0] % 2:                  # the top block passes through
+            g = np.concatenate([g, self.g[-1:]])
+            p = np.concatenate([p, self.p[-1:]])
+        self.g, self.p = g, p
+        self.level += 1
 
 
-def compare(ch, party: int, trees: list[_Tree]) -> list[tuple]:
+def compare(ch, party: int, trees: list[_Tree]) -> list[np.ndarray]:
     """Run comparison trees side by side (one exchange per round for all of them);
-    returns each tree's arithmetic shares of (G, q G) (the latter None if unweighted)."""
-    while any(t.result is None for t in trees):
-        active = [t for t in trees if t.result is None]
+    returns each tree's XOR share of its result, one packed row (shape (1, nb))."""
+    while not all(t.done for t in trees):
+        active = [t for t in trees if not t.done]
         out = [t.outgoing() for t in active]
         flat = np.concatenate([o.ravel() for o in out])
         opened = flat ^ ch.exchange(flat)
@@ -198,12 +156,11 @@ def compare(ch, party: int, trees: list[_Tree]) -> list[tuple]:
         for t, o in zip(active, out):
             t.incoming(opened[at:at + o.size].reshape(o.shape))
             at += o.size
-    return [t.result for t in trees]
+    return [t.g for t in trees]
 
 
-def tree(party: int, c_rows: np.ndarray, r_rows: np.ndarray, m: TreeMaterial, n: int
-         ) -> _Tree:
+def tree(party: int, c_rows: np.ndarray, r_rows: np.ndarray, m: TreeMaterial) -> _Tree:
     """A comparison [c mod 2^w < r mod 2^w] for public ``c`` given as bit rows
     (:func:`bit_rows`, at least w = m.width of them) and this party's XOR share
-    ``r_rows`` of r's low bits, for n values."""
-    return _Tree(party, c_rows[:m.width], r_rows[:m.width], m, n)
+    ``r_rows`` of r's low bits."""
+    return _Tree(party, c_rows[:m.width], r_rows[:m.width], m)

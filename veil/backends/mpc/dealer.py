@@ -11,7 +11,6 @@ fetched (one chunk of a step while streaming).
 from __future__ import annotations
 
 import json
-import secrets
 import socket
 import threading
 import time
@@ -26,7 +25,7 @@ from ...errors import ModelTooLargeError
 from .evaluator import (BASE_BYTES, COMPARISONS, DEFAULT_BUDGET, Step, dealer_material,
                         material_bytes)
 from .fixed import FRAC_BITS
-from .prg import Prg
+from .prg import Deal, Prg
 from .wire import DEFAULT_TIMEOUT, ERROR, MATERIAL, MATERIAL_REQUEST, _steps_key, log
 
 
@@ -110,9 +109,9 @@ class Dealer:
                 out = waiting[2]
             else:
                 sets: list[list] = [[], []]
-                # circuit material: party 0's half is re-drawn from a seed below, so
-                # the generators leave it zero instead of drawing it twice
-                prg = Prg(zero_shares=cmp == "circuit")
+                # circuit material: each party's random halves come from a seed
+                # (prg.Deal); DCF keys are not shares and travel whole
+                prg = Deal() if cmp == "circuit" else Prg()
                 for layer in layers:
                     m0, m1 = dealer_material(layer, batch, prg, frac, cmp)
                     sets[0].extend(m0)
@@ -122,9 +121,9 @@ class Dealer:
                 me = 0 if party == "party0" else 1
                 halves = [pr.material_arrays(sets[0]), pr.material_arrays(sets[1])]
                 sets = [[], []]
-                if cmp == "circuit":       # party 0's half travels as a seed
-                    halves = list(pr.seed_circuit_arrays(halves[0], halves[1],
-                                                         secrets.token_bytes(32)))
+                if cmp == "circuit":
+                    halves = [pr.seeded_arrays(prg, b, halves[b]) for b in (0, 1)]
+                    del prg
                 # pack one half at a time and drop its arrays
                 theirs = so.pack_arrays({**halves[1 - me], "layer_sizes": sizes})
                 halves[1 - me] = {}

@@ -233,35 +233,75 @@ class Piecewise:
         return np.choose(idx, [polynomial.polyval(x, p) for p in self.pieces])
 
 
-# Breakpoints of the sigmoid and SiLU approximations: narrow where they bend most.
-_BREAKS = (-12.0, -8.0, -5.0, -3.0, -1.5, 0.0, 1.5, 3.0, 5.0, 8.0, 12.0)
+@dataclass(frozen=True)
+class Tail:
+    """SiLU or sigmoid as exact pieces plus a correction that decays off zero: with
+    t = |x| and z = 2 t / bound - 1 in [-1, 1] while t <= bound,
+
+        SiLU(x)    = ReLU(x) - [t <= bound] p(z),       p ~ t sigma(-t)
+        sigmoid(x) = s + (1 - 2 s) [t <= bound] p(z),   p ~ sigma(-t), s = [x >= 0],
+
+    p a power-basis polynomial in z (``coeffs`` ascending; on [-1, 1] they stay below
+    ~1, so rounding them to 2^-f and the powers' truncations cost ~1e-5). Beyond the
+    bound the correction is left out: t sigma(-t) <= 11 e^-11 = 1.8e-4 there (SiLU,
+    bound 11), sigma(-t) <= e^-10 = 4.5e-5 (sigmoid, bound 10)."""
+
+    op: Op
+    bound: float
+    coeffs: tuple[float, ...]
+
+    @property
+    def degree(self) -> int:
+        return len(self.coeffs) - 1
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """The approximation in floats (what the parties compute, up to fixed point)."""
+        t = np.abs(x)
+        corr = np.where(t <= self.bound,
+                        polynomial.polyval(2 * t / self.bound - 1, self.coeffs), 0.0)
+        if self.op is Op.SILU:
+            return np.maximum(x, 0.0) - corr
+        s = (x >= 0).astype(np.float64)
+        return s + (1 - 2 * s) * corr
 
 
-def _fit(fn: Callable, breaks, tails) -> Piecewise:
-    """Least-squares cubics on 200 Chebyshev nodes of each interval (near minimax)."""
-    pieces = [tails[0]]
-    k = np.arange(200)
-    for lo, hi in zip(breaks[:-1], breaks[1:]):
-        xs = (lo + hi) / 2 + (hi - lo) / 2 * np.cos(np.pi * (k + 0.5) / 200)
-        pieces.append(tuple(polynomial.polyfit(xs, fn(xs), 3)))
-    pieces.append(tails[1])
-    return Piecewise(tuple(breaks), tuple(tuple(float(c) for c in p) for p in pieces))
+#: The correction's range and degree per op: max error (float form) 2.4e-4 for SiLU,
+#: 8.7e-5 for sigmoid (``tests/test_mpc_ops.py`` measures both, with fixed point).
+TAILS = {Op.SILU: (11.0, 10), Op.SIGMOID: (10.0, 10)}
+
+
+def _fit_tail(op: Op, fn: Callable) -> Tail:
+    """A near-minimax fit: least squares on 2000 Chebyshev nodes of [0, bound],
+    reweighted by the error (Lawson's algorithm, 200 passes)."""
+    bound, degree = TAILS[op]
+    k = np.arange(2000)
+    z = np.cos(np.pi * (k + 0.5) / 2000)
+    y = fn((z + 1) * bound / 2)
+    basis = chebyshev.chebvander(z, degree)
+    w = np.full(z.size, 1.0 / z.size)
+    for _ in range(200):
+        root = np.sqrt(w)
+        cheb = np.linalg.lstsq(basis * root[:, None], y * root, rcond=None)[0]
+        w = w * np.abs(basis @ cheb - y)
+        w /= w.sum()
+    return Tail(op, bound, tuple(float(c) for c in chebyshev.cheb2poly(cheb)))
 
 
 @lru_cache(maxsize=None)
-def piecewise(op: Op) -> Piecewise:
-    """The piecewise form of a SIGMOID, SILU or HARDSIGMOID (exact for the last)."""
+def approximation(op: Op) -> Piecewise | Tail:
+    """What the parties compute for a SIGMOID, SILU (:class:`Tail`) or HARDSIGMOID /
+    HARDSWISH (:class:`Piecewise`, exact), as a float function."""
     if op is Op.SIGMOID:
-        return _fit(ref.sigmoid_fn, _BREAKS, ((0.0,), (1.0,)))
+        return _fit_tail(op, lambda t: ref.sigmoid_fn(-t))
     if op is Op.SILU:
-        return _fit(lambda x: x * ref.sigmoid_fn(x), _BREAKS, ((0.0,), (0.0, 1.0)))
+        return _fit_tail(op, lambda t: t * ref.sigmoid_fn(-t))
     if op in (Op.HARDSIGMOID, Op.HARDSWISH):
         return Piecewise((-3.0, 3.0), ((0.0,), (0.5, 1.0 / 6.0), (1.0,)))
-    raise UnsupportedOperation(f"no piecewise form of {op.value}")
+    raise UnsupportedOperation(f"no MPC approximation of {op.value}")
 
 
 # -- material steps -------------------------------------------------------------------------
-STEP_KINDS = ("trunc", "trunc_relu", "relu", "mul", "drelu")
+STEP_KINDS = ("trunc", "trunc_relu", "relu", "mul", "drelu", "select")
 
 
 @dataclass(frozen=True)
@@ -356,13 +396,12 @@ def dealer_material(steps: list[Step], batch: int, prg: Prg, frac_bits: int = FR
     out: tuple[list, list] = ([], [])
     for step in steps:
         n = step.size * batch
-        if cmp == "circuit" and step.kind in ("trunc", "trunc_relu"):
-            pair = pr.circuit_trunc_material(n, frac_bits, prg, step.kind == "trunc_relu")
-        elif cmp == "circuit" and step.kind == "relu":
-            pair = pr.circuit_relu_material(n, prg)
-        elif cmp == "circuit" and step.kind == "drelu":
-            pair = pr.circuit_drelu_material(n, prg)
-        elif step.kind == "relu":
+        if cmp == "circuit" and step.kind == "trunc":
+            pair = pr.circuit_trunc_material(n, frac_bits, prg)
+        elif cmp == "circuit" and step.kind != "mul":
+            kind = {"drelu": "sign"}.get(step.kind, step.kind)
+            pair = pr.circuit_cmp_material(kind, n, prg, frac_bits)
+        elif step.kind in ("relu", "select"):
             pair = pr.relu_material(n, prg)
         elif step.kind == "drelu":
             pair = pr.sign_material(n, prg)
@@ -438,10 +477,11 @@ class Run:
         return np.concatenate(out)
 
     def trunc(self, y: np.ndarray, relu: bool = False) -> np.ndarray:
-        """floor((y + 2^(f-1)) / 2^f) (round to nearest), ReLU'd if ``relu``."""
-        if self.party == 0:
+        """y / 2^f, ReLU'd if ``relu``: rounded to nearest with DCF material (which
+        floors, so 2^(f-1) is added first), stochastically with circuit material."""
+        if self.party == 0 and self.items and pr.rounds_to_floor(self.items[0]):
             y = y + _half(self.f)
-        fn = pr.trunc_relu if relu else pr.truncate_exact
+        fn = pr.trunc_relu if relu else pr.truncate_shares
         return self._apply(lambda v, m: fn(self.ch, self.party, v, m, self.f),
                            y.ravel()).reshape(y.shape)
 
@@ -456,6 +496,12 @@ class Run:
     def drelu(self, x: np.ndarray) -> np.ndarray:
         return self._apply(lambda v, m: pr.drelu(self.ch, self.party, v, m),
                            x.ravel()).reshape(x.shape)
+
+    def select(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """v * [d >= 0] (v at any scale, unchanged)."""
+        return self._apply(lambda a, b, m: pr.select(self.ch, self.party, a, b, m),
+                           np.ascontiguousarray(v).ravel(),
+                           np.ascontiguousarray(d).ravel()).reshape(v.shape)
 
 
 @dataclass(frozen=True)
@@ -683,21 +729,18 @@ def _clip(run: Run, node, args):
 
 
 def _piece_steps(prog, node):
-    pw, n = piecewise(node.op), prog.size(node)
-    steps = [Step("mul", n), Step("trunc", n)] * (pw.degree - 1)
-    steps += [Step("drelu", n * len(pw.breaks)), Step("mul", n * len(pw.pieces)),
-              Step("trunc", n)]
+    pw, n = approximation(node.op), prog.size(node)
+    steps = [Step("drelu", n * len(pw.breaks)), Step("mul", n * len(pw.pieces)),
+             Step("trunc", n)]
     if node.op is Op.HARDSWISH:
         steps += [Step("mul", n), Step("trunc", n)]
     return steps
 
 
 def _piecewise(run: Run, x: np.ndarray, pw: Piecewise) -> np.ndarray:
-    """sum_i [t_(i-1) <= x < t_i] p_i(x) (see the module docstring), f bits."""
+    """sum_i [t_(i-1) <= x < t_i] p_i(x) for linear pieces, f bits: the signs of every
+    breakpoint in one batch of comparisons, one Beaver product per piece."""
     f = run.f
-    powers = [None, x]
-    for _ in range(pw.degree - 1):
-        powers.append(run.trunc(run.mul(powers[-1], x)))
     signs = run.drelu(np.concatenate(
         [x.ravel() - run.public(_scaled(t, f)) for t in pw.breaks]))
     signs = signs.reshape((len(pw.breaks),) + x.shape)
@@ -707,16 +750,81 @@ def _piecewise(run: Run, x: np.ndarray, pw: Piecewise) -> np.ndarray:
     vals = []
     for coeffs in pw.pieces:                # each piece at 2f bits, locally
         v = np.broadcast_to(run.public(_scaled(coeffs[0], 2 * f)), x.shape).copy()
-        for k, c in enumerate(coeffs[1:], start=1):
-            v += powers[k] * _scaled(c, f)
+        if len(coeffs) > 1:
+            v += x * _scaled(coeffs[1], f)
         vals.append(v)
     prod = run.mul(np.stack(ind), np.stack(vals))
     return run.trunc(prod.sum(axis=0, dtype=np.uint64))
 
 
+#: Baby steps of the Paterson-Stockmeyer evaluation: z .. z^3 and the giant step z^4.
+_BABY = 4
+
+
+def _giant_steps(degree: int) -> int:
+    """J, the highest power of z^4 in p(z) = sum_j q_j(z) (z^4)^j (each q_j cubic)."""
+    return degree // _BABY
+
+
+def _tail_steps(prog, node):
+    tail, n = approximation(node.op), prog.size(node)
+    giants = _giant_steps(tail.degree)
+    steps = [Step("relu", n)] if node.op is Op.SILU else [Step("drelu", n), Step("mul", n)]
+    steps += [Step("trunc", n),                                      # z
+              Step("mul", n), Step("trunc", n),                      # z^2
+              Step("mul", 2 * n), Step("trunc", 2 * n),              # z^3, z^4
+              Step("trunc", giants * n)]                             # q_1 .. q_J
+    steps += [Step("mul", n), Step("trunc", n)] * (giants - 1)      # Horner in z^4
+    steps += [Step("mul", n), Step("select", n), Step("trunc", n)]
+    if node.op is Op.SIGMOID:
+        steps.append(Step("mul", n))
+    return steps
+
+
+def _tail(run: Run, node, args):
+    """:class:`Tail`: the comparison that gives ReLU(x) (SiLU) or s = [x >= 0] and
+    t = x (2 s - 1) (sigmoid); z = 2 t / bound - 1; p(z) by Paterson and Stockmeyer
+    (SIAM J. Comput. 1973): z^2, then z^3 and z^4 in one product, the cubics q_j(z)
+    locally, and Horner's rule in z^4 (five products for degree 10 where the powers
+    take nine); one selection [bound - t >= 0] p(z); for sigmoid, s + (1 - 2 s) q."""
+    x, f = args[0], run.f
+    tail = approximation(node.op)
+    lift = np.uint64(1) << np.uint64(f)
+    if node.op is Op.SILU:
+        relu = run.relu(x)
+        t = np.uint64(2) * relu - x
+    else:
+        s = run.drelu(x)
+        t = run.mul(x, np.uint64(2) * s - run.public(np.uint64(1)))
+    z = run.trunc(t * _scaled(2.0 / tail.bound, f)) - run.public(lift)
+    z2 = run.trunc(run.mul(z, z))
+    z3, z4 = run.trunc(run.mul(np.ascontiguousarray(np.broadcast_to(z2, (2,) + z.shape)),
+                                np.stack([z, z2])))
+    powers = (None, z, z2, z3)
+
+    def cubic(j: int) -> np.ndarray:                                 # q_j(z), 2f bits
+        coeffs = tail.coeffs[_BABY * j:_BABY * (j + 1)]
+        out = np.broadcast_to(run.public(_scaled(coeffs[0], 2 * f)), x.shape).copy()
+        for k, c in enumerate(coeffs[1:], start=1):
+            out += powers[k] * _scaled(c, f)
+        return out
+
+    giants = _giant_steps(tail.degree)
+    qs = run.trunc(np.stack([cubic(j) for j in range(1, giants + 1)]))  # f bits
+    h = qs[-1]
+    for j in range(giants - 1, 0, -1):
+        h = qs[j - 1] + run.trunc(run.mul(z4, h))
+    p = cubic(0) + run.mul(z4, h)                                     # 2f bits
+    corr = run.select(p, run.public(_scaled(tail.bound, f)) - t)
+    if node.op is Op.SILU:
+        return run.trunc(relu * lift - corr)
+    q = run.trunc(corr)
+    return s * lift + q - np.uint64(2) * run.mul(s, q)
+
+
 def _piece_op(run: Run, node, args):
     x = args[0]
-    y = _piecewise(run, x, piecewise(node.op))
+    y = _piecewise(run, x, approximation(node.op))
     if node.op is Op.HARDSWISH:
         y = run.trunc(run.mul(x, y))
     return y
@@ -809,8 +917,8 @@ KERNELS: dict[Op, Kernel] = {
     Op.MAXPOOL2D: Kernel(_maxpool_steps, _maxpool),
     Op.RELU: Kernel(_relu_steps, _relu),
     Op.CLIP: Kernel(_clip_steps, _clip),
-    Op.SIGMOID: Kernel(_piece_steps, _piece_op),
-    Op.SILU: Kernel(_piece_steps, _piece_op),
+    Op.SIGMOID: Kernel(_tail_steps, _tail),
+    Op.SILU: Kernel(_tail_steps, _tail),
     Op.HARDSIGMOID: Kernel(_piece_steps, _piece_op),
     Op.HARDSWISH: Kernel(_piece_steps, _piece_op),
     Op.SQUARE: Kernel(_mul_steps, _square),

@@ -26,13 +26,7 @@ _SLACK = 64          # update_into wants room for one cipher block beyond the in
 class Prg:
     """A ChaCha20 keystream read as little-endian uint64 words, bytes or bits."""
 
-    def __init__(self, seed: bytes | None = None, zero_shares: bool = False) -> None:
-        """``zero_shares``: :meth:`share_uint64` and :meth:`share_uint8` give zeros, so
-        material generators put the whole secret in party 1's half. Only for material
-        whose party-0 half is replaced by a seeded one afterwards
-        (``protocols.seed_circuit_arrays``, which re-randomises every share): the draws
-        it would overwrite are then not made at all."""
-        self.zero_shares = bool(zero_shares)
+    def __init__(self, seed: bytes | None = None) -> None:
         self.seed = secrets.token_bytes(SEED_BYTES) if seed is None else bytes(seed)
         if len(self.seed) != SEED_BYTES:
             raise ValueError(f"a PRG seed is {SEED_BYTES} bytes")
@@ -61,10 +55,76 @@ class Prg:
     def bits(self, shape) -> np.ndarray:
         return (self.uint64(shape) & np.uint64(1)).astype(bool)
 
-    def share_uint64(self, shape) -> np.ndarray:
-        """The random half of an additive sharing (zeros with ``zero_shares``)."""
-        return np.zeros(shape, np.uint64) if self.zero_shares else self.uint64(shape)
+    # the sharing interface of material generators (:class:`Deal` implements it too)
+    def root_u64(self, shape) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """A uniformly random secret and its additive shares."""
+        value = self.uint64(shape)
+        return value, self.split_u64(value)
 
-    def share_uint8(self, shape) -> np.ndarray:
-        """The random half of an XOR sharing of packed bits (zeros with ``zero_shares``)."""
-        return np.zeros(shape, np.uint8) if self.zero_shares else self.uint8(shape)
+    def root_bits(self, shape) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """Uniformly random packed bits and their XOR shares."""
+        value = self.uint8(shape)
+        return value, self.split_bits(value)
+
+    def split_u64(self, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Additive shares (value - r, r) of a secret the generator computed."""
+        r = self.uint64(np.shape(value))
+        return np.asarray(value, dtype=np.uint64) - r, r
+
+    def split_bits(self, value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """XOR shares of packed bits the generator computed."""
+        r = self.uint8(np.shape(value))
+        return value ^ r, r
+
+
+class Deal:
+    """The dealer's randomness with both parties' halves drawn from seeds it shares with
+    each of them (the usual seed compression of dealer-model preprocessing). A random
+    secret (a mask, a triple's a and b,
+    a daBit) is defined as the sum (or XOR) of one draw from each party's stream, so
+    neither half needs sending; a secret the dealer computes from others (a product,
+    r >> f, a mask's bit rows) takes party 0's half from party 0's stream and sends
+    party 1 the difference. Party 0 then receives nothing but its seed and the list of
+    its draws, party 1 its seed, its draws and the computed halves (:meth:`compress`,
+    ``protocols.expand_seeded``): a Beaver triple costs party 1 one word instead of
+    three. Each stream is a fresh ChaCha20 key; a party learns its own stream only."""
+
+    def __init__(self) -> None:
+        self.prgs = (Prg(), Prg())
+        self.drawn: tuple[list, list] = ([], [])
+
+    def _draw(self, party: int, shape, bits: bool) -> np.ndarray:
+        prg = self.prgs[party]
+        out = prg.uint8(shape) if bits else prg.uint64(shape)
+        self.drawn[party].append(out)
+        return out
+
+    def root_u64(self, shape):
+        s0, s1 = self._draw(0, shape, False), self._draw(1, shape, False)
+        return s0 + s1, (s0, s1)
+
+    def root_bits(self, shape):
+        s0, s1 = self._draw(0, shape, True), self._draw(1, shape, True)
+        return s0 ^ s1, (s0, s1)
+
+    def split_u64(self, value):
+        s0 = self._draw(0, np.shape(value), False)
+        return s0, np.asarray(value, dtype=np.uint64) - s0
+
+    def split_bits(self, value):
+        s0 = self._draw(0, np.shape(value), True)
+        return s0, value ^ s0
+
+    def compress(self, party: int, arrays: dict[str, np.ndarray]
+                 ) -> tuple[bytes, list, dict[str, np.ndarray]]:
+        """Party ``party``'s named material as (its seed, its draws in order as
+        [key, shape, dtype], the arrays it must be sent). A draw that is not in
+        ``arrays`` is listed under an empty key (the party draws and drops it)."""
+        names = {id(a): k for k, a in arrays.items()}
+        skeleton, drawn = [], set()
+        for a in self.drawn[party]:
+            key = names.get(id(a), "")
+            skeleton.append([key, list(a.shape), a.dtype.str])
+            drawn.add(key)
+        sent = {k: a for k, a in arrays.items() if k not in drawn}
+        return self.prgs[party].seed, skeleton, sent

@@ -19,22 +19,41 @@ Constructions:
   share of msb(r) turns the bracket into shares of msb(r) xor [...] without another
   round. ReLU(x) = x * DReLU(x) with one Beaver product: two rounds, 24 bytes sent per
   value per party.
-- The same truncation and sign with the comparisons as binary circuits instead of DCFs
-  (``circuit``): more rounds (ceil(log2 63) = 6 for the comparison instead of 1) but
-  about 1/25 of the computation and 1/15 of the dealer's material, which is what
-  bounds throughput on a fast network. ``dealer_material(..., cmp=...)`` picks one;
-  the party-side functions follow the material they are given.
+- With the comparisons as binary circuits instead (``circuit``, the default: more rounds
+  but about 1/25 of the computation and 1/15 of the dealer's material, which is what
+  bounds throughput on a fast network), three changes make the dealer's material small:
+  * Faithful truncation with one opening and no comparison (the bounded-input
+    truncation of SecureML's analysis made exact in its wrap: Mohassel and Zhang, S&P
+    2017, Thm. 1; the "1-bit error" of Cheetah, Huang et al., USENIX Security 2022,
+    and SIRNN's truncation with a known most significant bit, Rathee et al., S&P
+    2021): for u = y + 2^62 in [0, 2^63) (|y| < 2^62) and the opening u^ = u + r,
+    u + r wraps 2^64 exactly when msb(u^) = 0 and msb(r) = 1, so
+    (u^ >> f) - (r >> f) + 2^(64-f) (1 - msb(u^)) msb(r) = floor(u / 2^f) + c with the
+    low carry c in {0, 1}: an error below one unit in the last place, and
+    E[c] = (u mod 2^f) / 2^f makes it unbiased (stochastic rounding). One round and
+    three words of material per value, where the exact truncation takes a 63-bit and
+    an f-bit comparison.
+  * Comparisons on the bits the values need (l = ``CMP_BITS`` ring bits: the sign of
+    x is bit l - 1 of x mod 2^l when |x| < 2^(l-1), as in CrypTFlow2's millionaires'
+    on l bits, Rathee et al., CCS 2020, and SecureNN's MSB extraction, Wagh et al.,
+    PETS 2019), and without the lowest ``CMP_DROP`` = k of them: bits k .. l-2 of
+    x^ and r go through the tree, which drops the borrow out of bit k - 1; the sign
+    comes out wrong only for x in [-2^k, 0) ring units (it says x >= 0), so a ReLU or
+    a max errs by less than 2^k units there and is exact elsewhere.
+  * The tree's result stays XOR-shared and one more round turns it into arithmetic
+    shares or multiplies a value by it (a multiplexer from a daBit, Rotaru and Wood,
+    INDOCRYPT 2019): the dealer shares a random bit rho both ways and the products
+    v rho it can form; opening e = b xor rho gives v b = e v + (1 - 2e) v rho. For
+    ReLU v is the compared value itself, masked by the same r (v rho = x^ rho - r rho,
+    no second opening); after a truncation, v rho follows from the dealer's r >> f
+    and wrap shares times rho. A ReLU is one opening, a five-round tree (l - 1 - k =
+    32 bits) and the multiplexer: seven rounds; fused with the truncation before it,
+    still seven.
 - Max pooling as max(a, b) = b + ReLU(a - b), in a tree over the window.
-- Circuit comparisons of ReLU, sign and max pooling on a reduced ring (``CMP_BITS``):
-  for |x| < 2^(l-1), the sign of x is the top bit of x mod 2^l, and x mod 2^l =
-  (x^ - r) mod 2^l for the same 64-bit opening x^ = x + r, so the comparison tree runs
-  on l - 1 bits instead of 63: the bit width the values need, as in CrypTFlow2 (Rathee
-  et al., CCS 2020, millionaires' on l bits) and Cheetah (Huang et al., USENIX Security
-  2022), with the MSB extraction of SecureNN (Wagh et al., PETS 2019). BOUND: a value
-  with |x| >= 2^(l-1) (in ring units: 2^(l-1-f) in real terms, 2^19 = 524288 at l = 40,
-  f = 20) gets the sign of x mod 2^l, i.e. a wrong sign whenever bit l-1 of x differs
-  from its true sign; the truncations keep their exact 63-bit comparison (their input
-  has 2f fractional bits).
+BOUNDS (circuit): a truncation input needs |y| < 2^62 ring units (2^22 real at 2f = 40
+fractional bits); a comparison input -2^(l-1) <= x < 2^(l-1) - 2^k ring units (about
++-2^15 real at f = 20); within them results are exact up to the one-unit truncation and
+the 2^k comparison band above.
 """
 from __future__ import annotations
 
@@ -52,13 +71,20 @@ _ZERO = np.uint64(0)
 _LOW63 = np.uint64((1 << 63) - 1)
 _SHIFT63 = np.uint64(63)
 
-#: l, the ring bits of the circuit comparisons of ReLU, sign (DReLU) and max pooling: a
-#: comparison input must satisfy |x| < 2^(l-1) in ring units (|x| < 2^(l-1-f) = 2^19
-#: real at f = 20: 20 fractional bits, 19 integer bits and the sign); outside, the sign
-#: is that of x mod 2^l (wrong whenever bit l-1 of x differs from the sign). The zoo
-#: models' largest comparison input is below 2^8 real (``bench/mpc_zoo.py`` records it),
-#: so 40 leaves a margin of 2^11. Max pooling's padding constant needs |x| < 2^(l-2).
-CMP_BITS = 40
+#: l, the ring bits of the circuit comparisons (ReLU, sign, max pooling, selections): a
+#: comparison input must satisfy |x| < 2^(l-1) in ring units (|x| < 2^(l-1-f) = 2^15
+#: real at f = 20); outside, the sign is that of x mod 2^l (wrong whenever bit l-1 of x
+#: differs from the sign). The zoo models' largest comparison input is below 2^8 real
+#: (``bench/mpc_zoo.py`` records it), so 36 leaves a margin of 2^7. Max pooling's
+#: padding constant needs |x| < 2^(l-2). A comparison after a truncation, on the 2f-bit
+#: value, uses l + f bits and drops k + f.
+CMP_BITS = 36
+#: k, the low bits the circuit comparisons leave out: the sign is wrong (says >= 0) for
+#: x in [-2^k, 0) ring units only, 2^-17 real at f = 20; l - 1 - k = 32 bits go through
+#: the tree, five rounds.
+CMP_DROP = 3
+#: The faithful truncation's offset: its input must satisfy |y| < 2^62 ring units.
+_OFF62 = np.uint64(1 << 62)
 
 
 class Channel(Protocol):
@@ -68,9 +94,9 @@ class Channel(Protocol):
 
 
 def share(x: np.ndarray, prg: Prg) -> tuple[np.ndarray, np.ndarray]:
-    """Additive shares of ring elements: (x - r, r) with r from a CSPRNG."""
-    r = prg.share_uint64(np.shape(x))
-    return np.asarray(x, dtype=np.uint64) - r, r
+    """Additive shares of ring elements: (x - r, r) with r from a CSPRNG (with a
+    ``prg.Deal``, party 0's half from its stream)."""
+    return prg.split_u64(x)
 
 
 def reconstruct(s0: np.ndarray, s1: np.ndarray) -> np.ndarray:
@@ -132,35 +158,42 @@ class ReluMaterial:
 
 @dataclass(frozen=True)
 class CircuitTruncMaterial:
-    """Truncation (and sign) with comparison circuits: shares of r and r >> f, XOR
-    shares of r's low 63 bits, a 63-bit tree weighted by q = msb(r) and an f-bit tree;
-    with a Beaver triple when the ReLU is fused."""
+    """Faithful truncation: shares of the mask r, of r >> f and of msb(r) 2^(64-f)."""
 
     r: np.ndarray
     r_high: np.ndarray
-    r_rows: np.ndarray
-    top: circuit.TreeMaterial
-    low: circuit.TreeMaterial
-    triple: Triple | None
+    wrap: np.ndarray
+
+
+#: What a circuit comparison's multiplexer computes: the bit alone ("sign"), the compared
+#: value times it ("relu"), another value times it ("select", with the mask a of that
+#: value), or the truncated value times it ("trunc_relu").
+CMP_KINDS = ("sign", "relu", "select", "trunc_relu")
 
 
 @dataclass(frozen=True)
-class CircuitReluMaterial:
-    """A comparison tree for the sign of x on l = top.width + 1 ring bits (the sign is
-    exact for |x| < 2^(l-1), see :data:`CMP_BITS`), XOR shares of the mask's low l - 1
-    bits, and a Beaver triple for ReLU (None when only the sign is wanted)."""
+class CircuitCmpMaterial:
+    """A comparison from one opening x^ = x + r and what follows it: XOR shares of r's
+    bits k .. l-1 (``r_rows``), the tree's bit triples, a daBit rho (XOR shares in
+    ``rho_row``, arithmetic in ``rho``) and the arithmetic shares of the products with
+    rho that ``kind`` needs (``extra``): (r rho,) for "relu", (a, a rho) for "select",
+    (r_high rho, wrap rho) for "trunc_relu", whose truncation shares are in ``trunc``."""
 
+    kind: str
     r: np.ndarray
     r_rows: np.ndarray
-    top: circuit.TreeMaterial
-    triple: Triple | None
+    tree: circuit.TreeMaterial
+    rho_row: np.ndarray
+    rho: np.ndarray
+    extra: tuple = ()
+    trunc: CircuitTruncMaterial | None = None
 
 
 def triples(shape, prg: Prg) -> tuple[Triple, Triple]:
-    """Elementwise Beaver triples of ``shape`` for the two parties."""
-    a, b = prg.uint64(shape), prg.uint64(shape)
-    c = a * b
-    (a0, a1), (b0, b1), (c0, c1) = share(a, prg), share(b, prg), share(c, prg)
+    """Elementwise Beaver triples of ``shape`` for the two parties (a and b random
+    secrets, c = a b computed: with a ``Deal``, party 1 is sent c's half only)."""
+    (a, (a0, a1)), (b, (b0, b1)) = prg.root_u64(shape), prg.root_u64(shape)
+    c0, c1 = prg.split_u64(a * b)
     return Triple(a0, b0, c0), Triple(a1, b1, c1)
 
 
@@ -214,57 +247,58 @@ def relu_material(n: int, prg: Prg) -> tuple[ReluMaterial, ReluMaterial]:
     return ReluMaterial(s0, t0), ReluMaterial(s1, t1)
 
 
-def _mask_rows(r: np.ndarray, prg: Prg, width: int = 63) -> tuple[np.ndarray, np.ndarray]:
-    rows = circuit.bit_rows(r, width)
-    rows0 = prg.share_uint8(rows.shape)
-    return rows0, rows ^ rows0
-
-
-def circuit_trunc_material(n: int, frac_bits: int, prg: Prg, relu: bool
+def circuit_trunc_material(n: int, frac_bits: int, prg: Prg, r=None
                            ) -> tuple[CircuitTruncMaterial, CircuitTruncMaterial]:
-    r = prg.uint64(n)
-    rows = _mask_rows(r, prg)
-    top = circuit.tree_material(63, n, prg, r >> _SHIFT63)
-    low = circuit.tree_material(frac_bits, n, prg)
-    (r0, r1), (h0, h1) = share(r, prg), share(r >> np.uint64(frac_bits), prg)
-    t = triples(n, prg) if relu else (None, None)
-    return tuple(CircuitTruncMaterial((r0, r1)[b], (h0, h1)[b], rows[b], top[b], low[b], t[b])
-                 for b in (0, 1))
+    """Faithful truncation by ``frac_bits``: one opening, no comparison. ``r``: the mask
+    as (value, (share0, share1)) when a comparison shares it."""
+    r, (r0, r1) = prg.root_u64(n) if r is None else r
+    lift = np.uint64(1) << np.uint64(64 - frac_bits)
+    (h0, h1) = prg.split_u64(r >> np.uint64(frac_bits))
+    (w0, w1) = prg.split_u64((r >> _SHIFT63) * lift)
+    return CircuitTruncMaterial(r0, h0, w0), CircuitTruncMaterial(r1, h1, w1)
 
 
-def _check_bits(bits: int) -> None:
-    if not 3 <= bits <= 64:
-        raise ValueError(f"comparison ring bits must be in 3..64, not {bits}")
+def circuit_cmp_material(kind: str, n: int, prg: Prg, frac_bits: int = 0
+                         ) -> tuple[CircuitCmpMaterial, CircuitCmpMaterial]:
+    """A comparison on ``CMP_BITS`` ring bits less the lowest ``CMP_DROP`` (for
+    "trunc_relu": on the 2f-bit value before its truncation by ``frac_bits``, so both
+    move up by f) with the multiplexer material ``kind`` needs (:data:`CMP_KINDS`)."""
+    if kind not in CMP_KINDS:
+        raise ValueError(f"unknown comparison kind {kind!r}")
+    shift = frac_bits if kind == "trunc_relu" else 0
+    width = CMP_BITS - 1 - CMP_DROP
+    nb = (n + 7) // 8
+    r, r_shares = prg.root_u64(n)
+    trunc = (circuit_trunc_material(n, frac_bits, prg, (r, r_shares))
+             if kind == "trunc_relu" else (None, None))
+    rows = prg.split_bits(circuit.bit_rows(r >> np.uint64(CMP_DROP + shift), width + 1))
+    tree = circuit.tree_material(width, n, prg)
+    rho_row, rho_rows = prg.root_bits((1, nb))
+    rho = circuit.row_values(rho_row[0], n)
+    extra: list = []
+    if kind == "relu":
+        extra = [prg.split_u64(r * rho)]
+    elif kind == "select":
+        a, a_shares = prg.root_u64(n)
+        extra = [a_shares, prg.split_u64(a * rho)]
+    elif kind == "trunc_relu":
+        f = np.uint64(frac_bits)
+        lift = np.uint64(1) << np.uint64(64 - frac_bits)
+        extra = [prg.split_u64((r >> f) * rho), prg.split_u64((r >> _SHIFT63) * lift * rho)]
+    rho_shares = prg.split_u64(rho)
+    return tuple(CircuitCmpMaterial(
+        kind, r_shares[b], rows[b], tree[b], rho_rows[b], rho_shares[b],
+        tuple(e[b] for e in extra), trunc[b]) for b in (0, 1))
 
 
-def _sign_tree(r: np.ndarray, n: int, prg: Prg, bits: int):
-    """XOR shares of r's low l - 1 bits and an (l-1)-bit tree weighted by bit l - 1 of
-    r: the sign of x mod 2^l from the opening x + r."""
-    _check_bits(bits)
-    rows = _mask_rows(r, prg, bits - 1)
-    q = (r >> np.uint64(bits - 1)) & np.uint64(1)
-    return rows, circuit.tree_material(bits - 1, n, prg, q)
+def circuit_drelu_material(n: int, prg: Prg):
+    """Material for the sign [x >= 0] alone, as arithmetic shares (:data:`CMP_BITS`)."""
+    return circuit_cmp_material("sign", n, prg)
 
 
-def circuit_drelu_material(n: int, prg: Prg, bits: int = CMP_BITS
-                           ) -> tuple[CircuitReluMaterial, CircuitReluMaterial]:
-    """Material for the sign [x >= 0] alone (no Beaver triple): a comparison tree on
-    ``bits`` ring bits, exact for |x| < 2^(bits-1) (:data:`CMP_BITS`)."""
-    r = prg.uint64(n)
-    rows, top = _sign_tree(r, n, prg, bits)
-    r0, r1 = share(r, prg)
-    return (CircuitReluMaterial(r0, rows[0], top[0], None),
-            CircuitReluMaterial(r1, rows[1], top[1], None))
-
-
-def circuit_relu_material(n: int, prg: Prg, bits: int = CMP_BITS
-                          ) -> tuple[CircuitReluMaterial, CircuitReluMaterial]:
-    """ReLU material: a sign tree on ``bits`` ring bits (exact for |x| < 2^(bits-1),
-    :data:`CMP_BITS`) and a Beaver triple."""
-    r = prg.uint64(n)
-    rows, top = _sign_tree(r, n, prg, bits)
-    (r0, r1), t = share(r, prg), triples(n, prg)
-    return tuple(CircuitReluMaterial((r0, r1)[b], rows[b], top[b], t[b]) for b in (0, 1))
+def circuit_relu_material(n: int, prg: Prg):
+    """ReLU material: a comparison and the multiplexer by the compared value."""
+    return circuit_cmp_material("relu", n, prg)
 
 
 # -- protocols (party side) ---------------------------------------------------------------
@@ -293,15 +327,35 @@ def truncate(party: int, x: np.ndarray, frac_bits: int = FRAC_BITS) -> np.ndarra
     return _ZERO - ((_ZERO - x) >> f)
 
 
-def truncate_exact(ch: Channel, party: int, x: np.ndarray, m: TruncMaterial,
-                   frac_bits: int = FRAC_BITS) -> np.ndarray:
-    """Shares of floor(x / 2^f) for two's-complement x, exactly: one round (DCFs) or
-    seven (circuits)."""
+def truncate_shares(ch: Channel, party: int, x: np.ndarray,
+                    m: TruncMaterial | CircuitTruncMaterial, frac_bits: int = FRAC_BITS
+                    ) -> np.ndarray:
+    """Shares of x / 2^f for two's-complement x, in one round: floor(x / 2^f) exactly
+    with DCF material; with circuit material faithfully, floor or floor + 1 with mean
+    x / 2^f (the module docstring; needs |x| < 2^62)."""
     if isinstance(m, CircuitTruncMaterial):
-        return _circuit_trunc_sign(ch, party, x, m, frac_bits)[0]
+        uhat = open_value(ch, (x + _OFF62 if party == 0 else x) + m.r)
+        return _faithful(party, uhat, m, frac_bits)
     uhat = open_value(ch, _offset(party, x) + m.r)
     low = fss.evaluate(party, m.low, _low_bits(uhat, frac_bits))
     return _shift(party, uhat, fss.evaluate(party, m.wrap, uhat), low, m.r_high, frac_bits)
+
+
+def rounds_to_floor(m) -> bool:
+    """Whether truncating with material ``m`` floors (DCF material; the evaluator adds
+    2^(f-1) first to round to nearest) rather than rounding stochastically (circuit)."""
+    return isinstance(m, (TruncMaterial, TruncReluMaterial))
+
+
+def _faithful(party: int, uhat: np.ndarray, m: CircuitTruncMaterial, frac_bits: int
+              ) -> np.ndarray:
+    """(u^ >> f) - (r >> f) + 2^(64-f) (1 - msb(u^)) msb(r) - (2^62 >> f): shares of
+    floor(y / 2^f) + c, c the dropped low carry."""
+    out = (np.uint64(1) - (uhat >> _SHIFT63)) * m.wrap - m.r_high
+    if party == 0:
+        f = np.uint64(frac_bits)
+        out += (uhat >> f) - (_OFF62 >> f)
+    return out
 
 
 _BIAS = np.uint64(1 << 63)
@@ -332,21 +386,29 @@ def _xor_public(party: int, bit: np.ndarray, z: np.ndarray) -> np.ndarray:
     return z - np.uint64(2) * bit * z + (bit if party == 0 else _ZERO)
 
 
-def trunc_relu(ch: Channel, party: int, y: np.ndarray, m: TruncReluMaterial,
-               frac_bits: int = FRAC_BITS) -> np.ndarray:
-    """Shares of ReLU(floor(y / 2^f)): truncation and sign share one opening of
-    u^ = y + 2^63 + r (their DCFs run on it together), then one Beaver product. Two
-    rounds where truncate_exact followed by relu takes three.
+def trunc_relu(ch: Channel, party: int, y: np.ndarray,
+               m: TruncReluMaterial | CircuitCmpMaterial, frac_bits: int = FRAC_BITS
+               ) -> np.ndarray:
+    """Shares of ReLU(y / 2^f): truncation and sign from one opening of
+    u^ = y + offset + r, then a product. DCF material: the exact floor, two rounds.
 
-    With w = [u^ < r] (unsigned) = rho + (1 - rho) c' if msb(u^) = 0 and rho c' if 1,
-    c' = [u^ mod 2^63 < r mod 2^63] and rho = msb(r), the 63-bit DCF returns c' times
-    (1 - 2 rho, (1 - rho) 2^(64-f), rho 2^(64-f)); u >> f then follows as in
-    :func:`truncate_exact`, and [y >= 0] = msb(u) = msb(u^) xor rho xor c'. With
-    circuit material the same bits come from comparison trees: eight rounds.
+    With u^ = y + 2^63 + r, w = [u^ < r] (unsigned) = rho + (1 - rho) c' if msb(u^) = 0
+    and rho c' if 1, c' = [u^ mod 2^63 < r mod 2^63] and rho = msb(r); the 63-bit DCF
+    returns c' times (1 - 2 rho, (1 - rho) 2^(64-f), rho 2^(64-f)); u >> f then follows
+    as in :func:`truncate_shares`, and [y >= 0] = msb(u) = msb(u^) xor rho xor c'.
+    Circuit material: the faithful truncation and a comparison on bits f + k .. f + l - 1
+    of the same opening (offset 2^62, which is 0 mod 2^(f+l)), then the multiplexer by
+    the truncated value: seven rounds.
     """
-    if isinstance(m, CircuitTruncMaterial):
-        trunc, sign = _circuit_trunc_sign(ch, party, y, m, frac_bits)
-        return mul(ch, party, trunc, sign, m.triple)
+    if isinstance(m, CircuitCmpMaterial):
+        uhat = open_value(ch, (y + _OFF62 if party == 0 else y) + m.r)
+        trunc = _faithful(party, uhat, m.trunc, frac_bits)
+        b = _sign_row(ch, party, uhat, m, CMP_DROP + frac_bits)
+        f = np.uint64(frac_bits)
+        public = (uhat >> f) - (_OFF62 >> f)
+        low_half = np.uint64(1) - (uhat >> _SHIFT63)
+        v_rho = public * m.rho - m.extra[0] + low_half * m.extra[1]
+        return _mux(ch, party, b, m, trunc, v_rho)
     uhat = open_value(ch, _offset(party, y) + m.r)
     top = uhat >> _SHIFT63
     low = fss.evaluate(party, m.low, _low_bits(uhat, frac_bits))
@@ -357,61 +419,85 @@ def trunc_relu(ch: Channel, party: int, y: np.ndarray, m: TruncReluMaterial,
     return mul(ch, party, trunc, sign, m.triple)
 
 
-def _circuit_trunc_sign(ch: Channel, party: int, y: np.ndarray, m: CircuitTruncMaterial,
-                        frac_bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Shares of floor(y / 2^f) and of [y >= 0] from one opening of u^ = y + 2^63 + r
-    and two comparison trees run side by side: S = [u^ mod 2^63 < r mod 2^63] (with
-    q S, q = msb(r)) and the low carry [u^ mod 2^f < r mod 2^f]. The wrap [u^ < r] is
-    q + S - q S when msb(u^) = 0 and q S when it is 1; the sign is msb(u^) xor q xor S."""
-    uhat = open_value(ch, _offset(party, y) + m.r)
-    rows = circuit.bit_rows(uhat, 63)
-    (s, qs), (low, _) = circuit.compare(ch, party, [
-        circuit.tree(party, rows, m.r_rows, m.top, y.size),
-        circuit.tree(party, rows, m.r_rows, m.low, y.size)])
-    top, q = uhat >> _SHIFT63, m.top.arith[4]
-    wrap = np.where(top == 1, qs, q + s - qs) * (np.uint64(1) << np.uint64(64 - frac_bits))
-    trunc = _shift(party, uhat, wrap, low, m.r_high, frac_bits)
-    return trunc, _xor_public(party, top, q + s - np.uint64(2) * qs)
+def _sign_row(ch: Channel, party: int, xhat: np.ndarray, m: CircuitCmpMaterial,
+              low: int) -> np.ndarray:
+    """XOR shares (one packed row) of [x >= 0] from the opening x^ = x + r (x^ may carry
+    any offset that is 0 mod 2^(low + width + 1)): bit l-1 of x^ - r is
+    x^_(l-1) xor r_(l-1) xor [x^ mod 2^(l-1) < r mod 2^(l-1)], the bracket by the tree on
+    bits low .. l-2 (the borrow out of the bits below is left out: see CMP_DROP)."""
+    w = m.tree.width
+    rows = circuit.bit_rows(xhat >> np.uint64(low), w + 1)
+    (borrow,) = circuit.compare(ch, party, [circuit.tree(party, rows, m.r_rows, m.tree)])
+    out = borrow ^ m.r_rows[w:w + 1]
+    return out ^ ~rows[w:w + 1] if party == 0 else out
 
 
-def drelu(ch: Channel, party: int, x: np.ndarray, m: SignMaterial | CircuitReluMaterial
+def _mux(ch: Channel, party: int, b: np.ndarray, m: CircuitCmpMaterial, v: np.ndarray,
+         v_rho: np.ndarray, d: np.ndarray | None = None) -> np.ndarray:
+    """Shares of v * b for the XOR-shared bit ``b`` (a packed row), given shares of
+    v * rho (``v_rho``): open e = b xor rho, then v b = e v + (1 - 2 e) v rho. ``d``,
+    when given, is opened in the same round (added to the other party's) and passed to
+    ``v_rho`` if that is a function (the "select" kind: v rho = (v - a) rho + a rho)."""
+    n = v.size
+    e_row = (b ^ m.rho_row).ravel()
+    if d is None:
+        e = circuit.row_values(e_row ^ ch.exchange(e_row), n)
+    else:
+        mine = np.concatenate([np.ascontiguousarray(d, dtype=np.uint64).view(np.uint8),
+                               e_row])
+        theirs = ch.exchange(mine)
+        k = d.size * 8
+        e = circuit.row_values(e_row ^ theirs[k:], n)
+        v_rho = v_rho(d + theirs[:k].view(np.uint64))
+    return e * v + (np.uint64(1) - np.uint64(2) * e) * v_rho
+
+
+def drelu(ch: Channel, party: int, x: np.ndarray, m: SignMaterial | CircuitCmpMaterial
           ) -> np.ndarray:
     """Shares of 1 - msb(x), i.e. [x >= 0] for two's-complement x: one round (DCF) or
-    seven (circuit; six with a tree of at most 32 bits). Circuit material compares on
-    l = m.top.width + 1 ring bits: exact for |x| < 2^(l-1) only (:data:`CMP_BITS`)."""
-    if isinstance(m, CircuitReluMaterial):
-        # on l = width + 1 ring bits: x mod 2^l = (x^ - r) mod 2^l, so bit l-1 of x is
-        # bit l-1 of x^ xor bit l-1 of r xor [x^ mod 2^(l-1) < r mod 2^(l-1)]; it is the
-        # sign of x when |x| < 2^(l-1) (CMP_BITS)
-        w = m.top.width
+    seven (circuit: opening, five-round tree, conversion; see CMP_BITS and CMP_DROP)."""
+    if isinstance(m, CircuitCmpMaterial):
         xhat = open_value(ch, x + m.r)
-        ((s, qs),) = circuit.compare(ch, party, [
-            circuit.tree(party, circuit.bit_rows(xhat, w), m.r_rows, m.top, x.size)])
-        z = m.top.arith[4] + s - np.uint64(2) * qs            # bit l-1 of r xor S
-        top = (xhat >> np.uint64(w)) & np.uint64(1)
-        return (np.uint64(1) if party == 0 else _ZERO) - _xor_public(party, top, z)
+        b = _sign_row(ch, party, xhat, m, CMP_DROP)
+        one = np.full(x.size, np.uint64(1 if party == 0 else 0))
+        return _mux(ch, party, b, m, one, m.rho)
     xhat = open_value(ch, x + m.r)
     top = xhat >> _SHIFT63                                   # public msb(x^)
     z = fss.evaluate(party, m.key, xhat & _LOW63) + m.rho    # msb(r) xor [x^' < r']
     return (np.uint64(1) if party == 0 else _ZERO) - _xor_public(party, top, z)
 
 
-def select(ch: Channel, party: int, d: np.ndarray, v: np.ndarray,
-           sign: SignMaterial | CircuitReluMaterial, t: Triple) -> np.ndarray:
-    """Shares of v * [d >= 0], elementwise: one comparison and one Beaver product of a
-    0/1 share with v (no truncation: the bit has no fractional bits)."""
-    return mul(ch, party, v, drelu(ch, party, d, sign), t)
+def select(ch: Channel, party: int, v: np.ndarray, d: np.ndarray,
+           m: ReluMaterial | CircuitCmpMaterial) -> np.ndarray:
+    """Shares of v * [d >= 0], elementwise (no truncation: the bit has no fractional
+    bits): a comparison of d, then a product with v (DCF: a Beaver product; circuit:
+    the multiplexer, opening v - a with the bit)."""
+    if isinstance(m, CircuitCmpMaterial):
+        dhat = open_value(ch, d + m.r)
+        b = _sign_row(ch, party, dhat, m, CMP_DROP)
+        a, a_rho = m.extra
+        return _mux(ch, party, b, m, v, lambda opened: opened * m.rho + a_rho, v - a)
+    return mul(ch, party, v, drelu(ch, party, d, m.sign), m.triple)
 
 
-def relu(ch: Channel, party: int, x: np.ndarray, m: ReluMaterial | CircuitReluMaterial
+def relu(ch: Channel, party: int, x: np.ndarray, m: ReluMaterial | CircuitCmpMaterial
          ) -> np.ndarray:
-    """Shares of max(x, 0) (exact, no approximation): two rounds with DCFs, eight with
-    circuits."""
-    sign = drelu(ch, party, x, m if isinstance(m, CircuitReluMaterial) else m.sign)
+    """Shares of max(x, 0): two rounds with DCFs (exact), seven with circuits (exact
+    but for x in [-2^k, 0) ring units, CMP_DROP): the multiplexer by x itself needs no
+    second opening, since x rho = x^ rho - r rho."""
+    if isinstance(m, CircuitCmpMaterial):
+        xhat = open_value(ch, x + m.r)
+        b = _sign_row(ch, party, xhat, m, CMP_DROP)
+        return _mux(ch, party, b, m, x, xhat * m.rho - m.extra[0])
+    sign = drelu(ch, party, x, m.sign)
     return mul(ch, party, x, sign, m.triple)
 
 
 # -- material on the wire -----------------------------------------------------------------
+_CMP_CODES = {"trunc_relu": 5, "relu": 6, "sign": 7, "select": 9}
+_CMP_KINDS_BY_CODE = {v: k for k, v in _CMP_CODES.items()}
+_CMP_EXTRAS = {"trunc_relu": 2, "relu": 1, "sign": 0, "select": 2}
+
 def material_arrays(items: list) -> dict[str, np.ndarray]:
     """One party's material list as named arrays (for ``transport.pack_arrays``)."""
     out: dict[str, np.ndarray] = {}
@@ -425,7 +511,6 @@ def material_arrays(items: list) -> dict[str, np.ndarray]:
         out[f"{prefix}.width"] = np.array([t.width], np.uint64)
         for j, (a, b, c) in enumerate(t.triples):
             out[f"{prefix}.{j}.a"], out[f"{prefix}.{j}.b"], out[f"{prefix}.{j}.c"] = a, b, c
-        out[f"{prefix}.last"], out[f"{prefix}.arith"] = t.last, t.arith
 
     def triple(prefix: str, t: Triple) -> None:
         out[f"{prefix}.a"], out[f"{prefix}.b"], out[f"{prefix}.c"] = t.a, t.b, t.c
@@ -433,18 +518,17 @@ def material_arrays(items: list) -> dict[str, np.ndarray]:
     for i, m in enumerate(items):
         p = f"{i}"
         if isinstance(m, CircuitTruncMaterial):
-            out[f"{p}.kind"] = np.array([4 if m.triple is None else 5], np.uint8)
-            out[f"{p}.r"], out[f"{p}.r_high"], out[f"{p}.r_rows"] = m.r, m.r_high, m.r_rows
-            tree(f"{p}.top", m.top)
-            tree(f"{p}.low", m.low)
-            if m.triple is not None:
-                triple(p, m.triple)
-        elif isinstance(m, CircuitReluMaterial):
-            out[f"{p}.kind"] = np.array([6 if m.triple is not None else 7], np.uint8)
+            out[f"{p}.kind"] = np.array([4], np.uint8)
+            out[f"{p}.r"], out[f"{p}.r_high"], out[f"{p}.wrap"] = m.r, m.r_high, m.wrap
+        elif isinstance(m, CircuitCmpMaterial):
+            out[f"{p}.kind"] = np.array([_CMP_CODES[m.kind]], np.uint8)
             out[f"{p}.r"], out[f"{p}.r_rows"] = m.r, m.r_rows
-            tree(f"{p}.top", m.top)
-            if m.triple is not None:
-                triple(p, m.triple)
+            out[f"{p}.rho_row"], out[f"{p}.rho"] = m.rho_row, m.rho
+            tree(f"{p}.tree", m.tree)
+            for j, e in enumerate(m.extra):
+                out[f"{p}.extra{j}"] = e
+            if m.trunc is not None:
+                out[f"{p}.r_high"], out[f"{p}.wrap"] = m.trunc.r_high, m.trunc.wrap
         elif isinstance(m, SignMaterial):
             out[f"{p}.kind"] = np.array([8], np.uint8)
             out[f"{p}.r"], out[f"{p}.rho"] = m.r, m.rho
@@ -476,52 +560,35 @@ def material_arrays(items: list) -> dict[str, np.ndarray]:
     return out
 
 
-_PUBLIC = (".kind", ".width")
-
-
-def _draw(prg: Prg, a: np.ndarray) -> np.ndarray:
-    if a.dtype == np.uint64:
-        return prg.uint64(a.shape)
-    return prg.uint8(a.shape)
-
-
-def seed_circuit_arrays(arrays0: dict[str, np.ndarray], arrays1: dict[str, np.ndarray],
-                        seed: bytes) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Circuit material with party 0's half replaced by a 32-byte seed: every array of
-    it is a share (additive for uint64, XOR for packed uint8 rows), so the dealer draws
-    party 0's arrays from ChaCha20(seed), in sorted key order, and moves the difference
-    into party 1's (s1' = s0 + s1 - t, or s0 ^ s1 ^ t). Both halves stay uniformly
-    random, the sums unchanged; party 0 receives the seed and the arrays' shapes only
-    (:func:`expand_seeded`), halving the dealer's traffic. Circuit material only: DCF
-    keys are not shares."""
-    prg = Prg(seed)
-    out1, skeleton = dict(arrays1), {}
-    for key in sorted(arrays0):
-        a0 = arrays0[key]
-        if key.endswith(_PUBLIC):
-            continue
-        if a0.dtype not in (np.uint64, np.uint8):
-            raise TypeError(f"{key} is not a share")
-        t = _draw(prg, a0)
-        out1[key] = arrays1[key] + (a0 - t) if a0.dtype == np.uint64 else \
-            arrays1[key] ^ a0 ^ t
-        skeleton[key] = [list(a0.shape), a0.dtype.str]
-    small = {k: v for k, v in arrays0.items() if k.endswith(_PUBLIC)}
-    small["seed"] = np.frombuffer(seed, np.uint8).copy()
-    small["skeleton"] = np.frombuffer(json.dumps(skeleton).encode(), np.uint8).copy()
-    return small, out1
+def seeded_arrays(deal, party: int, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What the dealer sends ``party`` of its circuit material ``arrays`` generated
+    with ``deal`` (a ``prg.Deal``): its stream's seed, the list of its draws
+    ([key, shape, dtype], in order) and the arrays not drawn from it (party 1's halves
+    of computed secrets; the public kinds and widths)."""
+    seed, skeleton, sent = deal.compress(party, arrays)
+    out = dict(sent)
+    out["seed"] = np.frombuffer(seed, np.uint8).copy()
+    out["skeleton"] = np.frombuffer(json.dumps(skeleton).encode(), np.uint8).copy()
+    return out
 
 
 def expand_seeded(small: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Party 0's arrays from :func:`seed_circuit_arrays`' seed and shapes."""
+    """A party's arrays from :func:`seeded_arrays`: its draws regenerated from the seed,
+    in order, joined with the arrays it was sent."""
     out = {k: v for k, v in small.items() if k not in ("seed", "skeleton")}
     prg = Prg(bytes(small["seed"]))
-    skeleton = json.loads(bytes(small["skeleton"]).decode())
-    for key in sorted(skeleton):
-        shape, dtype = skeleton[key]
-        if dtype not in ("<u8", "|u1"):
+    for key, shape, dtype in json.loads(bytes(small["skeleton"]).decode()):
+        shape = tuple(int(n) for n in shape)
+        if dtype == "<u8":
+            a = prg.uint64(shape)
+        elif dtype == "|u1":
+            a = prg.uint8(shape)
+        else:
             raise ValueError("bad dtype in seeded material")
-        out[key] = _draw(prg, np.empty(tuple(int(n) for n in shape), np.dtype(dtype)))
+        if key:
+            if key in out:
+                raise ValueError("seeded material names an array twice")
+            out[str(key)] = a
     return out
 
 
@@ -550,8 +617,7 @@ def material_from_arrays(arrays: dict[str, np.ndarray]) -> list:
         levels = tuple((arrays[f"{prefix}.{j}.a"], arrays[f"{prefix}.{j}.b"],
                         arrays[f"{prefix}.{j}.c"])
                        for j in range(len(circuit.level_sizes(width))))
-        return circuit.TreeMaterial(width, levels, arrays[f"{prefix}.last"],
-                                    arrays[f"{prefix}.arith"])
+        return circuit.TreeMaterial(width, levels)
 
     def triple(prefix: str) -> Triple:
         return Triple(arrays[f"{prefix}.a"], arrays[f"{prefix}.b"], arrays[f"{prefix}.c"])
@@ -569,13 +635,18 @@ def material_from_arrays(arrays: dict[str, np.ndarray]) -> list:
                 arrays[f"{p}.r"], arrays[f"{p}.r_high"], arrays[f"{p}.rho"],
                 arrays[f"{p}.rho_wrap"], key(f"{p}.low"), key(f"{p}.top"),
                 Triple(arrays[f"{p}.a"], arrays[f"{p}.b"], arrays[f"{p}.c"])))
-        elif kind in (4, 5):
-            items.append(CircuitTruncMaterial(
-                arrays[f"{p}.r"], arrays[f"{p}.r_high"], arrays[f"{p}.r_rows"],
-                tree(f"{p}.top"), tree(f"{p}.low"), triple(p) if kind == 5 else None))
-        elif kind in (6, 7):
-            items.append(CircuitReluMaterial(arrays[f"{p}.r"], arrays[f"{p}.r_rows"],
-                                             tree(f"{p}.top"), triple(p) if kind == 6 else None))
+        elif kind == 4:
+            items.append(CircuitTruncMaterial(arrays[f"{p}.r"], arrays[f"{p}.r_high"],
+                                              arrays[f"{p}.wrap"]))
+        elif kind in _CMP_KINDS_BY_CODE:
+            name = _CMP_KINDS_BY_CODE[kind]
+            extra = tuple(arrays[f"{p}.extra{j}"] for j in range(_CMP_EXTRAS[name]))
+            trunc = (CircuitTruncMaterial(arrays[f"{p}.r"], arrays[f"{p}.r_high"],
+                                          arrays[f"{p}.wrap"])
+                     if name == "trunc_relu" else None)
+            items.append(CircuitCmpMaterial(name, arrays[f"{p}.r"], arrays[f"{p}.r_rows"],
+                                            tree(f"{p}.tree"), arrays[f"{p}.rho_row"],
+                                            arrays[f"{p}.rho"], extra, trunc))
         elif kind == 8:
             items.append(SignMaterial(arrays[f"{p}.r"], key(f"{p}.sign"), arrays[f"{p}.rho"]))
         elif kind == 2:
