@@ -392,3 +392,34 @@ def test_a_partys_whole_view_is_independent_of_the_input(cmp):
             counts = np.bincount(sym.astype(np.int64).ravel(), minlength=256)
             expected = counts.sum() / 256
             assert ((counts - expected) ** 2 / expected).sum() < 400   # 255 dof
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("cmp", ["circuit", "fss"])
+def test_clip_from_one_opening(cmp, fused):
+    """min(max(x, lo), hi) for ReLU6 and Hardtanh bounds, at and around the thresholds:
+    circuits in seven rounds (two trees side by side, then the band's multiplexer and
+    the upper bit's conversion in one round), also fused with the truncation of a
+    2f-bit input; DCFs through two ReLUs in two rounds."""
+    from veil.backends.mpc.protocols import (circuit_cmp_material, clip, relu_material,
+                                             trunc_relu_material)
+    prg = Prg()
+    rng = np.random.default_rng(6)
+    for lo, hi in ((0.0, 6.0), (-1.0, 1.0)):
+        x = np.concatenate([rng.normal(size=2000) * 4, [lo, hi, lo - 2 ** -10, hi + 2 ** -10,
+                                                        lo + 2 ** -10, hi - 2 ** -10]])
+        raw = encode(x).view(np.int64)
+        want = np.clip(raw, round(lo * 2 ** FRAC_BITS), round(hi * 2 ** FRAC_BITS))
+        inp = (raw << FRAC_BITS) if fused else raw
+        s0, s1 = share(inp.view(np.uint64), prg)
+        if cmp == "circuit":
+            m0, m1 = circuit_cmp_material("trunc_clip" if fused else "clip", x.size, prg,
+                                          FRAC_BITS)
+        else:
+            m0, m1 = (trunc_relu_material(2 * x.size, FRAC_BITS, prg) if fused
+                      else relu_material(2 * x.size, prg))
+        bounds = (encode(lo), encode(hi))
+        (c0, c1), chans = run_parties(lambda p, ch, i: clip(ch, p, i[0], *bounds, i[1]),
+                                      ((s0, m0), (s1, m1)))
+        assert np.array_equal(reconstruct(c0, c1).view(np.int64), want)
+        assert chans[0].rounds == (7 if cmp == "circuit" else 2)

@@ -301,7 +301,8 @@ def approximation(op: Op) -> Piecewise | Tail:
 
 
 # -- material steps -------------------------------------------------------------------------
-STEP_KINDS = ("trunc", "trunc_relu", "relu", "mul", "drelu", "select")
+STEP_KINDS = ("trunc", "trunc_relu", "relu", "mul", "drelu", "select", "clip",
+              "trunc_clip")
 
 
 @dataclass(frozen=True)
@@ -401,6 +402,10 @@ def dealer_material(steps: list[Step], batch: int, prg: Prg, frac_bits: int = FR
         elif cmp == "circuit" and step.kind != "mul":
             kind = {"drelu": "sign"}.get(step.kind, step.kind)
             pair = pr.circuit_cmp_material(kind, n, prg, frac_bits)
+        elif step.kind == "clip":               # both differences through one ReLU
+            pair = pr.relu_material(2 * n, prg)
+        elif step.kind == "trunc_clip":
+            pair = pr.trunc_relu_material(2 * n, frac_bits, prg)
         elif step.kind in ("relu", "select"):
             pair = pr.relu_material(n, prg)
         elif step.kind == "drelu":
@@ -497,6 +502,13 @@ class Run:
         return self._apply(lambda v, m: pr.drelu(self.ch, self.party, v, m),
                            x.ravel()).reshape(x.shape)
 
+    def clip(self, x: np.ndarray, lo, hi, truncate: bool = False) -> np.ndarray:
+        """min(max(x, lo), hi) for f-bit constants; with ``truncate``, of x / 2^f."""
+        if truncate and self.party == 0 and pr.rounds_to_floor(self.items[0]):
+            x = x + _half(self.f)
+        return self._apply(lambda v, m: pr.clip(self.ch, self.party, v, lo, hi, m, self.f),
+                           np.ascontiguousarray(x).ravel()).reshape(x.shape)
+
     def select(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
         """v * [d >= 0] (v at any scale, unchanged)."""
         return self._apply(lambda a, b, m: pr.select(self.ch, self.party, a, b, m),
@@ -565,7 +577,10 @@ def _no_steps(prog, node):
 def _affine_steps(prog: Program, node) -> list[Step]:
     if node.name == prog.output or node.name not in prog.truncating:
         return []
-    return [Step("trunc_relu" if node.name in prog.fused else "trunc", prog.size(node))]
+    reader = prog.fused.get(node.name)
+    kind = "trunc" if reader is None else (
+        "trunc_clip" if prog.graph.node(reader).op is Op.CLIP else "trunc_relu")
+    return [Step(kind, prog.size(node))]
 
 
 def _finish(run: Run, node, y: np.ndarray) -> np.ndarray:
@@ -575,9 +590,9 @@ def _finish(run: Run, node, y: np.ndarray) -> np.ndarray:
         return y
     reader = run.prog.fused.get(node.name)
     if reader is not None and run.prog.graph.node(reader).op is Op.CLIP:
-        # trunc+ReLU of y - lo: ReLU(t - lo), exactly (lo in fixed point, lifted to 2f)
-        lo = _scaled(run.prog.graph.node(reader).attrs["lo"], run.f) << np.uint64(run.f)
-        y = y - run.public(lo)
+        attrs = run.prog.graph.node(reader).attrs
+        return run.clip(y, _scaled(attrs["lo"], run.f), _scaled(attrs["hi"], run.f),
+                        truncate=True)
     return run.trunc(y, relu=reader is not None)
 
 
@@ -712,20 +727,15 @@ def _relu(run: Run, node, args):
 
 
 def _clip_steps(prog, node):
-    return [Step("relu", prog.size(node) * (1 if node.name in prog.absorbed else 2))]
+    return [] if node.name in prog.absorbed else [Step("clip", prog.size(node))]
 
 
 def _clip(run: Run, node, args):
-    """lo + ReLU(x - lo) - ReLU(x - hi): exact, both ReLUs in one batch. After an
-    affine layer that computed r = ReLU(x - lo) with its truncation, one ReLU more:
-    ReLU(x - hi) = ReLU(r - (hi - lo)) since hi > lo."""
-    x, f = args[0], run.f
-    lo, hi = (_scaled(node.attrs[k], f) for k in ("lo", "hi"))
+    """min(max(x, lo), hi), exact (``protocols.clip``); computed by the affine layer
+    before it, with its truncation, when it is that layer's only reader."""
     if node.name in run.prog.absorbed:
-        width = np.asarray(hi.view(np.int64) - lo.view(np.int64)).view(np.uint64)
-        return run.public(lo) + x - run.relu(x - run.public(width))
-    both = run.relu(np.stack([x - run.public(lo), x - run.public(hi)]))
-    return run.public(lo) + both[0] - both[1]
+        return args[0]
+    return run.clip(args[0], *(_scaled(node.attrs[k], run.f) for k in ("lo", "hi")))
 
 
 def _piece_steps(prog, node):

@@ -167,8 +167,9 @@ class CircuitTruncMaterial:
 
 #: What a circuit comparison's multiplexer computes: the bit alone ("sign"), the compared
 #: value times it ("relu"), another value times it ("select", with the mask a of that
-#: value), or the truncated value times it ("trunc_relu").
-CMP_KINDS = ("sign", "relu", "select", "trunc_relu")
+#: value), or the truncated value times it ("trunc_relu"); "clip" and "trunc_clip" add
+#: a second tree (the upper threshold, from the same opening) and a second daBit.
+CMP_KINDS = ("sign", "relu", "select", "trunc_relu", "clip", "trunc_clip")
 
 
 @dataclass(frozen=True)
@@ -176,8 +177,10 @@ class CircuitCmpMaterial:
     """A comparison from one opening x^ = x + r and what follows it: XOR shares of r's
     bits k .. l-1 (``r_rows``), the tree's bit triples, a daBit rho (XOR shares in
     ``rho_row``, arithmetic in ``rho``) and the arithmetic shares of the products with
-    rho that ``kind`` needs (``extra``): (r rho,) for "relu", (a, a rho) for "select",
-    (r_high rho, wrap rho) for "trunc_relu", whose truncation shares are in ``trunc``."""
+    rho that ``kind`` needs (``extra``): (r rho,) for "relu" and "clip", (a, a rho) for
+    "select", (r_high rho, wrap rho) for "trunc_relu" and "trunc_clip", whose
+    truncation shares are in ``trunc``. The clips add a second tree (``tree2``) and a
+    second daBit (row 1 of ``rho_row`` and of ``rho``, which are then 2-D)."""
 
     kind: str
     r: np.ndarray
@@ -187,6 +190,7 @@ class CircuitCmpMaterial:
     rho: np.ndarray
     extra: tuple = ()
     trunc: CircuitTruncMaterial | None = None
+    tree2: circuit.TreeMaterial | None = None
 
 
 def triples(shape, prg: Prg) -> tuple[Triple, Triple]:
@@ -265,30 +269,35 @@ def circuit_cmp_material(kind: str, n: int, prg: Prg, frac_bits: int = 0
     move up by f) with the multiplexer material ``kind`` needs (:data:`CMP_KINDS`)."""
     if kind not in CMP_KINDS:
         raise ValueError(f"unknown comparison kind {kind!r}")
-    shift = frac_bits if kind == "trunc_relu" else 0
+    fused = kind.startswith("trunc_")
+    clip = kind.endswith("clip")
+    shift = frac_bits if fused else 0
     width = CMP_BITS - 1 - CMP_DROP
     nb = (n + 7) // 8
     r, r_shares = prg.root_u64(n)
     trunc = (circuit_trunc_material(n, frac_bits, prg, (r, r_shares))
-             if kind == "trunc_relu" else (None, None))
+             if fused else (None, None))
     rows = prg.split_bits(circuit.bit_rows(r >> np.uint64(CMP_DROP + shift), width + 1))
     tree = circuit.tree_material(width, n, prg)
-    rho_row, rho_rows = prg.root_bits((1, nb))
-    rho = circuit.row_values(rho_row[0], n)
+    tree2 = circuit.tree_material(width, n, prg) if clip else (None, None)
+    rho_row, rho_rows = prg.root_bits((2 if clip else 1, nb))
+    rho = np.stack([circuit.row_values(row, n) for row in rho_row])
+    first = rho[0]
     extra: list = []
-    if kind == "relu":
-        extra = [prg.split_u64(r * rho)]
+    if kind in ("relu", "clip"):
+        extra = [prg.split_u64(r * first)]
     elif kind == "select":
         a, a_shares = prg.root_u64(n)
-        extra = [a_shares, prg.split_u64(a * rho)]
-    elif kind == "trunc_relu":
+        extra = [a_shares, prg.split_u64(a * first)]
+    elif fused:
         f = np.uint64(frac_bits)
         lift = np.uint64(1) << np.uint64(64 - frac_bits)
-        extra = [prg.split_u64((r >> f) * rho), prg.split_u64((r >> _SHIFT63) * lift * rho)]
-    rho_shares = prg.split_u64(rho)
+        extra = [prg.split_u64((r >> f) * first),
+                 prg.split_u64((r >> _SHIFT63) * lift * first)]
+    rho_shares = prg.split_u64(rho if clip else first)
     return tuple(CircuitCmpMaterial(
         kind, r_shares[b], rows[b], tree[b], rho_rows[b], rho_shares[b],
-        tuple(e[b] for e in extra), trunc[b]) for b in (0, 1))
+        tuple(e[b] for e in extra), trunc[b], tree2[b]) for b in (0, 1))
 
 
 def circuit_drelu_material(n: int, prg: Prg):
@@ -425,11 +434,19 @@ def _sign_row(ch: Channel, party: int, xhat: np.ndarray, m: CircuitCmpMaterial,
     any offset that is 0 mod 2^(low + width + 1)): bit l-1 of x^ - r is
     x^_(l-1) xor r_(l-1) xor [x^ mod 2^(l-1) < r mod 2^(l-1)], the bracket by the tree on
     bits low .. l-2 (the borrow out of the bits below is left out: see CMP_DROP)."""
-    w = m.tree.width
-    rows = circuit.bit_rows(xhat >> np.uint64(low), w + 1)
-    (borrow,) = circuit.compare(ch, party, [circuit.tree(party, rows, m.r_rows, m.tree)])
-    out = borrow ^ m.r_rows[w:w + 1]
-    return out ^ ~rows[w:w + 1] if party == 0 else out
+    return _sign_rows(ch, party, [xhat], [m.tree], m.r_rows, low)[0]
+
+
+def _sign_rows(ch: Channel, party: int, publics: list, trees: list, r_rows: np.ndarray,
+               low: int) -> list[np.ndarray]:
+    """:func:`_sign_row` for several public values c_i = x^ - t_i against the same mask
+    (so [x >= t_i]), one tree each, side by side in the same rounds."""
+    w = trees[0].width
+    rows = [circuit.bit_rows(c >> np.uint64(low), w + 1) for c in publics]
+    borrows = circuit.compare(ch, party, [circuit.tree(party, c, r_rows, t)
+                                          for c, t in zip(rows, trees)])
+    out = [b ^ r_rows[w:w + 1] for b in borrows]
+    return [o ^ ~c[w:w + 1] for o, c in zip(out, rows)] if party == 0 else out
 
 
 def _mux(ch: Channel, party: int, b: np.ndarray, m: CircuitCmpMaterial, v: np.ndarray,
@@ -450,6 +467,62 @@ def _mux(ch: Channel, party: int, b: np.ndarray, m: CircuitCmpMaterial, v: np.nd
         e = circuit.row_values(e_row ^ theirs[k:], n)
         v_rho = v_rho(d + theirs[:k].view(np.uint64))
     return e * v + (np.uint64(1) - np.uint64(2) * e) * v_rho
+
+
+def clip(ch: Channel, party: int, x: np.ndarray, lo: np.uint64, hi: np.uint64,
+         m: ReluMaterial | TruncReluMaterial | CircuitCmpMaterial,
+         frac_bits: int = FRAC_BITS) -> np.ndarray:
+    """Shares of min(max(x, lo), hi) for public ring constants lo < hi at f bits; x at f
+    bits, or at 2f bits and truncated first ("trunc_clip" material, DCF trunc_relu).
+
+    Circuits: one opening, the trees for [x >= lo] and [x >= hi] side by side, then one
+    round for lo + (x - lo) [lo <= x < hi] + (hi - lo) [x >= hi]: the band is the XOR of
+    the two bits (x >= hi implies x >= lo), multiplied by x - lo with the first daBit
+    (the compared value's own mask again), the upper bit converted with the second:
+    seven rounds, where two ReLUs took fourteen. DCFs: lo + ReLU(x - lo) - ReLU(x - hi)
+    on both differences at once (with the truncation: each difference truncated, exact
+    since lo and hi are whole multiples of 2^f)."""
+    n = x.size
+    if not isinstance(m, CircuitCmpMaterial):
+        if isinstance(m, TruncReluMaterial):
+            lift = np.uint64(1) << np.uint64(frac_bits)
+            bounds = np.repeat(np.array([lo, hi], np.uint64) * lift, n)
+            both = trunc_relu(ch, party, _public_sub(party, np.concatenate([x, x]), bounds),
+                              m, frac_bits)
+        else:
+            bounds = np.repeat(np.array([lo, hi], np.uint64), n)
+            both = relu(ch, party, _public_sub(party, np.concatenate([x, x]), bounds), m)
+        return both[:n] - both[n:] + (lo if party == 0 else _ZERO)
+    fused = m.trunc is not None
+    off = x + _OFF62 if fused and party == 0 else x
+    xhat = open_value(ch, off + m.r)
+    scale = np.uint64(frac_bits) if fused else np.uint64(0)
+    low = CMP_DROP + (frac_bits if fused else 0)
+    b_lo, b_hi = _sign_rows(ch, party, [xhat - (lo << scale), xhat - (hi << scale)],
+                            [m.tree, m.tree2], m.r_rows, low)
+    rho0, rho1 = m.rho[0], m.rho[1]
+    if fused:
+        v = _faithful(party, xhat, m.trunc, frac_bits)
+        f = np.uint64(frac_bits)
+        public = (xhat >> f) - (_OFF62 >> f) - lo
+        v_rho = public * rho0 - m.extra[0] + (np.uint64(1) - (xhat >> _SHIFT63)) * m.extra[1]
+    else:
+        v = x
+        v_rho = (xhat - lo) * rho0 - m.extra[0]
+    if party == 0:
+        v = v - lo
+    e_rows = (np.concatenate([b_lo ^ b_hi, b_hi]) ^ m.rho_row)
+    opened = e_rows ^ ch.exchange(e_rows)
+    e0, e1 = (circuit.row_values(row, n) for row in opened)
+    one, two = np.uint64(1), np.uint64(2)
+    band = e0 * v + (one - two * e0) * v_rho
+    upper = (one - two * e1) * rho1 + (e1 if party == 0 else _ZERO)
+    out = band + np.uint64((int(hi) - int(lo)) % (1 << 64)) * upper
+    return out + lo if party == 0 else out
+
+
+def _public_sub(party: int, x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    return x - c if party == 0 else x
 
 
 def drelu(ch: Channel, party: int, x: np.ndarray, m: SignMaterial | CircuitCmpMaterial
@@ -494,9 +567,11 @@ def relu(ch: Channel, party: int, x: np.ndarray, m: ReluMaterial | CircuitCmpMat
 
 
 # -- material on the wire -----------------------------------------------------------------
-_CMP_CODES = {"trunc_relu": 5, "relu": 6, "sign": 7, "select": 9}
+_CMP_CODES = {"trunc_relu": 5, "relu": 6, "sign": 7, "select": 9, "clip": 10,
+              "trunc_clip": 11}
 _CMP_KINDS_BY_CODE = {v: k for k, v in _CMP_CODES.items()}
-_CMP_EXTRAS = {"trunc_relu": 2, "relu": 1, "sign": 0, "select": 2}
+_CMP_EXTRAS = {"trunc_relu": 2, "relu": 1, "sign": 0, "select": 2, "clip": 1,
+               "trunc_clip": 2}
 
 def material_arrays(items: list) -> dict[str, np.ndarray]:
     """One party's material list as named arrays (for ``transport.pack_arrays``)."""
@@ -529,6 +604,8 @@ def material_arrays(items: list) -> dict[str, np.ndarray]:
                 out[f"{p}.extra{j}"] = e
             if m.trunc is not None:
                 out[f"{p}.r_high"], out[f"{p}.wrap"] = m.trunc.r_high, m.trunc.wrap
+            if m.tree2 is not None:
+                tree(f"{p}.tree2", m.tree2)
         elif isinstance(m, SignMaterial):
             out[f"{p}.kind"] = np.array([8], np.uint8)
             out[f"{p}.r"], out[f"{p}.rho"] = m.r, m.rho
@@ -643,10 +720,11 @@ def material_from_arrays(arrays: dict[str, np.ndarray]) -> list:
             extra = tuple(arrays[f"{p}.extra{j}"] for j in range(_CMP_EXTRAS[name]))
             trunc = (CircuitTruncMaterial(arrays[f"{p}.r"], arrays[f"{p}.r_high"],
                                           arrays[f"{p}.wrap"])
-                     if name == "trunc_relu" else None)
-            items.append(CircuitCmpMaterial(name, arrays[f"{p}.r"], arrays[f"{p}.r_rows"],
-                                            tree(f"{p}.tree"), arrays[f"{p}.rho_row"],
-                                            arrays[f"{p}.rho"], extra, trunc))
+                     if name.startswith("trunc_") else None)
+            items.append(CircuitCmpMaterial(
+                name, arrays[f"{p}.r"], arrays[f"{p}.r_rows"], tree(f"{p}.tree"),
+                arrays[f"{p}.rho_row"], arrays[f"{p}.rho"], extra, trunc,
+                tree(f"{p}.tree2") if name.endswith("clip") else None))
         elif kind == 8:
             items.append(SignMaterial(arrays[f"{p}.r"], key(f"{p}.sign"), arrays[f"{p}.rho"]))
         elif kind == 2:
