@@ -326,7 +326,8 @@ def test_chunked_material_gives_the_same_outputs_as_whole_layers(monkeypatch):
             key = (i, j, c)
             if key not in cache:
                 size = ev.chunk_sizes(plan[i].steps[j].size * len(x))[c]
-                m0, m1 = ev.dealer_material([ev.Step(plan[i].steps[j].kind, size)], 1, prg)
+                step = plan[i].steps[j]
+                m0, m1 = ev.dealer_material([ev.Step(step.kind, size, step.shift)], 1, prg)
                 cache[key] = (m0[0], m1[0])
                 chunks.append(key)
             return cache[key][p]

@@ -75,7 +75,7 @@ class Dealer:
         once per party, in increasing (seq, layer, step) order."""
         session, seq, first = str(req["session"]), int(req["seq"]), int(req.get("layer", 0))
         part = (int(req.get("step", 0)), int(req.get("chunk", 0)))
-        layers = [[Step(str(k), int(n)) for k, n in layer] for layer in req["steps"]]
+        layers = [[Step.from_wire(item) for item in layer] for layer in req["steps"]]
         batch, frac = int(req["batch"]), int(req.get("frac_bits", FRAC_BITS))
         cmp = str(req.get("cmp", "circuit"))
         if not 2 <= frac <= 30 or cmp not in COMPARISONS:

@@ -307,14 +307,29 @@ STEP_KINDS = ("trunc", "trunc_relu", "relu", "mul", "drelu", "select", "clip",
 
 @dataclass(frozen=True)
 class Step:
-    """One interactive step: ``kind`` on ``size`` values per input."""
+    """One interactive step: ``kind`` on ``size`` values per input; a "trunc" by
+    ``shift`` bits when not 0 (the default: f)."""
 
     kind: str
     size: int
+    shift: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in STEP_KINDS:
             raise InputError(f"unknown material kind {self.kind!r}")
+        if self.shift and (self.kind != "trunc" or not 2 <= self.shift <= 60):
+            raise InputError(f"a {self.kind} step cannot shift by {self.shift} bits")
+
+    def wire(self) -> list:
+        """[kind, size] or [kind, size, shift]: how a party asks the dealer for it."""
+        return [self.kind, self.size] + ([self.shift] if self.shift else [])
+
+    @classmethod
+    def from_wire(cls, item) -> "Step":
+        kind, size, *rest = item
+        if len(rest) > 1:
+            raise InputError("a step is [kind, size] or [kind, size, shift]")
+        return cls(str(kind), int(size), int(rest[0]) if rest else 0)
 
 
 @dataclass(frozen=True)
@@ -398,7 +413,7 @@ def dealer_material(steps: list[Step], batch: int, prg: Prg, frac_bits: int = FR
     for step in steps:
         n = step.size * batch
         if cmp == "circuit" and step.kind == "trunc":
-            pair = pr.circuit_trunc_material(n, frac_bits, prg)
+            pair = pr.circuit_trunc_material(n, step.shift or frac_bits, prg)
         elif cmp == "circuit" and step.kind != "mul":
             kind = {"drelu": "sign"}.get(step.kind, step.kind)
             pair = pr.circuit_cmp_material(kind, n, prg, frac_bits)
@@ -411,7 +426,7 @@ def dealer_material(steps: list[Step], batch: int, prg: Prg, frac_bits: int = FR
         elif step.kind == "drelu":
             pair = pr.sign_material(n, prg)
         elif step.kind == "trunc":
-            pair = pr.trunc_material(n, frac_bits, prg)
+            pair = pr.trunc_material(n, step.shift or frac_bits, prg)
         elif step.kind == "trunc_relu":
             pair = pr.trunc_relu_material(n, frac_bits, prg)
         else:
@@ -481,13 +496,15 @@ class Run:
             raise InputError("a streamed step's chunks do not cover its values")
         return np.concatenate(out)
 
-    def trunc(self, y: np.ndarray, relu: bool = False) -> np.ndarray:
-        """y / 2^f, ReLU'd if ``relu``: rounded to nearest with DCF material (which
-        floors, so 2^(f-1) is added first), stochastically with circuit material."""
+    def trunc(self, y: np.ndarray, relu: bool = False, shift: int = 0) -> np.ndarray:
+        """y / 2^shift (default f), ReLU'd if ``relu``: rounded to nearest with DCF
+        material (which floors, so 2^(shift-1) is added first), stochastically with
+        circuit material. The step must declare the same shift."""
+        shift = shift or self.f
         if self.party == 0 and self.items and pr.rounds_to_floor(self.items[0]):
-            y = y + _half(self.f)
+            y = y + _half(shift)
         fn = pr.trunc_relu if relu else pr.truncate_shares
-        return self._apply(lambda v, m: fn(self.ch, self.party, v, m, self.f),
+        return self._apply(lambda v, m: fn(self.ch, self.party, v, m, shift),
                            y.ravel()).reshape(y.shape)
 
     def mul(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -767,25 +784,16 @@ def _piecewise(run: Run, x: np.ndarray, pw: Piecewise) -> np.ndarray:
     return run.trunc(prod.sum(axis=0, dtype=np.uint64))
 
 
-#: Baby steps of the Paterson-Stockmeyer evaluation: z .. z^3 and the giant step z^4.
-_BABY = 4
-
-
-def _giant_steps(degree: int) -> int:
-    """J, the highest power of z^4 in p(z) = sum_j q_j(z) (z^4)^j (each q_j cubic)."""
-    return degree // _BABY
-
-
 def _tail_steps(prog, node):
-    tail, n = approximation(node.op), prog.size(node)
-    giants = _giant_steps(tail.degree)
+    n = prog.size(node)
+    f = prog.frac_bits
     steps = [Step("relu", n)] if node.op is Op.SILU else [Step("drelu", n), Step("mul", n)]
     steps += [Step("trunc", n),                                      # z
               Step("mul", n), Step("trunc", n),                      # z^2
               Step("mul", 2 * n), Step("trunc", 2 * n),              # z^3, z^4
-              Step("trunc", giants * n)]                             # q_1 .. q_J
-    steps += [Step("mul", n), Step("trunc", n)] * (giants - 1)      # Horner in z^4
-    steps += [Step("mul", n), Step("select", n), Step("trunc", n)]
+              Step("mul", n), Step("trunc", n),                      # z^4 q_2
+              Step("mul", n), Step("select", n),                     # z^4 h, selection
+              Step("trunc", n, 2 * f)]                               # from 3f to f bits
     if node.op is Op.SIGMOID:
         steps.append(Step("mul", n))
     return steps
@@ -794,11 +802,18 @@ def _tail_steps(prog, node):
 def _tail(run: Run, node, args):
     """:class:`Tail`: the comparison that gives ReLU(x) (SiLU) or s = [x >= 0] and
     t = x (2 s - 1) (sigmoid); z = 2 t / bound - 1; p(z) by Paterson and Stockmeyer
-    (SIAM J. Comput. 1973): z^2, then z^3 and z^4 in one product, the cubics q_j(z)
-    locally, and Horner's rule in z^4 (five products for degree 10 where the powers
-    take nine); one selection [bound - t >= 0] p(z); for sigmoid, s + (1 - 2 s) q."""
+    (SIAM J. Comput. 1973) for degree 10: z^2, then z^3 and z^4 in one product, the
+    cubics q_0, q_1 and the quadratic q_2 locally at 2f bits, and Horner's rule in z^4,
+    h = q_1 + z^4 q_2 (3f bits, truncated to 2f) and p = q_0 + z^4 h (3f bits): five
+    products and five truncations where the powers take nine and ten. In the band
+    every one of these is below 1 (|z| <= 1; ``tests/test_mpc_ops.py``), so 3f = 60
+    bits stay inside the truncation's 2^62; outside it they wrap, and the selection
+    [bound - t >= 0] p(z) zeroes them exactly. One truncation by 2f brings the
+    correction to f bits; for sigmoid, s + (1 - 2 s) q with one more product."""
     x, f = args[0], run.f
     tail = approximation(node.op)
+    if tail.degree != 10:
+        raise UnsupportedOperation("the MPC correction is evaluated for degree 10")
     lift = np.uint64(1) << np.uint64(f)
     if node.op is Op.SILU:
         relu = run.relu(x)
@@ -812,24 +827,19 @@ def _tail(run: Run, node, args):
                                 np.stack([z, z2])))
     powers = (None, z, z2, z3)
 
-    def cubic(j: int) -> np.ndarray:                                 # q_j(z), 2f bits
-        coeffs = tail.coeffs[_BABY * j:_BABY * (j + 1)]
+    def piece(j: int) -> np.ndarray:                   # q_j(z) at 2f bits, locally
+        coeffs = tail.coeffs[4 * j:4 * j + 4]
         out = np.broadcast_to(run.public(_scaled(coeffs[0], 2 * f)), x.shape).copy()
         for k, c in enumerate(coeffs[1:], start=1):
             out += powers[k] * _scaled(c, f)
         return out
 
-    giants = _giant_steps(tail.degree)
-    qs = run.trunc(np.stack([cubic(j) for j in range(1, giants + 1)]))  # f bits
-    h = qs[-1]
-    for j in range(giants - 1, 0, -1):
-        h = qs[j - 1] + run.trunc(run.mul(z4, h))
-    p = cubic(0) + run.mul(z4, h)                                     # 2f bits
-    corr = run.select(p, run.public(_scaled(tail.bound, f)) - t)
+    h = piece(1) + run.trunc(run.mul(z4, piece(2)))                # 2f bits
+    p = piece(0) * lift + run.mul(z4, h)                          # 3f bits
+    corr = run.trunc(run.select(p, run.public(_scaled(tail.bound, f)) - t), shift=2 * f)
     if node.op is Op.SILU:
-        return run.trunc(relu * lift - corr)
-    q = run.trunc(corr)
-    return s * lift + q - np.uint64(2) * run.mul(s, q)
+        return relu - corr
+    return s * lift + corr - np.uint64(2) * run.mul(s, corr)
 
 
 def _piece_op(run: Run, node, args):
@@ -1033,14 +1043,15 @@ def estimate_memory(graph: Graph, batch: int = 1, frac_bits: int = FRAC_BITS,
         live[node.name] = 8 * prog.size(node) * batch
         steps = prog.steps[node.name]
         if streams_in_chunks(steps, batch, frac_bits, cmp, above):     # one chunk held
-            held = 3 * max(material_bytes([Step(s.kind, c)], 1, frac_bits, cmp)
+            held = 3 * max(material_bytes([Step(s.kind, c, s.shift)], 1, frac_bits, cmp)
                            for s in steps for c in chunk_sizes(s.size * batch)[:1])
         else:
             held = 3 * layers_held * material_bytes(steps, batch, frac_bits, cmp)
         party = max(party, sum(live.values()) + held
                     + _work_bytes(prog, node, batch, cmp, above))
         dealer = max([dealer] + [6 * material_bytes(
-            [Step(s.kind, min(s.size * batch, CHUNK) if cmp == "circuit" else s.size * batch)],
+            [Step(s.kind, min(s.size * batch, CHUNK) if cmp == "circuit" else s.size * batch,
+                  s.shift)],
             1, frac_bits, cmp) for s in prog.steps[node.name]])
         for s in node.inputs:
             if prog.last_use.get(s) == i and s != graph.output:

@@ -385,7 +385,7 @@ class Party:
                 time.sleep(0.2)
 
     def _steps(self, start: int, stop: int) -> list:
-        return [[[s.kind, s.size] for s in layer.steps] for layer in self.layers[start:stop]]
+        return [[s.wire() for s in layer.steps] for layer in self.layers[start:stop]]
 
     def _material(self, dealer: tp.Link, session: str, seq: int, batch: int,
                   layers: tuple[int, int] | None = None, step: int | None = None,
@@ -396,7 +396,7 @@ class Party:
         start, stop = layers or (0, len(self.layers))
         steps = self._steps(start, stop)
         if step is not None:
-            steps = [[[steps[0][step][0], int(values)]]]
+            steps = [[[steps[0][step][0], int(values)] + steps[0][step][2:]]]
         req = {"session": session, "seq": seq, "batch": batch, "frac_bits": self.frac_bits,
                "cmp": self.cmp, "layer": start, "step": step or 0, "chunk": chunk,
                "steps": steps}
