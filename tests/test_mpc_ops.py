@@ -344,3 +344,15 @@ def test_chunked_material_gives_the_same_outputs_as_whole_layers(monkeypatch):
     np.testing.assert_allclose(got, got_whole, atol=2e-5)
     np.testing.assert_allclose(got, want, atol=5e-3)
     assert max(c for _, _, c in chunks) >= 3          # several chunks per step ran
+
+
+def test_steps_travel_with_their_shift_and_bad_ones_are_refused():
+    """A party asks the dealer for steps as [kind, size] or [kind, size, shift]; only a
+    truncation may shift, by 2..60 bits."""
+    from veil import InputError
+    step = ev.Step("trunc", 10, 40)
+    assert step.wire() == ["trunc", 10, 40] and ev.Step.from_wire(step.wire()) == step
+    assert ev.Step.from_wire(["relu", 7]) == ev.Step("relu", 7)
+    for bad in (["relu", 7, 20], ["trunc", 7, 61], ["trunc", 7, 1, 2], ["nope", 7]):
+        with pytest.raises(InputError):
+            ev.Step.from_wire(bad)

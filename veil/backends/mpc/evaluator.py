@@ -8,11 +8,12 @@ dealer's list and the parties' consumption cannot drift apart; the registry's ``
 target (``veil/ir/ops.py``) lists exactly the ops of this table (a test checks it).
 
 Affine ops are local on each share: weights in fixed point (``f`` fractional bits),
-party 0 adds the bias, and the result (2f bits) is truncated exactly
-(``protocols.truncate_exact``), fused with a following ReLU when the ReLU is the only
-reader (``protocols.trunc_relu``); the output, if affine, is left at 2f bits for the
-client to decode. Rounds below are for circuit comparisons (the default), with DCFs in
-parentheses:
+party 0 adds the bias, and the result (2f bits) is truncated (``protocols``: faithful,
+one round, with circuits; exact floor with DCFs), fused with a following ReLU or CLIP
+when it is the only reader; the output, if affine, is left at 2f bits for the client to
+decode. Rounds below are for circuit comparisons (the default), with DCFs in
+parentheses; the circuit comparisons are exact but for the band [-2^-17, 0) real and
+within |x| < 2^15 (``protocols.CMP_BITS`` and ``CMP_DROP``):
 
 - CONV2D (stride, padding, dilation, groups): im2col windows and an exact Z_(2^64)
   product with the fixed-point weights (:func:`ring_matmul`: uint64 shares cut into
@@ -21,35 +22,30 @@ parentheses:
   measures the variants. LINEAR, DENSE and BATCHNORM are the same on their shapes.
 - AVGPOOL2D / GLOBALAVGPOOL: window sums are local; the division multiplies by the
   fixed-point reciprocal of each window's count, then truncates.
-- RELU: one comparison and one Beaver product, 8 rounds (2); fused with the truncation
-  before it when it is that layer's only reader. Unfused ReLUs, the second comparison
-  of a CLIP, max pooling and the piecewise selections compare on l = ``pr.CMP_BITS``
-  = 40 ring bits (a 39-bit tree instead of 63): exact for inputs with |x| < 2^(l-1-f)
-  = 2^19 in real terms (max pooling: 2^18), a wrong sign beyond (see
-  ``protocols.CMP_BITS``).
-- CLIP (ReLU6, Hardtanh): exact, lo + ReLU(x - lo) - ReLU(x - hi), both ReLUs in one
-  batch (8 rounds); after an affine layer, ReLU(x - lo) comes with its truncation and
-  ReLU(x - hi) = ReLU(ReLU(x - lo) - (hi - lo)) is one ReLU more (half the material).
+- RELU: one opening, a comparison and a multiplexer, 7 rounds (2); fused with the
+  truncation before it when it is that layer's only reader, still 7 (2).
+- CLIP (ReLU6, Hardtanh): both thresholds' comparisons from one opening, then the band
+  and the upper bit in one round: 7 rounds (DCFs: lo + ReLU(x - lo) - ReLU(x - hi),
+  2), fused with the truncation before it the same way.
 - MAXPOOL2D (padding and ceil mode included): padding cells hold a public constant
   below any representable value; a tree of max(a, b) = b + ReLU(a - b) per window.
 - MUL of two shared tensors (broadcasting): a Beaver product and a truncation; SQUARE
   the same; POLY (fine-tuned polynomial activations) by Horner's rule.
-- SIGMOID, SILU: a comparison-selected piecewise cubic (:class:`Piecewise`), as in the
-  piecewise approximations of SecureML (Mohassel and Zhang, S&P 2017, Sec. 4.3) with
-  cubic pieces on 10 intervals in place of SecureML's three linear ones: powers x^2, x^3
-  by Beaver products, the signs [x >= t_i] of every breakpoint in one batch of
-  comparisons, then sum_i [t_i <= x < t_(i+1)] p_i(x) with one Beaver product per
-  piece. The indicator of an interval is exactly 0 outside it, so the powers may wrap
-  for large |x| without harm. Maximum error, fixed point at f = 20 included, over the
-  whole range: sigmoid 3e-4, SiLU 5e-4 (``tests/test_mpc_ops.py`` measures it); the
-  cubics alone are within 2e-4 and 4e-4, and rounding the x^3 coefficients to 2^-20
-  adds up to |x|^3 2^-21 <= 1728 2^-21 ~ 8e-4 in the worst case, 2.4e-4 as fitted.
-- HARDSIGMOID: the same selection with exact linear pieces (0, x/6 + 1/2, 1);
-  HARDSWISH = x * hardsigmoid(x) with one more Beaver product.
+- SIGMOID, SILU: exact pieces plus one selected correction (:class:`Tail`): SiLU(x) =
+  ReLU(x) - [|x| <= 11] p(z) and sigmoid(x) = s + (1 - 2s) [|x| <= 10] p(z), s = [x >=
+  0], z = 2|x| / bound - 1, p a degree-10 polynomial fitted near minimax to t sigma(-t)
+  or sigma(-t) (t = |x|), which decay off zero (the piecewise idea of SecureML,
+  Mohassel and Zhang, S&P 2017, Sec. 4.3, with the exact ReLU as the main piece). Two
+  comparisons a value instead of a comparison per breakpoint; p by Paterson and
+  Stockmeyer in five products. Maximum error, fixed point at f = 20 included, over the
+  whole range: sigmoid 1.5e-4, SiLU 3e-4 (``tests/test_mpc_ops.py`` measures it; the
+  float forms are within 8.7e-5 and 2.4e-4).
+- HARDSIGMOID: comparison-selected exact linear pieces (0, x/6 + 1/2, 1); HARDSWISH =
+  x * hardsigmoid(x) with one more Beaver product.
 - ADD, SUB, RESHAPE, CONCAT, GATHER: local. An affine layer read only by an ADD/SUB
   (a residual branch) is not truncated; the sum is, once, with the other operand
   lifted to 2f bits (times 2^f, local), fused with the ReLU after it: a ResNet block
-  ends in one 8-round trunc+ReLU instead of a 7-round truncation and an 8-round ReLU.
+  ends in one 7-round trunc+ReLU instead of a truncation and a ReLU.
 
 Material is consumed one layer (node) at a time: ``evaluate`` asks its ``material``
 source for layer ``i`` only when it reaches it, so a process streaming from the dealer
@@ -405,8 +401,8 @@ def dealer_material(steps: list[Step], batch: int, prg: Prg, frac_bits: int = FR
                     cmp: str = "circuit") -> tuple[list, list]:
     """Both parties' material for ``steps`` (one layer, or any list) on ``batch``
     inferences (one list per party). ``cmp`` picks the comparisons: "circuit" (binary
-    circuits, cheap to compute and to deal, eight rounds per ReLU layer) or "fss" (DCF
-    keys, two rounds, ~15x the material)."""
+    circuits, cheap to compute and to deal, seven rounds per ReLU layer) or "fss" (DCF
+    keys, two rounds, ~40x the material)."""
     if cmp not in COMPARISONS:
         raise InputError(f"unknown comparison protocol {cmp!r}; use one of {COMPARISONS}")
     out: tuple[list, list] = ([], [])
@@ -971,9 +967,9 @@ DEFAULT_BUDGET = 2 << 30      # bytes per process
 @lru_cache(maxsize=None)
 def _bytes_per_value(kind: str, frac_bits: int, cmp: str) -> float:
     """One party's material bytes per value of a step, measured on 4096 values (so it
-    follows the material: "relu" and "drelu" trees on ``pr.CMP_BITS`` ring bits, exact
-    for comparison inputs below 2^(CMP_BITS - 1) ring units, ~135 bytes at 40 bits
-    where the full 64-bit ring takes ~156)."""
+    follows the material): what a party holds once its seeded halves are expanded
+    (circuits: a truncation 24, a ReLU ~50, a fused truncation+ReLU ~74, a Beaver
+    product 24), more than the dealer sends (``prg.Deal``)."""
     n = 4096
     (m0,), _ = dealer_material([Step(kind, 1)], n, Prg(), frac_bits, cmp)
     return sum(a.nbytes for a in pr.material_arrays([m0]).values()) / n

@@ -20,8 +20,8 @@ Constructions:
   round. ReLU(x) = x * DReLU(x) with one Beaver product: two rounds, 24 bytes sent per
   value per party.
 - With the comparisons as binary circuits instead (``circuit``, the default: more rounds
-  but about 1/25 of the computation and 1/15 of the dealer's material, which is what
-  bounds throughput on a fast network), three changes make the dealer's material small:
+  but a fraction of the computation and about 1/40 of the dealer's material, which is
+  what bounds throughput on a fast network), three choices keep the material small:
   * Faithful truncation with one opening and no comparison (the bounded-input
     truncation of SecureML's analysis made exact in its wrap: Mohassel and Zhang, S&P
     2017, Thm. 1; the "1-bit error" of Cheetah, Huang et al., USENIX Security 2022,
@@ -48,7 +48,8 @@ Constructions:
     no second opening); after a truncation, v rho follows from the dealer's r >> f
     and wrap shares times rho. A ReLU is one opening, a five-round tree (l - 1 - k =
     32 bits) and the multiplexer: seven rounds; fused with the truncation before it,
-    still seven.
+    still seven. A clip to [lo, hi] runs the trees for both thresholds on the same
+    opening and finishes in one round too: the band bit is their XOR.
 - Max pooling as max(a, b) = b + ReLU(a - b), in a tree over the window.
 BOUNDS (circuit): a truncation input needs |y| < 2^62 ring units (2^22 real at 2f = 40
 fractional bits); a comparison input -2^(l-1) <= x < 2^(l-1) - 2^k ring units (about
