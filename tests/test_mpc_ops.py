@@ -356,3 +356,16 @@ def test_steps_travel_with_their_shift_and_bad_ones_are_refused():
     for bad in (["relu", 7, 20], ["trunc", 7, 61], ["trunc", 7, 1, 2], ["nope", 7]):
         with pytest.raises(InputError):
             ev.Step.from_wire(bad)
+
+
+def test_a_large_average_pool_keeps_its_precision():
+    """1/n at f bits is off by up to n 2^-(f+1) relative (0.6% for the 112x112 pools of
+    EfficientNet's squeeze-excite blocks); such pools take their reciprocal with extra
+    bits and shift their truncation further (``evaluator._divisor_bits``)."""
+    shape = (2, 112, 112)
+    graph = chain(shape, (Op.GLOBALAVGPOOL, {}, {}), conv(2, 3, 1))
+    g = ev.lower_for_mpc(graph)
+    assert [s.shift for s in ev.Program(g).steps["n1"]] == [ev.FRAC_BITS + 10]
+    x = RNG.uniform(0, 4, size=(1,) + shape)
+    got, want, _ = run_mpc(graph, x)
+    np.testing.assert_allclose(got, want, atol=2e-5)

@@ -593,7 +593,31 @@ def _affine_steps(prog: Program, node) -> list[Step]:
     reader = prog.fused.get(node.name)
     kind = "trunc" if reader is None else (
         "trunc_clip" if prog.graph.node(reader).op is Op.CLIP else "trunc_relu")
-    return [Step(kind, prog.size(node))]
+    extra = _divisor_bits(prog, node)
+    return [Step(kind, prog.size(node), prog.frac_bits + extra if extra else 0)]
+
+
+#: Average pools over more values than this get extra bits in their reciprocal.
+POOL_EXACT_COUNT = 64
+
+
+def _divisor_bits(prog: Program, node) -> int:
+    """k, extra fractional bits of an average pool's reciprocal: 1/n rounded to f bits
+    is off by up to n 2^-(f+1) relative (0.6% for the 112x112 pools of EfficientNet's
+    squeeze-excite blocks, which the following layers amplify), so a pool over more
+    than ``POOL_EXACT_COUNT`` values takes 1/n at f + k bits, k = min(ceil(log2 n), 10)
+    (relative error below n 2^-(f+k+1) <= 6e-6 for n <= 2^14), and its truncation
+    shifts by f + k; the pooled values must stay below 2^(22-k) (2^12 real at k = 10).
+    Only for a plain truncation (not fused with a ReLU, not deferred, not the output)."""
+    if node.op not in (Op.AVGPOOL2D, Op.GLOBALAVGPOOL) or node.name in prog.fused \
+            or node.name in prog.deferred or node.name == prog.output:
+        return 0
+    in_shape = prog.shapes[node.inputs[0]]
+    if node.op is Op.GLOBALAVGPOOL:
+        count = in_shape[1] * in_shape[2]
+    else:
+        count = int(_pool_counts(node, in_shape)[0].max())
+    return min(int(np.ceil(np.log2(count))), 10) if count > POOL_EXACT_COUNT else 0
 
 
 def _finish(run: Run, node, y: np.ndarray) -> np.ndarray:
@@ -606,7 +630,8 @@ def _finish(run: Run, node, y: np.ndarray) -> np.ndarray:
         attrs = run.prog.graph.node(reader).attrs
         return run.clip(y, _scaled(attrs["lo"], run.f), _scaled(attrs["hi"], run.f),
                         truncate=True)
-    return run.trunc(y, relu=reader is not None)
+    extra = _divisor_bits(run.prog, node)
+    return run.trunc(y, relu=reader is not None, shift=run.f + extra if extra else 0)
 
 
 def _bias2f(run: Run, node, name: str = "bias") -> np.ndarray:
@@ -693,13 +718,15 @@ def _window_values(x: np.ndarray, node, fill) -> np.ndarray:
 def _avgpool(run: Run, node, args):
     counts, _ = _pool_counts(node, args[0].shape[1:])
     total = _window_values(args[0], node, np.uint64(0)).sum(axis=-1, dtype=np.uint64)
-    return _finish(run, node, total * _scaled(1.0 / counts, run.f))
+    bits = run.f + _divisor_bits(run.prog, node)
+    return _finish(run, node, total * _scaled(1.0 / counts, bits))
 
 
 def _global_avgpool(run: Run, node, args):
     x = args[0]
     total = x.sum(axis=(2, 3), keepdims=True, dtype=np.uint64)
-    return _finish(run, node, total * _scaled(1.0 / (x.shape[2] * x.shape[3]), run.f))
+    bits = run.f + _divisor_bits(run.prog, node)
+    return _finish(run, node, total * _scaled(1.0 / (x.shape[2] * x.shape[3]), bits))
 
 
 def _maxpool_widths(node) -> list[int]:
