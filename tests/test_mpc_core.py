@@ -70,7 +70,7 @@ def test_comparison_circuit_matches_plain_comparison(width):
     r[16:24] = 0
     c[24:32] = mask
     rows = circuit.bit_rows(r, 63)
-    rows0 = circuit.random_rows(prg, rows.shape)
+    rows0 = prg.uint8(rows.shape)
     mats = circuit.tree_material(width, n, prg)
 
     def party(p, ch, inp):

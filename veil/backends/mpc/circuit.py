@@ -60,11 +60,6 @@ def row_values(row: np.ndarray, n: int) -> np.ndarray:
     return np.unpackbits(row, count=n, bitorder="little").astype(np.uint64)
 
 
-def random_rows(prg: Prg, shape) -> np.ndarray:
-    rows, nb = shape
-    return prg.uint8((rows, nb))
-
-
 def level_sizes(width: int) -> list[int]:
     """Blocks at each binary level of a width-bit tree, down to the final pair."""
     sizes, m = [], width

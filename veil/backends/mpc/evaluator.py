@@ -214,14 +214,11 @@ def _power_coeffs(node) -> np.ndarray:
 class Piecewise:
     """f(x) = pieces[i](x) on [breaks[i-1], breaks[i]) (pieces[0] below breaks[0], the
     last piece from breaks[-1] on); each piece a power-basis polynomial in x (ascending
-    coefficients) of degree <= ``degree``."""
+    coefficients) of degree at most 1 (the evaluator's ``_piecewise`` multiplies x by
+    the linear coefficient only)."""
 
     breaks: tuple[float, ...]
     pieces: tuple[tuple[float, ...], ...]
-
-    @property
-    def degree(self) -> int:
-        return max(len(p) for p in self.pieces) - 1
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """The approximation in floats (what the parties compute, up to fixed point)."""
