@@ -1,9 +1,11 @@
 """Fixed-point numbers in the ring Z_(2^64), held as numpy uint64 (wrapping arithmetic).
 
 A real x is encoded as round(x * 2^f) in two's complement; products carry 2f fractional
-bits and are truncated back to f exactly (``protocols.truncate_exact``). With the
-default f = 20, every value, products included, must stay below 2^(63 - 2f) = 2^23 in
-magnitude (so a product at 2f bits does not wrap); inputs are checked at encoding.
+bits and are truncated back to f (``protocols.truncate_shares``: faithfully, within one
+unit, with circuit material; exactly with DCFs). With the default f = 20, every value,
+products included, must stay below 2^(63 - 2f) = 2^23 in magnitude (so a product at 2f
+bits does not wrap; the faithful truncation needs 2^22); inputs are checked at
+encoding.
 f is configurable (parties and clients must agree); 20 is the default because at 16 the
 digits CNN's logits drift up to 1.1e-3 from float (the rounding of 512 second-layer
 weights to 2^-17 adds up), above the 1e-3 we hold to.
