@@ -99,15 +99,23 @@ def _trunc_inputs():
     return raw, raw.astype(np.int64).view(np.uint64)
 
 
-def test_dcf_truncation_is_floor_for_any_sign():
-    from veil.backends.mpc.protocols import trunc_material, truncate_shares
+def _truncated(x, make):
+    """x (uint64) shared and truncated by FRAC_BITS with ``make(n, f, prg)``'s material:
+    the reconstructed int64 result and the channels."""
+    from veil.backends.mpc.protocols import truncate_shares
     prg = Prg()
-    raw, x = _trunc_inputs()
     s0, s1 = share(x, prg)
-    m0, m1 = trunc_material(x.size, FRAC_BITS, prg)
+    m0, m1 = make(x.size, FRAC_BITS, prg)
     (t0, t1), chans = run_parties(lambda p, ch, inp: truncate_shares(ch, p, *inp),
                                   ((s0, m0), (s1, m1)))
-    assert np.array_equal(reconstruct(t0, t1).view(np.int64), raw >> FRAC_BITS)
+    return reconstruct(t0, t1).view(np.int64), chans
+
+
+def test_dcf_truncation_is_floor_for_any_sign():
+    from veil.backends.mpc.protocols import trunc_material
+    raw, x = _trunc_inputs()
+    got, chans = _truncated(x, trunc_material)
+    assert np.array_equal(got, raw >> FRAC_BITS)
     assert chans[0].rounds == 1
 
 
@@ -115,23 +123,14 @@ def test_faithful_truncation_is_floor_or_one_above_and_unbiased():
     """Circuit truncation (protocols docstring): floor(x / 2^f) + c, c in {0, 1}, for
     every |x| < 2^62 (the bound's edges included), in one round; the carry averages
     the dropped fraction, so the result is x / 2^f on average."""
-    from veil.backends.mpc.protocols import circuit_trunc_material, truncate_shares
-    prg = Prg()
+    from veil.backends.mpc.protocols import circuit_trunc_material
     raw, x = _trunc_inputs()
-    s0, s1 = share(x, prg)
-    m0, m1 = circuit_trunc_material(x.size, FRAC_BITS, prg)
-    (t0, t1), chans = run_parties(lambda p, ch, inp: truncate_shares(ch, p, *inp),
-                                  ((s0, m0), (s1, m1)))
-    diff = reconstruct(t0, t1).view(np.int64) - (raw >> FRAC_BITS)
+    got, chans = _truncated(x, circuit_trunc_material)
+    diff = got - (raw >> FRAC_BITS)
     assert set(np.unique(diff)) <= {0, 1} and chans[0].rounds == 1
     # unbiased: one value with fraction 3/4 truncated 20000 times
-    n = 20000
-    y = np.full(n, (5 << FRAC_BITS) + (3 << (FRAC_BITS - 2)), np.int64).view(np.uint64)
-    s0, s1 = share(y, prg)
-    m0, m1 = circuit_trunc_material(n, FRAC_BITS, prg)
-    (t0, t1), _ = run_parties(lambda p, ch, inp: truncate_shares(ch, p, *inp),
-                              ((s0, m0), (s1, m1)))
-    got = reconstruct(t0, t1).view(np.int64)
+    y = np.full(20000, (5 << FRAC_BITS) + (3 << (FRAC_BITS - 2)), np.int64).view(np.uint64)
+    got, _ = _truncated(y, circuit_trunc_material)
     assert set(np.unique(got)) == {5, 6} and abs(got.mean() - 5.75) < 0.02
 
 

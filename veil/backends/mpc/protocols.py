@@ -414,11 +414,7 @@ def trunc_relu(ch: Channel, party: int, y: np.ndarray,
         uhat = open_value(ch, (y + _OFF62 if party == 0 else y) + m.r)
         trunc = _faithful(party, uhat, m.trunc, frac_bits)
         b = _sign_row(ch, party, uhat, m, CMP_DROP + frac_bits)
-        f = np.uint64(frac_bits)
-        public = (uhat >> f) - (_OFF62 >> f)
-        low_half = np.uint64(1) - (uhat >> _SHIFT63)
-        v_rho = public * m.rho - m.extra[0] + low_half * m.extra[1]
-        return _mux(ch, party, b, m, trunc, v_rho)
+        return _mux(ch, party, b, m, trunc, _trunc_rho(uhat, m, m.rho, frac_bits))
     uhat = open_value(ch, _offset(party, y) + m.r)
     top = uhat >> _SHIFT63
     low = fss.evaluate(party, m.low, _low_bits(uhat, frac_bits))
@@ -427,6 +423,16 @@ def trunc_relu(ch: Channel, party: int, y: np.ndarray,
     trunc = _shift(party, uhat, wrap, low, m.r_high, frac_bits)
     sign = _xor_public(party, top, m.rho + words[:, 0])      # msb(u^) xor rho xor c'
     return mul(ch, party, trunc, sign, m.triple)
+
+
+def _trunc_rho(uhat: np.ndarray, m: CircuitCmpMaterial, rho: np.ndarray, frac_bits: int,
+               minus: np.uint64 = _ZERO) -> np.ndarray:
+    """Shares of (t - minus) rho for the faithful truncation t from the opening u^
+    (:func:`_faithful`): its public part times rho's shares, less r_high rho, plus
+    (1 - msb(u^)) wrap rho (the dealer's ``extra`` of a fused kind)."""
+    f = np.uint64(frac_bits)
+    public = (uhat >> f) - (_OFF62 >> f) - minus
+    return public * rho - m.extra[0] + (np.uint64(1) - (uhat >> _SHIFT63)) * m.extra[1]
 
 
 def _sign_row(ch: Channel, party: int, xhat: np.ndarray, m: CircuitCmpMaterial,
@@ -504,9 +510,7 @@ def clip(ch: Channel, party: int, x: np.ndarray, lo: np.uint64, hi: np.uint64,
     rho0, rho1 = m.rho[0], m.rho[1]
     if fused:
         v = _faithful(party, xhat, m.trunc, frac_bits)
-        f = np.uint64(frac_bits)
-        public = (xhat >> f) - (_OFF62 >> f) - lo
-        v_rho = public * rho0 - m.extra[0] + (np.uint64(1) - (xhat >> _SHIFT63)) * m.extra[1]
+        v_rho = _trunc_rho(xhat, m, rho0, frac_bits, lo)
     else:
         v = x
         v_rho = (xhat - lo) * rho0 - m.extra[0]
