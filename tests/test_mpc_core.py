@@ -160,6 +160,37 @@ def test_fused_truncation_and_relu_from_one_opening():
     assert chans[0].rounds == 7
 
 
+def test_squares_and_a_product_with_a_square_take_less_than_products():
+    """x^2 opens one value (8 bytes, where a product opens two); x y and x^2 together
+    open two; exact in the ring (no truncation), through the dealer's seeded form."""
+    from veil.backends.mpc.prg import Deal
+    from veil.backends.mpc.protocols import (expand_seeded, material_arrays,
+                                             material_from_arrays, mul_square, seeded_arrays,
+                                             square, squares)
+
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 2 ** 64, size=40, dtype=np.uint64)
+    y = rng.integers(0, 2 ** 64, size=40, dtype=np.uint64)
+    deal = Deal()
+    pairs = (squares(40, deal), squares(40, deal, with_product=True))
+    # each party's half as it arrives from the dealer
+    mats = [material_from_arrays(expand_seeded(seeded_arrays(
+        deal, b, material_arrays([pairs[0][b], pairs[1][b]])))) for b in (0, 1)]
+    prg = Prg()
+    xs, ys = share(x, prg), share(y, prg)
+
+    def party(p, ch, inp):
+        xi, yi, (sq, msq) = inp
+        return square(ch, p, xi, sq), *mul_square(ch, p, xi, yi, msq)
+
+    outs, chans = run_parties(party, ((xs[0], ys[0], mats[0]), (xs[1], ys[1], mats[1])))
+    sq, xy, xx = (reconstruct(outs[0][k], outs[1][k]) for k in range(3))
+    np.testing.assert_array_equal(sq, x * x)
+    np.testing.assert_array_equal(xx, x * x)
+    np.testing.assert_array_equal(xy, x * y)
+    assert chans[0].rounds == 2 and chans[0].bytes_sent == (40 + 80) * 8
+
+
 def test_beaver_products_and_truncation_match_plaintext():
     prg = Prg()
     rng = np.random.default_rng(0)

@@ -298,7 +298,7 @@ def approximation(op: Op) -> Piecewise | Tail:
 
 # -- material steps -------------------------------------------------------------------------
 STEP_KINDS = ("trunc", "trunc_relu", "relu", "mul", "drelu", "select", "clip",
-              "trunc_clip")
+              "trunc_clip", "square", "mulsq")
 
 
 @dataclass(frozen=True)
@@ -410,6 +410,8 @@ def dealer_material(steps: list[Step], batch: int, prg: Prg, frac_bits: int = FR
         n = step.size * batch
         if cmp == "circuit" and step.kind == "trunc":
             pair = pr.circuit_trunc_material(n, step.shift or frac_bits, prg)
+        elif step.kind in ("square", "mulsq"):
+            pair = pr.squares(n, prg, with_product=step.kind == "mulsq")
         elif cmp == "circuit" and step.kind != "mul":
             kind = {"drelu": "sign"}.get(step.kind, step.kind)
             pair = pr.circuit_cmp_material(kind, n, prg, frac_bits)
@@ -490,7 +492,7 @@ class Run:
             at += size
         if at != flat[0].size:
             raise InputError("a streamed step's chunks do not cover its values")
-        return np.concatenate(out)
+        return np.concatenate(out, axis=-1)
 
     def trunc(self, y: np.ndarray, relu: bool = False, shift: int = 0) -> np.ndarray:
         """y / 2^shift (default f), ReLU'd if ``relu``: rounded to nearest with DCF
@@ -506,6 +508,16 @@ class Run:
     def mul(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return self._apply(lambda a, b, m: pr.mul(self.ch, self.party, a, b, m),
                            x.ravel(), y.ravel()).reshape(x.shape)
+
+    def square(self, x: np.ndarray) -> np.ndarray:
+        return self._apply(lambda a, m: pr.square(self.ch, self.party, a, m),
+                           x.ravel()).reshape(x.shape)
+
+    def mul_square(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """x y and x^2, stacked (2, *x.shape), in one round (a "mulsq" step)."""
+        return self._apply(lambda a, b, m: np.stack(pr.mul_square(self.ch, self.party, a, b,
+                                                                    m)),
+                           x.ravel(), y.ravel()).reshape((2,) + x.shape)
 
     def relu(self, x: np.ndarray) -> np.ndarray:
         return self._apply(lambda v, m: pr.relu(self.ch, self.party, v, m),
@@ -812,8 +824,8 @@ def _tail_steps(prog, node):
     f = prog.frac_bits
     steps = [Step("relu", n)] if node.op is Op.SILU else [Step("drelu", n), Step("mul", n)]
     steps += [Step("trunc", n),                                      # z
-              Step("mul", n), Step("trunc", n),                      # z^2
-              Step("mul", 2 * n), Step("trunc", 2 * n),              # z^3, z^4
+              Step("square", n), Step("trunc", n),                   # z^2
+              Step("mulsq", n), Step("trunc", 2 * n),                # z^3, z^4
               Step("mul", n), Step("trunc", n),                      # z^4 q_2
               Step("mul", n), Step("select", n),                     # z^4 h, selection
               Step("trunc", n, 2 * f)]                               # from 3f to f bits
@@ -825,7 +837,8 @@ def _tail_steps(prog, node):
 def _tail(run: Run, node, args):
     """:class:`Tail`: the comparison that gives ReLU(x) (SiLU) or s = [x >= 0] and
     t = x (2 s - 1) (sigmoid); z = 2 t / bound - 1; p(z) by Paterson and Stockmeyer
-    (SIAM J. Comput. 1973) for degree 12: z^2, then z^3 and z^4 in one product, the
+    (SIAM J. Comput. 1973) for degree 12: z^2 (a square: one opening), then z^3 and
+    z^4 = (z^2)^2 in one round from the openings of z^2 - a and z - b, the
     cubics q_0, q_1, q_2 locally at 2f bits with the top coefficient's c_12 z^4 added to
     q_2 (a public multiple, local), and Horner's rule in z^4, h = q_1 + z^4 q_2 (3f
     bits, truncated to 2f) and p = q_0 + z^4 h (3f bits): five products and five
@@ -846,9 +859,8 @@ def _tail(run: Run, node, args):
         s = run.drelu(x)
         t = run.mul(x, np.uint64(2) * s - run.public(np.uint64(1)))
     z = run.trunc(t * _scaled(2.0 / tail.bound, f)) - run.public(lift)
-    z2 = run.trunc(run.mul(z, z))
-    z3, z4 = run.trunc(run.mul(np.ascontiguousarray(np.broadcast_to(z2, (2,) + z.shape)),
-                                np.stack([z, z2])))
+    z2 = run.trunc(run.square(z))
+    z3, z4 = run.trunc(run.mul_square(z2, z))
     powers = (None, z, z2, z3)
 
     def piece(j: int) -> np.ndarray:                   # q_j(z) at 2f bits, locally
@@ -1067,9 +1079,11 @@ def estimate_memory(graph: Graph, batch: int = 1, frac_bits: int = FRAC_BITS,
     for i, node in enumerate(graph.nodes[1:], start=1):
         live[node.name] = 8 * prog.size(node) * batch
         steps = prog.steps[node.name]
-        if streams_in_chunks(steps, batch, frac_bits, cmp, above):     # one chunk held
-            held = 3 * max(material_bytes([Step(s.kind, c, s.shift)], 1, frac_bits, cmp)
-                           for s in steps for c in chunk_sizes(s.size * batch)[:1])
+        if streams_in_chunks(steps, batch, frac_bits, cmp, above):
+            # one chunk held, and with lookahead the next one arriving meanwhile
+            held = 3 * min(layers_held, 2) * max(
+                material_bytes([Step(s.kind, c, s.shift)], 1, frac_bits, cmp)
+                for s in steps for c in chunk_sizes(s.size * batch)[:1])
         else:
             held = 3 * layers_held * material_bytes(steps, batch, frac_bits, cmp)
         party = max(party, sum(live.values()) + held

@@ -119,6 +119,17 @@ class Triple:
 
 
 @dataclass(frozen=True)
+class Square:
+    """One party's share of a square pair: a random a and c = a^2; ``xa``, when set,
+    a second operand's Beaver triple (b, a b) riding on the same a (x y and x^2 from
+    one opening of x - a and y - b)."""
+
+    a: np.ndarray
+    c: np.ndarray
+    xa: Triple | None = None
+
+
+@dataclass(frozen=True)
 class SignMaterial:
     """One party's share of the mask r, its DCF key, and its share of msb(r)."""
 
@@ -200,6 +211,18 @@ def triples(shape, prg: Prg) -> tuple[Triple, Triple]:
     (a, (a0, a1)), (b, (b0, b1)) = prg.root_u64(shape), prg.root_u64(shape)
     c0, c1 = prg.split_u64(a * b)
     return Triple(a0, b0, c0), Triple(a1, b1, c1)
+
+
+def squares(shape, prg: Prg, with_product: bool = False) -> tuple[Square, Square]:
+    """Square pairs (a random, c = a^2) for both parties; ``with_product``: also b and
+    a b for a second operand (see :func:`mul_square`)."""
+    a, (a0, a1) = prg.root_u64(shape)
+    c0, c1 = prg.split_u64(a * a)
+    if not with_product:
+        return Square(a0, c0), Square(a1, c1)
+    b, (b0, b1) = prg.root_u64(shape)
+    ab0, ab1 = prg.split_u64(a * b)
+    return Square(a0, c0, Triple(a0, b0, ab0)), Square(a1, c1, Triple(a1, b1, ab1))
 
 
 def matrix_triples(m: int, k: int, n: int, prg: Prg) -> tuple[Triple, Triple]:
@@ -318,6 +341,29 @@ def mul(ch: Channel, party: int, x: np.ndarray, y: np.ndarray, t: Triple) -> np.
     d, e = opened[: x.size], opened[x.size:]
     z = t.c + d * t.b + e * t.a
     return z + d * e if party == 0 else z
+
+
+def square(ch: Channel, party: int, x: np.ndarray, m: Square) -> np.ndarray:
+    """Shares of x^2 (no truncation): one round, half a product's opening (d = x - a;
+    x^2 = a^2 + 2 d a + d^2)."""
+    d = open_value(ch, x - m.a)
+    z = m.c + np.uint64(2) * d * m.a
+    return z + d * d if party == 0 else z
+
+
+def mul_square(ch: Channel, party: int, x: np.ndarray, y: np.ndarray, m: Square
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Shares of x y and x^2 in one round, from the openings of x - a and y - b (the
+    square reuses d = x - a): three quarters of two products' bytes."""
+    t = m.xa
+    opened = open_value(ch, np.concatenate([x - t.a, y - t.b]))
+    d, e = opened[: x.size], opened[x.size:]
+    xy = t.c + d * t.b + e * t.a
+    xx = m.c + np.uint64(2) * d * t.a
+    if party == 0:
+        xy += d * e
+        xx += d * d
+    return xy, xx
 
 
 def matmul(ch: Channel, party: int, x: np.ndarray, y: np.ndarray, t: Triple) -> np.ndarray:
@@ -611,6 +657,11 @@ def material_arrays(items: list) -> dict[str, np.ndarray]:
                 out[f"{p}.r_high"], out[f"{p}.wrap"] = m.trunc.r_high, m.trunc.wrap
             if m.tree2 is not None:
                 tree(f"{p}.tree2", m.tree2)
+        elif isinstance(m, Square):
+            out[f"{p}.kind"] = np.array([12 if m.xa is None else 13], np.uint8)
+            out[f"{p}.a"], out[f"{p}.c"] = m.a, m.c
+            if m.xa is not None:
+                out[f"{p}.b"], out[f"{p}.ab"] = m.xa.b, m.xa.c
         elif isinstance(m, SignMaterial):
             out[f"{p}.kind"] = np.array([8], np.uint8)
             out[f"{p}.r"], out[f"{p}.rho"] = m.r, m.rho
@@ -730,6 +781,10 @@ def material_from_arrays(arrays: dict[str, np.ndarray]) -> list:
                 name, arrays[f"{p}.r"], arrays[f"{p}.r_rows"], tree(f"{p}.tree"),
                 arrays[f"{p}.rho_row"], arrays[f"{p}.rho"], extra, trunc,
                 tree(f"{p}.tree2") if name.endswith("clip") else None))
+        elif kind in (12, 13):
+            a = arrays[f"{p}.a"]
+            xa = Triple(a, arrays[f"{p}.b"], arrays[f"{p}.ab"]) if kind == 13 else None
+            items.append(Square(a, arrays[f"{p}.c"], xa))
         elif kind == 8:
             items.append(SignMaterial(arrays[f"{p}.r"], key(f"{p}.sign"), arrays[f"{p}.rho"]))
         elif kind == 2:
