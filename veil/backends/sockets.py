@@ -9,6 +9,7 @@ kinds) is each backend's business (``mpc/transport.py``, ``tee/net.py``).
 from __future__ import annotations
 
 import json
+import math
 import socket
 import struct
 import threading
@@ -158,9 +159,15 @@ def _array_head(a: np.ndarray, code: str) -> bytes:
     return LEN.pack(len(head)) + head
 
 
-def pack_array(a: np.ndarray) -> bytes:
+def array_parts(a: np.ndarray) -> tuple[bytes, memoryview]:
+    """:func:`pack_array`'s bytes as (header, a view of the array's data): a sender that
+    copies them into its own buffer (``mpc.transport``) need not join them first."""
     code = _dtype_code(a)
-    return _array_head(a, code) + np.ascontiguousarray(a, _DTYPES[code]).tobytes()
+    return _array_head(a, code), memoryview(np.ascontiguousarray(a, _DTYPES[code])).cast("B")
+
+
+def pack_array(a: np.ndarray) -> bytes:
+    return b"".join(array_parts(a))
 
 
 def unpack_array(data) -> np.ndarray:
@@ -172,7 +179,7 @@ def unpack_array(data) -> np.ndarray:
         head = json.loads(bytes(data[4:4 + n]).decode())
         dtype, shape = _DTYPES[head["dtype"]], tuple(int(s) for s in head["shape"])
         body = data[4 + n:]
-        if any(s < 0 for s in shape) or len(body) != dtype.itemsize * int(np.prod(shape)):
+        if any(s < 0 for s in shape) or len(body) != dtype.itemsize * math.prod(shape):
             raise ValueError("size mismatch")
         return np.frombuffer(body, dtype=dtype).reshape(shape).astype(
             dtype.newbyteorder("="), copy=False)

@@ -203,12 +203,17 @@ class Link:
     def _seal(self, kind: int, payload) -> memoryview:
         """The frame on the wire (length, then the AEAD of version, kind and payload) as
         a view of this link's send buffer, valid until the next frame (callers hold
-        ``_send_lock``)."""
-        data = memoryview(payload).cast("B")
-        n = len(data)
+        ``_send_lock``). ``payload``: bytes-like, or a tuple of them sent as one
+        (copied once, into the buffer)."""
+        parts = [memoryview(p).cast("B") for p in
+                 (payload if isinstance(payload, tuple) else (payload,))]
+        n = sum(len(p) for p in parts)
         plain, wire = self._buffers(n)
         plain[0], plain[1] = VERSION, kind
-        plain[2:2 + n] = np.frombuffer(data, np.uint8)
+        at = 2
+        for p in parts:
+            plain[at:at + len(p)] = np.frombuffer(p, np.uint8)
+            at += len(p)
         wire[:LEN.size] = np.frombuffer(LEN.pack(2 + n + _TAG), np.uint8)
         self._send.encrypt_into(self._nonce(self._send_n), memoryview(plain)[:2 + n], None,
                                 memoryview(wire)[LEN.size:LEN.size + 2 + n + _TAG])
