@@ -213,7 +213,7 @@ def test_clients_split_batches_to_what_the_budget_admits():
     """``max_batch``: the largest power-of-two request every process can hold, as the
     parties check it (current layer plus one ahead, layers over the budget's share
     streamed chunk by chunk: ``stream_threshold``); clients split larger batches."""
-    g = chain((3, 64, 64), conv(3, 16, 3, padding=(1, 1)), (Op.RELU, {}, {}))
+    g = chain((3, 128, 128), conv(3, 16, 3, padding=(1, 1)), (Op.RELU, {}, {}))
     budget = ev.estimate_memory(g, 4, layers_held=2)["party"] + 1
     # 4 fits with every layer held whole: nothing streams
     assert ev.stream_threshold(g, 4, budget, layers_held=2) == ev.LAZY_BYTES

@@ -335,6 +335,71 @@ def test_layers_over_stream_above_run_chunk_by_chunk_and_match_plain(tmp_path):
         assert not s["prefetched"] and s["offline_bytes"] > 0
 
 
+def test_a_spooled_set_is_computed_ahead_read_back_from_disk_and_leaves_nothing(tmp_path):
+    """With ``--spool`` a set too large for the memory pool (here: forced by asking for
+    more sets than the pool holds) is fetched from the dealer while the parties are
+    idle and written to an unlinked file: the request then uses it (prefetched, every
+    layer read back from disk, the chunked ones a chunk at a time), matches plain, and
+    the spool directories stay empty by name while the processes run and after."""
+    import torch
+
+    from veil.frontend import to_graph
+
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.SiLU(),
+                              torch.nn.MaxPool2d(2), torch.nn.ReLU6(),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 3 * 3, 5)).eval()
+    x = np.random.default_rng(5).normal(size=(3, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        want = net(torch.as_tensor(x)).numpy()
+    save_model(to_graph(net, (1, 8, 8)), tmp_path / "model")
+    spool = tmp_path / "spool"
+    cluster = Cluster(tmp_path, tmp_path / "model", timeout="30",
+                      extra=["--prefetch", "10000000", "--spool", str(spool),
+                             "--spool-sets", "2", "--stream-above", "0"])
+    try:
+        with MpcClient(cluster.keys, cluster.p0, cluster.p1, (1, 8, 8), timeout=60) as c:
+            runs = []
+            for i in range(3):
+                deadline = time.monotonic() + 30
+                while True:         # the first sets are written while the cluster is idle
+                    res = _retry(lambda: c.infer(x[i:i + 1]))
+                    if all(s["prefetched"] for s in res.stats) or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.5)
+                runs.append(res)
+            assert sorted(os.listdir(spool)) == ["party0", "party1"] or \
+                sorted(os.listdir(spool)) == []
+            for party in os.listdir(spool):
+                assert os.listdir(spool / party) == []
+    finally:
+        cluster.stop()
+    out = np.concatenate([r.outputs for r in runs])
+    np.testing.assert_allclose(out, want, atol=3e-3)
+    for r in runs:
+        for s in r.stats:
+            assert s["prefetched"] and s["offline_bytes"] > 0 and s["layers_streamed"] == 0
+
+
+def test_a_spool_without_room_is_refused_at_start(tmp_path):
+    """A spool that cannot hold the sets is a typed error before anything runs."""
+    from veil.backends.mpc.party import Party
+    from veil.backends.mpc import transport as tp
+    from veil.errors import ResourceError
+    from veil.frontend import to_graph
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU()).eval()
+    subprocess.run([sys.executable, "-m", "veil", "mpc-setup", str(tmp_path / "keys")],
+                   check=True, stdout=subprocess.DEVNULL)
+    ident = tp.Identity.load(tmp_path / "keys", "party1")
+    with pytest.raises(ResourceError, match="spool"):
+        Party(1, ident, to_graph(net, (4,)), ("127.0.0.1", 0), ("127.0.0.1", 9),
+              peer_listen=("127.0.0.1", 0), prefetch=10 ** 12, spool=str(tmp_path / "s"),
+              spool_sets=10 ** 12)
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_model_with_hundreds_of_layers_opens_a_session(tmp_path):
     """The parties' hello carries a digest of the material plan, not the plan: with 200
     layers (EfficientNet-B0 has 179) the plan's JSON is over the 4 kB a party reads
@@ -383,3 +448,62 @@ def test_a_model_over_the_party_memory_budget_is_refused_at_start(tmp_path):
                           "127.0.0.1:9", "--memory-budget", "64"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 1 and "over the memory budget of 64 MiB" in out.stderr
+
+
+def _dealer(tmp_path, ttl):
+    from veil.backends.mpc import transport as tp
+    from veil.backends.mpc.dealer import Dealer
+
+    subprocess.run([sys.executable, "-m", "veil", "mpc-setup", str(tmp_path / "keys")],
+                   check=True, stdout=subprocess.DEVNULL)
+    return Dealer(tp.Identity.load(tmp_path / "keys", "dealer"), ("127.0.0.1", 0), ttl=ttl)
+
+
+def _ask(seq, chunk=0):
+    return {"session": "s/pool1", "seq": seq, "batch": 1, "layer": 0, "step": 0,
+            "chunk": chunk, "steps": [[["relu", 4096]]]}
+
+
+def test_a_half_that_expired_is_refused_never_generated_again(tmp_path):
+    """Party 0 took its half; party 1's half expired unfetched. Asking for it later is a
+    typed error: a fresh pair would give party 1 material that does not match what
+    party 0 already holds (a wrong answer, silently)."""
+    from veil.errors import InputError
+
+    dealer = _dealer(tmp_path, ttl=0.2)
+    try:
+        dealer._material("party0", _ask(1))
+        time.sleep(0.3)
+        dealer._material("party0", _ask(2))      # a later request sweeps the old half
+        with pytest.raises(InputError, match="expired"):
+            dealer._material("party1", _ask(1))
+        dealer._material("party1", _ask(2))      # the live pair is still served
+    finally:
+        dealer.server.close()
+
+
+def test_a_party_running_ahead_waits_for_the_other_to_fetch(tmp_path, monkeypatch):
+    """Over PENDING_LIMIT bytes left for the other party in one session, the next new
+    request there waits until the other party fetches (and fails after ttl if it
+    never does); other sessions are not held up."""
+    from veil.backends.mpc import dealer as dealer_mod
+    from veil.errors import InputError
+
+    monkeypatch.setattr(dealer_mod, "PENDING_LIMIT", 1)
+    dealer = _dealer(tmp_path, ttl=1.0)
+    try:
+        dealer._material("party0", _ask(1, 0))
+        other = dict(_ask(1, 0), session="s/stream")
+        dealer._material("party0", other)                   # another session: no wait
+        t = time.monotonic()
+        fetch = threading.Timer(0.3, dealer._material, ("party1", _ask(1, 0)))
+        fetch.start()
+        dealer._material("party0", _ask(1, 1))              # waits for that fetch
+        assert time.monotonic() - t >= 0.25
+        fetch.join()
+        t = time.monotonic()
+        with pytest.raises(InputError, match="has not fetched"):
+            dealer._material("party0", _ask(1, 2))          # party 1 never comes
+        assert time.monotonic() - t >= 0.9
+    finally:
+        dealer.server.close()

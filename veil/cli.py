@@ -29,7 +29,7 @@ The processes behind the modes, run by ``serve`` or by hand:
                   [--listen HOST:PORT] [--peer HOST:PORT | --peer-listen HOST:PORT]
                   [--cmp circuit|fss] [--frac-bits F] [--prefetch N]
                   [--batch-size B] [--prefetch-batch M] [--memory-budget MIB]
-                  [--stream-above MIB]
+                  [--stream-above MIB] [--spool DIR] [--spool-sets N]
 
     veil tee-attester-setup DIR                   # INSECURE software attester key
     veil tee-export MODEL.onnx --input-shape 1,8,8 EXPORT_DIR [--encrypt-keys KEYS_DIR]
@@ -110,6 +110,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="MiB: a layer whose material is larger streams from the dealer "
                         "chunk by chunk as it runs instead of being held whole (fewer "
                         "bytes held, more rounds)")
+    n.add_argument("--spool", metavar="DIR",
+                   help="keep whole single-input material sets too large for memory here, "
+                        "fetched from the dealer while idle (the offline phase run ahead; "
+                        "a request then only computes); one unlinked file per set, freed "
+                        "when used")
+    n.add_argument("--spool-sets", type=int, default=1,
+                   help="how many sets --spool keeps ready (each about the model's material "
+                        "per input, e.g. 1.3 GiB for EfficientNet-B0)")
     _tee_parsers(sub)
     return ap
 
@@ -391,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
             frac_bits=args.frac_bits, cmp=args.cmp, batch_size=args.batch_size,
             prefetch_batch=args.prefetch_batch,
             memory_budget=int(args.memory_budget * 2**20), name=args.model,
-            stream_above=int(args.stream_above * 2**20))
+            stream_above=int(args.stream_above * 2**20), spool=args.spool,
+            spool_sets=args.spool_sets)
     except ResourceError as exc:        # the model does not fit: say so, allocate nothing
         print(f"veil mpc-node: {exc}", file=sys.stderr)
         return 1

@@ -288,9 +288,11 @@ class Processes:
         return {"enclave": _text(self.link(enclave)), "children": {name: self.state(name)}}
 
     def mpc(self, info: ExportInfo, keys: str | os.PathLike, *, frac_bits: int = 20,
-            cmp: str = "circuit", timeout: float | None = None) -> dict:
+            cmp: str = "circuit", timeout: float | None = None,
+            spool: str | os.PathLike | None = None) -> dict:
         """Start the dealer, party 1 and party 0 for ``info``'s MPC model (``timeout``:
-        seconds per message, the parties' default when None)."""
+        seconds per message, the parties' default when None; ``spool``: a directory
+        under which each party keeps a material set ahead, ``mpc-node --spool``)."""
         model = str(info.path("mpc"))
         wait = [] if timeout is None else ["--timeout", str(timeout)]
         names = {role: f"{info.name}-{role}" for role in ("dealer", "party0", "party1")}
@@ -299,9 +301,14 @@ class Processes:
         common = ["--keys", str(keys), "--model", model, "--dealer",
                   _text(self.link(dealer)), "--frac-bits", str(frac_bits), "--cmp", cmp,
                   *wait]
-        party1, peer = self.start(names["party1"], ["mpc-node", "--party", "1", *common],
+        def spooled(party: str) -> list[str]:
+            return [] if spool is None else ["--spool", str(Path(spool) / party)]
+
+        party1, peer = self.start(names["party1"], ["mpc-node", "--party", "1", *common,
+                                                    *spooled("party1")],
                                   lines=2, listen_flags=("--listen", "--peer-listen"))
         (party0,) = self.start(names["party0"], ["mpc-node", "--party", "0", *common,
+                                                 *spooled("party0"),
                                                  "--peer", _text(self.link(peer))],
                                listen_flags=("--listen",))
         out = connect_mpc(self.link(party0), self.link(party1), keys, frac_bits=frac_bits,

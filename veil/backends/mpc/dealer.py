@@ -4,9 +4,12 @@ It accepts party0 and party1 (mutually authenticated links). A party asks for th
 material of (session, sequence number, layer, step, steps, batch): a whole prefetched
 set, or, streaming, one step of one layer; the first request of a pair generates both
 halves from fresh CSPRNG output and keeps the other half until its party fetches it;
-a (session, sequence, layer, step, chunk, party) is served once, never again. It never
-sees inputs or outputs, and holds only what the parties asked for and have not both
-fetched (one chunk of a step while streaming).
+a (session, sequence, layer, step, chunk, party) is served once, never again. A half
+left unfetched for ``ttl`` seconds is dropped and, asked for later, refused: a fresh
+pair would not match the half the other party already used. It never sees inputs or
+outputs, and holds only what the parties asked for and have not both fetched: a chunk
+or two of a step while streaming, at most ``PENDING_LIMIT`` bytes per session while
+parties prefetch whole sets at their own pace (the one ahead waits).
 """
 from __future__ import annotations
 
@@ -29,6 +32,13 @@ from .prg import Deal, Prg
 from .wire import DEFAULT_TIMEOUT, ERROR, MATERIAL, MATERIAL_REQUEST, _steps_key, log
 
 
+#: Bytes of halves the dealer keeps in one session (a set's key) for a party that has not
+#: fetched them yet before the other party's next request there waits (both parties
+#: prefetching a spooled set run at their own pace; this keeps the faster one at most
+#: this far ahead).
+PENDING_LIMIT = 256 << 20
+
+
 class Dealer:
     """Serves correlated randomness to the two parties; see the module docstring."""
 
@@ -40,7 +50,11 @@ class Dealer:
         self.server = so.listen(address)
         self.address = self.server.getsockname()
         self._lock = threading.Lock()
+        self._fetched = threading.Condition(self._lock)
         self._pending: dict[tuple, tuple[str, str, bytes, float]] = {}
+        # halves dropped unfetched (ttl): asked for later, they are refused, never
+        # generated afresh (that half would not match the one its pair already used)
+        self._expired: dict[tuple, None] = {}
         # (session, party) -> last (seq, layer, step, chunk) served
         self._last: dict[tuple[str, str], tuple[int, ...]] = {}
         self.bytes_sent = 0
@@ -68,6 +82,19 @@ class Dealer:
             log.info("dealer: link to %s ended: %s", link.peer, exc)
         finally:
             link.close()
+
+    def _pending_bytes(self, session: str) -> int:
+        return sum(len(v[2]) for k, v in self._pending.items() if k[0] == session)
+
+    def _expire(self) -> None:
+        """Drop halves unfetched for ``ttl`` seconds (a party gone), remembering their
+        keys (the last 65536)."""
+        now = time.monotonic()
+        for k in [k for k, v in self._pending.items() if now - v[3] > self.ttl]:
+            del self._pending[k]
+            self._expired[k] = None
+        while len(self._expired) > 65536:
+            del self._expired[next(iter(self._expired))]
 
     def _material(self, party: str, req: dict) -> bytes:
         """Layers ``layer, layer + 1, ...`` of set ``seq`` (``steps``: one list of
@@ -98,14 +125,25 @@ class Dealer:
                 raise InputError(f"material for session {session} #{seq} layer {first} "
                                  f"step {part} was already served to this party; it is "
                                  "never reused")
-            now = time.monotonic()
-            for k in [k for k, v in self._pending.items() if now - v[3] > self.ttl]:
-                del self._pending[k]
+            self._expire()
+            if key in self._expired:
+                raise InputError(f"material for session {session} #{seq} layer {first} "
+                                 f"step {part} expired before this party fetched it")
             waiting = self._pending.get(key)
+            # a party running ahead of the other (prefetching a spooled set) waits while
+            # the halves it left in this session are over PENDING_LIMIT bytes
+            deadline = time.monotonic() + self.ttl
+            while waiting is None and self._pending_bytes(session) > PENDING_LIMIT:
+                if not self._fetched.wait(max(0.0, deadline - time.monotonic())):
+                    raise InputError("the other party has not fetched its material for "
+                                     f"{self.ttl:.0f} s")
+                waiting = self._pending.get(key)
+            now = time.monotonic()
             if waiting is not None and waiting[0] == party:
                 if waiting[1] != digest:
                     raise InputError("the two parties asked for different material")
                 del self._pending[key]
+                self._fetched.notify_all()
                 out = waiting[2]
             else:
                 sets: list[list] = [[], []]

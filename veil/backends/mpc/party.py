@@ -24,6 +24,7 @@ from .evaluator import (COMPARISONS, DEFAULT_BUDGET, LAZY_BYTES, Chunked, Progra
                         check_memory, chunk_sizes, evaluate, material_bytes,
                         output_frac_bits, stream_threshold, streams_in_chunks)
 from .fixed import FRAC_BITS
+from .spool import SpoolSet, check_space
 from .wire import (CLIENT_REQUEST, CLIENT_RESULT, DEFAULT_TIMEOUT, ERROR, LINK_GRACE_S,
                    MATERIAL, MATERIAL_REQUEST, MAX_CLIENT_BYTES, MAX_PENDING, MAX_PER_CLIENT,
                    ORPHAN_S, PEER_BEGIN, POOL_LIMIT, PEER_DATA, PEER_HAVE, PEER_HELLO, PEER_QUERY,
@@ -44,7 +45,7 @@ class _PeerChannel:
     def exchange(self, data: np.ndarray) -> np.ndarray:
         data = np.ascontiguousarray(data)
         before = self.link.bytes_sent
-        kind, body = self.link.exchange(PEER_DATA, so.pack_array(data))
+        kind, body = self.link.exchange(PEER_DATA, so.array_parts(data))
         self.bytes_sent += self.link.bytes_sent - before
         if kind != PEER_DATA:
             raise MpcError(f"unexpected message kind {kind} from the other party")
@@ -78,7 +79,8 @@ class Party:
                  batch_size: int = 64, prefetch_batch: int = 2,
                  orphan_s: float = ORPHAN_S, max_per_client: int = MAX_PER_CLIENT,
                  memory_budget: int = DEFAULT_BUDGET, name: str = "the model",
-                 lookahead: int = 1, stream_above: int = LAZY_BYTES) -> None:
+                 lookahead: int = 1, stream_above: int = LAZY_BYTES,
+                 spool: str | None = None, spool_sets: int = 1) -> None:
         """``memory_budget``: bytes this process may use; a model whose estimated peak
         (``evaluator.estimate_memory``) exceeds it for one input is refused here
         (ModelTooLargeError) before anything is allocated, and a batch that would
@@ -89,7 +91,10 @@ class Party:
         layer fetched only when reached, one layer held); a layer whose material is over
         ``stream_above`` bytes streams chunk by chunk while it runs (``CHUNK`` values
         of a step at a time, one set of rounds per chunk), so a 224x224 layer's
-        gigabyte of material is never held at once."""
+        gigabyte of material is never held at once. ``spool``: a directory where
+        ``spool_sets`` whole single-input sets too large for the memory pool are kept
+        instead (``spool.py``: the offline phase run ahead on disk; ResourceError when
+        they would not fit there)."""
         if party not in (0, 1) or identity.role != f"party{party}":
             raise InputError("party must be 0 or 1 and match the identity's role")
         if cmp not in COMPARISONS or not 2 <= frac_bits <= 30:
@@ -108,8 +113,14 @@ class Party:
         self.out_bits = output_frac_bits(model, frac_bits)
         per_input = material_bytes([s for layer in self.layers for s in layer.steps], 1,
                                    frac_bits, cmp)
-        if per_input * prefetch > POOL_LIMIT:     # no whole sets: requests stream
+        # single-input sets too large for the memory pool: on disk with a spool,
+        # otherwise none (requests stream)
+        self._spool_dir = None
+        if per_input * prefetch > POOL_LIMIT:
             prefetch = 0
+            if spool is not None and spool_sets > 0:
+                prefetch = int(spool_sets)
+                self._spool_dir = check_space(spool, int(1.05 * per_input * prefetch))
         if per_input * batch_size * prefetch_batch > POOL_LIMIT:
             prefetch_batch = 0
         self.dealer_addr, self.peer_addr = dealer, peer
@@ -502,7 +513,12 @@ class Party:
                 return
             mids[size] += 1
             try:
-                item = self._material(dealer, f"{session}/pool{size}", mids[size], size)
+                if size == 1 and self._spool_dir is not None:
+                    item = self._spool_set(dealer, session, mids[size], stop)
+                    if item is None:
+                        return
+                else:
+                    item = self._material(dealer, f"{session}/pool{size}", mids[size], size)
             except (VeilError, OSError) as exc:
                 if stop.is_set():
                     return
@@ -521,10 +537,48 @@ class Party:
             with self._pool_cond:
                 self._pool[size][mids[size]] = item
                 self._pool_cond.notify_all()
+            if isinstance(item[0], SpoolSet):        # ready for a request from now on
+                log.info("party%d: material set %d spooled: %.0f MiB from the dealer, "
+                         "%.0f MiB on disk, %.1f s", self.party, mids[size],
+                         item[1] / 2**20, item[0].bytes / 2**20, item[0].took_s)
 
-    def _pooled(self, size: int, mid: int | None) -> tuple[int, tuple[list, int]]:
+    def _spool_set(self, dealer: tp.Link, session: str, mid: int, stop: threading.Event
+                   ) -> tuple[SpoolSet, int] | None:
+        """Single-input set ``mid`` written to the spool chunk by chunk, each fetched
+        only while no request is computing (None if the session stops meanwhile)."""
+        plan = [[chunk_sizes(s.size) if self.cmp == "circuit" else (s.size,)
+                 for s in layer.steps] for layer in self.layers]
+        chunked = [streams_in_chunks(layer.steps, 1, self.frac_bits, self.cmp,
+                                     self._streaming(1)) for layer in self.layers]
+        out = SpoolSet(self._spool_dir, plan, chunked)
+        t0, received = time.perf_counter(), 0
+        for i, steps in enumerate(plan):
+            for j, sizes in enumerate(steps):
+                parts = []
+                for c, values in enumerate(sizes):
+                    while not self._idle.wait(1.0):
+                        if stop.is_set():
+                            return None
+                    if stop.is_set():
+                        return None
+                    arrays, n = self._material(dealer, f"{session}/pool1", mid, 1,
+                                               (i, i + 1), step=j, chunk=c, values=values)
+                    received += n
+                    if chunked[i]:
+                        out.add(i, j, c, so.pack_arrays(arrays))
+                    else:
+                        parts.append(arrays)
+                if parts:              # read whole: the step's chunks joined now, once
+                    out.add(i, j, 0, so.pack_arrays(pr.concat_circuit_arrays(parts)))
+                del parts
+        out.took_s = time.perf_counter() - t0
+        return out, received
+
+    def _pooled(self, size: int, mid: int | None, wait: bool = True
+                ) -> tuple[int | None, tuple[list, int] | None]:
         """Party0: the oldest prefetched set of ``size`` inputs (mid None); party1: set
-        ``mid``, dropping older ones party0 skipped. Waits up to the timeout."""
+        ``mid``, dropping older ones party0 skipped. Waits up to the timeout (party0
+        without ``wait``: (None, None) at once when there is none)."""
         deadline = time.monotonic() + self.timeout
         pool = self._pool[size]
         with self._pool_cond:
@@ -538,6 +592,8 @@ class Party:
                     self._pool_cond.notify_all()
                     self._idle.clear()
                     return mid, item
+                if mid is None and not wait:
+                    return None, None
                 self._idle.set()               # what we wait for is fetched in the background
                 left = deadline - time.monotonic()
                 if self._broken:
@@ -555,8 +611,11 @@ class Party:
             t0 = time.perf_counter()
             pooled = None
             try:
-                if self._pool_targets.get(req.share.shape[0], 0) > 0:
-                    mid, pooled = self._pooled(req.share.shape[0], None)
+                size = req.share.shape[0]
+                if self._pool_targets.get(size, 0) > 0:
+                    # a spooled set is used when one is complete; none is waited for
+                    mid, pooled = self._pooled(size, None, wait=not (
+                        size == 1 and self._spool_dir is not None))
                 peer.send(PEER_BEGIN, json.dumps({"id": rid.hex(), "seq": seq, "mid": mid,
                                                   "batch": int(req.share.shape[0])}).encode())
                 kind, body = peer.recv()
@@ -644,17 +703,53 @@ class Party:
             except BaseException as exc:        # raised where the layer is needed
                 box.append(exc)
 
-        def chunk_loader(i: int, j: int):
-            sizes = chunk_sizes(self.layers[i].steps[j].size * batch)
+        chunks: dict[tuple[int, int, int], tuple[threading.Thread, list]] = {}
 
-            def load(c: int):
-                t = time.perf_counter()
+        def get_chunk(i: int, j: int, c: int, box: list) -> None:
+            try:
+                values = chunk_sizes(self.layers[i].steps[j].size * batch)[c]
                 arrays, n = self._material(dealer, f"{session}/stream", seq, 1, (i, i + 1),
-                                           step=j, chunk=c, values=sizes[c])
+                                           step=j, chunk=c, values=values)
                 try:
                     (item,) = pr.material_from_arrays(arrays)
                 except (KeyError, ValueError, TypeError) as exc:
                     raise MpcError(f"malformed material from the dealer: {exc}") from None
+                box.append((item, n))
+            except BaseException as exc:        # raised where the chunk is needed
+                box.append(exc)
+
+        def after(i: int, j: int, c: int) -> tuple[int, int, int] | None:
+            """The chunk the run consumes after (i, j, c) in a streamed layer."""
+            steps = self.layers[i].steps
+            if c + 1 < len(chunk_sizes(steps[j].size * batch)):
+                return i, j, c + 1
+            return (i, j + 1, 0) if j + 1 < len(steps) else None
+
+        def chunk_loader(i: int, j: int):
+            def load(c: int):
+                """Chunk c, and the next one fetched meanwhile in the background (two
+                chunks held: the dealer's work and the transfer overlap the run's);
+                after a layer's last chunk, the next layer (``lookahead``)."""
+                t = time.perf_counter()
+                thread, box = chunks.pop((i, j, c), (None, []))
+                if thread is None:
+                    get_chunk(i, j, c, box)
+                else:
+                    thread.join()
+                nxt = after(i, j, c)
+                if self.lookahead and nxt is not None:
+                    box2: list = []
+                    th = threading.Thread(target=get_chunk, args=(*nxt, box2), daemon=True)
+                    th.start()
+                    chunks[nxt] = (th, box2)
+                elif self.lookahead and i + 1 < len(self.layers) and i + 1 not in ahead:
+                    box2 = []
+                    th = threading.Thread(target=get, args=(i + 1, box2), daemon=True)
+                    th.start()
+                    ahead[i + 1] = (th, box2)
+                if isinstance(box[0], BaseException):
+                    raise box[0]
+                item, n = box[0]
                 stream["offline_s"] += time.perf_counter() - t
                 stream["bytes"] += n
                 stream["peak"] = max(stream["peak"], n)
@@ -674,9 +769,15 @@ class Party:
             if isinstance(box[0], BaseException):
                 raise box[0]
             (items,), size = box[0]
-            # a chunked layer's requests come while it runs: the dealer serves each
-            # party's requests in order, so the next layer is not asked for meanwhile
+            # a chunked layer's requests come while it runs, each chunk's with the one
+            # before it computing (``load``): the dealer serves each party's requests in
+            # order, so the next layer is asked for after its last chunk
             chunked = any(isinstance(m, Chunked) for m in items)
+            if chunked and self.lookahead and (i, 0, 0) not in chunks:
+                first: list = []
+                th = threading.Thread(target=get_chunk, args=(i, 0, 0, first), daemon=True)
+                th.start()
+                chunks[(i, 0, 0)] = (th, first)
             for j in range(i + 1, min(i + 1 + self.lookahead * (not chunked),
                                       len(self.layers))):
                 if j not in ahead:
@@ -699,7 +800,12 @@ class Party:
                 material, offline_bytes = self._pooled(batch, mid)[1]
             t1, cpu = time.perf_counter(), time.process_time()
             chan = _PeerChannel(peer, self.party)
-            out = evaluate(self.party, chan, self.program, req.share, material, self.frac_bits)
+            try:
+                out = evaluate(self.party, chan, self.program, req.share, material,
+                               self.frac_bits)
+            finally:
+                if isinstance(material, SpoolSet):      # its disk space goes now
+                    material.close()
             t2, cpu = time.perf_counter(), time.process_time() - cpu
         except (VeilError, OSError, StopIteration) as exc:
             role = getattr(exc, "role", self._other())
