@@ -86,59 +86,6 @@ def with_running_stats(model, shape, seed: int = 0):
     return model.eval()
 
 
-def mobilenet_v2_graph(model, shape):
-    """torchvision's MobileNetV2 as an IR graph, built here from its modules because the
-    frontend does not convert grouped convolutions or ReLU6 yet: Conv2d (groups),
-    BatchNorm2d, ReLU6 (CLIP 0..6), the residual ADD of InvertedResidual, global
-    average pooling and the classifier. Checked against the torch model by the bench
-    (the logit error it reports is against torch, not against this graph)."""
-    from torch import nn
-    from torchvision.models.mobilenetv2 import InvertedResidual
-
-    from veil.ir import Graph, Op, make_node
-
-    nodes = [make_node("input", Op.INPUT, (), [], {"shape": shape})]
-
-    def add(op, ins, attrs=None, params=None):
-        shapes = [next(n.shape for n in nodes if n.name == i) for i in ins]
-        nodes.append(make_node(f"n{len(nodes)}", op, ins, shapes, attrs, params))
-        return nodes[-1].name
-
-    def layer(m, x):
-        if isinstance(m, InvertedResidual):
-            y = layer(m.conv, x)
-            return add(Op.ADD, [y, x]) if m.use_res_connect else y
-        if isinstance(m, nn.Sequential):
-            for sub in m:
-                x = layer(sub, x)
-            return x
-        if isinstance(m, nn.Conv2d):
-            w = m.weight.detach().numpy()
-            b = m.bias.detach().numpy() if m.bias is not None else np.zeros(w.shape[0])
-            return add(Op.CONV2D, [x], {"stride": m.stride, "padding": m.padding,
-                                        "dilation": m.dilation, "groups": m.groups},
-                       {"weight": w, "bias": b})
-        if isinstance(m, nn.BatchNorm2d):
-            scale = (m.weight / (m.running_var + m.eps).sqrt()).detach().numpy()
-            shift = (m.bias - m.running_mean * m.weight / (m.running_var + m.eps).sqrt())
-            return add(Op.BATCHNORM, [x], {}, {"scale": scale,
-                                               "shift": shift.detach().numpy()})
-        if isinstance(m, nn.ReLU6):
-            return add(Op.CLIP, [x], {"lo": 0.0, "hi": 6.0})
-        if isinstance(m, nn.Dropout):
-            return x
-        if isinstance(m, nn.Linear):
-            return add(Op.LINEAR, [x], {}, {"weight": m.weight.detach().numpy(),
-                                            "bias": m.bias.detach().numpy()})
-        raise TypeError(f"no rule for {type(m).__name__}")
-
-    x = layer(model.features, "input")
-    x = add(Op.GLOBALAVGPOOL, [x])
-    x = add(Op.RESHAPE, [x], {"shape": (model.classifier[1].in_features,)})
-    layer(model.classifier, x)
-    return Graph(tuple(nodes), nodes[-1].name)
-
-
 def _cpu_s(pid: int) -> float:
     """CPU seconds (user + system) a live process has used since it started."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -165,7 +112,28 @@ def max_comparison_input(graph, x) -> float:
                 if n.op in (Op.RELU, Op.CLIP, Op.MAXPOOL2D)), default=0.0)
 
 
-def measure(name: str, model, shape, n: int = 1, timeout: float = 600.0) -> dict:
+def _wait_for_sets(logs: Path, count: int, timeout: float) -> None:
+    """Until both parties' logs say ``count`` material sets were spooled."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = [sum("spooled" in line for line in
+                    (logs / f"party{b}.log").read_text(errors="replace").splitlines())
+                for b in (0, 1)]
+        if min(done) >= count:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the parties spooled {done} sets in {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def measure(name: str, model, shape, n: int = 1, timeout: float = 600.0,
+            spool: bool = False, x: np.ndarray | None = None) -> dict:
+    """One model through the dealer and both parties as processes on loopback, ``n``
+    single images. ``spool``: the parties keep one set ahead on disk (``--spool``),
+    and each timed image waits until both have it (the offline phase done while the
+    servers were idle; ``runs_without_a_set`` counts runs that still streamed). ``x``:
+    the images (default: standard normal noise, what ``with_running_stats`` calibrates
+    on; a model calibrated on photos should get photos)."""
     import torch
 
     from veil.backends.mpc.evaluator import estimate_memory
@@ -173,12 +141,13 @@ def measure(name: str, model, shape, n: int = 1, timeout: float = 600.0) -> dict
     from veil.frontend import to_graph
     from veil.service.processes import Processes
 
-    x = np.random.default_rng(0).normal(size=(n,) + shape).astype(np.float32)
+    if x is None:           # the models here are calibrated on such noise
+        x = np.random.default_rng(0).normal(size=(n,) + shape).astype(np.float32)
+    x = np.asarray(x, np.float32)[:n]
     with torch.no_grad():
         plain = model(torch.as_tensor(x)).numpy()
     t0 = time.perf_counter()
-    graph = mobilenet_v2_graph(model, shape) if name == "mobilenet_v2" else \
-        to_graph(model, shape)
+    graph = to_graph(model, shape)
     convert_s = time.perf_counter() - t0
     cmp_max = max_comparison_input(graph, x)
     with tempfile.TemporaryDirectory() as tmp:
@@ -190,20 +159,33 @@ def measure(name: str, model, shape, n: int = 1, timeout: float = 600.0) -> dict
         t = str(timeout)
         with Processes(f"{tmp}/logs") as procs:
             (da,) = procs.start("dealer", ["mpc-dealer", "--keys", keys, "--timeout", t])
+            def spooled(party):
+                return ["--spool", f"{tmp}/spool/{party}"] if spool else []
+
             a1, peer = procs.start("party1", ["mpc-node", "--party", "1", "--keys", keys,
                                               "--model", mdir, "--dealer", f"{da[0]}:{da[1]}",
-                                              "--timeout", t], lines=2, timeout=300)
+                                              "--timeout", t, *spooled("party1")],
+                                   lines=2, timeout=300)
             (a0,) = procs.start("party0", ["mpc-node", "--party", "0", "--keys", keys,
                                            "--model", mdir, "--dealer", f"{da[0]}:{da[1]}",
-                                           "--peer", f"{peer[0]}:{peer[1]}", "--timeout", t],
+                                           "--peer", f"{peer[0]}:{peer[1]}", "--timeout", t,
+                                           *spooled("party0")],
                                 timeout=300)
             roles = ("party0", "party1", "dealer")
             cpu0 = {k: _cpu_s(procs.children[k].proc.pid) for k in roles}
             load0 = os.getloadavg()[0]
+            unready = 0
             with MpcClient(keys, a0, a1, shape, timeout=timeout) as client:
-                runs = [client.infer(x[i:i + 1]) for i in range(n)]
+                runs = []
+                for i in range(n):
+                    if spool:               # both parties have set i + 1 on disk
+                        _wait_for_sets(Path(f"{tmp}/logs"), i + 1, timeout)
+                    r = client.infer(x[i:i + 1])
+                    unready += not all(s["prefetched"] for s in r.stats)
+                    runs.append(r)
             rss = {k: _hwm(procs.children[k].proc.pid) for k in roles}
-            cpu = {k: (_cpu_s(procs.children[k].proc.pid) - cpu0[k]) / n for k in roles}
+            cpu = {k: (_cpu_s(procs.children[k].proc.pid) - cpu0[k]) / (n + unready)
+                   for k in roles}
             load = (load0 + os.getloadavg()[0]) / 2
     out = np.concatenate([r.outputs for r in runs])
     span = float(plain.max() - plain.min())
@@ -213,7 +195,8 @@ def measure(name: str, model, shape, n: int = 1, timeout: float = 600.0) -> dict
         "end_to_end_s": float(np.median([r.latency_s for r in runs])),
         "online_s": float(np.median([max(s["online_s"] for s in r.stats) for r in runs])),
         "party_cpu_s": float(np.median([max(s["cpu_s"] for s in r.stats) for r in runs])),
-        "process_cpu_s": cpu, "load_average": load,
+        "process_cpu_s": cpu, "load_average": load, "spooled": spool,
+        "runs_without_a_set": unready,
         "offline_s": float(np.median([max(s["offline_s"] for s in r.stats) for r in runs])),
         "rounds": st[0]["online_rounds"],
         "party_bytes": sum(s["online_bytes_sent"] for s in st),

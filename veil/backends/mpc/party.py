@@ -571,6 +571,7 @@ class Party:
                 if parts:              # read whole: the step's chunks joined now, once
                     out.add(i, j, 0, so.pack_arrays(pr.concat_circuit_arrays(parts)))
                 del parts
+        out.sync()
         out.took_s = time.perf_counter() - t0
         return out, received
 

@@ -63,6 +63,13 @@ class SpoolSet:
             self._index[(layer, step, chunk)] = (at, len(body))
             self.bytes += len(body)
 
+    def sync(self) -> None:
+        """Write the set to disk now, while the party is idle: otherwise the kernel's
+        writeback of the dirty pages runs later, during a request."""
+        with self._lock:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
     def _read(self, layer: int, step: int, chunk: int) -> dict:
         """The chunk's arrays as copy-on-write views of the file's pages (mapped once
         the set is complete): no copy, and no fresh memory to fault in."""
