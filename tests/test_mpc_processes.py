@@ -306,6 +306,23 @@ def test_resnet20_through_three_processes_streams_layers_and_matches_plain(tmp_p
         assert s["max_rss_bytes"] < s["estimated_bytes"] * 2
 
 
+def _small_convnet(model_dir, seed, first, second):
+    """conv -> ``first`` -> 2x2 max pool -> ``second`` -> linear on 1x8x8, saved to
+    ``model_dir``: three inputs and torch's outputs for them."""
+    import torch
+
+    from veil.frontend import to_graph
+
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), first, torch.nn.MaxPool2d(2),
+                              second, torch.nn.Flatten(), torch.nn.Linear(4 * 3 * 3, 5)).eval()
+    x = np.random.default_rng(seed).normal(size=(3, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        want = net(torch.as_tensor(x)).numpy()
+    save_model(to_graph(net, (1, 8, 8)), model_dir)
+    return x, want
+
+
 def test_layers_over_stream_above_run_chunk_by_chunk_and_match_plain(tmp_path):
     """With ``--stream-above 0`` every layer's material streams chunk by chunk while the
     layer runs (the path that lets a 224x224 model's big layers fit the budget): a
@@ -313,16 +330,7 @@ def test_layers_over_stream_above_run_chunk_by_chunk_and_match_plain(tmp_path):
     matches plain, and the runs report their chunks as streamed material."""
     import torch
 
-    from veil.frontend import to_graph
-
-    torch.manual_seed(3)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(),
-                              torch.nn.MaxPool2d(2), torch.nn.Sigmoid(),
-                              torch.nn.Flatten(), torch.nn.Linear(4 * 3 * 3, 5)).eval()
-    x = np.random.default_rng(3).normal(size=(3, 1, 8, 8)).astype(np.float32)
-    with torch.no_grad():
-        want = net(torch.as_tensor(x)).numpy()
-    save_model(to_graph(net, (1, 8, 8)), tmp_path / "model")
+    x, want = _small_convnet(tmp_path / "model", 3, torch.nn.ReLU(), torch.nn.Sigmoid())
     cluster = Cluster(tmp_path, tmp_path / "model", timeout="30",
                       extra=["--stream-above", "0", "--prefetch", "0", "--prefetch-batch", "0"])
     try:
@@ -343,16 +351,7 @@ def test_a_spooled_set_is_computed_ahead_read_back_from_disk_and_leaves_nothing(
     the spool directories stay empty by name while the processes run and after."""
     import torch
 
-    from veil.frontend import to_graph
-
-    torch.manual_seed(5)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.SiLU(),
-                              torch.nn.MaxPool2d(2), torch.nn.ReLU6(),
-                              torch.nn.Flatten(), torch.nn.Linear(4 * 3 * 3, 5)).eval()
-    x = np.random.default_rng(5).normal(size=(3, 1, 8, 8)).astype(np.float32)
-    with torch.no_grad():
-        want = net(torch.as_tensor(x)).numpy()
-    save_model(to_graph(net, (1, 8, 8)), tmp_path / "model")
+    x, want = _small_convnet(tmp_path / "model", 5, torch.nn.SiLU(), torch.nn.ReLU6())
     spool = tmp_path / "spool"
     cluster = Cluster(tmp_path, tmp_path / "model", timeout="30",
                       extra=["--prefetch", "10000000", "--spool", str(spool),

@@ -605,8 +605,7 @@ def _affine_steps(prog: Program, node) -> list[Step]:
     reader = prog.fused.get(node.name)
     kind = "trunc" if reader is None else (
         "trunc_clip" if prog.graph.node(reader).op is Op.CLIP else "trunc_relu")
-    extra = _divisor_bits(prog, node)
-    return [Step(kind, prog.size(node), prog.frac_bits + extra if extra else 0)]
+    return [Step(kind, prog.size(node), _trunc_shift(prog, node))]
 
 
 #: Average pools over more values than this get extra bits in their reciprocal.
@@ -632,6 +631,13 @@ def _divisor_bits(prog: Program, node) -> int:
     return min(int(np.ceil(np.log2(count))), 10) if count > POOL_EXACT_COUNT else 0
 
 
+def _trunc_shift(prog: Program, node) -> int:
+    """An affine layer's truncation shift as its step declares it: 0 (f) unless an
+    average pool's reciprocal has extra bits (:func:`_divisor_bits`)."""
+    extra = _divisor_bits(prog, node)
+    return prog.frac_bits + extra if extra else 0
+
+
 def _finish(run: Run, node, y: np.ndarray) -> np.ndarray:
     """An affine layer's 2f-bit result: truncated (with its ReLU when fused), or left
     at 2f bits as the output or for the ADD/SUB that reads it."""
@@ -642,8 +648,7 @@ def _finish(run: Run, node, y: np.ndarray) -> np.ndarray:
         attrs = run.prog.graph.node(reader).attrs
         return run.clip(y, _scaled(attrs["lo"], run.f), _scaled(attrs["hi"], run.f),
                         truncate=True)
-    extra = _divisor_bits(run.prog, node)
-    return run.trunc(y, relu=reader is not None, shift=run.f + extra if extra else 0)
+    return run.trunc(y, relu=reader is not None, shift=_trunc_shift(run.prog, node))
 
 
 def _bias2f(run: Run, node, name: str = "bias") -> np.ndarray:

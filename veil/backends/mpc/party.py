@@ -33,6 +33,28 @@ from .wire import (CLIENT_REQUEST, CLIENT_RESULT, DEFAULT_TIMEOUT, ERROR, LINK_G
                    read_client_request)
 
 # -- parties ------------------------------------------------------------------------------
+def _background(fn, *args) -> tuple[threading.Thread, list]:
+    """``fn(*args, box)`` started in a daemon thread; it leaves its result (or the
+    exception it raised) in ``box``."""
+    box: list = []
+    thread = threading.Thread(target=fn, args=(*args, box), daemon=True)
+    thread.start()
+    return thread, box
+
+
+def _collect(pending: dict, key, fn, *args):
+    """The result of ``fn(*args, box)``: from the thread :func:`_background` started for
+    ``key`` in ``pending``, or computed here when there is none; raises what it raised."""
+    thread, box = pending.pop(key, (None, []))
+    if thread is None:
+        fn(*args, box)
+    else:
+        thread.join()
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
 class _PeerChannel:
     """The online phase's channel over the peer link: both parties send and receive at
     once (``Link.exchange``)."""
@@ -506,10 +528,7 @@ class Party:
                     if size is not None:
                         break
                     self._pool_cond.wait(1.0)
-            while not self._idle.wait(1.0):
-                if stop.is_set():
-                    return
-            if stop.is_set():
+            if not self._wait_idle(stop):
                 return
             mids[size] += 1
             try:
@@ -542,12 +561,24 @@ class Party:
                          "%.0f MiB on disk, %.1f s", self.party, mids[size],
                          item[1] / 2**20, item[0].bytes / 2**20, item[0].took_s)
 
+    def _wait_idle(self, stop: threading.Event) -> bool:
+        """Until no request is computing (True), or the session stops (False)."""
+        while not self._idle.wait(1.0):
+            if stop.is_set():
+                return False
+        return not stop.is_set()
+
+    def _request_sizes(self, step, batch: int) -> tuple[int, ...]:
+        """The values of each dealer request for ``step`` on ``batch`` inputs: a
+        ``CHUNK`` each with circuit material, the whole step with DCF keys."""
+        total = step.size * batch
+        return chunk_sizes(total) if self.cmp == "circuit" else (total,)
+
     def _spool_set(self, dealer: tp.Link, session: str, mid: int, stop: threading.Event
                    ) -> tuple[SpoolSet, int] | None:
         """Single-input set ``mid`` written to the spool chunk by chunk, each fetched
         only while no request is computing (None if the session stops meanwhile)."""
-        plan = [[chunk_sizes(s.size) if self.cmp == "circuit" else (s.size,)
-                 for s in layer.steps] for layer in self.layers]
+        plan = [[self._request_sizes(s, 1) for s in layer.steps] for layer in self.layers]
         chunked = [streams_in_chunks(layer.steps, 1, self.frac_bits, self.cmp,
                                      self._streaming(1)) for layer in self.layers]
         out = SpoolSet(self._spool_dir, plan, chunked)
@@ -556,10 +587,7 @@ class Party:
             for j, sizes in enumerate(steps):
                 parts = []
                 for c, values in enumerate(sizes):
-                    while not self._idle.wait(1.0):
-                        if stop.is_set():
-                            return None
-                    if stop.is_set():
+                    if not self._wait_idle(stop):
                         return None
                     arrays, n = self._material(dealer, f"{session}/pool1", mid, 1,
                                                (i, i + 1), step=j, chunk=c, values=values)
@@ -612,13 +640,13 @@ class Party:
             t0 = time.perf_counter()
             pooled = None
             try:
-                size = req.share.shape[0]
+                size = int(req.share.shape[0])
                 if self._pool_targets.get(size, 0) > 0:
                     # a spooled set is used when one is complete; none is waited for
                     mid, pooled = self._pooled(size, None, wait=not (
                         size == 1 and self._spool_dir is not None))
                 peer.send(PEER_BEGIN, json.dumps({"id": rid.hex(), "seq": seq, "mid": mid,
-                                                  "batch": int(req.share.shape[0])}).encode())
+                                                  "batch": size}).encode())
                 kind, body = peer.recv()
             except (VeilError, OSError) as exc:
                 role = getattr(exc, "role", "party1")
@@ -684,15 +712,13 @@ class Party:
                 steps = self.layers[i].steps
                 if streams_in_chunks(steps, batch, self.frac_bits, self.cmp, streaming):
                     # too big to hold: each step's chunks are fetched as the run
-                    # consumes them (no lookahead past this layer, see fetch)
+                    # consumes them, one ahead (see load)
                     box.append(([[Chunked(chunk_sizes(s.size * batch), chunk_loader(i, j))
                                   for j, s in enumerate(steps)]], 0))
                     return
                 for j, step in enumerate(steps):
-                    total = step.size * batch
-                    sizes = chunk_sizes(total) if self.cmp == "circuit" else (total,)
                     parts = []
-                    for c, values in enumerate(sizes):
+                    for c, values in enumerate(self._request_sizes(step, batch)):
                         arrays, n = self._material(dealer, f"{session}/stream", seq, 1,
                                                    (i, i + 1), step=j, chunk=c,
                                                    values=values)
@@ -732,25 +758,13 @@ class Party:
                 chunks held: the dealer's work and the transfer overlap the run's);
                 after a layer's last chunk, the next layer (``lookahead``)."""
                 t = time.perf_counter()
-                thread, box = chunks.pop((i, j, c), (None, []))
-                if thread is None:
-                    get_chunk(i, j, c, box)
-                else:
-                    thread.join()
+                done = _collect(chunks, (i, j, c), get_chunk, i, j, c)
                 nxt = after(i, j, c)
                 if self.lookahead and nxt is not None:
-                    box2: list = []
-                    th = threading.Thread(target=get_chunk, args=(*nxt, box2), daemon=True)
-                    th.start()
-                    chunks[nxt] = (th, box2)
+                    chunks[nxt] = _background(get_chunk, *nxt)
                 elif self.lookahead and i + 1 < len(self.layers) and i + 1 not in ahead:
-                    box2 = []
-                    th = threading.Thread(target=get, args=(i + 1, box2), daemon=True)
-                    th.start()
-                    ahead[i + 1] = (th, box2)
-                if isinstance(box[0], BaseException):
-                    raise box[0]
-                item, n = box[0]
+                    ahead[i + 1] = _background(get, i + 1)
+                item, n = done
                 stream["offline_s"] += time.perf_counter() - t
                 stream["bytes"] += n
                 stream["peak"] = max(stream["peak"], n)
@@ -762,30 +776,17 @@ class Party:
             layer is fetched meanwhile in the background (at most 1 + lookahead layers
             held, the finished ones released)."""
             t = time.perf_counter()
-            thread, box = ahead.pop(i, (None, []))
-            if thread is None:
-                get(i, box)
-            else:
-                thread.join()
-            if isinstance(box[0], BaseException):
-                raise box[0]
-            (items,), size = box[0]
+            (items,), size = _collect(ahead, i, get, i)
             # a chunked layer's requests come while it runs, each chunk's with the one
             # before it computing (``load``): the dealer serves each party's requests in
             # order, so the next layer is asked for after its last chunk
             chunked = any(isinstance(m, Chunked) for m in items)
             if chunked and self.lookahead and (i, 0, 0) not in chunks:
-                first: list = []
-                th = threading.Thread(target=get_chunk, args=(i, 0, 0, first), daemon=True)
-                th.start()
-                chunks[(i, 0, 0)] = (th, first)
+                chunks[(i, 0, 0)] = _background(get_chunk, i, 0, 0)
             for j in range(i + 1, min(i + 1 + self.lookahead * (not chunked),
                                       len(self.layers))):
                 if j not in ahead:
-                    nxt: list = []
-                    th = threading.Thread(target=get, args=(j, nxt), daemon=True)
-                    th.start()
-                    ahead[j] = (th, nxt)
+                    ahead[j] = _background(get, j)
             stream["offline_s"] += time.perf_counter() - t
             stream["bytes"] += size
             stream["layers"] += 1
