@@ -242,7 +242,7 @@ def test_he_server_refuses_bad_keys_and_ciphertexts(tmp_path):
     server_dir, client_dir = veil.compile(str(model), x, insecure_test_params=True) \
         .export(tmp_path / "he")
     with Processes(tmp_path / "logs") as procs:
-        (address,) = procs.start("he", [str(server_dir)], module="veil.compare.he_server")
+        (address,) = procs.start("he", [str(server_dir)], module="veil.deploy.he_server")
         link = _HELink(address, timeout=30)
         with pytest.raises(CompareError, match="SerializationError"):
             link.call(b"not keys")

@@ -85,17 +85,19 @@ def test_resnet20_estimate_needs_bootstraps_with_sane_depth_and_keys(resnet20):
 
 
 def test_resnet20_he_mode_raises_the_typed_error(resnet20):
+    # it needs bootstrapping, which veil has, but its 16x32x32 feature maps are wider
+    # than the dense lowering builds: the error names the first such layer
     _, cal, compiled = resnet20
-    with pytest.raises(BootstrapRequiredError) as err:
-        compiled.run(cal[0], mode="he")
     est = compiled.result.estimate
-    assert isinstance(err.value, CompileError)
-    assert (err.value.depth, err.value.max_depth, err.value.bootstraps) == (
-        est.depth, est.max_depth, est.bootstraps)
-    msg = str(err.value)
-    assert f"depth {est.depth}" in msg and f"at most {est.max_depth}" in msg
-    assert f"{est.bootstraps} bootstraps" in msg and "bootstrap" in msg
-    with pytest.raises(BootstrapRequiredError):
+    assert not est.fits and est.bootstraps > 0
+    with pytest.raises(CompileError) as err:
+        compiled.run(cal[0], mode="he")
+    assert not isinstance(err.value, BootstrapRequiredError)
+    sizes = [(name, n_in * n_out) for name, n_in, n_out in dense_chains(
+        compiled.result.polynomial) if n_in * n_out > MAX_DENSE_ENTRIES]
+    assert sizes and f"layer {sizes[0][0]!r}" in str(err.value)
+    assert str(MAX_DENSE_ENTRIES) in str(err.value)
+    with pytest.raises(CompileError):
         compiled.export("/nonexistent/never-written")
 
 

@@ -82,6 +82,7 @@ CASES = {
                       {"matrix": _w(7, 144, scale=0.1), "bias": _w(7)})), Op.DENSE),
     "poly": (_unary(Op.POLY, coeffs=(0.1, 0.5, 0.2, -0.05), lo=-3.0, hi=3.0), Op.POLY),
     "gather": (_unary(Op.GATHER, indices=(0, 5, -1, 143, 7)), Op.GATHER),
+    "bootstrap_scaled": (_unary(Op.BOOTSTRAP, bound=4.0), Op.BOOTSTRAP),
 }
 
 

@@ -22,7 +22,9 @@ class CompileError(VeilError):
 
 
 class BootstrapRequiredError(CompileError):
-    """The model is deeper than any 128-bit CKKS ring holds without bootstrapping.
+    """The model is deeper than any 128-bit CKKS ring holds without bootstrapping,
+    and bootstrapping cannot serve it either: one op needs more levels than a bootstrap
+    leaves (a very high polynomial degree).
 
     Raised when such a model is asked to run under HE; ``simulate`` and the compile
     report (depth, bootstraps needed, keys, latency) still work. Carries ``depth``,

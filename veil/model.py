@@ -123,14 +123,13 @@ def _stop_servers(servers: dict) -> None:
 
 class CompiledModel:
     """A model compiled for private inference. Use as a context manager (or call
-    :meth:`close`) to free HE keys and stop the TEE and MPC processes ``run`` started."""
+    :meth:`close`) to free HE keys and stop the processes ``run`` started."""
 
     def __init__(self, result: CompileResult, input_range: tuple[float, float],
                  calibration_ranges: dict[str, tuple[float, float]]) -> None:
         self.result = result
         self.input_range = input_range
         self._ranges = calibration_ranges
-        self._he: Any = None
         # mode -> its local processes (deploy/local.py); stopped by close(), and by the
         # finalizer when this object is collected or the interpreter exits without it
         self._servers: dict[str, Any] = {}
@@ -162,9 +161,11 @@ class CompiledModel:
         Returns one output for one sample, or an array of outputs for a batch.
 
         Modes (:class:`Mode`): ``plain`` and ``simulate`` compute here; ``he`` runs the
-        CKKS client and server roles in this process; ``tee`` and ``mpc`` start their
-        servers (an enclave; the dealer and two parties) as local processes on loopback
-        on first use, reuse them after, and stop them on :meth:`close` (or when this
+        CKKS client here and its server in a local process (started on first use, with
+        veil's OpenMP setting whatever this process imported first); ``tee`` and ``mpc``
+        start their servers (an enclave; the dealer and two parties) as local processes
+        on loopback on first use; all reuse them after, and stop them on :meth:`close`
+        (or when this
         object is collected, or the interpreter exits). They are for development: the
         enclave is vouched for by an INSECURE software attester, and the MPC roles all
         run on this machine.
@@ -190,18 +191,9 @@ class CompiledModel:
             out = interpret(self.result.source, batch)
         elif mode is Mode.SIMULATE:
             out = interpret(self.result.lowered, batch)
-        elif mode is Mode.HE:
-            out = self._he_loop().infer_batch(batch)
         else:
             out = self._local(mode.value).infer_batch(batch)
         return out[0] if single else out
-
-    def _he_loop(self):
-        if self._he is None:
-            from .deploy.loopback import Loopback
-
-            self._he = Loopback(self.client_bundle(), self.server_bundle())
-        return self._he
 
     def _local(self, mode: str):
         """``mode``'s local processes, started on first use (again if one died)."""
@@ -212,22 +204,18 @@ class CompiledModel:
                 server.close()
                 server = None
             if server is None:
-                from .deploy.local import start
+                from .deploy.local import LocalHE, start
 
-                server = self._servers[mode] = start(mode, self.result.source)
+                server = self._servers[mode] = (
+                    LocalHE(self.client_bundle(), self.server_bundle()) if mode == "he"
+                    else start(mode, self.result.source))
             return server
 
     def close(self) -> None:
-        """Release the in-process HE keys and session, and stop the TEE and MPC
-        processes, if ``run`` made them. The model can still be run after (it starts
-        them again)."""
-        try:
-            if self._he is not None:
-                self._he.close()
-                self._he = None
-        finally:
-            with self._lock:
-                _stop_servers(self._servers)
+        """Release the HE keys and stop the HE server, the TEE and the MPC processes, if
+        ``run`` made them. The model can still be run after (it starts them again)."""
+        with self._lock:
+            _stop_servers(self._servers)
 
     def __enter__(self) -> "CompiledModel":
         return self

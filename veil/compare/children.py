@@ -46,6 +46,6 @@ def role_of(cmd: list[str]) -> str:
         return "dealer"
     if "tee-serve" in args:
         return "plaintext-server" if "--plaintext-baseline" in args else "enclave"
-    if args[0] == "veil.compare.he_server":
+    if args[0] == "veil.deploy.he_server":
         return "he-server"
     return args[0]

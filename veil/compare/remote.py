@@ -245,7 +245,7 @@ def measure_he(job: Job, procs) -> dict:
 
     he = job.export.path("he")
     (address,) = procs.start(f"{job.workload.name}-he-server", [str(he / "server")],
-                             module="veil.compare.he_server")
+                             module="veil.deploy.he_server")
     address = procs.link(address)
     with ClientPeak() as peak, ModelClient(he / "client") as client:
         t = time.perf_counter()

@@ -151,7 +151,7 @@ def _levels(graph: Graph) -> dict[str, int]:
     chain_real: dict[str, bool] = {}  # affine chain so far holds a non-reshape op
     for node in graph.nodes:
         src = by_name.get(node.inputs[0]) if node.inputs else None
-        if node.op in (Op.INPUT, Op.GATHER) or node.op in (Op.ADD, Op.SUB, Op.CONCAT):
+        if node.op in (Op.INPUT, Op.GATHER, Op.BOOTSTRAP, Op.ADD, Op.SUB, Op.CONCAT):
             cost[node.name] = 0
         elif node.op in AFFINE_OPS:
             real = node.op is not Op.RESHAPE

@@ -24,7 +24,7 @@ from .params import next_pow2
 # (offsets, sy, sx) says element (c, y, x) of a (C, H, W) value sits at slot
 # offsets[c] + y * sy + x * sx, which is what makes a convolution's diagonals
 # independent of the output pixel.
-_ELEMENTWISE = (Op.POLY, Op.SQUARE)
+_ELEMENTWISE = (Op.POLY, Op.SQUARE, Op.BOOTSTRAP)
 
 
 def _compact(shape: tuple[int, ...]):

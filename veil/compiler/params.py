@@ -8,7 +8,7 @@ for HYBRID key switching (validated against OpenFHE by a backend test).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from ..errors import CompileError
 
@@ -45,9 +45,33 @@ def chebyshev_depth(degree: int, lo: float = -1.0, hi: float = 1.0) -> int:
     raise CompileError(f"polynomial degree {degree} is above the supported 2031")
 
 
+# Depth of OpenFHE's approximate modular reduction (Chebyshev series of the scaled sine,
+# plus double-angle iterations, more of them for the wider overflow bound K of uniform
+# ternary secrets); a bootstrap consumes it plus its CoeffsToSlots and SlotsToCoeffs
+# level budgets. Checked against GetBootstrapDepth by a backend test.
+_EVALMOD_DEPTH = {"SPARSE_ENCAPSULATED": 10, "UNIFORM_TERNARY": 14, "SPARSE_TERNARY": 10}
+KEY_DISTS = tuple(_EVALMOD_DEPTH)
+
+
+def bootstrap_depth(level_budget: tuple[int, int], key_dist: str) -> int:
+    """Levels one OpenFHE bootstrap consumes (``GetBootstrapDepth``)."""
+    if key_dist not in _EVALMOD_DEPTH:
+        raise CompileError(f"unknown secret distribution {key_dist!r}; one of "
+                           f"{KEY_DISTS}")
+    return _EVALMOD_DEPTH[key_dist] + int(level_budget[0]) + int(level_budget[1])
+
+
 @dataclass(frozen=True)
 class CKKSParams:
-    """CKKS parameters; ``security`` is the OpenFHE security level name."""
+    """CKKS parameters; ``security`` is the OpenFHE security level name.
+
+    ``batch`` is the number of slots a ciphertext packs (0: all ``ring_dim / 2``); a
+    smaller power of two replicates the vector across the ring, which is what makes a
+    bootstrap over ``batch`` slots cheaper than over all of them. ``boot_budget`` (the
+    CoeffsToSlots and SlotsToCoeffs level budgets) turns bootstrapping on; the context
+    then reserves ``boot_levels`` levels after each bootstrap, and ``mult_depth`` is
+    ``boot_levels + bootstrap_depth(boot_budget, key_dist)``.
+    """
 
     ring_dim: int
     mult_depth: int
@@ -56,17 +80,45 @@ class CKKSParams:
     num_large_digits: int
     security: str = "HEStd_128_classic"
     insecure_test_params: bool = False
+    key_dist: str = "UNIFORM_TERNARY"
+    batch: int = 0
+    boot_budget: tuple[int, int] | None = None
+    boot_levels: int = 0
+    boot_stc_first: bool = False     # OpenFHE's SlotsToCoeffs-first variant
+    boot_correction: int = 0         # OpenFHE's correction factor (0: its default)
+
+    def __post_init__(self) -> None:
+        if self.boot_budget is not None:
+            object.__setattr__(self, "boot_budget", tuple(int(b) for b in self.boot_budget))
 
     @property
     def slots(self) -> int:
-        return self.ring_dim // 2
+        return self.batch or self.ring_dim // 2
+
+    @property
+    def bootstraps(self) -> bool:
+        return self.boot_budget is not None
+
+    @property
+    def fresh_budget(self) -> int:
+        """Levels a fresh ciphertext may spend before it must be bootstrapped: OpenFHE
+        needs one level left, and the SlotsToCoeffs-first variant its SlotsToCoeffs
+        budget too (measured in ``tests/test_he_bootstrap.py`` and bench/he_deep.py)."""
+        return self.mult_depth - 1 - (self.boot_budget[1] if self.boot_stc_first else 0)
+
+    @property
+    def boot_budget_levels(self) -> int:
+        """Levels a bootstrapped ciphertext may spend before the next bootstrap: one
+        fewer than the context reserves, in both variants (measured as for
+        :attr:`fresh_budget`)."""
+        return self.boot_levels - 1
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "CKKSParams":
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 def _estimated_log_qp(depth: int, scaling: int, first: int, dnum: int) -> int:
@@ -143,3 +195,39 @@ def select_params(depth: int, min_slots: int, *, insecure_test_params: bool = Fa
         return CKKSParams(ring, depth, s, first, dnum), why
     raise CompileError(f"depth {depth} does not fit a ring of at most 2^17 at 128-bit "
                        "security; lower the polynomial degrees")
+
+
+# Bootstrapping parameters. The secure set is the candidate bench/he_deep.py measured
+# best at 128-bit security on this 2-core machine ("enc-33-s47-stc" in
+# bench/results/he_deep.md: 18 s per bootstrap of 2^12 slots, 15.6 bits (max error),
+# 10 usable levels after it, 7.0 GiB of keys): a sparse-encapsulated secret, level
+# budgets (3, 3), 11 levels reserved, a 47-bit scale over a 55-bit first modulus
+# (OpenFHE's bootstrap needs first - scale <= its correction factor, 8 bits at 2^16),
+# 4 key-switching digits (the fewest OpenFHE accepts at 128 bits), SlotsToCoeffs first.
+# The test set is INSECURE (ring 2^12, no security level): the smallest that still
+# bootstraps, for the default test run.
+BOOT_PRECISION_BITS = 15     # max-error bits of one bootstrap, measured (15.6 at 2^16)
+BOOT_SECURE = CKKSParams(1 << 16, 0, 47, 55, 4, "HEStd_128_classic", False,
+                         "SPARSE_ENCAPSULATED", 0, (3, 3), 11, True)
+BOOT_TEST = CKKSParams(1 << 12, 0, 50, 60, 3, "HEStd_NotSet", True,
+                       "SPARSE_ENCAPSULATED", 0, (2, 2), 10, True)
+
+
+def bootstrap_params(*, insecure_test_params: bool = False, precision_bits: int | None = None,
+                     slots: int = 0) -> CKKSParams:
+    """CKKS parameters with bootstrapping: the measured set (see ``BOOT_SECURE``) with
+    ``mult_depth`` filled in and a batch of ``slots`` (a power of two; 0 for all of the
+    ring's)."""
+    base = BOOT_TEST if insecure_test_params else BOOT_SECURE
+    depth = base.boot_levels + bootstrap_depth(base.boot_budget, base.key_dist)
+    if slots and (slots & (slots - 1) or slots > base.ring_dim // 2):
+        raise CompileError(f"a bootstrapped batch must be a power of two up to "
+                           f"{base.ring_dim // 2} slots, not {slots}")
+    if precision_bits is not None and precision_bits > BOOT_PRECISION_BITS:
+        raise CompileError(f"precision_bits={precision_bits} is above the "
+                           f"{BOOT_PRECISION_BITS} bits a bootstrap keeps (measured); a "
+                           "model this deep cannot promise more")
+    # the digits are part of the measured set: OpenFHE's moduli run a few bits above
+    # _estimated_log_qp here, so the estimate's fewest digits (3) fail its 128-bit check
+    # (a backend test builds BOOT_SECURE with OpenFHE)
+    return replace(base, mult_depth=depth, batch=0 if slots == base.ring_dim // 2 else slots)

@@ -6,7 +6,9 @@ gives the graph ``simulate`` runs and :func:`~veil.compiler.estimate.estimate_he
 prices. Its back stage (im2col, linearize, domain and quadratic folds) and the slot
 plan run only when the model fits CKKS without bootstrapping and every dense matrix
 is cheap to probe; otherwise the result keeps the structured graph and records why HE
-cannot run it, which :meth:`CompileResult.he_plan` raises when HE is asked for.
+cannot run it, which :meth:`CompileResult.he_plan` raises when HE is asked for. A model
+deeper than a 128-bit ring holds gets bootstraps from the levels pass
+(:mod:`veil.compiler.levels`), the back stage's last.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from .targets import HE, check_ops, run_passes
 
 PASSES = HE.pass_names + ("plan_he",)
 # What the slot evaluator (backends/he/evaluator.py) runs today.
-SLOT_OPS = frozenset({Op.INPUT, Op.GATHER, Op.DENSE, Op.POLY, Op.SQUARE, Op.ADD})
+SLOT_OPS = frozenset({Op.INPUT, Op.GATHER, Op.DENSE, Op.POLY, Op.SQUARE, Op.ADD,
+                      Op.BOOTSTRAP})
 
 
 @dataclass
@@ -61,16 +64,6 @@ def _check_calibration(graph: Graph, calibration: np.ndarray) -> None:
 
 def _refusal(poly: Graph, est: HEEstimate) -> tuple[type, str, dict] | None:
     """Why the back stage must not run on ``poly``, checked before any matrix is built."""
-    if not est.fits:
-        return (BootstrapRequiredError,
-                f"this model needs multiplicative depth {est.depth}, but a 128-bit CKKS "
-                f"ring holds at most {est.max_depth} without bootstrapping; it needs "
-                f"{est.bootstraps} bootstraps on its longest path, and veil cannot "
-                "bootstrap yet (a later release adds it). compiled.report() shows the "
-                "estimated cost; run it in 'simulate' mode meanwhile, or lower the "
-                "polynomial degrees",
-                {"depth": est.depth, "max_depth": est.max_depth,
-                 "bootstraps": est.bootstraps})
     for name, n_in, n_out in dense_chains(poly):
         if n_in * n_out > MAX_DENSE_ENTRIES:
             return (CompileError,
@@ -108,7 +101,15 @@ def compile_graph(graph: Graph, calibration: np.ndarray, *,
     est = estimate_he(poly, precision_bits=precision_bits)
     refusal = _refusal(poly, est)
     if refusal is None:
-        lowered, back_notes = run_passes(poly, HE.back, options)
+        try:
+            lowered, back_notes = run_passes(poly, HE.back, {
+                **options, "insecure_test_params": insecure_test_params,
+                "precision_bits": precision_bits})
+        except BootstrapRequiredError as exc:
+            refusal = (BootstrapRequiredError, str(exc), {
+                "depth": exc.depth, "max_depth": exc.max_depth,
+                "bootstraps": exc.bootstraps})
+    if refusal is None:
         odd = next((n for n in lowered.nodes if n.op not in SLOT_OPS), None)
         if odd is not None:
             refusal = (CompileError, f"{odd.op.value} node {odd.name!r} has no HE kernel "

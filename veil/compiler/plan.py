@@ -18,9 +18,11 @@ from ..ir import Graph, Op
 from .dense import (COST, KEY_WEIGHT, DensePlan, _layer_work, dense_cost,  # noqa: F401
                     normalize_rotation, plan_dense, slot_diagonals)
 from .layout import _assign_layouts, _client_entry, _expand_first_layer
+from .levels import check_levels, graph_depth
 from .params import (FIRST_MOD_HEADROOM, HE_STD_128_LOGQP, INSECURE_RING_DIM,  # noqa: F401
                      PRECISION_LOSS_BITS, SCALING_BITS_CHOICES, CKKSParams,
-                     chebyshev_depth, keyswitch_cost, next_pow2, select_params)
+                     bootstrap_params, chebyshev_depth, keyswitch_cost, next_pow2,
+                     select_params)
 
 @dataclass
 class HEPlan:
@@ -43,7 +45,8 @@ class HEPlan:
     def manifest(self) -> dict:
         """The key manifest: exactly what the client must generate and the server needs."""
         return {"params": self.params.to_dict(), "rotations": list(self.rotations),
-                "relinearization_key": True, "bootstrapping": False, "depth": self.depth,
+                "relinearization_key": True, "bootstrapping": self.params.bootstraps,
+                "depth": self.depth,
                 "lanes": self.lanes, "costs": self.costs,
                 "input": {"shape": list(self.input_shape), "period": self.input_period,
                           **self.input_layout},
@@ -84,8 +87,22 @@ def plan_he(graph: Graph, *, insecure_test_params: bool = False,
     levels, periods = _walk(graph, entry)
     depth = levels[graph.output]
     min_slots = max(max(periods.values()), 1)
-    params, why = select_params(depth, min_slots, insecure_test_params=insecure_test_params,
-                                precision_bits=precision_bits)
+    if any(n.op is Op.BOOTSTRAP for n in graph.nodes):
+        # bootstrapping: a sparse batch of just the slots the widest value needs (a
+        # bootstrap's cost grows with the slots it covers), one input per ciphertext
+        params = bootstrap_params(insecure_test_params=insecure_test_params,
+                                  precision_bits=precision_bits, slots=next_pow2(min_slots))
+        check_levels(graph, params)
+        depth = graph_depth(graph)
+        why = (f"depth {depth} with bootstrapping: {params.boot_budget_levels} levels "
+               f"between bootstraps ({params.key_dist} secret, level budget "
+               f"{params.boot_budget}), {params.slots} slots bootstrapped, ring "
+               f"{params.ring_dim}" + (" (INSECURE test parameters)"
+                                       if params.insecure_test_params else ""))
+    else:
+        params, why = select_params(depth, min_slots,
+                                    insecure_test_params=insecure_test_params,
+                                    precision_bits=precision_bits)
     slots = params.slots
     layouts, dense = _assign_layouts(graph, entry, slots, search=layout == "latency")
     periods = {name: lay[0] for name, lay in layouts.items()}
@@ -124,6 +141,7 @@ def estimate_costs(graph: Graph, plan: HEPlan) -> dict:
     too wide for one ciphertext per feature."""
     lanes_cost = features_cost = 0.0
     widest = 0
+    boots = any(n.op is Op.BOOTSTRAP for n in graph.nodes)   # the slot layout only
     for node in graph.nodes:
         width = int(np.prod(node.shape))
         widest = max(widest, width)
@@ -136,8 +154,8 @@ def estimate_costs(graph: Graph, plan: HEPlan) -> dict:
             lanes_cost += one
             features_cost += width * one
     return {"lanes_per_ciphertext": round(lanes_cost, 2),
-            "features_per_batch": (round(features_cost, 2) if widest <= MAX_FEATURES
-                                   else None)}
+            "features_per_batch": (round(features_cost, 2)
+                                   if widest <= MAX_FEATURES and not boots else None)}
 
 
 def _walk(graph: Graph, entry) -> tuple[dict[str, int], dict[str, int]]:
@@ -147,8 +165,8 @@ def _walk(graph: Graph, entry) -> tuple[dict[str, int], dict[str, int]]:
     cost = {Op.DENSE: 1, Op.SQUARE: 1, Op.ADD: 0}
     for node in graph.nodes:
         periods[node.name] = next_pow2(int(np.prod(node.shape)))
-        if node.op is Op.INPUT or node is entry:
-            levels[node.name] = 0
+        if node.op in (Op.INPUT, Op.BOOTSTRAP) or node is entry:
+            levels[node.name] = 0      # levels spent since the value was fresh
             continue
         base = max(levels[s] for s in node.inputs)
         if node.op is Op.POLY:

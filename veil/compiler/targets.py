@@ -17,6 +17,7 @@ from typing import Any, Callable
 from ..errors import CompileError, UnsupportedOperation
 from ..ir import Graph, Op, opdef, ops_for
 from .approx import approximate
+from .levels import place_bootstraps
 from .passes import (PassNote, fold_batchnorm, fold_poly_domain, fold_quadratic,
                      im2col_first_conv, linearize, replace_maxpool)
 
@@ -71,7 +72,7 @@ MPC = Target("mpc", (fold_batchnorm,))
 # runs), then the lowering to DENSE / POLY / SQUARE for the slot evaluator, which the
 # pipeline runs only when every dense matrix is cheap to probe and no bootstrap is due.
 HE = Target("he", (fold_batchnorm, replace_maxpool, approximate, im2col_first_conv,
-                   linearize, fold_poly_domain, fold_quadratic), split=3)
+                   linearize, fold_poly_domain, fold_quadratic, place_bootstraps), split=3)
 
 TARGETS: dict[str, Target] = {t.name: t for t in (TEE, MPC, HE)}
 

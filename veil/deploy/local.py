@@ -1,9 +1,19 @@
-"""The TEE and MPC roles on this machine, for ``CompiledModel.run(mode="tee"|"mpc")``.
+"""The server roles on this machine, for ``CompiledModel.run(mode="he"|"tee"|"mpc")``.
 
-What ``loopback.py`` is for HE, this is for the two modes whose servers are processes:
-:class:`LocalTEE` starts an enclave (``veil tee-serve``) and attests it with a
-development policy; :class:`LocalMPC` starts the dealer and both parties (``veil
-mpc-dealer`` / ``mpc-node``) with fresh identities. Both use the one launcher,
+:class:`LocalHE` keeps the CKKS client here and starts the HE server
+(``python -m veil.deploy.he_server``); :class:`LocalTEE` starts an enclave (``veil
+tee-serve``) and attests it with a development policy; :class:`LocalMPC` starts the
+dealer and both parties (``veil mpc-dealer`` / ``mpc-node``) with fresh identities.
+
+Why HE's server is a process too: OpenFHE parallelises with libgomp, which reads
+``GOMP_SPINCOUNT`` once, when it loads. torch ships its own ``libgomp.so.1``; imported
+first (as in almost every user script) it is the copy OpenFHE binds to, already running
+with libgomp's default spin of ~300k iterations, so idle OpenFHE threads spin against
+whatever else the machine runs (2x slower with one core busy,
+``bench/results/he_import_order.md``). The server process imports OpenFHE and not
+torch, with the variable set by the launcher, whatever the user imported first.
+
+All use the one launcher,
 :class:`veil.deploy.processes.Processes`, on loopback, keep their files (bundle, keys,
 logs) in a private temporary folder, and remove processes and folder on :meth:`close`.
 
@@ -207,6 +217,114 @@ class LocalMPC(_Local):
         step = min(MAX_INPUTS, self._chunk)
         return np.concatenate([self.client.infer(xs[i:i + step]).outputs
                                for i in range(0, len(xs), step)])
+
+
+class LocalHE:
+    """The CKKS client in this process and the HE server (``veil.deploy.he_server``) in
+    a child, exchanging evaluation keys and ciphertexts over loopback.
+
+    Same interface as :class:`veil.deploy.loopback.Loopback` (``infer``,
+    ``infer_batch``, ``timings``, ``close``), plus ``alive`` and ``pids``. The server
+    bundle and the logs sit in a private temporary folder, removed on :meth:`close`.
+    """
+
+    def __init__(self, client_bundle, server_bundle, check_range: bool = True, *,
+                 timeout_s: float = 24 * 3600.0) -> None:
+        import time
+
+        from ..backends import sockets
+        from .client import ModelClient
+        from .loopback import Timings
+
+        self._owner = os.getpid()
+        self.timings = Timings()
+        self.dir = Path(tempfile.mkdtemp(prefix="veil-he-"))       # mode 0700
+        self.procs = Processes(self.dir / "logs", supervise=False)
+        self._stop = threading.Event()
+        self._calls = threading.Lock()
+        self.client = self._sock = None
+        try:
+            server_bundle.save(self.dir / "server")
+            (address,) = _start_in_keeper(lambda: self.procs.start(
+                f"{NAME}-he-server", [str(self.dir / "server"), "--timeout",
+                                      str(timeout_s)], module="veil.deploy.he_server"),
+                self._stop)
+            self.client = ModelClient(client_bundle, check_range=check_range)
+            t0 = time.perf_counter()
+            self.client.keygen()
+            keys = self.client.evaluation_keys()
+            t1 = time.perf_counter()
+            self._sock = sockets.dial(address, timeout_s)
+            self._call(keys)
+            self.timings.keygen_s, self.timings.session_s = t1 - t0, time.perf_counter() - t1
+            self.timings.eval_key_bytes = len(keys)
+        except BaseException:
+            self.close()
+            raise
+
+    def _call(self, payload: bytes) -> bytes:
+        """One frame to the server and its answer (``he_server``'s status byte)."""
+        import json
+
+        from ..backends import sockets
+        from ..errors import EngineError
+
+        sockets.send_frame(self._sock, payload)
+        reply = sockets.recv_buffer(self._sock)
+        if reply[:1] != b"\x00":
+            try:
+                why = json.loads(bytes(reply[1:]))["error"]
+            except (ValueError, KeyError, TypeError):
+                why = "a malformed error"
+            raise EngineError(f"the local HE server failed: {why}")
+        return bytes(reply[1:])
+
+    def infer(self, x) -> np.ndarray:
+        return self.infer_batch(np.asarray(x)[None])[0]
+
+    def infer_batch(self, xs) -> np.ndarray:
+        """Many inputs, ``client.lanes`` per ciphertext; timings are per ciphertext."""
+        import time
+
+        with self._calls:
+            t = self.timings
+            t0 = time.perf_counter()
+            cts = self.client.encrypt_batch(list(xs))
+            t1 = time.perf_counter()
+            outs = [self._call(ct) for ct in cts]
+            t2 = time.perf_counter()
+            ys = self.client.decrypt_batch(outs)
+            t3 = time.perf_counter()
+            n = len(cts)
+            t.encrypt_s += [(t1 - t0) / n] * n
+            t.eval_s += [(t2 - t1) / n] * n
+            t.decrypt_s += [(t3 - t2) / n] * n
+            t.input_ct_bytes, t.output_ct_bytes = len(cts[-1]), len(outs[-1])
+            return ys
+
+    def alive(self) -> bool:
+        return bool(self.procs.children) and all(
+            c.proc is not None and c.proc.poll() is None for c in self.procs.children.values())
+
+    def pids(self) -> list[int]:
+        return [c.proc.pid for c in self.procs.children.values() if c.proc is not None]
+
+    def close(self) -> None:
+        """Stop the server and remove the folder; safe to call more than once (and a
+        no-op in a forked copy of this process, as for :class:`_Local`)."""
+        if os.getpid() != self._owner:
+            return
+        try:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+            if self.client is not None:
+                self.client.close()
+                self.client = None
+        finally:
+            self.procs.close()
+            self._stop.set()
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 LOCAL: dict[str, type[_Local]] = {"tee": LocalTEE, "mpc": LocalMPC}

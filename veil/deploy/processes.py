@@ -84,11 +84,19 @@ def _text(address: tuple[str, int]) -> str:
     return f"{address[0]}:{address[1]}"
 
 
+# libgomp's spin before an idle OpenMP thread sleeps; read once, when the runtime loads
+# (see backends/he/openfhe_engine.py). The user's own setting wins.
+GOMP_SPINCOUNT = "1000"
+
+
 def _child_env() -> dict[str, str]:
     """The servers run single-threaded BLAS (``veil.cli`` would otherwise start itself
-    again to set it, doubling the time a restart takes)."""
-    return {**os.environ, "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS",
-                                                                  "1")}
+    again to set it, doubling the time a restart takes), and OpenMP with veil's spin
+    setting (an HE server's OpenFHE reads it when it loads, whatever the process that
+    started it had loaded first)."""
+    return {**os.environ,
+            "OPENBLAS_NUM_THREADS": os.environ.get("OPENBLAS_NUM_THREADS", "1"),
+            "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT", GOMP_SPINCOUNT)}
 
 
 def proc_state(pid: int) -> str:

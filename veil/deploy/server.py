@@ -98,6 +98,9 @@ class ServerSession:
                                      f"per each of {width} features")
         if bundle.weights == "encrypted":
             raise SerializationError("the feature layout does not support encrypted weights")
+        if self._server.feature_evaluator is None:
+            raise SerializationError("this model bootstraps: it takes slot-layout inputs "
+                                     "only")
         cts = [self._engine.load(parts[f"f{i}"]) for i in range(width)]
         outs = self._server.feature_evaluator.run(self._engine, cts)
         return pack(CIPHERTEXT_KIND, {f"o{i}": self._engine.dump(c) for i, c in enumerate(outs)},
@@ -126,7 +129,9 @@ class ModelServer:
         self.bundle = bundle if isinstance(bundle, ServerBundle) else ServerBundle.load(bundle)
         self.evaluator = Evaluator(self.bundle.graph, HEPlan.from_manifest(
             self.bundle.params, self.bundle.manifest))
-        self.feature_evaluator = FeatureEvaluator(self.bundle.graph)
+        # a bootstrapped model runs in the slot layout only (see estimate_costs)
+        self.feature_evaluator = (None if self.bundle.params.bootstraps
+                                  else FeatureEvaluator(self.bundle.graph))
         entry = self.bundle.manifest["input"]
         self.feature_width = (len(entry["gather"]) if "gather" in entry
                               else int(np.prod(entry["shape"])))

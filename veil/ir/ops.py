@@ -60,6 +60,7 @@ class Op(str, enum.Enum):
     DENSE = "dense"            # lowered linear map: y = M @ x.ravel() + b, attrs shape
     POLY = "poly"              # Chebyshev series on [lo, hi]; attrs coeffs, lo, hi, source
     GATHER = "gather"          # y[i] = x.ravel()[indices[i]] (0 where index < 0)
+    BOOTSTRAP = "bootstrap"    # lowered: y = x with its CKKS levels refreshed; attrs bound
 
 
 # Compile targets: the execution modes (:mod:`veil.modes`). ``plain`` is the interpreter
@@ -248,6 +249,10 @@ def _defs() -> dict[Op, OpDef]:
         OpDef(Op.DENSE, 1, _dense, k.dense, {"affine", "lowered"}, ("matrix", "bias")),
         OpDef(Op.POLY, 1, _same, k.poly, {"elementwise", "lowered"}),
         OpDef(Op.GATHER, 1, _gather, k.gather, {"shape", "lowered"}),
+        # the identity on values; under CKKS a bootstrap on inputs scaled into [-1, 1]
+        # by 1 / bound (placed by compiler/levels.py)
+        OpDef(Op.BOOTSTRAP, 1, _same, k.identity, {"elementwise", "lowered"},
+              defaults={"bound": 1.0}),
     ]
     return {o.op: o for o in d}
 

@@ -29,6 +29,8 @@ class SlotEngine(Protocol):
     def settle(self, a: Any) -> Any: ...
     def chebyshev(self, a: Any, coeffs: np.ndarray, lo: float, hi: float) -> Any: ...
     def square(self, a: Any) -> Any: ...
+    def mul_scalar(self, a: Any, value: float) -> Any: ...
+    def bootstrap(self, a: Any) -> Any: ...
 
 
 class PreparedDense:
@@ -131,7 +133,8 @@ class Evaluator:
                 self.dense[node.name] = PreparedDense(
                     node.name, node.params["matrix"], node.params["bias"],
                     plan.dense[node.name], slots, plan.lanes)
-            elif node.op not in (Op.INPUT, Op.POLY, Op.ADD, Op.GATHER, Op.SQUARE):
+            elif node.op not in (Op.INPUT, Op.POLY, Op.ADD, Op.GATHER, Op.SQUARE,
+                                 Op.BOOTSTRAP):
                 raise CompileError(f"{node.op.value} node {node.name!r} cannot run under HE")
         self._last_use = {src: n.name for n in graph.nodes for src in n.inputs
                           if src != graph.output}
@@ -151,6 +154,8 @@ class Evaluator:
                 out = self.dense[node.name](engine, args[0])
             elif node.op is Op.SQUARE:
                 out = engine.square(args[0])
+            elif node.op is Op.BOOTSTRAP:
+                out = _bootstrap(engine, args[0], float(node.attrs["bound"]))
             elif node.op is Op.POLY:
                 out = engine.chebyshev(args[0], np.asarray(node.attrs["coeffs"]),
                                        node.attrs["lo"], node.attrs["hi"])
@@ -162,3 +167,12 @@ class Evaluator:
                 if self._last_use.get(src) == node.name:
                     values.pop(src, None)
         return values[self.graph.output]
+
+
+def _bootstrap(engine: SlotEngine, ct: Any, bound: float) -> Any:
+    """Refresh ``ct``'s levels; values are scaled into [-1, 1] around the bootstrap
+    when the levels pass found them larger (one level each side, counted there)."""
+    if bound <= 1.0:
+        return engine.bootstrap(ct)
+    ct = engine.bootstrap(engine.mul_scalar(ct, 1.0 / bound))
+    return engine.mul_scalar(ct, bound)

@@ -103,9 +103,20 @@ _SECURITY = {"HEStd_128_classic": ofhe.HEStd_128_classic,
              "HEStd_NotSet": ofhe.HEStd_NotSet}
 
 
+_KEY_DISTS = {"UNIFORM_TERNARY": ofhe.UNIFORM_TERNARY,
+                  "SPARSE_TERNARY": ofhe.SPARSE_TERNARY,
+                  "SPARSE_ENCAPSULATED": ofhe.SPARSE_ENCAPSULATED}
+
+
 def build_context(params: CKKSParams):
-    """A CKKS CryptoContext for ``params``; raises EngineError if OpenFHE rejects them."""
+    """A CKKS CryptoContext for ``params``; raises EngineError if OpenFHE rejects them.
+
+    A bootstrapping context also gets OpenFHE's bootstrap precomputations (the encoded
+    CoeffsToSlots / SlotsToCoeffs matrices for ``params.slots`` slots): plaintext data
+    that the client needs to generate the bootstrapping keys and the server to use them.
+    """
     p = ofhe.CCParamsCKKSRNS()
+    p.SetSecretKeyDist(_KEY_DISTS[params.key_dist])
     p.SetMultiplicativeDepth(params.mult_depth)
     p.SetScalingModSize(params.scaling_bits)
     p.SetFirstModSize(params.first_mod_bits)
@@ -123,6 +134,12 @@ def build_context(params: CKKSParams):
         raise EngineError(f"OpenFHE chose ring {cc.GetRingDimension()} for {params}")
     for feature in (ofhe.PKE, ofhe.KEYSWITCH, ofhe.LEVELEDSHE, ofhe.ADVANCEDSHE):
         cc.Enable(feature)
+    if params.bootstraps:
+        cc.Enable(ofhe.FHE)
+        native_call(EngineError, "OpenFHE rejected the bootstrapping parameters",
+                    cc.EvalBootstrapSetup, list(params.boot_budget), [0, 0], params.slots,
+                    int(params.boot_correction), True, bool(params.boot_stc_first),
+                    none_ok=True)
     return cc
 
 
@@ -196,6 +213,7 @@ def payload_validator(params: CKKSParams, rotations: list[int]) -> PayloadValida
     with ClientCrypto(params) as client:
         parts = client.keygen(rotations)
         tag = client.tag
+        indices = client.automorphism_indices
         zeros = np.zeros(params.slots)
         # Two honest layouts: a key pair generated in this context shares its ring
         # parameters with the context (cereal writes references); a public key decoded
@@ -216,15 +234,22 @@ def payload_validator(params: CKKSParams, rotations: list[int]) -> PayloadValida
         mult = compile_checker("relinearization key", parts["mult"], tag, n)
         rot = layout = None
         index = {r: int(cc.FindAutomorphismIndex(r)) for r in rotations}
-        if rotations:
+        if parts["rotations"]:
             rot = compile_checker("rotation key map", parts["rotations"], tag, n)
-            layout = rotation_layout(parts["rotations"], sorted(set(index.values())),
-                                     len(mult.hole_offsets), rot)
+            try:
+                layout = rotation_layout(parts["rotations"], indices,
+                                         len(mult.hole_offsets), rot)
+            except TemplateError:
+                # bootstrap key maps mix entry sizes (the sparse-secret switching keys):
+                # the layout only names missing rotations in errors, so go without it
+                if not params.bootstraps:
+                    raise
     except TemplateError as exc:
         raise EngineError(f"cannot build payload checks for {params} with this OpenFHE "
                           f"({OPENFHE_VERSION}): {exc}") from exc
+    boot = tuple(sorted(set(indices) - set(index.values()))) if params.bootstraps else ()
     return PayloadValidator((params, tuple(rotations)), ciphertexts, mult, rot, index,
-                            layout)
+                            layout, boot)
 
 
 class ClientCrypto:
@@ -235,6 +260,7 @@ class ClientCrypto:
         self.cc = build_context(params)
         self._secret = None
         self._public = None
+        self.automorphism_indices: list[int] = []   # of the last keygen's key map
 
     @property
     def tag(self) -> str:
@@ -258,9 +284,17 @@ class ClientCrypto:
                 self.cc.EvalMultKeyGen(keys.secretKey)
                 if rotations:
                     self.cc.EvalRotateKeyGen(keys.secretKey, [int(r) for r in rotations])
+                if self.params.bootstraps:
+                    # rotation, conjugation and (sparse-encapsulated secrets) dense/sparse
+                    # switching keys, all in the automorphism map under this tag
+                    self.cc.EvalBootstrapKeyGen(keys.secretKey, self.params.slots)
                 mult = ofhe.Serialize(self.cc.GetEvalMultKeyVector(tag)[0], ofhe.BINARY)
+                auto = rotations or self.params.bootstraps
+                self.automorphism_indices = (
+                    sorted(int(i) for i in self.cc.GetExistingEvalAutomorphismKeyIndices(tag))
+                    if auto else [])
                 rot = (ofhe.Serialize(self.cc.GetEvalAutomorphismKeyMap(tag), ofhe.BINARY)
-                       if rotations else b"")
+                       if auto else b"")
             finally:
                 _remove_tag(self.cc, tag)
         self._secret, self._public = keys.secretKey, keys.publicKey
@@ -393,6 +427,10 @@ class EvaluationSession:
             self.close()
             raise MissingKeyError(f"the evaluation keys lack rotation keys for {missing}; "
                                   "regenerate them from this model's client bundle")
+        if not set(validator.bootstrap_indices) <= present:
+            self.close()
+            raise MissingKeyError("the evaluation keys lack the bootstrapping keys; "
+                                  "regenerate them from this model's client bundle")
 
     # -- ciphertext I/O -------------------------------------------------------------------
     def _decode(self, data: bytes, what: str):
@@ -500,6 +538,16 @@ class EvaluationSession:
 
     def square(self, a):
         return self._native(self.cc.EvalSquare, a)
+
+    def mul_scalar(self, a, value):
+        return self._native(self.cc.EvalMult, a, float(value))
+
+    def bootstrap(self, a):
+        """Refresh ``a``'s levels (OpenFHE's EvalBootstrap over ``params.slots`` slots);
+        its values should lie in [-1, 1] (the evaluator scales them there)."""
+        if not self.params.bootstraps:
+            raise EngineError("these CKKS parameters have no bootstrapping")
+        return self._native(self.cc.EvalBootstrap, a)
 
     # -- FeatureEngine (throughput layout) ----------------------------------------------
     def linear_sum(self, cts, weights):

@@ -16,6 +16,8 @@ class NumpySlotEngine:
         self.slots = slots
         self.rotation_keys = rotation_keys
         self.used_rotations: set[int] = set()
+        self.bootstraps = 0
+        self.largest_bootstrap_input = 0.0
 
     def _check(self, k: int) -> None:
         self.used_rotations.add(k)
@@ -43,6 +45,17 @@ class NumpySlotEngine:
 
     def square(self, a):
         return a * a
+
+    def mul_scalar(self, a, value):
+        return a * value
+
+    def bootstrap(self, a):
+        """Exact here; counts calls and records the largest input magnitude (OpenFHE's
+        bootstrap is accurate only on [-1, 1])."""
+        self.largest_bootstrap_input = max(self.largest_bootstrap_input,
+                                           float(np.max(np.abs(a), initial=0.0)))
+        self.bootstraps += 1
+        return a.copy()
 
     def linear_sum(self, cts, weights):
         return sum(w * c for w, c in zip(weights, cts))

@@ -26,6 +26,7 @@ the expected tag, or whose coefficient words reach their tower's modulus.
 from __future__ import annotations
 
 import hmac
+import re
 import struct
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ from ...errors import KeyMismatchError, MissingKeyError, SerializationError
 
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
+_HEX_TAG = re.compile(rb"[0-9a-f]+")
 
 
 class TemplateError(Exception):
@@ -55,6 +57,9 @@ class BlobChecker:
     hole_offsets: np.ndarray
     hole_moduli: np.ndarray
     ring_dim: int
+    # Other framed key tags (the sparse secret's, in bootstrapping keys): any lowercase
+    # hex string of the tag length is accepted there; OpenFHE only stores it.
+    aux_tag_offsets: tuple[int, ...] = ()
 
     def check(self, data: bytes, tag: str) -> None:
         """Raise SerializationError (KeyMismatchError for a foreign tag) unless ``data``
@@ -80,6 +85,9 @@ class BlobChecker:
             if not hmac.compare_digest(bytes(view[offset:offset + self.tag_length]), want):
                 raise KeyMismatchError(f"the {self.what} was made under other keys than "
                                        "this session's evaluation keys")
+        for offset in self.aux_tag_offsets:
+            if not _HEX_TAG.fullmatch(bytes(view[offset:offset + self.tag_length])):
+                raise SerializationError(f"the {self.what} has a malformed key tag")
         n = self.ring_dim
         for offset, modulus in zip(self.hole_offsets.tolist(), self.hole_moduli.tolist()):
             words = np.frombuffer(view, dtype="<u8", count=n, offset=offset)
@@ -127,7 +135,9 @@ def compile_checker(what: str, template: bytes, tag: str, ring_dim: int) -> Blob
     if not holes:
         raise TemplateError(f"no coefficient vectors found in the {what} template")
     raw_tag = tag.encode("ascii")
-    tag_offsets, spans, start = [], [], 0
+    # framed strings of the tag's length and alphabet: the tag itself, or another key's
+    framed = re.compile(re.escape(_U64.pack(len(raw_tag))) + rb"[0-9a-f]{%d}" % len(raw_tag))
+    tag_offsets, aux_offsets, spans, start = [], [], [], 0
     for hole, _ in holes:
         spans.append((start, hole))
         start = hole + 8 * ring_dim
@@ -135,22 +145,26 @@ def compile_checker(what: str, template: bytes, tag: str, ring_dim: int) -> Blob
     segments = []
     for lo, hi in spans:
         part = template[lo:hi]
-        cut = 0
-        while (found := part.find(raw_tag, cut)) >= 0:
-            if found < 8 or _U64.unpack_from(part, found - 8)[0] != len(raw_tag):
-                raise TemplateError(f"the key tag in the {what} template is not framed "
-                                    "as a string")
+        cut = own = 0
+        for match in framed.finditer(part):
+            found = match.start() + 8
             if found > cut:
                 segments.append((lo + cut, part[cut:found]))
-            tag_offsets.append(lo + found)
-            cut = found + len(raw_tag)
+            mine = part[found:match.end()] == raw_tag
+            (tag_offsets if mine else aux_offsets).append(lo + found)
+            own += mine
+            cut = match.end()
+        if part.count(raw_tag) != own:
+            raise TemplateError(f"the key tag in the {what} template is not framed "
+                                "as a string")
         if cut < len(part):
             segments.append((lo + cut, part[cut:]))
     if not tag_offsets:
         raise TemplateError(f"the {what} template does not carry its key tag")
     return BlobChecker(what, len(template), tuple(segments), tuple(tag_offsets),
                        len(raw_tag), np.array([h for h, _ in holes], dtype=np.int64),
-                       np.array([m for _, m in holes], dtype=np.uint64), ring_dim)
+                       np.array([m for _, m in holes], dtype=np.uint64), ring_dim,
+                       tuple(aux_offsets))
 
 
 @dataclass(frozen=True)
@@ -218,6 +232,7 @@ class PayloadValidator:
     rotations: BlobChecker | None
     rotation_index: dict[int, int]      # rotation -> automorphism index
     rotation_layout: RotationLayout | None
+    bootstrap_indices: tuple[int, ...] = ()   # automorphism indices of bootstrap keys
 
     def check_ciphertext(self, data: bytes, tag: str) -> None:
         """Refuse a ciphertext that is not a fresh level-0 one of these parameters
@@ -264,4 +279,7 @@ class PayloadValidator:
                          if index not in present)
         if missing:
             raise MissingKeyError(f"the evaluation keys lack rotation keys for {missing}; "
+                                  "regenerate them from this model's client bundle")
+        if not set(self.bootstrap_indices) <= present:
+            raise MissingKeyError("the evaluation keys lack the bootstrapping keys; "
                                   "regenerate them from this model's client bundle")

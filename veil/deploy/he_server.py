@@ -1,6 +1,7 @@
-"""A minimal HE server process for ``veil compare``: ciphertexts over loopback TCP.
+"""A minimal HE server process: ciphertexts over loopback TCP, for
+``CompiledModel.run(mode="he")`` (:class:`veil.deploy.local.LocalHE`) and ``veil compare``.
 
-    python -m veil.compare.he_server SERVER_BUNDLE [--listen HOST:PORT] [--timeout S]
+    python -m veil.deploy.he_server SERVER_BUNDLE [--listen HOST:PORT] [--timeout S]
 
 prints ``veil-he server listening on HOST:PORT`` once it accepts connections. It holds
 the server bundle only (no key material). Per connection (one client session), in
@@ -13,7 +14,11 @@ byte (0: ok, 1: error followed by a JSON ``{"error": ...}``):
 
 Wrong or tampered bytes fail in ``wire``/``deploy`` with a typed ``VeilError``, which is
 returned as an error frame; the connection then closes. Nothing is unpickled. This is a
-measurement fixture, not a service: ``veil serve`` is the HTTP service.
+local and measurement fixture, not a service: ``veil serve`` is the HTTP service.
+
+It imports OpenFHE and not torch, and its launcher (``deploy.processes``) sets
+``GOMP_SPINCOUNT``: its OpenMP runtime has veil's spin setting whatever the process
+that started it imported first (see ``deploy/local.py``).
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import time
 from ..backends import sockets
 from ..errors import VeilError
 
-log = logging.getLogger("veil.compare.he_server")
+log = logging.getLogger("veil.deploy.he_server")
 
 OK, ERROR = b"\x00", b"\x01"
 
@@ -68,8 +73,8 @@ def serve_connection(server, sock: socket.socket) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m veil.compare.he_server",
-                                 description="HE server for veil compare (loopback)")
+    ap = argparse.ArgumentParser(prog="python -m veil.deploy.he_server",
+                                 description="HE server on loopback (run, compare)")
     ap.add_argument("bundle", help="server bundle folder (export's he/server)")
     ap.add_argument("--listen", default="127.0.0.1:0")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per frame")

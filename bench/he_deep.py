@@ -1,0 +1,277 @@
+"""Benchmark: CKKS bootstrapping for deep networks (issue 16).
+
+Part 1, ``--candidates`` (the default): OpenFHE bootstrapping parameter candidates at
+128-bit security (ring 2^16), each in a fresh process built with veil's own
+``build_context`` and ``ClientCrypto`` key generation: context and precomputation time,
+key generation time, evaluation-key bytes (the automorphism map streamed to a file), one
+bootstrap's time (median of ``--reps``), output precision in bits (max error on uniform
+[-1, 1] inputs, after a bootstrap from the last usable level), usable levels after it
+(products until the next bootstrap, counted), and the process's peak RSS. The chosen
+set becomes ``veil.compiler.params.BOOT_SECURE``.
+
+Part 2, ``--deep``: a deep narrow network (``tests/test_he_bootstrap.py``'s shape, at
+128-bit parameters) end to end through ``compiled.run(x, mode="he")``.
+
+Writes bench/results/he_deep.json and bench/results/he_deep.md.
+Usage: python bench/he_deep.py [--candidates NAME,...] [--deep] [--reps 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+
+# name -> the candidate's parameters (see _params): secret distribution, CoeffsToSlots /
+# SlotsToCoeffs level budget, levels reserved after a bootstrap, scale bits, slots, the
+# SlotsToCoeffs-first variant, OpenFHE's iterative bootstrapping (Meta-BTS, Bae et al.
+# 2022: a second bootstrap of the scaled-up error, for about twice the bits), its
+# correction factor (0: OpenFHE's default), and the first modulus (default scale + 8:
+# OpenFHE's bootstrap needs first - scale <= the correction factor, 8 bits at 2^16).
+def _c(secret="SPARSE_ENCAPSULATED", budget=(3, 3), levels=11, scale=47, slots=1 << 12,
+       stc=False, iterations=1, correction=0, first=None):
+    return dict(secret=secret, budget=budget, levels=levels, scale=scale, slots=slots,
+                stc=stc, iterations=iterations, correction=correction,
+                first=first or min(60, scale + max(correction, 8)))
+
+
+CANDIDATES = {
+    "enc-22-s45": _c(budget=(2, 2), scale=45),
+    "enc-33-s45": _c(scale=45),
+    "enc-33-s47": _c(),
+    "enc-33-s50": _c(scale=50),
+    "enc-33-s47-c10": _c(correction=10),
+    "enc-33-s47-c12": _c(correction=12),
+    "enc-33-s47-stc": _c(stc=True),
+    "enc-33-s47-it2": _c(iterations=2),
+    "enc-33-s47-1k": _c(slots=1 << 10),
+    "enc-44-s47": _c(budget=(4, 4)),
+    "enc-33-s47-full": _c(slots=1 << 15),
+}
+
+
+TARGETS = {"bootstrap_s": 20.0, "bits": 12.0, "levels": 10, "key_gib": 8.0}
+ANCHORS = ("Measured earlier on this machine: OpenFHE full-slot bootstrap at N=2^16, 22.3 s "
+           "on 2 threads, 3 levels left, 13.7-18.9 GiB of automorphism keys. "
+           "LowMemoryFHEResNet20: ResNet-20 < 5 min on 8-10 cores, 11.6-15.1 GB. "
+           "FHEON: ResNet-20 403 s. Lee et al. ICML 2022: 2,189 s on one thread.")
+
+
+def _params(name: str):
+    from veil.compiler.params import (CKKSParams, HE_STD_128_LOGQP, _digits_ok,
+                                      _estimated_log_qp, bootstrap_depth)
+
+    c = CANDIDATES[name]
+    secret, budget, levels, scale, slots, stc = (c["secret"], c["budget"], c["levels"],
+                                                 c["scale"], c["slots"], c["stc"])
+    first = c["first"]
+    depth = levels + bootstrap_depth(budget, secret)
+    ring = 1 << 16
+    from dataclasses import replace
+
+    from veil.backends.he.openfhe_engine import build_context
+    from veil.errors import EngineError
+
+    # the fewest digits OpenFHE itself accepts at 128 bits (its modulus sizes can exceed
+    # veil's estimate by a few bits), checked on a context without the bootstrap setup
+    for dnum in (d for d in range(2, depth + 2) if _digits_ok(depth, d)
+                 and _estimated_log_qp(depth, scale, first, d) < HE_STD_128_LOGQP[ring]):
+        params = CKKSParams(ring, depth, scale, first, dnum, "HEStd_128_classic", False,
+                            secret, 0 if slots == ring // 2 else slots, budget, levels, stc,
+                            c["correction"])
+        try:
+            build_context(replace(params, boot_budget=None))
+        except EngineError:
+            continue
+        return params
+    raise SystemExit(f"{name}: depth {depth} at scale {scale} does not fit 128-bit")
+
+
+def measure_one(name: str, reps: int) -> dict:
+    """Run in a fresh process: one candidate, every figure of the table."""
+    import resource
+
+    import numpy as np
+
+    from veil.backends.he import openfhe_engine as E
+
+    params = _params(name)
+    # a candidate whose keys do not fit fails alone instead of swapping the machine
+    limit = int(os.environ.get("VEIL_BENCH_AS_GIB", "20")) << 30
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    import tempfile
+
+    import openfhe as ofhe
+
+    t0 = time.perf_counter()
+    cc = E.build_context(params)             # veil's context, with the bootstrap setup
+    setup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    kp = cc.KeyGen()
+    cc.EvalMultKeyGen(kp.secretKey)
+    cc.EvalBootstrapKeyGen(kp.secretKey, params.slots)   # what ClientCrypto.keygen adds
+    keygen_s = time.perf_counter() - t0
+    tag = kp.secretKey.GetKeyTag()
+    keys = len(cc.GetExistingEvalAutomorphismKeyIndices(tag))
+    # key bytes as streamed to a file (an in-memory blob would double the peak)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("VEIL_BENCH_TMP")) as tmp:
+        path = os.path.join(tmp, "keys.bin")
+        t0 = time.perf_counter()
+        cc.SerializeEvalAutomorphismKey(path, ofhe.BINARY, tag)
+        write_s = time.perf_counter() - t0
+        key_bytes = os.path.getsize(path) + len(ofhe.Serialize(
+            cc.GetEvalMultKeyVector(tag)[0], ofhe.BINARY))
+
+    def decrypt(ct):
+        pt = cc.Decrypt(kp.secretKey, ct)
+        pt.SetLength(params.slots)
+        return np.array(pt.GetRealPackedValue())
+    slots = params.slots
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, slots)
+    ct = cc.Encrypt(kp.publicKey, cc.MakeCKKSPackedPlaintext(x))
+    # StC-first bootstraps start with their SlotsToCoeffs levels still in hand
+    reserve = params.boot_budget[1] if params.boot_stc_first else 0
+    for _ in range(params.fresh_budget - reserve):   # to the last level a bootstrap takes
+        ct = cc.EvalMult(ct, 1.0)
+    iterations = CANDIDATES[name]["iterations"]
+    # Meta-BTS wants the precision of one bootstrap (measured: 7-8 bits at these scales)
+    hint = 7 if iterations > 1 else 0
+    times, out = [], None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = cc.EvalBootstrap(ct, iterations, hint)
+        times.append(time.perf_counter() - t0)
+    got = decrypt(out)
+    err = float(np.max(np.abs(got - x)))
+    mean_err = float(np.mean(np.abs(got - x)))
+    # usable levels: products by a constant until one fails; a bootstrap needs two levels
+    # left of those (veil's CKKSParams.boot_budget_levels rule), checked with one
+    # bootstrap from the last usable level
+    chain, cur = [], out
+    while len(chain) < 60:
+        try:
+            cur = cc.EvalMult(cur, 1.0)
+        except RuntimeError:
+            break
+        chain.append(cur)
+    usable = max(len(chain) - 2 - reserve, 0)
+    try:
+        if usable:
+            cc.EvalBootstrap(chain[usable - 1], iterations, hint)
+    except RuntimeError:
+        usable = -usable          # the rule does not hold: flagged in the table
+    del chain
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"name": name, "secret": params.key_dist, "level_budget": list(params.boot_budget),
+            "scale_bits": params.scaling_bits, "first_mod_bits": params.first_mod_bits,
+            "iterations": iterations, "slots": slots, "stc_first": params.boot_stc_first,
+            "mult_depth": params.mult_depth, "digits": params.num_large_digits,
+            "setup_s": round(setup_s, 2), "keygen_s": round(keygen_s, 2),
+            "key_write_s": round(write_s, 2),
+            "key_bytes": key_bytes, "automorphism_keys": keys,
+            "bootstrap_s": round(float(np.median(times)), 2), "bootstrap_runs": [round(t, 2) for t in times],
+            "max_error": err, "bits": round(float(-np.log2(err)), 2),
+            "mean_bits": round(float(-np.log2(mean_err)), 2),
+            "correction": params.boot_correction,
+            "usable_levels": usable, "peak_rss": rss,
+            "threads": os.environ.get("OMP_NUM_THREADS", "all")}
+
+
+def _run_candidate(name: str, reps: int) -> dict:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--one", name, "--reps", str(reps)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        return {"name": name, "failed": (proc.stderr or proc.stdout).strip()[-400:],
+                "returncode": proc.returncode, "wall_s": round(time.perf_counter() - t0, 1)}
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    row["wall_s"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def _checks(row: dict) -> list[str]:
+    if "failed" in row:
+        return ["failed"]
+    gib = row["key_bytes"] / 2**30
+    return [f"{'x' if row['bootstrap_s'] <= TARGETS['bootstrap_s'] else ' '} time",
+            f"{'x' if row['bits'] >= TARGETS['bits'] else ' '} bits",
+            f"{'x' if row['usable_levels'] >= TARGETS['levels'] else ' '} levels",
+            f"{'x' if gib <= TARGETS['key_gib'] else ' '} keys"]
+
+
+def render(data: dict) -> str:
+    lines = ["# Deep HE: bootstrapping (issue 16)", "",
+             f"`python bench/he_deep.py` on {data.get('cpus')} CPUs ({data.get('when')}). "
+             "Each candidate in a fresh process, at 128-bit security (ring 2^16), "
+             "built with veil's `build_context` and the keys `ClientCrypto.keygen` makes "
+             "(streamed to a file for their size). Bootstrap time: median of the runs, "
+             "all threads; bits: -log2 of the max (mean) error on 2^12 uniform [-1, 1] "
+             "inputs, bootstrapped from the last level a bootstrap accepts (OpenFHE's "
+             "examples report the mean); usable levels: products after a bootstrap "
+             "before the next must start, checked by bootstrapping there (negative: "
+             "that check failed). "
+             f"Targets: <= {TARGETS['bootstrap_s']:.0f} s, >= {TARGETS['bits']:.0f} bits, "
+             f">= {TARGETS['levels']} levels, keys <= {TARGETS['key_gib']:.0f} GiB.", "",
+             "| candidate | secret | budget | scale / first | slots | variant | "
+             "depth / digits | keygen s | keys (count, GiB) | bootstrap s | bits max "
+             "(mean) | usable levels | peak RSS GiB | targets |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in data.get("candidates", []):
+        if "failed" in row:
+            lines.append(f"| {row['name']} | failed (rc {row['returncode']}): "
+                         f"{row['failed'][-120:]!r} |" + " |" * 12)
+            continue
+        lines.append(
+            f"| {row['name']} | {row['secret']} | {tuple(row['level_budget'])} | "
+            f"{row['scale_bits']} / {row.get('first_mod_bits', 60)} | {row['slots']} | "
+            f"{'StC-first' if row['stc_first'] else 'ModRaise-first'}"
+            f"{' x2 (Meta-BTS)' if row.get('iterations', 1) > 1 else ''}"
+            f"{', correction ' + str(row['correction']) if row.get('correction') else ''} | "
+            f"{row['mult_depth']} / {row['digits']} | {row['keygen_s']} | "
+            f"{row['automorphism_keys']}, {row['key_bytes'] / 2**30:.2f} | "
+            f"{row['bootstrap_s']} | {row['bits']} ({row.get('mean_bits', '-')}) | "
+            f"{row['usable_levels']} | "
+            f"{row['peak_rss'] / 2**30:.2f} | {', '.join(_checks(row))} |")
+    lines += ["", "Anchors: " + ANCHORS, ""]
+    deep = data.get("deep")
+    if deep:
+        lines += ["## Deep narrow network under HE", "", "```", json.dumps(deep, indent=1),
+                  "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--candidates", default=",".join(CANDIDATES))
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--keep-others", action="store_true",
+                    help="keep the rows of candidates not re-run from the last results")
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(measure_one(args.one, args.reps)))
+        return
+    out = RESULTS / "he_deep.json"
+    data = json.loads(out.read_text()) if out.exists() and args.keep_others else {}
+    rows = {r["name"]: r for r in data.get("candidates", [])}
+    for name in [n for n in args.candidates.split(",") if n]:
+        print(f"[he_deep] {name}", flush=True)
+        rows[name] = _run_candidate(name, args.reps)
+        print(f"[he_deep] {rows[name]}", flush=True)
+        data.update(candidates=[rows[n] for n in CANDIDATES if n in rows],
+                    cpus=os.cpu_count(), when=time.strftime("%Y-%m-%d %H:%M:%S"))
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=1))
+        (RESULTS / "he_deep.md").write_text(render(data))
+
+
+if __name__ == "__main__":
+    main()
