@@ -9,11 +9,14 @@ bootstrap's time (median of ``--reps``), output precision in bits (max error on 
 (products until the next bootstrap, counted), and the process's peak RSS. The chosen
 set becomes ``veil.compiler.params.BOOT_SECURE``.
 
-Part 2, ``--deep``: a deep narrow network (``tests/test_he_bootstrap.py``'s shape, at
-128-bit parameters) end to end through ``compiled.run(x, mode="he")``.
+Part 2, ``--deep`` (or ``--deep-only``): a deep narrow network (``tests/
+test_he_bootstrap.py``'s shape, wider) at 128-bit parameters, end to end through
+``compiled.run(x, mode="he")``: key generation, key bytes, server time per image,
+agreement with simulate, peak RSS of the client and of the server process.
 
 Writes bench/results/he_deep.json and bench/results/he_deep.md.
-Usage: python bench/he_deep.py [--candidates NAME,...] [--deep] [--reps 2]
+Usage: python bench/he_deep.py [--candidates NAME,...] [--keep-others] [--deep]
+       python bench/he_deep.py --deep-only [--images 3]
 """
 from __future__ import annotations
 
@@ -185,6 +188,75 @@ def measure_one(name: str, reps: int) -> dict:
             "threads": os.environ.get("OMP_NUM_THREADS", "all")}
 
 
+DEEP_SCRIPT = r"""
+import json, os, resource, sys, time
+import numpy as np, torch
+import veil
+from veil.ir import Op
+
+torch.manual_seed(0)
+width, layers = 16, 12
+
+
+class Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = torch.nn.Linear(width, width), torch.nn.Tanh()
+
+    def forward(self, x):
+        return x + self.act(self.fc(x))
+
+
+model = torch.nn.Sequential(*[Block() for _ in range(layers)],
+                            torch.nn.Linear(width, 4)).eval()
+rng = np.random.default_rng(0)
+cal, x = rng.normal(size=(256, width)), rng.normal(size=(N, width))
+t0 = time.perf_counter()
+compiled = veil.compile(model, cal, degree=13)
+compile_s = time.perf_counter() - t0
+plan = compiled.result.plan
+t0 = time.perf_counter()
+first = compiled.run(x[0], mode="he")        # keys, validator, session, one image
+first_s = time.perf_counter() - t0
+server = compiled._servers["he"]
+he = np.stack([first] + [compiled.run(xi, mode="he") for xi in x[1:]])
+sim = compiled.run(x, mode="simulate")
+with torch.no_grad():
+    ref = model(torch.as_tensor(x, dtype=torch.float32)).numpy()
+(pid,) = server.pids()
+hwm = next(int(l.split()[1]) * 1024 for l in open(f"/proc/{pid}/status")
+           if l.startswith("VmHWM"))
+t = server.timings
+print(json.dumps({
+    "model": f"{layers} residual blocks of Linear({width}, {width}) + Tanh (degree 13)",
+    "depth": int(plan.depth), "params": plan.params.to_dict(),
+    "bootstraps": int(sum(n.op is Op.BOOTSTRAP for n in compiled.result.lowered.nodes)),
+    "compile_s": compile_s, "keygen_s": t.keygen_s, "session_s": t.session_s,
+    "eval_key_bytes": t.eval_key_bytes, "first_image_s": first_s,
+    "server_s": float(np.median(t.eval_s[1:])) if len(t.eval_s) > 1 else t.eval_s[0],
+    "encrypt_s": float(np.median(t.encrypt_s)), "decrypt_s": float(np.median(t.decrypt_s)),
+    "images": int(N), "he_vs_simulate": float(np.abs(he - sim).max()),
+    "simulate_vs_torch": float(np.abs(sim - ref).max()),
+    "argmax_agree": float(np.mean(he.argmax(1) == sim.argmax(1))),
+    "client_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    "server_peak_rss": hwm}))
+compiled.close()
+"""
+
+
+def measure_deep(n: int) -> dict:
+    """A deep narrow network through ``compiled.run(x, mode="he")`` at 128-bit
+    parameters (a fresh process: torch imported first, as users do)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", f"N = {n}\n" + DEEP_SCRIPT],
+                          capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        return {"failed": proc.stderr[-800:], "wall_s": round(time.perf_counter() - t0, 1)}
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
 def _run_candidate(name: str, reps: int) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--one", name, "--reps", str(reps)],
@@ -242,9 +314,26 @@ def render(data: dict) -> str:
             f"{row['peak_rss'] / 2**30:.2f} | {', '.join(_checks(row))} |")
     lines += ["", "Anchors: " + ANCHORS, ""]
     deep = data.get("deep")
-    if deep:
-        lines += ["## Deep narrow network under HE", "", "```", json.dumps(deep, indent=1),
-                  "```", ""]
+    if deep and "failed" not in deep:
+        p = deep["params"]
+        lines += ["## A deep narrow network under HE at 128-bit parameters", "",
+                  f"`python bench/he_deep.py --deep` ({deep['model']}): depth "
+                  f"{deep['depth']}, {deep['bootstraps']} bootstraps per image over "
+                  f"{p['batch'] or p['ring_dim'] // 2} slots (ring {p['ring_dim']}), "
+                  "through `compiled.run(x, mode=\"he\")` (client here, server in its "
+                  "own process).", "",
+                  "| keygen s | eval keys GiB | session s | server s / image | encrypt / "
+                  "decrypt ms | he vs simulate (max abs) | argmax agreement | client / "
+                  "server peak RSS GiB |", "|---|---|---|---|---|---|---|---|",
+                  f"| {deep['keygen_s']:.1f} | {deep['eval_key_bytes'] / 2**30:.2f} | "
+                  f"{deep['session_s']:.1f} | {deep['server_s']:.1f} | "
+                  f"{deep['encrypt_s'] * 1e3:.0f} / {deep['decrypt_s'] * 1e3:.0f} | "
+                  f"{deep['he_vs_simulate']:.1e} | {deep['argmax_agree']:.2f} "
+                  f"({deep['images']} images) | {deep['client_peak_rss'] / 2**30:.2f} / "
+                  f"{deep['server_peak_rss'] / 2**30:.2f} |", ""]
+    elif deep:
+        lines += ["## A deep narrow network under HE at 128-bit parameters", "",
+                  f"failed: {deep['failed'][-300:]!r}", ""]
     return "\n".join(lines)
 
 
@@ -252,6 +341,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--candidates", default=",".join(CANDIDATES))
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--deep", action="store_true",
+                    help="also run the deep narrow network under HE (128-bit)")
+    ap.add_argument("--deep-only", action="store_true",
+                    help="only the deep network (keeps the candidates' rows)")
+    ap.add_argument("--images", type=int, default=3, help="images for --deep")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--keep-others", action="store_true",
                     help="keep the rows of candidates not re-run from the last results")
@@ -261,13 +355,22 @@ def main() -> None:
         return
     out = RESULTS / "he_deep.json"
     data = json.loads(out.read_text()) if out.exists() and args.keep_others else {}
+    if args.deep_only:
+        data = json.loads(out.read_text()) if out.exists() else {}
     rows = {r["name"]: r for r in data.get("candidates", [])}
-    for name in [n for n in args.candidates.split(",") if n]:
+    for name in [] if args.deep_only else [n for n in args.candidates.split(",") if n]:
         print(f"[he_deep] {name}", flush=True)
         rows[name] = _run_candidate(name, args.reps)
         print(f"[he_deep] {rows[name]}", flush=True)
         data.update(candidates=[rows[n] for n in CANDIDATES if n in rows],
                     cpus=os.cpu_count(), when=time.strftime("%Y-%m-%d %H:%M:%S"))
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=1))
+        (RESULTS / "he_deep.md").write_text(render(data))
+    if args.deep or args.deep_only:
+        print("[he_deep] deep network", flush=True)
+        data["deep"] = measure_deep(args.images)
+        print(f"[he_deep] {data['deep']}", flush=True)
         RESULTS.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(data, indent=1))
         (RESULTS / "he_deep.md").write_text(render(data))

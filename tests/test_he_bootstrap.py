@@ -232,3 +232,35 @@ def test_deep_network_under_he_agrees_with_simulate(tmp_path):
     sim = compiled.run(x, mode="simulate")
     assert np.abs(he.reshape(sim.shape) - sim).max() < 1e-3
     assert np.argmax(he) == np.argmax(sim)
+
+
+def test_a_residual_blocks_bootstrap_moves_to_its_fork_when_that_saves_some():
+    from veil.compiler.levels import _place
+
+    # x -> [dense 0.3, poly (degree 5: 3 levels)] + x -> dense 0.5 -> ...: 5 levels a
+    # block, two per bootstrap at a fork; values stay in [-1, 1], so no bootstrap needs
+    # scaling. Lazily, each bootstrap lands on a branch's dense output and the skip
+    # value stays old, so the sums soon run out again
+    nodes = [make_node("x", Op.INPUT, [], [], {"shape": (4,)})]
+    prev = "x"
+    coeffs = tuple([0.0, 0.3] + [0.0] * 4)
+    for i in range(14):
+        nodes += [
+            make_node(f"d{i}", Op.DENSE, [prev], [(4,)], {"shape": (4,)},
+                      {"matrix": np.eye(4) * 0.3, "bias": np.zeros(4)}),
+            make_node(f"p{i}", Op.POLY, [f"d{i}"], [(4,)],
+                      {"coeffs": coeffs, "lo": -1.0, "hi": 1.0}, {}),
+            make_node(f"a{i}", Op.ADD, [prev, f"p{i}"], [(4,), (4,)], {}, {}),
+            make_node(f"s{i}", Op.DENSE, [f"a{i}"], [(4,)], {"shape": (4,)},
+                      {"matrix": np.eye(4) * 0.5, "bias": np.zeros(4)})]
+        prev = f"s{i}"
+    graph = Graph(tuple(nodes), prev)
+    cal = np.random.default_rng(2).uniform(-0.5, 0.5, size=(16, 4))
+    params = bootstrap_params()          # the secure set's budgets (no OpenFHE here)
+    lazy_only = _place(graph, params, lambda name: 1.0, frozenset())[1]
+    lowered, note = place_bootstraps(graph, calibration=cal)
+    boots = [n for n in lowered.nodes if n.op is Op.BOOTSTRAP]
+    assert len(boots) < len(lazy_only)
+    assert any(n.inputs[0].startswith("s") for n in boots), "a fork was bootstrapped"
+    check_levels(lowered, params)
+    np.testing.assert_allclose(run(lowered, cal), run(graph, cal))

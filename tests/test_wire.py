@@ -4,7 +4,7 @@ import struct
 import pytest
 
 from veil.errors import SerializationError
-from veil.wire import FORMAT_VERSION, pack, peek_kind, unpack
+from veil.wire import FORMAT_VERSION, pack, peek_kind, unpack, write
 
 
 def test_round_trip_and_kind():
@@ -37,3 +37,43 @@ def test_size_limit_and_type():
         unpack(blob, "veil-thing", max_size=50)
     with pytest.raises(SerializationError, match="expected bytes"):
         unpack("a string", "veil-thing")
+
+
+def test_streamed_write_equals_pack_and_views_are_checked_too(tmp_path):
+    import io
+
+    parts = {"a": b"xyz" * 1000, "b": b""}
+    buf = io.BytesIO()
+    assert write(buf, "veil-thing", parts, {"model": "m1"}) == len(buf.getvalue())
+    assert buf.getvalue() == pack("veil-thing", parts, {"model": "m1"})
+    header, views = unpack(memoryview(buf.getvalue()), "veil-thing", copy=False)
+    assert all(isinstance(v, memoryview) for v in views.values())
+    assert {k: bytes(v) for k, v in views.items()} == parts
+    bad = bytearray(buf.getvalue())
+    bad[-1] ^= 1
+    with pytest.raises(SerializationError, match="integrity"):
+        unpack(memoryview(bad), "veil-thing", copy=False)
+
+
+def test_evaluation_key_files_map_rather_than_read(tmp_path):
+    from veil.deploy.keys import EvaluationKeys
+    from veil.errors import KeyTypeError
+
+    keys = EvaluationKeys("m", "0" * 32, {"mult": b"m" * 64, "rotations": b"r" * 128})
+    path = tmp_path / "keys"
+    assert keys.save(path) == len(keys.to_bytes())
+    assert (path.stat().st_mode & 0o777) == 0o600
+    with pytest.raises(FileExistsError):         # never overwrites
+        keys.save(path)
+    loaded = EvaluationKeys.load(path)
+    assert isinstance(loaded.parts["rotations"], memoryview)
+    assert (loaded.model_id, loaded.tag, loaded.size) == ("m", "0" * 32, 192)
+    assert bytes(loaded.parts["mult"]) == b"m" * 64
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(SerializationError, match="empty"):
+        EvaluationKeys.load(tmp_path / "empty")
+    from veil.deploy.keys import SecretKey
+
+    SecretKey("m", b"s", b"p").save(tmp_path / "sk")
+    with pytest.raises(KeyTypeError):           # a secret key is refused by kind
+        EvaluationKeys.load(tmp_path / "sk")

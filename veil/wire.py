@@ -23,25 +23,44 @@ MAX_HEADER = 1 << 16
 _PREFIX = struct.Struct(">4sBI")
 
 
-def pack(kind: str, parts: dict[str, bytes], meta: dict[str, Any] | None = None) -> bytes:
-    """Wrap named binary ``parts`` in an envelope of ``kind`` with extra ``meta`` fields."""
+def _head(kind: str, parts: dict[str, bytes], meta: dict[str, Any] | None) -> bytes:
     header = dict(meta or {})
     header["kind"] = kind
-    header["parts"] = [{"name": n, "size": len(b), "sha256": hashlib.sha256(b).hexdigest()}
-                       for n, b in parts.items()]
+    header["parts"] = [{"name": n, "size": memoryview(b).nbytes,
+                        "sha256": hashlib.sha256(b).hexdigest()} for n, b in parts.items()]
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    return b"".join([_PREFIX.pack(MAGIC, FORMAT_VERSION, len(raw)), raw, *parts.values()])
+    return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(raw)) + raw
 
 
-def unpack(blob: bytes, kind: str, *, max_size: int = 1 << 34) -> tuple[dict, dict[str, bytes]]:
+def pack(kind: str, parts: dict[str, bytes], meta: dict[str, Any] | None = None) -> bytes:
+    """Wrap named binary ``parts`` in an envelope of ``kind`` with extra ``meta`` fields."""
+    return b"".join([_head(kind, parts, meta), *parts.values()])
+
+
+def write(file, kind: str, parts: dict[str, bytes], meta: dict[str, Any] | None = None
+          ) -> int:
+    """:func:`pack` written to a binary ``file`` part by part, never joined in memory
+    (evaluation keys of a bootstrapped model are several GiB); returns the bytes."""
+    head = _head(kind, parts, meta)
+    file.write(head)
+    for part in parts.values():
+        file.write(part)
+    return len(head) + sum(memoryview(p).nbytes for p in parts.values())
+
+
+def unpack(blob: bytes, kind: str, *, max_size: int = 1 << 34, copy: bool = True
+           ) -> tuple[dict, dict[str, bytes]]:
     """Check and open an envelope of the expected ``kind``; returns (header, parts).
+
+    With ``copy=False`` the parts are memoryviews into ``blob`` (for example a mapped
+    key file) instead of copies.
 
     Raises:
         SerializationError: wrong magic, version or kind, bad sizes, or a digest mismatch.
     """
     if not isinstance(blob, (bytes, bytearray, memoryview)):
         raise SerializationError(f"expected bytes for a {kind}, got {type(blob).__name__}")
-    blob = bytes(blob)
+    blob = bytes(blob) if copy else memoryview(blob).cast("B")
     if len(blob) > max_size:
         raise SerializationError(f"{kind} of {len(blob)} bytes exceeds the {max_size} limit")
     if len(blob) < _PREFIX.size:
@@ -55,7 +74,7 @@ def unpack(blob: bytes, kind: str, *, max_size: int = 1 << 34) -> tuple[dict, di
     if hlen > MAX_HEADER or _PREFIX.size + hlen > len(blob):
         raise SerializationError(f"{kind} header is malformed")
     try:
-        header = json.loads(blob[_PREFIX.size:_PREFIX.size + hlen])
+        header = json.loads(bytes(blob[_PREFIX.size:_PREFIX.size + hlen]))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SerializationError(f"{kind} header is not valid JSON") from exc
     if not isinstance(header, dict) or header.get("kind") != kind:

@@ -13,9 +13,14 @@ chain this is optimal (an exchange argument: moving any bootstrap of an optimal
 placement later, up to the point where the levels run out, never adds one). At a fork,
 one bootstrap of the shared value serves every later reader, and a reader always takes
 the freshest copy, so a residual connection meets its branch at the branch's level
-instead of dragging the sum down to the skip value's old level (the constraint Orion's
-placement solves with a shortest path over levels, Ebel et al. 2023; EVA, Dathathri et
-al. 2020, places rescales by the same "as late as possible" rule). Minimising the
+instead of dragging the sum down to the skip value's old level. Lazy placement alone
+still bootstraps inside a residual branch (where the levels run out) and leaves the skip
+value old; a local search then moves such a bootstrap to the fork the branch starts
+from, where both paths read the fresh copy, keeping each move that lowers the total
+count (a residual network: one bootstrap per two blocks instead of per block when two
+fit). Orion (Ebel et al. 2023) solves the same constraint exactly with a shortest path
+over levels; EVA (Dathathri et al. 2020) places rescales by the "as late as possible"
+rule. Minimising the
 bootstrapped slot count across several ciphertexts is left to the structured HE layouts.
 
 OpenFHE's bootstrap needs its input in [-1, 1]. The pass runs the calibration batch
@@ -136,10 +141,51 @@ def place_bootstraps(graph: Graph, *, calibration: np.ndarray,
     def bound_of(name: str) -> float:
         return 1.0 if mags[name] <= 1.0 else float(mags[name] * (1.0 + BOUND_MARGIN))
 
+    # Lazy placement, then a local search: a bootstrap placed lazily inside a branch may
+    # move to the fork the branch starts from (both the branch and the skip connection
+    # then read a fresh copy), kept only when the whole graph needs fewer bootstraps.
+    forced: frozenset[str] = frozenset()
+    out, placed, lazy = _place(graph, params, bound_of, forced)
+    improved = True
+    while improved:
+        improved = False
+        for value, reader in lazy:
+            fork = _fork(graph, value, reader, params, bound_of)
+            if fork is None or fork in forced:
+                continue
+            try:
+                trial = _place(graph, params, bound_of, forced | {fork})
+            except CompileError:        # no level left there to scale into [-1, 1]
+                continue
+            if len(trial[1]) < len(placed):
+                forced = forced | {fork}
+                out, placed, lazy = trial
+                improved = True
+                break
+    lowered = graph.with_nodes(out)
+    check_levels(lowered, params)
+    scaled = sum(1 for _, _, b in placed if b > 1.0)
+    note.messages.append(
+        f"depth {depth} > {limit}: {len(placed)} bootstraps ({scaled} with their input "
+        f"scaled into [-1, 1]) under {params.boot_budget_levels} levels between "
+        f"bootstraps and {params.fresh_budget} for a fresh ciphertext")
+    for boot, src, bound in placed:
+        note.messages.append(f"  bootstrap {boot!r} on {src!r}" +
+                             (f" (bound {bound:.3g})" if bound > 1.0 else ""))
+    note.data.update(depth=depth, bootstraps=len(placed),
+                     placed=[{"node": b, "value": s, "bound": v} for b, s, v in placed])
+    return lowered, note
+
+
+def _place(graph: Graph, params: CKKSParams, bound_of, forced: frozenset[str]):
+    """One placement: values in ``forced`` are bootstrapped as soon as they exist, any
+    other when its next reader could not run. Returns the nodes, the bootstraps
+    (bootstrap, value, bound) and the lazily placed (value, reader) pairs."""
     out: list[Node] = []
     left: dict[str, int] = {}
     fresh: dict[str, str] = {}        # value -> its bootstrapped copy
-    placed: list[tuple[str, str, float]] = []   # (bootstrap, value, bound)
+    placed: list[tuple[str, str, float]] = []
+    lazy: list[tuple[str, str]] = []
     for node in graph.nodes:
         if node.op is Op.INPUT:
             out.append(node)
@@ -155,24 +201,41 @@ def place_bootstraps(graph: Graph, *, calibration: np.ndarray,
                 boot = _bootstrap(src, node, bound_of(src), out, left, params)
                 fresh[src] = boot.name
                 placed.append((boot.name, src, float(boot.attrs["bound"])))
+                lazy.append((src, node.name))
                 src = boot.name
             inputs.append(src)
         node = node.replace(inputs=tuple(inputs))
         out.append(node)
         left[node.name] = min(left[s] for s in inputs) - need
-    lowered = graph.with_nodes(out)
-    check_levels(lowered, params)
-    scaled = sum(1 for _, _, b in placed if b > 1.0)
-    note.messages.append(
-        f"depth {depth} > {limit}: {len(placed)} bootstraps ({scaled} with their input "
-        f"scaled into [-1, 1]) under {params.boot_budget_levels} levels between "
-        f"bootstraps and {params.fresh_budget} for a fresh ciphertext")
-    for boot, src, bound in placed:
-        note.messages.append(f"  bootstrap {boot!r} on {src!r}" +
-                             (f" (bound {bound:.3g})" if bound > 1.0 else ""))
-    note.data.update(depth=depth, bootstraps=len(placed),
-                     placed=[{"node": b, "value": s, "bound": v} for b, s, v in placed])
-    return lowered, note
+        if node.name in forced:
+            boot = _bootstrap(node.name, node, bound_of(node.name), out, left, params)
+            fresh[node.name] = boot.name
+            placed.append((boot.name, node.name, float(boot.attrs["bound"])))
+    return out, placed, lazy
+
+
+def _fork(graph: Graph, value: str, reader: str, params: CKKSParams, bound_of):
+    """The value a branch holding ``value`` starts from (one with several readers),
+    when a bootstrap there still leaves the branch enough levels to reach ``reader``;
+    else None."""
+    by_name = {n.name: n for n in graph.nodes}
+    if value not in by_name:
+        return None
+    target = by_name[reader]
+    cost = node_levels(target) + (1 if bound_of(reader) > 1.0 else 0)
+    current = value
+    while True:
+        node = by_name[current]
+        if len(graph.consumers(current)) > 1:
+            break
+        if node.op in (Op.INPUT, Op.BOOTSTRAP) or len(node.inputs) != 1:
+            return None
+        cost += node_levels(node)
+        current = node.inputs[0]
+    if current == value or by_name[current].op is Op.INPUT:
+        return None
+    scaled = 1 if bound_of(current) > 1.0 else 0
+    return current if cost <= params.boot_budget_levels - scaled else None
 
 
 def _bootstrap(src: str, reader: Node, bound: float, out: list[Node],

@@ -70,6 +70,18 @@ class ModelClient:
             raise MissingKeyError("call keygen() before evaluation_keys()")
         return self._eval_keys.to_bytes()
 
+    def write_evaluation_keys(self, path, *, forget: bool = False) -> int:
+        """:meth:`evaluation_keys` written to a new private file part by part (a
+        bootstrapped model's are several GiB); returns the bytes written. ``forget``
+        drops this object's copy afterwards (``evaluation_keys`` then needs a new
+        ``keygen``)."""
+        if self._eval_keys is None:
+            raise MissingKeyError("call keygen() before write_evaluation_keys()")
+        written = self._eval_keys.save(path)
+        if forget:
+            self._eval_keys = None
+        return written
+
     def public_key(self) -> PublicKey:
         """The public key, for a model owner who encrypts weights for this client."""
         return PublicKey(self.bundle.model_id, self._crypto.tag,

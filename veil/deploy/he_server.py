@@ -2,6 +2,7 @@
 ``CompiledModel.run(mode="he")`` (:class:`veil.deploy.local.LocalHE`) and ``veil compare``.
 
     python -m veil.deploy.he_server SERVER_BUNDLE [--listen HOST:PORT] [--timeout S]
+                                   [--keys FILE]
 
 prints ``veil-he server listening on HOST:PORT`` once it accepts connections. It holds
 the server bundle only (no key material). Per connection (one client session), in
@@ -11,6 +12,10 @@ byte (0: ok, 1: error followed by a JSON ``{"error": ...}``):
 1. the client sends its evaluation keys (a ``wire`` envelope); the server opens a
    session with them and answers ``{"session_s": seconds}`` as JSON;
 2. then each frame is one input ciphertext; the answer is the output ciphertext.
+
+With ``--keys FILE`` (a key file ``EvaluationKeys.save`` wrote: a bootstrapped model's
+keys are several GiB, more than a frame holds) the server opens that one session at
+start, mapping the file rather than reading it, and every connection skips step 1.
 
 Wrong or tampered bytes fail in ``wire``/``deploy`` with a typed ``VeilError``, which is
 returned as an error frame; the connection then closes. Nothing is unpickled. This is a
@@ -41,8 +46,13 @@ def _error(exc: Exception) -> bytes:
     return ERROR + json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
 
 
-def serve_connection(server, sock: socket.socket) -> None:
-    """Steps 1-2 of the module docstring for one client."""
+def serve_connection(server, sock: socket.socket, session=None) -> None:
+    """Steps 1-2 of the module docstring for one client (step 2 only with a
+    ``session`` opened at start from ``--keys``)."""
+    if session is not None:
+        _serve_ciphertexts(session, sock)
+        sock.close()
+        return
     try:
         keys = sockets.recv_frame(sock, idle=True)
         t = time.perf_counter()
@@ -57,6 +67,15 @@ def serve_connection(server, sock: socket.socket) -> None:
     try:
         sockets.send_frame(sock, OK, json.dumps({"session_s": time.perf_counter() - t})
                            .encode())
+        _serve_ciphertexts(session, sock)
+    finally:
+        session.close()
+        sock.close()
+
+
+def _serve_ciphertexts(session, sock: socket.socket) -> None:
+    """Step 2 until the client leaves or sends bytes that fail."""
+    try:
         while True:
             ct = sockets.recv_buffer(sock, idle=True)
             try:
@@ -67,9 +86,6 @@ def serve_connection(server, sock: socket.socket) -> None:
             sockets.send_frame(sock, OK, out)
     except sockets.TransportError as exc:      # the client left (normal end of a session)
         log.debug("connection closed: %s", exc)
-    finally:
-        session.close()
-        sock.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,14 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("bundle", help="server bundle folder (export's he/server)")
     ap.add_argument("--listen", default="127.0.0.1:0")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per frame")
+    ap.add_argument("--keys", help="evaluation key file: one session for every connection")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    from ..deploy.server import ModelServer
+    from .keys import EvaluationKeys
+    from .server import ModelServer
 
     server = ModelServer(args.bundle)
+    session = server.open_session(EvaluationKeys.load(args.keys)) if args.keys else None
     listener = sockets.listen(sockets.parse_address(args.listen))
     print("veil-he server listening on %s:%d" % listener.getsockname()[:2], flush=True)
-    sockets.accept_forever(listener, args.timeout, lambda s: serve_connection(server, s))
+    sockets.accept_forever(listener, args.timeout,
+                           lambda s: serve_connection(server, s, session))
     return 0
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .._files import write_private
 from ..errors import KeyTypeError, SerializationError
-from ..wire import pack, peek_kind, unpack
+from ..wire import pack, peek_kind, unpack, write
 
 EVAL_KEYS_KIND = "veil-evaluation-keys"
 PUBLIC_KEY_KIND = "veil-public-key"
@@ -33,16 +33,38 @@ class EvaluationKeys:
     parts: dict
     insecure_test_params: bool = False
 
+    def _meta(self) -> dict:
+        return {"model": self.model_id, "tag": self.tag,
+                "insecure": self.insecure_test_params}
+
     def to_bytes(self) -> bytes:
-        return pack(EVAL_KEYS_KIND, self.parts, {"model": self.model_id, "tag": self.tag,
-                                                 "insecure": self.insecure_test_params})
+        return pack(EVAL_KEYS_KIND, self.parts, self._meta())
+
+    def save(self, path: str | os.PathLike) -> int:
+        """Write :meth:`to_bytes`'s envelope to a new private file (mode 0600) part by
+        part, without joining several GiB in memory; returns its size."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            return write(f, EVAL_KEYS_KIND, self.parts, self._meta())
 
     @classmethod
-    def from_bytes(cls, blob: bytes) -> "EvaluationKeys":
+    def load(cls, path: str | os.PathLike) -> "EvaluationKeys":
+        """Open a key file without reading it into memory: the parts are views of the
+        mapped file (checked like :meth:`from_bytes`)."""
+        import mmap
+
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise SerializationError("the evaluation key file is empty")
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return cls.from_bytes(memoryview(mapped), copy=False)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes, *, copy: bool = True) -> "EvaluationKeys":
         if isinstance(blob, SecretKey) or peek_kind(blob) == SECRET_KEY_KIND:
             raise KeyTypeError("a secret key was offered where evaluation keys belong; "
                                "servers never accept secret keys")
-        header, parts = unpack(blob, EVAL_KEYS_KIND)
+        header, parts = unpack(blob, EVAL_KEYS_KIND, copy=copy)
         if set(parts) != {"mult", "rotations"} or not isinstance(header.get("tag"), str):
             raise SerializationError("evaluation keys are missing parts")
         if not _KEY_TAG.fullmatch(header["tag"]):
@@ -53,7 +75,7 @@ class EvaluationKeys:
 
     @property
     def size(self) -> int:
-        return sum(len(p) for p in self.parts.values())
+        return sum(memoryview(p).nbytes for p in self.parts.values())
 
 
 @dataclass(frozen=True, repr=False)

@@ -47,6 +47,9 @@ from .export import ExportInfo
 from .processes import Processes
 
 NAME = "local"          # the model's name in the children's names and logs
+# most seconds the HE server may take to start: its payload checks (one throwaway key
+# generation) and the key load take a minute or two for a bootstrapped model
+START_S = 1800.0
 
 
 def _start_in_keeper(start: Callable[[], dict], stop: threading.Event) -> dict:
@@ -225,7 +228,9 @@ class LocalHE:
 
     Same interface as :class:`veil.deploy.loopback.Loopback` (``infer``,
     ``infer_batch``, ``timings``, ``close``), plus ``alive`` and ``pids``. The server
-    bundle and the logs sit in a private temporary folder, removed on :meth:`close`.
+    bundle, the evaluation keys (a file the server maps: a bootstrapped model's are
+    several GiB) and the logs sit in a private temporary folder, removed on
+    :meth:`close`. ``timings.session_s`` includes the server's start.
     """
 
     def __init__(self, client_bundle, server_bundle, check_range: bool = True, *,
@@ -244,20 +249,21 @@ class LocalHE:
         self._calls = threading.Lock()
         self.client = self._sock = None
         try:
-            server_bundle.save(self.dir / "server")
-            (address,) = _start_in_keeper(lambda: self.procs.start(
-                f"{NAME}-he-server", [str(self.dir / "server"), "--timeout",
-                                      str(timeout_s)], module="veil.deploy.he_server"),
-                self._stop)
+            # keys first, then the server: the two peaks (the client's key generation,
+            # the server's template and key loading) never overlap
             self.client = ModelClient(client_bundle, check_range=check_range)
             t0 = time.perf_counter()
             self.client.keygen()
-            keys = self.client.evaluation_keys()
+            self.timings.eval_key_bytes = self.client.write_evaluation_keys(
+                self.dir / "keys", forget=True)
             t1 = time.perf_counter()
+            server_bundle.save(self.dir / "server")
+            (address,) = _start_in_keeper(lambda: self.procs.start(
+                f"{NAME}-he-server", [str(self.dir / "server"), "--timeout",
+                                      str(timeout_s), "--keys", str(self.dir / "keys")],
+                module="veil.deploy.he_server", timeout=min(timeout_s, START_S)), self._stop)
             self._sock = sockets.dial(address, timeout_s)
-            self._call(keys)
             self.timings.keygen_s, self.timings.session_s = t1 - t0, time.perf_counter() - t1
-            self.timings.eval_key_bytes = len(keys)
         except BaseException:
             self.close()
             raise

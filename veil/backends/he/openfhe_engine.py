@@ -143,6 +143,30 @@ def build_context(params: CKKSParams):
     return cc
 
 
+def _load_libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_MALLOC_TRIM = _load_libc()
+
+
+def release_native_memory() -> None:
+    """Hand the heap OpenFHE freed back to the OS (glibc's ``malloc_trim``; nothing
+    elsewhere). Key generation at 2^16 peaks at three copies of the keys (OpenFHE's,
+    its serialization, Python's bytes) and glibc keeps the freed pages: a client that
+    generated 4 GiB of bootstrapping keys would otherwise hold 13 GiB while the server
+    beside it loads them."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def _remove_tag(cc, tag: str) -> None:
     """Drop one tag's keys from OpenFHE's global maps, keeping every other tag's."""
     with _KEYMAPS.write():
@@ -248,6 +272,8 @@ def payload_validator(params: CKKSParams, rotations: list[int]) -> PayloadValida
         raise EngineError(f"cannot build payload checks for {params} with this OpenFHE "
                           f"({OPENFHE_VERSION}): {exc}") from exc
     boot = tuple(sorted(set(indices) - set(index.values()))) if params.bootstraps else ()
+    del parts, fresh
+    release_native_memory()     # the throwaway keys: gone before the client's load
     return PayloadValidator((params, tuple(rotations)), ciphertexts, mult, rot, index,
                             layout, boot)
 
@@ -298,7 +324,10 @@ class ClientCrypto:
             finally:
                 _remove_tag(self.cc, tag)
         self._secret, self._public = keys.secretKey, keys.publicKey
-        return {"mult": bytes(mult), "rotations": bytes(rot)}
+        parts = {"mult": bytes(mult), "rotations": bytes(rot)}
+        del mult, rot
+        release_native_memory()
+        return parts
 
     def secret_key_bytes(self) -> bytes:
         self._require_keys()
@@ -402,11 +431,14 @@ class EvaluationSession:
                 raise KeyMismatchError("these evaluation keys are already loaded by another "
                                        "session; open one session per key set")
             decode = "evaluation key bytes could not be decoded"
+            # the binding takes bytes: a view of a mapped key file is copied once here
             mult = native_call(SerializationError, decode, ofhe.DeserializeEvalKeyString,
-                               key_parts["mult"], ofhe.BINARY)
+                               bytes(key_parts["mult"]), ofhe.BINARY)
+            rot = key_parts.get("rotations")
             auto = (native_call(SerializationError, decode, ofhe.DeserializeEvalKeyMapString,
-                                key_parts["rotations"], ofhe.BINARY)
-                    if key_parts.get("rotations") else None)
+                                bytes(rot), ofhe.BINARY)
+                    if rot is not None and memoryview(rot).nbytes else None)
+            del rot
             self._closed = False
             try:
                 native_call(SerializationError, "evaluation keys could not be loaded",
@@ -579,6 +611,7 @@ class EvaluationSession:
             self._closed = True
             self._plaintexts.clear()
             _remove_tag(self.cc, self.native_tag)
+            release_native_memory()
 
     def __enter__(self) -> "EvaluationSession":
         return self

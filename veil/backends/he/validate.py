@@ -264,9 +264,9 @@ class PayloadValidator:
                 raise SerializationError("this model needs no rotation keys, but "
                                          "evaluation keys came with some")
             return
-        if not isinstance(blob, (bytes, bytearray)):
+        if not isinstance(blob, (bytes, bytearray, memoryview)):
             raise SerializationError("the rotation keys must be bytes")
-        if len(blob) != self.rotations.length:
+        if memoryview(blob).nbytes != self.rotations.length:
             self._explain_missing(bytes(blob))
         self.rotations.check(blob, tag)
 
