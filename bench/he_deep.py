@@ -60,6 +60,7 @@ CANDIDATES = {
 }
 
 
+CHOSEN = "enc-33-s47-stc"
 TARGETS = {"bootstrap_s": 20.0, "bits": 12.0, "levels": 10, "key_gib": 8.0}
 ANCHORS = ("Measured earlier on this machine: OpenFHE full-slot bootstrap at N=2^16, 22.3 s "
            "on 2 threads, 3 levels left, 13.7-18.9 GiB of automorphism keys. "
@@ -312,7 +313,18 @@ def render(data: dict) -> str:
             f"{row['bootstrap_s']} | {row['bits']} ({row.get('mean_bits', '-')}) | "
             f"{row['usable_levels']} | "
             f"{row['peak_rss'] / 2**30:.2f} | {', '.join(_checks(row))} |")
+    chosen = next((r for r in data.get("candidates", []) if r["name"] == CHOSEN
+                   and "failed" not in r), None)
     lines += ["", "Anchors: " + ANCHORS, ""]
+    if chosen:
+        lines += [f"Chosen (`veil.compiler.params.BOOT_SECURE`): {CHOSEN}, "
+                  f"{chosen['bootstrap_s']} s per bootstrap ({22.3 / chosen['bootstrap_s']:.2f}x "
+                  f"faster than the 22.3 s full-slot anchor), "
+                  f"{chosen['key_bytes'] / 2**30:.2f} GiB of keys ("
+                  f"{13.7 / (chosen['key_bytes'] / 2**30):.1f}-"
+                  f"{18.9 / (chosen['key_bytes'] / 2**30):.1f}x smaller), "
+                  f"{chosen['usable_levels']} usable levels after it (3 there), "
+                  f"{chosen['bits']} bits (max error).", ""]
     deep = data.get("deep")
     if deep and "failed" not in deep:
         p = deep["params"]

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import veil
-from veil.compiler.estimate import (BOOTSTRAP_RING, LEVELS_AFTER_BOOTSTRAP, estimate_he,
-                                    max_depth_without_bootstrapping)
+from veil.compiler.estimate import (BOOTSTRAP_RING, FRESH_LEVELS, LEVELS_AFTER_BOOTSTRAP,
+                                    estimate_he, max_depth_without_bootstrapping)
 from veil.compiler.passes import MAX_DENSE_ENTRIES, dense_chains
 from veil.compiler.pipeline import PASSES, compile_graph
 from veil.compiler.targets import HE, TARGETS, lower
@@ -70,8 +70,10 @@ def test_resnet20_estimate_needs_bootstraps_with_sane_depth_and_keys(resnet20):
     assert est.depth == 19 * 5 + 9 + 19 + 1
     assert est.max_depth == max_depth_without_bootstrapping() == 55
     assert not est.fits and est.bootstraps > 0
-    # A fresh ciphertext has 25 levels, each bootstrap gives back 3: at least this many.
-    assert est.bootstraps >= -(-(est.depth - 25) // LEVELS_AFTER_BOOTSTRAP)
+    # A fresh ciphertext may spend 23 levels, each bootstrap gives back 10: at least this
+    # many.
+    assert (FRESH_LEVELS, LEVELS_AFTER_BOOTSTRAP) == (23, 10)
+    assert est.bootstraps >= -(-(est.depth - FRESH_LEVELS) // LEVELS_AFTER_BOOTSTRAP)
     assert est.ring_dim == BOOTSTRAP_RING
     # 3x3 kernels on 32x32, 16x16 and 8x8 grids need their 8 offsets each, plus channel
     # and stride steps; far below one key per slot.

@@ -26,16 +26,19 @@ import numpy as np
 from ..errors import CompileError
 from ..ir import AFFINE_OPS, Graph, Node, Op
 from .dense import COST
-from .params import chebyshev_depth, keyswitch_cost, next_pow2, select_params
+from .params import (bootstrap_params, chebyshev_depth, keyswitch_cost, next_pow2,
+                     select_params)
 
-# OpenFHE CKKS bootstrapping at N = 2^16 with level budget {4, 4}: it consumes 22 levels
-# (CryptoContext.GetBootstrapDepth([4, 4], UNIFORM_TERNARY)) and, with the default
-# 59-bit scaling, the 128-bit ring leaves ~3 levels after it (measured on this machine).
-BOOTSTRAP_RING = 1 << 16
-BOOTSTRAP_DEPTH = 22
-LEVELS_AFTER_BOOTSTRAP = 3
-BOOTSTRAP_SCALING_BITS, BOOTSTRAP_FIRST_MOD_BITS, BOOTSTRAP_DIGITS = 59, 60, 3
-BOOTSTRAP_S = 20.0             # one full-slot bootstrap at N = 2^16: 16-24 s measured
+# Bootstrapping as veil runs it (params.BOOT_SECURE, chosen and measured by
+# bench/he_deep.py): ring 2^16, a fresh ciphertext may spend fresh_budget levels, a
+# bootstrapped one boot_budget_levels; one bootstrap took 18.1 s for 2^12 slots and
+# ~19 s for 16 (bench/results/he_deep.md: its time hardly depends on the slots), and its
+# keys were 7.0 GiB for 2^12 slots.
+_BOOT = bootstrap_params()
+BOOTSTRAP_RING = _BOOT.ring_dim
+FRESH_LEVELS = _BOOT.fresh_budget
+LEVELS_AFTER_BOOTSTRAP = _BOOT.boot_budget_levels
+BOOTSTRAP_S = 19.0
 # One rotation (key switch) at N = 2^14 with the parameters select_params picks for
 # depth 7: 15-27 ms measured here; it scales about linearly in N and in key towers.
 ROTATION_S_REF = 0.020
@@ -50,12 +53,13 @@ ASSUMPTIONS = (
     "level per output row and column (masks folded into the diagonals, no extra level)",
     "levels: an affine chain costs 1, a POLY its Chebyshev depth, SQUARE/MUL 1, a residual "
     "ADD meets its inputs at the lower level",
-    f"bootstrapping: OpenFHE at N = 2^16, level budget {{4, 4}} ({BOOTSTRAP_DEPTH} levels), "
-    f"{LEVELS_AFTER_BOOTSTRAP} levels left after each bootstrap (measured with default "
-    f"parameters), {BOOTSTRAP_S:g} s per ciphertext (16-24 s measured); a fresh ciphertext "
-    f"starts with {BOOTSTRAP_DEPTH + LEVELS_AFTER_BOOTSTRAP}; an op deeper than the levels "
-    "left is split across bootstraps (e.g. a Chebyshev series between its baby and giant "
-    "steps); bootstrapping keys are not counted",
+    f"bootstrapping: veil's measured set (OpenFHE at N = 2^16, sparse-encapsulated "
+    f"secret, SlotsToCoeffs first), {LEVELS_AFTER_BOOTSTRAP} usable levels after each "
+    f"bootstrap, {BOOTSTRAP_S:g} s per ciphertext (18-19 s measured on 2 cores); a fresh "
+    f"ciphertext may spend {FRESH_LEVELS}; an op deeper than the levels left is split "
+    "across bootstraps (e.g. a Chebyshev series between its baby and giant steps); "
+    "bootstrapping keys (7.0 GiB measured for 2^12 slots) are not in the rotation-key "
+    "count",
     f"latency: a rotation costs {ROTATION_S_REF * 1e3:g} ms at N = 2^14 (15-27 ms measured), "
     "scaled linearly in N and in key towers (keyswitch_cost); products, squarings and "
     "polynomials use the planner's measured ratios (COST); one input, one thread",
@@ -266,10 +270,10 @@ def _ring(depth: int, max_depth: int, widest: int, precision_bits: int | None):
             p, _ = select_params(depth, 1, precision_bits=precision_bits)
         return (p.ring_dim, p.scaling_bits, p.num_large_digits,
                 keyswitch_cost(depth, p.scaling_bits, p.first_mod_bits, p.num_large_digits))
-    chain = BOOTSTRAP_DEPTH + LEVELS_AFTER_BOOTSTRAP
-    return (BOOTSTRAP_RING, BOOTSTRAP_SCALING_BITS, BOOTSTRAP_DIGITS,
-            keyswitch_cost(chain, BOOTSTRAP_SCALING_BITS, BOOTSTRAP_FIRST_MOD_BITS,
-                           BOOTSTRAP_DIGITS))
+    b = _BOOT
+    return (b.ring_dim, b.scaling_bits, b.num_large_digits,
+            keyswitch_cost(b.mult_depth, b.scaling_bits, b.first_mod_bits,
+                           b.num_large_digits))
 
 
 def _rotation_s(ring: int, towers: int) -> float:
@@ -325,7 +329,7 @@ def _layer_rows(graph: Graph, cost: dict[str, int], depth_at: dict[str, int], fi
     for node in graph.nodes:
         need = cost[node.name]
         have = min((left[s] for s in node.inputs), default=(
-            max_depth if fits else BOOTSTRAP_DEPTH + LEVELS_AFTER_BOOTSTRAP))
+            max_depth if fits else FRESH_LEVELS))
         boots = 0
         if not fits and need > have:
             boots = -(-(need - have) // LEVELS_AFTER_BOOTSTRAP)
