@@ -30,18 +30,21 @@ they still stop when the interpreter is killed outright.
 from __future__ import annotations
 
 import abc
+import json
 import os
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from ..backends import sockets
 from ..backends.sockets import parse_address
 from ..compiler.targets import lower
-from ..errors import ModeError
+from ..errors import EngineError, ModeError
 from ..ir import Graph
 from .export import ExportInfo
 from .processes import Processes
@@ -74,20 +77,60 @@ def _start_in_keeper(start: Callable[[], dict], stop: threading.Event) -> dict:
     return result["value"]
 
 
-class _Local(abc.ABC):
-    """A private folder, the processes started in it, and a client to them."""
+class _Children:
+    """A private folder, the processes started in it (from a keeper thread), and a
+    client to them; ``alive``, ``pids`` and ``close`` for every local mode."""
 
     mode = ""
 
-    def __init__(self, graph: Graph) -> None:
-        lowered, _ = lower(graph, self.mode)      # refuses an unsupported op before any start
+    def _open(self) -> None:
         self._owner = os.getpid()                 # a forked copy must not stop our children
-        self.input_shape = tuple(lowered.input_shape)
         self.dir = Path(tempfile.mkdtemp(prefix=f"veil-{self.mode}-"))   # mode 0700
         self.procs = Processes(self.dir / "logs", supervise=False)
         self._stop = threading.Event()
         self._calls = threading.Lock()          # one request at a time on the client's links
         self.client = None
+
+    def alive(self) -> bool:
+        """Whether every child is still running (one that died is not restarted)."""
+        return bool(self.procs.children) and all(
+            c.proc is not None and c.proc.poll() is None for c in self.procs.children.values())
+
+    def pids(self) -> list[int]:
+        return [c.proc.pid for c in self.procs.children.values() if c.proc is not None]
+
+    def _close_client(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    def close(self) -> None:
+        """Stop the children and remove the folder; safe to call more than once. In a
+        forked copy of this process (whose exit runs the same finalizers) it does
+        nothing: the children and the folder are the parent's."""
+        if os.getpid() != self._owner:
+            return
+        try:
+            self._close_client()
+        finally:
+            self.procs.close()
+            self._stop.set()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Local(_Children, abc.ABC):
+    """A mode whose server runs the source graph lowered for it (tee, mpc)."""
+
+    def __init__(self, graph: Graph) -> None:
+        lowered, _ = lower(graph, self.mode)      # refuses an unsupported op before any start
+        self.input_shape = tuple(lowered.input_shape)
+        self._open()
         try:
             info = self._write(lowered, self.dir / "export")
             self.client = self._connect(_start_in_keeper(lambda: self._start(info),
@@ -108,14 +151,6 @@ class _Local(abc.ABC):
     def _connect(self, started: dict):
         """A client to the started children."""
 
-    def alive(self) -> bool:
-        """Whether every child is still running (one that died is not restarted)."""
-        return bool(self.procs.children) and all(
-            c.proc is not None and c.proc.poll() is None for c in self.procs.children.values())
-
-    def pids(self) -> list[int]:
-        return [c.proc.pid for c in self.procs.children.values() if c.proc is not None]
-
     def infer_batch(self, xs: np.ndarray) -> np.ndarray:
         """Outputs (n, *output_shape) for inputs (n, *input_shape); callers in several
         threads take turns."""
@@ -125,27 +160,6 @@ class _Local(abc.ABC):
     @abc.abstractmethod
     def _infer(self, xs: np.ndarray) -> np.ndarray:
         """``infer_batch`` through this mode's client."""
-
-    def close(self) -> None:
-        """Stop the children and remove the folder; safe to call more than once. In a
-        forked copy of this process (whose exit runs the same finalizers) it does
-        nothing: the children and the folder are the parent's."""
-        if os.getpid() != self._owner:
-            return
-        try:
-            if self.client is not None:
-                self.client.close()
-                self.client = None
-        finally:
-            self.procs.close()
-            self._stop.set()
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class LocalTEE(_Local):
@@ -222,7 +236,7 @@ class LocalMPC(_Local):
                                for i in range(0, len(xs), step)])
 
 
-class LocalHE:
+class LocalHE(_Children):
     """The CKKS client in this process and the HE server (``veil.deploy.he_server``) in
     a child, exchanging evaluation keys and ciphertexts over loopback.
 
@@ -233,21 +247,16 @@ class LocalHE:
     :meth:`close`. ``timings.session_s`` includes the server's start.
     """
 
+    mode = "he"
+
     def __init__(self, client_bundle, server_bundle, check_range: bool = True, *,
                  timeout_s: float = 24 * 3600.0) -> None:
-        import time
-
-        from ..backends import sockets
-        from .client import ModelClient
+        from .client import ModelClient         # OpenFHE: loaded for this mode only
         from .loopback import Timings
 
-        self._owner = os.getpid()
         self.timings = Timings()
-        self.dir = Path(tempfile.mkdtemp(prefix="veil-he-"))       # mode 0700
-        self.procs = Processes(self.dir / "logs", supervise=False)
-        self._stop = threading.Event()
-        self._calls = threading.Lock()
-        self.client = self._sock = None
+        self._sock = None
+        self._open()
         try:
             # keys first, then the server: the two peaks (the client's key generation,
             # the server's template and key loading) never overlap
@@ -270,11 +279,6 @@ class LocalHE:
 
     def _call(self, payload: bytes) -> bytes:
         """One frame to the server and its answer (``he_server``'s status byte)."""
-        import json
-
-        from ..backends import sockets
-        from ..errors import EngineError
-
         sockets.send_frame(self._sock, payload)
         reply = sockets.recv_buffer(self._sock)
         if reply[:1] != b"\x00":
@@ -289,48 +293,19 @@ class LocalHE:
         return self.infer_batch(np.asarray(x)[None])[0]
 
     def infer_batch(self, xs) -> np.ndarray:
-        """Many inputs, ``client.lanes`` per ciphertext; timings are per ciphertext."""
-        import time
+        """Many inputs, ``client.lanes`` per ciphertext; timings are per ciphertext;
+        callers in several threads take turns."""
+        from .loopback import timed_batch
 
         with self._calls:
-            t = self.timings
-            t0 = time.perf_counter()
-            cts = self.client.encrypt_batch(list(xs))
-            t1 = time.perf_counter()
-            outs = [self._call(ct) for ct in cts]
-            t2 = time.perf_counter()
-            ys = self.client.decrypt_batch(outs)
-            t3 = time.perf_counter()
-            n = len(cts)
-            t.encrypt_s += [(t1 - t0) / n] * n
-            t.eval_s += [(t2 - t1) / n] * n
-            t.decrypt_s += [(t3 - t2) / n] * n
-            t.input_ct_bytes, t.output_ct_bytes = len(cts[-1]), len(outs[-1])
-            return ys
+            return timed_batch(self.client, self.timings, xs,
+                               lambda cts: [self._call(ct) for ct in cts])
 
-    def alive(self) -> bool:
-        return bool(self.procs.children) and all(
-            c.proc is not None and c.proc.poll() is None for c in self.procs.children.values())
-
-    def pids(self) -> list[int]:
-        return [c.proc.pid for c in self.procs.children.values() if c.proc is not None]
-
-    def close(self) -> None:
-        """Stop the server and remove the folder; safe to call more than once (and a
-        no-op in a forked copy of this process, as for :class:`_Local`)."""
-        if os.getpid() != self._owner:
-            return
-        try:
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
-            if self.client is not None:
-                self.client.close()
-                self.client = None
-        finally:
-            self.procs.close()
-            self._stop.set()
-            shutil.rmtree(self.dir, ignore_errors=True)
+    def _close_client(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        super()._close_client()
 
 
 LOCAL: dict[str, type[_Local]] = {"tee": LocalTEE, "mpc": LocalMPC}
