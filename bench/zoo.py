@@ -281,6 +281,9 @@ def markdown(result: dict) -> str:
                      f"{r.get('mpc_ms', float('nan')):.0f} |")
     lines += ["", "## Targets", ""]
     lines += [f"- [{'x' if ok else ' '}] {text}: {val}" for text, ok, val in result["checks"]]
+    if result.get("estimates_at"):
+        lines += ["", f"The HE estimate column was recomputed with the current cost model "
+                      f"on {result['estimates_at']} (`python bench/zoo.py --estimates`)."]
     lines += ["", "HE estimate assumptions: " + "; ".join(
         next((r["he_estimate"].get("assumptions", []) for r in rows
               if r.get("he_estimate")), [])), ""]
@@ -299,11 +302,28 @@ def main(argv=None) -> int:
                     help="rewrite zoo.md (and the checks) from zoo.json without measuring")
     ap.add_argument("--no-warm", action="store_true",
                     help="skip the warm mpc run (offline phase done ahead, --spool)")
+    ap.add_argument("--estimates", action="store_true",
+                    help="recompute only the HE estimate column with the current cost "
+                         "model (a compile per model), keep the measured columns")
     ap.add_argument("--compile-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.compile_child:
         compile_child(args.compile_child)
         return 0
+    if args.estimates:
+        import veil
+        from veil.compare.default import zoo_workloads
+
+        result = json.loads((OUT / "zoo.json").read_text())
+        for row in result["rows"]:
+            (w,), _ = zoo_workloads(row["model"], 1)
+            row["he_estimate"] = veil.compile(w.model, w.calibration,
+                                              **w.compile_options).report().estimate
+            print(f"[zoo] {row['model']}: {row['he_estimate']['bootstraps']} bootstraps",
+                  flush=True)
+        result["estimates_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        args.render = True
+        (OUT / "zoo.json").write_text(json.dumps(result, indent=1, default=float))
     if args.render:
         result = json.loads((OUT / "zoo.json").read_text())
         result["checks"] = _checks(result["rows"])
