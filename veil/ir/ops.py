@@ -252,7 +252,7 @@ def _defs() -> dict[Op, OpDef]:
         # the identity on values; under CKKS a bootstrap on inputs scaled into [-1, 1]
         # by 1 / bound (placed by compiler/levels.py)
         OpDef(Op.BOOTSTRAP, 1, _same, k.identity, {"elementwise", "lowered"},
-              defaults={"bound": 1.0}),
+              defaults={"bound": 1.0}, targets=frozenset({"plain", "simulate", "he"})),
     ]
     return {o.op: o for o in d}
 
