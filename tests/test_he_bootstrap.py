@@ -177,6 +177,11 @@ def test_levels_pass_places_bootstraps_that_fit(residual):
                                atol=1e-9)
     notes = {n.pass_name: n for n in res.notes}
     assert notes["place_bootstraps"].data["bootstraps"] == len(boots)
+    # the report says where each bootstrap sits and how many levels its value had left
+    placed = notes["place_bootstraps"].data["placed"]
+    assert [p["node"] for p in placed] == [b.name for b in boots]
+    assert all(p["levels_left"] == left[p["value"]] for p in placed)
+    assert f"bootstrap {boots[0].name!r}" in str(compiled.report())
 
 
 def test_levels_pass_scales_large_values_into_the_unit_interval():

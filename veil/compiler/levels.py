@@ -163,17 +163,18 @@ def place_bootstraps(graph: Graph, *, calibration: np.ndarray,
                 improved = True
                 break
     lowered = graph.with_nodes(out)
-    check_levels(lowered, params)
+    left = check_levels(lowered, params)
     scaled = sum(1 for _, _, b in placed if b > 1.0)
     note.messages.append(
         f"depth {depth} > {limit}: {len(placed)} bootstraps ({scaled} with their input "
         f"scaled into [-1, 1]) under {params.boot_budget_levels} levels between "
         f"bootstraps and {params.fresh_budget} for a fresh ciphertext")
     for boot, src, bound in placed:
-        note.messages.append(f"  bootstrap {boot!r} on {src!r}" +
-                             (f" (bound {bound:.3g})" if bound > 1.0 else ""))
-    note.data.update(depth=depth, bootstraps=len(placed),
-                     placed=[{"node": b, "value": s, "bound": v} for b, s, v in placed])
+        note.messages.append(f"  bootstrap {boot!r} on {src!r} at {left[src]} levels left"
+                             + (f" (bound {bound:.3g})" if bound > 1.0 else ""))
+    note.data.update(depth=depth, bootstraps=len(placed), levels_left=left,
+                     placed=[{"node": b, "value": s, "bound": v, "levels_left": left[s]}
+                             for b, s, v in placed])
     return lowered, note
 
 
