@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BootstrapRequiredError, CompileError
-from ..ir import Graph, Node, Op, run
+from ..ir import Graph, Node, Op, eval_node
 from .params import CKKSParams, bootstrap_params, chebyshev_depth
 from .passes import PassNote
 
@@ -100,8 +100,19 @@ def check_levels(graph: Graph, params: CKKSParams) -> dict[str, int]:
 
 
 def _magnitudes(graph: Graph, calibration: np.ndarray) -> dict[str, float]:
-    values = run(graph, calibration, trace=True)
-    return {name: float(np.max(np.abs(v))) if v.size else 0.0 for name, v in values.items()}
+    """Largest magnitude of every value on the calibration batch; each value is dropped
+    after its last reader (a deep graph's values all at once could take gigabytes)."""
+    last = {s: i for i, n in enumerate(graph.nodes) for s in n.inputs}
+    values = {graph.input.name: calibration}
+    mags = {graph.input.name: float(np.max(np.abs(calibration), initial=0.0))}
+    for i, node in enumerate(graph.nodes[1:], start=1):
+        out = eval_node(node, [values[s] for s in node.inputs])
+        mags[node.name] = float(np.max(np.abs(out), initial=0.0))
+        values[node.name] = out
+        for s in set(node.inputs):
+            if last[s] == i:
+                del values[s]
+    return mags
 
 
 def place_bootstraps(graph: Graph, *, calibration: np.ndarray,
