@@ -36,14 +36,15 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import BootstrapRequiredError, CompileError
-from ..ir import Graph, Node, Op, eval_node
+from ..ir import Graph, Node, Op, run
 from .params import CKKSParams, bootstrap_params, chebyshev_depth
 from .passes import PassNote
 
 # Head room between the calibration batch's largest magnitude and 1.
 BOUND_MARGIN = 0.25
-_COSTED = frozenset({Op.INPUT, Op.GATHER, Op.DENSE, Op.POLY, Op.SQUARE, Op.ADD,
-                     Op.BOOTSTRAP})
+# What the slot evaluator (backends/he/evaluator.py) runs, and so what has a level cost.
+SLOT_OPS = frozenset({Op.INPUT, Op.GATHER, Op.DENSE, Op.POLY, Op.SQUARE, Op.ADD,
+                      Op.BOOTSTRAP})
 
 
 def node_levels(node: Node) -> int:
@@ -73,19 +74,21 @@ def _scaled(node: Node) -> int:
     return int(node.op is Op.BOOTSTRAP and float(node.attrs["bound"]) > 1.0)
 
 
+def _left_after(node: Node, left: dict[str, int], params: CKKSParams) -> int:
+    """Levels ``node``'s value has left, given its inputs' (-1: it cannot run)."""
+    if node.op is Op.INPUT:
+        return params.fresh_budget
+    if node.op is Op.BOOTSTRAP:
+        scale = _scaled(node)
+        return params.boot_budget_levels - scale if left[node.inputs[0]] >= scale else -1
+    return min(left[s] for s in node.inputs) - node_levels(node)
+
+
 def remaining_levels(graph: Graph, params: CKKSParams) -> dict[str, int]:
     """Levels each value still has under ``params`` (negative: the graph is invalid)."""
     left: dict[str, int] = {}
     for node in graph.nodes:
-        if node.op is Op.INPUT:
-            left[node.name] = params.fresh_budget
-        elif node.op is Op.BOOTSTRAP:
-            if left[node.inputs[0]] < _scaled(node):
-                left[node.name] = -1
-            else:
-                left[node.name] = params.boot_budget_levels - _scaled(node)
-        else:
-            left[node.name] = min(left[s] for s in node.inputs) - node_levels(node)
+        left[node.name] = _left_after(node, left, params)
     return left
 
 
@@ -100,18 +103,11 @@ def check_levels(graph: Graph, params: CKKSParams) -> dict[str, int]:
 
 
 def _magnitudes(graph: Graph, calibration: np.ndarray) -> dict[str, float]:
-    """Largest magnitude of every value on the calibration batch; each value is dropped
-    after its last reader (a deep graph's values all at once could take gigabytes)."""
-    last = {s: i for i, n in enumerate(graph.nodes) for s in n.inputs}
-    values = {graph.input.name: calibration}
-    mags = {graph.input.name: float(np.max(np.abs(calibration), initial=0.0))}
-    for i, node in enumerate(graph.nodes[1:], start=1):
-        out = eval_node(node, [values[s] for s in node.inputs])
-        mags[node.name] = float(np.max(np.abs(out), initial=0.0))
-        values[node.name] = out
-        for s in set(node.inputs):
-            if last[s] == i:
-                del values[s]
+    """Largest magnitude of every value on the calibration batch (the interpreter drops
+    each value after its last reader: a deep graph's values at once could take GiBs)."""
+    mags: dict[str, float] = {}
+    run(graph, calibration,
+        observe=lambda name, v: mags.__setitem__(name, float(np.max(np.abs(v), initial=0.0))))
     return mags
 
 
@@ -126,7 +122,7 @@ def place_bootstraps(graph: Graph, *, calibration: np.ndarray,
     from .estimate import max_depth_without_bootstrapping
 
     note = PassNote("place_bootstraps")
-    odd = next((n for n in graph.nodes if n.op not in _COSTED), None)
+    odd = next((n for n in graph.nodes if n.op not in SLOT_OPS), None)
     if odd is not None:         # the pipeline refuses it by name after the back stage
         note.messages.append(f"{odd.op.value} node {odd.name!r} has no slot kernel: no "
                              "levels assigned")
@@ -201,7 +197,7 @@ def _place(graph: Graph, params: CKKSParams, bound_of, forced: frozenset[str]):
     for node in graph.nodes:
         if node.op is Op.INPUT:
             out.append(node)
-            left[node.name] = params.fresh_budget
+            left[node.name] = _left_after(node, left, params)
             continue
         need = node_levels(node)
         # the node's own output must keep the levels for its own scaled bootstrap
@@ -218,7 +214,7 @@ def _place(graph: Graph, params: CKKSParams, bound_of, forced: frozenset[str]):
             inputs.append(src)
         node = node.replace(inputs=tuple(inputs))
         out.append(node)
-        left[node.name] = min(left[s] for s in inputs) - need
+        left[node.name] = _left_after(node, left, params)
         if node.name in forced:
             boot = _bootstrap(node.name, node, bound_of(node.name), out, left, params)
             fresh[node.name] = boot.name
@@ -259,5 +255,5 @@ def _bootstrap(src: str, reader: Node, bound: float, out: list[Node],
     shape = next(n.shape for n in out if n.name == src)
     boot = Node(f"{src}/bootstrap", Op.BOOTSTRAP, (src,), shape, {"bound": bound})
     out.append(boot)
-    left[boot.name] = params.boot_budget_levels - (1 if bound > 1.0 else 0)
+    left[boot.name] = _left_after(boot, left, params)
     return boot

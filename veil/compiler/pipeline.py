@@ -20,14 +20,12 @@ from ..errors import BootstrapRequiredError, CompileError
 from ..ir import Graph, Op
 from .approx import DEFAULT_DEGREE, DEFAULT_MARGIN, ActivationReport
 from .estimate import HEEstimate, estimate_he
+from .levels import SLOT_OPS
 from .passes import MAX_DENSE_ENTRIES, PassNote, dense_chains
 from .plan import LAYOUTS, HEPlan, plan_he
 from .targets import HE, check_ops, run_passes
 
 PASSES = HE.pass_names + ("plan_he",)
-# What the slot evaluator (backends/he/evaluator.py) runs today.
-SLOT_OPS = frozenset({Op.INPUT, Op.GATHER, Op.DENSE, Op.POLY, Op.SQUARE, Op.ADD,
-                      Op.BOOTSTRAP})
 
 
 @dataclass

@@ -18,7 +18,7 @@ from ..ir import Graph, Op
 from .dense import (COST, KEY_WEIGHT, DensePlan, _layer_work, dense_cost,  # noqa: F401
                     normalize_rotation, plan_dense, slot_diagonals)
 from .layout import _assign_layouts, _client_entry, _expand_first_layer
-from .levels import check_levels, graph_depth
+from .levels import check_levels, graph_depth, node_levels
 from .params import (FIRST_MOD_HEADROOM, HE_STD_128_LOGQP, INSECURE_RING_DIM,  # noqa: F401
                      PRECISION_LOSS_BITS, SCALING_BITS_CHOICES, CKKSParams,
                      bootstrap_params, chebyshev_depth, keyswitch_cost, next_pow2,
@@ -162,19 +162,10 @@ def _walk(graph: Graph, entry) -> tuple[dict[str, int], dict[str, int]]:
     """Level after each node and its compact slot period."""
     levels: dict[str, int] = {}
     periods = {graph.input.name: next_pow2(int(np.prod(graph.input_shape)))}
-    cost = {Op.DENSE: 1, Op.SQUARE: 1, Op.ADD: 0}
     for node in graph.nodes:
         periods[node.name] = next_pow2(int(np.prod(node.shape)))
         if node.op in (Op.INPUT, Op.BOOTSTRAP) or node is entry:
             levels[node.name] = 0      # levels spent since the value was fresh
-            continue
-        base = max(levels[s] for s in node.inputs)
-        if node.op is Op.POLY:
-            levels[node.name] = base + chebyshev_depth(len(node.attrs["coeffs"]) - 1,
-                                                       node.attrs["lo"], node.attrs["hi"])
-        elif node.op in cost:
-            levels[node.name] = base + cost[node.op]
         else:
-            raise CompileError(f"{node.op.value} node {node.name!r} was not lowered; "
-                               "run the linearize pass before planning")
+            levels[node.name] = max(levels[s] for s in node.inputs) + node_levels(node)
     return levels, periods

@@ -40,11 +40,13 @@ def eval_node(node: Node, args: list[np.ndarray]) -> np.ndarray:
     return d.kernel(args, node.attrs, node.params)
 
 
-def run(graph: Graph, x: np.ndarray, *, trace: bool = False):
+def run(graph: Graph, x: np.ndarray, *, trace: bool = False,
+        observe: Callable[[str, np.ndarray], None] | None = None):
     """Run ``graph`` on a batch ``x`` of shape (B, *graph.input_shape).
 
     Returns the output batch, or with ``trace=True`` a dict of every node's value.
-    Without ``trace``, each value is dropped after its last reader.
+    Without ``trace``, each value is dropped after its last reader; ``observe(name,
+    value)`` sees every value (the input's first) before that.
     """
     x = np.asarray(x, dtype=np.float64)
     if x.shape[1:] != graph.input_shape:
@@ -55,8 +57,12 @@ def run(graph: Graph, x: np.ndarray, *, trace: bool = False):
         for s in node.inputs:
             last[s] = i
     values: dict[str, np.ndarray] = {graph.input.name: x}
+    if observe is not None:
+        observe(graph.input.name, x)
     for i, node in enumerate(graph.nodes[1:], start=1):
         values[node.name] = eval_node(node, [values[s] for s in node.inputs])
+        if observe is not None:
+            observe(node.name, values[node.name])
         if not trace:
             for s in set(node.inputs):       # a node may read one value twice
                 if last[s] == i and s != graph.output:

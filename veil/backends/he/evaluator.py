@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ...compiler.levels import SLOT_OPS
 from ...compiler.plan import DensePlan, HEPlan, normalize_rotation, slot_diagonals
 from ...errors import CompileError
 from ...ir import Graph, Op
@@ -133,8 +134,7 @@ class Evaluator:
                 self.dense[node.name] = PreparedDense(
                     node.name, node.params["matrix"], node.params["bias"],
                     plan.dense[node.name], slots, plan.lanes)
-            elif node.op not in (Op.INPUT, Op.POLY, Op.ADD, Op.GATHER, Op.SQUARE,
-                                 Op.BOOTSTRAP):
+            elif node.op not in SLOT_OPS:
                 raise CompileError(f"{node.op.value} node {node.name!r} cannot run under HE")
         self._last_use = {src: n.name for n in graph.nodes for src in n.inputs
                           if src != graph.output}
