@@ -14,7 +14,8 @@ import time
 import numpy as np
 
 from ..backends import sockets
-from ..errors import VeilError
+from ..deploy.he_server import read_reply
+from ..errors import EngineError, VeilError
 from .measure import (ClientPeak, Job, batch_inputs, batches, budgeted, median_pass, row,
                       server_peaks)
 
@@ -189,9 +190,10 @@ class _HELink:
         reply = sockets.recv_buffer(self.sock)
         self.sent += len(payload) + FRAME
         self.received += len(reply) + FRAME
-        if reply[:1] != b"\x00":
-            raise CompareError(f"HE server: {json.loads(bytes(reply[1:]))['error']}")
-        return bytes(reply[1:])
+        try:
+            return read_reply(reply)
+        except EngineError as exc:
+            raise CompareError(str(exc)) from None
 
     def close(self) -> None:
         self.sock.close()

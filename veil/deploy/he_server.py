@@ -35,7 +35,7 @@ import sys
 import time
 
 from ..backends import sockets
-from ..errors import VeilError
+from ..errors import EngineError, VeilError
 
 log = logging.getLogger("veil.deploy.he_server")
 
@@ -44,6 +44,18 @@ OK, ERROR = b"\x00", b"\x01"
 
 def _error(exc: Exception) -> bytes:
     return ERROR + json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode()
+
+
+def read_reply(reply) -> bytes:
+    """A client's side of an answer: its payload, or EngineError with the server's
+    reason when the status byte says it failed."""
+    if reply[:1] == OK:
+        return bytes(reply[1:])
+    try:
+        why = json.loads(bytes(reply[1:]))["error"]
+    except (ValueError, KeyError, TypeError):
+        why = "a malformed error"
+    raise EngineError(f"HE server: {why}")
 
 
 def serve_connection(server, sock: socket.socket, session=None) -> None:

@@ -30,7 +30,6 @@ they still stop when the interpreter is killed outright.
 from __future__ import annotations
 
 import abc
-import json
 import os
 import shutil
 import tempfile
@@ -44,9 +43,10 @@ import numpy as np
 from ..backends import sockets
 from ..backends.sockets import parse_address
 from ..compiler.targets import lower
-from ..errors import EngineError, ModeError
+from ..errors import ModeError
 from ..ir import Graph
 from .export import ExportInfo
+from .he_server import read_reply
 from .processes import Processes
 
 NAME = "local"          # the model's name in the children's names and logs
@@ -280,14 +280,7 @@ class LocalHE(_Children):
     def _call(self, payload: bytes) -> bytes:
         """One frame to the server and its answer (``he_server``'s status byte)."""
         sockets.send_frame(self._sock, payload)
-        reply = sockets.recv_buffer(self._sock)
-        if reply[:1] != b"\x00":
-            try:
-                why = json.loads(bytes(reply[1:]))["error"]
-            except (ValueError, KeyError, TypeError):
-                why = "a malformed error"
-            raise EngineError(f"the local HE server failed: {why}")
-        return bytes(reply[1:])
+        return read_reply(sockets.recv_buffer(self._sock))
 
     def infer(self, x) -> np.ndarray:
         return self.infer_batch(np.asarray(x)[None])[0]
