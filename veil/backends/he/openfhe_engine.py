@@ -28,8 +28,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import threading
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -45,57 +43,11 @@ import openfhe as ofhe  # noqa: E402
 from ...compiler.plan import CKKSParams
 from ...errors import (EngineError, KeyMismatchError, MissingKeyError, SerializationError,
                        VeilError)
+from .native import KeyMapLock, release_native_memory
 from .validate import PayloadValidator, TemplateError, compile_checker, rotation_layout
 
 log = logging.getLogger(__name__)
-class _KeyMapLock:
-    """Readers-writer lock over OpenFHE's key maps. Writers are preferred (a waiting
-    key load is not starved by a stream of evaluations) and may re-enter."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = self._waiting = self._depth = 0
-        self._writer: int | None = None
-
-    @contextmanager
-    def read(self):
-        me = threading.get_ident()
-        with self._cond:
-            if self._writer != me:          # a writer may evaluate inside its own write
-                while self._writer is not None or self._waiting:
-                    self._cond.wait()
-                self._readers += 1
-        try:
-            yield
-        finally:
-            if self._writer != me:
-                with self._cond:
-                    self._readers -= 1
-                    if not self._readers:
-                        self._cond.notify_all()
-
-    @contextmanager
-    def write(self):
-        me = threading.get_ident()
-        with self._cond:
-            if self._writer != me:
-                self._waiting += 1
-                while self._writer is not None or self._readers:
-                    self._cond.wait()
-                self._waiting -= 1
-                self._writer = me
-            self._depth += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._depth -= 1
-                if not self._depth:
-                    self._writer = None
-                    self._cond.notify_all()
-
-
-_KEYMAPS = _KeyMapLock()
+_KEYMAPS = KeyMapLock()
 OPENFHE_VERSION = getattr(ofhe, "__version__", "1.6.1.0.22.4")
 _SECURITY = {"HEStd_128_classic": ofhe.HEStd_128_classic,
              "HEStd_192_classic": ofhe.HEStd_192_classic,
@@ -104,8 +56,8 @@ _SECURITY = {"HEStd_128_classic": ofhe.HEStd_128_classic,
 
 
 _KEY_DISTS = {"UNIFORM_TERNARY": ofhe.UNIFORM_TERNARY,
-                  "SPARSE_TERNARY": ofhe.SPARSE_TERNARY,
-                  "SPARSE_ENCAPSULATED": ofhe.SPARSE_ENCAPSULATED}
+              "SPARSE_TERNARY": ofhe.SPARSE_TERNARY,
+              "SPARSE_ENCAPSULATED": ofhe.SPARSE_ENCAPSULATED}
 
 
 def build_context(params: CKKSParams):
@@ -141,30 +93,6 @@ def build_context(params: CKKSParams):
                     int(params.boot_correction), True, bool(params.boot_stc_first),
                     none_ok=True)
     return cc
-
-
-def _load_libc():
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-_MALLOC_TRIM = _load_libc()
-
-
-def release_native_memory() -> None:
-    """Hand the heap OpenFHE freed back to the OS (glibc's ``malloc_trim``; nothing
-    elsewhere). Key generation at 2^16 peaks at three copies of the keys (OpenFHE's,
-    its serialization, Python's bytes) and glibc keeps the freed pages: a client that
-    generated 4 GiB of bootstrapping keys would otherwise hold 13 GiB while the server
-    beside it loads them."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def _remove_tag(cc, tag: str) -> None:
