@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 
 from .params import next_pow2
 
@@ -102,13 +103,25 @@ class DensePlan:
                    int(d.get("giant2", 0)), bool(d.get("centered2", False)), **pos)
 
 
-def _diagonal_entries(matrix: np.ndarray, in_period: int, out_period: int,
+def nonzeros(matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, columns, values) of the non-zero entries of a dense array or of a sparse
+    matrix (what :func:`veil.compiler.sparse.chain_matrix` builds for large layers)."""
+    if sp.issparse(matrix):
+        coo = matrix.tocoo()
+        keep = coo.data != 0
+        return (coo.row[keep].astype(np.int64), coo.col[keep].astype(np.int64),
+                coo.data[keep])
+    rows, cols = np.nonzero(matrix)
+    return rows, cols, matrix[rows, cols]
+
+
+def _diagonal_entries(matrix, in_period: int, out_period: int,
                       in_pos: np.ndarray | None, out_pos: np.ndarray | None):
     """For every non-zero W[r, c]: its diagonal i, its slot j, and its value."""
     m, n = matrix.shape
     in_pos = np.arange(n) if in_pos is None else np.asarray(in_pos, dtype=np.int64)
     out_pos = np.arange(m) if out_pos is None else np.asarray(out_pos, dtype=np.int64)
-    rows, cols = np.nonzero(matrix)
+    rows, cols, vals = nonzeros(matrix)
     a, b = out_pos[rows], in_pos[cols]
     if in_period >= out_period:
         i = (b - a) % out_period
@@ -116,7 +129,7 @@ def _diagonal_entries(matrix: np.ndarray, in_period: int, out_period: int,
     else:
         i = (b - a) % in_period
         j = a
-    return i, j, matrix[rows, cols]
+    return i, j, vals
 
 
 def slot_diagonals(matrix: np.ndarray, in_period: int, out_period: int,
@@ -135,7 +148,9 @@ def slot_diagonals(matrix: np.ndarray, in_period: int, out_period: int,
     all-zero matrix gives the single zero diagonal 0.
     """
     i, j, vals = _diagonal_entries(matrix, in_period, out_period, in_pos, out_pos)
-    ids, slot_of = np.unique(i, return_inverse=True)
+    seen = np.bincount(i, minlength=1) > 0          # i in [0, min(Pi, Po)): no sort
+    ids = np.flatnonzero(seen)
+    slot_of = (np.cumsum(seen) - 1)[i]
     if ids.size == 0:
         return np.zeros(1, dtype=np.int64), np.zeros((1, max(in_period, out_period)))
     vectors = np.zeros((ids.size, max(in_period, out_period)))
@@ -158,7 +173,21 @@ def _split(d: int, b: int, centered: bool) -> tuple[int, int]:
 
 
 def _distinct_nonzero(values: np.ndarray) -> np.ndarray:
-    """Per row of a 2-D int array: how many distinct non-zero entries it holds."""
+    """Per row of a 2-D int array: how many distinct non-zero entries it holds.
+
+    Rows whose values span a modest range (the baby and giant indices of a split) are
+    counted by marking each value in a per-row bitmap, linear in the entries; the rest
+    by sorting."""
+    lo, hi = values.min(axis=1), values.max(axis=1)
+    width = hi - lo + 1
+    if int(width.sum()) <= 4 * values.size + (1 << 16):
+        offsets = np.concatenate([[0], np.cumsum(width)[:-1]])
+        flags = np.zeros(int(width.sum()), dtype=bool)
+        flags[(values + (offsets - lo)[:, None]).ravel()] = True
+        distinct = np.add.reduceat(flags, offsets, dtype=np.int64)
+        has_zero = (lo <= 0) & (hi >= 0)
+        has_zero[has_zero] = flags[(offsets - lo)[has_zero]]
+        return distinct - has_zero
     v = np.sort(values, axis=1)
     distinct = 1 + np.count_nonzero(np.diff(v, axis=1), axis=1)
     return distinct - np.any(v == 0, axis=1)
@@ -170,39 +199,82 @@ KEY_WEIGHT = 0.25
 _MAX_STEP_CANDIDATES = 4096
 
 
-def _step_candidates(span: int) -> np.ndarray:
+def _step_candidates(span: int, thin: bool = False) -> np.ndarray:
+    """Every step up to 4096, then the powers of two; ``thin`` (layers with thousands
+    of diagonals, where each candidate costs a pass over all of them): every step up
+    to 64, then multiples of 32 (grid layouts put rows and channel blocks there)."""
     top = 2 * span + 2
     small = np.arange(1, min(top, _MAX_STEP_CANDIDATES))
+    if thin:
+        small = small[(small <= 64) | (small % 32 == 0)]
     pow2 = 1 << np.arange(int(math.log2(max(_MAX_STEP_CANDIDATES, 2))), max(top, 2).bit_length())
     return np.unique(np.concatenate([small, pow2[pow2 < top]]))
 
 
-def _best_baby_step(diags: list[int]) -> tuple[int, bool]:
+def _unkeyed(values: np.ndarray, free: np.ndarray) -> np.ndarray:
+    """``values`` with the rotations a key already exists for set to 0, so
+    :func:`_distinct_nonzero` counts only the keys a split would add. ``free`` is a
+    lookup table (see :func:`_free_array`): entry ``v + len // 2`` is True for a key."""
+    if free.size == 0:
+        return values
+    half = free.size // 2
+    inside = np.abs(values) < half
+    hit = np.zeros(values.shape, dtype=bool)
+    hit[inside] = free[values[inside] + half]
+    return np.where(hit, 0, values)
+
+
+def _free_array(free, slots: int | None) -> np.ndarray:
+    """A lookup table of every existing key, both representatives mod ``slots``: entry
+    ``v + 2 * slots`` is True when rotation ``v`` (|v| < 2 * slots) has a key."""
+    if not free or not slots:
+        return np.zeros(0, dtype=bool)
+    table = np.zeros(4 * slots, dtype=bool)
+    f = np.asarray(sorted(free), dtype=np.int64) % slots
+    for shift in (-2 * slots, -slots, 0, slots):
+        v = f + shift
+        ok = np.abs(v) < 2 * slots
+        table[v[ok] + 2 * slots] = True
+    return table
+
+
+def _best_baby_step(diags: list[int], key_weight: float = KEY_WEIGHT,
+                    free: np.ndarray | None = None) -> tuple[int, bool]:
     """Baby-step size (and split) minimising rotations (hoisted babies count half) plus
-    ``KEY_WEIGHT`` per distinct rotation key, over every step up to 4096 and the powers
-    of two beyond, in one vectorised pass."""
+    ``key_weight`` per rotation key not in ``free``, over every step up to 4096 and the
+    powers of two beyond, in one vectorised pass."""
+    free = np.zeros(0, dtype=bool) if free is None else free
     d = np.asarray(diags, dtype=np.int64)[None, :]
     span = int(np.abs(d).max(initial=1))
     best, best_cost = (1, False), math.inf
-    b = _step_candidates(span)[:, None]
+    b = _step_candidates(span, thin=d.size > 256 and span > 2048)[:, None]
     for centered in (False, True):
         r = ((d + b // 2) % b) - b // 2 if centered else d % b
         g = (d - r) // b
-        cost = (0.5 + KEY_WEIGHT) * _distinct_nonzero(r) + (1 + KEY_WEIGHT) * _distinct_nonzero(g)
+        cost = 0.5 * _distinct_nonzero(r) + _distinct_nonzero(g)
+        if free.size:
+            cost = cost + key_weight * (_distinct_nonzero(_unkeyed(r, free))
+                                        + _distinct_nonzero(_unkeyed(g * b, free)))
+        else:
+            cost = cost + key_weight * (_distinct_nonzero(r) + _distinct_nonzero(g))
         k = int(np.argmin(cost))
         if cost[k] < best_cost - 1e-9:
             best, best_cost = (int(b[k, 0]), centered), float(cost[k])
     return best
 
 
-def _best_outer_step(diags: list[int], baby: int, centered: bool) -> tuple[int, bool]:
+def _best_outer_step(diags: list[int], baby: int, centered: bool,
+                     key_weight: float = KEY_WEIGHT, free: np.ndarray | None = None
+                     ) -> tuple[int, bool]:
     """Second giant level (multiplier, centered) for a split, or (0, False) when two
-    levels are cheaper once keys are weighed in."""
+    levels are cheaper once keys (those not in ``free``) are weighed in."""
+    free = np.zeros(0, dtype=bool) if free is None else free
     parts = [_split(d, baby, centered) for d in diags]
     giants = np.asarray(sorted({g for g, _ in parts} - {0}), dtype=np.int64)
     if giants.size < 4:
         return 0, False
-    base = (1 + KEY_WEIGHT) * giants.size
+    base = giants.size + key_weight * int(np.count_nonzero(
+        _unkeyed(giants[None, :] * baby, free)))
     gvec = np.unique(np.asarray([g for g, _ in parts], dtype=np.int64))
     best, best_cost = (0, False), base
     m_all = _step_candidates(int(np.abs(giants).max()))
@@ -212,28 +284,37 @@ def _best_outer_step(diags: list[int], baby: int, centered: bool) -> tuple[int, 
         g2 = (gvec - g1) // m_all
         # rotations: one per distinct (g2, g1) with g1 != 0, one per distinct g2 != 0
         pair = np.where(g1 != 0, g2 * (4 * int(np.abs(gvec).max()) + 8) + g1, 0)
-        cost = (_distinct_nonzero(pair) + (1 + KEY_WEIGHT) * _distinct_nonzero(g2)
-                + KEY_WEIGHT * _distinct_nonzero(g1))
+        cost = (_distinct_nonzero(pair) + _distinct_nonzero(g2)
+                + key_weight * (_distinct_nonzero(_unkeyed(g2 * m_all * baby, free))
+                                + _distinct_nonzero(_unkeyed(g1 * baby, free))))
         k = int(np.argmin(cost))
         if cost[k] < best_cost - 1e-9:
             best, best_cost = (int(m_all[k, 0]), c2), float(cost[k])
     return best
 
 
-def plan_dense(matrix: np.ndarray, in_positions=None, out_positions=None,
-               in_period: int | None = None, out_period: int | None = None) -> DensePlan:
+def plan_dense(matrix, in_positions=None, out_positions=None,
+               in_period: int | None = None, out_period: int | None = None, *,
+               key_weight: float = KEY_WEIGHT, free_keys=frozenset(),
+               slots: int | None = None) -> DensePlan:
     """Pick non-zero diagonals, the baby/giant steps and the fold rotations of one dense
-    map whose input and output sit at the given slot positions (default: compact)."""
+    map whose input and output sit at the given slot positions (default: compact).
+
+    ``key_weight`` is what one new rotation key counts, in rotations, when a split is
+    chosen; keys in ``free_keys`` (rotations mod ``slots`` that earlier layers already
+    use) count nothing, so layers come to share their keys."""
     m, n = matrix.shape
     pi = in_period or next_pow2(n if in_positions is None else max(in_positions) + 1)
     po = out_period or next_pow2(m if out_positions is None else max(out_positions) + 1)
     # only the indices: the layout search plans many candidates, the evaluator alone
     # needs the vectors
-    ids = np.unique(_diagonal_entries(matrix, pi, po, in_positions, out_positions)[0])
+    i = _diagonal_entries(matrix, pi, po, in_positions, out_positions)[0]
+    ids = np.flatnonzero(np.bincount(i, minlength=1))    # i in [0, min(pi, po))
     nonzero = sorted(_signed(int(i), pi) for i in ids) or [0]
     folds = tuple(po << t for t in range(int(math.log2(pi // po)))) if pi > po else ()
-    baby, centered = _best_baby_step(nonzero)
-    giant2, centered2 = _best_outer_step(nonzero, baby, centered)
+    free = _free_array(free_keys, slots)
+    baby, centered = _best_baby_step(nonzero, key_weight, free)
+    giant2, centered2 = _best_outer_step(nonzero, baby, centered, key_weight, free)
     freeze = (lambda p: None if p is None else tuple(int(v) for v in p))
     return DensePlan(pi, po, tuple(nonzero), baby, folds, centered, 0, giant2, centered2,
                      freeze(in_positions), freeze(out_positions))
@@ -251,6 +332,10 @@ def _layer_work(plan: DensePlan) -> float:
     return plan.rotation_count() * COST["rotation"] + mults * COST["pt_mult"]
 
 
-def dense_cost(plan: DensePlan) -> float:
-    """Estimated cost of one layer in rotations: its work, and its keys."""
-    return _layer_work(plan) + KEY_WEIGHT * len(plan.rotations())
+def dense_cost(plan: DensePlan, key_weight: float = KEY_WEIGHT, free_keys=frozenset(),
+               slots: int | None = None) -> float:
+    """Estimated cost of one layer in rotations: its work, and its new keys."""
+    keys = plan.rotations()
+    if free_keys:
+        keys = {r for r in keys if normalize_rotation(r, slots) not in free_keys}
+    return _layer_work(plan) + key_weight * len(keys)

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import CompileError
 from ..ir import Graph, Op
-from .dense import DensePlan, dense_cost, plan_dense
+from .dense import KEY_WEIGHT, DensePlan, dense_cost, normalize_rotation, plan_dense
 from .params import next_pow2
 
 # A value's slot layout: (period, positions or None for compact, grid or None). A grid
@@ -58,7 +58,8 @@ def _grid_candidates(node, in_grid, slots: int):
     footprint = (h - 1) * sy2 + (w - 1) * sx2 + 1
     phases = sorted({py * sy + px * sx for py in range(sy_s) for px in range(sx_s)})
     out = []
-    for nph in sorted({1, len(phases)}):
+    for nph in (1 << t for t in range(len(phases).bit_length())
+                if 1 << t <= len(phases)):
         block = next_pow2(footprint + phases[nph - 1])
         blocks = -(-c // nph)
         while next_pow2(blocks * block) <= slots:
@@ -91,7 +92,15 @@ def _cell_layouts(entry, first, slots: int):
     return [(slots, pos, None)]
 
 
-def _assign_layouts(graph: Graph, entry, slots: int, *, search: bool):
+def _same(a, b) -> bool:
+    """Two layouts put every element at the same slot."""
+    if a[0] != b[0] or (a[1] is None) != (b[1] is None):
+        return False
+    return a[1] is None or np.array_equal(a[1], b[1])
+
+
+def _assign_layouts(graph: Graph, entry, slots: int, *, search: bool,
+                    key_weight: float | None = None):
     """Slot layout of every value and the diagonal plan of every DENSE node.
 
     With ``search``: the client's input takes the candidate layout (compact; a grid with
@@ -99,9 +108,20 @@ def _assign_layouts(graph: Graph, entry, slots: int, *, search: bool):
     under which the first dense layer is cheapest, and each convolution-like DENSE
     (``grid_stride`` attribute from linearize) picks, among compact and
     :func:`_grid_candidates`, the output layout with the lowest :func:`dense_cost` for
-    itself plus the next dense layer. Values that reach an ADD or the output stay
-    compact.
+    itself plus the next dense layer. The two inputs of an ADD must sit alike: a DENSE
+    whose value reaches an ADD whose other input already has a layout takes that layout
+    (a dense map can write any layout; residual networks thus keep each stage's grid,
+    as Lee et al.'s multiplexed packing does). When an ADD's inputs still differ (two
+    values no DENSE feeds), every value that reaches an ADD falls back to compact. The
+    model's output stays compact.
+
+    With ``key_weight`` (one input per ciphertext, as bootstrapped models run), layers
+    are planned in order and a rotation key an earlier layer already uses costs a later
+    one nothing, while a new key counts ``key_weight`` rotations: at ring 2^16 a key is
+    ~150 MB, so a network shares a few dozen keys instead of each layer choosing its own.
     """
+    shared = key_weight is not None
+    kw = KEY_WEIGHT if key_weight is None else key_weight
     consumers = {n.name: graph.consumers(n.name) for n in graph.nodes}
 
     def reaches(name: str, pred) -> bool:
@@ -124,45 +144,93 @@ def _assign_layouts(graph: Graph, entry, slots: int, *, search: bool):
         return name == graph.output or any(c.op in _ELEMENTWISE and is_output(c.name)
                                            for c in consumers[name])
 
-    fixed = {n.name for n in graph.nodes
-             if is_output(n.name) or reaches(n.name, lambda c: c.op is Op.ADD)}
+    def add_partner(name: str, layouts: dict, via: str | None = None):
+        """The layout of the other input of an ADD ``name`` reaches, if already known."""
+        for c in consumers[name]:
+            if c.op is Op.ADD:
+                other = [i for i in c.inputs if i != (via or name)]
+                if other and other[0] in layouts:
+                    return layouts[other[0]]
+            elif c.op in _ELEMENTWISE:
+                found = add_partner(c.name, layouts, c.name)
+                if found is not None:
+                    return found
+        return None
 
-    def best_dense(node, in_layout):
+    graph_shapes = {n.name: tuple(n.shape) for n in graph.nodes}
+    outputs = {n.name for n in graph.nodes if is_output(n.name)}
+    to_add = {n.name for n in graph.nodes if reaches(n.name, lambda c: c.op is Op.ADD)}
+
+    def best_dense(node, in_layout, fixed, layouts, keys):
+        opts = {"key_weight": kw, "free_keys": keys, "slots": slots}
         in_period, in_pos, in_grid = in_layout
         matrix = node.params["matrix"]
-        options = [_compact(node.shape)]
-        if (search and in_grid is not None and "grid_stride" in node.attrs
-                and len(node.shape) == 3 and node.name not in fixed):
-            options += _grid_candidates(node, in_grid, slots)
+        target = None if node.name in fixed else add_partner(node.name, layouts)
+        if target is not None:
+            options = [target]
+        else:
+            options = [_compact(node.shape)]
+            if (search and in_grid is not None and "grid_stride" in node.attrs
+                    and len(node.shape) == 3 and node.name not in fixed):
+                options += _grid_candidates(node, in_grid, slots)
+                if (tuple(node.attrs["grid_stride"]) == (1, 1)
+                        and tuple(node.shape) == graph_shapes[node.inputs[0]]):
+                    # a same-shape convolution may write its input's grid (multiplexed
+                    # channels included): its diagonals stay independent of the pixel
+                    options.append(in_layout)
         after = next_dense(node.name)
+        # the next layer's output: where an ADD will pin it, else compact or (a
+        # same-shape convolution) this candidate's own layout, whichever is cheaper
+        after_target = (None if after is None or after.name in fixed
+                        else add_partner(after.name, layouts))
         best = None
         for period, pos, grid in options:
-            plan = plan_dense(matrix, in_pos, pos, in_period, period)
-            cost = dense_cost(plan)
+            plan = plan_dense(matrix, in_pos, pos, in_period, period, **opts)
+            cost = dense_cost(plan, **opts)
             if after is not None and len(options) > 1:
-                cost += dense_cost(plan_dense(after.params["matrix"], pos, None, period,
-                                              None))
+                if after_target is not None:
+                    outs = [after_target]
+                else:
+                    outs = [(None, None)]
+                    if (grid is not None and tuple(after.shape) == tuple(node.shape)
+                            and tuple(after.attrs.get("grid_stride", ())) == (1, 1)):
+                        outs.append((period, pos))
+                cost += min(dense_cost(plan_dense(after.params["matrix"], pos, o[1], period,
+                                                  o[0], **opts), **opts) for o in outs)
             if best is None or cost < best[0]:
                 best = (cost, plan, (period, pos, grid))
         return best
 
-    def assign(entry_layout):
+    def assign(entry_layout, fixed):
         layouts: dict[str, tuple] = {n.name: _compact(n.shape) for n in graph.nodes
                                      if n.op is Op.INPUT or n is entry}
         layouts[entry.name] = entry_layout
         dense: dict[str, DensePlan] = {}
+        keys: set[int] = set()
         total = 0.0
         for node in graph.nodes:
             if node.name in layouts:
                 continue
+            if node.op is Op.ADD:
+                a, b = (layouts[i] for i in node.inputs)
+                if not _same(a, b):
+                    return None
             if node.op is not Op.DENSE:
                 if node.op in _ELEMENTWISE + (Op.ADD,):
                     layouts[node.name] = layouts[node.inputs[0]]
                 continue
-            _, dense[node.name], layouts[node.name] = best_dense(node,
-                                                                 layouts[node.inputs[0]])
-            total += dense_cost(dense[node.name])
+            _, dense[node.name], layouts[node.name] = best_dense(
+                node, layouts[node.inputs[0]], fixed, layouts,
+                frozenset(keys) if shared else frozenset())
+            total += dense_cost(dense[node.name], kw, frozenset(keys) if shared
+                                else frozenset(), slots)
+            if shared:
+                keys |= {normalize_rotation(r, slots) for r in dense[node.name].rotations()}
         return total, layouts, dense
+
+    def assign_all(entry_layout):
+        grids = assign(entry_layout, outputs) if search else None
+        return grids if grids is not None else assign(entry_layout, outputs | to_add)
 
     options = [_compact(entry.shape)]
     first = next_dense(entry.name)
@@ -179,8 +247,8 @@ def _assign_layouts(graph: Graph, entry, slots: int, *, search: bool):
             options += _cell_layouts(entry, first, slots)
     # The whole model's cost decides: power-of-two rows rarely help the first layer but
     # let later layers split their rotations on a common stride.
-    best = min((assign(o) for o in options), key=lambda r: r[0])
-    return best[1], best[2]
+    best = min((assign_all(o) for o in options), key=lambda r: r[0])
+    return best[0], best[1], best[2]
 
 
 def _client_entry(graph: Graph):

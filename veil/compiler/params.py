@@ -193,6 +193,11 @@ def select_params(depth: int, min_slots: int, *, insecure_test_params: bool = Fa
                f"({keyswitch_cost(depth, s, first, dnum)} towers per key): {goal}; "
                f"{ring // 2} slots >= {min_slots} needed")
         return CKKSParams(ring, depth, s, first, dnum), why
+    widest = max(HE_STD_128_LOGQP) // 2
+    if min_slots > widest:
+        raise CompileError(f"a value of {min_slots} slots does not fit one ciphertext "
+                           f"({widest} slots at most); packing one value across several "
+                           "ciphertexts is not built yet")
     raise CompileError(f"depth {depth} does not fit a ring of at most 2^17 at 128-bit "
                        "security; lower the polynomial degrees")
 

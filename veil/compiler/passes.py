@@ -8,10 +8,13 @@ import numpy as np
 from ..errors import CompileError
 from ..ir import AFFINE_OPS, Graph, Node, Op, eval_node
 from .dense import plan_dense
+from .sparse import chain_matrix
 
-# Lowering a chain of affine ops to a dense matrix costs O(n*m) memory; beyond this
-# many entries the structured layouts of a later release are needed.
-MAX_DENSE_ENTRIES = 1 << 26
+# Lowering a chain of affine ops by probing it with the identity costs O(n*m) memory
+# and time; beyond this many entries (32 MiB) the chain's sparse matrix is written from
+# its kernels (:mod:`.sparse`) instead, up to MAX_NONZEROS non-zeros.
+MAX_DENSE_ENTRIES = 1 << 22
+MAX_NONZEROS = 1 << 26
 
 
 @dataclass
@@ -101,39 +104,49 @@ def linearize(graph: Graph) -> tuple[Graph, PassNote]:
     return graph.with_nodes(out), note
 
 
-def dense_chains(graph: Graph) -> list[tuple[str, int, int]]:
-    """(last node, input size, output size) of every chain :func:`linearize` would lower,
-    found with the same rule but without building a matrix: the size check that decides
-    whether the dense probe is cheap enough to run."""
+def probe_entries(n_in: int, n_out: int) -> int:
+    """Entries the identity probe of an n_in -> n_out chain holds: the probe batch (one
+    input per column) and the matrix it yields."""
+    return n_in * max(n_in, n_out)
+
+
+def dense_chains(graph: Graph) -> list[tuple[str, int, int, tuple[Node, ...]]]:
+    """(last node, input size, output size, nodes) of every chain :func:`linearize`
+    would lower, found with the same rule but without building a matrix: the size check
+    that decides how (and whether) each chain is lowered."""
     readers = {n.name: len(graph.consumers(n.name)) for n in graph.nodes}
     sizes = {n.name: int(np.prod(n.shape)) for n in graph.nodes}
-    head_in: dict[str, int] = {}   # chain tail -> the chain's input size
+    chains: dict[str, tuple[int, tuple[Node, ...]]] = {}   # tail -> (input size, nodes)
     for node in graph.nodes:
         if node.op not in AFFINE_OPS:
             continue
         src = node.inputs[0]
-        if src in head_in and readers[src] == 1 and src != graph.output:
-            head_in[node.name] = head_in.pop(src)
+        if src in chains and readers[src] == 1 and src != graph.output:
+            n_in, nodes = chains.pop(src)
+            chains[node.name] = (n_in, nodes + (node,))
         else:
-            head_in[node.name] = sizes[src]
-    return [(name, n_in, sizes[name]) for name, n_in in head_in.items()]
+            chains[node.name] = (sizes[src], (node,))
+    return [(name, n_in, sizes[name], nodes) for name, (n_in, nodes) in chains.items()]
 
 
 def _dense_from_chain(chain: list[Node], shapes: dict[str, tuple[int, ...]]) -> Node:
     head, tail = chain[0], chain[-1]
     in_shape = shapes[head.inputs[0]]
     in_size, out_size = int(np.prod(in_shape)), int(np.prod(tail.shape))
-    if in_size * out_size > MAX_DENSE_ENTRIES:
-        raise CompileError(
-            f"layer {tail.name!r} maps {in_size} to {out_size} values; the dense lowering "
-            f"supports at most {MAX_DENSE_ENTRIES} matrix entries")
-    probe = np.vstack([np.zeros((1, in_size)), np.eye(in_size)])
-    x = probe.reshape((in_size + 1,) + in_shape)
-    for node in chain:
-        x = eval_node(node, [x])
-    flat = x.reshape(in_size + 1, -1)
-    bias = flat[0]
-    matrix = (flat[1:] - bias).T
+    if probe_entries(in_size, out_size) > MAX_DENSE_ENTRIES:
+        matrix, bias = chain_matrix(chain, in_shape)
+        if matrix.nnz > MAX_NONZEROS:
+            raise CompileError(
+                f"layer {tail.name!r} maps {in_size} to {out_size} values through "
+                f"{matrix.nnz} weights; the HE lowering takes at most {MAX_NONZEROS}")
+    else:
+        probe = np.vstack([np.zeros((1, in_size)), np.eye(in_size)])
+        x = probe.reshape((in_size + 1,) + in_shape)
+        for node in chain:
+            x = eval_node(node, [x])
+        flat = x.reshape(in_size + 1, -1)
+        bias = flat[0]
+        matrix = (flat[1:] - bias).T
     attrs = {"shape": tail.shape, "source": tuple(n.name for n in chain)}
     stride = _grid_stride(chain, in_shape)
     if stride is not None:

@@ -21,7 +21,8 @@ from ..ir import Graph, Op
 from .approx import DEFAULT_DEGREE, DEFAULT_MARGIN, ActivationReport
 from .estimate import HEEstimate, estimate_he
 from .levels import SLOT_OPS
-from .passes import MAX_DENSE_ENTRIES, PassNote, dense_chains
+from .passes import MAX_DENSE_ENTRIES, MAX_NONZEROS, PassNote, dense_chains, probe_entries
+from .sparse import BUILDERS, nonzero_bound
 from .plan import LAYOUTS, HEPlan, plan_he
 from .targets import HE, check_ops, run_passes
 
@@ -61,14 +62,26 @@ def _check_calibration(graph: Graph, calibration: np.ndarray) -> None:
 
 
 def _refusal(poly: Graph, est: HEEstimate) -> tuple[type, str, dict] | None:
-    """Why the back stage must not run on ``poly``, checked before any matrix is built."""
-    for name, n_in, n_out in dense_chains(poly):
-        if n_in * n_out > MAX_DENSE_ENTRIES:
+    """Why the back stage must not run on ``poly``, checked before any matrix is built:
+    a chain too large to probe must be one the sparse lowering writes from its kernels,
+    with no more non-zeros than it takes."""
+    shapes = {n.name: n.shape for n in poly.nodes}
+    for name, n_in, n_out, nodes in dense_chains(poly):
+        if probe_entries(n_in, n_out) <= MAX_DENSE_ENTRIES:
+            continue
+        odd = next((n for n in nodes if n.op not in BUILDERS), None)
+        if odd is not None:
             return (CompileError,
-                    f"layer {name!r} maps {n_in} to {n_out} values: its dense matrix "
-                    f"would hold {n_in * n_out} entries, above the {MAX_DENSE_ENTRIES} the "
-                    "HE lowering builds (structured convolutions for HE come in a later "
-                    "release); 'simulate' and compiled.report() still work", {})
+                    f"layer {name!r} maps {n_in} to {n_out} values through "
+                    f"{odd.op.value} {odd.name!r}, which has no sparse lowering: only "
+                    "convolutions, pooling, batch norms, reshapes and linear layers lower "
+                    "at this size; 'simulate' and compiled.report() still work", {})
+        bound = max(nonzero_bound(n, shapes[n.inputs[0]]) for n in nodes)
+        if bound > MAX_NONZEROS:
+            return (CompileError,
+                    f"layer {name!r} maps {n_in} to {n_out} values through about {bound} "
+                    f"weights, above the {MAX_NONZEROS} the HE lowering takes; 'simulate' "
+                    "and compiled.report() still work", {})
     return None
 
 
@@ -116,7 +129,13 @@ def compile_graph(graph: Graph, calibration: np.ndarray, *,
         note = PassNote("plan_he", [f"HE cannot run this model: {refusal[1]}"])
         return CompileResult(graph, poly, poly, None, reports, front_notes + [note], extents,
                              est, refusal)
-    plan = plan_he(lowered, insecure_test_params=insecure_test_params, layout=layout,
-                   precision_bits=precision_bits)
+    try:
+        plan = plan_he(lowered, insecure_test_params=insecure_test_params, layout=layout,
+                       precision_bits=precision_bits)
+    except CompileError as exc:      # e.g. a value wider than one ciphertext
+        refusal = (type(exc), str(exc), {})
+        note = PassNote("plan_he", [f"HE cannot run this model: {exc}"])
+        return CompileResult(graph, poly, poly, None, reports, front_notes + [note], extents,
+                             est, refusal)
     return CompileResult(graph, poly, lowered, plan, reports, front_notes + back_notes,
                          extents, est)

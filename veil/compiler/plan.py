@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import CompileError
 from ..ir import Graph, Op
 from .dense import (COST, KEY_WEIGHT, DensePlan, _layer_work, dense_cost,  # noqa: F401
-                    normalize_rotation, plan_dense, slot_diagonals)
+                    nonzeros, normalize_rotation, plan_dense, slot_diagonals)
 from .layout import _assign_layouts, _client_entry, _expand_first_layer
 from .levels import check_levels, graph_depth, node_levels
 from .params import (FIRST_MOD_HEADROOM, HE_STD_128_LOGQP, INSECURE_RING_DIM,  # noqa: F401
@@ -87,11 +87,19 @@ def plan_he(graph: Graph, *, insecure_test_params: bool = False,
     levels, periods = _walk(graph, entry)
     depth = levels[graph.output]
     min_slots = max(max(periods.values()), 1)
+    search = layout == "latency"
     if any(n.op is Op.BOOTSTRAP for n in graph.nodes):
-        # bootstrapping: a sparse batch of just the slots the widest value needs (a
-        # bootstrap's cost grows with the slots it covers), one input per ciphertext
-        params = bootstrap_params(insecure_test_params=insecure_test_params,
-                                  precision_bits=precision_bits, slots=next_pow2(min_slots))
+        # bootstrapping: one input per ciphertext, in a sparse batch of the slots the
+        # widest value needs or a wider one when the layouts it allows (strided grids
+        # with gaps) make the linear layers cheaper; a bootstrap costs about the same at
+        # any batch (bench/results/he_deep.md)
+        tried = [(bootstrap_params(insecure_test_params=insecure_test_params,
+                                   precision_bits=precision_bits, slots=s), s)
+                 for s in _batches(next_pow2(min_slots), insecure_test_params)]
+        assigned = min(((p, _assign_layouts(graph, entry, s, search=search,
+                                            key_weight=BOOT_KEY_WEIGHT))
+                        for p, s in tried), key=lambda t: t[1][0])
+        params = assigned[0]
         check_levels(graph, params)
         depth = graph_depth(graph)
         why = (f"depth {depth} with bootstrapping: {params.boot_budget_levels} levels "
@@ -103,8 +111,10 @@ def plan_he(graph: Graph, *, insecure_test_params: bool = False,
         params, why = select_params(depth, min_slots,
                                     insecure_test_params=insecure_test_params,
                                     precision_bits=precision_bits)
+        assigned = None
     slots = params.slots
-    layouts, dense = _assign_layouts(graph, entry, slots, search=layout == "latency")
+    _, layouts, dense = (assigned[1] if assigned is not None
+                         else _assign_layouts(graph, entry, slots, search=search))
     periods = {name: lay[0] for name, lay in layouts.items()}
     input_layout = (_expand_first_layer(graph, entry, dense, slots) if layout == "latency"
                     else {"layout": "replicated"})
@@ -128,6 +138,22 @@ def plan_he(graph: Graph, *, insecure_test_params: bool = False,
     return plan
 
 
+# What one rotation key counts, in rotations, when a bootstrapped model's layers choose
+# their splits (keys shared across layers count once): a ring-2^16 key is ~150 MB of
+# client key generation, upload and server memory, and the keys must fit next to the
+# bootstrapping keys in the memory budget.
+BOOT_KEY_WEIGHT = 8.0
+
+
+def _batches(smallest: int, insecure_test_params: bool) -> list[int]:
+    """Bootstrapped batch sizes to try: powers of two from ``smallest`` to the ring's."""
+    half = bootstrap_params(insecure_test_params=insecure_test_params).ring_dim // 2
+    if smallest > half:
+        raise CompileError(f"a value of {smallest} slots does not fit one ciphertext of "
+                           f"the bootstrapping ring ({half} slots)")
+    return [smallest << t for t in range((half // smallest).bit_length())]
+
+
 MAX_FEATURES = 2048   # widest layer the feature layout accepts (one ciphertext each)
 
 
@@ -147,7 +173,7 @@ def estimate_costs(graph: Graph, plan: HEPlan) -> dict:
         widest = max(widest, width)
         if node.op is Op.DENSE:
             lanes_cost += _layer_work(plan.dense[node.name])
-            features_cost += np.count_nonzero(node.params["matrix"]) * COST["scalar_term"]
+            features_cost += nonzeros(node.params["matrix"])[0].size * COST["scalar_term"]
         elif node.op in (Op.POLY, Op.SQUARE):
             one = (COST["square"] if node.op is Op.SQUARE
                    else _poly_cost(len(node.attrs["coeffs"]) - 1))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 
 from .._version import __version__
 from ..compiler.plan import CKKSParams
@@ -123,6 +124,16 @@ def max_input_bytes(params: CKKSParams, manifest: dict) -> int:
     return one * max(1, width) + (1 << 16)
 
 
+def _zeros_like(value):
+    """A weight of the same shape, all zero (a sparse matrix keeps its structure, which
+    the model's architecture already tells, and loses its values)."""
+    if sp.issparse(value):
+        out = sp.csr_array(value, copy=True)
+        out.data[:] = 0.0
+        return out
+    return np.zeros_like(value)
+
+
 @dataclass(frozen=True)
 class ServerSummary:
     """What a server bundle says about its requests, without its graph and weights."""
@@ -153,7 +164,7 @@ class ServerBundle:
 
     def without_weights(self) -> "ServerBundle":
         """The host's copy for encrypted-weight mode: every weight replaced by zero."""
-        nodes = [n.replace(params={k: np.zeros_like(v) for k, v in n.params.items()})
+        nodes = [n.replace(params={k: _zeros_like(v) for k, v in n.params.items()})
                  for n in self.graph.nodes]
         return ServerBundle(self.graph.with_nodes(nodes), self.params, self.manifest,
                             "encrypted")

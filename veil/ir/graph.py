@@ -12,6 +12,7 @@ from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+import scipy.sparse as sp
 
 from ..errors import GraphError
 from .ops import REGISTRY, Op, opdef, ops_with, with_defaults
@@ -49,6 +50,9 @@ class Node:
             {k: _freeze(v) for k, v in with_defaults(self.op, dict(self.attrs)).items()}))
         frozen = {}
         for key, arr in dict(self.params).items():
+            if sp.issparse(arr):
+                frozen[key] = _frozen_sparse(arr)
+                continue
             # an owned, read-only float64 array (another node's, or one handed over
             # frozen by a loader) is shared as it is: copying it would only double a
             # big model's weights in memory (node.replace, loading VGG-16's 1.1 GB)
@@ -64,6 +68,19 @@ class Node:
                     attrs=dict(self.attrs), params=dict(self.params))
         data.update(changes)
         return Node(**data)
+
+
+def _frozen_sparse(m) -> "sp.csr_array":
+    """A CSR float64 matrix with sorted indices and read-only arrays (shared as it is
+    when it already is one: a large layer's matrix is hundreds of MiB)."""
+    if not (isinstance(m, sp.csr_array) and m.dtype == np.float64
+            and not m.data.flags.writeable):
+        m = sp.csr_array(m, dtype=np.float64, copy=True)
+        m.sum_duplicates()
+        m.sort_indices()
+        for part in (m.data, m.indices, m.indptr):
+            part.setflags(write=False)
+    return m
 
 
 @dataclass(frozen=True)
@@ -139,7 +156,7 @@ def verify(graph: Graph) -> None:
             if key not in node.params:
                 raise GraphError(f"{node.op.value} node {node.name!r} lacks parameter {key!r}")
         for key, arr in node.params.items():
-            if not np.all(np.isfinite(arr)):
+            if not np.all(np.isfinite(arr.data if sp.issparse(arr) else arr)):
                 raise GraphError(f"parameter {key!r} of node {node.name!r} is not finite")
         shape = infer_shape(node.op, [seen[s].shape for s in node.inputs], node.attrs,
                             node.params)
@@ -158,6 +175,7 @@ def make_node(name: str, op: Op, inputs: Iterable[str], in_shapes: list[tuple[in
     attrs = {k: _freeze(v) for k, v in dict(attrs or {}).items()}
     # No float64 conversion here: Node makes its own float64 copy, and converting first
     # would hold two copies of a large weight at once (VGG-16's fc6: 2 x 0.8 GB).
-    params = {k: np.asarray(v) for k, v in dict(params or {}).items()}
+    params = {k: v if sp.issparse(v) else np.asarray(v)
+              for k, v in dict(params or {}).items()}
     shape = infer_shape(Op(op), in_shapes, attrs, params)
     return Node(name, Op(op), tuple(inputs), shape, attrs, params)

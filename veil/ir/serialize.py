@@ -1,9 +1,15 @@
-"""Graph <-> (JSON-able dict, named arrays). Arrays go to .npz files, never pickles."""
+"""Graph <-> (JSON-able dict, named arrays). Arrays go to .npz files, never pickles.
+
+A sparse parameter (a large DENSE node's matrix) is stored as its CSR arrays
+(``name/key.data``, ``.indices``, ``.indptr`` and ``.shape``) and listed under the
+node's ``sparse`` keys; it is rebuilt and checked on load.
+"""
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from ..errors import GraphError
 from .graph import Graph, Node, Op
@@ -25,7 +31,14 @@ def graph_to_json(graph: Graph) -> tuple[dict, dict[str, np.ndarray]]:
                       "attrs": {k: _jsonable(v) for k, v in n.attrs.items()},
                       "params": sorted(n.params)})
         for key, arr in n.params.items():
-            arrays[f"{n.name}/{key}"] = np.asarray(arr)
+            if sp.issparse(arr):
+                nodes[-1].setdefault("sparse", []).append(key)
+                csr = sp.csr_array(arr)
+                for part in ("data", "indices", "indptr"):
+                    arrays[f"{n.name}/{key}.{part}"] = getattr(csr, part)
+                arrays[f"{n.name}/{key}.shape"] = np.asarray(csr.shape, dtype=np.int64)
+            else:
+                arrays[f"{n.name}/{key}"] = np.asarray(arr)
     return {"nodes": nodes, "output": graph.output}, arrays
 
 
@@ -39,12 +52,27 @@ def _frozen(a) -> np.ndarray:
     return out
 
 
+def _csr(arrays, prefix: str) -> sp.csr_array:
+    """A CSR matrix from its stored arrays, its indices checked against its shape."""
+    rows, cols = (int(v) for v in np.asarray(arrays[f"{prefix}.shape"]))
+    indices = np.asarray(arrays[f"{prefix}.indices"])
+    indptr = np.asarray(arrays[f"{prefix}.indptr"])
+    data = _frozen(arrays[f"{prefix}.data"])
+    if (indptr.shape != (rows + 1,) or indices.shape != data.shape or indptr[0] != 0
+            or indptr[-1] != data.size or np.any(np.diff(indptr) < 0)
+            or (indices.size and (indices.min() < 0 or indices.max() >= cols))):
+        raise ValueError(f"sparse parameter {prefix} is inconsistent")
+    return sp.csr_array((data, indices, indptr), shape=(rows, cols))
+
+
 def graph_from_json(data: dict, arrays) -> Graph:
     """Rebuild and verify a graph; raises GraphError on anything malformed."""
     try:
         nodes = []
         for d in data["nodes"]:
-            params = {k: _frozen(arrays[f"{d['name']}/{k}"]) for k in d["params"]}
+            sparse = set(d.get("sparse", ()))
+            params = {k: (_csr(arrays, f"{d['name']}/{k}") if k in sparse
+                          else _frozen(arrays[f"{d['name']}/{k}"])) for k in d["params"]}
             nodes.append(Node(str(d["name"]), Op(d["op"]), tuple(d["inputs"]),
                               tuple(d["shape"]), dict(d["attrs"]), params))
         return Graph(tuple(nodes), str(data["output"]))

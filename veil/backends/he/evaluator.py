@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import numpy as np
+import scipy.sparse as sp
 
 from ...compiler.levels import SLOT_OPS
 from ...compiler.plan import DensePlan, HEPlan, normalize_rotation, slot_diagonals
@@ -37,9 +38,19 @@ class SlotEngine(Protocol):
 class PreparedDense:
     """Diagonals of one dense layer, pre-rotated for baby-step/giant-step evaluation."""
 
-    def __init__(self, name: str, matrix: np.ndarray, bias: np.ndarray, plan: DensePlan,
+    def __init__(self, name: str, matrix, bias: np.ndarray, plan: DensePlan,
                  slots: int, lanes: int = 1) -> None:
         self.name, self.plan, self.slots, self.lanes = name, plan, slots, lanes
+        self.babies = sorted({plan.split(d)[1] for d in plan.diagonals} - {0})
+        # A layer lowered from its kernels (a sparse matrix) keeps only that matrix and
+        # lays out its diagonals each time it runs: a deep network's diagonals would
+        # otherwise all be held at once (hundreds per layer, one slot vector each).
+        self._source = (matrix, bias) if sp.issparse(matrix) else None
+        if self._source is None:
+            self._prepare(matrix, bias)
+
+    def _prepare(self, matrix, bias: np.ndarray) -> None:
+        plan, slots, lanes = self.plan, self.slots, self.lanes
         positions = slots // lanes
         length = max(plan.in_period, plan.out_period)
         m, n = matrix.shape
@@ -68,10 +79,25 @@ class PreparedDense:
             vec = np.roll(vec, g2 * outer + g * b)  # period `length` block
             self.groups.setdefault(g2, {}).setdefault(g, []).append(
                 (r, spread(tile(vec, length, positions), lanes)))
-        self.babies = sorted({plan.split(d)[1] for d in plan.diagonals} - {0})
+
+    def _release(self) -> None:
+        if self._source is not None:
+            self.__dict__.pop("groups", None)
+            self.__dict__.pop("expanded", None)
+            self.__dict__.pop("bias", None)
 
     def weight_vectors(self):
         """Every plaintext vector this layer multiplies or adds, with its cache key."""
+        if self._source is not None:
+            self._prepare(*self._source)
+            try:
+                yield from self._vectors()
+            finally:
+                self._release()
+        else:
+            yield from self._vectors()
+
+    def _vectors(self):
         if self.plan.input_blocks:
             yield (self.name, "expanded"), self.expanded
         else:
@@ -82,6 +108,15 @@ class PreparedDense:
         yield (self.name, "bias"), self.bias
 
     def __call__(self, engine: SlotEngine, ct: Any) -> Any:
+        if self._source is None:
+            return self._apply(engine, ct)
+        self._prepare(*self._source)
+        try:
+            return self._apply(engine, ct)
+        finally:
+            self._release()
+
+    def _apply(self, engine: SlotEngine, ct: Any) -> Any:
         if self.plan.input_blocks:
             total = engine.mul_plain(ct, self.expanded, (self.name, "expanded"))
             return self._finish(engine, total, self.plan.expanded_fold_steps())

@@ -48,6 +48,10 @@ from .validate import PayloadValidator, TemplateError, compile_checker, rotation
 
 log = logging.getLogger(__name__)
 _KEYMAPS = KeyMapLock()
+# Plaintext weights a session keeps encoded (per level) for its next requests; beyond
+# this a layer's weights are encoded each time they are used (deep networks: hundreds
+# of ring-2^16 plaintexts per layer, several MiB each).
+PLAINTEXT_CACHE_BYTES = 2 << 30
 OPENFHE_VERSION = getattr(ofhe, "__version__", "1.6.1.0.22.4")
 _SECURITY = {"HEStd_128_classic": ofhe.HEStd_128_classic,
              "HEStd_192_classic": ofhe.HEStd_192_classic,
@@ -352,6 +356,7 @@ class EvaluationSession:
         validator.check_eval_keys(key_parts, tag)
         self.cc = build_context(params)
         self._plaintexts: dict[tuple, Any] = {}
+        self._cached_bytes = 0
         self._weights: dict[str, Any] | None = None
         native = self.native_tag
         with _KEYMAPS.write():
@@ -457,8 +462,11 @@ class EvaluationSession:
                 return hit
         pt = self.cc.MakeCKKSPackedPlaintext(np.ascontiguousarray(values, dtype=np.float64),
                                              like.GetNoiseScaleDeg(), like.GetLevel())
-        if key is not None:
+        # NTT form: one ring-size vector of 8-byte words per remaining modulus
+        size = self.params.ring_dim * 8 * (self.params.mult_depth + 1 - like.GetLevel())
+        if key is not None and self._cached_bytes + size <= PLAINTEXT_CACHE_BYTES:
             self._plaintexts[key] = pt
+            self._cached_bytes += size
         return pt
 
     def add(self, a, b):
@@ -538,6 +546,7 @@ class EvaluationSession:
         if not self._closed:
             self._closed = True
             self._plaintexts.clear()
+            self._cached_bytes = 0
             _remove_tag(self.cc, self.native_tag)
             release_native_memory()
 
