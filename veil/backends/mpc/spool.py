@@ -10,8 +10,8 @@ as the dealer sent them (party 0's already expanded), to one file, and the run r
 them back as it reaches each layer: the same material, the same order, the same
 memory bound (a layer over the streaming threshold is read a chunk at a time).
 
-The file is unlinked as soon as it is created, so only this process's open handle
-refers to it: a set is never read twice, nothing is left on disk when the process
+The file never has a name (``O_TMPFILE``; where the file system lacks it, it is
+unlinked as soon as it is created), so only this process's open handle refers to it: a set is never read twice, nothing is left on disk when the process
 ends or the set is dropped (session reset, a set party 0 skipped), and no other
 process finds it by name. It holds this party's shares, which the party also holds
 in memory while it computes; the directory should be on the party's own disk
@@ -33,6 +33,20 @@ from . import protocols as pr
 from .evaluator import Chunked
 
 
+def _unnamed_file(directory: str | os.PathLike) -> int:
+    """A new file in ``directory`` that never has a name (Linux ``O_TMPFILE``), else one
+    created and unlinked at once (a name exists for that instant)."""
+    flag = getattr(os, "O_TMPFILE", 0)
+    if flag:
+        try:
+            return os.open(directory, flag | os.O_RDWR, 0o600)
+        except OSError:         # a file system without O_TMPFILE support
+            pass
+    fd, name = tempfile.mkstemp(prefix="set-", suffix=".bin", dir=directory)
+    os.unlink(name)
+    return fd
+
+
 class SpoolSet:
     """One material set on disk: ``add`` appends chunk (layer, step, chunk) in order
     while it is fetched (a layer read whole: one record per step, its chunks joined);
@@ -43,9 +57,7 @@ class SpoolSet:
                  chunked: list[bool]) -> None:
         """``plan[i][j]``: the value counts of step j's chunks in layer i;
         ``chunked[i]``: whether layer i is read a chunk at a time while it runs."""
-        fd, name = tempfile.mkstemp(prefix="set-", suffix=".bin", dir=directory)
-        os.unlink(name)
-        self._file = os.fdopen(fd, "w+b")
+        self._file = os.fdopen(_unnamed_file(directory), "w+b")
         self._map: mmap.mmap | None = None
         self._released = 0          # pages before this offset are given back
         self._lock = threading.Lock()
