@@ -14,9 +14,14 @@ test_he_bootstrap.py``'s shape, wider) at 128-bit parameters, end to end through
 ``compiled.run(x, mode="he")``: key generation, key bytes, server time per image,
 agreement with simulate, peak RSS of the client and of the server process.
 
+Part 3, ``--resnet20-plan``: ResNet-20 (3x32x32) compiled for HE: compile time and
+memory, bootstraps, rotation keys, plaintext products and rotations per image, and the
+time per image projected from unit costs measured at its parameters in the same run.
+
 Writes bench/results/he_deep.json and bench/results/he_deep.md.
 Usage: python bench/he_deep.py [--candidates NAME,...] [--keep-others] [--deep]
        python bench/he_deep.py --deep-only [--images 3]
+       python bench/he_deep.py --resnet20-plan [--degree 7]
 """
 from __future__ import annotations
 
@@ -258,6 +263,82 @@ def measure_deep(n: int) -> dict:
     return out
 
 
+RESNET20_SCRIPT = r"""
+import json, resource, sys, time
+from dataclasses import replace
+import numpy as np, torch
+sys.path.insert(0, "examples")
+import veil
+from veil.compare.resnet20 import ResNet20
+from veil.ir import Op
+try:
+    from resnet20_models import fashion32, load_resnet20
+    model, source = load_resnet20(), "shipped Fashion-MNIST weights"
+    cal = fashion32()[0][:64]
+except Exception as exc:          # the weights or the dataset are not here
+    torch.manual_seed(0)
+    model, source = ResNet20().eval(), f"seeded initialisation ({type(exc).__name__})"
+    cal = np.random.default_rng(0).uniform(0, 1, size=(64, 3, 32, 32))
+t0 = time.perf_counter()
+compiled = veil.compile(model, cal, degree=DEGREE)
+compile_s = time.perf_counter() - t0
+plan, lowered = compiled.result.plan, compiled.result.lowered
+polys = [n for n in lowered.nodes if n.op is Op.POLY]
+row = {"model": "ResNet-20 (3x32x32)", "weights": source, "degree": DEGREE,
+       "compile_s": round(compile_s, 1),
+       "compile_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+       "slots": plan.params.slots, "depth": plan.depth,
+       "bootstraps": sum(n.op is Op.BOOTSTRAP for n in lowered.nodes),
+       "rotation_keys": len(plan.rotations),
+       "diagonals": sum(len(p.diagonals) for p in plan.dense.values()),
+       "rotations": round(sum(p.rotation_count() for p in plan.dense.values()), 1),
+       "activations": len(polys) + sum(n.op is Op.SQUARE for n in lowered.nodes),
+       "poly_degree": max((len(n.attrs["coeffs"]) - 1 for n in polys), default=2)}
+# unit costs at these parameters (same ring and moduli, no bootstrapping keys needed):
+# a rotation, a weight encoded and multiplied, one activation, at a mid level
+from veil.backends.he import openfhe_engine as E
+params = replace(plan.params, boot_budget=None)
+client = E.ClientCrypto(params)
+parts = client.keygen([1])
+x = np.random.default_rng(1).uniform(-1, 1, params.slots)
+with E.EvaluationSession(params, client.tag, parts, [1]) as s:
+    ct = s.load(client.encrypt(x))
+    for _ in range(params.mult_depth // 2):
+        ct = s.mul_scalar(ct, 1.0)
+    def med(f, n=5):
+        ts = []
+        for _ in range(n):
+            t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
+        return sorted(ts)[len(ts) // 2]
+    row["rotation_s"] = med(lambda: s.rotate(ct, 1))
+    row["pt_product_s"] = med(lambda: s.mul_plain(ct, x, None))
+    coeffs = np.asarray(polys[0].attrs["coeffs"]) if polys else np.array([0.0, 0.0, 1.0])
+    row["activation_s"] = med(lambda: s.chebyshev(ct, coeffs, -1.0, 1.0), 3)
+print(json.dumps(row))
+"""
+
+
+def measure_resnet20_plan(degree: int, bootstrap_s: float, key_bytes: float) -> dict:
+    """ResNet-20's HE plan (a fresh process): compile time and memory, bootstraps,
+    rotation keys, plaintext products and rotations per image, and the projected time
+    per image from unit costs measured at its parameters."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", f"DEGREE = {degree}\n" + RESNET20_SCRIPT],
+                          capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        return {"failed": proc.stderr[-800:], "wall_s": round(time.perf_counter() - t0, 1)}
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    parts = {"bootstraps": out["bootstraps"] * bootstrap_s,
+             "rotations": out["rotations"] * out["rotation_s"],
+             "products": out["diagonals"] * out["pt_product_s"],
+             "activations": out["activations"] * out["activation_s"]}
+    out.update(projected_parts_s={k: round(v, 1) for k, v in parts.items()},
+               projected_s=round(sum(parts.values()), 1), bootstrap_s=bootstrap_s,
+               rotation_key_bytes=out["rotation_keys"] * key_bytes,
+               wall_s=round(time.perf_counter() - t0, 1))
+    return out
+
+
 def _run_candidate(name: str, reps: int) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, __file__, "--one", name, "--reps", str(reps)],
@@ -346,6 +427,31 @@ def render(data: dict) -> str:
     elif deep:
         lines += ["## A deep narrow network under HE at 128-bit parameters", "",
                   f"failed: {deep['failed'][-300:]!r}", ""]
+    r20 = data.get("resnet20_plan")
+    if r20 and "failed" not in r20:
+        parts = r20["projected_parts_s"]
+        lines += ["## ResNet-20: the HE plan and its projected cost", "",
+                  f"`python bench/he_deep.py --resnet20-plan` ({r20['weights']}, "
+                  f"activations of degree {r20['poly_degree']}): compiled in "
+                  f"{r20['compile_s']} s (peak RSS {r20['compile_peak_rss'] / 2**30:.1f} "
+                  f"GiB), every convolution lowered from its kernel onto strided grids of "
+                  f"{r20['slots']} slots. Not run end to end yet: the time below is "
+                  "projected from unit costs measured at these parameters in the same "
+                  f"run (rotation {r20['rotation_s'] * 1e3:.0f} ms, weight encode + "
+                  f"product {r20['pt_product_s'] * 1e3:.0f} ms, one activation "
+                  f"{r20['activation_s']:.2f} s) and the bootstrap measured above "
+                  f"({r20['bootstrap_s']} s).", "",
+                  "| depth | bootstraps | rotation keys (GiB) | plaintext products | "
+                  "rotations | projected s / image (bootstraps, rotations, products, "
+                  "activations) | anchors |", "|---|---|---|---|---|---|---|",
+                  f"| {r20['depth']} | {r20['bootstraps']} | {r20['rotation_keys']} "
+                  f"({r20['rotation_key_bytes'] / 2**30:.1f}) | {r20['diagonals']} | "
+                  f"{r20['rotations']} | {r20['projected_s']:.0f} ({parts['bootstraps']:.0f}, "
+                  f"{parts['rotations']:.0f}, {parts['products']:.0f}, "
+                  f"{parts['activations']:.0f}) | LowMemoryFHEResNet20 < 300 s on 8-10 "
+                  "cores, FHEON 403 s, Lee et al. 2,189 s (1 thread) |", ""]
+    elif r20:
+        lines += ["## ResNet-20: the HE plan", "", f"failed: {r20['failed'][-300:]!r}", ""]
     return "\n".join(lines)
 
 
@@ -358,6 +464,11 @@ def main() -> None:
     ap.add_argument("--deep-only", action="store_true",
                     help="only the deep network (keeps the candidates' rows)")
     ap.add_argument("--images", type=int, default=3, help="images for --deep")
+    ap.add_argument("--resnet20-plan", action="store_true",
+                    help="only ResNet-20's HE plan and projected cost (keeps other rows)")
+    ap.add_argument("--degree", type=int, default=7,
+                    help="activation degree for --resnet20-plan (shipped fine-tuned "
+                         "weights keep their own)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--keep-others", action="store_true",
                     help="keep the rows of candidates not re-run from the last results")
@@ -367,8 +478,18 @@ def main() -> None:
         return
     out = RESULTS / "he_deep.json"
     data = json.loads(out.read_text()) if out.exists() and args.keep_others else {}
-    if args.deep_only:
+    if args.deep_only or args.resnet20_plan:
         data = json.loads(out.read_text()) if out.exists() else {}
+    if args.resnet20_plan:
+        chosen = next(r for r in data["candidates"] if r["name"] == CHOSEN)
+        print("[he_deep] ResNet-20 plan", flush=True)
+        data["resnet20_plan"] = measure_resnet20_plan(
+            args.degree, chosen["bootstrap_s"],
+            chosen["key_bytes"] / chosen["automorphism_keys"])
+        print(f"[he_deep] {data['resnet20_plan']}", flush=True)
+        out.write_text(json.dumps(data, indent=1))
+        (RESULTS / "he_deep.md").write_text(render(data))
+        return
     rows = {r["name"]: r for r in data.get("candidates", [])}
     for name in [] if args.deep_only else [n for n in args.candidates.split(",") if n]:
         print(f"[he_deep] {name}", flush=True)

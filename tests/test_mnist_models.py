@@ -65,7 +65,7 @@ def test_weights_are_plain_float32_arrays_under_5mb():
             assert all(data[k].dtype == np.float32 for k in data.files)
     for path in sorted(mnist_models.WEIGHTS_DIR.glob("*.json")):
         record = json.loads(path.read_text())
-        after = record["after_finetune"]
+        after = record.get("after_finetune") or record["finetuned"]   # resnet20's name
         assert after["simulate"] == pytest.approx(after["plain"], abs=0.002)
 
 
@@ -86,3 +86,22 @@ def test_idx_reader_rejects_wrong_files(tmp_path):
         datasets.read_idx(bad, datasets.IDX_IMAGES)
     with pytest.raises(ValueError, match="header"):
         datasets.read_idx(bad, datasets.IDX_LABELS)
+
+
+def test_shipped_resnet20_keeps_its_accuracy_and_its_polynomials():
+    """ResNet-20 on CIFAR-shaped Fashion-MNIST (examples/train_resnet20.py): the shipped
+    degree-2 weights load into the unmodified network with PolyAct activations and
+    classify the first test images as measured (91.0 % on all 10,000, minus a margin)."""
+    resnet20_models = pytest.importorskip("resnet20_models")
+    try:
+        _, _, xte, yte = resnet20_models.fashion32()
+    except datasets.DatasetUnavailable as exc:
+        pytest.skip(str(exc))
+    model = resnet20_models.load_resnet20()
+    acts = [m for m in model.modules() if isinstance(m, PolyAct)]
+    assert acts and all(len(a.coeffs) == resnet20_models.DEGREE + 1 for a in acts)
+    assert xte.shape[1:] == (3, 32, 32)
+    assert _accuracy(model, xte[:N_TEST], yte[:N_TEST]) >= 0.88
+    meta = json.loads(mnist_models.weights_path("resnet20_fashion").with_suffix(".json")
+                      .read_text())
+    assert abs(meta["finetuned"]["simulate"] - meta["finetuned"]["plain"]) <= 0.005
