@@ -12,10 +12,11 @@
    fitted to ReLU on 512 calibration images, then the network is fine-tuned with
    knowledge distillation from the ReLU network; the epoch with the best held-out
    accuracy is kept.
-3. ``veil.compile`` both networks (512 training images as calibration; ReLU at the
-   compiler's default degree) and measure plain and simulate accuracy on the full
-   10,000-image test split with ``compiled.report(x, y)``, batch by batch, plus the
-   depth and the HE estimate (bootstraps) of ``compiled.report()``.
+3. ``veil.compile`` the fine-tuned network (512 training images as calibration; with
+   ``--compile-relu`` also the ReLU one, at the compiler's default degree) and measure
+   plain and simulate accuracy on the full 10,000-image test split with
+   ``compiled.report(x, y)``, batch by batch, plus the depth and the HE estimate
+   (bootstraps) of ``compiled.report()``.
 
 Writes ``examples/weights/resnet20_fashion.npz`` (fine-tuned),
 ``resnet20_fashion_relu.npz`` (ReLU) and ``resnet20_fashion.json`` (settings, wall
@@ -27,8 +28,8 @@ simulate measurement about 6 minutes.
 
 Degree 2 is shipped: one HE level per activation, depth 58 and 5 bootstraps on the
 longest path (veil's estimate) against depth 77 / 7 for degrees 3-4 and 124 / 12 for
-ReLU at the compiler's default degree 27. Degree 4 with the same settings (lr 1e-3)
-diverged in the first fine-tuning epoch.
+ReLU at the compiler's default degree 27. Degree 4 diverged in the first fine-tuning
+epoch (loss NaN) at lr 1e-3 and again at 3e-4.
 """
 from __future__ import annotations
 
@@ -223,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def measure_all(args, result: dict, relu, tuned, calibration, xte, yte,
                 json_path: Path) -> dict:
+    """Add the compiled measurements ``args`` asks for to ``result``; save it."""
     if not args.no_compile:
         result["finetuned"] = measure(tuned, calibration, xte, yte)
         print("finetuned:", json.dumps(result["finetuned"]), flush=True)
