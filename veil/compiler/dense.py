@@ -251,12 +251,13 @@ def _best_baby_step(diags: list[int], key_weight: float = KEY_WEIGHT,
     for centered in (False, True):
         r = ((d + b // 2) % b) - b // 2 if centered else d % b
         g = (d - r) // b
-        cost = 0.5 * _distinct_nonzero(r) + _distinct_nonzero(g)
-        if free.size:
-            cost = cost + key_weight * (_distinct_nonzero(_unkeyed(r, free))
-                                        + _distinct_nonzero(_unkeyed(g * b, free)))
+        babies, giants = _distinct_nonzero(r), _distinct_nonzero(g)
+        if free.size:        # only the keys no earlier layer made count
+            new_keys = (_distinct_nonzero(_unkeyed(r, free))
+                        + _distinct_nonzero(_unkeyed(g * b, free)))
         else:
-            cost = cost + key_weight * (_distinct_nonzero(r) + _distinct_nonzero(g))
+            new_keys = babies + giants
+        cost = 0.5 * babies + giants + key_weight * new_keys
         k = int(np.argmin(cost))
         if cost[k] < best_cost - 1e-9:
             best, best_cost = (int(b[k, 0]), centered), float(cost[k])

@@ -157,7 +157,14 @@ def _assign_layouts(graph: Graph, entry, slots: int, *, search: bool,
                     return found
         return None
 
-    graph_shapes = {n.name: tuple(n.shape) for n in graph.nodes}
+    shapes = {n.name: tuple(n.shape) for n in graph.nodes}
+
+    def keeps_grid(node, in_shape) -> bool:
+        """A same-shape stride-1 convolution: it may write its input's grid (multiplexed
+        channels included) and its diagonals stay independent of the pixel."""
+        return (tuple(node.attrs.get("grid_stride", ())) == (1, 1)
+                and tuple(node.shape) == tuple(in_shape))
+
     outputs = {n.name for n in graph.nodes if is_output(n.name)}
     to_add = {n.name for n in graph.nodes if reaches(n.name, lambda c: c.op is Op.ADD)}
 
@@ -173,10 +180,7 @@ def _assign_layouts(graph: Graph, entry, slots: int, *, search: bool,
             if (search and in_grid is not None and "grid_stride" in node.attrs
                     and len(node.shape) == 3 and node.name not in fixed):
                 options += _grid_candidates(node, in_grid, slots)
-                if (tuple(node.attrs["grid_stride"]) == (1, 1)
-                        and tuple(node.shape) == graph_shapes[node.inputs[0]]):
-                    # a same-shape convolution may write its input's grid (multiplexed
-                    # channels included): its diagonals stay independent of the pixel
+                if keeps_grid(node, shapes[node.inputs[0]]):
                     options.append(in_layout)
         after = next_dense(node.name)
         # the next layer's output: where an ADD will pin it, else compact or (a
@@ -192,8 +196,7 @@ def _assign_layouts(graph: Graph, entry, slots: int, *, search: bool,
                     outs = [after_target]
                 else:
                     outs = [(None, None)]
-                    if (grid is not None and tuple(after.shape) == tuple(node.shape)
-                            and tuple(after.attrs.get("grid_stride", ())) == (1, 1)):
+                    if grid is not None and keeps_grid(after, node.shape):
                         outs.append((period, pos))
                 cost += min(dense_cost(plan_dense(after.params["matrix"], pos, o[1], period,
                                                   o[0], **opts), **opts) for o in outs)
@@ -219,11 +222,10 @@ def _assign_layouts(graph: Graph, entry, slots: int, *, search: bool,
                 if node.op in _ELEMENTWISE + (Op.ADD,):
                     layouts[node.name] = layouts[node.inputs[0]]
                 continue
+            free = frozenset(keys)        # empty unless keys are shared
             _, dense[node.name], layouts[node.name] = best_dense(
-                node, layouts[node.inputs[0]], fixed, layouts,
-                frozenset(keys) if shared else frozenset())
-            total += dense_cost(dense[node.name], kw, frozenset(keys) if shared
-                                else frozenset(), slots)
+                node, layouts[node.inputs[0]], fixed, layouts, free)
+            total += dense_cost(dense[node.name], kw, free, slots)
             if shared:
                 keys |= {normalize_rotation(r, slots) for r in dense[node.name].rotations()}
         return total, layouts, dense

@@ -6,6 +6,7 @@ which lets the layout logic be tested without cryptography.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Protocol
 
 import numpy as np
@@ -80,21 +81,23 @@ class PreparedDense:
             self.groups.setdefault(g2, {}).setdefault(g, []).append(
                 (r, spread(tile(vec, length, positions), lanes)))
 
-    def _release(self) -> None:
-        if self._source is not None:
-            self.__dict__.pop("groups", None)
-            self.__dict__.pop("expanded", None)
-            self.__dict__.pop("bias", None)
+    @contextlib.contextmanager
+    def _laid_out(self):
+        """The layer's vectors for the duration of a use: built and dropped around it
+        for a layer kept as its sparse matrix, always there for the others."""
+        if self._source is None:
+            yield
+            return
+        self._prepare(*self._source)
+        try:
+            yield
+        finally:
+            for name in ("groups", "expanded", "bias"):
+                self.__dict__.pop(name, None)
 
     def weight_vectors(self):
         """Every plaintext vector this layer multiplies or adds, with its cache key."""
-        if self._source is not None:
-            self._prepare(*self._source)
-            try:
-                yield from self._vectors()
-            finally:
-                self._release()
-        else:
+        with self._laid_out():
             yield from self._vectors()
 
     def _vectors(self):
@@ -108,13 +111,8 @@ class PreparedDense:
         yield (self.name, "bias"), self.bias
 
     def __call__(self, engine: SlotEngine, ct: Any) -> Any:
-        if self._source is None:
+        with self._laid_out():
             return self._apply(engine, ct)
-        self._prepare(*self._source)
-        try:
-            return self._apply(engine, ct)
-        finally:
-            self._release()
 
     def _apply(self, engine: SlotEngine, ct: Any) -> Any:
         if self.plan.input_blocks:
