@@ -62,6 +62,7 @@ CANDIDATES = {
     "enc-33-s47-1k": _c(slots=1 << 10),
     "enc-44-s47": _c(budget=(4, 4)),
     "enc-33-s47-full": _c(slots=1 << 15),
+    "enc-33-s47-stc-full": _c(stc=True, slots=1 << 15),
 }
 
 
@@ -318,6 +319,90 @@ print(json.dumps(row))
 """
 
 
+RESNET20_RUN_SCRIPT = r"""
+import json, os, resource, sys, time
+import numpy as np, torch
+sys.path.insert(0, "examples")
+import veil
+from veil.ir import Op
+from resnet20_models import fashion32, load_resnet20
+
+model = load_resnet20().eval()
+_, _, xte, yte = fashion32()
+x, y = xte[:N], yte[:N]
+t0 = time.perf_counter()
+compiled = veil.compile(model, xte[:64], degree=2)
+compile_s = time.perf_counter() - t0
+lowered = compiled.result.lowered
+with torch.no_grad():
+    plain = model(torch.as_tensor(x)).numpy()
+
+
+def server_hwm():
+    (pid,) = compiled._servers["he"].pids()
+    return next(int(l.split()[1]) * 1024 for l in open(f"/proc/{pid}/status")
+                if l.startswith("VmHWM"))
+
+
+rows = []
+t0 = time.perf_counter()
+for i in range(N):
+    t = time.perf_counter()
+    out = compiled.run(x[i], mode="he")
+    rows.append({"image": i, "wall_s": time.perf_counter() - t, "he_argmax": int(out.argmax()),
+                 "plain_argmax": int(plain[i].argmax()), "label": int(y[i]),
+                 "max_abs_vs_plain": float(np.abs(out - plain[i]).max())})
+    server = compiled._servers["he"]
+    tm = server.timings
+    row = {"images": rows, "compile_s": compile_s, "keygen_s": tm.keygen_s,
+           "session_s": tm.session_s, "eval_key_bytes": tm.eval_key_bytes,
+           "server_s": [float(v) for v in tm.eval_s],
+           "encrypt_s": float(np.median(tm.encrypt_s)),
+           "decrypt_s": float(np.median(tm.decrypt_s)),
+           "bootstraps": int(sum(n.op is Op.BOOTSTRAP for n in lowered.nodes)),
+           "depth": int(compiled.result.plan.depth),
+           "rotation_keys": len(compiled.result.plan.rotations),
+           "client_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "server_peak_rss": server_hwm()}
+    with open(OUT, "w") as f:
+        json.dump(row, f)
+    print(f"image {i}: {rows[-1]} server {row['server_s'][-1]:.1f} s", file=sys.stderr,
+          flush=True)
+compiled.close()
+t = time.perf_counter()
+sim = np.concatenate([compiled.run(xte[i:i + 500], mode="simulate")
+                      for i in range(0, len(xte), 500)])
+with torch.no_grad():
+    ref = np.concatenate([model(torch.as_tensor(xte[i:i + 500])).numpy()
+                          for i in range(0, len(xte), 500)])
+row.update(simulate_s=time.perf_counter() - t,
+           simulate_acc=float(np.mean(sim.argmax(1) == yte)),
+           plain_acc=float(np.mean(ref.argmax(1) == yte)), test_images=int(len(yte)))
+with open(OUT, "w") as f:
+    json.dump(row, f)
+print(json.dumps(row))
+"""
+
+
+def measure_resnet20(n: int) -> dict:
+    """ResNet-20 end to end through ``compiled.run(x, mode="he")`` on the first ``n``
+    Fashion-MNIST test images (a fresh process; partial results survive in a file),
+    then plain and simulate accuracy on the whole test split."""
+    import tempfile
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "row.json")
+        proc = subprocess.run([sys.executable, "-c",
+                               f"N = {n}\nOUT = {out!r}\n" + RESNET20_RUN_SCRIPT],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        row = json.loads(open(out).read()) if os.path.exists(out) else {}
+    if proc.returncode:
+        row["failed"] = f"exit status {proc.returncode} (see stderr)"
+    row["wall_s"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
 def measure_resnet20_plan(degree: int, bootstrap_s: float, key_bytes: float) -> dict:
     """ResNet-20's HE plan (a fresh process): compile time and memory, bootstraps,
     rotation keys, plaintext products and rotations per image, and the projected time
@@ -469,6 +554,9 @@ def main() -> None:
     ap.add_argument("--degree", type=int, default=7,
                     help="activation degree for --resnet20-plan (shipped fine-tuned "
                          "weights keep their own)")
+    ap.add_argument("--resnet20", action="store_true",
+                    help="only ResNet-20 end to end under HE on --images images "
+                         "(keeps other rows)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--keep-others", action="store_true",
                     help="keep the rows of candidates not re-run from the last results")
@@ -478,8 +566,14 @@ def main() -> None:
         return
     out = RESULTS / "he_deep.json"
     data = json.loads(out.read_text()) if out.exists() and args.keep_others else {}
-    if args.deep_only or args.resnet20_plan:
+    if args.deep_only or args.resnet20_plan or args.resnet20:
         data = json.loads(out.read_text()) if out.exists() else {}
+    if args.resnet20:
+        print("[he_deep] ResNet-20 under HE", flush=True)
+        data["resnet20"] = measure_resnet20(args.images)
+        out.write_text(json.dumps(data, indent=1))
+        (RESULTS / "he_deep.md").write_text(render(data))
+        return
     if args.resnet20_plan:
         chosen = next(r for r in data["candidates"] if r["name"] == CHOSEN)
         print("[he_deep] ResNet-20 plan", flush=True)

@@ -63,7 +63,7 @@ def _spend(session, ct, levels):
 def test_bootstrap_round_trip_restores_levels_within_the_stated_precision(keyed):
     params, validator, client, parts = keyed
     assert params.bootstraps and params.insecure_test_params
-    assert set(parts) == {"mult", "rotations"}
+    assert set(parts) == {"mult", "bootstrap"}   # no rotations: one part per key
     x = np.random.default_rng(3).uniform(-1, 1, SLOTS)
     with E.EvaluationSession(params, client.tag, parts, [], validator=validator) as s:
         assert not hasattr(s, "_secret")
@@ -82,25 +82,92 @@ def test_bootstrap_round_trip_restores_levels_within_the_stated_precision(keyed)
 
 def test_bootstrap_keys_are_validated(keyed):
     params, validator, client, parts = keyed
-    # keys without the bootstrapping keys: named as missing
+    # keys without the bootstrapping keys (a model that does not bootstrap): refused
     plain = E.ClientCrypto(replace(params, boot_budget=None)).keygen([])
     assert plain["rotations"] == b""
     with pytest.raises(MissingKeyError, match="bootstrapping keys"):
-        validator.check_eval_keys({"mult": parts["mult"], "rotations": b""}, client.tag)
-    # a flipped structure byte in the key map (the sparse secret's key tag included)
-    blob = bytearray(parts["rotations"])
-    checker = validator.rotations
+        validator.check_eval_keys({"mult": parts["mult"]}, client.tag)
+    with pytest.raises(SerializationError, match="not laid out for this model"):
+        E.EvaluationSession(params, client.tag, plain, [], validator=validator)
+    # a flipped structure byte in the bootstrapping keys (the sparse secret's key tag
+    # included), and a truncated part
+    blob = parts["bootstrap"].read()
+    checker = validator.boot
     assert checker.aux_tag_offsets, "the sparse-secret switching keys carry their own tag"
     for offset in (checker.segments[len(checker.segments) // 2][0],
                    checker.aux_tag_offsets[0]):
         bad = bytearray(blob)
         bad[offset] = ord("Z") if bad[offset] != ord("Z") else ord("Y")
         with pytest.raises(SerializationError):
-            validator.check_eval_keys({"mult": parts["mult"], "rotations": bytes(bad)},
+            validator.check_eval_keys({"mult": parts["mult"], "bootstrap": bytes(bad)},
                                       client.tag)
     with pytest.raises(SerializationError):
-        validator.check_eval_keys({"mult": parts["mult"], "rotations": bytes(blob[:-8])},
+        validator.check_eval_keys({"mult": parts["mult"], "bootstrap": blob[:-8]},
                                   client.tag)
+
+
+@pytest.fixture(scope="module")
+def rotated():
+    params = bootstrap_params(insecure_test_params=True, slots=SLOTS)
+    rotations = [1, 3, -5, 16]
+    validator = E.payload_validator(params, rotations)
+    client = E.ClientCrypto(params)
+    return params, rotations, validator, client, client.keygen(rotations)
+
+
+def test_rotation_keys_come_one_part_each_and_are_checked_against_their_index(rotated):
+    params, rotations, validator, client, parts = rotated
+    assert set(parts) == {"mult", "bootstrap"} | {f"rotation/{r}" for r in rotations}
+    one = parts["rotation/3"].read()
+    validator.check_rotation(3, one, client.tag)
+    # the right bytes under another rotation's name: its automorphism index differs
+    with pytest.raises(SerializationError):
+        validator.check_rotation(1, one, client.tag)
+    with pytest.raises(SerializationError, match="uses no rotation key"):
+        validator.check_rotation(2, one, client.tag)
+    keys = {k: (v.read() if k != "mult" else v) for k, v in parts.items()}
+    # a missing rotation is named; an extra one is refused
+    with pytest.raises(MissingKeyError, match=r"\[-5\]"):
+        validator.check_eval_keys({k: v for k, v in keys.items() if k != "rotation/-5"},
+                                  client.tag)
+    with pytest.raises(SerializationError, match="does not use"):
+        validator.check_eval_keys({**keys, "rotation/7": one}, client.tag)
+    # a coefficient at its modulus in one rotation key: refused when the session opens
+    bad = bytearray(keys["rotation/16"])
+    at = int(validator.rotation_key.hole_offsets[3])
+    bad[at:at + 8] = b"\xff" * 8
+    with pytest.raises(SerializationError, match="modulus"):
+        E.EvaluationSession(params, client.tag, {**keys, "rotation/16": bytes(bad)},
+                            rotations, validator=validator)
+
+
+@pytest.mark.parametrize("budget", [1, 1 << 40])
+def test_rotation_keys_loaded_per_use_give_the_same_rotations(rotated, budget):
+    """A budget of one byte holds one key at a time (every rotation loads its key and
+    drops the last); a large one keeps them all. Both rotate correctly."""
+    params, rotations, validator, client, parts = rotated
+    x = np.random.default_rng(5).uniform(-1, 1, SLOTS)
+    with E.EvaluationSession(params, client.tag, parts, rotations, validator=validator,
+                             key_cache_bytes=budget) as s:
+        ct = s.load(client.encrypt(x))
+        for k in rotations:
+            got = client.decrypt(s.dump(s.rotate(ct, k)), SLOTS)
+            assert np.abs(got - np.roll(x, -k)).max() < 1e-4
+        hoisted = s.rotate_hoisted(ct, rotations)
+        for k in rotations:
+            got = client.decrypt(s.dump(hoisted[k]), SLOTS)
+            assert np.abs(got - np.roll(x, -k)).max() < 1e-4
+        # the input kept its tag: products and sums with it still work
+        both = s.add(ct, s.rotate(ct, 1))
+        assert np.abs(client.decrypt(s.dump(both), SLOTS) - x - np.roll(x, -1)).max() < 1e-4
+        stats = s.key_stats
+        assert stats["per_key"]
+        # one byte: each rotation loads its key over the last one; hoisting needs its
+        # keys together (a soft bound) and keeps the last one loaded
+        n = len(rotations)
+        assert stats["loads"] == (n if budget > 1 else 2 * n - 1)
+        size = len(parts["rotation/1"].read())
+        assert stats["peak_bytes"] == len(rotations) * size
 
 
 def test_bootstrap_without_bootstrapping_params_is_refused():

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import struct
 from typing import Any
 
@@ -23,18 +25,55 @@ MAX_HEADER = 1 << 16
 _PREFIX = struct.Struct(">4sBI")
 
 
+_CHUNK = 1 << 24
+
+
+class FilePart:
+    """A part that stays in a file until it is written (a bootstrapped model's
+    evaluation keys: GiB each), hashed and copied in chunks, never held in memory."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        self.nbytes = os.path.getsize(self.path)
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def copy_to(self, file) -> None:
+        with open(self.path, "rb") as f:
+            shutil.copyfileobj(f, file, _CHUNK)
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            return f.read()
+
+
+def part_size(part) -> int:
+    """Bytes of a part: bytes-like or :class:`FilePart`."""
+    return part.nbytes if isinstance(part, FilePart) else memoryview(part).nbytes
+
+
+def _digest(part) -> str:
+    return part.sha256() if isinstance(part, FilePart) else hashlib.sha256(part).hexdigest()
+
+
 def _head(kind: str, parts: dict[str, bytes], meta: dict[str, Any] | None) -> bytes:
     header = dict(meta or {})
     header["kind"] = kind
-    header["parts"] = [{"name": n, "size": memoryview(b).nbytes,
-                        "sha256": hashlib.sha256(b).hexdigest()} for n, b in parts.items()]
+    header["parts"] = [{"name": n, "size": part_size(b), "sha256": _digest(b)}
+                       for n, b in parts.items()]
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(raw)) + raw
 
 
 def pack(kind: str, parts: dict[str, bytes], meta: dict[str, Any] | None = None) -> bytes:
     """Wrap named binary ``parts`` in an envelope of ``kind`` with extra ``meta`` fields."""
-    return b"".join([_head(kind, parts, meta), *parts.values()])
+    return b"".join([_head(kind, parts, meta), *(
+        p.read() if isinstance(p, FilePart) else p for p in parts.values())])
 
 
 def write(file, kind: str, parts: dict[str, bytes], meta: dict[str, Any] | None = None
@@ -44,8 +83,11 @@ def write(file, kind: str, parts: dict[str, bytes], meta: dict[str, Any] | None 
     head = _head(kind, parts, meta)
     file.write(head)
     for part in parts.values():
-        file.write(part)
-    return len(head) + sum(memoryview(p).nbytes for p in parts.values())
+        if isinstance(part, FilePart):
+            part.copy_to(file)
+        else:
+            file.write(part)
+    return len(head) + sum(part_size(p) for p in parts.values())
 
 
 def unpack(blob: bytes, kind: str, *, max_size: int = 1 << 34, copy: bool = True

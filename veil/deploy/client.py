@@ -80,6 +80,7 @@ class ModelClient:
         written = self._eval_keys.save(path)
         if forget:
             self._eval_keys = None
+            self._crypto.drop_key_files()
         return written
 
     def public_key(self) -> PublicKey:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .._files import write_private
 from ..errors import KeyTypeError, SerializationError
-from ..wire import pack, peek_kind, unpack, write
+from ..wire import pack, part_size, peek_kind, unpack, write
 
 EVAL_KEYS_KIND = "veil-evaluation-keys"
 PUBLIC_KEY_KIND = "veil-public-key"
@@ -65,7 +65,7 @@ class EvaluationKeys:
             raise KeyTypeError("a secret key was offered where evaluation keys belong; "
                                "servers never accept secret keys")
         header, parts = unpack(blob, EVAL_KEYS_KIND, copy=copy)
-        if set(parts) != {"mult", "rotations"} or not isinstance(header.get("tag"), str):
+        if not _key_parts(set(parts)) or not isinstance(header.get("tag"), str):
             raise SerializationError("evaluation keys are missing parts")
         if not _KEY_TAG.fullmatch(header["tag"]):
             raise SerializationError("evaluation keys carry a malformed key tag (OpenFHE "
@@ -75,7 +75,21 @@ class EvaluationKeys:
 
     @property
     def size(self) -> int:
-        return sum(memoryview(p).nbytes for p in self.parts.values())
+        return sum(part_size(p) for p in self.parts.values())
+
+
+_ROTATION_PART = re.compile(r"rotation/-?[0-9]{1,9}")
+
+
+def _key_parts(names: set[str]) -> bool:
+    """The two part layouts of evaluation keys: one rotation key map (``mult``,
+    ``rotations``), or for a bootstrapped model the bootstrapping keys and one part per
+    rotation key (``mult``, ``bootstrap``, ``rotation/<k>``: loaded one by one); which
+    rotations must be there is the validator's check."""
+    if names == {"mult", "rotations"}:
+        return True
+    return {"mult", "bootstrap"} <= names and all(
+        _ROTATION_PART.fullmatch(n) for n in names - {"mult", "bootstrap"})
 
 
 @dataclass(frozen=True, repr=False)

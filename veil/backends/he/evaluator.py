@@ -20,7 +20,12 @@ from .layout import spread, tile
 
 
 class SlotEngine(Protocol):
-    """The narrow interface the evaluator needs from a CKKS implementation."""
+    """The narrow interface the evaluator needs from a CKKS implementation.
+
+    Optional: ``schedule_keys(layers)`` (the rotation keys of every layer in evaluation
+    order) and ``enter_layer(i)``, for an engine that loads rotation keys per layer
+    (``openfhe_engine.EvaluationSession`` for a bootstrapped model).
+    """
 
     slots: int
 
@@ -141,6 +146,10 @@ class PreparedDense:
             total = part if total is None else engine.add(total, part)
         return self._finish(engine, total, self.plan.fold_steps)
 
+    def keys(self) -> set[int]:
+        """The slot rotations (rotation keys) one evaluation of this layer uses."""
+        return {self._rot(r) for r in self.plan.rotations()} - {0}
+
     def _key(self, g2: int, g: int, r: int) -> tuple:
         """Cache key of one diagonal (the two-level form kept for two-level plans)."""
         return (self.name, g, r) if not self.plan.giant2 else (self.name, g2, g, r)
@@ -171,6 +180,8 @@ class Evaluator:
                 raise CompileError(f"{node.op.value} node {node.name!r} cannot run under HE")
         self._last_use = {src: n.name for n in graph.nodes for src in n.inputs
                           if src != graph.output}
+        # the rotation keys of each layer, in evaluation order
+        self.key_sets = [layer.keys() for layer in self.dense.values()]
 
     def weight_vectors(self):
         """(cache key, slot vector) of every weight the evaluation uses, in graph order."""
@@ -179,11 +190,19 @@ class Evaluator:
 
     def run(self, engine: SlotEngine, ct: Any) -> Any:
         values = {self.graph.input.name: ct}
+        schedule = getattr(engine, "schedule_keys", None)
+        enter = getattr(engine, "enter_layer", None)
+        if schedule is not None:
+            schedule(self.key_sets)
+        layer = 0
         for node in self.graph.nodes[1:]:
             args = [values[s] for s in node.inputs]
             if node.op is Op.GATHER:
                 out = args[0]  # the client encrypted the gathered vector (plan_he checks)
             elif node.op is Op.DENSE:
+                if enter is not None:
+                    enter(layer)
+                layer += 1
                 out = self.dense[node.name](engine, args[0])
             elif node.op is Op.SQUARE:
                 out = engine.square(args[0])

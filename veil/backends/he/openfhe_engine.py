@@ -28,6 +28,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import struct
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -43,6 +45,10 @@ import openfhe as ofhe  # noqa: E402
 from ...compiler.plan import CKKSParams
 from ...errors import (EngineError, KeyMismatchError, MissingKeyError, SerializationError,
                        VeilError)
+from ...wire import FilePart, part_size
+from .keycache import KeyCache
+from .keyparts import (BOOTSTRAP, copy_part, is_per_key, mapped, remove_tree, rotation_part,
+                       spool)
 from .native import KeyMapLock, release_native_memory
 from .validate import PayloadValidator, TemplateError, compile_checker, rotation_layout
 
@@ -52,6 +58,12 @@ _KEYMAPS = KeyMapLock()
 # this a layer's weights are encoded each time they are used (deep networks: hundreds
 # of ring-2^16 plaintexts per layer, several MiB each).
 PLAINTEXT_CACHE_BYTES = 2 << 30
+# A bootstrapped model's session spends its memory on keys instead (ResNet-20 at ring
+# 2^16: 6.8 GiB of bootstrapping keys and 4.3 GiB of bootstrap precomputations), and
+# holds at most DEFAULT_KEY_CACHE_BYTES of rotation keys at once (136 MiB a key, up to
+# 31 a layer; one part per key, loaded per layer: see .keycache).
+BOOT_PLAINTEXT_CACHE_BYTES = 256 << 20
+DEFAULT_KEY_CACHE_BYTES = 3 << 30
 OPENFHE_VERSION = getattr(ofhe, "__version__", "1.6.1.0.22.4")
 _SECURITY = {"HEStd_128_classic": ofhe.HEStd_128_classic,
              "HEStd_192_classic": ofhe.HEStd_192_classic,
@@ -64,12 +76,14 @@ _KEY_DISTS = {"UNIFORM_TERNARY": ofhe.UNIFORM_TERNARY,
               "SPARSE_ENCAPSULATED": ofhe.SPARSE_ENCAPSULATED}
 
 
-def build_context(params: CKKSParams):
+def build_context(params: CKKSParams, *, precompute: bool = True):
     """A CKKS CryptoContext for ``params``; raises EngineError if OpenFHE rejects them.
 
-    A bootstrapping context also gets OpenFHE's bootstrap precomputations (the encoded
-    CoeffsToSlots / SlotsToCoeffs matrices for ``params.slots`` slots): plaintext data
-    that the client needs to generate the bootstrapping keys and the server to use them.
+    A bootstrapping context gets OpenFHE's bootstrap setup for ``params.slots`` slots:
+    the rotation indices the client's key generation needs and, with ``precompute``,
+    the encoded CoeffsToSlots / SlotsToCoeffs matrices the server's bootstraps use
+    (4.3 GiB at ring 2^16 and 2^15 slots; without them one bootstrap took over 2
+    minutes instead of 12 s, measured). Only an evaluating context precomputes.
     """
     p = ofhe.CCParamsCKKSRNS()
     p.SetSecretKeyDist(_KEY_DISTS[params.key_dist])
@@ -94,16 +108,19 @@ def build_context(params: CKKSParams):
         cc.Enable(ofhe.FHE)
         native_call(EngineError, "OpenFHE rejected the bootstrapping parameters",
                     cc.EvalBootstrapSetup, list(params.boot_budget), [0, 0], params.slots,
-                    int(params.boot_correction), True, bool(params.boot_stc_first),
+                    int(params.boot_correction), bool(precompute),
+                    bool(params.boot_stc_first),
                     none_ok=True)
     return cc
 
 
-def _remove_tag(cc, tag: str) -> None:
-    """Drop one tag's keys from OpenFHE's global maps, keeping every other tag's."""
+def _remove_tag(cc, tag: str | set[str]) -> None:
+    """Drop one tag's (or a set of tags') keys from OpenFHE's global maps, keeping
+    every other tag's."""
+    tags = {tag} if isinstance(tag, str) else set(tag)
     with _KEYMAPS.write():
-        mult = {t: list(v) for t, v in cc.GetAllEvalMultKeys().items() if t != tag}
-        auto = {t: v for t, v in cc.GetAllEvalAutomorphismKeys().items() if t != tag}
+        mult = {t: list(v) for t, v in cc.GetAllEvalMultKeys().items() if t not in tags}
+        auto = {t: v for t, v in cc.GetAllEvalAutomorphismKeys().items() if t not in tags}
         ofhe.ClearEvalMultKeys()
         cc.ClearEvalAutomorphismKeys()
         for t, keys in mult.items():
@@ -163,11 +180,16 @@ def payload_validator(params: CKKSParams, rotations: list[int]) -> PayloadValida
     Generates a throwaway key pair with exactly these rotation keys (the code path of an
     honest :class:`ClientCrypto`), a fresh ciphertext and the evaluation keys, and keeps
     only their structure and hole descriptors (see :mod:`.validate`). Costs one client
-    key generation; build it once per model and pass it to every session.
+    key generation; build it once per model and pass it to every session. For a
+    bootstrapped model (keys one part per rotation) it generates one rotation key,
+    whose template serves every rotation index, and the bootstrapping keys, compiled
+    from their file: at most those are in memory at once.
     """
     rotations = sorted({int(r) for r in rotations})
+    per_key = params.bootstraps
     with ClientCrypto(params) as client:
-        parts = client.keygen(rotations)
+        probe = rotations[:1] or [1]
+        parts = client.keygen(probe if per_key else rotations)
         tag = client.tag
         indices = client.automorphism_indices
         zeros = np.zeros(params.slots)
@@ -177,37 +199,56 @@ def payload_validator(params: CKKSParams, rotations: list[int]) -> PayloadValida
         # brings its own, written out in full in every ciphertext.
         fresh = [client.encrypt(zeros),
                  WeightEncryptor(params, client.public_key_bytes()).encrypt(zeros)]
-    cc = build_context(params)
-    n = params.ring_dim
-    try:
-        ciphertexts = tuple(compile_checker("ciphertext", ct, tag, n) for ct in fresh)
-        q = 1
-        for m in set(ciphertexts[0].hole_moduli.tolist()):
-            q *= int(m)
-        if q != int(cc.GetElementParams().GetModulus()) or any(
-                len(c.hole_offsets) != 2 * (params.mult_depth + 1) for c in ciphertexts):
-            raise TemplateError("the ciphertext template's towers are not the context's")
-        mult = compile_checker("relinearization key", parts["mult"], tag, n)
-        rot = layout = None
+        cc = build_context(params, precompute=False)
+        n = params.ring_dim
         index = {r: int(cc.FindAutomorphismIndex(r)) for r in rotations}
-        if parts["rotations"]:
-            rot = compile_checker("rotation key map", parts["rotations"], tag, n)
-            try:
-                layout = rotation_layout(parts["rotations"], indices,
-                                         len(mult.hole_offsets), rot)
-            except TemplateError:
-                # bootstrap key maps mix entry sizes (the sparse-secret switching keys):
-                # the layout only names missing rotations in errors, so go without it
-                if not params.bootstraps:
-                    raise
-    except TemplateError as exc:
-        raise EngineError(f"cannot build payload checks for {params} with this OpenFHE "
-                          f"({OPENFHE_VERSION}): {exc}") from exc
-    boot = tuple(sorted(set(indices) - set(index.values()))) if params.bootstraps else ()
+        try:
+            ciphertexts = tuple(compile_checker("ciphertext", ct, tag, n) for ct in fresh)
+            q = 1
+            for m in set(ciphertexts[0].hole_moduli.tolist()):
+                q *= int(m)
+            if q != int(cc.GetElementParams().GetModulus()) or any(
+                    len(c.hole_offsets) != 2 * (params.mult_depth + 1) for c in ciphertexts):
+                raise TemplateError("the ciphertext template's towers are not the context's")
+            mult = compile_checker("relinearization key", parts["mult"], tag, n)
+            if per_key:
+                rot, at, boot = _per_key_checkers(cc, parts, probe[0], tag, n)
+                validator = PayloadValidator(
+                    (params, tuple(rotations)), ciphertexts, mult, None, index, None,
+                    tuple(indices), rotation_key=rot, rotation_at=at, boot=boot)
+            else:
+                rot, layout = _map_checkers(parts["rotations"], indices, mult, tag, n)
+                validator = PayloadValidator((params, tuple(rotations)), ciphertexts, mult,
+                                             rot, index, layout)
+        except TemplateError as exc:
+            raise EngineError(f"cannot build payload checks for {params} with this "
+                              f"OpenFHE ({OPENFHE_VERSION}): {exc}") from exc
     del parts, fresh
     release_native_memory()     # the throwaway keys: gone before the client's load
-    return PayloadValidator((params, tuple(rotations)), ciphertexts, mult, rot, index,
-                            layout, boot)
+    return validator
+
+
+def _map_checkers(blob: bytes, indices: list[int], mult, tag: str, n: int):
+    """Checker and layout of one rotation key map (models that do not bootstrap)."""
+    if not blob:
+        return None, None
+    rot = compile_checker("rotation key map", blob, tag, n)
+    return rot, rotation_layout(blob, indices, len(mult.hole_offsets), rot)
+
+
+def _per_key_checkers(cc, parts: dict, probe: int, tag: str, n: int):
+    """(rotation key checker, offset of its automorphism index, bootstrapping keys'
+    checker) from a throwaway key generation's files."""
+    data = parts[rotation_part(probe)].read()
+    rot = compile_checker("rotation key", data, tag, n)
+    head = struct.pack("<QI", 1, int(cc.FindAutomorphismIndex(probe)))
+    at = data.find(head)
+    if at < 0 or data.find(head, at + 1) >= 0:
+        raise TemplateError("unexpected rotation key layout")
+    del data
+    with mapped(parts[BOOTSTRAP].path) as view:
+        boot = compile_checker("bootstrapping keys", view, tag, n)
+    return rot, at + 8, boot
 
 
 class ClientCrypto:
@@ -215,10 +256,11 @@ class ClientCrypto:
 
     def __init__(self, params: CKKSParams) -> None:
         self.params = params
-        self.cc = build_context(params)
+        self.cc = build_context(params, precompute=False)    # it never bootstraps
         self._secret = None
         self._public = None
         self.automorphism_indices: list[int] = []   # of the last keygen's key map
+        self._spool: tempfile.TemporaryDirectory | None = None
 
     @property
     def tag(self) -> str:
@@ -234,7 +276,13 @@ class ClientCrypto:
 
         The evaluation keys leave OpenFHE's global maps right after serialization: the
         client never evaluates, and another session in this process must not find them.
+        A bootstrapped model's keys come one part per rotation key plus the
+        bootstrapping keys, each written to a private temporary file as soon as it is
+        made (:class:`~veil.wire.FilePart`; see :mod:`.keyparts`), so the client holds
+        at most the bootstrapping keys in memory at once.
         """
+        if self.params.bootstraps:
+            return self._keygen_parts(sorted({int(r) for r in rotations}))
         with _KEYMAPS.write():
             keys = self.cc.KeyGen()
             tag = keys.secretKey.GetKeyTag()
@@ -258,6 +306,43 @@ class ClientCrypto:
         self._secret, self._public = keys.secretKey, keys.publicKey
         parts = {"mult": bytes(mult), "rotations": bytes(rot)}
         del mult, rot
+        release_native_memory()
+        return parts
+
+    def _keygen_parts(self, rotations: list[int]) -> dict:
+        self.drop_key_files()
+        self._spool = tempfile.TemporaryDirectory(prefix="veil-keys-")
+        folder = self._spool.name
+
+        def write(name: str, tag: str) -> FilePart:
+            path = os.path.join(folder, name.replace("/", "_"))
+            keymap = self.cc.GetEvalAutomorphismKeyMap(tag)
+            native_call(EngineError, "evaluation keys could not be written",
+                        ofhe.SerializeToFile, path, keymap, ofhe.BINARY)
+            del keymap
+            _remove_tag(self.cc, tag)
+            release_native_memory()
+            return FilePart(path)
+
+        with _KEYMAPS.write():
+            keys = self.cc.KeyGen()
+            tag = keys.secretKey.GetKeyTag()
+            try:
+                self.cc.EvalMultKeyGen(keys.secretKey)
+                parts = {"mult": bytes(ofhe.Serialize(self.cc.GetEvalMultKeyVector(tag)[0],
+                                                      ofhe.BINARY))}
+                # rotation, conjugation and (sparse-encapsulated secrets) dense/sparse
+                # switching keys, all in the automorphism map under this tag
+                self.cc.EvalBootstrapKeyGen(keys.secretKey, self.params.slots)
+                self.automorphism_indices = sorted(
+                    int(i) for i in self.cc.GetExistingEvalAutomorphismKeyIndices(tag))
+                parts[BOOTSTRAP] = write(BOOTSTRAP, tag)
+                for r in rotations:
+                    self.cc.EvalRotateKeyGen(keys.secretKey, [r])
+                    parts[rotation_part(r)] = write(rotation_part(r), tag)
+            finally:
+                _remove_tag(self.cc, tag)
+        self._secret, self._public = keys.secretKey, keys.publicKey
         release_native_memory()
         return parts
 
@@ -292,8 +377,16 @@ class ClientCrypto:
         pt.SetLength(length)
         return np.array(pt.GetRealPackedValue()[:length], dtype=np.float64)
 
+    def drop_key_files(self) -> None:
+        """Remove the files of the last key generation's parts (once written out)."""
+        if self._spool is not None:
+            self._spool.cleanup()
+            self._spool = None
+
     def close(self) -> None:
+        """Forget the key pair and remove the key files of the last key generation."""
         self._secret = self._public = None
+        self.drop_key_files()
 
     def __enter__(self) -> "ClientCrypto":
         return self
@@ -311,7 +404,7 @@ class WeightEncryptor:
     """Model owner's side of encrypted weights: encrypts under a client's public key."""
 
     def __init__(self, params: CKKSParams, public_key: bytes) -> None:
-        self.cc = build_context(params)
+        self.cc = build_context(params, precompute=False)
         self._public = native_call(SerializationError, "public key bytes could not be "
                                    "decoded", ofhe.DeserializePublicKeyString, public_key,
                                    ofhe.BINARY)
@@ -341,10 +434,14 @@ class EvaluationSession:
 
     def __init__(self, params: CKKSParams, tag: str, key_parts: dict[str, bytes],
                  rotations: list[int], *, validator: PayloadValidator | None = None,
-                 native_tag: str | None = None) -> None:
+                 native_tag: str | None = None,
+                 key_cache_bytes: int = DEFAULT_KEY_CACHE_BYTES) -> None:
         self.params, self.tag, self.slots = params, tag, params.slots
         self.native_tag = tag if native_tag is None else native_tag
         self._closed = True             # nothing to remove from OpenFHE's maps yet
+        self._keys: KeyCache | None = None
+        self._rotation_tags: dict[int, str] = {}
+        self._folder: str | None = None
         if validator is None:
             validator = payload_validator(params, rotations)
         if validator.params_key != (params, tuple(sorted({int(r) for r in rotations}))):
@@ -353,40 +450,47 @@ class EvaluationSession:
         self._validator = validator
         if not isinstance(key_parts, dict):
             raise SerializationError("evaluation keys must be a dict of byte strings")
+        if validator.per_key != is_per_key(key_parts):
+            raise SerializationError("these evaluation keys are not laid out for this "
+                                     "model (one part per rotation key for a model that "
+                                     "bootstraps, one key map otherwise)")
         validator.check_eval_keys(key_parts, tag)
         self.cc = build_context(params)
         self._plaintexts: dict[tuple, Any] = {}
         self._cached_bytes = 0
+        self._plaintext_cap = (BOOT_PLAINTEXT_CACHE_BYTES if validator.per_key
+                               else PLAINTEXT_CACHE_BYTES)
         self._weights: dict[str, Any] | None = None
-        native = self.native_tag
         with _KEYMAPS.write():
-            if native in self.cc.GetAllEvalMultKeys():
+            if self.native_tag in self.cc.GetAllEvalMultKeys():
                 raise KeyMismatchError("these evaluation keys are already loaded by another "
                                        "session; open one session per key set")
-            decode = "evaluation key bytes could not be decoded"
-            # the binding takes bytes: a view of a mapped key file is copied once here
-            mult = native_call(SerializationError, decode, ofhe.DeserializeEvalKeyString,
-                               bytes(key_parts["mult"]), ofhe.BINARY)
-            rot = key_parts.get("rotations")
-            auto = (native_call(SerializationError, decode, ofhe.DeserializeEvalKeyMapString,
-                                bytes(rot), ofhe.BINARY)
-                    if rot is not None and memoryview(rot).nbytes else None)
-            del rot
             self._closed = False
-            try:
-                native_call(SerializationError, "evaluation keys could not be loaded",
-                            self.cc.InsertEvalMultKey, [mult], native, none_ok=True)
-                if auto is not None:
-                    native_call(SerializationError, "evaluation keys could not be loaded",
-                                self.cc.InsertEvalAutomorphismKey, auto, native, none_ok=True)
-                present = (set(native_call(EngineError, "rotation keys could not be listed",
-                                           self.cc.GetExistingEvalAutomorphismKeyIndices,
-                                           native)) if auto else set())
-            except VeilError:
-                self.close()
-                raise
-        self._rotations = {int(r) for r in rotations
-                           if self.cc.FindAutomorphismIndex(int(r)) in present}
+        try:
+            if validator.per_key:
+                auto = self._load_bootstrap_keys(key_parts[BOOTSTRAP])
+            else:
+                rot = key_parts.get("rotations")
+                auto = (self._decode_keys(bytes(rot), ofhe.DeserializeEvalKeyMapString)
+                        if rot is not None and memoryview(rot).nbytes else None)
+                del rot
+            mult = self._decode_keys(bytes(key_parts["mult"]), ofhe.DeserializeEvalKeyString)
+            present = self._insert(mult, auto)
+            del auto, mult
+        except VeilError:
+            self.close()
+            raise
+        if validator.per_key:
+            # rotation keys stay in their parts (copied, checked and decoded when a layer
+            # needs them, each under its own native tag: see _load_rotation)
+            self._parts = {int(r): key_parts[rotation_part(r)] for r in rotations}
+            self._rotations = set(self._parts)
+            self._keys = KeyCache(key_cache_bytes, lambda k: part_size(self._parts[k]),
+                                  self._load_rotation, self._drop_rotation)
+            present |= set(validator.rotation_index.values())   # checked: exact templates
+        else:
+            self._rotations = {int(r) for r in rotations
+                               if self.cc.FindAutomorphismIndex(int(r)) in present}
         missing = sorted(set(int(r) for r in rotations) - self._rotations)
         if missing:
             self.close()
@@ -396,6 +500,80 @@ class EvaluationSession:
             self.close()
             raise MissingKeyError("the evaluation keys lack the bootstrapping keys; "
                                   "regenerate them from this model's client bundle")
+
+    @staticmethod
+    def _decode_keys(data: bytes, decoder):
+        return native_call(SerializationError, "evaluation key bytes could not be decoded",
+                           decoder, data, ofhe.BINARY)
+
+    def _insert(self, mult, auto) -> set[int]:
+        """Put the relinearization key and a key map under the native tag; the
+        automorphism indices now there."""
+        native = self.native_tag
+        with _KEYMAPS.write():
+            native_call(SerializationError, "evaluation keys could not be loaded",
+                        self.cc.InsertEvalMultKey, [mult], native, none_ok=True)
+            if auto is None:
+                return set()
+            native_call(SerializationError, "evaluation keys could not be loaded",
+                        self.cc.InsertEvalAutomorphismKey, auto, native, none_ok=True)
+            return set(native_call(EngineError, "rotation keys could not be listed",
+                                   self.cc.GetExistingEvalAutomorphismKeyIndices, native))
+
+    def _load_bootstrap_keys(self, part):
+        """Spool the bootstrapping keys to a private file, check that copy, and let
+        OpenFHE read it: decoding GiB from bytes would hold them three times."""
+        self._folder = tempfile.mkdtemp(prefix="veil-session-")
+        path = os.path.join(self._folder, BOOTSTRAP)
+        spool(part, path)
+        with mapped(path) as view:
+            self._validator.boot.check(view, self.tag)
+        keymap, ok = native_call(SerializationError, "bootstrapping keys could not be "
+                                 "decoded", ofhe.DeserializeEvalKeyMap, path, ofhe.BINARY)
+        os.unlink(path)
+        if not ok:
+            raise SerializationError("bootstrapping keys could not be decoded")
+        return keymap
+
+    def _rotation_tag(self, k: int) -> str:
+        tag = self._rotation_tags.get(k)
+        if tag is None:
+            tag = native_tag(f"{self.native_tag}/rotation/{k}", self.native_tag)
+            self._rotation_tags[k] = tag
+        return tag
+
+    def _load_rotation(self, k: int) -> None:
+        self._check_open()
+        data = copy_part(self._parts[k])
+        self._validator.check_rotation(k, data, self.tag)
+        keymap = self._decode_keys(data, ofhe.DeserializeEvalKeyMapString)
+        del data
+        with _KEYMAPS.write():
+            native_call(SerializationError, "a rotation key could not be loaded",
+                        self.cc.InsertEvalAutomorphismKey, keymap, self._rotation_tag(k),
+                        none_ok=True)
+
+    def _drop_rotation(self, k: int) -> None:
+        _remove_tag(self.cc, self._rotation_tag(k))
+        release_native_memory()
+
+    # -- key schedule (rotation keys loaded per layer) --------------------------------------
+    def schedule_keys(self, layers: list[set[int]]) -> None:
+        """The rotation keys of each layer in evaluation order (see :mod:`.keycache`)."""
+        if self._keys is not None:
+            self._keys.schedule(layers)
+
+    def enter_layer(self, index: int) -> None:
+        if self._keys is not None:
+            self._keys.enter(index)
+
+    @property
+    def key_stats(self) -> dict:
+        """Rotation keys loaded so far and the most key bytes held at once."""
+        if self._keys is None:
+            return {"loads": 0, "peak_bytes": 0, "per_key": False}
+        return {"loads": self._keys.loads, "peak_bytes": self._keys.peak, "per_key": True,
+                "capacity_bytes": self._keys.capacity}
 
     # -- ciphertext I/O -------------------------------------------------------------------
     def _decode(self, data: bytes, what: str):
@@ -464,7 +642,7 @@ class EvaluationSession:
                                              like.GetNoiseScaleDeg(), like.GetLevel())
         # NTT form: one ring-size vector of 8-byte words per remaining modulus
         size = self.params.ring_dim * 8 * (self.params.mult_depth + 1 - like.GetLevel())
-        if key is not None and self._cached_bytes + size <= PLAINTEXT_CACHE_BYTES:
+        if key is not None and self._cached_bytes + size <= self._plaintext_cap:
             self._plaintexts[key] = pt
             self._cached_bytes += size
         return pt
@@ -496,13 +674,34 @@ class EvaluationSession:
 
     def rotate(self, a, k):
         self._require_rotation(k)
-        return self._native(self.cc.EvalRotate, a, int(k))
+        if self._keys is None:
+            return self._native(self.cc.EvalRotate, a, int(k))
+        self._keys.require([int(k)])
+        return self._under(int(k), self.cc.EvalRotate, a, int(k))
 
     def rotate_hoisted(self, a, ks):
         for k in ks:
             self._require_rotation(k)
+        if self._keys is not None:
+            self._keys.require([int(k) for k in ks])
         digits = self._native(self.cc.EvalFastRotationPrecompute, a)
-        return {k: self._native(self.cc.EvalFastRotation, a, int(k), digits) for k in ks}
+        if self._keys is None:
+            return {k: self._native(self.cc.EvalFastRotation, a, int(k), digits)
+                    for k in ks}
+        return {k: self._under(int(k), self.cc.EvalFastRotation, a, int(k), digits)
+                for k in ks}
+
+    def _under(self, k: int, fn, a, *args):
+        """``fn(a, *args)`` with ``a`` tagged as rotation key ``k``'s own native tag
+        (each loaded rotation key sits alone under one), the result tagged back."""
+        tag = self._rotation_tag(k)
+        a.SetKeyTag(tag)
+        try:
+            out = self._native(fn, a, *args)
+        finally:
+            a.SetKeyTag(self.native_tag)
+        out.SetKeyTag(self.native_tag)
+        return out
 
     def square(self, a):
         return self._native(self.cc.EvalSquare, a)
@@ -547,8 +746,13 @@ class EvaluationSession:
             self._closed = True
             self._plaintexts.clear()
             self._cached_bytes = 0
-            _remove_tag(self.cc, self.native_tag)
+            if self._keys is not None:
+                self._keys = None
+            _remove_tag(self.cc, {self.native_tag, *self._rotation_tags.values()})
             release_native_memory()
+        if self._folder is not None:
+            remove_tree(self._folder)
+            self._folder = None
 
     def __enter__(self) -> "EvaluationSession":
         return self

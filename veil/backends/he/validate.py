@@ -26,13 +26,15 @@ the expected tag, or whose coefficient words reach their tower's modulus.
 from __future__ import annotations
 
 import hmac
+import mmap
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ...errors import KeyMismatchError, MissingKeyError, SerializationError
+from .keyparts import BOOTSTRAP, copy_part, readable, rotation_part
 
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
@@ -65,7 +67,7 @@ class BlobChecker:
         """Raise SerializationError (KeyMismatchError for a foreign tag) unless ``data``
         is structurally the template with valid coefficients and ``tag`` in every tag
         place. Reads only; allocates at most one tower's comparison at a time."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
+        if not isinstance(data, (bytes, bytearray, memoryview, mmap.mmap)):
             raise SerializationError(f"the {self.what} must be bytes")
         view = memoryview(data)
         if view.nbytes != self.length:
@@ -94,6 +96,20 @@ class BlobChecker:
             if int(words.max()) >= modulus:
                 raise SerializationError(f"the {self.what} has a coefficient at or above "
                                          "its modulus: it is corrupt")
+
+
+    def with_bytes(self, offset: int, data: bytes) -> "BlobChecker":
+        """This checker expecting ``data`` at ``offset`` (inside a structure segment):
+        the template of one rotation key serves every rotation index."""
+        segments, hit = [], False
+        for start, expected in self.segments:
+            if start <= offset and offset + len(data) <= start + len(expected):
+                at = offset - start
+                expected, hit = expected[:at] + data + expected[at + len(data):], True
+            segments.append((start, expected))
+        if not hit:
+            raise TemplateError(f"offset {offset} is not structure in the {self.what}")
+        return replace(self, segments=tuple(segments))
 
 
 def _first_difference(view: memoryview, offset: int, expected: bytes) -> int:
@@ -233,6 +249,24 @@ class PayloadValidator:
     rotation_index: dict[int, int]      # rotation -> automorphism index
     rotation_layout: RotationLayout | None
     bootstrap_indices: tuple[int, ...] = ()   # automorphism indices of bootstrap keys
+    # bootstrapped models: keys one part per rotation (see .keyparts), checked against
+    # one rotation key's template with its automorphism index (a u32 at rotation_at)
+    # replaced, and the bootstrapping keys' own template
+    rotation_key: BlobChecker | None = None
+    rotation_at: int = 0
+    boot: BlobChecker | None = None
+
+    @property
+    def per_key(self) -> bool:
+        return self.boot is not None
+
+    def check_rotation(self, k: int, data: bytes, tag: str) -> None:
+        """Refuse ``data`` unless it is exactly the rotation key for slot rotation
+        ``k`` of these parameters under ``tag`` (a map with that one key)."""
+        index = self.rotation_index.get(int(k))
+        if index is None or self.rotation_key is None:
+            raise SerializationError(f"this model uses no rotation key {k}")
+        self.rotation_key.with_bytes(self.rotation_at, _U32.pack(index)).check(data, tag)
 
     def check_ciphertext(self, data: bytes, tag: str) -> None:
         """Refuse a ciphertext that is not a fresh level-0 one of these parameters
@@ -253,6 +287,9 @@ class PayloadValidator:
         """Refuse evaluation keys that are not exactly a relinearization key and the
         manifest's rotation keys of these parameters under key tag ``tag``. Missing
         rotation keys raise MissingKeyError naming them."""
+        if self.per_key:
+            self._check_per_key(parts, tag)
+            return
         if not isinstance(parts, dict) or set(parts) - {"mult", "rotations"} \
                 or "mult" not in parts:
             raise SerializationError("evaluation keys need exactly the parts 'mult' and "
@@ -269,6 +306,27 @@ class PayloadValidator:
         if memoryview(blob).nbytes != self.rotations.length:
             self._explain_missing(bytes(blob))
         self.rotations.check(blob, tag)
+
+    def _check_per_key(self, parts: dict, tag: str) -> None:
+        if not isinstance(parts, dict) or "mult" not in parts:
+            raise SerializationError("evaluation keys need a 'mult' part")
+        if BOOTSTRAP not in parts:
+            raise MissingKeyError("the evaluation keys lack the bootstrapping keys; "
+                                  "regenerate them from this model's client bundle")
+        wanted = {rotation_part(k): k for k in self.rotation_index}
+        missing = sorted(k for name, k in wanted.items() if name not in parts)
+        if missing:
+            raise MissingKeyError(f"the evaluation keys lack rotation keys for {missing}; "
+                                  "regenerate them from this model's client bundle")
+        extra = sorted(set(parts) - set(wanted) - {"mult", BOOTSTRAP})
+        if extra:
+            raise SerializationError(f"the evaluation keys have parts this model does not "
+                                     f"use: {extra[:5]}")
+        self.mult.check(parts["mult"], tag)
+        for name, k in wanted.items():
+            self.check_rotation(k, copy_part(parts[name]), tag)
+        with readable(parts[BOOTSTRAP]) as view:
+            self.boot.check(view, tag)
 
     def _explain_missing(self, blob: bytes) -> None:
         present = set(self.rotation_layout.present(blob) or []) if blob \
