@@ -22,6 +22,9 @@ CIPHERTEXT_KIND = "veil-ciphertext"
 # OpenFHE key tags are 128 random bits as lowercase hex; anything else in a header is
 # refused before it reaches a log line, a file name or OpenFHE's key maps.
 _KEY_TAG = re.compile(r"[0-9a-f]{32}")
+# A key file the server maps from its own disk (ResNet-20's: 17.3 GB); envelopes held
+# in memory keep wire's 16 GiB bound.
+MAX_KEY_FILE = 1 << 36
 
 
 @dataclass(frozen=True)
@@ -57,14 +60,15 @@ class EvaluationKeys:
             if os.fstat(f.fileno()).st_size == 0:
                 raise SerializationError("the evaluation key file is empty")
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return cls.from_bytes(memoryview(mapped), copy=False)
+        return cls.from_bytes(memoryview(mapped), copy=False, max_size=MAX_KEY_FILE)
 
     @classmethod
-    def from_bytes(cls, blob: bytes, *, copy: bool = True) -> "EvaluationKeys":
+    def from_bytes(cls, blob: bytes, *, copy: bool = True,
+                   max_size: int = 1 << 34) -> "EvaluationKeys":
         if isinstance(blob, SecretKey) or peek_kind(blob) == SECRET_KEY_KIND:
             raise KeyTypeError("a secret key was offered where evaluation keys belong; "
                                "servers never accept secret keys")
-        header, parts = unpack(blob, EVAL_KEYS_KIND, copy=copy)
+        header, parts = unpack(blob, EVAL_KEYS_KIND, copy=copy, max_size=max_size)
         if not _key_parts(set(parts)) or not isinstance(header.get("tag"), str):
             raise SerializationError("evaluation keys are missing parts")
         if not _KEY_TAG.fullmatch(header["tag"]):

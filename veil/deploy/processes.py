@@ -85,7 +85,7 @@ def _text(address: tuple[str, int]) -> str:
 
 
 # libgomp's spin before an idle OpenMP thread sleeps; read once, when the runtime loads
-# (see backends/he/openfhe_engine.py). The user's own setting wins.
+# (see backends/he/openfhe_native.py). The user's own setting wins.
 GOMP_SPINCOUNT = "1000"
 
 

@@ -12,7 +12,7 @@ Guarantees:
 
 * One lock per session: a ServerSession is never used by two threads at once.
 * OpenFHE's process-wide key maps are guarded by the engine itself (a readers-writer
-  lock in ``backends/he/openfhe_engine.py``); here one lock makes "is this key set
+  lock in ``backends/he/openfhe_native.py``); here one lock makes "is this key set
   loaded already? then load it" a single step.
 * OpenFHE allows one loaded key set per tag: loading a session whose keys are already
   loaded under another session id (the same keys uploaded twice) unloads that one.

@@ -13,7 +13,7 @@ import os
 import shutil
 
 from ...errors import SerializationError
-from ...wire import FilePart
+from ...wire import FilePart, release_pages
 
 BOOTSTRAP = "bootstrap"
 _CHUNK = 1 << 24
@@ -31,14 +31,6 @@ def rotation_parts(rotations) -> set[str]:
 def is_per_key(parts: dict) -> bool:
     """Whether evaluation keys come one part per rotation key (bootstrapped models)."""
     return BOOTSTRAP in parts
-
-
-def release_pages(part) -> None:
-    """Drop the pages of a mapped key file from this process's memory once a part was
-    read (the kernel's page cache keeps them); no-op for bytes in memory."""
-    base = part.obj if isinstance(part, memoryview) else None
-    if isinstance(base, mmap.mmap) and not base.closed:
-        base.madvise(mmap.MADV_DONTNEED)
 
 
 def copy_part(part) -> bytes:

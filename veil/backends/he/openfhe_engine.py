@@ -1,59 +1,51 @@
-"""The only module that imports OpenFHE. Everything else talks to the classes here.
+"""The server's side of CKKS: :class:`EvaluationSession` holds one client's
+evaluation keys (never a secret key) and performs the homomorphic operations the
+evaluator asks for.
 
-Roles are separate classes: :class:`ClientCrypto` owns a key pair (and so the secret
-key), :class:`EvaluationSession` owns only evaluation keys and evaluates. Both build
-their CryptoContext from :class:`~veil.compiler.plan.CKKSParams`.
-
-OpenFHE keeps evaluation keys in process-wide maps keyed by the secret key's tag.
-Each object here inserts its keys under its own tag and removes exactly those on
-``close()``. The maps are native global state shared by all sessions in the process,
-and OpenFHE releases the GIL while it computes, so ``_KEYMAPS`` is a readers-writer
-lock: every native evaluation reads them (shared), and inserting or removing keys
-(key generation, loading a session, closing one) writes them (exclusive).
+Roles are separate classes: :class:`~.openfhe_client.ClientCrypto` owns a key pair
+(and so the secret key), :class:`EvaluationSession` owns only evaluation keys and
+evaluates. Both build their CryptoContext from
+:class:`~veil.compiler.plan.CKKSParams` (:func:`~.openfhe_native.build_context`). This
+module re-exports the client side's names, so ``openfhe_engine`` is the one import
+for callers.
 
 Untrusted bytes: every ciphertext and evaluation key an :class:`EvaluationSession`
 deserializes was first checked by a :class:`~veil.backends.he.validate.PayloadValidator`
 (see :func:`payload_validator`), so OpenFHE's deserializers only ever see bytes laid
-out exactly like the server's own payloads. Every exception the binding raises, and
-its ``None`` returns, become veil errors in :func:`native_call`: SerializationError
-while decoding, EngineError while evaluating.
+out exactly like the server's own payloads.
 
 Key tags: a session may insert its keys under a *native* tag other than the client's
 (``native_tag``, see :func:`native_tag`), so one client cannot name another's keys in
 OpenFHE's process-wide maps. Ciphertexts must carry the client's tag; they are re-tagged
-after decoding, and outputs carry the client's tag again.
+after decoding, and outputs carry the client's tag again. A bootstrapped model's
+rotation keys are loaded one at a time, each under a tag of its own (see
+:meth:`EvaluationSession._under`).
 """
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
-import struct
 import tempfile
 from typing import Any
 
 import numpy as np
 
-# libgomp reads its spin policy once, when it loads with OpenFHE. Its default spins idle
-# threads for ~300k iterations: with two OpenFHE processes on a 2-core machine a rotation
-# took 176 ms instead of 23 ms (bench/engine_ops.py); a short spin keeps the
-# single-process speed. Only a default: an explicit setting by the user wins.
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-
-import openfhe as ofhe  # noqa: E402
-
-from ...compiler.plan import CKKSParams
 from ...errors import (EngineError, KeyMismatchError, MissingKeyError, SerializationError,
                        VeilError)
-from ...wire import FilePart, part_size
+from ...wire import part_size
 from .keycache import KeyCache
 from .keyparts import (BOOTSTRAP, copy_part, is_per_key, mapped, remove_tree, rotation_part,
                        spool)
-from .native import KeyMapLock, release_native_memory
-from .validate import PayloadValidator, TemplateError, compile_checker, rotation_layout
+from .native import release_native_memory
+from .openfhe_client import (ClientCrypto, WeightEncryptor, payload_validator,  # noqa: F401
+                             weight_key)
+from .openfhe_native import (_KEYMAPS, OPENFHE_VERSION, CKKSParams,  # noqa: F401
+                             _remove_tag, build_context, deserialize_ciphertext,
+                             native_call, native_tag, ofhe, serialize_ciphertext)
+from .validate import PayloadValidator
 
-log = logging.getLogger(__name__)
-_KEYMAPS = KeyMapLock()
+__all__ = ["ClientCrypto", "EvaluationSession", "OPENFHE_VERSION", "WeightEncryptor",
+           "build_context", "deserialize_ciphertext", "native_call", "native_tag",
+           "payload_validator", "serialize_ciphertext", "weight_key"]
 # Plaintext weights a session keeps encoded (per level) for its next requests; beyond
 # this a layer's weights are encoded each time they are used (deep networks: hundreds
 # of ring-2^16 plaintexts per layer, several MiB each).
@@ -64,358 +56,6 @@ PLAINTEXT_CACHE_BYTES = 2 << 30
 # 31 a layer; one part per key, loaded per layer: see .keycache).
 BOOT_PLAINTEXT_CACHE_BYTES = 256 << 20
 DEFAULT_KEY_CACHE_BYTES = 3 << 30
-OPENFHE_VERSION = getattr(ofhe, "__version__", "1.6.1.0.22.4")
-_SECURITY = {"HEStd_128_classic": ofhe.HEStd_128_classic,
-             "HEStd_192_classic": ofhe.HEStd_192_classic,
-             "HEStd_256_classic": ofhe.HEStd_256_classic,
-             "HEStd_NotSet": ofhe.HEStd_NotSet}
-
-
-_KEY_DISTS = {"UNIFORM_TERNARY": ofhe.UNIFORM_TERNARY,
-              "SPARSE_TERNARY": ofhe.SPARSE_TERNARY,
-              "SPARSE_ENCAPSULATED": ofhe.SPARSE_ENCAPSULATED}
-
-
-def build_context(params: CKKSParams, *, precompute: bool = True):
-    """A CKKS CryptoContext for ``params``; raises EngineError if OpenFHE rejects them.
-
-    A bootstrapping context gets OpenFHE's bootstrap setup for ``params.slots`` slots:
-    the rotation indices the client's key generation needs and, with ``precompute``,
-    the encoded CoeffsToSlots / SlotsToCoeffs matrices the server's bootstraps use
-    (4.3 GiB at ring 2^16 and 2^15 slots; without them one bootstrap took over 2
-    minutes instead of 12 s, measured). Only an evaluating context precomputes.
-    """
-    p = ofhe.CCParamsCKKSRNS()
-    p.SetSecretKeyDist(_KEY_DISTS[params.key_dist])
-    p.SetMultiplicativeDepth(params.mult_depth)
-    p.SetScalingModSize(params.scaling_bits)
-    p.SetFirstModSize(params.first_mod_bits)
-    p.SetSecurityLevel(_SECURITY[params.security])
-    p.SetScalingTechnique(ofhe.FLEXIBLEAUTO)
-    p.SetKeySwitchTechnique(ofhe.HYBRID)
-    p.SetNumLargeDigits(params.num_large_digits)
-    p.SetRingDim(params.ring_dim)
-    p.SetBatchSize(params.slots)
-    try:
-        cc = ofhe.GenCryptoContext(p)
-    except RuntimeError as exc:
-        raise EngineError(f"OpenFHE rejected the CKKS parameters {params}: {exc}") from exc
-    if cc.GetRingDimension() != params.ring_dim:
-        raise EngineError(f"OpenFHE chose ring {cc.GetRingDimension()} for {params}")
-    for feature in (ofhe.PKE, ofhe.KEYSWITCH, ofhe.LEVELEDSHE, ofhe.ADVANCEDSHE):
-        cc.Enable(feature)
-    if params.bootstraps:
-        cc.Enable(ofhe.FHE)
-        native_call(EngineError, "OpenFHE rejected the bootstrapping parameters",
-                    cc.EvalBootstrapSetup, list(params.boot_budget), [0, 0], params.slots,
-                    int(params.boot_correction), bool(precompute),
-                    bool(params.boot_stc_first),
-                    none_ok=True)
-    return cc
-
-
-def _remove_tag(cc, tag: str | set[str]) -> None:
-    """Drop one tag's (or a set of tags') keys from OpenFHE's global maps, keeping
-    every other tag's."""
-    tags = {tag} if isinstance(tag, str) else set(tag)
-    with _KEYMAPS.write():
-        mult = {t: list(v) for t, v in cc.GetAllEvalMultKeys().items() if t not in tags}
-        auto = {t: v for t, v in cc.GetAllEvalAutomorphismKeys().items() if t not in tags}
-        ofhe.ClearEvalMultKeys()
-        cc.ClearEvalAutomorphismKeys()
-        for t, keys in mult.items():
-            cc.InsertEvalMultKey(keys, t)
-        for t, keymap in auto.items():
-            cc.InsertEvalAutomorphismKey(keymap, t)
-
-
-# Everything the pybind11 binding raises for a native failure: std::exception ->
-# RuntimeError, std::bad_alloc -> MemoryError, std::length_error/invalid_argument ->
-# ValueError, std::out_of_range -> IndexError, overflowing conversions -> OverflowError,
-# argument mismatches -> TypeError, an error while an error was set -> SystemError.
-_NATIVE_ERRORS = (RuntimeError, ValueError, TypeError, MemoryError, OverflowError,
-                  IndexError, SystemError, KeyError)
-
-
-def native_call(error: type[VeilError], message: str, fn, *args, none_ok: bool = False):
-    """``fn(*args)`` with every binding exception (and, unless ``none_ok``, a ``None``
-    result) raised as ``error(message)``; the native text goes to the chained cause and
-    the debug log, not into the message for decoding errors."""
-    try:
-        out = fn(*args)
-    except VeilError:
-        raise
-    except _NATIVE_ERRORS as exc:
-        log.debug("native %s failed: %r", getattr(fn, "__name__", fn), exc)
-        detail = f": {exc}" if error is EngineError else ""
-        raise error(f"{message}{detail}") from exc
-    if out is None and not none_ok:     # some malformed inputs give None, no error
-        raise error(message)
-    return out
-
-
-def serialize_ciphertext(ct) -> bytes:
-    return bytes(native_call(EngineError, "ciphertext could not be serialized",
-                             ofhe.Serialize, ct, ofhe.BINARY))
-
-
-def deserialize_ciphertext(data: bytes):
-    """Decode a ciphertext. Servers call this only on validated bytes."""
-    return native_call(SerializationError, "ciphertext bytes could not be decoded",
-                       ofhe.DeserializeCiphertextString, data, ofhe.BINARY)
-
-
-def native_tag(namespace: str, client_tag: str) -> str:
-    """The tag a namespaced session's keys get in OpenFHE's maps: SHA-256 of the
-    namespace and the client's tag, as lowercase hex of the client tag's length (the
-    alphabet and length of OpenFHE's own tags)."""
-    digest = hashlib.sha256(b"veil-openfhe-tag\0" + namespace.encode("utf-8") + b"\0"
-                            + client_tag.encode("utf-8")).hexdigest()
-    return digest[:max(1, min(len(client_tag), len(digest)))]
-
-
-def payload_validator(params: CKKSParams, rotations: list[int]) -> PayloadValidator:
-    """Compile the checkers of client payloads for ``params`` and ``rotations``.
-
-    Generates a throwaway key pair with exactly these rotation keys (the code path of an
-    honest :class:`ClientCrypto`), a fresh ciphertext and the evaluation keys, and keeps
-    only their structure and hole descriptors (see :mod:`.validate`). Costs one client
-    key generation; build it once per model and pass it to every session. For a
-    bootstrapped model (keys one part per rotation) it generates one rotation key,
-    whose template serves every rotation index, and the bootstrapping keys, compiled
-    from their file: at most those are in memory at once.
-    """
-    rotations = sorted({int(r) for r in rotations})
-    per_key = params.bootstraps
-    with ClientCrypto(params) as client:
-        probe = rotations[:1] or [1]
-        parts = client.keygen(probe if per_key else rotations)
-        tag = client.tag
-        indices = client.automorphism_indices
-        zeros = np.zeros(params.slots)
-        # Two honest layouts: a key pair generated in this context shares its ring
-        # parameters with the context (cereal writes references); a public key decoded
-        # from bytes (ModelClient.load_secret_key, the model owner's WeightEncryptor)
-        # brings its own, written out in full in every ciphertext.
-        fresh = [client.encrypt(zeros),
-                 WeightEncryptor(params, client.public_key_bytes()).encrypt(zeros)]
-        cc = build_context(params, precompute=False)
-        n = params.ring_dim
-        index = {r: int(cc.FindAutomorphismIndex(r)) for r in rotations}
-        try:
-            ciphertexts = tuple(compile_checker("ciphertext", ct, tag, n) for ct in fresh)
-            q = 1
-            for m in set(ciphertexts[0].hole_moduli.tolist()):
-                q *= int(m)
-            if q != int(cc.GetElementParams().GetModulus()) or any(
-                    len(c.hole_offsets) != 2 * (params.mult_depth + 1) for c in ciphertexts):
-                raise TemplateError("the ciphertext template's towers are not the context's")
-            mult = compile_checker("relinearization key", parts["mult"], tag, n)
-            if per_key:
-                rot, at, boot = _per_key_checkers(cc, parts, probe[0], tag, n)
-                validator = PayloadValidator(
-                    (params, tuple(rotations)), ciphertexts, mult, None, index, None,
-                    tuple(indices), rotation_key=rot, rotation_at=at, boot=boot)
-            else:
-                rot, layout = _map_checkers(parts["rotations"], indices, mult, tag, n)
-                validator = PayloadValidator((params, tuple(rotations)), ciphertexts, mult,
-                                             rot, index, layout)
-        except TemplateError as exc:
-            raise EngineError(f"cannot build payload checks for {params} with this "
-                              f"OpenFHE ({OPENFHE_VERSION}): {exc}") from exc
-    del parts, fresh
-    release_native_memory()     # the throwaway keys: gone before the client's load
-    return validator
-
-
-def _map_checkers(blob: bytes, indices: list[int], mult, tag: str, n: int):
-    """Checker and layout of one rotation key map (models that do not bootstrap)."""
-    if not blob:
-        return None, None
-    rot = compile_checker("rotation key map", blob, tag, n)
-    return rot, rotation_layout(blob, indices, len(mult.hole_offsets), rot)
-
-
-def _per_key_checkers(cc, parts: dict, probe: int, tag: str, n: int):
-    """(rotation key checker, offset of its automorphism index, bootstrapping keys'
-    checker) from a throwaway key generation's files."""
-    data = parts[rotation_part(probe)].read()
-    rot = compile_checker("rotation key", data, tag, n)
-    head = struct.pack("<QI", 1, int(cc.FindAutomorphismIndex(probe)))
-    at = data.find(head)
-    if at < 0 or data.find(head, at + 1) >= 0:
-        raise TemplateError("unexpected rotation key layout")
-    del data
-    with mapped(parts[BOOTSTRAP].path) as view:
-        boot = compile_checker("bootstrapping keys", view, tag, n)
-    return rot, at + 8, boot
-
-
-class ClientCrypto:
-    """Key owner: generates keys, encrypts, decrypts. Holds the secret key in memory."""
-
-    def __init__(self, params: CKKSParams) -> None:
-        self.params = params
-        self.cc = build_context(params, precompute=False)    # it never bootstraps
-        self._secret = None
-        self._public = None
-        self.automorphism_indices: list[int] = []   # of the last keygen's key map
-        self._spool: tempfile.TemporaryDirectory | None = None
-
-    @property
-    def tag(self) -> str:
-        self._require_keys()
-        return self._secret.GetKeyTag()
-
-    def _require_keys(self) -> None:
-        if self._secret is None:
-            raise MissingKeyError("no keys yet: call keygen() or load a secret key first")
-
-    def keygen(self, rotations: list[int]) -> dict[str, bytes]:
-        """Generate a key pair and exactly the listed rotation keys; return them serialized.
-
-        The evaluation keys leave OpenFHE's global maps right after serialization: the
-        client never evaluates, and another session in this process must not find them.
-        A bootstrapped model's keys come one part per rotation key plus the
-        bootstrapping keys, each written to a private temporary file as soon as it is
-        made (:class:`~veil.wire.FilePart`; see :mod:`.keyparts`), so the client holds
-        at most the bootstrapping keys in memory at once.
-        """
-        if self.params.bootstraps:
-            return self._keygen_parts(sorted({int(r) for r in rotations}))
-        with _KEYMAPS.write():
-            keys = self.cc.KeyGen()
-            tag = keys.secretKey.GetKeyTag()
-            try:
-                self.cc.EvalMultKeyGen(keys.secretKey)
-                if rotations:
-                    self.cc.EvalRotateKeyGen(keys.secretKey, [int(r) for r in rotations])
-                if self.params.bootstraps:
-                    # rotation, conjugation and (sparse-encapsulated secrets) dense/sparse
-                    # switching keys, all in the automorphism map under this tag
-                    self.cc.EvalBootstrapKeyGen(keys.secretKey, self.params.slots)
-                mult = ofhe.Serialize(self.cc.GetEvalMultKeyVector(tag)[0], ofhe.BINARY)
-                auto = rotations or self.params.bootstraps
-                self.automorphism_indices = (
-                    sorted(int(i) for i in self.cc.GetExistingEvalAutomorphismKeyIndices(tag))
-                    if auto else [])
-                rot = (ofhe.Serialize(self.cc.GetEvalAutomorphismKeyMap(tag), ofhe.BINARY)
-                       if auto else b"")
-            finally:
-                _remove_tag(self.cc, tag)
-        self._secret, self._public = keys.secretKey, keys.publicKey
-        parts = {"mult": bytes(mult), "rotations": bytes(rot)}
-        del mult, rot
-        release_native_memory()
-        return parts
-
-    def _keygen_parts(self, rotations: list[int]) -> dict:
-        self.drop_key_files()
-        self._spool = tempfile.TemporaryDirectory(prefix="veil-keys-")
-        folder = self._spool.name
-
-        def write(name: str, tag: str) -> FilePart:
-            path = os.path.join(folder, name.replace("/", "_"))
-            keymap = self.cc.GetEvalAutomorphismKeyMap(tag)
-            native_call(EngineError, "evaluation keys could not be written",
-                        ofhe.SerializeToFile, path, keymap, ofhe.BINARY)
-            del keymap
-            _remove_tag(self.cc, tag)
-            release_native_memory()
-            return FilePart(path)
-
-        with _KEYMAPS.write():
-            keys = self.cc.KeyGen()
-            tag = keys.secretKey.GetKeyTag()
-            try:
-                self.cc.EvalMultKeyGen(keys.secretKey)
-                parts = {"mult": bytes(ofhe.Serialize(self.cc.GetEvalMultKeyVector(tag)[0],
-                                                      ofhe.BINARY))}
-                # rotation, conjugation and (sparse-encapsulated secrets) dense/sparse
-                # switching keys, all in the automorphism map under this tag
-                self.cc.EvalBootstrapKeyGen(keys.secretKey, self.params.slots)
-                self.automorphism_indices = sorted(
-                    int(i) for i in self.cc.GetExistingEvalAutomorphismKeyIndices(tag))
-                parts[BOOTSTRAP] = write(BOOTSTRAP, tag)
-                for r in rotations:
-                    self.cc.EvalRotateKeyGen(keys.secretKey, [r])
-                    parts[rotation_part(r)] = write(rotation_part(r), tag)
-            finally:
-                _remove_tag(self.cc, tag)
-        self._secret, self._public = keys.secretKey, keys.publicKey
-        release_native_memory()
-        return parts
-
-    def secret_key_bytes(self) -> bytes:
-        self._require_keys()
-        return bytes(ofhe.Serialize(self._secret, ofhe.BINARY))
-
-    def public_key_bytes(self) -> bytes:
-        self._require_keys()
-        return bytes(ofhe.Serialize(self._public, ofhe.BINARY))
-
-    def load_keys(self, secret: bytes, public: bytes) -> None:
-        sk = native_call(SerializationError, "key bytes could not be decoded",
-                         ofhe.DeserializePrivateKeyString, secret, ofhe.BINARY)
-        pk = native_call(SerializationError, "key bytes could not be decoded",
-                         ofhe.DeserializePublicKeyString, public, ofhe.BINARY)
-        if sk.GetKeyTag() != pk.GetKeyTag():
-            raise KeyMismatchError("the public key does not belong to this secret key")
-        self._secret, self._public = sk, pk
-
-    def encrypt(self, values: np.ndarray) -> bytes:
-        self._require_keys()
-        pt = self.cc.MakeCKKSPackedPlaintext(np.ascontiguousarray(values, dtype=np.float64))
-        return bytes(serialize_ciphertext(self.cc.Encrypt(self._public, pt)))
-
-    def decrypt(self, data: bytes, length: int) -> np.ndarray:
-        self._require_keys()
-        ct = deserialize_ciphertext(data)
-        if ct.GetKeyTag() != self.tag:
-            raise KeyMismatchError("this ciphertext was produced under another client's keys")
-        pt = native_call(EngineError, "decryption failed", self.cc.Decrypt, self._secret, ct)
-        pt.SetLength(length)
-        return np.array(pt.GetRealPackedValue()[:length], dtype=np.float64)
-
-    def drop_key_files(self) -> None:
-        """Remove the files of the last key generation's parts (once written out)."""
-        if self._spool is not None:
-            self._spool.cleanup()
-            self._spool = None
-
-    def close(self) -> None:
-        """Forget the key pair and remove the key files of the last key generation."""
-        self._secret = self._public = None
-        self.drop_key_files()
-
-    def __enter__(self) -> "ClientCrypto":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-def weight_key(cache_key: tuple) -> str:
-    """Stable text name of an evaluator cache key (used on the wire for weights)."""
-    return "/".join(str(k) for k in cache_key)
-
-
-class WeightEncryptor:
-    """Model owner's side of encrypted weights: encrypts under a client's public key."""
-
-    def __init__(self, params: CKKSParams, public_key: bytes) -> None:
-        self.cc = build_context(params, precompute=False)
-        self._public = native_call(SerializationError, "public key bytes could not be "
-                                   "decoded", ofhe.DeserializePublicKeyString, public_key,
-                                   ofhe.BINARY)
-
-    @property
-    def tag(self) -> str:
-        return self._public.GetKeyTag()
-
-    def encrypt(self, values: np.ndarray) -> bytes:
-        pt = self.cc.MakeCKKSPackedPlaintext(np.ascontiguousarray(values, dtype=np.float64))
-        return bytes(serialize_ciphertext(self.cc.Encrypt(self._public, pt)))
 
 
 class EvaluationSession:
