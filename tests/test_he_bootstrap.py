@@ -336,3 +336,33 @@ def test_a_residual_blocks_bootstrap_moves_to_its_fork_when_that_saves_some():
     assert any(n.inputs[0].startswith("s") for n in boots), "a fork was bootstrapped"
     check_levels(lowered, params)
     np.testing.assert_allclose(run(lowered, cal), run(graph, cal))
+
+
+def test_a_bootstrapped_model_is_served_over_http(tmp_path):
+    """The service and the SDK with a model that bootstraps: its keys go up one part
+    per rotation key and the server's session loads them per layer."""
+    from service_util import ServerProcess
+
+    from veil.model import export_model
+    from veil.service.auth import KeyStore
+
+    cal = np.random.default_rng(0).normal(size=(128, 8))
+    model = _deep(residual=True)
+    compiled = veil.compile(model, cal, degree=13, insecure_test_params=True)
+    assert sum(n.op is Op.BOOTSTRAP for n in compiled.result.lowered.nodes) >= 2
+    export_model(model, cal, tmp_path / "deep", name="deep", modes=("he",),
+                 compiled=compiled)
+    store = tmp_path / "store"
+    keys = KeyStore(store)
+    token = keys.create("alice")
+    server = ServerProcess([tmp_path / "deep"], store, timeout=120)
+    try:
+        with veil.Client(server.url, "deep", api_key=token, key_dir=tmp_path / "keys",
+                         allow_insecure=True) as client:
+            he = client.predict(cal[:2])
+    finally:
+        server.stop()
+        keys.close()
+    assert server.errors() == "", server.errors()
+    sim = compiled.run(cal[:2], mode="simulate")
+    assert np.abs(np.asarray(he).reshape(sim.shape) - sim).max() < 1e-3

@@ -77,3 +77,26 @@ def test_evaluation_key_files_map_rather_than_read(tmp_path):
     SecretKey("m", b"s", b"p").save(tmp_path / "sk")
     with pytest.raises(KeyTypeError):           # a secret key is refused by kind
         EvaluationKeys.load(tmp_path / "sk")
+
+
+def test_file_parts_are_written_like_bytes_and_per_key_layouts_are_named(tmp_path):
+    """A part kept in a file (a bootstrapped model's keys) makes the same envelope as
+    its bytes; evaluation keys take one key map or one part per rotation key."""
+    from veil.deploy.keys import EvaluationKeys
+    from veil.wire import FilePart
+
+    (tmp_path / "r1").write_bytes(b"1" * 100)
+    (tmp_path / "boot").write_bytes(b"b" * 300)
+    files = {"mult": b"m" * 8, "bootstrap": FilePart(tmp_path / "boot"),
+             "rotation/1": FilePart(tmp_path / "r1")}
+    same = {"mult": b"m" * 8, "bootstrap": b"b" * 300, "rotation/1": b"1" * 100}
+    keys = EvaluationKeys("m", "0" * 32, files)
+    assert keys.to_bytes() == EvaluationKeys("m", "0" * 32, same).to_bytes()
+    assert keys.save(tmp_path / "keys") == len(keys.to_bytes()) and keys.size == 408
+    loaded = EvaluationKeys.load(tmp_path / "keys")
+    assert {k: bytes(v) for k, v in loaded.parts.items()} == same
+    for parts in ({"mult": b"", "rotation/1": b""},                  # no bootstrap part
+                  {"mult": b"", "bootstrap": b"", "rotation/x": b""},
+                  {"mult": b"", "bootstrap": b"", "rotations": b""}):
+        with pytest.raises(SerializationError, match="missing parts"):
+            EvaluationKeys.from_bytes(EvaluationKeys("m", "0" * 32, parts).to_bytes())

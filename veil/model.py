@@ -295,7 +295,8 @@ class CompiledModel:
 def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
             degree: int | dict[str, int] = DEFAULT_DEGREE, margin: float = DEFAULT_MARGIN,
             layout: str = "latency", precision_bits: int | None = None,
-            insecure_test_params: bool = False) -> CompiledModel:
+            insecure_test_params: bool = False, relu_bits: int | None = None
+            ) -> CompiledModel:
     """Compile a torch ``nn.Module`` or ONNX model (file or ModelProto) for private inference.
 
     Args:
@@ -310,6 +311,12 @@ def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
             chosen when the smallest secure parameters would give less (default: the
             fastest secure parameters, which keep at least ~15 bits).
         insecure_test_params: allow small, insecure CKKS parameters (recorded everywhere).
+        relu_bits: approximate every ReLU to this many bits of its calibrated bound
+            (4-14) by a composite minimax sign and one product (Lee et al. 2021; see
+            :mod:`veil.compiler.composite`): accurate for a model trained with ReLU,
+            at 12-20 levels per ReLU, so a deep model bootstraps after most of them.
+            Default: one Chebyshev fit of ``degree`` (or a model fine-tuned for low
+            degree, :mod:`veil.finetune`).
 
     Returns:
         A :class:`CompiledModel`.
@@ -323,7 +330,7 @@ def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
     graph = to_graph(model, shape)
     result = compile_graph(graph, calibration, degree=degree, margin=margin,
                            insecure_test_params=insecure_test_params, layout=layout,
-                           precision_bits=precision_bits)
+                           precision_bits=precision_bits, relu_bits=relu_bits)
     lo, hi = float(calibration.min()), float(calibration.max())
     width = max(hi - lo, 1e-6)
     # Each layer's input range on the calibration batch, from the approximation pass's

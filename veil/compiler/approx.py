@@ -16,6 +16,7 @@ from numpy.polynomial import chebyshev
 from ..errors import CompileError
 from ..ir import ACTIVATIONS, Graph, Node, Op, activation_fn, cheb_eval, eval_node
 from ..ir.interpreter import ELEMENTWISE
+from .composite import sign_stages
 from .passes import PassNote
 
 DEFAULT_DEGREE = 27       # the largest degree at OpenFHE's depth 5 (Paterson-Stockmeyer)
@@ -37,6 +38,7 @@ class ActivationReport:
     observed_hi: float
     max_abs_error: float      # |poly - f| max over the calibration inputs
     max_abs_error_range: float  # |poly - f| max over a dense grid of [lo, hi]
+    stages: tuple[int, ...] = ()  # composite ReLU: the degree of each sign stage
 
 
 def fit_chebyshev(op, lo: float, hi: float, degree: int) -> np.ndarray:
@@ -58,7 +60,7 @@ def _range(values: np.ndarray, margin: float) -> tuple[float, float, float, floa
 
 def approximate_activations(graph: Graph, calibration: np.ndarray, *,
                             degree: int | dict[str, int] = DEFAULT_DEGREE,
-                            margin: float = DEFAULT_MARGIN,
+                            margin: float = DEFAULT_MARGIN, relu_bits: int | None = None,
                             ) -> tuple[Graph, list[ActivationReport]]:
     """Replace every activation by a POLY node fitted on the calibration data.
 
@@ -67,15 +69,18 @@ def approximate_activations(graph: Graph, calibration: np.ndarray, *,
         calibration: batch (B, *input_shape) representative of real inputs.
         degree: one degree for all activations, or a dict node name -> degree.
         margin: fraction of the measured range added on both sides.
+        relu_bits: approximate each ReLU to this many bits of its calibrated bound by
+            a composite minimax sign and one product (:mod:`.composite`) instead of
+            one Chebyshev fit of ``degree``.
 
     Returns:
         The new graph and one report per replaced activation.
     """
-    g, reports, _ = _approximate(graph, calibration, degree, margin)
+    g, reports, _ = _approximate(graph, calibration, degree, margin, relu_bits)
     return g, reports
 
 
-def _approximate(graph: Graph, calibration: np.ndarray, degree, margin):
+def _approximate(graph: Graph, calibration: np.ndarray, degree, margin, relu_bits=None):
     """The fit, plus (min, max) of every value of the new graph on the calibration
     batch. One forward pass; each value is dropped after its last reader."""
     if margin < 0:
@@ -87,7 +92,15 @@ def _approximate(graph: Graph, calibration: np.ndarray, degree, margin):
     reports: list[ActivationReport] = []
     for i, node in enumerate(graph.nodes[1:], start=1):
         args = [values[s] for s in node.inputs]
-        if node.op in ACTIVATIONS:
+        if node.op is Op.RELU and relu_bits is not None:
+            chain, report, stage_values, value = _composite_relu(node, args[0],
+                                                                 int(relu_bits), margin)
+            reports.append(report)
+            out.extend(chain[:-1])
+            for step, v in zip(chain, stage_values):
+                extents[step.name] = (float(v.min()), float(v.max()))
+            node = chain[-1]
+        elif node.op in ACTIVATIONS:
             node, report, value = _fit(node, args[0], degree, margin)
             reports.append(report)
         else:
@@ -96,7 +109,7 @@ def _approximate(graph: Graph, calibration: np.ndarray, degree, margin):
         extents[node.name] = (float(value.min()), float(value.max()))
         out.append(node)
         for s in node.inputs:
-            if last[s] == i and s != graph.output:
+            if last.get(s) == i and s != graph.output:
                 values.pop(s, None)
     return graph.with_nodes(out), reports, extents
 
@@ -123,11 +136,43 @@ def _fit(node: Node, x: np.ndarray, degree, margin):
     return poly, report, approx
 
 
+def _composite_relu(node: Node, x: np.ndarray, bits: int, margin: float):
+    """(the chain of nodes replacing ReLU ``node``: sign stages then one product, its
+    report, the stages' values on ``x``, the chain's value on ``x``); see
+    :mod:`.composite`. The product keeps the node's name, so every reader of the ReLU
+    reads it."""
+    lo, hi, obs_lo, obs_hi = _range(x, margin)
+    bound = max(abs(lo), abs(hi))
+    stages, _ = sign_stages(bits)
+    chain, src, value, stage_values = [], node.inputs[0], x, []
+    for i, coeffs in enumerate(stages):
+        dom = (-bound, bound) if i == 0 else (-1.0, 1.0)
+        step = Node(f"{node.name}/sign{i}", Op.POLY, (src,), node.shape,
+                    {"coeffs": coeffs, "lo": dom[0], "hi": dom[1], "source": "sign"})
+        value = cheb_eval(value, coeffs, *dom)
+        stage_values.append(value)
+        chain.append(step)
+        src = step.name
+    chain.append(Node(node.name, Op.MUL, (node.inputs[0], src), node.shape))
+    approx = x * value
+    grid = np.linspace(-bound, bound, 4001)
+    g = grid
+    for i, coeffs in enumerate(stages):
+        g = cheb_eval(g, coeffs, *((-bound, bound) if i == 0 else (-1.0, 1.0)))
+    relu = activation_fn(node)
+    report = ActivationReport(
+        node.name, node.op.value, max(len(c) - 1 for c in stages), -bound, bound, obs_lo,
+        obs_hi, float(np.max(np.abs(approx - relu(x)))),
+        float(np.max(np.abs(grid * g - relu(grid)))), tuple(len(c) - 1 for c in stages))
+    return chain, report, stage_values, approx
+
+
 def approximate(graph: Graph, *, calibration: np.ndarray,
                 degree: int | dict[str, int] = DEFAULT_DEGREE,
-                margin: float = DEFAULT_MARGIN) -> tuple[Graph, PassNote]:
+                margin: float = DEFAULT_MARGIN,
+                relu_bits: int | None = None) -> tuple[Graph, PassNote]:
     """:func:`approximate_activations` as a target pass. The note's ``data`` holds the
     fit reports (``reports``) and every value's calibrated (min, max) (``extents``)."""
-    g, reports, extents = _approximate(graph, calibration, degree, margin)
+    g, reports, extents = _approximate(graph, calibration, degree, margin, relu_bits)
     return g, PassNote("approximate_activations", data={"reports": reports,
                                                          "extents": extents})

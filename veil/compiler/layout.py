@@ -147,7 +147,7 @@ def _assign_layouts(graph: Graph, entry, slots: int, *, search: bool,
     def add_partner(name: str, layouts: dict, via: str | None = None):
         """The layout of the other input of an ADD ``name`` reaches, if already known."""
         for c in consumers[name]:
-            if c.op is Op.ADD:
+            if c.op in (Op.ADD, Op.MUL):
                 other = [i for i in c.inputs if i != (via or name)]
                 if other and other[0] in layouts:
                     return layouts[other[0]]
@@ -166,7 +166,8 @@ def _assign_layouts(graph: Graph, entry, slots: int, *, search: bool,
                 and tuple(node.shape) == tuple(in_shape))
 
     outputs = {n.name for n in graph.nodes if is_output(n.name)}
-    to_add = {n.name for n in graph.nodes if reaches(n.name, lambda c: c.op is Op.ADD)}
+    to_add = {n.name for n in graph.nodes
+              if reaches(n.name, lambda c: c.op in (Op.ADD, Op.MUL))}
 
     def best_dense(node, in_layout, fixed, layouts, keys):
         opts = {"key_weight": kw, "free_keys": keys, "slots": slots}
@@ -214,12 +215,12 @@ def _assign_layouts(graph: Graph, entry, slots: int, *, search: bool,
         for node in graph.nodes:
             if node.name in layouts:
                 continue
-            if node.op is Op.ADD:
+            if node.op in (Op.ADD, Op.MUL):
                 a, b = (layouts[i] for i in node.inputs)
                 if not _same(a, b):
                     return None
             if node.op is not Op.DENSE:
-                if node.op in _ELEMENTWISE + (Op.ADD,):
+                if node.op in _ELEMENTWISE + (Op.ADD, Op.MUL):
                     layouts[node.name] = layouts[node.inputs[0]]
                 continue
             free = frozenset(keys)        # empty unless keys are shared

@@ -44,7 +44,7 @@ from .passes import PassNote
 BOUND_MARGIN = 0.25
 # What the slot evaluator (backends/he/evaluator.py) runs, and so what has a level cost.
 SLOT_OPS = frozenset({Op.INPUT, Op.GATHER, Op.DENSE, Op.POLY, Op.SQUARE, Op.ADD,
-                      Op.BOOTSTRAP})
+                      Op.MUL, Op.BOOTSTRAP})
 
 
 def node_levels(node: Node) -> int:
@@ -52,7 +52,7 @@ def node_levels(node: Node) -> int:
     if node.op is Op.POLY:
         return chebyshev_depth(len(node.attrs["coeffs"]) - 1, node.attrs["lo"],
                                node.attrs["hi"])
-    if node.op in (Op.DENSE, Op.SQUARE):
+    if node.op in (Op.DENSE, Op.SQUARE, Op.MUL):
         return 1
     if node.op in (Op.INPUT, Op.GATHER, Op.ADD, Op.BOOTSTRAP):
         return 0

@@ -74,6 +74,42 @@ def replace_maxpool(graph: Graph) -> tuple[Graph, PassNote]:
     return graph.with_nodes(out), note
 
 
+def expand_broadcasts(graph: Graph) -> tuple[Graph, PassNote]:
+    """Give every product and sum operands of one shape: an operand that broadcasts
+    (a squeeze-excite gate of shape (C, 1, 1) times a (C, H, W) value) is first
+    repeated by a DENSE map (a 0/1 sparse matrix: broadcasting is linear), so the slot
+    evaluator multiplies or adds two ciphertexts position by position."""
+    import scipy.sparse as sp
+
+    note = PassNote("expand_broadcasts")
+    shapes = {n.name: tuple(n.shape) for n in graph.nodes}
+    out: list[Node] = []
+    for node in graph.nodes:
+        if node.op in (Op.MUL, Op.ADD) and any(shapes[i] != tuple(node.shape)
+                                                for i in node.inputs):
+            inputs = []
+            for j, src in enumerate(node.inputs):
+                if shapes[src] == tuple(node.shape):
+                    inputs.append(src)
+                    continue
+                size = int(np.prod(shapes[src], dtype=np.int64))
+                cols = np.broadcast_to(np.arange(size).reshape(shapes[src]),
+                                       node.shape).ravel()
+                rows = np.arange(cols.size)
+                matrix = sp.csr_matrix((np.ones(cols.size), (rows, cols)),
+                                       shape=(cols.size, size))
+                expand = Node(f"{node.name}/expand{j}", Op.DENSE, (src,), node.shape,
+                              {"shape": tuple(node.shape)},
+                              {"matrix": matrix, "bias": np.zeros(cols.size)})
+                out.append(expand)
+                inputs.append(expand.name)
+                note.messages.append(f"{src!r} {shapes[src]} repeated to {tuple(node.shape)}"
+                                     f" for {node.op.value} {node.name!r}")
+            node = node.replace(inputs=tuple(inputs))
+        out.append(node)
+    return graph.with_nodes(out), note
+
+
 def linearize(graph: Graph) -> tuple[Graph, PassNote]:
     """Collapse each maximal chain of affine ops into one DENSE node.
 

@@ -89,7 +89,8 @@ def compile_graph(graph: Graph, calibration: np.ndarray, *,
                   degree: int | dict[str, int] = DEFAULT_DEGREE,
                   margin: float = DEFAULT_MARGIN,
                   insecure_test_params: bool = False, layout: str = "latency",
-                  precision_bits: int | None = None) -> CompileResult:
+                  precision_bits: int | None = None,
+                  relu_bits: int | None = None) -> CompileResult:
     """Run the HE target's passes on ``graph`` with ``calibration`` data.
 
     Always returns the polynomial graph and the HE cost estimate; the slot plan only
@@ -105,7 +106,7 @@ def compile_graph(graph: Graph, calibration: np.ndarray, *,
     check_ops(graph, "simulate")     # what HE's slot evaluator cannot run is refused later,
     # by name, when mode "he" asks for the plan (``he_refusal``); the estimate prices it
     options = {"calibration": calibration, "degree": degree, "margin": margin,
-               "layout": layout}
+               "layout": layout, "relu_bits": relu_bits}
     poly, front_notes = run_passes(graph, HE.front, options)
     reports = [r for n in front_notes for r in n.data.get("reports", ())]
     extents = {k: v for n in front_notes for k, v in n.data.get("extents", {}).items()}

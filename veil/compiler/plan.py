@@ -174,8 +174,8 @@ def estimate_costs(graph: Graph, plan: HEPlan) -> dict:
         if node.op is Op.DENSE:
             lanes_cost += _layer_work(plan.dense[node.name])
             features_cost += nonzeros(node.params["matrix"])[0].size * COST["scalar_term"]
-        elif node.op in (Op.POLY, Op.SQUARE):
-            one = (COST["square"] if node.op is Op.SQUARE
+        elif node.op in (Op.POLY, Op.SQUARE, Op.MUL):
+            one = (COST["square"] if node.op in (Op.SQUARE, Op.MUL)
                    else _poly_cost(len(node.attrs["coeffs"]) - 1))
             lanes_cost += one
             features_cost += width * one

@@ -18,8 +18,8 @@ from ..errors import CompileError, UnsupportedOperation
 from ..ir import Graph, Op, opdef, ops_for
 from .approx import approximate
 from .levels import place_bootstraps
-from .passes import (PassNote, fold_batchnorm, fold_poly_domain, fold_quadratic,
-                     im2col_first_conv, linearize, replace_maxpool)
+from .passes import (PassNote, expand_broadcasts, fold_batchnorm, fold_poly_domain,
+                     fold_quadratic, im2col_first_conv, linearize, replace_maxpool)
 
 Pass = Callable[[Graph], "tuple[Graph, PassNote]"]
 
@@ -69,10 +69,11 @@ TEE = Target("tee", (fold_batchnorm,))
 MPC = Target("mpc", (fold_batchnorm,))
 
 # CKKS: structural rewrites and the calibrated polynomial fits (the graph `simulate`
-# runs), then the lowering to DENSE / POLY / SQUARE for the slot evaluator, which the
-# pipeline runs only when every dense matrix is cheap to probe and no bootstrap is due.
+# runs), then the lowering to DENSE / POLY / SQUARE and ADD / MUL of equal shapes for
+# the slot evaluator, and the levels pass.
 HE = Target("he", (fold_batchnorm, replace_maxpool, approximate, im2col_first_conv,
-                   linearize, fold_poly_domain, fold_quadratic, place_bootstraps), split=3)
+                   expand_broadcasts, linearize, fold_poly_domain, fold_quadratic,
+                   place_bootstraps), split=3)
 
 TARGETS: dict[str, Target] = {t.name: t for t in (TEE, MPC, HE)}
 

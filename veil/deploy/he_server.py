@@ -107,12 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--listen", default="127.0.0.1:0")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per frame")
     ap.add_argument("--keys", help="evaluation key file: one session for every connection")
+    ap.add_argument("--key-cache-gib", type=float, default=None,
+                    help="rotation keys a bootstrapped model's session holds at once, in "
+                         "GiB (default 3; the others are loaded from the key file when "
+                         "a layer needs them)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     from .keys import EvaluationKeys
     from .server import ModelServer
 
-    server = ModelServer(args.bundle)
+    server = ModelServer(args.bundle, key_cache_bytes=None if args.key_cache_gib is None
+                         else int(args.key_cache_gib * (1 << 30)))
     session = server.open_session(EvaluationKeys.load(args.keys)) if args.keys else None
     listener = sockets.listen(sockets.parse_address(args.listen))
     print("veil-he server listening on %s:%d" % listener.getsockname()[:2], flush=True)

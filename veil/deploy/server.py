@@ -20,7 +20,8 @@ import numpy as np
 
 from ..backends.he.evaluator import Evaluator
 from ..backends.he.features import FeatureEvaluator
-from ..backends.he.openfhe_engine import EvaluationSession, native_tag, payload_validator
+from ..backends.he.openfhe_engine import (DEFAULT_KEY_CACHE_BYTES, EvaluationSession,
+                                          native_tag, payload_validator)
 from ..backends.he.validate import PayloadValidator
 from ..compiler.plan import HEPlan
 from ..errors import KeyMismatchError, KeyTypeError, MissingKeyError, SerializationError
@@ -53,7 +54,8 @@ class ServerSession:
         self._engine = EvaluationSession(server.bundle.params, keys.tag, keys.parts,
                                          server.bundle.manifest["rotations"],
                                          validator=server.validator,
-                                         native_tag=self.native_tag)
+                                         native_tag=self.native_tag,
+                                         key_cache_bytes=server.key_cache_bytes)
         if weights is not None:
             try:
                 self._load_weights(weights)
@@ -123,10 +125,19 @@ class ServerSession:
 
 
 class ModelServer:
-    """Loads a server bundle; evaluates encrypted inputs. Never holds a secret key."""
+    """Loads a server bundle; evaluates encrypted inputs. Never holds a secret key.
 
-    def __init__(self, bundle: str | os.PathLike | ServerBundle) -> None:
+    ``key_cache_bytes``: for a model that bootstraps, the rotation keys each session
+    holds in memory at once (default ``DEFAULT_KEY_CACHE_BYTES``, 3 GiB); the rest stay
+    in the key file and are loaded when a layer needs them (see
+    :mod:`veil.backends.he.keycache`).
+    """
+
+    def __init__(self, bundle: str | os.PathLike | ServerBundle, *,
+                 key_cache_bytes: int | None = None) -> None:
         self.bundle = bundle if isinstance(bundle, ServerBundle) else ServerBundle.load(bundle)
+        self.key_cache_bytes = (DEFAULT_KEY_CACHE_BYTES if key_cache_bytes is None
+                                else int(key_cache_bytes))
         self.evaluator = Evaluator(self.bundle.graph, HEPlan.from_manifest(
             self.bundle.params, self.bundle.manifest))
         # a bootstrapped model runs in the slot layout only (see estimate_costs)

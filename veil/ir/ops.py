@@ -245,7 +245,7 @@ def _defs() -> dict[Op, OpDef]:
               targets=NO_HE),
         OpDef(Op.ADD, 2, _broadcast, k.add, {"binary", "elementwise"}),
         OpDef(Op.SUB, 2, _broadcast, k.sub, {"binary", "elementwise"}, targets=NO_HE),
-        OpDef(Op.MUL, 2, _broadcast, k.mul, {"binary", "elementwise"}, targets=NO_HE),
+        OpDef(Op.MUL, 2, _broadcast, k.mul, {"binary", "elementwise"}),
         OpDef(Op.DENSE, 1, _dense, k.dense, {"affine", "lowered"}, ("matrix", "bias")),
         OpDef(Op.POLY, 1, _same, k.poly, {"elementwise", "lowered"}),
         OpDef(Op.GATHER, 1, _gather, k.gather, {"shape", "lowered"}),

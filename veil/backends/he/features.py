@@ -21,6 +21,7 @@ class FeatureEngine(Protocol):
     def add_scalar(self, a: Any, value: float) -> Any: ...
     def add(self, a: Any, b: Any) -> Any: ...
     def square(self, a: Any) -> Any: ...
+    def mul(self, a: Any, b: Any) -> Any: ...
     def chebyshev(self, a: Any, coeffs: np.ndarray, lo: float, hi: float) -> Any: ...
 
 
@@ -29,7 +30,8 @@ class FeatureEvaluator:
 
     def __init__(self, graph: Graph) -> None:
         for node in graph.nodes:
-            if node.op not in (Op.INPUT, Op.GATHER, Op.DENSE, Op.POLY, Op.SQUARE, Op.ADD):
+            if node.op not in (Op.INPUT, Op.GATHER, Op.DENSE, Op.POLY, Op.SQUARE, Op.ADD,
+                               Op.MUL):
                 raise CompileError(f"{node.op.value} node {node.name!r} cannot run in the "
                                    "feature layout")
         self.graph = graph
@@ -55,6 +57,8 @@ class FeatureEvaluator:
                 out = self._dense(engine, node, args[0])
             elif node.op is Op.SQUARE:
                 out = [engine.square(c) for c in args[0]]
+            elif node.op is Op.MUL:
+                out = [engine.mul(a, b) for a, b in zip(*args)]
             elif node.op is Op.POLY:
                 coeffs = np.asarray(node.attrs["coeffs"])
                 out = [engine.chebyshev(c, coeffs, node.attrs["lo"], node.attrs["hi"])

@@ -43,7 +43,7 @@ from .openfhe_native import (_KEYMAPS, OPENFHE_VERSION, CKKSParams,  # noqa: F40
                              native_call, native_tag, ofhe, serialize_ciphertext)
 from .validate import PayloadValidator
 
-__all__ = ["ClientCrypto", "EvaluationSession", "OPENFHE_VERSION", "WeightEncryptor",
+__all__ = ["DEFAULT_KEY_CACHE_BYTES", "ClientCrypto", "EvaluationSession", "OPENFHE_VERSION", "WeightEncryptor",
            "build_context", "deserialize_ciphertext", "native_call", "native_tag",
            "payload_validator", "serialize_ciphertext", "weight_key"]
 # Plaintext weights a session keeps encoded (per level) for its next requests; beyond
@@ -81,7 +81,6 @@ class EvaluationSession:
         self._closed = True             # nothing to remove from OpenFHE's maps yet
         self._keys: KeyCache | None = None
         self._rotation_tags: dict[int, str] = {}
-        self._folder: str | None = None
         if validator is None:
             validator = payload_validator(params, rotations)
         if validator.params_key != (params, tuple(sorted({int(r) for r in rotations}))):
@@ -163,14 +162,16 @@ class EvaluationSession:
     def _load_bootstrap_keys(self, part):
         """Spool the bootstrapping keys to a private file, check that copy, and let
         OpenFHE read it: decoding GiB from bytes would hold them three times."""
-        self._folder = tempfile.mkdtemp(prefix="veil-session-")
-        path = os.path.join(self._folder, BOOTSTRAP)
-        spool(part, path)
-        with mapped(path) as view:
-            self._validator.boot.check(view, self.tag)
-        keymap, ok = native_call(SerializationError, "bootstrapping keys could not be "
-                                 "decoded", ofhe.DeserializeEvalKeyMap, path, ofhe.BINARY)
-        os.unlink(path)
+        folder = tempfile.mkdtemp(prefix="veil-session-")
+        try:
+            path = os.path.join(folder, BOOTSTRAP)
+            spool(part, path)
+            with mapped(path) as view:
+                self._validator.boot.check(view, self.tag)
+            keymap, ok = native_call(SerializationError, "bootstrapping keys could not be "
+                                     "decoded", ofhe.DeserializeEvalKeyMap, path, ofhe.BINARY)
+        finally:
+            remove_tree(folder)
         if not ok:
             raise SerializationError("bootstrapping keys could not be decoded")
         return keymap
@@ -346,6 +347,10 @@ class EvaluationSession:
     def square(self, a):
         return self._native(self.cc.EvalSquare, a)
 
+    def mul(self, a, b):
+        """Product of two ciphertexts (relinearized; OpenFHE brings both to one level)."""
+        return self._native(self.cc.EvalMult, a, b)
+
     def mul_scalar(self, a, value):
         return self._native(self.cc.EvalMult, a, float(value))
 
@@ -386,13 +391,10 @@ class EvaluationSession:
             self._closed = True
             self._plaintexts.clear()
             self._cached_bytes = 0
-            if self._keys is not None:
-                self._keys = None
+            self._keys = None
             _remove_tag(self.cc, {self.native_tag, *self._rotation_tags.values()})
             release_native_memory()
-        if self._folder is not None:
-            remove_tree(self._folder)
-            self._folder = None
+
 
     def __enter__(self) -> "EvaluationSession":
         return self

@@ -46,6 +46,9 @@ class NumpySlotEngine:
     def square(self, a):
         return a * a
 
+    def mul(self, a, b):
+        return a * b
+
     def mul_scalar(self, a, value):
         return a * value
 
