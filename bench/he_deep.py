@@ -387,6 +387,62 @@ print(json.dumps(row))
 """
 
 
+ACTIVATIONS_SCRIPT = r"""
+import json, sys, time
+import numpy as np, torch
+sys.path.insert(0, "examples")
+import veil
+from veil.ir import Op
+from resnet20_models import fashion32, load_resnet20, load_resnet20_relu
+
+_, _, xte, yte = fashion32()
+xte, yte = xte[:N], yte[:N]
+rows = []
+for name, model, opts in [
+        ("fine-tuned degree 2 (shipped)", load_resnet20(), {"degree": 2}),
+        ("ReLU weights, degree-2 fit", load_resnet20_relu(), {"degree": 2}),
+        ("ReLU weights, composite 6 bits", load_resnet20_relu(), {"relu_bits": 6}),
+        ("ReLU weights, composite 8 bits", load_resnet20_relu(), {"relu_bits": 8})]:
+    model = model.eval()
+    t0 = time.perf_counter()
+    compiled = veil.compile(model, xte[:64], **opts)
+    compile_s = time.perf_counter() - t0
+    plan, lowered = compiled.result.plan, compiled.result.lowered
+    acts = compiled.result.activations
+    sim = np.concatenate([compiled.run(xte[i:i + 250], mode="simulate")
+                          for i in range(0, len(xte), 250)])
+    with torch.no_grad():
+        ref = np.concatenate([model(torch.as_tensor(xte[i:i + 250])).numpy()
+                              for i in range(0, len(xte), 250)])
+    rows.append({"name": name, "options": opts, "compile_s": compile_s,
+                 "depth": None if plan is None else int(plan.depth),
+                 "bootstraps": int(sum(n.op is Op.BOOTSTRAP for n in lowered.nodes)),
+                 "rotation_keys": None if plan is None else len(plan.rotations),
+                 "stages": list(acts[0].stages) if acts and acts[0].stages else None,
+                 "relu_error": max((a.max_abs_error_range for a in acts), default=0.0),
+                 "plain_acc": float(np.mean(ref.argmax(1) == yte)),
+                 "simulate_acc": float(np.mean(sim.argmax(1) == yte)),
+                 "he_refusal": None if plan is not None else compiled.result.he_refusal[1]})
+    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+print(json.dumps({"images": int(len(yte)), "rows": rows}))
+"""
+
+
+def measure_activations(n: int) -> dict:
+    """Item 5's choice for ResNet-20: the shipped fine-tuned low-degree network against
+    the ReLU network with a degree-2 fit and with composite minimax ReLUs, on the first
+    ``n`` test images (accuracy in plain and simulate, depth, bootstraps, keys)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", f"N = {n}\n" + ACTIVATIONS_SCRIPT],
+                          stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    if proc.returncode:
+        return {"failed": f"exit status {proc.returncode}",
+                "wall_s": round(time.perf_counter() - t0, 1)}
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
 def measure_resnet20(n: int) -> dict:
     """ResNet-20 end to end through ``compiled.run(x, mode="he")`` on the first ``n``
     Fashion-MNIST test images (a fresh process; partial results survive in a file),
@@ -540,10 +596,34 @@ def render(data: dict) -> str:
                   "cores, FHEON 403 s, Lee et al. 2,189 s (1 thread) |", ""]
     elif r20:
         lines += ["## ResNet-20: the HE plan", "", f"failed: {r20['failed'][-300:]!r}", ""]
+    lines += _render_activations(data.get("activations"))
     lines += _render_resnet20(data.get("resnet20"), chosen_full=next(
         (r for r in data.get("candidates", []) if r["name"] == FULL_SLOTS
          and "failed" not in r), None))
     return "\n".join(lines)
+
+
+def _render_activations(act: dict | None) -> list[str]:
+    if not act:
+        return []
+    head = ["## ResNet-20: which activations", ""]
+    if "failed" in act:
+        return head + [f"failed: {act['failed']}", ""]
+    lines = head + [
+        f"`python bench/he_deep.py --activations {act['images']}`: the shipped network "
+        "fine-tuned for degree-2 activations, and the ReLU network it came from compiled "
+        "with a degree-2 fit of ReLU or with composite minimax ReLUs (`relu_bits`, "
+        "`veil.compiler.composite`), on the first "
+        f"{act['images']} Fashion-MNIST test images.", "",
+        "| activations | sign stages | max ReLU error on its range | depth | bootstraps | "
+        "rotation keys | plain acc | simulate acc |", "|---|---|---|---|---|---|---|---|"]
+    for r in act["rows"]:
+        lines.append(
+            f"| {r['name']} | {r['stages'] or '-'} | {r['relu_error']:.2g} | "
+            f"{r['depth'] if r['depth'] is not None else '-'} | {r['bootstraps']} | "
+            f"{r['rotation_keys'] if r['rotation_keys'] is not None else '-'} | "
+            f"{r['plain_acc']:.2%} | {r['simulate_acc']:.2%} |")
+    return lines + [""]
 
 
 def _render_resnet20(run: dict | None, chosen_full: dict | None) -> list[str]:
@@ -609,6 +689,9 @@ def main() -> None:
     ap.add_argument("--resnet20", action="store_true",
                     help="only ResNet-20 end to end under HE on --images images "
                          "(keeps other rows)")
+    ap.add_argument("--activations", type=int, default=0, metavar="N",
+                    help="only ResNet-20's activation choices (fine-tuned degree 2, "
+                         "ReLU weights fitted or composite) on N test images")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--keep-others", action="store_true",
                     help="keep the rows of candidates not re-run from the last results")
@@ -618,8 +701,14 @@ def main() -> None:
         return
     out = RESULTS / "he_deep.json"
     data = json.loads(out.read_text()) if out.exists() and args.keep_others else {}
-    if args.deep_only or args.resnet20_plan or args.resnet20:
+    if args.deep_only or args.resnet20_plan or args.resnet20 or args.activations:
         data = json.loads(out.read_text()) if out.exists() else {}
+    if args.activations:
+        print("[he_deep] ResNet-20 activation choices", flush=True)
+        data["activations"] = measure_activations(args.activations)
+        out.write_text(json.dumps(data, indent=1))
+        (RESULTS / "he_deep.md").write_text(render(data))
+        return
     if args.resnet20:
         print("[he_deep] ResNet-20 under HE", flush=True)
         data["resnet20"] = measure_resnet20(args.images)
