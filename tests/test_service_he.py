@@ -94,6 +94,8 @@ def test_a_new_client_reuses_keys_and_session(env, tmp_path):
         assert second.mode.session_id == sid and second.mode.uploads == 0
     secret = next(tmp_path.glob("he/*/keys.veil"))
     assert secret.stat().st_mode & 0o777 == 0o600
+    # the evaluation keys sit beside it, streamed from there on upload
+    assert (secret.parent / "evaluation.veil").stat().st_mode & 0o777 == 0o600
     assert secret.parent.stat().st_mode & 0o777 == 0o700
 
 
@@ -223,8 +225,7 @@ def test_bad_requests_get_typed_4xx_and_leave_nothing(env):
 
 def _eval_keys(client) -> bytes:
     client.mode._ensure_keys()
-    _, parts = unpack(client.mode._keys_path().read_bytes(), "veil-sdk-he-keys")
-    return parts["evaluation"]
+    return client.mode._evaluation_path().read_bytes()
 
 
 def test_sessions_survive_a_server_restart(env, tmp_path):
@@ -305,3 +306,22 @@ def test_32_concurrent_clients(env):
     assert len(results) == n
     for out in results.values():
         np.testing.assert_allclose(out, expect, atol=1e-3)
+
+
+def test_keys_saved_by_an_earlier_sdk_in_one_envelope_still_upload(env, tmp_path):
+    """Before bootstrapped models, the SDK kept the evaluation keys inside keys.veil."""
+    with sdk(env, key_dir=tmp_path) as client:
+        client.predict(env["calib"][0])
+        mode = client.mode
+        header, parts = unpack(mode._keys_path().read_bytes(), "veil-sdk-he-keys")
+        old = pack("veil-sdk-he-keys", {"secret": parts["secret"],
+                                        "evaluation": mode._evaluation_path().read_bytes()},
+                   {"model": header["model"], "tag": header["tag"]})
+    mode._keys_path().write_bytes(old)
+    mode._evaluation_path().unlink()
+    (mode._keys_path().parent / "session.json").unlink()
+    with sdk(env, key_dir=tmp_path) as again:
+        out = again.predict(env["calib"][1])
+        assert again.mode.uploads == 1
+    np.testing.assert_allclose(out, env["compiled"].run(env["calib"][1:2], mode="simulate")[0],
+                               atol=1e-3)

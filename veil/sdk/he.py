@@ -105,6 +105,9 @@ class HEMode:
     def _keys_path(self) -> Path:
         return self.dir / "keys.veil"
 
+    def _evaluation_path(self) -> Path:
+        return self.dir / "evaluation.veil"
+
     def _ensure_keys(self) -> None:
         if self._tag is not None:
             return
@@ -121,9 +124,16 @@ class HEMode:
                             path, exc)
         with self._status("generating HE keys"):
             keys = self.crypto.keygen()
-        blob = pack(KEYS_KIND, {"secret": self.crypto.secret_key().to_bytes(),
-                                "evaluation": keys.to_bytes()},
-                    {"model": self.model_id, "tag": keys.tag})
+        # the evaluation keys in their own file, written part by part (a bootstrapped
+        # model's are many GiB), then the secret key's envelope naming it
+        evaluation = self._evaluation_path()
+        tmp = evaluation.with_name(f".{evaluation.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        self.crypto.write_evaluation_keys(tmp, forget=True)
+        os.replace(tmp, evaluation)
+        blob = pack(KEYS_KIND, {"secret": self.crypto.secret_key().to_bytes()},
+                    {"model": self.model_id, "tag": keys.tag,
+                     "evaluation": evaluation.name})
         _write_atomic_private(path, blob)
         self._tag = keys.tag
         self.session_id = None
@@ -146,11 +156,18 @@ class HEMode:
 
     def _upload(self) -> str:
         """Upload the evaluation keys; persists and returns the new session id."""
-        _, parts = unpack(self._keys_path().read_bytes(), KEYS_KIND)
-        data = parts["evaluation"]
+        header, parts = unpack(self._keys_path().read_bytes(), KEYS_KIND)
+        if "evaluation" in parts:        # keys written by an earlier veil: one envelope
+            data = parts["evaluation"]
+            body, size = self._chunks(lambda n, at: data[at:at + n], len(data)), len(data)
+        else:
+            path = self._evaluation_path()
+            size = path.stat().st_size
+            source = open(path, "rb")
+            body = self._chunks(lambda n, at: source.read(n), size, source)
         answer = self._client._call(
             "POST", f"/v1/models/{self._client.model}/he/sessions",
-            content=self._chunks(data), headers={"Content-Length": str(len(data))})
+            content=body, headers={"Content-Length": str(size)})
         self.session_id = answer["session"]
         self.uploads += 1
         _write_atomic_private(self.dir / "session.json", json.dumps(
@@ -236,20 +253,25 @@ class HEMode:
         with Console(stderr=True).status(text):
             yield
 
-    def _chunks(self, data: bytes) -> Iterator[bytes]:
-        view = memoryview(data)
-        if not self.progress:
-            for i in range(0, len(data), UPLOAD_CHUNK):
-                yield bytes(view[i:i + UPLOAD_CHUNK])
-            return
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                   TransferSpeedColumn)
+    def _chunks(self, read, size: int, source=None) -> Iterator[bytes]:
+        """The upload body in chunks of ``read(n, offset)`` (a file is read as it goes,
+        never held whole); closes ``source`` at the end."""
+        try:
+            if not self.progress:
+                for at in range(0, size, UPLOAD_CHUNK):
+                    yield bytes(read(UPLOAD_CHUNK, at))
+                return
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
+                                       TransferSpeedColumn)
 
-        with Progress(TextColumn("uploading evaluation keys"), BarColumn(), DownloadColumn(),
-                      TransferSpeedColumn(), transient=True) as bar:
-            task = bar.add_task("upload", total=len(data))
-            for i in range(0, len(data), UPLOAD_CHUNK):
-                chunk = bytes(view[i:i + UPLOAD_CHUNK])
-                yield chunk
-                bar.advance(task, len(chunk))
+            with Progress(TextColumn("uploading evaluation keys"), BarColumn(),
+                          DownloadColumn(), TransferSpeedColumn(), transient=True) as bar:
+                task = bar.add_task("upload", total=size)
+                for at in range(0, size, UPLOAD_CHUNK):
+                    chunk = bytes(read(UPLOAD_CHUNK, at))
+                    yield chunk
+                    bar.advance(task, len(chunk))
+        finally:
+            if source is not None:
+                source.close()
 
