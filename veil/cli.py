@@ -13,7 +13,7 @@
                [--tee-attester-key DIR | --tee-enclave HOST:PORT]
                [--mpc-keys DIR [--mpc-parties P0,P1]] [--allow-insecure]
                [--body-timeout S] [--header-timeout S] [--max-inflight-he|tee|mpc N]
-               [--he-workers N] [--worker-timeout S]
+               [--he-workers N] [--worker-timeout S] [--max-key-upload BYTES]
     veil predict URL --model NAME --mode he|tee|mpc --input DATA [--out FILE]
                  [--policy FILE] [--mpc-keys DIR]
 
@@ -183,6 +183,9 @@ def _service_parsers(sub) -> None:
                    "restarted (default 300)")
     s.add_argument("--allow-insecure", action="store_true",
                    help="serve exports with INSECURE test parameters (refused otherwise)")
+    s.add_argument("--max-key-upload", type=int,
+                   help="largest evaluation-key upload in bytes, streamed to disk (default "
+                   "1 GiB; a bootstrapped ResNet-20's keys are 17.3 GB)")
     s.add_argument("--body-timeout", type=float, help="seconds a request body may take, "
                    "plus its size at 1 MB/s (default 30)")
     s.add_argument("--header-timeout", type=float, help="close connections whose request "

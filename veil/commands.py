@@ -159,7 +159,8 @@ def keys_cmd(args) -> int:
 def serve_cmd(args) -> int:
     from .deploy.export import read_export
     from .deploy import processes
-    from .service.app import ServiceConfig, insecure_reasons, refuse_insecure
+    from .service.app import (ServiceConfig, default_body_limits, insecure_reasons,
+                              refuse_insecure)
     from .service.run import serve
 
     # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into an exception so
@@ -206,6 +207,8 @@ def serve_cmd(args) -> int:
             ("max_inflight_he", args.max_inflight_he),
             ("max_inflight_tee", args.max_inflight_tee),
             ("max_inflight_mpc", args.max_inflight_mpc)) if value is not None}
+        if args.max_key_upload is not None:
+            tuning["max_body_bytes"] = {**default_body_limits(), "keys": args.max_key_upload}
         config = ServiceConfig(exports=[i.directory for i in infos], store_dir=store,
                                session_ttl_s=args.ttl, disk_budget_bytes=args.disk_budget,
                                memory_budget_bytes=args.memory_budget, backends=backends,

@@ -85,7 +85,7 @@ BINARY_BODY = {"requestBody": {"required": True, "content": {
     OCTETS: {"schema": {"type": "string", "format": "binary"}}}}}
 
 
-def _default_limits() -> dict[str, int]:
+def default_body_limits() -> dict[str, int]:
     return {"keys": 1 << 30, "batch": 256 << 20, "json": 1 << 20}
 
 
@@ -133,7 +133,7 @@ class ServiceConfig:
     session_ttl_s: float = 24 * 3600.0
     disk_budget_bytes: int = 8 << 30
     memory_budget_bytes: int = 2 << 30
-    max_body_bytes: dict[str, int] = field(default_factory=_default_limits)
+    max_body_bytes: dict[str, int] = field(default_factory=default_body_limits)
     max_batch: int = 64
     max_inflight: int = 8
     max_inflight_he: int = 4
@@ -152,7 +152,7 @@ class ServiceConfig:
     backends: dict[str, dict] = field(default_factory=dict)
 
     def limit(self, kind: str) -> int:
-        return int({**_default_limits(), **self.max_body_bytes}[kind])
+        return int({**default_body_limits(), **self.max_body_bytes}[kind])
 
     def key_limits(self) -> Limits:
         """The limits of a key without its own."""
@@ -325,6 +325,10 @@ def add_limit_args(parser) -> None:
         parser.add_argument(f"--max-inflight-{mode}", type=int,
                             default=d[f"max_inflight_{mode}"].default,
                             help=f"{mode} requests computed at once (default %(default)s)")
+    parser.add_argument("--max-key-upload", type=int, default=default_body_limits()["keys"],
+                        help="largest evaluation-key upload in bytes, streamed to disk "
+                             "(default %(default)s; a bootstrapped ResNet-20's keys are "
+                             "17.3 GB)")
     parser.add_argument("--allow-insecure", action="store_true",
                         help="serve exports with INSECURE test parameters (tests only)")
 
@@ -334,7 +338,8 @@ def limit_options(args) -> dict:
     return {"body_timeout_s": args.body_timeout, "body_min_rate": args.body_min_rate,
             "header_timeout_s": args.header_timeout, "max_inflight_he": args.max_inflight_he,
             "max_inflight_tee": args.max_inflight_tee,
-            "max_inflight_mpc": args.max_inflight_mpc, "allow_insecure": args.allow_insecure}
+            "max_inflight_mpc": args.max_inflight_mpc, "allow_insecure": args.allow_insecure,
+            "max_body_bytes": {**default_body_limits(), "keys": args.max_key_upload}}
 
 
 def check_media_type(request: Request, media_type: str | None) -> None:
