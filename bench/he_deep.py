@@ -428,6 +428,97 @@ print(json.dumps({"images": int(len(yte)), "rows": rows}))
 """
 
 
+HTTP_SCRIPT = r"""
+import json, os, subprocess, sys, tempfile, threading, time
+import numpy as np, torch
+sys.path.insert(0, "examples")
+import veil
+from veil.model import export_model
+from veil.service.auth import KeyStore
+from resnet20_models import fashion32, load_resnet20
+
+model = load_resnet20().eval()
+_, _, xte, yte = fashion32()
+x = xte[:N]
+with torch.no_grad():
+    plain = model(torch.as_tensor(x)).numpy()
+row = {"images": int(N)}
+with tempfile.TemporaryDirectory(dir=os.environ.get("VEIL_BENCH_TMP")) as tmp:
+    t0 = time.perf_counter()
+    export_model(model, xte[:64], os.path.join(tmp, "resnet20"), name="resnet20",
+                 modes=("he",), degree=2)
+    row["export_s"] = time.perf_counter() - t0
+    store = os.path.join(tmp, "store")
+    keys = KeyStore(store)
+    token = keys.create("bench", {"max_key_bytes": 40 << 30})
+    keys.close()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "veil.service", os.path.join(tmp, "resnet20"), "--store", store,
+         "--listen", "127.0.0.1:0", "--disk-budget", str(80 << 30), "--memory-budget",
+         str(20 << 30), "--max-key-upload", str(40 << 30), "--he-workers", "1",
+         "--worker-timeout", "3600", "--body-timeout", "600"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    url = proc.stdout.readline().strip().split()[-1]
+    peak = {}
+
+    def watch():         # VmHWM of every process of the service (HTTP, HE worker)
+        while proc.poll() is None:
+            for pid in [proc.pid] + [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+                try:
+                    stat = open(f"/proc/{pid}/stat").read().split()
+                    if pid != proc.pid and int(stat[3]) != proc.pid:
+                        continue
+                    hwm = next(int(l.split()[1]) * 1024 for l in open(f"/proc/{pid}/status")
+                               if l.startswith("VmHWM"))
+                    peak[pid] = max(peak.get(pid, 0), hwm)
+                except (OSError, ValueError, StopIteration):
+                    pass
+            time.sleep(2)
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        with veil.Client(url, "resnet20", api_key=token, key_dir=os.path.join(tmp, "keys"),
+                         timeout=7200) as client:
+            t0 = time.perf_counter()
+            client.mode._ensure_keys()
+            row["keygen_s"] = time.perf_counter() - t0
+            row["eval_key_bytes"] = client.mode._evaluation_path().stat().st_size
+            outs, walls = [], []
+            for i in range(N):
+                t0 = time.perf_counter()
+                outs.append(np.asarray(client.predict(x[i])))
+                walls.append(time.perf_counter() - t0)
+                print(f"http image {i}: {walls[-1]:.1f} s", file=sys.stderr, flush=True)
+            row["first_s"], row["image_s"] = walls[0], walls[1:]
+        outs = np.stack(outs).reshape(plain.shape)
+        row["argmax_agree"] = int(np.sum(outs.argmax(1) == plain.argmax(1)))
+        row["max_abs_vs_plain"] = float(np.abs(outs - plain).max())
+        row["client_peak_rss"] = next(int(l.split()[1]) * 1024 for l in
+                                      open("/proc/self/status") if l.startswith("VmHWM"))
+        time.sleep(3)
+        row["service_peak_rss"] = sorted(peak.values())
+    finally:
+        proc.terminate()
+        proc.wait(60)
+print(json.dumps(row))
+"""
+
+
+def measure_http(n: int) -> dict:
+    """ResNet-20 through ``veil.service`` and the SDK on loopback: export, key
+    generation, a 17 GB key upload, and ``n`` images (the first includes the upload and
+    the session's start)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", f"N = {n}\n" + HTTP_SCRIPT],
+                          stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    if proc.returncode:
+        return {"failed": f"exit status {proc.returncode}",
+                "wall_s": round(time.perf_counter() - t0, 1)}
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
 def measure_activations(n: int) -> dict:
     """Item 5's choice for ResNet-20: the shipped fine-tuned low-degree network against
     the ReLU network with a degree-2 fit and with composite minimax ReLUs, on the first
@@ -597,10 +688,34 @@ def render(data: dict) -> str:
     elif r20:
         lines += ["## ResNet-20: the HE plan", "", f"failed: {r20['failed'][-300:]!r}", ""]
     lines += _render_activations(data.get("activations"))
+    lines += _render_http(data.get("http"))
     lines += _render_resnet20(data.get("resnet20"), chosen_full=next(
         (r for r in data.get("candidates", []) if r["name"] == FULL_SLOTS
          and "failed" not in r), None))
     return "\n".join(lines)
+
+
+def _render_http(http: dict | None) -> list[str]:
+    if not http:
+        return []
+    head = ["## ResNet-20 through the HTTP service", ""]
+    if "failed" in http:
+        return head + [f"failed: {http['failed']}", ""]
+    n = http["images"]
+    later = (f"{np.median(http['image_s']):.0f}" if http["image_s"] else "-")
+    return head + [
+        f"`python bench/he_deep.py --http {n}`: the shipped ResNet-20 exported "
+        "(`export_model`), served by `python -m veil.service` on loopback with one HE "
+        "worker, and predicted with the SDK (`veil.Client`): the SDK fetches the client "
+        "bundle, generates the keys into its key folder and uploads them from disk; the "
+        "worker checks them and loads them per layer.", "",
+        "| export s | keygen s | key upload GB | first image s (upload, session, "
+        "inference) | later images s | he = plain argmax | client / service peak RSS "
+        "GiB |", "|---|---|---|---|---|---|---|",
+        f"| {http['export_s']:.0f} | {http['keygen_s']:.0f} | "
+        f"{http['eval_key_bytes'] / 1e9:.1f} | {http['first_s']:.0f} | {later} | "
+        f"{http['argmax_agree']}/{n} | {http['client_peak_rss'] / 2**30:.1f} / "
+        + " + ".join(f"{v / 2**30:.1f}" for v in http["service_peak_rss"]) + " |", ""]
 
 
 def _render_activations(act: dict | None) -> list[str]:
@@ -692,6 +807,8 @@ def main() -> None:
     ap.add_argument("--activations", type=int, default=0, metavar="N",
                     help="only ResNet-20's activation choices (fine-tuned degree 2, "
                          "ReLU weights fitted or composite) on N test images")
+    ap.add_argument("--http", type=int, default=0, metavar="N",
+                    help="only ResNet-20 through veil.service and the SDK on N images")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--keep-others", action="store_true",
                     help="keep the rows of candidates not re-run from the last results")
@@ -701,8 +818,14 @@ def main() -> None:
         return
     out = RESULTS / "he_deep.json"
     data = json.loads(out.read_text()) if out.exists() and args.keep_others else {}
-    if args.deep_only or args.resnet20_plan or args.resnet20 or args.activations:
+    if args.deep_only or args.resnet20_plan or args.resnet20 or args.activations or args.http:
         data = json.loads(out.read_text()) if out.exists() else {}
+    if args.http:
+        print("[he_deep] ResNet-20 over HTTP", flush=True)
+        data["http"] = measure_http(args.http)
+        out.write_text(json.dumps(data, indent=1))
+        (RESULTS / "he_deep.md").write_text(render(data))
+        return
     if args.activations:
         print("[he_deep] ResNet-20 activation choices", flush=True)
         data["activations"] = measure_activations(args.activations)
