@@ -43,9 +43,10 @@ from .openfhe_native import (_KEYMAPS, OPENFHE_VERSION, CKKSParams,  # noqa: F40
                              native_call, native_tag, ofhe, serialize_ciphertext)
 from .validate import PayloadValidator
 
-__all__ = ["DEFAULT_KEY_CACHE_BYTES", "ClientCrypto", "EvaluationSession", "OPENFHE_VERSION", "WeightEncryptor",
-           "build_context", "deserialize_ciphertext", "native_call", "native_tag",
-           "payload_validator", "serialize_ciphertext", "weight_key"]
+__all__ = ["DEFAULT_KEY_CACHE_BYTES", "ClientCrypto", "EvaluationSession", "OPENFHE_VERSION",
+           "WeightEncryptor", "build_context", "deserialize_ciphertext", "native_call",
+           "native_tag", "payload_validator", "serialize_ciphertext", "weight_key"]
+
 # Plaintext weights a session keeps encoded (per level) for its next requests; beyond
 # this a layer's weights are encoded each time they are used (deep networks: hundreds
 # of ring-2^16 plaintexts per layer, several MiB each).
