@@ -115,7 +115,8 @@ def test_resnet20_simulate_and_report(resnet20):
     assert np.abs(compiled.run(cal, mode="plain") - plain).max() < 1e-4
     report = compiled.report()
     text = str(report)
-    assert "HE estimate: depth 124" in text and "bootstraps needed: " in text
+    assert "HE structural estimate (the plan's figures below are what runs): depth 124" \
+        in text and "bootstraps needed: " in text
     assert "rotation keys:" in text and "estimated latency" in text
     # HE runs it now (bootstrapped, from its kernels): the report places its bootstraps
     assert "mode 'he': not available" not in text and "note:   bootstrap " in text

@@ -51,7 +51,11 @@ class Report:
         boot = ("none" if e["fits"] else f"{e['bootstraps']} on the longest path "
                 f"({e['bootstrap_ciphertexts']} ciphertext bootstraps in all)")
         widest = max((layer["ciphertexts"] for layer in e["layers"]), default=1)
-        return [f"HE estimate: depth {e['depth']} (at most {e['max_depth']} without "
+        # with a slot plan, the plan's figures below are what runs; the structural
+        # estimate (a packing model, no key sharing) stays for comparison across models
+        title = ("HE estimate" if self.he_error or not self.params
+                 else "HE structural estimate (the plan's figures below are what runs)")
+        return [f"{title}: depth {e['depth']} (at most {e['max_depth']} without "
                 f"bootstrapping); bootstraps needed: {boot}",
                 f"  ring 2^{e['ring_dim'].bit_length() - 1}, {e['scaling_bits']}-bit scale, "
                 f"{e['num_large_digits']} key-switch digits ({e['towers_per_key']} towers "
