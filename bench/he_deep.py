@@ -820,24 +820,17 @@ def main() -> None:
     data = json.loads(out.read_text()) if out.exists() and args.keep_others else {}
     if args.deep_only or args.resnet20_plan or args.resnet20 or args.activations or args.http:
         data = json.loads(out.read_text()) if out.exists() else {}
-    if args.http:
-        print("[he_deep] ResNet-20 over HTTP", flush=True)
-        data["http"] = measure_http(args.http)
-        out.write_text(json.dumps(data, indent=1))
-        (RESULTS / "he_deep.md").write_text(render(data))
-        return
-    if args.activations:
-        print("[he_deep] ResNet-20 activation choices", flush=True)
-        data["activations"] = measure_activations(args.activations)
-        out.write_text(json.dumps(data, indent=1))
-        (RESULTS / "he_deep.md").write_text(render(data))
-        return
-    if args.resnet20:
-        print("[he_deep] ResNet-20 under HE", flush=True)
-        data["resnet20"] = measure_resnet20(args.images)
-        out.write_text(json.dumps(data, indent=1))
-        (RESULTS / "he_deep.md").write_text(render(data))
-        return
+    sections = [("http", "ResNet-20 over HTTP", lambda: measure_http(args.http)),
+                ("activations", "ResNet-20 activation choices",
+                 lambda: measure_activations(args.activations)),
+                ("resnet20", "ResNet-20 under HE", lambda: measure_resnet20(args.images))]
+    for key, what, measure in sections:
+        if getattr(args, key):          # one section alone, the others' rows kept
+            print(f"[he_deep] {what}", flush=True)
+            data[key] = measure()
+            out.write_text(json.dumps(data, indent=1))
+            (RESULTS / "he_deep.md").write_text(render(data))
+            return
     if args.resnet20_plan:
         chosen = next(r for r in data["candidates"] if r["name"] == CHOSEN)
         print("[he_deep] ResNet-20 plan", flush=True)
