@@ -504,12 +504,10 @@ print(json.dumps(row))
 """
 
 
-def measure_http(n: int) -> dict:
-    """ResNet-20 through ``veil.service`` and the SDK on loopback: export, key
-    generation, a 17 GB key upload, and ``n`` images (the first includes the upload and
-    the session's start)."""
+def _script(script: str, n: int) -> dict:
+    """``script`` with ``N = n`` in a fresh process; its last stdout line is the row."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", f"N = {n}\n" + HTTP_SCRIPT],
+    proc = subprocess.run([sys.executable, "-c", f"N = {n}\n" + script],
                           stdout=subprocess.PIPE, text=True, cwd=ROOT)
     if proc.returncode:
         return {"failed": f"exit status {proc.returncode}",
@@ -517,21 +515,20 @@ def measure_http(n: int) -> dict:
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     return out
+
+
+def measure_http(n: int) -> dict:
+    """ResNet-20 through ``veil.service`` and the SDK on loopback: export, key
+    generation, a 17 GB key upload, and ``n`` images (the first includes the upload and
+    the session's start)."""
+    return _script(HTTP_SCRIPT, n)
 
 
 def measure_activations(n: int) -> dict:
     """Item 5's choice for ResNet-20: the shipped fine-tuned low-degree network against
     the ReLU network with a degree-2 fit and with composite minimax ReLUs, on the first
     ``n`` test images (accuracy in plain and simulate, depth, bootstraps, keys)."""
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", f"N = {n}\n" + ACTIVATIONS_SCRIPT],
-                          stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    if proc.returncode:
-        return {"failed": f"exit status {proc.returncode}",
-                "wall_s": round(time.perf_counter() - t0, 1)}
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    out["wall_s"] = round(time.perf_counter() - t0, 1)
-    return out
+    return _script(ACTIVATIONS_SCRIPT, n)
 
 
 def measure_resnet20(n: int) -> dict:
