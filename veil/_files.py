@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 
 def write_private(path: str | os.PathLike, data: bytes) -> None:
@@ -33,3 +34,20 @@ def private_dir(path: str | os.PathLike) -> "os.PathLike":
             continue
         os.chmod(p, 0o700)   # mkdir's mode is filtered by the umask
     return d
+
+
+def unnamed_file(directory: str | os.PathLike | None = None) -> int:
+    """A new read-write file in ``directory`` (default: the temporary folder) that never
+    has a name (Linux ``O_TMPFILE``; else created and unlinked at once, a name existing
+    for that instant): only this process's descriptor refers to it, and its space is
+    freed when the descriptor closes, also when the process dies."""
+    directory = os.fspath(directory or tempfile.gettempdir())
+    flag = getattr(os, "O_TMPFILE", 0)
+    if flag:
+        try:
+            return os.open(directory, flag | os.O_RDWR, 0o600)
+        except OSError:         # a file system without O_TMPFILE support
+            pass
+    fd, name = tempfile.mkstemp(prefix="veil-", suffix=".bin", dir=directory)
+    os.unlink(name)
+    return fd

@@ -2,9 +2,10 @@
 
 A bootstrapped model's rotation keys are 136 MiB each at ring 2^16 (ResNet-20: 70 of
 them, 9.3 GiB, next to 6.8 GiB of bootstrapping keys and 4.3 GiB of OpenFHE's
-bootstrap precomputations). The server keeps each key in its own file part and loads
-it when a layer needs it (:class:`~veil.backends.he.openfhe_engine.EvaluationSession`);
-this module only decides what to load and what to drop, so it needs no OpenFHE.
+bootstrap precomputations). The server keeps each key in a checked file copy
+(:class:`~veil.backends.he.keyparts.SpooledPart`) and decodes it when a layer needs it
+(:class:`~veil.backends.he.openfhe_engine.EvaluationSession`); this module only decides
+what to load and what to drop, so it needs no OpenFHE.
 
 Policy: Belady's farthest-next-use rule (Belady 1966, optimal for a known reference
 string) at layer granularity. The evaluator announces the key set of every layer in

@@ -13,7 +13,7 @@ import numpy as np
 
 from ...errors import EngineError, KeyMismatchError, MissingKeyError, SerializationError
 from ...wire import FilePart
-from .keyparts import BOOTSTRAP, mapped, rotation_part
+from .keyparts import BOOTSTRAP, readable, rotation_part
 from .native import release_native_memory
 from .openfhe_native import (_KEYMAPS, OPENFHE_VERSION, CKKSParams, _remove_tag,
                              build_context, deserialize_ciphertext, native_call, ofhe,
@@ -93,7 +93,7 @@ def _per_key_checkers(cc, parts: dict, probe: int, tag: str, n: int):
     if at < 0 or data.find(head, at + 1) >= 0:
         raise TemplateError("unexpected rotation key layout")
     del data
-    with mapped(parts[BOOTSTRAP].path) as view:
+    with readable(parts[BOOTSTRAP]) as view:
         boot = compile_checker("bootstrapping keys", view, tag, n)
     return rot, at + 8, boot
 

@@ -23,18 +23,14 @@ rotation keys are loaded one at a time, each under a tag of its own (see
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import Any
 
 import numpy as np
 
 from ...errors import (EngineError, KeyMismatchError, MissingKeyError, SerializationError,
                        VeilError)
-from ...wire import part_size
 from .keycache import KeyCache
-from .keyparts import (BOOTSTRAP, copy_part, is_per_key, mapped, remove_tree, rotation_part,
-                       spool)
+from .keyparts import BOOTSTRAP, SpooledPart, is_per_key, rotation_part
 from .native import release_native_memory
 from .openfhe_client import (ClientCrypto, WeightEncryptor, payload_validator,  # noqa: F401
                              weight_key)
@@ -82,6 +78,7 @@ class EvaluationSession:
         self._closed = True             # nothing to remove from OpenFHE's maps yet
         self._keys: KeyCache | None = None
         self._rotation_tags: dict[int, str] = {}
+        self._spooled: dict[int, SpooledPart] = {}     # rotation -> its checked copy
         if validator is None:
             validator = payload_validator(params, rotations)
         if validator.params_key != (params, tuple(sorted({int(r) for r in rotations}))):
@@ -94,7 +91,20 @@ class EvaluationSession:
             raise SerializationError("these evaluation keys are not laid out for this "
                                      "model (one part per rotation key for a model that "
                                      "bootstraps, one key map otherwise)")
-        validator.check_eval_keys(key_parts, tag)
+        if validator.per_key:
+            # each rotation key copied once to a private unnamed file and checked
+            # there; OpenFHE later reads that copy when a layer needs the key
+            validator.check_key_layout(key_parts, tag)
+            try:
+                for r in sorted({int(r) for r in rotations}):
+                    part = self._spooled[r] = SpooledPart(key_parts[rotation_part(r)])
+                    with part.view() as view:
+                        validator.check_rotation(r, view, tag)
+            except BaseException:
+                self._close_spooled()
+                raise
+        else:
+            validator.check_eval_keys(key_parts, tag)
         self.cc = build_context(params)
         self._plaintexts: dict[tuple, Any] = {}
         self._cached_bytes = 0
@@ -121,11 +131,10 @@ class EvaluationSession:
             self.close()
             raise
         if validator.per_key:
-            # rotation keys stay in their parts (copied, checked and decoded when a layer
-            # needs them, each under its own native tag: see _load_rotation)
-            self._parts = {int(r): key_parts[rotation_part(r)] for r in rotations}
-            self._rotations = set(self._parts)
-            self._keys = KeyCache(key_cache_bytes, lambda k: part_size(self._parts[k]),
+            # rotation keys stay in their checked copies, decoded when a layer needs
+            # them, each under its own native tag (see _load_rotation)
+            self._rotations = set(self._spooled)
+            self._keys = KeyCache(key_cache_bytes, lambda k: self._spooled[k].nbytes,
                                   self._load_rotation, self._drop_rotation)
             present |= set(validator.rotation_index.values())   # checked: exact templates
         else:
@@ -161,20 +170,22 @@ class EvaluationSession:
                                    self.cc.GetExistingEvalAutomorphismKeyIndices, native))
 
     def _load_bootstrap_keys(self, part):
-        """Spool the bootstrapping keys to a private file, check that copy, and let
-        OpenFHE read it: decoding GiB from bytes would hold them three times."""
-        folder = tempfile.mkdtemp(prefix="veil-session-")
+        """Copy the bootstrapping keys to a private unnamed file, check that copy and
+        let OpenFHE read it (decoding GiB from bytes would hold them three times)."""
+        copy = SpooledPart(part)
         try:
-            path = os.path.join(folder, BOOTSTRAP)
-            spool(part, path)
-            with mapped(path) as view:
+            with copy.view() as view:
                 self._validator.boot.check(view, self.tag)
-            keymap, ok = native_call(SerializationError, "bootstrapping keys could not be "
-                                     "decoded", ofhe.DeserializeEvalKeyMap, path, ofhe.BINARY)
+            return self._read_keys(copy, "bootstrapping keys could not be decoded")
         finally:
-            remove_tree(folder)
+            copy.close()
+
+    @staticmethod
+    def _read_keys(copy: SpooledPart, message: str):
+        keymap, ok = native_call(SerializationError, message, ofhe.DeserializeEvalKeyMap,
+                                 copy.path, ofhe.BINARY)
         if not ok:
-            raise SerializationError("bootstrapping keys could not be decoded")
+            raise SerializationError(message)
         return keymap
 
     def _rotation_tag(self, k: int) -> str:
@@ -186,10 +197,7 @@ class EvaluationSession:
 
     def _load_rotation(self, k: int) -> None:
         self._check_open()
-        data = copy_part(self._parts[k])
-        self._validator.check_rotation(k, data, self.tag)
-        keymap = self._decode_keys(data, ofhe.DeserializeEvalKeyMapString)
-        del data
+        keymap = self._read_keys(self._spooled[k], "a rotation key could not be decoded")
         with _KEYMAPS.write():
             native_call(SerializationError, "a rotation key could not be loaded",
                         self.cc.InsertEvalAutomorphismKey, keymap, self._rotation_tag(k),
@@ -395,6 +403,12 @@ class EvaluationSession:
             self._keys = None
             _remove_tag(self.cc, {self.native_tag, *self._rotation_tags.values()})
             release_native_memory()
+        self._close_spooled()
+
+    def _close_spooled(self) -> None:
+        for part in self._spooled.values():
+            part.close()
+        self._spooled = {}
 
 
     def __enter__(self) -> "EvaluationSession":

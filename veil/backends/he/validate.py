@@ -307,24 +307,31 @@ class PayloadValidator:
             self._explain_missing(bytes(blob))
         self.rotations.check(blob, tag)
 
-    def _check_per_key(self, parts: dict, tag: str) -> None:
+    def check_key_layout(self, parts: dict, tag: str) -> None:
+        """For keys one part per rotation key: exactly the manifest's parts (missing
+        ones named: MissingKeyError) and the relinearization key; the other parts'
+        contents are :meth:`check_rotation`'s and ``boot``'s (a session checks its own
+        private copies of them)."""
         if not isinstance(parts, dict) or "mult" not in parts:
             raise SerializationError("evaluation keys need a 'mult' part")
         if BOOTSTRAP not in parts:
             raise MissingKeyError("the evaluation keys lack the bootstrapping keys; "
                                   "regenerate them from this model's client bundle")
-        wanted = {rotation_part(k): k for k in self.rotation_index}
-        missing = sorted(k for name, k in wanted.items() if name not in parts)
+        wanted = {rotation_part(k) for k in self.rotation_index}
+        missing = sorted(k for k in self.rotation_index if rotation_part(k) not in parts)
         if missing:
             raise MissingKeyError(f"the evaluation keys lack rotation keys for {missing}; "
                                   "regenerate them from this model's client bundle")
-        extra = sorted(set(parts) - set(wanted) - {"mult", BOOTSTRAP})
+        extra = sorted(set(parts) - wanted - {"mult", BOOTSTRAP})
         if extra:
             raise SerializationError(f"the evaluation keys have parts this model does not "
                                      f"use: {extra[:5]}")
         self.mult.check(parts["mult"], tag)
-        for name, k in wanted.items():
-            self.check_rotation(k, copy_part(parts[name]), tag)
+
+    def _check_per_key(self, parts: dict, tag: str) -> None:
+        self.check_key_layout(parts, tag)
+        for k in self.rotation_index:
+            self.check_rotation(k, copy_part(parts[rotation_part(k)]), tag)
         with readable(parts[BOOTSTRAP]) as view:
             self.boot.check(view, tag)
 

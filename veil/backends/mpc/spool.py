@@ -22,29 +22,14 @@ from __future__ import annotations
 import mmap
 import os
 import shutil
-import tempfile
 import threading
 from pathlib import Path
 
-from ..._files import private_dir
+from ..._files import private_dir, unnamed_file
 from ...errors import ResourceError
 from .. import sockets as so
 from . import protocols as pr
 from .evaluator import Chunked
-
-
-def _unnamed_file(directory: str | os.PathLike) -> int:
-    """A new file in ``directory`` that never has a name (Linux ``O_TMPFILE``), else one
-    created and unlinked at once (a name exists for that instant)."""
-    flag = getattr(os, "O_TMPFILE", 0)
-    if flag:
-        try:
-            return os.open(directory, flag | os.O_RDWR, 0o600)
-        except OSError:         # a file system without O_TMPFILE support
-            pass
-    fd, name = tempfile.mkstemp(prefix="set-", suffix=".bin", dir=directory)
-    os.unlink(name)
-    return fd
 
 
 class SpoolSet:
@@ -57,7 +42,7 @@ class SpoolSet:
                  chunked: list[bool]) -> None:
         """``plan[i][j]``: the value counts of step j's chunks in layer i;
         ``chunked[i]``: whether layer i is read a chunk at a time while it runs."""
-        self._file = os.fdopen(_unnamed_file(directory), "w+b")
+        self._file = os.fdopen(unnamed_file(directory), "w+b")
         self._map: mmap.mmap | None = None
         self._released = 0          # pages before this offset are given back
         self._lock = threading.Lock()
