@@ -242,8 +242,11 @@ def markdown(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         e = r.get("he_estimate") or {}
+        cal = e.get("calibrated") or {}
         he = (f"depth {e['depth']}, {e['bootstraps']} bootstraps, "
               f"{_gib(e['keys_bytes'])} GiB keys, ~{e['latency_s']:,.0f} s"
+              + (f" (calibrated on ResNet-20: ~{cal['latency_s']:,.0f} s, "
+                 f"{_gib(cal['keys_bytes'])} GiB keys)" if cal else "")
               if e else "-")
         rss = r.get("mpc_peak_rss", {})
         mpc = (f"{r['mpc_ms'] / 1e3:.2f} ({r['mpc_online_ms'] / 1e3:.2f} / "

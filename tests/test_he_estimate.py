@@ -118,6 +118,10 @@ def test_resnet20_simulate_and_report(resnet20):
     assert "HE structural estimate (the plan's figures below are what runs): depth 124" \
         in text and "bootstraps needed: " in text
     assert "rotation keys:" in text and "estimated latency" in text
+    # scaled by what the shipped ResNet-20 measured under HE (bench/he_deep.py)
+    cal = report.estimate["calibrated"]
+    assert "calibrated on ResNet-20" in text and cal["latency_s"] < report.estimate["latency_s"]
+    assert cal["rotation_keys"] < report.estimate["rotation_keys"]
     # HE runs it now (bootstrapped, from its kernels): the report places its bootstraps
     assert "mode 'he': not available" not in text and "note:   bootstrap " in text
     d = json.loads(json.dumps(report.to_dict()))

@@ -63,7 +63,15 @@ class Report:
                 f"  rotation keys: {e['rotation_keys']} x {e['key_bytes'] / 2**20:.0f} MiB = "
                 f"{e['keys_bytes'] / 2**30:.2f} GiB",
                 f"  ciphertexts: up to {widest} per layer; estimated latency "
-                f"{e['latency_s']:.3g} s per input"]
+                f"{e['latency_s']:.3g} s per input"] + self._calibrated_lines()
+
+    def _calibrated_lines(self) -> list[str]:
+        c = self.estimate.get("calibrated")
+        if not c:
+            return []
+        return [f"  calibrated on {c['on']} measured under HE: {c['latency_s']:.3g} s per "
+                f"input, {c['rotation_keys']} rotation keys ({c['keys_bytes'] / 2**30:.2f} "
+                "GiB) plus the bootstrapping keys"]
 
     def _cost_lines(self) -> list[str]:
         """Estimated latency and amortised cost per input of both batch layouts."""
