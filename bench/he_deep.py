@@ -659,6 +659,8 @@ def render(data: dict) -> str:
     elif deep:
         lines += ["## A deep narrow network under HE at 128-bit parameters", "",
                   f"failed: {deep['failed'][-300:]!r}", ""]
+    if deep and deep.get("note"):
+        lines += [deep["note"], ""]
     r20 = data.get("resnet20_plan")
     if r20 and "failed" not in r20:
         parts = r20["projected_parts_s"]
@@ -682,6 +684,8 @@ def render(data: dict) -> str:
                   f"{parts['rotations']:.0f}, {parts['products']:.0f}, "
                   f"{parts['activations']:.0f}) | LowMemoryFHEResNet20 < 300 s on 8-10 "
                   "cores, FHEON 403 s, Lee et al. 2,189 s (1 thread) |", ""]
+        if r20.get("note"):
+            lines += [r20["note"], ""]
     elif r20:
         lines += ["## ResNet-20: the HE plan", "", f"failed: {r20['failed'][-300:]!r}", ""]
     lines += _render_activations(data.get("activations"))
@@ -772,8 +776,8 @@ def _render_resnet20(run: dict | None, chosen_full: dict | None) -> list[str]:
         f"{run['session_s']:.0f} | {np.median(server):.0f} ({server.min():.0f}-"
         f"{server.max():.0f}) | {np.median(walls[1:] if n > 1 else walls):.0f} | {share} | "
         f"{run['encrypt_s'] * 1e3:.0f} / {run['decrypt_s'] * 1e3:.0f} | {agree}/{n} | "
-        f"{correct}/{n} | {run['client_peak_rss'] / 2**30:.1f} / "
-        f"{run['server_peak_rss'] / 2**30:.1f} |", ""]
+        f"{correct}/{n} | {run['client_peak_rss'] / 2**30:.2f} / "
+        f"{run['server_peak_rss'] / 2**30:.2f} |", ""]
     if "simulate_acc" in run:
         lines += [f"Accuracy on all {run['test_images']} test images: plain "
                   f"{run['plain_acc']:.2%}, simulate {run['simulate_acc']:.2%} "
