@@ -21,6 +21,11 @@ from .passes import PassNote
 
 DEFAULT_DEGREE = 27       # the largest degree at OpenFHE's depth 5 (Paterson-Stockmeyer)
 DEFAULT_MARGIN = 0.1      # widen the measured range by 10% of its width on each side
+# A composite ReLU's sign stages multiply their degrees (15^3 for 8 bits): an input past
+# its bound leaves [-1, 1] after the first stage and the later ones blow it up, so the
+# bound is this many times the calibrated range (test images of ResNet-20 reach past the
+# range 64 calibration images give); the stated error is relative to the bound.
+COMPOSITE_HEADROOM = 2.0
 # SQUARE is a degree-2 polynomial: fitting it is exact, so it never needs a higher degree.
 EXACT_DEGREE = {Op.SQUARE: 2}
 
@@ -142,7 +147,7 @@ def _composite_relu(node: Node, x: np.ndarray, bits: int, margin: float):
     :mod:`.composite`. The product keeps the node's name, so every reader of the ReLU
     reads it."""
     lo, hi, obs_lo, obs_hi = _range(x, margin)
-    bound = max(abs(lo), abs(hi))
+    bound = COMPOSITE_HEADROOM * max(abs(lo), abs(hi))
     stages, _ = sign_stages(bits)
     chain, src, value, stage_values = [], node.inputs[0], x, []
     for i, coeffs in enumerate(stages):

@@ -9,7 +9,9 @@ approximation of sign on the values the previous one produces, and
 
     ReLU(x) = x * (1 + sign(x / B)) / 2
 
-with B the calibrated bound of |x|: one product of two ciphertexts after the sign.
+with B a bound of |x| (twice the calibrated range: ``approx.COMPOSITE_HEADROOM``, as an
+input past B diverges through the stages): one product of two ciphertexts after the
+sign.
 
 Construction (ours, not the paper's code): stage i takes inputs whose magnitude lies in
 [a_i, 1] (a_1 = 2^-bits) and solves a linear program for the odd Chebyshev series of

@@ -119,13 +119,15 @@ def _key_loader(path: str, upload: bool = False):
     from ..deploy.keys import EvaluationKeys
 
     def load():
+        # mapped, not read: a bootstrapped model's keys are 17 GB, and a session copies
+        # out only the parts it checks and decodes
         try:
-            data = Path(path).read_bytes()
+            if upload and os.stat(path).st_size == 0:
+                raise SerializationError("the body is empty: send "
+                                         "ModelClient.evaluation_keys()")
+            return EvaluationKeys.load(path)
         except FileNotFoundError:
             raise NotFoundError(NO_SESSION) from None
-        if upload and not data:
-            raise SerializationError("the body is empty: send ModelClient.evaluation_keys()")
-        return EvaluationKeys.from_bytes(data)
     return load
 
 
