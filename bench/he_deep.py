@@ -704,6 +704,7 @@ def _render_http(http: dict | None) -> list[str]:
         return head + [f"failed: {http['failed']}", ""]
     n = http["images"]
     later = (f"{np.median(http['image_s']):.0f}" if http["image_s"] else "-")
+    note = [http["note"], ""] if http.get("note") else []
     return head + [
         f"`python bench/he_deep.py --http {n}`: the shipped ResNet-20 exported "
         "(`export_model`), served by `python -m veil.service` on loopback with one HE "
@@ -716,7 +717,7 @@ def _render_http(http: dict | None) -> list[str]:
         f"| {http['export_s']:.0f} | {http['keygen_s']:.0f} | "
         f"{http['eval_key_bytes'] / 1e9:.1f} | {http['first_s']:.0f} | {later} | "
         f"{http['argmax_agree']}/{n} | {http['client_peak_rss'] / 2**30:.1f} / "
-        + " + ".join(f"{v / 2**30:.1f}" for v in http["service_peak_rss"]) + " |", ""]
+        + " + ".join(f"{v / 2**30:.1f}" for v in http["service_peak_rss"]) + " |", ""] + note
 
 
 def _render_activations(act: dict | None) -> list[str]:
@@ -734,8 +735,10 @@ def _render_activations(act: dict | None) -> list[str]:
         "| activations | sign stages | max ReLU error on its range | depth | bootstraps | "
         "rotation keys | plain acc | simulate acc |", "|---|---|---|---|---|---|---|---|"]
     for r in act["rows"]:
+        # a network trained for its polynomials has no fitted activation to measure
+        err = f"{r['relu_error']:.2g}" if r["relu_error"] else "- (trained)"
         lines.append(
-            f"| {r['name']} | {r['stages'] or '-'} | {r['relu_error']:.2g} | "
+            f"| {r['name']} | {r['stages'] or '-'} | {err} | "
             f"{r['depth'] if r['depth'] is not None else '-'} | {r['bootstraps']} | "
             f"{r['rotation_keys'] if r['rotation_keys'] is not None else '-'} | "
             f"{r['plain_acc']:.2%} | {r['simulate_acc']:.2%} |")
