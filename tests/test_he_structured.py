@@ -236,3 +236,18 @@ def test_a_value_wider_than_one_ciphertext_is_refused_by_name(rng):
     assert compiled.result.plan is None
     with pytest.raises(CompileError, match="does not fit one ciphertext"):
         compiled.run(cal[0], mode="he")
+
+
+def test_a_sparse_dense_node_lowers_in_a_chain_although_its_params_are_frozen():
+    """expand_broadcasts writes DENSE nodes with sparse matrices (frozen by the IR);
+    a chain that starts with one is composed and cleaned without writing into them."""
+    from veil.compiler.sparse import chain_matrix
+    from veil.ir import Node
+
+    m = sp.csr_matrix(np.array([[1.0, 0.0], [0.0, 0.0], [2.0, 0.0]]))
+    node = Node("d", Op.DENSE, ("x",), (3,), {"shape": (3,)},
+                {"matrix": m, "bias": np.zeros(3)})
+    assert not node.params["matrix"].data.flags.writeable
+    matrix, bias = chain_matrix([node], (2,))
+    np.testing.assert_array_equal(matrix.toarray(), m.toarray())
+    assert matrix.nnz == 2 and not bias.any()

@@ -107,7 +107,9 @@ def nonzero_bound(node: Node, in_shape) -> int:
 
 
 def _dense(node: Node, in_shape) -> tuple[sp.csr_array, np.ndarray]:
-    return sp.csr_array(node.params["matrix"]), np.asarray(node.params["bias"])
+    # a copy: a node's sparse params are frozen (read-only), and the chain's matrix is
+    # cleaned in place
+    return sp.csr_array(node.params["matrix"], copy=True), np.asarray(node.params["bias"])
 
 
 BUILDERS = {Op.CONV2D: _conv, Op.AVGPOOL2D: _avgpool, Op.GLOBALAVGPOOL: _global_pool,
