@@ -283,3 +283,27 @@ def test_reference_conv_matches_torch(rng, cin, cout, kernel, stride, padding, d
                                      torch.as_tensor(b), stride=stride, padding=padding,
                                      dilation=dilation, groups=groups).numpy()
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-12)
+
+
+def test_a_lowering_past_he_limits_is_a_refusal_not_a_compile_failure(monkeypatch):
+    """Some limits are only met once HE's lowering runs (EfficientNet-B0: a chain grows
+    past MAX_NONZEROS when a squeeze-excite broadcast is expanded): compile still
+    returns the polynomial graph, the estimate and simulate; mode "he" names why."""
+    import veil.compiler.pipeline as pipeline
+
+    real = pipeline.run_passes
+
+    def lowering_fails(graph, passes, options=None):
+        if tuple(passes) == tuple(HE.back):
+            raise CompileError("layer 'x' maps 1 to 2 values through too many weights")
+        return real(graph, passes, options)
+
+    monkeypatch.setattr(pipeline, "run_passes", lowering_fails)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    cal = np.random.default_rng(0).normal(size=(16, 4))
+    compiled = veil.compile(model, cal, degree=3)
+    assert compiled.result.plan is None
+    assert "too many weights" in compiled.result.he_refusal[1]
+    assert compiled.run(cal[:2], mode="simulate").shape == (2, 2)
+    with pytest.raises(CompileError, match="too many weights"):
+        compiled.result.he_plan()
