@@ -149,21 +149,25 @@ def _composite_relu(node: Node, x: np.ndarray, bits: int, margin: float):
     lo, hi, obs_lo, obs_hi = _range(x, margin)
     bound = COMPOSITE_HEADROOM * max(abs(lo), abs(hi))
     stages, _ = sign_stages(bits)
-    chain, src, value, stage_values = [], node.inputs[0], x, []
+    signs, src = [], node.inputs[0]
     for i, coeffs in enumerate(stages):
-        dom = (-bound, bound) if i == 0 else (-1.0, 1.0)
-        step = Node(f"{node.name}/sign{i}", Op.POLY, (src,), node.shape,
-                    {"coeffs": coeffs, "lo": dom[0], "hi": dom[1], "source": "sign"})
-        value = cheb_eval(value, coeffs, *dom)
-        stage_values.append(value)
-        chain.append(step)
-        src = step.name
-    chain.append(Node(node.name, Op.MUL, (node.inputs[0], src), node.shape))
-    approx = x * value
+        lo_i, hi_i = (-bound, bound) if i == 0 else (-1.0, 1.0)
+        signs.append(Node(f"{node.name}/sign{i}", Op.POLY, (src,), node.shape,
+                          {"coeffs": coeffs, "lo": lo_i, "hi": hi_i, "source": "sign"}))
+        src = signs[-1].name
+
+    def through(v: np.ndarray) -> list[np.ndarray]:     # each stage's value on v
+        out = []
+        for step in signs:
+            v = cheb_eval(v, step.attrs["coeffs"], step.attrs["lo"], step.attrs["hi"])
+            out.append(v)
+        return out
+
+    stage_values = through(x)
+    chain = signs + [Node(node.name, Op.MUL, (node.inputs[0], src), node.shape)]
+    approx = x * stage_values[-1]
     grid = np.linspace(-bound, bound, 4001)
-    g = grid
-    for i, coeffs in enumerate(stages):
-        g = cheb_eval(g, coeffs, *((-bound, bound) if i == 0 else (-1.0, 1.0)))
+    g = through(grid)[-1]
     relu = activation_fn(node)
     report = ActivationReport(
         node.name, node.op.value, max(len(c) - 1 for c in stages), -bound, bound, obs_lo,
