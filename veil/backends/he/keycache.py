@@ -81,24 +81,24 @@ class KeyCache:
 
     def _make_room(self, need: int, pinned: set[int]) -> None:
         while self._loaded and self.held + need > self.capacity:
+            # LRU order: earlier = less recently used = the larger tie-break
+            order = {k: -i for i, k in enumerate(self._loaded)}
             victims = [k for k in self._loaded if k not in pinned]
             if not victims:
                 return          # one step needs more than the budget: soft bound
-            k = max(victims, key=self._distance)
+            k = max(victims, key=lambda v: (self._distance(v), order[v]))
             self._drop(k)
             del self._loaded[k]
 
-    def _distance(self, k: int) -> tuple[float, int]:
-        """Larger is a better victim: layers until the next use, then LRU position
-        (earlier in the order = less recently used = larger)."""
-        lru = -list(self._loaded).index(k)
+    def _distance(self, k: int) -> float:
+        """Layers until ``k``'s next use (larger is a better victim; 0 without a
+        schedule, so least recently used decides)."""
         if not self._layers:
-            return (0.0, lru)
+            return 0.0
         n = len(self._layers)
         if k in self._layers[self._at % n] and k not in self._used_here:
-            return (0.0, lru)
+            return 0.0
         uses = self._uses.get(k)
         if not uses:
-            return (math.inf, lru)
-        ahead = [(u - self._at) % n or n for u in uses]
-        return (float(min(ahead)), lru)
+            return math.inf
+        return float(min((u - self._at) % n or n for u in uses))
