@@ -332,6 +332,10 @@ from resnet20_models import fashion32, load_resnet20
 
 model = load_resnet20().eval()
 _, _, xte, yte = fashion32()
+if SIZE != 32:     # nearest upsampling: the same network (it pools globally) on wider values
+    f = SIZE // 32
+    xte = xte.repeat(f, axis=2).repeat(f, axis=3)
+    xte, yte = xte[:SIM], yte[:SIM]
 x, y = xte[:N], yte[:N]
 t0 = time.perf_counter()
 compiled = veil.compile(model, xte[:64], degree=2)
@@ -363,6 +367,11 @@ for i in range(N):
            "encrypt_s": float(np.median(tm.encrypt_s)),
            "decrypt_s": float(np.median(tm.decrypt_s)),
            "bootstraps": int(sum(n.op is Op.BOOTSTRAP for n in lowered.nodes)),
+           "ciphertext_bootstraps": int(sum(compiled.result.plan.parts.get(n.name, 1)
+                                            for n in lowered.nodes
+                                            if n.op is Op.BOOTSTRAP)),
+           "parts": max([1, *compiled.result.plan.parts.values()]),
+           "size": SIZE,
            "depth": int(compiled.result.plan.depth),
            "rotation_keys": len(compiled.result.plan.rotations),
            "client_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -417,6 +426,11 @@ for name, model, opts in [
     rows.append({"name": name, "options": opts, "compile_s": compile_s,
                  "depth": None if plan is None else int(plan.depth),
                  "bootstraps": int(sum(n.op is Op.BOOTSTRAP for n in lowered.nodes)),
+           "ciphertext_bootstraps": int(sum(compiled.result.plan.parts.get(n.name, 1)
+                                            for n in lowered.nodes
+                                            if n.op is Op.BOOTSTRAP)),
+           "parts": max([1, *compiled.result.plan.parts.values()]),
+           "size": SIZE,
                  "rotation_keys": None if plan is None else len(plan.rotations),
                  "stages": list(acts[0].stages) if acts and acts[0].stages else None,
                  "relu_error": max((a.max_abs_error_range for a in acts), default=0.0),
@@ -531,17 +545,19 @@ def measure_activations(n: int) -> dict:
     return _script(ACTIVATIONS_SCRIPT, n)
 
 
-def measure_resnet20(n: int) -> dict:
+def measure_resnet20(n: int, size: int = 32, sim: int = 10000) -> dict:
     """ResNet-20 end to end through ``compiled.run(x, mode="he")`` on the first ``n``
     Fashion-MNIST test images (a fresh process; partial results survive in a file),
-    then plain and simulate accuracy on the whole test split."""
+    then plain and simulate accuracy on the whole test split. ``size`` 64 runs the same
+    network on images upsampled to 64x64 (its first stage's values, 16 x 64 x 64, take
+    two ciphertexts each), with accuracy on the first ``sim`` test images."""
     import tempfile
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "row.json")
-        proc = subprocess.run([sys.executable, "-c",
-                               f"N = {n}\nOUT = {out!r}\n" + RESNET20_RUN_SCRIPT],
+        head = f"N = {n}\nOUT = {out!r}\nSIZE = {size}\nSIM = {sim}\n"
+        proc = subprocess.run([sys.executable, "-c", head + RESNET20_RUN_SCRIPT],
                               stdout=subprocess.PIPE, text=True, cwd=ROOT)
         row = json.loads(open(out).read()) if os.path.exists(out) else {}
     if proc.returncode:
@@ -693,7 +709,45 @@ def render(data: dict) -> str:
     lines += _render_resnet20(data.get("resnet20"), chosen_full=next(
         (r for r in data.get("candidates", []) if r["name"] == FULL_SLOTS
          and "failed" not in r), None))
+    lines += _render_wide(data.get("wide"), data.get("resnet20"))
     return "\n".join(lines)
+
+
+def _render_wide(run: dict | None, base: dict | None) -> list[str]:
+    """ResNet-20 on 64x64 images: values of two ciphertexts, against the 32x32 run."""
+    if not run:
+        return []
+    head = ["## Values wider than one ciphertext: ResNet-20 on 64x64 images", ""]
+    if not run.get("images"):
+        return head + [f"failed before the first image: {run.get('failed')}", ""]
+    imgs, n = run["images"], len(run["images"])
+    server = np.array(run["server_s"])
+    agree = sum(r["he_argmax"] == r["plain_argmax"] for r in imgs)
+    ratio = (f"{np.median(server) / np.median(base['server_s']):.2f}x"
+             if base and base.get("server_s") else "-")
+    lines = head + [
+        f"`python bench/he_deep.py --wide {n}`: the same shipped ResNet-20 on Fashion-MNIST "
+        "test images upsampled (nearest) to 64x64, through `compiled.run(x, mode=\"he\")`. "
+        "Its first stage's values (16 x 64 x 64 = 65,536 numbers) do not fit one "
+        "ciphertext of 2^15 slots: each is cut between channels into "
+        f"{run['parts']} ciphertexts of 8 channels, and each convolution runs as a block "
+        "matrix over the parts, planned once on one part (`veil/compiler/tiles.py`). "
+        "Four times the pixels of the 32x32 run; the ratio column compares the median "
+        "server times of the two runs."
+        + (f" Stopped early: {run['failed']}." if run.get("failed") else ""), "",
+        "| images | ciphertexts per value (widest) | bootstraps (ciphertext bootstraps) "
+        "| rotation keys | keygen s | eval keys GiB | server s / image | vs 32x32 | "
+        "he = plain argmax | client / server peak RSS GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {n} | {run['parts']} | {run['bootstraps']} ({run['ciphertext_bootstraps']}) | "
+        f"{run['rotation_keys']} | {run['keygen_s']:.0f} | "
+        f"{run['eval_key_bytes'] / 2**30:.1f} | {np.median(server):.0f} | {ratio} | "
+        f"{agree}/{n} | {run['client_peak_rss'] / 2**30:.2f} / "
+        f"{run['server_peak_rss'] / 2**30:.2f} |", ""]
+    if "simulate_acc" in run:
+        lines += [f"On the first {run['test_images']} upsampled test images: plain "
+                  f"{run['plain_acc']:.2%}, simulate {run['simulate_acc']:.2%}.", ""]
+    return lines
 
 
 def _render_http(http: dict | None) -> list[str]:
@@ -813,6 +867,9 @@ def main() -> None:
                          "ReLU weights fitted or composite) on N test images")
     ap.add_argument("--http", type=int, default=0, metavar="N",
                     help="only ResNet-20 through veil.service and the SDK on N images")
+    ap.add_argument("--wide", type=int, default=0, metavar="N",
+                    help="only ResNet-20 on 64x64 images (values wider than one "
+                         "ciphertext) under HE on N images")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--keep-others", action="store_true",
                     help="keep the rows of candidates not re-run from the last results")
@@ -822,12 +879,15 @@ def main() -> None:
         return
     out = RESULTS / "he_deep.json"
     data = json.loads(out.read_text()) if out.exists() and args.keep_others else {}
-    if args.deep_only or args.resnet20_plan or args.resnet20 or args.activations or args.http:
+    if (args.deep_only or args.resnet20_plan or args.resnet20 or args.activations
+            or args.http or args.wide):
         data = json.loads(out.read_text()) if out.exists() else {}
     sections = [("http", "ResNet-20 over HTTP", lambda: measure_http(args.http)),
                 ("activations", "ResNet-20 activation choices",
                  lambda: measure_activations(args.activations)),
-                ("resnet20", "ResNet-20 under HE", lambda: measure_resnet20(args.images))]
+                ("resnet20", "ResNet-20 under HE", lambda: measure_resnet20(args.images)),
+                ("wide", "ResNet-20 at 64x64 under HE (values across ciphertexts)",
+                 lambda: measure_resnet20(args.wide, 64, 1000))]
     for key, what, measure in sections:
         if getattr(args, key):          # one section alone, the others' rows kept
             print(f"[he_deep] {what}", flush=True)

@@ -14,7 +14,7 @@ import veil
 import veil.compiler.passes as passes
 import veil.compiler.pipeline as pipeline
 from veil.backends.he.evaluator import Evaluator
-from veil.backends.he.layout import pack_inputs, unpack_outputs
+from veil.backends.he.layout import pack_inputs, pack_parts, unpack_outputs, unpack_parts
 from veil.backends.he.slot_engine import NumpySlotEngine
 from veil.compare.resnet20 import ResNet20
 from veil.compiler.layout import _assign_layouts, _client_entry
@@ -224,18 +224,23 @@ def test_a_server_bundle_with_sparse_layers_round_trips(sparse_resnet, tmp_path)
         ServerBundle.load(server_dir)
 
 
-def test_a_value_wider_than_one_ciphertext_is_refused_by_name(rng):
-    # 16 x 96 x 96 values exceed the 2^16 slots of the largest ring: packing one value
-    # across several ciphertexts is not built yet; compile, simulate and the report work
-    # and mode "he" says why it cannot run
+def test_a_value_wider_than_the_largest_ring_is_cut_into_ciphertexts(rng):
+    # 16 x 96 x 96 values exceed the 2^16 slots of the largest ring: at secure
+    # parameters each such value takes several 2^15-slot ciphertexts (veil.compiler.tiles)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(),
                           nn.Linear(16 * 96 * 96, 10))
     cal = rng.normal(size=(2, 3, 96, 96))
     compiled = veil.compile(model, cal, degree=7)
-    assert compiled.run(cal, mode="simulate").shape == (2, 10)
-    assert compiled.result.plan is None
-    with pytest.raises(CompileError, match="does not fit one ciphertext"):
-        compiled.run(cal[0], mode="he")
+    plan = compiled.result.plan
+    assert plan is not None and not plan.params.insecure_test_params
+    assert plan.params.slots == 1 << 15 and plan.input_parts == 1
+    assert max(plan.parts.values()) == 8           # 2 channels of 96 x 96 per part
+    lowered = compiled.result.lowered
+    eng = NumpySlotEngine(plan.params.slots, set(plan.rotations))
+    m = plan.manifest()
+    got = unpack_parts(Evaluator(lowered, plan).run_parts(
+        eng, pack_parts([cal[0]], m, plan.params.slots)), m, 1)
+    np.testing.assert_allclose(got, run(lowered, cal[:1]), atol=1e-8)
 
 
 def test_a_sparse_dense_node_lowers_in_a_chain_although_its_params_are_frozen():

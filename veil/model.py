@@ -12,7 +12,7 @@ import numpy as np
 
 from .compiler.approx import DEFAULT_DEGREE, DEFAULT_MARGIN
 from .compiler.pipeline import CompileResult, compile_graph
-from .errors import InputError
+from .errors import CompileError, InputError
 from .frontend import to_graph
 from .ir import run as interpret
 from .modes import SERVED, Mode, as_mode
@@ -254,6 +254,11 @@ class CompiledModel:
         With ``encrypted_weights=True`` the server bundle holds zeros instead of weights;
         the model owner then sends ``encrypt_weights(client_public_key)`` to the host.
         """
+        if encrypted_weights and self.result.he_plan().input_parts * max(
+                [1, *self.result.he_plan().parts.values()]) > 1:
+            raise CompileError("encrypted weights need every value within one ciphertext; "
+                               "this model's span several (raise max_slots, or export "
+                               "plaintext weights)")
         d = Path(directory)
         server = self.server_bundle()
         (server.without_weights() if encrypted_weights else server).save(d / "server")
@@ -307,8 +312,8 @@ class CompiledModel:
 def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
             degree: int | dict[str, int] = DEFAULT_DEGREE, margin: float = DEFAULT_MARGIN,
             layout: str = "latency", precision_bits: int | None = None,
-            insecure_test_params: bool = False, relu_bits: int | None = None
-            ) -> CompiledModel:
+            insecure_test_params: bool = False, relu_bits: int | None = None,
+            max_slots: int | None = None) -> CompiledModel:
     """Compile a torch ``nn.Module`` or ONNX model (file or ModelProto) for private inference.
 
     Args:
@@ -329,6 +334,10 @@ def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
             at 12-20 levels per ReLU, so a deep model bootstraps after most of them.
             Default: one Chebyshev fit of ``degree`` (or a model fine-tuned for low
             degree, :mod:`veil.finetune`).
+        max_slots: the most slots (a power of two) one HE ciphertext holds; a wider
+            value is cut into several ciphertexts (:mod:`veil.compiler.tiles`).
+            Default: 2^15 (the bootstrapping ring's slots; for a model that does not
+            bootstrap, wider rings cost more than the parts they save).
 
     Returns:
         A :class:`CompiledModel`.
@@ -342,7 +351,8 @@ def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
     graph = to_graph(model, shape)
     result = compile_graph(graph, calibration, degree=degree, margin=margin,
                            insecure_test_params=insecure_test_params, layout=layout,
-                           precision_bits=precision_bits, relu_bits=relu_bits)
+                           precision_bits=precision_bits, relu_bits=relu_bits,
+                           max_slots=max_slots)
     lo, hi = float(calibration.min()), float(calibration.max())
     width = max(hi - lo, 1e-6)
     # Each layer's input range on the calibration batch, from the approximation pass's

@@ -26,6 +26,11 @@ class DensePlan:
     ``d = (g2 * giant2 + g) * baby_step + r``: baby rotations by ``r`` (hoisted), giant
     rotations by ``g * baby_step`` and, when ``giant2`` > 0, outer rotations by
     ``g2 * giant2 * baby_step`` (a three-level split that needs fewer keys).
+
+    A layer between values wider than one ciphertext (:mod:`.tiles`) runs the plan on
+    every non-zero block (j, i) in ``blocks``: input part i (``in_chunk`` elements of
+    ``in_parts``) into output part j (``out_chunk`` of ``out_parts``); the positions
+    and diagonals are those of one part, shared by all blocks.
     """
 
     in_period: int
@@ -39,6 +44,11 @@ class DensePlan:
     centered2: bool = False
     in_positions: tuple[int, ...] | None = None
     out_positions: tuple[int, ...] | None = None
+    blocks: tuple[tuple[int, int], ...] | None = None    # None: one ciphertext each side
+    in_chunk: int = 0
+    out_chunk: int = 0
+    in_parts: int = 1
+    out_parts: int = 1
 
     def expanded_fold_steps(self) -> tuple[int, ...]:
         """Folds of a client-expanded layer: sum the blocks, then the wide-map folds."""
@@ -76,7 +86,15 @@ class DensePlan:
         babies = {r for _, _, r in parts} - {0}
         giants = {(g2, g) for g2, g, _ in parts if g}
         outers = {g2 for g2, _, _ in parts} - {0}
-        return 0.5 * len(babies) + len(giants) + len(outers) + len(self.fold_steps)
+        # a tiled layer: baby steps once per input part, the rest once per output part
+        return (0.5 * len(babies) * self.in_parts
+                + (len(giants) + len(outers) + len(self.fold_steps)) * self.out_parts)
+
+    def products(self) -> int:
+        """Ciphertext-plaintext products one evaluation performs (at most)."""
+        if self.input_blocks:
+            return 1
+        return len(self.diagonals) * (len(self.blocks) if self.blocks else 1)
 
     def positions(self, side: str, size: int) -> np.ndarray:
         pos = self.in_positions if side == "in" else self.out_positions
@@ -91,16 +109,26 @@ class DensePlan:
         for key in ("in_positions", "out_positions"):
             if getattr(self, key) is not None:
                 d[key] = list(getattr(self, key))
+        if self.blocks is not None:
+            d.update(blocks=[list(b) for b in self.blocks], in_chunk=self.in_chunk,
+                     out_chunk=self.out_chunk, in_parts=self.in_parts,
+                     out_parts=self.out_parts)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "DensePlan":
         pos = {k: (tuple(int(v) for v in d[k]) if d.get(k) is not None else None)
                for k in ("in_positions", "out_positions")}
+        tiled = {}
+        if d.get("blocks") is not None:
+            tiled = {"blocks": tuple((int(j), int(i)) for j, i in d["blocks"]),
+                     **{k: int(d[k]) for k in ("in_chunk", "out_chunk", "in_parts",
+                                               "out_parts")}}
         return cls(int(d["in_period"]), int(d["out_period"]), tuple(d["diagonals"]),
                    int(d["baby_step"]), tuple(d["fold_steps"]),
                    bool(d.get("centered", False)), int(d.get("input_blocks", 0)),
-                   int(d.get("giant2", 0)), bool(d.get("centered2", False)), **pos)
+                   int(d.get("giant2", 0)), bool(d.get("centered2", False)), **pos,
+                   **tiled)
 
 
 def nonzeros(matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -329,8 +357,7 @@ COST = {"rotation": 1.0, "pt_mult": 0.05, "scalar_term": 0.03, "square": 0.7}
 
 def _layer_work(plan: DensePlan) -> float:
     """One evaluation of a dense layer in rotation units: rotations and products."""
-    mults = 1 if plan.input_blocks else len(plan.diagonals)
-    return plan.rotation_count() * COST["rotation"] + mults * COST["pt_mult"]
+    return plan.rotation_count() * COST["rotation"] + plan.products() * COST["pt_mult"]
 
 
 def dense_cost(plan: DensePlan, key_weight: float = KEY_WEIGHT, free_keys=frozenset(),

@@ -57,6 +57,24 @@ def _grid_candidates(node, in_grid, slots: int):
     sy2, sx2 = sy * sy_s, sx * sx_s
     footprint = (h - 1) * sy2 + (w - 1) * sx2 + 1
     phases = sorted({py * sy + px * sx for py in range(sy_s) for px in range(sx_s)})
+    out = _phase_candidates(shape, sy2, sx2, footprint, phases, slots)
+    if not out and (sy2 > 1 or sx2 > 1):
+        # the input grid already has gaps of its own (an earlier strided layer): any
+        # offset inside a pixel's cell keeps the diagonals pixel-independent, so fill
+        # every gap, x-phases within a row's stride and y-phases within a row's span
+        # (the multiplexing of Lee et al. carried through several strided stages)
+        span = next_pow2((w - 1) * sx2 + 1)
+        cells = sorted({py * span + px for py in range(max(sy2 // span, 1))
+                        for px in range(sx2)})
+        out = _phase_candidates(shape, sy2, sx2, footprint, cells, slots)
+    return out
+
+
+def _phase_candidates(shape, sy2: int, sx2: int, footprint: int, phases: list[int],
+                      slots: int):
+    """Grids for ``shape`` with pixel strides (sy2, sx2), channels interleaved at the
+    first 1, 2, 4, ... of ``phases`` in each power-of-two block."""
+    c, h, w = shape
     out = []
     for nph in (1 << t for t in range(len(phases).bit_length())
                 if 1 << t <= len(phases)):

@@ -20,8 +20,9 @@ from, where both paths read the fresh copy, keeping each move that lowers the to
 count (a residual network: one bootstrap per two blocks instead of per block when two
 fit). Orion (Ebel et al. 2023) solves the same constraint exactly with a shortest path
 over levels; EVA (Dathathri et al. 2020) places rescales by the "as late as possible"
-rule. Minimising the
-bootstrapped slot count across several ciphertexts is left to the structured HE layouts.
+rule. A value cut into
+several ciphertexts (:mod:`.tiles`) bootstraps each of them; the placement counts one
+per value, not per ciphertext.
 
 OpenFHE's bootstrap needs its input in [-1, 1]. The pass runs the calibration batch
 through the graph and records the largest magnitude of every bootstrapped value. A

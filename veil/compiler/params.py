@@ -196,8 +196,8 @@ def select_params(depth: int, min_slots: int, *, insecure_test_params: bool = Fa
     widest = max(HE_STD_128_LOGQP) // 2
     if min_slots > widest:
         raise CompileError(f"a value of {min_slots} slots does not fit one ciphertext "
-                           f"({widest} slots at most); packing one value across several "
-                           "ciphertexts is not built yet")
+                           f"({widest} slots at most); plan_he cuts such values into "
+                           "several ciphertexts (veil.compiler.tiles)")
     raise CompileError(f"depth {depth} does not fit a ring of at most 2^17 at 128-bit "
                        "security; lower the polynomial degrees")
 

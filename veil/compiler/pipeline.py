@@ -90,7 +90,8 @@ def compile_graph(graph: Graph, calibration: np.ndarray, *,
                   margin: float = DEFAULT_MARGIN,
                   insecure_test_params: bool = False, layout: str = "latency",
                   precision_bits: int | None = None,
-                  relu_bits: int | None = None) -> CompileResult:
+                  relu_bits: int | None = None,
+                  max_slots: int | None = None) -> CompileResult:
     """Run the HE target's passes on ``graph`` with ``calibration`` data.
 
     Always returns the polynomial graph and the HE cost estimate; the slot plan only
@@ -103,6 +104,9 @@ def compile_graph(graph: Graph, calibration: np.ndarray, *,
     _check_calibration(graph, calibration)
     if layout not in LAYOUTS:
         raise CompileError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if max_slots is not None and (not isinstance(max_slots, int) or max_slots < 2
+                                  or max_slots & (max_slots - 1)):
+        raise CompileError(f"max_slots must be a power of two, got {max_slots!r}")
     check_ops(graph, "simulate")     # what HE's slot evaluator cannot run is refused later,
     # by name, when mode "he" asks for the plan (``he_refusal``); the estimate prices it
     options = {"calibration": calibration, "degree": degree, "margin": margin,
@@ -136,7 +140,7 @@ def compile_graph(graph: Graph, calibration: np.ndarray, *,
                              est, refusal)
     try:
         plan = plan_he(lowered, insecure_test_params=insecure_test_params, layout=layout,
-                       precision_bits=precision_bits)
+                       precision_bits=precision_bits, max_slots=max_slots)
     except CompileError as exc:      # e.g. a value wider than one ciphertext
         refusal = (type(exc), str(exc), {})
         note = PassNote("plan_he", [f"HE cannot run this model: {exc}"])

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from ..backends.he.layout import gather_features, pack_inputs, unpack_outputs
+from ..backends.he.layout import gather_features, pack_parts, part_names, unpack_parts
 from ..backends.he.openfhe_engine import ClientCrypto
 from ..errors import InputError, KeyMismatchError, MissingKeyError, SerializationError
 from ..wire import pack, unpack
@@ -114,8 +114,10 @@ class ModelClient:
     def _encrypt_lanes(self, xs: list) -> bytes:
         arrs = self._checked(xs)
         slots = self.bundle.params.slots
-        ct = self._crypto.encrypt(pack_inputs(arrs, self.bundle.manifest, slots))
-        return pack(CIPHERTEXT_KIND, {"ct": ct}, {
+        vectors = pack_parts(arrs, self.bundle.manifest, slots)
+        cts = {name: self._crypto.encrypt(v) for name, v in zip(part_names(len(vectors)),
+                                                                 vectors)}
+        return pack(CIPHERTEXT_KIND, cts, {
             "model": self.bundle.model_id, "tag": self._crypto.tag, "role": "input",
             "count": len(arrs), "insecure": self.bundle.params.insecure_test_params})
 
@@ -182,8 +184,11 @@ class ModelClient:
                 raise SerializationError("feature-layout output has the wrong size")
             cols = [self._crypto.decrypt(parts[f"o{i}"], count) for i in range(len(parts))]
             return np.stack(cols, axis=1).reshape((count,) + shape)
-        values = self._crypto.decrypt(parts["ct"], self.bundle.params.slots)
-        return unpack_outputs(values, self.bundle.manifest, count)
+        names = part_names(int(self.bundle.manifest["output"].get("parts", 1)))
+        if sorted(parts) != sorted(names):
+            raise SerializationError(f"expected a model output of {len(names)} ciphertexts")
+        values = [self._crypto.decrypt(parts[n], self.bundle.params.slots) for n in names]
+        return unpack_parts(values, self.bundle.manifest, count)
 
     def decrypt(self, blob: bytes) -> np.ndarray:
         """Decrypt a server result for one input into an array of the output shape."""

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..backends.he.evaluator import Evaluator
 from ..backends.he.features import FeatureEvaluator
+from ..backends.he.layout import part_names
 from ..backends.he.openfhe_engine import (DEFAULT_KEY_CACHE_BYTES, EvaluationSession,
                                           native_tag, payload_validator)
 from ..backends.he.validate import PayloadValidator
@@ -80,12 +81,16 @@ class ServerSession:
         if header.get("layout") == "features":
             return self._run_features(header, parts)
         count = header.get("count", 1)
-        if header.get("role") != "input" or "ct" not in parts or not isinstance(count, int) \
-                or not 1 <= count <= self._server.evaluator.plan.lanes:
-            raise SerializationError("expected a model input ciphertext")
-        ct = self._engine.load(parts["ct"])
-        out = self._server.evaluator.run(self._engine, ct)
-        return pack(CIPHERTEXT_KIND, {"ct": self._engine.dump(out)},
+        plan = self._server.evaluator.plan
+        names = part_names(plan.input_parts)
+        if header.get("role") != "input" or sorted(parts) != sorted(names) \
+                or not isinstance(count, int) or not 1 <= count <= plan.lanes:
+            raise SerializationError(f"expected a model input of {len(names)} ciphertext"
+                                     + ("s" if len(names) > 1 else ""))
+        cts = [self._engine.load(parts[n]) for n in names]
+        outs = self._server.evaluator.run_parts(self._engine, cts)
+        return pack(CIPHERTEXT_KIND, {n: self._engine.dump(c) for n, c in
+                                      zip(part_names(len(outs)), outs)},
                     {"model": self._server.bundle.model_id, "tag": self.tag,
                      "role": "output", "count": count,
                      "insecure": self._server.bundle.params.insecure_test_params})

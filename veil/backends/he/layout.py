@@ -5,6 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 
+def part_names(parts: int) -> list[str]:
+    """Names of a request's or result's ciphertexts on the wire, one per part."""
+    return ["ct"] + [f"ct{i}" for i in range(1, parts)]
+
+
 def tile(values: np.ndarray, period: int, slots: int,
          positions: np.ndarray | None = None) -> np.ndarray:
     """Place ``values`` in a block of ``period`` slots (element k at ``positions[k]``,
@@ -44,12 +49,25 @@ def apply_gather(values: np.ndarray, spec: dict) -> np.ndarray:
 
 def encode_input(values: np.ndarray, spec: dict, positions: int) -> np.ndarray:
     """Position vector for one input according to the manifest's ``input`` entry."""
+    if int(spec.get("parts", 1)) != 1:
+        raise ValueError("this input spans several ciphertexts: use encode_parts")
+    return encode_parts(values, spec, positions)[0]
+
+
+def encode_parts(values: np.ndarray, spec: dict, positions: int) -> list[np.ndarray]:
+    """Position vectors of one input, one per ciphertext it takes: ``spec["parts"]``
+    chunks of ``spec["chunk"]`` consecutive elements (see ``veil.compiler.tiles``),
+    each in the planner's layout of one part."""
     values = apply_gather(values, spec)
     where = spec.get("positions")   # the planner's slot grid for the input, if any
     if spec.get("layout", "replicated") == "expanded":
-        return expanded(values, spec["period"], spec["block"], spec["shifts"],
-                        spec["blocks"], positions, where)
-    return tile(values, spec["period"], positions, where)
+        return [expanded(values, spec["period"], spec["block"], spec["shifts"],
+                         spec["blocks"], positions, where)]
+    parts, chunk = int(spec.get("parts", 1)), int(spec.get("chunk", values.size))
+    padded = np.zeros(parts * chunk)
+    padded[:values.size] = values
+    return [tile(padded[p * chunk:(p + 1) * chunk], spec["period"], positions, where)
+            for p in range(parts)]
 
 
 def interleave(vectors: list[np.ndarray], lanes: int) -> np.ndarray:
@@ -73,17 +91,38 @@ def lane_outputs(slots: np.ndarray, lanes: int, count: int, size: int) -> np.nda
 
 def pack_inputs(xs: list[np.ndarray], manifest: dict, slots: int) -> np.ndarray:
     """Slot vector carrying up to ``manifest['lanes']`` inputs, one per lane."""
+    vectors = pack_parts(xs, manifest, slots)
+    if len(vectors) != 1:
+        raise ValueError("this input spans several ciphertexts: use pack_parts")
+    return vectors[0]
+
+
+def pack_parts(xs: list[np.ndarray], manifest: dict, slots: int) -> list[np.ndarray]:
+    """One slot vector per ciphertext of the input (``manifest['input']['parts']``),
+    each carrying that part of up to ``manifest['lanes']`` inputs, one per lane."""
     lanes = int(manifest.get("lanes", 1))
     positions = slots // lanes
-    return interleave([encode_input(x, manifest["input"], positions) for x in xs], lanes)
+    encoded = [encode_parts(x, manifest["input"], positions) for x in xs]
+    return [interleave([e[p] for e in encoded], lanes) for p in range(len(encoded[0]))]
 
 
 def unpack_outputs(values: np.ndarray, manifest: dict, count: int) -> np.ndarray:
     """Outputs of the first ``count`` lanes, shape (count, *output shape)."""
-    shape = tuple(manifest["output"]["shape"])
+    return unpack_parts([values], manifest, count)
+
+
+def unpack_parts(vectors: list[np.ndarray], manifest: dict, count: int) -> np.ndarray:
+    """Outputs of the first ``count`` lanes from the output's ciphertexts (one per
+    part, in order), shape (count, *output shape)."""
+    out = manifest["output"]
+    shape = tuple(out["shape"])
     size = int(np.prod(shape))
-    return lane_outputs(values, int(manifest.get("lanes", 1)), count, size).reshape(
-        (count,) + shape)
+    parts, chunk = int(out.get("parts", 1)), int(out.get("chunk", size))
+    if len(vectors) != parts:
+        raise ValueError(f"the output takes {parts} ciphertexts, got {len(vectors)}")
+    lanes = int(manifest.get("lanes", 1))
+    pieces = [lane_outputs(v, lanes, count, chunk) for v in vectors]
+    return np.concatenate(pieces, axis=1)[:, :size].reshape((count,) + shape)
 
 
 def gather_features(xs: list[np.ndarray], manifest: dict, slots: int) -> np.ndarray:
