@@ -21,7 +21,7 @@ from veil.compiler.layout import _assign_layouts, _client_entry
 from veil.compiler.plan import BOOT_KEY_WEIGHT
 from veil.compiler.sparse import chain_matrix
 from veil.deploy.bundle import ServerBundle
-from veil.errors import BundleError, CompileError
+from veil.errors import BundleError
 from veil.ir import Graph, Op, eval_node, make_node, run
 from veil.ir.serialize import graph_from_json, graph_to_json
 
