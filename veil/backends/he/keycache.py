@@ -14,7 +14,8 @@ evaluation order once (:meth:`KeyCache.schedule`) and the layer it enters
 now, one already used there by the distance in layers to the next layer that uses it
 (inferences repeat, so the schedule wraps around). Without a schedule the rule falls
 back to least recently used. The capacity is a soft bound: keys one step needs at once
-(a layer's hoisted baby steps) are loaded even when they alone exceed it.
+are loaded even when they alone exceed it (the engine asks for one key per rotation,
+hoisted baby steps included, so only a budget below one key is exceeded).
 """
 from __future__ import annotations
 

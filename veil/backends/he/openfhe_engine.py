@@ -332,14 +332,17 @@ class EvaluationSession:
     def rotate_hoisted(self, a, ks):
         for k in ks:
             self._require_rotation(k)
-        if self._keys is not None:
-            self._keys.require([int(k) for k in ks])
         digits = self._native(self.cc.EvalFastRotationPrecompute, a)
         if self._keys is None:
             return {k: self._native(self.cc.EvalFastRotation, a, int(k), digits)
                     for k in ks}
-        return {k: self._under(int(k), self.cc.EvalFastRotation, a, int(k), digits)
-                for k in ks}
+        # the digits need no key: each rotation loads its own key when it runs, so a
+        # layer with more baby steps than the key budget holds stays within it
+        out = {}
+        for k in ks:
+            self._keys.require([int(k)])
+            out[k] = self._under(int(k), self.cc.EvalFastRotation, a, int(k), digits)
+        return out
 
     def _under(self, k: int, fn, a, *args):
         """``fn(a, *args)`` with ``a`` tagged as rotation key ``k``'s own native tag
