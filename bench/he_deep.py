@@ -708,7 +708,7 @@ def render(data: dict) -> str:
     lines += _render_http(data.get("http"))
     lines += _render_resnet20(data.get("resnet20"), chosen_full=next(
         (r for r in data.get("candidates", []) if r["name"] == FULL_SLOTS
-         and "failed" not in r), None))
+         and "failed" not in r), None), recheck=data.get("recheck"))
     lines += _render_wide(data.get("wide"), data.get("resnet20"))
     return "\n".join(lines)
 
@@ -799,7 +799,21 @@ def _render_activations(act: dict | None) -> list[str]:
     return lines + [""]
 
 
-def _render_resnet20(run: dict | None, chosen_full: dict | None) -> list[str]:
+def _recheck_lines(run: dict | None) -> list[str]:
+    if not run or not run.get("images"):
+        return []
+    imgs, n = run["images"], len(run["images"])
+    agree = sum(r["he_argmax"] == r["plain_argmax"] for r in imgs)
+    return [f"Rechecked on the code of {run.get('when', '?')} "
+            f"(`python bench/he_deep.py --recheck {n}`): server "
+            f"{np.median(run['server_s']):.0f} s per image (median of {n}), keygen "
+            f"{run['keygen_s']:.0f} s, he = plain argmax {agree}/{n}, peak RSS client "
+            f"{run['client_peak_rss'] / 2**30:.2f} / server "
+            f"{run['server_peak_rss'] / 2**30:.2f} GiB.", ""]
+
+
+def _render_resnet20(run: dict | None, chosen_full: dict | None,
+                     recheck: dict | None = None) -> list[str]:
     if not run:
         return []
     head = ["## ResNet-20 end to end under HE", ""]
@@ -839,6 +853,7 @@ def _render_resnet20(run: dict | None, chosen_full: dict | None) -> list[str]:
         lines += [f"Accuracy on all {run['test_images']} test images: plain "
                   f"{run['plain_acc']:.2%}, simulate {run['simulate_acc']:.2%} "
                   f"(simulate took {run['simulate_s']:.0f} s).", ""]
+    lines += _recheck_lines(recheck)
     lines += ["Anchors: LowMemoryFHEResNet20 (OpenFHE) < 300 s on 8-10 cores in 11.6-15.1 "
               "GB; FHEON 403 s; Lee et al. ICML 2022 2,189 s on one thread; Orion 1.0.2 "
               "was OOM-killed on this machine generating its ResNet-20 bootstrappers.", ""]
@@ -870,6 +885,9 @@ def main() -> None:
     ap.add_argument("--wide", type=int, default=0, metavar="N",
                     help="only ResNet-20 on 64x64 images (values wider than one "
                          "ciphertext) under HE on N images")
+    ap.add_argument("--recheck", type=int, default=0, metavar="N",
+                    help="only ResNet-20 (32x32) under HE on N images, kept beside the "
+                         "--resnet20 rows (a check of a later change)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--keep-others", action="store_true",
                     help="keep the rows of candidates not re-run from the last results")
@@ -880,18 +898,20 @@ def main() -> None:
     out = RESULTS / "he_deep.json"
     data = json.loads(out.read_text()) if out.exists() and args.keep_others else {}
     if (args.deep_only or args.resnet20_plan or args.resnet20 or args.activations
-            or args.http or args.wide):
+            or args.http or args.wide or args.recheck):
         data = json.loads(out.read_text()) if out.exists() else {}
     sections = [("http", "ResNet-20 over HTTP", lambda: measure_http(args.http)),
                 ("activations", "ResNet-20 activation choices",
                  lambda: measure_activations(args.activations)),
                 ("resnet20", "ResNet-20 under HE", lambda: measure_resnet20(args.images)),
                 ("wide", "ResNet-20 at 64x64 under HE (values across ciphertexts)",
-                 lambda: measure_resnet20(args.wide, 64, 1000))]
+                 lambda: measure_resnet20(args.wide, 64, 1000)),
+                ("recheck", "ResNet-20 under HE, a few images on the current code",
+                 lambda: measure_resnet20(args.recheck))]
     for key, what, measure in sections:
         if getattr(args, key):          # one section alone, the others' rows kept
             print(f"[he_deep] {what}", flush=True)
-            data[key] = measure()
+            data[key] = {**measure(), "when": time.strftime("%Y-%m-%d %H:%M")}
             out.write_text(json.dumps(data, indent=1))
             (RESULTS / "he_deep.md").write_text(render(data))
             return

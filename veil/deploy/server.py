@@ -85,8 +85,8 @@ class ServerSession:
         names = part_names(plan.input_parts)
         if header.get("role") != "input" or sorted(parts) != sorted(names) \
                 or not isinstance(count, int) or not 1 <= count <= plan.lanes:
-            raise SerializationError(f"expected a model input of {len(names)} ciphertext"
-                                     + ("s" if len(names) > 1 else ""))
+            raise SerializationError("expected a model input ciphertext" + (
+                f" in {len(names)} parts ({', '.join(names)})" if len(names) > 1 else ""))
         cts = [self._engine.load(parts[n]) for n in names]
         outs = self._server.evaluator.run_parts(self._engine, cts)
         return pack(CIPHERTEXT_KIND, {n: self._engine.dump(c) for n, c in
