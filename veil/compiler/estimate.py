@@ -1,10 +1,12 @@
 """What HE would cost for any graph, from its structure alone: depth, bootstraps,
 ciphertexts, rotation keys and their memory, and latency.
 
-The slot planner (:mod:`.plan`) needs every affine chain as one dense matrix and every
-value in one ciphertext; that stops at MNIST-size models. This estimate needs neither:
-it walks the polynomial graph (activations already fitted) with a packing model for
-multi-channel convolutions, so it answers for ResNets at 224x224 in milliseconds.
+The slot planner (:mod:`.plan`) needs every affine chain as a matrix (sparse, built
+from its kernels, up to ``MAX_NONZEROS`` weights) and plans every layer's diagonals,
+which takes minutes at ResNet scale and stops short of ResNets at 224x224. This
+estimate needs neither: it walks the polynomial graph (activations already fitted) with
+a packing model for multi-channel convolutions, so it answers for any of them in
+milliseconds.
 
 Levels follow the lowering the planner uses, so the two agree where both apply (a
 test checks it): a maximal chain of affine ops is one plaintext-weight product and
