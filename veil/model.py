@@ -254,8 +254,7 @@ class CompiledModel:
         With ``encrypted_weights=True`` the server bundle holds zeros instead of weights;
         the model owner then sends ``encrypt_weights(client_public_key)`` to the host.
         """
-        if encrypted_weights and self.result.he_plan().input_parts * max(
-                [1, *self.result.he_plan().parts.values()]) > 1:
+        if encrypted_weights and self.result.he_plan().parts:   # values cut into parts
             raise CompileError("encrypted weights need every value within one ciphertext; "
                                "this model's span several (raise max_slots, or export "
                                "plaintext weights)")

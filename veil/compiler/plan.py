@@ -19,7 +19,7 @@ from .dense import (COST, KEY_WEIGHT, DensePlan, _layer_work, dense_cost,  # noq
                     nonzeros, normalize_rotation, plan_dense, slot_diagonals)
 from .layout import _assign_layouts, _client_entry, _expand_first_layer
 from .levels import check_levels, graph_depth, node_levels
-from .tiles import is_tiled, surrogate, tiles_of
+from .tiles import surrogate, tiles_of
 from .params import (FIRST_MOD_HEADROOM, HE_STD_128_LOGQP, INSECURE_RING_DIM,  # noqa: F401
                      PRECISION_LOSS_BITS, SCALING_BITS_CHOICES, CKKSParams,
                      bootstrap_params, chebyshev_depth, keyswitch_cost, next_pow2,
@@ -114,15 +114,14 @@ def plan_he(graph: Graph, *, insecure_test_params: bool = False,
                         .ring_dim // 2 if boots else TILE_SLOTS)
     if cap & (cap - 1):
         raise CompileError(f"max_slots must be a power of two, not {cap}")
-    tiles = tiles_of(graph, entry, cap) if min_slots > cap else None
+    # a value wider than cap is cut into two parts or more (tiles.tile_of)
+    tiles = tiles_of(graph, cap) if min_slots > cap else None
     work, work_entry, blocks = graph, entry, {}
-    if tiles is not None and is_tiled(tiles):
+    if tiles is not None:
         # plan one part of every value; the client cuts its input (a gather included)
         work, blocks = surrogate(graph, entry, tiles)
         work_entry = work.input
         min_slots = cap
-    else:
-        tiles = None
     if boots:
         # bootstrapping: one input per ciphertext, in a sparse batch of the slots the
         # widest value needs or a wider one when the layouts it allows (strided grids

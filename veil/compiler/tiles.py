@@ -56,13 +56,17 @@ def tile_of(shape: tuple[int, ...], slots: int) -> Tile:
     return Tile((slots,), -(-n // slots))
 
 
-def tiles_of(graph: Graph, entry: Node, slots: int) -> dict[str, Tile]:
+def tiles_of(graph: Graph, slots: int) -> dict[str, Tile]:
     """The cut of every value (the client's entry value included)."""
     return {n.name: tile_of(n.shape, slots) for n in graph.nodes}
 
 
-def is_tiled(tiles: dict[str, Tile]) -> bool:
-    return any(t.parts > 1 for t in tiles.values())
+def part(values: np.ndarray, p: int, chunk: int) -> np.ndarray:
+    """Part ``p`` of a flat vector cut into chunks of ``chunk`` (the last zero-padded)."""
+    out = np.zeros(chunk)
+    piece = np.ravel(values)[p * chunk:(p + 1) * chunk]
+    out[:piece.size] = piece
+    return out
 
 
 def block(matrix, j: int, i: int, in_chunk: int, out_chunk: int):

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 from ...compiler.levels import SLOT_OPS
 from ...compiler.plan import DensePlan, HEPlan, normalize_rotation, slot_diagonals
-from ...compiler.tiles import block
+from ...compiler.tiles import block, part
 from ...errors import CompileError
 from ...ir import Graph, Op
 from .layout import spread, tile
@@ -210,11 +210,7 @@ class PreparedDense:
             parts = {i: self._diagonals(block(matrix, j, i, plan.in_chunk, plan.out_chunk))
                      for i in by_out.get(j, ())}
             groups = self._grouped(parts, keep_zero=False)
-            lo = j * plan.out_chunk
-            chunk_bias = np.zeros(plan.out_chunk)
-            piece = np.asarray(bias)[lo:lo + plan.out_chunk]
-            chunk_bias[:piece.size] = piece
-            bias_vec = spread(tile(chunk_bias, plan.out_period, positions,
+            bias_vec = spread(tile(part(bias, j, plan.out_chunk), plan.out_period, positions,
                                    plan.positions("out", plan.out_chunk)), self.lanes)
             if groups:
                 total = self._accumulate(engine, groups, rots,

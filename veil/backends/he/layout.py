@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...compiler.tiles import part
+
 
 def part_names(parts: int) -> list[str]:
     """Names of a request's or result's ciphertexts on the wire, one per part."""
@@ -64,9 +66,7 @@ def encode_parts(values: np.ndarray, spec: dict, positions: int) -> list[np.ndar
         return [expanded(values, spec["period"], spec["block"], spec["shifts"],
                          spec["blocks"], positions, where)]
     parts, chunk = int(spec.get("parts", 1)), int(spec.get("chunk", values.size))
-    padded = np.zeros(parts * chunk)
-    padded[:values.size] = values
-    return [tile(padded[p * chunk:(p + 1) * chunk], spec["period"], positions, where)
+    return [tile(part(values, p, chunk), spec["period"], positions, where)
             for p in range(parts)]
 
 
