@@ -417,14 +417,14 @@ def test_onnx_gelu_opset20():
 
 @pytest.mark.parametrize("node, inits, words", [
     (helper.make_node("Softmax", ["x"], ["y"], name="sm", axis=1), {}, ["Softmax", "'sm'"]),
-    (helper.make_node("Div", ["x", "x"], ["y"], name="ratio"), {},
-     ["Div", "'ratio'", "two tensors"]),
+    (helper.make_node("Div", ["c", "x"], ["y"], name="ratio"), {"c": np.ones(1)},
+     ["Div", "'ratio'", "constant by a tensor"]),
     (helper.make_node("MaxPool", ["x"], ["y"], name="mp", kernel_shape=[2, 2],
                       dilations=[2, 2]), {}, ["MaxPool", "dilations"]),
     (helper.make_node("Conv", ["x", "w"], ["y"], name="pconv", pads=[0, 0, 1, 1]),
      {"w": np.ones((4, 4, 1, 1))}, ["asymmetric"]),
     (helper.make_node("Mul", ["x", "x2"], ["y"], name="m"),
-     {"x2": np.arange(36.0).reshape(4, 3, 3)}, ["'m'", "varies within a channel"]),
+     {"x2": np.arange(72.0).reshape(2, 4, 3, 3)}, ["'m'", "batch axis"]),
 ])
 def test_onnx_unsupported(node, inits, words):
     model = _model([node], inits, ["N", 4, 3, 3], ["N", "C", "H", "W"])

@@ -23,6 +23,7 @@ LAYERS = {
     "modes": 1,
     "ir": 2,                                   # the graph, its op registry, interpreter
     "frontend": 3, "compiler": 3,              # PyTorch/ONNX -> ir; ir -> lowered ir
+    "text": 3,                                 # MiniLM wrapper, client tokenizer, text data
     "backends": 4,                             # he | mpc | tee kernels and processes
     "deploy": 5,                               # roles, bundles, export folder, launchers
     "model": 6, "finetune": 6,                 # the verbs: compile, run, export, finetune

@@ -83,10 +83,36 @@ CASES = {
     "poly": (_unary(Op.POLY, coeffs=(0.1, 0.5, 0.2, -0.05), lo=-3.0, hi=3.0), Op.POLY),
     "gather": (_unary(Op.GATHER, indices=(0, 5, -1, 143, 7)), Op.GATHER),
     "bootstrap_scaled": (_unary(Op.BOOTSTRAP, bound=4.0), Op.BOOTSTRAP),
+    # transformers
+    "embed": (_graph(("y", Op.EMBED, ["x"], {}, {"table": _w(11, 4)}), input_shape=(2, 5)),
+              Op.EMBED),
+    "slice": (_unary(Op.SLICE, axis=1, start=1, stop=4), Op.SLICE),
+    "transpose": (_unary(Op.TRANSPOSE, perm=(2, 0, 1)), Op.TRANSPOSE),
+    "affine": (_graph(("y", Op.AFFINE, ["x"], {}, {"scale": _w(6, 6), "shift": _w(6)})),
+               Op.AFFINE),
+    "affine_shift_only": (_graph(("y", Op.AFFINE, ["x"], {},
+                                  {"scale": np.ones(1), "shift": _w(6, 6)})), Op.AFFINE),
+    "matmul_heads": (_graph(("t", Op.TRANSPOSE, ["x"], {"perm": (0, 2, 1)}, {}),
+                            ("y", Op.MATMUL, ["x", "t"], {}, {})), Op.MATMUL),
+    "matmul_broadcast": (_graph(("s", Op.SLICE, ["x"], {"axis": 0, "start": 0, "stop": 1},
+                                 {}),
+                                ("y", Op.MATMUL, ["x", "s"], {}, {})), Op.MATMUL),
+    "softmax": (_unary(Op.SOFTMAX), Op.SOFTMAX),
+    "layernorm": (_graph(("y", Op.LAYERNORM, ["x"], {"eps": 1e-5},
+                          {"weight": _w(6) + 1, "bias": _w(6)})), Op.LAYERNORM),
+    "reducesum": (_unary(Op.REDUCESUM, axes=(1,)), Op.REDUCESUM),
+    "reciprocal": (_unary(Op.RECIPROCAL, lo=0.25, hi=8.0), Op.RECIPROCAL),
+}
+# inputs other than uniform on [-2.5, 2.5]: token ids, a reciprocal's range
+INPUTS = {
+    "embed": lambda n, shape: RNG.integers(0, 11, size=(n,) + shape).astype(np.float64),
+    "reciprocal": lambda n, shape: RNG.uniform(0.25, 8.0, size=(n,) + shape),
 }
 
 
-def _input(graph, n=3):
+def _input(graph, n=3, case=None):
+    if case in INPUTS:
+        return INPUTS[case](n, graph.input_shape)
     return RNG.uniform(-2.5, 2.5, size=(n,) + graph.input_shape)
 
 
@@ -191,16 +217,17 @@ def _mpc(graph, x):
     from veil.backends.mpc.local import run_parties
     from veil.backends.mpc.prg import Prg
     from veil.backends.mpc.protocols import reconstruct, share
+    from veil.compiler.passes import encode_input
     from veil.compiler.targets import lower
 
     lowered = ev.lower_for_mpc(lower(graph, "mpc")[0])
     prg = Prg()
-    s0, s1 = share(encode(x), prg)
+    s0, s1 = share(encode(encode_input(lowered, x)), prg)
     m0, m1 = ev.layer_material(ev.material_plan(lowered), len(x), prg)
     (o0, o1), _ = run_parties(lambda p, ch, inp: ev.evaluate(p, ch, lowered, *inp),
                               ((s0, m0), (s1, m1)), timeout=120)
     out = decode(reconstruct(o0, o1), ev.output_frac_bits(lowered))
-    piecewise = any(n.op in (Op.SIGMOID, Op.SILU) for n in graph.nodes)
+    piecewise = any(n.op in (Op.SIGMOID, Op.SILU, Op.GELU, Op.TANH) for n in graph.nodes)
     return out.reshape((len(x),) + graph.output_shape), \
         MPC_PIECEWISE_TOL if piecewise else MPC_TOL
 
@@ -236,7 +263,7 @@ def test_op_runs_in_every_target_it_declares(case, target):
         pytest.skip("compiler-produced op: backends that never lower do not see it")
     runner = RUNNERS.get(target)
     assert runner is not None, f"target {target!r} has no conformance runner"
-    x = _input(graph)
+    x = _input(graph, case=case)
     out, tol = runner(graph, x)
     if target in ("simulate", "he"):   # HE's spec: max-pooling is average pooling
         from veil.compiler.passes import replace_maxpool

@@ -204,6 +204,14 @@ class GraphBuilder:
                              "expects, without the batch dimension?)") from exc
         return self._append(node)
 
+    def from_input(self, name: str) -> bool:
+        """Whether ``name`` is the model input, or only moved out of it (slices,
+        reshapes): values the client chose, such as token ids."""
+        node = self.node(name)
+        while node.op in (Op.SLICE, Op.RESHAPE, Op.TRANSPOSE):
+            node = self.node(node.inputs[0])
+        return node.op is Op.INPUT
+
     def affine(self, raw_name: str, x: str, scale: np.ndarray, shift: np.ndarray) -> str:
         """``x * scale[c] + shift[c]`` per channel, folded into a preceding affine node.
 
@@ -214,7 +222,8 @@ class GraphBuilder:
         scale = np.asarray(scale, dtype=np.float64)
         shift = np.asarray(shift, dtype=np.float64)
         prod = self.node(x)
-        if prod.op in (Op.LINEAR, Op.CONV2D):
+        # (a LINEAR over (tokens, features) has tokens as channels: no fold)
+        if prod.op is Op.CONV2D or (prod.op is Op.LINEAR and len(prod.shape) == 1):
             weight = prod.params["weight"]
             w = weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
             b = prod.params["bias"] * scale + shift

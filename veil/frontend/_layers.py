@@ -62,11 +62,11 @@ def _pairs(site: Site, **values: Any) -> dict[str, tuple[int, int]]:
 
 def linear(b: GraphBuilder, site: Site, x: str, weight: np.ndarray,
            bias: np.ndarray | None) -> str:
-    """``y = W x + b`` on flat per-sample inputs."""
+    """``y = W x + b`` over the last axis (flat inputs, or (tokens, features))."""
     shape = b.shape(x)
-    if len(shape) != 1:
-        raise site.error(f"the input has per-sample shape {shape}; veil applies "
-                         f"{site.what} to flat (features,) inputs only, flatten first")
+    if len(shape) < 1:
+        raise site.error(f"the input has per-sample shape {shape}; {site.what} needs an "
+                         "axis of features")
     weight = _float_array(site, weight, "weight")  # the IR node copies it to float64
     if weight.ndim != 2:
         raise site.error(f"weight has shape {weight.shape}, expected (out, in)")
@@ -369,3 +369,127 @@ SUPPORTED_MODULES = ("Linear, Conv2d, BatchNorm1d, BatchNorm2d, ReLU, ReLU6, Har
                      "Hardswish, Hardsigmoid, GELU, SiLU, Sigmoid, Tanh, AvgPool2d, "
                      "MaxPool2d, AdaptiveAvgPool2d, Flatten, Dropout, Identity, "
                      "torchvision StochasticDepth")
+
+
+# -- transformers ------------------------------------------------------------------------
+
+def embed(b: GraphBuilder, site: Site, ids: str, table: np.ndarray) -> str:
+    """Token embedding: rows of ``table`` for the token ids in ``ids``."""
+    table = _float_array(site, table, "embedding table")
+    return b.add(site.node, Op.EMBED, [ids], {}, {"table": table})
+
+
+def _per_sample_axis(site: Site, axis: int, rank: int) -> int:
+    """A batched axis (0 = batch) as a per-sample one; refuses the batch axis."""
+    full = rank + 1
+    if not -full <= axis < full or axis % full == 0:
+        raise site.error(f"axis {axis} is the batch axis or outside rank {full}")
+    return axis % full - 1
+
+
+def select(b: GraphBuilder, site: Site, x: str, axis: int, index: int) -> str:
+    """``x[:, ..., index, ...]``: a one-wide SLICE, the axis then dropped."""
+    shape = b.shape(x)
+    ax = _per_sample_axis(site, axis, len(shape))
+    index = index % shape[ax] if -shape[ax] <= index < shape[ax] else index
+    sliced = b.add(site.node, Op.SLICE, [x], {"axis": ax, "start": index, "stop": index + 1})
+    return b.add(site.node, Op.RESHAPE, [sliced],
+                 {"shape": shape[:ax] + shape[ax + 1:]})
+
+
+def unsqueeze(b: GraphBuilder, site: Site, x: str, axes: list[int]) -> str:
+    shape = list(b.shape(x))
+    rank = len(shape) + 1 + len(axes)
+    for axis in sorted(a % rank for a in axes):
+        if axis == 0:
+            raise site.error("unsqueezing before the batch axis mixes samples")
+        shape.insert(axis - 1, 1)
+    return b.add(site.node, Op.RESHAPE, [x], {"shape": tuple(shape)})
+
+
+def squeeze(b: GraphBuilder, site: Site, x: str, axes: list[int]) -> str:
+    shape = b.shape(x)
+    drop = {_per_sample_axis(site, a, len(shape)) for a in axes} if axes else \
+        {i for i, d in enumerate(shape) if d == 1}
+    if any(shape[i] != 1 for i in drop):
+        raise site.error(f"cannot squeeze axes {sorted(drop)} of {shape}")
+    return b.add(site.node, Op.RESHAPE, [x],
+                 {"shape": tuple(d for i, d in enumerate(shape) if i not in drop)})
+
+
+def transpose(b: GraphBuilder, site: Site, x: str, perm: list[int]) -> str:
+    if list(perm) == list(range(len(perm))):
+        return x
+    return b.add(site.node, Op.TRANSPOSE, [x], {"perm": tuple(int(p) for p in perm)})
+
+
+def matmul(b: GraphBuilder, site: Site, x: str, y: str) -> str:
+    """A product of two activations (attention scores, attention times values)."""
+    sx, sy = b.shape(x), b.shape(y)
+    if len(sx) != len(sy):
+        raise site.error(f"matmul operands of per-sample ranks {len(sx)} and {len(sy)}; "
+                         "broadcasting them would mix samples of a batch")
+    return b.add(site.node, Op.MATMUL, [x, y])
+
+
+def softmax(b: GraphBuilder, site: Site, x: str, axis: int) -> str:
+    rank = len(b.shape(x))
+    if _per_sample_axis(site, axis, rank) != rank - 1:
+        raise site.error(f"softmax over axis {axis}; only the last axis is supported")
+    return b.add(site.node, Op.SOFTMAX, [x])
+
+
+def layernorm(b: GraphBuilder, site: Site, x: str, axis: int, weight: np.ndarray,
+              bias: np.ndarray | None, eps: float) -> str:
+    shape = b.shape(x)
+    if _per_sample_axis(site, axis, len(shape)) != len(shape) - 1:
+        raise site.error(f"layer norm over axis {axis}; only the last axis is supported")
+    weight = np.broadcast_to(_float_array(site, weight, "scale"), shape[-1:])
+    bias = np.zeros(shape[-1]) if bias is None else \
+        np.broadcast_to(_float_array(site, bias, "bias"), shape[-1:])
+    return b.add(site.node, Op.LAYERNORM, [x], {"eps": float(eps)},
+                 {"weight": np.array(weight), "bias": np.array(bias)})
+
+
+def reduce_sum(b: GraphBuilder, site: Site, x: str, axes: list[int], keepdims: bool) -> str:
+    rank = len(b.shape(x))
+    per = tuple(sorted({_per_sample_axis(site, a, rank) for a in axes}))
+    return b.add(site.node, Op.REDUCESUM, [x], {"axes": per, "keepdims": bool(keepdims)})
+
+
+def divide(b: GraphBuilder, site: Site, x: str, y: str) -> str:
+    """x / y for two activations: x times RECIPROCAL(y). The reciprocal's default range
+    [2^-8, 2^14] is what MPC assumes for y (a mean pooling's token count, a softmax's
+    sum); plain and TEE compute it exactly."""
+    return binary(b, site, Op.MUL, x, b.add(site.node, Op.RECIPROCAL, [y]))
+
+
+def const_affine(b: GraphBuilder, site: Site, x: str, scale, shift) -> str:
+    """``x * scale + shift`` for constants that vary within a channel. A bias over the
+    last axis of a LINEAR's output folds into the LINEAR; anything else is an AFFINE
+    node (position embeddings)."""
+    shape = b.shape(x)
+    scale = np.asarray(scale, dtype=np.float64)
+    shift = np.asarray(shift, dtype=np.float64)
+    for c in (scale, shift):
+        if c.ndim == len(shape) + 1:
+            if c.shape[0] != 1:
+                raise site.error(f"constant of shape {c.shape} would change the batch axis")
+    scale = scale[0] if scale.ndim == len(shape) + 1 else scale
+    shift = shift[0] if shift.ndim == len(shape) + 1 else shift
+    try:
+        full = np.broadcast_shapes(scale.shape, shift.shape, shape)
+    except ValueError:
+        raise site.error(f"constants of shapes {scale.shape}, {shift.shape} do not "
+                         f"broadcast to {shape}") from None
+    if tuple(full) != tuple(shape):
+        raise site.error(f"constants would broadcast {shape} to {tuple(full)}")
+    prod = b.node(x)
+    last_only = all(c.ndim <= 1 or all(d == 1 for d in c.shape[:-1]) for c in (scale, shift))
+    if prod.op is Op.LINEAR and last_only:
+        s = np.broadcast_to(scale.reshape(-1), shape[-1:])
+        t = np.broadcast_to(shift.reshape(-1), shape[-1:])
+        w = prod.params["weight"] * s[:, None]
+        return b.add(site.node, Op.LINEAR, prod.inputs, {},
+                     {"weight": w, "bias": prod.params["bias"] * s + t})
+    return b.add(site.node, Op.AFFINE, [x], {}, {"scale": scale, "shift": shift})

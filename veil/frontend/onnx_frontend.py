@@ -141,7 +141,9 @@ class _Converter:
             "Constant": self._constant, "Shape": self._shape, "Gather": self._gather,
             "Unsqueeze": self._unsqueeze, "Squeeze": self._squeeze, "Concat": self._concat,
             "Cast": self._cast, "Clip": self._clip, "HardSwish": self._hardswish,
-            "HardSigmoid": self._hardsigmoid,
+            "HardSigmoid": self._hardsigmoid, "Transpose": self._transpose,
+            "Softmax": self._softmax, "LayerNormalization": self._layernorm,
+            "ReduceSum": self._reduce_sum,
         }
         for op_type in _UNARY:
             self.table[op_type] = self._unary
@@ -207,6 +209,8 @@ class _Converter:
 
     def _matmul(self, site: Site, node: Any, attrs: dict) -> str:
         x = self._tensor(site, node.input[0])
+        if node.input[1] in self.tensors:
+            return layers.matmul(self.b, site, x, self.tensors[node.input[1]])
         mat = self._const(site, node.input[1], "the second operand")
         if mat.ndim != 2:
             raise site.error(f"the second operand has shape {mat.shape}; expected a matrix")
@@ -323,6 +327,34 @@ class _Converter:
 
     # ---- shape handling --------------------------------------------------------------
 
+    def _transpose(self, site: Site, node: Any, attrs: dict) -> str:
+        x = self._tensor(site, node.input[0])
+        rank = len(self.b.shape(x)) + 1
+        perm = list(attrs.get("perm", range(rank - 1, -1, -1)))
+        if perm[0] != 0:
+            raise site.error(f"perm {perm} moves the batch axis")
+        return layers.transpose(self.b, site, x, [p - 1 for p in perm[1:]])
+
+    def _softmax(self, site: Site, node: Any, attrs: dict) -> str:
+        x = self._tensor(site, node.input[0])
+        return layers.softmax(self.b, site, x, int(attrs.get("axis", -1)))
+
+    def _layernorm(self, site: Site, node: Any, attrs: dict) -> str:
+        x = self._tensor(site, node.input[0])
+        weight = self._const(site, node.input[1], "scale")
+        bias = self._opt_const(site, node, 2, "B")
+        return layers.layernorm(self.b, site, x, int(attrs.get("axis", -1)), weight, bias,
+                                float(attrs.get("epsilon", 1e-5)))
+
+    def _reduce_sum(self, site: Site, node: Any, attrs: dict) -> str:
+        x = self._tensor(site, node.input[0])
+        axes = attrs.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = self._const(site, node.input[1], "axes").tolist()
+        if not axes:
+            raise site.error("a sum over all axes mixes samples of a batch")
+        return layers.reduce_sum(self.b, site, x, list(axes), bool(attrs.get("keepdims", 1)))
+
     def _flatten(self, site: Site, node: Any, attrs: dict) -> str:
         x = self._tensor(site, node.input[0])
         axis = int(attrs.get("axis", 1))
@@ -368,10 +400,20 @@ class _Converter:
             dims = np.array(self._value(site, name).shape, dtype=np.int64)
         return dims[attrs.get("start", 0):attrs.get("end", len(dims))]
 
-    def _gather(self, site: Site, node: Any, attrs: dict) -> np.ndarray:
-        data = self._value(site, node.input[0])
-        index = self._const(site, node.input[1], "indices")
-        return np.take(data, index, axis=int(attrs.get("axis", 0)))
+    def _gather(self, site: Site, node: Any, attrs: dict) -> Any:
+        data, idx = node.input[0], node.input[1]
+        axis = int(attrs.get("axis", 0))
+        if idx in self.tensors:                      # a token embedding lookup
+            table = self._const(site, data, "the embedding table")
+            if axis != 0 or table.ndim != 2:
+                raise site.error("only a lookup of rows (axis 0) of a 2-D table is supported")
+            return layers.embed(self.b, site, self.tensors[idx], table)
+        index = self._const(site, idx, "indices")
+        if data in self.tensors:                     # x[:, i] on a per-sample axis
+            if index.ndim != 0:
+                raise site.error("gathering a tensor supports one scalar index")
+            return layers.select(self.b, site, self.tensors[data], axis, int(index))
+        return np.take(self._value(site, data), index, axis=axis)
 
     def _axes(self, site: Site, node: Any, attrs: dict) -> list[int]:
         if "axes" in attrs:
@@ -380,17 +422,21 @@ class _Converter:
             return self._const(site, node.input[1], "axes").tolist()
         return []
 
-    def _unsqueeze(self, site: Site, node: Any, attrs: dict) -> np.ndarray:
-        data = self._value(site, node.input[0])
+    def _unsqueeze(self, site: Site, node: Any, attrs: dict) -> Any:
         axes = self._axes(site, node, attrs)
+        if node.input[0] in self.tensors:
+            return layers.unsqueeze(self.b, site, self.tensors[node.input[0]], axes)
+        data = self._value(site, node.input[0])
         rank = data.ndim + len(axes)
         for axis in sorted(a % rank for a in axes):
             data = np.expand_dims(data, axis)
         return data
 
-    def _squeeze(self, site: Site, node: Any, attrs: dict) -> np.ndarray:
-        data = self._value(site, node.input[0])
+    def _squeeze(self, site: Site, node: Any, attrs: dict) -> Any:
         axes = self._axes(site, node, attrs)
+        if node.input[0] in self.tensors:
+            return layers.squeeze(self.b, site, self.tensors[node.input[0]], axes)
+        data = self._value(site, node.input[0])
         return np.squeeze(data, axis=tuple(axes) if axes else None)
 
     def _concat(self, site: Site, node: Any, attrs: dict) -> Any:
@@ -406,8 +452,9 @@ class _Converter:
         target = np.dtype(helper.tensor_dtype_to_np_dtype(attrs["to"]))
         name = node.input[0]
         if name in self.tensors:
-            if target.kind != "f":
-                raise site.error(f"casting a tensor to {target} is not supported")
+            if target.kind != "f" and not self.b.from_input(self.tensors[name]):
+                raise site.error(f"casting a computed tensor to {target} is not supported "
+                                 "(only the model input's token ids may be cast to integers)")
             return self.tensors[name]
         value = self._value(site, name)
         return value if value.dtype == object else value.astype(target)
@@ -443,14 +490,18 @@ class _Converter:
             scale, shift = (c if op == "Mul" else 1.0 / c), 0.0
         else:
             scale, shift = (1.0, c) if op == "Add" else ((1.0, -c) if first else (-1.0, c))
+        shape = self.b.shape(x)
         try:
-            shape = self.b.shape(x)
-            scale, shift = per_channel(scale, shape), per_channel(shift, shape)
-        except ValueError as exc:
-            raise site.error(f"only scalar or per-channel constants are supported: {exc}") from exc
-        return self.b.affine(site.node, x, scale, shift)
+            pc_scale, pc_shift = per_channel(scale, shape), per_channel(shift, shape)
+        except ValueError:
+            # a constant varying within a channel: position embeddings, a bias over
+            # the last axis of a (tokens, features) value
+            return layers.const_affine(self.b, site, x, scale, shift)
+        return self.b.affine(site.node, x, pc_scale, pc_shift)
 
     def _arith_tensors(self, site: Site, op: str, x: str, y: str) -> str:
+        if op == "Div":
+            return layers.divide(self.b, site, x, y)
         ir_op = {"Add": Op.ADD, "Sub": Op.SUB, "Mul": Op.MUL}.get(op)
         if ir_op is None:
             raise site.error(f"{op} of two tensors is not supported")

@@ -217,3 +217,63 @@ def gather(args, a, p):
     idx = np.asarray(a["indices"], dtype=np.int64)
     flat = np.concatenate([x.reshape(batch, -1), np.zeros((batch, 1))], axis=1)
     return flat[:, np.where(idx < 0, flat.shape[1] - 1, idx)]
+
+
+# -- transformer ops ----------------------------------------------------------------------
+
+def embed(args, a, p):
+    """Token embedding: row ``ids[...]`` of ``table``. Ids must be integers in range
+    (a float id that is not one, or one outside the vocabulary, is bad input)."""
+    from ..errors import InputError
+
+    ids, table = args[0], p["table"]
+    idx = np.rint(ids)
+    if not np.all(np.isfinite(ids)) or np.any(np.abs(ids - idx) > 1e-6) \
+            or np.any(idx < 0) or np.any(idx >= table.shape[0]):
+        raise InputError(f"token ids must be integers in [0, {table.shape[0]})")
+    return table[idx.astype(np.int64)]
+
+
+def slice_(args, a, p):
+    axis = int(a["axis"]) + 1
+    index = [slice(None)] * args[0].ndim
+    index[axis] = slice(int(a["start"]), int(a["stop"]))
+    return args[0][tuple(index)]
+
+
+def transpose(args, a, p):
+    return np.transpose(args[0], (0,) + tuple(int(i) + 1 for i in a["perm"]))
+
+
+def affine(args, a, p):
+    """x * scale + shift, the constants broadcast against the per-sample shape."""
+    return args[0] * p["scale"][None] + p["shift"][None]
+
+
+def matmul(args, a, p):
+    """A product of two activations over their last two axes (leading axes batch and
+    broadcast as numpy's matmul does, per sample)."""
+    x, y = _aligned(args)
+    return np.matmul(x, y)
+
+
+def softmax(args, a, p):
+    x = args[0]
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def layernorm(args, a, p):
+    x = args[0]
+    mu = x.mean(axis=-1, keepdims=True)
+    var = np.square(x - mu).mean(axis=-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + float(a["eps"])) * p["weight"] + p["bias"]
+
+
+def reducesum(args, a, p):
+    return args[0].sum(axis=tuple(int(i) + 1 for i in a["axes"]),
+                       keepdims=bool(a["keepdims"]))
+
+
+def reciprocal(args, a, p):
+    return 1.0 / args[0]

@@ -61,6 +61,16 @@ class Op(str, enum.Enum):
     POLY = "poly"              # Chebyshev series on [lo, hi]; attrs coeffs, lo, hi, source
     GATHER = "gather"          # y[i] = x.ravel()[indices[i]] (0 where index < 0)
     BOOTSTRAP = "bootstrap"    # lowered: y = x with its CKKS levels refreshed; attrs bound
+    # transformers (issue 17)
+    EMBED = "embed"            # token embedding: ids (...) -> table[ids] (..., D)
+    SLICE = "slice"            # x[start:stop] on per-sample ``axis``
+    TRANSPOSE = "transpose"    # per-sample axes permuted by ``perm``
+    AFFINE = "affine"          # x * scale + shift, constants broadcast per sample
+    MATMUL = "matmul"          # product of two activations over their last two axes
+    SOFTMAX = "softmax"        # over the last axis
+    LAYERNORM = "layernorm"    # over the last axis; params weight, bias; attr eps
+    REDUCESUM = "reducesum"    # sum over per-sample ``axes`` (keepdims)
+    RECIPROCAL = "reciprocal"  # 1 / x for x in the calibrated range [lo, hi] (lo > 0)
 
 
 # Compile targets: the execution modes (:mod:`veil.modes`). ``plain`` is the interpreter
@@ -69,6 +79,9 @@ class Op(str, enum.Enum):
 TARGETS = MODES
 ALL = frozenset(TARGETS)
 NO_HE = ALL - {"he"}     # simulate (floats) runs it; the slot evaluator does not yet
+# transformer ops: HE prices them (``compiler.estimate``) but neither runs them nor
+# simulates its polynomial form of them
+SHARES = frozenset({"plain", "tee", "mpc"})
 
 Shape = tuple[int, ...]
 ShapeRule = Callable[[list[Shape], Mapping[str, Any], Mapping[str, np.ndarray]], Shape]
@@ -210,6 +223,87 @@ def _clip_shape(ins, a, p) -> Shape:
     return ins[0]
 
 
+def _embed(ins, a, p) -> Shape:
+    t = p["table"]
+    if t.ndim != 2:
+        raise GraphError(f"embedding table has shape {t.shape}, expected (vocab, dim)")
+    return ins[0] + (t.shape[1],)
+
+
+def _axis(rank: int, axis: int, what: str) -> int:
+    if not -rank <= axis < rank:
+        raise GraphError(f"{what} axis {axis} is outside per-sample rank {rank}")
+    return axis % rank
+
+
+def _slice(ins, a, p) -> Shape:
+    x = ins[0]
+    axis = _axis(len(x), int(a["axis"]), "slice")
+    start, stop = int(a["start"]), int(a["stop"])
+    if not 0 <= start < stop <= x[axis]:
+        raise GraphError(f"slice [{start}:{stop}] outside axis {axis} of {x}")
+    return x[:axis] + (stop - start,) + x[axis + 1:]
+
+
+def _transpose(ins, a, p) -> Shape:
+    perm = tuple(int(i) for i in a["perm"])
+    if sorted(perm) != list(range(len(ins[0]))):
+        raise GraphError(f"transpose perm {perm} is not a permutation of {len(ins[0])} axes")
+    return tuple(ins[0][i] for i in perm)
+
+
+def _affine(ins, a, p) -> Shape:
+    x = ins[0]
+    for name in ("scale", "shift"):
+        c = p[name]
+        if c.ndim > len(x) or tuple(np.broadcast_shapes(c.shape, x)) != tuple(x):
+            raise GraphError(f"affine {name} of shape {c.shape} does not broadcast to {x}")
+    return x
+
+
+def _matmul(ins, a, p) -> Shape:
+    x, y = ins
+    if len(x) < 2 or len(y) < 2 or x[-1] != y[-2]:
+        raise GraphError(f"matmul of {x} and {y}: expected (..., m, k) and (..., k, n)")
+    try:
+        lead = tuple(np.broadcast_shapes(x[:-2], y[:-2]))
+    except ValueError:
+        raise GraphError(f"matmul leading axes of {x} and {y} do not broadcast") from None
+    return lead + (x[-2], y[-1])
+
+
+def _last_axis(ins, a, p) -> Shape:
+    x = ins[0]
+    if not x or _axis(len(x), int(a.get("axis", -1)), "softmax") != len(x) - 1:
+        raise GraphError(f"only the last axis is supported, got axis {a.get('axis')} of {x}")
+    return x
+
+
+def _layernorm(ins, a, p) -> Shape:
+    x = ins[0]
+    if not x or p["weight"].shape != (x[-1],) or p["bias"].shape != (x[-1],):
+        raise GraphError(f"layernorm over {x} with weight {p['weight'].shape}")
+    if not float(a["eps"]) >= 0:
+        raise GraphError(f"layernorm eps {a['eps']} is negative")
+    return x
+
+
+def _reducesum(ins, a, p) -> Shape:
+    x = ins[0]
+    axes = sorted({_axis(len(x), int(i), "reducesum") for i in a["axes"]})
+    if not axes:
+        raise GraphError("reducesum needs at least one axis")
+    if a["keepdims"]:
+        return tuple(1 if i in axes else d for i, d in enumerate(x))
+    return tuple(d for i, d in enumerate(x) if i not in axes)
+
+
+def _reciprocal(ins, a, p) -> Shape:
+    if not 0 < float(a["lo"]) < float(a["hi"]):
+        raise GraphError(f"reciprocal needs 0 < lo < hi, got [{a['lo']}, {a['hi']}]")
+    return ins[0]
+
+
 # -- the registry -----------------------------------------------------------------------
 
 _ACT = frozenset({"activation", "elementwise"})
@@ -226,10 +320,10 @@ def _defs() -> dict[Op, OpDef]:
               ("scale", "shift")),
         OpDef(Op.RELU, 1, _same, k.relu, _ACT),
         OpDef(Op.CLIP, 1, _clip_shape, k.clip, _ACT, defaults={"lo": 0.0, "hi": 6.0}),
-        OpDef(Op.GELU, 1, _same, k.gelu, _ACT, targets=ALL - {"mpc"}),
+        OpDef(Op.GELU, 1, _same, k.gelu, _ACT),
         OpDef(Op.SILU, 1, _same, k.silu, _ACT),
         OpDef(Op.SIGMOID, 1, _same, k.sigmoid, _ACT),
-        OpDef(Op.TANH, 1, _same, k.tanh, _ACT, targets=ALL - {"mpc"}),
+        OpDef(Op.TANH, 1, _same, k.tanh, _ACT),
         OpDef(Op.HARDSIGMOID, 1, _same, k.hardsigmoid, _ACT),
         OpDef(Op.HARDSWISH, 1, _same, k.hardswish, _ACT),
         OpDef(Op.SQUARE, 1, _same, k.square, {"elementwise"}),
@@ -253,6 +347,23 @@ def _defs() -> dict[Op, OpDef]:
         # by 1 / bound (placed by compiler/levels.py)
         OpDef(Op.BOOTSTRAP, 1, _same, k.identity, {"elementwise", "lowered"},
               defaults={"bound": 1.0}, targets=frozenset({"plain", "simulate", "he"})),
+        # transformers: the HE estimate prices them; mode "he" does not run them
+        OpDef(Op.EMBED, 1, _embed, k.embed, (), ("table",), targets=SHARES,
+              doc="token ids in, rows of the table out (MPC: the client one-hot "
+                  "encodes the ids and the lookup is a local product)"),
+        OpDef(Op.SLICE, 1, _slice, k.slice_, {"affine", "shape"}, targets=SHARES),
+        OpDef(Op.TRANSPOSE, 1, _transpose, k.transpose, {"affine", "shape"}, targets=SHARES),
+        OpDef(Op.AFFINE, 1, _affine, k.affine, {"affine", "elementwise"}, ("scale", "shift"),
+              targets=SHARES),
+        OpDef(Op.MATMUL, 2, _matmul, k.matmul, {"binary"}, targets=SHARES),
+        OpDef(Op.SOFTMAX, 1, _last_axis, k.softmax, (), defaults={"axis": -1},
+              targets=SHARES),
+        OpDef(Op.LAYERNORM, 1, _layernorm, k.layernorm, (), ("weight", "bias"),
+              {"eps": 1e-5}, targets=SHARES),
+        OpDef(Op.REDUCESUM, 1, _reducesum, k.reducesum, {"affine"},
+              defaults={"keepdims": False}, targets=SHARES),
+        OpDef(Op.RECIPROCAL, 1, _reciprocal, k.reciprocal, {"elementwise"},
+              defaults={"lo": 2.0 ** -8, "hi": 2.0 ** 14}, targets=SHARES),
     ]
     return {o.op: o for o in d}
 

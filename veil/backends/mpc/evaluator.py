@@ -61,6 +61,7 @@ from typing import Callable
 
 import numpy as np
 from numpy.polynomial import chebyshev, polynomial
+from scipy.special import erfc
 
 from ...compiler.targets import lower
 from ...errors import InputError, ModelTooLargeError, UnsupportedOperation
@@ -252,10 +253,11 @@ class Tail:
         t = np.abs(x)
         corr = np.where(t <= self.bound,
                         polynomial.polyval(2 * t / self.bound - 1, self.coeffs), 0.0)
-        if self.op is Op.SILU:
+        if self.op in RELU_TAILS:
             return np.maximum(x, 0.0) - corr
         s = (x >= 0).astype(np.float64)
-        return s + (1 - 2 * s) * corr
+        y = s + (1 - 2 * s) * corr
+        return 2.0 * y - 1.0 if self.op is Op.TANH else y
 
 
 #: The correction's range and degree per op: max error (float form) 1.9e-4 for SiLU
@@ -263,7 +265,10 @@ class Tail:
 #: both, with fixed point). Degree 12 costs the same products as 10 (its top
 #: coefficient multiplies z^4 locally) and, on EfficientNet-B0's zoo crops, brings the
 #: float model's logit error from 1.9e-2 to 5.9e-3 of the smallest logit range.
-TAILS = {Op.SILU: (11.0, 12), Op.SIGMOID: (10.0, 12)}
+TAILS = {Op.SILU: (11.0, 12), Op.SIGMOID: (10.0, 12), Op.GELU: (5.0, 12),
+         Op.TANH: (5.0, 12)}
+#: ops of the form ReLU(x) - [t <= bound] p(z) (the others: s + (1 - 2 s) [...] p(z))
+RELU_TAILS = (Op.SILU, Op.GELU)
 
 
 def _fit_tail(op: Op, fn: Callable) -> Tail:
@@ -291,6 +296,10 @@ def approximation(op: Op) -> Piecewise | Tail:
         return _fit_tail(op, lambda t: ref.sigmoid_fn(-t))
     if op is Op.SILU:
         return _fit_tail(op, lambda t: t * ref.sigmoid_fn(-t))
+    if op is Op.GELU:        # GELU(x) = ReLU(x) - |x| Phi(-|x|)
+        return _fit_tail(op, lambda t: t * 0.5 * erfc(t / np.sqrt(2.0)))
+    if op is Op.TANH:        # tanh(x) = 2 sigmoid(2x) - 1
+        return _fit_tail(op, lambda t: ref.sigmoid_fn(-2.0 * t))
     if op in (Op.HARDSIGMOID, Op.HARDSWISH):
         return Piecewise((-3.0, 3.0), ((0.0,), (0.5, 1.0 / 6.0), (1.0,)))
     raise UnsupportedOperation(f"no MPC approximation of {op.value}")
@@ -298,34 +307,53 @@ def approximation(op: Op) -> Piecewise | Tail:
 
 # -- material steps -------------------------------------------------------------------------
 STEP_KINDS = ("trunc", "trunc_relu", "relu", "mul", "drelu", "select", "clip",
-              "trunc_clip", "square", "mulsq")
+              "trunc_clip", "square", "mulsq", "matmul")
+#: a matrix product step's largest dimension (g, m, k, n each), so a request cannot
+#: make the dealer build an absurd triple
+MAX_MATMUL_DIM = 1 << 16
 
 
 @dataclass(frozen=True)
 class Step:
     """One interactive step: ``kind`` on ``size`` values per input; a "trunc" by
-    ``shift`` bits when not 0 (the default: f)."""
+    ``shift`` bits when not 0 (the default: f); a "matmul" (``g`` products of (m, k) by
+    (k, n) shared matrices, ``dims`` = (g, m, k, n), ``size`` = g m n) with matrix
+    triples."""
 
     kind: str
     size: int
     shift: int = 0
+    dims: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in STEP_KINDS:
             raise InputError(f"unknown material kind {self.kind!r}")
         if self.shift and (self.kind != "trunc" or not 2 <= self.shift <= 60):
             raise InputError(f"a {self.kind} step cannot shift by {self.shift} bits")
+        object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
+        if self.kind == "matmul":
+            g, m, _, n = self.dims if len(self.dims) == 4 else (0, 0, 0, 0)
+            if len(self.dims) != 4 or not all(1 <= d <= MAX_MATMUL_DIM for d in self.dims) \
+                    or self.size != g * m * n:
+                raise InputError("a matmul step has dims (g, m, k, n) and size g m n")
+        elif self.dims:
+            raise InputError(f"a {self.kind} step has no dims")
 
     def wire(self) -> list:
-        """[kind, size] or [kind, size, shift]: how a party asks the dealer for it."""
+        """[kind, size], [kind, size, shift] or [kind, size, 0, g, m, k, n]: how a party
+        asks the dealer for it."""
+        if self.dims:
+            return [self.kind, self.size, self.shift, *self.dims]
         return [self.kind, self.size] + ([self.shift] if self.shift else [])
 
     @classmethod
     def from_wire(cls, item) -> "Step":
         kind, size, *rest = item
-        if len(rest) > 1:
-            raise InputError("a step is [kind, size] or [kind, size, shift]")
-        return cls(str(kind), int(size), int(rest[0]) if rest else 0)
+        if len(rest) not in (0, 1, 5):
+            raise InputError("a step is [kind, size], [kind, size, shift] or [kind, size, "
+                             "0, g, m, k, n]")
+        return cls(str(kind), int(size), int(rest[0]) if rest else 0,
+                   tuple(int(d) for d in rest[1:]))
 
 
 @dataclass(frozen=True)
@@ -408,7 +436,10 @@ def dealer_material(steps: list[Step], batch: int, prg: Prg, frac_bits: int = FR
     out: tuple[list, list] = ([], [])
     for step in steps:
         n = step.size * batch
-        if cmp == "circuit" and step.kind == "trunc":
+        if step.kind == "matmul":
+            g, m, k, n_ = step.dims
+            pair = pr.batched_matrix_triples(g * batch, m, k, n_, prg)
+        elif cmp == "circuit" and step.kind == "trunc":
             pair = pr.circuit_trunc_material(n, step.shift or frac_bits, prg)
         elif step.kind in ("square", "mulsq"):
             pair = pr.squares(n, prg, with_product=step.kind == "mulsq")
@@ -508,6 +539,13 @@ class Run:
     def mul(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return self._apply(lambda a, b, m: pr.mul(self.ch, self.party, a, b, m),
                            x.ravel(), y.ravel()).reshape(x.shape)
+
+    def matmul(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """x @ y for shared (g, m, k) and (g, k, n) (a "matmul" step, never chunked)."""
+        m = self.take()
+        if isinstance(m, Chunked):
+            raise InputError("a matrix product's material cannot stream in chunks")
+        return pr.matmul(self.ch, self.party, x, y, m)
 
     def square(self, x: np.ndarray) -> np.ndarray:
         return self._apply(lambda a, m: pr.square(self.ch, self.party, a, m),
@@ -827,14 +865,15 @@ def _piecewise(run: Run, x: np.ndarray, pw: Piecewise) -> np.ndarray:
 def _tail_steps(prog, node):
     n = prog.size(node)
     f = prog.frac_bits
-    steps = [Step("relu", n)] if node.op is Op.SILU else [Step("drelu", n), Step("mul", n)]
+    steps = [Step("relu", n)] if node.op in RELU_TAILS else [Step("drelu", n),
+                                                              Step("mul", n)]
     steps += [Step("trunc", n),                                      # z
               Step("square", n), Step("trunc", n),                   # z^2
               Step("mulsq", n), Step("trunc", 2 * n),                # z^3, z^4
               Step("mul", n), Step("trunc", n),                      # z^4 q_2
               Step("mul", n), Step("select", n),                     # z^4 h, selection
               Step("trunc", n, 2 * f)]                               # from 3f to f bits
-    if node.op is Op.SIGMOID:
+    if node.op not in RELU_TAILS:
         steps.append(Step("mul", n))
     return steps
 
@@ -857,7 +896,7 @@ def _tail(run: Run, node, args):
     if tail.degree != 12:
         raise UnsupportedOperation("the MPC correction is evaluated for degree 12")
     lift = np.uint64(1) << np.uint64(f)
-    if node.op is Op.SILU:
+    if node.op in RELU_TAILS:
         relu = run.relu(x)
         t = np.uint64(2) * relu - x
     else:
@@ -879,9 +918,10 @@ def _tail(run: Run, node, args):
     h = piece(1) + run.trunc(run.mul(z4, top))                        # 2f bits
     p = piece(0) * lift + run.mul(z4, h)                              # 3f bits
     corr = run.trunc(run.select(p, run.public(_scaled(tail.bound, f)) - t), shift=2 * f)
-    if node.op is Op.SILU:
+    if node.op in RELU_TAILS:
         return relu - corr
-    return s * lift + corr - np.uint64(2) * run.mul(s, corr)
+    y = s * lift + corr - np.uint64(2) * run.mul(s, corr)
+    return np.uint64(2) * y - run.public(lift) if node.op is Op.TANH else y
 
 
 def _piece_op(run: Run, node, args):
@@ -981,6 +1021,8 @@ KERNELS: dict[Op, Kernel] = {
     Op.CLIP: Kernel(_clip_steps, _clip),
     Op.SIGMOID: Kernel(_tail_steps, _tail),
     Op.SILU: Kernel(_tail_steps, _tail),
+    Op.GELU: Kernel(_tail_steps, _tail),
+    Op.TANH: Kernel(_tail_steps, _tail),
     Op.HARDSIGMOID: Kernel(_piece_steps, _piece_op),
     Op.HARDSWISH: Kernel(_piece_steps, _piece_op),
     Op.SQUARE: Kernel(_mul_steps, _square),
@@ -992,6 +1034,8 @@ KERNELS: dict[Op, Kernel] = {
     Op.CONCAT: Kernel(_no_steps, _concat),
     Op.GATHER: Kernel(_no_steps, _gather),
 }
+from .nonlinear import KERNELS as _TRANSFORMER_KERNELS  # noqa: E402  (they use Run, Step)
+KERNELS.update(_TRANSFORMER_KERNELS)
 MPC_OPS = frozenset(KERNELS)
 
 
@@ -1024,14 +1068,23 @@ def _bytes_per_value(kind: str, frac_bits: int, cmp: str) -> float:
 def material_bytes(steps, batch: int, frac_bits: int = FRAC_BITS, cmp: str = "circuit"
                    ) -> int:
     """One party's material bytes for ``steps`` on ``batch`` inputs."""
-    return int(sum(_bytes_per_value(s.kind, frac_bits, cmp) * s.size * batch for s in steps))
+    return int(sum(_matmul_bytes(s) * batch if s.kind == "matmul" else
+                   _bytes_per_value(s.kind, frac_bits, cmp) * s.size * batch for s in steps))
+
+
+def _matmul_bytes(step: Step) -> int:
+    """A matrix triple's shares (A, B and C) for one input."""
+    g, m, k, n = step.dims
+    return 8 * g * (m * k + k * n + m * n)
 
 
 def streams_in_chunks(steps, batch: int, frac_bits: int = FRAC_BITS, cmp: str = "circuit",
                       above: int = LAZY_BYTES) -> bool:
     """Whether a layer with ``steps`` streams its material in :class:`Chunked` pieces of
-    ``CHUNK`` values (circuit material over ``above`` bytes; DCF keys are not split)."""
-    return cmp == "circuit" and material_bytes(steps, batch, frac_bits, cmp) > above
+    ``CHUNK`` values (circuit material over ``above`` bytes; DCF keys and matrix
+    triples are not split)."""
+    return cmp == "circuit" and not any(s.kind == "matmul" for s in steps) and \
+        material_bytes(steps, batch, frac_bits, cmp) > above
 
 
 def chunk_sizes(total: int) -> tuple[int, ...]:

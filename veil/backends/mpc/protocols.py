@@ -233,6 +233,35 @@ def matrix_triples(m: int, k: int, n: int, prg: Prg) -> tuple[Triple, Triple]:
     return Triple(a0, b0, c0), Triple(a1, b1, c1)
 
 
+def batched_matrix_triples(g: int, m: int, k: int, n: int, prg: Prg
+                           ) -> tuple[Triple, Triple]:
+    """``g`` matrix triples at once: A (g, m, k), B (g, k, n) random, C = A @ B (drawn
+    like :func:`triples`, so a ``prg.Deal`` sends party 1 only its half of C)."""
+    (a, (a0, a1)), (b, (b0, b1)) = prg.root_u64((g, m, k)), prg.root_u64((g, k, n))
+    c0, c1 = prg.split_u64(ring_matmul_shares(a, b))
+    return Triple(a0, b0, c0), Triple(a1, b1, c1)
+
+
+_LIMB = np.uint64(16)
+_LIMB_MASK = np.uint64(0xFFFF)
+
+
+def ring_matmul_shares(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """x @ y in Z_(2^64) for two uint64 arrays (..., m, k) and (..., k, n), both full
+    64-bit (shares, masks): each cut into four 16-bit limbs, the ten limb products that
+    land below 2^64 run in float64 BLAS, exact while k 2^32 < 2^53 (k < 2^21)."""
+    if x.shape[-1] >= 1 << 21:
+        return np.matmul(x, y)
+    xl = [((x >> (_LIMB * np.uint64(i))) & _LIMB_MASK).astype(np.float64) for i in range(4)]
+    yl = [((y >> (_LIMB * np.uint64(j))) & _LIMB_MASK).astype(np.float64) for j in range(4)]
+    out = None
+    for i in range(4):
+        for j in range(4 - i):
+            part = np.matmul(xl[i], yl[j]).astype(np.uint64) << (_LIMB * np.uint64(i + j))
+            out = part if out is None else out + part
+    return out
+
+
 def sign_material(n: int, prg: Prg) -> tuple[SignMaterial, SignMaterial]:
     r = prg.uint64(n)
     rho = r >> _SHIFT63
@@ -367,12 +396,15 @@ def mul_square(ch: Channel, party: int, x: np.ndarray, y: np.ndarray, m: Square
 
 
 def matmul(ch: Channel, party: int, x: np.ndarray, y: np.ndarray, t: Triple) -> np.ndarray:
-    """Shares of X @ Y for shared X (m x k) and Y (k x n): one round."""
+    """Shares of X @ Y for shared X (..., m, k) and Y (..., k, n) with a matrix triple of
+    the same shapes (Beaver's trick on matrices, as in SecureML, Mohassel and Zhang,
+    S&P 2017, Sec. 4.2): one round, opening X - A and Y - B (m k + k n values where the
+    elementwise products would open 2 m k n)."""
     opened = open_value(ch, np.concatenate([(x - t.a).ravel(), (y - t.b).ravel()]))
     d = opened[: x.size].reshape(x.shape)
     e = opened[x.size:].reshape(y.shape)
-    z = t.c + d @ t.b + t.a @ e
-    return z + d @ e if party == 0 else z
+    z = t.c + ring_matmul_shares(d, t.b) + ring_matmul_shares(t.a, e)
+    return z + ring_matmul_shares(d, e) if party == 0 else z
 
 
 def truncate(party: int, x: np.ndarray, frac_bits: int = FRAC_BITS) -> np.ndarray:

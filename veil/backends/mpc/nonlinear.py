@@ -1,0 +1,302 @@
+"""Transformer ops on shares: the MPC kernels of MATMUL, SOFTMAX, LAYERNORM, RECIPROCAL
+and the local ones (SLICE, TRANSPOSE, AFFINE, REDUCESUM), registered in
+:data:`veil.backends.mpc.evaluator.KERNELS` like every other op (GELU and TANH are
+:class:`~veil.backends.mpc.evaluator.Tail` corrections there).
+
+Values are fixed point with f = 20 fractional bits in Z_(2^64); every product is a
+Beaver product (dealer triples) followed by a one-round faithful truncation, every
+comparison the circuit comparison of ``protocols``. Constructions and errors (the
+float forms; ``tests/test_mpc_transformer.py`` checks each op against the reference
+kernel over its calibrated range):
+
+- MATMUL of two shared matrices: matrix Beaver triples (SecureML, Mohassel and Zhang,
+  S&P 2017, Sec. 4.2): one round opening X - A and Y - B, then one truncation. Exact up
+  to the truncation's ulp.
+- SOFTMAX over the last axis (CrypTen's construction, Knott et al., NeurIPS 2021, with
+  a correction term): the row maximum by a tree of max(a, b) = b + ReLU(a - b)
+  (log2 L levels), d = x - max <= 0 clamped to d' = max(d, -256) (one ReLU: an additive
+  mask of -10^4 would otherwise wrap the limit below), then
+  exp(d') ~ (1 + d'/256)^256 (1 + d'^2 / 512): eight squarings at F = 28 fractional
+  bits (1 + d'/256 at 28 bits is the f-bit share of d' plus 2^28, no shift), the
+  second factor undoing the limit's leading error exp(-d^2 / 512) (without it the
+  error reaches 1.1e-3 at d = -2; with it ~1e-5 over [-256, 0], fixed point
+  included). The sum's reciprocal (below) and one product per entry.
+- RECIPROCAL 1/s for s in [lo, hi] (the node's calibrated range): the binade of s from
+  comparisons with every power of two in the range (one batch), y0 = 0.75 2^-e as a
+  public linear combination of the comparison bits (2^-e telescopes over them), so
+  s y0 is in [0.75, 1.5); then five Newton steps y <- y (2 - s y), the relative error
+  squaring each step: 0.5^32, below the fixed point's 2^-20 absolute.
+- LAYERNORM over the last axis: the mean by a local sum and a public product; the
+  variance from one square per entry; its inverse square root like the reciprocal
+  (binade by comparisons, y0 = sqrt(2/3) 2^(-e/2), v y0^2 in [2/3, 4/3), four Newton
+  steps y <- y (3 - v y^2) / 2, the error e -> 0.75 e^2: 3e-10), then one product per
+  entry and the public affine. The variance range is [2^-10, 2^12] by default: below
+  it the normalization is too small (a constant row, where x - mean ~ 0 anyway).
+- GELU(x) = ReLU(x) - [|x| <= 5] q(|x|), q ~ t Phi(-t) of degree 12 (the piecewise
+  form PUMA uses, Dong et al. 2023, with the exact ReLU as the main piece; the tail
+  beyond 5 is below 1.5e-6); TANH(x) = (2 s - 1)(1 - 2 [|x| <= 5] p(|x|)),
+  p ~ sigma(-2t): both in ``evaluator.Tail``.
+- SLICE, TRANSPOSE, REDUCESUM: local. AFFINE (x * scale + shift, constants): local, one
+  truncation unless the scale is one.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ...errors import UnsupportedOperation
+from ...ir import Op
+from .evaluator import Kernel, Run, Step, _no_steps, _scaled
+
+#: fractional bits of the exponential's squarings: (1 + d/256) is exact at 28 bits and
+#: its square (56 bits) stays under the truncation's 2^62
+EXP_BITS = 28
+#: exp's limit: (1 + d/2^EXP_HALVINGS)^(2^EXP_HALVINGS), d clamped to -2^EXP_HALVINGS
+EXP_HALVINGS = 8
+RECIP_NEWTON = 5
+RSQRT_NEWTON = 4
+#: the variance range LayerNorm's inverse square root assumes (MiniLM-L6 on the
+#: benchmark's texts: 0.004 to 128)
+VAR_RANGE = (2.0 ** -10, 2.0 ** 12)
+
+
+def _rows(shape) -> tuple[int, int]:
+    last = int(shape[-1])
+    return int(np.prod(shape)) // last, last
+
+
+def _lead(shape) -> int:
+    return int(np.prod(shape[:-2], dtype=np.int64))
+
+
+# -- local ops ------------------------------------------------------------------------------
+def _slice(run: Run, node, args):
+    a = node.attrs
+    index = [slice(None)] * args[0].ndim
+    index[int(a["axis"]) + 1] = slice(int(a["start"]), int(a["stop"]))
+    return args[0][tuple(index)]
+
+
+def _transpose(run: Run, node, args):
+    return np.transpose(args[0], (0,) + tuple(int(i) + 1 for i in node.attrs["perm"]))
+
+
+def _reducesum(run: Run, node, args):
+    return args[0].sum(axis=tuple(int(i) + 1 for i in node.attrs["axes"]),
+                       keepdims=bool(node.attrs["keepdims"]), dtype=np.uint64)
+
+
+def _unit_scale(node) -> bool:
+    return bool(np.all(node.params["scale"] == 1.0))
+
+
+def _affine_steps(prog, node):
+    return [] if _unit_scale(node) else [Step("trunc", prog.size(node))]
+
+
+def _affine(run: Run, node, args):
+    x, f = args[0], run.f
+    if _unit_scale(node):
+        return x + run.public(_scaled(node.params["shift"], f))[None]
+    y = x * run.prog.param(node, "scale", f)[None] + \
+        run.public(_scaled(node.params["shift"], 2 * f))[None]
+    return run.trunc(np.ascontiguousarray(y))
+
+
+def _embed(run: Run, node, args):
+    raise UnsupportedOperation(
+        f"embedding {node.name!r} reached the parties: lower the graph for mpc first "
+        "(compiler pass onehot_embeddings; the client one-hot encodes the ids)")
+
+
+# -- products of shared matrices ------------------------------------------------------------
+def _matmul_dims(prog, node) -> tuple[int, int, int, int]:
+    sx = prog.shapes[node.inputs[0]]
+    m, n = node.shape[-2], node.shape[-1]
+    return _lead(node.shape) or 1, m, sx[-1], n
+
+
+def _matmul_steps(prog, node):
+    g, m, k, n = _matmul_dims(prog, node)
+    return [Step("matmul", g * m * n, dims=(g, m, k, n)), Step("trunc", g * m * n)]
+
+
+def _matmul(run: Run, node, args):
+    g, m, k, n = _matmul_dims(run.prog, node)
+    b = args[0].shape[0]
+    lead = tuple(node.shape[:-2])
+    x = np.broadcast_to(args[0], (b,) + lead + args[0].shape[-2:]).reshape(b * g, m, k)
+    y = np.broadcast_to(args[1], (b,) + lead + args[1].shape[-2:]).reshape(b * g, k, n)
+    z = run.matmul(np.ascontiguousarray(x), np.ascontiguousarray(y))
+    return run.trunc(z).reshape((b,) + tuple(node.shape))
+
+
+# -- range-reduced Newton iterations -------------------------------------------------------
+def _binade_thresholds(lo: float, hi: float) -> list[int]:
+    """The powers 2^j (j0 < j <= j1) that split [lo, hi] into binades."""
+    j0, j1 = int(np.floor(np.log2(lo))), int(np.floor(np.log2(hi)))
+    return list(range(j0 + 1, j1 + 1))
+
+
+def _binade_steps(n: int, lo: float, hi: float) -> list[Step]:
+    js = _binade_thresholds(lo, hi)
+    return [Step("drelu", n * len(js))] if js else []
+
+
+def _binade_guess(run: Run, s: np.ndarray, lo: float, hi: float, g) -> np.ndarray:
+    """g(e) at f bits for the binade e of s (s in [2^e, 2^(e+1))): g(j0) plus, for every
+    threshold 2^j that s reaches, g(j) - g(j - 1) (public multiples of the comparison
+    bits; local after one batch of comparisons)."""
+    f = run.f
+    js = _binade_thresholds(lo, hi)
+    j0 = int(np.floor(np.log2(lo)))
+    out = np.broadcast_to(run.public(_scaled(g(j0), f)), s.shape).copy()
+    if not js:
+        return out
+    bits = run.drelu(np.concatenate([s.ravel() - run.public(_scaled(2.0 ** j, f))
+                                     for j in js])).reshape((len(js),) + s.shape)
+    for i, j in enumerate(js):
+        out += bits[i] * _scaled(g(j) - g(j - 1), f)
+    return out
+
+
+def _recip_steps(n: int, lo: float, hi: float) -> list[Step]:
+    return _binade_steps(n, lo, hi) + [Step("mul", n), Step("trunc", n)] * (2 * RECIP_NEWTON)
+
+
+def _reciprocal_of(run: Run, s: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """1 / s at f bits for s in [lo, hi] (f bits)."""
+    y = _binade_guess(run, s, lo, hi, lambda e: 0.75 * 2.0 ** -e)
+    two = run.public(_scaled(2.0, run.f))
+    for _ in range(RECIP_NEWTON):
+        t = run.trunc(run.mul(s, y))
+        y = run.trunc(run.mul(y, two - t))
+    return y
+
+
+def _rsqrt_steps(n: int, lo: float, hi: float, f: int) -> list[Step]:
+    per = [Step("square", n), Step("trunc", n), Step("mul", n), Step("trunc", n),
+           Step("mul", n), Step("trunc", n, f + 1)]
+    return _binade_steps(n, lo, hi) + per * RSQRT_NEWTON
+
+
+def _rsqrt_of(run: Run, v: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """1 / sqrt(v) at f bits for v in [lo, hi] (f bits); the Newton step's halving
+    rides on its truncation (by f + 1 bits)."""
+    f = run.f
+    y = _binade_guess(run, v, lo, hi, lambda e: np.sqrt(2.0 / 3.0) * 2.0 ** (-e / 2))
+    three = run.public(_scaled(3.0, f))
+    for _ in range(RSQRT_NEWTON):
+        y2 = run.trunc(run.square(y))
+        t = run.trunc(run.mul(v, y2))
+        y = run.trunc(run.mul(y, three - t), shift=f + 1)
+    return y
+
+
+def _recip_node_steps(prog, node):
+    return _recip_steps(prog.size(node), float(node.attrs["lo"]), float(node.attrs["hi"]))
+
+
+def _reciprocal(run: Run, node, args):
+    return _reciprocal_of(run, args[0], float(node.attrs["lo"]), float(node.attrs["hi"]))
+
+
+# -- softmax --------------------------------------------------------------------------------
+def _softmax_steps(prog, node):
+    rows, last = _rows(node.shape)
+    n = rows * last
+    f = prog.frac_bits
+    steps = [Step("relu", rows * k) for k in _tree_widths(last)]
+    steps += [Step("relu", n),                                   # the clamp at -256
+              Step("square", 2 * n), Step("trunc", n, EXP_BITS), Step("trunc", n, f + 9)]
+    steps += [Step("square", n), Step("trunc", n, EXP_BITS)] * (EXP_HALVINGS - 1)
+    steps += [Step("mul", n), Step("trunc", n, EXP_BITS)]
+    steps += _recip_steps(rows, 0.5, float(last))
+    steps += [Step("mul", n), Step("trunc", n)]
+    return steps
+
+
+def _tree_widths(width: int) -> list[int]:
+    """The comparisons per row at each level of a max tree over ``width`` values."""
+    out = []
+    while width > 1:
+        out.append(width // 2)
+        width = width // 2 + width % 2
+    return out
+
+
+def _row_max(run: Run, x: np.ndarray) -> np.ndarray:
+    vals = x
+    while vals.shape[-1] > 1:
+        pairs = vals.shape[-1] // 2
+        a, b = vals[..., 0:2 * pairs:2], vals[..., 1:2 * pairs:2]
+        m = b + run.relu(np.ascontiguousarray(a - b))
+        vals = np.concatenate([m, vals[..., 2 * pairs:]], axis=-1)
+    return vals
+
+
+def _exp_nonpositive(run: Run, d: np.ndarray) -> np.ndarray:
+    """exp(d) at f bits for shared d <= 0 (f bits): see the module docstring."""
+    f, big = run.f, EXP_BITS
+    limit = float(2 ** EXP_HALVINGS)
+    lim = run.public(_scaled(limit, f))
+    d = run.relu(np.ascontiguousarray(d + lim)) - lim            # max(d, -256)
+    u = d + run.public(np.uint64(1) << np.uint64(big))          # 1 + d/256 at 28 bits
+    sq = run.square(np.concatenate([u.ravel(), d.ravel()]))
+    u = run.trunc(sq[:u.size], shift=big)
+    corr = run.trunc(sq[u.size:], shift=f + 9) + run.public(_scaled(1.0, f))
+    for _ in range(EXP_HALVINGS - 1):
+        u = run.trunc(run.square(u), shift=big)
+    return run.trunc(run.mul(u, corr), shift=big).reshape(d.shape)
+
+
+def _softmax(run: Run, node, args):
+    x = args[0]
+    rows, last = _rows(x.shape[1:])
+    b = x.shape[0]
+    x = x.reshape(b * rows, last)
+    mx = _row_max(run, x)
+    e = _exp_nonpositive(run, x - mx)
+    s = e.sum(axis=-1, keepdims=True, dtype=np.uint64)
+    inv = _reciprocal_of(run, s, 0.5, float(last))
+    p = run.trunc(run.mul(e, np.ascontiguousarray(np.broadcast_to(inv, e.shape))))
+    return p.reshape((b,) + tuple(node.shape))
+
+
+# -- layer norm -----------------------------------------------------------------------------
+def _layernorm_steps(prog, node):
+    rows, last = _rows(node.shape)
+    n = rows * last
+    return ([Step("trunc", rows), Step("square", n), Step("trunc", rows),
+             Step("trunc", rows)] + _rsqrt_steps(rows, *VAR_RANGE, prog.frac_bits)
+            + [Step("mul", n), Step("trunc", n), Step("trunc", n)])
+
+
+def _layernorm(run: Run, node, args):
+    x = args[0]
+    f = run.f
+    rows, last = _rows(x.shape[1:])
+    b = x.shape[0]
+    x = x.reshape(b * rows, last)
+    inv_d = _scaled(1.0 / last, f)
+    mean = run.trunc(x.sum(axis=-1, keepdims=True, dtype=np.uint64) * inv_d)
+    c = x - mean
+    var = run.trunc(run.square(c).sum(axis=-1, keepdims=True, dtype=np.uint64))
+    var = run.trunc(var * inv_d) + run.public(_scaled(float(node.attrs["eps"]), f))
+    y = _rsqrt_of(run, var, *VAR_RANGE)
+    z = run.trunc(run.mul(c, np.ascontiguousarray(np.broadcast_to(y, c.shape))))
+    out = z * run.prog.param(node, "weight", f)[None] + \
+        run.public(_scaled(node.params["bias"], 2 * f))[None]
+    return run.trunc(np.ascontiguousarray(out)).reshape((b,) + tuple(node.shape))
+
+
+KERNELS = {
+    Op.SLICE: Kernel(_no_steps, _slice),
+    Op.TRANSPOSE: Kernel(_no_steps, _transpose),
+    Op.REDUCESUM: Kernel(_no_steps, _reducesum),
+    Op.AFFINE: Kernel(_affine_steps, _affine),
+    Op.EMBED: Kernel(_no_steps, _embed),
+    Op.MATMUL: Kernel(_matmul_steps, _matmul),
+    Op.RECIPROCAL: Kernel(_recip_node_steps, _reciprocal),
+    Op.SOFTMAX: Kernel(_softmax_steps, _softmax),
+    Op.LAYERNORM: Kernel(_layernorm_steps, _layernorm),
+}
