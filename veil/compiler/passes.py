@@ -63,6 +63,55 @@ def fold_batchnorm(graph: Graph) -> tuple[Graph, PassNote]:
     return graph.with_nodes(out), note
 
 
+def _scalar_scale(node: Node) -> float | None:
+    """The one factor of a BATCHNORM / AFFINE that only scales (same factor everywhere,
+    no shift), else None."""
+    if node.op is Op.BATCHNORM:
+        s, t = node.params["scale"], node.params["shift"]
+    elif node.op is Op.AFFINE:
+        s, t = node.params["scale"], node.params["shift"]
+    else:
+        return None
+    if s.size == 0 or np.any(t != 0) or np.any(s != s.ravel()[0]):
+        return None
+    return float(s.ravel()[0])
+
+
+def fold_matmul_scale(graph: Graph) -> tuple[Graph, PassNote]:
+    """An attention's 1/sqrt(d) scale folded into the query projection: c (Q K^T) =
+    (c Q) K^T, so a scalar scaling of a MATMUL's output moves onto the LINEAR that makes
+    its first operand (through RESHAPE / TRANSPOSE, each read only there). Exact; on
+    shares it saves a truncation of every attention score (heads x tokens^2 values)."""
+    note = PassNote("fold_matmul_scale")
+    nodes = {n.name: n for n in graph.nodes}
+    drop: dict[str, str] = {}
+    for node in graph.nodes:
+        c = _scalar_scale(node)
+        if c is None or node.name == graph.output:
+            continue
+        mm = nodes[node.inputs[0]]
+        if mm.op is not Op.MATMUL or len(graph.consumers(mm.name)) != 1:
+            continue
+        src = nodes[mm.inputs[0]]
+        while src.op in (Op.RESHAPE, Op.TRANSPOSE) and len(graph.consumers(src.name)) == 1:
+            src = nodes[src.inputs[0]]
+        if src.op is not Op.LINEAR or len(graph.consumers(src.name)) != 1 \
+                or mm.inputs[0] == mm.inputs[1]:
+            continue
+        nodes[src.name] = src.replace(params={"weight": src.params["weight"] * c,
+                                              "bias": src.params["bias"] * c})
+        drop[node.name] = mm.name
+        note.messages.append(f"scale {c:g} of {node.name!r} folded into {src.name!r}")
+    out = []
+    for n in graph.nodes:
+        if n.name in drop:
+            continue
+        n = nodes[n.name]
+        out.append(_rename_inputs(n, drop))
+    output = drop.get(graph.output, graph.output)
+    return graph.with_nodes(out, output), note
+
+
 def _id_positions(graph: Graph, node: Node) -> np.ndarray:
     """Where an EMBED's token ids sit in the flattened model input: its input must be
     the model input itself or moved out of it (SLICE / RESHAPE / TRANSPOSE)."""

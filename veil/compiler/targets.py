@@ -19,8 +19,8 @@ from ..ir import Graph, Op, opdef, ops_for
 from .approx import approximate
 from .levels import place_bootstraps
 from .passes import (PassNote, expand_broadcasts, fold_batchnorm, fold_poly_domain,
-                     fold_quadratic, im2col_first_conv, linearize, onehot_embeddings,
-                     replace_maxpool)
+                     fold_matmul_scale, fold_quadratic, im2col_first_conv, linearize,
+                     onehot_embeddings, replace_maxpool)
 
 Pass = Callable[[Graph], "tuple[Graph, PassNote]"]
 
@@ -67,8 +67,9 @@ def check_ops(graph: Graph, target: str) -> None:
 TEE = Target("tee", (fold_batchnorm,))
 # Two parties on additive shares with public weights: affine ops stay structured (a
 # convolution on shares is a local convolution), batch norms fold into them; token
-# embeddings become products with the client's one-hot encoding of its ids.
-MPC = Target("mpc", (fold_batchnorm, onehot_embeddings))
+# embeddings become products with the client's one-hot encoding of its ids; an
+# attention's score scale moves onto its query projection.
+MPC = Target("mpc", (fold_batchnorm, fold_matmul_scale, onehot_embeddings))
 
 # CKKS: structural rewrites and the calibrated polynomial fits (the graph `simulate`
 # runs), then the lowering to DENSE / POLY / SQUARE and ADD / MUL of equal shapes for

@@ -212,8 +212,15 @@ class LocalMPC(_Local):
         from ..backends.mpc.evaluator import lower_for_mpc, max_batch
 
         save_model(lowered, directory / "mpc")
+        mpc_graph = lower_for_mpc(lowered)
         # requests the parties' default memory budget admits (a 224x224 model: one image)
-        self._chunk = max_batch(lower_for_mpc(lowered))
+        self._chunk = max_batch(mpc_graph)
+        # token ids one-hot encoded by this client before sharing (a transformer)
+        self._encoder = None
+        if mpc_graph.input.attrs.get("onehot"):
+            from ..compiler.passes import encode_input
+
+            self._encoder = lambda xs: encode_input(mpc_graph, xs)
         self.keys = transport.setup(self.dir / "keys")
         return ExportInfo(directory, NAME, ("mpc",), tuple(lowered.input_shape),
                           tuple(lowered.output_shape), {})
@@ -226,7 +233,8 @@ class LocalMPC(_Local):
 
         return MpcClient(self.keys, parse_address(started["party0"]),
                          parse_address(started["party1"]), self.input_shape,
-                         timeout=120.0, frac_bits=started["frac_bits"])
+                         timeout=120.0, frac_bits=started["frac_bits"],
+                         encoder=self._encoder)
 
     def _infer(self, xs: np.ndarray) -> np.ndarray:
         from ..backends.mpc.service import MAX_INPUTS

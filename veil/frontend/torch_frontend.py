@@ -39,7 +39,11 @@ class _Tensor:
 def torch_to_graph(model: Any, input_shape: tuple[int, ...]) -> Graph:
     """Trace ``model`` (in eval mode) and convert it to a verified :class:`Graph`.
 
-    The module's train/eval flags are restored afterwards; nothing else is changed.
+    torch.fx first; a model fx cannot trace or map (Hugging Face transformers: their
+    attention and layer norms are calls fx does not see through) goes through
+    torch.onnx's exporter instead (:func:`_via_onnx`), refused when the exporter warns
+    that the model's control flow depends on its input. The module's train/eval flags
+    are restored afterwards; nothing else is changed.
 
     Raises:
         UnsupportedOperation: tracing fails or an operation has no IR equivalent.
@@ -48,11 +52,56 @@ def torch_to_graph(model: Any, input_shape: tuple[int, ...]) -> Graph:
     states = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        gm = _trace(model)
-        return _Converter(gm, input_shape).convert()
+        try:
+            gm = _trace(model)
+            return _Converter(gm, input_shape).convert()
+        except UnsupportedOperation as fx_error:
+            try:
+                graph = _via_onnx(model, input_shape)
+            except (UnsupportedOperation, GraphError) as onnx_error:
+                raise UnsupportedOperation(
+                    f"{fx_error} (through torch.onnx instead: {onnx_error})") from fx_error
+            logger.info("%s: torch.fx could not convert it (%s); converted through "
+                        "torch.onnx (opset %d)", type(model).__name__, fx_error, ONNX_OPSET)
+            return graph
     finally:
         for module, training in states:
             module.training = training
+
+
+#: opset of the fallback export: 20 has Gelu and LayerNormalization as single ops
+ONNX_OPSET = 20
+
+
+def _via_onnx(model: Any, input_shape: tuple[int, ...]) -> Graph:
+    """``model`` exported by torch.onnx (the TorchScript tracer, opset
+    :data:`ONNX_OPSET`, in memory) and read by the ONNX frontend. The tracer records
+    one path through Python control flow; it warns (TracerWarning) when that path
+    depends on the input's values, and such a model is refused."""
+    import io
+    import warnings
+
+    import torch
+
+    from .onnx_frontend import onnx_to_graph
+
+    buf = io.BytesIO()
+    x = torch.zeros((1,) + tuple(input_shape))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            with torch.no_grad():
+                torch.onnx.export(model, (x,), buf, opset_version=ONNX_OPSET, dynamo=False,
+                                  input_names=["x"], output_names=["y"])
+    except torch.jit.TracerWarning as exc:
+        raise UnsupportedOperation(f"its control flow depends on the input ({exc})") from exc
+    except Exception as exc:  # the exporter raises many kinds
+        raise UnsupportedOperation(f"torch.onnx.export failed: {exc}") from exc
+    import onnx
+
+    return onnx_to_graph(onnx.load_from_string(buf.getvalue()), tuple(input_shape))
 
 
 def _trace(model: Any) -> Any:

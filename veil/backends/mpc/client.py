@@ -49,14 +49,17 @@ class MpcClient:
     def __init__(self, keys_dir: str | os.PathLike, party0: tuple[str, int] | None,
                  party1: tuple[str, int], input_shape: tuple[int, ...],
                  timeout: float = 30.0, frac_bits: int = FRAC_BITS,
-                 party0_call=None, ticket_call=None) -> None:
+                 party0_call=None, ticket_call=None, encoder=None) -> None:
         """``party0_call(body) -> body`` and ``ticket_call(request_id) -> ticket``:
         reach party 0 and get party 1's tickets through whoever fronts party 0 (the
-        HTTP service); without them, both come from party 0's own link."""
+        HTTP service); without them, both come from party 0's own link. ``encoder``
+        turns a checked batch into the lowered model's input before it is shared
+        (``compiler.passes.encode_input``: token ids one-hot encoded)."""
         self.identity = tp.Identity.load(keys_dir, None)
         self.addresses = (party0, party1)
         self.input_shape, self.timeout = tuple(input_shape), timeout
         self.frac_bits = int(frac_bits)
+        self._encoder = encoder
         # party 0 through someone who fronts it (the HTTP service): request body in,
         # party 0's CLIENT_RESULT body out; party 1 always over its own link
         self._party0_call, self._ticket_call = party0_call, ticket_call
@@ -105,6 +108,8 @@ class MpcClient:
     def share(self, xs) -> "MpcShares":
         """Split a batch (n, *input_shape) into the two parties' shares, locally."""
         xs = check_batch(xs, self.input_shape, MAX_INPUTS)
+        if self._encoder is not None:
+            xs = self._encoder(xs)
         s0, s1 = pr.share(encode(xs, self.frac_bits), Prg())
         return MpcShares(secrets.token_bytes(16), (s0, s1), self.frac_bits, len(xs))
 

@@ -285,6 +285,10 @@ def _fit_tail(op: Op, fn: Callable) -> Tail:
         cheb = np.linalg.lstsq(basis * root[:, None], y * root, rcond=None)[0]
         w = w * np.abs(basis @ cheb - y)
         w /= w.sum()
+        # weights that shrink into subnormal floats change nothing in the fit but make
+        # every pass ~50x slower (5 s per op): keep them at a floor that is still zero
+        # for the sums
+        np.maximum(w, 1e-200, out=w)
     return Tail(op, bound, tuple(float(c) for c in chebyshev.cheb2poly(cheb)))
 
 
@@ -307,7 +311,7 @@ def approximation(op: Op) -> Piecewise | Tail:
 
 # -- material steps -------------------------------------------------------------------------
 STEP_KINDS = ("trunc", "trunc_relu", "relu", "mul", "drelu", "select", "clip",
-              "trunc_clip", "square", "mulsq", "matmul")
+              "trunc_clip", "square", "mulsq", "matmul", "trsq")
 #: a matrix product step's largest dimension (g, m, k, n each), so a request cannot
 #: make the dealer build an absurd triple
 MAX_MATMUL_DIM = 1 << 16
@@ -328,7 +332,8 @@ class Step:
     def __post_init__(self) -> None:
         if self.kind not in STEP_KINDS:
             raise InputError(f"unknown material kind {self.kind!r}")
-        if self.shift and (self.kind != "trunc" or not 2 <= self.shift <= 60):
+        if self.shift and (self.kind not in ("trunc", "trsq") or not 2 <= self.shift <= 60
+                           or (self.kind == "trsq" and self.shift > 32)):
             raise InputError(f"a {self.kind} step cannot shift by {self.shift} bits")
         object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
         if self.kind == "matmul":
@@ -439,6 +444,8 @@ def dealer_material(steps: list[Step], batch: int, prg: Prg, frac_bits: int = FR
         if step.kind == "matmul":
             g, m, k, n_ = step.dims
             pair = pr.batched_matrix_triples(g * batch, m, k, n_, prg)
+        elif step.kind == "trsq":           # (no comparison: the same for DCFs)
+            pair = pr.trunc_square_material(n, step.shift or frac_bits, prg)
         elif cmp == "circuit" and step.kind == "trunc":
             pair = pr.circuit_trunc_material(n, step.shift or frac_bits, prg)
         elif step.kind in ("square", "mulsq"):
@@ -535,6 +542,13 @@ class Run:
         fn = pr.trunc_relu if relu else pr.truncate_shares
         return self._apply(lambda v, m: fn(self.ch, self.party, v, m, shift),
                            y.ravel()).reshape(y.shape)
+
+    def trunc_square(self, y: np.ndarray, shift: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(y / 2^shift, its square) from one opening (a "trsq" step, same shift)."""
+        shift = shift or self.f
+        out = self._apply(lambda v, m: np.stack(pr.trunc_square(self.ch, self.party, v, m,
+                                                                shift)), y.ravel())
+        return out[0].reshape(y.shape), out[1].reshape(y.shape)
 
     def mul(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return self._apply(lambda a, b, m: pr.mul(self.ch, self.party, a, b, m),
@@ -863,6 +877,7 @@ def _piecewise(run: Run, x: np.ndarray, pw: Piecewise) -> np.ndarray:
 
 
 def _tail_steps(prog, node):
+    approximation(node.op)      # fitted now, with the plan, not during the online run
     n = prog.size(node)
     f = prog.frac_bits
     steps = [Step("relu", n)] if node.op in RELU_TAILS else [Step("drelu", n),

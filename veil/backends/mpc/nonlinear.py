@@ -17,7 +17,8 @@ kernel over its calibrated range):
   (log2 L levels), d = x - max <= 0 clamped to d' = max(d, -256) (one ReLU: an additive
   mask of -10^4 would otherwise wrap the limit below), then
   exp(d') ~ (1 + d'/256)^256 (1 + d'^2 / 512): eight squarings at F = 28 fractional
-  bits (1 + d'/256 at 28 bits is the f-bit share of d' plus 2^28, no shift), the
+  bits (1 + d'/256 at 28 bits is the f-bit share of d' plus 2^28, no shift; each
+  truncation and the next square share one opening, ``protocols.trunc_square``), the
   second factor undoing the limit's leading error exp(-d^2 / 512) (without it the
   error reaches 1.1e-3 at d = -2; with it ~1e-5 over [-256, 0], fixed point
   included). The sum's reciprocal (below) and one product per entry.
@@ -207,9 +208,9 @@ def _softmax_steps(prog, node):
     f = prog.frac_bits
     steps = [Step("relu", rows * k) for k in _tree_widths(last)]
     steps += [Step("relu", n),                                   # the clamp at -256
-              Step("square", 2 * n), Step("trunc", n, EXP_BITS), Step("trunc", n, f + 9)]
-    steps += [Step("square", n), Step("trunc", n, EXP_BITS)] * (EXP_HALVINGS - 1)
-    steps += [Step("mul", n), Step("trunc", n, EXP_BITS)]
+              Step("square", 2 * n), Step("trunc", n, f + 9)]
+    steps += [Step("trsq", n, EXP_BITS)] * (EXP_HALVINGS - 1)
+    steps += [Step("trunc", n, EXP_BITS), Step("mul", n), Step("trunc", n, EXP_BITS)]
     steps += _recip_steps(rows, 0.5, float(last))
     steps += [Step("mul", n), Step("trunc", n)]
     return steps
@@ -242,10 +243,11 @@ def _exp_nonpositive(run: Run, d: np.ndarray) -> np.ndarray:
     d = run.relu(np.ascontiguousarray(d + lim)) - lim            # max(d, -256)
     u = d + run.public(np.uint64(1) << np.uint64(big))          # 1 + d/256 at 28 bits
     sq = run.square(np.concatenate([u.ravel(), d.ravel()]))
-    u = run.trunc(sq[:u.size], shift=big)
     corr = run.trunc(sq[u.size:], shift=f + 9) + run.public(_scaled(1.0, f))
-    for _ in range(EXP_HALVINGS - 1):
-        u = run.trunc(run.square(u), shift=big)
+    y = sq[:u.size]                                             # u^2 at 56 bits
+    for _ in range(EXP_HALVINGS - 1):                           # u^(2^k), one opening each
+        _, y = run.trunc_square(y, shift=big)
+    u = run.trunc(y, shift=big)
     return run.trunc(run.mul(u, corr), shift=big).reshape(d.shape)
 
 

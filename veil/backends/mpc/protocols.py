@@ -177,6 +177,19 @@ class CircuitTruncMaterial:
     wrap: np.ndarray
 
 
+@dataclass(frozen=True)
+class TruncSquareMaterial:
+    """A faithful truncation's shares and, for its result's square in the same round,
+    shares of (r >> f)^2 and of (r >> f) msb(r) 2^(64-f) (the wrap's own square is 0
+    in the ring for f <= 32)."""
+
+    r: np.ndarray
+    r_high: np.ndarray
+    wrap: np.ndarray
+    r2: np.ndarray
+    rw: np.ndarray
+
+
 #: What a circuit comparison's multiplexer computes: the bit alone ("sign"), the compared
 #: value times it ("relu"), another value times it ("select", with the mask a of that
 #: value), or the truncated value times it ("trunc_relu"); "clip" and "trunc_clip" add
@@ -315,6 +328,19 @@ def circuit_trunc_material(n: int, frac_bits: int, prg: Prg, r=None
     return CircuitTruncMaterial(r0, h0, w0), CircuitTruncMaterial(r1, h1, w1)
 
 
+def trunc_square_material(n: int, frac_bits: int, prg: Prg
+                          ) -> tuple[TruncSquareMaterial, TruncSquareMaterial]:
+    """:func:`circuit_trunc_material` plus the two products :func:`trunc_square` needs."""
+    if not 2 <= frac_bits <= 32:
+        raise ValueError("a truncated square shifts by 2..32 bits")
+    r, (r0, r1) = prg.root_u64(n)
+    high = r >> np.uint64(frac_bits)
+    wrap = (r >> _SHIFT63) * (np.uint64(1) << np.uint64(64 - frac_bits))
+    (h0, h1), (w0, w1) = prg.split_u64(high), prg.split_u64(wrap)
+    (q0, q1), (p0, p1) = prg.split_u64(high * high), prg.split_u64(high * wrap)
+    return (TruncSquareMaterial(r0, h0, w0, q0, p0), TruncSquareMaterial(r1, h1, w1, q1, p1))
+
+
 def circuit_cmp_material(kind: str, n: int, prg: Prg, frac_bits: int = 0
                          ) -> tuple[CircuitCmpMaterial, CircuitCmpMaterial]:
     """A comparison on ``CMP_BITS`` ring bits less the lowest ``CMP_DROP`` (for
@@ -427,6 +453,26 @@ def truncate_shares(ch: Channel, party: int, x: np.ndarray,
     uhat = open_value(ch, _offset(party, x) + m.r)
     low = fss.evaluate(party, m.low, _low_bits(uhat, frac_bits))
     return _shift(party, uhat, fss.evaluate(party, m.wrap, uhat), low, m.r_high, frac_bits)
+
+
+def trunc_square(ch: Channel, party: int, y: np.ndarray, m: TruncSquareMaterial,
+                 frac_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shares of t = y / 2^f (faithful, as :func:`truncate_shares`) and of t^2, from the
+    one opening of the truncation: t = P - h + s w with P and s public after the
+    opening (P = (u^ >> f) - (2^62 >> f), s = 1 - msb(u^)) and h = r >> f, w = msb(r)
+    2^(64-f) dealt, so t^2 = P^2 - 2 P h + 2 P s w + h^2 - 2 s h w (+ s w^2 = 0 for
+    f <= 32) is local given the dealt h^2 and h w. A chain of squarings (exp's) opens
+    once per squaring instead of twice. Needs |y| < 2^62 and |t^2| < 2^63."""
+    uhat = open_value(ch, (y + _OFF62 if party == 0 else y) + m.r)
+    f = np.uint64(frac_bits)
+    s = np.uint64(1) - (uhat >> _SHIFT63)
+    p = (uhat >> f) - (_OFF62 >> f)
+    t = s * m.wrap - m.r_high
+    sq = m.r2 - np.uint64(2) * s * m.rw + np.uint64(2) * p * (s * m.wrap - m.r_high)
+    if party == 0:
+        t = t + p
+        sq = sq + p * p
+    return t, sq
 
 
 def rounds_to_floor(m) -> bool:
@@ -689,6 +735,10 @@ def material_arrays(items: list) -> dict[str, np.ndarray]:
                 out[f"{p}.r_high"], out[f"{p}.wrap"] = m.trunc.r_high, m.trunc.wrap
             if m.tree2 is not None:
                 tree(f"{p}.tree2", m.tree2)
+        elif isinstance(m, TruncSquareMaterial):
+            out[f"{p}.kind"] = np.array([14], np.uint8)
+            out[f"{p}.r"], out[f"{p}.r_high"], out[f"{p}.wrap"] = m.r, m.r_high, m.wrap
+            out[f"{p}.r2"], out[f"{p}.rw"] = m.r2, m.rw
         elif isinstance(m, Square):
             out[f"{p}.kind"] = np.array([12 if m.xa is None else 13], np.uint8)
             out[f"{p}.a"], out[f"{p}.c"] = m.a, m.c
@@ -813,6 +863,10 @@ def material_from_arrays(arrays: dict[str, np.ndarray]) -> list:
                 name, arrays[f"{p}.r"], arrays[f"{p}.r_rows"], tree(f"{p}.tree"),
                 arrays[f"{p}.rho_row"], arrays[f"{p}.rho"], extra, trunc,
                 tree(f"{p}.tree2") if name.endswith("clip") else None))
+        elif kind == 14:
+            items.append(TruncSquareMaterial(arrays[f"{p}.r"], arrays[f"{p}.r_high"],
+                                             arrays[f"{p}.wrap"], arrays[f"{p}.r2"],
+                                             arrays[f"{p}.rw"]))
         elif kind in (12, 13):
             a = arrays[f"{p}.a"]
             xa = Triple(a, arrays[f"{p}.b"], arrays[f"{p}.ab"]) if kind == 13 else None
