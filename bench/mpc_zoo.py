@@ -138,6 +138,7 @@ def measure(name: str, model, shape, n: int = 1, timeout: float = 600.0,
 
     from veil.backends.mpc.evaluator import estimate_memory
     from veil.backends.mpc.service import MpcClient, load_model, save_model
+    from veil.compiler.passes import encode_input
     from veil.frontend import to_graph
     from veil.service.processes import Processes
 
@@ -153,7 +154,11 @@ def measure(name: str, model, shape, n: int = 1, timeout: float = 600.0,
     with tempfile.TemporaryDirectory() as tmp:
         keys, mdir = f"{tmp}/keys", f"{tmp}/model"
         save_model(graph, mdir)
-        est = estimate_memory(load_model(mdir))
+        mpc_graph = load_model(mdir)
+        est = estimate_memory(mpc_graph)
+        # token ids are one-hot encoded by the client (a transformer's embedding)
+        encoder = (lambda xs: encode_input(mpc_graph, xs)) \
+            if mpc_graph.input.attrs.get("onehot") else None
         subprocess.run([sys.executable, "-m", "veil", "mpc-setup", keys], check=True,
                        stdout=subprocess.DEVNULL)
         t = str(timeout)
@@ -175,7 +180,7 @@ def measure(name: str, model, shape, n: int = 1, timeout: float = 600.0,
             cpu0 = {k: _cpu_s(procs.children[k].proc.pid) for k in roles}
             load0 = os.getloadavg()[0]
             unready = 0
-            with MpcClient(keys, a0, a1, shape, timeout=timeout) as client:
+            with MpcClient(keys, a0, a1, shape, timeout=timeout, encoder=encoder) as client:
                 runs = []
                 for i in range(n):
                     if spool:               # both parties have set i + 1 on disk
@@ -207,6 +212,9 @@ def measure(name: str, model, shape, n: int = 1, timeout: float = 600.0,
         "max_logit_error": float(np.abs(out - plain).max()),
         "max_logit_error_rel_range": float(np.abs(out - plain).max()) / span,
         "argmax_agreement": float(np.mean(out.argmax(1) == plain.argmax(1))),
+        "min_cosine_to_plain": float(np.min(
+            (out * plain).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(plain, axis=1))),
+        "outputs": out,            # (not written: callers pop it)
         "max_comparison_input": cmp_max,
     }
 
@@ -299,7 +307,9 @@ def main(argv=None) -> int:
                 model = with_running_stats(getattr(torchvision.models, name)(weights=None),
                                            (3, 224, 224))
                 shape = (3, 224, 224)
-            rows.append(measure(name, model, shape))
+            row = measure(name, model, shape)
+            row.pop("outputs")
+            rows.append(row)
             print(rows[-1], flush=True)
         except Exception as exc:                 # reported, not hidden
             notes.append(f"- {name}: not run: {type(exc).__name__}: {exc}".splitlines()[0])

@@ -1162,9 +1162,10 @@ def estimate_memory(graph: Graph, batch: int = 1, frac_bits: int = FRAC_BITS,
         party = max(party, sum(live.values()) + held
                     + _work_bytes(prog, node, batch, cmp, above))
         dealer = max([dealer] + [6 * material_bytes(
-            [Step(s.kind, min(s.size * batch, CHUNK) if cmp == "circuit" else s.size * batch,
+            [s if s.kind == "matmul" else
+             Step(s.kind, min(s.size * batch, CHUNK) if cmp == "circuit" else s.size * batch,
                   s.shift)],
-            1, frac_bits, cmp) for s in prog.steps[node.name]])
+            batch if s.kind == "matmul" else 1, frac_bits, cmp) for s in prog.steps[node.name]])
         for s in node.inputs:
             if prog.last_use.get(s) == i and s != graph.output:
                 live.pop(s, None)
