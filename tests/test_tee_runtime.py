@@ -15,7 +15,7 @@ import pytest
 from veil.backends.tee import SoftwareAttester, TEEClient, PlaintextClient, Policy
 from veil.backends.tee import TrustedAttester, bundle, executor, onnx_kernels, torch_kernels
 from veil.backends.tee.executor import RuntimeSpec, make_executor
-from veil.errors import TEEError, UnsupportedOperation
+from veil.errors import InputError, TEEError, UnsupportedOperation
 from veil.ir import Graph, Op, interpreter, make_node, ops_for
 
 FLOAT32_TOL = 2e-5
@@ -117,6 +117,87 @@ def _reshape():
     return _unary(Op.RESHAPE, (2, 3, 4), shape=(4, 6))
 
 
+# -- transformer ops (tokens 5, features 8, heads 2) --------------------------------------
+
+VOCAB = 11
+
+
+def _embed():
+    g = _G((2, 3))                  # token ids of any per-sample shape
+    g.add(Op.EMBED, ["x"], {}, {"table": _rng().normal(size=(VOCAB, 8))})
+    return g.graph()
+
+
+def _token_ids(shape):
+    return _rng().integers(0, VOCAB, size=shape).astype(np.float64)
+
+
+def _affine(scale_shape, shift_shape):
+    g, r = _G((5, 8)), _rng()
+    g.add(Op.AFFINE, ["x"], {}, {"scale": r.normal(size=scale_shape),
+                                 "shift": r.normal(size=shift_shape)})
+    return g.graph()
+
+
+def _matmul(broadcast):
+    """(3,4,4) @ (3,4,4); with a (1,4,4) right operand (leading axes broadcast); with a
+    (4,4) one (per-sample ranks aligned)."""
+    g = _G((3, 4, 4))
+    other = g.add(Op.TANH, ["x"])
+    if broadcast != "same":
+        other = g.add(Op.SLICE, [other], {"axis": 0, "start": 1, "stop": 2})
+    if broadcast == "rank":
+        other = g.add(Op.RESHAPE, [other], {"shape": (4, 4)})
+    g.add(Op.MATMUL, ["x", other])
+    return g.graph()
+
+
+def _attention():
+    """One self-attention block as the ONNX frontend emits BERT's: per-head reshapes and
+    transposes, scores scaled and masked, softmax, heads merged, residual, layer norm."""
+    g, r = _G((5, 8)), _rng()
+
+    def heads(perm):
+        y = g.add(Op.LINEAR, ["x"], {}, {"weight": r.normal(size=(8, 8)) / 3,
+                                         "bias": r.normal(size=8)})
+        return g.add(Op.TRANSPOSE, [g.add(Op.RESHAPE, [y], {"shape": (5, 2, 4)})],
+                     {"perm": perm})
+    q, k, v = heads((1, 0, 2)), heads((1, 2, 0)), heads((1, 0, 2))
+    s = g.add(Op.AFFINE, [g.add(Op.MATMUL, [q, k])], {},
+              {"scale": np.array(0.5), "shift": np.array([0, 0, 0, -1e4, -1e4])})
+    o = g.add(Op.MATMUL, [g.add(Op.SOFTMAX, [s]), v])
+    o = g.add(Op.RESHAPE, [g.add(Op.TRANSPOSE, [o], {"perm": (1, 0, 2)})], {"shape": (5, 8)})
+    g.add(Op.LAYERNORM, [g.add(Op.ADD, [o, "x"])], {"eps": 1e-5},
+          {"weight": r.normal(size=8), "bias": r.normal(size=8)})
+    return g.graph()
+
+
+def _layernorm():
+    g, r = _G((5, 8)), _rng()
+    g.add(Op.LAYERNORM, ["x"], {"eps": 1e-3}, {"weight": r.normal(size=8),
+                                               "bias": r.normal(size=8)})
+    return g.graph()
+
+
+def _reciprocal():
+    """1 / (x^2 + 1/2): inputs inside the op's positive range."""
+    g = _G((5, 8))
+    y = g.add(Op.AFFINE, [g.add(Op.SQUARE, ["x"])], {},
+              {"scale": np.array(1.0), "shift": np.array(0.5)})
+    g.add(Op.RECIPROCAL, [y])
+    return g.graph()
+
+
+def _pooled():
+    """Masked mean pooling, as sentence encoders end: sum over tokens / token count."""
+    g = _G((5, 8))
+    mask = g.add(Op.SIGMOID, [g.add(Op.SLICE, ["x"], {"axis": 1, "start": 0, "stop": 1})])
+    total = g.add(Op.REDUCESUM, [g.add(Op.MUL, ["x", mask])], {"axes": (0,)})
+    count = g.add(Op.REDUCESUM, [mask], {"axes": (0,)})
+    g.add(Op.MUL, [total, g.add(Op.RECIPROCAL, [count])])
+    return g.graph()
+
+
 CASES = {
     "linear": _linear,
     "conv2d": lambda: _conv((3, 7, 7), 4, 3),
@@ -162,7 +243,23 @@ CASES = {
     "poly-linear": lambda: _poly((0.3, -1.2)),
     "poly-constant": lambda: _poly((0.7,)),
     "gather": _gather,
+    "embed": _embed,
+    "slice": lambda: _unary(Op.SLICE, (3, 5, 5), axis=1, start=1, stop=4),
+    "transpose": lambda: _unary(Op.TRANSPOSE, (2, 3, 4), perm=(2, 0, 1)),
+    "affine-scalar": lambda: _affine((), ()),
+    "affine-vector": lambda: _affine((8,), (5, 8)),
+    "matmul": lambda: _matmul("same"),
+    "matmul-broadcast": lambda: _matmul("lead"),
+    "matmul-rank": lambda: _matmul("rank"),
+    "softmax": lambda: _unary(Op.SOFTMAX, (2, 5, 5)),
+    "layernorm": _layernorm,
+    "reducesum": lambda: _unary(Op.REDUCESUM, (3, 4, 5), axes=(0, 2)),
+    "reducesum-keepdims": lambda: _unary(Op.REDUCESUM, (3, 4, 5), axes=(1,), keepdims=True),
+    "reciprocal": _reciprocal,
+    "attention": _attention,
+    "masked-mean-pool": _pooled,
 }
+INPUTS = {"embed": _token_ids}      # the rest: normal(scale=2)
 
 
 def test_every_tee_op_has_a_case_and_a_kernel_in_every_runtime():
@@ -177,12 +274,29 @@ def test_every_tee_op_has_a_case_and_a_kernel_in_every_runtime():
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_runtime_agrees_with_the_interpreter(case, spec):
     graph = CASES[case]()
-    x = _rng().normal(scale=2.0, size=(3, *graph.input_shape))
+    shape = (3, *graph.input_shape)
+    x = INPUTS[case](shape) if case in INPUTS else _rng().normal(scale=2.0, size=shape)
     want = interpreter.run(graph, x)
     got = make_executor(graph, spec, threads=1)(x)
     assert got.dtype == np.float64 and got.shape == want.shape
     scale = max(1.0, float(np.abs(want).max()))
     np.testing.assert_allclose(got, want, rtol=0, atol=_tol(spec) * scale)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.name}-{s.dtype}")
+@pytest.mark.parametrize("bad", [2.5, -1.0, float(VOCAB), np.nan, np.inf])
+def test_a_bad_token_id_is_an_input_error_as_in_the_interpreter(bad, spec):
+    graph = CASES["embed"]()
+    x = _token_ids((2, *graph.input_shape))
+    x[1, 1, 2] = bad
+    with pytest.raises(InputError, match="token ids"):
+        interpreter.run(graph, x)
+    run_fn = make_executor(graph, spec, threads=1)
+    with pytest.raises(InputError, match=rf"token ids must be integers in \[0, {VOCAB}\)"):
+        run_fn(x)
+    x[1, 1, 2] = VOCAB - 1
+    np.testing.assert_allclose(run_fn(x), interpreter.run(graph, x), rtol=0,
+                               atol=_tol(spec) * 10)
 
 
 def test_an_op_without_a_kernel_is_refused_at_export(tmp_path, monkeypatch):

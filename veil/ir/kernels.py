@@ -235,7 +235,7 @@ def embed(args, a, p):
 
 
 def slice_(args, a, p):
-    axis = int(a["axis"]) + 1
+    axis = int(a["axis"]) % (args[0].ndim - 1) + 1
     index = [slice(None)] * args[0].ndim
     index[axis] = slice(int(a["start"]), int(a["stop"]))
     return args[0][tuple(index)]
@@ -271,7 +271,8 @@ def layernorm(args, a, p):
 
 
 def reducesum(args, a, p):
-    return args[0].sum(axis=tuple(int(i) + 1 for i in a["axes"]),
+    rank = args[0].ndim - 1
+    return args[0].sum(axis=tuple(int(i) % rank + 1 for i in a["axes"]),
                        keepdims=bool(a["keepdims"]))
 
 

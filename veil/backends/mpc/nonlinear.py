@@ -20,18 +20,19 @@ kernel over its calibrated range):
   bits (1 + d'/256 at 28 bits is the f-bit share of d' plus 2^28, no shift; each
   truncation and the next square share one opening, ``protocols.trunc_square``), the
   second factor undoing the limit's leading error exp(-d^2 / 512) (without it the
-  error reaches 1.1e-3 at d = -2; with it ~1e-5 over [-256, 0], fixed point
-  included). The sum's reciprocal (below) and one product per entry.
+  error reaches 1.1e-3 at d = -2; with it the residual x^3/3N^2 - x^4/8N^2 leaves
+  probabilities within 1e-4, 5.4e-5 measured, fixed point included) and local: 1 + d^2/512 = 128 u^2 - 127 - d for u = 1 + d/256. The sum's reciprocal (below) and one product per entry.
 - RECIPROCAL 1/s for s in [lo, hi] (the node's calibrated range): the binade of s from
   comparisons with every power of two in the range (one batch), y0 = 0.75 2^-e as a
   public linear combination of the comparison bits (2^-e telescopes over them), so
   s y0 is in [0.75, 1.5); then five Newton steps y <- y (2 - s y), the relative error
   squaring each step: 0.5^32, below the fixed point's 2^-20 absolute.
-- LAYERNORM over the last axis: the mean by a local sum and a public product; the
-  variance from one square per entry; its inverse square root like the reciprocal
+- LAYERNORM over the last axis: x - mean as (D x - sum x) / D, one truncation per
+  entry (the rounding of 1/D then scales the row, which the normalization cancels);
+  the variance from one square per entry; its inverse square root like the reciprocal
   (binade by comparisons, y0 = sqrt(2/3) 2^(-e/2), v y0^2 in [2/3, 4/3), four Newton
-  steps y <- y (3 - v y^2) / 2, the error e -> 0.75 e^2: 3e-10), then one product per
-  entry and the public affine. The variance range is [2^-10, 2^12] by default: below
+  steps y <- y (3 - v y^2) / 2, the error e -> 0.75 e^2: 3e-10) at 28 fractional bits,
+  then one product per entry and the public affine. The variance range is [2^-10, 2^12] by default: below
   it the normalization is too small (a constant row, where x - mean ~ 0 anyway).
 - GELU(x) = ReLU(x) - [|x| <= 5] q(|x|), q ~ t Phi(-t) of degree 12 (the piecewise
   form PUMA uses, Dong et al. 2023, with the exact ReLU as the main piece; the tail
@@ -73,7 +74,7 @@ def _lead(shape) -> int:
 def _slice(run: Run, node, args):
     a = node.attrs
     index = [slice(None)] * args[0].ndim
-    index[int(a["axis"]) + 1] = slice(int(a["start"]), int(a["stop"]))
+    index[int(a["axis"]) % (args[0].ndim - 1) + 1] = slice(int(a["start"]), int(a["stop"]))
     return args[0][tuple(index)]
 
 
@@ -82,7 +83,8 @@ def _transpose(run: Run, node, args):
 
 
 def _reducesum(run: Run, node, args):
-    return args[0].sum(axis=tuple(int(i) + 1 for i in node.attrs["axes"]),
+    rank = args[0].ndim - 1
+    return args[0].sum(axis=tuple(int(i) % rank + 1 for i in node.attrs["axes"]),
                        keepdims=bool(node.attrs["keepdims"]), dtype=np.uint64)
 
 
@@ -143,20 +145,22 @@ def _binade_steps(n: int, lo: float, hi: float) -> list[Step]:
     return [Step("drelu", n * len(js))] if js else []
 
 
-def _binade_guess(run: Run, s: np.ndarray, lo: float, hi: float, g) -> np.ndarray:
-    """g(e) at f bits for the binade e of s (s in [2^e, 2^(e+1))): g(j0) plus, for every
-    threshold 2^j that s reaches, g(j) - g(j - 1) (public multiples of the comparison
-    bits; local after one batch of comparisons)."""
-    f = run.f
+def _binade_guess(run: Run, s: np.ndarray, lo: float, hi: float, g,
+                  bits: int = 0) -> np.ndarray:
+    """g(e) at ``bits`` fractional bits (default f) for the binade e of s (s in
+    [2^e, 2^(e+1)), f bits): g(j0) plus, for every threshold 2^j that s reaches,
+    g(j) - g(j - 1) (public multiples of the comparison bits; local after one batch of
+    comparisons)."""
+    f, bits = run.f, bits or run.f
     js = _binade_thresholds(lo, hi)
     j0 = int(np.floor(np.log2(lo)))
-    out = np.broadcast_to(run.public(_scaled(g(j0), f)), s.shape).copy()
+    out = np.broadcast_to(run.public(_scaled(g(j0), bits)), s.shape).copy()
     if not js:
         return out
-    bits = run.drelu(np.concatenate([s.ravel() - run.public(_scaled(2.0 ** j, f))
-                                     for j in js])).reshape((len(js),) + s.shape)
+    signs = run.drelu(np.concatenate([s.ravel() - run.public(_scaled(2.0 ** j, f))
+                                      for j in js])).reshape((len(js),) + s.shape)
     for i, j in enumerate(js):
-        out += bits[i] * _scaled(g(j) - g(j - 1), f)
+        out += signs[i] * _scaled(g(j) - g(j - 1), bits)
     return out
 
 
@@ -174,22 +178,36 @@ def _reciprocal_of(run: Run, s: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return y
 
 
+#: fractional bits of the inverse square root: 1/sqrt(v) is as small as 2^-6 on the
+#: variance range, where f = 20 bits would leave it 6e-5 relative precision
+RSQRT_BITS = 28
+
+
+#: fractional bits of the variance the Newton steps read: at f = 20 a variance of 2^-10
+#: keeps 10 significant bits
+VAR_BITS = 26
+
+
 def _rsqrt_steps(n: int, lo: float, hi: float, f: int) -> list[Step]:
-    per = [Step("square", n), Step("trunc", n), Step("mul", n), Step("trunc", n),
-           Step("mul", n), Step("trunc", n, f + 1)]
+    per = [Step("mul", n), Step("trunc", n, RSQRT_BITS), Step("mul", n),
+           Step("trunc", n, RSQRT_BITS), Step("mul", n), Step("trunc", n, VAR_BITS + 1)]
     return _binade_steps(n, lo, hi) + per * RSQRT_NEWTON
 
 
-def _rsqrt_of(run: Run, v: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """1 / sqrt(v) at f bits for v in [lo, hi] (f bits); the Newton step's halving
-    rides on its truncation (by f + 1 bits)."""
-    f = run.f
-    y = _binade_guess(run, v, lo, hi, lambda e: np.sqrt(2.0 / 3.0) * 2.0 ** (-e / 2))
-    three = run.public(_scaled(3.0, f))
+def _rsqrt_of(run: Run, v: np.ndarray, v_hi: np.ndarray, lo: float, hi: float
+              ) -> np.ndarray:
+    """1 / sqrt(v) at ``RSQRT_BITS`` fractional bits for v in [lo, hi]: the binade from
+    ``v`` (f bits, inside the comparisons' range), the Newton steps on ``v_hi`` (the
+    same variance at ``VAR_BITS``). A step y (3 - v y^2) / 2 as (v y) y, never y^2
+    alone (at 2^-12 it would keep 16 significant bits); every product stays below
+    2^60, and the step's halving rides on its last truncation."""
+    big = RSQRT_BITS
+    y = _binade_guess(run, v, lo, hi, lambda e: np.sqrt(2.0 / 3.0) * 2.0 ** (-e / 2), big)
+    three = run.public(_scaled(3.0, VAR_BITS))
     for _ in range(RSQRT_NEWTON):
-        y2 = run.trunc(run.square(y))
-        t = run.trunc(run.mul(v, y2))
-        y = run.trunc(run.mul(y, three - t), shift=f + 1)
+        vy = run.trunc(run.mul(v_hi, y), shift=big)              # sqrt(v), VAR_BITS
+        t = run.trunc(run.mul(vy, y), shift=big)                 # v y^2, VAR_BITS
+        y = run.trunc(run.mul(y, three - t), shift=VAR_BITS + 1)  # 28 bits
     return y
 
 
@@ -207,10 +225,9 @@ def _softmax_steps(prog, node):
     n = rows * last
     f = prog.frac_bits
     steps = [Step("relu", rows * k) for k in _tree_widths(last)]
-    steps += [Step("relu", n),                                   # the clamp at -256
-              Step("square", 2 * n), Step("trunc", n, f + 9)]
+    steps += [Step("relu", n), Step("square", n)]                # the clamp at -256
     steps += [Step("trsq", n, EXP_BITS)] * (EXP_HALVINGS - 1)
-    steps += [Step("trunc", n, EXP_BITS), Step("mul", n), Step("trunc", n, EXP_BITS)]
+    steps += [Step("trunc", n, EXP_BITS), Step("mul", n), Step("trunc", n, 2 * EXP_BITS - f)]
     steps += _recip_steps(rows, 0.5, float(last))
     steps += [Step("mul", n), Step("trunc", n)]
     return steps
@@ -242,13 +259,17 @@ def _exp_nonpositive(run: Run, d: np.ndarray) -> np.ndarray:
     lim = run.public(_scaled(limit, f))
     d = run.relu(np.ascontiguousarray(d + lim)) - lim            # max(d, -256)
     u = d + run.public(np.uint64(1) << np.uint64(big))          # 1 + d/256 at 28 bits
-    sq = run.square(np.concatenate([u.ravel(), d.ravel()]))
-    corr = run.trunc(sq[u.size:], shift=f + 9) + run.public(_scaled(1.0, f))
-    y = sq[:u.size]                                             # u^2 at 56 bits
+    y = run.square(u)                                           # u^2 at 56 bits
+    corr = None
     for _ in range(EXP_HALVINGS - 1):                           # u^(2^k), one opening each
-        _, y = run.trunc_square(y, shift=big)
+        t, y = run.trunc_square(y, shift=big)
+        if corr is None:
+            # 1 + d^2/512 = 128 u^2 - 127 - d (u = 1 + d/256), at 28 bits from u^2's
+            # truncation: no product of its own
+            corr = np.uint64(128) * t - run.public(np.uint64(127) << np.uint64(big)) \
+                - d * np.uint64(1 << (big - f))
     u = run.trunc(y, shift=big)
-    return run.trunc(run.mul(u, corr), shift=big).reshape(d.shape)
+    return run.trunc(run.mul(u, corr), shift=2 * big - f).reshape(d.shape)
 
 
 def _softmax(run: Run, node, args):
@@ -268,9 +289,11 @@ def _softmax(run: Run, node, args):
 def _layernorm_steps(prog, node):
     rows, last = _rows(node.shape)
     n = rows * last
-    return ([Step("trunc", rows), Step("square", n), Step("trunc", rows),
-             Step("trunc", rows)] + _rsqrt_steps(rows, *VAR_RANGE, prog.frac_bits)
-            + [Step("mul", n), Step("trunc", n), Step("trunc", n)])
+    f = prog.frac_bits
+    return ([Step("trunc", n), Step("square", n), Step("trunc", rows),
+             Step("trunc", rows), Step("trunc", rows, 2 * f - VAR_BITS),
+             Step("trunc", rows)] + _rsqrt_steps(rows, *VAR_RANGE, f)
+            + [Step("mul", n), Step("trunc", n, RSQRT_BITS), Step("trunc", n)])
 
 
 def _layernorm(run: Run, node, args):
@@ -280,12 +303,19 @@ def _layernorm(run: Run, node, args):
     b = x.shape[0]
     x = x.reshape(b * rows, last)
     inv_d = _scaled(1.0 / last, f)
-    mean = run.trunc(x.sum(axis=-1, keepdims=True, dtype=np.uint64) * inv_d)
-    c = x - mean
-    var = run.trunc(run.square(c).sum(axis=-1, keepdims=True, dtype=np.uint64))
-    var = run.trunc(var * inv_d) + run.public(_scaled(float(node.attrs["eps"]), f))
-    y = _rsqrt_of(run, var, *VAR_RANGE)
-    z = run.trunc(run.mul(c, np.ascontiguousarray(np.broadcast_to(y, c.shape))))
+    # x - mean as (D x - sum x) / D: the rounding of 1/D scales a whole row alike, which
+    # the normalization cancels (on the mean it would be an offset: 2e-3 on a row of
+    # variance 2^-10 beside a mean of 9)
+    c = run.trunc((np.uint64(last) * x - x.sum(axis=-1, keepdims=True, dtype=np.uint64))
+                  * inv_d)
+    total = run.square(c).sum(axis=-1, keepdims=True, dtype=np.uint64)      # 2f bits
+    eps = float(node.attrs["eps"])
+    var = run.trunc(run.trunc(total) * inv_d) + run.public(_scaled(eps, f))
+    var_hi = run.trunc(run.trunc(total, shift=2 * f - VAR_BITS) * inv_d) \
+        + run.public(_scaled(eps, VAR_BITS))
+    y = _rsqrt_of(run, var, var_hi, *VAR_RANGE)
+    z = run.trunc(run.mul(c, np.ascontiguousarray(np.broadcast_to(y, c.shape))),
+                  shift=RSQRT_BITS)
     out = z * run.prog.param(node, "weight", f)[None] + \
         run.public(_scaled(node.params["bias"], 2 * f))[None]
     return run.trunc(np.ascontiguousarray(out)).reshape((b,) + tuple(node.shape))

@@ -7,6 +7,11 @@ batch axis first, in opset :data:`OPSET`, with parameters as initializers in the
 executor's dtype. Semantics are the reference kernels' (:mod:`veil.ir.kernels`); the
 tests compare every op with them. onnx and onnxruntime are imported only here, when an
 executor is built.
+
+EMBED is the one op that can refuse its input (token ids that are not integers in the
+vocabulary; onnxruntime's Gather would fail or wrap negative ids instead): its emitter
+looks a bad id up as row 0 and adds a boolean graph output marking the bad ids, which
+the executor checks after each run to raise the reference's InputError.
 """
 from __future__ import annotations
 
@@ -14,11 +19,12 @@ from typing import Callable
 
 import numpy as np
 
-from ...errors import TEEError
+from ...errors import InputError, TEEError
 from ...ir import Graph, Node, Op
 from .executor import check_kernels
 
 OPSET = 17
+_INT64 = 7          # onnx.TensorProto.INT64 (onnx is imported only in to_onnx)
 
 
 class _Builder:
@@ -27,6 +33,7 @@ class _Builder:
     def __init__(self, helper, numpy_helper, dtype: np.dtype) -> None:
         self.helper, self.numpy_helper, self.dtype = helper, numpy_helper, dtype
         self.nodes, self.inits, self._n = [], [], 0
+        self.checks: list[tuple[str, tuple]] = []  # EMBED's bad-id flags, per-sample shape
 
     def fresh(self) -> str:
         self._n += 1
@@ -91,7 +98,9 @@ def _clip(b, node, ins, out) -> None:
 
 
 def _gelu(b, node, ins, out) -> None:     # 0.5 x (1 + erf(x / sqrt 2)), exact (not tanh)
-    e = b.op("Erf", [b.op("Mul", [ins[0], b.const(1.0 / np.sqrt(2.0))])])
+    # Div, not Mul by 1/sqrt 2: onnxruntime fuses this form (with a preceding bias Add)
+    # into one BiasGelu node, and not the other
+    e = b.op("Erf", [b.op("Div", [ins[0], b.const(np.sqrt(2.0))])])
     half = b.op("Mul", [ins[0], b.const(0.5)])
     b.op("Mul", [half, b.op("Add", [e, b.const(1.0)])], out)
 
@@ -159,6 +168,57 @@ def _gather(b, node, ins, out) -> None:
     b.op("Where", [b.const(idx >= 0, np.bool_), picked, b.const(0.0)], out)
 
 
+def _axis(node, axis: int) -> int:
+    """A per-sample axis (negative from the end) as an axis of the batched tensor."""
+    return int(axis) % len(node.meta_in[0]) + 1
+
+
+def _embed(b, node, ins, out) -> None:
+    """Rows of the table; ids that are not integers in [0, vocab) are looked up as row 0
+    and marked in an extra boolean output (see the module docstring)."""
+    table = node.params["table"]
+    ids = ins[0]
+    rounded = b.op("Round", [ids])
+    off = b.op("Greater", [b.op("Abs", [b.op("Sub", [ids, rounded])]), b.const(1e-6)])
+    # NaN and +inf fail "< vocab"; -inf is "< 0"
+    outside = b.op("Or", [b.op("Less", [rounded, b.const(0.0)]),
+                          b.op("Not", [b.op("Less", [rounded, b.const(table.shape[0])])])])
+    bad = b.op("Or", [off, outside])
+    idx = b.op("Cast", [b.op("Where", [bad, b.const(0.0), rounded])], to=_INT64)
+    b.op("Gather", [b.const(table), idx], out, axis=0)
+    b.checks.append((bad, tuple(node.meta_in[0])))
+
+
+def _slice(b, node, ins, out) -> None:
+    a = node.attrs
+    b.op("Slice", [ins[0], b.const([int(a["start"])], np.int64),
+                   b.const([int(a["stop"])], np.int64),
+                   b.const([_axis(node, a["axis"])], np.int64)], out)
+
+
+def _transpose(b, node, ins, out) -> None:
+    b.op("Transpose", ins, out, perm=[0, *(int(i) + 1 for i in node.attrs["perm"])])
+
+
+def _affine(b, node, ins, out) -> None:
+    """x * scale + shift, the constants given a leading batch axis of 1 (as the
+    reference; ONNX broadcasts from the right)."""
+    scale, shift = node.params["scale"][None], node.params["shift"][None]
+    b.op("Add", [b.op("Mul", [ins[0], b.const(scale)]), b.const(shift)], out)
+
+
+def _layernorm(b, node, ins, out) -> None:
+    b.op("LayerNormalization",
+         [ins[0], b.const(node.params["weight"]), b.const(node.params["bias"])], out,
+         axis=-1, epsilon=float(node.attrs["eps"]))
+
+
+def _reducesum(b, node, ins, out) -> None:
+    axes = sorted({_axis(node, i) for i in node.attrs["axes"]})
+    b.op("ReduceSum", [ins[0], b.const(axes, np.int64)], out,
+         keepdims=int(bool(node.attrs["keepdims"])))
+
+
 def _simple(op_type: str, **attrs) -> Callable:
     return lambda b, node, ins, out: b.op(op_type, ins, out, **attrs)
 
@@ -189,6 +249,15 @@ KERNELS: dict[Op, Callable] = {
     Op.DENSE: _dense,
     Op.POLY: _poly,
     Op.GATHER: _gather,
+    Op.EMBED: _embed,
+    Op.SLICE: _slice,
+    Op.TRANSPOSE: _transpose,
+    Op.AFFINE: _affine,
+    Op.MATMUL: _binary("MatMul"),
+    Op.SOFTMAX: _simple("Softmax", axis=-1),
+    Op.LAYERNORM: _layernorm,
+    Op.REDUCESUM: _reducesum,
+    Op.RECIPROCAL: _simple("Reciprocal"),
 }
 
 
@@ -203,7 +272,9 @@ class _NodeView:
 
 
 def to_onnx(graph: Graph, dtype: str = "float32"):
-    """The ONNX ``ModelProto`` of ``graph`` (batch axis ``"batch"``), in ``dtype``.
+    """The ONNX ``ModelProto`` of ``graph`` (batch axis ``"batch"``), in ``dtype``. Its
+    first output is the graph's; then one boolean output per EMBED node, in graph order,
+    true where that node's token id is bad.
 
     Raises:
         UnsupportedOperation: an op without an emitter.
@@ -225,7 +296,9 @@ def to_onnx(graph: Graph, dtype: str = "float32"):
                                         ["batch", *graph.input_shape])
     outp = helper.make_tensor_value_info(names[graph.output], elem,
                                          ["batch", *graph.output_shape])
-    g = helper.make_graph(b.nodes, "veil_tee", [inp], [outp], b.inits)
+    flags = [helper.make_tensor_value_info(name, TensorProto.BOOL, ["batch", *shape])
+             for name, shape in b.checks]
+    g = helper.make_graph(b.nodes, "veil_tee", [inp], [outp, *flags], b.inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="veil")
     model.ir_version = 8
@@ -255,8 +328,15 @@ class OnnxRuntimeExecutor:
         self._session = ort.InferenceSession(model.SerializeToString(), opts,
                                              providers=["CPUExecutionProvider"])
         self._input = self._session.get_inputs()[0].name
+        self._vocab = [n.params["table"].shape[0] for n in graph.nodes if n.op is Op.EMBED]
 
     def __call__(self, xs: np.ndarray) -> np.ndarray:
+        """Raises:
+            InputError: an EMBED node read a token id that is not an integer in its
+                vocabulary (as the reference kernel)."""
         x = np.ascontiguousarray(xs, dtype=self.dtype)
-        (y,) = self._session.run(None, {self._input: x})
+        y, *bad = self._session.run(None, {self._input: x})
+        for flags, vocab in zip(bad, self._vocab):
+            if flags.any():
+                raise InputError(f"token ids must be integers in [0, {vocab})")
         return y.astype(np.float64)

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from ...errors import TEEError
+from ...errors import InputError, TEEError
 from ...ir import Graph, Node, Op
 from .executor import build_plan
 
@@ -111,6 +111,51 @@ def _gather(torch, node, dtype) -> Fn:
     return run
 
 
+def _embed(torch, node, dtype) -> Fn:
+    """Rows of the table; ids that are not integers in [0, vocab) raise InputError, as
+    the reference kernel (torch would fail on some and wrap negative ones)."""
+    table = _t(torch, node, "table", dtype)
+    vocab = table.shape[0]
+
+    def run(xs):
+        ids = xs[0]
+        idx = torch.round(ids)
+        # NaN and infinities fail the first test (inf - inf is NaN)
+        bad = ~((ids - idx).abs() <= 1e-6) | (idx < 0) | (idx >= vocab)
+        if bool(bad.any()):
+            raise InputError(f"token ids must be integers in [0, {vocab})")
+        return torch.nn.functional.embedding(idx.long(), table)
+    return run
+
+
+def _axes(x, axes) -> list[int]:
+    """Per-sample axes (negative from the end) as axes of the batched tensor ``x``."""
+    return sorted({int(i) % (x.dim() - 1) + 1 for i in axes})
+
+
+def _slice(torch, node, dtype) -> Fn:
+    a = node.attrs
+    start, stop = int(a["start"]), int(a["stop"])
+    return lambda xs: xs[0].narrow(_axes(xs[0], [a["axis"]])[0], start, stop - start)
+
+
+def _affine(torch, node, dtype) -> Fn:
+    scale = _t(torch, node, "scale", dtype)[None]
+    shift = _t(torch, node, "shift", dtype)[None]
+    return lambda xs: torch.addcmul(shift, xs[0], scale)
+
+
+def _layernorm(torch, node, dtype) -> Fn:
+    w, b = _t(torch, node, "weight", dtype), _t(torch, node, "bias", dtype)
+    eps = float(node.attrs["eps"])
+    return lambda xs: torch.nn.functional.layer_norm(xs[0], w.shape, w, b, eps)
+
+
+def _reducesum(torch, node, dtype) -> Fn:
+    axes, keep = node.attrs["axes"], bool(node.attrs["keepdims"])
+    return lambda xs: xs[0].sum(dim=_axes(xs[0], axes), keepdim=keep)
+
+
 def _unary(expr: Callable) -> Callable:
     return lambda torch, node, dtype: (lambda xs: expr(torch, node, xs[0]))
 
@@ -142,6 +187,16 @@ KERNELS: dict[Op, Callable] = {
     Op.DENSE: _dense,
     Op.POLY: _poly,
     Op.GATHER: _gather,
+    Op.EMBED: _embed,
+    Op.SLICE: _slice,
+    Op.TRANSPOSE: _unary(lambda torch, n, x: x.permute(0, *(int(i) + 1
+                                                          for i in n.attrs["perm"]))),
+    Op.AFFINE: _affine,
+    Op.MATMUL: _binary("matmul"),
+    Op.SOFTMAX: _unary(lambda torch, n, x: torch.softmax(x, dim=-1)),
+    Op.LAYERNORM: _layernorm,
+    Op.REDUCESUM: _reducesum,
+    Op.RECIPROCAL: _unary(lambda torch, n, x: torch.reciprocal(x)),
 }
 
 
