@@ -84,3 +84,97 @@ def test_a_step_that_lies_about_its_dims_is_refused():
         ev.Step("relu", 4, dims=(1, 1, 1, 1))
     assert ev.Step.from_wire(ev.Step("matmul", 30, dims=(2, 3, 4, 5)).wire()).dims == \
         (2, 3, 4, 5)
+
+
+def _tiny_bert(seq: int = 8):
+    """A 2-layer BERT (hidden 16, 2 heads, vocabulary 40), random weights, wrapped as the
+    MiniLM sentence encoder is: the same ops, seconds instead of minutes."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from veil.text.minilm import SentenceEncoder
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=32,
+                                  max_position_embeddings=seq, attn_implementation="eager")
+    bert = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    return SentenceEncoder(bert, seq_len=seq)
+
+
+def _tokens(n: int, seq: int, rng) -> np.ndarray:
+    x = np.zeros((n, 2, seq))
+    for i in range(n):
+        length = int(rng.integers(2, seq + 1))
+        x[i, 0, :length] = rng.integers(1, 40, size=length)
+        x[i, 1, :length] = 1.0
+    return x
+
+
+def test_a_tiny_bert_compiles_from_the_module_and_runs_in_plain_tee_and_mpc():
+    """torch module -> (torch.onnx) -> IR -> each mode, through ``compiled.run``: mpc is
+    the dealer and both parties as processes, the client one-hot encoding the ids."""
+    import torch
+
+    import veil
+    from veil.errors import UnsupportedOperation
+
+    model = _tiny_bert()
+    x = _tokens(3, 8, np.random.default_rng(3))
+    with torch.no_grad():
+        want = model(torch.as_tensor(x, dtype=torch.float32)).numpy()
+    compiled = veil.compile(model, x)
+    for mode in ("plain", "tee", "mpc"):
+        got = compiled.run(x, mode=mode)
+        cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+        assert cos.min() >= 0.9999, (mode, cos)
+    with pytest.raises(UnsupportedOperation, match="softmax|layernorm|matmul|slice|embed"):
+        compiled.run(x, mode="he")
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_sharing():
+    from veil.compiler.passes import encode_input
+    from veil.errors import InputError
+    from veil.frontend import to_graph
+
+    g = ev.lower_for_mpc(to_graph(_tiny_bert(), (2, 8)))
+    x = _tokens(1, 8, np.random.default_rng(4))
+    assert encode_input(g, x).shape == (1,) + g.input_shape
+    for bad in (40.0, -1.0, 2.5):
+        y = x.copy()
+        y[0, 0, 0] = bad
+        with pytest.raises(InputError, match="token ids"):
+            encode_input(g, y)
+
+
+@pytest.mark.slow
+def test_minilm_in_mpc_matches_plain():
+    """all-MiniLM-L6-v2 at 32 tokens on shares (in process): cosine to plain >= 0.999
+    on real sentences (bench/transformer.py runs it through the processes)."""
+    pytest.importorskip("transformers")
+    from veil.compiler.passes import encode_input
+    from veil.backends.mpc.fixed import decode, encode
+    from veil.backends.mpc.local import run_parties
+    from veil.backends.mpc.prg import Prg
+    from veil.backends.mpc.protocols import reconstruct, share
+    from veil.frontend import to_graph
+    from veil.ir import run
+    try:
+        from veil.text.minilm import load_minilm
+        from veil.text.tokenize import Tokenizer
+        model, tok = load_minilm(32), Tokenizer(32)
+    except ImportError as exc:
+        pytest.skip(str(exc))
+    x = tok.encode(["The wheat harvest fell short this year.",
+                    "Corn futures rose in Chicago on export demand."])
+    g = to_graph(model, (2, 32))
+    low = ev.lower_for_mpc(g)
+    prg = Prg()
+    s0, s1 = share(encode(encode_input(low, x)), prg)
+    m0, m1 = ev.layer_material(ev.material_plan(low), len(x), prg)
+    (o0, o1), _ = run_parties(lambda p, ch, inp: ev.evaluate(p, ch, low, *inp),
+                              ((s0, m0), (s1, m1)), timeout=600)
+    got = decode(reconstruct(o0, o1), ev.output_frac_bits(low))
+    want = run(g, x)
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() >= 0.999

@@ -123,9 +123,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _compile_args(p) -> None:
-    p.add_argument("model", help=".onnx file, or a torch module saved whole (.pt/.pth)")
+    p.add_argument("model", help=".onnx file, a torch module saved whole (.pt/.pth), or a "
+                   "model veil ships: minilm[:SEQ_LEN] (MiniLM-L6 sentence embeddings), "
+                   "minilm-grain[:SEQ_LEN] (its Reuters grain classifier)")
     p.add_argument("--calibration", required=True,
-                   help=".npy or .npz (x) of representative inputs, shape (B, *input)")
+                   help=".npy or .npz (x) of representative inputs, shape (B, *input); "
+                   "for a text model, a .txt file of texts, one per line")
     p.add_argument("--input-shape", type=_shape, help="per sample, e.g. 1,8,8 (default: "
                    "the calibration data's)")
     p.add_argument("--layout", choices=("latency", "throughput"), default="latency",
@@ -197,7 +200,12 @@ def _service_parsers(sub) -> None:
     p.add_argument("url", help="the service, e.g. http://127.0.0.1:8000")
     p.add_argument("--model", required=True)
     p.add_argument("--mode", choices=SERVED, default="he")
-    p.add_argument("--input", required=True, help=".npy inputs or .npz (x, y)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", help=".npy inputs or .npz (x, y)")
+    src.add_argument("--text", action="append",
+                     help="a text for a text model (repeatable); tokenized here, with the "
+                          "tokenizer the model was exported with")
+    src.add_argument("--texts", help="a file of texts for a text model, one per line")
     p.add_argument("--out", help="write the outputs here (.npy)")
     p.add_argument("--api-key", help="default: the VEIL_API_KEY environment variable")
     p.add_argument("--policy", help="tee: the policy file of `veil tee-policy`")

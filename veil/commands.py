@@ -49,8 +49,24 @@ def load_data(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
         raise InputError(f"cannot read data from {p}: {exc}") from None
 
 
+#: models veil ships, by name (``NAME`` or ``NAME:SEQ_LEN``): the MiniLM-L6 sentence
+#: encoder and the Reuters-21578 grain classifier on it (``veil.text``)
+BUILTIN_MODELS = ("minilm", "minilm-grain")
+
+
 def load_model(path: str | os.PathLike, trust_pickle: bool = False):
-    """An ONNX path (converted lazily by the frontend) or a torch module file."""
+    """An ONNX path (converted lazily by the frontend), a torch module file, or one of
+    :data:`BUILTIN_MODELS`."""
+    name, _, seq = str(path).partition(":")
+    if name in BUILTIN_MODELS:
+        from .text.head import load_classifier
+        from .text.minilm import load_minilm
+
+        try:
+            seq_len = int(seq) if seq else 128
+        except ValueError:
+            raise InputError(f"{path}: the sequence length after ':' is a number") from None
+        return (load_minilm if name == "minilm" else load_classifier)(seq_len)
     p = Path(path)
     if p.suffix == ".onnx":
         if not p.is_file():
@@ -71,6 +87,18 @@ def load_model(path: str | os.PathLike, trust_pickle: bool = False):
     raise InputError(f"models are .onnx files or torch modules saved as .pt/.pth, not {p}")
 
 
+def _read_texts(path: str) -> list[str]:
+    """Non-empty lines of a UTF-8 text file."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read texts from {path}: {exc}") from None
+    texts = [t for t in (line.strip() for line in lines) if t]
+    if not texts:
+        raise InputError(f"{path} holds no texts")
+    return texts
+
+
 def _compile_options(args) -> dict:
     opts = {"layout": args.layout, "insecure_test_params": args.insecure_test_params}
     if args.degree is not None:
@@ -80,15 +108,28 @@ def _compile_options(args) -> dict:
     return opts
 
 
+def _calibration(path: str, model) -> tuple[np.ndarray, np.ndarray | None]:
+    """Calibration inputs: .npy/.npz arrays, or for a text model (``veil_text``) a .txt
+    file of texts, one per line, tokenized with the model's tokenizer."""
+    spec = getattr(model, "veil_text", None)
+    if str(path).endswith(".txt"):
+        if not spec:
+            raise InputError(f"{path}: texts calibrate text models only")
+        from .text.tokenize import tokenizer_for
+
+        return tokenizer_for(spec).encode(_read_texts(path)), None
+    return load_data(path)
+
+
 def compile_cmd(args) -> int:
     from .model import compile as compile_model
 
-    x, y = load_data(args.calibration)
+    model = load_model(args.model, args.trust_pickle)
+    x, y = _calibration(args.calibration, model)
     labels_x, labels_y = (load_data(args.eval) if args.eval else (x, y))
     with _console().status("compiling (calibrating ranges, fitting polynomials, choosing "
                            "CKKS parameters)"):
-        compiled = compile_model(load_model(args.model, args.trust_pickle), x,
-                                 **_compile_options(args))
+        compiled = compile_model(model, x, **_compile_options(args))
         report = compiled.report(labels_x if labels_y is not None else None, labels_y)
     print(report)
     if args.json:
@@ -100,9 +141,10 @@ def compile_cmd(args) -> int:
 def export_cmd(args) -> int:
     from .model import export_model
 
-    x, _ = load_data(args.calibration)
+    model = load_model(args.model, args.trust_pickle)
+    x, _ = _calibration(args.calibration, model)
     with _console().status(f"exporting for {args.modes}"):
-        info = export_model(load_model(args.model, args.trust_pickle), x, args.out,
+        info = export_model(model, x, args.out,
                             name=args.name, modes=args.modes,
                             encrypted_weights=args.encrypted_weights, tee_keys=args.tee_keys,
                             **_compile_options(args))
@@ -224,13 +266,16 @@ def serve_cmd(args) -> int:
 def predict_cmd(args) -> int:
     from .sdk import Client
 
-    x, y = load_data(args.input)
+    texts = args.text or (_read_texts(args.texts) if args.texts else None)
+    x, y = (None, None) if texts else load_data(args.input)
     options = {"progress": True} if args.mode == "he" else {}   # key generation and upload
     if args.mode == "tee":
         options["policy"] = args.policy
     if args.mode == "mpc":
         options["mpc_keys"] = args.mpc_keys
     with Client(args.url, args.model, args.mode, api_key=args.api_key, **options) as client:
+        if texts:
+            x = client.tokenize(texts)        # on this machine: the service sees shares
         outs = []
         with _progress() as bar:
             task = bar.add_task(f"{args.mode}: {len(x)} inputs", total=len(x))

@@ -184,15 +184,20 @@ def encode_input(graph: Graph, xs: np.ndarray) -> np.ndarray:
     """The input a lowered graph takes for a batch ``xs`` of the model's own input:
     ``xs`` itself, or with :func:`onehot_embeddings` its ids one-hot encoded after it
     (InputError when an id is not an integer of the vocabulary)."""
-    node = graph.input
-    spec = node.attrs.get("onehot")
+    return onehot_encode(graph.input.attrs, xs)
+
+
+def onehot_encode(input_attrs, xs: np.ndarray) -> np.ndarray:
+    """:func:`encode_input` from the lowered INPUT node's attrs alone (``onehot`` and
+    ``source_shape``: what a client gets from the service, without the model)."""
+    spec = input_attrs.get("onehot")
     if not spec:
         return xs
     xs = np.asarray(xs, dtype=np.float64)
-    source = tuple(node.attrs["source_shape"])
-    if xs.shape[1:] != source:
-        raise InputError(f"inputs have per-sample shape {xs.shape[1:]}, the model takes "
-                         f"{source}")
+    source = tuple(int(d) for d in input_attrs["source_shape"])
+    if xs.ndim < 1 or xs.shape[1:] != source:
+        raise InputError(f"inputs have shape {xs.shape}; the model takes (n, "
+                         f"{', '.join(map(str, source))})")
     flat = xs.reshape(xs.shape[0], -1)
     parts = [flat]
     for vocab, *pos in spec:
@@ -201,7 +206,7 @@ def encode_input(graph: Graph, xs: np.ndarray) -> np.ndarray:
         if not np.all(np.isfinite(ids)) or np.any(np.abs(ids - idx) > 1e-6) \
                 or np.any(idx < 0) or np.any(idx >= vocab):
             raise InputError(f"token ids must be integers in [0, {vocab})")
-        hot = np.zeros((xs.shape[0], len(pos), vocab))
+        hot = np.zeros((xs.shape[0], len(pos), int(vocab)))
         np.put_along_axis(hot, idx.astype(np.int64)[..., None], 1.0, axis=-1)
         parts.append(hot.reshape(xs.shape[0], -1))
     return np.concatenate(parts, axis=1)

@@ -66,7 +66,8 @@ def check_modes(modes) -> tuple[str, ...]:
 def write_export(directory: str | os.PathLike, graph: Graph, *, name: str | None = None,
                  modes=SERVED, he: tuple[ServerBundle, ClientBundle] | None = None,
                  encrypted_weights: bool = False,
-                 tee_keys: str | os.PathLike | None = None) -> ExportInfo:
+                 tee_keys: str | os.PathLike | None = None,
+                 text: dict | None = None) -> ExportInfo:
     """Write the export folder of ``graph`` (the model's source graph).
 
     ``veil.model.export_model`` compiles a model and calls this; the model's layer
@@ -80,6 +81,8 @@ def write_export(directory: str | os.PathLike, graph: Graph, *, name: str | None
         encrypted_weights: HE server bundle without weights (the model owner sends
             encrypted weights per client).
         tee_keys: encrypt the enclave bundle; its model key is written here (0600).
+        text: a text model's tokenizer (``{"tokenizer": ..., "seq_len": ...}``, the
+            model's ``veil_text``): clients tokenize texts with it (``veil.text``).
     """
     d = Path(directory)
     name = check_name(name or d.name)
@@ -88,6 +91,8 @@ def write_export(directory: str | os.PathLike, graph: Graph, *, name: str | None
         raise ModeError("exporting for 'he' needs the compiled model's bundles (he=...)")
     index = {"format": FORMAT, "name": name, "modes": list(modes), "veil": __version__,
              "input_shape": list(graph.input_shape), "output_shape": list(graph.output_shape)}
+    if text:
+        index["text"] = {"tokenizer": str(text["tokenizer"]), "seq_len": int(text["seq_len"])}
     d.mkdir(parents=True, exist_ok=True)
     if "he" in modes:
         server, client = he

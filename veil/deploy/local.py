@@ -129,7 +129,8 @@ class _Local(_Children, abc.ABC):
 
     def __init__(self, graph: Graph) -> None:
         lowered, _ = lower(graph, self.mode)      # refuses an unsupported op before any start
-        self.input_shape = tuple(lowered.input_shape)
+        # the caller's inputs (mpc's lowered input may be their one-hot encoding)
+        self.input_shape = tuple(graph.input_shape)
         self._open()
         try:
             info = self._write(lowered, self.dir / "export")
@@ -210,11 +211,13 @@ class LocalMPC(_Local):
         from ..backends.mpc.service import save_model
 
         from ..backends.mpc.evaluator import lower_for_mpc, max_batch
+        from ..backends.mpc.service import max_request_batch
 
         save_model(lowered, directory / "mpc")
         mpc_graph = lower_for_mpc(lowered)
         # requests the parties' default memory budget admits (a 224x224 model: one image)
-        self._chunk = max_batch(mpc_graph)
+        # and their request size limit (a transformer's one-hot input: 2 texts of 128)
+        self._chunk = min(max_batch(mpc_graph), max_request_batch(mpc_graph.input_shape))
         # token ids one-hot encoded by this client before sharing (a transformer)
         self._encoder = None
         if mpc_graph.input.attrs.get("onehot"):
@@ -222,7 +225,7 @@ class LocalMPC(_Local):
 
             self._encoder = lambda xs: encode_input(mpc_graph, xs)
         self.keys = transport.setup(self.dir / "keys")
-        return ExportInfo(directory, NAME, ("mpc",), tuple(lowered.input_shape),
+        return ExportInfo(directory, NAME, ("mpc",), self.input_shape,
                           tuple(lowered.output_shape), {})
 
     def _start(self, info: ExportInfo) -> dict:

@@ -146,8 +146,24 @@ class Client:
     def infer_batch(self, xs) -> np.ndarray:
         return self.mode.infer_batch(xs)
 
+    def tokenize(self, texts) -> np.ndarray:
+        """Texts -> the model's input batch, with the tokenizer the model was exported
+        with (``info()["text"]``), here on the client: the service never sees a text."""
+        spec = self.info().get("text")
+        if not spec:
+            raise InputError(f"model {self.model!r} takes arrays, not texts")
+        from ..text.tokenize import tokenizer_for
+
+        return tokenizer_for(spec).encode([texts] if isinstance(texts, str) else list(texts))
+
     def predict(self, x) -> np.ndarray:
-        """All in one: one input -> its output; a batch ``(B, *input_shape)`` -> ``(B, ...)``."""
+        """All in one: one input -> its output; a batch ``(B, *input_shape)`` -> ``(B, ...)``;
+        for a text model, a text -> its output and a list of texts -> ``(B, ...)``
+        (tokenized here, :meth:`tokenize`)."""
+        if isinstance(x, str):
+            return self.predict(self.tokenize(x))[0]
+        if isinstance(x, (list, tuple)) and x and all(isinstance(t, str) for t in x):
+            return self.predict(self.tokenize(x))
         try:
             arr = np.asarray(x, dtype=np.float64)
         except (TypeError, ValueError) as exc:

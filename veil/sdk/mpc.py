@@ -15,6 +15,7 @@ import numpy as np
 
 from ..backends.mpc.service import MpcAnswer, MpcClient, MpcShares
 from ..backends.sockets import parse_address
+from ..compiler.passes import onehot_encode
 from ..errors import InputError
 
 BATCH = 64          # the parties prepare dealer material for batches of 64 ahead
@@ -37,8 +38,12 @@ class MPCMode:
             answer = client._call("POST", ticket_route, json={"request_id": rid.hex()},
                                   expect="json")
             return bytes.fromhex(answer["ticket"])
+        encoding = info.get("encoding")      # a transformer: token ids one-hot encoded
+        self.max_batch = int(info.get("max_batch", BATCH))
         self._mpc = MpcClient(mpc_keys, None, parse_address(info["party1"]), self.input_shape,
                               timeout=timeout, frac_bits=int(info["frac_bits"]),
+                              encoder=(lambda xs: onehot_encode(encoding, xs))
+                              if encoding else None,
                               party0_call=lambda body: client._call(
                                   "POST", share_route, content=body, expect="bytes"),
                               ticket_call=ticket)
@@ -69,6 +74,7 @@ class MPCMode:
         if xs.ndim != len(self.input_shape) + 1:
             raise InputError(f"inputs have shape {xs.shape}; expected (n, "
                              f"{', '.join(map(str, self.input_shape))})")
+        batch_size = max(1, min(batch_size, self.max_batch))
         return np.concatenate([self.predict(xs[i:i + batch_size])
                                for i in range(0, len(xs), batch_size)])
 

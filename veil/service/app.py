@@ -386,9 +386,12 @@ def load_exports(paths) -> dict[str, ExportInfo]:
 
 
 def _summary(info: ExportInfo, ctx: ServiceContext) -> dict:
-    return {"name": info.name, "modes": list(info.modes),
-            "input_shape": list(info.input_shape), "output_shape": list(info.output_shape),
-            "insecure": any(r.startswith(f"{info.name}: ") for r in ctx.insecure)}
+    out = {"name": info.name, "modes": list(info.modes),
+           "input_shape": list(info.input_shape), "output_shape": list(info.output_shape),
+           "insecure": any(r.startswith(f"{info.name}: ") for r in ctx.insecure)}
+    if "text" in info.index:            # the tokenizer clients use (veil.text)
+        out["text"] = dict(info.index["text"])
+    return out
 
 
 _SWAGGER = """<!doctype html><html><head><title>veil API</title>

@@ -39,8 +39,8 @@ from fastapi import Depends, Request, Response
 from ..backends import sockets as so
 from ..backends.mpc import tickets
 from ..backends.mpc import transport as tp
-from ..backends.mpc.service import (CLIENT_REQUEST, CLIENT_RESULT, ERROR, MAX_INPUTS,
-                                    MpcError, read_client_request)
+from ..backends.mpc.service import (CLIENT_REQUEST, CLIENT_RESULT, ERROR, MpcError,
+                                    input_contract, read_client_request)
 from ..errors import InputError, UnavailableError
 from .pool import ConnectionPool, dial
 
@@ -99,8 +99,10 @@ def add_routes(app, ctx) -> None:
     """Register the MPC routes for every served model with the ``mpc`` mode."""
     served = {name: ctx.config.backends[name]["mpc"] for name, info in ctx.models.items()
               if "mpc" in info.modes}
-    relays, checks, keys = {}, {}, {}
+    relays, checks, keys, contracts = {}, {}, {}, {}
     for name, b in served.items():
+        # the shares' shape (a transformer's client one-hot encodes its token ids)
+        contracts[name] = input_contract(ctx.models[name].path("mpc"))
         children = dict(b.get("children") or {})
         ctx.children.update(children)
         checks[name] = roles_check(name, children)
@@ -113,10 +115,15 @@ def add_routes(app, ctx) -> None:
              summary="Where party 1 listens, and the fixed-point scale")
     async def mpc_info(name: str, client: str = Depends(ctx.require_client)) -> dict:
         info = ctx.model(name, "mpc")
-        return {"party1": served[name]["party1"],
-                "frac_bits": served[name].get("frac_bits", 20),
-                "input_shape": list(info.input_shape),
-                "output_shape": list(info.output_shape)}
+        contract = contracts[name]
+        out = {"party1": served[name]["party1"],
+               "frac_bits": served[name].get("frac_bits", 20),
+               "input_shape": list(info.input_shape),
+               "output_shape": list(info.output_shape),
+               "max_batch": contract["max_batch"]}
+        if contract.get("onehot"):
+            out["encoding"] = contract
+        return out
 
     @app.post("/v1/models/{name}/mpc/ticket", tags=["mpc"], openapi_extra=_TICKET,
               summary="Party 1's admission ticket for one request of this client")
@@ -139,11 +146,12 @@ def add_routes(app, ctx) -> None:
               responses={200: {"content": {"application/octet-stream": {}}}})
     async def mpc_share(name: str, request: Request,
                         client: str = Depends(ctx.require_client)) -> Response:
-        info = ctx.model(name, "mpc")
+        ctx.model(name, "mpc")
         checks[name]()                   # 503 at once, before a slot, when a role is down
-        size = 8 * MAX_INPUTS * int(np.prod(info.input_shape)) + (1 << 16)
+        shape = tuple(contracts[name]["shape"])
+        size = 8 * contracts[name]["max_batch"] * int(np.prod(shape)) + (1 << 16)
         body = await ctx.read_body(request, size)
         async with ctx.slot("mpc"):
-            read_client_request(body, info.input_shape, served[name].get("frac_bits", 20))
+            read_client_request(body, shape, served[name].get("frac_bits", 20))
             reply = await ctx.run_sync(relay, relays[name], body)
         return Response(reply, media_type="application/octet-stream")

@@ -63,6 +63,12 @@ class SentenceEncoder(nn.Module):
     def dim(self) -> int:
         return int(self.bert.config.hidden_size)
 
+    @property
+    def veil_text(self) -> dict:
+        """The tokenizer clients use for this model (``compiled.run``, the export's
+        index, the SDK and ``veil predict --text``)."""
+        return {"tokenizer": "all-MiniLM-L6-v2", "seq_len": self.seq_len}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids = x[:, 0].long()
         mask = x[:, 1]
@@ -100,6 +106,10 @@ class TextClassifier(nn.Module):
     @property
     def seq_len(self) -> int:
         return self.encoder.seq_len
+
+    @property
+    def veil_text(self) -> dict:
+        return self.encoder.veil_text
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x))

@@ -81,3 +81,18 @@ class Tokenizer:
         return out
 
     __call__ = encode
+
+
+#: the tokenizers a text model may name (``veil_text["tokenizer"]``)
+TOKENIZERS = ("all-MiniLM-L6-v2",)
+
+
+def tokenizer_for(spec) -> Tokenizer:
+    """The tokenizer a model's ``veil_text`` spec names (``{"tokenizer", "seq_len"}``)."""
+    try:
+        name, seq_len = spec["tokenizer"], spec["seq_len"]
+    except (TypeError, KeyError):
+        raise InputError(f"a text spec is {{'tokenizer', 'seq_len'}}, not {spec!r}") from None
+    if name not in TOKENIZERS:
+        raise InputError(f"unknown tokenizer {name!r}; veil has {', '.join(TOKENIZERS)}")
+    return Tokenizer(int(seq_len))

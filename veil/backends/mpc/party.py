@@ -20,7 +20,7 @@ from .. import sockets as so
 from . import protocols as pr
 from . import tickets
 from . import transport as tp
-from .evaluator import (COMPARISONS, DEFAULT_BUDGET, LAZY_BYTES, Chunked, Program,
+from .evaluator import (COMPARISONS, DEFAULT_BUDGET, LAZY_BYTES, Chunked, Program, Step,
                         check_memory, chunk_sizes, evaluate, material_bytes,
                         output_frac_bits, stream_threshold, streams_in_chunks)
 from .fixed import FRAC_BITS
@@ -429,7 +429,13 @@ class Party:
         start, stop = layers or (0, len(self.layers))
         steps = self._steps(start, stop)
         if step is not None:
-            steps = [[[steps[0][step][0], int(values)] + steps[0][step][2:]]]
+            one = self.layers[start].steps[step]
+            if one.kind == "matmul":        # whole, its groups for the values asked
+                g, m, k, n = one.dims
+                steps = [[Step("matmul", int(values), dims=(int(values) // (m * n), m, k, n))
+                          .wire()]]
+            else:
+                steps = [[[steps[0][step][0], int(values)] + steps[0][step][2:]]]
         req = {"session": session, "seq": seq, "batch": batch, "frac_bits": self.frac_bits,
                "cmp": self.cmp, "layer": start, "step": step or 0, "chunk": chunk,
                "steps": steps}
@@ -572,6 +578,8 @@ class Party:
         """The values of each dealer request for ``step`` on ``batch`` inputs: a
         ``CHUNK`` each with circuit material, the whole step with DCF keys."""
         total = step.size * batch
+        if step.kind == "matmul":           # a matrix triple is not split
+            return (total,)
         return chunk_sizes(total) if self.cmp == "circuit" else (total,)
 
     def _spool_set(self, dealer: tp.Link, session: str, mid: int, stop: threading.Event

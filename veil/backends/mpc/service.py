@@ -45,7 +45,7 @@ from __future__ import annotations
 from .client import MpcAnswer, MpcClient, MpcResult, MpcShares, _closed
 from .dealer import Dealer
 from .party import Party, _PeerChannel, _Request
-from .wire import (CLIENT_REQUEST, CLIENT_RESULT, DEFAULT_TIMEOUT, ERROR, LINK_GRACE_S,
+from .wire import (CLIENT_REQUEST, input_contract, max_request_batch, CLIENT_RESULT, DEFAULT_TIMEOUT, ERROR, LINK_GRACE_S,
                    MATERIAL, MATERIAL_REQUEST, MAX_CLIENT_BYTES, MAX_INPUTS, MAX_PENDING,
                    MAX_PER_CLIENT, MODEL_FILE, ORPHAN_S, PEER_BEGIN, PEER_DATA, PEER_HAVE,
                    PEER_HELLO, PEER_QUERY, PEER_READY, PREFETCH, QUERY_INTERVAL_S, QUERY_MAX,
@@ -58,4 +58,5 @@ __all__ = ["CLIENT_REQUEST", "CLIENT_RESULT", "DEFAULT_TIMEOUT", "ERROR", "LINK_
            "PEER_HELLO", "PEER_QUERY", "PEER_READY", "PREFETCH", "QUERY_INTERVAL_S",
            "QUERY_MAX", "STALE_TIMEOUTS", "SWEEP_S", "TICKET", "TICKET_REQUEST", "Dealer",
            "MpcAnswer", "MpcClient", "MpcError", "MpcResult", "MpcShares", "Party",
-           "load_model", "read_client_request", "save_model"]
+           "input_contract", "load_model", "max_request_batch", "read_client_request",
+           "save_model"]

@@ -85,6 +85,37 @@ def load_model(directory: str | os.PathLike) -> Graph:
         raise SerializationError(f"no readable MPC model in {d}: {exc}") from exc
 
 
+#: the most bytes of one party's share in one request: a transformer's one-hot input is
+#: 31 MB per text at 128 tokens, so its requests carry fewer texts
+MAX_SHARE_BYTES = MAX_CLIENT_BYTES - (1 << 20)
+
+
+def max_request_batch(shape) -> int:
+    """Inputs per request for a shared input of ``shape``: ``MAX_INPUTS``, fewer when
+    their shares would pass ``MAX_SHARE_BYTES``."""
+    per = 8 * int(np.prod(shape))
+    return max(1, min(MAX_INPUTS, MAX_SHARE_BYTES // max(per, 1)))
+
+
+def input_contract(directory: str | os.PathLike) -> dict:
+    """What a client must send for the MPC model saved in ``directory``, read from its
+    JSON alone (not the weights): ``shape`` of the shared input and, for a transformer
+    whose token ids the client one-hot encodes, the INPUT node's ``onehot`` and
+    ``source_shape`` (``compiler.passes.onehot_encode``)."""
+    d = Path(directory)
+    try:
+        first = json.loads((d / f"{MODEL_FILE}.json").read_text())["graph"]["nodes"][0]
+        attrs = first["attrs"]
+        out = {"shape": [int(v) for v in first["shape"]]}
+        out["max_batch"] = max_request_batch(out["shape"])
+        if attrs.get("onehot"):
+            out["onehot"] = attrs["onehot"]
+            out["source_shape"] = [int(v) for v in attrs["source_shape"]]
+        return out
+    except (OSError, KeyError, ValueError, IndexError, TypeError) as exc:
+        raise SerializationError(f"no readable MPC model in {d}: {exc}") from exc
+
+
 def read_client_request(body, input_shape: tuple[int, ...],
                         frac_bits: int) -> tuple[bytes, np.ndarray, bytes | None]:
     """(request id, share, ticket or None) of a client's request to a party, checked:
