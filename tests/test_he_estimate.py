@@ -1,6 +1,8 @@
 """HE at real-model size: the cost estimate, the bootstrap refusal, the size check before
 the dense probe, and the HE target's pass list driving the compile. No OpenFHE needed."""
 import json
+import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -307,3 +309,179 @@ def test_a_lowering_past_he_limits_is_a_refusal_not_a_compile_failure(monkeypatc
     assert compiled.run(cal[:2], mode="simulate").shape == (2, 2)
     with pytest.raises(CompileError, match="too many weights"):
         compiled.result.he_plan()
+
+
+# -- transformers: compiled for tee / mpc, priced for HE --------------------------------
+
+def tiny_transformer(rng):
+    """One attention head and a feed-forward activation on 4 tokens of 8 features,
+    summed over the tokens into 2 outputs."""
+    def linear(name, src, n_in=8, n_out=8):
+        return make_node(name, Op.LINEAR, [src], [(4, n_in)], {},
+                         {"weight": rng.normal(size=(n_out, n_in)) * 0.4,
+                          "bias": rng.normal(size=n_out) * 0.1})
+    i = make_node("input", Op.INPUT, [], [], {"shape": (4, 8)})
+    q, k, v = linear("q", "input"), linear("k", "input"), linear("v", "input")
+    kt = make_node("kt", Op.TRANSPOSE, ["k"], [(4, 8)], {"perm": (1, 0)})
+    s = make_node("scores", Op.MATMUL, ["q", "kt"], [(4, 8), (8, 4)])
+    p = make_node("attn", Op.SOFTMAX, ["scores"], [(4, 4)])
+    o = make_node("mix", Op.MATMUL, ["attn", "v"], [(4, 4), (4, 8)])
+    n = make_node("norm", Op.LAYERNORM, ["mix"], [(4, 8)], {"eps": 1e-5},
+                  {"weight": np.ones(8), "bias": np.zeros(8)})
+    g = make_node("act", Op.GELU, ["norm"], [(4, 8)])
+    pool = make_node("pool", Op.REDUCESUM, ["act"], [(4, 8)], {"axes": (0,)})
+    out = make_node("out", Op.LINEAR, ["pool"], [(8,)], {},
+                    {"weight": rng.normal(size=(2, 8)) * 0.4, "bias": np.zeros(2)})
+    return Graph((i, q, k, v, kt, s, p, o, n, g, pool, out), "out")
+
+
+def _compiled(graph, cal):
+    from veil.model import CompiledModel
+
+    result = compile_graph(graph, cal)
+    ranges = {n.name: result.extents[n.inputs[0]] for n in result.polynomial.nodes[1:]}
+    return CompiledModel(result, (float(cal.min()), float(cal.max())), ranges)
+
+
+def test_a_transformer_compiles_with_an_he_estimate_and_a_refusal_by_name(rng):
+    from veil.errors import UnsupportedOperation
+
+    g = tiny_transformer(rng)
+    cal = rng.normal(size=(16, 4, 8))
+    compiled = _compiled(g, cal)
+    result = compiled.result
+    assert result.plan is None and result.he_refusal[0] is UnsupportedOperation
+    # named by the first op that makes it a transformer
+    assert "matmul node 'scores' has no HE kernel" in result.he_refusal[1]
+    # the front stage ran: GELU has its calibrated fit, the rest is kept for the estimate
+    assert [a.function for a in result.activations] == ["gelu"]
+    est = result.estimate
+    assert est.transformer and est.depth > 0 and est.bootstraps >= 0
+    levels = {layer.name: layer.levels for layer in est.layers}
+    # Q K^T: both operands come out of linear layers (sigma and tau fold into them); P V:
+    # the softmax's output needs its sigma (1 level more)
+    assert levels["scores"] == 2 and levels["mix"] == 3
+    assert levels["q"] == 1 and levels["kt"] == 0          # the transpose folds into k
+    assert levels["attn"] >= 1 + 8 + 1 + 1 and levels["norm"] >= 4
+    methods = {layer.name: layer.method for layer in est.layers}
+    assert methods["attn"].startswith("max-free softmax: exp by 8 squarings")
+    assert "Newton" in methods["norm"] and "JKLS" in methods["scores"]
+    assert est.depth == sum(levels[n] for n in ("q", "scores", "attn", "mix", "norm",
+                                                "act", "pool", "out"))
+    assert est.rotation_keys > 0 and est.latency_s > 0 and est.calibrated() == {}
+    assert any("MATMUL of two ciphertexts" in a for a in est.assumptions)
+    report = compiled.report()
+    text = str(report)
+    assert "HE estimate: depth" in text and "mode 'he': not available" in text
+    assert report.depth == est.depth > 0 and report.estimate["bootstraps"] >= 0
+    json.dumps(report.to_dict())
+    # simulate and he refuse by name; plain runs the source graph
+    x = cal[:3]
+    with pytest.raises(UnsupportedOperation, match="transpose node 'kt'"):
+        compiled.run(x, mode="simulate")
+    with pytest.raises(UnsupportedOperation, match="'scores' has no HE kernel"):
+        compiled.run(x, mode="he")
+    with pytest.raises(UnsupportedOperation, match="no HE kernel"):
+        compiled.manifest()
+    np.testing.assert_allclose(compiled.run(x, mode="plain"), run(g, x))
+    # accuracy in the report: plain only (simulate cannot run it)
+    acc = compiled.report(x, np.zeros(3, dtype=int)).accuracy
+    assert set(acc) == {"plain"}
+
+
+def test_a_transformer_runs_on_shares(rng):
+    g = tiny_transformer(rng)
+    cal = rng.normal(size=(16, 4, 8))
+    with _compiled(g, cal) as compiled:      # the dealer and both parties, as processes
+        x = cal[0]
+        np.testing.assert_allclose(compiled.run(x, mode="mpc"), run(g, x[None])[0],
+                                   atol=2e-3)
+
+
+def test_transformer_estimate_without_calibrated_ranges_uses_the_defaults(rng):
+    from veil.compiler.estimate import DEFAULT_VAR_RANGE, EXP_MIN_SQUARINGS
+
+    result = compile_graph(tiny_transformer(rng), rng.normal(size=(16, 4, 8)))
+    est = estimate_he(result.polynomial)
+    methods = {layer.name: layer.method for layer in est.layers}
+    assert f"exp by {EXP_MIN_SQUARINGS} squarings" in methods["attn"]
+    assert f"{DEFAULT_VAR_RANGE[1]:.3g}]" in methods["norm"]
+    # a wider variance range costs the inverse square root more levels
+    assert ({layer.name: layer.levels for layer in est.layers}["norm"]
+            >= {layer.name: layer.levels for layer in result.estimate.layers}["norm"])
+
+
+def test_inverse_iterations_follow_the_error_recurrences():
+    from veil.compiler.estimate import TARGET_BITS, _inverse, _iterations
+
+    # Goldschmidt from the constant 2 / (lo + hi): e0 = (hi - lo) / (hi + lo), e_n = e0^2^n
+    for lo, hi in ((1.0, 2.0), (1.0, 100.0), (1e-3, 1.0)):
+        e0 = (hi - lo) / (hi + lo)
+        want = math.ceil(math.log2(TARGET_BITS * math.log(2) / -math.log(e0)))
+        x = np.geomspace(lo, hi, 4001)
+        assert _iterations(x * 2 / (lo + hi), True) == want
+    levels, units, method = _inverse("reciprocal", 1.0, 2.0)
+    assert levels == 3 and method.startswith("Goldschmidt from a constant, 3 iterations")
+    # Newton's inverse square root: a wide range needs more levels than a narrow one
+    assert _inverse("rsqrt", 0.3, 140.0)[0] > _inverse("rsqrt", 0.2, 0.5)[0] > 0
+    # a guess that does not converge is refused
+    assert _iterations(np.array([0.5, 2.5]), True) is None
+
+
+def _minilm(seq_len):
+    pytest.importorskip("torch", reason="needs torch")
+    pytest.importorskip("transformers", reason="needs transformers")
+    pytest.importorskip("tokenizers", reason="needs tokenizers")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import veil.text as text
+
+    try:
+        text.model_dir()
+    except text.TextDependencyError as exc:
+        pytest.skip(str(exc))
+    from veil.text.minilm import load_minilm
+    from veil.text.tokenize import Tokenizer
+
+    x = Tokenizer(seq_len).encode(["The wheat harvest fell short.", "Corn prices rose."])
+    return load_minilm(seq_len), x
+
+
+def test_minilm_compiles_and_reports_what_he_would_cost():
+    """all-MiniLM-L6-v2 at 32 tokens (two short sentences, padded: the -10^4 mask sets
+    exp's squarings to 13): compile succeeds, HE is refused by name and priced."""
+    from veil.errors import UnsupportedOperation
+
+    model, x = _minilm(32)
+    compiled = veil.compile(model, x)
+    est = compiled.result.estimate
+    assert compiled.result.he_refusal[0] is UnsupportedOperation
+    assert est.transformer and not est.fits and est.ring_dim == BOOTSTRAP_RING
+    ops = [layer.op for layer in est.layers]
+    assert ops.count("softmax") == 6 and ops.count("layernorm") == 13
+    assert ops.count("matmul") == 12 and ops.count("gelu") == 6
+    levels = [(layer.op, layer.levels) for layer in est.layers]
+    assert [lv for op, lv in levels if op == "matmul"] == [2, 3] * 6
+    assert all(13 <= lv <= 30 for op, lv in levels if op == "softmax")
+    assert all("exp by 13 squarings" in layer.method for layer in est.layers
+               if layer.op == "softmax")
+    assert all(lv == 5 for op, lv in levels if op == "gelu")       # degree 27, folded map
+    # six layers of roughly 50-60 levels: some 30-40 bootstraps on the longest path
+    assert 250 <= est.depth <= 450
+    assert est.bootstraps >= -(-(est.depth - FRESH_LEVELS) // LEVELS_AFTER_BOOTSTRAP)
+    assert est.bootstraps <= est.bootstrap_ciphertexts <= 3 * est.bootstraps
+    # JKLS's shifts of 32 x 32 blocks need ~4 x 31 keys, the linear layers a few dozen
+    assert 124 <= est.rotation_keys <= 400
+    assert est.keys_bytes == est.rotation_keys * est.key_bytes
+    # bootstraps alone take 19 s per ciphertext; in all between 10 minutes and 2 hours
+    assert est.bootstrap_ciphertexts * 19 < est.latency_s
+    assert 600 < est.latency_s < 7200
+    text = str(compiled.report())
+    assert "HE estimate: depth" in text and "has no HE kernel" in text
+    assert "layernorm node 'LayerNorm_LayerNormalization' has no HE kernel" in text
+    with pytest.raises(UnsupportedOperation, match="cannot run in 'simulate' mode"):
+        compiled.run(x, mode="simulate")
+    with pytest.raises(UnsupportedOperation, match="no HE kernel"):
+        compiled.run(x, mode="he")
+    with torch.no_grad():
+        want = model(torch.as_tensor(x, dtype=torch.float32)).numpy()
+    assert np.abs(compiled.run(x, mode="plain") - want).max() < 1e-4

@@ -251,13 +251,17 @@ def test_an_op_the_mode_cannot_run_is_refused_before_anything_starts(tmp_path, m
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))     # where a folder would go
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    # a layer norm runs in plain, tee and mpc; HE and simulate have no kernel for it
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4),
+                              torch.nn.Linear(4, 2))
     x = np.random.default_rng(0).uniform(-1, 1, (32, 4))
     with veil.compile(net.eval(), x, insecure_test_params=True) as compiled:
         np.testing.assert_allclose(compiled.run(x, "tee"), compiled.run(x), atol=ATOL["tee"])
         compiled.close()
-        with pytest.raises(UnsupportedOperation, match="tanh node .* cannot run in 'mpc'"):
-            compiled.run(x, "mpc")
+        with pytest.raises(UnsupportedOperation, match="layernorm node .* no HE kernel"):
+            compiled.run(x, "he")
+        with pytest.raises(UnsupportedOperation, match="layernorm node .* 'simulate'"):
+            compiled.run(x, "simulate")
         assert not compiled._servers and not _children() and not list(tmp_path.iterdir())
 
 

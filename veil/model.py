@@ -12,9 +12,10 @@ import numpy as np
 
 from .compiler.approx import DEFAULT_DEGREE, DEFAULT_MARGIN
 from .compiler.pipeline import CompileResult, compile_graph
+from .compiler.targets import check_ops
 from .errors import CompileError, InputError
 from .frontend import to_graph
-from .ir import run as interpret
+from .ir import ops_for, run as interpret
 from .modes import SERVED, Mode, as_mode
 from .wire import fingerprint
 
@@ -138,10 +139,13 @@ class CompiledModel:
     :meth:`close`) to free HE keys and stop the processes ``run`` started."""
 
     def __init__(self, result: CompileResult, input_range: tuple[float, float],
-                 calibration_ranges: dict[str, tuple[float, float]]) -> None:
+                 calibration_ranges: dict[str, tuple[float, float]],
+                 text: dict | None = None) -> None:
         self.result = result
         self.input_range = input_range
         self._ranges = calibration_ranges
+        # a text model's tokenizer (its ``veil_text``): run() takes texts too
+        self.text = dict(text) if text else None
         # mode -> its local processes (deploy/local.py); stopped by close(), and by the
         # finalizer when this object is collected or the interpreter exits without it
         self._servers: dict[str, Any] = {}
@@ -170,7 +174,9 @@ class CompiledModel:
     def run(self, x, mode: str | Mode = Mode.PLAIN) -> np.ndarray:
         """Run on one sample (shape ``input_shape``) or a batch (leading batch axis).
 
-        Returns one output for one sample, or an array of outputs for a batch.
+        Returns one output for one sample, or an array of outputs for a batch. A text
+        model (one with a ``veil_text`` tokenizer, :mod:`veil.text`) also takes a text
+        or a list of texts, tokenized here before any mode sees them.
 
         Modes (:class:`Mode`): ``plain`` and ``simulate`` compute here; ``he`` runs the
         CKKS client here and its server in a local process (started on first use, with
@@ -189,6 +195,15 @@ class CompiledModel:
             ProcessError: a mode's process did not start (names it; its stderr tail).
         """
         mode = as_mode(mode)
+        if isinstance(x, str) or (isinstance(x, (list, tuple)) and x
+                                  and all(isinstance(t, str) for t in x)):
+            if self.text is None:
+                raise InputError("this model takes arrays, not texts")
+            from .text.tokenize import tokenizer_for
+
+            tokens = tokenizer_for(self.text).encode([x] if isinstance(x, str) else list(x))
+            out = self.run(tokens, mode)
+            return out[0] if isinstance(x, str) else out
         arr = np.asarray(x, dtype=np.float64)
         single = arr.shape == self.input_shape
         batch = arr[None] if single else arr
@@ -202,6 +217,7 @@ class CompiledModel:
         elif mode is Mode.PLAIN:
             out = interpret(self.result.source, batch)
         elif mode is Mode.SIMULATE:
+            check_ops(self.result.lowered, "simulate")    # e.g. a transformer's softmax
             out = interpret(self.result.lowered, batch)
         else:
             out = self._local(mode.value).infer_batch(batch)
@@ -289,7 +305,8 @@ class CompiledModel:
         accuracy = {}
         if data is not None and labels is not None:
             labels = np.asarray(labels)
-            for mode in (Mode.PLAIN, Mode.SIMULATE):
+            simulates = all(n.op in ops_for("simulate") for n in self.result.lowered.nodes)
+            for mode in (Mode.PLAIN, Mode.SIMULATE) if simulates else (Mode.PLAIN,):
                 pred = np.argmax(self.run(data, mode).reshape(len(labels), -1), axis=1)
                 accuracy[mode.value] = float(np.mean(pred == labels))
         est = self.result.estimate
@@ -357,7 +374,8 @@ def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
     # Each layer's input range on the calibration batch, from the approximation pass's
     # forward run (no second pass over the data).
     ranges = {n.name: result.extents[n.inputs[0]] for n in result.polynomial.nodes[1:]}
-    return CompiledModel(result, (lo - margin * width, hi + margin * width), ranges)
+    return CompiledModel(result, (lo - margin * width, hi + margin * width), ranges,
+                         text=getattr(model, "veil_text", None))
 
 
 def export_model(model, calibration, directory: str | os.PathLike, *, name: str | None = None,
@@ -394,4 +412,5 @@ def export_model(model, calibration, directory: str | os.PathLike, *, name: str 
                                        **compile_options)
         he = (compiled.server_bundle(), compiled.client_bundle())
     return write_export(directory, graph, name=name, modes=modes, he=he,
-                        encrypted_weights=encrypted_weights, tee_keys=tee_keys)
+                        encrypted_weights=encrypted_weights, tee_keys=tee_keys,
+                        text=getattr(model, "veil_text", None))

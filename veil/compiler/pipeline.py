@@ -9,6 +9,13 @@ is cheap to probe; otherwise the result keeps the structured graph and records w
 cannot run it, which :meth:`CompileResult.he_plan` raises when HE is asked for. A model
 deeper than a 128-bit ring holds gets bootstraps from the levels pass
 (:mod:`veil.compiler.levels`), the back stage's last.
+
+A model with ops that only the share-based modes run (a transformer: softmax, layer
+norm, products of two activations, ...) still compiles: the front stage runs (GELU and
+TANH get their calibrated fits), the estimate prices the transformer ops on the
+calibrated ranges :func:`~veil.compiler.estimate.transformer_stats` measures, and the
+back stage is skipped; ``he`` and ``simulate`` refuse it by name (``he_refusal``), while
+``plain``, ``tee`` and ``mpc`` run the source graph.
 """
 from __future__ import annotations
 
@@ -16,17 +23,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import BootstrapRequiredError, CompileError
-from ..ir import Graph, Op
+from ..errors import BootstrapRequiredError, CompileError, UnsupportedOperation
+from ..ir import Graph, Op, ops_for
 from .approx import DEFAULT_DEGREE, DEFAULT_MARGIN, ActivationReport
-from .estimate import HEEstimate, estimate_he
+from .estimate import HEEstimate, estimate_he, transformer_stats
 from .levels import SLOT_OPS
 from .passes import MAX_DENSE_ENTRIES, MAX_NONZEROS, PassNote, dense_chains, probe_entries
 from .sparse import BUILDERS, nonzero_bound
 from .plan import LAYOUTS, HEPlan, plan_he
-from .targets import HE, check_ops, run_passes
+from .targets import HE, run_passes
 
 PASSES = HE.pass_names + ("plan_he",)
+# what HE's refusal of a transformer names first (the ops that make it one)
+_NAMED_FIRST = frozenset({Op.SOFTMAX, Op.MATMUL, Op.LAYERNORM})
 
 
 @dataclass
@@ -36,7 +45,8 @@ class CompileResult:
     source: Graph            # as the frontend produced it: the `plain` reference
     polynomial: Graph        # activations replaced by polynomials
     lowered: Graph           # what `simulate` runs: the slot evaluator's graph when HE
-    #                          can run the model, else the polynomial graph itself
+    #                          can run the model, else the polynomial graph itself (which
+    #                          simulate refuses when it holds an op HE has no kernel for)
     plan: HEPlan | None      # None when HE cannot run the model (see he_refusal)
     activations: list[ActivationReport] = field(default_factory=list)
     notes: list[PassNote] = field(default_factory=list)
@@ -95,7 +105,10 @@ def compile_graph(graph: Graph, calibration: np.ndarray, *,
     """Run the HE target's passes on ``graph`` with ``calibration`` data.
 
     Always returns the polynomial graph and the HE cost estimate; the slot plan only
-    when HE can run the model (see :class:`CompileResult`).
+    when HE can run the model (see :class:`CompileResult`). A graph with ops the
+    ``simulate`` target does not accept (transformers) gets the front stage and the
+    estimate only, and an ``UnsupportedOperation`` refusal naming its first softmax,
+    matmul or layer norm (else its first such op).
 
     Raises:
         CompileError: unusable calibration data or options.
@@ -107,13 +120,25 @@ def compile_graph(graph: Graph, calibration: np.ndarray, *,
     if max_slots is not None and (not isinstance(max_slots, int) or max_slots < 2
                                   or max_slots & (max_slots - 1)):
         raise CompileError(f"max_slots must be a power of two, got {max_slots!r}")
-    check_ops(graph, "simulate")     # what HE's slot evaluator cannot run is refused later,
-    # by name, when mode "he" asks for the plan (``he_refusal``); the estimate prices it
+    # What HE's slot evaluator cannot run is refused by name when mode "he" asks for the
+    # plan (``he_refusal``); the estimate prices it. Ops that simulate cannot run either
+    # (transformers) skip the back stage.
+    odd = [n for n in graph.nodes if n.op not in ops_for("simulate")]
+    odd = next((n for n in odd if n.op in _NAMED_FIRST), odd[0] if odd else None)
     options = {"calibration": calibration, "degree": degree, "margin": margin,
                "layout": layout, "relu_bits": relu_bits}
     poly, front_notes = run_passes(graph, HE.front, options)
     reports = [r for n in front_notes for r in n.data.get("reports", ())]
     extents = {k: v for n in front_notes for k, v in n.data.get("extents", {}).items()}
+    if odd is not None:
+        stats = transformer_stats(poly, calibration, margin=margin)
+        est = estimate_he(poly, precision_bits=precision_bits, stats=stats)
+        refusal = (UnsupportedOperation,
+                   f"{odd.op.value} node {odd.name!r} has no HE kernel (transformer ops "
+                   "run in tee and mpc); compiled.report() prices HE", {})
+        note = PassNote("plan_he", [f"HE cannot run this model: {refusal[1]}"])
+        return CompileResult(graph, poly, poly, None, reports, front_notes + [note],
+                             extents, est, refusal)
     est = estimate_he(poly, precision_bits=precision_bits)
     refusal = _refusal(poly, est)
     if refusal is None:

@@ -131,6 +131,7 @@ class _Local(_Children, abc.ABC):
         lowered, _ = lower(graph, self.mode)      # refuses an unsupported op before any start
         # the caller's inputs (mpc's lowered input may be their one-hot encoding)
         self.input_shape = tuple(graph.input_shape)
+        self.output_shape = tuple(graph.output_shape)
         self._open()
         try:
             info = self._write(lowered, self.dir / "export")
@@ -156,7 +157,8 @@ class _Local(_Children, abc.ABC):
         """Outputs (n, *output_shape) for inputs (n, *input_shape); callers in several
         threads take turns."""
         with self._calls:
-            return self._infer(xs)
+            out = self._infer(xs)
+        return out.reshape((len(xs),) + self.output_shape)
 
     @abc.abstractmethod
     def _infer(self, xs: np.ndarray) -> np.ndarray:
