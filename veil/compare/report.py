@@ -16,8 +16,30 @@ PEERS = ("Peers' published figures on this kind of machine, for context only (no
          "measured by this run): Concrete ML 1.9 digits MLP 3.7 s/image (FHE); Orion "
          "MNIST LoLa 0.45 s (FHE); SPU 2PC 16-19 ms; CrypTen 123 ms.")
 
+MIN_COSINE = 0.999      # tee and mpc against plain's embedding (mpc: 20-bit fixed point)
+
+TEXT_PEERS = ("Published figures for private BERT inference, for context only (other "
+              "hardware and models; not measured by this run): CrypTen BERT-base ~60 s; "
+              "PUMA (3 parties, server-class CPUs) BERT-base, 128 tokens, 42 s and 3.59 GB; "
+              "SIGMA (2 parties + dealer, GPU) BERT-tiny 0.30 s and 21.7 MB online.")
+
 COLUMNS = ("mode", "n", "accuracy", "agree", "p50 ms", "p95 ms", "batch/s (size)",
            "x plain", "up B", "down B", "rounds", "client ms", "setup", "peak RSS MiB")
+# a workload whose outputs are embeddings (no labels, no argmax): the cosine of each
+# output to plain's on the same input, its minimum and mean over the inputs
+EMBEDDING_COLUMNS = ("mode", "n", "cos min", "cos mean", *COLUMNS[4:])
+
+
+def columns(w: dict) -> tuple[str, ...]:
+    """The table's columns for workload ``w`` of a result."""
+    return EMBEDDING_COLUMNS if w.get("embedding") else COLUMNS
+
+
+def _cos(v: float) -> str:
+    """A cosine near 1 as ``1 - 4.4e-09`` (eight decimals would show 1.00000000)."""
+    if v >= 1.0:
+        return "1"
+    return f"1 - {1.0 - v:.1e}" if 1.0 - v < 1e-4 else f"{v:.6f}"
 
 
 def _si(n: float) -> str:
@@ -53,12 +75,18 @@ def _rss(r: dict) -> str:
     return client + (f" / s {max(servers) / 2**20:.0f}" if servers else "")
 
 
-def cells(r: dict, plain: dict | None) -> list[str]:
-    """One table row of a measured mode (strings, in ``COLUMNS`` order)."""
+def cells(r: dict, plain: dict | None, embedding: bool = False) -> list[str]:
+    """One table row of a measured mode (strings, in ``COLUMNS`` order; with
+    ``embedding``, ``EMBEDDING_COLUMNS``)."""
     over = f"{r['latency_p50_s'] / plain['latency_p50_s']:,.1f}" if plain else "-"
-    acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+    if embedding:
+        quality = ["-" if r.get(k) is None else _cos(r[k])
+                   for k in ("cosine_min", "cosine_mean")]
+    else:
+        quality = ["-" if r["accuracy"] is None else f"{r['accuracy']:.4f}",
+                   f"{r['agreement']:.4f}"]
     remote = r["mode"].split(" ")[0] in SERVED     # also "mpc (WAN)"
-    return [r["mode"], str(r["n"]), acc, f"{r['agreement']:.4f}", _ms(r["latency_p50_s"]),
+    return [r["mode"], str(r["n"]), *quality, _ms(r["latency_p50_s"]),
             _ms(r["latency_p95_s"]), f"{r['throughput_per_s']:,.1f} ({r['batch']})", over,
             _si(r["bytes_up"]) if remote else "-", _si(r["bytes_down"]) if remote else "-",
             _rounds(r), _ms(r["client_compute_p50_s"]), _setup(r), _rss(r)]
@@ -66,7 +94,7 @@ def cells(r: dict, plain: dict | None) -> list[str]:
 
 def table_rows(w: dict) -> list[list[str]]:
     plain = w["modes"].get("plain")
-    rows = [cells(r, plain) for r in w["modes"].values()]
+    rows = [cells(r, plain, bool(w.get("embedding"))) for r in w["modes"].values()]
     rows += [[m, "-", f"FAILED: {e}"] + ["-"] * (len(COLUMNS) - 3)
              for m, e in w["errors"].items()]
     return rows
@@ -89,14 +117,20 @@ def checks(w: dict) -> list[dict]:
                         "and argmax agreement is 1",
                         "ok": r["accuracy"] == r["plain_accuracy_same_inputs"]
                         and r["agreement"] == 1.0})
+        if m in ("tee", "mpc") and r.get("cosine_min") is not None:
+            out.append({"check": f"{m}: every embedding's cosine to plain's is at least "
+                        f"{MIN_COSINE} (min {_cos(r['cosine_min'])})",
+                        "ok": r["cosine_min"] >= MIN_COSINE})
     return out
 
 
 def finish(result: dict, mlflow_run: str | None = None) -> dict:
     """Add claims and checks to each workload of ``result`` (in place) and return it."""
     for w in result["workloads"]:
+        text = w.get("text")
         w["claims"] = claims_mod.evaluate(w["modes"], mlflow_run, zoo=w.get("zoo"),
-                                          he_estimate=w.get("he_estimate"))
+                                          he_estimate=w.get("he_estimate"), text=text,
+                                          seq_len=w["input_shape"][-1] if text else None)
         w["checks"] = checks(w)
     result["mlflow_run"] = mlflow_run
     return result
@@ -112,7 +146,7 @@ def _claim_rows(w: dict) -> list[list[str]]:
     rows = []
     for c in w["claims"]:
         v = c["measured"]
-        text = "-" if v is None else f"{v:,.3g}{c['unit']}"
+        text = "-" if v is None else c.get("shown") or f"{v:,.3g}{c['unit']}"
         if c["detail"]:
             text += f" ({c['detail']})"
         rows.append([c["claim"], c["quantity"], c["claimed"], text, c["verdict"]])
@@ -125,7 +159,8 @@ def _details(w: dict) -> list[str]:
         peaks = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in r["peak_rss"].items())
         setup = ", ".join(f"{k} {v:.3f}" if k.endswith("_s") else f"{k} {_si(v)}B"
                           for k, v in r["setup"].items()) or "none"
-        line = (f"- **{m}**: setup: {setup}; peak RSS: {peaks}; max |logit - plain| "
+        what = "output" if w.get("embedding") else "logit"
+        line = (f"- **{m}**: setup: {setup}; peak RSS: {peaks}; max |{what} - plain| "
                 f"{r['max_abs_error']:.2e}")
         if m == "tee":
             line += (f"; plaintext server over the same transport: p50 "
@@ -157,9 +192,15 @@ def _he_estimate(w: dict) -> list[str]:
             f"longest path ({e['bootstrap_ciphertexts']} ciphertext bootstraps), ring "
             f"{e['ring_dim']}, {e['rotation_keys']} rotation keys "
             f"({e['keys_bytes'] / 2**30:.1f} GiB), estimated latency "
-            f"{e['latency_s']:,.0f} s" + ("" if e.get("fits") else
-                                         "; needs bootstrapping, which this release "
-                                         "does not run")]
+            f"{e['latency_s']:,.0f} s" + _he_tail(w, e)]
+
+
+def _he_tail(w: dict, e: dict) -> str:
+    if e.get("transformer"):
+        refused = w.get("he_refused") or "transformer ops have no HE kernel here"
+        return (f"; the transformer ops priced by their published HE constructions "
+                f"(see the compiler's assumptions); not run: {refused}")
+    return "" if e.get("fits") else "; needs bootstrapping, which this release does not run"
 
 
 def markdown(result: dict) -> str:
@@ -168,8 +209,9 @@ def markdown(result: dict) -> str:
            f"Machine: {mach['cpus']} CPUs, {mach['memory_bytes'] / 2**30:.0f} GiB, "
            f"{mach['platform']}, Python {mach['python']}, veil {mach['veil']}. Wall time "
            f"{result['wall_s']:.0f} s. Modes: {', '.join(cfg['modes'])}; up to n = {cfg['n']} "
-           f"single inputs per mode ({cfg['n_he']} for he) within {cfg['budget_s']:.0f} s "
-           f"each, batch {cfg['batch']}.", "",
+           f"single inputs per mode ({cfg['n_he']} for he"
+           + (f", {cfg['n_mpc']} for mpc" if cfg.get("n_mpc") else "")
+           + f") within {cfg['budget_s']:.0f} s each, batch {cfg['batch']}.", "",
            "How to read it: n = inputs timed one at a time (fewer than asked when the "
            "mode's time budget ran out); "
            "p50/p95 = one input at a time, from the client's call to its "
@@ -181,15 +223,19 @@ def markdown(result: dict) -> str:
            "party-to-party rounds; client ms = the client's own compute per input; setup "
            "= one-off costs (keys, upload, attestation, process start); peak RSS = the "
            "client's peak above its memory when the mode started (c +, this process "
-           "also holds the compiler) and the largest server process's VmHWM (s).", "",
+           "also holds the compiler) and the largest server process's VmHWM (s)."
+           + (" For embeddings (no labels): cos min / cos mean = the cosine of each "
+              "output to plain's on the same input, its minimum and mean."
+              if any(w.get("embedding") for w in result["workloads"]) else ""), "",
            "Timings come from a shared machine and are noisy; they are this run's, not "
            "benchmarks." + (" **INSECURE test parameters (tests only).**"
                             if cfg["insecure_test_params"] else ""), ""]
     out += [f"_{s}_" for s in result["skipped"]] + ([""] if result["skipped"] else [])
     for w in result["workloads"]:
-        out += [f"## {w['name']}", "", f"{w['source']}; input {tuple(w['input_shape'])}; "
-                f"compile {w['compile_s']:.1f} s, export {w['export_s']:.1f} s.", ""]
-        out += _md_table(COLUMNS, table_rows(w)) + [""]
+        out += [f"## {w['name']}", "", f"{w['source']}; input {tuple(w['input_shape'])}"
+                + (" (token ids and attention mask)" if w.get("text") else "")
+                + f"; compile {w['compile_s']:.1f} s, export {w['export_s']:.1f} s.", ""]
+        out += _md_table(columns(w), table_rows(w)) + [""]
         out += _details(w) + _he_estimate(w) + [""]
         out += ["### The seeds' claims, measured", ""]
         out += _md_table(("claim (quoted)", "measured quantity", "claimed", "measured",
@@ -201,6 +247,8 @@ def markdown(result: dict) -> str:
     elif result.get("plots_skipped"):
         out += [f"_Plots skipped: {result['plots_skipped']}_", ""]
     out += [PEERS, ""]
+    if any(w.get("text") for w in result["workloads"]):
+        out += [TEXT_PEERS, ""]
     return "\n".join(out)
 
 
@@ -219,7 +267,7 @@ def rich_tables(result: dict) -> list:
     tables = []
     for w in result["workloads"]:
         t = Table(title=f"veil compare: {w['name']}", header_style="bold")
-        for c in COLUMNS:
+        for c in columns(w):
             t.add_column(c, justify="left" if c in ("mode", "setup") else "right")
         for r in table_rows(w):
             t.add_row(*r)

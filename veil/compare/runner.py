@@ -39,6 +39,8 @@ class CompareConfig:
         modes: some of ``MODES``, in order.
         n: single inputs per mode (and the inputs sent in batches), capped by the data.
         n_he: single inputs for ``he`` (each costs ~0.1-2 s).
+        n_mpc: single inputs (and batch inputs) for ``mpc``; None: ``n`` (a text of 128
+            tokens costs ~5 s and ~1 GB of party traffic).
         batch: batch size for the throughput measurement.
         he_batch_budget_s: HE's batch is cut to whole ciphertexts that fit this long.
         budget_s: seconds each mode's single inputs may take; ``n`` is cut short after
@@ -56,11 +58,21 @@ class CompareConfig:
     insecure_test_params: bool = False
     work_dir: Path | None = None
     wan: dict | None = field(default=None)
+    n_mpc: int | None = None
 
     def __post_init__(self) -> None:
         self.modes = parse_modes(self.modes, MODES, "--modes")
-        if self.n < 1 or self.n_he < 1 or not 1 <= self.batch <= 4096:
-            raise InputError("n and n_he must be at least 1, batch 1 to 4096")
+        if self.n < 1 or self.n_he < 1 or not 1 <= self.batch <= 4096 \
+                or (self.n_mpc is not None and self.n_mpc < 1):
+            raise InputError("n, n_he and n_mpc must be at least 1, batch 1 to 4096")
+
+    def inputs(self, mode: str, n: int) -> int:
+        """Single inputs ``mode`` runs when ``n`` test inputs are there."""
+        if mode == "he":
+            return min(self.n_he, n)
+        if mode == "mpc" and self.n_mpc is not None:
+            return min(self.n_mpc, n)
+        return n
 
 
 def machine() -> dict:
@@ -131,7 +143,8 @@ def run_workload(w: Workload, cfg: CompareConfig, work: Path,
     report = compiled.report()
     out = {"name": w.name, "source": w.source, "input_shape": list(w.input_shape),
            "n_available": int(len(w.x_test)), "compile_s": compile_s, "export_s": export_s,
-           "zoo": w.zoo, "he_estimate": report.estimate,
+           "zoo": w.zoo, "text": w.text, "embedding": w.embedding,
+           "he_estimate": report.estimate, "he_refused": report.he_error,
            "plain_logit_range": float(np.ptp(plain.reshape(len(plain), -1), axis=1).min()),
            "he_plan": {"params": report.params, "depth": report.depth,
                        "rotation_keys": len(report.rotations), "lanes": report.lanes},
@@ -140,10 +153,12 @@ def run_workload(w: Workload, cfg: CompareConfig, work: Path,
     runs += [(mode, cfg.wan) for mode in cfg.modes if cfg.wan and mode in SERVED]
     for mode, wan in runs:
         key = f"{mode} (WAN)" if wan else mode
-        n_mode = min(cfg.n_he, n) if mode == "he" else n
+        n_mode = cfg.inputs(mode, n)
         total = 2 * n_mode if mode != "he" else n_mode + cfg.batch
-        job = Job(w, x, y, plain, compiled, info, work / w.name, cfg.n_he, cfg.batch,
-                  cfg.he_batch_budget_s, cfg.budget_s, progress(f"{w.name}: {key}", total))
+        k = n_mode if mode == "mpc" else n     # mpc's inputs are all it sees (batch too)
+        job = Job(w, x[:k], None if y is None else y[:k], plain[:k], compiled, info,
+                  work / w.name, cfg.n_he, cfg.batch, cfg.he_batch_budget_s, cfg.budget_s,
+                  progress(f"{w.name}: {key}", total))
         log.info("%s: measuring %s", w.name, key)
         try:
             out["modes"][key] = _measure_mode(mode, job, work / w.name / "logs", wan)
@@ -165,7 +180,8 @@ def run(workloads: list[Workload], cfg: CompareConfig, skipped: list[str] = (),
     started = time.perf_counter()
     result = {"veil_compare": 1, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
               "machine": machine(), "config": {
-                  "modes": list(cfg.modes), "n": cfg.n, "n_he": cfg.n_he, "batch": cfg.batch,
+                  "modes": list(cfg.modes), "n": cfg.n, "n_he": cfg.n_he,
+                  "n_mpc": cfg.n_mpc, "batch": cfg.batch,
                   "he_batch_budget_s": cfg.he_batch_budget_s, "budget_s": cfg.budget_s,
                   "insecure_test_params": cfg.insecure_test_params, "wan": cfg.wan},
               "skipped": list(skipped), "workloads": []}

@@ -126,15 +126,23 @@ def fit_logistic(features: np.ndarray, labels: np.ndarray, *,
                              LogisticRegression(C=c, penalty="l2", solver="lbfgs",
                                                 max_iter=5000, tol=1e-8))
 
+    # features that (nearly) never vary: standardising them divides rounding noise by a
+    # tiny deviation, and folding that back gives weights of 1e30 (MiniLM's mean-pooled
+    # embeddings have such a dimension), which no fixed point holds; they are left out
+    std = features.std(axis=0)
+    keep = std > 1e-6 * float(np.median(std))
+    kept = features[:, keep]
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    scores = {c: float(cross_val_score(pipeline(c), features, labels, cv=cv,
+    scores = {c: float(cross_val_score(pipeline(c), kept, labels, cv=cv,
                                        scoring="accuracy").mean()) for c in cs}
     best = max(cs, key=lambda c: (scores[c], -c))
-    model = pipeline(best).fit(features, labels)
+    model = pipeline(best).fit(kept, labels)
     scaler, logistic = model[0], model[1]
-    w = logistic.coef_[0] / scaler.scale_
-    b = float(logistic.intercept_[0] - np.dot(w, scaler.mean_))
+    w = np.zeros(features.shape[1])
+    w[keep] = logistic.coef_[0] / scaler.scale_
+    b = float(logistic.intercept_[0] - np.dot(w[keep], scaler.mean_))
     weight = np.stack([-w / 2, w / 2])
     bias = np.array([-b / 2, b / 2])
     return weight, bias, {"C": best, "cv_accuracy": {str(c): round(s, 4)
-                                                     for c, s in scores.items()}}
+                                                     for c, s in scores.items()},
+                          "features_left_out": int((~keep).sum())}
