@@ -39,6 +39,7 @@ Writes bench/results/transformer.{json,md}. Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -165,6 +166,52 @@ def classifier_rows(acc_docs: int, spool: bool) -> dict:
             "mpc": m}
 
 
+def op_breakdown(seq: int) -> dict:
+    """Bytes each party sends and rounds, per op kind, for one text at ``seq`` tokens: the
+    lowered graph run in this process (both parties as threads, the same kernels and
+    protocols as the processes), each kernel's channel traffic counted."""
+    import collections
+
+    from veil.backends.mpc import evaluator as ev
+    from veil.backends.mpc.fixed import encode
+    from veil.backends.mpc.local import run_parties
+    from veil.backends.mpc.prg import Prg
+    from veil.backends.mpc.protocols import share
+    from veil.compiler.passes import encode_input
+    from veil.frontend import to_graph
+    from veil.text.minilm import load_minilm
+    from veil.text.tokenize import Tokenizer
+
+    low = ev.lower_for_mpc(to_graph(load_minilm(seq), (2, seq)))
+    x = encode_input(low, Tokenizer(seq).encode(_texts(1, seq)))
+    sent, rounds = collections.Counter(), collections.Counter()
+    table = dict(ev.KERNELS)
+
+    def counted(op, kernel):
+        def run(r, node, args):
+            b, n = r.ch.bytes_sent, r.ch.rounds
+            out = kernel.run(r, node, args)
+            if r.party == 0:
+                sent[op.value] += r.ch.bytes_sent - b
+                rounds[op.value] += r.ch.rounds - n
+            return out
+        return ev.Kernel(kernel.steps, run, kernel.affine)
+
+    try:
+        ev.KERNELS.update({op: counted(op, k) for op, k in table.items()})
+        prog, prg = ev.Program(low), Prg()
+        m0, m1 = ev.layer_material(prog.layers, 1, prg)
+        s0, s1 = share(encode(x), prg)
+        _, chans = run_parties(lambda p, ch, inp: ev.evaluate(p, ch, prog, *inp),
+                               ((s0, m0), (s1, m1)), timeout=900)
+    finally:
+        ev.KERNELS.update(table)
+    return {"seq": seq, "party0_sent_bytes": chans[0].bytes_sent,
+            "rounds": chans[0].rounds,
+            "per_op": {k: {"party0_sent_bytes": sent[k], "rounds": rounds[k]}
+                       for k in sorted(sent, key=lambda k: -sent[k]) if sent[k]}}
+
+
 def _mb(b: float) -> str:
     return f"{b / 1e6:.0f}"
 
@@ -174,11 +221,27 @@ def _he_cell(est) -> str:
         return str(est)
     return (f"depth {est['depth']}, {est['bootstraps']} bootstraps on the longest path "
             f"({est.get('bootstrap_ciphertexts', '?')} ciphertext bootstraps), "
-            f"{est['rotation_keys']} rotation keys ({est['key_bytes'] / 2**30:.1f} GiB), "
+            f"{est['rotation_keys']} rotation keys ({est['keys_bytes'] / 2**30:.1f} GiB), "
             f"~{est['latency_s']:.0f} s at ring 2^{int(np.log2(est['ring_dim']))}")
 
 
-def _md(enc: list[dict], cls: dict | None, notes: list[str]) -> list[str]:
+def _breakdown_md(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    out = ["", "Where the bytes go (one text, in process: party 0's sent bytes per op kind; "
+           "party 1 sends the same):", "",
+           "| tokens | op | MB sent by party 0 | rounds |", "|---|---|---|---|"]
+    for r in rows:
+        for op, v in r["per_op"].items():
+            out.append(f"| {r['seq']} | {op} | {v['party0_sent_bytes'] / 1e6:.1f} | "
+                       f"{v['rounds']} |")
+        out.append(f"| {r['seq']} | all | {r['party0_sent_bytes'] / 1e6:.1f} | "
+                   f"{r['rounds']} |")
+    return out
+
+
+def _md(enc: list[dict], cls: dict | None, notes: list[str],
+        breakdown: list[dict] | None = None) -> list[str]:
     lines = ["MiniLM-L6 (all-MiniLM-L6-v2, 22.7 M parameters) sentence embeddings, one text "
              "per request, on this 2-core machine (all three MPC processes share it). "
              "Bytes are both directions summed over both parties; 'online' excludes the "
@@ -223,10 +286,23 @@ def _md(enc: list[dict], cls: dict | None, notes: list[str]) -> list[str]:
                   f"| mpc (processes) | {cls['mpc_docs']} | {cls['mpc_accuracy']:.4f} "
                   f"(plain on the same docs {cls['plain_accuracy_same_docs']:.4f}) | "
                   f"{cls['mpc_agrees_with_plain']:.4f} |"]
+    lines += _breakdown_md(breakdown or [])
     lines += ["", "Anchors (published, other hardware):", "",
               "| system | latency | communication | setting |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in ANCHORS]
     return lines + ([""] + notes if notes else [])
+
+
+def render(path: Path, argv: list[str]) -> int:
+    """Rewrite the markdown of a results JSON (``--render``), without running."""
+    from harness import write_results
+
+    data = json.loads(path.read_text())
+    title = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(path.stat().st_mtime))
+    return write_results(path.parent, "transformer", data, title,
+                         [f"`python bench/transformer.py {' '.join(argv)}`", ""]
+                         + _md(data["encoder"], data["classifier"], [],
+                               data.get("breakdown")))
 
 
 def main(argv=None) -> int:
@@ -239,7 +315,19 @@ def main(argv=None) -> int:
     ap.add_argument("--spool", action="store_true",
                     help="parties prepare each request's material while idle")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--breakdown-only", action="store_true",
+                    help="only measure the per-op traffic (in process) into the results")
+    ap.add_argument("--render", metavar="ARGS", help="rewrite the markdown of the results "
+                    "JSON in --out (recorded with these arguments) without running")
     args = ap.parse_args(argv)
+    if args.breakdown_only:          # recomputed into an existing results JSON
+        path = args.out / "transformer.json"
+        data = json.loads(path.read_text())
+        data["breakdown"] = [op_breakdown(int(q)) for q in args.seq.split(",") if q]
+        path.write_text(json.dumps(data, indent=1))
+        return render(path, (args.render or "").split())
+    if args.render is not None:
+        return render(args.out / "transformer.json", args.render.split())
     from harness import write_results
 
     enc, notes = [], []
@@ -247,12 +335,13 @@ def main(argv=None) -> int:
         enc.append(encoder_rows(seq, args.mpc_n, args.tee_n, args.spool))
         print({k: v for k, v in enc[-1].items() if k not in ("mpc", "tee")}, flush=True)
     cls = classifier_rows(args.acc_docs, args.spool) if args.acc_docs else None
-    data = {"encoder": enc, "classifier": cls, "anchors": ANCHORS,
+    breakdown = [op_breakdown(r["seq"]) for r in enc]
+    data = {"encoder": enc, "classifier": cls, "anchors": ANCHORS, "breakdown": breakdown,
             "load_average": os.getloadavg()}
     title = time.strftime("%Y-%m-%d %H:%M:%S")
     return write_results(args.out, "transformer", data, title,
                          [f"`python bench/transformer.py {' '.join(argv or sys.argv[1:])}`"
-                          .replace("  ", " "), ""] + _md(enc, cls, notes))
+                          .replace("  ", " "), ""] + _md(enc, cls, notes, breakdown))
 
 
 if __name__ == "__main__":
