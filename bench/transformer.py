@@ -74,16 +74,6 @@ def _texts(n: int, seq: int) -> list[str]:
     return list(texts[:n])
 
 
-def _median_s(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
@@ -93,7 +83,7 @@ def encoder_rows(seq: int, mpc_n: int, tee_n: int, spool: bool) -> dict:
 
     import veil
     from mpc_zoo import measure
-    from tee_zoo import _servers
+    from tee_zoo import _median as _median_s, _servers
     from veil.ir import run
     from veil.text.minilm import load_minilm
     from veil.text.tokenize import Tokenizer
@@ -173,17 +163,13 @@ def op_breakdown(seq: int) -> dict:
     import collections
 
     from veil.backends.mpc import evaluator as ev
-    from veil.backends.mpc.fixed import encode
-    from veil.backends.mpc.local import run_parties
-    from veil.backends.mpc.prg import Prg
-    from veil.backends.mpc.protocols import share
-    from veil.compiler.passes import encode_input
+    from veil.backends.mpc.local import run_graph
     from veil.frontend import to_graph
     from veil.text.minilm import load_minilm
     from veil.text.tokenize import Tokenizer
 
     low = ev.lower_for_mpc(to_graph(load_minilm(seq), (2, seq)))
-    x = encode_input(low, Tokenizer(seq).encode(_texts(1, seq)))
+    x = Tokenizer(seq).encode(_texts(1, seq))
     sent, rounds = collections.Counter(), collections.Counter()
     table = dict(ev.KERNELS)
 
@@ -199,11 +185,7 @@ def op_breakdown(seq: int) -> dict:
 
     try:
         ev.KERNELS.update({op: counted(op, k) for op, k in table.items()})
-        prog, prg = ev.Program(low), Prg()
-        m0, m1 = ev.layer_material(prog.layers, 1, prg)
-        s0, s1 = share(encode(x), prg)
-        _, chans = run_parties(lambda p, ch, inp: ev.evaluate(p, ch, prog, *inp),
-                               ((s0, m0), (s1, m1)), timeout=900)
+        _, chans = run_graph(low, x, timeout=900)
     finally:
         ev.KERNELS.update(table)
     return {"seq": seq, "party0_sent_bytes": chans[0].bytes_sent,

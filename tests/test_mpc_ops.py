@@ -8,7 +8,7 @@ import pytest
 
 from veil.backends.mpc import evaluator as ev
 from veil.backends.mpc.fixed import FRAC_BITS, decode, encode
-from veil.backends.mpc.local import run_parties
+from veil.backends.mpc.local import run_graph, run_parties
 from veil.backends.mpc.prg import Prg
 from veil.backends.mpc.protocols import reconstruct, share
 from veil.errors import ModelTooLargeError, ResourceError, VeilError
@@ -36,17 +36,10 @@ def conv(ci, co, k, groups=1, **attrs):
 
 
 def run_mpc(graph, x, cmp="circuit"):
-    """(outputs, plain reference on the encoded input, channels, layers fetched)."""
-    prg = Prg()
-    original, graph = graph, ev.lower_for_mpc(graph)
-    xq = decode(encode(x))
-    s0, s1 = share(encode(x), prg)
-    m0, m1 = ev.layer_material(ev.material_plan(graph), len(x), prg, cmp=cmp)
-    (o0, o1), chans = run_parties(lambda p, ch, inp: ev.evaluate(p, ch, graph, *inp),
-                                  ((s0, m0), (s1, m1)), timeout=120)
-    got = decode(reconstruct(o0, o1), ev.output_frac_bits(graph))
-    want = interpret(original, xq).reshape(len(x), -1)
-    return got, want, chans
+    """(outputs, plain reference on the encoded input, channels), both flat per input."""
+    got, chans = run_graph(ev.lower_for_mpc(graph), x, cmp=cmp)
+    want = interpret(graph, decode(encode(x))).reshape(len(x), -1)
+    return got.reshape(len(x), -1), want, chans
 
 
 CASES = {

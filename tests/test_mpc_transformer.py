@@ -152,11 +152,7 @@ def test_minilm_in_mpc_matches_plain():
     """all-MiniLM-L6-v2 at 32 tokens on shares (in process): cosine to plain >= 0.999
     on real sentences (bench/transformer.py runs it through the processes)."""
     pytest.importorskip("transformers")
-    from veil.compiler.passes import encode_input
-    from veil.backends.mpc.fixed import decode, encode
-    from veil.backends.mpc.local import run_parties
-    from veil.backends.mpc.prg import Prg
-    from veil.backends.mpc.protocols import reconstruct, share
+    from veil.backends.mpc.local import run_graph
     from veil.frontend import to_graph
     from veil.ir import run
     try:
@@ -168,13 +164,7 @@ def test_minilm_in_mpc_matches_plain():
     x = tok.encode(["The wheat harvest fell short this year.",
                     "Corn futures rose in Chicago on export demand."])
     g = to_graph(model, (2, 32))
-    low = ev.lower_for_mpc(g)
-    prg = Prg()
-    s0, s1 = share(encode(encode_input(low, x)), prg)
-    m0, m1 = ev.layer_material(ev.material_plan(low), len(x), prg)
-    (o0, o1), _ = run_parties(lambda p, ch, inp: ev.evaluate(p, ch, low, *inp),
-                              ((s0, m0), (s1, m1)), timeout=600)
-    got = decode(reconstruct(o0, o1), ev.output_frac_bits(low))
+    got, _ = run_graph(ev.lower_for_mpc(g), x, timeout=600)
     want = run(g, x)
     cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cos.min() >= 0.999

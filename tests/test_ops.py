@@ -213,20 +213,10 @@ MPC_PIECEWISE_TOL = 2e-3
 
 def _mpc(graph, x):
     from veil.backends.mpc import evaluator as ev
-    from veil.backends.mpc.fixed import decode, encode
-    from veil.backends.mpc.local import run_parties
-    from veil.backends.mpc.prg import Prg
-    from veil.backends.mpc.protocols import reconstruct, share
-    from veil.compiler.passes import encode_input
+    from veil.backends.mpc.local import run_graph
     from veil.compiler.targets import lower
 
-    lowered = ev.lower_for_mpc(lower(graph, "mpc")[0])
-    prg = Prg()
-    s0, s1 = share(encode(encode_input(lowered, x)), prg)
-    m0, m1 = ev.layer_material(ev.material_plan(lowered), len(x), prg)
-    (o0, o1), _ = run_parties(lambda p, ch, inp: ev.evaluate(p, ch, lowered, *inp),
-                              ((s0, m0), (s1, m1)), timeout=120)
-    out = decode(reconstruct(o0, o1), ev.output_frac_bits(lowered))
+    out, _ = run_graph(ev.lower_for_mpc(lower(graph, "mpc")[0]), x)
     piecewise = any(n.op in (Op.SIGMOID, Op.SILU, Op.GELU, Op.TANH) for n in graph.nodes)
     return out.reshape((len(x),) + graph.output_shape), \
         MPC_PIECEWISE_TOL if piecewise else MPC_TOL

@@ -63,3 +63,27 @@ def run_parties(fn: Callable[[int, LocalChannel, Any], Any], inputs: tuple[Any, 
     if errors:
         raise errors[0]
     return (results[0], results[1]), chans
+
+
+def run_graph(graph, xs: np.ndarray, cmp: str = "circuit", timeout: float = 120.0
+              ) -> tuple[np.ndarray, tuple[LocalChannel, ...]]:
+    """A graph lowered for MPC (``evaluator.lower_for_mpc``; or its ``Program``) on a
+    batch ``xs`` of the model's own inputs, both parties in this process: the client's
+    encoding (token ids one-hot, ``compiler.passes.encode_input``) and sharing, the
+    dealer's material for every layer at once, both runs, and the decoded outputs
+    (batch, *output shape) with the two channels (their rounds and bytes)."""
+    from ...compiler.passes import encode_input
+    from . import evaluator as ev
+    from .fixed import decode, encode
+    from .prg import Prg
+    from .protocols import reconstruct, share
+
+    prog = graph if isinstance(graph, ev.Program) else ev.Program(graph)
+    g = prog.graph
+    prg = Prg()
+    s0, s1 = share(encode(encode_input(g, xs), prog.frac_bits), prg)
+    m0, m1 = ev.layer_material(prog.layers, len(xs), prg, prog.frac_bits, cmp=cmp)
+    (o0, o1), chans = run_parties(lambda p, ch, inp: ev.evaluate(p, ch, prog, *inp),
+                                  ((s0, m0), (s1, m1)), timeout=timeout)
+    out = decode(reconstruct(o0, o1), ev.output_frac_bits(g, prog.frac_bits))
+    return out.reshape((len(xs),) + g.output_shape), chans
