@@ -194,6 +194,41 @@ def op_breakdown(seq: int) -> dict:
                        for k in sorted(sent, key=lambda k: -sent[k]) if sent[k]}}
 
 
+def classifier_inprocess(docs: int, out: Path, batch: int = 4) -> dict:
+    """The classifier over the first ``docs`` Reuters test stories in mpc, both parties
+    in this process (``mpc.local.run_graph``: the processes' kernels and protocols,
+    without sockets), ``batch`` stories at a time; progress is rewritten to ``out``
+    after every batch, so a long run stopped early still says how far it agreed."""
+    import torch
+
+    from veil.backends.mpc import evaluator as ev
+    from veil.backends.mpc.local import run_graph
+    from veil.frontend import to_graph
+    from veil.text.datasets import reuters_task
+    from veil.text.head import load_classifier
+    from veil.text.tokenize import Tokenizer
+
+    model = load_classifier(128)
+    texts, labels = reuters_task("test")
+    x, labels = Tokenizer(128).encode(list(texts[:docs])), np.asarray(labels[:docs])
+    with torch.no_grad():
+        plain = np.concatenate([model(torch.as_tensor(x[i:i + 32], dtype=torch.float32))
+                                .numpy() for i in range(0, len(x), 32)])
+    prog = ev.Program(ev.lower_for_mpc(to_graph(model, (2, 128))))
+    outs, t0 = [], time.perf_counter()
+    for i in range(0, len(x), batch):
+        outs.append(run_graph(prog, x[i:i + batch], timeout=900)[0])
+        got = np.concatenate(outs)
+        n = len(got)
+        row = {"docs_done": n, "docs": int(len(x)), "seconds": time.perf_counter() - t0,
+               "mpc_accuracy": float(np.mean(got.argmax(1) == labels[:n])),
+               "plain_accuracy": float(np.mean(plain[:n].argmax(1) == labels[:n])),
+               "agrees_with_plain": float(np.mean(got.argmax(1) == plain[:n].argmax(1))),
+               "max_logit_error": float(np.abs(got - plain[:n]).max())}
+        out.write_text(json.dumps(row, indent=1))
+    return row
+
+
 def _mb(b: float) -> str:
     return f"{b / 1e6:.0f}"
 
@@ -297,11 +332,18 @@ def main(argv=None) -> int:
     ap.add_argument("--spool", action="store_true",
                     help="parties prepare each request's material while idle")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    ap.add_argument("--acc-inprocess", type=int, metavar="DOCS",
+                    help="only run the classifier in mpc in one process over the first "
+                         "DOCS test stories (all: 604), into transformer_accuracy.json")
     ap.add_argument("--breakdown-only", action="store_true",
                     help="only measure the per-op traffic (in process) into the results")
     ap.add_argument("--render", metavar="ARGS", help="rewrite the markdown of the results "
                     "JSON in --out (recorded with these arguments) without running")
     args = ap.parse_args(argv)
+    if args.acc_inprocess:
+        row = classifier_inprocess(args.acc_inprocess, args.out / "transformer_accuracy.json")
+        print(row)
+        return 0
     if args.breakdown_only:          # recomputed into an existing results JSON
         path = args.out / "transformer.json"
         data = json.loads(path.read_text())
