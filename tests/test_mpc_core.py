@@ -380,15 +380,21 @@ def test_maxpool_and_polynomials_on_shares():
     np.testing.assert_allclose(got, want, atol=2e-3)
 
 
-def test_activations_without_an_exact_protocol_are_refused():
+def test_an_op_without_an_mpc_kernel_is_refused():
+    """Every frontend op has an MPC protocol now (GELU and tanh too); a compiler-only op
+    such as a CKKS bootstrap is refused by name."""
     from torch import nn
 
     from veil import UnsupportedOperation
     from veil.backends.mpc.evaluator import lower_for_mpc
     from veil.frontend import to_graph
+    from veil.ir import Graph, Op, make_node
 
-    with pytest.raises(UnsupportedOperation, match="gelu"):
-        lower_for_mpc(to_graph(nn.Sequential(nn.Linear(4, 4), nn.GELU()).eval(), (4,)))
+    lower_for_mpc(to_graph(nn.Sequential(nn.Linear(4, 4), nn.GELU()).eval(), (4,)))
+    nodes = [make_node("x", Op.INPUT, [], [], {"shape": (4,)}),
+             make_node("b", Op.BOOTSTRAP, ["x"], [(4,)])]
+    with pytest.raises(UnsupportedOperation, match="bootstrap"):
+        lower_for_mpc(Graph(tuple(nodes), "b"))
 
 
 @pytest.mark.parametrize("cmp", ["circuit", "fss"])

@@ -101,7 +101,43 @@ def _via_onnx(model: Any, input_shape: tuple[int, ...]) -> Graph:
         raise UnsupportedOperation(f"torch.onnx.export failed: {exc}") from exc
     import onnx
 
-    return onnx_to_graph(onnx.load_from_string(buf.getvalue()), tuple(input_shape))
+    graph = onnx_to_graph(onnx.load_from_string(buf.getvalue()), tuple(input_shape))
+    _check_export(model, graph, tuple(input_shape))
+    return graph
+
+
+def _check_export(model: Any, graph: Graph, input_shape: tuple[int, ...]) -> None:
+    """The exporter can drop what ONNX cannot say (AvgPool2d's ``divisor_override``
+    comes out as a plain average): the converted graph must compute what the module
+    does on a probe input. Probes: normal noise, then all ones (token ids and a full
+    attention mask), then zeros; the first on which the module's output is finite and
+    the graph accepts the input decides."""
+    import torch
+
+    from ..errors import InputError
+    from ..ir import run
+
+    rng = np.random.default_rng(0)
+    for probe in (rng.normal(size=(2,) + input_shape), np.ones((2,) + input_shape),
+                  np.zeros((2,) + input_shape)):
+        with torch.no_grad():
+            want = model(torch.as_tensor(probe, dtype=torch.float32)).double().numpy()
+        if not np.all(np.isfinite(want)):
+            continue
+        try:
+            got = run(graph, probe)
+        except InputError:           # e.g. noise where token ids belong
+            continue
+        scale = 1.0 + float(np.abs(want).max())
+        diff = float(np.abs(got - want).max()) if got.shape == want.shape else np.inf
+        if diff > 1e-3 * scale:
+            raise UnsupportedOperation(
+                "the graph torch.onnx exported computes something else than the module "
+                f"(largest difference {diff:.3g} on a probe input): the exporter dropped "
+                "an attribute ONNX cannot express")
+        return
+    logger.warning("%s: no probe input gave a finite output; the torch.onnx export is "
+                   "not checked against the module", type(model).__name__)
 
 
 def _trace(model: Any) -> Any:
