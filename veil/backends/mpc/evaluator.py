@@ -40,6 +40,10 @@ within |x| < 2^15 (``protocols.CMP_BITS`` and ``CMP_DROP``):
   Stockmeyer in five products. Maximum error, fixed point at f = 20 included, over the
   whole range: sigmoid 7e-5, SiLU 2.5e-4 (``tests/test_mpc_ops.py`` measures it; the
   float forms are within 4.5e-5 and 1.9e-4).
+- GELU, TANH: the same :class:`Tail` form, GELU(x) = ReLU(x) - [|x| <= 5] q(z) with q
+  ~ |x| Phi(-|x|) (2e-5), tanh(x) = 2 sigmoid(2x) - 1 (1.2e-4).
+- MATMUL, SOFTMAX, LAYERNORM, RECIPROCAL and the local SLICE, TRANSPOSE, AFFINE,
+  REDUCESUM: ``nonlinear.py`` (matrix triples, exp by squarings, Newton).
 - HARDSIGMOID: comparison-selected exact linear pieces (0, x/6 + 1/2, 1); HARDSWISH =
   x * hardsigmoid(x) with one more Beaver product.
 - ADD, SUB, RESHAPE, CONCAT, GATHER: local. An affine layer read only by an ADD/SUB
@@ -75,8 +79,9 @@ from .prg import Prg
 
 def lower_for_mpc(graph: Graph) -> Graph:
     """The MPC target's lowering (``compiler.targets``: batch norms folded into the
-    layer before them), then :func:`merge_pooled_heads`; anything without a kernel here
-    (GELU, tanh) is refused."""
+    layer before them, attention scales into the query projection, token embeddings as
+    products with the client's one-hot encoding), then :func:`merge_pooled_heads`;
+    anything without a kernel here (a compiler-only op such as BOOTSTRAP) is refused."""
     g, _ = lower(graph, "mpc")
     for node in g.nodes:
         if node.op not in KERNELS:
