@@ -110,8 +110,8 @@ def _check_export(model: Any, graph: Graph, input_shape: tuple[int, ...]) -> Non
     """The exporter can drop what ONNX cannot say (AvgPool2d's ``divisor_override``
     comes out as a plain average): the converted graph must compute what the module
     does on a probe input. Probes: normal noise, then all ones (token ids and a full
-    attention mask), then zeros; the first on which the module's output is finite and
-    the graph accepts the input decides."""
+    attention mask), then zeros; the first that the module runs to a finite output and
+    the graph accepts decides."""
     import torch
 
     from ..errors import InputError
@@ -120,8 +120,11 @@ def _check_export(model: Any, graph: Graph, input_shape: tuple[int, ...]) -> Non
     rng = np.random.default_rng(0)
     for probe in (rng.normal(size=(2,) + input_shape), np.ones((2,) + input_shape),
                   np.zeros((2,) + input_shape)):
-        with torch.no_grad():
-            want = model(torch.as_tensor(probe, dtype=torch.float32)).double().numpy()
+        try:
+            with torch.no_grad():
+                want = model(torch.as_tensor(probe, dtype=torch.float32)).double().numpy()
+        except Exception:            # noise where token ids belong: an embedding's
+            continue                 # IndexError; the next probe may suit the model
         if not np.all(np.isfinite(want)):
             continue
         try:
