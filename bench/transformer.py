@@ -316,9 +316,18 @@ def render(path: Path, argv: list[str]) -> int:
 
     data = json.loads(path.read_text())
     title = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(path.stat().st_mtime))
+    notes = []
+    acc = path.parent / "transformer_accuracy.json"
+    if acc.exists():                 # the longer classifier run (--acc-inprocess)
+        a = json.loads(acc.read_text())
+        notes.append(f"Classifier in mpc, one process (`--acc-inprocess`): the first "
+                     f"{a['docs_done']} test stories, accuracy {a['mpc_accuracy']:.4f} "
+                     f"(plain {a['plain_accuracy']:.4f}), agreeing with plain on "
+                     f"{a['agrees_with_plain']:.4f}, largest logit error "
+                     f"{a['max_logit_error']:.1e}, {a['seconds']:.0f} s.")
     return write_results(path.parent, "transformer", data, title,
                          [f"`python bench/transformer.py {' '.join(argv)}`", ""]
-                         + _md(data["encoder"], data["classifier"], [],
+                         + _md(data["encoder"], data["classifier"], notes,
                                data.get("breakdown")))
 
 
