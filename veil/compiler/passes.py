@@ -7,6 +7,7 @@ import numpy as np
 
 from ..errors import CompileError, InputError, UnsupportedOperation
 from ..ir import AFFINE_OPS, Graph, Node, Op, eval_node
+from ..ir.kernels import token_ids
 from .dense import plan_dense
 from .sparse import chain_matrix
 
@@ -66,12 +67,9 @@ def fold_batchnorm(graph: Graph) -> tuple[Graph, PassNote]:
 def _scalar_scale(node: Node) -> float | None:
     """The one factor of a BATCHNORM / AFFINE that only scales (same factor everywhere,
     no shift), else None."""
-    if node.op is Op.BATCHNORM:
-        s, t = node.params["scale"], node.params["shift"]
-    elif node.op is Op.AFFINE:
-        s, t = node.params["scale"], node.params["shift"]
-    else:
+    if node.op not in (Op.BATCHNORM, Op.AFFINE):
         return None
+    s, t = node.params["scale"], node.params["shift"]
     if s.size == 0 or np.any(t != 0) or np.any(s != s.ravel()[0]):
         return None
     return float(s.ravel()[0])
@@ -201,13 +199,9 @@ def onehot_encode(input_attrs, xs: np.ndarray) -> np.ndarray:
     flat = xs.reshape(xs.shape[0], -1)
     parts = [flat]
     for vocab, *pos in spec:
-        ids = flat[:, np.asarray(pos, dtype=np.int64)]
-        idx = np.rint(ids)
-        if not np.all(np.isfinite(ids)) or np.any(np.abs(ids - idx) > 1e-6) \
-                or np.any(idx < 0) or np.any(idx >= vocab):
-            raise InputError(f"token ids must be integers in [0, {vocab})")
+        idx = token_ids(flat[:, np.asarray(pos, dtype=np.int64)], int(vocab))
         hot = np.zeros((xs.shape[0], len(pos), int(vocab)))
-        np.put_along_axis(hot, idx.astype(np.int64)[..., None], 1.0, axis=-1)
+        np.put_along_axis(hot, idx[..., None], 1.0, axis=-1)
         parts.append(hot.reshape(xs.shape[0], -1))
     return np.concatenate(parts, axis=1)
 

@@ -221,17 +221,21 @@ def gather(args, a, p):
 
 # -- transformer ops ----------------------------------------------------------------------
 
-def embed(args, a, p):
-    """Token embedding: row ``ids[...]`` of ``table``. Ids must be integers in range
-    (a float id that is not one, or one outside the vocabulary, is bad input)."""
+def token_ids(ids: np.ndarray, vocab: int) -> np.ndarray:
+    """Float token ids as int64 indices; InputError unless every one is an integer in
+    [0, vocab) (the reference EMBED and the MPC client's one-hot encoding check alike)."""
     from ..errors import InputError
 
-    ids, table = args[0], p["table"]
     idx = np.rint(ids)
     if not np.all(np.isfinite(ids)) or np.any(np.abs(ids - idx) > 1e-6) \
-            or np.any(idx < 0) or np.any(idx >= table.shape[0]):
-        raise InputError(f"token ids must be integers in [0, {table.shape[0]})")
-    return table[idx.astype(np.int64)]
+            or np.any(idx < 0) or np.any(idx >= vocab):
+        raise InputError(f"token ids must be integers in [0, {vocab})")
+    return idx.astype(np.int64)
+
+
+def embed(args, a, p):
+    """Token embedding: row ``ids[...]`` of ``table`` (bad ids: :func:`token_ids`)."""
+    return p["table"][token_ids(args[0], p["table"].shape[0])]
 
 
 def slice_(args, a, p):

@@ -803,8 +803,8 @@ def _global_avgpool(run: Run, node, args):
     return _finish(run, node, total * _scaled(1.0 / (x.shape[2] * x.shape[3]), bits))
 
 
-def _maxpool_widths(node) -> list[int]:
-    width = int(np.prod(node.attrs["kernel"]))
+def tree_widths(width: int) -> list[int]:
+    """The comparisons per window at each level of a max tree over ``width`` values."""
     out = []
     while width > 1:
         out.append(width // 2)
@@ -812,8 +812,20 @@ def _maxpool_widths(node) -> list[int]:
     return out
 
 
+def max_tree(run: Run, vals: np.ndarray) -> np.ndarray:
+    """The max over the last axis, max(a, b) = b + ReLU(a - b) in a tree (one "relu"
+    step per level of :func:`tree_widths`); the last axis is kept, of length 1."""
+    while vals.shape[-1] > 1:
+        pairs = vals.shape[-1] // 2
+        a, b = vals[..., 0:2 * pairs:2], vals[..., 1:2 * pairs:2]
+        m = b + run.relu(np.ascontiguousarray(a - b))
+        vals = np.concatenate([m, vals[..., 2 * pairs:]], axis=-1)
+    return vals
+
+
 def _maxpool_steps(prog, node):
-    return [Step("relu", prog.size(node) * k) for k in _maxpool_widths(node)]
+    return [Step("relu", prog.size(node) * k)
+            for k in tree_widths(int(np.prod(node.attrs["kernel"])))]
 
 
 def _maxpool(run: Run, node, args):
@@ -821,13 +833,7 @@ def _maxpool(run: Run, node, args):
     # comparisons' range (|v| < 2^(l-2), l = pr.CMP_BITS), so it never wins and a - b
     # stays within the reduced ring's bound |a - b| < 2^(l-1)
     low = np.uint64((1 << 64) - (1 << (pr.CMP_BITS - 2)) if run.party == 0 else 0)
-    vals = _window_values(args[0], node, low)
-    while vals.shape[-1] > 1:
-        pairs = vals.shape[-1] // 2
-        a, b = vals[..., 0:2 * pairs:2], vals[..., 1:2 * pairs:2]
-        m = b + run.relu(a - b)
-        vals = np.concatenate([m, vals[..., 2 * pairs:]], axis=-1)
-    return vals[..., 0]
+    return max_tree(run, _window_values(args[0], node, low))[..., 0]
 
 
 def _relu_steps(prog, node):

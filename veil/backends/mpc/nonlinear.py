@@ -47,7 +47,7 @@ import numpy as np
 
 from ...errors import UnsupportedOperation
 from ...ir import Op
-from .evaluator import Kernel, Run, Step, _no_steps, _scaled
+from .evaluator import Kernel, Run, Step, _no_steps, _scaled, max_tree, tree_widths
 
 #: fractional bits of the exponential's squarings: (1 + d/256) is exact at 28 bits and
 #: its square (56 bits) stays under the truncation's 2^62
@@ -224,32 +224,13 @@ def _softmax_steps(prog, node):
     rows, last = _rows(node.shape)
     n = rows * last
     f = prog.frac_bits
-    steps = [Step("relu", rows * k) for k in _tree_widths(last)]
+    steps = [Step("relu", rows * k) for k in tree_widths(last)]
     steps += [Step("relu", n), Step("square", n)]                # the clamp at -256
     steps += [Step("trsq", n, EXP_BITS)] * (EXP_HALVINGS - 1)
     steps += [Step("trunc", n, EXP_BITS), Step("mul", n), Step("trunc", n, 2 * EXP_BITS - f)]
     steps += _recip_steps(rows, 0.5, float(last))
     steps += [Step("mul", n), Step("trunc", n)]
     return steps
-
-
-def _tree_widths(width: int) -> list[int]:
-    """The comparisons per row at each level of a max tree over ``width`` values."""
-    out = []
-    while width > 1:
-        out.append(width // 2)
-        width = width // 2 + width % 2
-    return out
-
-
-def _row_max(run: Run, x: np.ndarray) -> np.ndarray:
-    vals = x
-    while vals.shape[-1] > 1:
-        pairs = vals.shape[-1] // 2
-        a, b = vals[..., 0:2 * pairs:2], vals[..., 1:2 * pairs:2]
-        m = b + run.relu(np.ascontiguousarray(a - b))
-        vals = np.concatenate([m, vals[..., 2 * pairs:]], axis=-1)
-    return vals
 
 
 def _exp_nonpositive(run: Run, d: np.ndarray) -> np.ndarray:
@@ -277,7 +258,7 @@ def _softmax(run: Run, node, args):
     rows, last = _rows(x.shape[1:])
     b = x.shape[0]
     x = x.reshape(b * rows, last)
-    mx = _row_max(run, x)
+    mx = max_tree(run, x)
     e = _exp_nonpositive(run, x - mx)
     s = e.sum(axis=-1, keepdims=True, dtype=np.uint64)
     inv = _reciprocal_of(run, s, 0.5, float(last))
