@@ -459,3 +459,125 @@ def test_clip_from_one_opening(cmp, fused):
                                       ((s0, m0), (s1, m1)))
         assert np.array_equal(reconstruct(c0, c1).view(np.int64), want)
         assert chans[0].rounds == (7 if cmp == "circuit" else 2)
+
+
+@pytest.mark.parametrize("width", [24, 40, 48, 56])
+def test_a_truncation_on_a_narrow_ring_is_faithful_inside_its_bound(width):
+    """A ``width``-bit truncation opens ceil(width / 8) bytes per value and is floor or
+    floor + 1 for every |y| < 2^(width-2), the bound's edges included (the wrap rule
+    of the faithful truncation on a smaller ring, lifted back to Z_(2^64))."""
+    from veil.backends.mpc.protocols import circuit_trunc_material
+    rng = np.random.default_rng(width)
+    edge = (1 << (width - 2)) - 1
+    raw = np.concatenate([rng.integers(-edge, edge, size=3000, dtype=np.int64),
+                          np.array([0, 1, -1, edge, -edge, 1 << FRAC_BITS], np.int64)])
+    got, chans = _truncated(raw.view(np.uint64),
+                            lambda n, f, prg: circuit_trunc_material(n, f, prg, width=width))
+    assert set(np.unique(got - (raw >> FRAC_BITS))) <= {0, 1}
+    assert chans[0].rounds == 1 and chans[0].bytes_sent == raw.size * ((width + 7) // 8)
+
+
+def test_a_truncated_square_and_squares_on_a_narrow_ring():
+    """trunc_square on a 56-bit ring: t = y / 2^26 faithfully and t^2 exactly (the
+    wrap's square is no longer 0 in the ring); a square and a product with a square
+    opened mod 2^w are the true ones mod 2^w."""
+    from veil.backends.mpc.protocols import (mul_square, square, squares, trunc_square,
+                                             trunc_square_material)
+    prg = Prg()
+    rng = np.random.default_rng(5)
+    y = rng.integers(-(1 << 53), 1 << 53, size=2000, dtype=np.int64)
+    y[:2] = [(1 << 54) - 1, -(1 << 54) + 1]
+    ys = share(y.view(np.uint64), prg)
+    m = trunc_square_material(y.size, 26, prg, width=56)
+    ((t0, q0), (t1, q1)), chans = run_parties(
+        lambda p, ch, inp: trunc_square(ch, p, inp[0], inp[1], 26),
+        ((ys[0], m[0]), (ys[1], m[1])))
+    t = reconstruct(t0, t1).view(np.int64)
+    assert set(np.unique(t - (y >> 26))) <= {0, 1}
+    assert np.array_equal(reconstruct(q0, q1), (t * t).view(np.uint64))
+    assert chans[0].bytes_sent == y.size * 7
+    mask = np.uint64((1 << 48) - 1)
+    x = rng.integers(-(1 << 30), 1 << 30, size=500, dtype=np.int64).view(np.uint64)
+    z = rng.integers(-(1 << 30), 1 << 30, size=500, dtype=np.int64).view(np.uint64)
+    xs, zs = share(x, prg), share(z, prg)
+    m = squares(x.size, prg, width=48)
+    (s0, s1), chans = run_parties(lambda p, ch, inp: square(ch, p, *inp),
+                                  ((xs[0], m[0]), (xs[1], m[1])))
+    assert np.array_equal(reconstruct(s0, s1) & mask, (x * x) & mask)
+    assert chans[0].bytes_sent == x.size * 6
+    m = squares(x.size, prg, with_product=True, width=48)
+    ((p0, c0), (p1, c1)), _ = run_parties(lambda p, ch, inp: mul_square(ch, p, *inp),
+                                          ((xs[0], zs[0], m[0]), (xs[1], zs[1], m[1])))
+    assert np.array_equal(reconstruct(p0, p1) & mask, (x * z) & mask)
+    assert np.array_equal(reconstruct(c0, c1) & mask, (x * x) & mask)
+
+
+def test_narrow_coarse_comparisons():
+    """A "relu" on l = 36 bits opened narrow (5 bytes, not 8) with the tree leaving out
+    16 low bits: exact for x >= 0 and x < -2^16, x or 0 in [-2^16, 0), and the value
+    lifted back exactly up to |x| < 2^34; a sign and a selection the same way."""
+    from veil.backends.mpc.protocols import circuit_cmp_material, drelu, select
+    prg = Prg()
+    rng = np.random.default_rng(6)
+    edge = (1 << 34) - 1
+    raw = np.concatenate([rng.integers(-edge, edge, size=3000, dtype=np.int64),
+                          rng.integers(-(1 << 16), 0, size=200, dtype=np.int64),
+                          np.array([0, 1, -1, edge, -edge, -(1 << 16) - 1], np.int64)])
+    x = raw.view(np.uint64)
+    m = circuit_cmp_material("relu", x.size, prg, bits=36, drop=16)
+    assert m[0].tree.width == 19 and m[0].bits == 36 and len(m[0].extra) == 2
+    xs = share(x, prg)
+    (r0, r1), chans = run_parties(lambda p, ch, inp: relu(ch, p, *inp),
+                                  ((xs[0], m[0]), (xs[1], m[1])))
+    got = reconstruct(r0, r1).view(np.int64)
+    band = (raw < 0) & (raw >= -(1 << 16))
+    assert np.array_equal(got[~band], np.maximum(raw, 0)[~band])
+    assert np.all((got[band] == 0) | (got[band] == raw[band])) and band.sum() >= 200
+    wide = circuit_cmp_material("relu", x.size, prg)
+    (w0, w1), wchans = run_parties(lambda p, ch, inp: relu(ch, p, *inp),
+                                   ((xs[0], wide[0]), (xs[1], wide[1])))
+    assert wchans[0].bytes_sent - chans[0].bytes_sent >= x.size * 4
+    m = circuit_cmp_material("sign", x.size, prg, bits=36, drop=10)
+    (b0, b1), _ = run_parties(lambda p, ch, inp: drelu(ch, p, *inp),
+                              ((xs[0], m[0]), (xs[1], m[1])))
+    sign = reconstruct(b0, b1)
+    clear = (raw >= 0) | (raw < -(1 << 10))
+    assert np.array_equal(sign[clear], (raw >= 0)[clear].astype(np.uint64))
+    assert set(np.unique(sign[~clear])) <= {0, 1}
+    v = rng.integers(-1000, 1000, size=x.size).astype(np.int64).view(np.uint64)
+    vs = share(v, prg)
+    m = circuit_cmp_material("select", x.size, prg, bits=36, drop=10)
+    (z0, z1), _ = run_parties(lambda p, ch, inp: select(ch, p, *inp),
+                              ((vs[0], xs[0], m[0]), (vs[1], xs[1], m[1])))
+    sel = reconstruct(z0, z1)
+    assert np.array_equal(sel[clear], np.where(raw >= 0, v, 0)[clear])
+    with pytest.raises(ValueError):
+        circuit_cmp_material("clip", 8, prg, bits=36, drop=10)
+
+
+def test_narrow_material_and_steps_round_trip_and_bad_ones_are_refused():
+    """Widths and drops survive the material's arrays and the steps' wire form; a
+    step that would open too few bits, or drop bits it has not, is refused."""
+    from veil.backends.mpc import evaluator as ev
+    from veil.backends.mpc.protocols import material_arrays, material_from_arrays
+    prg = Prg()
+    steps = [ev.Step("trunc", 9, width=48), ev.Step("trsq", 9, 26, width=56),
+             ev.Step("square", 9, width=48), ev.Step("mulsq", 9, width=48),
+             ev.Step("relu", 9, width=36, drop=16), ev.Step("drelu", 9, width=40, drop=5),
+             ev.Step("select", 9, width=36, drop=12), ev.Step("relu", 9)]
+    for s in steps:
+        assert ev.Step.from_wire(s.wire()) == s
+    mats, _ = ev.dealer_material(steps, 1, prg)
+    back = material_from_arrays(material_arrays(mats))
+    assert [getattr(m, "width", 64) for m in back] == [48, 56, 48, 48, 36, 40, 36, 64]
+    assert [getattr(m, "drop", None) for m in back][4:] == [16, 5, 12, 3]
+    for bad in (dict(kind="trunc", size=4, width=4), dict(kind="mul", size=4, width=40),
+                dict(kind="relu", size=4, drop=5), dict(kind="relu", size=4, width=36,
+                                                        drop=34),
+                dict(kind="clip", size=4, width=36)):
+        with pytest.raises(InputError):
+            ev.Step(**bad)
+    arrays = material_arrays(mats[4:5])
+    arrays["0.width"] = np.array([30], np.uint64)          # tree says l = 36
+    with pytest.raises(ValueError):
+        material_from_arrays(arrays)

@@ -33,6 +33,16 @@ def test_softmax_over_the_exponential_range_and_masked_entries():
     assert worst <= 1e-4, worst
 
 
+def test_softmax_whose_row_max_is_a_near_tie():
+    """The row max's comparisons leave out the bits below 2^-4: on 128 scores within
+    2^-3 of each other (seven levels of near ties) the max may fall short by up to
+    7/16, d = x - max is then positive, and the probabilities stay within 1e-4."""
+    x = 3.0 + RNG.uniform(0.0, 0.125, size=(4, 128))
+    x[:, 0] = -10000.0
+    got, want, _ = run_mpc(chain(x.shape, (Op.SOFTMAX, {}, {})), x[None])
+    assert float(np.abs(got - want).max()) <= 1e-4
+
+
 def test_reciprocal_over_its_range():
     """1/x for x log-uniform over the node's [lo, hi]: relative error within 1e-4 where
     1/x is well above the fixed point's 2^-20, absolute 2^-19 beyond."""

@@ -253,10 +253,17 @@ class Tail:
     def degree(self) -> int:
         return len(self.coeffs) - 1
 
+    @property
+    def edge(self) -> float:
+        """Where the parties' band ends: 2^-p inside the bound (``TAIL_BAND_PRECISION``),
+        so their coarse comparison never takes p beyond the fit."""
+        return self.bound - 2.0 ** -TAIL_BAND_PRECISION
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        """The approximation in floats (what the parties compute, up to fixed point)."""
+        """The approximation in floats (what the parties compute, up to fixed point and
+        the comparisons' 2^-p bands)."""
         t = np.abs(x)
-        corr = np.where(t <= self.bound,
+        corr = np.where(t <= self.edge,
                         polynomial.polyval(2 * t / self.bound - 1, self.coeffs), 0.0)
         if self.op in RELU_TAILS:
             return np.maximum(x, 0.0) - corr
@@ -327,12 +334,20 @@ class Step:
     """One interactive step: ``kind`` on ``size`` values per input; a "trunc" by
     ``shift`` bits when not 0 (the default: f); a "matmul" (``g`` products of (m, k) by
     (k, n) shared matrices, ``dims`` = (g, m, k, n), ``size`` = g m n) with matrix
-    triples."""
+    triples.
+
+    ``width`` (0: the full 64 bits) narrows the step's opening to a ring of that many
+    bits, for values whose range the kernel knows: a "trunc"/"trsq" input |y| <
+    2^(width-2) ring units; a "square"/"mulsq" whose product only such a truncation
+    reads; a "relu"/"drelu"/"select" comparing on l = ``width`` bits with the lowest
+    ``drop`` (0: ``CMP_DROP``) left out of the tree, |x| < 2^(l-2) for a "relu"."""
 
     kind: str
     size: int
     shift: int = 0
     dims: tuple[int, ...] = ()
+    width: int = 0
+    drop: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in STEP_KINDS:
@@ -340,6 +355,15 @@ class Step:
         if self.shift and (self.kind not in ("trunc", "trsq") or not 2 <= self.shift <= 60
                            or (self.kind == "trsq" and self.shift > 32)):
             raise InputError(f"a {self.kind} step cannot shift by {self.shift} bits")
+        lowest = {"trunc": (self.shift or 2) + 3, "trsq": (self.shift or 2) + 3,
+                  "square": 8, "mulsq": 8, "relu": 16, "drelu": 16, "select": 16}
+        if self.width and (self.kind not in lowest or not lowest[self.kind] <= self.width
+                           <= (64 if self.kind in ("trunc", "trsq", "square", "mulsq")
+                               else 63)):
+            raise InputError(f"a {self.kind} step cannot open {self.width} bits")
+        if self.drop and (self.kind not in ("relu", "drelu", "select") or not self.width
+                          or not 1 <= self.drop <= self.width - 3):
+            raise InputError(f"a {self.kind} step cannot leave out {self.drop} bits")
         object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
         if self.kind == "matmul":
             g, m, _, n = self.dims if len(self.dims) == 4 else (0, 0, 0, 0)
@@ -350,18 +374,22 @@ class Step:
             raise InputError(f"a {self.kind} step has no dims")
 
     def wire(self) -> list:
-        """[kind, size], [kind, size, shift] or [kind, size, 0, g, m, k, n]: how a party
-        asks the dealer for it."""
+        """[kind, size], [kind, size, shift], [kind, size, shift, width, drop] or
+        [kind, size, 0, g, m, k, n]: how a party asks the dealer for it."""
         if self.dims:
             return [self.kind, self.size, self.shift, *self.dims]
+        if self.width or self.drop:
+            return [self.kind, self.size, self.shift, self.width, self.drop]
         return [self.kind, self.size] + ([self.shift] if self.shift else [])
 
     @classmethod
     def from_wire(cls, item) -> "Step":
         kind, size, *rest = item
-        if len(rest) not in (0, 1, 5):
-            raise InputError("a step is [kind, size], [kind, size, shift] or [kind, size, "
-                             "0, g, m, k, n]")
+        if len(rest) not in (0, 1, 3, 5):
+            raise InputError("a step is [kind, size], [kind, size, shift], [kind, size, "
+                             "shift, width, drop] or [kind, size, 0, g, m, k, n]")
+        if len(rest) == 3:
+            return cls(str(kind), int(size), int(rest[0]), (), int(rest[1]), int(rest[2]))
         return cls(str(kind), int(size), int(rest[0]) if rest else 0,
                    tuple(int(d) for d in rest[1:]))
 
@@ -450,14 +478,18 @@ def dealer_material(steps: list[Step], batch: int, prg: Prg, frac_bits: int = FR
             g, m, k, n_ = step.dims
             pair = pr.batched_matrix_triples(g * batch, m, k, n_, prg)
         elif step.kind == "trsq":           # (no comparison: the same for DCFs)
-            pair = pr.trunc_square_material(n, step.shift or frac_bits, prg)
+            pair = pr.trunc_square_material(n, step.shift or frac_bits, prg,
+                                            step.width or 64)
         elif cmp == "circuit" and step.kind == "trunc":
-            pair = pr.circuit_trunc_material(n, step.shift or frac_bits, prg)
+            pair = pr.circuit_trunc_material(n, step.shift or frac_bits, prg,
+                                             width=step.width or 64)
         elif step.kind in ("square", "mulsq"):
-            pair = pr.squares(n, prg, with_product=step.kind == "mulsq")
+            # narrow only beside circuit truncations (a DCF truncation reads 64 bits)
+            pair = pr.squares(n, prg, with_product=step.kind == "mulsq",
+                              width=(step.width or 64) if cmp == "circuit" else 64)
         elif cmp == "circuit" and step.kind != "mul":
             kind = {"drelu": "sign"}.get(step.kind, step.kind)
-            pair = pr.circuit_cmp_material(kind, n, prg, frac_bits)
+            pair = pr.circuit_cmp_material(kind, n, prg, frac_bits, step.width, step.drop)
         elif step.kind == "clip":               # both differences through one ReLU
             pair = pr.relu_material(2 * n, prg)
         elif step.kind == "trunc_clip":
@@ -887,17 +919,33 @@ def _piecewise(run: Run, x: np.ndarray, pw: Piecewise) -> np.ndarray:
     return run.trunc(prod.sum(axis=0, dtype=np.uint64))
 
 
+#: a tail's comparisons: on l = 36 ring bits (|x| < 2^14 real at f = 20) opened
+#: narrow (5 bytes, not 8); the sign's tree leaves out the bits below 2^-14 real (the
+#: function is continuous there: an error below 2^-15), the band's below 2^-4 (the
+#: band ends 2^-4 inside the fit, where the correction is ~1e-6 either way)
+TAIL_CMP_BITS = 36
+TAIL_SIGN_PRECISION = 14
+TAIL_BAND_PRECISION = 4
+#: the ring of the correction's power truncations: in the band every power is below 1
+#: (|y| < 2^(2f+1) before truncating, inside 2^(48-2)); outside it they come out
+#: wrong, and the band's selection zeroes them exactly, as before
+TAIL_POWER_BITS = 48
+
+
 def _tail_steps(prog, node):
     approximation(node.op)      # fitted now, with the plan, not during the online run
     n = prog.size(node)
     f = prog.frac_bits
-    steps = [Step("relu", n)] if node.op in RELU_TAILS else [Step("drelu", n),
-                                                              Step("mul", n)]
-    steps += [Step("trunc", n),                                      # z
-              Step("square", n), Step("trunc", n),                   # z^2
-              Step("mulsq", n), Step("trunc", 2 * n),                # z^3, z^4
+    sign = dict(width=TAIL_CMP_BITS, drop=max(1, f - TAIL_SIGN_PRECISION))
+    band = dict(width=TAIL_CMP_BITS, drop=max(1, f - TAIL_BAND_PRECISION))
+    ring = dict(width=TAIL_POWER_BITS)
+    steps = [Step("relu", n, **sign)] if node.op in RELU_TAILS else [
+        Step("drelu", n, **sign), Step("mul", n)]
+    steps += [Step("trunc", n, **ring),                              # z
+              Step("square", n, **ring), Step("trunc", n, **ring),   # z^2
+              Step("mulsq", n, **ring), Step("trunc", 2 * n, **ring),  # z^3, z^4
               Step("mul", n), Step("trunc", n),                      # z^4 q_2
-              Step("mul", n), Step("select", n),                     # z^4 h, selection
+              Step("mul", n), Step("select", n, **band),             # z^4 h, selection
               Step("trunc", n, 2 * f)]                               # from 3f to f bits
     if node.op not in RELU_TAILS:
         steps.append(Step("mul", n))
@@ -943,7 +991,9 @@ def _tail(run: Run, node, args):
     top = piece(2) + z4 * _scaled(tail.coeffs[12], f)                # 2f bits
     h = piece(1) + run.trunc(run.mul(z4, top))                        # 2f bits
     p = piece(0) * lift + run.mul(z4, h)                              # 3f bits
-    corr = run.trunc(run.select(p, run.public(_scaled(tail.bound, f)) - t), shift=2 * f)
+    # [t <= bound - 2^-p]: the coarse comparison errs only within 2^-p below its
+    # threshold, so p(z) is never taken beyond the fit's bound
+    corr = run.trunc(run.select(p, run.public(_scaled(tail.edge, f)) - t), shift=2 * f)
     if node.op in RELU_TAILS:
         return relu - corr
     y = s * lift + corr - np.uint64(2) * run.mul(s, corr)
@@ -1081,13 +1131,15 @@ DEFAULT_BUDGET = 2 << 30      # bytes per process
 
 
 @lru_cache(maxsize=None)
-def _bytes_per_value(kind: str, frac_bits: int, cmp: str) -> float:
+def _bytes_per_value(kind: str, frac_bits: int, cmp: str, width: int = 0, drop: int = 0
+                     ) -> float:
     """One party's material bytes per value of a step, measured on 4096 values (so it
     follows the material): what a party holds once its seeded halves are expanded
     (circuits: a truncation 24, a ReLU ~50, a fused truncation+ReLU ~74, a Beaver
     product 24), more than the dealer sends (``prg.Deal``)."""
     n = 4096
-    (m0,), _ = dealer_material([Step(kind, 1)], n, Prg(), frac_bits, cmp)
+    (m0,), _ = dealer_material([Step(kind, 1, width=width, drop=drop)], n, Prg(),
+                               frac_bits, cmp)
     return sum(a.nbytes for a in pr.material_arrays([m0]).values()) / n
 
 
@@ -1095,7 +1147,8 @@ def material_bytes(steps, batch: int, frac_bits: int = FRAC_BITS, cmp: str = "ci
                    ) -> int:
     """One party's material bytes for ``steps`` on ``batch`` inputs."""
     return int(sum(_matmul_bytes(s) * batch if s.kind == "matmul" else
-                   _bytes_per_value(s.kind, frac_bits, cmp) * s.size * batch for s in steps))
+                   _bytes_per_value(s.kind, frac_bits, cmp, s.width, s.drop) * s.size * batch
+                   for s in steps))
 
 
 def _matmul_bytes(step: Step) -> int:

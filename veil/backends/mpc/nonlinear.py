@@ -14,11 +14,14 @@ kernel over its calibrated range):
   to the truncation's ulp.
 - SOFTMAX over the last axis (CrypTen's construction, Knott et al., NeurIPS 2021, with
   a correction term): the row maximum by a tree of max(a, b) = b + ReLU(a - b)
-  (log2 L levels), d = x - max <= 0 clamped to d' = max(d, -256) (one ReLU: an additive
-  mask of -10^4 would otherwise wrap the limit below), then
-  exp(d') ~ (1 + d'/256)^256 (1 + d'^2 / 512): eight squarings at F = 28 fractional
-  bits (1 + d'/256 at 28 bits is the f-bit share of d' plus 2^28, no shift; each
-  truncation and the next square share one opening, ``protocols.trunc_square``), the
+  (log2 L levels, coarse comparisons on 40 bits opened narrow: the max may fall short
+  by levels * 2^-4, which the shift invariance absorbs, see ``MAX_BITS``),
+  d = x - max clamped to d' = max(d, -256) (one coarse ReLU: an additive mask of -10^4
+  would otherwise wrap the limit below), then
+  exp(d') ~ (1 + d'/256)^256 (1 + d'^2 / 512): eight squarings (1 + d'/256 at 28 bits
+  is the f-bit share of d' plus 2^28, no shift; its square truncated to F = 26
+  fractional bits, where the other squarings run; each truncation and the next square
+  share one opening, ``protocols.trunc_square``, on a 56-bit ring after the first), the
   second factor undoing the limit's leading error exp(-d^2 / 512) (without it the
   error reaches 1.1e-3 at d = -2; with it the residual x^3/3N^2 - x^4/8N^2 leaves
   probabilities within 1e-4, 5.4e-5 measured, fixed point included) and local: 1 + d^2/512 = 128 u^2 - 127 - d for u = 1 + d/256. The sum's reciprocal (below) and one product per entry.
@@ -35,9 +38,11 @@ kernel over its calibrated range):
   then one product per entry and the public affine. The variance range is [2^-10, 2^12] by default: below
   it the normalization is too small (a constant row, where x - mean ~ 0 anyway).
 - GELU(x) = ReLU(x) - [|x| <= 5] q(|x|), q ~ t Phi(-t) of degree 12 (the piecewise
-  form PUMA uses, Dong et al. 2023, with the exact ReLU as the main piece; the tail
-  beyond 5 is below 1.5e-6); TANH(x) = (2 s - 1)(1 - 2 [|x| <= 5] p(|x|)),
-  p ~ sigma(-2t): both in ``evaluator.Tail``.
+  form PUMA uses, Dong et al. 2023, with the ReLU as the main piece, its comparison
+  leaving out the bits below 2^-14: an error below 2^-15 near 0; the tail beyond 5 is
+  below 1.5e-6); TANH(x) = (2 s - 1)(1 - 2 [|x| <= 5] p(|x|)), p ~ sigma(-2t): both in
+  ``evaluator.Tail``, whose comparisons and power truncations open narrow (5 and 6
+  bytes, not 8).
 - SLICE, TRANSPOSE, REDUCESUM: local. AFFINE (x * scale + shift, constants): local, one
   truncation unless the scale is one.
 """
@@ -49,11 +54,24 @@ from ...errors import UnsupportedOperation
 from ...ir import Op
 from .evaluator import Kernel, Run, Step, _no_steps, _scaled, max_tree, tree_widths
 
-#: fractional bits of the exponential's squarings: (1 + d/256) is exact at 28 bits and
-#: its square (56 bits) stays under the truncation's 2^62
-EXP_BITS = 28
+#: fractional bits of the exponential's squarings: (1 + d/256) is exact at 26 bits, and
+#: every power (below 2 at 52 bits: d <= 2^-1, see MAX_PRECISION) stays inside the
+#: 2^(EXP_RING-2) of the truncations' 56-bit ring (seven bytes an opening, not eight)
+EXP_BITS = 26
+EXP_RING = 56
 #: exp's limit: (1 + d/2^EXP_HALVINGS)^(2^EXP_HALVINGS), d clamped to -2^EXP_HALVINGS
 EXP_HALVINGS = 8
+#: the row max's comparisons: on 40 ring bits (|a - b| < 2^18 real, an additive mask of
+#: -10^4 included), opened narrow (5 bytes), the tree leaving out the bits below 2^-4
+#: real: each level may keep the smaller of two values within 2^-4, so the "max" falls
+#: short of the true one by at most levels * 2^-4 (0.44 at 128 entries), which softmax's
+#: shift invariance absorbs (d = x - max <= 0.44: e^d below 2; the row sum below
+#: ``_sum_bound``)
+MAX_BITS = 40
+MAX_PRECISION = 4
+#: the clamp of d at -256: its tree leaves out the bits below 2^5 real: the clamp lets d
+#: in [-288, -256) through, where u = 1 + d/256 is in [-1/8, 0) and u^256 is 0 anyway
+CLAMP_COARSE = 5
 RECIP_NEWTON = 5
 RSQRT_NEWTON = 4
 #: the variance range LayerNorm's inverse square root assumes (MiniLM-L6 on the
@@ -220,35 +238,45 @@ def _reciprocal(run: Run, node, args):
 
 
 # -- softmax --------------------------------------------------------------------------------
+def _sum_bound(last: int) -> float:
+    """The largest row sum of exp(x - max) when the max may fall short by
+    levels * 2^-MAX_PRECISION (every entry then below e^that)."""
+    return float(last) * float(np.exp(len(tree_widths(last)) * 2.0 ** -MAX_PRECISION))
+
+
 def _softmax_steps(prog, node):
     rows, last = _rows(node.shape)
     n = rows * last
     f = prog.frac_bits
-    steps = [Step("relu", rows * k) for k in tree_widths(last)]
-    steps += [Step("relu", n), Step("square", n)]                # the clamp at -256
-    steps += [Step("trsq", n, EXP_BITS)] * (EXP_HALVINGS - 1)
-    steps += [Step("trunc", n, EXP_BITS), Step("mul", n), Step("trunc", n, 2 * EXP_BITS - f)]
-    steps += _recip_steps(rows, 0.5, float(last))
+    steps = [Step("relu", rows * k, width=MAX_BITS, drop=max(1, f - MAX_PRECISION))
+             for k in tree_widths(last)]
+    steps += [Step("relu", n, width=MAX_BITS, drop=f + CLAMP_COARSE),    # the clamp
+              Step("square", n), Step("trsq", n, 2 * (f + EXP_HALVINGS) - EXP_BITS)]
+    steps += [Step("trsq", n, EXP_BITS, width=EXP_RING)] * (EXP_HALVINGS - 2)
+    steps += [Step("trunc", n, EXP_BITS, width=EXP_RING), Step("mul", n),
+              Step("trunc", n, 2 * EXP_BITS - f)]
+    steps += _recip_steps(rows, 0.5, _sum_bound(last))
     steps += [Step("mul", n), Step("trunc", n)]
     return steps
 
 
 def _exp_nonpositive(run: Run, d: np.ndarray) -> np.ndarray:
-    """exp(d) at f bits for shared d <= 0 (f bits): see the module docstring."""
+    """exp(d) at f bits for shared d <= 0 (f bits; up to 2^-1 above 0 after a coarse
+    max): see the module docstring."""
     f, big = run.f, EXP_BITS
+    first = f + EXP_HALVINGS                # u = 1 + d/256 at f + 8 bits: d's own share
     limit = float(2 ** EXP_HALVINGS)
     lim = run.public(_scaled(limit, f))
     d = run.relu(np.ascontiguousarray(d + lim)) - lim            # max(d, -256)
-    u = d + run.public(np.uint64(1) << np.uint64(big))          # 1 + d/256 at 28 bits
-    y = run.square(u)                                           # u^2 at 56 bits
-    corr = None
-    for _ in range(EXP_HALVINGS - 1):                           # u^(2^k), one opening each
-        t, y = run.trunc_square(y, shift=big)
-        if corr is None:
-            # 1 + d^2/512 = 128 u^2 - 127 - d (u = 1 + d/256), at 28 bits from u^2's
-            # truncation: no product of its own
-            corr = np.uint64(128) * t - run.public(np.uint64(127) << np.uint64(big)) \
-                - d * np.uint64(1 << (big - f))
+    u = d + run.public(np.uint64(1) << np.uint64(first))        # 1 + d/256
+    y = run.square(u)                                           # u^2 at 2 (f + 8) bits
+    t, y = run.trunc_square(y, shift=2 * first - big)           # u^2 at 26 bits, u^4
+    # 1 + d^2/512 = 128 u^2 - 127 - d (u = 1 + d/256), at 26 bits from u^2's truncation:
+    # no product of its own
+    corr = np.uint64(128) * t - run.public(np.uint64(127) << np.uint64(big)) \
+        - d * np.uint64(1 << (big - f))
+    for _ in range(EXP_HALVINGS - 2):                           # u^(2^k), one opening each
+        _, y = run.trunc_square(y, shift=big)
     u = run.trunc(y, shift=big)
     return run.trunc(run.mul(u, corr), shift=2 * big - f).reshape(d.shape)
 
@@ -261,7 +289,7 @@ def _softmax(run: Run, node, args):
     mx = max_tree(run, x)
     e = _exp_nonpositive(run, x - mx)
     s = e.sum(axis=-1, keepdims=True, dtype=np.uint64)
-    inv = _reciprocal_of(run, s, 0.5, float(last))
+    inv = _reciprocal_of(run, s, 0.5, _sum_bound(last))
     p = run.trunc(run.mul(e, np.ascontiguousarray(np.broadcast_to(inv, e.shape))))
     return p.reshape((b,) + tuple(node.shape))
 

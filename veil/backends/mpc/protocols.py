@@ -50,6 +50,18 @@ Constructions:
     32 bits) and the multiplexer: seven rounds; fused with the truncation before it,
     still seven. A clip to [lo, hi] runs the trees for both thresholds on the same
     opening and finishes in one round too: the band bit is their XOR.
+- Narrow openings, for values whose range a kernel knows: shares mod 2^64 are shares
+  mod 2^w too, so a truncation of |y| < 2^(w-2) opens u^ = y + 2^(w-2) + r mod 2^w
+  (ceil(w / 8) bytes, not 8) and lifts back exactly with the same wrap rule on the
+  w-bit ring (r' = r mod 2^w: floor(u / 2^f) = (u^ >> f) - (r' >> f) + 2^(w-f)
+  (1 - msb_w(u^)) msb_w(r') - c over the integers); a square or a product that only
+  such a truncation reads opens mod 2^w as well (the ring extension of Cheetah's and
+  SIRNN's mixed bitwidths, Huang et al., USENIX Security 2022; Rathee et al., S&P
+  2021). A comparison opens x + r mod 2^l, and a ReLU lifts x back by the same rule
+  (f = 0) for its multiplexer, one more dealt word (2^l msb_l(r') rho). Kernels choose
+  w, and for comparisons how many low bits the tree may leave out (a coarse comparison
+  is exact but within 2^k of its threshold, which is all a row max or a band edge
+  needs): ``evaluator.Step``'s width and drop.
 - Max pooling as max(a, b) = b + ReLU(a - b), in a tree over the window.
 BOUNDS (circuit): a truncation input needs |y| < 2^62 ring units (2^22 real at 2f = 40
 fractional bits); a comparison input -2^(l-1) <= x < 2^(l-1) - 2^k ring units (about
@@ -104,8 +116,19 @@ def reconstruct(s0: np.ndarray, s1: np.ndarray) -> np.ndarray:
     return np.asarray(s0, dtype=np.uint64) + np.asarray(s1, dtype=np.uint64)
 
 
-def open_value(ch: Channel, x: np.ndarray) -> np.ndarray:
-    return x + ch.exchange(x)
+def open_value(ch: Channel, x: np.ndarray, width: int = 64) -> np.ndarray:
+    """x from both shares; with ``width`` < 64, x mod 2^width from ceil(width / 8) bytes
+    per value (only the low ``width`` bits of a share leave the party): the narrow
+    openings of values whose range is known (``CircuitTruncMaterial``)."""
+    if width >= 64:
+        return x + ch.exchange(x)
+    mask = np.uint64((1 << width) - 1)
+    nb = (width + 7) // 8
+    flat = np.ascontiguousarray(x, dtype="<u8").reshape(-1) & mask
+    mine = np.ascontiguousarray(flat.view(np.uint8).reshape(-1, 8)[:, :nb]).reshape(-1)
+    theirs = np.zeros((flat.size, 8), np.uint8)
+    theirs[:, :nb] = ch.exchange(mine).reshape(-1, nb)
+    return ((flat + theirs.view("<u8").reshape(-1)) & mask).reshape(np.shape(x))
 
 
 # -- dealer material ----------------------------------------------------------------------
@@ -122,11 +145,13 @@ class Triple:
 class Square:
     """One party's share of a square pair: a random a and c = a^2; ``xa``, when set,
     a second operand's Beaver triple (b, a b) riding on the same a (x y and x^2 from
-    one opening of x - a and y - b)."""
+    one opening of x - a and y - b). ``width`` < 64: the openings are mod 2^width and
+    so are the results (for a product only a ``width``-bit truncation reads)."""
 
     a: np.ndarray
     c: np.ndarray
     xa: Triple | None = None
+    width: int = 64
 
 
 @dataclass(frozen=True)
@@ -170,11 +195,14 @@ class ReluMaterial:
 
 @dataclass(frozen=True)
 class CircuitTruncMaterial:
-    """Faithful truncation: shares of the mask r, of r >> f and of msb(r) 2^(64-f)."""
+    """Faithful truncation: shares of the mask r, of r >> f and of msb(r) 2^(64-f); on
+    a ``width``-bit ring (w < 64, for inputs known to satisfy |y| < 2^(w-2)), of
+    r' = r mod 2^w, r' >> f and msb_w(r') 2^(w-f)."""
 
     r: np.ndarray
     r_high: np.ndarray
     wrap: np.ndarray
+    width: int = 64
 
 
 @dataclass(frozen=True)
@@ -188,6 +216,7 @@ class TruncSquareMaterial:
     wrap: np.ndarray
     r2: np.ndarray
     rw: np.ndarray
+    width: int = 64
 
 
 #: What a circuit comparison's multiplexer computes: the bit alone ("sign"), the compared
@@ -216,6 +245,15 @@ class CircuitCmpMaterial:
     extra: tuple = ()
     trunc: CircuitTruncMaterial | None = None
     tree2: circuit.TreeMaterial | None = None
+    #: the opening's ring bits: 64, or l itself (a narrow comparison: x^ = x + r mod 2^l,
+    #: the tree on bits drop .. l - 2; for "relu" the value is lifted back exactly)
+    width: int = 64
+    drop: int = CMP_DROP
+
+    @property
+    def bits(self) -> int:
+        """l: the comparison's sign bit is bit l - 1."""
+        return self.drop + self.tree.width + 1
 
 
 def triples(shape, prg: Prg) -> tuple[Triple, Triple]:
@@ -226,16 +264,18 @@ def triples(shape, prg: Prg) -> tuple[Triple, Triple]:
     return Triple(a0, b0, c0), Triple(a1, b1, c1)
 
 
-def squares(shape, prg: Prg, with_product: bool = False) -> tuple[Square, Square]:
+def squares(shape, prg: Prg, with_product: bool = False, width: int = 64
+            ) -> tuple[Square, Square]:
     """Square pairs (a random, c = a^2) for both parties; ``with_product``: also b and
-    a b for a second operand (see :func:`mul_square`)."""
+    a b for a second operand (see :func:`mul_square`); ``width``: opened mod 2^width."""
     a, (a0, a1) = prg.root_u64(shape)
     c0, c1 = prg.split_u64(a * a)
     if not with_product:
-        return Square(a0, c0), Square(a1, c1)
+        return Square(a0, c0, None, width), Square(a1, c1, None, width)
     b, (b0, b1) = prg.root_u64(shape)
     ab0, ab1 = prg.split_u64(a * b)
-    return Square(a0, c0, Triple(a0, b0, ab0)), Square(a1, c1, Triple(a1, b1, ab1))
+    return (Square(a0, c0, Triple(a0, b0, ab0), width),
+            Square(a1, c1, Triple(a1, b1, ab1), width))
 
 
 def matrix_triples(m: int, k: int, n: int, prg: Prg) -> tuple[Triple, Triple]:
@@ -317,53 +357,91 @@ def relu_material(n: int, prg: Prg) -> tuple[ReluMaterial, ReluMaterial]:
     return ReluMaterial(s0, t0), ReluMaterial(s1, t1)
 
 
-def circuit_trunc_material(n: int, frac_bits: int, prg: Prg, r=None
+def _check_width(width: int, frac_bits: int) -> None:
+    if not frac_bits + 3 <= width <= 64:
+        raise ValueError(f"a truncation by {frac_bits} bits cannot open {width} bits")
+
+
+def _ring_mask(r: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(r mod 2^width, msb_width of it): the mask on a ``width``-bit ring."""
+    low = r if width == 64 else r & np.uint64((1 << width) - 1)
+    return low, low >> np.uint64(width - 1)
+
+
+def circuit_trunc_material(n: int, frac_bits: int, prg: Prg, r=None, width: int = 64
                            ) -> tuple[CircuitTruncMaterial, CircuitTruncMaterial]:
     """Faithful truncation by ``frac_bits``: one opening, no comparison. ``r``: the mask
-    as (value, (share0, share1)) when a comparison shares it."""
+    as (value, (share0, share1)) when a comparison shares it; ``width``: the ring the
+    opening lives on (the mask stays a full 64-bit draw; only its low bits matter)."""
+    _check_width(width, frac_bits)
     r, (r0, r1) = prg.root_u64(n) if r is None else r
-    lift = np.uint64(1) << np.uint64(64 - frac_bits)
-    (h0, h1) = prg.split_u64(r >> np.uint64(frac_bits))
-    (w0, w1) = prg.split_u64((r >> _SHIFT63) * lift)
-    return CircuitTruncMaterial(r0, h0, w0), CircuitTruncMaterial(r1, h1, w1)
+    low, top = _ring_mask(r, width)
+    lift = np.uint64(1) << np.uint64(width - frac_bits)
+    (h0, h1) = prg.split_u64(low >> np.uint64(frac_bits))
+    (w0, w1) = prg.split_u64(top * lift)
+    return (CircuitTruncMaterial(r0, h0, w0, width), CircuitTruncMaterial(r1, h1, w1, width))
 
 
-def trunc_square_material(n: int, frac_bits: int, prg: Prg
+def trunc_square_material(n: int, frac_bits: int, prg: Prg, width: int = 64
                           ) -> tuple[TruncSquareMaterial, TruncSquareMaterial]:
     """:func:`circuit_trunc_material` plus the two products :func:`trunc_square` needs."""
     if not 2 <= frac_bits <= 32:
         raise ValueError("a truncated square shifts by 2..32 bits")
+    _check_width(width, frac_bits)
     r, (r0, r1) = prg.root_u64(n)
-    high = r >> np.uint64(frac_bits)
-    wrap = (r >> _SHIFT63) * (np.uint64(1) << np.uint64(64 - frac_bits))
+    low, top = _ring_mask(r, width)
+    high = low >> np.uint64(frac_bits)
+    wrap = top * (np.uint64(1) << np.uint64(width - frac_bits))
     (h0, h1), (w0, w1) = prg.split_u64(high), prg.split_u64(wrap)
     (q0, q1), (p0, p1) = prg.split_u64(high * high), prg.split_u64(high * wrap)
-    return (TruncSquareMaterial(r0, h0, w0, q0, p0), TruncSquareMaterial(r1, h1, w1, q1, p1))
+    return (TruncSquareMaterial(r0, h0, w0, q0, p0, width),
+            TruncSquareMaterial(r1, h1, w1, q1, p1, width))
 
 
-def circuit_cmp_material(kind: str, n: int, prg: Prg, frac_bits: int = 0
-                         ) -> tuple[CircuitCmpMaterial, CircuitCmpMaterial]:
+#: the comparison kinds that can open on a narrow ring (``circuit_cmp_material``'s
+#: ``bits``): their value is the compared one (lifted back exactly), a constant, or
+#: opened on its own
+NARROW_KINDS = ("sign", "relu", "select")
+
+
+def circuit_cmp_material(kind: str, n: int, prg: Prg, frac_bits: int = 0, bits: int = 0,
+                         drop: int = 0) -> tuple[CircuitCmpMaterial, CircuitCmpMaterial]:
     """A comparison on ``CMP_BITS`` ring bits less the lowest ``CMP_DROP`` (for
     "trunc_relu": on the 2f-bit value before its truncation by ``frac_bits``, so both
-    move up by f) with the multiplexer material ``kind`` needs (:data:`CMP_KINDS`)."""
+    move up by f) with the multiplexer material ``kind`` needs (:data:`CMP_KINDS`).
+
+    ``bits`` = l (and ``drop`` = k) instead: a narrow comparison (:data:`NARROW_KINDS`)
+    that opens x + r mod 2^l (ceil(l / 8) bytes, not 8) and runs the tree on bits
+    k .. l - 2; a "relu" then needs |x| < 2^(l-2) to lift x back (one more word: the
+    wrap of the l-bit mask times rho)."""
     if kind not in CMP_KINDS:
         raise ValueError(f"unknown comparison kind {kind!r}")
     fused = kind.startswith("trunc_")
     clip = kind.endswith("clip")
     shift = frac_bits if fused else 0
-    width = CMP_BITS - 1 - CMP_DROP
+    narrow = bool(bits)
+    if narrow and (kind not in NARROW_KINDS or not 16 <= bits <= 63):
+        raise ValueError(f"a {kind} comparison cannot open {bits} bits")
+    bits, drop = bits or CMP_BITS, drop or CMP_DROP
+    if not 1 <= drop <= bits - 3:
+        raise ValueError(f"a comparison on {bits} bits cannot leave out {drop}")
+    width = bits - 1 - drop
     nb = (n + 7) // 8
     r, r_shares = prg.root_u64(n)
     trunc = (circuit_trunc_material(n, frac_bits, prg, (r, r_shares))
              if fused else (None, None))
-    rows = prg.split_bits(circuit.bit_rows(r >> np.uint64(CMP_DROP + shift), width + 1))
+    rows = prg.split_bits(circuit.bit_rows(r >> np.uint64(drop + shift), width + 1))
     tree = circuit.tree_material(width, n, prg)
     tree2 = circuit.tree_material(width, n, prg) if clip else (None, None)
     rho_row, rho_rows = prg.root_bits((2 if clip else 1, nb))
     rho = np.stack([circuit.row_values(row, n) for row in rho_row])
     first = rho[0]
     extra: list = []
-    if kind in ("relu", "clip"):
+    if kind == "relu" and narrow:
+        low, top = _ring_mask(r, bits)
+        extra = [prg.split_u64(low * first),
+                 prg.split_u64(top * first * (np.uint64(1) << np.uint64(bits)))]
+    elif kind in ("relu", "clip"):
         extra = [prg.split_u64(r * first)]
     elif kind == "select":
         a, a_shares = prg.root_u64(n)
@@ -376,7 +454,8 @@ def circuit_cmp_material(kind: str, n: int, prg: Prg, frac_bits: int = 0
     rho_shares = prg.split_u64(rho if clip else first)
     return tuple(CircuitCmpMaterial(
         kind, r_shares[b], rows[b], tree[b], rho_rows[b], rho_shares[b],
-        tuple(e[b] for e in extra), trunc[b], tree2[b]) for b in (0, 1))
+        tuple(e[b] for e in extra), trunc[b], tree2[b], bits if narrow else 64, drop)
+        for b in (0, 1))
 
 
 def circuit_drelu_material(n: int, prg: Prg):
@@ -401,7 +480,7 @@ def mul(ch: Channel, party: int, x: np.ndarray, y: np.ndarray, t: Triple) -> np.
 def square(ch: Channel, party: int, x: np.ndarray, m: Square) -> np.ndarray:
     """Shares of x^2 (no truncation): one round, half a product's opening (d = x - a;
     x^2 = a^2 + 2 d a + d^2)."""
-    d = open_value(ch, x - m.a)
+    d = open_value(ch, x - m.a, m.width)
     z = m.c + np.uint64(2) * d * m.a
     return z + d * d if party == 0 else z
 
@@ -411,7 +490,7 @@ def mul_square(ch: Channel, party: int, x: np.ndarray, y: np.ndarray, m: Square
     """Shares of x y and x^2 in one round, from the openings of x - a and y - b (the
     square reuses d = x - a): three quarters of two products' bytes."""
     t = m.xa
-    opened = open_value(ch, np.concatenate([x - t.a, y - t.b]))
+    opened = open_value(ch, np.concatenate([x - t.a, y - t.b]), m.width)
     d, e = opened[: x.size], opened[x.size:]
     xy = t.c + d * t.b + e * t.a
     xx = m.c + np.uint64(2) * d * t.a
@@ -448,7 +527,7 @@ def truncate_shares(ch: Channel, party: int, x: np.ndarray,
     with DCF material; with circuit material faithfully, floor or floor + 1 with mean
     x / 2^f (the module docstring; needs |x| < 2^62)."""
     if isinstance(m, CircuitTruncMaterial):
-        uhat = open_value(ch, (x + _OFF62 if party == 0 else x) + m.r)
+        uhat = open_value(ch, (x + _offset_w(m.width) if party == 0 else x) + m.r, m.width)
         return _faithful(party, uhat, m, frac_bits)
     uhat = open_value(ch, _offset(party, x) + m.r)
     low = fss.evaluate(party, m.low, _low_bits(uhat, frac_bits))
@@ -460,15 +539,19 @@ def trunc_square(ch: Channel, party: int, y: np.ndarray, m: TruncSquareMaterial,
     """Shares of t = y / 2^f (faithful, as :func:`truncate_shares`) and of t^2, from the
     one opening of the truncation: t = P - h + s w with P and s public after the
     opening (P = (u^ >> f) - (2^62 >> f), s = 1 - msb(u^)) and h = r >> f, w = msb(r)
-    2^(64-f) dealt, so t^2 = P^2 - 2 P h + 2 P s w + h^2 - 2 s h w (+ s w^2 = 0 for
-    f <= 32) is local given the dealt h^2 and h w. A chain of squarings (exp's) opens
+    2^(64-f) dealt, so t^2 = P^2 - 2 P h + 2 P s w + h^2 - 2 s h w + s w^2 is local
+    given the dealt h^2 and h w (w^2 = w 2^(w_ring - f), 0 in Z_(2^64) on the full ring
+    for f <= 32). A chain of squarings (exp's) opens
     once per squaring instead of twice. Needs |y| < 2^62 and |t^2| < 2^63."""
-    uhat = open_value(ch, (y + _OFF62 if party == 0 else y) + m.r)
+    off = _offset_w(m.width)
+    uhat = open_value(ch, (y + off if party == 0 else y) + m.r, m.width)
     f = np.uint64(frac_bits)
-    s = np.uint64(1) - (uhat >> _SHIFT63)
-    p = (uhat >> f) - (_OFF62 >> f)
+    s = np.uint64(1) - (uhat >> np.uint64(m.width - 1))
+    p = (uhat >> f) - (off >> f)
     t = s * m.wrap - m.r_high
-    sq = m.r2 - np.uint64(2) * s * m.rw + np.uint64(2) * p * (s * m.wrap - m.r_high)
+    # s w^2 = s wrap 2^(width-f): zero in the ring at width 64 (f <= 32), not below
+    sq = m.r2 - np.uint64(2) * s * m.rw + np.uint64(2) * p * t \
+        + s * (m.wrap << np.uint64(m.width - frac_bits))
     if party == 0:
         t = t + p
         sq = sq + p * p
@@ -481,14 +564,22 @@ def rounds_to_floor(m) -> bool:
     return isinstance(m, (TruncMaterial, TruncReluMaterial))
 
 
+def _offset_w(width: int) -> np.uint64:
+    """2^(w-2): added to a truncation's input |y| < 2^(w-2) on a w-bit ring, it makes
+    u = y + 2^(w-2) lie in [0, 2^(w-1)), where u + r wraps exactly when msb_w(u^) = 0
+    and msb_w(r) = 1."""
+    return np.uint64(1) << np.uint64(width - 2)
+
+
 def _faithful(party: int, uhat: np.ndarray, m: CircuitTruncMaterial, frac_bits: int
               ) -> np.ndarray:
-    """(u^ >> f) - (r >> f) + 2^(64-f) (1 - msb(u^)) msb(r) - (2^62 >> f): shares of
-    floor(y / 2^f) + c, c the dropped low carry."""
-    out = (np.uint64(1) - (uhat >> _SHIFT63)) * m.wrap - m.r_high
+    """(u^ >> f) - (r >> f) + 2^(w-f) (1 - msb_w(u^)) msb_w(r) - (2^(w-2) >> f) on the
+    material's w-bit ring (w = 64: the mask and offset as they are): shares, in
+    Z_(2^64), of floor(y / 2^f) + c, c the dropped low carry."""
+    out = (np.uint64(1) - (uhat >> np.uint64(m.width - 1))) * m.wrap - m.r_high
     if party == 0:
         f = np.uint64(frac_bits)
-        out += (uhat >> f) - (_OFF62 >> f)
+        out += (uhat >> f) - (_offset_w(m.width) >> f)
     return out
 
 
@@ -537,7 +628,7 @@ def trunc_relu(ch: Channel, party: int, y: np.ndarray,
     if isinstance(m, CircuitCmpMaterial):
         uhat = open_value(ch, (y + _OFF62 if party == 0 else y) + m.r)
         trunc = _faithful(party, uhat, m.trunc, frac_bits)
-        b = _sign_row(ch, party, uhat, m, CMP_DROP + frac_bits)
+        b = _sign_row(ch, party, uhat, m, m.drop + frac_bits)
         return _mux(ch, party, b, m, trunc, _trunc_rho(uhat, m, m.rho, frac_bits))
     uhat = open_value(ch, _offset(party, y) + m.r)
     top = uhat >> _SHIFT63
@@ -628,7 +719,7 @@ def clip(ch: Channel, party: int, x: np.ndarray, lo: np.uint64, hi: np.uint64,
     off = x + _OFF62 if fused and party == 0 else x
     xhat = open_value(ch, off + m.r)
     scale = np.uint64(frac_bits) if fused else np.uint64(0)
-    low = CMP_DROP + (frac_bits if fused else 0)
+    low = m.drop + (frac_bits if fused else 0)
     b_lo, b_hi = _sign_rows(ch, party, [xhat - (lo << scale), xhat - (hi << scale)],
                             [m.tree, m.tree2], m.r_rows, low)
     rho0, rho1 = m.rho[0], m.rho[1]
@@ -659,8 +750,8 @@ def drelu(ch: Channel, party: int, x: np.ndarray, m: SignMaterial | CircuitCmpMa
     """Shares of 1 - msb(x), i.e. [x >= 0] for two's-complement x: one round (DCF) or
     seven (circuit: opening, five-round tree, conversion; see CMP_BITS and CMP_DROP)."""
     if isinstance(m, CircuitCmpMaterial):
-        xhat = open_value(ch, x + m.r)
-        b = _sign_row(ch, party, xhat, m, CMP_DROP)
+        xhat = open_value(ch, x + m.r, m.width)
+        b = _sign_row(ch, party, xhat, m, m.drop)
         one = np.full(x.size, np.uint64(1 if party == 0 else 0))
         return _mux(ch, party, b, m, one, m.rho)
     xhat = open_value(ch, x + m.r)
@@ -675,8 +766,8 @@ def select(ch: Channel, party: int, v: np.ndarray, d: np.ndarray,
     bits): a comparison of d, then a product with v (DCF: a Beaver product; circuit:
     the multiplexer, opening v - a with the bit)."""
     if isinstance(m, CircuitCmpMaterial):
-        dhat = open_value(ch, d + m.r)
-        b = _sign_row(ch, party, dhat, m, CMP_DROP)
+        dhat = open_value(ch, d + m.r, m.width)
+        b = _sign_row(ch, party, dhat, m, m.drop)
         a, a_rho = m.extra
         return _mux(ch, party, b, m, v, lambda opened: opened * m.rho + a_rho, v - a)
     return mul(ch, party, v, drelu(ch, party, d, m.sign), m.triple)
@@ -687,9 +778,19 @@ def relu(ch: Channel, party: int, x: np.ndarray, m: ReluMaterial | CircuitCmpMat
     """Shares of max(x, 0): two rounds with DCFs (exact), seven with circuits (exact
     but for x in [-2^k, 0) ring units, CMP_DROP): the multiplexer by x itself needs no
     second opening, since x rho = x^ rho - r rho."""
+    if isinstance(m, CircuitCmpMaterial) and m.width < 64:
+        # narrow: u^ = x + 2^(l-2) + r mod 2^l; the sign from c = u^ - 2^(l-2) = x + r
+        # (mod 2^l), and x rho = (u^ - 2^(l-2)) rho - r' rho + (1 - msb_l(u^)) 2^l
+        # msb_l(r') rho over the integers (the faithful truncation's wrap rule, f = 0)
+        off = _offset_w(m.width)
+        uhat = open_value(ch, (x + off if party == 0 else x) + m.r, m.width)
+        b = _sign_row(ch, party, uhat - off, m, m.drop)
+        x_rho = (uhat - off) * m.rho - m.extra[0] \
+            + (np.uint64(1) - (uhat >> np.uint64(m.width - 1))) * m.extra[1]
+        return _mux(ch, party, b, m, x, x_rho)
     if isinstance(m, CircuitCmpMaterial):
         xhat = open_value(ch, x + m.r)
-        b = _sign_row(ch, party, xhat, m, CMP_DROP)
+        b = _sign_row(ch, party, xhat, m, m.drop)
         return _mux(ch, party, b, m, x, xhat * m.rho - m.extra[0])
     sign = drelu(ch, party, x, m.sign)
     return mul(ch, party, x, sign, m.triple)
@@ -724,10 +825,13 @@ def material_arrays(items: list) -> dict[str, np.ndarray]:
         if isinstance(m, CircuitTruncMaterial):
             out[f"{p}.kind"] = np.array([4], np.uint8)
             out[f"{p}.r"], out[f"{p}.r_high"], out[f"{p}.wrap"] = m.r, m.r_high, m.wrap
+            out[f"{p}.width"] = np.array([m.width], np.uint64)
         elif isinstance(m, CircuitCmpMaterial):
             out[f"{p}.kind"] = np.array([_CMP_CODES[m.kind]], np.uint8)
             out[f"{p}.r"], out[f"{p}.r_rows"] = m.r, m.r_rows
             out[f"{p}.rho_row"], out[f"{p}.rho"] = m.rho_row, m.rho
+            out[f"{p}.width"] = np.array([m.width], np.uint64)
+            out[f"{p}.drop"] = np.array([m.drop], np.uint64)
             tree(f"{p}.tree", m.tree)
             for j, e in enumerate(m.extra):
                 out[f"{p}.extra{j}"] = e
@@ -739,9 +843,11 @@ def material_arrays(items: list) -> dict[str, np.ndarray]:
             out[f"{p}.kind"] = np.array([14], np.uint8)
             out[f"{p}.r"], out[f"{p}.r_high"], out[f"{p}.wrap"] = m.r, m.r_high, m.wrap
             out[f"{p}.r2"], out[f"{p}.rw"] = m.r2, m.rw
+            out[f"{p}.width"] = np.array([m.width], np.uint64)
         elif isinstance(m, Square):
             out[f"{p}.kind"] = np.array([12 if m.xa is None else 13], np.uint8)
             out[f"{p}.a"], out[f"{p}.c"] = m.a, m.c
+            out[f"{p}.width"] = np.array([m.width], np.uint64)
             if m.xa is not None:
                 out[f"{p}.b"], out[f"{p}.ab"] = m.xa.b, m.xa.c
         elif isinstance(m, SignMaterial):
@@ -813,7 +919,7 @@ def concat_circuit_arrays(parts: list[dict[str, np.ndarray]]) -> dict[str, np.nd
     on the last axis, so the chunks join there (kinds and widths are shared)."""
     if len(parts) == 1:
         return parts[0]
-    return {k: (v if k.endswith((".kind", ".width")) else
+    return {k: (v if k.endswith((".kind", ".width", ".drop")) else
                 np.concatenate([p[k] for p in parts], axis=-1))
             for k, v in parts[0].items()}
 
@@ -837,6 +943,13 @@ def material_from_arrays(arrays: dict[str, np.ndarray]) -> list:
     def triple(prefix: str) -> Triple:
         return Triple(arrays[f"{prefix}.a"], arrays[f"{prefix}.b"], arrays[f"{prefix}.c"])
 
+    def ring(prefix: str, low: int = 2) -> int:
+        """An opening's ring bits (64 when absent), checked."""
+        width = int(arrays[f"{prefix}.width"][0]) if f"{prefix}.width" in arrays else 64
+        if not low <= width <= 64:
+            raise ValueError("bad ring width")
+        return width
+
     items, i = [], 0
     while f"{i}.kind" in arrays:
         p, kind = f"{i}", int(arrays[f"{i}.kind"][0])
@@ -852,25 +965,31 @@ def material_from_arrays(arrays: dict[str, np.ndarray]) -> list:
                 Triple(arrays[f"{p}.a"], arrays[f"{p}.b"], arrays[f"{p}.c"])))
         elif kind == 4:
             items.append(CircuitTruncMaterial(arrays[f"{p}.r"], arrays[f"{p}.r_high"],
-                                              arrays[f"{p}.wrap"]))
+                                              arrays[f"{p}.wrap"], ring(p, 5)))
         elif kind in _CMP_KINDS_BY_CODE:
             name = _CMP_KINDS_BY_CODE[kind]
-            extra = tuple(arrays[f"{p}.extra{j}"] for j in range(_CMP_EXTRAS[name]))
+            width = ring(p, 16)
+            count = _CMP_EXTRAS[name] + (1 if name == "relu" and width < 64 else 0)
+            extra = tuple(arrays[f"{p}.extra{j}"] for j in range(count))
+            drop = int(arrays[f"{p}.drop"][0]) if f"{p}.drop" in arrays else CMP_DROP
             trunc = (CircuitTruncMaterial(arrays[f"{p}.r"], arrays[f"{p}.r_high"],
                                           arrays[f"{p}.wrap"])
                      if name.startswith("trunc_") else None)
             items.append(CircuitCmpMaterial(
                 name, arrays[f"{p}.r"], arrays[f"{p}.r_rows"], tree(f"{p}.tree"),
                 arrays[f"{p}.rho_row"], arrays[f"{p}.rho"], extra, trunc,
-                tree(f"{p}.tree2") if name.endswith("clip") else None))
+                tree(f"{p}.tree2") if name.endswith("clip") else None, width, drop))
+            if not 1 <= drop or items[-1].bits > 64 or (width < 64 and (
+                    name not in NARROW_KINDS or items[-1].bits != width)):
+                raise ValueError("bad comparison drop or width")
         elif kind == 14:
             items.append(TruncSquareMaterial(arrays[f"{p}.r"], arrays[f"{p}.r_high"],
                                              arrays[f"{p}.wrap"], arrays[f"{p}.r2"],
-                                             arrays[f"{p}.rw"]))
+                                             arrays[f"{p}.rw"], ring(p, 5)))
         elif kind in (12, 13):
             a = arrays[f"{p}.a"]
             xa = Triple(a, arrays[f"{p}.b"], arrays[f"{p}.ab"]) if kind == 13 else None
-            items.append(Square(a, arrays[f"{p}.c"], xa))
+            items.append(Square(a, arrays[f"{p}.c"], xa, ring(p, 8)))
         elif kind == 8:
             items.append(SignMaterial(arrays[f"{p}.r"], key(f"{p}.sign"), arrays[f"{p}.rho"]))
         elif kind == 2:
