@@ -122,13 +122,24 @@ def open_value(ch: Channel, x: np.ndarray, width: int = 64) -> np.ndarray:
     openings of values whose range is known (``CircuitTruncMaterial``)."""
     if width >= 64:
         return x + ch.exchange(x)
-    mask = np.uint64((1 << width) - 1)
-    nb = (width + 7) // 8
-    flat = np.ascontiguousarray(x, dtype="<u8").reshape(-1) & mask
-    mine = np.ascontiguousarray(flat.view(np.uint8).reshape(-1, 8)[:, :nb]).reshape(-1)
-    theirs = np.zeros((flat.size, 8), np.uint8)
-    theirs[:, :nb] = ch.exchange(mine).reshape(-1, nb)
-    return ((flat + theirs.view("<u8").reshape(-1)) & mask).reshape(np.shape(x))
+    flat = np.ascontiguousarray(x, dtype=np.uint64).reshape(-1)
+    n, nb = flat.size, (width + 7) // 8
+    # each value's low nb bytes, packed: 4-, 2- and 1-byte words written at stride nb (no
+    # two writes overlap). The bits above width are masked by the fresh 64-bit r (or a)
+    # of every opened value, so they are uniform; the sum drops them
+    buf = np.zeros(n * nb + 8, np.uint8)
+    at = 0
+    for size, dtype in ((4, "<u4"), (2, "<u2"), (1, "u1")):
+        if nb - at >= size:
+            np.ndarray((n,), dtype, buf, at, (nb,))[:] = flat >> np.uint64(8 * at) \
+                if at else flat
+            at += size
+    theirs = ch.exchange(buf[:n * nb])
+    buf[:n * nb] = theirs
+    # read back 8 bytes at stride nb (the next value's low bytes on top, masked off)
+    out = np.ndarray((n,), "<u8", buf, 0, (nb,)) + flat
+    out &= np.uint64((1 << width) - 1)
+    return out.reshape(np.shape(x))
 
 
 # -- dealer material ----------------------------------------------------------------------
