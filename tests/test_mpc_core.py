@@ -581,3 +581,30 @@ def test_narrow_material_and_steps_round_trip_and_bad_ones_are_refused():
     arrays["0.width"] = np.array([30], np.uint64)          # tree says l = 36
     with pytest.raises(ValueError):
         material_from_arrays(arrays)
+
+
+def test_a_tail_polynomial_opens_only_its_truncations():
+    """``tail_poly``: p(z) for z in [-1, 1] (a degree-12 polynomial with the GELU tail's
+    coefficients) within the fixed point's few ulps of the float value, in four
+    rounds of 6 + 6 + 12 + 8 bytes per value (the products between them local); its
+    material survives the arrays, and values outside the band only come out wrong."""
+    from veil.backends.mpc import evaluator as ev
+    from veil.backends.mpc.protocols import (material_arrays, material_from_arrays,
+                                             tail_poly, tail_poly_material)
+    from veil.ir import Op
+    prg = Prg()
+    f = FRAC_BITS
+    coeffs = ev.approximation(Op.GELU).coeffs
+    z = np.concatenate([np.linspace(-1.0, 1.0, 1001), [7.5, -30.0]])
+    y = ev._scaled(z + 1.0, 2 * f)
+    c_f = np.array([ev._scaled(c, f) for c in coeffs], np.uint64)
+    c_2f = np.array([ev._scaled(c, 2 * f) for c in coeffs], np.uint64)
+    ys = share(y, prg)
+    m0, m1 = tail_poly_material(z.size, f, prg)
+    m1 = material_from_arrays(material_arrays([m1]))[0]
+    (p0, p1), chans = run_parties(lambda p, ch, m: tail_poly(ch, p, ys[p], m, c_f, c_2f, f),
+                                  (m0, m1))
+    got = decode(reconstruct(p0, p1), 3 * f)
+    want = np.polynomial.polynomial.polyval(z, coeffs)
+    assert np.abs(got - want)[:-2].max() < 2e-5
+    assert chans[0].rounds == 4 and chans[0].bytes_sent == z.size * (6 + 6 + 12 + 8)

@@ -323,7 +323,7 @@ def approximation(op: Op) -> Piecewise | Tail:
 
 # -- material steps -------------------------------------------------------------------------
 STEP_KINDS = ("trunc", "trunc_relu", "relu", "mul", "drelu", "select", "clip",
-              "trunc_clip", "square", "mulsq", "matmul", "trsq")
+              "trunc_clip", "square", "mulsq", "matmul", "trsq", "tpoly")
 #: a matrix product step's largest dimension (g, m, k, n each), so a request cannot
 #: make the dealer build an absurd triple
 MAX_MATMUL_DIM = 1 << 16
@@ -477,7 +477,9 @@ def dealer_material(steps: list[Step], batch: int, prg: Prg, frac_bits: int = FR
         if step.kind == "matmul":
             g, m, k, n_ = step.dims
             pair = pr.batched_matrix_triples(g * batch, m, k, n_, prg)
-        elif step.kind == "trsq":           # (no comparison: the same for DCFs)
+        elif step.kind == "tpoly":          # (no comparison: the same for DCFs)
+            pair = pr.tail_poly_material(n, frac_bits, prg)
+        elif step.kind == "trsq":
             pair = pr.trunc_square_material(n, step.shift or frac_bits, prg,
                                             step.width or 64)
         elif cmp == "circuit" and step.kind == "trunc":
@@ -586,6 +588,13 @@ class Run:
         out = self._apply(lambda v, m: np.stack(pr.trunc_square(self.ch, self.party, v, m,
                                                                 shift)), y.ravel())
         return out[0].reshape(y.shape), out[1].reshape(y.shape)
+
+    def tail_poly(self, y: np.ndarray, coeffs) -> np.ndarray:
+        """p(y / 2^f - 1) at 3f bits for the degree-12 ``coeffs`` (a "tpoly" step)."""
+        c_f = np.array([_scaled(c, self.f) for c in coeffs], np.uint64)
+        c_2f = np.array([_scaled(c, 2 * self.f) for c in coeffs], np.uint64)
+        return self._apply(lambda v, m: pr.tail_poly(self.ch, self.party, v, m, c_f, c_2f,
+                                                     self.f), y.ravel()).reshape(y.shape)
 
     def mul(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return self._apply(lambda a, b, m: pr.mul(self.ch, self.party, a, b, m),
@@ -926,10 +935,6 @@ def _piecewise(run: Run, x: np.ndarray, pw: Piecewise) -> np.ndarray:
 TAIL_CMP_BITS = 36
 TAIL_SIGN_PRECISION = 14
 TAIL_BAND_PRECISION = 4
-#: the ring of the correction's power truncations: in the band every power is below 1
-#: (|y| < 2^(2f+1) before truncating, inside 2^(48-2)); outside it they come out
-#: wrong, and the band's selection zeroes them exactly, as before
-TAIL_POWER_BITS = 48
 
 
 def _tail_steps(prog, node):
@@ -938,14 +943,10 @@ def _tail_steps(prog, node):
     f = prog.frac_bits
     sign = dict(width=TAIL_CMP_BITS, drop=max(1, f - TAIL_SIGN_PRECISION))
     band = dict(width=TAIL_CMP_BITS, drop=max(1, f - TAIL_BAND_PRECISION))
-    ring = dict(width=TAIL_POWER_BITS)
     steps = [Step("relu", n, **sign)] if node.op in RELU_TAILS else [
         Step("drelu", n, **sign), Step("mul", n)]
-    steps += [Step("trunc", n, **ring),                              # z
-              Step("square", n, **ring), Step("trunc", n, **ring),   # z^2
-              Step("mulsq", n, **ring), Step("trunc", 2 * n, **ring),  # z^3, z^4
-              Step("mul", n), Step("trunc", n),                      # z^4 q_2
-              Step("mul", n), Step("select", n, **band),             # z^4 h, selection
+    steps += [Step("tpoly", n),                                      # p(z), 3f bits
+              Step("select", n, **band),                             # the band
               Step("trunc", n, 2 * f)]                               # from 3f to f bits
     if node.op not in RELU_TAILS:
         steps.append(Step("mul", n))
@@ -955,14 +956,16 @@ def _tail_steps(prog, node):
 def _tail(run: Run, node, args):
     """:class:`Tail`: the comparison that gives ReLU(x) (SiLU) or s = [x >= 0] and
     t = x (2 s - 1) (sigmoid); z = 2 t / bound - 1; p(z) by Paterson and Stockmeyer
-    (SIAM J. Comput. 1973) for degree 12: z^2 (a square: one opening), then z^3 and
-    z^4 = (z^2)^2 in one round from the openings of z^2 - a and z - b, the
-    cubics q_0, q_1, q_2 locally at 2f bits with the top coefficient's c_12 z^4 added to
-    q_2 (a public multiple, local), and Horner's rule in z^4, h = q_1 + z^4 q_2 (3f
-    bits, truncated to 2f) and p = q_0 + z^4 h (3f bits): five products and five
-    truncations where the powers alone take eleven. In the band every one of these is
-    below 1 (|z| <= 1; ``tests/test_mpc_ops.py``), so 3f = 60 bits stay inside the
-    truncation's 2^62; outside it they wrap, and the selection [bound - t >= 0] p(z)
+    (SIAM J. Comput. 1973) for degree 12: z, z^2, then z^3 and z^4 = (z^2)^2 together,
+    the cubics q_0, q_1, q_2 locally at 2f bits with the top coefficient's c_12 z^4
+    added to q_2, and Horner's rule in z^4, h = q_1 + z^4 q_2 (3f bits, truncated to 2f)
+    and p = q_0 + z^4 h (3f bits): four truncations, every product between them local
+    (``protocols.tail_poly``: each truncated value is a public part plus a mask the
+    dealer knows, so a product of two needs only dealt cross products), where Beaver
+    products would open eight values more. In the band every one of these is below 1
+    (|z| <= 1; ``tests/test_mpc_ops.py``), so the powers' truncations run on a 48-bit
+    ring (six bytes an opening) and 3f = 60 bits stay inside the last one's 2^62;
+    outside the band they come out wrong, and the selection [t <= bound - 2^-4] p(z)
     zeroes them exactly. One truncation by 2f brings the correction to f bits; for
     sigmoid, s + (1 - 2 s) q with one more product."""
     x, f = args[0], run.f
@@ -976,21 +979,9 @@ def _tail(run: Run, node, args):
     else:
         s = run.drelu(x)
         t = run.mul(x, np.uint64(2) * s - run.public(np.uint64(1)))
-    z = run.trunc(t * _scaled(2.0 / tail.bound, f)) - run.public(lift)
-    z2 = run.trunc(run.square(z))
-    z3, z4 = run.trunc(run.mul_square(z2, z))
-    powers = (None, z, z2, z3)
-
-    def piece(j: int) -> np.ndarray:                   # q_j(z) at 2f bits, locally
-        coeffs = tail.coeffs[4 * j:4 * j + 4]
-        out = np.broadcast_to(run.public(_scaled(coeffs[0], 2 * f)), x.shape).copy()
-        for k, c in enumerate(coeffs[1:], start=1):
-            out += powers[k] * _scaled(c, f)
-        return out
-
-    top = piece(2) + z4 * _scaled(tail.coeffs[12], f)                # 2f bits
-    h = piece(1) + run.trunc(run.mul(z4, top))                        # 2f bits
-    p = piece(0) * lift + run.mul(z4, h)                              # 3f bits
+    # z + 1 = 2 t / bound at 2f bits; p(z) at 3f (``protocols.tail_poly``: four
+    # openings, the products local from the dealer's cross products)
+    p = run.tail_poly(t * _scaled(2.0 / tail.bound, f), tail.coeffs)
     # [t <= bound - 2^-p]: the coarse comparison errs only within 2^-p below its
     # threshold, so p(z) is never taken beyond the fit's bound
     corr = run.trunc(run.select(p, run.public(_scaled(tail.edge, f)) - t), shift=2 * f)

@@ -230,6 +230,28 @@ class TruncSquareMaterial:
     width: int = 64
 
 
+#: A tail polynomial's truncations: z (from the pre-truncation 2 t / bound at 2f bits),
+#: z^2, z^3 and z^4 (all below 1 in the band, so on a 48-bit ring), and z^4 q_2(z) at 3f
+#: bits (the full ring); and the products of two truncated values it takes, as index
+#: pairs into those five: z z, z^2 z, z^2 z^2, and z^4 times each of z, z^2, z^3, z^4 and
+#: the fifth (:func:`tail_poly`)
+TPOLY_WIDTHS = (48, 48, 48, 48, 64)
+TPOLY_PAIRS = ((0, 0), (1, 0), (1, 1), (3, 0), (3, 1), (3, 2), (3, 3), (3, 4))
+
+
+@dataclass(frozen=True)
+class TailPolyMaterial:
+    """One party's share of a tail polynomial's material (:func:`tail_poly`): for each
+    of its five truncations the mask r, h = r' >> f and w = msb(r') 2^(width-f) on its
+    ring (rows of ``r``, ``h``, ``w``), and for each pair (i, j) of ``TPOLY_PAIRS``
+    shares of h_i h_j, h_i w_j, w_i h_j and w_i w_j (``cross``, shape (pairs, 4, n))."""
+
+    r: np.ndarray
+    h: np.ndarray
+    w: np.ndarray
+    cross: np.ndarray
+
+
 #: What a circuit comparison's multiplexer computes: the bit alone ("sign"), the compared
 #: value times it ("relu"), another value times it ("select", with the mask a of that
 #: value), or the truncated value times it ("trunc_relu"); "clip" and "trunc_clip" add
@@ -409,6 +431,24 @@ def trunc_square_material(n: int, frac_bits: int, prg: Prg, width: int = 64
             TruncSquareMaterial(r1, h1, w1, q1, p1, width))
 
 
+def tail_poly_material(n: int, frac_bits: int, prg: Prg
+                       ) -> tuple[TailPolyMaterial, TailPolyMaterial]:
+    """Both parties' material for ``n`` tail polynomials (:func:`tail_poly`)."""
+    k = len(TPOLY_WIDTHS)
+    r, (r0, r1) = prg.root_u64((k, n))
+    h = np.empty((k, n), np.uint64)
+    w = np.empty((k, n), np.uint64)
+    for i, width in enumerate(TPOLY_WIDTHS):
+        low, top = _ring_mask(r[i], width)
+        h[i] = low >> np.uint64(frac_bits)
+        w[i] = top << np.uint64(width - frac_bits)
+    cross = np.empty((len(TPOLY_PAIRS), 4, n), np.uint64)
+    for p, (i, j) in enumerate(TPOLY_PAIRS):
+        cross[p] = (h[i] * h[j], h[i] * w[j], w[i] * h[j], w[i] * w[j])
+    (h0, h1), (w0, w1), (c0, c1) = prg.split_u64(h), prg.split_u64(w), prg.split_u64(cross)
+    return TailPolyMaterial(r0, h0, w0, c0), TailPolyMaterial(r1, h1, w1, c1)
+
+
 #: the comparison kinds that can open on a narrow ring (``circuit_cmp_material``'s
 #: ``bits``): their value is the compared one (lifted back exactly), a constant, or
 #: opened on its own
@@ -567,6 +607,71 @@ def trunc_square(ch: Channel, party: int, y: np.ndarray, m: TruncSquareMaterial,
         t = t + p
         sq = sq + p * p
     return t, sq
+
+
+def tail_poly(ch: Channel, party: int, y: np.ndarray, m: TailPolyMaterial,
+              c_f: np.ndarray, c_2f: np.ndarray, frac_bits: int) -> np.ndarray:
+    """Shares of p(z) at 3f bits, z = y / 2^f - 1 (y at 2f bits), for the degree-12
+    polynomial with coefficients c (ring constants at f bits in ``c_f``, at 2f in
+    ``c_2f``), in four rounds: Paterson and Stockmeyer's evaluation of
+    ``evaluator._tail`` with its products made local.
+
+    A faithful truncation's result is t = P + s w - h with P and s public once u^ is
+    opened and h, w dealt (``_faithful``): a masked value whose mask the dealer knows
+    (as in ABY2.0's wires, Patra et al., USENIX Security 2021, and SPDZ's
+    function-dependent preprocessing). The product of two of them is then local:
+    t_i t_j = P_i P_j + P_i L_j + P_j L_i + L_i L_j with L = s w - h and
+    L_i L_j = s_i s_j w_i w_j - s_i w_i h_j - s_j h_i w_j + h_i h_j from the dealt cross
+    products of ``TPOLY_PAIRS``. So the chain opens only its truncations: z; z^2;
+    z^3 and z^4 together; z^4 q_2(z) (where the Beaver products opened eight times) --
+    exact, the same values as the products followed by the same truncations."""
+    f = np.uint64(frac_bits)
+    one = np.uint64(1) << f
+    opened: list = []
+
+    def trunc(vals: np.ndarray, rows: slice) -> None:
+        width = TPOLY_WIDTHS[rows.start]
+        off = _offset_w(width)
+        uhat = open_value(ch, (vals + off if party == 0 else vals) + m.r[rows], width)
+        s = np.uint64(1) - (uhat >> np.uint64(width - 1))
+        for k, i in enumerate(range(rows.start, rows.stop)):
+            opened.append(((uhat[k] >> f) - (off >> f), s[k], s[k] * m.w[i] - m.h[i]))
+
+    def val(i: int) -> np.ndarray:
+        p, _, low = opened[i]
+        return low + p if party == 0 else low
+
+    def prod(i: int, j: int) -> np.ndarray:
+        (pi, si, li), (pj, sj, lj) = opened[i], opened[j]
+        hh, hw, wh, ww = m.cross[TPOLY_PAIRS.index((i, j))]
+        out = pi * lj + pj * li + si * sj * ww - si * wh - sj * hw + hh
+        return out + pi * pj if party == 0 else out
+
+    def const(c: np.uint64) -> np.uint64:
+        return c if party == 0 else _ZERO
+
+    trunc(y[None], slice(0, 1))                                   # t1 = z + 1
+    z = val(0) - const(one)
+    trunc((prod(0, 0) - np.uint64(2) * one * val(0) + const(one * one))[None],
+          slice(1, 2))                                            # z^2
+    trunc(np.stack([prod(1, 0) - one * val(1), prod(1, 1)]), slice(2, 4))   # z^3, z^4
+    powers = (None, z, val(1), val(2))
+
+    def piece(j: int) -> np.ndarray:                  # q_j(z) at 2f bits, locally
+        out = np.full(y.shape, const(c_2f[4 * j]), np.uint64)
+        for k in range(1, 4):
+            out += c_f[4 * j + k] * powers[k]
+        return out
+
+    def times_z4(j: int, top: np.uint64 | None = None) -> np.ndarray:
+        """z^4 q_j(z) (+ top z^4 z^4) at 3f bits, from dealt cross products."""
+        out = c_2f[4 * j] * val(3) + c_f[4 * j + 1] * (prod(3, 0) - one * val(3))
+        out += c_f[4 * j + 2] * prod(3, 1) + c_f[4 * j + 3] * prod(3, 2)
+        return out if top is None else out + top * prod(3, 3)
+
+    trunc(times_z4(2, c_f[12])[None], slice(4, 5))               # z^4 q_2 at 2f bits
+    # p = q_0 + z^4 (q_1 + z^4 q_2) at 3f bits
+    return piece(0) * one + times_z4(1) + prod(3, 4)
 
 
 def rounds_to_floor(m) -> bool:
@@ -855,6 +960,10 @@ def material_arrays(items: list) -> dict[str, np.ndarray]:
             out[f"{p}.r"], out[f"{p}.r_high"], out[f"{p}.wrap"] = m.r, m.r_high, m.wrap
             out[f"{p}.r2"], out[f"{p}.rw"] = m.r2, m.rw
             out[f"{p}.width"] = np.array([m.width], np.uint64)
+        elif isinstance(m, TailPolyMaterial):
+            out[f"{p}.kind"] = np.array([15], np.uint8)
+            out[f"{p}.r"], out[f"{p}.h"], out[f"{p}.w"] = m.r, m.h, m.w
+            out[f"{p}.cross"] = m.cross
         elif isinstance(m, Square):
             out[f"{p}.kind"] = np.array([12 if m.xa is None else 13], np.uint8)
             out[f"{p}.a"], out[f"{p}.c"] = m.a, m.c
@@ -997,6 +1106,14 @@ def material_from_arrays(arrays: dict[str, np.ndarray]) -> list:
             items.append(TruncSquareMaterial(arrays[f"{p}.r"], arrays[f"{p}.r_high"],
                                              arrays[f"{p}.wrap"], arrays[f"{p}.r2"],
                                              arrays[f"{p}.rw"], ring(p, 5)))
+        elif kind == 15:
+            mat = TailPolyMaterial(arrays[f"{p}.r"], arrays[f"{p}.h"], arrays[f"{p}.w"],
+                                   arrays[f"{p}.cross"])
+            k, n = len(TPOLY_WIDTHS), mat.r.shape[-1]
+            if (mat.r.shape != (k, n) or mat.h.shape != (k, n) or mat.w.shape != (k, n)
+                    or mat.cross.shape != (len(TPOLY_PAIRS), 4, n)):
+                raise ValueError("bad tail polynomial material")
+            items.append(mat)
         elif kind in (12, 13):
             a = arrays[f"{p}.a"]
             xa = Triple(a, arrays[f"{p}.b"], arrays[f"{p}.ab"]) if kind == 13 else None
