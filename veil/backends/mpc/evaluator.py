@@ -323,7 +323,7 @@ def approximation(op: Op) -> Piecewise | Tail:
 
 # -- material steps -------------------------------------------------------------------------
 STEP_KINDS = ("trunc", "trunc_relu", "relu", "mul", "drelu", "select", "clip",
-              "trunc_clip", "square", "mulsq", "matmul", "trsq", "tpoly")
+              "trunc_clip", "square", "mulsq", "matmul", "tpoly", "texp")
 #: a matrix product step's largest dimension (g, m, k, n each), so a request cannot
 #: make the dealer build an absurd triple
 MAX_MATMUL_DIM = 1 << 16
@@ -337,7 +337,7 @@ class Step:
     triples.
 
     ``width`` (0: the full 64 bits) narrows the step's opening to a ring of that many
-    bits, for values whose range the kernel knows: a "trunc"/"trsq" input |y| <
+    bits, for values whose range the kernel knows: a "trunc" input |y| <
     2^(width-2) ring units; a "square"/"mulsq" whose product only such a truncation
     reads; a "relu"/"drelu"/"select" comparing on l = ``width`` bits with the lowest
     ``drop`` (0: ``CMP_DROP``) left out of the tree, |x| < 2^(l-2) for a "relu"."""
@@ -352,13 +352,12 @@ class Step:
     def __post_init__(self) -> None:
         if self.kind not in STEP_KINDS:
             raise InputError(f"unknown material kind {self.kind!r}")
-        if self.shift and (self.kind not in ("trunc", "trsq") or not 2 <= self.shift <= 60
-                           or (self.kind == "trsq" and self.shift > 32)):
+        if self.shift and (self.kind != "trunc" or not 2 <= self.shift <= 60):
             raise InputError(f"a {self.kind} step cannot shift by {self.shift} bits")
-        lowest = {"trunc": (self.shift or 2) + 3, "trsq": (self.shift or 2) + 3,
+        lowest = {"trunc": (self.shift or 2) + 3,
                   "square": 8, "mulsq": 8, "relu": 16, "drelu": 16, "select": 16}
         if self.width and (self.kind not in lowest or not lowest[self.kind] <= self.width
-                           <= (64 if self.kind in ("trunc", "trsq", "square", "mulsq")
+                           <= (64 if self.kind in ("trunc", "square", "mulsq")
                                else 63)):
             raise InputError(f"a {self.kind} step cannot open {self.width} bits")
         if self.drop and (self.kind not in ("relu", "drelu", "select") or not self.width
@@ -477,11 +476,8 @@ def dealer_material(steps: list[Step], batch: int, prg: Prg, frac_bits: int = FR
         if step.kind == "matmul":
             g, m, k, n_ = step.dims
             pair = pr.batched_matrix_triples(g * batch, m, k, n_, prg)
-        elif step.kind == "tpoly":          # (no comparison: the same for DCFs)
-            pair = pr.tail_poly_material(n, frac_bits, prg)
-        elif step.kind == "trsq":
-            pair = pr.trunc_square_material(n, step.shift or frac_bits, prg,
-                                            step.width or 64)
+        elif step.kind in pr.CHAINS:        # (no comparison: the same for DCFs)
+            pair = pr.chain_material(step.kind, n, frac_bits, prg)
         elif cmp == "circuit" and step.kind == "trunc":
             pair = pr.circuit_trunc_material(n, step.shift or frac_bits, prg,
                                              width=step.width or 64)
@@ -582,19 +578,17 @@ class Run:
         return self._apply(lambda v, m: fn(self.ch, self.party, v, m, shift),
                            y.ravel()).reshape(y.shape)
 
-    def trunc_square(self, y: np.ndarray, shift: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """(y / 2^shift, its square) from one opening (a "trsq" step, same shift)."""
-        shift = shift or self.f
-        out = self._apply(lambda v, m: np.stack(pr.trunc_square(self.ch, self.party, v, m,
-                                                                shift)), y.ravel())
-        return out[0].reshape(y.shape), out[1].reshape(y.shape)
-
     def tail_poly(self, y: np.ndarray, coeffs) -> np.ndarray:
         """p(y / 2^f - 1) at 3f bits for the degree-12 ``coeffs`` (a "tpoly" step)."""
         c_f = np.array([_scaled(c, self.f) for c in coeffs], np.uint64)
         c_2f = np.array([_scaled(c, 2 * self.f) for c in coeffs], np.uint64)
         return self._apply(lambda v, m: pr.tail_poly(self.ch, self.party, v, m, c_f, c_2f,
                                                      self.f), y.ravel()).reshape(y.shape)
+
+    def exp(self, d: np.ndarray) -> np.ndarray:
+        """exp(d) at f bits for d in [-256, 2^-1] (a "texp" step)."""
+        return self._apply(lambda v, m: pr.exp_chain(self.ch, self.party, v, m, self.f),
+                           d.ravel()).reshape(d.shape)
 
     def mul(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return self._apply(lambda a, b, m: pr.mul(self.ch, self.party, a, b, m),

@@ -19,12 +19,15 @@ kernel over its calibrated range):
   d = x - max clamped to d' = max(d, -256) (one coarse ReLU: an additive mask of -10^4
   would otherwise wrap the limit below), then
   exp(d') ~ (1 + d'/256)^256 (1 + d'^2 / 512): eight squarings (1 + d'/256 at 28 bits
-  is the f-bit share of d' plus 2^28, no shift; its square truncated to F = 26
-  fractional bits, where the other squarings run; each truncation and the next square
-  share one opening, ``protocols.trunc_square``, on a 56-bit ring after the first), the
-  second factor undoing the limit's leading error exp(-d^2 / 512) (without it the
-  error reaches 1.1e-3 at d = -2; with it the residual x^3/3N^2 - x^4/8N^2 leaves
-  probabilities within 1e-4, 5.4e-5 measured, fixed point included) and local: 1 + d^2/512 = 128 u^2 - 127 - d for u = 1 + d/256. The sum's reciprocal (below) and one product per entry.
+  is the f-bit share of d' plus 2^28, no shift; its square truncated to 26 fractional
+  bits, where the other squarings run on a 56-bit ring), the second factor undoing the
+  limit's leading error exp(-d^2 / 512) (without it the error reaches 1.1e-3 at
+  d = -2; with it the residual x^3/3N^2 - x^4/8N^2 leaves probabilities within 1e-4,
+  5.4e-5 measured, fixed point included) and linear in what the chain holds:
+  1 + d^2/512 = 128 u^2 - 127 - d for u = 1 + d/256. The whole exponential is one masked
+  chain (``protocols.exp_chain``): every squaring and the final product are local
+  between truncations, ten openings. The sum's reciprocal (below) and one product per
+  entry.
 - RECIPROCAL 1/s for s in [lo, hi] (the node's calibrated range): the binade of s from
   comparisons with every power of two in the range (one batch), y0 = 0.75 2^-e as a
   public linear combination of the comparison bits (2^-e telescopes over them), so
@@ -53,14 +56,8 @@ import numpy as np
 from ...errors import UnsupportedOperation
 from ...ir import Op
 from .evaluator import Kernel, Run, Step, _no_steps, _scaled, max_tree, tree_widths
+from .protocols import EXP_HALVINGS
 
-#: fractional bits of the exponential's squarings: (1 + d/256) is exact at 26 bits, and
-#: every power (below 2 at 52 bits: d <= 2^-1, see MAX_PRECISION) stays inside the
-#: 2^(EXP_RING-2) of the truncations' 56-bit ring (seven bytes an opening, not eight)
-EXP_BITS = 26
-EXP_RING = 56
-#: exp's limit: (1 + d/2^EXP_HALVINGS)^(2^EXP_HALVINGS), d clamped to -2^EXP_HALVINGS
-EXP_HALVINGS = 8
 #: the row max's comparisons: on 40 ring bits (|a - b| < 2^18 real, an additive mask of
 #: -10^4 included), opened narrow (5 bytes), the tree leaving out the bits below 2^-4
 #: real: each level may keep the smaller of two values within 2^-4, so the "max" falls
@@ -251,10 +248,7 @@ def _softmax_steps(prog, node):
     steps = [Step("relu", rows * k, width=MAX_BITS, drop=max(1, f - MAX_PRECISION))
              for k in tree_widths(last)]
     steps += [Step("relu", n, width=MAX_BITS, drop=f + CLAMP_COARSE),    # the clamp
-              Step("square", n), Step("trsq", n, 2 * (f + EXP_HALVINGS) - EXP_BITS)]
-    steps += [Step("trsq", n, EXP_BITS, width=EXP_RING)] * (EXP_HALVINGS - 2)
-    steps += [Step("trunc", n, EXP_BITS, width=EXP_RING), Step("mul", n),
-              Step("trunc", n, 2 * EXP_BITS - f)]
+              Step("texp", n)]
     steps += _recip_steps(rows, 0.5, _sum_bound(last))
     steps += [Step("mul", n), Step("trunc", n)]
     return steps
@@ -262,23 +256,10 @@ def _softmax_steps(prog, node):
 
 def _exp_nonpositive(run: Run, d: np.ndarray) -> np.ndarray:
     """exp(d) at f bits for shared d <= 0 (f bits; up to 2^-1 above 0 after a coarse
-    max): see the module docstring."""
-    f, big = run.f, EXP_BITS
-    first = f + EXP_HALVINGS                # u = 1 + d/256 at f + 8 bits: d's own share
-    limit = float(2 ** EXP_HALVINGS)
-    lim = run.public(_scaled(limit, f))
+    max): the clamp at -256, then ``protocols.exp_chain`` (the module docstring)."""
+    lim = run.public(_scaled(float(2 ** EXP_HALVINGS), run.f))
     d = run.relu(np.ascontiguousarray(d + lim)) - lim            # max(d, -256)
-    u = d + run.public(np.uint64(1) << np.uint64(first))        # 1 + d/256
-    y = run.square(u)                                           # u^2 at 2 (f + 8) bits
-    t, y = run.trunc_square(y, shift=2 * first - big)           # u^2 at 26 bits, u^4
-    # 1 + d^2/512 = 128 u^2 - 127 - d (u = 1 + d/256), at 26 bits from u^2's truncation:
-    # no product of its own
-    corr = np.uint64(128) * t - run.public(np.uint64(127) << np.uint64(big)) \
-        - d * np.uint64(1 << (big - f))
-    for _ in range(EXP_HALVINGS - 2):                           # u^(2^k), one opening each
-        _, y = run.trunc_square(y, shift=big)
-    u = run.trunc(y, shift=big)
-    return run.trunc(run.mul(u, corr), shift=2 * big - f).reshape(d.shape)
+    return run.exp(d)
 
 
 def _softmax(run: Run, node, args):

@@ -216,40 +216,56 @@ class CircuitTruncMaterial:
     width: int = 64
 
 
+#: Masked chains (:class:`_Chain`): per chain, its truncations as (ring width, shift;
+#: 0 = f) and the products of two truncated values it takes, as index pairs into them
+#: (index len(truncs): the chain's Beaver-square input, when it has one).
+#: - "tpoly", a tail's degree-12 polynomial (:func:`tail_poly`): z (from 2 t / bound at
+#:   2f bits), z^2, z^3 and z^4 (below 1 in the band: a 48-bit ring), and z^4 q_2(z) at
+#:   3f bits; the products z z, z^2 z, z^2 z^2 and z^4 times z, z^2, z^3, z^4 and the
+#:   fifth.
+#: - "texp", softmax's exponential (:func:`exp_chain`): u^2 (u = 1 + d/256 at f + 8 bits)
+#:   truncated to ``EXP_BITS``, six more squarings there (``EXP_RING`` bits: every power
+#:   stays below 2), u^256, and u^256 times the correction 1 + d^2/512, back to f bits;
+#:   the squares, u^256 u^2 and u^256 d (d = the square's opening plus its mask a).
+EXP_HALVINGS = 8
+EXP_BITS = 26
+EXP_RING = 56
+
+
+def chain_spec(name: str, frac_bits: int) -> tuple[tuple, tuple, bool]:
+    """(truncations, pairs, has a Beaver square) of chain ``name`` at f bits."""
+    f = frac_bits
+    if name == "tpoly":
+        return (((48, f),) * 4 + ((64, f),),
+                ((0, 0), (1, 0), (1, 1), (3, 0), (3, 1), (3, 2), (3, 3), (3, 4)), False)
+    if name == "texp":
+        first = 2 * (f + EXP_HALVINGS) - EXP_BITS
+        truncs = ((64, first),) + ((EXP_RING, EXP_BITS),) * (EXP_HALVINGS - 1) \
+            + ((64, 2 * EXP_BITS - f),)
+        squares = tuple((i, i) for i in range(EXP_HALVINGS - 1))
+        return truncs, squares + ((7, 0), (7, 9)), True
+    raise ValueError(f"unknown chain {name!r}")
+
+
+CHAINS = ("tpoly", "texp")
+
+
 @dataclass(frozen=True)
-class TruncSquareMaterial:
-    """A faithful truncation's shares and, for its result's square in the same round,
-    shares of (r >> f)^2 and of (r >> f) msb(r) 2^(64-f) (the wrap's own square is 0
-    in the ring for f <= 32)."""
+class ChainMaterial:
+    """One party's share of a masked chain's material: for each truncation the mask r,
+    h = r' >> shift and w = msb(r') 2^(width - shift) on its ring (rows of ``r``,
+    ``h``, ``w``); for each pair (i, j) shares of h_i h_j, h_i w_j, w_i h_j and w_i w_j
+    (``cross``, shape (pairs, 4, n)); and, for a chain that starts with a Beaver square,
+    its mask ``a`` and ``c`` = a^2 (the mask is the last index of the pairs, as h = -a,
+    w = 0)."""
 
-    r: np.ndarray
-    r_high: np.ndarray
-    wrap: np.ndarray
-    r2: np.ndarray
-    rw: np.ndarray
-    width: int = 64
-
-
-#: A tail polynomial's truncations: z (from the pre-truncation 2 t / bound at 2f bits),
-#: z^2, z^3 and z^4 (all below 1 in the band, so on a 48-bit ring), and z^4 q_2(z) at 3f
-#: bits (the full ring); and the products of two truncated values it takes, as index
-#: pairs into those five: z z, z^2 z, z^2 z^2, and z^4 times each of z, z^2, z^3, z^4 and
-#: the fifth (:func:`tail_poly`)
-TPOLY_WIDTHS = (48, 48, 48, 48, 64)
-TPOLY_PAIRS = ((0, 0), (1, 0), (1, 1), (3, 0), (3, 1), (3, 2), (3, 3), (3, 4))
-
-
-@dataclass(frozen=True)
-class TailPolyMaterial:
-    """One party's share of a tail polynomial's material (:func:`tail_poly`): for each
-    of its five truncations the mask r, h = r' >> f and w = msb(r') 2^(width-f) on its
-    ring (rows of ``r``, ``h``, ``w``), and for each pair (i, j) of ``TPOLY_PAIRS``
-    shares of h_i h_j, h_i w_j, w_i h_j and w_i w_j (``cross``, shape (pairs, 4, n))."""
-
+    name: str
     r: np.ndarray
     h: np.ndarray
     w: np.ndarray
     cross: np.ndarray
+    a: np.ndarray | None = None
+    c: np.ndarray | None = None
 
 
 #: What a circuit comparison's multiplexer computes: the bit alone ("sign"), the compared
@@ -415,38 +431,31 @@ def circuit_trunc_material(n: int, frac_bits: int, prg: Prg, r=None, width: int 
     return (CircuitTruncMaterial(r0, h0, w0, width), CircuitTruncMaterial(r1, h1, w1, width))
 
 
-def trunc_square_material(n: int, frac_bits: int, prg: Prg, width: int = 64
-                          ) -> tuple[TruncSquareMaterial, TruncSquareMaterial]:
-    """:func:`circuit_trunc_material` plus the two products :func:`trunc_square` needs."""
-    if not 2 <= frac_bits <= 32:
-        raise ValueError("a truncated square shifts by 2..32 bits")
-    _check_width(width, frac_bits)
-    r, (r0, r1) = prg.root_u64(n)
-    low, top = _ring_mask(r, width)
-    high = low >> np.uint64(frac_bits)
-    wrap = top * (np.uint64(1) << np.uint64(width - frac_bits))
-    (h0, h1), (w0, w1) = prg.split_u64(high), prg.split_u64(wrap)
-    (q0, q1), (p0, p1) = prg.split_u64(high * high), prg.split_u64(high * wrap)
-    return (TruncSquareMaterial(r0, h0, w0, q0, p0, width),
-            TruncSquareMaterial(r1, h1, w1, q1, p1, width))
-
-
-def tail_poly_material(n: int, frac_bits: int, prg: Prg
-                       ) -> tuple[TailPolyMaterial, TailPolyMaterial]:
-    """Both parties' material for ``n`` tail polynomials (:func:`tail_poly`)."""
-    k = len(TPOLY_WIDTHS)
+def chain_material(name: str, n: int, frac_bits: int, prg: Prg
+                   ) -> tuple[ChainMaterial, ChainMaterial]:
+    """Both parties' material for ``n`` runs of chain ``name`` (:data:`CHAINS`)."""
+    truncs, pairs, beaver = chain_spec(name, frac_bits)
+    k = len(truncs)
     r, (r0, r1) = prg.root_u64((k, n))
-    h = np.empty((k, n), np.uint64)
-    w = np.empty((k, n), np.uint64)
-    for i, width in enumerate(TPOLY_WIDTHS):
+    h = np.empty((k + 1, n), np.uint64)
+    w = np.zeros((k + 1, n), np.uint64)
+    for i, (width, shift) in enumerate(truncs):
         low, top = _ring_mask(r[i], width)
-        h[i] = low >> np.uint64(frac_bits)
-        w[i] = top << np.uint64(width - frac_bits)
-    cross = np.empty((len(TPOLY_PAIRS), 4, n), np.uint64)
-    for p, (i, j) in enumerate(TPOLY_PAIRS):
+        h[i] = low >> np.uint64(shift)
+        w[i] = top << np.uint64(width - shift)
+    sq = ((None, None), (None, None))
+    if beaver:
+        a, (a0, a1) = prg.root_u64(n)
+        c0, c1 = prg.split_u64(a * a)
+        h[k] = _ZERO - a
+        sq = ((a0, c0), (a1, c1))
+    cross = np.empty((len(pairs), 4, n), np.uint64)
+    for p, (i, j) in enumerate(pairs):
         cross[p] = (h[i] * h[j], h[i] * w[j], w[i] * h[j], w[i] * w[j])
-    (h0, h1), (w0, w1), (c0, c1) = prg.split_u64(h), prg.split_u64(w), prg.split_u64(cross)
-    return TailPolyMaterial(r0, h0, w0, c0), TailPolyMaterial(r1, h1, w1, c1)
+    (h0, h1), (w0, w1) = prg.split_u64(h[:k]), prg.split_u64(w[:k])
+    c0, c1 = prg.split_u64(cross)
+    return (ChainMaterial(name, r0, h0, w0, c0, *sq[0]),
+            ChainMaterial(name, r1, h1, w1, c1, *sq[1]))
 
 
 #: the comparison kinds that can open on a narrow ring (``circuit_cmp_material``'s
@@ -585,93 +594,113 @@ def truncate_shares(ch: Channel, party: int, x: np.ndarray,
     return _shift(party, uhat, fss.evaluate(party, m.wrap, uhat), low, m.r_high, frac_bits)
 
 
-def trunc_square(ch: Channel, party: int, y: np.ndarray, m: TruncSquareMaterial,
-                 frac_bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Shares of t = y / 2^f (faithful, as :func:`truncate_shares`) and of t^2, from the
-    one opening of the truncation: t = P - h + s w with P and s public after the
-    opening (P = (u^ >> f) - (2^62 >> f), s = 1 - msb(u^)) and h = r >> f, w = msb(r)
-    2^(64-f) dealt, so t^2 = P^2 - 2 P h + 2 P s w + h^2 - 2 s h w + s w^2 is local
-    given the dealt h^2 and h w (w^2 = w 2^(w_ring - f), 0 in Z_(2^64) on the full ring
-    for f <= 32). A chain of squarings (exp's) opens
-    once per squaring instead of twice. Needs |y| < 2^62 and |t^2| < 2^63."""
-    off = _offset_w(m.width)
-    uhat = open_value(ch, (y + off if party == 0 else y) + m.r, m.width)
-    f = np.uint64(frac_bits)
-    s = np.uint64(1) - (uhat >> np.uint64(m.width - 1))
-    p = (uhat >> f) - (off >> f)
-    t = s * m.wrap - m.r_high
-    # s w^2 = s wrap 2^(width-f): zero in the ring at width 64 (f <= 32), not below
-    sq = m.r2 - np.uint64(2) * s * m.rw + np.uint64(2) * p * t \
-        + s * (m.wrap << np.uint64(m.width - frac_bits))
-    if party == 0:
-        t = t + p
-        sq = sq + p * p
-    return t, sq
+class _Chain:
+    """One party's masked chain (``ChainMaterial``): values held as a public part P and
+    a masked part L, the value being P + L (party 0 adds P).
+
+    A faithful truncation's result is t = P + s w - h with P and s public once u^ is
+    opened and h, w dealt (``_faithful``), so L = s w - h is known to the dealer up to
+    the public s: the wires of ABY2.0 (Patra et al., USENIX Security 2021), or SPDZ's
+    function-dependent preprocessing. The product of two such values is local:
+    t_i t_j = P_i P_j + P_i L_j + P_j L_i + L_i L_j with
+    L_i L_j = s_i s_j w_i w_j - s_i w_i h_j - s_j h_i w_j + h_i h_j from the dealt cross
+    products, exactly the product a Beaver triple would give, with no opening. A chain
+    opens only its truncations."""
+
+    def __init__(self, ch: Channel, party: int, m: ChainMaterial, frac_bits: int) -> None:
+        self.ch, self.party, self.m = ch, party, m
+        self.truncs, self.pairs, _ = chain_spec(m.name, frac_bits)
+        self.vals: dict[int, tuple] = {}
+
+    def const(self, c) -> np.uint64:
+        return c if self.party == 0 else _ZERO
+
+    def trunc(self, vals: np.ndarray, first: int) -> None:
+        """Truncate the rows of ``vals`` as truncations first, first + 1, ... (one
+        opening; they share a ring)."""
+        width, shift = self.truncs[first]
+        off = _offset_w(width)
+        rows = slice(first, first + vals.shape[0])
+        uhat = open_value(self.ch, (vals + off if self.party == 0 else vals) + self.m.r[rows],
+                          width)
+        s = np.uint64(1) - (uhat >> np.uint64(width - 1))
+        sh = np.uint64(shift)
+        for k in range(vals.shape[0]):
+            i = first + k
+            self.vals[i] = ((uhat[k] >> sh) - (off >> sh), s[k],
+                            s[k] * self.m.w[i] - self.m.h[i])
+
+    def square_input(self, x: np.ndarray) -> np.ndarray:
+        """x^2 by the chain's Beaver square (one opening of U = x - a); x = U + a then
+        joins the chain as value len(truncs) (P = U, L = a)."""
+        a, c = self.m.a, self.m.c
+        u = open_value(self.ch, x - a)
+        self.vals[len(self.truncs)] = (u, _ZERO, a)
+        out = c + np.uint64(2) * u * a
+        return out + u * u if self.party == 0 else out
+
+    def val(self, i: int) -> np.ndarray:
+        p, _, low = self.vals[i]
+        return low + p if self.party == 0 else low
+
+    def prod(self, i: int, j: int) -> np.ndarray:
+        (pi, si, li), (pj, sj, lj) = self.vals[i], self.vals[j]
+        hh, hw, wh, ww = self.m.cross[self.pairs.index((i, j))]
+        out = pi * lj + pj * li + si * sj * ww - si * wh - sj * hw + hh
+        return out + pi * pj if self.party == 0 else out
 
 
-def tail_poly(ch: Channel, party: int, y: np.ndarray, m: TailPolyMaterial,
+def tail_poly(ch: Channel, party: int, y: np.ndarray, m: ChainMaterial,
               c_f: np.ndarray, c_2f: np.ndarray, frac_bits: int) -> np.ndarray:
     """Shares of p(z) at 3f bits, z = y / 2^f - 1 (y at 2f bits), for the degree-12
     polynomial with coefficients c (ring constants at f bits in ``c_f``, at 2f in
-    ``c_2f``), in four rounds: Paterson and Stockmeyer's evaluation of
-    ``evaluator._tail`` with its products made local.
-
-    A faithful truncation's result is t = P + s w - h with P and s public once u^ is
-    opened and h, w dealt (``_faithful``): a masked value whose mask the dealer knows
-    (as in ABY2.0's wires, Patra et al., USENIX Security 2021, and SPDZ's
-    function-dependent preprocessing). The product of two of them is then local:
-    t_i t_j = P_i P_j + P_i L_j + P_j L_i + L_i L_j with L = s w - h and
-    L_i L_j = s_i s_j w_i w_j - s_i w_i h_j - s_j h_i w_j + h_i h_j from the dealt cross
-    products of ``TPOLY_PAIRS``. So the chain opens only its truncations: z; z^2;
-    z^3 and z^4 together; z^4 q_2(z) (where the Beaver products opened eight times) --
-    exact, the same values as the products followed by the same truncations."""
-    f = np.uint64(frac_bits)
-    one = np.uint64(1) << f
-    opened: list = []
-
-    def trunc(vals: np.ndarray, rows: slice) -> None:
-        width = TPOLY_WIDTHS[rows.start]
-        off = _offset_w(width)
-        uhat = open_value(ch, (vals + off if party == 0 else vals) + m.r[rows], width)
-        s = np.uint64(1) - (uhat >> np.uint64(width - 1))
-        for k, i in enumerate(range(rows.start, rows.stop)):
-            opened.append(((uhat[k] >> f) - (off >> f), s[k], s[k] * m.w[i] - m.h[i]))
-
-    def val(i: int) -> np.ndarray:
-        p, _, low = opened[i]
-        return low + p if party == 0 else low
-
-    def prod(i: int, j: int) -> np.ndarray:
-        (pi, si, li), (pj, sj, lj) = opened[i], opened[j]
-        hh, hw, wh, ww = m.cross[TPOLY_PAIRS.index((i, j))]
-        out = pi * lj + pj * li + si * sj * ww - si * wh - sj * hw + hh
-        return out + pi * pj if party == 0 else out
-
-    def const(c: np.uint64) -> np.uint64:
-        return c if party == 0 else _ZERO
-
-    trunc(y[None], slice(0, 1))                                   # t1 = z + 1
-    z = val(0) - const(one)
-    trunc((prod(0, 0) - np.uint64(2) * one * val(0) + const(one * one))[None],
-          slice(1, 2))                                            # z^2
-    trunc(np.stack([prod(1, 0) - one * val(1), prod(1, 1)]), slice(2, 4))   # z^3, z^4
-    powers = (None, z, val(1), val(2))
+    ``c_2f``): Paterson and Stockmeyer's evaluation of ``evaluator._tail`` as a masked
+    chain ("tpoly"), four openings (z; z^2; z^3 and z^4; z^4 q_2(z)) where Beaver
+    products opened eight values more."""
+    c = _Chain(ch, party, m, frac_bits)
+    one = np.uint64(1) << np.uint64(frac_bits)
+    c.trunc(y[None], 0)                                           # t0 = z + 1
+    z = c.val(0) - c.const(one)
+    c.trunc((c.prod(0, 0) - np.uint64(2) * one * c.val(0) + c.const(one * one))[None], 1)
+    c.trunc(np.stack([c.prod(1, 0) - one * c.val(1), c.prod(1, 1)]), 2)   # z^3, z^4
+    powers = (None, z, c.val(1), c.val(2))
 
     def piece(j: int) -> np.ndarray:                  # q_j(z) at 2f bits, locally
-        out = np.full(y.shape, const(c_2f[4 * j]), np.uint64)
+        out = np.full(y.shape, c.const(c_2f[4 * j]), np.uint64)
         for k in range(1, 4):
             out += c_f[4 * j + k] * powers[k]
         return out
 
-    def times_z4(j: int, top: np.uint64 | None = None) -> np.ndarray:
-        """z^4 q_j(z) (+ top z^4 z^4) at 3f bits, from dealt cross products."""
-        out = c_2f[4 * j] * val(3) + c_f[4 * j + 1] * (prod(3, 0) - one * val(3))
-        out += c_f[4 * j + 2] * prod(3, 1) + c_f[4 * j + 3] * prod(3, 2)
-        return out if top is None else out + top * prod(3, 3)
+    def times_z4(j: int) -> np.ndarray:               # z^4 q_j(z) at 3f bits
+        out = c_2f[4 * j] * c.val(3) + c_f[4 * j + 1] * (c.prod(3, 0) - one * c.val(3))
+        return out + c_f[4 * j + 2] * c.prod(3, 1) + c_f[4 * j + 3] * c.prod(3, 2)
 
-    trunc(times_z4(2, c_f[12])[None], slice(4, 5))               # z^4 q_2 at 2f bits
+    c.trunc((times_z4(2) + c_f[12] * c.prod(3, 3))[None], 4)     # z^4 (q_2 + c_12 z^4)
     # p = q_0 + z^4 (q_1 + z^4 q_2) at 3f bits
-    return piece(0) * one + times_z4(1) + prod(3, 4)
+    return piece(0) * one + times_z4(1) + c.prod(3, 4)
+
+
+def exp_chain(ch: Channel, party: int, d: np.ndarray, m: ChainMaterial, frac_bits: int
+              ) -> np.ndarray:
+    """Shares of exp(d) ~ (1 + d/256)^256 (1 + d^2/512) at f bits for d <= 2^-1 (f
+    bits, clamped at -256): the chain "texp", ten openings (the square of
+    u = 1 + d/256, eight truncations of the squarings, the last one's product with the
+    correction) where the squarings as Beaver products and a product took eleven; the
+    correction 1 + d^2/512 = 128 u^2 - 127 - d is linear in values the chain holds."""
+    f, big = frac_bits, EXP_BITS
+    c = _Chain(ch, party, m, frac_bits)
+    u = d + c.const(np.uint64(1) << np.uint64(f + EXP_HALVINGS))   # 1 + d/256 at f + 8
+    c.trunc(c.square_input(u)[None], 0)                          # u^2 at 26 bits
+    for i in range(1, EXP_HALVINGS):                             # u^4 .. u^256
+        c.trunc(c.prod(i - 1, i - 1)[None], i)
+    last, dv = EXP_HALVINGS - 1, len(c.truncs)
+    # (u^256)(128 u^2 - 127 - d) at 52 bits: d = U + a - 2^(f+8) as the chain holds u
+    lift = np.uint64(1 << (big - f))
+    d_term = c.prod(last, dv) - (np.uint64(1) << np.uint64(f + EXP_HALVINGS)) * c.val(last)
+    e = np.uint64(128) * c.prod(last, 0) \
+        - (np.uint64(127) << np.uint64(big)) * c.val(last) - lift * d_term
+    c.trunc(e[None], EXP_HALVINGS)
+    return c.val(EXP_HALVINGS)
 
 
 def rounds_to_floor(m) -> bool:
@@ -955,15 +984,12 @@ def material_arrays(items: list) -> dict[str, np.ndarray]:
                 out[f"{p}.r_high"], out[f"{p}.wrap"] = m.trunc.r_high, m.trunc.wrap
             if m.tree2 is not None:
                 tree(f"{p}.tree2", m.tree2)
-        elif isinstance(m, TruncSquareMaterial):
-            out[f"{p}.kind"] = np.array([14], np.uint8)
-            out[f"{p}.r"], out[f"{p}.r_high"], out[f"{p}.wrap"] = m.r, m.r_high, m.wrap
-            out[f"{p}.r2"], out[f"{p}.rw"] = m.r2, m.rw
-            out[f"{p}.width"] = np.array([m.width], np.uint64)
-        elif isinstance(m, TailPolyMaterial):
-            out[f"{p}.kind"] = np.array([15], np.uint8)
+        elif isinstance(m, ChainMaterial):
+            out[f"{p}.kind"] = np.array([15 + CHAINS.index(m.name)], np.uint8)
             out[f"{p}.r"], out[f"{p}.h"], out[f"{p}.w"] = m.r, m.h, m.w
             out[f"{p}.cross"] = m.cross
+            if m.a is not None:
+                out[f"{p}.a"], out[f"{p}.c"] = m.a, m.c
         elif isinstance(m, Square):
             out[f"{p}.kind"] = np.array([12 if m.xa is None else 13], np.uint8)
             out[f"{p}.a"], out[f"{p}.c"] = m.a, m.c
@@ -1102,17 +1128,18 @@ def material_from_arrays(arrays: dict[str, np.ndarray]) -> list:
             if not 1 <= drop or items[-1].bits > 64 or (width < 64 and (
                     name not in NARROW_KINDS or items[-1].bits != width)):
                 raise ValueError("bad comparison drop or width")
-        elif kind == 14:
-            items.append(TruncSquareMaterial(arrays[f"{p}.r"], arrays[f"{p}.r_high"],
-                                             arrays[f"{p}.wrap"], arrays[f"{p}.r2"],
-                                             arrays[f"{p}.rw"], ring(p, 5)))
-        elif kind == 15:
-            mat = TailPolyMaterial(arrays[f"{p}.r"], arrays[f"{p}.h"], arrays[f"{p}.w"],
-                                   arrays[f"{p}.cross"])
-            k, n = len(TPOLY_WIDTHS), mat.r.shape[-1]
+        elif 15 <= kind < 15 + len(CHAINS):
+            name = CHAINS[kind - 15]
+            truncs, pairs, beaver = chain_spec(name, FRAC_BITS)
+            mat = ChainMaterial(name, arrays[f"{p}.r"], arrays[f"{p}.h"], arrays[f"{p}.w"],
+                                arrays[f"{p}.cross"], arrays.get(f"{p}.a"),
+                                arrays.get(f"{p}.c"))
+            k, n = len(truncs), mat.r.shape[-1]
             if (mat.r.shape != (k, n) or mat.h.shape != (k, n) or mat.w.shape != (k, n)
-                    or mat.cross.shape != (len(TPOLY_PAIRS), 4, n)):
-                raise ValueError("bad tail polynomial material")
+                    or mat.cross.shape != (len(pairs), 4, n)
+                    or (mat.a is None) == beaver or (mat.c is None) == beaver
+                    or (beaver and not mat.a.shape == mat.c.shape == (n,))):
+                raise ValueError("bad masked chain material")
             items.append(mat)
         elif kind in (12, 13):
             a = arrays[f"{p}.a"]
