@@ -118,8 +118,8 @@ def reconstruct(s0: np.ndarray, s1: np.ndarray) -> np.ndarray:
 
 def open_value(ch: Channel, x: np.ndarray, width: int = 64) -> np.ndarray:
     """x from both shares; with ``width`` < 64, x mod 2^width from ceil(width / 8) bytes
-    per value (only the low ``width`` bits of a share leave the party): the narrow
-    openings of values whose range is known (``CircuitTruncMaterial``)."""
+    per value (each party sends the low bytes of its masked share): the narrow openings
+    of values whose range is known (``CircuitTruncMaterial``, narrow comparisons)."""
     if width >= 64:
         return x + ch.exchange(x)
     flat = np.ascontiguousarray(x, dtype=np.uint64).reshape(-1)
@@ -250,12 +250,27 @@ def chain_spec(name: str, frac_bits: int) -> tuple[tuple, tuple, bool]:
 CHAINS = ("tpoly", "texp")
 
 
+def _pair_words(pairs: tuple, k: int) -> list[tuple[int, tuple[str, ...]]]:
+    """Where each pair's dealt cross products start in a chain's ``cross`` rows, and
+    which they are: a square (i, i) needs h_i^2 and h_i w_i only (w_i^2 is w_i
+    2^(width-shift), local); a product with the Beaver input (w = 0) h_i h and w_i h;
+    any other pair all four."""
+    out, at = [], 0
+    for i, j in pairs:
+        names = (("hh", "hw") if i == j else ("hh", "wh") if j == k
+                 else ("hh", "hw", "wh", "ww"))
+        out.append((at, names))
+        at += len(names)
+    return out
+
+
 @dataclass(frozen=True)
 class ChainMaterial:
     """One party's share of a masked chain's material: for each truncation the mask r,
     h = r' >> shift and w = msb(r') 2^(width - shift) on its ring (rows of ``r``,
     ``h``, ``w``); for each pair (i, j) shares of h_i h_j, h_i w_j, w_i h_j and w_i w_j
-    (``cross``, shape (pairs, 4, n)); and, for a chain that starts with a Beaver square,
+    (``cross``, one row per word that :func:`_pair_words` lists); and, for a chain that
+    starts with a Beaver square,
     its mask ``a`` and ``c`` = a^2 (the mask is the last index of the pairs, as h = -a,
     w = 0)."""
 
@@ -449,9 +464,12 @@ def chain_material(name: str, n: int, frac_bits: int, prg: Prg
         c0, c1 = prg.split_u64(a * a)
         h[k] = _ZERO - a
         sq = ((a0, c0), (a1, c1))
-    cross = np.empty((len(pairs), 4, n), np.uint64)
-    for p, (i, j) in enumerate(pairs):
-        cross[p] = (h[i] * h[j], h[i] * w[j], w[i] * h[j], w[i] * w[j])
+    words = _pair_words(pairs, k)
+    cross = np.empty((sum(len(names) for _, names in words), n), np.uint64)
+    for (i, j), (at, names) in zip(pairs, words):
+        for q, word in enumerate(names):
+            cross[at + q] = (h[i] if word[0] == "h" else w[i]) * \
+                (h[j] if word[1] == "h" else w[j])
     (h0, h1), (w0, w1) = prg.split_u64(h[:k]), prg.split_u64(w[:k])
     c0, c1 = prg.split_u64(cross)
     return (ChainMaterial(name, r0, h0, w0, c0, *sq[0]),
@@ -610,6 +628,7 @@ class _Chain:
     def __init__(self, ch: Channel, party: int, m: ChainMaterial, frac_bits: int) -> None:
         self.ch, self.party, self.m = ch, party, m
         self.truncs, self.pairs, _ = chain_spec(m.name, frac_bits)
+        self.words = dict(zip(self.pairs, _pair_words(self.pairs, len(self.truncs))))
         self.vals: dict[int, tuple] = {}
 
     def const(self, c) -> np.uint64:
@@ -645,7 +664,17 @@ class _Chain:
 
     def prod(self, i: int, j: int) -> np.ndarray:
         (pi, si, li), (pj, sj, lj) = self.vals[i], self.vals[j]
-        hh, hw, wh, ww = self.m.cross[self.pairs.index((i, j))]
+        at, names = self.words[(i, j)]
+        got = dict(zip(names, self.m.cross[at:at + len(names)]))
+        hh = got["hh"]
+        if i == j:                          # w_i^2 = w_i 2^(width - shift)
+            width, shift = self.truncs[i]
+            hw = wh = got["hw"]
+            ww = self.m.w[i] << np.uint64(width - shift)
+        elif j == len(self.truncs):          # the Beaver input: w = 0, s = 0
+            wh, hw, ww = got["wh"], _ZERO, _ZERO
+        else:
+            hw, wh, ww = got["hw"], got["wh"], got["ww"]
         out = pi * lj + pj * li + si * sj * ww - si * wh - sj * hw + hh
         return out + pi * pj if self.party == 0 else out
 
@@ -1136,7 +1165,8 @@ def material_from_arrays(arrays: dict[str, np.ndarray]) -> list:
                                 arrays.get(f"{p}.c"))
             k, n = len(truncs), mat.r.shape[-1]
             if (mat.r.shape != (k, n) or mat.h.shape != (k, n) or mat.w.shape != (k, n)
-                    or mat.cross.shape != (len(pairs), 4, n)
+                    or mat.cross.shape != (sum(len(w) for _, w in _pair_words(pairs, k)),
+                                           n)
                     or (mat.a is None) == beaver or (mat.c is None) == beaver
                     or (beaver and not mat.a.shape == mat.c.shape == (n,))):
                 raise ValueError("bad masked chain material")
