@@ -118,6 +118,25 @@ def encoder_rows(seq: int, mpc_n: int, tee_n: int, spool: bool) -> dict:
     return row
 
 
+def mpc_only(seq: int, n: int) -> dict:
+    """MiniLM at ``seq`` tokens through the MPC processes, spooled and cold: latency,
+    bytes and CPU (what ``--mpc-only`` prints)."""
+    from mpc_zoo import measure
+    from veil.text.minilm import load_minilm
+    from veil.text.tokenize import Tokenizer
+
+    model = load_minilm(seq)
+    x = Tokenizer(seq).encode(_texts(max(n, 8), seq))
+    out = {"seq": seq}
+    for key, spooled in (("warm", True), ("cold", False)):
+        m = measure(f"minilm-{seq}", model, (2, seq), n=n, x=x, spool=spooled,
+                    timeout=900.0)
+        out[key] = {k: m[k] for k in ("end_to_end_s", "online_s", "offline_s",
+                                      "party_bytes", "dealer_bytes", "party_cpu_s",
+                                      "load_average")}
+    return out
+
+
 def classifier_rows(acc_docs: int, spool: bool) -> dict:
     import torch
 
@@ -346,9 +365,16 @@ def main(argv=None) -> int:
                          "DOCS test stories (all: 604), into transformer_accuracy.json")
     ap.add_argument("--breakdown-only", action="store_true",
                     help="only measure the per-op traffic (in process) into the results")
+    ap.add_argument("--mpc-only", type=int, metavar="SEQ",
+                    help="only time MiniLM in the MPC processes at SEQ tokens (3 texts, "
+                         "spooled and cold) and print the figures: run it on two "
+                         "commits back to back to compare them on the same machine")
     ap.add_argument("--render", metavar="ARGS", help="rewrite the markdown of the results "
                     "JSON in --out (recorded with these arguments) without running")
     args = ap.parse_args(argv)
+    if args.mpc_only:
+        print(json.dumps(mpc_only(args.mpc_only, args.mpc_n)))
+        return 0
     if args.acc_inprocess:
         row = classifier_inprocess(args.acc_inprocess, args.out / "transformer_accuracy.json")
         print(row)

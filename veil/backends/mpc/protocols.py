@@ -642,12 +642,16 @@ class _Chain:
         rows = slice(first, first + vals.shape[0])
         uhat = open_value(self.ch, (vals + off if self.party == 0 else vals) + self.m.r[rows],
                           width)
-        s = np.uint64(1) - (uhat >> np.uint64(width - 1))
+        s = uhat >> np.uint64(width - 1)
+        np.subtract(np.uint64(1), s, out=s)
         sh = np.uint64(shift)
         for k in range(vals.shape[0]):
             i = first + k
-            self.vals[i] = ((uhat[k] >> sh) - (off >> sh), s[k],
-                            s[k] * self.m.w[i] - self.m.h[i])
+            low = np.multiply(s[k], self.m.w[i])
+            low -= self.m.h[i]
+            top = uhat[k] >> sh
+            top -= off >> sh
+            self.vals[i] = (top, s[k], low)
 
     def square_input(self, x: np.ndarray) -> np.ndarray:
         """x^2 by the chain's Beaver square (one opening of U = x - a); x = U + a then
@@ -675,8 +679,25 @@ class _Chain:
             wh, hw, ww = got["wh"], _ZERO, _ZERO
         else:
             hw, wh, ww = got["hw"], got["wh"], got["ww"]
-        out = pi * lj + pj * li + si * sj * ww - si * wh - sj * hw + hh
-        return out + pi * pj if self.party == 0 else out
+        # in place: a chain's products are most of its work (every temporary is a
+        # fresh page-faulted array at these sizes)
+        out = np.multiply(pi, lj)
+        tmp = np.multiply(pj, li)
+        out += tmp
+        out += hh
+        if ww is not _ZERO:
+            np.multiply(si, sj, out=tmp)
+            tmp *= ww
+            out += tmp
+        np.multiply(si, wh, out=tmp)
+        out -= tmp
+        if hw is not _ZERO:
+            np.multiply(sj, hw, out=tmp)
+            out -= tmp
+        if self.party == 0:
+            np.multiply(pi, pj, out=tmp)
+            out += tmp
+        return out
 
 
 def tail_poly(ch: Channel, party: int, y: np.ndarray, m: ChainMaterial,
