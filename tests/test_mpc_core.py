@@ -576,8 +576,8 @@ def test_a_tail_polynomial_opens_only_its_truncations():
     rounds of 6 + 6 + 12 + 8 bytes per value (the products between them local); its
     material survives the arrays, and values outside the band only come out wrong."""
     from veil.backends.mpc import evaluator as ev
-    from veil.backends.mpc.protocols import (chain_material, material_arrays,
-                                             material_from_arrays, tail_poly)
+    from veil.backends.mpc.chains import chain_material, tail_poly
+    from veil.backends.mpc.protocols import material_arrays, material_from_arrays
     from veil.ir import Op
     prg = Prg()
     f = FRAC_BITS
@@ -604,8 +604,8 @@ def test_the_exponential_chain_matches_its_formula():
     formula, in ten
     rounds (the square's opening, then eight truncations on 64-, 56- and 64-bit rings,
     every product local), through the material's arrays."""
-    from veil.backends.mpc.protocols import (chain_material, exp_chain, material_arrays,
-                                             material_from_arrays)
+    from veil.backends.mpc.chains import chain_material, exp_chain
+    from veil.backends.mpc.protocols import material_arrays, material_from_arrays
     prg = Prg()
     d = np.concatenate([np.linspace(-256.0, 0.5, 4001), [-30.0, -1e-6, 0.0]])
     ds = _shared(d, prg)

@@ -72,7 +72,7 @@ from ...errors import InputError, ModelTooLargeError, UnsupportedOperation
 from ...ir import Graph, Op
 from ...ir import eval_node as ref_node
 from ...ir import kernels as ref
-from . import protocols as pr
+from . import chains, protocols as pr
 from .fixed import FRAC_BITS
 from .prg import Prg
 
@@ -476,8 +476,8 @@ def dealer_material(steps: list[Step], batch: int, prg: Prg, frac_bits: int = FR
         if step.kind == "matmul":
             g, m, k, n_ = step.dims
             pair = pr.batched_matrix_triples(g * batch, m, k, n_, prg)
-        elif step.kind in pr.CHAINS:        # (no comparison: the same for DCFs)
-            pair = pr.chain_material(step.kind, n, frac_bits, prg)
+        elif step.kind in chains.CHAINS:    # (no comparison: the same for DCFs)
+            pair = chains.chain_material(step.kind, n, frac_bits, prg)
         elif cmp == "circuit" and step.kind == "trunc":
             pair = pr.circuit_trunc_material(n, step.shift or frac_bits, prg,
                                              width=step.width or 64)
@@ -582,12 +582,13 @@ class Run:
         """p(y / 2^f - 1) at 3f bits for the degree-12 ``coeffs`` (a "tpoly" step)."""
         c_f = np.array([_scaled(c, self.f) for c in coeffs], np.uint64)
         c_2f = np.array([_scaled(c, 2 * self.f) for c in coeffs], np.uint64)
-        return self._apply(lambda v, m: pr.tail_poly(self.ch, self.party, v, m, c_f, c_2f,
-                                                     self.f), y.ravel()).reshape(y.shape)
+        return self._apply(lambda v, m: chains.tail_poly(self.ch, self.party, v, m, c_f,
+                                                         c_2f, self.f),
+                           y.ravel()).reshape(y.shape)
 
     def exp(self, d: np.ndarray) -> np.ndarray:
         """exp(d) at f bits for d in [-256, 2^-1] (a "texp" step)."""
-        return self._apply(lambda v, m: pr.exp_chain(self.ch, self.party, v, m, self.f),
+        return self._apply(lambda v, m: chains.exp_chain(self.ch, self.party, v, m, self.f),
                            d.ravel()).reshape(d.shape)
 
     def mul(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -954,7 +955,7 @@ def _tail(run: Run, node, args):
     the cubics q_0, q_1, q_2 locally at 2f bits with the top coefficient's c_12 z^4
     added to q_2, and Horner's rule in z^4, h = q_1 + z^4 q_2 (3f bits, truncated to 2f)
     and p = q_0 + z^4 h (3f bits): four truncations, every product between them local
-    (``protocols.tail_poly``: each truncated value is a public part plus a mask the
+    (``chains.tail_poly``: each truncated value is a public part plus a mask the
     dealer knows, so a product of two needs only dealt cross products), where Beaver
     products would open eight values more. In the band every one of these is below 1
     (|z| <= 1; ``tests/test_mpc_ops.py``), so the powers' truncations run on a 48-bit
@@ -973,7 +974,7 @@ def _tail(run: Run, node, args):
     else:
         s = run.drelu(x)
         t = run.mul(x, np.uint64(2) * s - run.public(np.uint64(1)))
-    # z + 1 = 2 t / bound at 2f bits; p(z) at 3f (``protocols.tail_poly``: four
+    # z + 1 = 2 t / bound at 2f bits; p(z) at 3f (``chains.tail_poly``: four
     # openings, the products local from the dealer's cross products)
     p = run.tail_poly(t * _scaled(2.0 / tail.bound, f), tail.coeffs)
     # [t <= bound - 2^-p]: the coarse comparison errs only within 2^-p below its

@@ -25,7 +25,7 @@ kernel over its calibrated range):
   d = -2; with it the residual x^3/3N^2 - x^4/8N^2 leaves probabilities within 1e-4,
   5.4e-5 measured, fixed point included) and linear in what the chain holds:
   1 + d^2/512 = 128 u^2 - 127 - d for u = 1 + d/256. The whole exponential is one masked
-  chain (``protocols.exp_chain``): every squaring and the final product are local
+  chain (``chains.exp_chain``): every squaring and the final product are local
   between truncations, ten openings. The sum's reciprocal (below) and one product per
   entry.
 - RECIPROCAL 1/s for s in [lo, hi] (the node's calibrated range): the binade of s from
@@ -56,7 +56,7 @@ import numpy as np
 from ...errors import UnsupportedOperation
 from ...ir import Op
 from .evaluator import Kernel, Run, Step, _no_steps, _scaled, max_tree, tree_widths
-from .protocols import EXP_HALVINGS
+from .chains import EXP_HALVINGS
 
 #: the row max's comparisons: on 40 ring bits (|a - b| < 2^18 real, an additive mask of
 #: -10^4 included), opened narrow (5 bytes), the tree leaving out the bits below 2^-4
@@ -256,7 +256,7 @@ def _softmax_steps(prog, node):
 
 def _exp_nonpositive(run: Run, d: np.ndarray) -> np.ndarray:
     """exp(d) at f bits for shared d <= 0 (f bits; up to 2^-1 above 0 after a coarse
-    max): the clamp at -256, then ``protocols.exp_chain`` (the module docstring)."""
+    max): the clamp at -256, then ``chains.exp_chain`` (the module docstring)."""
     lim = run.public(_scaled(float(2 ** EXP_HALVINGS), run.f))
     d = run.relu(np.ascontiguousarray(d + lim)) - lim            # max(d, -256)
     return run.exp(d)

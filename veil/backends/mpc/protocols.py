@@ -72,15 +72,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
-from . import circuit, fss
+from . import chains, circuit, fss
 from .fixed import FRAC_BITS
 from .prg import Prg
-
-_ZERO = np.uint64(0)
+from .ring import ZERO as _ZERO, Channel, offset_w as _offset_w, open_value
+from .ring import ring_mask as _ring_mask
 _LOW63 = np.uint64((1 << 63) - 1)
 _SHIFT63 = np.uint64(63)
 
@@ -100,12 +99,6 @@ CMP_DROP = 3
 _OFF62 = np.uint64(1 << 62)
 
 
-class Channel(Protocol):
-    """One round with the other party: send ``data``, receive theirs (same shape)."""
-
-    def exchange(self, data: np.ndarray) -> np.ndarray: ...
-
-
 def share(x: np.ndarray, prg: Prg) -> tuple[np.ndarray, np.ndarray]:
     """Additive shares of ring elements: (x - r, r) with r from a CSPRNG (with a
     ``prg.Deal``, party 0's half from its stream)."""
@@ -114,32 +107,6 @@ def share(x: np.ndarray, prg: Prg) -> tuple[np.ndarray, np.ndarray]:
 
 def reconstruct(s0: np.ndarray, s1: np.ndarray) -> np.ndarray:
     return np.asarray(s0, dtype=np.uint64) + np.asarray(s1, dtype=np.uint64)
-
-
-def open_value(ch: Channel, x: np.ndarray, width: int = 64) -> np.ndarray:
-    """x from both shares; with ``width`` < 64, x mod 2^width from ceil(width / 8) bytes
-    per value (each party sends the low bytes of its masked share): the narrow openings
-    of values whose range is known (``CircuitTruncMaterial``, narrow comparisons)."""
-    if width >= 64:
-        return x + ch.exchange(x)
-    flat = np.ascontiguousarray(x, dtype=np.uint64).reshape(-1)
-    n, nb = flat.size, (width + 7) // 8
-    # each value's low nb bytes, packed: 4-, 2- and 1-byte words written at stride nb (no
-    # two writes overlap). The bits above width are masked by the fresh 64-bit r (or a)
-    # of every opened value, so they are uniform; the sum drops them
-    buf = np.zeros(n * nb + 8, np.uint8)
-    at = 0
-    for size, dtype in ((4, "<u4"), (2, "<u2"), (1, "u1")):
-        if nb - at >= size:
-            np.ndarray((n,), dtype, buf, at, (nb,))[:] = flat >> np.uint64(8 * at) \
-                if at else flat
-            at += size
-    theirs = ch.exchange(buf[:n * nb])
-    buf[:n * nb] = theirs
-    # read back 8 bytes at stride nb (the next value's low bytes on top, masked off)
-    out = np.ndarray((n,), "<u8", buf, 0, (nb,)) + flat
-    out &= np.uint64((1 << width) - 1)
-    return out.reshape(np.shape(x))
 
 
 # -- dealer material ----------------------------------------------------------------------
@@ -214,73 +181,6 @@ class CircuitTruncMaterial:
     r_high: np.ndarray
     wrap: np.ndarray
     width: int = 64
-
-
-#: Masked chains (:class:`_Chain`): per chain, its truncations as (ring width, shift;
-#: 0 = f) and the products of two truncated values it takes, as index pairs into them
-#: (index len(truncs): the chain's Beaver-square input, when it has one).
-#: - "tpoly", a tail's degree-12 polynomial (:func:`tail_poly`): z (from 2 t / bound at
-#:   2f bits), z^2, z^3 and z^4 (below 1 in the band: a 48-bit ring), and z^4 q_2(z) at
-#:   3f bits; the products z z, z^2 z, z^2 z^2 and z^4 times z, z^2, z^3, z^4 and the
-#:   fifth.
-#: - "texp", softmax's exponential (:func:`exp_chain`): u^2 (u = 1 + d/256 at f + 8 bits)
-#:   truncated to ``EXP_BITS``, six more squarings there (``EXP_RING`` bits: every power
-#:   stays below 2), u^256, and u^256 times the correction 1 + d^2/512, back to f bits;
-#:   the squares, u^256 u^2 and u^256 d (d = the square's opening plus its mask a).
-EXP_HALVINGS = 8
-EXP_BITS = 26
-EXP_RING = 56
-
-
-def chain_spec(name: str, frac_bits: int) -> tuple[tuple, tuple, bool]:
-    """(truncations, pairs, has a Beaver square) of chain ``name`` at f bits."""
-    f = frac_bits
-    if name == "tpoly":
-        return (((48, f),) * 4 + ((64, f),),
-                ((0, 0), (1, 0), (1, 1), (3, 0), (3, 1), (3, 2), (3, 3), (3, 4)), False)
-    if name == "texp":
-        first = 2 * (f + EXP_HALVINGS) - EXP_BITS
-        truncs = ((64, first),) + ((EXP_RING, EXP_BITS),) * (EXP_HALVINGS - 1) \
-            + ((64, 2 * EXP_BITS - f),)
-        squares = tuple((i, i) for i in range(EXP_HALVINGS - 1))
-        return truncs, squares + ((7, 0), (7, 9)), True
-    raise ValueError(f"unknown chain {name!r}")
-
-
-CHAINS = ("tpoly", "texp")
-
-
-def _pair_words(pairs: tuple, k: int) -> list[tuple[int, tuple[str, ...]]]:
-    """Where each pair's dealt cross products start in a chain's ``cross`` rows, and
-    which they are: a square (i, i) needs h_i^2 and h_i w_i only (w_i^2 is w_i
-    2^(width-shift), local); a product with the Beaver input (w = 0) h_i h and w_i h;
-    any other pair all four."""
-    out, at = [], 0
-    for i, j in pairs:
-        names = (("hh", "hw") if i == j else ("hh", "wh") if j == k
-                 else ("hh", "hw", "wh", "ww"))
-        out.append((at, names))
-        at += len(names)
-    return out
-
-
-@dataclass(frozen=True)
-class ChainMaterial:
-    """One party's share of a masked chain's material: for each truncation the mask r,
-    h = r' >> shift and w = msb(r') 2^(width - shift) on its ring (rows of ``r``,
-    ``h``, ``w``); for each pair (i, j) shares of h_i h_j, h_i w_j, w_i h_j and w_i w_j
-    (``cross``, one row per word that :func:`_pair_words` lists); and, for a chain that
-    starts with a Beaver square,
-    its mask ``a`` and ``c`` = a^2 (the mask is the last index of the pairs, as h = -a,
-    w = 0)."""
-
-    name: str
-    r: np.ndarray
-    h: np.ndarray
-    w: np.ndarray
-    cross: np.ndarray
-    a: np.ndarray | None = None
-    c: np.ndarray | None = None
 
 
 #: What a circuit comparison's multiplexer computes: the bit alone ("sign"), the compared
@@ -426,12 +326,6 @@ def _check_width(width: int, frac_bits: int) -> None:
         raise ValueError(f"a truncation by {frac_bits} bits cannot open {width} bits")
 
 
-def _ring_mask(r: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """(r mod 2^width, msb_width of it): the mask on a ``width``-bit ring."""
-    low = r if width == 64 else r & np.uint64((1 << width) - 1)
-    return low, low >> np.uint64(width - 1)
-
-
 def circuit_trunc_material(n: int, frac_bits: int, prg: Prg, r=None, width: int = 64
                            ) -> tuple[CircuitTruncMaterial, CircuitTruncMaterial]:
     """Faithful truncation by ``frac_bits``: one opening, no comparison. ``r``: the mask
@@ -444,36 +338,6 @@ def circuit_trunc_material(n: int, frac_bits: int, prg: Prg, r=None, width: int 
     (h0, h1) = prg.split_u64(low >> np.uint64(frac_bits))
     (w0, w1) = prg.split_u64(top * lift)
     return (CircuitTruncMaterial(r0, h0, w0, width), CircuitTruncMaterial(r1, h1, w1, width))
-
-
-def chain_material(name: str, n: int, frac_bits: int, prg: Prg
-                   ) -> tuple[ChainMaterial, ChainMaterial]:
-    """Both parties' material for ``n`` runs of chain ``name`` (:data:`CHAINS`)."""
-    truncs, pairs, beaver = chain_spec(name, frac_bits)
-    k = len(truncs)
-    r, (r0, r1) = prg.root_u64((k, n))
-    h = np.empty((k + 1, n), np.uint64)
-    w = np.zeros((k + 1, n), np.uint64)
-    for i, (width, shift) in enumerate(truncs):
-        low, top = _ring_mask(r[i], width)
-        h[i] = low >> np.uint64(shift)
-        w[i] = top << np.uint64(width - shift)
-    sq = ((None, None), (None, None))
-    if beaver:
-        a, (a0, a1) = prg.root_u64(n)
-        c0, c1 = prg.split_u64(a * a)
-        h[k] = _ZERO - a
-        sq = ((a0, c0), (a1, c1))
-    words = _pair_words(pairs, k)
-    cross = np.empty((sum(len(names) for _, names in words), n), np.uint64)
-    for (i, j), (at, names) in zip(pairs, words):
-        for q, word in enumerate(names):
-            cross[at + q] = (h[i] if word[0] == "h" else w[i]) * \
-                (h[j] if word[1] == "h" else w[j])
-    (h0, h1), (w0, w1) = prg.split_u64(h[:k]), prg.split_u64(w[:k])
-    c0, c1 = prg.split_u64(cross)
-    return (ChainMaterial(name, r0, h0, w0, c0, *sq[0]),
-            ChainMaterial(name, r1, h1, w1, c1, *sq[1]))
 
 
 #: the comparison kinds that can open on a narrow ring (``circuit_cmp_material``'s
@@ -612,158 +476,10 @@ def truncate_shares(ch: Channel, party: int, x: np.ndarray,
     return _shift(party, uhat, fss.evaluate(party, m.wrap, uhat), low, m.r_high, frac_bits)
 
 
-class _Chain:
-    """One party's masked chain (``ChainMaterial``): values held as a public part P and
-    a masked part L, the value being P + L (party 0 adds P).
-
-    A faithful truncation's result is t = P + s w - h with P and s public once u^ is
-    opened and h, w dealt (``_faithful``), so L = s w - h is known to the dealer up to
-    the public s: the wires of ABY2.0 (Patra et al., USENIX Security 2021), or SPDZ's
-    function-dependent preprocessing. The product of two such values is local:
-    t_i t_j = P_i P_j + P_i L_j + P_j L_i + L_i L_j with
-    L_i L_j = s_i s_j w_i w_j - s_i w_i h_j - s_j h_i w_j + h_i h_j from the dealt cross
-    products, exactly the product a Beaver triple would give, with no opening. A chain
-    opens only its truncations."""
-
-    def __init__(self, ch: Channel, party: int, m: ChainMaterial, frac_bits: int) -> None:
-        self.ch, self.party, self.m = ch, party, m
-        self.truncs, self.pairs, _ = chain_spec(m.name, frac_bits)
-        self.words = dict(zip(self.pairs, _pair_words(self.pairs, len(self.truncs))))
-        self.vals: dict[int, tuple] = {}
-
-    def const(self, c) -> np.uint64:
-        return c if self.party == 0 else _ZERO
-
-    def trunc(self, vals: np.ndarray, first: int) -> None:
-        """Truncate the rows of ``vals`` as truncations first, first + 1, ... (one
-        opening; they share a ring)."""
-        width, shift = self.truncs[first]
-        off = _offset_w(width)
-        rows = slice(first, first + vals.shape[0])
-        uhat = open_value(self.ch, (vals + off if self.party == 0 else vals) + self.m.r[rows],
-                          width)
-        s = uhat >> np.uint64(width - 1)
-        np.subtract(np.uint64(1), s, out=s)
-        sh = np.uint64(shift)
-        for k in range(vals.shape[0]):
-            i = first + k
-            low = np.multiply(s[k], self.m.w[i])
-            low -= self.m.h[i]
-            top = uhat[k] >> sh
-            top -= off >> sh
-            self.vals[i] = (top, s[k], low)
-
-    def square_input(self, x: np.ndarray) -> np.ndarray:
-        """x^2 by the chain's Beaver square (one opening of U = x - a); x = U + a then
-        joins the chain as value len(truncs) (P = U, L = a)."""
-        a, c = self.m.a, self.m.c
-        u = open_value(self.ch, x - a)
-        self.vals[len(self.truncs)] = (u, _ZERO, a)
-        out = c + np.uint64(2) * u * a
-        return out + u * u if self.party == 0 else out
-
-    def val(self, i: int) -> np.ndarray:
-        p, _, low = self.vals[i]
-        return low + p if self.party == 0 else low
-
-    def prod(self, i: int, j: int) -> np.ndarray:
-        (pi, si, li), (pj, sj, lj) = self.vals[i], self.vals[j]
-        at, names = self.words[(i, j)]
-        got = dict(zip(names, self.m.cross[at:at + len(names)]))
-        hh = got["hh"]
-        if i == j:                          # w_i^2 = w_i 2^(width - shift)
-            width, shift = self.truncs[i]
-            hw = wh = got["hw"]
-            ww = self.m.w[i] << np.uint64(width - shift)
-        elif j == len(self.truncs):          # the Beaver input: w = 0, s = 0
-            wh, hw, ww = got["wh"], _ZERO, _ZERO
-        else:
-            hw, wh, ww = got["hw"], got["wh"], got["ww"]
-        # in place: a chain's products are most of its work (every temporary is a
-        # fresh page-faulted array at these sizes)
-        out = np.multiply(pi, lj)
-        tmp = np.multiply(pj, li)
-        out += tmp
-        out += hh
-        if ww is not _ZERO:
-            np.multiply(si, sj, out=tmp)
-            tmp *= ww
-            out += tmp
-        np.multiply(si, wh, out=tmp)
-        out -= tmp
-        if hw is not _ZERO:
-            np.multiply(sj, hw, out=tmp)
-            out -= tmp
-        if self.party == 0:
-            np.multiply(pi, pj, out=tmp)
-            out += tmp
-        return out
-
-
-def tail_poly(ch: Channel, party: int, y: np.ndarray, m: ChainMaterial,
-              c_f: np.ndarray, c_2f: np.ndarray, frac_bits: int) -> np.ndarray:
-    """Shares of p(z) at 3f bits, z = y / 2^f - 1 (y at 2f bits), for the degree-12
-    polynomial with coefficients c (ring constants at f bits in ``c_f``, at 2f in
-    ``c_2f``): Paterson and Stockmeyer's evaluation of ``evaluator._tail`` as a masked
-    chain ("tpoly"), four openings (z; z^2; z^3 and z^4; z^4 q_2(z)) where Beaver
-    products opened eight values more."""
-    c = _Chain(ch, party, m, frac_bits)
-    one = np.uint64(1) << np.uint64(frac_bits)
-    c.trunc(y[None], 0)                                           # t0 = z + 1
-    z = c.val(0) - c.const(one)
-    c.trunc((c.prod(0, 0) - np.uint64(2) * one * c.val(0) + c.const(one * one))[None], 1)
-    c.trunc(np.stack([c.prod(1, 0) - one * c.val(1), c.prod(1, 1)]), 2)   # z^3, z^4
-    powers = (None, z, c.val(1), c.val(2))
-
-    def piece(j: int) -> np.ndarray:                  # q_j(z) at 2f bits, locally
-        out = np.full(y.shape, c.const(c_2f[4 * j]), np.uint64)
-        for k in range(1, 4):
-            out += c_f[4 * j + k] * powers[k]
-        return out
-
-    def times_z4(j: int) -> np.ndarray:               # z^4 q_j(z) at 3f bits
-        out = c_2f[4 * j] * c.val(3) + c_f[4 * j + 1] * (c.prod(3, 0) - one * c.val(3))
-        return out + c_f[4 * j + 2] * c.prod(3, 1) + c_f[4 * j + 3] * c.prod(3, 2)
-
-    c.trunc((times_z4(2) + c_f[12] * c.prod(3, 3))[None], 4)     # z^4 (q_2 + c_12 z^4)
-    # p = q_0 + z^4 (q_1 + z^4 q_2) at 3f bits
-    return piece(0) * one + times_z4(1) + c.prod(3, 4)
-
-
-def exp_chain(ch: Channel, party: int, d: np.ndarray, m: ChainMaterial, frac_bits: int
-              ) -> np.ndarray:
-    """Shares of exp(d) ~ (1 + d/256)^256 (1 + d^2/512) at f bits for d <= 2^-1 (f
-    bits, clamped at -256): the chain "texp", ten openings (the square of
-    u = 1 + d/256, eight truncations of the squarings, the last one's product with the
-    correction) where the squarings as Beaver products and a product took eleven; the
-    correction 1 + d^2/512 = 128 u^2 - 127 - d is linear in values the chain holds."""
-    f, big = frac_bits, EXP_BITS
-    c = _Chain(ch, party, m, frac_bits)
-    u = d + c.const(np.uint64(1) << np.uint64(f + EXP_HALVINGS))   # 1 + d/256 at f + 8
-    c.trunc(c.square_input(u)[None], 0)                          # u^2 at 26 bits
-    for i in range(1, EXP_HALVINGS):                             # u^4 .. u^256
-        c.trunc(c.prod(i - 1, i - 1)[None], i)
-    last, dv = EXP_HALVINGS - 1, len(c.truncs)
-    # (u^256)(128 u^2 - 127 - d) at 52 bits: d = U + a - 2^(f+8) as the chain holds u
-    lift = np.uint64(1 << (big - f))
-    d_term = c.prod(last, dv) - (np.uint64(1) << np.uint64(f + EXP_HALVINGS)) * c.val(last)
-    e = np.uint64(128) * c.prod(last, 0) \
-        - (np.uint64(127) << np.uint64(big)) * c.val(last) - lift * d_term
-    c.trunc(e[None], EXP_HALVINGS)
-    return c.val(EXP_HALVINGS)
-
-
 def rounds_to_floor(m) -> bool:
     """Whether truncating with material ``m`` floors (DCF material; the evaluator adds
     2^(f-1) first to round to nearest) rather than rounding stochastically (circuit)."""
     return isinstance(m, (TruncMaterial, TruncReluMaterial))
-
-
-def _offset_w(width: int) -> np.uint64:
-    """2^(w-2): added to a truncation's input |y| < 2^(w-2) on a w-bit ring, it makes
-    u = y + 2^(w-2) lie in [0, 2^(w-1)), where u + r wraps exactly when msb_w(u^) = 0
-    and msb_w(r) = 1."""
-    return np.uint64(1) << np.uint64(width - 2)
 
 
 def _faithful(party: int, uhat: np.ndarray, m: CircuitTruncMaterial, frac_bits: int
@@ -1034,12 +750,9 @@ def material_arrays(items: list) -> dict[str, np.ndarray]:
                 out[f"{p}.r_high"], out[f"{p}.wrap"] = m.trunc.r_high, m.trunc.wrap
             if m.tree2 is not None:
                 tree(f"{p}.tree2", m.tree2)
-        elif isinstance(m, ChainMaterial):
-            out[f"{p}.kind"] = np.array([15 + CHAINS.index(m.name)], np.uint8)
-            out[f"{p}.r"], out[f"{p}.h"], out[f"{p}.w"] = m.r, m.h, m.w
-            out[f"{p}.cross"] = m.cross
-            if m.a is not None:
-                out[f"{p}.a"], out[f"{p}.c"] = m.a, m.c
+        elif isinstance(m, chains.ChainMaterial):
+            out[f"{p}.kind"] = np.array([15 + chains.CHAINS.index(m.name)], np.uint8)
+            out.update({f"{p}.{k}": v for k, v in chains.chain_arrays(m).items()})
         elif isinstance(m, Square):
             out[f"{p}.kind"] = np.array([12 if m.xa is None else 13], np.uint8)
             out[f"{p}.a"], out[f"{p}.c"] = m.a, m.c
@@ -1178,20 +891,9 @@ def material_from_arrays(arrays: dict[str, np.ndarray]) -> list:
             if not 1 <= drop or items[-1].bits > 64 or (width < 64 and (
                     name not in NARROW_KINDS or items[-1].bits != width)):
                 raise ValueError("bad comparison drop or width")
-        elif 15 <= kind < 15 + len(CHAINS):
-            name = CHAINS[kind - 15]
-            truncs, pairs, beaver = chain_spec(name, FRAC_BITS)
-            mat = ChainMaterial(name, arrays[f"{p}.r"], arrays[f"{p}.h"], arrays[f"{p}.w"],
-                                arrays[f"{p}.cross"], arrays.get(f"{p}.a"),
-                                arrays.get(f"{p}.c"))
-            k, n = len(truncs), mat.r.shape[-1]
-            if (mat.r.shape != (k, n) or mat.h.shape != (k, n) or mat.w.shape != (k, n)
-                    or mat.cross.shape != (sum(len(w) for _, w in _pair_words(pairs, k)),
-                                           n)
-                    or (mat.a is None) == beaver or (mat.c is None) == beaver
-                    or (beaver and not mat.a.shape == mat.c.shape == (n,))):
-                raise ValueError("bad masked chain material")
-            items.append(mat)
+        elif 15 <= kind < 15 + len(chains.CHAINS):
+            items.append(chains.chain_from_arrays(
+                chains.CHAINS[kind - 15], lambda k: arrays.get(f"{p}.{k}")))
         elif kind in (12, 13):
             a = arrays[f"{p}.a"]
             xa = Triple(a, arrays[f"{p}.b"], arrays[f"{p}.ab"]) if kind == 13 else None
