@@ -22,9 +22,9 @@ from .ring import ZERO as _ZERO, Channel, offset_w as _offset_w, open_value
 from .ring import ring_mask as _ring_mask
 
 
-#: Masked chains (:class:`Chain`): per chain, its truncations as (ring width, shift;
-#: 0 = f) and the products of two truncated values it takes, as index pairs into them
-#: (index len(truncs): the chain's Beaver-square input, when it has one).
+#: Masked chains (:class:`Chain`): per chain, its truncations as (ring width, shift)
+#: and the products of two truncated values it takes, as index pairs into them (index
+#: len(truncs): the chain's Beaver-square input, when it has one).
 #: - "tpoly", a tail's degree-12 polynomial (:func:`tail_poly`): z (from 2 t / bound at
 #:   2f bits), z^2, z^3 and z^4 (below 1 in the band: a 48-bit ring), and z^4 q_2(z) at
 #:   3f bits; the products z z, z^2 z, z^2 z^2 and z^4 times z, z^2, z^3, z^4 and the
@@ -49,7 +49,8 @@ def chain_spec(name: str, frac_bits: int) -> tuple[tuple, tuple, bool]:
         truncs = ((64, first),) + ((EXP_RING, EXP_BITS),) * (EXP_HALVINGS - 1) \
             + ((64, 2 * EXP_BITS - f),)
         squares = tuple((i, i) for i in range(EXP_HALVINGS - 1))
-        return truncs, squares + ((7, 0), (7, 9)), True
+        last, beaver = EXP_HALVINGS - 1, len(truncs)      # u^256; the input d
+        return truncs, squares + ((last, 0), (last, beaver)), True
     raise ValueError(f"unknown chain {name!r}")
 
 
@@ -76,9 +77,8 @@ class ChainMaterial:
     h = r' >> shift and w = msb(r') 2^(width - shift) on its ring (rows of ``r``,
     ``h``, ``w``); for each pair (i, j) shares of h_i h_j, h_i w_j, w_i h_j and w_i w_j
     (``cross``, one row per word that :func:`_pair_words` lists); and, for a chain that
-    starts with a Beaver square,
-    its mask ``a`` and ``c`` = a^2 (the mask is the last index of the pairs, as h = -a,
-    w = 0)."""
+    starts with a Beaver square, its mask ``a`` and ``c`` = a^2 (the mask is the last
+    index of the pairs, as h = -a, w = 0)."""
 
     name: str
     r: np.ndarray
