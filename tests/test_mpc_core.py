@@ -599,9 +599,10 @@ def test_a_tail_polynomial_opens_only_its_truncations():
 
 def test_the_exponential_chain_matches_its_formula():
     """``exp_chain``: (1 + d/256)^256 (1 + d^2/512) at f bits for d from -256 to 2^-1
-    (what a coarse row max can leave), within four ulps (4e-6: the squarings carry the
-    2^-26 rounding of u^2 up to 128-fold, then the last truncations) of the float
-    formula, in ten
+    (what a coarse row max can leave), within 8e-6 of the float formula (the worst case:
+    each truncation at 26 bits errs by under 2^-26, the squarings after it double that
+    error each, sum 255 2^-26 on u^256 <= 1.65, i.e. 6.3e-6; then 2^-20 for the last
+    truncation; the stochastic carries make the measured maximum 3-5e-6), in ten
     rounds (the square's opening, then eight truncations on 64-, 56- and 64-bit rings,
     every product local), through the material's arrays."""
     from veil.backends.mpc.chains import chain_material, exp_chain
@@ -615,6 +616,6 @@ def test_the_exponential_chain_matches_its_formula():
                                   (m0, m1))
     got = decode(reconstruct(e0, e1))
     want = (1 + d / 256) ** 256 * (1 + d * d / 512)
-    assert np.abs(got - want).max() < 4e-6
+    assert np.abs(got - want).max() < 8e-6
     assert chans[0].rounds == 10
     assert chans[0].bytes_sent == d.size * (8 + 8 + 6 * 7 + 7 + 8)
