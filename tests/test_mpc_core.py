@@ -463,40 +463,33 @@ def test_clip_from_one_opening(cmp, fused):
 
 @pytest.mark.parametrize("width", [24, 40, 48, 56])
 def test_a_truncation_on_a_narrow_ring_is_faithful_inside_its_bound(width):
-    """A ``width``-bit truncation opens ceil(width / 8) bytes per value and is floor or
-    floor + 1 for every |y| < 2^(width-2), the bound's edges included (the wrap rule
-    of the faithful truncation on a smaller ring, lifted back to Z_(2^64))."""
-    from veil.backends.mpc.protocols import circuit_trunc_material
+    """``ring.open_truncation`` on a ``width``-bit ring (what the masked chains'
+    truncations run) opens ceil(width / 8) bytes per value, and P + s w - h is floor or
+    floor + 1 for every |y| < 2^(width-2), the bound's edges included (the wrap rule of
+    the faithful truncation on a smaller ring, lifted back to Z_(2^64))."""
+    from veil.backends.mpc.ring import open_truncation, ring_mask
+    prg = Prg()
     rng = np.random.default_rng(width)
     edge = (1 << (width - 2)) - 1
     raw = np.concatenate([rng.integers(-edge, edge, size=3000, dtype=np.int64),
                           np.array([0, 1, -1, edge, -edge, 1 << FRAC_BITS], np.int64)])
-    got, chans = _truncated(raw.view(np.uint64),
-                            lambda n, f, prg: circuit_trunc_material(n, f, prg, width=width))
+    r, (r0, r1) = prg.root_u64(raw.size)
+    low, top = ring_mask(r, width)
+    (h0, h1) = share(low >> np.uint64(FRAC_BITS), prg)
+    (w0, w1) = share(top << np.uint64(width - FRAC_BITS), prg)
+    ys = share(raw.view(np.uint64), prg)
+    mats = ((ys[0], r0, h0, w0), (ys[1], r1, h1, w1))
+
+    def party(p, ch, inp):
+        y, rp, h, w = inp
+        pub, s = open_truncation(ch, p, y, rp, width, FRAC_BITS)
+        out = s * w - h
+        return out + pub if p == 0 else out
+
+    (t0, t1), chans = run_parties(party, mats)
+    got = reconstruct(t0, t1).view(np.int64)
     assert set(np.unique(got - (raw >> FRAC_BITS))) <= {0, 1}
     assert chans[0].rounds == 1 and chans[0].bytes_sent == raw.size * ((width + 7) // 8)
-
-
-def test_squares_on_a_narrow_ring():
-    """A square and a product with a square opened mod 2^w (6 bytes a value at 48
-    bits) are the true ones mod 2^w: what a w-bit truncation reads."""
-    from veil.backends.mpc.protocols import mul_square, square, squares
-    prg = Prg()
-    rng = np.random.default_rng(5)
-    mask = np.uint64((1 << 48) - 1)
-    x = rng.integers(-(1 << 30), 1 << 30, size=500, dtype=np.int64).view(np.uint64)
-    z = rng.integers(-(1 << 30), 1 << 30, size=500, dtype=np.int64).view(np.uint64)
-    xs, zs = share(x, prg), share(z, prg)
-    m = squares(x.size, prg, width=48)
-    (s0, s1), chans = run_parties(lambda p, ch, inp: square(ch, p, *inp),
-                                  ((xs[0], m[0]), (xs[1], m[1])))
-    assert np.array_equal(reconstruct(s0, s1) & mask, (x * x) & mask)
-    assert chans[0].bytes_sent == x.size * 6
-    m = squares(x.size, prg, with_product=True, width=48)
-    ((p0, c0), (p1, c1)), _ = run_parties(lambda p, ch, inp: mul_square(ch, p, *inp),
-                                          ((xs[0], zs[0], m[0]), (xs[1], zs[1], m[1])))
-    assert np.array_equal(reconstruct(p0, p1) & mask, (x * z) & mask)
-    assert np.array_equal(reconstruct(c0, c1) & mask, (x * x) & mask)
 
 
 def test_narrow_coarse_comparisons():
@@ -548,23 +541,23 @@ def test_narrow_material_and_steps_round_trip_and_bad_ones_are_refused():
     from veil.backends.mpc import evaluator as ev
     from veil.backends.mpc.protocols import material_arrays, material_from_arrays
     prg = Prg()
-    steps = [ev.Step("trunc", 9, width=48), ev.Step("trunc", 9, 26, width=56),
-             ev.Step("square", 9, width=48), ev.Step("mulsq", 9, width=48),
-             ev.Step("relu", 9, width=36, drop=16), ev.Step("drelu", 9, width=40, drop=5),
-             ev.Step("select", 9, width=36, drop=12), ev.Step("relu", 9)]
+    steps = [ev.Step("relu", 9, width=36, drop=16), ev.Step("drelu", 9, width=40, drop=5),
+             ev.Step("select", 9, width=36, drop=12), ev.Step("relu", 9),
+             ev.Step("trunc", 9, 26)]
     for s in steps:
         assert ev.Step.from_wire(s.wire()) == s
     mats, _ = ev.dealer_material(steps, 1, prg)
     back = material_from_arrays(material_arrays(mats))
-    assert [getattr(m, "width", 64) for m in back] == [48, 56, 48, 48, 36, 40, 36, 64]
-    assert [getattr(m, "drop", None) for m in back][4:] == [16, 5, 12, 3]
-    for bad in (dict(kind="trunc", size=4, width=4), dict(kind="mul", size=4, width=40),
+    assert [m.width for m in back[:4]] == [36, 40, 36, 64]
+    assert [m.drop for m in back[:4]] == [16, 5, 12, 3]
+    for bad in (dict(kind="trunc", size=4, width=48), dict(kind="mul", size=4, width=40),
+                dict(kind="relu", size=4, width=8),
                 dict(kind="relu", size=4, drop=5), dict(kind="relu", size=4, width=36,
                                                         drop=34),
                 dict(kind="clip", size=4, width=36)):
         with pytest.raises(InputError):
             ev.Step(**bad)
-    arrays = material_arrays(mats[4:5])
+    arrays = material_arrays(mats[0:1])
     arrays["0.width"] = np.array([30], np.uint64)          # tree says l = 36
     with pytest.raises(ValueError):
         material_from_arrays(arrays)

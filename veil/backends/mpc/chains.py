@@ -2,7 +2,8 @@
 
 A faithful truncation's result is t = P + s w - h with P and s public once the masked
 value u^ is opened and h, w dealt (``protocols._faithful``): the parties hold the
-value as a public part plus a mask the dealer knows up to the public s. Two such values
+value as a public part plus a mask the dealer knows up to the public s
+(``ring.open_truncation``). Two such values
 multiply locally, given the dealt cross products of their masks (the masked wires of
 ABY2.0, Patra et al., USENIX Security 2021; SPDZ's function-dependent preprocessing),
 so a chain of products and truncations opens only its truncations. The two chains
@@ -18,7 +19,7 @@ from typing import Callable
 import numpy as np
 
 from .prg import Prg
-from .ring import ZERO as _ZERO, Channel, offset_w as _offset_w, open_value
+from .ring import ZERO as _ZERO, Channel, open_truncation, open_value
 from .ring import ring_mask as _ring_mask
 
 
@@ -145,20 +146,13 @@ class Chain:
         """Truncate the rows of ``vals`` as truncations first, first + 1, ... (one
         opening; they share a ring)."""
         width, shift = self.truncs[first]
-        off = _offset_w(width)
         rows = slice(first, first + vals.shape[0])
-        uhat = open_value(self.ch, (vals + off if self.party == 0 else vals) + self.m.r[rows],
-                          width)
-        s = uhat >> np.uint64(width - 1)
-        np.subtract(np.uint64(1), s, out=s)
-        sh = np.uint64(shift)
+        p, s = open_truncation(self.ch, self.party, vals, self.m.r[rows], width, shift)
         for k in range(vals.shape[0]):
             i = first + k
             low = np.multiply(s[k], self.m.w[i])
             low -= self.m.h[i]
-            top = uhat[k] >> sh
-            top -= off >> sh
-            self.vals[i] = (top, s[k], low)
+            self.vals[i] = (p[k], s[k], low)
 
     def square_input(self, x: np.ndarray) -> np.ndarray:
         """x^2 by the chain's Beaver square (one opening of U = x - a); x = U + a then

@@ -336,11 +336,10 @@ class Step:
     (k, n) shared matrices, ``dims`` = (g, m, k, n), ``size`` = g m n) with matrix
     triples.
 
-    ``width`` (0: the full 64 bits) narrows the step's opening to a ring of that many
-    bits, for values whose range the kernel knows: a "trunc" input |y| <
-    2^(width-2) ring units; a "square"/"mulsq" whose product only such a truncation
-    reads; a "relu"/"drelu"/"select" comparing on l = ``width`` bits with the lowest
-    ``drop`` (0: ``CMP_DROP``) left out of the tree, |x| < 2^(l-2) for a "relu"."""
+    ``width`` (0: the full 64 bits) narrows a comparison ("relu", "drelu", "select",
+    for values whose range the kernel knows) to l = ``width`` ring bits, opened in
+    ceil(l / 8) bytes, with the lowest ``drop`` (0: ``CMP_DROP``) left out of the tree;
+    a "relu" needs |x| < 2^(l-2) to lift x back."""
 
     kind: str
     size: int
@@ -354,13 +353,10 @@ class Step:
             raise InputError(f"unknown material kind {self.kind!r}")
         if self.shift and (self.kind != "trunc" or not 2 <= self.shift <= 60):
             raise InputError(f"a {self.kind} step cannot shift by {self.shift} bits")
-        lowest = {"trunc": (self.shift or 2) + 3,
-                  "square": 8, "mulsq": 8, "relu": 16, "drelu": 16, "select": 16}
-        if self.width and (self.kind not in lowest or not lowest[self.kind] <= self.width
-                           <= (64 if self.kind in ("trunc", "square", "mulsq")
-                               else 63)):
+        narrow = ("relu", "drelu", "select")
+        if self.width and (self.kind not in narrow or not 16 <= self.width <= 63):
             raise InputError(f"a {self.kind} step cannot open {self.width} bits")
-        if self.drop and (self.kind not in ("relu", "drelu", "select") or not self.width
+        if self.drop and (self.kind not in narrow or not self.width
                           or not 1 <= self.drop <= self.width - 3):
             raise InputError(f"a {self.kind} step cannot leave out {self.drop} bits")
         object.__setattr__(self, "dims", tuple(int(d) for d in self.dims))
@@ -479,12 +475,9 @@ def dealer_material(steps: list[Step], batch: int, prg: Prg, frac_bits: int = FR
         elif step.kind in chains.CHAINS:    # (no comparison: the same for DCFs)
             pair = chains.chain_material(step.kind, n, frac_bits, prg)
         elif cmp == "circuit" and step.kind == "trunc":
-            pair = pr.circuit_trunc_material(n, step.shift or frac_bits, prg,
-                                             width=step.width or 64)
+            pair = pr.circuit_trunc_material(n, step.shift or frac_bits, prg)
         elif step.kind in ("square", "mulsq"):
-            # narrow only beside circuit truncations (a DCF truncation reads 64 bits)
-            pair = pr.squares(n, prg, with_product=step.kind == "mulsq",
-                              width=(step.width or 64) if cmp == "circuit" else 64)
+            pair = pr.squares(n, prg, with_product=step.kind == "mulsq")
         elif cmp == "circuit" and step.kind != "mul":
             kind = {"drelu": "sign"}.get(step.kind, step.kind)
             pair = pr.circuit_cmp_material(kind, n, prg, frac_bits, step.width, step.drop)

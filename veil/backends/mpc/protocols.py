@@ -53,15 +53,13 @@ Constructions:
 - Narrow openings, for values whose range a kernel knows: shares mod 2^64 are shares
   mod 2^w too, so a truncation of |y| < 2^(w-2) opens u^ = y + 2^(w-2) + r mod 2^w
   (ceil(w / 8) bytes, not 8) and lifts back exactly with the same wrap rule on the
-  w-bit ring (r' = r mod 2^w: floor(u / 2^f) = (u^ >> f) - (r' >> f) + 2^(w-f)
-  (1 - msb_w(u^)) msb_w(r') - c over the integers); a square or a product that only
-  such a truncation reads opens mod 2^w as well (the ring extension of Cheetah's and
-  SIRNN's mixed bitwidths, Huang et al., USENIX Security 2022; Rathee et al., S&P
-  2021). A comparison opens x + r mod 2^l, and a ReLU lifts x back by the same rule
-  (f = 0) for its multiplexer, one more dealt word (2^l msb_l(r') rho). Kernels choose
-  w, and for comparisons how many low bits the tree may leave out (a coarse comparison
-  is exact but within 2^k of its threshold, which is all a row max or a band edge
-  needs): ``evaluator.Step``'s width and drop.
+  w-bit ring (``ring.open_truncation``; the masked chains' truncations use it, the ring
+  extension of Cheetah's and SIRNN's mixed bitwidths, Huang et al., USENIX Security
+  2022; Rathee et al., S&P 2021). A comparison opens x + r mod 2^l, and a ReLU lifts x
+  back by the same rule (f = 0) for its multiplexer, one more dealt word
+  (2^l msb_l(r') rho). Kernels choose l, and how many low bits the tree may leave out
+  (a coarse comparison is exact but within 2^k of its threshold, which is all a row
+  max or a band edge needs): ``evaluator.Step``'s width and drop.
 - Max pooling as max(a, b) = b + ReLU(a - b), in a tree over the window.
 BOUNDS (circuit): a truncation input needs |y| < 2^62 ring units (2^22 real at 2f = 40
 fractional bits); a comparison input -2^(l-1) <= x < 2^(l-1) - 2^k ring units (about
@@ -79,7 +77,7 @@ from . import chains, circuit, fss
 from .fixed import FRAC_BITS
 from .prg import Prg
 from .ring import ZERO as _ZERO, Channel, offset_w as _offset_w, open_value
-from .ring import ring_mask as _ring_mask
+from .ring import open_truncation, ring_mask as _ring_mask
 _LOW63 = np.uint64((1 << 63) - 1)
 _SHIFT63 = np.uint64(63)
 
@@ -123,13 +121,11 @@ class Triple:
 class Square:
     """One party's share of a square pair: a random a and c = a^2; ``xa``, when set,
     a second operand's Beaver triple (b, a b) riding on the same a (x y and x^2 from
-    one opening of x - a and y - b). ``width`` < 64: the openings are mod 2^width and
-    so are the results (for a product only a ``width``-bit truncation reads)."""
+    one opening of x - a and y - b)."""
 
     a: np.ndarray
     c: np.ndarray
     xa: Triple | None = None
-    width: int = 64
 
 
 @dataclass(frozen=True)
@@ -173,14 +169,11 @@ class ReluMaterial:
 
 @dataclass(frozen=True)
 class CircuitTruncMaterial:
-    """Faithful truncation: shares of the mask r, of r >> f and of msb(r) 2^(64-f); on
-    a ``width``-bit ring (w < 64, for inputs known to satisfy |y| < 2^(w-2)), of
-    r' = r mod 2^w, r' >> f and msb_w(r') 2^(w-f)."""
+    """Faithful truncation: shares of the mask r, of r >> f and of msb(r) 2^(64-f)."""
 
     r: np.ndarray
     r_high: np.ndarray
     wrap: np.ndarray
-    width: int = 64
 
 
 #: What a circuit comparison's multiplexer computes: the bit alone ("sign"), the compared
@@ -228,18 +221,16 @@ def triples(shape, prg: Prg) -> tuple[Triple, Triple]:
     return Triple(a0, b0, c0), Triple(a1, b1, c1)
 
 
-def squares(shape, prg: Prg, with_product: bool = False, width: int = 64
-            ) -> tuple[Square, Square]:
+def squares(shape, prg: Prg, with_product: bool = False) -> tuple[Square, Square]:
     """Square pairs (a random, c = a^2) for both parties; ``with_product``: also b and
-    a b for a second operand (see :func:`mul_square`); ``width``: opened mod 2^width."""
+    a b for a second operand (see :func:`mul_square`)."""
     a, (a0, a1) = prg.root_u64(shape)
     c0, c1 = prg.split_u64(a * a)
     if not with_product:
-        return Square(a0, c0, None, width), Square(a1, c1, None, width)
+        return Square(a0, c0), Square(a1, c1)
     b, (b0, b1) = prg.root_u64(shape)
     ab0, ab1 = prg.split_u64(a * b)
-    return (Square(a0, c0, Triple(a0, b0, ab0), width),
-            Square(a1, c1, Triple(a1, b1, ab1), width))
+    return Square(a0, c0, Triple(a0, b0, ab0)), Square(a1, c1, Triple(a1, b1, ab1))
 
 
 def matrix_triples(m: int, k: int, n: int, prg: Prg) -> tuple[Triple, Triple]:
@@ -321,23 +312,15 @@ def relu_material(n: int, prg: Prg) -> tuple[ReluMaterial, ReluMaterial]:
     return ReluMaterial(s0, t0), ReluMaterial(s1, t1)
 
 
-def _check_width(width: int, frac_bits: int) -> None:
-    if not frac_bits + 3 <= width <= 64:
-        raise ValueError(f"a truncation by {frac_bits} bits cannot open {width} bits")
-
-
-def circuit_trunc_material(n: int, frac_bits: int, prg: Prg, r=None, width: int = 64
+def circuit_trunc_material(n: int, frac_bits: int, prg: Prg, r=None
                            ) -> tuple[CircuitTruncMaterial, CircuitTruncMaterial]:
     """Faithful truncation by ``frac_bits``: one opening, no comparison. ``r``: the mask
-    as (value, (share0, share1)) when a comparison shares it; ``width``: the ring the
-    opening lives on (the mask stays a full 64-bit draw; only its low bits matter)."""
-    _check_width(width, frac_bits)
+    as (value, (share0, share1)) when a comparison shares it."""
     r, (r0, r1) = prg.root_u64(n) if r is None else r
-    low, top = _ring_mask(r, width)
-    lift = np.uint64(1) << np.uint64(width - frac_bits)
-    (h0, h1) = prg.split_u64(low >> np.uint64(frac_bits))
-    (w0, w1) = prg.split_u64(top * lift)
-    return (CircuitTruncMaterial(r0, h0, w0, width), CircuitTruncMaterial(r1, h1, w1, width))
+    lift = np.uint64(1) << np.uint64(64 - frac_bits)
+    (h0, h1) = prg.split_u64(r >> np.uint64(frac_bits))
+    (w0, w1) = prg.split_u64((r >> _SHIFT63) * lift)
+    return CircuitTruncMaterial(r0, h0, w0), CircuitTruncMaterial(r1, h1, w1)
 
 
 #: the comparison kinds that can open on a narrow ring (``circuit_cmp_material``'s
@@ -422,7 +405,7 @@ def mul(ch: Channel, party: int, x: np.ndarray, y: np.ndarray, t: Triple) -> np.
 def square(ch: Channel, party: int, x: np.ndarray, m: Square) -> np.ndarray:
     """Shares of x^2 (no truncation): one round, half a product's opening (d = x - a;
     x^2 = a^2 + 2 d a + d^2)."""
-    d = open_value(ch, x - m.a, m.width)
+    d = open_value(ch, x - m.a)
     z = m.c + np.uint64(2) * d * m.a
     return z + d * d if party == 0 else z
 
@@ -432,7 +415,7 @@ def mul_square(ch: Channel, party: int, x: np.ndarray, y: np.ndarray, m: Square
     """Shares of x y and x^2 in one round, from the openings of x - a and y - b (the
     square reuses d = x - a): three quarters of two products' bytes."""
     t = m.xa
-    opened = open_value(ch, np.concatenate([x - t.a, y - t.b]), m.width)
+    opened = open_value(ch, np.concatenate([x - t.a, y - t.b]))
     d, e = opened[: x.size], opened[x.size:]
     xy = t.c + d * t.b + e * t.a
     xx = m.c + np.uint64(2) * d * t.a
@@ -469,8 +452,9 @@ def truncate_shares(ch: Channel, party: int, x: np.ndarray,
     with DCF material; with circuit material faithfully, floor or floor + 1 with mean
     x / 2^f (the module docstring; needs |x| < 2^62)."""
     if isinstance(m, CircuitTruncMaterial):
-        uhat = open_value(ch, (x + _offset_w(m.width) if party == 0 else x) + m.r, m.width)
-        return _faithful(party, uhat, m, frac_bits)
+        p, s = open_truncation(ch, party, x, m.r, 64, frac_bits)
+        out = s * m.wrap - m.r_high
+        return out + p if party == 0 else out
     uhat = open_value(ch, _offset(party, x) + m.r)
     low = fss.evaluate(party, m.low, _low_bits(uhat, frac_bits))
     return _shift(party, uhat, fss.evaluate(party, m.wrap, uhat), low, m.r_high, frac_bits)
@@ -484,13 +468,13 @@ def rounds_to_floor(m) -> bool:
 
 def _faithful(party: int, uhat: np.ndarray, m: CircuitTruncMaterial, frac_bits: int
               ) -> np.ndarray:
-    """(u^ >> f) - (r >> f) + 2^(w-f) (1 - msb_w(u^)) msb_w(r) - (2^(w-2) >> f) on the
-    material's w-bit ring (w = 64: the mask and offset as they are): shares, in
-    Z_(2^64), of floor(y / 2^f) + c, c the dropped low carry."""
-    out = (np.uint64(1) - (uhat >> np.uint64(m.width - 1))) * m.wrap - m.r_high
+    """(u^ >> f) - (r >> f) + 2^(64-f) (1 - msb(u^)) msb(r) - (2^62 >> f): shares of
+    floor(y / 2^f) + c, c the dropped low carry, from an opening u^ = y + 2^62 + r a
+    comparison shares (``ring.open_truncation`` when the truncation opens alone)."""
+    out = (np.uint64(1) - (uhat >> _SHIFT63)) * m.wrap - m.r_high
     if party == 0:
         f = np.uint64(frac_bits)
-        out += (uhat >> f) - (_offset_w(m.width) >> f)
+        out += (uhat >> f) - (_OFF62 >> f)
     return out
 
 
@@ -736,7 +720,6 @@ def material_arrays(items: list) -> dict[str, np.ndarray]:
         if isinstance(m, CircuitTruncMaterial):
             out[f"{p}.kind"] = np.array([4], np.uint8)
             out[f"{p}.r"], out[f"{p}.r_high"], out[f"{p}.wrap"] = m.r, m.r_high, m.wrap
-            out[f"{p}.width"] = np.array([m.width], np.uint64)
         elif isinstance(m, CircuitCmpMaterial):
             out[f"{p}.kind"] = np.array([_CMP_CODES[m.kind]], np.uint8)
             out[f"{p}.r"], out[f"{p}.r_rows"] = m.r, m.r_rows
@@ -756,7 +739,6 @@ def material_arrays(items: list) -> dict[str, np.ndarray]:
         elif isinstance(m, Square):
             out[f"{p}.kind"] = np.array([12 if m.xa is None else 13], np.uint8)
             out[f"{p}.a"], out[f"{p}.c"] = m.a, m.c
-            out[f"{p}.width"] = np.array([m.width], np.uint64)
             if m.xa is not None:
                 out[f"{p}.b"], out[f"{p}.ab"] = m.xa.b, m.xa.c
         elif isinstance(m, SignMaterial):
@@ -852,10 +834,10 @@ def material_from_arrays(arrays: dict[str, np.ndarray]) -> list:
     def triple(prefix: str) -> Triple:
         return Triple(arrays[f"{prefix}.a"], arrays[f"{prefix}.b"], arrays[f"{prefix}.c"])
 
-    def ring(prefix: str, low: int = 2) -> int:
-        """An opening's ring bits (64 when absent), checked."""
+    def ring(prefix: str) -> int:
+        """A comparison's opening ring bits (64 when absent), checked."""
         width = int(arrays[f"{prefix}.width"][0]) if f"{prefix}.width" in arrays else 64
-        if not low <= width <= 64:
+        if not 16 <= width <= 64:
             raise ValueError("bad ring width")
         return width
 
@@ -874,10 +856,10 @@ def material_from_arrays(arrays: dict[str, np.ndarray]) -> list:
                 Triple(arrays[f"{p}.a"], arrays[f"{p}.b"], arrays[f"{p}.c"])))
         elif kind == 4:
             items.append(CircuitTruncMaterial(arrays[f"{p}.r"], arrays[f"{p}.r_high"],
-                                              arrays[f"{p}.wrap"], ring(p, 5)))
+                                              arrays[f"{p}.wrap"]))
         elif kind in _CMP_KINDS_BY_CODE:
             name = _CMP_KINDS_BY_CODE[kind]
-            width = ring(p, 16)
+            width = ring(p)
             count = _CMP_EXTRAS[name] + (1 if name == "relu" and width < 64 else 0)
             extra = tuple(arrays[f"{p}.extra{j}"] for j in range(count))
             drop = int(arrays[f"{p}.drop"][0]) if f"{p}.drop" in arrays else CMP_DROP
@@ -897,7 +879,7 @@ def material_from_arrays(arrays: dict[str, np.ndarray]) -> list:
         elif kind in (12, 13):
             a = arrays[f"{p}.a"]
             xa = Triple(a, arrays[f"{p}.b"], arrays[f"{p}.ab"]) if kind == 13 else None
-            items.append(Square(a, arrays[f"{p}.c"], xa, ring(p, 8)))
+            items.append(Square(a, arrays[f"{p}.c"], xa))
         elif kind == 8:
             items.append(SignMaterial(arrays[f"{p}.r"], key(f"{p}.sign"), arrays[f"{p}.rho"]))
         elif kind == 2:

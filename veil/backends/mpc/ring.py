@@ -1,6 +1,6 @@
-"""The ring Z_(2^64) as the parties open it: the channel one round goes through, and
-openings of values on a narrower ring (the low w bits), with the two helpers the
-narrow truncation's wrap rule needs (``protocols`` and ``chains`` use them)."""
+"""The ring Z_(2^64) as the parties open it: the channel one round goes through,
+openings of values on a narrower ring (the low w bits), and the faithful truncation's
+opening on a w-bit ring (``protocols`` and ``chains`` use them)."""
 from __future__ import annotations
 
 from typing import Protocol
@@ -19,7 +19,7 @@ class Channel(Protocol):
 def open_value(ch: Channel, x: np.ndarray, width: int = 64) -> np.ndarray:
     """x from both shares; with ``width`` < 64, x mod 2^width from ceil(width / 8) bytes
     per value (each party sends the low bytes of its masked share): the narrow openings
-    of values whose range is known (``CircuitTruncMaterial``, narrow comparisons)."""
+    of values whose range is known (narrow comparisons, chains' truncations)."""
     if width >= 64:
         return x + ch.exchange(x)
     flat = np.ascontiguousarray(x, dtype=np.uint64).reshape(-1)
@@ -53,3 +53,21 @@ def offset_w(width: int) -> np.uint64:
     u = y + 2^(w-2) lie in [0, 2^(w-1)), where u + r wraps exactly when msb_w(u^) = 0
     and msb_w(r) = 1."""
     return np.uint64(1) << np.uint64(width - 2)
+
+
+def open_truncation(ch: Channel, party: int, y: np.ndarray, r: np.ndarray, width: int,
+                    shift: int) -> tuple[np.ndarray, np.ndarray]:
+    """The public parts of a faithful truncation of |y| < 2^(w-2) by ``shift`` on a
+    w-bit ring: open u^ = y + 2^(w-2) + r mod 2^w, return P = (u^ >> shift) -
+    (2^(w-2) >> shift) and s = 1 - msb_w(u^). With h = r' >> shift and
+    w' = msb_w(r') 2^(w-shift) (r' = r mod 2^w, dealt), floor(y / 2^shift) + c =
+    P + s w' - h over the integers, c in {0, 1} the dropped low carry: u + r' wraps
+    2^w exactly when msb_w(u^) = 0 and msb_w(r') = 1."""
+    off = offset_w(width)
+    uhat = open_value(ch, (y + off if party == 0 else y) + r, width)
+    s = uhat >> np.uint64(width - 1)
+    np.subtract(np.uint64(1), s, out=s)
+    sh = np.uint64(shift)
+    p = uhat >> sh
+    p -= off >> sh
+    return p, s
