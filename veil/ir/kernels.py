@@ -267,6 +267,22 @@ def softmax(args, a, p):
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def logsoftmax(args, a, p):
+    x = args[0]
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def normalize(args, a, p):
+    """ONNX-ML Normalizer over the last axis: X / max(X), X / sum|X| or X / ||X||_2
+    (a zero norm leaves the row as it is, as onnxruntime does)."""
+    x = args[0]
+    norm = {"l1": lambda v: np.abs(v).sum(axis=-1, keepdims=True),
+            "l2": lambda v: np.sqrt(np.square(v).sum(axis=-1, keepdims=True)),
+            "max": lambda v: v.max(axis=-1, keepdims=True)}[a["norm"]](x)
+    return x / np.where(norm == 0, 1.0, norm)
+
+
 def layernorm(args, a, p):
     x = args[0]
     mu = x.mean(axis=-1, keepdims=True)

@@ -71,6 +71,9 @@ class Op(str, enum.Enum):
     LAYERNORM = "layernorm"    # over the last axis; params weight, bias; attr eps
     REDUCESUM = "reducesum"    # sum over per-sample ``axes`` (keepdims)
     RECIPROCAL = "reciprocal"  # 1 / x for x in the calibrated range [lo, hi] (lo > 0)
+    # output heads (issue 18): computed by the client (veil.ir.head), never by a server
+    LOGSOFTMAX = "logsoftmax"  # log(softmax(x)) over the last axis
+    NORMALIZE = "normalize"    # x / norm(x) over the last axis; attr norm: l1, l2 or max
 
 
 # Compile targets: the execution modes (:mod:`veil.modes`). ``plain`` is the interpreter
@@ -82,6 +85,8 @@ NO_HE = ALL - {"he"}     # simulate (floats) runs it; the slot evaluator does no
 # transformer ops: HE prices them (``compiler.estimate``) but neither runs them nor
 # simulates its polynomial form of them
 SHARES = frozenset({"plain", "tee", "mpc"})
+# a model's output head: the client computes it (veil.ir.head) with the interpreter
+CLIENT = frozenset({"plain"})
 
 Shape = tuple[int, ...]
 ShapeRule = Callable[[list[Shape], Mapping[str, Any], Mapping[str, np.ndarray]], Shape]
@@ -298,6 +303,12 @@ def _reducesum(ins, a, p) -> Shape:
     return tuple(d for i, d in enumerate(x) if i not in axes)
 
 
+def _normalize(ins, a, p) -> Shape:
+    if a["norm"] not in ("l1", "l2", "max"):
+        raise GraphError(f"normalize norm {a['norm']!r}; one of l1, l2, max")
+    return _last_axis(ins, {}, p)
+
+
 def _reciprocal(ins, a, p) -> Shape:
     if not 0 < float(a["lo"]) < float(a["hi"]):
         raise GraphError(f"reciprocal needs 0 < lo < hi, got [{a['lo']}, {a['hi']}]")
@@ -364,6 +375,12 @@ def _defs() -> dict[Op, OpDef]:
               defaults={"keepdims": False}, targets=SHARES),
         OpDef(Op.RECIPROCAL, 1, _reciprocal, k.reciprocal, {"elementwise"},
               defaults={"lo": 2.0 ** -8, "hi": 2.0 ** 14}, targets=SHARES),
+        # output heads: split off at compile time and computed by the client; a model
+        # that uses them before its output is refused by every server mode
+        OpDef(Op.LOGSOFTMAX, 1, _last_axis, k.logsoftmax, (), defaults={"axis": -1},
+              targets=CLIENT, doc="a classifier's log-probabilities (client side)"),
+        OpDef(Op.NORMALIZE, 1, _normalize, k.normalize, (), defaults={"norm": "l1"},
+              targets=CLIENT, doc="scikit-learn's Normalizer (client side)"),
     ]
     return {o.op: o for o in d}
 
