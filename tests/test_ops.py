@@ -13,6 +13,8 @@ import pytest
 
 from veil.ir import REGISTRY, Graph, Op, make_node, opdef, run
 
+from trees_util import random_ensemble
+
 RNG = np.random.default_rng(7)
 SHAPE = (4, 6, 6)
 
@@ -102,6 +104,11 @@ CASES = {
                           {"weight": _w(6) + 1, "bias": _w(6)})), Op.LAYERNORM),
     "reducesum": (_unary(Op.REDUCESUM, axes=(1,)), Op.REDUCESUM),
     "reciprocal": (_unary(Op.RECIPROCAL, lo=0.25, hi=8.0), Op.RECIPROCAL),
+    # tree ensembles (tests/test_trees.py: scikit-learn models, thresholds' edges)
+    "tree_ensemble": (_graph(("f", Op.RESHAPE, ["x"], {"shape": (144,)}, {}),
+                             ("y", Op.TREE_ENSEMBLE, ["f"], {},
+                              random_ensemble(RNG, 144, n_trees=4, depth=4))),
+                      Op.TREE_ENSEMBLE),
 }
 # inputs other than uniform on [-2.5, 2.5]: token ids, a reciprocal's range
 INPUTS = {

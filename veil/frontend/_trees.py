@@ -348,7 +348,8 @@ def _softmax_zero(v: np.ndarray) -> np.ndarray:
 
 def finish_scores(raw: np.ndarray, parsed: ParsedTrees) -> np.ndarray:
     """The scores onnxruntime outputs (probabilities for a classifier) from the raw
-    TREE_ENSEMBLE output (B, n_outputs), in float64.
+    TREE_ENSEMBLE output (B, n_outputs), in float64, the raw scores first rounded to
+    float32 as onnxruntime holds them.
 
     - A regressor with one target: the raw score (onnxruntime's one-output path applies
       only PROBIT, which is refused at parsing).
@@ -358,7 +359,11 @@ def finish_scores(raw: np.ndarray, parsed: ParsedTrees) -> np.ndarray:
       [-s, s] otherwise.
     - Otherwise the transform column-wise: NONE, LOGISTIC, SOFTMAX, SOFTMAX_ZERO.
     """
+    # onnxruntime sums and outputs float32: rounding to float32 first makes exact ties
+    # (a forest's 0.5 / 0.5 vote, which the float32 leaf weights miss by ~1e-8 when
+    # summed in float64 or on shares) fall as in onnxruntime and scikit-learn
     raw = np.asarray(raw, dtype=np.float64).reshape(-1, parsed.n_outputs)
+    raw = raw.astype(np.float32).astype(np.float64)
     post = parsed.post_transform
     if not parsed.is_classifier and parsed.n_outputs == 1:
         return raw

@@ -27,10 +27,13 @@ Sec. 3), with every comparison of every tree batched:
    (local); then as any affine layer (``evaluator._finish``): left at 2f bits when it
    is the output (the client decodes), else one faithful truncation to f bits.
 
-Exactness: every node test equals the reference's on the fixed-point inputs; the
-reference's own test on the reals differs only when 0 < |x - t| < 2^-f (rounding is
-monotone, and x = t or |x - t| >= 2^-f keep their order), and for an input computed on
-shares (after a scaler), within that input's own rounding. The scores are exact up to
+Exactness: every node test equals the reference's on the fixed-point inputs, and the
+reference's own test on the reals whenever x = t (equal reals encode alike) or
+|x - t| > 2^-f (X = round(x 2^f) and T = round(t 2^f) are then ordered as x and t,
+each within half a unit). Within 2^-f of a threshold the encoding may merge x with t:
+at exactly one unit only when t 2^f is a half-integer (round half to even puts both
+t 2^f and t 2^f + 1 or - 1 in one cell); for an input computed on shares (after a
+scaler), within that input's own rounding. The scores are exact up to
 the weights' encoding at 2f bits: |error| <= (n_trees + 1) 2^-(2f+1) (one rounding per
 reached leaf and the base), about 4.5e-13 n_trees at f = 20.
 """
