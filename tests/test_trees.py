@@ -177,6 +177,50 @@ def test_min_aggregation_is_refused_and_average_folds_into_the_weights():
                                parsed.params["weights"])
 
 
+def _v5_node(params):
+    """ai.onnx.ml opset 5's TreeEnsemble for TREE_ENSEMBLE ``params`` (one target, no
+    one-leaf tree: its roots are split nodes), built from the paths as the enclave's
+    emitter rebuilds its trees."""
+    from onnx import helper, numpy_helper
+
+    from veil.backends.tee.onnx_kernels import _tree_children
+
+    child, roots = _tree_children(params["paths"])
+    n = params["feature"].size
+    sides = [[child[(i, side)] for i in range(n)] for side in (True, False)]
+    return helper.make_node(
+        "TreeEnsemble", ["X"], ["Y"], domain="ai.onnx.ml",
+        nodes_featureids=[int(v) for v in params["feature"]],
+        nodes_splits=numpy_helper.from_array(params["threshold"].astype(np.float32)),
+        nodes_modes=numpy_helper.from_array(params["mode"].astype(np.uint8)),
+        nodes_truenodeids=[c[1] for c in sides[0]],
+        nodes_trueleafs=[int(c[0] == "l") for c in sides[0]],
+        nodes_falsenodeids=[c[1] for c in sides[1]],
+        nodes_falseleafs=[int(c[0] == "l") for c in sides[1]],
+        leaf_targetids=[0] * params["weights"].shape[0],
+        leaf_weights=numpy_helper.from_array(params["weights"][:, 0].astype(np.float32)),
+        tree_roots=[r[1] for r in roots], n_targets=1, aggregate_function=1,
+        post_transform=0)
+
+
+def test_the_opset5_tree_ensemble_parses_and_matches_onnxruntime():
+    from onnx import TensorProto, helper
+
+    params = random_ensemble(RNG, 6, n_trees=5, depth=4, n_targets=1)
+    params = {**params, "paths": params["paths"][:-1], "weights": params["weights"][:-1]}
+    node = _v5_node(params)
+    graph = helper.make_graph(
+        [node], "trees", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 6])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 1])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("ai.onnx.ml", 5)])
+    proto.ir_version = 10
+    x = RNG.normal(size=(64, 6)).astype(np.float32)
+    parsed = parse_tree_ensemble(node)
+    got = run(_graph(parsed.params, 6), x.astype(np.float64))
+    np.testing.assert_allclose(got, _onnxruntime(proto, x)[0], rtol=0, atol=2e-6)
+
+
 # -- the IR op -------------------------------------------------------------------------
 
 def test_the_op_serializes_and_checks_its_parameters():

@@ -276,9 +276,9 @@ def _forest_v5(attrs: dict, where: str) -> tuple[_Forest, np.ndarray, int]:
         forest.leaf(("l", j))
     weights = np.zeros((len(leaf_weights), targets))
     weights[np.arange(len(leaf_weights)), leaf_targets] = leaf_weights
-    # a root index names a leaf when that tree is a single leaf (no branch node i)
-    forest.roots = [("n", int(r)) if ("n", int(r)) in forest.table else ("l", int(r))
-                    for r in roots]
+    if np.any((roots < 0) | (roots >= len(features))):
+        raise GraphError(f"{where}: a tree root is not a node")
+    forest.roots = [("n", int(r)) for r in roots]
     return forest, weights, targets
 
 
