@@ -401,3 +401,27 @@ def test_xgboost_and_lightgbm_exports_parse_and_match(kind, data):
     np.testing.assert_array_equal(predicted_labels(scores, parsed), model.predict(x))
     out, _ = _mpc(graph, x[:16])
     assert np.abs(out - run(graph, x[:16].astype(np.float64))).max() <= _bound(parsed)
+
+
+# -- end to end: the compiled model's processes ------------------------------------------
+
+def test_a_compiled_forest_runs_in_the_mpc_and_tee_processes_and_he_refuses():
+    """The lead's ``veil.compile`` path from the IR on: the compile result of a tree
+    graph (no HE estimate), then ``run`` in the dealer and parties' processes and in the
+    enclave's, against plain; simulate and he refuse with the reason."""
+    from veil.compiler.pipeline import compile_graph
+    from veil.model import CompiledModel
+
+    model, _, parsed, graph, x_test, x = _fitted("gb-digits")
+    result = compile_graph(graph, x[:32].astype(np.float64))
+    assert result.estimate is None and "no exact comparison" in str(
+        CompiledModel(result, (0.0, 16.0), {}).report())
+    with CompiledModel(result, (0.0, 16.0), {}) as compiled:
+        want = compiled.run(x_test[:6], "plain")
+        assert np.abs(compiled.run(x_test[:6], "mpc") - want).max() <= _bound(parsed)
+        np.testing.assert_allclose(compiled.run(x_test[:6], "tee"), want, rtol=0, atol=2e-6)
+        np.testing.assert_array_equal(predicted_labels(finish_scores(want, parsed), parsed),
+                                      model.predict(x_test[:6]))
+        for mode in ("simulate", "he"):
+            with pytest.raises(UnsupportedOperation, match="use mode mpc or tee"):
+                compiled.run(x_test[:2], mode)
