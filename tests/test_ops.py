@@ -13,6 +13,8 @@ import pytest
 
 from veil.ir import REGISTRY, Graph, Op, make_node, opdef, run
 
+from trees_util import random_ensemble
+
 RNG = np.random.default_rng(7)
 SHAPE = (4, 6, 6)
 
@@ -106,6 +108,11 @@ CASES = {
     "logsoftmax": (_unary(Op.LOGSOFTMAX), Op.LOGSOFTMAX),
     "normalize_l1": (_unary(Op.NORMALIZE, norm="l1"), Op.NORMALIZE),
     "normalize_l2": (_unary(Op.NORMALIZE, norm="l2"), Op.NORMALIZE),
+    # tree ensembles (tests/test_trees.py: scikit-learn models, thresholds' edges)
+    "tree_ensemble": (_graph(("f", Op.RESHAPE, ["x"], {"shape": (144,)}, {}),
+                             ("y", Op.TREE_ENSEMBLE, ["f"], {},
+                              random_ensemble(RNG, 144, n_trees=4, depth=4))),
+                      Op.TREE_ENSEMBLE),
 }
 # inputs other than uniform on [-2.5, 2.5]: token ids, a reciprocal's range
 INPUTS = {

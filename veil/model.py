@@ -338,8 +338,10 @@ class CompiledModel:
             refusal = self.result.he_refusal
             params = {"ring_dim": est.ring_dim, "scaling_bits": est.scaling_bits,
                       "num_large_digits": est.num_large_digits,
-                      "security": "HEStd_128_classic", "insecure_test_params": False}
-            return Report(layers, est.depth, params, "estimated (no slot plan)", [], notes,
+                      "security": "HEStd_128_classic", "insecure_test_params": False} \
+                if est is not None else {}    # None: HE cannot price it (tree ensembles)
+            return Report(layers, est.depth if est is not None else 0, params,
+                          "estimated (no slot plan)", [], notes,
                           accuracy=accuracy, estimate=estimate,
                           he_error=refusal[1] if refusal else "no HE plan")
         return Report(layers, plan.depth, plan.params.to_dict(), plan.param_reason,
