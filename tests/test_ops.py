@@ -108,6 +108,7 @@ CASES = {
     "logsoftmax": (_unary(Op.LOGSOFTMAX), Op.LOGSOFTMAX),
     "normalize_l1": (_unary(Op.NORMALIZE, norm="l1"), Op.NORMALIZE),
     "normalize_l2": (_unary(Op.NORMALIZE, norm="l2"), Op.NORMALIZE),
+    "float32": (_unary(Op.FLOAT32), Op.FLOAT32),
     # tree ensembles (tests/test_trees.py: scikit-learn models, thresholds' edges)
     "tree_ensemble": (_graph(("f", Op.RESHAPE, ["x"], {"shape": (144,)}, {}),
                              ("y", Op.TREE_ENSEMBLE, ["f"], {},

@@ -15,6 +15,8 @@ pytest.importorskip("skl2onnx")
 sklearn = pytest.importorskip("sklearn")
 
 from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits  # noqa: E402
+from sklearn.ensemble import (GradientBoostingClassifier,  # noqa: E402
+                              RandomForestClassifier)
 from sklearn.linear_model import (LinearRegression, LogisticRegression,  # noqa: E402
                                   SGDClassifier)
 from sklearn.model_selection import train_test_split  # noqa: E402
@@ -281,3 +283,94 @@ def test_served_classifier_heads_on_the_sdk_and_cli(tmp_path):
         server.stop()
         keys.close()
     assert server.errors() == "", server.errors()
+
+
+# -- tree ensembles ------------------------------------------------------------------
+
+TREES = [
+    ("forest-binary", lambda: RandomForestClassifier(n_estimators=20, max_depth=6,
+                                                     random_state=0), "cancer",
+     ["float32", "batchnorm", "concat"]),
+    ("boosting-binary", lambda: GradientBoostingClassifier(n_estimators=20, max_depth=3,
+                                                           random_state=0), "cancer",
+     ["float32", "batchnorm", "concat", "sigmoid"]),
+    ("forest-multiclass", lambda: RandomForestClassifier(n_estimators=20, max_depth=6,
+                                                         random_state=0), "digits",
+     ["float32"]),
+    ("boosting-multiclass", lambda: GradientBoostingClassifier(n_estimators=10, max_depth=3,
+                                                               random_state=0), "digits",
+     ["float32", "softmax"]),
+]
+
+
+@pytest.mark.parametrize("name, factory, data, ops", TREES, ids=[t[0] for t in TREES])
+def test_tree_ensembles_as_exported_predict_what_sklearn_predicts(name, factory, data, ops):
+    """On held-out rows, whose float64 values round to float32 (as scikit-learn's trees
+    and onnxruntime compare them) across some thresholds."""
+    model, xtr, xte, _ = _fit(factory(), data)
+    graph = to_graph(_onnx(model, xtr), (xtr.shape[1],))
+    assert graph.head.ops() == ops
+    out = run_model(graph, xte)
+    np.testing.assert_array_equal(graph.head.predict(out), model.predict(xte))
+    np.testing.assert_allclose(out, model.predict_proba(xte), atol=1e-6)
+
+
+def test_tree_tests_decide_as_on_float32_inputs():
+    """A float64 value just above a float32 threshold rounds onto it: it goes where the
+    float32 runtime sends it, at every tie and rounding edge."""
+    from veil.frontend._trees import float32_tests
+    from veil.ir import kernels
+
+    t = np.array([1.5, 3.0000002, 0.1, 1000.5], dtype=np.float32)
+    up = np.nextafter(t, np.float32(np.inf)).astype(np.float64)
+    down = np.nextafter(t, np.float32(-np.inf)).astype(np.float64)
+    t64 = t.astype(np.float64)
+    mid_up, mid_down = (t64 + up) / 2, (t64 + down) / 2
+    xs = np.concatenate([t64, mid_up, mid_down, np.nextafter(mid_up, 9e9),
+                         np.nextafter(mid_down, -9e9), up, down])
+    for code in range(4):
+        params = {"feature": np.zeros(4), "threshold": t64, "mode": np.full(4, code)}
+        new = float32_tests(params)
+        x = xs[:, None]
+        want = kernels.tree_tests(x.astype(np.float32).astype(np.float64), params["feature"],
+                                  params["threshold"], params["mode"])
+        got = kernels.tree_tests(x, new["feature"], new["threshold"], new["mode"])
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("mode", ["tee", "mpc"])
+def test_forest_in_tee_and_mpc_predicts_what_sklearn_predicts(mode):
+    model, xtr, xte, _ = _fit(RandomForestClassifier(n_estimators=10, max_depth=5,
+                                                     random_state=0), "cancer")
+    with veil.compile(_onnx(model, xtr), xtr, insecure_test_params=True) as compiled:
+        x = xte[:40]
+        np.testing.assert_array_equal(compiled.predict(x, mode), model.predict(x))
+        np.testing.assert_allclose(compiled.run(x, mode), model.predict_proba(x), atol=1e-6)
+
+
+def test_trees_are_refused_by_he_with_the_reason():
+    model, xtr, xte, _ = _fit(GradientBoostingClassifier(n_estimators=5, random_state=0),
+                              "cancer")
+    compiled = veil.compile(_onnx(model, xtr), xtr)
+    assert "no exact comparison" in compiled.report().he_error
+    with pytest.raises(veil.UnsupportedOperation, match="no exact comparison.*mpc or tee"):
+        compiled.run(xte[:2], "simulate")
+
+
+@pytest.mark.parametrize("library", ["xgboost", "lightgbm"])
+def test_gradient_boosting_libraries_through_onnxmltools(library):
+    lib = pytest.importorskip(library)
+    onnxmltools = pytest.importorskip("onnxmltools")
+    from onnxmltools.convert.common.data_types import FloatTensorType
+
+    for data in ("cancer", "digits"):
+        model = (lib.XGBClassifier(n_estimators=10, max_depth=3) if library == "xgboost"
+                 else lib.LGBMClassifier(n_estimators=10, num_leaves=15, verbose=-1))
+        model, xtr, xte, _ = _fit(model, data)
+        types = [("input", FloatTensorType([None, xtr.shape[1]]))]
+        onx = (onnxmltools.convert_xgboost(model, initial_types=types) if library == "xgboost"
+               else onnxmltools.convert_lightgbm(model, initial_types=types, zipmap=False))
+        graph = to_graph(onx, (xtr.shape[1],))
+        out = run_model(graph, xte)
+        np.testing.assert_array_equal(graph.head.predict(out), model.predict(xte))
+        np.testing.assert_allclose(out, model.predict_proba(xte), atol=1e-5)

@@ -159,8 +159,46 @@ def array_feature_extractor(conv, site: Site, node: Any, attrs: dict) -> Any:
     return conv.b.add(site.node, Op.GATHER, [x], {"indices": tuple(int(c) for c in cols)})
 
 
+def tree_ensemble(conv, site: Site, node: Any, attrs: dict) -> Any:
+    """A TREE_ENSEMBLE node (``_trees.py``; its tests decide as on float32 inputs), then
+    onnxruntime's post transform as IR ops
+    that the output head moves to the client: the raw sums rounded to float32 as
+    onnxruntime holds them, ONNX's binary case ([1 - s, s], or [-s, s] for log-odds),
+    a sigmoid or softmax."""
+    from ._trees import float32_tests, parse_tree_ensemble
+
+    x = conv._tensor(site, node.input[0])
+    shape = conv.b.shape(x)
+    if len(shape) != 1:
+        x = conv.b.add(site.node + "/flat", Op.RESHAPE, [x], {"shape": (int(np.prod(shape)),)})
+    parsed = parse_tree_ensemble(node, f"{node.op_type} (ONNX op) at node {site.node!r}")
+    # the splits as the float32 runtime decides them (scikit-learn casts X to float32)
+    raw = conv.b.add(site.node, Op.TREE_ENSEMBLE, [x], dict(parsed.attrs),
+                     float32_tests(parsed.params))
+    if not parsed.is_classifier:
+        return raw
+    if parsed.post_transform not in ("NONE", "LOGISTIC", "SOFTMAX"):
+        raise site.error(f"post_transform {parsed.post_transform!r} of a classifier is not "
+                         "supported (NONE, LOGISTIC, SOFTMAX are)")
+    b, name = conv.b, site.node + "/post"
+    scores = b.add(name, Op.FLOAT32, [raw])
+    if parsed.binary:
+        if parsed.all_positive:       # a forest's probability of class 1: [1 - s, s]
+            other = b.add(name, Op.BATCHNORM, [scores], {}, {"scale": [-1.0], "shift": [1.0]})
+        else:                         # log-odds: [-s, s], then the transform
+            other = b.add(name, Op.BATCHNORM, [scores], {}, {"scale": [-1.0], "shift": [0.0]})
+        scores = b.add(name, Op.CONCAT, [other, scores], {"axis": 0})
+        if parsed.all_positive:
+            return {node.output[0]: Label(scores, parsed.labels), node.output[1]: scores}
+    if parsed.post_transform != "NONE":
+        scores = b.add(name, _POST[parsed.post_transform], [scores])
+    return {node.output[0]: Label(scores, parsed.labels), node.output[1]: scores}
+
+
 HANDLERS = {
     "LinearClassifier": linear_classifier, "LinearRegressor": linear_regressor,
     "Scaler": scaler, "Normalizer": normalizer, "ZipMap": zipmap,
     "ArrayFeatureExtractor": array_feature_extractor,
+    "TreeEnsembleClassifier": tree_ensemble, "TreeEnsembleRegressor": tree_ensemble,
+    "TreeEnsemble": tree_ensemble,
 }

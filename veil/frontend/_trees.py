@@ -326,6 +326,40 @@ def parse_tree_ensemble(node, where: str | None = None) -> ParsedTrees:
                        len(forest.roots))
 
 
+def float32_tests(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``params`` with every node test rewritten so that comparing a float64 input
+    decides what the float32 runtime decides on the same input rounded to float32.
+
+    ONNX tree models take float32 inputs (scikit-learn casts X to float32 before its
+    trees, onnxruntime computes in float32): a float64 value just above a threshold t
+    can round onto t and go left there. Rounding to nearest-even is monotone, so
+    ``round32(x) <= t`` holds exactly when x is below the midpoint between t and the next
+    float32 up, or on it when t's last mantissa bit is 0 (the tie rounds to t); ``<``
+    is ``<=`` the float32 below t, and GTE / GT are their complements. The midpoints are
+    exact in float64, and every backend then compares the input as it is (no rounding
+    step on shares)."""
+    t = np.asarray(params["threshold"], dtype=np.float32)
+    mode = np.asarray(params["mode"]).astype(np.int64)
+    up, down = np.nextafter(t, np.float32(np.inf)), np.nextafter(t, np.float32(-np.inf))
+    mid_up = (t.astype(np.float64) + up.astype(np.float64)) / 2
+    mid_down = (t.astype(np.float64) + down.astype(np.float64)) / 2
+    even = (t.view(np.uint32) & 1) == 0                # the tie at mid_up rounds to t
+    below_even = (down.view(np.uint32) & 1) == 0       # the tie at mid_down rounds down
+    leq, lt, gte, gt = range(4)
+    # round32(x) <= t: x <= mid_up (t even) or x < mid_up; round32(x) < t: the same
+    # against mid_down with the float32 below t; GTE, GT: their complements
+    new_mode = np.select(
+        [mode == leq, mode == lt, mode == gte, mode == gt],
+        [np.where(even, leq, lt), np.where(below_even, leq, lt),
+         np.where(below_even, gt, gte), np.where(even, gt, gte)])
+    threshold = np.where((mode == leq) | (mode == gt), mid_up, mid_down)
+    finite = np.isfinite(threshold)
+    out = dict(params)
+    out["threshold"] = np.where(finite, threshold, params["threshold"]).astype(np.float64)
+    out["mode"] = np.where(finite, new_mode, mode).astype(np.float64)
+    return out
+
+
 # -- the post transform, as onnxruntime applies it -------------------------------------
 
 def _logistic(v: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ from .ops import Op
 
 # The ops a head starts with, and those it may continue with (no weights that
 # matter, nothing that mixes samples). A head is cut only at a START op.
-START_OPS = frozenset({Op.SIGMOID, Op.SOFTMAX, Op.LOGSOFTMAX, Op.NORMALIZE})
+START_OPS = frozenset({Op.SIGMOID, Op.SOFTMAX, Op.LOGSOFTMAX, Op.NORMALIZE, Op.FLOAT32})
 TAIL_OPS = START_OPS | frozenset({Op.AFFINE, Op.BATCHNORM, Op.CONCAT, Op.ADD, Op.SUB,
                                   Op.MUL, Op.RESHAPE, Op.GATHER, Op.SLICE})
 RETURNS = ("scores", "labels")

@@ -283,6 +283,10 @@ def normalize(args, a, p):
     return x / np.where(norm == 0, 1.0, norm)
 
 
+def float32(args, a, p):
+    return args[0].astype(np.float32).astype(np.float64)
+
+
 def layernorm(args, a, p):
     x = args[0]
     mu = x.mean(axis=-1, keepdims=True)

@@ -74,6 +74,7 @@ class Op(str, enum.Enum):
     # output heads (issue 18): computed by the client (veil.ir.head), never by a server
     LOGSOFTMAX = "logsoftmax"  # log(softmax(x)) over the last axis
     NORMALIZE = "normalize"    # x / norm(x) over the last axis; attr norm: l1, l2 or max
+    FLOAT32 = "float32"        # x rounded to float32: scores as a float32 runtime holds them
     # tree ensembles (issue 18)
     TREE_ENSEMBLE = "tree_ensemble"  # (F,) -> (T,): summed leaf weights of every tree + base
 
@@ -414,6 +415,9 @@ def _defs() -> dict[Op, OpDef]:
               targets=CLIENT, doc="a classifier's log-probabilities (client side)"),
         OpDef(Op.NORMALIZE, 1, _normalize, k.normalize, (), defaults={"norm": "l1"},
               targets=CLIENT, doc="scikit-learn's Normalizer (client side)"),
+        OpDef(Op.FLOAT32, 1, _same, k.float32, {"elementwise"}, targets=CLIENT,
+              doc="a tree ensemble's scores as onnxruntime sums them, in float32, so "
+                  "exact ties (a forest's 0.5 / 0.5 vote) fall as they do there"),
         # tree ensembles: exact comparisons on shares or in the enclave
         OpDef(Op.TREE_ENSEMBLE, 1, _tree_ensemble, k.tree_ensemble, (),
               ("feature", "threshold", "mode", "paths", "weights", "base"), targets=SHARES,
