@@ -46,6 +46,8 @@ within |x| < 2^15 (``protocols.CMP_BITS`` and ``CMP_DROP``):
   REDUCESUM: ``nonlinear.py`` (matrix triples, exp by squarings, Newton).
 - HARDSIGMOID: comparison-selected exact linear pieces (0, x/6 + 1/2, 1); HARDSWISH =
   x * hardsigmoid(x) with one more Beaver product.
+- LEAKYRELU, PRELU (a x + (1 - a) ReLU(x), public slopes) and ELU (ReLU plus the
+  exponential chain of softmax on min(x, 0)): ``rectifiers.py``, with their bounds.
 - ADD, SUB, RESHAPE, CONCAT, GATHER: local. An affine layer read only by an ADD/SUB
   (a residual branch) is not truncated; the sum is, once, with the other operand
   lifted to 2f bits (times 2^f, local), fused with the ReLU after it: a ResNet block
@@ -1091,6 +1093,8 @@ KERNELS: dict[Op, Kernel] = {
 }
 from .nonlinear import KERNELS as _TRANSFORMER_KERNELS  # noqa: E402  (they use Run, Step)
 KERNELS.update(_TRANSFORMER_KERNELS)
+from .rectifiers import KERNELS as _RECTIFIER_KERNELS  # noqa: E402  (the same)
+KERNELS.update(_RECTIFIER_KERNELS)
 MPC_OPS = frozenset(KERNELS)
 
 
