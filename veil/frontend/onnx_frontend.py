@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import GraphError, InputError, UnsupportedOperation
 from ..ir import Graph, Op
 from . import _layers as layers
+from . import _onedim as onedim
 from ._builder import BATCH, GraphBuilder, Site, flatten_shape, per_channel, per_sample_reshape
 from ._onnx_patterns import FUSED_DOMAIN, fuse_activations, live_nodes
 
@@ -147,6 +148,8 @@ class _Converter:
         }
         for op_type in _UNARY:
             self.table[op_type] = self._unary
+        self.table.update({"LeakyRelu": self._leaky_relu, "PRelu": self._prelu,
+                           "Elu": self._elu})
 
     def convert(self, node: Any) -> None:
         """Convert one node and record its (first) output."""
@@ -219,6 +222,8 @@ class _Converter:
     def _conv(self, site: Site, node: Any, attrs: dict) -> str:
         x = self._tensor(site, node.input[0])
         weight = self._const(site, node.input[1], "W")
+        if weight.ndim == 3:
+            return self._conv1d(site, node, attrs, x, weight)
         if weight.ndim != 4:
             raise site.error(f"weight of shape {weight.shape}; only 2-D convolution is supported")
         dilation = tuple(attrs.get("dilations", [1, 1]))
@@ -264,7 +269,7 @@ class _Converter:
             node.input[1:5], ("scale", "B", "input_mean", "input_var")))
         scale = gamma / np.sqrt(var.astype(np.float64) + float(attrs.get("epsilon", 1e-5)))
         shift = beta - mean * scale
-        return self.b.add(site.node, Op.BATCHNORM, [x], {}, {"scale": scale, "shift": shift})
+        return onedim.batchnorm(self.b, site, x, scale, shift)
 
     # ---- activations and pooling ----------------------------------------------------
 
@@ -300,6 +305,8 @@ class _Converter:
 
     def _avgpool(self, site: Site, node: Any, attrs: dict) -> str:
         x = self._tensor(site, node.input[0])
+        if len(attrs.get("kernel_shape", ())) == 1:
+            return self._pool1d(site, Op.AVGPOOL2D, x, attrs)
         w = self._window(site, x, tuple(attrs.get("kernel_shape", ())), attrs)
         # ONNX defaults to count_include_pad=0 (torch to 1); without padding and without
         # ceil-mode overhang both count the same cells, so keep torch's default there.
@@ -310,6 +317,8 @@ class _Converter:
 
     def _maxpool(self, site: Site, node: Any, attrs: dict) -> str:
         x = self._tensor(site, node.input[0])
+        if len(attrs.get("kernel_shape", ())) == 1:
+            return self._pool1d(site, Op.MAXPOOL2D, x, attrs)
         w = self._window(site, x, tuple(attrs.get("kernel_shape", ())), attrs)
         return layers.maxpool(self.b, site, x, w["kernel"], w["stride"], w["padding"],
                               1, bool(attrs.get("ceil_mode", 0)))
@@ -506,3 +515,52 @@ class _Converter:
         if ir_op is None:
             raise site.error(f"{op} of two tensors is not supported")
         return layers.binary(self.b, site, ir_op, x, y)
+
+    # ---- 1-D layers and leaky rectifiers (``_onedim``) ----------------------------------
+
+    def _window1d(self, site: Site, x: str, kernel: int, attrs: dict,
+                  dilation: int = 1) -> tuple[int, int]:
+        """(stride, symmetric padding) of a 1-D conv or pooling window over (C, L)."""
+        if len(self.b.shape(x)) != 2:
+            raise site.error(f"a 1-D window needs (C, L) input, got {self.b.shape(x)}")
+        (stride,) = attrs.get("strides", [1])
+        auto_pad = attrs.get("auto_pad", "NOTSET")
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            return stride, self._same_pad(site, self.b.shape(x)[1],
+                                          dilation * (kernel - 1) + 1, stride)
+        if auto_pad == "VALID":
+            return stride, 0
+        left, right = attrs.get("pads", [0, 0])
+        if left != right:
+            raise site.error(f"asymmetric pads {attrs['pads']} are not supported")
+        return stride, left
+
+    def _conv1d(self, site: Site, node: Any, attrs: dict, x: str, weight: np.ndarray) -> str:
+        (dilation,) = attrs.get("dilations", [1])
+        stride, padding = self._window1d(site, x, weight.shape[2], attrs, dilation)
+        bias = self._opt_const(site, node, 2, "B")
+        return onedim.conv1d(self.b, site, x, weight, bias, stride, padding, dilation,
+                             int(attrs.get("group", 1)))
+
+    def _pool1d(self, site: Site, op: Op, x: str, attrs: dict) -> str:
+        (kernel,) = attrs["kernel_shape"]
+        (dilation,) = attrs.get("dilations", [1])
+        stride, padding = self._window1d(site, x, kernel, attrs)
+        ceil = bool(attrs.get("ceil_mode", 0))
+        # ONNX counts padding in an average only with count_include_pad=1 (torch by
+        # default); without padding or overhang both divide by the kernel size
+        counts_pad = bool(attrs.get("count_include_pad", 0)) or (padding == 0 and not ceil)
+        return onedim.pool1d(self.b, site, op, x, kernel, stride, padding, ceil, counts_pad,
+                             dilation)
+
+    def _leaky_relu(self, site: Site, node: Any, attrs: dict) -> str:
+        x = self._tensor(site, node.input[0])
+        return onedim.leaky_relu(self.b, site, x, attrs.get("alpha", 0.01))
+
+    def _elu(self, site: Site, node: Any, attrs: dict) -> str:
+        x = self._tensor(site, node.input[0])
+        return onedim.elu(self.b, site, x, attrs.get("alpha", 1.0))
+
+    def _prelu(self, site: Site, node: Any, attrs: dict) -> str:
+        x = self._tensor(site, node.input[0])
+        return onedim.prelu(self.b, site, x, self._const(site, node.input[1], "slope"))
