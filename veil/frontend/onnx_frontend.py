@@ -325,6 +325,8 @@ class _Converter:
 
     def _global_pool(self, site: Site, node: Any, attrs: dict) -> str:
         x = self._tensor(site, node.input[0])
+        if len(self.b.shape(x)) == 2:                # over L of (C, L)
+            return onedim.adaptive_avgpool1d(self.b, site, x, 1)
         return layers.adaptive_avgpool(self.b, site, x, 1)
 
     def _reduce_mean(self, site: Site, node: Any, attrs: dict) -> str:

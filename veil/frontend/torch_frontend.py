@@ -302,7 +302,8 @@ class _Converter:
                 table[getattr(F, name)] = self._dropout
         table.update({F.leaky_relu: self._leaky_relu, F.elu: self._elu, F.prelu: self._prelu,
                       F.conv1d: self._conv1d, F.max_pool1d: self._maxpool1d,
-                      F.avg_pool1d: self._avgpool1d})
+                      F.avg_pool1d: self._avgpool1d,
+                      F.adaptive_avg_pool1d: self._adaptive1d})
         return table
 
     def _method_table(self) -> dict[str, Handler]:
@@ -594,3 +595,8 @@ class _Converter:
         return _Tensor(onedim.pool1d(self.b, site, Op.AVGPOOL2D, x, a["kernel_size"],
                                      a["stride"], a["padding"], bool(a["ceil_mode"]),
                                      bool(a["count_include_pad"])))
+
+    def _adaptive1d(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        a = _bind(args, kwargs, ("input", "output_size"))
+        x = self._tensor(site, a["input"])
+        return _Tensor(onedim.adaptive_avgpool1d(self.b, site, x, a["output_size"]))
