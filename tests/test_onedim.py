@@ -161,6 +161,44 @@ def test_onnx_batch_normalization_on_rank_three_input():
     np.testing.assert_allclose(run(graph, x), want, atol=1e-6)
 
 
+def test_rank_two_batch_norms_and_views_run_in_every_backend():
+    """What the 1-D lowering leaves that no convolution absorbs (a BATCHNORM on a (C, L)
+    value, RESHAPEs to and from views, a global pool of the view, a one-slope PRELU)
+    through the enclave's ONNX, the parties and HE's slot evaluator, in process."""
+    from veil.backends.he.evaluator import Evaluator
+    from veil.backends.he.layout import pack_inputs, unpack_outputs
+    from veil.backends.he.slot_engine import NumpySlotEngine
+    from veil.backends.mpc import evaluator as ev
+    from veil.backends.mpc.local import run_graph
+    from veil.backends.tee.executor import RuntimeSpec, make_executor
+    from veil.compiler.pipeline import compile_graph
+    from veil.compiler.targets import lower
+
+    torch.manual_seed(4)
+    model = _randomize_bn(nn.Sequential(
+        nn.BatchNorm1d(2), nn.PReLU(), nn.Conv1d(2, 3, 3, padding=1), nn.ELU(),
+        nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(3, 2)))
+    graph = to_graph(model, (2, 12))
+    assert graph.node(graph.nodes[1].name).op is Op.BATCHNORM
+    x = RNG.uniform(-1.0, 1.0, size=(3, 2, 12))
+    plain = run(graph, x)
+    np.testing.assert_allclose(plain, _torch(model, x), atol=1e-5)
+    tee = make_executor(lower(graph, "tee")[0], RuntimeSpec(), threads=1)(x)
+    np.testing.assert_allclose(tee, plain, atol=1e-4)
+    mpc, _ = run_graph(ev.lower_for_mpc(graph), x)
+    np.testing.assert_allclose(mpc.reshape(plain.shape), plain, atol=1e-4)
+    res = compile_graph(graph, RNG.uniform(-1.0, 1.0, size=(64, 2, 12)),
+                        insecure_test_params=True)
+    plan = res.he_plan()
+    he = [unpack_outputs(Evaluator(res.lowered, plan).run(
+        NumpySlotEngine(plan.params.slots, set(plan.rotations)),
+        pack_inputs([xi], plan.manifest(), plan.params.slots)), plan.manifest(), 1)[0]
+        for xi in x]
+    np.testing.assert_allclose(np.stack(he).reshape(plain.shape), run(res.lowered, x),
+                               atol=1e-8)
+    np.testing.assert_allclose(run(res.lowered, x), plain, atol=0.05)
+
+
 REFUSED = {
     "circular padding": (lambda: nn.Conv1d(1, 2, 3, padding=1, padding_mode="circular"),
                          "padding_mode"),
