@@ -223,8 +223,30 @@ def test_onnx_asymmetric_1d_pads_are_refused():
     g = helper.make_graph([node], "c", [helper.make_tensor_value_info(
         "x", TensorProto.FLOAT, ["n", 1, 10])], [helper.make_tensor_value_info(
             "y", TensorProto.FLOAT, ["n", 2, 10])], [w])
-    with pytest.raises(UnsupportedOperation, match="asymmetric pads"):
+    with pytest.raises(UnsupportedOperation, match="asymmetric"):
         to_graph(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), (1, 10))
+
+
+def test_onnx_prelu_slopes_broadcast_as_onnx_says():
+    """A slope of shape (C, 1) is per channel; one of shape (L,) varies along the signal,
+    which no PRELU holds, and is refused by name."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def model(slope):
+        node = helper.make_node("PRelu", ["x", "s"], ["y"])
+        g = helper.make_graph([node], "p", [helper.make_tensor_value_info(
+            "x", TensorProto.FLOAT, ["n", 3, 4])], [helper.make_tensor_value_info(
+                "y", TensorProto.FLOAT, ["n", 3, 4])],
+            [numpy_helper.from_array(slope.astype(np.float32), "s")])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    slope = np.array([[0.1], [0.5], [-0.2]])
+    graph = to_graph(model(slope), (3, 4))
+    x = RNG.normal(size=(2, 3, 4))
+    np.testing.assert_allclose(run(graph, x), np.where(x >= 0, x, slope[None] * x),
+                               atol=1e-7)
+    with pytest.raises(UnsupportedOperation, match="varies within a channel"):
+        to_graph(model(np.array([0.1, 0.2, 0.3, 0.4])), (3, 4))
 
 
 # -- the leaky rectifiers ------------------------------------------------------------------

@@ -137,18 +137,22 @@ def elu(b: GraphBuilder, site: Site, x: str, alpha: Any) -> str:
     return b.add(site.node, Op.ELU, [x], {"alpha": _number(site, alpha, "alpha")})
 
 
-def prelu(b: GraphBuilder, site: Site, x: str, slope: np.ndarray) -> str:
-    """PReLU with learned slopes: one, or one per channel (per-sample axis 0), given as
-    torch's (C,) weight or ONNX's slope broadcast against the batched input."""
+def prelu(b: GraphBuilder, site: Site, x: str, slope: np.ndarray,
+          numpy_broadcast: bool = False) -> str:
+    """PReLU with learned slopes: one, or one per channel (per-sample axis 0). torch's
+    weight is (C,) for channel axis 1 of the batched input; ONNX's slope broadcasts
+    against the batched input as numpy does (``numpy_broadcast``: (C, 1) over (N, C, L),
+    (F,) over (N, F))."""
     shape = b.shape(x)
     s = np.asarray(slope, dtype=np.float64)
     if s.size == 1:
         return b.add(site.node, Op.PRELU, [x], {}, {"slope": s.reshape(1)})
+    if not numpy_broadcast and s.ndim == 1:
+        s = s.reshape((-1,) + (1,) * (len(shape) - 1))
     try:
-        per = per_channel(s.reshape((-1,) + (1,) * (len(shape) - 1)) if s.ndim == 1 else s,
-                          shape)
+        per = per_channel(s, shape)
     except ValueError as exc:
-        raise site.error(f"slope of shape {s.shape}: {exc}") from exc
+        raise site.error(f"slope of shape {np.shape(slope)}: {exc}") from exc
     return b.add(site.node, Op.PRELU, [x], {}, {"slope": per})
 
 

@@ -520,33 +520,42 @@ class _Converter:
 
     # ---- 1-D layers and leaky rectifiers (``_onedim``) ----------------------------------
 
+    @staticmethod
+    def _one(site: Site, attrs: dict, key: str) -> int:
+        """The one entry of a 1-D window's list attribute (default 1)."""
+        value = list(attrs.get(key, [1]))
+        if len(value) != 1:
+            raise site.error(f"{key}={value} on a 1-D window")
+        return int(value[0])
+
     def _window1d(self, site: Site, x: str, kernel: int, attrs: dict,
                   dilation: int = 1) -> tuple[int, int]:
         """(stride, symmetric padding) of a 1-D conv or pooling window over (C, L)."""
         if len(self.b.shape(x)) != 2:
             raise site.error(f"a 1-D window needs (C, L) input, got {self.b.shape(x)}")
-        (stride,) = attrs.get("strides", [1])
+        stride = self._one(site, attrs, "strides")
         auto_pad = attrs.get("auto_pad", "NOTSET")
         if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             return stride, self._same_pad(site, self.b.shape(x)[1],
                                           dilation * (kernel - 1) + 1, stride)
         if auto_pad == "VALID":
             return stride, 0
-        left, right = attrs.get("pads", [0, 0])
-        if left != right:
-            raise site.error(f"asymmetric pads {attrs['pads']} are not supported")
-        return stride, left
+        pads = list(attrs.get("pads", [0, 0]))
+        if len(pads) != 2 or pads[0] != pads[1]:
+            raise site.error(f"pads {pads} are asymmetric or not 1-D; only symmetric "
+                             "padding of a 1-D window is supported")
+        return stride, pads[0]
 
     def _conv1d(self, site: Site, node: Any, attrs: dict, x: str, weight: np.ndarray) -> str:
-        (dilation,) = attrs.get("dilations", [1])
+        dilation = self._one(site, attrs, "dilations")
         stride, padding = self._window1d(site, x, weight.shape[2], attrs, dilation)
         bias = self._opt_const(site, node, 2, "B")
         return onedim.conv1d(self.b, site, x, weight, bias, stride, padding, dilation,
                              int(attrs.get("group", 1)))
 
     def _pool1d(self, site: Site, op: Op, x: str, attrs: dict) -> str:
-        (kernel,) = attrs["kernel_shape"]
-        (dilation,) = attrs.get("dilations", [1])
+        kernel = self._one(site, attrs, "kernel_shape")
+        dilation = self._one(site, attrs, "dilations")
         stride, padding = self._window1d(site, x, kernel, attrs)
         ceil = bool(attrs.get("ceil_mode", 0))
         # ONNX counts padding in an average only with count_include_pad=1 (torch by
@@ -565,4 +574,5 @@ class _Converter:
 
     def _prelu(self, site: Site, node: Any, attrs: dict) -> str:
         x = self._tensor(site, node.input[0])
-        return onedim.prelu(self.b, site, x, self._const(site, node.input[1], "slope"))
+        slope = self._const(site, node.input[1], "slope")
+        return onedim.prelu(self.b, site, x, slope, numpy_broadcast=True)
