@@ -139,7 +139,7 @@ def run_workload(w: Workload, cfg: CompareConfig, work: Path,
     n = min(cfg.n, len(w.x_test))
     x = np.ascontiguousarray(w.x_test[:n], dtype=np.float64)
     y = None if w.y_test is None else np.asarray(w.y_test[:n])
-    plain = compiled.run(x, "plain")
+    plain = compiled.run(x, "plain", head=False)    # logits: modes compare before the head
     report = compiled.report()
     out = {"name": w.name, "source": w.source, "input_shape": list(w.input_shape),
            "n_available": int(len(w.x_test)), "compile_s": compile_s, "export_s": export_s,

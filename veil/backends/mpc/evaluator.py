@@ -48,6 +48,8 @@ within |x| < 2^15 (``protocols.CMP_BITS`` and ``CMP_DROP``):
   x * hardsigmoid(x) with one more Beaver product.
 - LEAKYRELU, PRELU (a x + (1 - a) ReLU(x), public slopes) and ELU (ReLU plus the
   exponential chain of softmax on min(x, 0)): ``rectifiers.py``, with their bounds.
+- TREE_ENSEMBLE: ``trees.py`` (every node's comparison in one batch, exact on the
+  fixed-point inputs; leaf indicators as products of their paths' bits).
 - ADD, SUB, RESHAPE, CONCAT, GATHER: local. An affine layer read only by an ADD/SUB
   (a residual branch) is not truncated; the sum is, once, with the other operand
   lifted to 2f bits (times 2^f, local), fused with the ReLU after it: a ResNet block
@@ -1095,6 +1097,8 @@ from .nonlinear import KERNELS as _TRANSFORMER_KERNELS  # noqa: E402  (they use 
 KERNELS.update(_TRANSFORMER_KERNELS)
 from .rectifiers import KERNELS as _RECTIFIER_KERNELS  # noqa: E402  (the same)
 KERNELS.update(_RECTIFIER_KERNELS)
+from .trees import KERNELS as _TREE_KERNELS  # noqa: E402  (TREE_ENSEMBLE: trees.py)
+KERNELS.update(_TREE_KERNELS)
 MPC_OPS = frozenset(KERNELS)
 
 
