@@ -60,6 +60,13 @@ CASES = {
     "tanh": (_unary(Op.TANH), Op.TANH),
     "hardsigmoid": (_unary(Op.HARDSIGMOID), Op.HARDSIGMOID),
     "hardswish": (_unary(Op.HARDSWISH), Op.HARDSWISH),
+    "leakyrelu": (_unary(Op.LEAKYRELU, alpha=0.1), Op.LEAKYRELU),
+    "prelu_per_channel": (_graph(("y", Op.PRELU, ["x"], {},
+                                  {"slope": np.array([0.25, -0.1, 0.0, 0.6])})), Op.PRELU),
+    "prelu_one_slope": (_graph(("y", Op.PRELU, ["x"], {}, {"slope": np.array([0.2])})),
+                        Op.PRELU),
+    "elu": (_unary(Op.ELU, alpha=1.0), Op.ELU),
+    "elu_alpha": (_unary(Op.ELU, alpha=0.5), Op.ELU),
     "square": (_unary(Op.SQUARE), Op.SQUARE),
     "avgpool": (_unary(Op.AVGPOOL2D, kernel=(2, 2), stride=(2, 2)), Op.AVGPOOL2D),
     "avgpool_padded_ceil": (_unary(Op.AVGPOOL2D, kernel=(3, 3), stride=(2, 2), padding=(1, 1),
@@ -158,6 +165,12 @@ def _torch_reference(graph, x):
             y = torch.clamp(t, a["lo"], a["hi"])
         elif n.op is Op.CONCAT:
             y = torch.cat(args, dim=a["axis"] + 1)
+        elif n.op is Op.LEAKYRELU:
+            y = F.leaky_relu(t, a["alpha"])
+        elif n.op is Op.ELU:
+            y = F.elu(t, a["alpha"])
+        elif n.op is Op.PRELU:
+            y = F.prelu(t, p["slope"])
         elif n.op is Op.LOGSOFTMAX:
             y = F.log_softmax(t, dim=-1)
         elif n.op is Op.NORMALIZE and a["norm"] in ("l1", "l2"):

@@ -64,6 +64,12 @@ def _unary(op, in_shape=(3, 5, 5), **attrs):
     return g.graph()
 
 
+def _prelu(slope, in_shape=(3, 5, 5)):
+    g = _G(in_shape)
+    g.add(Op.PRELU, ["x"], {}, {"slope": slope})
+    return g.graph()
+
+
 def _pool(op, shape=(2, 7, 6), **attrs):
     return _unary(op, shape, **attrs)
 
@@ -225,6 +231,10 @@ CASES = {
     "tanh": lambda: _unary(Op.TANH),
     "hardsigmoid": lambda: _unary(Op.HARDSIGMOID),
     "hardswish": lambda: _unary(Op.HARDSWISH),
+    "leakyrelu": lambda: _unary(Op.LEAKYRELU, alpha=0.2),
+    "prelu-per-channel": lambda: _prelu(np.array([0.25, -0.5, 0.0])),
+    "prelu-one-slope-vector": lambda: _prelu(np.array([0.3]), (4,)),
+    "elu": lambda: _unary(Op.ELU, alpha=0.7),
     "square": lambda: _unary(Op.SQUARE),
     "avgpool": lambda: _pool(Op.AVGPOOL2D, kernel=(2, 2), stride=(2, 2)),
     "avgpool-ceil-pad": lambda: _pool(Op.AVGPOOL2D, kernel=(3, 3), stride=(2, 2),

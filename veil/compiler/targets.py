@@ -18,6 +18,7 @@ from ..errors import CompileError, UnsupportedOperation
 from ..ir import Graph, Op, opdef, ops_for
 from .approx import approximate
 from .levels import place_bootstraps
+from .prelu import split_prelu
 from .passes import (PassNote, expand_broadcasts, fold_batchnorm, fold_poly_domain,
                      fold_matmul_scale, fold_quadratic, im2col_first_conv, linearize,
                      onehot_embeddings, replace_maxpool)
@@ -73,12 +74,13 @@ TEE = Target("tee", (fold_batchnorm,))
 # attention's score scale moves onto its query projection.
 MPC = Target("mpc", (fold_batchnorm, fold_matmul_scale, onehot_embeddings))
 
-# CKKS: structural rewrites and the calibrated polynomial fits (the graph `simulate`
-# runs), then the lowering to DENSE / POLY / SQUARE and ADD / MUL of equal shapes for
-# the slot evaluator, and the levels pass.
-HE = Target("he", (fold_batchnorm, replace_maxpool, approximate, im2col_first_conv,
-                   expand_broadcasts, linearize, fold_poly_domain, fold_quadratic,
-                   place_bootstraps), split=3)
+# CKKS: structural rewrites (a PReLU per channel as a x + (1 - a) relu(x)) and the
+# calibrated polynomial fits (the graph `simulate` runs), then the lowering to DENSE /
+# POLY / SQUARE and ADD / MUL of equal shapes for the slot evaluator, and the levels
+# pass.
+HE = Target("he", (split_prelu, fold_batchnorm, replace_maxpool, approximate,
+                   im2col_first_conv, expand_broadcasts, linearize, fold_poly_domain,
+                   fold_quadratic, place_bootstraps), split=4)
 
 TARGETS: dict[str, Target] = {t.name: t for t in (TEE, MPC, HE)}
 

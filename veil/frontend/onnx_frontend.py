@@ -17,6 +17,7 @@ from ..errors import GraphError, InputError, UnsupportedOperation
 from ..ir import Graph, Op
 from ..ir.head import split_head
 from . import _layers as layers
+from . import _onedim as onedim
 from . import _onnx_ml as ml
 from ._builder import BATCH, GraphBuilder, Site, flatten_shape, per_channel, per_sample_reshape
 from ._onnx_patterns import FUSED_DOMAIN, fuse_activations, live_nodes
@@ -184,6 +185,8 @@ class _Converter:
         }
         for op_type in _UNARY:
             self.table[op_type] = self._unary
+        self.table.update({"LeakyRelu": self._leaky_relu, "PRelu": self._prelu,
+                           "Elu": self._elu})
 
     def convert(self, node: Any) -> None:
         """Convert one node and record its outputs."""
@@ -300,6 +303,8 @@ class _Converter:
     def _conv(self, site: Site, node: Any, attrs: dict) -> str:
         x = self._tensor(site, node.input[0])
         weight = self._const(site, node.input[1], "W")
+        if weight.ndim == 3:
+            return self._conv1d(site, node, attrs, x, weight)
         if weight.ndim != 4:
             raise site.error(f"weight of shape {weight.shape}; only 2-D convolution is supported")
         dilation = tuple(attrs.get("dilations", [1, 1]))
@@ -345,7 +350,7 @@ class _Converter:
             node.input[1:5], ("scale", "B", "input_mean", "input_var")))
         scale = gamma / np.sqrt(var.astype(np.float64) + float(attrs.get("epsilon", 1e-5)))
         shift = beta - mean * scale
-        return self.b.add(site.node, Op.BATCHNORM, [x], {}, {"scale": scale, "shift": shift})
+        return onedim.batchnorm(self.b, site, x, scale, shift)
 
     # ---- activations and pooling ----------------------------------------------------
 
@@ -381,6 +386,8 @@ class _Converter:
 
     def _avgpool(self, site: Site, node: Any, attrs: dict) -> str:
         x = self._tensor(site, node.input[0])
+        if len(attrs.get("kernel_shape", ())) == 1:
+            return self._pool1d(site, Op.AVGPOOL2D, x, attrs)
         w = self._window(site, x, tuple(attrs.get("kernel_shape", ())), attrs)
         # ONNX defaults to count_include_pad=0 (torch to 1); without padding and without
         # ceil-mode overhang both count the same cells, so keep torch's default there.
@@ -391,12 +398,16 @@ class _Converter:
 
     def _maxpool(self, site: Site, node: Any, attrs: dict) -> str:
         x = self._tensor(site, node.input[0])
+        if len(attrs.get("kernel_shape", ())) == 1:
+            return self._pool1d(site, Op.MAXPOOL2D, x, attrs)
         w = self._window(site, x, tuple(attrs.get("kernel_shape", ())), attrs)
         return layers.maxpool(self.b, site, x, w["kernel"], w["stride"], w["padding"],
                               1, bool(attrs.get("ceil_mode", 0)))
 
     def _global_pool(self, site: Site, node: Any, attrs: dict) -> str:
         x = self._tensor(site, node.input[0])
+        if len(self.b.shape(x)) == 2:                # over L of (C, L)
+            return onedim.adaptive_avgpool1d(self.b, site, x, 1)
         return layers.adaptive_avgpool(self.b, site, x, 1)
 
     def _reduce_mean(self, site: Site, node: Any, attrs: dict) -> str:
@@ -590,3 +601,62 @@ class _Converter:
         if ir_op is None:
             raise site.error(f"{op} of two tensors is not supported")
         return layers.binary(self.b, site, ir_op, x, y)
+
+    # ---- 1-D layers and leaky rectifiers (``_onedim``) ----------------------------------
+
+    @staticmethod
+    def _one(site: Site, attrs: dict, key: str) -> int:
+        """The one entry of a 1-D window's list attribute (default 1)."""
+        value = list(attrs.get(key, [1]))
+        if len(value) != 1:
+            raise site.error(f"{key}={value} on a 1-D window")
+        return int(value[0])
+
+    def _window1d(self, site: Site, x: str, kernel: int, attrs: dict,
+                  dilation: int = 1) -> tuple[int, int]:
+        """(stride, symmetric padding) of a 1-D conv or pooling window over (C, L)."""
+        if len(self.b.shape(x)) != 2:
+            raise site.error(f"a 1-D window needs (C, L) input, got {self.b.shape(x)}")
+        stride = self._one(site, attrs, "strides")
+        auto_pad = attrs.get("auto_pad", "NOTSET")
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            return stride, self._same_pad(site, self.b.shape(x)[1],
+                                          dilation * (kernel - 1) + 1, stride)
+        if auto_pad == "VALID":
+            return stride, 0
+        pads = list(attrs.get("pads", [0, 0]))
+        if len(pads) != 2 or pads[0] != pads[1]:
+            raise site.error(f"pads {pads} are asymmetric or not 1-D; only symmetric "
+                             "padding of a 1-D window is supported")
+        return stride, pads[0]
+
+    def _conv1d(self, site: Site, node: Any, attrs: dict, x: str, weight: np.ndarray) -> str:
+        dilation = self._one(site, attrs, "dilations")
+        stride, padding = self._window1d(site, x, weight.shape[2], attrs, dilation)
+        bias = self._opt_const(site, node, 2, "B")
+        return onedim.conv1d(self.b, site, x, weight, bias, stride, padding, dilation,
+                             int(attrs.get("group", 1)))
+
+    def _pool1d(self, site: Site, op: Op, x: str, attrs: dict) -> str:
+        kernel = self._one(site, attrs, "kernel_shape")
+        dilation = self._one(site, attrs, "dilations")
+        stride, padding = self._window1d(site, x, kernel, attrs)
+        ceil = bool(attrs.get("ceil_mode", 0))
+        # ONNX counts padding in an average only with count_include_pad=1 (torch by
+        # default); without padding or overhang both divide by the kernel size
+        counts_pad = bool(attrs.get("count_include_pad", 0)) or (padding == 0 and not ceil)
+        return onedim.pool1d(self.b, site, op, x, kernel, stride, padding, ceil, counts_pad,
+                             dilation)
+
+    def _leaky_relu(self, site: Site, node: Any, attrs: dict) -> str:
+        x = self._tensor(site, node.input[0])
+        return onedim.leaky_relu(self.b, site, x, attrs.get("alpha", 0.01))
+
+    def _elu(self, site: Site, node: Any, attrs: dict) -> str:
+        x = self._tensor(site, node.input[0])
+        return onedim.elu(self.b, site, x, attrs.get("alpha", 1.0))
+
+    def _prelu(self, site: Site, node: Any, attrs: dict) -> str:
+        x = self._tensor(site, node.input[0])
+        slope = self._const(site, node.input[1], "slope")
+        return onedim.prelu(self.b, site, x, slope, numpy_broadcast=True)

@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import GraphError, UnsupportedOperation
 from ..ir import Graph, Op
 from . import _layers as ops
+from . import _onedim as onedim
 from . import _poly
 from ._builder import BATCH, GraphBuilder, Site, per_channel, per_sample_reshape
 
@@ -199,7 +200,8 @@ class _Converter:
         self.gm = gm
         self.b = GraphBuilder(input_shape)
         self.env: dict[str, Any] = {}
-        self.module_table = ops.module_handlers(nn)
+        # (the 1-D layers first: their BatchNorm1d handler replaces the general one)
+        self.module_table = onedim.module_handlers(nn) + ops.module_handlers(nn)
         self.function_table = self._function_table()
         self.method_table = self._method_table()
         # Functions of optional packages, matched by qualified name so that veil never
@@ -259,7 +261,8 @@ class _Converter:
         handler = _poly.handler(mod) or next(
             (h for cls, h in self.module_table if isinstance(mod, cls)), None)
         if handler is None:
-            raise site.error(f"veil supports {ops.SUPPORTED_MODULES}")
+            raise site.error(f"veil supports {ops.SUPPORTED_MODULES}, "
+                             f"{onedim.SUPPORTED_MODULES}")
         if len(args) != 1 or kwargs:
             raise site.error("expects exactly one tensor argument")
         return _Tensor(handler(self.b, site, mod, self._tensor(site, args[0])))
@@ -302,6 +305,10 @@ class _Converter:
                      "feature_alpha_dropout"):
             if hasattr(F, name):
                 table[getattr(F, name)] = self._dropout
+        table.update({F.leaky_relu: self._leaky_relu, F.elu: self._elu, F.prelu: self._prelu,
+                      F.conv1d: self._conv1d, F.max_pool1d: self._maxpool1d,
+                      F.avg_pool1d: self._avgpool1d,
+                      F.adaptive_avg_pool1d: self._adaptive1d})
         return table
 
     def _method_table(self) -> dict[str, Handler]:
@@ -543,3 +550,58 @@ class _Converter:
 
     def _dim(self, site: Site, args: tuple, kwargs: dict) -> int:
         return len(self._shape_of(site, args[0]))
+
+    # ---- 1-D layers and leaky rectifiers (``_onedim``) ----------------------------------
+
+    def _leaky_relu(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        a = _bind(args, kwargs, ("input", "negative_slope", "inplace"), negative_slope=0.01)
+        x = self._tensor(site, a["input"])
+        return _Tensor(onedim.leaky_relu(self.b, site, x, a["negative_slope"]))
+
+    def _elu(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        a = _bind(args, kwargs, ("input", "alpha", "inplace"), alpha=1.0)
+        return _Tensor(onedim.elu(self.b, site, self._tensor(site, a["input"]), a["alpha"]))
+
+    def _prelu(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        a = _bind(args, kwargs, ("input", "weight"))
+        if not isinstance(a["weight"], np.ndarray):
+            raise site.error("the slope must be a constant parameter of the model")
+        x = self._tensor(site, a["input"])
+        return _Tensor(onedim.prelu(self.b, site, x, a["weight"]))
+
+    def _conv1d(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        a = _bind(args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation",
+                                 "groups"), bias=None, stride=1, padding=0, dilation=1,
+                  groups=1)
+        weight, bias = a["weight"], a["bias"]
+        if not isinstance(weight, np.ndarray) or not (bias is None
+                                                      or isinstance(bias, np.ndarray)):
+            raise site.error("weight and bias must be constant parameters of the model")
+        x = self._tensor(site, a["input"])
+        return _Tensor(onedim.conv1d(self.b, site, x, weight, bias, a["stride"], a["padding"],
+                                     a["dilation"], int(a["groups"])))
+
+    def _maxpool1d(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        a = _bind(args, kwargs, ("input", "kernel_size", "stride", "padding", "dilation",
+                                 "ceil_mode", "return_indices"),
+                  stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False)
+        if a["return_indices"]:
+            raise site.error("return_indices=True is not supported")
+        x = self._tensor(site, a["input"])
+        return _Tensor(onedim.pool1d(self.b, site, Op.MAXPOOL2D, x, a["kernel_size"],
+                                     a["stride"], a["padding"], bool(a["ceil_mode"]),
+                                     dilation=a["dilation"]))
+
+    def _avgpool1d(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        a = _bind(args, kwargs, ("input", "kernel_size", "stride", "padding", "ceil_mode",
+                                 "count_include_pad"),
+                  stride=None, padding=0, ceil_mode=False, count_include_pad=True)
+        x = self._tensor(site, a["input"])
+        return _Tensor(onedim.pool1d(self.b, site, Op.AVGPOOL2D, x, a["kernel_size"],
+                                     a["stride"], a["padding"], bool(a["ceil_mode"]),
+                                     bool(a["count_include_pad"])))
+
+    def _adaptive1d(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        a = _bind(args, kwargs, ("input", "output_size"))
+        x = self._tensor(site, a["input"])
+        return _Tensor(onedim.adaptive_avgpool1d(self.b, site, x, a["output_size"]))

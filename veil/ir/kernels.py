@@ -105,6 +105,31 @@ def hardswish(args, a, p):
     return args[0] * np.clip(args[0] / 6.0 + 0.5, 0.0, 1.0)
 
 
+def leakyrelu(args, a, p):
+    x = args[0]
+    return np.where(x >= 0.0, x, float(a["alpha"]) * x)
+
+
+def prelu(args, a, p):
+    """LeakyReLU with the slope of each sample's channel (per-sample axis 0), or one
+    slope for every value. A slope per channel needs values with a channel axis: a 1-D
+    grid of points (a polynomial fit) has none."""
+    x, slope = args[0], p["slope"]
+    if slope.size > 1:
+        if x.ndim < 2 or x.shape[1] != slope.size:
+            from ..errors import GraphError
+
+            raise GraphError(f"a prelu with {slope.size} channel slopes cannot apply to "
+                             f"values of shape {x.shape} (batch first)")
+        slope = slope.reshape((1, -1) + (1,) * (x.ndim - 2))
+    return np.where(x >= 0.0, x, slope * x)
+
+
+def elu(args, a, p):
+    x = args[0]
+    return np.where(x > 0.0, x, float(a["alpha"]) * np.expm1(np.minimum(x, 0.0)))
+
+
 def square(args, a, p):
     return np.square(args[0])
 

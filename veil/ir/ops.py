@@ -48,6 +48,9 @@ class Op(str, enum.Enum):
     TANH = "tanh"
     HARDSIGMOID = "hardsigmoid"  # clip(x / 6 + 1/2, 0, 1), as torch
     HARDSWISH = "hardswish"    # x * hardsigmoid(x)
+    LEAKYRELU = "leakyrelu"    # max(x, 0) + alpha * min(x, 0); attr alpha
+    PRELU = "prelu"            # LEAKYRELU, a learned slope per channel (or one); param slope
+    ELU = "elu"                # x if x > 0 else alpha * (exp(x) - 1); attr alpha
     SQUARE = "square"
     AVGPOOL2D = "avgpool2d"    # kernel, stride, padding, ceil_mode, count_include_pad
     MAXPOOL2D = "maxpool2d"    # kernel, stride, padding (-inf), ceil_mode
@@ -185,6 +188,14 @@ def _batchnorm(ins, a, p) -> Shape:
     x = ins[0]
     if not x or p["scale"].shape != (x[0],) or p["shift"].shape != (x[0],):
         raise GraphError(f"batchnorm has {p['scale'].shape} channels, input {x}")
+    return x
+
+
+def _prelu(ins, a, p) -> Shape:
+    x, slope = ins[0], p["slope"]
+    if slope.ndim != 1 or not (slope.size == 1 or (x and slope.size == x[0])):
+        raise GraphError(f"prelu has a slope of shape {slope.shape}; expected one slope or "
+                         f"one per channel of {x}")
     return x
 
 
@@ -371,6 +382,11 @@ def _defs() -> dict[Op, OpDef]:
         OpDef(Op.TANH, 1, _same, k.tanh, _ACT),
         OpDef(Op.HARDSIGMOID, 1, _same, k.hardsigmoid, _ACT),
         OpDef(Op.HARDSWISH, 1, _same, k.hardswish, _ACT),
+        OpDef(Op.LEAKYRELU, 1, _same, k.leakyrelu, _ACT, defaults={"alpha": 0.01}),
+        # one slope: fitted like any activation; a slope per channel is not one function
+        # of x, so HE's split_prelu pass first writes it as a * x + (1 - a) * relu(x)
+        OpDef(Op.PRELU, 1, _prelu, k.prelu, _ACT, ("slope",)),
+        OpDef(Op.ELU, 1, _same, k.elu, _ACT, defaults={"alpha": 1.0}),
         OpDef(Op.SQUARE, 1, _same, k.square, {"elementwise"}),
         OpDef(Op.AVGPOOL2D, 1, _pool, k.avgpool2d, {"affine", "pool"},
               defaults={**_POOL, "count_include_pad": True}),

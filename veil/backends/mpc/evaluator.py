@@ -46,6 +46,8 @@ within |x| < 2^15 (``protocols.CMP_BITS`` and ``CMP_DROP``):
   REDUCESUM: ``nonlinear.py`` (matrix triples, exp by squarings, Newton).
 - HARDSIGMOID: comparison-selected exact linear pieces (0, x/6 + 1/2, 1); HARDSWISH =
   x * hardsigmoid(x) with one more Beaver product.
+- LEAKYRELU, PRELU (a x + (1 - a) ReLU(x), public slopes) and ELU (ReLU plus the
+  exponential chain of softmax on min(x, 0)): ``rectifiers.py``, with their bounds.
 - TREE_ENSEMBLE: ``trees.py`` (every node's comparison in one batch, exact on the
   fixed-point inputs; leaf indicators as products of their paths' bits).
 - ADD, SUB, RESHAPE, CONCAT, GATHER: local. An affine layer read only by an ADD/SUB
@@ -1093,6 +1095,8 @@ KERNELS: dict[Op, Kernel] = {
 }
 from .nonlinear import KERNELS as _TRANSFORMER_KERNELS  # noqa: E402  (they use Run, Step)
 KERNELS.update(_TRANSFORMER_KERNELS)
+from .rectifiers import KERNELS as _RECTIFIER_KERNELS  # noqa: E402  (the same)
+KERNELS.update(_RECTIFIER_KERNELS)
 from .trees import KERNELS as _TREE_KERNELS  # noqa: E402  (TREE_ENSEMBLE: trees.py)
 KERNELS.update(_TREE_KERNELS)
 MPC_OPS = frozenset(KERNELS)

@@ -110,6 +110,14 @@ def _silu(b, node, ins, out) -> None:
     b.op("Mul", [ins[0], b.op("Sigmoid", ins)], out)
 
 
+def _prelu(b, node, ins, out) -> None:
+    """PRelu's slope broadcasts from the right: one per channel is (C, 1, ...)."""
+    slope = node.params["slope"]
+    if slope.size > 1:
+        slope = slope.reshape((-1,) + (1,) * (len(node.shape) - 1))
+    b.op("PRelu", [ins[0], b.const(slope)], out)
+
+
 def _reshape(b, node, ins, out) -> None:
     b.op("Reshape", [ins[0], b.const([-1, *node.attrs["shape"]], np.int64)], out)
 
@@ -294,6 +302,10 @@ KERNELS: dict[Op, Callable] = {
     Op.TANH: _simple("Tanh"),
     Op.HARDSIGMOID: _simple("HardSigmoid", alpha=1.0 / 6.0, beta=0.5),
     Op.HARDSWISH: _simple("HardSwish"),
+    Op.LEAKYRELU: lambda b, node, ins, out: b.op("LeakyRelu", ins, out,
+                                                 alpha=float(node.attrs["alpha"])),
+    Op.PRELU: _prelu,
+    Op.ELU: lambda b, node, ins, out: b.op("Elu", ins, out, alpha=float(node.attrs["alpha"])),
     Op.SQUARE: lambda b, node, ins, out: b.op("Mul", [ins[0], ins[0]], out),
     Op.AVGPOOL2D: _pool,
     Op.MAXPOOL2D: _pool,

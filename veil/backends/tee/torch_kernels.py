@@ -156,6 +156,17 @@ def _reducesum(torch, node, dtype) -> Fn:
     return lambda xs: xs[0].sum(dim=_axes(xs[0], axes), keepdim=keep)
 
 
+def _prelu(torch, node, dtype) -> Fn:
+    """LeakyReLU with one slope per channel (per-sample axis 0), or one for all."""
+    slope = _t(torch, node, "slope", dtype)
+
+    def run(xs):
+        x = xs[0]
+        s = slope.reshape((1, -1) + (1,) * (x.dim() - 2)) if slope.numel() > 1 else slope
+        return torch.where(x >= 0, x, s * x)
+    return run
+
+
 def _tree_ensemble(torch, node, dtype) -> Fn:
     """The reference's path products (``kernels.tree_ensemble``) in torch: every node's
     test, each leaf's product of literals, the weighted sum."""
@@ -196,6 +207,10 @@ KERNELS: dict[Op, Callable] = {
     Op.TANH: _unary(lambda torch, n, x: torch.tanh(x)),
     Op.HARDSIGMOID: _unary(lambda torch, n, x: torch.nn.functional.hardsigmoid(x)),
     Op.HARDSWISH: _unary(lambda torch, n, x: torch.nn.functional.hardswish(x)),
+    Op.LEAKYRELU: _unary(lambda torch, n, x: torch.nn.functional.leaky_relu(
+        x, float(n.attrs["alpha"]))),
+    Op.PRELU: _prelu,
+    Op.ELU: _unary(lambda torch, n, x: torch.nn.functional.elu(x, float(n.attrs["alpha"]))),
     Op.SQUARE: _unary(lambda torch, n, x: x * x),
     Op.AVGPOOL2D: _pool,
     Op.MAXPOOL2D: _pool,
