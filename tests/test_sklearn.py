@@ -374,3 +374,28 @@ def test_gradient_boosting_libraries_through_onnxmltools(library):
         out = run_model(graph, xte)
         np.testing.assert_array_equal(graph.head.predict(out), model.predict(xte))
         np.testing.assert_allclose(out, model.predict_proba(xte), atol=1e-5)
+
+
+def test_veil_compare_reports_a_binary_classifiers_accuracy(tmp_path):
+    """`veil compare` on a binary scikit-learn export: each mode's accuracy is the
+    model's (the sigmoid's side of 1/2), not an argmax over one column."""
+    import json
+    import subprocess
+    import sys
+
+    model, xtr, xte, yte = _fit(make_pipeline(StandardScaler(), MLPClassifier(
+        hidden_layer_sizes=(8,), max_iter=300, random_state=0)), "cancer")
+    (tmp_path / "mlp.onnx").write_bytes(_onnx(model, xtr).SerializeToString())
+    x = np.concatenate([xtr[:32], xte[:32]])      # compare calibrates on the first half
+    y = np.concatenate([model.predict(xtr[:32]), yte[:32]])
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    proc = subprocess.run(
+        [sys.executable, "-m", "veil.compare", str(tmp_path / "mlp.onnx"), "--data",
+         str(tmp_path / "data.npz"), "--modes", "plain,tee", "--n", "32", "--batch", "8",
+         "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (w,) = json.loads((tmp_path / "out" / "report.json").read_text())["workloads"]
+    want = float(np.mean(model.predict(xte[:32]) == yte[:32]))
+    for mode in ("plain", "tee"):
+        assert w["modes"][mode]["accuracy"] == pytest.approx(want), mode
+        assert w["modes"][mode]["agreement"] == 1.0
