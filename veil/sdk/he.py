@@ -91,6 +91,12 @@ class HEMode:
         self.session_id: str | None = None
         self.uploads = 0
 
+    @property
+    def input_range(self):
+        """The model's calibrated input range (per feature) from its client bundle:
+        what ``check_range`` refuses outside and ``clip`` clamps into."""
+        return self.crypto.bundle.input_range
+
     # -- bundle and keys ----------------------------------------------------------------
     def _fetch_bundle(self) -> ClientBundle:
         # Cached per server: a bundle is trusted only from the server that sent it.
