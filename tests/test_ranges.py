@@ -86,10 +86,16 @@ def test_a_constant_feature_is_widened_by_the_batch_width():
     assert 0 < flat.hi[0] - flat.lo[0] < 1e-6
 
 
-def test_large_inputs_get_per_channel_bounds_and_a_small_manifest():
-    cal = np.random.default_rng(1).normal(size=(6, 2, 48, 48))   # 4608 values > 4096
+def test_images_get_per_channel_bounds_and_long_vectors_one_pair():
+    small = InputRange.calibrate(np.random.default_rng(0).uniform(0, 1, (9, 1, 8, 8)), MARGIN)
+    assert small.per == "channel" and small.lo.shape == (1, 1, 1)
+    wide = np.random.default_rng(0).normal(size=(4, PER_ELEMENT_MAX + 1))
+    one = InputRange.calibrate(wide, MARGIN)
+    w = wide.max() - wide.min()
+    assert one.per == "model" and one.lo.shape == () and "bounds" not in one.to_manifest()
+    assert one.overall == pytest.approx((wide.min() - MARGIN * w, wide.max() + MARGIN * w))
+    cal = np.random.default_rng(1).normal(size=(6, 2, 48, 48))
     cal[:, 1] *= 10
-    assert cal[0].size > PER_ELEMENT_MAX
     rng = InputRange.calibrate(cal, MARGIN)
     assert rng.per == "channel" and rng.lo.shape == (2, 1, 1)
     for c in range(2):
