@@ -201,6 +201,17 @@ def test_clip_clamps_every_mode_and_warns_with_the_count(cancer):
         compiled.run(clamped, "simulate", clip=True)
 
 
+def test_clip_is_refused_for_token_ids(cancer):
+    from veil.compare.cli import main as compare_main
+    from veil.model import CompiledModel
+
+    _, cal, _, _, compiled = cancer
+    text = CompiledModel(compiled.result, compiled.input_range, {}, text={"name": "t"})
+    with pytest.raises(InputError, match="token ids"):
+        text.run(cal[:2], "plain", clip=True)
+    assert compare_main(["--text", "--clip", "--out", "unused"]) == 2
+
+
 def test_report_accuracy_says_which_rows_simulate_covers(cancer):
     _, _, xte, yte, compiled = cancer
     bad = _outside_rows(compiled, xte)

@@ -244,6 +244,9 @@ class CompiledModel:
         ``clip`` (every mode, so all compute on the same inputs); otherwise ``simulate``
         and ``he`` refuse values outside it with the HE client's own check."""
         if clip:
+            if self.text is not None:
+                raise InputError("clip clamps numeric features; this model takes token "
+                                 "ids, which clamping would turn into other tokens")
             return self.input_range.clip(batch)
         if mode in (Mode.SIMULATE, Mode.HE):
             self.input_range.check(batch)

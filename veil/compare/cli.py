@@ -127,6 +127,8 @@ def _workloads(args):
         if args.zoo is not None or args.model or args.data or args.calibration:
             raise _usage("--text runs the text models; it takes no MODEL, --zoo, --data "
                          "or --calibration")
+        if args.clip:
+            raise _usage("--clip clamps numeric features; text models take token ids")
         refused = [m for m in args.modes.split(",") if m in TEXT_NOT_RUN]
         if refused:
             raise _usage(f"--text: {', '.join(refused)} cannot run transformers (their "
