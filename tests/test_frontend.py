@@ -20,6 +20,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from veil.errors import GraphError, InputError, UnsupportedOperation  # noqa: E402
 from veil.frontend import to_graph  # noqa: E402
 from veil.ir import Op, run  # noqa: E402
+from veil.ir.head import run_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -448,12 +449,12 @@ def test_onnx_lstm_unsupported():
 @pytest.mark.parametrize("model, shape", [(_LayerNorm(), (4,)), (_Softmax(), (4,))])
 def test_modules_fx_cannot_map_convert_through_torch_onnx(model, shape):
     """fx has no mapping for layer norm and softmax; the torch.onnx fallback converts
-    them, checked against the module."""
+    them, checked against the module (a final softmax is the client's output head)."""
     graph = to_graph(model.eval(), shape)
     x = np.random.default_rng(1).normal(size=(3,) + shape)
     with torch.no_grad():
         want = model(torch.as_tensor(x, dtype=torch.float32)).numpy()
-    np.testing.assert_allclose(run(graph, x), want, atol=1e-5)
+    np.testing.assert_allclose(run_model(graph, x), want, atol=1e-5)
 
 
 def test_an_export_that_drops_an_attribute_is_refused():

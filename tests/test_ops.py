@@ -13,6 +13,8 @@ import pytest
 
 from veil.ir import REGISTRY, Graph, Op, make_node, opdef, run
 
+from trees_util import random_ensemble
+
 RNG = np.random.default_rng(7)
 SHAPE = (4, 6, 6)
 
@@ -102,6 +104,15 @@ CASES = {
                           {"weight": _w(6) + 1, "bias": _w(6)})), Op.LAYERNORM),
     "reducesum": (_unary(Op.REDUCESUM, axes=(1,)), Op.REDUCESUM),
     "reciprocal": (_unary(Op.RECIPROCAL, lo=0.25, hi=8.0), Op.RECIPROCAL),
+    # output heads (computed by the client)
+    "logsoftmax": (_unary(Op.LOGSOFTMAX), Op.LOGSOFTMAX),
+    "normalize_l1": (_unary(Op.NORMALIZE, norm="l1"), Op.NORMALIZE),
+    "normalize_l2": (_unary(Op.NORMALIZE, norm="l2"), Op.NORMALIZE),
+    # tree ensembles (tests/test_trees.py: scikit-learn models, thresholds' edges)
+    "tree_ensemble": (_graph(("f", Op.RESHAPE, ["x"], {"shape": (144,)}, {}),
+                             ("y", Op.TREE_ENSEMBLE, ["f"], {},
+                              random_ensemble(RNG, 144, n_trees=4, depth=4))),
+                      Op.TREE_ENSEMBLE),
 }
 # inputs other than uniform on [-2.5, 2.5]: token ids, a reciprocal's range
 INPUTS = {
@@ -146,6 +157,10 @@ def _torch_reference(graph, x):
             y = torch.clamp(t, a["lo"], a["hi"])
         elif n.op is Op.CONCAT:
             y = torch.cat(args, dim=a["axis"] + 1)
+        elif n.op is Op.LOGSOFTMAX:
+            y = F.log_softmax(t, dim=-1)
+        elif n.op is Op.NORMALIZE and a["norm"] in ("l1", "l2"):
+            y = F.normalize(t, p=1 if a["norm"] == "l1" else 2, dim=-1, eps=0.0)
         else:
             fn = {Op.RELU: F.relu, Op.GELU: F.gelu, Op.SILU: F.silu, Op.SIGMOID: torch.sigmoid,
                   Op.TANH: torch.tanh, Op.HARDSIGMOID: F.hardsigmoid, Op.HARDSWISH: F.hardswish,

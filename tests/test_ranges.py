@@ -212,6 +212,21 @@ def test_clip_is_refused_for_token_ids(cancer):
     assert compare_main(["--text", "--clip", "--out", "unused"]) == 2
 
 
+def test_a_model_built_with_one_pair_checks_that_pair(cancer):
+    from veil.model import CompiledModel
+
+    _, cal, _, _, compiled = cancer
+    old = CompiledModel(compiled.result, (0.0, 3000.0), {})
+    assert old.input_range.per == "model" and old.input_range.overall == (0.0, 3000.0)
+    assert old.manifest()["input"]["range"] == [0.0, 3000.0]
+    assert "bounds" not in old.manifest()["input"]
+    x = cal[:2].copy()
+    x[1, 4] = -1.0
+    with pytest.raises(InputRangeError, match="input row 1, feature 4: value -1 is outside "
+                       r"the calibrated range \[0, 3000\]"):
+        old.run(x, "simulate")
+
+
 def test_report_accuracy_says_which_rows_simulate_covers(cancer):
     _, _, xte, yte, compiled = cancer
     bad = _outside_rows(compiled, xte)

@@ -18,6 +18,8 @@ from veil.backends.tee.executor import RuntimeSpec, make_executor
 from veil.errors import InputError, TEEError, UnsupportedOperation
 from veil.ir import Graph, Op, interpreter, make_node, ops_for
 
+from trees_util import random_ensemble
+
 FLOAT32_TOL = 2e-5
 SPECS = [RuntimeSpec("onnxruntime", "float32"), RuntimeSpec("torch", "float32"),
          RuntimeSpec("torch", "float64")]
@@ -198,6 +200,12 @@ def _pooled():
     return g.graph()
 
 
+def _trees():
+    g = _G((12,))
+    g.add(Op.TREE_ENSEMBLE, ["x"], {}, random_ensemble(_rng(), 12, n_trees=5, depth=4))
+    return g.graph()
+
+
 CASES = {
     "linear": _linear,
     "conv2d": lambda: _conv((3, 7, 7), 4, 3),
@@ -258,6 +266,7 @@ CASES = {
     "reciprocal": _reciprocal,
     "attention": _attention,
     "masked-mean-pool": _pooled,
+    "tree-ensemble": _trees,
 }
 INPUTS = {"embed": _token_ids}      # the rest: normal(scale=2)
 

@@ -19,7 +19,9 @@
 
 MODEL is an .onnx file or a torch module saved whole (.pt, with --trust-pickle); DATA is
 .npy (inputs) or .npz (x, and y for accuracy). compile and export take --input-shape,
---layout, --degree and --insecure-test-params.
+--layout, --degree, --output (an ONNX graph's output), --server-head and
+--insecure-test-params. A final softmax / sigmoid and a classifier's labels are computed
+by the client after decryption (the output head); predict prints the predicted classes.
 
 The processes behind the modes, run by ``serve`` or by hand:
 
@@ -134,6 +136,11 @@ def _compile_args(p) -> None:
     p.add_argument("--layout", choices=("latency", "throughput"), default="latency",
                    help="HE: fewest rotations per input, or most inputs per ciphertext")
     p.add_argument("--degree", type=int, help="HE: Chebyshev degree of every activation")
+    p.add_argument("--output", help="ONNX: which of the graph's outputs (e.g. a scikit-learn "
+                   "classifier's 'label' or 'probabilities'; default: its scores)")
+    p.add_argument("--server-head", action="store_true",
+                   help="keep a final softmax/sigmoid on the server (default: the client "
+                   "computes the output head, exactly, after decryption)")
     p.add_argument("--insecure-test-params", action="store_true",
                    help="HE: small INSECURE parameters (tests only; recorded everywhere)")
     p.add_argument("--trust-pickle", action="store_true",
@@ -206,7 +213,8 @@ def _service_parsers(sub) -> None:
                      help="a text for a text model (repeatable); tokenized here, with the "
                           "tokenizer the model was exported with")
     src.add_argument("--texts", help="a file of texts for a text model, one per line")
-    p.add_argument("--out", help="write the outputs here (.npy)")
+    p.add_argument("--out", help="write the model's outputs here (.npy; its output head, e.g. a "
+                   "final softmax, computed on this machine)")
     p.add_argument("--api-key", help="default: the VEIL_API_KEY environment variable")
     p.add_argument("--policy", help="tee: the policy file of `veil tee-policy`")
     p.add_argument("--mpc-keys", help="mpc: folder with the deployment's public.json")

@@ -106,6 +106,10 @@ def _compile_options(args) -> dict:
         opts["degree"] = args.degree
     if args.input_shape is not None:
         opts["input_shape"] = args.input_shape
+    if args.output is not None:
+        opts["output"] = args.output
+    if args.server_head:
+        opts["client_head"] = False
     return opts
 
 
@@ -307,13 +311,14 @@ def predict_cmd(args) -> int:
             for i in range(0, len(x), args.batch_size):
                 outs.append(client.infer_batch(x[i:i + args.batch_size]))
                 bar.update(task, advance=len(outs[-1]))
-    out = np.concatenate(outs)
+        head = client.head             # the output head, computed here (veil.ir.head)
+    out = head.scores(np.concatenate(outs))
     if args.out:
         np.save(args.out, out)
         print(f"outputs written to {args.out}")
+    classes = head.predict(out)
     if y is not None:
-        print(f"accuracy {np.mean(out.reshape(len(out), -1).argmax(1) == y):.4f} "
-              f"on {len(y)} labelled inputs")
+        print(f"accuracy {np.mean(classes == y):.4f} on {len(y)} labelled inputs")
     elif not args.out:
-        print(json.dumps(out.reshape(len(out), -1).argmax(1).tolist()))
+        print(json.dumps(classes.tolist()))
     return 0

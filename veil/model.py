@@ -17,6 +17,7 @@ from .compiler.targets import check_ops
 from .errors import CompileError, InputError
 from .frontend import to_graph
 from .ir import ops_for, run as interpret
+from .ir.head import START_OPS, Head
 from .modes import SERVED, Mode, as_mode
 from .wire import fingerprint
 
@@ -139,12 +140,16 @@ class CompiledModel:
     """A model compiled for private inference. Use as a context manager (or call
     :meth:`close`) to free HE keys and stop the processes ``run`` started."""
 
-    def __init__(self, result: CompileResult, input_range: InputRange,
+    def __init__(self, result: CompileResult, input_range: InputRange | tuple[float, float],
                  calibration_ranges: dict[str, tuple[float, float]],
                  text: dict | None = None) -> None:
         self.result = result
         # per-feature bounds of the inputs HE's polynomials are valid on (simulate and
-        # the HE client refuse values outside them; ``clip`` clamps into them)
+        # the HE client refuse values outside them; ``clip`` clamps into them); a
+        # (lo, hi) pair is one range for every feature
+        if not isinstance(input_range, InputRange):
+            lo, hi = (np.asarray(float(v)) for v in input_range)
+            input_range = InputRange(lo, hi, tuple(result.source.input_shape), "model")
         self.input_range = input_range
         self._ranges = calibration_ranges
         # a text model's tokenizer (its ``veil_text``): run() takes texts too
@@ -161,7 +166,15 @@ class CompiledModel:
 
     @property
     def output_shape(self) -> tuple[int, ...]:
+        """What the server computes per sample (the logits when the model has an output
+        head; :attr:`head` turns them into the model's output on the client)."""
         return self.result.source.output_shape
+
+    @property
+    def head(self) -> Head:
+        """The client's part of the model (:mod:`veil.ir.head`): a final softmax or
+        sigmoid, class labels; empty when the server's output is the model's."""
+        return self.result.source.head or Head()
 
     def manifest(self) -> dict:
         """The key manifest plus input layout and calibrated input range (``range``, the
@@ -175,10 +188,14 @@ class CompiledModel:
         return fingerprint(self.manifest())
 
     # -- running -----------------------------------------------------------------------
-    def run(self, x, mode: str | Mode = Mode.PLAIN, *, clip: bool = False) -> np.ndarray:
+    def run(self, x, mode: str | Mode = Mode.PLAIN, *, head: bool = True,
+            clip: bool = False) -> np.ndarray:
         """Run on one sample (shape ``input_shape``) or a batch (leading batch axis).
 
-        Returns one output for one sample, or an array of outputs for a batch. A text
+        Returns one output for one sample, or an array of outputs for a batch: the
+        model's output, its output head (:attr:`head`: a final softmax or sigmoid, a
+        classifier's labels) computed here, exactly, from what the mode returned;
+        ``head=False`` returns what the mode computed (the logits). A text
         model (one with a ``veil_text`` tokenizer, :mod:`veil.text`) also takes a text
         or a list of texts, tokenized here before any mode sees them.
 
@@ -215,7 +232,7 @@ class CompiledModel:
             from .text.tokenize import tokenizer_for
 
             tokens = tokenizer_for(self.text).encode([x] if isinstance(x, str) else list(x))
-            out = self.run(tokens, mode, clip=clip)
+            out = self.run(tokens, mode, head=head, clip=clip)
             return out[0] if isinstance(x, str) else out
         arr = np.asarray(x, dtype=np.float64)
         single = arr.shape == self.input_shape
@@ -237,6 +254,8 @@ class CompiledModel:
                 self.result.he_plan()         # a model HE cannot run: that error first
             batch = self._admit(batch, mode, clip)
             out = self._local(mode.value).infer_batch(batch)
+        if head and len(batch):
+            out = self.head.finish(out)
         return out[0] if single else out
 
     def _admit(self, batch: np.ndarray, mode: Mode, clip: bool) -> np.ndarray:
@@ -251,6 +270,16 @@ class CompiledModel:
         if mode in (Mode.SIMULATE, Mode.HE):
             self.input_range.check(batch)
         return batch
+
+    def predict(self, x, mode: str | Mode = Mode.PLAIN, *, clip: bool = False
+                ) -> np.ndarray:
+        """The class of each input (its label when the classifier has labels): the
+        largest score, or for one output column ``score > threshold`` (0 for a logit,
+        1/2 for a probability). Takes what :meth:`run` takes."""
+        out = self.run(x, mode, head=False, clip=clip)
+        single = np.ndim(out) == len(self.output_shape)
+        classes = self.head.predict(self.head.scores(out[None] if single else out))
+        return classes[0] if single else classes
 
     def _local(self, mode: str):
         """``mode``'s local processes, started on first use (again if one died)."""
@@ -341,7 +370,7 @@ class CompiledModel:
                            max_abs_error=a.max_abs_error,
                            max_abs_error_range=a.max_abs_error_range)
             layers.append(row)
-        notes = [m for n in self.result.notes for m in n.messages]
+        notes = [m for n in self.result.notes for m in n.messages] + self._head_notes()
         accuracy = {}
         if data is not None and labels is not None:
             labels = np.asarray(labels)
@@ -353,8 +382,7 @@ class CompiledModel:
                     continue
                 xs = (np.asarray(data, dtype=np.float64).reshape(
                     (-1, *self.input_shape))[rows] if mode is Mode.SIMULATE else data)
-                pred = np.argmax(self.run(xs, mode).reshape(int(rows.sum()), -1), axis=1)
-                accuracy[mode.value] = float(np.mean(pred == labels[rows]))
+                accuracy[mode.value] = float(np.mean(self.predict(xs, mode) == labels[rows]))
         est = self.result.estimate
         estimate = est.to_dict() if est is not None else {}
         plan = self.result.plan
@@ -362,8 +390,10 @@ class CompiledModel:
             refusal = self.result.he_refusal
             params = {"ring_dim": est.ring_dim, "scaling_bits": est.scaling_bits,
                       "num_large_digits": est.num_large_digits,
-                      "security": "HEStd_128_classic", "insecure_test_params": False}
-            return Report(layers, est.depth, params, "estimated (no slot plan)", [], notes,
+                      "security": "HEStd_128_classic", "insecure_test_params": False} \
+                if est is not None else {}    # None: HE cannot price it (tree ensembles)
+            return Report(layers, est.depth if est is not None else 0, params,
+                          "estimated (no slot plan)", [], notes,
                           accuracy=accuracy, estimate=estimate,
                           he_error=refusal[1] if refusal else "no HE plan")
         return Report(layers, plan.depth, plan.params.to_dict(), plan.param_reason,
@@ -371,11 +401,30 @@ class CompiledModel:
                       estimate)
 
 
+    def _head_notes(self) -> list[str]:
+        head = self.head
+        notes = []
+        if head.graph is not None:
+            notes.append(f"output head on the client: {', '.join(head.ops())} (exact, after "
+                         "decryption or reconstruction); the server computes up to "
+                         f"{self.result.source.output} {self.output_shape}")
+        last = self.result.source.node(self.result.source.output)
+        if head.graph is None and last.op in START_OPS:
+            notes.append(f"the output activation {last.op.value} runs on the server "
+                         "(client_head=False): under HE a fitted polynomial, under MPC a "
+                         "protocol; on the client it would be exact and free")
+        if head.labels is not None or head.returns == "labels":
+            notes.append(f"the client maps scores to {len(head.labels or ())} class labels"
+                         if head.labels else "the client computes the class index")
+        return notes
+
+
 def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
             degree: int | dict[str, int] = DEFAULT_DEGREE, margin: float = DEFAULT_MARGIN,
             layout: str = "latency", precision_bits: int | None = None,
             insecure_test_params: bool = False, relu_bits: int | None = None,
-            max_slots: int | None = None) -> CompiledModel:
+            max_slots: int | None = None, output: str | None = None,
+            client_head: bool = True) -> CompiledModel:
     """Compile a torch ``nn.Module`` or ONNX model (file or ModelProto) for private inference.
 
     Args:
@@ -401,6 +450,12 @@ def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
             value is cut into several ciphertexts (:mod:`veil.compiler.tiles`).
             Default: 2^15 (the bootstrapping ring's slots; for a model that does not
             bootstrap, wider rings cost more than the parts they save).
+        output: which output of an ONNX graph with several (a scikit-learn classifier's
+            ``label`` or ``probabilities``); default: its scores. A label output is
+            computed by the client from the scores.
+        client_head: compute the model's output head (a final softmax / sigmoid /
+            log-softmax and what follows it) on the client, exactly (default); False
+            keeps a final activation on the server (fitted by a polynomial under HE).
 
     Returns:
         A :class:`CompiledModel`.
@@ -411,7 +466,7 @@ def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
     """
     calibration = np.asarray(calibration, dtype=np.float64)
     shape = tuple(input_shape) if input_shape is not None else calibration.shape[1:]
-    graph = to_graph(model, shape)
+    graph = to_graph(model, shape, output=output, client_head=client_head)
     result = compile_graph(graph, calibration, degree=degree, margin=margin,
                            insecure_test_params=insecure_test_params, layout=layout,
                            precision_bits=precision_bits, relu_bits=relu_bits,
@@ -450,7 +505,8 @@ def export_model(model, calibration, directory: str | os.PathLike, *, name: str 
     name = check_name(name or Path(directory).name)
     calibration = np.asarray(calibration, dtype=np.float64)
     shape = tuple(input_shape) if input_shape is not None else calibration.shape[1:]
-    graph = to_graph(model, shape)
+    graph = to_graph(model, shape, output=compile_options.get("output"),
+                     client_head=compile_options.get("client_head", True))
     he = None
     if "he" in modes:
         compiled = compiled or compile(model, calibration, input_shape=shape,

@@ -68,21 +68,31 @@ def cosines(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 
 def quality(outputs: np.ndarray, job: Job) -> dict:
-    """Accuracy, argmax agreement and the largest logit error vs plain on the same
-    (first ``len(outputs)``) inputs; for embeddings, the cosine to plain's."""
+    """Accuracy, agreement of the predicted class and the largest logit error vs plain
+    on the same (first ``len(outputs)``) inputs; for embeddings, the cosine to plain's.
+    ``outputs`` are what the mode computed (the logits: every mode's output head is the
+    same exact client step); the classes are the model's (``Head.predict``: an argmax,
+    or one logit's sign), mapped to its labels."""
     n = len(outputs)
     out = np.asarray(outputs, dtype=np.float64).reshape(n, -1)
     ref = job.plain[:n].reshape(n, -1)
-    row = {"agreement": float(np.mean(out.argmax(1) == ref.argmax(1))),
+    classes, ref_classes = (classes_of(job, v) for v in (outputs, job.plain[:n]))
+    row = {"agreement": float(np.mean(classes == ref_classes)),
            "max_abs_error": float(np.abs(out - ref).max()),
            "accuracy": None, "plain_accuracy_same_inputs": None}
     if job.workload.embedding:
         cos = cosines(out, ref)
         row.update(cosine_min=float(cos.min()), cosine_mean=float(cos.mean()))
     if job.y is not None:
-        row["accuracy"] = float(np.mean(out.argmax(1) == job.y[:n]))
-        row["plain_accuracy_same_inputs"] = float(np.mean(ref.argmax(1) == job.y[:n]))
+        row["accuracy"] = float(np.mean(classes == job.y[:n]))
+        row["plain_accuracy_same_inputs"] = float(np.mean(ref_classes == job.y[:n]))
     return row
+
+
+def classes_of(job: Job, outputs: np.ndarray) -> np.ndarray:
+    """The model's predicted classes from a mode's outputs (its logits)."""
+    head = job.compiled.head
+    return head.predict(head.scores(np.asarray(outputs, dtype=np.float64)))
 
 
 def latency_fields(latencies, client_s) -> dict:
@@ -167,15 +177,15 @@ def row(mode: str, job: Job, n: int, outputs: np.ndarray, latencies, client_s, *
 def measure_local(job: Job, mode: str) -> dict:
     """``plain`` or ``simulate`` in this process: single inputs, then batches."""
     with ClientPeak() as peak:
-        job.compiled.run(job.x[:job.batch], mode)             # warm-up
+        job.compiled.run(job.x[:job.batch], mode, head=False)             # warm-up
         lat, outs = [], []
         for i in budgeted(job, len(job.x)):
             t = time.perf_counter()
-            outs.append(job.compiled.run(job.x[i:i + 1], mode))
+            outs.append(job.compiled.run(job.x[i:i + 1], mode, head=False))
             lat.append(time.perf_counter() - t)
             job.progress(1)
         xs = batch_inputs(job, len(lat))
-        batch_s = median_pass(lambda: [job.compiled.run(c, mode)
+        batch_s = median_pass(lambda: [job.compiled.run(c, mode, head=False)
                                        for c in batches(xs, job.batch)], job.budget_s / 2)
         job.progress(len(xs))
     return row(mode, job, len(lat), np.concatenate(outs), lat, lat,

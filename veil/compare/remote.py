@@ -16,8 +16,8 @@ import numpy as np
 from ..backends import sockets
 from ..deploy.he_server import read_reply
 from ..errors import EngineError, VeilError
-from .measure import (ClientPeak, Job, batch_inputs, batches, budgeted, median_pass, row,
-                      server_peaks)
+from .measure import (ClientPeak, Job, batch_inputs, batches, budgeted, classes_of,
+                      median_pass, row, server_peaks)
 
 FRAME = sockets.LEN.size          # length prefix of every frame
 TEE_HEAD = 2                      # TEE frames: version and kind bytes
@@ -241,8 +241,8 @@ def _he_batch(job: Job, client, link: _HELink, single_s: float) -> dict:
     out = client.decrypt_batch([link.call(c) for c in cts])
     seconds = time.perf_counter() - t
     job.progress(size)
-    agree = np.mean(np.asarray(out).reshape(size, -1).argmax(1)
-                    == job.plain[:size].reshape(size, -1).argmax(1))
+    agree = np.mean(classes_of(job, np.asarray(out).reshape((size,) + job.plain.shape[1:]))
+                    == classes_of(job, job.plain[:size]))
     return {"size": size, "seconds": seconds, "ciphertexts": len(cts),
             "layout": client.batch_layout(size), "agreement": float(agree)}
 

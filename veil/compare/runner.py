@@ -174,7 +174,7 @@ def run_workload(w: Workload, cfg: CompareConfig, work: Path,
     outside = compiled.input_range.outside(x).reshape(n, -1).any(axis=1)
     if cfg.clip:
         x = compiled.input_range.clip(x, warn=False)
-    plain = compiled.run(x, "plain")
+    plain = compiled.run(x, "plain", head=False)    # logits: modes compare before the head
     report = compiled.report()
     out = {"name": w.name, "source": w.source, "input_shape": list(w.input_shape),
            "n_available": int(len(w.x_test)), "compile_s": compile_s, "export_s": export_s,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import BootstrapRequiredError, CompileError, UnsupportedOperation
-from ..ir import Graph, Op, ops_for
+from ..ir import Graph, Op, opdef, ops_for
 from .approx import DEFAULT_DEGREE, DEFAULT_MARGIN, ActivationReport
 from .estimate import HEEstimate, estimate_he, transformer_stats
 from .levels import SLOT_OPS
@@ -124,12 +124,20 @@ def compile_graph(graph: Graph, calibration: np.ndarray, *,
     # plan (``he_refusal``); the estimate prices it. Ops that simulate cannot run either
     # (transformers) skip the back stage.
     odd = [n for n in graph.nodes if n.op not in ops_for("simulate")]
-    odd = next((n for n in odd if n.op in _NAMED_FIRST), odd[0] if odd else None)
+    odd = next((n for n in odd if opdef(n.op).refusal), None) or next(
+        (n for n in odd if n.op in _NAMED_FIRST), odd[0] if odd else None)
     options = {"calibration": calibration, "degree": degree, "margin": margin,
                "layout": layout, "relu_bits": relu_bits}
     poly, front_notes = run_passes(graph, HE.front, options)
     reports = [r for n in front_notes for r in n.data.get("reports", ())]
     extents = {k: v for n in front_notes for k, v in n.data.get("extents", {}).items()}
+    if odd is not None and opdef(odd.op).refusal:
+        # an op HE cannot even price (a tree ensemble's exact comparisons): no estimate
+        refusal = (UnsupportedOperation, f"{odd.op.value} node {odd.name!r} has no HE "
+                   f"kernel: {opdef(odd.op).refusal}", {})
+        note = PassNote("plan_he", [f"HE cannot run this model: {refusal[1]}"])
+        return CompileResult(graph, poly, poly, None, reports, front_notes + [note],
+                             extents, None, refusal)
     if odd is not None:
         stats = transformer_stats(poly, calibration, margin=margin)
         est = estimate_he(poly, precision_bits=precision_bits, stats=stats)

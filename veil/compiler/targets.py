@@ -58,9 +58,11 @@ def check_ops(graph: Graph, target: str) -> None:
     for node in graph.nodes:
         if node.op not in accepts:
             supported = sorted(t for t in opdef(node.op).targets if t != "plain")
+            why = opdef(node.op).refusal
             raise UnsupportedOperation(
                 f"{node.op.value} node {node.name!r} cannot run in {target!r} mode; "
-                f"it runs in: {', '.join(supported) or 'plain only'}")
+                f"it runs in: {', '.join(supported) or 'plain only'}"
+                + (f" ({why})" if why else ""))
 
 
 # The enclave runs the plaintext model at native speed: only exact, cheap rewrites.

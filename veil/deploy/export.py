@@ -4,7 +4,8 @@ Layout (``write_export``; ``veil.model.export_model`` compiles a model and write
 
     EXPORT/veil-export.json   {"format": 1, "name", "modes", "input_shape", "output_shape",
                                "veil", "he": {"model_id", "lanes", "weights"},
-                               "tee": {"measurement", "encrypted"}}
+                               "tee": {"measurement", "encrypted"},
+                               "head": the output head clients compute (veil.ir.head)}
     EXPORT/he/server/          server bundle (graph, weights, manifest; no keys)
     EXPORT/he/client/          client bundle (parameters, manifest, layouts; no weights)
     EXPORT/tee/                enclave bundle (``backends/tee/bundle.py``), optionally
@@ -93,6 +94,8 @@ def write_export(directory: str | os.PathLike, graph: Graph, *, name: str | None
              "input_shape": list(graph.input_shape), "output_shape": list(graph.output_shape)}
     if text:
         index["text"] = {"tokenizer": str(text["tokenizer"]), "seq_len": int(text["seq_len"])}
+    if graph.head is not None and not graph.head.empty:
+        index["head"] = graph.head.to_dict()      # the client's part (veil.ir.head)
     d.mkdir(parents=True, exist_ok=True)
     if "he" in modes:
         server, client = he

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..ir import Graph
+from ..ir.head import split_head
 
 __all__ = ["to_graph"]
 
@@ -39,7 +40,8 @@ def _check_input_shape(input_shape: Any) -> tuple[int, ...]:
     return shape
 
 
-def to_graph(model: Any, input_shape: tuple[int, ...]) -> Graph:
+def to_graph(model: Any, input_shape: tuple[int, ...], *, output: str | None = None,
+             client_head: bool = True) -> Graph:
     """Convert a model to veil's IR.
 
     Args:
@@ -47,6 +49,11 @@ def to_graph(model: Any, input_shape: tuple[int, ...]) -> Graph:
             ``.onnx`` file (``str`` or ``os.PathLike``).
         input_shape: the per-sample input shape, without the batch dimension,
             e.g. ``(1, 8, 8)`` for an image or ``(30,)`` for a feature vector.
+        output: an ONNX graph's output to convert (default: its scores, not labels).
+        client_head: move the model's output head (a final softmax, sigmoid or
+            log-softmax and what follows it, a classifier's labels) to the client
+            (``graph.head``, :mod:`veil.ir.head`): exact and free there. False keeps a
+            final activation on the server (its HE polynomial, its MPC protocol).
 
     Returns:
         A verified :class:`veil.ir.Graph` whose INPUT node is named ``"input"``.
@@ -62,10 +69,26 @@ def to_graph(model: Any, input_shape: tuple[int, ...]) -> Graph:
     if isinstance(model, (str, os.PathLike)) or _is_onnx_model(model):
         from .onnx_frontend import onnx_to_graph
 
-        return onnx_to_graph(model, shape)
-    if _is_torch_module(model):
+        graph = onnx_to_graph(model, shape, output)
+    elif _is_torch_module(model):
         from .torch_frontend import torch_to_graph
 
-        return torch_to_graph(model, shape)
-    raise TypeError(f"cannot convert a {type(model).__name__}; pass a torch.nn.Module, an "
-                    "onnx.ModelProto or the path of an .onnx file")
+        if output is not None:
+            raise InputError("output= picks one of an ONNX graph's outputs; a torch "
+                             "module has one")
+        graph = split_head(torch_to_graph(model, shape))
+    else:
+        raise TypeError(f"cannot convert a {type(model).__name__}; pass a torch.nn.Module, "
+                        "an onnx.ModelProto or the path of an .onnx file")
+    return graph if client_head else server_head(graph)
+
+
+def server_head(graph: Graph) -> Graph:
+    """``graph`` with its head's ops back on the server (labels stay with the client)."""
+    from ..ir.head import Head, merge_head
+
+    head = graph.head
+    if head is None or head.graph is None:
+        return graph
+    return merge_head(graph, Head(None, head.labels, head.returns))
+

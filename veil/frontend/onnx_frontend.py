@@ -15,22 +15,33 @@ import numpy as np
 
 from ..errors import GraphError, InputError, UnsupportedOperation
 from ..ir import Graph, Op
+from ..ir.head import split_head
 from . import _layers as layers
+from . import _onnx_ml as ml
 from ._builder import BATCH, GraphBuilder, Site, flatten_shape, per_channel, per_sample_reshape
 from ._onnx_patterns import FUSED_DOMAIN, fuse_activations, live_nodes
 
 logger = logging.getLogger(__name__)
 
 _DOMAINS = ("", "ai.onnx", FUSED_DOMAIN)
+_FLOAT_TYPES = (1, 10, 11, 16)       # float, float16, double, bfloat16
+# ops that pass a label (an argmax, cast or reshaped) through unchanged
+_LABEL_PASS = ("Identity", "Cast", "Reshape", "Squeeze", "Unsqueeze", "Flatten")
 _UNARY = {"Relu": Op.RELU, "Sigmoid": Op.SIGMOID, "Tanh": Op.TANH, "SiLU": Op.SILU}
 
 
-def onnx_to_graph(model: Any, input_shape: tuple[int, ...]) -> Graph:
+def onnx_to_graph(model: Any, input_shape: tuple[int, ...], output: str | None = None
+                  ) -> Graph:
     """Convert an ``onnx.ModelProto`` or ``.onnx`` path to a verified :class:`Graph`.
 
+    A graph with several outputs (a scikit-learn classifier's label and probabilities)
+    is converted for one: ``output`` names it; by default the first that holds scores
+    (not labels). A label output is computed by the client from the scores
+    (``graph.head``, :mod:`veil.ir.head`), as is a final softmax or sigmoid.
+
     Raises:
-        InputError: the file is missing, or ``input_shape`` contradicts the model's
-            static input shape.
+        InputError: the file is missing, ``input_shape`` contradicts the model's
+            static input shape, or ``output`` is not one of the graph's outputs.
         GraphError: the model is not valid ONNX or does not fit ``input_shape``.
         UnsupportedOperation: an operation has no IR equivalent (names op and node).
     """
@@ -48,20 +59,44 @@ def onnx_to_graph(model: Any, input_shape: tuple[int, ...]) -> Graph:
     if proto is not model:  # loaded here: drop the weights' second copy early
         graph.ClearField("initializer")
     x_name, batch = _graph_input(graph, consts, input_shape)
-    if len(graph.output) != 1:
-        raise UnsupportedOperation(f"the ONNX graph has {len(graph.output)} outputs; veil "
-                                   "supports models with a single output")
-    out_name = graph.output[0].name
-    nodes = live_nodes(fuse_activations(list(graph.node), consts), out_name)
-    logger.debug("converting %d live ONNX nodes of %d", len(nodes), len(graph.node))
+    out_name = _pick_output(graph, output)
+    fused = fuse_activations(list(graph.node), consts)
+    needed = live_nodes(fused, out_name)
+    # the other outputs' nodes too, where they convert: a label output names the
+    # classes of the scores the chosen output holds
+    live = {id(n) for o in graph.output for n in live_nodes(fused, o.name)}
+    nodes = [n for n in fused if id(n) in live]
+    logger.debug("converting %d live ONNX nodes of %d", len(needed), len(graph.node))
     converter = _Converter(GraphBuilder(input_shape), consts, batch, nodes, out_name)
     converter.tensors[x_name] = converter.b.input
+    required = {id(n) for n in needed}
     for node in nodes:
-        converter.convert(node)
-    if out_name not in converter.tensors:
-        raise UnsupportedOperation(f"the ONNX graph output {out_name!r} does not depend on "
-                                   "the input")
-    return converter.b.finish(converter.tensors[out_name])
+        try:
+            converter.convert(node)
+        except UnsupportedOperation:
+            if id(node) in required:
+                raise
+            logger.debug("skipped %s (not needed for output %r)", node.op_type, out_name)
+    return converter.finish(out_name)
+
+
+def _pick_output(graph: Any, output: str | None) -> str:
+    names = [o.name for o in graph.output]
+    if output is not None:
+        if output not in names:
+            raise InputError(f"the ONNX graph has no output {output!r}; its outputs are "
+                             f"{names}")
+        return output
+    if len(names) == 1:
+        return names[0]
+    for o in graph.output:          # scores: a float tensor, or ZipMap's maps of them
+        kind = o.type.WhichOneof("value")
+        if kind == "sequence_type" or (kind == "tensor_type"
+                                       and o.type.tensor_type.elem_type in _FLOAT_TYPES):
+            logger.info("the ONNX graph has outputs %s; converting %r (pass output= to "
+                        "choose)", names, o.name)
+            return o.name
+    return names[0]
 
 
 def _load(onnx: Any, model: Any) -> Any:
@@ -128,6 +163,8 @@ class _Converter:
         self.b = builder
         self.values: dict[str, np.ndarray] = dict(consts)
         self.tensors: dict[str, str] = {}
+        self.labels: dict[str, ml.Label] = {}     # ONNX name -> a classifier's label
+        self.classes: dict[str, tuple | None] = {}  # IR scores -> their class labels
         self.batch = batch
         self.used = {i for n in nodes for i in n.input} | {output}
         self.table: dict[str, Callable[[Site, Any, dict], Any]] = {
@@ -143,29 +180,73 @@ class _Converter:
             "Cast": self._cast, "Clip": self._clip, "HardSwish": self._hardswish,
             "HardSigmoid": self._hardsigmoid, "Transpose": self._transpose,
             "Softmax": self._softmax, "LayerNormalization": self._layernorm,
-            "ReduceSum": self._reduce_sum,
+            "ReduceSum": self._reduce_sum, "ArgMax": self._argmax,
         }
         for op_type in _UNARY:
             self.table[op_type] = self._unary
 
     def convert(self, node: Any) -> None:
-        """Convert one node and record its (first) output."""
+        """Convert one node and record its outputs."""
         from onnx import helper
 
         site = Site(node.op_type, "ONNX op", node.name or node.output[0])
-        handler = self.table.get(node.op_type)
-        if node.domain not in _DOMAINS or handler is None:
-            raise site.error("" if node.domain in _DOMAINS else f"domain {node.domain!r}")
-        extra = [o for o in node.output[1:] if o in self.used]
-        if extra:
-            raise site.error(f"its secondary outputs {extra} are not supported")
+        if node.op_type in _LABEL_PASS and node.input and node.input[0] in self.labels:
+            self.labels[node.output[0]] = self.labels[node.input[0]]
+            return
+        if node.domain == ml.ML_DOMAIN:
+            handler = ml.HANDLERS.get(node.op_type)
+            handler = handler and (lambda s, n, a, h=handler: h(self, s, n, a))
+        else:
+            handler = self.table.get(node.op_type) if node.domain in _DOMAINS else None
+        if handler is None:
+            raise site.error("" if node.domain in _DOMAINS + (ml.ML_DOMAIN,)
+                             else f"domain {node.domain!r}")
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
         result = handler(site, node, attrs)
-        if isinstance(result, str):
-            self.tensors[node.output[0]] = result
+        if not isinstance(result, dict):
+            extra = [o for o in node.output[1:] if o in self.used]
+            if extra:
+                raise site.error(f"its secondary outputs {extra} are not supported")
+            result = {node.output[0]: result}
+        for name, value in result.items():
+            if isinstance(value, ml.Label):
+                self.labels[name] = value
+            elif isinstance(value, str):
+                self.tensors[name] = value
+            else:
+                self.values[name] = np.asarray(value)
+
+    def finish(self, out_name: str) -> Graph:
+        """The graph for ONNX output ``out_name``, its output head split off."""
+        returns = "scores"
+        if out_name in self.labels:
+            label, returns = self.labels[out_name], "labels"
+            out, classes = label.scores, label.classes
+        elif out_name in self.tensors:
+            out = self.tensors[out_name]
+            classes = self._classes_of(out)
         else:
-            self.values[node.output[0]] = np.asarray(result)
+            raise UnsupportedOperation(f"the ONNX graph output {out_name!r} does not depend "
+                                       "on the input")
+        return split_head(self.b.finish(out), labels=classes, returns=returns)
+
+    def _classes_of(self, scores: str) -> tuple | None:
+        """The class labels of ``scores``: its own (a ZipMap's), else those of a label
+        computed from it or from a value it is computed from (a normalized softmax)."""
+        lineage, todo = [], [scores]
+        while todo:
+            name = todo.pop(0)
+            if name not in lineage:
+                lineage.append(name)
+                todo.extend(self.b.node(name).inputs)
+        for name in lineage:
+            if self.classes.get(name) is not None:
+                return self.classes[name]
+            for label in self.labels.values():
+                if label.scores == name and label.classes is not None:
+                    return label.classes
+        return None
 
     # ---- operand access ------------------------------------------------------------
 
@@ -338,6 +419,9 @@ class _Converter:
     def _softmax(self, site: Site, node: Any, attrs: dict) -> str:
         x = self._tensor(site, node.input[0])
         return layers.softmax(self.b, site, x, int(attrs.get("axis", -1)))
+
+    def _argmax(self, site: Site, node: Any, attrs: dict) -> Any:
+        return ml.argmax(self, site, node, attrs)
 
     def _layernorm(self, site: Site, node: Any, attrs: dict) -> str:
         x = self._tensor(site, node.input[0])

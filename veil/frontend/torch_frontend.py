@@ -101,7 +101,11 @@ def _via_onnx(model: Any, input_shape: tuple[int, ...]) -> Graph:
         raise UnsupportedOperation(f"torch.onnx.export failed: {exc}") from exc
     import onnx
 
-    graph = onnx_to_graph(onnx.load_from_string(buf.getvalue()), tuple(input_shape))
+    proto = onnx.load_from_string(buf.getvalue())
+    if len(proto.graph.output) != 1:
+        raise UnsupportedOperation(f"the model returns {len(proto.graph.output)} tensors; "
+                                   "veil supports models that return a single tensor")
+    graph = onnx_to_graph(proto, tuple(input_shape))
     _check_export(model, graph, tuple(input_shape))
     return graph
 
@@ -129,6 +133,7 @@ def _check_export(model: Any, graph: Graph, input_shape: tuple[int, ...]) -> Non
             continue
         try:
             got = run(graph, probe)
+            got = graph.head.finish(got) if graph.head is not None else got
         except InputError:           # e.g. noise where token ids belong
             continue
         scale = 1.0 + float(np.abs(want).max())

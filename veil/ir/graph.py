@@ -85,14 +85,26 @@ def _frozen_sparse(m) -> "sp.csr_array":
 
 @dataclass(frozen=True)
 class Graph:
-    """A verified DAG of nodes in topological order."""
+    """A verified DAG of nodes in topological order.
+
+    ``head`` (:class:`veil.ir.head.Head`) is what the client computes from the output
+    (a classifier's final softmax, its labels); the interpreter and every backend run
+    the graph up to :attr:`output` only. None: the output is the model's output.
+    """
 
     nodes: tuple[Node, ...]
     output: str
+    head: Any = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nodes", tuple(self.nodes))
         verify(self)
+        if self.head is not None:
+            from .head import Head, check_head
+
+            if not isinstance(self.head, Head):
+                raise GraphError(f"a graph's head is a Head, not {type(self.head).__name__}")
+            check_head(self.head, self.output_shape)
 
     @property
     def input(self) -> Node:
@@ -116,7 +128,9 @@ class Graph:
         return [n for n in self.nodes if name in n.inputs]
 
     def with_nodes(self, nodes: Iterable[Node], output: str | None = None) -> "Graph":
-        return Graph(tuple(nodes), output or self.output)
+        """The same model with other nodes (a pass's result, which computes the same
+        output): the head stays."""
+        return Graph(tuple(nodes), output or self.output, self.head)
 
     def ops(self) -> list[Op]:
         return [n.op for n in self.nodes]

@@ -267,6 +267,22 @@ def softmax(args, a, p):
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def logsoftmax(args, a, p):
+    x = args[0]
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def normalize(args, a, p):
+    """ONNX-ML Normalizer over the last axis: X / max(X), X / sum|X| or X / ||X||_2
+    (a zero norm leaves the row as it is, as onnxruntime does)."""
+    x = args[0]
+    norm = {"l1": lambda v: np.abs(v).sum(axis=-1, keepdims=True),
+            "l2": lambda v: np.sqrt(np.square(v).sum(axis=-1, keepdims=True)),
+            "max": lambda v: v.max(axis=-1, keepdims=True)}[a["norm"]](x)
+    return x / np.where(norm == 0, 1.0, norm)
+
+
 def layernorm(args, a, p):
     x = args[0]
     mu = x.mean(axis=-1, keepdims=True)
@@ -282,3 +298,39 @@ def reducesum(args, a, p):
 
 def reciprocal(args, a, p):
     return 1.0 / args[0]
+
+
+# -- tree ensembles -----------------------------------------------------------------------
+
+#: TREE_ENSEMBLE's node tests by ``mode`` code: x <= t, x < t, x >= t, x > t (ONNX's
+#: BRANCH_LEQ, BRANCH_LT, BRANCH_GTE, BRANCH_GT)
+TREE_MODES = ("leq", "lt", "gte", "gt")
+
+
+def tree_tests(x: np.ndarray, feature, threshold, mode) -> np.ndarray:
+    """(B, N) 0/1: each branch node's test of its feature of the flat batch x (B, F)."""
+    v = x[:, np.asarray(feature, dtype=np.int64)]
+    t = np.asarray(threshold, dtype=np.float64)[None]
+    m = np.asarray(mode, dtype=np.int64)[None]
+    return np.select([m == 0, m == 1, m == 2], [v <= t, v < t, v >= t], v > t)
+
+
+def tree_leaves(bits: np.ndarray, paths) -> np.ndarray:
+    """(B, L) 0/1: whether each leaf is reached, the product of its path's literals:
+    path entry +(n + 1) takes node n's true branch (bit), -(n + 1) its false branch
+    (1 - bit), 0 pads (1)."""
+    paths = np.asarray(paths, dtype=np.int64)
+    node = np.abs(paths) - 1
+    picked = bits[:, np.maximum(node, 0)]
+    lit = np.where(paths > 0, picked, 1.0 - picked)
+    return np.where(paths == 0, 1.0, lit).prod(axis=2)
+
+
+def tree_ensemble(args, a, p):
+    """A tree ensemble's raw scores (ONNX's aggregation before its post transform): per
+    target, the sum over the leaves every tree reaches of their weights, plus ``base``.
+    Each leaf carries its whole path (``tree_leaves``), so the sum runs over all leaves
+    with their 0/1 reach; a proper tree reaches exactly one."""
+    x = args[0].reshape(args[0].shape[0], -1)
+    bits = tree_tests(x, p["feature"], p["threshold"], p["mode"]).astype(np.float64)
+    return tree_leaves(bits, p["paths"]) @ p["weights"] + p["base"]

@@ -71,6 +71,11 @@ class Op(str, enum.Enum):
     LAYERNORM = "layernorm"    # over the last axis; params weight, bias; attr eps
     REDUCESUM = "reducesum"    # sum over per-sample ``axes`` (keepdims)
     RECIPROCAL = "reciprocal"  # 1 / x for x in the calibrated range [lo, hi] (lo > 0)
+    # output heads (issue 18): computed by the client (veil.ir.head), never by a server
+    LOGSOFTMAX = "logsoftmax"  # log(softmax(x)) over the last axis
+    NORMALIZE = "normalize"    # x / norm(x) over the last axis; attr norm: l1, l2 or max
+    # tree ensembles (issue 18)
+    TREE_ENSEMBLE = "tree_ensemble"  # (F,) -> (T,): summed leaf weights of every tree + base
 
 
 # Compile targets: the execution modes (:mod:`veil.modes`). ``plain`` is the interpreter
@@ -82,6 +87,8 @@ NO_HE = ALL - {"he"}     # simulate (floats) runs it; the slot evaluator does no
 # transformer ops: HE prices them (``compiler.estimate``) but neither runs them nor
 # simulates its polynomial form of them
 SHARES = frozenset({"plain", "tee", "mpc"})
+# a model's output head: the client computes it (veil.ir.head) with the interpreter
+CLIENT = frozenset({"plain"})
 
 Shape = tuple[int, ...]
 ShapeRule = Callable[[list[Shape], Mapping[str, Any], Mapping[str, np.ndarray]], Shape]
@@ -101,6 +108,8 @@ class OpDef:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     targets: frozenset[str] = ALL
     doc: str = ""
+    #: why the targets it does not declare refuse it (appended to their refusal)
+    refusal: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "traits", frozenset(self.traits))
@@ -298,6 +307,41 @@ def _reducesum(ins, a, p) -> Shape:
     return tuple(d for i, d in enumerate(x) if i not in axes)
 
 
+def _normalize(ins, a, p) -> Shape:
+    if a["norm"] not in ("l1", "l2", "max"):
+        raise GraphError(f"normalize norm {a['norm']!r}; one of l1, l2, max")
+    return _last_axis(ins, {}, p)
+
+
+def _integral(arr: np.ndarray, lo: int, hi: int, what: str) -> np.ndarray:
+    """An integer-valued parameter (stored as float64) with entries in [lo, hi]."""
+    if arr.size and (np.any(arr != np.round(arr)) or arr.min() < lo or arr.max() > hi):
+        raise GraphError(f"tree_ensemble {what} must be integers in [{lo}, {hi}]")
+    return arr.astype(np.int64)
+
+
+def _tree_ensemble(ins, a, p) -> Shape:
+    """Branch nodes (``feature``, ``threshold``, ``mode`` (N,)), leaf paths (L, D) and
+    leaf weights (L, T) against a flat input (F,); see ``kernels.tree_ensemble``."""
+    x = ins[0]
+    feature, threshold, mode = p["feature"], p["threshold"], p["mode"]
+    paths, weights, base = p["paths"], p["weights"], p["base"]
+    n = feature.shape[0] if feature.ndim == 1 else -1
+    if len(x) != 1 or n < 0 or threshold.shape != (n,) or mode.shape != (n,):
+        raise GraphError(f"tree_ensemble over input {x} needs a flat input and feature, "
+                         f"threshold and mode of one shape (N,), got {feature.shape}, "
+                         f"{threshold.shape}, {mode.shape}")
+    if paths.ndim != 2 or weights.ndim != 2 or weights.shape[0] != paths.shape[0] \
+            or base.shape != (weights.shape[1],):
+        raise GraphError(f"tree_ensemble paths {paths.shape}, weights {weights.shape} and "
+                         f"base {base.shape} do not fit (leaves, depth), (leaves, targets), "
+                         "(targets,)")
+    _integral(feature, 0, x[0] - 1, "feature indices")
+    _integral(mode, 0, len(k.TREE_MODES) - 1, "mode codes")
+    _integral(paths, -n, n, "path entries")
+    return (weights.shape[1],)
+
+
 def _reciprocal(ins, a, p) -> Shape:
     if not 0 < float(a["lo"]) < float(a["hi"]):
         raise GraphError(f"reciprocal needs 0 < lo < hi, got [{a['lo']}, {a['hi']}]")
@@ -364,6 +408,19 @@ def _defs() -> dict[Op, OpDef]:
               defaults={"keepdims": False}, targets=SHARES),
         OpDef(Op.RECIPROCAL, 1, _reciprocal, k.reciprocal, {"elementwise"},
               defaults={"lo": 2.0 ** -8, "hi": 2.0 ** 14}, targets=SHARES),
+        # output heads: split off at compile time and computed by the client; a model
+        # that uses them before its output is refused by every server mode
+        OpDef(Op.LOGSOFTMAX, 1, _last_axis, k.logsoftmax, (), defaults={"axis": -1},
+              targets=CLIENT, doc="a classifier's log-probabilities (client side)"),
+        OpDef(Op.NORMALIZE, 1, _normalize, k.normalize, (), defaults={"norm": "l1"},
+              targets=CLIENT, doc="scikit-learn's Normalizer (client side)"),
+        # tree ensembles: exact comparisons on shares or in the enclave
+        OpDef(Op.TREE_ENSEMBLE, 1, _tree_ensemble, k.tree_ensemble, (),
+              ("feature", "threshold", "mode", "paths", "weights", "base"), targets=SHARES,
+              doc="random forests and gradient boosting (ONNX TreeEnsemble*): the raw "
+                  "scores before the post transform",
+              refusal="CKKS has no exact comparison, and a tree ensemble's splits need "
+                      "one; use mode mpc or tee"),
     ]
     return {o.op: o for o in d}
 

@@ -39,7 +39,11 @@ def graph_to_json(graph: Graph) -> tuple[dict, dict[str, np.ndarray]]:
                 arrays[f"{n.name}/{key}.shape"] = np.asarray(csr.shape, dtype=np.int64)
             else:
                 arrays[f"{n.name}/{key}"] = np.asarray(arr)
-    return {"nodes": nodes, "output": graph.output}, arrays
+    data = {"nodes": nodes, "output": graph.output}
+    if graph.head is not None and not graph.head.empty:
+        data["head"], head_arrays = graph.head.to_json()
+        arrays.update({f"head:{k}": v for k, v in head_arrays.items()})
+    return data, arrays
 
 
 def _frozen(a) -> np.ndarray:
@@ -65,6 +69,16 @@ def _csr(arrays, prefix: str) -> sp.csr_array:
     return sp.csr_array((data, indices, indptr), shape=(rows, cols))
 
 
+class _Prefixed:
+    """The arrays under ``prefix`` (a head's, stored beside its graph's)."""
+
+    def __init__(self, arrays, prefix: str) -> None:
+        self.arrays, self.prefix = arrays, prefix
+
+    def __getitem__(self, key: str):
+        return self.arrays[self.prefix + key]
+
+
 def graph_from_json(data: dict, arrays) -> Graph:
     """Rebuild and verify a graph; raises GraphError on anything malformed."""
     try:
@@ -75,6 +89,11 @@ def graph_from_json(data: dict, arrays) -> Graph:
                           else _frozen(arrays[f"{d['name']}/{k}"])) for k in d["params"]}
             nodes.append(Node(str(d["name"]), Op(d["op"]), tuple(d["inputs"]),
                               tuple(d["shape"]), dict(d["attrs"]), params))
-        return Graph(tuple(nodes), str(data["output"]))
+        head = None
+        if data.get("head") is not None:
+            from .head import Head
+
+            head = Head.from_json(data["head"], _Prefixed(arrays, "head:"))
+        return Graph(tuple(nodes), str(data["output"]), head)
     except (KeyError, TypeError, ValueError) as exc:
         raise GraphError(f"serialized graph is malformed: {exc}") from exc

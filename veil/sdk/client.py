@@ -25,6 +25,7 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import AuthError, InputError, ModeError, ServiceError, VeilError
+from ..ir.head import Head
 from ..service.auth import key_id
 from ..service.errors import exception_for
 from ..service.protocol import OCTETS
@@ -95,6 +96,7 @@ class Client:
                                   headers={"Authorization": f"Bearer {token}",
                                            "User-Agent": f"veil-sdk/{__version__}"})
         self._info: dict | None = None
+        self._head: Head | None = None
         try:
             module, cls = MODES[mode]
             self.mode: ModeClient = getattr(import_module(module), cls)(self, **mode_options)
@@ -158,14 +160,40 @@ class Client:
 
         return tokenizer_for(spec).encode([texts] if isinstance(texts, str) else list(texts))
 
+    @property
+    def head(self) -> Head:
+        """The model's output head (``info()["head"]``, :mod:`veil.ir.head`): what this
+        client computes from the service's output (a final softmax, class labels)."""
+        if self._head is None:
+            spec = self.info().get("head")
+            self._head = Head.from_dict(spec) if spec else Head()
+        return self._head
+
     def predict(self, x) -> np.ndarray:
         """All in one: one input -> its output; a batch ``(B, *input_shape)`` -> ``(B, ...)``;
         for a text model, a text -> its output and a list of texts -> ``(B, ...)``
-        (tokenized here, :meth:`tokenize`)."""
+        (tokenized here, :meth:`tokenize`). The model's output head (a final softmax,
+        labels) is computed here from the service's output (:attr:`head`);
+        :meth:`infer_batch` and :meth:`decrypt` return the service's output as it is."""
+        raw = self._raw(x)
+        single = np.ndim(raw) == len(self.info()["output_shape"])
+        out = self.head.finish(raw[None] if single else raw)
+        return out[0] if single else out
+
+    def classify(self, x) -> np.ndarray:
+        """The class of each input (its label when the classifier has some), as
+        :meth:`veil.ir.head.Head.predict` decides it from the model's scores."""
+        raw = self._raw(x)
+        single = np.ndim(raw) == len(self.info()["output_shape"])
+        classes = self.head.predict(self.head.scores(raw[None] if single else raw))
+        return classes[0] if single else classes
+
+    def _raw(self, x) -> np.ndarray:
+        """The service's output for one input or a batch (texts tokenized here)."""
         if isinstance(x, str):
-            return self.predict(self.tokenize(x))[0]
+            return self._raw(self.tokenize(x))[0]
         if isinstance(x, (list, tuple)) and x and all(isinstance(t, str) for t in x):
-            return self.predict(self.tokenize(x))
+            return self._raw(self.tokenize(x))
         try:
             arr = np.asarray(x, dtype=np.float64)
         except (TypeError, ValueError) as exc:

@@ -391,6 +391,8 @@ def _summary(info: ExportInfo, ctx: ServiceContext) -> dict:
            "insecure": any(r.startswith(f"{info.name}: ") for r in ctx.insecure)}
     if "text" in info.index:            # the tokenizer clients use (veil.text)
         out["text"] = dict(info.index["text"])
+    if "head" in info.index:            # what clients compute from the output (veil.ir.head)
+        out["head"] = info.index["head"]
     return out
 
 

@@ -46,6 +46,8 @@ within |x| < 2^15 (``protocols.CMP_BITS`` and ``CMP_DROP``):
   REDUCESUM: ``nonlinear.py`` (matrix triples, exp by squarings, Newton).
 - HARDSIGMOID: comparison-selected exact linear pieces (0, x/6 + 1/2, 1); HARDSWISH =
   x * hardsigmoid(x) with one more Beaver product.
+- TREE_ENSEMBLE: ``trees.py`` (every node's comparison in one batch, exact on the
+  fixed-point inputs; leaf indicators as products of their paths' bits).
 - ADD, SUB, RESHAPE, CONCAT, GATHER: local. An affine layer read only by an ADD/SUB
   (a residual branch) is not truncated; the sum is, once, with the other operand
   lifted to 2f bits (times 2^f, local), fused with the ReLU after it: a ResNet block
@@ -1091,6 +1093,8 @@ KERNELS: dict[Op, Kernel] = {
 }
 from .nonlinear import KERNELS as _TRANSFORMER_KERNELS  # noqa: E402  (they use Run, Step)
 KERNELS.update(_TRANSFORMER_KERNELS)
+from .trees import KERNELS as _TREE_KERNELS  # noqa: E402  (TREE_ENSEMBLE: trees.py)
+KERNELS.update(_TREE_KERNELS)
 MPC_OPS = frozenset(KERNELS)
 
 

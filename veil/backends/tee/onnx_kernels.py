@@ -24,6 +24,7 @@ from ...ir import Graph, Node, Op
 from .executor import check_kernels
 
 OPSET = 17
+ML_OPSET = 3        # ai.onnx.ml: TreeEnsembleRegressor (TREE_ENSEMBLE)
 _INT64 = 7          # onnx.TensorProto.INT64 (onnx is imported only in to_onnx)
 
 
@@ -219,6 +220,63 @@ def _reducesum(b, node, ins, out) -> None:
          keepdims=int(bool(node.attrs["keepdims"])))
 
 
+_BRANCH = ("BRANCH_LEQ", "BRANCH_LT", "BRANCH_GTE", "BRANCH_GT")   # kernels.TREE_MODES
+
+
+def _tree_children(paths: np.ndarray) -> tuple[dict, list]:
+    """From each leaf's path (``kernels.tree_leaves``): every branch node's child on
+    each side (("n", node) or ("l", leaf)) and each tree's root, in first-seen order."""
+    child, roots = {}, []
+    for j, row in enumerate(paths.astype(np.int64)):
+        row = row[row != 0]
+        root = ("n", int(abs(row[0])) - 1) if row.size else ("l", j)
+        if root not in roots:
+            roots.append(root)
+        for at, nxt in zip(row, list(row[1:]) + [None]):
+            child[(int(abs(at)) - 1, bool(at > 0))] = \
+                ("l", j) if nxt is None else ("n", int(abs(nxt)) - 1)
+    return child, roots
+
+
+def _tree_ensemble(b, node, ins, out) -> None:
+    """An ai.onnx.ml TreeEnsembleRegressor (opset 3) with the trees rebuilt from the
+    leaves' paths: aggregation SUM, post transform NONE, so its output is the raw
+    scores; thresholds and weights in float32, as the executor's dtype."""
+    p = node.params
+    child, roots = _tree_children(p["paths"])
+    cols = {k: [] for k in ("treeids", "nodeids", "featureids", "modes", "values",
+                            "truenodeids", "falsenodeids")}
+    targets = {k: [] for k in ("treeids", "nodeids", "ids", "weights")}
+    for tree, root in enumerate(roots):
+        ids, order = {root: 0}, [root]
+        for key in order:                  # breadth first: ids in order of discovery
+            if key[0] == "n":
+                for side in (True, False):
+                    nxt = child[(key[1], side)]
+                    ids[nxt] = len(order)
+                    order.append(nxt)
+        for key in order:
+            kind, i = key
+            branch = kind == "n"
+            for name, value in (("treeids", tree), ("nodeids", ids[key]),
+                                ("featureids", int(p["feature"][i]) if branch else 0),
+                                ("modes", _BRANCH[int(p["mode"][i])] if branch else "LEAF"),
+                                ("values", float(p["threshold"][i]) if branch else 0.0),
+                                ("truenodeids", ids[child[(i, True)]] if branch else 0),
+                                ("falsenodeids", ids[child[(i, False)]] if branch else 0)):
+                cols[name].append(value)
+            if not branch:
+                for t, w in enumerate(p["weights"][i]):
+                    for name, value in (("treeids", tree), ("nodeids", ids[key]),
+                                        ("ids", t), ("weights", float(w))):
+                        targets[name].append(value)
+    b.op("TreeEnsembleRegressor", ins, out, domain="ai.onnx.ml",
+         n_targets=int(p["weights"].shape[1]), aggregate_function="SUM",
+         post_transform="NONE", base_values=[float(v) for v in p["base"]],
+         **{f"nodes_{k}": v for k, v in cols.items()},
+         **{f"target_{k}": v for k, v in targets.items()})
+
+
 def _simple(op_type: str, **attrs) -> Callable:
     return lambda b, node, ins, out: b.op(op_type, ins, out, **attrs)
 
@@ -258,6 +316,7 @@ KERNELS: dict[Op, Callable] = {
     Op.LAYERNORM: _layernorm,
     Op.REDUCESUM: _reducesum,
     Op.RECIPROCAL: _simple("Reciprocal"),
+    Op.TREE_ENSEMBLE: _tree_ensemble,
 }
 
 
@@ -299,7 +358,8 @@ def to_onnx(graph: Graph, dtype: str = "float32"):
     flags = [helper.make_tensor_value_info(name, TensorProto.BOOL, ["batch", *shape])
              for name, shape in b.checks]
     g = helper.make_graph(b.nodes, "veil_tee", [inp], [outp, *flags], b.inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)],
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET),
+                                                helper.make_opsetid("ai.onnx.ml", ML_OPSET)],
                               producer_name="veil")
     model.ir_version = 8
     onnx.checker.check_model(model)

@@ -156,6 +156,28 @@ def _reducesum(torch, node, dtype) -> Fn:
     return lambda xs: xs[0].sum(dim=_axes(xs[0], axes), keepdim=keep)
 
 
+def _tree_ensemble(torch, node, dtype) -> Fn:
+    """The reference's path products (``kernels.tree_ensemble``) in torch: every node's
+    test, each leaf's product of literals, the weighted sum."""
+    p = node.params
+    feature = torch.from_numpy(p["feature"].astype(np.int64))
+    mode = torch.from_numpy(p["mode"].astype(np.int64))
+    thr = _t(torch, node, "threshold", dtype)
+    paths = p["paths"].astype(np.int64)
+    index = torch.from_numpy(np.maximum(np.abs(paths) - 1, 0))
+    sign = torch.from_numpy(np.sign(paths))
+    w, base = _t(torch, node, "weights", dtype), _t(torch, node, "base", dtype)
+
+    def run(xs):
+        v = xs[0].reshape(xs[0].shape[0], -1)[:, feature]
+        bits = torch.where(mode == 0, v <= thr, torch.where(
+            mode == 1, v < thr, torch.where(mode == 2, v >= thr, v > thr))).to(w.dtype)
+        b = bits[:, index]
+        lit = torch.where(sign > 0, b, torch.where(sign < 0, 1 - b, torch.ones_like(b)))
+        return lit.prod(dim=2) @ w + base
+    return run
+
+
 def _unary(expr: Callable) -> Callable:
     return lambda torch, node, dtype: (lambda xs: expr(torch, node, xs[0]))
 
@@ -197,6 +219,7 @@ KERNELS: dict[Op, Callable] = {
     Op.LAYERNORM: _layernorm,
     Op.REDUCESUM: _reducesum,
     Op.RECIPROCAL: _unary(lambda torch, n, x: torch.reciprocal(x)),
+    Op.TREE_ENSEMBLE: _tree_ensemble,
 }
 
 
