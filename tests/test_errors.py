@@ -37,8 +37,10 @@ def test_wrong_shape_nan_inf_and_range(setup, compiled_cnn):
         client.encrypt(np.full((1, 8, 8), np.nan))
     with pytest.raises(veil.InputError, match="NaN or infinity"):
         client.encrypt(np.full((1, 8, 8), np.inf))
-    with pytest.raises(veil.InputError, match="calibrated for"):
+    with pytest.raises(veil.InputRangeError, match=r"row 0, feature \(0, 0, 0\): value 50 is "
+                       r"outside the calibrated range .*clip=True") as info:
         client.encrypt(np.full((1, 8, 8), 50.0))
+    assert info.value.rows == (0,) and len(info.value.features) == 64
     with pytest.raises(veil.InputError):
         compiled_cnn.run(np.zeros((3, 28, 28)))
     with pytest.raises(veil.ModeError, match="unknown mode"):

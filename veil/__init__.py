@@ -7,9 +7,9 @@ Top-level verbs: :func:`compile` a model with calibration data, ``run`` it in a
 """
 from ._version import __version__
 from .errors import (BootstrapRequiredError, BundleError, CompileError, EngineError,
-                     GraphError, InputError, KeyMismatchError, KeyTypeError,
-                     MissingKeyError, ModeError, SerializationError, UnsupportedOperation,
-                     VeilError)
+                     GraphError, InputClippedWarning, InputError, InputRangeError,
+                     KeyMismatchError, KeyTypeError, MissingKeyError, ModeError,
+                     SerializationError, UnsupportedOperation, VeilError)
 from .finetune import finetune
 from .model import CompiledModel, Report, compile, export_model
 from .modes import Mode
@@ -31,7 +31,8 @@ def __getattr__(name):
 
 
 __all__ = ["BootstrapRequiredError", "BundleError", "Client", "CompileError", "CompiledModel", "EngineError",
-           "EvaluationKeys", "GraphError", "InputError", "KeyMismatchError", "KeyTypeError",
+           "EvaluationKeys", "GraphError", "InputClippedWarning", "InputError",
+           "InputRangeError", "KeyMismatchError", "KeyTypeError",
            "MissingKeyError", "Mode", "ModeError", "ModelClient", "ModelServer",
            "ProcessError", "PublicKey", "Report", "SecretKey", "SerializationError",
            "UnsupportedOperation", "VeilError", "__version__", "compile", "export_model",

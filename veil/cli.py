@@ -15,7 +15,7 @@
                [--body-timeout S] [--header-timeout S] [--max-inflight-he|tee|mpc N]
                [--he-workers N] [--worker-timeout S] [--max-key-upload BYTES]
     veil predict URL --model NAME --mode he|tee|mpc --input DATA [--out FILE]
-                 [--policy FILE] [--mpc-keys DIR]
+                 [--policy FILE] [--mpc-keys DIR] [--clip]
 
 MODEL is an .onnx file or a torch module saved whole (.pt, with --trust-pickle); DATA is
 .npy (inputs) or .npz (x, and y for accuracy). compile and export take --input-shape,
@@ -219,6 +219,12 @@ def _service_parsers(sub) -> None:
     p.add_argument("--policy", help="tee: the policy file of `veil tee-policy`")
     p.add_argument("--mpc-keys", help="mpc: folder with the deployment's public.json")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--clip", action="store_true",
+                   help="he: clamp inputs into the model's calibrated input range (per "
+                        "feature, from its client bundle) on this machine before "
+                        "encrypting, and say how many values and rows changed; without "
+                        "it an input outside the range is refused, naming its row and "
+                        "feature (tee and mpc compute any input exactly: no --clip)")
 
 
 #: ``veil keys`` limit options: flag -> (Limits field, type)

@@ -12,11 +12,12 @@ import json
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputClippedWarning, InputError
 
 
 def _progress():
@@ -267,12 +268,33 @@ def serve_cmd(args) -> int:
     return 0
 
 
+def _say_clipped(x: np.ndarray, input_range) -> None:
+    """``veil predict --clip``: how many values and rows of ``x`` the HE client clamps
+    (row numbers of the whole input, not of one batch)."""
+    try:
+        batch = np.asarray(x, dtype=np.float64).reshape((len(x), *input_range.shape))
+    except ValueError:
+        return                            # a wrong shape: the client's error says so
+    outside = input_range.outside(batch).reshape(len(batch), -1)
+    rows = np.flatnonzero(outside.any(axis=1))
+    if len(rows):
+        listed = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+        print(f"--clip: {int(outside.sum())} values in {len(rows)} of "
+              f"{len(batch)} inputs (rows {listed}) clamped into the calibrated input "
+              "range", file=sys.stderr)
+
+
 def predict_cmd(args) -> int:
     from .sdk import Client
 
+    if args.clip and args.mode != "he":
+        raise InputError("--clip clamps inputs into the calibrated range of the he mode's "
+                         "client bundle; tee and mpc compute any input exactly")
     texts = args.text or (_read_texts(args.texts) if args.texts else None)
     x, y = (None, None) if texts else load_data(args.input)
     options = {"progress": True} if args.mode == "he" else {}   # key generation and upload
+    if args.clip:
+        options["clip"] = True
     if args.mode == "tee":
         options["policy"] = args.policy
     if args.mode == "mpc":
@@ -281,7 +303,10 @@ def predict_cmd(args) -> int:
         if texts:
             x = client.tokenize(texts)        # on this machine: the service sees shares
         outs = []
-        with _progress() as bar:
+        with _progress() as bar, warnings.catch_warnings():
+            if args.clip:           # one count over all inputs instead of one per batch
+                _say_clipped(x, client.mode.input_range)
+                warnings.simplefilter("ignore", InputClippedWarning)
             task = bar.add_task(f"{args.mode}: {len(x)} inputs", total=len(x))
             for i in range(0, len(x), args.batch_size):
                 outs.append(client.infer_batch(x[i:i + args.batch_size]))

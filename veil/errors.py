@@ -41,6 +41,23 @@ class InputError(VeilError, ValueError):
     """An input array has the wrong shape, dtype, or non-finite values."""
 
 
+class InputRangeError(InputError):
+    """Input values lie outside the model's calibrated input range, where HE's
+    polynomial activations are not accurate (``simulate`` refuses them the same way).
+
+    The message names the first offending row (batch index) and feature (its index in
+    the input shape), the value and the allowed range, and says how to proceed
+    (``clip=True``). ``rows`` holds every offending row index and ``features`` every
+    offending feature index (tuples into the per-sample input shape: ``(12,)`` for a
+    flat input), both ascending; they are empty when rebuilt from a service's answer.
+    """
+
+    def __init__(self, message: str = "", *, rows: tuple[int, ...] = (),
+                 features: tuple[tuple[int, ...], ...] = ()) -> None:
+        super().__init__(message)
+        self.rows, self.features = tuple(rows), tuple(features)
+
+
 class ModeError(VeilError, ValueError):
     """An unknown or unavailable execution mode was requested."""
 
@@ -171,3 +188,12 @@ class ResourceError(VeilError):
 class ModelTooLargeError(ResourceError):
     """The model's estimated peak memory exceeds a process's budget; raised before
     anything is allocated. The message names the model, the estimate and the budget."""
+
+
+class VeilWarning(UserWarning):
+    """Base class of the warnings veil issues (``warnings.warn``): filter on it."""
+
+
+class InputClippedWarning(VeilWarning):
+    """Inputs were clamped to the model's calibrated input range (``clip=True``); the
+    message counts the values and rows that changed."""

@@ -12,6 +12,7 @@ import numpy as np
 
 from .compiler.approx import DEFAULT_DEGREE, DEFAULT_MARGIN
 from .compiler.pipeline import CompileResult, compile_graph
+from .compiler.ranges import InputRange
 from .compiler.targets import check_ops
 from .errors import CompileError, InputError
 from .frontend import to_graph
@@ -139,10 +140,16 @@ class CompiledModel:
     """A model compiled for private inference. Use as a context manager (or call
     :meth:`close`) to free HE keys and stop the processes ``run`` started."""
 
-    def __init__(self, result: CompileResult, input_range: tuple[float, float],
+    def __init__(self, result: CompileResult, input_range: InputRange | tuple[float, float],
                  calibration_ranges: dict[str, tuple[float, float]],
                  text: dict | None = None) -> None:
         self.result = result
+        # per-feature bounds of the inputs HE's polynomials are valid on (simulate and
+        # the HE client refuse values outside them; ``clip`` clamps into them); a
+        # (lo, hi) pair is one range for every feature
+        if not isinstance(input_range, InputRange):
+            lo, hi = (np.asarray(float(v)) for v in input_range)
+            input_range = InputRange(lo, hi, tuple(result.source.input_shape), "model")
         self.input_range = input_range
         self._ranges = calibration_ranges
         # a text model's tokenizer (its ``veil_text``): run() takes texts too
@@ -170,9 +177,10 @@ class CompiledModel:
         return self.result.source.head or Head()
 
     def manifest(self) -> dict:
-        """The key manifest plus input layout and calibrated input range."""
+        """The key manifest plus input layout and calibrated input range (``range``, the
+        overall pair, and ``bounds``, per feature: :mod:`veil.compiler.ranges`)."""
         m = self.result.he_plan().manifest()
-        m["input"]["range"] = list(self.input_range)
+        m["input"].update(self.input_range.to_manifest())
         return m
 
     @property
@@ -180,7 +188,8 @@ class CompiledModel:
         return fingerprint(self.manifest())
 
     # -- running -----------------------------------------------------------------------
-    def run(self, x, mode: str | Mode = Mode.PLAIN, *, head: bool = True) -> np.ndarray:
+    def run(self, x, mode: str | Mode = Mode.PLAIN, *, head: bool = True,
+            clip: bool = False) -> np.ndarray:
         """Run on one sample (shape ``input_shape``) or a batch (leading batch axis).
 
         Returns one output for one sample, or an array of outputs for a batch: the
@@ -189,6 +198,13 @@ class CompiledModel:
         ``head=False`` returns what the mode computed (the logits). A text
         model (one with a ``veil_text`` tokenizer, :mod:`veil.text`) also takes a text
         or a list of texts, tokenized here before any mode sees them.
+
+        Inputs outside the calibrated range (:attr:`input_range`, per feature) are
+        refused by ``simulate`` and ``he`` alike (HE's polynomials are only accurate on
+        it); ``plain``, ``tee`` and ``mpc`` compute them exactly. ``clip=True`` clamps
+        every input into the range before any mode sees it (so all modes compute on the
+        same inputs) and warns (:class:`~veil.errors.InputClippedWarning`) with how
+        many values and rows changed.
 
         Modes (:class:`Mode`): ``plain`` and ``simulate`` compute here; ``he`` runs the
         CKKS client here and its server in a local process (started on first use, with
@@ -202,6 +218,8 @@ class CompiledModel:
 
         Raises:
             InputError: wrong shape or non-finite values (before anything starts).
+            InputRangeError: ``simulate`` or ``he`` without ``clip``, and a value outside
+                the calibrated range (names its row and feature; before anything starts).
             ModeError: an unknown mode.
             UnsupportedOperation: the model has an op ``mode`` cannot run.
             ProcessError: a mode's process did not start (names it; its stderr tail).
@@ -214,7 +232,7 @@ class CompiledModel:
             from .text.tokenize import tokenizer_for
 
             tokens = tokenizer_for(self.text).encode([x] if isinstance(x, str) else list(x))
-            out = self.run(tokens, mode, head=head)
+            out = self.run(tokens, mode, head=head, clip=clip)
             return out[0] if isinstance(x, str) else out
         arr = np.asarray(x, dtype=np.float64)
         single = arr.shape == self.input_shape
@@ -227,21 +245,38 @@ class CompiledModel:
         if len(batch) == 0:                   # an empty batch: no keys, no processes
             out = np.zeros((0, *self.output_shape))
         elif mode is Mode.PLAIN:
-            out = interpret(self.result.source, batch)
+            out = interpret(self.result.source, self._admit(batch, mode, clip))
         elif mode is Mode.SIMULATE:
             check_ops(self.result.lowered, "simulate")    # e.g. a transformer's softmax
-            out = interpret(self.result.lowered, batch)
+            out = interpret(self.result.lowered, self._admit(batch, mode, clip))
         else:
+            if mode is Mode.HE:
+                self.result.he_plan()         # a model HE cannot run: that error first
+            batch = self._admit(batch, mode, clip)
             out = self._local(mode.value).infer_batch(batch)
         if head and len(batch):
             out = self.head.finish(out)
         return out[0] if single else out
 
-    def predict(self, x, mode: str | Mode = Mode.PLAIN) -> np.ndarray:
+    def _admit(self, batch: np.ndarray, mode: Mode, clip: bool) -> np.ndarray:
+        """The inputs ``mode`` computes on: clamped into the calibrated range with
+        ``clip`` (every mode, so all compute on the same inputs); otherwise ``simulate``
+        and ``he`` refuse values outside it with the HE client's own check."""
+        if clip:
+            if self.text is not None:
+                raise InputError("clip clamps numeric features; this model takes token "
+                                 "ids, which clamping would turn into other tokens")
+            return self.input_range.clip(batch)
+        if mode in (Mode.SIMULATE, Mode.HE):
+            self.input_range.check(batch)
+        return batch
+
+    def predict(self, x, mode: str | Mode = Mode.PLAIN, *, clip: bool = False
+                ) -> np.ndarray:
         """The class of each input (its label when the classifier has labels): the
         largest score, or for one output column ``score > threshold`` (0 for a logit,
         1/2 for a probability). Takes what :meth:`run` takes."""
-        out = self.run(x, mode, head=False)
+        out = self.run(x, mode, head=False, clip=clip)
         single = np.ndim(out) == len(self.output_shape)
         classes = self.head.predict(self.head.scores(out[None] if single else out))
         return classes[0] if single else classes
@@ -310,6 +345,17 @@ class CompiledModel:
         return encrypt_weights(self.server_bundle(), public_key)
 
     # -- report ------------------------------------------------------------------------
+    def _in_range_rows(self, data, notes: list[str]) -> np.ndarray:
+        """Which rows of ``data`` simulate (like HE) accepts; a note says how many it
+        refuses, so the predicted accuracy says which inputs it is over."""
+        batch = np.asarray(data, dtype=np.float64).reshape((-1, *self.input_shape))
+        rows = ~self.input_range.outside(batch).reshape(len(batch), -1).any(axis=1)
+        if not rows.all():
+            notes.append(f"simulate's predicted accuracy is over the {int(rows.sum())} of "
+                         f"{len(rows)} inputs inside the calibrated input range: HE "
+                         "refuses the others (run(..., clip=True) clamps them)")
+        return rows
+
     def report(self, data=None, labels=None) -> Report:
         """Per-layer ranges and fits, depth, parameters; accuracy if labels are given."""
         fits = {a.node: a for a in self.result.activations}
@@ -330,7 +376,13 @@ class CompiledModel:
             labels = np.asarray(labels)
             simulates = all(n.op in ops_for("simulate") for n in self.result.lowered.nodes)
             for mode in (Mode.PLAIN, Mode.SIMULATE) if simulates else (Mode.PLAIN,):
-                accuracy[mode.value] = float(np.mean(self.predict(data, mode) == labels))
+                rows = (self._in_range_rows(data, notes) if mode is Mode.SIMULATE
+                        else np.ones(len(labels), dtype=bool))
+                if not rows.any():
+                    continue
+                xs = (np.asarray(data, dtype=np.float64).reshape(
+                    (-1, *self.input_shape))[rows] if mode is Mode.SIMULATE else data)
+                accuracy[mode.value] = float(np.mean(self.predict(xs, mode) == labels[rows]))
         est = self.result.estimate
         estimate = est.to_dict() if est is not None else {}
         plan = self.result.plan
@@ -380,7 +432,8 @@ def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
         calibration: representative inputs, shape (B, *input_shape).
         input_shape: per-sample input shape; defaults to ``calibration.shape[1:]``.
         degree: Chebyshev degree for every activation, or a dict node name -> degree.
-        margin: fraction by which measured activation ranges are widened on each side.
+        margin: fraction by which measured activation ranges, and each input feature's
+            calibrated range (:mod:`veil.compiler.ranges`), are widened on each side.
         layout: ``"latency"`` (fewest rotations for one input) or ``"throughput"`` (most
             inputs per ciphertext for ``encrypt_batch``).
         precision_bits: minimum output precision; a larger scale (and maybe ring) is
@@ -418,12 +471,10 @@ def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
                            insecure_test_params=insecure_test_params, layout=layout,
                            precision_bits=precision_bits, relu_bits=relu_bits,
                            max_slots=max_slots)
-    lo, hi = float(calibration.min()), float(calibration.max())
-    width = max(hi - lo, 1e-6)
     # Each layer's input range on the calibration batch, from the approximation pass's
     # forward run (no second pass over the data).
     ranges = {n.name: result.extents[n.inputs[0]] for n in result.polynomial.nodes[1:]}
-    return CompiledModel(result, (lo - margin * width, hi + margin * width), ranges,
+    return CompiledModel(result, InputRange.calibrate(calibration, margin), ranges,
                          text=getattr(model, "veil_text", None))
 
 

@@ -4,7 +4,7 @@
                   | --text [all|NAMES] [--seq-len T]]
                  [--modes plain,simulate,tee,mpc,he]
                  [--n N] [--n-he N] [--n-mpc N] [--batch B] [--out DIR] [--mlflow DIR]
-                 [--insecure-test-params] [--wan RTT_MS,MBIT]
+                 [--insecure-test-params] [--wan RTT_MS,MBIT] [--clip]
 
 Without MODEL it runs the embedded digits CNN, plus LeNet-5 on Fashion-MNIST when that
 dataset is installed (``veil/compare/default.py``). With ``--zoo`` it runs ResNet-18 and
@@ -101,6 +101,12 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure-test-params", action="store_true",
                    help="HE: small INSECURE parameters (tests only; in the report)")
     p.add_argument("--keep", metavar="DIR", help="keep exports, keys and server logs here")
+    p.add_argument("--clip", action="store_true",
+                   help="clamp every test input into the model's calibrated input range "
+                        "(per feature) before any mode sees it; each row counts its "
+                        "clipped inputs. Without it, simulate and he skip the inputs "
+                        "outside the range (HE's client refuses them), count them, and "
+                        "give accuracy over the inputs they ran")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -121,6 +127,8 @@ def _workloads(args):
         if args.zoo is not None or args.model or args.data or args.calibration:
             raise _usage("--text runs the text models; it takes no MODEL, --zoo, --data "
                          "or --calibration")
+        if args.clip:
+            raise _usage("--clip clamps numeric features; text models take token ids")
         refused = [m for m in args.modes.split(",") if m in TEXT_NOT_RUN]
         if refused:
             raise _usage(f"--text: {', '.join(refused)} cannot run transformers (their "
@@ -239,7 +247,8 @@ def _config(args):
                          n_mpc=args.n_mpc,
                          batch=args.batch, he_batch_budget_s=args.he_batch_budget,
                          budget_s=args.budget, insecure_test_params=args.insecure_test_params,
-                         work_dir=Path(args.keep) if args.keep else None, wan=args.wan)
+                         work_dir=Path(args.keep) if args.keep else None, wan=args.wan,
+                         clip=args.clip)
 
 
 def _write(result: dict, out: Path) -> tuple[Path, Path]:

@@ -75,6 +75,27 @@ def _rss(r: dict) -> str:
     return client + (f" / s {max(servers) / 2**20:.0f}" if servers else "")
 
 
+def _n(r: dict) -> str:
+    """Inputs run, and how many were clipped into or refused outside HE's calibrated
+    input range (``runner._range_fields``)."""
+    if r.get("clipped_inputs"):
+        return f"{r['n']} ({r['clipped_inputs']} clipped)"
+    if r.get("refused_inputs"):
+        return f"{r['n']} ({r['refused_inputs']} refused)"
+    return str(r["n"])
+
+
+def _range_note(r: dict) -> str:
+    if r.get("clipped_inputs"):
+        return (f"; {r['clipped_inputs']} of its {r['n']} inputs were clipped into the "
+                "calibrated input range (--clip), for every mode alike")
+    if r.get("refused_inputs"):
+        return (f"; {r['refused_inputs']} of the first {r['offered_inputs']} test inputs "
+                "are outside the calibrated input range and were refused (as HE's client "
+                f"refuses them); its quality figures are over the {r['n']} it ran")
+    return ""
+
+
 def cells(r: dict, plain: dict | None, embedding: bool = False) -> list[str]:
     """One table row of a measured mode (strings, in ``COLUMNS`` order; with
     ``embedding``, ``EMBEDDING_COLUMNS``)."""
@@ -86,7 +107,7 @@ def cells(r: dict, plain: dict | None, embedding: bool = False) -> list[str]:
         quality = ["-" if r["accuracy"] is None else f"{r['accuracy']:.4f}",
                    f"{r['agreement']:.4f}"]
     remote = r["mode"].split(" ")[0] in SERVED     # also "mpc (WAN)"
-    return [r["mode"], str(r["n"]), *quality, _ms(r["latency_p50_s"]),
+    return [r["mode"], _n(r), *quality, _ms(r["latency_p50_s"]),
             _ms(r["latency_p95_s"]), f"{r['throughput_per_s']:,.1f} ({r['batch']})", over,
             _si(r["bytes_up"]) if remote else "-", _si(r["bytes_down"]) if remote else "-",
             _rounds(r), _ms(r["client_compute_p50_s"]), _setup(r), _rss(r)]
@@ -177,6 +198,7 @@ def _details(w: dict) -> list[str]:
                      f"; eval-key session opened by the server in "
                      f"{r['server_session_open_s']:.2f} s; batch agreement "
                      f"{r['batch_agreement']:.4f}")
+        line += _range_note(r)
         if r.get("note"):
             line += f". {r['note']}"
         lines.append(line)
@@ -213,7 +235,9 @@ def markdown(result: dict) -> str:
            + (f", {cfg['n_mpc']} for mpc" if cfg.get("n_mpc") else "")
            + f") within {cfg['budget_s']:.0f} s each, batch {cfg['batch']}.", "",
            "How to read it: n = inputs timed one at a time (fewer than asked when the "
-           "mode's time budget ran out); "
+           "mode's time budget ran out; in brackets, how many were clipped into HE's "
+           "calibrated input range with --clip, or refused outside it by simulate and "
+           "he); "
            "p50/p95 = one input at a time, from the client's call to its "
            "decoded output (loopback TCP for remote modes); batch/s = inputs per second "
            "over the test inputs sent in batches of the size shown (HE: one batch, cut "

@@ -30,6 +30,8 @@ from .default import Workload
 from .measure import Job, measure_local
 
 log = logging.getLogger("veil.compare")
+# the modes that evaluate HE's polynomials, and so refuse inputs outside its range
+RANGE_CHECKED = ("simulate", "he")
 
 @dataclass
 class CompareConfig:
@@ -47,6 +49,10 @@ class CompareConfig:
             that (at least 10 inputs, 3 for HE), and the report says how many ran.
         insecure_test_params: small INSECURE CKKS rings (tests only; in every artifact).
         work_dir: exports, keys and logs (default: a temporary folder, removed).
+        clip: clamp every test input into the model's calibrated input range before
+            any mode sees it (each row counts its clipped inputs); without it
+            ``simulate`` and ``he`` skip the inputs HE's client refuses, and their rows
+            count them (quality figures are over the inputs a mode ran).
     """
 
     modes: tuple[str, ...] = MODES
@@ -59,6 +65,7 @@ class CompareConfig:
     work_dir: Path | None = None
     wan: dict | None = field(default=None)
     n_mpc: int | None = None
+    clip: bool = False
 
     def __post_init__(self) -> None:
         self.modes = parse_modes(self.modes, MODES, "--modes")
@@ -109,6 +116,30 @@ def _export(w: Workload, compiled, cfg: CompareConfig, directory: Path):
     return info, time.perf_counter() - t
 
 
+def _range_rows(mode: str, outside: np.ndarray, k: int, clip: bool) -> np.ndarray:
+    """Which of the first ``k`` test inputs ``mode`` runs: all of them, except for
+    ``simulate`` and ``he`` without ``clip``, which refuse those outside the calibrated
+    range (``outside``: one flag per test input)."""
+    if clip or mode not in RANGE_CHECKED:
+        return np.arange(k)
+    return np.flatnonzero(~outside[:k])
+
+
+def _range_fields(mode: str, row: dict, rows: np.ndarray, outside: np.ndarray,
+                  clip: bool) -> dict:
+    """The row's count of inputs out of range among those its quality covers: clipped
+    (``clip``), or for ``simulate`` and ``he`` refused before its ``n`` accepted ones
+    were reached."""
+    n = int(row["n"])
+    if clip:
+        return {"clipped_inputs": int(outside[:n].sum())}
+    if mode not in RANGE_CHECKED:
+        return {}
+    span = int(rows[n - 1]) + 1 if n else 0          # test inputs passed to get n
+    refused = int(outside[:span].sum())
+    return {"refused_inputs": refused, "offered_inputs": span} if refused else {}
+
+
 def _measure_mode(mode: str, job: Job, log_dir: Path, wan: dict | None = None) -> dict:
     """One mode's row; with ``wan`` (``{"rtt_ms", "mbit"}``) its processes talk across
     an emulated wide-area link and the row is ``"<mode> (WAN)"``."""
@@ -139,6 +170,10 @@ def run_workload(w: Workload, cfg: CompareConfig, work: Path,
     n = min(cfg.n, len(w.x_test))
     x = np.ascontiguousarray(w.x_test[:n], dtype=np.float64)
     y = None if w.y_test is None else np.asarray(w.y_test[:n])
+    # HE's calibrated range: one flag per test input; --clip clamps them for every mode
+    outside = compiled.input_range.outside(x).reshape(n, -1).any(axis=1)
+    if cfg.clip:
+        x = compiled.input_range.clip(x, warn=False)
     plain = compiled.run(x, "plain", head=False)    # logits: modes compare before the head
     report = compiled.report()
     out = {"name": w.name, "source": w.source, "input_shape": list(w.input_shape),
@@ -156,12 +191,18 @@ def run_workload(w: Workload, cfg: CompareConfig, work: Path,
         n_mode = cfg.inputs(mode, n)
         total = 2 * n_mode if mode != "he" else n_mode + cfg.batch
         k = n_mode if mode == "mpc" else n     # mpc's inputs are all it sees (batch too)
-        job = Job(w, x[:k], None if y is None else y[:k], plain[:k], compiled, info,
+        rows = _range_rows(mode, outside, k, cfg.clip)
+        job = Job(w, x[rows], None if y is None else y[rows], plain[rows], compiled, info,
                   work / w.name, cfg.n_he, cfg.batch, cfg.he_batch_budget_s, cfg.budget_s,
                   progress(f"{w.name}: {key}", total))
         log.info("%s: measuring %s", w.name, key)
         try:
+            if not len(rows):
+                raise InputError(f"all {k} test inputs are outside the calibrated input "
+                                 f"range, which {mode} refuses as HE does: run with --clip")
             out["modes"][key] = _measure_mode(mode, job, work / w.name / "logs", wan)
+            out["modes"][key].update(_range_fields(mode, out["modes"][key], rows,
+                                                   outside, cfg.clip))
         except Exception as exc:       # one failing mode must not lose the others' numbers
             log.exception("%s: %s failed", w.name, key)
             out["errors"][key] = f"{type(exc).__name__}: {exc}"
@@ -183,7 +224,8 @@ def run(workloads: list[Workload], cfg: CompareConfig, skipped: list[str] = (),
                   "modes": list(cfg.modes), "n": cfg.n, "n_he": cfg.n_he,
                   "n_mpc": cfg.n_mpc, "batch": cfg.batch,
                   "he_batch_budget_s": cfg.he_batch_budget_s, "budget_s": cfg.budget_s,
-                  "insecure_test_params": cfg.insecure_test_params, "wan": cfg.wan},
+                  "insecure_test_params": cfg.insecure_test_params, "wan": cfg.wan,
+                  "clip": cfg.clip},
               "skipped": list(skipped), "workloads": []}
     with tempfile.TemporaryDirectory(prefix="veil-compare-") as tmp:
         work = Path(cfg.work_dir) if cfg.work_dir else Path(tmp)

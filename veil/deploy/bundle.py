@@ -15,6 +15,7 @@ import json
 import os
 import platform
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ import scipy.sparse as sp
 
 from .._version import __version__
 from ..compiler.plan import CKKSParams
+from ..compiler.ranges import InputRange
 from ..errors import BundleError, GraphError
 from ..ir import Graph
 from ..ir.serialize import graph_from_json, graph_to_json
@@ -88,10 +90,11 @@ class ClientBundle:
     def output_shape(self) -> tuple[int, ...]:
         return tuple(self.manifest["output"]["shape"])
 
-    @property
-    def input_range(self) -> tuple[float, float]:
-        lo, hi = self.manifest["input"]["range"]
-        return float(lo), float(hi)
+    @cached_property
+    def input_range(self) -> InputRange:
+        """The calibrated input range, per feature (one pair for every feature in a
+        bundle written before per-feature bounds): :mod:`veil.compiler.ranges`."""
+        return InputRange.from_manifest(self.manifest["input"])
 
     def save(self, directory: str | os.PathLike) -> None:
         d = Path(directory)
@@ -107,9 +110,13 @@ class ClientBundle:
         data = _read_json(path)
         _check_header(data, CLIENT_KIND, path)
         try:
-            return cls(CKKSParams.from_dict(data["params"]), data["manifest"])
+            bundle = cls(CKKSParams.from_dict(data["params"]), data["manifest"])
+            bundle.input_range                      # malformed bounds: refused here
+            return bundle
         except (KeyError, TypeError) as exc:
             raise BundleError(f"{path} is malformed: {exc}") from exc
+        except BundleError as exc:
+            raise BundleError(f"{path}: {exc}") from None
 
 
 def max_input_bytes(params: CKKSParams, manifest: dict) -> int:

@@ -13,9 +13,10 @@ from .bundle import ClientBundle
 from .keys import CIPHERTEXT_KIND, EvaluationKeys, PublicKey, SecretKey
 
 
-def check_input(x, shape: tuple[int, ...], value_range: tuple[float, float] | None
-                ) -> np.ndarray:
-    """Validate one input sample; returns it as float64. Raises InputError."""
+def check_input(x, shape: tuple[int, ...]) -> np.ndarray:
+    """Validate one input sample's shape and values; returns it as float64 (a flat
+    vector of the right size is reshaped). Raises InputError. The calibrated range is
+    checked over the whole batch (:meth:`ModelClient._checked`)."""
     try:
         arr = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -28,13 +29,6 @@ def check_input(x, shape: tuple[int, ...], value_range: tuple[float, float] | No
                              f"{shape}")
     if not np.all(np.isfinite(arr)):
         raise InputError("input contains NaN or infinity")
-    if value_range is not None:
-        lo, hi = value_range
-        if arr.min() < lo or arr.max() > hi:
-            raise InputError(f"input values span [{arr.min():.4g}, {arr.max():.4g}]; this "
-                             f"model was calibrated for [{lo:.4g}, {hi:.4g}] and its "
-                             "polynomials are only valid there: clip inputs to that range "
-                             "or compile again with calibration data that covers them")
     return arr
 
 
@@ -43,15 +37,20 @@ class ModelClient:
 
     Args:
         bundle: a client bundle directory (from ``compiled.export``) or a ClientBundle.
-        check_range: reject inputs outside the calibrated range (default True).
+        check_range: refuse inputs outside the calibrated range, per feature
+            (``bundle.input_range``), with an InputRangeError that names the row and
+            feature (default True).
+        clip: clamp inputs into the calibrated range before encrypting instead of
+            refusing them, with an InputClippedWarning that counts what changed
+            (default False: refuse).
     """
 
     def __init__(self, bundle: str | os.PathLike | ClientBundle, *,
-                 check_range: bool = True) -> None:
+                 check_range: bool = True, clip: bool = False) -> None:
         self.bundle = bundle if isinstance(bundle, ClientBundle) else ClientBundle.load(bundle)
         self._crypto = ClientCrypto(self.bundle.params)
         self._eval_keys: EvaluationKeys | None = None
-        self._check_range = check_range
+        self._check_range, self._clip = check_range, clip
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -107,12 +106,18 @@ class ModelClient:
         """How many inputs one ciphertext carries (see ``encrypt_batch``)."""
         return int(self.bundle.manifest.get("lanes", 1))
 
-    def _checked(self, xs: list) -> list[np.ndarray]:
-        rng = self.bundle.input_range if self._check_range else None
-        return [check_input(x, self.input_shape, rng) for x in xs]
+    def _checked(self, xs: list) -> np.ndarray:
+        """The inputs as one batch, each checked; then clamped into the calibrated
+        range (``clip``) or refused outside it (``check_range``), with the batch's row
+        indices in the error or warning."""
+        batch = np.stack([check_input(x, self.input_shape) for x in xs])
+        if self._clip:
+            return self.bundle.input_range.clip(batch)
+        if self._check_range:
+            self.bundle.input_range.check(batch)
+        return batch
 
-    def _encrypt_lanes(self, xs: list) -> bytes:
-        arrs = self._checked(xs)
+    def _encrypt_lanes(self, arrs: np.ndarray) -> bytes:
         slots = self.bundle.params.slots
         vectors = pack_parts(arrs, self.bundle.manifest, slots)
         cts = {name: self._crypto.encrypt(v) for name, v in zip(part_names(len(vectors)),
@@ -122,11 +127,11 @@ class ModelClient:
             "count": len(arrs), "insecure": self.bundle.params.insecure_test_params})
 
     def encrypt(self, x) -> bytes:
-        """Encrypt one input of the model's input shape. Raises InputError on bad input."""
-        return self._encrypt_lanes([x])
+        """Encrypt one input of the model's input shape. Raises InputError on bad input
+        (InputRangeError outside the calibrated range)."""
+        return self._encrypt_lanes(self._checked([x]))
 
-    def _encrypt_features(self, xs: list) -> bytes:
-        arrs = self._checked(xs)
+    def _encrypt_features(self, arrs: np.ndarray) -> bytes:
         table = gather_features(arrs, self.bundle.manifest, self.bundle.params.slots)
         parts = {f"f{i}": self._crypto.encrypt(col) for i, col in enumerate(table)}
         return pack(CIPHERTEXT_KIND, parts, {
@@ -151,11 +156,13 @@ class ModelClient:
         ``layout``: ``"lanes"`` packs ``lanes`` inputs per ciphertext; ``"features"``
         sends one ciphertext per input feature with one input per slot (best for large
         batches); ``"auto"`` picks the cheaper by the compiler's estimate.
-        ``decrypt_batch`` returns the outputs in input order.
+        ``decrypt_batch`` returns the outputs in input order. The whole batch is checked
+        first: an InputRangeError names rows by their index in ``xs``.
         """
         xs = list(xs)
         if not xs:
             raise InputError("encrypt_batch needs at least one input")
+        xs = self._checked(xs)        # the whole batch: errors name its row indices
         if layout == "auto":
             layout = self.batch_layout(len(xs))
         if layout == "features":

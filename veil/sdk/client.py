@@ -65,7 +65,9 @@ class Client:
         timeout: seconds per HTTP request.
         transport: an ``httpx`` transport (test seam, e.g. an in-process app).
         mode_options: passed to the mode class (HE: ``bundle``, ``allow_insecure``,
-            ``progress``, ``check_range``, ``layout``).
+            ``progress``, ``check_range``, ``clip``, ``layout``; ``clip=True`` clamps
+            inputs into the model's calibrated range before encryption instead of
+            refusing them).
 
     Raises:
         AuthError: no API key; ModeError: unknown mode. Every call raises the veil

@@ -52,7 +52,11 @@ class HEMode:
         bundle: a local client-bundle folder instead of the server's.
         allow_insecure: accept a bundle with insecure test parameters.
         progress: show key generation and upload progress on stderr (rich).
-        check_range: refuse inputs outside the calibrated range (default True).
+        check_range: refuse inputs outside the calibrated range, per feature, with an
+            InputRangeError naming the row and feature (default True).
+        clip: clamp inputs into the calibrated range on this machine before encrypting,
+            with an InputClippedWarning counting what changed, instead of refusing
+            them (default False).
         layout: batch layout for :meth:`infer_batch` (``auto``, ``lanes``, ``features``).
     Attributes:
         uploads: evaluation-key uploads done by this object; session_id: current session.
@@ -60,7 +64,8 @@ class HEMode:
 
     def __init__(self, client, *, bundle: str | os.PathLike | None = None,
                  allow_insecure: bool = False, progress: bool = False,
-                 check_range: bool = True, layout: str = "auto") -> None:
+                 check_range: bool = True, clip: bool = False,
+                 layout: str = "auto") -> None:
         self._client, self.progress, self.layout = client, progress, layout
         info = client.info()
         if "he" not in info.get("modes", ()):
@@ -79,12 +84,18 @@ class HEMode:
             raise InsecureParametersError(
                 f"model {client.model!r} uses insecure test parameters (no security level): "
                 "pass allow_insecure=True only for tests")
-        self.crypto = ModelClient(cb, check_range=check_range)
+        self.crypto = ModelClient(cb, check_range=check_range, clip=clip)
         ident = "\n".join([client.url, client.model, client.client_id, self.model_id])
         self.dir = client.key_dir / "he" / hashlib.sha256(ident.encode()).hexdigest()[:32]
         self._tag: str | None = None
         self.session_id: str | None = None
         self.uploads = 0
+
+    @property
+    def input_range(self):
+        """The model's calibrated input range (per feature) from its client bundle:
+        what ``check_range`` refuses outside and ``clip`` clamps into."""
+        return self.crypto.bundle.input_range
 
     # -- bundle and keys ----------------------------------------------------------------
     def _fetch_bundle(self) -> ClientBundle:

@@ -15,12 +15,12 @@ import math
 from typing import NamedTuple
 
 from ..errors import (AttestationError, AuthError, BundleError, DecryptionError, EngineError,
-                      EvidenceExpiredError, InputError, InsecureParametersError,
-                      KeyMismatchError, KeyReleaseError, KeyTypeError, MediaTypeError,
-                      MissingKeyError, ModeError, NotFoundError, PayloadTooLargeError,
-                      PolicyError, RateLimitError, RejectedInputError, ReplayError,
-                      SerializationError, ServiceError, StorageFullError, UnavailableError,
-                      SessionError, TEEError, VeilError)
+                      EvidenceExpiredError, InputError, InputRangeError,
+                      InsecureParametersError, KeyMismatchError, KeyReleaseError,
+                      KeyTypeError, MediaTypeError, MissingKeyError, ModeError,
+                      NotFoundError, PayloadTooLargeError, PolicyError, RateLimitError,
+                      RejectedInputError, ReplayError, SerializationError, ServiceError,
+                      StorageFullError, UnavailableError, SessionError, TEEError, VeilError)
 
 log = logging.getLogger("veil.service")
 
@@ -41,6 +41,7 @@ ERRORS: tuple[ErrorSpec, ...] = (
     ErrorSpec(PayloadTooLargeError, 413, "too-large"),
     ErrorSpec(MediaTypeError, 415, "media-type"),
     ErrorSpec(InputError, 422, "input"),
+    ErrorSpec(InputRangeError, 422, "input-range"),
     ErrorSpec(SerializationError, 400, "malformed"),
     ErrorSpec(RejectedInputError, 400, "rejected-input"),
     ErrorSpec(KeyTypeError, 400, "key-type"),
