@@ -141,13 +141,32 @@ def test_compiled_classifier_in_plain_and_simulate():
     assert np.abs(logits).max() > 1.5         # logits, not probabilities
     report = compiled.report(xte, yte)
     assert report.accuracy["plain"] == pytest.approx(model.score(xte, yte))
-    # simulate (like HE) refuses the test rows outside the calibrated per-feature range:
-    # its accuracy is over the others, and a note says how many
-    inside = ~compiled.input_range.outside(xte).any(axis=1)
-    assert 0 < (~inside).sum() < 10
-    assert abs(report.accuracy["simulate"] - model.score(xte[inside], yte[inside])) <= 0.005
-    assert any(f"over the {inside.sum()} of {len(xte)} inputs" in n for n in report.notes)
+    # a few test rows lie outside the calibrated per-feature range, but a linear model
+    # fits nothing over a range (its sigmoid is the client's): HE, and simulate with it,
+    # compute them exactly, so none is refused
+    beyond = compiled.input_range.beyond(xte).any(axis=1)
+    assert 0 < beyond.sum() < 10 and not compiled.input_range.enforced
+    assert not compiled.input_range.outside(xte).any()
+    from veil.compiler.ranges import InputRange
+    assert not InputRange.from_manifest(compiled.manifest()["input"]).enforced  # HE client
+    assert report.accuracy["simulate"] == pytest.approx(model.score(xte, yte))
+    np.testing.assert_array_equal(compiled.predict(xte, "simulate"), model.predict(xte))
     assert any("output head on the client: sigmoid" in n for n in report.notes)
+
+
+def test_a_fitted_activation_makes_the_range_binding():
+    """An MLP's ReLU is fitted over the calibrated range: simulate (like HE) refuses the
+    rows outside the per-feature bounds and names them; clip=True clamps them."""
+    model, xtr, xte, yte = _fit(make_pipeline(StandardScaler(), MLPClassifier(
+        hidden_layer_sizes=(8,), max_iter=300, random_state=0)), "cancer")
+    compiled = veil.compile(_onnx(model, xtr), xtr, insecure_test_params=True)
+    assert compiled.input_range.enforced
+    outside = np.flatnonzero(compiled.input_range.outside(xte).any(axis=1))
+    assert len(outside)
+    with pytest.raises(veil.errors.InputRangeError, match=f"input row {outside[0]}, feature"):
+        compiled.predict(xte, "simulate")
+    with pytest.warns(veil.errors.InputClippedWarning):
+        assert len(compiled.predict(xte, "simulate", clip=True)) == len(xte)
 
 
 class _BinaryNet:

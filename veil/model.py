@@ -16,7 +16,7 @@ from .compiler.ranges import InputRange
 from .compiler.targets import check_ops
 from .errors import CompileError, InputError
 from .frontend import to_graph
-from .ir import ops_for, run as interpret
+from .ir import Op, ops_for, run as interpret
 from .ir.head import START_OPS, Head
 from .modes import SERVED, Mode, as_mode
 from .wire import fingerprint
@@ -474,7 +474,10 @@ def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
     # Each layer's input range on the calibration batch, from the approximation pass's
     # forward run (no second pass over the data).
     ranges = {n.name: result.extents[n.inputs[0]] for n in result.polynomial.nodes[1:]}
-    return CompiledModel(result, InputRange.calibrate(calibration, margin), ranges,
+    # the bounds protect what HE fits over a range; a model with nothing fitted (affine
+    # layers only) computes any input exactly
+    fitted = any(n.op in (Op.POLY, Op.BOOTSTRAP) for n in result.lowered.nodes)
+    return CompiledModel(result, InputRange.calibrate(calibration, margin, fitted), ranges,
                          text=getattr(model, "veil_text", None))
 
 

@@ -68,7 +68,7 @@ class HEPlan:
                    tuple(m["input"]["shape"]), tuple(m["output"]["shape"]),
                    int(m["input"]["period"]), int(m["output"]["period"]),
                    input_layout={k: v for k, v in m["input"].items()
-                                 if k not in fixed | {"range", "bounds"}},
+                                 if k not in fixed | {"range", "bounds", "range_enforced"}},
                    lanes=int(m.get("lanes", 1)), costs=dict(m.get("costs", {})),
                    output_layout={k: v for k, v in m["output"].items() if k not in fixed})
 

@@ -29,6 +29,11 @@ range before per-feature bounds), or by ``margin * 1e-6`` when the whole batch i
 constant (as before). Its range stays narrow, but no narrower than the spread the
 model saw elsewhere.
 
+A model that fits nothing over a range (no polynomial activation, no bootstrap: a
+linear model whose sigmoid is its client-side output head) computes every input
+exactly under HE: its bounds are not enforced (``enforced``, the manifest's
+``range_enforced: false``), so nothing is refused or clamped.
+
 They travel in the key manifest's ``input`` entry (:meth:`InputRange.to_manifest`):
 ``range`` keeps the overall ``[lo, hi]`` pair (what older clients check) and
 ``bounds`` = ``{"per": "element" | "channel", "lo": [...], "hi": [...]}`` holds the
@@ -62,10 +67,15 @@ class InputRange:
     hi: np.ndarray
     shape: tuple[int, ...]
     per: str
+    # False: the HE model fits nothing over a range (affine layers only, its output
+    # head on the client), so it computes any input exactly and nothing is refused or
+    # clamped; the bounds stay for information
+    enforced: bool = True
 
     # -- making and storing ------------------------------------------------------------
     @classmethod
-    def calibrate(cls, calibration: np.ndarray, margin: float) -> "InputRange":
+    def calibrate(cls, calibration: np.ndarray, margin: float, enforced: bool = True
+                  ) -> "InputRange":
         """The bounds of a calibration batch ``(B, *shape)``, widened by ``margin``."""
         cal = np.asarray(calibration, dtype=np.float64)
         shape = tuple(cal.shape[1:])
@@ -79,7 +89,7 @@ class InputRange:
         width = hi - lo
         floor = max(float(cal.max() - cal.min()), MIN_WIDTH)
         pad = margin * np.where(width > 0, width, floor)
-        return cls(lo - pad, hi + pad, shape, per)
+        return cls(lo - pad, hi + pad, shape, per, enforced)
 
     @classmethod
     def from_manifest(cls, entry: dict) -> "InputRange":
@@ -87,6 +97,7 @@ class InputRange:
         try:
             shape = tuple(int(d) for d in entry["shape"])
             bounds = entry.get("bounds")
+            enforced = bool(entry.get("range_enforced", True))
             if bounds is None:
                 lo, hi = (float(v) for v in entry["range"])
                 return cls(np.asarray(lo), np.asarray(hi), shape, "model")
@@ -100,13 +111,15 @@ class InputRange:
                 raise ValueError(f"{sizes[per]} bounds expected per side")
             if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi)) and np.all(lo <= hi)):
                 raise ValueError("bounds must be finite with lo <= hi")
-            return cls(lo.reshape(view), hi.reshape(view), shape, per)
+            return cls(lo.reshape(view), hi.reshape(view), shape, per, enforced)
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"the manifest's input range is malformed: {exc}") from None
 
     def to_manifest(self) -> dict:
         """``range`` (the overall pair) and, with per-feature bounds, ``bounds``."""
         out = {"range": list(self.overall)}
+        if not self.enforced:
+            out["range_enforced"] = False
         if self.per != "model":
             out["bounds"] = {"per": self.per, "lo": [float(v) for v in self.lo.ravel()],
                              "hi": [float(v) for v in self.hi.ravel()]}
@@ -122,9 +135,16 @@ class InputRange:
         return np.broadcast_to(self.lo, self.shape), np.broadcast_to(self.hi, self.shape)
 
     # -- checking and clipping ---------------------------------------------------------
-    def outside(self, batch: np.ndarray) -> np.ndarray:
-        """Boolean mask of ``batch`` ``(n, *shape)``: True where a value is out of range."""
+    def beyond(self, batch: np.ndarray) -> np.ndarray:
+        """Boolean mask of ``batch`` ``(n, *shape)``: True where a value is out of the
+        calibrated bounds (enforced or not)."""
         return (batch < self.lo) | (batch > self.hi)
+
+    def outside(self, batch: np.ndarray) -> np.ndarray:
+        """Boolean mask of ``batch`` ``(n, *shape)``: True where a value is out of range
+        and the range is enforced (what is refused, or clamped with ``clip``)."""
+        mask = self.beyond(batch)
+        return mask if self.enforced else np.zeros_like(mask)
 
     def check(self, batch: np.ndarray) -> None:
         """Raise :class:`InputRangeError` if a value of ``batch`` is out of range."""
