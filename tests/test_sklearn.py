@@ -220,7 +220,8 @@ def test_head_kept_on_the_server_when_asked():
     assert on_client.head.ops() == ["softmax"] and on_client.output_shape == (3,)
     assert on_server.head.graph is None and on_server.node(on_server.output).op is Op.SOFTMAX
     np.testing.assert_allclose(run_model(on_client, x), run(on_server, x), atol=1e-12)
-    compiled = veil.compile(net, x, client_head=False, insecure_test_params=True)
+    with pytest.warns(veil.errors.VeilWarning, match="softmax .* stays on the server"):
+        compiled = veil.compile(net, x, client_head=False, insecure_test_params=True)
     assert any("runs on the server (client_head=False)" in n for n in compiled.report().notes)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from .compiler.approx import DEFAULT_DEGREE, DEFAULT_MARGIN
 from .compiler.pipeline import CompileResult, compile_graph
 from .compiler.ranges import InputRange
 from .compiler.targets import check_ops
-from .errors import CompileError, InputError
+from .errors import CompileError, InputError, VeilWarning
 from .frontend import to_graph
 from .ir import Op, ops_for, run as interpret
 from .ir.head import START_OPS, Head
@@ -419,6 +420,15 @@ class CompiledModel:
         return notes
 
 
+def _warn_server_head(graph) -> None:
+    last = graph.node(graph.output)
+    if last.op in START_OPS:
+        warnings.warn(f"the output activation {last.op.value} ({last.name!r}) stays on the "
+                      "server (client_head=False): under HE a fitted polynomial, under MPC "
+                      "a protocol; computed by the client after decryption it is exact and "
+                      "free", VeilWarning, stacklevel=3)
+
+
 def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
             degree: int | dict[str, int] = DEFAULT_DEGREE, margin: float = DEFAULT_MARGIN,
             layout: str = "latency", precision_bits: int | None = None,
@@ -467,6 +477,7 @@ def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
     calibration = np.asarray(calibration, dtype=np.float64)
     shape = tuple(input_shape) if input_shape is not None else calibration.shape[1:]
     graph = to_graph(model, shape, output=output, client_head=client_head)
+    _warn_server_head(graph)
     result = compile_graph(graph, calibration, degree=degree, margin=margin,
                            insecure_test_params=insecure_test_params, layout=layout,
                            precision_bits=precision_bits, relu_bits=relu_bits,
