@@ -377,7 +377,9 @@ class _Converter:
         xs = [self._tensor(site, t) for t in a["tensors"]]
         return _Tensor(ops.concat(self.b, site, xs, int(a["dim"])))
 
-    def _conv2d(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+    def _conv_args(self, site: Site, args: tuple, kwargs: dict) -> tuple:
+        """F.conv1d / F.conv2d's arguments: (input, weight, bias, stride, padding,
+        dilation, groups), the weight and bias checked to be constants."""
         a = _bind(args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation",
                                  "groups"), bias=None, stride=1, padding=0, dilation=1,
                   groups=1)
@@ -385,9 +387,11 @@ class _Converter:
         if not isinstance(weight, np.ndarray) or not (bias is None
                                                       or isinstance(bias, np.ndarray)):
             raise site.error("weight and bias must be constant parameters of the model")
-        x = self._tensor(site, a["input"])
-        return _Tensor(ops.conv2d(self.b, site, x, weight, bias, a["stride"], a["padding"],
-                                  a["dilation"], int(a["groups"])))
+        return (self._tensor(site, a["input"]), weight, bias, a["stride"], a["padding"],
+                a["dilation"], int(a["groups"]))
+
+    def _conv2d(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
+        return _Tensor(ops.conv2d(self.b, site, *self._conv_args(site, args, kwargs)))
 
     def _affine_const(self, site: Site, x: _Tensor, scale: Any, shift: Any) -> _Tensor:
         shape = self.b.shape(x.name)
@@ -570,16 +574,7 @@ class _Converter:
         return _Tensor(onedim.prelu(self.b, site, x, a["weight"]))
 
     def _conv1d(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
-        a = _bind(args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation",
-                                 "groups"), bias=None, stride=1, padding=0, dilation=1,
-                  groups=1)
-        weight, bias = a["weight"], a["bias"]
-        if not isinstance(weight, np.ndarray) or not (bias is None
-                                                      or isinstance(bias, np.ndarray)):
-            raise site.error("weight and bias must be constant parameters of the model")
-        x = self._tensor(site, a["input"])
-        return _Tensor(onedim.conv1d(self.b, site, x, weight, bias, a["stride"], a["padding"],
-                                     a["dilation"], int(a["groups"])))
+        return _Tensor(onedim.conv1d(self.b, site, *self._conv_args(site, args, kwargs)))
 
     def _maxpool1d(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
         a = _bind(args, kwargs, ("input", "kernel_size", "stride", "padding", "dilation",
