@@ -6,10 +6,11 @@ Top-level verbs: :func:`compile` a model with calibration data, ``run`` it in a
 :class:`ModelServer` in their own processes.
 """
 from ._version import __version__
-from .errors import (BootstrapRequiredError, BundleError, CompileError, EngineError,
-                     GraphError, InputClippedWarning, InputError, InputRangeError,
-                     KeyMismatchError, KeyTypeError, MissingKeyError, ModeError,
-                     SerializationError, UnsupportedOperation, VeilError)
+from .errors import (ApproximationWarning, BootstrapRequiredError, BundleError,
+                     CompileError, DepthWarning, EngineError, GraphError,
+                     InputClippedWarning, InputError, InputRangeError, KeyMismatchError,
+                     KeyTypeError, MissingKeyError, ModeError, SerializationError,
+                     TrainingModeWarning, UnsupportedOperation, VeilError, VeilWarning)
 from .finetune import finetune
 from .model import CompiledModel, Report, compile, export_model
 from .modes import Mode
@@ -30,10 +31,11 @@ def __getattr__(name):
     raise AttributeError(f"module 'veil' has no attribute {name!r}")
 
 
-__all__ = ["BootstrapRequiredError", "BundleError", "Client", "CompileError", "CompiledModel", "EngineError",
+__all__ = ["ApproximationWarning", "BootstrapRequiredError", "BundleError", "Client",
+           "CompileError", "CompiledModel", "DepthWarning", "EngineError",
            "EvaluationKeys", "GraphError", "InputClippedWarning", "InputError",
            "InputRangeError", "KeyMismatchError", "KeyTypeError",
            "MissingKeyError", "Mode", "ModeError", "ModelClient", "ModelServer",
            "ProcessError", "PublicKey", "Report", "SecretKey", "SerializationError",
-           "UnsupportedOperation", "VeilError", "__version__", "compile", "export_model",
-           "finetune"]
+           "TrainingModeWarning", "UnsupportedOperation", "VeilError", "VeilWarning",
+           "__version__", "compile", "export_model", "finetune"]

@@ -19,8 +19,8 @@
 
 MODEL is an .onnx file or a torch module saved whole (.pt, with --trust-pickle); DATA is
 .npy (inputs) or .npz (x, and y for accuracy). compile and export take --input-shape,
---layout, --degree, --output (an ONNX graph's output), --server-head and
---insecure-test-params. A final softmax / sigmoid and a classifier's labels are computed
+--layout, --degree, --activation-bits, --output (an ONNX graph's output), --server-head
+and --insecure-test-params. A final softmax / sigmoid and a classifier's labels are computed
 by the client after decryption (the output head); predict prints the predicted classes.
 
 The processes behind the modes, run by ``serve`` or by hand:
@@ -135,7 +135,11 @@ def _compile_args(p) -> None:
                    "the calibration data's)")
     p.add_argument("--layout", choices=("latency", "throughput"), default="latency",
                    help="HE: fewest rotations per input, or most inputs per ciphertext")
-    p.add_argument("--degree", type=int, help="HE: Chebyshev degree of every activation")
+    p.add_argument("--degree", type=int, help="HE: Chebyshev degree of every activation "
+                   "(default: each activation's smallest that meets --activation-bits)")
+    p.add_argument("--activation-bits", type=int, default=None,
+                   help="HE: each activation's polynomial keeps its max error within "
+                   "2^-BITS of its output span, at degree 27 at most (default 8)")
     p.add_argument("--output", help="ONNX: which of the graph's outputs (e.g. a scikit-learn "
                    "classifier's 'label' or 'probabilities'; default: its scores)")
     p.add_argument("--server-head", action="store_true",

@@ -104,6 +104,8 @@ def _compile_options(args) -> dict:
     opts = {"layout": args.layout, "insecure_test_params": args.insecure_test_params}
     if args.degree is not None:
         opts["degree"] = args.degree
+    if args.activation_bits is not None:
+        opts["activation_bits"] = args.activation_bits
     if args.input_shape is not None:
         opts["input_shape"] = args.input_shape
     if args.output is not None:

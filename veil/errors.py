@@ -1,8 +1,13 @@
-"""The one exception hierarchy of veil.
+"""The one exception hierarchy of veil, and its warnings.
 
 Every error veil raises on purpose derives from :class:`VeilError`, so callers can
 catch one type. Native exceptions from OpenFHE are translated at the engine boundary.
+Every warning derives from :class:`VeilWarning`; :func:`warn` emits one at the first
+line outside veil.
 """
+import os
+import sys
+import warnings
 
 
 class VeilError(Exception):
@@ -191,9 +196,39 @@ class ModelTooLargeError(ResourceError):
 
 
 class VeilWarning(UserWarning):
-    """Base class of the warnings veil issues (``warnings.warn``): filter on it."""
+    """Base class of every warning veil issues: the call succeeded, but the result is
+    likely not what the caller wants. Filter on it, or silence one kind with
+    ``warnings.filterwarnings("ignore", category=...)``; a compile's warnings are also
+    in ``compiled.report()``'s notes."""
 
 
 class InputClippedWarning(VeilWarning):
     """Inputs were clamped to the model's calibrated input range (``clip=True``); the
     message counts the values and rows that changed."""
+
+
+class ApproximationWarning(VeilWarning):
+    """An activation's polynomial is far from the activation on its calibrated range
+    (its error is a large part of the activation's output span)."""
+
+
+class TrainingModeWarning(VeilWarning):
+    """A torch model in training mode was compiled; veil reads it as in eval mode."""
+
+
+class DepthWarning(VeilWarning):
+    """The HE depth forces a larger CKKS ring (or bootstrapping) than the model's slots
+    need: every operation and every key costs more."""
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn(warning: VeilWarning) -> None:
+    """Emit ``warning`` attributed to the first caller outside veil (the user's line,
+    however deep in veil it was found), so the default filter shows it once per line
+    of the user's code."""
+    level, frame = 1, sys._getframe(0)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(warning, stacklevel=level)

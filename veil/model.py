@@ -11,12 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from .compiler.approx import DEFAULT_DEGREE, DEFAULT_MARGIN
+from .compiler.approx import DEFAULT_ACTIVATION_BITS, DEFAULT_MARGIN
+from .compiler.passes import PassNote
 from .compiler.pipeline import CompileResult, compile_graph
 from .compiler.ranges import InputRange
 from .compiler.targets import check_ops
-from .errors import CompileError, InputError, VeilWarning
-from .frontend import to_graph
+from .errors import CompileError, InputError, VeilWarning, warn
+from .frontend import model_warnings, to_graph
 from .ir import Op, ops_for, run as interpret
 from .ir.head import START_OPS, Head
 from .modes import SERVED, Mode, as_mode
@@ -430,7 +431,9 @@ def _warn_server_head(graph) -> None:
 
 
 def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
-            degree: int | dict[str, int] = DEFAULT_DEGREE, margin: float = DEFAULT_MARGIN,
+            degree: int | dict[str, int] | None = None,
+            activation_bits: int | None = DEFAULT_ACTIVATION_BITS,
+            margin: float = DEFAULT_MARGIN,
             layout: str = "latency", precision_bits: int | None = None,
             insecure_test_params: bool = False, relu_bits: int | None = None,
             max_slots: int | None = None, output: str | None = None,
@@ -441,7 +444,13 @@ def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
         model: the trained model; it is not modified.
         calibration: representative inputs, shape (B, *input_shape).
         input_shape: per-sample input shape; defaults to ``calibration.shape[1:]``.
-        degree: Chebyshev degree for every activation, or a dict node name -> degree.
+        degree: Chebyshev degree for every activation, or a dict node name -> degree
+            for some; the others get the degree ``activation_bits`` asks for.
+        activation_bits: each activation without a ``degree`` gets the smallest
+            degree (1, 2, 5, 13 or 27: the largest each HE depth evaluates) whose max
+            error on its calibrated range is within 2^-activation_bits of its output
+            span there (default 8), or 27 when none is; None: 27 for all. Not the
+            CKKS output precision (``precision_bits``).
         margin: fraction by which measured activation ranges, and each input feature's
             calibrated range (:mod:`veil.compiler.ranges`), are widened on each side.
         layout: ``"latency"`` (fewest rotations for one input) or ``"throughput"`` (most
@@ -454,8 +463,8 @@ def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
             (4-14) by a composite minimax sign and one product (Lee et al. 2021; see
             :mod:`veil.compiler.composite`): accurate for a model trained with ReLU,
             at 12-20 levels per ReLU, so a deep model bootstraps after most of them.
-            Default: one Chebyshev fit of ``degree`` (or a model fine-tuned for low
-            degree, :mod:`veil.finetune`).
+            Default: one Chebyshev fit (or a model fine-tuned for low degree,
+            :mod:`veil.finetune`).
         max_slots: the most slots (a power of two) one HE ciphertext holds; a wider
             value is cut into several ciphertexts (:mod:`veil.compiler.tiles`).
             Default: 2^15 (the bootstrapping ring's slots; for a model that does not
@@ -473,15 +482,28 @@ def compile(model, calibration, *, input_shape: tuple[int, ...] | None = None,
     Raises:
         UnsupportedOperation: the model uses an operation veil cannot compile.
         CompileError: the calibration data or options are unusable.
+
+    Warns:
+        ApproximationWarning, TrainingModeWarning, DepthWarning
+        (:class:`veil.errors.VeilWarning`): an activation fitted poorly, a torch model
+        in training mode, a depth that forces a larger ring; also in the report's notes.
     """
     calibration = np.asarray(calibration, dtype=np.float64)
     shape = tuple(input_shape) if input_shape is not None else calibration.shape[1:]
+    # to_graph warns itself about a torch model in training mode
     graph = to_graph(model, shape, output=output, client_head=client_head)
     _warn_server_head(graph)
-    result = compile_graph(graph, calibration, degree=degree, margin=margin,
+    result = compile_graph(graph, calibration, degree=degree,
+                           activation_bits=activation_bits, margin=margin,
                            insecure_test_params=insecure_test_params, layout=layout,
                            precision_bits=precision_bits, relu_bits=relu_bits,
                            max_slots=max_slots)
+    for w in result.warnings:
+        warn(w)
+    found = model_warnings(model)           # what to_graph warned about, for the report
+    if found:
+        result.notes.insert(0, PassNote("frontend", [str(w) for w in found]))
+        result.warnings[:0] = found
     # Each layer's input range on the calibration batch, from the approximation pass's
     # forward run (no second pass over the data).
     ranges = {n.name: result.extents[n.inputs[0]] for n in result.polynomial.nodes[1:]}

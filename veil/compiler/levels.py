@@ -70,6 +70,24 @@ def graph_depth(graph: Graph) -> int:
     return depth[graph.output]
 
 
+def critical_path(graph: Graph) -> list[Node]:
+    """The nodes of a longest path in levels from the input to the output (what sets
+    :func:`graph_depth`; a bootstrap's scaling aside)."""
+    depth: dict[str, int] = {}
+    prev: dict[str, str | None] = {}
+    for node in graph.nodes:
+        src = max(node.inputs, key=depth.__getitem__, default=None)
+        depth[node.name] = (depth[src] if src is not None else 0) + node_levels(node)
+        prev[node.name] = src
+    by_name = {n.name: n for n in graph.nodes}
+    path: list[Node] = []
+    name: str | None = graph.output
+    while name is not None:
+        path.append(by_name[name])
+        name = prev[name]
+    return path[::-1]
+
+
 def _scaled(node: Node) -> int:
     """Levels a bootstrap's scaling costs on each side (0 when its bound is 1)."""
     return int(node.op is Op.BOOTSTRAP and float(node.attrs["bound"]) > 1.0)

@@ -31,6 +31,11 @@ FIRST_MOD_HEADROOM = 16
 _CHEB_DEPTH = ((1, 1), (2, 2), (5, 3), (13, 4), (27, 5), (59, 6), (119, 7), (247, 8),
                (495, 9), (1007, 10), (2031, 11))
 
+# The largest degree each depth evaluates: a lower degree at the same depth costs the
+# same levels for a worse fit, so these are the only degrees worth choosing (degree 2
+# costs one level, not two, where ``fold_quadratic`` makes it a squaring).
+FULL_DEPTH_DEGREES = tuple(limit for limit, _ in _CHEB_DEPTH)
+
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -134,6 +139,15 @@ def _digits_ok(depth: int, dnum: int) -> bool:
     """OpenFHE needs every key-switching digit non-empty: (dnum - 1) * alpha < towers."""
     towers = depth + 1
     return 1 <= dnum and (dnum - 1) * math.ceil(towers / dnum) < towers
+
+
+def slot_ring(min_slots: int) -> int:
+    """The smallest 128-bit ring with ``min_slots`` slots: what a model of depth 1 gets
+    (any depth that ring holds gets it too; a deeper model needs a larger ring)."""
+    ring = next((r for r in HE_STD_128_LOGQP if r // 2 >= min_slots), None)
+    if ring is None:
+        raise CompileError(f"a value of {min_slots} slots does not fit one ciphertext")
+    return ring
 
 
 def keyswitch_cost(depth: int, scaling: int, first: int, dnum: int) -> int:

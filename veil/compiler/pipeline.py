@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import BootstrapRequiredError, CompileError, UnsupportedOperation
+from ..errors import (BootstrapRequiredError, CompileError, DepthWarning,
+                      UnsupportedOperation, VeilWarning)
 from ..ir import Graph, Op, opdef, ops_for
-from .approx import DEFAULT_DEGREE, DEFAULT_MARGIN, ActivationReport
+from .approx import DEFAULT_ACTIVATION_BITS, DEFAULT_MARGIN, ActivationReport
 from .estimate import HEEstimate, estimate_he, transformer_stats
-from .levels import SLOT_OPS
+from .levels import SLOT_OPS, critical_path, node_levels
 from .passes import MAX_DENSE_ENTRIES, MAX_NONZEROS, PassNote, dense_chains, probe_entries
 from .sparse import BUILDERS, nonzero_bound
 from .plan import LAYOUTS, HEPlan, plan_he
@@ -54,6 +55,9 @@ class CompileResult:
     extents: dict[str, tuple[float, float]] = field(default_factory=dict)
     estimate: HEEstimate | None = None
     he_refusal: tuple[type, str, dict] | None = None   # (error type, message, fields)
+    # what the caller should hear about (veil.compile emits them with warnings.warn);
+    # each one's text is also among the notes' messages
+    warnings: list[VeilWarning] = field(default_factory=list)
 
     def he_plan(self) -> HEPlan:
         """The slot plan, or the typed error that says why HE cannot run this model."""
@@ -95,8 +99,53 @@ def _refusal(poly: Graph, est: HEEstimate) -> tuple[type, str, dict] | None:
     return None
 
 
+def _depth_warning(lowered: Graph, plan: HEPlan) -> DepthWarning | None:
+    """A warning when the depth, not the slots, sets the ring (or needs bootstraps);
+    None under test parameters, whose ring the slots alone set."""
+    params = plan.params
+    if params.insecure_test_params or params.ring_dim <= plan.slot_ring:
+        return None
+    path = critical_path(lowered)
+    acts = sorted((n for n in path if n.op in (Op.POLY, Op.SQUARE, Op.MUL)),
+                  key=lambda n: -node_levels(n))
+    dense = sum(node_levels(n) for n in path if n.op is Op.DENSE)
+
+    def act(n) -> str:
+        kind = n.attrs.get("source", n.op.value)
+        deg = f", degree {len(n.attrs['coeffs']) - 1}" if n.op is Op.POLY else ""
+        return f"{n.name!r} ({kind}{deg}: {node_levels(n)})"
+
+    shown = ", ".join(act(n) for n in acts[:4])
+    if len(acts) > 4:
+        shown += (f" and {len(acts) - 4} more "
+                  f"({sum(node_levels(n) for n in acts[4:])} levels)")
+    boots = sum(n.op is Op.BOOTSTRAP for n in lowered.nodes)
+    ring = (f"bootstrapping ({boots} bootstraps) at ring 2^{params.ring_dim.bit_length() - 1}"
+            if params.bootstraps else f"ring 2^{params.ring_dim.bit_length() - 1}")
+    return DepthWarning(
+        f"HE depth {plan.depth} needs {ring}, where ring "
+        f"2^{plan.slot_ring.bit_length() - 1} holds this model's values: every "
+        f"ciphertext and key is {params.ring_dim // plan.slot_ring}x larger and slower. "
+        f"The longest path spends {dense} levels in linear layers and the rest in "
+        f"activations (levels each): {shown or 'none'}. To lower it: smaller activation "
+        "degrees (activation_bits=, degree=), a narrower calibration range, fine-tuning "
+        "to degree-2 activations (veil.finetune: 1 level each), or mpc or tee mode")
+
+
+def _warned(result: CompileResult) -> CompileResult:
+    """``result`` with its warnings: the passes' and the depth's (also as a note)."""
+    result.warnings = [w for n in result.notes for w in n.data.get("warnings", ())]
+    if result.plan is not None:
+        found = _depth_warning(result.lowered, result.plan)
+        if found is not None:
+            result.warnings.append(found)
+            result.notes.append(PassNote("plan_he", [str(found)]))
+    return result
+
+
 def compile_graph(graph: Graph, calibration: np.ndarray, *,
-                  degree: int | dict[str, int] = DEFAULT_DEGREE,
+                  degree: int | dict[str, int] | None = None,
+                  activation_bits: int | None = DEFAULT_ACTIVATION_BITS,
                   margin: float = DEFAULT_MARGIN,
                   insecure_test_params: bool = False, layout: str = "latency",
                   precision_bits: int | None = None,
@@ -105,7 +154,10 @@ def compile_graph(graph: Graph, calibration: np.ndarray, *,
     """Run the HE target's passes on ``graph`` with ``calibration`` data.
 
     Always returns the polynomial graph and the HE cost estimate; the slot plan only
-    when HE can run the model (see :class:`CompileResult`). A graph with ops the
+    when HE can run the model (see :class:`CompileResult`). ``degree``,
+    ``activation_bits``, ``margin`` and ``relu_bits`` set the activation fits
+    (:func:`~veil.compiler.approx.approximate_activations`); what the caller should be
+    warned about is in the result's ``warnings`` (nothing is emitted here). A graph with ops the
     ``simulate`` target does not accept (transformers) gets the front stage and the
     estimate only, and an ``UnsupportedOperation`` refusal naming its first softmax,
     matmul or layer norm (else its first such op).
@@ -127,7 +179,8 @@ def compile_graph(graph: Graph, calibration: np.ndarray, *,
     odd = next((n for n in odd if opdef(n.op).refusal), None) or next(
         (n for n in odd if n.op in _NAMED_FIRST), odd[0] if odd else None)
     options = {"calibration": calibration, "degree": degree, "margin": margin,
-               "layout": layout, "relu_bits": relu_bits}
+               "layout": layout, "relu_bits": relu_bits,
+               "activation_bits": activation_bits}
     poly, front_notes = run_passes(graph, HE.front, options)
     reports = [r for n in front_notes for r in n.data.get("reports", ())]
     extents = {k: v for n in front_notes for k, v in n.data.get("extents", {}).items()}
@@ -136,8 +189,8 @@ def compile_graph(graph: Graph, calibration: np.ndarray, *,
         refusal = (UnsupportedOperation, f"{odd.op.value} node {odd.name!r} has no HE "
                    f"kernel: {opdef(odd.op).refusal}", {})
         note = PassNote("plan_he", [f"HE cannot run this model: {refusal[1]}"])
-        return CompileResult(graph, poly, poly, None, reports, front_notes + [note],
-                             extents, None, refusal)
+        return _warned(CompileResult(graph, poly, poly, None, reports,
+                                     front_notes + [note], extents, None, refusal))
     if odd is not None:
         stats = transformer_stats(poly, calibration, margin=margin)
         est = estimate_he(poly, precision_bits=precision_bits, stats=stats)
@@ -145,8 +198,8 @@ def compile_graph(graph: Graph, calibration: np.ndarray, *,
                    f"{odd.op.value} node {odd.name!r} has no HE kernel (transformer ops "
                    "run in tee and mpc); compiled.report() prices HE", {})
         note = PassNote("plan_he", [f"HE cannot run this model: {refusal[1]}"])
-        return CompileResult(graph, poly, poly, None, reports, front_notes + [note],
-                             extents, est, refusal)
+        return _warned(CompileResult(graph, poly, poly, None, reports,
+                                     front_notes + [note], extents, est, refusal))
     est = estimate_he(poly, precision_bits=precision_bits)
     refusal = _refusal(poly, est)
     if refusal is None:
@@ -169,15 +222,15 @@ def compile_graph(graph: Graph, calibration: np.ndarray, *,
                        "yet; 'simulate' and compiled.report() still work", {})
     if refusal is not None:
         note = PassNote("plan_he", [f"HE cannot run this model: {refusal[1]}"])
-        return CompileResult(graph, poly, poly, None, reports, front_notes + [note], extents,
-                             est, refusal)
+        return _warned(CompileResult(graph, poly, poly, None, reports,
+                                     front_notes + [note], extents, est, refusal))
     try:
         plan = plan_he(lowered, insecure_test_params=insecure_test_params, layout=layout,
                        precision_bits=precision_bits, max_slots=max_slots)
     except CompileError as exc:      # e.g. a value wider than one ciphertext
         refusal = (type(exc), str(exc), {})
         note = PassNote("plan_he", [f"HE cannot run this model: {exc}"])
-        return CompileResult(graph, poly, poly, None, reports, front_notes + [note], extents,
-                             est, refusal)
-    return CompileResult(graph, poly, lowered, plan, reports, front_notes + back_notes,
-                         extents, est)
+        return _warned(CompileResult(graph, poly, poly, None, reports,
+                                     front_notes + [note], extents, est, refusal))
+    return _warned(CompileResult(graph, poly, lowered, plan, reports,
+                                 front_notes + back_notes, extents, est))

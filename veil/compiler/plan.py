@@ -23,7 +23,7 @@ from .tiles import surrogate, tiles_of
 from .params import (FIRST_MOD_HEADROOM, HE_STD_128_LOGQP, INSECURE_RING_DIM,  # noqa: F401
                      PRECISION_LOSS_BITS, SCALING_BITS_CHOICES, CKKSParams,
                      bootstrap_params, chebyshev_depth, keyswitch_cost, next_pow2,
-                     select_params)
+                     select_params, slot_ring)
 
 @dataclass
 class HEPlan:
@@ -46,6 +46,9 @@ class HEPlan:
     # ({"parts", "chunk"}; the input's is in input_layout) and each value's part count
     output_layout: dict = field(default_factory=dict)
     parts: dict = field(default_factory=dict)
+    # the smallest 128-bit ring whose slots hold the widest value (params.slot_ring):
+    # what the ring would be if the depth did not ask for more (not in the manifest)
+    slot_ring: int = 0
 
     def manifest(self) -> dict:
         """The key manifest: exactly what the client must generate and the server needs."""
@@ -122,6 +125,7 @@ def plan_he(graph: Graph, *, insecure_test_params: bool = False,
         work, blocks = surrogate(graph, entry, tiles)
         work_entry = work.input
         min_slots = cap
+    floor_ring = slot_ring(min(min_slots, max(HE_STD_128_LOGQP) // 2))
     if boots:
         # bootstrapping: one input per ciphertext, in a sparse batch of the slots the
         # widest value needs or a wider one when the layouts it allows (strided grids
@@ -184,7 +188,7 @@ def plan_he(graph: Graph, *, insecure_test_params: bool = False,
     plan = HEPlan(params, tuple(sorted(rotations)), depth, levels, dense,
                   graph.input_shape, graph.output_shape, periods[work_entry.name],
                   periods[graph.output], why, input_layout, lanes,
-                  output_layout=output_layout, parts=parts)
+                  output_layout=output_layout, parts=parts, slot_ring=floor_ring)
     plan.costs = estimate_costs(graph, plan)
     return plan
 

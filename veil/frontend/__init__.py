@@ -8,11 +8,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, VeilWarning
 from ..ir import Graph
 from ..ir.head import split_head
 
-__all__ = ["to_graph"]
+__all__ = ["model_warnings", "to_graph"]
 
 
 def _is_torch_module(model: Any) -> bool:
@@ -91,4 +91,15 @@ def server_head(graph: Graph) -> Graph:
     if head is None or head.graph is None:
         return graph
     return merge_head(graph, Head(None, head.labels, head.returns))
+
+
+def model_warnings(model: Any) -> list[VeilWarning]:
+    """What :func:`to_graph` warns about when it reads ``model`` (a torch module in
+    training mode, read as in eval mode), for a caller that reports it too."""
+    if _is_torch_module(model):
+        from .torch_frontend import training_mode_warning
+
+        found = training_mode_warning(model)
+        return [found] if found is not None else []
+    return []
 

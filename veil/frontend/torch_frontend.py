@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import GraphError, UnsupportedOperation
+from ..errors import GraphError, TrainingModeWarning, UnsupportedOperation, warn
 from ..ir import Graph, Op
 from . import _layers as ops
 from . import _onedim as onedim
@@ -49,7 +49,14 @@ def torch_to_graph(model: Any, input_shape: tuple[int, ...]) -> Graph:
     Raises:
         UnsupportedOperation: tracing fails or an operation has no IR equivalent.
         GraphError: the model does not fit ``input_shape``.
+
+    Warns:
+        TrainingModeWarning: a module of ``model`` is in training mode (it is read as
+            in eval mode all the same).
     """
+    found = training_mode_warning(model)
+    if found is not None:
+        warn(found)
     states = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -68,6 +75,28 @@ def torch_to_graph(model: Any, input_shape: tuple[int, ...]) -> Graph:
     finally:
         for module, training in states:
             module.training = training
+
+
+def training_mode_warning(model: Any) -> TrainingModeWarning | None:
+    """The warning for a module tree with a module in training mode, or None.
+
+    veil always reads a model as in eval mode (:func:`torch_to_graph` traces it so):
+    batch norms use their running statistics, dropout and stochastic depth are the
+    identity, and ``if self.training`` branches take their eval side, which is what a
+    trained model serves. A model left in ``train()`` mode would compute otherwise in
+    torch, so the caller is told instead of silently getting a different function."""
+    names = [repr(name) if name else "the model itself"
+             for name, m in model.named_modules() if m.training]
+    if not names:
+        return None
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4
+                                    else "")
+    return TrainingModeWarning(
+        f"{type(model).__name__} is in training mode ({len(names)} modules: {shown}); "
+        "veil compiles it as in "
+        "eval mode (batch norms use their running statistics, dropout is the identity), "
+        "so it will not match this module's training-mode outputs. Call model.eval() "
+        "before compiling; veil leaves the model itself unchanged")
 
 
 #: opset of the fallback export: 20 has Gelu and LayerNormalization as single ops
@@ -343,8 +372,9 @@ class _Converter:
     def _dropout(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
         a = _bind(args, kwargs, ("input", "p", "training", "inplace"), training=True)
         if a["training"] is True:
-            logger.warning("node %r: %s is called with training=True; veil treats it as "
-                           "the identity (inference)", site.node, site.what)
+            warn(TrainingModeWarning(
+                f"node {site.node!r}: {site.what} is called with training=True; veil "
+                "treats it as the identity, as in eval mode"))
         return _Tensor(self._tensor(site, a["input"]))
 
     def _stochastic_depth(self, site: Site, args: tuple, kwargs: dict) -> _Tensor:
