@@ -125,9 +125,12 @@ def test_depth_does_not_grow_and_shrinks_on_narrow_ranges(rng):
     assert diff <= res.activations[0].target
 
 
-def sigmoid_head(scale: float) -> nn.Module:
+def wide_sigmoid(scale: float) -> nn.Module:
+    """Two sigmoids inside the model (a final one would go to the client's output
+    head); ``scale`` widens the second one's range."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 1), nn.Sigmoid())
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sigmoid(), nn.Linear(4, 4), nn.Sigmoid(),
+                          nn.Linear(4, 2))
     with torch.no_grad():
         model[2].weight.mul_(scale)
     return model.eval()
@@ -136,7 +139,7 @@ def sigmoid_head(scale: float) -> nn.Module:
 def test_poor_fit_warns_with_node_range_degree_and_advice(rng):
     x = rng.normal(size=(128, 4))
     with pytest.warns(ApproximationWarning) as record:
-        compiled = veil.compile(sigmoid_head(200.0), x, insecure_test_params=True)
+        compiled = veil.compile(wide_sigmoid(60.0), x, insecure_test_params=True)
     (bad,) = [r for r in compiled.result.activations
               if r.relative_error > WARN_ERROR_FRACTION]
     text = str(next(w.message for w in record if w.category is ApproximationWarning))
@@ -182,18 +185,18 @@ def test_explicit_training_dropout_call_warns():
 def test_depth_that_forces_a_larger_ring_warns(rng):
     x = rng.normal(size=(128, 4))
     with pytest.warns(DepthWarning) as record:
-        compiled = veil.compile(sigmoid_head(60.0), x)
+        compiled = veil.compile(wide_sigmoid(60.0), x)
     text = str(next(w.message for w in record if w.category is DepthWarning))
     plan = compiled.result.plan
     ring = plan.params.ring_dim
     assert ring > plan.slot_ring == 1 << 13
     assert f"HE depth {plan.depth} needs ring 2^{ring.bit_length() - 1}" in text
-    assert "'_3' (sigmoid, degree 27: 5)" in text and "'_1' (sigmoid, degree" in text
+    assert "'_3' (sigmoid, degree 27: 5), '_1' (sigmoid, degree 5: 3)" in text
     assert text in compiled.report().notes
     # test parameters: the slots alone set the ring, nothing to warn about
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        veil.compile(sigmoid_head(60.0), x, insecure_test_params=True)
+        veil.compile(wide_sigmoid(60.0), x, insecure_test_params=True)
     assert not [w for w in caught if w.category is DepthWarning]
 
 
