@@ -81,6 +81,19 @@ def test_more_bits_never_lower_the_degree_and_none_is_the_old_default(rng):
         approximate_activations(g, x, activation_bits=0)
 
 
+def test_a_zero_top_coefficient_is_dropped():
+    """tanh on a symmetric narrow range: degree 1 misses 2^-8 of the span, degree 2
+    meets it with c2 = 0, so the POLY is the degree-1 series (one level, not two)."""
+    i = make_node("input", Op.INPUT, [], [], {"shape": (4,)})
+    t = make_node("t", Op.TANH, ["input"], [(4,)])
+    x = np.linspace(-0.25, 0.25, 40).reshape(10, 4)
+    g, (rep,) = approximate_activations(Graph((i, t), "t"), x)
+    assert range_error(Op.TANH, rep.lo, rep.hi, 1)[0] > rep.target
+    assert rep.degree == 1 and len(g.node("t").attrs["coeffs"]) == 2
+    assert rep.max_abs_error_range == pytest.approx(range_error(Op.TANH, rep.lo, rep.hi, 2)[0])
+    assert rep.max_abs_error_range <= rep.target
+
+
 def test_explicit_degree_wins(rng):
     i = make_node("input", Op.INPUT, [], [], {"shape": (4,)})
     t = make_node("t", Op.TANH, ["input"], [(4,)])

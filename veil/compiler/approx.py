@@ -10,7 +10,7 @@ Each activation gets its own degree: the smallest of the degrees that use a Cheb
 depth fully (:data:`~.params.FULL_DEPTH_DEGREES`: 1, 2, 5, 13, 27) whose fit stays within
 2^-``activation_bits`` of the activation's output span over the widened range, at most
 :data:`DEFAULT_DEGREE` (what every activation got before, so no model gets deeper). A
-sigmoid on [-3, 3] needs degree 13 (4 levels) where 27 cost 5; a ReLU's kink keeps it at
+sigmoid on [-3, 3] needs degree 5 (3 levels) where 27 cost 5; a ReLU's kink keeps it at
 27 (its interpolant's error falls only as 1/degree: 1.8 % of its span at 27). An
 approximation still worse than :data:`WARN_ERROR_FRACTION` of its span is reported with
 an :class:`~veil.errors.ApproximationWarning` that the caller emits.
@@ -200,9 +200,9 @@ def smallest_degree(fn, lo: float, hi: float, target: float,
                     cap: int = DEFAULT_DEGREE) -> int:
     """The smallest degree of :data:`~.params.FULL_DEPTH_DEGREES` below ``cap``, or
     ``cap``, whose Chebyshev interpolant of ``fn`` on [lo, hi] has a max error over
-    the range of at most ``target``; ``cap`` when none has. Interpolants of smooth
-    functions converge geometrically, so the first degree that meets the target is
-    the cheapest in levels that does."""
+    the range of at most ``target``; ``cap`` when none has. The candidates rise one
+    Chebyshev depth at a time, so the first that meets the target is the cheapest in
+    levels that does."""
     grid = np.linspace(lo, hi, GRID_POINTS)
     exact = fn(grid)
     tol = max(float(target), _noise(float(np.max(np.abs(exact)))))
@@ -225,6 +225,12 @@ def _fit(node: Node, x: np.ndarray, given: int | None, bits: int | None, margin)
     deg = (given if given is not None else DEFAULT_DEGREE if target is None
            else smallest_degree(fn, lo, hi, target))
     coeffs = fit_chebyshev(fn, lo, hi, deg)
+    if target is not None:
+        # a chosen degree 2 of an odd function (tanh on a symmetric range) has a zero
+        # top coefficient: dropping it keeps every value and costs one level, not two
+        while len(coeffs) > 2 and abs(coeffs[-1]) <= _noise(float(np.max(np.abs(exact)))):
+            coeffs = coeffs[:-1]
+        deg = len(coeffs) - 1
     poly = node.replace(op=Op.POLY, attrs={"coeffs": tuple(coeffs.tolist()),
                                            "lo": lo, "hi": hi, "source": node.op.value})
     # The POLY node's value on x, computed once: the report's error and the next fit's
