@@ -206,6 +206,14 @@ def test_depth_that_forces_a_larger_ring_warns(rng):
     assert f"HE depth {plan.depth} needs ring 2^{ring.bit_length() - 1}" in text
     assert "'_3' (sigmoid, degree 27: 5), '_1' (sigmoid, degree 5: 3)" in text
     assert text in compiled.report().notes
+    # deeper than 55 levels: the warning names the bootstraps
+    torch.manual_seed(0)
+    deep = nn.Sequential(*[m for _ in range(10) for m in (nn.Linear(4, 4), nn.Tanh())],
+                         nn.Linear(4, 2)).eval()
+    with pytest.warns(DepthWarning, match=r"needs bootstrapping \(\d+ bootstraps\) at "
+                      r"ring 2\^16, where ring 2\^13"):
+        compiled = veil.compile(deep, x, degree=27)
+    assert compiled.result.plan.params.bootstraps and compiled.result.plan.depth > 55
     # test parameters: the slots alone set the ring, nothing to warn about
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
