@@ -304,15 +304,16 @@ def test_mpc_rectifiers_stay_within_their_stated_bounds(case):
 
 
 def test_he_fits_the_rectifiers_at_the_default_degree():
-    """LeakyReLU and ELU become POLY nodes of the compiler's default degree; ELU, smooth,
-    fits two orders of magnitude better than the kinked ones; a PReLU per channel fits
-    its ReLU."""
+    """LeakyReLU and ELU become POLY nodes; at the same degree (27) ELU, smooth, fits
+    far better than the kinked ones, so by default it takes a lower degree within 2^-8
+    of its output span while they keep 27; a PReLU per channel fits its ReLU."""
     from veil.compiler.approx import DEFAULT_DEGREE
     from veil.compiler.pipeline import compile_graph
 
     model = ecg.trained_ecg_cnn()
     graph = to_graph(model, (1, ecg.LENGTH))
-    res = compile_graph(graph, ecg.beats(200)[0], insecure_test_params=True)
+    res = compile_graph(graph, ecg.beats(200)[0], insecure_test_params=True,
+                        degree=DEFAULT_DEGREE)
     fits = {r.function: r for r in res.activations}
     assert set(fits) == {"leakyrelu", "relu", "elu"}
     assert all(r.degree == DEFAULT_DEGREE for r in res.activations)
@@ -321,6 +322,12 @@ def test_he_fits_the_rectifiers_at_the_default_degree():
     assert rel["elu"] * 5 < rel["leakyrelu"]
     assert res.plan is not None and {n.op for n in res.lowered.nodes} <= {
         Op.INPUT, Op.DENSE, Op.POLY, Op.ADD}
+    auto = compile_graph(graph, ecg.beats(200)[0], insecure_test_params=True)
+    chosen = {r.function: r for r in auto.activations}
+    assert chosen["elu"].degree < DEFAULT_DEGREE
+    assert chosen["elu"].max_abs_error_range <= chosen["elu"].target
+    assert chosen["leakyrelu"].degree == chosen["relu"].degree == DEFAULT_DEGREE
+    assert auto.plan.depth < res.plan.depth
 
 
 # -- the ECG model in every mode -------------------------------------------------------------
