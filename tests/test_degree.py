@@ -246,3 +246,15 @@ def test_cli_passes_activation_bits():
     assert _compile_options(args)["activation_bits"] == 6
     args = _parser().parse_args(["compile", "m.onnx", "--calibration", "c.npy"])
     assert "activation_bits" not in _compile_options(args)
+
+
+def test_no_warning_for_what_changes_nothing(rng):
+    """A fresh module is in training mode, but a Linear/ReLU stack computes the same in
+    either mode; a ReLU MLP at depth 7 needs ring 2^14, twice the slots' 2^13, the price
+    of any network: neither is worth a warning."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))     # not .eval()
+    assert model.training
+    compiled = no_veil_warnings(lambda: veil.compile(model, rng.normal(size=(64, 4))))
+    plan = compiled.result.plan
+    assert plan.params.ring_dim == 2 * plan.slot_ring

@@ -99,11 +99,17 @@ def _refusal(poly: Graph, est: HEEstimate) -> tuple[type, str, dict] | None:
     return None
 
 
+RING_WARN = 4      # warn when depth sets a ring this many times what the slots need
+
+
 def _depth_warning(lowered: Graph, plan: HEPlan) -> DepthWarning | None:
     """A warning when the depth, not the slots, sets the ring (or needs bootstraps);
     None under test parameters, whose ring the slots alone set."""
     params = plan.params
-    if params.insecure_test_params or params.ring_dim <= plan.slot_ring:
+    # a ring up to twice what the values need is the price of any network (depth 4+
+    # needs 2^14): only four times or more, or bootstrapping, is worth a warning
+    if params.insecure_test_params or (params.ring_dim < RING_WARN * plan.slot_ring
+                                       and not params.bootstraps):
         return None
     path = critical_path(lowered)
     acts = sorted((n for n in path if n.op in (Op.POLY, Op.SQUARE, Op.MUL)),

@@ -77,6 +77,16 @@ def torch_to_graph(model: Any, input_shape: tuple[int, ...]) -> Graph:
             module.training = training
 
 
+def _mode_dependent(module: Any) -> bool:
+    """A module whose output depends on its training flag: batch / instance norms,
+    dropout, torchvision's stochastic depth (a Linear or a ReLU computes the same in
+    either mode, and a fresh ``nn.Module`` starts in training mode)."""
+    from torch import nn
+
+    return (isinstance(module, (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd))
+            or type(module).__name__ == "StochasticDepth")
+
+
 def training_mode_warning(model: Any) -> TrainingModeWarning | None:
     """The warning for a module tree with a module in training mode, or None.
 
@@ -86,7 +96,7 @@ def training_mode_warning(model: Any) -> TrainingModeWarning | None:
     trained model serves. A model left in ``train()`` mode would compute otherwise in
     torch, so the caller is told instead of silently getting a different function."""
     names = [repr(name) if name else "the model itself"
-             for name, m in model.named_modules() if m.training]
+             for name, m in model.named_modules() if m.training and _mode_dependent(m)]
     if not names:
         return None
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4

@@ -71,7 +71,8 @@ def _leaky(run: Run, node, args):
     r = run.relu(x)
     a = _slopes(run, node, x.ndim)
     one = np.uint64(1) << np.uint64(run.f)
-    return run.trunc(np.ascontiguousarray(x * a + r * (one - a)))
+    rest = np.subtract(one, a, dtype=np.uint64)    # mod 2^64 (a < 0 wraps, as meant)
+    return run.trunc(np.ascontiguousarray(x * a + r * rest))
 
 
 def _elu_alpha(node) -> float:
