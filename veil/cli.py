@@ -51,6 +51,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .modes import SERVED
 
@@ -66,7 +67,11 @@ def _address(text: str) -> tuple[str, int]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
     ap = argparse.ArgumentParser(prog="veil", description="veil: private inference.")
+    ap.add_argument("--version", action="version", version=f"veil {__version__}",
+                    help="print veil's version and exit")
     sub = ap.add_subparsers(dest="command", required=True)
     from .compare.cli import add_parser as add_compare
 
@@ -77,15 +82,18 @@ def _parser() -> argparse.ArgumentParser:
                    "clients) and ticket.key (for party 0, party 1 and the service only)")
     d = sub.add_parser("mpc-dealer", help="run the dealer (correlated randomness)")
     d.add_argument("--keys", required=True, help="folder made by mpc-setup")
-    d.add_argument("--listen", type=_address, default=("127.0.0.1", 0))
+    d.add_argument("--listen", type=_address, default=("127.0.0.1", 0),
+                   help="HOST:PORT for the parties (port 0: any free port, printed)")
     d.add_argument("--timeout", type=float, default=10.0, help="seconds per message")
     d.add_argument("--memory-budget", type=float, default=2048.0,
                    help="MiB this process may use; larger layer requests are refused")
     n = sub.add_parser("mpc-node", help="run one of the two computing parties")
-    n.add_argument("--party", type=int, choices=(0, 1), required=True)
+    n.add_argument("--party", type=int, choices=(0, 1), required=True,
+                   help="which party: 0 (fronted by the service) or 1")
     n.add_argument("--keys", required=True, help="folder made by mpc-setup")
     n.add_argument("--model", required=True, help="folder written by save_model")
-    n.add_argument("--dealer", type=_address, required=True)
+    n.add_argument("--dealer", type=_address, required=True,
+                   help="the dealer's HOST:PORT (its listening line)")
     n.add_argument("--listen", type=_address, default=("127.0.0.1", 0),
                    help="address for clients")
     n.add_argument("--peer", type=_address, help="party0: party1's peer address")
@@ -171,7 +179,9 @@ def _service_parsers(sub) -> None:
     s.add_argument("exports", nargs="+", help="folders written by `veil export`")
     s.add_argument("--store", required=True,
                    help="folder for sessions, evaluation keys, API keys and logs")
-    s.add_argument("--listen", type=_address, default=("127.0.0.1", 8000))
+    s.add_argument("--listen", type=_address, default=("127.0.0.1", 8000),
+                   help="HOST:PORT to serve on (default 127.0.0.1:8000; port 0: any free "
+                   "port, announced on stdout)")
     s.add_argument("--ttl", type=float, default=24 * 3600.0,
                    help="seconds an HE session lives unused (default one day)")
     s.add_argument("--disk-budget", type=int, default=20 << 30,
@@ -188,7 +198,9 @@ def _service_parsers(sub) -> None:
                    "party 1 and party 0 here (development: all roles on one machine)")
     s.add_argument("--mpc-parties", help="use running parties instead: P0HOST:PORT,"
                    "P1HOST:PORT")
-    s.add_argument("--mpc-frac-bits", type=int, default=20)
+    s.add_argument("--mpc-frac-bits", type=int, default=20,
+                   help="MPC fixed-point fractional bits of the parties started here or "
+                   "of --mpc-parties (all must agree; default 20)")
     s.add_argument("--he-workers", type=int, default=2,
                    help="HE worker processes: OpenFHE runs only in them, so a crash on a "
                    "hostile input fails one request, not the service (default 2)")
@@ -209,8 +221,11 @@ def _service_parsers(sub) -> None:
                        help=f"{mode} requests computed at once (default {n})")
     p = sub.add_parser("predict", help="run inputs through a served model with the SDK")
     p.add_argument("url", help="the service, e.g. http://127.0.0.1:8000")
-    p.add_argument("--model", required=True)
-    p.add_argument("--mode", choices=SERVED, default="he")
+    p.add_argument("--model", required=True, help="the model's name in the service "
+                   "(GET /v1/models lists them)")
+    p.add_argument("--mode", choices=SERVED, default="he",
+                   help="how inputs are protected: he (encrypted), tee (sealed to an "
+                   "attested enclave) or mpc (secret-shared); default he")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", help=".npy inputs or .npz (x, y)")
     src.add_argument("--text", action="append",
@@ -222,7 +237,8 @@ def _service_parsers(sub) -> None:
     p.add_argument("--api-key", help="default: the VEIL_API_KEY environment variable")
     p.add_argument("--policy", help="tee: the policy file of `veil tee-policy`")
     p.add_argument("--mpc-keys", help="mpc: folder with the deployment's public.json")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="inputs sent per request (default 64)")
     p.add_argument("--clip", action="store_true",
                    help="he: clamp inputs into the model's calibrated input range (per "
                         "feature, from its client bundle) on this machine before "
@@ -290,7 +306,7 @@ def _shape(text: str) -> tuple[int, ...]:
 def _tee_parsers(sub) -> None:
     a = sub.add_parser("tee-attester-setup",
                        help="create an INSECURE software attester key (development only)")
-    a.add_argument("dir")
+    a.add_argument("dir", help="folder for the attester's key (created)")
     e = sub.add_parser("tee-export", help="export an ONNX model as an enclave bundle")
     e.add_argument("model", help="ONNX file")
     e.add_argument("--input-shape", type=_shape, required=True, help="per sample, e.g. 1,8,8")
@@ -299,29 +315,50 @@ def _tee_parsers(sub) -> None:
     e.add_argument("--runtime", choices=("onnxruntime", "torch", "interpreter"),
                    default="onnxruntime", help="the enclave's model runtime")
     p = sub.add_parser("tee-policy", help="write a client policy for an exported bundle")
-    p.add_argument("export", help="folder written by tee-export")
+    p.add_argument("export", help="folder written by tee-export, or by `veil export` "
+                   "(its tee/ subfolder is used)")
     p.add_argument("--attester", required=True, help="folder made by tee-attester-setup")
     p.add_argument("--allow-insecure", action="store_true",
                    help="accept the INSECURE software attester (development only)")
     p.add_argument("--max-age", type=float, default=300.0, help="seconds evidence stays valid")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the policy file to write (give it to "
+                   "clients: `veil predict --policy`)")
     k = sub.add_parser("tee-key-release", help="release model keys to attested enclaves")
     k.add_argument("--keys", required=True, help="folder of model keys (tee-export)")
     k.add_argument("--policy", required=True, help="file written by tee-policy")
-    k.add_argument("--listen", type=_address, default=("127.0.0.1", 0))
+    k.add_argument("--listen", type=_address, default=("127.0.0.1", 0),
+                   help="HOST:PORT for enclaves (port 0: any free port, printed)")
     k.add_argument("--timeout", type=float, default=10.0, help="seconds per message")
     t = sub.add_parser("tee-serve", help="run the enclave (sealed inference)")
     t.add_argument("export", help="folder written by tee-export")
-    t.add_argument("--attester", default="software", choices=("software", "sev-snp", "tdx"))
+    t.add_argument("--attester", default="software", choices=("software", "sev-snp", "tdx"),
+                   help="who vouches for the enclave (software: INSECURE, development)")
     t.add_argument("--attester-key", help="software attester: folder of tee-attester-setup")
     t.add_argument("--key-release", type=_address, help="key-release service (encrypted "
                    "bundles)")
-    t.add_argument("--listen", type=_address, default=("127.0.0.1", 0))
+    t.add_argument("--listen", type=_address, default=("127.0.0.1", 0),
+                   help="HOST:PORT for clients (port 0: any free port, printed)")
     t.add_argument("--timeout", type=float, default=10.0, help="seconds per message")
     t.add_argument("--evidence-ttl", type=int, default=300, help="seconds evidence is valid")
     t.add_argument("--threads", type=int, help="the model runtime's threads (default: its own)")
     t.add_argument("--plaintext-baseline", action="store_true",
                    help="INSECURE: serve unsealed, no attestation (benchmarks only)")
+
+
+def _tee_bundle(folder: str) -> str:
+    """The TEE bundle folder of ``folder``: itself (``veil tee-export``), or the ``tee/``
+    subfolder of a ``veil export`` folder (which has the export index)."""
+    from .deploy.export import INDEX, read_export
+
+    if (Path(folder) / INDEX).is_file():
+        info = read_export(folder)
+        if "tee" not in info.modes:
+            from .errors import InputError
+
+            raise InputError(f"{folder} is exported for {', '.join(info.modes)}, not tee: "
+                             "export it with --modes including tee")
+        return str(info.path("tee"))
+    return folder
 
 
 def _tee(args) -> int:
@@ -340,7 +377,7 @@ def _tee(args) -> int:
               + (f"; model key {out.key_id}" if out.key_id else ""))
         return 0
     if args.command == "tee-policy":
-        policy = attest.Policy(frozenset({bundle.measure(args.export)}),
+        policy = attest.Policy(frozenset({bundle.measure(_tee_bundle(args.export))}),
                                (attest.TrustedAttester.load(args.attester),),
                                args.max_age, args.allow_insecure)
         print(f"policy written to {policy.save(args.out)}")

@@ -286,6 +286,32 @@ def _say_clipped(x: np.ndarray, input_range) -> None:
               "range", file=sys.stderr)
 
 
+def _needed_flags(args) -> None:
+    """Refuse a mode's missing option by its flag (the SDK would name its argument)."""
+    if args.mode == "tee" and not args.policy:
+        raise InputError("--mode tee needs --policy FILE: the file of `veil tee-policy` "
+                         "(which enclave measurements and attesters you trust), from "
+                         "whoever vouches for the deployment")
+    if args.mode == "mpc" and not args.mpc_keys:
+        raise InputError("--mode mpc needs --mpc-keys DIR: the folder with the "
+                         "deployment's public.json (from `veil mpc-setup`)")
+
+
+def _predict_batches(client, x, args, bar) -> list:
+    """The outputs of ``x`` in batches of ``--batch-size``, advancing ``bar``; on an
+    error the bar's task is removed, so no frozen spinner stays above the message."""
+    task = bar.add_task(f"{args.mode}: {len(x)} inputs", total=len(x))
+    outs = []
+    try:
+        for i in range(0, len(x), args.batch_size):
+            outs.append(client.infer_batch(x[i:i + args.batch_size]))
+            bar.update(task, advance=len(outs[-1]))
+    except BaseException:
+        bar.remove_task(task)
+        raise
+    return outs
+
+
 def predict_cmd(args) -> int:
     from .sdk import Client
 
@@ -294,6 +320,7 @@ def predict_cmd(args) -> int:
                          "client bundle; tee and mpc compute any input exactly")
     texts = args.text or (_read_texts(args.texts) if args.texts else None)
     x, y = (None, None) if texts else load_data(args.input)
+    _needed_flags(args)
     options = {"progress": True} if args.mode == "he" else {}   # key generation and upload
     if args.clip:
         options["clip"] = True
@@ -304,15 +331,11 @@ def predict_cmd(args) -> int:
     with Client(args.url, args.model, args.mode, api_key=args.api_key, **options) as client:
         if texts:
             x = client.tokenize(texts)        # on this machine: the service sees shares
-        outs = []
         with _progress() as bar, warnings.catch_warnings():
             if args.clip:           # one count over all inputs instead of one per batch
                 _say_clipped(x, client.mode.input_range)
                 warnings.simplefilter("ignore", InputClippedWarning)
-            task = bar.add_task(f"{args.mode}: {len(x)} inputs", total=len(x))
-            for i in range(0, len(x), args.batch_size):
-                outs.append(client.infer_batch(x[i:i + args.batch_size]))
-                bar.update(task, advance=len(outs[-1]))
+            outs = _predict_batches(client, x, args, bar)
         head = client.head             # the output head, computed here (veil.ir.head)
     out = head.scores(np.concatenate(outs))
     if args.out:

@@ -109,10 +109,16 @@ def _options(p: argparse.ArgumentParser) -> None:
                         "give accuracy over the inputs they ran")
 
 
+def _user_help() -> str:
+    """The module docstring for ``compare --help``: without its last sentence (a note for
+    veil's developers) and without reST's double backquotes."""
+    return __doc__.split("``cli.py`` of veil")[0].replace("``", "").rstrip() + "\n"
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``compare`` on veil's subcommand parser."""
     p = subparsers.add_parser("compare", help="measure plain, simulate, TEE, MPC and HE "
-                              "end to end on one model", description=__doc__,
+                              "end to end on one model", description=_user_help(),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     _options(p)
     return p

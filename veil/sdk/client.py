@@ -139,12 +139,19 @@ class Client:
 
     # -- the verbs ---------------------------------------------------------------------
     def encrypt(self, x) -> Any:
+        """Protect one input (of the model's input shape) on this machine: a CKKS
+        ciphertext (he), a sealed request (tee) or two additive shares (mpc). Pass the
+        result to :meth:`infer`."""
         return self.mode.encrypt(x)
 
     def infer(self, payload) -> Any:
+        """Send what :meth:`encrypt` returned to the service; returns the protected
+        result (the service never sees the input or the output)."""
         return self.mode.infer(payload)
 
     def decrypt(self, result) -> np.ndarray:
+        """The model's output (its output shape) from one :meth:`infer` result,
+        recovered on this machine."""
         return self.mode.decrypt(result)
 
     def infer_batch(self, xs) -> np.ndarray:
