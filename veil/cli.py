@@ -10,6 +10,7 @@
         LIMITS: [--rate R] [--burst B] [--max-sessions N] [--max-key-bytes BYTES]
                 [--max-uploads N] [--max-concurrent N] [--max-channels N]
     veil serve EXPORT... --store DIR [--listen HOST:PORT]
+               [--tls-cert PEM --tls-key PEM] [--metrics-listen HOST:PORT]
                [--tee-attester-key DIR | --tee-enclave HOST:PORT]
                [--mpc-keys DIR [--mpc-parties P0,P1]] [--allow-insecure]
                [--body-timeout S] [--header-timeout S] [--max-inflight-he|tee|mpc N]
@@ -219,6 +220,9 @@ def _service_parsers(sub) -> None:
     for mode, n in (("he", 4), ("tee", 16), ("mpc", 16)):
         s.add_argument(f"--max-inflight-{mode}", type=int,
                        help=f"{mode} requests computed at once (default {n})")
+    from .service.options import add_ops_args
+
+    add_ops_args(s, _address)
     p = sub.add_parser("predict", help="run inputs through a served model with the SDK")
     p.add_argument("url", help="the service, e.g. http://127.0.0.1:8000")
     p.add_argument("--model", required=True, help="the model's name in the service "
@@ -237,6 +241,9 @@ def _service_parsers(sub) -> None:
     p.add_argument("--api-key", help="default: the VEIL_API_KEY environment variable")
     p.add_argument("--policy", help="tee: the policy file of `veil tee-policy`")
     p.add_argument("--mpc-keys", help="mpc: folder with the deployment's public.json")
+    p.add_argument("--allow-insecure", action="store_true",
+                   help="he: accept a model exported with INSECURE test parameters "
+                   "(tests only)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="inputs sent per request (default 64)")
     p.add_argument("--clip", action="store_true",
@@ -345,6 +352,14 @@ def _tee_parsers(sub) -> None:
                    help="INSECURE: serve unsealed, no attestation (benchmarks only)")
 
 
+def _announce(line: str) -> None:
+    """A server's ready line: on stdout for its launcher, and logged (stderr, which
+    ``veil serve`` keeps in ``STORE/logs/<model>-<role>.log``), so a child's log says
+    when it started and where, not only what went wrong."""
+    print(line, flush=True)
+    logging.getLogger("veil.cli").info("%s (pid %d)", line, os.getpid())
+
+
 def _tee_bundle(folder: str) -> str:
     """The TEE bundle folder of ``folder``: itself (``veil tee-export``), or the ``tee/``
     subfolder of a ``veil export`` folder (which has the export index)."""
@@ -385,7 +400,7 @@ def _tee(args) -> int:
     if args.command == "tee-key-release":
         krs = keyrelease.KeyReleaseService(args.keys, attest.Policy.load(args.policy),
                                            args.listen, args.timeout)
-        print("veil-tee key-release listening on %s:%d" % krs.address, flush=True)
+        _announce("veil-tee key-release listening on %s:%d" % krs.address)
         krs.serve_forever()
         return 0
     if args.plaintext_baseline:
@@ -398,9 +413,22 @@ def _tee(args) -> int:
                               args.listen, args.key_release, args.timeout, args.evidence_ttl,
                               args.threads)
         role = "enclave" + (" (INSECURE software attester)" if srv.insecure else "")
-    print(f"veil-tee {role} listening on %s:%d" % srv.address, flush=True)
+    _announce(f"veil-tee {role} listening on %s:%d" % srv.address)
     srv.serve_forever()
     return 0
+
+
+#: the SDK's keyword arguments that its errors name, and ``veil predict``'s flags for them
+SDK_FLAGS = {"allow_insecure=True": "--allow-insecure", "policy=": "--policy FILE",
+             "mpc_keys=": "--mpc-keys DIR", "api_key=": "--api-key"}
+
+
+def _as_flags(message: str) -> str:
+    """An SDK error message as the command line says it: flags for keyword arguments."""
+    for argument, flag in SDK_FLAGS.items():
+        message = message.replace(f"pass {argument}", f"pass {flag}") \
+                         .replace(f"needs {argument}", f"needs {flag}")
+    return message
 
 
 _COMMANDS = ("compile", "export", "keys", "serve", "predict")
@@ -430,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return getattr(commands, f"{args.command}_cmd")(args)
         except VeilError as exc:
-            print(f"veil {args.command}: {exc}", file=sys.stderr)
+            print(f"veil {args.command}: {_as_flags(str(exc))}", file=sys.stderr)
             return 1
     if args.command.startswith("tee-"):
         from .errors import VeilError
@@ -449,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         dealer = service.Dealer(transport.Identity.load(args.keys, "dealer"), args.listen,
                                 timeout=args.timeout,
                                 memory_budget=int(args.memory_budget * 2**20))
-        print("veil-mpc dealer listening on %s:%d" % dealer.address, flush=True)
+        _announce("veil-mpc dealer listening on %s:%d" % dealer.address)
         dealer.serve_forever()
         return 0
     if args.party == 0 and args.peer is None:
@@ -470,9 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     except ResourceError as exc:        # the model does not fit: say so, allocate nothing
         print(f"veil mpc-node: {exc}", file=sys.stderr)
         return 1
-    print(f"veil-mpc party{args.party} listening on %s:%d" % node.address, flush=True)
+    _announce(f"veil-mpc party{args.party} listening on %s:%d" % node.address)
     if node.peer_address:
-        print("veil-mpc party1 peer on %s:%d" % node.peer_address, flush=True)
+        _announce("veil-mpc party1 peer on %s:%d" % node.peer_address)
     node.serve_forever()
     return 0
 

@@ -264,7 +264,12 @@ def serve_cmd(args) -> int:
                                he_workers=args.he_workers,
                                worker_timeout_s=args.worker_timeout,
                                allow_insecure=args.allow_insecure, **tuning)
-        serve(config, *args.listen)
+        notes = (["enclaves are vouched for by the software attester (--tee-attester-key): "
+                  "no hardware protects them"]
+                 if args.tee_attester_key and not args.tee_enclave
+                 and any("tee" in i.modes for i in infos) else [])
+        serve(config, *args.listen, metrics_listen=args.metrics_listen,
+              tls_cert=args.tls_cert, tls_key=args.tls_key, insecure_notes=notes)
     finally:
         procs.close()
     return 0
@@ -324,6 +329,8 @@ def predict_cmd(args) -> int:
     options = {"progress": True} if args.mode == "he" else {}   # key generation and upload
     if args.clip:
         options["clip"] = True
+    if args.mode == "he" and args.allow_insecure:
+        options["allow_insecure"] = True
     if args.mode == "tee":
         options["policy"] = args.policy
     if args.mode == "mpc":

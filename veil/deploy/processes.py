@@ -281,6 +281,11 @@ class Processes:
         """The state function of the child ``name`` (for ``ServiceContext.children``)."""
         return self.children[name].state
 
+    def restarts(self, name: str) -> Callable[[], int]:
+        """How often the child ``name`` was started again (for the service's metrics)."""
+        child = self.children[name]
+        return lambda: child.restarts
+
     def tee(self, info: ExportInfo, *, attester: str = "software",
             attester_key: str | os.PathLike | None = None,
             key_release: str | None = None) -> dict:
@@ -293,7 +298,8 @@ class Processes:
             args += ["--key-release", str(key_release)]
         name = f"{info.name}-enclave"
         (enclave,) = self.start(name, args, listen_flags=("--listen",))
-        return {"enclave": _text(self.link(enclave)), "children": {name: self.state(name)}}
+        return {"enclave": _text(self.link(enclave)), "children": {name: self.state(name)},
+                "restarts": {name: self.restarts(name)}}
 
     def mpc(self, info: ExportInfo, keys: str | os.PathLike, *, frac_bits: int = 20,
             cmp: str = "circuit", timeout: float | None = None,
@@ -322,6 +328,7 @@ class Processes:
         out = connect_mpc(self.link(party0), self.link(party1), keys, frac_bits=frac_bits,
                           dealer=dealer)
         out["children"] = {name: self.state(name) for name in names.values()}
+        out["restarts"] = {name: self.restarts(name) for name in names.values()}
         return out
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import ssl
 from importlib import import_module
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -64,6 +65,9 @@ class Client:
         key_dir: where client secrets and session ids persist (0700; default ``~/.veil``).
         timeout: seconds per HTTP request.
         transport: an ``httpx`` transport (test seam, e.g. an in-process app).
+        ca: for an ``https://`` service, a PEM file of the certificate authorities to
+            trust (e.g. a service's self-signed certificate); default: the
+            ``SSL_CERT_FILE`` environment variable, else the system's and certifi's.
         mode_options: passed to the mode class (HE: ``bundle``, ``allow_insecure``,
             ``progress``, ``check_range``, ``clip``, ``layout``; ``clip=True`` clamps
             inputs into the model's calibrated range before encryption instead of
@@ -77,7 +81,8 @@ class Client:
 
     def __init__(self, url: str, model: str, mode: str = "he", *, api_key: str | None = None,
                  key_dir: str | os.PathLike | None = None, timeout: float = 60.0,
-                 transport: httpx.BaseTransport | None = None, **mode_options) -> None:
+                 transport: httpx.BaseTransport | None = None, ca: str | None = None,
+                 **mode_options) -> None:
         if mode not in MODES:
             raise ModeError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         self.url, self.model, self.mode_name = url.rstrip("/"), model, mode
@@ -90,7 +95,7 @@ class Client:
         if transport is None:
             # Nagle off: a request goes out as headers then body, and with Nagle the body
             # waits for the server's delayed ACK of the headers (40 ms on Linux)
-            transport = httpx.HTTPTransport(socket_options=[
+            transport = httpx.HTTPTransport(verify=_verify(ca), socket_options=[
                 (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport,
                                   headers={"Authorization": f"Bearer {token}",
@@ -224,6 +229,19 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _verify(ca: str | None) -> ssl.SSLContext | bool:
+    """How the client checks an https service: against ``ca`` or ``SSL_CERT_FILE`` when
+    given (a missing file is an InputError), else httpx's defaults."""
+    cafile = ca or os.environ.get("SSL_CERT_FILE")
+    if not cafile:
+        return True
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise InputError(f"cannot read the certificate authorities in {cafile}: "
+                         f"{exc}") from None
 
 
 def _error(r: httpx.Response) -> VeilError:

@@ -5,6 +5,7 @@ import argparse
 import logging
 
 from .app import ServiceConfig, add_limit_args, limit_options
+from .options import add_ops_args
 from .run import serve
 
 
@@ -31,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="HE worker processes (OpenFHE runs only in them)")
     ap.add_argument("--worker-timeout", type=float, default=300.0,
                     help="seconds an HE request may run in a worker before it is restarted")
-    ap.add_argument("--log-level", default="WARNING")
+    add_ops_args(ap, parse_listen)
+    ap.add_argument("--log-level", default="WARNING",
+                    help="stderr's level (the store's logs/service.log has INFO)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -39,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
                            disk_budget_bytes=args.disk_budget,
                            memory_budget_bytes=args.memory_budget, he_workers=args.he_workers,
                            worker_timeout_s=args.worker_timeout, **limit_options(args))
-    serve(config, *args.listen)
+    serve(config, *args.listen, metrics_listen=args.metrics_listen,
+          tls_cert=args.tls_cert, tls_key=args.tls_key)
     return 0
 
 

@@ -179,6 +179,9 @@ class ServiceContext:
             presented (``veil keys revoke`` already deleted its sessions from the store;
             a layer holding loaded sessions drops them here).
         insecure: why the served exports are insecure (empty when they are not).
+        restarts: name -> ``f() -> int``, how often each supervised child was restarted
+            (``veil.service.observe`` exports it to Prometheus).
+        metrics: the service's :class:`~veil.service.observe.ServiceMetrics`.
         limiter: the per-key rate and concurrency accounting.
     Methods ``model``, ``read_body``, ``run_sync``, ``slot`` and ``limits_for`` are for
     handlers.
@@ -193,6 +196,8 @@ class ServiceContext:
     children: dict[str, Callable[[], str]] = field(default_factory=dict)
     on_revoke: list[Callable[[str], None]] = field(default_factory=list)
     insecure: list[str] = field(default_factory=list)
+    restarts: dict[str, Callable[[], int]] = field(default_factory=dict)
+    metrics: Any = None
     limiter: Limiter = field(default_factory=Limiter)
     _slots: Any = field(default_factory=weakref.WeakKeyDictionary, repr=False)
     _revoked: set = field(default_factory=set, repr=False)
@@ -469,7 +474,28 @@ def create_app(config: ServiceConfig) -> FastAPI:
     except BaseException:
         ctx.close()
         raise
+    _observe(app, ctx)
     return app
+
+
+def _observe(app: FastAPI, ctx: ServiceContext) -> None:
+    """The request log and metrics of :mod:`veil.service.observe`, with the restarts of
+    the HE workers and of the children in ``config.backends`` (``deploy.processes``)."""
+    from .observe import Observe, ServiceMetrics
+
+    he = getattr(app.state, "he", None)
+    if he is not None:
+        for k in range(he.workers.count):
+            ctx.restarts[f"he-worker-{k}"] = lambda k=k: he.workers.restarts(k)
+    for backends in ctx.config.backends.values():
+        for backend in backends.values():
+            if isinstance(backend, dict):
+                ctx.restarts.update(backend.get("restarts") or {})
+    sessions = None if he is None else (lambda: [(r.model, r.size)
+                                                 for r in he.store.records()])
+    ctx.metrics = ServiceMetrics(sessions, ctx.children, ctx.restarts)
+    app.add_middleware(Observe, metrics=ctx.metrics,
+                       session_model=None if he is None else he.store.model_of)
 
 
 def insecure_reasons(infos) -> list[str]:

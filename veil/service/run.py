@@ -8,7 +8,15 @@ One uvicorn worker: the HE sessions live in this service's HE worker processes
 (``veil.service.workers``), which it supervises.
 
 Before it binds, ``serve`` refuses exports with insecure test parameters unless
-``config.allow_insecure`` (then it writes a warning to stderr). Connections use
+``config.allow_insecure``. At start it writes to stderr what it serves (each model, its
+modes, the HE model id and inputs per ciphertext, the TEE measurement) and, when an
+export has insecure parameters or a caller says so (``insecure_notes``: enclaves vouched
+for by the software attester), a line starting ``INSECURE:``. It appends the JSON-lines
+request log and the ``veil`` loggers' records to ``STORE/logs/service.log``
+(:mod:`veil.service.observe`); with ``metrics_listen`` it serves Prometheus metrics at
+``http://HOST:PORT/metrics`` on that address only (no API key: keep it private); with
+``tls_cert`` and ``tls_key`` (PEM files) it serves HTTPS and announces ``https://``.
+Connections use
 :func:`header_timeout_protocol`: uvicorn's h11 protocol, plus a timer that closes a
 connection whose request headers are not complete ``header_timeout_s`` after it opened
 or after the first byte of a keep-alive request (h11 alone waits forever); uvicorn's
@@ -17,8 +25,11 @@ keep-alive timer still closes idle connections between requests.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import sys
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import TextIO
 
 import h11
@@ -26,6 +37,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .app import ServiceConfig, create_app, refuse_insecure
+from .observe import ACCESS, file_handler, serve_metrics
 
 READY = "veil-serve listening on"
 
@@ -48,9 +60,51 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def url_of(sock: socket.socket) -> str:
+def url_of(sock: socket.socket, scheme: str = "http") -> str:
     host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def summary(ctx, notes: list[str] = ()) -> list[str]:
+    """The lines ``serve`` writes to stderr at start: one per model with its modes, then
+    one ``INSECURE:`` line per reason (the exports' and ``notes``)."""
+    lines = []
+    for info in ctx.models.values():
+        modes = []
+        for mode in info.modes:
+            entry = info.index.get(mode) or {}
+            if mode == "he" and "model_id" in entry:
+                modes.append(f"he (model id {entry['model_id']}, "
+                             f"{entry.get('lanes', '?')} inputs per ciphertext)")
+            elif mode == "tee" and "measurement" in entry:
+                modes.append(f"tee (measurement {entry['measurement']})")
+            else:
+                modes.append(mode)
+        lines.append(f"serving {info.name}: {', '.join(modes)}")
+    lines += [f"INSECURE: {reason}" for reason in [*ctx.insecure, *notes]]
+    return lines
+
+
+@contextmanager
+def _service_log(log_dir):
+    """Records of the ``veil`` loggers and the request log, as JSON lines in
+    ``log_dir/service.log``, while the service runs; the request log goes only there
+    (not to stderr)."""
+    handler = file_handler(log_dir)
+    root, access = logging.getLogger("veil"), logging.getLogger(ACCESS)
+    saved = access.level, access.propagate
+    root.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
+    access.addHandler(handler)
+    try:
+        yield
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(saved[0])
+        access.propagate = saved[1]
+        root.removeHandler(handler)
+        handler.close()
 
 
 class _Server(uvicorn.Server):
@@ -112,29 +166,41 @@ def header_timeout_protocol(seconds: float) -> type[H11Protocol]:
 
 
 def serve(config: ServiceConfig, host: str = "127.0.0.1", port: int = 8000, *,
-          out: TextIO | None = None) -> None:
+          out: TextIO | None = None, metrics_listen: tuple[str, int] | None = None,
+          tls_cert: str | None = None, tls_key: str | None = None,
+          insecure_notes: list[str] = ()) -> None:
     """Serve ``config`` on ``host:port`` until SIGINT/SIGTERM (``port=0``: any free port).
 
     Raises BundleError for unreadable exports, InsecureParametersError for insecure
-    exports without ``config.allow_insecure``, and OSError if the address is taken,
-    before anything is announced."""
+    exports without ``config.allow_insecure``, InputError for one of ``tls_cert`` /
+    ``tls_key`` without the other, and OSError if an address is taken or a TLS file
+    unreadable, before anything is announced."""
+    if bool(tls_cert) != bool(tls_key):
+        from ..errors import InputError
+
+        raise InputError("TLS needs both --tls-cert and --tls-key (PEM files)")
     app = create_app(config)
     ctx = app.state.veil
-    try:
+    with ExitStack() as stack:
+        stack.callback(ctx.close)
         refuse_insecure(ctx.insecure, config.allow_insecure)
         sock = bind(host, port)
-    except BaseException:
-        ctx.close()
-        raise
-    if ctx.insecure:
-        sys.stderr.write("WARNING: veil serve is serving INSECURE exports (--allow-insecure):"
-                         " " + "; ".join(ctx.insecure) + "\n")
-        sys.stderr.flush()
-    try:
+        stack.callback(sock.close)
         uv = uvicorn.Config(app, log_level="warning", lifespan="on", workers=1,
-                            timeout_graceful_shutdown=10,
+                            timeout_graceful_shutdown=10, ssl_certfile=tls_cert,
+                            ssl_keyfile=tls_key,
                             http=header_timeout_protocol(config.header_timeout_s))
-        _Server(uv, url_of(sock), out or sys.stdout).run(sockets=[sock])
-    finally:
-        sock.close()
-        app.state.veil.close()
+        if tls_cert:
+            uv.load()                 # reads the certificate now: a bad file fails here
+        err = sys.stderr
+        if metrics_listen is not None:
+            server, (mhost, mport) = serve_metrics(ctx.metrics.registry, *metrics_listen)
+            stack.callback(server.server_close)
+            stack.callback(server.shutdown)
+            err.write(f"veil-serve metrics on http://{mhost}:{mport}/metrics\n")
+        for line in summary(ctx, list(insecure_notes)):
+            err.write(line + "\n")
+        err.flush()
+        stack.enter_context(_service_log(Path(config.store_dir) / "logs"))
+        _Server(uv, url_of(sock, "https" if tls_cert else "http"),
+                out or sys.stdout).run(sockets=[sock])

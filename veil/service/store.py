@@ -241,6 +241,12 @@ class SQLiteStore(SessionStore):
                               "WHERE owner = ?", (owner,))
         return int(rows[0][0]), int(rows[0][1])
 
+    def model_of(self, session_id: str) -> str | None:
+        """The model of session ``session_id`` (any owner), None if there is none; for
+        the request log and metrics, never for access decisions."""
+        rows = self._db.query("SELECT model FROM sessions WHERE id = ?", (session_id,))
+        return rows[0][0] if rows else None
+
     def in_progress(self) -> tuple[int, int]:
         """(uploads in progress, their bytes so far)."""
         with self._commit_lock:

@@ -135,6 +135,7 @@ class _Worker:
         self.proc: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
         self.busy = False
+        self.starts = 0                         # successful starts (restarts: all but one)
         self.error: VeilError | None = None     # why the last start failed
         self.forget: set[str] = set()           # sessions to drop with the next request
         self.thread = threading.Thread(target=self._supervise, daemon=True,
@@ -176,6 +177,7 @@ class _Worker:
                     return
                 self.proc, self.sock, self.error = proc, sock, None
                 self.phase, self.up_since, self.took_request = "ok", time.monotonic(), False
+                self.starts += 1
                 self.cond.notify_all()
 
     def _check_idle(self) -> None:
@@ -346,6 +348,12 @@ class HEWorkers:
     def state(self, index: int) -> str:
         """``ok``, ``restarting``, ``down`` or ``stopped`` (for ``/v1/health``)."""
         return self._workers[index].state()
+
+    def restarts(self, index: int) -> int:
+        """How often worker ``index`` was started again after its first start."""
+        w = self._workers[index]
+        with w.cond:
+            return max(0, w.starts - 1)
 
     def pids(self) -> list[int | None]:
         """The process id of each worker now (None while it is down); for operators."""
