@@ -191,3 +191,43 @@ def test_https(served, tmp_path, monkeypatch):
     finally:
         server.stop()
     assert not server.errors()
+
+
+def test_serve_announces_enclaves_logs_children_and_counts_restarts(tmp_path):
+    """``veil serve`` with a TEE export: the measurement and the software attester's
+    INSECURE line at start, the enclave's log file says when it started, and killing the
+    enclave shows as one restart in the metrics."""
+    import os
+    import signal
+
+    from tests.abuse_util import Served
+    from veil.backends.tee import SoftwareAttester
+
+    tiny_export(tmp_path / "t", "t", modes=("tee",))
+    SoftwareAttester.create(tmp_path / "att")
+    served = Served([tmp_path / "t"], tmp_path / "store", "--allow-insecure",
+                    "--tee-attester-key", tmp_path / "att",
+                    "--metrics-listen", "127.0.0.1:0")
+    try:
+        index = json.loads((tmp_path / "t" / "veil-export.json").read_text())
+        text = served.log.read_text()
+        assert f"serving t: tee (measurement {index['tee']['measurement']})" in text
+        assert "INSECURE: enclaves are vouched for by the software attester" in text
+        metrics = re.search(r"veil-serve metrics on (http://\S+/metrics)", text).group(1)
+        enclave_log = tmp_path / "store" / "logs" / "t-enclave.log"
+        started = re.search(r"veil-tee enclave \(INSECURE software attester\) listening "
+                            r"on \S+ \(pid (\d+)\)", enclave_log.read_text())
+        assert started
+        os.kill(int(started.group(1)), signal.SIGKILL)
+        key = frozenset({("child", "t-enclave")})
+        for _ in range(200):
+            page = httpx.get(metrics).text
+            if (_samples(page, "veil_child_restarts_total").get(key) == 1
+                    and _samples(page, "veil_child_up").get(key) == 1):
+                break
+            time.sleep(0.05)
+        assert _samples(page, "veil_child_restarts_total")[key] == 1
+        assert _samples(page, "veil_child_up")[key] == 1
+        assert len(re.findall(r"veil-tee enclave .* listening", enclave_log.read_text())) == 2
+    finally:
+        served.stop()

@@ -1,5 +1,6 @@
 """``veil`` command line.
 
+    veil --version
     veil compare [MODEL --data DATA] [--modes plain,simulate,tee,mpc,he] [--n N]
                  [--out DIR] [--mlflow DIR]
     veil compile MODEL --calibration DATA [--eval DATA] [--json FILE]
@@ -16,13 +17,16 @@
                [--body-timeout S] [--header-timeout S] [--max-inflight-he|tee|mpc N]
                [--he-workers N] [--worker-timeout S] [--max-key-upload BYTES]
     veil predict URL --model NAME --mode he|tee|mpc --input DATA [--out FILE]
-                 [--policy FILE] [--mpc-keys DIR] [--clip]
+                 [--policy FILE] [--mpc-keys DIR] [--clip] [--allow-insecure]
 
 MODEL is an .onnx file or a torch module saved whole (.pt, with --trust-pickle); DATA is
 .npy (inputs) or .npz (x, and y for accuracy). compile and export take --input-shape,
 --layout, --degree, --activation-bits, --output (an ONNX graph's output), --server-head
 and --insecure-test-params. A final softmax / sigmoid and a classifier's labels are computed
 by the client after decryption (the output head); predict prints the predicted classes.
+serve writes what it serves and any INSECURE reasons to stderr, its JSON-lines request log
+to DIR/logs/service.log, and Prometheus metrics only on --metrics-listen (no API key:
+a private interface); predict trusts an https service's CA from SSL_CERT_FILE.
 
 The processes behind the modes, run by ``serve`` or by hand:
 
