@@ -204,8 +204,9 @@ def test_model_needs_data(tmp_path):
 
 
 def test_mlflow_logs_runs_and_artifacts(tmp_path, monkeypatch):
-    """Only where mlflow is installed (it is optional): the parent run holds the report
-    and plots, one nested run per mode holds its metrics."""
+    """mlflow-skinny is pinned in the dev extra, so this runs in the dev install: the
+    parent run holds the report and plots, one nested run per mode holds its metrics
+    and the compile settings (ring, depth, degrees), read back from the file store."""
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
@@ -224,6 +225,12 @@ def test_mlflow_logs_runs_and_artifacts(tmp_path, monkeypatch):
     tee = runs["tiny tee"]
     assert tee.data.metrics["latency_p50_s"] == pytest.approx(
         result["workloads"][0]["modes"]["tee"]["latency_p50_s"])
+    plan = result["workloads"][0]["he_plan"]
+    assert tee.data.params["ring_dim"] == str(plan["params"]["ring_dim"])
+    assert tee.data.params["depth"] == str(plan["depth"])
+    assert tee.data.params["degrees"] == ",".join(str(d) for d in plan["degrees"])
+    assert plan["degrees"] and all(d >= 2 for d in plan["degrees"])    # the ReLU's fit
+    assert runs["tiny plain"].data.params["mode"] == "plain"
     parent = client.get_run(result["mlflow_run"])
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"report.md", "report.json", "plots"} <= names

@@ -182,7 +182,8 @@ def run_workload(w: Workload, cfg: CompareConfig, work: Path,
            "he_estimate": report.estimate, "he_refused": report.he_error,
            "plain_logit_range": float(np.ptp(plain.reshape(len(plain), -1), axis=1).min()),
            "he_plan": {"params": report.params, "depth": report.depth,
-                       "rotation_keys": len(report.rotations), "lanes": report.lanes},
+                       "rotation_keys": len(report.rotations), "lanes": report.lanes,
+                       "degrees": [r["degree"] for r in report.layers if r.get("degree")]},
            "modes": {}, "errors": {}}
     runs = [(mode, None) for mode in cfg.modes]
     runs += [(mode, cfg.wan) for mode in cfg.modes if cfg.wan and mode in SERVED]
