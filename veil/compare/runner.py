@@ -175,7 +175,7 @@ def run_workload(w: Workload, cfg: CompareConfig, work: Path,
     if cfg.clip:
         x = compiled.input_range.clip(x, warn=False)
     plain = compiled.run(x, "plain", head=False)    # logits: modes compare before the head
-    report = compiled.report()
+    report = compiled.report(advice=False)     # the modes are measured below instead
     out = {"name": w.name, "source": w.source, "input_shape": list(w.input_shape),
            "n_available": int(len(w.x_test)), "compile_s": compile_s, "export_s": export_s,
            "zoo": w.zoo, "text": w.text, "embedding": w.embedding,
