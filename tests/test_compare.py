@@ -517,7 +517,8 @@ def test_report_of_an_embedding_workload_shows_cosines_and_the_bert_claim():
     assert '| seed 000: BERT under HE in "287 s" |' in md
     assert "| 1,800 s (6.3x the claim" in md
     assert "| 90,000x (1,800 s / 0.02 s) | estimate only |" in md
-    assert "3 for mpc" in md and "not run: layernorm has no HE kernel" in md
+    assert "single inputs each mode ran: plain 3, tee 3, mpc 3 " in md
+    assert "not run: layernorm has no HE kernel" in md
     assert "_minilm-grain skipped: weka data not found_" in md
     # a logits workload keeps the accuracy and agreement columns
     assert report.columns({"embedding": False}) == report.COLUMNS
