@@ -40,9 +40,11 @@ data:
 	    echo "note: fortunes (Debian fortunes) skipped; the text tests that need it will be skipped"
 
 # veil compare on the embedded default (digits CNN, plus Fashion-MNIST LeNet-5 when
-# `make data` has installed it): every mode end to end; report in demo-out/compare/
+# `make data` has installed it): every mode end to end; report in demo-out/compare/,
+# logged to the MLflow file store demo-out/mlruns (so the claims table checks seed
+# 000's "HE cannot fit MLOps tools")
 demo: $(STAMP)
-	$(PY) -m veil compare --out demo-out/compare
+	$(PY) -m veil compare --out demo-out/compare --mlflow demo-out/mlruns
 
 test: $(STAMP) data
 	$(PY) -m pytest -q

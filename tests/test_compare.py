@@ -143,8 +143,11 @@ def test_claims_compare_measured_values(compared):
     he = by['HE "100-1000x" slower']
     ratio = w["modes"]["he"]["latency_p50_s"] / w["modes"]["plain"]["latency_p50_s"]
     assert he["measured"] == pytest.approx(ratio)
-    assert he["verdict"] == ("within" if 100 <= ratio <= 1000 else
-                             "outside (below)" if ratio < 100 else "outside (above)")
+    assert he["verdict"].startswith("within" if 100 <= ratio <= 1000 else
+                                    "outside (below)" if ratio < 100 else "outside (above)")
+    # the ratio rests on the thinner of its two sides: he ran 3 inputs (--n-he 3)
+    assert w["modes"]["he"]["n"] == 3 and he["samples"] == 3
+    assert he["verdict"].endswith("(3 inputs, few)")
     assert by['MPC "3-10+ rounds"']["measured"] == w["modes"]["mpc"]["server_rounds"]
     assert by['seed 000: HE "cannot fit MLOps tools"']["verdict"].startswith("not tested")
 
@@ -157,6 +160,51 @@ def test_verdicts():
     assert verdict(0.5, None, 1) == "within"
     assert verdict(2, 3, None) == "outside (below)"
     assert verdict(None, 1, 2) == "not measured"
+
+
+def test_verdicts_say_how_many_inputs_they_rest_on():
+    from veil.compare.claims import samples, with_samples
+
+    modes = {"plain": {"n": 40}, "he": {"n": 4, "batch_inputs": 8}}
+    assert samples(modes, ("he", "plain")) == 4
+    assert samples(modes, ("he",), "batch_inputs") == 8
+    assert samples(modes, ("mpc", "plain")) is None
+    assert with_samples("within", 4) == "within (4 inputs, few)"
+    assert with_samples("outside (above)", 40) == "outside (above) (40 inputs)"
+    assert with_samples("not measured", None) == "not measured"
+
+
+def test_header_states_the_inputs_each_mode_ran():
+    """--n 4 with the default --n-he 20: the header says he ran 4, not 20."""
+    from veil.compare import report
+
+    mode = lambda n: {"n": n}  # noqa: E731
+    result = {"workloads": [{"name": "digits", "modes": {"plain": mode(4), "he": mode(4),
+                                                          "mpc": mode(3)}}]}
+    assert report._ran(result) == "plain 4, he 4, mpc 3"
+    result["workloads"].append({"name": "lenet", "modes": {"plain": mode(2)}})
+    assert report._ran(result) == "digits: plain 4, he 4, mpc 3; lenet: plain 2"
+
+
+def test_accuracy_legend_covers_no_bar():
+    """Every bar of the accuracy plot reaches ~1, so no spot inside the axes is free:
+    the legend sits outside them."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from veil.compare import plots
+
+    modes = ("plain", "simulate", "he", "mpc", "tee")
+    values = {w: {m: 0.98 for m in modes} for w in ("digits", "lenet")}
+    fig = plots.figure(plt, ["digits", "lenet"], "Accuracy", "accuracy",
+                       dict(values=values, log=False), accuracy=True)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent()
+    bars = [p.get_window_extent() for p in ax.patches]
+    assert len(bars) == 10 and not any(legend.overlaps(b) for b in bars)
+    plt.close(fig)
 
 
 def test_interrupted_mode_stops_its_processes(tmp_path, monkeypatch):
@@ -204,8 +252,9 @@ def test_model_needs_data(tmp_path):
 
 
 def test_mlflow_logs_runs_and_artifacts(tmp_path, monkeypatch):
-    """Only where mlflow is installed (it is optional): the parent run holds the report
-    and plots, one nested run per mode holds its metrics."""
+    """mlflow-skinny is pinned in the dev extra, so this runs in the dev install: the
+    parent run holds the report and plots, one nested run per mode holds its metrics
+    and the compile settings (ring, depth, degrees), read back from the file store."""
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
@@ -224,6 +273,12 @@ def test_mlflow_logs_runs_and_artifacts(tmp_path, monkeypatch):
     tee = runs["tiny tee"]
     assert tee.data.metrics["latency_p50_s"] == pytest.approx(
         result["workloads"][0]["modes"]["tee"]["latency_p50_s"])
+    plan = result["workloads"][0]["he_plan"]
+    assert tee.data.params["ring_dim"] == str(plan["params"]["ring_dim"])
+    assert tee.data.params["depth"] == str(plan["depth"])
+    assert tee.data.params["degrees"] == ",".join(str(d) for d in plan["degrees"])
+    assert plan["degrees"] and all(d >= 2 for d in plan["degrees"])    # the ReLU's fit
+    assert runs["tiny plain"].data.params["mode"] == "plain"
     parent = client.get_run(result["mlflow_run"])
     names = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"report.md", "report.json", "plots"} <= names
@@ -367,7 +422,7 @@ def test_text_minilm_runs_plain_tee_mpc_with_cosines_and_seed_000s_claim(tmp_pat
     assert he["verdict"] == "estimate only"
     tee = by['seed 000: BERT in a TEE in "0.3 s"']
     assert tee["measured"] == pytest.approx(modes["tee"]["latency_p50_s"])
-    assert tee["verdict"] == ("within" if tee["measured"] <= 0.3 else "outside (above)")
+    assert tee["verdict"].startswith("within" if tee["measured"] <= 0.3 else "outside (above)")
     ratio = by['seed 000: BERT "287 s" under HE vs "0.3 s" in a TEE']
     assert ratio["claimed"] == "957x"
     assert ratio["measured"] == pytest.approx(est["latency_s"] / modes["tee"]["latency_p50_s"])
@@ -452,7 +507,7 @@ def test_report_of_an_embedding_workload_shows_cosines_and_the_bert_claim():
     assert checks["tee cos"] is True and checks["mpc cos"] is False
     by = {c["claim"]: c for c in w["claims"]}
     tee = by['seed 000: BERT in a TEE in "0.3 s"']
-    assert tee["measured"] == 0.02 and tee["verdict"] == "within"
+    assert tee["measured"] == 0.02 and tee["verdict"].startswith("within")
     assert "one text of 32 tokens" in tee["quantity"]
     assert by['seed 000: BERT in a TEE in "0.3 s" (mpc for context)']["measured"] == 1.5
     assert by['seed 000: BERT under HE in "287 s"']["measured"] == 1800.0
@@ -462,7 +517,8 @@ def test_report_of_an_embedding_workload_shows_cosines_and_the_bert_claim():
     assert '| seed 000: BERT under HE in "287 s" |' in md
     assert "| 1,800 s (6.3x the claim" in md
     assert "| 90,000x (1,800 s / 0.02 s) | estimate only |" in md
-    assert "3 for mpc" in md and "not run: layernorm has no HE kernel" in md
+    assert "single inputs each mode ran: plain 3, tee 3, mpc 3 " in md
+    assert "not run: layernorm has no HE kernel" in md
     assert "_minilm-grain skipped: weka data not found_" in md
     # a logits workload keeps the accuracy and agreement columns
     assert report.columns({"embedding": False}) == report.COLUMNS

@@ -26,6 +26,7 @@ LAYERS = {
     "text": 3,                                 # MiniLM wrapper, client tokenizer, text data
     "backends": 4,                             # he | mpc | tee kernels and processes
     "deploy": 5,                               # roles, bundles, export folder, launchers
+    "advice": 5,                               # which modes suit a compiled model, priced
     "model": 6, "finetune": 6,                 # the verbs: compile, run, export, finetune
     "service": 7,                              # the HTTP service over deploy
     "sdk": 8,                                  # its client (shares service's protocol)

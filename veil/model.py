@@ -41,13 +41,23 @@ class Report:
     # rotation keys and their memory, latency; present for every model.
     estimate: dict = field(default_factory=dict)
     he_error: str = ""     # why mode="he" cannot run this model ("" when it can)
+    # which modes suit the model and each one's seconds per input here (veil.advice)
+    advice: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"layers": self.layers, "depth": self.depth, "params": self.params,
                 "param_reason": self.param_reason, "rotations": self.rotations,
                 "notes": self.notes, "lanes": self.lanes, "costs": self.costs,
                 "accuracy": self.accuracy, "estimate": self.estimate,
-                "he_error": self.he_error}
+                "he_error": self.he_error, "advice": [a.to_dict() for a in self.advice]}
+
+    def _advice_lines(self) -> list[str]:
+        if not self.advice:
+            return []
+        return (["", "advice (mode, suits, seconds per input on this machine, why):"]
+                + [f"  {a.line()}" for a in self.advice]
+                + [f"  {a.mode} seconds: {a.basis}" for a in self.advice
+                   if a.basis and a.seconds is not None and a.mode in ("he", "mpc")])
 
     def _estimate_lines(self) -> list[str]:
         e = self.estimate
@@ -104,7 +114,7 @@ class Report:
             rows += [f"mode 'he': not available: {self.he_error}"]
             rows += [f"estimate assumption: {a}" for a in self.estimate.get("assumptions", ())]
             rows += [f"note: {n}" for n in self.notes]
-            return "\n".join(rows + self._accuracy_lines())
+            return "\n".join(rows + self._accuracy_lines() + self._advice_lines())
         p = self.params
         rows += [f"multiplicative depth: {self.depth}",
                  f"CKKS: ring {p['ring_dim']}, {p['scaling_bits']}-bit scale, "
@@ -116,7 +126,7 @@ class Report:
         rows += self._cost_lines()
         rows += [f"estimate assumption: {a}" for a in self.estimate.get("assumptions", ())]
         rows += [f"note: {n}" for n in self.notes]
-        return "\n".join(rows + self._accuracy_lines())
+        return "\n".join(rows + self._accuracy_lines() + self._advice_lines())
 
     def _accuracy_lines(self) -> list[str]:
         if not self.accuracy:
@@ -358,8 +368,13 @@ class CompiledModel:
                          "refuses the others (run(..., clip=True) clamps them)")
         return rows
 
-    def report(self, data=None, labels=None) -> Report:
-        """Per-layer ranges and fits, depth, parameters; accuracy if labels are given."""
+    def report(self, data=None, labels=None, *, advice: bool = True) -> Report:
+        """Per-layer ranges and fits, depth, parameters; accuracy if labels are given;
+        with ``advice`` (the default), which modes suit the model and each one's seconds
+        per input on this machine (:mod:`veil.advice`: it runs one input in plain and,
+        for a model up to ~512 MiB a party, in MPC within this process)."""
+        from .advice import advise
+
         fits = {a.node: a for a in self.result.activations}
         layers = []
         for node in self.result.polynomial.nodes[1:]:
@@ -397,10 +412,11 @@ class CompiledModel:
             return Report(layers, est.depth if est is not None else 0, params,
                           "estimated (no slot plan)", [], notes,
                           accuracy=accuracy, estimate=estimate,
-                          he_error=refusal[1] if refusal else "no HE plan")
+                          he_error=refusal[1] if refusal else "no HE plan",
+                          advice=advise(self) if advice else [])
         return Report(layers, plan.depth, plan.params.to_dict(), plan.param_reason,
                       list(plan.rotations), notes, plan.lanes, dict(plan.costs), accuracy,
-                      estimate)
+                      estimate, advice=advise(self) if advice else [])
 
 
     def _head_notes(self) -> list[str]:

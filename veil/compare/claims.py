@@ -4,7 +4,8 @@ The project's seed documents argued with unmeasured figures; issue 7 quotes them
 they are quoted here verbatim as claims. Each claim names the measured quantity it is
 checked against, computed from this run's rows only, and gets a verdict: ``within``
 the claimed range, or ``outside`` it (``below`` / ``above``); ``not measured`` when its
-mode did not run.
+mode did not run. A measured verdict says how many inputs it rests on (``samples``:
+the fewest any mode it uses ran) and flags fewer than ``FEW``.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ class Claim:
     unit: str
     value: Callable[[dict], float | None]   # modes -> measured value (None: not measured)
     detail: Callable[[dict], str] = lambda modes: ""
+    uses: tuple[str, ...] = ()              # the modes whose rows the value rests on
+    sample: str = "n"                       # the row field that counts its inputs
 
 
 def _ratio(modes: dict, mode: str, base: str = "plain") -> float | None:
@@ -54,27 +57,48 @@ def _served(mode: str) -> Callable[[dict], str]:
 
 def _realtime(mode: str) -> Claim:
     return Claim(f'"< 1 s real-time viability": {mode}', f"{mode} latency p50, single input",
-                 None, 1.0, "s", _get(mode, "latency_p50_s"))
+                 None, 1.0, "s", _get(mode, "latency_p50_s"), uses=(mode,))
 
 
 CLAIMS = (
     Claim('HE "100-1000x" slower', "he p50 / plain p50 (single input)", 100, 1000, "x",
-          lambda m: _ratio(m, "he"), _served("he")),
+          lambda m: _ratio(m, "he"), _served("he"), ("he", "plain")),
     Claim('HE "1000-10,000x" slower', "he p50 / plain p50 (single input)", 1000, 10000, "x",
-          lambda m: _ratio(m, "he"), _served("he")),
+          lambda m: _ratio(m, "he"), _served("he"), ("he", "plain")),
     Claim('HE "< 10 QPS"', "he throughput, one batch (inputs/s)", None, 10, "/s",
-          _get("he", "throughput_per_s")),
+          _get("he", "throughput_per_s"), uses=("he",), sample="batch_inputs"),
     Claim('MPC "10-100x" slower', "mpc p50 / plain p50 (single input)", 10, 100, "x",
-          lambda m: _ratio(m, "mpc"), _served("mpc")),
+          lambda m: _ratio(m, "mpc"), _served("mpc"), ("mpc", "plain")),
     Claim('MPC "3-10+ rounds"', "mpc party-to-party rounds per inference (online)", 3, None,
           "", _get("mpc", "server_rounds"),
-          lambda m: "plus 1 client round trip" if "mpc" in m else ""),
+          lambda m: "plus 1 client round trip" if "mpc" in m else "", ("mpc",)),
     Claim('TEE "1.1-2x"', "tee p50 / plaintext server p50 (same loopback transport)",
           1.1, 2.0, "x", _tee_vs_served,
           lambda m: (f"{_ratio(m, 'tee'):,.1f}x vs plain in-process"
-                     if _ratio(m, "tee") else "")),
+                     if _ratio(m, "tee") else ""), ("tee",)),
     _realtime("he"), _realtime("mpc"), _realtime("tee"),
 )
+
+
+# Fewer inputs than this and a verdict is flagged as resting on few samples: a p50 of
+# under 10 timings moves by a large fraction of its spread from one run to the next.
+FEW = 10
+
+
+def samples(modes: dict, uses: tuple[str, ...], key: str = "n") -> int | None:
+    """How many inputs a measured value rests on: the fewest that any mode it uses ran
+    (a ratio of two p50s is no firmer than its thinner side); None when one did not run."""
+    counts = [modes[m].get(key) for m in uses if m in modes]
+    if not uses or len(counts) < len(uses) or None in counts:
+        return None
+    return int(min(counts))
+
+
+def with_samples(text: str, k: int | None) -> str:
+    """A verdict with the number of inputs behind it; under ``FEW`` it says so."""
+    if k is None or text == "not measured":
+        return text
+    return f"{text} ({k} input{'s' if k != 1 else ''}" + (", few" if k < FEW else "") + ")"
 
 
 def _range(c: Claim) -> str:
@@ -116,7 +140,9 @@ def zoo_claims(model: str, modes: dict, he_estimate: dict | None = None) -> list
                      "quantity": f"{mode} p50, one 224x224 image", "claimed": f"{claimed:g} ms",
                      "measured": v, "unit": " ms",
                      "detail": (f"{v / claimed:,.0f}x the claim" if v else ""),
-                     "verdict": verdict(v, None, claimed)})
+                     "samples": samples(modes, (mode,)),
+                     "verdict": with_samples(verdict(v, None, claimed),
+                                             samples(modes, (mode,)))})
     est = (he_estimate or {}).get("latency_s")
     rows.append({"claim": f'seed 003: {model} under HE in "{claimed:g} ms"',
                  "quantity": "he estimate (compiler cost model; not run)",
@@ -162,7 +188,9 @@ def text_claims(name: str, modes: dict, he_estimate: dict | None = None,
                      "claimed": f"{tee:g} s", "measured": v, "unit": " s",
                      "shown": _shown(v, " s"),
                      "detail": "" if v is None else f"{v / tee:,.2g}x the claim",
-                     "verdict": verdict(v, None, tee) if mode == "tee" else
+                     "samples": samples(modes, (mode,)),
+                     "verdict": with_samples(verdict(v, None, tee), samples(modes, (mode,)))
+                     if mode == "tee" else
                      ("for context" if v is not None else "not measured")})
     e = he_estimate or {}
     est = e.get("latency_s")
@@ -201,7 +229,9 @@ def evaluate(modes: dict, mlflow_run: str | None = None, *, zoo: str | None = No
         rows.append({"claim": c.text, "quantity": c.quantity, "claimed": _range(c),
                      "measured": None if v is None else float(v), "unit": c.unit,
                      "detail": c.detail(modes) if v is not None else "",
-                     "verdict": verdict(v, c.lo, c.hi)})
+                     "samples": samples(modes, c.uses, c.sample),
+                     "verdict": with_samples(verdict(v, c.lo, c.hi),
+                                             samples(modes, c.uses, c.sample))})
     mlops = {"claim": 'seed 000: HE "cannot fit MLOps tools"',
              "quantity": "parameters, metrics, report and plots logged to MLflow",
              "claimed": "not possible", "measured": None, "unit": "", "detail": "",

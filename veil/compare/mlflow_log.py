@@ -1,8 +1,9 @@
 """Log a comparison to a local MLflow file store (``veil compare --mlflow DIR``).
 
 One parent run per comparison (its configuration as parameters, the report and the
-plots as artifacts) and one nested run per workload and mode (``workload`` and ``mode``
-as parameters, the measured numbers as metrics), so MLflow's run comparison lines the
+plots as artifacts) and one nested run per workload and mode (``workload``, ``mode`` and
+the compile settings (:func:`compile_params`: ring, depth, degrees) as parameters, the
+measured numbers as metrics), so MLflow's run comparison lines the
 modes up. mlflow is optional and imported only here: ``require`` says how to install it.
 """
 from __future__ import annotations
@@ -60,12 +61,28 @@ def log_run(result: dict, directory: str | Path) -> str:
             for mode, r in w["modes"].items():
                 with mlflow.start_run(run_name=f"{w['name']} {mode}", nested=True):
                     mlflow.log_params({"workload": w["name"], "mode": mode,
-                                       "batch": r["batch"], "n": r["n"]})
+                                       "batch": r["batch"], "n": r["n"],
+                                       **compile_params(w)})
                     mlflow.log_metrics({k: float(r[k]) for k in METRICS
                                         if r.get(k) is not None})
                     mlflow.log_metrics({f"peak_rss_{k}": float(v)
                                         for k, v in r["peak_rss"].items()})
         return parent.info.run_id
+
+
+def compile_params(workload: dict) -> dict:
+    """What the compiler chose for one workload, as MLflow parameters: the CKKS ring,
+    scale and security, the multiplicative depth, rotation keys, lanes and each fitted
+    activation's degree (in graph order), so runs of differently compiled models can be
+    told apart; {} values are left out (a model HE cannot run has no plan)."""
+    plan = workload.get("he_plan") or {}
+    params = plan.get("params") or {}
+    out = {"ring_dim": params.get("ring_dim"), "scaling_bits": params.get("scaling_bits"),
+           "security": params.get("security"), "depth": plan.get("depth"),
+           "rotation_keys": plan.get("rotation_keys"), "lanes": plan.get("lanes"),
+           "degrees": ",".join(str(d) for d in plan.get("degrees", ())) or None,
+           "insecure_test_params": params.get("insecure_test_params")}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def log_artifacts(run_id: str, directory: str | Path, out: Path) -> None:

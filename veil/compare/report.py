@@ -225,15 +225,24 @@ def _he_tail(w: dict, e: dict) -> str:
     return "" if e.get("fits") else "; needs bootstrapping, which this release does not run"
 
 
+def _ran(result: dict) -> str:
+    """The single inputs each mode really timed, per workload (``--n``, ``--n-he`` and
+    the time budget all cut them, so the configuration alone would overstate them)."""
+    parts = []
+    for w in result["workloads"]:
+        ran = ", ".join(f"{m} {r['n']}" for m, r in w["modes"].items())
+        parts.append(ran if len(result["workloads"]) == 1 else f"{w['name']}: {ran}")
+    return "; ".join(parts) or "none"
+
+
 def markdown(result: dict) -> str:
     cfg, mach = result["config"], result["machine"]
     out = [f"# veil compare ({result['time']})", "",
            f"Machine: {mach['cpus']} CPUs, {mach['memory_bytes'] / 2**30:.0f} GiB, "
            f"{mach['platform']}, Python {mach['python']}, veil {mach['veil']}. Wall time "
-           f"{result['wall_s']:.0f} s. Modes: {', '.join(cfg['modes'])}; up to n = {cfg['n']} "
-           f"single inputs per mode ({cfg['n_he']} for he"
-           + (f", {cfg['n_mpc']} for mpc" if cfg.get("n_mpc") else "")
-           + f") within {cfg['budget_s']:.0f} s each, batch {cfg['batch']}.", "",
+           f"{result['wall_s']:.0f} s. Modes: {', '.join(cfg['modes'])}; single inputs each "
+           f"mode ran: {_ran(result)} (within {cfg['budget_s']:.0f} s each), batch "
+           f"{cfg['batch']}.", "",
            "How to read it: n = inputs timed one at a time (fewer than asked when the "
            "mode's time budget ran out; in brackets, how many were clipped into HE's "
            "calibrated input range with --clip, or refused outside it by simulate and "

@@ -175,14 +175,15 @@ def run_workload(w: Workload, cfg: CompareConfig, work: Path,
     if cfg.clip:
         x = compiled.input_range.clip(x, warn=False)
     plain = compiled.run(x, "plain", head=False)    # logits: modes compare before the head
-    report = compiled.report()
+    report = compiled.report(advice=False)     # the modes are measured below instead
     out = {"name": w.name, "source": w.source, "input_shape": list(w.input_shape),
            "n_available": int(len(w.x_test)), "compile_s": compile_s, "export_s": export_s,
            "zoo": w.zoo, "text": w.text, "embedding": w.embedding,
            "he_estimate": report.estimate, "he_refused": report.he_error,
            "plain_logit_range": float(np.ptp(plain.reshape(len(plain), -1), axis=1).min()),
            "he_plan": {"params": report.params, "depth": report.depth,
-                       "rotation_keys": len(report.rotations), "lanes": report.lanes},
+                       "rotation_keys": len(report.rotations), "lanes": report.lanes,
+                       "degrees": [r["degree"] for r in report.layers if r.get("degree")]},
            "modes": {}, "errors": {}}
     runs = [(mode, None) for mode in cfg.modes]
     runs += [(mode, cfg.wan) for mode in cfg.modes if cfg.wan and mode in SERVED]

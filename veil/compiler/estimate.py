@@ -699,7 +699,9 @@ def _ring(depth: int, max_depth: int, widest: int, precision_bits: int | None):
                            b.num_large_digits))
 
 
-def _rotation_s(ring: int, towers: int) -> float:
+def rotation_seconds(ring: int, towers: int) -> float:
+    """One rotation's seconds at ``ring`` with keys of ``towers`` towers: the measured
+    :data:`ROTATION_S_REF` scaled linearly in the ring and the towers."""
     p, _ = select_params(ROTATION_REF_DEPTH, ROTATION_REF_RING // 2)
     ref = keyswitch_cost(ROTATION_REF_DEPTH, p.scaling_bits, p.first_mod_bits,
                          p.num_large_digits)
@@ -739,7 +741,7 @@ def estimate_he(graph: Graph, *, precision_bits: int | None = None,
     widest = max(int(np.prod(n.shape)) for n in graph.nodes)
     ring, scale, digits, towers = _ring(depth, max_depth, next_pow2(widest), precision_bits)
     fits = depth <= max_depth
-    rot_s = _rotation_s(ring, towers)
+    rot_s = rotation_seconds(ring, towers)
     layers, keys, on_path, total = _layer_rows(
         graph, cost, depth_at, fits, max_depth, ring, rot_s,
         _Transformer(client, folds, stats or {}) if transformer else None)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import abc
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -249,6 +250,45 @@ class LocalMPC(_Local):
                                for i in range(0, len(xs), step)])
 
 
+# A batch under HE that runs longer than PROGRESS_AFTER_S says how far it got on stderr,
+# at most every PROGRESS_EVERY_S (a 16-ciphertext batch of a 10 s model runs minutes);
+# shorter batches, the tests' included, print nothing. LocalHE(progress=...) replaces
+# the line with a call.
+PROGRESS_AFTER_S = 10.0
+PROGRESS_EVERY_S = 5.0
+
+
+class BatchProgress:
+    """Counts a batch's ciphertexts as the server answers them: calls
+    ``report(done, total, elapsed_s)`` after each when given, else writes one stderr
+    line once the batch has run ``after_s`` and then at most every ``every_s``."""
+
+    def __init__(self, total: int, report: Callable[[int, int, float], None] | None = None,
+                 *, after_s: float = PROGRESS_AFTER_S, every_s: float = PROGRESS_EVERY_S,
+                 stream=None, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.total, self._report, self._clock = total, report, clock
+        self._after, self._every, self._stream = after_s, every_s, stream
+        self._start = clock()
+        self._last: float | None = None
+        self.done = 0
+
+    def step(self) -> None:
+        self.done += 1
+        elapsed = self._clock() - self._start
+        if self._report is not None:
+            self._report(self.done, self.total, elapsed)
+            return
+        due = self._last is None or elapsed - self._last >= self._every
+        if elapsed < self._after or not due:
+            return
+        self._last = elapsed
+        left = elapsed / self.done * (self.total - self.done)
+        stream = self._stream or sys.stderr
+        stream.write(f"veil he: {self.done}/{self.total} ciphertexts in {elapsed:.0f} s"
+                     + (f", ~{left:.0f} s left\n" if self.done < self.total else "\n"))
+        stream.flush()
+
+
 class LocalHE(_Children):
     """The CKKS client in this process and the HE server (``veil.deploy.he_server``) in
     a child, exchanging evaluation keys and ciphertexts over loopback.
@@ -257,17 +297,21 @@ class LocalHE(_Children):
     ``infer_batch``, ``timings``, ``close``), plus ``alive`` and ``pids``. The server
     bundle, the evaluation keys (a file the server maps: a bootstrapped model's are
     several GiB) and the logs sit in a private temporary folder, removed on
-    :meth:`close`. ``timings.session_s`` includes the server's start.
+    :meth:`close`. ``timings.session_s`` includes the server's start. ``progress``
+    (``(done, total, elapsed_s)``, per ciphertext) follows a batch; without it a batch
+    longer than ``PROGRESS_AFTER_S`` reports on stderr (:class:`BatchProgress`).
     """
 
     mode = "he"
 
     def __init__(self, client_bundle, server_bundle, check_range: bool = True, *,
-                 timeout_s: float = 24 * 3600.0) -> None:
+                 timeout_s: float = 24 * 3600.0,
+                 progress: Callable[[int, int, float], None] | None = None) -> None:
         from .client import ModelClient         # OpenFHE: loaded for this mode only
         from .loopback import Timings
 
         self.timings = Timings()
+        self.progress = progress
         self._sock = None
         self._open()
         try:
@@ -304,8 +348,14 @@ class LocalHE(_Children):
         from .loopback import timed_batch
 
         with self._calls:
-            return timed_batch(self.client, self.timings, xs,
-                               lambda cts: [self._call(ct) for ct in cts])
+            return timed_batch(self.client, self.timings, xs, self._evaluate)
+
+    def _evaluate(self, cts: list[bytes]) -> list[bytes]:
+        progress, outs = BatchProgress(len(cts), self.progress), []
+        for ct in cts:
+            outs.append(self._call(ct))
+            progress.step()
+        return outs
 
     def _close_client(self) -> None:
         if self._sock is not None:
