@@ -150,11 +150,23 @@ def export_cmd(args) -> int:
 
     model = load_model(args.model, args.trust_pickle)
     x, _ = _calibration(args.calibration, model)
+    owner = getattr(args, "owner_bundle", None)
+    if owner and not args.encrypted_weights:
+        raise InputError("--owner-bundle goes with --encrypted-weights (without it the "
+                         "export's own bundle holds the weights)")
+    options = _compile_options(args)
     with _console().status(f"exporting for {args.modes}"):
+        if owner:       # one compile for both bundles: the owner's must match the host's
+            from . import compile as compile_model
+
+            options["compiled"] = compile_model(model, x, **options)
         info = export_model(model, x, args.out,
                             name=args.name, modes=args.modes,
                             encrypted_weights=args.encrypted_weights, tee_keys=args.tee_keys,
-                            **_compile_options(args))
+                            **options)
+        if owner:
+            options["compiled"].server_bundle().save(owner)
+            print(f"  the model owner's bundle (plaintext weights) is in {owner}")
     print(f"exported {info.name!r} to {info.directory} for {', '.join(info.modes)}")
     if "tee" in info.modes:
         print(f"  tee measurement {info.index['tee']['measurement']}"
@@ -181,7 +193,8 @@ def keys_cmd(args) -> int:
     store = KeyStore(args.store)
     try:
         if args.action == "create":
-            token = store.create(args.name, _limit_args(args))
+            token = store.create(args.name, _limit_args(args),
+                                 owner_of=getattr(args, "owner", None))
             print(token)
             print("(shown once: the store keeps only its hash)", file=sys.stderr)
         elif args.action == "list":
@@ -284,6 +297,32 @@ def _say_clipped(x: np.ndarray, input_range) -> None:
         print(f"--clip: {int(outside.sum())} values in {len(rows)} of "
               f"{len(batch)} inputs (rows {listed}) clamped into the calibrated input "
               "range", file=sys.stderr)
+
+
+def weights_request_cmd(args) -> int:
+    """``veil weights-request``: this client's session id and public key, for the owner."""
+    from .sdk import Client
+
+    options = {"key_dir": args.key_dir} if args.key_dir else {}
+    with Client(args.url, args.model, "he", api_key=args.api_key,
+                allow_insecure=args.allow_insecure, **options) as client:
+        blob = client.mode.weights_request()
+        sid = client.mode.session_id
+    Path(args.out).write_bytes(blob)
+    print(f"weights request for session {sid[:8]}… written to {args.out}: give it to the "
+          "model owner (it holds your public key, nothing secret)")
+    return 0
+
+
+def owner_cmd(args) -> int:
+    """``veil owner upload-weights``: encrypt and upload for one client's session."""
+    from .sdk.owner import ModelOwner
+
+    with ModelOwner(args.url, args.bundle, api_key=args.api_key) as owner:
+        answer = owner.upload_weights(Path(args.request).read_bytes())
+    print(f"encrypted weights uploaded to session {answer['session'][:8]}… "
+          f"({answer['size']} bytes stored with it)")
+    return 0
 
 
 def predict_cmd(args) -> int:
