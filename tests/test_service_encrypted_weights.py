@@ -69,22 +69,28 @@ def owner(env, who="owner"):
     return ModelOwner(env["url"], env["owner_bundle"], api_key=env["tokens"][who])
 
 
+def veil_cli(*args: str) -> str:
+    """``python -m veil ARGS`` in its own process; its stdout."""
+    r = subprocess.run([sys.executable, "-m", "veil", *args], capture_output=True, text=True,
+                       cwd=ROOT, timeout=60, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
+                                                  "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
 def test_three_parties_match_the_plaintext_export(env):
     xs = env["calib"][:6]
     with client(env, "alice") as alice:
         with pytest.raises(MissingKeyError, match="owner has not uploaded"):
             alice.predict(xs[0])
-        request = alice.mode.weights_request()       # handed to the owner out of band
-    path = env["root"] / "alice.request"
-    path.write_bytes(request)
-    cli = subprocess.run(
-        [sys.executable, "-m", "veil", "owner", "upload-weights", env["url"],
-         "--bundle", str(env["owner_bundle"]), "--request", str(path),
-         "--api-key", env["tokens"]["owner"]],
-        capture_output=True, text=True, cwd=ROOT, timeout=60,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
-    assert cli.returncode == 0, cli.stderr
-    assert "encrypted weights uploaded to session" in cli.stdout
+    path = env["root"] / "alice.request"     # handed to the model owner out of band
+    out = veil_cli("weights-request", env["url"], "--model", "tiny-ew", "--out", str(path),
+                   "--api-key", env["tokens"]["alice"], "--key-dir",
+                   str(env["root"] / "keys-alice"), "--allow-insecure")
+    assert "written to" in out
+    out = veil_cli("owner", "upload-weights", env["url"], "--bundle", str(env["owner_bundle"]),
+                   "--request", str(path), "--api-key", env["tokens"]["owner"])
+    assert "encrypted weights uploaded to session" in out
     with client(env, "alice") as alice, client(env, "alice", "tiny") as plain:
         out = alice.infer_batch(xs)              # a new Client reuses the session
         ref = plain.infer_batch(xs)
