@@ -14,6 +14,7 @@
                [--mpc-keys DIR [--mpc-parties P0,P1]] [--allow-insecure]
                [--body-timeout S] [--header-timeout S] [--max-inflight-he|tee|mpc N]
                [--he-workers N] [--worker-timeout S] [--max-key-upload BYTES]
+               [--max-weights-upload BYTES]
     veil predict URL --model NAME --mode he|tee|mpc --input DATA [--out FILE]
                  [--policy FILE] [--mpc-keys DIR] [--clip]
     veil weights-request URL --model NAME --out FILE     # client: session + public key
@@ -211,6 +212,9 @@ def _service_parsers(sub) -> None:
     s.add_argument("--max-key-upload", type=int,
                    help="largest evaluation-key upload in bytes, streamed to disk (default "
                    "1 GiB; a bootstrapped ResNet-20's keys are 17.3 GB)")
+    s.add_argument("--max-weights-upload", type=int,
+                   help="largest upload of a model owner's encrypted weights in bytes, "
+                   "streamed to disk (default 1 GiB)")
     s.add_argument("--body-timeout", type=float, help="seconds a request body may take, "
                    "plus its size at 1 MB/s (default 30)")
     s.add_argument("--header-timeout", type=float, help="close connections whose request "

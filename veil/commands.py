@@ -1,4 +1,5 @@
-"""The user-facing commands behind ``veil compile | export | serve | predict | keys``.
+"""The user-facing commands behind ``veil compile | export | serve | predict | keys``,
+and for encrypted weights ``veil weights-request | owner upload-weights``.
 
 ``cli.py`` parses; this module does the work, with rich progress for the long steps
 (compiling, exporting, starting processes, batched predictions). Data files are ``.npy``
@@ -269,8 +270,11 @@ def serve_cmd(args) -> int:
             ("max_inflight_he", args.max_inflight_he),
             ("max_inflight_tee", args.max_inflight_tee),
             ("max_inflight_mpc", args.max_inflight_mpc)) if value is not None}
-        if args.max_key_upload is not None:
-            tuning["max_body_bytes"] = {**default_body_limits(), "keys": args.max_key_upload}
+        uploads = {kind: value for kind, value in (
+            ("keys", args.max_key_upload),
+            ("weights", getattr(args, "max_weights_upload", None))) if value is not None}
+        if uploads:
+            tuning["max_body_bytes"] = {**default_body_limits(), **uploads}
         config = ServiceConfig(exports=[i.directory for i in infos], store_dir=store,
                                session_ttl_s=args.ttl, disk_budget_bytes=args.disk_budget,
                                memory_budget_bytes=args.memory_budget, backends=backends,
