@@ -160,3 +160,28 @@ def test_refused_uploads_say_why(env):
         assert o.upload(name, sid, blob)["session"] == sid
     with owner(env, "tiny-owner") as o, pytest.raises(SerializationError, match="plaintext"):
         o.upload("tiny", sid, blob)
+
+
+def test_owner_keys_are_scoped_to_models_and_old_stores_migrate(tmp_path):
+    import sqlite3
+
+    from veil.errors import InputError
+
+    store = tmp_path / "store"
+    keys = KeyStore(store)
+    client_token = keys.create("client")
+    keys.close()
+    with sqlite3.connect(store / "veil.sqlite3") as db:     # a store made before roles
+        db.execute("ALTER TABLE api_keys DROP COLUMN owner_of")
+    keys = KeyStore(store)
+    owner_token = keys.create("owner", owner_of=["b", "a", "a"])
+    client, owner = keys.verify(client_token), keys.verify(owner_token)
+    keys.require_owner(owner, "a")
+    for kid, model in ((owner, "c"), (client, "a"), ("000000000000", "a")):
+        with pytest.raises(ForbiddenError, match="--owner"):
+            keys.require_owner(kid, model)
+    assert {r["name"]: r["owner_of"] for r in keys.list()} == {"client": [],
+                                                               "owner": ["a", "b"]}
+    with pytest.raises(InputError):
+        keys.create("bad", owner_of="a")        # a str, not a list of names
+    keys.close()

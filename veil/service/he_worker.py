@@ -64,7 +64,7 @@ class Worker:
 
         self.servers = {}
         for spec in exports:
-            name, _, directory = spec.rpartition("=")
+            name, _, directory = spec.partition("=")     # names have no "="
             server = ModelServer(ServerBundle.load(directory))
             self.servers[name or server.bundle.model_id] = server
         self.loaded = LoadedSessions(memory_budget, self._refuse,
