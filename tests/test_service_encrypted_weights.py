@@ -185,3 +185,29 @@ def test_owner_keys_are_scoped_to_models_and_old_stores_migrate(tmp_path):
     with pytest.raises(InputError):
         keys.create("bad", owner_of="a")        # a str, not a list of names
     keys.close()
+
+
+def test_bad_keys_for_an_encrypted_weights_model_are_refused_at_upload(env):
+    """Its sessions load keys only with the owner's weights, yet OpenFHE checks them when
+    they arrive: a valid envelope around rotation keys cut short is refused at once."""
+    import httpx
+
+    from veil.wire import pack, unpack
+
+    with ModelClient(env["compiled"].client_bundle()) as stranger:
+        good = stranger.keygen().to_bytes()
+    header, parts = unpack(good, "veil-evaluation-keys")
+    meta = {k: v for k, v in header.items() if k not in ("kind", "parts")}
+    forged = pack("veil-evaluation-keys",
+                  {**parts, "rotations": parts["rotations"][:len(parts["rotations"]) // 2]},
+                  meta)
+    before = sorted((env["store"] / "sessions").iterdir())
+    with httpx.Client(base_url=env["url"], timeout=60, headers={
+            "Authorization": f"Bearer {env['tokens']['bob']}",
+            "Content-Type": "application/octet-stream"}) as http:
+        r = http.post("/v1/models/tiny-ew/he/sessions", content=forged)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] in ("malformed", "rejected-input")
+        r = http.post("/v1/models/tiny-ew/he/sessions", content=good)
+        assert r.status_code == 201, r.text
+    assert len(sorted((env["store"] / "sessions").iterdir())) == len(before) + 1

@@ -23,8 +23,8 @@ Encrypted weights (a model exported with ``--encrypted-weights``: the host's bun
 holds zeros). Three parties: the client (the data owner, holding the secret key), the
 model owner, and this host, which sees neither inputs nor weights.
 
-1. The client creates its session as usual (for such a model the worker only parses
-   the keys) and hands the model owner, out of band, its *weights request*: the session
+1. The client creates its session as usual (for such a model the worker checks the keys
+   in OpenFHE and drops them: they load with the weights) and hands the model owner, out of band, its *weights request*: the session
    id and its public key (``veil weights-request``, ``HEMode.weights_request()``). It
    does not travel through this host: a host that could swap the public key for its own
    would decrypt the weights.

@@ -15,8 +15,8 @@ sessions to ``forget`` first):
 
 * ``open``: load the evaluation keys in the file ``keys`` (a finished upload) for a new
   session, refusing keys of another model than ``model_id``;
-  (for a model with encrypted weights the keys are only parsed: they load with the
-  weights);
+  (for a model with encrypted weights OpenFHE checks them and drops them again: the
+  session loads them with the model owner's weights);
 * ``weights``: load the session from its key file ``keys`` with the model owner's
   encrypted weights in the file ``weights`` (an upload), replacing a loaded copy:
   OpenFHE checks them, and they must be for this model and this session's client;
@@ -134,7 +134,8 @@ class Worker:
                                    f"than {name!r}: generate them from its client bundle")
         server = self.servers.get(name)
         if server is not None and server.bundle.weights == "encrypted":
-            return      # OpenFHE loads (and checks) them with the owner's weights
+            server.check_keys(keys)     # sessions load them with the owner's weights
+            return
         self.loaded.run(sid, lambda: keys, lambda session: None, owner,   # OpenFHE loads them
                         self._opener(name, None))
 
