@@ -5,8 +5,8 @@
                  [--out DIR] [--mlflow DIR]
     veil compile MODEL --calibration DATA [--eval DATA] [--json FILE]
     veil export MODEL --calibration DATA OUT [--name N] [--modes tee,mpc,he]
-                [--encrypted-weights] [--tee-keys DIR]
-    veil keys create NAME --store DIR [LIMITS] | list --store DIR
+                [--encrypted-weights [--owner-bundle DIR]] [--tee-keys DIR]
+    veil keys create NAME --store DIR [LIMITS] [--owner MODEL]... | list --store DIR
               | set-limits ID|NAME --store DIR [LIMITS] [--reset] | revoke ID --store DIR
         LIMITS: [--rate R] [--burst B] [--max-sessions N] [--max-key-bytes BYTES]
                 [--max-uploads N] [--max-concurrent N] [--max-channels N]
@@ -16,8 +16,16 @@
                [--mpc-keys DIR [--mpc-parties P0,P1]] [--allow-insecure]
                [--body-timeout S] [--header-timeout S] [--max-inflight-he|tee|mpc N]
                [--he-workers N] [--worker-timeout S] [--max-key-upload BYTES]
+               [--max-weights-upload BYTES]
     veil predict URL --model NAME --mode he|tee|mpc --input DATA [--out FILE]
                  [--policy FILE] [--mpc-keys DIR] [--clip] [--allow-insecure]
+    veil weights-request URL --model NAME --out FILE     # client: session + public key
+    veil owner upload-weights URL --bundle DIR --request FILE   # model owner
+
+A model exported with --encrypted-weights is served without its weights: the client
+runs ``weights-request`` and hands the file to the model owner out of band; the owner
+(a key made with ``keys create --owner MODEL``) encrypts its weights under the client's
+public key and uploads them to that session; then ``predict`` works as usual.
 
 MODEL is an .onnx file or a torch module saved whole (.pt, with --trust-pickle); DATA is
 .npy (inputs) or .npz (x, and y for accuracy). compile and export take --input-shape,
@@ -178,8 +186,12 @@ def _service_parsers(sub) -> None:
                    help=f"comma-separated: {', '.join(SERVED)}")
     e.add_argument("--encrypted-weights", action="store_true",
                    help="HE: server bundle without weights (sent encrypted per client)")
+    e.add_argument("--owner-bundle", help="with --encrypted-weights: also write the model "
+                   "owner's HE server bundle, WITH its plaintext weights, to this folder "
+                   "(keep it off the host; `veil owner upload-weights --bundle` reads it)")
     e.add_argument("--tee-keys", help="TEE: encrypt the enclave bundle; key written here")
     _keys_parsers(sub)
+    _weights_parsers(sub)
     s = sub.add_parser("serve", help="serve export folders over HTTP (HE, TEE, MPC)")
     s.add_argument("exports", nargs="+", help="folders written by `veil export`")
     s.add_argument("--store", required=True,
@@ -217,6 +229,9 @@ def _service_parsers(sub) -> None:
     s.add_argument("--max-key-upload", type=int,
                    help="largest evaluation-key upload in bytes, streamed to disk (default "
                    "1 GiB; a bootstrapped ResNet-20's keys are 17.3 GB)")
+    s.add_argument("--max-weights-upload", type=int,
+                   help="largest upload of a model owner's encrypted weights in bytes, "
+                   "streamed to disk (default 1 GiB)")
     s.add_argument("--body-timeout", type=float, help="seconds a request body may take, "
                    "plus its size at 1 MB/s (default 30)")
     s.add_argument("--header-timeout", type=float, help="close connections whose request "
@@ -267,6 +282,33 @@ LIMIT_FLAGS = {"--rate": ("rate", float), "--burst": ("burst", int),
                "--max-channels": ("max_channels", int)}
 
 
+def _weights_parsers(sub) -> None:
+    """``veil weights-request`` (client) and ``veil owner upload-weights`` (model owner)."""
+    w = sub.add_parser("weights-request", help="client: write what the model owner needs "
+                       "to upload encrypted weights for your HE session")
+    w.add_argument("url", help="the service, e.g. http://127.0.0.1:8000")
+    w.add_argument("--model", required=True, help="the model's name in the service")
+    w.add_argument("--out", required=True, help="write the request here (session id, "
+                   "model and your public key; nothing secret): give it to the model owner")
+    w.add_argument("--api-key", help="your client key; default: the VEIL_API_KEY "
+                   "environment variable")
+    w.add_argument("--key-dir", help="where your keys and session persist (default "
+                   "~/.veil, which predict uses too)")
+    w.add_argument("--allow-insecure", action="store_true",
+                   help="accept a model with INSECURE test parameters (tests only)")
+    o = sub.add_parser("owner", help="model owner: upload weights encrypted for a client")
+    actions = o.add_subparsers(dest="action", required=True)
+    u = actions.add_parser("upload-weights", help="encrypt your weights under the public "
+                           "key of a client's weights request and upload them to its session")
+    u.add_argument("url", help="the service, e.g. http://127.0.0.1:8000")
+    u.add_argument("--bundle", required=True, help="your HE server bundle with plaintext "
+                   "weights (export --owner-bundle DIR)")
+    u.add_argument("--request", required=True,
+                   help="the client's weights request file (veil weights-request)")
+    u.add_argument("--api-key", help="a model owner's key (keys create NAME --owner MODEL); "
+                   "default: the VEIL_API_KEY environment variable")
+
+
 def _keys_parsers(sub) -> None:
     """``veil keys ACTION``: one subparser per action, so options may come before or
     after the positional (``keys create --store DIR NAME`` works)."""
@@ -280,6 +322,9 @@ def _keys_parsers(sub) -> None:
         a = actions.add_parser(action, help=text)
         if action == "create":
             a.add_argument("name", help="the client's name")
+            a.add_argument("--owner", action="append", metavar="MODEL",
+                           help="a model owner's key: it may upload encrypted weights for "
+                                "MODEL (repeatable); default: a client key")
         elif action != "list":
             a.add_argument("name", metavar="ID", help="the key id (or its unique name)")
         a.add_argument("--store", help="the service's store folder")
@@ -435,7 +480,7 @@ def _as_flags(message: str) -> str:
     return message
 
 
-_COMMANDS = ("compile", "export", "keys", "serve", "predict")
+_COMMANDS = ("compile", "export", "keys", "serve", "predict", "weights-request", "owner")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -460,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             args.id = getattr(args, "name", None)
         try:
-            return getattr(commands, f"{args.command}_cmd")(args)
+            return getattr(commands, f"{args.command.replace('-', '_')}_cmd")(args)
         except VeilError as exc:
             print(f"veil {args.command}: {_as_flags(str(exc))}", file=sys.stderr)
             return 1

@@ -1,4 +1,5 @@
-"""The user-facing commands behind ``veil compile | export | serve | predict | keys``.
+"""The user-facing commands behind ``veil compile | export | serve | predict | keys``,
+and for encrypted weights ``veil weights-request | owner upload-weights``.
 
 ``cli.py`` parses; this module does the work, with rich progress for the long steps
 (compiling, exporting, starting processes, batched predictions). Data files are ``.npy``
@@ -150,11 +151,23 @@ def export_cmd(args) -> int:
 
     model = load_model(args.model, args.trust_pickle)
     x, _ = _calibration(args.calibration, model)
+    owner = getattr(args, "owner_bundle", None)
+    if owner and not args.encrypted_weights:
+        raise InputError("--owner-bundle goes with --encrypted-weights (without it the "
+                         "export's own bundle holds the weights)")
+    options = _compile_options(args)
     with _console().status(f"exporting for {args.modes}"):
+        if owner:       # one compile for both bundles: the owner's must match the host's
+            from . import compile as compile_model
+
+            options["compiled"] = compile_model(model, x, **options)
         info = export_model(model, x, args.out,
                             name=args.name, modes=args.modes,
                             encrypted_weights=args.encrypted_weights, tee_keys=args.tee_keys,
-                            **_compile_options(args))
+                            **options)
+        if owner:
+            options["compiled"].server_bundle().save(owner)
+            print(f"  the model owner's bundle (plaintext weights) is in {owner}")
     print(f"exported {info.name!r} to {info.directory} for {', '.join(info.modes)}")
     if "tee" in info.modes:
         print(f"  tee measurement {info.index['tee']['measurement']}"
@@ -181,7 +194,8 @@ def keys_cmd(args) -> int:
     store = KeyStore(args.store)
     try:
         if args.action == "create":
-            token = store.create(args.name, _limit_args(args))
+            token = store.create(args.name, _limit_args(args),
+                                 owner_of=getattr(args, "owner", None))
             print(token)
             print("(shown once: the store keeps only its hash)", file=sys.stderr)
         elif args.action == "list":
@@ -256,8 +270,11 @@ def serve_cmd(args) -> int:
             ("max_inflight_he", args.max_inflight_he),
             ("max_inflight_tee", args.max_inflight_tee),
             ("max_inflight_mpc", args.max_inflight_mpc)) if value is not None}
-        if args.max_key_upload is not None:
-            tuning["max_body_bytes"] = {**default_body_limits(), "keys": args.max_key_upload}
+        uploads = {kind: value for kind, value in (
+            ("keys", args.max_key_upload),
+            ("weights", getattr(args, "max_weights_upload", None))) if value is not None}
+        if uploads:
+            tuning["max_body_bytes"] = {**default_body_limits(), **uploads}
         config = ServiceConfig(exports=[i.directory for i in infos], store_dir=store,
                                session_ttl_s=args.ttl, disk_budget_bytes=args.disk_budget,
                                memory_budget_bytes=args.memory_budget, backends=backends,
@@ -315,6 +332,30 @@ def _predict_batches(client, x, args, bar) -> list:
         bar.remove_task(task)
         raise
     return outs
+def weights_request_cmd(args) -> int:
+    """``veil weights-request``: this client's session id and public key, for the owner."""
+    from .sdk import Client
+
+    options = {"key_dir": args.key_dir} if args.key_dir else {}
+    with Client(args.url, args.model, "he", api_key=args.api_key,
+                allow_insecure=args.allow_insecure, **options) as client:
+        blob = client.mode.weights_request()
+        sid = client.mode.session_id
+    Path(args.out).write_bytes(blob)
+    print(f"weights request for session {sid[:8]}… written to {args.out}: give it to the "
+          "model owner (it holds your public key, nothing secret)")
+    return 0
+
+
+def owner_cmd(args) -> int:
+    """``veil owner upload-weights``: encrypt and upload for one client's session."""
+    from .sdk.owner import ModelOwner
+
+    with ModelOwner(args.url, args.bundle, api_key=args.api_key) as owner:
+        answer = owner.upload_weights(Path(args.request).read_bytes())
+    print(f"encrypted weights uploaded to session {answer['session'][:8]}… "
+          f"({answer['size']} bytes stored with it)")
+    return 0
 
 
 def predict_cmd(args) -> int:

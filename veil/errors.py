@@ -149,6 +149,11 @@ class AuthError(VeilError):
     """A request carried no API key, or one that is unknown or revoked (HTTP 401)."""
 
 
+class ForbiddenError(AuthError):
+    """A valid API key whose role does not allow this request (HTTP 403), e.g. a client
+    key uploading model weights, or a model owner's key for another model."""
+
+
 class NotFoundError(VeilError):
     """No such model or session. Deliberately the same for a session that never existed,
     has expired, or belongs to another client, so callers learn nothing about others."""

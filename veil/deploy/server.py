@@ -14,6 +14,7 @@ maps: the keys are inserted under a tag derived from the namespace and the clien
 from __future__ import annotations
 
 import os
+import secrets
 import threading
 
 import numpy as np
@@ -190,6 +191,23 @@ class ModelServer:
         keys = (evaluation_keys if isinstance(evaluation_keys, EvaluationKeys)
                 else EvaluationKeys.from_bytes(evaluation_keys))
         return ServerSession(self, keys, weights, namespace)
+
+    def check_keys(self, evaluation_keys: bytes | EvaluationKeys) -> None:
+        """Validate a client's evaluation keys by loading them into OpenFHE, then drop
+        them. For a bundle with encrypted weights, whose sessions open only with the
+        model owner's weights (which arrive later), so bad keys are refused when they
+        arrive. They load under a throwaway tag, so a session holding the same keys is
+        untouched."""
+        if isinstance(evaluation_keys, SecretKey):
+            raise KeyTypeError("servers never accept secret keys; send evaluation_keys()")
+        keys = (evaluation_keys if isinstance(evaluation_keys, EvaluationKeys)
+                else EvaluationKeys.from_bytes(evaluation_keys))
+        if keys.model_id != self.bundle.model_id:
+            raise KeyMismatchError("these evaluation keys were generated for another model")
+        probe = native_tag(f"veil-check-keys/{secrets.token_hex(16)}", keys.tag)
+        EvaluationSession(self.bundle.params, keys.tag, keys.parts,
+                          self.bundle.manifest["rotations"], validator=self.validator,
+                          native_tag=probe, key_cache_bytes=self.key_cache_bytes).close()
 
     def run(self, ciphertext: bytes, evaluation_keys: bytes | EvaluationKeys) -> bytes:
         """One-shot inference: load keys, evaluate, drop keys."""

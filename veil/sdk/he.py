@@ -11,6 +11,11 @@
    (``session.json``). A session the server no longer has (404: expired, evicted, or a
    server that lost its store) is re-created from the same keys, once per call, so a
    ciphertext made before stays valid.
+4. A model with encrypted weights (``info()["he"]["weights"] == "encrypted"``) needs its
+   owner's weights for each session: :meth:`HEMode.weights_request` gives the bytes to
+   hand the model owner out of band (session id and this client's public key), who
+   uploads them with :class:`veil.sdk.owner.ModelOwner`. A session re-created after the
+   server lost it needs a new request (inference answers MissingKeyError until then).
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from ..errors import (BundleError, InputError, InsecureParametersError, KeyMisma
                       ModeError, NotFoundError, SerializationError)
 from ..service.protocol import pack_batch, unpack_batch, unpack_client_bundle
 from ..wire import pack, unpack
+from .owner import WEIGHTS_REQUEST_KIND
 
 log = logging.getLogger("veil.sdk")
 KEYS_KIND = "veil-sdk-he-keys"
@@ -207,6 +213,22 @@ class HEMode:
                 pass
         self.session_id = None
         (self.dir / "session.json").unlink(missing_ok=True)
+
+    # -- encrypted weights ----------------------------------------------------------------
+    def public_key(self) -> bytes:
+        """This client's public key (``PublicKey`` envelope): a model owner encrypts
+        its weights under it. It reveals nothing secret."""
+        self._ensure_keys()
+        return self.crypto.public_key().to_bytes()
+
+    def weights_request(self) -> bytes:
+        """What the model owner needs to upload weights for this client's session: the
+        session id (created now if needed), the model, and :meth:`public_key`. Hand it
+        over out of band (not through the host, which could swap the key); the owner
+        passes it to :meth:`veil.sdk.owner.ModelOwner.upload_weights`."""
+        sid = self._ensure_session()
+        return pack(WEIGHTS_REQUEST_KIND, {"public_key": self.public_key()},
+                    {"session": sid, "model": self._client.model, "model_id": self.model_id})
 
     # -- the mode interface -------------------------------------------------------------
     def encrypt(self, x) -> bytes:

@@ -19,6 +19,11 @@ GET    /openapi.json                        the OpenAPI schema (needs a key)    
 GET    /docs                                Swagger page, schema inlined          200
 ====== ==================================== =================================== ========
 
+A model exported with encrypted weights also has ``PUT
+/v1/models/{name}/he/sessions/{id}/weights`` (200): a model owner's key (``veil keys
+create NAME --owner MODEL``) uploads the weights encrypted under that session's client's
+public key (:mod:`veil.service.he`).
+
 Every route but health needs ``Authorization: Bearer <API key>``, the OpenAPI schema
 (``/openapi.json``) and its Swagger page (``/docs``, the schema inlined) included: the
 schema lists what a client may call, so it is for clients. Every error is a JSON body
@@ -86,7 +91,7 @@ BINARY_BODY = {"requestBody": {"required": True, "content": {
 
 
 def default_body_limits() -> dict[str, int]:
-    return {"keys": 1 << 30, "batch": 256 << 20, "json": 1 << 20}
+    return {"keys": 1 << 30, "batch": 256 << 20, "json": 1 << 20, "weights": 1 << 30}
 
 
 @dataclass
@@ -100,7 +105,8 @@ class ServiceConfig:
         disk_budget_bytes: most bytes of stored evaluation keys (LRU sessions go first).
         memory_budget_bytes: most (estimated) bytes of loaded OpenFHE sessions.
         max_body_bytes: per route kind: ``keys`` (evaluation-key uploads, streamed to
-            disk), ``batch`` (infer-batch), ``json``; a single ciphertext is bounded by
+            disk), ``batch`` (infer-batch), ``json``, ``weights`` (a model owner's
+            encrypted weights, streamed to disk); a single ciphertext is bounded by
             its model's ``ModelServer.max_input_bytes``.
         max_batch: most ciphertexts in one infer-batch request.
         max_inflight: compute slots of ``ctx.slot()`` without a mode (older callers).
@@ -334,6 +340,10 @@ def add_limit_args(parser) -> None:
                         help="largest evaluation-key upload in bytes, streamed to disk "
                              "(default %(default)s; a bootstrapped ResNet-20's keys are "
                              "17.3 GB)")
+    parser.add_argument("--max-weights-upload", type=int,
+                        default=default_body_limits()["weights"],
+                        help="largest upload of a model owner's encrypted weights in bytes, "
+                             "streamed to disk (default %(default)s)")
     parser.add_argument("--allow-insecure", action="store_true",
                         help="serve exports with INSECURE test parameters (tests only)")
 
@@ -344,7 +354,8 @@ def limit_options(args) -> dict:
             "header_timeout_s": args.header_timeout, "max_inflight_he": args.max_inflight_he,
             "max_inflight_tee": args.max_inflight_tee,
             "max_inflight_mpc": args.max_inflight_mpc, "allow_insecure": args.allow_insecure,
-            "max_body_bytes": {**default_body_limits(), "keys": args.max_key_upload}}
+            "max_body_bytes": {**default_body_limits(), "keys": args.max_key_upload,
+                               "weights": args.max_weights_upload}}
 
 
 def check_media_type(request: Request, media_type: str | None) -> None:

@@ -12,6 +12,14 @@ Each key may carry its own limits (:mod:`veil.service.limits`): only the values 
 it are stored (JSON in the ``limits`` column, added to older stores when they open), so
 the rest follow the service's defaults. :meth:`KeyStore.authenticate` returns them with
 the client id in the same database read.
+
+Roles: a key is a *client* key (the default: it creates HE sessions and runs
+inference) or a *model owner* key (``create(name, owner_of=[MODEL, ...])``, ``veil keys
+create NAME --owner MODEL``), which may additionally upload encrypted weights for the
+listed models only (``PUT /v1/he/sessions/{id}/weights``). Scoping owner keys to models
+matters: anyone may encrypt weights under a client's public key, so the service must
+know which key speaks for a model's owner. The models are JSON in the ``owner_of``
+column (added to older stores when they open; NULL for a client key).
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ import secrets
 import time
 from datetime import datetime, timezone
 
-from ..errors import AuthError, InputError, NotFoundError
+from ..errors import AuthError, ForbiddenError, InputError, NotFoundError
 from ._db import Database
 from .limits import check_limits
 
@@ -53,6 +61,26 @@ def _limits(text: str | None) -> dict:
         return {}
 
 
+def _check_models(models) -> list[str]:
+    """Model names of an owner key: a list of 1-64 character names, no duplicates."""
+    if models is None:
+        return []
+    if isinstance(models, str) or not all(isinstance(m, str) and 0 < len(m) <= 64
+                                          for m in models):
+        raise InputError("owner_of is a list of model names")
+    return sorted(set(models))
+
+
+def _models(text: str | None) -> list[str]:
+    """A key's stored ``owner_of``; a damaged entry grants nothing."""
+    if not text:
+        return []
+    try:
+        return _check_models(json.loads(text))
+    except (ValueError, InputError):
+        return []
+
+
 def key_id(token: str) -> str | None:
     """The public id part of a well-formed token (None otherwise); not a check."""
     m = _TOKEN.match(token) if isinstance(token, str) else None
@@ -67,24 +95,30 @@ class KeyStore:
         self._migrate()
 
     def _migrate(self) -> None:
-        """Add the ``limits`` column to a store made before per-key limits existed."""
-        cols = {r[1] for r in self._db.query("PRAGMA table_info(api_keys)")}
-        if "limits" in cols:
-            return
-        try:
-            with self._db.transaction() as cur:
-                cur.execute("ALTER TABLE api_keys ADD COLUMN limits TEXT")
-        except sqlite3.OperationalError:     # another process added it meanwhile
-            if "limits" not in {r[1] for r in self._db.query("PRAGMA table_info(api_keys)")}:
-                raise
+        """Add the ``limits`` and ``owner_of`` columns to a store made before per-key
+        limits and roles existed."""
+        for column in ("limits", "owner_of"):
+            cols = {r[1] for r in self._db.query("PRAGMA table_info(api_keys)")}
+            if column in cols:
+                continue
+            try:
+                with self._db.transaction() as cur:
+                    cur.execute(f"ALTER TABLE api_keys ADD COLUMN {column} TEXT")
+            except sqlite3.OperationalError:     # another process added it meanwhile
+                if column not in {r[1] for r in
+                                  self._db.query("PRAGMA table_info(api_keys)")}:
+                    raise
 
-    def create(self, name: str, limits: dict | None = None) -> str:
+    def create(self, name: str, limits: dict | None = None, *,
+               owner_of: list[str] | None = None) -> str:
         """Make a key named ``name`` with its own ``limits`` (names of
         :class:`~veil.service.limits.Limits`; the others follow the service's defaults);
-        returns the token. It is not stored: show it once."""
+        returns the token. It is not stored: show it once. ``owner_of``: model names
+        this key may upload encrypted weights for (a model owner's key)."""
         if not isinstance(name, str) or not name.strip() or len(name) > 200:
             raise InputError("a key name is 1-200 characters")
         own = check_limits(limits or {})
+        models = _check_models(owner_of)
         secret = secrets.token_urlsafe(32)
         with self._db.transaction() as cur:
             while True:
@@ -92,18 +126,20 @@ class KeyStore:
                 if not cur.execute("SELECT 1 FROM api_keys WHERE id = ?", (kid,)).fetchall():
                     break
             cur.execute("INSERT INTO api_keys (id, name, secret_sha256, created, revoked, "
-                        "limits) VALUES (?,?,?,?,NULL,?)",
+                        "limits, owner_of) VALUES (?,?,?,?,NULL,?,?)",
                         (kid, name.strip(), _digest(secret), time.time(),
-                         json.dumps(own) if own else None))
+                         json.dumps(own) if own else None,
+                         json.dumps(models) if models else None))
         return f"{PREFIX}_{kid}_{secret}"
 
     def list(self) -> list[dict]:
-        """``[{id, name, created, revoked, limits}]``: ISO-8601 UTC ``created``, bool
-        ``revoked``, ``limits`` the key's own limits (the others are the defaults)."""
-        rows = self._db.query("SELECT id, name, created, revoked, limits FROM api_keys "
-                              "ORDER BY created")
+        """``[{id, name, created, revoked, limits, owner_of}]``: ISO-8601 UTC ``created``,
+        bool ``revoked``, ``limits`` the key's own limits (the others are the defaults),
+        ``owner_of`` the models it uploads weights for (empty: a client key)."""
+        rows = self._db.query("SELECT id, name, created, revoked, limits, owner_of "
+                              "FROM api_keys ORDER BY created")
         return [{"id": r[0], "name": r[1], "created": _iso(r[2]), "revoked": r[3] is not None,
-                 "limits": _limits(r[4])} for r in rows]
+                 "limits": _limits(r[4]), "owner_of": _models(r[5])} for r in rows]
 
     def resolve(self, ref: str) -> str:
         """The id of the key whose id, or unique name, is ``ref``; NotFoundError else."""
@@ -163,6 +199,14 @@ class KeyStore:
         """Whether ``key_id`` names a key that was revoked."""
         rows = self._db.query("SELECT revoked FROM api_keys WHERE id = ?", (key_id,))
         return bool(rows) and rows[0][0] is not None
+
+    def require_owner(self, key_id: str, model: str) -> None:
+        """ForbiddenError unless ``key_id`` is a model owner's key for ``model``."""
+        rows = self._db.query("SELECT owner_of FROM api_keys WHERE id = ?", (key_id,))
+        if not rows or model not in _models(rows[0][0]):
+            raise ForbiddenError(f"this API key may not upload weights for model {model!r}: "
+                                 f"the model owner uses a key made with `veil keys create "
+                                 f"NAME --owner {model}`")
 
     def limits(self, key_id: str) -> dict:
         """A key's own limits ({} for an unknown key)."""

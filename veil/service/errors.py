@@ -15,7 +15,7 @@ import math
 from typing import NamedTuple
 
 from ..errors import (AttestationError, AuthError, BundleError, DecryptionError, EngineError,
-                      EvidenceExpiredError, InputError, InputRangeError,
+                      EvidenceExpiredError, ForbiddenError, InputError, InputRangeError,
                       InsecureParametersError, KeyMismatchError, KeyReleaseError,
                       KeyTypeError, MediaTypeError, MissingKeyError, ModeError,
                       NotFoundError, PayloadTooLargeError, PolicyError, RateLimitError,
@@ -37,6 +37,7 @@ ERRORS: tuple[ErrorSpec, ...] = (
     ErrorSpec(VeilError, 400, "refused"),
     ErrorSpec(TEEError, 400, "refused"),
     ErrorSpec(AuthError, 401, "unauthorized"),
+    ErrorSpec(ForbiddenError, 403, "forbidden"),
     ErrorSpec(NotFoundError, 404, "not-found"),
     ErrorSpec(PayloadTooLargeError, 413, "too-large"),
     ErrorSpec(MediaTypeError, 415, "media-type"),

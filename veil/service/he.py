@@ -18,6 +18,27 @@ A session is created in three steps, and any failure leaves nothing behind:
 3. commit: rename into the store and insert the metadata row.
 
 Sessions of other clients are indistinguishable from unknown ones (404 ``not-found``).
+
+Encrypted weights (a model exported with ``--encrypted-weights``: the host's bundle
+holds zeros). Three parties: the client (the data owner, holding the secret key), the
+model owner, and this host, which sees neither inputs nor weights.
+
+1. The client creates its session as usual (for such a model the worker checks the keys
+   in OpenFHE and drops them: they load with the weights) and hands the model owner, out of band, its *weights request*: the session
+   id and its public key (``veil weights-request``, ``HEMode.weights_request()``). It
+   does not travel through this host: a host that could swap the public key for its own
+   would decrypt the weights.
+2. The model owner encrypts its weights under that public key (``encrypt_weights``) and
+   uploads them: ``PUT /v1/models/{name}/he/sessions/{id}/weights`` with an API key made
+   for that model's owner (``veil keys create NAME --owner MODEL``; any other key is 403
+   ``forbidden``). The body is streamed to disk under the ``weights`` size limit (413)
+   and the uploader's key quotas, then the session's worker loads keys and weights
+   together: OpenFHE's validator checks every ciphertext, and the envelope's integrity
+   check, model id and client tag must match (``malformed`` for tampered bytes,
+   ``key-mismatch`` for another model or another client's public key). Only then is it
+   stored with the session (``<id>.weights``), and it goes with the session.
+3. Inference then runs ciphertext x ciphertext with those weights; before the upload it
+   is 409 ``missing-key``.
 """
 from __future__ import annotations
 
@@ -52,7 +73,7 @@ class HEService:
                 self.servers[name] = server
                 self.bundles[name] = pack_client_bundle(
                     info.path("he") / "client", {"model": name, "model_id": server.model_id})
-                exports += ["--export", str(info.path("he") / "server")]
+                exports += ["--export", f"{name}={info.path('he') / 'server'}"]
         self._by_id = {s.model_id: s for s in self.servers.values()}
         self.store = SQLiteStore(cfg.store_dir, ttl_s=cfg.session_ttl_s,
                                  disk_budget_bytes=cfg.disk_budget_bytes,
@@ -94,19 +115,7 @@ class HEService:
         upload = await self.ctx.run_sync(self.store.begin, limit, client,
                                          self.ctx.limits_for(client))
         try:
-            buf, received = bytearray(), 0
-            with self.ctx.deadline(request, limit):
-                async for chunk in stream(request):
-                    received += len(chunk)
-                    if received > limit:
-                        raise PayloadTooLargeError(f"evaluation keys exceed the {limit}-byte"
-                                                   " limit of this server")
-                    buf += chunk
-                    if len(buf) >= CHUNK:
-                        await self.ctx.run_sync(upload.write, bytes(buf))
-                        buf.clear()
-            if buf:
-                await self.ctx.run_sync(upload.write, bytes(buf))
+            await self._receive(request, upload, limit, "evaluation keys")
             async with self.ctx.slot("he"):    # parsing and loading hold the keys in memory
                 rec = await self.ctx.run_sync(self._commit, upload, client, name, server)
         except BaseException:
@@ -114,6 +123,73 @@ class HEService:
             raise
         return {"session": rec.id, "expires_at": rec.expires_at,
                 "ttl_s": self.store.ttl_s}
+
+    async def _receive(self, request: Request, upload, limit: int, what: str) -> None:
+        """Stream the body into ``upload`` (to disk), 413 once it passes ``limit``."""
+        buf, received = bytearray(), 0
+        with self.ctx.deadline(request, limit):
+            async for chunk in stream(request):
+                received += len(chunk)
+                if received > limit:
+                    raise PayloadTooLargeError(f"{what} exceed the {limit}-byte limit of "
+                                               "this server")
+                buf += chunk
+                if len(buf) >= CHUNK:
+                    await self.ctx.run_sync(upload.write, bytes(buf))
+                    buf.clear()
+        if buf:
+            await self.ctx.run_sync(upload.write, bytes(buf))
+
+    # -- encrypted weights (the model owner) -------------------------------------------
+    async def upload_weights(self, request: Request, uploader: str, name: str,
+                             session_id: str) -> dict:
+        """Step 2 of the module docstring; returns the session id and its stored size."""
+        server = self.server(name)
+        if server.weights != "encrypted":
+            raise SerializationError(f"model {name!r} is served with plaintext weights: "
+                                     "export it with --encrypted-weights to take encrypted "
+                                     "ones")
+        await self.ctx.run_sync(self.ctx.keys.require_owner, uploader, name)
+        check_media_type(request, OCTETS)
+        limit = min(self.ctx.config.limit("weights"), self.store.disk_budget_bytes)
+        check_length(request, limit)
+        rec = await self.ctx.run_sync(self._owner_record, session_id, name, server)
+        upload = await self.ctx.run_sync(self.store.begin, limit, uploader,
+                                         self.ctx.limits_for(uploader))
+        try:
+            await self._receive(request, upload, limit, "encrypted weights")
+            async with self.ctx.slot("he"):
+                size = await self.ctx.run_sync(self._attach, upload, rec)
+        except BaseException:
+            upload.abort()
+            raise
+        return {"session": rec.id, "size": size}
+
+    def _owner_record(self, session_id: str, name: str,
+                      server: ServerSummary) -> SessionRecord:
+        """The session the owner names: it must exist and be of this model (sessions of
+        other models look unknown)."""
+        try:
+            rec = self.store.find(session_id)
+        except SessionExpiredError:
+            self.workers.forget(session_id)
+            raise
+        if rec.model != name or rec.model_id != server.model_id:
+            raise NotFoundError(NO_SESSION)
+        return rec
+
+    def _attach(self, upload, rec: SessionRecord) -> int:
+        if upload.size == 0:
+            raise SerializationError("the body is empty: send the model owner's "
+                                     "encrypt_weights() output")
+        upload.finish()
+        self.workers.call(rec.id, "weights", {"keys": str(self.store._key_path(rec.id)),
+                                              "weights": str(upload.path),
+                                              "owner": rec.owner, "model": rec.model})
+        size = self.store.attach_weights(upload, rec.id)
+        log.info("session %s…: the model owner's encrypted weights (%d bytes)", rec.id[:8],
+                 upload.size)
+        return size
 
     def _commit(self, upload, client: str, name: str, server: ServerSummary) -> SessionRecord:
         for sid in self.store.sweep():
@@ -148,8 +224,11 @@ class HEService:
     def _call(self, rec: SessionRecord, op: str, parts: dict[str, bytes]) -> dict[str, bytes]:
         """``op`` in the session's worker, which loads its keys from the store if needed."""
         keys = self.store._key_path(rec.id)     # read by the worker only to (re)load
-        _, out = self.workers.call(rec.id, op, {"keys": str(keys), "owner": rec.owner},
-                                   parts)
+        weights = self.store.weights_path(rec.id)
+        header = {"keys": str(keys), "owner": rec.owner, "model": rec.model}
+        if weights is not None:
+            header["weights"] = str(weights)
+        _, out = self.workers.call(rec.id, op, header, parts)
         return out
 
     def infer(self, session_id: str, client: str, ciphertext: bytes) -> bytes:
@@ -208,6 +287,12 @@ def add_routes(app: FastAPI, ctx: ServiceContext) -> HEService:
         async with ctx.slot("he"):
             out = await ctx.run_sync(run, session_id, client, body)
         return Response(out, media_type=OCTETS)
+
+    @app.put("/v1/models/{name}/he/sessions/{session_id}/weights", tags=["he"],
+             openapi_extra=BINARY_BODY)
+    async def upload_weights(name: str, session_id: str, request: Request,
+                             uploader: str = Depends(ctx.require_client)) -> dict:
+        return await he.upload_weights(request, uploader, name, session_id)
 
     @app.post("/v1/he/sessions/{session_id}/infer", tags=["he"], response_class=Response,
               openapi_extra=BINARY_BODY, responses={200: octets})

@@ -78,9 +78,11 @@ class LoadedSessions:
             return entry
 
     def run(self, sid: str, keys: Callable[[], EvaluationKeys],
-            fn: Callable[[Any], T], namespace: str | None = None) -> T:
+            fn: Callable[[Any], T], namespace: str | None = None,
+            opener: Callable[[EvaluationKeys, str | None], Any] | None = None) -> T:
         """``fn(session)`` with session ``sid`` loaded (from ``keys()`` under
-        ``namespace`` if needed).
+        ``namespace`` if needed, by ``opener`` if given, else the one of the
+        constructor: a session with encrypted weights passes one that adds them).
 
         Raises NotFoundError if ``sid`` is discarded meanwhile."""
         entry = self._entry(sid)
@@ -89,10 +91,11 @@ class LoadedSessions:
                 if self._entries.get(sid) is not entry:
                     raise NotFoundError(NO_SESSION)
             if entry.session is None:
-                self._load(entry, keys(), namespace)
+                self._load(entry, keys(), namespace, opener or self._open)
             return fn(entry.session)
 
-    def _load(self, entry: _Entry, keys: EvaluationKeys, namespace: str | None) -> None:
+    def _load(self, entry: _Entry, keys: EvaluationKeys, namespace: str | None,
+              opener: Callable[[EvaluationKeys, str | None], Any]) -> None:
         tag = self._tag_of(keys, namespace)
         while True:
             holder = self._tags.get(tag)
@@ -103,7 +106,7 @@ class LoadedSessions:
             with self._loading:
                 if self._tags.get(tag) not in (None, entry):
                     continue    # another thread loaded these keys meanwhile
-                session = self._open(keys, namespace)
+                session = opener(keys, namespace)
                 with self._mu:
                     entry.session, entry.tag = session, tag
                     entry.size = int(keys.size * MEMORY_FACTOR) + MEMORY_OVERHEAD

@@ -27,6 +27,11 @@ metadata, S3 key objects) replaces :class:`SQLiteStore` without touching them.
 * A session is never committed for an owner whose API key is revoked (AuthError), and
   :meth:`SQLiteStore.delete_owner` deletes all of an owner's sessions (``veil keys
   revoke`` calls it, on the store of a running service: ``recover=False``).
+* Encrypted weights (a model exported with ``--encrypted-weights``): the model owner's
+  upload for a session lives in ``store_dir/sessions/<id>.weights`` (0600), written
+  like keys (``begin``, validated, then :meth:`SQLiteStore.attach_weights` renames it
+  into place and adds its size to the session's, so it counts against the disk budget
+  and the session owner's key bytes); it goes with its session.
 * ``on_drop``: callbacks told the ids of sessions deleted by this store object
   (eviction, expiry, deletion), so a layer that holds loaded sessions can drop them.
 """
@@ -202,13 +207,18 @@ class SQLiteStore(SessionStore):
     def _key_path(self, session_id: str) -> Path:
         return self.keys_dir / f"{session_id}.keys"
 
+    def weights_path(self, session_id: str) -> Path | None:
+        """The session's encrypted weights file, None while the owner has sent none."""
+        path = self.keys_dir / f"{session_id}.weights"
+        return path if path.exists() else None
+
     def _recover(self) -> None:
         """Remove partial uploads, key files without a row and rows without a file."""
         for p in self.tmp_dir.iterdir():
             p.unlink(missing_ok=True)
         ids = {r[0] for r in self._db.query("SELECT id FROM sessions")}
         for p in self.keys_dir.iterdir():
-            if p.suffix != ".keys" or p.stem not in ids:
+            if p.suffix not in (".keys", ".weights") or p.stem not in ids:
                 p.unlink(missing_ok=True)
         for sid in ids:
             if not self._key_path(sid).exists():
@@ -317,6 +327,43 @@ class SQLiteStore(SessionStore):
             upload.abort()
             raise
 
+    def attach_weights(self, upload: Upload, session_id: str) -> int:
+        """Make a validated upload the encrypted weights of ``session_id`` (replacing
+        earlier ones); returns the session's new size. NotFoundError (and the upload
+        aborted) if the session went meanwhile."""
+        if not isinstance(upload, _FileUpload):
+            raise TypeError("attach_weights() takes an upload from this store's begin()")
+        try:
+            upload.finish()
+            with self._commit_lock:
+                self._uploads.pop(upload.id, None)
+                rows = self._db.query("SELECT size FROM sessions WHERE id = ?",
+                                      (session_id,))
+                if not rows:
+                    raise NotFoundError(NO_SESSION)
+                path = self.keys_dir / f"{session_id}.weights"
+                old = path.stat().st_size if path.exists() else 0
+                size = int(rows[0][0]) - old + upload.size
+                with self._db.transaction() as cur:
+                    cur.execute("UPDATE sessions SET size = ? WHERE id = ?",
+                                (size, session_id))
+                os.replace(upload.path, path)
+                _fsync_dir(self.keys_dir)
+            return size
+        except BaseException:
+            upload.abort()
+            raise
+
+    def find(self, session_id: str) -> SessionRecord:
+        """The session ``session_id`` whoever owns it, not renewed: for the model
+        owner, who knows the id from the session's client. NotFoundError like
+        :meth:`get`."""
+        rows = self._db.query("SELECT owner FROM sessions WHERE id = ?", (session_id,)) \
+            if isinstance(session_id, str) and _ID.match(session_id) else []
+        if not rows:
+            raise NotFoundError(NO_SESSION)
+        return self._row(session_id, rows[0][0])
+
     def _check_owner(self, upload: "_FileUpload", owner: str) -> None:
         """Refuse to commit for a revoked API key, or past the owner's session quota."""
         rows = self._db.query("SELECT revoked FROM api_keys WHERE id = ?", (owner,))
@@ -349,6 +396,7 @@ class SQLiteStore(SessionStore):
             cur.executemany("DELETE FROM sessions WHERE id = ?", [(i,) for i in ids])
         for sid in ids:
             self._key_path(sid).unlink(missing_ok=True)
+            (self.keys_dir / f"{sid}.weights").unlink(missing_ok=True)
         for callback in list(self.on_drop):
             callback(list(ids))
 
