@@ -137,7 +137,8 @@ def served(compiled, tmp_path_factory):
     clients = {mode: veil.Client(line.split()[-1], "m", mode, api_key=key,
                                  key_dir=d / "keys", **options[mode])
                for mode in ("he", "tee", "mpc")}
-    yield clients
+    yield {"clients": clients, "url": line.split()[-1], "key": key, "dir": d,
+           "options": options}
     for client in clients.values():
         client.close()
     proc.terminate()
@@ -156,7 +157,7 @@ def _batch_of(want):
 
 @pytest.mark.parametrize("mode", ["he", "tee", "mpc"])
 def test_the_sdk_in_every_mode(served, mode):
-    client = served[mode]
+    client = served["clients"][mode]
     for name, x, want in CASES:
         _check(client.predict, x, want, TOLERANCE[mode])
         _check(lambda v: _split(client, v), x, want, TOLERANCE[mode])
@@ -168,3 +169,24 @@ def test_the_sdk_in_every_mode(served, mode):
             np.testing.assert_allclose(out, _reference(x, _batch_of(want)),
                                        atol=TOLERANCE[mode])
             assert np.shape(client.classify(x)) == want[:-1]
+
+
+@pytest.mark.parametrize("data,count", [(X[0], 1), (X[0].ravel(), 1), (X[:1], 1), (X, 3)],
+                         ids=["one sample", "flat sample", "batch of one", "batch of three"])
+def test_veil_predict_reads_a_file_of_the_input_shape_as_one_input(
+        served, tmp_path, capsys, monkeypatch, data, count):
+    """It used to read a (30,) file as 30 inputs."""
+    import argparse
+    import json
+
+    from veil.commands import predict_cmd
+    np.save(tmp_path / "x.npy", data)
+    monkeypatch.setenv("HOME", str(served["dir"]))
+    args = argparse.Namespace(url=served["url"], model="m", mode="tee", clip=False,
+                              text=None, texts=None, input=str(tmp_path / "x.npy"),
+                              api_key=served["key"], policy=served["options"]["tee"]["policy"],
+                              mpc_keys=None, batch_size=64, out=None)
+    assert predict_cmd(args) == 0
+    classes = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    want = _reference(data, (count, 3)).argmax(1)
+    assert classes == want.tolist()
