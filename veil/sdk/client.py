@@ -39,16 +39,20 @@ class ModeClient(Protocol):
     """What a mode object provides (``Client`` forwards to it)."""
 
     def encrypt(self, x) -> Any:
-        """Protect one input (of the model's input shape) for :meth:`infer`."""
+        """Protect one input (of the model's input shape), or a batch ``(B, *shape)``
+        (up to the mode's cap for one request), for :meth:`infer`; the input contract
+        of :mod:`veil.backends.inputs`."""
 
     def infer(self, payload) -> Any:
         """Send a protected input; returns the protected result."""
 
     def decrypt(self, result) -> np.ndarray:
-        """The plain output (model output shape) of one :meth:`infer` result."""
+        """The plain output of one :meth:`infer` result: one output (model output
+        shape) for one input, ``(B, *output_shape)`` for a batch."""
 
     def infer_batch(self, xs) -> np.ndarray:
-        """Plain outputs, shape ``(len(xs), *output_shape)``, for many inputs."""
+        """Plain outputs, shape ``(B, *output_shape)``, for a batch (one input is a
+        batch of one)."""
 
     def close(self) -> None:
         """Drop keys and connections held in memory (nothing on the server)."""
