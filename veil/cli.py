@@ -250,7 +250,8 @@ def _service_parsers(sub) -> None:
                    help="how inputs are protected: he (encrypted), tee (sealed to an "
                    "attested enclave) or mpc (secret-shared); default he")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--input", help=".npy inputs or .npz (x, y)")
+    src.add_argument("--input", help=".npy inputs or .npz (x, y): an array of exactly the "
+                     "model's input shape is one input, (B, *input_shape) a batch")
     src.add_argument("--text", action="append",
                      help="a text for a text model (repeatable); tokenized here, with the "
                           "tokenizer the model was exported with")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends.inputs import as_inputs
 from .errors import InputClippedWarning, InputError
 
 
@@ -379,6 +380,9 @@ def predict_cmd(args) -> int:
     with Client(args.url, args.model, args.mode, api_key=args.api_key, **options) as client:
         if texts:
             x = client.tokenize(texts)        # on this machine: the service sees shares
+        # the input contract (veil.backends.inputs): a file of exactly the input shape
+        # is ONE input, (B, *input_shape) a batch
+        x, _ = as_inputs(x, client.info()["input_shape"])
         with _progress() as bar, warnings.catch_warnings():
             if args.clip:           # one count over all inputs instead of one per batch
                 _say_clipped(x, client.mode.input_range)

@@ -135,6 +135,30 @@ class KeyReleaseError(TEEError):
     """The key-release service refused to release a model key, or its answer was bad."""
 
 
+class TransportError(VeilError):
+    """A link between veil's processes failed: the peer is gone, timed out, or sent
+    something that did not authenticate (:mod:`veil.backends.sockets`)."""
+
+
+class ProcessError(VeilError):
+    """A child process (enclave, MPC party or dealer) failed to start."""
+
+
+class MpcError(VeilError):
+    """An MPC inference failed: a party or the dealer died, stalled or misbehaved."""
+
+
+class MpcRefusedError(MpcError):
+    """MPC party 0 refused the client's shares (HTTP 400): the other share never reached
+    party 1, the two shares' batch sizes differ, or a share is malformed. The request
+    is the client's fault; send both shares again."""
+
+
+class TicketError(VeilError):
+    """A share came to MPC party 1 without a valid ticket: missing, forged, expired or
+    for another request."""
+
+
 class ServiceError(VeilError):
     """The inference service failed or could not be reached; the request may be retried.
     Raised by the SDK for transport failures and for answers that are not veil's."""

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .backends.inputs import as_inputs
 from .compiler.approx import DEFAULT_ACTIVATION_BITS, DEFAULT_MARGIN
 from .compiler.passes import PassNote
 from .compiler.pipeline import CompileResult, compile_graph
@@ -163,6 +164,7 @@ class CompiledModel:
             lo, hi = (np.asarray(float(v)) for v in input_range)
             input_range = InputRange(lo, hi, tuple(result.source.input_shape), "model")
         self.input_range = input_range
+        self._model_id: tuple[InputRange, str] | None = None
         self._ranges = calibration_ranges
         # a text model's tokenizer (its ``veil_text``): run() takes texts too
         self.text = dict(text) if text else None
@@ -197,7 +199,14 @@ class CompiledModel:
 
     @property
     def model_id(self) -> str:
-        return fingerprint(self.manifest())
+        """The manifest's fingerprint, computed once per calibrated input range: the
+        manifest is built from the immutable compile result plus :attr:`input_range`,
+        the one part a caller can replace (hashing it costs milliseconds, and every
+        request asks)."""
+        cached = self._model_id
+        if cached is None or cached[0] is not self.input_range:
+            cached = self._model_id = (self.input_range, fingerprint(self.manifest()))
+        return cached[1]
 
     # -- running -----------------------------------------------------------------------
     def run(self, x, mode: str | Mode = Mode.PLAIN, *, head: bool = True,
@@ -229,7 +238,9 @@ class CompiledModel:
         run on this machine.
 
         Raises:
-            InputError: wrong shape or non-finite values (before anything starts).
+            InputError: the input contract of every mode (:mod:`veil.backends.inputs`):
+                a wrong shape, an empty batch, non-numeric or non-finite values
+                (before anything starts).
             InputRangeError: ``simulate`` or ``he`` without ``clip``, and a value outside
                 the calibrated range (names its row and feature; before anything starts).
             ModeError: an unknown mode.
@@ -246,17 +257,8 @@ class CompiledModel:
             tokens = tokenizer_for(self.text).encode([x] if isinstance(x, str) else list(x))
             out = self.run(tokens, mode, head=head, clip=clip)
             return out[0] if isinstance(x, str) else out
-        arr = np.asarray(x, dtype=np.float64)
-        single = arr.shape == self.input_shape
-        batch = arr[None] if single else arr
-        if batch.shape[1:] != self.input_shape:
-            raise InputError(f"input has shape {arr.shape}; this model was compiled for "
-                             f"{self.input_shape} (or a batch of it)")
-        if not np.all(np.isfinite(batch)):
-            raise InputError("input contains NaN or infinity")
-        if len(batch) == 0:                   # an empty batch: no keys, no processes
-            out = np.zeros((0, *self.output_shape))
-        elif mode is Mode.PLAIN:
+        batch, single = as_inputs(x, self.input_shape)   # the contract of every mode
+        if mode is Mode.PLAIN:
             out = interpret(self.result.source, self._admit(batch, mode, clip))
         elif mode is Mode.SIMULATE:
             check_ops(self.result.lowered, "simulate")    # e.g. a transformer's softmax
@@ -266,7 +268,7 @@ class CompiledModel:
                 self.result.he_plan()         # a model HE cannot run: that error first
             batch = self._admit(batch, mode, clip)
             out = self._local(mode.value).infer_batch(batch)
-        if head and len(batch):
+        if head:
             out = self.head.finish(out)
         return out[0] if single else out
 

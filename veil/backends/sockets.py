@@ -16,14 +16,10 @@ import threading
 
 import numpy as np
 
-from ..errors import InputError, SerializationError, VeilError
+from ..errors import InputError, SerializationError, TransportError
 
 MAX_FRAME = 1 << 30          # 1 GiB: far above any message veil sends
 LEN = struct.Struct(">I")
-
-
-class TransportError(VeilError):
-    """The link failed: peer gone, timed out, or sent something that did not authenticate."""
 
 
 # -- frames -------------------------------------------------------------------------------

@@ -78,8 +78,10 @@ class ClientBundle:
     params: CKKSParams
     manifest: dict
 
-    @property
+    @cached_property
     def model_id(self) -> str:
+        """The manifest's fingerprint, hashed once: the bundle is frozen and nothing
+        in veil mutates a manifest after it is built."""
         return fingerprint(self.manifest)
 
     @property
@@ -149,8 +151,10 @@ class ServerSummary:
     manifest: dict
     weights: str = "plain"
 
-    @property
+    @cached_property
     def model_id(self) -> str:
+        """The manifest's fingerprint, hashed once: the bundle is frozen and nothing
+        in veil mutates a manifest after it is built."""
         return fingerprint(self.manifest)
 
     @property
@@ -165,8 +169,10 @@ class ServerBundle:
     manifest: dict
     weights: str = "plain"   # "encrypted": the graph's weights are zeros; see deploy.owner
 
-    @property
+    @cached_property
     def model_id(self) -> str:
+        """The manifest's fingerprint, hashed once: the bundle is frozen and nothing
+        in veil mutates a manifest after it is built."""
         return fingerprint(self.manifest)
 
     def without_weights(self) -> "ServerBundle":

@@ -7,29 +7,11 @@ import numpy as np
 
 from ..backends.he.layout import gather_features, pack_parts, part_names, unpack_parts
 from ..backends.he.openfhe_engine import ClientCrypto
+from ..backends.inputs import as_inputs
 from ..errors import InputError, KeyMismatchError, MissingKeyError, SerializationError
 from ..wire import pack, unpack
 from .bundle import ClientBundle
 from .keys import CIPHERTEXT_KIND, EvaluationKeys, PublicKey, SecretKey
-
-
-def check_input(x, shape: tuple[int, ...]) -> np.ndarray:
-    """Validate one input sample's shape and values; returns it as float64 (a flat
-    vector of the right size is reshaped). Raises InputError. The calibrated range is
-    checked over the whole batch (:meth:`ModelClient._checked`)."""
-    try:
-        arr = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"input is not numeric: {exc}") from exc
-    if arr.shape != shape:
-        if arr.size == int(np.prod(shape)) and arr.ndim <= 1:
-            arr = arr.reshape(shape)
-        else:
-            raise InputError(f"input has shape {arr.shape}; this model was compiled for "
-                             f"{shape}")
-    if not np.all(np.isfinite(arr)):
-        raise InputError("input contains NaN or infinity")
-    return arr
 
 
 class ModelClient:
@@ -106,11 +88,12 @@ class ModelClient:
         """How many inputs one ciphertext carries (see ``encrypt_batch``)."""
         return int(self.bundle.manifest.get("lanes", 1))
 
-    def _checked(self, xs: list) -> np.ndarray:
-        """The inputs as one batch, each checked; then clamped into the calibrated
-        range (``clip``) or refused outside it (``check_range``), with the batch's row
-        indices in the error or warning."""
-        batch = np.stack([check_input(x, self.input_shape) for x in xs])
+    def _checked(self, xs, max_batch: int | None = None) -> np.ndarray:
+        """One input or a batch (the input contract, :mod:`veil.backends.inputs`) as one
+        checked batch; then clamped into the calibrated range (``clip``) or refused
+        outside it (``check_range``), with the batch's row indices in the error or
+        warning."""
+        batch, _ = as_inputs(xs, self.input_shape, max_batch=max_batch)
         if self._clip:
             return self.bundle.input_range.clip(batch)
         if self._check_range:
@@ -127,9 +110,11 @@ class ModelClient:
             "count": len(arrs), "insecure": self.bundle.params.insecure_test_params})
 
     def encrypt(self, x) -> bytes:
-        """Encrypt one input of the model's input shape. Raises InputError on bad input
-        (InputRangeError outside the calibrated range)."""
-        return self._encrypt_lanes(self._checked([x]))
+        """Encrypt one input of the model's input shape, or a batch ``(B, *shape)`` of
+        up to :attr:`lanes` inputs into one ciphertext (:meth:`decrypt_batch` opens
+        its answer). Raises InputError on bad input (InputRangeError outside the
+        calibrated range)."""
+        return self._encrypt_lanes(self._checked(x, max_batch=self.lanes))
 
     def _encrypt_features(self, arrs: np.ndarray) -> bytes:
         table = gather_features(arrs, self.bundle.manifest, self.bundle.params.slots)
@@ -151,7 +136,8 @@ class ModelClient:
         return "features" if -(-n // slots) * per_batch < lanes_cost else "lanes"
 
     def encrypt_batch(self, xs, layout: str = "auto") -> list[bytes]:
-        """Encrypt many inputs; returns blobs the server runs like single inputs.
+        """Encrypt many inputs (a batch ``(B, *shape)``; one input is a batch of one);
+        returns blobs the server runs like single inputs.
 
         ``layout``: ``"lanes"`` packs ``lanes`` inputs per ciphertext; ``"features"``
         sends one ciphertext per input feature with one input per slot (best for large
@@ -159,9 +145,6 @@ class ModelClient:
         ``decrypt_batch`` returns the outputs in input order. The whole batch is checked
         first: an InputRangeError names rows by their index in ``xs``.
         """
-        xs = list(xs)
-        if not xs:
-            raise InputError("encrypt_batch needs at least one input")
         xs = self._checked(xs)        # the whole batch: errors name its row indices
         if layout == "auto":
             layout = self.batch_layout(len(xs))

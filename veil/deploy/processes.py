@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..backends.sockets import parse_address
-from ..errors import VeilError
+from ..errors import ProcessError
 from .export import ExportInfo
 
 log = logging.getLogger("veil.deploy.processes")
@@ -62,10 +62,6 @@ def _die_with_parent() -> None:
     the thread that started the child: a restarted child's watcher thread lives as long
     as the child.)"""
     _PRCTL(1, signal.SIGTERM)                  # PR_SET_PDEATHSIG
-
-
-class ProcessError(VeilError):
-    """A child process (enclave, MPC party or dealer) failed to start."""
 
 
 def _tail(path: Path, limit: int = 2000) -> str:

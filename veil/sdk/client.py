@@ -25,6 +25,7 @@ import httpx
 import numpy as np
 
 from .._version import __version__
+from ..backends.inputs import as_inputs
 from ..errors import AuthError, InputError, ModeError, ServiceError, VeilError
 from ..ir.head import Head
 from ..service.auth import key_id
@@ -39,16 +40,20 @@ class ModeClient(Protocol):
     """What a mode object provides (``Client`` forwards to it)."""
 
     def encrypt(self, x) -> Any:
-        """Protect one input (of the model's input shape) for :meth:`infer`."""
+        """Protect one input (of the model's input shape), or a batch ``(B, *shape)``
+        (up to the mode's cap for one request), for :meth:`infer`; the input contract
+        of :mod:`veil.backends.inputs`."""
 
     def infer(self, payload) -> Any:
         """Send a protected input; returns the protected result."""
 
     def decrypt(self, result) -> np.ndarray:
-        """The plain output (model output shape) of one :meth:`infer` result."""
+        """The plain output of one :meth:`infer` result: one output (model output
+        shape) for one input, ``(B, *output_shape)`` for a batch."""
 
     def infer_batch(self, xs) -> np.ndarray:
-        """Plain outputs, shape ``(len(xs), *output_shape)``, for many inputs."""
+        """Plain outputs, shape ``(B, *output_shape)``, for a batch (one input is a
+        batch of one)."""
 
     def close(self) -> None:
         """Drop keys and connections held in memory (nothing on the server)."""
@@ -187,36 +192,28 @@ class Client:
         (tokenized here, :meth:`tokenize`). The model's output head (a final softmax,
         labels) is computed here from the service's output (:attr:`head`);
         :meth:`infer_batch` and :meth:`decrypt` return the service's output as it is."""
-        raw = self._raw(x)
-        single = np.ndim(raw) == len(self.info()["output_shape"])
-        out = self.head.finish(raw[None] if single else raw)
+        raw, single = self._raw(x)
+        out = self.head.finish(raw)
         return out[0] if single else out
 
     def classify(self, x) -> np.ndarray:
         """The class of each input (its label when the classifier has some), as
         :meth:`veil.ir.head.Head.predict` decides it from the model's scores."""
-        raw = self._raw(x)
-        single = np.ndim(raw) == len(self.info()["output_shape"])
-        classes = self.head.predict(self.head.scores(raw[None] if single else raw))
+        raw, single = self._raw(x)
+        classes = self.head.predict(self.head.scores(raw))
         return classes[0] if single else classes
 
-    def _raw(self, x) -> np.ndarray:
-        """The service's output for one input or a batch (texts tokenized here)."""
+    def _raw(self, x) -> tuple[np.ndarray, bool]:
+        """The service's outputs as a batch, and whether ``x`` was one input (the
+        input contract, :mod:`veil.backends.inputs`; texts tokenized here)."""
         if isinstance(x, str):
-            return self._raw(self.tokenize(x))[0]
+            return self._raw(self.tokenize(x))[0], True
         if isinstance(x, (list, tuple)) and x and all(isinstance(t, str) for t in x):
-            return self._raw(self.tokenize(x))
-        try:
-            arr = np.asarray(x, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"input is not numeric: {exc}") from exc
-        shape = tuple(self.info()["input_shape"])
-        if arr.shape == shape or (arr.ndim <= 1 and arr.size == int(np.prod(shape))):
-            return self.decrypt(self.infer(self.encrypt(arr)))
-        if arr.ndim == len(shape) + 1 and arr.shape[1:] == shape and len(arr):
-            return self.infer_batch(arr)
-        raise InputError(f"input has shape {arr.shape}; model {self.model!r} takes {shape} "
-                         f"or a batch (B, {', '.join(map(str, shape))})")
+            return self._raw(self.tokenize(x))[0], False
+        batch, single = as_inputs(x, self.info()["input_shape"])
+        if single:
+            return self.decrypt(self.infer(self.encrypt(batch[0])))[None], True
+        return self.infer_batch(batch), False
 
     def close(self) -> None:
         try:

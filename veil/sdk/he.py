@@ -30,6 +30,7 @@ from typing import Iterator
 import numpy as np
 
 from .._files import private_dir, write_private
+from ..backends.inputs import as_inputs
 from ..deploy.bundle import ClientBundle
 from ..deploy.client import ModelClient
 from ..deploy.keys import SecretKey
@@ -48,6 +49,21 @@ def _write_atomic_private(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write_private(tmp, data)
     os.replace(tmp, path)
+
+
+class HEPayload(bytes):
+    """Ciphertext bytes (from :meth:`HEMode.encrypt`, or the service's answer to them)
+    that remember whether the caller gave one input or a batch, so :meth:`HEMode.decrypt`
+    returns one output or a batch of them, as the other modes do. Plain bytes read as
+    one input."""
+
+    single: bool = True
+
+    @classmethod
+    def of(cls, blob: bytes, single: bool) -> "HEPayload":
+        out = cls(blob)
+        out.single = single
+        return out
 
 
 class HEMode:
@@ -231,24 +247,29 @@ class HEMode:
                     {"session": sid, "model": self._client.model, "model_id": self.model_id})
 
     # -- the mode interface -------------------------------------------------------------
-    def encrypt(self, x) -> bytes:
+    def encrypt(self, x) -> HEPayload:
+        """One input, or a batch of up to ``lanes`` inputs (one ciphertext), under the
+        input contract (:mod:`veil.backends.inputs`)."""
+        batch, single = as_inputs(x, self.crypto.input_shape, max_batch=self.crypto.lanes)
         self._ensure_keys()
-        return self.crypto.encrypt(x)
+        return HEPayload.of(self.crypto.encrypt(batch), single)
 
     def infer(self, payload: bytes) -> bytes:
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise InputError("infer() takes the bytes of encrypt(); use predict() for arrays")
-        return self._with_session(lambda sid: self._client._call(
+        answer = self._with_session(lambda sid: self._client._call(
             "POST", f"/v1/he/sessions/{sid}/infer", content=bytes(payload), expect="bytes"))
+        return HEPayload.of(answer, getattr(payload, "single", True))
 
     def decrypt(self, result: bytes) -> np.ndarray:
         self._ensure_keys()
-        return self.crypto.decrypt(result)
+        if getattr(result, "single", True):
+            return self.crypto.decrypt(result)
+        return self.crypto.decrypt_batch([result])
 
     def infer_batch(self, xs) -> np.ndarray:
-        xs = list(xs)
-        if not xs:
-            raise InputError("infer_batch needs at least one input")
+        """Outputs ``(B, *output_shape)`` for a batch (one input is a batch of one)."""
+        xs, _ = as_inputs(xs, self.crypto.input_shape)   # before keys are made
         self._ensure_keys()
         cts = self.crypto.encrypt_batch(xs, layout=self.layout)
         outs: list[bytes] = []

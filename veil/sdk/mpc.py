@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from ..backends.inputs import as_inputs
 from ..backends.mpc.service import MpcAnswer, MpcClient, MpcShares
 from ..backends.sockets import parse_address
 from ..compiler.passes import onehot_encode
@@ -50,10 +51,10 @@ class MPCMode:
         self.last_stats: list[dict] = []
 
     def encrypt(self, x) -> tuple[MpcShares, bool]:
-        """Two additive shares of one input (or a batch with a leading axis)."""
-        xs = np.asarray(x, dtype=np.float64)
-        single = xs.shape == self.input_shape
-        return self._mpc.share(xs[None] if single else xs), single
+        """Two additive shares of one input (or a batch with a leading axis); the
+        input contract of :mod:`veil.backends.inputs`."""
+        xs, single = as_inputs(x, self.input_shape)      # the contract of every mode
+        return self._mpc.share(xs), single
 
     def infer(self, payload: tuple[MpcShares, bool]) -> tuple[MpcAnswer, bool]:
         shares, single = payload
@@ -70,10 +71,9 @@ class MPCMode:
         return self.decrypt(self.infer(self.encrypt(x)))
 
     def infer_batch(self, xs, batch_size: int = BATCH) -> np.ndarray:
-        xs = np.asarray(xs, dtype=np.float64)
-        if xs.ndim != len(self.input_shape) + 1:
-            raise InputError(f"inputs have shape {xs.shape}; expected (n, "
-                             f"{', '.join(map(str, self.input_shape))})")
+        """Outputs ``(B, *output_shape)`` for a batch (one input is a batch of one), in
+        requests of ``batch_size``."""
+        xs, _ = as_inputs(xs, self.input_shape)
         batch_size = max(1, min(batch_size, self.max_batch))
         return np.concatenate([self.predict(xs[i:i + batch_size])
                                for i in range(0, len(xs), batch_size)])

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..backends.inputs import as_inputs
 from ..backends.tee import net, seal
 from ..backends.tee.attest import Policy
 from ..backends.tee.service import DEFAULT_BATCH, DEFAULT_DEPTH, TEEClient, _chunks
@@ -103,13 +104,8 @@ class TEEMode:
     def encrypt(self, x) -> SealedRequest:
         """Seal one input (or a batch with a leading axis) on this client's channel;
         attests first when the evidence is missing or too old."""
-        xs = np.asarray(x, dtype=np.float64)
         with self._lock:
-            single = xs.shape == self._attested()
-            xs = self._tee._checked(xs[None] if single else xs)
-            if len(xs) > net.MAX_BATCH:
-                raise InputError(f"a sealed batch holds at most {net.MAX_BATCH} inputs: "
-                                 "use infer_batch")
+            xs, single = as_inputs(x, self._attested(), max_batch=net.MAX_BATCH)
             return self._seal(xs, single)
 
     def infer(self, request: SealedRequest) -> SealedAnswer:
@@ -143,7 +139,7 @@ class TEEMode:
         of them in flight (the enclave accepts sequence numbers out of order). The
         inputs are checked once, here."""
         with self._lock:
-            xs = self._tee._checked(xs)
+            xs, _ = as_inputs(xs, self._attested())     # one input is a batch of one
         chunks = _chunks(xs, batch_size)
         with ThreadPoolExecutor(max(1, int(depth))) as pool:
             return np.concatenate(list(pool.map(self._run, chunks)))

@@ -14,13 +14,17 @@ import logging
 import math
 from typing import NamedTuple
 
-from ..errors import (AttestationError, AuthError, BundleError, DecryptionError, EngineError,
-                      EvidenceExpiredError, ForbiddenError, InputError, InputRangeError,
-                      InsecureParametersError, KeyMismatchError, KeyReleaseError,
-                      KeyTypeError, MediaTypeError, MissingKeyError, ModeError,
-                      NotFoundError, PayloadTooLargeError, PolicyError, RateLimitError,
-                      RejectedInputError, ReplayError, SerializationError, ServiceError,
-                      StorageFullError, UnavailableError, SessionError, TEEError, VeilError)
+from ..errors import (AttestationError, AuthError, BootstrapRequiredError, BundleError,
+                      CompileError, DecryptionError, EngineError, EvidenceExpiredError,
+                      ForbiddenError, GraphError, InputError, InputRangeError,
+                      InsecureParametersError, KeyMaterialError, KeyMismatchError,
+                      KeyReleaseError, KeyTypeError, MediaTypeError, MissingKeyError,
+                      ModeError, ModelTooLargeError, MpcError, MpcRefusedError,
+                      NotFoundError, PayloadTooLargeError, PolicyError, ProcessError,
+                      RateLimitError, RejectedInputError, ReplayError, ResourceError,
+                      SerializationError, ServiceError, SessionError, SessionExpiredError,
+                      StorageFullError, TEEError, TicketError, TransportError,
+                      UnavailableError, UnsupportedOperation, VeilError)
 
 log = logging.getLogger("veil.service")
 
@@ -31,14 +35,17 @@ class ErrorSpec(NamedTuple):
     code: str
 
 
-# Order matters only for codes shared by several classes: the first row of a code is
-# the class the SDK raises for it (so "refused" comes back as VeilError).
+# Every class of veil.errors has a row (tests/test_errors.py walks the module). Order
+# matters only for codes shared by several classes: the first row of a code is the
+# class the SDK raises for it (so "refused" comes back as VeilError); WIRE_ALIASES
+# lists the classes that share a code on purpose.
 ERRORS: tuple[ErrorSpec, ...] = (
     ErrorSpec(VeilError, 400, "refused"),
     ErrorSpec(TEEError, 400, "refused"),
     ErrorSpec(AuthError, 401, "unauthorized"),
     ErrorSpec(ForbiddenError, 403, "forbidden"),
     ErrorSpec(NotFoundError, 404, "not-found"),
+    ErrorSpec(SessionExpiredError, 404, "not-found"),
     ErrorSpec(PayloadTooLargeError, 413, "too-large"),
     ErrorSpec(MediaTypeError, 415, "media-type"),
     ErrorSpec(InputError, 422, "input"),
@@ -66,7 +73,28 @@ ERRORS: tuple[ErrorSpec, ...] = (
     ErrorSpec(StorageFullError, 507, "storage-full"),
     ErrorSpec(UnavailableError, 503, "unavailable"),
     ErrorSpec(ServiceError, 500, "internal"),
+    # A model the service was asked to compile or run cannot be: the request's fault.
+    ErrorSpec(UnsupportedOperation, 422, "unsupported"),
+    ErrorSpec(GraphError, 422, "graph"),
+    ErrorSpec(CompileError, 422, "compile"),
+    ErrorSpec(BootstrapRequiredError, 422, "bootstrap-required"),
+    ErrorSpec(KeyMaterialError, 400, "key"),
+    ErrorSpec(TicketError, 403, "ticket"),
+    # The service's own backends failed (a dealer or party, a link, a child process):
+    # the client's input was checked before it left, so never a 4xx; a link's or a
+    # process's detail goes only to the log (_OPAQUE).
+    ErrorSpec(MpcError, 502, "mpc"),
+    ErrorSpec(MpcRefusedError, 400, "mpc-refused"),
+    ErrorSpec(TransportError, 502, "transport"),
+    ErrorSpec(ProcessError, 503, "process"),
+    ErrorSpec(ResourceError, 507, "resource"),
+    ErrorSpec(ModelTooLargeError, 507, "model-too-large"),
 )
+# Classes that answer with their base's code on purpose: an expired session must look
+# exactly like one that never existed, and a TEE failure without a code of its own is
+# a refusal. The SDK raises the base class for them.
+WIRE_ALIASES: dict[type[VeilError], type[VeilError]] = {
+    SessionExpiredError: NotFoundError, TEEError: VeilError}
 _BY_CLASS = {row.exc: row for row in ERRORS}
 _BY_CODE: dict[str, type[VeilError]] = {}
 for _row in ERRORS:
@@ -74,6 +102,8 @@ for _row in ERRORS:
 INTERNAL = ErrorSpec(ServiceError, 500, "internal")
 # Messages of these classes are replaced: their text may carry native detail.
 _OPAQUE = {EngineError: "the homomorphic evaluation failed on this input",
+           TransportError: "a link between the service's processes failed",
+           ProcessError: "a process of the service did not start",
            BundleError: "the service cannot read this model's bundle",
            DecryptionError: "the sealed message could not be opened"}
 # Errors of the HTTP layer itself (unknown route, wrong method, bad parameters).

@@ -41,7 +41,7 @@ from ..backends.mpc import tickets
 from ..backends.mpc import transport as tp
 from ..backends.mpc.service import (CLIENT_REQUEST, CLIENT_RESULT, ERROR, MpcError,
                                     input_contract, read_client_request)
-from ..errors import InputError, UnavailableError
+from ..errors import InputError, MpcRefusedError, UnavailableError
 from .pool import ConnectionPool, dial
 
 _BINARY = {"requestBody": {"required": True, "content": {"application/octet-stream": {
@@ -62,8 +62,10 @@ def party0_pool(address: tuple[str, int], keys_dir, timeout: float = 60.0,
 
 
 def relay(pool: ConnectionPool, body: bytes) -> bytes:
-    """One party request through ``pool``: party 0's output share, or its refusal (503
-    naming the role party 0 could not reach)."""
+    """One party request through ``pool``: party 0's output share; its refusal of the
+    client's shares (MpcRefusedError, 400: an error that names no role); 503 naming
+    the role party 0 could not reach; MpcError (502) for an answer party 0 should not
+    give."""
     def exchange(link):
         link.send(CLIENT_REQUEST, body)
         pool.wait_answer(link)
@@ -74,7 +76,7 @@ def relay(pool: ConnectionPool, body: bytes) -> bytes:
         role = error.get("unavailable")
         if role in ROLES:
             raise UnavailableError(f"{ROLES[role]} is unreachable: {error.get('error')}")
-        raise MpcError(f"party0: {error.get('error')}")
+        raise MpcRefusedError(f"party0: {error.get('error')}")
     if kind != CLIENT_RESULT:
         raise MpcError(f"party0 sent message kind {kind}")
     return bytes(reply)

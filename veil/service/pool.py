@@ -48,6 +48,17 @@ def _stale(conn) -> bool:
     return bool(readable)
 
 
+def _discard(conn) -> None:
+    """Close a connection that failed, if one was made; a failure to close it is
+    swallowed, so the error that made it fail is the one the caller sees."""
+    if conn is None:
+        return
+    try:
+        conn.close()
+    except Exception:          # the original error matters, not this one
+        pass
+
+
 class ConnectionPool(Generic[Conn]):
     """Up to ``size`` idle connections to one backend, each used for one request and its
     answer at a time. A connection that failed or saw an error is closed, never reused;
@@ -69,7 +80,7 @@ class ConnectionPool(Generic[Conn]):
                 return None
             if not _stale(conn):
                 return conn
-            conn.close()
+            _discard(conn)
 
     def wait_answer(self, conn, timeout: float | None = None) -> None:
         """Wait until ``conn`` has an answer to read, asking ``check()`` every
@@ -106,12 +117,10 @@ class ConnectionPool(Generic[Conn]):
                 conn = self._connect()
             out = exchange(conn)
         except (TransportError, OSError) as exc:
-            if conn is not None:
-                conn.close()
+            _discard(conn)
             raise UnavailableError(f"{self.name} is unreachable: {exc}") from None
         except BaseException:
-            if conn is not None:
-                conn.close()
+            _discard(conn)
             raise
         try:
             self._idle.put_nowait(conn)

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from ..._files import write_private
-from ...errors import KeyMaterialError, VeilError
+from ...errors import KeyMaterialError, TicketError
 
 TICKET_KEY = "ticket.key"
 TICKET_TTL_S = 60
@@ -34,11 +34,6 @@ TICKET_LEN = 57
 VERSION = 1
 _LABEL = b"veil/mpc/ticket/v1"
 _HEAD = struct.Struct(">BQ16s")
-
-
-class TicketError(VeilError):
-    """A share came without a valid ticket: missing, forged, expired or for another
-    request."""
 
 
 def write_key(directory: str | os.PathLike) -> Path:

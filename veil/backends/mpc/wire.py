@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import InputError, SerializationError, VeilError
+from ...errors import InputError, MpcError, SerializationError
 from ...ir import Graph
 from ...ir.serialize import graph_from_json, graph_to_json
 from .. import sockets as so
@@ -46,10 +46,6 @@ PREFETCH = 8
 POOL_LIMIT = 64 << 20
 MAX_CLIENT_BYTES = 64 << 20
 MODEL_FILE = "mpc-model"
-
-
-class MpcError(VeilError):
-    """An MPC inference failed (a party or the dealer died, stalled or misbehaved)."""
 
 
 class _Unreachable(MpcError):

@@ -124,7 +124,7 @@ class PlaintextClient(_Connection):
     def _checked(self, xs) -> np.ndarray:
         if self._shape is None:
             self._shape = tuple(self.status()["input_shape"])
-        return net.check_inputs(xs, self._shape, max_batch=1 << 62)
+        return net.check_inputs(xs, self._shape, max_batch=None)
 
     def infer(self, xs) -> np.ndarray:
         xs = self._checked(xs)
@@ -203,7 +203,7 @@ class TEEClient(_Connection):
     def _checked(self, xs) -> np.ndarray:
         if not self._fresh():
             self.attest()
-        return net.check_inputs(xs, self._shapes[0], max_batch=1 << 62)
+        return net.check_inputs(xs, self._shapes[0], max_batch=None)
 
     def infer(self, xs) -> np.ndarray:
         """Outputs (n, *output_shape) for a batch ``xs`` of shape (n, *input_shape).

@@ -78,7 +78,7 @@ def expect(kind: int, body: bytes, wanted: int) -> bytes:
     return body
 
 
-def check_inputs(xs, input_shape: tuple[int, ...], max_batch: int = MAX_BATCH) -> np.ndarray:
+def check_inputs(xs, input_shape: tuple[int, ...], max_batch: int | None = MAX_BATCH) -> np.ndarray:
     """:func:`~veil.backends.inputs.check_batch` with the TEE's largest batch."""
     return check_batch(xs, input_shape, max_batch)
 
