@@ -159,7 +159,7 @@ def export_cmd(args) -> int:
     options = _compile_options(args)
     with _console().status(f"exporting for {args.modes}"):
         if owner:       # one compile for both bundles: the owner's must match the host's
-            from . import compile as compile_model
+            from .model import compile as compile_model
 
             options["compiled"] = compile_model(model, x, **options)
         info = export_model(model, x, args.out,
