@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import UnsupportedOperation
 from ..ir import Op
 from . import _layers as layers
 from ._builder import Site, per_channel
@@ -161,11 +162,10 @@ def array_feature_extractor(conv, site: Site, node: Any, attrs: dict) -> Any:
 
 def tree_ensemble(conv, site: Site, node: Any, attrs: dict) -> Any:
     """A TREE_ENSEMBLE node (``_trees.py``; its tests decide as on float32 inputs), then
-    onnxruntime's post transform as IR ops
-    that the output head moves to the client: the raw sums rounded to float32 as
-    onnxruntime holds them, ONNX's binary case ([1 - s, s], or [-s, s] for log-odds),
-    a sigmoid or softmax."""
-    from ._trees import float32_tests, parse_tree_ensemble
+    onnxruntime's post transform as IR ops that the output head moves to the client
+    (``_trees.tree_head``, the same ops tests/test_trees.py checks against
+    onnxruntime)."""
+    from ._trees import float32_tests, parse_tree_ensemble, tree_head
 
     x = conv._tensor(site, node.input[0])
     shape = conv.b.shape(x)
@@ -177,21 +177,10 @@ def tree_ensemble(conv, site: Site, node: Any, attrs: dict) -> Any:
                      float32_tests(parsed.params))
     if not parsed.is_classifier:
         return raw
-    if parsed.post_transform not in ("NONE", "LOGISTIC", "SOFTMAX"):
-        raise site.error(f"post_transform {parsed.post_transform!r} of a classifier is not "
-                         "supported (NONE, LOGISTIC, SOFTMAX are)")
-    b, name = conv.b, site.node + "/post"
-    scores = b.add(name, Op.FLOAT32, [raw])
-    if parsed.binary:
-        if parsed.all_positive:       # a forest's probability of class 1: [1 - s, s]
-            other = b.add(name, Op.BATCHNORM, [scores], {}, {"scale": [-1.0], "shift": [1.0]})
-        else:                         # log-odds: [-s, s], then the transform
-            other = b.add(name, Op.BATCHNORM, [scores], {}, {"scale": [-1.0], "shift": [0.0]})
-        scores = b.add(name, Op.CONCAT, [other, scores], {"axis": 0})
-        if parsed.all_positive:
-            return {node.output[0]: Label(scores, parsed.labels), node.output[1]: scores}
-    if parsed.post_transform != "NONE":
-        scores = b.add(name, _POST[parsed.post_transform], [scores])
+    try:
+        scores = tree_head(conv.b, site.node + "/post", raw, parsed)
+    except UnsupportedOperation as exc:
+        raise site.error(str(exc)) from None
     return {node.output[0]: Label(scores, parsed.labels), node.output[1]: scores}
 
 

@@ -362,15 +362,6 @@ def float32_tests(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 # -- the post transform, as onnxruntime applies it -------------------------------------
 
-def _logistic(v: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * v))
-
-
-def _softmax(v: np.ndarray) -> np.ndarray:
-    e = np.exp(v - v.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def _softmax_zero(v: np.ndarray) -> np.ndarray:
     """onnxruntime's SOFTMAX_ZERO: a softmax over the entries that are not (nearly)
     zero; those stay (nearly) zero."""
@@ -380,41 +371,63 @@ def _softmax_zero(v: np.ndarray) -> np.ndarray:
     return e / np.where(live, e, 0.0).sum(axis=1, keepdims=True)
 
 
-def finish_scores(raw: np.ndarray, parsed: ParsedTrees) -> np.ndarray:
-    """The scores onnxruntime outputs (probabilities for a classifier) from the raw
-    TREE_ENSEMBLE output (B, n_outputs), in float64, the raw scores first rounded to
-    float32 as onnxruntime holds them.
+#: the post transforms the client's output head computes as IR ops (SOFTMAX_ZERO has none)
+HEAD_TRANSFORMS = ("NONE", "LOGISTIC", "SOFTMAX")
 
-    - A regressor with one target: the raw score (onnxruntime's one-output path applies
-      only PROBIT, which is refused at parsing).
+
+def tree_head(b, name: str, raw: str, parsed: ParsedTrees) -> str:
+    """onnxruntime's post transform of a classifier's raw scores ``raw`` (an IR value of
+    builder ``b``) as IR ops, which the output head moves to the client:
+
+    - the raw sums rounded to float32 as onnxruntime holds them (exact ties, a forest's
+      0.5 / 0.5 vote that the float32 leaf weights miss by ~1e-8 when summed in float64
+      or on shares, then fall as in onnxruntime and scikit-learn);
     - ONNX's binary case (one raw score s): with all class weights >= 0 (a random
       forest's probabilities) the columns are [1 - s, s] whatever the transform; with
       mixed weights (boosting's log-odds) [sigmoid(-s), sigmoid(s)] under LOGISTIC and
-      [-s, s] otherwise.
-    - Otherwise the transform column-wise: NONE, LOGISTIC, SOFTMAX, SOFTMAX_ZERO.
+      [-s, s] otherwise;
+    - otherwise the transform column-wise: NONE, LOGISTIC, SOFTMAX.
+
+    Raises UnsupportedOperation for a transform outside :data:`HEAD_TRANSFORMS`.
     """
-    # onnxruntime sums and outputs float32: rounding to float32 first makes exact ties
-    # (a forest's 0.5 / 0.5 vote, which the float32 leaf weights miss by ~1e-8 when
-    # summed in float64 or on shares) fall as in onnxruntime and scikit-learn
-    raw = np.asarray(raw, dtype=np.float64).reshape(-1, parsed.n_outputs)
-    raw = raw.astype(np.float32).astype(np.float64)
+    from ..ir import Op
+
     post = parsed.post_transform
-    if not parsed.is_classifier and parsed.n_outputs == 1:
-        return raw
+    if post not in HEAD_TRANSFORMS:
+        raise UnsupportedOperation(f"{name}: post_transform {post!r} of a classifier is "
+                                   f"not supported ({', '.join(HEAD_TRANSFORMS)} are)")
+    scores = b.add(name, Op.FLOAT32, [raw])
     if parsed.binary:
-        s = raw[:, :1]
-        if parsed.all_positive:
-            return np.concatenate([1.0 - s, s], axis=1)
-        if post == "LOGISTIC":
-            return np.concatenate([_logistic(-s), _logistic(s)], axis=1)
-        return np.concatenate([-s, s], axis=1)
-    if post == "LOGISTIC":
-        return _logistic(raw)
-    if post == "SOFTMAX":
-        return _softmax(raw)
-    if post == "SOFTMAX_ZERO":
-        return _softmax_zero(raw)
-    return raw
+        shift = 1.0 if parsed.all_positive else 0.0        # [1 - s, s] or [-s, s]
+        other = b.add(name, Op.BATCHNORM, [scores], {}, {"scale": [-1.0], "shift": [shift]})
+        scores = b.add(name, Op.CONCAT, [other, scores], {"axis": 0})
+        if parsed.all_positive or post != "LOGISTIC":
+            return scores
+    op = {"NONE": None, "LOGISTIC": Op.SIGMOID, "SOFTMAX": Op.SOFTMAX}[post]
+    return scores if op is None else b.add(name, op, [scores])
+
+
+def finish_scores(raw: np.ndarray, parsed: ParsedTrees) -> np.ndarray:
+    """The scores onnxruntime outputs (probabilities for a classifier) from the raw
+    TREE_ENSEMBLE output (B, n_outputs), in float64: for a classifier, the client's
+    output head that :func:`tree_head` builds (what veil runs), applied by the
+    interpreter; SOFTMAX_ZERO, which the head does not offer, in numpy. A regressor's
+    raw scores rounded to float32 (onnxruntime's one-output path applies only PROBIT,
+    which is refused at parsing)."""
+    from ..ir import run
+    from ._builder import GraphBuilder
+
+    raw = np.asarray(raw, dtype=np.float64).reshape(-1, parsed.n_outputs)
+    if not parsed.is_classifier and parsed.n_outputs == 1:
+        return raw.astype(np.float32).astype(np.float64)
+    if parsed.post_transform == "SOFTMAX_ZERO" and not parsed.binary:
+        return _softmax_zero(raw.astype(np.float32).astype(np.float64))
+    if parsed.post_transform == "SOFTMAX_ZERO":      # the binary case ignores it
+        parsed = ParsedTrees(parsed.params, parsed.n_outputs, "NONE", parsed.labels,
+                             parsed.binary, parsed.all_positive, parsed.n_trees)
+    b = GraphBuilder((parsed.n_outputs,))
+    head = b.finish(tree_head(b, "post", b.input, parsed))
+    return run(head, raw)
 
 
 def predicted_labels(scores: np.ndarray, parsed: ParsedTrees) -> np.ndarray:
