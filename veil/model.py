@@ -292,7 +292,7 @@ class CompiledModel:
         1/2 for a probability). Takes what :meth:`run` takes."""
         out = self.run(x, mode, head=False, clip=clip)
         single = np.ndim(out) == len(self.output_shape)
-        classes = self.head.predict(self.head.scores(out[None] if single else out))
+        classes = self.head.classify(out[None] if single else out)
         return classes[0] if single else classes
 
     def _local(self, mode: str):

@@ -91,8 +91,7 @@ def quality(outputs: np.ndarray, job: Job) -> dict:
 
 def classes_of(job: Job, outputs: np.ndarray) -> np.ndarray:
     """The model's predicted classes from a mode's outputs (its logits)."""
-    head = job.compiled.head
-    return head.predict(head.scores(np.asarray(outputs, dtype=np.float64)))
+    return job.compiled.head.classify(np.asarray(outputs, dtype=np.float64))
 
 
 def latency_fields(latencies, client_s) -> dict:

@@ -94,11 +94,16 @@ class Head:
             raise GraphError(f"{flat.shape[1]} scores but {len(self.labels)} class labels")
         return np.asarray(self.labels)[index]
 
+    def classify(self, server_out: np.ndarray) -> np.ndarray:
+        """Each row's class from the server's output batch (:meth:`predict` of
+        :meth:`scores`)."""
+        return self.predict(self.scores(server_out))
+
     def finish(self, server_out: np.ndarray) -> np.ndarray:
         """The model's output from the server's: scores, or labels when ``returns`` is
         ``"labels"``."""
-        scores = self.scores(server_out)
-        return self.predict(scores) if self.returns == "labels" else scores
+        return self.classify(server_out) if self.returns == "labels" else \
+            self.scores(server_out)
 
     # -- serialization (JSON + arrays, no pickle) ----------------------------------------
     def to_json(self) -> tuple[dict, dict[str, np.ndarray]]:

@@ -200,7 +200,7 @@ class Client:
         """The class of each input (its label when the classifier has some), as
         :meth:`veil.ir.head.Head.predict` decides it from the model's scores."""
         raw, single = self._raw(x)
-        classes = self.head.predict(self.head.scores(raw))
+        classes = self.head.classify(raw)
         return classes[0] if single else classes
 
     def _raw(self, x) -> tuple[np.ndarray, bool]:
