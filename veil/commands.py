@@ -225,8 +225,12 @@ def serve_cmd(args) -> int:
     from .deploy import processes
     from .service.app import (ServiceConfig, default_body_limits, insecure_reasons,
                               refuse_insecure)
+    from .service.options import indexes_of
     from .service.run import serve
 
+    indexes = indexes_of(args)
+    if not args.exports and not indexes:
+        raise InputError("nothing to serve: give export folders and/or --index NAME=PATH")
     # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into an exception so
     # the children below are stopped by the `finally`
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -281,7 +285,8 @@ def serve_cmd(args) -> int:
                                memory_budget_bytes=args.memory_budget, backends=backends,
                                he_workers=args.he_workers,
                                worker_timeout_s=args.worker_timeout,
-                               allow_insecure=args.allow_insecure, **tuning)
+                               allow_insecure=args.allow_insecure, indexes=indexes,
+                               search_workers=args.search_workers, **tuning)
         notes = (["enclaves are vouched for by the software attester (--tee-attester-key): "
                   "no hardware protects them"]
                  if args.tee_attester_key and not args.tee_enclave
@@ -398,4 +403,50 @@ def predict_cmd(args) -> int:
         print(f"accuracy {np.mean(classes == y):.4f} on {len(y)} labelled inputs")
     elif not args.out:
         print(json.dumps(classes.tolist()))
+    return 0
+
+
+def index_build_cmd(args) -> int:
+    """``veil index build``: texts (embedded here with MiniLM-L6) or vectors -> an index."""
+    from .search.index import MINILM, build_index, embed_texts
+
+    model = None
+    if args.texts:
+        texts = [line.strip() for line in
+                 Path(args.texts).read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise InputError(f"{args.texts} has no documents (one per line)")
+        vectors, model = embed_texts(texts), MINILM
+    else:
+        try:
+            vectors = np.load(args.vectors, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read {args.vectors} as an .npy array: {exc}") from None
+    ids = None
+    if args.ids:
+        ids = [line.rstrip("\n") for line in
+               Path(args.ids).read_text(encoding="utf-8").splitlines()]
+    index = build_index(vectors, ids, clusters=args.clusters, model=model,
+                        normalize=not args.no_normalize)
+    index.save(args.out)
+    print(f"wrote {args.out}: {index.count} documents of {index.dim} dimensions, "
+          f"{index.layout.blocks} blocks"
+          + (f", {len(index.layout.cluster_blocks)} clusters" if index.clustered else ""))
+    return 0
+
+
+def search_cmd(args) -> int:
+    """``veil search``: an encrypted query against a served index; prints the top k."""
+    from .sdk import Client
+
+    query = args.text
+    if query is None:
+        try:
+            query = np.load(args.vector, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read {args.vector} as an .npy array: {exc}") from None
+    with Client(args.url, index=args.index, ca=args.ca) as client:
+        result = client.search(query, args.k, probe=args.probe, decoys=args.decoys)
+    for doc, score in zip(result.ids, result.scores):
+        print(f"{score:.6f}\t{doc}")
     return 0
