@@ -67,7 +67,7 @@ class Client:
         url: the service, e.g. ``http://127.0.0.1:8000``.
         model: the model name (``GET /v1/models``); None with ``index``.
         index: an index name (``GET /v1/indexes``): this client then only
-            :meth:`search`\ es it (:mod:`veil.sdk.search`; ``mode`` is not used).
+            searches it (:meth:`search`, :mod:`veil.sdk.search`; ``mode`` is not used).
         mode: ``"he"``, ``"tee"`` or ``"mpc"``.
         api_key: the API key; default: the ``VEIL_API_KEY`` environment variable.
         key_dir: where client secrets and session ids persist (0700; default ``~/.veil``).
