@@ -128,12 +128,16 @@ class QueryKey:
         release_native_memory()
 
 
-def fresh_template(params: SearchParams) -> tuple[bytes, str]:
-    """A fresh query ciphertext (and its tag) from a throwaway key: what an honest
-    client's ciphertexts look like, coefficients and tag aside."""
+def fresh_template(params: SearchParams):
+    """A fresh query ciphertext from a throwaway key (then dropped): its bytes (what an
+    honest client's ciphertexts look like, coefficients and tag aside), its tag, and the
+    ciphertext object itself."""
     client = QueryKey(params)
     try:
-        return client.encrypt(np.zeros(2))[0], client.tag
+        pt = client.cc.MakeCKKSPackedPlaintext([0j] * params.slots)
+        ct = native_call(EngineError, "encryption failed", client.cc.Encrypt,
+                         client._keys.secretKey, pt)
+        return serialize_ciphertext(ct), client.tag, ct
     finally:
         client.close()
 
@@ -165,7 +169,7 @@ class BlockScorer:
         self._cap = max(1, int(cache_bytes) // self.block_bytes)
         self._cache: dict[int, list] = {}
         self._lock = threading.Lock()
-        template, tag = fresh_template(params)
+        template, tag, self._own = fresh_template(params)
         try:
             self._checker: BlobChecker = compile_checker("query ciphertext", template, tag,
                                                          params.ring_dim)
@@ -229,14 +233,24 @@ class BlockScorer:
                                        "keys") from None
         return tag.decode("ascii")
 
+    def _adopt(self, ct, tag: str):
+        """``ct`` as the sum of a zero made in this process and itself. Arithmetic on
+        ciphertexts OpenFHE has just deserialized runs about 5x slower than on ones made
+        in-process (measured: a plaintext product 200 us instead of 36 us at ring 2^12,
+        an addition 175 us instead of 17 us); the sum takes its first operand's
+        in-process form, the value is the client's (exactly: adding zero)."""
+        zero = self.cc.EvalSub(self._own, self._own)
+        zero.SetKeyTag(tag)
+        return native_call(EngineError, "scoring failed", self.cc.EvalAdd, zero, ct)
+
     def score(self, query: Sequence[bytes], blocks: Sequence[int] | None = None
               ) -> list[bytes]:
         """One reply ciphertext per block in ``blocks`` (default: all, in order)."""
         todo = list(range(self.blocks)) if blocks is None else [int(b) for b in blocks]
         if any(not 0 <= b < self.blocks for b in todo):
             raise InputError(f"this index has blocks 0..{self.blocks - 1}")
-        self.check(query)
-        cts = [deserialize_ciphertext(bytes(blob)) for blob in query]
+        tag = self.check(query)
+        cts = [self._adopt(deserialize_ciphertext(bytes(blob)), tag) for blob in query]
 
         def one(b: int) -> bytes:
             pts = self._block(b)
