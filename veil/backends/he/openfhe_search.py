@@ -237,8 +237,9 @@ class BlockScorer:
         """``ct`` as the sum of a zero made in this process and itself. Arithmetic on
         ciphertexts OpenFHE has just deserialized runs about 5x slower than on ones made
         in-process (measured: a plaintext product 200 us instead of 36 us at ring 2^12,
-        an addition 175 us instead of 17 us); the sum takes its first operand's
-        in-process form, the value is the client's (exactly: adding zero)."""
+        an addition 175 us instead of 17 us; ``Compress``, which re-binds the HE
+        sessions' inputs to their context, does not help here); the sum takes its first
+        operand's in-process form, and the value is the client's (adding zero)."""
         zero = self.cc.EvalSub(self._own, self._own)
         zero.SetKeyTag(tag)
         return native_call(EngineError, "scoring failed", self.cc.EvalAdd, zero, ct)
