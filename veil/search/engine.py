@@ -217,6 +217,12 @@ class Searcher:
             self._tee.close()
         self._scorer = self._client = self._tee = None
 
+    def __enter__(self) -> "Searcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def _compile_scoring(index: Index):
     """The index as a veil model: one MatMul of the query by the vectors (ONNX), which
