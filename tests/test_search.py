@@ -165,6 +165,15 @@ def test_a_clustered_layout_places_every_document_once_from_block_boundaries():
     for c, (first, end) in enumerate(lay.cluster_blocks):
         docs = lay.docs(range(first, end))
         assert (docs[docs >= 0] >= 0).all() and len(docs) == (end - first) * lay.slots
+    spilled = build_index(v, clusters=5, spill=2)
+    counts = np.bincount(spilled.layout.rows[spilled.layout.rows >= 0], minlength=len(v))
+    assert (counts == 2).all()          # in its two nearest clusters, once in each
+    with Searcher(spilled) as s:
+        result = s.search(v[0], 20, "plain", probe=5)    # every cluster: each row twice
+        assert len(set(result.docs.tolist())) == 20
+        assert result.ids == s.search(v[0], 20, "plain").ids
+    with pytest.raises(InputError):
+        build_index(v, spill=2)
 
 
 # -- the modes ---------------------------------------------------------------------------

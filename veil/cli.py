@@ -97,6 +97,9 @@ def _index_parsers(sub) -> None:
     b.add_argument("--clusters", type=int, default=0,
                    help="k-means clusters for probed searches (default 0: a flat index, "
                    "exact scans only)")
+    b.add_argument("--spill", type=int, default=1,
+                   help="with --clusters: put each document in its N nearest clusters "
+                   "(better recall for probed searches, N times the blocks; default 1)")
     b.add_argument("--no-normalize", action="store_true",
                    help="keep vectors as given (default: unit norm, cosine scores)")
     b.add_argument("--out", required=True, help="the index file to write (.npz)")

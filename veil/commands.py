@@ -426,7 +426,7 @@ def index_build_cmd(args) -> int:
     if args.ids:
         ids = [line.rstrip("\n") for line in
                Path(args.ids).read_text(encoding="utf-8").splitlines()]
-    index = build_index(vectors, ids, clusters=args.clusters, model=model,
+    index = build_index(vectors, ids, clusters=args.clusters, spill=args.spill, model=model,
                         normalize=not args.no_normalize)
     index.save(args.out)
     print(f"wrote {args.out}: {index.count} documents of {index.dim} dimensions, "

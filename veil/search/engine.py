@@ -61,10 +61,13 @@ def check_k(k: int) -> int:
 
 
 def top_k(scores: np.ndarray, docs: np.ndarray, k: int, ids: list[str]) -> SearchResult:
-    """Rank ``scores`` of documents ``docs`` (-1: padding, skipped); ties by row."""
+    """Rank ``scores`` of documents ``docs`` (-1: padding, skipped; a document listed
+    twice, by a spilled clustered index, counts once); ties by row."""
     real = docs >= 0
     s, d = scores[real], docs[real]
-    order = np.lexsort((d, -s))[:k]
+    order = np.lexsort((d, -s))
+    _, first = np.unique(d[order], return_index=True)
+    order = order[np.sort(first)][:k]
     return SearchResult([ids[i] for i in d[order]], s[order], d[order])
 
 

@@ -183,35 +183,39 @@ def _check(index: Index) -> None:
     if len(index.ids) != v.shape[0]:
         raise BundleError("the index has not one id per vector")
     real = rows[rows >= 0]
-    if rows.min() < -1 or len(real) != v.shape[0] or \
-            not np.array_equal(np.sort(real), np.arange(v.shape[0])):
-        raise BundleError("the index layout does not place every document exactly once")
+    spill = int(index.meta.get("spill", 1))
+    counts = np.bincount(real, minlength=v.shape[0]) if len(real) else np.zeros(1)
+    if rows.min() < -1 or real.max(initial=-1) >= v.shape[0] or counts.min() < 1 \
+            or counts.max() > spill:
+        raise BundleError("the index layout does not place every document once (or, "
+                          "spilled, at most once per cluster it joins)")
 
 
 # ------------------------------------------------------------------------------ build
 
-def kmeans(x: np.ndarray, k: int, *, iters: int = 20, seed: int = 0
-           ) -> tuple[np.ndarray, np.ndarray]:
+def kmeans(x: np.ndarray, k: int, *, iters: int = 20, seed: int = 0,
+           sample: int = 50_000) -> tuple[np.ndarray, np.ndarray]:
     """Lloyd's k-means with k-means++ seeding (Arthur & Vassilvitskii 2007) on the rows
-    of ``x``: ``(centroids (k, d), labels (n,))``; deterministic for ``seed``. Scores by
-    inner product when rows are unit vectors (spherical assignment is then the same)."""
+    of ``x``: ``(centroids (k, d), labels (n,))``; deterministic for ``seed``. The
+    centroids are fitted on at most ``sample`` rows drawn at random (all of them when
+    fewer), then every row is assigned once: a 1M-row index clusters in seconds."""
     rng = np.random.default_rng(seed)
     n = x.shape[0]
     k = max(1, min(int(k), n))
-    sample = x if n <= 50_000 else x[rng.choice(n, 50_000, replace=False)]
-    centers = [sample[rng.integers(len(sample))]]
-    d2 = ((sample - centers[0]) ** 2).sum(1)
+    fit = x if n <= sample else x[np.sort(rng.choice(n, sample, replace=False))]
+    fit = fit.astype(np.float64)
+    centers = [fit[rng.integers(len(fit))]]
+    d2 = ((fit - centers[0]) ** 2).sum(1)
     for _ in range(1, k):
         p = d2 / d2.sum() if d2.sum() > 0 else None
-        c = sample[rng.choice(len(sample), p=p)]
+        c = fit[rng.choice(len(fit), p=p)]
         centers.append(c)
-        d2 = np.minimum(d2, ((sample - c) ** 2).sum(1))
-    cent = np.stack(centers).astype(np.float64)
-    labels = np.zeros(n, dtype=np.int64)
+        d2 = np.minimum(d2, ((fit - c) ** 2).sum(1))
+    cent = np.stack(centers)
     for _ in range(iters):
-        labels = _assign(x, cent)
+        labels = _assign(fit, cent)
         new = np.zeros_like(cent)
-        np.add.at(new, labels, x)
+        np.add.at(new, labels, fit)
         counts = np.bincount(labels, minlength=k)
         empty = counts == 0
         new[~empty] /= counts[~empty, None]
@@ -238,12 +242,28 @@ def flat_layout(n: int, slots: int) -> Layout:
     return Layout(slots, rows)
 
 
-def clustered_layout(vectors: np.ndarray, clusters: int, slots: int, seed: int = 0) -> Layout:
-    """k-means into ``clusters``; each cluster starts at a block boundary."""
+def _nearest(x: np.ndarray, cent: np.ndarray, m: int, chunk: int = 65536) -> np.ndarray:
+    """The ``m`` nearest centroids of every row, ``(n, m)``."""
+    out = np.empty((x.shape[0], m), dtype=np.int64)
+    cn = (cent.astype(np.float64) ** 2).sum(1)
+    for i in range(0, x.shape[0], chunk):
+        d = cn[None, :] - 2 * x[i:i + chunk].astype(np.float64) @ cent.T.astype(np.float64)
+        out[i:i + chunk] = np.argpartition(d, m - 1, axis=1)[:, :m]
+    return out
+
+
+def clustered_layout(vectors: np.ndarray, clusters: int, slots: int, seed: int = 0,
+                     spill: int = 1) -> Layout:
+    """k-means into ``clusters``; each cluster starts at a block boundary. With
+    ``spill = m > 1`` every document also joins its m - 1 next-nearest clusters (the
+    documents near a boundary are then found from either side: better recall for a
+    probed search, m times the index's blocks)."""
     cent, labels = kmeans(vectors, clusters, seed=seed)
+    spill = max(1, min(int(spill), len(cent)))
+    near = labels[:, None] if spill == 1 else _nearest(vectors, cent, spill)
     rows, bounds = [], []
     for c in range(len(cent)):
-        members = np.flatnonzero(labels == c)
+        members = np.flatnonzero((near == c).any(axis=1))
         first = len(rows) // slots
         blocks = max(1, -(-len(members) // slots))
         pad = np.full(blocks * slots, -1, dtype=np.int64)
@@ -255,10 +275,11 @@ def clustered_layout(vectors: np.ndarray, clusters: int, slots: int, seed: int =
 
 
 def build_index(vectors, ids=None, *, params: dict | None = None, clusters: int = 0,
-                model: str | None = None, normalize: bool = True, seed: int = 0,
-                meta: dict | None = None) -> Index:
+                spill: int = 1, model: str | None = None, normalize: bool = True,
+                seed: int = 0, meta: dict | None = None) -> Index:
     """An :class:`Index` of ``vectors`` ``(n, d)`` (ids default to ``"0".."n-1"``);
-    ``clusters > 0`` makes a clustered layout; ``normalize`` scales rows to unit norm
+    ``clusters > 0`` makes a clustered layout (each document in its ``spill`` nearest
+    clusters); ``normalize`` scales rows to unit norm
     (inner products are then cosine similarities; a zero row stays zero)."""
     v = np.asarray(vectors, dtype=np.float32)
     if v.ndim != 2 or v.shape[0] < 1 or v.shape[1] < 1:
@@ -275,10 +296,13 @@ def build_index(vectors, ids=None, *, params: dict | None = None, clusters: int 
     if any(len(i) > MAX_ID_CHARS for i in ids):
         raise InputError(f"document ids are limited to {MAX_ID_CHARS} characters")
     p = SearchParams.from_dict(params or {})
-    layout = (clustered_layout(v, clusters, p.slots, seed) if clusters
+    if spill < 1 or (spill > 1 and not clusters):
+        raise InputError("spill must be 1, or up to the cluster count with clusters")
+    layout = (clustered_layout(v, clusters, p.slots, seed, spill) if clusters
               else flat_layout(len(v), p.slots))
     return Index(v, ids, layout, p.to_dict(), model,
-                 {"normalized": bool(normalize), **(meta or {})})
+                 {"normalized": bool(normalize), "spill": int(spill) if clusters else 1,
+                  **(meta or {})})
 
 
 def embed_texts(texts: list[str], *, batch: int = 64, seq_len: int = 128) -> np.ndarray:

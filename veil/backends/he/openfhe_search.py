@@ -153,11 +153,11 @@ class BlockScorer:
 
     def __init__(self, params: SearchParams, matrix: np.ndarray, *, threads: int = 2,
                  cache_bytes: int = 8 << 30) -> None:
-        m = np.asarray(matrix, dtype=np.float64)
-        if m.ndim != 2 or not np.isfinite(m).all():
+        m = np.asarray(matrix)
+        if m.ndim != 2 or not np.issubdtype(m.dtype, np.floating) or not np.isfinite(m).all():
             raise InputError("the index must be a finite (n, d) matrix")
         if m.shape[1] % 2:
-            m = np.concatenate([m, np.zeros((m.shape[0], 1))], axis=1)
+            m = np.concatenate([m, np.zeros((m.shape[0], 1), m.dtype)], axis=1)
         self.params, self.dim, self.count = params, int(matrix.shape[1]), int(m.shape[0])
         self.cc = search_context(params)
         self._matrix = m
@@ -180,7 +180,7 @@ class BlockScorer:
     # -- the index's plaintexts ---------------------------------------------------------
     def _encode(self, b: int) -> list:
         slots = self.params.slots
-        rows = self._matrix[b * slots:(b + 1) * slots]
+        rows = self._matrix[b * slots:(b + 1) * slots].astype(np.float64)
         if rows.shape[0] < slots:
             rows = np.concatenate([rows, np.zeros((slots - rows.shape[0], rows.shape[1]))])
         cols = rows[:, 0::2] - 1j * rows[:, 1::2]          # (slots, pairs)
