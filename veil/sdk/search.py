@@ -38,15 +38,18 @@ class SearchMode:
                                      f"{exc}") from None
         self.query = QueryClient(self.info, self.layout, self.ids)
         self.last_cost: dict = {}
+        self._embedder = None
 
     def embed(self, text: str) -> np.ndarray:
         """A text query's embedding, computed here with the index's model."""
         if self.info.get("model") != MINILM:
             raise InputError(f"index {self.name!r} was built from vectors, not texts: "
                              "search it with a vector")
-        from ..search.index import embed_texts
+        if self._embedder is None:
+            from ..search.index import TextEmbedder
 
-        return embed_texts([text])[0]
+            self._embedder = TextEmbedder()
+        return self._embedder([text])[0]
 
     def search(self, query, k: int = 10, *, probe: int | None = None,
                decoys: int = 0) -> SearchResult:

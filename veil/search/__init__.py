@@ -13,7 +13,7 @@ The CKKS kernel is :mod:`veil.backends.he.openfhe_search`; the service routes ar
 from __future__ import annotations
 
 from .engine import MODES, QueryClient, SearchResult, Searcher, plan_blocks
-from .index import Index, Layout, build_index, embed_texts, kmeans
+from .index import Index, Layout, TextEmbedder, build_index, embed_texts, kmeans
 
 __all__ = ["Index", "Layout", "MODES", "QueryClient", "SearchResult", "Searcher",
-           "build_index", "embed_texts", "kmeans", "plan_blocks"]
+           "TextEmbedder", "build_index", "embed_texts", "kmeans", "plan_blocks"]

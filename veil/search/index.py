@@ -305,21 +305,34 @@ def build_index(vectors, ids=None, *, params: dict | None = None, clusters: int 
                   **(meta or {})})
 
 
+class TextEmbedder:
+    """MiniLM-L6 sentence embeddings in plaintext (``veil.text``), on the machine of
+    whoever owns the texts (the index owner, or the client for its query); the model
+    loads once per object. Calling it on a list of texts gives unit-normalised float32
+    rows."""
+
+    def __init__(self, seq_len: int = 128) -> None:
+        from ..text.minilm import load_minilm
+        from ..text.tokenize import Tokenizer
+
+        self.encoder, self.tokenizer = load_minilm(seq_len), Tokenizer(seq_len)
+
+    def __call__(self, texts: list[str], batch: int = 64) -> np.ndarray:
+        import torch
+
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise InputError("texts must be a list of strings")
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), batch):
+                x = torch.from_numpy(self.tokenizer.encode(texts[i:i + batch])
+                                     .astype(np.float32))
+                out.append(self.encoder(x).numpy())
+        v = np.concatenate(out) if out else np.zeros((0, 384), np.float32)
+        norms = np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        return (v / norms).astype(np.float32)
+
+
 def embed_texts(texts: list[str], *, batch: int = 64, seq_len: int = 128) -> np.ndarray:
-    """MiniLM-L6 sentence embeddings of ``texts`` in plaintext (``veil.text``; the data
-    owner's or the index owner's own machine), unit-normalised, float32."""
-    import torch
-
-    from ..text.minilm import load_minilm
-    from ..text.tokenize import Tokenizer
-
-    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
-        raise InputError("texts must be a list of strings")
-    enc, tok = load_minilm(seq_len), Tokenizer(seq_len)
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(texts), batch):
-            x = torch.from_numpy(tok.encode(texts[i:i + batch]).astype(np.float32))
-            out.append(enc(x).numpy())
-    v = np.concatenate(out) if out else np.zeros((0, 384), np.float32)
-    return (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+    """:class:`TextEmbedder` once: the embeddings of ``texts``."""
+    return TextEmbedder(seq_len)(texts, batch)

@@ -117,6 +117,7 @@ def add_routes(app: FastAPI, ctx: ServiceContext) -> SearchService:
     ctx.closers.append(search.close)
     for k in range(search.workers.count):
         ctx.children[f"search-worker-{k}"] = lambda k=k: search.workers.state(k)
+        ctx.restarts[f"search-worker-{k}"] = lambda k=k: search.workers.restarts(k)
     app.state.search = search
     ctx.search_info = lambda: search.info
     octets = {"content": {OCTETS: {"schema": {"type": "string", "format": "binary"}}}}
