@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..backends.inputs import as_vector
 from ..compiler.params import SearchParams
 from ..errors import InputError, ModeError
 from .index import Index, Layout
@@ -43,15 +44,8 @@ class SearchResult:
 
 
 def check_query(vector, dim: int) -> np.ndarray:
-    v = np.asarray(vector, dtype=np.float64)
-    if v.ndim == 2 and v.shape[0] == 1:
-        v = v[0]
-    if v.ndim != 1 or v.shape[0] != dim:
-        raise InputError(f"this index takes query vectors of {dim} values, got shape "
-                         f"{tuple(v.shape)}")
-    if not np.isfinite(v).all():
-        raise InputError("the query has NaN or infinite values")
-    return v
+    """One query vector of ``dim`` values (or a batch of one), by the input contract."""
+    return as_vector(vector, dim)
 
 
 def check_k(k: int) -> int:

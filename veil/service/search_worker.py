@@ -18,22 +18,11 @@ Nothing about a query is logged: not its bytes, its tag, its blocks or its score
 from __future__ import annotations
 
 import argparse
-import faulthandler
-import logging
 import os
-import resource
-import signal
-import socket
-import sys
 import threading
 
-from ..backends.sockets import send_frame
 from ..errors import InputError, NotFoundError, SerializationError
-from ..wire import pack
-from .he_worker import serve
-from .workers import REPLY_KIND, error_header
-
-log = logging.getLogger("veil.service.search_worker")
+from .he_worker import run_worker
 
 
 class SearchWorker:
@@ -53,7 +42,6 @@ class SearchWorker:
                                              index.matrix(), cache_bytes=share,
                                              threads=int(os.environ.get("VEIL_SEARCH_THREADS",
                                                                         "2")))
-        self.loaded = _Nothing()
 
     def prepare(self) -> None:
         """Encode every index's blocks ahead of the first queries (they would be
@@ -77,13 +65,6 @@ class SearchWorker:
         return {"ok": True}, {str(i): r for i, r in enumerate(replies)}
 
 
-class _Nothing:
-    """What ``he_worker.main`` closes: a search worker holds no sessions."""
-
-    def close(self) -> None:
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m veil.service.search_worker")
     ap.add_argument("--fd", type=int, required=True)
@@ -92,23 +73,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="NAME=PATH: a served index's name and file")
     ap.add_argument("--memory-budget", type=int, required=True)
     args = ap.parse_args(argv)
-    logging.basicConfig(level="WARNING", stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s search-worker-{args.index}: "
-                               "%(message)s")
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    faulthandler.enable()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sock = socket.socket(fileno=args.fd)
-    try:
-        worker = SearchWorker(args.serve, args.memory_budget)
-    except Exception as exc:
-        log.exception("loading the indexes failed")
-        send_frame(sock, pack(REPLY_KIND, {}, error_header(exc)))
-        return 1
-    send_frame(sock, pack(REPLY_KIND, {}, {"ok": True, "pid": os.getpid()}))
-    threading.Thread(target=worker.prepare, name="prepare", daemon=True).start()
-    serve(sock, worker)
-    return 0
+    return run_worker(f"search-worker-{args.index}", args.fd,
+                      lambda: SearchWorker(args.serve, args.memory_budget),
+                      ready=lambda worker: threading.Thread(
+                          target=worker.prepare, name="prepare", daemon=True).start())
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import numpy as np
 
 from ...compiler.params import SearchParams
 from ...errors import EngineError, InputError, KeyMismatchError, SerializationError
+from ..inputs import as_vector
 from .native import release_native_memory
 from .openfhe_native import (_SECURITY, deserialize_ciphertext, native_call, ofhe,
                              serialize_ciphertext)
@@ -71,16 +72,6 @@ def search_context(params: SearchParams):
     return cc
 
 
-def _check_vector(vector, dim: int) -> np.ndarray:
-    v = np.asarray(vector, dtype=np.float64)
-    if v.ndim != 1 or v.shape[0] != dim:
-        raise InputError(f"the query must be a vector of {dim} values, got shape "
-                         f"{tuple(v.shape)}")
-    if not np.isfinite(v).all():
-        raise InputError("the query has NaN or infinite values")
-    return v
-
-
 class QueryKey:
     """The client's side: a CKKS secret key (it never leaves this object), query
     encryption and score decryption. One key serves any number of queries."""
@@ -94,7 +85,7 @@ class QueryKey:
     def encrypt(self, vector, dim: int | None = None) -> list[bytes]:
         """``ceil(dim / 2)`` ciphertexts of ``vector`` (column packing, see the module
         docstring), encrypted under the secret key."""
-        v = _check_vector(vector, len(vector) if dim is None else dim)
+        v = as_vector(vector, len(vector) if dim is None else dim)
         if v.shape[0] % 2:
             v = np.append(v, 0.0)
         slots = self.params.slots
