@@ -16,6 +16,8 @@ clustered 1M index (k-means into n / 2048 clusters; a query probes the 8 cluster
 centroids are nearest, hidden among 8 random decoys): server time with the blocks
 encoded (a served index encodes all of them once it is up) and on first use, bytes down.
 
+``--service N`` times N documents end to end through ``veil serve --index`` and the SDK.
+
 Quality (``--real N``): the first N short fortunes (Debian ``fortunes``) embedded with
 MiniLM-L6, 50 other fortunes as queries: recall@10 of the encrypted exact scan against
 plaintext's exact top-10 (must be 1), and of clustered searches (sqrt(N) clusters, each
@@ -153,6 +155,45 @@ def clustered_row(n: int, args) -> dict:
     return row
 
 
+def service_row(n: int, args) -> dict:
+    """End to end through ``veil serve --index`` on loopback and the SDK: the latency a
+    user sees (embedding aside), with the 24 MB upload and the worker hop."""
+    import subprocess
+    import tempfile
+
+    from veil.sdk import Client
+    from veil.search import build_index
+    from veil.service.auth import KeyStore
+
+    vectors = unit_vectors(n, args.dim)
+    with tempfile.TemporaryDirectory() as tmp:
+        build_index(vectors, normalize=False).save(Path(tmp) / "i.npz")
+        keys = KeyStore(Path(tmp) / "store")
+        token = keys.create("bench")
+        keys.close()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "veil.service", "--index", f"docs={tmp}/i.npz",
+             "--store", f"{tmp}/store", "--listen", "127.0.0.1:0",
+             "--memory-budget", str(16 << 30)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+        try:
+            url = proc.stdout.readline().split()[-1]
+            with Client(url, index="docs", api_key=token, timeout=600) as c:
+                queries = unit_vectors(args.queries + 1, args.dim, seed=3)
+                c.search(queries[0], 10)       # blocks encoded (the worker's start-up)
+                times, costs = [], []
+                for q in queries[1:]:
+                    t = time.perf_counter()
+                    costs.append(c.search(q, 10).cost)
+                    times.append(time.perf_counter() - t)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    return {"n": n, "end_to_end_s": float(np.median(times)), "times": times,
+            "up_mb": costs[0]["bytes_up"] / 2 ** 20,
+            "down_mb": costs[0]["bytes_down"] / 2 ** 20}
+
+
 def quality(n: int, args) -> dict:
     from veil.search import Searcher, build_index
     from veil.search.index import MINILM, embed_texts
@@ -221,6 +262,12 @@ def markdown(doc: dict) -> str:
                   f"| {r['warm_server_s']:.3f} ({st:g}) | {r['cold_server_s']:.3f} | "
                   f"{r['blocks_asked']:.0f} | {r['down_mb']:.2f} ({dt:g}) | "
                   f"{r['up_mb']:.1f} |"]
+    for r in doc.get("service", []):
+        lines += ["", f"Served ({r['n']:,} documents): `veil serve --index` on loopback and "
+                  "the SDK's `Client(url, index=...).search(vector, 10)`, end to end "
+                  f"(client encryption, {r['up_mb']:.1f} MB up, the worker, "
+                  f"{r['down_mb']:.2f} MB down, decryption and ranking): median "
+                  f"{r['end_to_end_s']:.2f} s."]
     q = doc.get("quality")
     if q:
         lines += ["", f"Quality: {q['corpus']}, {q['queries']} other fortunes as queries, "
@@ -245,6 +292,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tee-max", type=int, default=100_000)
     ap.add_argument("--clusters-1m", action="store_true")
     ap.add_argument("--real", type=int, default=0)
+    ap.add_argument("--service", type=int, default=0,
+                    help="also time N documents end to end through veil serve --index")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--merge", action="store_true",
                     help="keep the parts of OUT/search.json this run does not measure")
@@ -266,6 +315,9 @@ def main(argv=None) -> int:
         row = clustered_row(1_000_000, args)
         print(json.dumps(row), flush=True)
         doc["clustered"] = [row]
+    if args.service:
+        doc["service"] = [service_row(args.service, args)]
+        print(json.dumps(doc["service"][0]), flush=True)
     if args.real:
         doc["quality"] = quality(args.real, args)
         print(json.dumps(doc["quality"]), flush=True)
