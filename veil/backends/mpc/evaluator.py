@@ -593,10 +593,13 @@ class Run:
                            x.ravel(), y.ravel()).reshape(x.shape)
 
     def matmul(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """x @ y for shared (g, m, k) and (g, k, n) (a "matmul" step, never chunked)."""
+        """x @ y for shared (g, m, k) and (g, k, n) (a "matmul" step, never split: in a
+        layer that streams, its one piece is fetched when the run reaches it)."""
         m = self.take()
         if isinstance(m, Chunked):
-            raise InputError("a matrix product's material cannot stream in chunks")
+            if len(m.sizes) != 1:
+                raise InputError("a matrix product's material cannot stream in chunks")
+            m = m.load(0)
         return pr.matmul(self.ch, self.party, x, y, m)
 
     def square(self, x: np.ndarray) -> np.ndarray:
@@ -1147,9 +1150,10 @@ def _matmul_bytes(step: Step) -> int:
 def streams_in_chunks(steps, batch: int, frac_bits: int = FRAC_BITS, cmp: str = "circuit",
                       above: int = LAZY_BYTES) -> bool:
     """Whether a layer with ``steps`` streams its material in :class:`Chunked` pieces of
-    ``CHUNK`` values (circuit material over ``above`` bytes; DCF keys and matrix
-    triples are not split)."""
-    return cmp == "circuit" and not any(s.kind == "matmul" for s in steps) and \
+    ``CHUNK`` values (circuit material over ``above`` bytes; DCF keys are not split,
+    and a matrix triple is one piece of its own: a MATMUL layer, whose triple is all
+    its material but a truncation's, never streams)."""
+    return cmp == "circuit" and not (steps and steps[0].kind == "matmul") and \
         material_bytes(steps, batch, frac_bits, cmp) > above
 
 
@@ -1206,6 +1210,7 @@ def estimate_memory(graph: Graph, batch: int = 1, frac_bits: int = FRAC_BITS,
         if streams_in_chunks(steps, batch, frac_bits, cmp, above):
             # one chunk held, and with lookahead the next one arriving meanwhile
             held = 3 * min(layers_held, 2) * max(
+                material_bytes([s], batch, frac_bits, cmp) if s.kind == "matmul" else
                 material_bytes([Step(s.kind, c, s.shift)], 1, frac_bits, cmp)
                 for s in steps for c in chunk_sizes(s.size * batch)[:1])
         else:

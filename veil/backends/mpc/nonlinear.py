@@ -148,6 +148,24 @@ def _matmul(run: Run, node, args):
     return run.trunc(z).reshape((b,) + tuple(node.shape))
 
 
+def _row_scaling(rows: int, last: int) -> Step:
+    """The material of :func:`_scale_rows`: a (rows, last, 1) by (rows, 1, 1) matrix
+    triple."""
+    return Step("matmul", rows * last, dims=(rows, last, 1, 1))
+
+
+def _scale_rows(run: Run, x: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """x * s for shared x (rows, last) and one shared s per row (rows, 1), untruncated:
+    a Beaver product whose triple's b is one value per row (a matrix triple with
+    k = n = 1, SecureML's matrix Beaver triples), so s - b is opened once per row, not
+    once per entry as an elementwise product with s broadcast would: 8 bytes an entry
+    and 8 a row, where the elementwise product sent 16 an entry."""
+    rows, last = x.shape
+    out = run.matmul(np.ascontiguousarray(x).reshape(rows, last, 1),
+                     np.ascontiguousarray(s).reshape(rows, 1, 1))
+    return out.reshape(rows, last)
+
+
 # -- range-reduced Newton iterations -------------------------------------------------------
 def _binade_thresholds(lo: float, hi: float) -> list[int]:
     """The powers 2^j (j0 < j <= j1) that split [lo, hi] into binades."""
@@ -250,7 +268,7 @@ def _softmax_steps(prog, node):
     steps += [Step("relu", n, width=MAX_BITS, drop=f + CLAMP_COARSE),    # the clamp
               Step("texp", n)]
     steps += _recip_steps(rows, 0.5, _sum_bound(last))
-    steps += [Step("mul", n), Step("trunc", n)]
+    steps += [_row_scaling(rows, last), Step("trunc", n)]
     return steps
 
 
@@ -271,7 +289,7 @@ def _softmax(run: Run, node, args):
     e = _exp_nonpositive(run, x - mx)
     s = e.sum(axis=-1, keepdims=True, dtype=np.uint64)
     inv = _reciprocal_of(run, s, 0.5, _sum_bound(last))
-    p = run.trunc(run.mul(e, np.ascontiguousarray(np.broadcast_to(inv, e.shape))))
+    p = run.trunc(_scale_rows(run, e, inv))
     return p.reshape((b,) + tuple(node.shape))
 
 
@@ -283,7 +301,7 @@ def _layernorm_steps(prog, node):
     return ([Step("trunc", n), Step("square", n), Step("trunc", rows),
              Step("trunc", rows), Step("trunc", rows, 2 * f - VAR_BITS),
              Step("trunc", rows)] + _rsqrt_steps(rows, *VAR_RANGE, f)
-            + [Step("mul", n), Step("trunc", n, RSQRT_BITS), Step("trunc", n)])
+            + [_row_scaling(rows, last), Step("trunc", n, RSQRT_BITS), Step("trunc", n)])
 
 
 def _layernorm(run: Run, node, args):
@@ -304,8 +322,7 @@ def _layernorm(run: Run, node, args):
     var_hi = run.trunc(run.trunc(total, shift=2 * f - VAR_BITS) * inv_d) \
         + run.public(_scaled(eps, VAR_BITS))
     y = _rsqrt_of(run, var, var_hi, *VAR_RANGE)
-    z = run.trunc(run.mul(c, np.ascontiguousarray(np.broadcast_to(y, c.shape))),
-                  shift=RSQRT_BITS)
+    z = run.trunc(_scale_rows(run, c, y), shift=RSQRT_BITS)
     out = z * run.prog.param(node, "weight", f)[None] + \
         run.public(_scaled(node.params["bias"], 2 * f))[None]
     return run.trunc(np.ascontiguousarray(out)).reshape((b,) + tuple(node.shape))

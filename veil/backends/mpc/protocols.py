@@ -257,7 +257,10 @@ _LIMB_MASK = np.uint64(0xFFFF)
 def ring_matmul_shares(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """x @ y in Z_(2^64) for two uint64 arrays (..., m, k) and (..., k, n), both full
     64-bit (shares, masks): each cut into four 16-bit limbs, the ten limb products that
-    land below 2^64 run in float64 BLAS, exact while k 2^32 < 2^53 (k < 2^21)."""
+    land below 2^64 run in float64 BLAS, exact while k 2^32 < 2^53 (k < 2^21). With
+    k = 1 (a row scaled by a per-row value, ``nonlinear``) it is a broadcast product."""
+    if x.shape[-1] == 1:
+        return x * y
     if x.shape[-1] >= 1 << 21:
         return np.matmul(x, y)
     xl = [((x >> (_LIMB * np.uint64(i))) & _LIMB_MASK).astype(np.float64) for i in range(4)]
