@@ -591,24 +591,33 @@ def test_a_tail_polynomial_opens_only_its_truncations():
 
 
 def test_the_exponential_chain_matches_its_formula():
-    """``exp_chain``: (1 + d/256)^256 (1 + d^2/512) at f bits for d from -256 to 2^-1
-    (what a coarse row max can leave), within 8e-6 of the float formula (the worst case:
-    each truncation at 26 bits errs by under 2^-26, the squarings after it double that
-    error each, sum 255 2^-26 on u^256 <= 1.65, i.e. 6.3e-6; then 2^-20 for the last
-    truncation; the stochastic carries make the measured maximum 3-5e-6), in ten
-    rounds (the square's opening, then eight truncations on 64-, 56- and 64-bit rings,
-    every product local), through the material's arrays."""
+    """``exp_chain``: p(z)^2 with p the degree-12 fit of exp(d/2), z = d/8 + 1, at f
+    bits for d from -17 to 1 (the clamp's and a coarse row max's reach): within
+    2^(3-f) e + 14 2^-f sqrt(e) + 2^-f of the float formula p(z)^2, 17 2^-f for d <= 0
+    (the docstring: z's truncation at f bits moves d by under 2^(3-f); the powers',
+    the coefficients' and p's roundings move p^2 by the rest), and within the fit's
+    error more of e;
+    six rounds (z; z^2; z^3 and z^4; z^4 q_2; p; p^2) of 6 + 6 + 12 + 8 + 8 + 6 bytes a
+    value, every product local, through the material's arrays."""
+    from veil.backends.mpc import chains
     from veil.backends.mpc.chains import chain_material, exp_chain
     from veil.backends.mpc.protocols import material_arrays, material_from_arrays
     prg = Prg()
-    d = np.concatenate([np.linspace(-256.0, 0.5, 4001), [-30.0, -1e-6, 0.0]])
+    d = np.concatenate([np.linspace(-17.0, 1.0, 4001), [-16.0, -1e-6, 0.0]])
     ds = _shared(d, prg)
     m0, m1 = chain_material("texp", d.size, FRAC_BITS, prg)
     m1 = material_from_arrays(material_arrays([m1]))[0]
     (e0, e1), chans = run_parties(lambda p, ch, m: exp_chain(ch, p, ds[p], m, FRAC_BITS),
                                   (m0, m1))
     got = decode(reconstruct(e0, e1))
-    want = (1 + d / 256) ** 256 * (1 + d * d / 512)
-    assert np.abs(got - want).max() < 8e-6
-    assert chans[0].rounds == 10
-    assert chans[0].bytes_sent == d.size * (8 + 8 + 6 * 7 + 7 + 8)
+    formula = np.polynomial.polynomial.polyval(d / 8 + 1, chains.exp_coeffs()) ** 2
+    zs = np.linspace(-1.125, 1.125, 20001)
+    fit = np.abs(np.polynomial.polynomial.polyval(zs, chains.exp_coeffs()) ** 2
+                 - np.exp(8 * zs - 8))
+    assert fit.max() <= chains.EXP_FIT_ERROR
+    e, ulp = np.exp(d), 2.0 ** -FRAC_BITS
+    bound = np.where(d <= 0, 17 * ulp, 8 * ulp * e + 14 * ulp * np.sqrt(e) + ulp)
+    assert np.all(np.abs(got - formula) <= bound)
+    assert np.all(np.abs(got - e) <= bound + chains.EXP_FIT_ERROR)
+    assert chans[0].rounds == 6
+    assert chans[0].bytes_sent == d.size * (6 + 6 + 12 + 8 + 8 + 6)

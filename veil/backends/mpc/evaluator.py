@@ -584,7 +584,7 @@ class Run:
                            y.ravel()).reshape(y.shape)
 
     def exp(self, d: np.ndarray) -> np.ndarray:
-        """exp(d) at f bits for d in [-256, 2^-1] (a "texp" step)."""
+        """exp(d) at f bits for d in [-17, 1] (a "texp" step, ``chains.exp_chain``)."""
         return self._apply(lambda v, m: chains.exp_chain(self.ch, self.party, v, m, self.f),
                            d.ravel()).reshape(d.shape)
 

@@ -13,21 +13,18 @@ kernel over its calibrated range):
   S&P 2017, Sec. 4.2): one round opening X - A and Y - B, then one truncation. Exact up
   to the truncation's ulp.
 - SOFTMAX over the last axis (CrypTen's construction, Knott et al., NeurIPS 2021, with
-  a correction term): the row maximum by a tree of max(a, b) = b + ReLU(a - b)
+  a polynomial exponential): the row maximum by a tree of max(a, b) = b + ReLU(a - b)
   (log2 L levels, coarse comparisons on 40 bits opened narrow: the max may fall short
   by levels * 2^-4, which the shift invariance absorbs, see ``MAX_BITS``),
-  d = x - max clamped to d' = max(d, -256) (one coarse ReLU: an additive mask of -10^4
-  would otherwise wrap the limit below), then
-  exp(d') ~ (1 + d'/256)^256 (1 + d'^2 / 512): eight squarings (1 + d'/256 at 28 bits
-  is the f-bit share of d' plus 2^28, no shift; its square truncated to 26 fractional
-  bits, where the other squarings run on a 56-bit ring), the second factor undoing the
-  limit's leading error exp(-d^2 / 512) (without it the error reaches 1.1e-3 at
-  d = -2; with it the residual x^3/3N^2 - x^4/8N^2 leaves probabilities within 1e-4,
-  5.4e-5 measured, fixed point included) and linear in what the chain holds:
-  1 + d^2/512 = 128 u^2 - 127 - d for u = 1 + d/256. The whole exponential is one masked
-  chain (``chains.exp_chain``): every squaring and the final product are local
-  between truncations, ten openings. The sum's reciprocal (below) and one product per
-  entry.
+  d = x - max clamped to d' = max(d, -16) (one coarse ReLU, letting d down to -17
+  through: exp(-16) = 1.1e-7 is below the fixed point's 2^-20, and an additive mask of
+  -10^4 would otherwise leave the exponential's domain), then exp(d') = p(z)^2 with p
+  a degree-12 fit of exp(d/2) in z = d/8 + 1 (``chains.exp_chain``: the tails'
+  Paterson-Stockmeyer evaluation as one masked chain, every product local, six
+  openings; within 1.2e-6 as a float formula, 2^(3-f) e + 14 2^-f sqrt(e) + 2^-f in
+  fixed point: probabilities within 1e-4, 1.1e-5 measured, since a row's sum is at
+  least its max entry's exp(d) >= 1). The sum's reciprocal (below) and each row scaled
+  by it (:func:`_scale_rows`: one matrix triple, the reciprocal opened once a row).
 - RECIPROCAL 1/s for s in [lo, hi] (the node's calibrated range): the binade of s from
   comparisons with every power of two in the range (one batch), y0 = 0.75 2^-e as a
   public linear combination of the comparison bits (2^-e telescopes over them), so
@@ -38,8 +35,9 @@ kernel over its calibrated range):
   the variance from one square per entry; its inverse square root like the reciprocal
   (binade by comparisons, y0 = sqrt(2/3) 2^(-e/2), v y0^2 in [2/3, 4/3), four Newton
   steps y <- y (3 - v y^2) / 2, the error e -> 0.75 e^2: 3e-10) at 28 fractional bits,
-  then one product per entry and the public affine. The variance range is [2^-10, 2^12] by default: below
-  it the normalization is too small (a constant row, where x - mean ~ 0 anyway).
+  then each row scaled by it (:func:`_scale_rows`) and the public affine. The variance
+  range is [2^-10, 2^12] by default: below it the normalization is too small (a
+  constant row, where x - mean ~ 0 anyway).
 - GELU(x) = ReLU(x) - [|x| <= 5] q(|x|), q ~ t Phi(-t) of degree 12 (the piecewise
   form PUMA uses, Dong et al. 2023, with the ReLU as the main piece, its comparison
   leaving out the bits below 2^-14: an error below 2^-15 near 0; the tail beyond 5 is
@@ -56,7 +54,6 @@ import numpy as np
 from ...errors import UnsupportedOperation
 from ...ir import Op
 from .evaluator import Kernel, Run, Step, _no_steps, _scaled, max_tree, tree_widths
-from .chains import EXP_HALVINGS
 
 #: the row max's comparisons: on 40 ring bits (|a - b| < 2^18 real, an additive mask of
 #: -10^4 included), opened narrow (5 bytes), the tree leaving out the bits below 2^-4
@@ -66,9 +63,13 @@ from .chains import EXP_HALVINGS
 #: ``_sum_bound``)
 MAX_BITS = 40
 MAX_PRECISION = 4
-#: the clamp of d at -256: its tree leaves out the bits below 2^5 real: the clamp lets d
-#: in [-288, -256) through, where u = 1 + d/256 is in [-1/8, 0) and u^256 is 0 anyway
-CLAMP_COARSE = 5
+#: the clamp of d at -16 (exp(-16) = 1.1e-7, below the fixed point's 2^-20): on 36 ring
+#: bits (|d + 16| < 2^14 real, an additive mask of -10^4 included), its tree leaving out
+#: the bits below 2^0 real: the clamp lets d in [-17, -16) through, inside the
+#: exponential's domain (``chains.EXP_LO``)
+EXP_CLAMP = 16.0
+CLAMP_BITS = 36
+CLAMP_COARSE = 0
 RECIP_NEWTON = 5
 RSQRT_NEWTON = 4
 #: the variance range LayerNorm's inverse square root assumes (MiniLM-L6 on the
@@ -265,18 +266,24 @@ def _softmax_steps(prog, node):
     f = prog.frac_bits
     steps = [Step("relu", rows * k, width=MAX_BITS, drop=max(1, f - MAX_PRECISION))
              for k in tree_widths(last)]
-    steps += [Step("relu", n, width=MAX_BITS, drop=f + CLAMP_COARSE),    # the clamp
-              Step("texp", n)]
+    steps += exp_steps(n, f)
     steps += _recip_steps(rows, 0.5, _sum_bound(last))
     steps += [_row_scaling(rows, last), Step("trunc", n)]
     return steps
 
 
+def exp_steps(n: int, frac_bits: int) -> list[Step]:
+    """The material of :func:`_exp_nonpositive` on n values: the clamp, the chain."""
+    return [Step("relu", n, width=CLAMP_BITS, drop=frac_bits + CLAMP_COARSE),
+            Step("texp", n)]
+
+
 def _exp_nonpositive(run: Run, d: np.ndarray) -> np.ndarray:
-    """exp(d) at f bits for shared d <= 0 (f bits; up to 2^-1 above 0 after a coarse
-    max): the clamp at -256, then ``chains.exp_chain`` (the module docstring)."""
-    lim = run.public(_scaled(float(2 ** EXP_HALVINGS), run.f))
-    d = run.relu(np.ascontiguousarray(d + lim)) - lim            # max(d, -256)
+    """exp(d) at f bits for shared d <= 0 (f bits; up to 1 above 0 after a coarse max,
+    down to -2^14 with a masked entry): the clamp max(d, -16), coarse (d in [-17, -16)
+    passes), then ``chains.exp_chain`` on [-17, 1] (the module docstring)."""
+    lim = run.public(_scaled(EXP_CLAMP, run.f))
+    d = run.relu(np.ascontiguousarray(d + lim)) - lim            # max(d, -16)
     return run.exp(d)
 
 
