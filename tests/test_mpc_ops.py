@@ -260,7 +260,8 @@ def test_seeded_material_keeps_every_share_sum_and_sends_little(kind):
     and party 1 a seed, its draws and only the halves of secrets the dealer computed:
     expanded, the halves add (XOR) up to consistent material and the protocol is
     exact; party 0's message is a few hundred bytes, party 1's a fraction of its
-    material (a Beaver triple: c only)."""
+    material (a Beaver triple: c only; a comparison's tables, which depend on the
+    mask, are sent whole: 0.9 of a fused truncation and ReLU)."""
     from veil.backends.mpc import protocols as pr
     from veil.backends.mpc.prg import Deal
     from veil.backends.sockets import pack_arrays
@@ -276,7 +277,7 @@ def test_seeded_material_keeps_every_share_sum_and_sends_little(kind):
             assert np.array_equal(got[b][k], v), k
     whole = sum(a.nbytes for a in full[1].values())
     assert len(pack_arrays(sent[0])) < 2000 < whole
-    assert len(pack_arrays(sent[1])) < {"mul": 0.4, "trunc_relu": 0.75,
+    assert len(pack_arrays(sent[1])) < {"mul": 0.4, "trunc_relu": 0.9,
                                         "select": 0.75}[kind] * whole
     x = RNG.normal(size=n) * 20
     s0, s1 = share(encode(x), Prg())

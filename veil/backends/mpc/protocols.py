@@ -186,7 +186,8 @@ CMP_KINDS = ("sign", "relu", "select", "trunc_relu", "clip", "trunc_clip")
 @dataclass(frozen=True)
 class CircuitCmpMaterial:
     """A comparison from one opening x^ = x + r and what follows it: XOR shares of r's
-    bits k .. l-1 (``r_rows``), the tree's bit triples, a daBit rho (XOR shares in
+    bit l-1 (``r_rows``, one packed row), the tree's tables of r's bits k .. l-2 and
+    its bit triples, a daBit rho (XOR shares in
     ``rho_row``, arithmetic in ``rho``) and the arithmetic shares of the products with
     rho that ``kind`` needs (``extra``): (r rho,) for "relu" and "clip", (a, a rho) for
     "select", (r_high rho, wrap rho) for "trunc_relu" and "trunc_clip", whose
@@ -358,9 +359,10 @@ def circuit_cmp_material(kind: str, n: int, prg: Prg, frac_bits: int = 0, bits: 
     r, r_shares = prg.root_u64(n)
     trunc = (circuit_trunc_material(n, frac_bits, prg, (r, r_shares))
              if fused else (None, None))
-    rows = prg.split_bits(circuit.bit_rows(r >> np.uint64(drop + shift), width + 1))
-    tree = circuit.tree_material(width, n, prg)
-    tree2 = circuit.tree_material(width, n, prg) if clip else (None, None)
+    r_bits = circuit.bit_rows(r >> np.uint64(drop + shift), width + 1)
+    rows = prg.split_bits(r_bits[width:width + 1])         # bit l - 1 (the tables: the rest)
+    tree = circuit.tree_material(width, n, prg, r_bits)
+    tree2 = circuit.tree_material(width, n, prg, r_bits) if clip else (None, None)
     rho_row, rho_rows = prg.root_bits((2 if clip else 1, nb))
     rho = np.stack([circuit.row_values(row, n) for row in rho_row])
     first = rho[0]
@@ -563,9 +565,9 @@ def _sign_rows(ch: Channel, party: int, publics: list, trees: list, r_rows: np.n
     (so [x >= t_i]), one tree each, side by side in the same rounds."""
     w = trees[0].width
     rows = [circuit.bit_rows(c >> np.uint64(low), w + 1) for c in publics]
-    borrows = circuit.compare(ch, party, [circuit.tree(party, c, r_rows, t)
+    borrows = circuit.compare(ch, party, [circuit.tree(party, c, t)
                                           for c, t in zip(rows, trees)])
-    out = [b ^ r_rows[w:w + 1] for b in borrows]
+    out = [b ^ r_rows for b in borrows]
     return [o ^ ~c[w:w + 1] for o, c in zip(out, rows)] if party == 0 else out
 
 
@@ -712,6 +714,7 @@ def material_arrays(items: list) -> dict[str, np.ndarray]:
 
     def tree(prefix: str, t: circuit.TreeMaterial) -> None:
         out[f"{prefix}.width"] = np.array([t.width], np.uint64)
+        out[f"{prefix}.tables"] = t.tables
         for j, (a, b, c) in enumerate(t.triples):
             out[f"{prefix}.{j}.a"], out[f"{prefix}.{j}.b"], out[f"{prefix}.{j}.c"] = a, b, c
 
@@ -832,7 +835,10 @@ def material_from_arrays(arrays: dict[str, np.ndarray]) -> list:
         levels = tuple((arrays[f"{prefix}.{j}.a"], arrays[f"{prefix}.{j}.b"],
                         arrays[f"{prefix}.{j}.c"])
                        for j in range(len(circuit.level_sizes(width))))
-        return circuit.TreeMaterial(width, levels)
+        tables = arrays[f"{prefix}.tables"]
+        if tables.ndim != 3 + 1 or tables.shape[:3] != (circuit.blocks(width), 16, 2):
+            raise ValueError("bad comparison tables")
+        return circuit.TreeMaterial(width, tables, levels)
 
     def triple(prefix: str) -> Triple:
         return Triple(arrays[f"{prefix}.a"], arrays[f"{prefix}.b"], arrays[f"{prefix}.c"])
