@@ -22,10 +22,10 @@ within |x| < 2^15 (``protocols.CMP_BITS`` and ``CMP_DROP``):
   measures the variants. LINEAR, DENSE and BATCHNORM are the same on their shapes.
 - AVGPOOL2D / GLOBALAVGPOOL: window sums are local; the division multiplies by the
   fixed-point reciprocal of each window's count, then truncates.
-- RELU: one opening, a comparison and a multiplexer, 7 rounds (2); fused with the
-  truncation before it when it is that layer's only reader, still 7 (2).
+- RELU: one opening, a comparison and a multiplexer, 5 rounds (2); fused with the
+  truncation before it when it is that layer's only reader, still 5 (2).
 - CLIP (ReLU6, Hardtanh): both thresholds' comparisons from one opening, then the band
-  and the upper bit in one round: 7 rounds (DCFs: lo + ReLU(x - lo) - ReLU(x - hi),
+  and the upper bit in one round: 5 rounds (DCFs: lo + ReLU(x - lo) - ReLU(x - hi),
   2), fused with the truncation before it the same way.
 - MAXPOOL2D (padding and ceil mode included): padding cells hold a public constant
   below any representable value; a tree of max(a, b) = b + ReLU(a - b) per window.
@@ -101,7 +101,7 @@ MAX_MERGED_ENTRIES = 1 << 22
 def merge_pooled_heads(graph: Graph) -> Graph:
     """An average pool read only (through reshapes) by a linear layer becomes one DENSE
     with the pool folded in, when its matrix has at most ``MAX_MERGED_ENTRIES`` entries:
-    the pool's own truncation (7 rounds) goes. Exact by construction (the chain run on
+    the pool's own truncation (5 rounds) goes. Exact by construction (the chain run on
     the unit vectors by the reference kernels); a classifier head over a large feature
     map (ResNet-18's 25088 -> 1000) stays as it is."""
     nodes, drop = list(graph.nodes), set()
@@ -466,7 +466,7 @@ def dealer_material(steps: list[Step], batch: int, prg: Prg, frac_bits: int = FR
                     cmp: str = "circuit") -> tuple[list, list]:
     """Both parties' material for ``steps`` (one layer, or any list) on ``batch``
     inferences (one list per party). ``cmp`` picks the comparisons: "circuit" (binary
-    circuits, cheap to compute and to deal, seven rounds per ReLU layer) or "fss" (DCF
+    circuits, cheap to compute and to deal, five rounds per ReLU layer) or "fss" (DCF
     keys, two rounds, ~40x the material)."""
     if cmp not in COMPARISONS:
         raise InputError(f"unknown comparison protocol {cmp!r}; use one of {COMPARISONS}")

@@ -46,9 +46,9 @@ Constructions:
     v rho it can form; opening e = b xor rho gives v b = e v + (1 - 2e) v rho. For
     ReLU v is the compared value itself, masked by the same r (v rho = x^ rho - r rho,
     no second opening); after a truncation, v rho follows from the dealer's r >> f
-    and wrap shares times rho. A ReLU is one opening, a five-round tree (l - 1 - k =
-    32 bits) and the multiplexer: seven rounds; fused with the truncation before it,
-    still seven. A clip to [lo, hi] runs the trees for both thresholds on the same
+    and wrap shares times rho. A ReLU is one opening, a three-round tree (l - 1 - k =
+    32 bits, from the dealer's tables of 4-bit blocks: ``circuit``) and the
+    multiplexer: five rounds; fused with the truncation before it, still five. A clip to [lo, hi] runs the trees for both thresholds on the same
     opening and finishes in one round too: the band bit is their XOR.
 - Narrow openings, for values whose range a kernel knows: shares mod 2^64 are shares
   mod 2^w too, so a truncation of |y| < 2^(w-2) opens u^ = y + 2^(w-2) + r mod 2^w
@@ -91,7 +91,7 @@ _SHIFT63 = np.uint64(63)
 CMP_BITS = 36
 #: k, the low bits the circuit comparisons leave out: the sign is wrong (says >= 0) for
 #: x in [-2^k, 0) ring units only, 2^-17 real at f = 20; l - 1 - k = 32 bits go through
-#: the tree, five rounds.
+#: the tree, three rounds.
 CMP_DROP = 3
 #: The faithful truncation's offset: its input must satisfy |y| < 2^62 ring units.
 _OFF62 = np.uint64(1 << 62)
@@ -523,7 +523,7 @@ def trunc_relu(ch: Channel, party: int, y: np.ndarray,
     as in :func:`truncate_shares`, and [y >= 0] = msb(u) = msb(u^) xor rho xor c'.
     Circuit material: the faithful truncation and a comparison on bits f + k .. f + l - 1
     of the same opening (offset 2^62, which is 0 mod 2^(f+l)), then the multiplexer by
-    the truncated value: seven rounds.
+    the truncated value: five rounds.
     """
     if isinstance(m, CircuitCmpMaterial):
         uhat = open_value(ch, (y + _OFF62 if party == 0 else y) + m.r)
@@ -601,7 +601,7 @@ def clip(ch: Channel, party: int, x: np.ndarray, lo: np.uint64, hi: np.uint64,
     round for lo + (x - lo) [lo <= x < hi] + (hi - lo) [x >= hi]: the band is the XOR of
     the two bits (x >= hi implies x >= lo), multiplied by x - lo with the first daBit
     (the compared value's own mask again), the upper bit converted with the second:
-    seven rounds, where two ReLUs took fourteen. DCFs: lo + ReLU(x - lo) - ReLU(x - hi)
+    five rounds, where two ReLUs took ten. DCFs: lo + ReLU(x - lo) - ReLU(x - hi)
     on both differences at once (with the truncation: each difference truncated, exact
     since lo and hi are whole multiples of 2^f)."""
     n = x.size
@@ -648,7 +648,7 @@ def _public_sub(party: int, x: np.ndarray, c: np.ndarray) -> np.ndarray:
 def drelu(ch: Channel, party: int, x: np.ndarray, m: SignMaterial | CircuitCmpMaterial
           ) -> np.ndarray:
     """Shares of 1 - msb(x), i.e. [x >= 0] for two's-complement x: one round (DCF) or
-    seven (circuit: opening, five-round tree, conversion; see CMP_BITS and CMP_DROP)."""
+    five (circuit: opening, three-round tree, conversion; see CMP_BITS and CMP_DROP)."""
     if isinstance(m, CircuitCmpMaterial):
         xhat = open_value(ch, x + m.r, m.width)
         b = _sign_row(ch, party, xhat, m, m.drop)
@@ -675,7 +675,7 @@ def select(ch: Channel, party: int, v: np.ndarray, d: np.ndarray,
 
 def relu(ch: Channel, party: int, x: np.ndarray, m: ReluMaterial | CircuitCmpMaterial
          ) -> np.ndarray:
-    """Shares of max(x, 0): two rounds with DCFs (exact), seven with circuits (exact
+    """Shares of max(x, 0): two rounds with DCFs (exact), five with circuits (exact
     but for x in [-2^k, 0) ring units, CMP_DROP): the multiplexer by x itself needs no
     second opening, since x rho = x^ rho - r rho."""
     if isinstance(m, CircuitCmpMaterial) and m.width < 64:
