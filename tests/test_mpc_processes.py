@@ -96,7 +96,7 @@ def test_processes_match_plain_inference(mlp):
     one = client.infer(xte[:1])
     np.testing.assert_allclose(one.outputs, want[:1], atol=1e-3)
     stats = {s["party"]: s for s in one.stats}
-    assert stats[0]["online_rounds"] == stats[1]["online_rounds"] == 7     # circuits
+    assert stats[0]["online_rounds"] == stats[1]["online_rounds"] == 5     # circuits
     assert stats[0]["prefetched"] and stats[1]["prefetched"]        # offline ran ahead
     links = list(client._links)
     client.infer(xte[1:2])

@@ -31,19 +31,20 @@ within |x| < 2^15 (``protocols.CMP_BITS`` and ``CMP_DROP``):
   below any representable value; a tree of max(a, b) = b + ReLU(a - b) per window.
 - MUL of two shared tensors (broadcasting): a Beaver product and a truncation; SQUARE
   the same; POLY (fine-tuned polynomial activations) by Horner's rule.
-- SIGMOID, SILU: exact pieces plus one selected correction (:class:`Tail`): SiLU(x) =
-  ReLU(x) - [|x| <= 11] p(z) and sigmoid(x) = s + (1 - 2s) [|x| <= 10] p(z), s = [x >=
-  0], z = 2|x| / bound - 1, p a degree-12 polynomial fitted near minimax to t sigma(-t)
+- SIGMOID, SILU: exact pieces plus one clamped correction (:class:`Tail`): SiLU(x) =
+  ReLU(x) - p(z) and sigmoid(x) = s + (1 - 2s) p(z), s = [x >= 0], z = 2 min(|x|, e) /
+  bound - 1 (bound 11 and 10, e = bound - 2^-4), p a degree-12 polynomial fitted near
+  minimax to t sigma(-t)
   or sigma(-t) (t = |x|), which decay off zero (the piecewise idea of SecureML,
   Mohassel and Zhang, S&P 2017, Sec. 4.3, with the exact ReLU as the main piece). Two
   comparisons a value instead of a comparison per breakpoint; p by Paterson and
   Stockmeyer in five products. Maximum error, fixed point at f = 20 included, over the
   whole range: sigmoid 7e-5, SiLU 2.5e-4 (``tests/test_mpc_ops.py`` measures it; the
   float forms are within 4.5e-5 and 1.9e-4).
-- GELU, TANH: the same :class:`Tail` form, GELU(x) = ReLU(x) - [|x| <= 5] q(z) with q
+- GELU, TANH: the same :class:`Tail` form, GELU(x) = ReLU(x) - q(z) (bound 5) with q
   ~ |x| Phi(-|x|) (2e-5), tanh(x) = 2 sigmoid(2x) - 1 (1.2e-4).
 - MATMUL, SOFTMAX, LAYERNORM, RECIPROCAL and the local SLICE, TRANSPOSE, AFFINE,
-  REDUCESUM: ``nonlinear.py`` (matrix triples, exp by squarings, Newton).
+  REDUCESUM: ``nonlinear.py`` (matrix triples, a polynomial exp, Newton).
 - HARDSIGMOID: comparison-selected exact linear pieces (0, x/6 + 1/2, 1); HARDSWISH =
   x * hardsigmoid(x) with one more Beaver product.
 - LEAKYRELU, PRELU (a x + (1 - a) ReLU(x), public slopes) and ELU (ReLU plus the
@@ -239,15 +240,17 @@ class Piecewise:
 @dataclass(frozen=True)
 class Tail:
     """SiLU or sigmoid as exact pieces plus a correction that decays off zero: with
-    t = |x| and z = 2 t / bound - 1 in [-1, 1] while t <= bound,
+    t = |x| clamped to the edge e = bound - 2^-4 and z = 2 min(t, e) / bound - 1 in
+    [-1, 1),
 
-        SiLU(x)    = ReLU(x) - [t <= bound] p(z),       p ~ t sigma(-t)
-        sigmoid(x) = s + (1 - 2 s) [t <= bound] p(z),   p ~ sigma(-t), s = [x >= 0],
+        SiLU(x)    = ReLU(x) - p(z),       p ~ t sigma(-t)
+        sigmoid(x) = s + (1 - 2 s) p(z),   p ~ sigma(-t), s = [x >= 0],
 
     p a power-basis polynomial in z (``coeffs`` ascending; on [-1, 1] they stay below
     ~1, so rounding them to 2^-f and the powers' truncations cost ~1e-5). Beyond the
-    bound the correction is left out: t sigma(-t) <= 11 e^-11 = 1.8e-4 there (SiLU,
-    bound 11), sigma(-t) <= e^-10 = 4.5e-5 (sigmoid, bound 10)."""
+    edge the correction is the fit's value there, where the true one is smaller: the
+    error is at most t sigma(-t) <= 11 e^-11 = 1.8e-4 (SiLU, bound 11), sigma(-t) <=
+    e^-10 = 4.5e-5 (sigmoid, bound 10), as if it were left out."""
 
     op: Op
     bound: float
@@ -259,16 +262,18 @@ class Tail:
 
     @property
     def edge(self) -> float:
-        """Where the parties' band ends: 2^-p inside the bound (``TAIL_BAND_PRECISION``),
-        so their coarse comparison never takes p beyond the fit."""
+        """Where the parties clamp t: 2^-p inside the bound (``TAIL_BAND_PRECISION``), so
+        their coarse comparison never takes p beyond the fit."""
         return self.bound - 2.0 ** -TAIL_BAND_PRECISION
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """The approximation in floats (what the parties compute, up to fixed point and
-        the comparisons' 2^-p bands)."""
+        the comparison's 2^-p band below the edge, where p is taken at t or at the
+        edge): the correction at min(t, edge), which beyond the edge is the fit's value
+        there, as small as the tail it stands for."""
         t = np.abs(x)
-        corr = np.where(t <= self.edge,
-                        polynomial.polyval(2 * t / self.bound - 1, self.coeffs), 0.0)
+        corr = polynomial.polyval(2 * np.minimum(t, self.edge) / self.bound - 1,
+                                  self.coeffs)
         if self.op in RELU_TAILS:
             return np.maximum(x, 0.0) - corr
         s = (x >= 0).astype(np.float64)
@@ -283,7 +288,7 @@ class Tail:
 #: float model's logit error from 1.9e-2 to 5.9e-3 of the smallest logit range.
 TAILS = {Op.SILU: (11.0, 12), Op.SIGMOID: (10.0, 12), Op.GELU: (5.0, 12),
          Op.TANH: (5.0, 12)}
-#: ops of the form ReLU(x) - [t <= bound] p(z) (the others: s + (1 - 2 s) [...] p(z))
+#: ops of the form ReLU(x) - p(z) (the others: s + (1 - 2 s) p(z))
 RELU_TAILS = (Op.SILU, Op.GELU)
 
 
@@ -925,8 +930,8 @@ def _piecewise(run: Run, x: np.ndarray, pw: Piecewise) -> np.ndarray:
 
 #: a tail's comparisons: on l = 36 ring bits (|x| < 2^14 real at f = 20) opened
 #: narrow (5 bytes, not 8); the sign's tree leaves out the bits below 2^-14 real (the
-#: function is continuous there: an error below 2^-15), the band's below 2^-4 (the
-#: band ends 2^-4 inside the fit, where the correction is ~1e-6 either way)
+#: function is continuous there: an error below 2^-15), the clamp's below 2^-4 (the
+#: edge is 2^-4 inside the fit, and within 2^-4 below it t may be taken at the edge)
 TAIL_CMP_BITS = 36
 TAIL_SIGN_PRECISION = 14
 TAIL_BAND_PRECISION = 4
@@ -940,8 +945,8 @@ def _tail_steps(prog, node):
     band = dict(width=TAIL_CMP_BITS, drop=max(1, f - TAIL_BAND_PRECISION))
     steps = [Step("relu", n, **sign)] if node.op in RELU_TAILS else [
         Step("drelu", n, **sign), Step("mul", n)]
-    steps += [Step("tpoly", n),                                      # p(z), 3f bits
-              Step("select", n, **band),                             # the band
+    steps += [Step("relu", n, **band),                              # min(t, edge)
+              Step("tpoly", n),                                      # p(z), 3f bits
               Step("trunc", n, 2 * f)]                               # from 3f to f bits
     if node.op not in RELU_TAILS:
         steps.append(Step("mul", n))
@@ -950,19 +955,22 @@ def _tail_steps(prog, node):
 
 def _tail(run: Run, node, args):
     """:class:`Tail`: the comparison that gives ReLU(x) (SiLU) or s = [x >= 0] and
-    t = x (2 s - 1) (sigmoid); z = 2 t / bound - 1; p(z) by Paterson and Stockmeyer
+    t = x (2 s - 1) (sigmoid); t clamped to the edge, bound - 2^-4, by one coarse ReLU
+    (t - ReLU(t - edge)); z = 2 t / bound - 1; p(z) by Paterson and Stockmeyer
     (SIAM J. Comput. 1973) for degree 12: z, z^2, then z^3 and z^4 = (z^2)^2 together,
     the cubics q_0, q_1, q_2 locally at 2f bits with the top coefficient's c_12 z^4
     added to q_2, and Horner's rule in z^4, h = q_1 + z^4 q_2 (3f bits, truncated to 2f)
     and p = q_0 + z^4 h (3f bits): four truncations, every product between them local
     (``chains.tail_poly``: each truncated value is a public part plus a mask the
     dealer knows, so a product of two needs only dealt cross products), where Beaver
-    products would open eight values more. In the band every one of these is below 1
-    (|z| <= 1; ``tests/test_mpc_ops.py``), so the powers' truncations run on a 48-bit
-    ring (six bytes an opening) and 3f = 60 bits stay inside the last one's 2^62;
-    outside the band they come out wrong, and the selection [t <= bound - 2^-4] p(z)
-    zeroes them exactly. One truncation by 2f brings the correction to f bits; for
-    sigmoid, s + (1 - 2 s) q with one more product."""
+    products would open eight values more. With |z| <= 1 every one of these is below 1
+    (``tests/test_mpc_ops.py``), so the powers' truncations run on a 48-bit ring (six
+    bytes an opening) and 3f = 60 bits stay inside the last one's 2^62. Beyond the edge
+    the correction is the fit's value at the edge, where the one it stands for is
+    smaller still: the same error as leaving it out (1.8e-4 for SiLU, 4.5e-5 sigmoid,
+    2e-6 GELU), for a ReLU (6.4 bytes) where selecting p by a comparison took 14.4.
+    One truncation by 2f brings the correction to f bits; for sigmoid, s + (1 - 2 s) q
+    with one more product."""
     x, f = args[0], run.f
     tail = approximation(node.op)
     if tail.degree != 12:
@@ -974,12 +982,15 @@ def _tail(run: Run, node, args):
     else:
         s = run.drelu(x)
         t = run.mul(x, np.uint64(2) * s - run.public(np.uint64(1)))
-    # z + 1 = 2 t / bound at 2f bits; p(z) at 3f (``chains.tail_poly``: four
+    # t' = min(t, edge) = t - ReLU(t - edge): the coarse comparison errs only within
+    # 2^-p below the edge (t' = edge there), so t' <= edge < bound and p(z) is never
+    # taken beyond the fit
+    edge = run.public(_scaled(tail.edge, f))
+    t = t - run.relu(np.ascontiguousarray(t - edge))
+    # z + 1 = 2 t' / bound at 2f bits; p(z) at 3f (``chains.tail_poly``: four
     # openings, the products local from the dealer's cross products)
     p = run.tail_poly(t * _scaled(2.0 / tail.bound, f), tail.coeffs)
-    # [t <= bound - 2^-p]: the coarse comparison errs only within 2^-p below its
-    # threshold, so p(z) is never taken beyond the fit's bound
-    corr = run.trunc(run.select(p, run.public(_scaled(tail.edge, f)) - t), shift=2 * f)
+    corr = run.trunc(p, shift=2 * f)
     if node.op in RELU_TAILS:
         return relu - corr
     y = s * lift + corr - np.uint64(2) * run.mul(s, corr)
