@@ -7,9 +7,10 @@ value as a public part plus a mask the dealer knows up to the public s
 multiply locally, given the dealt cross products of their masks (the masked wires of
 ABY2.0, Patra et al., USENIX Security 2021; SPDZ's function-dependent preprocessing),
 so a chain of products and truncations opens only its truncations. The two chains
-here: a tail's degree-12 correction polynomial ("tpoly", ``evaluator._tail``) and
+here: a tail's degree-12 correction polynomial ("tpoly", ``evaluator._tail``),
 softmax's exponential ("texp", ``nonlinear._softmax``: the same polynomial evaluation
-for exp(d/2), then one square). Each is one material step, elementwise, so its
+for exp(d/2), then one square) and a truncation with its square ("tsq", layer norm's
+centered values and their squares from one opening). Each is one material step, elementwise, so its
 material streams in chunks like any other.
 """
 from __future__ import annotations
@@ -36,6 +37,8 @@ from .ring import ring_mask as _ring_mask
 #:   products of "tpoly" for p(z) ~ exp(d/2), p at 3f bits truncated to ``EXP_BITS``
 #:   (a 64-bit ring), its square p^2 ~ exp(d) back to f bits on ``EXP_RING`` bits
 #:   (p^2 <= e at 2 ``EXP_BITS`` = 44 bits: below 2^46); the sixth product p p.
+#: - "tsq" (:func:`trunc_square`): one truncation by f on the 64-bit ring and the
+#:   truncated value's square, local.
 #: The exponential's domain: d = 8 z - 8 in [EXP_LO, EXP_HI] = [-17, 1], z in
 #: [-9/8, 9/8] (a coarse clamp of d at -16 lets d down to -17 through; a coarse row
 #: max leaves d up to levels * 2^-4, below 1 up to 2^16 entries a row)
@@ -57,6 +60,8 @@ def chain_spec(name: str, frac_bits: int) -> tuple[tuple, tuple, bool]:
         p = _TPOLY_TRUNCS
         return (tpoly + ((64, 3 * f - EXP_BITS), (EXP_RING, 2 * EXP_BITS - f)),
                 _TPOLY_PAIRS + ((p, p),), False)
+    if name == "tsq":
+        return ((64, f),), ((0, 0),), False
     raise ValueError(f"unknown chain {name!r}")
 
 
@@ -88,7 +93,7 @@ def exp_coeffs() -> tuple[float, ...]:
 EXP_FIT_ERROR = 1.2e-6
 
 
-CHAINS = ("tpoly", "texp")
+CHAINS = ("tpoly", "texp", "tsq")
 
 
 def _pair_words(pairs: tuple, k: int) -> list[tuple[int, tuple[str, ...]]]:
@@ -304,6 +309,16 @@ def exp_chain(ch: Channel, party: int, d: np.ndarray, m: ChainMaterial, frac_bit
     c.trunc(p[None], _TPOLY_TRUNCS)                              # p at EXP_BITS
     c.trunc(c.prod(_TPOLY_TRUNCS, _TPOLY_TRUNCS)[None], _TPOLY_TRUNCS + 1)
     return c.val(_TPOLY_TRUNCS + 1)
+
+
+def trunc_square(ch: Channel, party: int, y: np.ndarray, m: ChainMaterial, frac_bits: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Shares of t = y / 2^f (faithful: floor or floor + 1, |y| < 2^62) and of t^2 at
+    2f bits, exact given t, from one opening: the chain "tsq", where a truncation and a
+    Beaver square opened twice."""
+    c = Chain(ch, party, m, frac_bits)
+    c.trunc(y[None], 0)
+    return c.val(0), c.prod(0, 0)
 
 
 def chain_arrays(m: ChainMaterial) -> dict[str, np.ndarray]:

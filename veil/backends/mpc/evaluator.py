@@ -332,7 +332,7 @@ def approximation(op: Op) -> Piecewise | Tail:
 
 # -- material steps -------------------------------------------------------------------------
 STEP_KINDS = ("trunc", "trunc_relu", "relu", "mul", "drelu", "select", "clip",
-              "trunc_clip", "square", "mulsq", "matmul", "tpoly", "texp")
+              "trunc_clip", "square", "mulsq", "matmul", "tpoly", "texp", "tsq")
 #: a matrix product step's largest dimension (g, m, k, n each), so a request cannot
 #: make the dealer build an absurd triple
 MAX_MATMUL_DIM = 1 << 16
@@ -592,6 +592,13 @@ class Run:
         """exp(d) at f bits for d in [-17, 1] (a "texp" step, ``chains.exp_chain``)."""
         return self._apply(lambda v, m: chains.exp_chain(self.ch, self.party, v, m, self.f),
                            d.ravel()).reshape(d.shape)
+
+    def trunc_square(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(y / 2^f, its square at 2f bits) from one opening (a "tsq" step)."""
+        both = self._apply(lambda v, m: np.stack(chains.trunc_square(self.ch, self.party, v,
+                                                                     m, self.f)),
+                           y.ravel())
+        return both[0].reshape(y.shape), both[1].reshape(y.shape)
 
     def mul(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return self._apply(lambda a, b, m: pr.mul(self.ch, self.party, a, b, m),

@@ -32,7 +32,8 @@ kernel over its calibrated range):
   squaring each step: 0.5^32, below the fixed point's 2^-20 absolute.
 - LAYERNORM over the last axis: x - mean as (D x - sum x) / D, one truncation per
   entry (the rounding of 1/D then scales the row, which the normalization cancels);
-  the variance from one square per entry; its inverse square root like the reciprocal
+  the variance from its square, local (the masked chain "tsq": the truncation's
+  result is a public part plus a dealt mask, ABY2.0's masked wires); its inverse square root like the reciprocal
   (binade by comparisons, y0 = sqrt(2/3) 2^(-e/2), v y0^2 in [2/3, 4/3), four Newton
   steps y <- y (3 - v y^2) / 2, the error e -> 0.75 e^2: 3e-10) at 28 fractional bits,
   then each row scaled by it (:func:`_scale_rows`) and the public affine. The variance
@@ -306,7 +307,7 @@ def _layernorm_steps(prog, node):
     rows, last = _rows(node.shape)
     n = rows * last
     f = prog.frac_bits
-    return ([Step("trunc", n), Step("square", n), Step("trunc", rows),
+    return ([Step("tsq", n), Step("trunc", rows),
              Step("trunc", rows), Step("trunc", rows, 2 * f - VAR_BITS),
              Step("trunc", rows)] + _rsqrt_steps(rows, *VAR_RANGE, f)
             + [_row_scaling(rows, last), Step("trunc", n, RSQRT_BITS), Step("trunc", n)])
@@ -322,9 +323,11 @@ def _layernorm(run: Run, node, args):
     # x - mean as (D x - sum x) / D: the rounding of 1/D scales a whole row alike, which
     # the normalization cancels (on the mean it would be an offset: 2e-3 on a row of
     # variance 2^-10 beside a mean of 9)
-    c = run.trunc((np.uint64(last) * x - x.sum(axis=-1, keepdims=True, dtype=np.uint64))
-                  * inv_d)
-    total = run.square(c).sum(axis=-1, keepdims=True, dtype=np.uint64)      # 2f bits
+    # c and c^2 from one opening (``chains.trunc_square``: c is a public part plus a
+    # dealt mask, so its square is local)
+    c, c2 = run.trunc_square((np.uint64(last) * x
+                              - x.sum(axis=-1, keepdims=True, dtype=np.uint64)) * inv_d)
+    total = c2.sum(axis=-1, keepdims=True, dtype=np.uint64)                 # 2f bits
     eps = float(node.attrs["eps"])
     var = run.trunc(run.trunc(total) * inv_d) + run.public(_scaled(eps, f))
     var_hi = run.trunc(run.trunc(total, shift=2 * f - VAR_BITS) * inv_d) \
