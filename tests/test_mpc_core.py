@@ -600,7 +600,7 @@ def test_the_exponential_chain_matches_its_formula():
     (the docstring: z's truncation at f bits moves d by under 2^(3-f); the powers',
     the coefficients' and p's roundings move p^2 by the rest), and within the fit's
     error more of e;
-    six rounds (z; z^2; z^3 and z^4; z^4 q_2; p; p^2) of 6 + 6 + 12 + 8 + 8 + 6 bytes a
+    six rounds (z; z^2; z^3 and z^4; z^4 q_2; p; p^2) of 4 + 6 + 12 + 8 + 8 + 6 bytes a
     value, every product local, through the material's arrays."""
     from veil.backends.mpc import chains
     from veil.backends.mpc.chains import chain_material, exp_chain
@@ -623,7 +623,7 @@ def test_the_exponential_chain_matches_its_formula():
     assert np.all(np.abs(got - formula) <= bound)
     assert np.all(np.abs(got - e) <= bound + chains.EXP_FIT_ERROR)
     assert chans[0].rounds == 6
-    assert chans[0].bytes_sent == d.size * (6 + 6 + 12 + 8 + 8 + 6)
+    assert chans[0].bytes_sent == d.size * (4 + 6 + 12 + 8 + 8 + 6)
 
 
 def test_a_truncation_and_its_square_open_once():

@@ -34,8 +34,10 @@ from .ring import ring_mask as _ring_mask
 #:   at 3f bits; the products z z, z^2 z, z^2 z^2 and z^4 times z, z^2, z^3, z^4 and
 #:   the fifth.
 #: - "texp", softmax's exponential (:func:`exp_chain`): the five truncations and eight
-#:   products of "tpoly" for p(z) ~ exp(d/2), p at 3f bits truncated to ``EXP_BITS``
-#:   (a 64-bit ring), its square p^2 ~ exp(d) back to f bits on ``EXP_RING`` bits
+#:   products of "tpoly" for p(z) ~ exp(d/2), but z + 1 from d + 16 at f bits (below
+#:   2^25 after the clamp: a 27-bit ring, 4 bytes) by a shift of 3; p at 3f bits
+#:   truncated to ``EXP_BITS`` (a 64-bit ring), its square p^2 ~ exp(d) back to f bits
+#:   on ``EXP_RING`` bits
 #:   (p^2 <= e at 2 ``EXP_BITS`` = 44 bits: below 2^46); the sixth product p p.
 #: - "tsq" (:func:`trunc_square`): one truncation by f on the 64-bit ring and the
 #:   truncated value's square, local.
@@ -58,7 +60,8 @@ def chain_spec(name: str, frac_bits: int) -> tuple[tuple, tuple, bool]:
         return tpoly, _TPOLY_PAIRS, False
     if name == "texp":
         p = _TPOLY_TRUNCS
-        return (tpoly + ((64, 3 * f - EXP_BITS), (EXP_RING, 2 * EXP_BITS - f)),
+        return (((27, 3),) + tpoly[1:] + ((64, 3 * f - EXP_BITS),
+                                          (EXP_RING, 2 * EXP_BITS - f)),
                 _TPOLY_PAIRS + ((p, p),), False)
     if name == "tsq":
         return ((64, f),), ((0, 0),), False
@@ -241,8 +244,9 @@ class Chain:
 
 def _poly12(c: Chain, y: np.ndarray, c_f: np.ndarray, c_2f: np.ndarray) -> np.ndarray:
     """p(z) at 3f bits on chain ``c``'s first five truncations and eight products (the
-    "tpoly" part of a spec), z = y / 2^f - 1 for y at 2f bits: Paterson and
-    Stockmeyer's degree-12 evaluation (``evaluator._tail``)."""
+    "tpoly" part of a spec), z + 1 = y truncated by the spec's first shift (y at 2f
+    bits for "tpoly", at f + 3 for "texp"): Paterson and Stockmeyer's degree-12
+    evaluation (``evaluator._tail``)."""
     one = np.uint64(1) << np.uint64(c.frac_bits)
     c.trunc(y[None], 0)                                           # t0 = z + 1
     z = c.val(0) - c.const(one)
@@ -285,10 +289,11 @@ def _exp_ring_coeffs(frac_bits: int) -> tuple[np.ndarray, np.ndarray]:
 def exp_chain(ch: Channel, party: int, d: np.ndarray, m: ChainMaterial, frac_bits: int
               ) -> np.ndarray:
     """Shares of exp(d) ~ p(z)^2 at f bits for d in [EXP_LO, EXP_HI] (f bits): z + 1 =
-    (d + 16) / 8 at 2f bits is local, p(z) ~ exp(d/2) (:func:`exp_coeffs`) the tails'
-    degree-12 evaluation (four openings), truncated to ``EXP_BITS`` and squared back to
-    f bits: six openings on 48-, 64- and 48-bit rings, 46 bytes a value, where the
-    limit (1 + d/256)^256 took eight squarings, ten openings and 73 bytes. Outside the
+    (d + 16) / 8 is d + 16 read at f + 3 bits, p(z) ~ exp(d/2) (:func:`exp_coeffs`) the
+    tails' degree-12 evaluation (four openings, the first z + 1 on a 27-bit ring),
+    truncated to ``EXP_BITS`` and squared back to f bits: six openings on 27-, 48-, 64-
+    and 48-bit rings, 44 bytes a value, where the limit (1 + d/256)^256 took eight
+    squarings, ten openings and 73 bytes. Outside the
     domain the result is wrong (the kernels clamp d first).
 
     Error (``tests/test_mpc_core.py``), with e = exp(d), from the float formula p(z)^2:
@@ -304,8 +309,7 @@ def exp_chain(ch: Channel, party: int, d: np.ndarray, m: ChainMaterial, frac_bit
     f = frac_bits
     c = Chain(ch, party, m, frac_bits)
     c_f, c_2f = _exp_ring_coeffs(f)
-    y = (d + c.const(np.uint64(16) << np.uint64(f))) << np.uint64(f - 3)
-    p = _poly12(c, y, c_f, c_2f)
+    p = _poly12(c, d + c.const(np.uint64(16) << np.uint64(f)), c_f, c_2f)
     c.trunc(p[None], _TPOLY_TRUNCS)                              # p at EXP_BITS
     c.trunc(c.prod(_TPOLY_TRUNCS, _TPOLY_TRUNCS)[None], _TPOLY_TRUNCS + 1)
     return c.val(_TPOLY_TRUNCS + 1)
