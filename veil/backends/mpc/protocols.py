@@ -48,8 +48,9 @@ Constructions:
     no second opening); after a truncation, v rho follows from the dealer's r >> f
     and wrap shares times rho. A ReLU is one opening, a three-round tree (l - 1 - k =
     32 bits, from the dealer's tables of 4-bit blocks: ``circuit``) and the
-    multiplexer: five rounds; fused with the truncation before it, still five. A clip to [lo, hi] runs the trees for both thresholds on the same
-    opening and finishes in one round too: the band bit is their XOR.
+    multiplexer: five rounds; fused with the truncation before it, still five. A
+    clip to [lo, hi] runs the trees for both thresholds on the same opening and
+    finishes in one round too: the band bit is their XOR.
 - Narrow openings, for values whose range a kernel knows: shares mod 2^64 are shares
   mod 2^w too, so a truncation of |y| < 2^(w-2) opens u^ = y + 2^(w-2) + r mod 2^w
   (ceil(w / 8) bytes, not 8) and lifts back exactly with the same wrap rule on the
