@@ -378,3 +378,20 @@ def test_the_correction_terms_stay_below_one_in_the_band(op):
     h = q[1] + z ** 4 * top
     for v in (z ** 4 * top, h, z ** 4 * h, q[0] + z ** 4 * h):
         assert np.abs(v).max() < 1
+
+
+@pytest.mark.parametrize("cmp", ["circuit", "fss"])
+@pytest.mark.parametrize("op,bound", [(Op.GELU, 2e-5), (Op.SILU, 2.5e-4)])
+def test_a_linear_layer_read_by_gelu_or_silu_is_truncated_with_their_relu(op, bound, cmp):
+    """A linear layer whose only reader is a GELU or SiLU leaves its result at 2f bits,
+    and the tail takes the truncated value and its ReLU from one opening
+    (``protocols.trunc_and_relu``), where the layer's truncation and the tail's
+    comparison opened twice: the layer has no material of its own, and the outputs
+    stay within the op's bound, with either comparison protocol."""
+    w, b = RNG.normal(size=(64, 16)) / 2, RNG.normal(size=64)
+    g = chain((16,), (Op.LINEAR, {}, {"weight": w, "bias": b}), (op, {}, {}))
+    prog = ev.Program(ev.lower_for_mpc(g))
+    assert prog.steps["n1"] == () and prog.steps["n2"][0].kind == "trunc_relu"
+    x = RNG.normal(size=(3, 16)) * 3
+    got, want, _ = run_mpc(g, x, cmp)
+    assert np.abs(got - want).max() <= bound

@@ -416,10 +416,11 @@ class Program:
         self.shapes = {n.name: tuple(n.shape) for n in graph.nodes}
         self.output = graph.output
         # an affine layer read only by an ADD/SUB stays at 2f bits: the sum is
-        # truncated once (the other operand lifted to 2f locally), fused with its ReLU
+        # truncated once (the other operand lifted to 2f locally), fused with its ReLU;
+        # one read only by a GELU or SiLU too: the tail truncates it with its ReLU
         self.deferred = {n.name for n in graph.nodes if KERNELS[n.op].affine
                          and n.name != graph.output and len(graph.consumers(n.name)) == 1
-                         and graph.consumers(n.name)[0].op in (Op.ADD, Op.SUB)}
+                         and graph.consumers(n.name)[0].op in (Op.ADD, Op.SUB) + RELU_TAILS}
         self.lifting = {n.name for n in graph.nodes if n.op in (Op.ADD, Op.SUB)
                         and any(s in self.deferred for s in n.inputs)}
         self.truncating = {n.name for n in graph.nodes if n.name not in self.deferred and
@@ -623,6 +624,15 @@ class Run:
         return self._apply(lambda a, b, m: np.stack(pr.mul_square(self.ch, self.party, a, b,
                                                                     m)),
                            x.ravel(), y.ravel()).reshape((2,) + x.shape)
+
+    def trunc_and_relu(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(y / 2^f, ReLU of it) from one opening (a "trunc_relu" step)."""
+        if self.party == 0 and self.items and pr.rounds_to_floor(self.items[0]):
+            y = y + _half(self.f)
+        both = self._apply(lambda v, m: np.stack(pr.trunc_and_relu(self.ch, self.party, v, m,
+                                                                   self.f)),
+                           np.ascontiguousarray(y).ravel())
+        return both[0].reshape(y.shape), both[1].reshape(y.shape)
 
     def relu(self, x: np.ndarray) -> np.ndarray:
         return self._apply(lambda v, m: pr.relu(self.ch, self.party, v, m),
@@ -950,8 +960,12 @@ def _tail_steps(prog, node):
     f = prog.frac_bits
     sign = dict(width=TAIL_CMP_BITS, drop=max(1, f - TAIL_SIGN_PRECISION))
     band = dict(width=TAIL_CMP_BITS, drop=max(1, f - TAIL_BAND_PRECISION))
-    steps = [Step("relu", n, **sign)] if node.op in RELU_TAILS else [
-        Step("drelu", n, **sign), Step("mul", n)]
+    if node.inputs[0] in prog.deferred:          # a 2f-bit input: truncated with its ReLU
+        steps = [Step("trunc_relu", n)]
+    elif node.op in RELU_TAILS:
+        steps = [Step("relu", n, **sign)]
+    else:
+        steps = [Step("drelu", n, **sign), Step("mul", n)]
     steps += [Step("relu", n, **band),                              # min(t, edge)
               Step("tpoly", n),                                      # p(z), 3f bits
               Step("trunc", n, 2 * f)]                               # from 3f to f bits
@@ -983,7 +997,11 @@ def _tail(run: Run, node, args):
     if tail.degree != 12:
         raise UnsupportedOperation("the MPC correction is evaluated for degree 12")
     lift = np.uint64(1) << np.uint64(f)
-    if node.op in RELU_TAILS:
+    if node.inputs[0] in run.prog.deferred:
+        # the affine layer before left x at 2f bits: x and ReLU(x) from one opening
+        x, relu = run.trunc_and_relu(x)
+        t = np.uint64(2) * relu - x
+    elif node.op in RELU_TAILS:
         relu = run.relu(x)
         t = np.uint64(2) * relu - x
     else:

@@ -526,11 +526,21 @@ def trunc_relu(ch: Channel, party: int, y: np.ndarray,
     of the same opening (offset 2^62, which is 0 mod 2^(f+l)), then the multiplexer by
     the truncated value: five rounds.
     """
+    return trunc_and_relu(ch, party, y, m, frac_bits)[1]
+
+
+def trunc_and_relu(ch: Channel, party: int, y: np.ndarray,
+                   m: TruncReluMaterial | CircuitCmpMaterial, frac_bits: int = FRAC_BITS
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Shares of t = y / 2^f and of ReLU(t), both from :func:`trunc_relu`'s one
+    opening (the truncation is what its multiplexer multiplies): for a kernel that
+    needs the value as well as its ReLU (GELU, SiLU), one opening where a truncation
+    and a comparison took two."""
     if isinstance(m, CircuitCmpMaterial):
         uhat = open_value(ch, (y + _OFF62 if party == 0 else y) + m.r)
         trunc = _faithful(party, uhat, m.trunc, frac_bits)
         b = _sign_row(ch, party, uhat, m, m.drop + frac_bits)
-        return _mux(ch, party, b, m, trunc, _trunc_rho(uhat, m, m.rho, frac_bits))
+        return trunc, _mux(ch, party, b, m, trunc, _trunc_rho(uhat, m, m.rho, frac_bits))
     uhat = open_value(ch, _offset(party, y) + m.r)
     top = uhat >> _SHIFT63
     low = fss.evaluate(party, m.low, _low_bits(uhat, frac_bits))
@@ -538,7 +548,7 @@ def trunc_relu(ch: Channel, party: int, y: np.ndarray,
     wrap = np.where(top == 0, m.rho_wrap + words[:, 1], words[:, 2])
     trunc = _shift(party, uhat, wrap, low, m.r_high, frac_bits)
     sign = _xor_public(party, top, m.rho + words[:, 0])      # msb(u^) xor rho xor c'
-    return mul(ch, party, trunc, sign, m.triple)
+    return trunc, mul(ch, party, trunc, sign, m.triple)
 
 
 def _trunc_rho(uhat: np.ndarray, m: CircuitCmpMaterial, rho: np.ndarray, frac_bits: int,
