@@ -432,6 +432,15 @@ class Program:
                     and len(readers) == 1 and readers[0].op in (Op.RELU, Op.CLIP)):
                 self.fused[node.name] = readers[0].name
         self.absorbed = set(self.fused.values())
+        # a softmax read only by a matrix product, as its left operand, is left
+        # unnormalized: the product scales its rows by the reciprocals instead
+        # (``nonlinear``: n values a row after the product, where the softmax's rows
+        # have as many values as the product contracts over)
+        self.normalizes = {r.name: n.name for n in graph.nodes if n.op is Op.SOFTMAX
+                           and n.name != graph.output
+                           for r in graph.consumers(n.name)
+                           if len(graph.consumers(n.name)) == 1 and r.op is Op.MATMUL
+                           and r.inputs[0] == n.name and r.inputs[1] != n.name}
         self.steps = {n.name: tuple(KERNELS[n.op].steps(self, n)) for n in graph.nodes}
         self.layers = [Layer(n.name, self.steps[n.name]) for n in graph.nodes
                        if self.steps[n.name]]
@@ -539,6 +548,9 @@ class Run:
     ch: pr.Channel
     prog: Program
     items: list = field(default_factory=list)
+    #: an unnormalized softmax's reciprocals of its row sums, by node, until the matrix
+    #: product reading it scales its rows (``Program.normalizes``)
+    row_scales: dict = field(default_factory=dict)
 
     @property
     def f(self) -> int:

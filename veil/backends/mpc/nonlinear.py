@@ -24,7 +24,11 @@ kernel over its calibrated range):
   openings; within 1.2e-6 as a float formula, 2^(3-f) e + 14 2^-f sqrt(e) + 2^-f in
   fixed point: probabilities within 1e-4, 1.1e-5 measured, since a row's sum is at
   least its max entry's exp(d) >= 1). The sum's reciprocal (below) and each row scaled
-  by it (:func:`_scale_rows`: one matrix triple, the reciprocal opened once a row).
+  by it (:func:`_scale_rows`: one matrix triple, the reciprocal opened once a row);
+  when the softmax's only reader is a MATMUL taking it as its left operand
+  (attention's P V), the rows of the product are scaled instead, (e V) / sum e: the
+  same value, on n values a row instead of the softmax's k (32 and 128 in MiniLM),
+  its rows' e V below 2^22 (the truncation's bound: sum e <= k e^(levels/16)).
 - RECIPROCAL 1/s for s in [lo, hi] (the node's calibrated range): the binade of s from
   comparisons with every power of two in the range (one batch), y0 = 0.75 2^-e as a
   public linear combination of the comparison bits (2^-e telescopes over them), so
@@ -138,17 +142,29 @@ def _matmul_dims(prog, node) -> tuple[int, int, int, int]:
 
 def _matmul_steps(prog, node):
     g, m, k, n = _matmul_dims(prog, node)
-    return [Step("matmul", g * m * n, dims=(g, m, k, n)), Step("trunc", g * m * n)]
+    steps = [Step("matmul", g * m * n, dims=(g, m, k, n)), Step("trunc", g * m * n)]
+    if node.name in prog.normalizes:            # an unnormalized softmax's rows
+        steps += [_row_scaling(g * m, n), Step("trunc", g * m * n)]
+    return steps
 
 
 def _matmul(run: Run, node, args):
+    """X @ Y; when X is an unnormalized softmax (``Program.normalizes``: e = exp(x -
+    max), each row's 1/sum e left aside), (e @ Y) with each row scaled by its
+    reciprocal afterwards, the same product: the scaling and its truncation run on the
+    n values of the product's row instead of the k of the softmax's (SOFTMAX -> MATMUL
+    in attention: 32 where it was 128)."""
     g, m, k, n = _matmul_dims(run.prog, node)
     b = args[0].shape[0]
     lead = tuple(node.shape[:-2])
     x = np.broadcast_to(args[0], (b,) + lead + args[0].shape[-2:]).reshape(b * g, m, k)
     y = np.broadcast_to(args[1], (b,) + lead + args[1].shape[-2:]).reshape(b * g, k, n)
-    z = run.matmul(np.ascontiguousarray(x), np.ascontiguousarray(y))
-    return run.trunc(z).reshape((b,) + tuple(node.shape))
+    z = run.trunc(run.matmul(np.ascontiguousarray(x), np.ascontiguousarray(y)))
+    source = run.prog.normalizes.get(node.name)
+    if source is not None:
+        inv = run.row_scales.pop(source)
+        z = run.trunc(_scale_rows(run, z.reshape(b * g * m, n), inv))
+    return z.reshape((b,) + tuple(node.shape))
 
 
 def _row_scaling(rows: int, last: int) -> Step:
@@ -270,7 +286,8 @@ def _softmax_steps(prog, node):
              for k in tree_widths(last)]
     steps += exp_steps(n, f)
     steps += _recip_steps(rows, 0.5, _sum_bound(last))
-    steps += [_row_scaling(rows, last), Step("trunc", n)]
+    if node.name not in prog.normalizes.values():
+        steps += [_row_scaling(rows, last), Step("trunc", n)]
     return steps
 
 
@@ -298,6 +315,9 @@ def _softmax(run: Run, node, args):
     e = _exp_nonpositive(run, x - mx)
     s = e.sum(axis=-1, keepdims=True, dtype=np.uint64)
     inv = _reciprocal_of(run, s, 0.5, _sum_bound(last))
+    if node.name in run.prog.normalizes.values():     # the matrix product scales
+        run.row_scales[node.name] = inv
+        return e.reshape((b,) + tuple(node.shape))
     p = run.trunc(_scale_rows(run, e, inv))
     return p.reshape((b,) + tuple(node.shape))
 
