@@ -366,18 +366,24 @@ def test_a_large_average_pool_keeps_its_precision():
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
-@pytest.mark.parametrize("op", [Op.SILU, Op.SIGMOID])
+@pytest.mark.parametrize("op", [Op.SILU, Op.SIGMOID, Op.GELU, Op.TANH, "exp"])
 def test_the_correction_terms_stay_below_one_in_the_band(op):
-    """``evaluator._tail`` keeps z^4 q_2', h and z^4 h at 3f = 60 bits: they must stay
-    below 2^62 / 2^60 = 4 (the faithful truncation's bound); the fits keep them below 1."""
+    """``chains._poly12`` keeps z^4 q_2' and h at 3f = 60 bits before h's truncation:
+    they must stay below 2^62 / 2^60 = 4 (the faithful truncation's bound); p at 2f
+    bits below 2^41 / 2^40 = 2 (its 43-bit ring). The tails' fits keep all of them
+    below 1 on [-1, 1]; the exponential's (z in [-9/8, 9/8], p up to e^(1/2)) below 2."""
     from numpy.polynomial import polynomial as P
-    tail = ev.approximation(op)
-    c, z = tail.coeffs, np.linspace(-1, 1, 20001)
+
+    from veil.backends.mpc import chains
+    if op == "exp":
+        c, z, limit = chains.exp_coeffs(), np.linspace(-1.125, 1.125, 20001), 2
+    else:
+        c, z, limit = ev.approximation(op).coeffs, np.linspace(-1, 1, 20001), 1
     q = [P.polyval(z, c[4 * j:4 * j + 4]) for j in range(4)]
     top = q[2] + z ** 4 * q[3]
     h = q[1] + z ** 4 * top
     for v in (z ** 4 * top, h, z ** 4 * h, q[0] + z ** 4 * h):
-        assert np.abs(v).max() < 1
+        assert np.abs(v).max() < limit
 
 
 @pytest.mark.parametrize("cmp", ["circuit", "fss"])

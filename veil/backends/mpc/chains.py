@@ -30,14 +30,15 @@ from .ring import ring_mask as _ring_mask
 #: and the products of two truncated values it takes, as index pairs into them (index
 #: len(truncs): the chain's Beaver-square input, when it has one).
 #: - "tpoly", a tail's degree-12 polynomial (:func:`tail_poly`): z (from z + 1 at 2f
-#:   bits), z^2, z^3 and z^4 (below 2^6 for |z| <= 2: a 48-bit ring), and z^4 q_2(z)
-#:   at 3f bits; the products z z, z^2 z, z^2 z^2 and z^4 times z, z^2, z^3, z^4 and
-#:   the fifth.
+#:   bits), z^2, z^3 and z^4 (below 2^6 for |z| <= 2: a 48-bit ring), h = q_1 +
+#:   z^4 q_2 from 3f bits to f (a 64-bit ring), and p = q_0 + z^4 h from 2f bits to f
+#:   (|p| < 2: a 43-bit ring); the products z z, z^2 z, z^2 z^2 and z^4 times z, z^2,
+#:   z^3, z^4 and h.
 #: - "texp", softmax's exponential (:func:`exp_chain`): the five truncations and eight
 #:   products of "tpoly" for p(z) ~ exp(d/2), but z + 1 from d + 16 at f bits (below
-#:   2^25 after the clamp: a 27-bit ring, 4 bytes) by a shift of 3; p at 3f bits
-#:   truncated to ``EXP_BITS`` (a 64-bit ring), its square p^2 ~ exp(d) back to f bits
-#:   on ``EXP_RING`` bits
+#:   2^25 after the clamp: a 27-bit ring, 4 bytes) by a shift of 3; p at 2f bits
+#:   truncated to ``EXP_BITS`` (p < 2: a 43-bit ring), its square p^2 ~ exp(d) back
+#:   to f bits on ``EXP_RING`` bits
 #:   (p^2 <= e at 2 ``EXP_BITS`` = 44 bits: below 2^46); the sixth product p p.
 #: - "tsq" (:func:`trunc_square`): one truncation by f on the 64-bit ring and the
 #:   truncated value's square, local.
@@ -55,12 +56,12 @@ _TPOLY_PAIRS = ((0, 0), (1, 0), (1, 1), (3, 0), (3, 1), (3, 2), (3, 3), (3, 4))
 def chain_spec(name: str, frac_bits: int) -> tuple[tuple, tuple, bool]:
     """(truncations, pairs, has a Beaver square) of chain ``name`` at f bits."""
     f = frac_bits
-    tpoly = ((48, f),) * 4 + ((64, f),)
+    tpoly = ((48, f),) * 4 + ((64, 2 * f),)
     if name == "tpoly":
-        return tpoly, _TPOLY_PAIRS, False
+        return tpoly + ((43, f),), _TPOLY_PAIRS, False
     if name == "texp":
         p = _TPOLY_TRUNCS
-        return (((27, 3),) + tpoly[1:] + ((64, 3 * f - EXP_BITS),
+        return (((27, 3),) + tpoly[1:] + ((43, 2 * f - EXP_BITS),
                                           (EXP_RING, 2 * EXP_BITS - f)),
                 _TPOLY_PAIRS + ((p, p),), False)
     if name == "tsq":
@@ -243,10 +244,11 @@ class Chain:
 
 
 def _poly12(c: Chain, y: np.ndarray, c_f: np.ndarray, c_2f: np.ndarray) -> np.ndarray:
-    """p(z) at 3f bits on chain ``c``'s first five truncations and eight products (the
+    """p(z) at 2f bits on chain ``c``'s first five truncations and eight products (the
     "tpoly" part of a spec), z + 1 = y truncated by the spec's first shift (y at 2f
     bits for "tpoly", at f + 3 for "texp"): Paterson and Stockmeyer's degree-12
-    evaluation (``evaluator._tail``)."""
+    evaluation (``evaluator._tail``), h = q_1 + z^4 q_2 truncated from 3f bits to f,
+    so p = q_0 + z^4 h is at 2f (h's rounding moves p by under |z|^4 2^-f)."""
     one = np.uint64(1) << np.uint64(c.frac_bits)
     c.trunc(y[None], 0)                                           # t0 = z + 1
     z = c.val(0) - c.const(one)
@@ -264,19 +266,21 @@ def _poly12(c: Chain, y: np.ndarray, c_f: np.ndarray, c_2f: np.ndarray) -> np.nd
         out = c_2f[4 * j] * c.val(3) + c_f[4 * j + 1] * (c.prod(3, 0) - one * c.val(3))
         return out + c_f[4 * j + 2] * c.prod(3, 1) + c_f[4 * j + 3] * c.prod(3, 2)
 
-    c.trunc((times_z4(2) + c_f[12] * c.prod(3, 3))[None], 4)     # z^4 (q_2 + c_12 z^4)
-    # p = q_0 + z^4 (q_1 + z^4 q_2) at 3f bits
-    return piece(0) * one + times_z4(1) + c.prod(3, 4)
+    # h = q_1 + z^4 (q_2 + c_12 z^4) from 3f bits to f
+    c.trunc((piece(1) * one + times_z4(2) + c_f[12] * c.prod(3, 3))[None], 4)
+    return piece(0) + c.prod(3, 4)                   # p = q_0 + z^4 h at 2f bits
 
 
 def tail_poly(ch: Channel, party: int, y: np.ndarray, m: ChainMaterial,
               c_f: np.ndarray, c_2f: np.ndarray, frac_bits: int) -> np.ndarray:
-    """Shares of p(z) at 3f bits, z = y / 2^f - 1 (y at 2f bits), for the degree-12
+    """Shares of p(z) at f bits, z = y / 2^f - 1 (y at 2f bits), for the degree-12
     polynomial with coefficients c (ring constants at f bits in ``c_f``, at 2f in
-    ``c_2f``): Paterson and Stockmeyer's evaluation of ``evaluator._tail`` as a masked
-    chain ("tpoly"), four openings (z; z^2; z^3 and z^4; z^4 q_2(z)) where Beaver
-    products opened eight values more."""
-    return _poly12(Chain(ch, party, m, frac_bits), y, c_f, c_2f)
+    ``c_2f``; |p| < 2 for |z| <= 1): Paterson and Stockmeyer's evaluation of
+    ``evaluator._tail`` as a masked chain ("tpoly"), five openings (z; z^2; z^3 and
+    z^4; h; p) where Beaver products and a truncation opened nine values more."""
+    c = Chain(ch, party, m, frac_bits)
+    c.trunc(_poly12(c, y, c_f, c_2f)[None], _TPOLY_TRUNCS)
+    return c.val(_TPOLY_TRUNCS)
 
 
 @lru_cache(maxsize=None)
@@ -291,16 +295,16 @@ def exp_chain(ch: Channel, party: int, d: np.ndarray, m: ChainMaterial, frac_bit
     """Shares of exp(d) ~ p(z)^2 at f bits for d in [EXP_LO, EXP_HI] (f bits): z + 1 =
     (d + 16) / 8 is d + 16 read at f + 3 bits, p(z) ~ exp(d/2) (:func:`exp_coeffs`) the
     tails' degree-12 evaluation (four openings, the first z + 1 on a 27-bit ring),
-    truncated to ``EXP_BITS`` and squared back to f bits: six openings on 27-, 48-, 64-
-    and 48-bit rings, 44 bytes a value, where the limit (1 + d/256)^256 took eight
-    squarings, ten openings and 73 bytes. Outside the
+    from 2f bits to ``EXP_BITS`` and squared back to f bits: six openings on 27-, 48-,
+    64-, 43- and 48-bit rings, 42 bytes a value, where the limit (1 + d/256)^256 took
+    eight squarings, ten openings and 73 bytes. Outside the
     domain the result is wrong (the kernels clamp d first).
 
     Error (``tests/test_mpc_core.py``), with e = exp(d), from the float formula p(z)^2:
     under 2^(3-f) e + 14 2^-f sqrt(e) + 2^-f (3.4e-5 at d = 1), and for d <= 0 under
     17 2^-f (1.6e-5; 2.9e-5 and 9.8e-6 measured); from e, ``EXP_FIT_ERROR`` more. z's
     truncation at f bits moves d by under 2^(3-f), so e by that much relative; the
-    truncations of z^2, z^3, z^4 and z^4 q_2 move p by under 5.3 2^-f (their
+    truncations of z^2, z^3, z^4 and h move p by under 5.3 2^-f (their
     sensitivities, worst signs, over the domain; 3.6 2^-f for d <= 0), the
     coefficients' rounding to f bits by 2.9 2^-f, p's truncation by 2^-22: p^2 by
     2 p times their sum, under 14 2^-f sqrt(e) (7.9 2^-f for d <= 0); the last

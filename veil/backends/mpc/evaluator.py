@@ -594,7 +594,7 @@ class Run:
                            y.ravel()).reshape(y.shape)
 
     def tail_poly(self, y: np.ndarray, coeffs) -> np.ndarray:
-        """p(y / 2^f - 1) at 3f bits for the degree-12 ``coeffs`` (a "tpoly" step)."""
+        """p(y / 2^f - 1) at f bits for the degree-12 ``coeffs`` (a "tpoly" step)."""
         c_f = np.array([_scaled(c, self.f) for c in coeffs], np.uint64)
         c_2f = np.array([_scaled(c, 2 * self.f) for c in coeffs], np.uint64)
         return self._apply(lambda v, m: chains.tail_poly(self.ch, self.party, v, m, c_f,
@@ -979,8 +979,7 @@ def _tail_steps(prog, node):
     else:
         steps = [Step("drelu", n, **sign), Step("mul", n)]
     steps += [Step("relu", n, **band),                              # min(t, edge)
-              Step("tpoly", n),                                      # p(z), 3f bits
-              Step("trunc", n, 2 * f)]                               # from 3f to f bits
+              Step("tpoly", n)]                                      # p(z), f bits
     if node.op not in RELU_TAILS:
         steps.append(Step("mul", n))
     return steps
@@ -992,18 +991,19 @@ def _tail(run: Run, node, args):
     (t - ReLU(t - edge)); z = 2 t / bound - 1; p(z) by Paterson and Stockmeyer
     (SIAM J. Comput. 1973) for degree 12: z, z^2, then z^3 and z^4 = (z^2)^2 together,
     the cubics q_0, q_1, q_2 locally at 2f bits with the top coefficient's c_12 z^4
-    added to q_2, and Horner's rule in z^4, h = q_1 + z^4 q_2 (3f bits, truncated to 2f)
-    and p = q_0 + z^4 h (3f bits): four truncations, every product between them local
+    added to q_2, and Horner's rule in z^4, h = q_1 + z^4 q_2 (3f bits, truncated to f)
+    and p = q_0 + z^4 h (2f bits, truncated to f): five truncations, every product
+    between them local
     (``chains.tail_poly``: each truncated value is a public part plus a mask the
     dealer knows, so a product of two needs only dealt cross products), where Beaver
     products would open eight values more. With |z| <= 1 every one of these is below 1
     (``tests/test_mpc_ops.py``), so the powers' truncations run on a 48-bit ring (six
-    bytes an opening) and 3f = 60 bits stay inside the last one's 2^62. Beyond the edge
+    bytes an opening), h's 3f = 60 bits stay inside its ring's 2^62 and p's 2f bits
+    inside a 43-bit ring's 2^41 (six bytes, where p at 3f took eight). Beyond the edge
     the correction is the fit's value at the edge, where the one it stands for is
     smaller still: the same error as leaving it out (1.8e-4 for SiLU, 4.5e-5 sigmoid,
     2e-6 GELU), for a ReLU (6.4 bytes) where selecting p by a comparison took 14.4.
-    One truncation by 2f brings the correction to f bits; for sigmoid, s + (1 - 2 s) q
-    with one more product."""
+    For sigmoid, s + (1 - 2 s) q with one more product."""
     x, f = args[0], run.f
     tail = approximation(node.op)
     if tail.degree != 12:
@@ -1024,10 +1024,9 @@ def _tail(run: Run, node, args):
     # taken beyond the fit
     edge = run.public(_scaled(tail.edge, f))
     t = t - run.relu(np.ascontiguousarray(t - edge))
-    # z + 1 = 2 t' / bound at 2f bits; p(z) at 3f (``chains.tail_poly``: four
+    # z + 1 = 2 t' / bound at 2f bits; p(z) at f (``chains.tail_poly``: five
     # openings, the products local from the dealer's cross products)
-    p = run.tail_poly(t * _scaled(2.0 / tail.bound, f), tail.coeffs)
-    corr = run.trunc(p, shift=2 * f)
+    corr = run.tail_poly(t * _scaled(2.0 / tail.bound, f), tail.coeffs)
     if node.op in RELU_TAILS:
         return relu - corr
     y = s * lift + corr - np.uint64(2) * run.mul(s, corr)

@@ -38,8 +38,9 @@ kernel over its calibrated range):
   entry (the rounding of 1/D then scales the row, which the normalization cancels);
   the variance from its square, local (the masked chain "tsq": the truncation's
   result is a public part plus a dealt mask, ABY2.0's masked wires); its inverse
-  square root like the reciprocal (binade by comparisons, y0 = sqrt(2/3) 2^(-e/2), v y0^2 in [2/3, 4/3), four Newton
-  steps y <- y (3 - v y^2) / 2, the error e -> 0.75 e^2: 3e-10) at 28 fractional bits,
+  square root like the reciprocal (binade by comparisons, y0 = sqrt(2/3) 2^(-e/2),
+  v y0^2 in [2/3, 4/3), four Newton steps y <- y (3 - v y^2) / 2, the error
+  e -> 0.75 e^2: 3e-10) at 28 fractional bits,
   then each row scaled by it (:func:`_scale_rows`) and the public affine. The variance
   range is [2^-10, 2^12] by default: below it the normalization is too small (a
   constant row, where x - mean ~ 0 anyway).
