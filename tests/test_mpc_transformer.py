@@ -204,3 +204,32 @@ def test_a_softmax_read_by_a_matrix_product_is_normalized_after_it():
         (3, 16, 16, 4), (48, 4, 1, 1)]
     got, want, _ = run_mpc(graph, x)
     assert np.abs(got - want).max() <= 2e-4
+
+
+def test_a_layernorm_of_a_residual_sum_centers_it_untruncated():
+    """LayerNorm(linear(x) + x), the transformer's residual: the sum stays at 2f bits
+    and the layer norm's centering truncates D x - sum x by f + ceil(log2 D) (rho (x -
+    mean), rho = 48 / 64, which the normalization cancels; eps and the variance range
+    scaled by rho^2): the sum's own truncation goes, and rows whose variance spans
+    ``nonlinear.VAR_RANGE`` stay within 1e-4 of the reference."""
+    from veil.ir import Graph, make_node
+    rng = np.random.default_rng(18)
+    lo, hi = nl.VAR_RANGE
+    scales = np.sqrt(np.exp(np.linspace(np.log(lo * 1.1), np.log(hi / 1.1), 12)))
+    x = rng.normal(size=(12, 48)) * scales[:, None] + rng.normal(size=(12, 1)) * 3
+    w, b = rng.normal(size=48), rng.normal(size=48) * 0.1
+    # a linear layer whose weights are exact in fixed point (its rounding would
+    # otherwise dominate the rows of variance 2^-10)
+    lin = {k: np.round(rng.normal(size=shape) * 4.0) / 2.0 ** 12
+           for k, shape in (("weight", (48, 48)), ("bias", (48,)))}
+    nodes = [make_node("x", Op.INPUT, [], [], {"shape": (12, 48)}),
+             make_node("l", Op.LINEAR, ["x"], [(12, 48)], {}, lin)]
+    nodes.append(make_node("s", Op.ADD, ["l", "x"], [(12, 48), (12, 48)]))
+    nodes.append(make_node("n", Op.LAYERNORM, ["s"], [(12, 48)], {"eps": 1e-12},
+                           {"weight": w, "bias": b}))
+    graph = Graph(tuple(nodes), "n")
+    prog = ev.Program(ev.lower_for_mpc(graph))
+    assert "s" in prog.deferred and prog.steps["s"] == ()
+    assert prog.steps["n"][0].kind == "tsq" and prog.steps["n"][0].shift == 20 + 6
+    got, want, _ = run_mpc(graph, x[None])
+    assert np.abs(got - want).max() <= 1e-4

@@ -40,8 +40,8 @@ from .ring import ring_mask as _ring_mask
 #:   truncated to ``EXP_BITS`` (p < 2: a 43-bit ring), its square p^2 ~ exp(d) back
 #:   to f bits on ``EXP_RING`` bits
 #:   (p^2 <= e at 2 ``EXP_BITS`` = 44 bits: below 2^46); the sixth product p p.
-#: - "tsq" (:func:`trunc_square`): one truncation by f on the 64-bit ring and the
-#:   truncated value's square, local.
+#: - "tsq" (:func:`trunc_square`): one truncation on the 64-bit ring (by f, or by the
+#:   step's shift) and the truncated value's square, local.
 #: The exponential's domain: d = 8 z - 8 in [EXP_LO, EXP_HI] = [-17, 1], z in
 #: [-9/8, 9/8] (a coarse clamp of d at -16 lets d down to -17 through; a coarse row
 #: max leaves d up to levels * 2^-4, below 1 up to 2^16 entries a row)
@@ -53,8 +53,9 @@ _TPOLY_TRUNCS = 5
 _TPOLY_PAIRS = ((0, 0), (1, 0), (1, 1), (3, 0), (3, 1), (3, 2), (3, 3), (3, 4))
 
 
-def chain_spec(name: str, frac_bits: int) -> tuple[tuple, tuple, bool]:
-    """(truncations, pairs, has a Beaver square) of chain ``name`` at f bits."""
+def chain_spec(name: str, frac_bits: int, shift: int = 0) -> tuple[tuple, tuple, bool]:
+    """(truncations, pairs, has a Beaver square) of chain ``name`` at f bits (``shift``:
+    the "tsq" truncation's, when not f)."""
     f = frac_bits
     tpoly = ((48, f),) * 4 + ((64, 2 * f),)
     if name == "tpoly":
@@ -65,7 +66,7 @@ def chain_spec(name: str, frac_bits: int) -> tuple[tuple, tuple, bool]:
                                           (EXP_RING, 2 * EXP_BITS - f)),
                 _TPOLY_PAIRS + ((p, p),), False)
     if name == "tsq":
-        return ((64, f),), ((0, 0),), False
+        return ((64, shift or f),), ((0, 0),), False
     raise ValueError(f"unknown chain {name!r}")
 
 
@@ -132,10 +133,10 @@ class ChainMaterial:
     c: np.ndarray | None = None
 
 
-def chain_material(name: str, n: int, frac_bits: int, prg: Prg
+def chain_material(name: str, n: int, frac_bits: int, prg: Prg, shift: int = 0
                    ) -> tuple[ChainMaterial, ChainMaterial]:
     """Both parties' material for ``n`` runs of chain ``name`` (:data:`CHAINS`)."""
-    truncs, pairs, beaver = chain_spec(name, frac_bits)
+    truncs, pairs, beaver = chain_spec(name, frac_bits, shift)
     k = len(truncs)
     r, (r0, r1) = prg.root_u64((k, n))
     h = np.empty((k + 1, n), np.uint64)
@@ -175,9 +176,10 @@ class Chain:
     products, exactly the product a Beaver triple would give, with no opening. A chain
     opens only its truncations."""
 
-    def __init__(self, ch: Channel, party: int, m: ChainMaterial, frac_bits: int) -> None:
+    def __init__(self, ch: Channel, party: int, m: ChainMaterial, frac_bits: int,
+                 shift: int = 0) -> None:
         self.ch, self.party, self.m, self.frac_bits = ch, party, m, frac_bits
-        self.truncs, self.pairs, _ = chain_spec(m.name, frac_bits)
+        self.truncs, self.pairs, _ = chain_spec(m.name, frac_bits, shift)
         self.words = dict(zip(self.pairs, _pair_words(self.pairs, len(self.truncs))))
         self.vals: dict[int, tuple] = {}
 
@@ -319,12 +321,12 @@ def exp_chain(ch: Channel, party: int, d: np.ndarray, m: ChainMaterial, frac_bit
     return c.val(_TPOLY_TRUNCS + 1)
 
 
-def trunc_square(ch: Channel, party: int, y: np.ndarray, m: ChainMaterial, frac_bits: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """Shares of t = y / 2^f (faithful: floor or floor + 1, |y| < 2^62) and of t^2 at
-    2f bits, exact given t, from one opening: the chain "tsq", where a truncation and a
-    Beaver square opened twice."""
-    c = Chain(ch, party, m, frac_bits)
+def trunc_square(ch: Channel, party: int, y: np.ndarray, m: ChainMaterial, frac_bits: int,
+                 shift: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Shares of t = y / 2^shift (default f; faithful: floor or floor + 1, |y| < 2^62)
+    and of t^2, exact given t, from one opening: the chain "tsq", where a truncation
+    and a Beaver square opened twice."""
+    c = Chain(ch, party, m, frac_bits, shift)
     c.trunc(y[None], 0)
     return c.val(0), c.prod(0, 0)
 

@@ -360,7 +360,7 @@ class Step:
     def __post_init__(self) -> None:
         if self.kind not in STEP_KINDS:
             raise InputError(f"unknown material kind {self.kind!r}")
-        if self.shift and (self.kind != "trunc" or not 2 <= self.shift <= 60):
+        if self.shift and (self.kind not in ("trunc", "tsq") or not 2 <= self.shift <= 60):
             raise InputError(f"a {self.kind} step cannot shift by {self.shift} bits")
         narrow = ("relu", "drelu", "select")
         if self.width and (self.kind not in narrow or not 16 <= self.width <= 63):
@@ -423,6 +423,11 @@ class Program:
                          and graph.consumers(n.name)[0].op in (Op.ADD, Op.SUB) + RELU_TAILS}
         self.lifting = {n.name for n in graph.nodes if n.op in (Op.ADD, Op.SUB)
                         and any(s in self.deferred for s in n.inputs)}
+        # such a sum read only by a LAYERNORM stays at 2f bits too: the layer norm's
+        # centering truncates it (``nonlinear._layernorm``)
+        self.deferred |= {n.name for n in graph.nodes if n.name in self.lifting
+                          and n.name != graph.output and len(graph.consumers(n.name)) == 1
+                          and graph.consumers(n.name)[0].op is Op.LAYERNORM}
         self.truncating = {n.name for n in graph.nodes if n.name not in self.deferred and
                            (KERNELS[n.op].affine or n.name in self.lifting)}
         self.fused: dict[str, str] = {}
@@ -492,7 +497,7 @@ def dealer_material(steps: list[Step], batch: int, prg: Prg, frac_bits: int = FR
             g, m, k, n_ = step.dims
             pair = pr.batched_matrix_triples(g * batch, m, k, n_, prg)
         elif step.kind in chains.CHAINS:    # (no comparison: the same for DCFs)
-            pair = chains.chain_material(step.kind, n, frac_bits, prg)
+            pair = chains.chain_material(step.kind, n, frac_bits, prg, step.shift)
         elif cmp == "circuit" and step.kind == "trunc":
             pair = pr.circuit_trunc_material(n, step.shift or frac_bits, prg)
         elif step.kind in ("square", "mulsq"):
@@ -606,10 +611,11 @@ class Run:
         return self._apply(lambda v, m: chains.exp_chain(self.ch, self.party, v, m, self.f),
                            d.ravel()).reshape(d.shape)
 
-    def trunc_square(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(y / 2^f, its square at 2f bits) from one opening (a "tsq" step)."""
+    def trunc_square(self, y: np.ndarray, shift: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(y / 2^shift (default f), its square) from one opening (a "tsq" step of the
+        same shift)."""
         both = self._apply(lambda v, m: np.stack(chains.trunc_square(self.ch, self.party, v,
-                                                                     m, self.f)),
+                                                                     m, self.f, shift)),
                            y.ravel())
         return both[0].reshape(y.shape), both[1].reshape(y.shape)
 

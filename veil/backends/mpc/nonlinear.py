@@ -40,7 +40,9 @@ kernel over its calibrated range):
   result is a public part plus a dealt mask, ABY2.0's masked wires); its inverse
   square root like the reciprocal (binade by comparisons, y0 = sqrt(2/3) 2^(-e/2),
   v y0^2 in [2/3, 4/3), four Newton steps y <- y (3 - v y^2) / 2, the error
-  e -> 0.75 e^2: 3e-10) at 28 fractional bits,
+  e -> 0.75 e^2: 3e-10) at 28 fractional bits (a residual sum read only by the layer
+  norm arrives untruncated, at 2f bits, and its centering truncates it: ``_centering``;
+  |x| < 2^21 / D real there),
   then each row scaled by it (:func:`_scale_rows`) and the public affine. The variance
   range is [2^-10, 2^12] by default: below it the normalization is too small (a
   constant row, where x - mean ~ 0 anyway).
@@ -324,13 +326,29 @@ def _softmax(run: Run, node, args):
 
 
 # -- layer norm -----------------------------------------------------------------------------
+def _centering(prog, node) -> tuple[int, float]:
+    """(the centering's shift, rho): on an f-bit input, (D x - sum x) / D at 2f bits
+    truncated by f (rho = 1); on a 2f-bit input (a residual sum left untruncated,
+    ``Program.deferred``), D x - sum x itself truncated by f + s, s = ceil(log2 D):
+    rho (x - mean) with rho = D / 2^s in (1/2, 1], one truncation where the sum's and
+    the centering's took two. The normalization cancels rho; the variance is rho^2
+    times the row's, so eps and the variance range are scaled by rho^2."""
+    last = int(node.shape[-1])
+    if node.inputs[0] not in prog.deferred:
+        return 0, 1.0
+    s = max(1, int(np.ceil(np.log2(last))))
+    return prog.frac_bits + s, last / 2.0 ** s
+
+
 def _layernorm_steps(prog, node):
     rows, last = _rows(node.shape)
     n = rows * last
     f = prog.frac_bits
-    return ([Step("tsq", n), Step("trunc", rows),
+    shift, rho = _centering(prog, node)
+    lo, hi = (v * rho * rho for v in VAR_RANGE)
+    return ([Step("tsq", n, shift), Step("trunc", rows),
              Step("trunc", rows), Step("trunc", rows, 2 * f - VAR_BITS),
-             Step("trunc", rows)] + _rsqrt_steps(rows, *VAR_RANGE, f)
+             Step("trunc", rows)] + _rsqrt_steps(rows, lo, hi, f)
             + [_row_scaling(rows, last), Step("trunc", n, RSQRT_BITS), Step("trunc", n)])
 
 
@@ -341,19 +359,21 @@ def _layernorm(run: Run, node, args):
     b = x.shape[0]
     x = x.reshape(b * rows, last)
     inv_d = _scaled(1.0 / last, f)
+    shift, rho = _centering(run.prog, node)
     # x - mean as (D x - sum x) / D: the rounding of 1/D scales a whole row alike, which
     # the normalization cancels (on the mean it would be an offset: 2e-3 on a row of
-    # variance 2^-10 beside a mean of 9)
-    # c and c^2 from one opening (``chains.trunc_square``: c is a public part plus a
-    # dealt mask, so its square is local)
-    c, c2 = run.trunc_square((np.uint64(last) * x
-                              - x.sum(axis=-1, keepdims=True, dtype=np.uint64)) * inv_d)
+    # variance 2^-10 beside a mean of 9); on a 2f-bit input, rho (x - mean) with no
+    # 1/D at all (``_centering``). c and c^2 from one opening
+    # (``chains.trunc_square``: c is a public part plus a dealt mask, so its square is
+    # local)
+    centered = np.uint64(last) * x - x.sum(axis=-1, keepdims=True, dtype=np.uint64)
+    c, c2 = run.trunc_square(centered if shift else centered * inv_d, shift)
     total = c2.sum(axis=-1, keepdims=True, dtype=np.uint64)                 # 2f bits
-    eps = float(node.attrs["eps"])
+    eps = float(node.attrs["eps"]) * rho * rho
     var = run.trunc(run.trunc(total) * inv_d) + run.public(_scaled(eps, f))
     var_hi = run.trunc(run.trunc(total, shift=2 * f - VAR_BITS) * inv_d) \
         + run.public(_scaled(eps, VAR_BITS))
-    y = _rsqrt_of(run, var, var_hi, *VAR_RANGE)
+    y = _rsqrt_of(run, var, var_hi, *(v * rho * rho for v in VAR_RANGE))
     z = run.trunc(_scale_rows(run, c, y), shift=RSQRT_BITS)
     out = z * run.prog.param(node, "weight", f)[None] + \
         run.public(_scaled(node.params["bias"], 2 * f))[None]
