@@ -568,9 +568,9 @@ def test_narrow_material_and_steps_round_trip_and_bad_ones_are_refused():
 
 def test_a_tail_polynomial_opens_only_its_truncations():
     """``tail_poly``: p(z) for z in [-1, 1] (a degree-12 polynomial with the GELU tail's
-    coefficients) at f bits within the fixed point's few ulps of the float value, in
-    five rounds of 6 + 6 + 12 + 8 + 6 bytes per value (the products between them
-    local); its
+    coefficients) at f bits within the fixed point's few ulps of the float value, from
+    z + 1 at f + 8 bits, in five rounds of 4 + 6 + 12 + 8 + 6 bytes per value (the
+    products between them local); its
     material survives the arrays, and values outside the band only come out wrong."""
     from veil.backends.mpc import evaluator as ev
     from veil.backends.mpc.chains import chain_material, tail_poly
@@ -580,7 +580,7 @@ def test_a_tail_polynomial_opens_only_its_truncations():
     f = FRAC_BITS
     coeffs = ev.approximation(Op.GELU).coeffs
     z = np.concatenate([np.linspace(-1.0, 1.0, 1001), [7.5, -30.0]])
-    y = ev._scaled(z + 1.0, 2 * f)
+    y = ev._scaled(z + 1.0, f + 8)
     c_f = np.array([ev._scaled(c, f) for c in coeffs], np.uint64)
     c_2f = np.array([ev._scaled(c, 2 * f) for c in coeffs], np.uint64)
     ys = share(y, prg)
@@ -591,7 +591,7 @@ def test_a_tail_polynomial_opens_only_its_truncations():
     got = decode(reconstruct(p0, p1), f)
     want = np.polynomial.polynomial.polyval(z, coeffs)
     assert np.abs(got - want)[:-2].max() < 2e-5
-    assert chans[0].rounds == 5 and chans[0].bytes_sent == z.size * (6 + 6 + 12 + 8 + 6)
+    assert chans[0].rounds == 5 and chans[0].bytes_sent == z.size * (4 + 6 + 12 + 8 + 6)
 
 
 def test_the_exponential_chain_matches_its_formula():

@@ -29,8 +29,8 @@ from .ring import ring_mask as _ring_mask
 #: Masked chains (:class:`Chain`): per chain, its truncations as (ring width, shift)
 #: and the products of two truncated values it takes, as index pairs into them (index
 #: len(truncs): the chain's Beaver-square input, when it has one).
-#: - "tpoly", a tail's degree-12 polynomial (:func:`tail_poly`): z (from z + 1 at 2f
-#:   bits), z^2, z^3 and z^4 (below 2^6 for |z| <= 2: a 48-bit ring), h = q_1 +
+#: - "tpoly", a tail's degree-12 polynomial (:func:`tail_poly`): z (from z + 1 at f + 8
+#:   bits, below 2^(f+9): a 31-bit ring, 4 bytes), z^2, z^3 and z^4 (below 2^6 for |z| <= 2: a 48-bit ring), h = q_1 +
 #:   z^4 q_2 from 3f bits to f (a 64-bit ring), and p = q_0 + z^4 h from 2f bits to f
 #:   (|p| < 2: a 43-bit ring); the products z z, z^2 z, z^2 z^2 and z^4 times z, z^2,
 #:   z^3, z^4 and h.
@@ -59,7 +59,7 @@ def chain_spec(name: str, frac_bits: int, shift: int = 0) -> tuple[tuple, tuple,
     f = frac_bits
     tpoly = ((48, f),) * 4 + ((64, 2 * f),)
     if name == "tpoly":
-        return tpoly + ((43, f),), _TPOLY_PAIRS, False
+        return ((f + 11, 8),) + tpoly[1:] + ((43, f),), _TPOLY_PAIRS, False
     if name == "texp":
         p = _TPOLY_TRUNCS
         return (((27, 3),) + tpoly[1:] + ((43, 2 * f - EXP_BITS),
@@ -247,7 +247,7 @@ class Chain:
 
 def _poly12(c: Chain, y: np.ndarray, c_f: np.ndarray, c_2f: np.ndarray) -> np.ndarray:
     """p(z) at 2f bits on chain ``c``'s first five truncations and eight products (the
-    "tpoly" part of a spec), z + 1 = y truncated by the spec's first shift (y at 2f
+    "tpoly" part of a spec), z + 1 = y truncated by the spec's first shift (y at f + 8
     bits for "tpoly", at f + 3 for "texp"): Paterson and Stockmeyer's degree-12
     evaluation (``evaluator._tail``), h = q_1 + z^4 q_2 truncated from 3f bits to f,
     so p = q_0 + z^4 h is at 2f (h's rounding moves p by under |z|^4 2^-f)."""
@@ -275,11 +275,12 @@ def _poly12(c: Chain, y: np.ndarray, c_f: np.ndarray, c_2f: np.ndarray) -> np.nd
 
 def tail_poly(ch: Channel, party: int, y: np.ndarray, m: ChainMaterial,
               c_f: np.ndarray, c_2f: np.ndarray, frac_bits: int) -> np.ndarray:
-    """Shares of p(z) at f bits, z = y / 2^f - 1 (y at 2f bits), for the degree-12
+    """Shares of p(z) at f bits, z + 1 = y at f + 8 bits (|z| <= 1), for the degree-12
     polynomial with coefficients c (ring constants at f bits in ``c_f``, at 2f in
     ``c_2f``; |p| < 2 for |z| <= 1): Paterson and Stockmeyer's evaluation of
     ``evaluator._tail`` as a masked chain ("tpoly"), five openings (z; z^2; z^3 and
-    z^4; h; p) where Beaver products and a truncation opened nine values more."""
+    z^4; h; p: 4 + 6 + 12 + 8 + 6 bytes) where Beaver products and a truncation opened
+    nine values more."""
     c = Chain(ch, party, m, frac_bits)
     c.trunc(_poly12(c, y, c_f, c_2f)[None], _TPOLY_TRUNCS)
     return c.val(_TPOLY_TRUNCS)

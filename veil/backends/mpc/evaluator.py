@@ -290,12 +290,26 @@ TAILS = {Op.SILU: (11.0, 12), Op.SIGMOID: (10.0, 12), Op.GELU: (5.0, 12),
          Op.TANH: (5.0, 12)}
 #: ops of the form ReLU(x) - p(z) (the others: s + (1 - 2 s) p(z))
 RELU_TAILS = (Op.SILU, Op.GELU)
+#: k: z + 1 = 2 t / bound is t times an integer c over 2^k, the bound rounded up to
+#: 2^(k+1) / c (GELU and tanh 5.02, SiLU 11.13, sigmoid 10.04), so the parties form
+#: z + 1 at f + k bits from t with no rounding and open it on a (f + k + 3)-bit ring
+#: (4 bytes; at 2f bits it took 6)
+TAIL_SCALE_BITS = 8
+
+
+def tail_scale(nominal: float) -> tuple[int, float]:
+    """(c, bound): the integer c = floor(2^(k+1) / nominal) and the bound 2^(k+1) / c
+    >= nominal it stands for (``TAIL_SCALE_BITS``)."""
+    c = int(2.0 ** (TAIL_SCALE_BITS + 1) // nominal)
+    return c, 2.0 ** (TAIL_SCALE_BITS + 1) / c
 
 
 def _fit_tail(op: Op, fn: Callable) -> Tail:
-    """A near-minimax fit: least squares on 2000 Chebyshev nodes of [0, bound],
-    reweighted by the error (Lawson's algorithm, 200 passes)."""
-    bound, degree = TAILS[op]
+    """A near-minimax fit: least squares on 2000 Chebyshev nodes of [0, bound] (the
+    nominal bound rounded up by :func:`tail_scale`), reweighted by the error (Lawson's
+    algorithm, 200 passes)."""
+    nominal, degree = TAILS[op]
+    bound = tail_scale(nominal)[1]
     k = np.arange(2000)
     z = np.cos(np.pi * (k + 0.5) / 2000)
     y = fn((z + 1) * bound / 2)
@@ -599,7 +613,8 @@ class Run:
                            y.ravel()).reshape(y.shape)
 
     def tail_poly(self, y: np.ndarray, coeffs) -> np.ndarray:
-        """p(y / 2^f - 1) at f bits for the degree-12 ``coeffs`` (a "tpoly" step)."""
+        """p(z) at f bits for z + 1 = y at f + ``TAIL_SCALE_BITS`` bits and the degree-12
+        ``coeffs`` (a "tpoly" step)."""
         c_f = np.array([_scaled(c, self.f) for c in coeffs], np.uint64)
         c_2f = np.array([_scaled(c, 2 * self.f) for c in coeffs], np.uint64)
         return self._apply(lambda v, m: chains.tail_poly(self.ch, self.party, v, m, c_f,
@@ -1032,7 +1047,8 @@ def _tail(run: Run, node, args):
     t = t - run.relu(np.ascontiguousarray(t - edge))
     # z + 1 = 2 t' / bound at 2f bits; p(z) at f (``chains.tail_poly``: five
     # openings, the products local from the dealer's cross products)
-    corr = run.tail_poly(t * _scaled(2.0 / tail.bound, f), tail.coeffs)
+    # z + 1 = t c / 2^k (``tail_scale``): t c read at f + k bits
+    corr = run.tail_poly(t * np.uint64(tail_scale(TAILS[node.op][0])[0]), tail.coeffs)
     if node.op in RELU_TAILS:
         return relu - corr
     y = s * lift + corr - np.uint64(2) * run.mul(s, corr)
