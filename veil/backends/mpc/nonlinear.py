@@ -47,8 +47,9 @@ kernel over its calibrated range):
   range is [2^-10, 2^12] by default: below it the normalization is too small (a
   constant row, where x - mean ~ 0 anyway).
 - GELU(x) = ReLU(x) - q(min(|x|, e)), q ~ t Phi(-t) of degree 12 on [0, 5.02], e =
-  5.02 - 2^-4 (``evaluator.tail_scale``: 512 / 102, so z + 1 = 102 t / 2^8; the piecewise form PUMA uses, Dong et al. 2023, with the ReLU as the main
-  piece, its comparison leaving out the bits below 2^-14: an error below 2^-15 near 0;
+  5.02 - 2^-4 (``evaluator.tail_scale``: 512 / 102, so z + 1 = 102 t / 2^8; the
+  piecewise form PUMA uses, Dong et al. 2023, with the ReLU as the main piece, its
+  comparison leaving out the bits below 2^-14: an error below 2^-15 near 0;
   beyond e the fit's value there stands for the tail, both below 2e-6);
   TANH(x) = (2 s - 1)(1 - 2 p(min(|x|, e))), p ~ sigma(-2t): both in
   ``evaluator.Tail``, whose comparisons and power truncations open narrow (5 and 6
