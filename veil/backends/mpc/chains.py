@@ -31,9 +31,9 @@ from .ring import ring_mask as _ring_mask
 #: len(truncs): the chain's Beaver-square input, when it has one).
 #: - "tpoly", a tail's degree-12 polynomial (:func:`tail_poly`): z (from z + 1 at f + 8
 #:   bits, below 2^(f+9): a 31-bit ring, 4 bytes), z^2, z^3 and z^4 (below 2^6 for
-#:   |z| <= 2: a 48-bit ring), h = q_1 + z^4 q_2 from 3f bits to f (a 64-bit ring), and p = q_0 + z^4 h from 2f bits to f
-#:   (|p| < 2: a 43-bit ring); the products z z, z^2 z, z^2 z^2 and z^4 times z, z^2,
-#:   z^3, z^4 and h.
+#:   |z| <= 2: a 48-bit ring), h = q_1 + z^4 q_2 from 3f bits to f (a 64-bit ring),
+#:   and p = q_0 + z^4 h from 2f bits to f (|p| < 2: a 43-bit ring); the products z z,
+#:   z^2 z, z^2 z^2 and z^4 times z, z^2, z^3, z^4 and h.
 #: - "texp", softmax's exponential (:func:`exp_chain`): the five truncations and eight
 #:   products of "tpoly" for p(z) ~ exp(d/2), but z + 1 from d + 16 at f bits (below
 #:   2^25 after the clamp: a 27-bit ring, 4 bytes) by a shift of 3; p at 2f bits
