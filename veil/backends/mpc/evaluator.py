@@ -1194,7 +1194,7 @@ def _bytes_per_value(kind: str, frac_bits: int, cmp: str, width: int = 0, drop: 
                      ) -> float:
     """One party's material bytes per value of a step, measured on 4096 values (so it
     follows the material): what a party holds once its seeded halves are expanded
-    (circuits: a truncation 24, a ReLU ~50, a fused truncation+ReLU ~74, a Beaver
+    (circuits: a truncation 24, a ReLU ~60, a fused truncation+ReLU ~84, a Beaver
     product 24), more than the dealer sends (``prg.Deal``)."""
     n = 4096
     (m0,), _ = dealer_material([Step(kind, 1, width=width, drop=drop)], n, Prg(),
