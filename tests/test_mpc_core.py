@@ -56,10 +56,11 @@ def test_dcf_shares_add_up_to_the_comparison(bits):
     assert np.array_equal(got, np.where((x < alpha)[:, None], betas, np.uint64(0)))
 
 
-@pytest.mark.parametrize("width", [2, 3, 16, 32, 63])
+@pytest.mark.parametrize("width", [2, 3, 5, 16, 17, 32, 63])
 def test_comparison_circuit_matches_plain_comparison(width):
-    """[c < r] on the low ``width`` bits, c public and r XOR-shared by the dealer: XOR
-    shares of one packed row, in ceil(log2 width) rounds."""
+    """[c < r] on the low ``width`` bits, c public and r known to the dealer (its
+    tables of 4-bit blocks): XOR shares of one packed row, in ceil(log2 ceil(width/4))
+    rounds of 2 (2 (m // 2) - 1) packed rows for m blocks a level."""
     from veil.backends.mpc import circuit
     prg = Prg()
     n = 3001                                   # not a multiple of 8: padded bit rows
@@ -69,19 +70,20 @@ def test_comparison_circuit_matches_plain_comparison(width):
     c[8:16] = r[8:16] - np.uint64(1)           # one below
     r[16:24] = 0
     c[24:32] = mask
-    rows = circuit.bit_rows(r, 63)
-    rows0 = prg.uint8(rows.shape)
-    mats = circuit.tree_material(width, n, prg)
+    mats = circuit.tree_material(width, n, prg, circuit.bit_rows(r, 63))
 
-    def party(p, ch, inp):
-        return circuit.compare(ch, p, [circuit.tree(p, circuit.bit_rows(c, 63), inp,
-                                                    mats[p])])[0]
+    def party(p, ch, m):
+        return circuit.compare(ch, p, [circuit.tree(p, circuit.bit_rows(c, 63), m)])[0]
 
-    (g0, g1), chans = run_parties(party, (rows0, rows ^ rows0))
+    (g0, g1), chans = run_parties(party, mats)
     want = ((c & mask) < (r & mask)).astype(np.uint64)
     assert g0.shape == (1, (n + 7) // 8)
     assert np.array_equal(circuit.row_values((g0 ^ g1)[0], n), want)
-    assert chans[0].rounds == int(np.ceil(np.log2(width)))
+    blocks = -(-width // 4)
+    assert chans[0].rounds == int(np.ceil(np.log2(blocks)))
+    nb = (n + 7) // 8
+    assert chans[0].bytes_sent == sum(2 * (2 * (m // 2) - 1) * nb
+                                      for m in circuit.level_sizes(width))
     # a share alone is spread evenly
     assert 0.45 < circuit.row_values(g0[0], n).mean() < 0.55
 
@@ -136,7 +138,7 @@ def test_faithful_truncation_is_floor_or_one_above_and_unbiased():
 
 def test_fused_truncation_and_relu_from_one_opening():
     """ReLU(y / 2^f) with circuit material: the faithful truncation, and the sign of y
-    from the same opening (bits f + k .. f + l - 1): seven rounds. Exact up to the
+    from the same opening (bits f + k .. f + l - 1): five rounds. Exact up to the
     truncation's unit, but for y in the documented band [-2^(f+k), 0), where the
     result may be the (tiny, negative) truncated value instead of 0."""
     from veil.backends.mpc.protocols import CMP_DROP, circuit_cmp_material, trunc_relu
@@ -157,7 +159,7 @@ def test_fused_truncation_and_relu_from_one_opening():
     assert set(np.unique(diff)) <= {0, 1}
     assert np.all(got[~outside] <= 0) and np.all(got[~outside] >= -(1 << CMP_DROP))
     assert np.all(got[raw < -band] == 0)
-    assert chans[0].rounds == 7
+    assert chans[0].rounds == 5
 
 
 def test_squares_and_a_product_with_a_square_take_less_than_products():
@@ -237,7 +239,7 @@ def test_relu_is_exact_on_shares(cmp):
     if cmp == "fss":
         assert chans[0].rounds == 2 and chans[0].bytes_sent == 3 * 8 * x.size
         return
-    assert chans[0].rounds == 7
+    assert chans[0].rounds == 5
     band = np.arange(-(1 << CMP_DROP), 0, dtype=np.int64)
     mat = circuit_relu_material(band.size, prg)
     xs = share(band.view(np.uint64), prg)
@@ -270,7 +272,7 @@ def test_relu_on_a_reduced_ring_is_exact_inside_its_bound():
     (r0, r1), chans = run_parties(lambda p, ch, inp: relu(ch, p, *inp),
                                   ((xs[0], mat[0]), (xs[1], mat[1])))
     assert np.array_equal(reconstruct(r0, r1).view(np.int64), np.maximum(raw, 0))
-    assert chans[0].rounds == 7
+    assert chans[0].rounds == 5
     outside = np.array([half, -half - 16, 3 * half], dtype=np.int64)
     mat = circuit_relu_material(outside.size, prg)
     xs = share(outside.view(np.uint64), prg)
@@ -281,8 +283,8 @@ def test_relu_on_a_reduced_ring_is_exact_inside_its_bound():
 
 
 def test_sign_and_select_on_shares():
-    """[x >= 0] as arithmetic shares (seven rounds) and v [d >= 0] for an unrelated v
-    (the multiplexer opens v - a with the bit: seven rounds)."""
+    """[x >= 0] as arithmetic shares (five rounds) and v [d >= 0] for an unrelated v
+    (the multiplexer opens v - a with the bit: five rounds)."""
     from veil.backends.mpc.protocols import circuit_cmp_material, drelu, select
     prg = Prg()
     rng = np.random.default_rng(4)
@@ -293,12 +295,12 @@ def test_sign_and_select_on_shares():
     (b0, b1), chans = run_parties(lambda p, ch, inp: drelu(ch, p, *inp),
                                   ((ds[0], m[0]), (ds[1], m[1])))
     assert np.array_equal(reconstruct(b0, b1), (d >= 0).astype(np.uint64))
-    assert chans[0].rounds == 7
+    assert chans[0].rounds == 5
     m = circuit_cmp_material("select", d.size, prg)
     (z0, z1), chans = run_parties(lambda p, ch, inp: select(ch, p, *inp),
                                   ((vs[0], ds[0], m[0]), (vs[1], ds[1], m[1])))
     assert np.array_equal(reconstruct(z0, z1), np.where(d >= 0, encode(v), 0))
-    assert chans[0].rounds == 7
+    assert chans[0].rounds == 5
 
 
 def test_a_single_share_is_independent_of_the_input():
@@ -348,19 +350,20 @@ def test_digits_models_run_exactly_on_shares(which, cmp):
     # conv/linear + ReLU fused; the output layer is not truncated (the client decodes
     # 2f bits), and the CNN's average pool is merged into it (merge_pooled_heads).
     # Per value, DCFs: opening 8 B and Beaver 16 B. Circuits: the opening, a 32-bit
-    # tree (two opened bits per AND; pairs of m blocks need 2 (m // 2) - 1 ANDs per
-    # level, down to one block) and the multiplexer's one bit.
+    # tree (eight 4-bit blocks from the dealer's tables, then two opened bits per AND;
+    # pairs of m blocks need 2 (m // 2) - 1 ANDs per level, down to one block) and the
+    # multiplexer's one bit.
     hidden = 128 if which == "mlp" else 512
     if cmp == "fss":
         assert chans[0].rounds == 2
         assert chans[0].bytes_sent / len(xte) == 24 * hidden
     else:
-        assert chans[0].rounds == 1 + 5 + 1
+        assert chans[0].rounds == 1 + 3 + 1
         def ands(m):
             return 0 if m <= 1 else 2 * (m // 2) - 1 + ands((m + 1) // 2)
 
-        assert ands(32) == 57
-        assert chans[0].bytes_sent / len(xte) == (8 + (2 * 57 + 1) / 8) * hidden
+        assert ands(32 // 4) == 11
+        assert chans[0].bytes_sent / len(xte) == (8 + (2 * 11 + 1) / 8) * hidden
 
 
 def test_maxpool_and_polynomials_on_shares():
@@ -422,7 +425,7 @@ def test_a_partys_whole_view_is_independent_of_the_input(cmp):
         (z0, z1), _ = run_parties(party, ((s0, m0), (s1, m1)))
         assert np.array_equal(reconstruct(z0, z1).view(np.int64),
                               np.maximum(raw.view(np.int64) >> FRAC_BITS, 0))
-        assert len(seen) == (2 if cmp == "fss" else 7)
+        assert len(seen) == (2 if cmp == "fss" else 5)
         for msg in seen:
             sym = (msg >> np.uint64(56)) if msg.dtype == np.uint64 else msg
             counts = np.bincount(sym.astype(np.int64).ravel(), minlength=256)
@@ -434,7 +437,7 @@ def test_a_partys_whole_view_is_independent_of_the_input(cmp):
 @pytest.mark.parametrize("cmp", ["circuit", "fss"])
 def test_clip_from_one_opening(cmp, fused):
     """min(max(x, lo), hi) for ReLU6 and Hardtanh bounds, at and around the thresholds:
-    circuits in seven rounds (two trees side by side, then the band's multiplexer and
+    circuits in five rounds (two trees side by side, then the band's multiplexer and
     the upper bit's conversion in one round), also fused with the truncation of a
     2f-bit input; DCFs through two ReLUs in two rounds."""
     from veil.backends.mpc.protocols import (circuit_cmp_material, clip, relu_material,
@@ -458,7 +461,7 @@ def test_clip_from_one_opening(cmp, fused):
         (c0, c1), chans = run_parties(lambda p, ch, i: clip(ch, p, i[0], *bounds, i[1]),
                                       ((s0, m0), (s1, m1)))
         assert np.array_equal(reconstruct(c0, c1).view(np.int64), want)
-        assert chans[0].rounds == (7 if cmp == "circuit" else 2)
+        assert chans[0].rounds == (5 if cmp == "circuit" else 2)
 
 
 @pytest.mark.parametrize("width", [24, 40, 48, 56])
@@ -565,8 +568,9 @@ def test_narrow_material_and_steps_round_trip_and_bad_ones_are_refused():
 
 def test_a_tail_polynomial_opens_only_its_truncations():
     """``tail_poly``: p(z) for z in [-1, 1] (a degree-12 polynomial with the GELU tail's
-    coefficients) within the fixed point's few ulps of the float value, in four
-    rounds of 6 + 6 + 12 + 8 bytes per value (the products between them local); its
+    coefficients) at f bits within the fixed point's few ulps of the float value, from
+    z + 1 at f + 8 bits, in five rounds of 4 + 6 + 12 + 8 + 6 bytes per value (the
+    products between them local); its
     material survives the arrays, and values outside the band only come out wrong."""
     from veil.backends.mpc import evaluator as ev
     from veil.backends.mpc.chains import chain_material, tail_poly
@@ -576,7 +580,7 @@ def test_a_tail_polynomial_opens_only_its_truncations():
     f = FRAC_BITS
     coeffs = ev.approximation(Op.GELU).coeffs
     z = np.concatenate([np.linspace(-1.0, 1.0, 1001), [7.5, -30.0]])
-    y = ev._scaled(z + 1.0, 2 * f)
+    y = ev._scaled(z + 1.0, f + 8)
     c_f = np.array([ev._scaled(c, f) for c in coeffs], np.uint64)
     c_2f = np.array([ev._scaled(c, 2 * f) for c in coeffs], np.uint64)
     ys = share(y, prg)
@@ -584,31 +588,63 @@ def test_a_tail_polynomial_opens_only_its_truncations():
     m1 = material_from_arrays(material_arrays([m1]))[0]
     (p0, p1), chans = run_parties(lambda p, ch, m: tail_poly(ch, p, ys[p], m, c_f, c_2f, f),
                                   (m0, m1))
-    got = decode(reconstruct(p0, p1), 3 * f)
+    got = decode(reconstruct(p0, p1), f)
     want = np.polynomial.polynomial.polyval(z, coeffs)
     assert np.abs(got - want)[:-2].max() < 2e-5
-    assert chans[0].rounds == 4 and chans[0].bytes_sent == z.size * (6 + 6 + 12 + 8)
+    assert chans[0].rounds == 5 and chans[0].bytes_sent == z.size * (4 + 6 + 12 + 8 + 6)
 
 
 def test_the_exponential_chain_matches_its_formula():
-    """``exp_chain``: (1 + d/256)^256 (1 + d^2/512) at f bits for d from -256 to 2^-1
-    (what a coarse row max can leave), within 8e-6 of the float formula (the worst case:
-    each truncation at 26 bits errs by under 2^-26, the squarings after it double that
-    error each, sum 255 2^-26 on u^256 <= 1.65, i.e. 6.3e-6; then 2^-20 for the last
-    truncation; the stochastic carries make the measured maximum 3-5e-6), in ten
-    rounds (the square's opening, then eight truncations on 64-, 56- and 64-bit rings,
-    every product local), through the material's arrays."""
+    """``exp_chain``: p(z)^2 with p the degree-12 fit of exp(d/2), z = d/8 + 1, at f
+    bits for d from -17 to 1 (the clamp's and a coarse row max's reach): within
+    2^(3-f) e + 14 2^-f sqrt(e) + 2^-f of the float formula p(z)^2, 17 2^-f for d <= 0
+    (the docstring: z's truncation at f bits moves d by under 2^(3-f); the powers',
+    the coefficients' and p's roundings move p^2 by the rest), and within the fit's
+    error more of e;
+    six rounds (z; z^2; z^3 and z^4; h; p; p^2) of 4 + 6 + 12 + 8 + 6 + 6 bytes a
+    value, every product local, through the material's arrays."""
+    from veil.backends.mpc import chains
     from veil.backends.mpc.chains import chain_material, exp_chain
     from veil.backends.mpc.protocols import material_arrays, material_from_arrays
     prg = Prg()
-    d = np.concatenate([np.linspace(-256.0, 0.5, 4001), [-30.0, -1e-6, 0.0]])
+    d = np.concatenate([np.linspace(-17.0, 1.0, 4001), [-16.0, -1e-6, 0.0]])
     ds = _shared(d, prg)
     m0, m1 = chain_material("texp", d.size, FRAC_BITS, prg)
     m1 = material_from_arrays(material_arrays([m1]))[0]
     (e0, e1), chans = run_parties(lambda p, ch, m: exp_chain(ch, p, ds[p], m, FRAC_BITS),
                                   (m0, m1))
     got = decode(reconstruct(e0, e1))
-    want = (1 + d / 256) ** 256 * (1 + d * d / 512)
-    assert np.abs(got - want).max() < 8e-6
-    assert chans[0].rounds == 10
-    assert chans[0].bytes_sent == d.size * (8 + 8 + 6 * 7 + 7 + 8)
+    formula = np.polynomial.polynomial.polyval(d / 8 + 1, chains.exp_coeffs()) ** 2
+    zs = np.linspace(-1.125, 1.125, 20001)
+    fit = np.abs(np.polynomial.polynomial.polyval(zs, chains.exp_coeffs()) ** 2
+                 - np.exp(8 * zs - 8))
+    assert fit.max() <= chains.EXP_FIT_ERROR
+    e, ulp = np.exp(d), 2.0 ** -FRAC_BITS
+    bound = np.where(d <= 0, 17 * ulp, 8 * ulp * e + 14 * ulp * np.sqrt(e) + ulp)
+    assert np.all(np.abs(got - formula) <= bound)
+    assert np.all(np.abs(got - e) <= bound + chains.EXP_FIT_ERROR)
+    assert chans[0].rounds == 6
+    assert chans[0].bytes_sent == d.size * (4 + 6 + 12 + 8 + 6 + 6)
+
+
+def test_a_truncation_and_its_square_open_once():
+    """``trunc_square`` (layer norm's "tsq"): t = y / 2^f faithfully (floor or floor + 1)
+    for |y| up to 2^61, and t^2 at 2f bits equal to the square of that same t (the
+    masked wire's product is exact), from one round of 8 bytes a value, through the
+    material's arrays."""
+    from veil.backends.mpc.chains import chain_material, trunc_square
+    from veil.backends.mpc.protocols import material_arrays, material_from_arrays
+    prg = Prg()
+    rng = np.random.default_rng(5)
+    raw = np.concatenate([rng.integers(-2 ** 61, 2 ** 61, size=3000),
+                          rng.integers(-2 ** 30, 2 ** 30, size=1000), [0, 1, -1]])
+    ys = share(raw.astype(np.int64).view(np.uint64), prg)
+    m0, m1 = chain_material("tsq", raw.size, FRAC_BITS, prg)
+    m1 = material_from_arrays(material_arrays([m1]))[0]
+    (r0, r1), chans = run_parties(
+        lambda p, ch, m: np.stack(trunc_square(ch, p, ys[p], m, FRAC_BITS)), (m0, m1))
+    t, sq = reconstruct(r0, r1)
+    diff = t.view(np.int64) - (raw >> FRAC_BITS)
+    assert set(np.unique(diff)) <= {0, 1}
+    assert np.array_equal(sq, t * t)
+    assert chans[0].rounds == 1 and chans[0].bytes_sent == 8 * raw.size

@@ -260,7 +260,8 @@ def test_seeded_material_keeps_every_share_sum_and_sends_little(kind):
     and party 1 a seed, its draws and only the halves of secrets the dealer computed:
     expanded, the halves add (XOR) up to consistent material and the protocol is
     exact; party 0's message is a few hundred bytes, party 1's a fraction of its
-    material (a Beaver triple: c only)."""
+    material (a Beaver triple: c only; a comparison's tables, which depend on the
+    mask, are sent whole: 0.9 of a fused truncation and ReLU)."""
     from veil.backends.mpc import protocols as pr
     from veil.backends.mpc.prg import Deal
     from veil.backends.sockets import pack_arrays
@@ -276,7 +277,7 @@ def test_seeded_material_keeps_every_share_sum_and_sends_little(kind):
             assert np.array_equal(got[b][k], v), k
     whole = sum(a.nbytes for a in full[1].values())
     assert len(pack_arrays(sent[0])) < 2000 < whole
-    assert len(pack_arrays(sent[1])) < {"mul": 0.4, "trunc_relu": 0.75,
+    assert len(pack_arrays(sent[1])) < {"mul": 0.4, "trunc_relu": 0.9,
                                         "select": 0.75}[kind] * whole
     x = RNG.normal(size=n) * 20
     s0, s1 = share(encode(x), Prg())
@@ -365,15 +366,38 @@ def test_a_large_average_pool_keeps_its_precision():
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
-@pytest.mark.parametrize("op", [Op.SILU, Op.SIGMOID])
+@pytest.mark.parametrize("op", [Op.SILU, Op.SIGMOID, Op.GELU, Op.TANH, "exp"])
 def test_the_correction_terms_stay_below_one_in_the_band(op):
-    """``evaluator._tail`` keeps z^4 q_2', h and z^4 h at 3f = 60 bits: they must stay
-    below 2^62 / 2^60 = 4 (the faithful truncation's bound); the fits keep them below 1."""
+    """``chains._poly12`` keeps z^4 q_2' and h at 3f = 60 bits before h's truncation:
+    they must stay below 2^62 / 2^60 = 4 (the faithful truncation's bound); p at 2f
+    bits below 2^41 / 2^40 = 2 (its 43-bit ring). The tails' fits keep all of them
+    below 1 on [-1, 1]; the exponential's (z in [-9/8, 9/8], p up to e^(1/2)) below 2."""
     from numpy.polynomial import polynomial as P
-    tail = ev.approximation(op)
-    c, z = tail.coeffs, np.linspace(-1, 1, 20001)
+
+    from veil.backends.mpc import chains
+    if op == "exp":
+        c, z, limit = chains.exp_coeffs(), np.linspace(-1.125, 1.125, 20001), 2
+    else:
+        c, z, limit = ev.approximation(op).coeffs, np.linspace(-1, 1, 20001), 1
     q = [P.polyval(z, c[4 * j:4 * j + 4]) for j in range(4)]
     top = q[2] + z ** 4 * q[3]
     h = q[1] + z ** 4 * top
     for v in (z ** 4 * top, h, z ** 4 * h, q[0] + z ** 4 * h):
-        assert np.abs(v).max() < 1
+        assert np.abs(v).max() < limit
+
+
+@pytest.mark.parametrize("cmp", ["circuit", "fss"])
+@pytest.mark.parametrize("op,bound", [(Op.GELU, 2e-5), (Op.SILU, 2.5e-4)])
+def test_a_linear_layer_read_by_gelu_or_silu_is_truncated_with_their_relu(op, bound, cmp):
+    """A linear layer whose only reader is a GELU or SiLU leaves its result at 2f bits,
+    and the tail takes the truncated value and its ReLU from one opening
+    (``protocols.trunc_and_relu``), where the layer's truncation and the tail's
+    comparison opened twice: the layer has no material of its own, and the outputs
+    stay within the op's bound, with either comparison protocol."""
+    w, b = RNG.normal(size=(64, 16)) / 2, RNG.normal(size=64)
+    g = chain((16,), (Op.LINEAR, {}, {"weight": w, "bias": b}), (op, {}, {}))
+    prog = ev.Program(ev.lower_for_mpc(g))
+    assert prog.steps["n1"] == () and prog.steps["n2"][0].kind == "trunc_relu"
+    x = RNG.normal(size=(3, 16)) * 3
+    got, want, _ = run_mpc(g, x, cmp)
+    assert np.abs(got - want).max() <= bound

@@ -96,7 +96,7 @@ def test_processes_match_plain_inference(mlp):
     one = client.infer(xte[:1])
     np.testing.assert_allclose(one.outputs, want[:1], atol=1e-3)
     stats = {s["party"]: s for s in one.stats}
-    assert stats[0]["online_rounds"] == stats[1]["online_rounds"] == 7     # circuits
+    assert stats[0]["online_rounds"] == stats[1]["online_rounds"] == 5     # circuits
     assert stats[0]["prefetched"] and stats[1]["prefetched"]        # offline ran ahead
     links = list(client._links)
     client.infer(xte[1:2])
@@ -339,6 +339,34 @@ def test_layers_over_stream_above_run_chunk_by_chunk_and_match_plain(tmp_path):
     finally:
         cluster.stop()
     np.testing.assert_allclose(res.outputs, want, atol=2e-3)
+    for s in res.stats:
+        assert not s["prefetched"] and s["offline_bytes"] > 0
+
+
+def test_row_scaled_layers_stream_their_matrix_triple_as_one_piece(tmp_path):
+    """Softmax and layer norm scale each row by one shared value with a matrix triple
+    (``nonlinear._scale_rows``): under ``--stream-above 0`` their layers stream chunk by
+    chunk and the triple comes as one piece when the run reaches it; the outputs match
+    plain."""
+    import torch
+
+    from veil.frontend import to_graph
+
+    torch.manual_seed(7)
+    net = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Softmax(dim=-1),
+                              torch.nn.Flatten(), torch.nn.Linear(64, 5)).eval()
+    x = np.random.default_rng(7).normal(size=(2, 1, 8, 8)).astype(np.float32) * 3
+    with torch.no_grad():
+        want = net(torch.as_tensor(x)).numpy()
+    save_model(to_graph(net, (1, 8, 8)), tmp_path / "model")
+    cluster = Cluster(tmp_path, tmp_path / "model", timeout="30",
+                      extra=["--stream-above", "0", "--prefetch", "0", "--prefetch-batch", "0"])
+    try:
+        with MpcClient(cluster.keys, cluster.p0, cluster.p1, (1, 8, 8), timeout=60) as c:
+            res = _retry(lambda: c.infer(x))
+    finally:
+        cluster.stop()
+    np.testing.assert_allclose(res.outputs, want, atol=1e-3)
     for s in res.stats:
         assert not s["prefetched"] and s["offline_bytes"] > 0
 

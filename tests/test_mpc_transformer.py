@@ -16,10 +16,10 @@ RNG = np.random.default_rng(17)
 
 
 def test_softmax_over_the_exponential_range_and_masked_entries():
-    """Rows of 2 to 64 scores spread up to the clamp (d = x - max down to -256), with
-    additive-mask entries at -10^4 (which must not wrap): probabilities within 1e-4
-    (measured 5.4e-5: the limit's residual x^3/3N^2 - x^4/8N^2 near d = -4, and the
-    fixed point)."""
+    """Rows of 2 to 64 scores spread far past the clamp (d = x - max down to -600, the
+    clamp at -16), with additive-mask entries at -10^4 (which must not wrap):
+    probabilities within 1e-4 (measured 1.1e-5: the exponential's fixed point, under
+    2^(3-f) e + 14 2^-f sqrt(e) + 2^-f per entry, ``chains.exp_chain``)."""
     rows = []
     for width in (2, 5, 64):
         for spread in (0.5, 4.0, 30.0, 300.0):
@@ -36,7 +36,8 @@ def test_softmax_over_the_exponential_range_and_masked_entries():
 def test_softmax_whose_row_max_is_a_near_tie():
     """The row max's comparisons leave out the bits below 2^-4: on 128 scores within
     2^-3 of each other (seven levels of near ties) the max may fall short by up to
-    7/16, d = x - max is then positive, and the probabilities stay within 1e-4."""
+    7/16, d = x - max is then positive, and the probabilities stay within 1e-4
+    (1.4e-6 measured)."""
     x = 3.0 + RNG.uniform(0.0, 0.125, size=(4, 128))
     x[:, 0] = -10000.0
     got, want, _ = run_mpc(chain(x.shape, (Op.SOFTMAX, {}, {})), x[None])
@@ -179,3 +180,56 @@ def test_minilm_in_mpc_matches_plain():
     want = run(g, x)
     cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
     assert cos.min() >= 0.999
+
+
+def test_a_softmax_read_by_a_matrix_product_is_normalized_after_it():
+    """Attention's P V with P = softmax(S): the softmax is left unnormalized and the
+    product scales its rows by the reciprocals of the row sums (n = 4 values a row
+    instead of k = 16), the same product: within 2e-4 of the reference for values up
+    to 8 (probabilities within 2e-5 times the 16 values, and the scaling's
+    truncations), with masked entries; the softmax has no row scaling of its own."""
+    from veil.ir import Graph, make_node
+    x = RNG.normal(size=(1, 3, 16, 16)) * 4
+    x[..., -1] = -10000.0
+    nodes = [make_node("x", Op.INPUT, [], [], {"shape": (3, 16, 16)})]
+    nodes.append(make_node("p", Op.SOFTMAX, ["x"], [(3, 16, 16)], {"axis": -1}))
+    nodes.append(make_node("v", Op.SLICE, ["x"], [(3, 16, 16)],
+                           {"axis": -1, "start": 0, "stop": 4}))
+    nodes.append(make_node("y", Op.MATMUL, ["p", "v"], [(3, 16, 16), (3, 16, 4)]))
+    graph = Graph(tuple(nodes), "y")
+    prog = ev.Program(ev.lower_for_mpc(graph))
+    assert prog.normalizes == {"y": "p"}
+    assert [s.kind for s in prog.steps["p"]][-2:] != ["matmul", "trunc"]
+    assert [s.dims for s in prog.steps["y"] if s.kind == "matmul"] == [
+        (3, 16, 16, 4), (48, 4, 1, 1)]
+    got, want, _ = run_mpc(graph, x)
+    assert np.abs(got - want).max() <= 2e-4
+
+
+def test_a_layernorm_of_a_residual_sum_centers_it_untruncated():
+    """LayerNorm(linear(x) + x), the transformer's residual: the sum stays at 2f bits
+    and the layer norm's centering truncates D x - sum x by f + ceil(log2 D) (rho (x -
+    mean), rho = 48 / 64, which the normalization cancels; eps and the variance range
+    scaled by rho^2): the sum's own truncation goes, and rows whose variance spans
+    ``nonlinear.VAR_RANGE`` stay within 1e-4 of the reference."""
+    from veil.ir import Graph, make_node
+    rng = np.random.default_rng(18)
+    lo, hi = nl.VAR_RANGE
+    scales = np.sqrt(np.exp(np.linspace(np.log(lo * 1.1), np.log(hi / 1.1), 12)))
+    x = rng.normal(size=(12, 48)) * scales[:, None] + rng.normal(size=(12, 1)) * 3
+    w, b = rng.normal(size=48), rng.normal(size=48) * 0.1
+    # a linear layer whose weights are exact in fixed point (its rounding would
+    # otherwise dominate the rows of variance 2^-10)
+    lin = {k: np.round(rng.normal(size=shape) * 4.0) / 2.0 ** 12
+           for k, shape in (("weight", (48, 48)), ("bias", (48,)))}
+    nodes = [make_node("x", Op.INPUT, [], [], {"shape": (12, 48)}),
+             make_node("l", Op.LINEAR, ["x"], [(12, 48)], {}, lin)]
+    nodes.append(make_node("s", Op.ADD, ["l", "x"], [(12, 48), (12, 48)]))
+    nodes.append(make_node("n", Op.LAYERNORM, ["s"], [(12, 48)], {"eps": 1e-12},
+                           {"weight": w, "bias": b}))
+    graph = Graph(tuple(nodes), "n")
+    prog = ev.Program(ev.lower_for_mpc(graph))
+    assert "s" in prog.deferred and prog.steps["s"] == ()
+    assert prog.steps["n"][0].kind == "tsq" and prog.steps["n"][0].shift == 20 + 6
+    got, want, _ = run_mpc(graph, x[None])
+    assert np.abs(got - want).max() <= 1e-4

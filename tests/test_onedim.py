@@ -284,7 +284,7 @@ MPC_CASES = {
 @pytest.mark.parametrize("case", sorted(MPC_CASES))
 def test_mpc_rectifiers_stay_within_their_stated_bounds(case):
     """On shares, in fixed point, against the reference kernel over [-300, 16] (ELU's
-    clamp at -256 included) and densely near 0 (the comparisons' band)."""
+    clamp at -16 included) and densely near 0 (the comparisons' band)."""
     from veil.backends.mpc import evaluator as ev
     from veil.backends.mpc.local import run_graph
     from veil.backends.mpc.rectifiers import elu_bound, leaky_bound

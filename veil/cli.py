@@ -153,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--timeout", type=float, default=10.0, help="seconds per message")
     n.add_argument("--cmp", choices=("circuit", "fss"), default="circuit",
                    help="comparisons as binary circuits (default: little computation and "
-                        "dealer material, 7 rounds per ReLU layer; for fast networks) or "
+                        "dealer material, 5 rounds per ReLU layer; for fast networks) or "
                         "as function secret sharing (2 rounds; for slow networks); both "
                         "parties must agree")
     n.add_argument("--frac-bits", type=int, default=20,

@@ -7,13 +7,16 @@ value as a public part plus a mask the dealer knows up to the public s
 multiply locally, given the dealt cross products of their masks (the masked wires of
 ABY2.0, Patra et al., USENIX Security 2021; SPDZ's function-dependent preprocessing),
 so a chain of products and truncations opens only its truncations. The two chains
-here: a tail's degree-12 correction polynomial ("tpoly", ``evaluator._tail``) and
-softmax's exponential ("texp", ``nonlinear._softmax``). Each is one material step,
-elementwise, so its material streams in chunks like any other.
+here: a tail's degree-12 correction polynomial ("tpoly", ``evaluator._tail``),
+softmax's exponential ("texp", ``nonlinear._softmax``: the same polynomial evaluation
+for exp(d/2), then one square) and a truncation with its square ("tsq", layer norm's
+centered values and their squares from one opening). Each is one material step, elementwise, so its
+material streams in chunks like any other.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 import numpy as np
@@ -26,36 +29,76 @@ from .ring import ring_mask as _ring_mask
 #: Masked chains (:class:`Chain`): per chain, its truncations as (ring width, shift)
 #: and the products of two truncated values it takes, as index pairs into them (index
 #: len(truncs): the chain's Beaver-square input, when it has one).
-#: - "tpoly", a tail's degree-12 polynomial (:func:`tail_poly`): z (from 2 t / bound at
-#:   2f bits), z^2, z^3 and z^4 (below 1 in the band: a 48-bit ring), and z^4 q_2(z) at
-#:   3f bits; the products z z, z^2 z, z^2 z^2 and z^4 times z, z^2, z^3, z^4 and the
-#:   fifth.
-#: - "texp", softmax's exponential (:func:`exp_chain`): u^2 (u = 1 + d/256 at f + 8 bits)
-#:   truncated to ``EXP_BITS``, six more squarings there (``EXP_RING`` bits: every power
-#:   stays below 2), u^256, and u^256 times the correction 1 + d^2/512, back to f bits;
-#:   the squares, u^256 u^2 and u^256 d (d = the square's opening plus its mask a).
-EXP_HALVINGS = 8
-EXP_BITS = 26
-EXP_RING = 56
+#: - "tpoly", a tail's degree-12 polynomial (:func:`tail_poly`): z (from z + 1 at f + 8
+#:   bits, below 2^(f+9): a 31-bit ring, 4 bytes), z^2, z^3 and z^4 (below 2^6 for
+#:   |z| <= 2: a 48-bit ring), h = q_1 + z^4 q_2 from 3f bits to f (a 64-bit ring),
+#:   and p = q_0 + z^4 h from 2f bits to f (|p| < 2: a 43-bit ring); the products z z,
+#:   z^2 z, z^2 z^2 and z^4 times z, z^2, z^3, z^4 and h.
+#: - "texp", softmax's exponential (:func:`exp_chain`): the five truncations and eight
+#:   products of "tpoly" for p(z) ~ exp(d/2), but z + 1 from d + 16 at f bits (below
+#:   2^25 after the clamp: a 27-bit ring, 4 bytes) by a shift of 3; p at 2f bits
+#:   truncated to ``EXP_BITS`` (p < 2: a 43-bit ring), its square p^2 ~ exp(d) back
+#:   to f bits on ``EXP_RING`` bits
+#:   (p^2 <= e at 2 ``EXP_BITS`` = 44 bits: below 2^46); the sixth product p p.
+#: - "tsq" (:func:`trunc_square`): one truncation on the 64-bit ring (by f, or by the
+#:   step's shift) and the truncated value's square, local.
+#: The exponential's domain: d = 8 z - 8 in [EXP_LO, EXP_HI] = [-17, 1], z in
+#: [-9/8, 9/8] (a coarse clamp of d at -16 lets d down to -17 through; a coarse row
+#: max leaves d up to levels * 2^-4, below 1 up to 2^16 entries a row)
+EXP_LO, EXP_HI = -17.0, 1.0
+EXP_BITS = 22
+EXP_RING = 48
+EXP_DEGREE = 12
+_TPOLY_TRUNCS = 5
+_TPOLY_PAIRS = ((0, 0), (1, 0), (1, 1), (3, 0), (3, 1), (3, 2), (3, 3), (3, 4))
 
 
-def chain_spec(name: str, frac_bits: int) -> tuple[tuple, tuple, bool]:
-    """(truncations, pairs, has a Beaver square) of chain ``name`` at f bits."""
+def chain_spec(name: str, frac_bits: int, shift: int = 0) -> tuple[tuple, tuple, bool]:
+    """(truncations, pairs, has a Beaver square) of chain ``name`` at f bits (``shift``:
+    the "tsq" truncation's, when not f)."""
     f = frac_bits
+    tpoly = ((48, f),) * 4 + ((64, 2 * f),)
     if name == "tpoly":
-        return (((48, f),) * 4 + ((64, f),),
-                ((0, 0), (1, 0), (1, 1), (3, 0), (3, 1), (3, 2), (3, 3), (3, 4)), False)
+        return ((f + 11, 8),) + tpoly[1:] + ((43, f),), _TPOLY_PAIRS, False
     if name == "texp":
-        first = 2 * (f + EXP_HALVINGS) - EXP_BITS
-        truncs = ((64, first),) + ((EXP_RING, EXP_BITS),) * (EXP_HALVINGS - 1) \
-            + ((64, 2 * EXP_BITS - f),)
-        squares = tuple((i, i) for i in range(EXP_HALVINGS - 1))
-        last, beaver = EXP_HALVINGS - 1, len(truncs)      # u^256; the input d
-        return truncs, squares + ((last, 0), (last, beaver)), True
+        p = _TPOLY_TRUNCS
+        return (((27, 3),) + tpoly[1:] + ((43, 2 * f - EXP_BITS),
+                                          (EXP_RING, 2 * EXP_BITS - f)),
+                _TPOLY_PAIRS + ((p, p),), False)
+    if name == "tsq":
+        return ((64, shift or f),), ((0, 0),), False
     raise ValueError(f"unknown chain {name!r}")
 
 
-CHAINS = ("tpoly", "texp")
+@lru_cache(maxsize=None)
+def exp_coeffs() -> tuple[float, ...]:
+    """p(z) ~ exp((8 z - 8) / 2) = exp(d / 2) on z in [-9/8, 9/8] (d in [EXP_LO,
+    EXP_HI]), degree ``EXP_DEGREE``, ascending power-basis coefficients (all below
+    0.2): a near-minimax fit (least squares on 2000 Chebyshev nodes, reweighted by the
+    error 100 times: Lawson's algorithm), so p(z)^2 is within ``EXP_FIT_ERROR`` of
+    exp(d) over the domain (absolute: a softmax row's sum is at least its max entry's
+    exp(d) >= 1, so its probabilities err by no more)."""
+    k = np.arange(2000)
+    half = (EXP_HI - EXP_LO) / 16.0
+    z = half * np.cos(np.pi * (k + 0.5) / 2000)
+    basis = np.vander(z, EXP_DEGREE + 1, increasing=True)
+    target = np.exp(4.0 * z - 4.0)
+    w = np.full(z.size, 1.0 / z.size)
+    for _ in range(100):
+        root = np.sqrt(w)
+        c = np.linalg.lstsq(basis * root[:, None], target * root, rcond=None)[0]
+        w = w * np.abs(basis @ c - target)
+        w /= w.sum()
+        np.maximum(w, 1e-200, out=w)
+    return tuple(float(v) for v in c)
+
+
+#: the fit's error max |p(z)^2 - exp(d)| over the domain (1.08e-6 measured on 20001
+#: points, 6.5e-7 for d <= 0; ``tests/test_mpc_core.py`` checks it)
+EXP_FIT_ERROR = 1.2e-6
+
+
+CHAINS = ("tpoly", "texp", "tsq")
 
 
 def _pair_words(pairs: tuple, k: int) -> list[tuple[int, tuple[str, ...]]]:
@@ -90,10 +133,10 @@ class ChainMaterial:
     c: np.ndarray | None = None
 
 
-def chain_material(name: str, n: int, frac_bits: int, prg: Prg
+def chain_material(name: str, n: int, frac_bits: int, prg: Prg, shift: int = 0
                    ) -> tuple[ChainMaterial, ChainMaterial]:
     """Both parties' material for ``n`` runs of chain ``name`` (:data:`CHAINS`)."""
-    truncs, pairs, beaver = chain_spec(name, frac_bits)
+    truncs, pairs, beaver = chain_spec(name, frac_bits, shift)
     k = len(truncs)
     r, (r0, r1) = prg.root_u64((k, n))
     h = np.empty((k + 1, n), np.uint64)
@@ -133,9 +176,10 @@ class Chain:
     products, exactly the product a Beaver triple would give, with no opening. A chain
     opens only its truncations."""
 
-    def __init__(self, ch: Channel, party: int, m: ChainMaterial, frac_bits: int) -> None:
-        self.ch, self.party, self.m = ch, party, m
-        self.truncs, self.pairs, _ = chain_spec(m.name, frac_bits)
+    def __init__(self, ch: Channel, party: int, m: ChainMaterial, frac_bits: int,
+                 shift: int = 0) -> None:
+        self.ch, self.party, self.m, self.frac_bits = ch, party, m, frac_bits
+        self.truncs, self.pairs, _ = chain_spec(m.name, frac_bits, shift)
         self.words = dict(zip(self.pairs, _pair_words(self.pairs, len(self.truncs))))
         self.vals: dict[int, tuple] = {}
 
@@ -201,15 +245,13 @@ class Chain:
         return out
 
 
-def tail_poly(ch: Channel, party: int, y: np.ndarray, m: ChainMaterial,
-              c_f: np.ndarray, c_2f: np.ndarray, frac_bits: int) -> np.ndarray:
-    """Shares of p(z) at 3f bits, z = y / 2^f - 1 (y at 2f bits), for the degree-12
-    polynomial with coefficients c (ring constants at f bits in ``c_f``, at 2f in
-    ``c_2f``): Paterson and Stockmeyer's evaluation of ``evaluator._tail`` as a masked
-    chain ("tpoly"), four openings (z; z^2; z^3 and z^4; z^4 q_2(z)) where Beaver
-    products opened eight values more."""
-    c = Chain(ch, party, m, frac_bits)
-    one = np.uint64(1) << np.uint64(frac_bits)
+def _poly12(c: Chain, y: np.ndarray, c_f: np.ndarray, c_2f: np.ndarray) -> np.ndarray:
+    """p(z) at 2f bits on chain ``c``'s first five truncations and eight products (the
+    "tpoly" part of a spec), z + 1 = y truncated by the spec's first shift (y at f + 8
+    bits for "tpoly", at f + 3 for "texp"): Paterson and Stockmeyer's degree-12
+    evaluation (``evaluator._tail``), h = q_1 + z^4 q_2 truncated from 3f bits to f,
+    so p = q_0 + z^4 h is at 2f (h's rounding moves p by under |z|^4 2^-f)."""
+    one = np.uint64(1) << np.uint64(c.frac_bits)
     c.trunc(y[None], 0)                                           # t0 = z + 1
     z = c.val(0) - c.const(one)
     c.trunc((c.prod(0, 0) - np.uint64(2) * one * c.val(0) + c.const(one * one))[None], 1)
@@ -226,32 +268,68 @@ def tail_poly(ch: Channel, party: int, y: np.ndarray, m: ChainMaterial,
         out = c_2f[4 * j] * c.val(3) + c_f[4 * j + 1] * (c.prod(3, 0) - one * c.val(3))
         return out + c_f[4 * j + 2] * c.prod(3, 1) + c_f[4 * j + 3] * c.prod(3, 2)
 
-    c.trunc((times_z4(2) + c_f[12] * c.prod(3, 3))[None], 4)     # z^4 (q_2 + c_12 z^4)
-    # p = q_0 + z^4 (q_1 + z^4 q_2) at 3f bits
-    return piece(0) * one + times_z4(1) + c.prod(3, 4)
+    # h = q_1 + z^4 (q_2 + c_12 z^4) from 3f bits to f
+    c.trunc((piece(1) * one + times_z4(2) + c_f[12] * c.prod(3, 3))[None], 4)
+    return piece(0) + c.prod(3, 4)                   # p = q_0 + z^4 h at 2f bits
+
+
+def tail_poly(ch: Channel, party: int, y: np.ndarray, m: ChainMaterial,
+              c_f: np.ndarray, c_2f: np.ndarray, frac_bits: int) -> np.ndarray:
+    """Shares of p(z) at f bits, z + 1 = y at f + 8 bits (|z| <= 1), for the degree-12
+    polynomial with coefficients c (ring constants at f bits in ``c_f``, at 2f in
+    ``c_2f``; |p| < 2 for |z| <= 1): Paterson and Stockmeyer's evaluation of
+    ``evaluator._tail`` as a masked chain ("tpoly"), five openings (z; z^2; z^3 and
+    z^4; h; p: 4 + 6 + 12 + 8 + 6 bytes) where Beaver products and a truncation opened
+    nine values more."""
+    c = Chain(ch, party, m, frac_bits)
+    c.trunc(_poly12(c, y, c_f, c_2f)[None], _TPOLY_TRUNCS)
+    return c.val(_TPOLY_TRUNCS)
+
+
+@lru_cache(maxsize=None)
+def _exp_ring_coeffs(frac_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    c = np.asarray(exp_coeffs())
+    return tuple(np.round(c * 2.0 ** b).astype(np.int64).astype(np.uint64)
+                 for b in (frac_bits, 2 * frac_bits))
 
 
 def exp_chain(ch: Channel, party: int, d: np.ndarray, m: ChainMaterial, frac_bits: int
               ) -> np.ndarray:
-    """Shares of exp(d) ~ (1 + d/256)^256 (1 + d^2/512) at f bits for d <= 2^-1 (f
-    bits, clamped at -256): the chain "texp", ten openings (the square of
-    u = 1 + d/256, eight truncations of the squarings, the last one's product with the
-    correction) where the squarings as Beaver products and a product took eleven; the
-    correction 1 + d^2/512 = 128 u^2 - 127 - d is linear in values the chain holds."""
-    f, big = frac_bits, EXP_BITS
+    """Shares of exp(d) ~ p(z)^2 at f bits for d in [EXP_LO, EXP_HI] (f bits): z + 1 =
+    (d + 16) / 8 is d + 16 read at f + 3 bits, p(z) ~ exp(d/2) (:func:`exp_coeffs`) the
+    tails' degree-12 evaluation (four openings, the first z + 1 on a 27-bit ring),
+    from 2f bits to ``EXP_BITS`` and squared back to f bits: six openings on 27-, 48-,
+    64-, 43- and 48-bit rings, 42 bytes a value, where the limit (1 + d/256)^256 took
+    eight squarings, ten openings and 73 bytes. Outside the
+    domain the result is wrong (the kernels clamp d first).
+
+    Error (``tests/test_mpc_core.py``), with e = exp(d), from the float formula p(z)^2:
+    under 2^(3-f) e + 14 2^-f sqrt(e) + 2^-f (3.4e-5 at d = 1), and for d <= 0 under
+    17 2^-f (1.6e-5; 2.9e-5 and 9.8e-6 measured); from e, ``EXP_FIT_ERROR`` more. z's
+    truncation at f bits moves d by under 2^(3-f), so e by that much relative; the
+    truncations of z^2, z^3, z^4 and h move p by under 5.3 2^-f (their
+    sensitivities, worst signs, over the domain; 3.6 2^-f for d <= 0), the
+    coefficients' rounding to f bits by 2.9 2^-f, p's truncation by 2^-22: p^2 by
+    2 p times their sum, under 14 2^-f sqrt(e) (7.9 2^-f for d <= 0); the last
+    truncation by 2^-f.
+"""
+    f = frac_bits
     c = Chain(ch, party, m, frac_bits)
-    u = d + c.const(np.uint64(1) << np.uint64(f + EXP_HALVINGS))   # 1 + d/256 at f + 8
-    c.trunc(c.square_input(u)[None], 0)                          # u^2 at 26 bits
-    for i in range(1, EXP_HALVINGS):                             # u^4 .. u^256
-        c.trunc(c.prod(i - 1, i - 1)[None], i)
-    last, dv = EXP_HALVINGS - 1, len(c.truncs)
-    # (u^256)(128 u^2 - 127 - d) at 52 bits: d = U + a - 2^(f+8) as the chain holds u
-    lift = np.uint64(1 << (big - f))
-    d_term = c.prod(last, dv) - (np.uint64(1) << np.uint64(f + EXP_HALVINGS)) * c.val(last)
-    e = np.uint64(128) * c.prod(last, 0) \
-        - (np.uint64(127) << np.uint64(big)) * c.val(last) - lift * d_term
-    c.trunc(e[None], EXP_HALVINGS)
-    return c.val(EXP_HALVINGS)
+    c_f, c_2f = _exp_ring_coeffs(f)
+    p = _poly12(c, d + c.const(np.uint64(16) << np.uint64(f)), c_f, c_2f)
+    c.trunc(p[None], _TPOLY_TRUNCS)                              # p at EXP_BITS
+    c.trunc(c.prod(_TPOLY_TRUNCS, _TPOLY_TRUNCS)[None], _TPOLY_TRUNCS + 1)
+    return c.val(_TPOLY_TRUNCS + 1)
+
+
+def trunc_square(ch: Channel, party: int, y: np.ndarray, m: ChainMaterial, frac_bits: int,
+                 shift: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Shares of t = y / 2^shift (default f; faithful: floor or floor + 1, |y| < 2^62)
+    and of t^2, exact given t, from one opening: the chain "tsq", where a truncation
+    and a Beaver square opened twice."""
+    c = Chain(ch, party, m, frac_bits, shift)
+    c.trunc(y[None], 0)
+    return c.val(0), c.prod(0, 0)
 
 
 def chain_arrays(m: ChainMaterial) -> dict[str, np.ndarray]:

@@ -22,28 +22,29 @@ within |x| < 2^15 (``protocols.CMP_BITS`` and ``CMP_DROP``):
   measures the variants. LINEAR, DENSE and BATCHNORM are the same on their shapes.
 - AVGPOOL2D / GLOBALAVGPOOL: window sums are local; the division multiplies by the
   fixed-point reciprocal of each window's count, then truncates.
-- RELU: one opening, a comparison and a multiplexer, 7 rounds (2); fused with the
-  truncation before it when it is that layer's only reader, still 7 (2).
+- RELU: one opening, a comparison and a multiplexer, 5 rounds (2); fused with the
+  truncation before it when it is that layer's only reader, still 5 (2).
 - CLIP (ReLU6, Hardtanh): both thresholds' comparisons from one opening, then the band
-  and the upper bit in one round: 7 rounds (DCFs: lo + ReLU(x - lo) - ReLU(x - hi),
+  and the upper bit in one round: 5 rounds (DCFs: lo + ReLU(x - lo) - ReLU(x - hi),
   2), fused with the truncation before it the same way.
 - MAXPOOL2D (padding and ceil mode included): padding cells hold a public constant
   below any representable value; a tree of max(a, b) = b + ReLU(a - b) per window.
 - MUL of two shared tensors (broadcasting): a Beaver product and a truncation; SQUARE
   the same; POLY (fine-tuned polynomial activations) by Horner's rule.
-- SIGMOID, SILU: exact pieces plus one selected correction (:class:`Tail`): SiLU(x) =
-  ReLU(x) - [|x| <= 11] p(z) and sigmoid(x) = s + (1 - 2s) [|x| <= 10] p(z), s = [x >=
-  0], z = 2|x| / bound - 1, p a degree-12 polynomial fitted near minimax to t sigma(-t)
+- SIGMOID, SILU: exact pieces plus one clamped correction (:class:`Tail`): SiLU(x) =
+  ReLU(x) - p(z) and sigmoid(x) = s + (1 - 2s) p(z), s = [x >= 0], z = 2 min(|x|, e) /
+  bound - 1 (bound 11 and 10, e = bound - 2^-4), p a degree-12 polynomial fitted near
+  minimax to t sigma(-t)
   or sigma(-t) (t = |x|), which decay off zero (the piecewise idea of SecureML,
   Mohassel and Zhang, S&P 2017, Sec. 4.3, with the exact ReLU as the main piece). Two
   comparisons a value instead of a comparison per breakpoint; p by Paterson and
   Stockmeyer in five products. Maximum error, fixed point at f = 20 included, over the
   whole range: sigmoid 7e-5, SiLU 2.5e-4 (``tests/test_mpc_ops.py`` measures it; the
   float forms are within 4.5e-5 and 1.9e-4).
-- GELU, TANH: the same :class:`Tail` form, GELU(x) = ReLU(x) - [|x| <= 5] q(z) with q
+- GELU, TANH: the same :class:`Tail` form, GELU(x) = ReLU(x) - q(z) (bound 5) with q
   ~ |x| Phi(-|x|) (2e-5), tanh(x) = 2 sigmoid(2x) - 1 (1.2e-4).
 - MATMUL, SOFTMAX, LAYERNORM, RECIPROCAL and the local SLICE, TRANSPOSE, AFFINE,
-  REDUCESUM: ``nonlinear.py`` (matrix triples, exp by squarings, Newton).
+  REDUCESUM: ``nonlinear.py`` (matrix triples, a polynomial exp, Newton).
 - HARDSIGMOID: comparison-selected exact linear pieces (0, x/6 + 1/2, 1); HARDSWISH =
   x * hardsigmoid(x) with one more Beaver product.
 - LEAKYRELU, PRELU (a x + (1 - a) ReLU(x), public slopes) and ELU (ReLU plus the
@@ -101,7 +102,7 @@ MAX_MERGED_ENTRIES = 1 << 22
 def merge_pooled_heads(graph: Graph) -> Graph:
     """An average pool read only (through reshapes) by a linear layer becomes one DENSE
     with the pool folded in, when its matrix has at most ``MAX_MERGED_ENTRIES`` entries:
-    the pool's own truncation (7 rounds) goes. Exact by construction (the chain run on
+    the pool's own truncation (5 rounds) goes. Exact by construction (the chain run on
     the unit vectors by the reference kernels); a classifier head over a large feature
     map (ResNet-18's 25088 -> 1000) stays as it is."""
     nodes, drop = list(graph.nodes), set()
@@ -239,15 +240,17 @@ class Piecewise:
 @dataclass(frozen=True)
 class Tail:
     """SiLU or sigmoid as exact pieces plus a correction that decays off zero: with
-    t = |x| and z = 2 t / bound - 1 in [-1, 1] while t <= bound,
+    t = |x| clamped to the edge e = bound - 2^-4 and z = 2 min(t, e) / bound - 1 in
+    [-1, 1),
 
-        SiLU(x)    = ReLU(x) - [t <= bound] p(z),       p ~ t sigma(-t)
-        sigmoid(x) = s + (1 - 2 s) [t <= bound] p(z),   p ~ sigma(-t), s = [x >= 0],
+        SiLU(x)    = ReLU(x) - p(z),       p ~ t sigma(-t)
+        sigmoid(x) = s + (1 - 2 s) p(z),   p ~ sigma(-t), s = [x >= 0],
 
     p a power-basis polynomial in z (``coeffs`` ascending; on [-1, 1] they stay below
     ~1, so rounding them to 2^-f and the powers' truncations cost ~1e-5). Beyond the
-    bound the correction is left out: t sigma(-t) <= 11 e^-11 = 1.8e-4 there (SiLU,
-    bound 11), sigma(-t) <= e^-10 = 4.5e-5 (sigmoid, bound 10)."""
+    edge the correction is the fit's value there, where the true one is smaller: the
+    error is at most t sigma(-t) <= 11 e^-11 = 1.8e-4 (SiLU, bound 11), sigma(-t) <=
+    e^-10 = 4.5e-5 (sigmoid, bound 10), as if it were left out."""
 
     op: Op
     bound: float
@@ -259,16 +262,18 @@ class Tail:
 
     @property
     def edge(self) -> float:
-        """Where the parties' band ends: 2^-p inside the bound (``TAIL_BAND_PRECISION``),
-        so their coarse comparison never takes p beyond the fit."""
+        """Where the parties clamp t: 2^-p inside the bound (``TAIL_BAND_PRECISION``), so
+        their coarse comparison never takes p beyond the fit."""
         return self.bound - 2.0 ** -TAIL_BAND_PRECISION
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """The approximation in floats (what the parties compute, up to fixed point and
-        the comparisons' 2^-p bands)."""
+        the comparison's 2^-p band below the edge, where p is taken at t or at the
+        edge): the correction at min(t, edge), which beyond the edge is the fit's value
+        there, as small as the tail it stands for."""
         t = np.abs(x)
-        corr = np.where(t <= self.edge,
-                        polynomial.polyval(2 * t / self.bound - 1, self.coeffs), 0.0)
+        corr = polynomial.polyval(2 * np.minimum(t, self.edge) / self.bound - 1,
+                                  self.coeffs)
         if self.op in RELU_TAILS:
             return np.maximum(x, 0.0) - corr
         s = (x >= 0).astype(np.float64)
@@ -283,14 +288,28 @@ class Tail:
 #: float model's logit error from 1.9e-2 to 5.9e-3 of the smallest logit range.
 TAILS = {Op.SILU: (11.0, 12), Op.SIGMOID: (10.0, 12), Op.GELU: (5.0, 12),
          Op.TANH: (5.0, 12)}
-#: ops of the form ReLU(x) - [t <= bound] p(z) (the others: s + (1 - 2 s) [...] p(z))
+#: ops of the form ReLU(x) - p(z) (the others: s + (1 - 2 s) p(z))
 RELU_TAILS = (Op.SILU, Op.GELU)
+#: k: z + 1 = 2 t / bound is t times an integer c over 2^k, the bound rounded up to
+#: 2^(k+1) / c (GELU and tanh 5.02, SiLU 11.13, sigmoid 10.04), so the parties form
+#: z + 1 at f + k bits from t with no rounding and open it on a (f + k + 3)-bit ring
+#: (4 bytes; at 2f bits it took 6)
+TAIL_SCALE_BITS = 8
+
+
+def tail_scale(nominal: float) -> tuple[int, float]:
+    """(c, bound): the integer c = floor(2^(k+1) / nominal) and the bound 2^(k+1) / c
+    >= nominal it stands for (``TAIL_SCALE_BITS``)."""
+    c = int(2.0 ** (TAIL_SCALE_BITS + 1) // nominal)
+    return c, 2.0 ** (TAIL_SCALE_BITS + 1) / c
 
 
 def _fit_tail(op: Op, fn: Callable) -> Tail:
-    """A near-minimax fit: least squares on 2000 Chebyshev nodes of [0, bound],
-    reweighted by the error (Lawson's algorithm, 200 passes)."""
-    bound, degree = TAILS[op]
+    """A near-minimax fit: least squares on 2000 Chebyshev nodes of [0, bound] (the
+    nominal bound rounded up by :func:`tail_scale`), reweighted by the error (Lawson's
+    algorithm, 200 passes)."""
+    nominal, degree = TAILS[op]
+    bound = tail_scale(nominal)[1]
     k = np.arange(2000)
     z = np.cos(np.pi * (k + 0.5) / 2000)
     y = fn((z + 1) * bound / 2)
@@ -327,7 +346,7 @@ def approximation(op: Op) -> Piecewise | Tail:
 
 # -- material steps -------------------------------------------------------------------------
 STEP_KINDS = ("trunc", "trunc_relu", "relu", "mul", "drelu", "select", "clip",
-              "trunc_clip", "square", "mulsq", "matmul", "tpoly", "texp")
+              "trunc_clip", "square", "mulsq", "matmul", "tpoly", "texp", "tsq")
 #: a matrix product step's largest dimension (g, m, k, n each), so a request cannot
 #: make the dealer build an absurd triple
 MAX_MATMUL_DIM = 1 << 16
@@ -355,7 +374,7 @@ class Step:
     def __post_init__(self) -> None:
         if self.kind not in STEP_KINDS:
             raise InputError(f"unknown material kind {self.kind!r}")
-        if self.shift and (self.kind != "trunc" or not 2 <= self.shift <= 60):
+        if self.shift and (self.kind not in ("trunc", "tsq") or not 2 <= self.shift <= 60):
             raise InputError(f"a {self.kind} step cannot shift by {self.shift} bits")
         narrow = ("relu", "drelu", "select")
         if self.width and (self.kind not in narrow or not 16 <= self.width <= 63):
@@ -411,12 +430,18 @@ class Program:
         self.shapes = {n.name: tuple(n.shape) for n in graph.nodes}
         self.output = graph.output
         # an affine layer read only by an ADD/SUB stays at 2f bits: the sum is
-        # truncated once (the other operand lifted to 2f locally), fused with its ReLU
+        # truncated once (the other operand lifted to 2f locally), fused with its ReLU;
+        # one read only by a GELU or SiLU too: the tail truncates it with its ReLU
         self.deferred = {n.name for n in graph.nodes if KERNELS[n.op].affine
                          and n.name != graph.output and len(graph.consumers(n.name)) == 1
-                         and graph.consumers(n.name)[0].op in (Op.ADD, Op.SUB)}
+                         and graph.consumers(n.name)[0].op in (Op.ADD, Op.SUB) + RELU_TAILS}
         self.lifting = {n.name for n in graph.nodes if n.op in (Op.ADD, Op.SUB)
                         and any(s in self.deferred for s in n.inputs)}
+        # such a sum read only by a LAYERNORM stays at 2f bits too: the layer norm's
+        # centering truncates it (``nonlinear._layernorm``)
+        self.deferred |= {n.name for n in graph.nodes if n.name in self.lifting
+                          and n.name != graph.output and len(graph.consumers(n.name)) == 1
+                          and graph.consumers(n.name)[0].op is Op.LAYERNORM}
         self.truncating = {n.name for n in graph.nodes if n.name not in self.deferred and
                            (KERNELS[n.op].affine or n.name in self.lifting)}
         self.fused: dict[str, str] = {}
@@ -426,6 +451,15 @@ class Program:
                     and len(readers) == 1 and readers[0].op in (Op.RELU, Op.CLIP)):
                 self.fused[node.name] = readers[0].name
         self.absorbed = set(self.fused.values())
+        # a softmax read only by a matrix product, as its left operand, is left
+        # unnormalized: the product scales its rows by the reciprocals instead
+        # (``nonlinear``: n values a row after the product, where the softmax's rows
+        # have as many values as the product contracts over)
+        self.normalizes = {r.name: n.name for n in graph.nodes if n.op is Op.SOFTMAX
+                           and n.name != graph.output
+                           for r in graph.consumers(n.name)
+                           if len(graph.consumers(n.name)) == 1 and r.op is Op.MATMUL
+                           and r.inputs[0] == n.name and r.inputs[1] != n.name}
         self.steps = {n.name: tuple(KERNELS[n.op].steps(self, n)) for n in graph.nodes}
         self.layers = [Layer(n.name, self.steps[n.name]) for n in graph.nodes
                        if self.steps[n.name]]
@@ -466,7 +500,7 @@ def dealer_material(steps: list[Step], batch: int, prg: Prg, frac_bits: int = FR
                     cmp: str = "circuit") -> tuple[list, list]:
     """Both parties' material for ``steps`` (one layer, or any list) on ``batch``
     inferences (one list per party). ``cmp`` picks the comparisons: "circuit" (binary
-    circuits, cheap to compute and to deal, seven rounds per ReLU layer) or "fss" (DCF
+    circuits, cheap to compute and to deal, five rounds per ReLU layer) or "fss" (DCF
     keys, two rounds, ~40x the material)."""
     if cmp not in COMPARISONS:
         raise InputError(f"unknown comparison protocol {cmp!r}; use one of {COMPARISONS}")
@@ -477,7 +511,7 @@ def dealer_material(steps: list[Step], batch: int, prg: Prg, frac_bits: int = FR
             g, m, k, n_ = step.dims
             pair = pr.batched_matrix_triples(g * batch, m, k, n_, prg)
         elif step.kind in chains.CHAINS:    # (no comparison: the same for DCFs)
-            pair = chains.chain_material(step.kind, n, frac_bits, prg)
+            pair = chains.chain_material(step.kind, n, frac_bits, prg, step.shift)
         elif cmp == "circuit" and step.kind == "trunc":
             pair = pr.circuit_trunc_material(n, step.shift or frac_bits, prg)
         elif step.kind in ("square", "mulsq"):
@@ -533,6 +567,9 @@ class Run:
     ch: pr.Channel
     prog: Program
     items: list = field(default_factory=list)
+    #: an unnormalized softmax's reciprocals of its row sums, by node, until the matrix
+    #: product reading it scales its rows (``Program.normalizes``)
+    row_scales: dict = field(default_factory=dict)
 
     @property
     def f(self) -> int:
@@ -576,7 +613,8 @@ class Run:
                            y.ravel()).reshape(y.shape)
 
     def tail_poly(self, y: np.ndarray, coeffs) -> np.ndarray:
-        """p(y / 2^f - 1) at 3f bits for the degree-12 ``coeffs`` (a "tpoly" step)."""
+        """p(z) at f bits for z + 1 = y at f + ``TAIL_SCALE_BITS`` bits and the degree-12
+        ``coeffs`` (a "tpoly" step)."""
         c_f = np.array([_scaled(c, self.f) for c in coeffs], np.uint64)
         c_2f = np.array([_scaled(c, 2 * self.f) for c in coeffs], np.uint64)
         return self._apply(lambda v, m: chains.tail_poly(self.ch, self.party, v, m, c_f,
@@ -584,19 +622,30 @@ class Run:
                            y.ravel()).reshape(y.shape)
 
     def exp(self, d: np.ndarray) -> np.ndarray:
-        """exp(d) at f bits for d in [-256, 2^-1] (a "texp" step)."""
+        """exp(d) at f bits for d in [-17, 1] (a "texp" step, ``chains.exp_chain``)."""
         return self._apply(lambda v, m: chains.exp_chain(self.ch, self.party, v, m, self.f),
                            d.ravel()).reshape(d.shape)
+
+    def trunc_square(self, y: np.ndarray, shift: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(y / 2^shift (default f), its square) from one opening (a "tsq" step of the
+        same shift)."""
+        both = self._apply(lambda v, m: np.stack(chains.trunc_square(self.ch, self.party, v,
+                                                                     m, self.f, shift)),
+                           y.ravel())
+        return both[0].reshape(y.shape), both[1].reshape(y.shape)
 
     def mul(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return self._apply(lambda a, b, m: pr.mul(self.ch, self.party, a, b, m),
                            x.ravel(), y.ravel()).reshape(x.shape)
 
     def matmul(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """x @ y for shared (g, m, k) and (g, k, n) (a "matmul" step, never chunked)."""
+        """x @ y for shared (g, m, k) and (g, k, n) (a "matmul" step, never split: in a
+        layer that streams, its one piece is fetched when the run reaches it)."""
         m = self.take()
         if isinstance(m, Chunked):
-            raise InputError("a matrix product's material cannot stream in chunks")
+            if len(m.sizes) != 1:
+                raise InputError("a matrix product's material cannot stream in chunks")
+            m = m.load(0)
         return pr.matmul(self.ch, self.party, x, y, m)
 
     def square(self, x: np.ndarray) -> np.ndarray:
@@ -608,6 +657,15 @@ class Run:
         return self._apply(lambda a, b, m: np.stack(pr.mul_square(self.ch, self.party, a, b,
                                                                     m)),
                            x.ravel(), y.ravel()).reshape((2,) + x.shape)
+
+    def trunc_and_relu(self, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(y / 2^f, ReLU of it) from one opening (a "trunc_relu" step)."""
+        if self.party == 0 and self.items and pr.rounds_to_floor(self.items[0]):
+            y = y + _half(self.f)
+        both = self._apply(lambda v, m: np.stack(pr.trunc_and_relu(self.ch, self.party, v, m,
+                                                                   self.f)),
+                           np.ascontiguousarray(y).ravel())
+        return both[0].reshape(y.shape), both[1].reshape(y.shape)
 
     def relu(self, x: np.ndarray) -> np.ndarray:
         return self._apply(lambda v, m: pr.relu(self.ch, self.party, v, m),
@@ -922,8 +980,8 @@ def _piecewise(run: Run, x: np.ndarray, pw: Piecewise) -> np.ndarray:
 
 #: a tail's comparisons: on l = 36 ring bits (|x| < 2^14 real at f = 20) opened
 #: narrow (5 bytes, not 8); the sign's tree leaves out the bits below 2^-14 real (the
-#: function is continuous there: an error below 2^-15), the band's below 2^-4 (the
-#: band ends 2^-4 inside the fit, where the correction is ~1e-6 either way)
+#: function is continuous there: an error below 2^-15), the clamp's below 2^-4 (the
+#: edge is 2^-4 inside the fit, and within 2^-4 below it t may be taken at the edge)
 TAIL_CMP_BITS = 36
 TAIL_SIGN_PRECISION = 14
 TAIL_BAND_PRECISION = 4
@@ -935,11 +993,14 @@ def _tail_steps(prog, node):
     f = prog.frac_bits
     sign = dict(width=TAIL_CMP_BITS, drop=max(1, f - TAIL_SIGN_PRECISION))
     band = dict(width=TAIL_CMP_BITS, drop=max(1, f - TAIL_BAND_PRECISION))
-    steps = [Step("relu", n, **sign)] if node.op in RELU_TAILS else [
-        Step("drelu", n, **sign), Step("mul", n)]
-    steps += [Step("tpoly", n),                                      # p(z), 3f bits
-              Step("select", n, **band),                             # the band
-              Step("trunc", n, 2 * f)]                               # from 3f to f bits
+    if node.inputs[0] in prog.deferred:          # a 2f-bit input: truncated with its ReLU
+        steps = [Step("trunc_relu", n)]
+    elif node.op in RELU_TAILS:
+        steps = [Step("relu", n, **sign)]
+    else:
+        steps = [Step("drelu", n, **sign), Step("mul", n)]
+    steps += [Step("relu", n, **band),                              # min(t, edge)
+              Step("tpoly", n)]                                      # p(z), f bits
     if node.op not in RELU_TAILS:
         steps.append(Step("mul", n))
     return steps
@@ -947,36 +1008,47 @@ def _tail_steps(prog, node):
 
 def _tail(run: Run, node, args):
     """:class:`Tail`: the comparison that gives ReLU(x) (SiLU) or s = [x >= 0] and
-    t = x (2 s - 1) (sigmoid); z = 2 t / bound - 1; p(z) by Paterson and Stockmeyer
+    t = x (2 s - 1) (sigmoid); t clamped to the edge, bound - 2^-4, by one coarse ReLU
+    (t - ReLU(t - edge)); z = 2 t / bound - 1; p(z) by Paterson and Stockmeyer
     (SIAM J. Comput. 1973) for degree 12: z, z^2, then z^3 and z^4 = (z^2)^2 together,
     the cubics q_0, q_1, q_2 locally at 2f bits with the top coefficient's c_12 z^4
-    added to q_2, and Horner's rule in z^4, h = q_1 + z^4 q_2 (3f bits, truncated to 2f)
-    and p = q_0 + z^4 h (3f bits): four truncations, every product between them local
+    added to q_2, and Horner's rule in z^4, h = q_1 + z^4 q_2 (3f bits, truncated to f)
+    and p = q_0 + z^4 h (2f bits, truncated to f): five truncations, every product
+    between them local
     (``chains.tail_poly``: each truncated value is a public part plus a mask the
     dealer knows, so a product of two needs only dealt cross products), where Beaver
-    products would open eight values more. In the band every one of these is below 1
-    (|z| <= 1; ``tests/test_mpc_ops.py``), so the powers' truncations run on a 48-bit
-    ring (six bytes an opening) and 3f = 60 bits stay inside the last one's 2^62;
-    outside the band they come out wrong, and the selection [t <= bound - 2^-4] p(z)
-    zeroes them exactly. One truncation by 2f brings the correction to f bits; for
-    sigmoid, s + (1 - 2 s) q with one more product."""
+    products would open eight values more. With |z| <= 1 every one of these is below 1
+    (``tests/test_mpc_ops.py``), so the powers' truncations run on a 48-bit ring (six
+    bytes an opening), h's 3f = 60 bits stay inside its ring's 2^62 and p's 2f bits
+    inside a 43-bit ring's 2^41 (six bytes, where p at 3f took eight). Beyond the edge
+    the correction is the fit's value at the edge, where the one it stands for is
+    smaller still: the same error as leaving it out (1.8e-4 for SiLU, 4.5e-5 sigmoid,
+    2e-6 GELU), for a ReLU (6.4 bytes) where selecting p by a comparison took 14.4.
+    For sigmoid, s + (1 - 2 s) q with one more product."""
     x, f = args[0], run.f
     tail = approximation(node.op)
     if tail.degree != 12:
         raise UnsupportedOperation("the MPC correction is evaluated for degree 12")
     lift = np.uint64(1) << np.uint64(f)
-    if node.op in RELU_TAILS:
+    if node.inputs[0] in run.prog.deferred:
+        # the affine layer before left x at 2f bits: x and ReLU(x) from one opening
+        x, relu = run.trunc_and_relu(x)
+        t = np.uint64(2) * relu - x
+    elif node.op in RELU_TAILS:
         relu = run.relu(x)
         t = np.uint64(2) * relu - x
     else:
         s = run.drelu(x)
         t = run.mul(x, np.uint64(2) * s - run.public(np.uint64(1)))
-    # z + 1 = 2 t / bound at 2f bits; p(z) at 3f (``chains.tail_poly``: four
+    # t' = min(t, edge) = t - ReLU(t - edge): the coarse comparison errs only within
+    # 2^-p below the edge (t' = edge there), so t' <= edge < bound and p(z) is never
+    # taken beyond the fit
+    edge = run.public(_scaled(tail.edge, f))
+    t = t - run.relu(np.ascontiguousarray(t - edge))
+    # z + 1 = 2 t' / bound at 2f bits; p(z) at f (``chains.tail_poly``: five
     # openings, the products local from the dealer's cross products)
-    p = run.tail_poly(t * _scaled(2.0 / tail.bound, f), tail.coeffs)
-    # [t <= bound - 2^-p]: the coarse comparison errs only within 2^-p below its
-    # threshold, so p(z) is never taken beyond the fit's bound
-    corr = run.trunc(run.select(p, run.public(_scaled(tail.edge, f)) - t), shift=2 * f)
+    # z + 1 = t c / 2^k (``tail_scale``): t c read at f + k bits
+    corr = run.tail_poly(t * np.uint64(tail_scale(TAILS[node.op][0])[0]), tail.coeffs)
     if node.op in RELU_TAILS:
         return relu - corr
     y = s * lift + corr - np.uint64(2) * run.mul(s, corr)
@@ -1122,7 +1194,7 @@ def _bytes_per_value(kind: str, frac_bits: int, cmp: str, width: int = 0, drop: 
                      ) -> float:
     """One party's material bytes per value of a step, measured on 4096 values (so it
     follows the material): what a party holds once its seeded halves are expanded
-    (circuits: a truncation 24, a ReLU ~50, a fused truncation+ReLU ~74, a Beaver
+    (circuits: a truncation 24, a ReLU ~60, a fused truncation+ReLU ~84, a Beaver
     product 24), more than the dealer sends (``prg.Deal``)."""
     n = 4096
     (m0,), _ = dealer_material([Step(kind, 1, width=width, drop=drop)], n, Prg(),
@@ -1147,9 +1219,10 @@ def _matmul_bytes(step: Step) -> int:
 def streams_in_chunks(steps, batch: int, frac_bits: int = FRAC_BITS, cmp: str = "circuit",
                       above: int = LAZY_BYTES) -> bool:
     """Whether a layer with ``steps`` streams its material in :class:`Chunked` pieces of
-    ``CHUNK`` values (circuit material over ``above`` bytes; DCF keys and matrix
-    triples are not split)."""
-    return cmp == "circuit" and not any(s.kind == "matmul" for s in steps) and \
+    ``CHUNK`` values (circuit material over ``above`` bytes; DCF keys are not split,
+    and a matrix triple is one piece of its own: a MATMUL layer, whose triple is all
+    its material but a truncation's, never streams)."""
+    return cmp == "circuit" and not (steps and steps[0].kind == "matmul") and \
         material_bytes(steps, batch, frac_bits, cmp) > above
 
 
@@ -1206,6 +1279,7 @@ def estimate_memory(graph: Graph, batch: int = 1, frac_bits: int = FRAC_BITS,
         if streams_in_chunks(steps, batch, frac_bits, cmp, above):
             # one chunk held, and with lookahead the next one arriving meanwhile
             held = 3 * min(layers_held, 2) * max(
+                material_bytes([s], batch, frac_bits, cmp) if s.kind == "matmul" else
                 material_bytes([Step(s.kind, c, s.shift)], 1, frac_bits, cmp)
                 for s in steps for c in chunk_sizes(s.size * batch)[:1])
         else:

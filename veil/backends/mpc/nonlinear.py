@@ -13,21 +13,22 @@ kernel over its calibrated range):
   S&P 2017, Sec. 4.2): one round opening X - A and Y - B, then one truncation. Exact up
   to the truncation's ulp.
 - SOFTMAX over the last axis (CrypTen's construction, Knott et al., NeurIPS 2021, with
-  a correction term): the row maximum by a tree of max(a, b) = b + ReLU(a - b)
+  a polynomial exponential): the row maximum by a tree of max(a, b) = b + ReLU(a - b)
   (log2 L levels, coarse comparisons on 40 bits opened narrow: the max may fall short
   by levels * 2^-4, which the shift invariance absorbs, see ``MAX_BITS``),
-  d = x - max clamped to d' = max(d, -256) (one coarse ReLU: an additive mask of -10^4
-  would otherwise wrap the limit below), then
-  exp(d') ~ (1 + d'/256)^256 (1 + d'^2 / 512): eight squarings (1 + d'/256 at 28 bits
-  is the f-bit share of d' plus 2^28, no shift; its square truncated to 26 fractional
-  bits, where the other squarings run on a 56-bit ring), the second factor undoing the
-  limit's leading error exp(-d^2 / 512) (without it the error reaches 1.1e-3 at
-  d = -2; with it the residual x^3/3N^2 - x^4/8N^2 leaves probabilities within 1e-4,
-  5.4e-5 measured, fixed point included) and linear in what the chain holds:
-  1 + d^2/512 = 128 u^2 - 127 - d for u = 1 + d/256. The whole exponential is one masked
-  chain (``chains.exp_chain``): every squaring and the final product are local
-  between truncations, ten openings. The sum's reciprocal (below) and one product per
-  entry.
+  d = x - max clamped to d' = max(d, -16) (one coarse ReLU, letting d down to -17
+  through: exp(-16) = 1.1e-7 is below the fixed point's 2^-20, and an additive mask of
+  -10^4 would otherwise leave the exponential's domain), then exp(d') = p(z)^2 with p
+  a degree-12 fit of exp(d/2) in z = d/8 + 1 (``chains.exp_chain``: the tails'
+  Paterson-Stockmeyer evaluation as one masked chain, every product local, six
+  openings; within 1.2e-6 as a float formula, 2^(3-f) e + 14 2^-f sqrt(e) + 2^-f in
+  fixed point: probabilities within 1e-4, 1.1e-5 measured, since a row's sum is at
+  least its max entry's exp(d) >= 1). The sum's reciprocal (below) and each row scaled
+  by it (:func:`_scale_rows`: one matrix triple, the reciprocal opened once a row);
+  when the softmax's only reader is a MATMUL taking it as its left operand
+  (attention's P V), the rows of the product are scaled instead, (e V) / sum e: the
+  same value, on n values a row instead of the softmax's k (32 and 128 in MiniLM),
+  its rows' e V below 2^22 (the truncation's bound: sum e <= k e^(levels/16)).
 - RECIPROCAL 1/s for s in [lo, hi] (the node's calibrated range): the binade of s from
   comparisons with every power of two in the range (one batch), y0 = 0.75 2^-e as a
   public linear combination of the comparison bits (2^-e telescopes over them), so
@@ -35,15 +36,22 @@ kernel over its calibrated range):
   squaring each step: 0.5^32, below the fixed point's 2^-20 absolute.
 - LAYERNORM over the last axis: x - mean as (D x - sum x) / D, one truncation per
   entry (the rounding of 1/D then scales the row, which the normalization cancels);
-  the variance from one square per entry; its inverse square root like the reciprocal
-  (binade by comparisons, y0 = sqrt(2/3) 2^(-e/2), v y0^2 in [2/3, 4/3), four Newton
-  steps y <- y (3 - v y^2) / 2, the error e -> 0.75 e^2: 3e-10) at 28 fractional bits,
-  then one product per entry and the public affine. The variance range is [2^-10, 2^12] by default: below
-  it the normalization is too small (a constant row, where x - mean ~ 0 anyway).
-- GELU(x) = ReLU(x) - [|x| <= 5] q(|x|), q ~ t Phi(-t) of degree 12 (the piecewise
-  form PUMA uses, Dong et al. 2023, with the ReLU as the main piece, its comparison
-  leaving out the bits below 2^-14: an error below 2^-15 near 0; the tail beyond 5 is
-  below 1.5e-6); TANH(x) = (2 s - 1)(1 - 2 [|x| <= 5] p(|x|)), p ~ sigma(-2t): both in
+  the variance from its square, local (the masked chain "tsq": the truncation's
+  result is a public part plus a dealt mask, ABY2.0's masked wires); its inverse
+  square root like the reciprocal (binade by comparisons, y0 = sqrt(2/3) 2^(-e/2),
+  v y0^2 in [2/3, 4/3), four Newton steps y <- y (3 - v y^2) / 2, the error
+  e -> 0.75 e^2: 3e-10) at 28 fractional bits (a residual sum read only by the layer
+  norm arrives untruncated, at 2f bits, and its centering truncates it: ``_centering``;
+  |x| < 2^21 / D real there),
+  then each row scaled by it (:func:`_scale_rows`) and the public affine. The variance
+  range is [2^-10, 2^12] by default: below it the normalization is too small (a
+  constant row, where x - mean ~ 0 anyway).
+- GELU(x) = ReLU(x) - q(min(|x|, e)), q ~ t Phi(-t) of degree 12 on [0, 5.02], e =
+  5.02 - 2^-4 (``evaluator.tail_scale``: 512 / 102, so z + 1 = 102 t / 2^8; the
+  piecewise form PUMA uses, Dong et al. 2023, with the ReLU as the main piece, its
+  comparison leaving out the bits below 2^-14: an error below 2^-15 near 0;
+  beyond e the fit's value there stands for the tail, both below 2e-6);
+  TANH(x) = (2 s - 1)(1 - 2 p(min(|x|, e))), p ~ sigma(-2t): both in
   ``evaluator.Tail``, whose comparisons and power truncations open narrow (5 and 6
   bytes, not 8).
 - SLICE, TRANSPOSE, REDUCESUM: local. AFFINE (x * scale + shift, constants): local, one
@@ -56,7 +64,6 @@ import numpy as np
 from ...errors import UnsupportedOperation
 from ...ir import Op
 from .evaluator import Kernel, Run, Step, _no_steps, _scaled, max_tree, tree_widths
-from .chains import EXP_HALVINGS
 
 #: the row max's comparisons: on 40 ring bits (|a - b| < 2^18 real, an additive mask of
 #: -10^4 included), opened narrow (5 bytes), the tree leaving out the bits below 2^-4
@@ -66,9 +73,13 @@ from .chains import EXP_HALVINGS
 #: ``_sum_bound``)
 MAX_BITS = 40
 MAX_PRECISION = 4
-#: the clamp of d at -256: its tree leaves out the bits below 2^5 real: the clamp lets d
-#: in [-288, -256) through, where u = 1 + d/256 is in [-1/8, 0) and u^256 is 0 anyway
-CLAMP_COARSE = 5
+#: the clamp of d at -16 (exp(-16) = 1.1e-7, below the fixed point's 2^-20): on 36 ring
+#: bits (|d + 16| < 2^14 real, an additive mask of -10^4 included), its tree leaving out
+#: the bits below 2^0 real: the clamp lets d in [-17, -16) through, inside the
+#: exponential's domain (``chains.EXP_LO``)
+EXP_CLAMP = 16.0
+CLAMP_BITS = 36
+CLAMP_COARSE = 0
 RECIP_NEWTON = 5
 RSQRT_NEWTON = 4
 #: the variance range LayerNorm's inverse square root assumes (MiniLM-L6 on the
@@ -135,17 +146,47 @@ def _matmul_dims(prog, node) -> tuple[int, int, int, int]:
 
 def _matmul_steps(prog, node):
     g, m, k, n = _matmul_dims(prog, node)
-    return [Step("matmul", g * m * n, dims=(g, m, k, n)), Step("trunc", g * m * n)]
+    steps = [Step("matmul", g * m * n, dims=(g, m, k, n)), Step("trunc", g * m * n)]
+    if node.name in prog.normalizes:            # an unnormalized softmax's rows
+        steps += [_row_scaling(g * m, n), Step("trunc", g * m * n)]
+    return steps
 
 
 def _matmul(run: Run, node, args):
+    """X @ Y; when X is an unnormalized softmax (``Program.normalizes``: e = exp(x -
+    max), each row's 1/sum e left aside), (e @ Y) with each row scaled by its
+    reciprocal afterwards, the same product: the scaling and its truncation run on the
+    n values of the product's row instead of the k of the softmax's (SOFTMAX -> MATMUL
+    in attention: 32 where it was 128)."""
     g, m, k, n = _matmul_dims(run.prog, node)
     b = args[0].shape[0]
     lead = tuple(node.shape[:-2])
     x = np.broadcast_to(args[0], (b,) + lead + args[0].shape[-2:]).reshape(b * g, m, k)
     y = np.broadcast_to(args[1], (b,) + lead + args[1].shape[-2:]).reshape(b * g, k, n)
-    z = run.matmul(np.ascontiguousarray(x), np.ascontiguousarray(y))
-    return run.trunc(z).reshape((b,) + tuple(node.shape))
+    z = run.trunc(run.matmul(np.ascontiguousarray(x), np.ascontiguousarray(y)))
+    source = run.prog.normalizes.get(node.name)
+    if source is not None:
+        inv = run.row_scales.pop(source)
+        z = run.trunc(_scale_rows(run, z.reshape(b * g * m, n), inv))
+    return z.reshape((b,) + tuple(node.shape))
+
+
+def _row_scaling(rows: int, last: int) -> Step:
+    """The material of :func:`_scale_rows`: a (rows, last, 1) by (rows, 1, 1) matrix
+    triple."""
+    return Step("matmul", rows * last, dims=(rows, last, 1, 1))
+
+
+def _scale_rows(run: Run, x: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """x * s for shared x (rows, last) and one shared s per row (rows, 1), untruncated:
+    a Beaver product whose triple's b is one value per row (a matrix triple with
+    k = n = 1, SecureML's matrix Beaver triples), so s - b is opened once per row, not
+    once per entry as an elementwise product with s broadcast would: 8 bytes an entry
+    and 8 a row, where the elementwise product sent 16 an entry."""
+    rows, last = x.shape
+    out = run.matmul(np.ascontiguousarray(x).reshape(rows, last, 1),
+                     np.ascontiguousarray(s).reshape(rows, 1, 1))
+    return out.reshape(rows, last)
 
 
 # -- range-reduced Newton iterations -------------------------------------------------------
@@ -247,18 +288,25 @@ def _softmax_steps(prog, node):
     f = prog.frac_bits
     steps = [Step("relu", rows * k, width=MAX_BITS, drop=max(1, f - MAX_PRECISION))
              for k in tree_widths(last)]
-    steps += [Step("relu", n, width=MAX_BITS, drop=f + CLAMP_COARSE),    # the clamp
-              Step("texp", n)]
+    steps += exp_steps(n, f)
     steps += _recip_steps(rows, 0.5, _sum_bound(last))
-    steps += [Step("mul", n), Step("trunc", n)]
+    if node.name not in prog.normalizes.values():
+        steps += [_row_scaling(rows, last), Step("trunc", n)]
     return steps
 
 
+def exp_steps(n: int, frac_bits: int) -> list[Step]:
+    """The material of :func:`_exp_nonpositive` on n values: the clamp, the chain."""
+    return [Step("relu", n, width=CLAMP_BITS, drop=frac_bits + CLAMP_COARSE),
+            Step("texp", n)]
+
+
 def _exp_nonpositive(run: Run, d: np.ndarray) -> np.ndarray:
-    """exp(d) at f bits for shared d <= 0 (f bits; up to 2^-1 above 0 after a coarse
-    max): the clamp at -256, then ``chains.exp_chain`` (the module docstring)."""
-    lim = run.public(_scaled(float(2 ** EXP_HALVINGS), run.f))
-    d = run.relu(np.ascontiguousarray(d + lim)) - lim            # max(d, -256)
+    """exp(d) at f bits for shared d <= 0 (f bits; up to 1 above 0 after a coarse max,
+    down to -2^14 with a masked entry): the clamp max(d, -16), coarse (d in [-17, -16)
+    passes), then ``chains.exp_chain`` on [-17, 1] (the module docstring)."""
+    lim = run.public(_scaled(EXP_CLAMP, run.f))
+    d = run.relu(np.ascontiguousarray(d + lim)) - lim            # max(d, -16)
     return run.exp(d)
 
 
@@ -271,19 +319,38 @@ def _softmax(run: Run, node, args):
     e = _exp_nonpositive(run, x - mx)
     s = e.sum(axis=-1, keepdims=True, dtype=np.uint64)
     inv = _reciprocal_of(run, s, 0.5, _sum_bound(last))
-    p = run.trunc(run.mul(e, np.ascontiguousarray(np.broadcast_to(inv, e.shape))))
+    if node.name in run.prog.normalizes.values():     # the matrix product scales
+        run.row_scales[node.name] = inv
+        return e.reshape((b,) + tuple(node.shape))
+    p = run.trunc(_scale_rows(run, e, inv))
     return p.reshape((b,) + tuple(node.shape))
 
 
 # -- layer norm -----------------------------------------------------------------------------
+def _centering(prog, node) -> tuple[int, float]:
+    """(the centering's shift, rho): on an f-bit input, (D x - sum x) / D at 2f bits
+    truncated by f (rho = 1); on a 2f-bit input (a residual sum left untruncated,
+    ``Program.deferred``), D x - sum x itself truncated by f + s, s = ceil(log2 D):
+    rho (x - mean) with rho = D / 2^s in (1/2, 1], one truncation where the sum's and
+    the centering's took two. The normalization cancels rho; the variance is rho^2
+    times the row's, so eps and the variance range are scaled by rho^2."""
+    last = int(node.shape[-1])
+    if node.inputs[0] not in prog.deferred:
+        return 0, 1.0
+    s = max(1, int(np.ceil(np.log2(last))))
+    return prog.frac_bits + s, last / 2.0 ** s
+
+
 def _layernorm_steps(prog, node):
     rows, last = _rows(node.shape)
     n = rows * last
     f = prog.frac_bits
-    return ([Step("trunc", n), Step("square", n), Step("trunc", rows),
+    shift, rho = _centering(prog, node)
+    lo, hi = (v * rho * rho for v in VAR_RANGE)
+    return ([Step("tsq", n, shift), Step("trunc", rows),
              Step("trunc", rows), Step("trunc", rows, 2 * f - VAR_BITS),
-             Step("trunc", rows)] + _rsqrt_steps(rows, *VAR_RANGE, f)
-            + [Step("mul", n), Step("trunc", n, RSQRT_BITS), Step("trunc", n)])
+             Step("trunc", rows)] + _rsqrt_steps(rows, lo, hi, f)
+            + [_row_scaling(rows, last), Step("trunc", n, RSQRT_BITS), Step("trunc", n)])
 
 
 def _layernorm(run: Run, node, args):
@@ -293,19 +360,22 @@ def _layernorm(run: Run, node, args):
     b = x.shape[0]
     x = x.reshape(b * rows, last)
     inv_d = _scaled(1.0 / last, f)
+    shift, rho = _centering(run.prog, node)
     # x - mean as (D x - sum x) / D: the rounding of 1/D scales a whole row alike, which
     # the normalization cancels (on the mean it would be an offset: 2e-3 on a row of
-    # variance 2^-10 beside a mean of 9)
-    c = run.trunc((np.uint64(last) * x - x.sum(axis=-1, keepdims=True, dtype=np.uint64))
-                  * inv_d)
-    total = run.square(c).sum(axis=-1, keepdims=True, dtype=np.uint64)      # 2f bits
-    eps = float(node.attrs["eps"])
+    # variance 2^-10 beside a mean of 9); on a 2f-bit input, rho (x - mean) with no
+    # 1/D at all (``_centering``). c and c^2 from one opening
+    # (``chains.trunc_square``: c is a public part plus a dealt mask, so its square is
+    # local)
+    centered = np.uint64(last) * x - x.sum(axis=-1, keepdims=True, dtype=np.uint64)
+    c, c2 = run.trunc_square(centered if shift else centered * inv_d, shift)
+    total = c2.sum(axis=-1, keepdims=True, dtype=np.uint64)                 # 2f bits
+    eps = float(node.attrs["eps"]) * rho * rho
     var = run.trunc(run.trunc(total) * inv_d) + run.public(_scaled(eps, f))
     var_hi = run.trunc(run.trunc(total, shift=2 * f - VAR_BITS) * inv_d) \
         + run.public(_scaled(eps, VAR_BITS))
-    y = _rsqrt_of(run, var, var_hi, *VAR_RANGE)
-    z = run.trunc(run.mul(c, np.ascontiguousarray(np.broadcast_to(y, c.shape))),
-                  shift=RSQRT_BITS)
+    y = _rsqrt_of(run, var, var_hi, *(v * rho * rho for v in VAR_RANGE))
+    z = run.trunc(_scale_rows(run, c, y), shift=RSQRT_BITS)
     out = z * run.prog.param(node, "weight", f)[None] + \
         run.public(_scaled(node.params["bias"], 2 * f))[None]
     return run.trunc(np.ascontiguousarray(out)).reshape((b,) + tuple(node.shape))

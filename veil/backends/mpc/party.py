@@ -721,7 +721,7 @@ class Party:
                 if streams_in_chunks(steps, batch, self.frac_bits, self.cmp, streaming):
                     # too big to hold: each step's chunks are fetched as the run
                     # consumes them, one ahead (see load)
-                    box.append(([[Chunked(chunk_sizes(s.size * batch), chunk_loader(i, j))
+                    box.append(([[Chunked(self._request_sizes(s, batch), chunk_loader(i, j))
                                   for j, s in enumerate(steps)]], 0))
                     return
                 for j, step in enumerate(steps):
@@ -742,7 +742,7 @@ class Party:
 
         def get_chunk(i: int, j: int, c: int, box: list) -> None:
             try:
-                values = chunk_sizes(self.layers[i].steps[j].size * batch)[c]
+                values = self._request_sizes(self.layers[i].steps[j], batch)[c]
                 arrays, n = self._material(dealer, f"{session}/stream", seq, 1, (i, i + 1),
                                            step=j, chunk=c, values=values)
                 try:
@@ -756,7 +756,7 @@ class Party:
         def after(i: int, j: int, c: int) -> tuple[int, int, int] | None:
             """The chunk the run consumes after (i, j, c) in a streamed layer."""
             steps = self.layers[i].steps
-            if c + 1 < len(chunk_sizes(steps[j].size * batch)):
+            if c + 1 < len(self._request_sizes(steps[j], batch)):
                 return i, j, c + 1
             return (i, j + 1, 0) if j + 1 < len(steps) else None
 

@@ -46,10 +46,11 @@ Constructions:
     v rho it can form; opening e = b xor rho gives v b = e v + (1 - 2e) v rho. For
     ReLU v is the compared value itself, masked by the same r (v rho = x^ rho - r rho,
     no second opening); after a truncation, v rho follows from the dealer's r >> f
-    and wrap shares times rho. A ReLU is one opening, a five-round tree (l - 1 - k =
-    32 bits) and the multiplexer: seven rounds; fused with the truncation before it,
-    still seven. A clip to [lo, hi] runs the trees for both thresholds on the same
-    opening and finishes in one round too: the band bit is their XOR.
+    and wrap shares times rho. A ReLU is one opening, a three-round tree (l - 1 - k =
+    32 bits, from the dealer's tables of 4-bit blocks: ``circuit``) and the
+    multiplexer: five rounds; fused with the truncation before it, still five. A
+    clip to [lo, hi] runs the trees for both thresholds on the same opening and
+    finishes in one round too: the band bit is their XOR.
 - Narrow openings, for values whose range a kernel knows: shares mod 2^64 are shares
   mod 2^w too, so a truncation of |y| < 2^(w-2) opens u^ = y + 2^(w-2) + r mod 2^w
   (ceil(w / 8) bytes, not 8) and lifts back exactly with the same wrap rule on the
@@ -91,7 +92,7 @@ _SHIFT63 = np.uint64(63)
 CMP_BITS = 36
 #: k, the low bits the circuit comparisons leave out: the sign is wrong (says >= 0) for
 #: x in [-2^k, 0) ring units only, 2^-17 real at f = 20; l - 1 - k = 32 bits go through
-#: the tree, five rounds.
+#: the tree, three rounds.
 CMP_DROP = 3
 #: The faithful truncation's offset: its input must satisfy |y| < 2^62 ring units.
 _OFF62 = np.uint64(1 << 62)
@@ -186,7 +187,8 @@ CMP_KINDS = ("sign", "relu", "select", "trunc_relu", "clip", "trunc_clip")
 @dataclass(frozen=True)
 class CircuitCmpMaterial:
     """A comparison from one opening x^ = x + r and what follows it: XOR shares of r's
-    bits k .. l-1 (``r_rows``), the tree's bit triples, a daBit rho (XOR shares in
+    bit l-1 (``r_rows``, one packed row), the tree's tables of r's bits k .. l-2 and
+    its bit triples, a daBit rho (XOR shares in
     ``rho_row``, arithmetic in ``rho``) and the arithmetic shares of the products with
     rho that ``kind`` needs (``extra``): (r rho,) for "relu" and "clip", (a, a rho) for
     "select", (r_high rho, wrap rho) for "trunc_relu" and "trunc_clip", whose
@@ -257,7 +259,10 @@ _LIMB_MASK = np.uint64(0xFFFF)
 def ring_matmul_shares(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """x @ y in Z_(2^64) for two uint64 arrays (..., m, k) and (..., k, n), both full
     64-bit (shares, masks): each cut into four 16-bit limbs, the ten limb products that
-    land below 2^64 run in float64 BLAS, exact while k 2^32 < 2^53 (k < 2^21)."""
+    land below 2^64 run in float64 BLAS, exact while k 2^32 < 2^53 (k < 2^21). With
+    k = 1 (a row scaled by a per-row value, ``nonlinear``) it is a broadcast product."""
+    if x.shape[-1] == 1:
+        return x * y
     if x.shape[-1] >= 1 << 21:
         return np.matmul(x, y)
     xl = [((x >> (_LIMB * np.uint64(i))) & _LIMB_MASK).astype(np.float64) for i in range(4)]
@@ -355,9 +360,10 @@ def circuit_cmp_material(kind: str, n: int, prg: Prg, frac_bits: int = 0, bits: 
     r, r_shares = prg.root_u64(n)
     trunc = (circuit_trunc_material(n, frac_bits, prg, (r, r_shares))
              if fused else (None, None))
-    rows = prg.split_bits(circuit.bit_rows(r >> np.uint64(drop + shift), width + 1))
-    tree = circuit.tree_material(width, n, prg)
-    tree2 = circuit.tree_material(width, n, prg) if clip else (None, None)
+    r_bits = circuit.bit_rows(r >> np.uint64(drop + shift), width + 1)
+    rows = prg.split_bits(r_bits[width:width + 1])         # bit l - 1 (the tables: the rest)
+    tree = circuit.tree_material(width, n, prg, r_bits)
+    tree2 = circuit.tree_material(width, n, prg, r_bits) if clip else (None, None)
     rho_row, rho_rows = prg.root_bits((2 if clip else 1, nb))
     rho = np.stack([circuit.row_values(row, n) for row in rho_row])
     first = rho[0]
@@ -518,13 +524,23 @@ def trunc_relu(ch: Channel, party: int, y: np.ndarray,
     as in :func:`truncate_shares`, and [y >= 0] = msb(u) = msb(u^) xor rho xor c'.
     Circuit material: the faithful truncation and a comparison on bits f + k .. f + l - 1
     of the same opening (offset 2^62, which is 0 mod 2^(f+l)), then the multiplexer by
-    the truncated value: seven rounds.
+    the truncated value: five rounds.
     """
+    return trunc_and_relu(ch, party, y, m, frac_bits)[1]
+
+
+def trunc_and_relu(ch: Channel, party: int, y: np.ndarray,
+                   m: TruncReluMaterial | CircuitCmpMaterial, frac_bits: int = FRAC_BITS
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Shares of t = y / 2^f and of ReLU(t), both from :func:`trunc_relu`'s one
+    opening (the truncation is what its multiplexer multiplies): for a kernel that
+    needs the value as well as its ReLU (GELU, SiLU), one opening where a truncation
+    and a comparison took two."""
     if isinstance(m, CircuitCmpMaterial):
         uhat = open_value(ch, (y + _OFF62 if party == 0 else y) + m.r)
         trunc = _faithful(party, uhat, m.trunc, frac_bits)
         b = _sign_row(ch, party, uhat, m, m.drop + frac_bits)
-        return _mux(ch, party, b, m, trunc, _trunc_rho(uhat, m, m.rho, frac_bits))
+        return trunc, _mux(ch, party, b, m, trunc, _trunc_rho(uhat, m, m.rho, frac_bits))
     uhat = open_value(ch, _offset(party, y) + m.r)
     top = uhat >> _SHIFT63
     low = fss.evaluate(party, m.low, _low_bits(uhat, frac_bits))
@@ -532,7 +548,7 @@ def trunc_relu(ch: Channel, party: int, y: np.ndarray,
     wrap = np.where(top == 0, m.rho_wrap + words[:, 1], words[:, 2])
     trunc = _shift(party, uhat, wrap, low, m.r_high, frac_bits)
     sign = _xor_public(party, top, m.rho + words[:, 0])      # msb(u^) xor rho xor c'
-    return mul(ch, party, trunc, sign, m.triple)
+    return trunc, mul(ch, party, trunc, sign, m.triple)
 
 
 def _trunc_rho(uhat: np.ndarray, m: CircuitCmpMaterial, rho: np.ndarray, frac_bits: int,
@@ -560,9 +576,9 @@ def _sign_rows(ch: Channel, party: int, publics: list, trees: list, r_rows: np.n
     (so [x >= t_i]), one tree each, side by side in the same rounds."""
     w = trees[0].width
     rows = [circuit.bit_rows(c >> np.uint64(low), w + 1) for c in publics]
-    borrows = circuit.compare(ch, party, [circuit.tree(party, c, r_rows, t)
+    borrows = circuit.compare(ch, party, [circuit.tree(party, c, t)
                                           for c, t in zip(rows, trees)])
-    out = [b ^ r_rows[w:w + 1] for b in borrows]
+    out = [b ^ r_rows for b in borrows]
     return [o ^ ~c[w:w + 1] for o, c in zip(out, rows)] if party == 0 else out
 
 
@@ -596,7 +612,7 @@ def clip(ch: Channel, party: int, x: np.ndarray, lo: np.uint64, hi: np.uint64,
     round for lo + (x - lo) [lo <= x < hi] + (hi - lo) [x >= hi]: the band is the XOR of
     the two bits (x >= hi implies x >= lo), multiplied by x - lo with the first daBit
     (the compared value's own mask again), the upper bit converted with the second:
-    seven rounds, where two ReLUs took fourteen. DCFs: lo + ReLU(x - lo) - ReLU(x - hi)
+    five rounds, where two ReLUs took ten. DCFs: lo + ReLU(x - lo) - ReLU(x - hi)
     on both differences at once (with the truncation: each difference truncated, exact
     since lo and hi are whole multiples of 2^f)."""
     n = x.size
@@ -643,7 +659,7 @@ def _public_sub(party: int, x: np.ndarray, c: np.ndarray) -> np.ndarray:
 def drelu(ch: Channel, party: int, x: np.ndarray, m: SignMaterial | CircuitCmpMaterial
           ) -> np.ndarray:
     """Shares of 1 - msb(x), i.e. [x >= 0] for two's-complement x: one round (DCF) or
-    seven (circuit: opening, five-round tree, conversion; see CMP_BITS and CMP_DROP)."""
+    five (circuit: opening, three-round tree, conversion; see CMP_BITS and CMP_DROP)."""
     if isinstance(m, CircuitCmpMaterial):
         xhat = open_value(ch, x + m.r, m.width)
         b = _sign_row(ch, party, xhat, m, m.drop)
@@ -670,7 +686,7 @@ def select(ch: Channel, party: int, v: np.ndarray, d: np.ndarray,
 
 def relu(ch: Channel, party: int, x: np.ndarray, m: ReluMaterial | CircuitCmpMaterial
          ) -> np.ndarray:
-    """Shares of max(x, 0): two rounds with DCFs (exact), seven with circuits (exact
+    """Shares of max(x, 0): two rounds with DCFs (exact), five with circuits (exact
     but for x in [-2^k, 0) ring units, CMP_DROP): the multiplexer by x itself needs no
     second opening, since x rho = x^ rho - r rho."""
     if isinstance(m, CircuitCmpMaterial) and m.width < 64:
@@ -709,6 +725,7 @@ def material_arrays(items: list) -> dict[str, np.ndarray]:
 
     def tree(prefix: str, t: circuit.TreeMaterial) -> None:
         out[f"{prefix}.width"] = np.array([t.width], np.uint64)
+        out[f"{prefix}.tables"] = t.tables
         for j, (a, b, c) in enumerate(t.triples):
             out[f"{prefix}.{j}.a"], out[f"{prefix}.{j}.b"], out[f"{prefix}.{j}.c"] = a, b, c
 
@@ -829,7 +846,10 @@ def material_from_arrays(arrays: dict[str, np.ndarray]) -> list:
         levels = tuple((arrays[f"{prefix}.{j}.a"], arrays[f"{prefix}.{j}.b"],
                         arrays[f"{prefix}.{j}.c"])
                        for j in range(len(circuit.level_sizes(width))))
-        return circuit.TreeMaterial(width, levels)
+        tables = arrays[f"{prefix}.tables"]
+        if tables.ndim != 3 + 1 or tables.shape[:3] != (circuit.blocks(width), 16, 2):
+            raise ValueError("bad comparison tables")
+        return circuit.TreeMaterial(width, tables, levels)
 
     def triple(prefix: str) -> Triple:
         return Triple(arrays[f"{prefix}.a"], arrays[f"{prefix}.b"], arrays[f"{prefix}.c"])

@@ -17,13 +17,13 @@ wider than any calibrated one, fixed point included):
   :func:`leaky_bound`, 1.6e-5 at |x| <= 16 and a = 0.01.
 - PRELU: the same with the public slope of each channel (or the one slope).
 - ELU(x) = ReLU(x) + alpha (exp(min(x, 0)) - 1), min(x, 0) = x - ReLU(x) <= 0: one
-  ReLU, then ``_exp_nonpositive`` (a coarse clamp at -256, where exp is below 1e-111,
-  and the chain (1 + d/256)^256 (1 + d^2/512): within 1.52e-5 of exp(d) for every
-  d <= 0 as a float formula, the worst at d ~ -3.55, and within 8e-6 of that formula
-  in fixed point, ``tests/test_mpc_core.py``), then alpha times exp - 1 (one
-  truncation unless alpha = 1). Error at most alpha (1.52e-5 + 8e-6 + 2^-(f+1))
-  + 2^-f + (1 + alpha) 2^-17 (the band, where d comes out 0 instead of x):
-  :func:`elu_bound`, 4.0e-5 at alpha = 1.
+  ReLU, then ``_exp_nonpositive`` (a coarse clamp at -16, letting d down to -17
+  through, where exp is below 1.2e-7, and ``chains.exp_chain``, p(z)^2 for a
+  degree-12 fit p of exp(d/2): within 1.2e-6 of exp(d) as a float formula and, for
+  d <= 0, within 17 2^-f of that formula in fixed point, ``tests/test_mpc_core.py``),
+  then alpha times exp - 1 (one truncation unless alpha = 1). Error at most
+  alpha (1.3e-6 + 1.6e-5 + 2^-(f+1)) + 2^-f + (1 + alpha) 2^-17 (the band, where d
+  comes out 0 instead of x): :func:`elu_bound`, 3.4e-5 at alpha = 1.
 """
 from __future__ import annotations
 
@@ -31,13 +31,15 @@ import numpy as np
 
 from ...ir import Op
 from .evaluator import Kernel, Run, Step, _scaled
-from .nonlinear import CLAMP_COARSE, MAX_BITS, _exp_nonpositive
+from .chains import EXP_FIT_ERROR
+from .nonlinear import EXP_CLAMP, _exp_nonpositive, exp_steps
 
 #: the comparisons' band (``protocols.CMP_DROP`` at f = 20): ReLU(x) = x there
 BAND = 2.0 ** -17
-#: the exponential chain's error as a float formula (max over d <= 0) and in fixed point
-EXP_FORMULA_ERROR = 1.52e-5
-EXP_CHAIN_ERROR = 8e-6
+#: the exponential's error as a float formula over d <= 0 (the fit, and exp(-16) where
+#: the clamp holds d) and in fixed point (``chains.exp_chain``'s bound at e <= 1)
+EXP_FORMULA_ERROR = EXP_FIT_ERROR + float(np.exp(-EXP_CLAMP))
+EXP_CHAIN_ERROR = 17 * 2.0 ** -20
 
 
 def leaky_bound(slope: float, x_max: float, frac_bits: int = 20) -> float:
@@ -81,9 +83,7 @@ def _elu_alpha(node) -> float:
 
 def _elu_steps(prog, node):
     n, f = prog.size(node), prog.frac_bits
-    steps = [Step("relu", n),
-             Step("relu", n, width=MAX_BITS, drop=f + CLAMP_COARSE),   # the clamp
-             Step("texp", n)]
+    steps = [Step("relu", n)] + exp_steps(n, f)
     return steps + ([] if _elu_alpha(node) == 1.0 else [Step("trunc", n)])
 
 

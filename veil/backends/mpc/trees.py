@@ -17,8 +17,9 @@ Sec. 3), with every comparison of every tree batched:
    low k bits carry, and d's are zero, so the bit is exact whenever |D| < 2^(l-2):
    |x - t| < 2^26 real at f = 20 (thresholds are clamped to +-2^24, beyond the inputs'
    2^23 bound, which leaves every test unchanged). One opening of ceil(l / 8) = 6 bytes,
-   a six-round tree on l - 1 - k = 46 bits (84 ANDs: 21 bytes), one round for the
-   arithmetic bit: 8 rounds and 27.125 bytes a node per party. With DCF comparisons
+   a four-round tree on l - 1 - k = 46 bits (12 blocks from the dealer's tables, then
+   18 ANDs: 4.5 bytes), one round for the arithmetic bit: 6 rounds and 10.625 bytes a
+   node per party. With DCF comparisons
    (``cmp="fss"``): exact on all 64 bits, one round of 8 bytes.
 2. Leaf indicators: leaf j's literals are b_n (true branch) or 1 - b_n (false branch,
    local); their product by Beaver products of 0/1 integers (no truncation), paired
