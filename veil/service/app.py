@@ -101,6 +101,10 @@ class ServiceConfig:
     Args:
         exports: export folders (``veil.deploy.export``), one model each.
         store_dir: sessions, evaluation keys and API keys (created 0700).
+        store_url: a ``postgresql://`` URL: HE sessions and their keys live in that
+            database, shared by every service process using it
+            (:class:`~veil.service.pgstore.PostgresStore`; ``store_dir`` keeps API keys,
+            logs and a local cache); None: SQLite in ``store_dir``.
         session_ttl_s: idle seconds after which an HE session expires.
         disk_budget_bytes: most bytes of stored evaluation keys (LRU sessions go first).
         memory_budget_bytes: most (estimated) bytes of loaded OpenFHE sessions.
@@ -136,6 +140,7 @@ class ServiceConfig:
 
     exports: list[str | os.PathLike]
     store_dir: str | os.PathLike
+    store_url: str | None = None
     session_ttl_s: float = 24 * 3600.0
     disk_budget_bytes: int = 8 << 30
     memory_budget_bytes: int = 2 << 30
