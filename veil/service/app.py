@@ -136,6 +136,9 @@ class ServiceConfig:
         worker_timeout_s: most seconds one HE request may run in a worker before the
             worker is killed and restarted (the request gets 503).
         backends: opaque per-model settings for the TEE/MPC route modules, untouched.
+        he_pool: an object with :class:`~veil.service.workers.HEWorkers`' methods that
+            evaluates HE requests instead of local worker processes (Ray Serve
+            replicas: :mod:`veil.service.scale`); None: ``he_workers`` processes here.
     """
 
     exports: list[str | os.PathLike]
@@ -161,6 +164,7 @@ class ServiceConfig:
     he_workers: int = 2
     worker_timeout_s: float = 300.0
     backends: dict[str, dict] = field(default_factory=dict)
+    he_pool: Any = None
 
     def limit(self, kind: str) -> int:
         return int({**default_body_limits(), **self.max_body_bytes}[kind])
@@ -194,6 +198,8 @@ class ServiceContext:
             (``veil.service.observe`` exports it to Prometheus).
         metrics: the service's :class:`~veil.service.observe.ServiceMetrics`.
         limiter: the per-key rate and concurrency accounting.
+        stats: name -> ``f() -> int``, counters ``/v1/health`` reports under ``stats``
+            when there are any (a scaled-out service's evaluation-key loads).
     Methods ``model``, ``read_body``, ``run_sync``, ``slot`` and ``limits_for`` are for
     handlers.
     """
@@ -210,6 +216,7 @@ class ServiceContext:
     restarts: dict[str, Callable[[], int]] = field(default_factory=dict)
     metrics: Any = None
     limiter: Limiter = field(default_factory=Limiter)
+    stats: dict[str, Callable[[], int]] = field(default_factory=dict)
     _slots: Any = field(default_factory=weakref.WeakKeyDictionary, repr=False)
     _revoked: set = field(default_factory=set, repr=False)
     _buffered: list = field(default_factory=lambda: [0, threading.Lock()], repr=False)
@@ -562,8 +569,11 @@ def _add_model_routes(app: FastAPI, ctx: ServiceContext) -> None:
     def health() -> dict:
         states = {name: state() for name, state in sorted(ctx.children.items())}
         ok = all(s == "ok" for s in states.values())
-        return {"status": "ok" if ok else "degraded", "veil": __version__,
-                "children": states, "insecure": bool(ctx.insecure)}
+        out = {"status": "ok" if ok else "degraded", "veil": __version__,
+               "children": states, "insecure": bool(ctx.insecure)}
+        if ctx.stats:
+            out["stats"] = {name: int(count()) for name, count in sorted(ctx.stats.items())}
+        return out
 
     @app.get("/v1/models", tags=["service"])
     def list_models(client: str = Depends(ctx.require_client)) -> list[dict]:

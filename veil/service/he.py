@@ -82,11 +82,15 @@ class HEService:
                                 max_uploads_total=cfg.max_uploads_total)
         try:
             self.store.sweep()
-            count = max(1, int(cfg.he_workers))     # HEWorkers refuses 0 itself
-            budget = cfg.memory_budget_bytes // count   # each worker loads its own sessions
-            self.workers = HEWorkers(int(cfg.he_workers),
-                                     [*exports, "--memory-budget", str(budget)],
-                                     Path(cfg.store_dir) / "logs", timeout_s=cfg.worker_timeout_s)
+            if cfg.he_pool is not None:          # e.g. Ray Serve replicas (scale.py)
+                self.workers = cfg.he_pool
+            else:
+                count = max(1, int(cfg.he_workers))     # HEWorkers refuses 0 itself
+                budget = cfg.memory_budget_bytes // count   # each worker loads its own
+                self.workers = HEWorkers(int(cfg.he_workers),
+                                         [*exports, "--memory-budget", str(budget)],
+                                         Path(cfg.store_dir) / "logs",
+                                         timeout_s=cfg.worker_timeout_s)
         except BaseException:
             self.store.close()
             raise

@@ -1,0 +1,429 @@
+"""Scale-out on Ray Serve: the same HTTP API, HE evaluation and enclaves as replicas.
+
+``veil serve EXPORT... --store DIR --ray ADDRESS`` (:func:`serve_on_ray`) deploys one
+Ray Serve application, ``veil``, on the Ray cluster at ``ADDRESS``:
+
+* ``veil-ingress`` (one replica, behind Ray Serve's HTTP proxy on ``--listen``): the
+  app of :func:`veil.service.app.create_app`, unchanged: API keys, per-key limits,
+  body limits, the session store, TEE channel ownership. It computes nothing.
+* ``veil-he`` (``--replicas`` replicas, ``--replica-cpus`` CPUs each, OpenFHE on
+  ``--he-threads`` threads): each holds an HE worker's model servers and loaded
+  sessions (:class:`veil.service.he_worker.Worker`). Requests carry the session id as
+  Ray Serve's *multiplexed model id*, so Ray routes a session to the replica that
+  already has its evaluation keys loaded (LRU, at most ``--sessions-per-replica`` per
+  replica): keys load once per replica. A session's first replica is the one that
+  validated its upload, so the first inference is warm too.
+* ``veil-enclave-<model>`` (``--replicas`` replicas per TEE model): each starts its
+  own enclave process; a channel's messages carry a route id as multiplexed model id,
+  so every message of a channel reaches the enclave that opened it.
+
+Keys come from the shared session store: each HE replica opens it itself
+(``--store-url postgresql://...`` for several machines; the SQLite store in ``--store``
+serves replicas on the ingress's machine).
+
+Faults: a replica that dies (killed, out of memory, a native crash) fails its requests
+with a Ray error; an HE request is then sent once more, to any live replica, which loads
+the session's keys from the store (the store is only ever written by the ingress, and
+atomically, so it stays consistent); a second failure is
+:class:`~veil.errors.UnavailableError` (503). Ray Serve restarts the replica. A TEE
+message whose enclave died gets 503 and the client opens a new channel. A node that
+joins the cluster takes new replicas; Ray's router spreads new sessions over replicas
+by load.
+
+Only veil's own server processes exchange Ray's (pickled) messages; clients reach the
+ingress over HTTP only, as with ``veil serve``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import ray
+from ray import serve
+from ray.exceptions import RayError, RayTaskError
+from ray.serve.exceptions import RayServeException
+
+from ..errors import ServiceError, UnavailableError, VeilError
+from .workers import error_header, raise_error
+
+log = logging.getLogger("veil.service")
+APP = "veil"
+ROUTES = 1024          # TEE channels whose replica one ingress remembers
+# Ray Serve's multiplexing LRU: the sessions routed to one HE replica (the memory budget
+# still bounds what stays loaded)
+SESSIONS_PER_REPLICA = 64
+
+
+@dataclass(frozen=True)
+class ScaleOptions:
+    """How the Ray Serve deployment is sized.
+
+    Args:
+        address: the Ray cluster (``ray start --head`` prints it; ``auto`` finds a
+            local one).
+        replicas: HE replicas, and enclave replicas per TEE model.
+        replica_cpus: CPUs Ray reserves for each replica.
+        he_threads: OpenFHE's threads in each HE replica (``OMP_NUM_THREADS``).
+    """
+
+    address: str
+    replicas: int = 1
+    replica_cpus: float = 1.0
+    he_threads: int = 1
+
+
+# -- HE replicas --------------------------------------------------------------------------
+@serve.deployment(name="veil-he")
+class HEReplica:
+    """One HE worker (model servers + loaded sessions) as a Ray Serve replica."""
+
+    def __init__(self, exports: list[str], store_dir: str, store_url: str | None,
+                 memory_budget: int) -> None:
+        from .he_worker import FAULTS_ENV, Worker
+        from .store import open_store
+
+        self._dir = Path(tempfile.mkdtemp(prefix="veil-he-replica-"))
+        self.worker = Worker(exports, memory_budget, os.environ.get(FAULTS_ENV))
+        cache = self._dir / "store" if store_url else store_dir
+        self.store = open_store(cache, store_url, recover=False)
+        self._run = ThreadPoolExecutor(1)       # one request at a time, like a worker
+        self._pins: dict[str, object] = {}
+        self.id = f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(4)}"
+
+    @serve.multiplexed(max_num_models_per_replica=SESSIONS_PER_REPLICA)
+    async def load(self, sid: str) -> "_Pin":
+        """Ray Serve's multiplexed loader: marks this replica as the session's. The keys
+        load on the first request that needs them (LoadedSessions counts it)."""
+        pin = _Pin(self, sid)
+        self._pins[sid] = pin
+        return pin
+
+    def unpin(self, pin: "_Pin") -> None:
+        """Ray Serve evicted the session from this replica: unload its keys."""
+        if self._pins.get(pin.sid) is pin:
+            del self._pins[pin.sid]
+            self.worker.loaded.discard(pin.sid)
+
+    async def call(self, header: dict, parts: dict[str, bytes]) -> tuple[dict, dict]:
+        sid = serve.get_multiplexed_model_id()
+        await self.load(sid)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._run, self._handle, sid, header, parts)
+
+    async def forget(self) -> None:
+        sid = serve.get_multiplexed_model_id()
+        self.worker.loaded.discard(sid)
+
+    def _handle(self, sid: str, header: dict, parts: dict[str, bytes]) -> tuple[dict, dict]:
+        header = {**header, "session": sid}
+        scratch = []
+        try:
+            for name in ("keys", "weights"):       # an upload travels as bytes
+                if name in parts and header.get("op") in ("open", "weights"):
+                    path = self._dir / f"{secrets.token_hex(8)}.{name}"
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    with os.fdopen(fd, "wb") as fh:
+                        fh.write(parts.pop(name))
+                    header[name] = str(path)
+                    scratch.append(path)
+            if header.get("op") != "open":
+                header["keys"] = str(self.store.key_path(sid))
+                if "weights" not in header:
+                    weights = self.store.weights_path(sid)
+                    if weights is not None:
+                        header["weights"] = str(weights)
+            head, out = self.worker.handle(header, parts)
+        except Exception as exc:     # the same allow-listed errors as a worker's reply
+            if not isinstance(exc, VeilError):
+                log.exception("an HE replica request failed")
+            head, out = error_header(exc), {}
+        finally:
+            for path in scratch:
+                path.unlink(missing_ok=True)
+        return {**head, "loads": self.worker.loaded.loads, "replica": self.id}, out
+
+    def __del__(self) -> None:
+        """Ray Serve's shutdown hook for a replica: unload and remove its files."""
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.loaded.close()
+            self.store.close()
+            self._run.shutdown(wait=False)
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class _Pin:
+    """A session pinned to a replica by Ray Serve's multiplexing; Ray calls ``__del__``
+    explicitly when it evicts the session (its documented unload hook)."""
+
+    def __init__(self, replica: HEReplica, sid: str) -> None:
+        self.replica, self.sid = replica, sid
+
+    def __del__(self) -> None:
+        self.replica.unpin(self)
+
+
+class RayHEPool:
+    """:class:`~veil.service.workers.HEWorkers`' interface over the ``veil-he``
+    deployment (``config.he_pool``), in the ingress."""
+
+    count = 0    # no local workers: /v1/health reports "he-replicas"
+
+    def __init__(self, handle, timeout_s: float = 300.0) -> None:
+        self.handle, self.timeout_s = handle, timeout_s
+        self._loads: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.retries = 0
+
+    def call(self, session_id: str, op: str, header: dict,
+             parts: dict[str, bytes] | None = None) -> tuple[dict, dict]:
+        header, parts = {**header, "op": op}, dict(parts or {})
+        for name in ("keys", "weights"):       # files of the ingress: send their bytes
+            if op in ("open", "weights") and name in header and (
+                    op == "open" or name == "weights"):
+                parts[name] = Path(header.pop(name)).read_bytes()
+        header.pop("keys", None)
+        header.pop("weights", None)
+        for attempt in (0, 1):
+            try:
+                reply, out = self.handle.options(multiplexed_model_id=session_id).call \
+                    .remote(header, parts).result(timeout_s=self.timeout_s)
+                break
+            except TimeoutError:
+                raise UnavailableError(f"an HE replica did not answer within "
+                                       f"{self.timeout_s:g} s; try again") from None
+            except RayTaskError as exc:      # a bug in the replica, not its death
+                log.error("an HE replica request failed: %s", str(exc)[:2000])
+                raise ServiceError("internal error in an HE replica") from None
+            except (RayError, RayServeException) as exc:
+                log.warning("an HE replica failed (%s): %s: %s", "giving up" if attempt
+                            else "retrying", type(exc).__name__, str(exc)[:2000])
+                if attempt:
+                    raise UnavailableError("the HE replicas serving this request failed "
+                                           "twice; try again shortly") from None
+                self.retries += 1
+        with self._lock:
+            replica, loads = reply.pop("replica", None), reply.pop("loads", None)
+            if isinstance(replica, str) and isinstance(loads, int):
+                self._loads[replica] = loads
+        raise_error(reply, "an HE replica")
+        return reply, out
+
+    def key_loads(self) -> int:
+        """Evaluation-key loads over every replica that answered (restarted ones too)."""
+        with self._lock:
+            return sum(self._loads.values())
+
+    def forget(self, session_id: str) -> None:
+        """Unload a deleted session where it is loaded (best effort, not awaited)."""
+        try:
+            self.handle.options(multiplexed_model_id=session_id).forget.remote()
+        except (RayError, RayServeException):
+            pass
+
+    def state(self, k: int = 0) -> str:
+        return "ok"
+
+    def restarts(self, k: int = 0) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+# -- enclave replicas ---------------------------------------------------------------------
+@serve.deployment(max_ongoing_requests=64)
+class EnclaveReplica:
+    """One enclave process (started and supervised here) as a Ray Serve replica."""
+
+    def __init__(self, export_dir: str, attester_key: str | None,
+                 key_release: str | None) -> None:
+        from ..deploy.export import read_export
+        from ..deploy.processes import Processes
+        from .tee import PoolLink, enclave_pool
+        from ..backends.sockets import parse_address
+
+        self._dir = Path(tempfile.mkdtemp(prefix="veil-enclave-replica-"))
+        self.procs = Processes(self._dir / "logs")
+        info = read_export(export_dir)
+        backend = self.procs.tee(info, attester_key=attester_key, key_release=key_release)
+        state = backend["children"][f"{info.name}-enclave"]
+        self.link = PoolLink(enclave_pool(parse_address(backend["enclave"]), state=state))
+
+    @serve.multiplexed(max_num_models_per_replica=ROUTES)
+    async def route(self, route: str) -> str:
+        return route
+
+    async def send(self, kind: int, body: bytes, wanted: int) -> tuple[dict, bytes]:
+        await self.route(serve.get_multiplexed_model_id())
+        loop = asyncio.get_running_loop()
+        try:
+            return {"ok": True}, await loop.run_in_executor(
+                None, self.link.send, kind, body, wanted)
+        except Exception as exc:
+            return error_header(exc), b""
+
+    def __del__(self) -> None:
+        procs = getattr(self, "procs", None)
+        if procs is not None:
+            self.link.close()
+            procs.close()
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class RayEnclaveLink:
+    """:class:`~veil.service.tee.PoolLink`'s interface over one model's enclave
+    deployment: each channel's messages go to the replica whose enclave opened it."""
+
+    def __init__(self, handle, timeout_s: float = 60.0) -> None:
+        self.handle, self.timeout_s = handle, timeout_s
+        self._routes: OrderedDict[bytes, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def ready(self) -> None:
+        pass
+
+    def _route_of(self, kind: int, body: bytes) -> str:
+        from ..backends.tee import net
+
+        if kind in (net.EVIDENCE_REQUEST, net.STATUS_REQUEST):
+            return secrets.token_hex(16)       # a new channel: any replica
+        with self._lock:
+            route = self._routes.get(bytes(body[:16]))
+        return route or secrets.token_hex(16)  # unknown: the enclave refuses it
+
+    def send(self, kind: int, body: bytes, wanted: int) -> bytes:
+        from ..backends.tee import net
+        from .tee import _channel_claim
+
+        route = self._route_of(kind, body)
+        try:
+            reply, out = self.handle.options(multiplexed_model_id=route).send \
+                .remote(kind, body, wanted).result(timeout_s=self.timeout_s)
+        except (TimeoutError, RayError, RayServeException):
+            raise UnavailableError("the enclave replica of this channel is not "
+                                   "responding; fetch fresh evidence and try again") from None
+        raise_error(reply, "an enclave replica")
+        if kind == net.EVIDENCE_REQUEST:
+            with self._lock:
+                self._routes[_channel_claim(out)] = route
+                while len(self._routes) > ROUTES:
+                    self._routes.popitem(last=False)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+# -- ingress ------------------------------------------------------------------------------
+@serve.deployment(name="veil-ingress", max_ongoing_requests=256)
+@serve.ingress()
+class Ingress:
+    """The veil HTTP app, with HE and TEE work sent to the replicas' handles."""
+
+    def __init__(self, config, he, enclaves: dict) -> None:
+        from dataclasses import replace
+
+        backends = {name: dict(b) for name, b in config.backends.items()}
+        for name, handle in enclaves.items():
+            backends.setdefault(name, {})["tee"] = {"link": RayEnclaveLink(handle)}
+        pool = None if he is None else RayHEPool(he, config.worker_timeout_s)
+        self.config = replace(config, backends=backends, he_pool=pool)
+        self.pool = pool
+
+    def __serve_build_asgi_app__(self):
+        from .app import create_app
+
+        app = create_app(self.config)
+        ctx = app.state.veil
+        if self.pool is not None:
+            ctx.children["he-replicas"] = self.pool.state
+            ctx.stats["he_key_loads"] = self.pool.key_loads
+            ctx.stats["he_retries"] = lambda: self.pool.retries
+        self.ctx = ctx
+        return app
+
+    def __del__(self) -> None:
+        ctx = getattr(self, "ctx", None)
+        if ctx is not None:
+            ctx.close()
+
+
+def build(config, options: ScaleOptions, *, attester_key: str | None = None,
+          key_release: str | None = None):
+    """The Ray Serve application of ``config`` (a ServiceConfig) sized by ``options``."""
+    from .app import load_exports
+
+    models = load_exports(config.exports)
+    env = {"OMP_NUM_THREADS": str(options.he_threads), "OPENBLAS_NUM_THREADS": "1"}
+    from .he_worker import FAULTS_ENV
+
+    if os.environ.get(FAULTS_ENV):             # the test seam reaches the replicas
+        env[FAULTS_ENV] = os.environ[FAULTS_ENV]
+    actor = {"num_cpus": options.replica_cpus, "runtime_env": {"env_vars": env}}
+    he = None
+    exports = [f"{name}={info.path('he') / 'server'}" for name, info in models.items()
+               if "he" in info.modes]
+    if exports:
+        budget = config.memory_budget_bytes // max(1, options.replicas)
+        he = HEReplica.options(num_replicas=options.replicas, ray_actor_options=actor,
+                               max_ongoing_requests=8).bind(
+            exports, str(config.store_dir), config.store_url, budget)
+    enclaves = {}
+    for name, info in models.items():
+        if "tee" in info.modes:
+            if attester_key is None:
+                raise ServiceError(f"{name} has the tee mode: --ray starts enclaves in "
+                                   "its replicas and needs --tee-attester-key DIR")
+            enclaves[name] = EnclaveReplica.options(
+                name=f"veil-enclave-{name}", num_replicas=options.replicas,
+                ray_actor_options={"num_cpus": options.replica_cpus}).bind(
+                str(info.directory), attester_key, key_release)
+    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(config, he, enclaves)
+
+
+def serve_on_ray(config, options: ScaleOptions, host: str = "127.0.0.1", port: int = 8000,
+                 *, out: TextIO | None = None, attester_key: str | None = None,
+                 key_release: str | None = None, stop: threading.Event | None = None) -> None:
+    """Deploy on the Ray cluster, announce ``veil-serve listening on URL`` (the line
+    ``veil serve`` writes), and serve until SIGINT/SIGTERM (or ``stop``); then delete
+    the application (its replicas and enclaves stop) and disconnect. ``port=0`` picks a
+    free port here."""
+    from .run import READY, bind
+
+    if port == 0:
+        probe = bind(host, 0)
+        port = probe.getsockname()[1]
+        probe.close()
+    ray.init(address=options.address, logging_level=logging.WARNING,
+             log_to_driver=False, namespace="veil")
+    stop = stop or threading.Event()
+    try:
+        # one proxy, on the head node: several nodes of one machine cannot share a port
+        serve.start(http_options={"host": host, "port": port, "location": "HeadOnly"})
+        serve.run(build(config, options, attester_key=attester_key,
+                        key_release=key_release), name=APP, route_prefix="/")
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(sig, lambda *_: stop.set())
+        (out or sys.stdout).write(f"{READY} http://{host}:{port}\n")
+        (out or sys.stdout).flush()
+        while not stop.wait(0.5):
+            pass
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
