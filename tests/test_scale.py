@@ -1,0 +1,142 @@
+"""`veil serve --ray`: the HTTP API on a local Ray cluster (a head node and a second
+worker node on loopback, started here and stopped after, nothing left running), HE
+sessions and enclaves as Ray Serve replicas, sessions in a throwaway PostgreSQL
+store; driven through the SDK."""
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+import pg_util
+import ray_util
+from service_util import tiny_export
+
+why = ray_util.missing() or pg_util.missing()
+pytestmark = pytest.mark.skipif(why is not None, reason=why or "")
+TOKEN = "scale-test-" + os.urandom(6).hex()
+
+
+def _veil(*args):
+    return subprocess.run([sys.executable, "-m", "veil", *map(str, args)], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def _leftovers(cluster_dir) -> list[str]:
+    """Processes still running that belong to the cluster (their command lines name its
+    temporary folder) or to a veil serve --ray of these tests."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        line = " ".join(p.info["cmdline"] or [])
+        if str(cluster_dir) in line or TOKEN in line:
+            out.append(f"{p.pid}: {line[:120]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def scaled(tmp_path_factory):
+    from veil.backends.tee import SoftwareAttester
+    from veil.service.he_worker import FAULTS_ENV
+
+    d = tmp_path_factory.mktemp("scale")
+    model, compiled, calib = tiny_export(d / "tiny", "tiny", modes=("he", "tee"))
+    SoftwareAttester.create(d / "att")
+    _veil("tee-policy", d / "tiny" / "tee", "--attester", d / "att", "--allow-insecure",
+          "--out", d / "policy.json")
+    key = _veil("keys", "create", "alice", "--store", d / "store")
+    with pg_util.postgres_server() as url:
+        cluster = ray_util.RayCluster(cpus=1, workers=1)
+        try:
+            # 2 HE + 2 enclave replicas at half a CPU each fill the two 1-CPU nodes
+            server = ray_util.RayServe(
+                [d / "tiny"], d / "store", cluster.address, "--replicas", "2",
+                "--replica-cpus", "0.5", "--store-url", url(), "--tee-attester-key",
+                d / "att", env={FAULTS_ENV: TOKEN})
+            try:
+                yield {"url": server.url, "key": key, "dir": d, "calib": calib,
+                       "compiled": compiled, "cluster": cluster}
+            finally:
+                server.stop()
+        finally:
+            cluster.stop()
+    assert _leftovers(cluster.dir) == []
+
+
+def _client(s, mode, name="k"):
+    from veil.sdk import Client
+
+    opts = ({"policy": s["dir"] / "policy.json"} if mode == "tee"
+            else {"allow_insecure": True})
+    return Client(s["url"], "tiny", mode, api_key=s["key"], key_dir=s["dir"] / name, **opts)
+
+
+def _stats(s) -> dict:
+    return httpx.get(s["url"] + "/v1/health", timeout=30).json()["stats"]
+
+
+def test_he_and_tee_requests_through_the_sdk(scaled):
+    xs = scaled["calib"][:6]
+    sim = scaled["compiled"].run(xs, mode="simulate")
+    plain = scaled["compiled"].run(xs, mode="plain")
+    with _client(scaled, "he") as he:
+        np.testing.assert_allclose(he.predict(xs[0]), sim[0], atol=1e-3)
+        np.testing.assert_allclose(he.predict(xs), sim, atol=1e-3)
+    with _client(scaled, "tee") as tee:
+        np.testing.assert_allclose(tee.predict(xs[0]), plain[0], atol=1e-5)
+        for _ in range(4):       # every message of the channel reaches its enclave
+            np.testing.assert_allclose(tee.predict(xs), plain, atol=1e-5)
+
+
+def test_warm_sessions_never_reload_their_keys(scaled):
+    """Three sessions, 8 requests each: the keys load once per session (when the upload
+    is validated, on the replica that then serves it), never again."""
+    x = scaled["calib"][0]
+    clients = [_client(scaled, "he", f"affinity-{i}") for i in range(3)]
+    try:
+        for c in clients:
+            c.predict(x)                   # creates the session: its one key load
+        before = _stats(scaled)["he_key_loads"]
+        for _ in range(8):
+            for c in clients:
+                c.predict(x)
+        assert _stats(scaled)["he_key_loads"] == before
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_a_replica_killed_mid_request_loses_no_session(scaled):
+    """A request that kills its replica (the test seam: os._exit mid-request) is sent
+    once more and, killing that one too, answered 503; the session survives in the
+    store, and once Ray Serve has restarted the replicas it answers again (its keys
+    reloaded from PostgreSQL)."""
+    from veil.errors import UnavailableError
+
+    x = scaled["calib"][:2]
+    sim = scaled["compiled"].run(x, mode="simulate")
+    with _client(scaled, "he", "fault") as c:
+        c.predict(x[0])
+        sid = c.mode.session_id
+        retries = _stats(scaled)["he_retries"]
+        r = httpx.post(f"{scaled['url']}/v1/he/sessions/{sid}/infer",
+                       content=f"{TOKEN}:exit".encode(), timeout=120,
+                       headers={"Authorization": f"Bearer {scaled['key']}",
+                                "Content-Type": "application/octet-stream"})
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "unavailable"
+        assert _stats(scaled)["he_retries"] == retries + 1
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                out = c.predict(x)
+                break
+            except UnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
+        np.testing.assert_allclose(out, sim, atol=1e-3)
+        assert c.mode.session_id == sid        # the same session, not a new upload
