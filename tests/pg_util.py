@@ -14,7 +14,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-BIN_DIRS = ("/usr/local/bin", "/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin")
+BIN_DIRS = ("/usr/local/bin", *sorted(map(str, Path("/usr/lib/postgresql").glob("*/bin")),
+                                      reverse=True))
 
 
 def pg_bin(name: str) -> str | None:
