@@ -140,3 +140,38 @@ def test_a_replica_killed_mid_request_loses_no_session(scaled):
                 time.sleep(2)
         np.testing.assert_allclose(out, sim, atol=1e-3)
         assert c.mode.session_id == sid        # the same session, not a new upload
+
+
+@pytest.mark.slow
+def test_a_node_that_joins_takes_load(tmp_path):
+    """A one-node cluster cannot place the second 1-CPU HE replica; a node that joins
+    while the deployment waits takes it, and new sessions spread over both replicas."""
+    import threading
+
+    _, compiled, calib = tiny_export(tmp_path / "tiny", "tiny")
+    key = _veil("keys", "create", "alice", "--store", tmp_path / "store")
+    cluster = ray_util.RayCluster(cpus=1, workers=0)
+    try:
+        joined = threading.Timer(15, cluster.add_node)
+        joined.start()
+        server = ray_util.RayServe([tmp_path / "tiny"], tmp_path / "store", cluster.address,
+                                   "--replicas", "2", "--replica-cpus", "1")
+        joined.join()
+        try:
+            s = {"url": server.url, "key": key, "dir": tmp_path}
+            clients = [_client(s, "he", f"join-{i}") for i in range(6)]
+            threads = [threading.Thread(target=c.predict, args=(calib[0],)) for c in clients]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert _stats(s)["he_replicas_seen"] == 2
+            sim = compiled.run(calib[:3], mode="simulate")
+            for c in clients:
+                np.testing.assert_allclose(c.predict(calib[:3]), sim, atol=1e-3)
+                c.close()
+        finally:
+            server.stop()
+    finally:
+        cluster.stop()
+    assert _leftovers(cluster.dir) == []

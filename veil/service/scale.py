@@ -226,6 +226,11 @@ class RayHEPool:
         with self._lock:
             return sum(self._loads.values())
 
+    def replicas_seen(self) -> int:
+        """How many replicas (restarted ones counted again) have answered."""
+        with self._lock:
+            return len(self._loads)
+
     def forget(self, session_id: str) -> None:
         """Unload a deleted session where it is loaded (best effort, not awaited)."""
         try:
@@ -352,6 +357,7 @@ class Ingress:
             ctx.children["he-replicas"] = self.pool.state
             ctx.stats["he_key_loads"] = self.pool.key_loads
             ctx.stats["he_retries"] = lambda: self.pool.retries
+            ctx.stats["he_replicas_seen"] = self.pool.replicas_seen
         self.ctx = ctx
         return app
 
