@@ -6,10 +6,11 @@ runs `veil serve --ray` with 1, then 2 replicas of one CPU each, one mode at a t
 the sessions live in a throwaway PostgreSQL store when PostgreSQL is installed (else the
 SQLite store). Per mode:
 
-- direct: one `veil serve` process (HE: one worker process; TEE: the enclave it
-  starts), one client, one input at a time: p50 / p95 latency;
-- Ray, 1 replica: the same latency (the difference is Ray Serve's proxy, ingress and
-  handle hops), and throughput with 2 client threads;
+- latency, one input at a time, alternating between today's `veil serve` (HE: one
+  worker process; TEE: the enclave it starts) and Ray with 1 replica, so a shared
+  machine's load weighs on both alike: p50 / p95 (the difference is Ray Serve's proxy,
+  ingress and handle hops);
+- Ray, 1 replica: throughput with 2 client threads;
 - Ray, 2 replicas: throughput with 4 client threads. HE clients each have their own
   session (their own keys), created two at a time so Ray's router spreads them;
 - key reloads per 100 warm requests (the ingress's count of evaluation-key loads before
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,36 +132,54 @@ class Setup:
         SoftwareAttester.create(d / "att")
         _veil("tee-policy", tee.path("tee"), "--attester", d / "att", "--allow-insecure",
               "--out", d / "policy.json")
-        self.key = _veil("keys", "create", "bench", "--store", d / "store",
-                         "--max-concurrent", "64", "--rate", "10000", "--burst", "10000",
-                         "--max-sessions", "64")
+        # one store for Ray's ingress, one for today's `veil serve`; a key in each
+        self.keys = {store: _veil("keys", "create", "bench", "--store", d / store,
+                                  "--max-concurrent", "64", "--rate", "10000", "--burst",
+                                  "10000", "--max-sessions", "64")
+                     for store in ("store", "direct-store")}
 
-    def client(self, url: str, mode: str, name: str):
+    def client(self, url: str, mode: str, name: str, store: str = "store"):
         from veil.sdk import Client
 
         opts = {"policy": self.d / "policy.json"} if mode == "tee" else {}
-        return Client(url, "digits", mode, api_key=self.key,
+        return Client(url, "digits", mode, api_key=self.keys[store],
                       key_dir=self.d / f"sdk-{name}", **opts)
 
     def export(self, mode: str) -> Path:
         return self.d / f"digits-{mode}"
 
 
-def _direct(s: Setup, mode: str, n: int) -> dict:
+@contextmanager
+def _direct(s: Setup, mode: str):
+    """Today's `veil serve` of ``mode``'s export (HE: one worker process; TEE: the
+    enclave it starts); yields its URL."""
     import ray_util
 
     extra = ["--he-workers", "1"] if mode == "he" else ["--tee-attester-key", s.d / "att"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "veil", "serve", s.export(mode), "--store", s.d / "store",
-         "--listen", "127.0.0.1:0", *map(str, extra)],
+        [sys.executable, "-m", "veil", "serve", s.export(mode), "--store",
+         s.d / "direct-store", "--listen", "127.0.0.1:0", *map(str, extra)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ray_util._env())
     try:
-        url = proc.stdout.readline().split()[-1]
-        with s.client(url, mode, f"direct-{mode}") as c:
-            return _latency(c, s.x, n)
+        yield proc.stdout.readline().split()[-1]
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def _paired_latency(direct, ray, x, n: int) -> tuple[dict, dict]:
+    """One input at a time, alternating between the direct service and Ray, so the
+    load of a shared machine weighs on both alike."""
+    direct.predict(x[0])
+    ray.predict(x[0])
+    times: dict[str, list[float]] = {"direct": [], "ray": []}
+    for i in range(n):
+        for name, client in (("direct", direct), ("ray", ray))[::1 if i % 2 else -1]:
+            t = time.perf_counter()
+            client.predict(x[i % len(x)])
+            times[name].append(time.perf_counter() - t)
+    return tuple({"n": n, "p50_ms": _pct(times[k], 50), "p95_ms": _pct(times[k], 95)}
+                 for k in ("direct", "ray"))
 
 
 def _on_ray(s: Setup, cluster, store: list[str], mode: str, replicas: int, n: int,
@@ -174,8 +193,10 @@ def _on_ray(s: Setup, cluster, store: list[str], mode: str, replicas: int, n: in
     try:
         row = {"mode": mode, "replicas": replicas}
         if replicas == 1:
-            with s.client(server.url, mode, f"lat-{mode}-{replicas}") as c:
-                row["latency"] = _latency(c, s.x, n)
+            with _direct(s, mode) as url, \
+                    s.client(url, mode, f"direct-{mode}", "direct-store") as d, \
+                    s.client(server.url, mode, f"lat-{mode}") as r:
+                row["direct_latency"], row["latency"] = _paired_latency(d, r, s.x, n)
         clients = _warm(lambda i: s.client(server.url, mode, f"tp-{mode}-{replicas}-{i}"),
                         2 * replicas, s.x)
         loads = _key_loads(server.url) if mode == "he" else 0
@@ -272,8 +293,6 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         s = Setup(Path(tmp))
-        direct = {mode: _direct(s, mode, n[mode]) for mode in ("he", "tee")}
-        print("direct", direct, flush=True)
         store = []
         if pg_util.missing() is None:
             store = ["--store-url", stack.enter_context(pg_util.postgres_server())()]
@@ -284,6 +303,7 @@ def main(argv=None) -> int:
                 rows.append(_on_ray(s, cluster, store, mode, replicas, n[mode],
                                     args.seconds))
                 print(rows[-1], flush=True)
+    direct = {r["mode"]: r["direct_latency"] for r in rows if "direct_latency" in r}
     projection = _projection(rows, direct)
     data = {"direct": direct, "ray": rows, "projection": projection,
             "store": "postgresql" if store else "sqlite", "quick": args.quick}

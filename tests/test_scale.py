@@ -26,13 +26,17 @@ def _veil(*args):
                           capture_output=True, text=True).stdout.strip()
 
 
-def _leftovers(cluster_dir) -> list[str]:
-    """Processes still running that belong to the cluster (their command lines name its
-    temporary folder) or to a veil serve --ray of these tests."""
+def _leftovers(*dirs) -> list[str]:
+    """Processes still running whose command lines name one of ``dirs``: the cluster's
+    temporary folder (every Ray process of it), the test's folder (veil serve --ray, the
+    enclaves its replicas started)."""
     out = []
     for p in psutil.process_iter(["cmdline"]):
-        line = " ".join(p.info["cmdline"] or [])
-        if str(cluster_dir) in line or TOKEN in line:
+        try:
+            line = " ".join(p.info["cmdline"] or [])
+        except psutil.Error:
+            continue
+        if any(str(d) in line for d in dirs):
             out.append(f"{p.pid}: {line[:120]}")
     return out
 
@@ -63,7 +67,7 @@ def scaled(tmp_path_factory):
                 server.stop()
         finally:
             cluster.stop()
-    assert _leftovers(cluster.dir) == []
+    assert _leftovers(cluster.dir, d) == []
 
 
 def _client(s, mode, name="k"):
@@ -85,10 +89,20 @@ def test_he_and_tee_requests_through_the_sdk(scaled):
     with _client(scaled, "he") as he:
         np.testing.assert_allclose(he.predict(xs[0]), sim[0], atol=1e-3)
         np.testing.assert_allclose(he.predict(xs), sim, atol=1e-3)
-    with _client(scaled, "tee") as tee:
-        np.testing.assert_allclose(tee.predict(xs[0]), plain[0], atol=1e-5)
-        for _ in range(4):       # every message of the channel reaches its enclave
-            np.testing.assert_allclose(tee.predict(xs), plain, atol=1e-5)
+    deadline = time.monotonic() + 60       # both enclave replicas have announced
+    while _stats(scaled)["tee_enclaves_tiny"] < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _stats(scaled)["tee_enclaves_tiny"] == 2
+    tees = [_client(scaled, "tee", f"tee-{i}") for i in range(4)]   # 2 channels each
+    try:
+        for tee in tees:
+            np.testing.assert_allclose(tee.predict(xs[0]), plain[0], atol=1e-5)
+        for _ in range(3):       # every message of a channel reaches its enclave
+            for tee in tees:
+                np.testing.assert_allclose(tee.predict(xs), plain, atol=1e-5)
+    finally:
+        for tee in tees:
+            tee.close()
 
 
 def test_warm_sessions_never_reload_their_keys(scaled):
@@ -174,4 +188,4 @@ def test_a_node_that_joins_takes_load(tmp_path):
             server.stop()
     finally:
         cluster.stop()
-    assert _leftovers(cluster.dir) == []
+    assert _leftovers(cluster.dir, tmp_path) == []

@@ -9,13 +9,16 @@ Ray Serve application, ``veil``, on the Ray cluster at ``ADDRESS``:
 * ``veil-he`` (``--replicas`` replicas, ``--replica-cpus`` CPUs each, OpenFHE on
   ``--he-threads`` threads): each holds an HE worker's model servers and loaded
   sessions (:class:`veil.service.he_worker.Worker`). Requests carry the session id as
-  Ray Serve's *multiplexed model id*, so Ray routes a session to the replica that
-  already has its evaluation keys loaded (LRU, at most ``--sessions-per-replica`` per
-  replica): keys load once per replica. A session's first replica is the one that
-  validated its upload, so the first inference is warm too.
+  Ray Serve's *multiplexed model id*, so Ray routes a session to a replica that already
+  has its evaluation keys loaded (LRU, at most ``SESSIONS_PER_REPLICA`` per replica):
+  keys load once per replica. A session starts on the replica that validated its
+  upload; a request that comes before Ray's routing table knows that (it is updated
+  asynchronously) may go to another replica, which then loads the keys too.
 * ``veil-enclave-<model>`` (``--replicas`` replicas per TEE model): each starts its
-  own enclave process; a channel's messages carry a route id as multiplexed model id,
-  so every message of a channel reaches the enclave that opened it.
+  own enclave process and announces its address in a registry (a small named Ray
+  actor). The ingress talks to the enclaves directly over their TCP ports (the enclave
+  protocol of ``veil tee-serve``), and keeps each channel on the enclave that opened it;
+  a new channel goes to the enclave with the fewest.
 
 Keys come from the shared session store: each HE replica opens it itself
 (``--store-url postgresql://...`` for several machines; the SQLite store in ``--store``
@@ -26,7 +29,8 @@ with a Ray error; an HE request is then sent once more, to any live replica, whi
 the session's keys from the store (the store is only ever written by the ingress, and
 atomically, so it stays consistent); a second failure is
 :class:`~veil.errors.UnavailableError` (503). Ray Serve restarts the replica. A TEE
-message whose enclave died gets 503 and the client opens a new channel. A node that
+message whose enclave died gets 503 until the enclave leaves the registry (``FRESH_S``),
+then "unknown channel", on which the SDK attests again (to a live enclave). A node that
 joins the cluster takes new replicas; Ray's router spreads new sessions over replicas
 by load.
 
@@ -44,6 +48,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,7 +65,10 @@ from .workers import error_header, raise_error
 
 log = logging.getLogger("veil.service")
 APP = "veil"
-ROUTES = 1024          # TEE channels whose replica one ingress remembers
+ROUTES = 4096          # TEE channels whose enclave one ingress remembers
+REGISTRY = "veil-enclave-registry"
+ANNOUNCE_S, FRESH_S, REFRESH_S = 2.0, 6.0, 1.0
+START_WAIT_S = 120.0   # how long the ingress waits at start for the enclave replicas
 # Ray Serve's multiplexing LRU: the sessions routed to one HE replica (the memory budget
 # still bounds what stays loaded)
 SESSIONS_PER_REPLICA = 64
@@ -249,87 +257,188 @@ class RayHEPool:
 
 
 # -- enclave replicas ---------------------------------------------------------------------
-@serve.deployment(max_ongoing_requests=64)
+@ray.remote(num_cpus=0)
+class EnclaveRegistry:
+    """Where each enclave replica's enclave listens (a named Ray actor, ``REGISTRY`` in
+    namespace ``veil``): replicas announce theirs every ``ANNOUNCE_S``; the ingress
+    reads the ones announced within ``FRESH_S``."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str], tuple[str, float]] = {}
+
+    def announce(self, model: str, replica: str, address: str) -> None:
+        self._seen[(model, replica)] = (address, time.monotonic())
+
+    def withdraw(self, model: str, replica: str) -> None:
+        self._seen.pop((model, replica), None)
+
+    def enclaves(self, model: str) -> list[str]:
+        now = time.monotonic()
+        return sorted(a for (m, _), (a, t) in self._seen.items()
+                      if m == model and now - t <= FRESH_S)
+
+
+def registry(create: bool = False):
+    """The enclave registry. The ingress makes it (``create``) and holds its handle: a
+    Ray actor lives as long as its maker's handles, so it lives as long as the ingress
+    (a restarted ingress makes a new one). Enclave replicas only look it up, every time
+    they announce (ValueError while there is none)."""
+    if create:
+        return EnclaveRegistry.options(name=REGISTRY, namespace="veil",
+                                       get_if_exists=True).remote()
+    return ray.get_actor(REGISTRY, namespace="veil")
+
+
+@serve.deployment
 class EnclaveReplica:
-    """One enclave process (started and supervised here) as a Ray Serve replica."""
+    """One enclave process, started and supervised here, placed and restarted by Ray
+    Serve. The ingress talks to the enclave itself (its TCP port, the enclave protocol
+    of ``veil tee-serve``), found through the registry: a channel lives in one enclave,
+    so the ingress keeps each channel on the enclave that opened it."""
 
     def __init__(self, export_dir: str, attester_key: str | None,
                  key_release: str | None) -> None:
         from ..deploy.export import read_export
         from ..deploy.processes import Processes
-        from .tee import PoolLink, enclave_pool
-        from ..backends.sockets import parse_address
 
         self._dir = Path(tempfile.mkdtemp(prefix="veil-enclave-replica-"))
         self.procs = Processes(self._dir / "logs")
         info = read_export(export_dir)
-        backend = self.procs.tee(info, attester_key=attester_key, key_release=key_release)
-        state = backend["children"][f"{info.name}-enclave"]
-        self.link = PoolLink(enclave_pool(parse_address(backend["enclave"]), state=state))
+        self.model, self.id = info.name, secrets.token_hex(8)
+        backend = self.procs.tee(info, attester_key=attester_key, key_release=key_release,
+                                 host=ray.util.get_node_ip_address())
+        self.address, self.state = backend["enclave"], backend["children"][
+            f"{info.name}-enclave"]
+        self._stop = threading.Event()
+        self._announcer = threading.Thread(target=self._announce, daemon=True,
+                                           name="veil-enclave-announce")
+        self._announcer.start()
 
-    @serve.multiplexed(max_num_models_per_replica=ROUTES)
-    async def route(self, route: str) -> str:
-        return route
+    def _announce(self) -> None:
+        while True:
+            if self.state() == "ok":
+                try:
+                    registry().announce.remote(self.model, self.id, self.address)
+                except Exception as exc:  # no registry yet (the ingress makes it)
+                    log.info("cannot announce the enclave yet: %s", str(exc)[:300])
+            if self._stop.wait(ANNOUNCE_S):
+                return
 
-    async def send(self, kind: int, body: bytes, wanted: int) -> tuple[dict, bytes]:
-        await self.route(serve.get_multiplexed_model_id())
-        loop = asyncio.get_running_loop()
-        try:
-            return {"ok": True}, await loop.run_in_executor(
-                None, self.link.send, kind, body, wanted)
-        except Exception as exc:
-            return error_header(exc), b""
+    def check_health(self) -> None:
+        """Ray Serve's health check: a dead enclave process fails it (Serve restarts
+        the replica when its supervisor cannot bring the enclave back)."""
+        if self.state() in ("down",):
+            raise UnavailableError(f"the enclave of {self.model} is down")
 
     def __del__(self) -> None:
+        """Ray Serve's shutdown hook: withdraw, stop the enclave, remove the files."""
         procs = getattr(self, "procs", None)
         if procs is not None:
-            self.link.close()
+            self._stop.set()
+            try:
+                registry().withdraw.remote(self.model, self.id)
+            except Exception:     # the registry went with the ingress: nothing to do
+                pass
             procs.close()
             shutil.rmtree(self._dir, ignore_errors=True)
 
 
 class RayEnclaveLink:
     """:class:`~veil.service.tee.PoolLink`'s interface over one model's enclave
-    deployment: each channel's messages go to the replica whose enclave opened it."""
+    replicas: a new channel (an evidence request) goes to the enclave with the fewest
+    channels, and every later message of the channel to that enclave, over pooled
+    connections straight to it. A thread refreshes the registry's list every
+    ``REFRESH_S``; a channel whose enclave left it is unknown (the SDK attests again)."""
 
-    def __init__(self, handle, timeout_s: float = 60.0) -> None:
-        self.handle, self.timeout_s = handle, timeout_s
-        self._routes: OrderedDict[bytes, str] = OrderedDict()
+    def __init__(self, model: str, expect: int = 0, wait_s: float = START_WAIT_S) -> None:
+        """Reads the registry until ``expect`` enclaves have announced themselves (at
+        most ``wait_s``), so the service announces itself with its enclaves up."""
+        self.model = model
+        self._links: dict[str, object] = {}
+        self._channels: OrderedDict[bytes, str] = OrderedDict()
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._registry = registry(create=True)
+        deadline = time.monotonic() + wait_s
+        self._refresh()
+        while self.count() < expect and time.monotonic() < deadline:
+            time.sleep(REFRESH_S / 4)
+            self._refresh()
+        self._thread = threading.Thread(target=self._poll, daemon=True,
+                                        name=f"veil-enclaves-{model}")
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(REFRESH_S):
+            self._refresh()
+
+    def _refresh(self) -> None:
+        from ..backends.sockets import parse_address
+        from .tee import PoolLink, enclave_pool
+
+        try:
+            now = ray.get(self._registry.enclaves.remote(self.model), timeout=10)
+        except Exception as exc:    # this thread must live on: retried in REFRESH_S
+            log.warning("cannot read the enclave registry: %s", str(exc)[:300])
+            return
+        gone = []
+        with self._lock:
+            for address in now:
+                if address not in self._links:
+                    self._links[address] = PoolLink(enclave_pool(parse_address(address)))
+            for address in set(self._links) - set(now):
+                gone.append(self._links.pop(address))
+        for link in gone:
+            link.close()
+
+    def count(self) -> int:
+        """How many enclaves this link reaches now."""
+        with self._lock:
+            return len(self._links)
 
     def ready(self) -> None:
-        pass
-
-    def _route_of(self, kind: int, body: bytes) -> str:
-        from ..backends.tee import net
-
-        if kind in (net.EVIDENCE_REQUEST, net.STATUS_REQUEST):
-            return secrets.token_hex(16)       # a new channel: any replica
         with self._lock:
-            route = self._routes.get(bytes(body[:16]))
-        return route or secrets.token_hex(16)  # unknown: the enclave refuses it
+            if not self._links:
+                raise UnavailableError("no enclave replica is up yet; try again shortly")
+
+    def _pick(self, kind: int, body: bytes) -> tuple[str, object]:
+        from ..backends.tee import net
+        from ..errors import SessionError
+
+        with self._lock:
+            if kind in (net.EVIDENCE_REQUEST, net.STATUS_REQUEST):
+                if not self._links:
+                    raise UnavailableError("no enclave replica is up; try again shortly")
+                load = {a: 0 for a in self._links}
+                for a in self._channels.values():
+                    if a in load:
+                        load[a] += 1
+                address = min(load, key=lambda a: (load[a], a))
+            else:
+                address = self._channels.get(bytes(body[:16]))
+                if address not in self._links:
+                    raise SessionError("unknown or expired channel: fetch fresh evidence")
+            return address, self._links[address]
 
     def send(self, kind: int, body: bytes, wanted: int) -> bytes:
         from ..backends.tee import net
         from .tee import _channel_claim
 
-        route = self._route_of(kind, body)
-        try:
-            reply, out = self.handle.options(multiplexed_model_id=route).send \
-                .remote(kind, body, wanted).result(timeout_s=self.timeout_s)
-        except (TimeoutError, RayError, RayServeException):
-            raise UnavailableError("the enclave replica of this channel is not "
-                                   "responding; fetch fresh evidence and try again") from None
-        raise_error(reply, "an enclave replica")
+        address, link = self._pick(kind, body)
+        out = link.send(kind, body, wanted)
         if kind == net.EVIDENCE_REQUEST:
             with self._lock:
-                self._routes[_channel_claim(out)] = route
-                while len(self._routes) > ROUTES:
-                    self._routes.popitem(last=False)
+                self._channels[_channel_claim(out)] = address
+                while len(self._channels) > ROUTES:
+                    self._channels.popitem(last=False)
         return out
 
     def close(self) -> None:
-        pass
+        self._stop.set()
+        with self._lock:
+            links, self._links = list(self._links.values()), {}
+        for link in links:
+            link.close()
 
 
 # -- ingress ------------------------------------------------------------------------------
@@ -338,12 +447,12 @@ class RayEnclaveLink:
 class Ingress:
     """The veil HTTP app, with HE and TEE work sent to the replicas' handles."""
 
-    def __init__(self, config, he, enclaves: dict) -> None:
+    def __init__(self, config, he, enclaves: dict, replicas: int) -> None:
         from dataclasses import replace
 
         backends = {name: dict(b) for name, b in config.backends.items()}
-        for name, handle in enclaves.items():
-            backends.setdefault(name, {})["tee"] = {"link": RayEnclaveLink(handle)}
+        for name in enclaves:
+            backends.setdefault(name, {})["tee"] = {"link": RayEnclaveLink(name, replicas)}
         pool = None if he is None else RayHEPool(he, config.worker_timeout_s)
         self.config = replace(config, backends=backends, he_pool=pool)
         self.pool = pool
@@ -358,6 +467,10 @@ class Ingress:
             ctx.stats["he_key_loads"] = self.pool.key_loads
             ctx.stats["he_retries"] = lambda: self.pool.retries
             ctx.stats["he_replicas_seen"] = self.pool.replicas_seen
+        for name, backend in self.config.backends.items():
+            link = backend.get("tee", {}).get("link")
+            if isinstance(link, RayEnclaveLink):
+                ctx.stats[f"tee_enclaves_{name}"] = link.count
         self.ctx = ctx
         return app
 
@@ -397,7 +510,8 @@ def build(config, options: ScaleOptions, *, attester_key: str | None = None,
                 name=f"veil-enclave-{name}", num_replicas=options.replicas,
                 ray_actor_options={"num_cpus": options.replica_cpus}).bind(
                 str(info.directory), attester_key, key_release)
-    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(config, he, enclaves)
+    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(config, he, enclaves,
+                                                                  options.replicas)
 
 
 def serve_on_ray(config, options: ScaleOptions, host: str = "127.0.0.1", port: int = 8000,
