@@ -320,3 +320,30 @@ def test_a_loaded_session_is_never_used_by_two_threads(he_model):
         t.join(60)
     assert peak[0] == 1 and loaded.loads == 1
     loaded.close()
+
+
+def test_revoking_a_key_deletes_its_sessions_in_postgres(postgres, tmp_path):
+    """`veil keys revoke --store-url` deletes the key's sessions from the shared store,
+    and a PostgresStore never commits an upload for a revoked key."""
+    import subprocess
+    import sys
+
+    url = postgres()
+    keys = KeyStore(tmp_path)
+    token = keys.create("alice")
+    kid = key_id(token)
+    store = PostgresStore(url, tmp_path / "cache", revoked=keys.is_revoked)
+    mine, _ = put(store, owner=kid)
+    other, _ = put(store, owner=OTHER)
+    pending = store.begin(1 << 20, kid)
+    pending.write(b"k" * 10)
+    out = subprocess.run([sys.executable, "-m", "veil", "keys", "revoke", kid, "--store",
+                          str(tmp_path), "--store-url", url], capture_output=True,
+                         text=True, check=True).stdout
+    assert "deleted 1 sessions" in out
+    assert [r.id for r in store.records()] == [other.id]
+    with pytest.raises(AuthError):
+        store.commit(pending, owner=kid, model="m", model_id="id")
+    assert store.in_progress() == (0, 0)
+    store.close()
+    keys.close()

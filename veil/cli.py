@@ -352,6 +352,10 @@ def _keys_parsers(sub) -> None:
         if action == "set-limits":
             a.add_argument("--reset", action="store_true",
                            help="forget the key's own limits before applying these")
+        if action == "revoke":
+            a.add_argument("--store-url", help="the service's PostgreSQL session store "
+                           "(its `veil serve --store-url`), where the key's sessions are "
+                           "deleted; default: the SQLite store in --store")
 
 
 def _single_threaded_blas(argv: list[str] | None) -> None:

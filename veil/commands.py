@@ -190,7 +190,7 @@ def keys_cmd(args) -> int:
     sessions and their key files (safe while the service runs: the store is opened
     without its crash recovery, which would delete uploads in progress)."""
     from .service.auth import KeyStore
-    from .service.store import SQLiteStore
+    from .service.store import open_store
 
     store = KeyStore(args.store)
     try:
@@ -209,7 +209,8 @@ def keys_cmd(args) -> int:
         else:
             kid = store.resolve(args.id)
             store.revoke(kid)
-            sessions = SQLiteStore(args.store, recover=False)
+            sessions = open_store(args.store, getattr(args, "store_url", None),
+                                  recover=False)
             try:
                 dropped = sessions.delete_owner(kid)
             finally:
