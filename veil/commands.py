@@ -296,7 +296,8 @@ def _serve_ray(args, infos, store: Path) -> int:
                            he_threads=args.he_threads)
     config = _service_config(args, infos, store, {i.name: {} for i in infos})
     serve_on_ray(config, options, *args.listen, attester_key=args.tee_attester_key,
-                 key_release=args.tee_key_release)
+                 key_release=args.tee_key_release, tls_cert=args.tls_cert,
+                 tls_key=args.tls_key)
     return 0
 
 

@@ -3,9 +3,11 @@
 ``veil serve EXPORT... --store DIR --ray ADDRESS`` (:func:`serve_on_ray`) deploys one
 Ray Serve application, ``veil``, on the Ray cluster at ``ADDRESS``:
 
-* ``veil-ingress`` (one replica, behind Ray Serve's HTTP proxy on ``--listen``): the
-  app of :func:`veil.service.app.create_app`, unchanged: API keys, per-key limits,
-  body limits, the session store, TEE channel ownership. It computes nothing.
+* ``veil-ingress`` (one replica, on the head node): the app of
+  :func:`veil.service.app.create_app`, unchanged (API keys, per-key limits, body
+  limits, the session store, TEE channel ownership), served by uvicorn inside the
+  replica on ``--listen`` as ``veil serve`` serves it. Ray Serve's own HTTP proxy is
+  off: it would add a process hop to every request. The ingress computes nothing.
 * ``veil-he`` (``--replicas`` replicas, ``--replica-cpus`` CPUs each, OpenFHE on
   ``--he-threads`` threads): each holds an HE worker's model servers and loaded
   sessions (:class:`veil.service.he_worker.Worker`). Requests carry the session id as
@@ -72,6 +74,9 @@ START_WAIT_S = 120.0   # how long the ingress waits at start for the enclave rep
 # Ray Serve's multiplexing LRU: the sessions routed to one HE replica (the memory budget
 # still bounds what stays loaded)
 SESSIONS_PER_REPLICA = 64
+HEAD_NODE = "node:__internal_head__"   # Ray's resource of the head node
+# The worker requests that carry an upload (a file in the ingress) and its part's name
+UPLOADS = {"open": "keys", "weights": "weights"}
 
 
 @dataclass(frozen=True)
@@ -131,21 +136,23 @@ class HEReplica:
         return await loop.run_in_executor(self._run, self._handle, sid, header, parts)
 
     async def forget(self) -> None:
+        """Unload a deleted session (after any request of it running here)."""
         sid = serve.get_multiplexed_model_id()
-        self.worker.loaded.discard(sid)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._run, self.worker.loaded.discard, sid)
 
     def _handle(self, sid: str, header: dict, parts: dict[str, bytes]) -> tuple[dict, dict]:
         header = {**header, "session": sid}
         scratch = []
         try:
-            for name in ("keys", "weights"):       # an upload travels as bytes
-                if name in parts and header.get("op") in ("open", "weights"):
-                    path = self._dir / f"{secrets.token_hex(8)}.{name}"
-                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                    with os.fdopen(fd, "wb") as fh:
-                        fh.write(parts.pop(name))
-                    header[name] = str(path)
-                    scratch.append(path)
+            upload = UPLOADS.get(header.get("op"))
+            if upload is not None:             # the upload, as a private file here
+                path = self._dir / f"{secrets.token_hex(8)}.{upload}"
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(parts.pop(upload))
+                header[upload] = str(path)
+                scratch.append(path)
             if header.get("op") != "open":
                 header["keys"] = str(self.store.key_path(sid))
                 if "weights" not in header:
@@ -198,11 +205,10 @@ class RayHEPool:
     def call(self, session_id: str, op: str, header: dict,
              parts: dict[str, bytes] | None = None) -> tuple[dict, dict]:
         header, parts = {**header, "op": op}, dict(parts or {})
-        for name in ("keys", "weights"):       # files of the ingress: send their bytes
-            if op in ("open", "weights") and name in header and (
-                    op == "open" or name == "weights"):
-                parts[name] = Path(header.pop(name)).read_bytes()
-        header.pop("keys", None)
+        upload = UPLOADS.get(op)        # a file of the ingress: its bytes travel
+        if upload is not None:
+            parts[upload] = Path(header[upload]).read_bytes()
+        header.pop("keys", None)        # other files: the replica finds them itself
         header.pop("weights", None)
         for attempt in (0, 1):
             try:
@@ -442,26 +448,47 @@ class RayEnclaveLink:
 
 
 # -- ingress ------------------------------------------------------------------------------
-@serve.deployment(name="veil-ingress", max_ongoing_requests=256)
-@serve.ingress()
-class Ingress:
-    """The veil HTTP app, with HE and TEE work sent to the replicas' handles."""
+@dataclass(frozen=True)
+class Listen:
+    """Where the ingress serves HTTP (``veil serve --listen``, ``--tls-cert/--tls-key``)."""
 
-    def __init__(self, config, he, enclaves: dict, replicas: int) -> None:
+    host: str
+    port: int
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+@serve.deployment(name="veil-ingress")
+class Ingress:
+    """The veil HTTP app (:func:`veil.service.app.create_app`, unchanged) served by
+    uvicorn in this replica on ``listen``, as ``veil serve`` serves it, with HE work sent
+    to the ``veil-he`` handle and TEE messages to the enclave replicas. It has no Ray
+    Serve route: clients reach it directly, so a request pays no proxy hop."""
+
+    def __init__(self, config, he, enclaves: dict, replicas: int, listen: Listen) -> None:
+        from contextlib import ExitStack
         from dataclasses import replace
 
-        backends = {name: dict(b) for name, b in config.backends.items()}
-        for name in enclaves:
-            backends.setdefault(name, {})["tee"] = {"link": RayEnclaveLink(name, replicas)}
-        pool = None if he is None else RayHEPool(he, config.worker_timeout_s)
-        self.config = replace(config, backends=backends, he_pool=pool)
-        self.pool = pool
+        self._stack = ExitStack()
+        try:
+            backends = {name: dict(b) for name, b in config.backends.items()}
+            for name in enclaves:
+                link = RayEnclaveLink(name, replicas)
+                self._stack.callback(link.close)
+                backends.setdefault(name, {})["tee"] = {"link": link}
+            self.pool = None if he is None else RayHEPool(he, config.worker_timeout_s)
+            self.config = replace(config, backends=backends, he_pool=self.pool)
+            self._serve(listen)
+        except BaseException:
+            self._stack.close()
+            raise
 
-    def __serve_build_asgi_app__(self):
+    def _app(self):
         from .app import create_app
 
         app = create_app(self.config)
         ctx = app.state.veil
+        self._stack.callback(ctx.close)
         if self.pool is not None:
             ctx.children["he-replicas"] = self.pool.state
             ctx.stats["he_key_loads"] = self.pool.key_loads
@@ -471,18 +498,54 @@ class Ingress:
             link = backend.get("tee", {}).get("link")
             if isinstance(link, RayEnclaveLink):
                 ctx.stats[f"tee_enclaves_{name}"] = link.count
-        self.ctx = ctx
         return app
 
+    def _serve(self, listen: Listen) -> None:
+        """Bind ``listen``, start uvicorn on a thread of its own and wait until it
+        accepts connections (then Ray Serve counts this replica as started)."""
+        import uvicorn
+
+        from .run import _service_log, bind, header_timeout_protocol
+
+        app = self._app()
+        sock = bind(listen.host, listen.port)
+        self._stack.callback(sock.close)
+        self._stack.enter_context(_service_log(Path(self.config.store_dir) / "logs"))
+        uv = uvicorn.Config(app, log_level="warning", lifespan="on", workers=1,
+                            timeout_graceful_shutdown=10, ssl_certfile=listen.tls_cert,
+                            ssl_keyfile=listen.tls_key,
+                            http=header_timeout_protocol(self.config.header_timeout_s))
+        self.server = uvicorn.Server(uv)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]},
+                                       daemon=True, name="veil-ingress-http")
+        self.thread.start()
+        self._stack.callback(self._stop_http)
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise ServiceError("the ingress's HTTP server did not start")
+            time.sleep(0.05)
+
+    def _stop_http(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+    def check_health(self) -> None:
+        """Ray Serve's health check: the HTTP server must still run."""
+        if not self.thread.is_alive():
+            raise UnavailableError("the ingress's HTTP server stopped")
+
     def __del__(self) -> None:
-        ctx = getattr(self, "ctx", None)
-        if ctx is not None:
-            ctx.close()
+        """Ray Serve's shutdown hook: stop serving, close the app's resources."""
+        stack = getattr(self, "_stack", None)
+        if stack is not None:
+            stack.close()
 
 
-def build(config, options: ScaleOptions, *, attester_key: str | None = None,
-          key_release: str | None = None):
-    """The Ray Serve application of ``config`` (a ServiceConfig) sized by ``options``."""
+def build(config, options: ScaleOptions, listen: Listen, *,
+          attester_key: str | None = None, key_release: str | None = None):
+    """The Ray Serve application of ``config`` (a ServiceConfig) sized by ``options``,
+    its ingress serving HTTP on ``listen`` from the head node."""
     from .app import load_exports
 
     models = load_exports(config.exports)
@@ -510,16 +573,19 @@ def build(config, options: ScaleOptions, *, attester_key: str | None = None,
                 name=f"veil-enclave-{name}", num_replicas=options.replicas,
                 ray_actor_options={"num_cpus": options.replica_cpus}).bind(
                 str(info.directory), attester_key, key_release)
-    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(config, he, enclaves,
-                                                                  options.replicas)
+    head = {"num_cpus": 0, "resources": {HEAD_NODE: 0.001}}   # --listen is the head's
+    return Ingress.options(ray_actor_options=head).bind(config, he, enclaves,
+                                                        options.replicas, listen)
 
 
 def serve_on_ray(config, options: ScaleOptions, host: str = "127.0.0.1", port: int = 8000,
                  *, out: TextIO | None = None, attester_key: str | None = None,
-                 key_release: str | None = None, stop: threading.Event | None = None) -> None:
+                 key_release: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None, stop: threading.Event | None = None) -> None:
     """Deploy on the Ray cluster, announce ``veil-serve listening on URL`` (the line
-    ``veil serve`` writes), and serve until SIGINT/SIGTERM (or ``stop``); then delete
-    the application (its replicas and enclaves stop) and disconnect. ``port=0`` picks a
+    ``veil serve`` writes) once the ingress accepts connections on ``host:port`` (an
+    address of the head node), and serve until SIGINT/SIGTERM (or ``stop``); then shut
+    Ray Serve down (every replica and enclave stops) and disconnect. ``port=0`` picks a
     free port here."""
     from .run import READY, bind
 
@@ -531,14 +597,16 @@ def serve_on_ray(config, options: ScaleOptions, host: str = "127.0.0.1", port: i
              log_to_driver=False, namespace="veil")
     stop = stop or threading.Event()
     try:
-        # one proxy, on the head node: several nodes of one machine cannot share a port
-        serve.start(http_options={"host": host, "port": port, "location": "HeadOnly"})
-        serve.run(build(config, options, attester_key=attester_key,
-                        key_release=key_release), name=APP, route_prefix="/")
+        serve.start(proxy_location="Disabled")     # the ingress serves HTTP itself
+        serve.run(build(config, options, Listen(host, port, tls_cert, tls_key),
+                        attester_key=attester_key, key_release=key_release),
+                  name=APP, route_prefix=None)
         for sig in (signal.SIGINT, signal.SIGTERM):
             if threading.current_thread() is threading.main_thread():
                 signal.signal(sig, lambda *_: stop.set())
-        (out or sys.stdout).write(f"{READY} http://{host}:{port}\n")
+        scheme = "https" if tls_cert else "http"
+        where = f"[{host}]" if ":" in host else host
+        (out or sys.stdout).write(f"{READY} {scheme}://{where}:{port}\n")
         (out or sys.stdout).flush()
         while not stop.wait(0.5):
             pass
