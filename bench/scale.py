@@ -26,6 +26,7 @@ Writes bench/results/scale.{json,md}. Usage: python bench/scale.py [--quick]
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -108,6 +109,18 @@ def _warm(make, count: int, x) -> list:
         for t in pair:
             t.join()
     return clients
+
+
+def _ingress_cpu(url: str) -> float:
+    """CPU seconds used so far by the process serving ``url`` (the ingress replica)."""
+    import psutil
+
+    port = int(url.rsplit(":", 1)[1])
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            t = psutil.Process(conn.pid).cpu_times()
+            return t.user + t.system
+    return float("nan")
 
 
 def _key_loads(url: str) -> int:
@@ -200,7 +213,10 @@ def _on_ray(s: Setup, cluster, store: list[str], mode: str, replicas: int, n: in
         clients = _warm(lambda i: s.client(server.url, mode, f"tp-{mode}-{replicas}-{i}"),
                         2 * replicas, s.x)
         loads = _key_loads(server.url) if mode == "he" else 0
+        cpu = _ingress_cpu(server.url)
         row["throughput"] = _throughput(clients, s.x, seconds)
+        row["ingress_cpu_ms_per_request"] = 1e3 * (_ingress_cpu(server.url) - cpu) / max(
+            1, row["throughput"]["requests"])
         if mode == "he":
             done = row["throughput"]["requests"]
             row["key_reloads_per_100"] = 100.0 * (_key_loads(server.url) - loads) / max(1, done)
@@ -211,21 +227,25 @@ def _on_ray(s: Setup, cluster, store: list[str], mode: str, replicas: int, n: in
         server.stop()
 
 
-def _projection(rows: list[dict], direct: dict) -> dict:
-    """Seed 003's worker table from the measurements: one replica's throughput times the
-    workers times the measured 1 -> 2 efficiency, capped by one ingress's ceiling
-    (1000 / its added latency in ms)."""
+def _projection(rows: list[dict]) -> dict:
+    """Seed 003's worker table from the measurements: one replica's throughput x the
+    workers x the measured 1 -> 2 efficiency (at most 1); and the one ingress replica's
+    ceiling, 1000 / its measured CPU ms per request (one core)."""
     out = {}
     for mode in ("he", "tee"):
         one = next(r for r in rows if r["mode"] == mode and r["replicas"] == 1)
         two = next(r for r in rows if r["mode"] == mode and r["replicas"] == 2)
         t1, t2 = one["throughput"]["per_s"], two["throughput"]["per_s"]
-        eff = t2 / (2 * t1) if t1 else float("nan")
-        added = one["latency"]["p50_ms"] - direct[mode]["p50_ms"]
-        ceiling = 1000.0 / added if added > 0 else float("inf")
-        out[mode] = {"per_replica_per_s": t1, "efficiency_1_to_2": eff,
-                     "ingress_ceiling_per_s": ceiling,
-                     "workers": {w: min(t1 * w * min(eff, 1.0), ceiling) for w in WORKERS}}
+        eff = min(1.0, t2 / (2 * t1)) if t1 else float("nan")
+        cpu = max(one["ingress_cpu_ms_per_request"], two["ingress_cpu_ms_per_request"])
+        ceiling = 1000.0 / cpu if cpu > 0 else float("inf")
+        workers = {w: t1 * w * eff for w in WORKERS}
+        out[mode] = {"per_replica_per_s": t1, "efficiency_1_to_2": t2 / (2 * t1),
+                     "ingress_cpu_ms_per_request": cpu, "ingress_ceiling_per_s": ceiling,
+                     "workers": workers,
+                     "one_ingress": {w: min(v, ceiling) for w, v in workers.items()},
+                     "ingress_replicas_needed": {w: math.ceil(v / ceiling)
+                                                 for w, v in workers.items()}}
     return out
 
 
@@ -255,8 +275,14 @@ def _table(rows, direct, projection, args) -> list[str]:
             "|---|" + "---|" * len(WORKERS)]
     for mode in ("he", "tee"):
         p = projection[mode]
-        proj.append(f"| {mode} | " + " | ".join(f"{p['workers'][w]:,.0f}/s"
-                                                 for w in WORKERS) + " |")
+        proj.append(f"| {mode} | " + " | ".join(
+            f"{p['workers'][w]:,.0f}/s ({p['one_ingress'][w]:,.0f}/s with one ingress; "
+            f"{p['ingress_replicas_needed'][w]} ingress replicas needed)"
+            for w in WORKERS) + " |")
+    cpu = [f"- {mode}: the ingress used {projection[mode]['ingress_cpu_ms_per_request']:.2f}"
+           f" ms of CPU per request: one ingress replica tops out near "
+           f"{projection[mode]['ingress_ceiling_per_s']:,.0f} requests/s"
+           for mode in ("he", "tee")]
     return [
         f"`python bench/scale.py{' --quick' if args.quick else ''}`: digits MLP (HE: no "
         "bootstrapping), a local Ray cluster of two 1-CPU nodes on loopback, replicas of "
@@ -267,10 +293,12 @@ def _table(rows, direct, projection, args) -> list[str]:
         "## Throughput", "", *tp, "", *speed, "",
         "## PROJECTION of seed 003's worker table (not a measurement)", "",
         "One replica's measured throughput x workers x the measured 1 -> 2 efficiency "
-        "(at most 1), capped by one ingress replica's ceiling (1000 / its added p50 "
-        "latency in ms; more ingress replicas raise it). It assumes each worker has its "
-        "own core and that efficiency does not fall past 2 replicas, which these runs "
-        f"cannot show. Seed 003 claims {SEED_CLAIM}.", "", *proj]
+        "(at most 1). It assumes each worker has its own core and that efficiency does "
+        "not fall past 2 replicas, which these runs cannot show. veil runs one ingress "
+        "replica (its per-key limits and TEE channel table live in it), whose ceiling is "
+        "1000 / its measured CPU ms per request; more workers than that ceiling feeds "
+        f"need more ingress replicas, which veil does not have yet. Seed 003 claims "
+        f"{SEED_CLAIM}.", "", *cpu, "", *proj]
 
 
 def main(argv=None) -> int:
@@ -304,7 +332,7 @@ def main(argv=None) -> int:
                                     args.seconds))
                 print(rows[-1], flush=True)
     direct = {r["mode"]: r["direct_latency"] for r in rows if "direct_latency" in r}
-    projection = _projection(rows, direct)
+    projection = _projection(rows)
     data = {"direct": direct, "ray": rows, "projection": projection,
             "store": "postgresql" if store else "sqlite", "quick": args.quick}
     return write_results(ROOT / "bench" / "results", "scale", data,
