@@ -239,7 +239,7 @@ def _projection(rows: list[dict]) -> dict:
         eff = min(1.0, t2 / (2 * t1)) if t1 else float("nan")
         cpu = max(one["ingress_cpu_ms_per_request"], two["ingress_cpu_ms_per_request"])
         ceiling = 1000.0 / cpu if cpu > 0 else float("inf")
-        workers = {w: t1 * w * eff for w in WORKERS}
+        workers = {w: t1 * w * (eff if w > 1 else 1.0) for w in WORKERS}
         out[mode] = {"per_replica_per_s": t1, "efficiency_1_to_2": t2 / (2 * t1),
                      "ingress_cpu_ms_per_request": cpu, "ingress_ceiling_per_s": ceiling,
                      "workers": workers,
@@ -271,14 +271,15 @@ def _table(rows, direct, projection, args) -> list[str]:
         p = projection[mode]
         speed.append(f"- {mode}: 1 -> 2 replicas {2 * p['efficiency_1_to_2']:.2f}x "
                      "(target >= 1.8x)")
-    proj = ["| mode | " + " | ".join(f"{w} workers" for w in WORKERS) + " |",
-            "|---|" + "---|" * len(WORKERS)]
+    proj = ["| mode | projected | " + " | ".join(f"{w} workers" for w in WORKERS) + " |",
+            "|---|---|" + "---|" * len(WORKERS)]
     for mode in ("he", "tee"):
         p = projection[mode]
-        proj.append(f"| {mode} | " + " | ".join(
-            f"{p['workers'][w]:,.0f}/s ({p['one_ingress'][w]:,.0f}/s with one ingress; "
-            f"{p['ingress_replicas_needed'][w]} ingress replicas needed)"
-            for w in WORKERS) + " |")
+        proj += [f"| {mode} | {what} | " + " | ".join(fmt(p[key][w]) for w in WORKERS) + " |"
+                 for what, key, fmt in (
+                     ("inputs/s, workers alone", "workers", "{:,.0f}".format),
+                     ("inputs/s with one ingress", "one_ingress", "{:,.0f}".format),
+                     ("ingress replicas needed", "ingress_replicas_needed", str))]
     cpu = [f"- {mode}: the ingress used {projection[mode]['ingress_cpu_ms_per_request']:.2f}"
            f" ms of CPU per request: one ingress replica tops out near "
            f"{projection[mode]['ingress_ceiling_per_s']:,.0f} requests/s"

@@ -12,6 +12,8 @@ import numpy as np
 import psutil
 import pytest
 
+from veil.model import export_model
+
 import pg_util
 import ray_util
 from service_util import tiny_export
@@ -48,21 +50,25 @@ def scaled(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("scale")
     model, compiled, calib = tiny_export(d / "tiny", "tiny", modes=("he", "tee"))
+    export_model(model, calib, d / "tiny-ew", name="tiny-ew", modes=("he",),
+                 compiled=compiled, encrypted_weights=True)
+    compiled.server_bundle().save(d / "owner-bundle")     # the model owner's, off the host
     SoftwareAttester.create(d / "att")
     _veil("tee-policy", d / "tiny" / "tee", "--attester", d / "att", "--allow-insecure",
           "--out", d / "policy.json")
     key = _veil("keys", "create", "alice", "--store", d / "store")
+    owner = _veil("keys", "create", "owner", "--owner", "tiny-ew", "--store", d / "store")
     with pg_util.postgres_server() as url:
         cluster = ray_util.RayCluster(cpus=1, workers=1)
         try:
             # 2 HE + 2 enclave replicas at half a CPU each fill the two 1-CPU nodes
             server = ray_util.RayServe(
-                [d / "tiny"], d / "store", cluster.address, "--replicas", "2",
+                [d / "tiny", d / "tiny-ew"], d / "store", cluster.address, "--replicas", "2",
                 "--replica-cpus", "0.5", "--store-url", url(), "--tee-attester-key",
                 d / "att", env={FAULTS_ENV: TOKEN})
             try:
-                yield {"url": server.url, "key": key, "dir": d, "calib": calib,
-                       "compiled": compiled, "cluster": cluster}
+                yield {"url": server.url, "key": key, "owner": owner, "dir": d,
+                       "calib": calib, "compiled": compiled, "cluster": cluster}
             finally:
                 server.stop()
         finally:
@@ -70,12 +76,12 @@ def scaled(tmp_path_factory):
     assert _leftovers(cluster.dir, d) == []
 
 
-def _client(s, mode, name="k"):
+def _client(s, mode, name="k", model="tiny"):
     from veil.sdk import Client
 
     opts = ({"policy": s["dir"] / "policy.json"} if mode == "tee"
             else {"allow_insecure": True})
-    return Client(s["url"], "tiny", mode, api_key=s["key"], key_dir=s["dir"] / name, **opts)
+    return Client(s["url"], model, mode, api_key=s["key"], key_dir=s["dir"] / name, **opts)
 
 
 def _stats(s) -> dict:
@@ -103,6 +109,24 @@ def test_he_and_tee_requests_through_the_sdk(scaled):
     finally:
         for tee in tees:
             tee.close()
+
+
+def test_encrypted_weights_reach_the_replicas(scaled):
+    """A model exported with encrypted weights: the owner's upload goes through the
+    ingress to the session's replica (validated there with the keys) and into the
+    PostgreSQL store, from which any replica loads keys and weights together."""
+    from veil.errors import MissingKeyError
+    from veil.sdk.owner import ModelOwner
+
+    xs = scaled["calib"][:4]
+    with _client(scaled, "he", "ew", "tiny-ew") as c, _client(scaled, "he", "ew-plain") as p:
+        with pytest.raises(MissingKeyError):
+            c.predict(xs[0])
+        with ModelOwner(scaled["url"], scaled["dir"] / "owner-bundle",
+                        api_key=scaled["owner"]) as owner:
+            owner.upload_weights(c.mode.weights_request())
+        out, ref = c.predict(xs), p.predict(xs)
+    assert np.abs(out - ref).max() / np.abs(ref).max() < 2.0 ** -10
 
 
 def test_warm_sessions_never_reload_their_keys(scaled):
