@@ -213,3 +213,18 @@ def test_a_node_that_joins_takes_load(tmp_path):
     finally:
         cluster.stop()
     assert _leftovers(cluster.dir, tmp_path) == []
+
+
+def test_a_killed_replicas_scratch_folder_is_removed_by_the_next(tmp_path, monkeypatch):
+    """A replica killed outright leaves its private folder; the next replica on the
+    machine removes those whose process is gone, never a live one's."""
+    from veil.service.scale import scratch_dir
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f"veil-x-{dead.pid}-abc").mkdir()
+    (tmp_path / f"veil-x-{os.getpid()}-live").mkdir()
+    mine = scratch_dir("veil-x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [mine.name, f"veil-x-{os.getpid()}-live"])

@@ -97,6 +97,20 @@ class ScaleOptions:
     he_threads: int = 1
 
 
+def scratch_dir(prefix: str) -> Path:
+    """A private temporary folder for this replica, ``PREFIX-<pid>-*``. A replica that
+    was killed could not remove its own; the next replica started on the machine
+    removes those whose process is gone."""
+    import psutil
+
+    base = Path(tempfile.gettempdir())
+    for old in base.glob(f"{prefix}-*-*"):
+        pid = old.name[len(prefix) + 1:].split("-", 1)[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-"))
+
+
 # -- HE replicas --------------------------------------------------------------------------
 @serve.deployment(name="veil-he")
 class HEReplica:
@@ -107,7 +121,7 @@ class HEReplica:
         from .he_worker import FAULTS_ENV, Worker
         from .store import open_store
 
-        self._dir = Path(tempfile.mkdtemp(prefix="veil-he-replica-"))
+        self._dir = scratch_dir("veil-he-replica")
         self.worker = Worker(exports, memory_budget, os.environ.get(FAULTS_ENV))
         cache = self._dir / "store" if store_url else store_dir
         self.store = open_store(cache, store_url, recover=False)
@@ -307,7 +321,7 @@ class EnclaveReplica:
         from ..deploy.export import read_export
         from ..deploy.processes import Processes
 
-        self._dir = Path(tempfile.mkdtemp(prefix="veil-enclave-replica-"))
+        self._dir = scratch_dir("veil-enclave-replica")
         self.procs = Processes(self._dir / "logs")
         info = read_export(export_dir)
         self.model, self.id = info.name, secrets.token_hex(8)
