@@ -28,11 +28,12 @@ LAYERS = {
     "deploy": 5,                               # roles, bundles, export folder, launchers
     "advice": 5,                               # which modes suit a compiled model, priced
     "model": 6, "finetune": 6,                 # the verbs: compile, run, export, finetune
-    "service": 7,                              # the HTTP service over deploy
-    "sdk": 8,                                  # its client (shares service's protocol)
-    "commands": 9,                             # what the CLI's verbs do
-    "compare": 10,                             # veil compare, on the public verbs
-    "cli": 11, "__main__": 12,                 # the command line
+    "search": 7,                               # encrypted search over an embedding index
+    "service": 8,                              # the HTTP service over deploy
+    "sdk": 9,                                  # its client (shares service's protocol)
+    "commands": 10,                            # what the CLI's verbs do
+    "compare": 11,                             # veil compare, on the public verbs
+    "cli": 12, "__main__": 13,                 # the command line
 }
 # Imports allowed against the layering, each with its reason.
 EXCEPTIONS = {

@@ -59,16 +59,17 @@ def scaled(tmp_path_factory):
     key = _veil("keys", "create", "alice", "--store", d / "store")
     owner = _veil("keys", "create", "owner", "--owner", "tiny-ew", "--store", d / "store")
     with pg_util.postgres_server() as url:
+        db = url()
         cluster = ray_util.RayCluster(cpus=1, workers=1)
         try:
             # 2 HE + 2 enclave replicas at half a CPU each fill the two 1-CPU nodes
             server = ray_util.RayServe(
                 [d / "tiny", d / "tiny-ew"], d / "store", cluster.address, "--replicas", "2",
-                "--replica-cpus", "0.5", "--store-url", url(), "--tee-attester-key",
+                "--replica-cpus", "0.5", "--store-url", db, "--tee-attester-key",
                 d / "att", env={FAULTS_ENV: TOKEN})
             try:
                 yield {"url": server.url, "key": key, "owner": owner, "dir": d,
-                       "calib": calib, "compiled": compiled, "cluster": cluster}
+                       "calib": calib, "compiled": compiled, "cluster": cluster, "db": db}
             finally:
                 server.stop()
         finally:
@@ -126,7 +127,16 @@ def test_encrypted_weights_reach_the_replicas(scaled):
                         api_key=scaled["owner"]) as owner:
             owner.upload_weights(c.mode.weights_request())
         out, ref = c.predict(xs), p.predict(xs)
+        sid = c.mode.session_id
     assert np.abs(out - ref).max() / np.abs(ref).max() < 2.0 ** -10
+    import psycopg
+
+    with psycopg.connect(scaled["db"]) as conn:       # keys and weights in PostgreSQL
+        kinds = {k for (k,) in conn.execute(
+            "SELECT kind FROM veil_blobs WHERE session = %s", (sid,))}
+    assert kinds == {"keys", "weights"}
+    assert not (scaled["dir"] / "store" / "sessions").exists() or not any(
+        (scaled["dir"] / "store" / "sessions").iterdir())     # nothing in SQLite's place
 
 
 def test_warm_sessions_never_reload_their_keys(scaled):

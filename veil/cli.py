@@ -16,10 +16,14 @@
                [--mpc-keys DIR [--mpc-parties P0,P1]] [--allow-insecure]
                [--body-timeout S] [--header-timeout S] [--max-inflight-he|tee|mpc N]
                [--he-workers N] [--worker-timeout S] [--max-key-upload BYTES]
-               [--max-weights-upload BYTES]
+               [--max-weights-upload BYTES] [--index NAME=PATH]... [--search-workers N]
     veil predict URL --model NAME --mode he|tee|mpc --input DATA [--out FILE]
                  [--policy FILE] [--mpc-keys DIR] [--clip] [--allow-insecure]
     veil weights-request URL --model NAME --out FILE     # client: session + public key
+    veil index build --texts FILE | --vectors FILE.npy --out INDEX [--ids FILE]
+                     [--clusters C] [--no-normalize]
+    veil search URL --index NAME --text TEXT | --vector FILE.npy [-k K]
+                [--probe P [--decoys D]] [--ca PEM]
     veil owner upload-weights URL --bundle DIR --request FILE   # model owner
 
 A model exported with --encrypted-weights is served without its weights: the client
@@ -77,6 +81,40 @@ def _address(text: str) -> tuple[str, int]:
         return parse_address(text)
     except InputError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _index_parsers(sub) -> None:
+    """``veil index build`` and ``veil search`` (encrypted search, :mod:`veil.search`)."""
+    i = sub.add_parser("index", help="build a search index for `veil serve --index`")
+    isub = i.add_subparsers(dest="action", required=True)
+    b = isub.add_parser("build", help="embed documents (or take vectors) into an index file")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--texts", help="a UTF-8 text file, one document per line, embedded "
+                     "here with MiniLM-L6 (all-MiniLM-L6-v2, veil.text)")
+    src.add_argument("--vectors", help="an .npy file of precomputed vectors (n, d)")
+    b.add_argument("--ids", help="a text file of document ids, one per line (default: "
+                   "the line or row numbers)")
+    b.add_argument("--clusters", type=int, default=0,
+                   help="k-means clusters for probed searches (default 0: a flat index, "
+                   "exact scans only)")
+    b.add_argument("--spill", type=int, default=1,
+                   help="with --clusters: put each document in its N nearest clusters "
+                   "(better recall for probed searches, N times the blocks; default 1)")
+    b.add_argument("--no-normalize", action="store_true",
+                   help="keep vectors as given (default: unit norm, cosine scores)")
+    b.add_argument("--out", required=True, help="the index file to write (.npz)")
+    s = sub.add_parser("search", help="search a served index with an encrypted query")
+    s.add_argument("url", help="the service, e.g. http://127.0.0.1:8000")
+    s.add_argument("--index", required=True, help="the index name (GET /v1/indexes)")
+    q = s.add_mutually_exclusive_group(required=True)
+    q.add_argument("--text", help="the query text (embedded here, never sent)")
+    q.add_argument("--vector", help="an .npy file holding the query vector")
+    s.add_argument("-k", type=int, default=10, help="results to return (default 10)")
+    s.add_argument("--probe", type=int, help="a clustered index: score only the blocks "
+                   "of this many clusters nearest the query")
+    s.add_argument("--decoys", type=int, default=0, help="with --probe: also ask for this "
+                   "many random clusters, so the server cannot tell which are probed")
+    s.add_argument("--ca", help="PEM certificate authorities of an https service")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -193,7 +231,8 @@ def _service_parsers(sub) -> None:
     _keys_parsers(sub)
     _weights_parsers(sub)
     s = sub.add_parser("serve", help="serve export folders over HTTP (HE, TEE, MPC)")
-    s.add_argument("exports", nargs="+", help="folders written by `veil export`")
+    s.add_argument("exports", nargs="*", help="folders written by `veil export` (none when "
+                   "only --index is served)")
     s.add_argument("--store", required=True,
                    help="folder for sessions, evaluation keys, API keys and logs")
     s.add_argument("--listen", type=_address, default=("127.0.0.1", 8000),
@@ -252,9 +291,11 @@ def _service_parsers(sub) -> None:
                    help="with --ray: CPUs Ray reserves for each replica (default 1)")
     s.add_argument("--he-threads", type=int, default=1,
                    help="with --ray: OpenFHE threads in each HE replica (default 1)")
-    from .service.options import add_ops_args
+    from .service.options import add_ops_args, add_search_args
 
     add_ops_args(s, _address)
+    add_search_args(s)
+    _index_parsers(sub)
     p = sub.add_parser("predict", help="run inputs through a served model with the SDK")
     p.add_argument("url", help="the service, e.g. http://127.0.0.1:8000")
     p.add_argument("--model", required=True, help="the model's name in the service "
@@ -498,7 +539,8 @@ def _as_flags(message: str) -> str:
     return message
 
 
-_COMMANDS = ("compile", "export", "keys", "serve", "predict", "weights-request", "owner")
+_COMMANDS = ("compile", "export", "keys", "serve", "predict", "weights-request", "owner",
+             "index", "search")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -516,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
         from . import commands
         from .errors import VeilError
 
+        if args.command == "index":
+            args.command = "index-build"
         if args.command == "keys":
             args.store = args.store or args.store_top
             if not args.store:

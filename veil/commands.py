@@ -225,8 +225,12 @@ def serve_cmd(args) -> int:
     from .deploy.export import read_export
     from .deploy import processes
     from .service.app import insecure_reasons, refuse_insecure
+    from .service.options import indexes_of
     from .service.run import serve
 
+    indexes = indexes_of(args)
+    if not args.exports and not indexes:
+        raise InputError("nothing to serve: give export folders and/or --index NAME=PATH")
     # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into an exception so
     # the children below are stopped by the `finally`
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -237,6 +241,9 @@ def serve_cmd(args) -> int:
     refuse_insecure(insecure_reasons(infos), args.allow_insecure)   # before any child starts
     store = Path(args.store)
     if args.ray:
+        if indexes:
+            raise InputError("--ray serves HE and TEE models; serve search indexes "
+                             "(--index) without --ray")
         return _serve_ray(args, infos, store)
     backends: dict[str, dict] = {i.name: {} for i in infos}
     procs = processes.Processes(store / "logs")
@@ -268,7 +275,7 @@ def serve_cmd(args) -> int:
                     else:
                         backends[info.name]["mpc"] = procs.mpc(
                             info, args.mpc_keys, frac_bits=args.mpc_frac_bits)
-        config = _service_config(args, infos, store, backends)
+        config = _service_config(args, infos, store, backends, indexes)
         notes = (["enclaves are vouched for by the software attester (--tee-attester-key): "
                   "no hardware protects them"]
                  if args.tee_attester_key and not args.tee_enclave
@@ -301,7 +308,7 @@ def _serve_ray(args, infos, store: Path) -> int:
     return 0
 
 
-def _service_config(args, infos, store: Path, backends: dict):
+def _service_config(args, infos, store: Path, backends: dict, indexes: dict | None = None):
     """The ServiceConfig of `veil serve`'s options."""
     from .service.app import ServiceConfig, default_body_limits
 
@@ -316,11 +323,12 @@ def _service_config(args, infos, store: Path, backends: dict):
     if uploads:
         tuning["max_body_bytes"] = {**default_body_limits(), **uploads}
     return ServiceConfig(exports=[i.directory for i in infos], store_dir=store,
-                           session_ttl_s=args.ttl, disk_budget_bytes=args.disk_budget,
-                           memory_budget_bytes=args.memory_budget, backends=backends,
-                           he_workers=args.he_workers,
-                           worker_timeout_s=args.worker_timeout,
-                           allow_insecure=args.allow_insecure, **tuning)
+                         session_ttl_s=args.ttl, disk_budget_bytes=args.disk_budget,
+                         memory_budget_bytes=args.memory_budget, backends=backends,
+                         he_workers=args.he_workers, worker_timeout_s=args.worker_timeout,
+                         allow_insecure=args.allow_insecure, store_url=args.store_url,
+                         indexes=indexes or {}, search_workers=args.search_workers,
+                         **tuning)
 
 
 def _say_clipped(x: np.ndarray, input_range) -> None:
@@ -428,4 +436,50 @@ def predict_cmd(args) -> int:
         print(f"accuracy {np.mean(classes == y):.4f} on {len(y)} labelled inputs")
     elif not args.out:
         print(json.dumps(classes.tolist()))
+    return 0
+
+
+def index_build_cmd(args) -> int:
+    """``veil index build``: texts (embedded here with MiniLM-L6) or vectors -> an index."""
+    from .search.index import MINILM, build_index, embed_texts
+
+    model = None
+    if args.texts:
+        texts = [line.strip() for line in
+                 Path(args.texts).read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise InputError(f"{args.texts} has no documents (one per line)")
+        vectors, model = embed_texts(texts), MINILM
+    else:
+        try:
+            vectors = np.load(args.vectors, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read {args.vectors} as an .npy array: {exc}") from None
+    ids = None
+    if args.ids:
+        ids = [line.rstrip("\n") for line in
+               Path(args.ids).read_text(encoding="utf-8").splitlines()]
+    index = build_index(vectors, ids, clusters=args.clusters, spill=args.spill, model=model,
+                        normalize=not args.no_normalize)
+    index.save(args.out)
+    print(f"wrote {args.out}: {index.count} documents of {index.dim} dimensions, "
+          f"{index.layout.blocks} blocks"
+          + (f", {len(index.layout.cluster_blocks)} clusters" if index.clustered else ""))
+    return 0
+
+
+def search_cmd(args) -> int:
+    """``veil search``: an encrypted query against a served index; prints the top k."""
+    from .sdk import Client
+
+    query = args.text
+    if query is None:
+        try:
+            query = np.load(args.vector, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read {args.vector} as an .npy array: {exc}") from None
+    with Client(args.url, index=args.index, ca=args.ca) as client:
+        result = client.search(query, args.k, probe=args.probe, decoys=args.decoys)
+    for doc, score in zip(result.ids, result.scores):
+        print(f"{score:.6f}\t{doc}")
     return 0

@@ -57,6 +57,15 @@ def _checked(batch: np.ndarray, shape: tuple[int, ...], max_batch: int | None) -
     return batch
 
 
+def as_vector(x, dim: int) -> np.ndarray:
+    """One input of shape ``(dim,)`` (a search query): :func:`as_inputs`' contract, a
+    batch of one allowed and larger ones refused."""
+    batch, _ = as_inputs(x, (dim,))
+    if len(batch) != 1:
+        raise InputError(f"one vector at a time, not a batch of {len(batch)}")
+    return batch[0]
+
+
 def as_inputs(x, input_shape, *, max_batch: int | None = None) -> tuple[np.ndarray, bool]:
     """``(batch, single)``: ``x`` as a float64 batch of shape ``(B, *input_shape)``,
     and whether the caller gave one input (so one output goes back, not a batch).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
-from ..errors import CompileError
+from ..errors import CompileError, SerializationError
 
 # Smallest ring dimensions with their 128-bit classical bound on log2(Q*P)
 # (HomomorphicEncryption.org standard, Table for uniform ternary secrets).
@@ -250,3 +250,33 @@ def bootstrap_params(*, insecure_test_params: bool = False, precision_bits: int 
     # _estimated_log_qp here, so the estimate's fewest digits (3) fail its 128-bit check
     # (a backend test builds BOOT_SECURE with OpenFHE)
     return replace(base, mult_depth=depth, batch=0 if slots == base.ring_dim // 2 else slots)
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """CKKS parameters of encrypted search (:mod:`veil.backends.he.openfhe_search`):
+    ring 2^12, a 60-bit first modulus and one 40-bit scaling modulus (Q = 100 bits)."""
+
+    ring_dim: int = 1 << 12
+    scaling_bits: int = 40
+    first_mod_bits: int = 60
+    security: str = "HEStd_128_classic"
+
+    @property
+    def slots(self) -> int:
+        """Documents per block (one reply ciphertext)."""
+        return self.ring_dim // 2
+
+    def pairs(self, dim: int) -> int:
+        """Query ciphertexts for a ``dim``-dimensional vector."""
+        return (int(dim) + 1) // 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> "SearchParams":
+        try:
+            return cls(**{k: doc[k] for k in cls.__dataclass_fields__ if k in doc})
+        except TypeError as exc:
+            raise SerializationError(f"malformed search parameters: {exc}") from None

@@ -60,11 +60,14 @@ class ModeClient(Protocol):
 
 
 class Client:
-    """Private inference for one model of a veil service.
+    """Private inference for one model of a veil service, or encrypted search of one
+    of its indexes (``index=``).
 
     Args:
         url: the service, e.g. ``http://127.0.0.1:8000``.
-        model: the model name (``GET /v1/models``).
+        model: the model name (``GET /v1/models``); None with ``index``.
+        index: an index name (``GET /v1/indexes``): this client then only
+            searches it (:meth:`search`, :mod:`veil.sdk.search`; ``mode`` is not used).
         mode: ``"he"``, ``"tee"`` or ``"mpc"``.
         api_key: the API key; default: the ``VEIL_API_KEY`` environment variable.
         key_dir: where client secrets and session ids persist (0700; default ``~/.veil``).
@@ -84,12 +87,15 @@ class Client:
         reached or answers something that is not veil's.
     """
 
-    def __init__(self, url: str, model: str, mode: str = "he", *, api_key: str | None = None,
+    def __init__(self, url: str, model: str | None = None, mode: str = "he", *,
+                 index: str | None = None, api_key: str | None = None,
                  key_dir: str | os.PathLike | None = None, timeout: float = 60.0,
                  transport: httpx.BaseTransport | None = None, ca: str | None = None,
                  **mode_options) -> None:
         if mode not in MODES:
             raise ModeError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if (model is None) == (index is None):
+            raise InputError("give a model name or an index= name (one of them)")
         self.url, self.model, self.mode_name = url.rstrip("/"), model, mode
         token = api_key or os.environ.get("VEIL_API_KEY")
         if not token:
@@ -108,8 +114,16 @@ class Client:
         self._info: dict | None = None
         self._head: Head | None = None
         try:
-            module, cls = MODES[mode]
-            self.mode: ModeClient = getattr(import_module(module), cls)(self, **mode_options)
+            if index is not None:
+                from .search import SearchMode
+
+                if mode_options:
+                    raise InputError(f"an index client takes no mode options "
+                                     f"({', '.join(mode_options)})")
+                self.mode = SearchMode(self, index)
+            else:
+                module, cls = MODES[mode]
+                self.mode = getattr(import_module(module), cls)(self, **mode_options)
         except BaseException:
             self._http.close()
             raise
@@ -214,6 +228,19 @@ class Client:
         if single:
             return self.decrypt(self.infer(self.encrypt(batch[0])))[None], True
         return self.infer_batch(batch), False
+
+    def search(self, query, k: int = 10, *, probe: int | None = None, decoys: int = 0):
+        """The ``k`` documents of the index nearest ``query`` (a text, embedded here
+        with the index's model, or a vector): a :class:`~veil.search.engine.SearchResult`
+        (``ids``, ``scores``, best first; ``cost``: bytes up and down). Encrypted here,
+        scored by the service under CKKS, decrypted and ranked here. ``probe`` (a
+        clustered index) asks only for the blocks of the ``probe`` clusters nearest the
+        query, hidden among ``decoys`` other clusters drawn at random."""
+        from .search import SearchMode
+
+        if not isinstance(self.mode, SearchMode):
+            raise ModeError("this client is for a model: make one with index=NAME to search")
+        return self.mode.search(query, k, probe=probe, decoys=decoys)
 
     def close(self) -> None:
         try:

@@ -139,6 +139,9 @@ class ServiceConfig:
         he_pool: an object with :class:`~veil.service.workers.HEWorkers`' methods that
             evaluates HE requests instead of local worker processes (Ray Serve
             replicas: :mod:`veil.service.scale`); None: ``he_workers`` processes here.
+        indexes: search indexes served (name -> index file, :mod:`veil.service.search`).
+        search_workers: worker processes scoring encrypted queries; each encodes every
+            index (up to ``memory_budget_bytes`` of plaintexts).
     """
 
     exports: list[str | os.PathLike]
@@ -165,6 +168,8 @@ class ServiceConfig:
     worker_timeout_s: float = 300.0
     backends: dict[str, dict] = field(default_factory=dict)
     he_pool: Any = None
+    indexes: dict[str, str] = field(default_factory=dict)
+    search_workers: int = 1
 
     def limit(self, kind: str) -> int:
         return int({**default_body_limits(), **self.max_body_bytes}[kind])
@@ -200,6 +205,8 @@ class ServiceContext:
         limiter: the per-key rate and concurrency accounting.
         stats: name -> ``f() -> int``, counters ``/v1/health`` reports under ``stats``
             when there are any (a scaled-out service's evaluation-key loads).
+        search_info: the served search indexes' public descriptions by name (set by
+            :mod:`veil.service.search`), for the start-up summary.
     Methods ``model``, ``read_body``, ``run_sync``, ``slot`` and ``limits_for`` are for
     handlers.
     """
@@ -215,6 +222,7 @@ class ServiceContext:
     insecure: list[str] = field(default_factory=list)
     restarts: dict[str, Callable[[], int]] = field(default_factory=dict)
     metrics: Any = None
+    search_info: Callable[[], dict] | None = None
     limiter: Limiter = field(default_factory=Limiter)
     stats: dict[str, Callable[[], int]] = field(default_factory=dict)
     _slots: Any = field(default_factory=weakref.WeakKeyDictionary, repr=False)
@@ -400,7 +408,7 @@ async def stream(request: Request):
         raise SerializationError("the request body ended early") from None
 
 
-def load_exports(paths) -> dict[str, ExportInfo]:
+def load_exports(paths, *, allow_none: bool = False) -> dict[str, ExportInfo]:
     models: dict[str, ExportInfo] = {}
     for p in paths:
         info = read_export(p)
@@ -408,7 +416,7 @@ def load_exports(paths) -> dict[str, ExportInfo]:
             raise BundleError(f"two exports are named {info.name!r}: {models[info.name].directory}"
                               f" and {info.directory}; export one with another name=")
         models[info.name] = info
-    if not models:
+    if not models and not allow_none:
         raise BundleError("no export folders to serve")
     return models
 
@@ -446,7 +454,7 @@ def _add_schema_routes(app: FastAPI, ctx: ServiceContext) -> None:
 
 def create_app(config: ServiceConfig) -> FastAPI:
     """The FastAPI app serving ``config.exports`` (see the module docstring)."""
-    models = load_exports(config.exports)
+    models = load_exports(config.exports, allow_none=bool(config.indexes))
     keys = KeyStore(config.store_dir)
     bearer = HTTPBearer(auto_error=False, description="an API key from `veil keys create`")
 
@@ -494,6 +502,8 @@ def create_app(config: ServiceConfig) -> FastAPI:
         for mode in SERVED:
             if any(mode in info.modes for info in models.values()):
                 importlib.import_module(f"veil.service.{mode}").add_routes(app, ctx)
+        if config.indexes:
+            importlib.import_module("veil.service.search").add_routes(app, ctx)
     except BaseException:
         ctx.close()
         raise

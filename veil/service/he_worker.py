@@ -208,23 +208,37 @@ def main(argv: list[str] | None = None) -> int:
                     help="NAME=FOLDER: a served model's name and server bundle folder")
     ap.add_argument("--memory-budget", type=int, required=True)
     args = ap.parse_args(argv)
+    return run_worker(
+        f"he-worker-{args.index}", args.fd,
+        lambda: Worker(args.export, args.memory_budget, os.environ.get(FAULTS_ENV)),
+        close=lambda worker: worker.loaded.close())
+
+
+def run_worker(name: str, fd: int, make, *, ready=None, close=None) -> int:
+    """A worker process's life: no core files, fault tracebacks on, SIGINT left to the
+    service, ``make()`` the worker (its failure reported to the service, which refuses
+    to start), say it is ready, run ``ready(worker)`` if given, :func:`serve`, then
+    ``close(worker)``."""
     logging.basicConfig(level="WARNING", stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s he-worker-{args.index}: %(message)s")
+                        format=f"%(asctime)s %(levelname)s {name}: %(message)s")
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))   # a crash leaves no core file
     faulthandler.enable()                   # a native fault logs where it happened
     signal.signal(signal.SIGINT, signal.SIG_IGN)        # the service decides when to stop
-    sock = socket.socket(fileno=args.fd)
+    sock = socket.socket(fileno=fd)
     try:
-        worker = Worker(args.export, args.memory_budget, os.environ.get(FAULTS_ENV))
+        worker = make()
     except Exception as exc:    # reported to the service, which refuses to start
-        log.exception("loading the models failed")
+        log.exception("loading failed")
         send_frame(sock, pack(REPLY_KIND, {}, error_header(exc)))
         return 1
     send_frame(sock, pack(REPLY_KIND, {}, {"ok": True, "pid": os.getpid()}))
+    if ready is not None:
+        ready(worker)
     try:
         serve(sock, worker)
     finally:
-        worker.loaded.close()
+        if close is not None:
+            close(worker)
     return 0
 
 

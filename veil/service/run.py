@@ -81,6 +81,10 @@ def summary(ctx, notes: list[str] = ()) -> list[str]:
             else:
                 modes.append(mode)
         lines.append(f"serving {info.name}: {', '.join(modes)}")
+    for name, info in (ctx.search_info() if ctx.search_info else {}).items():
+        lines.append(f"serving index {name}: {info['count']} documents of {info['dim']} "
+                     f"dimensions in {info['blocks']} blocks"
+                     + (f", {info['clusters']} clusters" if info["clustered"] else ""))
     lines += [f"INSECURE: {reason}" for reason in [*ctx.insecure, *notes]]
     return lines
 
