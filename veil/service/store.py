@@ -1,7 +1,9 @@
 """Durable HE sessions: who uploaded which evaluation keys, for which model, until when.
 
-:class:`SessionStore` is the interface the handlers use; another backend (Redis
-metadata, S3 key objects) replaces :class:`SQLiteStore` without touching them.
+:class:`SessionStore` is the interface the handlers use; :func:`open_store` picks the
+backend: :class:`SQLiteStore` (the embedded default: one service process, files on its
+disk) or, for a ``postgresql://`` URL, :class:`~veil.service.pgstore.PostgresStore`
+(several processes and machines share sessions; same guarantees).
 
 :class:`SQLiteStore` guarantees:
 
@@ -127,6 +129,14 @@ class SessionStore(ABC):
     def delete_owner(self, owner: str) -> list[str]:
         """Delete every session of ``owner`` (a revoked key); returns their ids."""
 
+    @abstractmethod
+    def key_path(self, session_id: str) -> Path:
+        """A local file holding the session's keys, for an HE worker to load."""
+
+    @abstractmethod
+    def weights_path(self, session_id: str) -> Path | None:
+        """A local file holding the session's encrypted weights; None without any."""
+
     def close(self) -> None:
         """Release resources; sessions stay stored."""
 
@@ -206,6 +216,10 @@ class SQLiteStore(SessionStore):
 
     def _key_path(self, session_id: str) -> Path:
         return self.keys_dir / f"{session_id}.keys"
+
+    def key_path(self, session_id: str) -> Path:
+        """The file holding the session's keys (what HE workers load)."""
+        return self._key_path(session_id)
 
     def weights_path(self, session_id: str) -> Path | None:
         """The session's encrypted weights file, None while the owner has sent none."""
@@ -452,6 +466,23 @@ class SQLiteStore(SessionStore):
 
     def close(self) -> None:
         self._db.close()
+
+
+def open_store(store_dir: str | os.PathLike, url: str | None = None, *,
+               revoked: Callable[[str], bool] | None = None, **options) -> SessionStore:
+    """The session store: SQLite in ``store_dir``, or PostgreSQL at ``url``
+    (``postgresql://...``, with ``store_dir`` its local cache). ``options``: ``ttl_s``,
+    ``disk_budget_bytes``, ``max_uploads_total``, ``recover``. ``revoked(owner)`` tells
+    a PostgreSQL store about revoked API keys (SQLite reads them from its own file)."""
+    if url is None:
+        return SQLiteStore(store_dir, **options)
+    if not url.startswith(("postgresql://", "postgres://")):
+        from ..errors import InputError
+
+        raise InputError("a session store URL starts with postgresql://")
+    from .pgstore import PostgresStore
+
+    return PostgresStore(url, store_dir, revoked=revoked, **options)
 
 
 def _fsync_dir(path: Path) -> None:

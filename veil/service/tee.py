@@ -175,28 +175,53 @@ def body_limit(input_shape: tuple[int, ...]) -> int:
     return net.MAX_BATCH * size * 8 + (1 << 16)
 
 
+class PoolLink:
+    """The way to one enclave the routes use: :meth:`send` one message, get its
+    answer's body. This one holds connections to one enclave process; a Ray Serve
+    deployment of enclaves (:mod:`veil.service.scale`) has another with the same
+    methods, which keeps each channel on the replica whose enclave opened it."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self.pool = pool
+
+    def ready(self) -> None:
+        """UnavailableError at once when the enclave is not ok."""
+        self.pool.ready()
+
+    def send(self, kind: int, body: bytes, wanted: int) -> bytes:
+        return self.pool.call(relay(kind, body, wanted, self.pool))
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def enclave_link(backend: dict, name: str, ctx) -> "PoolLink":
+    """The link of one model's ``config.backends[name]["tee"]``: its ``link`` when
+    given, else connections to its ``enclave`` address."""
+    if backend.get("link") is not None:
+        return backend["link"]
+    children = dict(backend.get("children") or {})
+    ctx.children.update(children)
+    return PoolLink(enclave_pool(sockets.parse_address(backend["enclave"]),
+                                 state=children.get(f"{name}-enclave")))
+
+
 def add_routes(app, ctx) -> None:
     """Register the TEE routes for every served model with the ``tee`` mode."""
-    relays: dict[str, ConnectionPool] = {}
-    for name, info in ctx.models.items():
-        if "tee" in info.modes:
-            backend = ctx.config.backends[name]["tee"]
-            children = dict(backend.get("children") or {})
-            ctx.children.update(children)
-            relays[name] = enclave_pool(sockets.parse_address(backend["enclave"]),
-                                        state=children.get(f"{name}-enclave"))
+    relays = {name: enclave_link(ctx.config.backends[name]["tee"], name, ctx)
+              for name, info in ctx.models.items() if "tee" in info.modes}
     channels = Channels()
     ctx.closers.extend(r.close for r in relays.values())
     ctx.mode_info["tee"] = lambda info: dict(info.index.get("tee", {}))
 
-    def pool(name: str) -> ConnectionPool:
-        """The enclave's pool; 503 at once (before any slot) when it is not ok."""
+    def pool(name: str):
+        """The enclave's link; 503 at once (before any slot) when it is not ok."""
         ctx.model(name, "tee")
         relays[name].ready()
         return relays[name]
 
-    async def call(p: ConnectionPool, kind: int, body: bytes, wanted: int) -> bytes:
-        return await ctx.run_sync(p.call, relay(kind, body, wanted, p))
+    async def call(link, kind: int, body: bytes, wanted: int) -> bytes:
+        return await ctx.run_sync(link.send, kind, body, wanted)
 
     @app.get("/v1/models/{name}/tee", tags=["tee"], summary="The enclave's public status")
     async def tee_status(name: str, client: str = Depends(ctx.require_client)) -> dict:
