@@ -648,3 +648,18 @@ def test_a_truncation_and_its_square_open_once():
     assert set(np.unique(diff)) <= {0, 1}
     assert np.array_equal(sq, t * t)
     assert chans[0].rounds == 1 and chans[0].bytes_sent == 8 * raw.size
+
+
+@pytest.mark.parametrize("width", [17, 24, 31, 43, 56, 57, 63, 64])
+def test_a_narrow_opening_gives_the_value_mod_its_ring(width):
+    """``ring.open_value``: x mod 2^w from ceil(w/8) bytes a value for every width up to
+    64 (w in 57..63 sends whole words: a packing of 4, 2 and 1 byte words stops at 7)."""
+    from veil.backends.mpc.ring import open_value
+    prg = Prg()
+    rng = np.random.default_rng(width)
+    x = rng.integers(0, 2 ** 63, size=999, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    xs = share(x, prg)
+    (o0, o1), chans = run_parties(lambda p, ch, v: open_value(ch, v, width), xs)
+    mask = np.uint64((1 << width) - 1) if width < 64 else np.uint64(2 ** 64 - 1)
+    assert np.array_equal(o0, x & mask) and np.array_equal(o1, x & mask)
+    assert chans[0].bytes_sent == x.size * ((width + 7) // 8)
