@@ -601,15 +601,16 @@ def test_a_tail_polynomial_opens_only_its_truncations(bits, sizes):
     assert chans[0].rounds == len(sizes) and chans[0].bytes_sent == z.size * sum(sizes)
 
 
-@pytest.mark.parametrize("bits,sizes", [(0, (4, 6, 12, 8, 6, 6)), (14, (4, 4, 8, 6, 4, 4))])
+@pytest.mark.parametrize("bits,sizes", [(0, (4, 6, 12, 8, 6, 6)), (14, (4, 4, 8, 6, 4))])
 def test_the_exponential_chain_matches_its_formula(bits, sizes):
     """``exp_chain``: p(z)^2 with p the degree-12 fit of exp(d/2), z = d/8 + 1, at f
     bits for d from -17 to 1 (the clamp's and a coarse row max's reach), the chain at
-    c = ``chain_bits(f, bits)`` (f, and softmax's 14): within ``exp_error`` of the float
-    formula p(z)^2 everywhere (at c = f also within the docstring's 2^(3-f) e +
-    14 2^-f sqrt(e) + 2^-f, 17 2^-f for d <= 0), and within the fit's error more of e;
-    six rounds (z; z^2; z^3 and z^4; h; p; p^2) of the sizes given, every product
-    local, through the material's arrays."""
+    c = ``chain_bits(f, bits)`` (f, and softmax's 14, where p is truncated to f/2 and
+    p^2 needs no truncation): within ``exp_error`` of the float formula p(z)^2
+    everywhere (at c = f also within the docstring's 2^(3-f) e + 14 2^-f sqrt(e) +
+    2^-f, 17 2^-f for d <= 0), and within the fit's error more of e; one round per
+    truncation (z; z^2; z^3 and z^4; h; p; p^2 at c = f) of the sizes given, every
+    product local, through the material's arrays."""
     from veil.backends.mpc import chains
     from veil.backends.mpc.chains import chain_material, exp_chain
     from veil.backends.mpc.protocols import material_arrays, material_from_arrays
@@ -632,7 +633,7 @@ def test_the_exponential_chain_matches_its_formula(bits, sizes):
         bound = np.minimum(bound, np.where(d <= 0, 17 * ulp,
                                            8 * ulp * e + 14 * ulp * np.sqrt(e) + ulp))
     else:                       # the docstring's figures at c = 14
-        assert bound.max() <= 4.6e-3 and bound[d <= 0].max() <= 1.7e-3
+        assert bound.max() <= 7.6e-3 and bound[d <= 0].max() <= 3.5e-3
     assert np.all(np.abs(got - formula) <= bound)
     assert np.all(np.abs(got - e) <= bound + chains.EXP_FIT_ERROR)
     assert chans[0].rounds == len(sizes)

@@ -39,8 +39,9 @@ from .ring import ring_mask as _ring_mask
 #: - "texp", softmax's exponential (:func:`exp_chain`): the five truncations and eight
 #:   products of "tpoly" for p(z) ~ exp(d/2), but z + 1 from d + 16 at f bits (below
 #:   2^25 after the clamp: a 27-bit ring, 4 bytes) by a shift of 3 + f - c; p at 2c
-#:   bits truncated to c (p < 2: a (2c + 3)-bit ring), its square p^2 ~ exp(d) from 2c
-#:   bits to f (p^2 < 4: a (2c + 4)-bit ring; none when 2c = f); the sixth product p p.
+#:   bits truncated to q = ``exp_p_bits`` (c at c = f, else f/2; p < 2: a (2c + 3)-bit
+#:   ring), its square p^2 ~ exp(d) from 2q bits to f (p^2 < 4: a (2q + 4)-bit ring;
+#:   none when 2q = f); the sixth product p p.
 #: - "tsq" (:func:`trunc_square`): one truncation on the 64-bit ring (by f, or by the
 #:   step's shift) and the truncated value's square, local.
 #: The exponential's domain: d = 8 z - 8 in [EXP_LO, EXP_HI] = [-17, 1], z in
@@ -59,6 +60,13 @@ def chain_bits(frac_bits: int, bits: int = 0) -> int:
     return min(frac_bits, max(bits or frac_bits, (frac_bits + 1) // 2))
 
 
+def exp_p_bits(frac_bits: int, bits: int) -> int:
+    """The bits q an exponential chain at c = ``bits`` truncates p to before squaring
+    it: c at c = f (p^2 then truncated back to f), ceil(f/2) below, so that p^2 comes
+    out at 2q = f bits (f even) with no truncation of its own."""
+    return bits if bits >= frac_bits else (frac_bits + 1) // 2
+
+
 def chain_spec(name: str, frac_bits: int, shift: int = 0) -> tuple[tuple, tuple, bool]:
     """(truncations, pairs, has a Beaver square) of chain ``name`` at f bits (``shift``:
     the "tsq" truncation's when not f; a "tpoly" or "texp" chain's own fractional bits,
@@ -71,9 +79,9 @@ def chain_spec(name: str, frac_bits: int, shift: int = 0) -> tuple[tuple, tuple,
     if name == "tpoly":
         return ((f + 11, 8 + f - c),) + powers + h + last, _TPOLY_PAIRS, False
     if name == "texp":
-        p = _TPOLY_TRUNCS
-        return ((((27, 3 + f - c),) + powers + h + ((2 * c + 3, c),)
-                 + tuple((w + 1, k) for w, k in last)),
+        p, q = _TPOLY_TRUNCS, exp_p_bits(f, c)
+        square = ((2 * q + 4, 2 * q - f),) if 2 * q > f else ()
+        return ((((27, 3 + f - c),) + powers + h + ((2 * c + 3, 2 * c - q),) + square),
                 _TPOLY_PAIRS + ((p, p),), False)
     if name == "tsq":
         return ((64, shift or f),), ((0, 0),), False
@@ -150,14 +158,15 @@ def tail_error(coeffs, z: np.ndarray, frac_bits: int, bits: int = 0) -> np.ndarr
 
 def exp_error(d: np.ndarray, frac_bits: int, bits: int = 0) -> np.ndarray:
     """A bound, at each d, on :func:`exp_chain`'s |e - p(z)^2| at c = ``chain_bits(f,
-    bits)``: p errs by under delta = :func:`poly12_error` + 2^-c (its truncation to c
-    bits), p^2 by 2 |p| delta + delta^2, and the last truncation to f bits by 2^-f
-    (none at 2c = f)."""
+    bits)``: p errs by under delta = :func:`poly12_error` + 2^-q (its truncation to q =
+    ``exp_p_bits`` bits), p^2 by 2 |p| delta + delta^2, and the last truncation to f
+    bits by 2^-f (none at 2q = f)."""
     c = chain_bits(frac_bits, bits)
+    q = exp_p_bits(frac_bits, c)
     z = np.asarray(d, np.float64) / 8.0 + 1.0
     p = np.abs(np.polynomial.polynomial.polyval(z, exp_coeffs()))
-    delta = poly12_error(exp_coeffs(), z, c) + 2.0 ** -c
-    return 2 * p * delta + delta * delta + (2.0 ** -frac_bits if 2 * c > frac_bits else 0.0)
+    delta = poly12_error(exp_coeffs(), z, c) + 2.0 ** -q
+    return 2 * p * delta + delta * delta + (2.0 ** -frac_bits if 2 * q > frac_bits else 0.0)
 
 
 CHAINS = ("tpoly", "texp", "tsq")
@@ -376,16 +385,17 @@ def exp_chain(ch: Channel, party: int, d: np.ndarray, m: ChainMaterial, frac_bit
     chain at c = ``chain_bits(f, bits)`` bits: z + 1 = (d + 16) / 8 is d + 16 read at
     f + 3 bits and truncated to c, p(z) ~ exp(d/2) (:func:`exp_coeffs`) the tails'
     degree-12 evaluation (four openings, the first z + 1 on a 27-bit ring), p from 2c
-    bits to c and squared, from 2c bits to f: six openings on 27-, 31-, 31 (two)-, 45-,
-    31- and 32-bit rings, 30 bytes a value at c = 14 (42 at c = f), where the limit
-    (1 + d/256)^256 took eight squarings, ten openings and 73 bytes. Outside the domain the result is
+    bits to q = ``exp_p_bits`` and squared, from 2q bits to f (no truncation when
+    2q = f): at c = 14, five openings on 27-, 31-, 31 (two)-, 45- and 31-bit rings, 26
+    bytes a value (42 at c = f, six openings), where the limit (1 + d/256)^256 took
+    eight squarings, ten openings and 73 bytes. Outside the domain the result is
     wrong (the kernels clamp d first).
 
     Error (``tests/test_mpc_core.py``), with e = exp(d), from the float formula p(z)^2:
     under :func:`exp_error` at each d (p errs by its truncations' and coefficients'
-    roundings times their sensitivities and p's own truncation to c bits, p^2 by 2 p
-    times that, the last truncation by 2^-f): at c = 14, 4.6e-3 at d = 1 and 1.6e-3
-    for d <= 0 (1.7e-3 measured); at c = f, 7.2e-5 and 2.6e-5 (2.7e-5 measured), also
+    roundings times their sensitivities and p's own truncation to q bits, p^2 by 2 p
+    times that, the last truncation by 2^-f): at c = 14, 7.6e-3 at d = 1 and 3.5e-3
+    for d <= 0 (3.9e-3 measured); at c = f, 7.2e-5 and 2.6e-5 (2.7e-5 measured), also
     under 2^(3-f) e + 14 2^-f sqrt(e) + 2^-f, 17 2^-f for d <= 0; from e,
     ``EXP_FIT_ERROR`` more. Softmax's probabilities divide by a row sum of at least 1
     (``tests/test_mpc_transformer.py`` bounds them from these)."""

@@ -25,9 +25,10 @@ kernel over its calibrated range):
   -10^4 would otherwise leave the exponential's domain), then exp(d') = p(z)^2 with p
   a degree-12 fit of exp(d/2) in z = d/8 + 1 (``chains.exp_chain``: the tails'
   Paterson-Stockmeyer evaluation as one masked chain, every product local, six
-  openings, at ``SOFTMAX_CHAIN_BITS`` = 14 fractional bits: 30 bytes a value where
-  f bits took 42; within 1.2e-6 as a float formula, ``chains.exp_error`` in fixed
-  point, 4.6e-3 at d = 1 and 1.6e-3 for d <= 0: probabilities within (E_i + p_i
+  openings, at ``SOFTMAX_CHAIN_BITS`` = 14 fractional bits and p squared from f/2:
+  26 bytes a value where f bits took 42; within 1.2e-6 as a float formula,
+  ``chains.exp_error`` in fixed point, 7.6e-3 at d = 1 and 3.5e-3 for d <= 0:
+  probabilities within (E_i + p_i
   sum E) / (S - sum E) for entry errors E and a row sum S at
   least its max entry's exp(d) >= 1). The sum's reciprocal (below) and each row scaled
   by it (:func:`_scale_rows`: one matrix triple, the reciprocal opened once a row);
@@ -90,7 +91,8 @@ EXP_CLAMP = 16.0
 CLAMP_BITS = 36
 CLAMP_COARSE = 0
 #: softmax's exponential chain's fractional bits (``chains.exp_chain``; ELU's runs at
-#: f): 30 bytes a value where f bits took 42, probabilities within 1.5e-3
+#: f): 26 bytes a value where f bits took 42 (p squared from f/2 bits, so p^2 needs no
+#: truncation), each exp within 7.6e-3 (``chains.exp_error``)
 SOFTMAX_CHAIN_BITS = 14
 RECIP_NEWTON = 5
 RSQRT_NEWTON = 4
