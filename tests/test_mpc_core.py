@@ -566,65 +566,78 @@ def test_narrow_material_and_steps_round_trip_and_bad_ones_are_refused():
         material_from_arrays(arrays)
 
 
-def test_a_tail_polynomial_opens_only_its_truncations():
+@pytest.mark.parametrize("bits,sizes", [(0, (4, 6, 12, 8, 6)), (14, (4, 4, 8, 6, 4)),
+                                        (10, (4, 3, 6, 5))])
+def test_a_tail_polynomial_opens_only_its_truncations(bits, sizes):
     """``tail_poly``: p(z) for z in [-1, 1] (a degree-12 polynomial with the GELU tail's
-    coefficients) at f bits within the fixed point's few ulps of the float value, from
-    z + 1 at f + 8 bits, in five rounds of 4 + 6 + 12 + 8 + 6 bytes per value (the
-    products between them local); its
-    material survives the arrays, and values outside the band only come out wrong."""
+    coefficients) at f bits, the chain at c = ``chain_bits(f, bits)`` (f, 14 and
+    f/2 = 10, where p at 2c = f needs no last truncation): within ``tail_error`` of
+    the float value everywhere (its truncations' and coefficients' roundings), in one
+    round per truncation of the sizes given (z + 1 on 31 bits, the powers on 2c + 3, h
+    on 3c + 3, p on 2c + 3), the products between them local; its material survives
+    the arrays, and values outside the band only come out wrong."""
     from veil.backends.mpc import evaluator as ev
-    from veil.backends.mpc.chains import chain_material, tail_poly
+    from veil.backends.mpc.chains import chain_bits, chain_material, tail_error, tail_poly
     from veil.backends.mpc.protocols import material_arrays, material_from_arrays
     from veil.ir import Op
     prg = Prg()
     f = FRAC_BITS
+    c = chain_bits(f, bits)
     coeffs = ev.approximation(Op.GELU).coeffs
-    z = np.concatenate([np.linspace(-1.0, 1.0, 1001), [7.5, -30.0]])
+    z = np.concatenate([np.linspace(-1.0, 1.0, 2001), [7.5, -30.0]])
     y = ev._scaled(z + 1.0, f + 8)
-    c_f = np.array([ev._scaled(c, f) for c in coeffs], np.uint64)
-    c_2f = np.array([ev._scaled(c, 2 * f) for c in coeffs], np.uint64)
+    c_f = np.array([ev._scaled(a, c) for a in coeffs], np.uint64)
+    c_2f = np.array([ev._scaled(a, 2 * c) for a in coeffs], np.uint64)
     ys = share(y, prg)
-    m0, m1 = chain_material("tpoly", z.size, f, prg)
+    m0, m1 = chain_material("tpoly", z.size, f, prg, bits)
     m1 = material_from_arrays(material_arrays([m1]))[0]
-    (p0, p1), chans = run_parties(lambda p, ch, m: tail_poly(ch, p, ys[p], m, c_f, c_2f, f),
-                                  (m0, m1))
+    (p0, p1), chans = run_parties(
+        lambda p, ch, m: tail_poly(ch, p, ys[p], m, c_f, c_2f, f, bits), (m0, m1))
     got = decode(reconstruct(p0, p1), f)
     want = np.polynomial.polynomial.polyval(z, coeffs)
-    assert np.abs(got - want)[:-2].max() < 2e-5
-    assert chans[0].rounds == 5 and chans[0].bytes_sent == z.size * (4 + 6 + 12 + 8 + 6)
+    bound = tail_error(coeffs, z[:-2], f, bits)
+    assert np.all(np.abs(got - want)[:-2] <= bound)
+    assert bound.max() <= {0: 1e-5, 14: 5e-4, 10: 8e-3}[bits]
+    assert chans[0].rounds == len(sizes) and chans[0].bytes_sent == z.size * sum(sizes)
 
 
-def test_the_exponential_chain_matches_its_formula():
+@pytest.mark.parametrize("bits,sizes", [(0, (4, 6, 12, 8, 6, 6)), (14, (4, 4, 8, 6, 4))])
+def test_the_exponential_chain_matches_its_formula(bits, sizes):
     """``exp_chain``: p(z)^2 with p the degree-12 fit of exp(d/2), z = d/8 + 1, at f
-    bits for d from -17 to 1 (the clamp's and a coarse row max's reach): within
-    2^(3-f) e + 14 2^-f sqrt(e) + 2^-f of the float formula p(z)^2, 17 2^-f for d <= 0
-    (the docstring: z's truncation at f bits moves d by under 2^(3-f); the powers',
-    the coefficients' and p's roundings move p^2 by the rest), and within the fit's
-    error more of e;
-    six rounds (z; z^2; z^3 and z^4; h; p; p^2) of 4 + 6 + 12 + 8 + 6 + 6 bytes a
-    value, every product local, through the material's arrays."""
+    bits for d from -17 to 1 (the clamp's and a coarse row max's reach), the chain at
+    c = ``chain_bits(f, bits)`` (f, and softmax's 14, where p is truncated to f/2 and
+    p^2 needs no truncation): within ``exp_error`` of the float formula p(z)^2
+    everywhere (at c = f also within the docstring's 2^(3-f) e + 14 2^-f sqrt(e) +
+    2^-f, 17 2^-f for d <= 0), and within the fit's error more of e; one round per
+    truncation (z; z^2; z^3 and z^4; h; p; p^2 at c = f) of the sizes given, every
+    product local, through the material's arrays."""
     from veil.backends.mpc import chains
     from veil.backends.mpc.chains import chain_material, exp_chain
     from veil.backends.mpc.protocols import material_arrays, material_from_arrays
     prg = Prg()
     d = np.concatenate([np.linspace(-17.0, 1.0, 4001), [-16.0, -1e-6, 0.0]])
     ds = _shared(d, prg)
-    m0, m1 = chain_material("texp", d.size, FRAC_BITS, prg)
+    m0, m1 = chain_material("texp", d.size, FRAC_BITS, prg, bits)
     m1 = material_from_arrays(material_arrays([m1]))[0]
-    (e0, e1), chans = run_parties(lambda p, ch, m: exp_chain(ch, p, ds[p], m, FRAC_BITS),
-                                  (m0, m1))
+    (e0, e1), chans = run_parties(
+        lambda p, ch, m: exp_chain(ch, p, ds[p], m, FRAC_BITS, bits), (m0, m1))
     got = decode(reconstruct(e0, e1))
     formula = np.polynomial.polynomial.polyval(d / 8 + 1, chains.exp_coeffs()) ** 2
     zs = np.linspace(-1.125, 1.125, 20001)
     fit = np.abs(np.polynomial.polynomial.polyval(zs, chains.exp_coeffs()) ** 2
                  - np.exp(8 * zs - 8))
     assert fit.max() <= chains.EXP_FIT_ERROR
+    bound = chains.exp_error(d, FRAC_BITS, bits)
     e, ulp = np.exp(d), 2.0 ** -FRAC_BITS
-    bound = np.where(d <= 0, 17 * ulp, 8 * ulp * e + 14 * ulp * np.sqrt(e) + ulp)
+    if bits == 0:
+        bound = np.minimum(bound, np.where(d <= 0, 17 * ulp,
+                                           8 * ulp * e + 14 * ulp * np.sqrt(e) + ulp))
+    else:                       # the docstring's figures at c = 14
+        assert bound.max() <= 7.6e-3 and bound[d <= 0].max() <= 3.5e-3
     assert np.all(np.abs(got - formula) <= bound)
     assert np.all(np.abs(got - e) <= bound + chains.EXP_FIT_ERROR)
-    assert chans[0].rounds == 6
-    assert chans[0].bytes_sent == d.size * (4 + 6 + 12 + 8 + 6 + 6)
+    assert chans[0].rounds == len(sizes)
+    assert chans[0].bytes_sent == d.size * sum(sizes)
 
 
 def test_a_truncation_and_its_square_open_once():
@@ -648,3 +661,18 @@ def test_a_truncation_and_its_square_open_once():
     assert set(np.unique(diff)) <= {0, 1}
     assert np.array_equal(sq, t * t)
     assert chans[0].rounds == 1 and chans[0].bytes_sent == 8 * raw.size
+
+
+@pytest.mark.parametrize("width", [17, 24, 31, 43, 56, 57, 63, 64])
+def test_a_narrow_opening_gives_the_value_mod_its_ring(width):
+    """``ring.open_value``: x mod 2^w from ceil(w/8) bytes a value for every width up to
+    64 (w in 57..63 sends whole words: a packing of 4, 2 and 1 byte words stops at 7)."""
+    from veil.backends.mpc.ring import open_value
+    prg = Prg()
+    rng = np.random.default_rng(width)
+    x = rng.integers(0, 2 ** 63, size=999, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    xs = share(x, prg)
+    (o0, o1), chans = run_parties(lambda p, ch, v: open_value(ch, v, width), xs)
+    mask = np.uint64((1 << width) - 1) if width < 64 else np.uint64(2 ** 64 - 1)
+    assert np.array_equal(o0, x & mask) and np.array_equal(o1, x & mask)
+    assert chans[0].bytes_sent == x.size * ((width + 7) // 8)

@@ -144,8 +144,12 @@ def test_sigmoid_and_silu_stay_within_their_stated_error_bound(op, bound):
     x = np.concatenate([np.linspace(-14, 14, 1401), [-5000.0, -300.0, -12.0, 12.0, 300.0,
                                                       5000.0], RNG.normal(size=200) * 4])
     got, want, chans = run_mpc(chain((x.size,), (op, {}, {})), x[None])
-    assert np.abs(got - want).max() <= bound
-    assert np.abs(got - pw(decode(encode(x)))).max() <= 2.5e-4    # fixed point alone
+    # GELU's chain runs at 10 fractional bits (``evaluator.TAIL_CHAIN_BITS``): its
+    # rounding, ``tail_chain_error``, joins the bound
+    extra = ev.tail_chain_error(op) if op is not Op.HARDSIGMOID else 0.0
+    assert extra <= 7.7e-3
+    assert np.abs(got - want).max() <= bound + extra
+    assert np.abs(got - pw(decode(encode(x)))).max() <= 2.5e-4 + extra  # fixed point
 
 
 def test_material_is_fetched_one_layer_at_a_time():
@@ -400,4 +404,4 @@ def test_a_linear_layer_read_by_gelu_or_silu_is_truncated_with_their_relu(op, bo
     assert prog.steps["n1"] == () and prog.steps["n2"][0].kind == "trunc_relu"
     x = RNG.normal(size=(3, 16)) * 3
     got, want, _ = run_mpc(g, x, cmp)
-    assert np.abs(got - want).max() <= bound
+    assert np.abs(got - want).max() <= bound + ev.tail_chain_error(op)

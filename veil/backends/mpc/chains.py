@@ -29,41 +29,59 @@ from .ring import ring_mask as _ring_mask
 #: Masked chains (:class:`Chain`): per chain, its truncations as (ring width, shift)
 #: and the products of two truncated values it takes, as index pairs into them (index
 #: len(truncs): the chain's Beaver-square input, when it has one).
-#: - "tpoly", a tail's degree-12 polynomial (:func:`tail_poly`): z (from z + 1 at f + 8
-#:   bits, below 2^(f+9): a 31-bit ring, 4 bytes), z^2, z^3 and z^4 (below 2^6 for
-#:   |z| <= 2: a 48-bit ring), h = q_1 + z^4 q_2 from 3f bits to f (a 64-bit ring),
-#:   and p = q_0 + z^4 h from 2f bits to f (|p| < 2: a 43-bit ring); the products z z,
-#:   z^2 z, z^2 z^2 and z^4 times z, z^2, z^3, z^4 and h.
+#: - "tpoly", a tail's degree-12 polynomial (:func:`tail_poly`) at c = ``chain_bits(f,
+#:   shift)`` fractional bits (the step's shift chooses c; the price of a small c is the
+#:   rounding, a few 2^-c, :func:`tail_error` and :func:`exp_error`): z (from z + 1 at f + 8 bits, below 2^(f+9): a 31-bit ring, 4
+#:   bytes, shifted by 8 + f - c), z^2, z^3 and z^4 (below 2 at 2c bits for |z| <= 9/8:
+#:   a (2c + 3)-bit ring), h = q_1 + z^4 q_2 from 3c bits to c (|h| < 1: a (3c + 3)-bit
+#:   ring), and p = q_0 + z^4 h from 2c bits to f (|p| < 2: a (2c + 3)-bit ring; none
+#:   when 2c = f); the products z z, z^2 z, z^2 z^2 and z^4 times z, z^2, z^3, z^4 and h.
 #: - "texp", softmax's exponential (:func:`exp_chain`): the five truncations and eight
 #:   products of "tpoly" for p(z) ~ exp(d/2), but z + 1 from d + 16 at f bits (below
-#:   2^25 after the clamp: a 27-bit ring, 4 bytes) by a shift of 3; p at 2f bits
-#:   truncated to ``EXP_BITS`` (p < 2: a 43-bit ring), its square p^2 ~ exp(d) back
-#:   to f bits on ``EXP_RING`` bits
-#:   (p^2 <= e at 2 ``EXP_BITS`` = 44 bits: below 2^46); the sixth product p p.
+#:   2^25 after the clamp: a 27-bit ring, 4 bytes) by a shift of 3 + f - c; p at 2c
+#:   bits truncated to q = ``exp_p_bits`` (c at c = f, else f/2; p < 2: a (2c + 3)-bit
+#:   ring), its square p^2 ~ exp(d) from 2q bits to f (p^2 < 4: a (2q + 4)-bit ring;
+#:   none when 2q = f); the sixth product p p.
 #: - "tsq" (:func:`trunc_square`): one truncation on the 64-bit ring (by f, or by the
 #:   step's shift) and the truncated value's square, local.
 #: The exponential's domain: d = 8 z - 8 in [EXP_LO, EXP_HI] = [-17, 1], z in
 #: [-9/8, 9/8] (a coarse clamp of d at -16 lets d down to -17 through; a coarse row
 #: max leaves d up to levels * 2^-4, below 1 up to 2^16 entries a row)
 EXP_LO, EXP_HI = -17.0, 1.0
-EXP_BITS = 22
-EXP_RING = 48
 EXP_DEGREE = 12
 _TPOLY_TRUNCS = 5
 _TPOLY_PAIRS = ((0, 0), (1, 0), (1, 1), (3, 0), (3, 1), (3, 2), (3, 3), (3, 4))
 
 
+def chain_bits(frac_bits: int, bits: int = 0) -> int:
+    """The fractional bits c a "tpoly" or "texp" chain runs at for values at f bits:
+    ``bits`` (a step's ``shift``; 0: f), but at least ceil(f / 2) (p at 2c bits is
+    truncated to f, or taken as it is when 2c = f) and at most f."""
+    return min(frac_bits, max(bits or frac_bits, (frac_bits + 1) // 2))
+
+
+def exp_p_bits(frac_bits: int, bits: int) -> int:
+    """The bits q an exponential chain at c = ``bits`` truncates p to before squaring
+    it: c at c = f (p^2 then truncated back to f), ceil(f/2) below, so that p^2 comes
+    out at 2q = f bits (f even) with no truncation of its own."""
+    return bits if bits >= frac_bits else (frac_bits + 1) // 2
+
+
 def chain_spec(name: str, frac_bits: int, shift: int = 0) -> tuple[tuple, tuple, bool]:
     """(truncations, pairs, has a Beaver square) of chain ``name`` at f bits (``shift``:
-    the "tsq" truncation's, when not f)."""
+    the "tsq" truncation's when not f; a "tpoly" or "texp" chain's own fractional bits,
+    ``chain_bits``)."""
     f = frac_bits
-    tpoly = ((48, f),) * 4 + ((64, 2 * f),)
+    c = chain_bits(f, shift)
+    powers = ((2 * c + 3, c),) * 3                 # z^2, z^3, z^4 (below 2 at 2c bits)
+    h = ((3 * c + 3, 2 * c),)                      # |h| < 1 at 3c bits
+    last = ((2 * c + 3, 2 * c - f),) if 2 * c > f else ()     # p (tpoly), p^2 (texp)
     if name == "tpoly":
-        return ((f + 11, 8),) + tpoly[1:] + ((43, f),), _TPOLY_PAIRS, False
+        return ((f + 11, 8 + f - c),) + powers + h + last, _TPOLY_PAIRS, False
     if name == "texp":
-        p = _TPOLY_TRUNCS
-        return (((27, 3),) + tpoly[1:] + ((43, 2 * f - EXP_BITS),
-                                          (EXP_RING, 2 * EXP_BITS - f)),
+        p, q = _TPOLY_TRUNCS, exp_p_bits(f, c)
+        square = ((2 * q + 4, 2 * q - f),) if 2 * q > f else ()
+        return ((((27, 3 + f - c),) + powers + h + ((2 * c + 3, 2 * c - q),) + square),
                 _TPOLY_PAIRS + ((p, p),), False)
     if name == "tsq":
         return ((64, shift or f),), ((0, 0),), False
@@ -96,6 +114,59 @@ def exp_coeffs() -> tuple[float, ...]:
 #: the fit's error max |p(z)^2 - exp(d)| over the domain (1.08e-6 measured on 20001
 #: points, 6.5e-7 for d <= 0; ``tests/test_mpc_core.py`` checks it)
 EXP_FIT_ERROR = 1.2e-6
+
+
+def _poly12_float(coeffs, z: np.ndarray, err: np.ndarray) -> np.ndarray:
+    """:func:`_poly12` in floats with additive errors ``err`` (5, ...) on its five
+    truncated values (z, z^2, z^3, z^4, h): the chain's own arithmetic, for its bound."""
+    a = np.asarray(coeffs)
+    z1 = z + err[0]
+    z2 = z1 * z1 + err[1]
+    z3 = z2 * z1 + err[2]
+    z4 = z2 * z2 + err[3]
+    q = [a[4 * j] + a[4 * j + 1] * z1 + a[4 * j + 2] * z2 + a[4 * j + 3] * z3
+         for j in range(3)]
+    h = q[1] + z4 * (q[2] + a[12] * z4) + err[4]
+    return q[0] + z4 * h
+
+
+def poly12_error(coeffs, z: np.ndarray, bits: int) -> np.ndarray:
+    """A bound, at each z, on |p - p(z)| for :func:`_poly12`'s p at 2c bits (c = ``bits``,
+    before any last truncation): each of its five faithful truncations errs by under
+    2^-c, moving p by under |dp/dt| 2^-c (the total derivative through the products
+    after it, worst signs; central differences of :func:`_poly12_float`, exact for
+    these polynomials to rounding), and each coefficient's rounding to c bits by
+    2^-(c+1) |z|^k (the constant terms', at 2c bits, by 2^-(2c+1))."""
+    z = np.asarray(z, np.float64)
+    step, total = 1e-4, np.zeros_like(z)
+    for i in range(5):
+        e = np.zeros((5,) + z.shape)
+        e[i] = step
+        total += np.abs(_poly12_float(coeffs, z, e) - _poly12_float(coeffs, z, -e)) \
+            / (2 * step)
+    powers = sum(np.abs(z) ** k for k in range(13) if k % 4)
+    return (total + powers / 2) * 2.0 ** -bits + 3 * 2.0 ** -(2 * bits + 1) \
+        + 1e-3 * 2.0 ** -bits          # the differences' own rounding, generously
+
+
+def tail_error(coeffs, z: np.ndarray, frac_bits: int, bits: int = 0) -> np.ndarray:
+    """A bound, at each z, on :func:`tail_poly`'s |p - p(z)| at c = ``chain_bits(f,
+    bits)``: :func:`poly12_error`, and p's last truncation to f bits (none at 2c = f)."""
+    c = chain_bits(frac_bits, bits)
+    return poly12_error(coeffs, z, c) + (2.0 ** -frac_bits if 2 * c > frac_bits else 0.0)
+
+
+def exp_error(d: np.ndarray, frac_bits: int, bits: int = 0) -> np.ndarray:
+    """A bound, at each d, on :func:`exp_chain`'s |e - p(z)^2| at c = ``chain_bits(f,
+    bits)``: p errs by under delta = :func:`poly12_error` + 2^-q (its truncation to q =
+    ``exp_p_bits`` bits), p^2 by 2 |p| delta + delta^2, and the last truncation to f
+    bits by 2^-f (none at 2q = f)."""
+    c = chain_bits(frac_bits, bits)
+    q = exp_p_bits(frac_bits, c)
+    z = np.asarray(d, np.float64) / 8.0 + 1.0
+    p = np.abs(np.polynomial.polynomial.polyval(z, exp_coeffs()))
+    delta = poly12_error(exp_coeffs(), z, c) + 2.0 ** -q
+    return 2 * p * delta + delta * delta + (2.0 ** -frac_bits if 2 * q > frac_bits else 0.0)
 
 
 CHAINS = ("tpoly", "texp", "tsq")
@@ -178,8 +249,14 @@ class Chain:
 
     def __init__(self, ch: Channel, party: int, m: ChainMaterial, frac_bits: int,
                  shift: int = 0) -> None:
-        self.ch, self.party, self.m, self.frac_bits = ch, party, m, frac_bits
+        # frac_bits: the chain's own c (``chain_bits``) for "tpoly" and "texp", whose
+        # values enter and leave at f
+        self.ch, self.party, self.m = ch, party, m
+        self.frac_bits = frac_bits if m.name == "tsq" else chain_bits(frac_bits, shift)
         self.truncs, self.pairs, _ = chain_spec(m.name, frac_bits, shift)
+        if m.r.shape[0] != len(self.truncs):
+            raise ValueError(f"masked chain material for {m.r.shape[0]} truncations, "
+                             f"where the {m.name} step has {len(self.truncs)}")
         self.words = dict(zip(self.pairs, _pair_words(self.pairs, len(self.truncs))))
         self.vals: dict[int, tuple] = {}
 
@@ -246,11 +323,12 @@ class Chain:
 
 
 def _poly12(c: Chain, y: np.ndarray, c_f: np.ndarray, c_2f: np.ndarray) -> np.ndarray:
-    """p(z) at 2f bits on chain ``c``'s first five truncations and eight products (the
-    "tpoly" part of a spec), z + 1 = y truncated by the spec's first shift (y at f + 8
-    bits for "tpoly", at f + 3 for "texp"): Paterson and Stockmeyer's degree-12
-    evaluation (``evaluator._tail``), h = q_1 + z^4 q_2 truncated from 3f bits to f,
-    so p = q_0 + z^4 h is at 2f (h's rounding moves p by under |z|^4 2^-f)."""
+    """p(z) at 2c bits (c: the chain's bits) on chain ``c``'s first five truncations
+    and eight products (the "tpoly" part of a spec), z + 1 = y truncated to c bits by
+    the spec's first shift (y at f + 8 bits for "tpoly", at f + 3 for "texp"): Paterson and Stockmeyer's degree-12
+    evaluation (``evaluator._tail``), h = q_1 + z^4 q_2 truncated from 3c bits to c
+    (c: the chain's bits), so p = q_0 + z^4 h is at 2c (h's rounding moves p by under
+    |z|^4 2^-c)."""
     one = np.uint64(1) << np.uint64(c.frac_bits)
     c.trunc(y[None], 0)                                           # t0 = z + 1
     z = c.val(0) - c.const(one)
@@ -258,31 +336,39 @@ def _poly12(c: Chain, y: np.ndarray, c_f: np.ndarray, c_2f: np.ndarray) -> np.nd
     c.trunc(np.stack([c.prod(1, 0) - one * c.val(1), c.prod(1, 1)]), 2)   # z^3, z^4
     powers = (None, z, c.val(1), c.val(2))
 
-    def piece(j: int) -> np.ndarray:                  # q_j(z) at 2f bits, locally
+    def piece(j: int) -> np.ndarray:                  # q_j(z) at 2c bits, locally
         out = np.full(y.shape, c.const(c_2f[4 * j]), np.uint64)
         for k in range(1, 4):
             out += c_f[4 * j + k] * powers[k]
         return out
 
-    def times_z4(j: int) -> np.ndarray:               # z^4 q_j(z) at 3f bits
+    def times_z4(j: int) -> np.ndarray:               # z^4 q_j(z) at 3c bits
         out = c_2f[4 * j] * c.val(3) + c_f[4 * j + 1] * (c.prod(3, 0) - one * c.val(3))
         return out + c_f[4 * j + 2] * c.prod(3, 1) + c_f[4 * j + 3] * c.prod(3, 2)
 
-    # h = q_1 + z^4 (q_2 + c_12 z^4) from 3f bits to f
+    # h = q_1 + z^4 (q_2 + c_12 z^4) from 3c bits to c
     c.trunc((piece(1) * one + times_z4(2) + c_f[12] * c.prod(3, 3))[None], 4)
-    return piece(0) + c.prod(3, 4)                   # p = q_0 + z^4 h at 2f bits
+    return piece(0) + c.prod(3, 4)                   # p = q_0 + z^4 h at 2c bits
 
 
 def tail_poly(ch: Channel, party: int, y: np.ndarray, m: ChainMaterial,
-              c_f: np.ndarray, c_2f: np.ndarray, frac_bits: int) -> np.ndarray:
+              c_f: np.ndarray, c_2f: np.ndarray, frac_bits: int, bits: int = 0
+              ) -> np.ndarray:
     """Shares of p(z) at f bits, z + 1 = y at f + 8 bits (|z| <= 1), for the degree-12
-    polynomial with coefficients c (ring constants at f bits in ``c_f``, at 2f in
-    ``c_2f``; |p| < 2 for |z| <= 1): Paterson and Stockmeyer's evaluation of
-    ``evaluator._tail`` as a masked chain ("tpoly"), five openings (z; z^2; z^3 and
-    z^4; h; p: 4 + 6 + 12 + 8 + 6 bytes) where Beaver products and a truncation opened
-    nine values more."""
-    c = Chain(ch, party, m, frac_bits)
-    c.trunc(_poly12(c, y, c_f, c_2f)[None], _TPOLY_TRUNCS)
+    polynomial with coefficients a (ring constants at c = ``chain_bits(f)`` bits in
+    ``c_f``, at 2c in ``c_2f``; |p| < 2 for |z| <= 1): Paterson and Stockmeyer's
+    evaluation of ``evaluator._tail`` as a masked chain ("tpoly") at c bits, five
+    openings (z; z^2; z^3 and z^4; h; p: 4 + 6 + 12 + 8 + 6 bytes at c = f, 4 + 4 + 8 +
+    6 + 4 at c = 14, and at c = f/2 four, 4 + 3 + 6 + 5, p being at 2c = f already)
+    where Beaver products and a truncation opened nine values more. Error: under
+    :func:`tail_error` (z's truncation to c bits, the powers', h's and the
+    coefficients' roundings times the polynomial's sensitivities, and p's last
+    truncation's 2^-f; ``tests/test_mpc_core.py``)."""
+    c = Chain(ch, party, m, frac_bits, bits)
+    p = _poly12(c, y, c_f, c_2f)
+    if len(c.truncs) == _TPOLY_TRUNCS:                  # 2c = f: p is at f bits
+        return p
+    c.trunc(p[None], _TPOLY_TRUNCS)
     return c.val(_TPOLY_TRUNCS)
 
 
@@ -293,32 +379,35 @@ def _exp_ring_coeffs(frac_bits: int) -> tuple[np.ndarray, np.ndarray]:
                  for b in (frac_bits, 2 * frac_bits))
 
 
-def exp_chain(ch: Channel, party: int, d: np.ndarray, m: ChainMaterial, frac_bits: int
-              ) -> np.ndarray:
-    """Shares of exp(d) ~ p(z)^2 at f bits for d in [EXP_LO, EXP_HI] (f bits): z + 1 =
-    (d + 16) / 8 is d + 16 read at f + 3 bits, p(z) ~ exp(d/2) (:func:`exp_coeffs`) the
-    tails' degree-12 evaluation (four openings, the first z + 1 on a 27-bit ring),
-    from 2f bits to ``EXP_BITS`` and squared back to f bits: six openings on 27-, 48-,
-    64-, 43- and 48-bit rings, 42 bytes a value, where the limit (1 + d/256)^256 took
-    eight squarings, ten openings and 73 bytes. Outside the
-    domain the result is wrong (the kernels clamp d first).
+def exp_chain(ch: Channel, party: int, d: np.ndarray, m: ChainMaterial, frac_bits: int,
+              bits: int = 0) -> np.ndarray:
+    """Shares of exp(d) ~ p(z)^2 at f bits for d in [EXP_LO, EXP_HI] (f bits), the
+    chain at c = ``chain_bits(f, bits)`` bits: z + 1 = (d + 16) / 8 is d + 16 read at
+    f + 3 bits and truncated to c, p(z) ~ exp(d/2) (:func:`exp_coeffs`) the tails'
+    degree-12 evaluation (four openings, the first z + 1 on a 27-bit ring), p from 2c
+    bits to q = ``exp_p_bits`` and squared, from 2q bits to f (no truncation when
+    2q = f): at c = 14, five openings on 27-, 31-, 31 (two)-, 45- and 31-bit rings, 26
+    bytes a value (42 at c = f, six openings), where the limit (1 + d/256)^256 took
+    eight squarings, ten openings and 73 bytes. Outside the domain the result is
+    wrong (the kernels clamp d first).
 
     Error (``tests/test_mpc_core.py``), with e = exp(d), from the float formula p(z)^2:
-    under 2^(3-f) e + 14 2^-f sqrt(e) + 2^-f (3.4e-5 at d = 1), and for d <= 0 under
-    17 2^-f (1.6e-5; 2.9e-5 and 9.8e-6 measured); from e, ``EXP_FIT_ERROR`` more. z's
-    truncation at f bits moves d by under 2^(3-f), so e by that much relative; the
-    truncations of z^2, z^3, z^4 and h move p by under 5.3 2^-f (their
-    sensitivities, worst signs, over the domain; 3.6 2^-f for d <= 0), the
-    coefficients' rounding to f bits by 2.9 2^-f, p's truncation by 2^-22: p^2 by
-    2 p times their sum, under 14 2^-f sqrt(e) (7.9 2^-f for d <= 0); the last
-    truncation by 2^-f.
-"""
+    under :func:`exp_error` at each d (p errs by its truncations' and coefficients'
+    roundings times their sensitivities and p's own truncation to q bits, p^2 by 2 p
+    times that, the last truncation by 2^-f): at c = 14, 7.6e-3 at d = 1 and 3.5e-3
+    for d <= 0 (3.9e-3 measured); at c = f, 7.2e-5 and 2.6e-5 (2.7e-5 measured), also
+    under 2^(3-f) e + 14 2^-f sqrt(e) + 2^-f, 17 2^-f for d <= 0; from e,
+    ``EXP_FIT_ERROR`` more. Softmax's probabilities divide by a row sum of at least 1
+    (``tests/test_mpc_transformer.py`` bounds them from these)."""
     f = frac_bits
-    c = Chain(ch, party, m, frac_bits)
-    c_f, c_2f = _exp_ring_coeffs(f)
+    c = Chain(ch, party, m, frac_bits, bits)
+    c_f, c_2f = _exp_ring_coeffs(c.frac_bits)
     p = _poly12(c, d + c.const(np.uint64(16) << np.uint64(f)), c_f, c_2f)
-    c.trunc(p[None], _TPOLY_TRUNCS)                              # p at EXP_BITS
-    c.trunc(c.prod(_TPOLY_TRUNCS, _TPOLY_TRUNCS)[None], _TPOLY_TRUNCS + 1)
+    c.trunc(p[None], _TPOLY_TRUNCS)                              # p at c bits
+    sq = c.prod(_TPOLY_TRUNCS, _TPOLY_TRUNCS)                    # p^2 at 2c bits
+    if len(c.truncs) == _TPOLY_TRUNCS + 1:              # 2c = f
+        return sq
+    c.trunc(sq[None], _TPOLY_TRUNCS + 1)
     return c.val(_TPOLY_TRUNCS + 1)
 
 
@@ -342,16 +431,19 @@ def chain_arrays(m: ChainMaterial) -> dict[str, np.ndarray]:
 
 def chain_from_arrays(name: str, get: Callable[[str], np.ndarray | None]) -> ChainMaterial:
     """Inverse of :func:`chain_arrays` (``get(key)``: the array or None), every shape
-    checked against the chain's spec; ValueError otherwise."""
-    truncs, pairs, beaver = chain_spec(name, 20)      # the shapes do not depend on f
+    checked against the chain's spec (at any chain bits: with or without the last
+    truncation, ``chain_spec``; :class:`Chain` checks the count against its step's);
+    ValueError otherwise."""
     r, h, w, cross = (get(k) for k in ("r", "h", "w", "cross"))
     if r is None or h is None or w is None or cross is None:
         raise ValueError("incomplete masked chain material")
     mat = ChainMaterial(name, r, h, w, cross, get("a"), get("c"))
-    k, n = len(truncs), r.shape[-1]
-    if (r.shape != (k, n) or h.shape != (k, n) or w.shape != (k, n)
-            or cross.shape != (sum(len(x) for _, x in _pair_words(pairs, k)), n)
-            or (mat.a is None) == beaver or (mat.c is None) == beaver
-            or (beaver and not mat.a.shape == mat.c.shape == (n,))):
-        raise ValueError("bad masked chain material")
-    return mat
+    for bits in (0, 10):                  # the shapes depend on f only through 2c > f
+        truncs, pairs, beaver = chain_spec(name, 20, bits)
+        k, n = len(truncs), r.shape[-1]
+        if not (r.shape != (k, n) or h.shape != (k, n) or w.shape != (k, n)
+                or cross.shape != (sum(len(x) for _, x in _pair_words(pairs, k)), n)
+                or (mat.a is None) == beaver or (mat.c is None) == beaver
+                or (beaver and not mat.a.shape == mat.c.shape == (n,))):
+            return mat
+    raise ValueError("bad masked chain material")

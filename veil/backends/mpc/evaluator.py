@@ -354,8 +354,9 @@ MAX_MATMUL_DIM = 1 << 16
 
 @dataclass(frozen=True)
 class Step:
-    """One interactive step: ``kind`` on ``size`` values per input; a "trunc" by
-    ``shift`` bits when not 0 (the default: f); a "matmul" (``g`` products of (m, k) by
+    """One interactive step: ``kind`` on ``size`` values per input; a "trunc" or "tsq"
+    by ``shift`` bits when not 0 (the default: f), a "tpoly" or "texp" chain at
+    ``shift`` fractional bits (``chains.chain_bits``); a "matmul" (``g`` products of (m, k) by
     (k, n) shared matrices, ``dims`` = (g, m, k, n), ``size`` = g m n) with matrix
     triples.
 
@@ -374,7 +375,8 @@ class Step:
     def __post_init__(self) -> None:
         if self.kind not in STEP_KINDS:
             raise InputError(f"unknown material kind {self.kind!r}")
-        if self.shift and (self.kind not in ("trunc", "tsq") or not 2 <= self.shift <= 60):
+        if self.shift and (self.kind not in ("trunc", "tsq", "tpoly", "texp")
+                           or not 2 <= self.shift <= 60):
             raise InputError(f"a {self.kind} step cannot shift by {self.shift} bits")
         narrow = ("relu", "drelu", "select")
         if self.width and (self.kind not in narrow or not 16 <= self.width <= 63):
@@ -460,6 +462,20 @@ class Program:
                            for r in graph.consumers(n.name)
                            if len(graph.consumers(n.name)) == 1 and r.op is Op.MATMUL
                            and r.inputs[0] == n.name and r.inputs[1] != n.name}
+        # a matrix product of two affine layers' results (attention's Q K^T), each
+        # reaching it only through reshapes and transposes: the layers truncate to
+        # f - f // 2 and f // 2 bits instead of f, so the product comes out at f bits
+        # with no truncation of its own (``nonlinear._matmul``; the operands' rounding,
+        # 2^-(f // 2), is the price)
+        self.half_bits: dict[str, int] = {}
+        self.exact_products: set[str] = set()
+        for n in graph.nodes:
+            if n.op is Op.MATMUL and n.name not in self.normalizes:
+                src = [self._affine_source(s) for s in n.inputs]
+                if src[0] and src[1] and src[0] != src[1]:
+                    f = self.frac_bits
+                    self.half_bits.update({src[0]: f - f // 2, src[1]: f // 2})
+                    self.exact_products.add(n.name)
         self.steps = {n.name: tuple(KERNELS[n.op].steps(self, n)) for n in graph.nodes}
         self.layers = [Layer(n.name, self.steps[n.name]) for n in graph.nodes
                        if self.steps[n.name]]
@@ -482,6 +498,21 @@ class Program:
         if out.size <= CACHED_ENTRIES:
             self._weights[key] = out
         return out
+
+    def _affine_source(self, name: str) -> str | None:
+        """The affine layer whose truncated result reaches ``name`` only through
+        single-reader reshapes and transposes, if any (:attr:`half_bits`)."""
+        graph = self.graph
+        node = graph.node(name)
+        while node.op in (Op.RESHAPE, Op.TRANSPOSE):
+            if len(graph.consumers(node.name)) != 1:
+                return None
+            node = graph.node(node.inputs[0])
+        if (node.name in self.truncating and node.name not in self.fused
+                and node.name != self.output and len(graph.consumers(node.name)) == 1
+                and _divisor_bits(self, node) == 0):
+            return node.name
+        return None
 
     def size(self, node) -> int:
         return int(np.prod(node.shape))
@@ -612,18 +643,22 @@ class Run:
         return self._apply(lambda v, m: fn(self.ch, self.party, v, m, shift),
                            y.ravel()).reshape(y.shape)
 
-    def tail_poly(self, y: np.ndarray, coeffs) -> np.ndarray:
+    def tail_poly(self, y: np.ndarray, coeffs, bits: int = 0) -> np.ndarray:
         """p(z) at f bits for z + 1 = y at f + ``TAIL_SCALE_BITS`` bits and the degree-12
-        ``coeffs`` (a "tpoly" step)."""
-        c_f = np.array([_scaled(c, self.f) for c in coeffs], np.uint64)
-        c_2f = np.array([_scaled(c, 2 * self.f) for c in coeffs], np.uint64)
+        ``coeffs`` (a "tpoly" step of shift ``bits``: the chain's own fractional bits,
+        ``chains.chain_bits``)."""
+        bits = chains.chain_bits(self.f, bits)
+        c_f = np.array([_scaled(c, bits) for c in coeffs], np.uint64)
+        c_2f = np.array([_scaled(c, 2 * bits) for c in coeffs], np.uint64)
         return self._apply(lambda v, m: chains.tail_poly(self.ch, self.party, v, m, c_f,
-                                                         c_2f, self.f),
+                                                         c_2f, self.f, bits),
                            y.ravel()).reshape(y.shape)
 
-    def exp(self, d: np.ndarray) -> np.ndarray:
-        """exp(d) at f bits for d in [-17, 1] (a "texp" step, ``chains.exp_chain``)."""
-        return self._apply(lambda v, m: chains.exp_chain(self.ch, self.party, v, m, self.f),
+    def exp(self, d: np.ndarray, bits: int = 0) -> np.ndarray:
+        """exp(d) at f bits for d in [-17, 1] (a "texp" step of shift ``bits``,
+        ``chains.exp_chain``)."""
+        return self._apply(lambda v, m: chains.exp_chain(self.ch, self.party, v, m, self.f,
+                                                         bits),
                            d.ravel()).reshape(d.shape)
 
     def trunc_square(self, y: np.ndarray, shift: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -782,6 +817,8 @@ def _divisor_bits(prog: Program, node) -> int:
 def _trunc_shift(prog: Program, node) -> int:
     """An affine layer's truncation shift as its step declares it: 0 (f) unless an
     average pool's reciprocal has extra bits (:func:`_divisor_bits`)."""
+    if node.name in prog.half_bits:          # a Q K^T operand (``Program.half_bits``)
+        return 2 * prog.frac_bits - prog.half_bits[node.name]
     extra = _divisor_bits(prog, node)
     return prog.frac_bits + extra if extra else 0
 
@@ -983,6 +1020,23 @@ def _piecewise(run: Run, x: np.ndarray, pw: Piecewise) -> np.ndarray:
 #: function is continuous there: an error below 2^-15), the clamp's below 2^-4 (the
 #: edge is 2^-4 inside the fit, and within 2^-4 below it t may be taken at the edge)
 TAIL_CMP_BITS = 36
+#: the fractional bits of the transformer's tail's chain (``chains.chain_bits``; the
+#: other tails run at f): at c = f/2 = 10 the powers open on 23-bit rings (3 bytes), h
+#: on 33 (5), and p comes out at 2c = f bits with no truncation, 18 bytes a value where
+#: f bits took 36; the chain's rounding, under 7.6e-3 for GELU (``tail_chain_error``;
+#: 1.9e-3 measured), joins the fit's
+TAIL_CHAIN_BITS = {Op.GELU: 10}
+
+
+def tail_chain_error(op: Op, frac_bits: int = FRAC_BITS) -> float:
+    """What a :class:`Tail`'s chain at ``TAIL_CHAIN_BITS`` adds to the op's error bound
+    (``chains.tail_error`` over z in [-1, 1]; 0 for the tails whose chain runs at f,
+    whose few ulps their bounds already hold)."""
+    bits = TAIL_CHAIN_BITS.get(op, 0)
+    if not bits:
+        return 0.0
+    z = np.linspace(-1.0, 1.0, 4001)
+    return float(chains.tail_error(approximation(op).coeffs, z, frac_bits, bits).max())
 TAIL_SIGN_PRECISION = 14
 TAIL_BAND_PRECISION = 4
 
@@ -1000,7 +1054,7 @@ def _tail_steps(prog, node):
     else:
         steps = [Step("drelu", n, **sign), Step("mul", n)]
     steps += [Step("relu", n, **band),                              # min(t, edge)
-              Step("tpoly", n)]                                      # p(z), f bits
+              Step("tpoly", n, TAIL_CHAIN_BITS.get(node.op, 0))]       # p(z), f bits
     if node.op not in RELU_TAILS:
         steps.append(Step("mul", n))
     return steps
@@ -1048,7 +1102,8 @@ def _tail(run: Run, node, args):
     # z + 1 = 2 t' / bound at 2f bits; p(z) at f (``chains.tail_poly``: five
     # openings, the products local from the dealer's cross products)
     # z + 1 = t c / 2^k (``tail_scale``): t c read at f + k bits
-    corr = run.tail_poly(t * np.uint64(tail_scale(TAILS[node.op][0])[0]), tail.coeffs)
+    corr = run.tail_poly(t * np.uint64(tail_scale(TAILS[node.op][0])[0]), tail.coeffs,
+                         TAIL_CHAIN_BITS.get(node.op, 0))
     if node.op in RELU_TAILS:
         return relu - corr
     y = s * lift + corr - np.uint64(2) * run.mul(s, corr)

@@ -11,7 +11,11 @@ kernel over its calibrated range):
 
 - MATMUL of two shared matrices: matrix Beaver triples (SecureML, Mohassel and Zhang,
   S&P 2017, Sec. 4.2): one round opening X - A and Y - B, then one truncation. Exact up
-  to the truncation's ulp.
+  to the truncation's ulp. When both operands are affine layers' results reaching it
+  only through reshapes and transposes (attention's Q K^T, ``Program.half_bits``), the
+  layers truncate to f/2 = 10 bits instead and the product, at f bits, needs no
+  truncation: each score within 2^-10 (|q|_1 + |k|_1) more (the operands' rounding;
+  MiniLM's scores read the 1/sqrt(d) scale folded into Q).
 - SOFTMAX over the last axis (CrypTen's construction, Knott et al., NeurIPS 2021, with
   a polynomial exponential): the row maximum by a tree of max(a, b) = b + ReLU(a - b)
   (log2 L levels, coarse comparisons on 40 bits opened narrow: the max may fall short
@@ -21,8 +25,11 @@ kernel over its calibrated range):
   -10^4 would otherwise leave the exponential's domain), then exp(d') = p(z)^2 with p
   a degree-12 fit of exp(d/2) in z = d/8 + 1 (``chains.exp_chain``: the tails'
   Paterson-Stockmeyer evaluation as one masked chain, every product local, six
-  openings; within 1.2e-6 as a float formula, 2^(3-f) e + 14 2^-f sqrt(e) + 2^-f in
-  fixed point: probabilities within 1e-4, 1.1e-5 measured, since a row's sum is at
+  openings, at ``SOFTMAX_CHAIN_BITS`` = 14 fractional bits and p squared from f/2:
+  26 bytes a value where f bits took 42; within 1.2e-6 as a float formula,
+  ``chains.exp_error`` in fixed point, 7.6e-3 at d = 1 and 3.5e-3 for d <= 0:
+  probabilities within (E_i + p_i
+  sum E) / (S - sum E) for entry errors E and a row sum S at
   least its max entry's exp(d) >= 1). The sum's reciprocal (below) and each row scaled
   by it (:func:`_scale_rows`: one matrix triple, the reciprocal opened once a row);
   when the softmax's only reader is a MATMUL taking it as its left operand
@@ -50,7 +57,10 @@ kernel over its calibrated range):
   5.02 - 2^-4 (``evaluator.tail_scale``: 512 / 102, so z + 1 = 102 t / 2^8; the
   piecewise form PUMA uses, Dong et al. 2023, with the ReLU as the main piece, its
   comparison leaving out the bits below 2^-14: an error below 2^-15 near 0;
-  beyond e the fit's value there stands for the tail, both below 2e-6);
+  beyond e the fit's value there stands for the tail, both below 2e-6; the chain
+  at ``evaluator.TAIL_CHAIN_BITS`` = 10 fractional bits, p at 2c = f with no last
+  truncation, 18 bytes a value where f bits took 36, within 7.6e-3 more,
+  ``evaluator.tail_chain_error``, 1.9e-3 measured);
   TANH(x) = (2 s - 1)(1 - 2 p(min(|x|, e))), p ~ sigma(-2t): both in
   ``evaluator.Tail``, whose comparisons and power truncations open narrow (5 and 6
   bytes, not 8).
@@ -80,6 +90,10 @@ MAX_PRECISION = 4
 EXP_CLAMP = 16.0
 CLAMP_BITS = 36
 CLAMP_COARSE = 0
+#: softmax's exponential chain's fractional bits (``chains.exp_chain``; ELU's runs at
+#: f): 26 bytes a value where f bits took 42 (p squared from f/2 bits, so p^2 needs no
+#: truncation), each exp within 7.6e-3 (``chains.exp_error``)
+SOFTMAX_CHAIN_BITS = 14
 RECIP_NEWTON = 5
 RSQRT_NEWTON = 4
 #: the variance range LayerNorm's inverse square root assumes (MiniLM-L6 on the
@@ -146,7 +160,9 @@ def _matmul_dims(prog, node) -> tuple[int, int, int, int]:
 
 def _matmul_steps(prog, node):
     g, m, k, n = _matmul_dims(prog, node)
-    steps = [Step("matmul", g * m * n, dims=(g, m, k, n)), Step("trunc", g * m * n)]
+    steps = [Step("matmul", g * m * n, dims=(g, m, k, n))]
+    if node.name not in prog.exact_products:    # operands at f/2 bits: none
+        steps.append(Step("trunc", g * m * n))
     if node.name in prog.normalizes:            # an unnormalized softmax's rows
         steps += [_row_scaling(g * m, n), Step("trunc", g * m * n)]
     return steps
@@ -163,7 +179,9 @@ def _matmul(run: Run, node, args):
     lead = tuple(node.shape[:-2])
     x = np.broadcast_to(args[0], (b,) + lead + args[0].shape[-2:]).reshape(b * g, m, k)
     y = np.broadcast_to(args[1], (b,) + lead + args[1].shape[-2:]).reshape(b * g, k, n)
-    z = run.trunc(run.matmul(np.ascontiguousarray(x), np.ascontiguousarray(y)))
+    z = run.matmul(np.ascontiguousarray(x), np.ascontiguousarray(y))
+    if node.name not in run.prog.exact_products:
+        z = run.trunc(z)
     source = run.prog.normalizes.get(node.name)
     if source is not None:
         inv = run.row_scales.pop(source)
@@ -288,26 +306,27 @@ def _softmax_steps(prog, node):
     f = prog.frac_bits
     steps = [Step("relu", rows * k, width=MAX_BITS, drop=max(1, f - MAX_PRECISION))
              for k in tree_widths(last)]
-    steps += exp_steps(n, f)
+    steps += exp_steps(n, f, SOFTMAX_CHAIN_BITS)
     steps += _recip_steps(rows, 0.5, _sum_bound(last))
     if node.name not in prog.normalizes.values():
         steps += [_row_scaling(rows, last), Step("trunc", n)]
     return steps
 
 
-def exp_steps(n: int, frac_bits: int) -> list[Step]:
-    """The material of :func:`_exp_nonpositive` on n values: the clamp, the chain."""
+def exp_steps(n: int, frac_bits: int, bits: int = 0) -> list[Step]:
+    """The material of :func:`_exp_nonpositive` on n values: the clamp, the chain (at
+    ``bits`` fractional bits, ``chains.chain_bits``)."""
     return [Step("relu", n, width=CLAMP_BITS, drop=frac_bits + CLAMP_COARSE),
-            Step("texp", n)]
+            Step("texp", n, bits)]
 
 
-def _exp_nonpositive(run: Run, d: np.ndarray) -> np.ndarray:
+def _exp_nonpositive(run: Run, d: np.ndarray, bits: int = 0) -> np.ndarray:
     """exp(d) at f bits for shared d <= 0 (f bits; up to 1 above 0 after a coarse max,
     down to -2^14 with a masked entry): the clamp max(d, -16), coarse (d in [-17, -16)
     passes), then ``chains.exp_chain`` on [-17, 1] (the module docstring)."""
     lim = run.public(_scaled(EXP_CLAMP, run.f))
     d = run.relu(np.ascontiguousarray(d + lim)) - lim            # max(d, -16)
-    return run.exp(d)
+    return run.exp(d, bits)
 
 
 def _softmax(run: Run, node, args):
@@ -316,7 +335,7 @@ def _softmax(run: Run, node, args):
     b = x.shape[0]
     x = x.reshape(b * rows, last)
     mx = max_tree(run, x)
-    e = _exp_nonpositive(run, x - mx)
+    e = _exp_nonpositive(run, x - mx, SOFTMAX_CHAIN_BITS)
     s = e.sum(axis=-1, keepdims=True, dtype=np.uint64)
     inv = _reciprocal_of(run, s, 0.5, _sum_bound(last))
     if node.name in run.prog.normalizes.values():     # the matrix product scales

@@ -22,6 +22,8 @@ def open_value(ch: Channel, x: np.ndarray, width: int = 64) -> np.ndarray:
     of values whose range is known (narrow comparisons, chains' truncations)."""
     if width >= 64:
         return x + ch.exchange(x)
+    if width > 56:                       # 8 bytes: the whole word, masked
+        return (x + ch.exchange(x)) & np.uint64((1 << width) - 1)
     flat = np.ascontiguousarray(x, dtype=np.uint64).reshape(-1)
     n, nb = flat.size, (width + 7) // 8
     # each value's low nb bytes, packed: 4-, 2- and 1-byte words written at stride nb (no
