@@ -396,8 +396,11 @@ def test_a_transformer_runs_on_shares(rng):
     cal = rng.normal(size=(16, 4, 8))
     with _compiled(g, cal) as compiled:      # the dealer and both parties, as processes
         x = cal[0]
+        # the transformer chains run at fewer fractional bits since issue 17's byte cuts
+        # (softmax's exponential within 7.6e-3, GELU's correction within 7.6e-3 a value):
+        # 3.1e-3 measured at most over 12 runs of this graph, where 2e-3 held before
         np.testing.assert_allclose(compiled.run(x, mode="mpc"), run(g, x[None])[0],
-                                   atol=2e-3)
+                                   atol=1e-2)
 
 
 def test_transformer_estimate_without_calibrated_ranges_uses_the_defaults(rng):
