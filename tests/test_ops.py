@@ -238,6 +238,12 @@ def _he(graph, x):
 # by ``tests/test_mpc_ops.py``; here they get a 2e-3 allowance.
 MPC_TOL = 1e-4
 MPC_PIECEWISE_TOL = 2e-3
+# The transformer chains run at fewer fractional bits (issue 17): softmax's exponential
+# at 14 bits (``chains.exp_error``: 7.6e-3 at d = 1, probabilities within the bound
+# derived from it, 9.7e-3 on tests/test_mpc_transformer.py's rows) and GELU's
+# correction at 10 (``chains.tail_error``: up to 7.6e-3 over the fit's error), each
+# checked pointwise there; here they get those bounds.
+MPC_OP_TOL = {Op.SOFTMAX: 1e-2, Op.GELU: 1e-2}
 
 
 def _mpc(graph, x):
@@ -247,8 +253,9 @@ def _mpc(graph, x):
 
     out, _ = run_graph(ev.lower_for_mpc(lower(graph, "mpc")[0]), x)
     piecewise = any(n.op in (Op.SIGMOID, Op.SILU, Op.GELU, Op.TANH) for n in graph.nodes)
-    return out.reshape((len(x),) + graph.output_shape), \
-        MPC_PIECEWISE_TOL if piecewise else MPC_TOL
+    tol = max([MPC_PIECEWISE_TOL if piecewise else MPC_TOL,
+               *(MPC_OP_TOL.get(n.op, 0.0) for n in graph.nodes)])
+    return out.reshape((len(x),) + graph.output_shape), tol
 
 
 def _tee(graph, x):
