@@ -11,12 +11,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+from service_util import ready_url
+
 ROOT = Path(__file__).resolve().parents[1]
-READY = "veil-serve listening on "
 
 
 def missing() -> str | None:
@@ -130,16 +130,7 @@ class RayServe:
              "--listen", "127.0.0.1:0", "--ray", address, "--allow-insecure", *extra],
             stdout=subprocess.PIPE, stderr=self._err, text=True,
             env={**_env(), **(env or {})}, start_new_session=True)
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()),
-                                  daemon=True)
-        reader.start()
-        reader.join(timeout)
-        if not line or not line[0].startswith(READY):
-            self.stop()
-            raise RuntimeError(f"veil serve --ray did not start: {line!r}\n"
-                               f"{self.log.read_text()[-4000:]}")
-        self.url = line[0][len(READY):].strip()
+        self.url = ready_url(self, "veil serve --ray", timeout, tail=4000)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

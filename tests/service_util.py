@@ -32,6 +32,22 @@ def tiny_export(directory: Path, name: str, seed: int = 0, modes=("he",)):
     return model, compiled, calib
 
 
+def ready_url(server, what: str, timeout: float, tail: int | None = None) -> str:
+    """The URL of ``server.proc``'s ready line on stdout, waiting up to ``timeout`` s;
+    otherwise ``server.stop()`` and RuntimeError with (the tail of) ``server.log``."""
+    line: list[str] = []
+    reader = threading.Thread(target=lambda: line.append(server.proc.stdout.readline()),
+                              daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not line or not line[0].startswith(READY):
+        server.stop()
+        log = server.log.read_text()
+        raise RuntimeError(f"{what} did not start: {line!r}\n"
+                           f"{log if tail is None else log[-tail:]}")
+    return line[0][len(READY):].strip()
+
+
 class ServerProcess:
     """``python -m veil.service`` on 127.0.0.1:0; stderr goes to a file checked later.
     The tiny exports use insecure test parameters, so it passes ``--allow-insecure``."""
@@ -45,15 +61,7 @@ class ServerProcess:
             [sys.executable, "-m", "veil.service", *map(str, exports), "--store", str(store),
              "--listen", "127.0.0.1:0", "--allow-insecure", *extra],
             stdout=subprocess.PIPE, stderr=self._err, text=True, env=env)
-        line: list[str] = []
-        reader = threading.Thread(target=lambda: line.append(self.proc.stdout.readline()),
-                                  daemon=True)
-        reader.start()
-        reader.join(timeout)
-        if not line or not line[0].startswith(READY):
-            self.stop()
-            raise RuntimeError(f"server did not start: {line!r}\n{self.log.read_text()}")
-        self.url = line[0][len(READY):].strip()
+        self.url = ready_url(self, "server", timeout)
 
     def stop(self, kill: bool = False) -> None:
         if self.proc.poll() is None:
