@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import (AuthError, NotFoundError, PayloadTooLargeError, RateLimitError,
-                      ServiceError, SessionExpiredError)
+                      ServiceError)
 from .._files import private_dir
 from .store import _ID, NO_SESSION, SessionRecord, SessionStore, Upload, _FileUpload
 
@@ -380,18 +380,10 @@ class PostgresStore(SessionStore):
         rows = self._query("SELECT model FROM veil_sessions WHERE id = %s", (session_id,))
         return rows[0][0] if rows else None
 
-    def _row(self, session_id: str, owner: str) -> SessionRecord:
-        if not isinstance(session_id, str) or not _ID.match(session_id):
-            raise NotFoundError(NO_SESSION)
+    def _fetch(self, session_id: str) -> tuple | None:
         rows = self._query(f"SELECT {_COLUMNS} FROM veil_sessions WHERE id = %s",
                            (session_id,))
-        if not rows or rows[0][1] != owner:
-            raise NotFoundError(NO_SESSION)
-        rec = SessionRecord(*rows[0])
-        if rec.expires_at <= self._clock():
-            self._drop([rec.id])
-            raise SessionExpiredError(NO_SESSION)
-        return rec
+        return rows[0] if rows else None
 
     def get(self, session_id: str, owner: str, *, touch: bool = True) -> SessionRecord:
         rec = self._row(session_id, owner)

@@ -133,6 +133,28 @@ class SessionStore(ABC):
     def key_path(self, session_id: str) -> Path:
         """A local file holding the session's keys, for an HE worker to load."""
 
+    # -- shared by the backends: one session's row, owner and expiry checked ----------
+    def _row(self, session_id: str, owner: str) -> SessionRecord:
+        """``owner``'s live session ``session_id`` (NotFoundError otherwise, and
+        SessionExpiredError after dropping an expired one)."""
+        if not isinstance(session_id, str) or not _ID.match(session_id):
+            raise NotFoundError(NO_SESSION)
+        row = self._fetch(session_id)
+        if row is None or row[1] != owner:
+            raise NotFoundError(NO_SESSION)
+        rec = SessionRecord(*row)
+        if rec.expires_at <= self._clock():
+            self._drop([rec.id])
+            raise SessionExpiredError(NO_SESSION)
+        return rec
+
+    def _fetch(self, session_id: str) -> tuple | None:
+        """The session's row, in :class:`SessionRecord`'s field order, or None."""
+        raise NotImplementedError
+
+    def _drop(self, ids: list[str]) -> None:
+        raise NotImplementedError
+
     @abstractmethod
     def weights_path(self, session_id: str) -> Path | None:
         """A local file holding the session's encrypted weights; None without any."""
@@ -414,17 +436,9 @@ class SQLiteStore(SessionStore):
         for callback in list(self.on_drop):
             callback(list(ids))
 
-    def _row(self, session_id: str, owner: str) -> SessionRecord:
-        if not isinstance(session_id, str) or not _ID.match(session_id):
-            raise NotFoundError(NO_SESSION)
+    def _fetch(self, session_id: str) -> tuple | None:
         rows = self._db.query("SELECT * FROM sessions WHERE id = ?", (session_id,))
-        if not rows or rows[0][1] != owner:
-            raise NotFoundError(NO_SESSION)
-        rec = SessionRecord(*rows[0])
-        if rec.expires_at <= self._clock():
-            self._drop([rec.id])
-            raise SessionExpiredError(NO_SESSION)
-        return rec
+        return rows[0] if rows else None
 
     def get(self, session_id: str, owner: str, *, touch: bool = True) -> SessionRecord:
         rec = self._row(session_id, owner)
