@@ -28,7 +28,7 @@ def _veil(*args):
                           capture_output=True, text=True).stdout.strip()
 
 
-def _leftovers(*dirs) -> list[str]:
+def _leftovers(*dirs, width: int = 120) -> list[str]:
     """Processes still running whose command lines name one of ``dirs``: the cluster's
     temporary folder (every Ray process of it), the test's folder (veil serve --ray, the
     enclaves its replicas started)."""
@@ -39,7 +39,7 @@ def _leftovers(*dirs) -> list[str]:
         except psutil.Error:
             continue
         if any(str(d) in line for d in dirs):
-            out.append(f"{p.pid}: {line[:120]}")
+            out.append(f"{p.pid}: {line[:width]}")
     return out
 
 
@@ -100,6 +100,12 @@ def test_he_and_tee_requests_through_the_sdk(scaled):
     while _stats(scaled)["tee_enclaves_tiny"] < 2 and time.monotonic() < deadline:
         time.sleep(1)
     assert _stats(scaled)["tee_enclaves_tiny"] == 2
+    # each enclave stays on its replica's CPUs (half a CPU: one run at a time on one
+    # thread), not a run per connection on a thread per core of the machine
+    enclaves = [line for line in _leftovers(scaled["dir"] / "tiny" / "tee", width=4000)
+                if " tee-serve " in line]
+    assert len(enclaves) == 2, enclaves
+    assert all("--threads 1 --parallel 1" in line for line in enclaves), enclaves
     tees = [_client(scaled, "tee", f"tee-{i}") for i in range(4)]   # 2 channels each
     try:
         for tee in tees:
@@ -110,6 +116,23 @@ def test_he_and_tee_requests_through_the_sdk(scaled):
     finally:
         for tee in tees:
             tee.close()
+
+
+def test_scale_options_are_checked():
+    from veil.errors import InputError
+    from veil.service.scale import ScaleOptions
+
+    for options, threads, parallel in ((ScaleOptions("auto", replica_cpus=0.5), 1, 1),
+                                       (ScaleOptions("auto", replica_cpus=3), 3, 1),
+                                       (ScaleOptions("auto", replica_cpus=4, tee_threads=2),
+                                        2, 2),
+                                       (ScaleOptions("auto", replica_cpus=1, tee_threads=4),
+                                        4, 1)):
+        assert (options.enclave_threads, options.enclave_parallel) == (threads, parallel)
+    for bad in ({"replicas": 0}, {"he_threads": 0}, {"tee_threads": -1},
+                {"replica_cpus": 0}, {"replica_cpus": float("nan")}):
+        with pytest.raises(InputError):
+            ScaleOptions("auto", **bad)
 
 
 def test_encrypted_weights_reach_the_replicas(scaled):

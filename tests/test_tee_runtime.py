@@ -486,3 +486,48 @@ def test_the_measurement_covers_the_runtime_version(tmp_path, monkeypatch):
     monkeypatch.setattr(executor.metadata, "version",
                         lambda name: "9.9.9" if name == "onnxruntime" else real(name))
     assert bundle.measure(ex.directory) != ex.measurement
+
+
+@pytest.mark.parametrize("parallel", [1, None])
+def test_parallel_bounds_the_model_runs_at_once(parallel):
+    """``tee-serve --parallel N``: at most N model runs at once, whatever the number of
+    connections (a Ray enclave replica stays on its CPUs); without it, one per
+    connection."""
+    import threading
+    import time
+
+    from veil.backends.tee.baseline import PlaintextServer
+
+    g = _G((4,))
+    g.add(Op.LINEAR, ["x"], {}, {"weight": np.eye(4), "bias": np.zeros(4)})
+    srv = PlaintextServer(g.graph(), ("127.0.0.1", 0), 10.0,
+                          RuntimeSpec.default_for("interpreter"), 1, parallel)
+    run, lock, state = srv.executor, threading.Lock(), {"now": 0, "most": 0}
+
+    def slow(xs):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.05)
+        with lock:
+            state["now"] -= 1
+        return run(xs)
+
+    srv.executor = slow
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    x = np.arange(8.0).reshape(2, 4)
+
+    def client():
+        with PlaintextClient(srv.address, 10.0) as pc:
+            for _ in range(3):
+                np.testing.assert_allclose(pc.infer(x), x)
+    try:
+        pool = [threading.Thread(target=client) for _ in range(4)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    finally:
+        srv.server.close()
+    assert srv.counts["served"] == 12
+    assert state["most"] == 1 if parallel == 1 else state["most"] > 1

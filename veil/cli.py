@@ -83,6 +83,16 @@ def _address(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a whole number >= 1, not {text!r}")
+    return value
+
+
 def _index_parsers(sub) -> None:
     """``veil index build`` and ``veil search`` (encrypted search, :mod:`veil.search`)."""
     i = sub.add_parser("index", help="build a search index for `veil serve --index`")
@@ -291,6 +301,8 @@ def _service_parsers(sub) -> None:
                    help="with --ray: CPUs Ray reserves for each replica (default 1)")
     s.add_argument("--he-threads", type=int, default=1,
                    help="with --ray: OpenFHE threads in each HE replica (default 1)")
+    s.add_argument("--tee-threads", type=_positive, help="with --ray: the model runtime's "
+                   "threads in each enclave replica (default: --replica-cpus, at least 1)")
     from .service.options import add_ops_args, add_search_args
 
     add_ops_args(s, _address)
@@ -455,7 +467,10 @@ def _tee_parsers(sub) -> None:
                    help="HOST:PORT for clients (port 0: any free port, printed)")
     t.add_argument("--timeout", type=float, default=10.0, help="seconds per message")
     t.add_argument("--evidence-ttl", type=int, default=300, help="seconds evidence is valid")
-    t.add_argument("--threads", type=int, help="the model runtime's threads (default: its own)")
+    t.add_argument("--threads", type=_positive, help="the model runtime's threads per "
+                   "model run (default: its own)")
+    t.add_argument("--parallel", type=_positive, help="model runs at once; other requests "
+                   "wait their turn (default: one per connection)")
     t.add_argument("--plaintext-baseline", action="store_true",
                    help="INSECURE: serve unsealed, no attestation (benchmarks only)")
 
@@ -513,13 +528,14 @@ def _tee(args) -> int:
         return 0
     if args.plaintext_baseline:
         srv = service.PlaintextServer(bundle.load_model(args.export), args.listen, args.timeout,
-                                      bundle.load_runtime(args.export), args.threads)
+                                      bundle.load_runtime(args.export), args.threads,
+                                      args.parallel)
         role = "plaintext-baseline (INSECURE: unsealed, benchmarks only)"
     else:
         srv = service.Enclave(args.export, attest.load_attester(args.attester,
                                                                 args.attester_key or "."),
                               args.listen, args.key_release, args.timeout, args.evidence_ttl,
-                              args.threads)
+                              args.threads, args.parallel)
         role = "enclave" + (" (INSECURE software attester)" if srv.insecure else "")
     _announce(f"veil-tee {role} listening on %s:%d" % srv.address)
     srv.serve_forever()

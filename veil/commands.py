@@ -300,7 +300,7 @@ def _serve_ray(args, infos, store: Path) -> int:
     except ImportError as exc:
         raise InputError(f"--ray needs Ray Serve ({exc}): pip install 'veil[scale]'") from None
     options = ScaleOptions(args.ray, replicas=args.replicas, replica_cpus=args.replica_cpus,
-                           he_threads=args.he_threads)
+                           he_threads=args.he_threads, tee_threads=args.tee_threads)
     config = _service_config(args, infos, store, {i.name: {} for i in infos})
     serve_on_ray(config, options, *args.listen, attester_key=args.tee_attester_key,
                  key_release=args.tee_key_release, tls_cert=args.tls_cert,

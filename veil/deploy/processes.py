@@ -284,11 +284,17 @@ class Processes:
 
     def tee(self, info: ExportInfo, *, attester: str = "software",
             attester_key: str | os.PathLike | None = None,
-            key_release: str | None = None, host: str = "127.0.0.1") -> dict:
+            key_release: str | None = None, host: str = "127.0.0.1",
+            threads: int | None = None, parallel: int | None = None) -> dict:
         """Start the enclave of ``info``'s TEE bundle, listening on ``host`` (a free
-        port): ``{"enclave": "HOST:PORT", "children": {"<model>-enclave": state}}``."""
+        port), its model runtime on ``threads`` threads per run and ``parallel`` runs at
+        once (None: the enclave's defaults, ``veil tee-serve --threads/--parallel``):
+        ``{"enclave": "HOST:PORT", "children": {"<model>-enclave": state}}``."""
         args = ["tee-serve", str(info.path("tee")), "--attester", attester,
                 "--listen", f"[{host}]:0" if ":" in host else f"{host}:0"]
+        for flag, value in (("--threads", threads), ("--parallel", parallel)):
+            if value is not None:
+                args += [flag, str(int(value))]
         if attester_key is not None:
             args += ["--attester-key", str(attester_key)]
         if key_release is not None:

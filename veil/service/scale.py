@@ -62,7 +62,7 @@ from ray import serve
 from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import RayServeException
 
-from ..errors import ServiceError, UnavailableError, VeilError
+from ..errors import InputError, ServiceError, UnavailableError, VeilError
 from .workers import error_header, raise_error
 
 log = logging.getLogger("veil.service")
@@ -89,12 +89,38 @@ class ScaleOptions:
         replicas: HE replicas, and enclave replicas per TEE model.
         replica_cpus: CPUs Ray reserves for each replica.
         he_threads: OpenFHE's threads in each HE replica (``OMP_NUM_THREADS``).
+        tee_threads: the model runtime's threads in each enclave replica; None: the
+            replica's CPUs (at least 1). Each enclave runs as many models at once as
+            its CPUs hold runs of that many threads (at least one), the other requests
+            wait their turn: an enclave is a child process, which Ray does not hold to
+            the replica's CPUs, and left to its defaults (onnxruntime's thread per core,
+            a run per connection) one enclave would take every core of its machine.
     """
 
     address: str
     replicas: int = 1
     replica_cpus: float = 1.0
     he_threads: int = 1
+    tee_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("replicas", "he_threads", "tee_threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InputError(f"--{name.replace('_', '-')} must be a whole number >= 1, "
+                                 f"not {value!r}")
+        if not self.replica_cpus > 0:
+            raise InputError(f"--replica-cpus must be > 0, not {self.replica_cpus!r}")
+
+    @property
+    def enclave_threads(self) -> int:
+        """The threads of each model run in an enclave replica."""
+        return self.tee_threads or max(1, int(self.replica_cpus))
+
+    @property
+    def enclave_parallel(self) -> int:
+        """The model runs an enclave replica computes at once."""
+        return max(1, int(self.replica_cpus) // self.enclave_threads)
 
 
 def scratch_dir(prefix: str) -> Path:
@@ -317,7 +343,7 @@ class EnclaveReplica:
     so the ingress keeps each channel on the enclave that opened it."""
 
     def __init__(self, export_dir: str, attester_key: str | None,
-                 key_release: str | None) -> None:
+                 key_release: str | None, threads: int, parallel: int) -> None:
         from ..deploy.export import read_export
         from ..deploy.processes import Processes
 
@@ -326,7 +352,8 @@ class EnclaveReplica:
         info = read_export(export_dir)
         self.model, self.id = info.name, secrets.token_hex(8)
         backend = self.procs.tee(info, attester_key=attester_key, key_release=key_release,
-                                 host=ray.util.get_node_ip_address())
+                                 host=ray.util.get_node_ip_address(), threads=threads,
+                                 parallel=parallel)
         self.address, self.state = backend["enclave"], backend["children"][
             f"{info.name}-enclave"]
         self._stop = threading.Event()
@@ -586,7 +613,8 @@ def build(config, options: ScaleOptions, listen: Listen, *,
             enclaves[name] = EnclaveReplica.options(
                 name=f"veil-enclave-{name}", num_replicas=options.replicas,
                 ray_actor_options={"num_cpus": options.replica_cpus}).bind(
-                str(info.directory), attester_key, key_release)
+                str(info.directory), attester_key, key_release, options.enclave_threads,
+                options.enclave_parallel)
     head = {"num_cpus": 0, "resources": {HEAD_NODE: 0.001}}   # --listen is the head's
     return Ingress.options(ray_actor_options=head).bind(config, he, enclaves,
                                                         options.replicas, listen)

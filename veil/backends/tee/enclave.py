@@ -59,7 +59,7 @@ class Enclave(_ModelServer):
     def __init__(self, export_dir: str, attester: Attester, listen: tuple[str, int],
                  key_release: tuple[str, int] | None = None,
                  timeout: float = DEFAULT_TIMEOUT, evidence_ttl: int = EVIDENCE_TTL_S,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, parallel: int | None = None) -> None:
         self.attester, self.evidence_ttl = attester, int(evidence_ttl)
         self.insecure = bool(attester.insecure)
         self.keys = seal.EnclaveKeys()
@@ -73,7 +73,7 @@ class Enclave(_ModelServer):
             model_key = fetch_model_key(key_release, manifest["key_id"], self.keys,
                                         self._token_for, timeout)
         super().__init__(load_model(export_dir, model_key), listen, timeout,
-                         load_runtime(export_dir), threads)
+                         load_runtime(export_dir), threads, parallel)
         self._channels: dict[bytes, _Channel] = {}
 
     def _token_for(self, nonce: bytes, channel: bytes | None = None) -> str:

@@ -51,11 +51,19 @@ class _ModelServer:
     insecure = True
 
     def __init__(self, graph: Graph, listen: tuple[str, int], timeout: float,
-                 runtime: RuntimeSpec | None = None, threads: int | None = None) -> None:
+                 runtime: RuntimeSpec | None = None, threads: int | None = None,
+                 parallel: int | None = None) -> None:
+        """``threads``: the runtime's threads per model run (None: its default);
+        ``parallel``: model runs at once, the others wait their turn (None: one per
+        connection). Together they bound the CPUs the server takes, so servers sharing a
+        machine (Ray replicas) stay on the cores reserved for them."""
         self.graph, self.timeout = graph, timeout
         self.runtime = runtime or RuntimeSpec()
         # built before listening: a missing runtime or op fails the start, typed
         self.executor = make_executor(graph, self.runtime, threads)
+        if parallel is not None and parallel < 1:
+            raise VeilError(f"parallel model runs must be >= 1, not {parallel}")
+        self._turns = threading.BoundedSemaphore(parallel) if parallel else None
         self.server = sockets.listen(listen)
         self.address = self.server.getsockname()
         self._lock = threading.Lock()
@@ -107,6 +115,9 @@ class _ModelServer:
         # the host reads: none may be triggered by a sealed input (errstate is per
         # thread/context, so it covers exactly this computation)
         with np.errstate(all="ignore"):
-            return self.executor(xs)
+            if self._turns is None:
+                return self.executor(xs)
+            with self._turns:
+                return self.executor(xs)
 
 
