@@ -122,16 +122,38 @@ def test_ttl_is_sliding_and_expired_sessions_are_deleted(make_store):
     assert store.sweep() == [a.id] and files(store) == []
 
 
+def test_a_busy_session_is_written_once_per_touch_interval(make_store):
+    """Uses within touch_every_s (ttl / 20 here) of the recorded one write nothing, so a
+    shared database is not written on every request; a session in use never expires."""
+    clock = Clock()
+    store = make_store(ttl_s=100, clock=clock)
+    assert store.touch_every_s == 5
+    a, _ = put(store)
+    written = clock.t
+    clock.t += 4
+    rec = store.get(a.id, OWNER)
+    assert (rec.last_used, rec.expires_at) == (written, written + 100)
+    clock.t += 2
+    assert store.get(a.id, OWNER).expires_at == clock.t + 100
+    for _ in range(60):                  # 4 s apart for 240 s: alive all along
+        clock.t += 4
+        assert store.get(a.id, OWNER).expires_at > clock.t + 90
+    clock.t += 101
+    with pytest.raises(SessionExpiredError):
+        store.get(a.id, OWNER)
+
+
 def test_disk_budget_evicts_least_recently_used(make_store):
     clock = Clock()
     store = make_store(disk_budget_bytes=300, clock=clock)
     ids = []
+    step = store.touch_every_s             # uses closer than this are not ordered
     for _ in range(3):
-        clock.t += 1
+        clock.t += step
         ids.append(put(store)[0].id)
-    clock.t += 1
+    clock.t += step
     store.get(ids[0], OWNER)                 # 0 is now the most recently used
-    clock.t += 1
+    clock.t += step
     rec, evicted = put(store, b"x" * 150)
     assert evicted == [ids[1], ids[2]]      # two LRU sessions make room for 150 bytes
     assert {r.id for r in store.records()} == {ids[0], rec.id}

@@ -385,16 +385,10 @@ class PostgresStore(SessionStore):
                            (session_id,))
         return rows[0] if rows else None
 
-    def get(self, session_id: str, owner: str, *, touch: bool = True) -> SessionRecord:
-        rec = self._row(session_id, owner)
-        if not touch:
-            return rec
-        now = self._clock()
+    def _touch(self, session_id: str, last_used: float, expires_at: float) -> None:
         with self._tx() as cur:
             cur.execute("UPDATE veil_sessions SET last_used = %s, expires_at = %s "
-                        "WHERE id = %s", (now, now + self.ttl_s, rec.id))
-        return SessionRecord(rec.id, rec.owner, rec.model, rec.model_id, rec.created, now,
-                             now + self.ttl_s, rec.size)
+                        "WHERE id = %s", (last_used, expires_at, session_id))
 
     def _drop(self, ids: list[str]) -> None:
         if ids:

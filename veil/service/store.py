@@ -14,8 +14,12 @@ disk) or, for a ``postgresql://`` URL, :class:`~veil.service.pgstore.PostgresSto
   after which its metadata row is inserted: a key file is never half-written, and a
   failed upload leaves nothing. Leftovers of a crash are removed when the store opens.
 * Sessions survive restarts (metadata in SQLite, keys on disk).
-* Time to live is sliding: each use moves ``expires_at`` to ``now + ttl_s``; an expired
-  session is refused and deleted.
+* Time to live is sliding: a use moves ``expires_at`` to ``now + ttl_s``; an expired
+  session is refused and deleted. A session used again within ``touch_every_s``
+  (``min(TOUCH_S, ttl_s / 20)``) of its recorded last use is not written again, so a busy
+  session costs the store (a database that many processes share) one write per
+  ``TOUCH_S``, not one per request: it expires between ``ttl_s - touch_every_s`` and
+  ``ttl_s`` after its last use, and least-recently-used order is that coarse too.
 * Disk budget: stored sessions plus uploads in progress never exceed it. Each chunk of
   an upload reserves its bytes first: least recently used sessions are deleted to make
   room, and a chunk that cannot fit because uploads in progress alone would pass the
@@ -45,7 +49,7 @@ import secrets
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -56,6 +60,7 @@ from ._db import Database
 
 _ID = re.compile(r"^[0-9a-f]{32}$")
 NO_SESSION = "no such session (it may have expired): create a new one"
+TOUCH_S = 10.0      # a busy session's use is written at most this often (see above)
 
 
 @dataclass(frozen=True)
@@ -104,10 +109,25 @@ class SessionStore(ABC):
 
         Raises PayloadTooLargeError (and aborts) if it exceeds the whole disk budget."""
 
-    @abstractmethod
     def get(self, session_id: str, owner: str, *, touch: bool = True) -> SessionRecord:
-        """The session, its TTL renewed. NotFoundError for unknown or foreign ids;
-        SessionExpiredError (a NotFoundError) for an expired one, which is deleted."""
+        """The session, its TTL renewed (unless it was within ``touch_every_s``).
+        NotFoundError for unknown or foreign ids; SessionExpiredError (a NotFoundError)
+        for an expired one, which is deleted."""
+        rec = self._row(session_id, owner)
+        now = self._clock()
+        if not touch or now - rec.last_used < self.touch_every_s:
+            return rec
+        self._touch(rec.id, now, now + self.ttl_s)
+        return replace(rec, last_used=now, expires_at=now + self.ttl_s)
+
+    @property
+    def touch_every_s(self) -> float:
+        """Uses closer together than this renew the TTL once (see the module notes)."""
+        return min(TOUCH_S, self.ttl_s / 20)
+
+    def _touch(self, session_id: str, last_used: float, expires_at: float) -> None:
+        """Record a use of the session (its row's last_used and expires_at)."""
+        raise NotImplementedError
 
     @abstractmethod
     def read_keys(self, session_id: str) -> bytes:
@@ -440,16 +460,10 @@ class SQLiteStore(SessionStore):
         rows = self._db.query("SELECT * FROM sessions WHERE id = ?", (session_id,))
         return rows[0] if rows else None
 
-    def get(self, session_id: str, owner: str, *, touch: bool = True) -> SessionRecord:
-        rec = self._row(session_id, owner)
-        if not touch:
-            return rec
-        now = self._clock()
+    def _touch(self, session_id: str, last_used: float, expires_at: float) -> None:
         with self._db.transaction() as cur:
             cur.execute("UPDATE sessions SET last_used = ?, expires_at = ? WHERE id = ?",
-                        (now, now + self.ttl_s, rec.id))
-        return SessionRecord(rec.id, rec.owner, rec.model, rec.model_id, rec.created, now,
-                             now + self.ttl_s, rec.size)
+                        (last_used, expires_at, session_id))
 
     def read_keys(self, session_id: str) -> bytes:
         try:
