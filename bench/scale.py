@@ -1,29 +1,35 @@
 """Benchmark: veil on Ray Serve, 1 and 2 replicas, against today's direct `veil serve`.
 
-The digits MLP (no bootstrapping) exported twice, once for HE and once for TEE. A local
-Ray cluster on loopback (a head node and a worker node, one CPU each: tests/ray_util.py)
-runs `veil serve --ray` with 1, then 2 replicas of one CPU each, one mode at a time;
-the sessions live in a throwaway PostgreSQL store when PostgreSQL is installed (else the
-SQLite store). Per mode:
+Workloads: HE on the digits MLP (no bootstrapping); TEE on the digits MLP and on
+torchvision models with random weights at 224x224 (``--tee-models``, default resnet18
+and vgg16), one image per request. A local Ray cluster on loopback (a head node and a
+worker node, one CPU each: tests/ray_util.py) runs `veil serve --ray` with 1, then 2
+replicas of one CPU each (an enclave replica: one model run at a time on one runtime
+thread), one workload at a time; the sessions live in a throwaway PostgreSQL store when
+PostgreSQL is installed (else the SQLite store). Per workload:
 
-- latency, one input at a time, alternating between today's `veil serve` (HE: one
-  worker process; TEE: the enclave it starts) and Ray with 1 replica, so a shared
-  machine's load weighs on both alike: p50 / p95 (the difference is Ray Serve's proxy,
-  ingress and handle hops);
-- Ray, 1 replica: throughput with 2 client threads;
-- Ray, 2 replicas: throughput with 4 client threads. HE clients each have their own
-  session (their own keys), created two at a time so Ray's router spreads them, and
-  send one ciphertext again and again (encrypting and decrypting is the client's cost,
-  which would take the replicas' cores on this machine); TEE clients predict;
+- latency (digits MLP, HE and TEE), one input at a time, alternating between today's
+  `veil serve` (HE: one worker process; TEE: the enclave it starts) and Ray with 1
+  replica, so a shared machine's load weighs on both alike: p50 / p95 (the difference
+  is Ray Serve's ingress and handle hops);
+- rounds (``--rounds``, default 3) of: Ray with 1 replica and 2 client threads, Ray
+  with 2 replicas and 4 client threads (then the other way round, so the machine's
+  drift weighs on both). HE clients each have their own session (their own keys),
+  created two at a time so Ray's router spreads them, and send one ciphertext again and
+  again (encrypting and decrypting is the client's cost, which would take the
+  replicas' cores on this machine); TEE clients predict;
+- CPU per request of each part: the client threads (this process), the ingress
+  replica, the enclaves, the rest of the machine; and how busy its cores were;
 - key reloads per 100 warm requests (the ingress's count of evaluation-key loads before
   and after the timed part);
 - a PROJECTION of seed 003's worker table (1, 32, 96 workers) from these numbers, not a
   measurement (see the notes in the output).
 
 Client threads run in this process and take CPU (TEE seals and opens, HTTP) from the
-same 2 cores the replicas use: scaling is understated on such a machine.
+same 2 cores the replicas use: a second replica has only the CPU the rest leaves it.
 
-Writes bench/results/scale.{json,md}. Usage: python bench/scale.py [--quick]
+Writes bench/results/scale.{json,md}. Usage:
+    python bench/scale.py [--quick] [--tee-models resnet18,vgg16] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -150,8 +156,24 @@ def _key_loads(url: str) -> int:
     return int(httpx.get(url + "/v1/health", timeout=30).json()["stats"]["he_key_loads"])
 
 
+TEE_ZOO = ("resnet18", "vgg16", "resnet50", "mobilenet_v2")   # --tee-models choices
+SHAPE = (1, 3, 224, 224)
+
+
+class Workload:
+    """One served model of one mode: its export, the client's inputs, its TEE policy."""
+
+    def __init__(self, label: str, mode: str, name: str, export: Path, x, policy=None):
+        self.label, self.mode, self.name, self.export = label, mode, name, export
+        self.x, self.policy = x, policy
+
+
 class Setup:
-    def __init__(self, d: Path) -> None:
+    """The exports (digits MLP for HE and TEE; ``tee_models``, torchvision models with
+    random weights at 224x224, for TEE), the software attester, their policies, and an
+    API key in each of two stores (Ray's ingress, today's `veil serve`)."""
+
+    def __init__(self, d: Path, tee_models: list[str]) -> None:
         import numpy as np
         from models import trained_digits_mlp
 
@@ -159,39 +181,53 @@ class Setup:
         from veil.model import export_model
 
         model, (xtr, xte, _, _) = trained_digits_mlp()
-        self.x = xte.astype(np.float64)
+        x = xte.astype(np.float64)
         self.d = d
-        export_model(model.eval(), xtr, d / "digits-he", name="digits", modes=("he",))
-        tee = export_model(model.eval(), xtr, d / "digits-tee", name="digits", modes=("tee",))
         SoftwareAttester.create(d / "att")
-        _veil("tee-policy", tee.path("tee"), "--attester", d / "att", "--allow-insecure",
-              "--out", d / "policy.json")
+        export_model(model.eval(), xtr, d / "digits-he", name="digits", modes=("he",))
+        export_model(model.eval(), xtr, d / "digits-tee", name="digits", modes=("tee",))
+        self.workloads = {"he": Workload("digits MLP", "he", "digits", d / "digits-he", x),
+                          "tee": Workload("digits MLP", "tee", "digits", d / "digits-tee",
+                                          x, self._policy(d / "digits-tee"))}
+        images = np.random.default_rng(0).normal(size=(8, *SHAPE[1:])).astype(np.float32)
+        for name in tee_models:
+            import torch
+            import torchvision
+
+            torch.manual_seed(0)
+            net = getattr(torchvision.models, name)(weights=None).eval()
+            export_model(net, images[:4], d / name, name=name, modes=("tee",))
+            self.workloads[name] = Workload(f"{name} 224x224", "tee", name, d / name, images,
+                                            self._policy(d / name))
         # one store for Ray's ingress, one for today's `veil serve`; a key in each
         self.keys = {store: _veil("keys", "create", "bench", "--store", d / store,
                                   "--max-concurrent", "64", "--rate", "10000", "--burst",
                                   "10000", "--max-sessions", "64")
                      for store in ("store", "direct-store")}
 
-    def client(self, url: str, mode: str, name: str, store: str = "store"):
+    def _policy(self, export: Path) -> Path:
+        out = export.parent / f"{export.name}-policy.json"
+        _veil("tee-policy", export / "tee", "--attester", self.d / "att", "--allow-insecure",
+              "--out", out)
+        return out
+
+    def client(self, url: str, w: Workload, name: str, store: str = "store"):
         from veil.sdk import Client
 
-        opts = {"policy": self.d / "policy.json"} if mode == "tee" else {}
-        return Client(url, "digits", mode, api_key=self.keys[store],
+        opts = {"policy": w.policy} if w.mode == "tee" else {}
+        return Client(url, w.name, w.mode, api_key=self.keys[store],
                       key_dir=self.d / f"sdk-{name}", **opts)
-
-    def export(self, mode: str) -> Path:
-        return self.d / f"digits-{mode}"
 
 
 @contextmanager
-def _direct(s: Setup, mode: str):
-    """Today's `veil serve` of ``mode``'s export (HE: one worker process; TEE: the
-    enclave it starts); yields its URL."""
+def _direct(s: Setup, w: Workload):
+    """Today's `veil serve` of ``w``'s export (HE: one worker process; TEE: the enclave
+    it starts); yields its URL."""
     import ray_util
 
-    extra = ["--he-workers", "1"] if mode == "he" else ["--tee-attester-key", s.d / "att"]
+    extra = ["--he-workers", "1"] if w.mode == "he" else ["--tee-attester-key", s.d / "att"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "veil", "serve", s.export(mode), "--store",
+        [sys.executable, "-m", "veil", "serve", w.export, "--store",
          s.d / "direct-store", "--listen", "127.0.0.1:0", *map(str, extra)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ray_util._env())
     try:
@@ -216,30 +252,73 @@ def _paired_latency(direct, ray, x, n: int) -> tuple[dict, dict]:
                  for k in ("direct", "ray"))
 
 
-def _on_ray(s: Setup, cluster, store: list[str], mode: str, replicas: int, n: int,
-            seconds: float) -> dict:
+def _enclave_cpu(w: Workload) -> float:
+    """CPU seconds used so far by the enclaves (``veil tee-serve``) of ``w``'s export."""
+    import psutil
+
+    total = 0.0
+    for proc in psutil.process_iter(["cmdline"]):
+        line = proc.info["cmdline"] or []
+        if "tee-serve" in line and str(w.export / "tee") in line:
+            try:
+                t = proc.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+    return total
+
+
+def _cpu_sample(url: str, w: Workload) -> dict:
+    """CPU seconds used so far: by this process (the client threads), the ingress, the
+    enclaves, and the whole machine (busy time over every core)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return {"client": time.process_time(), "ingress": _ingress_cpu(url),
+            "enclaves": _enclave_cpu(w) if w.mode == "tee" else 0.0,
+            "machine": t.user + t.nice + t.system + t.irq + t.softirq,
+            "wall": time.perf_counter()}
+
+
+def _cpu_split(before: dict, after: dict, requests: int) -> dict:
+    """CPU ms per request by part (the rest: Ray's replicas and processes, and whatever
+    else ran on the machine), and how busy the machine's cores were."""
+    import psutil
+
+    d = {k: after[k] - before[k] for k in before}
+    per = {k: 1e3 * d[k] / max(1, requests) for k in ("client", "ingress", "enclaves",
+                                                       "machine")}
+    per["rest"] = per["machine"] - per["client"] - per["ingress"] - per["enclaves"]
+    per["machine_busy"] = d["machine"] / (d["wall"] * psutil.cpu_count())
+    return per
+
+
+def _on_ray(s: Setup, cluster, store: list[str], key: str, replicas: int, n: int,
+            seconds: float, latency: bool) -> dict:
     import ray_util
 
-    extra = ["--tee-attester-key", s.d / "att"] if mode == "tee" else []
-    server = ray_util.RayServe([s.export(mode)], s.d / "store", cluster.address,
+    w = s.workloads[key]
+    extra = ["--tee-attester-key", s.d / "att"] if w.mode == "tee" else []
+    server = ray_util.RayServe([w.export], s.d / "store", cluster.address,
                                "--replicas", str(replicas), "--replica-cpus", "1",
                                *store, *map(str, extra))
     try:
-        row = {"mode": mode, "replicas": replicas}
-        if replicas == 1:
-            with _direct(s, mode) as url, \
-                    s.client(url, mode, f"direct-{mode}", "direct-store") as d, \
-                    s.client(server.url, mode, f"lat-{mode}") as r:
-                row["direct_latency"], row["latency"] = _paired_latency(d, r, s.x, n)
-        clients = _warm(lambda i: s.client(server.url, mode, f"tp-{mode}-{replicas}-{i}"),
-                        2 * replicas, s.x)
-        loads = _key_loads(server.url) if mode == "he" else 0
-        cpu = _ingress_cpu(server.url)
-        row["throughput"] = _throughput(_steps(clients, s.x, mode), seconds)
-        row["ingress_cpu_ms_per_request"] = 1e3 * (_ingress_cpu(server.url) - cpu) / max(
-            1, row["throughput"]["requests"])
-        if mode == "he":
-            done = row["throughput"]["requests"]
+        row = {"workload": key, "mode": w.mode, "model": w.label, "replicas": replicas}
+        if latency:
+            with _direct(s, w) as url, \
+                    s.client(url, w, f"direct-{key}", "direct-store") as d, \
+                    s.client(server.url, w, f"lat-{key}") as r:
+                row["direct_latency"], row["latency"] = _paired_latency(d, r, w.x, n)
+        tag = f"tp-{key}-{replicas}-{os.urandom(3).hex()}"
+        clients = _warm(lambda i: s.client(server.url, w, f"{tag}-{i}"), 2 * replicas, w.x)
+        loads = _key_loads(server.url) if w.mode == "he" else 0
+        steps = _steps(clients, w.x, w.mode)
+        before = _cpu_sample(server.url, w)
+        row["throughput"] = _throughput(steps, seconds)
+        done = row["throughput"]["requests"]
+        row["cpu_ms_per_request"] = _cpu_split(before, _cpu_sample(server.url, w), done)
+        row["ingress_cpu_ms_per_request"] = row["cpu_ms_per_request"]["ingress"]
+        if w.mode == "he":
             row["key_reloads_per_100"] = 100.0 * (_key_loads(server.url) - loads) / max(1, done)
         for c in clients:
             c.close()
@@ -248,72 +327,95 @@ def _on_ray(s: Setup, cluster, store: list[str], mode: str, replicas: int, n: in
         server.stop()
 
 
+def _speedup(rows: list[dict], key: str) -> dict:
+    """1 -> 2 replicas: each round's ratio, and the ratio of the rounds' mean
+    throughputs (the rounds run 1, 2 then 2, 1 replicas, so a machine's drift weighs
+    on both sides alike)."""
+    import numpy as np
+
+    mine = [r for r in rows if r["workload"] == key]
+    rounds = sorted({r["round"] for r in mine})
+    per = {k: [next(r["throughput"]["per_s"] for r in mine
+                    if r["round"] == i and r["replicas"] == k) for i in rounds] for k in (1, 2)}
+    one, two = float(np.mean(per[1])), float(np.mean(per[2]))
+    return {"one": one, "two": two, "speedup": two / one if one else float("nan"),
+            "rounds": [b / a if a else float("nan") for a, b in zip(per[1], per[2])]}
+
+
 def _projection(rows: list[dict]) -> dict:
     """Seed 003's worker table from the measurements: one replica's throughput x the
     workers x the measured 1 -> 2 efficiency (at most 1); and the one ingress replica's
     ceiling, 1000 / its measured CPU ms per request (one core)."""
     out = {}
-    for mode in ("he", "tee"):
-        one = next(r for r in rows if r["mode"] == mode and r["replicas"] == 1)
-        two = next(r for r in rows if r["mode"] == mode and r["replicas"] == 2)
-        t1, t2 = one["throughput"]["per_s"], two["throughput"]["per_s"]
-        eff = min(1.0, t2 / (2 * t1)) if t1 else float("nan")
-        cpu = max(one["ingress_cpu_ms_per_request"], two["ingress_cpu_ms_per_request"])
+    for key in dict.fromkeys(r["workload"] for r in rows):
+        sp = _speedup(rows, key)
+        t1, eff = sp["one"], min(1.0, sp["speedup"] / 2)
+        cpu = max(r["ingress_cpu_ms_per_request"] for r in rows if r["workload"] == key)
         ceiling = 1000.0 / cpu if cpu > 0 else float("inf")
         workers = {w: t1 * w * (eff if w > 1 else 1.0) for w in WORKERS}
-        out[mode] = {"per_replica_per_s": t1, "efficiency_1_to_2": t2 / (2 * t1),
-                     "ingress_cpu_ms_per_request": cpu, "ingress_ceiling_per_s": ceiling,
-                     "workers": workers,
-                     "one_ingress": {w: min(v, ceiling) for w, v in workers.items()},
-                     "ingress_replicas_needed": {w: math.ceil(v / ceiling)
-                                                 for w, v in workers.items()}}
+        out[key] = {"per_replica_per_s": t1, "efficiency_1_to_2": sp["speedup"] / 2,
+                    "speedup_1_to_2": sp["speedup"], "rounds": sp["rounds"],
+                    "ingress_cpu_ms_per_request": cpu, "ingress_ceiling_per_s": ceiling,
+                    "workers": workers,
+                    "one_ingress": {w: min(v, ceiling) for w, v in workers.items()},
+                    "ingress_replicas_needed": {w: math.ceil(v / ceiling)
+                                                for w, v in workers.items()}}
     return out
 
 
-def _table(rows, direct, projection, args) -> list[str]:
+def _table(rows, direct, projection, s: Setup, args) -> list[str]:
+    label = {k: f"{w.mode}, {w.label}" for k, w in s.workloads.items()}
     lat = ["| mode | direct veil serve p50 / p95 ms | Ray, 1 replica p50 / p95 ms | "
            "added by Ray (p50) |", "|---|---|---|---|"]
-    for mode in ("he", "tee"):
-        one = next(r for r in rows if r["mode"] == mode and r["replicas"] == 1)["latency"]
-        dm = direct[mode]
+    for key, dm in direct.items():
+        one = next(r for r in rows if r["workload"] == key and "latency" in r)["latency"]
         added = one["p50_ms"] - dm["p50_ms"]
         pct = f"{added:+.2f} ms ({100 * added / dm['p50_ms']:+.1f} %)"
-        lat.append(f"| {mode} | {dm['p50_ms']:.2f} / {dm['p95_ms']:.2f} | "
+        lat.append(f"| {label[key]} | {dm['p50_ms']:.2f} / {dm['p95_ms']:.2f} | "
                    f"{one['p50_ms']:.2f} / {one['p95_ms']:.2f} | {pct} |")
-    tp = ["| mode | replicas | client threads | inputs/s | p50 / p95 ms | key reloads "
-          "per 100 warm requests | errors |", "|---|---|---|---|---|---|---|"]
+    tp = ["| workload | round | replicas | client threads | inputs/s | p50 / p95 ms | "
+          "CPU ms per request: client / ingress / enclaves / rest | cores busy | "
+          "key reloads per 100 warm requests | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        t = r["throughput"]
+        t, c = r["throughput"], r["cpu_ms_per_request"]
         reload = f"{r['key_reloads_per_100']:.2f}" if "key_reloads_per_100" in r else "-"
-        tp.append(f"| {r['mode']} | {r['replicas']} | {t['threads']} | {t['per_s']:.1f} | "
-                  f"{t['p50_ms']:.1f} / {t['p95_ms']:.1f} | {reload} | {len(t['errors'])} |")
-    speed = []
-    for mode in ("he", "tee"):
-        p = projection[mode]
-        speed.append(f"- {mode}: 1 -> 2 replicas {2 * p['efficiency_1_to_2']:.2f}x "
-                     "(target >= 1.8x)")
-    proj = ["| mode | projected | " + " | ".join(f"{w} workers" for w in WORKERS) + " |",
+        enc = f"{c['enclaves']:.2f}" if r["mode"] == "tee" else "-"
+        tp.append(f"| {label[r['workload']]} | {r['round']} | {r['replicas']} | "
+                  f"{t['threads']} | {t['per_s']:.1f} | {t['p50_ms']:.1f} / {t['p95_ms']:.1f} | "
+                  f"{c['client']:.2f} / {c['ingress']:.2f} / {enc} / {c['rest']:.2f} | "
+                  f"{100 * c['machine_busy']:.0f} % | {reload} | {len(t['errors'])} |")
+    speed = [f"- {label[k]}: 1 -> 2 replicas {p['speedup_1_to_2']:.2f}x (rounds: "
+             + ", ".join(f"{v:.2f}x" for v in p["rounds"]) + "; target >= 1.8x)"
+             for k, p in projection.items()]
+    proj = ["| workload | projected | " + " | ".join(f"{w} workers" for w in WORKERS) + " |",
             "|---|---|" + "---|" * len(WORKERS)]
-    for mode in ("he", "tee"):
-        p = projection[mode]
-        proj += [f"| {mode} | {what} | " + " | ".join(fmt(p[key][w]) for w in WORKERS) + " |"
-                 for what, key, fmt in (
+    for key, p in projection.items():
+        proj += [f"| {label[key]} | {what} | " + " | ".join(fmt(p[k][w]) for w in WORKERS)
+                 + " |" for what, k, fmt in (
                      ("inputs/s, workers alone", "workers", "{:,.0f}".format),
                      ("inputs/s with one ingress", "one_ingress", "{:,.0f}".format),
                      ("ingress replicas needed", "ingress_replicas_needed", str))]
-    cpu = [f"- {mode}: the ingress used {projection[mode]['ingress_cpu_ms_per_request']:.2f}"
-           f" ms of CPU per request: one ingress replica tops out near "
-           f"{projection[mode]['ingress_ceiling_per_s']:,.0f} requests/s"
-           for mode in ("he", "tee")]
+    cpu = [f"- {label[k]}: the ingress used {p['ingress_cpu_ms_per_request']:.2f} ms of CPU "
+           f"per request: one ingress replica tops out near "
+           f"{p['ingress_ceiling_per_s']:,.0f} requests/s" for k, p in projection.items()]
+    zoo = ", ".join(k for k in s.workloads if k not in ("he", "tee"))
     return [
-        f"`python bench/scale.py{' --quick' if args.quick else ''}`: digits MLP (HE: no "
-        "bootstrapping), a local Ray cluster of two 1-CPU nodes on loopback, replicas of "
-        f"1 CPU; {args.seconds:g} s per throughput run. The machine has 2 cores, shared "
-        "with the client threads (HE throughput: each replays one ciphertext, so clients do not "
-        "encrypt in the timed part) and with other work: "
-        "numbers are noisy and scaling is understated.", "",
+        f"`python bench/scale.py{' --quick' if args.quick else ''}"
+        f"{' --tee-models ' + args.tee_models if args.tee_models != DEFAULT_ZOO else ''}`: "
+        "HE on the digits MLP (no bootstrapping); TEE on the digits MLP and on "
+        f"{zoo or 'no zoo model'} (torchvision, random weights, one 3x224x224 image per "
+        "request); a local Ray cluster of two 1-CPU nodes on loopback, replicas of 1 CPU "
+        f"(enclaves on one runtime thread); {args.seconds:g} s per throughput run, "
+        f"{args.rounds} round(s) per workload (1 then 2 replicas, then 2 then 1). The "
+        "machine has 2 cores, shared with the client threads (HE: each replays one "
+        "ciphertext, so clients do not encrypt in the timed part) and with other work.", "",
         "## Latency, one input at a time", "", *lat, "",
-        "## Throughput", "", *tp, "", *speed, "",
+        "## Throughput", "",
+        "CPU per request is measured per process: the client threads (this process), the "
+        "ingress replica, the enclaves; the rest is everything else the machine's cores "
+        "did (HE replicas, Ray's own processes, other work). When one replica already "
+        "keeps both cores busy, a second replica has no core to run on.", "",
+        *tp, "", *speed, "",
         "## PROJECTION of seed 003's worker table (not a measurement)", "",
         "One replica's measured throughput x workers x the measured 1 -> 2 efficiency "
         "(at most 1). It assumes each worker has its own core and that efficiency does "
@@ -324,13 +426,28 @@ def _table(rows, direct, projection, args) -> list[str]:
         f"{SEED_CLAIM}.", "", *cpu, "", *proj]
 
 
+DEFAULT_ZOO = "resnet18,vgg16"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="short runs (a check, not numbers)")
     ap.add_argument("--seconds", type=float, default=None, help="per throughput run")
     ap.add_argument("--n", type=int, default=None, help="sequential requests per latency")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds per workload (default 3; --quick 1)")
+    ap.add_argument("--tee-models", default=DEFAULT_ZOO,
+                    help=f"comma-separated torchvision models served in TEE besides the "
+                    f"digits MLP ({', '.join(TEE_ZOO)}; empty: none; default {DEFAULT_ZOO})")
+    ap.add_argument("--only", help="comma-separated workloads to run (he, tee, and the "
+                    "--tee-models names; default all)")
     args = ap.parse_args(argv)
     args.seconds = args.seconds or (4.0 if args.quick else 20.0)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    zoo = [m for m in args.tee_models.split(",") if m]
+    for m in zoo:
+        if m not in TEE_ZOO:
+            ap.error(f"--tee-models: {m!r} is not one of {', '.join(TEE_ZOO)}")
     n = {"he": args.n or (10 if args.quick else 60), "tee": args.n or (50 if args.quick else 400)}
 
     import pg_util
@@ -343,24 +460,30 @@ def main(argv=None) -> int:
         return 1
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        s = Setup(Path(tmp))
+        s = Setup(Path(tmp), zoo)
+        keys = [k for k in s.workloads if not args.only or k in args.only.split(",")]
         store = []
         if pg_util.missing() is None:
             store = ["--store-url", stack.enter_context(pg_util.postgres_server())()]
         cluster = ray_util.RayCluster(cpus=1, workers=1)
         stack.callback(cluster.stop)
-        for mode in ("he", "tee"):
-            for replicas in (1, 2):
-                rows.append(_on_ray(s, cluster, store, mode, replicas, n[mode],
-                                    args.seconds))
-                print(rows[-1], flush=True)
-    direct = {r["mode"]: r["direct_latency"] for r in rows if "direct_latency" in r}
-    projection = _projection(rows)
+        for key in keys:
+            for i in range(args.rounds):
+                for replicas in ((1, 2) if i % 2 == 0 else (2, 1)):
+                    latency = i == 0 and replicas == 1 and key in ("he", "tee")
+                    row = _on_ray(s, cluster, store, key, replicas, n.get(key, 0),
+                                  args.seconds, latency)
+                    row["round"] = i + 1
+                    rows.append(row)
+                    print(row, flush=True)
+        direct = {r["workload"]: r["direct_latency"] for r in rows if "direct_latency" in r}
+        projection = _projection(rows)
+        body = _table(rows, direct, projection, s, args)
     data = {"direct": direct, "ray": rows, "projection": projection,
-            "store": "postgresql" if store else "sqlite", "quick": args.quick}
+            "store": "postgresql" if store else "sqlite", "quick": args.quick,
+            "rounds": args.rounds, "tee_models": zoo}
     return write_results(ROOT / "bench" / "results", "scale", data,
-                         time.strftime("%Y-%m-%d %H:%M:%S"),
-                         _table(rows, direct, projection, args))
+                         time.strftime("%Y-%m-%d %H:%M:%S"), body)
 
 
 if __name__ == "__main__":
