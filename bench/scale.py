@@ -3,7 +3,8 @@
 Workloads: HE on the digits MLP (no bootstrapping); TEE on the digits MLP and on
 torchvision models with random weights at 224x224 (``--tee-models``, default resnet18
 and vgg16), one image per request. A local Ray cluster on loopback (a head node and a
-worker node, one CPU each: tests/ray_util.py) runs `veil serve --ray` with 1, then 2
+worker node, one CPU each, with the README's settings for small nodes unless
+``--ray-defaults``: tests/ray_util.py) runs `veil serve --ray` with 1, then 2
 replicas of one CPU each (an enclave replica: one model run at a time on one runtime
 thread), one workload at a time; the sessions live in a throwaway PostgreSQL store when
 PostgreSQL is installed (else the SQLite store). Per workload:
@@ -19,7 +20,10 @@ PostgreSQL is installed (else the SQLite store). Per workload:
   again (encrypting and decrypting is the client's cost, which would take the
   replicas' cores on this machine); TEE clients predict;
 - CPU per request of each part: the client threads (this process), the ingress
-  replica, the enclaves, the rest of the machine; and how busy its cores were;
+  replica, the workers (HE replicas, enclaves), the rest of the machine; how busy its
+  cores were, and how much of them the hypervisor took (steal);
+- the cores the machine keeps busy with the deployment up and no requests (Ray's own
+  processes, idle replicas), over 4 s before each run;
 - key reloads per 100 warm requests (the ingress's count of evaluation-key loads before
   and after the timed part);
 - a PROJECTION of seed 003's worker table (1, 32, 96 workers) from these numbers, not a
@@ -28,8 +32,9 @@ PostgreSQL is installed (else the SQLite store). Per workload:
 Client threads run in this process and take CPU (TEE seals and opens, HTTP) from the
 same 2 cores the replicas use: a second replica has only the CPU the rest leaves it.
 
-Writes bench/results/scale.{json,md}. Usage:
+Writes bench/results/scale.{json,md} (with ``--ray-defaults``: scale_ray_defaults.*). Usage:
     python bench/scale.py [--quick] [--tee-models resnet18,vgg16] [--rounds 3]
+        [--only he,tee] [--ray-defaults]
 """
 from __future__ import annotations
 
@@ -252,14 +257,16 @@ def _paired_latency(direct, ray, x, n: int) -> tuple[dict, dict]:
                  for k in ("direct", "ray"))
 
 
-def _enclave_cpu(w: Workload) -> float:
-    """CPU seconds used so far by the enclaves (``veil tee-serve``) of ``w``'s export."""
+def _workers_cpu(w: Workload) -> float:
+    """CPU seconds used so far by the processes doing ``w``'s work: its enclaves
+    (``veil tee-serve`` of its export) for TEE, the HE replicas for HE."""
     import psutil
 
     total = 0.0
     for proc in psutil.process_iter(["cmdline"]):
         line = proc.info["cmdline"] or []
-        if "tee-serve" in line and str(w.export / "tee") in line:
+        if (w.mode == "tee" and "tee-serve" in line and str(w.export / "tee") in line) or \
+                (w.mode == "he" and line and line[0].startswith("ray::ServeReplica:veil:veil-he")):
             try:
                 t = proc.cpu_times()
                 total += t.user + t.system
@@ -270,26 +277,42 @@ def _enclave_cpu(w: Workload) -> float:
 
 def _cpu_sample(url: str, w: Workload) -> dict:
     """CPU seconds used so far: by this process (the client threads), the ingress, the
-    enclaves, and the whole machine (busy time over every core)."""
+    workers (HE replicas or enclaves), the whole machine (busy time over every core),
+    and the time the hypervisor took from the machine's cores (steal)."""
     import psutil
 
     t = psutil.cpu_times()
     return {"client": time.process_time(), "ingress": _ingress_cpu(url),
-            "enclaves": _enclave_cpu(w) if w.mode == "tee" else 0.0,
+            "workers": _workers_cpu(w),
             "machine": t.user + t.nice + t.system + t.irq + t.softirq,
-            "wall": time.perf_counter()}
+            "steal": getattr(t, "steal", 0.0), "wall": time.perf_counter()}
+
+
+def _idle_cores(seconds: float) -> float:
+    """Cores the machine kept busy over ``seconds`` with the deployment up and no
+    requests: Ray's own processes and the idle replicas."""
+    import psutil
+
+    def busy() -> float:
+        t = psutil.cpu_times()
+        return t.user + t.nice + t.system + t.irq + t.softirq
+
+    b0, w0 = busy(), time.perf_counter()
+    time.sleep(seconds)
+    return (busy() - b0) / (time.perf_counter() - w0)
 
 
 def _cpu_split(before: dict, after: dict, requests: int) -> dict:
-    """CPU ms per request by part (the rest: Ray's replicas and processes, and whatever
-    else ran on the machine), and how busy the machine's cores were."""
+    """CPU ms per request by part (the rest: Ray's own processes, and whatever else ran
+    on the machine), how busy the machine's cores were, and the share stolen."""
     import psutil
 
     d = {k: after[k] - before[k] for k in before}
-    per = {k: 1e3 * d[k] / max(1, requests) for k in ("client", "ingress", "enclaves",
+    per = {k: 1e3 * d[k] / max(1, requests) for k in ("client", "ingress", "workers",
                                                        "machine")}
-    per["rest"] = per["machine"] - per["client"] - per["ingress"] - per["enclaves"]
+    per["rest"] = per["machine"] - per["client"] - per["ingress"] - per["workers"]
     per["machine_busy"] = d["machine"] / (d["wall"] * psutil.cpu_count())
+    per["steal"] = d["steal"] / (d["wall"] * psutil.cpu_count())
     return per
 
 
@@ -309,6 +332,7 @@ def _on_ray(s: Setup, cluster, store: list[str], key: str, replicas: int, n: int
                     s.client(url, w, f"direct-{key}", "direct-store") as d, \
                     s.client(server.url, w, f"lat-{key}") as r:
                 row["direct_latency"], row["latency"] = _paired_latency(d, r, w.x, n)
+        row["idle_cores"] = _idle_cores(4.0)
         tag = f"tp-{key}-{replicas}-{os.urandom(3).hex()}"
         clients = _warm(lambda i: s.client(server.url, w, f"{tag}-{i}"), 2 * replicas, w.x)
         loads = _key_loads(server.url) if w.mode == "he" else 0
@@ -363,6 +387,21 @@ def _projection(rows: list[dict]) -> dict:
     return out
 
 
+def _worker_cost(rows: list[dict], label: dict) -> list[str]:
+    """Each workload's workers' CPU per request with 1 and 2 replicas (means over the
+    rounds): what sharing the machine's cores cost the replicas themselves."""
+    import numpy as np
+
+    out = []
+    for key in dict.fromkeys(r["workload"] for r in rows):
+        ms = {k: float(np.mean([r["cpu_ms_per_request"]["workers"] for r in rows
+                                if r["workload"] == key and r["replicas"] == k]))
+              for k in (1, 2)}
+        out.append(f"- {label[key]}: the workers' CPU per request, 1 -> 2 replicas: "
+                   f"{ms[1]:.2f} -> {ms[2]:.2f} ms ({100 * (ms[2] / ms[1] - 1):+.1f} %)")
+    return out
+
+
 def _table(rows, direct, projection, s: Setup, args) -> list[str]:
     label = {k: f"{w.mode}, {w.label}" for k, w in s.workloads.items()}
     lat = ["| mode | direct veil serve p50 / p95 ms | Ray, 1 replica p50 / p95 ms | "
@@ -374,16 +413,17 @@ def _table(rows, direct, projection, s: Setup, args) -> list[str]:
         lat.append(f"| {label[key]} | {dm['p50_ms']:.2f} / {dm['p95_ms']:.2f} | "
                    f"{one['p50_ms']:.2f} / {one['p95_ms']:.2f} | {pct} |")
     tp = ["| workload | round | replicas | client threads | inputs/s | p50 / p95 ms | "
-          "CPU ms per request: client / ingress / enclaves / rest | cores busy | "
-          "key reloads per 100 warm requests | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+          "CPU ms per request: client / ingress / workers / rest | cores busy (stolen) | "
+          "cores busy before, idle | key reloads per 100 warm requests | errors |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t, c = r["throughput"], r["cpu_ms_per_request"]
         reload = f"{r['key_reloads_per_100']:.2f}" if "key_reloads_per_100" in r else "-"
-        enc = f"{c['enclaves']:.2f}" if r["mode"] == "tee" else "-"
         tp.append(f"| {label[r['workload']]} | {r['round']} | {r['replicas']} | "
                   f"{t['threads']} | {t['per_s']:.1f} | {t['p50_ms']:.1f} / {t['p95_ms']:.1f} | "
-                  f"{c['client']:.2f} / {c['ingress']:.2f} / {enc} / {c['rest']:.2f} | "
-                  f"{100 * c['machine_busy']:.0f} % | {reload} | {len(t['errors'])} |")
+                  f"{c['client']:.2f} / {c['ingress']:.2f} / {c['workers']:.2f} / {c['rest']:.2f} | "
+                  f"{100 * c['machine_busy']:.0f} % ({100 * c['steal']:.0f} %) | "
+                  f"{r['idle_cores']:.3f} | {reload} | {len(t['errors'])} |")
     speed = [f"- {label[k]}: 1 -> 2 replicas {p['speedup_1_to_2']:.2f}x (rounds: "
              + ", ".join(f"{v:.2f}x" for v in p["rounds"]) + "; target >= 1.8x)"
              for k, p in projection.items()]
@@ -404,7 +444,9 @@ def _table(rows, direct, projection, s: Setup, args) -> list[str]:
         f"{' --tee-models ' + args.tee_models if args.tee_models != DEFAULT_ZOO else ''}`: "
         "HE on the digits MLP (no bootstrapping); TEE on the digits MLP and on "
         f"{zoo or 'no zoo model'} (torchvision, random weights, one 3x224x224 image per "
-        "request); a local Ray cluster of two 1-CPU nodes on loopback, replicas of 1 CPU "
+        "request); a local Ray cluster of two 1-CPU nodes on loopback ("
+        f"{'Ray defaults' if args.ray_defaults else 'the README settings for small nodes'}), "
+        "replicas of 1 CPU "
         f"(enclaves on one runtime thread); {args.seconds:g} s per throughput run, "
         f"{args.rounds} round(s) per workload (1 then 2 replicas, then 2 then 1). The "
         "machine has 2 cores, shared with the client threads (HE: each replays one "
@@ -412,10 +454,11 @@ def _table(rows, direct, projection, s: Setup, args) -> list[str]:
         "## Latency, one input at a time", "", *lat, "",
         "## Throughput", "",
         "CPU per request is measured per process: the client threads (this process), the "
-        "ingress replica, the enclaves; the rest is everything else the machine's cores "
-        "did (HE replicas, Ray's own processes, other work). When one replica already "
-        "keeps both cores busy, a second replica has no core to run on.", "",
-        *tp, "", *speed, "",
+        "ingress replica, the workers (HE replicas; TEE: the enclaves); the rest is "
+        "everything else the machine's cores did (Ray's own processes, other work). "
+        "Stolen: the share of the cores' time the hypervisor gave to other machines. A "
+        "second replica has only the CPU the rest leaves it.", "",
+        *tp, "", *speed, "", *_worker_cost(rows, label), "",
         "## PROJECTION of seed 003's worker table (not a measurement)", "",
         "One replica's measured throughput x workers x the measured 1 -> 2 efficiency "
         "(at most 1). It assumes each worker has its own core and that efficiency does "
@@ -441,6 +484,8 @@ def main(argv=None) -> int:
                     f"digits MLP ({', '.join(TEE_ZOO)}; empty: none; default {DEFAULT_ZOO})")
     ap.add_argument("--only", help="comma-separated workloads to run (he, tee, and the "
                     "--tee-models names; default all)")
+    ap.add_argument("--ray-defaults", action="store_true", help="start the cluster with "
+                    "Ray's defaults, not the README's settings for small nodes")
     args = ap.parse_args(argv)
     args.seconds = args.seconds or (4.0 if args.quick else 20.0)
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -465,7 +510,7 @@ def main(argv=None) -> int:
         store = []
         if pg_util.missing() is None:
             store = ["--store-url", stack.enter_context(pg_util.postgres_server())()]
-        cluster = ray_util.RayCluster(cpus=1, workers=1)
+        cluster = ray_util.RayCluster(cpus=1, workers=1, lean=not args.ray_defaults)
         stack.callback(cluster.stop)
         for key in keys:
             for i in range(args.rounds):
@@ -480,9 +525,12 @@ def main(argv=None) -> int:
         projection = _projection(rows)
         body = _table(rows, direct, projection, s, args)
     data = {"direct": direct, "ray": rows, "projection": projection,
+            "ray_settings": "defaults" if args.ray_defaults else {
+                "env": ray_util.LEAN_ENV, "args": ray_util.LEAN_ARGS},
             "store": "postgresql" if store else "sqlite", "quick": args.quick,
             "rounds": args.rounds, "tee_models": zoo}
-    return write_results(ROOT / "bench" / "results", "scale", data,
+    name = "scale_ray_defaults" if args.ray_defaults else "scale"
+    return write_results(ROOT / "bench" / "results", name, data,
                          time.strftime("%Y-%m-%d %H:%M:%S"), body)
 
 

@@ -46,15 +46,26 @@ def _env() -> dict:
     return env
 
 
-class RayCluster:
-    """``ray start --head`` plus ``workers`` more nodes (``cpus`` each), on loopback."""
+# The README's settings for small nodes: Ray Serve's controller reconciles every 0.5 s
+# (veil does not autoscale), and no log monitor streams worker logs to drivers (veil's
+# driver does not take them). Idle, with veil deployed, the 2-core machine kept 0.077
+# of a core busy with them and 0.122 without (bench/results/scale*.md).
+LEAN_ENV = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"}
+LEAN_ARGS = ["--include-log-monitor=false"]
 
-    def __init__(self, cpus: float = 1, workers: int = 1, object_store: int = 200 << 20):
+
+class RayCluster:
+    """``ray start --head`` plus ``workers`` more nodes (``cpus`` each), on loopback;
+    ``lean``: with the README's settings for small nodes (``LEAN_ENV``, ``LEAN_ARGS``)."""
+
+    def __init__(self, cpus: float = 1, workers: int = 1, object_store: int = 200 << 20,
+                 lean: bool = True):
         self.dir = Path(tempfile.mkdtemp(prefix="veil-ray-"))
         self.port, self.procs = _free_port(), []
         self.address = f"127.0.0.1:{self.port}"
         self._common = [f"--num-cpus={cpus}", f"--object-store-memory={object_store}",
-                        "--block", "--disable-usage-stats"]
+                        "--block", "--disable-usage-stats", *(LEAN_ARGS if lean else [])]
+        self._env = {**_env(), **(LEAN_ENV if lean else {})}
         try:
             self._start(["--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
                          "--include-dashboard=false",
@@ -70,7 +81,7 @@ class RayCluster:
         log = open(self.dir / f"{name}-{len(self.procs)}.log", "wb")
         self.procs.append(subprocess.Popen(
             [_ray(), "start", *args, *self._common], stdout=log, stderr=log,
-            env=_env(), start_new_session=True))
+            env=self._env, start_new_session=True))
 
     def add_node(self) -> None:
         """Another worker node joins the cluster (and takes replicas Ray places)."""
