@@ -304,8 +304,6 @@ def test_rate_limit_answers_429_with_retry_after_per_key(full_env):
     assert [r.status_code for r in others] == [200] * 20
 
 
-@pytest.mark.xfail(strict=True, reason="known bug, open: the running service's SQLite "
-                   "connection misses keys created after its first lookups (401)")
 def test_keys_created_while_the_service_runs_are_accepted(full_env):
     """`veil keys create` against the store of a running service: every new key works
     at once (not only the first: the service must not read a stale snapshot)."""

@@ -272,6 +272,32 @@ def test_api_keys_create_list_revoke_verify(tmp_path):
         keys.create("")
 
 
+def test_keys_written_by_another_process_are_seen_after_this_one_opens_more(tmp_path):
+    """The service holds its key store open and opens the session store on the same
+    file; `veil keys` in another process then creates and revokes keys. Both must be
+    seen at once, every time (opening the file again must not drop this process's
+    SQLite locks, after which the other process removed the WAL under the service)."""
+    import subprocess
+    import sys
+
+    keys = KeyStore(tmp_path)
+    first = keys.create("first")
+    assert keys.verify(first)
+    sessions = SQLiteStore(tmp_path)          # a second connection of this process
+    for i in range(3):
+        token = subprocess.run([sys.executable, "-m", "veil", "keys", "create", f"k{i}",
+                                "--store", str(tmp_path)], check=True, capture_output=True,
+                               text=True).stdout.strip()
+        assert keys.verify(token) == key_id(token)
+    subprocess.run([sys.executable, "-m", "veil", "keys", "revoke", key_id(first),
+                    "--store", str(tmp_path)], check=True, capture_output=True)
+    assert keys.is_revoked(key_id(first))
+    with pytest.raises(AuthError):
+        keys.verify(first)
+    sessions.close()
+    keys.close()
+
+
 def test_error_table_round_trips_every_code():
     for row in ERRORS:
         exc = exception_for(row.code, "msg", row.status)

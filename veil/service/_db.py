@@ -31,8 +31,18 @@ class Database:
 
     def __init__(self, store_dir: str | os.PathLike, *, synchronous: str = "NORMAL") -> None:
         path = private_dir(store_dir) / DB_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)   # never world-readable
-        os.close(fd)
+        # Created 0600 (never world-readable) only when it does not exist yet. Opening
+        # and closing an existing file here would drop every POSIX lock this process
+        # holds on it (close() releases them all), including the SHARED lock of another
+        # connection of this process. Another process's last connection would then think
+        # it was the last one, checkpoint and remove the WAL, and that connection would go
+        # on reading a stale snapshot: keys created or revoked by `veil keys` went unseen.
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            os.close(fd)
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(path, timeout=30, isolation_level=None,
                                      check_same_thread=False)
