@@ -458,11 +458,6 @@ def create_app(config: ServiceConfig) -> FastAPI:
     keys = KeyStore(config.store_dir)
     bearer = HTTPBearer(auto_error=False, description="an API key from `veil keys create`")
 
-    def require_client(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> str:
-        if cred is None:
-            raise AuthError(INVALID)
-        return keys.verify(cred.credentials)
-
     defaults = config.key_limits()
     check_limits(config.default_limits)
 
