@@ -36,10 +36,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from ..errors import (AuthError, NotFoundError, PayloadTooLargeError, RateLimitError,
-                      ServiceError)
+from ..errors import AuthError, NotFoundError, RateLimitError, ServiceError
 from .._files import private_dir
-from .store import _ID, NO_SESSION, SessionRecord, SessionStore, Upload, _FileUpload
+from .store import (_ID, NO_SESSION, SessionRecord, SessionStore, Upload, _FileUpload,
+                    lru_victims)
 
 CHUNK = 8 << 20
 STALE_UPLOAD_S = 3600.0
@@ -141,11 +141,15 @@ class PostgresStore(SessionStore):
         with self._tx(locked=True) as cur:
             cur.execute("SELECT COUNT(*) FROM veil_uploads WHERE seen >= %s",
                         (self._clock() - STALE_UPLOAD_S,))
-            if cur.fetchone()[0] >= self.max_uploads_total:
-                raise RateLimitError(f"this service takes at most {self.max_uploads_total} "
-                                     "key uploads at once: retry shortly", retry_after=5.0)
-            if owner is not None and quota is not None:
-                self._admit(cur, owner, quota)
+            uploads = cur.fetchone()[0]
+            mine = sessions = 0
+            owned = owner is not None and quota is not None
+            if owned:
+                cur.execute("SELECT COUNT(*) FROM veil_uploads WHERE owner = %s AND "
+                            "seen >= %s", (owner, self._clock() - STALE_UPLOAD_S))
+                mine = cur.fetchone()[0]
+                sessions = self._usage(cur, owner)[0]
+            self._check_admit(uploads, quota if owned else None, mine, sessions)
             cur.execute("INSERT INTO veil_uploads VALUES (%s, %s, 0, %s)",
                         (sid, owner, self._clock()))
         try:
@@ -156,19 +160,6 @@ class PostgresStore(SessionStore):
         with self._mu:
             self._uploads[sid] = upload
         return upload
-
-    def _admit(self, cur, owner: str, quota) -> None:
-        cur.execute("SELECT COUNT(*) FROM veil_uploads WHERE owner = %s AND seen >= %s",
-                    (owner, self._clock() - STALE_UPLOAD_S))
-        mine = cur.fetchone()[0]
-        if mine >= quota.max_uploads:
-            raise RateLimitError(f"this API key has {mine} key uploads in progress "
-                                 f"(its limit is {quota.max_uploads}): finish one first",
-                                 retry_after=5.0)
-        sessions, _ = self._usage(cur, owner)
-        if sessions + mine >= quota.max_sessions:
-            raise RateLimitError(f"this API key has {sessions} sessions (its limit is "
-                                 f"{quota.max_sessions}): delete one first", retry_after=60.0)
 
     @staticmethod
     def _usage(cur, owner: str) -> tuple[int, int]:
@@ -207,25 +198,14 @@ class PostgresStore(SessionStore):
         """Room for ``n`` more bytes of ``upload`` (see SQLiteStore._reserve)."""
         with self._tx(locked=True) as cur:
             pending = self._pending(cur)
-            quota = upload.quota
-            if upload.owner is not None and quota is not None:
-                _, stored = self._usage(cur, upload.owner)
+            owner_bytes = None
+            if upload.owner is not None and upload.quota is not None:
                 cur.execute("SELECT COALESCE(SUM(reserved), 0) FROM veil_uploads "
                             "WHERE owner = %s AND seen >= %s",
                             (upload.owner, self._clock() - STALE_UPLOAD_S))
                 mine = int(cur.fetchone()[0])
-                if stored + mine + n > quota.max_key_bytes:
-                    raise RateLimitError(
-                        f"this API key may keep {quota.max_key_bytes} bytes of evaluation "
-                        f"keys (it has {stored} stored and {mine} arriving): delete a "
-                        "session first", retry_after=60.0)
-            if upload.size + n > self.disk_budget_bytes:
-                raise PayloadTooLargeError(
-                    f"evaluation keys of over {upload.size + n - 1} bytes exceed this "
-                    f"service's whole session storage ({self.disk_budget_bytes} bytes)")
-            if pending + n > self.disk_budget_bytes:
-                raise RateLimitError("the key uploads in progress fill this service's "
-                                     "session storage: retry shortly", retry_after=10.0)
+                owner_bytes = (self._usage(cur, upload.owner)[1], mine)
+            self._check_chunk(upload, n, pending, owner_bytes)
             victims = self._make_room(cur, pending + n)
             cur.execute("UPDATE veil_uploads SET reserved = reserved + %s, seen = %s "
                         "WHERE id = %s", (n, self._clock(), upload.id))
@@ -239,14 +219,7 @@ class PostgresStore(SessionStore):
     def _make_room(self, cur, size: int) -> list[str]:
         """(under the lock) Delete LRU sessions until ``size`` more bytes fit."""
         cur.execute("SELECT id, size FROM veil_sessions ORDER BY last_used, created")
-        rows = cur.fetchall()
-        total = sum(r[1] for r in rows)
-        victims = []
-        for sid, n in rows:
-            if total + size <= self.disk_budget_bytes:
-                break
-            victims.append(sid)
-            total -= n
+        victims = lru_victims(cur.fetchall(), size, self.disk_budget_bytes)
         if victims:
             cur.execute("DELETE FROM veil_sessions WHERE id = ANY(%s)", (victims,))
         return victims
@@ -268,19 +241,13 @@ class PostgresStore(SessionStore):
             upload.finish()
             if self._revoked(owner):
                 raise AuthError("this API key was revoked")
-            if upload.size > self.disk_budget_bytes:
-                raise PayloadTooLargeError(
-                    f"evaluation keys of {upload.size} bytes exceed this service's whole "
-                    f"session storage ({self.disk_budget_bytes} bytes)")
+            self._check_whole(upload)
             now = self._clock()
             rec = SessionRecord(upload.id, owner, model, model_id, now, now,
                                 now + self.ttl_s, upload.size)
             with self._tx(locked=True) as cur:
-                quota = upload.quota
-                if quota is not None and self._usage(cur, owner)[0] >= quota.max_sessions:
-                    raise RateLimitError(f"this API key has reached its limit of "
-                                         f"{quota.max_sessions} sessions: delete one first",
-                                         retry_after=60.0)
+                if upload.quota is not None:
+                    self._check_sessions(upload.quota, self._usage(cur, owner)[0])
                 cur.execute("DELETE FROM veil_uploads WHERE id = %s", (upload.id,))
                 evicted = self._make_room(cur, upload.size + self._pending(cur))
                 cur.execute(f"INSERT INTO veil_sessions ({_COLUMNS}) VALUES "

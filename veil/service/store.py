@@ -125,9 +125,9 @@ class SessionStore(ABC):
         """Uses closer together than this renew the TTL once (see the module notes)."""
         return min(TOUCH_S, self.ttl_s / 20)
 
+    @abstractmethod
     def _touch(self, session_id: str, last_used: float, expires_at: float) -> None:
         """Record a use of the session (its row's last_used and expires_at)."""
-        raise NotImplementedError
 
     @abstractmethod
     def read_keys(self, session_id: str) -> bytes:
@@ -168,23 +168,79 @@ class SessionStore(ABC):
             raise SessionExpiredError(NO_SESSION)
         return rec
 
+    @abstractmethod
     def _fetch(self, session_id: str) -> tuple | None:
         """The session's row, in :class:`SessionRecord`'s field order, or None."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _drop(self, ids: list[str]) -> None:
-        raise NotImplementedError
+        """Delete the sessions ``ids`` (rows and files) and tell ``on_drop``."""
 
     @abstractmethod
     def weights_path(self, session_id: str) -> Path | None:
         """A local file holding the session's encrypted weights; None without any."""
+
+    # -- shared by the backends: budget and quota decisions on the backend's counts ----
+    def _check_admit(self, uploads: int, quota=None, mine: int = 0,
+                     sessions: int = 0) -> None:
+        """RateLimitError unless one more upload fits: ``uploads`` in progress in all,
+        and, with an owner's ``quota``, its ``mine`` uploads and ``sessions``."""
+        if uploads >= self.max_uploads_total:
+            raise RateLimitError(f"this service takes at most {self.max_uploads_total} "
+                                 "key uploads at once: retry shortly", retry_after=5.0)
+        if quota is None:
+            return
+        if mine >= quota.max_uploads:
+            raise RateLimitError(f"this API key has {mine} key uploads in progress "
+                                 f"(its limit is {quota.max_uploads}): finish one first",
+                                 retry_after=5.0)
+        if sessions + mine >= quota.max_sessions:
+            raise RateLimitError(f"this API key has {sessions} sessions (its limit is "
+                                 f"{quota.max_sessions}): delete one first", retry_after=60.0)
+
+    def _check_chunk(self, upload: "_FileUpload", n: int, pending: int,
+                     owner_bytes: tuple[int, int] | None = None) -> None:
+        """Refuse ``n`` more bytes of ``upload`` past its owner's key bytes
+        (``owner_bytes``: stored, arriving; None without a quota), past the whole
+        budget (413), or while ``pending`` bytes of uploads fill it (429)."""
+        if owner_bytes is not None:
+            stored, mine = owner_bytes
+            if stored + mine + n > upload.quota.max_key_bytes:
+                raise RateLimitError(
+                    f"this API key may keep {upload.quota.max_key_bytes} bytes of evaluation "
+                    f"keys (it has {stored} stored and {mine} arriving): delete a "
+                    "session first", retry_after=60.0)
+        if upload.size + n > self.disk_budget_bytes:
+            raise PayloadTooLargeError(
+                f"evaluation keys of over {upload.size + n - 1} bytes exceed this "
+                f"service's whole session storage ({self.disk_budget_bytes} bytes)")
+        if pending + n > self.disk_budget_bytes:
+            # transient (uploads end or are refused), and caused by other clients:
+            # a 429 to retry, not a server-side 5xx
+            raise RateLimitError("the key uploads in progress fill this service's "
+                                 "session storage: retry shortly", retry_after=10.0)
+
+    def _check_whole(self, upload: "_FileUpload") -> None:
+        """PayloadTooLargeError when ``upload`` is larger than the whole budget."""
+        if upload.size > self.disk_budget_bytes:
+            raise PayloadTooLargeError(
+                f"evaluation keys of {upload.size} bytes exceed this service's whole "
+                f"session storage ({self.disk_budget_bytes} bytes)")
+
+    @staticmethod
+    def _check_sessions(quota, sessions: int) -> None:
+        """RateLimitError when an owner with ``sessions`` is at its ``quota``'s limit."""
+        if sessions >= quota.max_sessions:
+            raise RateLimitError(f"this API key has reached its limit of "
+                                 f"{quota.max_sessions} sessions: delete one first",
+                                 retry_after=60.0)
 
     def close(self) -> None:
         """Release resources; sessions stay stored."""
 
 
 class _FileUpload(Upload):
-    def __init__(self, store: "SQLiteStore", path: Path, session_id: str, limit: int,
+    def __init__(self, store: "SessionStore", path: Path, session_id: str, limit: int,
                  owner: str | None, quota) -> None:
         self.id, self.path, self.limit, self.size = session_id, path, limit, 0
         self.owner, self.quota, self._store = owner, quota, store
@@ -256,12 +312,9 @@ class SQLiteStore(SessionStore):
         if recover:
             self._recover()
 
-    def _key_path(self, session_id: str) -> Path:
-        return self.keys_dir / f"{session_id}.keys"
-
     def key_path(self, session_id: str) -> Path:
         """The file holding the session's keys (what HE workers load)."""
-        return self._key_path(session_id)
+        return self.keys_dir / f"{session_id}.keys"
 
     def weights_path(self, session_id: str) -> Path | None:
         """The session's encrypted weights file, None while the owner has sent none."""
@@ -277,26 +330,18 @@ class SQLiteStore(SessionStore):
             if p.suffix not in (".keys", ".weights") or p.stem not in ids:
                 p.unlink(missing_ok=True)
         for sid in ids:
-            if not self._key_path(sid).exists():
+            if not self.key_path(sid).exists():
                 self._drop([sid])
 
     def begin(self, limit: int, owner: str | None = None, quota=None) -> Upload:
         sid = secrets.token_hex(16)
         with self._commit_lock:
-            if len(self._uploads) >= self.max_uploads_total:
-                raise RateLimitError(f"this server takes at most {self.max_uploads_total} "
-                                     "key uploads at once: retry shortly", retry_after=5.0)
-            if owner is not None and quota is not None:
+            mine = sessions = 0
+            owned = owner is not None and quota is not None
+            if owned:
                 mine = sum(1 for u in self._uploads.values() if u.owner == owner)
-                if mine >= quota.max_uploads:
-                    raise RateLimitError(f"this API key has {mine} key uploads in progress "
-                                         f"(its limit is {quota.max_uploads}): finish one "
-                                         "first", retry_after=5.0)
-                sessions, _ = self.usage(owner)
-                if sessions + mine >= quota.max_sessions:
-                    raise RateLimitError(f"this API key has {sessions} sessions (its limit "
-                                         f"is {quota.max_sessions}): delete one first",
-                                         retry_after=60.0)
+                sessions = self.usage(owner)[0]
+            self._check_admit(len(self._uploads), quota if owned else None, mine, sessions)
             upload = _FileUpload(self, self.tmp_dir / f"{sid}.part", sid, limit, owner, quota)
             self._uploads[sid] = upload
         return upload
@@ -327,25 +372,12 @@ class SQLiteStore(SessionStore):
         within the disk budget with every upload in progress (LRU sessions go)."""
         with self._commit_lock:
             pending = sum(u.reserved for u in self._uploads.values())
-            quota = upload.quota
-            if upload.owner is not None and quota is not None:
-                _, stored = self.usage(upload.owner)
-                mine = sum(u.reserved for u in self._uploads.values()
-                           if u.owner == upload.owner)
-                if stored + mine + n > quota.max_key_bytes:
-                    raise RateLimitError(
-                        f"this API key may keep {quota.max_key_bytes} bytes of evaluation "
-                        f"keys (it has {stored} stored and {mine} arriving): delete a "
-                        "session first", retry_after=60.0)
-            if upload.size + n > self.disk_budget_bytes:
-                raise PayloadTooLargeError(
-                    f"evaluation keys of over {upload.size + n - 1} bytes exceed this "
-                    f"server's whole session storage ({self.disk_budget_bytes} bytes)")
-            if pending + n > self.disk_budget_bytes:
-                # transient (uploads end or are refused), and caused by other clients:
-                # a 429 to retry, not a server-side 5xx
-                raise RateLimitError("the key uploads in progress fill this server's "
-                                     "session storage: retry shortly", retry_after=10.0)
+            owner_bytes = None
+            if upload.owner is not None and upload.quota is not None:
+                owner_bytes = (self.usage(upload.owner)[1],
+                               sum(u.reserved for u in self._uploads.values()
+                                   if u.owner == upload.owner))
+            self._check_chunk(upload, n, pending, owner_bytes)
             upload.evicted += self._make_room(pending + n)
             upload.reserved += n
 
@@ -356,10 +388,7 @@ class SQLiteStore(SessionStore):
         try:
             upload.finish()
             self._check_owner(upload, owner)
-            if upload.size > self.disk_budget_bytes:
-                raise PayloadTooLargeError(
-                    f"evaluation keys of {upload.size} bytes exceed this server's whole "
-                    f"session storage ({self.disk_budget_bytes} bytes)")
+            self._check_whole(upload)
             now = self._clock()
             rec = SessionRecord(upload.id, owner, model, model_id, now, now,
                                 now + self.ttl_s, upload.size)
@@ -367,7 +396,7 @@ class SQLiteStore(SessionStore):
                 self._uploads.pop(upload.id, None)    # its bytes now count as stored
                 pending = sum(u.reserved for u in self._uploads.values())
                 evicted = self._make_room(upload.size + pending)
-                path = self._key_path(upload.id)
+                path = self.key_path(upload.id)
                 os.replace(upload.path, path)
                 _fsync_dir(self.keys_dir)
                 try:
@@ -425,21 +454,12 @@ class SQLiteStore(SessionStore):
         rows = self._db.query("SELECT revoked FROM api_keys WHERE id = ?", (owner,))
         if rows and rows[0][0] is not None:
             raise AuthError("this API key was revoked")
-        quota = upload.quota
-        if quota is not None and self.usage(owner)[0] >= quota.max_sessions:
-            raise RateLimitError(f"this API key has reached its limit of "
-                                 f"{quota.max_sessions} sessions: delete one first",
-                                 retry_after=60.0)
+        if upload.quota is not None:
+            self._check_sessions(upload.quota, self.usage(owner)[0])
 
     def _make_room(self, size: int) -> list[str]:
         rows = self._db.query("SELECT id, size FROM sessions ORDER BY last_used, created")
-        total = sum(r[1] for r in rows)
-        victims = []
-        for sid, n in rows:
-            if total + size <= self.disk_budget_bytes:
-                break
-            victims.append(sid)
-            total -= n
+        victims = lru_victims(rows, size, self.disk_budget_bytes)
         self._drop(victims)
         return victims
 
@@ -451,7 +471,7 @@ class SQLiteStore(SessionStore):
         with self._db.transaction() as cur:
             cur.executemany("DELETE FROM sessions WHERE id = ?", [(i,) for i in ids])
         for sid in ids:
-            self._key_path(sid).unlink(missing_ok=True)
+            self.key_path(sid).unlink(missing_ok=True)
             (self.keys_dir / f"{sid}.weights").unlink(missing_ok=True)
         for callback in list(self.on_drop):
             callback(list(ids))
@@ -467,7 +487,7 @@ class SQLiteStore(SessionStore):
 
     def read_keys(self, session_id: str) -> bytes:
         try:
-            return self._key_path(session_id).read_bytes()
+            return self.key_path(session_id).read_bytes()
         except FileNotFoundError:
             self._drop([session_id])
             raise NotFoundError(NO_SESSION) from None
@@ -511,6 +531,19 @@ def open_store(store_dir: str | os.PathLike, url: str | None = None, *,
     from .pgstore import PostgresStore
 
     return PostgresStore(url, store_dir, revoked=revoked, **options)
+
+
+def lru_victims(rows: list[tuple[str, int]], size: int, budget: int) -> list[str]:
+    """The sessions to delete, least recently used first (``rows``: (id, size) in that
+    order), so that ``size`` more bytes fit within ``budget``."""
+    total = sum(n for _, n in rows)
+    victims = []
+    for sid, n in rows:
+        if total + size <= budget:
+            break
+        victims.append(sid)
+        total -= n
+    return victims
 
 
 def _fsync_dir(path: Path) -> None:
