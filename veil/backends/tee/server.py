@@ -12,6 +12,7 @@ import json
 import logging
 import socket
 import threading
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -63,7 +64,7 @@ class _ModelServer:
         self.executor = make_executor(graph, self.runtime, threads)
         if parallel is not None and parallel < 1:
             raise VeilError(f"parallel model runs must be >= 1, not {parallel}")
-        self._turns = threading.BoundedSemaphore(parallel) if parallel else None
+        self._turns = threading.BoundedSemaphore(parallel) if parallel else nullcontext()
         self.server = sockets.listen(listen)
         self.address = self.server.getsockname()
         self._lock = threading.Lock()
@@ -115,8 +116,6 @@ class _ModelServer:
         # the host reads: none may be triggered by a sealed input (errstate is per
         # thread/context, so it covers exactly this computation)
         with np.errstate(all="ignore"):
-            if self._turns is None:
-                return self.executor(xs)
             with self._turns:
                 return self.executor(xs)
 
